@@ -1,0 +1,44 @@
+# Two commands on a fresh machine:  make demo   and   make test
+# Both create .venv if missing and install the project into it.
+#
+# Without a GPU, torch's CPU build is installed first (TORCH_CPU). On this
+# project's machines `torch==2.13.0` resolves to a CPU wheel on local disk; elsewhere
+# use e.g.  make test TORCH_CPU="torch --index-url https://download.pytorch.org/whl/cpu"
+
+PYTHON    ?= python3
+VENV      ?= .venv
+BIN       := $(VENV)/bin
+TORCH_CPU ?= torch==2.13.0
+STAMP     := $(VENV)/.clair-installed
+
+.PHONY: install demo test lint samples clean
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "GPU present: installing torch as pyproject.toml asks"; \
+	elif ! $(BIN)/python -c "import torch" >/dev/null 2>&1; then \
+		echo "No GPU: installing torch CPU build ($(TORCH_CPU))"; \
+		$(BIN)/python -m pip install -q $(TORCH_CPU); \
+	fi
+	$(BIN)/python -m pip install -q -e ".[dev,plot]"
+	@touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/clair inspect sample_adapters
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check clair_cli tests experiments
+	$(BIN)/ruff format --check clair_cli tests experiments
+	$(BIN)/mypy clair_cli
+
+samples: install
+	$(BIN)/python experiments/synthetic_pool.py --out sample_adapters
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis

@@ -1,0 +1,63 @@
+"""File names, key patterns and limits, in one place (as peft's ``utils/constants.py``)."""
+
+from __future__ import annotations
+
+import re
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
+MODEL_CARD_NAME = "README.md"
+ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
+
+# Pickle-based checkpoints are never unpickled: refused with a conversion hint.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+PICKLE_WEIGHTS_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+
+# PEFT prefixes every key with the wrapper path of its LoraModel.
+PEFT_KEY_PREFIX = "base_model.model."
+
+# `<module>.lora_A.weight`, `<module>.lora_B.weight` (Linear, Conv), or
+# `<module>.lora_embedding_A` / `_B` (Embedding); an adapter name may remain in
+# hand-made files (`<module>.lora_A.default.weight`).
+LORA_KEY_RE = re.compile(
+    r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+    r"(?:\.(?!weight$|bias$)(?P<adapter>[A-Za-z0-9_\-]+))?(?P<suffix>\.weight|\.bias)?$"
+)
+DORA_MAGNITUDE_RE = re.compile(r"^(?P<module>.+?)\.lora_magnitude_vector(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$")
+
+# safetensors limits its JSON header to 100 MB; a larger claim is corrupt or hostile.
+SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+SAFETENSORS_DTYPE_SIZES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+MAX_CONFIG_BYTES = 10 * 1024 * 1024
+
+HUB_PREFIX = "hf://"
+HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+JSON_SCHEMA_VERSION = 1
+
+EXIT_OK = 0
+EXIT_FLAGGED = 1
+EXIT_ERROR = 2
+
+PICKLE_HINT = (
+    "clair never unpickles checkpoints. If you trust the file, convert it once with: "
+    'python -c "import torch; from safetensors.torch import save_file; '
+    "save_file(torch.load('adapter_model.bin', weights_only=True), 'adapter_model.safetensors')\""
+)

@@ -1,0 +1,48 @@
+"""The one error tree of clair. Stdlib only.
+
+Every error a user can cause (a missing file, a corrupt tensor, adapters that do
+not fit together) is a ``ClairError``; the CLI turns it into ``Error: ...`` on
+stderr and exit code 2. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ClairError(Exception):
+    """Base class of every error caused by input rather than by a bug."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class AdapterNotFound(ClairError):
+    """A source names nothing that exists: a path, a hub repo, a revision, a file."""
+
+
+class AdapterFormatError(ClairError):
+    """A source exists but is not a readable LoRA adapter (bad config, corrupt tensors)."""
+
+
+class UnsafeFormatError(AdapterFormatError):
+    """A pickle checkpoint, or a path that escapes its source; never opened."""
+
+
+class IncompatibleAdapters(ClairError):
+    """Adapters that cannot be analysed together (base model, shapes, modules)."""
+
+
+class HubError(ClairError):
+    """The Hugging Face Hub could not be reached or refused the request."""
+
+
+class UsageError(ClairError):
+    """Options that contradict each other or name something invalid."""
+
+
+class OutputError(ClairError):
+    """An output cannot be written (exists without --force, read-only location)."""

@@ -1,0 +1,267 @@
+"""One LoRA adapter on disk: its config, its module table, and lazy factor loading.
+
+``Adapter.open`` reads only the config and the safetensors header. It checks
+everything the header can tell (pairs of A and B, ranks, shapes, dtypes) and
+lists what clair does not analyse (DoRA magnitudes, LoRA biases, full-weight
+copies from ``modules_to_save``) as notes, never silently. ``load`` then reads
+one module at a time, so memory is bounded by a module's factors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from clair_cli.constants import (
+    DORA_MAGNITUDE_RE,
+    FLOAT_DTYPES,
+    LORA_KEY_RE,
+    PEFT_KEY_PREFIX,
+)
+from clair_cli.errors import AdapterFormatError
+from clair_cli.io.safetensors_file import SafetensorsReader, TensorInfo, read_header
+from clair_cli.types import AdapterConfig, AdapterRef, LoraModule, ModuleKind
+
+if TYPE_CHECKING:
+    import torch
+
+TORCH_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    """A LoRA module as the header describes it: keys and shapes, no data."""
+
+    name: str
+    kind: ModuleKind
+    a_key: str
+    b_key: str
+    rank: int
+    d_in: int
+    d_out: int
+    scale: float
+    dtype: str
+    weight_shape: tuple[int, ...] | None = None
+
+
+def _strip(key: str) -> str:
+    return key[len(PEFT_KEY_PREFIX) :] if key.startswith(PEFT_KEY_PREFIX) else key
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+class Adapter:
+    """A validated adapter whose factors are read on demand.
+
+    Attributes:
+        ref: where it comes from.
+        config: its LoRA config.
+        modules: module specs by module name, sorted by name.
+        notes: what clair loads but does not analyse, in words.
+        file_size: bytes of the weights file.
+        n_params: parameters in the weights file (all tensors).
+    """
+
+    def __init__(
+        self,
+        ref: AdapterRef,
+        config: AdapterConfig,
+        modules: dict[str, ModuleSpec],
+        notes: list[str],
+        file_size: int,
+        n_params: int,
+    ) -> None:
+        self.ref = ref
+        self.config = config
+        self.modules = modules
+        self.notes = notes
+        self.file_size = file_size
+        self.n_params = n_params
+
+    @property
+    def name(self) -> str:
+        return self.ref.name
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.base_model
+
+    @property
+    def dtypes(self) -> list[str]:
+        return sorted({TORCH_DTYPE_NAMES[m.dtype] for m in self.modules.values()})
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({m.rank for m in self.modules.values()})
+
+    @classmethod
+    def open(cls, ref: AdapterRef, config: AdapterConfig) -> Adapter:
+        """Read the header of ``ref.weights_file`` and build the module table.
+
+        Raises:
+            AdapterFormatError: unpaired factors, rank or shape mismatches, non-float
+                dtypes, rank 0, or no LoRA tensor at all.
+        """
+        path = ref.weights_file
+        tensors, _metadata = read_header(path)
+        parts: dict[str, dict[str, TensorInfo]] = {}
+        dora, biases, others = [], [], []
+        for key, info in tensors.items():
+            short = _strip(key)
+            m = LORA_KEY_RE.match(short)
+            if m and m["suffix"] == ".bias":
+                biases.append(m["module"])
+            elif m and (m["part"].startswith("lora_embedding") == (m["suffix"] is None)):
+                parts.setdefault(m["module"], {})[m["part"]] = info
+            elif DORA_MAGNITUDE_RE.match(short):
+                dora.append(short)
+            else:
+                others.append(short)
+
+        modules: dict[str, ModuleSpec] = {}
+        for module in sorted(parts):
+            modules[module] = _module_spec(path, config, module, parts[module])
+        if not modules:
+            raise AdapterFormatError(
+                f"{path}: no LoRA tensors found (expected keys like '<module>.lora_A.weight')",
+                hint="Is this a full model checkpoint rather than a LoRA adapter?",
+            )
+
+        notes: list[str] = []
+        if dora or config.use_dora:
+            notes.append(
+                f"DoRA: magnitude vectors of {_plural(len(dora), 'module')} not analysed; "
+                "CLAIR uses the low-rank direction scale*B@A only"
+            )
+        if biases:
+            notes.append(f"LoRA bias in {_plural(len(biases), 'module')} not analysed")
+        if others:
+            shown = ", ".join(sorted(others)[:3]) + (", ..." if len(others) > 3 else "")
+            notes.append(
+                f"{_plural(len(others), 'non-LoRA tensor')} (modules_to_save / full weights: {shown}) not analysed"
+            )
+        if config.trainable_token_indices:
+            notes.append("trainable_token_indices (new token embeddings) not analysed")
+        n_conv = sum(m.kind == "conv" for m in modules.values())
+        if n_conv:
+            notes.append(f"{_plural(n_conv, 'conv module')}: kernels flattened into the input dimension")
+        return cls(
+            ref,
+            config,
+            modules,
+            notes,
+            file_size=path.stat().st_size,
+            n_params=sum(t.numel for t in tensors.values()),
+        )
+
+    def load(
+        self,
+        names: Iterable[str] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Iterator[LoraModule]:
+        """Yield modules' factors one at a time, checked finite.
+
+        Args:
+            names: modules to read, in order; all (sorted) when ``None``.
+            dtype: cast factors to this dtype (default float32, the precision of decompositions).
+
+        Raises:
+            AdapterFormatError: a tensor holds NaN or Inf, or cannot be read.
+        """
+        import torch
+
+        dtype = dtype or torch.float32
+        wanted = list(self.modules) if names is None else list(names)
+        with SafetensorsReader(self.ref.weights_file) as reader:
+            for name in wanted:
+                spec = self.modules[name]
+                factors = []
+                for key in (spec.a_key, spec.b_key):
+                    t = reader.get(key)
+                    if not bool(torch.isfinite(t).all()):
+                        raise AdapterFormatError(
+                            f"{self.ref.weights_file}: tensor {key!r} contains NaN or Inf values",
+                            hint="The adapter diverged during training or the file is corrupt.",
+                        )
+                    factors.append(t)
+                A = factors[0].reshape(spec.rank, spec.d_in).to(dtype)
+                B = factors[1].reshape(spec.d_out, spec.rank).to(dtype)
+                yield LoraModule(
+                    name=name,
+                    A=A,
+                    B=B,
+                    scale=spec.scale,
+                    kind=spec.kind,
+                    fan_in_fan_out=self.config.fan_in_fan_out and spec.kind == "linear",
+                    weight_shape=spec.weight_shape,
+                )
+
+
+def _module_spec(path: object, config: AdapterConfig, module: str, parts: dict[str, TensorInfo]) -> ModuleSpec:
+    def bad(problem: str) -> AdapterFormatError:
+        return AdapterFormatError(f"{path}: module {module!r}: {problem}")
+
+    emb = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+    a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
+    if a_name not in parts or b_name not in parts:
+        have, lack = (a_name, b_name) if a_name in parts else (b_name, a_name)
+        raise bad(f"has {have} but no {lack}")
+    a, b = parts[a_name], parts[b_name]
+    for t in (a, b):
+        if t.dtype not in FLOAT_DTYPES:
+            raise bad(f"{t.name} has dtype {t.dtype}; LoRA factors must be floating point")
+    if len(a.shape) < 2 or len(b.shape) < 2:
+        raise bad(f"factors must be matrices, got lora_A {a.shape} and lora_B {b.shape}")
+
+    kind: ModuleKind = "embedding" if emb else ("conv" if len(a.shape) > 2 else "linear")
+    rank = a.shape[0]
+    weight_shape = None
+    if kind == "conv":
+        if len(b.shape) != len(a.shape) or any(d != 1 for d in b.shape[2:]):
+            raise bad(f"conv lora_B must have a 1x1 kernel, got {b.shape}")
+        weight_shape = (b.shape[0], *a.shape[1:])
+    elif len(a.shape) != 2 or len(b.shape) != 2:
+        raise bad(f"factors must be matrices, got lora_A {a.shape} and lora_B {b.shape}")
+    if b.shape[1] != rank:
+        raise bad(f"rank mismatch: {a_name} has rank {rank} but {b_name} has {b.shape[1]} columns")
+    if rank == 0:
+        raise bad("has rank 0")
+    expected = config.rank_for(module)
+    if rank != expected:
+        raise bad(
+            f"factors have rank {rank} but the config gives r={expected} for this module "
+            "(r / rank_pattern); PEFT would refuse to load it"
+        )
+    d_in = math.prod(a.shape[1:])
+    if d_in == 0 or b.shape[0] == 0:
+        raise bad(f"has an empty dimension: lora_A {a.shape}, lora_B {b.shape}")
+    return ModuleSpec(
+        name=module,
+        kind=kind,
+        a_key=a.name,
+        b_key=b.name,
+        rank=rank,
+        d_in=d_in,
+        d_out=b.shape[0],
+        scale=config.scale_for(module, rank),
+        dtype=a.dtype,
+        weight_shape=weight_shape,
+    )
+
+
+def verify(adapter: Adapter) -> list[str]:
+    """Read every module once: NaN/Inf raise; all-zero updates become a note.
+
+    Returns:
+        Notes on what the data shows (zero updates, typical of an untrained adapter).
+    """
+    zero = [m.name for m in adapter.load() if not bool(m.A.any()) or not bool(m.B.any())]
+    if not zero:
+        return []
+    if len(zero) == len(adapter.modules):
+        return ["every module's update is zero (untrained adapter?)"]
+    return [f"{_plural(len(zero), 'module')} with a zero update (e.g. {zero[0]})"]

@@ -1,0 +1,134 @@
+"""Parse a PEFT ``adapter_config.json`` into an :class:`AdapterConfig`.
+
+Only LoRA is accepted. Every field that changes the update (r, lora_alpha,
+use_rslora, rank_pattern, alpha_pattern, fan_in_fan_out) is type-checked, so a
+hand-edited config fails here with the field's name rather than later.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from clair_cli.constants import CONFIG_NAME, MAX_CONFIG_BYTES
+from clair_cli.errors import AdapterFormatError, AdapterNotFound
+from clair_cli.types import AdapterConfig
+
+
+def _fail(path: Path | str, problem: str) -> AdapterFormatError:
+    return AdapterFormatError(
+        f"{path}: {problem}",
+        hint=f"Fix the field in {CONFIG_NAME} or re-save the adapter with PEFT's save_pretrained().",
+    )
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a small JSON object file; errors name the file and the problem."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise _fail(path, f"is {size} bytes, too large for an adapter config")
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise AdapterNotFound(f"{path}: no such file") from exc
+    except PermissionError as exc:
+        raise AdapterNotFound(f"{path}: permission denied") from exc
+    except OSError as exc:
+        raise AdapterNotFound(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise _fail(path, "is not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        raise _fail(path, f"is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    if not isinstance(data, dict):
+        raise _fail(path, "must hold a JSON object")
+    return data
+
+
+def _positive_int(path: Path | str, field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise _fail(path, f"{field} must be a positive integer, got {value!r}")
+    return value
+
+
+def _finite(path: Path | str, field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _fail(path, f"{field} must be a finite number, got {value!r}")
+    if value == 0:
+        raise _fail(path, f"{field} is 0, which makes the update zero")
+    return float(value)
+
+
+def _pattern_dict(path: Path | str, field: str, value: Any, convert: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _fail(path, f"{field} must be an object mapping module patterns to values")
+    out = {}
+    for key, val in value.items():
+        try:
+            re.compile(key)
+        except re.error as exc:
+            raise _fail(path, f"{field} key {key!r} is not a valid regular expression ({exc})") from exc
+        out[key] = convert(path, f"{field}[{key!r}]", val)
+    return out
+
+
+def _str_list(path: Path | str, field: str, value: Any) -> tuple[str, ...] | str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise _fail(path, f"{field} must be a string or a list of strings")
+
+
+def parse_config(data: dict[str, Any], path: Path | str) -> AdapterConfig:
+    """Validate a config dict as PEFT would apply it.
+
+    Args:
+        data: the parsed JSON object.
+        path: where it came from, for messages.
+
+    Returns:
+        The adapter config.
+
+    Raises:
+        AdapterFormatError: not a LoRA config, or a field is missing or invalid.
+    """
+    peft_type = data.get("peft_type", "LORA")
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+        raise AdapterFormatError(
+            f"{path}: peft_type is {peft_type!r}; clair analyses LoRA adapters only",
+        )
+    missing = [f for f in ("r", "lora_alpha") if f not in data]
+    if missing:
+        raise _fail(path, f"missing required field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    base_model = data.get("base_model_name_or_path")
+    if base_model is not None and not isinstance(base_model, str):
+        raise _fail(path, "base_model_name_or_path must be a string")
+    to_save = _str_list(path, "modules_to_save", data.get("modules_to_save"))
+    return AdapterConfig(
+        peft_type="LORA",
+        base_model=base_model or None,
+        r=_positive_int(path, "r", data["r"]),
+        lora_alpha=_finite(path, "lora_alpha", data["lora_alpha"]),
+        use_rslora=bool(data.get("use_rslora", False)),
+        rank_pattern=_pattern_dict(path, "rank_pattern", data.get("rank_pattern"), _positive_int),
+        alpha_pattern=_pattern_dict(path, "alpha_pattern", data.get("alpha_pattern"), _finite),
+        fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
+        target_modules=_str_list(path, "target_modules", data.get("target_modules")),
+        use_dora=bool(data.get("use_dora", False)),
+        lora_bias=bool(data.get("lora_bias", False)),
+        modules_to_save=(to_save,) if isinstance(to_save, str) else tuple(to_save or ()),
+        trainable_token_indices=data.get("trainable_token_indices"),
+        raw=data,
+    )
+
+
+def load_config(path: Path) -> AdapterConfig:
+    """Read and validate ``adapter_config.json`` at ``path``."""
+    return parse_config(read_json(path), path)

@@ -1,0 +1,214 @@
+"""Turn source strings into adapters.
+
+A source is a PEFT adapter directory, a directory of such directories (every
+adapter below it, sorted, named by relative path), a single ``.safetensors``
+file (config beside it or from flags), or a Hugging Face Hub id. Pickle
+checkpoints are refused without being opened. Inside a directory source, every
+file must resolve inside that directory: a symlink that leads out is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from clair_cli.constants import (
+    CONFIG_NAME,
+    PICKLE_HINT,
+    PICKLE_SUFFIXES,
+    PICKLE_WEIGHTS_NAMES,
+    SAFETENSORS_WEIGHTS_NAME,
+)
+from clair_cli.errors import AdapterFormatError, AdapterNotFound, UnsafeFormatError, UsageError
+from clair_cli.io import hub
+from clair_cli.io.adapter import Adapter
+from clair_cli.io.peft_config import load_config
+from clair_cli.io.safetensors_file import read_header
+from clair_cli.types import AdapterConfig, AdapterRef
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Options that shape how sources are read.
+
+    Attributes:
+        subfolder: hub subfolder applied to hub ids that name none.
+        config: config file for bare ``.safetensors`` sources (overrides one beside it).
+        lora_alpha: alpha for bare ``.safetensors`` files without a config.
+        use_rslora: scale by alpha/sqrt(r) for such files.
+        base_model: base model for such files.
+    """
+
+    subfolder: str | None = None
+    config: Path | None = None
+    lora_alpha: float | None = None
+    use_rslora: bool = False
+    base_model: str | None = None
+
+
+def _refuse_pickle(path: Path) -> UnsafeFormatError:
+    return UnsafeFormatError(f"{path}: pickle checkpoints are never loaded", hint=PICKLE_HINT)
+
+
+def _inside(path: Path, root: Path) -> Path:
+    real = path.resolve()
+    if not real.is_relative_to(root):
+        raise UnsafeFormatError(
+            f"{path}: symlink leads outside the source directory {root} (to {real})",
+            hint="Copy the file into the adapter directory if you trust it.",
+        )
+    return path
+
+
+def _adapter_dir_ref(directory: Path, name: str, source: str, root: Path, options: SourceOptions) -> AdapterRef:
+    weights = directory / SAFETENSORS_WEIGHTS_NAME
+    config = directory / CONFIG_NAME
+    if not weights.exists():
+        for pickle_name in PICKLE_WEIGHTS_NAMES:
+            if (directory / pickle_name).exists():
+                raise _refuse_pickle(directory / pickle_name)
+        raise AdapterFormatError(f"{directory}: has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME}")
+    _inside(weights, root)
+    if config.exists():
+        _inside(config, root)
+    elif options.config is None and options.lora_alpha is None:
+        raise AdapterFormatError(
+            f"{directory}: has {SAFETENSORS_WEIGHTS_NAME} but no {CONFIG_NAME}",
+            hint="Pass --config FILE, or --lora-alpha (and --base-model) to describe it.",
+        )
+    return AdapterRef(name, source, weights, config if config.exists() else None, root=root)
+
+
+def _is_adapter_dir(directory: Path) -> bool:
+    return any((directory / n).exists() for n in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, *PICKLE_WEIGHTS_NAMES))
+
+
+def _resolve_local(spec: str, path: Path, options: SourceOptions) -> list[AdapterRef]:
+    if path.is_file():
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise _refuse_pickle(path)
+        if path.suffix.lower() != ".safetensors":
+            raise AdapterFormatError(f"{path}: expected a .safetensors file or an adapter directory")
+        beside = path.parent / CONFIG_NAME
+        config = beside if beside.exists() and options.config is None else None
+        if config is None and options.config is None and options.lora_alpha is None:
+            raise AdapterFormatError(
+                f"{path}: no {CONFIG_NAME} beside it",
+                hint="Pass --config FILE, or --lora-alpha (and --base-model) to describe it.",
+            )
+        name = path.parent.resolve().name if path.name == SAFETENSORS_WEIGHTS_NAME else path.stem
+        return [AdapterRef(name, spec, path, config)]
+
+    root = path.resolve()
+    if _is_adapter_dir(path):
+        return [_adapter_dir_ref(path, root.name or spec, spec, root, options)]
+
+    refs: list[AdapterRef] = []
+    pickles: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = Path(dirpath)
+        if here != path and _is_adapter_dir(here):
+            rel = here.relative_to(path).as_posix()
+            refs.append(_adapter_dir_ref(here, rel, spec, root, options))
+            dirnames[:] = []  # an adapter's own subfolders are not further adapters
+            continue
+        pickles += [here / f for f in filenames if f.lower().endswith(PICKLE_SUFFIXES)]
+    if not refs:
+        if pickles:
+            raise _refuse_pickle(sorted(pickles)[0])
+        raise AdapterNotFound(
+            f"{path}: no adapter found (looked for directories with {CONFIG_NAME} and {SAFETENSORS_WEIGHTS_NAME})"
+        )
+    return sorted(refs, key=lambda r: r.name)
+
+
+def resolve_sources(specs: Sequence[str], options: SourceOptions | None = None) -> list[AdapterRef]:
+    """Resolve source strings to adapter references, in the order given.
+
+    Raises:
+        AdapterNotFound: a path or hub repo does not exist.
+        UsageError: no source, or two adapters would get the same name.
+    """
+    options = options or SourceOptions()
+    if not specs:
+        raise UsageError("no source given", hint="Name adapter directories, files or hub repo ids.")
+    refs: list[AdapterRef] = []
+    for spec in specs:
+        path = Path(spec)
+        if spec.startswith("hf://"):
+            refs.append(hub.fetch(spec, options.subfolder))
+        elif path.exists():
+            refs.extend(_resolve_local(spec, path, options))
+        elif hub.looks_like_hub_id(spec) and not spec.startswith((".", "/", "~")):
+            refs.append(hub.fetch(spec, options.subfolder))
+        else:
+            raise AdapterNotFound(f"{spec}: no such file or directory")
+    dupes = [name for name, n in Counter(r.name for r in refs).items() if n > 1]
+    if dupes:
+        where = [r.weights_file.as_posix() for r in refs if r.name == dupes[0]]
+        raise UsageError(
+            f"two adapters are both named {dupes[0]!r} ({' and '.join(where)})",
+            hint="Give each source once, or put the adapters under one parent directory.",
+        )
+    return refs
+
+
+def _flag_config(ref: AdapterRef, options: SourceOptions) -> AdapterConfig:
+    # A bare file has no r: take each module's rank from its tensors.
+    if options.lora_alpha is None:
+        raise AdapterFormatError(f"{ref.weights_file}: no config", hint="Pass --config FILE or --lora-alpha.")
+    tensors, _ = read_header(ref.weights_file)
+    ranks: dict[str, int] = {}
+    for key, info in tensors.items():
+        if (key.endswith(".lora_A.weight") or key.endswith(".lora_embedding_A")) and info.shape:
+            module = key.rsplit(".lora_", 1)[0].removeprefix("base_model.model.")
+            ranks[module] = info.shape[0]
+    common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
+    return AdapterConfig(
+        base_model=options.base_model,
+        r=max(common, 1),
+        lora_alpha=options.lora_alpha,
+        use_rslora=options.use_rslora,
+        rank_pattern={f"^{re.escape(m)}": r for m, r in ranks.items() if r != common and r > 0},
+    )
+
+
+def open_adapter(ref: AdapterRef, options: SourceOptions | None = None) -> Adapter:
+    """Read one adapter's config and header (no tensor data)."""
+    options = options or SourceOptions()
+    config_file = options.config if ref.config_file is None or options.config else ref.config_file
+    if config_file is not None:
+        config = load_config(config_file)
+        if options.base_model and not config.base_model:
+            config = replace(config, base_model=options.base_model)
+    else:
+        config = _flag_config(ref, options)
+    return Adapter.open(ref, config)
+
+
+def open_adapters(
+    specs: Sequence[str],
+    options: SourceOptions | None = None,
+    progress: Progress | None = None,
+) -> list[Adapter]:
+    """Resolve sources and open every adapter.
+
+    Args:
+        specs: source strings.
+        options: how to read them.
+        progress: called as ``progress(name, done, total)`` after each adapter.
+    """
+    refs = resolve_sources(specs, options)
+    adapters = []
+    for i, ref in enumerate(refs):
+        adapters.append(open_adapter(ref, options))
+        if progress:
+            progress(ref.name, i + 1, len(refs))
+    return adapters

@@ -1,0 +1,38 @@
+"""Consoles for data (stdout) and messages (stderr).
+
+Rich drops colour under NO_COLOR and when the stream is not a terminal, so piped
+output is plain text. ``COLUMNS`` sets the width when there is no terminal.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import IO
+
+from rich.console import Console
+
+
+def make_console(*, stderr: bool = False, quiet: bool = False, file: IO[str] | None = None) -> Console:
+    """A console on stdout (data) or stderr (messages); ``quiet`` silences it."""
+    stream = file or (sys.stderr if stderr else sys.stdout)
+    width = None
+    if not stream.isatty():
+        width = int(os.environ.get("COLUMNS", "0") or 0) or 120
+    return Console(file=stream, quiet=quiet, highlight=False, width=width, soft_wrap=False)
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)

@@ -1,0 +1,117 @@
+"""What ``clair inspect`` shows: one record per adapter, as JSON or a rich table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from clair_cli import __version__
+from clair_cli.constants import JSON_SCHEMA_VERSION
+from clair_cli.io.adapter import Adapter
+from clair_cli.report.console import human_bytes, human_count
+
+
+def _fmt_num(x: float) -> str:
+    return f"{x:g}"
+
+
+def adapter_record(adapter: Adapter, extra_notes: list[str] | None = None) -> dict[str, Any]:
+    """A JSON-ready description of one adapter."""
+    cfg = adapter.config
+    targets = cfg.target_modules
+    return {
+        "name": adapter.name,
+        "source": adapter.ref.source,
+        "revision": adapter.ref.revision,
+        "base_model": cfg.base_model,
+        "peft_type": cfg.peft_type,
+        "r": cfg.r,
+        "ranks": adapter.ranks,
+        "lora_alpha": cfg.lora_alpha,
+        "use_rslora": cfg.use_rslora,
+        "scale_rule": cfg.scale_rule,
+        "rank_pattern": cfg.rank_pattern,
+        "alpha_pattern": cfg.alpha_pattern,
+        "fan_in_fan_out": cfg.fan_in_fan_out,
+        "target_modules": list(targets) if isinstance(targets, tuple) else targets,
+        "n_modules": len(adapter.modules),
+        "modules": [
+            {
+                "name": m.name,
+                "kind": m.kind,
+                "rank": m.rank,
+                "d_in": m.d_in,
+                "d_out": m.d_out,
+                "scale": m.scale,
+                "dtype": m.dtype,
+            }
+            for m in adapter.modules.values()
+        ],
+        "n_params": adapter.n_params,
+        "dtypes": adapter.dtypes,
+        "file_size": adapter.file_size,
+        "notes": [*adapter.notes, *(extra_notes or [])],
+    }
+
+
+def inspect_report(records: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "schema": JSON_SCHEMA_VERSION,
+        "tool": "clair",
+        "version": __version__,
+        "command": "inspect",
+        "adapters": records,
+    }
+
+
+def _targets(rec: dict[str, Any]) -> str:
+    t = rec["target_modules"]
+    if t is None:
+        names = sorted({m["name"].rsplit(".", 1)[-1] for m in rec["modules"]})
+        return ", ".join(names)
+    return t if isinstance(t, str) else ", ".join(sorted(t))
+
+
+def render_inspect(console: Console, records: list[dict[str, Any]]) -> None:
+    """Print one table row per adapter, then the notes."""
+    table = Table(title=f"{len(records)} adapter{'s' if len(records) != 1 else ''}", title_justify="left")
+    for col, just in (
+        ("Adapter", "left"),
+        ("Base model", "left"),
+        ("r", "right"),
+        ("alpha", "right"),
+        ("Scale", "left"),
+        ("Targets", "left"),
+        ("Modules", "right"),
+        ("Params", "right"),
+        ("Dtype", "left"),
+        ("Size", "right"),
+    ):
+        wrap = col in ("Adapter", "Base model", "Targets")
+        table.add_column(col, justify=just, overflow="fold", no_wrap=not wrap)  # type: ignore[arg-type]
+    for rec in records:
+        name = escape(rec["name"])
+        if rec["revision"]:
+            name += f"\n[dim]@ {rec['revision'][:12]}[/dim]"
+        ranks = rec["ranks"]
+        table.add_row(
+            name,
+            escape(rec["base_model"] or "-"),
+            "/".join(map(str, ranks)),
+            _fmt_num(rec["lora_alpha"]) + ("*" if rec["alpha_pattern"] else ""),
+            rec["scale_rule"].replace(" (per-module patterns)", "*"),
+            escape(_targets(rec)),
+            str(rec["n_modules"]),
+            human_count(rec["n_params"]),
+            ",".join(rec["dtypes"]),
+            human_bytes(rec["file_size"]),
+        )
+    console.print(table)
+    if any(rec["alpha_pattern"] or rec["rank_pattern"] for rec in records):
+        console.print("[dim]* rank_pattern / alpha_pattern set: values differ per module (see --json)[/dim]")
+    for rec in records:
+        for note in rec["notes"]:
+            console.print(f"[yellow]note[/yellow] {escape(rec['name'])}: {escape(note)}")

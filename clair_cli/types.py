@@ -1,0 +1,135 @@
+"""Small dataclasses shared by the layers: where an adapter comes from, what its
+config says, and one module's LoRA factors.
+
+Heavy libraries are imported lazily so that ``clair --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+ModuleKind = Literal["linear", "embedding", "conv"]
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """Where one adapter's files are, and how to name it in reports.
+
+    Attributes:
+        name: display name (relative path under a pool directory, or hub repo id).
+        source: the source as the user gave it.
+        weights_file: the ``.safetensors`` file.
+        config_file: ``adapter_config.json`` or ``None`` when given by flags.
+        revision: resolved hub commit sha, ``None`` for local sources.
+        root: directory that every file of a local source must stay inside.
+    """
+
+    name: str
+    source: str
+    weights_file: Path
+    config_file: Path | None
+    revision: str | None = None
+    root: Path | None = None
+
+
+def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
+    # Same rule as peft.utils.other.get_pattern_key: the first pattern that matches
+    # a dotted suffix of the module name wins.
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The parts of a PEFT ``LoraConfig`` that decide what an adapter's update is."""
+
+    peft_type: str = "LORA"
+    base_model: str | None = None
+    r: int = 8
+    lora_alpha: float = 8.0
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    fan_in_fan_out: bool = False
+    target_modules: tuple[str, ...] | str | None = None
+    use_dora: bool = False
+    lora_bias: bool = False
+    modules_to_save: tuple[str, ...] = ()
+    trainable_token_indices: Any = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def rank_for(self, module: str) -> int:
+        """Rank PEFT gives ``module``: ``rank_pattern`` first, then ``r``."""
+        key = _pattern_key(self.rank_pattern, module)
+        return int(self.rank_pattern[key]) if key is not None else self.r
+
+    def alpha_for(self, module: str) -> float:
+        """Alpha PEFT gives ``module``: ``alpha_pattern`` first, then ``lora_alpha``."""
+        key = _pattern_key(self.alpha_pattern, module)
+        return float(self.alpha_pattern[key]) if key is not None else self.lora_alpha
+
+    def scale_for(self, module: str, r: int | None = None) -> float:
+        """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        rank = self.rank_for(module) if r is None else r
+        alpha = self.alpha_for(module)
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+    @property
+    def scale_rule(self) -> str:
+        rule = "alpha/sqrt(r)" if self.use_rslora else "alpha/r"
+        if self.rank_pattern or self.alpha_pattern:
+            rule += " (per-module patterns)"
+        return rule
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One module's LoRA update ``scale * B @ A`` in factored form.
+
+    ``A`` is ``r x d_in`` and ``B`` is ``d_out x r`` whatever the layer type (conv
+    kernels are flattened into ``d_in``; embeddings have ``d_in`` = vocabulary
+    size). ``fan_in_fan_out`` records that the base layer stores its weight
+    transposed, as GPT-2's Conv1D does, so PEFT's delta weight is the transpose.
+    """
+
+    name: str
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    kind: ModuleKind = "linear"
+    fan_in_fan_out: bool = False
+    weight_shape: tuple[int, ...] | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def d_in(self) -> int:
+        return int(self.A.shape[1])
+
+    @property
+    def d_out(self) -> int:
+        return int(self.B.shape[0])
+
+    def delta(self) -> torch.Tensor:
+        """Dense update ``scale * B @ A`` (``d_out x d_in``). Small modules and tests only."""
+        return self.scale * (self.B @ self.A)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update in the base layer's own weight layout, as PEFT's ``get_delta_weight``."""
+        delta = self.delta()
+        if self.kind == "embedding" or self.fan_in_fan_out:
+            delta = delta.T
+        if self.weight_shape is not None and self.kind == "conv":
+            delta = delta.reshape(self.weight_shape)
+        return delta

@@ -1,0 +1,83 @@
+"""Builders for tiny adapters on disk, shared by the tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+BASE = "clair-test/tiny-base"
+
+
+def lora_config(**overrides: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "peft_type": "LORA",
+        "base_model_name_or_path": BASE,
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj"],
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def random_factors(
+    modules: dict[str, tuple[int, int]], r: int = 4, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """PEFT-style tensors for ``{module: (d_out, d_in)}``."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, (d_out, d_in) in modules.items():
+        out[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, d_in, generator=g).to(dtype)
+        out[f"base_model.model.{name}.lora_B.weight"] = torch.randn(d_out, r, generator=g).to(dtype)
+    return out
+
+
+MODULES = {
+    "model.layers.0.self_attn.q_proj": (16, 12),
+    "model.layers.0.self_attn.v_proj": (16, 12),
+    "model.layers.1.self_attn.q_proj": (16, 12),
+    "model.layers.1.self_attn.v_proj": (16, 12),
+}
+
+
+def write_adapter(
+    directory: Path,
+    tensors: dict[str, torch.Tensor] | None = None,
+    config: dict[str, Any] | str | bytes | None = None,
+    seed: int = 0,
+) -> Path:
+    """Write adapter_config.json and adapter_model.safetensors; ``config`` may be raw text."""
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(
+        tensors if tensors is not None else random_factors(MODULES, seed=seed), directory / "adapter_model.safetensors"
+    )
+    cfg = lora_config() if config is None else config
+    if isinstance(cfg, dict):
+        cfg = json.dumps(cfg)
+    path = directory / "adapter_config.json"
+    path.write_bytes(cfg if isinstance(cfg, bytes) else cfg.encode())
+    return directory
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the real ``clair`` console entry point in a subprocess."""
+    import os
+
+    full_env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "120", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "clair_cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )

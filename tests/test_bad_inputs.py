@@ -1,0 +1,204 @@
+"""Bad input ends in exit 2 and a one-line message naming the file; never a traceback."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import MODULES, lora_config, random_factors, run_cli, write_adapter
+from typer.testing import CliRunner
+
+from clair_cli.cli import app
+
+
+def _truncated(d: Path) -> None:
+    write_adapter(d)
+    f = d / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+
+
+def _header_past_end(d: Path) -> None:
+    write_adapter(d)
+    f = d / "adapter_model.safetensors"
+    f.write_bytes(struct.pack("<Q", 10_000) + f.read_bytes()[8:200])
+
+
+def _raw_safetensors(d: Path, header: dict, data: bytes) -> None:
+    write_adapter(d)
+    raw = json.dumps(header).encode()
+    (d / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def _huge_tensor(d: Path) -> None:
+    _raw_safetensors(
+        d, {"m.lora_A.weight": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 16]}}, b"\0" * 16
+    )
+
+
+def _overlap(d: Path) -> None:
+    _raw_safetensors(
+        d,
+        {
+            "m.lora_A.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+            "m.lora_B.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [8, 24]},
+        },
+        b"\0" * 24,
+    )
+
+
+def _shape_mismatch(d: Path) -> None:
+    _raw_safetensors(d, {"m.lora_A.weight": {"dtype": "F32", "shape": [3, 3], "data_offsets": [0, 16]}}, b"\0" * 16)
+
+
+def _with_tensors(mutate: Callable[[dict[str, torch.Tensor]], None], **cfg: object) -> Callable[[Path], None]:
+    def build(d: Path) -> None:
+        tensors = random_factors(MODULES)
+        mutate(tensors)
+        write_adapter(d, tensors, lora_config(**cfg))
+
+    return build
+
+
+def _with_config(text: bytes | str) -> Callable[[Path], None]:
+    return lambda d: write_adapter(d, config=text)
+
+
+KEY = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def _set(key: str, value: torch.Tensor | None) -> Callable[[dict[str, torch.Tensor]], None]:
+    def mutate(t: dict[str, torch.Tensor]) -> None:
+        if value is None:
+            del t[key]
+        else:
+            t[key] = value
+
+    return mutate
+
+
+def _nan(t: dict[str, torch.Tensor]) -> None:
+    t[f"{KEY}.lora_B.weight"][3, 1] = float("nan")
+
+
+def _inf(t: dict[str, torch.Tensor]) -> None:
+    t[f"{KEY}.lora_A.weight"][0, 0] = float("inf")
+
+
+def _pickle_renamed(d: Path) -> None:
+    write_adapter(d)
+    (d / "adapter_model.safetensors").write_bytes(pickle.dumps({"a": list(range(100))}))
+
+
+def _empty(d: Path) -> None:
+    d.mkdir()
+
+
+def _bin_only(d: Path) -> None:
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps(lora_config()))
+    (d / "adapter_model.bin").write_bytes(pickle.dumps({}))
+
+
+CASES: dict[str, tuple[Callable[[Path], None], str]] = {
+    "missing path": (lambda d: None, "no such file or directory"),
+    "empty directory": (_empty, "no adapter found"),
+    "invalid json config": (_with_config("{not json"), "is not valid JSON"),
+    "non-utf8 config": (_with_config(b"\xff\xfe{}"), "is not UTF-8"),
+    "config not an object": (_with_config("[1, 2]"), "must hold a JSON object"),
+    "config missing r": (_with_config(json.dumps({"peft_type": "LORA", "lora_alpha": 8})), "missing required field r"),
+    "config missing alpha": (_with_config(json.dumps({"peft_type": "LORA", "r": 4})), "lora_alpha"),
+    "r = 0": (_with_config(json.dumps(lora_config(r=0))), "r must be a positive integer"),
+    "not lora": (_with_config(json.dumps(lora_config(peft_type="IA3"))), "LoRA adapters only"),
+    "bad rank_pattern regex": (
+        _with_config(json.dumps(lora_config(rank_pattern={"(": 2}))),
+        "not a valid regular expression",
+    ),
+    "truncated safetensors": (_truncated, "truncated"),
+    "header past end": (_header_past_end, "runs past the end of the file"),
+    "huge tensor claim": (_huge_tensor, "needs"),
+    "overlapping offsets": (_overlap, "overlap"),
+    "dtype/shape vs data": (_shape_mismatch, "needs 36 bytes but its data spans 16"),
+    "pickle renamed to .safetensors": (_pickle_renamed, "not a safetensors file"),
+    "pickle .bin only": (_bin_only, "pickle checkpoints are never loaded"),
+    "A without B": (_with_tensors(_set(f"{KEY}.lora_B.weight", None)), "has lora_A but no lora_B"),
+    "A/B rank mismatch": (_with_tensors(_set(f"{KEY}.lora_B.weight", torch.ones(16, 3))), "rank mismatch"),
+    "rank differs from config": (_with_tensors(lambda t: None, r=8), "config gives r=8"),
+    "NaN weights": (_with_tensors(_nan), "contains NaN or Inf"),
+    "Inf weights": (_with_tensors(_inf), "contains NaN or Inf"),
+    "integer factors": (
+        _with_tensors(_set(f"{KEY}.lora_A.weight", torch.ones(4, 12, dtype=torch.int32))),
+        "floating point",
+    ),
+    "no lora tensors": (lambda d: write_adapter(d, {"w": torch.ones(2)}), "no LoRA tensors found"),
+}
+
+
+@pytest.fixture(scope="module")
+def case_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    out = {}
+    for i, (name, (build, _)) in enumerate(CASES.items()):
+        d = root / f"case{i:02d}"
+        build(d)
+        out[name] = d
+    return out
+
+
+def _check(code: int, stderr: str, stdout: str, expected: str, where: Path) -> None:
+    assert code == 2, (stdout, stderr)
+    assert "Traceback" not in stderr + stdout
+    first = stderr.strip().splitlines()[0]
+    assert first.startswith("Error: ")
+    assert expected in first
+    assert where.name in first
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_cli_runner(case: str, case_dirs: dict[str, Path]) -> None:
+    result = CliRunner().invoke(app, ["inspect", str(case_dirs[case])], env={"NO_COLOR": "1", "COLUMNS": "400"})
+    _check(result.exit_code, result.stderr, result.stdout, CASES[case][1], case_dirs[case])
+
+
+@pytest.mark.parametrize(
+    "case", ["missing path", "truncated safetensors", "pickle renamed to .safetensors", "NaN weights"]
+)
+def test_bad_input_real_subprocess(case: str, case_dirs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    proc = run_cli("inspect", str(case_dirs[case]), "--json", str(out))
+    _check(proc.returncode, proc.stderr, proc.stdout, CASES[case][1], case_dirs[case])
+    assert not out.exists(), "no output may be written on bad input"
+
+
+def test_debug_env_shows_the_traceback(case_dirs: dict[str, Path]) -> None:
+    proc = run_cli("inspect", str(case_dirs["truncated safetensors"]), env={"CLAIR_DEBUG": "1"})
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("hf://owner/name/../../etc", "must be a relative path"),
+        ("hf://owner/name/a\\b", "must be a relative path"),
+        ("hf://owner", "not a valid Hugging Face repo id"),
+        ("hf://owner/name@", "empty revision"),
+    ],
+)
+def test_hub_ids_with_traversal_are_refused_before_any_request(spec: str, expected: str) -> None:
+    result = CliRunner().invoke(app, ["inspect", spec], env={"HF_HUB_OFFLINE": "1", "NO_COLOR": "1"})
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert expected in result.stderr
+
+
+def test_subfolder_option_traversal_is_refused() -> None:
+    result = CliRunner().invoke(app, ["inspect", "owner/name", "--subfolder", "/etc"], env={"HF_HUB_OFFLINE": "1"})
+    assert result.exit_code == 2 and "must be a relative path" in result.stderr
+
+
+def test_usage_error_exits_2() -> None:
+    result = CliRunner().invoke(app, ["inspect"])
+    assert result.exit_code == 2

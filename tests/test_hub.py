@@ -1,0 +1,182 @@
+"""Hub sources without network: a pre-populated cache offline, and a local fake Hub.
+
+The fake Hub answers the resolve requests huggingface_hub makes (HEAD for
+metadata, GET for content) on 127.0.0.1, so the real download path runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from helpers import lora_config, run_cli, write_adapter
+
+SHA_MAIN = "a" * 40
+SHA_V1 = "b" * 40
+
+
+def _adapter_files(tmp: Path, seed: int, **cfg: object) -> dict[str, bytes]:
+    d = write_adapter(tmp / f"src{seed}", config=lora_config(**cfg), seed=seed)
+    return {n: (d / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors")}
+
+
+class FakeHub:
+    """repos: {repo_id: {revision_or_sha: (sha, {path: bytes})}}"""
+
+    def __init__(self, repos: dict[str, dict[str, tuple[str, dict[str, bytes]]]]) -> None:
+        self.repos = repos
+        self.requests: list[tuple[str, str, str | None]] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _answer(self, body: bool) -> None:
+                hub.requests.append((self.command, self.path, self.headers.get("Authorization")))
+                parts = self.path.split("?")[0].strip("/").split("/")
+                if len(parts) < 5 or parts[2] != "resolve":
+                    return self._error(404, "RepoNotFound")
+                repo, rev, path = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
+                if repo not in hub.repos:
+                    return self._error(401, "RepoNotFound")
+                if rev not in hub.repos[repo]:
+                    return self._error(404, "RevisionNotFound")
+                sha, files = hub.repos[repo][rev]
+                if path not in files:
+                    return self._error(404, "EntryNotFound", sha)
+                data = files[path]
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", sha)
+                self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+            def _error(self, code: int, error_code: str, sha: str | None = None) -> None:
+                self.send_response(code)
+                self.send_header("X-Error-Code", error_code)
+                if sha:
+                    self.send_header("X-Repo-Commit", sha)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self._answer(body=False)
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._answer(body=True)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FakeHub:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture()
+def fake_hub(tmp_path: Path) -> Iterator[FakeHub]:
+    main = _adapter_files(tmp_path, 0, base_model_name_or_path="org/base")
+    v1 = _adapter_files(tmp_path, 1, base_model_name_or_path="org/base", lora_alpha=16)
+    sub = {f"round_3/{k}": v for k, v in v1.items()}
+    repos = {
+        "owner/lora": {"main": (SHA_MAIN, {**main, "README.md": b"x"}), SHA_MAIN: (SHA_MAIN, main), "v1": (SHA_V1, v1)},
+        "owner/rounds": {"main": (SHA_MAIN, sub)},
+        "owner/pickled": {
+            "main": (SHA_MAIN, {"adapter_config.json": main["adapter_config.json"], "adapter_model.bin": b"\x80"})
+        },
+    }
+    with FakeHub(repos) as hub:
+        yield hub
+
+
+def _env(hub: FakeHub, home: Path, **extra: str) -> dict[str, str]:
+    return {"HF_ENDPOINT": hub.url, "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1", **extra}
+
+
+def test_download_records_commit_and_fetches_only_adapter_files(fake_hub: FakeHub, tmp_path: Path) -> None:
+    proc = run_cli("inspect", "owner/lora", "hf://owner/lora@v1", "--json", "-", env=_env(fake_hub, tmp_path / "home"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    names = [a["name"] for a in report["adapters"]]
+    assert names == ["owner/lora", "owner/lora@v1"]
+    assert [a["revision"] for a in report["adapters"]] == [SHA_MAIN, SHA_V1]
+    assert [a["lora_alpha"] for a in report["adapters"]] == [8.0, 16.0]
+    fetched = {path.rsplit("/", 1)[-1] for _, path, _ in fake_hub.requests}
+    assert fetched == {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def test_subfolder_in_spec_and_option(fake_hub: FakeHub, tmp_path: Path) -> None:
+    env = _env(fake_hub, tmp_path / "home")
+    for args in (["hf://owner/rounds/round_3"], ["owner/rounds", "--subfolder", "round_3"]):
+        proc = run_cli("inspect", *args, "--json", "-", env=env)
+        assert proc.returncode == 0, proc.stderr
+        (adapter,) = json.loads(proc.stdout)["adapters"]
+        assert adapter["name"] == "owner/rounds/round_3" and adapter["revision"] == SHA_MAIN
+
+
+def test_token_is_sent(fake_hub: FakeHub, tmp_path: Path) -> None:
+    proc = run_cli("inspect", "owner/lora", env=_env(fake_hub, tmp_path / "home", HF_TOKEN="hf_secret"))
+    assert proc.returncode == 0, proc.stderr
+    assert all(auth == "Bearer hf_secret" for _, _, auth in fake_hub.requests)
+
+
+def test_second_run_offline_uses_the_cache(fake_hub: FakeHub, tmp_path: Path) -> None:
+    env = _env(fake_hub, tmp_path / "home")
+    assert run_cli("inspect", "owner/lora", env=env).returncode == 0
+    n = len(fake_hub.requests)
+    proc = run_cli("inspect", "owner/lora", "--json", "-", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["adapters"][0]["revision"] == SHA_MAIN
+    assert len(fake_hub.requests) == n
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("owner/missing", "hub repo owner/missing not found"),
+        ("owner/lora@nope", "revision 'nope' not found"),
+        ("owner/pickled", "pickle checkpoints are refused"),
+        ("owner/rounds", "has no adapter_config.json"),
+    ],
+)
+def test_hub_errors_exit_2(fake_hub: FakeHub, tmp_path: Path, spec: str, message: str) -> None:
+    proc = run_cli("inspect", spec, env=_env(fake_hub, tmp_path / "home"))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr.splitlines()[0]
+
+
+def _populate_cache(home: Path, repo: str, sha: str, files: dict[str, bytes]) -> None:
+    root = home / "hub" / ("models--" + repo.replace("/", "--"))
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(sha)
+    snap = root / "snapshots" / sha
+    snap.mkdir(parents=True)
+    for name, data in files.items():
+        (snap / name).write_bytes(data)
+
+
+def test_prepopulated_cache_offline(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    _populate_cache(home, "owner/cached", SHA_V1, _adapter_files(tmp_path, 3))
+    env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    proc = run_cli("inspect", "owner/cached", "--json", "-", env=env)
+    assert proc.returncode == 0, proc.stderr
+    (adapter,) = json.loads(proc.stdout)["adapters"]
+    assert adapter["revision"] == SHA_V1 and adapter["name"] == "owner/cached"
+    proc = run_cli("inspect", "owner/not-cached", env=env)
+    assert proc.returncode == 2
+    assert "not in the local cache" in proc.stderr
