@@ -1,0 +1,175 @@
+"""CLAIR over a whole pool: stream modules, decompose each, decide per adapter.
+
+``ClairAuditor(...).fit(modules, n_adapters)`` consumes an iterable of
+:class:`ModuleInput` one module at a time (memory is bounded by one module's
+factors plus small per-module results) and learns:
+
+- ``module_results_``: per module, rank, spectrum, residual and off-subspace shares,
+  subspace basis, solver iterations and convergence;
+- ``verdicts_``: per adapter, score, flag and reasons (see :mod:`clair_cli.core.verdict`);
+- ``shared_rank_``, ``collaborative_set_``, ``duplicate_groups_``, ``shared_structure_``.
+
+Within a module, adapters whose updates are identical up to rounding (cosine
+above 0.999) enter the decomposition once, so a group of copies cannot pose as
+a shared subspace; the copies then receive their representative's scores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from clair_cli.core.decompose import Method, ModuleDecomposer
+from clair_cli.core.pairwise import gram
+from clair_cli.core.reduction import reduce_module
+from clair_cli.core.verdict import DUPLICATE_COSINE, AdapterVerdict, decide, duplicate_groups
+
+SideOption = Literal["out", "in", "both"]
+
+
+@dataclass
+class ModuleInput:
+    """One module's factors for the adapters that target it."""
+
+    name: str
+    members: list[int]
+    A: list[torch.Tensor]
+    B: list[torch.Tensor]
+    scales: list[float]
+
+
+@dataclass
+class ModuleResult:
+    name: str
+    members: list[int]
+    rank: int
+    spectrum: torch.Tensor
+    null_bound: torch.Tensor | None
+    residual: torch.Tensor
+    off_subspace: torch.Tensor
+    norms: torch.Tensor
+    subspace: torch.Tensor
+    shared_structure: bool
+    n_iter: int
+    converged: bool
+
+
+class ClairAuditor:
+    """Audit a pool of adapters with CLAIR.
+
+    Args:
+        method: decomposition form, ``"noisy"`` (default) or ``"exact"``.
+        side: ``"out"`` (shared output space, default), ``"in"``, or ``"both"``
+            (off-subspace share is the larger of the two).
+        rank: ``"auto"`` or a fixed shared rank.
+        threshold: fixed off-subspace share threshold (default: the automatic rule).
+        dtype: working precision (float32 or float64); inputs are upcast.
+        device: torch device for the decompositions.
+        random_state: seed of the parallel analysis.
+    """
+
+    def __init__(
+        self,
+        method: Method = "noisy",
+        side: SideOption = "out",
+        rank: int | Literal["auto"] = "auto",
+        threshold: float | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        random_state: int = 0,
+        n_null: int = 20,
+    ) -> None:
+        self.method = method
+        self.side = side
+        self.rank = rank
+        self.threshold = threshold
+        self.dtype = dtype
+        self.device = device
+        self.random_state = random_state
+        self.n_null = n_null
+
+    def _decompose(self, A: list[torch.Tensor], B: list[torch.Tensor], scales: list[float], side: str):
+        stack = reduce_module(A, B, scales, side=side)  # type: ignore[arg-type]
+        dec = ModuleDecomposer(
+            method=self.method, rank=self.rank, n_null=self.n_null, random_state=self.random_state
+        ).fit(stack)
+        return dec
+
+    def fit(self, modules: Iterable[ModuleInput], n_adapters: int) -> ClairAuditor:
+        if self.side not in ("out", "in", "both"):
+            raise ValueError(f"side must be 'out', 'in' or 'both', got {self.side!r}")
+        K = n_adapters
+        inner = torch.zeros(K, K, dtype=torch.float64)
+        results: list[ModuleResult] = []
+        for mod in modules:
+            A = [a.to(self.device, self.dtype) for a in mod.A]
+            B = [b.to(self.device, self.dtype) for b in mod.B]
+            G = gram(A, B, mod.scales).double().cpu()
+            idx = torch.tensor(mod.members)
+            inner[idx[:, None], idx[None, :]] += G
+            norms = G.diagonal().clamp_min(0).sqrt()
+            # Representatives: drop later copies of identical updates within this module.
+            denom = norms[:, None] * norms[None, :]
+            cos = torch.where(denom > 0, G / denom.clamp_min(1e-300), torch.zeros_like(G))
+            rep = list(range(len(A)))
+            for j in range(len(A)):
+                for i in range(j):
+                    if rep[i] == i and cos[i, j] > DUPLICATE_COSINE:
+                        rep[j] = i
+                        break
+            keep = [j for j in range(len(A)) if rep[j] == j]
+            pos = {j: p for p, j in enumerate(keep)}
+            sides = ["out", "in"] if self.side == "both" else [self.side]
+            decs = [
+                self._decompose([A[j] for j in keep], [B[j] for j in keep], [mod.scales[j] for j in keep], s)
+                for s in sides
+            ]
+            main = decs[0]
+            off = torch.stack([d.off_subspace_ for d in decs]).max(dim=0).values
+            residual = torch.stack([d.residual_ for d in decs]).max(dim=0).values
+            expand = torch.tensor([pos[rep[j]] for j in range(len(A))])
+            null = main.null_spectrum_
+            results.append(
+                ModuleResult(
+                    name=mod.name,
+                    members=list(mod.members),
+                    rank=main.rank_,
+                    spectrum=main.spectrum_.double().cpu(),
+                    null_bound=None if null is None else torch.quantile(null, 0.95, dim=0).double().cpu(),
+                    residual=residual[expand].double().cpu(),
+                    off_subspace=off[expand].double().cpu(),
+                    norms=norms,
+                    subspace=main.subspace_.cpu(),
+                    shared_structure=all(d.shared_structure_ for d in decs),
+                    n_iter=max(d.n_iter_ for d in decs),
+                    converged=all(d.converged_ for d in decs),
+                )
+            )
+        if not results:
+            raise ValueError("no module to audit")
+        self.module_results_ = results
+        sq = inner.diagonal().clamp_min(0)
+        denom = sq.sqrt()[:, None] * sq.sqrt()[None, :]
+        cosine = torch.where(denom > 0, inner / denom.clamp_min(1e-300), torch.zeros_like(inner))
+        self.cosine_ = cosine
+        self.duplicate_groups_ = duplicate_groups(cosine)
+        self.verdicts_: list[AdapterVerdict] = decide(
+            K,
+            {r.name: r.off_subspace for r in results},
+            {r.name: r.members for r in results},
+            {r.name: r.shared_structure for r in results},
+            sq,
+            self.duplicate_groups_,
+            self.threshold,
+        )
+        self.shared_rank_ = {r.name: r.rank for r in results}
+        self.shared_structure_ = any(r.shared_structure for r in results)
+        self.flagged_ = [v.flagged for v in self.verdicts_]
+        self.scores_ = [v.score for v in self.verdicts_]
+        self.collaborative_set_ = [k for k in range(K) if not self.flagged_[k]]
+        self.n_iter_ = {r.name: r.n_iter for r in results}
+        self.converged_ = all(r.converged for r in results)
+        return self

@@ -1,0 +1,186 @@
+"""The CLAIR decomposer for one module: a scikit-learn style estimator.
+
+``ModuleDecomposer(...).fit(stack)`` takes a :class:`FactoredStack` and learns:
+
+- ``rank_`` and ``spectrum_``: the shared rank and the singular values it was read from.
+  With ``rank="auto"`` the rank is chosen by parallel analysis: every adapter's
+  block is rotated to a random orientation (keeping its own singular values, so
+  its norm and shape are unchanged but its alignment with the others is lost);
+  the shared rank is the number of leading singular values of the pool above the
+  95th percentile of the same singular value over ``n_null`` such draws. A rank of
+  0 means the adapters share no low-rank structure beyond chance
+  (``shared_structure_`` is False) and nothing is flagged on this module.
+- ``low_rank_``, ``sparse_``: ``L`` and ``S`` on the normalised core (blocks scaled to
+  unit Frobenius norm so that no single large adapter owns the subspace).
+- ``residual_``: ``||S_k|| / ||Theta_k||`` per adapter.
+- ``subspace_``: ``d x rank`` orthonormal basis of the shared subspace, re-estimated
+  on the collaborators (adapters whose residual is not an outlier).
+- ``off_subspace_``: ``||(I - U U^T) Theta_k|| / ||Theta_k||`` per adapter.
+- ``n_iter_``, ``converged_``.
+
+Defaults. The block weight follows the spec: ``lam = 1.5 sqrt(r / K)`` on unit-norm
+blocks (r the rank from parallel analysis). The ``"noisy"`` form (default) sets
+the nuclear weight ``lam_L`` to the largest singular value that parallel analysis
+did *not* call shared, i.e. the scale of everything unshared (noise and
+contamination): singular-value thresholding at that level keeps the shared
+directions and drops the rest, and the block weight is ``lam_L * lam``. In a
+noiseless pool that scale is tiny relative to the shared directions, and the
+form approaches the ``"exact"`` one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+
+from clair_cli.core.reduction import FactoredStack
+from clair_cli.core.solvers import block_norms, solve_exact, solve_noisy
+
+Method = Literal["noisy", "exact"]
+LAM_CONSTANT = 1.5
+NULL_QUANTILE = 0.95
+
+
+def robust_center_scale(x: torch.Tensor) -> tuple[float, float]:
+    """Median and MAD scaled to a Gaussian's standard deviation (1.4826 * MAD)."""
+    med = float(x.median())
+    return med, 1.4826 * float((x - med).abs().median())
+
+
+def normalise_blocks(G: torch.Tensor, offsets: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale each block to unit Frobenius norm; zero blocks stay zero. Returns (G, norms)."""
+    norms = block_norms(G, offsets)
+    out = G.clone()
+    for k in range(len(offsets) - 1):
+        if norms[k] > 0:
+            out[:, offsets[k] : offsets[k + 1]] /= norms[k]
+    return out, norms
+
+
+def null_spectrum(G: torch.Tensor, offsets: tuple[int, ...], n_null: int, generator: torch.Generator) -> torch.Tensor:
+    """Singular values of the pool with each block randomly rotated: ``n_null x min(G.shape)``."""
+    rho = G.shape[0]
+    frames = []
+    for k in range(len(offsets) - 1):
+        blk = G[:, offsets[k] : offsets[k + 1]]
+        _u, s, vh = torch.linalg.svd(blk, full_matrices=False)
+        frames.append((s, vh))
+    draws = []
+    for _ in range(n_null):
+        parts = []
+        for s, vh in frames:
+            omega = torch.randn(rho, s.numel(), generator=generator, dtype=torch.float64).to(G.dtype)
+            omega, _ = torch.linalg.qr(omega)
+            parts.append((omega * s) @ vh)
+        draws.append(torch.linalg.svdvals(torch.cat(parts, dim=1)))
+    return torch.stack(draws)
+
+
+def parallel_analysis_rank(spectrum: torch.Tensor, null: torch.Tensor, max_rank: int) -> int:
+    """Number of leading singular values above the null's ``NULL_QUANTILE`` quantile."""
+    bound = torch.quantile(null, NULL_QUANTILE, dim=0)
+    r = 0
+    while r < min(max_rank, spectrum.numel(), bound.numel()) and spectrum[r] > bound[r]:
+        r += 1
+    return r
+
+
+class ModuleDecomposer:
+    """Low-rank plus block-sparse decomposition of one module's adapters.
+
+    Args:
+        method: ``"noisy"`` (default) or ``"exact"``.
+        rank: ``"auto"`` (parallel analysis) or a fixed shared rank.
+        lam: block weight relative to unit-norm blocks; default ``1.5 sqrt(r / K)``.
+        n_null: random rotations for parallel analysis.
+        tol, max_iter: solver stopping rule.
+        random_state: seed of the rotations (results are deterministic given it).
+    """
+
+    def __init__(
+        self,
+        method: Method = "noisy",
+        rank: int | Literal["auto"] = "auto",
+        lam: float | None = None,
+        n_null: int = 20,
+        tol: float = 1e-7,
+        max_iter: int = 1000,
+        random_state: int = 0,
+    ) -> None:
+        self.method = method
+        self.rank = rank
+        self.lam = lam
+        self.n_null = n_null
+        self.tol = tol
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def fit(self, stack: FactoredStack) -> ModuleDecomposer:
+        if self.method not in ("noisy", "exact"):
+            raise ValueError(f"method must be 'noisy' or 'exact', got {self.method!r}")
+        K = stack.n_adapters
+        offsets = stack.offsets
+        Y, norms = normalise_blocks(stack.G, offsets)
+        active = norms > 0
+        self.norms_ = norms
+        spectrum = torch.linalg.svdvals(Y)
+        self.spectrum_ = spectrum
+        gen = torch.Generator().manual_seed(self.random_state)
+        self.null_spectrum_ = null_spectrum(Y, offsets, self.n_null, gen) if self.n_null else None
+        if self.rank == "auto":
+            if self.null_spectrum_ is None:
+                raise ValueError("rank='auto' needs n_null > 0")
+            r = parallel_analysis_rank(spectrum, self.null_spectrum_, max_rank=max(1, spectrum.numel() - 1))
+        else:
+            if int(self.rank) < 1:
+                raise ValueError(f"rank must be 'auto' or a positive integer, got {self.rank!r}")
+            r = int(self.rank)
+        self.shared_structure_ = r > 0
+        r_fit = max(r, 1)
+        n_active = int(active.sum())
+        lam = self.lam if self.lam is not None else LAM_CONSTANT * math.sqrt(r_fit / max(n_active, 1))
+        self.lam_ = lam
+
+        if self.method == "exact":
+            dec = solve_exact(Y, offsets, lam, tol=self.tol, max_iter=self.max_iter)
+        else:
+            tail = spectrum[r_fit:]
+            tail = tail[tail > 1e-9 * float(spectrum[0])]
+            lam_L = float(tail.median()) if tail.numel() else 0.0
+            lam_L = max(lam_L, 1e-6 * float(spectrum[0]))
+            self.lam_L_ = lam_L
+            dec = solve_noisy(Y, offsets, lam_L, lam_L * lam, tol=self.tol, max_iter=self.max_iter)
+        self.low_rank_, self.sparse_ = dec.L, dec.S
+        self.n_iter_, self.converged_ = dec.n_iter, dec.converged
+        residual = block_norms(dec.S, offsets)
+        residual[~active] = 0.0
+        self.residual_ = residual.clamp(0, 1)
+
+        # Collaborators: adapters whose residual share is not an upper outlier.
+        med, scale = robust_center_scale(self.residual_[active]) if n_active else (0.0, 0.0)
+        cut = med + max(3.5 * scale, 0.1)
+        collab = active & (self.residual_ <= cut)
+        if int(collab.sum()) == 0:
+            collab = active.clone()
+        self.collaborators_ = collab
+        U_core = self._subspace(Y, offsets, collab, r_fit)
+        self.subspace_core_ = U_core
+        self.subspace_ = stack.Q @ U_core
+        self.rank_ = r
+        self.off_subspace_ = self._off_subspace(Y, offsets, U_core, active)
+        return self
+
+    @staticmethod
+    def _subspace(Y: torch.Tensor, offsets: tuple[int, ...], mask: torch.Tensor, r: int) -> torch.Tensor:
+        cols = [Y[:, offsets[k] : offsets[k + 1]] for k in range(len(offsets) - 1) if mask[k]]
+        U, _s, _vh = torch.linalg.svd(torch.cat(cols, dim=1), full_matrices=False)
+        return U[:, :r]
+
+    @staticmethod
+    def _off_subspace(Y: torch.Tensor, offsets: tuple[int, ...], U: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        resid = Y - U @ (U.T @ Y)
+        off = block_norms(resid, offsets)
+        off[~active] = 0.0
+        return off.clamp(0, 1)

@@ -1,0 +1,154 @@
+"""From per-module scores to per-adapter verdicts (CLAIR_SPEC.md section 5).
+
+The rule, with no tuning on the default path:
+
+1. **Off-subspace, per module.** On module m, adapter k's score is its
+   off-subspace share ``o_km``. The module threshold is
+   ``t_m = median_m + max(z * sigma_m, 0.10)``: ``median_m`` and ``sigma_m``
+   (1.4826 * MAD) are robust centre and scale of the shares on that module, so
+   up to half the pool may be contaminated; ``z`` is the normal quantile at
+   ``1 - 0.001 / M`` (Bonferroni over the M modules, so a clean adapter is
+   falsely flagged by chance with probability about 0.1 % under a Gaussian
+   model); the 0.10 floor demands 10 points of share above typical before a
+   flag, so numerically identical noiseless adapters are never split. Modules
+   where the pool shows no shared structure (rank 0) flag nothing.
+2. **Aggregation by maximum.** An adapter is flagged if *any* module exceeds
+   its threshold; its score is its largest share over modules. Contamination in
+   one or two modules is therefore not averaged away.
+3. **Norm.** ``log ||Theta_k||`` (over all modules) against the pool's median:
+   flagged when it exceeds ``median + max(z * sigma, log 4)``, i.e. at least four
+   times the median norm *and* a robust outlier (model-replacement style boosting).
+4. **Duplicates.** Adapters whose updates have cosine similarity above 0.999
+   over all modules form a Sybil group; every member is flagged as such.
+
+``threshold`` (the ``--threshold`` option) replaces ``t_m`` by a fixed share.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from scipy.stats import norm as _normal
+
+FLOOR = 0.10
+NORM_FACTOR_FLOOR = 4.0
+FALSE_FLAG_RATE = 1e-3
+DUPLICATE_COSINE = 0.999
+
+
+def z_bonferroni(n_tests: int) -> float:
+    return float(_normal.ppf(1 - FALSE_FLAG_RATE / max(n_tests, 1)))
+
+
+def robust(x: torch.Tensor) -> tuple[float, float]:
+    med = float(x.median())
+    return med, 1.4826 * float((x - med).abs().median())
+
+
+@dataclass
+class AdapterVerdict:
+    index: int
+    score: float
+    flagged: bool
+    reasons: list[dict] = field(default_factory=list)
+    per_module: dict[str, float] = field(default_factory=dict)
+    norm_ratio: float = 1.0
+
+
+def module_thresholds(shares: dict[str, torch.Tensor], threshold: float | None) -> dict[str, float]:
+    """Per-module flag threshold on off-subspace shares (rule 1)."""
+    z = z_bonferroni(len(shares))
+    out = {}
+    for name, o in shares.items():
+        if threshold is not None:
+            out[name] = threshold
+        else:
+            med, sigma = robust(o)
+            out[name] = med + max(z * sigma, FLOOR)
+    return out
+
+
+def duplicate_groups(cosine: torch.Tensor) -> list[list[int]]:
+    """Connected groups of adapters with pairwise cosine above DUPLICATE_COSINE."""
+    K = cosine.shape[0]
+    parent = list(range(K))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(K):
+        for j in range(i + 1, K):
+            if cosine[i, j] > DUPLICATE_COSINE:
+                parent[find(j)] = find(i)
+    groups: dict[int, list[int]] = {}
+    for i in range(K):
+        groups.setdefault(find(i), []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def decide(
+    n_adapters: int,
+    shares: dict[str, torch.Tensor],
+    members: dict[str, list[int]],
+    structured: dict[str, bool],
+    sq_norms: torch.Tensor,
+    duplicates: list[list[int]],
+    threshold: float | None = None,
+) -> list[AdapterVerdict]:
+    """Combine the signals into one verdict per adapter.
+
+    Args:
+        n_adapters: K.
+        shares: per module, off-subspace shares of the adapters in ``members[module]``.
+        members: per module, the adapter indices it covers (in ``shares`` order).
+        structured: per module, whether a shared structure was found.
+        sq_norms: per adapter, ``sum_m ||Theta_km||^2``.
+        duplicates: Sybil groups of adapter indices.
+        threshold: fixed share threshold replacing the automatic one.
+    """
+    thresholds = module_thresholds(shares, threshold)
+    verdicts = [AdapterVerdict(k, 0.0, False) for k in range(n_adapters)]
+    excess: dict[int, list[tuple[float, str, float]]] = {k: [] for k in range(n_adapters)}
+    for name, o in shares.items():
+        for pos, k in enumerate(members[name]):
+            share = float(o[pos])
+            verdicts[k].per_module[name] = share
+            verdicts[k].score = max(verdicts[k].score, share)
+            if structured[name] and share > thresholds[name]:
+                excess[k].append((share - thresholds[name], name, share))
+    for k, items in excess.items():
+        if items:
+            items.sort(key=lambda t: (-t[0], t[1]))
+            verdicts[k].flagged = True
+            verdicts[k].reasons.append(
+                {
+                    "kind": "off_subspace",
+                    "share": max(s for _, _, s in items),
+                    "modules": [n for _, n, _ in items],
+                }
+            )
+
+    positive = sq_norms > 0
+    if int(positive.sum()) >= 3:
+        log_norm = 0.5 * torch.log(sq_norms[positive])
+        med, sigma = robust(log_norm)
+        cut = med + max(z_bonferroni(1) * sigma, math.log(NORM_FACTOR_FLOOR))
+        for k in range(n_adapters):
+            if sq_norms[k] <= 0:
+                continue
+            ln = 0.5 * math.log(float(sq_norms[k]))
+            verdicts[k].norm_ratio = math.exp(ln - med)
+            if ln > cut:
+                verdicts[k].flagged = True
+                verdicts[k].reasons.append({"kind": "norm", "ratio": verdicts[k].norm_ratio})
+
+    for group in duplicates:
+        for k in group:
+            verdicts[k].flagged = True
+            verdicts[k].reasons.append({"kind": "duplicate", "of": [j for j in group if j != k]})
+    return verdicts
