@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from clair_cli.core.decompose import Method, ModuleDecomposer
+from clair_cli.core.decompose import Method, ModuleDecomposer, null_bound
 from clair_cli.core.pairwise import gram
 from clair_cli.core.reduction import reduce_module
 from clair_cli.core.verdict import DUPLICATE_COSINE, AdapterVerdict, decide, duplicate_groups
@@ -127,9 +127,11 @@ class ClairAuditor:
                 self._decompose([A[j] for j in keep], [B[j] for j in keep], [mod.scales[j] for j in keep], s)
                 for s in sides
             ]
-            main = decs[0]
-            off = torch.stack([d.off_subspace_ for d in decs]).max(dim=0).values
-            residual = torch.stack([d.residual_ for d in decs]).max(dim=0).values
+            # With side="both", a side without shared structure carries no evidence.
+            used = [d for d in decs if d.shared_structure_] or decs[:1]
+            main = used[0]
+            off = torch.stack([d.off_subspace_ for d in used]).max(dim=0).values
+            residual = torch.stack([d.residual_ for d in used]).max(dim=0).values
             expand = torch.tensor([pos[rep[j]] for j in range(len(A))])
             null = main.null_spectrum_
             results.append(
@@ -138,12 +140,12 @@ class ClairAuditor:
                     members=list(mod.members),
                     rank=main.rank_,
                     spectrum=main.spectrum_.double().cpu(),
-                    null_bound=None if null is None else torch.quantile(null, 0.95, dim=0).double().cpu(),
+                    null_bound=None if null is None else null_bound(null).double().cpu(),
                     residual=residual[expand].double().cpu(),
                     off_subspace=off[expand].double().cpu(),
                     norms=norms,
                     subspace=main.subspace_.cpu(),
-                    shared_structure=all(d.shared_structure_ for d in decs),
+                    shared_structure=any(d.shared_structure_ for d in decs),
                     n_iter=max(d.n_iter_ for d in decs),
                     converged=all(d.converged_ for d in decs),
                 )

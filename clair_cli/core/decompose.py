@@ -18,14 +18,21 @@
 - ``off_subspace_``: ``||(I - U U^T) Theta_k|| / ||Theta_k||`` per adapter.
 - ``n_iter_``, ``converged_``.
 
-Defaults. The block weight follows the spec: ``lam = 1.5 sqrt(r / K)`` on unit-norm
-blocks (r the rank from parallel analysis). The ``"noisy"`` form (default) sets
-the nuclear weight ``lam_L`` to the largest singular value that parallel analysis
-did *not* call shared, i.e. the scale of everything unshared (noise and
-contamination): singular-value thresholding at that level keeps the shared
-directions and drops the rest, and the block weight is ``lam_L * lam``. In a
-noiseless pool that scale is tiny relative to the shared directions, and the
-form approaches the ``"exact"`` one.
+Defaults. The ``"exact"`` form uses the spec's block weight ``lam = 1.5 sqrt(r / K)``
+on unit-norm blocks (r from parallel analysis). The ``"noisy"`` form (default)
+adapts both weights to the pool's noise, so that a benign adapter's noise stays
+in the fit term instead of being moved into S:
+
+- ``lam_L`` is the median of the singular values that parallel analysis did *not*
+  call shared: the scale of unshared energy, which benign noise dominates;
+- ``lam_S`` is a robust upper bound of the benign blocks' unshared norm, measured
+  against the pool's top-r subspace: ``median + 3 sigma`` (sigma = 1.4826 MAD),
+  and never below ``lam_L * 1.5 sqrt(r / K)``.
+
+In a noiseless pool both are tiny and the form approaches the exact one.
+Parallel analysis calls singular value i shared when it exceeds ``mean + 3 sd``
+of the same singular value over the null draws (about a 0.1-0.5 % chance of
+calling structure in a pool that has none).
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from clair_cli.core.solvers import block_norms, solve_exact, solve_noisy
 
 Method = Literal["noisy", "exact"]
 LAM_CONSTANT = 1.5
-NULL_QUANTILE = 0.95
+NULL_SDS = 3.0
 
 
 def robust_center_scale(x: torch.Tensor) -> tuple[float, float]:
@@ -78,9 +85,14 @@ def null_spectrum(G: torch.Tensor, offsets: tuple[int, ...], n_null: int, genera
     return torch.stack(draws)
 
 
+def null_bound(null: torch.Tensor) -> torch.Tensor:
+    """Per index, the level a singular value must exceed to be called shared."""
+    return null.mean(dim=0) + NULL_SDS * null.std(dim=0)
+
+
 def parallel_analysis_rank(spectrum: torch.Tensor, null: torch.Tensor, max_rank: int) -> int:
-    """Number of leading singular values above the null's ``NULL_QUANTILE`` quantile."""
-    bound = torch.quantile(null, NULL_QUANTILE, dim=0)
+    """Number of leading singular values above :func:`null_bound`."""
+    bound = null_bound(null)
     r = 0
     while r < min(max_rank, spectrum.numel(), bound.numel()) and spectrum[r] > bound[r]:
         r += 1
@@ -120,9 +132,11 @@ class ModuleDecomposer:
     def fit(self, stack: FactoredStack) -> ModuleDecomposer:
         if self.method not in ("noisy", "exact"):
             raise ValueError(f"method must be 'noisy' or 'exact', got {self.method!r}")
-        K = stack.n_adapters
         offsets = stack.offsets
-        Y, norms = normalise_blocks(stack.G, offsets)
+        # The core is small (rho x sum r_k): solve it in float64 whatever the working
+        # dtype, so stopping tolerances are far above rounding and results do not
+        # depend on the input precision.
+        Y, norms = normalise_blocks(stack.G.double(), offsets)
         active = norms > 0
         self.norms_ = norms
         spectrum = torch.linalg.svdvals(Y)
@@ -150,8 +164,12 @@ class ModuleDecomposer:
             tail = tail[tail > 1e-9 * float(spectrum[0])]
             lam_L = float(tail.median()) if tail.numel() else 0.0
             lam_L = max(lam_L, 1e-6 * float(spectrum[0]))
-            self.lam_L_ = lam_L
-            dec = solve_noisy(Y, offsets, lam_L, lam_L * lam, tol=self.tol, max_iter=self.max_iter)
+            U0 = torch.linalg.svd(Y, full_matrices=False)[0][:, :r_fit]
+            unshared = block_norms(Y - U0 @ (U0.T @ Y), offsets)[active]
+            med, sigma = robust_center_scale(unshared)
+            lam_S = max(med + 3 * sigma, lam_L * lam)
+            self.lam_L_, self.lam_S_ = lam_L, lam_S
+            dec = solve_noisy(Y, offsets, lam_L, lam_S, tol=self.tol, max_iter=self.max_iter)
         self.low_rank_, self.sparse_ = dec.L, dec.S
         self.n_iter_, self.converged_ = dec.n_iter, dec.converged
         residual = block_norms(dec.S, offsets)
@@ -167,7 +185,7 @@ class ModuleDecomposer:
         self.collaborators_ = collab
         U_core = self._subspace(Y, offsets, collab, r_fit)
         self.subspace_core_ = U_core
-        self.subspace_ = stack.Q @ U_core
+        self.subspace_ = stack.Q @ U_core.to(stack.Q.dtype)
         self.rank_ = r
         self.off_subspace_ = self._off_subspace(Y, offsets, U_core, active)
         return self
