@@ -1,0 +1,100 @@
+"""Refinement and the CLAIR merge in factored form (CLAIR_SPEC.md section 6).
+
+With ``U`` the shared basis of the output side (``d_out x r``):
+
+- refined adapter k: ``Theta~_k = U U^T Theta_k``, i.e. ``B~_k = U (U^T B_k)`` and
+  ``A~_k = A_k`` (same rank, scale and config as the input adapter);
+- merged adapter: ``Theta_bar = sum_k w_k Theta~_k = U M`` with
+  ``M = sum_k w_k s_k (U^T B_k) A_k`` (``r x d_in``), written as a rank-r LoRA with
+  ``B = U``, ``A = M`` and scale 1 (alpha = r), or rebalanced through the SVD of
+  the small ``M`` so that both factors carry the singular values' square roots.
+
+For the input side (basis ``V``, ``d_in x r``) the roles swap:
+``A~_k = (A_k V) V^T`` and ``Theta_bar = N V^T`` with ``N = sum_k w_k s_k B_k (A_k V)``.
+No dense ``d_out x d_in`` matrix is formed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    """Non-negative weights normalised to sum to 1; equal weights when ``None``.
+
+    Raises:
+        ValueError: wrong length, a negative or non-finite weight, or all zero.
+    """
+    if n == 0:
+        raise ValueError("no adapter to merge")
+    if weights is None:
+        return [1.0 / n] * n
+    if len(weights) != n:
+        raise ValueError(f"expected {n} weights, got {len(weights)}")
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+        raise ValueError("weights must be finite and non-negative")
+    total = float(w.sum())
+    if total <= 0:
+        raise ValueError("weights must not all be zero")
+    return (w / total).tolist()
+
+
+def refine(
+    A: torch.Tensor, B: torch.Tensor, basis: torch.Tensor, side: str = "out"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One adapter projected onto the shared subspace; returns ``(A~, B~)``.
+
+    Args:
+        A: ``r_k x d_in``.
+        B: ``d_out x r_k``.
+        basis: orthonormal ``d_out x r`` (side ``"out"``) or ``d_in x r`` (side ``"in"``).
+        side: which space ``basis`` spans.
+    """
+    basis = basis.to(B.dtype)
+    if side == "out":
+        return A, basis @ (basis.T @ B)
+    if side == "in":
+        return (A @ basis) @ basis.T, B
+    raise ValueError(f"side must be 'out' or 'in', got {side!r}")
+
+
+def merge(
+    A: Sequence[torch.Tensor],
+    B: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    basis: torch.Tensor,
+    weights: Sequence[float] | None = None,
+    side: str = "out",
+    balance: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merged LoRA factors ``(A_bar, B_bar)`` with scale 1: ``B_bar @ A_bar = sum_k w_k Theta~_k``.
+
+    Args:
+        A, B, scales: the collaborators' factors and scales.
+        basis: the shared subspace (see :func:`refine`).
+        weights: merge weights (normalised to sum to 1); equal when ``None``.
+        side: which space ``basis`` spans.
+        balance: split the singular values evenly between the factors (SVD of the
+            small ``r x d`` coefficient matrix) instead of ``B = U``.
+    """
+    w = check_weights(weights, len(A))
+    basis = basis.to(B[0].dtype)
+    if side == "out":
+        M = torch.stack([wk * float(sk) * (basis.T @ b) @ a for wk, sk, a, b in zip(w, scales, A, B, strict=True)])
+        left, right = basis, M.sum(0)  # Theta_bar = U @ M
+    elif side == "in":
+        N = torch.stack([wk * float(sk) * b @ (a @ basis) for wk, sk, a, b in zip(w, scales, A, B, strict=True)])
+        left, right = N.sum(0), basis.T  # Theta_bar = N @ V^T
+    else:
+        raise ValueError(f"side must be 'out' or 'in', got {side!r}")
+    if not balance:
+        return right, left
+    # left has orthonormal columns on one side; factor the small r x r product.
+    ql, rl = torch.linalg.qr(left)
+    qr_, rr = torch.linalg.qr(right.T)
+    u, s, vh = torch.linalg.svd(rl @ rr.T)
+    root = s.sqrt()
+    return root[:, None] * (vh @ qr_.T), (ql @ u) * root
