@@ -94,6 +94,12 @@ def _pickle_renamed(d: Path) -> None:
     (d / "adapter_model.safetensors").write_bytes(pickle.dumps({"a": list(range(100))}))
 
 
+def _weights_is_a_directory(d: Path) -> None:
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps(lora_config()))
+    (d / "adapter_model.safetensors").mkdir()
+
+
 def _empty(d: Path) -> None:
     d.mkdir()
 
@@ -134,6 +140,7 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
         _with_tensors(_set(f"{KEY}.lora_A.weight", torch.ones(4, 12, dtype=torch.int32))),
         "floating point",
     ),
+    "weights file is a directory": (_weights_is_a_directory, "is a directory, expected a file"),
     "no lora tensors": (lambda d: write_adapter(d, {"w": torch.ones(2)}), "no LoRA tensors found"),
 }
 

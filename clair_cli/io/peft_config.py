@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from clair_cli.constants import CONFIG_NAME, MAX_CONFIG_BYTES
-from clair_cli.errors import AdapterFormatError, AdapterNotFound
+from clair_cli.errors import AdapterFormatError
+from clair_cli.io.files import reading
 from clair_cli.types import AdapterConfig
 
 
@@ -27,17 +28,11 @@ def _fail(path: Path | str, problem: str) -> AdapterFormatError:
 
 def read_json(path: Path) -> dict[str, Any]:
     """Read a small JSON object file; errors name the file and the problem."""
-    try:
+    with reading(path):
         size = path.stat().st_size
         if size > MAX_CONFIG_BYTES:
             raise _fail(path, f"is {size} bytes, too large for an adapter config")
         raw = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise AdapterNotFound(f"{path}: no such file") from exc
-    except PermissionError as exc:
-        raise AdapterNotFound(f"{path}: permission denied") from exc
-    except OSError as exc:
-        raise AdapterNotFound(f"{path}: cannot be read ({exc.strerror or exc})") from exc
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:

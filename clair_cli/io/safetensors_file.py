@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clair_cli.constants import SAFETENSORS_DTYPE_SIZES, SAFETENSORS_MAX_HEADER
-from clair_cli.errors import AdapterFormatError, AdapterNotFound
+from clair_cli.errors import AdapterFormatError
+from clair_cli.io.files import reading
 
 if TYPE_CHECKING:
     import torch
@@ -57,7 +58,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         AdapterNotFound: the file does not exist or cannot be opened.
         AdapterFormatError: the header is not a valid safetensors header for this file.
     """
-    try:
+    with reading(path):
         size = path.stat().st_size
         with path.open("rb") as fh:
             head = fh.read(8)
@@ -69,14 +70,6 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             if n > size - 8:
                 raise _bad(path, f"header length {n} runs past the end of the file ({size} bytes): truncated")
             raw = fh.read(n)
-    except FileNotFoundError as exc:
-        raise AdapterNotFound(f"{path}: no such file") from exc
-    except IsADirectoryError as exc:
-        raise AdapterFormatError(f"{path}: is a directory, expected a .safetensors file") from exc
-    except PermissionError as exc:
-        raise AdapterNotFound(f"{path}: permission denied") from exc
-    except OSError as exc:
-        raise AdapterNotFound(f"{path}: cannot be read ({exc.strerror or exc})") from exc
 
     try:
         header = json.loads(raw.decode("utf-8"))
