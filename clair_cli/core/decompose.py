@@ -139,7 +139,7 @@ class ModuleDecomposer:
         Y, norms = normalise_blocks(stack.G.double(), offsets)
         active = norms > 0
         self.norms_ = norms
-        spectrum = torch.linalg.svdvals(Y)
+        U_all, spectrum, _vh = torch.linalg.svd(Y, full_matrices=False)
         self.spectrum_ = spectrum
         gen = torch.Generator().manual_seed(self.random_state)
         self.null_spectrum_ = null_spectrum(Y, offsets, self.n_null, gen) if self.n_null else None
@@ -164,7 +164,7 @@ class ModuleDecomposer:
             tail = tail[tail > 1e-9 * float(spectrum[0])]
             lam_L = float(tail.median()) if tail.numel() else 0.0
             lam_L = max(lam_L, 1e-6 * float(spectrum[0]))
-            U0 = torch.linalg.svd(Y, full_matrices=False)[0][:, :r_fit]
+            U0 = U_all[:, :r_fit]
             unshared = block_norms(Y - U0 @ (U0.T @ Y), offsets)[active]
             med, sigma = robust_center_scale(unshared)
             lam_S = max(med + 3 * sigma, lam_L * lam)
