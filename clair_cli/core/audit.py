@@ -23,9 +23,9 @@ from typing import Literal
 import torch
 
 from clair_cli.core.decompose import Method, ModuleDecomposer, null_bound
-from clair_cli.core.pairwise import gram
+from clair_cli.core.pairwise import cosine_from_gram, gram
 from clair_cli.core.reduction import reduce_module
-from clair_cli.core.verdict import DUPLICATE_COSINE, AdapterVerdict, decide, duplicate_groups
+from clair_cli.core.verdict import AdapterVerdict, decide, duplicate_groups
 
 SideOption = Literal["out", "in", "both"]
 
@@ -111,15 +111,11 @@ class ClairAuditor:
             idx = torch.tensor(mod.members)
             inner[idx[:, None], idx[None, :]] += G
             norms = G.diagonal().clamp_min(0).sqrt()
-            # Representatives: drop later copies of identical updates within this module.
-            denom = norms[:, None] * norms[None, :]
-            cos = torch.where(denom > 0, G / denom.clamp_min(1e-300), torch.zeros_like(G))
+            # Representatives: later copies of an identical update map to the first.
             rep = list(range(len(A)))
-            for j in range(len(A)):
-                for i in range(j):
-                    if rep[i] == i and cos[i, j] > DUPLICATE_COSINE:
-                        rep[j] = i
-                        break
+            for group in duplicate_groups(cosine_from_gram(G)):
+                for j in group[1:]:
+                    rep[j] = group[0]
             keep = [j for j in range(len(A)) if rep[j] == j]
             pos = {j: p for p, j in enumerate(keep)}
             sides = ["out", "in"] if self.side == "both" else [self.side]
@@ -154,10 +150,8 @@ class ClairAuditor:
             raise ValueError("no module to audit")
         self.module_results_ = results
         sq = inner.diagonal().clamp_min(0)
-        denom = sq.sqrt()[:, None] * sq.sqrt()[None, :]
-        cosine = torch.where(denom > 0, inner / denom.clamp_min(1e-300), torch.zeros_like(inner))
-        self.cosine_ = cosine
-        self.duplicate_groups_ = duplicate_groups(cosine)
+        self.cosine_ = cosine_from_gram(inner)
+        self.duplicate_groups_ = duplicate_groups(self.cosine_)
         self.verdicts_: list[AdapterVerdict] = decide(
             K,
             {r.name: r.off_subspace for r in results},

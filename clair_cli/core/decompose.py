@@ -165,7 +165,7 @@ class ModuleDecomposer:
             lam_L = float(tail.median()) if tail.numel() else 0.0
             lam_L = max(lam_L, 1e-6 * float(spectrum[0]))
             U0 = U_all[:, :r_fit]
-            unshared = block_norms(Y - U0 @ (U0.T @ Y), offsets)[active]
+            unshared = self._off_subspace(Y, offsets, U0, active)[active]
             med, sigma = robust_center_scale(unshared)
             lam_S = max(med + 3 * sigma, lam_L * lam)
             self.lam_L_, self.lam_S_ = lam_L, lam_S

@@ -34,3 +34,10 @@ def gram(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[
             aji = AA[offs[j] : offs[j + 1], offs[i] : offs[i + 1]]
             out[i, j] = out[j, i] = float(scales[i]) * float(scales[j]) * (bij * aji.T).sum()
     return out
+
+
+def cosine_from_gram(G: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities from a Gram matrix; rows of zero norm give 0."""
+    norms = G.diagonal().clamp_min(0).sqrt()
+    denom = norms[:, None] * norms[None, :]
+    return torch.where(denom > 0, G / denom.clamp_min(1e-300), torch.zeros_like(G))

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from scipy.stats import norm as _normal
 
+from clair_cli.core.decompose import robust_center_scale
+
 FLOOR = 0.10
 NORM_FACTOR_FLOOR = 4.0
 FALSE_FLAG_RATE = 1e-3
@@ -40,11 +42,6 @@ DUPLICATE_COSINE = 0.999
 
 def z_bonferroni(n_tests: int) -> float:
     return float(_normal.ppf(1 - FALSE_FLAG_RATE / max(n_tests, 1)))
-
-
-def robust(x: torch.Tensor) -> tuple[float, float]:
-    med = float(x.median())
-    return med, 1.4826 * float((x - med).abs().median())
 
 
 @dataclass
@@ -65,7 +62,7 @@ def module_thresholds(shares: dict[str, torch.Tensor], threshold: float | None) 
         if threshold is not None:
             out[name] = threshold
         else:
-            med, sigma = robust(o)
+            med, sigma = robust_center_scale(o)
             out[name] = med + max(z * sigma, FLOOR)
     return out
 
@@ -136,7 +133,7 @@ def decide(
     positive = sq_norms > 0
     if int(positive.sum()) >= 3:
         log_norm = 0.5 * torch.log(sq_norms[positive])
-        med, sigma = robust(log_norm)
+        med, sigma = robust_center_scale(log_norm)
         cut = med + max(z_bonferroni(1) * sigma, math.log(NORM_FACTOR_FLOOR))
         for k in range(n_adapters):
             if sq_norms[k] <= 0:
