@@ -33,8 +33,8 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check clair_cli tests experiments
-	$(BIN)/ruff format --check clair_cli tests experiments
+	$(BIN)/ruff check clair_cli tests experiments benchmarks
+	$(BIN)/ruff format --check clair_cli tests experiments benchmarks
 	$(BIN)/mypy clair_cli
 
 samples: install

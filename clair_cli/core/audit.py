@@ -23,11 +23,17 @@ from typing import Literal
 import torch
 
 from clair_cli.core.decompose import Method, ModuleDecomposer, null_bound
+from clair_cli.core.fastpath import FastDecomposer
 from clair_cli.core.pairwise import cosine_from_gram, gram
 from clair_cli.core.reduction import reduce_module
 from clair_cli.core.verdict import AdapterVerdict, decide, duplicate_groups
 
 SideOption = Literal["out", "in", "both"]
+Solver = Literal["auto", "convex", "fast"]
+
+# Above this total adapter rank per module, solver="auto" takes the fast path
+# (randomized subspace iteration with trimming) instead of the convex solver.
+FAST_PATH_MIN_SUM_RANK = 512
 
 
 @dataclass
@@ -55,6 +61,7 @@ class ModuleResult:
     shared_structure: bool
     n_iter: int
     converged: bool
+    solver: str = "convex"
 
 
 class ClairAuditor:
@@ -69,6 +76,10 @@ class ClairAuditor:
         dtype: working precision (float32 or float64); inputs are upcast.
         device: torch device for the decompositions.
         random_state: seed of the parallel analysis.
+        n_null: random rotations for parallel analysis.
+        solver: ``"convex"`` (the decomposition of CLAIR_SPEC.md section 3), ``"fast"``
+            (:mod:`clair_cli.core.fastpath`), or ``"auto"``: fast when a module's
+            adapter ranks sum to more than ``FAST_PATH_MIN_SUM_RANK``.
     """
 
     def __init__(
@@ -81,6 +92,7 @@ class ClairAuditor:
         device: str | torch.device = "cpu",
         random_state: int = 0,
         n_null: int = 20,
+        solver: Solver = "auto",
     ) -> None:
         self.method = method
         self.side = side
@@ -90,8 +102,18 @@ class ClairAuditor:
         self.device = device
         self.random_state = random_state
         self.n_null = n_null
+        self.solver = solver
+
+    def _use_fast(self, A: list[torch.Tensor]) -> bool:
+        if self.solver == "auto":
+            return sum(a.shape[0] for a in A) > FAST_PATH_MIN_SUM_RANK
+        return self.solver == "fast"
 
     def _decompose(self, A: list[torch.Tensor], B: list[torch.Tensor], scales: list[float], side: str):
+        if self._use_fast(A):
+            return FastDecomposer(rank=self.rank, n_null=self.n_null, random_state=self.random_state).fit(
+                A, B, scales, side
+            )
         stack = reduce_module(A, B, scales, side=side)  # type: ignore[arg-type]
         dec = ModuleDecomposer(
             method=self.method, rank=self.rank, n_null=self.n_null, random_state=self.random_state
@@ -101,6 +123,8 @@ class ClairAuditor:
     def fit(self, modules: Iterable[ModuleInput], n_adapters: int) -> ClairAuditor:
         if self.side not in ("out", "in", "both"):
             raise ValueError(f"side must be 'out', 'in' or 'both', got {self.side!r}")
+        if self.solver not in ("auto", "convex", "fast"):
+            raise ValueError(f"solver must be 'auto', 'convex' or 'fast', got {self.solver!r}")
         K = n_adapters
         inner = torch.zeros(K, K, dtype=torch.float64)
         results: list[ModuleResult] = []
@@ -137,13 +161,14 @@ class ClairAuditor:
                     rank=main.rank_,
                     spectrum=main.spectrum_.double().cpu(),
                     null_bound=None if null is None else null_bound(null).double().cpu(),
-                    residual=residual[expand].double().cpu(),
-                    off_subspace=off[expand].double().cpu(),
+                    residual=residual.double().cpu()[expand],
+                    off_subspace=off.double().cpu()[expand],
                     norms=norms,
                     subspace=main.subspace_.cpu(),
                     shared_structure=any(d.shared_structure_ for d in decs),
                     n_iter=max(d.n_iter_ for d in decs),
                     converged=all(d.converged_ for d in decs),
+                    solver="fast" if isinstance(main, FastDecomposer) else "convex",
                 )
             )
         if not results:

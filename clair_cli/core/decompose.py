@@ -78,7 +78,7 @@ def null_spectrum(G: torch.Tensor, offsets: tuple[int, ...], n_null: int, genera
     for _ in range(n_null):
         parts = []
         for s, vh in frames:
-            omega = torch.randn(rho, s.numel(), generator=generator, dtype=torch.float64).to(G.dtype)
+            omega = torch.randn(rho, s.numel(), generator=generator, dtype=torch.float64).to(G)
             omega, _ = torch.linalg.qr(omega)
             parts.append((omega * s) @ vh)
         draws.append(torch.linalg.svdvals(torch.cat(parts, dim=1)))

@@ -19,21 +19,17 @@ def gram(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[
         B: per adapter ``d_out x r_k``.
         scales: per adapter ``s_k``.
     """
-    K = len(A)
     Bcat = torch.cat(list(B), dim=1)
     Acat = torch.cat(list(A), dim=0)
-    BB = Bcat.T @ Bcat  # blocks B_i^T B_j
-    AA = Acat @ Acat.T  # blocks A_i A_j^T
-    offs = [0]
-    for a in A:
-        offs.append(offs[-1] + a.shape[0])
-    out = torch.empty(K, K, dtype=Bcat.dtype)
-    for i in range(K):
-        for j in range(i, K):
-            bij = BB[offs[i] : offs[i + 1], offs[j] : offs[j + 1]]
-            aji = AA[offs[j] : offs[j + 1], offs[i] : offs[i + 1]]
-            out[i, j] = out[j, i] = float(scales[i]) * float(scales[j]) * (bij * aji.T).sum()
-    return out
+    # out[i, j] = sum over p in block i, q in block j of (B^T B)[p, q] (A A^T)[q, p]:
+    # an elementwise product summed within blocks by the block-indicator matrix.
+    owner = torch.repeat_interleave(
+        torch.arange(len(A), device=Acat.device), torch.tensor([a.shape[0] for a in A]).to(Acat.device)
+    )
+    ind = torch.nn.functional.one_hot(owner, len(A)).to(Bcat.dtype)
+    E = (Bcat.T @ Bcat) * (Acat @ Acat.T).T
+    s = torch.tensor([float(x) for x in scales], dtype=Bcat.dtype, device=Bcat.device)
+    return s[:, None] * (ind.T @ E @ ind) * s[None, :]
 
 
 def cosine_from_gram(G: torch.Tensor) -> torch.Tensor:

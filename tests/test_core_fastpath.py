@@ -1,0 +1,100 @@
+"""The fast path (randomized subspace iteration with trimming) against the convex path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from synthetic import flagged, make_module, make_pool
+
+from clair_cli.core import audit
+from clair_cli.core.audit import ClairAuditor
+from clair_cli.core.fastpath import FastDecomposer, rotate_blocks, stacked_factors, top_singular
+from clair_cli.core.reduction import reduce_module
+
+
+def test_stacked_factors_reproduce_the_gram_of_the_stack() -> None:
+    A, B, s, _ = make_module(K=5, ranks=[2, 4, 3, 4, 1], noise=0.3, seed=1)
+    for side in ("out", "in"):
+        W, offsets = stacked_factors(A, B, s, side)
+        stack = reduce_module(A, B, s, side=side)
+        dense = torch.cat([stack.dense_block(k) for k in range(5)], dim=1)
+        torch.testing.assert_close(W @ W.T, dense @ dense.T)
+        assert offsets == (0, 2, 6, 9, 13, 14)
+
+
+def test_top_singular_matches_svd() -> None:
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(300, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 400, generator=g, dtype=torch.float64)
+    W += 0.01 * torch.randn(300, 400, generator=g, dtype=torch.float64)
+    U, s = top_singular(W, 6, g)
+    U_ref, s_ref, _ = torch.linalg.svd(W)
+    torch.testing.assert_close(s, s_ref[:6], rtol=1e-8, atol=0)
+    torch.testing.assert_close(U @ U.T, U_ref[:, :6] @ U_ref[:, :6].T, atol=1e-8, rtol=0)
+
+
+def test_rotated_blocks_keep_their_singular_values() -> None:
+    A, B, s, _ = make_module(K=4, ranks=[2, 3, 3, 2], noise=0.3, seed=2)
+    W, offsets = stacked_factors(A, B, s, "out")
+    R = rotate_blocks(W, offsets, torch.Generator().manual_seed(0))
+    for k in range(4):
+        blk, rot = W[:, offsets[k] : offsets[k + 1]], R[:, offsets[k] : offsets[k + 1]]
+        torch.testing.assert_close(torch.linalg.svdvals(rot), torch.linalg.svdvals(blk))
+    assert not torch.allclose(R, W)
+
+
+CASES = {
+    "random directions": dict(M=2, K=40, bad=(3, 17, 30), noise=0.2, d_out=96, d_in=64),
+    "40 % contaminated": dict(M=1, K=30, bad=tuple(range(0, 30, 5)) + tuple(range(1, 30, 5)), noise=0.1, d_out=96),
+    "one module only": dict(M=3, K=30, bad=(4, 9), bad_modules=(1,), noise=0.2, d_out=96),
+    "mixed ranks": dict(M=2, K=24, bad=(5, 20), ranks=[2, 4, 8, 4, 6, 3] * 4, noise=0.1, d_out=96),
+    "clean": dict(M=2, K=40, noise=0.3, d_out=96),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fast_path_gives_the_convex_verdicts(case) -> None:
+    mods = make_pool(**CASES[case])
+    K = CASES[case]["K"]
+    convex = ClairAuditor(solver="convex").fit(mods, K)
+    fast = ClairAuditor(solver="fast").fit(mods, K)
+    assert flagged(fast) == flagged(convex) == set(CASES[case].get("bad", ()))
+    assert fast.shared_rank_ == convex.shared_rank_
+    assert all(r.solver == "fast" for r in fast.module_results_)
+    for rf, rc in zip(fast.module_results_, convex.module_results_, strict=True):
+        # Same subspace up to the noise-level differences of the two estimators.
+        Pf, Pc = rf.subspace @ rf.subspace.T, rc.subspace @ rc.subspace.T
+        assert float((Pf - Pc).norm()) < 0.1
+
+
+def test_fast_path_recovers_noiseless_subspace_exactly() -> None:
+    A, B, s, U = make_module(K=50, bad=(1, 2, 3, 10, 20), r=3, d_out=80, seed=7)
+    dec = FastDecomposer().fit(A, B, s)
+    assert dec.rank_ == 3 and dec.converged_
+    torch.testing.assert_close(dec.subspace_ @ dec.subspace_.T, U @ U.T, atol=1e-8, rtol=0)
+    assert set(torch.nonzero(~dec.collaborators_).flatten().tolist()) == {1, 2, 3, 10, 20}
+
+
+def test_fast_path_independent_adapters_share_nothing() -> None:
+    for seed in range(4):
+        mods = make_pool(M=2, K=40, kind="independent", seed=seed, d_out=96)
+        auditor = ClairAuditor(solver="fast").fit(mods, 40)
+        assert not auditor.shared_structure_ and not flagged(auditor)
+
+
+def test_auto_switches_on_total_rank(monkeypatch) -> None:
+    mods = make_pool(M=1, K=12, noise=0.1)
+    assert ClairAuditor().fit(mods, 12).module_results_[0].solver == "convex"
+    monkeypatch.setattr(audit, "FAST_PATH_MIN_SUM_RANK", 47)  # 12 adapters x rank 4 = 48
+    assert ClairAuditor().fit(mods, 12).module_results_[0].solver == "fast"
+
+
+def test_fast_path_is_deterministic() -> None:
+    mods = make_pool(M=1, K=30, bad=(2,), noise=0.3, d_out=96)
+    a = ClairAuditor(solver="fast", random_state=3).fit(mods, 30)
+    b = ClairAuditor(solver="fast", random_state=3).fit(mods, 30)
+    assert a.scores_ == b.scores_
+
+
+def test_bad_solver_name() -> None:
+    with pytest.raises(ValueError, match="solver must be"):
+        ClairAuditor(solver="dense").fit(make_pool(M=1, K=5), 5)  # type: ignore[arg-type]
