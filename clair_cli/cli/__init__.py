@@ -75,9 +75,15 @@ def _root(
     """Audit and merge many LoRA adapters of one base model with CLAIR."""
 
 
-from clair_cli.cli import inspect as _inspect  # noqa: E402  (registers the command)
+from clair_cli.cli import audit as _audit  # noqa: E402  (the commands register themselves in order)
+from clair_cli.cli import gate as _gate  # noqa: E402
+from clair_cli.cli import inspect as _inspect  # noqa: E402
+from clair_cli.cli import merge as _merge  # noqa: E402
 
 _inspect.register(app)
+_audit.register(app)
+_merge.register(app)
+_gate.register(app)
 
 
 def main() -> None:

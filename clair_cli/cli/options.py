@@ -30,3 +30,65 @@ Rslora = Annotated[bool, typer.Option("--rslora", help="With --lora-alpha: scale
 BaseModel = Annotated[
     Optional[str], typer.Option("--base-model", help="Base model for sources whose config names none.")
 ]
+Intersect = Annotated[
+    bool, typer.Option("--intersect", help="Analyse only the modules every adapter targets (listed in the report).")
+]
+Rank = Annotated[
+    str, typer.Option("--rank", help="Shared rank: 'auto' (parallel analysis) or a number.", metavar="N|auto")
+]
+Side = Annotated[
+    str,
+    typer.Option("--side", help="Shared space: out (output/column), in (input/row) or both.", metavar="out|in|both"),
+]
+Solver = Annotated[
+    str,
+    typer.Option(
+        "--solver",
+        help="Decomposition form: noisy (default) or exact (noiseless Outlier Pursuit).",
+        metavar="noisy|exact",
+    ),
+]
+Threshold = Annotated[
+    Optional[float],
+    typer.Option("--threshold", help="Flag above this off-subspace share (0-1) instead of the automatic rule."),
+]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.", metavar="auto|cpu|cuda")]
+Dtype = Annotated[
+    str, typer.Option("--dtype", help="Working precision: float32 or float64.", metavar="float32|float64")
+]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of the random rotations (results are deterministic given it).")]
+MarkdownOut = Annotated[
+    Optional[str], typer.Option("--markdown", help="Write a Markdown report to FILE ('-' for stdout).", metavar="FILE")
+]
+PlotOut = Annotated[
+    Optional[str],
+    typer.Option(
+        "--plot", help="Write a PNG with the score heatmap and spectra (needs clair[plot]).", metavar="FILE.png"
+    ),
+]
+ExitZero = Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even when adapters are flagged.")]
+Force = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output directory.")]
+Out = Annotated[
+    Path, typer.Option("--out", "-o", help="Output directory (must not exist unless --force).", metavar="DIR")
+]
+MergeMethod = Annotated[
+    str,
+    typer.Option(
+        "--method",
+        "-m",
+        help="clair, mean, fedavg, median, trimmed-mean, krum, multi-krum or ties.",
+        metavar="NAME",
+    ),
+]
+Weights = Annotated[
+    Optional[str],
+    typer.Option(
+        "--weights", help="Comma-separated merge weights, one per adapter in report order.", metavar="W1,W2,..."
+    ),
+]
+Reference = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--reference", "-r", help="Trusted adapters (repeatable; same source forms as candidates).", show_default=False
+    ),
+]

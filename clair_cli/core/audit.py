@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from clair_cli.core.decompose import Method, ModuleDecomposer, null_bound
-from clair_cli.core.fastpath import FastDecomposer
+from clair_cli.core.fastpath import FastDecomposer, off_subspace_shares
 from clair_cli.core.pairwise import cosine_from_gram, gram
 from clair_cli.core.reduction import reduce_module
 from clair_cli.core.verdict import AdapterVerdict, decide, duplicate_groups
@@ -120,7 +120,16 @@ class ClairAuditor:
         ).fit(stack)
         return dec
 
-    def fit(self, modules: Iterable[ModuleInput], n_adapters: int) -> ClairAuditor:
+    def fit(self, modules: Iterable[ModuleInput], n_adapters: int, reference: list[int] | None = None) -> ClairAuditor:
+        """Audit the pool, one module at a time.
+
+        Args:
+            modules: the modules' factors (consumed once).
+            n_adapters: K; module members index into ``range(K)``.
+            reference: trusted adapters. When given (``clair gate``), each module's
+                subspace is estimated on them alone, every other adapter is scored
+                against it, and only those others can be flagged.
+        """
         if self.side not in ("out", "in", "both"):
             raise ValueError(f"side must be 'out', 'in' or 'both', got {self.side!r}")
         if self.solver not in ("auto", "convex", "fast"):
@@ -143,15 +152,28 @@ class ClairAuditor:
             keep = [j for j in range(len(A)) if rep[j] == j]
             pos = {j: p for p, j in enumerate(keep)}
             sides = ["out", "in"] if self.side == "both" else [self.side]
+            if reference is not None:
+                trusted = set(reference)
+                fit_on = [j for j in keep if mod.members[j] in trusted]
+                if not fit_on:
+                    raise ValueError(f"module {mod.name}: no reference adapter targets it")
+            else:
+                fit_on = keep
             decs = [
-                self._decompose([A[j] for j in keep], [B[j] for j in keep], [mod.scales[j] for j in keep], s)
+                self._decompose([A[j] for j in fit_on], [B[j] for j in fit_on], [mod.scales[j] for j in fit_on], s)
                 for s in sides
             ]
             # With side="both", a side without shared structure carries no evidence.
-            used = [d for d in decs if d.shared_structure_] or decs[:1]
-            main = used[0]
-            off = torch.stack([d.off_subspace_ for d in used]).max(dim=0).values
-            residual = torch.stack([d.residual_ for d in used]).max(dim=0).values
+            used = [(d, s) for d, s in zip(decs, sides, strict=True) if d.shared_structure_] or [(decs[0], sides[0])]
+            main = used[0][0]
+            if reference is not None:
+                # Score every adapter against the reference subspace.
+                kA, kB, ks = [A[j] for j in keep], [B[j] for j in keep], [mod.scales[j] for j in keep]
+                off = torch.stack([off_subspace_shares(kA, kB, ks, d.subspace_, s) for d, s in used]).max(0).values
+                residual = off
+            else:
+                off = torch.stack([d.off_subspace_ for d, _ in used]).max(dim=0).values
+                residual = torch.stack([d.residual_ for d, _ in used]).max(dim=0).values
             expand = torch.tensor([pos[rep[j]] for j in range(len(A))])
             null = main.null_spectrum_
             results.append(
@@ -185,12 +207,14 @@ class ClairAuditor:
             sq,
             self.duplicate_groups_,
             self.threshold,
+            reference,
         )
         self.shared_rank_ = {r.name: r.rank for r in results}
         self.shared_structure_ = any(r.shared_structure for r in results)
         self.flagged_ = [v.flagged for v in self.verdicts_]
         self.scores_ = [v.score for v in self.verdicts_]
         self.collaborative_set_ = [k for k in range(K) if not self.flagged_[k]]
+        self.reference_ = None if reference is None else sorted(reference)
         self.n_iter_ = {r.name: r.n_iter for r in results}
         self.converged_ = all(r.converged for r in results)
         return self

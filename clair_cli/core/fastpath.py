@@ -164,3 +164,26 @@ class FastDecomposer:
         self.n_iter_ = rounds
         self.converged_ = converged
         return self
+
+
+def off_subspace_shares(
+    A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float], basis: torch.Tensor, side: str
+) -> torch.Tensor:
+    """``||(I - U U^T) Theta_k|| / ||Theta_k||`` per adapter for a given orthonormal basis (0 for zero updates)."""
+    W, offsets = stacked_factors(A, B, scales, side)
+    W = W.double()
+    U = basis.to(W)
+    norms = block_norms(W, offsets)
+    off = block_norms(W - U @ (U.T @ W), offsets)
+    return torch.where(norms > 0, off / norms.clamp_min(torch.finfo(W.dtype).tiny), torch.zeros_like(off)).clamp(0, 1)
+
+
+def shared_basis(
+    A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float], rank: int, side: str
+) -> torch.Tensor:
+    """Orthonormal ``d x rank`` basis of the adapters' shared subspace (unit-norm blocks, leading singular vectors)."""
+    W, offsets = stacked_factors(A, B, scales, side)
+    norms = block_norms(W, offsets)
+    ids = torch.repeat_interleave(torch.arange(len(norms), device=W.device), torch.tensor(offsets).diff().to(W.device))
+    W = W / torch.where(norms > 0, norms, torch.ones_like(norms))[ids]
+    return top_singular(W.double(), min(rank, *W.shape), torch.Generator().manual_seed(0))[0].to(W.dtype)

@@ -96,6 +96,7 @@ def decide(
     sq_norms: torch.Tensor,
     duplicates: list[list[int]],
     threshold: float | None = None,
+    reference: list[int] | None = None,
 ) -> list[AdapterVerdict]:
     """Combine the signals into one verdict per adapter.
 
@@ -107,8 +108,17 @@ def decide(
         sq_norms: per adapter, ``sum_m ||Theta_km||^2``.
         duplicates: Sybil groups of adapter indices.
         threshold: fixed share threshold replacing the automatic one.
+        reference: trusted adapters (``clair gate``). When given, the thresholds and the
+            norm centre come from them alone and only the other adapters can be flagged.
     """
-    thresholds = module_thresholds(shares, threshold)
+    trusted = set(reference or ())
+    if reference is not None:
+        basis = {name: o[[p for p, k in enumerate(members[name]) if k in trusted]] for name, o in shares.items()}
+        thresholds = module_thresholds({n: o for n, o in basis.items() if o.numel()}, threshold)
+        for name in shares:
+            thresholds.setdefault(name, threshold if threshold is not None else FLOOR)
+    else:
+        thresholds = module_thresholds(shares, threshold)
     verdicts = [AdapterVerdict(k, 0.0, False) for k in range(n_adapters)]
     excess: dict[int, list[tuple[float, str, float]]] = {k: [] for k in range(n_adapters)}
     for name, o in shares.items():
@@ -116,7 +126,7 @@ def decide(
             share = float(o[pos])
             verdicts[k].per_module[name] = share
             verdicts[k].score = max(verdicts[k].score, share)
-            if structured[name] and share > thresholds[name]:
+            if structured[name] and share > thresholds[name] and k not in trusted:
                 excess[k].append((share - thresholds[name], name, share))
     for k, items in excess.items():
         if items:
@@ -131,8 +141,11 @@ def decide(
             )
 
     positive = sq_norms > 0
-    if int(positive.sum()) >= 3:
-        log_norm = 0.5 * torch.log(sq_norms[positive])
+    centre = positive.clone()
+    if reference is not None:
+        centre[[k for k in range(n_adapters) if k not in trusted]] = False
+    if int(centre.sum()) >= 3:
+        log_norm = 0.5 * torch.log(sq_norms[centre])
         med, sigma = robust_center_scale(log_norm)
         cut = med + max(z_bonferroni(1) * sigma, math.log(NORM_FACTOR_FLOOR))
         for k in range(n_adapters):
@@ -140,12 +153,14 @@ def decide(
                 continue
             ln = 0.5 * math.log(float(sq_norms[k]))
             verdicts[k].norm_ratio = math.exp(ln - med)
-            if ln > cut:
+            if ln > cut and k not in trusted:
                 verdicts[k].flagged = True
                 verdicts[k].reasons.append({"kind": "norm", "ratio": verdicts[k].norm_ratio})
 
     for group in duplicates:
         for k in group:
+            if k in trusted:
+                continue
             verdicts[k].flagged = True
             verdicts[k].reasons.append({"kind": "duplicate", "of": [j for j in group if j != k]})
     return verdicts

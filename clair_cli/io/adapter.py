@@ -172,33 +172,43 @@ class Adapter:
         Raises:
             AdapterFormatError: a tensor holds NaN or Inf, or cannot be read.
         """
+        wanted = list(self.modules) if names is None else list(names)
+        with self.reader() as reader:
+            for name in wanted:
+                yield self.read_module(reader, name, dtype)
+
+    def reader(self) -> SafetensorsReader:
+        """A reader of this adapter's weights file, to use as a context manager."""
+        return SafetensorsReader(self.ref.weights_file)
+
+    def read_module(self, reader: SafetensorsReader, name: str, dtype: torch.dtype | None = None) -> LoraModule:
+        """One module's factors through an open :meth:`reader`, checked finite.
+
+        Raises:
+            AdapterFormatError: a tensor holds NaN or Inf, or cannot be read.
+        """
         import torch
 
-        dtype = dtype or torch.float32
-        wanted = list(self.modules) if names is None else list(names)
-        with SafetensorsReader(self.ref.weights_file) as reader:
-            for name in wanted:
-                spec = self.modules[name]
-                factors = []
-                for key in (spec.a_key, spec.b_key):
-                    t = reader.get(key)
-                    if not bool(torch.isfinite(t).all()):
-                        raise AdapterFormatError(
-                            f"{self.ref.weights_file}: tensor {key!r} contains NaN or Inf values",
-                            hint="The adapter diverged during training or the file is corrupt.",
-                        )
-                    factors.append(t)
-                A = factors[0].reshape(spec.rank, spec.d_in).to(dtype)
-                B = factors[1].reshape(spec.d_out, spec.rank).to(dtype)
-                yield LoraModule(
-                    name=name,
-                    A=A,
-                    B=B,
-                    scale=spec.scale,
-                    kind=spec.kind,
-                    fan_in_fan_out=self.config.fan_in_fan_out and spec.kind == "linear",
-                    weight_shape=spec.weight_shape,
+        spec = self.modules[name]
+        factors = []
+        for key in (spec.a_key, spec.b_key):
+            t = reader.get(key)
+            if not bool(torch.isfinite(t).all()):
+                raise AdapterFormatError(
+                    f"{self.ref.weights_file}: tensor {key!r} contains NaN or Inf values",
+                    hint="The adapter diverged during training or the file is corrupt.",
                 )
+            factors.append(t)
+        dtype = dtype or torch.float32
+        return LoraModule(
+            name=name,
+            A=factors[0].reshape(spec.rank, spec.d_in).to(dtype),
+            B=factors[1].reshape(spec.d_out, spec.rank).to(dtype),
+            scale=spec.scale,
+            kind=spec.kind,
+            fan_in_fan_out=self.config.fan_in_fan_out and spec.kind == "linear",
+            weight_shape=spec.weight_shape,
+        )
 
 
 def _module_spec(path: object, config: AdapterConfig, module: str, parts: dict[str, TensorInfo]) -> ModuleSpec:

@@ -1,0 +1,152 @@
+"""What the audit-based commands share: option parsing, progress bars, reports, exit codes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from clair_cli.constants import EXIT_FLAGGED, EXIT_OK
+from clair_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from clair_cli.io.adapter import Adapter
+    from clair_cli.io.sources import SourceOptions
+    from clair_cli.pipeline import Progress, Settings
+
+
+def parse_rank(rank: str) -> int | str:
+    if rank == "auto":
+        return "auto"
+    try:
+        value = int(rank)
+    except ValueError:
+        raise UsageError(f"--rank {rank}: expected 'auto' or a positive integer") from None
+    if value < 1:
+        raise UsageError(f"--rank {rank}: expected 'auto' or a positive integer")
+    return value
+
+
+def parse_weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--weights {text}: expected comma-separated numbers") from None
+    if not values or any(not (v >= 0) or v == float("inf") for v in values) or sum(values) <= 0:
+        raise UsageError(f"--weights {text}: weights must be finite, non-negative and not all zero")
+    return values
+
+
+def make_settings(
+    solver: str, side: str, rank: str, threshold: float | None, device: str, dtype: str, seed: int
+) -> Settings:
+    from clair_cli.pipeline import Settings, resolve_device, torch_dtype
+
+    if solver not in ("noisy", "exact"):
+        raise UsageError(f"--solver {solver}: expected noisy or exact")
+    if side not in ("out", "in", "both"):
+        raise UsageError(f"--side {side}: expected out, in or both")
+    if threshold is not None and not 0 < threshold < 1:
+        raise UsageError(f"--threshold {threshold}: expected a share between 0 and 1")
+    torch_dtype(dtype)
+    return Settings(
+        method=solver,
+        side=side,
+        rank=parse_rank(rank),
+        threshold=threshold,
+        dtype=dtype,
+        device=resolve_device(device),
+        seed=seed,
+    )
+
+
+@contextmanager
+def progress_bar(quiet: bool) -> Iterator[Progress]:
+    """A rich progress bar on stderr, driven by ``(stage, done, total)`` callbacks; silent when quiet."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from clair_cli.report.console import make_console
+
+    console = make_console(stderr=True, quiet=quiet)
+    if quiet or not console.is_terminal:
+        yield lambda _stage, _done, _total: None
+        return
+    bars = Progress(
+        TextColumn("{task.description:<16}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+    tasks: dict[str, Any] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total)
+        bars.update(tasks[stage], completed=done, total=total)
+
+    with bars:
+        yield update
+
+
+def open_all(sources: Sequence[str], options: SourceOptions, progress: Progress) -> list[Adapter]:
+    from clair_cli.io.sources import open_adapters
+
+    return open_adapters(sources, options, lambda _name, done, total: progress("loading adapters", done, total))
+
+
+def check_report_targets(json_out: str | None, markdown: str | None, plot: str | None) -> None:
+    """Refuse impossible report targets before any work is done."""
+    from pathlib import Path
+
+    if json_out == "-" and markdown == "-":
+        raise UsageError("--json - and --markdown - cannot both go to stdout")
+    if plot is not None:
+        if plot == "-" or not plot.lower().endswith(".png"):
+            raise UsageError(f"--plot {plot}: give a file name ending in .png")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError(
+                "--plot needs matplotlib, which is not installed", hint="Install it with: pip install 'clair[plot]'"
+            ) from None
+    for target in (json_out, markdown, plot):
+        if target is not None and target != "-":
+            path = Path(target)
+            if path.is_dir():
+                raise UsageError(f"{path}: is a directory; give a file name")
+            if not path.parent.is_dir():
+                raise UsageError(f"{path}: directory {path.parent} does not exist")
+
+
+def emit_reports(
+    report: dict[str, Any], json_out: str | None, markdown: str | None, plot: str | None, quiet: bool
+) -> None:
+    """Write the requested report files; the terminal table unless stdout carries JSON or Markdown."""
+    from clair_cli.io.writers import write_text
+    from clair_cli.report.audit import audit_markdown, render_audit
+    from clair_cli.report.console import make_console
+
+    if plot is not None:
+        from clair_cli.report.plot import write_plot
+
+        write_plot(report, plot)
+    if json_out is not None:
+        write_text(json_out, json.dumps(report, indent=2) + "\n")
+    if markdown is not None:
+        write_text(markdown, audit_markdown(report))
+    if "-" not in (json_out, markdown):
+        render_audit(make_console(quiet=quiet), report)
+
+
+def exit_code(report: dict[str, Any], exit_zero: bool) -> None:
+    """Exit 1 when anything is flagged (unless ``--exit-zero``)."""
+    if report["flagged"] and not exit_zero:
+        raise typer.Exit(EXIT_FLAGGED)
+    raise typer.Exit(EXIT_OK)

@@ -1,0 +1,227 @@
+"""``clair merge`` and ``clair refine``: write PEFT adapters."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+from clair_cli.cli import options as opt
+
+if TYPE_CHECKING:
+    from clair_cli.pipeline import AuditOutcome, Pool
+
+MERGE_EXAMPLES = """
+Examples:
+
+  clair merge ./adapters --out merged/                  # audit, then merge the collaborators
+
+  clair merge ./adapters --out merged/ --method fedavg  # a baseline, no audit
+
+  clair merge ./adapters --out merged/ --weights 120,80,200,95 --json report.json
+"""
+
+REFINE_EXAMPLES = """
+Examples:
+
+  clair refine ./adapters --out refined/    # refined/<name>/ for every collaborator
+"""
+
+
+def _command_line() -> str:
+    return "clair " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _sources_table(pool: Pool, used: list[int], outcome: AuditOutcome | None) -> list[dict[str, Any]]:
+    rows = []
+    for k, a in enumerate(pool.adapters):
+        v = outcome.auditor.verdicts_[k] if outcome else None
+        rows.append(
+            {
+                "name": a.name,
+                "source": a.ref.source,
+                "revision": a.ref.revision,
+                "used": k in used,
+                "score": None if v is None else v.score,
+                "flagged": None if v is None else v.flagged,
+            }
+        )
+    return rows
+
+
+def _prepare(sources, src, intersect, method, settings, quiet, progress):
+    from clair_cli import pipeline
+    from clair_cli.cli.common import open_all
+
+    adapters = open_all(sources, src, progress)
+    return pipeline.build_pool(adapters, intersect=intersect, method=method)
+
+
+def merge_command(
+    sources: opt.Sources,
+    out: opt.Out,
+    method: opt.MergeMethod = "clair",
+    weights: opt.Weights = None,
+    rank: opt.Rank = "auto",
+    force: opt.Force = False,
+    json_out: opt.JsonOut = None,
+    markdown: opt.MarkdownOut = None,
+    plot: opt.PlotOut = None,
+    side: opt.Side = "out",
+    solver: opt.Solver = "noisy",
+    threshold: opt.Threshold = None,
+    intersect: opt.Intersect = False,
+    device: opt.Device = "auto",
+    dtype: opt.Dtype = "float32",
+    seed: opt.Seed = 0,
+    exit_zero: opt.ExitZero = False,
+    quiet: opt.Quiet = False,
+    subfolder: opt.Subfolder = None,
+    config: opt.ConfigFile = None,
+    lora_alpha: opt.LoraAlpha = None,
+    rslora: opt.Rslora = False,
+    base_model: opt.BaseModel = None,
+) -> None:
+    """Merge adapters into one PEFT adapter (clair: audit first and merge the collaborators).
+
+    Exit code 0, or 1 when the clair audit flagged adapters (they are left out of the merge; 0 with --exit-zero).
+    """
+    from clair_cli import pipeline
+    from clair_cli.cli.common import (
+        check_report_targets,
+        emit_reports,
+        exit_code,
+        make_settings,
+        parse_weights,
+        progress_bar,
+    )
+    from clair_cli.errors import UsageError
+    from clair_cli.io.peft_writer import AtomicDir, merged_config, merged_tensors, save_adapter
+    from clair_cli.io.sources import SourceOptions
+    from clair_cli.report.audit import audit_report, summary_line
+    from clair_cli.report.card import model_card
+    from clair_cli.report.console import make_console
+
+    if method not in pipeline.MERGE_METHODS:
+        raise UsageError(f"--method {method}: choose one of: {', '.join(pipeline.MERGE_METHODS)}")
+    settings = make_settings(solver, side, rank, threshold, device, dtype, seed)
+    w = parse_weights(weights)
+    if method != "clair" and any(x is not None for x in (json_out, markdown, plot)):
+        raise UsageError(f"--json, --markdown and --plot report the clair audit; --method {method} runs none")
+    check_report_targets(json_out, markdown, plot)
+    target = AtomicDir(out, force)
+    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model)
+    with progress_bar(quiet) as progress:
+        pool = _prepare(sources, src, intersect, method, settings, quiet, progress)
+        outcome = pipeline.audit(pool, settings, progress) if method == "clair" else None
+        out_rank = settings.rank if isinstance(settings.rank, int) else None
+        merged = pipeline.merge(pool, method, settings, w, out_rank, outcome, progress)
+    report = audit_report(outcome, command="merge") if outcome else None
+    ranks = {m: r.rank for m, r in merged.modules.items()}
+    config_dict = merged_config(pool.adapters[0], ranks, pool.base_model, all_modules=not pool.dropped)
+    tensors = merged_tensors(pool.adapters[0], {m: (r.A, r.B) for m, r in merged.modules.items()})
+    notes = list(merged.notes)
+    if pool.dropped:
+        notes.append(f"--intersect left out {len(pool.dropped)} module(s) not targeted by every adapter")
+    card = model_card(
+        f"Merged LoRA adapter ({method})",
+        method,
+        pool.base_model,
+        _sources_table(pool, merged.used, outcome),
+        _command_line(),
+        summary_line(report) if report else None,
+        notes,
+    )
+    with target as tmp:
+        save_adapter(tmp, config_dict, tensors, card)
+    console = make_console(stderr=True, quiet=quiet)
+    if report is not None:
+        emit_reports(report, json_out, markdown, plot, quiet)
+    console.print(
+        f"wrote {out}: {method} merge of {len(merged.used)} of {len(pool.adapters)} adapters, "
+        f"rank {min(ranks.values())}{'' if len(set(ranks.values())) == 1 else '-' + str(max(ranks.values()))}"
+    )
+    for n in notes:
+        console.print(f"note: {n}", style="dim")
+    if report is not None:
+        exit_code(report, exit_zero)
+
+
+def refine_command(
+    sources: opt.Sources,
+    out: opt.Out,
+    rank: opt.Rank = "auto",
+    force: opt.Force = False,
+    json_out: opt.JsonOut = None,
+    markdown: opt.MarkdownOut = None,
+    plot: opt.PlotOut = None,
+    side: opt.Side = "out",
+    solver: opt.Solver = "noisy",
+    threshold: opt.Threshold = None,
+    intersect: opt.Intersect = False,
+    device: opt.Device = "auto",
+    dtype: opt.Dtype = "float32",
+    seed: opt.Seed = 0,
+    exit_zero: opt.ExitZero = False,
+    quiet: opt.Quiet = False,
+    subfolder: opt.Subfolder = None,
+    config: opt.ConfigFile = None,
+    lora_alpha: opt.LoraAlpha = None,
+    rslora: opt.Rslora = False,
+    base_model: opt.BaseModel = None,
+) -> None:
+    """Audit, then write each collaborator's refined adapter to DIR/<name>/ (projected onto the shared subspace).
+
+    Exit code 0, or 1 when adapters were flagged (no refined adapter is written for them; 0 with --exit-zero).
+    """
+    from clair_cli import pipeline
+    from clair_cli.cli.common import check_report_targets, emit_reports, exit_code, make_settings, progress_bar
+    from clair_cli.io.peft_writer import AtomicDir, refined_tensors, save_adapter, source_config
+    from clair_cli.io.sources import SourceOptions
+    from clair_cli.report.audit import audit_report, summary_line
+    from clair_cli.report.card import model_card
+    from clair_cli.report.console import make_console
+
+    settings = make_settings(solver, side, rank, threshold, device, dtype, seed)
+    check_report_targets(json_out, markdown, plot)
+    target = AtomicDir(out, force)
+    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model)
+    with progress_bar(quiet) as progress:
+        pool = _prepare(sources, src, intersect, "clair", settings, quiet, progress)
+        outcome = pipeline.audit(pool, settings, progress)
+        bases = pipeline.refined_bases(pool, outcome, None, progress)
+        report = audit_report(outcome, command="refine")
+        used = outcome.auditor.collaborative_set_
+        side_used = "in" if settings.side == "in" else "out"
+        with target as tmp:
+            for i, k in enumerate(used):
+                adapter = pool.adapters[k]
+                tensors, unchanged = refined_tensors(adapter, bases, side_used)
+                notes = []
+                if unchanged:
+                    notes.append(f"{len(unchanged)} module(s) without shared structure kept unchanged")
+                if pool.dropped:
+                    notes.append(f"{len(pool.dropped)} module(s) outside the analysed intersection kept unchanged")
+                card = model_card(
+                    f"{adapter.name}, refined by CLAIR",
+                    "refine",
+                    pool.base_model,
+                    _sources_table(pool, used, outcome),
+                    _command_line(),
+                    summary_line(report),
+                    notes,
+                )
+                save_adapter(tmp / adapter.name, source_config(adapter), tensors, card)
+                progress("writing adapters", i + 1, len(used))
+    emit_reports(report, json_out, markdown, plot, quiet)
+    make_console(stderr=True, quiet=quiet).print(
+        f"wrote {out}: {len(used)} refined adapters ({len(pool.adapters) - len(used)} flagged, not written)"
+    )
+    exit_code(report, exit_zero)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("merge", epilog=MERGE_EXAMPLES)(merge_command)
+    app.command("refine", epilog=REFINE_EXAMPLES)(refine_command)

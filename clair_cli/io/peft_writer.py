@@ -1,0 +1,202 @@
+"""Write PEFT adapter directories atomically.
+
+A merged adapter is a LoRA with scale 1 in every module: ``lora_alpha = r`` and,
+where ranks differ by module, matching ``rank_pattern`` / ``alpha_pattern``
+entries keyed by the full module name (PEFT matches them as
+``(.*\\.)?<key>$``). Tensor names are PEFT's:
+``base_model.model.<module>.lora_A.weight`` (``lora_embedding_A`` for
+embeddings). A refined adapter keeps its source's config and every tensor of its
+file; only the analysed factor on the projected side changes.
+
+Everything is written into a temporary directory beside the target and renamed
+into place, so an interrupted run never leaves a half-written adapter; an
+existing target is refused unless ``force`` is given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clair_cli.constants import CONFIG_NAME, MODEL_CARD_NAME, PEFT_KEY_PREFIX, SAFETENSORS_WEIGHTS_NAME
+from clair_cli.errors import OutputError
+from clair_cli.io.adapter import Adapter, ModuleSpec
+
+if TYPE_CHECKING:
+    import torch
+
+TMP_SUFFIX = ".clair-tmp"
+
+
+class AtomicDir:
+    """``with AtomicDir(target, force) as tmp:`` write into ``tmp``; it becomes ``target`` on success."""
+
+    def __init__(self, target: Path, force: bool = False) -> None:
+        self.target = Path(target)
+        self.force = force
+        self.tmp: Path | None = None
+        self.check()
+
+    def check(self) -> None:
+        """Refuse an existing target without ``force`` and a missing parent, before any work is done."""
+        if self.target.exists() and not self.force:
+            raise OutputError(f"{self.target}: already exists", hint="Pass --force to replace it.")
+        if self.target.exists() and not self.target.is_dir():
+            raise OutputError(f"{self.target}: exists and is not a directory")
+        parent = self.target.parent
+        if not parent.is_dir():
+            raise OutputError(f"{self.target}: parent directory {parent} does not exist")
+        if not os.access(parent, os.W_OK):
+            raise OutputError(f"{self.target}: cannot write in {parent} (permission denied)")
+
+    def __enter__(self) -> Path:
+        try:
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=TMP_SUFFIX, dir=self.target.parent))
+        except OSError as exc:
+            raise OutputError(f"{self.target}: cannot write here ({exc.strerror or exc})") from exc
+        return self.tmp
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        try:
+            self.check()
+            old = None
+            if self.target.exists():
+                old = Path(
+                    tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".clair-old", dir=self.target.parent)
+                )
+                os.replace(self.target, old / "previous")
+            os.replace(self.tmp, self.target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+
+
+def save_adapter(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], card: str) -> None:
+    """Write adapter_config.json, adapter_model.safetensors and README.md into ``directory``."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()}, str(directory / SAFETENSORS_WEIGHTS_NAME), {"format": "pt"}
+        )
+        (directory / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"{directory}: cannot write ({exc.strerror or exc})") from exc
+
+
+def _shapes(spec: ModuleSpec, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """PEFT's stored shapes of A and B at a new rank (conv kernels keep their layout)."""
+    if spec.kind == "conv" and spec.weight_shape is not None:
+        return (rank, *spec.weight_shape[1:]), (spec.d_out, rank, *([1] * (len(spec.weight_shape) - 2)))
+    return (rank, spec.d_in), (spec.d_out, rank)
+
+
+def _keys(spec: ModuleSpec) -> tuple[str, str]:
+    if spec.kind == "embedding":
+        return f"{PEFT_KEY_PREFIX}{spec.name}.lora_embedding_A", f"{PEFT_KEY_PREFIX}{spec.name}.lora_embedding_B"
+    return f"{PEFT_KEY_PREFIX}{spec.name}.lora_A.weight", f"{PEFT_KEY_PREFIX}{spec.name}.lora_B.weight"
+
+
+def merged_config(
+    template: Adapter, ranks: dict[str, int], base_model: str | None, all_modules: bool
+) -> dict[str, Any]:
+    """PEFT config of a merged adapter: scale 1 everywhere, per-module ranks as patterns.
+
+    Args:
+        template: an input adapter (task type, fan_in_fan_out, target_modules).
+        ranks: rank per module.
+        base_model: the pool's base model.
+        all_modules: the merge covers every module the inputs target, so their
+            ``target_modules`` can be kept; otherwise the exact module names are listed.
+    """
+    cfg = template.config
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    raw = cfg.raw
+    targets: Any = raw.get("target_modules") if all_modules and raw.get("target_modules") else sorted(ranks)
+    return {
+        "peft_type": "LORA",
+        "task_type": raw.get("task_type"),
+        "base_model_name_or_path": base_model,
+        "r": common,
+        "lora_alpha": common,
+        "use_rslora": False,
+        "rank_pattern": {m: r for m, r in sorted(ranks.items()) if r != common},
+        "alpha_pattern": {m: r for m, r in sorted(ranks.items()) if r != common},
+        "target_modules": targets,
+        "fan_in_fan_out": cfg.fan_in_fan_out,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def merged_tensors(template: Adapter, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """PEFT tensors of a merged adapter from per-module ``(A, B)`` (scale 1)."""
+    out = {}
+    for name, (A, B) in factors.items():
+        spec = template.modules[name]
+        a_shape, b_shape = _shapes(spec, A.shape[0])
+        a_key, b_key = _keys(spec)
+        out[a_key] = A.reshape(a_shape)
+        out[b_key] = B.reshape(b_shape)
+    return out
+
+
+def refined_tensors(
+    adapter: Adapter, bases: dict[str, torch.Tensor | None], side: str
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """All tensors of ``adapter``'s file with each analysed module projected onto its basis.
+
+    Returns the tensors (original names and dtypes) and the modules left unchanged
+    (no shared structure there).
+    """
+    from clair_cli.core.merge import refine
+
+    unchanged = []
+    with adapter.reader() as reader:
+        tensors = {key: reader.get(key) for key in reader.tensors}
+        for name, basis in bases.items():
+            spec = adapter.modules[name]
+            if basis is None:
+                unchanged.append(name)
+                continue
+            mod = adapter.read_module(reader, name)
+            A, B = refine(mod.A, mod.B, basis, side)
+            tensors[spec.a_key] = A.reshape(tensors[spec.a_key].shape).to(tensors[spec.a_key].dtype)
+            tensors[spec.b_key] = B.reshape(tensors[spec.b_key].shape).to(tensors[spec.b_key].dtype)
+    return tensors, unchanged
+
+
+def source_config(adapter: Adapter) -> dict[str, Any]:
+    """The adapter's own config as written to disk, or one built from flags for bare files."""
+    if adapter.config.raw:
+        return dict(adapter.config.raw)
+    cfg = adapter.config
+    return {
+        "peft_type": "LORA",
+        "base_model_name_or_path": cfg.base_model,
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "use_rslora": cfg.use_rslora,
+        "rank_pattern": dict(cfg.rank_pattern),
+        "alpha_pattern": dict(cfg.alpha_pattern),
+        "target_modules": sorted(adapter.modules),
+        "fan_in_fan_out": cfg.fan_in_fan_out,
+        "bias": "none",
+        "inference_mode": True,
+    }

@@ -1,0 +1,75 @@
+"""The PNG report: per-module score heatmap and the spectra that set the rank."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from clair_cli.errors import OutputError, UsageError
+
+
+def write_plot(report: dict[str, Any], target: str) -> None:
+    """Write the heatmap (adapters x modules, off-subspace share) and the spectra to a PNG.
+
+    Raises:
+        UsageError: matplotlib is not installed.
+        OutputError: the file cannot be written.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError(
+            "--plot needs matplotlib, which is not installed", hint="Install it with: pip install 'clair[plot]'"
+        ) from None
+
+    adapters = sorted(report["adapters"], key=lambda a: a["name"])
+    modules = [m["name"] for m in report["modules"]]
+    grid = [[a["per_module"].get(m, float("nan")) for m in modules] for a in adapters]
+    width = min(4 + 0.35 * len(modules), 24)
+    height = max(3.5, 0.3 * len(adapters) + 1.5)
+    fig, (ax_h, ax_s) = plt.subplots(1, 2, figsize=(width + 6, height), gridspec_kw={"width_ratios": [width, 6]})
+    im = ax_h.imshow(grid, aspect="auto", cmap="magma_r", vmin=0, vmax=1, interpolation="nearest")
+    ax_h.set_yticks(range(len(adapters)))
+    ax_h.set_yticklabels([("! " if a["flagged"] else "") + a["name"] for a in adapters], fontsize=8)
+    for tick, a in zip(ax_h.get_yticklabels(), adapters, strict=True):
+        if a["flagged"]:
+            tick.set_color("crimson")
+    short = [m.replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "") for m in modules]
+    ax_h.set_xticks(range(len(modules)))
+    ax_h.set_xticklabels(short, rotation=90, fontsize=7)
+    ax_h.set_title("off-subspace share per module (! = flagged)")
+    fig.colorbar(im, ax=ax_h, fraction=0.03)
+
+    for m, label in zip(report["modules"], short, strict=True):
+        spec = m["spectrum"]
+        (line,) = ax_s.plot(range(1, len(spec) + 1), spec, lw=1, alpha=0.6, label=f"{label} (r={m['rank']})")
+        if m["null_bound"]:
+            nb = m["null_bound"]
+            ax_s.plot(range(1, len(nb) + 1), nb, ls="--", lw=0.8, color=line.get_color(), alpha=0.4)
+        if m["rank"] > 0:
+            ax_s.plot([m["rank"]], [spec[m["rank"] - 1]], "o", color=line.get_color())
+    ax_s.set_xlabel("index")
+    ax_s.set_ylabel("singular value (unit-norm adapters)")
+    ax_s.set_title("spectra; dashed: chance level; dot: chosen rank")
+    if len(modules) <= 8:
+        ax_s.legend(fontsize=7)
+    fig.tight_layout()
+
+    path = Path(target)
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: directory {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        plt.close(fig)
