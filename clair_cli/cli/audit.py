@@ -26,7 +26,7 @@ def audit_command(
     plot: opt.PlotOut = None,
     rank: opt.Rank = "auto",
     side: opt.Side = "out",
-    solver: opt.Solver = "noisy",
+    method: opt.AuditMethod = "noisy",
     threshold: opt.Threshold = None,
     intersect: opt.Intersect = False,
     device: opt.Device = "auto",
@@ -56,7 +56,7 @@ def audit_command(
     from clair_cli.io.sources import SourceOptions
     from clair_cli.report.audit import audit_report
 
-    settings = make_settings(solver, side, rank, threshold, device, dtype, seed)
+    settings = make_settings(method, side, rank, threshold, device, dtype, seed)
     check_report_targets(json_out, markdown, plot)
     with progress_bar(quiet) as progress:
         adapters = open_all(sources, SourceOptions(subfolder, config, lora_alpha, rslora, base_model), progress)

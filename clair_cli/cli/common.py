@@ -48,7 +48,7 @@ def make_settings(
     from clair_cli.pipeline import Settings, resolve_device, torch_dtype
 
     if solver not in ("noisy", "exact"):
-        raise UsageError(f"--solver {solver}: expected noisy or exact")
+        raise UsageError(f"{solver}: the decomposition form must be noisy or exact")
     if side not in ("out", "in", "both"):
         raise UsageError(f"--side {side}: expected out, in or both")
     if threshold is not None and not 0 < threshold < 1:

@@ -23,7 +23,7 @@ def gate_command(
     plot: opt.PlotOut = None,
     rank: opt.Rank = "auto",
     side: opt.Side = "out",
-    solver: opt.Solver = "noisy",
+    method: opt.AuditMethod = "noisy",
     threshold: opt.Threshold = None,
     intersect: opt.Intersect = False,
     device: opt.Device = "auto",
@@ -57,7 +57,7 @@ def gate_command(
 
     if not reference:
         raise UsageError("no --reference given", hint="Name the trusted adapters with --reference SOURCE (repeatable).")
-    settings = make_settings(solver, side, rank, threshold, device, dtype, seed)
+    settings = make_settings(method, side, rank, threshold, device, dtype, seed)
     check_report_targets(json_out, markdown, plot)
     src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model)
     with progress_bar(quiet) as progress:

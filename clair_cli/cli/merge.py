@@ -158,7 +158,7 @@ def refine_command(
     markdown: opt.MarkdownOut = None,
     plot: opt.PlotOut = None,
     side: opt.Side = "out",
-    solver: opt.Solver = "noisy",
+    method: opt.AuditMethod = "noisy",
     threshold: opt.Threshold = None,
     intersect: opt.Intersect = False,
     device: opt.Device = "auto",
@@ -184,7 +184,7 @@ def refine_command(
     from clair_cli.report.card import model_card
     from clair_cli.report.console import make_console
 
-    settings = make_settings(solver, side, rank, threshold, device, dtype, seed)
+    settings = make_settings(method, side, rank, threshold, device, dtype, seed)
     check_report_targets(json_out, markdown, plot)
     target = AtomicDir(out, force)
     src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model)

@@ -48,6 +48,15 @@ Solver = Annotated[
         metavar="noisy|exact",
     ),
 ]
+AuditMethod = Annotated[
+    str,
+    typer.Option(
+        "--method",
+        "-m",
+        help="Decomposition form: noisy (default) or exact (noiseless Outlier Pursuit).",
+        metavar="noisy|exact",
+    ),
+]
 Threshold = Annotated[
     Optional[float],
     typer.Option("--threshold", help="Flag above this off-subspace share (0-1) instead of the automatic rule."),
