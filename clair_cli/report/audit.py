@@ -81,7 +81,7 @@ def audit_report(outcome: AuditOutcome, command: str = "audit") -> dict[str, Any
     reference = set(outcome.reference or ())
     adapters = []
     for a, v in zip(pool.adapters, aud.verdicts_, strict=True):
-        reasons = [
+        reasons: list[dict[str, Any]] = [
             {key: round(val, 6) if isinstance(val, float) else val for key, val in why.items()}
             | {"text": reason_text(why, names, n_mod)}
             for why in v.reasons
