@@ -408,3 +408,13 @@ def test_sample_report_snapshots(mode: str, args: list[str]) -> None:
         snap.write_text(text)
     assert text == snap.read_text()
     assert "\x1b[" not in text  # plain under NO_COLOR and a pipe
+
+
+def test_refine_and_gate_exit_codes_in_a_real_process(pool: Path, tmp_path: Path) -> None:
+    proc = run_cli("refine", str(pool), "--out", str(tmp_path / "r"), "-q")
+    assert proc.returncode == 1 and len(list((tmp_path / "r").iterdir())) == K - len(BAD)
+    refs = sum((["-r", str(pool / f"client_{k:02d}")] for k in (0, 1, 3, 4, 5)), [])
+    assert run_cli("gate", str(pool / "client_06"), *refs, "-q").returncode == 1
+    assert run_cli("gate", str(pool / "client_07"), *refs, "-q").returncode == 0
+    proc = run_cli("gate", str(pool / "client_07"), "-r", str(pool / "client_07"))
+    assert proc.returncode == 2 and "both a candidate and a reference" in proc.stderr
