@@ -51,7 +51,7 @@ def _sources_table(pool: Pool, used: list[int], outcome: AuditOutcome | None) ->
     return rows
 
 
-def _prepare(sources, src, intersect, method, settings, quiet, progress):
+def _prepare(sources, src, intersect, method, progress):
     from clair_cli import pipeline
     from clair_cli.cli.common import open_all
 
@@ -114,7 +114,7 @@ def merge_command(
     target = AtomicDir(out, force)
     src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model)
     with progress_bar(quiet) as progress:
-        pool = _prepare(sources, src, intersect, method, settings, quiet, progress)
+        pool = _prepare(sources, src, intersect, method, progress)
         outcome = pipeline.audit(pool, settings, progress) if method == "clair" else None
         out_rank = settings.rank if isinstance(settings.rank, int) else None
         merged = pipeline.merge(pool, method, settings, w, out_rank, outcome, progress)
@@ -189,7 +189,7 @@ def refine_command(
     target = AtomicDir(out, force)
     src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model)
     with progress_bar(quiet) as progress:
-        pool = _prepare(sources, src, intersect, "clair", settings, quiet, progress)
+        pool = _prepare(sources, src, intersect, "clair", progress)
         outcome = pipeline.audit(pool, settings, progress)
         bases = pipeline.refined_bases(pool, outcome, None, progress)
         report = audit_report(outcome, command="refine")
