@@ -43,7 +43,7 @@ from typing import Literal
 import torch
 
 from clair_cli.core.reduction import FactoredStack
-from clair_cli.core.solvers import block_norms, solve_exact, solve_noisy
+from clair_cli.core.solvers import block_ids, block_norms, solve_exact, solve_noisy
 
 Method = Literal["noisy", "exact"]
 LAM_CONSTANT = 1.5
@@ -59,11 +59,8 @@ def robust_center_scale(x: torch.Tensor) -> tuple[float, float]:
 def normalise_blocks(G: torch.Tensor, offsets: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale each block to unit Frobenius norm; zero blocks stay zero. Returns (G, norms)."""
     norms = block_norms(G, offsets)
-    out = G.clone()
-    for k in range(len(offsets) - 1):
-        if norms[k] > 0:
-            out[:, offsets[k] : offsets[k + 1]] /= norms[k]
-    return out, norms
+    inverse = torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(G.dtype).tiny), torch.zeros_like(norms))
+    return G * inverse[block_ids(offsets, G.device)], norms
 
 
 def null_spectrum(G: torch.Tensor, offsets: tuple[int, ...], n_null: int, generator: torch.Generator) -> torch.Tensor:

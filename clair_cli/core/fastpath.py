@@ -33,8 +33,8 @@ from typing import Literal
 
 import torch
 
-from clair_cli.core.decompose import NULL_SDS, robust_center_scale
-from clair_cli.core.solvers import block_norms
+from clair_cli.core.decompose import NULL_SDS, normalise_blocks, robust_center_scale
+from clair_cli.core.solvers import block_ids, block_norms
 
 PROBE = 48  # singular values estimated; the shared rank is found among them
 OVERSAMPLE = 10
@@ -112,13 +112,9 @@ class FastDecomposer:
         if side not in ("out", "in"):
             raise ValueError(f"side must be 'out' or 'in', got {side!r}")
         W, offsets = stacked_factors(A, B, scales, side)
-        W = W.double()
-        norms = block_norms(W, offsets)
+        W, norms = normalise_blocks(W.double(), offsets)
         active = norms > 0
-        ids = torch.repeat_interleave(
-            torch.arange(len(norms), device=W.device), torch.tensor(offsets).diff().to(W.device)
-        )
-        W = W / torch.where(active, norms, torch.ones_like(norms))[ids]
+        ids = block_ids(offsets, W.device)
         gen = torch.Generator().manual_seed(self.random_state)
         probe = min(PROBE, *W.shape)
         _U, spectrum = top_singular(W, probe, gen)
@@ -183,7 +179,5 @@ def shared_basis(
 ) -> torch.Tensor:
     """Orthonormal ``d x rank`` basis of the adapters' shared subspace (unit-norm blocks, leading singular vectors)."""
     W, offsets = stacked_factors(A, B, scales, side)
-    norms = block_norms(W, offsets)
-    ids = torch.repeat_interleave(torch.arange(len(norms), device=W.device), torch.tensor(offsets).diff().to(W.device))
-    W = W / torch.where(norms > 0, norms, torch.ones_like(norms))[ids]
-    return top_singular(W.double(), min(rank, *W.shape), torch.Generator().manual_seed(0))[0].to(W.dtype)
+    unit = normalise_blocks(W.double(), offsets)[0]
+    return top_singular(unit, min(rank, *W.shape), torch.Generator().manual_seed(0))[0].to(W.dtype)

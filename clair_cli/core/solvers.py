@@ -40,14 +40,14 @@ def svt(X: torch.Tensor, tau: float) -> tuple[torch.Tensor, int]:
     return (U[:, :k] * s[:k]) @ Vh[:k], k
 
 
-def _block_ids(offsets: Sequence[int], device: torch.device) -> torch.Tensor:
+def block_ids(offsets: Sequence[int], device: torch.device) -> torch.Tensor:
     widths = torch.tensor([offsets[k + 1] - offsets[k] for k in range(len(offsets) - 1)], device=device)
     return torch.repeat_interleave(torch.arange(len(offsets) - 1, device=device), widths)
 
 
 def block_norms(X: torch.Tensor, offsets: Sequence[int]) -> torch.Tensor:
     """Frobenius norm of each column block."""
-    ids = _block_ids(offsets, X.device)
+    ids = block_ids(offsets, X.device)
     sq = torch.zeros(len(offsets) - 1, dtype=X.dtype, device=X.device).index_add_(0, ids, X.pow(2).sum(dim=0))
     return sq.sqrt()
 
@@ -56,7 +56,7 @@ def block_shrink(X: torch.Tensor, offsets: Sequence[int], tau: float | torch.Ten
     """Per column block: ``max(0, 1 - tau / ||X_k||_F) X_k``."""
     norms = block_norms(X, offsets)
     factor = (1 - tau / norms.clamp_min(torch.finfo(X.dtype).tiny)).clamp_min(0)
-    return X * factor[_block_ids(offsets, X.device)]
+    return X * factor[block_ids(offsets, X.device)]
 
 
 def solve_exact(
