@@ -8,7 +8,8 @@ from synthetic import flagged, make_module, make_pool
 
 from clair_cli.core import audit
 from clair_cli.core.audit import ClairAuditor
-from clair_cli.core.fastpath import FastDecomposer, rotate_blocks, stacked_factors, top_singular
+from clair_cli.core.decompose import rotate_blocks
+from clair_cli.core.fastpath import FastDecomposer, stacked_factors, top_singular
 from clair_cli.core.reduction import reduce_module
 
 

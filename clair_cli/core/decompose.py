@@ -38,6 +38,7 @@ calling structure in a pool that has none).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -63,23 +64,44 @@ def normalise_blocks(G: torch.Tensor, offsets: tuple[int, ...]) -> tuple[torch.T
     return G * inverse[block_ids(offsets, G.device)], norms
 
 
+def rotated_draws(
+    W: torch.Tensor, offsets: tuple[int, ...], n_draws: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """``n_draws`` copies of ``W`` with every block given a random orientation.
+
+    Each block keeps its own singular values (so its norm and shape), but its left
+    singular vectors become a random orthonormal frame in the ``W.shape[0]``-dimensional
+    space, destroying its alignment with the other blocks. Only ``W W^T`` matters to the
+    spectrum, so the right singular vectors are dropped. Block spectra are computed once;
+    blocks of equal width are rotated in one batched QR.
+    """
+    d = W.shape[0]
+    widths = [offsets[k + 1] - offsets[k] for k in range(len(offsets) - 1)]
+    groups = []
+    for width in sorted(set(widths)):
+        ks = [k for k, w in enumerate(widths) if w == width]
+        sv = torch.linalg.svdvals(torch.stack([W[:, offsets[k] : offsets[k + 1]] for k in ks]))
+        cols = torch.cat([torch.arange(offsets[k], offsets[k + 1]) for k in ks]).to(W.device)
+        groups.append((len(ks), width, sv, cols))
+    for _ in range(n_draws):
+        out = torch.zeros_like(W)
+        for n, width, sv, cols in groups:
+            omega = torch.randn(n, d, sv.shape[1], generator=generator, dtype=torch.float64).to(W)
+            frames = torch.linalg.qr(omega)[0] * sv[:, None, :]
+            if sv.shape[1] < width:  # a block wider than the space: its extra columns are zero
+                frames = torch.nn.functional.pad(frames, (0, width - sv.shape[1]))
+            out[:, cols] = frames.permute(1, 0, 2).reshape(d, n * width)
+        yield out
+
+
+def rotate_blocks(W: torch.Tensor, offsets: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """One draw of :func:`rotated_draws`."""
+    return next(rotated_draws(W, offsets, 1, generator))
+
+
 def null_spectrum(G: torch.Tensor, offsets: tuple[int, ...], n_null: int, generator: torch.Generator) -> torch.Tensor:
     """Singular values of the pool with each block randomly rotated: ``n_null x min(G.shape)``."""
-    rho = G.shape[0]
-    frames = []
-    for k in range(len(offsets) - 1):
-        blk = G[:, offsets[k] : offsets[k + 1]]
-        _u, s, vh = torch.linalg.svd(blk, full_matrices=False)
-        frames.append((s, vh))
-    draws = []
-    for _ in range(n_null):
-        parts = []
-        for s, vh in frames:
-            omega = torch.randn(rho, s.numel(), generator=generator, dtype=torch.float64).to(G)
-            omega, _ = torch.linalg.qr(omega)
-            parts.append((omega * s) @ vh)
-        draws.append(torch.linalg.svdvals(torch.cat(parts, dim=1)))
-    return torch.stack(draws)
+    return torch.stack([torch.linalg.svdvals(R) for R in rotated_draws(G, offsets, n_null, generator)])
 
 
 def null_bound(null: torch.Tensor) -> torch.Tensor:

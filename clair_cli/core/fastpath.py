@@ -13,8 +13,8 @@ per iteration, linear in K).
 
 Same decisions as the convex path, computed differently:
 
-- rank: parallel analysis, with each block rotated to a random orientation in
-  the full ``d``-dimensional space (batched QR), threshold ``mean + 3 sd``;
+- rank: parallel analysis (:func:`~clair_cli.core.decompose.rotated_draws`), each
+  block rotated in the full ``d``-dimensional space, threshold ``mean + 3 sd``;
 - collaborators by **iterative trimming**: estimate the top-r subspace on the
   kept adapters, drop adapters whose off-subspace share is an upper outlier
   (median + max(3.5 sigma, 0.1), the convex path's collaborator rule), repeat
@@ -33,7 +33,7 @@ from typing import Literal
 
 import torch
 
-from clair_cli.core.decompose import NULL_SDS, normalise_blocks, robust_center_scale
+from clair_cli.core.decompose import NULL_SDS, normalise_blocks, robust_center_scale, rotated_draws
 from clair_cli.core.solvers import block_ids, block_norms
 
 PROBE = 48  # singular values estimated; the shared rank is found among them
@@ -66,26 +66,6 @@ def top_singular(W: torch.Tensor, k: int, generator: torch.Generator) -> tuple[t
         Q = torch.linalg.qr(W @ (W.T @ Q))[0]
     u, s, _ = torch.linalg.svd(Q.T @ W, full_matrices=False)
     return (Q @ u)[:, :k], s[:k]
-
-
-def rotate_blocks(W: torch.Tensor, offsets: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    """Each block replaced by a random orthonormal frame times its own singular values.
-
-    The result has, block by block, the singular values of ``W`` and a random
-    orientation; blocks of equal width are rotated in one batched QR.
-    """
-    d = W.shape[0]
-    widths = [offsets[k + 1] - offsets[k] for k in range(len(offsets) - 1)]
-    out = torch.empty_like(W)
-    for width in sorted(set(widths)):
-        ks = [k for k, w in enumerate(widths) if w == width]
-        blocks = torch.stack([W[:, offsets[k] : offsets[k + 1]] for k in ks])
-        sv = torch.linalg.svdvals(blocks)  # (n, width)
-        omega = torch.randn(len(ks), d, width, generator=generator, dtype=torch.float64).to(W)
-        frames = torch.linalg.qr(omega)[0] * sv[:, None, :]
-        for i, k in enumerate(ks):
-            out[:, offsets[k] : offsets[k + 1]] = frames[i]
-    return out
 
 
 class FastDecomposer:
@@ -123,7 +103,7 @@ class FastDecomposer:
             if not self.n_null:
                 raise ValueError("rank='auto' needs n_null > 0")
             self.null_spectrum_: torch.Tensor | None = torch.stack(
-                [top_singular(rotate_blocks(W, offsets, gen), probe, gen)[1] for _ in range(self.n_null)]
+                [top_singular(R, probe, gen)[1] for R in rotated_draws(W, offsets, self.n_null, gen)]
             )
             bound = self.null_spectrum_.mean(0) + NULL_SDS * self.null_spectrum_.std(0)
             above = (spectrum[: probe - 1] > bound[: probe - 1]).tolist() + [False]

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from clair_cli.core.solvers import block_ids
+
 
 def gram(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float]) -> torch.Tensor:
     """``K x K`` matrix of Frobenius inner products ``<Theta_i, Theta_j>``.
@@ -23,10 +25,10 @@ def gram(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[
     Acat = torch.cat(list(A), dim=0)
     # out[i, j] = sum over p in block i, q in block j of (B^T B)[p, q] (A A^T)[q, p]:
     # an elementwise product summed within blocks by the block-indicator matrix.
-    owner = torch.repeat_interleave(
-        torch.arange(len(A), device=Acat.device), torch.tensor([a.shape[0] for a in A]).to(Acat.device)
-    )
-    ind = torch.nn.functional.one_hot(owner, len(A)).to(Bcat.dtype)
+    offsets = [0]
+    for a in A:
+        offsets.append(offsets[-1] + a.shape[0])
+    ind = torch.nn.functional.one_hot(block_ids(offsets, Acat.device), len(A)).to(Bcat.dtype)
     E = (Bcat.T @ Bcat) * (Acat @ Acat.T).T
     s = torch.tensor([float(x) for x in scales], dtype=Bcat.dtype, device=Bcat.device)
     return s[:, None] * (ind.T @ E @ ind) * s[None, :]
