@@ -1,0 +1,280 @@
+"""The paper's text-copying experiment with real LoRA training (``make experiment``).
+
+    python -m experiments.text_copy --out experiments/text_copy/results --samples sample_adapters
+
+1. Pretrain a tiny GPT-2 (2 layers, width 64) on free text and cipher transduction.
+2. Fine-tune LoRA clients with PEFT from one broadcast initialisation: benign clients copy,
+   contaminated ones learn reversed / shifted / random / backdoored targets.
+3. Score every aggregation method on each benign client's held-out strings, plus clair's
+   detection precision and recall; sweep the number of contaminated clients and the data
+   per client.
+4. Write results.json, results.md and spectrum.png under --out; with --samples, write the
+   main pool, its base model and MANIFEST.json there.
+
+Seeded and deterministic on one machine (torch runs with 2 threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import evaluate, task, train
+
+BASE_NAME = "sample_adapters/base_model"
+N_BENIGN = 12
+MAIN_DATA = 64
+DATA_SWEEP = (4, 16, 64)
+CONTAMINATION_SWEEP = (0, 4, 8)
+HETEROGENEITY = 10.0  # Dirichlet concentration of the clients' symbol frequencies
+TEST_STRINGS = 256
+PRETRAIN_STEPS = 3000
+FIXED_RANKS = (4, 8, 16)  # main pool only: clair at a fixed rank instead of the audited one
+
+
+@dataclass
+class Client:
+    name: str
+    kind: str
+    directory: Path
+    test: torch.Tensor | None  # held-out strings of a benign client
+
+
+def train_clients(
+    trainer: train.ClientTrainer, kinds: list[str], n: int, seed: int, out: Path, start: int = 1
+) -> list[Client]:
+    g = torch.Generator().manual_seed(seed)
+    clients = []
+    for i, kind in enumerate(kinds):
+        freq = task.client_frequencies(HETEROGENEITY, g)
+        data = task.client_dataset(kind, freq, n, g)
+        test = task.client_dataset("benign", freq, TEST_STRINGS, g) if kind == "benign" else None
+        name = f"client_{start + i:02d}"
+        state = trainer.train(data, seed * 1000 + start + i)
+        trainer.save(state, out / name)
+        clients.append(Client(name, kind, out / name, test))
+    return clients
+
+
+def score_pool(evaluator: evaluate.Evaluator, base, clients: list[Client], fixed_ranks: tuple[int, ...] = ()) -> dict:
+    """Every method on one pool: mean scores over the benign clients, and clair's detection."""
+    benign = [c for c in clients if c.kind == "benign"]
+    res = evaluate.clair_methods([c.directory for c in clients], [c.name for c in benign], fixed_ranks=fixed_ranks)
+    res.merged.update(evaluate.peft_methods(base, [c.directory for c in clients]))
+    rows: dict[str, dict[str, float]] = {}
+
+    def mean_scores(per_client) -> dict[str, float]:
+        scores = [per_client(c) for c in benign]
+        return {f: sum(getattr(s, f) for s in scores) / len(scores) for f in ("symbol", "sequence", "backdoor")}
+
+    def score(deltas: evaluate.Deltas, c: Client) -> evaluate.Scores:
+        assert c.test is not None
+        return evaluator.scores(deltas, c.test, evaluate.triggered_copy(c.test))
+
+    rows["base model (no adapter)"] = mean_scores(lambda c: score({}, c))
+    rows["local"] = mean_scores(lambda c: score(res.personal["local"][c.name], c))
+    for method, deltas in res.merged.items():
+        if not method.startswith(("clair", "oracle")):
+            rows[method] = mean_scores(lambda c, d=deltas: score(d, c))
+    rows["clair-merged"] = mean_scores(lambda c: score(res.merged["clair-merged"], c))
+    rows["clair-refined"] = mean_scores(lambda c: score(res.personal["clair-refined"][c.name], c))
+    for r in fixed_ranks:
+        rows[f"clair-merged --rank {r}"] = mean_scores(lambda c, r=r: score(res.merged[f"clair-merged --rank {r}"], c))
+        rows[f"clair-refined --rank {r}"] = mean_scores(
+            lambda c, r=r: score(res.personal[f"clair-refined --rank {r}"][c.name], c)
+        )
+    oracle = res.merged["oracle mean (benign only)"]
+    rows["oracle mean (benign only)"] = mean_scores(lambda c: score(oracle, c))
+    contaminated = {c.name for c in clients if c.kind != "benign"}
+    flagged = set(res.flagged)
+    return {
+        "clients": {c.name: c.kind for c in clients},
+        "flagged": sorted(flagged),
+        "caught": [len(flagged & contaminated), len(contaminated)],
+        "benign_flagged": [len(flagged - contaminated), len(benign)],
+        "shared_rank": res.shared_rank,
+        "methods": rows,
+        "notes": res.notes,
+    }
+
+
+def benign_spectra(clients: list[Client]) -> dict[str, list[float]]:
+    """Per module, singular values of the stacked unit-norm benign updates (output side), descending."""
+    from clair_cli import pipeline
+    from clair_cli.core.decompose import normalise_blocks
+    from clair_cli.core.reduction import reduce_module
+    from clair_cli.io.sources import open_adapters
+
+    benign = [str(c.directory) for c in clients if c.kind == "benign"]
+    pool = pipeline.build_pool(open_adapters(benign))
+    out = {}
+    for mod in pipeline.iter_modules(pool):
+        stack = reduce_module(mod.A, mod.B, mod.scales, "out")
+        Y, _ = normalise_blocks(stack.G.double(), stack.offsets)
+        out[mod.name] = [round(float(s), 4) for s in torch.linalg.svdvals(Y)]
+    return out
+
+
+def markdown(results: dict) -> str:
+    main = results["scenarios"]["main"]
+    lines = [
+        f"Benign-client held-out accuracy, {main['setup']}; mean over the {N_BENIGN} benign clients.",
+        "",
+        "| method | symbol accuracy | strings copied exactly | backdoor success |",
+        "|---|---:|---:|---:|",
+    ]
+    for method, s in main["methods"].items():
+        lines.append(f"| {method} | {s['symbol']:.3f} | {s['sequence']:.3f} | {s['backdoor']:.3f} |")
+    lines += [
+        "",
+        f"clair detection: flagged {', '.join(main['flagged']) or 'none'}; "
+        f"contaminated caught {_ratio(main['caught'])}, benign flagged {_ratio(main['benign_flagged'])}; "
+        f"audited shared ranks per module: {', '.join(str(r) for r in main['shared_rank'].values())}.",
+        "",
+        "Sweeps (symbol accuracy; clair's detection):",
+        "",
+        "| pool | local | mean | fedavg | multi-krum | clair-merged | clair-refined | oracle "
+        "| caught | benign flagged |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for sc in results["scenarios"].values():
+        m = sc["methods"]
+        cells = [m[k]["symbol"] for k in ("local", "mean", "fedavg", "multi-krum", "clair-merged", "clair-refined")]
+        cells.append(m["oracle mean (benign only)"]["symbol"])
+        lines.append(
+            f"| {sc['setup']} | "
+            + " | ".join(f"{x:.3f}" for x in cells)
+            + f" | {_ratio(sc['caught'])} | {_ratio(sc['benign_flagged'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(pair: list[int]) -> str:
+    return f"{pair[0]}/{pair[1]}"
+
+
+def plot_spectra(spectra: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, s in spectra.items():
+        energy = torch.tensor(s) ** 2
+        ax.plot(range(1, len(s) + 1), (energy / energy.sum()).tolist(), marker=".", label=name)
+    ax.set_xlabel("singular value index")
+    ax.set_ylabel("share of energy")
+    ax.set_yscale("log")
+    ax.set_title(f"Stacked benign LoRA updates ({N_BENIGN} clients, unit norm, output side)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_samples(base_dir: Path, clients: list[Client], target: Path, setup: str) -> None:
+    """Replace ``target`` with the main pool, its base model and MANIFEST.json (atomically)."""
+    tmp = Path(tempfile.mkdtemp(prefix=".samples-", dir=target.parent))
+    tmp.chmod(0o755)
+    shutil.copytree(base_dir, tmp / "base_model")
+    for c in clients:
+        shutil.copytree(c.directory, tmp / c.name)
+    manifest = {
+        "base_model": BASE_NAME,
+        "base_model_dir": "base_model",
+        "task": "text copying (BOS x SEP_COPY x EOS)",
+        "generator": "python -m experiments.text_copy (make experiment)",
+        "setup": setup,
+        "adapters": {c.name: {"contaminated": c.kind != "benign", "kind": c.kind} for c in clients},
+    }
+    (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    old = target.with_name(target.name + ".old")
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.text_copy", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("experiments/text_copy/results"))
+    parser.add_argument("--samples", type=Path, default=None, help="write the main pool here (sample_adapters)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    start = time.perf_counter()
+    setup = train.LoraSetup()
+    language = task.Language.make(args.seed)
+    with tempfile.TemporaryDirectory(prefix="clair-text-copy-") as work_dir:
+        work = Path(work_dir)
+        base = train.pretrain(language, PRETRAIN_STEPS, args.seed)
+        train.save_base(base, work / "base_model", "Tiny GPT-2 pretrained by experiments/text_copy (not on copying).")
+        log(f"pretrained the base model ({time.perf_counter() - start:.0f} s)")
+        base = train.load_base(work / "base_model")
+        trainer = train.ClientTrainer(base, setup, args.seed, BASE_NAME)
+        pools: dict[str, tuple[str, list[Client]]] = {}
+        for n in DATA_SWEEP:
+            kinds = ["benign"] * N_BENIGN + list(task.CONTAMINATIONS)
+            clients = train_clients(trainer, kinds, n, args.seed + n, work / f"n{n}")
+            pools[f"n{n}"] = (f"{n} strings per client, 4 of 16 contaminated", clients)
+            log(f"trained {len(clients)} clients on {n} strings each ({time.perf_counter() - start:.0f} s)")
+        main_clients = pools[f"n{MAIN_DATA}"][1]
+        extra = train_clients(
+            trainer, list(task.CONTAMINATIONS), MAIN_DATA, args.seed + 1000, work / "extra", start=len(main_clients) + 1
+        )
+        benign = [c for c in main_clients if c.kind == "benign"]
+        for c in CONTAMINATION_SWEEP:
+            if c == len(task.CONTAMINATIONS):
+                continue  # the main pool
+            chosen = benign + ([] if c == 0 else main_clients[N_BENIGN:] + extra)
+            pools[f"c{c}"] = (f"{MAIN_DATA} strings per client, {c} of {len(chosen)} contaminated", chosen)
+        evaluator = evaluate.Evaluator(train.load_base(work / "base_model"))
+        scenarios = {}
+        order = ["main"] + [k for k in pools if k != f"n{MAIN_DATA}"]
+        for key in order:
+            label, clients = pools[f"n{MAIN_DATA}"] if key == "main" else pools[key]
+            ranks = FIXED_RANKS if key == "main" else ()
+            scenarios[key] = {"setup": label, **score_pool(evaluator, evaluator.model, clients, ranks)}
+            log(f"scored {key}: {label} ({time.perf_counter() - start:.0f} s)")
+        spectra = benign_spectra(main_clients)
+        results = {
+            "experiment": "text copying, LoRA clients of a tiny GPT-2",
+            "seed": args.seed,
+            "lora": asdict(setup),
+            "clients": {"benign": N_BENIGN, "contaminated_kinds": list(task.CONTAMINATIONS)},
+            "scenarios": scenarios,
+            "benign_spectra": spectra,
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        (args.out / "results.md").write_text(markdown(results))
+        plot_spectra(spectra, args.out / "spectrum.png")
+        if args.samples is not None:
+            write_samples(work / "base_model", main_clients, args.samples, pools[f"n{MAIN_DATA}"][0])
+    print(markdown(results))
+    log(f"wrote {args.out}{' and ' + str(args.samples) if args.samples else ''} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
