@@ -38,7 +38,7 @@ lint: install
 	$(BIN)/mypy clair_cli
 
 # The paper's text-copying experiment: trains the LoRA clients, prints and writes the
-# table (experiments/text_copy/results/) and rewrites sample_adapters/ (~8 min on 2 cores).
+# table (experiments/text_copy/results/) and rewrites sample_adapters/ (about 3 min on 2 cores).
 experiment: install
 	$(BIN)/python -m experiments.text_copy --out experiments/text_copy/results --samples sample_adapters
 

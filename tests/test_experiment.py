@@ -94,11 +94,13 @@ def test_evaluator_matches_peft_and_restores_the_base(tiny_pool) -> None:
 
 def test_peft_cat_equals_the_exact_mean(tiny_pool) -> None:
     _root, dirs, base = tiny_pool
-    peft = evaluate.peft_methods(base, dirs)
-    res = evaluate.clair_methods(dirs, [d.name for d in dirs[:5]])
-    for name, delta in res.merged["mean"].items():
-        torch.testing.assert_close(peft["peft cat"][name], delta, rtol=1e-4, atol=1e-6)
-    assert set(res.personal["local"]) == {d.name for d in dirs[:5]}
+    benign = [d.name for d in dirs[:5]]
+    res = evaluate.pool_methods(base, dirs, benign, fixed_ranks=(2,))
+    for name, delta in res.methods["mean"][benign[0]].items():
+        torch.testing.assert_close(res.methods["peft cat"][benign[0]][name], delta, rtol=1e-4, atol=1e-6)
+    assert set(res.methods["local"]) == set(benign)
+    assert list(res.methods)[-1] == "oracle mean (benign only)"
+    assert {"clair-merged --rank 2", "clair-refined --rank 2"} <= set(res.methods)
 
 
 def test_sample_adapters_come_from_the_experiment() -> None:

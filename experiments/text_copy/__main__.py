@@ -65,35 +65,20 @@ def train_clients(
     return clients
 
 
-def score_pool(evaluator: evaluate.Evaluator, base, clients: list[Client], fixed_ranks: tuple[int, ...] = ()) -> dict:
+def score_pool(evaluator: evaluate.Evaluator, clients: list[Client], fixed_ranks: tuple[int, ...] = ()) -> dict:
     """Every method on one pool: mean scores over the benign clients, and clair's detection."""
     benign = [c for c in clients if c.kind == "benign"]
-    res = evaluate.clair_methods([c.directory for c in clients], [c.name for c in benign], fixed_ranks=fixed_ranks)
-    res.merged.update(evaluate.peft_methods(base, [c.directory for c in clients]))
-    rows: dict[str, dict[str, float]] = {}
+    res = evaluate.pool_methods(
+        evaluator.model, [c.directory for c in clients], [c.name for c in benign], fixed_ranks=fixed_ranks
+    )
+    sets = {c.name: (c.test, evaluate.triggered_copy(c.test)) for c in benign if c.test is not None}
 
-    def mean_scores(per_client) -> dict[str, float]:
-        scores = [per_client(c) for c in benign]
+    def mean_scores(per_client: dict[str, evaluate.Deltas]) -> dict[str, float]:
+        scores = [evaluator.scores(per_client[name], *sets[name]) for name in sets]
         return {f: sum(getattr(s, f) for s in scores) / len(scores) for f in ("symbol", "sequence", "backdoor")}
 
-    def score(deltas: evaluate.Deltas, c: Client) -> evaluate.Scores:
-        assert c.test is not None
-        return evaluator.scores(deltas, c.test, evaluate.triggered_copy(c.test))
-
-    rows["base model (no adapter)"] = mean_scores(lambda c: score({}, c))
-    rows["local"] = mean_scores(lambda c: score(res.personal["local"][c.name], c))
-    for method, deltas in res.merged.items():
-        if not method.startswith(("clair", "oracle")):
-            rows[method] = mean_scores(lambda c, d=deltas: score(d, c))
-    rows["clair-merged"] = mean_scores(lambda c: score(res.merged["clair-merged"], c))
-    rows["clair-refined"] = mean_scores(lambda c: score(res.personal["clair-refined"][c.name], c))
-    for r in fixed_ranks:
-        rows[f"clair-merged --rank {r}"] = mean_scores(lambda c, r=r: score(res.merged[f"clair-merged --rank {r}"], c))
-        rows[f"clair-refined --rank {r}"] = mean_scores(
-            lambda c, r=r: score(res.personal[f"clair-refined --rank {r}"][c.name], c)
-        )
-    oracle = res.merged["oracle mean (benign only)"]
-    rows["oracle mean (benign only)"] = mean_scores(lambda c: score(oracle, c))
+    rows = {"base model (no adapter)": mean_scores(dict.fromkeys(sets, {}))}
+    rows.update({method: mean_scores(per_client) for method, per_client in res.methods.items()})
     contaminated = {c.name for c in clients if c.kind != "benign"}
     flagged = set(res.flagged)
     return {
@@ -250,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in order:
             label, clients = pools[f"n{MAIN_DATA}"] if key == "main" else pools[key]
             ranks = FIXED_RANKS if key == "main" else ()
-            scenarios[key] = {"setup": label, **score_pool(evaluator, evaluator.model, clients, ranks)}
+            scenarios[key] = {"setup": label, **score_pool(evaluator, clients, ranks)}
             log(f"scored {key}: {label} ({time.perf_counter() - start:.0f} s)")
         spectra = benign_spectra(main_clients)
         results = {

@@ -84,27 +84,29 @@ def _dense(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
 
 @dataclass
 class PoolResult:
-    """Per method, the updates to score: one set for a merged adapter, or one per benign client."""
+    """Per method, in table order, the updates each benign client is scored with.
+
+    A merged adapter gives every client the same updates; ``local`` and the refined
+    rows give each client its own.
+    """
 
     names: list[str]
     flagged: list[str]
     shared_rank: dict[str, int]
-    merged: dict[str, Deltas] = field(default_factory=dict)
-    personal: dict[str, dict[str, Deltas]] = field(default_factory=dict)
+    methods: dict[str, dict[str, Deltas]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
-def _adapter_deltas(adapter, reader_tensors: dict[str, torch.Tensor] | None = None) -> Deltas:
+def _adapter_deltas(adapter, tensors: dict[str, torch.Tensor] | None = None) -> Deltas:
+    """Per module ``s * B @ A`` of an adapter, from its file or from replacement ``tensors``."""
+    if tensors is None:
+        with adapter.reader() as reader:
+            tensors = {key: reader.get(key) for key in reader.tensors}
     out: Deltas = {}
-    with adapter.reader() as reader:
-        for name, spec in adapter.modules.items():
-            if reader_tensors is None:
-                mod = adapter.read_module(reader, name)
-                out[name] = _dense(mod.A, mod.B, mod.scale)
-            else:
-                A = reader_tensors[spec.a_key].reshape(spec.rank, spec.d_in).float()
-                B = reader_tensors[spec.b_key].reshape(spec.d_out, spec.rank).float()
-                out[name] = _dense(A, B, spec.scale)
+    for name, spec in adapter.modules.items():
+        A = tensors[spec.a_key].reshape(spec.rank, spec.d_in).float()
+        B = tensors[spec.b_key].reshape(spec.d_out, spec.rank).float()
+        out[name] = _dense(A, B, spec.scale)
     return out
 
 
@@ -112,53 +114,52 @@ def _merged_deltas(merged: pipeline.MergedAdapter) -> Deltas:
     return {name: _dense(r.A, r.B, 1.0) for name, r in merged.modules.items()}
 
 
-def clair_methods(
-    directories: Sequence[Path], benign: Sequence[str], seed: int = 0, fixed_ranks: Sequence[int] = ()
+def pool_methods(
+    base: GPT2LMHeadModel,
+    directories: Sequence[Path],
+    benign: Sequence[str],
+    seed: int = 0,
+    fixed_ranks: Sequence[int] = (),
 ) -> PoolResult:
-    """Audit the pool with clair, then every merge it offers, CLAIR refinement, and the local adapters.
+    """Every row of the table for one pool: local, clair's baselines, PEFT's merges, clair
+    (audited rank, then each of ``fixed_ranks`` as ``--rank N``) and the benign-only oracle.
 
-    ``fixed_ranks``: also merge and refine at these ranks (``--rank N``) instead of the audited one.
+    A benign client that clair flags gets no refined adapter from clair; it is scored with
+    its local one, and a note says so.
     """
     adapters = open_adapters([str(d) for d in directories])
     pool = pipeline.build_pool(adapters)
     settings = pipeline.Settings(device="cpu", seed=seed)
     outcome = pipeline.audit(pool, settings)
-    auditor = outcome.auditor
     names = pool.names
-    flagged = [names[k] for k in range(len(names)) if k not in auditor.collaborative_set_]
-    result = PoolResult(names, flagged, dict(auditor.shared_rank_))
-    result.merged["clair-merged"] = _merged_deltas(pipeline.merge(pool, "clair", settings, outcome=outcome))
+    flagged = [names[k] for k in range(len(names)) if k not in outcome.auditor.collaborative_set_]
+    result = PoolResult(names, flagged, dict(outcome.auditor.shared_rank_))
+    by_name = dict(zip(names, adapters, strict=True))
+
+    def same_for_all(deltas: Deltas) -> dict[str, Deltas]:
+        return dict.fromkeys(benign, deltas)
+
+    local = {name: _adapter_deltas(by_name[name]) for name in benign}
+    result.methods["local"] = local
     for method in CLAIR_BASELINES:
-        result.merged[method] = _merged_deltas(pipeline.merge(pool, method, settings))
-    index = {n: k for k, n in enumerate(names)}
-    truth = [index[n] for n in benign]
-    oracle_pool = pipeline.build_pool([adapters[k] for k in truth], method="mean")
-    oracle = pipeline.merge(oracle_pool, "mean", settings)
-    result.merged["oracle mean (benign only)"] = _merged_deltas(oracle)
-    bases = pipeline.refined_bases(pool, outcome)
-    local: dict[str, Deltas] = {}
-    refined: dict[str, Deltas] = {}
-    for name in benign:
-        adapter = adapters[index[name]]
-        local[name] = _adapter_deltas(adapter)
-        if name in flagged:
-            refined[name] = local[name]  # clair writes no refined adapter for a flagged client
-        else:
-            tensors, _ = refined_tensors(adapter, bases, "out")
-            refined[name] = _adapter_deltas(adapter, tensors)
-    result.personal["local"] = local
-    result.personal["clair-refined"] = refined
-    for r in fixed_ranks:
-        result.merged[f"clair-merged --rank {r}"] = _merged_deltas(
-            pipeline.merge(pool, "clair", settings, rank=r, outcome=outcome)
-        )
-        fixed = pipeline.refined_bases(pool, outcome, rank=r)
-        result.personal[f"clair-refined --rank {r}"] = {
+        result.methods[method] = same_for_all(_merged_deltas(pipeline.merge(pool, method, settings)))
+    for method, deltas in peft_methods(base, directories).items():
+        result.methods[method] = same_for_all(deltas)
+    for r in (None, *fixed_ranks):
+        suffix = "" if r is None else f" --rank {r}"
+        merged = pipeline.merge(pool, "clair", settings, rank=r, outcome=outcome)
+        result.methods["clair-merged" + suffix] = same_for_all(_merged_deltas(merged))
+        bases = pipeline.refined_bases(pool, outcome, rank=r)
+        result.methods["clair-refined" + suffix] = {
             name: local[name]
             if name in flagged
-            else _adapter_deltas(adapters[index[name]], refined_tensors(adapters[index[name]], fixed, "out")[0])
+            else _adapter_deltas(by_name[name], refined_tensors(by_name[name], bases, "out")[0])
             for name in benign
         }
+    oracle_pool = pipeline.build_pool([by_name[n] for n in benign], method="mean")
+    result.methods["oracle mean (benign only)"] = same_for_all(
+        _merged_deltas(pipeline.merge(oracle_pool, "mean", settings))
+    )
     flagged_benign = [n for n in benign if n in flagged]
     if flagged_benign:
         result.notes.append(f"benign clients flagged (scored with their local adapter): {', '.join(flagged_benign)}")
