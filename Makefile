@@ -11,7 +11,7 @@ BIN       := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 STAMP     := $(VENV)/.clair-installed
 
-.PHONY: install demo test lint experiment clean
+.PHONY: install demo test lint experiment bench clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,14 +33,20 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check clair_cli tests experiments benchmarks
-	$(BIN)/ruff format --check clair_cli tests experiments benchmarks
+	$(BIN)/ruff check clair_cli tests experiments benchmarks fuzz
+	$(BIN)/ruff format --check clair_cli tests experiments benchmarks fuzz
 	$(BIN)/mypy clair_cli
 
 # The paper's text-copying experiment: trains the LoRA clients, prints and writes the
 # table (experiments/text_copy/results/) and rewrites sample_adapters/ (about 3 min on 2 cores).
 experiment: install
 	$(BIN)/python -m experiments.text_copy --out experiments/text_copy/results --samples sample_adapters
+
+# Performance suite (not part of make test): generates a Llama-2-7B-shaped pool of 64 bf16
+# adapters (2.1 GB, in $$TMPDIR/clair-bench), times clair against the I/O floor, a dense
+# decomposition and PEFT's merges, and writes benchmarks/results/ (about 25 min on 2 cores).
+bench: install
+	$(BIN)/python -m benchmarks.perf $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis

@@ -14,7 +14,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from clair_cli.errors import IncompatibleAdapters, UsageError
+from clair_cli.errors import AdapterFormatError, IncompatibleAdapters, UsageError
 from clair_cli.io.adapter import Adapter
 
 if TYPE_CHECKING:
@@ -134,10 +134,19 @@ def iter_modules(
     from clair_cli.core.audit import ModuleInput
 
     idx = list(range(len(pool.adapters))) if members is None else list(members)
+    trained = [False] * len(idx)
     with ExitStack() as stack:
         readers = [stack.enter_context(pool.adapters[k].reader()) for k in idx]
         for i, name in enumerate(pool.modules):
             mods = [pool.adapters[k].read_module(r, name, dtype) for k, r in zip(idx, readers, strict=True)]
+            for j, m in enumerate(mods):
+                trained[j] = trained[j] or (bool(m.A.any()) and bool(m.B.any()))
+            if i == len(pool.modules) - 1 and not all(trained):
+                raise AdapterFormatError(
+                    f"{pool.adapters[idx[trained.index(False)]].ref.weights_file}: every analysed LoRA update "
+                    "is zero (an untrained adapter: lora_B is initialised to zero)",
+                    hint="Leave it out of the pool, or check that training saved the right weights.",
+                )
             yield ModuleInput(
                 name,
                 list(idx),
@@ -231,6 +240,16 @@ class MergedAdapter:
     notes: list[str] = field(default_factory=list)
 
 
+def _at_working_precision(mod: ModuleInput, dtype: torch.dtype, solver: str) -> ModuleInput:
+    """The module in the audit's working precision (float64 where the convex path ran)."""
+    from clair_cli.core.audit import ModuleInput, working_dtype
+
+    work = working_dtype(mod.A, dtype, solver)
+    if work == mod.A[0].dtype:
+        return mod
+    return ModuleInput(mod.name, mod.members, [a.to(work) for a in mod.A], [b.to(work) for b in mod.B], mod.scales)
+
+
 def _basis_side(side: str) -> str:
     # Refinement and merge project onto one side; "both" uses the output side.
     return "in" if side == "in" else "out"
@@ -280,6 +299,7 @@ def merge(
     for mod in iter_modules(pool, used, dtype=dtype, device=settings.device, progress=progress):
         if method == "clair":
             assert outcome is not None
+            mod = _at_working_precision(mod, dtype, settings.solver)
             r = rank or outcome.auditor.shared_rank_[mod.name]
             if r == 0:
                 no_structure.append(mod.name)
@@ -314,6 +334,7 @@ def refined_bases(
     out: dict[str, torch.Tensor | None] = {}
     used = outcome.auditor.collaborative_set_
     for mod in iter_modules(pool, used, dtype=dtype, device=outcome.settings.device, progress=progress):
+        mod = _at_working_precision(mod, dtype, outcome.settings.solver)
         r = rank or outcome.auditor.shared_rank_[mod.name]
         out[mod.name] = shared_basis(mod.A, mod.B, mod.scales, r, side).cpu() if r else None
     return out

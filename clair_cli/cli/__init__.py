@@ -31,6 +31,9 @@ def report_error(exc: ClairError) -> int:
     return EXIT_ERROR
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
 class ClairGroup(TyperGroup):
     """Lists commands in the order they were added and maps ClairError to exit 2."""
 
@@ -44,6 +47,10 @@ class ClairGroup(TyperGroup):
             if os.environ.get("CLAIR_DEBUG"):
                 raise
             raise typer.Exit(report_error(exc)) from None
+        except KeyboardInterrupt:
+            # Outputs are written atomically: an interrupted run has left nothing in place.
+            print("Interrupted: no output was written.", file=sys.stderr)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
 app = typer.Typer(

@@ -131,7 +131,7 @@ def merge_command(
         pool.base_model,
         _sources_table(pool, merged.used, outcome),
         _command_line(),
-        summary_line(report) if report else None,
+        summary_line(report, timing=False) if report else None,
         notes,
     )
     with target as tmp:
@@ -210,7 +210,7 @@ def refine_command(
                     pool.base_model,
                     _sources_table(pool, used, outcome),
                     _command_line(),
-                    summary_line(report),
+                    summary_line(report, timing=False),
                     notes,
                 )
                 save_adapter(tmp / adapter.name, source_config(adapter), tensors, card)

@@ -7,7 +7,8 @@
   block is rotated to a random orientation (keeping its own singular values, so
   its norm and shape are unchanged but its alignment with the others is lost);
   the shared rank is the number of leading singular values of the pool above the
-  95th percentile of the same singular value over ``n_null`` such draws. A rank of
+  mean + 3 sd of the same singular value over up to ``n_null`` such draws
+  (:func:`parallel_analysis`: exact Wishart draws, sequential stopping). A rank of
   0 means the adapters share no low-rank structure beyond chance
   (``shared_structure_`` is False) and nothing is flagged on this module.
 - ``low_rank_``, ``sparse_``: ``L`` and ``S`` on the normalised core (blocks scaled to
@@ -38,9 +39,10 @@ calling structure in a pool that has none).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Literal
 
+import numpy as np
 import torch
 
 from clair_cli.core.reduction import FactoredStack
@@ -49,6 +51,9 @@ from clair_cli.core.solvers import block_ids, block_norms, solve_exact, solve_no
 Method = Literal["noisy", "exact"]
 LAM_CONSTANT = 1.5
 NULL_SDS = 3.0
+# Parallel analysis draws null spectra in batches and stops once the rank is settled.
+NULL_BATCH = 5
+SETTLE_SES = 3.0
 
 
 def robust_center_scale(x: torch.Tensor) -> tuple[float, float]:
@@ -64,6 +69,17 @@ def normalise_blocks(G: torch.Tensor, offsets: tuple[int, ...]) -> tuple[torch.T
     return G * inverse[block_ids(offsets, G.device)], norms
 
 
+def _block_spectra(W: torch.Tensor, offsets: tuple[int, ...]) -> list[tuple[list[int], int, torch.Tensor]]:
+    """Blocks grouped by width: ``(blocks, width, singular values (n_blocks x min(d, width)))``."""
+    widths = [offsets[k + 1] - offsets[k] for k in range(len(offsets) - 1)]
+    groups = []
+    for width in sorted(set(widths)):
+        ks = [k for k, w in enumerate(widths) if w == width]
+        sv = torch.linalg.svdvals(torch.stack([W[:, offsets[k] : offsets[k + 1]] for k in ks]))
+        groups.append((ks, width, sv))
+    return groups
+
+
 def rotated_draws(
     W: torch.Tensor, offsets: tuple[int, ...], n_draws: int, generator: torch.Generator
 ) -> Iterator[torch.Tensor]:
@@ -76,17 +92,14 @@ def rotated_draws(
     blocks of equal width are rotated in one batched QR.
     """
     d = W.shape[0]
-    widths = [offsets[k + 1] - offsets[k] for k in range(len(offsets) - 1)]
-    groups = []
-    for width in sorted(set(widths)):
-        ks = [k for k, w in enumerate(widths) if w == width]
-        sv = torch.linalg.svdvals(torch.stack([W[:, offsets[k] : offsets[k + 1]] for k in ks]))
-        cols = torch.cat([torch.arange(offsets[k], offsets[k + 1]) for k in ks]).to(W.device)
-        groups.append((len(ks), width, sv, cols))
+    groups = [
+        (len(ks), width, sv, torch.cat([torch.arange(offsets[k], offsets[k + 1]) for k in ks]).to(W.device))
+        for ks, width, sv in _block_spectra(W, offsets)
+    ]
     for _ in range(n_draws):
         out = torch.zeros_like(W)
         for n, width, sv, cols in groups:
-            omega = torch.randn(n, d, sv.shape[1], generator=generator, dtype=torch.float64).to(W)
+            omega = torch.randn(n, d, sv.shape[1], generator=generator, dtype=W.dtype).to(W.device)
             frames = torch.linalg.qr(omega)[0] * sv[:, None, :]
             if sv.shape[1] < width:  # a block wider than the space: its extra columns are zero
                 frames = torch.nn.functional.pad(frames, (0, width - sv.shape[1]))
@@ -99,9 +112,59 @@ def rotate_blocks(W: torch.Tensor, offsets: tuple[int, ...], generator: torch.Ge
     return next(rotated_draws(W, offsets, 1, generator))
 
 
-def null_spectrum(G: torch.Tensor, offsets: tuple[int, ...], n_null: int, generator: torch.Generator) -> torch.Tensor:
-    """Singular values of the pool with each block randomly rotated: ``n_null x min(G.shape)``."""
-    return torch.stack([torch.linalg.svdvals(R) for R in rotated_draws(G, offsets, n_null, generator)])
+def _wishart_null(
+    groups: list[tuple[list[int], int, torch.Tensor]],
+    d: int,
+    n_draws: int,
+    generator: torch.Generator,
+    like: torch.Tensor,
+) -> torch.Tensor:
+    """Null spectra through the Bartlett decomposition, in ``n = sum r_k`` dimensions.
+
+    A block rotated to a random frame is ``F_k S_k`` with ``F_k = G_k (G_k^T G_k)^{-1/2}``
+    for a Gaussian ``d x r_k`` matrix ``G_k`` (the polar factor of a Gaussian matrix is a
+    uniformly random frame). The spectrum depends on ``W_rot^T W_rot = T^T (G^T G) T`` only,
+    with ``T = blockdiag((G_k^T G_k)^{-1/2} S_k)``, and ``G^T G`` is Wishart(d, I_n):
+    ``L L^T`` with ``L`` lower triangular, ``L_ii^2 ~ chi^2(d - i)`` and standard normals below
+    the diagonal (Bartlett 1933). So a draw costs O(n^3) whatever ``d``, never a ``d x n``
+    matrix, with exactly the distribution of :func:`rotated_draws`.
+    """
+    n = sum(len(ks) * width for ks, width, _ in groups)
+    rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
+    dof = torch.from_numpy(rng.chisquare(d - np.arange(n), size=(n_draws, n)))
+    out = []
+    for draw in range(n_draws):
+        L = torch.randn(n, n, generator=generator, dtype=like.dtype).tril_(-1)
+        L.diagonal().copy_(dof[draw].sqrt())
+        L = L.to(like.device)
+        X = torch.empty_like(L)  # L^T T, so that X^T X = T^T (L L^T) T
+        start = 0
+        for ks, width, sv in groups:
+            stop = start + len(ks) * width
+            rows = L[start:stop].reshape(len(ks), width, n)
+            evals, evecs = torch.linalg.eigh(rows @ rows.transpose(1, 2))  # G_k^T G_k, one per block
+            t = (evecs * evals.rsqrt()[:, None, :]) @ evecs.transpose(1, 2) * sv[:, None, :width].to(like)
+            X[:, start:stop] = torch.einsum("gwn,gwv->ngv", rows, t).reshape(n, stop - start)
+            start = stop
+        # Squared singular values: the eigenvalues of X^T X (twice as fast as an SVD).
+        out.append(torch.linalg.eigvalsh(X.T @ X).flip(0).clamp_min(0).sqrt())
+    return torch.stack(out)
+
+
+def null_spectrum(W: torch.Tensor, offsets: tuple[int, ...], n_null: int, generator: torch.Generator) -> torch.Tensor:
+    """Singular values of ``W`` with each block randomly rotated in ``W.shape[0]`` dimensions.
+
+    Returns ``n_null x min(W.shape)`` values. When the blocks' total width ``n`` is at most
+    ``d = W.shape[0]`` (the usual case: adapter ranks sum to less than the width), the draws
+    come from :func:`_wishart_null` at O(n^3) each; otherwise the rotated matrices are built.
+    """
+    d, n = W.shape
+    if n_null <= 0:
+        return torch.empty(0, min(d, n), dtype=W.dtype, device=W.device)
+    groups = _block_spectra(W, offsets)
+    if n <= d:
+        return _wishart_null(groups, d, n_null, generator, W)
+    return torch.stack([torch.linalg.svdvals(R) for R in rotated_draws(W, offsets, n_null, generator)])
 
 
 def null_bound(null: torch.Tensor) -> torch.Tensor:
@@ -116,6 +179,47 @@ def parallel_analysis_rank(spectrum: torch.Tensor, null: torch.Tensor, max_rank:
     while r < min(max_rank, spectrum.numel(), bound.numel()) and spectrum[r] > bound[r]:
         r += 1
     return r
+
+
+def _settled(spectrum: torch.Tensor, null: torch.Tensor, r: int) -> bool:
+    """Whether more draws could change the rank ``r`` read from ``null``.
+
+    Each decision ``spectrum[i] > bound[i]`` for ``i <= r`` must clear the bound by
+    ``SETTLE_SES`` standard errors of the bound itself (of ``mean + 3 sd`` over ``n``
+    draws: ``sd * sqrt(1/n + 9 / (2 (n - 1)))``).
+    """
+    n = null.shape[0]
+    if n < 2:
+        return False
+    top = min(r + 1, spectrum.numel(), null.shape[1])
+    sd = null[:, :top].std(dim=0)
+    se = sd * math.sqrt(1 / n + NULL_SDS**2 / (2 * (n - 1)))
+    gap = (spectrum[:top].to(null) - null_bound(null[:, :top])).abs()
+    return bool((gap > SETTLE_SES * se).all())
+
+
+def parallel_analysis(
+    spectrum: torch.Tensor, draw: Callable[[int], torch.Tensor], n_null: int, max_rank: int
+) -> tuple[int, torch.Tensor]:
+    """Horn's parallel analysis with sequential stopping.
+
+    Null spectra are drawn ``NULL_BATCH`` at a time (``draw(n)`` returns ``n`` of them);
+    drawing stops at ``n_null`` draws or as soon as no decision is close
+    (:func:`_settled`). Clear modules, the common case, need one batch.
+
+    Returns:
+        The shared rank and the null spectra drawn.
+    """
+    if n_null < 1:
+        raise ValueError("rank='auto' needs n_null > 0")
+    parts: list[torch.Tensor] = []
+    while True:
+        done = sum(p.shape[0] for p in parts)
+        parts.append(draw(min(NULL_BATCH, n_null - done)))
+        null = torch.cat(parts)
+        r = parallel_analysis_rank(spectrum, null, max_rank)
+        if null.shape[0] >= n_null or _settled(spectrum, null, r):
+            return r, null
 
 
 class ModuleDecomposer:
@@ -161,11 +265,14 @@ class ModuleDecomposer:
         U_all, spectrum, _vh = torch.linalg.svd(Y, full_matrices=False)
         self.spectrum_ = spectrum
         gen = torch.Generator().manual_seed(self.random_state)
-        self.null_spectrum_ = null_spectrum(Y, offsets, self.n_null, gen) if self.n_null else None
+        self.null_spectrum_: torch.Tensor | None = None
         if self.rank == "auto":
-            if self.null_spectrum_ is None:
-                raise ValueError("rank='auto' needs n_null > 0")
-            r = parallel_analysis_rank(spectrum, self.null_spectrum_, max_rank=max(1, spectrum.numel() - 1))
+            r, self.null_spectrum_ = parallel_analysis(
+                spectrum,
+                lambda n: null_spectrum(Y, offsets, n, gen),
+                self.n_null,
+                max_rank=max(1, spectrum.numel() - 1),
+            )
         else:
             if int(self.rank) < 1:
                 raise ValueError(f"rank must be 'auto' or a positive integer, got {self.rank!r}")

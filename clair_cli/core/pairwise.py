@@ -13,25 +13,44 @@ import torch
 from clair_cli.core.solvers import block_ids
 
 
-def gram(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float]) -> torch.Tensor:
+def gram(
+    A: Sequence[torch.Tensor],
+    B: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    a_gram: torch.Tensor | None = None,
+    b_gram: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``K x K`` matrix of Frobenius inner products ``<Theta_i, Theta_j>``.
 
     Args:
         A: per adapter ``r_k x d_in``.
         B: per adapter ``d_out x r_k``.
         scales: per adapter ``s_k``.
+        a_gram, b_gram: ``[A_1; ...; A_K] [A_1; ...; A_K]^T`` and ``[B_1 | ...]^T [B_1 | ...]``
+            when already computed (the costly part: O(d (sum r_k)^2) each).
     """
-    Bcat = torch.cat(list(B), dim=1)
-    Acat = torch.cat(list(A), dim=0)
+    if a_gram is None:
+        Acat = torch.cat(list(A), dim=0)
+        a_gram = Acat @ Acat.T
+    if b_gram is None:
+        Bcat = torch.cat(list(B), dim=1)
+        b_gram = Bcat.T @ Bcat
     # out[i, j] = sum over p in block i, q in block j of (B^T B)[p, q] (A A^T)[q, p]:
     # an elementwise product summed within blocks by the block-indicator matrix.
     offsets = [0]
     for a in A:
         offsets.append(offsets[-1] + a.shape[0])
-    ind = torch.nn.functional.one_hot(block_ids(offsets, Acat.device), len(A)).to(Bcat.dtype)
-    E = (Bcat.T @ Bcat) * (Acat @ Acat.T).T
-    s = torch.tensor([float(x) for x in scales], dtype=Bcat.dtype, device=Bcat.device)
+    ind = torch.nn.functional.one_hot(block_ids(offsets, b_gram.device), len(A)).to(b_gram.dtype)
+    E = b_gram * a_gram.T
+    s = torch.tensor([float(x) for x in scales], dtype=b_gram.dtype, device=b_gram.device)
     return s[:, None] * (ind.T @ E @ ind) * s[None, :]
+
+
+def factor_grams(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A A^T, B^T B)`` of the stacked factors, to share between :func:`gram` calls."""
+    Acat = torch.cat(list(A), dim=0)
+    Bcat = torch.cat(list(B), dim=1)
+    return Acat @ Acat.T, Bcat.T @ Bcat
 
 
 def cosine_from_gram(G: torch.Tensor) -> torch.Tensor:

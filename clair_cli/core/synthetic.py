@@ -24,19 +24,32 @@ def make_module(
     seed: int = 0,
     kind: str = "random",
     dtype: torch.dtype = torch.float64,
+    spread: float | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float], torch.Tensor]:
-    """One module: (A, B, scales, U). ``bad`` adapters get random directions."""
+    """One module: (A, B, scales, U). ``bad`` adapters get random directions.
+
+    ``spread``: ``None`` gives each benign adapter independent coefficients inside
+    ``span(U)`` (no consensus); a number gives them a common update plus a deviation of
+    ``spread`` times its size (``A_k = A_0 + spread E_k``, ``B_k = U (Gamma_0 + spread F_k)``),
+    so small values model clients that agree and large ones honest heterogeneity.
+    """
     g = torch.Generator().manual_seed(seed)
     U = torch.linalg.qr(torch.randn(d_out, r, generator=g, dtype=torch.float64))[0]
     ranks = ranks or [4] * K
+    if spread is not None:  # drawn only here, so pools without a consensus are unchanged
+        a0 = torch.randn(max(ranks), d_in, generator=g, dtype=torch.float64) / math.sqrt(d_in)
+        c0 = torch.randn(r, max(ranks), generator=g, dtype=torch.float64)
     A, B, s = [], [], []
     for k in range(K):
         rk = ranks[k]
         a = torch.randn(rk, d_in, generator=g, dtype=torch.float64) / math.sqrt(d_in)
+        if spread is not None and k not in bad:
+            a = a0[:rk] + spread * a
         if k in bad or kind == "independent":
             b = torch.randn(d_out, rk, generator=g, dtype=torch.float64)
         else:
-            b = U @ torch.randn(r, rk, generator=g, dtype=torch.float64)
+            c = torch.randn(r, rk, generator=g, dtype=torch.float64)
+            b = U @ (c if spread is None else c0[:, :rk] + spread * c)
             e = torch.randn(d_out, rk, generator=g, dtype=torch.float64)
             b = b + noise * b.norm() / e.norm() * e
         A.append(a.to(dtype))

@@ -20,6 +20,12 @@ The rule, with no tuning on the default path:
    times the median norm *and* a robust outlier (model-replacement style boosting).
 4. **Duplicates.** Adapters whose updates have cosine similarity above 0.999
    over all modules form a Sybil group; every member is flagged as such.
+5. **Inside the subspace, per module.** The distance of the adapter's in-subspace
+   component, divided by its update's norm, from the geometric median of the pool's
+   (:mod:`clair_cli.core.insubspace`): flagged when ``log`` of it exceeds
+   ``median + max(z * sigma, log 3)`` on some module with shared structure. This catches
+   sign-flipped updates that rule 1 cannot see, where the benign clients agree; scaled-up
+   updates are rule 3's (the division makes rule 5 blind to magnitude).
 
 ``threshold`` (the ``--threshold`` option) replaces ``t_m`` by a fixed share.
 """
@@ -28,9 +34,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import torch
-from scipy.stats import norm as _normal
 
 from clair_cli.core.decompose import robust_center_scale
 
@@ -38,10 +44,12 @@ FLOOR = 0.10
 NORM_FACTOR_FLOOR = 4.0
 FALSE_FLAG_RATE = 1e-3
 DUPLICATE_COSINE = 0.999
+IN_SUBSPACE_FACTOR = 3.0
 
 
 def z_bonferroni(n_tests: int) -> float:
-    return float(_normal.ppf(1 - FALSE_FLAG_RATE / max(n_tests, 1)))
+    # The standard library's quantile: scipy.stats would add most of a second to start-up.
+    return NormalDist().inv_cdf(1 - FALSE_FLAG_RATE / max(n_tests, 1))
 
 
 @dataclass
@@ -88,6 +96,35 @@ def duplicate_groups(cosine: torch.Tensor) -> list[list[int]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
+def _in_subspace_rule(
+    verdicts: list[AdapterVerdict],
+    distances: dict[str, torch.Tensor | None],
+    members: dict[str, list[int]],
+    structured: dict[str, bool],
+    trusted: set[int],
+    gated: bool,
+) -> None:
+    """Rule 5: an in-subspace component far from the pool's centre on some module."""
+    measured = {n: d for n, d in distances.items() if d is not None and structured[n]}
+    z = z_bonferroni(len(measured))
+    hits: dict[int, list[tuple[float, str]]] = {}
+    for name, dist in measured.items():
+        ks = members[name]
+        basis = [p for p, k in enumerate(ks) if (k in trusted or not gated) and dist[p] > 0]
+        if len(basis) < 3:
+            continue
+        log_d = torch.log(dist[basis])
+        med, sigma = robust_center_scale(log_d)
+        cut = med + max(z * sigma, math.log(IN_SUBSPACE_FACTOR))
+        for p, k in enumerate(ks):
+            if dist[p] > 0 and float(torch.log(dist[p])) > cut and k not in trusted:
+                hits.setdefault(k, []).append((math.exp(float(torch.log(dist[p])) - med), name))
+    for k, items in hits.items():
+        items.sort(key=lambda t: (-t[0], t[1]))
+        verdicts[k].flagged = True
+        verdicts[k].reasons.append({"kind": "in_subspace", "ratio": items[0][0], "modules": [n for _, n in items]})
+
+
 def decide(
     n_adapters: int,
     shares: dict[str, torch.Tensor],
@@ -97,6 +134,7 @@ def decide(
     duplicates: list[list[int]],
     threshold: float | None = None,
     reference: list[int] | None = None,
+    in_subspace: dict[str, torch.Tensor | None] | None = None,
 ) -> list[AdapterVerdict]:
     """Combine the signals into one verdict per adapter.
 
@@ -110,6 +148,8 @@ def decide(
         threshold: fixed share threshold replacing the automatic one.
         reference: trusted adapters (``clair gate``). When given, the thresholds and the
             norm centre come from them alone and only the other adapters can be flagged.
+        in_subspace: per module, each member's distance from the geometric median of the
+            in-subspace components (:mod:`clair_cli.core.insubspace`); None where not measured.
     """
     trusted = set(reference or ())
     if reference is not None:
@@ -139,6 +179,8 @@ def decide(
                     "modules": [n for _, n, _ in items],
                 }
             )
+
+    _in_subspace_rule(verdicts, in_subspace or {}, members, structured, trusted, reference is not None)
 
     positive = sq_norms > 0
     centre = positive.clone()

@@ -15,6 +15,7 @@ existing target is refused unless ``force`` is given.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -31,6 +32,17 @@ if TYPE_CHECKING:
     import torch
 
 TMP_SUFFIX = ".clair-tmp"
+OLD_SUFFIX = ".clair-old"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class AtomicDir:
@@ -41,6 +53,9 @@ class AtomicDir:
         self.force = force
         self.tmp: Path | None = None
         self.check()
+
+    def _prefix(self) -> str:
+        return f".{self.target.name}.{os.getpid()}."
 
     def check(self) -> None:
         """Refuse an existing target without ``force`` and a missing parent, before any work is done."""
@@ -54,9 +69,23 @@ class AtomicDir:
         if not os.access(parent, os.W_OK):
             raise OutputError(f"{self.target}: cannot write in {parent} (permission denied)")
 
+    def _clean_stale(self) -> None:
+        """Remove temporary directories that killed runs (SIGKILL, power loss) left beside the target.
+
+        Their names carry the writing process's id; only those of processes that no longer
+        exist are removed, so a concurrent run's work is never touched.
+        """
+        for path in self.target.parent.glob(f".{glob.escape(self.target.name)}.*"):
+            if not path.name.endswith((TMP_SUFFIX, OLD_SUFFIX)):
+                continue
+            pid = path.name[len(self.target.name) + 2 :].split(".", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
     def __enter__(self) -> Path:
+        self._clean_stale()
         try:
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=TMP_SUFFIX, dir=self.target.parent))
+            self.tmp = Path(tempfile.mkdtemp(prefix=self._prefix(), suffix=TMP_SUFFIX, dir=self.target.parent))
         except OSError as exc:
             raise OutputError(f"{self.target}: cannot write here ({exc.strerror or exc})") from exc
         return self.tmp
@@ -70,9 +99,7 @@ class AtomicDir:
             self.check()
             old = None
             if self.target.exists():
-                old = Path(
-                    tempfile.mkdtemp(prefix=f".{self.target.name}.", suffix=".clair-old", dir=self.target.parent)
-                )
+                old = Path(tempfile.mkdtemp(prefix=self._prefix(), suffix=OLD_SUFFIX, dir=self.target.parent))
                 os.replace(self.target, old / "previous")
             os.replace(self.tmp, self.target)
             if old is not None:
@@ -165,6 +192,8 @@ def refined_tensors(
     Returns the tensors (original names and dtypes) and the modules left unchanged
     (no shared structure there).
     """
+    import torch
+
     from clair_cli.core.merge import refine
 
     unchanged = []
@@ -175,7 +204,7 @@ def refined_tensors(
             if basis is None:
                 unchanged.append(name)
                 continue
-            mod = adapter.read_module(reader, name)
+            mod = adapter.read_module(reader, name, torch.float64)  # float64: thread-count independent
             A, B = refine(mod.A, mod.B, basis, side)
             tensors[spec.a_key] = A.reshape(tensors[spec.a_key].shape).to(tensors[spec.a_key].dtype)
             tensors[spec.b_key] = B.reshape(tensors[spec.b_key].shape).to(tensors[spec.b_key].dtype)

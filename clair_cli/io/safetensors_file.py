@@ -4,17 +4,19 @@ The header is parsed and checked here before safetensors maps the file, so a
 truncated, hostile or mislabelled file is refused with a message that names the
 problem (header past the end of the file, overlapping tensors, a pickle renamed
 to ``.safetensors``...) instead of a library error. Tensors are then read one at
-a time with ``safe_open``.
+a time at the offsets the checked header gives (:class:`SafetensorsReader`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from clair_cli.constants import SAFETENSORS_DTYPE_SIZES, SAFETENSORS_MAX_HEADER
 from clair_cli.errors import AdapterFormatError
@@ -32,6 +34,7 @@ class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    start: int = 0  # file offset of the first data byte
 
     @property
     def numel(self) -> int:
@@ -91,7 +94,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         if not isinstance(entry, dict):
             raise _bad(path, f"tensor {name!r}: header entry is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_SIZES:
             raise _bad(path, f"tensor {name!r}: unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise _bad(path, f"tensor {name!r}: invalid shape {shape!r}")
@@ -109,7 +112,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 path,
                 f"tensor {name!r}: {dtype} {tuple(shape)} needs {nbytes} bytes but its data spans {end - begin}",
             )
-        tensors[name] = TensorInfo(name, dtype, tuple(shape), nbytes)
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), nbytes, 8 + n + begin)
         spans.append((begin, end, name))
 
     spans.sort()
@@ -119,36 +122,72 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return tensors, metadata
 
 
+# Dtypes read straight from the file; others (unsigned wide ints, float8) go through safetensors.
+_TORCH_DTYPES = {
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F32": "float32",
+    "F64": "float64",
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "I32": "int32",
+    "I64": "int64",
+}
+
+
 class SafetensorsReader:
-    """Reads validated tensors one at a time; open it as a context manager."""
+    """Reads validated tensors one at a time; open it as a context manager.
+
+    Tensors are read with positioned reads into memory owned by the tensor (no
+    memory map), at the offsets the validated header gives, so resident memory holds
+    only the tensors in use and no file descriptor stays open between reads: a pass
+    over a large pool keeps neither the pool's pages nor K open files.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.tensors, self.metadata = read_header(path)
-        self._handle: Any = None
+        self._size = path.stat().st_size
+        self._open = False
 
     def __enter__(self) -> SafetensorsReader:
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
-            self._handle.__enter__()
-        except (SafetensorError, OSError) as exc:
-            raise _bad(self.path, f"cannot be opened by safetensors ({exc})") from exc
+        self._open = True
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._handle is not None:
-            self._handle.__exit__(*exc_info)
-            self._handle = None
+        self._open = False
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, as stored (dtype unchanged)."""
-        from safetensors import SafetensorError
+        import torch
 
-        if self._handle is None:
+        if not self._open:
             raise RuntimeError("SafetensorsReader.get() outside its `with` block")
+        info = self.tensors[name]
+        if info.dtype not in _TORCH_DTYPES or sys.byteorder != "little":
+            return self._get_with_safetensors(name)
+        buf = bytearray(info.nbytes)
         try:
-            return self._handle.get_tensor(name)
-        except (SafetensorError, OSError) as exc:
+            with self.path.open("rb") as fh:
+                if os.fstat(fh.fileno()).st_size != self._size:
+                    raise _bad(self.path, "changed size while being read")
+                got = os.preadv(fh.fileno(), [buf], info.start) if info.nbytes else 0
+        except OSError as exc:
+            raise _bad(self.path, f"tensor {name!r} cannot be read ({exc.strerror or exc})") from exc
+        if got != info.nbytes:
+            raise _bad(self.path, f"tensor {name!r}: read {got} of {info.nbytes} bytes (truncated while reading?)")
+        dtype = getattr(torch, _TORCH_DTYPES[info.dtype])
+        if not info.nbytes:
+            return torch.empty(info.shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+
+    def _get_with_safetensors(self, name: str) -> torch.Tensor:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(self.path), framework="pt", device="cpu") as handle:
+                return handle.get_tensor(name)
+        except (SafetensorError, OSError, TypeError) as exc:
             raise _bad(self.path, f"tensor {name!r} cannot be read ({exc})") from exc

@@ -70,6 +70,12 @@ def reason_text(reason: dict[str, Any], names: list[str], n_modules: int) -> str
         )
     if kind == "duplicate":
         return "identical to " + ", ".join(names[j] for j in reason["of"])
+    if kind == "in_subspace":
+        where = summarise_modules(reason["modules"], n_modules)
+        return (
+            f"inside the shared subspace, its update lies {reason['ratio']:.1f}x farther than is typical "
+            f"from the pool's centre (sign-flipped or scaled?), in {where}"
+        )
     return kind
 
 
@@ -147,14 +153,17 @@ def _rank_summary(report: dict[str, Any]) -> str:
     return f"shared rank {ranks[0]}-{ranks[-1]}"
 
 
-def summary_line(report: dict[str, Any]) -> str:
+def summary_line(report: dict[str, Any], timing: bool = True) -> str:
+    """One line: pool size, ranks, flags, and (``timing``) the time taken; model cards omit
+    the time so that written adapters are byte-identical from run to run."""
     n_flag = len(report["flagged"])
     what = "candidate" if report["command"] == "gate" else "adapter"
     seconds = sum(report["timing_s"].values())
-    return (
+    line = (
         f"{report['n_adapters']} adapters, {len(report['modules'])} modules, {_rank_summary(report)}, "
-        f"{n_flag} {what}{'' if n_flag == 1 else 's'} flagged ({seconds:.1f} s)"
+        f"{n_flag} {what}{'' if n_flag == 1 else 's'} flagged"
     )
+    return f"{line} ({seconds:.1f} s)" if timing else line
 
 
 def _ordered(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,0 +1,93 @@
+"""The second signal: where an update sits *inside* the shared subspace.
+
+The off-subspace share cannot see an adapter whose update lies in the shared subspace
+but points the wrong way: a sign-flipped update, or a benign update scaled up as in
+model-replacement attacks. This module measures, per module, how far each adapter's
+in-subspace component ``X_k = U U^T Theta_k`` (``Theta_k V V^T`` on the input side) lies
+from the pool's robust centre, the geometric median of the ``X_k``. The auditor divides
+each ``X_k`` by ``||Theta_k||`` first, so the test is about direction (a sign flip moves a
+unit component by up to 2) and honest differences in alpha or training length do not
+count; magnitude is the norm rule's.
+
+- everything runs on the ``K x K`` Gram matrix of the components, which the factors
+  give exactly: ``<X_j, X_k> = s_j s_k tr((C_j^T C_k)(A_k A_j^T))`` with ``C_k = U^T B_k``,
+  an ``r x r_k`` matrix (:func:`in_subspace_gram`); no update is materialised;
+- the geometric median ``M = sum_j w_j X_j`` is found by Weiszfeld's iteration on that
+  Gram matrix (:func:`centre_distances`); it tolerates up to half the pool being
+  anywhere, so attackers cannot drag it;
+- the statistic is ``log ||X_k - M||`` against its robust spread over the pool (median,
+  1.4826 MAD): honest heterogeneity (clients that agree only loosely) widens the spread
+  and so raises the bar, which is the price of not flagging honest clients.
+
+:func:`clair_cli.core.verdict.decide` flags an adapter when, on some module with shared
+structure, its distance exceeds ``median + max(z sigma, log IN_SUBSPACE_FACTOR)``: at
+least ``IN_SUBSPACE_FACTOR`` times the typical distance and a robust outlier
+(Bonferroni over modules, as for the off-subspace share).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from clair_cli.core.pairwise import gram
+
+WEISZFELD_ITERATIONS = 200
+
+
+def in_subspace_gram(
+    A: Sequence[torch.Tensor],
+    B: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    basis: torch.Tensor,
+    side: str,
+    grams: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``K x K`` Gram matrix of the components of the updates inside ``span(basis)``.
+
+    Args:
+        A, B, scales: the module's factors (``r_k x d_in``, ``d_out x r_k``) and scales.
+        basis: orthonormal ``d x r`` basis of the shared subspace on ``side``.
+        side: ``"out"`` (``basis`` spans columns: ``X_k = U U^T Theta_k``) or ``"in"``
+            (rows: ``X_k = Theta_k V V^T``).
+        grams: :func:`~clair_cli.core.pairwise.factor_grams` of ``(A, B)``, when computed
+            already; the factor on the other side is reused from it.
+    """
+    U = basis.to(B[0])
+    a_gram, b_gram = grams if grams is not None else (None, None)
+    if side == "out":  # ||U U^T Theta|| = ||U^T Theta||: B_k becomes the r x r_k matrix U^T B_k
+        C = U.T @ torch.cat(list(B), dim=1)
+        return gram(A, B, scales, a_gram=a_gram, b_gram=C.T @ C)
+    D = torch.cat(list(A), dim=0) @ U  # A_k becomes A_k V
+    return gram(A, B, scales, a_gram=D @ D.T, b_gram=b_gram)
+
+
+def centre_distances(G: torch.Tensor, fit_on: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances of every point to the geometric median of the points in ``fit_on``.
+
+    The points are known only through their Gram matrix ``G``; the median is
+    ``M = sum_j w_j x_j`` with Weiszfeld's weights ``w_j ~ 1 / ||x_j - M||``.
+
+    Returns:
+        ``(distances, weights)``: ``||x_k - M||`` for every k, and ``w`` (zero outside ``fit_on``).
+    """
+    G = G.double()
+    K = G.shape[0]
+    mask = torch.ones(K, dtype=torch.bool) if fit_on is None else fit_on.clone()
+    w = mask.double() / mask.sum()
+    scale = float(G.diagonal().clamp_min(0).sqrt().max()) or 1.0
+    eps = 1e-12 * scale
+
+    def dist(w: torch.Tensor) -> torch.Tensor:
+        return (G.diagonal() - 2 * (G @ w) + w @ G @ w).clamp_min(0).sqrt()
+
+    for _ in range(WEISZFELD_ITERATIONS):
+        d = dist(w)
+        inv = torch.where(mask, 1 / d.clamp_min(eps), torch.zeros_like(d))
+        new = inv / inv.sum()
+        if float((new - w).abs().max()) < 1e-10:
+            w = new
+            break
+        w = new
+    return dist(w), w

@@ -1,0 +1,88 @@
+"""Rule 5: in-subspace components against a dense reference, the geometric median, and the verdicts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from synthetic import flagged, make_module, make_pool
+
+from clair_cli.core.audit import ClairAuditor
+from clair_cli.core.insubspace import centre_distances, in_subspace_gram
+
+
+@pytest.mark.parametrize("side", ["out", "in"])
+def test_in_subspace_gram_matches_dense(side: str) -> None:
+    A, B, s, _ = make_module(K=6, ranks=[2, 4, 3, 4, 1, 2], d_out=20, d_in=16, noise=0.3, seed=4)
+    d = 20 if side == "out" else 16
+    U = torch.linalg.qr(torch.randn(d, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64))[0]
+    P = U @ U.T
+    X = [(P @ (sk * b @ a)) if side == "out" else ((sk * b @ a) @ P) for a, b, sk in zip(A, B, s, strict=True)]
+    dense = torch.stack([torch.stack([(x * y).sum() for y in X]) for x in X])
+    torch.testing.assert_close(in_subspace_gram(A, B, s, U, side), dense)
+
+
+def _weiszfeld(points: torch.Tensor, iters: int = 5000) -> torch.Tensor:
+    m = points.mean(0)
+    for _ in range(iters):
+        w = 1 / (points - m).norm(dim=1).clamp_min(1e-15)
+        m = (w[:, None] * points).sum(0) / w.sum()
+    return m
+
+
+def test_centre_is_the_geometric_median_and_ignores_a_minority() -> None:
+    g = torch.Generator().manual_seed(0)
+    points = torch.randn(15, 7, generator=g, dtype=torch.float64) * 0.3 + 1.0
+    points[:6] = torch.randn(6, 7, generator=g, dtype=torch.float64) * 50  # 40 % far away
+    dist, w = centre_distances(points @ points.T)
+    ref = _weiszfeld(points)
+    torch.testing.assert_close(w @ points, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(dist, (points - ref).norm(dim=1), atol=1e-6, rtol=0)
+    assert float((w @ points - 1.0).abs().max()) < 0.5  # the majority decides where the centre is
+
+
+def test_centre_on_a_subset_only_uses_that_subset() -> None:
+    points = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]], dtype=torch.float64)
+    fit_on = torch.tensor([True, True, True, False])
+    dist, w = centre_distances(points @ points.T, fit_on)
+    assert w[3] == 0
+    assert float(dist[3]) > 100
+
+
+CONSENSUS = dict(M=4, K=20, noise=0.3, d_out=64, d_in=48, spread=0.3)
+
+
+def _flip(mods, ks):
+    for m in mods:
+        for k in ks:
+            m.B[k] = -m.B[k]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_sign_flipped_updates_are_caught_where_clients_agree(seed: int) -> None:
+    mods = make_pool(seed=seed, **CONSENSUS)
+    _flip(mods, (5, 6))
+    aud = ClairAuditor().fit(mods, 20)
+    assert flagged(aud) == {5, 6}
+    assert all(any(r["kind"] == "in_subspace" for r in aud.verdicts_[k].reasons) for k in (5, 6))
+    assert flagged(ClairAuditor(in_subspace=False).fit(mods, 20)) == set()  # rule 1 alone cannot see them
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_rule_5_never_fires_on_clean_pools(seed: int) -> None:
+    for pool in (CONSENSUS, dict(CONSENSUS, spread=1.0), dict(CONSENSUS, spread=None)):
+        aud = ClairAuditor().fit(make_pool(seed=seed, **pool), 20)
+        assert not [r for v in aud.verdicts_ for r in v.reasons if r["kind"] == "in_subspace"]
+
+
+def test_without_a_consensus_a_sign_flip_is_invisible() -> None:
+    # Benign clients share only the subspace: a flipped update is as plausible as any other.
+    mods = make_pool(seed=0, **dict(CONSENSUS, spread=None))
+    _flip(mods, (5, 6))
+    assert flagged(ClairAuditor().fit(mods, 20)) == set()
+
+
+def test_gate_scores_candidates_against_the_reference_centre() -> None:
+    mods = make_pool(seed=0, **CONSENSUS)
+    _flip(mods, (18, 19))
+    aud = ClairAuditor().fit(mods, 20, reference=list(range(15)))
+    assert flagged(aud) == {18, 19}
