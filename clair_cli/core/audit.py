@@ -24,7 +24,7 @@ import torch
 
 from clair_cli.core.decompose import Method, ModuleDecomposer, null_bound
 from clair_cli.core.fastpath import FastDecomposer, off_subspace_shares
-from clair_cli.core.insubspace import centre_distances, in_subspace_gram
+from clair_cli.core.insubspace import in_subspace_gram, unit_centre_distances
 from clair_cli.core.pairwise import cosine_from_gram, factor_grams, gram
 from clair_cli.core.reduction import reduce_module
 from clair_cli.core.verdict import AdapterVerdict, decide, duplicate_groups
@@ -39,6 +39,13 @@ Solver = Literal["auto", "convex", "fast"]
 FAST_PATH_MIN_SUM_RANK = 128
 
 
+def uses_fast_path(A: list[torch.Tensor], solver: str = "auto") -> bool:
+    """Whether a module with factors ``A`` goes to the fast path under ``solver``."""
+    if solver == "auto":
+        return sum(a.shape[0] for a in A) > FAST_PATH_MIN_SUM_RANK
+    return solver == "fast"
+
+
 def working_dtype(A: list[torch.Tensor], dtype: torch.dtype, solver: str = "auto") -> torch.dtype:
     """Precision for one module: float64 on the convex path, ``dtype`` on the fast path.
 
@@ -48,9 +55,7 @@ def working_dtype(A: list[torch.Tensor], dtype: torch.dtype, solver: str = "auto
     between thread counts, which is enough to change a printed digit. Fast-path modules
     use ``dtype`` (``--dtype float64`` makes them thread-count independent too).
     """
-    total = sum(a.shape[0] for a in A)
-    fast = solver == "fast" or (solver == "auto" and total > FAST_PATH_MIN_SUM_RANK)
-    return dtype if fast else torch.float64
+    return dtype if uses_fast_path(A, solver) else torch.float64
 
 
 @dataclass
@@ -101,7 +106,7 @@ class ClairAuditor:
             (:mod:`clair_cli.core.fastpath`), or ``"auto"``: fast when a module's
             adapter ranks sum to more than ``FAST_PATH_MIN_SUM_RANK``.
         in_subspace: also test where each update sits inside the shared subspace
-            (:mod:`clair_cli.core.insubspace`: sign-flipped and scaled-up updates).
+            (rule 5, :mod:`clair_cli.core.insubspace`: sign-flipped updates).
     """
 
     def __init__(
@@ -129,9 +134,7 @@ class ClairAuditor:
         self.in_subspace = in_subspace
 
     def _use_fast(self, A: list[torch.Tensor]) -> bool:
-        if self.solver == "auto":
-            return sum(a.shape[0] for a in A) > FAST_PATH_MIN_SUM_RANK
-        return self.solver == "fast"
+        return uses_fast_path(A, self.solver)
 
     def _decompose(self, A: list[torch.Tensor], B: list[torch.Tensor], scales: list[float], side: str):
         if self._use_fast(A):
@@ -208,9 +211,7 @@ class ClairAuditor:
                 centre_on = torch.zeros(len(A), dtype=torch.bool)
                 centre_on[[j for j, c in zip(fit_on, main.collaborators_.tolist(), strict=True) if c]] = True
                 Gx = in_subspace_gram(A, B, mod.scales, main.subspace_, used[0][1], grams).double().cpu()
-                # Directions only: each component over its update's norm (magnitudes are rule 3's).
-                inv = torch.where(norms > 0, 1 / norms.clamp_min(1e-300), torch.zeros_like(norms))
-                distances = centre_distances(inv[:, None] * Gx * inv[None, :], centre_on & (norms > 0))[0]
+                distances = unit_centre_distances(Gx, norms, centre_on)
             results.append(
                 ModuleResult(
                     name=mod.name,

@@ -91,3 +91,14 @@ def centre_distances(G: torch.Tensor, fit_on: torch.Tensor | None = None) -> tup
             break
         w = new
     return dist(w), w
+
+
+def unit_centre_distances(Gx: torch.Tensor, norms: torch.Tensor, fit_on: torch.Tensor) -> torch.Tensor | None:
+    """Rule 5's statistic: each in-subspace component over its update's norm (directions only;
+    magnitudes are rule 3's), its distance from the geometric median of those in ``fit_on``.
+    None when no adapter with a non-zero update is in ``fit_on``."""
+    fit_on = fit_on & (norms > 0)
+    if not bool(fit_on.any()):
+        return None
+    inv = torch.where(norms > 0, 1 / norms.clamp_min(1e-300), torch.zeros_like(norms))
+    return centre_distances(inv[:, None] * Gx * inv[None, :], fit_on)[0]
