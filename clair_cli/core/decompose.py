@@ -161,9 +161,8 @@ def null_spectrum(W: torch.Tensor, offsets: tuple[int, ...], n_null: int, genera
     d, n = W.shape
     if n_null <= 0:
         return torch.empty(0, min(d, n), dtype=W.dtype, device=W.device)
-    groups = _block_spectra(W, offsets)
     if n <= d:
-        return _wishart_null(groups, d, n_null, generator, W)
+        return _wishart_null(_block_spectra(W, offsets), d, n_null, generator, W)
     return torch.stack([torch.linalg.svdvals(R) for R in rotated_draws(W, offsets, n_null, generator)])
 
 

@@ -113,12 +113,12 @@ def _in_subspace_rule(
         basis = [p for p, k in enumerate(ks) if (k in trusted or not gated) and dist[p] > 0]
         if len(basis) < 3:
             continue
-        log_d = torch.log(dist[basis])
-        med, sigma = robust_center_scale(log_d)
+        log_d = torch.log(dist.clamp_min(torch.finfo(dist.dtype).tiny))
+        med, sigma = robust_center_scale(log_d[basis])
         cut = med + max(z * sigma, math.log(IN_SUBSPACE_FACTOR))
         for p, k in enumerate(ks):
-            if dist[p] > 0 and float(torch.log(dist[p])) > cut and k not in trusted:
-                hits.setdefault(k, []).append((math.exp(float(torch.log(dist[p])) - med), name))
+            if dist[p] > 0 and float(log_d[p]) > cut and k not in trusted:
+                hits.setdefault(k, []).append((math.exp(float(log_d[p]) - med), name))
     for k, items in hits.items():
         items.sort(key=lambda t: (-t[0], t[1]))
         verdicts[k].flagged = True
