@@ -229,15 +229,80 @@ def audit(
     return AuditOutcome(pool, settings, auditor, {"audit": time.perf_counter() - start}, reference)
 
 
+# Relative Frobenius error allowed when the merged update is written at a lower rank
+# (--merge-tol): far below the differences between adapters, and below bf16 rounding (4e-3).
+DEFAULT_MERGE_TOL = 1e-3
+RESCALE_CHOICES = ("none", "norm")
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How the merged update is formed and written (the ``merge`` section of the JSON report).
+
+    Attributes:
+        rank: rank of the written LoRA (``--merge-rank``); None: the smallest rank whose
+            relative Frobenius error is at most ``tol``.
+        tol: that tolerance (``--merge-tol``).
+        project: CLAIR's projected merge ``U U^T`` (``--project``) instead of the exact mean.
+        project_rank: the projection's rank (``--project-rank``); None: chosen per module by
+            cross-validation across the collaborators (:mod:`clair_cli.core.projection`).
+        rescale: ``"norm"`` scales the merged update so its norm is the median of the merged
+            adapters' norms (averaging separately trained updates shrinks them); ``"none"``.
+    """
+
+    rank: int | None = None
+    tol: float = DEFAULT_MERGE_TOL
+    project: bool = False
+    project_rank: int | None = None
+    rescale: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.rank is not None and self.rank < 1:
+            raise UsageError(f"--merge-rank {self.rank}: expected a positive integer")
+        if not 0 <= self.tol < 1:
+            raise UsageError(f"--merge-tol {self.tol}: expected a number in [0, 1)")
+        if self.project_rank is not None and self.project_rank < 1:
+            raise UsageError(f"--project-rank {self.project_rank}: expected a positive integer")
+        if self.rescale not in RESCALE_CHOICES:
+            raise UsageError(f"--rescale {self.rescale}: expected one of {', '.join(RESCALE_CHOICES)}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
 @dataclass
 class MergedAdapter:
-    """One merged LoRA: per module ``(A, B)`` with scale 1, and how it was made."""
+    """One merged LoRA: per module ``(A, B)`` with scale 1, and how it was made.
+
+    ``scale`` is the factor ``--rescale`` applied (1.0 otherwise); per module,
+    ``modules[name].info`` holds ``truncation_error`` (relative Frobenius error of writing
+    the update at its rank) and, for a projected merge, ``projection_rank``.
+    """
 
     method: str
     modules: dict[str, MergeResult]
     used: list[int]
     weights: list[float] | None
     notes: list[str] = field(default_factory=list)
+    options: MergeOptions = field(default_factory=MergeOptions)
+    scale: float = 1.0
+
+    def summary(self) -> dict[str, Any]:
+        """The ``merge`` section of the JSON report."""
+        ranks = {m: r.rank for m, r in self.modules.items()}
+        errors = {m: float(r.info.get("truncation_error", 0.0)) for m, r in self.modules.items()}
+        out: dict[str, Any] = {
+            "method": self.method,
+            "options": self.options.as_dict(),
+            "weights": None if self.weights is None else [round(w, 6) for w in self.weights],
+            "rank": ranks,
+            "max_relative_error": round(max(errors.values(), default=0.0), 8),
+            "relative_error": {m: round(e, 8) for m, e in errors.items()},
+            "scale": round(self.scale, 6),
+        }
+        if self.options.project:
+            out["projection_rank"] = {m: r.info.get("projection_rank") for m, r in self.modules.items()}
+        return out
 
 
 def _at_working_precision(mod: ModuleInput, dtype: torch.dtype, solver: str) -> ModuleInput:
@@ -250,9 +315,45 @@ def _at_working_precision(mod: ModuleInput, dtype: torch.dtype, solver: str) -> 
     return ModuleInput(mod.name, mod.members, [a.to(work) for a in mod.A], [b.to(work) for b in mod.B], mod.scales)
 
 
+def _canonical(mod: ModuleInput, weights: list[float] | None) -> tuple[ModuleInput, list[float] | None]:
+    """The module (and its weights) in the canonical order of :mod:`clair_cli.core.order`."""
+    from clair_cli.core.audit import ModuleInput
+    from clair_cli.core.order import content_order
+
+    order = content_order(mod.A, mod.B, mod.scales)
+    return (
+        ModuleInput(
+            mod.name,
+            [mod.members[j] for j in order],
+            [mod.A[j] for j in order],
+            [mod.B[j] for j in order],
+            [mod.scales[j] for j in order],
+        ),
+        None if weights is None else [weights[j] for j in order],
+    )
+
+
 def _basis_side(side: str) -> str:
     # Refinement and merge project onto one side; "both" uses the output side.
     return "in" if side == "in" else "out"
+
+
+def projection_basis(mod: ModuleInput, side: str, rank: int | None, weights: list[float] | None = None):
+    """The projection basis of one module's collaborators (``mod`` in canonical order), and its rank.
+
+    ``rank=None`` chooses it by cross-validation (:func:`clair_cli.core.projection.projection_rank`);
+    the basis is None when the unprojected mean predicts held-out adapters better.
+    """
+    from clair_cli.core.fastpath import shared_basis
+    from clair_cli.core.projection import folds_for, projection_rank
+
+    if rank is None:
+        if len(mod.A) < 2:
+            return None, None
+        rank = projection_rank(mod.A, mod.B, mod.scales, folds_for(list(range(len(mod.A)))), weights, side).rank
+        if rank is None:
+            return None, None
+    return shared_basis(mod.A, mod.B, mod.scales, rank, side), rank
 
 
 def merge(
@@ -260,23 +361,29 @@ def merge(
     method: str,
     settings: Settings,
     weights: Sequence[float] | None = None,
-    rank: int | None = None,
+    options: MergeOptions | None = None,
     outcome: AuditOutcome | None = None,
     progress: Progress = _quiet,
 ) -> MergedAdapter:
     """Merge the pool with ``method``; ``clair`` needs the audit ``outcome``.
 
-    For ``clair``, each module's shared basis is re-estimated on the collaborative
-    set (the adapters not flagged) at the audited rank, then
-    ``Theta_bar = sum_k w_k U U^T Theta_k``. A module where the audit found no
-    shared structure has no subspace to project on: it gets the exact mean of the
-    collaborators instead, and a note says so.
+    ``clair`` merges the collaborative set (the adapters not flagged): by default their
+    exact weighted mean ``sum_k w_k Theta_k``, written at the smallest rank within
+    ``options.tol`` (or at ``options.rank``); with nothing flagged this is ``mean``, bit for
+    bit. With ``options.project``, CLAIR's projection ``U U^T`` of that mean, with ``U`` the
+    leading directions of the collaborators at a rank chosen for reconstruction (never the
+    detection rank). Adapters are taken in a canonical order, so the result does not depend
+    on the order of the sources.
     """
+    import torch
+
     from clair_cli.core import baselines
     from clair_cli.core.baselines import MergeResult
-    from clair_cli.core.fastpath import shared_basis
-    from clair_cli.core.merge import merge as clair_merge
+    from clair_cli.core.lowrank import truncate_factored
+    from clair_cli.core.merge import merge as project_merge
+    from clair_cli.core.pairwise import gram
 
+    options = options or MergeOptions()
     dtype = torch_dtype(settings.dtype)
     notes: list[str] = []
     if method == "clair":
@@ -295,46 +402,84 @@ def merge(
         w = [float(weights[k]) for k in used]
     side = _basis_side(settings.side)
     results: dict[str, MergeResult] = {}
-    no_structure = []
-    for mod in iter_modules(pool, used, dtype=dtype, device=settings.device, progress=progress):
-        if method == "clair":
-            assert outcome is not None
+    unprojected = []
+    sq_norms = None
+    for given in iter_modules(pool, used, dtype=dtype, device=settings.device, progress=progress):
+        mod, mw = _canonical(given, w)
+        if method in ("clair", "mean"):
             mod = _at_working_precision(mod, dtype, settings.solver)
-            r = rank or outcome.auditor.shared_rank_[mod.name]
-            if r == 0:
-                no_structure.append(mod.name)
-                res = baselines.mean(mod.A, mod.B, mod.scales, w)
-                res.method = "mean"
+        if options.rescale != "none":
+            g = gram(mod.A, mod.B, mod.scales).diagonal().double().cpu()
+            part = torch.zeros(len(used), dtype=torch.float64)
+            part[[used.index(k) for k in mod.members]] = g
+            sq_norms = part if sq_norms is None else sq_norms + part
+        if method == "clair" and options.project:
+            basis, q = projection_basis(mod, side, options.project_rank, mw)
+            if basis is None:
+                unprojected.append(mod.name)
+                res = baselines.mean(mod.A, mod.B, mod.scales, mw, options.rank, options.tol)
             else:
-                basis = shared_basis(mod.A, mod.B, mod.scales, r, side)
-                a, b = clair_merge(mod.A, mod.B, mod.scales, basis, w, side=side)
-                res = MergeResult(a, b, "clair", used, {"rank": r})
+                a, b = project_merge(mod.A, mod.B, mod.scales, basis, mw, side=side)
+                err = 0.0
+                if options.rank is not None and options.rank < a.shape[0]:
+                    a, b, err = truncate_factored(a, b, options.rank)
+                res = MergeResult(a, b, "clair", used, {"truncation_error": err})
+            res.info["projection_rank"] = q
+        elif method in ("clair", "mean"):
+            res = baselines.mean(mod.A, mod.B, mod.scales, mw, options.rank, options.tol)
         else:
             try:
-                res = fn(mod.A, mod.B, mod.scales, w, rank)
+                res = fn(mod.A, mod.B, mod.scales, mw, options.rank)
             except ValueError as exc:
                 raise UsageError(f"{method}: {exc}") from None
-        results[mod.name] = MergeResult(res.A.float().cpu(), res.B.float().cpu(), res.method, res.selected, res.info)
-    if no_structure:
+        selected = [mod.members[j] for j in res.selected] if method not in ("clair", "mean") else list(used)
+        name = "clair" if method == "clair" else res.method
+        results[mod.name] = MergeResult(res.A.float().cpu(), res.B.float().cpu(), name, selected, res.info)
+    scale = 1.0
+    if options.rescale == "norm" and sq_norms is not None:
+        scale = _rescale_to_median_norm(results, sq_norms)
+        notes.append(f"--rescale norm: merged update scaled by {scale:.3f} (to the merged adapters' median norm)")
+    if unprojected:
         notes.append(
-            f"{len(no_structure)} module(s) without shared structure were merged by the plain mean "
-            f"of the collaborators: {', '.join(no_structure[:4])}{', ...' if len(no_structure) > 4 else ''}"
+            f"projection did not predict held-out adapters better than the plain mean on {len(unprojected)} "
+            f"module(s), which were merged unprojected: {', '.join(unprojected[:4])}"
+            f"{', ...' if len(unprojected) > 4 else ''}"
         )
-    return MergedAdapter(method, results, used, w, notes)
+    return MergedAdapter(method, results, used, w, notes, options, scale)
+
+
+def _rescale_to_median_norm(results: dict[str, MergeResult], sq_norms: torch.Tensor) -> float:
+    """Scale every module's merged update by one factor so that the merged adapter's norm
+    (over all modules) is the median of the merged adapters' norms; returns the factor."""
+    import torch
+
+    merged_sq = 0.0
+    for r in results.values():
+        merged_sq += float(((r.A.double() @ r.A.double().T) * (r.B.double().T @ r.B.double())).sum())
+    if merged_sq <= 0:
+        return 1.0
+    factor = float(torch.median(sq_norms.sqrt())) / merged_sq**0.5
+    for r in results.values():
+        r.B = r.B * factor
+    return factor
 
 
 def refined_bases(
     pool: Pool, outcome: AuditOutcome, rank: int | None = None, progress: Progress = _quiet
 ) -> dict[str, torch.Tensor | None]:
-    """Per module, the shared basis on the collaborative set (None where there is no shared structure)."""
-    from clair_cli.core.fastpath import shared_basis
+    """Per module, the projection basis of the collaborative set.
 
+    ``rank`` fixes the projection rank (``--project-rank``); None chooses it per module by
+    cross-validation, as the projected merge does. None for a module where projection does
+    not help (its adapters are kept unchanged there).
+    """
     dtype = torch_dtype(outcome.settings.dtype)
     side = _basis_side(outcome.settings.side)
     out: dict[str, torch.Tensor | None] = {}
     used = outcome.auditor.collaborative_set_
-    for mod in iter_modules(pool, used, dtype=dtype, device=outcome.settings.device, progress=progress):
+    for given in iter_modules(pool, used, dtype=dtype, device=outcome.settings.device, progress=progress):
+        mod, _ = _canonical(given, None)
         mod = _at_working_precision(mod, dtype, outcome.settings.solver)
-        r = rank or outcome.auditor.shared_rank_[mod.name]
-        out[mod.name] = shared_basis(mod.A, mod.B, mod.scales, r, side).cpu() if r else None
+        basis, _q = projection_basis(mod, side, rank)
+        out[mod.name] = None if basis is None else basis.cpu()
     return out

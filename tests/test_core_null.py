@@ -1,4 +1,5 @@
-"""The parallel-analysis null: Bartlett (Wishart) draws, the randomized route, sequential stopping."""
+"""The parallel-analysis null: Bartlett (Wishart) draws, the ambient space, the randomized route,
+sequential stopping, and the rank found on pools of known shared rank."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ from synthetic import make_module
 from clair_cli.core import decompose
 from clair_cli.core.decompose import (
     NULL_BATCH,
+    ModuleDecomposer,
+    carriers,
     normalise_blocks,
     null_spectrum,
     parallel_analysis,
+    parallel_analysis_rank,
     rotated_draws,
 )
 from clair_cli.core.fastpath import null_top, stacked_factors
+from clair_cli.core.reduction import reduce_module
 
 
 def _unit_stack(K: int = 8, d_out: int = 30, seed: int = 3) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -97,3 +102,73 @@ def test_parallel_analysis_needs_draws() -> None:
 
 def test_settled_needs_two_draws() -> None:
     assert not decompose._settled(torch.ones(3), torch.ones(1, 3), 0)
+
+
+def test_ambient_null_rotates_in_the_full_space() -> None:
+    """Blocks of a core with few rows live in a d-dimensional space: rotated in d dimensions
+    (zero rows added) they align less than inside the core's own rows, and the explicit route
+    agrees with the Wishart route in d dimensions."""
+    W, offsets = _unit_stack(d_out=12)  # 12 rows, 23 columns
+    g = torch.Generator().manual_seed(0)
+    wide = null_spectrum(W, offsets, 400, g, ambient=30)  # explicit rotations in 30 dimensions
+    assert wide.shape == (400, 12)
+    own = null_spectrum(W, offsets, 400, g)  # in the core's own 12 rows
+    assert float(wide[:, 0].mean()) < 0.95 * float(own[:, 0].mean())
+    narrow, narrow_offsets = W[:, :9], offsets[:4]  # blocks of widths 2, 3, 4: 9 columns <= 12 rows
+    assert narrow_offsets[-1] == 9
+    exact = null_spectrum(narrow, narrow_offsets, 600, g, ambient=30)  # Wishart route
+    explicit = null_spectrum(torch.nn.functional.pad(narrow, (0, 0, 0, 18)), narrow_offsets, 600, g)
+    assert exact.shape == explicit.shape == (600, 9)
+    for k in range(3):
+        se = math.sqrt((exact[:, k].var() + explicit[:, k].var()) / 600)
+        assert abs(float(exact[:, k].mean() - explicit[:, k].mean())) < 5 * se, k
+
+
+# Pools of known shared rank (d_out 64): (rank found in every one of 5 seeds, options).
+KNOWN_RANK = [
+    (1, {"r": 1}),
+    (2, {"r": 2}),  # noiseless: the in-span null (the core's rho = 2 rows) found 0
+    (3, {"r": 3}),
+    (2, {"r": 2, "noise": 0.3}),
+    (2, {"r": 2, "noise": 1.0}),
+    (3, {"r": 3, "noise": 0.3}),
+    (2, {"r": 2, "spread": 1.0}),
+    (0, {"r": 2, "kind": "independent", "noise": 0.3}),
+]
+
+
+@pytest.mark.parametrize(("rank", "options"), KNOWN_RANK)
+@pytest.mark.parametrize("K", [8, 20])
+def test_auto_rank_finds_the_true_shared_rank(rank: int, options: dict, K: int) -> None:
+    found = []
+    for seed in range(5):
+        A, B, s, _ = make_module(K=K, d_out=64, d_in=48, seed=seed, **options)
+        found.append(ModuleDecomposer(random_state=seed).fit(reduce_module(A, B, s, "out")).rank_)
+    assert found == [rank] * 5
+
+
+def test_unequal_directions_are_found_more_often_than_with_the_in_span_null() -> None:
+    """A second direction with a tenth of the first's energy: the ambient null finds it in most
+    pools of 20; the in-span null found it in none (README, "What clair can and cannot detect")."""
+    ambient, own = [], []
+    for seed in range(10):
+        A, B, s, _ = make_module(K=20, r=2, strengths=(1.0, 0.3), d_out=64, d_in=48, seed=seed)
+        stack = reduce_module(A, B, s, "out")
+        ambient.append(ModuleDecomposer(random_state=seed).fit(stack).rank_)
+        Y = normalise_blocks(stack.G.double(), stack.offsets)[0]
+        null = null_spectrum(Y, stack.offsets, 20, torch.Generator().manual_seed(seed))
+        own.append(parallel_analysis_rank(torch.linalg.svdvals(Y), null, 10))
+    assert sum(r == 2 for r in ambient) >= 5 and all(r in (1, 2) for r in ambient)
+    assert sum(r == 2 for r in own) == 0
+
+
+def test_a_direction_of_one_adapter_is_never_shared() -> None:
+    """Noiseless benign adapters plus one contaminated one: past the shared direction, the
+    pool's next singular values are that adapter's own; rotation leaves them unchanged, so
+    only the carriers rule keeps them out."""
+    A, B, s, _ = make_module(K=10, bad=(9,), r=1, d_out=64, seed=11)
+    stack = reduce_module(A, B, s, "out")
+    Y = normalise_blocks(stack.G.double(), stack.offsets)[0]
+    U = torch.linalg.svd(Y, full_matrices=False)[0]
+    assert carriers(Y, stack.offsets, U[:, 0]) > 8 and carriers(Y, stack.offsets, U[:, 1]) < 1.1
+    assert ModuleDecomposer().fit(stack).rank_ == 1

@@ -18,15 +18,15 @@ if TYPE_CHECKING:
     from clair_cli.pipeline import Progress, Settings
 
 
-def parse_rank(rank: str) -> int | str:
+def parse_rank(rank: str, option: str = "--rank") -> int | str:
     if rank == "auto":
         return "auto"
     try:
         value = int(rank)
     except ValueError:
-        raise UsageError(f"--rank {rank}: expected 'auto' or a positive integer") from None
+        raise UsageError(f"{option} {rank}: expected 'auto' or a positive integer") from None
     if value < 1:
-        raise UsageError(f"--rank {rank}: expected 'auto' or a positive integer")
+        raise UsageError(f"{option} {rank}: expected 'auto' or a positive integer")
     return value
 
 

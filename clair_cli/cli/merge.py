@@ -16,7 +16,11 @@ if TYPE_CHECKING:
 MERGE_EXAMPLES = """
 Examples:
 
-  clair merge ./adapters --out merged/                  # audit, then merge the collaborators
+  clair merge ./adapters --out merged/                  # audit, then the collaborators' exact mean
+
+  clair merge ./adapters --out merged/ --merge-rank 16  # the same, written as a rank-16 LoRA
+
+  clair merge ./adapters --out merged/ --project        # CLAIR's projection, cross-validated rank
 
   clair merge ./adapters --out merged/ --method fedavg  # a baseline, no audit
 
@@ -64,6 +68,11 @@ def merge_command(
     out: opt.Out,
     method: opt.MergeMethod = "clair",
     weights: opt.Weights = None,
+    merge_rank: opt.MergeRank = None,
+    merge_tol: opt.MergeTol = 1e-3,
+    project: opt.Project = False,
+    project_rank: opt.ProjectRank = None,
+    rescale: opt.Rescale = "none",
     rank: opt.Rank = "auto",
     force: opt.Force = False,
     json_out: opt.JsonOut = None,
@@ -84,8 +93,10 @@ def merge_command(
     rslora: opt.Rslora = False,
     base_model: opt.BaseModel = None,
 ) -> None:
-    """Merge adapters into one PEFT adapter (clair: audit first and merge the collaborators).
+    """Merge adapters into one PEFT adapter (clair: audit first, then merge the collaborators).
 
+    The clair merge is the exact weighted mean of the adapters the audit did not flag (with nothing
+    flagged, the same as --method mean), written at the smallest rank within --merge-tol.
     Exit code 0, or 1 when the clair audit flagged adapters (they are left out of the merge; 0 with --exit-zero).
     """
     from clair_cli import pipeline
@@ -108,6 +119,9 @@ def merge_command(
         raise UsageError(f"--method {method}: choose one of: {', '.join(pipeline.MERGE_METHODS)}")
     settings = make_settings(solver, side, rank, threshold, device, dtype, seed)
     w = parse_weights(weights)
+    options = pipeline.MergeOptions(merge_rank, merge_tol, project or project_rank is not None, project_rank, rescale)
+    if method != "clair" and (options.project or options.rescale != "none"):
+        raise UsageError(f"--project, --project-rank and --rescale shape the clair merge, not --method {method}")
     if method != "clair" and any(x is not None for x in (json_out, markdown, plot)):
         raise UsageError(f"--json, --markdown and --plot report the clair audit; --method {method} runs none")
     check_report_targets(json_out, markdown, plot)
@@ -116,9 +130,10 @@ def merge_command(
     with progress_bar(quiet) as progress:
         pool = _prepare(sources, src, intersect, method, progress)
         outcome = pipeline.audit(pool, settings, progress) if method == "clair" else None
-        out_rank = settings.rank if isinstance(settings.rank, int) else None
-        merged = pipeline.merge(pool, method, settings, w, out_rank, outcome, progress)
+        merged = pipeline.merge(pool, method, settings, w, options, outcome, progress)
     report = audit_report(outcome, command="merge") if outcome else None
+    if report is not None:
+        report["merge"] = merged.summary()
     ranks = {m: r.rank for m, r in merged.modules.items()}
     config_dict = merged_config(pool.adapters[0], ranks, pool.base_model, all_modules=not pool.dropped)
     tensors = merged_tensors(pool.adapters[0], {m: (r.A, r.B) for m, r in merged.modules.items()})
@@ -133,6 +148,7 @@ def merge_command(
         _command_line(),
         summary_line(report, timing=False) if report else None,
         notes,
+        merge=merged.summary(),
     )
     with target as tmp:
         save_adapter(tmp, config_dict, tensors, card)
@@ -152,6 +168,7 @@ def merge_command(
 def refine_command(
     sources: opt.Sources,
     out: opt.Out,
+    project_rank: opt.RefineRank = "auto",
     rank: opt.Rank = "auto",
     force: opt.Force = False,
     json_out: opt.JsonOut = None,
@@ -174,10 +191,20 @@ def refine_command(
 ) -> None:
     """Audit, then write each collaborator's refined adapter to DIR/<name>/ (projected onto the shared subspace).
 
+    The projection's rank is chosen per module by cross-validation across the collaborators (or
+    --project-rank), never the detection rank; a module where projection does not help is kept unchanged.
+
     Exit code 0, or 1 when adapters were flagged (no refined adapter is written for them; 0 with --exit-zero).
     """
     from clair_cli import pipeline
-    from clair_cli.cli.common import check_report_targets, emit_reports, exit_code, make_settings, progress_bar
+    from clair_cli.cli.common import (
+        check_report_targets,
+        emit_reports,
+        exit_code,
+        make_settings,
+        parse_rank,
+        progress_bar,
+    )
     from clair_cli.io.peft_writer import AtomicDir, refined_tensors, save_adapter, source_config
     from clair_cli.io.sources import SourceOptions
     from clair_cli.report.audit import audit_report, summary_line
@@ -185,14 +212,19 @@ def refine_command(
     from clair_cli.report.console import make_console
 
     settings = make_settings(method, side, rank, threshold, device, dtype, seed)
+    fixed = parse_rank(project_rank, "--project-rank")
     check_report_targets(json_out, markdown, plot)
     target = AtomicDir(out, force)
     src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model)
     with progress_bar(quiet) as progress:
         pool = _prepare(sources, src, intersect, "clair", progress)
         outcome = pipeline.audit(pool, settings, progress)
-        bases = pipeline.refined_bases(pool, outcome, None, progress)
+        bases = pipeline.refined_bases(pool, outcome, fixed if isinstance(fixed, int) else None, progress)
         report = audit_report(outcome, command="refine")
+        report["refine"] = {
+            "project_rank": project_rank,
+            "projection_rank": {m: None if b is None else int(b.shape[1]) for m, b in bases.items()},
+        }
         used = outcome.auditor.collaborative_set_
         side_used = "in" if settings.side == "in" else "out"
         with target as tmp:
@@ -201,7 +233,10 @@ def refine_command(
                 tensors, unchanged = refined_tensors(adapter, bases, side_used)
                 notes = []
                 if unchanged:
-                    notes.append(f"{len(unchanged)} module(s) without shared structure kept unchanged")
+                    notes.append(
+                        f"{len(unchanged)} module(s) kept unchanged (projection did not predict held-out "
+                        "adapters better there)"
+                    )
                 if pool.dropped:
                     notes.append(f"{len(pool.dropped)} module(s) outside the analysed intersection kept unchanged")
                 card = model_card(

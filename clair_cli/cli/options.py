@@ -34,7 +34,63 @@ Intersect = Annotated[
     bool, typer.Option("--intersect", help="Analyse only the modules every adapter targets (listed in the report).")
 ]
 Rank = Annotated[
-    str, typer.Option("--rank", help="Shared rank: 'auto' (parallel analysis) or a number.", metavar="N|auto")
+    str,
+    typer.Option(
+        "--rank",
+        help="Detection rank of the shared subspace: 'auto' (deflated parallel analysis) or a number. "
+        "Sets the audit only, never the rank of merged or refined adapters.",
+        metavar="N|auto",
+    ),
+]
+MergeRank = Annotated[
+    Optional[int],
+    typer.Option(
+        "--merge-rank",
+        help="Rank of the written merged LoRA (default: the smallest within --merge-tol of the exact merge).",
+        metavar="N",
+        show_default=False,
+    ),
+]
+MergeTol = Annotated[
+    float,
+    typer.Option(
+        "--merge-tol",
+        help="Relative Frobenius error allowed when the merged update is written at a lower rank.",
+        metavar="X",
+    ),
+]
+Project = Annotated[
+    bool,
+    typer.Option(
+        "--project",
+        help="CLAIR's projected merge: the collaborators' mean projected onto their shared subspace, "
+        "at a rank chosen per module by cross-validation (default: the exact mean of the collaborators).",
+    ),
+]
+ProjectRank = Annotated[
+    Optional[int],
+    typer.Option(
+        "--project-rank",
+        help="Fixed rank of the projection (implies --project); default: cross-validated per module.",
+        metavar="N",
+        show_default=False,
+    ),
+]
+RefineRank = Annotated[
+    str,
+    typer.Option(
+        "--project-rank",
+        help="Rank of the subspace each adapter is projected on: 'auto' (cross-validated per module) or a number.",
+        metavar="N|auto",
+    ),
+]
+Rescale = Annotated[
+    str,
+    typer.Option(
+        "--rescale",
+        help="none, or norm: scale the merged update to the merged adapters' median norm.",
+        metavar="none|norm",
+    ),
 ]
 Side = Annotated[
     str,

@@ -25,6 +25,7 @@ import torch
 from clair_cli.core.decompose import Method, ModuleDecomposer, null_bound
 from clair_cli.core.fastpath import FastDecomposer, off_subspace_shares
 from clair_cli.core.insubspace import in_subspace_gram, unit_centre_distances
+from clair_cli.core.order import content_order, inverse
 from clair_cli.core.pairwise import cosine_from_gram, factor_grams, gram
 from clair_cli.core.reduction import reduce_module
 from clair_cli.core.verdict import AdapterVerdict, decide, duplicate_groups
@@ -164,7 +165,18 @@ class ClairAuditor:
         K = n_adapters
         inner = torch.zeros(K, K, dtype=torch.float64)
         results: list[ModuleResult] = []
-        for mod in modules:
+        for given in modules:
+            # Work in a canonical order of the members; per-member results are put back
+            # into the given order below, so the sources' order changes nothing.
+            order = content_order(given.A, given.B, given.scales)
+            back = inverse(order)
+            mod = ModuleInput(
+                given.name,
+                [given.members[j] for j in order],
+                [given.A[j] for j in order],
+                [given.B[j] for j in order],
+                [given.scales[j] for j in order],
+            )
             dtype = working_dtype(mod.A, self.dtype, self.solver)
             A = [a.to(self.device, dtype) for a in mod.A]
             B = [b.to(self.device, dtype) for b in mod.B]
@@ -215,20 +227,20 @@ class ClairAuditor:
             results.append(
                 ModuleResult(
                     name=mod.name,
-                    members=list(mod.members),
+                    members=list(given.members),
                     rank=main.rank_,
                     spectrum=main.spectrum_.double().cpu(),
                     null_bound=None if null is None else null_bound(null).double().cpu(),
-                    residual=residual.double().cpu()[expand],
-                    off_subspace=off.double().cpu()[expand],
-                    norms=norms,
+                    residual=residual.double().cpu()[expand][back],
+                    off_subspace=off.double().cpu()[expand][back],
+                    norms=norms[back],
                     subspace=main.subspace_.cpu(),
                     shared_structure=any(d.shared_structure_ for d in decs),
                     n_iter=max(d.n_iter_ for d in decs),
                     converged=all(d.converged_ for d in decs),
                     solver="fast" if isinstance(main, FastDecomposer) else "convex",
                     null_draws=0 if null is None else int(null.shape[0]),
-                    in_subspace=distances,
+                    in_subspace=None if distances is None else distances[back],
                 )
             )
         if not results:

@@ -77,22 +77,35 @@ def _concat(A: Factors, B: Factors, coef: Sequence[float]) -> tuple[torch.Tensor
 
 
 def _weighted_sum(
-    name: str, A: Factors, B: Factors, scales: Sequence[float], coef: Sequence[float], rank: int | None, selected
+    name: str,
+    A: Factors,
+    B: Factors,
+    scales: Sequence[float],
+    coef: Sequence[float],
+    rank: int | None,
+    selected,
+    tol: float | None = None,
 ) -> MergeResult:
     a, b = _concat(A, B, [c * float(s) for c, s in zip(coef, scales, strict=True)])
     err = 0.0
-    if rank is not None and rank < a.shape[0]:
-        a, b, err = truncate_factored(a, b, rank)
+    if (rank is not None and rank < a.shape[0]) or (rank is None and tol is not None):
+        a, b, err = truncate_factored(a, b, rank, tol)
     return MergeResult(a, b, name, list(selected), {"truncation_error": err})
 
 
 def mean(
-    A: Factors, B: Factors, scales: Sequence[float], weights: Sequence[float] | None = None, rank: int | None = None
+    A: Factors,
+    B: Factors,
+    scales: Sequence[float],
+    weights: Sequence[float] | None = None,
+    rank: int | None = None,
+    tol: float | None = None,
 ) -> MergeResult:
-    """``sum_k w_k Theta_k``: exact (rank ``sum r_k``) or truncated to ``rank`` by SVD."""
+    """``sum_k w_k Theta_k``: exact as a concatenated LoRA (rank ``sum r_k``), truncated to
+    ``rank`` by SVD, or (``tol``) at the smallest rank within relative Frobenius error ``tol``."""
     _check(A, B, scales)
     w = check_weights(weights, len(A))
-    return _weighted_sum("mean", A, B, scales, w, rank, range(len(A)))
+    return _weighted_sum("mean", A, B, scales, w, rank, range(len(A)), tol)
 
 
 def fedavg(

@@ -4,8 +4,9 @@
 
 - ``rank_`` and ``spectrum_``: the shared rank and the singular values it was read from.
   With ``rank="auto"`` the rank is chosen by parallel analysis: every adapter's
-  block is rotated to a random orientation (keeping its own singular values, so
-  its norm and shape are unchanged but its alignment with the others is lost);
+  block is rotated to a random orientation in the module's full output (or input)
+  space (keeping its own singular values, so its norm and shape are unchanged but
+  its alignment with the others is lost);
   the shared rank is the number of leading singular values of the pool above the
   mean + 3 sd of the same singular value over up to ``n_null`` such draws
   (:func:`parallel_analysis`: exact Wishart draws, sequential stopping). A rank of
@@ -54,6 +55,8 @@ NULL_SDS = 3.0
 # Parallel analysis draws null spectra in batches and stops once the rank is settled.
 NULL_BATCH = 5
 SETTLE_SES = 3.0
+# A shared direction is carried by more than one adapter (participation ratio, see carriers()).
+MIN_CARRIERS = 1.5
 
 
 def robust_center_scale(x: torch.Tensor) -> tuple[float, float]:
@@ -143,7 +146,9 @@ def _wishart_null(
             stop = start + len(ks) * width
             rows = L[start:stop].reshape(len(ks), width, n)
             evals, evecs = torch.linalg.eigh(rows @ rows.transpose(1, 2))  # G_k^T G_k, one per block
-            t = (evecs * evals.rsqrt()[:, None, :]) @ evecs.transpose(1, 2) * sv[:, None, :width].to(like)
+            # A block of fewer rows than columns has fewer singular values than its width.
+            sv_w = torch.nn.functional.pad(sv, (0, width - sv.shape[1])) if sv.shape[1] < width else sv[:, :width]
+            t = (evecs * evals.rsqrt()[:, None, :]) @ evecs.transpose(1, 2) * sv_w[:, None, :].to(like)
             X[:, start:stop] = torch.einsum("gwn,gwv->ngv", rows, t).reshape(n, stop - start)
             start = stop
         # Squared singular values: the eigenvalues of X^T X (twice as fast as an SVD).
@@ -151,19 +156,40 @@ def _wishart_null(
     return torch.stack(out)
 
 
-def null_spectrum(W: torch.Tensor, offsets: tuple[int, ...], n_null: int, generator: torch.Generator) -> torch.Tensor:
-    """Singular values of ``W`` with each block randomly rotated in ``W.shape[0]`` dimensions.
+def null_spectrum(
+    W: torch.Tensor, offsets: tuple[int, ...], n_null: int, generator: torch.Generator, ambient: int | None = None
+) -> torch.Tensor:
+    """Singular values of ``W`` with each block randomly rotated in ``ambient`` dimensions.
 
-    Returns ``n_null x min(W.shape)`` values. When the blocks' total width ``n`` is at most
-    ``d = W.shape[0]`` (the usual case: adapter ranks sum to less than the width), the draws
-    come from :func:`_wishart_null` at O(n^3) each; otherwise the rotated matrices are built.
+    Returns ``n_null x min(W.shape)`` values. ``ambient`` is the dimension of the space the
+    blocks live in (default ``W.shape[0]``). For the reduced core of a module (``rho`` rows)
+    that is the module's width ``d``, not ``rho``: the core's rows are the span of the pool
+    itself, and blocks rotated inside it align with one another far more than blocks
+    rotated in the space the adapters could have used, which made the null conservative
+    (rank 1 for pools that share 2 or 3 directions). When the blocks' total width ``n`` is at
+    most ``ambient`` (the usual case: adapter ranks sum to less than the width), the draws
+    come from :func:`_wishart_null` at O(n^3) each; otherwise the rotated ``ambient x n``
+    matrices are built.
     """
     d, n = W.shape
+    ambient = d if ambient is None else max(int(ambient), d)
     if n_null <= 0:
         return torch.empty(0, min(d, n), dtype=W.dtype, device=W.device)
-    if n <= d:
-        return _wishart_null(_block_spectra(W, offsets), d, n_null, generator, W)
-    return torch.stack([torch.linalg.svdvals(R) for R in rotated_draws(W, offsets, n_null, generator)])
+    if n <= ambient:
+        return _wishart_null(_block_spectra(W, offsets), ambient, n_null, generator, W)[:, : min(d, n)]
+    if d < ambient:  # zero rows stand for the directions of the space that W does not use
+        W = torch.nn.functional.pad(W, (0, 0, 0, ambient - d))
+    values = torch.stack([torch.linalg.svdvals(R) for R in rotated_draws(W, offsets, n_null, generator)])
+    return values[:, : min(d, n)]
+
+
+def carriers(W: torch.Tensor, offsets: tuple[int, ...], u: torch.Tensor) -> float:
+    """How many blocks carry direction ``u``: the participation ratio ``(sum e_k)^2 / sum e_k^2``
+    of the blocks' energies ``e_k = ||u^T W_k||^2`` (1 when one block holds it all, K when
+    all hold it equally)."""
+    e = block_norms((u @ W)[None, :], offsets).square()
+    total = float(e.sum())
+    return total * total / float(e.square().sum()) if total > 0 else 0.0
 
 
 def null_bound(null: torch.Tensor) -> torch.Tensor:
@@ -171,11 +197,21 @@ def null_bound(null: torch.Tensor) -> torch.Tensor:
     return null.mean(dim=0) + NULL_SDS * null.std(dim=0)
 
 
-def parallel_analysis_rank(spectrum: torch.Tensor, null: torch.Tensor, max_rank: int) -> int:
-    """Number of leading singular values above :func:`null_bound`."""
+def parallel_analysis_rank(
+    spectrum: torch.Tensor, null: torch.Tensor, max_rank: int, carried_by: Callable[[int], float] | None = None
+) -> int:
+    """Number of leading singular values above :func:`null_bound`.
+
+    ``carried_by(i)`` (:func:`carriers` of direction i): a direction that fewer than
+    ``MIN_CARRIERS`` adapters' worth of blocks carry is one adapter's own, never shared,
+    however the null falls (a single block's singular values do not change under rotation,
+    so the null cannot tell them from chance).
+    """
     bound = null_bound(null)
     r = 0
     while r < min(max_rank, spectrum.numel(), bound.numel()) and spectrum[r] > bound[r]:
+        if carried_by is not None and carried_by(r) < MIN_CARRIERS:
+            break
         r += 1
     return r
 
@@ -198,7 +234,11 @@ def _settled(spectrum: torch.Tensor, null: torch.Tensor, r: int) -> bool:
 
 
 def parallel_analysis(
-    spectrum: torch.Tensor, draw: Callable[[int], torch.Tensor], n_null: int, max_rank: int
+    spectrum: torch.Tensor,
+    draw: Callable[[int], torch.Tensor],
+    n_null: int,
+    max_rank: int,
+    carried_by: Callable[[int], float] | None = None,
 ) -> tuple[int, torch.Tensor]:
     """Horn's parallel analysis with sequential stopping.
 
@@ -216,7 +256,7 @@ def parallel_analysis(
         done = sum(p.shape[0] for p in parts)
         parts.append(draw(min(NULL_BATCH, n_null - done)))
         null = torch.cat(parts)
-        r = parallel_analysis_rank(spectrum, null, max_rank)
+        r = parallel_analysis_rank(spectrum, null, max_rank, carried_by)
         if null.shape[0] >= n_null or _settled(spectrum, null, r):
             return r, null
 
@@ -268,9 +308,10 @@ class ModuleDecomposer:
         if self.rank == "auto":
             r, self.null_spectrum_ = parallel_analysis(
                 spectrum,
-                lambda n: null_spectrum(Y, offsets, n, gen),
+                lambda n: null_spectrum(Y, offsets, n, gen, ambient=stack.Q.shape[0]),
                 self.n_null,
-                max_rank=max(1, spectrum.numel() - 1),
+                max_rank=spectrum.numel(),
+                carried_by=lambda i: carriers(Y, offsets, U_all[:, i]),
             )
         else:
             if int(self.rank) < 1:

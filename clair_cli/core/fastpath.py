@@ -34,6 +34,7 @@ from typing import Literal
 import torch
 
 from clair_cli.core.decompose import (
+    carriers,
     normalise_blocks,
     null_spectrum,
     parallel_analysis,
@@ -121,12 +122,16 @@ class FastDecomposer:
         ids = block_ids(offsets, W.device)
         gen = torch.Generator().manual_seed(self.random_state)
         probe = min(PROBE, *W.shape)
-        _U, spectrum = top_singular(W, probe, gen)
+        U_probe, spectrum = top_singular(W, probe, gen)
         self.spectrum_ = spectrum
         self.null_spectrum_: torch.Tensor | None = None
         if self.rank == "auto":
             r, self.null_spectrum_ = parallel_analysis(
-                spectrum, lambda n: null_top(W, offsets, n, probe, gen), self.n_null, max_rank=probe - 1
+                spectrum,
+                lambda n: null_top(W, offsets, n, probe, gen),
+                self.n_null,
+                max_rank=probe - 1,
+                carried_by=lambda i: carriers(W, offsets, U_probe[:, i]),
             )
         else:
             if int(self.rank) < 1:

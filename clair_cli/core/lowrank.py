@@ -30,13 +30,32 @@ def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> tup
     return root[:, None] * vh[:rank], u[:, :rank] * root, rel
 
 
-def truncate_factored(A: torch.Tensor, B: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+def rank_for_tolerance(s: torch.Tensor, tol: float) -> int:
+    """Smallest rank ``t`` whose truncation error ``sqrt(sum_{i>=t} s_i^2) / sqrt(sum s_i^2)``
+    is at most ``tol``, for singular values ``s`` in descending order (at least 1)."""
+    if not 0 <= tol < 1:
+        raise ValueError(f"tolerance must be in [0, 1), got {tol}")
+    energy = s.double().square()
+    total = float(energy.sum())
+    if total <= 0:
+        return 1
+    # tail[t] = energy left out when t values are kept.
+    tail = (total - torch.cumsum(energy, 0)).clamp_min(0)
+    ok = (tail <= (tol * tol) * total).nonzero()
+    return max(int(ok[0]) + 1 if ok.numel() else s.numel(), 1)
+
+
+def truncate_factored(
+    A: torch.Tensor, B: torch.Tensor, rank: int | None, tol: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-``rank`` factors of ``B @ A``; returns ``(A', B', relative_error)``.
 
     Args:
         A: ``n x d_in``.
         B: ``d_out x n``.
-        rank: target rank; ``None`` keeps the numerical rank of the product.
+        rank: target rank; ``None`` chooses it from ``tol``.
+        tol: with ``rank=None``, the smallest rank whose relative Frobenius error is at most
+            ``tol`` (:func:`rank_for_tolerance`); ``None`` keeps the numerical rank of the product.
     """
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be positive, got {rank}")
@@ -44,8 +63,9 @@ def truncate_factored(A: torch.Tensor, B: torch.Tensor, rank: int | None) -> tup
     qa, ra = torch.linalg.qr(A.T, mode="reduced")
     u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
     if rank is None:
-        tol = torch.finfo(s.dtype).eps * max(s.numel(), 1) * (float(s[0]) if s.numel() else 0.0)
-        rank = max(int((s > tol).sum()), 1)
+        eps = torch.finfo(s.dtype).eps * max(s.numel(), 1) * (float(s[0]) if s.numel() else 0.0)
+        numerical = max(int((s > eps).sum()), 1)
+        rank = numerical if tol is None else min(rank_for_tolerance(s, tol), numerical)
     rank = min(rank, s.numel())
     a, b, rel = _split(u, s, vh, rank)
     return a @ qa.T, qb @ b, rel

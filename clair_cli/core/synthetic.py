@@ -25,6 +25,7 @@ def make_module(
     kind: str = "random",
     dtype: torch.dtype = torch.float64,
     spread: float | None = None,
+    strengths: tuple[float, ...] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float], torch.Tensor]:
     """One module: (A, B, scales, U). ``bad`` adapters get random directions.
 
@@ -32,9 +33,15 @@ def make_module(
     ``span(U)`` (no consensus); a number gives them a common update plus a deviation of
     ``spread`` times its size (``A_k = A_0 + spread E_k``, ``B_k = U (Gamma_0 + spread F_k)``),
     so small values model clients that agree and large ones honest heterogeneity.
+    ``strengths`` (one per shared direction) scales the benign coefficients along each
+    direction of ``U``: unequal directions, as trained pools have.
     """
     g = torch.Generator().manual_seed(seed)
     U = torch.linalg.qr(torch.randn(d_out, r, generator=g, dtype=torch.float64))[0]
+    if strengths is not None:
+        if len(strengths) != r:
+            raise ValueError(f"strengths needs {r} values, got {len(strengths)}")
+        U = U * torch.tensor(strengths, dtype=torch.float64)  # column scales; span unchanged
     ranks = ranks or [4] * K
     if spread is not None:  # drawn only here, so pools without a consensus are unchanged
         a0 = torch.randn(max(ranks), d_in, generator=g, dtype=torch.float64) / math.sqrt(d_in)
@@ -55,7 +62,7 @@ def make_module(
         A.append(a.to(dtype))
         B.append(b.to(dtype))
         s.append(0.5 + (k % 3))  # mixed scales (alphas)
-    return A, B, s, U
+    return A, B, s, U if strengths is None else torch.linalg.qr(U)[0]
 
 
 def make_pool(

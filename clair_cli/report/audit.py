@@ -69,7 +69,7 @@ def reason_text(reason: dict[str, Any], names: list[str], n_modules: int) -> str
             f"update norm {ratio:.0f}x the pool median" if ratio >= 10 else f"update norm {ratio:.1f}x the pool median"
         )
     if kind == "duplicate":
-        return "identical to " + ", ".join(names[j] for j in reason["of"])
+        return "identical to " + ", ".join(sorted(names[j] for j in reason["of"]))
     if kind == "in_subspace":
         where = summarise_modules(reason["modules"], n_modules)
         return (
@@ -94,7 +94,7 @@ def audit_report(outcome: AuditOutcome, command: str = "audit") -> dict[str, Any
         ]
         for why in reasons:
             if why["kind"] == "duplicate":
-                why["of"] = [names[j] for j in why["of"]]
+                why["of"] = sorted(names[j] for j in why["of"])
         adapters.append(
             {
                 "name": a.name,
@@ -138,7 +138,8 @@ def audit_report(outcome: AuditOutcome, command: str = "audit") -> dict[str, Any
         "adapters": adapters,
         "collaborative_set": [names[k] for k in aud.collaborative_set_],
         "flagged": [names[k] for k, f in enumerate(aud.flagged_) if f],
-        "duplicate_groups": [[names[k] for k in g] for g in aud.duplicate_groups_],
+        # Sorted by name, so that the order of the sources does not show.
+        "duplicate_groups": sorted(sorted(names[k] for k in g) for g in aud.duplicate_groups_),
         "converged": aud.converged_,
         "timing_s": {k: round(v, 3) for k, v in outcome.timing.items()},
     }

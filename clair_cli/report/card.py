@@ -7,8 +7,12 @@ from typing import Any
 from clair_cli import __version__
 
 METHOD_TEXT = {
-    "clair": "CLAIR merge: the collaborators' updates projected onto their shared low-rank subspace "
-    "and averaged (Theta_bar = sum_k w_k U U^T Theta_k), written at the shared rank with scale 1.",
+    "clair": "CLAIR merge: the adapters the CLAIR audit did not flag (the collaborative set) are merged "
+    "by their exact weighted mean, Theta_bar = sum_k w_k s_k B_k A_k, written with scale 1 at the "
+    "smallest rank within the stated relative error.",
+    "clair-project": "CLAIR projected merge: the collaborators' weighted mean projected onto their shared "
+    "subspace (Theta_bar = U U^T sum_k w_k Theta_k), with the projection's rank chosen per module by "
+    "cross-validation across the collaborators (or fixed by --project-rank); scale 1.",
     "mean": "Exact weighted mean of the updates, sum_k w_k s_k B_k A_k, as a concatenated LoRA.",
     "fedavg": "Federated averaging of the factors, (sum_k w_k s_k B_k)(sum_k w_k A_k).",
     "median": "Coordinate-wise median of the updates, truncated back to LoRA rank by SVD.",
@@ -19,6 +23,29 @@ METHOD_TEXT = {
     "refine": "CLAIR refinement: this adapter's update projected onto the shared subspace of the "
     "collaborative adapters (B~ = U U^T B); rank, alpha and config unchanged.",
 }
+
+
+def _merge_lines(merge: dict[str, Any]) -> list[str]:
+    opts = merge["options"]
+    ranks = sorted(set(merge["rank"].values()))
+    rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]} (per module)"
+    how = "fixed by --merge-rank" if opts["rank"] is not None else f"smallest within --merge-tol {opts['tol']:g}"
+    lines = [
+        "## Merge parameters",
+        "",
+        f"- rank of the written LoRA: {rank_text} ({how})",
+        f"- largest relative Frobenius error of writing it at that rank: {merge['max_relative_error']:.2e}",
+        "- weights: " + ("equal" if merge["weights"] is None else ", ".join(f"{w:g}" for w in merge["weights"])),
+    ]
+    if opts["project"]:
+        q = [r for r in merge.get("projection_rank", {}).values() if r is not None]
+        fixed = opts["project_rank"]
+        how = f"fixed at {fixed}" if fixed is not None else "cross-validated per module"
+        span = f"{min(q)}-{max(q)}" if q else "none (the mean was kept everywhere)"
+        lines.append(f"- projection rank: {span}, {how}")
+    if opts["rescale"] != "none":
+        lines.append(f"- rescaled by {merge['scale']:g} ({opts['rescale']})")
+    return [*lines, ""]
 
 
 def _front_matter(base_model: str | None, tags: list[str]) -> list[str]:
@@ -37,6 +64,7 @@ def model_card(
     command: str,
     summary: str | None,
     notes: list[str],
+    merge: dict[str, Any] | None = None,
 ) -> str:
     """A model card.
 
@@ -48,10 +76,14 @@ def model_card(
         command: the command line that made it.
         summary: the audit's summary line, if an audit ran.
         notes: extra lines.
+        merge: the merge parameters (``MergedAdapter.summary()``), for a merged adapter.
     """
     lines = _front_matter(base_model, ["lora", "clair", "merge" if method != "refine" else "refined"])
     lines += [f"# {title}", "", f"Made by clair {__version__}.", "", "```", command, "```", ""]
-    lines += ["## Method", "", METHOD_TEXT.get(method, method), ""]
+    key = "clair-project" if method == "clair" and merge and merge["options"]["project"] else method
+    lines += ["## Method", "", METHOD_TEXT.get(key, method), ""]
+    if merge:
+        lines += _merge_lines(merge)
     if summary:
         lines += ["## Audit", "", summary + ".", ""]
     lines += [

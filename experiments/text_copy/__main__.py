@@ -38,7 +38,9 @@ CONTAMINATION_SWEEP = (0, 4, 8)
 HETEROGENEITY = 10.0  # Dirichlet concentration of the clients' symbol frequencies
 TEST_STRINGS = 256
 PRETRAIN_STEPS = 3000
-FIXED_RANKS = (4, 8, 16)  # main pool only: clair at a fixed rank instead of the audited one
+FIXED_RANKS = (4, 8, 16)  # main pool only: clair's projection at a fixed rank (--project-rank N)
+FIELDS = ("symbol", "sequence", "backdoor")
+ORACLE = "oracle mean (benign only)"
 
 
 @dataclass
@@ -109,36 +111,73 @@ def benign_spectra(clients: list[Client]) -> dict[str, list[float]]:
     return out
 
 
-def markdown(results: dict) -> str:
-    main = results["scenarios"]["main"]
+def _spread(values: list[float]) -> str:
+    """Mean over seeds, with the range when there is more than one seed."""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
+def _summed(runs: list[dict], key: str, field: str) -> list[int]:
+    pairs = [run["scenarios"][key][field] for run in runs]
+    return [sum(p[0] for p in pairs), sum(p[1] for p in pairs)]
+
+
+SWEEP_COLUMNS = ("local", "mean", "multi-krum", "clair-merged", "clair-merged --project", "clair-refined")
+
+
+def markdown(runs: list[dict]) -> str:
+    """The tables: mean over the training seeds, [min, max] across them."""
+    seeds = [run["seed"] for run in runs]
+    main = runs[0]["scenarios"]["main"]
+    over = f"{len(seeds)} training seeds ({', '.join(map(str, seeds))})" if len(seeds) > 1 else f"seed {seeds[0]}"
     lines = [
-        f"Benign-client held-out accuracy, {main['setup']}; mean over the {N_BENIGN} benign clients.",
+        f"Benign-client held-out accuracy, {main['setup']}; mean over the {N_BENIGN} benign clients, "
+        f"then over {over}: mean [min, max].",
         "",
         "| method | symbol accuracy | strings copied exactly | backdoor success |",
         "|---|---:|---:|---:|",
     ]
-    for method, s in main["methods"].items():
-        lines.append(f"| {method} | {s['symbol']:.3f} | {s['sequence']:.3f} | {s['backdoor']:.3f} |")
+    for method in main["methods"]:
+        cells = [_spread([run["scenarios"]["main"]["methods"][method][f] for run in runs]) for f in FIELDS]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    caught = _summed(runs, "main", "caught")
+    benign = _summed(runs, "main", "benign_flagged")
     lines += [
         "",
-        f"clair detection: flagged {', '.join(main['flagged']) or 'none'}; "
-        f"contaminated caught {_ratio(main['caught'])}, benign flagged {_ratio(main['benign_flagged'])}; "
-        f"audited shared ranks per module: {', '.join(str(r) for r in main['shared_rank'].values())}.",
+        f"clair detection over the seeds: contaminated caught {_ratio(caught)}, benign flagged {_ratio(benign)}; "
+        f"flagged per seed: {'; '.join(', '.join(run['scenarios']['main']['flagged']) or 'none' for run in runs)}.",
         "",
-        "Sweeps (symbol accuracy; clair's detection):",
+        "Differences from the plain mean and the oracle (benign-only mean), symbol accuracy, per seed:",
         "",
-        "| pool | local | mean | fedavg | multi-krum | clair-merged | clair-refined | oracle "
-        "| caught | benign flagged |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| pool | clair-merged - mean | clair-merged - oracle | clair-merged --project - mean |",
+        "|---|---|---|---|",
     ]
-    for sc in results["scenarios"].values():
-        m = sc["methods"]
-        cells = [m[k]["symbol"] for k in ("local", "mean", "fedavg", "multi-krum", "clair-merged", "clair-refined")]
-        cells.append(m["oracle mean (benign only)"]["symbol"])
+    for key, sc in runs[0]["scenarios"].items():
+        diffs = []
+        for a, b in (("clair-merged", "mean"), ("clair-merged", ORACLE), ("clair-merged --project", "mean")):
+            d = [
+                run["scenarios"][key]["methods"][a]["symbol"] - run["scenarios"][key]["methods"][b]["symbol"]
+                for run in runs
+            ]
+            diffs.append(", ".join(f"{x:+.3f}" for x in d))
+        lines.append(f"| {sc['setup']} | " + " | ".join(diffs) + " |")
+    lines += [
+        "",
+        "Sweeps (symbol accuracy, mean [min, max] over the seeds; clair's detection summed over the seeds):",
+        "",
+        "| pool | " + " | ".join(SWEEP_COLUMNS) + " | oracle | caught | benign flagged |",
+        "|---|" + "---:|" * (len(SWEEP_COLUMNS) + 3),
+    ]
+    for key, sc in runs[0]["scenarios"].items():
+        cells = [
+            _spread([run["scenarios"][key]["methods"][m]["symbol"] for run in runs]) for m in (*SWEEP_COLUMNS, ORACLE)
+        ]
         lines.append(
             f"| {sc['setup']} | "
-            + " | ".join(f"{x:.3f}" for x in cells)
-            + f" | {_ratio(sc['caught'])} | {_ratio(sc['benign_flagged'])} |"
+            + " | ".join(cells)
+            + f" | {_ratio(_summed(runs, key, 'caught'))} | {_ratio(_summed(runs, key, 'benign_flagged'))} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -190,38 +229,30 @@ def write_samples(base_dir: Path, clients: list[Client], target: Path, setup: st
     shutil.rmtree(old, ignore_errors=True)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.text_copy", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("experiments/text_copy/results"))
-    parser.add_argument("--samples", type=Path, default=None, help="write the main pool here (sample_adapters)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(2)
-    torch.use_deterministic_algorithms(True)
-    warnings.filterwarnings("ignore")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+def run_seed(seed: int, samples: Path | None) -> dict:
+    """One training seed: pretrain, train every pool, score every method; with ``samples``,
+    write the main pool there."""
     start = time.perf_counter()
     setup = train.LoraSetup()
-    language = task.Language.make(args.seed)
+    language = task.Language.make(seed)
     with tempfile.TemporaryDirectory(prefix="clair-text-copy-") as work_dir:
         work = Path(work_dir)
-        base = train.pretrain(language, PRETRAIN_STEPS, args.seed)
+        base = train.pretrain(language, PRETRAIN_STEPS, seed)
         train.save_base(base, work / "base_model", "Tiny GPT-2 pretrained by experiments/text_copy (not on copying).")
-        log(f"pretrained the base model ({time.perf_counter() - start:.0f} s)")
+        log(f"seed {seed}: pretrained the base model ({time.perf_counter() - start:.0f} s)")
         base = train.load_base(work / "base_model")
-        trainer = train.ClientTrainer(base, setup, args.seed, BASE_NAME)
+        trainer = train.ClientTrainer(base, setup, seed, BASE_NAME)
         pools: dict[str, tuple[str, list[Client]]] = {}
         for n in DATA_SWEEP:
             kinds = ["benign"] * N_BENIGN + list(task.CONTAMINATIONS)
-            clients = train_clients(trainer, kinds, n, args.seed + n, work / f"n{n}")
+            clients = train_clients(trainer, kinds, n, seed + n, work / f"n{n}")
             pools[f"n{n}"] = (f"{n} strings per client, 4 of 16 contaminated", clients)
-            log(f"trained {len(clients)} clients on {n} strings each ({time.perf_counter() - start:.0f} s)")
+            log(
+                f"seed {seed}: trained {len(clients)} clients on {n} strings each ({time.perf_counter() - start:.0f} s)"
+            )
         main_clients = pools[f"n{MAIN_DATA}"][1]
         extra = train_clients(
-            trainer, list(task.CONTAMINATIONS), MAIN_DATA, args.seed + 1000, work / "extra", start=len(main_clients) + 1
+            trainer, list(task.CONTAMINATIONS), MAIN_DATA, seed + 1000, work / "extra", start=len(main_clients) + 1
         )
         benign = [c for c in main_clients if c.kind == "benign"]
         for c in CONTAMINATION_SWEEP:
@@ -236,23 +267,44 @@ def main(argv: list[str] | None = None) -> int:
             label, clients = pools[f"n{MAIN_DATA}"] if key == "main" else pools[key]
             ranks = FIXED_RANKS if key == "main" else ()
             scenarios[key] = {"setup": label, **score_pool(evaluator, clients, ranks)}
-            log(f"scored {key}: {label} ({time.perf_counter() - start:.0f} s)")
-        spectra = benign_spectra(main_clients)
-        results = {
-            "experiment": "text copying, LoRA clients of a tiny GPT-2",
-            "seed": args.seed,
+            log(f"seed {seed}: scored {key}: {label} ({time.perf_counter() - start:.0f} s)")
+        result = {
+            "seed": seed,
             "lora": asdict(setup),
-            "clients": {"benign": N_BENIGN, "contaminated_kinds": list(task.CONTAMINATIONS)},
             "scenarios": scenarios,
-            "benign_spectra": spectra,
+            "benign_spectra": benign_spectra(main_clients),
         }
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        (args.out / "results.md").write_text(markdown(results))
-        plot_spectra(spectra, args.out / "spectrum.png")
-        if args.samples is not None:
-            write_samples(work / "base_model", main_clients, args.samples, pools[f"n{MAIN_DATA}"][0])
-    print(markdown(results))
+        if samples is not None:
+            write_samples(work / "base_model", main_clients, samples, pools[f"n{MAIN_DATA}"][0])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.text_copy", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("experiments/text_copy/results"))
+    parser.add_argument("--samples", type=Path, default=None, help="write the first seed's main pool here")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    torch.use_deterministic_algorithms(True)
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    start = time.perf_counter()
+    runs = [run_seed(seed, args.samples if i == 0 else None) for i, seed in enumerate(args.seeds)]
+    results = {
+        "experiment": "text copying, LoRA clients of a tiny GPT-2",
+        "seeds": args.seeds,
+        "clients": {"benign": N_BENIGN, "contaminated_kinds": list(task.CONTAMINATIONS)},
+        "runs": runs,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "results.md").write_text(markdown(runs))
+    plot_spectra(runs[0]["benign_spectra"], args.out / "spectrum.png")
+    print(markdown(runs))
     log(f"wrote {args.out}{' and ' + str(args.samples) if args.samples else ''} ({time.perf_counter() - start:.0f} s)")
     return 0
 

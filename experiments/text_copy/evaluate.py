@@ -122,7 +122,8 @@ def pool_methods(
     fixed_ranks: Sequence[int] = (),
 ) -> PoolResult:
     """Every row of the table for one pool: local, clair's baselines, PEFT's merges, clair
-    (audited rank, then each of ``fixed_ranks`` as ``--rank N``) and the benign-only oracle.
+    (the default merge, ``--project``, ``--rescale norm``, refined; then each of ``fixed_ranks``
+    as ``--project-rank N``) and the benign-only oracle.
 
     A benign client that clair flags gets no refined adapter from clair; it is scored with
     its local one, and a note says so.
@@ -145,10 +146,19 @@ def pool_methods(
         result.methods[method] = same_for_all(_merged_deltas(pipeline.merge(pool, method, settings)))
     for method, deltas in peft_methods(base, directories).items():
         result.methods[method] = same_for_all(deltas)
+    variants = {
+        "clair-merged": pipeline.MergeOptions(),
+        "clair-merged --project": pipeline.MergeOptions(project=True),
+        "clair-merged --rescale norm": pipeline.MergeOptions(rescale="norm"),
+    }
+    variants.update(
+        {f"clair-merged --project-rank {r}": pipeline.MergeOptions(project_rank=r, project=True) for r in fixed_ranks}
+    )
+    for label, options in variants.items():
+        merged = pipeline.merge(pool, "clair", settings, options=options, outcome=outcome)
+        result.methods[label] = same_for_all(_merged_deltas(merged))
     for r in (None, *fixed_ranks):
-        suffix = "" if r is None else f" --rank {r}"
-        merged = pipeline.merge(pool, "clair", settings, rank=r, outcome=outcome)
-        result.methods["clair-merged" + suffix] = same_for_all(_merged_deltas(merged))
+        suffix = "" if r is None else f" --project-rank {r}"
         bases = pipeline.refined_bases(pool, outcome, rank=r)
         result.methods["clair-refined" + suffix] = {
             name: local[name]
