@@ -37,7 +37,7 @@ Rank = Annotated[
     str,
     typer.Option(
         "--rank",
-        help="Detection rank of the shared subspace: 'auto' (deflated parallel analysis) or a number. "
+        help="Detection rank of the shared subspace: 'auto' (parallel analysis) or a number. "
         "Sets the audit only, never the rank of merged or refined adapters.",
         metavar="N|auto",
     ),
