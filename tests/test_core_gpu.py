@@ -31,3 +31,15 @@ def test_cuda_baselines_match_cpu(name) -> None:
     gpu = baselines.get(name)([a.cuda() for a in A], [b.cuda() for b in B], s)
     assert gpu.A.is_cuda and gpu.B.is_cuda
     torch.testing.assert_close((gpu.B @ gpu.A).cpu(), cpu.B @ cpu.A, atol=1e-9, rtol=1e-7)
+
+
+def test_cuda_projection_rank_and_tolerance_merge_match_cpu() -> None:
+    from clair_cli.core.projection import folds_for, projection_rank
+
+    A, B, s, _ = make_module(K=9, r=2, noise=1.0, d_out=32, d_in=20, seed=4)
+    cpu = projection_rank(A, B, s, folds_for(list(range(9))))
+    gpu = projection_rank([a.cuda() for a in A], [b.cuda() for b in B], s, folds_for(list(range(9))))
+    assert gpu.rank == cpu.rank
+    assert gpu.errors == pytest.approx(cpu.errors, rel=1e-9)
+    merged = baselines.mean([a.cuda() for a in A], [b.cuda() for b in B], s, tol=1e-3)
+    assert merged.rank == baselines.mean(A, B, s, tol=1e-3).rank

@@ -91,12 +91,12 @@ def projection_rank(
     K = len(A)
     if K < 2:
         raise ValueError("cross-validation needs at least two adapters")
-    w = torch.tensor(check_weights(weights, K), dtype=torch.float64)
     A, B = _oriented(A, B, side)
-    dtype = torch.float64
+    dtype, device = torch.float64, A[0].device
+    w = torch.tensor(check_weights(weights, K), dtype=dtype, device=device)
     A = [a.to(dtype) for a in A]
     B = [b.to(dtype) for b in B]
-    s = torch.tensor([float(x) for x in scales], dtype=dtype)
+    s = torch.tensor([float(x) for x in scales], dtype=dtype, device=device)
     offsets = [0]
     for a in A:
         offsets.append(offsets[-1] + a.shape[0])
@@ -106,7 +106,7 @@ def projection_rank(
     G = gram(A, B, scales, GA, Bcat.T @ Bcat)
     col_scale = torch.cat([s[k].expand(a.shape[0]) for k, a in enumerate(A)])
     q_max = min(max_rank, min(Bcat.shape), min(Acat.shape))
-    errors = torch.zeros(q_max, dtype=dtype)
+    errors = torch.zeros(q_max, dtype=dtype, device=device)
     unprojected = 0.0
     total = 0.0
     for held in folds:
@@ -115,11 +115,11 @@ def projection_rank(
         if not train or not held:
             raise ValueError("each fold must hold out some adapters and keep some")
         wt = w[train] / w[train].sum()
-        wh = w[held] / w[held].sum() if float(w[held].sum()) > 0 else torch.full((len(held),), 1 / len(held))
+        wh = w[held] / w[held].sum() if float(w[held].sum()) > 0 else torch.full_like(w[held], 1 / len(held))
         q = min(q_max, sum(A[k].shape[0] for k in train))
         U = shared_basis([A[k] for k in train], [B[k] for k in train], [float(s[k]) for k in train], q, "out")
         C = (U.to(dtype).T @ Bcat) * col_scale  # q x R: U^T s_k B_k, block by block
-        coef = torch.zeros(len(A), dtype=dtype)
+        coef = torch.zeros(len(A), dtype=dtype, device=device)
         coef[train] = wt
         col_coef = torch.cat([coef[k].expand(a.shape[0]) for k, a in enumerate(A)])
         X = C * col_coef  # U^T m = X @ Acat
@@ -137,8 +137,8 @@ def projection_rank(
             unprojected += float(wh[j]) * (m_norm - 2 * float(wt @ G[train, k]) + t_sq)
             total += float(wh[j]) * t_sq
     scale = total if total > 0 else 1.0
-    errors = errors / scale
+    relative = (errors / scale).cpu()
     unprojected /= scale
-    best = int(torch.argmin(errors))
-    rank = best + 1 if float(errors[best]) < unprojected else None
-    return ProjectionChoice(rank, errors.tolist(), unprojected)
+    best = int(torch.argmin(relative))
+    rank = best + 1 if float(relative[best]) < unprojected else None
+    return ProjectionChoice(rank, relative.tolist(), unprojected)
