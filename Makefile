@@ -11,7 +11,7 @@ BIN       := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 STAMP     := $(VENV)/.clair-installed
 
-.PHONY: install demo test lint experiment bench clean
+.PHONY: install demo test lint experiment bench merge-quality clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ experiment: install
 # decomposition and PEFT's merges, and writes benchmarks/results/ (about 25 min on 2 cores).
 bench: install
 	$(BIN)/python -m benchmarks.perf $(BENCH_ARGS)
+
+# Merge quality on trained pools of two other tasks, 3 seeds (not part of make test): pools
+# generated once into $$TMPDIR/clair-trained-pools (about 4 min), then every merge method run
+# through the CLI and scored (about 10 min on 2 cores); writes benchmarks/results/merge_quality.json.
+merge-quality: install
+	$(BIN)/python -m benchmarks.merge_quality
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis
