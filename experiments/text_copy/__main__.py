@@ -279,11 +279,52 @@ def run_seed(seed: int, samples: Path | None) -> dict:
     return result
 
 
+def score_samples(directory: Path, seed: int = 0) -> dict:
+    """Every method on an existing pool written by this experiment (``sample_adapters/``).
+
+    Training differs in its last bits between CPUs, and that grows into different adapters,
+    so a re-run on another machine does not reproduce the committed pool; its data does (the
+    generators are torch's, deterministic everywhere). This rebuilds each benign client's
+    held-out strings exactly as :func:`train_clients` drew them for the main pool of ``seed``
+    and scores the pool's own adapters against its own base model.
+    """
+    manifest = json.loads((directory / "MANIFEST.json").read_text())
+    g = torch.Generator().manual_seed(seed + MAIN_DATA)
+    clients = []
+    for name, info in manifest["adapters"].items():
+        freq = task.client_frequencies(HETEROGENEITY, g)
+        task.client_dataset(info["kind"], freq, MAIN_DATA, g)  # the training strings: drawn, not used
+        test = task.client_dataset("benign", freq, TEST_STRINGS, g) if info["kind"] == "benign" else None
+        clients.append(Client(name, info["kind"], directory / name, test))
+    evaluator = evaluate.Evaluator(train.load_base(directory / manifest["base_model_dir"]))
+    return {"setup": f"{directory.name}: {manifest['setup']}", **score_pool(evaluator, clients, FIXED_RANKS)}
+
+
+def samples_markdown(result: dict) -> str:
+    lines = [
+        f"Benign-client held-out accuracy on the committed pool ({result['setup']}); "
+        f"clair flagged {', '.join(result['flagged']) or 'none'} (contaminated caught "
+        f"{_ratio(result['caught'])}, benign flagged {_ratio(result['benign_flagged'])}).",
+        "",
+        "| method | symbol accuracy | strings copied exactly | backdoor success |",
+        "|---|---:|---:|---:|",
+    ]
+    for method, sc in result["methods"].items():
+        lines.append(f"| {method} | " + " | ".join(f"{sc[f]:.3f}" for f in FIELDS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.text_copy", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("experiments/text_copy/results"))
     parser.add_argument("--samples", type=Path, default=None, help="write the first seed's main pool here")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    parser.add_argument(
+        "--score-samples",
+        type=Path,
+        default=None,
+        help="only score the methods on this existing pool (sample_adapters)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     torch.use_deterministic_algorithms(True)
@@ -293,6 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     start = time.perf_counter()
+    if args.score_samples is not None:
+        result = score_samples(args.score_samples)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "samples.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "samples.md").write_text(samples_markdown(result))
+        print(samples_markdown(result))
+        log(f"wrote {args.out}/samples.* ({time.perf_counter() - start:.0f} s)")
+        return 0
     runs = [run_seed(seed, args.samples if i == 0 else None) for i, seed in enumerate(args.seeds)]
     results = {
         "experiment": "text copying, LoRA clients of a tiny GPT-2",
