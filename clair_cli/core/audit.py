@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from clair_cli.core.decompose import Method, ModuleDecomposer, null_bound
-from clair_cli.core.fastpath import FastDecomposer, off_subspace_shares
+from clair_cli.core.fastpath import FastDecomposer, off_subspace_shares, shared_basis
 from clair_cli.core.insubspace import in_subspace_gram, unit_centre_distances
 from clair_cli.core.order import content_order, inverse
 from clair_cli.core.pairwise import cosine_from_gram, factor_grams, gram
@@ -87,6 +87,7 @@ class ModuleResult:
     solver: str = "convex"
     null_draws: int = 0
     in_subspace: torch.Tensor | None = None
+    held_out: torch.Tensor | None = None
 
 
 class ClairAuditor:
@@ -148,6 +149,37 @@ class ClairAuditor:
         ).fit(stack)
         return dec
 
+    @staticmethod
+    def _held_out_shares(A, B, scales, fit_on: list[int], used, off: torch.Tensor, pos: dict[int, int]) -> torch.Tensor:
+        """Shares with every reference scored against the subspace of the *other* references.
+
+        A candidate never shapes the subspace it is scored against, but a reference does:
+        its in-sample share is smaller than a new honest adapter's would be, so thresholds
+        measured on in-sample shares flag honest candidates. Each reference's held-out share
+        (leading directions of the others' unit-norm updates, at the same rank) is scored the
+        way a candidate is. Candidates keep their shares. Needs three references or more.
+        """
+        out = off.clone()
+        if len(fit_on) < 3:
+            return out
+        for j in fit_on:
+            others = [i for i in fit_on if i != j]
+            shares = []
+            for d, side in used:
+                if not d.shared_structure_:
+                    continue
+                basis = shared_basis(
+                    [A[i] for i in others],
+                    [B[i] for i in others],
+                    [scales[i] for i in others],
+                    int(d.subspace_.shape[1]),
+                    side,
+                )
+                shares.append(off_subspace_shares([A[j]], [B[j]], [scales[j]], basis, side)[0])
+            if shares:
+                out[pos[j]] = torch.stack(shares).max()
+        return out
+
     def fit(self, modules: Iterable[ModuleInput], n_adapters: int, reference: list[int] | None = None) -> ClairAuditor:
         """Audit the pool, one module at a time.
 
@@ -207,11 +239,13 @@ class ClairAuditor:
             # With side="both", a side without shared structure carries no evidence.
             used = [(d, s) for d, s in zip(decs, sides, strict=True) if d.shared_structure_] or [(decs[0], sides[0])]
             main = used[0][0]
+            held_out = None
             if reference is not None:
                 # Score every adapter against the reference subspace.
                 kA, kB, ks = [A[j] for j in keep], [B[j] for j in keep], [mod.scales[j] for j in keep]
                 off = torch.stack([off_subspace_shares(kA, kB, ks, d.subspace_, s) for d, s in used]).max(0).values
                 residual = off
+                held_out = self._held_out_shares(A, B, mod.scales, fit_on, used, off, pos)
             else:
                 off = torch.stack([d.off_subspace_ for d, _ in used]).max(dim=0).values
                 residual = torch.stack([d.residual_ for d, _ in used]).max(dim=0).values
@@ -241,6 +275,7 @@ class ClairAuditor:
                     solver="fast" if isinstance(main, FastDecomposer) else "convex",
                     null_draws=0 if null is None else int(null.shape[0]),
                     in_subspace=None if distances is None else distances[back],
+                    held_out=None if held_out is None else held_out.double().cpu()[expand][back],
                 )
             )
         if not results:
@@ -259,6 +294,7 @@ class ClairAuditor:
             self.threshold,
             reference,
             in_subspace={r.name: r.in_subspace for r in results},
+            held_out={r.name: r.held_out for r in results if r.held_out is not None} or None,
         )
         self.shared_rank_ = {r.name: r.rank for r in results}
         self.shared_structure_ = any(r.shared_structure for r in results)

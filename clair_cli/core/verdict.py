@@ -135,6 +135,7 @@ def decide(
     threshold: float | None = None,
     reference: list[int] | None = None,
     in_subspace: dict[str, torch.Tensor | None] | None = None,
+    held_out: dict[str, torch.Tensor] | None = None,
 ) -> list[AdapterVerdict]:
     """Combine the signals into one verdict per adapter.
 
@@ -150,10 +151,17 @@ def decide(
             norm centre come from them alone and only the other adapters can be flagged.
         in_subspace: per module, each member's distance from the geometric median of the
             in-subspace components (:mod:`clair_cli.core.insubspace`); None where not measured.
+        held_out: with ``reference``, per module, the shares with each reference scored
+            against the other references' subspace (as a candidate is scored); the
+            thresholds come from these instead of the references' in-sample shares.
     """
     trusted = set(reference or ())
     if reference is not None:
-        basis = {name: o[[p for p, k in enumerate(members[name]) if k in trusted]] for name, o in shares.items()}
+        calibration = held_out or shares
+        basis = {
+            name: calibration.get(name, o)[[p for p, k in enumerate(members[name]) if k in trusted]]
+            for name, o in shares.items()
+        }
         thresholds = module_thresholds({n: o for n, o in basis.items() if o.numel()}, threshold)
         for name in shares:
             thresholds.setdefault(name, threshold if threshold is not None else FLOOR)
