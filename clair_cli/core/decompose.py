@@ -59,10 +59,16 @@ SETTLE_SES = 3.0
 MIN_CARRIERS = 1.5
 
 
+def median(x: torch.Tensor) -> float:
+    """The sample median: the mean of the two middle values for an even count (torch's
+    ``median`` returns the lower one, which biases centres and MADs low on small pools)."""
+    return float(x.double().quantile(0.5)) if x.numel() else float("nan")
+
+
 def robust_center_scale(x: torch.Tensor) -> tuple[float, float]:
     """Median and MAD scaled to a Gaussian's standard deviation (1.4826 * MAD)."""
-    med = float(x.median())
-    return med, 1.4826 * float((x - med).abs().median())
+    med = median(x)
+    return med, 1.4826 * median((x - med).abs())
 
 
 def normalise_blocks(G: torch.Tensor, offsets: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
