@@ -272,7 +272,7 @@ def test_gate_thresholds_come_from_held_out_reference_shares() -> None:
     """With 6 trusted references from the sample pool, candidates are scored against a subspace
     they did not shape; so are the references that set the thresholds (each against the other
     five). In-sample reference shares flagged 9 of 12 honest candidates over the two splits;
-    held-out ones flag at most 4, and every contaminated candidate is still caught."""
+    held-out ones flag at most 1, and every contaminated candidate is still caught."""
     refs_a = [f"client_{k:02d}" for k in range(1, 7)]
     refs_b = [f"client_{k:02d}" for k in range(7, 13)]
     bad = [f"client_{k}" for k in range(13, 17)]
@@ -286,4 +286,4 @@ def test_gate_thresholds_come_from_held_out_reference_shares() -> None:
         flagged = set(json.loads(result.stdout)["flagged"])
         assert set(bad) <= flagged and not flagged & set(refs)
         honest_flags += len(flagged & set(cands))
-    assert honest_flags <= 4
+    assert honest_flags <= 1
