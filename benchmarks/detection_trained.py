@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import detectors, tasks, trained_pools
+from benchmarks import detectors, trained_pools
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -324,28 +324,22 @@ def tables(results: list[dict], task_names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def log_err(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.detection_trained", description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=len(trained_pools.DEFAULT_SEEDS), help="seeds 0..N-1")
-    parser.add_argument("--cache", type=Path, default=trained_pools.default_cache())
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/detection_trained.json"))
-    parser.add_argument("--tasks", default=",".join(tasks.TASKS), help="comma-separated task names")
-    parser.add_argument("--scenarios", default=",".join(trained_pools.SCENARIOS), help="comma-separated scenarios")
+    trained_pools.pool_arguments(parser, "benchmarks/results/detection_trained.json")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     task_names, scenarios = args.tasks.split(","), args.scenarios.split(",")
     seeds = list(range(args.seeds))
-    pools = [p.resolve() for p in trained_pools.generate(args.cache, seeds, task_names, scenarios, log_err)]
-    log_err(f"{len(pools)} pools ready ({time.perf_counter() - start:.0f} s)")
+    pools = [
+        p.resolve() for p in trained_pools.generate(args.cache, seeds, task_names, scenarios, trained_pools.log_err)
+    ]
+    trained_pools.log_err(f"{len(pools)} pools ready ({time.perf_counter() - start:.0f} s)")
     results = []
     for pool in pools:
         results.append(evaluate_pool(pool))
         r = results[-1]
-        log_err(
+        trained_pools.log_err(
             f"{pool.name}: clair flagged {len(r['detectors']['clair']['flagged'])} "
             f"({r['clair_benign_flags']} benign) ({time.perf_counter() - start:.0f} s)"
         )
@@ -385,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    log_err(f"wrote {args.out} ({time.perf_counter() - start:.0f} s)")
+    trained_pools.log_err(f"wrote {args.out} ({time.perf_counter() - start:.0f} s)")
     return 0
 
 

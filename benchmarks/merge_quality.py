@@ -351,17 +351,9 @@ def differences(runs: list[dict]) -> list[str]:
     return out
 
 
-def log_err(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.merge_quality", description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=len(trained_pools.DEFAULT_SEEDS), help="seeds 0..N-1")
-    parser.add_argument("--cache", type=Path, default=trained_pools.default_cache())
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/merge_quality.json"))
-    parser.add_argument("--tasks", default=",".join(tasks.TASKS), help="comma-separated task names")
-    parser.add_argument("--scenarios", default=",".join(trained_pools.SCENARIOS), help="comma-separated scenarios")
+    trained_pools.pool_arguments(parser, "benchmarks/results/merge_quality.json")
     parser.add_argument(
         "--clair-src",
         type=Path,
@@ -374,16 +366,18 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     task_names, scenarios = args.tasks.split(","), args.scenarios.split(",")
     seeds = list(range(args.seeds))
-    pools = [p.resolve() for p in trained_pools.generate(args.cache, seeds, task_names, scenarios, log_err)]
-    log_err(f"{len(pools)} pools ready ({time.perf_counter() - start:.0f} s)")
+    pools = [
+        p.resolve() for p in trained_pools.generate(args.cache, seeds, task_names, scenarios, trained_pools.log_err)
+    ]
+    trained_pools.log_err(f"{len(pools)} pools ready ({time.perf_counter() - start:.0f} s)")
     results = []
     for pool in pools:
         results.append(evaluate_pool(pool, clair_src))
         r = results[-1]
         clair_acc = r["rows"]["clair"].get("accuracy", "missing")
-        log_err(f"scored {pool.name}: clair {clair_acc} ({time.perf_counter() - start:.0f} s)")
+        trained_pools.log_err(f"scored {pool.name}: clair {clair_acc} ({time.perf_counter() - start:.0f} s)")
         for note in r["notes"]:
-            log_err(f"  note: {note}")
+            trained_pools.log_err(f"  note: {note}")
     text = tables(results)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -405,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         "pools": results,
     }
     args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    log_err(f"wrote {args.out} ({time.perf_counter() - start:.0f} s)")
+    trained_pools.log_err(f"wrote {args.out} ({time.perf_counter() - start:.0f} s)")
     return 0
 
 

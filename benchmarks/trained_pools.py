@@ -348,6 +348,15 @@ def log_err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def pool_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    """The options every benchmark on these pools takes (seeds, cache, output, tasks, scenarios)."""
+    parser.add_argument("--seeds", type=int, default=len(DEFAULT_SEEDS), help="seeds 0..N-1")
+    parser.add_argument("--cache", type=Path, default=default_cache())
+    parser.add_argument("--out", type=Path, default=Path(out))
+    parser.add_argument("--tasks", default=",".join(tasks.TASKS), help="comma-separated task names")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated scenarios")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.trained_pools", description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=len(DEFAULT_SEEDS), help="seeds 0..N-1")
