@@ -401,6 +401,7 @@ def merge(
             raise UsageError(f"--weights has {len(weights)} values for {len(pool.adapters)} adapters")
         w = [float(weights[k]) for k in used]
     side = _basis_side(settings.side)
+    slot = {k: i for i, k in enumerate(used)}
     results: dict[str, MergeResult] = {}
     unprojected = []
     sq_norms = None
@@ -411,7 +412,7 @@ def merge(
         if options.rescale != "none":
             g = gram(mod.A, mod.B, mod.scales).diagonal().double().cpu()
             part = torch.zeros(len(used), dtype=torch.float64)
-            part[[used.index(k) for k in mod.members]] = g
+            part[[slot[k] for k in mod.members]] = g
             sq_norms = part if sq_norms is None else sq_norms + part
         if method == "clair" and options.project:
             basis, q = projection_basis(mod, side, options.project_rank, mw)
