@@ -366,10 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     task_names, scenarios = args.tasks.split(","), args.scenarios.split(",")
     seeds = list(range(args.seeds))
-    pools = [
-        p.resolve() for p in trained_pools.generate(args.cache, seeds, task_names, scenarios, trained_pools.log_err)
-    ]
-    trained_pools.log_err(f"{len(pools)} pools ready ({time.perf_counter() - start:.0f} s)")
+    pools = trained_pools.pools_from_arguments(args)
     results = []
     for pool in pools:
         results.append(evaluate_pool(pool, clair_src))

@@ -357,6 +357,15 @@ def pool_arguments(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated scenarios")
 
 
+def pools_from_arguments(args: argparse.Namespace) -> list[Path]:
+    """The pools :func:`pool_arguments` name, generated into the cache where missing."""
+    start = time.perf_counter()
+    seeds = list(range(args.seeds))
+    pools = generate(args.cache, seeds, args.tasks.split(","), args.scenarios.split(","), log_err)
+    log_err(f"{len(pools)} pools ready ({time.perf_counter() - start:.0f} s)")
+    return [p.resolve() for p in pools]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.trained_pools", description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=len(DEFAULT_SEEDS), help="seeds 0..N-1")
