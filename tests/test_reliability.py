@@ -147,3 +147,30 @@ def test_read_only_location_is_refused_even_where_permissions_are_not_enforced(
     result = CliRunner().invoke(app, ["merge", str(SAMPLES), "--out", str(tmp_path / "merged")])
     assert result.exit_code == 2 and "permission denied" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_wrapped_by_an_import_is_still_an_interrupt(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A Ctrl-C landing in a class body during torch's import reaches us as
+    # "RuntimeError: Error calling __set_name__" caused by the KeyboardInterrupt (CI saw this).
+    import clair_cli.cli
+    from clair_cli.__main__ import run
+
+    def wrapped() -> None:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise RuntimeError("Error calling __set_name__") from exc
+
+    monkeypatch.setattr(clair_cli.cli, "main", wrapped)
+    with pytest.raises(SystemExit) as exit_info:
+        run()
+    assert exit_info.value.code == 130 and "Interrupted" in capsys.readouterr().err
+
+    def broken() -> None:
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setattr(clair_cli.cli, "main", broken)
+    with pytest.raises(RuntimeError, match="a real bug"):
+        run()
