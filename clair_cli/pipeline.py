@@ -224,7 +224,10 @@ def audit(
         solver=settings.solver,  # type: ignore[arg-type]
     )
     auditor.fit(
-        iter_modules(pool, dtype=dtype, device=settings.device, progress=progress), len(pool.adapters), reference
+        iter_modules(pool, dtype=dtype, device=settings.device, progress=progress),
+        len(pool.adapters),
+        reference,
+        names=pool.names,
     )
     return AuditOutcome(pool, settings, auditor, {"audit": time.perf_counter() - start}, reference)
 

@@ -64,7 +64,11 @@ def test_sign_flipped_updates_are_caught_where_clients_agree(seed: int) -> None:
     aud = ClairAuditor().fit(mods, 20)
     assert flagged(aud) == {5, 6}
     assert all(any(r["kind"] == "in_subspace" for r in aud.verdicts_[k].reasons) for k in (5, 6))
-    assert flagged(ClairAuditor(in_subspace=False).fit(mods, 20)) == set()  # rule 1 alone cannot see them
+    # Without the in-subspace rule, the direction rule (the whole update against the others'
+    # centre) sees them too; the off-subspace share alone could not.
+    alone = ClairAuditor(in_subspace=False).fit(mods, 20)
+    assert flagged(alone) == {5, 6}
+    assert all(any(r["kind"] == "direction" for r in alone.verdicts_[k].reasons) for k in (5, 6))
 
 
 @pytest.mark.parametrize("seed", range(4))

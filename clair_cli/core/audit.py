@@ -7,7 +7,9 @@ factors plus small per-module results) and learns:
 - ``module_results_``: per module, rank, spectrum, residual and off-subspace shares,
   subspace basis, solver iterations and convergence;
 - ``verdicts_``: per adapter, score, flag and reasons (see :mod:`clair_cli.core.verdict`);
-- ``shared_rank_``, ``collaborative_set_``, ``duplicate_groups_``, ``shared_structure_``.
+- ``shared_rank_``, ``collaborative_set_``, ``duplicate_groups_``, ``shared_structure_``;
+- ``groups_``: flagged adapters that agree with each other but not with the rest
+  (:func:`clair_cli.core.verdict.groups`).
 
 Within a module, adapters whose updates are identical up to rounding (cosine
 above 0.999) enter the decomposition once, so a group of copies cannot pose as
@@ -16,6 +18,7 @@ a shared subspace; the copies then receive their representative's scores.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -24,11 +27,11 @@ import torch
 
 from clair_cli.core.decompose import Method, ModuleDecomposer, null_bound
 from clair_cli.core.fastpath import FastDecomposer, off_subspace_shares, shared_basis
-from clair_cli.core.insubspace import in_subspace_gram, unit_centre_distances
-from clair_cli.core.order import content_order, inverse
+from clair_cli.core.insubspace import centre_cosines, direction_cosines, in_subspace_gram, unit_centre_distances
+from clair_cli.core.order import content_keys, content_order, inverse
 from clair_cli.core.pairwise import cosine_from_gram, factor_grams, gram
 from clair_cli.core.reduction import reduce_module
-from clair_cli.core.verdict import AdapterVerdict, decide, duplicate_groups
+from clair_cli.core.verdict import AdapterVerdict, decide, duplicate_groups, groups
 
 SideOption = Literal["out", "in", "both"]
 Solver = Literal["auto", "convex", "fast"]
@@ -88,6 +91,7 @@ class ModuleResult:
     null_draws: int = 0
     in_subspace: torch.Tensor | None = None
     held_out: torch.Tensor | None = None
+    direction: torch.Tensor | None = None
 
 
 class ClairAuditor:
@@ -180,7 +184,13 @@ class ClairAuditor:
                 out[pos[j]] = torch.stack(shares).max()
         return out
 
-    def fit(self, modules: Iterable[ModuleInput], n_adapters: int, reference: list[int] | None = None) -> ClairAuditor:
+    def fit(
+        self,
+        modules: Iterable[ModuleInput],
+        n_adapters: int,
+        reference: list[int] | None = None,
+        names: list[str] | None = None,
+    ) -> ClairAuditor:
         """Audit the pool, one module at a time.
 
         Args:
@@ -189,6 +199,10 @@ class ClairAuditor:
             reference: trusted adapters. When given (``clair gate``), each module's
                 subspace is estimated on them alone, every other adapter is scored
                 against it, and only those others can be flagged.
+            names: the adapters' names. In a group of identical adapters the one kept (judged
+                on its own signals; the others are flagged as copies) is a reference if
+                there is one, else the first by name (by index without names), so the
+                order of the sources does not matter.
         """
         if self.side not in ("out", "in", "both"):
             raise ValueError(f"side must be 'out', 'in' or 'both', got {self.side!r}")
@@ -196,11 +210,16 @@ class ClairAuditor:
             raise ValueError(f"solver must be 'auto', 'convex' or 'fast', got {self.solver!r}")
         K = n_adapters
         inner = torch.zeros(K, K, dtype=torch.float64)
+        unit = torch.zeros(K, K, dtype=torch.float64)  # sum over modules of the cosine matrices
+        digests = [hashlib.sha256() for _ in range(K)]  # per adapter, over its modules
         results: list[ModuleResult] = []
         for given in modules:
             # Work in a canonical order of the members; per-member results are put back
             # into the given order below, so the sources' order changes nothing.
-            order = content_order(given.A, given.B, given.scales)
+            keys = content_keys(given.A, given.B, given.scales)
+            for k, key in zip(given.members, keys, strict=True):
+                digests[k].update(key)
+            order = content_order(given.A, given.B, given.scales, keys)
             back = inverse(order)
             mod = ModuleInput(
                 given.name,
@@ -216,6 +235,7 @@ class ClairAuditor:
             G = gram(A, B, mod.scales, *grams).double().cpu()
             idx = torch.tensor(mod.members)
             inner[idx[:, None], idx[None, :]] += G
+            unit[idx[:, None], idx[None, :]] += cosine_from_gram(G)
             norms = G.diagonal().clamp_min(0).sqrt()
             # Representatives: later copies of an identical update map to the first.
             rep = list(range(len(A)))
@@ -258,6 +278,11 @@ class ClairAuditor:
                 centre_on[[j for j, c in zip(fit_on, main.collaborators_.tolist(), strict=True) if c]] = True
                 Gx = in_subspace_gram(A, B, mod.scales, main.subspace_, used[0][1], grams).double().cpu()
                 distances = unit_centre_distances(Gx, norms, centre_on)
+            # Each update's cosine with the module's centre (fitted on the representatives,
+            # or the references: each reference against the others).
+            module_centre = torch.zeros(len(A), dtype=torch.bool)
+            module_centre[fit_on] = True
+            direction = centre_cosines(cosine_from_gram(G), module_centre, fit_on if reference is not None else ())
             results.append(
                 ModuleResult(
                     name=mod.name,
@@ -276,6 +301,7 @@ class ClairAuditor:
                     null_draws=0 if null is None else int(null.shape[0]),
                     in_subspace=None if distances is None else distances[back],
                     held_out=None if held_out is None else held_out.double().cpu()[expand][back],
+                    direction=direction[back],
                 )
             )
         if not results:
@@ -283,7 +309,24 @@ class ClairAuditor:
         self.module_results_ = results
         sq = inner.diagonal().clamp_min(0)
         self.cosine_ = cosine_from_gram(inner)
-        self.duplicate_groups_ = duplicate_groups(self.cosine_)
+        trusted = set(reference or ())
+        self.duplicate_groups_ = [
+            sorted(g, key=lambda k: (k not in trusted, names[k] if names else "", k))
+            for g in duplicate_groups(self.cosine_)
+        ]
+        centre_on = torch.ones(K, dtype=torch.bool)
+        if reference is not None:
+            centre_on = torch.zeros(K, dtype=torch.bool)
+            centre_on[list(reference)] = True
+        # In a canonical order of the adapters (their digests), like every module above.
+        glob = sorted(range(K), key=lambda k: digests[k].digest())
+        where = {k: p for p, k in enumerate(glob)}
+        perm = torch.tensor(glob)
+        self.direction_ = direction_cosines(
+            unit[perm[:, None], perm[None, :]],
+            centre_on[perm],
+            [[where[k] for k in g] for g in self.duplicate_groups_],
+        )[inverse(glob)]
         self.verdicts_: list[AdapterVerdict] = decide(
             K,
             {r.name: r.off_subspace for r in results},
@@ -295,7 +338,10 @@ class ClairAuditor:
             reference,
             in_subspace={r.name: r.in_subspace for r in results},
             held_out={r.name: r.held_out for r in results if r.held_out is not None} or None,
+            direction=self.direction_,
+            module_direction={r.name: r.direction for r in results if r.direction is not None},
         )
+        self.groups_ = groups(self.verdicts_, cosine_from_gram(unit), self.direction_)
         self.shared_rank_ = {r.name: r.rank for r in results}
         self.shared_structure_ = any(r.shared_structure for r in results)
         self.flagged_ = [v.flagged for v in self.verdicts_]

@@ -27,6 +27,7 @@ least ``IN_SUBSPACE_FACTOR`` times the typical distance and a robust outlier
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -102,3 +103,61 @@ def unit_centre_distances(Gx: torch.Tensor, norms: torch.Tensor, fit_on: torch.T
         return None
     inv = torch.where(norms > 0, 1 / norms.clamp_min(1e-300), torch.zeros_like(norms))
     return centre_distances(inv[:, None] * Gx * inv[None, :], fit_on)[0]
+
+
+def direction_cosines(C: torch.Tensor, fit_on: torch.Tensor, groups: list[list[int]] | None = None) -> torch.Tensor:
+    """Rule 1's statistic: each adapter's cosine with the geometric median of the *others*.
+
+    ``C`` is the Gram matrix of the adapters' updates with every module scaled to unit norm
+    (the sum over modules of their cosine matrices), so each module counts once whatever its
+    scale. Adapter k's centre is fitted on ``fit_on`` without k and without the members of
+    k's duplicate group (``groups``), so neither k nor its copies shape what it is measured
+    against. NaN for an adapter with a zero update or an empty centre.
+    """
+    C = C.double()
+    K = C.shape[0]
+    norms = C.diagonal().clamp_min(0).sqrt()
+    group_of = {k: g for g in groups or () for k in g}
+    out = torch.full((K,), float("nan"), dtype=torch.float64)
+    for k in range(K):
+        mask = fit_on & (norms > 0)
+        mask[group_of.get(k, [k])] = False
+        if norms[k] <= 0 or not bool(mask.any()):
+            continue
+        _, w = centre_distances(C, mask)
+        centre_sq = float(w @ C @ w)
+        if centre_sq > 0:
+            out[k] = float(C[k] @ w) / (math.sqrt(centre_sq) * float(norms[k]))
+    return out
+
+
+def centre_cosines(C: torch.Tensor, fit_on: torch.Tensor, leave_out: Sequence[int] = ()) -> torch.Tensor:
+    """Each adapter's cosine with the geometric median of the unit updates in ``fit_on``.
+
+    ``C`` is one module's cosine matrix. For the adapters in ``leave_out`` (the references of
+    a gate, which would otherwise be measured against a centre they shaped) the centre is
+    fitted without them. NaN for a zero update or an empty centre.
+    """
+    C = C.double()
+    norms = C.diagonal().clamp_min(0).sqrt()
+    fit_on = fit_on & (norms > 0)
+    out = torch.full((C.shape[0],), float("nan"), dtype=torch.float64)
+
+    def cosines(mask: torch.Tensor) -> torch.Tensor | None:
+        if not bool(mask.any()):
+            return None
+        _, w = centre_distances(C, mask)
+        centre_sq = float(w @ C @ w)
+        if centre_sq <= 0:
+            return None
+        return (C @ w) / (math.sqrt(centre_sq) * norms.clamp_min(1e-300))
+
+    shared = cosines(fit_on)
+    if shared is not None:
+        out = torch.where(norms > 0, shared, out)
+    for j in leave_out:
+        mask = fit_on.clone()
+        mask[j] = False
+        own = cosines(mask)
+        out[j] = float("nan") if own is None or norms[j] <= 0 else own[j]
+    return out

@@ -27,13 +27,21 @@ def _digest(a: torch.Tensor, b: torch.Tensor, scale: float) -> bytes:
     return h.digest()
 
 
-def content_order(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float]) -> list[int]:
-    """Indices of the adapters sorted by a SHA-256 digest of their factors and scale.
+def content_keys(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float]) -> list[bytes]:
+    """A SHA-256 digest of each adapter's factors and scale."""
+    return [_digest(a, b, s) for a, b, s in zip(A, B, scales, strict=True)]
+
+
+def content_order(
+    A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float], keys: Sequence[bytes] | None = None
+) -> list[int]:
+    """Indices of the adapters sorted by a SHA-256 digest of their factors and scale
+    (``keys``, when computed already).
 
     Adapters with identical factors tie; they are interchangeable, so their relative order
     cannot change a result.
     """
-    keys = [_digest(a, b, s) for a, b, s in zip(A, B, scales, strict=True)]
+    keys = list(keys) if keys is not None else content_keys(A, B, scales)
     return sorted(range(len(keys)), key=keys.__getitem__)
 
 

@@ -1,55 +1,68 @@
-"""From per-module scores to per-adapter verdicts (CLAIR_SPEC.md section 5).
+"""From per-adapter signals to verdicts (CLAIR_SPEC.md section 5).
 
-The rule, with no tuning on the default path:
+Every threshold rule compares an adapter with the *other* adapters (leave-one-out; in
+``clair gate``, with the references only) and flags it when its statistic exceeds
+``median + max(c * sigma, floor)`` (:mod:`clair_cli.core.calibration`): ``sigma`` is a robust
+spread (Rousseeuw and Croux's Qn), ``c`` is computed for the number of adapters it was
+measured on so that an honest adapter drawn from the same distribution is flagged with
+probability ``ALPHA`` under a Gaussian model (the MAD-style estimates of a dozen values are
+noisy, and the normal quantile alone would flag many times more), and ``floor`` is a
+minimum effect size in the statistic's own units. The rules:
 
-1. **Off-subspace, per module.** On module m, adapter k's score is its
-   off-subspace share ``o_km``. The module threshold is
-   ``t_m = median_m + max(z * sigma_m, 0.10)``: ``median_m`` and ``sigma_m``
-   (1.4826 * MAD) are robust centre and scale of the shares on that module, so
-   up to half the pool may be contaminated; ``z`` is the normal quantile at
-   ``1 - 0.001 / M`` (Bonferroni over the M modules, so a clean adapter is
-   falsely flagged by chance with probability about 0.1 % under a Gaussian
-   model); the 0.10 floor demands 10 points of share above typical before a
-   flag, so numerically identical noiseless adapters are never split. Modules
-   where the pool shows no shared structure (rank 0) flag nothing.
-2. **Aggregation by maximum.** An adapter is flagged if *any* module exceeds
-   its threshold; its score is its largest share over modules. Contamination in
-   one or two modules is therefore not averaged away.
-3. **Norm.** ``log ||Theta_k||`` (over all modules) against the pool's median:
-   flagged when it exceeds ``median + max(z * sigma, log 4)``, i.e. at least four
-   times the median norm *and* a robust outlier (model-replacement style boosting).
-4. **Duplicates.** Adapters whose updates have cosine similarity above 0.999
-   over all modules form a Sybil group; every member is flagged as such.
-5. **Inside the subspace, per module.** The distance of the adapter's in-subspace
-   component, divided by its update's norm, from the geometric median of the pool's
-   (:mod:`clair_cli.core.insubspace`): flagged when ``log`` of it exceeds
-   ``median + max(z * sigma, log 3)`` on some module with shared structure. This catches
-   sign-flipped updates that rule 1 cannot see, where the benign clients agree; scaled-up
-   updates are rule 3's (the division makes rule 5 blind to magnitude).
+1. **Direction** (``direction``): the cosine between the adapter's update and the geometric
+   median of the other adapters' updates, every module's update scaled to unit norm first so
+   that each module counts once. Sign flips, label flips and updates of another task point
+   elsewhere. The per-module cosines are standardised (median, Qn over the pool) before
+   averaging, so modules where the pool agrees tightly weigh more. Floor: the averaged raw
+   cosine must have dropped by 0.1 and by half the typical cosine; where the typical cosine
+   is below 0.1 the others agree on no direction, the centre is noise, and the rule is off.
+2. **Off-subspace, over all modules** (``off_subspace``): ``logit(o_km)``, the log-odds of
+   the share of the update outside the shared subspace, standardised per module and averaged
+   over the modules with shared structure. Averaging the evidence over modules is what a
+   single honest client with unusual data cannot reach by chance on one module. Floor: the
+   mean log-odds must exceed the typical by log 3 (odds 3x).
+   **Both at once** (``joint``): the sum of the two standardised statistics of rules 1 and
+   2, against the others' sums, when both raw effects are at least half their floors: an
+   adapter somewhat atypical on both counts, where neither rule alone would flag it.
+3. **Off-subspace, per module**: ``logit(o_km)`` on one module, at ``ALPHA / M`` (Bonferroni
+   over the M modules with shared structure), floor odds 10x the typical: contamination
+   confined to a few modules, which the average would dilute.
+4. **Inside the subspace, per module** (``in_subspace``): the distance of the adapter's
+   in-subspace component, over its norm, from the geometric median of the others'
+   (:mod:`clair_cli.core.insubspace`), on the log scale, at ``ALPHA / M``. Floor: 3x.
+5. **Norm** (``norm``): ``log ||Theta_k||`` over all modules, in both directions: boosted
+   updates (model replacement), floor 4x the typical norm, and near-zero ones (free
+   riders), floor a tenth of it.
+6. **Duplicates** (``duplicate``): updates with cosine above 0.999 over all modules form a
+   Sybil group; every member is flagged as such (no threshold).
 
-``threshold`` (the ``--threshold`` option) replaces ``t_m`` by a fixed share.
+An adapter's ``score`` is its largest margin over rules 1-5: the distance above the typical
+value in units of the distance to the threshold, so a score above 1 means that rule flagged
+it (a duplicate is flagged whatever its score). ``threshold`` (the ``--threshold`` option)
+replaces rules 2 and 3 by a fixed off-subspace share on any module.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from statistics import NormalDist
 
 import torch
 
-from clair_cli.core.decompose import robust_center_scale
+from clair_cli.core.calibration import Cut, qn_scale, upper_cut
+from clair_cli.core.decompose import median
 
-FLOOR = 0.10
-NORM_FACTOR_FLOOR = 4.0
-FALSE_FLAG_RATE = 1e-3
+ALPHA = 1e-3  # per rule: the probability that an honest adapter trips it (Gaussian model)
+PASSES = 5  # at most; stops when the flagged set repeats
 DUPLICATE_COSINE = 0.999
+DIRECTION_FLOOR = 0.1  # of cosine, and at least half the typical cosine
+DIRECTION_RELATIVE_FLOOR = 0.5
+OFF_SUBSPACE_ODDS_FLOOR = 3.0
+MODULE_ODDS_FLOOR = 10.0  # one module alone must be decisively off: odds 10x the typical
 IN_SUBSPACE_FACTOR = 3.0
-
-
-def z_bonferroni(n_tests: int) -> float:
-    # The standard library's quantile: scipy.stats would add most of a second to start-up.
-    return NormalDist().inv_cdf(1 - FALSE_FLAG_RATE / max(n_tests, 1))
+NORM_FACTOR_FLOOR = 4.0
+NORM_LOW_FACTOR_FLOOR = 10.0  # a small update does little harm: only far below the others
+SHARE_CLAMP = 1e-6  # shares are clamped to [1e-6, 1 - 1e-6] before the log-odds
 
 
 @dataclass
@@ -60,19 +73,12 @@ class AdapterVerdict:
     reasons: list[dict] = field(default_factory=list)
     per_module: dict[str, float] = field(default_factory=dict)
     norm_ratio: float = 1.0
+    signals: dict[str, float] = field(default_factory=dict)
 
 
-def module_thresholds(shares: dict[str, torch.Tensor], threshold: float | None) -> dict[str, float]:
-    """Per-module flag threshold on off-subspace shares (rule 1)."""
-    z = z_bonferroni(len(shares))
-    out = {}
-    for name, o in shares.items():
-        if threshold is not None:
-            out[name] = threshold
-        else:
-            med, sigma = robust_center_scale(o)
-            out[name] = med + max(z * sigma, FLOOR)
-    return out
+def logit(share: torch.Tensor) -> torch.Tensor:
+    o = share.double().clamp(SHARE_CLAMP, 1 - SHARE_CLAMP)
+    return torch.log(o) - torch.log1p(-o)
 
 
 def duplicate_groups(cosine: torch.Tensor) -> list[list[int]]:
@@ -96,33 +102,115 @@ def duplicate_groups(cosine: torch.Tensor) -> list[list[int]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def _in_subspace_rule(
-    verdicts: list[AdapterVerdict],
-    distances: dict[str, torch.Tensor | None],
+class _Rules:
+    """Applies the threshold rules to one pool, recording margins and reasons."""
+
+    def __init__(self, n_adapters: int, trusted: set[int], gated: bool, excluded: set[int]) -> None:
+        self.verdicts = [AdapterVerdict(k, 0.0, False) for k in range(n_adapters)]
+        self.trusted = trusted
+        self.gated = gated
+        self.excluded = excluded
+
+    def cuts(
+        self,
+        values: torch.Tensor,
+        alpha: float,
+        floor: float,
+        calibration: torch.Tensor | None = None,
+        relative: float = 0.0,
+    ) -> list[Cut | None]:
+        """Per adapter, the cut from the others' values (finite ones, not ``excluded``; in a
+        gate, the references' values, from ``calibration`` where given)."""
+        calib = values if calibration is None else calibration
+        basis = self.basis(calib)
+        out: list[Cut | None] = []
+        for k in range(len(values)):
+            if not bool(torch.isfinite(values[k])):
+                out.append(None)
+                continue
+            mask = basis.clone()
+            mask[k] = False
+            out.append(upper_cut(calib[mask], alpha, floor, relative))
+        return out
+
+    def basis(self, calib: torch.Tensor) -> torch.Tensor:
+        """Which adapters' values set a threshold: finite, not excluded, references in a gate."""
+        basis = torch.isfinite(calib)
+        basis[list(self.excluded)] = False
+        if self.gated:
+            basis &= torch.tensor([k in self.trusted for k in range(len(calib))], dtype=torch.bool)
+        return basis
+
+    def _full(self, values: torch.Tensor, where: list[int]) -> torch.Tensor:
+        full = torch.full((len(self.verdicts),), math.nan, dtype=torch.float64)
+        full[where] = values.double()
+        return full
+
+    def mean(self, values: dict[str, torch.Tensor], members: dict[str, list[int]]) -> torch.Tensor:
+        """Per adapter, the mean of a per-module value over the modules it is in (NaN: none)."""
+        rows = torch.stack([self._full(v, members[n]) for n, v in values.items()])
+        return rows.nanmean(0)
+
+    def standardised_mean(
+        self,
+        values: dict[str, torch.Tensor],
+        members: dict[str, list[int]],
+        calibration: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Per adapter, the mean over modules of ``(x - median) / Qn``, centre and spread
+        taken per module over the basis (from ``calibration`` where given). Modules whose
+        basis has no spread carry no evidence and are left out. Standardising first weights
+        each module by how tightly the pool agrees on it."""
+        rows = []
+        for name, v in values.items():
+            full = self._full(v, members[name])
+            calib = self._full((calibration or {}).get(name, v), members[name])
+            basis = self.basis(calib)
+            if int(basis.sum()) < 3:
+                continue
+            spread = float(qn_scale(calib[basis]))
+            if spread > 0:
+                rows.append((full - median(calib[basis])) / spread)
+        if not rows:
+            return torch.full((len(self.verdicts),), math.nan, dtype=torch.float64)
+        return torch.stack(rows).nanmean(0)
+
+    def margin(self, k: int, margin: float, signal: str) -> bool:
+        """Record a margin; whether it flags (never for a trusted reference)."""
+        v = self.verdicts[k]
+        v.score = max(v.score, margin)
+        v.signals[signal] = max(v.signals.get(signal, -math.inf), margin)
+        return margin > 1 and k not in self.trusted
+
+    def flag(self, k: int, reason: dict) -> None:
+        self.verdicts[k].flagged = True
+        self.verdicts[k].reasons.append(reason)
+
+
+def _per_module(
+    rules: _Rules,
+    values: dict[str, torch.Tensor],
     members: dict[str, list[int]],
-    structured: dict[str, bool],
-    trusted: set[int],
-    gated: bool,
-) -> None:
-    """Rule 5: an in-subspace component far from the pool's centre on some module."""
-    measured = {n: d for n, d in distances.items() if d is not None and structured[n]}
-    z = z_bonferroni(len(measured))
+    floor: float,
+    calibration: dict[str, torch.Tensor] | None = None,
+) -> dict[int, list[tuple[float, str]]]:
+    """A per-module rule at ALPHA / M (Bonferroni over the modules measured); hits per adapter."""
     hits: dict[int, list[tuple[float, str]]] = {}
-    for name, dist in measured.items():
-        ks = members[name]
-        basis = [p for p, k in enumerate(ks) if (k in trusted or not gated) and dist[p] > 0]
-        if len(basis) < 3:
-            continue
-        log_d = torch.log(dist.clamp_min(torch.finfo(dist.dtype).tiny))
-        med, sigma = robust_center_scale(log_d[basis])
-        cut = med + max(z * sigma, math.log(IN_SUBSPACE_FACTOR))
-        for p, k in enumerate(ks):
-            if dist[p] > 0 and float(log_d[p]) > cut and k not in trusted:
-                hits.setdefault(k, []).append((math.exp(float(log_d[p]) - med), name))
-    for k, items in hits.items():
+    alpha = ALPHA / max(len(values), 1)
+    K = len(rules.verdicts)
+    for name, v in values.items():
+        full = torch.full((K,), math.nan, dtype=torch.float64)
+        full[members[name]] = v.double()
+        calib = None
+        if calibration is not None and name in calibration:
+            calib = torch.full((K,), math.nan, dtype=torch.float64)
+            calib[members[name]] = calibration[name].double()
+        for k, cut in enumerate(rules.cuts(full, alpha, floor, calib)):
+            if cut is not None and rules.margin(k, cut.margin(float(full[k])), "module"):
+                hits.setdefault(k, []).append((float(full[k]) - cut.centre, name))
+    for items in hits.values():
         items.sort(key=lambda t: (-t[0], t[1]))
-        verdicts[k].flagged = True
-        verdicts[k].reasons.append({"kind": "in_subspace", "ratio": items[0][0], "modules": [n for _, n in items]})
+    return hits
 
 
 def decide(
@@ -136,8 +224,16 @@ def decide(
     reference: list[int] | None = None,
     in_subspace: dict[str, torch.Tensor | None] | None = None,
     held_out: dict[str, torch.Tensor] | None = None,
+    direction: torch.Tensor | None = None,
+    module_direction: dict[str, torch.Tensor] | None = None,
 ) -> list[AdapterVerdict]:
     """Combine the signals into one verdict per adapter.
+
+    In passes: each recomputes every threshold without the adapters the previous one
+    flagged (until the flagged set repeats, at most PASSES), so that contaminated adapters,
+    which widen the robust spread (a third of the pool may be contaminated), do not shield
+    each other. A duplicate group's first member
+    (the caller orders them) is judged on its own signals; the others are flagged as copies.
 
     Args:
         n_adapters: K.
@@ -146,71 +242,213 @@ def decide(
         structured: per module, whether a shared structure was found.
         sq_norms: per adapter, ``sum_m ||Theta_km||^2``.
         duplicates: Sybil groups of adapter indices.
-        threshold: fixed share threshold replacing the automatic one.
-        reference: trusted adapters (``clair gate``). When given, the thresholds and the
-            norm centre come from them alone and only the other adapters can be flagged.
+        threshold: fixed share threshold replacing the off-subspace rules' automatic one.
+        reference: trusted adapters (``clair gate``). When given, every threshold comes from
+            them alone and only the other adapters can be flagged.
         in_subspace: per module, each member's distance from the geometric median of the
             in-subspace components (:mod:`clair_cli.core.insubspace`); None where not measured.
         held_out: with ``reference``, per module, the shares with each reference scored
             against the other references' subspace (as a candidate is scored); the
-            thresholds come from these instead of the references' in-sample shares.
+            off-subspace thresholds come from these instead of the references' in-sample shares.
+        direction: per adapter, the cosine of its (module-wise unit) update with the
+            geometric median of the others' (references' in a gate); NaN where undefined.
+        module_direction: per module, each member's cosine with the module's centre.
     """
+    args = (n_adapters, shares, members, structured, sq_norms, duplicates, threshold, reference)
+    more = (in_subspace, held_out, direction, module_direction)
+    verdicts = _decide(*args, *more, excluded=set())
+    seen: set[frozenset[int]] = set()
+    for _ in range(PASSES - 1):
+        flagged = frozenset(v.index for v in verdicts if v.flagged)
+        if not flagged or flagged in seen:
+            break
+        seen.add(flagged)
+        verdicts = _decide(*args, *more, excluded=set(flagged))
+    return verdicts
+
+
+def _decide(
+    n_adapters: int,
+    shares: dict[str, torch.Tensor],
+    members: dict[str, list[int]],
+    structured: dict[str, bool],
+    sq_norms: torch.Tensor,
+    duplicates: list[list[int]],
+    threshold: float | None,
+    reference: list[int] | None,
+    in_subspace: dict[str, torch.Tensor | None] | None,
+    held_out: dict[str, torch.Tensor] | None,
+    direction: torch.Tensor | None,
+    module_direction: dict[str, torch.Tensor] | None,
+    excluded: set[int],
+) -> list[AdapterVerdict]:
+    K = n_adapters
     trusted = set(reference or ())
-    if reference is not None:
-        calibration = held_out or shares
-        basis = {
-            name: calibration.get(name, o)[[p for p, k in enumerate(members[name]) if k in trusted]]
-            for name, o in shares.items()
-        }
-        thresholds = module_thresholds({n: o for n, o in basis.items() if o.numel()}, threshold)
-        for name in shares:
-            thresholds.setdefault(name, threshold if threshold is not None else FLOOR)
-    else:
-        thresholds = module_thresholds(shares, threshold)
-    verdicts = [AdapterVerdict(k, 0.0, False) for k in range(n_adapters)]
-    excess: dict[int, list[tuple[float, str, float]]] = {k: [] for k in range(n_adapters)}
+    copies = {k for group in duplicates for k in group[1:]}
+    rules = _Rules(K, trusted, reference is not None, excluded | copies)
+    calibration = held_out if reference is not None else None
     for name, o in shares.items():
         for pos, k in enumerate(members[name]):
-            share = float(o[pos])
-            verdicts[k].per_module[name] = share
-            verdicts[k].score = max(verdicts[k].score, share)
-            if structured[name] and share > thresholds[name] and k not in trusted:
-                excess[k].append((share - thresholds[name], name, share))
-    for k, items in excess.items():
-        if items:
-            items.sort(key=lambda t: (-t[0], t[1]))
-            verdicts[k].flagged = True
-            verdicts[k].reasons.append(
-                {
-                    "kind": "off_subspace",
-                    "share": max(s for _, _, s in items),
-                    "modules": [n for _, n, _ in items],
-                }
-            )
+            rules.verdicts[k].per_module[name] = float(o[pos])
+    measured = {n: o for n, o in shares.items() if structured[n]}
 
-    _in_subspace_rule(verdicts, in_subspace or {}, members, structured, trusted, reference is not None)
-
-    positive = sq_norms > 0
-    centre = positive.clone()
-    if reference is not None:
-        centre[[k for k in range(n_adapters) if k not in trusted]] = False
-    if int(centre.sum()) >= 3:
-        log_norm = 0.5 * torch.log(sq_norms[centre])
-        med, sigma = robust_center_scale(log_norm)
-        cut = med + max(z_bonferroni(1) * sigma, math.log(NORM_FACTOR_FLOOR))
-        for k in range(n_adapters):
-            if sq_norms[k] <= 0:
+    # Rule 1: direction, per module standardised, averaged, against the others' averages;
+    # the raw cosine must also have dropped by the floor.
+    z_dir = dir_effect = None
+    if direction is not None and module_direction:
+        per = {n: -c for n, c in module_direction.items()}
+        z_dir = rules.standardised_mean(per, members)
+        raw = rules.cuts(-direction.double(), ALPHA, 0.0)
+        dir_effect = torch.full((K,), math.nan, dtype=torch.float64)
+        for k, cut in enumerate(rules.cuts(z_dir, ALPHA, 0.0)):
+            if cut is None or raw[k] is None:
                 continue
-            ln = 0.5 * math.log(float(sq_norms[k]))
-            verdicts[k].norm_ratio = math.exp(ln - med)
-            if ln > cut and k not in trusted:
-                verdicts[k].flagged = True
-                verdicts[k].reasons.append({"kind": "norm", "ratio": verdicts[k].norm_ratio})
+            typical = -raw[k].centre  # type: ignore[union-attr]
+            if typical < DIRECTION_FLOOR:  # the others agree on no direction: nothing to leave
+                continue
+            floor = max(DIRECTION_FLOOR, DIRECTION_RELATIVE_FLOOR * typical)
+            dir_effect[k] = (typical - float(direction[k])) / floor
+            if rules.margin(k, min(cut.margin(float(z_dir[k])), float(dir_effect[k])), "direction"):
+                rules.flag(k, {"kind": "direction", "cosine": float(direction[k]), "typical": typical})
 
+    off_hits: dict[int, list[tuple[float, str]]] = {}
+    if threshold is not None:
+        for name, o in measured.items():
+            for pos, k in enumerate(members[name]):
+                share = float(o[pos])
+                if rules.margin(k, share / threshold, "module") and share > threshold:
+                    off_hits.setdefault(k, []).append((share - threshold, name))
+    elif measured:
+        # Rule 2: the log-odds, per module standardised, averaged over the modules with
+        # shared structure; the mean log-odds must also exceed the others' by the floor.
+        floor = math.log(OFF_SUBSPACE_ODDS_FLOOR)
+        log_odds = {n: logit(o) for n, o in measured.items()}
+        calib_odds = {n: logit((calibration or {}).get(n, o)) for n, o in measured.items()}
+        z = rules.standardised_mean(log_odds, members, calib_odds)
+        z_calib = rules.standardised_mean(calib_odds, members, calib_odds)
+        mean = rules.mean(log_odds, members)
+        raw = rules.cuts(mean, ALPHA, 0.0, rules.mean(calib_odds, members))
+        off_effect = torch.full((K,), math.nan, dtype=torch.float64)
+        for k, cut in enumerate(rules.cuts(z, ALPHA, 0.0, z_calib)):
+            if cut is None or raw[k] is None:
+                continue
+            off_effect[k] = (float(mean[k]) - raw[k].centre) / floor  # type: ignore[union-attr]
+            if rules.margin(k, min(cut.margin(float(z[k])), float(off_effect[k])), "off_subspace"):
+                off_hits.setdefault(k, [])
+        # Rule 2b: both at once. An adapter somewhat atypical in direction *and* in its share
+        # outside the subspace: their standardised sum against the others' sums, each raw
+        # effect at least half its floor.
+        if z_dir is not None and dir_effect is not None and direction is not None:
+            joint, joint_calib = z_dir + z, z_dir + z_calib
+            for k, cut in enumerate(rules.cuts(joint, ALPHA, 0.0, joint_calib)):
+                if cut is None or not (dir_effect[k] > 0.5 and off_effect[k] > 0.5):
+                    continue
+                margin = min(cut.margin(float(joint[k])), 2 * float(dir_effect[k]), 2 * float(off_effect[k]))
+                seen = k in off_hits or any(r["kind"] == "direction" for r in rules.verdicts[k].reasons)
+                if rules.margin(k, margin, "joint") and not seen:  # one reason is enough
+                    rules.flag(k, {"kind": "joint", "cosine": float(direction[k]), "log_odds": float(mean[k])})
+        # Rule 3: one module at a time, at ALPHA / M.
+        hits = _per_module(
+            rules,
+            log_odds,
+            members,
+            math.log(MODULE_ODDS_FLOOR),
+            {n: calib_odds[n] for n in (calibration or {}) if n in calib_odds},
+        )
+        for k, items in hits.items():
+            off_hits.setdefault(k, []).extend(items)
+    for k, items in sorted(off_hits.items()):
+        mine = {n: rules.verdicts[k].per_module[n] for n in measured if n in rules.verdicts[k].per_module}
+        modules = [n for _, n in items] or sorted(mine, key=lambda n: (-mine[n], n))
+        share = sum(mine.values()) / len(mine) if not items else max(mine[n] for n in modules)
+        rules.flag(k, {"kind": "off_subspace", "share": share, "modules": modules, "across_modules": not items})
+
+    # Rule 4: inside the subspace, per module.
+    distances = {
+        n: torch.log(d.double().clamp_min(1e-300)).where(d > 0, torch.full_like(d.double(), math.nan))
+        for n, d in (in_subspace or {}).items()
+        if d is not None and structured[n]
+    }
+    for k, items in sorted(_per_module(rules, distances, members, math.log(IN_SUBSPACE_FACTOR)).items()):
+        rules.flag(k, {"kind": "in_subspace", "ratio": math.exp(items[0][0]), "modules": [n for _, n in items]})
+
+    # Rule 5: norm, both ways.
+    log_norm = torch.where(sq_norms > 0, 0.5 * torch.log(sq_norms.double().clamp_min(1e-300)), math.nan)
+    high = rules.cuts(log_norm, ALPHA, math.log(NORM_FACTOR_FLOOR))
+    low = rules.cuts(-log_norm, ALPHA, math.log(NORM_LOW_FACTOR_FLOOR))
+    for k in range(K):
+        if high[k] is None or low[k] is None:
+            continue
+        ratio = math.exp(float(log_norm[k]) - high[k].centre)  # type: ignore[union-attr]
+        rules.verdicts[k].norm_ratio = ratio
+        up = rules.margin(k, high[k].margin(float(log_norm[k])), "norm")  # type: ignore[union-attr]
+        down = rules.margin(k, low[k].margin(-float(log_norm[k])), "norm")  # type: ignore[union-attr]
+        if up or down:
+            rules.flag(k, {"kind": "norm", "ratio": ratio})
+
+    # Rule 6: duplicates. The first member stands for the group; the others are copies.
     for group in duplicates:
-        for k in group:
-            if k in trusted:
-                continue
-            verdicts[k].flagged = True
-            verdicts[k].reasons.append({"kind": "duplicate", "of": [j for j in group if j != k]})
-    return verdicts
+        for k in group[1:]:
+            if k not in trusted:
+                rules.flag(k, {"kind": "duplicate", "of": [j for j in group if j != k]})
+    return rules.verdicts
+
+
+@dataclass
+class Group:
+    """Flagged adapters that agree with each other but not with the rest of the pool."""
+
+    members: list[int]
+    flagged: list[int]
+    cosine_within: float
+    cosine_to_rest: float
+
+
+def groups(verdicts: list[AdapterVerdict], cosine: torch.Tensor, direction: torch.Tensor) -> list[Group]:
+    """Separate groups among the adapters flagged for where their update points.
+
+    ``cosine``: the adapters' cosines with every module at unit norm; ``direction``: each
+    adapter's cosine with the others' centre. Two adapters flagged by the direction or
+    off-subspace rules are linked when their cosine is at least the typical cosine of an
+    unflagged adapter with the centre: they agree with each other as well as honest
+    adapters agree with the majority. Linked sets of two or more are groups (another task's
+    adapters, or a coordinated attack). An unflagged adapter closer on average to a group's
+    members than to the pool's centre is listed with it, so the report shows the whole group
+    rather than the members that happened to cross a threshold.
+    """
+    kinds = {"direction", "off_subspace"}
+    pointed = [v.index for v in verdicts if any(r["kind"] in kinds for r in v.reasons)]
+    honest = [k for k, v in enumerate(verdicts) if not v.flagged and bool(torch.isfinite(direction[k]))]
+    if len(pointed) < 2 or len(honest) < 3:
+        return []
+    link = float(direction[honest].double().quantile(0.5))
+    parent = {k: k for k in pointed}
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    for a_pos, i in enumerate(pointed):
+        for j in pointed[a_pos + 1 :]:
+            if float(cosine[i, j]) >= link:
+                parent[find(j)] = find(i)
+    sets: dict[int, list[int]] = {}
+    for k in pointed:
+        sets.setdefault(find(k), []).append(k)
+    out = []
+    for flagged in (sorted(g) for g in sets.values() if len(g) > 1):
+        close = [j for j in honest if float(cosine[j, flagged].mean()) > float(direction[j])]
+        members = sorted(flagged + close)
+        rest = [k for k in range(len(verdicts)) if k not in members]
+        within = cosine[members][:, members]
+        n = len(members)
+        out.append(
+            Group(
+                members=members,
+                flagged=flagged,
+                cosine_within=float((within.sum() - within.diagonal().sum()) / (n * (n - 1))),
+                cosine_to_rest=float(cosine[members][:, rest].mean()) if rest else math.nan,
+            )
+        )
+    return out

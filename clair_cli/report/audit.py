@@ -7,6 +7,7 @@ mode shows the same numbers.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
@@ -61,10 +62,28 @@ def reason_text(reason: dict[str, Any], names: list[str], n_modules: int) -> str
     """One reason of a verdict in words."""
     kind = reason["kind"]
     if kind == "off_subspace":
+        if reason.get("across_modules"):
+            return (
+                f"{reason['share']:.0%} of its update lies outside the shared subspace on average over "
+                f"{len(reason['modules'])} modules, more than is typical of the pool"
+            )
         where = summarise_modules(reason["modules"], n_modules)
         return f"{reason['share']:.0%} of its update lies outside the shared subspace, in {where}"
+    if kind == "direction":
+        return (
+            f"its update points away from the others' (cosine {reason['cosine']:+.2f} with their centre, "
+            f"typically {reason['typical']:+.2f})"
+        )
+    if kind == "joint":
+        share = 1 / (1 + math.exp(-reason["log_odds"]))
+        return (
+            f"both its direction (cosine {reason['cosine']:+.2f} with the others' centre) and its share "
+            f"outside the shared subspace ({share:.0%} on average) are atypical together"
+        )
     if kind == "norm":
         ratio = reason["ratio"]
+        if ratio < 1:
+            return f"update norm {1 / ratio:.0f}x below the pool median (a free rider?)"
         return (
             f"update norm {ratio:.0f}x the pool median" if ratio >= 10 else f"update norm {ratio:.1f}x the pool median"
         )
@@ -102,6 +121,7 @@ def audit_report(outcome: AuditOutcome, command: str = "audit") -> dict[str, Any
                 "revision": a.ref.revision,
                 "role": ("reference" if v.index in reference else "candidate") if outcome.reference else "member",
                 "score": round(v.score, 6),
+                "signals": {rule: round(m, 6) for rule, m in sorted(v.signals.items())},
                 "flagged": v.flagged,
                 "reasons": reasons,
                 "norm": round(v.norm_ratio, 6),
@@ -140,6 +160,18 @@ def audit_report(outcome: AuditOutcome, command: str = "audit") -> dict[str, Any
         "flagged": [names[k] for k, f in enumerate(aud.flagged_) if f],
         # Sorted by name, so that the order of the sources does not show.
         "duplicate_groups": sorted(sorted(names[k] for k in g) for g in aud.duplicate_groups_),
+        "groups": sorted(
+            (
+                {
+                    "members": sorted(names[k] for k in g.members),
+                    "flagged": sorted(names[k] for k in g.flagged),
+                    "cosine_within": round(g.cosine_within, 6),
+                    "cosine_to_rest": None if g.cosine_to_rest != g.cosine_to_rest else round(g.cosine_to_rest, 6),
+                }
+                for g in aud.groups_
+            ),
+            key=lambda g: g["members"],
+        ),
         "converged": aud.converged_,
         "timing_s": {k: round(v, 3) for k, v in outcome.timing.items()},
     }
@@ -219,6 +251,15 @@ def report_notes(report: dict[str, Any]) -> list[str]:
     if not report["converged"]:
         bad = [m["name"] for m in report["modules"] if not m["converged"]]
         notes.append(f"the solver stopped at its iteration limit on {len(bad)} module(s): {', '.join(bad[:4])}")
+    for g in report.get("groups", []):
+        unflagged = [m for m in g["members"] if m not in g["flagged"]]
+        rest = "" if g["cosine_to_rest"] is None else f", {g['cosine_to_rest']:+.2f} with the rest"
+        notes.append(
+            f"{len(g['members'])} adapters agree with each other but not with the rest of the pool "
+            f"(mean cosine {g['cosine_within']:+.2f} among them{rest}): {', '.join(g['members'])}; "
+            "another task's adapters, or a coordinated attack"
+            + (f" ({', '.join(unflagged)} not flagged, but closer to them than to the pool)" if unflagged else "")
+        )
     for a in report["adapters"]:
         notes.extend(f"{a['name']}: {n}" for n in a["notes"])
     return notes

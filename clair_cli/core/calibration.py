@@ -1,0 +1,113 @@
+"""Thresholds with a stated false-flag rate on small pools (CLAIR_SPEC.md section 5).
+
+Every rule of the verdict compares an adapter's statistic ``x`` with the same statistic of
+the *other* adapters (leave-one-out; in ``clair gate``, of the references): it is flagged when
+
+    x > median(others) + max(c(n, alpha) * sigma(others), floor)
+
+with ``sigma`` Rousseeuw and Croux's Qn (:func:`qn_scale`: a quantile of the pairwise
+distances, robust to half the values being anywhere, and with 82 % of the standard
+deviation's efficiency against the MAD's 37 %). On a pool of a dozen adapters the median and
+the spread are themselves noisy, so the normal quantile ``z(1 - alpha)`` would flag far more
+than ``alpha`` of honest adapters. The critical
+value ``c(n, alpha)`` is chosen so that, when the ``n`` others and the new adapter are
+independent draws of one Gaussian, the flag has probability exactly ``alpha``
+(:func:`critical_value`). It is computed, not tabulated: for ``N`` simulated sets of ``n``
+values, the tail probability of the new value given the set is known in closed form,
+``P(x > m + c s | m, s) = Phi(-(m + c s))``, so
+
+    alpha(c) = mean_i Phi(-(m_i + c s_i))
+
+is smooth and decreasing in ``c`` and is solved by bisection. This averaging (rather than
+counting simulated exceedances) makes tail probabilities of 1e-5 as cheap as 1e-2.
+``floor`` is a minimum effect size in the statistic's own units: honest pools whose
+adapters are numerically identical (MAD near 0) are never split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from clair_cli.core.decompose import median
+
+SIMULATED_SETS = 20_000  # at most; fewer for large n (below), where the estimates are steadier
+SIMULATED_PAIRS = 20_000_000  # pairwise distances held at once, summed over a chunk of sets
+QN_TO_SIGMA = 2.2219  # Qn's consistency constant for Gaussian data (large n)
+
+
+def qn_scale(x: torch.Tensor) -> torch.Tensor:
+    """Qn over the last dimension: ``2.2219`` times the ``C(h, 2)``-th smallest pairwise
+    distance, ``h = n // 2 + 1`` (Rousseeuw and Croux 1993). O(n^2), for pools of adapters."""
+    n = x.shape[-1]
+    i, j = torch.triu_indices(n, n, 1)
+    pairs = (x[..., i] - x[..., j]).abs()
+    h = n // 2 + 1
+    return QN_TO_SIGMA * pairs.kthvalue(h * (h - 1) // 2, dim=-1).values
+
+
+@lru_cache(maxsize=256)
+def critical_value(n: int, alpha: float) -> float:
+    """``c`` with ``P(x > median + c * Qn) = alpha`` for ``n`` + 1 Gaussian draws.
+
+    Deterministic (a fixed generator). ``n`` below 3 has no usable spread: ``inf``.
+    """
+    if n < 3:
+        return math.inf
+    if not 0 < alpha < 0.5:
+        raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
+    g = torch.Generator().manual_seed(n)
+    pairs = n * (n - 1) // 2
+    n_sets = max(2_000, min(SIMULATED_SETS, SIMULATED_PAIRS // pairs))
+    chunk = max(1, SIMULATED_PAIRS // (4 * pairs))  # bounded memory: about 160 MB of distances
+    ms, ss = [], []
+    for start in range(0, n_sets, chunk):
+        x = torch.randn(min(chunk, n_sets - start), n, generator=g, dtype=torch.float64)
+        ms.append(x.quantile(0.5, dim=1))
+        ss.append(qn_scale(x))
+    m, s = torch.cat(ms), torch.cat(ss)
+
+    def tail(c: float) -> float:
+        return float(torch.special.ndtr(-(m + c * s)).mean())
+
+    lo, hi = 0.0, 1.0
+    while tail(hi) > alpha:
+        hi *= 2
+        if hi > 1e6:
+            return math.inf
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if tail(mid) > alpha else (lo, mid)
+    return hi
+
+
+@dataclass(frozen=True)
+class Cut:
+    """One rule's threshold: flag above ``centre + width``."""
+
+    centre: float
+    width: float
+
+    @property
+    def value(self) -> float:
+        return self.centre + self.width
+
+    def margin(self, x: float) -> float:
+        """How far past the threshold, in units of ``width``: above 1 is flagged."""
+        return (x - self.centre) / self.width if self.width > 0 else (math.inf if x > self.centre else 0.0)
+
+
+def upper_cut(basis: torch.Tensor, alpha: float, floor: float, relative: float = 0.0) -> Cut | None:
+    """Threshold for a value independent of ``basis`` (the others' values); None below 3 values.
+
+    The width is at least ``floor`` and at least ``relative`` times the centre's magnitude.
+    """
+    basis = basis[torch.isfinite(basis)]
+    if basis.numel() < 3:
+        return None
+    centre = median(basis)
+    sigma = float(qn_scale(basis.double()))
+    return Cut(centre, max(critical_value(int(basis.numel()), alpha) * sigma, floor, relative * abs(centre)))

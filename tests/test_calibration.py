@@ -1,0 +1,106 @@
+"""Calibrated thresholds and the verdict's rules (clair_cli.core.calibration, clair_cli.core.verdict)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from clair_cli.core.audit import ClairAuditor
+from clair_cli.core.calibration import critical_value, qn_scale, upper_cut
+from clair_cli.core.synthetic import flagged, make_pool
+
+
+def test_qn_matches_its_definition() -> None:
+    g = torch.Generator().manual_seed(0)
+    for n in (3, 4, 7, 12):
+        x = torch.randn(n, generator=g, dtype=torch.float64)
+        pairs = sorted(abs(float(a - b)) for a, b in itertools.combinations(x.tolist(), 2))
+        h = n // 2 + 1
+        assert float(qn_scale(x)) == pytest.approx(2.2219 * pairs[h * (h - 1) // 2 - 1])
+
+
+@pytest.mark.parametrize(("n", "alpha"), [(8, 0.02), (11, 0.01), (30, 0.01)])
+def test_critical_value_gives_the_stated_false_flag_rate(n: int, alpha: float) -> None:
+    # Direct simulation, independent of the Rao-Blackwellised solution: n values, one new.
+    c = critical_value(n, alpha)
+    g = torch.Generator().manual_seed(12345)
+    draws, hits = 200_000, 0
+    for _ in range(draws // 10_000):  # in chunks: Qn holds every pairwise distance
+        x = torch.randn(10_000, n + 1, generator=g, dtype=torch.float64)
+        basis = x[:, :n]
+        hits += int((x[:, n] > basis.quantile(0.5, dim=1) + c * qn_scale(basis)).sum())
+    rate = hits / draws
+    se = math.sqrt(alpha * (1 - alpha) / draws)
+    assert abs(rate - alpha) < 5 * se + 0.05 * alpha
+
+
+def test_small_pools_need_a_larger_critical_value() -> None:
+    assert critical_value(2, 1e-3) == math.inf
+    assert critical_value(8, 1e-3) > critical_value(30, 1e-3) > 3.09  # the normal quantile
+
+
+def test_cut_floors() -> None:
+    basis = torch.ones(10, dtype=torch.float64)  # no spread at all: the floor decides
+    cut = upper_cut(basis, 1e-3, floor=0.1)
+    assert cut is not None and cut.value == pytest.approx(1.1)
+    assert upper_cut(basis, 1e-3, floor=0.1, relative=0.5).value == pytest.approx(1.5)  # type: ignore[union-attr]
+    assert upper_cut(basis[:2], 1e-3, floor=0.1) is None
+
+
+def _tamper(mods, ks, factor):
+    for m in mods:
+        for k in ks:
+            m.B[k] = m.B[k] * factor
+
+
+def test_sign_flips_are_caught_by_direction_where_clients_agree_loosely() -> None:
+    # Benign clients agree only loosely (deviations as large as the common update): the
+    # in-subspace rule alone caught none of these (README, earlier table).
+    for seed in range(3):
+        mods = make_pool(M=4, K=20, d_out=64, d_in=48, noise=0.3, spread=1.0, seed=seed)
+        _tamper(mods, (5, 6), -1.0)
+        aud = ClairAuditor().fit(mods, 20)
+        assert {5, 6} <= flagged(aud)
+        assert all(any(r["kind"] == "direction" for r in aud.verdicts_[k].reasons) for k in (5, 6))
+
+
+def test_a_free_rider_is_flagged_for_its_small_norm() -> None:
+    mods = make_pool(M=3, K=16, noise=0.3, spread=0.5, seed=1)
+    _tamper(mods, (3,), 1e-3)
+    aud = ClairAuditor().fit(mods, 16)
+    assert flagged(aud) == {3}
+    (reason,) = aud.verdicts_[3].reasons
+    assert reason["kind"] == "norm" and reason["ratio"] < 0.01
+
+
+def _pool_with_a_copy():
+    mods = make_pool(M=3, K=12, noise=0.3, spread=0.5, seed=2)
+    for m in mods:  # adapter 11 copies adapter 4
+        m.A[11], m.B[11], m.scales[11] = m.A[4].clone(), m.B[4].clone(), m.scales[4]
+    return mods
+
+
+def test_one_copy_of_a_duplicate_group_is_kept_by_name() -> None:
+    names = [f"client_{k:02d}" for k in range(12)]
+    aud = ClairAuditor().fit(_pool_with_a_copy(), 12, names=names)
+    assert flagged(aud) == {11} and aud.verdicts_[11].reasons[0]["kind"] == "duplicate"
+    names[11] = "aaa"  # now the copy sorts first: it is kept, and the other is the duplicate
+    assert flagged(ClairAuditor().fit(_pool_with_a_copy(), 12, names=names)) == {4}
+
+
+def test_a_reference_is_kept_over_its_copy() -> None:
+    names = [f"client_{k:02d}" for k in range(12)]
+    aud = ClairAuditor().fit(_pool_with_a_copy(), 12, reference=list(range(6, 12)), names=names)
+    assert flagged(aud) == {4}  # the candidate copying reference 11 is the duplicate
+
+
+def test_score_above_one_is_a_threshold_rule_flagging() -> None:
+    mods = make_pool(M=4, K=20, d_out=64, d_in=48, noise=0.3, bad=(2, 9, 15), seed=0)
+    aud = ClairAuditor().fit(mods, 20)
+    for v in aud.verdicts_:
+        threshold_rules = [r for r in v.reasons if r["kind"] != "duplicate"]
+        assert (v.score > 1) == bool(threshold_rules)
+        assert v.score == pytest.approx(max(v.signals.values()))
