@@ -49,11 +49,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clair_cli.core.calibration import Cut, qn_scale, upper_cut
+from clair_cli.core.calibration import Cut, critical_value, qn_scale, upper_cut
 from clair_cli.core.decompose import median
 
 ALPHA = 1e-3  # per rule: the probability that an honest adapter trips it (Gaussian model)
 PASSES = 5  # at most; stops when the flagged set repeats
+POINTING = ("direction", "off_subspace", "joint")  # the rules whose near-misses leave their bases
+EXCLUDE_ALPHA = 0.02  # how near a miss: past the threshold at this false-flag rate
 DUPLICATE_COSINE = 0.999
 DIRECTION_FLOOR = 0.1  # of cosine, and at least half the typical cosine
 DIRECTION_RELATIVE_FLOOR = 0.5
@@ -110,6 +112,7 @@ class _Rules:
         self.trusted = trusted
         self.gated = gated
         self.excluded = excluded
+        self.extra: set[int] = set()  # also left out of the bases, for the rules that set it
 
     def cuts(
         self,
@@ -136,7 +139,7 @@ class _Rules:
     def basis(self, calib: torch.Tensor) -> torch.Tensor:
         """Which adapters' values set a threshold: finite, not excluded, references in a gate."""
         basis = torch.isfinite(calib)
-        basis[list(self.excluded)] = False
+        basis[list(self.excluded | self.extra)] = False
         if self.gated:
             basis &= torch.tensor([k in self.trusted for k in range(len(calib))], dtype=torch.bool)
         return basis
@@ -230,9 +233,12 @@ def decide(
     """Combine the signals into one verdict per adapter.
 
     In passes: each recomputes every threshold without the adapters the previous one
-    flagged (until the flagged set repeats, at most PASSES), so that contaminated adapters,
-    which widen the robust spread (a third of the pool may be contaminated), do not shield
-    each other. A duplicate group's first member
+    flagged and, for rules 1, 2 and 2b, also without those past the threshold those rules
+    would have at ``EXCLUDE_ALPHA`` (until both sets repeat, at most PASSES), so that
+    contaminated adapters, which widen the robust spread (a third of the pool may be
+    contaminated), do not shield each other. The norm and per-module rules leave out only
+    the flagged: honest norms are often multimodal (alphas differ), and leaving out their
+    upper mode would tighten the threshold onto the rest of it. A duplicate group's first member
     (the caller orders them) is judged on its own signals; the others are flagged as copies.
 
     Args:
@@ -256,15 +262,27 @@ def decide(
     """
     args = (n_adapters, shares, members, structured, sq_norms, duplicates, threshold, reference)
     more = (in_subspace, held_out, direction, module_direction)
-    verdicts = _decide(*args, *more, excluded=set())
-    seen: set[frozenset[int]] = set()
+    verdicts = _decide(*args, *more, excluded=set(), suspects=set())
+    exclude_above = _exclusion_margin(n_adapters)
+    seen: set[tuple[frozenset[int], frozenset[int]]] = set()
     for _ in range(PASSES - 1):
         flagged = frozenset(v.index for v in verdicts if v.flagged)
-        if not flagged or flagged in seen:
+        suspects = frozenset(
+            v.index for v in verdicts if max(v.signals.get(r, -math.inf) for r in POINTING) > exclude_above
+        )
+        if not (flagged or suspects) or (flagged, suspects) in seen:
             break
-        seen.add(flagged)
-        verdicts = _decide(*args, *more, excluded=set(flagged))
+        seen.add((flagged, suspects))
+        verdicts = _decide(*args, *more, excluded=set(flagged), suspects=set(suspects))
     return verdicts
+
+
+def _exclusion_margin(n_adapters: int) -> float:
+    """Margin above which an adapter leaves the bases of rules 1, 2 and 2b in the next pass:
+    past the threshold those rules would have at ``EXCLUDE_ALPHA`` instead of ``ALPHA``
+    (where the floors do not bind)."""
+    n = max(n_adapters - 1, 3)
+    return critical_value(n, EXCLUDE_ALPHA) / critical_value(n, ALPHA)
 
 
 def _decide(
@@ -281,6 +299,7 @@ def _decide(
     direction: torch.Tensor | None,
     module_direction: dict[str, torch.Tensor] | None,
     excluded: set[int],
+    suspects: set[int],
 ) -> list[AdapterVerdict]:
     K = n_adapters
     trusted = set(reference or ())
@@ -292,6 +311,7 @@ def _decide(
             rules.verdicts[k].per_module[name] = float(o[pos])
     measured = {n: o for n, o in shares.items() if structured[n]}
 
+    rules.extra = suspects  # rules 1, 2 and 2b: also without the adapters they nearly flagged
     # Rule 1: direction, per module standardised, averaged, against the others' averages;
     # the raw cosine must also have dropped by the floor.
     z_dir = dir_effect = None
@@ -347,6 +367,7 @@ def _decide(
                 seen = k in off_hits or any(r["kind"] == "direction" for r in rules.verdicts[k].reasons)
                 if rules.margin(k, margin, "joint") and not seen:  # one reason is enough
                     rules.flag(k, {"kind": "joint", "cosine": float(direction[k]), "log_odds": float(mean[k])})
+        rules.extra = set()
         # Rule 3: one module at a time, at ALPHA / M.
         hits = _per_module(
             rules,
@@ -363,6 +384,7 @@ def _decide(
         share = sum(mine.values()) / len(mine) if not items else max(mine[n] for n in modules)
         rules.flag(k, {"kind": "off_subspace", "share": share, "modules": modules, "across_modules": not items})
 
+    rules.extra = set()
     # Rule 4: inside the subspace, per module.
     distances = {
         n: torch.log(d.double().clamp_min(1e-300)).where(d > 0, torch.full_like(d.double(), math.nan))
