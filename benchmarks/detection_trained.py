@@ -25,15 +25,15 @@ benign adapters flagged / benign, summed over the seeds and both tasks, and per 
 
 Matched false flags. A detector that must flag a fixed count (Multi-Krum, DnC) cannot be
 compared on counts alone, so for every detector with a continuous score (Krum score, DnC
-score, norm ratio, FoolsGold's pardoned max similarity, clair's per-adapter ``score``, the
-largest off-subspace share) the benchmark also reads off, per pool, the contaminated adapters
+score, norm ratio, FoolsGold's pardoned max similarity, clair's per-adapter ``score``, its
+largest margin over the verdict's threshold rules) the benchmark also reads off, per pool, the contaminated adapters
 it catches at the threshold that flags exactly as many benign adapters as clair's verdict
 did in that pool (``n_b``): the threshold is the (n_b + 1)-th largest benign score, and
 a contaminated adapter counts as caught only if its score is *strictly* above it (a tie with a
 benign adapter is not caught; so a copy of a benign client is caught only when the original
 is among the n_b flagged). Same, at zero benign flags (strictly above every benign score).
-clair's verdict is not a threshold on its score (duplicates and norm outliers are flagged by
-other rules), so "clair score" there is a ranking, next to the verdict itself.
+clair's verdict flags a score above 1 (and copies, whatever their score); at matched false
+flags "clair score" is a ranking within each pool, next to the verdict itself.
 
 Deterministic: DnC's subsamples are seeded from the pool's name (crc32); HDBSCAN,
 Multi-Krum, FoolsGold and the norm rule are deterministic; clair runs at its default seed
@@ -70,7 +70,7 @@ DETECTORS: list[tuple[str, bool]] = [
 ]
 SCORED = [name for name, scored in DETECTORS if scored]
 SCORE_LABEL = {
-    "clair": "clair score (max off-subspace share)",
+    "clair": "clair score (largest rule margin)",
     "multi-krum": "Krum score",
     "dnc": "DnC score",
     "foolsgold": "FoolsGold max pardoned similarity",

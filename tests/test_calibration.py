@@ -104,3 +104,25 @@ def test_score_above_one_is_a_threshold_rule_flagging() -> None:
         threshold_rules = [r for r in v.reasons if r["kind"] != "duplicate"]
         assert (v.score > 1) == bool(threshold_rules)
         assert v.score == pytest.approx(max(v.signals.values()))
+
+
+def test_adapters_of_another_task_are_reported_as_one_group() -> None:
+    from clair_cli.core.audit import ModuleInput
+    from clair_cli.core.synthetic import make_module
+
+    mods = []
+    for m in range(3):  # 16 adapters of one task, 4 of another (their own consensus)
+        A, B, s, _ = make_module(K=16, d_out=48, d_in=40, noise=0.3, spread=0.3, seed=10 + m)
+        A2, B2, s2, _ = make_module(K=4, d_out=48, d_in=40, noise=0.3, spread=0.3, seed=50 + m)
+        mods.append(ModuleInput(f"layers.{m}.q_proj", list(range(20)), A + A2, B + B2, s + s2))
+    aud = ClairAuditor().fit(mods, 20)
+    assert flagged(aud) == {16, 17, 18, 19}
+    (group,) = aud.groups_
+    assert group.members == [16, 17, 18, 19] == group.flagged
+    assert group.cosine_within > 0.5 > group.cosine_to_rest
+
+
+def test_unrelated_outliers_form_no_group() -> None:
+    mods = make_pool(M=4, K=20, d_out=64, d_in=48, noise=0.3, bad=(2, 9, 15), seed=0)
+    aud = ClairAuditor().fit(mods, 20)
+    assert flagged(aud) == {2, 9, 15} and aud.groups_ == []

@@ -341,7 +341,8 @@ class ClairAuditor:
             direction=self.direction_,
             module_direction={r.name: r.direction for r in results if r.direction is not None},
         )
-        self.groups_ = groups(self.verdicts_, cosine_from_gram(unit), self.direction_)
+        copies = {k for g in self.duplicate_groups_ for k in g[1:]}
+        self.groups_ = groups(self.verdicts_, cosine_from_gram(unit), self.direction_, copies)
         self.shared_rank_ = {r.name: r.rank for r in results}
         self.shared_structure_ = any(r.shared_structure for r in results)
         self.flagged_ = [v.flagged for v in self.verdicts_]

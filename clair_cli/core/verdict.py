@@ -267,8 +267,11 @@ def decide(
     seen: set[tuple[frozenset[int], frozenset[int]]] = set()
     for _ in range(PASSES - 1):
         flagged = frozenset(v.index for v in verdicts if v.flagged)
-        suspects = frozenset(
-            v.index for v in verdicts if max(v.signals.get(r, -math.inf) for r in POINTING) > exclude_above
+        suspects = frozenset(  # references are trusted: they always set the thresholds
+            v.index
+            for v in verdicts
+            if max(v.signals.get(r, -math.inf) for r in POINTING) > exclude_above
+            and v.index not in set(reference or ())
         )
         if not (flagged or suspects) or (flagged, suspects) in seen:
             break
@@ -426,24 +429,31 @@ class Group:
     cosine_to_rest: float
 
 
-def groups(verdicts: list[AdapterVerdict], cosine: torch.Tensor, direction: torch.Tensor) -> list[Group]:
+def groups(
+    verdicts: list[AdapterVerdict], cosine: torch.Tensor, direction: torch.Tensor, copies: set[int] | None = None
+) -> list[Group]:
     """Separate groups among the adapters flagged for where their update points.
 
     ``cosine``: the adapters' cosines with every module at unit norm; ``direction``: each
     adapter's cosine with the others' centre. Two adapters flagged by the direction or
-    off-subspace rules are linked when their cosine is at least the typical cosine of an
-    unflagged adapter with the centre: they agree with each other as well as honest
-    adapters agree with the majority. Linked sets of two or more are groups (another task's
+    off-subspace rules are linked when their cosine is at least the median cosine between
+    two unflagged adapters: they agree with each other as well as honest adapters agree
+    among themselves. Linked sets of two or more are groups (another task's
     adapters, or a coordinated attack). An unflagged adapter closer on average to a group's
     members than to the pool's centre is listed with it, so the report shows the whole group
-    rather than the members that happened to cross a threshold.
+    rather than the members that happened to cross a threshold. ``copies`` (the members of
+    duplicate groups other than the one kept) are left out: they are reported as copies.
     """
+    copies = copies or set()
     kinds = {"direction", "off_subspace"}
-    pointed = [v.index for v in verdicts if any(r["kind"] in kinds for r in v.reasons)]
-    honest = [k for k, v in enumerate(verdicts) if not v.flagged and bool(torch.isfinite(direction[k]))]
+    pointed = [v.index for v in verdicts if v.index not in copies and any(r["kind"] in kinds for r in v.reasons)]
+    honest = [
+        k for k, v in enumerate(verdicts) if not v.flagged and k not in copies and bool(torch.isfinite(direction[k]))
+    ]
     if len(pointed) < 2 or len(honest) < 3:
         return []
-    link = float(direction[honest].double().quantile(0.5))
+    pairs = cosine[honest][:, honest]
+    link = float(pairs[~torch.eye(len(honest), dtype=torch.bool)].double().quantile(0.5))
     parent = {k: k for k in pointed}
 
     def find(i: int) -> int:
@@ -461,8 +471,9 @@ def groups(verdicts: list[AdapterVerdict], cosine: torch.Tensor, direction: torc
     out = []
     for flagged in (sorted(g) for g in sets.values() if len(g) > 1):
         close = [j for j in honest if float(cosine[j, flagged].mean()) > float(direction[j])]
+        rest_of_pool = [k for k in range(len(verdicts)) if k not in copies]
         members = sorted(flagged + close)
-        rest = [k for k in range(len(verdicts)) if k not in members]
+        rest = [k for k in rest_of_pool if k not in members]
         within = cosine[members][:, members]
         n = len(members)
         out.append(
