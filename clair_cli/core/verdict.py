@@ -260,9 +260,21 @@ def decide(
             geometric median of the others' (references' in a gate); NaN where undefined.
         module_direction: per module, each member's cosine with the module's centre.
     """
-    args = (n_adapters, shares, members, structured, sq_norms, duplicates, threshold, reference)
-    more = (in_subspace, held_out, direction, module_direction)
-    verdicts = _decide(*args, *more, excluded=set(), suspects=set())
+    pool = _PoolSignals(
+        n_adapters,
+        shares,
+        members,
+        structured,
+        sq_norms,
+        duplicates,
+        threshold,
+        reference,
+        in_subspace,
+        held_out,
+        direction,
+        module_direction,
+    )
+    verdicts = _decide(pool, excluded=set(), suspects=set())
     exclude_above = _exclusion_margin(n_adapters)
     seen: set[tuple[frozenset[int], frozenset[int]]] = set()
     for _ in range(PASSES - 1):
@@ -276,7 +288,7 @@ def decide(
         if not (flagged or suspects) or (flagged, suspects) in seen:
             break
         seen.add((flagged, suspects))
-        verdicts = _decide(*args, *more, excluded=set(flagged), suspects=set(suspects))
+        verdicts = _decide(pool, excluded=set(flagged), suspects=set(suspects))
     return verdicts
 
 
@@ -288,23 +300,33 @@ def _exclusion_margin(n_adapters: int) -> float:
     return critical_value(n, EXCLUDE_ALPHA) / critical_value(n, ALPHA)
 
 
-def _decide(
-    n_adapters: int,
-    shares: dict[str, torch.Tensor],
-    members: dict[str, list[int]],
-    structured: dict[str, bool],
-    sq_norms: torch.Tensor,
-    duplicates: list[list[int]],
-    threshold: float | None,
-    reference: list[int] | None,
-    in_subspace: dict[str, torch.Tensor | None] | None,
-    held_out: dict[str, torch.Tensor] | None,
-    direction: torch.Tensor | None,
-    module_direction: dict[str, torch.Tensor] | None,
-    excluded: set[int],
-    suspects: set[int],
-) -> list[AdapterVerdict]:
-    K = n_adapters
+@dataclass
+class _PoolSignals:
+    """What :func:`decide` was given, for each of its passes."""
+
+    n_adapters: int
+    shares: dict[str, torch.Tensor]
+    members: dict[str, list[int]]
+    structured: dict[str, bool]
+    sq_norms: torch.Tensor
+    duplicates: list[list[int]]
+    threshold: float | None
+    reference: list[int] | None
+    in_subspace: dict[str, torch.Tensor | None] | None
+    held_out: dict[str, torch.Tensor] | None
+    direction: torch.Tensor | None
+    module_direction: dict[str, torch.Tensor] | None
+
+
+def _decide(pool: _PoolSignals, excluded: set[int], suspects: set[int]) -> list[AdapterVerdict]:
+    K, shares, members, structured = pool.n_adapters, pool.shares, pool.members, pool.structured
+    sq_norms, duplicates, threshold, reference = pool.sq_norms, pool.duplicates, pool.threshold, pool.reference
+    in_subspace, held_out, direction, module_direction = (
+        pool.in_subspace,
+        pool.held_out,
+        pool.direction,
+        pool.module_direction,
+    )
     trusted = set(reference or ())
     copies = {k for group in duplicates for k in group[1:]}
     rules = _Rules(K, trusted, reference is not None, excluded | copies)
