@@ -102,7 +102,7 @@ SCENARIOS = [
         solver="fast",
     ),
 ]
-# Attacks inside the shared subspace (rule 5), on pools whose benign clients agree
+# Attacks inside the shared subspace (rule 4), on pools whose benign clients agree
 # (spread 0.3: a common update plus deviations 0.3 its size), agree loosely (spread 1.0),
 # or share only the subspace (independent coefficients, as in the rows above).
 for label, spread in (("consensus, spread 0.3", 0.3), ("consensus, spread 1.0", 1.0), ("no consensus", None)):
@@ -126,7 +126,7 @@ def run(seeds: int, only: str | None = None) -> list[dict]:
             mods = make_pool(seed=seed, **sc.pool)
             if sc.tamper:
                 sc.tamper(mods)
-            for i, second in enumerate((True, False)):  # with and without rule 5 (in-subspace)
+            for i, second in enumerate((True, False)):  # with and without rule 4 (in-subspace)
                 aud = ClairAuditor(solver=sc.solver, in_subspace=second)  # type: ignore[arg-type]
                 got = flagged(aud.fit(mods, sc.K))
                 hits[i] += len(got & set(sc.bad))
@@ -154,7 +154,7 @@ def main() -> None:
     rows = run(args.seeds, args.only)
     print(
         "| scenario | pools | contaminated flagged | benign flagged "
-        "| without rule 5: flagged / benign flagged | s / pool |"
+        "| without the in-subspace rule: flagged / benign flagged | s / pool |"
     )
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -112,7 +112,7 @@ class ClairAuditor:
             (:mod:`clair_cli.core.fastpath`), or ``"auto"``: fast when a module's
             adapter ranks sum to more than ``FAST_PATH_MIN_SUM_RANK``.
         in_subspace: also test where each update sits inside the shared subspace
-            (rule 5, :mod:`clair_cli.core.insubspace`: sign-flipped updates).
+            (rule 4, :mod:`clair_cli.core.insubspace`: sign-flipped updates).
     """
 
     def __init__(

@@ -16,13 +16,14 @@ count; magnitude is the norm rule's.
   Gram matrix (:func:`centre_distances`); it tolerates up to half the pool being
   anywhere, so attackers cannot drag it;
 - the statistic is ``log ||X_k - M||`` against its robust spread over the pool (median,
-  1.4826 MAD): honest heterogeneity (clients that agree only loosely) widens the spread
+  Qn, others only): honest heterogeneity (clients that agree only loosely) widens the spread
   and so raises the bar, which is the price of not flagging honest clients.
 
 :func:`clair_cli.core.verdict.decide` flags an adapter when, on some module with shared
-structure, its distance exceeds ``median + max(z sigma, log IN_SUBSPACE_FACTOR)``: at
-least ``IN_SUBSPACE_FACTOR`` times the typical distance and a robust outlier
-(Bonferroni over modules, as for the off-subspace share).
+structure, its log-distance exceeds the others' median by ``max(c sigma, log
+IN_SUBSPACE_FACTOR)`` (rule 4: ``c`` calibrated for the pool size at ``ALPHA / M``, see
+:mod:`clair_cli.core.calibration`): at least ``IN_SUBSPACE_FACTOR`` times the typical
+distance and a robust outlier.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def centre_distances(G: torch.Tensor, fit_on: torch.Tensor | None = None) -> tup
 
 
 def unit_centre_distances(Gx: torch.Tensor, norms: torch.Tensor, fit_on: torch.Tensor) -> torch.Tensor | None:
-    """Rule 5's statistic: each in-subspace component over its update's norm (directions only;
+    """Rule 4's statistic: each in-subspace component over its update's norm (directions only;
     magnitudes are rule 3's), its distance from the geometric median of those in ``fit_on``.
     None when no adapter with a non-zero update is in ``fit_on``."""
     fit_on = fit_on & (norms > 0)
@@ -106,7 +107,7 @@ def unit_centre_distances(Gx: torch.Tensor, norms: torch.Tensor, fit_on: torch.T
 
 
 def direction_cosines(C: torch.Tensor, fit_on: torch.Tensor, groups: list[list[int]] | None = None) -> torch.Tensor:
-    """Rule 1's statistic: each adapter's cosine with the geometric median of the *others*.
+    """Rule 1's raw statistic (its floor): each adapter's cosine with the geometric median of the *others*.
 
     ``C`` is the Gram matrix of the adapters' updates with every module scaled to unit norm
     (the sum over modules of their cosine matrices), so each module counts once whatever its
