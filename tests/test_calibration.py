@@ -126,3 +126,29 @@ def test_unrelated_outliers_form_no_group() -> None:
     mods = make_pool(M=4, K=20, d_out=64, d_in=48, noise=0.3, bad=(2, 9, 15), seed=0)
     aud = ClairAuditor().fit(mods, 20)
     assert flagged(aud) == {2, 9, 15} and aud.groups_ == []
+
+
+def test_leave_one_out_cuts_match_one_cut_per_adapter() -> None:
+    from clair_cli.core.calibration import leave_one_out_cuts
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        K = int(torch.randint(3, 25, (1,), generator=g))
+        values = torch.randn(K, generator=g, dtype=torch.float64)
+        if trial % 4 == 0:
+            values[: K // 2] = 1.0  # ties
+        if trial % 5 == 0:
+            values[0] = math.nan
+        basis = torch.rand(K, generator=g) < 0.8
+        fast = leave_one_out_cuts(values, basis, 1e-3, 0.1, 0.2)
+        for k in range(K):
+            if not math.isfinite(float(values[k])):
+                continue
+            mask = basis & torch.isfinite(values)
+            mask[k] = False
+            ref = upper_cut(values[mask], 1e-3, 0.1, 0.2)
+            got = fast[k]
+            assert (ref is None) == (got is None)
+            if ref is not None and got is not None:
+                assert got.centre == pytest.approx(ref.centre, abs=1e-12)
+                assert got.width == pytest.approx(ref.width, rel=1e-9)

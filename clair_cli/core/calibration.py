@@ -34,8 +34,8 @@ import torch
 
 from clair_cli.core.decompose import median
 
-SIMULATED_SETS = 20_000  # at most; fewer for large n (below), where the estimates are steadier
-SIMULATED_PAIRS = 20_000_000  # pairwise distances held at once, summed over a chunk of sets
+SIMULATED_SETS = 20_000  # at most; fewer for large n, where the median and Qn vary less
+SIMULATED_PAIRS = 4_000_000  # pairwise distances simulated in all (at least 2,000 sets)
 QN_TO_SIGMA = 2.2219  # Qn's consistency constant for Gaussian data (large n)
 
 
@@ -49,6 +49,21 @@ def qn_scale(x: torch.Tensor) -> torch.Tensor:
     return QN_TO_SIGMA * pairs.kthvalue(h * (h - 1) // 2, dim=-1).values
 
 
+@lru_cache(maxsize=64)
+def _simulated(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Median and Qn of simulated sets of ``n`` standard normal values (fixed generator)."""
+    g = torch.Generator().manual_seed(n)
+    pairs = n * (n - 1) // 2
+    n_sets = max(2_000, min(SIMULATED_SETS, SIMULATED_PAIRS // pairs))
+    chunk = max(1, SIMULATED_PAIRS // (4 * pairs))  # bounded memory
+    ms, ss = [], []
+    for start in range(0, n_sets, chunk):
+        x = torch.randn(min(chunk, n_sets - start), n, generator=g, dtype=torch.float64)
+        ms.append(x.quantile(0.5, dim=1))
+        ss.append(qn_scale(x))
+    return torch.cat(ms), torch.cat(ss)
+
+
 @lru_cache(maxsize=256)
 def critical_value(n: int, alpha: float) -> float:
     """``c`` with ``P(x > median + c * Qn) = alpha`` for ``n`` + 1 Gaussian draws.
@@ -59,16 +74,7 @@ def critical_value(n: int, alpha: float) -> float:
         return math.inf
     if not 0 < alpha < 0.5:
         raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
-    g = torch.Generator().manual_seed(n)
-    pairs = n * (n - 1) // 2
-    n_sets = max(2_000, min(SIMULATED_SETS, SIMULATED_PAIRS // pairs))
-    chunk = max(1, SIMULATED_PAIRS // (4 * pairs))  # bounded memory: about 160 MB of distances
-    ms, ss = [], []
-    for start in range(0, n_sets, chunk):
-        x = torch.randn(min(chunk, n_sets - start), n, generator=g, dtype=torch.float64)
-        ms.append(x.quantile(0.5, dim=1))
-        ss.append(qn_scale(x))
-    m, s = torch.cat(ms), torch.cat(ss)
+    m, s = _simulated(n)
 
     def tail(c: float) -> float:
         return float(torch.special.ndtr(-(m + c * s)).mean())
@@ -111,3 +117,43 @@ def upper_cut(basis: torch.Tensor, alpha: float, floor: float, relative: float =
     centre = median(basis)
     sigma = float(qn_scale(basis.double()))
     return Cut(centre, max(critical_value(int(basis.numel()), alpha) * sigma, floor, relative * abs(centre)))
+
+
+def leave_one_out_cuts(
+    values: torch.Tensor, basis: torch.Tensor, alpha: float, floor: float, relative: float = 0.0
+) -> list[Cut | None]:
+    """For every adapter, :func:`upper_cut` on the values in ``basis`` (a mask) other than its
+    own, computed together: one sort and one batch of pairwise distances instead of one per
+    adapter (the same numbers; ``tests/test_calibration.py`` checks them against the loop).
+    """
+    K = values.numel()
+    idx = torch.nonzero(basis & torch.isfinite(values), as_tuple=True)[0]
+    x = values[idx].double()
+    n = x.numel()
+    shared = upper_cut(x, alpha, floor, relative)  # for adapters outside the basis
+    out: list[Cut | None] = [shared] * K
+    if n < 4:  # leaving one out leaves fewer than 3
+        for k in idx.tolist():
+            out[k] = None
+        return out
+    m = n - 1
+    # Medians without each member: the sorted values without its position q.
+    xs, order = torch.sort(x)
+    rank = torch.empty(n, dtype=torch.long)
+    rank[order] = torch.arange(n)
+    lo_i, hi_i = (m - 1) // 2, m // 2  # the middle one or two of m sorted values
+
+    def without(i: int) -> torch.Tensor:  # the i-th smallest remaining value, for each member
+        return torch.where(rank > i, xs[i], xs[min(i + 1, n - 1)])
+
+    centres = 0.5 * (without(lo_i) + without(hi_i))
+    # Qn without each member: every pairwise distance not involving it.
+    i, j = torch.triu_indices(n, n, 1)
+    dist = (x[i] - x[j]).abs()
+    involved = (i[None, :] == torch.arange(n)[:, None]) | (j[None, :] == torch.arange(n)[:, None])
+    h = m // 2 + 1
+    spreads = QN_TO_SIGMA * dist.expand(n, -1).masked_fill(involved, math.inf).kthvalue(h * (h - 1) // 2, dim=1).values
+    c = critical_value(m, alpha)
+    for k, centre, spread in zip(idx.tolist(), centres.tolist(), spreads.tolist(), strict=True):
+        out[k] = Cut(centre, max(c * spread, floor, relative * abs(centre)))
+    return out

@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clair_cli.core.calibration import Cut, critical_value, qn_scale, upper_cut
+from clair_cli.core.calibration import Cut, critical_value, leave_one_out_cuts, qn_scale
 from clair_cli.core.decompose import median
 
 ALPHA = 1e-3  # per rule: the probability that an honest adapter trips it (Gaussian model)
@@ -94,10 +94,9 @@ def duplicate_groups(cosine: torch.Tensor) -> list[list[int]]:
             i = parent[i]
         return i
 
-    for i in range(K):
-        for j in range(i + 1, K):
-            if cosine[i, j] > DUPLICATE_COSINE:
-                parent[find(j)] = find(i)
+    above = torch.triu(cosine > DUPLICATE_COSINE, diagonal=1)
+    for i, j in torch.nonzero(above).tolist():  # in row-major order, as the loop over pairs was
+        parent[find(j)] = find(i)
     groups: dict[int, list[int]] = {}
     for i in range(K):
         groups.setdefault(find(i), []).append(i)
@@ -125,16 +124,8 @@ class _Rules:
         """Per adapter, the cut from the others' values (finite ones, not ``excluded``; in a
         gate, the references' values, from ``calibration`` where given)."""
         calib = values if calibration is None else calibration
-        basis = self.basis(calib)
-        out: list[Cut | None] = []
-        for k in range(len(values)):
-            if not bool(torch.isfinite(values[k])):
-                out.append(None)
-                continue
-            mask = basis.clone()
-            mask[k] = False
-            out.append(upper_cut(calib[mask], alpha, floor, relative))
-        return out
+        cuts = leave_one_out_cuts(calib, self.basis(calib), alpha, floor, relative)
+        return [cut if bool(torch.isfinite(values[k])) else None for k, cut in enumerate(cuts)]
 
     def basis(self, calib: torch.Tensor) -> torch.Tensor:
         """Which adapters' values set a threshold: finite, not excluded, references in a gate."""
