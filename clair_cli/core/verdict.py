@@ -97,10 +97,10 @@ def duplicate_groups(cosine: torch.Tensor) -> list[list[int]]:
     above = torch.triu(cosine > DUPLICATE_COSINE, diagonal=1)
     for i, j in torch.nonzero(above).tolist():  # in row-major order, as the loop over pairs was
         parent[find(j)] = find(i)
-    groups: dict[int, list[int]] = {}
+    components: dict[int, list[int]] = {}
     for i in range(K):
-        groups.setdefault(find(i), []).append(i)
-    return [g for g in groups.values() if len(g) > 1]
+        components.setdefault(find(i), []).append(i)
+    return [g for g in components.values() if len(g) > 1]
 
 
 class _Rules:
