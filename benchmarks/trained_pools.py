@@ -45,6 +45,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from benchmarks import tasks
+from clair_cli.io.peft_writer import AtomicDir
 from experiments.text_copy import train
 
 BASE_NAME = "base_model"  # every adapter's base_model_name_or_path: the pool's base_model/ folder
@@ -265,41 +266,36 @@ def generate_seed(cache: Path, seed: int, task_names: list[str], scenarios: list
 
 def write_pool(base_dir: Path, clients: list[Client], target: Path, task: str, seed: int, scenario: str) -> None:
     """One pool directory: base_model/, client_NN/ (benign first), MANIFEST.json; replaced atomically."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    shutil.copytree(base_dir, tmp / "base_model")
-    names = {c.name: f"client_{k + 1:02d}" for k, c in enumerate(clients)}
-    adapters = {}
-    for c in clients:
-        shutil.copytree(c.directory, tmp / names[c.name])
-        info = {k: v for k, v in c.info.items() if not k.startswith("_")}
-        if "_source" in c.info:
-            info["copy_of"] = names[c.info["_source"].name]
-        adapters[names[c.name]] = info
-    manifest = {
-        "task": task,
-        "seed": seed,
-        "scenario": scenario,
-        "base_model": BASE_NAME,
-        "base_model_dir": "base_model",
-        "generator": "python -m benchmarks.trained_pools",
-        "setup": {
-            "n_train": N_TRAIN[task],
-            "n_test": N_TEST,
-            "pretrain_steps": PRETRAIN_STEPS,
-            "dirichlet_concentration": CONCENTRATION[task],
-            "lora": asdict(SETUP),
-            "boost": BOOST,
-            "replacement_boost": REPLACEMENT_BOOST,
-            "free_rider_scale": FREE_RIDER_SCALE,
-        },
-        "adapters": adapters,
-    }
-    (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    old = target.with_name(target.name + ".old")
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    with AtomicDir(target, force=True) as tmp:
+        shutil.copytree(base_dir, tmp / "base_model")
+        names = {c.name: f"client_{k + 1:02d}" for k, c in enumerate(clients)}
+        adapters = {}
+        for c in clients:
+            shutil.copytree(c.directory, tmp / names[c.name])
+            info = {k: v for k, v in c.info.items() if not k.startswith("_")}
+            if "_source" in c.info:
+                info["copy_of"] = names[c.info["_source"].name]
+            adapters[names[c.name]] = info
+        manifest = {
+            "task": task,
+            "seed": seed,
+            "scenario": scenario,
+            "base_model": BASE_NAME,
+            "base_model_dir": "base_model",
+            "generator": "python -m benchmarks.trained_pools",
+            "setup": {
+                "n_train": N_TRAIN[task],
+                "n_test": N_TEST,
+                "pretrain_steps": PRETRAIN_STEPS,
+                "dirichlet_concentration": CONCENTRATION[task],
+                "lora": asdict(SETUP),
+                "boost": BOOST,
+                "replacement_boost": REPLACEMENT_BOOST,
+                "free_rider_scale": FREE_RIDER_SCALE,
+            },
+            "adapters": adapters,
+        }
+        (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 # -- reading pools back ------------------------------------------------------------------

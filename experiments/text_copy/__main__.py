@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from clair_cli.io.peft_writer import AtomicDir
+
 from . import evaluate, task, train
 
 BASE_NAME = "sample_adapters/base_model"
@@ -208,25 +210,20 @@ def plot_spectra(spectra: dict[str, list[float]], path: Path) -> None:
 
 def write_samples(base_dir: Path, clients: list[Client], target: Path, setup: str) -> None:
     """Replace ``target`` with the main pool, its base model and MANIFEST.json (atomically)."""
-    tmp = Path(tempfile.mkdtemp(prefix=".samples-", dir=target.parent))
-    tmp.chmod(0o755)
-    shutil.copytree(base_dir, tmp / "base_model")
-    for c in clients:
-        shutil.copytree(c.directory, tmp / c.name)
-    manifest = {
-        "base_model": BASE_NAME,
-        "base_model_dir": "base_model",
-        "task": "text copying (BOS x SEP_COPY x EOS)",
-        "generator": "python -m experiments.text_copy (make experiment)",
-        "setup": setup,
-        "adapters": {c.name: {"contaminated": c.kind != "benign", "kind": c.kind} for c in clients},
-    }
-    (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    old = target.with_name(target.name + ".old")
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    with AtomicDir(target, force=True) as tmp:
+        tmp.chmod(0o755)
+        shutil.copytree(base_dir, tmp / "base_model")
+        for c in clients:
+            shutil.copytree(c.directory, tmp / c.name)
+        manifest = {
+            "base_model": BASE_NAME,
+            "base_model_dir": "base_model",
+            "task": "text copying (BOS x SEP_COPY x EOS)",
+            "generator": "python -m experiments.text_copy (make experiment)",
+            "setup": setup,
+            "adapters": {c.name: {"contaminated": c.kind != "benign", "kind": c.kind} for c in clients},
+        }
+        (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def run_seed(seed: int, samples: Path | None) -> dict:
