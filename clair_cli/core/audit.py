@@ -282,7 +282,9 @@ class ClairAuditor:
             # or the references: each reference against the others).
             module_centre = torch.zeros(len(A), dtype=torch.bool)
             module_centre[fit_on] = True
-            direction = centre_cosines(cosine_from_gram(G), module_centre, fit_on if reference is not None else ())
+            direction = centre_cosines(
+                cosine_from_gram(G), module_centre, {j: [j] for j in fit_on} if reference is not None else None
+            )
             results.append(
                 ModuleResult(
                     name=mod.name,

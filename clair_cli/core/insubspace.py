@@ -29,7 +29,7 @@ distance and a robust outlier.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -115,33 +115,24 @@ def direction_cosines(C: torch.Tensor, fit_on: torch.Tensor, groups: list[list[i
     k's duplicate group (``groups``), so neither k nor its copies shape what it is measured
     against. NaN for an adapter with a zero update or an empty centre.
     """
-    C = C.double()
-    K = C.shape[0]
-    norms = C.diagonal().clamp_min(0).sqrt()
     group_of = {k: g for g in groups or () for k in g}
-    out = torch.full((K,), float("nan"), dtype=torch.float64)
-    for k in range(K):
-        mask = fit_on & (norms > 0)
-        mask[group_of.get(k, [k])] = False
-        if norms[k] <= 0 or not bool(mask.any()):
-            continue
-        _, w = centre_distances(C, mask)
-        centre_sq = float(w @ C @ w)
-        if centre_sq > 0:
-            out[k] = float(C[k] @ w) / (math.sqrt(centre_sq) * float(norms[k]))
-    return out
+    return centre_cosines(C, fit_on, {k: group_of.get(k, [k]) for k in range(C.shape[0])})
 
 
-def centre_cosines(C: torch.Tensor, fit_on: torch.Tensor, leave_out: Sequence[int] = ()) -> torch.Tensor:
+def centre_cosines(
+    C: torch.Tensor, fit_on: torch.Tensor, leave_out: Mapping[int, Sequence[int]] | None = None
+) -> torch.Tensor:
     """Each adapter's cosine with the geometric median of the unit updates in ``fit_on``.
 
-    ``C`` is one module's cosine matrix. For the adapters in ``leave_out`` (the references of
-    a gate, which would otherwise be measured against a centre they shaped) the centre is
-    fitted without them. NaN for a zero update or an empty centre.
+    ``C`` is a cosine (or unit-update Gram) matrix. For an adapter k in ``leave_out`` the
+    centre is fitted without ``leave_out[k]`` (the references of a gate, which would otherwise
+    be measured against a centre they shaped; every adapter, and its copies, for rule 1).
+    NaN for a zero update or an empty centre.
     """
     C = C.double()
     norms = C.diagonal().clamp_min(0).sqrt()
     fit_on = fit_on & (norms > 0)
+    leave_out = leave_out or {}
     out = torch.full((C.shape[0],), float("nan"), dtype=torch.float64)
 
     def cosines(mask: torch.Tensor) -> torch.Tensor | None:
@@ -153,12 +144,12 @@ def centre_cosines(C: torch.Tensor, fit_on: torch.Tensor, leave_out: Sequence[in
             return None
         return (C @ w) / (math.sqrt(centre_sq) * norms.clamp_min(1e-300))
 
-    shared = cosines(fit_on)
+    shared = cosines(fit_on) if len(leave_out) < C.shape[0] else None
     if shared is not None:
         out = torch.where(norms > 0, shared, out)
-    for j in leave_out:
+    for j, without in leave_out.items():
         mask = fit_on.clone()
-        mask[j] = False
+        mask[list(without)] = False
         own = cosines(mask)
         out[j] = float("nan") if own is None or norms[j] <= 0 else own[j]
     return out

@@ -361,9 +361,13 @@ def _decide(pool: _PoolSignals, excluded: set[int], suspects: set[int]) -> list[
         log_odds = {n: logit(o) for n, o in measured.items()}
         calib_odds = {n: logit((calibration or {}).get(n, o)) for n, o in measured.items()}
         z = rules.standardised_mean(log_odds, members, calib_odds)
-        z_calib = rules.standardised_mean(calib_odds, members, calib_odds)
         mean = rules.mean(log_odds, members)
-        raw = rules.cuts(mean, ALPHA, 0.0, rules.mean(calib_odds, members))
+        if calibration is None:  # the values are their own calibration
+            z_calib, calib_mean = z, mean
+        else:
+            z_calib = rules.standardised_mean(calib_odds, members, calib_odds)
+            calib_mean = rules.mean(calib_odds, members)
+        raw = rules.cuts(mean, ALPHA, 0.0, calib_mean)
         off_effect = torch.full((K,), math.nan, dtype=torch.float64)
         for k, cut in enumerate(rules.cuts(z, ALPHA, 0.0, z_calib)):
             if cut is None or raw[k] is None:
