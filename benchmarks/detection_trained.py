@@ -374,9 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": round(time.perf_counter() - start, 1),
         "pools": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    trained_pools.log_err(f"wrote {args.out} ({time.perf_counter() - start:.0f} s)")
+    trained_pools.write_results(args.out, payload, start)
     return 0
 
 

@@ -377,7 +377,6 @@ def main(argv: list[str] | None = None) -> int:
             trained_pools.log_err(f"  note: {note}")
     text = tables(results)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": "merge quality on trained LoRA pools (benchmarks/merge_quality.py)",
         "seeds": seeds,
@@ -395,8 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": round(time.perf_counter() - start, 1),
         "pools": results,
     }
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    trained_pools.log_err(f"wrote {args.out} ({time.perf_counter() - start:.0f} s)")
+    trained_pools.write_results(args.out, payload, start)
     return 0
 
 

@@ -340,6 +340,13 @@ def default_cache() -> Path:
     return Path(tempfile.gettempdir()) / "clair-trained-pools"
 
 
+def write_results(out: Path, payload: dict, start: float) -> None:
+    """A benchmark's JSON results, and a line saying where they went and how long it took."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    log_err(f"wrote {out} ({time.perf_counter() - start:.0f} s)")
+
+
 def log_err(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
