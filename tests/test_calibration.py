@@ -67,6 +67,25 @@ def test_sign_flips_are_caught_by_direction_where_clients_agree_loosely() -> Non
         assert all(any(r["kind"] == "direction" for r in aud.verdicts_[k].reasons) for k in (5, 6))
 
 
+def test_another_task_is_caught_by_direction_where_few_modules_agree() -> None:
+    # 16 clients that agree on 2 of 12 modules and barely on the rest (deviations 8x the
+    # common update), and one adapter of another task. The modules without agreement carry no
+    # evidence of direction; weighing them equally hid this adapter in one seed of six.
+    from clair_cli.core.audit import ModuleInput
+    from clair_cli.core.synthetic import make_module
+
+    for seed in range(6):
+        mods = []
+        for m in range(12):
+            spread = 0.6 if m < 2 else 8.0
+            A, B, s, _ = make_module(K=16, d_out=48, d_in=40, noise=0.3, spread=spread, seed=100 * seed + m)
+            A2, B2, s2, _ = make_module(K=1, d_out=48, d_in=40, noise=0.3, spread=0.6, seed=100 * seed + 50 + m)
+            mods.append(ModuleInput(f"layers.{m}.q_proj", list(range(17)), A + A2, B + B2, s + s2))
+        aud = ClairAuditor().fit(mods, 17)
+        assert flagged(aud) == {16}
+        assert any(r["kind"] == "direction" for r in aud.verdicts_[16].reasons)
+
+
 def test_a_free_rider_is_flagged_for_its_small_norm() -> None:
     mods = make_pool(M=3, K=16, noise=0.3, spread=0.5, seed=1)
     _tamper(mods, (3,), 1e-3)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from synthetic import flagged, make_module, make_pool
 
 from clair_cli.core.audit import ClairAuditor
-from clair_cli.core.insubspace import centre_distances, in_subspace_gram
+from clair_cli.core.insubspace import centre_cosines, centre_distances, centre_weights, in_subspace_gram
 
 
 @pytest.mark.parametrize("side", ["out", "in"])
@@ -90,3 +92,35 @@ def test_gate_scores_candidates_against_the_reference_centre() -> None:
     _flip(mods, (18, 19))
     aud = ClairAuditor().fit(mods, 20, reference=list(range(15)))
     assert flagged(aud) == {18, 19}
+
+
+def test_batched_centres_match_one_at_a_time() -> None:
+    g = torch.Generator().manual_seed(3)
+    points = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    G = points @ points.T
+    masks = torch.rand(5, 9, generator=g) < 0.7
+    masks[:, 0] = True
+    W = centre_weights(G, masks)
+    for p in range(5):
+        _, w = centre_distances(G, masks[p])
+        assert torch.allclose(W[p], w, atol=1e-9)
+        assert bool((W[p][~masks[p]] == 0).all())
+
+
+def test_centre_cosines_leave_one_out_match_a_centre_fitted_without_each() -> None:
+    g = torch.Generator().manual_seed(4)
+    points = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    G = points @ points.T
+    fit_on = torch.ones(8, dtype=torch.bool)
+    got = centre_cosines(G, fit_on, {k: [k] for k in range(8)})
+    for k in range(8):
+        mask = fit_on.clone()
+        mask[k] = False
+        _, w = centre_distances(G, mask)
+        centre = w @ points
+        want = float(points[k] @ centre / (points[k].norm() * centre.norm()))
+        assert float(got[k]) == pytest.approx(want, abs=1e-9)
+    # Without leave_out one centre is shared; a zero update has no cosine.
+    points[2] = 0
+    shared = centre_cosines(points @ points.T, fit_on)
+    assert math.isnan(float(shared[2])) and not bool(shared[[0, 1, 3]].isnan().any())

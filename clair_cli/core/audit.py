@@ -278,13 +278,12 @@ class ClairAuditor:
                 centre_on[[j for j, c in zip(fit_on, main.collaborators_.tolist(), strict=True) if c]] = True
                 Gx = in_subspace_gram(A, B, mod.scales, main.subspace_, used[0][1], grams).double().cpu()
                 distances = unit_centre_distances(Gx, norms, centre_on)
-            # Each update's cosine with the module's centre (fitted on the representatives,
-            # or the references: each reference against the others).
+            # Each update's cosine with the module's centre, fitted on the representatives (or
+            # the references) other than itself and the one it copies: a centre it did not shape.
             module_centre = torch.zeros(len(A), dtype=torch.bool)
             module_centre[fit_on] = True
-            direction = centre_cosines(
-                cosine_from_gram(G), module_centre, {j: [j] for j in fit_on} if reference is not None else None
-            )
+            leave_out = {j: [j] for j in fit_on} if reference is not None else {j: [rep[j]] for j in range(len(A))}
+            direction = centre_cosines(cosine_from_gram(G), module_centre, leave_out)
             results.append(
                 ModuleResult(
                     name=mod.name,

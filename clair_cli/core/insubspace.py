@@ -28,7 +28,6 @@ distance and a robust outlier.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -75,24 +74,37 @@ def centre_distances(G: torch.Tensor, fit_on: torch.Tensor | None = None) -> tup
         ``(distances, weights)``: ``||x_k - M||`` for every k, and ``w`` (zero outside ``fit_on``).
     """
     G = G.double()
-    K = G.shape[0]
-    mask = torch.ones(K, dtype=torch.bool) if fit_on is None else fit_on.clone()
-    w = mask.double() / mask.sum()
-    scale = float(G.diagonal().clamp_min(0).sqrt().max()) or 1.0
-    eps = 1e-12 * scale
+    mask = torch.ones(G.shape[0], dtype=torch.bool) if fit_on is None else fit_on
+    w = centre_weights(G, mask[None, :])[0]
+    return _distances(G, w[None, :])[0], w
 
-    def dist(w: torch.Tensor) -> torch.Tensor:
-        return (G.diagonal() - 2 * (G @ w) + w @ G @ w).clamp_min(0).sqrt()
 
+def _distances(G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Row p: every point's distance to ``sum_j W[p, j] x_j``."""
+    GW = W @ G  # G is symmetric: row p is G w_p
+    return (G.diagonal()[None, :] - 2 * GW + (GW * W).sum(1, keepdim=True)).clamp_min(0).sqrt()
+
+
+def centre_weights(G: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Weiszfeld's weights of the geometric median of the points in each row of ``masks``
+    (``P x K``, at least one point a row), all rows iterated at once; ``P x K``, zero
+    outside the row's mask. Each row stops moving once it has converged."""
+    G = G.double()
+    masks = masks.bool()
+    W = masks.double() / masks.sum(1, keepdim=True)
+    eps = 1e-12 * (float(G.diagonal().clamp_min(0).sqrt().max()) or 1.0)
+    active = torch.ones(W.shape[0], dtype=torch.bool)
     for _ in range(WEISZFELD_ITERATIONS):
-        d = dist(w)
-        inv = torch.where(mask, 1 / d.clamp_min(eps), torch.zeros_like(d))
-        new = inv / inv.sum()
-        if float((new - w).abs().max()) < 1e-10:
-            w = new
+        rows = active.nonzero().flatten()
+        d = _distances(G, W[rows])
+        inv = torch.where(masks[rows], 1 / d.clamp_min(eps), torch.zeros_like(d))
+        new = inv / inv.sum(1, keepdim=True)
+        done = (new - W[rows]).abs().amax(1) < 1e-10
+        W[rows] = new
+        active[rows[done]] = False
+        if not bool(active.any()):
             break
-        w = new
-    return dist(w), w
+    return W
 
 
 def unit_centre_distances(Gx: torch.Tensor, norms: torch.Tensor, fit_on: torch.Tensor) -> torch.Tensor | None:
@@ -134,22 +146,25 @@ def centre_cosines(
     fit_on = fit_on & (norms > 0)
     leave_out = leave_out or {}
     out = torch.full((C.shape[0],), float("nan"), dtype=torch.float64)
-
-    def cosines(mask: torch.Tensor) -> torch.Tensor | None:
-        if not bool(mask.any()):
-            return None
-        _, w = centre_distances(C, mask)
-        centre_sq = float(w @ C @ w)
-        if centre_sq <= 0:
-            return None
-        return (C @ w) / (math.sqrt(centre_sq) * norms.clamp_min(1e-300))
-
-    shared = cosines(fit_on) if len(leave_out) < C.shape[0] else None
-    if shared is not None:
-        out = torch.where(norms > 0, shared, out)
-    for j, without in leave_out.items():
+    K = C.shape[0]
+    left = list(leave_out)
+    plain = [k for k in range(K) if k not in leave_out]
+    masks = [fit_on] if plain else []  # one centre for everyone else, one per adapter left out
+    for k in left:
         mask = fit_on.clone()
-        mask[list(without)] = False
-        own = cosines(mask)
-        out[j] = float("nan") if own is None or norms[j] <= 0 else own[j]
-    return out
+        mask[list(leave_out[k])] = False
+        masks.append(mask)
+    if not masks:
+        return out
+    M = torch.stack(masks)
+    W = torch.zeros(M.shape, dtype=torch.float64)
+    fitted = M.any(1)
+    if bool(fitted.any()):
+        W[fitted] = centre_weights(C, M[fitted])
+    WC = W @ C
+    centre_sq = (WC * W).sum(1)
+    cos = WC / (centre_sq.clamp_min(1e-300).sqrt()[:, None] * norms.clamp_min(1e-300)[None, :])
+    owner = torch.zeros(K, dtype=torch.long)  # the row of M each adapter is measured against
+    owner[left] = torch.arange(len(masks) - len(left), len(masks))
+    ok = (fitted & (centre_sq > 0))[owner] & (norms > 0)
+    return torch.where(ok, cos[owner, torch.arange(K)], out)

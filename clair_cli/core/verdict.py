@@ -12,9 +12,10 @@ minimum effect size in the statistic's own units. The rules:
 1. **Direction** (``direction``): the cosine between the adapter's update and the geometric
    median of the other adapters' updates, every module's update scaled to unit norm first so
    that each module counts once. Sign flips, label flips and updates of another task point
-   elsewhere. The per-module cosines are standardised (median, Qn over the pool) before
-   averaging, so modules where the pool agrees tightly weigh more. Floor: the averaged raw
-   cosine must have dropped by 0.1 and by half the typical cosine; where the typical cosine
+   elsewhere. Each module's cosine is taken with that module's centre fitted without the
+   adapter, standardised (median, Qn over the pool) and averaged with weight median / Qn,
+   so the modules where the pool agrees on a direction carry the evidence. Floor: the raw
+   cosine must have dropped by 0.1 and to 0.4 of the typical cosine; where the typical cosine
    is below 0.1 the others agree on no direction, the centre is noise, and the rule is off.
 2. **Off-subspace, over all modules** (``off_subspace``): ``logit(o_km)``, the log-odds of
    the share of the update outside the shared subspace, standardised per module and averaged
@@ -57,8 +58,8 @@ PASSES = 5  # at most; stops when the flagged set repeats
 POINTING = ("direction", "off_subspace", "joint")  # the rules whose near-misses leave their bases
 EXCLUDE_ALPHA = 0.02  # how near a miss: past the threshold at this false-flag rate
 DUPLICATE_COSINE = 0.999
-DIRECTION_FLOOR = 0.1  # of cosine, and at least half the typical cosine
-DIRECTION_RELATIVE_FLOOR = 0.5
+DIRECTION_FLOOR = 0.1  # of cosine, and at least 0.6 of the typical cosine
+DIRECTION_RELATIVE_FLOOR = 0.6
 OFF_SUBSPACE_ODDS_FLOOR = 3.0
 MODULE_ODDS_FLOOR = 10.0  # one module alone must be decisively off: odds 10x the typical
 IN_SUBSPACE_FACTOR = 3.0
@@ -150,12 +151,20 @@ class _Rules:
         values: dict[str, torch.Tensor],
         members: dict[str, list[int]],
         calibration: dict[str, torch.Tensor] | None = None,
+        by_agreement: bool = False,
     ) -> torch.Tensor:
         """Per adapter, the mean over modules of ``(x - median) / Qn``, centre and spread
         taken per module over the basis (from ``calibration`` where given). Modules whose
         basis has no spread carry no evidence and are left out. Standardising first weights
-        each module by how tightly the pool agrees on it."""
-        rows = []
+        each module by how tightly the pool agrees on it.
+
+        With ``by_agreement`` (rule 1, whose values are minus cosines) the mean is weighted
+        by ``max(-median / Qn, 0)``: how many spreads the typical cosine lies above zero.
+        An adapter that shares nothing with the others sits at zero, so that is how far a
+        module lets it fall in units of the module's spread (the weights of the likelihood
+        ratio for "no shared component" under independent Gaussian modules); modules on
+        which the others agree on no direction carry no weight."""
+        rows, weights = [], []
         for name, v in values.items():
             full = self._full(v, members[name])
             calib = self._full((calibration or {}).get(name, v), members[name])
@@ -164,10 +173,14 @@ class _Rules:
                 continue
             spread = float(qn_scale(calib[basis]))
             if spread > 0:
-                rows.append((full - median(calib[basis])) / spread)
-        if not rows:
+                centre = float(median(calib[basis]))
+                rows.append((full - centre) / spread)
+                weights.append(max(-centre / spread, 0.0) if by_agreement else 1.0)
+        if not rows or sum(weights) <= 0:
             return torch.full((len(self.verdicts),), math.nan, dtype=torch.float64)
-        return torch.stack(rows).nanmean(0)
+        z = torch.stack(rows)
+        w = torch.tensor(weights, dtype=torch.float64)[:, None].expand_as(z).where(~z.isnan(), 0.0)
+        return (z.nan_to_num(0.0) * w).sum(0) / w.sum(0)  # NaN where an adapter has no weighed module
 
     def margin(self, k: int, margin: float, signal: str) -> bool:
         """Record a margin; whether it flags (never for a trusted reference)."""
@@ -328,12 +341,13 @@ def _decide(pool: _PoolSignals, excluded: set[int], suspects: set[int]) -> list[
     measured = {n: o for n, o in shares.items() if structured[n]}
 
     rules.extra = suspects  # rules 1, 2 and 2b: also without the adapters they nearly flagged
-    # Rule 1: direction, per module standardised, averaged, against the others' averages;
-    # the raw cosine must also have dropped by the floor.
+    # Rule 1: direction, per module standardised, averaged with the weight of the others'
+    # agreement on it, against the others' averages; the raw cosine must also have dropped by
+    # the floor.
     z_dir = dir_effect = None
     if direction is not None and module_direction:
         per = {n: -c for n, c in module_direction.items()}
-        z_dir = rules.standardised_mean(per, members)
+        z_dir = rules.standardised_mean(per, members, by_agreement=True)
         raw = rules.cuts(-direction.double(), ALPHA, 0.0)
         dir_effect = torch.full((K,), math.nan, dtype=torch.float64)
         for k, cut in enumerate(rules.cuts(z_dir, ALPHA, 0.0)):
