@@ -171,3 +171,35 @@ def test_leave_one_out_cuts_match_one_cut_per_adapter() -> None:
             if ref is not None and got is not None:
                 assert got.centre == pytest.approx(ref.centre, abs=1e-12)
                 assert got.width == pytest.approx(ref.width, rel=1e-9)
+
+
+def test_distances_without_each_member_match_brute_force_on_large_pools() -> None:
+    from clair_cli.core.calibration import _kth_distance_without_each
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1100, generator=g, dtype=torch.float64)  # more members than one chunk
+    x[:300] = torch.round(x[:300] * 4) / 4  # ties
+    t = 275 * 274 // 2
+    got = _kth_distance_without_each(x, t)
+    for k in (0, 1, 299, 700, 1023, 1024, 1099):
+        others = torch.cat([x[:k], x[k + 1 :]])
+        i, j = torch.triu_indices(1099, 1099, 1)
+        want = (others[i] - others[j]).abs().kthvalue(t).values
+        assert float(got[k]) == float(want)
+
+
+def test_closed_form_critical_value_continues_the_simulated_one() -> None:
+    from clair_cli.core import calibration
+
+    for n in (calibration.LARGE_N - 1, calibration.LARGE_N):  # simulated, both parities
+        simulated = calibration.critical_value(n, 1e-3)
+        calibration.LARGE_N, saved = n - 1, calibration.LARGE_N
+        try:
+            closed = calibration.critical_value.__wrapped__(n, 1e-3)
+        finally:
+            calibration.LARGE_N = saved
+        assert closed == pytest.approx(simulated, rel=0.01)
+    # Qn's upward bias at finite n (larger for even n) outweighs its noise: near the quantile.
+    for n in (101, 500, 2000, 2001):
+        assert 3.05 < critical_value(n, 1e-3) < 3.2
+    assert critical_value(100_001, 1e-3) == pytest.approx(3.0902, abs=1e-3)  # the normal quantile

@@ -85,13 +85,15 @@ def _distances(G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     return (G.diagonal()[None, :] - 2 * GW + (GW * W).sum(1, keepdim=True)).clamp_min(0).sqrt()
 
 
-def centre_weights(G: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+def centre_weights(G: torch.Tensor, masks: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
     """Weiszfeld's weights of the geometric median of the points in each row of ``masks``
     (``P x K``, at least one point a row), all rows iterated at once; ``P x K``, zero
-    outside the row's mask. Each row stops moving once it has converged."""
+    outside the row's mask. Each row stops moving once it has converged. ``start``: weights
+    to begin from (restricted to each row's mask), such as the median of a superset."""
     G = G.double()
     masks = masks.bool()
-    W = masks.double() / masks.sum(1, keepdim=True)
+    W = masks.double() if start is None else torch.where(masks, start.double().expand_as(masks), 0.0)
+    W = W / W.sum(1, keepdim=True)
     eps = 1e-12 * (float(G.diagonal().clamp_min(0).sqrt().max()) or 1.0)
     active = torch.ones(W.shape[0], dtype=torch.bool)
     for _ in range(WEISZFELD_ITERATIONS):
@@ -160,7 +162,11 @@ def centre_cosines(
     W = torch.zeros(M.shape, dtype=torch.float64)
     fitted = M.any(1)
     if bool(fitted.any()):
-        W[fitted] = centre_weights(C, M[fitted])
+        # From the median of all of fit_on: leaving one point out moves it by O(1/K).
+        start = centre_weights(C, fit_on[None, :])[0] if bool(fit_on.any()) else None
+        if start is not None and not bool(((start[None, :] > 0) & M[fitted]).any(1).all()):
+            start = None  # some row's points all have zero weight in the full median
+        W[fitted] = centre_weights(C, M[fitted], start)
     WC = W @ C
     centre_sq = (WC * W).sum(1)
     cos = WC / (centre_sq.clamp_min(1e-300).sqrt()[:, None] * norms.clamp_min(1e-300)[None, :])

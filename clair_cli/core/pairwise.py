@@ -36,14 +36,26 @@ def gram(
         Bcat = torch.cat(list(B), dim=1)
         b_gram = Bcat.T @ Bcat
     # out[i, j] = sum over p in block i, q in block j of (B^T B)[p, q] (A A^T)[q, p]:
-    # an elementwise product summed within blocks by the block-indicator matrix.
-    offsets = [0]
-    for a in A:
-        offsets.append(offsets[-1] + a.shape[0])
-    ind = torch.nn.functional.one_hot(block_ids(offsets, b_gram.device), len(A)).to(b_gram.dtype)
-    E = b_gram * a_gram.T
-    s = torch.tensor([float(x) for x in scales], dtype=b_gram.dtype, device=b_gram.device)
-    return s[:, None] * (ind.T @ E @ ind) * s[None, :]
+    # an elementwise product summed within blocks, O((sum r_k)^2) (a product with the
+    # block-indicator matrix would cost K times that).
+    return _block_sums(b_gram * a_gram.T, [a.shape[0] for a in A], scales)
+
+
+def _block_sums(E: torch.Tensor, ranks: Sequence[int], scales: Sequence[float]) -> torch.Tensor:
+    """``s_i s_j`` times the sum of ``E`` over block ``(i, j)`` of the partition by ``ranks``."""
+    K = len(ranks)
+    s = torch.tensor([float(x) for x in scales], dtype=E.dtype, device=E.device)
+    if len(set(ranks)) == 1:  # equal ranks: a reshape
+        r = ranks[0]
+        sums = E.reshape(K, r, K, r).sum(dim=(1, 3))
+    else:
+        offsets = [0]
+        for r in ranks:
+            offsets.append(offsets[-1] + r)
+        ids = block_ids(offsets, E.device)
+        rows = torch.zeros(K, E.shape[1], dtype=E.dtype, device=E.device).index_add_(0, ids, E)
+        sums = torch.zeros(K, K, dtype=E.dtype, device=E.device).index_add_(1, ids, rows)
+    return s[:, None] * sums * s[None, :]
 
 
 def factor_grams(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
