@@ -49,7 +49,7 @@ SECAGG_MARKERS = ("secagg",)
 METRIC_PREFIX = "clair"
 
 
-def lora_config(config: Any) -> AdapterConfig:
+def parse_lora_config(config: Any) -> AdapterConfig:
     """clair's view of a PEFT ``LoraConfig`` (or the dict of one): ranks and scales per module.
 
     Raises:
@@ -161,7 +161,7 @@ class ClairStrategy(FedAvg):
         super().__init__(**kwargs)
         if on_too_few not in TOO_FEW_CHOICES:
             raise UsageError(f"on_too_few={on_too_few!r}: expected one of {', '.join(TOO_FEW_CHOICES)}")
-        self.config = globals()["lora_config"](lora_config)
+        self.config = parse_lora_config(lora_config)
         self.settings = settings
         self.merge_options = merge_options
         self.on_too_few = on_too_few

@@ -87,6 +87,8 @@ def _one_round(reply_state: dict[str, torch.Tensor], config: RecordDict | None =
 
 
 def test_refuses_what_is_not_lora() -> None:
+    with pytest.raises(AdapterFormatError, match="use_dora"):
+        ClairStrategy({"r": 4, "lora_alpha": 8, "use_dora": True})
     with pytest.raises(AdapterFormatError, match="is not a LoRA factor"):
         _one_round(_state(extra={"base_model.model.score.weight": torch.randn(3, 16)}))
     with pytest.raises(IncompatibleAdapters, match="rank 4 in the LoraConfig"):
