@@ -91,7 +91,7 @@ def summary_table(results: list[dict], strategies: list[str], rounds: int) -> li
 
 def round_table(results: list[dict], strategies: list[str], rounds: int, key: str) -> list[str]:
     lines = ["| round | " + " | ".join(strategies) + " |", "|---:|" + "---:|" * len(strategies)]
-    for t in range(rounds + 1):
+    for t in range(0 if key != "aggregate_s" else 1, rounds + 1):
         cells = []
         for name in strategies:
             vals = [r["rounds"][t][key] for r in _runs(results, name, "attack")]
@@ -163,6 +163,10 @@ def markdown(results: list[dict], setup: sim.Setup, seeds: list[int], strategies
         "## Backdoor success per round (attack, mean over seeds)",
         "",
         *round_table(results, strategies, r, "backdoor_success"),
+        "",
+        "## Aggregation time per round, seconds (attack, mean over seeds; one thread, varies with load)",
+        "",
+        *round_table(results, strategies, r, "aggregate_s"),
         "",
         "## clair's detections",
         "",
