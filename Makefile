@@ -11,7 +11,7 @@ BIN       := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 STAMP     := $(VENV)/.clair-installed
 
-.PHONY: install demo test lint experiment samples bench merge-quality clean
+.PHONY: install demo test lint experiment samples bench merge-quality clean install-flower test-flower fl-experiment
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,5 +61,33 @@ bench: install
 merge-quality: install
 	$(BIN)/python -m benchmarks.merge_quality
 
+# Flower (clair[flower]) lives in its own venv: Flower pins older Typer and Rich than clair's
+# default install, and those pins must not leak into .venv.
+VENV_FLOWER  ?= .venv-flower
+BIN_FLOWER   := $(VENV_FLOWER)/bin
+STAMP_FLOWER := $(VENV_FLOWER)/.clair-installed
+
+$(STAMP_FLOWER): pyproject.toml Makefile
+	@test -x $(BIN_FLOWER)/python || $(PYTHON) -m venv $(VENV_FLOWER)
+	@if ! $(BIN_FLOWER)/python -c "import torch" >/dev/null 2>&1; then \
+		$(BIN_FLOWER)/python -m pip install -q $(TORCH_CPU); \
+	fi
+	$(BIN_FLOWER)/python -m pip install -q -e ".[dev,plot,flower]"
+	@touch $@
+
+install-flower: $(STAMP_FLOWER)
+
+# ClairStrategy's tests (a 3-round simulation, about 20 s), the in-memory engine path, and the
+# CLI's tests under Flower's older Typer and Rich.
+test-flower: install-flower
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q tests/test_flower.py \
+		tests/test_federated.py tests/test_cli.py tests/test_commands.py
+
+# The federated experiment: 12 clients (4 attackers), 10 rounds, clair against Flower's FedAvg,
+# FedMedian, FedTrimmedAvg, Krum, MultiKrum and Bulyan, clean and attacked, 3 seeds; writes
+# experiments/federated/results/ (about 25 min on 2 cores).
+fl-experiment: install-flower
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m experiments.federated --out experiments/federated/results
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis
+	rm -rf $(VENV) $(VENV_FLOWER) .pytest_cache .ruff_cache .mypy_cache .hypothesis

@@ -9,7 +9,7 @@ that stay open (memory-mapped) for the whole pass.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -121,6 +121,30 @@ def build_pool(adapters: Sequence[Adapter], intersect: bool = False, method: str
                     hint="Adapters of one base model have equal shapes; check the base models.",
                 )
     return Pool(list(adapters), modules, dropped, _base(next(iter(bases), None)))
+
+
+def pool_from_factors(
+    adapters: Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]],
+    base_model: str | None = None,
+    intersect: bool = False,
+    method: str = "clair",
+) -> Pool:
+    """A pool of adapters held in memory, for the same :func:`audit` and :func:`merge` as files.
+
+    Args:
+        adapters: per adapter name (in pool order), per module ``(A, B, scale)`` with ``A``
+            ``r x d_in``, ``B`` ``d_out x r``; the update is ``scale * B @ A``.
+        base_model: the base model the report names.
+        intersect, method: as in :func:`build_pool`.
+
+    Raises:
+        AdapterFormatError: factors that are not LoRA factors.
+        UsageError, IncompatibleAdapters: as :func:`build_pool`.
+    """
+    from clair_cli.io.memory import MemoryAdapter
+
+    opened = [MemoryAdapter.from_factors(name, modules, base_model) for name, modules in adapters.items()]
+    return build_pool(opened, intersect=intersect, method=method)
 
 
 def iter_modules(

@@ -1,0 +1,277 @@
+"""CLAIR as a Flower strategy: ``ClairStrategy`` for federated LoRA fine-tuning.
+
+Install with ``pip install 'clair[flower]'``. The strategy runs on Flower's Message API
+(``flwr.serverapp.strategy``): it is a ``FedAvg`` whose ``aggregate_train`` reads each
+reply's LoRA state dict (``...lora_A.weight`` / ``...lora_B.weight``, as
+``get_peft_model_state_dict`` writes them), audits the clients' updates with the engine of
+``clair audit``, and returns the collaborators' mean update written as the next global
+LoRA at the configured rank (:mod:`clair_cli.federated` has the math). Each round's
+metrics carry every client's score and verdict; with ``audit_dir`` each round's ``clair
+audit`` JSON report is written there too.
+
+Refused with a :class:`clair_cli.errors.ClairError`: replies that are not LoRA factors
+(other tensors, DoRA, LoRA biases), ranks or modules other than the strategy's
+``LoraConfig``, and masked replies of secure aggregation (clair needs each client's
+factors, which secure aggregation exists to hide).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from logging import INFO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clair_cli.constants import LORA_KEY_RE, PEFT_KEY_PREFIX
+from clair_cli.errors import AdapterFormatError, IncompatibleAdapters, UsageError
+from clair_cli.federated import TOO_FEW_CHOICES, RoundResult, TooFew, aggregate_round
+
+try:
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+    from flwr.serverapp import Grid
+    from flwr.serverapp.strategy import FedAvg
+    from flwr.supercore import log
+except ImportError as exc:  # pragma: no cover - exercised without the extra
+    raise ImportError(
+        "clair_cli.flower needs Flower: pip install 'clair[flower]' "
+        f"(the Message API, flwr.serverapp.strategy; import failed with: {exc})"
+    ) from exc
+
+if TYPE_CHECKING:
+    import torch
+
+    from clair_cli.pipeline import MergeOptions, Settings
+    from clair_cli.types import AdapterConfig
+
+SECAGG_MARKERS = ("secagg",)
+METRIC_PREFIX = "clair"
+
+
+def parse_lora_config(config: Any) -> AdapterConfig:
+    """clair's view of a PEFT ``LoraConfig`` (or the dict of one): ranks and scales per module.
+
+    Raises:
+        AdapterFormatError: not a LoRA config, or DoRA (magnitude vectors are not LoRA factors).
+    """
+    from clair_cli.io.peft_config import parse_config
+
+    data = dict(config.to_dict()) if hasattr(config, "to_dict") else dict(config)
+    for key in ("target_modules", "modules_to_save"):
+        if isinstance(data.get(key), set):
+            data[key] = sorted(data[key])
+    parsed = parse_config(data, "LoraConfig")
+    if parsed.use_dora:
+        raise AdapterFormatError(
+            "LoraConfig: use_dora=True; ClairStrategy aggregates plain LoRA factors",
+            hint="Train without DoRA, or aggregate with a Flower strategy that averages every tensor.",
+        )
+    return parsed
+
+
+def split_state_dict(
+    name: str, state: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, tuple[str, str]]]:
+    """Per module ``(A, B)`` from a LoRA state dict, and the keys they came from.
+
+    Raises:
+        AdapterFormatError: a tensor that is not a LoRA factor, an unpaired factor, or a
+            factor that is not a floating-point matrix.
+    """
+    parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    for key, value in state.items():
+        short = key[len(PEFT_KEY_PREFIX) :] if key.startswith(PEFT_KEY_PREFIX) else key
+        m = LORA_KEY_RE.match(short)
+        ok = m is not None and (
+            (m["part"] in ("lora_A", "lora_B") and m["suffix"] == ".weight")
+            or (m["part"].startswith("lora_embedding") and m["suffix"] is None)
+        )
+        if not ok or m is None:
+            raise AdapterFormatError(
+                f"{name}: {key!r} is not a LoRA factor (expected '<module>.lora_A.weight' / '.lora_B.weight')",
+                hint="Send only get_peft_model_state_dict(model) of a plain LoRA (no modules_to_save, "
+                "bias='none', no DoRA).",
+            )
+        part = "A" if m["part"].endswith("A") else "B"
+        parts.setdefault(m["module"], {})[part] = (key, value)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    keys: dict[str, tuple[str, str]] = {}
+    for module, p in sorted(parts.items()):
+        if set(p) != {"A", "B"}:
+            raise AdapterFormatError(f"{name}: module {module!r} has lora_{next(iter(p))} but not its pair")
+        (ka, A), (kb, B) = p["A"], p["B"]
+        if A.dim() != 2 or B.dim() != 2 or not A.is_floating_point() or not B.is_floating_point():
+            raise AdapterFormatError(
+                f"{name}: module {module!r}: LoRA factors must be floating-point matrices, got "
+                f"{A.dtype} {tuple(A.shape)} and {B.dtype} {tuple(B.shape)}",
+                hint="Integer arrays are what secure aggregation's masking sends; clair needs the factors.",
+            )
+        factors[module] = (A.float(), B.float())
+        keys[module] = (ka, kb)
+    if not factors:
+        raise AdapterFormatError(f"{name}: the reply holds no LoRA factor")
+    return factors, keys
+
+
+def _refuse_secure_aggregation(message: Message) -> None:
+    content = message.content
+    names = [*content.config_records.keys(), *content.array_records.keys(), *content.metric_records.keys()]
+    for record in content.config_records.values():
+        names.extend(record.keys())
+    if any(marker in n.lower() for n in names for marker in SECAGG_MARKERS):
+        raise UsageError(
+            f"node {message.metadata.src_node_id}: the reply carries secure-aggregation records; "
+            "ClairStrategy needs each client's LoRA factors, which secure aggregation hides",
+            hint="Run ClairStrategy without SecAgg/SecAgg+ (the server must see every client's update).",
+        )
+
+
+class ClairStrategy(FedAvg):
+    """Flower's ``FedAvg`` with CLAIR's audit and merge in ``aggregate_train``.
+
+    Args:
+        lora_config: the clients' PEFT ``LoraConfig`` (or its dict): ranks and scales.
+        settings: the audit settings (``clair audit``'s defaults when None).
+        merge_options: how the collaborators' mean is formed (``clair merge``'s defaults).
+        on_too_few: with fewer auditable replies than clair's minimum (5), ``"skip"`` keeps
+            the global LoRA for that round, ``"mean"`` takes every update's plain mean.
+        audit_dir: where to write each round's ``clair audit`` JSON report
+            (``round-001.json``, ...); None writes none.
+        base_model: the base model's name, for the reports.
+        **kwargs: ``FedAvg``'s own arguments (fractions, minimum nodes, keys, ...).
+
+    Attributes:
+        history: per round, a dict of what was decided (clients, flags, scores, reasons,
+            truncation error, fallback, seconds).
+        reports: per round, the ``clair audit`` JSON report (when an audit ran).
+    """
+
+    def __init__(
+        self,
+        lora_config: Any,
+        *,
+        settings: Settings | None = None,
+        merge_options: MergeOptions | None = None,
+        on_too_few: TooFew = "skip",
+        audit_dir: str | Path | None = None,
+        base_model: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if on_too_few not in TOO_FEW_CHOICES:
+            raise UsageError(f"on_too_few={on_too_few!r}: expected one of {', '.join(TOO_FEW_CHOICES)}")
+        self.config = parse_lora_config(lora_config)
+        self.settings = settings
+        self.merge_options = merge_options
+        self.on_too_few = on_too_few
+        self.audit_dir = None if audit_dir is None else Path(audit_dir)
+        self.base_model = base_model or self.config.base_model
+        self.history: list[dict[str, Any]] = []
+        self.reports: dict[int, dict[str, Any]] = {}
+        self._round_arrays: dict[int, ArrayRecord] = {}
+
+    def summary(self) -> None:
+        """Log the strategy's settings (Flower calls it when the run starts)."""
+        log(INFO, "\t├──> CLAIR: LoRA r=%s, alpha=%s", self.config.r, self.config.lora_alpha)
+        log(INFO, "\t│\t└── too few clients to audit: %s", self.on_too_few)
+        super().summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """FedAvg's, remembering the round's global LoRA: updates are measured from it."""
+        self._round_arrays = {server_round: arrays}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Audit the replies' updates, merge the collaborators', return the next global LoRA."""
+        replies = list(replies)
+        for msg in replies:
+            if not msg.has_error():
+                _refuse_secure_aggregation(msg)
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        if not valid:
+            return None, None
+        if server_round not in self._round_arrays:
+            raise UsageError(f"round {server_round}: aggregate_train without configure_train")
+        start = time.perf_counter()
+        valid.sort(key=lambda m: m.metadata.src_node_id)
+        global_state = self._round_arrays[server_round].to_torch_state_dict()
+        global_factors, keys = split_state_dict("the global adapter", global_state)
+        scales = {m: self.config.scale_for(m) for m in global_factors}
+        ranks = {m: self.config.rank_for(m) for m in global_factors}
+        for m, (A, _B) in global_factors.items():
+            if A.shape[0] != ranks[m]:
+                raise IncompatibleAdapters(
+                    f"module {m}: the global adapter has rank {A.shape[0]}, the LoraConfig gives {ranks[m]}",
+                    hint="Give ClairStrategy the LoraConfig the clients train.",
+                )
+        clients: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        weights: list[float] = []
+        for msg in valid:
+            name = f"node-{msg.metadata.src_node_id}"
+            record = next(iter(msg.content.array_records.values()))  # exactly one: checked above
+            clients[name], _ = split_state_dict(name, record.to_torch_state_dict())
+            metrics = next(iter(msg.content.metric_records.values()))
+            weights.append(float(metrics[self.weighted_by_key]))  # type: ignore[arg-type]
+        result = aggregate_round(
+            global_factors,
+            clients,
+            scales,
+            ranks,
+            weights=weights,
+            settings=self.settings,
+            merge_options=self.merge_options,
+            base_model=self.base_model,
+            on_too_few=self.on_too_few,
+        )
+        state = {}
+        for m, (A, B) in result.global_factors.items():
+            ka, kb = keys[m]
+            state[ka] = A.float().contiguous()
+            state[kb] = B.float().contiguous()
+        arrays = ArrayRecord({k: state[k] for k in global_state})  # the global's key order
+        kept = [msg.content for msg, f in zip(valid, result.flagged, strict=True) if not f]
+        metrics = self.train_metrics_aggr_fn(kept, self.weighted_by_key) if kept else MetricRecord()
+        for key, value in self._round_metrics(result, [m.metadata.src_node_id for m in valid]).items():
+            metrics[key] = value
+        self._record(server_round, result, time.perf_counter() - start)
+        return arrays, metrics
+
+    @staticmethod
+    def _round_metrics(result: RoundResult, node_ids: list[int]) -> dict[str, int | float]:
+        out: dict[str, int | float] = {
+            f"{METRIC_PREFIX}-clients": len(node_ids),
+            f"{METRIC_PREFIX}-flagged": sum(result.flagged),
+            f"{METRIC_PREFIX}-fallback": int(result.fallback is not None),
+            f"{METRIC_PREFIX}-truncation-error": max(result.truncation_error.values(), default=0.0),
+        }
+        for node, flag, score in zip(node_ids, result.flagged, result.scores, strict=True):
+            out[f"{METRIC_PREFIX}-flagged-{node}"] = int(flag)
+            out[f"{METRIC_PREFIX}-score-{node}"] = -1.0 if score is None else float(score)
+        return out
+
+    def _record(self, server_round: int, result: RoundResult, seconds: float) -> None:
+        entry = {
+            "round": server_round,
+            "clients": result.names,
+            "flagged": [n for n, f in zip(result.names, result.flagged, strict=True) if f],
+            "scores": dict(zip(result.names, result.scores, strict=True)),
+            "reasons": {n: r for n, r in zip(result.names, result.reasons, strict=True) if r},
+            "truncation_error": {m: round(e, 8) for m, e in result.truncation_error.items()},
+            "fallback": result.fallback,
+            "notes": result.notes,
+            "seconds": round(seconds, 3),
+        }
+        self.history.append(entry)
+        if result.report is not None:
+            report = dict(result.report)
+            report["round"] = server_round
+            self.reports[server_round] = report
+            if self.audit_dir is not None:
+                self.audit_dir.mkdir(parents=True, exist_ok=True)
+                path = self.audit_dir / f"round-{server_round:03d}.json"
+                path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")

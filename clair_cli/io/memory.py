@@ -1,0 +1,115 @@
+"""Adapters held in memory: per module ``(A, B, scale)``, as a federated server receives them.
+
+:class:`MemoryAdapter` has the interface of :class:`clair_cli.io.adapter.Adapter`
+(module table, ``reader()``, ``read_module()``), so a pool of them goes through the
+same pipeline as adapters read from disk (:func:`clair_cli.pipeline.pool_from_factors`).
+Nothing here touches a file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from clair_cli.errors import AdapterFormatError
+from clair_cli.io.adapter import Adapter, ModuleSpec
+from clair_cli.types import AdapterConfig, AdapterRef
+
+if TYPE_CHECKING:
+    import torch
+
+MEMORY_SOURCE_PREFIX = "memory:"
+_SAFETENSORS_DTYPE = {"torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float32": "F32", "torch.float64": "F64"}
+
+Factors = tuple["torch.Tensor", "torch.Tensor", float]
+
+
+class _MemoryReader:
+    """The reader of a :class:`MemoryAdapter`: tensors by key, as a context manager."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def __enter__(self) -> _MemoryReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+class MemoryAdapter(Adapter):
+    """An adapter whose factors are tensors in memory (``A``: ``r x d_in``, ``B``: ``d_out x r``).
+
+    Each module carries its own scale, so updates that are not one LoRA of one config
+    (a client's change ``s B_k A_k - s B_g A_g`` written as factors of rank ``2 r``) are
+    described exactly.
+    """
+
+    @classmethod
+    def from_factors(
+        cls,
+        name: str,
+        modules: Mapping[str, Factors],
+        base_model: str | None = None,
+        fan_in_fan_out: bool = False,
+    ) -> MemoryAdapter:
+        """Check the factors and build the module table.
+
+        Raises:
+            AdapterFormatError: no module, a factor that is not a floating-point matrix,
+                ranks that do not match, or a non-finite scale.
+        """
+        import torch
+
+        if not modules:
+            raise AdapterFormatError(f"{name}: no LoRA module given")
+        specs: dict[str, ModuleSpec] = {}
+        tensors: dict[str, torch.Tensor] = {}
+        for module in sorted(modules):
+            A, B, scale = modules[module]
+
+            def bad(problem: str, module: str = module) -> AdapterFormatError:
+                return AdapterFormatError(f"{name}: module {module!r}: {problem}")
+
+            if not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor):
+                raise bad("factors must be torch tensors")
+            if A.dim() != 2 or B.dim() != 2:
+                raise bad(f"factors must be matrices, got A {tuple(A.shape)} and B {tuple(B.shape)}")
+            if not A.is_floating_point() or not B.is_floating_point():
+                raise bad(f"factors must be floating point, got {A.dtype} and {B.dtype}")
+            if B.shape[1] != A.shape[0] or A.shape[0] == 0:
+                raise bad(f"rank mismatch: A is {tuple(A.shape)}, B is {tuple(B.shape)}")
+            if A.shape[1] == 0 or B.shape[0] == 0:
+                raise bad(f"has an empty dimension: A {tuple(A.shape)}, B {tuple(B.shape)}")
+            if not float(scale) == float(scale) or float(scale) in (float("inf"), float("-inf")):
+                raise bad(f"scale {scale} is not finite")
+            dtype = _SAFETENSORS_DTYPE.get(str(A.dtype), "F32")
+            specs[module] = ModuleSpec(
+                name=module,
+                kind="linear",
+                a_key=f"{module}.lora_A.weight",
+                b_key=f"{module}.lora_B.weight",
+                rank=int(A.shape[0]),
+                d_in=int(A.shape[1]),
+                d_out=int(B.shape[0]),
+                scale=float(scale),
+                dtype=dtype,
+            )
+            tensors[specs[module].a_key] = A.detach()
+            tensors[specs[module].b_key] = B.detach()
+        ref = AdapterRef(name=name, source=MEMORY_SOURCE_PREFIX + name, weights_file=Path(name), config_file=None)
+        config = AdapterConfig(base_model=base_model, fan_in_fan_out=fan_in_fan_out)
+        n_params = sum(int(t.numel()) for t in tensors.values())
+        size = sum(int(t.numel()) * t.element_size() for t in tensors.values())
+        adapter = cls(ref, config, specs, [], file_size=size, n_params=n_params)
+        adapter._tensors = tensors
+        return adapter
+
+    _tensors: dict[str, torch.Tensor]
+
+    def reader(self) -> _MemoryReader:  # type: ignore[override]
+        return _MemoryReader(self._tensors)
