@@ -29,8 +29,11 @@ install: $(STAMP)
 demo: install
 	$(BIN)/clair audit sample_adapters --exit-zero
 
-test: install
+# The whole suite in .venv, then ClairStrategy's CI simulation and the CLI's tests in
+# .venv-flower (Flower's older Typer and Rich), so CI runs the Flower test too.
+test: install install-flower
 	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q tests/test_flower.py tests/test_cli.py
 
 lint: install
 	$(BIN)/ruff check clair_cli tests experiments benchmarks fuzz
