@@ -219,24 +219,29 @@ def aggregate_round(
     report = None
     fallback = None
     timing: dict[str, float] = {}
+
+    def unchanged(report: dict[str, Any] | None, fallback: str) -> RoundResult:
+        """The round keeps the global adapter as it is."""
+        return RoundResult(
+            {m: (A.clone(), B.clone()) for m, (A, B) in global_factors.items()},
+            names,
+            flagged,
+            scores,
+            reasons,
+            report,
+            dict.fromkeys(global_factors, 0.0),
+            fallback,
+            notes,
+            timing | {"total": time.perf_counter() - start},
+        )
+
     need = pipeline.MIN_ADAPTERS["clair"]
     if len(live) < need:
         fallback = on_too_few
         what = "the global adapter is kept unchanged" if on_too_few == "skip" else "their plain mean is taken unaudited"
         notes.append(f"{len(live)} client update(s) to audit, fewer than clair's minimum of {need}: {what}")
         if on_too_few == "skip" or not live:
-            return RoundResult(
-                {m: (A.clone(), B.clone()) for m, (A, B) in global_factors.items()},
-                names,
-                flagged,
-                scores,
-                reasons,
-                None,
-                dict.fromkeys(global_factors, 0.0),
-                fallback,
-                notes,
-                {"total": time.perf_counter() - start},
-            )
+            return unchanged(None, fallback)
         pool = pipeline.pool_from_factors(updates, base_model, method="mean")
         merged = pipeline.merge(pool, "mean", settings, live_weights, merge_options)
     else:
@@ -251,18 +256,7 @@ def aggregate_round(
             reasons[i] = [r["text"] for r in verdict["reasons"]]
         if not outcome.auditor.collaborative_set_:
             notes.append("every client was flagged: the global adapter is kept unchanged")
-            return RoundResult(
-                {m: (A.clone(), B.clone()) for m, (A, B) in global_factors.items()},
-                names,
-                flagged,
-                scores,
-                reasons,
-                report,
-                dict.fromkeys(global_factors, 0.0),
-                "skip",
-                notes,
-                timing | {"total": time.perf_counter() - start},
-            )
+            return unchanged(report, "skip")
         t0 = time.perf_counter()
         merged = pipeline.merge(pool, "clair", settings, live_weights, merge_options, outcome)
         timing["merge"] = time.perf_counter() - t0
