@@ -48,6 +48,8 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 MAX_CONFIG_BYTES = 10 * 1024 * 1024
 
 HUB_PREFIX = "hf://"
+# Overall deadline of one hub file download (CLAIR_HUB_TIMEOUT overrides it), in seconds.
+HUB_DEFAULT_TIMEOUT_S = 300.0
 HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 JSON_SCHEMA_VERSION = 1

@@ -46,6 +46,7 @@ def audit_command(
     """
     from clair_cli import pipeline
     from clair_cli.cli.common import (
+        adapter_files,
         check_report_targets,
         emit_reports,
         exit_code,
@@ -53,17 +54,18 @@ def audit_command(
         open_all,
         progress_bar,
     )
+    from clair_cli.io.paths import input_paths
     from clair_cli.io.sources import SourceOptions
     from clair_cli.report.audit import audit_report
 
     settings = make_settings(method, side, rank, threshold, device, dtype, seed)
-    check_report_targets(json_out, markdown, plot)
+    check_report_targets(json_out, markdown, plot, input_paths(sources, [config]))
     with progress_bar(quiet) as progress:
         adapters = open_all(sources, SourceOptions(subfolder, config, lora_alpha, rslora, base_model), progress)
         pool = pipeline.build_pool(adapters, intersect=intersect)
         outcome = pipeline.audit(pool, settings, progress)
     report = audit_report(outcome)
-    emit_reports(report, json_out, markdown, plot, quiet)
+    emit_reports(report, json_out, markdown, plot, quiet, adapter_files(adapters))
     exit_code(report, exit_zero)
 
 

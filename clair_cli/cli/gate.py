@@ -44,6 +44,7 @@ def gate_command(
     """
     from clair_cli import pipeline
     from clair_cli.cli.common import (
+        adapter_files,
         check_report_targets,
         emit_reports,
         exit_code,
@@ -52,13 +53,14 @@ def gate_command(
         progress_bar,
     )
     from clair_cli.errors import UsageError
+    from clair_cli.io.paths import input_paths, printable
     from clair_cli.io.sources import SourceOptions
     from clair_cli.report.audit import audit_report
 
     if not reference:
         raise UsageError("no --reference given", hint="Name the trusted adapters with --reference SOURCE (repeatable).")
     settings = make_settings(method, side, rank, threshold, device, dtype, seed)
-    check_report_targets(json_out, markdown, plot)
+    check_report_targets(json_out, markdown, plot, input_paths([*candidates, *reference], [config]))
     src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model)
     with progress_bar(quiet) as progress:
         refs = open_all(reference, src, progress)
@@ -67,7 +69,7 @@ def gate_command(
         clash = [a.name for a in cands if a.name in names]
         if clash:
             raise UsageError(
-                f"{clash[0]!r} is both a candidate and a reference adapter",
+                f"{printable(clash[0])!r} is both a candidate and a reference adapter",
                 hint="A candidate cannot vouch for itself; give it once.",
             )
         if len(refs) < pipeline.MIN_ADAPTERS["clair"]:
@@ -77,7 +79,7 @@ def gate_command(
         pool = pipeline.build_pool(refs + cands, intersect=intersect)
         outcome = pipeline.audit(pool, settings, progress, reference=list(range(len(refs))))
     report = audit_report(outcome, command="gate")
-    emit_reports(report, json_out, markdown, plot, quiet)
+    emit_reports(report, json_out, markdown, plot, quiet, adapter_files(refs + cands))
     exit_code(report, exit_zero)
 
 

@@ -101,6 +101,7 @@ def merge_command(
     """
     from clair_cli import pipeline
     from clair_cli.cli.common import (
+        adapter_files,
         check_report_targets,
         emit_reports,
         exit_code,
@@ -109,6 +110,7 @@ def merge_command(
         progress_bar,
     )
     from clair_cli.errors import UsageError
+    from clair_cli.io.paths import input_paths, printable
     from clair_cli.io.peft_writer import AtomicDir, merged_config, merged_tensors, save_adapter
     from clair_cli.io.sources import SourceOptions
     from clair_cli.report.audit import audit_report, summary_line
@@ -124,11 +126,14 @@ def merge_command(
         raise UsageError(f"--project, --project-rank and --rescale shape the clair merge, not --method {method}")
     if method != "clair" and any(x is not None for x in (json_out, markdown, plot)):
         raise UsageError(f"--json, --markdown and --plot report the clair audit; --method {method} runs none")
-    check_report_targets(json_out, markdown, plot)
-    target = AtomicDir(out, force)
+    inputs = input_paths(sources, [config])
+    check_report_targets(json_out, markdown, plot, inputs, out)
+    target = AtomicDir(out, force, inputs)
     src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model)
     with progress_bar(quiet) as progress:
         pool = _prepare(sources, src, intersect, method, progress)
+        files = adapter_files(pool.adapters)
+        target.guard(files)
         outcome = pipeline.audit(pool, settings, progress) if method == "clair" else None
         merged = pipeline.merge(pool, method, settings, w, options, outcome, progress)
     report = audit_report(outcome, command="merge") if outcome else None
@@ -154,13 +159,14 @@ def merge_command(
         save_adapter(tmp, config_dict, tensors, card)
     console = make_console(stderr=True, quiet=quiet)
     if report is not None:
-        emit_reports(report, json_out, markdown, plot, quiet)
+        emit_reports(report, json_out, markdown, plot, quiet, files)
     console.print(
-        f"wrote {out}: {method} merge of {len(merged.used)} of {len(pool.adapters)} adapters, "
-        f"rank {min(ranks.values())}{'' if len(set(ranks.values())) == 1 else '-' + str(max(ranks.values()))}"
+        f"wrote {printable(str(out))}: {method} merge of {len(merged.used)} of {len(pool.adapters)} adapters, "
+        f"rank {min(ranks.values())}{'' if len(set(ranks.values())) == 1 else '-' + str(max(ranks.values()))}",
+        markup=False,
     )
     for n in notes:
-        console.print(f"note: {n}", style="dim")
+        console.print(f"note: {printable(n)}", style="dim", markup=False)
     if report is not None:
         exit_code(report, exit_zero)
 
@@ -198,13 +204,16 @@ def refine_command(
     """
     from clair_cli import pipeline
     from clair_cli.cli.common import (
+        adapter_files,
         check_report_targets,
         emit_reports,
         exit_code,
         make_settings,
         parse_rank,
         progress_bar,
+        unique_out_names,
     )
+    from clair_cli.io.paths import input_paths, printable
     from clair_cli.io.peft_writer import AtomicDir, refined_tensors, save_adapter, source_config
     from clair_cli.io.sources import SourceOptions
     from clair_cli.report.audit import audit_report, summary_line
@@ -213,11 +222,14 @@ def refine_command(
 
     settings = make_settings(method, side, rank, threshold, device, dtype, seed)
     fixed = parse_rank(project_rank, "--project-rank")
-    check_report_targets(json_out, markdown, plot)
-    target = AtomicDir(out, force)
+    inputs = input_paths(sources, [config])
+    check_report_targets(json_out, markdown, plot, inputs, out)
+    target = AtomicDir(out, force, inputs)
     src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model)
     with progress_bar(quiet) as progress:
         pool = _prepare(sources, src, intersect, "clair", progress)
+        files = adapter_files(pool.adapters)
+        target.guard(files)
         outcome = pipeline.audit(pool, settings, progress)
         bases = pipeline.refined_bases(pool, outcome, fixed if isinstance(fixed, int) else None, progress)
         report = audit_report(outcome, command="refine")
@@ -226,6 +238,7 @@ def refine_command(
             "projection_rank": {m: None if b is None else int(b.shape[1]) for m, b in bases.items()},
         }
         used = outcome.auditor.collaborative_set_
+        unique_out_names([pool.adapters[k].name for k in used])
         side_used = "in" if settings.side == "in" else "out"
         with target as tmp:
             for i, k in enumerate(used):
@@ -248,11 +261,13 @@ def refine_command(
                     summary_line(report, timing=False),
                     notes,
                 )
-                save_adapter(tmp / adapter.name, source_config(adapter), tensors, card)
+                save_adapter(tmp, source_config(adapter), tensors, card, name=adapter.name)
                 progress("writing adapters", i + 1, len(used))
-    emit_reports(report, json_out, markdown, plot, quiet)
+    emit_reports(report, json_out, markdown, plot, quiet, files)
     make_console(stderr=True, quiet=quiet).print(
-        f"wrote {out}: {len(used)} refined adapters ({len(pool.adapters) - len(used)} flagged, not written)"
+        f"wrote {printable(str(out))}: {len(used)} refined adapters "
+        f"({len(pool.adapters) - len(used)} flagged, not written)",
+        markup=False,
     )
     exit_code(report, exit_zero)
 

@@ -121,7 +121,15 @@ Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.", meta
 Dtype = Annotated[
     str, typer.Option("--dtype", help="Working precision: float32 or float64.", metavar="float32|float64")
 ]
-Seed = Annotated[int, typer.Option("--seed", help="Seed of the random rotations (results are deterministic given it).")]
+Seed = Annotated[
+    int,
+    typer.Option(
+        "--seed",
+        min=0,
+        max=2**32 - 1,
+        help="Seed of the random rotations, 0 to 2**32-1 (results are deterministic given it).",
+    ),
+]
 MarkdownOut = Annotated[
     Optional[str], typer.Option("--markdown", help="Write a Markdown report to FILE ('-' for stdout).", metavar="FILE")
 ]
