@@ -25,8 +25,15 @@ LORA_KEY_RE = re.compile(
 )
 DORA_MAGNITUDE_RE = re.compile(r"^(?P<module>.+?)\.lora_magnitude_vector(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$")
 
-# safetensors limits its JSON header to 100 MB; a larger claim is corrupt or hostile.
-SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+# Bounds on one safetensors file's header (README, "Limits"): safetensors itself allows a
+# 100 MB header; an adapter's is a few hundred KB (a 70B model's LoRA on every linear layer
+# has ~1,100 tensors), so 16 MiB and 100,000 tensors leave room for MoE expert LoRAs while
+# bounding the time and memory one upload can cost.
+SAFETENSORS_MAX_HEADER = 16 * 1024 * 1024
+SAFETENSORS_MAX_TENSORS = 100_000
+MAX_KEY_LENGTH = 1024  # characters of one tensor name
+MAX_NDIM = 8
+MAX_DIM = 2**31  # one dimension of a tensor
 SAFETENSORS_DTYPE_SIZES = {
     "BOOL": 1,
     "U8": 1,
@@ -46,6 +53,7 @@ SAFETENSORS_DTYPE_SIZES = {
 }
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 MAX_CONFIG_BYTES = 10 * 1024 * 1024
+MAX_SOURCE_DEPTH = 32  # directory levels searched below a directory source
 
 HUB_PREFIX = "hf://"
 # Overall deadline of one hub file download (CLAIR_HUB_TIMEOUT overrides it), in seconds.

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from clair_cli.constants import (
     CONFIG_NAME,
+    MAX_SOURCE_DEPTH,
     PICKLE_HINT,
     PICKLE_SUFFIXES,
     PICKLE_WEIGHTS_NAMES,
@@ -26,6 +27,7 @@ from clair_cli.constants import (
 from clair_cli.errors import AdapterFormatError, AdapterNotFound, UnsafeFormatError, UsageError
 from clair_cli.io import hub
 from clair_cli.io.adapter import Adapter
+from clair_cli.io.paths import printable
 from clair_cli.io.peft_config import load_config
 from clair_cli.io.safetensors_file import read_header
 from clair_cli.types import AdapterConfig, AdapterRef
@@ -111,9 +113,30 @@ def _resolve_local(spec: str, path: Path, options: SourceOptions) -> list[Adapte
 
     refs: list[AdapterRef] = []
     pickles: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(path):
+
+    def unreadable(exc: OSError) -> None:
+        where = printable(str(exc.filename or path))
+        raise AdapterNotFound(
+            f"{where}: directory inside the source cannot be read ({exc.strerror or exc})",
+            hint="Fix its permissions or move it out of the source; clair does not skip members silently.",
+        )
+
+    for dirpath, dirnames, filenames in os.walk(path, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
+        if len(here.relative_to(path).parts) >= MAX_SOURCE_DEPTH:
+            raise AdapterFormatError(
+                f"{printable(str(here))}: more than {MAX_SOURCE_DEPTH} directory levels below the source "
+                f"{printable(spec)}",
+                hint="Name the adapter directories (or a closer parent) as sources.",
+            )
+        links = [d for d in dirnames if (here / d).is_symlink()]
+        if links:
+            raise UnsafeFormatError(
+                f"{printable(str(here / links[0]))}: is a symlinked directory inside the source; "
+                "clair does not follow directory links",
+                hint="Give the link's target as a source of its own, or copy the adapter in.",
+            )
         if here != path and _is_adapter_dir(here):
             rel = here.relative_to(path).as_posix()
             refs.append(_adapter_dir_ref(here, rel, spec, root, options))
