@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from clair_cli import __version__
 from clair_cli.constants import JSON_SCHEMA_VERSION
 from clair_cli.io.adapter import Adapter
-from clair_cli.report.console import human_bytes, human_count
+from clair_cli.report.console import human_bytes, human_count, shown
 
 
 def _fmt_num(x: float) -> str:
@@ -93,17 +92,17 @@ def render_inspect(console: Console, records: list[dict[str, Any]]) -> None:
         wrap = col in ("Adapter", "Base model", "Targets")
         table.add_column(col, justify=just, overflow="fold", no_wrap=not wrap)  # type: ignore[arg-type]
     for rec in records:
-        name = escape(rec["name"])
+        name = shown(rec["name"])
         if rec["revision"]:
             name += f"\n[dim]@ {rec['revision'][:12]}[/dim]"
         ranks = rec["ranks"]
         table.add_row(
             name,
-            escape(rec["base_model"] or "-"),
+            shown(rec["base_model"] or "-"),
             "/".join(map(str, ranks)),
             _fmt_num(rec["lora_alpha"]) + ("*" if rec["alpha_pattern"] else ""),
             rec["scale_rule"].replace(" (per-module patterns)", "*"),
-            escape(_targets(rec)),
+            shown(_targets(rec)),
             str(rec["n_modules"]),
             human_count(rec["n_params"]),
             ",".join(rec["dtypes"]),
@@ -114,4 +113,4 @@ def render_inspect(console: Console, records: list[dict[str, Any]]) -> None:
         console.print("[dim]* rank_pattern / alpha_pattern set: values differ per module (see --json)[/dim]")
     for rec in records:
         for note in rec["notes"]:
-            console.print(f"[yellow]note[/yellow] {escape(rec['name'])}: {escape(note)}")
+            console.print(f"[yellow]note[/yellow] {shown(rec['name'])}: {shown(note)}")
