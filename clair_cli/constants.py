@@ -53,6 +53,9 @@ SAFETENSORS_DTYPE_SIZES = {
 }
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 MAX_CONFIG_BYTES = 10 * 1024 * 1024
+# Highest LoRA rank accepted by default (--max-rank): the factored analysis holds a
+# (summed rank)^2 Gram matrix per module (README, "Limits").
+DEFAULT_MAX_RANK = 1024
 MAX_SOURCE_DEPTH = 32  # directory levels searched below a directory source
 
 HUB_PREFIX = "hf://"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from clair_cli.cli import options as opt
+from clair_cli.constants import DEFAULT_MAX_RANK
 
 EXAMPLES = """
 Examples:
@@ -39,6 +40,7 @@ def audit_command(
     lora_alpha: opt.LoraAlpha = None,
     rslora: opt.Rslora = False,
     base_model: opt.BaseModel = None,
+    max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
 ) -> None:
     """Score every adapter with CLAIR and flag the contaminated ones.
 
@@ -61,7 +63,9 @@ def audit_command(
     settings = make_settings(method, side, rank, threshold, device, dtype, seed)
     check_report_targets(json_out, markdown, plot, input_paths(sources, [config]))
     with progress_bar(quiet) as progress:
-        adapters = open_all(sources, SourceOptions(subfolder, config, lora_alpha, rslora, base_model), progress)
+        adapters = open_all(
+            sources, SourceOptions(subfolder, config, lora_alpha, rslora, base_model, max_rank), progress
+        )
         pool = pipeline.build_pool(adapters, intersect=intersect)
         outcome = pipeline.audit(pool, settings, progress)
     report = audit_report(outcome)

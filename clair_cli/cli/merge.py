@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from clair_cli.cli import options as opt
+from clair_cli.constants import DEFAULT_MAX_RANK
 
 if TYPE_CHECKING:
     from clair_cli.pipeline import AuditOutcome, Pool
@@ -63,6 +64,24 @@ def _prepare(sources, src, intersect, method, progress):
     return pipeline.build_pool(adapters, intersect=intersect, method=method)
 
 
+def _extras(pool: Pool, drop: bool) -> list[str]:
+    """Refuse to merge what a LoRA merge cannot carry, or (``drop``) list it as dropped."""
+    from clair_cli.errors import IncompatibleAdapters
+    from clair_cli.io.paths import printable
+
+    found = [(a.name, kind, keys) for a in pool.adapters for kind, keys in a.extras.items()]
+    if found and not drop:
+        name, kind, keys = found[0]
+        more = f" (and {len(found) - 1} more such finding(s) in the pool)" if len(found) > 1 else ""
+        raise IncompatibleAdapters(
+            f"{printable(name)}: holds {kind} ({printable(keys[0])}{', ...' if len(keys) > 1 else ''}) "
+            f"that a merge of LoRA factors cannot carry{more}",
+            hint="Pass --drop-extras to merge the LoRA updates alone (what is dropped is listed in the "
+            "model card and report), or merge adapters without them.",
+        )
+    return [f"dropped (--drop-extras) from {name}: {len(keys)} {kind}" for name, kind, keys in found]
+
+
 def merge_command(
     sources: opt.Sources,
     out: opt.Out,
@@ -92,6 +111,8 @@ def merge_command(
     lora_alpha: opt.LoraAlpha = None,
     rslora: opt.Rslora = False,
     base_model: opt.BaseModel = None,
+    max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
+    drop_extras: opt.DropExtras = False,
 ) -> None:
     """Merge adapters into one PEFT adapter (clair: audit first, then merge the collaborators).
 
@@ -129,20 +150,21 @@ def merge_command(
     inputs = input_paths(sources, [config])
     check_report_targets(json_out, markdown, plot, inputs, out)
     target = AtomicDir(out, force, inputs)
-    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model)
+    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model, max_rank)
     with progress_bar(quiet) as progress:
         pool = _prepare(sources, src, intersect, method, progress)
         files = adapter_files(pool.adapters)
         target.guard(files)
+        dropped = _extras(pool, drop_extras)
         outcome = pipeline.audit(pool, settings, progress) if method == "clair" else None
         merged = pipeline.merge(pool, method, settings, w, options, outcome, progress)
     report = audit_report(outcome, command="merge") if outcome else None
     if report is not None:
-        report["merge"] = merged.summary()
+        report["merge"] = merged.summary() | {"dropped": dropped}
     ranks = {m: r.rank for m, r in merged.modules.items()}
     config_dict = merged_config(pool.adapters[0], ranks, pool.base_model, all_modules=not pool.dropped)
     tensors = merged_tensors(pool.adapters[0], {m: (r.A, r.B) for m, r in merged.modules.items()})
-    notes = list(merged.notes)
+    notes = list(merged.notes) + dropped
     if pool.dropped:
         notes.append(f"--intersect left out {len(pool.dropped)} module(s) not targeted by every adapter")
     card = model_card(
@@ -194,6 +216,7 @@ def refine_command(
     lora_alpha: opt.LoraAlpha = None,
     rslora: opt.Rslora = False,
     base_model: opt.BaseModel = None,
+    max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
 ) -> None:
     """Audit, then write each collaborator's refined adapter to DIR/<name>/ (projected onto the shared subspace).
 
@@ -225,7 +248,7 @@ def refine_command(
     inputs = input_paths(sources, [config])
     check_report_targets(json_out, markdown, plot, inputs, out)
     target = AtomicDir(out, force, inputs)
-    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model)
+    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model, max_rank)
     with progress_bar(quiet) as progress:
         pool = _prepare(sources, src, intersect, "clair", progress)
         files = adapter_files(pool.adapters)

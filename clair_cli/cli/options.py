@@ -165,3 +165,22 @@ Reference = Annotated[
         "--reference", "-r", help="Trusted adapters (repeatable; same source forms as candidates).", show_default=False
     ),
 ]
+DropExtras = Annotated[
+    bool,
+    typer.Option(
+        "--drop-extras",
+        help="Merge the LoRA updates alone when adapters also hold DoRA magnitudes, LoRA biases, "
+        "modules_to_save weights (e.g. a classifier head) or trainable tokens; without it such a merge is "
+        "refused. What is dropped is listed in the model card and the JSON report.",
+    ),
+]
+MaxRank = Annotated[
+    int,
+    typer.Option(
+        "--max-rank",
+        min=1,
+        help="Refuse adapters with a module of higher rank, before reading any factor: memory grows with the "
+        "square of the pool's summed rank (README, Limits).",
+        metavar="N",
+    ),
+]

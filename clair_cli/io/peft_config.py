@@ -16,7 +16,7 @@ from clair_cli.constants import CONFIG_NAME, MAX_CONFIG_BYTES
 from clair_cli.errors import AdapterFormatError
 from clair_cli.io.files import parse_json, read_small
 from clair_cli.io.paths import printable
-from clair_cli.types import AdapterConfig
+from clair_cli.types import MAX_PATTERNS, AdapterConfig, pattern_risk
 
 
 def _fail(path: Path | str, problem: str) -> AdapterFormatError:
@@ -53,12 +53,17 @@ def _pattern_dict(path: Path | str, field: str, value: Any, convert: Any) -> dic
         return {}
     if not isinstance(value, dict):
         raise _fail(path, f"{field} must be an object mapping module patterns to values")
+    if len(value) > MAX_PATTERNS:
+        raise _fail(path, f"{field} has {len(value)} entries; clair accepts at most {MAX_PATTERNS}")
     out = {}
     for key, val in value.items():
         try:
             re.compile(key)
-        except re.error as exc:
-            raise _fail(path, f"{field} key {key!r} is not a valid regular expression ({exc})") from exc
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise _fail(path, f"{field} key {key[:80]!r} is not a valid regular expression ({exc})") from exc
+        why = pattern_risk(key)
+        if why:
+            raise _fail(path, f"{field} key {key[:80]!r} {why}; refused so that matching stays bounded")
         out[key] = convert(path, f"{field}[{key!r}]", val)
     return out
 

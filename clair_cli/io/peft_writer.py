@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import torch
 
 TMP_SUFFIX = ".clair-tmp"
+HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 OLD_SUFFIX = ".clair-old"
 
 
@@ -198,10 +199,14 @@ def merged_config(
     cfg = template.config
     common = Counter(ranks.values()).most_common(1)[0][0]
     raw = cfg.raw
+    # A task type with a head (SEQ_CLS...) makes PEFT expect the head's weights among the
+    # adapter's, which a merge of LoRA factors does not carry: written without a task type,
+    # the merged adapter loads on the base model with the base model's own head.
+    task_type = raw.get("task_type") if raw.get("task_type") not in HEAD_TASK_TYPES else None
     targets: Any = raw.get("target_modules") if all_modules and raw.get("target_modules") else sorted(ranks)
     return {
         "peft_type": "LORA",
-        "task_type": raw.get("task_type"),
+        "task_type": task_type,
         "base_model_name_or_path": base_model,
         "r": common,
         "lora_alpha": common,

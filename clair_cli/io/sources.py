@@ -18,13 +18,14 @@ from pathlib import Path
 
 from clair_cli.constants import (
     CONFIG_NAME,
+    DEFAULT_MAX_RANK,
     MAX_SOURCE_DEPTH,
     PICKLE_HINT,
     PICKLE_SUFFIXES,
     PICKLE_WEIGHTS_NAMES,
     SAFETENSORS_WEIGHTS_NAME,
 )
-from clair_cli.errors import AdapterFormatError, AdapterNotFound, UnsafeFormatError, UsageError
+from clair_cli.errors import AdapterFormatError, AdapterNotFound, ClairError, UnsafeFormatError, UsageError
 from clair_cli.io import hub
 from clair_cli.io.adapter import Adapter
 from clair_cli.io.paths import printable
@@ -45,6 +46,7 @@ class SourceOptions:
         lora_alpha: alpha for bare ``.safetensors`` files without a config.
         use_rslora: scale by alpha/sqrt(r) for such files.
         base_model: base model for such files.
+        max_rank: adapters with a module of higher rank are refused before any factor is read.
     """
 
     subfolder: str | None = None
@@ -52,6 +54,7 @@ class SourceOptions:
     lora_alpha: float | None = None
     use_rslora: bool = False
     base_model: str | None = None
+    max_rank: int = DEFAULT_MAX_RANK
 
 
 def _refuse_pickle(path: Path) -> UnsafeFormatError:
@@ -91,7 +94,9 @@ def _is_adapter_dir(directory: Path) -> bool:
     return any((directory / n).exists() for n in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, *PICKLE_WEIGHTS_NAMES))
 
 
-def _resolve_local(spec: str, path: Path, options: SourceOptions) -> list[AdapterRef]:
+def _resolve_local(
+    spec: str, path: Path, options: SourceOptions, errors: list[tuple[str, str, ClairError]] | None = None
+) -> list[AdapterRef]:
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise _refuse_pickle(path)
@@ -139,11 +144,16 @@ def _resolve_local(spec: str, path: Path, options: SourceOptions) -> list[Adapte
             )
         if here != path and _is_adapter_dir(here):
             rel = here.relative_to(path).as_posix()
-            refs.append(_adapter_dir_ref(here, rel, spec, root, options))
+            try:
+                refs.append(_adapter_dir_ref(here, rel, spec, root, options))
+            except ClairError as exc:
+                if errors is None:
+                    raise
+                errors.append((rel, spec, exc))
             dirnames[:] = []  # an adapter's own subfolders are not further adapters
             continue
         pickles += [here / f for f in filenames if f.lower().endswith(PICKLE_SUFFIXES)]
-    if not refs:
+    if not refs and not errors:
         if pickles:
             raise _refuse_pickle(sorted(pickles)[0])
         raise AdapterNotFound(
@@ -152,8 +162,15 @@ def _resolve_local(spec: str, path: Path, options: SourceOptions) -> list[Adapte
     return sorted(refs, key=lambda r: r.name)
 
 
-def resolve_sources(specs: Sequence[str], options: SourceOptions | None = None) -> list[AdapterRef]:
+def resolve_sources(
+    specs: Sequence[str],
+    options: SourceOptions | None = None,
+    errors: list[tuple[str, str, ClairError]] | None = None,
+) -> list[AdapterRef]:
     """Resolve source strings to adapter references, in the order given.
+
+    With ``errors`` (a list), an unreadable adapter inside a directory source is appended
+    to it as ``(name, source, error)`` instead of ending the resolution.
 
     Raises:
         AdapterNotFound: a path or hub repo does not exist.
@@ -168,7 +185,7 @@ def resolve_sources(specs: Sequence[str], options: SourceOptions | None = None) 
         if spec.startswith("hf://"):
             refs.append(hub.fetch(spec, options.subfolder))
         elif path.exists():
-            refs.extend(_resolve_local(spec, path, options))
+            refs.extend(_resolve_local(spec, path, options, errors))
         elif hub.looks_like_hub_id(spec) and not spec.startswith((".", "/", "~")):
             refs.append(hub.fetch(spec, options.subfolder))
         else:
@@ -213,7 +230,7 @@ def open_adapter(ref: AdapterRef, options: SourceOptions | None = None) -> Adapt
             config = replace(config, base_model=options.base_model)
     else:
         config = _flag_config(ref, options)
-    return Adapter.open(ref, config)
+    return Adapter.open(ref, config, max_rank=options.max_rank)
 
 
 def open_adapters(

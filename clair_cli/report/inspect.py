@@ -56,6 +56,11 @@ def adapter_record(adapter: Adapter, extra_notes: list[str] | None = None) -> di
     }
 
 
+def error_record(name: str, source: str, error: str, revision: str | None = None) -> dict[str, Any]:
+    """The record of an adapter that cannot be read: its name, where it is, and why."""
+    return {"name": name, "source": source, "revision": revision, "error": error}
+
+
 def inspect_report(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "schema": JSON_SCHEMA_VERSION,
@@ -76,7 +81,9 @@ def _targets(rec: dict[str, Any]) -> str:
 
 def render_inspect(console: Console, records: list[dict[str, Any]]) -> None:
     """Print one table row per adapter, then the notes."""
-    table = Table(title=f"{len(records)} adapter{'s' if len(records) != 1 else ''}", title_justify="left")
+    n_bad = sum("error" in rec for rec in records)
+    title = f"{len(records)} adapter{'s' if len(records) != 1 else ''}" + (f", {n_bad} unreadable" if n_bad else "")
+    table = Table(title=title, title_justify="left")
     for col, just in (
         ("Adapter", "left"),
         ("Base model", "left"),
@@ -92,6 +99,9 @@ def render_inspect(console: Console, records: list[dict[str, Any]]) -> None:
         wrap = col in ("Adapter", "Base model", "Targets")
         table.add_column(col, justify=just, overflow="fold", no_wrap=not wrap)  # type: ignore[arg-type]
     for rec in records:
+        if "error" in rec:
+            table.add_row(shown(rec["name"]), f"[red]error:[/red] {shown(rec['error'])}", *["-"] * 8)
+            continue
         name = shown(rec["name"])
         if rec["revision"]:
             name += f"\n[dim]@ {rec['revision'][:12]}[/dim]"
@@ -109,8 +119,8 @@ def render_inspect(console: Console, records: list[dict[str, Any]]) -> None:
             human_bytes(rec["file_size"]),
         )
     console.print(table)
-    if any(rec["alpha_pattern"] or rec["rank_pattern"] for rec in records):
+    if any(rec.get("alpha_pattern") or rec.get("rank_pattern") for rec in records):
         console.print("[dim]* rank_pattern / alpha_pattern set: values differ per module (see --json)[/dim]")
     for rec in records:
-        for note in rec["notes"]:
+        for note in rec.get("notes", []):
             console.print(f"[yellow]note[/yellow] {shown(rec['name'])}: {shown(note)}")
