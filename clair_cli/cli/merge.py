@@ -155,6 +155,7 @@ def merge_command(
         pool = _prepare(sources, src, intersect, method, progress)
         files = adapter_files(pool.adapters)
         target.guard(files)
+        check_report_targets(json_out, markdown, plot, files, out)
         dropped = _extras(pool, drop_extras)
         outcome = pipeline.audit(pool, settings, progress) if method == "clair" else None
         merged = pipeline.merge(pool, method, settings, w, options, outcome, progress)
@@ -253,6 +254,7 @@ def refine_command(
         pool = _prepare(sources, src, intersect, "clair", progress)
         files = adapter_files(pool.adapters)
         target.guard(files)
+        check_report_targets(json_out, markdown, plot, files, out)
         outcome = pipeline.audit(pool, settings, progress)
         bases = pipeline.refined_bases(pool, outcome, fixed if isinstance(fixed, int) else None, progress)
         report = audit_report(outcome, command="refine")

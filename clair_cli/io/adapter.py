@@ -29,6 +29,8 @@ from clair_cli.types import AdapterConfig, AdapterRef, LoraModule, ModuleKind
 if TYPE_CHECKING:
     import torch
 
+# Bound on |scale * B @ A| entries (about 1e12): squared in Gram matrices it stays far inside float32.
+MAX_UPDATE_ENTRY = 1e12
 TORCH_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
@@ -229,10 +231,19 @@ class Adapter:
             t = reader.get(key)
             if not bool(torch.isfinite(t).all()):
                 raise AdapterFormatError(
-                    f"{self.ref.weights_file}: tensor {key!r} contains NaN or Inf values",
+                    f"{printable(str(self.ref.weights_file))}: tensor {key!r} contains NaN or Inf values",
                     hint="The adapter diverged during training or the file is corrupt.",
                 )
             factors.append(t)
+        # The largest entry scale*B@A can reach; past this the analysis (Gram matrices, in float32)
+        # would overflow to Inf before any decomposition, so refuse here, naming the module.
+        peak = abs(spec.scale) * spec.rank * math.prod(float(f.abs().max()) if f.numel() else 0.0 for f in factors)
+        if not math.isfinite(peak) or peak > MAX_UPDATE_ENTRY:
+            raise AdapterFormatError(
+                f"{printable(str(self.ref.weights_file))}: module {name!r}: factor values (up to "
+                f"{max(float(f.abs().max()) for f in factors):.3g}, scale {spec.scale:.3g}) make its update overflow",
+                hint="The adapter diverged during training or the file is corrupt.",
+            )
         dtype = dtype or torch.float32
         return LoraModule(
             name=name,

@@ -92,8 +92,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise _bad(path, exc.message.split(": ", 1)[-1] + " (not a safetensors file?)") from exc
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
-    if len(header) > SAFETENSORS_MAX_TENSORS + 1:
-        raise _bad(path, f"header lists {len(header)} tensors; clair accepts at most {SAFETENSORS_MAX_TENSORS}")
+    n_tensors = len(header) - ("__metadata__" in header)
+    if n_tensors > SAFETENSORS_MAX_TENSORS:
+        raise _bad(path, f"header lists {n_tensors} tensors; clair accepts at most {SAFETENSORS_MAX_TENSORS}")
 
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
