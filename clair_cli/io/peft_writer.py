@@ -164,6 +164,7 @@ def save_adapter(
             {k: v.contiguous() for k, v in tensors.items()}, str(directory / SAFETENSORS_WEIGHTS_NAME), {"format": "pt"}
         )
         (directory / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
+        apply_umask(directory / SAFETENSORS_WEIGHTS_NAME)  # safetensors creates it 0600
     except OSError as exc:
         raise OutputError(f"{printable(str(directory))}: cannot write ({os_error_text(exc)})") from exc
     except SafetensorError as exc:
