@@ -216,3 +216,18 @@ def test_merge_with_drop_extras_loads_in_peft(seq_cls_pool: tuple[Path, Path], t
     model = PeftModel.from_pretrained(base, out)
     logits = model(torch.tensor([[1, 2, 3, 4]])).logits
     assert logits.shape == (1, 3) and bool(torch.isfinite(logits).all())
+
+
+def test_tensors_are_read_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A single read() stops at 2 GiB; the reader loops. A 7-byte chunk exercises the loop.
+    from safetensors.torch import load_file
+
+    import clair_cli.io.files as files
+    from clair_cli.io.safetensors_file import SafetensorsReader
+
+    d = write_adapter(tmp_path / "a", random_factors(MODULES, seed=3))
+    monkeypatch.setattr(files, "READ_CHUNK", 7)
+    expected = load_file(d / "adapter_model.safetensors")
+    with SafetensorsReader(d / "adapter_model.safetensors") as reader:
+        for key, value in expected.items():
+            assert torch.equal(reader.get(key), value)

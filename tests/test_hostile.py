@@ -310,6 +310,9 @@ CASES: dict[str, Case] = {
     "hub that trickles bytes": Case(
         _hub("evil/trickle"), "did not finish within 3 s", "evil/trickle", {**HUB, "CLAIR_HUB_TIMEOUT": "3"}
     ),
+    "more adapters than --max-adapters": Case(
+        _with(_pool, "--max-adapters", "4"), "5 adapters in", "more than --max-adapters 4"
+    ),
     # class 3
     "DoRA magnitudes in a merge": Case(
         _pool_with(_extra_tensor(f"{KEY}.lora_magnitude_vector", (16,))), "DoRA magnitude vectors", "bad"
@@ -505,7 +508,7 @@ def runner(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runner]:
 
 
 def test_the_table_covers_every_class_of_the_issue() -> None:
-    assert len(CASES) >= 60
+    assert len(CASES) >= 69
 
 
 @pytest.mark.parametrize("case", list(CASES))

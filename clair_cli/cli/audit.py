@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from clair_cli.cli import options as opt
-from clair_cli.constants import DEFAULT_MAX_RANK
+from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK
 
 EXAMPLES = """
 Examples:
@@ -41,6 +41,7 @@ def audit_command(
     rslora: opt.Rslora = False,
     base_model: opt.BaseModel = None,
     max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
+    max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
 ) -> None:
     """Score every adapter with CLAIR and flag the contaminated ones.
 
@@ -64,7 +65,7 @@ def audit_command(
     check_report_targets(json_out, markdown, plot, input_paths(sources, [config]))
     with progress_bar(quiet) as progress:
         adapters = open_all(
-            sources, SourceOptions(subfolder, config, lora_alpha, rslora, base_model, max_rank), progress
+            sources, SourceOptions(subfolder, config, lora_alpha, rslora, base_model, max_rank, max_adapters), progress
         )
         pool = pipeline.build_pool(adapters, intersect=intersect)
         outcome = pipeline.audit(pool, settings, progress)

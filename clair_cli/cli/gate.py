@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from clair_cli.cli import options as opt
-from clair_cli.constants import DEFAULT_MAX_RANK
+from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK
 
 EXAMPLES = """
 Examples:
@@ -38,6 +38,7 @@ def gate_command(
     rslora: opt.Rslora = False,
     base_model: opt.BaseModel = None,
     max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
+    max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
 ) -> None:
     """Judge CANDIDATE adapters against trusted --reference adapters.
 
@@ -63,7 +64,7 @@ def gate_command(
         raise UsageError("no --reference given", hint="Name the trusted adapters with --reference SOURCE (repeatable).")
     settings = make_settings(method, side, rank, threshold, device, dtype, seed)
     check_report_targets(json_out, markdown, plot, input_paths([*candidates, *reference], [config]))
-    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model, max_rank)
+    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model, max_rank, max_adapters)
     with progress_bar(quiet) as progress:
         refs = open_all(reference, src, progress)
         cands = open_all(candidates, src, progress)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from clair_cli.cli import options as opt
-from clair_cli.constants import DEFAULT_MAX_RANK
+from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK
 
 if TYPE_CHECKING:
     from clair_cli.pipeline import AuditOutcome, Pool
@@ -112,6 +112,7 @@ def merge_command(
     rslora: opt.Rslora = False,
     base_model: opt.BaseModel = None,
     max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
+    max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
     drop_extras: opt.DropExtras = False,
 ) -> None:
     """Merge adapters into one PEFT adapter (clair: audit first, then merge the collaborators).
@@ -150,7 +151,7 @@ def merge_command(
     inputs = input_paths(sources, [config])
     check_report_targets(json_out, markdown, plot, inputs, out)
     target = AtomicDir(out, force, inputs)
-    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model, max_rank)
+    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model, max_rank, max_adapters)
     with progress_bar(quiet) as progress:
         pool = _prepare(sources, src, intersect, method, progress)
         files = adapter_files(pool.adapters)
@@ -218,6 +219,7 @@ def refine_command(
     rslora: opt.Rslora = False,
     base_model: opt.BaseModel = None,
     max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
+    max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
 ) -> None:
     """Audit, then write each collaborator's refined adapter to DIR/<name>/ (projected onto the shared subspace).
 
@@ -249,7 +251,7 @@ def refine_command(
     inputs = input_paths(sources, [config])
     check_report_targets(json_out, markdown, plot, inputs, out)
     target = AtomicDir(out, force, inputs)
-    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model, max_rank)
+    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model, max_rank, max_adapters)
     with progress_bar(quiet) as progress:
         pool = _prepare(sources, src, intersect, "clair", progress)
         files = adapter_files(pool.adapters)

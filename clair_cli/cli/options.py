@@ -184,3 +184,13 @@ MaxRank = Annotated[
         metavar="N",
     ),
 ]
+MaxAdapters = Annotated[
+    int,
+    typer.Option(
+        "--max-adapters",
+        min=1,
+        help="Refuse more adapters than this in one run (each source list counted apart), before opening "
+        "any: the verdict's calibration grows with the square of the pool (README, Limits).",
+        metavar="N",
+    ),
+]

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from clair_cli.constants import (
     CONFIG_NAME,
+    DEFAULT_MAX_ADAPTERS,
     DEFAULT_MAX_RANK,
     MAX_SOURCE_DEPTH,
     PICKLE_HINT,
@@ -47,6 +48,7 @@ class SourceOptions:
         use_rslora: scale by alpha/sqrt(r) for such files.
         base_model: base model for such files.
         max_rank: adapters with a module of higher rank are refused before any factor is read.
+        max_adapters: more adapters than this in one run are refused before any is opened.
     """
 
     subfolder: str | None = None
@@ -55,6 +57,7 @@ class SourceOptions:
     use_rslora: bool = False
     base_model: str | None = None
     max_rank: int = DEFAULT_MAX_RANK
+    max_adapters: int = DEFAULT_MAX_ADAPTERS
 
 
 def _refuse_pickle(path: Path) -> UnsafeFormatError:
@@ -245,7 +248,15 @@ def open_adapters(
         options: how to read them.
         progress: called as ``progress(name, done, total)`` after each adapter.
     """
+    options = options or SourceOptions()
     refs = resolve_sources(specs, options)
+    if len(refs) > options.max_adapters:
+        raise UsageError(
+            f"{len(refs)} adapters in {printable(', '.join(specs)[:200])}: more than --max-adapters "
+            f"{options.max_adapters}",
+            hint="The verdict's calibration grows with the square of the pool (README, Limits); "
+            "raise --max-adapters if the machine has the time.",
+        )
     adapters = []
     for i, ref in enumerate(refs):
         adapters.append(open_adapter(ref, options))
