@@ -35,6 +35,10 @@ def run() -> None:
 
         main()
     except SystemExit:
+        # The run is over (its output complete or refused): a signal now must not turn a
+        # finished run into a killed one while the interpreter shuts down.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise
     except BaseException as exc:
         interrupt = _interrupted(exc)

@@ -66,8 +66,15 @@ class ClairGroup(TyperGroup):
             _quiet_stdout()
             raise typer.Exit(EXIT_BROKEN_PIPE) from None
         except KeyboardInterrupt as exc:
-            # Outputs are written atomically: an interrupted run has left nothing in place.
-            print("Interrupted: no output was written.", file=sys.stderr)
+            # Outputs are written atomically: an interrupted run has left nothing half-written.
+            writer = sys.modules.get("clair_cli.io.peft_writer")
+            done = list(getattr(writer, "COMMITTED", []))
+            if done:
+                from clair_cli.io.paths import printable
+
+                print(f"Interrupted after writing {printable(str(done[-1]))}.", file=sys.stderr)
+            else:
+                print("Interrupted: no output was written.", file=sys.stderr)
             raise typer.Exit(getattr(exc, "exit_code", EXIT_INTERRUPTED)) from None
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise  # Typer's own usage errors and exits
@@ -128,11 +135,11 @@ _gate.register(app)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    code = app(prog_name="clair", standalone_mode=True)
+    """Console-script entry point (the app ends with SystemExit carrying the exit code)."""
     try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        _quiet_stdout()
-        code = EXIT_BROKEN_PIPE
-    sys.exit(code)
+        app(prog_name="clair")
+    finally:
+        try:
+            sys.stdout.flush()  # here rather than at interpreter exit, where EPIPE prints a warning
+        except BrokenPipeError:
+            _quiet_stdout()

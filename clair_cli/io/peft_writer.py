@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 TMP_SUFFIX = ".clair-tmp"
 HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+COMMITTED: list[Path] = []  # targets renamed into place by this process (for the interrupt message)
 OLD_SUFFIX = ".clair-old"
 
 
@@ -124,6 +125,7 @@ class AtomicDir:
                 old = Path(tempfile.mkdtemp(prefix=self._prefix(), suffix=OLD_SUFFIX, dir=self.target.parent))
                 os.replace(self.target, old / "previous")
             os.replace(self.tmp, self.target)
+            COMMITTED.append(self.target)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError as exc:
