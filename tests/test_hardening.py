@@ -231,3 +231,23 @@ def test_tensors_are_read_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     with SafetensorsReader(d / "adapter_model.safetensors") as reader:
         for key, value in expected.items():
             assert torch.equal(reader.get(key), value)
+
+
+def test_a_full_disk_is_exit_2_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import safetensors.torch
+    from typer.testing import CliRunner
+
+    from clair_cli.cli import app
+
+    def full(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    pool = _pool(tmp_path / "pool")
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    result = CliRunner().invoke(app, ["merge", str(pool), "--out", str(tmp_path / "out" / "m"), "--method", "mean"])
+    assert result.exit_code == 2, result.output
+    assert "no space left on the device" in result.stderr
+    assert list((tmp_path / "out").iterdir()) == []
