@@ -25,8 +25,15 @@ LORA_KEY_RE = re.compile(
 )
 DORA_MAGNITUDE_RE = re.compile(r"^(?P<module>.+?)\.lora_magnitude_vector(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$")
 
-# safetensors limits its JSON header to 100 MB; a larger claim is corrupt or hostile.
-SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+# Bounds on one safetensors file's header (README, "Limits"): safetensors itself allows a
+# 100 MB header; an adapter's is a few hundred KB (a 70B model's LoRA on every linear layer
+# has ~1,100 tensors), so 16 MiB and 100,000 tensors leave room for MoE expert LoRAs while
+# bounding the time and memory one upload can cost.
+SAFETENSORS_MAX_HEADER = 16 * 1024 * 1024
+SAFETENSORS_MAX_TENSORS = 100_000
+MAX_KEY_LENGTH = 1024  # characters of one tensor name
+MAX_NDIM = 8
+MAX_DIM = 2**31  # one dimension of a tensor
 SAFETENSORS_DTYPE_SIZES = {
     "BOOL": 1,
     "U8": 1,
@@ -46,8 +53,17 @@ SAFETENSORS_DTYPE_SIZES = {
 }
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 MAX_CONFIG_BYTES = 10 * 1024 * 1024
+# Highest LoRA rank accepted by default (--max-rank): the factored analysis holds a
+# (summed rank)^2 Gram matrix per module (README, "Limits").
+DEFAULT_MAX_RANK = 1024
+# Adapters accepted in one run by default (--max-adapters): the calibration of the verdict
+# costs time and memory that grow with the square of the pool (README, "Limits").
+DEFAULT_MAX_ADAPTERS = 256
+MAX_SOURCE_DEPTH = 32  # directory levels searched below a directory source
 
 HUB_PREFIX = "hf://"
+# Overall deadline of one hub file download (CLAIR_HUB_TIMEOUT overrides it), in seconds.
+HUB_DEFAULT_TIMEOUT_S = 300.0
 HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 JSON_SCHEMA_VERSION = 1

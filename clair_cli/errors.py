@@ -2,7 +2,8 @@
 
 Every error a user can cause (a missing file, a corrupt tensor, adapters that do
 not fit together) is a ``ClairError``; the CLI turns it into ``Error: ...`` on
-stderr and exit code 2. Anything else is a bug and keeps its traceback.
+stderr and exit code 2. Anything else is a bug: the CLI says so in one line
+(``CLAIR_DEBUG=1`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -46,3 +47,9 @@ class UsageError(ClairError):
 
 class OutputError(ClairError):
     """An output cannot be written (exists without --force, read-only location)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` and ``__exit__`` cleans up."""
+
+    exit_code = 143  # 128 + SIGTERM, as shells report it

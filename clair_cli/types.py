@@ -39,11 +39,100 @@ class AdapterRef:
     root: Path | None = None
 
 
+# A pattern whose only metacharacter is "." (the usual "layers.0.q_proj"): matched without
+# the regex engine, with exactly PEFT's meaning ("." is any character).
+_PLAIN_PATTERN = re.compile(r"^[A-Za-z0-9_\-.]+$")
+MAX_PATTERN_LENGTH = 512
+MAX_PATTERNS = 4096
+MAX_UNBOUNDED_REPEATS = 3
+
+
+def _plain_match(key: str, module: str) -> bool:
+    """PEFT's ``re.match(rf"(.*\.)?({key})$", module)`` for a key of fixed length L: the key
+    matches the module's last L characters, and what precedes them is empty or ends with "."."""
+    n = len(key)
+    if len(module) < n or (len(module) > n and module[-n - 1] != "."):
+        return False
+    return all(k == "." or k == c for k, c in zip(key, module[-n:], strict=True))
+
+
+def pattern_risk(key: str) -> str | None:
+    """Why matching ``key`` (a rank_pattern / alpha_pattern key) could take unbounded time, or ``None``.
+
+    Backtracking blows up on a repetition whose body can itself repeat or branch (``(a+)+``,
+    ``(a|ab)*``) and on backreferences; those are refused, as are very long patterns and more
+    than a few unbounded repetitions. Everything PEFT's own examples use passes.
+    """
+    if len(key) > MAX_PATTERN_LENGTH:
+        return f"is longer than {MAX_PATTERN_LENGTH} characters"
+    if _PLAIN_PATTERN.match(key):
+        return None
+    try:
+        from re import _constants as c  # type: ignore[attr-defined]
+        from re import _parser as parser  # type: ignore[attr-defined]
+    except ImportError:  # pragma: no cover - Python < 3.11
+        import sre_constants as c  # type: ignore[no-redef]
+        import sre_parse as parser  # type: ignore[no-redef]
+    repeats = (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", c.MAX_REPEAT))
+    unbounded = 0
+
+    def walk(items: Any, in_repeat: bool) -> str | None:
+        nonlocal unbounded
+        for op, av in items:
+            if op in (c.GROUPREF, c.GROUPREF_EXISTS):
+                return "uses a backreference"
+            if op in repeats:
+                lo, hi, body = av
+                if hi > 1:
+                    if in_repeat:
+                        return "nests one repetition inside another (catastrophic backtracking)"
+                    unbounded += hi == c.MAXREPEAT
+                    why = walk(body, True)
+                    if why:
+                        return why
+                else:
+                    why = walk(body, in_repeat)
+                    if why:
+                        return why
+            elif op == c.BRANCH:
+                if in_repeat:
+                    return "repeats an alternation (catastrophic backtracking)"
+                for branch in av[1]:
+                    why = walk(branch, in_repeat)
+                    if why:
+                        return why
+            elif op == c.SUBPATTERN:
+                why = walk(av[3], in_repeat)
+                if why:
+                    return why
+            elif op in (c.ASSERT, c.ASSERT_NOT):
+                why = walk(av[1], in_repeat)
+                if why:
+                    return why
+            elif op == getattr(c, "ATOMIC_GROUP", None):
+                why = walk(av, in_repeat)
+                if why:
+                    return why
+        return None
+
+    try:
+        why = walk(parser.parse(key), False)
+    except Exception as exc:  # noqa: BLE001 - re's own parser errors, reported as an invalid pattern
+        return f"is not a valid regular expression ({exc})"
+    if why is None and unbounded > MAX_UNBOUNDED_REPEATS:
+        why = f"has more than {MAX_UNBOUNDED_REPEATS} unbounded repetitions"
+    return why
+
+
 def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
     # Same rule as peft.utils.other.get_pattern_key: the first pattern that matches
-    # a dotted suffix of the module name wins.
+    # a dotted suffix of the module name wins. Keys were checked by pattern_risk when the
+    # config was read; plain keys skip the regex engine.
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
+        if _PLAIN_PATTERN.match(key):
+            if _plain_match(key, module):
+                return key
+        elif re.match(rf"(.*\.)?({key})$", module):
             return key
     return None
 

@@ -1,8 +1,10 @@
 """The ``clair`` command line: a Typer app, one module per command, no math.
 
-``ClairGroup.invoke`` is the one place where a ``ClairError`` becomes
-``Error: ...`` on stderr and exit code 2; ``CLAIR_DEBUG=1`` re-raises it with
-its traceback. Bugs are not caught: they keep their traceback.
+``ClairGroup.invoke`` is the one place where exceptions become exit codes: a
+``ClairError`` becomes ``Error: ...`` on stderr and exit code 2; a closed stdout
+pipe ends the run quietly (141, as a shell reports SIGPIPE); Ctrl-C 130, SIGTERM
+143; anything else is a bug, said in one line with exit code 2 (an error, never
+mistaken for a verdict). ``CLAIR_DEBUG=1`` re-raises with the traceback.
 """
 
 from __future__ import annotations
@@ -19,19 +21,31 @@ from clair_cli.constants import EXIT_ERROR
 from clair_cli.errors import ClairError
 
 
-def report_error(exc: ClairError) -> int:
-    """Print a ClairError as the user sees it; return the exit code."""
+def report_error(message: str, hint: str | None) -> int:
+    """Print an error as the user sees it (control characters escaped); return the exit code."""
     from rich.console import Console
     from rich.text import Text
 
+    from clair_cli.io.paths import printable
+
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    console.print(Text.assemble(("Error: ", "bold red"), exc.message))
-    hint = f"{exc.hint} " if exc.hint else ""
+    console.print(Text.assemble(("Error: ", "bold red"), printable(message)))
+    hint = f"{printable(hint)} " if hint else ""
     console.print(f"{hint}(CLAIR_DEBUG=1 shows the traceback)", markup=False, emoji=False, style="dim")
     return EXIT_ERROR
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+
+
+def _quiet_stdout() -> None:
+    """After EPIPE: point stdout at /dev/null so the interpreter's final flush is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 class ClairGroup(TyperGroup):
@@ -41,16 +55,43 @@ class ClairGroup(TyperGroup):
         return list(self.commands)
 
     def invoke(self, ctx: Any) -> Any:
+        debug = bool(os.environ.get("CLAIR_DEBUG"))
         try:
             return super().invoke(ctx)
         except ClairError as exc:
-            if os.environ.get("CLAIR_DEBUG"):
+            if debug:
                 raise
-            raise typer.Exit(report_error(exc)) from None
-        except KeyboardInterrupt:
-            # Outputs are written atomically: an interrupted run has left nothing in place.
-            print("Interrupted: no output was written.", file=sys.stderr)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            raise typer.Exit(report_error(exc.message, exc.hint)) from None
+        except BrokenPipeError:
+            _quiet_stdout()
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
+        except KeyboardInterrupt as exc:
+            # Outputs are written atomically: an interrupted run has left nothing half-written.
+            writer = sys.modules.get("clair_cli.io.peft_writer")
+            done = list(getattr(writer, "COMMITTED", []))
+            if done:
+                from clair_cli.io.paths import printable
+
+                print(f"Interrupted after writing {printable(str(done[-1]))}.", file=sys.stderr)
+            else:
+                print("Interrupted: no output was written.", file=sys.stderr)
+            raise typer.Exit(getattr(exc, "exit_code", EXIT_INTERRUPTED)) from None
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # Typer's own usage errors and exits
+        except MemoryError:
+            if debug:
+                raise
+            raise typer.Exit(report_error("out of memory", "Use fewer or smaller adapters, or --max-rank.")) from None
+        except Exception as exc:  # noqa: BLE001 - the one boundary: a bug is reported, never a raw traceback
+            if debug:
+                raise
+            text = str(exc).splitlines()[0][:300] if str(exc) else ""
+            raise typer.Exit(
+                report_error(
+                    f"internal error ({type(exc).__name__}: {text})",
+                    "This is a bug in clair; please report it with the output of CLAIR_DEBUG=1.",
+                )
+            ) from None
 
 
 app = typer.Typer(
@@ -94,5 +135,11 @@ _gate.register(app)
 
 
 def main() -> None:
-    """Console-script entry point."""
-    sys.exit(app(prog_name="clair"))
+    """Console-script entry point (the app ends with SystemExit carrying the exit code)."""
+    try:
+        app(prog_name="clair")
+    finally:
+        try:
+            sys.stdout.flush()  # here rather than at interpreter exit, where EPIPE prints a warning
+        except BrokenPipeError:
+            _quiet_stdout()

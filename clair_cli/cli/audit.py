@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from clair_cli.cli import options as opt
+from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK
 
 EXAMPLES = """
 Examples:
@@ -39,6 +40,8 @@ def audit_command(
     lora_alpha: opt.LoraAlpha = None,
     rslora: opt.Rslora = False,
     base_model: opt.BaseModel = None,
+    max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
+    max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
 ) -> None:
     """Score every adapter with CLAIR and flag the contaminated ones.
 
@@ -46,6 +49,7 @@ def audit_command(
     """
     from clair_cli import pipeline
     from clair_cli.cli.common import (
+        adapter_files,
         check_report_targets,
         emit_reports,
         exit_code,
@@ -53,17 +57,20 @@ def audit_command(
         open_all,
         progress_bar,
     )
+    from clair_cli.io.paths import input_paths
     from clair_cli.io.sources import SourceOptions
     from clair_cli.report.audit import audit_report
 
     settings = make_settings(method, side, rank, threshold, device, dtype, seed)
-    check_report_targets(json_out, markdown, plot)
+    check_report_targets(json_out, markdown, plot, input_paths(sources, [config]))
     with progress_bar(quiet) as progress:
-        adapters = open_all(sources, SourceOptions(subfolder, config, lora_alpha, rslora, base_model), progress)
+        adapters = open_all(
+            sources, SourceOptions(subfolder, config, lora_alpha, rslora, base_model, max_rank, max_adapters), progress
+        )
         pool = pipeline.build_pool(adapters, intersect=intersect)
         outcome = pipeline.audit(pool, settings, progress)
     report = audit_report(outcome)
-    emit_reports(report, json_out, markdown, plot, quiet)
+    emit_reports(report, json_out, markdown, plot, quiet, adapter_files(adapters))
     exit_code(report, exit_zero)
 
 

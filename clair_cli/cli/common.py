@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -101,12 +102,42 @@ def open_all(sources: Sequence[str], options: SourceOptions, progress: Progress)
     return open_adapters(sources, options, lambda _name, done, total: progress("loading adapters", done, total))
 
 
-def check_report_targets(json_out: str | None, markdown: str | None, plot: str | None) -> None:
+def adapter_files(adapters: Sequence[Adapter]) -> list[Path]:
+    """Every file read for ``adapters``: outputs may not replace any of them."""
+    files = [a.ref.weights_file for a in adapters]
+    return files + [a.ref.config_file for a in adapters if a.ref.config_file is not None]
+
+
+def unique_out_names(names: Sequence[str]) -> None:
+    """Refuse adapter names that would be written to the same output directory."""
+    from collections import Counter
+
+    from clair_cli.io.paths import printable, safe_relpath
+
+    clash = [n for n, c in Counter(safe_relpath(n) for n in names).items() if c > 1]
+    if clash:
+        same = [printable(n) for n in names if safe_relpath(n) == clash[0]]
+        raise UsageError(f"adapters {', '.join(same)} would be written to the same directory {clash[0]!r}")
+
+
+def check_report_targets(
+    json_out: str | None,
+    markdown: str | None,
+    plot: str | None,
+    inputs: Sequence[Path] = (),
+    out: Path | None = None,
+) -> None:
     """Refuse impossible report targets before any work is done."""
-    from pathlib import Path
+    from clair_cli.io.paths import check_report_file, printable
 
     if json_out == "-" and markdown == "-":
         raise UsageError("--json - and --markdown - cannot both go to stdout")
+    files = [t for t in (json_out, markdown, plot) if t is not None and t != "-"]
+    if len({Path(t).resolve() for t in files}) < len(files):
+        raise UsageError("--json, --markdown and --plot name the same file; give each its own")
+    for t in files:
+        if out is not None and Path(t).resolve().is_relative_to(out.resolve()):
+            raise UsageError(f"{printable(t)}: a report file cannot go inside --out, which is replaced whole")
     if plot is not None:
         if plot == "-" or not plot.lower().endswith(".png"):
             raise UsageError(f"--plot {plot}: give a file name ending in .png")
@@ -116,17 +147,17 @@ def check_report_targets(json_out: str | None, markdown: str | None, plot: str |
             raise UsageError(
                 "--plot needs matplotlib, which is not installed", hint="Install it with: pip install 'clair[plot]'"
             ) from None
-    for target in (json_out, markdown, plot):
-        if target is not None and target != "-":
-            path = Path(target)
-            if path.is_dir():
-                raise UsageError(f"{path}: is a directory; give a file name")
-            if not path.parent.is_dir():
-                raise UsageError(f"{path}: directory {path.parent} does not exist")
+    for target in files:
+        check_report_file(target, inputs)
 
 
 def emit_reports(
-    report: dict[str, Any], json_out: str | None, markdown: str | None, plot: str | None, quiet: bool
+    report: dict[str, Any],
+    json_out: str | None,
+    markdown: str | None,
+    plot: str | None,
+    quiet: bool,
+    inputs: Sequence[Path] = (),
 ) -> None:
     """Write the requested report files; the terminal table unless stdout carries JSON or Markdown."""
     from clair_cli.io.writers import write_text
@@ -136,11 +167,11 @@ def emit_reports(
     if plot is not None:
         from clair_cli.report.plot import write_plot
 
-        write_plot(report, plot)
+        write_plot(report, plot, inputs)
     if json_out is not None:
-        write_text(json_out, json.dumps(report, indent=2) + "\n")
+        write_text(json_out, json.dumps(report, indent=2) + "\n", inputs)
     if markdown is not None:
-        write_text(markdown, audit_markdown(report))
+        write_text(markdown, audit_markdown(report), inputs)
     if "-" not in (json_out, markdown):
         render_audit(make_console(quiet=quiet), report)
 

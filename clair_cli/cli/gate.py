@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from clair_cli.cli import options as opt
+from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK
 
 EXAMPLES = """
 Examples:
@@ -36,6 +37,8 @@ def gate_command(
     lora_alpha: opt.LoraAlpha = None,
     rslora: opt.Rslora = False,
     base_model: opt.BaseModel = None,
+    max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
+    max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
 ) -> None:
     """Judge CANDIDATE adapters against trusted --reference adapters.
 
@@ -44,6 +47,7 @@ def gate_command(
     """
     from clair_cli import pipeline
     from clair_cli.cli.common import (
+        adapter_files,
         check_report_targets,
         emit_reports,
         exit_code,
@@ -52,14 +56,15 @@ def gate_command(
         progress_bar,
     )
     from clair_cli.errors import UsageError
+    from clair_cli.io.paths import input_paths, printable
     from clair_cli.io.sources import SourceOptions
     from clair_cli.report.audit import audit_report
 
     if not reference:
         raise UsageError("no --reference given", hint="Name the trusted adapters with --reference SOURCE (repeatable).")
     settings = make_settings(method, side, rank, threshold, device, dtype, seed)
-    check_report_targets(json_out, markdown, plot)
-    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model)
+    check_report_targets(json_out, markdown, plot, input_paths([*candidates, *reference], [config]))
+    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model, max_rank, max_adapters)
     with progress_bar(quiet) as progress:
         refs = open_all(reference, src, progress)
         cands = open_all(candidates, src, progress)
@@ -67,7 +72,7 @@ def gate_command(
         clash = [a.name for a in cands if a.name in names]
         if clash:
             raise UsageError(
-                f"{clash[0]!r} is both a candidate and a reference adapter",
+                f"{printable(clash[0])!r} is both a candidate and a reference adapter",
                 hint="A candidate cannot vouch for itself; give it once.",
             )
         if len(refs) < pipeline.MIN_ADAPTERS["clair"]:
@@ -77,7 +82,7 @@ def gate_command(
         pool = pipeline.build_pool(refs + cands, intersect=intersect)
         outcome = pipeline.audit(pool, settings, progress, reference=list(range(len(refs))))
     report = audit_report(outcome, command="gate")
-    emit_reports(report, json_out, markdown, plot, quiet)
+    emit_reports(report, json_out, markdown, plot, quiet, adapter_files(refs + cands))
     exit_code(report, exit_zero)
 
 

@@ -7,6 +7,7 @@ import json
 import typer
 
 from clair_cli.cli import options as opt
+from clair_cli.constants import DEFAULT_MAX_RANK
 
 EXAMPLES = """
 Examples:
@@ -29,25 +30,52 @@ def inspect_command(
     lora_alpha: opt.LoraAlpha = None,
     rslora: opt.Rslora = False,
     base_model: opt.BaseModel = None,
+    max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
     quiet: opt.Quiet = False,
 ) -> None:
     """Show each adapter's base model, rank, alpha, scale rule, modules, size and what clair does not cover.
 
-    Every tensor is read once and checked for NaN/Inf.
+    Every tensor is read once and checked for NaN/Inf. An adapter that cannot be read gets an error
+    row (the others are still shown) and the exit code is 2.
     """
+    from clair_cli.cli.common import check_report_targets
+    from clair_cli.errors import AdapterFormatError, ClairError
     from clair_cli.io.adapter import verify
-    from clair_cli.io.sources import SourceOptions, open_adapters
+    from clair_cli.io.paths import input_paths, printable
+    from clair_cli.io.sources import SourceOptions, open_adapter, resolve_sources
     from clair_cli.io.writers import write_text
     from clair_cli.report.console import make_console
-    from clair_cli.report.inspect import adapter_record, inspect_report, render_inspect
+    from clair_cli.report.inspect import adapter_record, error_record, inspect_report, render_inspect
 
-    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model)
-    adapters = open_adapters(sources, src)
-    records = [adapter_record(a, verify(a)) for a in adapters]
-    if json_out is not None:
-        write_text(json_out, json.dumps(inspect_report(records), indent=2, sort_keys=False) + "\n")
-    if json_out != "-":
-        render_inspect(make_console(quiet=quiet), records)
+    inputs = input_paths(sources, [config])
+    check_report_targets(json_out, None, None, inputs)
+    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model, max_rank)
+    errors: list[tuple[str, str, ClairError]] = []
+    refs = resolve_sources(sources, src, errors)
+    records = [error_record(name, source, exc.message) for name, source, exc in errors]
+    failures = [exc for _name, _source, exc in errors]
+    for ref in refs:
+        try:
+            adapter = open_adapter(ref, src)
+            records.append(adapter_record(adapter, verify(adapter)))
+        except ClairError as exc:
+            records.append(error_record(ref.name, ref.source, exc.message, ref.revision))
+            failures.append(exc)
+        inputs += [ref.weights_file, *([ref.config_file] if ref.config_file else [])]
+    if errors:
+        records.sort(key=lambda r: r["name"])
+    bad = [r for r in records if "error" in r]
+    if len(failures) == len(records) == 1:
+        raise failures[0]
+    if json_out is not None and not bad:  # an error run writes no report file
+        write_text(json_out, json.dumps(inspect_report(records), indent=2, sort_keys=False) + "\n", inputs)
+    if json_out != "-" or bad:
+        render_inspect(make_console(stderr=json_out == "-", quiet=quiet), records)
+    if bad:
+        raise AdapterFormatError(
+            f"{len(bad)} of {len(records)} adapters cannot be read; first: {printable(bad[0]['error'])}",
+            hint="The rows above show every adapter; fix or remove the ones marked error.",
+        )
 
 
 def register(app: typer.Typer) -> None:

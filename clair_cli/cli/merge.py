@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from clair_cli.cli import options as opt
+from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK
 
 if TYPE_CHECKING:
     from clair_cli.pipeline import AuditOutcome, Pool
@@ -63,6 +64,24 @@ def _prepare(sources, src, intersect, method, progress):
     return pipeline.build_pool(adapters, intersect=intersect, method=method)
 
 
+def _extras(pool: Pool, drop: bool) -> list[str]:
+    """Refuse to merge what a LoRA merge cannot carry, or (``drop``) list it as dropped."""
+    from clair_cli.errors import IncompatibleAdapters
+    from clair_cli.io.paths import printable
+
+    found = [(a.name, kind, keys) for a in pool.adapters for kind, keys in a.extras.items()]
+    if found and not drop:
+        name, kind, keys = found[0]
+        more = f" (and {len(found) - 1} more such finding(s) in the pool)" if len(found) > 1 else ""
+        raise IncompatibleAdapters(
+            f"{printable(name)}: holds {kind} ({printable(keys[0])}{', ...' if len(keys) > 1 else ''}) "
+            f"that a merge of LoRA factors cannot carry{more}",
+            hint="Pass --drop-extras to merge the LoRA updates alone (what is dropped is listed in the "
+            "model card and report), or merge adapters without them.",
+        )
+    return [f"dropped (--drop-extras) from {name}: {len(keys)} {kind}" for name, kind, keys in found]
+
+
 def merge_command(
     sources: opt.Sources,
     out: opt.Out,
@@ -92,6 +111,9 @@ def merge_command(
     lora_alpha: opt.LoraAlpha = None,
     rslora: opt.Rslora = False,
     base_model: opt.BaseModel = None,
+    max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
+    max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
+    drop_extras: opt.DropExtras = False,
 ) -> None:
     """Merge adapters into one PEFT adapter (clair: audit first, then merge the collaborators).
 
@@ -101,6 +123,7 @@ def merge_command(
     """
     from clair_cli import pipeline
     from clair_cli.cli.common import (
+        adapter_files,
         check_report_targets,
         emit_reports,
         exit_code,
@@ -109,6 +132,7 @@ def merge_command(
         progress_bar,
     )
     from clair_cli.errors import UsageError
+    from clair_cli.io.paths import input_paths, printable
     from clair_cli.io.peft_writer import AtomicDir, merged_config, merged_tensors, save_adapter
     from clair_cli.io.sources import SourceOptions
     from clair_cli.report.audit import audit_report, summary_line
@@ -124,20 +148,25 @@ def merge_command(
         raise UsageError(f"--project, --project-rank and --rescale shape the clair merge, not --method {method}")
     if method != "clair" and any(x is not None for x in (json_out, markdown, plot)):
         raise UsageError(f"--json, --markdown and --plot report the clair audit; --method {method} runs none")
-    check_report_targets(json_out, markdown, plot)
-    target = AtomicDir(out, force)
-    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model)
+    inputs = input_paths(sources, [config])
+    check_report_targets(json_out, markdown, plot, inputs, out)
+    target = AtomicDir(out, force, inputs)
+    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model, max_rank, max_adapters)
     with progress_bar(quiet) as progress:
         pool = _prepare(sources, src, intersect, method, progress)
+        files = adapter_files(pool.adapters)
+        target.guard(files)
+        check_report_targets(json_out, markdown, plot, files, out)
+        dropped = _extras(pool, drop_extras)
         outcome = pipeline.audit(pool, settings, progress) if method == "clair" else None
         merged = pipeline.merge(pool, method, settings, w, options, outcome, progress)
     report = audit_report(outcome, command="merge") if outcome else None
     if report is not None:
-        report["merge"] = merged.summary()
+        report["merge"] = merged.summary() | {"dropped": dropped}
     ranks = {m: r.rank for m, r in merged.modules.items()}
     config_dict = merged_config(pool.adapters[0], ranks, pool.base_model, all_modules=not pool.dropped)
     tensors = merged_tensors(pool.adapters[0], {m: (r.A, r.B) for m, r in merged.modules.items()})
-    notes = list(merged.notes)
+    notes = list(merged.notes) + dropped
     if pool.dropped:
         notes.append(f"--intersect left out {len(pool.dropped)} module(s) not targeted by every adapter")
     card = model_card(
@@ -154,13 +183,14 @@ def merge_command(
         save_adapter(tmp, config_dict, tensors, card)
     console = make_console(stderr=True, quiet=quiet)
     if report is not None:
-        emit_reports(report, json_out, markdown, plot, quiet)
+        emit_reports(report, json_out, markdown, plot, quiet, files)
     console.print(
-        f"wrote {out}: {method} merge of {len(merged.used)} of {len(pool.adapters)} adapters, "
-        f"rank {min(ranks.values())}{'' if len(set(ranks.values())) == 1 else '-' + str(max(ranks.values()))}"
+        f"wrote {printable(str(out))}: {method} merge of {len(merged.used)} of {len(pool.adapters)} adapters, "
+        f"rank {min(ranks.values())}{'' if len(set(ranks.values())) == 1 else '-' + str(max(ranks.values()))}",
+        markup=False,
     )
     for n in notes:
-        console.print(f"note: {n}", style="dim")
+        console.print(f"note: {printable(n)}", style="dim", markup=False)
     if report is not None:
         exit_code(report, exit_zero)
 
@@ -188,6 +218,8 @@ def refine_command(
     lora_alpha: opt.LoraAlpha = None,
     rslora: opt.Rslora = False,
     base_model: opt.BaseModel = None,
+    max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
+    max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
 ) -> None:
     """Audit, then write each collaborator's refined adapter to DIR/<name>/ (projected onto the shared subspace).
 
@@ -198,13 +230,16 @@ def refine_command(
     """
     from clair_cli import pipeline
     from clair_cli.cli.common import (
+        adapter_files,
         check_report_targets,
         emit_reports,
         exit_code,
         make_settings,
         parse_rank,
         progress_bar,
+        unique_out_names,
     )
+    from clair_cli.io.paths import input_paths, printable
     from clair_cli.io.peft_writer import AtomicDir, refined_tensors, save_adapter, source_config
     from clair_cli.io.sources import SourceOptions
     from clair_cli.report.audit import audit_report, summary_line
@@ -213,11 +248,15 @@ def refine_command(
 
     settings = make_settings(method, side, rank, threshold, device, dtype, seed)
     fixed = parse_rank(project_rank, "--project-rank")
-    check_report_targets(json_out, markdown, plot)
-    target = AtomicDir(out, force)
-    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model)
+    inputs = input_paths(sources, [config])
+    check_report_targets(json_out, markdown, plot, inputs, out)
+    target = AtomicDir(out, force, inputs)
+    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model, max_rank, max_adapters)
     with progress_bar(quiet) as progress:
         pool = _prepare(sources, src, intersect, "clair", progress)
+        files = adapter_files(pool.adapters)
+        target.guard(files)
+        check_report_targets(json_out, markdown, plot, files, out)
         outcome = pipeline.audit(pool, settings, progress)
         bases = pipeline.refined_bases(pool, outcome, fixed if isinstance(fixed, int) else None, progress)
         report = audit_report(outcome, command="refine")
@@ -226,6 +265,7 @@ def refine_command(
             "projection_rank": {m: None if b is None else int(b.shape[1]) for m, b in bases.items()},
         }
         used = outcome.auditor.collaborative_set_
+        unique_out_names([pool.adapters[k].name for k in used])
         side_used = "in" if settings.side == "in" else "out"
         with target as tmp:
             for i, k in enumerate(used):
@@ -248,11 +288,13 @@ def refine_command(
                     summary_line(report, timing=False),
                     notes,
                 )
-                save_adapter(tmp / adapter.name, source_config(adapter), tensors, card)
+                save_adapter(tmp, source_config(adapter), tensors, card, name=adapter.name)
                 progress("writing adapters", i + 1, len(used))
-    emit_reports(report, json_out, markdown, plot, quiet)
+    emit_reports(report, json_out, markdown, plot, quiet, files)
     make_console(stderr=True, quiet=quiet).print(
-        f"wrote {out}: {len(used)} refined adapters ({len(pool.adapters) - len(used)} flagged, not written)"
+        f"wrote {printable(str(out))}: {len(used)} refined adapters "
+        f"({len(pool.adapters) - len(used)} flagged, not written)",
+        markup=False,
     )
     exit_code(report, exit_zero)
 

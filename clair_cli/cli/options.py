@@ -121,7 +121,15 @@ Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.", meta
 Dtype = Annotated[
     str, typer.Option("--dtype", help="Working precision: float32 or float64.", metavar="float32|float64")
 ]
-Seed = Annotated[int, typer.Option("--seed", help="Seed of the random rotations (results are deterministic given it).")]
+Seed = Annotated[
+    int,
+    typer.Option(
+        "--seed",
+        min=0,
+        max=2**32 - 1,
+        help="Seed of the random rotations, 0 to 2**32-1 (results are deterministic given it).",
+    ),
+]
 MarkdownOut = Annotated[
     Optional[str], typer.Option("--markdown", help="Write a Markdown report to FILE ('-' for stdout).", metavar="FILE")
 ]
@@ -155,5 +163,34 @@ Reference = Annotated[
     Optional[list[str]],
     typer.Option(
         "--reference", "-r", help="Trusted adapters (repeatable; same source forms as candidates).", show_default=False
+    ),
+]
+DropExtras = Annotated[
+    bool,
+    typer.Option(
+        "--drop-extras",
+        help="Merge the LoRA updates alone when adapters also hold DoRA magnitudes, LoRA biases, "
+        "modules_to_save weights (e.g. a classifier head) or trainable tokens; without it such a merge is "
+        "refused. What is dropped is listed in the model card and the JSON report.",
+    ),
+]
+MaxRank = Annotated[
+    int,
+    typer.Option(
+        "--max-rank",
+        min=1,
+        help="Refuse adapters with a module of higher rank, before reading any factor: memory grows with the "
+        "square of the pool's summed rank (README, Limits).",
+        metavar="N",
+    ),
+]
+MaxAdapters = Annotated[
+    int,
+    typer.Option(
+        "--max-adapters",
+        min=1,
+        help="Refuse more adapters than this in one run (each source list counted apart), before opening "
+        "any: the verdict's calibration grows with the square of the pool (README, Limits).",
+        metavar="N",
     ),
 ]

@@ -10,6 +10,7 @@ one module at a time, so memory is bounded by a module's factors.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,12 +22,15 @@ from clair_cli.constants import (
     PEFT_KEY_PREFIX,
 )
 from clair_cli.errors import AdapterFormatError
+from clair_cli.io.paths import printable
 from clair_cli.io.safetensors_file import SafetensorsReader, TensorInfo, read_header
 from clair_cli.types import AdapterConfig, AdapterRef, LoraModule, ModuleKind
 
 if TYPE_CHECKING:
     import torch
 
+# Bound on |scale * B @ A| entries (about 1e12): squared in Gram matrices it stays far inside float32.
+MAX_UPDATE_ENTRY = 1e12
 TORCH_DTYPE_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
@@ -62,6 +66,8 @@ class Adapter:
         config: its LoRA config.
         modules: module specs by module name, sorted by name.
         notes: what clair loads but does not analyse, in words.
+        extras: tensors beyond the LoRA factors (DoRA, biases, modules_to_save, trainable
+            tokens) by kind; a merge refuses them unless told to drop them.
         file_size: bytes of the weights file.
         n_params: parameters in the weights file (all tensors).
     """
@@ -81,6 +87,8 @@ class Adapter:
         self.notes = notes
         self.file_size = file_size
         self.n_params = n_params
+        # What a merge of LoRA factors cannot carry, by kind: key names (or the config field).
+        self.extras: dict[str, list[str]] = {}
 
     @property
     def name(self) -> str:
@@ -99,7 +107,7 @@ class Adapter:
         return sorted({m.rank for m in self.modules.values()})
 
     @classmethod
-    def open(cls, ref: AdapterRef, config: AdapterConfig) -> Adapter:
+    def open(cls, ref: AdapterRef, config: AdapterConfig, max_rank: int | None = None) -> Adapter:
         """Read the header of ``ref.weights_file`` and build the module table.
 
         Raises:
@@ -107,16 +115,29 @@ class Adapter:
                 dtypes, rank 0, or no LoRA tensor at all.
         """
         path = ref.weights_file
+        shown = printable(str(path))
         tensors, _metadata = read_header(path)
         parts: dict[str, dict[str, TensorInfo]] = {}
         dora, biases, others = [], [], []
         for key, info in tensors.items():
             short = _strip(key)
+            if short.startswith(PEFT_KEY_PREFIX):
+                raise AdapterFormatError(
+                    f"{shown}: key {key!r} carries the prefix {PEFT_KEY_PREFIX!r} twice; PEFT cannot load it",
+                    hint="Re-save the adapter with PEFT's save_pretrained(), or strip the repeated prefix.",
+                )
             m = LORA_KEY_RE.match(short)
             if m and m["suffix"] == ".bias":
-                biases.append(m["module"])
+                biases.append(short)
             elif m and (m["part"].startswith("lora_embedding") == (m["suffix"] is None)):
-                parts.setdefault(m["module"], {})[m["part"]] = info
+                have = parts.setdefault(m["module"], {})
+                if m["part"] in have:
+                    raise AdapterFormatError(
+                        f"{shown}: module {m['module']!r} has two {m['part']} tensors, "
+                        f"{have[m['part']].name!r} and {key!r} (two key spellings or two adapter names)",
+                        hint="Keep one adapter per file, with PEFT's key names.",
+                    )
+                have[m["part"]] = info
             elif DORA_MAGNITUDE_RE.match(short):
                 dora.append(short)
             else:
@@ -124,7 +145,7 @@ class Adapter:
 
         modules: dict[str, ModuleSpec] = {}
         for module in sorted(parts):
-            modules[module] = _module_spec(path, config, module, parts[module])
+            modules[module] = _module_spec(path, config, module, parts[module], max_rank)
         if not modules:
             raise AdapterFormatError(
                 f"{path}: no LoRA tensors found (expected keys like '<module>.lora_A.weight')",
@@ -149,14 +170,29 @@ class Adapter:
         n_conv = sum(m.kind == "conv" for m in modules.values())
         if n_conv:
             notes.append(f"{_plural(n_conv, 'conv module')}: kernels flattened into the input dimension")
-        return cls(
+        extras = {
+            kind: keys
+            for kind, keys in (
+                ("DoRA magnitude vectors", sorted(dora) or (["(use_dora in the config)"] if config.use_dora else [])),
+                ("LoRA biases", sorted(biases)),
+                ("modules_to_save / full weights", sorted(others)),
+                (
+                    "trainable token embeddings",
+                    ["(trainable_token_indices in the config)"] if config.trainable_token_indices else [],
+                ),
+            )
+            if keys
+        }
+        adapter = cls(
             ref,
             config,
             modules,
             notes,
-            file_size=path.stat().st_size,
+            file_size=os.stat(path).st_size,
             n_params=sum(t.numel for t in tensors.values()),
         )
+        adapter.extras = extras
+        return adapter
 
     def load(
         self,
@@ -195,10 +231,19 @@ class Adapter:
             t = reader.get(key)
             if not bool(torch.isfinite(t).all()):
                 raise AdapterFormatError(
-                    f"{self.ref.weights_file}: tensor {key!r} contains NaN or Inf values",
+                    f"{printable(str(self.ref.weights_file))}: tensor {key!r} contains NaN or Inf values",
                     hint="The adapter diverged during training or the file is corrupt.",
                 )
             factors.append(t)
+        # The largest entry scale*B@A can reach; past this the analysis (Gram matrices, in float32)
+        # would overflow to Inf before any decomposition, so refuse here, naming the module.
+        peak = abs(spec.scale) * spec.rank * math.prod(float(f.abs().max()) if f.numel() else 0.0 for f in factors)
+        if not math.isfinite(peak) or peak > MAX_UPDATE_ENTRY:
+            raise AdapterFormatError(
+                f"{printable(str(self.ref.weights_file))}: module {name!r}: factor values (up to "
+                f"{max(float(f.abs().max()) for f in factors):.3g}, scale {spec.scale:.3g}) make its update overflow",
+                hint="The adapter diverged during training or the file is corrupt.",
+            )
         dtype = dtype or torch.float32
         return LoraModule(
             name=name,
@@ -211,9 +256,11 @@ class Adapter:
         )
 
 
-def _module_spec(path: object, config: AdapterConfig, module: str, parts: dict[str, TensorInfo]) -> ModuleSpec:
-    def bad(problem: str) -> AdapterFormatError:
-        return AdapterFormatError(f"{path}: module {module!r}: {problem}")
+def _module_spec(
+    path: object, config: AdapterConfig, module: str, parts: dict[str, TensorInfo], max_rank: int | None = None
+) -> ModuleSpec:
+    def bad(problem: str, hint: str | None = None) -> AdapterFormatError:
+        return AdapterFormatError(f"{printable(str(path))}: module {module!r}: {problem}", hint=hint)
 
     emb = "lora_embedding_A" in parts or "lora_embedding_B" in parts
     a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
@@ -240,6 +287,11 @@ def _module_spec(path: object, config: AdapterConfig, module: str, parts: dict[s
         raise bad(f"rank mismatch: {a_name} has rank {rank} but {b_name} has {b.shape[1]} columns")
     if rank == 0:
         raise bad("has rank 0")
+    if max_rank is not None and rank > max_rank:
+        raise bad(
+            f"rank {rank} exceeds --max-rank {max_rank}; refused before reading its factors",
+            hint="Raise --max-rank if the adapter is trusted and the machine has the memory (README, Limits).",
+        )
     expected = config.rank_for(module)
     if rank != expected:
         raise bad(

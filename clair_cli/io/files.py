@@ -1,25 +1,126 @@
-"""Operating-system errors while reading a source, as ClairErrors naming the file."""
+"""The one bounded reader of input files.
+
+Every file clair reads from a source goes through here: it is opened without
+blocking and refused unless it is a regular file (a FIFO or a device in an
+adapter's place would otherwise hang the run or stream forever), small files are
+read whole up to a size cap, large ranges in chunks (a single ``read()`` stops at
+2 GiB), and JSON is parsed with its nesting and number sizes bounded. Operating-system
+errors become ClairErrors that name the file.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from clair_cli.errors import AdapterFormatError, AdapterNotFound
+from clair_cli.io.paths import printable
+
+# Linux caps one read() at 2 GiB - 4 KiB; read in pieces well below it.
+READ_CHUNK = 1 << 30
 
 
 @contextmanager
 def reading(path: Path) -> Iterator[None]:
     """Turn FileNotFoundError, IsADirectoryError, PermissionError and other OSErrors
     raised in the block into AdapterNotFound / AdapterFormatError for ``path``."""
+    shown = printable(str(path))
     try:
         yield
     except FileNotFoundError as exc:
-        raise AdapterNotFound(f"{path}: no such file") from exc
+        raise AdapterNotFound(f"{shown}: no such file") from exc
     except IsADirectoryError as exc:
-        raise AdapterFormatError(f"{path}: is a directory, expected a file") from exc
+        raise AdapterFormatError(f"{shown}: is a directory, expected a file") from exc
     except PermissionError as exc:
-        raise AdapterNotFound(f"{path}: permission denied") from exc
+        raise AdapterNotFound(f"{shown}: permission denied") from exc
     except OSError as exc:
-        raise AdapterNotFound(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+        raise AdapterNotFound(f"{shown}: cannot be read ({exc.strerror or exc})") from exc
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device"
+
+
+def open_regular(path: Path) -> int:
+    """Open ``path`` for reading and return the descriptor, refusing anything but a regular file.
+
+    The open does not block (a FIFO without a writer would), and the check is made on
+    the opened descriptor, so the file cannot be swapped between check and read.
+
+    Raises:
+        AdapterNotFound: the file does not exist or cannot be opened.
+        AdapterFormatError: it is a directory, FIFO, socket or device.
+    """
+    with reading(path):
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise AdapterFormatError(f"{printable(str(path))}: is a directory, expected a file")
+        if not stat.S_ISREG(mode):
+            raise AdapterFormatError(
+                f"{printable(str(path))}: is {_kind(mode)}, not a regular file; refused without reading it"
+            )
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_range(fd: int, start: int, size: int, path: Path) -> bytearray:
+    """``size`` bytes at offset ``start``, read in chunks; short reads are reported as truncation."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    done = 0
+    with reading(path):
+        while done < size:
+            got = os.preadv(fd, [view[done : done + READ_CHUNK]], start + done)
+            if got == 0:
+                break
+            done += got
+    if done != size:
+        raise AdapterFormatError(
+            f"{printable(str(path))}: read {done} of {size} bytes at offset {start} (file truncated while reading?)"
+        )
+    return buf
+
+
+def read_small(path: Path, limit: int, what: str) -> bytes:
+    """The whole of a small regular file, refused above ``limit`` bytes."""
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size > limit:
+            raise AdapterFormatError(f"{printable(str(path))}: is {size} bytes, too large for {what}")
+        return bytes(read_range(fd, 0, size, path))
+    finally:
+        os.close(fd)
+
+
+def parse_json(raw: bytes, path: Path | str, what: str) -> Any:
+    """Parse JSON from an input; any problem (encoding, syntax, nesting too deep, an integer of
+    thousands of digits) is an AdapterFormatError naming the file.
+    """
+    shown = printable(str(path))
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise AdapterFormatError(f"{shown}: {what} is not UTF-8 text") from exc
+    except json.JSONDecodeError as exc:
+        raise AdapterFormatError(f"{shown}: {what} is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    except RecursionError as exc:
+        raise AdapterFormatError(f"{shown}: {what} is JSON nested too deeply") from exc
+    except ValueError as exc:  # e.g. an integer longer than Python's int_max_str_digits
+        raise AdapterFormatError(f"{shown}: {what} holds a value that cannot be parsed ({exc})") from exc

@@ -4,16 +4,58 @@ Only ``adapter_config.json`` and ``adapter_model.safetensors`` are downloaded,
 through ``huggingface_hub`` so that HF_TOKEN, HF_HOME, HF_ENDPOINT,
 HF_HUB_OFFLINE and the shared cache behave as everywhere else in the ecosystem.
 The resolved commit sha is read from the cache snapshot the files landed in.
+
+The Hub is not trusted more than the files it serves: a revision must be a git
+ref name or a commit sha (no ``..``), every answer's ``X-Repo-Commit`` must be 40
+hex digits and its ``ETag`` a plain token before huggingface_hub builds a cache
+path from them (a response hook on its HTTP client), and each download has a
+deadline (``CLAIR_HUB_TIMEOUT``, seconds; a Hub that trickles bytes is cut off).
+Retry warnings of huggingface_hub are silenced: clair prints one error.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
-from clair_cli.constants import CONFIG_NAME, HUB_PREFIX, HUB_REPO_RE, PICKLE_HINT, SAFETENSORS_WEIGHTS_NAME
+from clair_cli.constants import (
+    CONFIG_NAME,
+    HUB_DEFAULT_TIMEOUT_S,
+    HUB_PREFIX,
+    HUB_REPO_RE,
+    PICKLE_HINT,
+    SAFETENSORS_WEIGHTS_NAME,
+)
 from clair_cli.errors import AdapterNotFound, HubError, UnsafeFormatError, UsageError
+from clair_cli.io.paths import CONTROL_RE, printable
 from clair_cli.types import AdapterRef
+
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+ETAG_RE = re.compile(r'^(?:W/)?"?([A-Za-z0-9_\-]{1,128})"?$')
+REVISION_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]{0,254}$")
+
+
+class HubAnswerError(Exception):
+    """A Hub response whose headers clair will not let become cache paths."""
+
+
+def check_revision(revision: str, source: str) -> str:
+    """Accept a branch or tag name (git ref rules, e.g. ``main``, ``v1.0``, ``refs/pr/3``) or a commit sha."""
+    parts = revision.split("/")
+    if (
+        not REVISION_RE.match(revision)
+        or ".." in revision
+        or any(p == "" or p.startswith(".") or p.endswith((".", ".lock")) for p in parts)
+    ):
+        raise UsageError(
+            f"{printable(source)}: revision {printable(revision)!r} is not a branch, tag or commit sha",
+            hint="Use e.g. @main, @v1.0 or a 40-hex commit sha.",
+        )
+    return revision
 
 
 @dataclass(frozen=True)
@@ -33,9 +75,16 @@ def check_subfolder(subfolder: str | None, source: str) -> str | None:
     if subfolder is None or subfolder.strip("/") == "":
         return None
     parts = PurePosixPath(subfolder).parts
-    if subfolder.startswith("/") or "\\" in subfolder or ".." in parts or "." in subfolder.split("/"):
+    if (
+        subfolder.startswith("/")
+        or "\\" in subfolder
+        or ".." in parts
+        or "." in subfolder.split("/")
+        or CONTROL_RE.search(subfolder)
+    ):
         raise UsageError(
-            f"{source}: subfolder {subfolder!r} must be a relative path inside the repo (no '..', no leading '/')"
+            f"{printable(source)}: subfolder {printable(subfolder)!r} must be a relative path inside the repo "
+            "(no '..', no leading '/')"
         )
     return subfolder.strip("/")
 
@@ -49,13 +98,15 @@ def parse_hub_spec(spec: str, subfolder: str | None = None) -> HubSpec:
     body = spec[len(HUB_PREFIX) :] if spec.startswith(HUB_PREFIX) else spec
     body, at, revision = body.partition("@")
     if at and not revision:
-        raise UsageError(f"{spec}: empty revision after '@'")
+        raise UsageError(f"{printable(spec)}: empty revision after '@'")
+    if revision:
+        check_revision(revision, spec)
     parts = body.strip("/").split("/")
     repo_id, inner = "/".join(parts[:2]), "/".join(parts[2:])
-    if not HUB_REPO_RE.match(repo_id) or ".." in repo_id or "--" in repo_id:
-        raise UsageError(f"{spec}: not a valid Hugging Face repo id (expected owner/name)")
+    if not HUB_REPO_RE.match(repo_id) or ".." in repo_id or "--" in repo_id or len(repo_id) > 200:
+        raise UsageError(f"{printable(spec)}: not a valid Hugging Face repo id (expected owner/name)")
     if inner and subfolder:
-        raise UsageError(f"{spec}: the source names a subfolder and --subfolder is given too; use one")
+        raise UsageError(f"{printable(spec)}: the source names a subfolder and --subfolder is given too; use one")
     return HubSpec(repo_id, revision or None, check_subfolder(inner or subfolder, spec))
 
 
@@ -68,9 +119,80 @@ def _commit_from_path(path: Path) -> str | None:
     parts = path.parts
     if "snapshots" in parts:
         i = len(parts) - 1 - parts[::-1].index("snapshots")
-        if i + 1 < len(parts):
+        if i + 1 < len(parts) and COMMIT_RE.match(parts[i + 1]):
             return parts[i + 1]
     return None
+
+
+def _check_answer(response: Any) -> None:
+    """httpx response hook: refuse headers that huggingface_hub would turn into cache paths."""
+    headers = response.headers
+    commit = headers.get("X-Repo-Commit")
+    if commit is not None and not COMMIT_RE.match(commit):
+        raise HubAnswerError(f"the Hub answered with an invalid commit id {printable(commit[:80])!r}")
+    for name in ("X-Linked-Etag", "ETag"):
+        etag = headers.get(name)
+        if etag is not None and not ETAG_RE.match(etag):
+            raise HubAnswerError(f"the Hub answered with an invalid {name} {printable(etag[:80])!r}")
+
+
+_installed = False
+
+
+def _guard_client() -> None:
+    """Make huggingface_hub's shared HTTP client check every answer; silence its retry warnings."""
+    global _installed
+    if _installed:
+        return
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http, logging
+
+    logging.set_verbosity_error()
+
+    def factory() -> Any:
+        client = _http.default_client_factory()
+        client.event_hooks["response"] = [*client.event_hooks.get("response", []), _check_answer]
+        return client
+
+    set_client_factory(factory)
+    _installed = True
+
+
+def _timeout() -> float:
+    raw = os.environ.get("CLAIR_HUB_TIMEOUT", "")
+    try:
+        value = float(raw) if raw else HUB_DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise UsageError(f"CLAIR_HUB_TIMEOUT={printable(raw)!r}: expected a number of seconds") from None
+    return value if value > 0 else HUB_DEFAULT_TIMEOUT_S
+
+
+def _with_deadline(fn: Any, what: str, *args: Any, **kwargs: Any) -> Any:
+    """Run a download with an overall deadline: read timeouts alone let a trickling Hub hang forever.
+
+    On timeout the worker thread is abandoned (a daemon: it dies with the process) and its
+    partial file stays an ``.incomplete`` inside the hub cache, which huggingface_hub resumes.
+    """
+    limit = _timeout()
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # handed to the calling thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=work, daemon=True, name="clair-hub-download")
+    worker.start()
+    worker.join(limit)
+    if worker.is_alive():
+        raise HubError(
+            f"{what}: download did not finish within {limit:g} s",
+            hint="The Hub is slow or stalled; retry later or raise CLAIR_HUB_TIMEOUT.",
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def fetch(spec: str, subfolder: str | None = None) -> AdapterRef:
@@ -83,6 +205,7 @@ def fetch(spec: str, subfolder: str | None = None) -> AdapterRef:
     """
     hub = parse_hub_spec(spec, subfolder)
     try:
+        import httpx2
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import (
             EntryNotFoundError,
@@ -95,13 +218,23 @@ def fetch(spec: str, subfolder: str | None = None) -> AdapterRef:
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise HubError("huggingface_hub is not installed; `pip install huggingface-hub`") from exc
 
+    _guard_client()
+    spec = printable(spec)
     where = f"{hub.repo_id}" + (f" (subfolder {hub.subfolder})" if hub.subfolder else "")
     at = f" at revision {hub.revision}" if hub.revision else ""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
     paths: dict[str, Path] = {}
     for filename in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME):
         try:
             paths[filename] = Path(
-                hf_hub_download(hub.repo_id, filename, subfolder=hub.subfolder, revision=hub.revision)
+                _with_deadline(
+                    hf_hub_download,
+                    f"{spec}: {filename}",
+                    hub.repo_id,
+                    filename,
+                    subfolder=hub.subfolder,
+                    revision=hub.revision,
+                )
             )
         except GatedRepoError as exc:
             raise HubError(
@@ -116,9 +249,14 @@ def fetch(spec: str, subfolder: str | None = None) -> AdapterRef:
         except RevisionNotFoundError as exc:
             raise AdapterNotFound(f"{spec}: revision {hub.revision!r} not found in {hub.repo_id}") from exc
         except LocalEntryNotFoundError as exc:
+            if offline:
+                raise HubError(
+                    f"{spec}: {filename} of {where}{at} is not in the local cache and HF_HUB_OFFLINE is set",
+                    hint="Unset HF_HUB_OFFLINE to allow downloads.",
+                ) from exc
             raise HubError(
                 f"{spec}: {filename} of {where}{at} is not in the local cache and the Hub cannot be reached",
-                hint="Check the network, or unset HF_HUB_OFFLINE to allow downloads.",
+                hint="Check the network and HF_ENDPOINT.",
             ) from exc
         except EntryNotFoundError as exc:
             if filename == SAFETENSORS_WEIGHTS_NAME:
@@ -128,9 +266,19 @@ def fetch(spec: str, subfolder: str | None = None) -> AdapterRef:
                 ) from exc
             raise AdapterNotFound(f"{spec}: {where}{at} has no {filename}; is it a PEFT adapter repo?") from exc
         except HfHubHTTPError as exc:
-            raise HubError(f"{spec}: the Hub refused the request ({exc})") from exc
-        except OSError as exc:
-            raise HubError(f"{spec}: download failed ({exc})") from exc
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise HubError(f"{spec}: the Hub refused the request ({printable(first)})") from exc
+        except HubAnswerError as exc:
+            raise HubError(f"{spec}: {exc}; nothing was written from it") from exc
+        except (httpx2.HTTPError, httpx2.InvalidURL, httpx2.StreamError) as exc:
+            raise HubError(
+                f"{spec}: the Hub could not be reached or its answer is not valid HTTP "
+                f"({type(exc).__name__}: {printable(str(exc)[:200])})",
+                hint="Check the network and HF_ENDPOINT.",
+            ) from exc
+        except (OSError, ValueError) as exc:
+            # ValueError: huggingface_hub refused to build a path or parse an answer.
+            raise HubError(f"{spec}: download failed ({printable(str(exc)[:200])})") from exc
     return AdapterRef(
         name=hub.name,
         source=spec,

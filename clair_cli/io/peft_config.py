@@ -7,7 +7,6 @@ hand-edited config fails here with the field's name rather than later.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -15,30 +14,21 @@ from typing import Any
 
 from clair_cli.constants import CONFIG_NAME, MAX_CONFIG_BYTES
 from clair_cli.errors import AdapterFormatError
-from clair_cli.io.files import reading
-from clair_cli.types import AdapterConfig
+from clair_cli.io.files import parse_json, read_small
+from clair_cli.io.paths import printable
+from clair_cli.types import MAX_PATTERNS, AdapterConfig, pattern_risk
 
 
 def _fail(path: Path | str, problem: str) -> AdapterFormatError:
     return AdapterFormatError(
-        f"{path}: {problem}",
+        f"{printable(str(path))}: {problem}",
         hint=f"Fix the field in {CONFIG_NAME} or re-save the adapter with PEFT's save_pretrained().",
     )
 
 
 def read_json(path: Path) -> dict[str, Any]:
     """Read a small JSON object file; errors name the file and the problem."""
-    with reading(path):
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise _fail(path, f"is {size} bytes, too large for an adapter config")
-        raw = path.read_bytes()
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise _fail(path, "is not UTF-8 text") from exc
-    except json.JSONDecodeError as exc:
-        raise _fail(path, f"is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    data = parse_json(read_small(path, MAX_CONFIG_BYTES, "an adapter config"), path, "the config")
     if not isinstance(data, dict):
         raise _fail(path, "must hold a JSON object")
     return data
@@ -63,12 +53,17 @@ def _pattern_dict(path: Path | str, field: str, value: Any, convert: Any) -> dic
         return {}
     if not isinstance(value, dict):
         raise _fail(path, f"{field} must be an object mapping module patterns to values")
+    if len(value) > MAX_PATTERNS:
+        raise _fail(path, f"{field} has {len(value)} entries; clair accepts at most {MAX_PATTERNS}")
     out = {}
     for key, val in value.items():
         try:
             re.compile(key)
-        except re.error as exc:
-            raise _fail(path, f"{field} key {key!r} is not a valid regular expression ({exc})") from exc
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise _fail(path, f"{field} key {key[:80]!r} is not a valid regular expression ({exc})") from exc
+        why = pattern_risk(key)
+        if why:
+            raise _fail(path, f"{field} key {key[:80]!r} {why}; refused so that matching stays bounded")
         out[key] = convert(path, f"{field}[{key!r}]", val)
     return out
 

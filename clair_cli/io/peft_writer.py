@@ -10,7 +10,10 @@ file; only the analysed factor on the projected side changes.
 
 Everything is written into a temporary directory beside the target and renamed
 into place, so an interrupted run never leaves a half-written adapter; an
-existing target is refused unless ``force`` is given.
+existing target is refused unless ``force`` is given. The target is checked by
+:func:`clair_cli.io.paths.check_out_dir` (never an input, the current or home
+directory, or the hub cache) and every name written inside it goes through
+:func:`clair_cli.io.paths.join_inside`. The umask is honoured.
 """
 
 from __future__ import annotations
@@ -21,17 +24,22 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clair_cli.constants import CONFIG_NAME, MODEL_CARD_NAME, PEFT_KEY_PREFIX, SAFETENSORS_WEIGHTS_NAME
 from clair_cli.errors import OutputError
 from clair_cli.io.adapter import Adapter, ModuleSpec
+from clair_cli.io.paths import apply_umask, check_out_dir, join_inside, printable, safe_relpath
+from clair_cli.io.writers import os_error_text
 
 if TYPE_CHECKING:
     import torch
 
 TMP_SUFFIX = ".clair-tmp"
+HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+COMMITTED: list[Path] = []  # targets renamed into place by this process (for the interrupt message)
 OLD_SUFFIX = ".clair-old"
 
 
@@ -46,28 +54,41 @@ def _alive(pid: int) -> bool:
 
 
 class AtomicDir:
-    """``with AtomicDir(target, force) as tmp:`` write into ``tmp``; it becomes ``target`` on success."""
+    """``with AtomicDir(target, force, inputs) as tmp:`` write into ``tmp``; it becomes ``target`` on success.
 
-    def __init__(self, target: Path, force: bool = False) -> None:
+    ``inputs`` are the paths being read: the target may not be, contain or lie inside
+    one (checked now, and again with :meth:`guard` once the sources are resolved).
+    """
+
+    def __init__(self, target: Path, force: bool = False, inputs: Iterable[Path] = ()) -> None:
         self.target = Path(target)
         self.force = force
+        self.inputs: list[Path] = list(inputs)
         self.tmp: Path | None = None
+        self.check()
+
+    def guard(self, inputs: Iterable[Path | None]) -> None:
+        """Add the files actually read (adapter files, hub cache files) and check again."""
+        self.inputs += [p for p in inputs if p is not None]
         self.check()
 
     def _prefix(self) -> str:
         return f".{self.target.name}.{os.getpid()}."
 
     def check(self) -> None:
-        """Refuse an existing target without ``force`` and a missing parent, before any work is done."""
-        if self.target.exists() and not self.force:
-            raise OutputError(f"{self.target}: already exists", hint="Pass --force to replace it.")
-        if self.target.exists() and not self.target.is_dir():
-            raise OutputError(f"{self.target}: exists and is not a directory")
+        """Refuse an unsafe target, an existing one without ``force`` and a missing parent, before any work."""
+        shown = printable(str(self.target))
+        check_out_dir(self.target, self.inputs)
+        exists = os.path.lexists(self.target)
+        if exists and not self.force:
+            raise OutputError(f"{shown}: already exists", hint="Pass --force to replace it.")
+        if exists and (self.target.is_symlink() or not self.target.is_dir()):
+            raise OutputError(f"{shown}: exists and is not a directory; clair replaces only directories")
         parent = self.target.parent
         if not parent.is_dir():
-            raise OutputError(f"{self.target}: parent directory {parent} does not exist")
+            raise OutputError(f"{shown}: parent directory {printable(str(parent))} does not exist")
         if not os.access(parent, os.W_OK):
-            raise OutputError(f"{self.target}: cannot write in {parent} (permission denied)")
+            raise OutputError(f"{shown}: cannot write in {printable(str(parent))} (permission denied)")
 
     def _clean_stale(self) -> None:
         """Remove temporary directories that killed runs (SIGKILL, power loss) left beside the target.
@@ -86,12 +107,14 @@ class AtomicDir:
         self._clean_stale()
         try:
             self.tmp = Path(tempfile.mkdtemp(prefix=self._prefix(), suffix=TMP_SUFFIX, dir=self.target.parent))
+            apply_umask(self.tmp, directory=True)
         except OSError as exc:
-            raise OutputError(f"{self.target}: cannot write here ({exc.strerror or exc})") from exc
+            raise OutputError(f"{printable(str(self.target))}: cannot write here ({os_error_text(exc)})") from exc
         return self.tmp
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        assert self.tmp is not None
+        if self.tmp is None:
+            return
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
@@ -102,26 +125,53 @@ class AtomicDir:
                 old = Path(tempfile.mkdtemp(prefix=self._prefix(), suffix=OLD_SUFFIX, dir=self.target.parent))
                 os.replace(self.target, old / "previous")
             os.replace(self.tmp, self.target)
+            COMMITTED.append(self.target)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise OutputError(f"{printable(str(self.target))}: cannot write ({os_error_text(exc)})") from exc
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
 
 
-def save_adapter(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], card: str) -> None:
-    """Write adapter_config.json, adapter_model.safetensors and README.md into ``directory``."""
+def save_adapter(
+    root: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], card: str, name: str | None = None
+) -> Path:
+    """Write adapter_config.json, adapter_model.safetensors and README.md into ``root`` (or ``root/name``).
+
+    ``name`` (an adapter name, from the input) is made a safe relative path and checked
+    to stay inside ``root``. Non-finite tensors are refused before anything is written.
+
+    Returns:
+        The directory written.
+    """
+    import torch
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise OutputError(
+            f"the output for {printable(name or str(root))} would hold NaN or Inf values "
+            f"({len(bad)} tensor(s), e.g. {printable(bad[0])}); nothing was written",
+            hint="An input holds extreme values; inspect the adapters (clair inspect).",
+        )
+    directory = root if name is None else join_inside(root, safe_relpath(name))
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_file(
             {k: v.contiguous() for k, v in tensors.items()}, str(directory / SAFETENSORS_WEIGHTS_NAME), {"format": "pt"}
         )
         (directory / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
+        apply_umask(directory / SAFETENSORS_WEIGHTS_NAME)  # safetensors creates it 0600
     except OSError as exc:
-        raise OutputError(f"{directory}: cannot write ({exc.strerror or exc})") from exc
+        raise OutputError(f"{printable(str(directory))}: cannot write ({os_error_text(exc)})") from exc
+    except SafetensorError as exc:
+        raise OutputError(f"{printable(str(directory))}: cannot write the tensors ({exc})") from exc
+    return directory
 
 
 def _shapes(spec: ModuleSpec, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -152,10 +202,14 @@ def merged_config(
     cfg = template.config
     common = Counter(ranks.values()).most_common(1)[0][0]
     raw = cfg.raw
+    # A task type with a head (SEQ_CLS...) makes PEFT expect the head's weights among the
+    # adapter's, which a merge of LoRA factors does not carry: written without a task type,
+    # the merged adapter loads on the base model with the base model's own head.
+    task_type = raw.get("task_type") if raw.get("task_type") not in HEAD_TASK_TYPES else None
     targets: Any = raw.get("target_modules") if all_modules and raw.get("target_modules") else sorted(ranks)
     return {
         "peft_type": "LORA",
-        "task_type": raw.get("task_type"),
+        "task_type": task_type,
         "base_model_name_or_path": base_model,
         "r": common,
         "lora_alpha": common,

@@ -9,7 +9,6 @@ a time at the offsets the checked header gives (:class:`SafetensorsReader`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct
@@ -18,9 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clair_cli.constants import SAFETENSORS_DTYPE_SIZES, SAFETENSORS_MAX_HEADER
+from clair_cli.constants import (
+    MAX_DIM,
+    MAX_KEY_LENGTH,
+    MAX_NDIM,
+    SAFETENSORS_DTYPE_SIZES,
+    SAFETENSORS_MAX_HEADER,
+    SAFETENSORS_MAX_TENSORS,
+)
 from clair_cli.errors import AdapterFormatError
-from clair_cli.io.files import reading
+from clair_cli.io.files import open_regular, parse_json, read_range, reading
+from clair_cli.io.paths import printable
 
 if TYPE_CHECKING:
     import torch
@@ -43,7 +50,7 @@ class TensorInfo:
 
 def _bad(path: Path, problem: str) -> AdapterFormatError:
     return AdapterFormatError(
-        f"{path}: {problem}",
+        f"{printable(str(path))}: {problem}",
         hint="The file is corrupt or not a safetensors file; re-download or re-save the adapter.",
     )
 
@@ -61,25 +68,33 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         AdapterNotFound: the file does not exist or cannot be opened.
         AdapterFormatError: the header is not a valid safetensors header for this file.
     """
-    with reading(path):
-        size = path.stat().st_size
-        with path.open("rb") as fh:
-            head = fh.read(8)
-            if len(head) < 8:
-                raise _bad(path, f"file is {size} bytes, too short for a safetensors header")
-            (n,) = struct.unpack("<Q", head)
-            if n > SAFETENSORS_MAX_HEADER:
-                raise _bad(path, f"header length {n} exceeds the 100 MB safetensors limit (not a safetensors file?)")
-            if n > size - 8:
-                raise _bad(path, f"header length {n} runs past the end of the file ({size} bytes): truncated")
-            raw = fh.read(n)
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
+        if size < 8:
+            raise _bad(path, f"file is {size} bytes, too short for a safetensors header")
+        (n,) = struct.unpack("<Q", read_range(fd, 0, 8, path))
+        if n > SAFETENSORS_MAX_HEADER:
+            raise _bad(
+                path,
+                f"header length {n} exceeds clair's limit of {SAFETENSORS_MAX_HEADER >> 20} MiB "
+                f"(at most {SAFETENSORS_MAX_TENSORS} tensors are accepted; not a safetensors file?)",
+            )
+        if n > size - 8:
+            raise _bad(path, f"header length {n} runs past the end of the file ({size} bytes): truncated")
+        raw = bytes(read_range(fd, 8, n, path))
+    finally:
+        os.close(fd)
 
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise _bad(path, "header is not valid UTF-8 JSON (not a safetensors file?)") from exc
+        header = parse_json(raw, path, "the safetensors header")
+    except AdapterFormatError as exc:
+        raise _bad(path, exc.message.split(": ", 1)[-1] + " (not a safetensors file?)") from exc
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
+    n_tensors = len(header) - ("__metadata__" in header)
+    if n_tensors > SAFETENSORS_MAX_TENSORS:
+        raise _bad(path, f"header lists {n_tensors} tensors; clair accepts at most {SAFETENSORS_MAX_TENSORS}")
 
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
@@ -91,15 +106,27 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     tensors: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
+        if len(name) > MAX_KEY_LENGTH:
+            raise _bad(path, f"tensor name {printable(name[:60])!r}... is longer than {MAX_KEY_LENGTH} characters")
         if not isinstance(entry, dict):
             raise _bad(path, f"tensor {name!r}: header entry is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_SIZES:
-            raise _bad(path, f"tensor {name!r}: unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise _bad(path, f"tensor {name!r}: invalid shape {shape!r}")
-        if not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets):
-            raise _bad(path, f"tensor {name!r}: invalid data_offsets {offsets!r}")
+            raise _bad(path, f"tensor {name!r}: unknown dtype {str(dtype)[:40]!r}")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_NDIM
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)
+        ):
+            raise _bad(
+                path, f"tensor {name!r}: invalid shape {str(shape)[:80]} (at most {MAX_NDIM} dims, each 0-2**31)"
+            )
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
+            raise _bad(path, f"tensor {name!r}: invalid data_offsets {str(offsets)[:80]}")
         begin, end = offsets
         if not 0 <= begin <= end <= data_len:
             raise _bad(
@@ -149,7 +176,8 @@ class SafetensorsReader:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.tensors, self.metadata = read_header(path)
-        self._size = path.stat().st_size
+        with reading(path):
+            self._size = path.stat().st_size
         self._open = False
 
     def __enter__(self) -> SafetensorsReader:
@@ -168,16 +196,13 @@ class SafetensorsReader:
         info = self.tensors[name]
         if info.dtype not in _TORCH_DTYPES or sys.byteorder != "little":
             return self._get_with_safetensors(name)
-        buf = bytearray(info.nbytes)
+        fd = open_regular(self.path)
         try:
-            with self.path.open("rb") as fh:
-                if os.fstat(fh.fileno()).st_size != self._size:
-                    raise _bad(self.path, "changed size while being read")
-                got = os.preadv(fh.fileno(), [buf], info.start) if info.nbytes else 0
-        except OSError as exc:
-            raise _bad(self.path, f"tensor {name!r} cannot be read ({exc.strerror or exc})") from exc
-        if got != info.nbytes:
-            raise _bad(self.path, f"tensor {name!r}: read {got} of {info.nbytes} bytes (truncated while reading?)")
+            if os.fstat(fd).st_size != self._size:
+                raise _bad(self.path, "changed size while being read")
+            buf = read_range(fd, info.start, info.nbytes, self.path)
+        finally:
+            os.close(fd)
         dtype = getattr(torch, _TORCH_DTYPES[info.dtype])
         if not info.nbytes:
             return torch.empty(info.shape, dtype=dtype)

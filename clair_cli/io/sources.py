@@ -18,14 +18,18 @@ from pathlib import Path
 
 from clair_cli.constants import (
     CONFIG_NAME,
+    DEFAULT_MAX_ADAPTERS,
+    DEFAULT_MAX_RANK,
+    MAX_SOURCE_DEPTH,
     PICKLE_HINT,
     PICKLE_SUFFIXES,
     PICKLE_WEIGHTS_NAMES,
     SAFETENSORS_WEIGHTS_NAME,
 )
-from clair_cli.errors import AdapterFormatError, AdapterNotFound, UnsafeFormatError, UsageError
+from clair_cli.errors import AdapterFormatError, AdapterNotFound, ClairError, UnsafeFormatError, UsageError
 from clair_cli.io import hub
 from clair_cli.io.adapter import Adapter
+from clair_cli.io.paths import printable
 from clair_cli.io.peft_config import load_config
 from clair_cli.io.safetensors_file import read_header
 from clair_cli.types import AdapterConfig, AdapterRef
@@ -43,6 +47,8 @@ class SourceOptions:
         lora_alpha: alpha for bare ``.safetensors`` files without a config.
         use_rslora: scale by alpha/sqrt(r) for such files.
         base_model: base model for such files.
+        max_rank: adapters with a module of higher rank are refused before any factor is read.
+        max_adapters: more adapters than this in one run are refused before any is opened.
     """
 
     subfolder: str | None = None
@@ -50,6 +56,8 @@ class SourceOptions:
     lora_alpha: float | None = None
     use_rslora: bool = False
     base_model: str | None = None
+    max_rank: int = DEFAULT_MAX_RANK
+    max_adapters: int = DEFAULT_MAX_ADAPTERS
 
 
 def _refuse_pickle(path: Path) -> UnsafeFormatError:
@@ -89,7 +97,9 @@ def _is_adapter_dir(directory: Path) -> bool:
     return any((directory / n).exists() for n in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, *PICKLE_WEIGHTS_NAMES))
 
 
-def _resolve_local(spec: str, path: Path, options: SourceOptions) -> list[AdapterRef]:
+def _resolve_local(
+    spec: str, path: Path, options: SourceOptions, errors: list[tuple[str, str, ClairError]] | None = None
+) -> list[AdapterRef]:
     if path.is_file():
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise _refuse_pickle(path)
@@ -111,16 +121,42 @@ def _resolve_local(spec: str, path: Path, options: SourceOptions) -> list[Adapte
 
     refs: list[AdapterRef] = []
     pickles: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(path):
+
+    def unreadable(exc: OSError) -> None:
+        where = printable(str(exc.filename or path))
+        raise AdapterNotFound(
+            f"{where}: directory inside the source cannot be read ({exc.strerror or exc})",
+            hint="Fix its permissions or move it out of the source; clair does not skip members silently.",
+        )
+
+    for dirpath, dirnames, filenames in os.walk(path, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
+        if len(here.relative_to(path).parts) >= MAX_SOURCE_DEPTH:
+            raise AdapterFormatError(
+                f"{printable(str(here))}: more than {MAX_SOURCE_DEPTH} directory levels below the source "
+                f"{printable(spec)}",
+                hint="Name the adapter directories (or a closer parent) as sources.",
+            )
+        links = [d for d in dirnames if (here / d).is_symlink()]
+        if links:
+            raise UnsafeFormatError(
+                f"{printable(str(here / links[0]))}: is a symlinked directory inside the source; "
+                "clair does not follow directory links",
+                hint="Give the link's target as a source of its own, or copy the adapter in.",
+            )
         if here != path and _is_adapter_dir(here):
             rel = here.relative_to(path).as_posix()
-            refs.append(_adapter_dir_ref(here, rel, spec, root, options))
+            try:
+                refs.append(_adapter_dir_ref(here, rel, spec, root, options))
+            except ClairError as exc:
+                if errors is None:
+                    raise
+                errors.append((rel, spec, exc))
             dirnames[:] = []  # an adapter's own subfolders are not further adapters
             continue
         pickles += [here / f for f in filenames if f.lower().endswith(PICKLE_SUFFIXES)]
-    if not refs:
+    if not refs and not errors:
         if pickles:
             raise _refuse_pickle(sorted(pickles)[0])
         raise AdapterNotFound(
@@ -129,8 +165,15 @@ def _resolve_local(spec: str, path: Path, options: SourceOptions) -> list[Adapte
     return sorted(refs, key=lambda r: r.name)
 
 
-def resolve_sources(specs: Sequence[str], options: SourceOptions | None = None) -> list[AdapterRef]:
+def resolve_sources(
+    specs: Sequence[str],
+    options: SourceOptions | None = None,
+    errors: list[tuple[str, str, ClairError]] | None = None,
+) -> list[AdapterRef]:
     """Resolve source strings to adapter references, in the order given.
+
+    With ``errors`` (a list), an unreadable adapter inside a directory source is appended
+    to it as ``(name, source, error)`` instead of ending the resolution.
 
     Raises:
         AdapterNotFound: a path or hub repo does not exist.
@@ -145,7 +188,7 @@ def resolve_sources(specs: Sequence[str], options: SourceOptions | None = None) 
         if spec.startswith("hf://"):
             refs.append(hub.fetch(spec, options.subfolder))
         elif path.exists():
-            refs.extend(_resolve_local(spec, path, options))
+            refs.extend(_resolve_local(spec, path, options, errors))
         elif hub.looks_like_hub_id(spec) and not spec.startswith((".", "/", "~")):
             refs.append(hub.fetch(spec, options.subfolder))
         else:
@@ -190,7 +233,7 @@ def open_adapter(ref: AdapterRef, options: SourceOptions | None = None) -> Adapt
             config = replace(config, base_model=options.base_model)
     else:
         config = _flag_config(ref, options)
-    return Adapter.open(ref, config)
+    return Adapter.open(ref, config, max_rank=options.max_rank)
 
 
 def open_adapters(
@@ -205,7 +248,15 @@ def open_adapters(
         options: how to read them.
         progress: called as ``progress(name, done, total)`` after each adapter.
     """
+    options = options or SourceOptions()
     refs = resolve_sources(specs, options)
+    if len(refs) > options.max_adapters:
+        raise UsageError(
+            f"{len(refs)} adapters in {printable(', '.join(specs)[:200])}: more than --max-adapters "
+            f"{options.max_adapters}",
+            hint="The verdict's calibration grows with the square of the pool (README, Limits); "
+            "raise --max-adapters if the machine has the time.",
+        )
     adapters = []
     for i, ref in enumerate(refs):
         adapters.append(open_adapter(ref, options))

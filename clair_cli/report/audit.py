@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from clair_cli import __version__
 from clair_cli.constants import JSON_SCHEMA_VERSION
+from clair_cli.report.console import shown
+from clair_cli.report.markdown import md_code, md_text
 
 # Below this many references, `clair gate` says its thresholds are wide (README, "clair gate":
 # measured honest false flags 1.6 % with 6 references, 0.8 % with 8, none with 10).
@@ -236,15 +237,15 @@ def render_audit(console: Console, report: dict[str, Any]) -> None:
         verdict = _verdict(a)
         style = "bold red" if verdict == "FLAGGED" else ("dim" if verdict == "reference" else "green")
         table.add_row(
-            escape(a["name"]),
+            shown(a["name"]),
             f"{a['score']:.3f}",
             f"[{style}]{verdict}[/]",
-            escape("; ".join(r["text"] for r in a["reasons"]) or "-"),
-            escape(_top_modules(a)),
+            shown("; ".join(r["text"] for r in a["reasons"]) or "-"),
+            shown(_top_modules(a)),
         )
     console.print(table)
     for line in report_notes(report):
-        console.print(f"note: {escape(line)}", style="dim")
+        console.print(f"note: {shown(line)}", style="dim")
 
 
 def report_notes(report: dict[str, Any]) -> list[str]:
@@ -282,7 +283,7 @@ def audit_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"### clair {report['command']}: {head}",
         "",
-        f"{summary_line(report)}. Base model: `{report['base_model'] or 'unknown'}`.",
+        f"{md_text(summary_line(report))}. Base model: {md_code(report['base_model'] or 'unknown')}.",
         "",
         "| adapter | score | verdict | reason |",
         "|---|---:|---|---|",
@@ -291,10 +292,9 @@ def audit_markdown(report: dict[str, Any]) -> str:
         reason = "; ".join(r["text"] for r in a["reasons"]) or "-"
         verdict = _verdict(a)
         verdict = f"**{verdict}**" if verdict == "FLAGGED" else verdict
-        name = a["name"].replace("|", "\\|")
-        lines.append(f"| `{name}` | {a['score']:.3f} | {verdict} | {reason.replace('|', '/')} |")
+        lines.append(f"| {md_code(a['name'])} | {a['score']:.3f} | {verdict} | {md_text(reason)} |")
     notes = report_notes(report)
     if notes:
-        lines += ["", *(f"- {n}" for n in notes)]
+        lines += ["", *(f"- {md_text(n)}" for n in notes)]
     lines += ["", f"<sub>clair {report['version']}, schema {report['schema']}</sub>", ""]
     return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from clair_cli import __version__
+from clair_cli.report.markdown import md_code, md_fence, md_text, yaml_string
 
 METHOD_TEXT = {
     "clair": "CLAIR merge: the adapters the CLAIR audit did not flag (the collaborative set) are merged "
@@ -51,7 +52,7 @@ def _merge_lines(merge: dict[str, Any]) -> list[str]:
 def _front_matter(base_model: str | None, tags: list[str]) -> list[str]:
     lines = ["---", "library_name: peft"]
     if base_model:
-        lines.append(f"base_model: {base_model}")
+        lines.append(f"base_model: {yaml_string(base_model)}")
     lines += ["tags:", *(f"- {t}" for t in tags), "---", ""]
     return lines
 
@@ -79,7 +80,7 @@ def model_card(
         merge: the merge parameters (``MergedAdapter.summary()``), for a merged adapter.
     """
     lines = _front_matter(base_model, ["lora", "clair", "merge" if method != "refine" else "refined"])
-    lines += [f"# {title}", "", f"Made by clair {__version__}.", "", "```", command, "```", ""]
+    lines += [f"# {md_text(title)}", "", f"Made by clair {__version__}.", "", md_fence(command), ""]
     key = "clair-project" if method == "clair" and merge and merge["options"]["project"] else method
     lines += ["## Method", "", METHOD_TEXT.get(key, method), ""]
     if merge:
@@ -96,10 +97,10 @@ def model_card(
         score = "-" if s.get("score") is None else f"{s['score']:.3f}"
         verdict = "-" if s.get("flagged") is None else ("flagged" if s["flagged"] else "ok")
         lines.append(
-            f"| `{s['name']}` | `{s['source']}` | {s.get('revision') or '-'} | "
+            f"| {md_code(s['name'])} | {md_code(s['source'])} | {md_text(s.get('revision') or '-')} | "
             f"{'yes' if s['used'] else 'no'} | {score} | {verdict} |"
         )
     if notes:
-        lines += ["", "## Notes", "", *(f"- {n}" for n in notes)]
+        lines += ["", "## Notes", "", *(f"- {md_text(n)}" for n in notes)]
     lines.append("")
     return "\n".join(lines)

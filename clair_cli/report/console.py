@@ -11,6 +11,9 @@ import sys
 from typing import IO
 
 from rich.console import Console
+from rich.markup import escape
+
+from clair_cli.io.paths import printable
 
 
 def make_console(*, stderr: bool = False, quiet: bool = False, file: IO[str] | None = None) -> Console:
@@ -20,6 +23,11 @@ def make_console(*, stderr: bool = False, quiet: bool = False, file: IO[str] | N
     if not stream.isatty():
         width = int(os.environ.get("COLUMNS", "0") or 0) or 120
     return Console(file=stream, quiet=quiet, highlight=False, width=width, soft_wrap=False)
+
+
+def shown(text: str) -> str:
+    """An input-derived string ready for rich markup: control characters escaped, ``[`` not markup."""
+    return escape(printable(text))
 
 
 def human_bytes(n: int) -> str:

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from clair_cli import __version__
 from clair_cli.constants import JSON_SCHEMA_VERSION
 from clair_cli.io.adapter import Adapter
-from clair_cli.report.console import human_bytes, human_count
+from clair_cli.report.console import human_bytes, human_count, shown
 
 
 def _fmt_num(x: float) -> str:
@@ -57,6 +56,11 @@ def adapter_record(adapter: Adapter, extra_notes: list[str] | None = None) -> di
     }
 
 
+def error_record(name: str, source: str, error: str, revision: str | None = None) -> dict[str, Any]:
+    """The record of an adapter that cannot be read: its name, where it is, and why."""
+    return {"name": name, "source": source, "revision": revision, "error": error}
+
+
 def inspect_report(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "schema": JSON_SCHEMA_VERSION,
@@ -77,7 +81,9 @@ def _targets(rec: dict[str, Any]) -> str:
 
 def render_inspect(console: Console, records: list[dict[str, Any]]) -> None:
     """Print one table row per adapter, then the notes."""
-    table = Table(title=f"{len(records)} adapter{'s' if len(records) != 1 else ''}", title_justify="left")
+    n_bad = sum("error" in rec for rec in records)
+    title = f"{len(records)} adapter{'s' if len(records) != 1 else ''}" + (f", {n_bad} unreadable" if n_bad else "")
+    table = Table(title=title, title_justify="left")
     for col, just in (
         ("Adapter", "left"),
         ("Base model", "left"),
@@ -93,25 +99,28 @@ def render_inspect(console: Console, records: list[dict[str, Any]]) -> None:
         wrap = col in ("Adapter", "Base model", "Targets")
         table.add_column(col, justify=just, overflow="fold", no_wrap=not wrap)  # type: ignore[arg-type]
     for rec in records:
-        name = escape(rec["name"])
+        if "error" in rec:
+            table.add_row(shown(rec["name"]), f"[red]error:[/red] {shown(rec['error'])}", *["-"] * 8)
+            continue
+        name = shown(rec["name"])
         if rec["revision"]:
             name += f"\n[dim]@ {rec['revision'][:12]}[/dim]"
         ranks = rec["ranks"]
         table.add_row(
             name,
-            escape(rec["base_model"] or "-"),
+            shown(rec["base_model"] or "-"),
             "/".join(map(str, ranks)),
             _fmt_num(rec["lora_alpha"]) + ("*" if rec["alpha_pattern"] else ""),
             rec["scale_rule"].replace(" (per-module patterns)", "*"),
-            escape(_targets(rec)),
+            shown(_targets(rec)),
             str(rec["n_modules"]),
             human_count(rec["n_params"]),
             ",".join(rec["dtypes"]),
             human_bytes(rec["file_size"]),
         )
     console.print(table)
-    if any(rec["alpha_pattern"] or rec["rank_pattern"] for rec in records):
+    if any(rec.get("alpha_pattern") or rec.get("rank_pattern") for rec in records):
         console.print("[dim]* rank_pattern / alpha_pattern set: values differ per module (see --json)[/dim]")
     for rec in records:
-        for note in rec["notes"]:
-            console.print(f"[yellow]note[/yellow] {escape(rec['name'])}: {escape(note)}")
+        for note in rec.get("notes", []):
+            console.print(f"[yellow]note[/yellow] {shown(rec['name'])}: {shown(note)}")

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from clair_cli.errors import OutputError, UsageError
+from clair_cli.errors import UsageError
+from clair_cli.io.paths import printable
+from clair_cli.io.writers import write_bytes
 
 
-def write_plot(report: dict[str, Any], target: str) -> None:
+def write_plot(report: dict[str, Any], target: str, inputs: Iterable[Path] = ()) -> None:
     """Write the heatmap (adapters x modules, off-subspace share) and the spectra to a PNG.
 
     Raises:
@@ -35,7 +37,9 @@ def write_plot(report: dict[str, Any], target: str) -> None:
     fig, (ax_h, ax_s) = plt.subplots(1, 2, figsize=(width + 6, height), gridspec_kw={"width_ratios": [width, 6]})
     im = ax_h.imshow(grid, aspect="auto", cmap="magma_r", vmin=0, vmax=1, interpolation="nearest")
     ax_h.set_yticks(range(len(adapters)))
-    ax_h.set_yticklabels([("! " if a["flagged"] else "") + a["name"] for a in adapters], fontsize=8)
+    # Names are the uploader's: no control characters, and no mathtext ($...$) for matplotlib to parse.
+    labels = [("! " if a["flagged"] else "") + printable(a["name"]).replace("$", r"\$") for a in adapters]
+    ax_h.set_yticklabels(labels, fontsize=8)
     for tick, a in zip(ax_h.get_yticklabels(), adapters, strict=True):
         if a["flagged"]:
             tick.set_color("crimson")
@@ -60,16 +64,9 @@ def write_plot(report: dict[str, Any], target: str) -> None:
         ax_s.legend(fontsize=7)
     fig.tight_layout()
 
-    path = Path(target)
-    if not path.parent.is_dir():
-        raise OutputError(f"{path}: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+        fig.savefig(buf, dpi=110, format="png")
     finally:
-        Path(tmp).unlink(missing_ok=True)
         plt.close(fig)
+    write_bytes(target, buf.getvalue(), inputs)

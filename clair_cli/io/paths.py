@@ -1,0 +1,172 @@
+"""Where clair may write: the one containment check for every output path.
+
+Every file clair writes is either inside ``--out`` (through :class:`AtomicDir`), a
+report file the user named (``--json``, ``--markdown``, ``--plot``), or a hub
+download inside the huggingface_hub cache. This module owns the rules:
+
+- names that come from inputs (adapter names, hub ids) become path components
+  through :func:`safe_relpath`, which can never climb out (no ``..``, no absolute
+  path, no control characters, never empty), and :func:`join_inside` checks that
+  the joined path resolves inside its root;
+- ``--out`` may not be, contain or lie inside an input, the current or home
+  directory, the filesystem root or the hub cache (:func:`check_out_dir`);
+- a report file may not be an input, nor anything but a regular file
+  (:func:`check_report_file`): a symlink, a FIFO or a device is refused, not followed.
+
+The umask is honoured for everything clair creates (:func:`umask`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+from clair_cli.errors import OutputError
+
+# C0 and C1 control characters, DEL, and the Unicode line/paragraph separators.
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+MAX_COMPONENT = 200  # bytes-safe below the usual 255-byte NAME_MAX
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\x1b``).
+
+    Used wherever an input-derived string reaches a terminal, a Markdown file or a
+    model card, so a file name cannot move the cursor, recolour the screen or add lines.
+    """
+    return CONTROL_RE.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
+
+
+def safe_relpath(name: str) -> str:
+    """A relative POSIX path built from ``name`` that cannot leave the directory it is joined to.
+
+    ``/`` and ``\\`` separate components; empty and ``.`` components are dropped;
+    components made only of dots (``..``, ``...``) become underscores; control
+    characters become ``_``; over-long components are cut. Never returns ``""``.
+    """
+    parts = []
+    for part in name.replace("\\", "/").split("/"):
+        part = CONTROL_RE.sub("_", part).strip()
+        if part in ("", "."):
+            continue
+        if set(part) == {"."}:
+            part = "_" * len(part)
+        parts.append(part.encode("utf-8")[:MAX_COMPONENT].decode("utf-8", "ignore") or "_")
+    return "/".join(parts) or "adapter"
+
+
+def join_inside(root: Path, relative: str) -> Path:
+    """``root / relative``, refused unless it resolves inside ``root``."""
+    path = root / relative
+    real_root = root.resolve()
+    if path.resolve() == real_root or not path.resolve().is_relative_to(real_root):
+        raise OutputError(f"{printable(str(path))}: would be written outside {printable(str(root))}")
+    return path
+
+
+def umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Path, directory: bool = False) -> None:
+    """Give a file made by mkstemp/mkdtemp (0600/0700) the mode a plain create would have."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
+def _hub_cache() -> Path | None:
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - a declared dependency
+        return None
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _related(a: Path, b: Path) -> bool:
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
+def input_paths(sources: Iterable[str], extra: Iterable[Path | None] = ()) -> list[Path]:
+    """The local paths among the command's sources (and files such as ``--config``)."""
+    paths = [Path(s) for s in sources if not s.startswith("hf://") and os.path.lexists(s)]
+    paths += [p for p in extra if p is not None]
+    return paths
+
+
+def check_out_dir(out: Path, inputs: Iterable[Path]) -> None:
+    """Refuse an output directory that replacing could destroy something it must not.
+
+    Raises:
+        OutputError: ``out`` is the filesystem root, the current or home directory (or
+            contains one), the hub cache, or is, contains or lies inside an input.
+    """
+    shown = printable(str(out))
+    real = out.resolve()
+    cwd = Path.cwd().resolve()
+    home = Path.home().resolve()
+    if real == Path(real.anchor) or cwd.is_relative_to(real) or home.is_relative_to(real):
+        where = "the filesystem root" if real == Path(real.anchor) else "the current or home directory"
+        raise OutputError(
+            f"--out {shown}: is or contains {where}; refusing to replace it",
+            hint="Name a new directory for the output, e.g. --out merged/.",
+        )
+    cache = _hub_cache()
+    if cache is not None and _related(real, cache.resolve()):
+        raise OutputError(f"--out {shown}: is, contains or lies inside the Hugging Face cache {cache}")
+    for path in inputs:
+        src = path.resolve()
+        if _related(real, src) or _related(real, path.absolute()):
+            raise OutputError(
+                f"--out {shown}: is, contains or lies inside the input {printable(str(path))}",
+                hint="Write the output somewhere outside the adapters being read.",
+            )
+
+
+def check_report_file(target: str, inputs: Iterable[Path] = ()) -> Path:
+    """Check that a report file can be (re)placed: not an input, and a regular file if it exists.
+
+    Raises:
+        OutputError: the path exists and is a directory, symlink, FIFO, socket or
+            device; its directory does not exist; or it is one of the inputs.
+    """
+    path = Path(target)
+    shown = printable(target)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise OutputError(f"{shown}: cannot be written ({exc.strerror or exc})") from exc
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        kind = (
+            "a directory"
+            if stat.S_ISDIR(st.st_mode)
+            else "a symlink"
+            if stat.S_ISLNK(st.st_mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(st.st_mode)
+            else "a device or socket"
+        )
+        raise OutputError(
+            f"{shown}: exists and is {kind}; clair replaces only regular files",
+            hint="Give the path of a new or regular file.",
+        )
+    parent = path.parent
+    if not parent.is_dir():
+        raise OutputError(f"{shown}: directory {printable(str(parent))} does not exist")
+    real = path.resolve()
+    for src in inputs:
+        if real == src.resolve():
+            raise OutputError(f"{shown}: is one of the inputs ({printable(str(src))}); refusing to overwrite it")
+    return path
