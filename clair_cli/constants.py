@@ -56,9 +56,10 @@ MAX_CONFIG_BYTES = 10 * 1024 * 1024
 # Highest LoRA rank accepted by default (--max-rank): the factored analysis holds a
 # (summed rank)^2 Gram matrix per module (README, "Limits").
 DEFAULT_MAX_RANK = 1024
-# Adapters accepted in one run by default (--max-adapters): the calibration of the verdict
-# costs time and memory that grow with the square of the pool (README, "Limits").
-DEFAULT_MAX_ADAPTERS = 256
+# Adapters accepted in one run by default (--max-adapters): the pool-level Gram matrices and
+# the verdict's calibration cost time and memory that grow with the square of the pool
+# (README, "Limits": 2,000 tiny adapters take about 50 s and 1.6 GiB).
+DEFAULT_MAX_ADAPTERS = 2048
 MAX_SOURCE_DEPTH = 32  # directory levels searched below a directory source
 
 HUB_PREFIX = "hf://"
