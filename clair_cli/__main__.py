@@ -3,23 +3,7 @@
 import signal
 import sys
 
-from clair_cli.errors import Terminated
-
-
-def _interrupted(exc: BaseException) -> KeyboardInterrupt | None:
-    """The Ctrl-C (or SIGTERM) that ``exc`` is, or was raised because of.
-
-    A KeyboardInterrupt that lands while a class body is being built (torch's import does
-    this a lot) reaches us wrapped, e.g. as ``RuntimeError: Error calling __set_name__``.
-    """
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        if isinstance(cur, KeyboardInterrupt):
-            return cur
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return None
+from clair_cli.errors import Terminated, interrupt_cause
 
 
 def _on_sigterm(_signum: int, _frame: object) -> None:
@@ -41,7 +25,7 @@ def run() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise
     except BaseException as exc:
-        interrupt = _interrupted(exc)
+        interrupt = interrupt_cause(exc)
         if interrupt is None:
             raise
         # Outputs are written atomically: an interrupted run has left nothing in place.

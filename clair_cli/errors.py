@@ -53,3 +53,19 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that every ``finally`` and ``__exit__`` cleans up."""
 
     exit_code = 143  # 128 + SIGTERM, as shells report it
+
+
+def interrupt_cause(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C (or SIGTERM) that ``exc`` is, or was raised because of.
+
+    A KeyboardInterrupt that lands while a class body is being built (torch's import does
+    this a lot) reaches us wrapped, e.g. as ``RuntimeError: Error calling __set_name__``.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None

@@ -175,6 +175,19 @@ def test_ctrl_c_wrapped_by_an_import_is_still_an_interrupt(
         run()
     assert exit_info.value.code == 130 and "Interrupted" in capsys.readouterr().err
 
+    # The same inside a command, where the CLI's one exception boundary catches it.
+    from typer.testing import CliRunner
+
+    import clair_cli.io.sources
+
+    def wrapped_resolve(*_args: object, **_kwargs: object) -> None:
+        wrapped()
+
+    monkeypatch.undo()
+    monkeypatch.setattr(clair_cli.io.sources, "resolve_sources", wrapped_resolve)
+    result = CliRunner().invoke(clair_cli.cli.app, ["inspect", str(SAMPLES)])
+    assert result.exit_code == 130 and "Interrupted" in result.stderr and "internal error" not in result.stderr
+
     def broken() -> None:
         raise RuntimeError("a real bug")
 

@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 
 from clair_cli import __version__
 from clair_cli.constants import EXIT_ERROR
-from clair_cli.errors import ClairError
+from clair_cli.errors import ClairError, interrupt_cause
 
 
 def report_error(message: str, hint: str | None) -> int:
@@ -66,16 +66,7 @@ class ClairGroup(TyperGroup):
             _quiet_stdout()
             raise typer.Exit(EXIT_BROKEN_PIPE) from None
         except KeyboardInterrupt as exc:
-            # Outputs are written atomically: an interrupted run has left nothing half-written.
-            writer = sys.modules.get("clair_cli.io.peft_writer")
-            done = list(getattr(writer, "COMMITTED", []))
-            if done:
-                from clair_cli.io.paths import printable
-
-                print(f"Interrupted after writing {printable(str(done[-1]))}.", file=sys.stderr)
-            else:
-                print("Interrupted: no output was written.", file=sys.stderr)
-            raise typer.Exit(getattr(exc, "exit_code", EXIT_INTERRUPTED)) from None
+            raise _interrupted(exc) from None
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise  # Typer's own usage errors and exits
         except MemoryError:
@@ -83,6 +74,9 @@ class ClairGroup(TyperGroup):
                 raise
             raise typer.Exit(report_error("out of memory", "Use fewer or smaller adapters, or --max-rank.")) from None
         except Exception as exc:  # noqa: BLE001 - the one boundary: a bug is reported, never a raw traceback
+            interrupt = interrupt_cause(exc)  # a Ctrl-C wrapped by an import is still an interrupt
+            if interrupt is not None:
+                raise _interrupted(interrupt) from None
             if debug:
                 raise
             text = str(exc).splitlines()[0][:300] if str(exc) else ""
@@ -92,6 +86,19 @@ class ClairGroup(TyperGroup):
                     "This is a bug in clair; please report it with the output of CLAIR_DEBUG=1.",
                 )
             ) from None
+
+
+def _interrupted(exc: KeyboardInterrupt) -> typer.Exit:
+    """Ctrl-C or SIGTERM: outputs are written atomically, so nothing is left half-written."""
+    writer = sys.modules.get("clair_cli.io.peft_writer")
+    done = list(getattr(writer, "COMMITTED", []))
+    if done:
+        from clair_cli.io.paths import printable
+
+        print(f"Interrupted after writing {printable(str(done[-1]))}.", file=sys.stderr)
+    else:
+        print("Interrupted: no output was written.", file=sys.stderr)
+    return typer.Exit(getattr(exc, "exit_code", EXIT_INTERRUPTED))
 
 
 app = typer.Typer(
