@@ -33,7 +33,7 @@ demo: install
 # .venv-flower (Flower's older Typer and Rich), so CI runs the Flower test too.
 test: install install-flower
 	$(BIN)/python -m pytest -q
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q tests/test_flower.py tests/test_cli.py
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q $(FLOWER_TESTS)
 
 lint: install
 	$(BIN)/ruff check clair_cli tests experiments benchmarks fuzz
@@ -82,9 +82,11 @@ install-flower: $(STAMP_FLOWER)
 
 # ClairStrategy's tests (a 3-round simulation, about 20 s), the in-memory engine path, and the
 # CLI's tests under Flower's older Typer and Rich.
+FLOWER_TESTS := tests/test_flower.py tests/test_federated.py tests/test_cli.py tests/test_commands.py \
+	tests/test_reliability.py
+
 test-flower: install-flower
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q tests/test_flower.py \
-		tests/test_federated.py tests/test_cli.py tests/test_commands.py
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q $(FLOWER_TESTS)
 
 # The federated experiment: 12 clients (4 attackers), 10 rounds, clair against Flower's FedAvg,
 # FedMedian, FedTrimmedAvg, Krum, MultiKrum and Bulyan, clean and attacked, 3 seeds; writes

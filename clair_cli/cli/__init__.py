@@ -67,7 +67,7 @@ class ClairGroup(TyperGroup):
             raise typer.Exit(EXIT_BROKEN_PIPE) from None
         except KeyboardInterrupt as exc:
             raise _interrupted(exc) from None
-        except (typer.Exit, typer.Abort, typer.TyperException):
+        except _TYPER_EXITS:
             raise  # Typer's own usage errors and exits
         except MemoryError:
             if debug:
@@ -86,6 +86,24 @@ class ClairGroup(TyperGroup):
                     "This is a bug in clair; please report it with the output of CLAIR_DEBUG=1.",
                 )
             ) from None
+
+
+def _typer_exits() -> tuple[type[BaseException], ...]:
+    """Typer's and Click's own exits and usage errors, which the boundary lets through.
+
+    Typer 0.21+ has its own classes (``typer.TyperException``); earlier Typer (0.20, which
+    Flower pins) re-exports Click's, whose usage errors are ``click.ClickException``.
+    """
+    names = ("Exit", "Abort", "TyperException")
+    found = {getattr(typer, n) for n in names if isinstance(getattr(typer, n, None), type)}
+    try:
+        import click
+    except ImportError:  # pragma: no cover - Typer without Click
+        return tuple(found)
+    return tuple(found | {click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort})
+
+
+_TYPER_EXITS = _typer_exits()
 
 
 def _interrupted(exc: KeyboardInterrupt) -> typer.Exit:
