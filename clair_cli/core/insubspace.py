@@ -162,11 +162,9 @@ def centre_cosines(
     W = torch.zeros(M.shape, dtype=torch.float64)
     fitted = M.any(1)
     if bool(fitted.any()):
-        # From the median of all of fit_on: leaving one point out moves it by O(1/K).
-        start = centre_weights(C, fit_on[None, :])[0] if bool(fit_on.any()) else None
-        if start is not None and not bool(((start[None, :] > 0) & M[fitted]).any(1).all()):
-            start = None  # some row's points all have zero weight in the full median
-        W[fitted] = centre_weights(C, M[fitted], start)
+        # From the median of all of fit_on (every row's points lie in it, with positive
+        # weight): leaving one point out moves it by O(1/K).
+        W[fitted] = centre_weights(C, M[fitted], centre_weights(C, fit_on[None, :])[0])
     WC = W @ C
     centre_sq = (WC * W).sum(1)
     cos = WC / (centre_sq.clamp_min(1e-300).sqrt()[:, None] * norms.clamp_min(1e-300)[None, :])

@@ -10,8 +10,6 @@ from collections.abc import Sequence
 
 import torch
 
-from clair_cli.core.solvers import block_ids
-
 
 def gram(
     A: Sequence[torch.Tensor],
@@ -44,17 +42,10 @@ def gram(
 def _block_sums(E: torch.Tensor, ranks: Sequence[int], scales: Sequence[float]) -> torch.Tensor:
     """``s_i s_j`` times the sum of ``E`` over block ``(i, j)`` of the partition by ``ranks``."""
     K = len(ranks)
+    ids = torch.repeat_interleave(torch.arange(K, device=E.device), torch.tensor(list(ranks), device=E.device))
+    rows = torch.zeros(K, E.shape[1], dtype=E.dtype, device=E.device).index_add_(0, ids, E)
+    sums = torch.zeros(K, K, dtype=E.dtype, device=E.device).index_add_(1, ids, rows)
     s = torch.tensor([float(x) for x in scales], dtype=E.dtype, device=E.device)
-    if len(set(ranks)) == 1:  # equal ranks: a reshape
-        r = ranks[0]
-        sums = E.reshape(K, r, K, r).sum(dim=(1, 3))
-    else:
-        offsets = [0]
-        for r in ranks:
-            offsets.append(offsets[-1] + r)
-        ids = block_ids(offsets, E.device)
-        rows = torch.zeros(K, E.shape[1], dtype=E.dtype, device=E.device).index_add_(0, ids, E)
-        sums = torch.zeros(K, K, dtype=E.dtype, device=E.device).index_add_(1, ids, rows)
     return s[:, None] * sums * s[None, :]
 
 

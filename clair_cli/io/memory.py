@@ -8,19 +8,20 @@ Nothing here touches a file.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clair_cli.errors import AdapterFormatError
-from clair_cli.io.adapter import Adapter, ModuleSpec
+from clair_cli.io.adapter import TORCH_DTYPE_NAMES, Adapter, ModuleSpec
 from clair_cli.types import AdapterConfig, AdapterRef
 
 if TYPE_CHECKING:
     import torch
 
 MEMORY_SOURCE_PREFIX = "memory:"
-_SAFETENSORS_DTYPE = {"torch.float16": "F16", "torch.bfloat16": "BF16", "torch.float32": "F32", "torch.float64": "F64"}
+_SAFETENSORS_DTYPE = {f"torch.{name}": code for code, name in TORCH_DTYPE_NAMES.items()}
 
 Factors = tuple["torch.Tensor", "torch.Tensor", float]
 
@@ -85,7 +86,7 @@ class MemoryAdapter(Adapter):
                 raise bad(f"rank mismatch: A is {tuple(A.shape)}, B is {tuple(B.shape)}")
             if A.shape[1] == 0 or B.shape[0] == 0:
                 raise bad(f"has an empty dimension: A {tuple(A.shape)}, B {tuple(B.shape)}")
-            if not float(scale) == float(scale) or float(scale) in (float("inf"), float("-inf")):
+            if not math.isfinite(float(scale)):
                 raise bad(f"scale {scale} is not finite")
             dtype = _SAFETENSORS_DTYPE.get(str(A.dtype), "F32")
             specs[module] = ModuleSpec(
