@@ -58,7 +58,7 @@ MAX_CONFIG_BYTES = 10 * 1024 * 1024
 DEFAULT_MAX_RANK = 1024
 # Adapters accepted in one run by default (--max-adapters): the pool-level Gram matrices and
 # the verdict's calibration cost time and memory that grow with the square of the pool
-# (README, "Limits": 2,000 tiny adapters take about 50 s and 1.6 GiB).
+# (README, "Limits": 2,000 tiny adapters take about 30 s and 2 GiB).
 DEFAULT_MAX_ADAPTERS = 2048
 MAX_SOURCE_DEPTH = 32  # directory levels searched below a directory source
 
