@@ -1,5 +1,6 @@
 """``python -m clair_cli`` and the ``clair`` console script."""
 
+import os
 import signal
 import sys
 
@@ -18,11 +19,13 @@ def run() -> None:
         from clair_cli.cli import main
 
         main()
-    except SystemExit:
+    except SystemExit as done:
         # The run is over (its output complete or refused): a signal now must not turn a
         # finished run into a killed one while the interpreter shuts down.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if done.code in (130, 143):  # the boundary in clair_cli.cli handled an interrupt
+            _exit_interrupted(done.code)
         raise
     except BaseException as exc:
         interrupt = interrupt_cause(exc)
@@ -30,7 +33,23 @@ def run() -> None:
             raise
         # Outputs are written atomically: an interrupted run has left nothing in place.
         sys.stderr.write("Interrupted: no output was written.\n")
-        sys.exit(getattr(interrupt, "exit_code", 130))
+        _exit_interrupted(getattr(interrupt, "exit_code", 130))
+
+
+def _exit_interrupted(code: int) -> None:
+    """Exit with 130 (Ctrl-C) or 143 (SIGTERM) once the interrupt has been handled.
+
+    CPython remembers a KeyboardInterrupt that once passed out of code run through
+    ``PyRun_String`` (some extension modules' imports do this) and then kills the process
+    with SIGINT at exit, even after clair caught the interrupt and cleaned up: the exit code
+    would read -2 instead of 130. Leaving through ``os._exit`` after flushing keeps the code.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":
