@@ -1,5 +1,6 @@
 """``python -m clair_cli`` and the ``clair`` console script."""
 
+import contextlib
 import os
 import signal
 import sys
@@ -45,10 +46,8 @@ def _exit_interrupted(code: int) -> None:
     would read -2 instead of 130. Leaving through ``os._exit`` after flushing keeps the code.
     """
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass
     os._exit(code)
 
 
