@@ -11,7 +11,7 @@ BIN       := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 STAMP     := $(VENV)/.clair-installed
 
-.PHONY: install demo test lint experiment samples bench merge-quality clean install-flower test-flower fl-experiment
+.PHONY: install demo test lint experiment samples bench bench-threads merge-quality clean install-flower test-flower fl-experiment
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ samples: install
 # decomposition and PEFT's merges, and writes benchmarks/results/ (about 25 min on 2 cores).
 bench: install
 	$(BIN)/python -m benchmarks.perf $(BENCH_ARGS)
+
+# clair audit on an idle and on a busy machine (a CPU hog per core) under three thread settings
+# (about 8 minutes on 2 cores); the table is in README "Performance".
+bench-threads: install
+	$(BIN)/python -m benchmarks.threads
 
 # Merge quality on trained pools of two other tasks, 3 seeds (not part of make test): pools
 # generated once into $$TMPDIR/clair-trained-pools (about 4 min), then every merge method run

@@ -6,6 +6,7 @@ import signal
 import sys
 
 from clair_cli.errors import Terminated, interrupt_cause
+from clair_cli.threads import configure_threads
 
 
 def _on_sigterm(_signum: int, _frame: object) -> None:
@@ -16,6 +17,7 @@ def run() -> None:
     """Run the CLI; Ctrl-C (exit 130) or SIGTERM (exit 143) at any moment, even while importing,
     unwinds through the writers' cleanup, so no temporary directory is left behind."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    configure_threads()  # before torch is imported
     try:
         from clair_cli.cli import main
 

@@ -14,6 +14,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from clair_cli import threads
 from clair_cli.errors import AdapterFormatError, IncompatibleAdapters, UsageError
 from clair_cli.io.adapter import Adapter
 
@@ -120,6 +121,10 @@ def build_pool(adapters: Sequence[Adapter], intersect: bool = False, method: str
                     f"{a.name} has a {spec.kind} update of {spec.d_out}x{spec.d_in}",
                     hint="Adapters of one base model have equal shapes; check the base models.",
                 )
+    threads.fit_to_pool(
+        max(max(adapters[0].modules[m].d_out, adapters[0].modules[m].d_in) for m in modules),
+        max(sum(a.modules[m].rank for a in adapters) for m in modules),
+    )
     return Pool(list(adapters), modules, dropped, _base(next(iter(bases), None)))
 
 
