@@ -68,14 +68,20 @@ DETECTORS: list[tuple[str, bool]] = [
     ("foolsgold", True),
     ("norm > 3x median", True),
 ]
-SCORED = [name for name, scored in DETECTORS if scored]
+# Statistics without a rule of their own: in the score tables only.
+SCORE_ONLY = ["dnc exact"]
+SCORED = [name for name, scored in DETECTORS if scored] + SCORE_ONLY
 SCORE_LABEL = {
     "clair": "clair score (largest rule margin)",
     "multi-krum": "Krum score",
     "dnc": "DnC score",
     "foolsgold": "FoolsGold max pardoned similarity",
     "norm > 3x median": "norm / median",
+    "dnc exact": "DnC statistic, exact and leave-one-out",
 }
+# One threshold for every pool: each score divided by its pool's median; thresholds at zero
+# and at this share of all honest adapters flagged.
+GLOBAL_SHARE = 0.01
 VERDICT = "clair verdict (reference)"
 
 
@@ -147,6 +153,7 @@ def evaluate_pool(pool: Path) -> dict:
         ("dnc (true m)", lambda: detectors.dnc(X, m=n_bad, seed=seed)),
         ("foolsgold", lambda: detectors.foolsgold(X)),
         ("norm > 3x median", lambda: detectors.norm_outlier(X)),
+        ("dnc exact", lambda: detectors.dnc_exact(X)),
     ]
     for row, fn in runs:
         t0 = time.perf_counter()
@@ -278,7 +285,7 @@ def tables(results: list[dict], task_names: list[str]) -> str:
             head += " caught (all) |" + "".join(f" caught {t} |" for t in task_names)
         head += " benign flagged (all) |" + "".join(f" benign flagged {t} |" for t in task_names)
         lines += [head, "|---|" + "---:|" * (head.count("|") - 2)]
-        for row, _ in DETECTORS:
+        for row, _ in DETECTORS:  # the score-only statistics flag nothing
             t = tally(runs, row)
             if t is None:
                 reason = next((r["detectors"][row]["missing"] for r in runs if "missing" in r["detectors"][row]), "")
@@ -324,6 +331,49 @@ def tables(results: list[dict], task_names: list[str]) -> str:
     return "\n".join(lines)
 
 
+def global_thresholds(results: list[dict]) -> str:
+    """Each scored detector judged against one threshold for every pool, as a verdict must be:
+    scores divided by their pool's median, the threshold at zero and at ``GLOBAL_SHARE`` of
+    all honest adapters (over every pool) flagged, contaminated caught strictly above it."""
+    kinds = _kinds(results)
+    scenarios = list(dict.fromkeys(r["scenario"] for r in results))
+    columns = [
+        (sc, k) for sc in scenarios for k in kinds if any(sc == r["scenario"] and k in r["kinds"] for r in results)
+    ]
+    n_benign = sum(1 for r in results for k in r["kinds"] if k == "benign")
+    allowed = int(GLOBAL_SHARE * n_benign)
+    lines = [
+        f"One threshold for every pool (score / pool median), {n_benign} honest adapters in all:",
+        "",
+        "| score | honest flagged |" + "".join(f" {sc}: {k} |" for sc, k in columns),
+        "|---|---:|" + "---:|" * len(columns),
+    ]
+    for row in SCORED:
+        if any(r["detectors"].get(row, {}).get("score") is None for r in results):
+            continue
+        ratios = []
+        for r in results:
+            s = np.asarray(r["detectors"][row]["score"], dtype=float)
+            ratios.append(s / np.median(s))
+        benign = np.sort(
+            np.concatenate([q[[k == "benign" for k in r["kinds"]]] for q, r in zip(ratios, results, strict=True)])
+        )[::-1]
+        for n_flags in (0, allowed):
+            threshold = benign[n_flags]
+            cells = []
+            for sc, kind in columns:
+                hit = [
+                    q[i] > threshold
+                    for q, r in zip(ratios, results, strict=True)
+                    if r["scenario"] == sc
+                    for i, k in enumerate(r["kinds"])
+                    if k == kind
+                ]
+                cells.append(_frac(sum(hit), len(hit)))
+            lines.append(f"| {SCORE_LABEL[row]} | {n_flags}/{n_benign} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.detection_trained", description=__doc__.split("\n")[0])
     trained_pools.pool_arguments(parser, "benchmarks/results/detection_trained.json")
@@ -343,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     order = {s: i for i, s in enumerate(trained_pools.SCENARIOS)}
     results.sort(key=lambda r: (order[r["scenario"]], task_names.index(r["task"]), r["seed"]))
     print(tables(results, task_names))
+    print(global_thresholds(results))
     from benchmarks.merge_quality import clair_source
 
     try:
@@ -365,6 +416,9 @@ def main(argv: list[str] | None = None) -> int:
             f"m = floor({detectors.DNC_ASSUMED_SHARE} K); (true m): m = contaminated count; seed crc32(pool name)",
             "foolsgold": f"kappa = {detectors.FOOLSGOLD_KAPPA}, one round, weight 0 flagged",
             "norm > 3x median": f"norm > {detectors.NORM_FACTOR} x median norm",
+            "dnc exact": "score only: exact leave-one-out DnC statistic from the K x K Gram",
+            "global": f"score / pool median; thresholds at 0 and floor({GLOBAL_SHARE} x honest) honest flags "
+            "over all pools",
             "clair": "python -m clair_cli audit POOL --json - --exit-zero --quiet (defaults)",
             "matched": "per pool, threshold = (n_b + 1)-th largest benign score, n_b = clair's benign flags "
             "(or 0); contaminated caught when strictly above",

@@ -15,6 +15,8 @@ known number of attackers the choice made here is stated. Nothing is tuned to th
   Attacks and Defenses for Federated Learning", NDSS 2021 (Divide-and-Conquer, Algorithm 2).
 - ``foolsgold``: Fung, Yoon & Beschastnikh, "The Limitations of Federated Learning in Sybil
   Settings", RAID 2020 (FoolsGold, Algorithm 1).
+- ``dnc_exact``: DnC's statistic without its subsampling, on the whole updates, each adapter
+  scored on the leading direction of the others (a score, no rule of its own).
 - ``norm_outlier``: the norm check of norm-clipping servers (e.g. Sun et al., "Can You Really
   Backdoor Federated Learning?", 2019): flag updates far above the median norm.
 """
@@ -228,6 +230,29 @@ def foolsgold(X: np.ndarray, kappa: float = FOOLSGOLD_KAPPA) -> Detection:
         weight = kappa * (np.log(alpha / (1.0 - alpha)) + 0.5)
     weight = np.clip(np.nan_to_num(weight, nan=0.0, neginf=0.0, posinf=1.0), 0.0, 1.0)
     return Detection({k for k in range(K) if weight[k] == 0.0}, top, {"weight": weight.tolist(), "kappa": kappa})
+
+
+def dnc_exact(X: np.ndarray) -> Detection:
+    """DnC's spectral statistic computed exactly and leave-one-out: for each adapter k, the
+    leading principal direction ``u`` of the other adapters' updates centred on their mean,
+    and the score ``<Theta_k - mu_(-k), u>^2`` divided by the others' variance along ``u``.
+    Computed from the ``K x K`` Gram matrix (``u`` is a combination of the others' centred
+    updates), so every coordinate counts, not a subsample. Flags nothing by itself: it is
+    here to be judged at thresholds (per pool and one for all pools)."""
+    K = X.shape[0]
+    G = X @ X.T
+    score = np.zeros(K)
+    for k in range(K):
+        others = [j for j in range(K) if j != k]
+        n = len(others)
+        Go = G[np.ix_(others, others)]
+        H = np.eye(n) - 1.0 / n
+        evals, evecs = np.linalg.eigh(H @ Go @ H)
+        lead = max(evals[-1], np.finfo(float).tiny)
+        c = H @ evecs[:, -1] / np.sqrt(lead)  # u = sum_j c_j Theta_j, unit norm
+        projection = (G[k, others] - Go.mean(axis=0)) @ c
+        score[k] = projection**2 / (lead / n)
+    return Detection(set(), score, {})
 
 
 def norm_outlier(X: np.ndarray, factor: float = NORM_FACTOR) -> Detection:
