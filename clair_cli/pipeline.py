@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clair_cli import threads
@@ -234,12 +235,63 @@ class AuditOutcome:
     reference: list[int] | None = None
 
 
+def _available_memory() -> int | None:
+    """Bytes this process can still take: MemAvailable, capped by a cgroup v2 limit (None: unknown)."""
+    found: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def audit_memory(pool: Pool, dtype: str = "float32") -> tuple[int, str]:
+    """Working memory of the audit's largest module and its name.
+
+    The fast path holds the module's stacked factors (``d x n`` for ``n = sum r_k``, a few
+    copies) and the ``n x n`` Gram matrices of both factors and their product, so memory
+    grows with the square of the pool's summed rank: ``itemsize (3 n^2 + 4 d n)``.
+    """
+    itemsize = 8 if dtype == "float64" else 4
+    need, worst = 0, pool.modules[0]
+    for m in pool.modules:
+        n = sum(a.modules[m].rank for a in pool.adapters)
+        spec = pool.adapters[0].modules[m]
+        bytes_ = itemsize * (3 * n * n + 4 * max(spec.d_out, spec.d_in) * n)
+        if bytes_ > need:
+            need, worst = bytes_, m
+    return need, worst
+
+
+def check_audit_memory(pool: Pool, dtype: str = "float32") -> None:
+    """Refuse, before reading any factor, a pool whose audit cannot fit in memory."""
+    need, module = audit_memory(pool, dtype)
+    available = _available_memory()
+    if available is not None and need > 0.8 * available:
+        n = sum(a.modules[module].rank for a in pool.adapters)
+        raise UsageError(
+            f"the audit needs about {need / 2**30:.1f} GiB for module {module} ({len(pool.adapters)} adapters, "
+            f"summed rank {n}), more than the {available / 2**30:.1f} GiB available",
+            hint="Audit fewer adapters at once, or lower --max-rank: memory grows with the square of the summed rank.",
+        )
+
+
 def audit(
     pool: Pool, settings: Settings, progress: Progress = _quiet, reference: list[int] | None = None
 ) -> AuditOutcome:
     """Run CLAIR over the pool (``reference``: trusted adapters, as in ``clair gate``)."""
     from clair_cli.core.audit import ClairAuditor
 
+    check_audit_memory(pool, settings.dtype)
     start = time.perf_counter()
     dtype = torch_dtype(settings.dtype)
     auditor = ClairAuditor(

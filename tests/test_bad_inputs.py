@@ -209,3 +209,41 @@ def test_subfolder_option_traversal_is_refused() -> None:
 def test_usage_error_exits_2() -> None:
     result = CliRunner().invoke(app, ["inspect"])
     assert result.exit_code == 2
+
+
+SAMPLE_ADAPTERS = Path(__file__).resolve().parent.parent / "sample_adapters"
+
+
+def test_a_pool_whose_audit_cannot_fit_in_memory_is_refused_before_any_factor_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from clair_cli import pipeline
+
+    need, _module = pipeline.audit_memory(pipeline.build_pool(open_sample_adapters()))
+    monkeypatch.setattr(pipeline, "_available_memory", lambda: need)  # 80 % of it is allowed
+    monkeypatch.setattr(pipeline, "iter_modules", _must_not_read)
+    result = CliRunner().invoke(app, ["audit", str(SAMPLE_ADAPTERS)], env={"NO_COLOR": "1", "COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert "the audit needs about" in result.output and "summed rank" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_torch_failing_to_allocate_is_out_of_memory_not_an_internal_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clair_cli import pipeline
+
+    def fail(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried")
+
+    monkeypatch.setattr(pipeline, "audit", fail)
+    result = CliRunner().invoke(app, ["audit", str(SAMPLE_ADAPTERS)], env={"NO_COLOR": "1", "COLUMNS": "200"})
+    assert result.exit_code == 2 and "out of memory" in result.output and "internal error" not in result.output
+
+
+def open_sample_adapters() -> list:
+    from clair_cli.io.sources import open_adapters
+
+    return open_adapters([str(SAMPLE_ADAPTERS)])
+
+
+def _must_not_read(*_args: object, **_kwargs: object) -> None:
+    raise AssertionError("factors were read")

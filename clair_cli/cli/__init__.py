@@ -37,6 +37,7 @@ def report_error(message: str, hint: str | None) -> int:
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+OUT_OF_MEMORY_HINT = "Use fewer or smaller adapters, or --max-rank."
 
 
 def _quiet_stdout() -> None:
@@ -72,13 +73,15 @@ class ClairGroup(TyperGroup):
         except MemoryError:
             if debug:
                 raise
-            raise typer.Exit(report_error("out of memory", "Use fewer or smaller adapters, or --max-rank.")) from None
+            raise typer.Exit(report_error("out of memory", OUT_OF_MEMORY_HINT)) from None
         except Exception as exc:  # noqa: BLE001 - the one boundary: a bug is reported, never a raw traceback
             interrupt = interrupt_cause(exc)  # a Ctrl-C wrapped by an import is still an interrupt
             if interrupt is not None:
                 raise _interrupted(interrupt) from None
             if debug:
                 raise
+            if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):  # torch's CPU allocator
+                raise typer.Exit(report_error("out of memory", OUT_OF_MEMORY_HINT)) from None
             text = str(exc).splitlines()[0][:300] if str(exc) else ""
             raise typer.Exit(
                 report_error(
