@@ -119,6 +119,7 @@ def test_existing_output_is_kept_without_force(tmp_path: Path) -> None:
 def _without_timing(path: Path) -> dict:
     report = json.loads(path.read_text())
     report.pop("timing_s", None)
+    report.pop("generated_at", None)
     return report
 
 
