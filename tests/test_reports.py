@@ -154,7 +154,8 @@ def test_reasons_agree_with_the_score_and_the_table(sample_report: dict) -> None
     assert flagged
     for a in flagged:
         margins = [r["margin"] for r in a["reasons"] if r["margin"] is not None]
-        assert max(margins) == pytest.approx(a["score"], abs=1e-6), a["name"]
+        if margins:  # (a copy flagged only as a duplicate keeps its own score)
+            assert max(margins) == pytest.approx(a["score"], abs=1e-6), a["name"]
         for r in a["reasons"]:
             assert {"rule", "value", "threshold", "compare", "margin"} <= set(r)
             if r["value"] is not None:
@@ -260,3 +261,16 @@ def test_report_does_not_import_the_pipeline() -> None:
             elif isinstance(node, ast.Import):
                 assert all(a.name != "clair_cli.pipeline" for a in node.names), path
     assert os.path.exists(report_dir / "modules.py")
+
+
+def test_clair_merge_json_and_card(tmp_path: Path) -> None:
+    root = _llama_pool(tmp_path / "pool", n=5)
+    out, js = tmp_path / "merged", tmp_path / "merge.json"
+    result = invoke("merge", str(root), "--out", str(out), "--json", str(js), "--seed", "2", "--exit-zero", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads(js.read_text())
+    assert report["command"] == "merge" and "merge" in report and report["summary"]["n_adapters"] == 5
+    assert all(len(a["sha256"]) == 2 for a in report["adapters"])
+    card = (out / "README.md").read_text()
+    assert "- method: clair" in card and "decomposition noisy, solver auto" in card and "seed 2" in card
+    assert str(tmp_path) not in card

@@ -47,7 +47,8 @@ Every reason records the rule that flagged (``rule``), the statistic it compared
 flags) and its ``margin``; the adapter's score is the largest margin among its reasons
 whenever a rule flagged it. Rules 1 and 2 require two things at once (the standardised
 statistic past its calibrated cut and the raw effect past its floor): ``threshold`` is the
-bound on the quoted raw statistic and ``margin`` the smaller of the two margins.
+bound on the raw statistic (rule 2: the mean log-odds, not the mean share the text quotes)
+and ``margin`` the smaller of the two margins.
 """
 
 from __future__ import annotations
@@ -380,7 +381,7 @@ def _decide(pool: _PoolSignals, excluded: set[int], suspects: set[int]) -> list[
                 )
 
     off_hits: dict[int, list[Hit]] = {}
-    across: dict[int, tuple[float, float, float]] = {}  # rule 2: mean share, its bound, margin
+    across: dict[int, tuple[float, float, float]] = {}  # rule 2: mean log-odds, its bound, margin
     joint_reasons: dict[int, dict] = {}
     if threshold is not None:
         for name, o in measured.items():
@@ -411,7 +412,7 @@ def _decide(pool: _PoolSignals, excluded: set[int], suspects: set[int]) -> list[
             if rules.margin(k, m, "off_subspace"):
                 off_hits.setdefault(k, [])
                 bound = raw[k].centre + floor  # type: ignore[union-attr]
-                across[k] = (_sigmoid(float(mean[k])), _sigmoid(bound), m)
+                across[k] = (float(mean[k]), bound, m)
         # Rule 2b: both at once. An adapter somewhat atypical in direction *and* in its share
         # outside the subspace: their standardised sum against the others' sums, each raw
         # effect at least half its floor.
