@@ -186,6 +186,7 @@ def test_base_models_compared_after_normalisation(tmp_path: Path, monkeypatch: p
     )
     assert "FacebookAI/roberta-base" in pool.notes[0]
     assert canonical_base_model("gpt2") == "openai-community/gpt2"
+    assert canonical_base_model("/a\x00b") == "/a\x00b"  # from a hostile config: no exception
     assert canonical_base_model("hf://bert-base-uncased/") == "google-bert/bert-base-uncased"
     with pytest.raises(IncompatibleAdapters, match="different base models"):
         pipeline.build_pool(_pool_with_bases(tmp_path / "p3", ["roberta-base", "roberta-large"] * 3))

@@ -60,7 +60,10 @@ def canonical_base_model(name: str) -> str:
     legacy id replaced by its organisation's."""
     name = name.strip()
     if _looks_local(name):
-        return os.path.realpath(os.path.expanduser(name))
+        try:
+            return os.path.realpath(os.path.expanduser(name))
+        except (OSError, ValueError):  # a NUL byte, a name too long: compared as written
+            return os.path.normpath(os.path.abspath(name))
     repo = name.removeprefix("hf://").strip("/")
     return LEGACY_HUB_IDS.get(repo, repo)
 
