@@ -275,3 +275,15 @@ def test_clair_merge_json_and_card(tmp_path: Path) -> None:
     card = (out / "README.md").read_text()
     assert "- method: clair" in card and "decomposition noisy, solver auto" in card and "seed 2" in card
     assert str(tmp_path) not in card
+
+
+def test_refine_cards_are_portable_and_list_the_parameters(tmp_path: Path) -> None:
+    root = _llama_pool(tmp_path / "pool", n=5)
+    out = tmp_path / "refined"
+    result = invoke("refine", str(root), "--out", str(out), "--seed", "4", "--exit-zero", "-q")
+    assert result.exit_code == 0, result.output
+    cards = [p.read_text() for p in out.glob("*/README.md")]
+    assert cards
+    for card in cards:
+        assert str(tmp_path) not in card
+        assert "## Parameters" in card and "seed 4" in card and "projection rank: auto" in card
