@@ -131,15 +131,16 @@ def model_card(
         summary: the audit's summary line, if an audit ran.
         notes: extra lines.
         merge: the merge parameters (``MergedAdapter.summary()``), for a merged adapter.
-        params: the audit's settings (``Settings.as_dict()``), listed with the parameters.
+        params: the audit's settings (``Settings.as_dict()``), listed with the parameters
+            when an audit ran (``summary``).
     """
     lines = _front_matter(base_model, ["lora", "clair", "merge" if method != "refine" else "refined"])
     lines += [f"# {md_text(title)}", "", f"Made by clair {__version__}.", "", md_fence(portable_command(command)), ""]
     key = "clair-project" if method == "clair" and merge and merge["options"]["project"] else method
     lines += ["## Method", "", METHOD_TEXT.get(key, method), ""]
     if merge:
-        lines += _merge_lines(merge, params)
-    elif params:
+        lines += _merge_lines(merge, params if summary else None)  # audit settings only where one ran
+    elif params and summary:
         lines += ["## Parameters", "", *_params_lines(params), ""]
     if summary:
         lines += ["## Audit", "", summary + ".", ""]
