@@ -11,18 +11,26 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from clair_cli import threads
 from clair_cli.errors import AdapterFormatError, IncompatibleAdapters, UsageError
 from clair_cli.io.adapter import Adapter
+from clair_cli.results import (  # noqa: F401 - re-exported: their home was here
+    DEFAULT_MERGE_TOL,
+    RESCALE_CHOICES,
+    AuditOutcome,
+    MergedAdapter,
+    MergeOptions,
+    Pool,
+    Settings,
+)
 
 if TYPE_CHECKING:
     import torch
 
-    from clair_cli.core.audit import ClairAuditor, ModuleInput
+    from clair_cli.core.audit import ModuleInput
     from clair_cli.core.baselines import MergeResult
 
 Progress = Callable[[str, int, int], None]
@@ -35,27 +43,6 @@ MIN_ADAPTERS = {"clair": 5, "krum": 3, "multi-krum": 3, "median": 2, "trimmed-me
 
 def _quiet(_stage: str, _done: int, _total: int) -> None:
     return None
-
-
-@dataclass
-class Pool:
-    """Adapters that can be analysed together.
-
-    Attributes:
-        adapters: opened adapters, in source order.
-        modules: the modules analysed (sorted).
-        dropped: modules left out by ``--intersect`` (not targeted by every adapter).
-        base_model: the common base model (None when no config names one).
-    """
-
-    adapters: list[Adapter]
-    modules: list[str]
-    dropped: list[str] = field(default_factory=list)
-    base_model: str | None = None
-
-    @property
-    def names(self) -> list[str]:
-        return [a.name for a in self.adapters]
 
 
 def _base(name: str | None) -> str | None:
@@ -82,17 +69,24 @@ def build_pool(adapters: Sequence[Adapter], intersect: bool = False, method: str
             f"{method} needs at least {need} adapters, got {len(adapters)}",
             hint="Give more adapters, or a directory that holds them.",
         )
-    bases: dict[str, Adapter] = {}
+    from clair_cli.io.base_model import canonical_base_model, same_model_note
+
+    # Compared by what they name: ./base, base and /abs/base are one directory; gpt2 is
+    # openai-community/gpt2 (the Hub's canonical id).
+    bases: dict[str, tuple[str, Adapter]] = {}
+    spellings: list[str] = []
     for a in adapters:
         base = _base(a.base_model)
         if base is not None:
-            bases.setdefault(base, a)
+            bases.setdefault(canonical_base_model(base), (base, a))
+            spellings.append(base)
     if len(bases) > 1:
-        (b1, a1), (b2, a2) = list(bases.items())[:2]
+        (b1, a1), (b2, a2) = list(bases.values())[:2]
         raise IncompatibleAdapters(
             f"adapters are for different base models: {a1.name} is for {b1!r}, {a2.name} is for {b2!r}",
-            hint="Audit the adapters of one base model at a time.",
+            hint="Audit the adapters of one base model at a time, or pass --base-model to name it for all.",
         )
+    note = same_model_note(spellings)
     sets = [set(a.modules) for a in adapters]
     common = set.intersection(*sets)
     union = set.union(*sets)
@@ -126,7 +120,8 @@ def build_pool(adapters: Sequence[Adapter], intersect: bool = False, method: str
         max(max(adapters[0].modules[m].d_out, adapters[0].modules[m].d_in) for m in modules),
         max(sum(a.modules[m].rank for a in adapters) for m in modules),
     )
-    return Pool(list(adapters), modules, dropped, _base(next(iter(bases), None)))
+    base_model = next(iter(bases.values()))[0] if bases else None
+    return Pool(list(adapters), modules, dropped, base_model, [note] if note else [])
 
 
 def pool_from_factors(
@@ -187,23 +182,6 @@ def iter_modules(
             progress("modules", i + 1, len(pool.modules))
 
 
-@dataclass
-class Settings:
-    """What the user chose (the ``params`` of the JSON report)."""
-
-    method: str = "noisy"
-    side: str = "out"
-    rank: int | str = "auto"
-    threshold: float | None = None
-    dtype: str = "float32"
-    device: str = "cpu"
-    seed: int = 0
-    solver: str = "auto"
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
 def resolve_device(device: str) -> str:
     """``auto`` becomes ``cuda`` when a GPU is present, else ``cpu``; ``cuda`` without one is an error."""
     import torch
@@ -224,15 +202,6 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in table:
         raise UsageError(f"--dtype {name}: expected float32 or float64")
     return table[name]
-
-
-@dataclass
-class AuditOutcome:
-    pool: Pool
-    settings: Settings
-    auditor: ClairAuditor
-    timing: dict[str, float]
-    reference: list[int] | None = None
 
 
 def _available_memory() -> int | None:
@@ -311,82 +280,6 @@ def audit(
         names=pool.names,
     )
     return AuditOutcome(pool, settings, auditor, {"audit": time.perf_counter() - start}, reference)
-
-
-# Relative Frobenius error allowed when the merged update is written at a lower rank
-# (--merge-tol): far below the differences between adapters, and below bf16 rounding (4e-3).
-DEFAULT_MERGE_TOL = 1e-3
-RESCALE_CHOICES = ("none", "norm")
-
-
-@dataclass(frozen=True)
-class MergeOptions:
-    """How the merged update is formed and written (the ``merge`` section of the JSON report).
-
-    Attributes:
-        rank: rank of the written LoRA (``--merge-rank``); None: the smallest rank whose
-            relative Frobenius error is at most ``tol``.
-        tol: that tolerance (``--merge-tol``).
-        project: CLAIR's projected merge ``U U^T`` (``--project``) instead of the exact mean.
-        project_rank: the projection's rank (``--project-rank``); None: chosen per module by
-            cross-validation across the collaborators (:mod:`clair_cli.core.projection`).
-        rescale: ``"norm"`` scales the merged update so its norm is the median of the merged
-            adapters' norms (averaging separately trained updates shrinks them); ``"none"``.
-    """
-
-    rank: int | None = None
-    tol: float = DEFAULT_MERGE_TOL
-    project: bool = False
-    project_rank: int | None = None
-    rescale: str = "none"
-
-    def __post_init__(self) -> None:
-        if self.rank is not None and self.rank < 1:
-            raise UsageError(f"--merge-rank {self.rank}: expected a positive integer")
-        if not 0 <= self.tol < 1:
-            raise UsageError(f"--merge-tol {self.tol}: expected a number in [0, 1)")
-        if self.project_rank is not None and self.project_rank < 1:
-            raise UsageError(f"--project-rank {self.project_rank}: expected a positive integer")
-        if self.rescale not in RESCALE_CHOICES:
-            raise UsageError(f"--rescale {self.rescale}: expected one of {', '.join(RESCALE_CHOICES)}")
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class MergedAdapter:
-    """One merged LoRA: per module ``(A, B)`` with scale 1, and how it was made.
-
-    ``scale`` is the factor ``--rescale`` applied (1.0 otherwise); per module,
-    ``modules[name].info`` holds ``truncation_error`` (relative Frobenius error of writing
-    the update at its rank) and, for a projected merge, ``projection_rank``.
-    """
-
-    method: str
-    modules: dict[str, MergeResult]
-    used: list[int]
-    weights: list[float] | None
-    notes: list[str] = field(default_factory=list)
-    options: MergeOptions = field(default_factory=MergeOptions)
-    scale: float = 1.0
-
-    def summary(self) -> dict[str, Any]:
-        """The ``merge`` section of the JSON report."""
-        ranks = {m: r.rank for m, r in self.modules.items()}
-        errors = {m: float(r.info.get("truncation_error", 0.0)) for m, r in self.modules.items()}
-        out: dict[str, Any] = {
-            "method": self.method,
-            "options": self.options.as_dict(),
-            "weights": None if self.weights is None else [round(w, 6) for w in self.weights],
-            "rank": ranks,
-            "max_relative_error": round(max(errors.values(), default=0.0), 8),
-            "relative_error": {m: round(e, 8) for m, e in errors.items()},
-            "scale": round(self.scale, 6),
-        }
-        if self.options.project:
-            out["projection_rank"] = {m: r.info.get("projection_rank") for m, r in self.modules.items()}
-        return out
 
 
 def _at_working_precision(mod: ModuleInput, dtype: torch.dtype, solver: str) -> ModuleInput:

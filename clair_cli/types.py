@@ -29,6 +29,11 @@ class AdapterRef:
         config_file: ``adapter_config.json`` or ``None`` when given by flags.
         revision: resolved hub commit sha, ``None`` for local sources.
         root: directory that every file of a local source must stay inside.
+        path: a local adapter's own path, spelled from the source as given (relative
+            stays relative); ``None`` for hub sources.
+        repo_id: the hub repo id, ``None`` for local sources.
+        requested_revision: the hub revision asked for (``@v2``), ``None`` when none was.
+        subfolder: the folder inside the hub repo, if any.
     """
 
     name: str
@@ -37,6 +42,10 @@ class AdapterRef:
     config_file: Path | None
     revision: str | None = None
     root: Path | None = None
+    path: str | None = None
+    repo_id: str | None = None
+    requested_revision: str | None = None
+    subfolder: str | None = None
 
 
 # A pattern whose only metacharacter is "." (the usual "layers.0.q_proj"): matched without
@@ -155,6 +164,8 @@ class AdapterConfig:
     modules_to_save: tuple[str, ...] = ()
     trainable_token_indices: Any = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # sha256 of the config file's bytes as read (None for a config built from flags).
+    sha256: str | None = field(default=None, compare=False, repr=False)
 
     def rank_for(self, module: str) -> int:
         """Rank PEFT gives ``module``: ``rank_pattern`` first, then ``r``."""

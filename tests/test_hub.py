@@ -180,3 +180,21 @@ def test_prepopulated_cache_offline(tmp_path: Path) -> None:
     proc = run_cli("inspect", "owner/not-cached", env=env)
     assert proc.returncode == 2
     assert "not in the local cache" in proc.stderr
+
+
+def test_audit_json_records_hub_coordinates_and_digests(fake_hub: FakeHub, tmp_path: Path) -> None:
+    import hashlib
+
+    for k in range(3):
+        write_adapter(tmp_path / "local" / f"c{k}", config=lora_config(base_model_name_or_path="org/base"), seed=5 + k)
+    env = _env(fake_hub, tmp_path / "home")
+    proc = run_cli(
+        "audit", "owner/lora", "hf://owner/lora@v1", str(tmp_path / "local"), "--json", "-", "--exit-zero", env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    by_name = {a["name"]: a for a in json.loads(proc.stdout)["adapters"]}
+    v1 = by_name["owner/lora@v1"]
+    assert v1["hub"] == {"repo_id": "owner/lora", "revision": "v1", "subfolder": None, "commit": SHA_V1}
+    assert v1["path"] is None and by_name["owner/lora"]["hub"]["revision"] is None
+    files = _adapter_files(tmp_path, 1, base_model_name_or_path="org/base", lora_alpha=16)
+    assert v1["sha256"] == {n: hashlib.sha256(b).hexdigest() for n, b in files.items()}

@@ -119,6 +119,7 @@ def test_existing_output_is_kept_without_force(tmp_path: Path) -> None:
 def _without_timing(path: Path) -> dict:
     report = json.loads(path.read_text())
     report.pop("timing_s", None)
+    report.pop("generated_at", None)
     return report
 
 
@@ -170,9 +171,21 @@ def test_ctrl_c_wrapped_by_an_import_is_still_an_interrupt(
         except KeyboardInterrupt as exc:
             raise RuntimeError("Error calling __set_name__") from exc
 
+    def leave(code: int) -> None:  # run() leaves through os._exit, which would end pytest itself
+        raise SystemExit(code)
+
+    import os
+    import signal
+
     monkeypatch.setattr(clair_cli.cli, "main", wrapped)
-    with pytest.raises(SystemExit) as exit_info:
-        run()
+    monkeypatch.setattr(os, "_exit", leave)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run()
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     assert exit_info.value.code == 130 and "Interrupted" in capsys.readouterr().err
 
     # The same inside a command, where the CLI's one exception boundary catches it.

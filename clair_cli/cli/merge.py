@@ -12,7 +12,7 @@ from clair_cli.cli import options as opt
 from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK
 
 if TYPE_CHECKING:
-    from clair_cli.pipeline import AuditOutcome, Pool
+    from clair_cli.results import AuditOutcome, Pool
 
 MERGE_EXAMPLES = """
 Examples:
@@ -39,7 +39,13 @@ def _command_line() -> str:
     return "clair " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def _sources_table(pool: Pool, used: list[int], outcome: AuditOutcome | None) -> list[dict[str, Any]]:
+def _sources_table(
+    pool: Pool, used: list[int], outcome: AuditOutcome | None, weights: list[float] | None = None
+) -> list[dict[str, Any]]:
+    """The model card's sources: ``weight`` is each adapter's share of the merge (``weights``:
+    one per adapter in ``used``; None: equal), None for those left out or for refinement."""
+    given = [1.0] * len(used) if weights is None else weights
+    share = {k: w / sum(given) for k, w in zip(used, given, strict=True)}
     rows = []
     for k, a in enumerate(pool.adapters):
         v = outcome.auditor.verdicts_[k] if outcome else None
@@ -47,8 +53,10 @@ def _sources_table(pool: Pool, used: list[int], outcome: AuditOutcome | None) ->
             {
                 "name": a.name,
                 "source": a.ref.source,
+                "path": a.ref.path,
                 "revision": a.ref.revision,
                 "used": k in used,
+                "weight": share.get(k) if weights is not None or used else None,
                 "score": None if v is None else v.score,
                 "flagged": None if v is None else v.flagged,
             }
@@ -173,11 +181,12 @@ def merge_command(
         f"Merged LoRA adapter ({method})",
         method,
         pool.base_model,
-        _sources_table(pool, merged.used, outcome),
+        _sources_table(pool, merged.used, outcome, merged.weights),
         _command_line(),
         summary_line(report, timing=False) if report else None,
         notes,
         merge=merged.summary(),
+        params=settings.as_dict(),
     )
     with target as tmp:
         save_adapter(tmp, config_dict, tensors, card)
@@ -287,6 +296,7 @@ def refine_command(
                     _command_line(),
                     summary_line(report, timing=False),
                     notes,
+                    params=settings.as_dict() | {"project_rank": project_rank},
                 )
                 save_adapter(tmp, source_config(adapter), tensors, card, name=adapter.name)
                 progress("writing adapters", i + 1, len(used))

@@ -28,7 +28,11 @@ LoraAlpha = Annotated[
 ]
 Rslora = Annotated[bool, typer.Option("--rslora", help="With --lora-alpha: scale by alpha/sqrt(r).")]
 BaseModel = Annotated[
-    Optional[str], typer.Option("--base-model", help="Base model for sources whose config names none.")
+    Optional[str],
+    typer.Option(
+        "--base-model",
+        help="Base model of every source: names it where the config does not, replaces it (with a note) where it does.",
+    ),
 ]
 Intersect = Annotated[
     bool, typer.Option("--intersect", help="Analyse only the modules every adapter targets (listed in the report).")

@@ -41,6 +41,14 @@ An adapter's ``score`` is its largest margin over rules 1-5: the distance above 
 value in units of the distance to the threshold, so a score above 1 means that rule flagged
 it (a duplicate is flagged whatever its score). ``threshold`` (the ``--threshold`` option)
 replaces rules 2 and 3 by a fixed off-subspace share on any module.
+
+Every reason records the rule that flagged (``rule``), the statistic it compared
+(``value``), the bound it was compared with (``threshold``; ``compare`` says which side
+flags) and its ``margin``; the adapter's score is the largest margin among its reasons
+whenever a rule flagged it. Rules 1 and 2 require two things at once (the standardised
+statistic past its calibrated cut and the raw effect past its floor): ``threshold`` is the
+bound on the raw statistic (rule 2: the mean log-odds, not the mean share the text quotes)
+and ``margin`` the smaller of the two margins.
 """
 
 from __future__ import annotations
@@ -194,15 +202,18 @@ class _Rules:
         self.verdicts[k].reasons.append(reason)
 
 
+Hit = tuple[float, str, float, float, float]  # excess over the centre, module, value, threshold, margin
+
+
 def _per_module(
     rules: _Rules,
     values: dict[str, torch.Tensor],
     members: dict[str, list[int]],
     floor: float,
     calibration: dict[str, torch.Tensor] | None = None,
-) -> dict[int, list[tuple[float, str]]]:
+) -> dict[int, list[Hit]]:
     """A per-module rule at ALPHA / M (Bonferroni over the modules measured); hits per adapter."""
-    hits: dict[int, list[tuple[float, str]]] = {}
+    hits: dict[int, list[Hit]] = {}
     alpha = ALPHA / max(len(values), 1)
     K = len(rules.verdicts)
     for name, v in values.items():
@@ -213,8 +224,11 @@ def _per_module(
             calib = torch.full((K,), math.nan, dtype=torch.float64)
             calib[members[name]] = calibration[name].double()
         for k, cut in enumerate(rules.cuts(full, alpha, floor, calib)):
-            if cut is not None and rules.margin(k, cut.margin(float(full[k])), "module"):
-                hits.setdefault(k, []).append((float(full[k]) - cut.centre, name))
+            if cut is None:
+                continue
+            m = cut.margin(float(full[k]))
+            if rules.margin(k, m, "module"):
+                hits.setdefault(k, []).append((float(full[k]) - cut.centre, name, float(full[k]), cut.value, m))
     for items in hits.values():
         items.sort(key=lambda t: (-t[0], t[1]))
     return hits
@@ -358,16 +372,23 @@ def _decide(pool: _PoolSignals, excluded: set[int], suspects: set[int]) -> list[
                 continue
             floor = max(DIRECTION_FLOOR, DIRECTION_RELATIVE_FLOOR * typical)
             dir_effect[k] = (typical - float(direction[k])) / floor
-            if rules.margin(k, min(cut.margin(float(z_dir[k])), float(dir_effect[k])), "direction"):
-                rules.flag(k, {"kind": "direction", "cosine": float(direction[k]), "typical": typical})
+            m = min(cut.margin(float(z_dir[k])), float(dir_effect[k]))
+            if rules.margin(k, m, "direction"):
+                rules.flag(
+                    k,
+                    {"kind": "direction", "cosine": float(direction[k]), "typical": typical}
+                    | _judged("direction", float(direction[k]), typical - floor, m, "<"),
+                )
 
-    off_hits: dict[int, list[tuple[float, str]]] = {}
+    off_hits: dict[int, list[Hit]] = {}
+    across: dict[int, tuple[float, float, float]] = {}  # rule 2: mean log-odds, its bound, margin
+    joint_reasons: dict[int, dict] = {}
     if threshold is not None:
         for name, o in measured.items():
             for pos, k in enumerate(members[name]):
                 share = float(o[pos])
                 if rules.margin(k, share / threshold, "module") and share > threshold:
-                    off_hits.setdefault(k, []).append((share - threshold, name))
+                    off_hits.setdefault(k, []).append((share - threshold, name, share, threshold, share / threshold))
     elif measured:
         # Rule 2: the log-odds, per module standardised, averaged over the modules with
         # shared structure; the mean log-odds must also exceed the others' by the floor.
@@ -387,8 +408,11 @@ def _decide(pool: _PoolSignals, excluded: set[int], suspects: set[int]) -> list[
             if cut is None or raw[k] is None:
                 continue
             off_effect[k] = (float(mean[k]) - raw[k].centre) / floor  # type: ignore[union-attr]
-            if rules.margin(k, min(cut.margin(float(z[k])), float(off_effect[k])), "off_subspace"):
+            m = min(cut.margin(float(z[k])), float(off_effect[k]))
+            if rules.margin(k, m, "off_subspace"):
                 off_hits.setdefault(k, [])
+                bound = raw[k].centre + floor  # type: ignore[union-attr]
+                across[k] = (float(mean[k]), bound, m)
         # Rule 2b: both at once. An adapter somewhat atypical in direction *and* in its share
         # outside the subspace: their standardised sum against the others' sums, each raw
         # effect at least half its floor.
@@ -399,8 +423,18 @@ def _decide(pool: _PoolSignals, excluded: set[int], suspects: set[int]) -> list[
                     continue
                 margin = min(cut.margin(float(joint[k])), 2 * float(dir_effect[k]), 2 * float(off_effect[k]))
                 seen = k in off_hits or any(r["kind"] == "direction" for r in rules.verdicts[k].reasons)
-                if rules.margin(k, margin, "joint") and not seen:  # one reason is enough
-                    rules.flag(k, {"kind": "joint", "cosine": float(direction[k]), "log_odds": float(mean[k])})
+                own = [rules.verdicts[k].per_module[n] for n in measured if n in rules.verdicts[k].per_module]
+                reason = {
+                    "kind": "joint",
+                    "cosine": float(direction[k]),
+                    "log_odds": float(mean[k]),
+                    "share": sum(own) / len(own),  # the mean share, as the off-subspace reason quotes it
+                } | _judged("joint", float(joint[k]), cut.value, margin, ">")
+                if rules.margin(k, margin, "joint"):
+                    if not seen:
+                        rules.flag(k, reason)
+                    else:  # one reason is enough, unless this one set the score (see _score_reasons)
+                        joint_reasons[k] = reason
         rules.extra = set()
         # Rule 3: one module at a time, at ALPHA / M.
         hits = _per_module(
@@ -414,9 +448,20 @@ def _decide(pool: _PoolSignals, excluded: set[int], suspects: set[int]) -> list[
             off_hits.setdefault(k, []).extend(items)
     for k, items in sorted(off_hits.items()):
         mine = {n: rules.verdicts[k].per_module[n] for n in measured if n in rules.verdicts[k].per_module}
-        modules = [n for _, n in items] or sorted(mine, key=lambda n: (-mine[n], n))
+        modules = [t[1] for t in items] or sorted(mine, key=lambda n: (-mine[n], n))
         share = sum(mine.values()) / len(mine) if not items else max(mine[n] for n in modules)
-        rules.flag(k, {"kind": "off_subspace", "share": share, "modules": modules, "across_modules": not items})
+        reason = {"kind": "off_subspace", "share": share, "modules": modules, "across_modules": not items}
+        if items:
+            # The module quoted: the one with the largest share among those past their threshold.
+            top = max(items, key=lambda t: (mine[t[1]], -len(t[1])))
+            value, bound = (top[2], top[3]) if threshold is not None else (_sigmoid(top[2]), _sigmoid(top[3]))
+            margin = max(t[4] for t in items)
+            if k in across:
+                margin = max(margin, across[k][2])
+            reason |= {"module": top[1]} | _judged("module", value, bound, margin, ">")
+        else:
+            reason |= _judged("off_subspace", *across[k], ">")
+        rules.flag(k, reason)
 
     rules.extra = set()
     # Rule 4: inside the subspace, per module.
@@ -426,7 +471,15 @@ def _decide(pool: _PoolSignals, excluded: set[int], suspects: set[int]) -> list[
         if d is not None and structured[n]
     }
     for k, items in sorted(_per_module(rules, distances, members, math.log(IN_SUBSPACE_FACTOR)).items()):
-        rules.flag(k, {"kind": "in_subspace", "ratio": math.exp(items[0][0]), "modules": [n for _, n in items]})
+        excess, _name, value, bound, _m = items[0]
+        rules.flag(
+            k,
+            {"kind": "in_subspace", "ratio": math.exp(excess), "modules": [t[1] for t in items]}
+            # The ratio to the typical distance, and the ratio at which the rule flags on that module.
+            | _judged(
+                "in_subspace", math.exp(excess), math.exp(bound - (value - excess)), max(t[4] for t in items), ">"
+            ),
+        )
 
     # Rule 5: norm, both ways.
     log_norm = torch.where(sq_norms > 0, 0.5 * torch.log(sq_norms.double().clamp_min(1e-300)), math.nan)
@@ -437,17 +490,47 @@ def _decide(pool: _PoolSignals, excluded: set[int], suspects: set[int]) -> list[
             continue
         ratio = math.exp(float(log_norm[k]) - high[k].centre)  # type: ignore[union-attr]
         rules.verdicts[k].norm_ratio = ratio
-        up = rules.margin(k, high[k].margin(float(log_norm[k])), "norm")  # type: ignore[union-attr]
-        down = rules.margin(k, low[k].margin(-float(log_norm[k])), "norm")  # type: ignore[union-attr]
+        m_up = high[k].margin(float(log_norm[k]))  # type: ignore[union-attr]
+        m_down = low[k].margin(-float(log_norm[k]))  # type: ignore[union-attr]
+        up = rules.margin(k, m_up, "norm")
+        down = rules.margin(k, m_down, "norm")
         if up or down:
-            rules.flag(k, {"kind": "norm", "ratio": ratio})
+            # The ratio to the others' median norm at which the rule flags, on the side it flagged.
+            bound = math.exp(high[k].width) if up else math.exp(-low[k].width)  # type: ignore[union-attr]
+            rules.flag(
+                k,
+                {"kind": "norm", "ratio": ratio} | _judged("norm", ratio, bound, max(m_up, m_down), ">" if up else "<"),
+            )
 
     # Rule 6: duplicates. The first member stands for the group; the others are copies.
     for group in duplicates:
         for k in group[1:]:
             if k not in trusted:
-                rules.flag(k, {"kind": "duplicate", "of": [j for j in group if j != k]})
+                rules.flag(
+                    k,
+                    {"kind": "duplicate", "of": [j for j in group if j != k]}
+                    | _judged("duplicate", None, DUPLICATE_COSINE, None, ">"),
+                )
+    for k, reason in joint_reasons.items():
+        _score_reasons(rules.verdicts[k], reason)
     return rules.verdicts
+
+
+def _judged(rule: str, value: float | None, threshold: float, margin: float | None, compare: str) -> dict:
+    """The part of a reason that says what was compared with what."""
+    return {"rule": rule, "value": value, "threshold": threshold, "compare": compare, "margin": margin}
+
+
+def _sigmoid(log_odds: float) -> float:
+    return 1 / (1 + math.exp(-log_odds))
+
+
+def _score_reasons(v: AdapterVerdict, joint: dict) -> None:
+    """Add the joint rule's reason where it set the score: the score shown is then always
+    the margin of a listed reason."""
+    shown = max((r["margin"] for r in v.reasons if r.get("margin") is not None), default=-math.inf)
+    if joint["margin"] > shown:
+        v.reasons.append(joint)
 
 
 @dataclass

@@ -9,10 +9,12 @@ one module at a time, so memory is bounded by a module's factors.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clair_cli.constants import (
@@ -22,6 +24,7 @@ from clair_cli.constants import (
     PEFT_KEY_PREFIX,
 )
 from clair_cli.errors import AdapterFormatError
+from clair_cli.io.files import open_regular
 from clair_cli.io.paths import printable
 from clair_cli.io.safetensors_file import SafetensorsReader, TensorInfo, read_header
 from clair_cli.types import AdapterConfig, AdapterRef, LoraModule, ModuleKind
@@ -89,6 +92,7 @@ class Adapter:
         self.n_params = n_params
         # What a merge of LoRA factors cannot carry, by kind: key names (or the config field).
         self.extras: dict[str, list[str]] = {}
+        self._weights_sha256: str | None = None
 
     @property
     def name(self) -> str:
@@ -97,6 +101,25 @@ class Adapter:
     @property
     def base_model(self) -> str | None:
         return self.config.base_model
+
+    def file_digests(self) -> dict[str, str]:
+        """sha256 of each file read, by file name: the weights and (unless built from flags) the config.
+
+        The config's is taken from the bytes parsed. The weights are hashed once, in one
+        sequential pass, when first asked for (after an audit their pages are cached); a file
+        whose size changed since its header was read is refused.
+
+        Raises:
+            AdapterFormatError: the weights file changed or cannot be read.
+        """
+        if self._weights_sha256 is None:
+            self._weights_sha256 = _sha256_file(self.ref.weights_file, self.file_size)
+        out = {self.ref.weights_file.name: self._weights_sha256}
+        if self.config.sha256 is not None and self.ref.config_file is not None:
+            out[self.ref.config_file.name] = self.config.sha256
+        elif self.config.sha256 is not None:
+            out["config"] = self.config.sha256
+        return out
 
     @property
     def dtypes(self) -> list[str]:
@@ -254,6 +277,21 @@ class Adapter:
             fan_in_fan_out=self.config.fan_in_fan_out and spec.kind == "linear",
             weight_shape=spec.weight_shape,
         )
+
+
+def _sha256_file(path: Path, size: int) -> str:
+    digest = hashlib.sha256()
+    fd = open_regular(path)
+    try:
+        if os.fstat(fd).st_size != size:
+            raise AdapterFormatError(f"{printable(str(path))}: changed size while being read")
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+    except OSError as exc:
+        raise AdapterFormatError(f"{printable(str(path))}: cannot be read ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
+    return digest.hexdigest()
 
 
 def _module_spec(

@@ -285,4 +285,7 @@ def fetch(spec: str, subfolder: str | None = None) -> AdapterRef:
         weights_file=paths[SAFETENSORS_WEIGHTS_NAME],
         config_file=paths[CONFIG_NAME],
         revision=_commit_from_path(paths[CONFIG_NAME]),
+        repo_id=hub.repo_id,
+        requested_revision=hub.revision,
+        subfolder=hub.subfolder,
     )

@@ -50,6 +50,10 @@ class MemoryAdapter(Adapter):
     described exactly.
     """
 
+    def file_digests(self) -> dict[str, str]:
+        """No files: the factors came from memory."""
+        return {}
+
     @classmethod
     def from_factors(
         cls,

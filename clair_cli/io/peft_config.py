@@ -7,8 +7,10 @@ hand-edited config fails here with the field's name rather than later.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -121,4 +123,8 @@ def parse_config(data: dict[str, Any], path: Path | str) -> AdapterConfig:
 
 def load_config(path: Path) -> AdapterConfig:
     """Read and validate ``adapter_config.json`` at ``path``."""
-    return parse_config(read_json(path), path)
+    raw = read_small(path, MAX_CONFIG_BYTES, "an adapter config")
+    data = parse_json(raw, path, "the config")
+    if not isinstance(data, dict):
+        raise _fail(path, "must hold a JSON object")
+    return replace(parse_config(data, path), sha256=hashlib.sha256(raw).hexdigest())

@@ -29,6 +29,7 @@ from clair_cli.constants import (
 from clair_cli.errors import AdapterFormatError, AdapterNotFound, ClairError, UnsafeFormatError, UsageError
 from clair_cli.io import hub
 from clair_cli.io.adapter import Adapter
+from clair_cli.io.base_model import canonical_base_model
 from clair_cli.io.paths import printable
 from clair_cli.io.peft_config import load_config
 from clair_cli.io.safetensors_file import read_header
@@ -46,7 +47,7 @@ class SourceOptions:
         config: config file for bare ``.safetensors`` sources (overrides one beside it).
         lora_alpha: alpha for bare ``.safetensors`` files without a config.
         use_rslora: scale by alpha/sqrt(r) for such files.
-        base_model: base model for such files.
+        base_model: the base model of every source (it replaces what a config says, with a note).
         max_rank: adapters with a module of higher rank are refused before any factor is read.
         max_adapters: more adapters than this in one run are refused before any is opened.
     """
@@ -74,7 +75,9 @@ def _inside(path: Path, root: Path) -> Path:
     return path
 
 
-def _adapter_dir_ref(directory: Path, name: str, source: str, root: Path, options: SourceOptions) -> AdapterRef:
+def _adapter_dir_ref(
+    directory: Path, name: str, source: str, root: Path, options: SourceOptions, path: str
+) -> AdapterRef:
     weights = directory / SAFETENSORS_WEIGHTS_NAME
     config = directory / CONFIG_NAME
     if not weights.exists():
@@ -90,7 +93,7 @@ def _adapter_dir_ref(directory: Path, name: str, source: str, root: Path, option
             f"{directory}: has {SAFETENSORS_WEIGHTS_NAME} but no {CONFIG_NAME}",
             hint="Pass --config FILE, or --lora-alpha (and --base-model) to describe it.",
         )
-    return AdapterRef(name, source, weights, config if config.exists() else None, root=root)
+    return AdapterRef(name, source, weights, config if config.exists() else None, root=root, path=path)
 
 
 def _is_adapter_dir(directory: Path) -> bool:
@@ -113,11 +116,11 @@ def _resolve_local(
                 hint="Pass --config FILE, or --lora-alpha (and --base-model) to describe it.",
             )
         name = path.parent.resolve().name if path.name == SAFETENSORS_WEIGHTS_NAME else path.stem
-        return [AdapterRef(name, spec, path, config)]
+        return [AdapterRef(name, spec, path, config, path=spec)]
 
     root = path.resolve()
     if _is_adapter_dir(path):
-        return [_adapter_dir_ref(path, root.name or spec, spec, root, options)]
+        return [_adapter_dir_ref(path, root.name or spec, spec, root, options, spec)]
 
     refs: list[AdapterRef] = []
     pickles: list[Path] = []
@@ -148,7 +151,7 @@ def _resolve_local(
         if here != path and _is_adapter_dir(here):
             rel = here.relative_to(path).as_posix()
             try:
-                refs.append(_adapter_dir_ref(here, rel, spec, root, options))
+                refs.append(_adapter_dir_ref(here, rel, spec, root, options, os.path.join(spec, rel)))
             except ClairError as exc:
                 if errors is None:
                     raise
@@ -227,13 +230,21 @@ def open_adapter(ref: AdapterRef, options: SourceOptions | None = None) -> Adapt
     """Read one adapter's config and header (no tensor data)."""
     options = options or SourceOptions()
     config_file = options.config if ref.config_file is None or options.config else ref.config_file
+    note = None
     if config_file is not None:
         config = load_config(config_file)
-        if options.base_model and not config.base_model:
+        if options.base_model:
+            # --base-model names the base model of every source, whatever its config says.
+            given = config.base_model
+            if given and canonical_base_model(given) != canonical_base_model(options.base_model):
+                note = f"--base-model {options.base_model!r} replaces the config's base model {given!r}"
             config = replace(config, base_model=options.base_model)
     else:
         config = _flag_config(ref, options)
-    return Adapter.open(ref, config, max_rank=options.max_rank)
+    adapter = Adapter.open(ref, config, max_rank=options.max_rank)
+    if note:
+        adapter.notes.append(note)
+    return adapter
 
 
 def open_adapters(

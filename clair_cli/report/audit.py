@@ -8,82 +8,61 @@ mode shows the same numbers.
 from __future__ import annotations
 
 import math
-import re
-from collections import defaultdict
+import os
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
 
 from clair_cli import __version__
 from clair_cli.constants import JSON_SCHEMA_VERSION
 from clair_cli.report.console import shown
 from clair_cli.report.markdown import md_code, md_text
+from clair_cli.report.modules import ModuleNames, natural_key, natural_sorted
 
 # Below this many references, `clair gate` says its thresholds are wide (README, "clair gate":
 # measured honest false flags 1.6 % with 6 references, 0.8 % with 8, none with 10).
 RECOMMENDED_REFERENCES = 8
 
 if TYPE_CHECKING:
-    from clair_cli.pipeline import AuditOutcome
-
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.(?:.*\.)?([^.]+)$")
+    from clair_cli.results import AuditOutcome
 
 
-def _ranges(nums: list[int]) -> str:
-    nums = sorted(set(nums))
-    parts, start, prev = [], nums[0], nums[0]
-    for n in nums[1:] + [None]:  # type: ignore[list-item]
-        if n is not None and n == prev + 1:
-            prev = n
-            continue
-        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-        if n is not None:
-            start = prev = n
-    return ", ".join(parts)
+def share_text(share: float) -> str:
+    """An off-subspace share as every report shows it (reasons and the table alike)."""
+    return f"{share:.0%}"
 
 
-def summarise_modules(names: list[str], n_total: int) -> str:
-    """Module names in words: ``layers 11-12 v_proj``, ``every module``, or the first few names."""
-    if n_total > 1 and len(names) == n_total:
-        return f"all {n_total} modules"
-    by_leaf: dict[str, list[int]] = defaultdict(list)
-    other = []
-    for name in names:
-        m = _LAYER_RE.search(name)
-        if m:
-            by_leaf[m[2]].append(int(m[1]))
-        else:
-            other.append(name)
-    parts = [f"layer{'s' if len(set(v)) > 1 else ''} {_ranges(v)} {leaf}" for leaf, v in sorted(by_leaf.items())]
-    parts += other
-    if len(parts) > 3:
-        return ", ".join(parts[:3]) + f" and {len(parts) - 3} more"
-    return ", ".join(parts)
-
-
-def reason_text(reason: dict[str, Any], names: list[str], n_modules: int) -> str:
-    """One reason of a verdict in words."""
+def reason_text(reason: dict[str, Any], names: list[str], modules: ModuleNames) -> str:
+    """One reason of a verdict in words (``names``: the adapters', for duplicates)."""
     kind = reason["kind"]
     if kind == "off_subspace":
         if reason.get("across_modules"):
             return (
-                f"{reason['share']:.0%} of its update lies outside the shared subspace on average over "
+                f"{share_text(reason['share'])} of its update lies outside the shared subspace on average over "
                 f"{len(reason['modules'])} modules, more than is typical of the pool"
             )
-        where = summarise_modules(reason["modules"], n_modules)
-        return f"{reason['share']:.0%} of its update lies outside the shared subspace, in {where}"
+        where = modules.summarise(reason["modules"])
+        top = reason.get("module")
+        if top is not None and len(reason["modules"]) > 1:
+            return (
+                f"{share_text(reason['share'])} of its update lies outside the shared subspace in "
+                f"{modules.short(top)} (past its threshold in {where})"
+            )
+        return f"{share_text(reason['share'])} of its update lies outside the shared subspace, in {where}"
     if kind == "direction":
         return (
             f"its update points away from the others' (cosine {reason['cosine']:+.2f} with their centre, "
             f"typically {reason['typical']:+.2f})"
         )
     if kind == "joint":
-        share = 1 / (1 + math.exp(-reason["log_odds"]))
+        share = reason["share"] if "share" in reason else 1 / (1 + math.exp(-reason["log_odds"]))
         return (
             f"both its direction (cosine {reason['cosine']:+.2f} with the others' centre) and its share "
-            f"outside the shared subspace ({share:.0%} on average) are atypical together"
+            f"outside the shared subspace ({share_text(share)} on average) are atypical together"
         )
     if kind == "norm":
         ratio = reason["ratio"]
@@ -95,7 +74,7 @@ def reason_text(reason: dict[str, Any], names: list[str], n_modules: int) -> str
     if kind == "duplicate":
         return "identical to " + ", ".join(sorted(names[j] for j in reason["of"]))
     if kind == "in_subspace":
-        where = summarise_modules(reason["modules"], n_modules)
+        where = modules.summarise(reason["modules"])
         return (
             f"inside the shared subspace, its update lies {reason['ratio']:.1f}x farther than is typical "
             f"from the pool's centre (sign-flipped or scaled?), in {where}"
@@ -103,42 +82,69 @@ def reason_text(reason: dict[str, Any], names: list[str], n_modules: int) -> str
     return kind
 
 
+def _generated_at() -> str:
+    """UTC time of the report, ISO 8601; ``SOURCE_DATE_EPOCH`` fixes it for reproducible builds."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    when = datetime.fromtimestamp(int(epoch), UTC) if epoch.isdigit() else datetime.now(UTC)
+    return when.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _where(adapter: Any) -> dict[str, Any]:
+    """Where an adapter came from, for CI: its own path as given, its files' digests, the hub coordinates."""
+    ref = adapter.ref
+    hub = None
+    if ref.repo_id is not None:
+        hub = {
+            "repo_id": ref.repo_id,
+            "revision": ref.requested_revision,
+            "subfolder": ref.subfolder,
+            "commit": ref.revision,
+        }
+    return {"path": ref.path, "sha256": adapter.file_digests(), "hub": hub}
+
+
+def _rounded(why: dict[str, Any]) -> dict[str, Any]:
+    return {key: round(val, 6) if isinstance(val, float) else val for key, val in why.items()}
+
+
 def audit_report(outcome: AuditOutcome, command: str = "audit") -> dict[str, Any]:
-    """The JSON report (schema 1)."""
+    """The JSON report (schema 1). Modules are listed in layer order (``layers.2`` before ``layers.10``)."""
     pool, aud = outcome.pool, outcome.auditor
     names = pool.names
-    n_mod = len(pool.modules)
+    labels = ModuleNames(pool.modules)
     reference = set(outcome.reference or ())
     adapters = []
     for a, v in zip(pool.adapters, aud.verdicts_, strict=True):
-        reasons: list[dict[str, Any]] = [
-            {key: round(val, 6) if isinstance(val, float) else val for key, val in why.items()}
-            | {"text": reason_text(why, names, n_mod)}
-            for why in v.reasons
-        ]
+        reasons: list[dict[str, Any]] = [_rounded(why) | {"text": reason_text(why, names, labels)} for why in v.reasons]
         for why in reasons:
             if why["kind"] == "duplicate":
                 why["of"] = sorted(names[j] for j in why["of"])
+            if "modules" in why:
+                why["modules"] = natural_sorted(why["modules"])
         adapters.append(
             {
                 "name": a.name,
                 "source": a.ref.source,
                 "revision": a.ref.revision,
+                **_where(a),
                 "role": ("reference" if v.index in reference else "candidate") if outcome.reference else "member",
                 "score": round(v.score, 6),
                 "signals": {rule: round(m, 6) for rule, m in sorted(v.signals.items())},
                 "flagged": v.flagged,
                 "reasons": reasons,
                 "norm": round(v.norm_ratio, 6),
-                "per_module": {m: round(s, 6) for m, s in v.per_module.items()},
+                "per_module": {
+                    m: round(s, 6) for m, s in sorted(v.per_module.items(), key=lambda kv: natural_key(kv[0]))
+                },
                 "notes": list(a.notes),
             }
         )
     modules = []
-    for r in aud.module_results_:
+    for r in sorted(aud.module_results_, key=lambda r: natural_key(r.name)):
         modules.append(
             {
                 "name": r.name,
+                "label": labels.short(r.name),
                 "rank": r.rank,
                 "shared_structure": r.shared_structure,
                 "solver": r.solver,
@@ -148,21 +154,29 @@ def audit_report(outcome: AuditOutcome, command: str = "audit") -> dict[str, Any
                 "null_bound": None if r.null_bound is None else [round(float(x), 6) for x in r.null_bound[:32]],
             }
         )
+    flagged = [names[k] for k, f in enumerate(aud.flagged_) if f]
     return {
         "schema": JSON_SCHEMA_VERSION,
         "tool": "clair",
         "version": __version__,
         "command": command,
+        "generated_at": _generated_at(),
+        "summary": {
+            "passed": not flagged,
+            "n_adapters": len(names),
+            "n_flagged": len(flagged),
+            "flagged": flagged,
+        },
         "base_model": pool.base_model,
         "params": outcome.settings.as_dict(),
         "n_adapters": len(names),
         "modules": modules,
         "dropped_modules": pool.dropped,
-        "shared_rank": dict(aud.shared_rank_),
+        "shared_rank": {m: aud.shared_rank_[m] for m in natural_sorted(aud.shared_rank_)},
         "shared_structure": aud.shared_structure_,
         "adapters": adapters,
         "collaborative_set": [names[k] for k in aud.collaborative_set_],
-        "flagged": [names[k] for k, f in enumerate(aud.flagged_) if f],
+        "flagged": flagged,
         # Sorted by name, so that the order of the sources does not show.
         "duplicate_groups": sorted(sorted(names[k] for k in g) for g in aud.duplicate_groups_),
         "groups": sorted(
@@ -178,6 +192,7 @@ def audit_report(outcome: AuditOutcome, command: str = "audit") -> dict[str, Any
             key=lambda g: g["members"],
         ),
         "converged": aud.converged_,
+        "notes": list(pool.notes),
         "timing_s": {k: round(v, 3) for k, v in outcome.timing.items()},
     }
 
@@ -214,47 +229,68 @@ def _verdict(a: dict[str, Any]) -> str:
     return "FLAGGED" if a["flagged"] else "ok"
 
 
-def _top_modules(a: dict[str, Any], n: int = 2) -> str:
-    top = sorted(a["per_module"].items(), key=lambda kv: (-kv[1], kv[0]))[:n]
-    return ", ".join(f"{summarise_modules([m], 0)} {s:.2f}" for m, s in top)
+def _top_modules(a: dict[str, Any], labels: ModuleNames, n: int = 2) -> str:
+    top = sorted(a["per_module"].items(), key=lambda kv: (-kv[1], natural_key(kv[0])))[:n]
+    return ", ".join(f"{labels.short(m)} {share_text(s)}" for m, s in top)
+
+
+# Below this width the table drops its least important column (the top modules: a flagged
+# adapter's reason names its modules); below the narrow one, each adapter is a short block.
+FULL_TABLE_WIDTH = 100
+NARROW_WIDTH = 56
 
 
 def render_audit(console: Console, report: dict[str, Any]) -> None:
-    """The terminal report: summary, one row per adapter (flagged first, by score), notes."""
+    """The terminal report: summary, one row per adapter (flagged first, by score), notes.
+
+    At 100 columns or more: adapter, score, verdict, reason, top modules. Narrower, the top
+    modules column is dropped so that the reason keeps a readable width; below 56 columns
+    each adapter is a line of name, score and verdict with its reason beneath.
+    """
     console.print(summary_line(report), style="bold")
     if not report["shared_structure"]:
         console.print(
             "No shared structure found: the adapters share no low-rank subspace beyond chance, "
             "so none is flagged for leaving it."
         )
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
-    table.add_column("adapter", overflow="fold")
-    table.add_column("score", justify="right")
-    table.add_column("verdict")
-    table.add_column("reason", overflow="fold", ratio=3)
-    table.add_column("top modules (off-subspace share)", overflow="fold", ratio=2)
+    labels = ModuleNames(m["name"] for m in report["modules"])
+    width = console.width
+    rows = []
     for a in _ordered(report):
         verdict = _verdict(a)
         style = "bold red" if verdict == "FLAGGED" else ("dim" if verdict == "reference" else "green")
-        table.add_row(
-            shown(a["name"]),
-            f"{a['score']:.3f}",
-            f"[{style}]{verdict}[/]",
-            shown("; ".join(r["text"] for r in a["reasons"]) or "-"),
-            shown(_top_modules(a)),
-        )
-    console.print(table)
+        reason = "; ".join(r["text"] for r in a["reasons"]) or "-"
+        rows.append((shown(a["name"]), f"{a['score']:.3f}", f"[{style}]{verdict}[/]", shown(reason), a))
+    if width < NARROW_WIDTH:
+        for name, score, verdict, reason, _a in rows:
+            console.print(f"{name}  {score}  {verdict}")
+            if reason != "-":
+                console.print(Padding(reason, (0, 0, 0, 2)))
+    else:
+        longest = max((len(r[0]) for r in rows), default=7)
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+        table.add_column("adapter", overflow="fold", min_width=min(longest, 16))
+        table.add_column("score", justify="right", no_wrap=True)
+        table.add_column("verdict", no_wrap=True)
+        table.add_column("reason", overflow="fold", ratio=3, min_width=20)
+        full = width >= FULL_TABLE_WIDTH
+        if full:
+            table.add_column("top modules (off-subspace share)", overflow="fold", ratio=2, min_width=16)
+        for name, score, verdict, reason, a in rows:
+            extra = [shown(_top_modules(a, labels))] if full else []
+            table.add_row(name, score, verdict, reason, *extra)
+        console.print(table)
     for line in report_notes(report):
         console.print(f"note: {shown(line)}", style="dim")
 
 
 def report_notes(report: dict[str, Any]) -> list[str]:
-    notes = []
+    notes = list(report.get("notes", []))
     if report["dropped_modules"]:
         d = report["dropped_modules"]
         notes.append(f"--intersect left out {len(d)} module(s) not targeted by every adapter: {', '.join(d[:4])}")
     if not report["converged"]:
-        bad = [m["name"] for m in report["modules"] if not m["converged"]]
+        bad = [m.get("label", m["name"]) for m in report["modules"] if not m["converged"]]
         notes.append(f"the solver stopped at its iteration limit on {len(bad)} module(s): {', '.join(bad[:4])}")
     n_refs = sum(a["role"] == "reference" for a in report["adapters"])
     if report["command"] == "gate" and n_refs < RECOMMENDED_REFERENCES:

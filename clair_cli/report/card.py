@@ -1,7 +1,14 @@
-"""Model cards (README.md) of merged and refined adapters."""
+"""Model cards (README.md) of merged and refined adapters.
+
+A card travels with the adapter (to the Hub, to other machines), so it names no absolute
+local path: sources appear as the user gave them, and an absolute path (a source, an
+argument of the command line, a local base model) by its last component.
+"""
 
 from __future__ import annotations
 
+import os
+import shlex
 from typing import Any
 
 from clair_cli import __version__
@@ -26,7 +33,47 @@ METHOD_TEXT = {
 }
 
 
-def _merge_lines(merge: dict[str, Any]) -> list[str]:
+def portable(path: str | None) -> str | None:
+    """``path`` as a card may show it: unchanged when relative or a hub id, its last component
+    when absolute (``/home/me/runs/client_01`` becomes ``client_01``)."""
+    if path is None:
+        return None
+    if os.path.isabs(path) or path.startswith("~"):
+        return os.path.basename(os.path.normpath(os.path.expanduser(path))) or path
+    return path
+
+
+def portable_command(command: str) -> str:
+    """The command line with every absolute path argument (also ``--opt=/abs``) shortened by :func:`portable`."""
+    try:
+        args = shlex.split(command)
+    except ValueError:
+        return command
+    out = []
+    for arg in args:
+        opt, eq, value = arg.partition("=")
+        if eq and opt.startswith("--"):
+            out.append(f"{opt}={portable(value)}")
+        else:
+            out.append(portable(arg) or arg)
+    return " ".join(shlex.quote(a) for a in out)
+
+
+def _params_lines(params: dict[str, Any] | None) -> list[str]:
+    if not params:
+        return []
+    lines = [
+        f"- audit: decomposition {params.get('method')}, solver {params.get('solver')}, "
+        f"side {params.get('side')}, detection rank {params.get('rank')}, "
+        f"threshold {'automatic' if params.get('threshold') is None else params['threshold']}, "
+        f"dtype {params.get('dtype')}, seed {params.get('seed')}",
+    ]
+    if "project_rank" in params:
+        lines.append(f"- projection rank: {params['project_rank']} (--project-rank)")
+    return lines
+
+
+def _merge_lines(merge: dict[str, Any], params: dict[str, Any] | None = None) -> list[str]:
     opts = merge["options"]
     ranks = sorted(set(merge["rank"].values()))
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]} (per module)"
@@ -34,7 +81,10 @@ def _merge_lines(merge: dict[str, Any]) -> list[str]:
     lines = [
         "## Merge parameters",
         "",
+        f"- method: {merge['method']}" + (" (projected)" if opts["project"] else ""),
         f"- rank of the written LoRA: {rank_text} ({how})",
+        f"- tolerance (--merge-tol): {opts['tol']:g}"
+        + ("" if opts["rank"] is None else f"; rank fixed by --merge-rank {opts['rank']}"),
         f"- largest relative Frobenius error of writing it at that rank: {merge['max_relative_error']:.2e}",
         "- weights: " + ("equal" if merge["weights"] is None else ", ".join(f"{w:g}" for w in merge["weights"])),
     ]
@@ -46,13 +96,14 @@ def _merge_lines(merge: dict[str, Any]) -> list[str]:
         lines.append(f"- projection rank: {span}, {how}")
     if opts["rescale"] != "none":
         lines.append(f"- rescaled by {merge['scale']:g} ({opts['rescale']})")
+    lines += _params_lines(params)
     return [*lines, ""]
 
 
 def _front_matter(base_model: str | None, tags: list[str]) -> list[str]:
     lines = ["---", "library_name: peft"]
     if base_model:
-        lines.append(f"base_model: {yaml_string(base_model)}")
+        lines.append(f"base_model: {yaml_string(portable(base_model) or base_model)}")
     lines += ["tags:", *(f"- {t}" for t in tags), "---", ""]
     return lines
 
@@ -66,6 +117,7 @@ def model_card(
     summary: str | None,
     notes: list[str],
     merge: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
 ) -> str:
     """A model card.
 
@@ -73,32 +125,42 @@ def model_card(
         title: heading.
         method: key of METHOD_TEXT.
         base_model: base model id.
-        sources: per input adapter: name, source, revision, used (bool), score, flagged.
-        command: the command line that made it.
+        sources: per input adapter: name, source, path (its own, as given), revision,
+            used (bool), weight (its share of a merge), score, flagged.
+        command: the command line that made it (absolute paths are shortened).
         summary: the audit's summary line, if an audit ran.
         notes: extra lines.
         merge: the merge parameters (``MergedAdapter.summary()``), for a merged adapter.
+        params: the audit's settings (``Settings.as_dict()``), listed with the parameters
+            when an audit ran (``summary``).
     """
     lines = _front_matter(base_model, ["lora", "clair", "merge" if method != "refine" else "refined"])
-    lines += [f"# {md_text(title)}", "", f"Made by clair {__version__}.", "", md_fence(command), ""]
+    lines += [f"# {md_text(title)}", "", f"Made by clair {__version__}.", "", md_fence(portable_command(command)), ""]
     key = "clair-project" if method == "clair" and merge and merge["options"]["project"] else method
     lines += ["## Method", "", METHOD_TEXT.get(key, method), ""]
     if merge:
-        lines += _merge_lines(merge)
+        lines += _merge_lines(merge, params if summary else None)  # audit settings only where one ran
+    elif params and summary:
+        lines += ["## Parameters", "", *_params_lines(params), ""]
     if summary:
         lines += ["## Audit", "", summary + ".", ""]
+    weighted = merge is not None
     lines += [
         "## Sources",
         "",
-        "| adapter | source | revision | used | score | verdict |",
-        "|---|---|---|---|---:|---|",
+        "| adapter | source | revision | used |" + (" weight |" if weighted else "") + " score | verdict |",
+        "|---|---|---|---|" + ("---:|" if weighted else "") + "---:|---|",
     ]
     for s in sources:
         score = "-" if s.get("score") is None else f"{s['score']:.3f}"
         verdict = "-" if s.get("flagged") is None else ("flagged" if s["flagged"] else "ok")
+        where = portable(s.get("path") or s["source"]) or s["name"]
+        weight = ""
+        if weighted:
+            weight = " - |" if s.get("weight") is None or not s["used"] else f" {s['weight']:.4g} |"
         lines.append(
-            f"| {md_code(s['name'])} | {md_code(s['source'])} | {md_text(s.get('revision') or '-')} | "
-            f"{'yes' if s['used'] else 'no'} | {score} | {verdict} |"
+            f"| {md_code(s['name'])} | {md_code(where)} | {md_text(s.get('revision') or '-')} | "
+            f"{'yes' if s['used'] else 'no'} |{weight} {score} | {verdict} |"
         )
     if notes:
         lines += ["", "## Notes", "", *(f"- {md_text(n)}" for n in notes)]

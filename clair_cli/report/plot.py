@@ -10,6 +10,14 @@ from typing import Any
 from clair_cli.errors import UsageError
 from clair_cli.io.paths import printable
 from clair_cli.io.writers import write_bytes
+from clair_cli.report.modules import ModuleNames, natural_key
+
+
+def plot_labels(report: dict[str, Any]) -> list[str]:
+    """The heatmap's column labels: the modules' short names, in layer order."""
+    names = [m["name"] for m in report["modules"]]
+    labels = ModuleNames(names)
+    return [labels.short(m) for m in sorted(names, key=natural_key)]
 
 
 def write_plot(report: dict[str, Any], target: str, inputs: Iterable[Path] = ()) -> None:
@@ -30,7 +38,9 @@ def write_plot(report: dict[str, Any], target: str, inputs: Iterable[Path] = ())
         ) from None
 
     adapters = sorted(report["adapters"], key=lambda a: a["name"])
-    modules = [m["name"] for m in report["modules"]]
+    # Columns in layer order (layer 2 before layer 10), labelled as every report labels them.
+    listed = sorted(report["modules"], key=lambda m: natural_key(m["name"]))
+    modules = [m["name"] for m in listed]
     grid = [[a["per_module"].get(m, float("nan")) for m in modules] for a in adapters]
     width = min(4 + 0.35 * len(modules), 24)
     height = max(3.5, 0.3 * len(adapters) + 1.5)
@@ -43,13 +53,13 @@ def write_plot(report: dict[str, Any], target: str, inputs: Iterable[Path] = ())
     for tick, a in zip(ax_h.get_yticklabels(), adapters, strict=True):
         if a["flagged"]:
             tick.set_color("crimson")
-    short = [m.replace("model.layers.", "L").replace("self_attn.", "").replace("mlp.", "") for m in modules]
+    short = [s.replace("$", r"\$") for s in plot_labels(report)]
     ax_h.set_xticks(range(len(modules)))
     ax_h.set_xticklabels(short, rotation=90, fontsize=7)
     ax_h.set_title("off-subspace share per module (! = flagged)")
     fig.colorbar(im, ax=ax_h, fraction=0.03)
 
-    for m, label in zip(report["modules"], short, strict=True):
+    for m, label in zip(listed, short, strict=True):
         spec = m["spectrum"]
         (line,) = ax_s.plot(range(1, len(spec) + 1), spec, lw=1, alpha=0.6, label=f"{label} (r={m['rank']})")
         if m["null_bound"]:

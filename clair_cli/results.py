@@ -1,0 +1,144 @@
+"""What the pipeline returns and the reports read: the pool, the user's settings, the
+audit outcome, merge options and the merged adapter.
+
+They live below both :mod:`clair_cli.pipeline` and :mod:`clair_cli.report`, so a report
+never imports the pipeline. Heavy libraries are imported lazily.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from clair_cli.errors import UsageError
+
+if TYPE_CHECKING:
+    from clair_cli.core.audit import ClairAuditor
+    from clair_cli.core.baselines import MergeResult
+    from clair_cli.io.adapter import Adapter
+
+
+@dataclass
+class Pool:
+    """Adapters that can be analysed together.
+
+    Attributes:
+        adapters: opened adapters, in source order.
+        modules: the modules analysed (sorted).
+        dropped: modules left out by ``--intersect`` (not targeted by every adapter).
+        base_model: the common base model (None when no config names one).
+        notes: what the checks decided that a report should say (base model names that
+            differ but were taken as the same model).
+    """
+
+    adapters: list[Adapter]
+    modules: list[str]
+    dropped: list[str] = field(default_factory=list)
+    base_model: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self.adapters]
+
+
+@dataclass
+class Settings:
+    """What the user chose (the ``params`` of the JSON report)."""
+
+    method: str = "noisy"
+    side: str = "out"
+    rank: int | str = "auto"
+    threshold: float | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    solver: str = "auto"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class AuditOutcome:
+    pool: Pool
+    settings: Settings
+    auditor: ClairAuditor
+    timing: dict[str, float]
+    reference: list[int] | None = None
+
+
+# Relative Frobenius error allowed when the merged update is written at a lower rank
+# (--merge-tol): far below the differences between adapters, and below bf16 rounding (4e-3).
+DEFAULT_MERGE_TOL = 1e-3
+RESCALE_CHOICES = ("none", "norm")
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How the merged update is formed and written (the ``merge`` section of the JSON report).
+
+    Attributes:
+        rank: rank of the written LoRA (``--merge-rank``); None: the smallest rank whose
+            relative Frobenius error is at most ``tol``.
+        tol: that tolerance (``--merge-tol``).
+        project: CLAIR's projected merge ``U U^T`` (``--project``) instead of the exact mean.
+        project_rank: the projection's rank (``--project-rank``); None: chosen per module by
+            cross-validation across the collaborators (:mod:`clair_cli.core.projection`).
+        rescale: ``"norm"`` scales the merged update so its norm is the median of the merged
+            adapters' norms (averaging separately trained updates shrinks them); ``"none"``.
+    """
+
+    rank: int | None = None
+    tol: float = DEFAULT_MERGE_TOL
+    project: bool = False
+    project_rank: int | None = None
+    rescale: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.rank is not None and self.rank < 1:
+            raise UsageError(f"--merge-rank {self.rank}: expected a positive integer")
+        if not 0 <= self.tol < 1:
+            raise UsageError(f"--merge-tol {self.tol}: expected a number in [0, 1)")
+        if self.project_rank is not None and self.project_rank < 1:
+            raise UsageError(f"--project-rank {self.project_rank}: expected a positive integer")
+        if self.rescale not in RESCALE_CHOICES:
+            raise UsageError(f"--rescale {self.rescale}: expected one of {', '.join(RESCALE_CHOICES)}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class MergedAdapter:
+    """One merged LoRA: per module ``(A, B)`` with scale 1, and how it was made.
+
+    ``scale`` is the factor ``--rescale`` applied (1.0 otherwise); per module,
+    ``modules[name].info`` holds ``truncation_error`` (relative Frobenius error of writing
+    the update at its rank) and, for a projected merge, ``projection_rank``.
+    """
+
+    method: str
+    modules: dict[str, MergeResult]
+    used: list[int]
+    weights: list[float] | None
+    notes: list[str] = field(default_factory=list)
+    options: MergeOptions = field(default_factory=MergeOptions)
+    scale: float = 1.0
+
+    def summary(self) -> dict[str, Any]:
+        """The ``merge`` section of the JSON report."""
+        ranks = {m: r.rank for m, r in self.modules.items()}
+        errors = {m: float(r.info.get("truncation_error", 0.0)) for m, r in self.modules.items()}
+        out: dict[str, Any] = {
+            "method": self.method,
+            "options": self.options.as_dict(),
+            "weights": None if self.weights is None else [round(w, 6) for w in self.weights],
+            "rank": ranks,
+            "max_relative_error": round(max(errors.values(), default=0.0), 8),
+            "relative_error": {m: round(e, 8) for m, e in errors.items()},
+            "scale": round(self.scale, 6),
+        }
+        if self.options.project:
+            out["projection_rank"] = {m: r.info.get("projection_rank") for m, r in self.modules.items()}
+        return out
