@@ -22,6 +22,7 @@ from clair_cli.core.lowrank import rank_for_tolerance, truncate_factored
 from clair_cli.core.order import content_order, inverse
 from clair_cli.core.projection import folds_for, projection_rank
 from clair_cli.io.sources import open_adapters
+from clair_cli.types import AuditParams
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_adapters"
 
@@ -209,7 +210,7 @@ def test_with_nothing_flagged_the_merge_is_the_mean_bit_for_bit(clean_pool: Path
 
 def test_library_merge_reports_rank_error_and_projection(clean_pool: Path) -> None:
     pool = pipeline.build_pool(open_adapters([str(clean_pool)]))
-    settings = pipeline.Settings(device="cpu")
+    settings = AuditParams(device="cpu")
     outcome = pipeline.audit(pool, settings)
     assert outcome.auditor.collaborative_set_ == list(range(6))
     plain = pipeline.merge(pool, "clair", settings, outcome=outcome)
@@ -234,7 +235,7 @@ def test_library_merge_reports_rank_error_and_projection(clean_pool: Path) -> No
         (["--merge-rank", "0"], "--merge-rank 0"),
         (["--merge-tol", "1.5"], "--merge-tol 1.5"),
         (["--project-rank", "0"], "--project-rank 0"),
-        (["--rescale", "up"], "--rescale up"),
+        (["--rescale", "up"], "'up' is not one of"),
         (["--method", "mean", "--project"], "--project"),
     ],
 )
