@@ -254,3 +254,31 @@ def test_gate_takes_repeated_references_a_directory_or_a_list(six: Path, tmp_pat
     # Candidates after the options are fine once -- ends them.
     after = invoke("gate", "-r", f"@{listed}", "--json", "-", "--exit-zero", "--device", "cpu", "--", f"{six}/client_0")
     assert after.exit_code == 0, after.output
+
+
+# --- dependencies -----------------------------------------------------------------------------
+
+
+def test_runtime_dependencies_are_what_the_package_imports() -> None:
+    import ast
+    import sys
+    import tomllib
+
+    root = Path(__file__).parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    declared = {re.split(r"[<>=!~ \[]", d)[0].replace("-", "_") for d in project["dependencies"]}
+    extras = {
+        re.split(r"[<>=!~ \[]", d)[0].replace("-", "_") for ds in project["optional-dependencies"].values() for d in ds
+    }
+    imported = set()
+    for path in (root / "clair_cli").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in ("clair_cli", "__future__")}
+    assert declared <= third_party, f"declared but never imported: {declared - third_party}"
+    # Installed with what imports them: httpx2 with huggingface_hub (clair hooks its client),
+    # click with Typer 0.20 (cli/__init__.py asks for it only when present).
+    assert third_party - {"httpx2", "click"} <= declared | extras, third_party - declared - extras

@@ -48,7 +48,7 @@ def audit_command(
     base_model: opt.BaseModel = None,
     max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
     max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
-    method: opt.DeprecatedMethod = None,
+    deprecated_method: opt.DeprecatedMethod = None,
 ) -> None:
     """Score every adapter (SOURCE...) with CLAIR and flag the contaminated ones.
 
@@ -59,27 +59,9 @@ def audit_command(
     from clair_cli.io.paths import input_paths
     from clair_cli.report.audit import audit_report
 
-    params = common.audit_params(
-        solver=common.solver_form(solver, method),
-        side=side,
-        rank=rank,
-        threshold=threshold,
-        device=device,
-        dtype=dtype,
-        seed=seed,
-    )
+    params = common.audit_params(locals())
     sources = common.sources_arg(sources)
-    src = common.source_options(
-        subfolder=subfolder,
-        revision=revision,
-        token=token,
-        config=config,
-        lora_alpha=lora_alpha,
-        rslora=rslora,
-        base_model=base_model,
-        max_rank=max_rank,
-        max_adapters=max_adapters,
-    )
+    src = common.source_options(locals())
     common.check_report_targets(json_out, markdown, plot, input_paths(sources, [config]))
     with common.progress_bar(quiet) as progress:
         pool = pipeline.open_pool(sources, src, intersect=intersect, progress=progress)

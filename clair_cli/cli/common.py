@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +13,7 @@ import typer
 
 from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK, EXIT_FLAGGED, EXIT_OK
 from clair_cli.errors import UsageError
-from clair_cli.types import AuditParams, DeviceChoice, Precision, Side, SolverForm
+from clair_cli.types import AuditParams, SolverForm
 
 if TYPE_CHECKING:
     from clair_cli.io.adapter import Adapter
@@ -53,44 +53,37 @@ def solver_form(solver: SolverForm, method: SolverForm | None) -> SolverForm:
     return method
 
 
-def audit_params(
-    *,
-    solver: SolverForm,
-    side: Side,
-    rank: str,
-    threshold: float | None,
-    device: DeviceChoice,
-    dtype: Precision,
-    seed: int,
-) -> AuditParams:
-    """The audit's parameters, checked once (a bad value is a usage error, exit 2)."""
-    return AuditParams(solver=solver, side=side, rank=rank, threshold=threshold, device=device, dtype=dtype, seed=seed)
+def audit_params(options: Mapping[str, Any]) -> AuditParams:
+    """The audit's parameters from a command's options (its ``locals()``: every command names
+    them alike, options.py), checked once: a bad value is a usage error (exit 2).
+
+    The deprecated ``--method noisy|exact`` of audit, refine and gate is ``deprecated_method``.
+    """
+    return AuditParams(
+        solver=solver_form(options["solver"], options.get("deprecated_method")),
+        side=options["side"],
+        rank=options["rank"],
+        threshold=options["threshold"],
+        device=options["device"],
+        dtype=options["dtype"],
+        seed=options["seed"],
+    )
 
 
-def source_options(
-    *,
-    subfolder: str | None = None,
-    revision: str | None = None,
-    token: str | None = None,
-    config: Path | None = None,
-    lora_alpha: float | None = None,
-    rslora: bool = False,
-    base_model: str | None = None,
-    max_rank: int = DEFAULT_MAX_RANK,
-    max_adapters: int = DEFAULT_MAX_ADAPTERS,
-) -> SourceOptions:
+def source_options(options: Mapping[str, Any]) -> SourceOptions:
+    """How to read the sources, from a command's options (its ``locals()``)."""
     from clair_cli.io.sources import SourceOptions
 
     return SourceOptions(
-        subfolder=subfolder,
-        config=config,
-        lora_alpha=lora_alpha,
-        use_rslora=rslora,
-        base_model=base_model,
-        max_rank=max_rank,
-        max_adapters=max_adapters,
-        revision=revision,
-        token=token,
+        subfolder=options.get("subfolder"),
+        config=options.get("config"),
+        lora_alpha=options.get("lora_alpha"),
+        use_rslora=options.get("rslora", False),
+        base_model=options.get("base_model"),
+        max_rank=options.get("max_rank", DEFAULT_MAX_RANK),
+        max_adapters=options.get("max_adapters", DEFAULT_MAX_ADAPTERS),
+        revision=options.get("revision"),
+        token=options.get("token"),
     )
 
 

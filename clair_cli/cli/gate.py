@@ -52,7 +52,7 @@ def gate_command(
     base_model: opt.BaseModel = None,
     max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
     max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
-    method: opt.DeprecatedMethod = None,
+    deprecated_method: opt.DeprecatedMethod = None,
 ) -> None:
     """Judge CANDIDATE adapters against trusted --reference adapters.
 
@@ -66,30 +66,12 @@ def gate_command(
     from clair_cli.report.audit import audit_report
 
     common.check_reference_spelling(ctx.meta.get(common.ARGV_KEY, ()))
-    params = common.audit_params(
-        solver=common.solver_form(solver, method),
-        side=side,
-        rank=rank,
-        threshold=threshold,
-        device=device,
-        dtype=dtype,
-        seed=seed,
-    )
+    params = common.audit_params(locals())
     if "-" in candidates and "-" in (reference or []):
         raise UsageError("- (sources from stdin) is given both as candidate and as --reference; give it once")
     candidates = common.sources_arg(candidates)
     references = common.sources_arg(reference or [])
-    src = common.source_options(
-        subfolder=subfolder,
-        revision=revision,
-        token=token,
-        config=config,
-        lora_alpha=lora_alpha,
-        rslora=rslora,
-        base_model=base_model,
-        max_rank=max_rank,
-        max_adapters=max_adapters,
-    )
+    src = common.source_options(locals())
     common.check_report_targets(json_out, markdown, plot, input_paths([*candidates, *references], [config]))
     with common.progress_bar(quiet) as progress:
         pool, trusted = pipeline.open_gate_pool(candidates, references, src, intersect=intersect, progress=progress)

@@ -55,16 +55,7 @@ def inspect_command(
     sources = sources_arg(sources)
     inputs = input_paths(sources, [config])
     check_report_targets(json_out, None, None, inputs)
-    src = source_options(
-        subfolder=subfolder,
-        revision=revision,
-        token=token,
-        config=config,
-        lora_alpha=lora_alpha,
-        rslora=rslora,
-        base_model=base_model,
-        max_rank=max_rank,
-    )
+    src = source_options(locals())
     errors: list[tuple[str, str, ClairError]] = []
     refs = resolve_sources(sources, src, errors)
     records = [error_record(name, source, exc.message) for name, source, exc in errors]

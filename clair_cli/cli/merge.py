@@ -83,9 +83,7 @@ def merge_command(
     from clair_cli.report.console import make_console
 
     spec = methods.get(method)
-    params = common.audit_params(
-        solver=solver, side=side, rank=rank, threshold=threshold, device=device, dtype=dtype, seed=seed
-    )
+    params = common.audit_params(locals())
     w = common.parse_weights(weights)
     options = pipeline.MergeOptions(merge_rank, merge_tol, project or project_rank is not None, project_rank, rescale)
     if not spec.audits and (options.project or options.rescale != Rescale.NONE):
@@ -93,17 +91,7 @@ def merge_command(
     if not spec.audits and any(x is not None for x in (json_out, markdown, plot)):
         raise UsageError(f"--json, --markdown and --plot report the clair audit; --method {spec.name} runs none")
     sources = common.sources_arg(sources)
-    src = common.source_options(
-        subfolder=subfolder,
-        revision=revision,
-        token=token,
-        config=config,
-        lora_alpha=lora_alpha,
-        rslora=rslora,
-        base_model=base_model,
-        max_rank=max_rank,
-        max_adapters=max_adapters,
-    )
+    src = common.source_options(locals())
     inputs = input_paths(sources, [config])
     common.check_report_targets(json_out, markdown, plot, inputs, out)
     target = AtomicDir(out, force, inputs)
@@ -164,7 +152,7 @@ def refine_command(
     base_model: opt.BaseModel = None,
     max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
     max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
-    method: opt.DeprecatedMethod = None,
+    deprecated_method: opt.DeprecatedMethod = None,
 ) -> None:
     """Audit, then write each collaborator's refined adapter to DIR/<name>/ (projected onto the shared subspace).
 
@@ -181,28 +169,10 @@ def refine_command(
     from clair_cli.report.console import make_console
     from clair_cli.types import parse_rank
 
-    params = common.audit_params(
-        solver=common.solver_form(solver, method),
-        side=side,
-        rank=rank,
-        threshold=threshold,
-        device=device,
-        dtype=dtype,
-        seed=seed,
-    )
+    params = common.audit_params(locals())
     fixed = parse_rank(project_rank, "--project-rank")
     sources = common.sources_arg(sources)
-    src = common.source_options(
-        subfolder=subfolder,
-        revision=revision,
-        token=token,
-        config=config,
-        lora_alpha=lora_alpha,
-        rslora=rslora,
-        base_model=base_model,
-        max_rank=max_rank,
-        max_adapters=max_adapters,
-    )
+    src = common.source_options(locals())
     inputs = input_paths(sources, [config])
     common.check_report_targets(json_out, markdown, plot, inputs, out)
     target = AtomicDir(out, force, inputs)
