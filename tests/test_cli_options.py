@@ -229,6 +229,7 @@ def test_folder_of_bare_safetensors_files_is_a_pool(tmp_path: Path) -> None:
         ["-r", "{r}/client_1", "{r}/client_2"],
         ["--reference={r}/client_1", "{r}/client_2"],
         ["-r{r}/client_1", "{r}/client_2"],
+        ["--reference", "{r}/client_1", "-"],
     ],
 )
 def test_gate_refuses_words_after_a_reference(six: Path, spelling: list[str]) -> None:
@@ -236,7 +237,7 @@ def test_gate_refuses_words_after_a_reference(six: Path, spelling: list[str]) ->
     result = invoke("gate", f"{six}/client_0", *args)
     assert result.exit_code == 2, result.output
     assert "--reference takes one source" in result.output
-    assert "--reference" in result.output and "client_2" in result.output
+    assert "--reference" in result.output and args[-1] in result.output
 
 
 def test_gate_takes_repeated_references_a_directory_or_a_list(six: Path, tmp_path: Path) -> None:

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from clair_cli import pipeline
-from clair_cli.core.synthetic import make_module
 from clair_cli.errors import AdapterFormatError, IncompatibleAdapters
 from clair_cli.federated import aggregate_round, client_update
 from clair_cli.io.sources import open_adapters
 from clair_cli.report.audit import audit_report
 from clair_cli.types import AuditParams
 from tests.helpers import lora_config, write_adapter
+from tests.synthetic import make_module
 
 NAMES = ("layers.0.q_proj", "layers.1.q_proj")
 

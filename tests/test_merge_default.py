@@ -247,8 +247,9 @@ def test_bad_merge_options_exit_2(clean_pool: Path, tmp_path: Path, args: list[s
 
 @pytest.mark.parametrize("solver", ["convex", "fast"])
 def test_auditor_is_permutation_equivariant_on_both_paths(solver: str) -> None:
+    from synthetic import make_pool
+
     from clair_cli.core.audit import ClairAuditor, ModuleInput
-    from clair_cli.core.synthetic import make_pool
 
     K = 24
     mods = make_pool(M=2, K=K, bad=(3, 17, 20), noise=0.3, ranks=[8] * K, d_out=96, d_in=40)

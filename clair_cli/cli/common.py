@@ -117,7 +117,7 @@ def check_reference_spelling(argv: Sequence[str]) -> None:
             value_at = i
         if value_at is not None and value_at + 1 < len(argv):
             after = argv[value_at + 1]
-            if after != "--" and not after.startswith("-"):
+            if after == "-" or not after.startswith("-"):  # a word, or - (sources from stdin)
                 value = argv[value_at].removeprefix("--reference=") if value_at == i else argv[value_at]
                 value = value.removeprefix("-r") if value_at == i and not arg.startswith("--") else value
                 raise UsageError(

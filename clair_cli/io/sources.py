@@ -170,6 +170,22 @@ def _is_adapter_dir(directory: Path) -> bool:
     return any((directory / n).exists() for n in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, *PICKLE_WEIGHTS_NAMES))
 
 
+def _add(
+    refs: list[AdapterRef],
+    errors: list[tuple[str, str, ClairError]] | None,
+    name: str,
+    source: str,
+    make: Callable[[], AdapterRef],
+) -> None:
+    """Append ``make()`` to ``refs``; with an ``errors`` list, its error goes there instead of ending the run."""
+    try:
+        refs.append(make())
+    except ClairError as exc:
+        if errors is None:
+            raise
+        errors.append((name, source, exc))
+
+
 def _resolve_local(
     spec: str, path: Path, options: SourceOptions, errors: list[tuple[str, str, ClairError]] | None = None
 ) -> list[AdapterRef]:
@@ -221,12 +237,7 @@ def _resolve_local(
             )
         if here != path and _is_adapter_dir(here):
             rel = here.relative_to(path).as_posix()
-            try:
-                refs.append(_adapter_dir_ref(here, rel, spec, root, options))
-            except ClairError as exc:
-                if errors is None:
-                    raise
-                errors.append((rel, spec, exc))
+            _add(refs, errors, rel, spec, lambda: _adapter_dir_ref(here, rel, spec, root, options))  # noqa: B023
             dirnames[:] = []  # an adapter's own subfolders are not further adapters
             continue
         pickles += [here / f for f in filenames if f.lower().endswith(PICKLE_SUFFIXES)]
@@ -237,12 +248,7 @@ def _resolve_local(
         # such files are something else (a base model's weights) and are not adapters.
         for file in bare:
             rel = file.relative_to(path).as_posix()[: -len(".safetensors")]
-            try:
-                refs.append(_bare_file_ref(file, rel, spec, root, options))
-            except ClairError as exc:
-                if errors is None:
-                    raise
-                errors.append((rel, spec, exc))
+            _add(refs, errors, rel, spec, lambda: _bare_file_ref(file, rel, spec, root, options))  # noqa: B023
     if not refs and not errors:
         if pickles:
             raise _refuse_pickle(sorted(pickles)[0])
