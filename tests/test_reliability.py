@@ -170,7 +170,13 @@ def test_ctrl_c_wrapped_by_an_import_is_still_an_interrupt(
         except KeyboardInterrupt as exc:
             raise RuntimeError("Error calling __set_name__") from exc
 
+    import clair_cli.__main__
+
+    def exit_here(code: int) -> None:
+        raise SystemExit(code)  # run() leaves through os._exit, which would end pytest itself
+
     monkeypatch.setattr(clair_cli.cli, "main", wrapped)
+    monkeypatch.setattr(clair_cli.__main__, "_exit_interrupted", exit_here)
     with pytest.raises(SystemExit) as exit_info:
         run()
     assert exit_info.value.code == 130 and "Interrupted" in capsys.readouterr().err
