@@ -87,8 +87,8 @@ install-flower: $(STAMP_FLOWER)
 
 # ClairStrategy's tests (a 3-round simulation, about 20 s), the in-memory engine path, and the
 # CLI's tests under Flower's older Typer and Rich.
-FLOWER_TESTS := tests/test_flower.py tests/test_federated.py tests/test_cli.py tests/test_commands.py tests/test_reports.py \
-	tests/test_reliability.py
+FLOWER_TESTS := tests/test_flower.py tests/test_federated.py tests/test_cli.py tests/test_cli_options.py \
+	tests/test_commands.py tests/test_reports.py tests/test_reliability.py
 
 test-flower: install-flower
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q $(FLOWER_TESTS)

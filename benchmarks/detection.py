@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from clair_cli.core.audit import ClairAuditor, ModuleInput
-from clair_cli.core.synthetic import flagged, make_pool
+from tests.synthetic import flagged, make_pool
 
 
 @dataclass

@@ -28,6 +28,7 @@ from scipy.stats import beta
 from benchmarks.trained_pools import default_cache, manifest
 from clair_cli import pipeline
 from clair_cli.io.sources import open_adapters
+from clair_cli.types import AuditParams
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -41,7 +42,7 @@ def gate_once(pool: Path, refs: list[str], candidates: list[str]) -> set[str]:
     adapters = open_adapters([str(pool / c) for c in candidates + refs])
     built = pipeline.build_pool(adapters)
     reference = [i for i, a in enumerate(built.adapters) if a.name in set(refs)]
-    outcome = pipeline.audit(built, pipeline.Settings(), reference=reference)
+    outcome = pipeline.audit(built, AuditParams(), reference=reference)
     return {built.adapters[k].name for k, f in enumerate(outcome.auditor.flagged_) if f}
 
 

@@ -18,7 +18,7 @@ import torch
 
 from clair_cli.core.decompose import ModuleDecomposer, normalise_blocks, null_spectrum, parallel_analysis_rank
 from clair_cli.core.reduction import reduce_module
-from clair_cli.core.synthetic import make_module
+from tests.synthetic import make_module
 
 CASES = {
     "rank 1": (1, {"r": 1}),

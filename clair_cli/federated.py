@@ -20,7 +20,7 @@ testable without it). Each round:
 A client whose factors equal the global ones (an exact zero update: a free rider who
 sent the model back) cannot enter the decomposition (its update has no direction); it is
 flagged before the audit with that reason. With fewer clients left than the engine's
-minimum (``MIN_ADAPTERS["clair"]``), nothing can be audited: the round keeps the global
+minimum (``clair_cli.methods.get("clair").min_adapters``), nothing can be audited: the round keeps the global
 adapter (``on_too_few="skip"``, the default) or takes the plain mean of every update
 (``"mean"``), and says so.
 """
@@ -33,12 +33,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+from clair_cli import methods
 from clair_cli.errors import IncompatibleAdapters
+from clair_cli.types import AuditParams
 
 if TYPE_CHECKING:
     import torch
 
-    from clair_cli.pipeline import MergeOptions, Settings
+    from clair_cli.pipeline import MergeOptions
 
 Factors = tuple["torch.Tensor", "torch.Tensor"]  # (A: r x d_in, B: d_out x r)
 TooFew = Literal["skip", "mean"]
@@ -170,7 +172,7 @@ def aggregate_round(
     ranks: Mapping[str, int],
     *,
     weights: Sequence[float] | None = None,
-    settings: Settings | None = None,
+    settings: AuditParams | None = None,
     merge_options: MergeOptions | None = None,
     base_model: str | None = None,
     on_too_few: TooFew = "skip",
@@ -199,7 +201,7 @@ def aggregate_round(
     if on_too_few not in TOO_FEW_CHOICES:
         raise ValueError(f"on_too_few must be one of {', '.join(TOO_FEW_CHOICES)}, got {on_too_few!r}")
     start = time.perf_counter()
-    settings = settings or pipeline.Settings()
+    settings = settings or AuditParams()
     names = list(clients)
     for name in names:
         check_factors(name, clients[name], global_factors, ranks)
@@ -235,7 +237,7 @@ def aggregate_round(
             timing | {"total": time.perf_counter() - start},
         )
 
-    need = pipeline.MIN_ADAPTERS["clair"]
+    need = methods.get("clair").min_adapters
     if len(live) < need:
         fallback = on_too_few
         what = "the global adapter is kept unchanged" if on_too_few == "skip" else "their plain mean is taken unaudited"

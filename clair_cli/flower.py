@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from clair_cli.constants import LORA_KEY_RE, PEFT_KEY_PREFIX
 from clair_cli.errors import AdapterFormatError, IncompatibleAdapters, UsageError
 from clair_cli.federated import TOO_FEW_CHOICES, RoundResult, TooFew, aggregate_round
+from clair_cli.io.writers import write_text
 
 try:
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -42,8 +43,8 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 if TYPE_CHECKING:
     import torch
 
-    from clair_cli.pipeline import MergeOptions, Settings
-    from clair_cli.types import AdapterConfig
+    from clair_cli.pipeline import MergeOptions
+    from clair_cli.types import AdapterConfig, AuditParams
 
 SECAGG_MARKERS = ("secagg",)
 METRIC_PREFIX = "clair"
@@ -151,7 +152,7 @@ class ClairStrategy(FedAvg):
         self,
         lora_config: Any,
         *,
-        settings: Settings | None = None,
+        settings: AuditParams | None = None,
         merge_options: MergeOptions | None = None,
         on_too_few: TooFew = "skip",
         audit_dir: str | Path | None = None,
@@ -274,4 +275,5 @@ class ClairStrategy(FedAvg):
             if self.audit_dir is not None:
                 self.audit_dir.mkdir(parents=True, exist_ok=True)
                 path = self.audit_dir / f"round-{server_round:03d}.json"
-                path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+                # Atomically, as every report clair writes: a crash mid-round leaves no half file.
+                write_text(str(path), json.dumps(report, indent=2, sort_keys=True) + "\n")

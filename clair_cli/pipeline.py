@@ -14,7 +14,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clair_cli import threads
+from clair_cli import methods, threads
 from clair_cli.errors import AdapterFormatError, IncompatibleAdapters, UsageError
 from clair_cli.io.adapter import Adapter
 from clair_cli.results import (  # noqa: F401 - re-exported: their home was here
@@ -24,21 +24,22 @@ from clair_cli.results import (  # noqa: F401 - re-exported: their home was here
     MergedAdapter,
     MergeOptions,
     Pool,
-    Settings,
 )
+from clair_cli.types import AuditParams
 
 if TYPE_CHECKING:
     import torch
 
     from clair_cli.core.audit import ModuleInput
     from clair_cli.core.baselines import MergeResult
+    from clair_cli.io.sources import SourceOptions
 
 Progress = Callable[[str, int, int], None]
-MERGE_METHODS = ("clair", "mean", "fedavg", "median", "trimmed-mean", "krum", "multi-krum", "ties")
-# Fewest adapters each method can work with. CLAIR: its robust centre (median / MAD) needs a
-# benign majority, and below five adapters parallel analysis misses real shared directions
-# often enough to flag benign adapters (measured on 16-dim toy pools).
-MIN_ADAPTERS = {"clair": 5, "krum": 3, "multi-krum": 3, "median": 2, "trimmed-mean": 3, "ties": 2}
+# Read from the one registry (clair_cli.methods); kept for the library's callers.
+MERGE_METHODS = methods.NAMES
+MIN_ADAPTERS = {m.name: m.min_adapters for m in methods.REGISTRY.values()}
+# The audit's parameters (clair_cli.types.AuditParams); the name the library used before.
+Settings = AuditParams
 
 
 def _quiet(_stage: str, _done: int, _total: int) -> None:
@@ -63,7 +64,7 @@ def build_pool(adapters: Sequence[Adapter], intersect: bool = False, method: str
         IncompatibleAdapters: different base models, different target modules
             (without ``intersect``), or a module with different shapes.
     """
-    need = MIN_ADAPTERS.get(method, 1)
+    need = methods.get(method).min_adapters
     if len(adapters) < need:
         raise UsageError(
             f"{method} needs at least {need} adapters, got {len(adapters)}",
@@ -122,6 +123,84 @@ def build_pool(adapters: Sequence[Adapter], intersect: bool = False, method: str
     )
     base_model = next(iter(bases.values()))[0] if bases else None
     return Pool(list(adapters), modules, dropped, base_model, [note] if note else [])
+
+
+def open_pool(
+    sources: Sequence[str],
+    options: SourceOptions | None = None,
+    *,
+    intersect: bool = False,
+    method: str = "clair",
+    progress: Progress = _quiet,
+) -> Pool:
+    """Open the adapters of ``sources`` (:func:`clair_cli.io.sources.open_adapters`) as one pool.
+
+    Raises:
+        ClairError: a source that cannot be read, or adapters that cannot be analysed together.
+    """
+    from clair_cli.io.sources import open_adapters
+
+    adapters = open_adapters(sources, options, lambda _name, done, total: progress("loading adapters", done, total))
+    return build_pool(adapters, intersect=intersect, method=method)
+
+
+def open_gate_pool(
+    candidates: Sequence[str],
+    references: Sequence[str],
+    options: SourceOptions | None = None,
+    *,
+    intersect: bool = False,
+    progress: Progress = _quiet,
+) -> tuple[Pool, list[int]]:
+    """The pool of ``clair gate``: trusted references first, then candidates; and the references' indices.
+
+    Raises:
+        UsageError: no reference, too few references, or an adapter that is both.
+    """
+    from clair_cli.io.paths import printable
+    from clair_cli.io.sources import open_adapters
+
+    if not references:
+        raise UsageError("no --reference given", hint="Name the trusted adapters with --reference SOURCE (repeatable).")
+
+    def loading(_name: str, done: int, total: int) -> None:
+        progress("loading adapters", done, total)
+
+    refs = open_adapters(references, options, loading)
+    cands = open_adapters(candidates, options, loading)
+    names = {a.name for a in refs}
+    clash = [a.name for a in cands if a.name in names]
+    if clash:
+        raise UsageError(
+            f"{printable(clash[0])!r} is both a candidate and a reference adapter",
+            hint="A candidate cannot vouch for itself; give it once.",
+        )
+    need = methods.get("clair").min_adapters
+    if len(refs) < need:
+        raise UsageError(f"gate needs at least {need} reference adapters, got {len(refs)}")
+    return build_pool(refs + cands, intersect=intersect), list(range(len(refs)))
+
+
+def extras(pool: Pool, drop: bool) -> list[str]:
+    """Refuse to merge what a merge of LoRA factors cannot carry, or (``drop``) list it as dropped.
+
+    Raises:
+        IncompatibleAdapters: an adapter holds DoRA magnitudes, LoRA biases, modules_to_save
+            weights or trainable tokens, and ``drop`` is false.
+    """
+    from clair_cli.io.paths import printable
+
+    found = [(a.name, kind, keys) for a in pool.adapters for kind, keys in a.extras.items()]
+    if found and not drop:
+        name, kind, keys = found[0]
+        more = f" (and {len(found) - 1} more such finding(s) in the pool)" if len(found) > 1 else ""
+        raise IncompatibleAdapters(
+            f"{printable(name)}: holds {kind} ({printable(keys[0])}{', ...' if len(keys) > 1 else ''}) "
+            f"that a merge of LoRA factors cannot carry{more}",
+            hint="Pass --drop-extras to merge the LoRA updates alone (what is dropped is listed in the "
+            "model card and report), or merge adapters without them.",
+        )
+    return [f"dropped (--drop-extras) from {name}: {len(keys)} {kind}" for name, kind, keys in found]
 
 
 def pool_from_factors(
@@ -186,6 +265,8 @@ def resolve_device(device: str) -> str:
     """``auto`` becomes ``cuda`` when a GPU is present, else ``cpu``; ``cuda`` without one is an error."""
     import torch
 
+    device = str(getattr(device, "value", device))
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -193,6 +274,14 @@ def resolve_device(device: str) -> str:
     if device != "cpu" and not device.startswith("cuda"):
         raise UsageError(f"--device {device}: expected auto, cpu or cuda")
     return device
+
+
+def resolved(params: AuditParams) -> AuditParams:
+    """``params`` with its device resolved (``auto`` to ``cuda`` or ``cpu``); checks ``cuda`` is there."""
+    from dataclasses import replace
+
+    device = resolve_device(params.device)
+    return params if device == params.device else replace(params, device=device)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -255,23 +344,24 @@ def check_audit_memory(pool: Pool, dtype: str = "float32") -> None:
 
 
 def audit(
-    pool: Pool, settings: Settings, progress: Progress = _quiet, reference: list[int] | None = None
+    pool: Pool, settings: AuditParams, progress: Progress = _quiet, reference: list[int] | None = None
 ) -> AuditOutcome:
     """Run CLAIR over the pool (``reference``: trusted adapters, as in ``clair gate``)."""
     from clair_cli.core.audit import ClairAuditor
 
     check_audit_memory(pool, settings.dtype)
     start = time.perf_counter()
+    settings = resolved(settings)
     dtype = torch_dtype(settings.dtype)
     auditor = ClairAuditor(
-        method=settings.method,  # type: ignore[arg-type]
+        method=settings.solver,  # type: ignore[arg-type]
         side=settings.side,  # type: ignore[arg-type]
         rank=settings.rank,  # type: ignore[arg-type]
         threshold=settings.threshold,
         dtype=dtype,
         device=settings.device,
         random_state=settings.seed,
-        solver=settings.solver,  # type: ignore[arg-type]
+        solver=settings.path,  # type: ignore[arg-type]
     )
     auditor.fit(
         iter_modules(pool, dtype=dtype, device=settings.device, progress=progress),
@@ -336,7 +426,7 @@ def projection_basis(mod: ModuleInput, side: str, rank: int | None, weights: lis
 def merge(
     pool: Pool,
     method: str,
-    settings: Settings,
+    settings: AuditParams,
     weights: Sequence[float] | None = None,
     options: MergeOptions | None = None,
     outcome: AuditOutcome | None = None,
@@ -360,17 +450,21 @@ def merge(
     from clair_cli.core.merge import merge as project_merge
     from clair_cli.core.pairwise import gram
 
+    spec = methods.get(method)
+    method = spec.name
     options = options or MergeOptions()
+    settings = resolved(settings)
     dtype = torch_dtype(settings.dtype)
     notes: list[str] = []
-    if method == "clair":
+    if spec.audits:
         if outcome is None:
-            raise ValueError("the clair merge needs an audit outcome")
+            raise ValueError(f"the {method} merge needs an audit outcome")
         used = list(outcome.auditor.collaborative_set_)
         if not used:
             raise UsageError("every adapter was flagged: there is nothing to merge")
     else:
         used = list(range(len(pool.adapters)))
+    if not spec.exact_mean:
         fn = baselines.get(method)
     w = None
     if weights is not None:
@@ -384,14 +478,14 @@ def merge(
     sq_norms = None
     for given in iter_modules(pool, used, dtype=dtype, device=settings.device, progress=progress):
         mod, mw = _canonical(given, w)
-        if method in ("clair", "mean"):
-            mod = _at_working_precision(mod, dtype, settings.solver)
+        if spec.exact_mean:
+            mod = _at_working_precision(mod, dtype, settings.path)
         if options.rescale != "none":
             g = gram(mod.A, mod.B, mod.scales).diagonal().double().cpu()
             part = torch.zeros(len(used), dtype=torch.float64)
             part[[slot[k] for k in mod.members]] = g
             sq_norms = part if sq_norms is None else sq_norms + part
-        if method == "clair" and options.project:
+        if spec.audits and options.project:
             basis, q = projection_basis(mod, side, options.project_rank, mw)
             if basis is None:
                 unprojected.append(mod.name)
@@ -403,15 +497,15 @@ def merge(
                     a, b, err = truncate_factored(a, b, options.rank)
                 res = MergeResult(a, b, "clair", used, {"truncation_error": err})
             res.info["projection_rank"] = q
-        elif method in ("clair", "mean"):
+        elif spec.exact_mean:
             res = baselines.mean(mod.A, mod.B, mod.scales, mw, options.rank, options.tol)
         else:
             try:
                 res = fn(mod.A, mod.B, mod.scales, mw, options.rank)
             except ValueError as exc:
                 raise UsageError(f"{method}: {exc}") from None
-        selected = [mod.members[j] for j in res.selected] if method not in ("clair", "mean") else list(used)
-        name = "clair" if method == "clair" else res.method
+        selected = list(used) if spec.exact_mean else [mod.members[j] for j in res.selected]
+        name = method if spec.audits else res.method
         results[mod.name] = MergeResult(res.A.float().cpu(), res.B.float().cpu(), name, selected, res.info)
     scale = 1.0
     if options.rescale == "norm" and sq_norms is not None:
@@ -457,7 +551,7 @@ def refined_bases(
     used = outcome.auditor.collaborative_set_
     for given in iter_modules(pool, used, dtype=dtype, device=outcome.settings.device, progress=progress):
         mod, _ = _canonical(given, None)
-        mod = _at_working_precision(mod, dtype, outcome.settings.solver)
+        mod = _at_working_precision(mod, dtype, outcome.settings.path)
         basis, _q = projection_basis(mod, side, rank)
         out[mod.name] = None if basis is None else basis.cpu()
     return out

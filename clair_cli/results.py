@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from clair_cli.errors import UsageError
+from clair_cli.types import AuditParams, Rescale
 
 if TYPE_CHECKING:
     from clair_cli.core.audit import ClairAuditor
@@ -42,27 +43,14 @@ class Pool:
         return [a.name for a in self.adapters]
 
 
-@dataclass
-class Settings:
-    """What the user chose (the ``params`` of the JSON report)."""
-
-    method: str = "noisy"
-    side: str = "out"
-    rank: int | str = "auto"
-    threshold: float | None = None
-    dtype: str = "float32"
-    device: str = "cpu"
-    seed: int = 0
-    solver: str = "auto"
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+# The audit's parameters (clair_cli.types.AuditParams); the name the library used before.
+Settings = AuditParams
 
 
 @dataclass
 class AuditOutcome:
     pool: Pool
-    settings: Settings
+    settings: AuditParams
     auditor: ClairAuditor
     timing: dict[str, float]
     reference: list[int] | None = None
@@ -71,7 +59,7 @@ class AuditOutcome:
 # Relative Frobenius error allowed when the merged update is written at a lower rank
 # (--merge-tol): far below the differences between adapters, and below bf16 rounding (4e-3).
 DEFAULT_MERGE_TOL = 1e-3
-RESCALE_CHOICES = ("none", "norm")
+RESCALE_CHOICES = tuple(r.value for r in Rescale)
 
 
 @dataclass(frozen=True)
@@ -102,8 +90,10 @@ class MergeOptions:
             raise UsageError(f"--merge-tol {self.tol}: expected a number in [0, 1)")
         if self.project_rank is not None and self.project_rank < 1:
             raise UsageError(f"--project-rank {self.project_rank}: expected a positive integer")
-        if self.rescale not in RESCALE_CHOICES:
-            raise UsageError(f"--rescale {self.rescale}: expected one of {', '.join(RESCALE_CHOICES)}")
+        rescale = getattr(self.rescale, "value", self.rescale)
+        if rescale not in RESCALE_CHOICES:
+            raise UsageError(f"--rescale {rescale}: expected one of {', '.join(RESCALE_CHOICES)}")
+        object.__setattr__(self, "rescale", rescale)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -9,13 +9,141 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from clair_cli.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
 
 ModuleKind = Literal["linear", "embedding", "conv"]
+
+
+# The named choices of the command line, as str Enums (StrEnum) (as huggingface_hub's CLI declares
+# RepoType): Typer lists them in --help, completes them in the shell and refuses a typo, so no
+# layer re-checks the string. A member equals its value (``Side.OUT == "out"``).
+class Side(StrEnum):
+    """Which space the adapters share: output (column), input (row), or both."""
+
+    OUT = "out"
+    IN = "in"
+    BOTH = "both"
+
+
+class SolverForm(StrEnum):
+    """The decomposition's form (``--solver``): noise-aware, or noiseless Outlier Pursuit."""
+
+    NOISY = "noisy"
+    EXACT = "exact"
+
+
+class DeviceChoice(StrEnum):
+    """Where the decompositions run; ``auto`` takes a GPU when one is present."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class Precision(StrEnum):
+    """Working precision of the fast path (the convex path always works in float64)."""
+
+    FLOAT32 = "float32"
+    FLOAT64 = "float64"
+
+
+class Rescale(StrEnum):
+    """How the clair merge's norm is set: left as it is, or the merged adapters' median norm."""
+
+    NONE = "none"
+    NORM = "norm"
+
+
+def _value(x: Any) -> Any:
+    return x.value if isinstance(x, Enum) else x
+
+
+def _choice(option: str, value: Any, choices: type[Enum]) -> str:
+    text = _value(value)
+    allowed = [c.value for c in choices]
+    if text not in allowed:
+        raise UsageError(f"{option} {text}: expected one of {', '.join(allowed)}")
+    return str(text)
+
+
+def parse_rank(rank: int | str, option: str = "--rank") -> int | Literal["auto"]:
+    """``auto`` or a positive whole number (also given as text, as on the command line)."""
+    if rank == "auto":
+        return "auto"
+    try:
+        value = int(rank)
+    except (TypeError, ValueError):
+        value = 0
+    if isinstance(rank, bool) or value < 1 or (isinstance(rank, float) and rank != value):
+        raise UsageError(f"{option} {rank}: expected 'auto' or a positive integer")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditParams:
+    """What the audit was asked to do, built once from the options and passed whole.
+
+    Every value is checked here, once; Enum members are stored as their plain values, so
+    the object compares and serialises as text (the ``params`` of the JSON report).
+
+    Attributes:
+        solver: the decomposition's form (``--solver``): ``noisy`` or ``exact``.
+        side: the shared space (``--side``): ``out``, ``in`` or ``both``.
+        rank: detection rank, ``auto`` (parallel analysis) or a positive number.
+        threshold: fixed off-subspace share in (0, 1), or None for the automatic rule.
+        dtype: working precision, ``float32`` or ``float64``.
+        device: ``auto``, ``cpu`` or ``cuda[:N]``; the pipeline resolves ``auto``.
+        seed: seed of the random rotations, 0 to 2**32-1.
+        path: which decomposition runs per module: ``auto`` (fast path for large modules),
+            ``convex`` or ``fast`` (the ``solver`` argument of
+            :class:`clair_cli.core.audit.ClairAuditor`).
+    """
+
+    solver: str = SolverForm.NOISY.value
+    side: str = Side.OUT.value
+    rank: int | str = "auto"
+    threshold: float | None = None
+    dtype: str = Precision.FLOAT32.value
+    device: str = DeviceChoice.CPU.value
+    seed: int = 0
+    path: str = "auto"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "solver", _choice("--solver", self.solver, SolverForm))
+        set_(self, "side", _choice("--side", self.side, Side))
+        set_(self, "dtype", _choice("--dtype", self.dtype, Precision))
+        set_(self, "rank", parse_rank(self.rank))
+        device = str(_value(self.device))
+        if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
+            raise UsageError(f"--device {device}: expected auto, cpu or cuda")
+        set_(self, "device", device)
+        if self.threshold is not None and not 0 < self.threshold < 1:
+            raise UsageError(f"--threshold {self.threshold}: expected a share between 0 and 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise UsageError(f"--seed {self.seed}: expected a whole number from 0 to 2**32-1")
+        if self.path not in ("auto", "convex", "fast"):
+            raise UsageError(f"path {self.path!r}: expected auto, convex or fast")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``params`` section of the JSON report (its keys predate ``--solver``)."""
+        return {
+            "method": self.solver,
+            "side": self.side,
+            "rank": self.rank,
+            "threshold": self.threshold,
+            "dtype": self.dtype,
+            "device": self.device,
+            "seed": self.seed,
+            "solver": self.path,
+        }
 
 
 @dataclass(frozen=True)

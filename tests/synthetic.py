@@ -1,5 +1,82 @@
-"""Test-side access to the synthetic pools (they live in the package for the benchmarks too)."""
+"""Synthetic pools with known structure, for tests and benchmarks (not part of the package).
 
-from clair_cli.core.synthetic import flagged, make_module, make_pool
+Benign adapters: ``B_k = U Gamma_k + noise`` with one shared orthonormal ``U``
+(``d_out x r``), so ``Theta_k = s B_k A_k`` has its column space in ``span(U)``.
+"""
 
-__all__ = ["flagged", "make_module", "make_pool"]
+from __future__ import annotations
+
+import math
+
+import torch
+
+from clair_cli.core.audit import ModuleInput
+
+
+def make_module(
+    K: int = 20,
+    bad: tuple[int, ...] = (),
+    r: int = 2,
+    ranks: list[int] | None = None,
+    d_out: int = 48,
+    d_in: int = 40,
+    noise: float = 0.0,
+    seed: int = 0,
+    kind: str = "random",
+    dtype: torch.dtype = torch.float64,
+    spread: float | None = None,
+    strengths: tuple[float, ...] | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float], torch.Tensor]:
+    """One module: (A, B, scales, U). ``bad`` adapters get random directions.
+
+    ``spread``: ``None`` gives each benign adapter independent coefficients inside
+    ``span(U)`` (no consensus); a number gives them a common update plus a deviation of
+    ``spread`` times its size (``A_k = A_0 + spread E_k``, ``B_k = U (Gamma_0 + spread F_k)``),
+    so small values model clients that agree and large ones honest heterogeneity.
+    ``strengths`` (one per shared direction) scales the benign coefficients along each
+    direction of ``U``: unequal directions, as trained pools have.
+    """
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(d_out, r, generator=g, dtype=torch.float64))[0]
+    if strengths is not None:
+        if len(strengths) != r:
+            raise ValueError(f"strengths needs {r} values, got {len(strengths)}")
+        U = U * torch.tensor(strengths, dtype=torch.float64)  # column scales; span unchanged
+    ranks = ranks or [4] * K
+    if spread is not None:  # drawn only here, so pools without a consensus are unchanged
+        a0 = torch.randn(max(ranks), d_in, generator=g, dtype=torch.float64) / math.sqrt(d_in)
+        c0 = torch.randn(r, max(ranks), generator=g, dtype=torch.float64)
+    A, B, s = [], [], []
+    for k in range(K):
+        rk = ranks[k]
+        a = torch.randn(rk, d_in, generator=g, dtype=torch.float64) / math.sqrt(d_in)
+        if spread is not None and k not in bad:
+            a = a0[:rk] + spread * a
+        if k in bad or kind == "independent":
+            b = torch.randn(d_out, rk, generator=g, dtype=torch.float64)
+        else:
+            c = torch.randn(r, rk, generator=g, dtype=torch.float64)
+            b = U @ (c if spread is None else c0[:, :rk] + spread * c)
+            e = torch.randn(d_out, rk, generator=g, dtype=torch.float64)
+            b = b + noise * b.norm() / e.norm() * e
+        A.append(a.to(dtype))
+        B.append(b.to(dtype))
+        s.append(0.5 + (k % 3))  # mixed scales (alphas)
+    return A, B, s, U if strengths is None else torch.linalg.qr(U)[0]
+
+
+def make_pool(
+    M: int = 3, K: int = 20, bad: tuple[int, ...] = (), bad_modules: tuple[int, ...] | None = None, **kw
+) -> list[ModuleInput]:
+    mods = []
+    for m in range(M):
+        b = bad if bad_modules is None or m in bad_modules else ()
+        A, B, s, _ = make_module(
+            K=K, bad=b, seed=1000 * kw.get("seed", 0) + m, **{k: v for k, v in kw.items() if k != "seed"}
+        )
+        mods.append(ModuleInput(f"layers.{m}.q_proj", list(range(K)), A, B, s))
+    return mods
+
+
+def flagged(auditor) -> set[int]:
+    return {k for k, f in enumerate(auditor.flagged_) if f}

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from synthetic import flagged, make_pool
 
 from clair_cli.core.audit import ClairAuditor
 from clair_cli.core.calibration import critical_value, qn_scale, upper_cut
-from clair_cli.core.synthetic import flagged, make_pool
 
 
 def test_qn_matches_its_definition() -> None:
@@ -71,8 +71,9 @@ def test_another_task_is_caught_by_direction_where_few_modules_agree() -> None:
     # 16 clients that agree on 2 of 12 modules and barely on the rest (deviations 8x the
     # common update), and one adapter of another task. The modules without agreement carry no
     # evidence of direction; weighing them equally hid this adapter in one seed of six.
+    from synthetic import make_module
+
     from clair_cli.core.audit import ModuleInput
-    from clair_cli.core.synthetic import make_module
 
     for seed in range(6):
         mods = []
@@ -126,8 +127,9 @@ def test_score_above_one_is_a_threshold_rule_flagging() -> None:
 
 
 def test_adapters_of_another_task_are_reported_as_one_group() -> None:
+    from synthetic import make_module
+
     from clair_cli.core.audit import ModuleInput
-    from clair_cli.core.synthetic import make_module
 
     mods = []
     for m in range(3):  # 16 adapters of one task, 4 of another (their own consensus)

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from clair_cli import pipeline
-from clair_cli.core.synthetic import make_module
 from clair_cli.errors import AdapterFormatError, IncompatibleAdapters
 from clair_cli.federated import aggregate_round, client_update
 from clair_cli.io.sources import open_adapters
 from clair_cli.report.audit import audit_report
+from clair_cli.types import AuditParams
 from tests.helpers import lora_config, write_adapter
+from tests.synthetic import make_module
 
 NAMES = ("layers.0.q_proj", "layers.1.q_proj")
 
@@ -45,7 +46,7 @@ def test_memory_pool_audits_like_files(tmp_path: Path) -> None:
         {name: {n: (A, B, 2.0) for n, (A, B) in mods.items()} for name, mods in clients.items()},
         base_model=cfg["base_model_name_or_path"],
     )
-    settings = pipeline.Settings()
+    settings = AuditParams()
     from_files = audit_report(pipeline.audit(files, settings))
     from_memory = audit_report(pipeline.audit(memory, settings))
     assert from_memory["flagged"] == from_files["flagged"] == ["node-2"]

@@ -198,3 +198,50 @@ def test_audit_json_records_hub_coordinates_and_digests(fake_hub: FakeHub, tmp_p
     assert v1["path"] is None and by_name["owner/lora"]["hub"]["revision"] is None
     files = _adapter_files(tmp_path, 1, base_model_name_or_path="org/base", lora_alpha=16)
     assert v1["sha256"] == {n: hashlib.sha256(b).hexdigest() for n, b in files.items()}
+
+
+def test_revision_and_token_options(fake_hub: FakeHub, tmp_path: Path) -> None:
+    env = _env(fake_hub, tmp_path / "home", HF_TOKEN="hf_from_env")
+    proc = run_cli(
+        "inspect", "owner/lora", "owner/lora@main", "--revision", "v1", "--token", "hf_given", "--json", "-", env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    adapters = json.loads(proc.stdout)["adapters"]
+    # --revision applies to the source that names none; a revision in the source wins.
+    assert [(a["name"], a["revision"]) for a in adapters] == [("owner/lora@v1", SHA_V1), ("owner/lora@main", SHA_MAIN)]
+    assert {auth for _, _, auth in fake_hub.requests} == {"Bearer hf_given"}  # --token wins over HF_TOKEN
+    assert "hf_given" not in proc.stdout + proc.stderr
+
+
+def test_hub_options_reach_the_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plumbing without any server: the download function is replaced; the token reaches it alone."""
+    import huggingface_hub
+    from typer.testing import CliRunner
+
+    from clair_cli.cli import app
+
+    src = write_adapter(tmp_path / "src", config=lora_config(base_model_name_or_path="org/base"))
+    calls: list[dict[str, object]] = []
+
+    def download(repo_id: str, filename: str, **kwargs: object) -> str:
+        calls.append({"repo_id": repo_id, "filename": filename, **kwargs})
+        return str(src / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    runner = CliRunner()
+    out = tmp_path / "merged"
+    args = ["merge", "owner/lora", "--method", "mean", "--out", str(out), "--revision", "v2", "--token", "hf_secret"]
+    monkeypatch.setattr("sys.argv", ["clair", *args])
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert {(c["revision"], c["token"], c["subfolder"]) for c in calls} == {("v2", "hf_secret", None)}
+    assert "hf_secret" not in result.output
+    card = (out / "README.md").read_text()
+    assert "hf_secret" not in card and "--token '***'" in card
+    calls.clear()
+    result = runner.invoke(app, ["inspect", "hf://owner/lora@v1", "--revision", "v2"])
+    assert result.exit_code == 0, result.output
+    assert {(c["revision"], c["token"]) for c in calls} == {("v1", None)}  # None: HF_TOKEN, as huggingface_hub reads it
+    bad = runner.invoke(app, ["inspect", "owner/lora", "--revision", "../x"])
+    assert bad.exit_code == 2 and "is not a branch, tag or commit sha" in bad.output

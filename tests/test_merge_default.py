@@ -22,6 +22,7 @@ from clair_cli.core.lowrank import rank_for_tolerance, truncate_factored
 from clair_cli.core.order import content_order, inverse
 from clair_cli.core.projection import folds_for, projection_rank
 from clair_cli.io.sources import open_adapters
+from clair_cli.types import AuditParams
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_adapters"
 
@@ -209,7 +210,7 @@ def test_with_nothing_flagged_the_merge_is_the_mean_bit_for_bit(clean_pool: Path
 
 def test_library_merge_reports_rank_error_and_projection(clean_pool: Path) -> None:
     pool = pipeline.build_pool(open_adapters([str(clean_pool)]))
-    settings = pipeline.Settings(device="cpu")
+    settings = AuditParams(device="cpu")
     outcome = pipeline.audit(pool, settings)
     assert outcome.auditor.collaborative_set_ == list(range(6))
     plain = pipeline.merge(pool, "clair", settings, outcome=outcome)
@@ -234,7 +235,7 @@ def test_library_merge_reports_rank_error_and_projection(clean_pool: Path) -> No
         (["--merge-rank", "0"], "--merge-rank 0"),
         (["--merge-tol", "1.5"], "--merge-tol 1.5"),
         (["--project-rank", "0"], "--project-rank 0"),
-        (["--rescale", "up"], "--rescale up"),
+        (["--rescale", "up"], "'up' is not one of"),
         (["--method", "mean", "--project"], "--project"),
     ],
 )
@@ -246,8 +247,9 @@ def test_bad_merge_options_exit_2(clean_pool: Path, tmp_path: Path, args: list[s
 
 @pytest.mark.parametrize("solver", ["convex", "fast"])
 def test_auditor_is_permutation_equivariant_on_both_paths(solver: str) -> None:
+    from synthetic import make_pool
+
     from clair_cli.core.audit import ClairAuditor, ModuleInput
-    from clair_cli.core.synthetic import make_pool
 
     K = 24
     mods = make_pool(M=2, K=K, bad=(3, 17, 20), noise=0.3, ranks=[8] * K, d_out=96, d_in=40)

@@ -171,21 +171,15 @@ def test_ctrl_c_wrapped_by_an_import_is_still_an_interrupt(
         except KeyboardInterrupt as exc:
             raise RuntimeError("Error calling __set_name__") from exc
 
-    def leave(code: int) -> None:  # run() leaves through os._exit, which would end pytest itself
-        raise SystemExit(code)
+    import clair_cli.__main__
 
-    import os
-    import signal
+    def exit_here(code: int) -> None:
+        raise SystemExit(code)  # run() leaves through os._exit, which would end pytest itself
 
     monkeypatch.setattr(clair_cli.cli, "main", wrapped)
-    monkeypatch.setattr(os, "_exit", leave)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            run()
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
+    monkeypatch.setattr(clair_cli.__main__, "_exit_interrupted", exit_here)
+    with pytest.raises(SystemExit) as exit_info:
+        run()
     assert exit_info.value.code == 130 and "Interrupted" in capsys.readouterr().err
 
     # The same inside a command, where the CLI's one exception boundary catches it.

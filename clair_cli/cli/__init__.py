@@ -17,6 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from clair_cli import __version__
+from clair_cli.cli.command import flags_without_type
 from clair_cli.constants import EXIT_ERROR
 from clair_cli.errors import ClairError, interrupt_cause
 
@@ -54,6 +55,14 @@ class ClairGroup(TyperGroup):
 
     def list_commands(self, ctx: Any) -> list[str]:
         return list(self.commands)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return flags_without_type(super().get_params(ctx))
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        # The raw command line, for checks that parsing cannot make (``gate --reference a b``).
+        ctx.meta["clair.argv"] = list(args)
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: Any) -> Any:
         debug = bool(os.environ.get("CLAIR_DEBUG"))
@@ -130,7 +139,7 @@ app = typer.Typer(
         "low-rank subspace, name the contaminated adapters, write robust merged adapters."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -5,7 +5,9 @@ from __future__ import annotations
 import typer
 
 from clair_cli.cli import options as opt
+from clair_cli.cli.command import add_command
 from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK
+from clair_cli.types import DeviceChoice, Precision, Side, SolverForm
 
 EXAMPLES = """
 Examples:
@@ -17,6 +19,8 @@ Examples:
   clair audit ./adapters --json - --exit-zero      # machine-readable, never fails the shell
 
   clair audit hf://org/client-01 hf://org/client-02 ./more --intersect
+
+  clair audit @round-3.txt --solver exact          # the sources listed in round-3.txt
 """
 
 
@@ -26,53 +30,46 @@ def audit_command(
     markdown: opt.MarkdownOut = None,
     plot: opt.PlotOut = None,
     rank: opt.Rank = "auto",
-    side: opt.Side = "out",
-    method: opt.AuditMethod = "noisy",
+    side: opt.SideOpt = Side.OUT,
+    solver: opt.SolverOpt = SolverForm.NOISY,
     threshold: opt.Threshold = None,
     intersect: opt.Intersect = False,
-    device: opt.Device = "auto",
-    dtype: opt.Dtype = "float32",
+    device: opt.DeviceOpt = DeviceChoice.AUTO,
+    dtype: opt.DtypeOpt = Precision.FLOAT32,
     seed: opt.Seed = 0,
     exit_zero: opt.ExitZero = False,
     quiet: opt.Quiet = False,
     subfolder: opt.Subfolder = None,
+    revision: opt.Revision = None,
+    token: opt.Token = None,
     config: opt.ConfigFile = None,
     lora_alpha: opt.LoraAlpha = None,
     rslora: opt.Rslora = False,
     base_model: opt.BaseModel = None,
     max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
     max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
+    deprecated_method: opt.DeprecatedMethod = None,
 ) -> None:
-    """Score every adapter with CLAIR and flag the contaminated ones.
+    """Score every adapter (SOURCE...) with CLAIR and flag the contaminated ones.
 
     Exit code 0 when nothing is flagged, 1 when an adapter is flagged (0 with --exit-zero), 2 on bad input.
     """
     from clair_cli import pipeline
-    from clair_cli.cli.common import (
-        adapter_files,
-        check_report_targets,
-        emit_reports,
-        exit_code,
-        make_settings,
-        open_all,
-        progress_bar,
-    )
+    from clair_cli.cli import common
     from clair_cli.io.paths import input_paths
-    from clair_cli.io.sources import SourceOptions
     from clair_cli.report.audit import audit_report
 
-    settings = make_settings(method, side, rank, threshold, device, dtype, seed)
-    check_report_targets(json_out, markdown, plot, input_paths(sources, [config]))
-    with progress_bar(quiet) as progress:
-        adapters = open_all(
-            sources, SourceOptions(subfolder, config, lora_alpha, rslora, base_model, max_rank, max_adapters), progress
-        )
-        pool = pipeline.build_pool(adapters, intersect=intersect)
-        outcome = pipeline.audit(pool, settings, progress)
+    params = common.audit_params(locals())
+    sources = common.sources_arg(sources)
+    src = common.source_options(locals())
+    common.check_report_targets(json_out, markdown, plot, input_paths(sources, [config]))
+    with common.progress_bar(quiet) as progress:
+        pool = pipeline.open_pool(sources, src, intersect=intersect, progress=progress)
+        outcome = pipeline.audit(pool, params, progress)
     report = audit_report(outcome)
-    emit_reports(report, json_out, markdown, plot, quiet, adapter_files(adapters))
-    exit_code(report, exit_zero)
+    common.emit_reports(report, json_out, markdown, plot, quiet, common.adapter_files(pool.adapters))
+    common.exit_code(report, exit_zero)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("audit", epilog=EXAMPLES)(audit_command)
+    add_command(app, "audit", audit_command, opt.command_help(audit_command), EXAMPLES)

@@ -3,32 +3,22 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 
-from clair_cli.constants import EXIT_FLAGGED, EXIT_OK
+from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK, EXIT_FLAGGED, EXIT_OK
 from clair_cli.errors import UsageError
+from clair_cli.types import AuditParams, SolverForm
 
 if TYPE_CHECKING:
     from clair_cli.io.adapter import Adapter
     from clair_cli.io.sources import SourceOptions
-    from clair_cli.pipeline import Progress, Settings
-
-
-def parse_rank(rank: str, option: str = "--rank") -> int | str:
-    if rank == "auto":
-        return "auto"
-    try:
-        value = int(rank)
-    except ValueError:
-        raise UsageError(f"{option} {rank}: expected 'auto' or a positive integer") from None
-    if value < 1:
-        raise UsageError(f"{option} {rank}: expected 'auto' or a positive integer")
-    return value
+    from clair_cli.pipeline import Progress
 
 
 def parse_weights(text: str | None) -> list[float] | None:
@@ -43,27 +33,102 @@ def parse_weights(text: str | None) -> list[float] | None:
     return values
 
 
-def make_settings(
-    solver: str, side: str, rank: str, threshold: float | None, device: str, dtype: str, seed: int
-) -> Settings:
-    from clair_cli.pipeline import Settings, resolve_device, torch_dtype
+def solver_form(solver: SolverForm, method: SolverForm | None) -> SolverForm:
+    """The decomposition form: ``--solver``, or the deprecated ``--method`` of audit, refine and gate.
 
-    if solver not in ("noisy", "exact"):
-        raise UsageError(f"{solver}: the decomposition form must be noisy or exact")
-    if side not in ("out", "in", "both"):
-        raise UsageError(f"--side {side}: expected out, in or both")
-    if threshold is not None and not 0 < threshold < 1:
-        raise UsageError(f"--threshold {threshold}: expected a share between 0 and 1")
-    torch_dtype(dtype)
-    return Settings(
-        method=solver,
-        side=side,
-        rank=parse_rank(rank),
-        threshold=threshold,
-        dtype=dtype,
-        device=resolve_device(device),
-        seed=seed,
+    ``--method noisy|exact`` still works there, with a one-line notice on stderr; given with a
+    different ``--solver`` it is refused.
+    """
+    if method is None:
+        return solver
+    if solver != SolverForm.NOISY and solver != method:
+        raise UsageError(
+            f"--method {method.value} and --solver {solver.value} disagree",
+            hint="--method is now --solver here; give --solver alone.",
+        )
+    print(
+        f"clair: --method is now --solver (use --solver {method.value}); --method will name merge methods only.",
+        file=sys.stderr,
     )
+    return method
+
+
+def audit_params(options: Mapping[str, Any]) -> AuditParams:
+    """The audit's parameters from a command's options (its ``locals()``: every command names
+    them alike, options.py), checked once: a bad value is a usage error (exit 2).
+
+    The deprecated ``--method noisy|exact`` of audit, refine and gate is ``deprecated_method``.
+    """
+    return AuditParams(
+        solver=solver_form(options["solver"], options.get("deprecated_method")),
+        side=options["side"],
+        rank=options["rank"],
+        threshold=options["threshold"],
+        device=options["device"],
+        dtype=options["dtype"],
+        seed=options["seed"],
+    )
+
+
+def source_options(options: Mapping[str, Any]) -> SourceOptions:
+    """How to read the sources, from a command's options (its ``locals()``)."""
+    from clair_cli.io.sources import SourceOptions
+
+    return SourceOptions(
+        subfolder=options.get("subfolder"),
+        config=options.get("config"),
+        lora_alpha=options.get("lora_alpha"),
+        use_rslora=options.get("rslora", False),
+        base_model=options.get("base_model"),
+        max_rank=options.get("max_rank", DEFAULT_MAX_RANK),
+        max_adapters=options.get("max_adapters", DEFAULT_MAX_ADAPTERS),
+        revision=options.get("revision"),
+        token=options.get("token"),
+    )
+
+
+def sources_arg(sources: Sequence[str]) -> list[str]:
+    """The SOURCE arguments with ``@FILE`` lists and ``-`` (stdin) expanded."""
+    from clair_cli.io.sources import expand_sources
+
+    return expand_sources(sources)
+
+
+ARGV_KEY = "clair.argv"  # the command's raw arguments, kept by ClairGroup.parse_args in ctx.meta
+
+
+def check_reference_spelling(argv: Sequence[str]) -> None:
+    """Refuse ``--reference a b``: ``b`` would silently become a candidate.
+
+    ``--reference`` takes exactly one value; a bare word right after it is read as a candidate,
+    which is seldom what was meant. Candidates go before the options (or after ``--``).
+    """
+    from clair_cli.io.paths import printable
+
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return
+        value_at = None
+        if arg in ("--reference", "-r"):
+            value_at = i + 1
+        elif arg.startswith("--reference=") or (arg.startswith("-r") and not arg.startswith("--") and len(arg) > 2):
+            value_at = i
+        if value_at is not None and value_at + 1 < len(argv):
+            after = argv[value_at + 1]
+            if after == "-" or not after.startswith("-"):  # a word, or - (sources from stdin)
+                value = argv[value_at].removeprefix("--reference=") if value_at == i else argv[value_at]
+                value = value.removeprefix("-r") if value_at == i and not arg.startswith("--") else value
+                raise UsageError(
+                    f"{printable(after)!r} follows --reference {printable(value)}: --reference takes one source, "
+                    "so it would be read as a candidate",
+                    hint=f"For several references repeat the option (--reference {printable(value)} --reference "
+                    f"{printable(after)}), or give a directory or @FILE of them; put candidates before the "
+                    "options, or after --.",
+                )
+        i = value_at + 1 if value_at is not None and value_at > i else i + 1
+    return
 
 
 @contextmanager
@@ -94,12 +159,6 @@ def progress_bar(quiet: bool) -> Iterator[Progress]:
 
     with bars:
         yield update
-
-
-def open_all(sources: Sequence[str], options: SourceOptions, progress: Progress) -> list[Adapter]:
-    from clair_cli.io.sources import open_adapters
-
-    return open_adapters(sources, options, lambda _name, done, total: progress("loading adapters", done, total))
 
 
 def adapter_files(adapters: Sequence[Adapter]) -> list[Path]:

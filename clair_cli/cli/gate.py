@@ -5,7 +5,9 @@ from __future__ import annotations
 import typer
 
 from clair_cli.cli import options as opt
+from clair_cli.cli.command import add_command
 from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK
+from clair_cli.types import DeviceChoice, Precision, Side, SolverForm
 
 EXAMPLES = """
 Examples:
@@ -13,32 +15,44 @@ Examples:
   clair gate uploads/new-lora --reference trusted/          # exit 1 if the upload is flagged
 
   clair gate pr/*/ --reference hf://org/approved-loras --markdown comment.md
+
+  clair gate new/ --reference ref-1/ --reference ref-2/ --reference @more-refs.txt
 """
+
+CANDIDATE_HELP = (
+    "CANDIDATE takes the same forms as a SOURCE: an adapter directory, a directory of adapters or of "
+    ".safetensors files, a .safetensors file, a hub id (owner/name\\[@rev], hf://...), @FILE (sources listed "
+    "one a line) or - (listed on stdin). --reference takes one SOURCE each time it is given."
+)
 
 
 def gate_command(
-    candidates: opt.Sources,
+    ctx: typer.Context,
+    candidates: opt.Candidates,
     reference: opt.Reference = None,
     json_out: opt.JsonOut = None,
     markdown: opt.MarkdownOut = None,
     plot: opt.PlotOut = None,
     rank: opt.Rank = "auto",
-    side: opt.Side = "out",
-    method: opt.AuditMethod = "noisy",
+    side: opt.SideOpt = Side.OUT,
+    solver: opt.SolverOpt = SolverForm.NOISY,
     threshold: opt.Threshold = None,
     intersect: opt.Intersect = False,
-    device: opt.Device = "auto",
-    dtype: opt.Dtype = "float32",
+    device: opt.DeviceOpt = DeviceChoice.AUTO,
+    dtype: opt.DtypeOpt = Precision.FLOAT32,
     seed: opt.Seed = 0,
     exit_zero: opt.ExitZero = False,
     quiet: opt.Quiet = False,
     subfolder: opt.Subfolder = None,
+    revision: opt.Revision = None,
+    token: opt.Token = None,
     config: opt.ConfigFile = None,
     lora_alpha: opt.LoraAlpha = None,
     rslora: opt.Rslora = False,
     base_model: opt.BaseModel = None,
     max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
     max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
+    deprecated_method: opt.DeprecatedMethod = None,
 ) -> None:
     """Judge CANDIDATE adapters against trusted --reference adapters.
 
@@ -46,45 +60,26 @@ def gate_command(
     candidates can be flagged. Exit code 0 when every candidate passes, 1 when one is flagged, 2 on bad input.
     """
     from clair_cli import pipeline
-    from clair_cli.cli.common import (
-        adapter_files,
-        check_report_targets,
-        emit_reports,
-        exit_code,
-        make_settings,
-        open_all,
-        progress_bar,
-    )
+    from clair_cli.cli import common
     from clair_cli.errors import UsageError
-    from clair_cli.io.paths import input_paths, printable
-    from clair_cli.io.sources import SourceOptions
+    from clair_cli.io.paths import input_paths
     from clair_cli.report.audit import audit_report
 
-    if not reference:
-        raise UsageError("no --reference given", hint="Name the trusted adapters with --reference SOURCE (repeatable).")
-    settings = make_settings(method, side, rank, threshold, device, dtype, seed)
-    check_report_targets(json_out, markdown, plot, input_paths([*candidates, *reference], [config]))
-    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model, max_rank, max_adapters)
-    with progress_bar(quiet) as progress:
-        refs = open_all(reference, src, progress)
-        cands = open_all(candidates, src, progress)
-        names = {a.name for a in refs}
-        clash = [a.name for a in cands if a.name in names]
-        if clash:
-            raise UsageError(
-                f"{printable(clash[0])!r} is both a candidate and a reference adapter",
-                hint="A candidate cannot vouch for itself; give it once.",
-            )
-        if len(refs) < pipeline.MIN_ADAPTERS["clair"]:
-            raise UsageError(
-                f"gate needs at least {pipeline.MIN_ADAPTERS['clair']} reference adapters, got {len(refs)}"
-            )
-        pool = pipeline.build_pool(refs + cands, intersect=intersect)
-        outcome = pipeline.audit(pool, settings, progress, reference=list(range(len(refs))))
+    common.check_reference_spelling(ctx.meta.get(common.ARGV_KEY, ()))
+    params = common.audit_params(locals())
+    if "-" in candidates and "-" in (reference or []):
+        raise UsageError("- (sources from stdin) is given both as candidate and as --reference; give it once")
+    candidates = common.sources_arg(candidates)
+    references = common.sources_arg(reference or [])
+    src = common.source_options(locals())
+    common.check_report_targets(json_out, markdown, plot, input_paths([*candidates, *references], [config]))
+    with common.progress_bar(quiet) as progress:
+        pool, trusted = pipeline.open_gate_pool(candidates, references, src, intersect=intersect, progress=progress)
+        outcome = pipeline.audit(pool, params, progress, reference=trusted)
     report = audit_report(outcome, command="gate")
-    emit_reports(report, json_out, markdown, plot, quiet, adapter_files(refs + cands))
-    exit_code(report, exit_zero)
+    common.emit_reports(report, json_out, markdown, plot, quiet, common.adapter_files(pool.adapters))
+    common.exit_code(report, exit_zero)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("gate", epilog=EXAMPLES)(gate_command)
+    add_command(app, "gate", gate_command, opt.command_help(gate_command, CANDIDATE_HELP), EXAMPLES)

@@ -7,6 +7,7 @@ import json
 import typer
 
 from clair_cli.cli import options as opt
+from clair_cli.cli.command import add_command
 from clair_cli.constants import DEFAULT_MAX_RANK
 
 EXAMPLES = """
@@ -19,6 +20,8 @@ Examples:
   clair inspect hf://owner/lora@main --subfolder round_3
 
   clair inspect lora.safetensors --lora-alpha 16 --base-model meta-llama/Llama-2-7b-hf
+
+  find runs -name adapter_config.json -printf '%h\\n' | clair inspect -   # sources from stdin
 """
 
 
@@ -26,6 +29,8 @@ def inspect_command(
     sources: opt.Sources,
     json_out: opt.JsonOut = None,
     subfolder: opt.Subfolder = None,
+    revision: opt.Revision = None,
+    token: opt.Token = None,
     config: opt.ConfigFile = None,
     lora_alpha: opt.LoraAlpha = None,
     rslora: opt.Rslora = False,
@@ -38,18 +43,19 @@ def inspect_command(
     Every tensor is read once and checked for NaN/Inf. An adapter that cannot be read gets an error
     row (the others are still shown) and the exit code is 2.
     """
-    from clair_cli.cli.common import check_report_targets
+    from clair_cli.cli.common import check_report_targets, source_options, sources_arg
     from clair_cli.errors import AdapterFormatError, ClairError
     from clair_cli.io.adapter import verify
     from clair_cli.io.paths import input_paths, printable
-    from clair_cli.io.sources import SourceOptions, open_adapter, resolve_sources
+    from clair_cli.io.sources import open_adapter, resolve_sources
     from clair_cli.io.writers import write_text
     from clair_cli.report.console import make_console
     from clair_cli.report.inspect import adapter_record, error_record, inspect_report, render_inspect
 
+    sources = sources_arg(sources)
     inputs = input_paths(sources, [config])
     check_report_targets(json_out, None, None, inputs)
-    src = SourceOptions(subfolder, config, lora_alpha, rslora, base_model, max_rank)
+    src = source_options(locals())
     errors: list[tuple[str, str, ClairError]] = []
     refs = resolve_sources(sources, src, errors)
     records = [error_record(name, source, exc.message) for name, source, exc in errors]
@@ -79,4 +85,4 @@ def inspect_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("inspect", epilog=EXAMPLES)(inspect_command)
+    add_command(app, "inspect", inspect_command, opt.command_help(inspect_command), EXAMPLES)

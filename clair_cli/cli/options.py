@@ -2,29 +2,68 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
+from clair_cli import methods
+from clair_cli.types import DeviceChoice, Precision, Rescale, Side, SolverForm
+
+# Every option that takes a value names it (FILE, N, X), so --help reads the same under Typer 0.20
+# (Flower's pin) and the newer Typer that prints Python types (<float>); flags show none
+# (cli/command.py).
+
+SOURCE_HELP = (
+    "SOURCE is an adapter directory, a directory of adapters or of .safetensors files, a .safetensors file, "
+    "a hub id (owner/name\\[@rev], hf://...), @FILE (sources listed one a line) or - (listed on stdin)."
+)
+
+
+def command_help(command: Callable[..., Any], sources: str = SOURCE_HELP) -> str:
+    """A command's help: its docstring, then what a SOURCE can be."""
+    return inspect.cleandoc(command.__doc__ or "") + "\n\n" + sources
+
+
 Sources = Annotated[
     list[str],
-    typer.Argument(
-        help="Adapter directories, directories of adapters, .safetensors files, or hub ids (owner/name[@rev], hf://...).",
-        show_default=False,
-    ),
+    # Described in each command's help (SOURCE_HELP): the arguments panel would show the
+    # Python type under newer Typer.
+    typer.Argument(metavar="SOURCE", show_default=False, hidden=True),
 ]
+Candidates = Annotated[list[str], typer.Argument(metavar="CANDIDATE", show_default=False, hidden=True)]
 JsonOut = Annotated[
     Optional[str], typer.Option("--json", help="Write the JSON report to FILE ('-' for stdout).", metavar="FILE")
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages; only errors and requested data.")]
 Subfolder = Annotated[Optional[str], typer.Option("--subfolder", help="Subfolder inside hub repos.", metavar="PATH")]
+Revision = Annotated[
+    Optional[str],
+    typer.Option(
+        "--revision",
+        help="Branch, tag or commit of hub sources that name none (owner/name@rev names its own).",
+        metavar="REV",
+    ),
+]
+Token = Annotated[
+    Optional[str],
+    typer.Option(
+        "--token",
+        help="Hugging Face token for private or gated hub sources (default: HF_TOKEN or the saved login). "
+        "Never printed.",
+        metavar="TOKEN",
+        show_default=False,
+    ),
+]
 ConfigFile = Annotated[
     Optional[Path],
     typer.Option("--config", help="adapter_config.json for .safetensors sources without one.", metavar="FILE"),
 ]
 LoraAlpha = Annotated[
-    Optional[float], typer.Option("--lora-alpha", help="lora_alpha for .safetensors sources without a config.")
+    Optional[float],
+    typer.Option("--lora-alpha", help="lora_alpha for .safetensors sources without a config.", metavar="X"),
 ]
 Rslora = Annotated[bool, typer.Option("--rslora", help="With --lora-alpha: scale by alpha/sqrt(r).")]
 BaseModel = Annotated[
@@ -32,10 +71,12 @@ BaseModel = Annotated[
     typer.Option(
         "--base-model",
         help="Base model of every source: names it where the config does not, replaces it (with a note) where it does.",
+        metavar="NAME",
     ),
 ]
 Intersect = Annotated[
-    bool, typer.Option("--intersect", help="Analyse only the modules every adapter targets (listed in the report).")
+    bool,
+    typer.Option("--intersect", help="Analyse only the modules every adapter targets (listed in the report)."),
 ]
 Rank = Annotated[
     str,
@@ -88,43 +129,31 @@ RefineRank = Annotated[
         metavar="N|auto",
     ),
 ]
-Rescale = Annotated[
-    str,
-    typer.Option(
-        "--rescale",
-        help="none, or norm: scale the merged update to the merged adapters' median norm.",
-        metavar="none|norm",
-    ),
+RescaleOpt = Annotated[
+    Rescale,
+    typer.Option("--rescale", help="none, or norm: scale the merged update to the merged adapters' median norm."),
 ]
-Side = Annotated[
-    str,
-    typer.Option("--side", help="Shared space: out (output/column), in (input/row) or both.", metavar="out|in|both"),
+SideOpt = Annotated[Side, typer.Option("--side", help="Shared space: out (output/column), in (input/row) or both.")]
+SolverOpt = Annotated[
+    SolverForm,
+    typer.Option("--solver", help="Decomposition form: noisy (default) or exact (noiseless Outlier Pursuit)."),
 ]
-Solver = Annotated[
-    str,
-    typer.Option(
-        "--solver",
-        help="Decomposition form: noisy (default) or exact (noiseless Outlier Pursuit).",
-        metavar="noisy|exact",
-    ),
-]
-AuditMethod = Annotated[
-    str,
-    typer.Option(
-        "--method",
-        "-m",
-        help="Decomposition form: noisy (default) or exact (noiseless Outlier Pursuit).",
-        metavar="noisy|exact",
-    ),
+# The name --method had on audit, refine and gate before it meant the merge method only:
+# still accepted, with a notice on stderr (cli/common.py: solver_form).
+DeprecatedMethod = Annotated[
+    Optional[SolverForm],
+    typer.Option("--method", "-m", hidden=True, help="Deprecated: use --solver.", show_default=False),
 ]
 Threshold = Annotated[
     Optional[float],
-    typer.Option("--threshold", help="Flag above this off-subspace share (0-1) instead of the automatic rule."),
+    typer.Option(
+        "--threshold", help="Flag above this off-subspace share (0-1) instead of the automatic rule.", metavar="X"
+    ),
 ]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.", metavar="auto|cpu|cuda")]
-Dtype = Annotated[
-    str, typer.Option("--dtype", help="Working precision: float32 or float64.", metavar="float32|float64")
+DeviceOpt = Annotated[
+    DeviceChoice, typer.Option("--device", help="Where to compute: auto (a GPU when present), cpu or cuda.")
 ]
+DtypeOpt = Annotated[Precision, typer.Option("--dtype", help="Working precision: float32 or float64.")]
 Seed = Annotated[
     int,
     typer.Option(
@@ -132,6 +161,7 @@ Seed = Annotated[
         min=0,
         max=2**32 - 1,
         help="Seed of the random rotations, 0 to 2**32-1 (results are deterministic given it).",
+        metavar="N",
     ),
 ]
 MarkdownOut = Annotated[
@@ -140,7 +170,7 @@ MarkdownOut = Annotated[
 PlotOut = Annotated[
     Optional[str],
     typer.Option(
-        "--plot", help="Write a PNG with the score heatmap and spectra (needs clair[plot]).", metavar="FILE.png"
+        "--plot", help="Write a PNG with the score heatmap and spectra (needs clair\\[plot]).", metavar="FILE.png"
     ),
 ]
 ExitZero = Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even when adapters are flagged.")]
@@ -148,14 +178,8 @@ Force = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing 
 Out = Annotated[
     Path, typer.Option("--out", "-o", help="Output directory (must not exist unless --force).", metavar="DIR")
 ]
-MergeMethod = Annotated[
-    str,
-    typer.Option(
-        "--method",
-        "-m",
-        help="clair, mean, fedavg, median, trimmed-mean, krum, multi-krum or ties.",
-        metavar="NAME",
-    ),
+MergeMethodOpt = Annotated[
+    methods.MergeMethodName, typer.Option("--method", "-m", help=methods.help_text(), metavar="NAME")
 ]
 Weights = Annotated[
     Optional[str],
@@ -166,7 +190,12 @@ Weights = Annotated[
 Reference = Annotated[
     Optional[list[str]],
     typer.Option(
-        "--reference", "-r", help="Trusted adapters (repeatable; same source forms as candidates).", show_default=False
+        "--reference",
+        "-r",
+        help="A trusted adapter source: repeat the option for each (--reference a --reference b), or give "
+        "a directory of them or @FILE. Exactly one value follows each --reference.",
+        metavar="SOURCE",
+        show_default=False,
     ),
 ]
 DropExtras = Annotated[

@@ -89,12 +89,14 @@ def check_subfolder(subfolder: str | None, source: str) -> str | None:
     return subfolder.strip("/")
 
 
-def parse_hub_spec(spec: str, subfolder: str | None = None) -> HubSpec:
+def parse_hub_spec(spec: str, subfolder: str | None = None, revision: str | None = None) -> HubSpec:
     """Split a hub source into repo id, revision and subfolder.
 
-    ``hf://owner/name/sub/dir@rev`` carries its own subfolder; ``subfolder`` (the
-    ``--subfolder`` option) applies when the spec has none.
+    ``hf://owner/name/sub/dir@rev`` carries its own subfolder and revision; ``subfolder`` and
+    ``revision`` (the ``--subfolder`` and ``--revision`` options) apply when the spec names none:
+    a revision written in the source wins over ``--revision``.
     """
+    default_revision = revision
     body = spec[len(HUB_PREFIX) :] if spec.startswith(HUB_PREFIX) else spec
     body, at, revision = body.partition("@")
     if at and not revision:
@@ -107,6 +109,8 @@ def parse_hub_spec(spec: str, subfolder: str | None = None) -> HubSpec:
         raise UsageError(f"{printable(spec)}: not a valid Hugging Face repo id (expected owner/name)")
     if inner and subfolder:
         raise UsageError(f"{printable(spec)}: the source names a subfolder and --subfolder is given too; use one")
+    if not revision and default_revision:
+        revision = check_revision(default_revision, spec)
     return HubSpec(repo_id, revision or None, check_subfolder(inner or subfolder, spec))
 
 
@@ -195,15 +199,21 @@ def _with_deadline(fn: Any, what: str, *args: Any, **kwargs: Any) -> Any:
     return box["value"]
 
 
-def fetch(spec: str, subfolder: str | None = None) -> AdapterRef:
+def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, token: str | None = None) -> AdapterRef:
     """Download (or find in the cache) one hub adapter's two files.
+
+    Args:
+        spec: ``owner/name[@rev]`` or ``hf://owner/name[/subfolder][@rev]``.
+        subfolder, revision: used when ``spec`` names none (``--subfolder``, ``--revision``).
+        token: a Hugging Face token (``--token``); None lets huggingface_hub use HF_TOKEN or the
+            saved login. It goes to huggingface_hub alone, never into a message or report.
 
     Raises:
         AdapterNotFound: repo, revision or file does not exist (or is private).
         HubError: the Hub cannot be reached and the files are not cached.
         UnsafeFormatError: the repo has only a pickle checkpoint.
     """
-    hub = parse_hub_spec(spec, subfolder)
+    hub = parse_hub_spec(spec, subfolder, revision)
     try:
         import httpx2
         from huggingface_hub import hf_hub_download
@@ -234,6 +244,7 @@ def fetch(spec: str, subfolder: str | None = None) -> AdapterRef:
                     filename,
                     subfolder=hub.subfolder,
                     revision=hub.revision,
+                    token=token,
                 )
             )
         except GatedRepoError as exc:

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TextIO
 
 from clair_cli.constants import (
     CONFIG_NAME,
     DEFAULT_MAX_ADAPTERS,
     DEFAULT_MAX_RANK,
+    HUB_PREFIX,
     MAX_SOURCE_DEPTH,
     PICKLE_HINT,
     PICKLE_SUFFIXES,
@@ -50,6 +53,8 @@ class SourceOptions:
         base_model: the base model of every source (it replaces what a config says, with a note).
         max_rank: adapters with a module of higher rank are refused before any factor is read.
         max_adapters: more adapters than this in one run are refused before any is opened.
+        revision: hub revision for hub ids that name none (``--revision``).
+        token: Hugging Face token for hub sources (``--token``); None: HF_TOKEN or the saved login.
     """
 
     subfolder: str | None = None
@@ -59,6 +64,63 @@ class SourceOptions:
     base_model: str | None = None
     max_rank: int = DEFAULT_MAX_RANK
     max_adapters: int = DEFAULT_MAX_ADAPTERS
+    revision: str | None = None
+    token: str | None = field(default=None, repr=False)
+
+
+def _list_entry(line: str, base: Path) -> str:
+    """One source of a list file: a relative path is read from the list file's directory."""
+    if line.startswith(HUB_PREFIX) or Path(line).is_absolute():
+        return line
+    beside = base / line
+    if beside.exists() or not hub.looks_like_hub_id(line):
+        return str(beside)
+    return line  # owner/name: a hub id, as on the command line
+
+
+def expand_sources(specs: Sequence[str], stdin: TextIO | None = None) -> list[str]:
+    """Replace ``@FILE`` by the sources it lists and ``-`` by those listed on ``stdin``.
+
+    A list holds one source a line; blank lines and lines starting with ``#`` are skipped;
+    relative paths in a file are read from that file's directory (from the working directory
+    for stdin). A list cannot name further lists.
+
+    Raises:
+        UsageError: a list file that cannot be read, ``-`` given twice, or a list naming a list.
+    """
+    out: list[str] = []
+    read_stdin = False
+    for spec in specs:
+        if spec == "-":
+            if read_stdin:
+                raise UsageError("- (sources from stdin) is given twice")
+            read_stdin = True
+            text, base, where = (stdin or sys.stdin).read(), Path("."), "stdin"
+        elif spec.startswith("@") and len(spec) > 1:
+            listed = Path(spec[1:])
+            try:
+                text = listed.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                raise UsageError(
+                    f"{printable(spec)}: no such list file {printable(str(listed))}",
+                    hint="@FILE names a text file listing one source a line; write ./@name for a path "
+                    "that starts with @.",
+                ) from None
+            except (OSError, UnicodeDecodeError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise UsageError(f"{printable(spec)}: the list file cannot be read ({printable(why)})") from None
+            base, where = listed.parent, printable(str(listed))
+        else:
+            out.append(spec)
+            continue
+        lines = [ln.strip() for ln in text.splitlines()]
+        for n, line in enumerate(lines, 1):
+            if not line or line.startswith("#"):
+                continue
+            if line == "-" or line.startswith("@"):
+                raise UsageError(f"{where}, line {n}: {printable(line)}: a source list cannot name another list")
+            out.append(line if where == "stdin" else _list_entry(line, base))
+    return out
 
 
 def _refuse_pickle(path: Path) -> UnsafeFormatError:
@@ -96,8 +158,35 @@ def _adapter_dir_ref(
     return AdapterRef(name, source, weights, config if config.exists() else None, root=root, path=path)
 
 
+def _bare_file_ref(file: Path, name: str, source: str, root: Path, options: SourceOptions, path: str) -> AdapterRef:
+    """A ``.safetensors`` file in a directory of such files: described by --config or --lora-alpha."""
+    _inside(file, root)
+    if options.config is None and options.lora_alpha is None:
+        raise AdapterFormatError(
+            f"{printable(str(file))}: a bare .safetensors file in {printable(source)}, with no {CONFIG_NAME}",
+            hint="Pass --config FILE, or --lora-alpha (and --base-model), to describe the files of the directory.",
+        )
+    return AdapterRef(name, source, file, None, root=root, path=path)
+
+
 def _is_adapter_dir(directory: Path) -> bool:
     return any((directory / n).exists() for n in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, *PICKLE_WEIGHTS_NAMES))
+
+
+def _add(
+    refs: list[AdapterRef],
+    errors: list[tuple[str, str, ClairError]] | None,
+    name: str,
+    source: str,
+    make: Callable[[], AdapterRef],
+) -> None:
+    """Append ``make()`` to ``refs``; with an ``errors`` list, its error goes there instead of ending the run."""
+    try:
+        refs.append(make())
+    except ClairError as exc:
+        if errors is None:
+            raise
+        errors.append((name, source, exc))
 
 
 def _resolve_local(
@@ -124,6 +213,7 @@ def _resolve_local(
 
     refs: list[AdapterRef] = []
     pickles: list[Path] = []
+    bare: list[Path] = []
 
     def unreadable(exc: OSError) -> None:
         where = printable(str(exc.filename or path))
@@ -150,20 +240,26 @@ def _resolve_local(
             )
         if here != path and _is_adapter_dir(here):
             rel = here.relative_to(path).as_posix()
-            try:
-                refs.append(_adapter_dir_ref(here, rel, spec, root, options, os.path.join(spec, rel)))
-            except ClairError as exc:
-                if errors is None:
-                    raise
-                errors.append((rel, spec, exc))
+            path_as_given = os.path.join(spec, rel)
+            _add(refs, errors, rel, spec, lambda: _adapter_dir_ref(here, rel, spec, root, options, path_as_given))  # noqa: B023
             dirnames[:] = []  # an adapter's own subfolders are not further adapters
             continue
         pickles += [here / f for f in filenames if f.lower().endswith(PICKLE_SUFFIXES)]
+        bare += [here / f for f in sorted(filenames) if f.lower().endswith(".safetensors") and not f.startswith(".")]
+    if not refs and not errors:
+        # A directory of bare .safetensors files (no adapter directory anywhere below it): each
+        # file is an adapter, described by --config or --lora-alpha. Beside adapter directories,
+        # such files are something else (a base model's weights) and are not adapters.
+        for file in bare:
+            rel = file.relative_to(path).as_posix()[: -len(".safetensors")]
+            given = os.path.join(spec, file.relative_to(path).as_posix())
+            _add(refs, errors, rel, spec, lambda: _bare_file_ref(file, rel, spec, root, options, given))  # noqa: B023
     if not refs and not errors:
         if pickles:
             raise _refuse_pickle(sorted(pickles)[0])
         raise AdapterNotFound(
-            f"{path}: no adapter found (looked for directories with {CONFIG_NAME} and {SAFETENSORS_WEIGHTS_NAME})"
+            f"{path}: no adapter found (looked for directories with {CONFIG_NAME} and {SAFETENSORS_WEIGHTS_NAME}, "
+            "and for .safetensors files)"
         )
     return sorted(refs, key=lambda r: r.name)
 
@@ -189,11 +285,11 @@ def resolve_sources(
     for spec in specs:
         path = Path(spec)
         if spec.startswith("hf://"):
-            refs.append(hub.fetch(spec, options.subfolder))
+            refs.append(hub.fetch(spec, options.subfolder, options.revision, options.token))
         elif path.exists():
             refs.extend(_resolve_local(spec, path, options, errors))
         elif hub.looks_like_hub_id(spec) and not spec.startswith((".", "/", "~")):
-            refs.append(hub.fetch(spec, options.subfolder))
+            refs.append(hub.fetch(spec, options.subfolder, options.revision, options.token))
         else:
             raise AdapterNotFound(f"{spec}: no such file or directory")
     dupes = [name for name, n in Counter(r.name for r in refs).items() if n > 1]

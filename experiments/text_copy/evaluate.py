@@ -22,6 +22,7 @@ from transformers import GPT2LMHeadModel
 from clair_cli import pipeline
 from clair_cli.io.peft_writer import refined_tensors
 from clair_cli.io.sources import open_adapters
+from clair_cli.types import AuditParams
 
 from . import task
 
@@ -130,7 +131,7 @@ def pool_methods(
     """
     adapters = open_adapters([str(d) for d in directories])
     pool = pipeline.build_pool(adapters)
-    settings = pipeline.Settings(device="cpu", seed=seed)
+    settings = AuditParams(device="cpu", seed=seed)
     outcome = pipeline.audit(pool, settings)
     names = pool.names
     flagged = [names[k] for k in range(len(names)) if k not in outcome.auditor.collaborative_set_]

@@ -1,0 +1,146 @@
+"""Merged and refined adapters as directories: PEFT config, tensors and model card.
+
+The commands call these after :mod:`clair_cli.pipeline` has merged or refined; the
+directory is written through :class:`clair_cli.io.peft_writer.AtomicDir`, so an
+interrupted run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from clair_cli.io.peft_writer import AtomicDir
+    from clair_cli.pipeline import Progress
+    from clair_cli.results import AuditOutcome, MergedAdapter, Pool
+
+# Options whose value is a secret: the model card's command line shows them as ***.
+SECRET_OPTIONS = ("--token",)
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """The command that made an adapter, for its model card, with secrets (``--token``) masked."""
+    shown: list[str] = []
+    hide = False
+    for arg in argv:
+        if hide:
+            shown.append("***")
+            hide = False
+            continue
+        name, eq, _value = arg.partition("=")
+        if name in SECRET_OPTIONS:
+            if eq:
+                shown.append(f"{name}=***")
+            else:
+                shown.append(arg)
+                hide = True
+            continue
+        shown.append(arg)
+    return "clair " + " ".join(shlex.quote(a) for a in shown)
+
+
+def sources_table(
+    pool: Pool, used: Sequence[int], outcome: AuditOutcome | None, weights: Sequence[float] | None = None
+) -> list[dict[str, Any]]:
+    """Per input adapter: name, source, its own path, revision, whether it was used, its weight
+    (its share of a merge: ``weights`` one per adapter in ``used``, None: equal), score and verdict."""
+    given = [1.0] * len(used) if weights is None else list(weights)
+    share = {k: w / sum(given) for k, w in zip(used, given, strict=True)}
+    rows = []
+    for k, a in enumerate(pool.adapters):
+        v = outcome.auditor.verdicts_[k] if outcome else None
+        rows.append(
+            {
+                "name": a.name,
+                "source": a.ref.source,
+                "path": a.ref.path,
+                "revision": a.ref.revision,
+                "used": k in used,
+                "weight": share.get(k) if weights is not None or used else None,
+                "score": None if v is None else v.score,
+                "flagged": None if v is None else v.flagged,
+            }
+        )
+    return rows
+
+
+def write_merged(
+    target: AtomicDir,
+    pool: Pool,
+    merged: MergedAdapter,
+    outcome: AuditOutcome | None,
+    report: dict[str, Any] | None,
+    notes: Sequence[str],
+    argv: Sequence[str],
+    params: dict[str, Any] | None = None,
+) -> None:
+    """Write the merged adapter (config, tensors, model card) into ``target``; ``params``: the
+    audit's settings, listed in the card where an audit ran."""
+    from clair_cli.io.peft_writer import merged_config, merged_tensors, save_adapter
+    from clair_cli.report.audit import summary_line
+    from clair_cli.report.card import model_card
+
+    ranks = {m: r.rank for m, r in merged.modules.items()}
+    config = merged_config(pool.adapters[0], ranks, pool.base_model, all_modules=not pool.dropped)
+    tensors = merged_tensors(pool.adapters[0], {m: (r.A, r.B) for m, r in merged.modules.items()})
+    card = model_card(
+        f"Merged LoRA adapter ({merged.method})",
+        merged.method,
+        pool.base_model,
+        sources_table(pool, merged.used, outcome, merged.weights),
+        command_line(argv),
+        summary_line(report, timing=False) if report else None,
+        list(notes),
+        merge=merged.summary(),
+        params=params,
+    )
+    with target as tmp:
+        save_adapter(tmp, config, tensors, card)
+
+
+def write_refined(
+    target: AtomicDir,
+    pool: Pool,
+    outcome: AuditOutcome,
+    bases: dict[str, torch.Tensor | None],
+    report: dict[str, Any],
+    argv: Sequence[str],
+    progress: Progress,
+    params: dict[str, Any] | None = None,
+) -> list[int]:
+    """Write each collaborator's refined adapter to ``target/<name>/``; returns their indices."""
+    from clair_cli.io.peft_writer import refined_tensors, save_adapter, source_config
+    from clair_cli.report.audit import summary_line
+    from clair_cli.report.card import model_card
+
+    used = list(outcome.auditor.collaborative_set_)
+    side = "in" if outcome.settings.side == "in" else "out"
+    with target as tmp:
+        for i, k in enumerate(used):
+            adapter = pool.adapters[k]
+            tensors, unchanged = refined_tensors(adapter, bases, side)
+            notes = []
+            if unchanged:
+                notes.append(
+                    f"{len(unchanged)} module(s) kept unchanged (projection did not predict held-out "
+                    "adapters better there)"
+                )
+            if pool.dropped:
+                notes.append(f"{len(pool.dropped)} module(s) outside the analysed intersection kept unchanged")
+            card = model_card(
+                f"{adapter.name}, refined by CLAIR",
+                "refine",
+                pool.base_model,
+                sources_table(pool, used, outcome),
+                command_line(argv),
+                summary_line(report, timing=False),
+                notes,
+                params=params,
+            )
+            save_adapter(tmp, source_config(adapter), tensors, card, name=adapter.name)
+            progress("writing adapters", i + 1, len(used))
+    return used
