@@ -283,3 +283,27 @@ def test_runtime_dependencies_are_what_the_package_imports() -> None:
     # Installed with what imports them: httpx2 with huggingface_hub (clair hooks its client),
     # click with Typer 0.20 (cli/__init__.py asks for it only when present).
     assert third_party - {"httpx2", "click"} <= declared | extras, third_party - declared - extras
+
+
+def test_null_device_and_dev_stdout_as_report_targets(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    samples = Path(__file__).resolve().parent.parent / "sample_adapters"
+    runner = CliRunner()
+    env = {"NO_COLOR": "1", "COLUMNS": "200"}
+    args = ["audit", str(samples), "-q", "--exit-zero"]
+    result = runner.invoke(app, [*args, "--json", os.devnull, "--markdown", os.devnull], env=env)
+    assert result.exit_code == 0, result.output
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)  # written to, never replaced
+    result = runner.invoke(app, [*args, "--json", "/dev/stdout"], env=env)
+    assert result.exit_code == 0 and json.loads(result.stdout)["command"] == "audit"
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "elsewhere.json")
+    result = runner.invoke(app, [*args, "--json", str(link)], env=env)  # other symlinks: still refused
+    assert result.exit_code == 2 and "symlink" in result.output and not (tmp_path / "elsewhere.json").exists()
+
+
+def test_bad_input_errors_carry_no_debugging_advice(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["audit", str(tmp_path / "missing")], env={"NO_COLOR": "1"})
+    assert result.exit_code == 2 and "Error:" in result.output and "CLAIR_DEBUG" not in result.output

@@ -23,7 +23,7 @@ from clair_cli.errors import ClairError, interrupt_cause
 
 
 def report_error(message: str, hint: str | None) -> int:
-    """Print an error as the user sees it (control characters escaped); return the exit code."""
+    """Print an error and its hint as the user sees it (control characters escaped); return the exit code."""
     from rich.console import Console
     from rich.text import Text
 
@@ -31,8 +31,8 @@ def report_error(message: str, hint: str | None) -> int:
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     console.print(Text.assemble(("Error: ", "bold red"), printable(message)))
-    hint = f"{printable(hint)} " if hint else ""
-    console.print(f"{hint}(CLAIR_DEBUG=1 shows the traceback)", markup=False, emoji=False, style="dim")
+    if hint:
+        console.print(printable(hint), markup=False, emoji=False, style="dim")
     return EXIT_ERROR
 
 
@@ -95,7 +95,8 @@ class ClairGroup(TyperGroup):
             raise typer.Exit(
                 report_error(
                     f"internal error ({type(exc).__name__}: {text})",
-                    "This is a bug in clair; please report it with the output of CLAIR_DEBUG=1.",
+                    "This is a bug in clair; please report it with the output of the same command run "
+                    "with CLAIR_DEBUG=1 (it shows the traceback).",
                 )
             ) from None
 

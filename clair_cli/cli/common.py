@@ -72,8 +72,10 @@ def audit_params(options: Mapping[str, Any]) -> AuditParams:
 
 def source_options(options: Mapping[str, Any]) -> SourceOptions:
     """How to read the sources, from a command's options (its ``locals()``)."""
+    from clair_cli.io import hub
     from clair_cli.io.sources import SourceOptions
 
+    hub.quiet = bool(options.get("quiet", False))
     return SourceOptions(
         subfolder=options.get("subfolder"),
         config=options.get("config"),
@@ -187,11 +189,11 @@ def check_report_targets(
     out: Path | None = None,
 ) -> None:
     """Refuse impossible report targets before any work is done."""
-    from clair_cli.io.paths import check_report_file, printable
+    from clair_cli.io.paths import check_report_file, discarded, printable
 
     if json_out == "-" and markdown == "-":
         raise UsageError("--json - and --markdown - cannot both go to stdout")
-    files = [t for t in (json_out, markdown, plot) if t is not None and t != "-"]
+    files = [t for t in (json_out, markdown, plot) if t is not None and t != "-" and not discarded(t)]
     if len({Path(t).resolve() for t in files}) < len(files):
         raise UsageError("--json, --markdown and --plot name the same file; give each its own")
     for t in files:

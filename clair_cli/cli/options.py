@@ -34,8 +34,18 @@ Sources = Annotated[
     typer.Argument(metavar="SOURCE", show_default=False, hidden=True),
 ]
 Candidates = Annotated[list[str], typer.Argument(metavar="CANDIDATE", show_default=False, hidden=True)]
+
+
+def _stdout_alias(value: Optional[str]) -> Optional[str]:
+    """``/dev/stdout`` is ``-``: written to stdout, never replaced by a file."""
+    return "-" if value == "/dev/stdout" else value
+
+
 JsonOut = Annotated[
-    Optional[str], typer.Option("--json", help="Write the JSON report to FILE ('-' for stdout).", metavar="FILE")
+    Optional[str],
+    typer.Option(
+        "--json", help="Write the JSON report to FILE ('-' for stdout).", metavar="FILE", callback=_stdout_alias
+    ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages; only errors and requested data.")]
 Subfolder = Annotated[Optional[str], typer.Option("--subfolder", help="Subfolder inside hub repos.", metavar="PATH")]
@@ -165,7 +175,10 @@ Seed = Annotated[
     ),
 ]
 MarkdownOut = Annotated[
-    Optional[str], typer.Option("--markdown", help="Write a Markdown report to FILE ('-' for stdout).", metavar="FILE")
+    Optional[str],
+    typer.Option(
+        "--markdown", help="Write a Markdown report to FILE ('-' for stdout).", metavar="FILE", callback=_stdout_alias
+    ),
 ]
 PlotOut = Annotated[
     Optional[str],

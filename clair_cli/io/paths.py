@@ -133,6 +133,11 @@ def check_out_dir(out: Path, inputs: Iterable[Path]) -> None:
             )
 
 
+def discarded(target: str) -> bool:
+    """Whether a report target is the null device (``--json /dev/null``): accepted, never replaced."""
+    return target == os.devnull or os.path.realpath(target) == os.devnull
+
+
 def check_report_file(target: str, inputs: Iterable[Path] = ()) -> Path:
     """Check that a report file can be (re)placed: not an input, and a regular file if it exists.
 
@@ -142,6 +147,8 @@ def check_report_file(target: str, inputs: Iterable[Path] = ()) -> Path:
     """
     path = Path(target)
     shown = printable(target)
+    if discarded(target):
+        return Path(os.devnull)
     try:
         st = os.lstat(path)
     except FileNotFoundError:

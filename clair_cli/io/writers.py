@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from clair_cli.errors import OutputError
-from clair_cli.io.paths import apply_umask, check_report_file, printable
+from clair_cli.io.paths import apply_umask, check_report_file, discarded, printable
 
 
 def os_error_text(exc: OSError) -> str:
@@ -39,6 +39,8 @@ def write_bytes(target: str, data: bytes, inputs: Iterable[Path] = ()) -> None:
         sys.stdout.flush()
         return
     path = check_report_file(target, inputs)
+    if discarded(target):
+        return
     shown = printable(target)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.parent)
