@@ -10,9 +10,11 @@ unless told otherwise:
 - lets waiting OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``) instead of spinning;
 - uses one thread for pools whose largest module is small (width x summed rank under
   ``LARGE_MODULE``: extra threads gained nothing there on an idle machine and cost up to
-  10x on a busy one), and for larger pools as many threads as there are idle CPUs: the
-  CPUs this process may run on (affinity and cgroup quota) less the 1-minute load
-  average, at least one.
+  10x on a busy one), and for larger pools one thread per CPU this process may run on
+  (its affinity and cgroup quota).
+
+The count never depends on the machine's load: float32 products differ in their last bits
+between thread counts, and the same command on the same machine must give the same report.
 
 ``OMP_NUM_THREADS`` or ``CLAIR_NUM_THREADS=N`` set the count; ``CLAIR_NUM_THREADS=0``
 leaves torch's defaults entirely. The library itself never changes threads: a program
@@ -50,16 +52,6 @@ def usable_cpus() -> int:
     return max(1, cpus)
 
 
-def idle_cpus() -> int:
-    """Usable CPUs less the 1-minute load average (rounded), at least one."""
-    cpus = usable_cpus()
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return cpus
-    return max(1, min(cpus, round(cpus - load)))
-
-
 def configure_threads(environ: MutableMapping[str, str] | None = None) -> int | None:
     """Set the OpenMP/MKL thread environment for this run; return the count chosen.
 
@@ -78,7 +70,7 @@ def configure_threads(environ: MutableMapping[str, str] | None = None) -> int | 
     elif "OMP_NUM_THREADS" in env:
         return None
     else:
-        count = _chosen = idle_cpus()
+        count = _chosen = usable_cpus()
     env["OMP_NUM_THREADS"] = str(count)
     env.setdefault("MKL_NUM_THREADS", str(count))
     return count

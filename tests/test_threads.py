@@ -19,19 +19,13 @@ def _restore_threads():
     torch.set_num_threads(before)
 
 
-def test_an_idle_machine_gets_its_idle_cpus_and_sleeping_waiters(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_count_is_the_usable_cpus_whatever_the_load(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(threads, "usable_cpus", lambda: 8)
-    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0.0, 0.0))
-    env: dict[str, str] = {}
-    assert threads.configure_threads(env) == 5
-    assert env == {"OMP_NUM_THREADS": "5", "MKL_NUM_THREADS": "5", "OMP_WAIT_POLICY": "PASSIVE"}
-
-
-def test_a_busy_machine_gets_one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
-    monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 7.0, 7.0))
-    env: dict[str, str] = {}
-    assert threads.configure_threads(env) == 1 and env["OMP_NUM_THREADS"] == "1"
+    for load in (0.0, 7.5, 40.0):  # the same report on an idle and on a busy machine
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        env: dict[str, str] = {}
+        assert threads.configure_threads(env) == 8
+        assert env == {"OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @pytest.mark.parametrize(
@@ -68,7 +62,7 @@ def test_cgroup_quota_caps_the_cpus(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
 def test_small_pools_run_single_threaded_large_ones_on_the_chosen_count(monkeypatch: pytest.MonkeyPatch) -> None:
     assert threads.fit_to_pool(4096, 1024) is None  # the user's settings: untouched
-    monkeypatch.setattr(threads, "idle_cpus", lambda: 2)
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 2)
     threads.configure_threads({})
     assert threads.fit_to_pool(256, 64) == 1 and torch.get_num_threads() == 1
     assert threads.fit_to_pool(4096, 1024) == 2 and torch.get_num_threads() == 2
