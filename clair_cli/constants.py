@@ -78,3 +78,7 @@ PICKLE_HINT = (
     'python -c "import torch; from safetensors.torch import save_file; '
     "save_file(torch.load('adapter_model.bin', weights_only=True), 'adapter_model.safetensors')\""
 )
+
+# Where ClairGroup.parse_args keeps the command's raw arguments (ctx.meta), for checks that
+# parsing cannot make (gate --reference a b).
+ARGV_KEY = "clair.argv"

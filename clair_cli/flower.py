@@ -276,4 +276,4 @@ class ClairStrategy(FedAvg):
                 self.audit_dir.mkdir(parents=True, exist_ok=True)
                 path = self.audit_dir / f"round-{server_round:03d}.json"
                 # Atomically, as every report clair writes: a crash mid-round leaves no half file.
-                write_text(str(path), json.dumps(report, indent=2, sort_keys=True) + "\n")
+                write_text(str(path), json.dumps(report, indent=2) + "\n")

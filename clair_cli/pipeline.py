@@ -14,7 +14,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clair_cli import methods, threads
+from clair_cli import methods
 from clair_cli.errors import AdapterFormatError, IncompatibleAdapters, UsageError
 from clair_cli.io.adapter import Adapter
 from clair_cli.results import (  # noqa: F401 - re-exported: their home was here
@@ -24,6 +24,7 @@ from clair_cli.results import (  # noqa: F401 - re-exported: their home was here
     MergedAdapter,
     MergeOptions,
     Pool,
+    Settings,
 )
 from clair_cli.types import AuditParams
 
@@ -38,8 +39,6 @@ Progress = Callable[[str, int, int], None]
 # Read from the one registry (clair_cli.methods); kept for the library's callers.
 MERGE_METHODS = methods.NAMES
 MIN_ADAPTERS = {m.name: m.min_adapters for m in methods.REGISTRY.values()}
-# The audit's parameters (clair_cli.types.AuditParams); the name the library used before.
-Settings = AuditParams
 
 
 def _quiet(_stage: str, _done: int, _total: int) -> None:
@@ -117,10 +116,6 @@ def build_pool(adapters: Sequence[Adapter], intersect: bool = False, method: str
                     f"{a.name} has a {spec.kind} update of {spec.d_out}x{spec.d_in}",
                     hint="Adapters of one base model have equal shapes; check the base models.",
                 )
-    threads.fit_to_pool(
-        max(max(adapters[0].modules[m].d_out, adapters[0].modules[m].d_in) for m in modules),
-        max(sum(a.modules[m].rank for a in adapters) for m in modules),
-    )
     base_model = next(iter(bases.values()))[0] if bases else None
     return Pool(list(adapters), modules, dropped, base_model, [note] if note else [])
 
@@ -303,10 +298,13 @@ def _available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
         if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-            found.append(int(limit) - used)
+            used = int((cgroup / "memory.current").read_text())
+            # The cgroup's page cache counts as used but is given back on demand.
+            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines() if " " in line)
+            found.append(int(limit) - used + int(stat.get("inactive_file", 0)))
     except (OSError, ValueError):
         pass
     return min(found) if found else None
@@ -330,8 +328,11 @@ def audit_memory(pool: Pool, dtype: str = "float32") -> tuple[int, str]:
     return need, worst
 
 
-def check_audit_memory(pool: Pool, dtype: str = "float32") -> None:
-    """Refuse, before reading any factor, a pool whose audit cannot fit in memory."""
+def check_audit_memory(pool: Pool, dtype: str = "float32", device: str = "cpu") -> None:
+    """Refuse, before reading any factor, a pool whose audit cannot fit in memory (on a GPU,
+    the allocator's own error says so)."""
+    if str(device).startswith("cuda"):
+        return
     need, module = audit_memory(pool, dtype)
     available = _available_memory()
     if available is not None and need > 0.8 * available:
@@ -349,9 +350,9 @@ def audit(
     """Run CLAIR over the pool (``reference``: trusted adapters, as in ``clair gate``)."""
     from clair_cli.core.audit import ClairAuditor
 
-    check_audit_memory(pool, settings.dtype)
     start = time.perf_counter()
     settings = resolved(settings)
+    check_audit_memory(pool, settings.dtype, settings.device)
     dtype = torch_dtype(settings.dtype)
     auditor = ClairAuditor(
         method=settings.solver,  # type: ignore[arg-type]

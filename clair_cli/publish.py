@@ -94,7 +94,7 @@ def write_merged(
         sources_table(pool, merged.used, outcome, merged.weights),
         command_line(argv),
         summary_line(report, timing=False) if report else None,
-        list(notes),
+        [*pool.notes, *notes],
         merge=merged.summary(),
         params=params,
     )
@@ -123,7 +123,7 @@ def write_refined(
         for i, k in enumerate(used):
             adapter = pool.adapters[k]
             tensors, unchanged = refined_tensors(adapter, bases, side)
-            notes = []
+            notes = list(pool.notes)
             if unchanged:
                 notes.append(
                     f"{len(unchanged)} module(s) kept unchanged (projection did not predict held-out "

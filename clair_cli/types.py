@@ -292,8 +292,9 @@ class AdapterConfig:
     modules_to_save: tuple[str, ...] = ()
     trainable_token_indices: Any = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-    # sha256 of the config file's bytes as read (None for a config built from flags).
+    # sha256 of the config file's bytes as read and that file's name (None for a config built from flags).
     sha256: str | None = field(default=None, compare=False, repr=False)
+    file_name: str | None = field(default=None, compare=False, repr=False)
 
     def rank_for(self, module: str) -> int:
         """Rank PEFT gives ``module``: ``rank_pattern`` first, then ``r``."""

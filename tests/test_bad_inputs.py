@@ -228,11 +228,25 @@ def test_a_pool_whose_audit_cannot_fit_in_memory_is_refused_before_any_factor_is
     assert "Traceback" not in result.output
 
 
-def test_torch_failing_to_allocate_is_out_of_memory_not_an_internal_error(monkeypatch: pytest.MonkeyPatch) -> None:
+class OutOfMemoryError(RuntimeError):  # what torch.OutOfMemoryError is called (CUDA)
+    pass
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried"),
+        OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    ],
+    ids=["cpu", "cuda"],
+)
+def test_torch_failing_to_allocate_is_out_of_memory_not_an_internal_error(
+    monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
     from clair_cli import pipeline
 
     def fail(*_args: object, **_kwargs: object) -> None:
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried")
+        raise error
 
     monkeypatch.setattr(pipeline, "audit", fail)
     result = CliRunner().invoke(app, ["audit", str(SAMPLE_ADAPTERS)], env={"NO_COLOR": "1", "COLUMNS": "200"})

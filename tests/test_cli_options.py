@@ -189,6 +189,21 @@ def test_relative_paths_in_a_list_are_read_from_its_directory(tmp_path: Path, mo
     assert [a["name"] for a in json.loads(result.stdout)["adapters"]] == ["a", "b"]
 
 
+def test_list_entries_expand_home_and_are_normalised(tmp_path: Path, monkeypatch) -> None:
+    from clair_cli.io.sources import expand_sources
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    listed = tmp_path / "lists" / "list.txt"
+    listed.parent.mkdir()
+    listed.write_text("~/runs/a\n../runs/b\n")
+    assert expand_sources([f"@{listed}"]) == [str(tmp_path / "home" / "runs" / "a"), str(tmp_path / "runs" / "b")]
+
+
+def test_stdin_that_is_not_text_exits_2() -> None:
+    result = CliRunner().invoke(app, ["inspect", "-"], input=b"\xff\xfe\x00runs/a\n", env={"NO_COLOR": "1"})
+    assert result.exit_code == 2 and "not UTF-8" in result.output and "internal error" not in result.output
+
+
 def test_sources_from_stdin(six: Path) -> None:
     result = invoke("inspect", "-", "--json", "-", input=f"{six}/client_0\n\n# skip\n{six}/client_5\n")
     assert result.exit_code == 0, result.output
@@ -225,10 +240,10 @@ def test_folder_of_bare_safetensors_files_is_a_pool(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "spelling",
     [
-        ["--reference", "{r}/client_1", "{r}/client_2"],
-        ["-r", "{r}/client_1", "{r}/client_2"],
-        ["--reference={r}/client_1", "{r}/client_2"],
-        ["-r{r}/client_1", "{r}/client_2"],
+        ["--reference", "{r}/client_1", "{r}/client_2", "{r}/client_3"],
+        ["-r", "{r}/client_1", "{r}/client_2", "{r}/client_3"],
+        ["--reference={r}/client_1", "{r}/client_2", "{r}/client_3"],
+        ["-r{r}/client_1", "{r}/client_2", "{r}/client_3"],
         ["--reference", "{r}/client_1", "-"],
     ],
 )
@@ -238,6 +253,19 @@ def test_gate_refuses_words_after_a_reference(six: Path, spelling: list[str]) ->
     assert result.exit_code == 2, result.output
     assert "--reference takes one source" in result.output
     assert "--reference" in result.output and args[-1] in result.output
+
+
+def test_gate_reads_one_word_after_a_reference_as_a_candidate_and_says_so(six: Path, tmp_path: Path) -> None:
+    import shutil
+
+    trusted = tmp_path / "trusted"
+    for k in range(1, 6):
+        shutil.copytree(six / f"client_{k}", trusted / f"client_{k}")
+    result = invoke("gate", "--reference", str(trusted), f"{six}/client_0", "--json", "-", "--exit-zero")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [a["name"] for a in report["adapters"] if a["role"] == "candidate"] == ["client_0"]
+    assert any("is a candidate" in n for n in report["notes"]) and "note:" in result.output
 
 
 def test_gate_takes_repeated_references_a_directory_or_a_list(six: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from typer.core import TyperGroup
 
 from clair_cli import __version__
 from clair_cli.cli.command import flags_without_type
-from clair_cli.constants import EXIT_ERROR
+from clair_cli.constants import ARGV_KEY, EXIT_ERROR
 from clair_cli.errors import ClairError, interrupt_cause
 
 
@@ -61,7 +61,7 @@ class ClairGroup(TyperGroup):
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         # The raw command line, for checks that parsing cannot make (``gate --reference a b``).
-        ctx.meta["clair.argv"] = list(args)
+        ctx.meta[ARGV_KEY] = list(args)
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: Any) -> Any:
@@ -89,7 +89,7 @@ class ClairGroup(TyperGroup):
                 raise _interrupted(interrupt) from None
             if debug:
                 raise
-            if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):  # torch's CPU allocator
+            if _out_of_memory(exc):
                 raise typer.Exit(report_error("out of memory", OUT_OF_MEMORY_HINT)) from None
             text = str(exc).splitlines()[0][:300] if str(exc) else ""
             raise typer.Exit(
@@ -99,6 +99,14 @@ class ClairGroup(TyperGroup):
                     "with CLAIR_DEBUG=1 (it shows the traceback).",
                 )
             ) from None
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's allocators failing: the CPU's RuntimeError, CUDA's ``torch.OutOfMemoryError``."""
+    if type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
 
 
 def _typer_exits() -> tuple[type[BaseException], ...]:

@@ -96,41 +96,49 @@ def sources_arg(sources: Sequence[str]) -> list[str]:
     return expand_sources(sources)
 
 
-ARGV_KEY = "clair.argv"  # the command's raw arguments, kept by ClairGroup.parse_args in ctx.meta
+def check_reference_spelling(argv: Sequence[str]) -> list[str]:
+    """Refuse ``--reference a b c``: ``b c`` would silently become candidates.
 
-
-def check_reference_spelling(argv: Sequence[str]) -> None:
-    """Refuse ``--reference a b``: ``b`` would silently become a candidate.
-
-    ``--reference`` takes exactly one value; a bare word right after it is read as a candidate,
-    which is seldom what was meant. Candidates go before the options (or after ``--``).
+    ``--reference`` takes exactly one value. Two or more bare words (or ``-``) right after it
+    are refused; one is the common ``clair gate --reference trusted/ upload/`` and is read
+    as a candidate, with a note (returned) that says so.
     """
     from clair_cli.io.paths import printable
 
+    notes: list[str] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
         if arg == "--":
-            return
+            break
         value_at = None
         if arg in ("--reference", "-r"):
             value_at = i + 1
         elif arg.startswith("--reference=") or (arg.startswith("-r") and not arg.startswith("--") and len(arg) > 2):
             value_at = i
-        if value_at is not None and value_at + 1 < len(argv):
-            after = argv[value_at + 1]
-            if after == "-" or not after.startswith("-"):  # a word, or - (sources from stdin)
-                value = argv[value_at].removeprefix("--reference=") if value_at == i else argv[value_at]
-                value = value.removeprefix("-r") if value_at == i and not arg.startswith("--") else value
+        if value_at is not None and value_at < len(argv):
+            value = argv[value_at].removeprefix("--reference=") if value_at == i else argv[value_at]
+            value = value.removeprefix("-r") if value_at == i and not arg.startswith("--") else value
+            words = []
+            for after in argv[value_at + 1 :]:
+                if after == "--" or (after.startswith("-") and after != "-"):
+                    break
+                words.append(after)
+            if len(words) > 1 or words == ["-"]:
                 raise UsageError(
-                    f"{printable(after)!r} follows --reference {printable(value)}: --reference takes one source, "
-                    "so it would be read as a candidate",
+                    f"{', '.join(printable(w) for w in words)} follow --reference {printable(value)}: --reference "
+                    "takes one source, so they would be read as candidates",
                     hint=f"For several references repeat the option (--reference {printable(value)} --reference "
-                    f"{printable(after)}), or give a directory or @FILE of them; put candidates before the "
+                    f"{printable(words[0])}), or give a directory or @FILE of them; put candidates before the "
                     "options, or after --.",
                 )
+            if words:
+                notes.append(
+                    f"{printable(words[0])} (after --reference {printable(value)}) is a candidate; "
+                    "repeat --reference for each reference"
+                )
         i = value_at + 1 if value_at is not None and value_at > i else i + 1
-    return
+    return notes
 
 
 @contextmanager

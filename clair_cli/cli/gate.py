@@ -61,11 +61,15 @@ def gate_command(
     """
     from clair_cli import pipeline
     from clair_cli.cli import common
+    from clair_cli.constants import ARGV_KEY
     from clair_cli.errors import UsageError
     from clair_cli.io.paths import input_paths
     from clair_cli.report.audit import audit_report
+    from clair_cli.report.console import make_console
 
-    common.check_reference_spelling(ctx.meta.get(common.ARGV_KEY, ()))
+    spelling_notes = common.check_reference_spelling(ctx.meta.get(ARGV_KEY, ()))
+    for note in spelling_notes:
+        make_console(stderr=True, quiet=quiet).print(f"note: {note}", markup=False)
     params = common.audit_params(locals())
     if "-" in candidates and "-" in (reference or []):
         raise UsageError("- (sources from stdin) is given both as candidate and as --reference; give it once")
@@ -76,7 +80,8 @@ def gate_command(
     with common.progress_bar(quiet) as progress:
         pool, trusted = pipeline.open_gate_pool(candidates, references, src, intersect=intersect, progress=progress)
         outcome = pipeline.audit(pool, params, progress, reference=trusted)
-    report = audit_report(outcome, command="gate")
+    report = audit_report(outcome, command="gate", digests=json_out is not None)
+    report["notes"] = [*report.get("notes", []), *spelling_notes]
     common.emit_reports(report, json_out, markdown, plot, quiet, common.adapter_files(pool.adapters))
     common.exit_code(report, exit_zero)
 

@@ -103,7 +103,7 @@ def merge_command(
         dropped = pipeline.extras(pool, drop_extras)
         outcome = pipeline.audit(pool, params, progress) if spec.audits else None
         merged = pipeline.merge(pool, spec.name, params, w, options, outcome, progress)
-    report = audit_report(outcome, command="merge") if outcome else None
+    report = audit_report(outcome, command="merge", digests=json_out is not None) if outcome else None
     if report is not None:
         report["merge"] = merged.summary() | {"dropped": dropped}
     notes = list(merged.notes) + dropped
@@ -183,7 +183,7 @@ def refine_command(
         common.check_report_targets(json_out, markdown, plot, files, out)
         outcome = pipeline.audit(pool, params, progress)
         bases = pipeline.refined_bases(pool, outcome, fixed if isinstance(fixed, int) else None, progress)
-        report = audit_report(outcome, command="refine")
+        report = audit_report(outcome, command="refine", digests=json_out is not None)
         report["refine"] = {
             "project_rank": project_rank,
             "projection_rank": {m: None if b is None else int(b.shape[1]) for m, b in bases.items()},

@@ -115,10 +115,8 @@ class Adapter:
         if self._weights_sha256 is None:
             self._weights_sha256 = _sha256_file(self.ref.weights_file, self.file_size)
         out = {self.ref.weights_file.name: self._weights_sha256}
-        if self.config.sha256 is not None and self.ref.config_file is not None:
-            out[self.ref.config_file.name] = self.config.sha256
-        elif self.config.sha256 is not None:
-            out["config"] = self.config.sha256
+        if self.config.sha256 is not None:  # the file actually read (--config may stand in for one beside the weights)
+            out[self.config.file_name or "config"] = self.config.sha256
         return out
 
     @property

@@ -145,7 +145,7 @@ def _note_retry(response: Any) -> None:
     sys.stderr.write(
         f"note: the Hub answered {response.status_code} "
         f"({printable(str(getattr(response, 'reason_phrase', '') or 'server error'))}); "
-        "huggingface_hub retries for about 25 s before giving up\n"
+        "huggingface_hub may retry for up to about 25 s before giving up\n"
     )
     sys.stderr.flush()
 
@@ -273,12 +273,12 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
         except GatedRepoError as exc:
             raise HubError(
                 f"{spec}: hub repo {hub.repo_id} is gated",
-                hint="Accept its conditions on the Hub, then set HF_TOKEN to a token of that account.",
+                hint="Accept its conditions on the Hub, then give a token of that account (HF_TOKEN or --token).",
             ) from exc
         except RepositoryNotFoundError as exc:
             raise AdapterNotFound(
                 f"{spec}: hub repo {hub.repo_id} not found",
-                hint="Check the spelling; for a private repo set HF_TOKEN.",
+                hint="Check the spelling; for a private repo give a token (HF_TOKEN or --token).",
             ) from exc
         except RevisionNotFoundError as exc:
             raise AdapterNotFound(f"{spec}: revision {hub.revision!r} not found in {hub.repo_id}") from exc

@@ -28,14 +28,6 @@ def _fail(path: Path | str, problem: str) -> AdapterFormatError:
     )
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """Read a small JSON object file; errors name the file and the problem."""
-    data = parse_json(read_small(path, MAX_CONFIG_BYTES, "an adapter config"), path, "the config")
-    if not isinstance(data, dict):
-        raise _fail(path, "must hold a JSON object")
-    return data
-
-
 def _positive_int(path: Path | str, field: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise _fail(path, f"{field} must be a positive integer, got {value!r}")
@@ -127,4 +119,4 @@ def load_config(path: Path) -> AdapterConfig:
     data = parse_json(raw, path, "the config")
     if not isinstance(data, dict):
         raise _fail(path, "must hold a JSON object")
-    return replace(parse_config(data, path), sha256=hashlib.sha256(raw).hexdigest())
+    return replace(parse_config(data, path), sha256=hashlib.sha256(raw).hexdigest(), file_name=path.name)

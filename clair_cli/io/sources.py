@@ -70,11 +70,15 @@ class SourceOptions:
 
 def _list_entry(line: str, base: Path) -> str:
     """One source of a list file: a relative path is read from the list file's directory."""
-    if line.startswith(HUB_PREFIX) or Path(line).is_absolute():
+    if line.startswith(HUB_PREFIX):
         return line
-    beside = base / line
-    if beside.exists() or not hub.looks_like_hub_id(line):
-        return str(beside)
+    if line.startswith("~"):
+        line = os.path.expanduser(line)
+    if Path(line).is_absolute():
+        return line
+    beside = os.path.normpath(base / line)
+    if Path(beside).exists() or not hub.looks_like_hub_id(line):
+        return beside
     return line  # owner/name: a hub id, as on the command line
 
 
@@ -95,7 +99,17 @@ def expand_sources(specs: Sequence[str], stdin: TextIO | None = None) -> list[st
             if read_stdin:
                 raise UsageError("- (sources from stdin) is given twice")
             read_stdin = True
-            text, base, where = (stdin or sys.stdin).read(), Path("."), "stdin"
+            source = stdin or sys.stdin
+            if stdin is None and source.isatty():
+                raise UsageError(
+                    "- reads the sources from stdin, which is a terminal",
+                    hint="Pipe the list in (ls -d runs/* | clair audit -), or use @FILE.",
+                )
+            try:
+                text = source.read()
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"stdin: the list of sources is not UTF-8 text ({exc.reason})") from None
+            base, where = Path("."), "stdin"
         elif spec.startswith("@") and len(spec) > 1:
             listed = Path(spec[1:])
             try:

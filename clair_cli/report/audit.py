@@ -89,8 +89,9 @@ def _generated_at() -> str:
     return when.replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def _where(adapter: Any) -> dict[str, Any]:
-    """Where an adapter came from, for CI: its own path as given, its files' digests, the hub coordinates."""
+def _where(adapter: Any, digests: bool) -> dict[str, Any]:
+    """Where an adapter came from, for CI: its own path as given, its files' digests (None
+    unless ``digests``: hashing re-reads every weights file), the hub coordinates."""
     ref = adapter.ref
     hub = None
     if ref.repo_id is not None:
@@ -100,14 +101,14 @@ def _where(adapter: Any) -> dict[str, Any]:
             "subfolder": ref.subfolder,
             "commit": ref.revision,
         }
-    return {"path": ref.path, "sha256": adapter.file_digests(), "hub": hub}
+    return {"path": ref.path, "sha256": adapter.file_digests() if digests else None, "hub": hub}
 
 
 def _rounded(why: dict[str, Any]) -> dict[str, Any]:
     return {key: round(val, 6) if isinstance(val, float) else val for key, val in why.items()}
 
 
-def audit_report(outcome: AuditOutcome, command: str = "audit") -> dict[str, Any]:
+def audit_report(outcome: AuditOutcome, command: str = "audit", digests: bool = True) -> dict[str, Any]:
     """The JSON report (schema 1). Modules are listed in layer order (``layers.2`` before ``layers.10``)."""
     pool, aud = outcome.pool, outcome.auditor
     names = pool.names
@@ -126,7 +127,7 @@ def audit_report(outcome: AuditOutcome, command: str = "audit") -> dict[str, Any
                 "name": a.name,
                 "source": a.ref.source,
                 "revision": a.ref.revision,
-                **_where(a),
+                **_where(a, digests),
                 "role": ("reference" if v.index in reference else "candidate") if outcome.reference else "member",
                 "score": round(v.score, 6),
                 "signals": {rule: round(m, 6) for rule, m in sorted(v.signals.items())},

@@ -131,7 +131,7 @@ def model_card(
         summary: the audit's summary line, if an audit ran.
         notes: extra lines.
         merge: the merge parameters (``MergedAdapter.summary()``), for a merged adapter.
-        params: the audit's settings (``Settings.as_dict()``), listed with the parameters
+        params: the audit's settings (``AuditParams.as_dict()``), listed with the parameters
             when an audit ran (``summary``).
     """
     lines = _front_matter(base_model, ["lora", "clair", "merge" if method != "refine" else "refined"])
