@@ -58,8 +58,8 @@ samples: install
 bench: install
 	$(BIN)/python -m benchmarks.perf $(BENCH_ARGS)
 
-# clair audit on an idle and on a busy machine (a CPU hog per core) under three thread settings
-# (about 8 minutes on 2 cores); the table is in README "Performance".
+# clair audit on an idle and on a busy machine (a CPU hog per core) under four thread settings
+# (about 19 minutes on 2 cores); the table is in README "Performance".
 bench-threads: install
 	$(BIN)/python -m benchmarks.threads
 

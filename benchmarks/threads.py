@@ -6,15 +6,16 @@ width at r = 16, 8 modules), each under three thread settings:
 
 - ``torch default``: ``CLAIR_NUM_THREADS=0``, torch's own choice (one spinning OpenMP
   thread per core), what clair did before it had a policy;
-- ``clair default``: nothing set, clair's policy (``clair_cli/threads.py``);
-- ``1 thread``: ``OMP_NUM_THREADS=1``;
+- ``sleeping waiters``: the same count with ``OMP_WAIT_POLICY=PASSIVE``;
+- ``clair default``: nothing set, clair's policy (``clair_cli/threads.py``: one thread);
+- ``1 thread``: ``CLAIR_NUM_THREADS=1``;
 
 once on the machine as it is ("idle") and once beside a CPU hog: one busy-looping process
 per usable CPU ("loaded"). Each cell is the median of ``--runs`` wall times. The last
 column is the slowdown of each setting against one thread under the same load: the cost
 of the threads themselves.
 
-    python -m benchmarks.threads            # about 8 minutes on 2 cores
+    python -m benchmarks.threads            # about 19 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -30,15 +31,19 @@ import time
 from pathlib import Path
 
 from benchmarks import poolgen
-from clair_cli.threads import usable_cpus
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {
     "torch default": {"CLAIR_NUM_THREADS": "0"},
+    "sleeping waiters": {"CLAIR_NUM_THREADS": "0", "OMP_WAIT_POLICY": "PASSIVE"},
     "clair default": {},
-    "1 thread": {"OMP_NUM_THREADS": "1"},
+    "1 thread": {"CLAIR_NUM_THREADS": "1"},
 }
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "CLAIR_NUM_THREADS")
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _spin(stop: mp.Event) -> None:  # type: ignore[valid-type]
