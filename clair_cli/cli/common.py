@@ -72,10 +72,8 @@ def audit_params(options: Mapping[str, Any]) -> AuditParams:
 
 def source_options(options: Mapping[str, Any]) -> SourceOptions:
     """How to read the sources, from a command's options (its ``locals()``)."""
-    from clair_cli.io import hub
     from clair_cli.io.sources import SourceOptions
 
-    hub.quiet = bool(options.get("quiet", False))
     return SourceOptions(
         subfolder=options.get("subfolder"),
         config=options.get("config"),

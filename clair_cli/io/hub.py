@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -129,30 +128,8 @@ def _commit_from_path(path: Path) -> str | None:
     return None
 
 
-# Answers huggingface_hub retries (backoff 1, 2, 4, 8, 8 s: about 25 s) before it gives up.
-RETRIED_STATUS = (408, 429, 500, 502, 503, 504)
-_told_retry = False
-quiet = False  # the command's --quiet: no notice of retries
-
-
-def _note_retry(response: Any) -> None:
-    """One line, once per run, when the Hub answers with a status huggingface_hub retries:
-    its own retry logs are silenced, and 25 s of silence reads as a hang."""
-    global _told_retry
-    if _told_retry or quiet or getattr(response, "status_code", None) not in RETRIED_STATUS:
-        return
-    _told_retry = True
-    sys.stderr.write(
-        f"note: the Hub answered {response.status_code} "
-        f"({printable(str(getattr(response, 'reason_phrase', '') or 'server error'))}); "
-        "huggingface_hub may retry for up to about 25 s before giving up\n"
-    )
-    sys.stderr.flush()
-
-
 def _check_answer(response: Any) -> None:
     """httpx response hook: refuse headers that huggingface_hub would turn into cache paths."""
-    _note_retry(response)
     headers = response.headers
     commit = headers.get("X-Repo-Commit")
     if commit is not None and not COMMIT_RE.match(commit):
