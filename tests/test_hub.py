@@ -245,4 +245,3 @@ def test_hub_options_reach_the_download(tmp_path: Path, monkeypatch: pytest.Monk
     assert {(c["revision"], c["token"]) for c in calls} == {("v1", None)}  # None: HF_TOKEN, as huggingface_hub reads it
     bad = runner.invoke(app, ["inspect", "owner/lora", "--revision", "../x"])
     assert bad.exit_code == 2 and "is not a branch, tag or commit sha" in bad.output
-
