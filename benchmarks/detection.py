@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from clair_cli.core.audit import ClairAuditor, ModuleInput
-from tests.synthetic import flagged, make_pool
+from tests.synthetic import coordinated_push, flagged, make_pool
 
 
 @dataclass
@@ -47,6 +47,13 @@ def _flip(ks: tuple[int, ...]):
         for m in mods:
             for k in ks:
                 m.B[k] = -m.B[k]
+
+    return tamper
+
+
+def _push(ks: tuple[int, ...], strength: float):
+    def tamper(mods: list[ModuleInput]) -> None:
+        coordinated_push(mods, ks, strength)
 
     return tamper
 
@@ -102,6 +109,18 @@ SCENARIOS = [
         solver="fast",
     ),
 ]
+# A coordinated group (rule 7): three otherwise honest clients of a loosely agreeing pool share
+# one extra push inside the honest updates' span, 1x and 2x the typical update's norm.
+for strength in (1.0, 2.0):
+    SCENARIOS.append(
+        Scenario(
+            f"coordinated push x{strength:g}, 3 of 20, spread 1.0",
+            20,
+            (17, 18, 19),
+            dict(BASE, K=20, noise=0.3, spread=1.0),
+            _push((17, 18, 19), strength),
+        )
+    )
 # Attacks inside the shared subspace (rule 4), on pools whose benign clients agree
 # (spread 0.3: a common update plus deviations 0.3 its size), agree loosely (spread 1.0),
 # or share only the subspace (independent coefficients, as in the rows above).

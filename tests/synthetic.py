@@ -80,3 +80,19 @@ def make_pool(
 
 def flagged(auditor) -> set[int]:
     return {k for k, f in enumerate(auditor.flagged_) if f}
+
+
+def coordinated_push(mods: list[ModuleInput], bad: tuple[int, ...], strength: float, seed: int = 0) -> None:
+    """Give the ``bad`` adapters one common extra rank-1 term in every module, inside the
+    span of the honest updates' columns, ``strength`` times the module's median update norm:
+    a group pushing the same way (clients sharing a backdoor), each otherwise honest."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    for m in mods:
+        updates = torch.stack([s * b @ a for a, b, s in zip(m.A, m.B, m.scales, strict=True)])
+        typical = updates.norm(dim=(1, 2)).median()
+        u = m.B[0][:, :1] / m.B[0][:, :1].norm()
+        v = torch.randn(1, m.A[0].shape[1], generator=g, dtype=m.A[0].dtype)
+        v = v / v.norm()
+        for k in bad:
+            m.A[k] = torch.cat([m.A[k], v])
+            m.B[k] = torch.cat([m.B[k], u * strength * typical / m.scales[k]], dim=1)

@@ -341,6 +341,8 @@ class ClairAuditor:
             held_out={r.name: r.held_out for r in results if r.held_out is not None} or None,
             direction=self.direction_,
             module_direction={r.name: r.direction for r in results if r.direction is not None},
+            inner=inner,
+            order=glob,
         )
         copies = {k for g in self.duplicate_groups_ for k in g[1:]}
         self.groups_ = groups(self.verdicts_, cosine_from_gram(unit), self.direction_, copies)

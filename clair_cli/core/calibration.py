@@ -55,31 +55,57 @@ def qn_scale(x: torch.Tensor) -> torch.Tensor:
     return QN_TO_SIGMA * pairs.kthvalue(h * (h - 1) // 2, dim=-1).values
 
 
+NORMAL = "normal"
+LOG_CHI2 = "log_chi2"  # the log of a chi-square with one degree of freedom: a squared Gaussian's scale
+
+
+def _draw(law: str, shape: tuple[int, int], g: torch.Generator) -> torch.Tensor:
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    return x if law == NORMAL else torch.log(x * x)
+
+
+def _upper_tail(law: str, t: torch.Tensor) -> torch.Tensor:
+    """``P(X > t)`` for one draw of the law, elementwise."""
+    if law == NORMAL:
+        return torch.special.ndtr(-t)
+    return torch.special.erfc(torch.sqrt(0.5 * torch.exp(t)))  # P(chi2_1 > e^t)
+
+
 @lru_cache(maxsize=64)
-def _simulated(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Median and Qn of simulated sets of ``n`` standard normal values (fixed generator)."""
+def _simulated(n: int, law: str = NORMAL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Median and Qn of simulated sets of ``n`` values of the law (fixed generator)."""
     g = torch.Generator().manual_seed(n)
     pairs = n * (n - 1) // 2
     n_sets = max(2_000, min(SIMULATED_SETS, SIMULATED_PAIRS // pairs))
     chunk = max(1, SIMULATED_PAIRS // (4 * pairs))  # bounded memory
     ms, ss = [], []
     for start in range(0, n_sets, chunk):
-        x = torch.randn(min(chunk, n_sets - start), n, generator=g, dtype=torch.float64)
+        x = _draw(law, (min(chunk, n_sets - start), n), g)
         ms.append(x.quantile(0.5, dim=1))
         ss.append(qn_scale(x))
     return torch.cat(ms), torch.cat(ss)
 
 
 @lru_cache(maxsize=256)
-def critical_value(n: int, alpha: float) -> float:
-    """``c`` with ``P(x > median + c * Qn) = alpha`` for ``n`` + 1 Gaussian draws.
+def critical_value(n: int, alpha: float, law: str = NORMAL) -> float:
+    """``c`` with ``P(x > median + c * Qn) = alpha`` for ``n`` + 1 independent draws of the law.
 
-    Deterministic (a fixed generator). ``n`` below 3 has no usable spread: ``inf``.
+    ``law``: ``"normal"`` (a Gaussian, any location and scale), or ``"log_chi2"``: the log of a
+    scaled chi-square with one degree of freedom, ``log(sigma^2 Z^2)``, which is what the log
+    of a squared Gaussian projection is. Its right tail is much shorter than a Gaussian's
+    with the same median and Qn, so the normal law would be very conservative for it. Above
+    ``LARGE_N`` values the log-chi-square law uses the critical value for ``LARGE_N``
+    (conservative: ``c`` falls with ``n``), as simulating Qn of thousands of values costs
+    O(n^2) a set. Deterministic (a fixed generator). ``n`` below 3 has no usable spread: ``inf``.
     """
     if n < 3:
         return math.inf
     if not 0 < alpha < 0.5:
         raise ValueError(f"alpha must lie in (0, 0.5), got {alpha}")
+    if law not in (NORMAL, LOG_CHI2):
+        raise ValueError(f"unknown law {law!r}")
+    if law == LOG_CHI2 and n > LARGE_N:
+        return critical_value(LARGE_N, alpha, law)
     if n > LARGE_N:
         mu = (n + (1.4 if n % 2 else 3.8)) / n
 
@@ -87,10 +113,10 @@ def critical_value(n: int, alpha: float) -> float:
             return 0.5 * math.erfc(c * mu / math.sqrt(2 * (1 + (math.pi / 2 + c * c * QN_VARIANCE) / n)))
 
     else:
-        m, s = _simulated(n)
+        m, s = _simulated(n, law)
 
         def tail(c: float) -> float:
-            return float(torch.special.ndtr(-(m + c * s)).mean())
+            return float(_upper_tail(law, m + c * s).mean())
 
     lo, hi = 0.0, 1.0
     while tail(hi) > alpha:
@@ -119,7 +145,7 @@ class Cut:
         return (x - self.centre) / self.width if self.width > 0 else (math.inf if x > self.centre else 0.0)
 
 
-def upper_cut(basis: torch.Tensor, alpha: float, floor: float, relative: float = 0.0) -> Cut | None:
+def upper_cut(basis: torch.Tensor, alpha: float, floor: float, relative: float = 0.0, law: str = NORMAL) -> Cut | None:
     """Threshold for a value independent of ``basis`` (the others' values); None below 3 values.
 
     The width is at least ``floor`` and at least ``relative`` times the centre's magnitude.
@@ -129,11 +155,16 @@ def upper_cut(basis: torch.Tensor, alpha: float, floor: float, relative: float =
         return None
     centre = median(basis)
     sigma = float(qn_scale(basis.double()))
-    return Cut(centre, max(critical_value(int(basis.numel()), alpha) * sigma, floor, relative * abs(centre)))
+    return Cut(centre, max(critical_value(int(basis.numel()), alpha, law) * sigma, floor, relative * abs(centre)))
 
 
 def leave_one_out_cuts(
-    values: torch.Tensor, basis: torch.Tensor, alpha: float, floor: float, relative: float = 0.0
+    values: torch.Tensor,
+    basis: torch.Tensor,
+    alpha: float,
+    floor: float,
+    relative: float = 0.0,
+    law: str = NORMAL,
 ) -> list[Cut | None]:
     """For every adapter, :func:`upper_cut` on the values in ``basis`` (a mask) other than its
     own, computed together: one sort and one batch of pairwise distances instead of one per
@@ -143,7 +174,7 @@ def leave_one_out_cuts(
     idx = torch.nonzero(basis & torch.isfinite(values), as_tuple=True)[0]
     x = values[idx].double()
     n = x.numel()
-    shared = upper_cut(x, alpha, floor, relative)  # for adapters outside the basis
+    shared = upper_cut(x, alpha, floor, relative, law)  # for adapters outside the basis
     out: list[Cut | None] = [shared] * K
     if n < 4:  # leaving one out leaves fewer than 3
         for k in idx.tolist():
@@ -161,7 +192,7 @@ def leave_one_out_cuts(
 
     centres = 0.5 * (without(lo_i) + without(hi_i))
     spreads = QN_TO_SIGMA * _kth_distance_without_each(x, (m // 2 + 1) * (m // 2) // 2)
-    c = critical_value(m, alpha)
+    c = critical_value(m, alpha, law)
     for k, centre, spread in zip(idx.tolist(), centres.tolist(), spreads.tolist(), strict=True):
         out[k] = Cut(centre, max(c * spread, floor, relative * abs(centre)))
     return out

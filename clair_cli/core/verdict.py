@@ -36,8 +36,16 @@ minimum effect size in the statistic's own units. The rules:
    riders), floor a tenth of it.
 6. **Duplicates** (``duplicate``): updates with cosine above 0.999 over all modules form a
    Sybil group; every member is flagged as such (no threshold).
+7. **Along the others' leading deviation** (``spectral``, :mod:`clair_cli.core.spectral`):
+   the squared projection of the adapter's whole update, minus the others' mean, on the
+   leading principal direction of the others' centred updates (DnC's statistic, exact and
+   leave-one-out), on the log scale under the log-chi-square law at ``SPECTRAL_ALPHA``,
+   together with the share of its own deviation along that direction at
+   ``SPECTRAL_SHARE_ALPHA``. Several adapters pushing the same way (clients sharing a
+   backdoor trigger) make their common push the direction in which the pool varies most,
+   even when each alone looks honest. Floor: the projection at least twice the typical.
 
-An adapter's ``score`` is its largest margin over rules 1-5: the distance above the typical
+An adapter's ``score`` is its largest margin over rules 1-5 and 7: the distance above the typical
 value in units of the distance to the threshold, so a score above 1 means that rule flagged
 it (a duplicate is flagged whatever its score). ``threshold`` (the ``--threshold`` option)
 replaces rules 2 and 3 by a fixed off-subspace share on any module.
@@ -58,8 +66,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from clair_cli.core.calibration import Cut, critical_value, leave_one_out_cuts, qn_scale
+from clair_cli.core.calibration import LOG_CHI2, NORMAL, Cut, critical_value, leave_one_out_cuts, qn_scale
 from clair_cli.core.decompose import median
+from clair_cli.core.spectral import leading_direction_scores
 
 ALPHA = 1e-3  # per rule: the probability that an honest adapter trips it (Gaussian model)
 PASSES = 5  # at most; stops when the flagged set repeats
@@ -73,6 +82,9 @@ MODULE_ODDS_FLOOR = 10.0  # one module alone must be decisively off: odds 10x th
 IN_SUBSPACE_FACTOR = 3.0
 NORM_FACTOR_FLOOR = 4.0
 NORM_LOW_FACTOR_FLOOR = 10.0  # a small update does little harm: only far below the others
+SPECTRAL_FLOOR = 4.0  # rule 7: the squared projection at least 4x the typical (2x the projection)
+SPECTRAL_ALPHA = 1e-4  # rule 7's projection: norm mixtures (alphas) fatten its tail beyond the law's
+SPECTRAL_SHARE_ALPHA = 0.1  # and the share of its own deviation along the direction past this cut
 SHARE_CLAMP = 1e-6  # shares are clamped to [1e-6, 1 - 1e-6] before the log-odds
 
 
@@ -129,11 +141,12 @@ class _Rules:
         floor: float,
         calibration: torch.Tensor | None = None,
         relative: float = 0.0,
+        law: str = NORMAL,
     ) -> list[Cut | None]:
         """Per adapter, the cut from the others' values (finite ones, not ``excluded``; in a
         gate, the references' values, from ``calibration`` where given)."""
         calib = values if calibration is None else calibration
-        cuts = leave_one_out_cuts(calib, self.basis(calib), alpha, floor, relative)
+        cuts = leave_one_out_cuts(calib, self.basis(calib), alpha, floor, relative, law)
         return [cut if bool(torch.isfinite(values[k])) else None for k, cut in enumerate(cuts)]
 
     def basis(self, calib: torch.Tensor) -> torch.Tensor:
@@ -247,6 +260,8 @@ def decide(
     held_out: dict[str, torch.Tensor] | None = None,
     direction: torch.Tensor | None = None,
     module_direction: dict[str, torch.Tensor] | None = None,
+    inner: torch.Tensor | None = None,
+    order: list[int] | None = None,
 ) -> list[AdapterVerdict]:
     """Combine the signals into one verdict per adapter.
 
@@ -277,6 +292,10 @@ def decide(
         direction: per adapter, the cosine of its (module-wise unit) update with the
             geometric median of the others' (references' in a gate); NaN where undefined.
         module_direction: per module, each member's cosine with the module's centre.
+        inner: the ``K x K`` Gram matrix of the whole updates (summed over modules), for
+            rule 7; None leaves the rule out.
+        order: a canonical order of the adapters (their content digests) in which rule 7's
+            eigensolves run, so that its last bits do not depend on the order of the sources.
     """
     pool = _PoolSignals(
         n_adapters,
@@ -291,6 +310,8 @@ def decide(
         held_out,
         direction,
         module_direction,
+        inner,
+        order,
     )
     verdicts = _decide(pool, excluded=set(), suspects=set())
     exclude_above = _exclusion_margin(n_adapters)
@@ -334,6 +355,8 @@ class _PoolSignals:
     held_out: dict[str, torch.Tensor] | None
     direction: torch.Tensor | None
     module_direction: dict[str, torch.Tensor] | None
+    inner: torch.Tensor | None
+    order: list[int] | None
 
 
 def _decide(pool: _PoolSignals, excluded: set[int], suspects: set[int]) -> list[AdapterVerdict]:
@@ -502,6 +525,10 @@ def _decide(pool: _PoolSignals, excluded: set[int], suspects: set[int]) -> list[
                 {"kind": "norm", "ratio": ratio} | _judged("norm", ratio, bound, max(m_up, m_down), ">" if up else "<"),
             )
 
+    # Rule 7: far along the direction in which the others differ most (a coordinated group).
+    if pool.inner is not None:
+        _spectral(rules, pool.inner, duplicates, pool.order)
+
     # Rule 6: duplicates. The first member stands for the group; the others are copies.
     for group in duplicates:
         for k in group[1:]:
@@ -514,6 +541,52 @@ def _decide(pool: _PoolSignals, excluded: set[int], suspects: set[int]) -> list[
     for k, reason in joint_reasons.items():
         _score_reasons(rules.verdicts[k], reason)
     return rules.verdicts
+
+
+def _spectral(rules: _Rules, inner: torch.Tensor, duplicates: list[list[int]], order: list[int] | None) -> None:
+    """Rule 7 (:mod:`clair_cli.core.spectral`): the log of each adapter's squared projection on
+    the others' leading deviation direction, against the others' values under the
+    log-chi-square law at ``SPECTRAL_ALPHA``; and, so that an adapter whose deviation is large
+    in every direction (an honest client with a larger alpha) is not flagged for being far
+    along this one too, the share of its own deviation along that direction, against the
+    others' shares under the same law at ``SPECTRAL_SHARE_ALPHA``. The projection's law
+    assumes one scale for every honest adapter; alphas that differ make its tail heavier,
+    which the smaller ``SPECTRAL_ALPHA`` allows for (measured: ``benchmarks/detection.py``).
+    The direction is fitted on the adapters that set thresholds (not flagged in an earlier
+    pass, not copies; the references in a gate), each adapter and its copies left out of its
+    own fit; the eigensolves run in ``order``."""
+    K = len(rules.verdicts)
+    shapes = rules.basis(torch.zeros(K, dtype=torch.float64))
+    group_of = {k: g for g in duplicates for k in g}
+    order = order or list(range(K))
+    where = {k: p for p, k in enumerate(order)}
+    perm = torch.tensor(order)
+    back = torch.empty(K, dtype=torch.long)
+    back[perm] = torch.arange(K)
+    scores, shares = leading_direction_scores(
+        inner[perm[:, None], perm[None, :]], shapes[perm], [[where[j] for j in group_of.get(k, [k])] for k in order]
+    )
+    log_s, log_share = _finite_log(scores[back]), _finite_log(shares[back])
+    far = rules.cuts(log_s, SPECTRAL_ALPHA, math.log(SPECTRAL_FLOOR), law=LOG_CHI2)
+    along = rules.cuts(log_share, SPECTRAL_SHARE_ALPHA, 0.0, law=LOG_CHI2)
+    for k in range(K):
+        if far[k] is None or along[k] is None:
+            continue
+        m = min(far[k].margin(float(log_s[k])), along[k].margin(float(log_share[k])))  # type: ignore[union-attr]
+        if rules.margin(k, m, "spectral"):
+            # Ratios of the projection (not its square) to the typical one.
+            ratio = math.exp(0.5 * (float(log_s[k]) - far[k].centre))  # type: ignore[union-attr]
+            bound = math.exp(0.5 * far[k].width)  # type: ignore[union-attr]
+            rules.flag(
+                k,
+                {"kind": "spectral", "ratio": ratio, "share": float(shares[back][k])}
+                | _judged("spectral", ratio, bound, m, ">"),
+            )
+
+
+def _finite_log(x: torch.Tensor) -> torch.Tensor:
+    out = torch.log(x.clamp_min(1e-300))
+    return out.where(torch.isfinite(x), torch.full_like(out, math.nan))
 
 
 def _judged(rule: str, value: float | None, threshold: float, margin: float | None, compare: str) -> dict:
@@ -559,7 +632,7 @@ def groups(
     duplicate groups other than the one kept) are left out: they are reported as copies.
     """
     copies = copies or set()
-    kinds = {"direction", "off_subspace"}
+    kinds = {"direction", "off_subspace", "spectral"}
     pointed = [v.index for v in verdicts if v.index not in copies and any(r["kind"] in kinds for r in v.reasons)]
     honest = [
         k for k, v in enumerate(verdicts) if not v.flagged and k not in copies and bool(torch.isfinite(direction[k]))

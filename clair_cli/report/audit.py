@@ -79,6 +79,11 @@ def reason_text(reason: dict[str, Any], names: list[str], modules: ModuleNames) 
             f"inside the shared subspace, its update lies {reason['ratio']:.1f}x farther than is typical "
             f"from the pool's centre (sign-flipped or scaled?), in {where}"
         )
+    if kind == "spectral":
+        return (
+            f"along the direction in which the other adapters differ most, it lies {reason['ratio']:.1f}x "
+            "farther from their mean than is typical (a coordinated group, such as clients sharing a backdoor?)"
+        )
     return kind
 
 
