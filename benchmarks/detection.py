@@ -8,8 +8,8 @@ already spread 5x through mixed alphas, scales 0.5 / 1.5 / 2.5):
 - detection: contaminated adapters flagged / contaminated adapters;
 - false flags: benign adapters flagged / benign adapters.
 
-    python benchmarks/detection.py            # the README table (about 2 minutes on 2 cores)
-    python benchmarks/detection.py --seeds 5  # quick look
+    python -m benchmarks.detection            # the README table (about 4 minutes on 2 cores)
+    python -m benchmarks.detection --seeds 5  # quick look
 """
 
 from __future__ import annotations

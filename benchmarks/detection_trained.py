@@ -333,8 +333,9 @@ def tables(results: list[dict], task_names: list[str]) -> str:
 
 def global_thresholds(results: list[dict]) -> str:
     """Each scored detector judged against one threshold for every pool, as a verdict must be:
-    scores divided by their pool's median, the threshold at zero and at ``GLOBAL_SHARE`` of
-    all honest adapters (over every pool) flagged, contaminated caught strictly above it."""
+    scores divided by their pool's median, the threshold at zero, at clair's verdict's count and
+    at ``GLOBAL_SHARE`` of all honest adapters (over every pool) flagged, contaminated caught
+    strictly above it."""
     kinds = _kinds(results)
     scenarios = list(dict.fromkeys(r["scenario"] for r in results))
     columns = [
@@ -342,6 +343,8 @@ def global_thresholds(results: list[dict]) -> str:
     ]
     n_benign = sum(1 for r in results for k in r["kinds"] if k == "benign")
     allowed = int(GLOBAL_SHARE * n_benign)
+    verdict = sum(r["clair_benign_flags"] for r in results)  # the level clair's verdict runs at
+    levels = sorted({0, verdict, allowed})
     lines = [
         f"One threshold for every pool (score / pool median), {n_benign} honest adapters in all:",
         "",
@@ -358,7 +361,7 @@ def global_thresholds(results: list[dict]) -> str:
         benign = np.sort(
             np.concatenate([q[[k == "benign" for k in r["kinds"]]] for q, r in zip(ratios, results, strict=True)])
         )[::-1]
-        for n_flags in (0, allowed):
+        for n_flags in levels:
             threshold = benign[n_flags]
             cells = []
             for sc, kind in columns:
@@ -417,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             "foolsgold": f"kappa = {detectors.FOOLSGOLD_KAPPA}, one round, weight 0 flagged",
             "norm > 3x median": f"norm > {detectors.NORM_FACTOR} x median norm",
             "dnc exact": "score only: exact leave-one-out DnC statistic from the K x K Gram",
-            "global": f"score / pool median; thresholds at 0 and floor({GLOBAL_SHARE} x honest) honest flags "
+            "global": f"score / pool median; thresholds at 0, at clair's verdict's count and floor({GLOBAL_SHARE} x honest) honest flags "
             "over all pools",
             "clair": "python -m clair_cli audit POOL --json - --exit-zero --quiet (defaults)",
             "matched": "per pool, threshold = (n_b + 1)-th largest benign score, n_b = clair's benign flags "

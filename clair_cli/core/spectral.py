@@ -26,7 +26,7 @@ import math
 
 import torch
 
-LOO_MAX = 256  # above: one direction per call, fitted on every adapter that may shape it
+LOO_MAX = 128  # above: one direction per call, fitted on every adapter that may shape it
 CHUNK = 32  # leave-one-out fits solved together (CHUNK K x K matrices)
 
 
@@ -65,12 +65,15 @@ def leading_direction_scores(
     for start in range(0, masks.shape[0], CHUNK):
         m = masks[start : start + CHUNK]  # (c, K)
         n = m.sum(1)  # (c,)
-        # The centring projector on each fit's members: diag(m) - m m^T / n.
-        H = torch.diag_embed(m) - m[:, :, None] * m[:, None, :] / n.clamp_min(1)[:, None, None]
-        centred = H @ G @ H
+        mean_row = (m @ G) / n.clamp_min(1)[:, None]  # <mu, Theta_j> for every j
+        centre_sq = (mean_row * m).sum(1) / n.clamp_min(1)  # ||mu||^2
+        # H G H with H = diag(m) - m m^T / n, the centring on each fit's members, in O(K^2):
+        # <Theta_i - mu, Theta_j - mu> on the members, zero elsewhere.
+        centred = (m[:, :, None] * m[:, None, :]) * (
+            G[None] - mean_row[:, :, None] - mean_row[:, None, :] + centre_sq[:, None, None]
+        )
         evals, evecs = torch.linalg.eigh(centred)
         lead, v = evals[:, -1], evecs[:, :, -1]  # v is zero off the members
-        mean_row = (m @ G) / n.clamp_min(1)[:, None]  # <mu, Theta_j> for every j
         scale = torch.diagonal(centred, dim1=1, dim2=2).sum(1)  # the members' total centred variance
         ok = (n >= 3) & (lead > 1e-12 * scale.clamp_min(0)) & (lead > 0)
         for pos, members in enumerate(rows[start : start + CHUNK] if K <= LOO_MAX else rows):
@@ -79,7 +82,6 @@ def leading_direction_scores(
             # <Theta_k - mu, u> with the unit direction u = sum_j v_j Theta_j / sqrt(lead).
             proj = (G[members] - mean_row[pos]) @ v[pos] / lead[pos].sqrt()
             out[members] = proj**2 * n[pos] / lead[pos]
-            centre_sq = (mean_row[pos] @ m[pos]) / n[pos]  # ||mu||^2
-            dev_sq = torch.diagonal(G)[members] - 2 * mean_row[pos][members] + centre_sq  # ||Theta_k - mu||^2
+            dev_sq = torch.diagonal(G)[members] - 2 * mean_row[pos][members] + centre_sq[pos]  # ||Theta_k - mu||^2
             shares[members] = (proj**2 / dev_sq.clamp_min(1e-300)).clamp(max=1.0)
     return out, shares
