@@ -121,3 +121,18 @@ def test_without_the_group_no_honest_adapter_is_flagged() -> None:
     for seed in range(3):
         aud = ClairAuditor().fit(_coordinated_pool(seed, 2.0, bad=()), 20)
         assert not any(v.flagged for v in aud.verdicts_)
+
+
+def test_the_spectral_reason_reads_and_is_in_the_json_signals() -> None:
+    from clair_cli.report.audit import reason_text
+    from clair_cli.report.modules import ModuleNames
+
+    aud = ClairAuditor().fit(_coordinated_pool(1, 2.0), 20)
+    reason = next(r for r in aud.verdicts_[18].reasons if r["kind"] == "spectral")
+    assert reason["rule"] == "spectral" and reason["compare"] == ">"
+    assert reason["value"] == reason["ratio"] > reason["threshold"] > 1
+    assert 0 < reason["share"] <= 1
+    assert aud.verdicts_[18].score >= reason["margin"] > 1
+    text = reason_text(reason, [], ModuleNames(["layers.0.q_proj"]))
+    assert text.startswith("along the direction in which the other adapters differ most, it lies ")
+    assert f"{reason['ratio']:.1f}x" in text
