@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -89,8 +90,16 @@ def test_json_report_schema(pool_dir: Path, tmp_path: Path) -> None:
         "dtypes",
         "file_size",
         "notes",
+        "path",
+        "sha256",
+        "hub",
     }
     assert set(a) == expected_keys
+    # For CI, as the audit's report: the path as given, each file's digest, no hub for local.
+    assert a["path"] == str(pool_dir / "a") and a["hub"] is None
+    weights = pool_dir / "a" / "adapter_model.safetensors"
+    assert a["sha256"]["adapter_model.safetensors"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert set(a["sha256"]) == {"adapter_model.safetensors", "adapter_config.json"}
     assert a["n_modules"] == 4 and a["ranks"] == [4] and a["dtypes"] == ["float32"]
     assert a["modules"][0] == {
         "name": "model.layers.0.self_attn.q_proj",

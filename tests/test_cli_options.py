@@ -153,6 +153,12 @@ def test_old_method_option_still_works_with_a_notice(six: Path, spelling: str) -
     assert result.stderr.count("\n") == 1  # one line
 
 
+def test_old_method_notice_is_silent_under_quiet(six: Path) -> None:
+    result = invoke("audit", str(six), "--method", "exact", "--quiet", "--exit-zero", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+
+
 def test_old_method_option_conflicting_with_solver_is_refused(six: Path) -> None:
     result = invoke("audit", str(six), "--method", "noisy", "--solver", "exact")
     assert result.exit_code == 2 and "disagree" in result.output

@@ -114,6 +114,11 @@ def test_download_records_commit_and_fetches_only_adapter_files(fake_hub: FakeHu
     assert names == ["owner/lora", "owner/lora@v1"]
     assert [a["revision"] for a in report["adapters"]] == [SHA_MAIN, SHA_V1]
     assert [a["lora_alpha"] for a in report["adapters"]] == [8.0, 16.0]
+    assert [a["hub"] for a in report["adapters"]] == [
+        {"repo_id": "owner/lora", "revision": None, "subfolder": None, "commit": SHA_MAIN},
+        {"repo_id": "owner/lora", "revision": "v1", "subfolder": None, "commit": SHA_V1},
+    ]
+    assert all(len(digest) == 64 for a in report["adapters"] for digest in a["sha256"].values())
     fetched = {path.rsplit("/", 1)[-1] for _, path, _ in fake_hub.requests}
     assert fetched == {"adapter_config.json", "adapter_model.safetensors"}
 

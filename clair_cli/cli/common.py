@@ -33,11 +33,11 @@ def parse_weights(text: str | None) -> list[float] | None:
     return values
 
 
-def solver_form(solver: SolverForm, method: SolverForm | None) -> SolverForm:
+def solver_form(solver: SolverForm, method: SolverForm | None, quiet: bool = False) -> SolverForm:
     """The decomposition form: ``--solver``, or the deprecated ``--method`` of audit, refine and gate.
 
-    ``--method noisy|exact`` still works there, with a one-line notice on stderr; given with a
-    different ``--solver`` it is refused.
+    ``--method noisy|exact`` still works there, with a one-line notice on stderr (not under
+    ``--quiet``); given with a different ``--solver`` it is refused.
     """
     if method is None:
         return solver
@@ -46,10 +46,11 @@ def solver_form(solver: SolverForm, method: SolverForm | None) -> SolverForm:
             f"--method {method.value} and --solver {solver.value} disagree",
             hint="--method is now --solver here; give --solver alone.",
         )
-    print(
-        f"clair: --method is now --solver (use --solver {method.value}); --method will name merge methods only.",
-        file=sys.stderr,
-    )
+    if not quiet:
+        print(
+            f"clair: --method is now --solver (use --solver {method.value}); --method will name merge methods only.",
+            file=sys.stderr,
+        )
     return method
 
 
@@ -60,7 +61,7 @@ def audit_params(options: Mapping[str, Any]) -> AuditParams:
     The deprecated ``--method noisy|exact`` of audit, refine and gate is ``deprecated_method``.
     """
     return AuditParams(
-        solver=solver_form(options["solver"], options.get("deprecated_method")),
+        solver=solver_form(options["solver"], options.get("deprecated_method"), bool(options.get("quiet"))),
         side=options["side"],
         rank=options["rank"],
         threshold=options["threshold"],

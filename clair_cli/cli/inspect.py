@@ -63,7 +63,7 @@ def inspect_command(
     for ref in refs:
         try:
             adapter = open_adapter(ref, src)
-            records.append(adapter_record(adapter, verify(adapter)))
+            records.append(adapter_record(adapter, verify(adapter), digests=json_out is not None))
         except ClairError as exc:
             records.append(error_record(ref.name, ref.source, exc.message, ref.revision))
             failures.append(exc)

@@ -94,7 +94,7 @@ def _generated_at() -> str:
     return when.replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def _where(adapter: Any, digests: bool) -> dict[str, Any]:
+def where_from(adapter: Any, digests: bool) -> dict[str, Any]:
     """Where an adapter came from, for CI: its own path as given, its files' digests (None
     unless ``digests``: hashing re-reads every weights file), the hub coordinates."""
     ref = adapter.ref
@@ -132,7 +132,7 @@ def audit_report(outcome: AuditOutcome, command: str = "audit", digests: bool = 
                 "name": a.name,
                 "source": a.ref.source,
                 "revision": a.ref.revision,
-                **_where(a, digests),
+                **where_from(a, digests),
                 "role": ("reference" if v.index in reference else "candidate") if outcome.reference else "member",
                 "score": round(v.score, 6),
                 "signals": {rule: round(m, 6) for rule, m in sorted(v.signals.items())},

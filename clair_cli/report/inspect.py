@@ -17,14 +17,18 @@ def _fmt_num(x: float) -> str:
     return f"{x:g}"
 
 
-def adapter_record(adapter: Adapter, extra_notes: list[str] | None = None) -> dict[str, Any]:
-    """A JSON-ready description of one adapter."""
+def adapter_record(adapter: Adapter, extra_notes: list[str] | None = None, digests: bool = False) -> dict[str, Any]:
+    """A JSON-ready description of one adapter; ``path``, ``sha256`` (None unless ``digests``)
+    and ``hub`` as in the audit's report (:func:`clair_cli.report.audit.where_from`)."""
+    from clair_cli.report.audit import where_from
+
     cfg = adapter.config
     targets = cfg.target_modules
     return {
         "name": adapter.name,
         "source": adapter.ref.source,
         "revision": adapter.ref.revision,
+        **where_from(adapter, digests),
         "base_model": cfg.base_model,
         "peft_type": cfg.peft_type,
         "r": cfg.r,
