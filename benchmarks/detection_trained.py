@@ -420,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             "foolsgold": f"kappa = {detectors.FOOLSGOLD_KAPPA}, one round, weight 0 flagged",
             "norm > 3x median": f"norm > {detectors.NORM_FACTOR} x median norm",
             "dnc exact": "score only: exact leave-one-out DnC statistic from the K x K Gram",
-            "global": f"score / pool median; thresholds at 0, at clair's verdict's count and floor({GLOBAL_SHARE} x honest) honest flags "
+            "global": "score / pool median; thresholds at 0, at clair's verdict's count and "
+            f"floor({GLOBAL_SHARE} x honest) honest flags "
             "over all pools",
             "clair": "python -m clair_cli audit POOL --json - --exit-zero --quiet (defaults)",
             "matched": "per pool, threshold = (n_b + 1)-th largest benign score, n_b = clair's benign flags "

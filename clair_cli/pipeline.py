@@ -8,6 +8,7 @@ that stay open (memory-mapped) for the whole pass.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
@@ -47,6 +48,22 @@ def _quiet(_stage: str, _done: int, _total: int) -> None:
 
 def _base(name: str | None) -> str | None:
     return name.rstrip("/") if name else None
+
+
+def _one_spelling(spellings: list[str]) -> str | None:
+    """The name written for the pool's base model (outputs' configs and cards), whatever the
+    order of the sources: the spelling every adapter uses; where they differ, the hub id
+    (``roberta-base`` and ``FacebookAI/roberta-base``: the latter) or, for one local
+    directory spelled several ways, the first relative spelling in sorted order (relative
+    paths keep outputs portable; each spelling loads as given)."""
+    from clair_cli.io.base_model import canonical_base_model, looks_local
+
+    distinct = sorted(set(spellings), key=lambda name: (os.path.isabs(os.path.expanduser(name)), name))
+    if not distinct:
+        return None
+    if len(distinct) == 1 or looks_local(distinct[0]):
+        return distinct[0]
+    return canonical_base_model(distinct[0])
 
 
 def build_pool(adapters: Sequence[Adapter], intersect: bool = False, method: str = "clair") -> Pool:
@@ -116,8 +133,7 @@ def build_pool(adapters: Sequence[Adapter], intersect: bool = False, method: str
                     f"{a.name} has a {spec.kind} update of {spec.d_out}x{spec.d_in}",
                     hint="Adapters of one base model have equal shapes; check the base models.",
                 )
-    base_model = next(iter(bases.values()))[0] if bases else None
-    return Pool(list(adapters), modules, dropped, base_model, [note] if note else [])
+    return Pool(list(adapters), modules, dropped, _one_spelling(spellings), [note] if note else [])
 
 
 def open_pool(

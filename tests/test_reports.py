@@ -185,6 +185,14 @@ def test_base_models_compared_after_normalisation(tmp_path: Path, monkeypatch: p
         _pool_with_bases(tmp_path / "p2", ["roberta-base", "FacebookAI/roberta-base", "roberta-base", "x", "x"][:3] * 2)
     )
     assert "FacebookAI/roberta-base" in pool.notes[0]
+    assert pool.base_model == "FacebookAI/roberta-base"  # what the outputs record, in any order
+    for order in (["roberta-base", "FacebookAI/roberta-base"] * 3, ["FacebookAI/roberta-base", "roberta-base"] * 3):
+        root = tmp_path / "-".join(order[:2]).replace("/", "_")
+        assert pipeline.build_pool(_pool_with_bases(root, order)).base_model == "FacebookAI/roberta-base"
+    for order in (["base", str(tmp_path / "base")] * 3, [str(tmp_path / "base"), "base/"] * 3):
+        root = tmp_path / f"local-{order[0][-4:]}-{len(order[1])}"
+        assert pipeline.build_pool(_pool_with_bases(root, order)).base_model == "base"  # relative, not absolute
+    assert pipeline.build_pool(_pool_with_bases(tmp_path / "one", ["roberta-base"] * 5)).base_model == "roberta-base"
     assert canonical_base_model("gpt2") == "openai-community/gpt2"
     assert canonical_base_model("/a\x00b") == "/a\x00b"  # from a hostile config: no exception
     assert canonical_base_model("hf://bert-base-uncased/") == "google-bert/bert-base-uncased"

@@ -50,7 +50,7 @@ LEGACY_HUB_IDS: dict[str, str] = {
 }
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or os.path.isdir(os.path.expanduser(name))
 
 
@@ -59,7 +59,7 @@ def canonical_base_model(name: str) -> str:
     spelled as a path), else the hub id with ``hf://`` and trailing slashes removed and a
     legacy id replaced by its organisation's."""
     name = name.strip()
-    if _looks_local(name):
+    if looks_local(name):
         try:
             return os.path.realpath(os.path.expanduser(name))
         except (OSError, ValueError):  # a NUL byte, a name too long: compared as written
@@ -74,5 +74,5 @@ def same_model_note(names: list[str]) -> str | None:
     if len(distinct) < 2:
         return None
     canon = canonical_base_model(distinct[0])
-    why = "one local directory" if _looks_local(distinct[0]) else f"the hub model {canon}"
+    why = "one local directory" if looks_local(distinct[0]) else f"the hub model {canon}"
     return f"base model named {', '.join(repr(n) for n in distinct)}: taken as the same model ({why})"
