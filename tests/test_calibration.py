@@ -205,3 +205,30 @@ def test_closed_form_critical_value_continues_the_simulated_one() -> None:
     for n in (101, 500, 2000, 2001):
         assert 3.05 < critical_value(n, 1e-3) < 3.2
     assert critical_value(100_001, 1e-3) == pytest.approx(3.0902, abs=1e-3)  # the normal quantile
+
+
+def test_an_adapter_with_no_neighbour_is_flagged_as_isolated() -> None:
+    # Honest clients agree loosely (spread 1.0): each has neighbours. Another task's adapter,
+    # whose update lies elsewhere in every module, has none.
+    from clair_cli.report.audit import reason_text
+    from clair_cli.report.modules import ModuleNames
+
+    for seed in range(3):
+        mods = make_pool(M=4, K=17, r=2, spread=1.0, noise=0.3, seed=seed)
+        g = torch.Generator().manual_seed(99 + seed)
+        for m in mods:  # adapter 16: another task (random factors of the same ranks)
+            m.A[16] = torch.randn(m.A[16].shape, generator=g, dtype=torch.float64)
+            m.B[16] = torch.randn(m.B[16].shape, generator=g, dtype=torch.float64)
+        aud = ClairAuditor().fit(mods, 17)
+        v = aud.verdicts_[16]
+        assert v.signals["isolated"] > 1, v.signals
+        reason = next(r for r in v.reasons if r["kind"] == "isolated")
+        assert reason["value"] == reason["cosine"] < reason["threshold"] < reason["typical"] / 3 + 1e-12
+        assert "shares almost nothing with any other adapter" in reason_text(reason, [], ModuleNames(["m"]))
+        assert all(aud.verdicts_[k].signals["isolated"] < 1 for k in range(16))
+
+
+def test_the_isolated_rule_is_off_where_adapters_share_only_a_subspace() -> None:
+    for seed in range(3):  # no consensus: nearest neighbours are chance, so no signal
+        aud = ClairAuditor().fit(make_pool(M=3, K=20, noise=0.3, seed=seed), 20)
+        assert all("isolated" not in v.signals for v in aud.verdicts_)

@@ -343,6 +343,7 @@ class ClairAuditor:
             module_direction={r.name: r.direction for r in results if r.direction is not None},
             inner=inner,
             order=glob,
+            cosine=cosine_from_gram(unit),
         )
         copies = {k for g in self.duplicate_groups_ for k in g[1:]}
         self.groups_ = groups(self.verdicts_, cosine_from_gram(unit), self.direction_, copies)

@@ -45,7 +45,13 @@ minimum effect size in the statistic's own units. The rules:
    backdoor trigger) make their common push the direction in which the pool varies most,
    even when each alone looks honest. Floor: the projection at least twice the typical.
 
-An adapter's ``score`` is its largest margin over rules 1-5 and 7: the distance above the typical
+8. **No neighbour** (``isolated``): the adapter's largest cosine with any other adapter
+   (every module at unit norm, its copies aside), on the log scale, against the others'
+   largest cosines, floor a third of the typical; off where the others agree on no
+   direction (as rule 1). Another task's adapter shares nothing with any client, where
+   honest clients of one task, however skewed their data, have a neighbour.
+
+An adapter's ``score`` is its largest margin over rules 1-5, 7 and 8: the distance above the typical
 value in units of the distance to the threshold, so a score above 1 means that rule flagged
 it (a duplicate is flagged whatever its score). ``threshold`` (the ``--threshold`` option)
 replaces rules 2 and 3 by a fixed off-subspace share on any module.
@@ -85,6 +91,8 @@ NORM_LOW_FACTOR_FLOOR = 10.0  # a small update does little harm: only far below 
 SPECTRAL_FLOOR = 4.0  # rule 7: the squared projection at least 4x the typical (2x the projection)
 SPECTRAL_ALPHA = 1e-4  # rule 7's projection: norm mixtures (alphas) fatten its tail beyond the law's
 SPECTRAL_SHARE_ALPHA = 0.1  # and the share of its own deviation along the direction past this cut
+ISOLATED_FACTOR = 3.0  # rule 8: the nearest neighbour's cosine at most a third of the typical
+ISOLATED_MIN_COSINE = 1e-3  # nearest cosines below (or negative) count as this
 SHARE_CLAMP = 1e-6  # shares are clamped to [1e-6, 1 - 1e-6] before the log-odds
 
 
@@ -262,6 +270,7 @@ def decide(
     module_direction: dict[str, torch.Tensor] | None = None,
     inner: torch.Tensor | None = None,
     order: list[int] | None = None,
+    cosine: torch.Tensor | None = None,
 ) -> list[AdapterVerdict]:
     """Combine the signals into one verdict per adapter.
 
@@ -312,6 +321,7 @@ def decide(
         module_direction,
         inner,
         order,
+        cosine,
     )
     verdicts = _decide(pool, excluded=set(), suspects=set())
     exclude_above = _exclusion_margin(n_adapters)
@@ -357,6 +367,7 @@ class _PoolSignals:
     module_direction: dict[str, torch.Tensor] | None
     inner: torch.Tensor | None
     order: list[int] | None
+    cosine: torch.Tensor | None
 
 
 def _decide(pool: _PoolSignals, excluded: set[int], suspects: set[int]) -> list[AdapterVerdict]:
@@ -528,6 +539,9 @@ def _decide(pool: _PoolSignals, excluded: set[int], suspects: set[int]) -> list[
     # Rule 7: far along the direction in which the others differ most (a coordinated group).
     if pool.inner is not None:
         _spectral(rules, pool.inner, duplicates, pool.order)
+    # Rule 8: no neighbour at all.
+    if pool.cosine is not None and direction is not None:
+        _isolated(rules, pool.cosine, duplicates, direction)
 
     # Rule 6: duplicates. The first member stands for the group; the others are copies.
     for group in duplicates:
@@ -581,6 +595,39 @@ def _spectral(rules: _Rules, inner: torch.Tensor, duplicates: list[list[int]], o
                 k,
                 {"kind": "spectral", "ratio": ratio, "share": float(shares[back][k])}
                 | _judged("spectral", ratio, bound, m, ">"),
+            )
+
+
+def _isolated(rules: _Rules, cosine: torch.Tensor, duplicates: list[list[int]], direction: torch.Tensor) -> None:
+    """Rule 8: the adapter's largest cosine with any other adapter (every module at unit
+    norm; its own copies aside; in a gate, with the references), on the log scale, against
+    the others' largest cosines: an adapter that shares nothing with any other (another
+    task's), where honest clients of one task, however skewed their data, have a neighbour.
+    Floor: at most a third of the typical nearest cosine. Like rule 1, off where the others
+    agree on no direction (their typical cosine with their centre below 0.1): adapters that
+    share only a subspace have no neighbour but by chance."""
+    K = len(rules.verdicts)
+    group_of = {k: set(g) for g in duplicates for k in g}
+    allowed = torch.ones(K, K, dtype=torch.bool)
+    allowed.fill_diagonal_(False)
+    for k, group in group_of.items():
+        allowed[k, list(group)] = False
+    if rules.gated:
+        allowed &= torch.tensor([j in rules.trusted for j in range(K)], dtype=torch.bool)[None, :]
+    c = cosine.double().where(allowed, torch.full((K, K), -math.inf, dtype=torch.float64))
+    nearest = c.max(1).values
+    x = -torch.log(nearest.clamp_min(ISOLATED_MIN_COSINE))
+    x = x.where(torch.isfinite(nearest), torch.full_like(x, math.nan))
+    agreement = rules.cuts(-direction.double(), ALPHA, 0.0)
+    for k, cut in enumerate(rules.cuts(x, ALPHA, math.log(ISOLATED_FACTOR))):
+        if cut is None or agreement[k] is None or -agreement[k].centre < DIRECTION_FLOOR:  # type: ignore[union-attr]
+            continue
+        m = cut.margin(float(x[k]))
+        if rules.margin(k, m, "isolated"):
+            rules.flag(
+                k,
+                {"kind": "isolated", "cosine": float(nearest[k]), "typical": math.exp(-cut.centre)}
+                | _judged("isolated", float(nearest[k]), math.exp(-cut.value), m, "<"),
             )
 
 

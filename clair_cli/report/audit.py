@@ -79,6 +79,11 @@ def reason_text(reason: dict[str, Any], names: list[str], modules: ModuleNames) 
             f"inside the shared subspace, its update lies {reason['ratio']:.1f}x farther than is typical "
             f"from the pool's centre (sign-flipped or scaled?), in {where}"
         )
+    if kind == "isolated":
+        return (
+            f"it shares almost nothing with any other adapter (cosine {reason['cosine']:+.2f} with its nearest, "
+            f"typically {reason['typical']:.2f}: another task?)"
+        )
     if kind == "spectral":
         return (
             f"along the direction in which the other adapters differ most, it lies {reason['ratio']:.1f}x "
