@@ -47,9 +47,10 @@ minimum effect size in the statistic's own units. The rules:
 
 8. **No neighbour** (``isolated``): the adapter's largest cosine with any other adapter
    (every module at unit norm, its copies aside), on the log scale, against the others'
-   largest cosines, floor a third of the typical; off where the others agree on no
-   direction (as rule 1). Another task's adapter shares nothing with any client, where
-   honest clients of one task, however skewed their data, have a neighbour.
+   largest cosines, floor a third of the typical; as the joint rule, it also needs half of
+   rule 1's raw effect (off where the others agree on no direction). Another task's adapter
+   shares nothing with any client, where honest clients of one task, however skewed their
+   data, have a neighbour.
 
 An adapter's ``score`` is its largest margin over rules 1-5, 7 and 8: the distance above the typical
 value in units of the distance to the threshold, so a score above 1 means that rule flagged
@@ -540,8 +541,8 @@ def _decide(pool: _PoolSignals, excluded: set[int], suspects: set[int]) -> list[
     if pool.inner is not None:
         _spectral(rules, pool.inner, duplicates, pool.order)
     # Rule 8: no neighbour at all.
-    if pool.cosine is not None and direction is not None:
-        _isolated(rules, pool.cosine, duplicates, direction)
+    if pool.cosine is not None and dir_effect is not None:
+        _isolated(rules, pool.cosine, duplicates, dir_effect)
 
     # Rule 6: duplicates. The first member stands for the group; the others are copies.
     for group in duplicates:
@@ -598,14 +599,16 @@ def _spectral(rules: _Rules, inner: torch.Tensor, duplicates: list[list[int]], o
             )
 
 
-def _isolated(rules: _Rules, cosine: torch.Tensor, duplicates: list[list[int]], direction: torch.Tensor) -> None:
+def _isolated(rules: _Rules, cosine: torch.Tensor, duplicates: list[list[int]], dir_effect: torch.Tensor) -> None:
     """Rule 8: the adapter's largest cosine with any other adapter (every module at unit
     norm; its own copies aside; in a gate, with the references), on the log scale, against
     the others' largest cosines: an adapter that shares nothing with any other (another
     task's), where honest clients of one task, however skewed their data, have a neighbour.
-    Floor: at most a third of the typical nearest cosine. Like rule 1, off where the others
-    agree on no direction (their typical cosine with their centre below 0.1): adapters that
-    share only a subspace have no neighbour but by chance."""
+    Floor: at most a third of the typical nearest cosine. As the joint rule, it also needs
+    half of rule 1's raw effect (``dir_effect``: the drop of its cosine with the others'
+    centre in units of rule 1's floor; NaN where the others agree on no direction, and the
+    rule is off): where honest adapters share little, one of them lacks a close neighbour
+    by chance, but it still points the pool's way."""
     K = len(rules.verdicts)
     group_of = {k: set(g) for g in duplicates for k in g}
     allowed = torch.ones(K, K, dtype=torch.bool)
@@ -618,11 +621,11 @@ def _isolated(rules: _Rules, cosine: torch.Tensor, duplicates: list[list[int]], 
     nearest = c.max(1).values
     x = -torch.log(nearest.clamp_min(ISOLATED_MIN_COSINE))
     x = x.where(torch.isfinite(nearest), torch.full_like(x, math.nan))
-    agreement = rules.cuts(-direction.double(), ALPHA, 0.0)
     for k, cut in enumerate(rules.cuts(x, ALPHA, math.log(ISOLATED_FACTOR))):
-        if cut is None or agreement[k] is None or -agreement[k].centre < DIRECTION_FLOOR:  # type: ignore[union-attr]
+        pointing = rules.verdicts[k].signals.get("direction", -math.inf)  # rule 1's margin, this pass
+        if cut is None or not bool(dir_effect[k] > 0.5) or pointing <= 0.5:
             continue
-        m = cut.margin(float(x[k]))
+        m = min(cut.margin(float(x[k])), 2 * pointing)
         if rules.margin(k, m, "isolated"):
             rules.flag(
                 k,
