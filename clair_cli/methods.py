@@ -23,6 +23,8 @@ class MergeMethod:
         description: one line for ``--help``.
         audits: runs the CLAIR audit first and merges the adapters it does not flag.
         exact_mean: forms the (weighted) mean of its adapters, in the audit's working precision.
+        of_factors: defined on the factors as given, not on the updates alone (every other
+            method sees canonical factors, :mod:`clair_cli.core.canonical`).
     """
 
     name: str
@@ -30,6 +32,7 @@ class MergeMethod:
     description: str
     audits: bool = False
     exact_mean: bool = False
+    of_factors: bool = False
 
 
 # CLAIR's robust centre (median / MAD) needs a benign majority, and below five adapters
@@ -38,7 +41,7 @@ class MergeMethod:
 _METHODS = (
     MergeMethod("clair", 5, "audit, then the exact mean of the adapters not flagged", audits=True, exact_mean=True),
     MergeMethod("mean", 1, "exact (weighted) mean of every adapter, no audit", exact_mean=True),
-    MergeMethod("fedavg", 1, "naive federated averaging of the A and B factors apart"),
+    MergeMethod("fedavg", 1, "naive federated averaging of the A and B factors apart", of_factors=True),
     MergeMethod("median", 2, "coordinate-wise median of the updates"),
     MergeMethod("trimmed-mean", 3, "coordinate-wise mean without the largest and smallest values"),
     MergeMethod("krum", 3, "the adapter of lowest Krum score"),

@@ -399,11 +399,18 @@ def _at_working_precision(mod: ModuleInput, dtype: torch.dtype, solver: str) -> 
     return ModuleInput(mod.name, mod.members, [a.to(work) for a in mod.A], [b.to(work) for b in mod.B], mod.scales)
 
 
-def _canonical(mod: ModuleInput, weights: list[float] | None) -> tuple[ModuleInput, list[float] | None]:
-    """The module (and its weights) in the canonical order of :mod:`clair_cli.core.order`."""
+def _canonical(
+    mod: ModuleInput, weights: list[float] | None, factors: bool = True
+) -> tuple[ModuleInput, list[float] | None]:
+    """The module (and its weights) in the canonical order of :mod:`clair_cli.core.order`;
+    with ``factors``, also in canonical factors (:mod:`clair_cli.core.canonical`, float64), so
+    that the result depends on each update alone, not on how it was factored."""
     from clair_cli.core.audit import ModuleInput
+    from clair_cli.core.canonical import canonical_module
     from clair_cli.core.order import content_order
 
+    if factors:
+        mod = ModuleInput(mod.name, mod.members, *canonical_module(mod.A, mod.B, mod.scales))
     order = content_order(mod.A, mod.B, mod.scales)
     return (
         ModuleInput(
@@ -494,7 +501,7 @@ def merge(
     unprojected = []
     sq_norms = None
     for given in iter_modules(pool, used, dtype=dtype, device=settings.device, progress=progress):
-        mod, mw = _canonical(given, w)
+        mod, mw = _canonical(given, w, factors=not spec.of_factors)
         if spec.exact_mean:
             mod = _at_working_precision(mod, dtype, settings.path)
         if options.rescale != "none":

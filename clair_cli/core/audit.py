@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 
+from clair_cli.core.canonical import canonical_module
 from clair_cli.core.decompose import Method, ModuleDecomposer, null_bound
 from clair_cli.core.fastpath import FastDecomposer, off_subspace_shares, shared_basis
 from clair_cli.core.insubspace import centre_cosines, direction_cosines, in_subspace_gram, unit_centre_distances
@@ -214,19 +215,22 @@ class ClairAuditor:
         digests = [hashlib.sha256() for _ in range(K)]  # per adapter, over its modules
         results: list[ModuleResult] = []
         for given in modules:
+            # Every statistic is of the update alone: canonical factors first
+            # (:mod:`clair_cli.core.canonical`), whatever the factorisation given.
+            cA, cB, cs = canonical_module(given.A, given.B, given.scales)
             # Work in a canonical order of the members; per-member results are put back
             # into the given order below, so the sources' order changes nothing.
-            keys = content_keys(given.A, given.B, given.scales)
+            keys = content_keys(cA, cB, cs)
             for k, key in zip(given.members, keys, strict=True):
                 digests[k].update(key)
-            order = content_order(given.A, given.B, given.scales, keys)
+            order = content_order(cA, cB, cs, keys)
             back = inverse(order)
             mod = ModuleInput(
                 given.name,
                 [given.members[j] for j in order],
-                [given.A[j] for j in order],
-                [given.B[j] for j in order],
-                [given.scales[j] for j in order],
+                [cA[j] for j in order],
+                [cB[j] for j in order],
+                [cs[j] for j in order],
             )
             dtype = working_dtype(mod.A, self.dtype, self.solver)
             A = [a.to(self.device, dtype) for a in mod.A]

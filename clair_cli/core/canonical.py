@@ -1,0 +1,73 @@
+"""Canonical factors of a LoRA update: what clair measures depends on the update alone.
+
+An update ``Theta = s B A`` has many factorisations: ``(B M, M^{-1} A)`` for any invertible
+``M``, extra zero (or negligible) directions that inflate the rank, and any split of the
+scale between ``s``, ``B`` and ``A``. A statistic computed from the factors as given (a
+rank-revealing QR of stacked ``B`` blocks with a tolerance relative to the largest column,
+a concatenation that mixes factors of magnitude ``1e18`` and ``1e-18``) then depends on the
+factorisation, and an attacker who re-factors an update steers the verdict for free.
+
+:func:`canonical_factors` maps every factorisation of one update to the same factors, up to
+rounding and the signs of singular pairs (which cancel in ``B A``):
+
+    B = Q_B R_B,   A^T = Q_A R_A                    (thin QRs, float64)
+    s R_B R_A^T = U Sigma V^T                       (``r x r`` core)
+    B' = Q_B U Sigma^{1/2},   A' = Sigma^{1/2} V^T Q_A^T,   scale 1
+
+keeping the singular directions above ``eps * max(r, 8) * sigma_max`` (at least one). The
+factors are *balanced* (``||B'||_F = ||A'||_F``, orthogonal columns in ``B'``, orthogonal
+rows in ``A'``), so later QRs and Gram products see factors of comparable size whatever the
+input's balance; the QRs are scale-equivariant, so ``(c B, A / c)`` gives the same core to
+rounding for any ``c`` in the dtype's range. Cost: O((d_out + d_in) r^2) per update, as
+much as the factored reduction spends on it anyway.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+EPS_RANK = 8  # the cut is eps * max(r, 8) * sigma_max, as the factored reduction's
+
+
+def canonical_factors(
+    A: torch.Tensor, B: torch.Tensor, scale: float, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced SVD factors ``(A', B')`` with ``B' A' = scale * B A`` (scale 1).
+
+    Args:
+        A: ``r x d_in``.
+        B: ``d_out x r``.
+        scale: the LoRA scale of the update.
+        dtype: precision of the factorisation and of the result (float64 by default, so
+            factors whose product would overflow float32's accumulations stay exact).
+
+    Returns:
+        ``(A', B')`` of shapes ``rho x d_in`` and ``d_out x rho``, ``rho`` the numerical rank
+        of the update (at least 1; an all-zero update gives one zero direction).
+
+    Raises:
+        ValueError: factors that are not ``r x d_in`` and ``d_out x r``, or not finite.
+    """
+    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+        raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} are not r x d_in and d_out x r")
+    a, b = A.to(dtype), B.to(dtype)
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all()) and math.isfinite(float(scale))):
+        raise ValueError("LoRA factors and scale must be finite")
+    qb, rb = torch.linalg.qr(b, mode="reduced")
+    qa, ra = torch.linalg.qr(a.T, mode="reduced")
+    u, s, vh = torch.linalg.svd(float(scale) * (rb @ ra.T), full_matrices=False)
+    top = float(s[0]) if s.numel() else 0.0
+    keep = max(int((s > torch.finfo(dtype).eps * max(s.numel(), EPS_RANK) * top).sum()), 1) if top > 0 else 1
+    root = s[:keep].sqrt()
+    return root[:, None] * (vh[:keep] @ qa.T), (qb @ u[:, :keep]) * root
+
+
+def canonical_module(
+    A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float], dtype: torch.dtype = torch.float64
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
+    """:func:`canonical_factors` of every adapter of one module; the scales become 1."""
+    pairs = [canonical_factors(a, b, s, dtype) for a, b, s in zip(A, B, scales, strict=True)]
+    return [p[0] for p in pairs], [p[1] for p in pairs], [1.0] * len(pairs)

@@ -1,0 +1,141 @@
+"""Every verdict and merge is a function of the updates alone, not of how they are factored.
+
+An attacker can send any factorisation of its update: ``(c B, A / c)`` over the dtype's
+range, ``(B M, M^{-1} A)`` for an ill-conditioned ``M``, extra zero or negligible directions
+(rank inflation), a scale moved between ``alpha`` and the factors. None of it may change a
+flag, and no score may move beyond rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from clair_cli.core.audit import ClairAuditor, ModuleInput
+from clair_cli.core.canonical import canonical_factors
+from tests.synthetic import make_pool
+
+
+def _refactor(mods: list[ModuleInput], k: int, how: str, seed: int = 0) -> list[ModuleInput]:
+    """The pool with adapter ``k``'s factors changed by ``how``; every update unchanged."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for m in mods:
+        A, B, s = list(m.A), list(m.B), list(m.scales)
+        a, b = A[k].double(), B[k].double()
+        r = a.shape[0]
+        if how.startswith("scale:"):
+            c = float(how.split(":")[1])
+            a, b = a / c, b * c
+        elif how == "ill-conditioned":
+            # M = Q diag(1e-4 .. 1e4) Q'^T: condition number 1e8 (float64 holds B M and M^-1 A to
+            # about 1e-8 of the update; at 1e14 the stored update itself would differ by 1 %).
+            q1 = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64))[0]
+            q2 = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64))[0]
+            d = torch.logspace(-4, 4, r, dtype=torch.float64)
+            M, M_inv = q1 @ torch.diag(d) @ q2.T, q2 @ torch.diag(1 / d) @ q1.T
+            a, b = M_inv @ a, b @ M
+        elif how == "rank-inflation":
+            # 12 extra directions: zero rows of A against random columns of B, and the reverse.
+            extra_b = torch.randn(b.shape[0], 6, generator=g, dtype=torch.float64)
+            extra_a = torch.randn(6, a.shape[1], generator=g, dtype=torch.float64)
+            a = torch.cat([a, torch.zeros(6, a.shape[1], dtype=torch.float64), extra_a])
+            b = torch.cat([b, extra_b, torch.zeros(b.shape[0], 6, dtype=torch.float64)], dim=1)
+        elif how == "scale-in-alpha":
+            a, s[k] = a * s[k] * 1e9, 1e-9
+        else:
+            raise ValueError(how)
+        A[k], B[k] = a.to(m.A[k].dtype), b.to(m.B[k].dtype)
+        out.append(ModuleInput(m.name, list(m.members), A, B, s))
+    return out
+
+
+def _audit(mods: list[ModuleInput], K: int, **kw) -> ClairAuditor:
+    return ClairAuditor(**kw).fit(mods, K)
+
+
+POOLS = {
+    # 16 clients sharing a subspace, one other-direction client and one boosted client.
+    "contaminated": dict(M=3, K=16, bad=(14,), spread=0.5, seed=3),
+    "clean": dict(M=2, K=12, spread=0.8, seed=5),
+}
+MOVES = ["scale:1e18", "scale:1e-18", "scale:1e6", "ill-conditioned", "rank-inflation", "scale-in-alpha"]
+
+
+@pytest.fixture(scope="module")
+def pools() -> dict[str, tuple[list[ModuleInput], int, ClairAuditor]]:
+    out = {}
+    for name, kw in POOLS.items():
+        mods = make_pool(**kw)
+        if name == "contaminated":
+            for m in mods:
+                m.B[15] = m.B[15] * 8.0  # a boosted client
+        out[name] = (mods, kw["K"], _audit(mods, kw["K"]))
+    return out
+
+
+@pytest.mark.parametrize("pool", sorted(POOLS))
+@pytest.mark.parametrize("how", MOVES)
+def test_refactored_adapter_changes_no_verdict(pools, pool: str, how: str) -> None:
+    mods, K, base = pools[pool]
+    for k in (0, K - 1):  # an honest adapter, and the last (boosted in the contaminated pool)
+        moved = _audit(_refactor(mods, k, how), K)
+        assert moved.flagged_ == base.flagged_, (how, k)
+        for s0, s1 in zip(base.scores_, moved.scores_, strict=True):
+            assert math.isclose(s0, s1, rel_tol=1e-6, abs_tol=1e-6), (how, k, s0, s1)
+
+
+def test_canonical_factors_are_one_per_update() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 30, generator=g, dtype=torch.float64)
+    b = torch.randn(20, 4, generator=g, dtype=torch.float64)
+    a0, b0 = canonical_factors(a, b, 2.0)
+    for c in (1e-150, 1e-18, 1.0, 1e18, 1e150):
+        a1, b1 = canonical_factors(a / c, b * c, 2.0)
+        torch.testing.assert_close(b1 @ a1, b0 @ a0, rtol=0, atol=1e-13 * float((b0 @ a0).norm()))
+        # the same factors up to the sign of each singular pair
+        signs = torch.sign((b1 * b0).sum(0))
+        torch.testing.assert_close(b1 * signs, b0, rtol=1e-10, atol=1e-12)
+    # balanced: equal norms of the two factors; orthogonal columns and rows
+    torch.testing.assert_close(a0.norm(), b0.norm())
+    gram = b0.T @ b0
+    torch.testing.assert_close(gram, torch.diag(gram.diagonal()), atol=1e-12, rtol=0)
+
+
+def test_canonical_factors_drop_empty_directions_and_keep_one() -> None:
+    g = torch.Generator().manual_seed(1)
+    a = torch.cat([torch.randn(2, 10, generator=g, dtype=torch.float64), torch.zeros(3, 10, dtype=torch.float64)])
+    b = torch.randn(8, 5, generator=g, dtype=torch.float64)
+    a1, b1 = canonical_factors(a, b, 1.0)
+    assert a1.shape == (2, 10) and b1.shape == (8, 2)
+    torch.testing.assert_close(b1 @ a1, b @ a)
+    az, bz = canonical_factors(torch.zeros(3, 10), torch.zeros(8, 3), 1.0)
+    assert az.shape == (1, 10) and not bool((bz @ az).any())
+
+
+def test_canonical_factors_refuse_non_finite() -> None:
+    with pytest.raises(ValueError, match="finite"):
+        canonical_factors(torch.full((2, 3), math.nan), torch.ones(4, 2), 1.0)
+
+
+def test_merge_is_invariant_to_factoring() -> None:
+    """The exact mean (clair's default merge and ``mean``) of a pool with one adapter
+    re-factored by 1e18 equals that of the pool as given."""
+    from clair_cli import pipeline
+    from clair_cli.types import AuditParams
+
+    mods = make_pool(M=2, K=8, spread=0.5, seed=11)
+
+    def pool_of(ms: list[ModuleInput]):
+        return pipeline.pool_from_factors(
+            {f"a{k}": {m.name: (m.A[k], m.B[k], m.scales[k]) for m in ms} for k in range(8)}
+        )
+
+    dense = []
+    for ms in (mods, _refactor(mods, 3, "scale:1e18")):
+        merged = pipeline.merge(pool_of(ms), "mean", AuditParams())
+        dense.append({n: r.B.double() @ r.A.double() for n, r in merged.modules.items()})
+    for n in dense[0]:
+        torch.testing.assert_close(dense[1][n], dense[0][n], rtol=1e-5, atol=1e-7)
