@@ -17,12 +17,20 @@ testable without it). Each round:
    truncated SVD of the factored product (no dense matrix), and the relative Frobenius
    error of that truncation is reported per module.
 
-A client whose factors equal the global ones (an exact zero update: a free rider who
-sent the model back) cannot enter the decomposition (its update has no direction); it is
-flagged before the audit with that reason. With fewer clients left than the engine's
-minimum (``clair_cli.methods.get("clair").min_adapters``), nothing can be audited: the round keeps the global
-adapter (``on_too_few="skip"``, the default) or takes the plain mean of every update
-(``"mean"``), and says so.
+Before the audit, a reply is flagged and left out, with its reason, when it cannot be a
+client's honest update: factors that are not finite, other modules or ranks than the
+global adapter's (or a reply the strategy could not read at all: ``refused``), the global
+adapter sent back unchanged (a zero update: a free rider), or the same update as another
+client's (two honest clients never send identical updates, so every member of the group is
+left out, not only the later ones). One bad reply never stops the round.
+
+With fewer clients left than the engine's minimum
+(``clair_cli.methods.get("clair").min_adapters``), no audit can be calibrated: the round
+keeps the global adapter (``on_too_few="skip"``, the default) or, from three clients on,
+takes the geometric median of the updates (``"median"``: computed exactly from their Gram
+matrix, so a minority of any size of update cannot move it far; :func:`geometric_median_weights`),
+and the round's notes say which. With one or two clients the median is not robust and the
+round is skipped.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from clair_cli import methods
-from clair_cli.errors import IncompatibleAdapters
+from clair_cli.errors import AdapterFormatError, ClairError, IncompatibleAdapters
 from clair_cli.types import AuditParams
 
 if TYPE_CHECKING:
@@ -43,8 +51,9 @@ if TYPE_CHECKING:
     from clair_cli.pipeline import MergeOptions
 
 Factors = tuple["torch.Tensor", "torch.Tensor"]  # (A: r x d_in, B: d_out x r)
-TooFew = Literal["skip", "mean"]
-TOO_FEW_CHOICES = ("skip", "mean")
+TooFew = Literal["skip", "median"]
+TOO_FEW_CHOICES = ("skip", "median")
+MEDIAN_MIN_CLIENTS = 3  # the geometric median of two points is any point between them
 
 
 @dataclass
@@ -61,7 +70,7 @@ class RoundResult:
         report: the ``clair audit`` JSON report of the round (None when no audit ran).
         truncation_error: per module, relative Frobenius error of writing the global update
             at the configured rank.
-        fallback: None, or what was done instead of an audit (``"skip"``, ``"mean"``).
+        fallback: None, or what was done instead of an audit (``"skip"``, ``"median"``).
         timing: seconds per stage.
     """
 
@@ -112,11 +121,13 @@ def _unchanged(client: Mapping[str, Factors], global_factors: Mapping[str, Facto
 def check_factors(
     name: str, client: Mapping[str, Factors], global_factors: Mapping[str, Factors], ranks: Mapping[str, int]
 ) -> None:
-    """Refuse a client whose modules or ranks differ from the global adapter's.
+    """Refuse a client whose modules or ranks differ from the global adapter's, or whose
+    factors are not finite.
 
     Raises:
         IncompatibleAdapters: other modules than the global adapter, or another rank than
             the configured one (the global adapter could not be loaded back).
+        AdapterFormatError: a factor with NaN or infinite values.
     """
     if set(client) != set(global_factors):
         diff = sorted(set(client) ^ set(global_factors))
@@ -133,6 +144,8 @@ def check_factors(
                 hint="Clients of one run must use the strategy's LoraConfig: clair merges updates, but the "
                 "global adapter it sends back has one rank per module.",
             )
+        if not (bool(A.isfinite().all()) and bool(B.isfinite().all())):
+            raise AdapterFormatError(f"{name}: module {module}: the factors hold NaN or infinite values")
 
 
 def _refactor(
@@ -176,6 +189,7 @@ def aggregate_round(
     merge_options: MergeOptions | None = None,
     base_model: str | None = None,
     on_too_few: TooFew = "skip",
+    refused: Mapping[str, str] | None = None,
 ) -> RoundResult:
     """Audit the clients' updates, merge the collaborators', and write the next global LoRA.
 
@@ -184,85 +198,120 @@ def aggregate_round(
         clients: per client name, per module ``(A, B)`` as trained from the global LoRA.
         scales: per module, the LoRA scale (alpha / r, or alpha / sqrt(r) with rsLoRA).
         ranks: per module, the configured rank of the global LoRA.
-        weights: per client merge weight (e.g. its number of examples); equal when None.
+        weights: per client of ``clients``, its merge weight (e.g. its number of examples);
+            equal when None.
         settings: the audit settings (``clair audit``'s defaults when None).
         merge_options: how the collaborators' mean is formed (``clair merge``'s defaults).
         base_model: named in the report.
         on_too_few: with fewer auditable clients than the engine's minimum, ``"skip"``
-            keeps the global LoRA, ``"mean"`` merges every update unaudited.
+            keeps the global LoRA, ``"median"`` takes the updates' geometric median.
+        refused: clients whose reply could not be read (name: why); flagged, left out, and
+            listed after ``clients``.
 
     Raises:
-        IncompatibleAdapters: a client's modules or ranks differ from the global LoRA's.
-        ValueError: ``on_too_few`` is not one of ``TOO_FEW_CHOICES``.
+        ValueError: ``on_too_few`` is not one of ``TOO_FEW_CHOICES``, or wrong ``weights``.
     """
     from clair_cli import pipeline
     from clair_cli.report.audit import audit_report
 
     if on_too_few not in TOO_FEW_CHOICES:
         raise ValueError(f"on_too_few must be one of {', '.join(TOO_FEW_CHOICES)}, got {on_too_few!r}")
+    if weights is not None and len(weights) != len(clients):
+        raise ValueError(f"expected {len(clients)} weights, got {len(weights)}")
     start = time.perf_counter()
     settings = settings or AuditParams()
-    names = list(clients)
-    for name in names:
-        check_factors(name, clients[name], global_factors, ranks)
-    if weights is not None and len(weights) != len(names):
-        raise ValueError(f"expected {len(names)} weights, got {len(weights)}")
+    refused = {n: why for n, why in (refused or {}).items() if n not in clients}
+    names = [*clients, *refused]
     flagged = [False] * len(names)
     scores: list[float | None] = [None] * len(names)
     reasons: list[list[str]] = [[] for _ in names]
     for i, name in enumerate(names):
-        if _unchanged(clients[name], global_factors):
+        why = refused.get(name) or _screen(name, clients[name], global_factors, ranks)
+        if why:
             flagged[i] = True
-            reasons[i].append("sent the global adapter back unchanged (a zero update: free rider?)")
-    live = [i for i in range(len(names)) if not flagged[i]]
+            reasons[i].append(why)
+    live = [i for i in range(len(clients)) if not flagged[i]]
     updates = {names[i]: client_update(clients[names[i]], global_factors, scales) for i in live}
     live_weights = None if weights is None else [float(weights[i]) for i in live]
-    notes: list[str] = []
+    notes = [f"{n}: {reasons[i][0]}" for i, n in enumerate(names) if i >= len(clients) or _malformed(reasons[i])]
     report = None
-    fallback = None
     timing: dict[str, float] = {}
 
-    def unchanged(report: dict[str, Any] | None, fallback: str) -> RoundResult:
-        """The round keeps the global adapter as it is."""
-        return RoundResult(
-            {m: (A.clone(), B.clone()) for m, (A, B) in global_factors.items()},
-            names,
-            flagged,
-            scores,
-            reasons,
-            report,
-            dict.fromkeys(global_factors, 0.0),
-            fallback,
-            notes,
-            timing | {"total": time.perf_counter() - start},
-        )
+    def result(new_global: dict[str, Factors] | None, fallback: str | None, errors=None) -> RoundResult:
+        if new_global is None:  # the round keeps the global adapter as it is
+            new_global = {m: (A.clone(), B.clone()) for m, (A, B) in global_factors.items()}
+            errors = dict.fromkeys(global_factors, 0.0)
+        timing["total"] = time.perf_counter() - start
+        return RoundResult(new_global, names, flagged, scores, reasons, report, errors, fallback, notes, timing)
 
     need = methods.get("clair").min_adapters
     if len(live) < need:
-        fallback = on_too_few
-        what = "the global adapter is kept unchanged" if on_too_few == "skip" else "their plain mean is taken unaudited"
+        robust = on_too_few == "median" and len(live) >= MEDIAN_MIN_CLIENTS
+        what = "their geometric median is taken" if robust else "the global adapter is kept unchanged"
         notes.append(f"{len(live)} client update(s) to audit, fewer than clair's minimum of {need}: {what}")
-        if on_too_few == "skip" or not live:
-            return unchanged(None, fallback)
+        if not robust:
+            return result(None, "skip")
         pool = pipeline.pool_from_factors(updates, base_model, method="mean")
-        merged = pipeline.merge(pool, "mean", settings, live_weights, merge_options)
-    else:
-        pool = pipeline.pool_from_factors(updates, base_model)
-        outcome = pipeline.audit(pool, settings)
-        timing["audit"] = outcome.timing["audit"]
-        report = audit_report(outcome)
-        for j, i in enumerate(live):
-            verdict = report["adapters"][j]
-            scores[i] = float(verdict["score"])
-            flagged[i] = bool(verdict["flagged"])
-            reasons[i] = [r["text"] for r in verdict["reasons"]]
-        if not outcome.auditor.collaborative_set_:
-            notes.append("every client was flagged: the global adapter is kept unchanged")
-            return unchanged(report, "skip")
-        t0 = time.perf_counter()
-        merged = pipeline.merge(pool, "clair", settings, live_weights, merge_options, outcome)
-        timing["merge"] = time.perf_counter() - t0
-    merged_factors = {m: (r.A, r.B) for m, r in merged.modules.items()}
-    new_global, errors = _refactor(global_factors, merged_factors, scales, ranks)
-    timing["total"] = time.perf_counter() - start
-    return RoundResult(new_global, names, flagged, scores, reasons, report, errors, fallback, notes, timing)
+        median = geometric_median_weights(pool)
+        merged = pipeline.merge(pool, "mean", settings, median, merge_options)
+        new_global, errors = _refactor(global_factors, _factors(merged), scales, ranks)
+        return result(new_global, "median", errors)
+    pool = pipeline.pool_from_factors(updates, base_model)
+    outcome = pipeline.audit(pool, settings, copies="flag-all")
+    timing["audit"] = outcome.timing["audit"]
+    report = audit_report(outcome)
+    for j, i in enumerate(live):
+        verdict = report["adapters"][j]
+        scores[i] = float(verdict["score"])
+        flagged[i] = bool(verdict["flagged"])
+        reasons[i] = [r["text"] for r in verdict["reasons"]]
+    if not outcome.auditor.collaborative_set_:
+        notes.append("every client was flagged: the global adapter is kept unchanged")
+        return result(None, "skip")
+    t0 = time.perf_counter()
+    merged = pipeline.merge(pool, "clair", settings, live_weights, merge_options, outcome)
+    timing["merge"] = time.perf_counter() - t0
+    new_global, errors = _refactor(global_factors, _factors(merged), scales, ranks)
+    return result(new_global, None, errors)
+
+
+def _factors(merged: Any) -> dict[str, Factors]:
+    return {m: (r.A, r.B) for m, r in merged.modules.items()}
+
+
+FREE_RIDER = "sent the global adapter back unchanged (a zero update: free rider?)"
+
+
+def _screen(
+    name: str, client: Mapping[str, Factors], global_factors: Mapping[str, Factors], ranks: Mapping[str, int]
+) -> str | None:
+    """Why a reply is left out before the audit (malformed, or a zero update); None if it is not."""
+    try:
+        check_factors(name, client, global_factors, ranks)
+    except ClairError as exc:
+        return f"malformed reply: {exc.message}"
+    return FREE_RIDER if _unchanged(client, global_factors) else None
+
+
+def _malformed(reasons: list[str]) -> bool:
+    return bool(reasons) and reasons[0].startswith("malformed reply")
+
+
+def geometric_median_weights(pool: Any) -> list[float]:
+    """Weights ``beta`` (summing to 1) with ``sum_k beta_k Theta_k`` the geometric median of
+    the pool's whole updates (all modules together), by Weiszfeld's iteration on their Gram
+    matrix: exact in factored form, and no minority can move it past the spread of the
+    majority (breakdown point 1/2)."""
+    import torch
+
+    from clair_cli import pipeline
+    from clair_cli.core.canonical import canonical_module
+    from clair_cli.core.insubspace import centre_weights
+    from clair_cli.core.pairwise import gram
+
+    K = len(pool.adapters)
+    G = torch.zeros(K, K, dtype=torch.float64)
+    for mod in pipeline.iter_modules(pool):
+        idx = torch.tensor(mod.members)
+        G[idx[:, None], idx[None, :]] += gram(*canonical_module(mod.A, mod.B, mod.scales)).double()
+    return centre_weights(G, torch.ones(1, K, dtype=torch.bool))[0].tolist()

@@ -9,10 +9,12 @@ LoRA at the configured rank (:mod:`clair_cli.federated` has the math). Each roun
 metrics carry every client's score and verdict; with ``audit_dir`` each round's ``clair
 audit`` JSON report is written there too.
 
-Refused with a :class:`clair_cli.errors.ClairError`: replies that are not LoRA factors
-(other tensors, DoRA, LoRA biases), ranks or modules other than the strategy's
-``LoraConfig``, and masked replies of secure aggregation (clair needs each client's
-factors, which secure aggregation exists to hide).
+A reply that is not a client's LoRA factors (other tensors, DoRA, LoRA biases, ranks or
+modules other than the strategy's ``LoraConfig``, NaN or infinite values, a missing or
+negative weight) is flagged with its reason and left out; the round goes on. Refused with
+a :class:`clair_cli.errors.ClairError`: a ``LoraConfig`` that is not LoRA, a global adapter
+that does not match it, and masked replies of secure aggregation (clair needs each
+client's factors, which secure aggregation exists to hide).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clair_cli.constants import LORA_KEY_RE, PEFT_KEY_PREFIX
-from clair_cli.errors import AdapterFormatError, IncompatibleAdapters, UsageError
+from clair_cli.errors import AdapterFormatError, ClairError, IncompatibleAdapters, UsageError
 from clair_cli.federated import TOO_FEW_CHOICES, RoundResult, TooFew, aggregate_round
 from clair_cli.io.writers import write_text
 
@@ -136,7 +138,8 @@ class ClairStrategy(FedAvg):
         settings: the audit settings (``clair audit``'s defaults when None).
         merge_options: how the collaborators' mean is formed (``clair merge``'s defaults).
         on_too_few: with fewer auditable replies than clair's minimum (5), ``"skip"`` keeps
-            the global LoRA for that round, ``"mean"`` takes every update's plain mean.
+            the global LoRA for that round, ``"median"`` takes the updates' geometric median
+            (from three replies on; fewer are skipped). The round's metrics and history say which.
         audit_dir: where to write each round's ``clair audit`` JSON report
             (``round-001.json``, ...); None writes none.
         base_model: the base model's name, for the reports.
@@ -211,13 +214,19 @@ class ClairStrategy(FedAvg):
                     hint="Give ClairStrategy the LoraConfig the clients train.",
                 )
         clients: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+        refused: dict[str, str] = {}
         weights: list[float] = []
+        node_of: dict[str, int] = {}
         for msg in valid:
             name = f"node-{msg.metadata.src_node_id}"
-            record = next(iter(msg.content.array_records.values()))  # exactly one: checked above
-            clients[name], _ = split_state_dict(name, record.to_torch_state_dict())
-            metrics = next(iter(msg.content.metric_records.values()))
-            weights.append(float(metrics[self.weighted_by_key]))  # type: ignore[arg-type]
+            node_of[name] = msg.metadata.src_node_id
+            try:  # one unreadable reply is left out with its reason; the round goes on
+                factors, weight = self._read_reply(name, msg)
+            except ClairError as exc:
+                refused[name] = f"malformed reply: {exc.message}"
+                continue
+            clients[name] = factors
+            weights.append(weight)
         result = aggregate_round(
             global_factors,
             clients,
@@ -228,6 +237,7 @@ class ClairStrategy(FedAvg):
             merge_options=self.merge_options,
             base_model=self.base_model,
             on_too_few=self.on_too_few,
+            refused=refused,
         )
         state = {}
         for m, (A, B) in result.global_factors.items():
@@ -235,12 +245,33 @@ class ClairStrategy(FedAvg):
             state[ka] = A.float().contiguous()
             state[kb] = B.float().contiguous()
         arrays = ArrayRecord({k: state[k] for k in global_state})  # the global's key order
-        kept = [msg.content for msg, f in zip(valid, result.flagged, strict=True) if not f]
+        left_out = {n for n, f in zip(result.names, result.flagged, strict=True) if f}
+        kept = [msg.content for msg in valid if f"node-{msg.metadata.src_node_id}" not in left_out]
         metrics = self.train_metrics_aggr_fn(kept, self.weighted_by_key) if kept else MetricRecord()
-        for key, value in self._round_metrics(result, [m.metadata.src_node_id for m in valid]).items():
+        for key, value in self._round_metrics(result, [node_of[n] for n in result.names]).items():
             metrics[key] = value
         self._record(server_round, result, time.perf_counter() - start)
         return arrays, metrics
+
+    def _read_reply(self, name: str, msg: Message) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+        """A reply's LoRA factors and merge weight.
+
+        Raises:
+            AdapterFormatError: not LoRA factors (see :func:`split_state_dict`), or a weight
+                that is missing, not finite or negative.
+        """
+        import math
+
+        record = next(iter(msg.content.array_records.values()))  # exactly one: checked by FedAvg
+        factors, _ = split_state_dict(name, record.to_torch_state_dict())
+        metrics = next(iter(msg.content.metric_records.values()))
+        try:
+            weight = float(metrics[self.weighted_by_key])  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError):
+            weight = math.nan
+        if not (math.isfinite(weight) and weight >= 0):
+            raise AdapterFormatError(f"{name}: the metric {self.weighted_by_key!r} is not a non-negative number")
+        return factors, weight
 
     @staticmethod
     def _round_metrics(result: RoundResult, node_ids: list[int]) -> dict[str, int | float]:

@@ -361,9 +361,15 @@ def check_audit_memory(pool: Pool, dtype: str = "float32", device: str = "cpu") 
 
 
 def audit(
-    pool: Pool, settings: AuditParams, progress: Progress = _quiet, reference: list[int] | None = None
+    pool: Pool,
+    settings: AuditParams,
+    progress: Progress = _quiet,
+    reference: list[int] | None = None,
+    *,
+    copies: str = "keep-one",
 ) -> AuditOutcome:
-    """Run CLAIR over the pool (``reference``: trusted adapters, as in ``clair gate``)."""
+    """Run CLAIR over the pool (``reference``: trusted adapters, as in ``clair gate``;
+    ``copies``: as :class:`clair_cli.core.audit.ClairAuditor`'s)."""
     from clair_cli.core.audit import ClairAuditor
 
     start = time.perf_counter()
@@ -379,6 +385,7 @@ def audit(
         device=settings.device,
         random_state=settings.seed,
         solver=settings.path,  # type: ignore[arg-type]
+        copies=copies,  # type: ignore[arg-type]
     )
     auditor.fit(
         iter_modules(pool, dtype=dtype, device=settings.device, progress=progress),

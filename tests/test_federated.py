@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from clair_cli import pipeline
-from clair_cli.errors import AdapterFormatError, IncompatibleAdapters
+from clair_cli.errors import AdapterFormatError
 from clair_cli.federated import aggregate_round, client_update
 from clair_cli.io.sources import open_adapters
 from clair_cli.report.audit import audit_report
@@ -112,19 +113,92 @@ def test_free_rider_and_too_few() -> None:
     skip = aggregate_round(glob, few, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, r))
     assert skip.fallback == "skip" and skip.report is None and "fewer than clair's minimum of 5" in skip.notes[0]
     assert all(torch.equal(skip.global_factors[n][1], glob[n][1]) for n in NAMES)
-    mean = aggregate_round(glob, few, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, r), on_too_few="mean")
-    assert mean.fallback == "mean" and bool(mean.global_factors[NAMES[0]][1].any())
+    median = aggregate_round(glob, few, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, r), on_too_few="median")
+    assert median.fallback == "median" and "geometric median" in median.notes[0]
+    assert bool(median.global_factors[NAMES[0]][1].any())
+    two = {c: clients[c] for c in list(clients)[:2]}
+    skipped = aggregate_round(glob, two, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, r), on_too_few="median")
+    assert skipped.fallback == "skip" and "kept unchanged" in skipped.notes[0]
 
 
-def test_round_refuses_other_ranks_and_modules() -> None:
+def test_small_round_median_resists_a_boosted_client() -> None:
+    """Four clients, one sending a hundredfold update: the geometric median stays with the
+    three others (the plain mean would move 25x as far as one honest update)."""
+    r = 4
+    glob = {n: (torch.randn(r, 40), torch.zeros(48, r)) for n in NAMES}
+    clients = _pool(K=4, bad=())
+    honest = {n: torch.stack([_dense({n: clients[c][n]}, 1.0)[n] for c in list(clients)[:3]]) for n in NAMES}
+    clients["node-3"] = {n: (A, 100 * B) for n, (A, B) in clients["node-3"].items()}
+    res = aggregate_round(glob, clients, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, r), on_too_few="median")
+    assert res.fallback == "median"
+    for n in NAMES:
+        got = _dense({n: res.global_factors[n]}, 1.0)[n]
+        spread = (honest[n] - honest[n].mean(0)).norm(dim=(1, 2)).max()
+        assert float((got - honest[n].mean(0)).norm()) < 2 * float(spread)
+
+
+def _clients_with(bad: str) -> tuple[dict, dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
     glob = {n: (torch.randn(4, 40), torch.zeros(48, 4)) for n in NAMES}
-    clients = {f"node-{k}": {n: (torch.randn(4, 40), torch.randn(48, 4)) for n in NAMES} for k in range(5)}
-    clients["node-3"] = {n: (torch.randn(8, 40), torch.randn(48, 8)) for n in NAMES}
-    with pytest.raises(IncompatibleAdapters, match="node-3.*rank 4 in the LoraConfig"):
-        aggregate_round(glob, clients, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, 4))
-    clients["node-3"] = {NAMES[0]: clients["node-0"][NAMES[0]]}
-    with pytest.raises(IncompatibleAdapters, match="node-3 sent LoRA modules other than"):
-        aggregate_round(glob, clients, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, 4))
+    clients = {c: {n: (A.clone(), B.clone()) for n, (A, B) in mods.items()} for c, mods in _pool(K=8, bad=()).items()}
+    if bad == "rank":
+        clients["node-3"] = {n: (torch.randn(8, 40), torch.randn(48, 8)) for n in NAMES}
+    elif bad == "modules":
+        clients["node-3"] = {NAMES[0]: clients["node-0"][NAMES[0]]}
+    elif bad in ("nan", "inf"):
+        clients["node-3"][NAMES[1]][1][0, 0] = math.nan if bad == "nan" else math.inf
+    return glob, clients
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ("rank", "rank 4 in the LoraConfig"),
+        ("modules", "sent LoRA modules other than"),
+        ("nan", "NaN or infinite"),
+        ("inf", "NaN or infinite"),
+    ],
+)
+def test_a_malformed_reply_is_left_out_and_the_round_goes_on(bad: str, why: str) -> None:
+    glob, clients = _clients_with(bad)
+    res = aggregate_round(glob, clients, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, 4))
+    assert res.flagged[3] and res.reasons[3][0].startswith("malformed reply") and why in res.reasons[3][0]
+    assert res.fallback is None and res.report is not None and "node-3" not in res.collaborators
+    assert any("node-3" in note for note in res.notes)
+    for A, B in res.global_factors.values():
+        assert bool(A.isfinite().all()) and bool(B.isfinite().all()) and bool(B.any())
+
+
+def test_a_reply_that_could_not_be_read_is_listed_and_left_out() -> None:
+    glob, clients = _clients_with("none")
+    res = aggregate_round(
+        glob, clients, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, 4), refused={"node-9": "malformed reply: x"}
+    )
+    assert res.names[-1] == "node-9" and res.flagged[-1] and res.scores[-1] is None
+    assert res.reasons[-1] == ["malformed reply: x"] and not any(res.flagged[:-1])
+
+
+@pytest.mark.parametrize("noise", [0.0, 1e-5])
+def test_copies_in_a_round_are_all_left_out(noise: float) -> None:
+    """Two clients sending the same (or a nearly identical) update: both are left out, the
+    first as well as the copy, since honest clients never send identical updates."""
+    glob, clients = _clients_with("none")
+    clients["node-7"] = {
+        n: (A.clone(), B + noise * B.norm() * torch.randn_like(B)) for n, (A, B) in clients["node-6"].items()
+    }
+    res = aggregate_round(glob, clients, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, 4))
+    assert res.flagged[6] and res.flagged[7] and not any(res.flagged[:6])
+    assert any("cop" in why or "identical" in why for why in res.reasons[6])
+
+
+@pytest.mark.parametrize("K, kind", [(5, "boost"), (6, "boost"), (6, "flip"), (8, "boost")])
+def test_small_rounds_catch_a_boosted_or_flipped_client(K: int, kind: str) -> None:
+    glob = {n: (torch.randn(4, 40), torch.zeros(48, 4)) for n in NAMES}
+    clients = _pool(K=K, bad=())
+    last = f"node-{K - 1}"
+    factor = 10.0 if kind == "boost" else -1.0
+    clients[last] = {n: (A, factor * B) for n, (A, B) in clients[last].items()}
+    res = aggregate_round(glob, clients, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, 4))
+    assert res.flagged == [k == K - 1 for k in range(K)], res.reasons
 
 
 def test_flower_module_says_how_to_install_it() -> None:

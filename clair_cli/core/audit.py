@@ -32,7 +32,7 @@ from clair_cli.core.insubspace import centre_cosines, direction_cosines, in_subs
 from clair_cli.core.order import content_keys, content_order, inverse
 from clair_cli.core.pairwise import cosine_from_gram, factor_grams, gram
 from clair_cli.core.reduction import reduce_module
-from clair_cli.core.verdict import AdapterVerdict, decide, duplicate_groups, groups
+from clair_cli.core.verdict import AdapterVerdict, decide, duplicate_groups, flag_every_copy, groups
 
 SideOption = Literal["out", "in", "both"]
 Solver = Literal["auto", "convex", "fast"]
@@ -114,6 +114,10 @@ class ClairAuditor:
             adapter ranks sum to more than ``FAST_PATH_MIN_SUM_RANK``.
         in_subspace: also test where each update sits inside the shared subspace
             (rule 4, :mod:`clair_cli.core.insubspace`: sign-flipped updates).
+        copies: ``"keep-one"`` (default): in a group of identical updates one member is
+            judged on its own signals and the others are flagged as copies (a hub pool may
+            hold one adapter twice); ``"flag-all"``: every member is flagged (a federated
+            round, where two honest clients never send the same update).
     """
 
     def __init__(
@@ -128,6 +132,7 @@ class ClairAuditor:
         n_null: int = 20,
         solver: Solver = "auto",
         in_subspace: bool = True,
+        copies: Literal["keep-one", "flag-all"] = "keep-one",
     ) -> None:
         self.method = method
         self.side = side
@@ -139,6 +144,7 @@ class ClairAuditor:
         self.n_null = n_null
         self.solver = solver
         self.in_subspace = in_subspace
+        self.copies = copies
 
     def _use_fast(self, A: list[torch.Tensor]) -> bool:
         return uses_fast_path(A, self.solver)
@@ -349,6 +355,8 @@ class ClairAuditor:
             order=glob,
             cosine=cosine_from_gram(unit),
         )
+        if self.copies == "flag-all":
+            flag_every_copy(self.verdicts_, self.duplicate_groups_, trusted)
         copies = {k for g in self.duplicate_groups_ for k in g[1:]}
         self.groups_ = groups(self.verdicts_, cosine_from_gram(unit), self.direction_, copies)
         self.shared_rank_ = {r.name: r.rank for r in results}

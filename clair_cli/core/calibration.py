@@ -43,6 +43,7 @@ SIMULATED_PAIRS = 4_000_000  # pairwise distances simulated in all (at least 2,0
 QN_TO_SIGMA = 2.2219  # Qn's consistency constant for Gaussian data (large n)
 LARGE_N = 100  # above: the Gaussian approximation of the median and Qn, in closed form
 QN_VARIANCE = 0.6077  # n Var(Qn) / sigma^2 for Gaussian data (82.27 % efficiency)
+SMALL_POOL_N = 11  # below: the critical value is capped at this many values' (see rule_critical_value)
 
 
 def qn_scale(x: torch.Tensor) -> torch.Tensor:
@@ -129,6 +130,33 @@ def critical_value(n: int, alpha: float, law: str = NORMAL) -> float:
     return hi
 
 
+def rule_critical_value(n: int, alpha: float, law: str = NORMAL) -> float:
+    """The critical value of the rules with a real floor (norm, direction): ``c(n, alpha)``,
+    capped at ``c(SMALL_POOL_N, alpha)``.
+
+    Below a dozen values the median and Qn are so noisy that the exact ``c`` explodes
+    (``c(4, 1e-3) = 13``, ``c(5, 1e-3) = 20``, ``c(2) = inf``): calibrated that way, a rule
+    at five or six adapters cannot flag even a tenfold update. A round of five clients
+    does not tell an honest spread of norms from a boosted update by its own numbers
+    alone; it needs one assumption, and this is the one made: the honest spread in a small
+    pool is taken to be as well measured as in a pool of ``SMALL_POOL_N + 1``. The honest
+    flag rate under the Gaussian model then exceeds ``alpha`` (``honest_flag_rate`` gives
+    it; the documentation tabulates it), and every rule's floor (a minimum effect size in
+    its own units: 4x the norm, a drop of the cosine by 0.6 of the typical one, ...) bounds
+    what a tight honest pool can trip.
+    """
+    c = critical_value(n, alpha, law)
+    return c if n >= SMALL_POOL_N else min(c, critical_value(SMALL_POOL_N, alpha, law))
+
+
+def honest_flag_rate(n: int, c: float, law: str = NORMAL) -> float:
+    """``P(x > median + c * Qn)`` for ``n`` + 1 independent draws of ``law`` (no floor)."""
+    if n < 3:
+        return 1.0
+    m, s = _simulated(n, law)
+    return float(_upper_tail(law, m + c * s).mean())
+
+
 @dataclass(frozen=True)
 class Cut:
     """One rule's threshold: flag above ``centre + width``."""
@@ -145,17 +173,22 @@ class Cut:
         return (x - self.centre) / self.width if self.width > 0 else (math.inf if x > self.centre else 0.0)
 
 
-def upper_cut(basis: torch.Tensor, alpha: float, floor: float, relative: float = 0.0, law: str = NORMAL) -> Cut | None:
+def upper_cut(
+    basis: torch.Tensor, alpha: float, floor: float, relative: float = 0.0, law: str = NORMAL, capped: bool = False
+) -> Cut | None:
     """Threshold for a value independent of ``basis`` (the others' values); None below 3 values.
 
     The width is at least ``floor`` and at least ``relative`` times the centre's magnitude.
+    ``capped``: the critical value of :func:`rule_critical_value` (small pools), for rules
+    whose floor is a real effect size; else the exact ``c(n, alpha)``.
     """
     basis = basis[torch.isfinite(basis)]
     if basis.numel() < 3:
         return None
     centre = median(basis)
     sigma = float(qn_scale(basis.double()))
-    return Cut(centre, max(critical_value(int(basis.numel()), alpha, law) * sigma, floor, relative * abs(centre)))
+    c = (rule_critical_value if capped else critical_value)(int(basis.numel()), alpha, law)
+    return Cut(centre, max(c * sigma, floor, relative * abs(centre)))
 
 
 def leave_one_out_cuts(
@@ -165,6 +198,7 @@ def leave_one_out_cuts(
     floor: float,
     relative: float = 0.0,
     law: str = NORMAL,
+    capped: bool = False,
 ) -> list[Cut | None]:
     """For every adapter, :func:`upper_cut` on the values in ``basis`` (a mask) other than its
     own, computed together: one sort and one batch of pairwise distances instead of one per
@@ -174,7 +208,7 @@ def leave_one_out_cuts(
     idx = torch.nonzero(basis & torch.isfinite(values), as_tuple=True)[0]
     x = values[idx].double()
     n = x.numel()
-    shared = upper_cut(x, alpha, floor, relative, law)  # for adapters outside the basis
+    shared = upper_cut(x, alpha, floor, relative, law, capped)  # for adapters outside the basis
     out: list[Cut | None] = [shared] * K
     if n < 4:  # leaving one out leaves fewer than 3
         for k in idx.tolist():
@@ -192,7 +226,7 @@ def leave_one_out_cuts(
 
     centres = 0.5 * (without(lo_i) + without(hi_i))
     spreads = QN_TO_SIGMA * _kth_distance_without_each(x, (m // 2 + 1) * (m // 2) // 2)
-    c = critical_value(m, alpha, law)
+    c = (rule_critical_value if capped else critical_value)(m, alpha, law)
     for k, centre, spread in zip(idx.tolist(), centres.tolist(), spreads.tolist(), strict=True):
         out[k] = Cut(centre, max(c * spread, floor, relative * abs(centre)))
     return out

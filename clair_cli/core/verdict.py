@@ -133,6 +133,20 @@ def duplicate_groups(cosine: torch.Tensor) -> list[list[int]]:
     return [g for g in components.values() if len(g) > 1]
 
 
+def flag_every_copy(verdicts: list[AdapterVerdict], duplicates: list[list[int]], trusted: set[int]) -> None:
+    """Flag the kept member of every duplicate group too (a federated round: two honest
+    clients never send the same update), as a copy of the others."""
+    for group in duplicates:
+        k = group[0]
+        if k in trusted or any(r["kind"] == "duplicate" for r in verdicts[k].reasons):
+            continue
+        verdicts[k].flagged = True
+        verdicts[k].reasons.append(
+            {"kind": "duplicate", "of": [j for j in group if j != k]}
+            | _judged("duplicate", None, DUPLICATE_COSINE, None, ">")
+        )
+
+
 class _Rules:
     """Applies the threshold rules to one pool, recording margins and reasons."""
 
@@ -151,11 +165,13 @@ class _Rules:
         calibration: torch.Tensor | None = None,
         relative: float = 0.0,
         law: str = NORMAL,
+        capped: bool = False,
     ) -> list[Cut | None]:
         """Per adapter, the cut from the others' values (finite ones, not ``excluded``; in a
-        gate, the references' values, from ``calibration`` where given)."""
+        gate, the references' values, from ``calibration`` where given); ``capped``: with
+        the small-pool critical value (:func:`clair_cli.core.calibration.rule_critical_value`)."""
         calib = values if calibration is None else calibration
-        cuts = leave_one_out_cuts(calib, self.basis(calib), alpha, floor, relative, law)
+        cuts = leave_one_out_cuts(calib, self.basis(calib), alpha, floor, relative, law, capped)
         return [cut if bool(torch.isfinite(values[k])) else None for k, cut in enumerate(cuts)]
 
     def basis(self, calib: torch.Tensor) -> torch.Tensor:
@@ -399,7 +415,7 @@ def _decide(pool: _PoolSignals, excluded: set[int], suspects: set[int]) -> list[
         z_dir = rules.standardised_mean(per, members, by_agreement=True)
         raw = rules.cuts(-direction.double(), ALPHA, 0.0)
         dir_effect = torch.full((K,), math.nan, dtype=torch.float64)
-        for k, cut in enumerate(rules.cuts(z_dir, ALPHA, 0.0)):
+        for k, cut in enumerate(rules.cuts(z_dir, ALPHA, 0.0, capped=True)):
             if cut is None or raw[k] is None:
                 continue
             typical = -raw[k].centre  # type: ignore[union-attr]
@@ -518,8 +534,8 @@ def _decide(pool: _PoolSignals, excluded: set[int], suspects: set[int]) -> list[
 
     # Rule 5: norm, both ways.
     log_norm = torch.where(sq_norms > 0, 0.5 * torch.log(sq_norms.double().clamp_min(1e-300)), math.nan)
-    high = rules.cuts(log_norm, ALPHA, math.log(NORM_FACTOR_FLOOR))
-    low = rules.cuts(-log_norm, ALPHA, math.log(NORM_LOW_FACTOR_FLOOR))
+    high = rules.cuts(log_norm, ALPHA, math.log(NORM_FACTOR_FLOOR), capped=True)
+    low = rules.cuts(-log_norm, ALPHA, math.log(NORM_LOW_FACTOR_FLOOR), capped=True)
     for k in range(K):
         if high[k] is None or low[k] is None:
             continue
