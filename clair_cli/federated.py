@@ -201,7 +201,8 @@ def aggregate_round(
         weights: per client of ``clients``, its merge weight (e.g. its number of examples);
             equal when None.
         settings: the audit settings (``clair audit``'s defaults when None).
-        merge_options: how the collaborators' mean is formed (``clair merge``'s defaults).
+        merge_options: how the collaborators' mean is formed (``clair merge``'s defaults
+            with centred clipping on: :func:`_round_merge_options`).
         base_model: named in the report.
         on_too_few: with fewer auditable clients than the engine's minimum, ``"skip"``
             keeps the global LoRA, ``"median"`` takes the updates' geometric median.
@@ -220,6 +221,7 @@ def aggregate_round(
         raise ValueError(f"expected {len(clients)} weights, got {len(weights)}")
     start = time.perf_counter()
     settings = settings or AuditParams()
+    merge_options = merge_options or _round_merge_options()
     refused = {n: why for n, why in (refused or {}).items() if n not in clients}
     names = [*clients, *refused]
     flagged = [False] * len(names)
@@ -273,6 +275,18 @@ def aggregate_round(
     timing["merge"] = time.perf_counter() - t0
     new_global, errors = _refactor(global_factors, _factors(merged), scales, ranks)
     return result(new_global, None, errors)
+
+
+def _round_merge_options() -> MergeOptions:
+    """A round's default merge: ``clair merge``'s, with bounded influence on (centred
+    clipping at ``CLIP_FACTOR``). Clients of one run share one ``LoraConfig`` and recipe, so
+    their updates lie at comparable distances from their centre (at most 1.26x the median on
+    the project's trained pools, where the clipping radius is 2x): clipping then changes
+    nothing, and bounds what a client the audit lets through can do."""
+    from clair_cli.core.influence import CLIP_FACTOR
+    from clair_cli.results import MergeOptions
+
+    return MergeOptions(clip=CLIP_FACTOR)
 
 
 def _factors(merged: Any) -> dict[str, Factors]:

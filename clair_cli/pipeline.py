@@ -502,6 +502,9 @@ def merge(
         if len(weights) != len(pool.adapters):
             raise UsageError(f"--weights has {len(weights)} values for {len(pool.adapters)} adapters")
         w = [float(weights[k]) for k in used]
+    clipped: dict[int, float] = {}
+    if spec.audits and options.clip is not None and outcome is not None:
+        w, clipped = _bounded_influence(outcome, used, w, options.clip, notes)
     side = _basis_side(settings.side)
     slot = {k: i for i, k in enumerate(used)}
     results: dict[str, MergeResult] = {}
@@ -548,7 +551,34 @@ def merge(
             f"module(s), which were merged unprojected: {', '.join(unprojected[:4])}"
             f"{', ...' if len(unprojected) > 4 else ''}"
         )
-    return MergedAdapter(method, results, used, w, notes, options, scale)
+    return MergedAdapter(method, results, used, w, notes, options, scale, clipped)
+
+
+def _bounded_influence(
+    outcome: AuditOutcome, used: list[int], weights: list[float] | None, factor: float, notes: list[str]
+) -> tuple[list[float] | None, dict[int, float]]:
+    """The merge weights after centred clipping of the collaborators' whole updates
+    (:mod:`clair_cli.core.influence`), and the factor applied to each clipped adapter.
+    Unchanged (``weights`` as given) where nothing lies beyond the clipping radius."""
+    import torch
+
+    from clair_cli.core.influence import centred_clipping
+    from clair_cli.core.merge import check_weights
+
+    if len(used) < 3:
+        return weights, {}
+    idx = torch.tensor(used)
+    G = outcome.auditor.inner_[idx[:, None], idx[None, :]]
+    result = centred_clipping(G, torch.tensor(check_weights(weights, len(used)), dtype=torch.float64), factor)
+    clipped = {k: float(c) for k, c in zip(used, result.clipped.tolist(), strict=True) if c < 1}
+    if not clipped:
+        return weights, {}
+    names = [outcome.pool.names[k] for k in sorted(clipped, key=lambda k: clipped[k])]
+    notes.append(
+        f"bounded influence: {len(clipped)} update(s) more than {factor:g}x the collaborators' median distance "
+        f"from their centre were clipped to it: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
+    )
+    return result.weights.tolist(), clipped
 
 
 def _rescale_to_median_norm(results: dict[str, MergeResult], sq_norms: torch.Tensor) -> float:

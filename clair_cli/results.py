@@ -7,6 +7,7 @@ never imports the pipeline. Heavy libraries are imported lazily.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -75,6 +76,9 @@ class MergeOptions:
             cross-validation across the collaborators (:mod:`clair_cli.core.projection`).
         rescale: ``"norm"`` scales the merged update so its norm is the median of the merged
             adapters' norms (averaging separately trained updates shrinks them); ``"none"``.
+        clip: bounded influence of the adapters the audit lets through (``--clip``): centred
+            clipping at this many times their median distance from their geometric median
+            (:mod:`clair_cli.core.influence`); None merges their plain weighted mean.
     """
 
     rank: int | None = None
@@ -82,8 +86,11 @@ class MergeOptions:
     project: bool = False
     project_rank: int | None = None
     rescale: str = "none"
+    clip: float | None = None
 
     def __post_init__(self) -> None:
+        if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
+            raise UsageError(f"--clip {self.clip}: expected a positive number, or off")
         if self.rank is not None and self.rank < 1:
             raise UsageError(f"--merge-rank {self.rank}: expected a positive integer")
         if not 0 <= self.tol < 1:
@@ -115,6 +122,7 @@ class MergedAdapter:
     notes: list[str] = field(default_factory=list)
     options: MergeOptions = field(default_factory=MergeOptions)
     scale: float = 1.0
+    clipped: dict[int, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """The ``merge`` section of the JSON report."""
@@ -129,6 +137,8 @@ class MergedAdapter:
             "relative_error": {m: round(e, 8) for m, e in errors.items()},
             "scale": round(self.scale, 6),
         }
+        if self.options.clip is not None:
+            out["clipped"] = {str(k): round(c, 6) for k, c in sorted(self.clipped.items())}
         if self.options.project:
             out["projection_rank"] = {m: r.info.get("projection_rank") for m, r in self.modules.items()}
         return out

@@ -20,7 +20,7 @@ pytest.importorskip("transformers")
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from clair_cli.errors import AdapterFormatError, IncompatibleAdapters, UsageError  # noqa: E402
+from clair_cli.errors import AdapterFormatError, UsageError  # noqa: E402
 from clair_cli.flower import ClairStrategy, split_state_dict  # noqa: E402
 from experiments.federated import sim  # noqa: E402
 from experiments.federated.grid import LocalGrid  # noqa: E402
@@ -65,36 +65,62 @@ def _state(r: int = 4, extra: dict[str, torch.Tensor] | None = None) -> dict[str
     return state | (extra or {})
 
 
-def _one_round(reply_state: dict[str, torch.Tensor], config: RecordDict | None = None) -> None:
-    """Run ClairStrategy for one round with five clients that all reply ``reply_state``."""
+def _one_round(
+    reply_state: dict[str, torch.Tensor],
+    config: RecordDict | None = None,
+    bad: dict[str, torch.Tensor] | None = None,
+    nodes: int = 6,
+) -> ClairStrategy:
+    """Run ClairStrategy for one round: every client replies ``reply_state`` plus its own
+    change, except the last node, which replies ``bad`` when given."""
     app = ClientApp()
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        content = RecordDict(
-            {
-                "arrays": ArrayRecord({k: v + 0.01 * context.node_id for k, v in reply_state.items()}),
-                "metrics": MetricRecord({"num-examples": 10}),
-            }
-        )
+        g = torch.Generator().manual_seed(int(context.node_id) % 2**31)
+        state = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in reply_state.items()}
+        if bad is not None and int(context.node_id) == nodes:
+            state = bad
+        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 10})})
         for key, record in (config or {}).items():
             content[key] = record
         return Message(content, reply_to=msg)
 
-    strategy = ClairStrategy({"r": 4, "lora_alpha": 8}, fraction_evaluate=0.0, min_available_nodes=5)
-    grid = LocalGrid(app, 5)
+    strategy = ClairStrategy({"r": 4, "lora_alpha": 8}, fraction_evaluate=0.0, min_available_nodes=nodes)
+    grid = LocalGrid(app, nodes)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(_state()), num_rounds=1, train_config=ConfigRecord({}))
+    return strategy
 
 
 def test_refuses_what_is_not_lora() -> None:
     with pytest.raises(AdapterFormatError, match="use_dora"):
         ClairStrategy({"r": 4, "lora_alpha": 8, "use_dora": True})
-    with pytest.raises(AdapterFormatError, match="is not a LoRA factor"):
-        _one_round(_state(extra={"base_model.model.score.weight": torch.randn(3, 16)}))
-    with pytest.raises(IncompatibleAdapters, match="rank 4 in the LoraConfig"):
-        _one_round(_state(r=8))
     with pytest.raises(UsageError, match="secure aggregation"):
         _one_round(_state(), RecordDict({"secaggplus_configs": ConfigRecord({"stage": "setup"})}))
+
+
+NAN = _state()
+NAN["base_model.model.h.0.attn.q.lora_B.weight"] = torch.full((16, 4), float("nan"))
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        (NAN, "NaN or infinite"),
+        (_state(extra={"base_model.model.score.weight": torch.randn(3, 16)}), "is not a LoRA factor"),
+        (_state(r=8), "rank 4 in the LoraConfig"),
+        ({k: v.long() for k, v in _state().items()}, "floating-point"),
+    ],
+)
+def test_a_malformed_reply_is_left_out_and_the_round_goes_on(bad: dict[str, torch.Tensor], why: str) -> None:
+    """One client's unreadable or non-finite reply is flagged with its reason; the round
+    aggregates the others (Flower's own strategies carry on too)."""
+    strategy = _one_round(_state(), bad=bad)
+    (entry,) = strategy.history
+    (left_out,) = entry["flagged"]
+    assert why in entry["reasons"][left_out][0] and entry["reasons"][left_out][0].startswith("malformed reply")
+    assert left_out == entry["clients"][-1] and len(entry["clients"]) == 6
+    assert entry["fallback"] is None and strategy.reports[1]["flagged"] == []
 
 
 def test_split_state_dict_pairs_factors() -> None:

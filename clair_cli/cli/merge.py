@@ -43,6 +43,7 @@ def merge_command(
     project: opt.Project = False,
     project_rank: opt.ProjectRank = None,
     rescale: opt.RescaleOpt = Rescale.NONE,
+    clip: opt.Clip = None,
     rank: opt.Rank = "auto",
     force: opt.Force = False,
     json_out: opt.JsonOut = None,
@@ -85,9 +86,13 @@ def merge_command(
     spec = methods.get(method)
     params = common.audit_params(locals())
     w = common.parse_weights(weights)
-    options = pipeline.MergeOptions(merge_rank, merge_tol, project or project_rank is not None, project_rank, rescale)
-    if not spec.audits and (options.project or options.rescale != Rescale.NONE):
-        raise UsageError(f"--project, --project-rank and --rescale shape the clair merge, not --method {spec.name}")
+    options = pipeline.MergeOptions(
+        merge_rank, merge_tol, project or project_rank is not None, project_rank, rescale, clip
+    )
+    if not spec.audits and (options.project or options.rescale != Rescale.NONE or clip is not None):
+        raise UsageError(
+            f"--project, --project-rank, --rescale and --clip shape the clair merge, not --method {spec.name}"
+        )
     if not spec.audits and any(x is not None for x in (json_out, markdown, plot)):
         raise UsageError(f"--json, --markdown and --plot report the clair audit; --method {spec.name} runs none")
     sources = common.sources_arg(sources)

@@ -143,6 +143,17 @@ RescaleOpt = Annotated[
     Rescale,
     typer.Option("--rescale", help="none, or norm: scale the merged update to the merged adapters' median norm."),
 ]
+Clip = Annotated[
+    Optional[float],
+    typer.Option(
+        "--clip",
+        help="Bounded influence: clip each merged update to FACTOR times the collaborators' median distance "
+        "from their geometric median (centred clipping; 2 is ClairStrategy's default). Off by default: "
+        "adapters trained with different alphas or recipes lie at different distances.",
+        metavar="FACTOR",
+        show_default=False,
+    ),
+]
 SideOpt = Annotated[Side, typer.Option("--side", help="Shared space: out (output/column), in (input/row) or both.")]
 SolverOpt = Annotated[
     SolverForm,

@@ -318,6 +318,7 @@ class ClairAuditor:
         if not results:
             raise ValueError("no module to audit")
         self.module_results_ = results
+        self.inner_ = inner  # the whole updates' Gram matrix (canonical factors, every module)
         sq = inner.diagonal().clamp_min(0)
         self.cosine_ = cosine_from_gram(inner)
         trusted = set(reference or ())
