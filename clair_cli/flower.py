@@ -196,7 +196,9 @@ class ClairStrategy(FedAvg):
         for msg in replies:
             if not msg.has_error():
                 _refuse_secure_aggregation(msg)
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        # FedAvg's own consistency check would drop the whole round for one odd reply;
+        # each reply is checked on its own below instead.
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         if not valid:
             return None, None
         if server_round not in self._round_arrays:
@@ -247,7 +249,7 @@ class ClairStrategy(FedAvg):
         arrays = ArrayRecord({k: state[k] for k in global_state})  # the global's key order
         left_out = {n for n, f in zip(result.names, result.flagged, strict=True) if f}
         kept = [msg.content for msg in valid if f"node-{msg.metadata.src_node_id}" not in left_out]
-        metrics = self.train_metrics_aggr_fn(kept, self.weighted_by_key) if kept else MetricRecord()
+        metrics = self._kept_metrics(kept)
         for key, value in self._round_metrics(result, [node_of[n] for n in result.names]).items():
             metrics[key] = value
         self._record(server_round, result, time.perf_counter() - start)
@@ -262,9 +264,15 @@ class ClairStrategy(FedAvg):
         """
         import math
 
-        record = next(iter(msg.content.array_records.values()))  # exactly one: checked by FedAvg
+        content = msg.content
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            raise AdapterFormatError(
+                f"{name}: the reply holds {len(content.array_records)} ArrayRecord(s) and "
+                f"{len(content.metric_records)} MetricRecord(s); expected one of each"
+            )
+        record = next(iter(content.array_records.values()))
         factors, _ = split_state_dict(name, record.to_torch_state_dict())
-        metrics = next(iter(msg.content.metric_records.values()))
+        metrics = next(iter(content.metric_records.values()))
         try:
             weight = float(metrics[self.weighted_by_key])  # type: ignore[arg-type]
         except (KeyError, TypeError, ValueError):
@@ -272,6 +280,17 @@ class ClairStrategy(FedAvg):
         if not (math.isfinite(weight) and weight >= 0):
             raise AdapterFormatError(f"{name}: the metric {self.weighted_by_key!r} is not a non-negative number")
         return factors, weight
+
+    def _kept_metrics(self, kept: list[Any]) -> MetricRecord:
+        """The collaborators' train metrics, aggregated as FedAvg does; empty where their
+        metric records disagree (the round's own ``clair-*`` metrics are added either way)."""
+        if not kept:
+            return MetricRecord()
+        keys = {frozenset(next(iter(c.metric_records.values())).keys()) for c in kept}
+        if len(keys) != 1:
+            log(INFO, "CLAIR: the collaborators' metric records differ; their metrics are not aggregated")
+            return MetricRecord()
+        return self.train_metrics_aggr_fn(kept, self.weighted_by_key)
 
     @staticmethod
     def _round_metrics(result: RoundResult, node_ids: list[int]) -> dict[str, int | float]:
