@@ -7,50 +7,23 @@ spread (Rousseeuw and Croux's Qn), ``c`` is computed for the number of adapters 
 measured on so that an honest adapter drawn from the same distribution is flagged with
 probability ``ALPHA`` under a Gaussian model (the MAD-style estimates of a dozen values are
 noisy, and the normal quantile alone would flag many times more), and ``floor`` is a
-minimum effect size in the statistic's own units. The rules:
+minimum effect size in the statistic's own units. The rules, one module each in
+:mod:`clair_cli.core.rules` (where each is stated in full), applied in the order of
+:data:`clair_cli.core.rules.RULES`:
 
-1. **Direction** (``direction``): the cosine between the adapter's update and the geometric
-   median of the other adapters' updates, every module's update scaled to unit norm first so
-   that each module counts once. Sign flips, label flips and updates of another task point
-   elsewhere. Each module's cosine is taken with that module's centre fitted without the
-   adapter, standardised (median, Qn over the pool) and averaged with weight median / Qn,
-   so the modules where the pool agrees on a direction carry the evidence. Floor: the raw
-   cosine must have dropped by 0.1 and to 0.4 of the typical cosine; where the typical cosine
-   is below 0.1 the others agree on no direction, the centre is noise, and the rule is off.
-2. **Off-subspace, over all modules** (``off_subspace``): ``logit(o_km)``, the log-odds of
-   the share of the update outside the shared subspace, standardised per module and averaged
-   over the modules with shared structure. Averaging the evidence over modules is what a
-   single honest client with unusual data cannot reach by chance on one module. Floor: the
-   mean log-odds must exceed the typical by log 3 (odds 3x).
-   **Both at once** (``joint``): the sum of the two standardised statistics of rules 1 and
-   2, against the others' sums, when both raw effects are at least half their floors: an
-   adapter somewhat atypical on both counts, where neither rule alone would flag it.
-3. **Off-subspace, per module**: ``logit(o_km)`` on one module, at ``ALPHA / M`` (Bonferroni
-   over the M modules with shared structure), floor odds 10x the typical: contamination
-   confined to a few modules, which the average would dilute.
-4. **Inside the subspace, per module** (``in_subspace``): the distance of the adapter's
-   in-subspace component, over its norm, from the geometric median of the others'
-   (:mod:`clair_cli.core.insubspace`), on the log scale, at ``ALPHA / M``. Floor: 3x.
-5. **Norm** (``norm``): ``log ||Theta_k||`` over all modules, in both directions: boosted
-   updates (model replacement), floor 4x the typical norm, and near-zero ones (free
-   riders), floor a tenth of it.
-6. **Duplicates** (``duplicate``): updates with cosine above 0.999 over all modules form a
-   Sybil group; every member is flagged as such (no threshold).
-7. **Along the others' leading deviation** (``spectral``, :mod:`clair_cli.core.spectral`):
-   the squared projection of the adapter's whole update, minus the others' mean, on the
-   leading principal direction of the others' centred updates (DnC's statistic, exact and
-   leave-one-out), on the log scale under the log-chi-square law at ``SPECTRAL_ALPHA``,
-   together with the share of its own deviation along that direction at
-   ``SPECTRAL_SHARE_ALPHA``. Several adapters pushing the same way (clients sharing a
-   backdoor trigger) make their common push the direction in which the pool varies most,
-   even when each alone looks honest. Floor: the projection at least twice the typical.
+1. **Direction** (``direction``): the cosine of the adapter's update with the others' centre.
+2. **Off-subspace, over all modules** (``off_subspace``): the mean log-odds of the share of
+   the update outside the shared subspace. **Both at once** (``joint``): rules 1 and 2
+   together, where neither alone would flag.
+3. **Off-subspace, per module** (``module``), at ``ALPHA / M``.
+4. **Inside the subspace, per module** (``in_subspace``), at ``ALPHA / M``.
+5. **Norm** (``norm``), both ways: boosted updates and free riders.
+6. **Duplicates** (``duplicate``): cosine above 0.999; every copy but one is flagged.
+7. **Along the others' leading deviation** (``spectral``): a coordinated group.
+8. **No neighbour** (``isolated``): another task's adapter.
 
-8. **No neighbour** (``isolated``): the adapter's largest cosine with any other adapter
-   (every module at unit norm, its copies aside), on the log scale, against the others'
-   largest cosines, floor a third of the typical; as the joint rule, it also needs half of
-   rule 1's raw effect (off where the others agree on no direction). Another task's adapter
-   shares nothing with any client, where honest clients of one task, however skewed their
-   data, have a neighbour.
+This module owns what the rules share: the passes (:func:`decide`), the duplicate groups and
+the groups of flagged adapters that agree with each other (:func:`groups`).
 
 An adapter's ``score`` is its largest margin over rules 1-5, 7 and 8: the distance above the typical
 value in units of the distance to the threshold, so a score above 1 means that rule flagged
