@@ -64,7 +64,7 @@ def test_sign_flips_are_caught_by_direction_where_clients_agree_loosely() -> Non
         _tamper(mods, (5, 6), -1.0)
         aud = ClairAuditor().fit(mods, 20)
         assert {5, 6} <= flagged(aud)
-        assert all(any(r["kind"] == "direction" for r in aud.verdicts_[k].reasons) for k in (5, 6))
+        assert all(any(r.kind == "direction" for r in aud.verdicts_[k].reasons) for k in (5, 6))
 
 
 def test_another_task_is_caught_by_direction_where_few_modules_agree() -> None:
@@ -84,7 +84,7 @@ def test_another_task_is_caught_by_direction_where_few_modules_agree() -> None:
             mods.append(ModuleInput(f"layers.{m}.q_proj", list(range(17)), A + A2, B + B2, s + s2))
         aud = ClairAuditor().fit(mods, 17)
         assert flagged(aud) == {16}
-        assert any(r["kind"] == "direction" for r in aud.verdicts_[16].reasons)
+        assert any(r.kind == "direction" for r in aud.verdicts_[16].reasons)
 
 
 def test_a_free_rider_is_flagged_for_its_small_norm() -> None:
@@ -93,7 +93,7 @@ def test_a_free_rider_is_flagged_for_its_small_norm() -> None:
     aud = ClairAuditor().fit(mods, 16)
     assert flagged(aud) == {3}
     (reason,) = aud.verdicts_[3].reasons
-    assert reason["kind"] == "norm" and reason["ratio"] < 0.01
+    assert reason.kind == "norm" and reason.ratio < 0.01
 
 
 def _pool_with_a_copy():
@@ -106,7 +106,7 @@ def _pool_with_a_copy():
 def test_one_copy_of_a_duplicate_group_is_kept_by_name() -> None:
     names = [f"client_{k:02d}" for k in range(12)]
     aud = ClairAuditor().fit(_pool_with_a_copy(), 12, names=names)
-    assert flagged(aud) == {11} and aud.verdicts_[11].reasons[0]["kind"] == "duplicate"
+    assert flagged(aud) == {11} and aud.verdicts_[11].reasons[0].kind == "duplicate"
     names[11] = "aaa"  # now the copy sorts first: it is kept, and the other is the duplicate
     assert flagged(ClairAuditor().fit(_pool_with_a_copy(), 12, names=names)) == {4}
 
@@ -121,7 +121,7 @@ def test_score_above_one_is_a_threshold_rule_flagging() -> None:
     mods = make_pool(M=4, K=20, d_out=64, d_in=48, noise=0.3, bad=(2, 9, 15), seed=0)
     aud = ClairAuditor().fit(mods, 20)
     for v in aud.verdicts_:
-        threshold_rules = [r for r in v.reasons if r["kind"] != "duplicate"]
+        threshold_rules = [r for r in v.reasons if r.kind != "duplicate"]
         assert (v.score > 1) == bool(threshold_rules)
         assert v.score == pytest.approx(max(v.signals.values()))
 
@@ -222,8 +222,8 @@ def test_an_adapter_with_no_neighbour_is_flagged_as_isolated() -> None:
         aud = ClairAuditor().fit(mods, 17)
         v = aud.verdicts_[16]
         assert v.signals["isolated"] > 1, v.signals
-        reason = next(r for r in v.reasons if r["kind"] == "isolated")
-        assert reason["value"] == reason["cosine"] < reason["threshold"] < reason["typical"] / 3 + 1e-12
+        reason = next(r for r in v.reasons if r.kind == "isolated")
+        assert reason.value == reason.cosine < reason.threshold < reason.typical / 3 + 1e-12
         assert "shares almost nothing with any other adapter" in reason_text(reason, [], ModuleNames(["m"]))
         assert all(aud.verdicts_[k].signals.get("isolated", 0.0) < 1 for k in range(16))
 
@@ -244,3 +244,44 @@ def test_a_chance_isolated_honest_adapter_is_not_flagged() -> None:
     A, B, s, _ = make_module(K=13, bad=(0, 1, 2), seed=6712)
     aud = ClairAuditor(dtype=torch.float64).fit([ModuleInput("m", list(range(13)), A, B, s)], 13)
     assert flagged(aud) == {0, 1, 2}
+
+
+def test_a_reason_serialises_its_rule_fields_between_kind_and_what_was_compared() -> None:
+    from clair_cli.core.rules import Reason
+
+    reason = Reason(
+        kind="off_subspace",
+        share=0.5,
+        modules=("b", "a"),
+        across_modules=False,
+        module="b",
+        rule="module",
+        value=0.6,
+        threshold=0.55,
+        compare=">",
+        margin=1.2,
+    )
+    keys = ["kind", "share", "modules", "across_modules", "module", "rule", "value", "threshold", "compare", "margin"]
+    assert list(reason.to_dict()) == keys and reason.to_dict()["modules"] == ["b", "a"]
+    copy = Reason(kind="duplicate", of=(3,), rule="duplicate", value=None, threshold=0.999, compare=">", margin=None)
+    assert copy.to_dict() == {
+        "kind": "duplicate",
+        "of": [3],
+        "rule": "duplicate",
+        "value": None,
+        "threshold": 0.999,
+        "compare": ">",
+        "margin": None,
+    }
+
+
+def test_the_rules_are_registered_in_the_order_they_run() -> None:
+    from clair_cli.core import rules
+    from clair_cli.core.verdict import POINTING
+
+    names = ["direction", "off_subspace", "joint", "module", "in_subspace", "norm", "spectral", "isolated", "duplicate"]
+    assert [r.name for r in rules.RULES] == names
+    assert POINTING == ("direction", "off_subspace", "joint")
+    assert rules.get("norm") is rules.RULES[5]
+    with pytest.raises(ValueError, match="the rules are: direction, off_subspace"):
+        rules.get("nope")

@@ -116,7 +116,7 @@ def test_contamination_in_one_module_only_is_not_averaged_away() -> None:
     auditor = ClairAuditor().fit(mods, 20)
     assert flagged(auditor) == {3, 11}
     reason = auditor.verdicts_[3].reasons[0]
-    assert reason["kind"] == "off_subspace" and reason["modules"] == ["layers.4.q_proj"]
+    assert reason.kind == "off_subspace" and reason.modules == ("layers.4.q_proj",)
 
 
 def test_norm_boosted_update_is_flagged() -> None:
@@ -125,7 +125,7 @@ def test_norm_boosted_update_is_flagged() -> None:
         m.B[5] = m.B[5] * 12
     auditor = ClairAuditor().fit(mods, 20)
     assert flagged(auditor) == {5}
-    assert auditor.verdicts_[5].reasons[0]["kind"] == "norm"
+    assert auditor.verdicts_[5].reasons[0].kind == "norm"
 
 
 def test_sybil_group_is_flagged_and_cannot_fake_a_subspace() -> None:

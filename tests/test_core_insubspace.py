@@ -65,19 +65,19 @@ def test_sign_flipped_updates_are_caught_where_clients_agree(seed: int) -> None:
     _flip(mods, (5, 6))
     aud = ClairAuditor().fit(mods, 20)
     assert flagged(aud) == {5, 6}
-    assert all(any(r["kind"] == "in_subspace" for r in aud.verdicts_[k].reasons) for k in (5, 6))
+    assert all(any(r.kind == "in_subspace" for r in aud.verdicts_[k].reasons) for k in (5, 6))
     # Without the in-subspace rule, the direction rule (the whole update against the others'
     # centre) sees them too; the off-subspace share alone could not.
     alone = ClairAuditor(in_subspace=False).fit(mods, 20)
     assert flagged(alone) == {5, 6}
-    assert all(any(r["kind"] == "direction" for r in alone.verdicts_[k].reasons) for k in (5, 6))
+    assert all(any(r.kind == "direction" for r in alone.verdicts_[k].reasons) for k in (5, 6))
 
 
 @pytest.mark.parametrize("seed", range(4))
 def test_rule_5_never_fires_on_clean_pools(seed: int) -> None:
     for pool in (CONSENSUS, dict(CONSENSUS, spread=1.0), dict(CONSENSUS, spread=None)):
         aud = ClairAuditor().fit(make_pool(seed=seed, **pool), 20)
-        assert not [r for v in aud.verdicts_ for r in v.reasons if r["kind"] == "in_subspace"]
+        assert not [r for v in aud.verdicts_ for r in v.reasons if r.kind == "in_subspace"]
 
 
 def test_without_a_consensus_a_sign_flip_is_invisible() -> None:

@@ -266,7 +266,7 @@ def test_auditor_is_permutation_equivariant_on_both_paths(solver: str) -> None:
         va, vb = a.verdicts_[k], b.verdicts_[p]
         fields = ("score", "flagged", "per_module", "norm_ratio")
         assert [getattr(va, f) for f in fields] == [getattr(vb, f) for f in fields]
-        assert [r["kind"] for r in va.reasons] == [r["kind"] for r in vb.reasons]
+        assert [r.kind for r in va.reasons] == [r.kind for r in vb.reasons]
     assert {k for k in range(K) if a.flagged_[k]} == {3, 17, 20}
 
 

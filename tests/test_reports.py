@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from clair_cli import pipeline
 from clair_cli.cli import app
+from clair_cli.core.rules import Reason
 from clair_cli.errors import IncompatibleAdapters
 from clair_cli.io.base_model import canonical_base_model
 from clair_cli.io.sources import SourceOptions, open_adapters
@@ -77,7 +78,17 @@ def test_summaries_and_reasons_name_modules_unambiguously() -> None:
     labels = ModuleNames(GPT2)
     assert labels.summarise(["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]) == "layers 0-1 attn.c_proj"
     assert labels.summarise(GPT2) == "all 8 modules"
-    reason = {"kind": "off_subspace", "share": 0.9, "modules": ["transformer.h.1.mlp.c_proj"], "across_modules": False}
+    reason = Reason(
+        kind="off_subspace",
+        share=0.9,
+        modules=("transformer.h.1.mlp.c_proj",),
+        across_modules=False,
+        rule="module",
+        value=0.9,
+        threshold=0.8,
+        compare=">",
+        margin=1.5,
+    )
     assert (
         reason_text(reason, [], labels) == "90% of its update lies outside the shared subspace, in layer 1 mlp.c_proj"
     )

@@ -101,7 +101,7 @@ def test_a_coordinated_group_is_flagged_by_the_spectral_rule(seed: int) -> None:
     flagged = [k for k, v in enumerate(aud.verdicts_) if v.flagged]
     assert flagged == [17, 18, 19]
     for k in flagged:
-        assert any(r["kind"] == "spectral" for r in aud.verdicts_[k].reasons)
+        assert any(r.kind == "spectral" for r in aud.verdicts_[k].reasons)
         assert aud.verdicts_[k].signals["spectral"] > 1
 
 
@@ -128,11 +128,11 @@ def test_the_spectral_reason_reads_and_is_in_the_json_signals() -> None:
     from clair_cli.report.modules import ModuleNames
 
     aud = ClairAuditor().fit(_coordinated_pool(1, 2.0), 20)
-    reason = next(r for r in aud.verdicts_[18].reasons if r["kind"] == "spectral")
-    assert reason["rule"] == "spectral" and reason["compare"] == ">"
-    assert reason["value"] == reason["ratio"] > reason["threshold"] > 1
-    assert 0 < reason["share"] <= 1
-    assert aud.verdicts_[18].score >= reason["margin"] > 1
+    reason = next(r for r in aud.verdicts_[18].reasons if r.kind == "spectral")
+    assert reason.rule == "spectral" and reason.compare == ">"
+    assert reason.value == reason.ratio > reason.threshold > 1
+    assert 0 < reason.share <= 1
+    assert aud.verdicts_[18].score >= reason.margin > 1
     text = reason_text(reason, [], ModuleNames(["layers.0.q_proj"]))
     assert text.startswith("along the direction in which the other adapters differ most, it lies ")
-    assert f"{reason['ratio']:.1f}x" in text
+    assert f"{reason.ratio:.1f}x" in text

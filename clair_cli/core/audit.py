@@ -32,7 +32,7 @@ from clair_cli.core.insubspace import centre_cosines, direction_cosines, in_subs
 from clair_cli.core.order import content_keys, content_order, inverse
 from clair_cli.core.pairwise import cosine_from_gram, factor_grams, gram
 from clair_cli.core.reduction import reduce_module
-from clair_cli.core.verdict import AdapterVerdict, decide, duplicate_groups, flag_every_copy, groups
+from clair_cli.core.verdict import AdapterVerdict, PoolSignals, decide, duplicate_groups, flag_every_copy, groups
 
 SideOption = Literal["out", "in", "both"]
 Solver = Literal["auto", "convex", "fast"]
@@ -339,15 +339,15 @@ class ClairAuditor:
             centre_on[perm],
             [[where[k] for k in g] for g in self.duplicate_groups_],
         )[inverse(glob)]
-        self.verdicts_: list[AdapterVerdict] = decide(
-            K,
-            {r.name: r.off_subspace for r in results},
-            {r.name: r.members for r in results},
-            {r.name: r.shared_structure for r in results},
-            sq,
-            self.duplicate_groups_,
-            self.threshold,
-            reference,
+        signals = PoolSignals(
+            n_adapters=K,
+            shares={r.name: r.off_subspace for r in results},
+            members={r.name: r.members for r in results},
+            structured={r.name: r.shared_structure for r in results},
+            sq_norms=sq,
+            duplicates=self.duplicate_groups_,
+            threshold=self.threshold,
+            reference=reference,
             in_subspace={r.name: r.in_subspace for r in results},
             held_out={r.name: r.held_out for r in results if r.held_out is not None} or None,
             direction=self.direction_,
@@ -356,6 +356,7 @@ class ClairAuditor:
             order=glob,
             cosine=cosine_from_gram(unit),
         )
+        self.verdicts_: list[AdapterVerdict] = decide(signals)
         if self.copies == "flag-all":
             flag_every_copy(self.verdicts_, self.duplicate_groups_, trusted)
         copies = {k for g in self.duplicate_groups_ for k in g[1:]}

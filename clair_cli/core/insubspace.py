@@ -19,7 +19,7 @@ count; magnitude is the norm rule's.
   Qn, others only): honest heterogeneity (clients that agree only loosely) widens the spread
   and so raises the bar, which is the price of not flagging honest clients.
 
-:func:`clair_cli.core.verdict.decide` flags an adapter when, on some module with shared
+:class:`clair_cli.core.rules.in_subspace.InSubspace` flags an adapter when, on some module with shared
 structure, its log-distance exceeds the others' median by ``max(c sigma, log
 IN_SUBSPACE_FACTOR)`` (rule 4: ``c`` calibrated for the pool size at ``ALPHA / M``, see
 :mod:`clair_cli.core.calibration`): at least ``IN_SUBSPACE_FACTOR`` times the typical

@@ -28,6 +28,7 @@ from clair_cli.report.modules import ModuleNames, natural_key, natural_sorted
 RECOMMENDED_REFERENCES = 8
 
 if TYPE_CHECKING:
+    from clair_cli.core.rules import Reason
     from clair_cli.results import AuditOutcome
 
 
@@ -36,60 +37,67 @@ def share_text(share: float) -> str:
     return f"{share:.0%}"
 
 
-def reason_text(reason: dict[str, Any], names: list[str], modules: ModuleNames) -> str:
+def reason_text(reason: Reason, names: list[str], modules: ModuleNames) -> str:
     """One reason of a verdict in words (``names``: the adapters', for duplicates)."""
-    kind = reason["kind"]
+    kind = reason.kind
     if kind == "off_subspace":
-        if reason.get("across_modules"):
+        where = list(reason.modules or ())
+        if reason.across_modules:
             return (
-                f"{share_text(reason['share'])} of its update lies outside the shared subspace on average over "
-                f"{len(reason['modules'])} modules, more than is typical of the pool"
+                f"{share_text(_given(reason.share))} of its update lies outside the shared subspace on average over "
+                f"{len(where)} modules, more than is typical of the pool"
             )
-        where = modules.summarise(reason["modules"])
-        top = reason.get("module")
-        if top is not None and len(reason["modules"]) > 1:
+        top = reason.module
+        if top is not None and len(where) > 1:
             return (
-                f"{share_text(reason['share'])} of its update lies outside the shared subspace in "
-                f"{modules.short(top)} (past its threshold in {where})"
+                f"{share_text(_given(reason.share))} of its update lies outside the shared subspace in "
+                f"{modules.short(top)} (past its threshold in {modules.summarise(where)})"
             )
-        return f"{share_text(reason['share'])} of its update lies outside the shared subspace, in {where}"
+        return (
+            f"{share_text(_given(reason.share))} of its update lies outside the shared subspace, "
+            f"in {modules.summarise(where)}"
+        )
     if kind == "direction":
         return (
-            f"its update points away from the others' (cosine {reason['cosine']:+.2f} with their centre, "
-            f"typically {reason['typical']:+.2f})"
+            f"its update points away from the others' (cosine {_given(reason.cosine):+.2f} with their centre, "
+            f"typically {_given(reason.typical):+.2f})"
         )
     if kind == "joint":
-        share = reason["share"] if "share" in reason else 1 / (1 + math.exp(-reason["log_odds"]))
+        share = reason.share if reason.share is not None else 1 / (1 + math.exp(-_given(reason.log_odds)))
         return (
-            f"both its direction (cosine {reason['cosine']:+.2f} with the others' centre) and its share "
+            f"both its direction (cosine {_given(reason.cosine):+.2f} with the others' centre) and its share "
             f"outside the shared subspace ({share_text(share)} on average) are atypical together"
         )
     if kind == "norm":
-        ratio = reason["ratio"]
+        ratio = _given(reason.ratio)
         if ratio < 1:
             return f"update norm {1 / ratio:.0f}x below the pool median (a free rider?)"
         return (
             f"update norm {ratio:.0f}x the pool median" if ratio >= 10 else f"update norm {ratio:.1f}x the pool median"
         )
     if kind == "duplicate":
-        return "identical to " + ", ".join(sorted(names[j] for j in reason["of"]))
+        return "identical to " + ", ".join(sorted(names[j] for j in reason.of or ()))
     if kind == "in_subspace":
-        where = modules.summarise(reason["modules"])
         return (
-            f"inside the shared subspace, its update lies {reason['ratio']:.1f}x farther than is typical "
-            f"from the pool's centre (sign-flipped or scaled?), in {where}"
+            f"inside the shared subspace, its update lies {_given(reason.ratio):.1f}x farther than is typical "
+            f"from the pool's centre (sign-flipped or scaled?), in {modules.summarise(list(reason.modules or ()))}"
         )
     if kind == "isolated":
         return (
-            f"it shares almost nothing with any other adapter (cosine {reason['cosine']:+.2f} with its nearest, "
-            f"typically {reason['typical']:.2f}: another task?)"
+            f"it shares almost nothing with any other adapter (cosine {_given(reason.cosine):+.2f} with its "
+            f"nearest, typically {_given(reason.typical):.2f}: another task?)"
         )
     if kind == "spectral":
         return (
-            f"along the direction in which the other adapters differ most, it lies {reason['ratio']:.1f}x "
+            f"along the direction in which the other adapters differ most, it lies {_given(reason.ratio):.1f}x "
             "farther from their mean than is typical (a coordinated group, such as clients sharing a backdoor?)"
         )
     return kind
+
+
+def _given(value: float | None) -> float:
+    """A field the reason's rule always writes (NaN, shown as such, if it ever did not)."""
+    return math.nan if value is None else value
 
 
 def _generated_at() -> str:
@@ -126,12 +134,14 @@ def audit_report(outcome: AuditOutcome, command: str = "audit", digests: bool = 
     reference = set(outcome.reference or ())
     adapters = []
     for a, v in zip(pool.adapters, aud.verdicts_, strict=True):
-        reasons: list[dict[str, Any]] = [_rounded(why) | {"text": reason_text(why, names, labels)} for why in v.reasons]
-        for why in reasons:
-            if why["kind"] == "duplicate":
-                why["of"] = sorted(names[j] for j in why["of"])
-            if "modules" in why:
-                why["modules"] = natural_sorted(why["modules"])
+        reasons: list[dict[str, Any]] = []
+        for why in v.reasons:
+            entry = _rounded(why.to_dict()) | {"text": reason_text(why, names, labels)}
+            if why.of is not None:
+                entry["of"] = sorted(names[j] for j in why.of)
+            if why.modules is not None:
+                entry["modules"] = natural_sorted(why.modules)
+            reasons.append(entry)
         adapters.append(
             {
                 "name": a.name,

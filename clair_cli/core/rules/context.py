@@ -1,0 +1,247 @@
+"""One pass of the verdict: the pool's signals, the verdicts being built, and the thresholds
+every rule takes from the others' values (:mod:`clair_cli.core.verdict`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from clair_cli.core.calibration import NORMAL, Cut, leave_one_out_cuts, qn_scale
+from clair_cli.core.decompose import median
+from clair_cli.core.rules.base import ALPHA, ModuleHit, Reason
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoolSignals:
+    """What the verdict judges: per adapter and module, the signals of the whole pool.
+
+    Attributes:
+        n_adapters: K.
+        shares: per module, off-subspace shares of the adapters in ``members[module]``.
+        members: per module, the adapter indices it covers (in ``shares`` order).
+        structured: per module, whether a shared structure was found.
+        sq_norms: per adapter, ``sum_m ||Theta_km||^2``.
+        duplicates: Sybil groups of adapter indices (the first of each is kept).
+        threshold: fixed share threshold replacing the off-subspace rules' automatic one.
+        reference: trusted adapters (``clair gate``). When given, every threshold comes from
+            them alone and only the other adapters can be flagged.
+        in_subspace: per module, each member's distance from the geometric median of the
+            in-subspace components (:mod:`clair_cli.core.insubspace`); None where not measured.
+        held_out: with ``reference``, per module, the shares with each reference scored
+            against the other references' subspace (as a candidate is scored); the
+            off-subspace thresholds come from these instead of the references' in-sample shares.
+        direction: per adapter, the cosine of its (module-wise unit) update with the
+            geometric median of the others' (references' in a gate); NaN where undefined.
+        module_direction: per module, each member's cosine with the module's centre.
+        inner: the ``K x K`` Gram matrix of the whole updates (summed over modules), for
+            rule 7; None leaves the rule out.
+        order: a canonical order of the adapters (their content digests) in which rule 7's
+            eigensolves run, so that its last bits do not depend on the order of the sources.
+        cosine: the ``K x K`` cosines of the updates with every module at unit norm, for
+            rule 8; None leaves the rule out.
+    """
+
+    n_adapters: int
+    shares: dict[str, torch.Tensor]
+    members: dict[str, list[int]]
+    structured: dict[str, bool]
+    sq_norms: torch.Tensor
+    duplicates: list[list[int]]
+    threshold: float | None = None
+    reference: list[int] | None = None
+    in_subspace: dict[str, torch.Tensor | None] | None = None
+    held_out: dict[str, torch.Tensor] | None = None
+    direction: torch.Tensor | None = None
+    module_direction: dict[str, torch.Tensor] | None = None
+    inner: torch.Tensor | None = None
+    order: list[int] | None = None
+    cosine: torch.Tensor | None = None
+
+
+@dataclass
+class AdapterVerdict:
+    index: int
+    score: float
+    flagged: bool
+    reasons: list[Reason] = field(default_factory=list)
+    per_module: dict[str, float] = field(default_factory=dict)
+    norm_ratio: float = 1.0
+    signals: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DirectionEvidence:
+    """Rule 1's, for the joint and isolated rules: the standardised statistic, and the raw
+    effect (the drop of the cosine in units of the floor; NaN where the rule is off)."""
+
+    z: torch.Tensor
+    effect: torch.Tensor
+
+
+@dataclass
+class OffSubspaceEvidence:
+    """Rule 2's, for the joint rule and rule 3: per module the log-odds (and the references'
+    held-out ones), the standardised mean (and its calibration), the mean log-odds and the
+    raw effect in units of the floor."""
+
+    log_odds: dict[str, torch.Tensor]
+    calib_odds: dict[str, torch.Tensor]
+    z: torch.Tensor
+    z_calib: torch.Tensor
+    mean: torch.Tensor
+    effect: torch.Tensor
+
+
+class Pass:
+    """One pass over the rules: thresholds from the others' values, margins and reasons.
+
+    ``excluded`` (flagged in the previous pass) and the copies of duplicates never set a
+    threshold; ``extra`` (the suspects, while a pointing rule runs) neither.
+    """
+
+    def __init__(self, signals: PoolSignals, excluded: set[int]) -> None:
+        self.signals = signals
+        self.verdicts = [AdapterVerdict(k, 0.0, False) for k in range(signals.n_adapters)]
+        self.trusted = set(signals.reference or ())
+        self.gated = signals.reference is not None
+        self.copies = {k for group in signals.duplicates for k in group[1:]}
+        self.excluded = excluded | self.copies
+        self.extra: set[int] = set()  # also left out of the bases, for the rules that set it
+        self.calibration = signals.held_out if signals.reference is not None else None
+        for name, o in signals.shares.items():
+            for pos, k in enumerate(signals.members[name]):
+                self.verdicts[k].per_module[name] = float(o[pos])
+        self.measured = {n: o for n, o in signals.shares.items() if signals.structured[n]}
+        # What a rule leaves for the later ones in this pass.
+        self.direction: DirectionEvidence | None = None
+        self.off_subspace: OffSubspaceEvidence | None = None
+        self.off_hits: dict[int, list[ModuleHit]] = {}  # rules 2 and 3; [] for rule 2 alone
+        self.across: dict[int, tuple[float, float, float]] = {}  # rule 2: mean log-odds, its bound, margin
+        self.held: dict[int, Reason] = {}  # listed only where they set the score
+
+    def cuts(
+        self,
+        values: torch.Tensor,
+        alpha: float,
+        floor: float,
+        calibration: torch.Tensor | None = None,
+        relative: float = 0.0,
+        law: str = NORMAL,
+        capped: bool = False,
+    ) -> list[Cut | None]:
+        """Per adapter, the cut from the others' values (finite ones, not ``excluded``; in a
+        gate, the references' values, from ``calibration`` where given); ``capped``: with
+        the small-pool critical value (:func:`clair_cli.core.calibration.rule_critical_value`)."""
+        calib = values if calibration is None else calibration
+        cuts = leave_one_out_cuts(calib, self.basis(calib), alpha, floor, relative, law, capped)
+        return [cut if bool(torch.isfinite(values[k])) else None for k, cut in enumerate(cuts)]
+
+    def basis(self, calib: torch.Tensor) -> torch.Tensor:
+        """Which adapters' values set a threshold: finite, not excluded, references in a gate."""
+        basis = torch.isfinite(calib)
+        basis[list(self.excluded | self.extra)] = False
+        if self.gated:
+            basis &= torch.tensor([k in self.trusted for k in range(len(calib))], dtype=torch.bool)
+        return basis
+
+    def full(self, values: torch.Tensor, where: list[int]) -> torch.Tensor:
+        """A per-module value spread over all K adapters (NaN where the module has none)."""
+        out = torch.full((len(self.verdicts),), math.nan, dtype=torch.float64)
+        out[where] = values.double()
+        return out
+
+    def mean(self, values: dict[str, torch.Tensor], members: dict[str, list[int]]) -> torch.Tensor:
+        """Per adapter, the mean of a per-module value over the modules it is in (NaN: none)."""
+        rows = torch.stack([self.full(v, members[n]) for n, v in values.items()])
+        return rows.nanmean(0)
+
+    def standardised_mean(
+        self,
+        values: dict[str, torch.Tensor],
+        members: dict[str, list[int]],
+        calibration: dict[str, torch.Tensor] | None = None,
+        by_agreement: bool = False,
+    ) -> torch.Tensor:
+        """Per adapter, the mean over modules of ``(x - median) / Qn``, centre and spread
+        taken per module over the basis (from ``calibration`` where given). Modules whose
+        basis has no spread carry no evidence and are left out. Standardising first weights
+        each module by how tightly the pool agrees on it.
+
+        With ``by_agreement`` (rule 1, whose values are minus cosines) the mean is weighted
+        by ``max(-median / Qn, 0)``: how many spreads the typical cosine lies above zero.
+        An adapter that shares nothing with the others sits at zero, so that is how far a
+        module lets it fall in units of the module's spread (the weights of the likelihood
+        ratio for "no shared component" under independent Gaussian modules); modules on
+        which the others agree on no direction carry no weight."""
+        rows, weights = [], []
+        for name, v in values.items():
+            full = self.full(v, members[name])
+            calib = self.full((calibration or {}).get(name, v), members[name])
+            basis = self.basis(calib)
+            if int(basis.sum()) < 3:
+                continue
+            spread = float(qn_scale(calib[basis]))
+            if spread > 0:
+                centre = float(median(calib[basis]))
+                rows.append((full - centre) / spread)
+                weights.append(max(-centre / spread, 0.0) if by_agreement else 1.0)
+        if not rows or sum(weights) <= 0:
+            return torch.full((len(self.verdicts),), math.nan, dtype=torch.float64)
+        z = torch.stack(rows)
+        w = torch.tensor(weights, dtype=torch.float64)[:, None].expand_as(z).where(~z.isnan(), 0.0)
+        return (z.nan_to_num(0.0) * w).sum(0) / w.sum(0)  # NaN where an adapter has no weighed module
+
+    def per_module(
+        self,
+        values: dict[str, torch.Tensor],
+        members: dict[str, list[int]],
+        floor: float,
+        calibration: dict[str, torch.Tensor] | None = None,
+    ) -> dict[int, list[ModuleHit]]:
+        """A per-module rule at ALPHA / M (Bonferroni over the modules measured); hits per
+        adapter, largest excess first. Margins are recorded as the ``module`` signal."""
+        hits: dict[int, list[ModuleHit]] = {}
+        alpha = ALPHA / max(len(values), 1)
+        for name, v in values.items():
+            full = self.full(v, members[name])
+            calib = None
+            if calibration is not None and name in calibration:
+                calib = self.full(calibration[name], members[name])
+            for k, cut in enumerate(self.cuts(full, alpha, floor, calib)):
+                if cut is None:
+                    continue
+                m = cut.margin(float(full[k]))
+                if self.margin(k, m, "module"):
+                    hits.setdefault(k, []).append(
+                        ModuleHit(float(full[k]) - cut.centre, name, float(full[k]), cut.value, m)
+                    )
+        for items in hits.values():
+            items.sort(key=lambda h: (-h.excess, h.module))
+        return hits
+
+    def margin(self, k: int, margin: float, signal: str) -> bool:
+        """Record a margin; whether it flags (never for a trusted reference)."""
+        v = self.verdicts[k]
+        v.score = max(v.score, margin)
+        v.signals[signal] = max(v.signals.get(signal, -math.inf), margin)
+        return margin > 1 and k not in self.trusted
+
+    def flag(self, k: int, reason: Reason) -> None:
+        self.verdicts[k].flagged = True
+        self.verdicts[k].reasons.append(reason)
+
+    def hold(self, k: int, reason: Reason) -> None:
+        """A reason for an adapter already flagged for the same evidence: one is enough,
+        unless this one sets the score (:meth:`release_held`)."""
+        self.held[k] = reason
+
+    def release_held(self) -> None:
+        """List each held reason where it set the score: the score shown is then always the
+        margin of a listed reason."""
+        for k, reason in self.held.items():
+            v = self.verdicts[k]
+            shown = max((r.margin for r in v.reasons if r.margin is not None), default=-math.inf)
+            if reason.margin is not None and reason.margin > shown:
+                v.reasons.append(reason)

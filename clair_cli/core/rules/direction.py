@@ -1,0 +1,68 @@
+"""Rule 1, **direction**: the cosine between the adapter's update and the geometric median of
+the other adapters' updates, every module's update scaled to unit norm first so that each
+module counts once. Sign flips, label flips and updates of another task point elsewhere.
+
+Each module's cosine is taken with that module's centre fitted without the adapter,
+standardised (median, Qn over the pool) and averaged with weight median / Qn, so the modules
+where the pool agrees on a direction carry the evidence. Floor: the raw cosine must have
+dropped by ``DIRECTION_FLOOR`` and to 0.4 of the typical cosine; where the typical cosine is
+below ``DIRECTION_FLOOR`` the others agree on no direction, the centre is noise, and the rule
+is off. ``threshold`` in its reason is the bound on the raw cosine; ``margin`` the smaller
+of the two margins.
+Below a dozen adapters the standardised statistic's critical value is capped
+(:func:`clair_cli.core.calibration.rule_critical_value`); the raw floor still applies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from clair_cli.core.rules.base import ALPHA, Reason
+from clair_cli.core.rules.context import DirectionEvidence, Pass
+
+DIRECTION_FLOOR = 0.1  # of cosine, and at least 0.6 of the typical cosine
+DIRECTION_RELATIVE_FLOOR = 0.6
+
+
+class Direction:
+    name = "direction"
+    pointing = True
+
+    def apply(self, ctx: Pass) -> None:
+        pool = ctx.signals
+        direction, module_direction = pool.direction, pool.module_direction
+        if direction is None or not module_direction:
+            return
+        # Per module standardised, averaged with the weight of the others' agreement on it,
+        # against the others' averages; the raw cosine must also have dropped by the floor.
+        per = {n: -c for n, c in module_direction.items()}
+        z = ctx.standardised_mean(per, pool.members, by_agreement=True)
+        raw = ctx.cuts(-direction.double(), ALPHA, 0.0)
+        effect = torch.full((pool.n_adapters,), math.nan, dtype=torch.float64)
+        for k, cut in enumerate(ctx.cuts(z, ALPHA, 0.0, capped=True)):
+            centre = raw[k]
+            if cut is None or centre is None:
+                continue
+            typical = -centre.centre
+            if typical < DIRECTION_FLOOR:  # the others agree on no direction: nothing to leave
+                continue
+            floor = max(DIRECTION_FLOOR, DIRECTION_RELATIVE_FLOOR * typical)
+            effect[k] = (typical - float(direction[k])) / floor
+            m = min(cut.margin(float(z[k])), float(effect[k]))
+            if ctx.margin(k, m, self.name):
+                ctx.flag(k, self.reason(float(direction[k]), typical, floor, m))
+        ctx.direction = DirectionEvidence(z, effect)
+
+    def reason(self, cosine: float, typical: float, floor: float, margin: float) -> Reason:
+        return Reason(
+            kind="direction",
+            cosine=cosine,
+            typical=typical,
+            rule=self.name,
+            value=cosine,
+            threshold=typical - floor,
+            compare="<",
+            margin=margin,
+        )

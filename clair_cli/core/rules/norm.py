@@ -1,0 +1,48 @@
+"""Rule 5, **norm** (``norm``): ``log ||Theta_k||`` over all modules, in both directions:
+boosted updates (model replacement), floor 4x the typical norm, and near-zero ones (free
+riders), floor a tenth of it. Sets every verdict's ``norm_ratio``. Below a dozen adapters
+its critical value is capped (:func:`clair_cli.core.calibration.rule_critical_value`): the
+floor, not the noisy spread of five values, then decides, so a round of six clients flags a
+fivefold update.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from clair_cli.core.rules.base import ALPHA, Reason
+from clair_cli.core.rules.context import Pass
+
+NORM_FACTOR_FLOOR = 4.0
+NORM_LOW_FACTOR_FLOOR = 10.0  # a small update does little harm: only far below the others
+
+
+class Norm:
+    name = "norm"
+    pointing = False
+
+    def apply(self, ctx: Pass) -> None:
+        sq_norms = ctx.signals.sq_norms
+        log_norm = torch.where(sq_norms > 0, 0.5 * torch.log(sq_norms.double().clamp_min(1e-300)), math.nan)
+        high = ctx.cuts(log_norm, ALPHA, math.log(NORM_FACTOR_FLOOR), capped=True)
+        low = ctx.cuts(-log_norm, ALPHA, math.log(NORM_LOW_FACTOR_FLOOR), capped=True)
+        for k, (up_cut, down_cut) in enumerate(zip(high, low, strict=True)):
+            if up_cut is None or down_cut is None:
+                continue
+            ratio = math.exp(float(log_norm[k]) - up_cut.centre)
+            ctx.verdicts[k].norm_ratio = ratio
+            m_up = up_cut.margin(float(log_norm[k]))
+            m_down = down_cut.margin(-float(log_norm[k]))
+            up = ctx.margin(k, m_up, self.name)
+            down = ctx.margin(k, m_down, self.name)
+            if up or down:
+                # The ratio to the others' median norm at which the rule flags, on the side it flagged.
+                bound = math.exp(up_cut.width) if up else math.exp(-down_cut.width)
+                ctx.flag(k, self.reason(ratio, bound, max(m_up, m_down), ">" if up else "<"))
+
+    def reason(self, ratio: float, bound: float, margin: float, compare: str) -> Reason:
+        return Reason(
+            kind="norm", ratio=ratio, rule=self.name, value=ratio, threshold=bound, compare=compare, margin=margin
+        )
