@@ -124,3 +124,33 @@ def test_centre_cosines_leave_one_out_match_a_centre_fitted_without_each() -> No
     points[2] = 0
     shared = centre_cosines(points @ points.T, fit_on)
     assert math.isnan(float(shared[2])) and not bool(shared[[0, 1, 3]].isnan().any())
+
+
+def test_direction_pairs_leave_both_out() -> None:
+    """``D[k, j]`` is j's cosine with the centre fitted without j and k (and their copies)."""
+    from clair_cli.core.insubspace import direction_pairs
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 10, generator=g, dtype=torch.float64) + 2.0
+    x = x / x.norm(dim=1, keepdim=True)
+    C = x @ x.T
+    fit_on = torch.ones(6, dtype=torch.bool)
+    D = direction_pairs(C, fit_on, [[4, 5]])
+    assert bool(D.diagonal().isnan().all())
+    for k, j in [(0, 1), (3, 2), (4, 0), (0, 4)]:
+        leave = sorted({j, k} | ({4, 5} if {j, k} & {4, 5} else set()))
+        want = centre_cosines(C, fit_on, {j: leave})[j]
+        assert float(D[k, j]) == pytest.approx(float(want), abs=1e-12)
+    assert bool(D[4, 5].isnan()) and bool(D[5, 4].isnan())  # copies are one adapter
+
+
+def test_a_pool_without_a_common_direction_says_so() -> None:
+    """Independent updates agree on no direction: rule 1 cannot measure anyone, and the
+    auditor (and so the report) says which rules were silent."""
+    from clair_cli.report.audit import SILENT
+
+    aud = ClairAuditor().fit(make_pool(M=2, K=10, kind="independent", seed=4), 10)
+    assert "direction" in aud.silent_rules_
+    assert "no common direction" in SILENT["direction"]
+    agreeing = ClairAuditor().fit(make_pool(M=2, K=10, spread=0.3, seed=4), 10)
+    assert agreeing.silent_rules_ == []

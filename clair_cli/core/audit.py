@@ -9,7 +9,10 @@ factors plus small per-module results) and learns:
 - ``verdicts_``: per adapter, score, flag and reasons (see :mod:`clair_cli.core.verdict`);
 - ``shared_rank_``, ``collaborative_set_``, ``duplicate_groups_``, ``shared_structure_``;
 - ``groups_``: flagged adapters that agree with each other but not with the rest
-  (:func:`clair_cli.core.verdict.groups`).
+  (:func:`clair_cli.core.verdict.groups`);
+- ``silent_rules_``: the rules of ``WATCHED_RULES`` that could measure no adapter of the pool
+  (no common direction, no shared structure, too few adapters), so that a report says
+  what it could not check.
 
 Within a module, adapters whose updates are identical up to rounding (cosine
 above 0.999) enter the decomposition once, so a group of copies cannot pose as
@@ -25,14 +28,24 @@ from typing import Literal
 
 import torch
 
+from clair_cli.core.calibration import SMALL_POOL_N
 from clair_cli.core.canonical import canonical_module
 from clair_cli.core.decompose import Method, ModuleDecomposer, null_bound
 from clair_cli.core.fastpath import FastDecomposer, off_subspace_shares, shared_basis
-from clair_cli.core.insubspace import centre_cosines, direction_cosines, in_subspace_gram, unit_centre_distances
+from clair_cli.core.insubspace import (
+    centre_cosines,
+    direction_cosines,
+    direction_pairs,
+    in_subspace_gram,
+    unit_centre_distances,
+)
 from clair_cli.core.order import content_keys, content_order, inverse
 from clair_cli.core.pairwise import cosine_from_gram, factor_grams, gram
 from clair_cli.core.reduction import reduce_module
 from clair_cli.core.verdict import AdapterVerdict, PoolSignals, decide, duplicate_groups, flag_every_copy, groups
+
+# Rules whose silence over a whole pool is reported: each measures every adapter where it can.
+WATCHED_RULES = ("direction", "off_subspace", "norm", "spectral")
 
 SideOption = Literal["out", "in", "both"]
 Solver = Literal["auto", "convex", "fast"]
@@ -339,6 +352,15 @@ class ClairAuditor:
             centre_on[perm],
             [[where[k] for k in g] for g in self.duplicate_groups_],
         )[inverse(glob)]
+        pairs = None
+        if reference is None and K <= SMALL_POOL_N + 1:
+            pairs = direction_pairs(
+                unit[perm[:, None], perm[None, :]],
+                centre_on[perm],
+                [[where[k] for k in g] for g in self.duplicate_groups_],
+            )
+            back = inverse(glob)
+            pairs = pairs[back[:, None], back[None, :]]
         signals = PoolSignals(
             n_adapters=K,
             shares={r.name: r.off_subspace for r in results},
@@ -355,10 +377,13 @@ class ClairAuditor:
             inner=inner,
             order=glob,
             cosine=cosine_from_gram(unit),
+            direction_pairs=pairs,
         )
         self.verdicts_: list[AdapterVerdict] = decide(signals)
         if self.copies == "flag-all":
             flag_every_copy(self.verdicts_, self.duplicate_groups_, trusted)
+        # Rules that measured no adapter at all in this pool (the report says so).
+        self.silent_rules_ = [r for r in WATCHED_RULES if not any(r in v.signals for v in self.verdicts_)]
         copies = {k for g in self.duplicate_groups_ for k in g[1:]}
         self.groups_ = groups(self.verdicts_, cosine_from_gram(unit), self.direction_, copies)
         self.shared_rank_ = {r.name: r.rank for r in results}

@@ -133,6 +133,23 @@ def direction_cosines(C: torch.Tensor, fit_on: torch.Tensor, groups: list[list[i
     return centre_cosines(C, fit_on, {k: group_of.get(k, [k]) for k in range(C.shape[0])})
 
 
+def direction_pairs(C: torch.Tensor, fit_on: torch.Tensor, groups: list[list[int]] | None = None) -> torch.Tensor:
+    """``D[k, j]``: adapter j's cosine with the geometric median of ``fit_on`` without j, k and
+    their copies (NaN on the diagonal): the others' statistic of rule 1 with k taken out of
+    their centres too. In a pool of five, one adapter is a quarter of each other adapter's
+    centre: a sign-flipped one drags every honest cosine towards zero and makes the pool look
+    as if it agreed on no direction. ``K^2`` Weiszfeld fits: for small pools."""
+    group_of = {k: g for g in groups or () for k in g}
+    K = C.shape[0]
+    out = torch.full((K, K), float("nan"), dtype=torch.float64)
+    for k in range(K):
+        gk = set(group_of.get(k, [k]))
+        leave = {j: sorted(gk | set(group_of.get(j, [j]))) for j in range(K) if j not in gk}
+        row = centre_cosines(C, fit_on, leave)
+        out[k, list(leave)] = row[list(leave)]
+    return out
+
+
 def centre_cosines(
     C: torch.Tensor, fit_on: torch.Tensor, leave_out: Mapping[int, Sequence[int]] | None = None
 ) -> torch.Tensor:

@@ -212,6 +212,7 @@ def audit_report(outcome: AuditOutcome, command: str = "audit", digests: bool = 
             ),
             key=lambda g: g["members"],
         ),
+        "silent_rules": list(aud.silent_rules_),
         "converged": aud.converged_,
         "notes": list(pool.notes),
         "timing_s": {k: round(v, 3) for k, v in outcome.timing.items()},
@@ -305,6 +306,17 @@ def render_audit(console: Console, report: dict[str, Any]) -> None:
         console.print(f"note: {shown(line)}", style="dim")
 
 
+# What a pool cannot be checked for when a rule measured none of its adapters.
+SILENT = {
+    "direction": "the adapters agree on no common direction (typical cosine below 0.1): the direction rule "
+    "and the rules that need it (joint, isolated) are off, so sign flips and another task's adapters "
+    "are not checked here",
+    "off_subspace": "no module has shared low-rank structure: the off-subspace and in-subspace rules are off",
+    "norm": "too few adapters to compare norms: the norm rule is off",
+    "spectral": "too few adapters for the spectral rule: coordinated groups are not checked",
+}
+
+
 def report_notes(report: dict[str, Any]) -> list[str]:
     notes = list(report.get("notes", []))
     if report["dropped_modules"]:
@@ -318,6 +330,13 @@ def report_notes(report: dict[str, Any]) -> list[str]:
         notes.append(
             f"only {n_refs} references: the thresholds are calibrated for so few, which makes them wide "
             f"(subtle contamination passes) and less reliable; use {RECOMMENDED_REFERENCES} or more"
+        )
+    notes.extend(SILENT[r] for r in report.get("silent_rules", []) if r in SILENT)
+    n_flagged = report["summary"]["n_flagged"]
+    if n_flagged * 2 > report["n_adapters"]:
+        notes.append(
+            f"{n_flagged} of {report['n_adapters']} adapters flagged: the verdict assumes honest adapters are "
+            "the majority; check that the pool holds adapters of one task and base model"
         )
     for g in report.get("groups", []):
         unflagged = [m for m in g["members"] if m not in g["flagged"]]

@@ -41,7 +41,12 @@ class PoolSignals:
             eigensolves run, so that its last bits do not depend on the order of the sources.
         cosine: the ``K x K`` cosines of the updates with every module at unit norm, for
             rule 8; None leaves the rule out.
+        direction_pairs: in small pools, ``D[k, j]``, adapter j's rule-1 cosine with k left
+            out of its centre too (:func:`clair_cli.core.insubspace.direction_pairs`); rule 1
+            takes k's typical cosine from row k. None: from ``direction``.
     """
+
+    direction_pairs: torch.Tensor | None = None
 
     n_adapters: int
     shares: dict[str, torch.Tensor]

@@ -10,7 +10,9 @@ below ``DIRECTION_FLOOR`` the others agree on no direction, the centre is noise,
 is off. ``threshold`` in its reason is the bound on the raw cosine; ``margin`` the smaller
 of the two margins.
 Below a dozen adapters the standardised statistic's critical value is capped
-(:func:`clair_cli.core.calibration.rule_critical_value`); the raw floor still applies.
+(:func:`clair_cli.core.calibration.rule_critical_value`); the raw floor still applies, with
+the typical cosine measured with the adapter left out of the others' centres as well
+(``direction_pairs``), since one adapter among five shapes a quarter of each centre.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 
 import torch
 
+from clair_cli.core.decompose import median
 from clair_cli.core.rules.base import ALPHA, Reason
 from clair_cli.core.rules.context import DirectionEvidence, Pass
 
@@ -45,7 +48,7 @@ class Direction:
             centre = raw[k]
             if cut is None or centre is None:
                 continue
-            typical = -centre.centre
+            typical = self._typical(ctx, k, -centre.centre)
             if typical < DIRECTION_FLOOR:  # the others agree on no direction: nothing to leave
                 continue
             floor = max(DIRECTION_FLOOR, DIRECTION_RELATIVE_FLOOR * typical)
@@ -54,6 +57,20 @@ class Direction:
             if ctx.margin(k, m, self.name):
                 ctx.flag(k, self.reason(float(direction[k]), typical, floor, m))
         ctx.direction = DirectionEvidence(z, effect)
+
+    @staticmethod
+    def _typical(ctx: Pass, k: int, typical: float) -> float:
+        """The others' typical cosine: from ``direction_pairs`` where given (k out of their
+        centres too; the median over the same basis), else ``typical`` as given."""
+        pairs = ctx.signals.direction_pairs
+        if pairs is None:
+            return typical
+        row = pairs[k]
+        basis = ctx.basis(row)
+        basis[k] = False
+        if int(basis.sum()) < 3:
+            return typical
+        return float(median(row[basis]))
 
     def reason(self, cosine: float, typical: float, floor: float, margin: float) -> Reason:
         return Reason(
