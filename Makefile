@@ -11,7 +11,7 @@ BIN       := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 STAMP     := $(VENV)/.clair-installed
 
-.PHONY: install demo test lint experiment samples bench bench-threads merge-quality clean install-flower test-flower fl-experiment
+.PHONY: install demo test lint experiment samples bench bench-threads merge-quality attack-bench clean install-flower test-flower fl-experiment
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -68,6 +68,14 @@ bench-threads: install
 # through the CLI and scored (about 10 min on 2 cores); writes benchmarks/results/merge_quality.json.
 merge-quality: install
 	$(BIN)/python -m benchmarks.merge_quality
+
+# Attack benchmark on the same trained pools (not part of make test): ALIE, IPM, Min-Max/Min-Sum,
+# Fang's attacks, constrain-and-scale backdoors, factor games and copies at 20 % and 33 %
+# attackers, each scanned in strength; clair's merge against the oracle and Flower's / ByzFL's
+# robust aggregators (about 25 min on 2 cores); writes benchmarks/results/attacks.{json,md}.
+# A smoke run: python -m benchmarks.attacks --quick --seeds 1 --tasks majority
+attack-bench: install
+	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m benchmarks.attacks --rounds 4 $(ATTACK_ARGS)
 
 # Flower (clair[flower]) lives in its own venv: Flower pins older Typer and Rich than clair's
 # default install, and those pins must not leak into .venv.

@@ -1,0 +1,57 @@
+"""The attack benchmark's pure aggregators and attacks (benchmarks/aggregators.py) on tiny vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks import aggregators as agg
+
+
+def column(values: list[float]) -> np.ndarray:
+    return np.array(values, dtype=float)[:, None]
+
+
+def test_median_and_trimmed_mean() -> None:
+    x = column([1, 2, 3, 4, 100])
+    assert agg.median(x)[0] == 3
+    assert agg.trimmed_mean(x)[0] == 3  # int(0.2 * 5) = 1 cut per side: mean of 2, 3, 4
+    x10 = column([-50, 1, 2, 3, 4, 5, 6, 7, 8, 90])
+    assert agg.trimmed_mean(x10)[0] == pytest.approx(4.5)  # 2 cut per side: mean of 2..7
+
+
+def test_krum_multikrum_pick_the_cluster() -> None:
+    x = column([0.0, 0.1, 0.2, 0.3, 10.0, 11.0])
+    # n - f - 2 = 2 nearest others: 0.1 and 0.2 have the lowest sums (0.02 each); the first wins
+    assert agg.krum(x, 2)[0] == pytest.approx(0.1)
+    assert agg.multi_krum(x, 2)[0] == pytest.approx(0.15)  # the 4 lowest scores: 0, 0.1, 0.2, 0.3
+
+
+def test_bulyan_lowers_f_and_ignores_outliers() -> None:
+    assert agg.bulyan_f(15, 3) == 3 and agg.bulyan_f(18, 6) == 3
+    rng = np.random.default_rng(0)
+    x = np.vstack([rng.normal(0, 0.01, (12, 4)), np.full((3, 4), 50.0)])
+    assert np.abs(agg.bulyan(x, 3)).max() < 0.05
+
+
+def test_geometric_median_and_nnm_and_clipping() -> None:
+    x = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])
+    gm = agg.geometric_median(x)
+    assert np.linalg.norm(gm) < 1.0  # not dragged to the outlier
+    mixed = agg.nnm(column([0.0, 1.0, 2.0, 10.0]), 1)
+    assert mixed[:, 0].tolist() == pytest.approx([1.0, 1.0, 1.0, 13 / 3])
+    cc = agg.centered_clipping(column([0.0, 0.0, 0.0, 100.0]), tau=1.0, iters=1, start=column([0.0])[0])
+    assert cc[0] == pytest.approx(0.25)
+
+
+def test_attack_formulas() -> None:
+    honest = np.array([[1.0, 2.0], [3.0, 2.0]])
+    assert agg.alie(honest, 1.0).tolist() == [1.0, 2.0]  # mean 2, 2; std 1, 0
+    assert agg.ipm(honest, 2.0).tolist() == [-4.0, -4.0]
+    assert agg.alie_z(50, 24) == pytest.approx(1.75, abs=0.01)  # Baruch et al.'s n = 50 example
+    p = agg.perturbation(honest, "unit")
+    g = agg.min_max_gamma(honest, p, "max")
+    far = ((honest - (honest.mean(0) + g * p)) ** 2).sum(1).max()
+    assert far == pytest.approx(4.0, rel=1e-4)  # the honest maximum squared distance, (3 - 1)^2
+    trim = agg.fang_trim(column([1.0, 2.0, 3.0]), 4, 2.0, np.random.default_rng(0))
+    assert ((trim >= 0.5) & (trim <= 1.0)).all()  # honest direction > 0: in [w_min / b, w_min]
