@@ -279,7 +279,18 @@ def test_the_rules_are_registered_in_the_order_they_run() -> None:
     from clair_cli.core import rules
     from clair_cli.core.verdict import POINTING
 
-    names = ["direction", "off_subspace", "joint", "module", "in_subspace", "norm", "spectral", "isolated", "duplicate"]
+    names = [
+        "direction",
+        "off_subspace",
+        "joint",
+        "module",
+        "in_subspace",
+        "norm",
+        "spectral",
+        "isolated",
+        "opposed",
+        "duplicate",
+    ]
     assert [r.name for r in rules.RULES] == names
     assert POINTING == ("direction", "off_subspace", "joint")
     assert rules.get("norm") is rules.RULES[5]

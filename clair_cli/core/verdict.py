@@ -165,7 +165,7 @@ def groups(
     duplicate groups other than the one kept) are left out: they are reported as copies.
     """
     copies = copies or set()
-    kinds = {"direction", "off_subspace", "spectral"}
+    kinds = {"direction", "off_subspace", "spectral", "opposed"}
     pointed = [v.index for v in verdicts if v.index not in copies and any(r.kind in kinds for r in v.reasons)]
     honest = [
         k for k, v in enumerate(verdicts) if not v.flagged and k not in copies and bool(torch.isfinite(direction[k]))

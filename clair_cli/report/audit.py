@@ -92,6 +92,14 @@ def reason_text(reason: Reason, names: list[str], modules: ModuleNames) -> str:
             f"along the direction in which the other adapters differ most, it lies {_given(reason.ratio):.1f}x "
             "farther from their mean than is typical (a coordinated group, such as clients sharing a backdoor?)"
         )
+    if kind == "opposed":
+        others = sorted(names[j] for j in reason.of or ())
+        group = f"with {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}, " if others else ""
+        return (
+            f"{group}it points against the rest of the pool (cosine {_given(reason.cosine):+.2f} between the "
+            f"group's mean update and the rest's, whose members agree at {_given(reason.typical):+.2f}: "
+            "a coordinated attack?)"
+        )
     return kind
 
 

@@ -19,6 +19,7 @@ from clair_cli.core.rules.isolated import Isolated
 from clair_cli.core.rules.joint import Joint
 from clair_cli.core.rules.norm import Norm
 from clair_cli.core.rules.off_subspace import ModuleOffSubspace, OffSubspace
+from clair_cli.core.rules.opposed import Opposed
 from clair_cli.core.rules.spectral import Spectral
 
 RULES: tuple[Rule, ...] = (
@@ -30,6 +31,7 @@ RULES: tuple[Rule, ...] = (
     Norm(),  # 5
     Spectral(),  # 7
     Isolated(),  # 8: reads 1
+    Opposed(),  # 9: a group against the rest
     Duplicate(),  # 6
 )
 
