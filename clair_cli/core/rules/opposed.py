@@ -15,11 +15,15 @@ the majority ``T``. With indicator vectors ``s``, ``t``:
 
     cos(S, T) = s^T C t / sqrt(s^T C s * t^T C t)
 
-Members of ``S`` are flagged when ``cos(S, T) < -OPPOSED_COSINE`` and their own cosine with
-``T``'s mean is negative, provided ``T`` agrees on a direction: the median cosine of ``T``'s
-members with the mean of the other members of ``T`` is at least ``CONSENSUS`` (rule 1's
-floor; below it, splits of a pool without a common direction are noise and the rule is
-off). Measured (``benchmarks/attacks.py``, six trained pools): no honest pool, nor any
+``T`` must agree on a direction: the consensus, the median cosine of ``T``'s members with the
+mean of ``T``'s other members, is at least ``CONSENSUS`` (rule 1's floor; below it, splits of
+a pool without a common direction are noise and the rule is off). A member of ``S`` joins
+the group ``G`` when its cosine with ``T``'s mean lies below the cosines of ``T``'s own members
+by the calibrated cut (``ALPHA``, the small-pool critical value) and by at least the
+consensus (so below zero): a loosely agreeing honest client that falls on ``S``'s side does
+not. ``G``'s members are flagged when also ``cos(G, T) < -OPPOSED_COSINE``; the margin is the
+smaller of the two.
+Measured (``benchmarks/attacks.py``, six trained pools): no honest pool, nor any
 subset of 5 to 12 honest clients, splits at all; sign flips, Fang's trimmed-mean attack and
 IPM at 20-33 % split out exactly the attackers at -0.58 to -0.99. On synthetic pools without
 a common direction, spurious splits reach -0.24 (hence the consensus gate and the floor).
@@ -33,8 +37,9 @@ from __future__ import annotations
 
 import torch
 
+from clair_cli.core.calibration import upper_cut
 from clair_cli.core.decompose import median
-from clair_cli.core.rules.base import Reason
+from clair_cli.core.rules.base import ALPHA, Reason
 from clair_cli.core.rules.context import Pass
 
 OPPOSED_COSINE = 0.2  # the group's mean against the rest's: cosine below -0.2
@@ -61,33 +66,44 @@ class Opposed:
         s, t = (v < 0).double(), (v >= 0).double()
         if not 0 < float(s.sum()) < float(t.sum()):
             return
-        ss, tt, st = float(s @ sub @ s), float(t @ sub @ t), float(s @ sub @ t)
-        if ss <= 0 or tt <= 0:
+        tt = float(t @ sub @ t)
+        if tt <= 0:
             return
-        group = st / (ss * tt) ** 0.5
         consensus = self.consensus(sub, t)
         if consensus < CONSENSUS:
             return
-        margin = -group / OPPOSED_COSINE
-        members = [idx[p] for p in torch.nonzero(s).flatten().tolist()]
-        for p, k in zip(torch.nonzero(s).flatten().tolist(), members, strict=True):
-            own = float(sub[p] @ t) / (float(sub[p, p]) * tt) ** 0.5
-            if own >= 0:
-                continue
+        # Members that point against the rest: their cosine with the rest's mean, against the
+        # same cosine of the rest's own members (each with the mean of the others), calibrated
+        # as every rule is, and at least the consensus below it (so below zero).
+        own = (sub @ t) / (sub.diagonal() * tt).sqrt()
+        cut = upper_cut(-self.agreement(sub, t), ALPHA, consensus, capped=True)
+        if cut is None:
+            return
+        margins = torch.tensor([cut.margin(-float(x)) for x in own], dtype=torch.float64)
+        against = s.bool() & (margins > 1)
+        if not bool(against.any()):
+            return
+        a = against.double()
+        group = float(a @ sub @ t) / (float(a @ sub @ a) * tt) ** 0.5
+        members = [idx[p] for p in torch.nonzero(against).flatten().tolist()]
+        for p in torch.nonzero(against).flatten().tolist():
+            k = idx[p]
+            margin = min(-group / OPPOSED_COSINE, float(margins[p]))
             if ctx.margin(k, margin, self.name):
                 ctx.flag(k, self.reason(group, consensus, [j for j in members if j != k], margin))
 
     @staticmethod
-    def consensus(sub: torch.Tensor, t: torch.Tensor) -> float:
-        """The median cosine of ``T``'s members with the mean of ``T``'s other members."""
+    def agreement(sub: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Each member of ``T``'s cosine with the mean of ``T``'s other members."""
         members = torch.nonzero(t).flatten()
-        if len(members) < 3:
-            return float("-inf")
         row = sub[members] @ t  # <x_j, sum_T>
         diag = sub.diagonal()[members]
-        total = float(t @ sub @ t)
-        rest = (total - 2 * row + diag).clamp_min(1e-300)  # ||sum_{T \ j}||^2
-        return median((row - diag) / (diag * rest).sqrt())
+        rest = (float(t @ sub @ t) - 2 * row + diag).clamp_min(1e-300)  # ||sum_{T \ j}||^2
+        return (row - diag) / (diag * rest).sqrt()
+
+    def consensus(self, sub: torch.Tensor, t: torch.Tensor) -> float:
+        """The median of :meth:`agreement` (``-inf`` with fewer than three members)."""
+        return median(self.agreement(sub, t)) if int(t.sum()) >= 3 else float("-inf")
 
     def reason(self, cosine: float, typical: float, others: list[int], margin: float) -> Reason:
         return Reason(
