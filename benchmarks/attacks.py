@@ -57,7 +57,7 @@ N_HONEST = trained_pools.N_BENIGN
 FRACTIONS = (0.2, 0.33)
 TOLERANCE = 0.02  # "within 0.02 of the oracle"
 BASELINES = ("median", "trimmed-mean", "krum", "multi-krum", "bulyan", "centered-clip", "geomed", "nnm+mean")
-COLUMNS = ("oracle", "mean", "clair", *BASELINES)
+COLUMNS = ("oracle", "mean", "clair", "clair-round", *BASELINES)
 
 
 def n_attackers(fraction: float, n_honest: int = N_HONEST) -> int:
@@ -378,10 +378,14 @@ ATTACKS: dict[str, Attack] = {
 # -- clair ---------------------------------------------------------------------------------
 
 
-def clair_merge(p: PoolData, attackers: list[Contribution]) -> tuple[np.ndarray | None, dict]:
+def clair_merge(
+    p: PoolData, attackers: list[Contribution], round_defaults: bool = False
+) -> tuple[np.ndarray | None, dict]:
     """clair's default audit and merge through the library API; the merged dense update (None: no merge,
-    the base model) and what it flagged."""
+    the base model) and what it flagged. ``round_defaults``: ClairStrategy's defaults instead of
+    ``clair merge``'s (every copy of an update flagged, bounded influence by centred clipping)."""
     from clair_cli import pipeline
+    from clair_cli.federated import _round_merge_options
     from clair_cli.types import AuditParams
 
     named = {f"h{k:02d}": f for k, f in enumerate(p.honest_factors)}
@@ -390,14 +394,15 @@ def clair_merge(p: PoolData, attackers: list[Contribution]) -> tuple[np.ndarray 
     try:
         pool = pipeline.pool_from_factors(named, base_model=trained_pools.BASE_NAME)
         settings = AuditParams()
-        outcome = pipeline.audit(pool, settings)
+        outcome = pipeline.audit(pool, settings, copies="flag-all" if round_defaults else "keep-one")
         flagged = dict(zip(pool.names, outcome.auditor.flagged_, strict=True))
         info["honest_flagged"] = sum(v for n, v in flagged.items() if n.startswith("h"))
         info["attackers_flagged"] = sum(v for n, v in flagged.items() if n.startswith("x"))
         if not outcome.auditor.collaborative_set_:
             info["error"] = "every adapter flagged"
             return None, info
-        merged = pipeline.merge(pool, "clair", settings, outcome=outcome)
+        options = _round_merge_options() if round_defaults else None
+        merged = pipeline.merge(pool, "clair", settings, options=options, outcome=outcome)
     except Exception as exc:  # a refusal or crash is a result: the user gets no merge
         info["error"] = f"{type(exc).__name__}: {exc}"[:300]
         return None, info
@@ -439,10 +444,13 @@ def run_cell(p: PoolData, attack: Attack, fraction: float, strengths: tuple[floa
             scores[name] = p.evaluator.score(vec, attack.backdoor)
         vec, info = clair_merge(p, contributions)
         scores["clair"] = p.evaluator.score(vec, attack.backdoor)
+        vec_round, info_round = clair_merge(p, contributions, round_defaults=True)
+        scores["clair-round"] = p.evaluator.score(vec_round, attack.backdoor)
         cell.points.append(
             {
                 "strength": strength,
                 "clair": info,
+                "clair_round": info_round,
                 "clair_flagged_all": info.get("attackers_flagged") == m,
                 "accuracy": {k: round(v["accuracy"], 6) for k, v in scores.items()},
                 "backdoor": {k: v["backdoor"] for k, v in scores.items()} if attack.backdoor else None,
@@ -462,10 +470,17 @@ def clean_cell(p: PoolData) -> Cell:
     scores["clair"] = p.evaluator.score(vec)
     clair_vs_mean = None if vec is None else float(np.linalg.norm(vec - x.mean(0)) / np.linalg.norm(x.mean(0)))
     info["relative_distance_to_mean"] = clair_vs_mean
+    vec_round, info_round = clair_merge(p, [], round_defaults=True)
+    scores["clair-round"] = p.evaluator.score(vec_round)
+    if vec_round is not None:
+        info_round["relative_distance_to_mean"] = float(
+            np.linalg.norm(vec_round - x.mean(0)) / np.linalg.norm(x.mean(0))
+        )
     cell.points.append(
         {
             "strength": 0.0,
             "clair": info,
+            "clair_round": info_round,
             "clair_flagged_all": True,
             "accuracy": {k: round(v["accuracy"], 6) for k, v in scores.items()},
             "backdoor": None,
