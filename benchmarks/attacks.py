@@ -334,6 +334,17 @@ def _rank_inflation(p: PoolData, m: int, amp: float, rng: np.random.Generator) -
     return out
 
 
+SPREAD = 0.3  # alie-norm: independent perturbations of 0.3 x the vector's norm (not copies)
+
+
+def _alie_norm(p: PoolData, m: int, c: float, rng: np.random.Generator) -> list:
+    """ALIE tuned against clair's norm rule: the ALIE vector (z = 1) rescaled to ``c`` times the
+    honest median norm, just under the rule's 4x floor at ``c = 3.9``, each attacker perturbed
+    independently by ``SPREAD`` of its norm so that no two are copies (cosine about 0.9)."""
+    v = agg.alie(p.honest, 1.0)
+    return jittered(p.layout, c * p.median_norm * v / np.linalg.norm(v), m, rng, SPREAD)
+
+
 def _copies_alie(p: PoolData, m: int, z: float, rng: np.random.Generator) -> list:
     return copies(p.layout, agg.alie(p.honest, z), m)
 
@@ -369,6 +380,7 @@ ATTACKS: dict[str, Attack] = {
         Attack("sign-flip", _sign_flip, (1.0, 2.0, 10.0), (1.0, 5.0), "x -c"),
         Attack("rebalance", _rebalance, (1e-6, 1e6, 1e18), (1e-6, 1e18), "c in (A / c, B c)"),
         Attack("rank-inflation", _rank_inflation, (0.0, 1e-3), (0.0, 1e-3), "extra directions' size"),
+        Attack("alie-norm", _alie_norm, (1.0, 2.0, 3.0, 3.5, 3.9), (2.0, 3.9), "norm / honest median"),
         Attack("copies-alie", _copies_alie, (0.5, 1.0, 4.0), (1.0, 4.0), "z"),
         Attack("copies-backdoor", _copies_backdoor, (0.5, 1.0, 2.0, 5.0), (1.0, 5.0), "norm / honest median", True),
     )

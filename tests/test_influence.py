@@ -59,3 +59,39 @@ def test_refuses_bad_shapes_and_factors() -> None:
         centred_clipping(torch.eye(3), torch.ones(4) / 4)
     with pytest.raises(ValueError, match="positive"):
         centred_clipping(torch.eye(3), torch.ones(3) / 3, factor=0.0)
+
+
+def test_clair_merge_clips_what_the_audit_lets_through() -> None:
+    """A client at 3x the others' norm (under the norm rule's 4x floor) passes the audit; with
+    --clip its pull on the merge is bounded and the report says so; without, the merge is the
+    plain mean of the collaborators."""
+    from clair_cli import pipeline
+    from clair_cli.results import MergeOptions
+    from clair_cli.types import AuditParams
+    from tests.synthetic import make_pool
+
+    mods = make_pool(M=2, K=10, spread=0.3, seed=2)
+    for m in mods:
+        m.B[9] = 3.0 * m.B[9]
+        m.scales[:] = [1.0] * 10
+    pool = pipeline.pool_from_factors(
+        {f"c{k}": {m.name: (m.A[k], m.B[k], m.scales[k]) for m in mods} for k in range(10)}
+    )
+    outcome = pipeline.audit(pool, AuditParams())
+    assert not outcome.auditor.flagged_[9]
+    plain = pipeline.merge(pool, "clair", AuditParams(), outcome=outcome)
+    clipped = pipeline.merge(pool, "clair", AuditParams(), options=MergeOptions(clip=1.5), outcome=outcome)
+    assert plain.weights is None and plain.clipped == {}
+    assert set(clipped.clipped) == {9} and clipped.weights is not None and clipped.weights[9] < 0.1
+    assert any("bounded influence" in n for n in clipped.notes)
+    summary = clipped.summary()
+    assert summary["clipped"] == {"9": round(clipped.clipped[9], 6)} and summary["options"]["clip"] == 1.5
+
+
+def test_clip_option_is_checked() -> None:
+    from clair_cli.errors import UsageError
+    from clair_cli.results import MergeOptions
+
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(UsageError, match="--clip"):
+            MergeOptions(clip=bad)
