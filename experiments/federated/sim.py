@@ -13,6 +13,7 @@ Attackers, from round 1 on:
 - ``backdoor``: trains on strings of which half start with the trigger and then have a fixed target
   sequence, and boosts its update for model replacement: it sends ``g + boost * (local - g)``;
 - ``sign-flip``: trains honestly and sends ``g - (local - g)``;
+- ``boost``: trains honestly and sends ``g + BOOST_SCALE * (local - g)`` (a tenfold update);
 - ``free-rider``: trains nothing and sends the global LoRA back with tiny noise (std ``1e-4``).
 
 The server evaluates every round's global LoRA on the benign clients' held-out strings (symbol
@@ -49,6 +50,7 @@ BACKDOOR_SYMBOL = 7
 BACKDOOR_TARGET = (BACKDOOR_SYMBOL,) * task.LENGTH
 BACKDOOR_FRACTION = 0.5
 SIGN_FLIP_SCALE = 1.0
+BOOST_SCALE = 10.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Setup:
     strings: int = 64  # training strings per client
     test_strings: int = 64  # held-out strings per benign client
     concentration: float = 1.0  # Dirichlet concentration of the clients' symbol frequencies
+    fraction_train: float = 1.0  # share of the clients Flower samples each round
     boost: float | None = None  # backdoor's model-replacement factor; None: n_clients
     attacker_steps: int = 5  # the backdoor attacker trains this many times local_steps
 
@@ -187,6 +190,8 @@ def make_client_app(model: Model, clients: list[ClientData], setup: Setup, seed:
                 state = _move(state, glob, boost)
             elif client.kind == "sign-flip":
                 state = _move(state, glob, -SIGN_FLIP_SCALE)
+            elif client.kind == "boost":
+                state = _move(state, glob, BOOST_SCALE)
         # ArrayRecord refuses bf16; the clients' factors are float32 here anyway.
         reply = RecordDict(
             {
@@ -241,9 +246,9 @@ def make_strategy(name: str, setup: Setup, n_attackers: int, audit_dir: Path | N
 
     n = setup.n_clients
     common: dict[str, Any] = {
-        "fraction_train": 1.0,
+        "fraction_train": setup.fraction_train,
         "fraction_evaluate": 0.0,
-        "min_train_nodes": n,
+        "min_train_nodes": max(2, int(n * setup.fraction_train)),
         "min_available_nodes": n,
     }
     f = n_attackers
@@ -341,6 +346,7 @@ def run(
             h = history[r]
             flagged = sorted(int(n.split("-")[1]) for n in h["flagged"])
             row["flagged"] = flagged
+            row["clients"] = sorted(int(n.split("-")[1]) for n in h["clients"])
             row["fallback"] = h["fallback"]
             row["truncation_error"] = round(max(h["truncation_error"].values(), default=0.0), 6)
         out.rounds.append(row)
