@@ -15,7 +15,10 @@ the majority ``T``. With indicator vectors ``s``, ``t``:
 
     cos(S, T) = s^T C t / sqrt(s^T C s * t^T C t)
 
-``T`` must agree on a direction: the consensus, the median cosine of ``T``'s members with the
+The group side must be a minority of at most a third of the pool (``|S| <= |T| / 2``): a pool
+of honest clients without a common direction (updates spread around zero inside a small
+subspace) splits into two halves of similar size, each agreeing within itself, which a
+larger minority could not be told from. ``T`` must agree on a direction: the consensus, the median cosine of ``T``'s members with the
 mean of ``T``'s other members, is at least ``CONSENSUS`` (rule 1's floor; below it, splits of
 a pool without a common direction are noise and the rule is off). A member of ``S`` joins
 the group ``G`` when its cosine with ``T``'s mean lies below the cosines of ``T``'s own members
@@ -44,6 +47,7 @@ from clair_cli.core.rules.context import Pass
 
 OPPOSED_COSINE = 0.2  # the group's mean against the rest's: cosine below -0.2
 CONSENSUS = 0.1  # the rest must agree on a direction (rule 1's floor)
+MINORITY = 0.5  # the group is at most half the rest: a third of the pool
 
 
 class Opposed:
@@ -64,7 +68,7 @@ class Opposed:
         if int((v < 0).sum()) > int((v > 0).sum()):
             v = -v
         s, t = (v < 0).double(), (v >= 0).double()
-        if not 0 < float(s.sum()) < float(t.sum()):
+        if not 0 < float(s.sum()) <= MINORITY * float(t.sum()):
             return
         tt = float(t @ sub @ t)
         if tt <= 0:
