@@ -129,8 +129,10 @@ class ClairAuditor:
             (rule 4, :mod:`clair_cli.core.insubspace`: sign-flipped updates).
         copies: ``"keep-one"`` (default): in a group of identical updates one member is
             judged on its own signals and the others are flagged as copies (a hub pool may
-            hold one adapter twice); ``"flag-all"``: every member is flagged (a federated
-            round, where two honest clients never send the same update).
+            hold one adapter twice); ``"flag-all"``: every member of a group of one update
+            sent several times (norms within 1 %) is flagged (a federated round, where two
+            honest clients never send the same update); a scaled copy still leaves the first
+            member to be judged (:func:`clair_cli.core.verdict.flag_every_copy`).
     """
 
     def __init__(
@@ -381,7 +383,7 @@ class ClairAuditor:
         )
         self.verdicts_: list[AdapterVerdict] = decide(signals)
         if self.copies == "flag-all":
-            flag_every_copy(self.verdicts_, self.duplicate_groups_, trusted)
+            flag_every_copy(self.verdicts_, self.duplicate_groups_, trusted, sq)
         # Rules that measured no adapter at all in this pool (the report says so).
         self.silent_rules_ = [r for r in WATCHED_RULES if not any(r in v.signals for v in self.verdicts_)]
         copies = {k for g in self.duplicate_groups_ for k in g[1:]}

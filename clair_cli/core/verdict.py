@@ -57,13 +57,23 @@ EXCLUDE_ALPHA = 0.02  # how near a miss: past the threshold at this false-flag r
 __all__ = ["AdapterVerdict", "Group", "PoolSignals", "decide", "duplicate_groups", "groups"]
 
 
-def flag_every_copy(verdicts: list[AdapterVerdict], duplicates: list[list[int]], trusted: set[int]) -> None:
-    """Flag the kept member of every duplicate group too (a federated round: two honest
-    clients never send the same update), as a copy of the others."""
+SAME_NORM = 1.01  # copies whose norms agree to 1 % are one update sent twice
+
+
+def flag_every_copy(
+    verdicts: list[AdapterVerdict], duplicates: list[list[int]], trusted: set[int], sq_norms: torch.Tensor
+) -> None:
+    """Flag the kept member of every group of identical updates too (a federated round: two
+    honest clients never send the same update), as a copy of the others. A group whose
+    members differ in norm (an update and a scaled copy of it: cosine 1, norms apart) keeps
+    its first member, judged on its own signals: otherwise an attacker who scales a copy of
+    an honest client's update would get that client left out."""
     rule = Duplicate()
     for group in duplicates:
         k = group[0]
-        if k in trusted or any(r.kind == "duplicate" for r in verdicts[k].reasons):
+        norms = sq_norms[group].double().clamp_min(0).sqrt()
+        same = float(norms.max()) <= SAME_NORM * float(norms.min())
+        if k in trusted or not same or any(r.kind == "duplicate" for r in verdicts[k].reasons):
             continue
         verdicts[k].flagged = True
         verdicts[k].reasons.append(rule.reason([j for j in group if j != k]))

@@ -15,16 +15,17 @@ the majority ``T``. With indicator vectors ``s``, ``t``:
 
     cos(S, T) = s^T C t / sqrt(s^T C s * t^T C t)
 
-The group side must be a minority of at most a third of the pool (``|S| <= |T| / 2``): a pool
-of honest clients without a common direction (updates spread around zero inside a small
+The group side must be a minority of at most a third of the pool (``|S| <= |T| / 2``): a
+pool of honest clients without a common direction (updates spread around zero inside a small
 subspace) splits into two halves of similar size, each agreeing within itself, which a
-larger minority could not be told from. ``T`` must agree on a direction: the consensus, the median cosine of ``T``'s members with the
-mean of ``T``'s other members, is at least ``CONSENSUS`` (rule 1's floor; below it, splits of
-a pool without a common direction are noise and the rule is off). A member of ``S`` joins
-the group ``G`` when its cosine with ``T``'s mean lies below the cosines of ``T``'s own members
-by the calibrated cut (``ALPHA``, the small-pool critical value) and by at least the
-consensus (so below zero): a loosely agreeing honest client that falls on ``S``'s side does
-not. ``G``'s members are flagged when also ``cos(G, T) < -OPPOSED_COSINE``; the margin is the
+larger minority could not be told from. ``T`` must agree on a direction: the consensus, the
+median cosine of ``T``'s members with the mean of ``T``'s other members, is at least
+``CONSENSUS`` (rule 1's floor; below it, splits of a pool without a common direction are
+noise and the rule is off). A member of ``S`` joins the group ``G`` when its cosine with
+``T``'s mean lies below the cosines of ``T``'s own members by the calibrated cut (``ALPHA``,
+the small-pool critical value) and by at least the consensus (so below zero): a loosely
+agreeing honest client that falls on ``S``'s side does not.
+``G``'s members are flagged when also ``cos(G, T) < -OPPOSED_COSINE``; the margin is the
 smaller of the two.
 Measured (``benchmarks/attacks.py``, six trained pools): no honest pool, nor any
 subset of 5 to 12 honest clients, splits at all; sign flips, Fang's trimmed-mean attack and
