@@ -20,6 +20,7 @@ client's factors, which secure aggregation exists to hide).
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Mapping
 from logging import INFO
@@ -262,8 +263,6 @@ class ClairStrategy(FedAvg):
             AdapterFormatError: not LoRA factors (see :func:`split_state_dict`), or a weight
                 that is missing, not finite or negative.
         """
-        import math
-
         content = msg.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             raise AdapterFormatError(

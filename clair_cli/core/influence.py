@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clair_cli.core.insubspace import centre_weights
+from clair_cli.core.insubspace import centre_weights, combination_distances
 
 CLIP_FACTOR = 2.0  # tau = 2 x the median distance from the geometric median
 MAX_ITERATIONS = 200
@@ -53,12 +53,6 @@ class Clipping:
     n_iter: int
 
 
-def _distances(G: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """``||Theta_k - sum_j beta_j Theta_j||`` for every k, from the Gram matrix."""
-    Gb = G @ beta
-    return (G.diagonal() - 2 * Gb + beta @ Gb).clamp_min(0).sqrt()
-
-
 def centred_clipping(G: torch.Tensor, weights: torch.Tensor, factor: float = CLIP_FACTOR) -> Clipping:
     """Centred clipping of the updates with Gram matrix ``G`` and merge weights ``weights``.
 
@@ -80,16 +74,15 @@ def centred_clipping(G: torch.Tensor, weights: torch.Tensor, factor: float = CLI
         raise ValueError(f"factor must be positive, got {factor}")
     G, w = G.double(), weights.double()
     beta = centre_weights(G, torch.ones(1, K, dtype=torch.bool))[0]
-    radius = factor * float(_distances(G, beta).median())
-    eye = torch.eye(K, dtype=torch.float64)
+    radius = factor * float(combination_distances(G, beta[None, :])[0].median())
     clip = torch.ones(K, dtype=torch.float64)
     n_iter = 0
     while n_iter < MAX_ITERATIONS and radius > 0:  # radius 0: half the updates coincide; nothing to bound
         n_iter += 1
-        d = _distances(G, beta)
+        d = combination_distances(G, beta[None, :])[0]
         clip = torch.where(d > radius, radius / d.clamp_min(1e-300), torch.ones_like(d))
         step = w * clip
-        new = (1 - float(step.sum())) * beta + step @ eye
+        new = (1 - float(step.sum())) * beta + step
         moved = float((new - beta).abs().max())
         beta = new
         if moved < TOLERANCE:

@@ -76,11 +76,11 @@ def centre_distances(G: torch.Tensor, fit_on: torch.Tensor | None = None) -> tup
     G = G.double()
     mask = torch.ones(G.shape[0], dtype=torch.bool) if fit_on is None else fit_on
     w = centre_weights(G, mask[None, :])[0]
-    return _distances(G, w[None, :])[0], w
+    return combination_distances(G, w[None, :])[0], w
 
 
-def _distances(G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-    """Row p: every point's distance to ``sum_j W[p, j] x_j``."""
+def combination_distances(G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Row p: every point's distance to ``sum_j W[p, j] x_j``, from the points' Gram matrix ``G``."""
     GW = W @ G  # G is symmetric: row p is G w_p
     return (G.diagonal()[None, :] - 2 * GW + (GW * W).sum(1, keepdim=True)).clamp_min(0).sqrt()
 
@@ -98,7 +98,7 @@ def centre_weights(G: torch.Tensor, masks: torch.Tensor, start: torch.Tensor | N
     active = torch.ones(W.shape[0], dtype=torch.bool)
     for _ in range(WEISZFELD_ITERATIONS):
         rows = active.nonzero().flatten()
-        d = _distances(G, W[rows])
+        d = combination_distances(G, W[rows])
         inv = torch.where(masks[rows], 1 / d.clamp_min(eps), torch.zeros_like(d))
         new = inv / inv.sum(1, keepdim=True)
         done = (new - W[rows]).abs().amax(1) < 1e-10
