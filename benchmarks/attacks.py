@@ -397,7 +397,7 @@ def clair_merge(
     the base model) and what it flagged. ``round_defaults``: ClairStrategy's defaults instead of
     ``clair merge``'s (every copy of an update flagged, bounded influence by centred clipping)."""
     from clair_cli import pipeline
-    from clair_cli.federated import _round_merge_options
+    from clair_cli.federated.rounds import _round_merge_options
     from clair_cli.types import AuditParams
 
     named = {f"h{k:02d}": f for k, f in enumerate(p.honest_factors)}

@@ -7,7 +7,7 @@ width at r = 16, 8 modules), each under three thread settings:
 - ``torch default``: ``CLAIR_NUM_THREADS=0``, torch's own choice (one spinning OpenMP
   thread per core), what clair did before it had a policy;
 - ``sleeping waiters``: the same count with ``OMP_WAIT_POLICY=PASSIVE``;
-- ``clair default``: nothing set, clair's policy (``clair_cli/threads.py``: one thread);
+- ``clair default``: nothing set, clair's policy (``clair_cli/cli/threads.py``: one thread);
 - ``1 thread``: ``CLAIR_NUM_THREADS=1``;
 
 once on the machine as it is ("idle") and once beside a CPU hog: one busy-looping process

@@ -5,8 +5,8 @@ import os
 import signal
 import sys
 
+from clair_cli.cli.threads import configure_threads
 from clair_cli.errors import Terminated, interrupt_cause
-from clair_cli.threads import configure_threads
 
 
 def _on_sigterm(_signum: int, _frame: object) -> None:

@@ -202,11 +202,11 @@ def test_small_rounds_catch_a_boosted_or_flipped_client(K: int, kind: str) -> No
 
 
 def test_flower_module_says_how_to_install_it() -> None:
-    """Without flwr, importing clair_cli.flower names the extra; the base package never imports flwr."""
+    """Without flwr, importing clair_cli.federated.flower names the extra; the base package never imports flwr."""
     code = (
         "import sys; sys.modules['flwr'] = None\n"
         "import clair_cli, clair_cli.pipeline, clair_cli.federated, clair_cli.cli\n"
-        "try:\n    import clair_cli.flower\nexcept ImportError as e:\n    print(e)\n"
+        "try:\n    import clair_cli.federated.flower\nexcept ImportError as e:\n    print(e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "pip install 'clair[flower]'" in out.stdout, out.stderr

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from clair_cli.errors import AdapterFormatError, UsageError  # noqa: E402
-from clair_cli.flower import ClairStrategy, split_state_dict  # noqa: E402
+from clair_cli.federated.flower import ClairStrategy, split_state_dict  # noqa: E402
 from experiments.federated import sim  # noqa: E402
 from experiments.federated.grid import LocalGrid  # noqa: E402
 

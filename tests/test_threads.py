@@ -1,10 +1,10 @@
-"""The command line's thread policy (clair_cli/threads.py)."""
+"""The command line's thread policy (clair_cli/cli/threads.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from clair_cli import threads
+from clair_cli.cli import threads
 
 
 @pytest.mark.parametrize(

@@ -253,7 +253,7 @@ def make_strategy(name: str, setup: Setup, n_attackers: int, audit_dir: Path | N
     }
     f = n_attackers
     if name == "clair":
-        from clair_cli.flower import ClairStrategy
+        from clair_cli.federated.flower import ClairStrategy
 
         return ClairStrategy(lora_config(setup), base_model=BASE_NAME, audit_dir=audit_dir, **common)
     if name == "FedAvg":

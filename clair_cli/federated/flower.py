@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from clair_cli.constants import LORA_KEY_RE, PEFT_KEY_PREFIX
 from clair_cli.errors import AdapterFormatError, ClairError, IncompatibleAdapters, UsageError
-from clair_cli.federated import TOO_FEW_CHOICES, RoundResult, TooFew, aggregate_round
+from clair_cli.federated.rounds import TOO_FEW_CHOICES, RoundResult, TooFew, aggregate_round
 from clair_cli.io.writers import write_text
 
 try:
@@ -39,7 +39,7 @@ try:
     from flwr.supercore import log
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError(
-        "clair_cli.flower needs Flower: pip install 'clair[flower]' "
+        "clair_cli.federated.flower needs Flower: pip install 'clair[flower]' "
         f"(the Message API, flwr.serverapp.strategy; import failed with: {exc})"
     ) from exc
 

@@ -1,6 +1,6 @@
 """One federated round with CLAIR: clients' LoRA factors in, the next global LoRA out.
 
-This is the math of :class:`clair_cli.flower.ClairStrategy` without Flower (and so
+This is the math of :class:`clair_cli.federated.flower.ClairStrategy` without Flower (and so
 testable without it). Each round:
 
 1. every client ``k`` starts from the round's global LoRA ``(A_g, B_g)`` and returns
