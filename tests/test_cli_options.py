@@ -42,7 +42,7 @@ def test_help_has_no_type_placeholders(command: list[str]) -> None:
     if command:
         assert re.search(r"Usage: clair \w+ \[OPTIONS\] (SOURCE|CANDIDATE)\.\.\.", text), text[:300]
     if command and command[0] != "inspect":
-        assert "(needs clair[plot])" in text  # not eaten as Rich markup
+        assert "(needs clair-lora[plot])" in text  # not eaten as Rich markup
         assert "owner/name[@rev]" in text
 
 

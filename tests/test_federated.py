@@ -209,7 +209,7 @@ def test_flower_module_says_how_to_install_it() -> None:
         "try:\n    import clair_cli.federated.flower\nexcept ImportError as e:\n    print(e)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert "pip install 'clair[flower]'" in out.stdout, out.stderr
+    assert "pip install 'clair-lora[flower]'" in out.stdout, out.stderr
     code = "import sys, clair_cli.federated, clair_cli.__main__; print('flwr' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr

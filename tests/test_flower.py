@@ -1,4 +1,4 @@
-"""ClairStrategy on Flower (needs the extra: ``pip install 'clair[flower]'``; ``make test-flower``).
+"""ClairStrategy on Flower (needs the extra: ``pip install 'clair-lora[flower]'``; ``make test-flower``).
 
 A short simulation of the federated experiment (Flower's ServerApp, ClientApp and strategies on
 an in-process Grid) checks that a planted attacker is left out of every round, and the

@@ -1,6 +1,6 @@
 """CLAIR as a Flower strategy: ``ClairStrategy`` for federated LoRA fine-tuning.
 
-Install with ``pip install 'clair[flower]'``. The strategy runs on Flower's Message API
+Install with ``pip install 'clair-lora[flower]'``. The strategy runs on Flower's Message API
 (``flwr.serverapp.strategy``): it is a ``FedAvg`` whose ``aggregate_train`` reads each
 reply's LoRA state dict (``...lora_A.weight`` / ``...lora_B.weight``, as
 ``get_peft_model_state_dict`` writes them), audits the clients' updates with the engine of
@@ -39,7 +39,7 @@ try:
     from flwr.supercore import log
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError(
-        "clair_cli.federated.flower needs Flower: pip install 'clair[flower]' "
+        "clair_cli.federated.flower needs Flower: pip install 'clair-lora[flower]' "
         f"(the Message API, flwr.serverapp.strategy; import failed with: {exc})"
     ) from exc
 

@@ -34,7 +34,7 @@ def write_plot(report: dict[str, Any], target: str, inputs: Iterable[Path] = ())
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError(
-            "--plot needs matplotlib, which is not installed", hint="Install it with: pip install 'clair[plot]'"
+            "--plot needs matplotlib, which is not installed", hint="Install it with: pip install 'clair-lora[plot]'"
         ) from None
 
     adapters = sorted(report["adapters"], key=lambda a: a["name"])
