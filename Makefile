@@ -11,7 +11,7 @@ BIN       := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 STAMP     := $(VENV)/.clair-installed
 
-.PHONY: install demo test lint experiment samples bench bench-threads merge-quality attack-bench clean install-flower test-flower fl-experiment
+.PHONY: install demo test docs lint experiment samples bench bench-threads merge-quality attack-bench clean install-flower test-flower fl-experiment
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,18 @@ demo: install
 test: install install-flower
 	$(BIN)/python -m pytest -q
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q $(FLOWER_TESTS)
+
+# The documentation site (mkdocs.yml, docs/): the docs extra into .venv, then a strict build into
+# site/ (a broken link or anchor, or a page missing from the nav, fails it). The command
+# reference page is generated from the Typer app at build time (docs/hooks/cli_reference.py).
+STAMP_DOCS := $(VENV)/.clair-docs-installed
+
+$(STAMP_DOCS): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install -q -e ".[docs]"
+	@touch $@
+
+docs: $(STAMP_DOCS)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
 
 lint: install
 	$(BIN)/ruff check clair_cli tests experiments benchmarks fuzz
@@ -108,4 +120,4 @@ fl-experiment: install-flower
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m experiments.federated --out experiments/federated/results
 
 clean:
-	rm -rf $(VENV) $(VENV_FLOWER) .pytest_cache .ruff_cache .mypy_cache .hypothesis
+	rm -rf $(VENV) $(VENV_FLOWER) site .pytest_cache .ruff_cache .mypy_cache .hypothesis
