@@ -122,7 +122,7 @@ class ClairAuditor:
         device: torch device for the decompositions.
         random_state: seed of the parallel analysis.
         n_null: random rotations for parallel analysis.
-        solver: ``"convex"`` (the decomposition of CLAIR_SPEC.md section 3), ``"fast"``
+        solver: ``"convex"`` (the decomposition of docs/engine.md, section 3), ``"fast"``
             (:mod:`clair_cli.core.fastpath`), or ``"auto"``: fast when a module's
             adapter ranks sum to more than ``FAST_PATH_MIN_SUM_RANK``.
         in_subspace: also test where each update sits inside the shared subspace

@@ -1,4 +1,4 @@
-"""Baseline aggregators of one module's adapters (CLAIR_SPEC.md section 7).
+"""Baseline aggregators of one module's adapters (docs/engine.md, section 7).
 
 Every baseline takes the adapters' factors ``A_k`` (``r_k x d_in``), ``B_k``
 (``d_out x r_k``) and scales ``s_k`` of one module and returns a

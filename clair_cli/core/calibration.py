@@ -1,4 +1,4 @@
-"""Thresholds with a stated false-flag rate on small pools (CLAIR_SPEC.md section 5).
+"""Thresholds with a stated false-flag rate on small pools (docs/engine.md, section 5).
 
 Every rule of the verdict compares an adapter's statistic ``x`` with the same statistic of
 the *other* adapters (leave-one-out; in ``clair gate``, of the references): it is flagged when

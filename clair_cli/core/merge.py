@@ -1,4 +1,4 @@
-"""Refinement and the CLAIR merge in factored form (CLAIR_SPEC.md section 6).
+"""Refinement and the CLAIR merge in factored form (docs/engine.md, section 6).
 
 With ``U`` the shared basis of the output side (``d_out x r``):
 

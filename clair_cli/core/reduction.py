@@ -1,4 +1,4 @@
-"""Exact factored reduction of one module's stacked updates (CLAIR_SPEC.md section 4).
+"""Exact factored reduction of one module's stacked updates (docs/engine.md, section 4).
 
 For adapters with updates ``Theta_k = s_k B_k A_k`` the side-by-side stack
 ``Y = [Theta_1 | ... | Theta_K]`` (``d_out x sum_k d_in``) is never built. With

@@ -1,4 +1,4 @@
-"""Low-rank plus block-sparse solvers (CLAIR_SPEC.md section 3).
+"""Low-rank plus block-sparse solvers (docs/engine.md, section 3).
 
 Both work on any matrix ``Y`` whose columns are grouped into blocks (one block
 per adapter), so the same code runs on the small factored core (the main path)

@@ -1,4 +1,4 @@
-"""From per-adapter signals to verdicts (CLAIR_SPEC.md section 5).
+"""From per-adapter signals to verdicts (docs/engine.md, section 5).
 
 Every threshold rule compares an adapter with the *other* adapters (leave-one-out; in
 ``clair gate``, with the references only) and flags it when its statistic exceeds
