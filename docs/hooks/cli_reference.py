@@ -115,7 +115,8 @@ def render() -> str:
             names, help_text = record
             if param.name in choices and "|".join(choices[param.name]) not in names:
                 help_text = f"{help_text} Choices: " + ", ".join(f"`{c}`" for c in choices[param.name]) + "."
-            rows.append(f"| `{_md_cell(names)}` | {_md_cell(help_text)} |")
+            # Pipes inside a code span do not split a Python-Markdown table cell; outside, escape them.
+            rows.append(f"| `{_unescape(names)}` | {_md_cell(help_text)} |")
         if arguments:
             out.append("**Arguments**: " + ", ".join(arguments) + "\n")
         if rows:
