@@ -25,7 +25,11 @@ def main() -> None:
     env.update(FORCE_COLOR="1", COLUMNS=str(WIDTH), TERM="xterm-256color")
     done = subprocess.run(
         [sys.executable, "-m", "clair_cli", "audit", "sample_adapters", "--exit-zero"],
-        cwd=ROOT, env=env, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     console = Console(file=io.StringIO(), record=True, width=WIDTH, force_terminal=True, color_system="truecolor")
     console.print(Text.from_ansi(done.stdout), end="")
