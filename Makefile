@@ -71,7 +71,7 @@ bench: install
 	$(BIN)/python -m benchmarks.perf $(BENCH_ARGS)
 
 # clair audit on an idle and on a busy machine (a CPU hog per core) under four thread settings
-# (about 19 minutes on 2 cores); the table is in README "Performance".
+# (about 19 minutes on 2 cores); the table is in docs/benchmarks/performance.md.
 bench-threads: install
 	$(BIN)/python -m benchmarks.threads
 
