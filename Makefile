@@ -77,7 +77,7 @@ merge-quality: install
 attack-bench: install
 	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m benchmarks.attacks --rounds 4 $(ATTACK_ARGS)
 
-# Flower (clair-lora[flower]) lives in its own venv: Flower pins older Typer and Rich than clair's
+# Flower (clair-lora[flower,flower-sim]) lives in its own venv: Flower pins older Typer and Rich than clair's
 # default install, and those pins must not leak into .venv.
 VENV_FLOWER  ?= .venv-flower
 BIN_FLOWER   := $(VENV_FLOWER)/bin
@@ -88,7 +88,7 @@ $(STAMP_FLOWER): pyproject.toml Makefile
 	@if ! $(BIN_FLOWER)/python -c "import torch" >/dev/null 2>&1; then \
 		$(BIN_FLOWER)/python -m pip install -q $(TORCH_CPU); \
 	fi
-	$(BIN_FLOWER)/python -m pip install -q -e ".[dev,plot,flower]"
+	$(BIN_FLOWER)/python -m pip install -q -e ".[dev,plot,flower,flower-sim]"
 	@touch $@
 
 install-flower: $(STAMP_FLOWER)
