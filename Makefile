@@ -29,15 +29,17 @@ install: $(STAMP)
 demo: install
 	$(BIN)/clair audit sample_adapters --exit-zero
 
-# The whole suite in .venv, then ClairStrategy's CI simulation and the CLI's tests in
-# .venv-flower (Flower's older Typer and Rich), so CI runs the Flower test too.
+# The whole suite in .venv, then ClairStrategy's CI simulation, examples/flower-app under
+# `flwr run` and the CLI's tests in .venv-flower (Flower's older Typer and Rich), so CI runs
+# the Flower tests too: CLAIR_REQUIRE_FLOWER=1 makes a missing flwr or Ray an error there,
+# not a skip.
 test: install install-flower
 	$(BIN)/python -m pytest -q
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q $(FLOWER_TESTS)
+	CLAIR_REQUIRE_FLOWER=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q $(FLOWER_TESTS)
 
 lint: install
-	$(BIN)/ruff check clair_cli tests experiments benchmarks fuzz
-	$(BIN)/ruff format --check clair_cli tests experiments benchmarks fuzz
+	$(BIN)/ruff check clair_cli tests experiments benchmarks fuzz examples
+	$(BIN)/ruff format --check clair_cli tests experiments benchmarks fuzz examples
 	$(BIN)/mypy clair_cli
 
 # The paper's text-copying experiment: trains the LoRA clients for 3 seeds (about 4 min a
@@ -93,13 +95,14 @@ $(STAMP_FLOWER): pyproject.toml Makefile
 
 install-flower: $(STAMP_FLOWER)
 
-# ClairStrategy's tests (a 3-round simulation, about 20 s), the in-memory engine path, and the
-# CLI's tests under Flower's older Typer and Rich.
-FLOWER_TESTS := tests/test_flower.py tests/test_federated.py tests/test_cli.py tests/test_cli_options.py \
+# ClairStrategy's tests (a 3-round simulation, about 20 s), examples/flower-app run by `flwr run`
+# on a local simulation SuperLink with Ray (8 SuperNodes, 4 rounds, about 2 min on 2 busy
+# cores), the in-memory engine path, and the CLI's tests under Flower's older Typer and Rich.
+FLOWER_TESTS := tests/test_flower.py tests/test_flower_app.py tests/test_federated.py tests/test_cli.py tests/test_cli_options.py \
 	tests/test_commands.py tests/test_reports.py tests/test_reliability.py
 
 test-flower: install-flower
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q $(FLOWER_TESTS)
+	CLAIR_REQUIRE_FLOWER=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q $(FLOWER_TESTS)
 
 # The federated experiment: 12 clients (4 attackers), 10 rounds, clair against Flower's FedAvg,
 # FedMedian, FedTrimmedAvg, Krum, MultiKrum and Bulyan, clean and attacked, 3 seeds; writes
