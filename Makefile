@@ -29,11 +29,13 @@ install: $(STAMP)
 demo: install
 	$(BIN)/clair audit sample_adapters --exit-zero
 
-# The whole suite in .venv, then ClairStrategy's CI simulation and the CLI's tests in
-# .venv-flower (Flower's older Typer and Rich), so CI runs the Flower test too.
+# The whole suite in .venv, then ClairStrategy's CI simulation, examples/flower-app under
+# `flwr run` and the CLI's tests in .venv-flower (Flower's older Typer and Rich), so CI runs
+# the Flower tests too: CLAIR_REQUIRE_FLOWER=1 makes a missing flwr or Ray an error there,
+# not a skip.
 test: install install-flower
 	$(BIN)/python -m pytest -q
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q $(FLOWER_TESTS)
+	CLAIR_REQUIRE_FLOWER=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q $(FLOWER_TESTS)
 
 # The documentation site (mkdocs.yml, docs/): the docs extra into .venv, then a strict build into
 # site/ (a broken link or anchor, or a page missing from the nav, fails it). The command
@@ -48,8 +50,8 @@ docs: $(STAMP_DOCS)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
 
 lint: install
-	$(BIN)/ruff check clair_cli tests experiments benchmarks fuzz
-	$(BIN)/ruff format --check clair_cli tests experiments benchmarks fuzz
+	$(BIN)/ruff check clair_cli tests experiments benchmarks fuzz examples
+	$(BIN)/ruff format --check clair_cli tests experiments benchmarks fuzz examples
 	$(BIN)/mypy clair_cli
 
 # The paper's text-copying experiment: trains the LoRA clients for 3 seeds (about 4 min a
@@ -89,7 +91,7 @@ merge-quality: install
 attack-bench: install
 	OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m benchmarks.attacks --rounds 4 $(ATTACK_ARGS)
 
-# Flower (clair-lora[flower]) lives in its own venv: Flower pins older Typer and Rich than clair's
+# Flower (clair-lora[flower,flower-sim]) lives in its own venv: Flower pins older Typer and Rich than clair's
 # default install, and those pins must not leak into .venv.
 VENV_FLOWER  ?= .venv-flower
 BIN_FLOWER   := $(VENV_FLOWER)/bin
@@ -100,18 +102,19 @@ $(STAMP_FLOWER): pyproject.toml Makefile
 	@if ! $(BIN_FLOWER)/python -c "import torch" >/dev/null 2>&1; then \
 		$(BIN_FLOWER)/python -m pip install -q $(TORCH_CPU); \
 	fi
-	$(BIN_FLOWER)/python -m pip install -q -e ".[dev,plot,flower]"
+	$(BIN_FLOWER)/python -m pip install -q -e ".[dev,plot,flower,flower-sim]"
 	@touch $@
 
 install-flower: $(STAMP_FLOWER)
 
-# ClairStrategy's tests (a 3-round simulation, about 20 s), the in-memory engine path, and the
-# CLI's tests under Flower's older Typer and Rich.
-FLOWER_TESTS := tests/test_flower.py tests/test_federated.py tests/test_cli.py tests/test_cli_options.py \
+# ClairStrategy's tests (a 3-round simulation, about 20 s), examples/flower-app run by `flwr run`
+# on a local simulation SuperLink with Ray (8 SuperNodes, 4 rounds, about 2 min on 2 busy
+# cores), the in-memory engine path, and the CLI's tests under Flower's older Typer and Rich.
+FLOWER_TESTS := tests/test_flower.py tests/test_flower_app.py tests/test_federated.py tests/test_cli.py tests/test_cli_options.py \
 	tests/test_commands.py tests/test_reports.py tests/test_reliability.py
 
 test-flower: install-flower
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q $(FLOWER_TESTS)
+	CLAIR_REQUIRE_FLOWER=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q $(FLOWER_TESTS)
 
 # The federated experiment: 12 clients (4 attackers), 10 rounds, clair against Flower's FedAvg,
 # FedMedian, FedTrimmedAvg, Krum, MultiKrum and Bulyan, clean and attacked, 3 seeds; writes

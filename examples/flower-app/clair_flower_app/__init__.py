@@ -1,0 +1,1 @@
+"""A Flower App: federated LoRA fine-tuning of a tiny model, aggregated by clair's ClairStrategy."""
