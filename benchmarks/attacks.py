@@ -345,6 +345,25 @@ def _alie_norm(p: PoolData, m: int, c: float, rng: np.random.Generator) -> list:
     return jittered(p.layout, c * p.median_norm * v / np.linalg.norm(v), m, rng, SPREAD)
 
 
+EDGE_COSINE = 0.19  # opposed-edge: the group's cosine with the honest mean, just above rule 9's -0.2
+
+
+def _opposed_edge(p: PoolData, m: int, c: float, rng: np.random.Generator) -> list:
+    """Tuned against rule 9 (``opposed``): every attacker sends ``c`` times the honest median norm along
+    ``-0.19 h + 0.98 d`` (``h`` the honest mean's direction, ``d`` the honest clients' main direction of
+    disagreement, orthogonal to ``h``, so the update stays inside the honest subspace), each perturbed
+    independently by ``SPREAD``: the group's mean has cosine about -0.19 with the rest's, just above the
+    rule's -0.2, and no member is a copy. What it buys: a pull of 0.19 c median norms per attacker against
+    the honest direction, plus a push along ``d``."""
+    h = p.honest.mean(0)
+    h /= np.linalg.norm(h)
+    dev = p.honest - p.honest.mean(0)
+    dev -= np.outer(dev @ h, h)
+    d = np.linalg.svd(dev, full_matrices=False)[2][0]
+    v = -EDGE_COSINE * h + np.sqrt(1 - EDGE_COSINE**2) * d
+    return jittered(p.layout, c * p.median_norm * v, m, rng, SPREAD)
+
+
 def _copies_alie(p: PoolData, m: int, z: float, rng: np.random.Generator) -> list:
     return copies(p.layout, agg.alie(p.honest, z), m)
 
@@ -381,6 +400,7 @@ ATTACKS: dict[str, Attack] = {
         Attack("rebalance", _rebalance, (1e-6, 1e6, 1e18), (1e-6, 1e18), "c in (A / c, B c)"),
         Attack("rank-inflation", _rank_inflation, (0.0, 1e-3), (0.0, 1e-3), "extra directions' size"),
         Attack("alie-norm", _alie_norm, (1.0, 2.0, 3.0, 3.5, 3.9), (2.0, 3.9), "norm / honest median"),
+        Attack("opposed-edge", _opposed_edge, (1.0, 2.0, 3.0, 3.9), (2.0, 3.9), "norm / honest median"),
         Attack("copies-alie", _copies_alie, (0.5, 1.0, 4.0), (1.0, 4.0), "z"),
         Attack("copies-backdoor", _copies_backdoor, (0.5, 1.0, 2.0, 5.0), (1.0, 5.0), "norm / honest median", True),
     )
