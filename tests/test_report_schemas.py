@@ -26,6 +26,9 @@ from clair_cli.cli import app
 
 ROOT = Path(__file__).parents[1]
 SAMPLES = ROOT / "sample_adapters"
+# Every option that adds to the clair merge's section of the report.
+MERGE_OPTIONS = ("--project", "--clip", "2", "--rescale", "norm", "--weights", "1,2,3,4,5,6,7,8", "--merge-rank", "3",
+                 "--exit-zero")  # fmt: skip
 
 
 def invoke(*args: str) -> Any:
@@ -63,10 +66,7 @@ def reports(pool: Path, clean: Path, tmp_path_factory: pytest.TempPathFactory) -
         "gate refused": run_json("gate", str(pool / "client_02"), str(pool / "client_06"), *refs, code=1),
         "gate passed": run_json("gate", str(clean / "client_02"), *refs, code=0),
         "merge clair": run_json("merge", str(pool), "--out", str(out / "m1"), code=1),
-        "merge clair options": run_json(
-            "merge", str(pool), "--out", str(out / "m2"), "--project", "--clip", "2", "--rescale", "norm",
-            "--weights", "1,2,3,4,5,6,7,8", "--merge-rank", "3", "--exit-zero", code=0,
-        ),  # fmt: skip
+        "merge clair options": run_json("merge", str(pool), "--out", str(out / "m2"), *MERGE_OPTIONS, code=0),
         "refine": run_json("refine", str(pool), "--out", str(out / "r1"), code=1),
     }
 
@@ -100,9 +100,9 @@ def test_the_schemas_know_every_rule_and_merge_method() -> None:
     from clair_cli.core.audit import WATCHED_RULES
     from clair_cli.core.rules import RULES
 
-    assert report_schemas.RULES == [r.name for r in RULES]
-    assert report_schemas.WATCHED_RULES == list(WATCHED_RULES)
-    assert report_schemas.BASELINES == [m for m in methods.NAMES if not methods.get(m).audits]
+    assert [r.name for r in RULES] == report_schemas.RULES
+    assert list(WATCHED_RULES) == report_schemas.WATCHED_RULES
+    assert [m for m in methods.NAMES if not methods.get(m).audits] == report_schemas.BASELINES
 
 
 def test_every_kind_of_report_follows_its_schema(reports: dict[str, dict[str, Any]]) -> None:
