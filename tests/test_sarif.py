@@ -83,6 +83,8 @@ def test_audit_writes_one_error_result_per_flagged_adapter(repo: Path, monkeypat
         text = r["message"]["text"]
         assert text.startswith(f"Adapter {name} flagged by clair audit (score {r['properties']['score']:.3f}, rule ")
         assert r["properties"]["score"] > 1
+        digest = r["properties"]["sha256"]["adapter_model.safetensors"]  # hashed for --sarif alone too
+        assert r["partialFingerprints"] == {"adapterSha256/v1": f"{digest}:{name}"}
     assert only["properties"]["flagged"] == ["client_02", "client_06"] and not only["properties"]["passed"]
 
 

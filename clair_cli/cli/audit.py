@@ -69,7 +69,7 @@ def audit_command(
     with common.progress_bar(quiet) as progress:
         pool = pipeline.open_pool(sources, src, intersect=intersect, progress=progress)
         outcome = pipeline.audit(pool, params, progress)
-    report = audit_report(outcome, digests=json_out is not None)
+    report = audit_report(outcome, digests=json_out is not None or sarif is not None)
     common.emit_reports(report, json_out, markdown, plot, quiet, common.adapter_files(pool.adapters), sarif=sarif)
     common.exit_code(report, exit_zero)
 

@@ -85,7 +85,7 @@ def gate_command(
     with common.progress_bar(quiet) as progress:
         pool, trusted = pipeline.open_gate_pool(candidates, references, src, intersect=intersect, progress=progress)
         outcome = pipeline.audit(pool, params, progress, reference=trusted)
-    report = audit_report(outcome, command="gate", digests=json_out is not None)
+    report = audit_report(outcome, command="gate", digests=json_out is not None or sarif is not None)
     report["notes"] = [*report.get("notes", []), *spelling_notes]
     common.emit_reports(report, json_out, markdown, plot, quiet, common.adapter_files(pool.adapters), sarif=sarif)
     common.exit_code(report, exit_zero)

@@ -10,7 +10,9 @@ outside it becomes an absolute ``file://`` URI and a hub source its ``https://``
 
 Built from the JSON report alone (:func:`clair_cli.report.audit.audit_report`), like the
 Markdown: every output shows the same numbers. No time stamps and no absolute paths of
-the working directory are written, so the log is byte-identical from run to run.
+the working directory are written, so the log is byte-identical from run to run. Each result's
+``partialFingerprints`` (the weights file's sha256 and the adapter's name) lets code scanning
+follow one alert across runs, since a file without line numbers gets no fingerprint of its own.
 """
 
 from __future__ import annotations
@@ -189,24 +191,27 @@ def sarif_log(report: dict[str, Any], cwd: Path | None = None) -> dict[str, Any]
         if not a["flagged"]:
             continue
         rule_id = primary_rule(a)
-        results.append(
-            {
-                "ruleId": rule_id,
-                "ruleIndex": rule_ids.index(rule_id),
-                "level": "error",
-                "message": {"text": _message(a, report["command"], rule_id)},
-                "locations": [location(a, cwd)],
-                "properties": {
-                    "adapter": a["name"],
-                    "role": a["role"],
-                    "score": a["score"],
-                    "norm": a["norm"],
-                    "signals": a["signals"],
-                    "rules": [r["rule"] for r in a["reasons"]],
-                    "sha256": a.get("sha256"),
-                },
-            }
-        )
+        result: dict[str, Any] = {
+            "ruleId": rule_id,
+            "ruleIndex": rule_ids.index(rule_id),
+            "level": "error",
+            "message": {"text": _message(a, report["command"], rule_id)},
+            "locations": [location(a, cwd)],
+            "properties": {
+                "adapter": a["name"],
+                "role": a["role"],
+                "score": a["score"],
+                "norm": a["norm"],
+                "signals": a["signals"],
+                "rules": [r["rule"] for r in a["reasons"]],
+                "sha256": a.get("sha256"),
+            },
+        }
+        digests = a.get("sha256") or {}
+        weights = next((d for f, d in digests.items() if f.endswith(".safetensors")), None)
+        if weights is not None:  # code scanning keeps one alert for the same file under the same name
+            result["partialFingerprints"] = {"adapterSha256/v1": f"{weights}:{a['name']}"}
+        results.append(result)
     summary = report["summary"]
     return {
         "$schema": SARIF_SCHEMA_URI,
