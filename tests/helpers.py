@@ -70,14 +70,19 @@ def write_adapter(
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run the real ``clair`` console entry point in a subprocess."""
+    """Run the real ``clair`` console entry point in a subprocess; the ``--json`` and
+    ``--sarif`` outputs of a run that exits 0 or 1 are checked against their schemas."""
     import os
 
+    from report_check import check_cli_outputs
+
     full_env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "120", **(env or {})}
-    return subprocess.run(
+    proc = subprocess.run(
         [sys.executable, "-m", "clair_cli", *args],
         capture_output=True,
         text=True,
         env=full_env,
         timeout=timeout,
     )
+    check_cli_outputs(args, proc.returncode, proc.stdout)
+    return proc

@@ -18,6 +18,8 @@ Examples:
 
   clair audit ./adapters --json - --exit-zero      # machine-readable, never fails the shell
 
+  clair audit ./adapters --sarif clair.sarif       # SARIF 2.1.0 for code scanning
+
   clair audit hf://org/client-01 hf://org/client-02 ./more --intersect
 
   clair audit @round-3.txt --solver exact          # the sources listed in round-3.txt
@@ -28,6 +30,7 @@ def audit_command(
     sources: opt.Sources,
     json_out: opt.JsonOut = None,
     markdown: opt.MarkdownOut = None,
+    sarif: opt.SarifOut = None,
     plot: opt.PlotOut = None,
     rank: opt.Rank = "auto",
     side: opt.SideOpt = Side.OUT,
@@ -62,12 +65,12 @@ def audit_command(
     params = common.audit_params(locals())
     sources = common.sources_arg(sources)
     src = common.source_options(locals())
-    common.check_report_targets(json_out, markdown, plot, input_paths(sources, [config]))
+    common.check_report_targets(json_out, markdown, plot, input_paths(sources, [config]), sarif=sarif)
     with common.progress_bar(quiet) as progress:
         pool = pipeline.open_pool(sources, src, intersect=intersect, progress=progress)
         outcome = pipeline.audit(pool, params, progress)
-    report = audit_report(outcome, digests=json_out is not None)
-    common.emit_reports(report, json_out, markdown, plot, quiet, common.adapter_files(pool.adapters))
+    report = audit_report(outcome, digests=json_out is not None or sarif is not None)
+    common.emit_reports(report, json_out, markdown, plot, quiet, common.adapter_files(pool.adapters), sarif=sarif)
     common.exit_code(report, exit_zero)
 
 

@@ -194,15 +194,20 @@ def check_report_targets(
     plot: str | None,
     inputs: Sequence[Path] = (),
     out: Path | None = None,
+    *,
+    sarif: str | None = None,
 ) -> None:
     """Refuse impossible report targets before any work is done."""
     from clair_cli.io.paths import check_report_file, discarded, printable
 
     if json_out == "-" and markdown == "-":
         raise UsageError("--json - and --markdown - cannot both go to stdout")
-    files = [t for t in (json_out, markdown, plot) if t is not None and t != "-" and not discarded(t)]
+    if sarif == "-" and "-" in (json_out, markdown):
+        raise UsageError("--sarif - cannot share stdout with --json - or --markdown -; give it a file")
+    files = [t for t in (json_out, markdown, plot, sarif) if t is not None and t != "-" and not discarded(t)]
     if len({Path(t).resolve() for t in files}) < len(files):
-        raise UsageError("--json, --markdown and --plot name the same file; give each its own")
+        named = "--json, --markdown, --sarif and --plot" if sarif is not None else "--json, --markdown and --plot"
+        raise UsageError(f"{named} name the same file; give each its own")
     for t in files:
         if out is not None and Path(t).resolve().is_relative_to(out.resolve()):
             raise UsageError(f"{printable(t)}: a report file cannot go inside --out, which is replaced whole")
@@ -213,7 +218,8 @@ def check_report_targets(
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError(
-                "--plot needs matplotlib, which is not installed", hint="Install it with: pip install 'clair-lora[plot]'"
+                "--plot needs matplotlib, which is not installed",
+                hint="Install it with: pip install 'clair-lora[plot]'",
             ) from None
     for target in files:
         check_report_file(target, inputs)
@@ -226,8 +232,10 @@ def emit_reports(
     plot: str | None,
     quiet: bool,
     inputs: Sequence[Path] = (),
+    *,
+    sarif: str | None = None,
 ) -> None:
-    """Write the requested report files; the terminal table unless stdout carries JSON or Markdown."""
+    """Write the requested report files; the terminal table unless stdout carries JSON, Markdown or SARIF."""
     from clair_cli.io.writers import write_text
     from clair_cli.report.audit import audit_markdown, render_audit
     from clair_cli.report.console import make_console
@@ -240,7 +248,11 @@ def emit_reports(
         write_text(json_out, json.dumps(report, indent=2) + "\n", inputs)
     if markdown is not None:
         write_text(markdown, audit_markdown(report), inputs)
-    if "-" not in (json_out, markdown):
+    if sarif is not None:
+        from clair_cli.report.sarif import sarif_text
+
+        write_text(sarif, sarif_text(report), inputs)
+    if "-" not in (json_out, markdown, sarif):
         render_audit(make_console(quiet=quiet), report)
 
 

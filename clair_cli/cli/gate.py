@@ -16,6 +16,8 @@ Examples:
 
   clair gate pr/*/ --reference hf://org/approved-loras --markdown comment.md
 
+  clair gate uploads/new-lora --reference trusted/ --sarif clair.sarif --json clair.json   # CI: code scanning
+
   clair gate new/ --reference ref-1/ --reference ref-2/ --reference @more-refs.txt
 """
 
@@ -32,6 +34,7 @@ def gate_command(
     reference: opt.Reference = None,
     json_out: opt.JsonOut = None,
     markdown: opt.MarkdownOut = None,
+    sarif: opt.SarifOut = None,
     plot: opt.PlotOut = None,
     rank: opt.Rank = "auto",
     side: opt.SideOpt = Side.OUT,
@@ -76,13 +79,15 @@ def gate_command(
     candidates = common.sources_arg(candidates)
     references = common.sources_arg(reference or [])
     src = common.source_options(locals())
-    common.check_report_targets(json_out, markdown, plot, input_paths([*candidates, *references], [config]))
+    common.check_report_targets(
+        json_out, markdown, plot, input_paths([*candidates, *references], [config]), sarif=sarif
+    )
     with common.progress_bar(quiet) as progress:
         pool, trusted = pipeline.open_gate_pool(candidates, references, src, intersect=intersect, progress=progress)
         outcome = pipeline.audit(pool, params, progress, reference=trusted)
-    report = audit_report(outcome, command="gate", digests=json_out is not None)
+    report = audit_report(outcome, command="gate", digests=json_out is not None or sarif is not None)
     report["notes"] = [*report.get("notes", []), *spelling_notes]
-    common.emit_reports(report, json_out, markdown, plot, quiet, common.adapter_files(pool.adapters))
+    common.emit_reports(report, json_out, markdown, plot, quiet, common.adapter_files(pool.adapters), sarif=sarif)
     common.exit_code(report, exit_zero)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 
 import typer
 
@@ -22,6 +24,8 @@ Examples:
   clair merge ./adapters --out merged/ --project        # CLAIR's projection, cross-validated rank
 
   clair merge ./adapters --out merged/ --method fedavg  # a baseline, no audit
+
+  clair merge ./adapters --out merged/ --method median --json merge.json   # what a baseline merged
 
   clair merge ./adapters --out merged/ --weights 120,80,200,95 --json report.json
 """
@@ -80,8 +84,10 @@ def merge_command(
     from clair_cli.errors import UsageError
     from clair_cli.io.paths import input_paths, printable
     from clair_cli.io.peft_writer import AtomicDir
+    from clair_cli.io.writers import write_text
     from clair_cli.report.audit import audit_report
     from clair_cli.report.console import make_console
+    from clair_cli.report.merge import merge_report
 
     spec = methods.get(method)
     params = common.audit_params(locals())
@@ -93,8 +99,11 @@ def merge_command(
         raise UsageError(
             f"--project, --project-rank, --rescale and --clip shape the clair merge, not --method {spec.name}"
         )
-    if not spec.audits and any(x is not None for x in (json_out, markdown, plot)):
-        raise UsageError(f"--json, --markdown and --plot report the clair audit; --method {spec.name} runs none")
+    if not spec.audits and (markdown is not None or plot is not None):
+        raise UsageError(
+            f"--markdown and --plot report the clair audit; --method {spec.name} runs none",
+            hint="--json writes its merge report.",
+        )
     sources = common.sources_arg(sources)
     src = common.source_options(locals())
     inputs = input_paths(sources, [config])
@@ -107,7 +116,9 @@ def merge_command(
         common.check_report_targets(json_out, markdown, plot, files, out)
         dropped = pipeline.extras(pool, drop_extras)
         outcome = pipeline.audit(pool, params, progress) if spec.audits else None
+        started = time.perf_counter()
         merged = pipeline.merge(pool, spec.name, params, w, options, outcome, progress)
+        merge_s = time.perf_counter() - started
     report = audit_report(outcome, command="merge", digests=json_out is not None) if outcome else None
     if report is not None:
         report["merge"] = merged.summary() | {"dropped": dropped}
@@ -118,6 +129,11 @@ def merge_command(
     console = make_console(stderr=True, quiet=quiet)
     if report is not None:
         common.emit_reports(report, json_out, markdown, plot, quiet, files)
+    elif json_out is not None:  # a baseline: what was merged, without an audit
+        baseline = merge_report(
+            pool, merged, pipeline.resolved(params), dropped, list(merged.notes), {"merge": merge_s}, digests=True
+        )
+        write_text(json_out, json.dumps(baseline, indent=2) + "\n", files)
     ranks = [r.rank for r in merged.modules.values()]
     console.print(
         f"wrote {printable(str(out))}: {spec.name} merge of {len(merged.used)} of {len(pool.adapters)} adapters, "

@@ -191,6 +191,16 @@ MarkdownOut = Annotated[
         "--markdown", help="Write a Markdown report to FILE ('-' for stdout).", metavar="FILE", callback=_stdout_alias
     ),
 ]
+SarifOut = Annotated[
+    Optional[str],
+    typer.Option(
+        "--sarif",
+        help="Write a SARIF 2.1.0 log to FILE ('-' for stdout) for code scanning (GitHub): one result per "
+        "flagged adapter.",
+        metavar="FILE",
+        callback=_stdout_alias,
+    ),
+]
 PlotOut = Annotated[
     Optional[str],
     typer.Option(

@@ -108,7 +108,7 @@ def _given(value: float | None) -> float:
     return math.nan if value is None else value
 
 
-def _generated_at() -> str:
+def generated_at() -> str:
     """UTC time of the report, ISO 8601; ``SOURCE_DATE_EPOCH`` fixes it for reproducible builds."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
     when = datetime.fromtimestamp(int(epoch), UTC) if epoch.isdigit() else datetime.now(UTC)
@@ -189,7 +189,7 @@ def audit_report(outcome: AuditOutcome, command: str = "audit", digests: bool = 
         "tool": "clair",
         "version": __version__,
         "command": command,
-        "generated_at": _generated_at(),
+        "generated_at": generated_at(),
         "summary": {
             "passed": not flagged,
             "n_adapters": len(names),
