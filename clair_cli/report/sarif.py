@@ -29,9 +29,6 @@ from clair_cli.constants import SAFETENSORS_WEIGHTS_NAME
 SARIF_VERSION = "2.1.0"
 SARIF_SCHEMA_URI = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
 SRCROOT = "%SRCROOT%"
-# Where the rules are described, one anchor per rule (helpUri); the project's docs.
-DOCS_URL = "https://github.com/OWNER/clair/blob/main/docs/"
-RULES_DOC = DOCS_URL + "rules.md"
 HUB_URL = "https://huggingface.co/"
 # GitHub ranks security alerts by this (7.0-8.9: high): an adapter that leaves the pool's
 # shared subspace, or points against it, is what poisoning looks like.
@@ -121,7 +118,8 @@ def _rule(rule_id: str, text: RuleText) -> dict[str, Any]:
         "name": text.name,
         "shortDescription": {"text": text.short},
         "fullDescription": {"text": text.full},
-        "helpUri": f"{RULES_DOC}#{rule_id.replace('_', '-')}",
+        # Shown by code scanning beside the alert (no helpUri: the project has no fixed docs address).
+        "help": {"text": text.full},
         "defaultConfiguration": {"level": "error"},
         "properties": {"tags": ["security", "lora"], "security-severity": SECURITY_SEVERITY},
     }
@@ -223,7 +221,6 @@ def sarif_log(report: dict[str, Any], cwd: Path | None = None) -> dict[str, Any]
                         "name": "clair",
                         "semanticVersion": __version__,
                         "version": __version__,
-                        "informationUri": DOCS_URL,
                         "rules": [_rule(rule_id, text) for rule_id, text in RULE_TEXTS.items()],
                     }
                 },
