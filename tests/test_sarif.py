@@ -68,7 +68,8 @@ def test_audit_writes_one_error_result_per_flagged_adapter(repo: Path, monkeypat
     assert rule_ids == list(sarif.RULE_TEXTS)
     for rule in driver["rules"]:
         assert rule["shortDescription"]["text"] and rule["fullDescription"]["text"]
-        assert rule["help"]["text"] == rule["fullDescription"]["text"] and rule["defaultConfiguration"]["level"] == "error"
+        assert rule["help"]["text"] == rule["fullDescription"]["text"]
+        assert rule["defaultConfiguration"]["level"] == "error"
     results = only["results"]
     assert [r["properties"]["adapter"] for r in results] == ["client_02", "client_06"]
     for r in results:
