@@ -85,7 +85,12 @@ def _merge_lines(merge: dict[str, Any], params: dict[str, Any] | None = None) ->
         f"- rank of the written LoRA: {rank_text} ({how})",
         f"- tolerance (--merge-tol): {opts['tol']:g}"
         + ("" if opts["rank"] is None else f"; rank fixed by --merge-rank {opts['rank']}"),
-        f"- largest relative Frobenius error of writing it at that rank: {merge['max_relative_error']:.2e}",
+        f"- largest relative Frobenius error of the written factors (measured): {merge['max_relative_error']:.2e}"
+        + (
+            " (above --merge-tol: float32 factors cannot store the update more exactly)"
+            if opts["rank"] is None and not opts["project"] and merge["max_relative_error"] > opts["tol"]
+            else ""
+        ),
         "- weights: " + ("equal" if merge["weights"] is None else ", ".join(f"{w:g}" for w in merge["weights"])),
     ]
     if opts["project"]:
