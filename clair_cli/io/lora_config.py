@@ -204,7 +204,7 @@ def _task_type(adapters: Sequence[Adapter], notes: list[str]) -> str | None:
     if kinds:
         given = ", ".join(kinds + (["none"] if untyped else []))
         notes.append(
-            f"the inputs' task_type differ ({given}): written without one, so PEFT loads it on any model class"
+            f"the inputs' task_type values differ ({given}): written without one, so PEFT loads it on any model class"
         )
     return None
 
