@@ -150,7 +150,7 @@ def write_refined(
             notes = list(pool.notes)
             ignored = ignored_note(adapter.config, adapter.modules)
             if ignored:
-                notes.append(f"as its source, this adapter's {ignored}")
+                notes.append(f"as in its source, {ignored}")
             if unchanged:
                 notes.append(
                     f"{len(unchanged)} module(s) kept unchanged (projection did not predict held-out "

@@ -363,3 +363,30 @@ def test_card_states_the_measured_error_and_a_tolerance_float32_cannot_reach(tmp
     card = (out / "README.md").read_text()
     line = next(x for x in card.splitlines() if "(measured)" in x)
     assert "above --merge-tol" in line and "0.00e+00" not in line
+
+
+def test_intersect_targets_only_the_merged_modules(tmp_path: Path) -> None:
+    both = {"model.q_proj": (16, 12), "model.v_proj": (16, 12)}
+    write_adapter(tmp_path / "a", random_factors(both, seed=1), lora_config(target_modules=["q_proj", "v_proj"]))
+    write_adapter(
+        tmp_path / "b", random_factors({"model.q_proj": (16, 12)}, seed=2), lora_config(target_modules=["q_proj"])
+    )
+    out = tmp_path / "m"
+    result = invoke(
+        "merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--method", "mean", "--intersect"
+    )
+    assert result.exit_code == 0, result.output
+    targets = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+    assert (
+        isinstance(targets, str) and re.fullmatch(targets, "model.q_proj") and not re.fullmatch(targets, "model.v_proj")
+    )
+
+
+def test_the_io_layer_does_no_arithmetic() -> None:
+    import ast
+
+    root = Path(__file__).parents[1] / "clair_cli" / "io"
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert not (node.module or "").startswith("clair_cli.core"), path.name
