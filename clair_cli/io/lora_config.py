@@ -52,7 +52,7 @@ UNSUPPORTED_FIELDS = {
     "monteclora_config": "MonteCLoRA (monteclora_config) samples the update",
 }
 PEFT_LIST_ALL_LINEAR = "all-linear"
-_REPEATS = re.compile(r"[*+?{]")
+_REPEATS = re.compile(r"(?<!\\)[*+?{]")  # an unescaped repetition
 
 
 def exact_key(module: str) -> str:
