@@ -229,9 +229,14 @@ def test_different_layer_replication_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "field,value",
-    [("alora_invocation_tokens", [5, 6]), ("use_qalora", True), ("target_parameters", ["mlp.experts.down_proj"])],
+    [
+        ("alora_invocation_tokens", [5, 6]),
+        ("use_qalora", True),
+        ("target_parameters", ["mlp.experts.down_proj"]),
+        ("layer_replication", "0-2"),
+    ],
 )
-def test_lora_variants_are_refused(tmp_path: Path, field: str, value: Any) -> None:
+def test_lora_variants_and_bad_replication_are_refused(tmp_path: Path, field: str, value: Any) -> None:
     for k in range(2):
         write_adapter(tmp_path / "pool" / f"a{k}", random_factors({"q_proj": (16, 12)}, seed=k), lora_config())
     path = tmp_path / "pool" / "a1" / "adapter_config.json"

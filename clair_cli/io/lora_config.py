@@ -107,6 +107,10 @@ def peft_selects(raw: Mapping[str, Any], module: str) -> bool | None:
     layers = raw.get("layers_to_transform")
     if layers is None or layers == []:
         return True
+    if not isinstance(layers, (int, list)) or (
+        isinstance(layers, list) and not all(isinstance(i, int) for i in layers)
+    ):
+        return None
     pattern = raw.get("layers_pattern")
     patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
     match = None
@@ -148,6 +152,28 @@ def _normal(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_normal(v) for v in value]
     return value
+
+
+def _replication(adapter: Adapter) -> list[list[int]] | None:
+    """The adapter's ``layer_replication`` as ``[[start, end], ...]``, or None.
+
+    Raises:
+        IncompatibleAdapters: not a list of ``[start, end]`` pairs of whole numbers.
+    """
+    value = adapter.config.raw.get("layer_replication")
+    if not value:
+        return None
+    pairs = _normal(value)
+    if not isinstance(pairs, list) or not all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in p)
+        for p in pairs
+    ):
+        raise IncompatibleAdapters(
+            f"{_where(adapter)}: layer_replication must be a list of [start, end] pairs, "
+            f"got {printable(str(value))[:80]}",
+            hint=f"Fix the field in {CONFIG_NAME}.",
+        )
+    return pairs
 
 
 def refuse_variants(adapters: Sequence[Adapter], what: str) -> None:
@@ -236,15 +262,15 @@ def plan_merged(adapters: Sequence[Adapter], written: Iterable[str], base_model:
     refuse_variants(adapters, "merged adapter")
     written_set = set(written)
     known = set().union(*(set(a.modules) for a in adapters)) | written_set
-    replication = {repr(_normal(a.config.raw.get("layer_replication") or None)): a for a in adapters}
+    replication = {repr(_replication(a)): a for a in adapters}
     if len(replication) > 1:
         (r1, a1), (r2, a2) = sorted(replication.items())[:2]
         raise IncompatibleAdapters(
-            f"{_where(a1)}: layer_replication {r1} differs from {r2} in {_where(a2)}; the same module names "
-            "then name different layers",
+            f"{_where(a1)}: layer_replication {r1[:80]} differs from {r2[:80]} in {_where(a2)}; the same module "
+            "names then name different layers",
             hint="Merge adapters trained with the same layer_replication.",
         )
-    layer_replication = _normal(adapters[0].config.raw.get("layer_replication") or None)
+    layer_replication = _replication(adapters[0])
     notes: list[str] = []
     task_type = _task_type(adapters, notes)
     ignored = sorted({m for a in adapters for m in ignored_modules(a.config, a.modules)} & written_set)
