@@ -520,7 +520,10 @@ def merge(
             part[[slot[k] for k in mod.members]] = g
             sq_norms = part if sq_norms is None else sq_norms + part
         if spec.audits and options.project:
-            basis, q = projection_basis(mod, side, options.project_rank, mw)
+            # The basis as refine finds it (working precision); the mean it projects stays in float64.
+            basis, q = projection_basis(
+                _at_working_precision(mod, dtype, settings.path), side, options.project_rank, mw
+            )
             if basis is None:
                 unprojected.append(mod.name)
                 res = baselines.mean(mod.A, mod.B, mod.scales, mw, options.rank, options.tol, torch.float32)
