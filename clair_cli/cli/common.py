@@ -213,7 +213,8 @@ def check_report_targets(
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError(
-                "--plot needs matplotlib, which is not installed", hint="Install it with: pip install 'clair-lora[plot]'"
+                "--plot needs matplotlib, which is not installed",
+                hint="Install it with: pip install 'clair-lora[plot]'",
             ) from None
     for target in files:
         check_report_file(target, inputs)
