@@ -512,27 +512,28 @@ def merge(
     sq_norms = None
     for given in iter_modules(pool, used, dtype=dtype, device=settings.device, progress=progress):
         mod, mw = _canonical(given, w, factors=not spec.of_factors)
-        if spec.exact_mean:
-            mod = _at_working_precision(mod, dtype, settings.path)
+        # The exact mean stays in the canonical factors' float64, so that --merge-tol is honoured
+        # (and the error measured) on the float32 factors written, to any tolerance.
         if options.rescale != "none":
             g = gram(mod.A, mod.B, mod.scales).diagonal().double().cpu()
             part = torch.zeros(len(used), dtype=torch.float64)
             part[[slot[k] for k in mod.members]] = g
             sq_norms = part if sq_norms is None else sq_norms + part
         if spec.audits and options.project:
-            basis, q = projection_basis(mod, side, options.project_rank, mw)
+            # The basis as refine finds it (working precision); the mean it projects stays in float64.
+            basis, q = projection_basis(
+                _at_working_precision(mod, dtype, settings.path), side, options.project_rank, mw
+            )
             if basis is None:
                 unprojected.append(mod.name)
-                res = baselines.mean(mod.A, mod.B, mod.scales, mw, options.rank, options.tol)
+                res = baselines.mean(mod.A, mod.B, mod.scales, mw, options.rank, options.tol, torch.float32)
             else:
                 a, b = project_merge(mod.A, mod.B, mod.scales, basis, mw, side=side)
-                err = 0.0
-                if options.rank is not None and options.rank < a.shape[0]:
-                    a, b, err = truncate_factored(a, b, options.rank)
+                a, b, err = truncate_factored(a, b, options.rank, out_dtype=torch.float32)
                 res = MergeResult(a, b, "clair", used, {"truncation_error": err})
             res.info["projection_rank"] = q
         elif spec.exact_mean:
-            res = baselines.mean(mod.A, mod.B, mod.scales, mw, options.rank, options.tol)
+            res = baselines.mean(mod.A, mod.B, mod.scales, mw, options.rank, options.tol, torch.float32)
         else:
             try:
                 res = fn(mod.A, mod.B, mod.scales, mw, options.rank)
@@ -616,3 +617,25 @@ def refined_bases(
         basis, _q = projection_basis(mod, side, rank)
         out[mod.name] = None if basis is None else basis.cpu()
     return out
+
+
+def refined_factors(
+    adapter: Adapter, bases: Mapping[str, torch.Tensor | None], side: str
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list[str]]:
+    """One collaborator's refined factors ``(A~, B~)`` per module with a basis (projected onto
+    it, :func:`clair_cli.core.merge.refine`, in float64: thread-count independent), and the
+    modules left unchanged (basis None). The writer puts them in place of the adapter's own."""
+    import torch
+
+    from clair_cli.core.merge import refine
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    unchanged = []
+    with adapter.reader() as reader:
+        for name, basis in bases.items():
+            if basis is None:
+                unchanged.append(name)
+                continue
+            mod = adapter.read_module(reader, name, torch.float64)
+            factors[name] = refine(mod.A, mod.B, basis, _basis_side(side))
+    return factors, unchanged

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from clair_cli.io.lora_config import ConfigPlan
     from clair_cli.io.peft_writer import AtomicDir
     from clair_cli.pipeline import Progress
     from clair_cli.results import AuditOutcome, MergedAdapter, Pool
@@ -68,6 +69,19 @@ def sources_table(
     return rows
 
 
+def merged_plan(pool: Pool) -> ConfigPlan:
+    """The config plan of the pool's merged adapter (:func:`clair_cli.io.lora_config.plan_merged`);
+    its notes belong in the report and the card. Call it before the work: it refuses what a
+    merged adapter cannot reproduce.
+
+    Raises:
+        IncompatibleAdapters: a LoRA variant, or inputs that replicate layers differently.
+    """
+    from clair_cli.io.lora_config import plan_merged
+
+    return plan_merged(pool.adapters, pool.modules, pool.base_model)
+
+
 def write_merged(
     target: AtomicDir,
     pool: Pool,
@@ -77,16 +91,22 @@ def write_merged(
     notes: Sequence[str],
     argv: Sequence[str],
     params: dict[str, Any] | None = None,
+    plan: ConfigPlan | None = None,
 ) -> None:
     """Write the merged adapter (config, tensors, model card) into ``target``; ``params``: the
-    audit's settings, listed in the card where an audit ran."""
-    from clair_cli.io.peft_writer import merged_config, merged_tensors, save_adapter
+    audit's settings, listed in the card where an audit ran; ``plan``: :func:`merged_plan`'s
+    (made here when not given; its notes are then added to the card's)."""
+    from clair_cli.io.lora_config import lora_config
+    from clair_cli.io.peft_writer import merged_tensors, save_adapter
     from clair_cli.report.audit import summary_line
     from clair_cli.report.card import model_card
 
-    ranks = {m: r.rank for m, r in merged.modules.items()}
-    config = merged_config(pool.adapters[0], ranks, pool.base_model, all_modules=not pool.dropped)
-    tensors = merged_tensors(pool.adapters[0], {m: (r.A, r.B) for m, r in merged.modules.items()})
+    if plan is None:
+        plan = merged_plan(pool)
+        notes = [*notes, *plan.notes]
+    # Scale 1 everywhere: alpha = r in every module.
+    config = lora_config(plan, {m: (r.rank, r.rank) for m, r in merged.modules.items()})
+    tensors = merged_tensors(pool.adapters[0].modules, {m: (r.A, r.B) for m, r in merged.modules.items()})
     card = model_card(
         f"Merged LoRA adapter ({merged.method})",
         merged.method,
@@ -113,7 +133,9 @@ def write_refined(
     params: dict[str, Any] | None = None,
 ) -> list[int]:
     """Write each collaborator's refined adapter to ``target/<name>/``; returns their indices."""
+    from clair_cli.io.lora_config import ignored_note
     from clair_cli.io.peft_writer import refined_tensors, save_adapter, source_config
+    from clair_cli.pipeline import refined_factors
     from clair_cli.report.audit import summary_line
     from clair_cli.report.card import model_card
 
@@ -122,8 +144,13 @@ def write_refined(
     with target as tmp:
         for i, k in enumerate(used):
             adapter = pool.adapters[k]
-            tensors, unchanged = refined_tensors(adapter, bases, side)
+            factors, unchanged = refined_factors(adapter, bases, side)
+            tensors = refined_tensors(adapter, factors)
+            config = source_config(adapter)
             notes = list(pool.notes)
+            ignored = ignored_note(adapter.config, adapter.modules)
+            if ignored:
+                notes.append(f"as in its source, {ignored}")
             if unchanged:
                 notes.append(
                     f"{len(unchanged)} module(s) kept unchanged (projection did not predict held-out "
@@ -141,6 +168,6 @@ def write_refined(
                 notes,
                 params=params,
             )
-            save_adapter(tmp, source_config(adapter), tensors, card, name=adapter.name)
+            save_adapter(tmp, config, tensors, card, name=adapter.name)
             progress("writing adapters", i + 1, len(used))
     return used

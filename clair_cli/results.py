@@ -106,13 +106,18 @@ class MergeOptions:
         return dict(self.__dict__)
 
 
+def _sig(x: float) -> float:
+    """``x`` to 6 significant digits (a measured error of 3.6e-8 stays 3.6e-8)."""
+    return float(f"{x:.6g}")
+
+
 @dataclass
 class MergedAdapter:
     """One merged LoRA: per module ``(A, B)`` with scale 1, and how it was made.
 
     ``scale`` is the factor ``--rescale`` applied (1.0 otherwise); per module,
-    ``modules[name].info`` holds ``truncation_error`` (relative Frobenius error of writing
-    the update at its rank) and, for a projected merge, ``projection_rank``.
+    ``modules[name].info`` holds ``truncation_error`` (relative Frobenius error of the factors
+    written, measured on them: rank truncation and float32 rounding) and, for a projected merge, ``projection_rank``.
     """
 
     method: str
@@ -133,8 +138,8 @@ class MergedAdapter:
             "options": self.options.as_dict(),
             "weights": None if self.weights is None else [round(w, 6) for w in self.weights],
             "rank": ranks,
-            "max_relative_error": round(max(errors.values(), default=0.0), 8),
-            "relative_error": {m: round(e, 8) for m, e in errors.items()},
+            "max_relative_error": _sig(max(errors.values(), default=0.0)),
+            "relative_error": {m: _sig(e) for m, e in errors.items()},
             "scale": round(self.scale, 6),
         }
         if self.options.clip is not None:

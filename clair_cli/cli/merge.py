@@ -115,6 +115,7 @@ def merge_command(
         target.guard(files)
         common.check_report_targets(json_out, markdown, plot, files, out)
         dropped = pipeline.extras(pool, drop_extras)
+        plan = publish.merged_plan(pool)
         outcome = pipeline.audit(pool, params, progress) if spec.audits else None
         started = time.perf_counter()
         merged = pipeline.merge(pool, spec.name, params, w, options, outcome, progress)
@@ -122,10 +123,11 @@ def merge_command(
     report = audit_report(outcome, command="merge", digests=json_out is not None) if outcome else None
     if report is not None:
         report["merge"] = merged.summary() | {"dropped": dropped}
-    notes = list(merged.notes) + dropped
+        report["notes"] = [*report["notes"], *plan.notes]
+    notes = list(merged.notes) + dropped + plan.notes
     if pool.dropped:
         notes.append(f"--intersect left out {len(pool.dropped)} module(s) not targeted by every adapter")
-    publish.write_merged(target, pool, merged, outcome, report, notes, sys.argv[1:], params.as_dict())
+    publish.write_merged(target, pool, merged, outcome, report, notes, sys.argv[1:], params.as_dict(), plan)
     console = make_console(stderr=True, quiet=quiet)
     if report is not None:
         common.emit_reports(report, json_out, markdown, plot, quiet, files)

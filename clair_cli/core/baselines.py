@@ -85,11 +85,12 @@ def _weighted_sum(
     rank: int | None,
     selected,
     tol: float | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> MergeResult:
     a, b = _concat(A, B, [c * float(s) for c, s in zip(coef, scales, strict=True)])
     err = 0.0
     if (rank is not None and rank < a.shape[0]) or (rank is None and tol is not None):
-        a, b, err = truncate_factored(a, b, rank, tol)
+        a, b, err = truncate_factored(a, b, rank, tol, out_dtype)
     return MergeResult(a, b, name, list(selected), {"truncation_error": err})
 
 
@@ -100,12 +101,14 @@ def mean(
     weights: Sequence[float] | None = None,
     rank: int | None = None,
     tol: float | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> MergeResult:
     """``sum_k w_k Theta_k``: exact as a concatenated LoRA (rank ``sum r_k``), truncated to
-    ``rank`` by SVD, or (``tol``) at the smallest rank within relative Frobenius error ``tol``."""
+    ``rank`` by SVD, or (``tol``) at the smallest rank within relative Frobenius error ``tol``,
+    measured on the factors as returned in ``out_dtype`` (:func:`clair_cli.core.lowrank.truncate_factored`)."""
     _check(A, B, scales)
     w = check_weights(weights, len(A))
-    return _weighted_sum("mean", A, B, scales, w, rank, range(len(A)), tol)
+    return _weighted_sum("mean", A, B, scales, w, rank, range(len(A)), tol, out_dtype)
 
 
 def fedavg(

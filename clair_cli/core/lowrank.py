@@ -10,7 +10,8 @@ Every merge result is returned as factors ``(A, B)`` with scale 1, so that
   aggregators); an exact SVD for small matrices, a seeded randomized SVD otherwise.
 
 Both split the singular values evenly between the factors and report the relative
-Frobenius error of the truncation.
+Frobenius error of the result (:func:`truncate_factored` measures it on the factors it
+returns, rounding to their dtype included).
 """
 
 from __future__ import annotations
@@ -45,30 +46,87 @@ def rank_for_tolerance(s: torch.Tensor, tol: float) -> int:
     return max(int(ok[0]) + 1 if ok.numel() else s.numel(), 1)
 
 
+def _stored_error(a: torch.Tensor, b: torch.Tensor, qa: torch.Tensor, qb: torch.Tensor, core: torch.Tensor) -> float:
+    """``||b a - qb core qa^T||_F / ||core||_F`` in float64, without the ``d_out x d_in`` product.
+
+    With ``b = qb Y + Eb`` and ``a = Z qa^T + Ea`` (``Eb`` outside the span of ``qb``, ``Ea``
+    outside that of ``qa``) the difference is three mutually orthogonal parts,
+    ``qb (Y Z - core) qa^T``, ``qb Y Ea`` and ``Eb a``, whose norms come from small Gram matrices.
+    """
+    a, b = a.double(), b.double()
+    total = float(core.square().sum())
+    if total <= 0:
+        return 0.0 if not bool(b.any()) or not bool(a.any()) else float("inf")
+    y = qb.T @ b
+    eb = b - qb @ y
+    z = a @ qa
+    ea = a - z @ qa.T
+    err = float((y @ z - core).square().sum())
+    err += float(((eb.T @ eb) * (a @ a.T)).sum()) + float(((y.T @ y) * (ea @ ea.T)).sum())
+    return max(err, 0.0) ** 0.5 / total**0.5
+
+
 def truncate_factored(
-    A: torch.Tensor, B: torch.Tensor, rank: int | None, tol: float | None = None
+    A: torch.Tensor,
+    B: torch.Tensor,
+    rank: int | None,
+    tol: float | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-``rank`` factors of ``B @ A``; returns ``(A', B', relative_error)``.
+
+    The decomposition runs in float64 whatever the input's dtype: float32 resolves singular
+    values only to about ``1e-7 n sigma_max``, so its numerical rank cut and its error estimate
+    break tolerances below about ``1e-4``. The error returned is *measured*: the relative
+    Frobenius distance between ``B @ A`` and the product of the factors as returned (in
+    ``out_dtype``, rounding included), not the truncation's estimate.
 
     Args:
         A: ``n x d_in``.
         B: ``d_out x n``.
         rank: target rank; ``None`` chooses it from ``tol``.
-        tol: with ``rank=None``, the smallest rank whose relative Frobenius error is at most
-            ``tol`` (:func:`rank_for_tolerance`); ``None`` keeps the numerical rank of the product.
+        tol: with ``rank=None``, the smallest rank whose measured relative error is at most
+            ``tol`` (at least :func:`rank_for_tolerance`'s; more where rounding to ``out_dtype``
+            adds error; the numerical rank where no rank reaches ``tol``, which the error
+            returned then shows); ``None`` keeps the numerical rank of the product.
+        out_dtype: dtype of the factors returned (default: ``A``'s).
     """
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be positive, got {rank}")
-    qb, rb = torch.linalg.qr(B, mode="reduced")
-    qa, ra = torch.linalg.qr(A.T, mode="reduced")
-    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
-    if rank is None:
-        eps = torch.finfo(s.dtype).eps * max(s.numel(), 1) * (float(s[0]) if s.numel() else 0.0)
-        numerical = max(int((s > eps).sum()), 1)
-        rank = numerical if tol is None else min(rank_for_tolerance(s, tol), numerical)
-    rank = min(rank, s.numel())
-    a, b, rel = _split(u, s, vh, rank)
-    return a @ qa.T, qb @ b, rel
+    out_dtype = out_dtype or A.dtype
+    qb, rb = torch.linalg.qr(B.double(), mode="reduced")
+    qa, ra = torch.linalg.qr(A.double().T, mode="reduced")
+    core = rb @ ra.T
+    u, s, vh = torch.linalg.svd(core, full_matrices=False)
+    eps = torch.finfo(s.dtype).eps * max(s.numel(), 1) * (float(s[0]) if s.numel() else 0.0)
+    numerical = max(int((s > eps).sum()), 1)
+
+    def at(t: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        a, b, _ = _split(u, s, vh, t)
+        a, b = (a @ qa.T).to(out_dtype), (qb @ b).to(out_dtype)
+        return a, b, _stored_error(a, b, qa, qb, core)
+
+    if rank is not None:
+        return at(min(rank, s.numel()))
+    if tol is None:
+        return at(numerical)
+    lo = min(rank_for_tolerance(s, tol), numerical)
+    best = at(lo)
+    if best[2] <= tol or lo == numerical:
+        return best
+    # Rounding to out_dtype pushed the error past tol: the smallest rank that stays within it.
+    best = at(numerical)
+    hi = numerical
+    if best[2] > tol:
+        return best
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        cand = at(mid)
+        if cand[2] <= tol:
+            hi, best = mid, cand
+        else:
+            lo = mid
+    return best
 
 
 def truncate_dense(

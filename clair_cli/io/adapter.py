@@ -25,6 +25,7 @@ from clair_cli.constants import (
 )
 from clair_cli.errors import AdapterFormatError
 from clair_cli.io.files import open_regular
+from clair_cli.io.lora_config import ignored_note
 from clair_cli.io.paths import printable
 from clair_cli.io.safetensors_file import SafetensorsReader, TensorInfo, read_header
 from clair_cli.types import AdapterConfig, AdapterRef, LoraModule, ModuleKind
@@ -188,6 +189,9 @@ class Adapter:
             )
         if config.trainable_token_indices:
             notes.append("trainable_token_indices (new token embeddings) not analysed")
+        ignored = ignored_note(config, modules)
+        if ignored:
+            notes.append(ignored)
         n_conv = sum(m.kind == "conv" for m in modules.values())
         if n_conv:
             notes.append(f"{_plural(n_conv, 'conv module')}: kernels flattened into the input dimension")

@@ -1,12 +1,11 @@
 """Write PEFT adapter directories atomically.
 
-A merged adapter is a LoRA with scale 1 in every module: ``lora_alpha = r`` and,
-where ranks differ by module, matching ``rank_pattern`` / ``alpha_pattern``
-entries keyed by the full module name (PEFT matches them as
-``(.*\\.)?<key>$``). Tensor names are PEFT's:
+A merged adapter is a LoRA with scale 1 in every module; its config comes from
+:mod:`clair_cli.io.lora_config`, the one writer of configs. Tensor names are PEFT's:
 ``base_model.model.<module>.lora_A.weight`` (``lora_embedding_A`` for
 embeddings). A refined adapter keeps its source's config and every tensor of its
-file; only the analysed factor on the projected side changes.
+file; only the analysed factors change, as the pipeline computed them (this module
+does no arithmetic).
 
 Everything is written into a temporary directory beside the target and renamed
 into place, so an interrupted run never leaves a half-written adapter; an
@@ -23,8 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +36,6 @@ if TYPE_CHECKING:
     import torch
 
 TMP_SUFFIX = ".clair-tmp"
-HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
 COMMITTED: list[Path] = []  # targets renamed into place by this process (for the interrupt message)
 OLD_SUFFIX = ".clair-old"
 
@@ -187,50 +184,14 @@ def _keys(spec: ModuleSpec) -> tuple[str, str]:
     return f"{PEFT_KEY_PREFIX}{spec.name}.lora_A.weight", f"{PEFT_KEY_PREFIX}{spec.name}.lora_B.weight"
 
 
-def merged_config(
-    template: Adapter, ranks: dict[str, int], base_model: str | None, all_modules: bool
-) -> dict[str, Any]:
-    """PEFT config of a merged adapter: scale 1 everywhere, per-module ranks as patterns.
-
-    Args:
-        template: an input adapter (task type, fan_in_fan_out, target_modules).
-        ranks: rank per module.
-        base_model: the pool's base model.
-        all_modules: the merge covers every module the inputs target, so their
-            ``target_modules`` can be kept; otherwise the exact module names are listed.
-    """
-    cfg = template.config
-    common = Counter(ranks.values()).most_common(1)[0][0]
-    raw = cfg.raw
-    # A task type with a head (SEQ_CLS...) makes PEFT expect the head's weights among the
-    # adapter's, which a merge of LoRA factors does not carry: written without a task type,
-    # the merged adapter loads on the base model with the base model's own head.
-    task_type = raw.get("task_type") if raw.get("task_type") not in HEAD_TASK_TYPES else None
-    targets: Any = raw.get("target_modules") if all_modules and raw.get("target_modules") else sorted(ranks)
-    return {
-        "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model,
-        "r": common,
-        "lora_alpha": common,
-        "use_rslora": False,
-        "rank_pattern": {m: r for m, r in sorted(ranks.items()) if r != common},
-        "alpha_pattern": {m: r for m, r in sorted(ranks.items()) if r != common},
-        "target_modules": targets,
-        "fan_in_fan_out": cfg.fan_in_fan_out,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "modules_to_save": None,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
-
-
-def merged_tensors(template: Adapter, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """PEFT tensors of a merged adapter from per-module ``(A, B)`` (scale 1)."""
+def merged_tensors(
+    specs: Mapping[str, ModuleSpec], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """PEFT tensors of a merged adapter from per-module ``(A, B)`` (scale 1), laid out as ``specs``
+    (an input's module table: kind and kernel shape)."""
     out = {}
-    for name, (A, B) in factors.items():
-        spec = template.modules[name]
+    for name, (A, B) in sorted(factors.items()):
+        spec = specs[name]
         a_shape, b_shape = _shapes(spec, A.shape[0])
         a_key, b_key = _keys(spec)
         out[a_key] = A.reshape(a_shape)
@@ -239,47 +200,27 @@ def merged_tensors(template: Adapter, factors: dict[str, tuple[torch.Tensor, tor
 
 
 def refined_tensors(
-    adapter: Adapter, bases: dict[str, torch.Tensor | None], side: str
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """All tensors of ``adapter``'s file with each analysed module projected onto its basis.
-
-    Returns the tensors (original names and dtypes) and the modules left unchanged
-    (no shared structure there).
-    """
-    import torch
-
-    from clair_cli.core.merge import refine
-
-    unchanged = []
+    adapter: Adapter, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """All tensors of ``adapter``'s file (original names and dtypes), with the factors of each
+    module in ``factors`` (``A`` ``r x d_in``, ``B`` ``d_out x r``, computed by the pipeline) in
+    place of its own."""
     with adapter.reader() as reader:
         tensors = {key: reader.get(key) for key in reader.tensors}
-        for name, basis in bases.items():
-            spec = adapter.modules[name]
-            if basis is None:
-                unchanged.append(name)
-                continue
-            mod = adapter.read_module(reader, name, torch.float64)  # float64: thread-count independent
-            A, B = refine(mod.A, mod.B, basis, side)
-            tensors[spec.a_key] = A.reshape(tensors[spec.a_key].shape).to(tensors[spec.a_key].dtype)
-            tensors[spec.b_key] = B.reshape(tensors[spec.b_key].shape).to(tensors[spec.b_key].dtype)
-    return tensors, unchanged
+    for name, (A, B) in factors.items():
+        spec = adapter.modules[name]
+        tensors[spec.a_key] = A.reshape(tensors[spec.a_key].shape).to(tensors[spec.a_key].dtype)
+        tensors[spec.b_key] = B.reshape(tensors[spec.b_key].shape).to(tensors[spec.b_key].dtype)
+    return tensors
 
 
 def source_config(adapter: Adapter) -> dict[str, Any]:
-    """The adapter's own config as written to disk, or one built from flags for bare files."""
+    """The adapter's own config as written to disk, or (a bare file and flags) one built by
+    :func:`clair_cli.io.lora_config.lora_config` that gives every module its rank and alpha."""
+    from clair_cli.io.lora_config import lora_config, plan_own
+
     if adapter.config.raw:
         return dict(adapter.config.raw)
     cfg = adapter.config
-    return {
-        "peft_type": "LORA",
-        "base_model_name_or_path": cfg.base_model,
-        "r": cfg.r,
-        "lora_alpha": cfg.lora_alpha,
-        "use_rslora": cfg.use_rslora,
-        "rank_pattern": dict(cfg.rank_pattern),
-        "alpha_pattern": dict(cfg.alpha_pattern),
-        "target_modules": sorted(adapter.modules),
-        "fan_in_fan_out": cfg.fan_in_fan_out,
-        "bias": "none",
-        "inference_mode": True,
-    }
+    modules = {m: (spec.rank, cfg.alpha_for(m)) for m, spec in adapter.modules.items()}
+    return lora_config(plan_own(adapter), modules, cfg.use_rslora)

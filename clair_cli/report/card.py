@@ -11,7 +11,7 @@ import os
 import shlex
 from typing import Any
 
-from clair_cli import __version__
+from clair_cli import __version__, methods
 from clair_cli.report.markdown import md_code, md_fence, md_text, yaml_string
 
 METHOD_TEXT = {
@@ -73,6 +73,13 @@ def _params_lines(params: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _within_tol(merge: dict[str, Any]) -> bool:
+    """Whether the merge chose its rank by --merge-tol (the exact mean at no fixed rank)."""
+    spec = methods.REGISTRY.get(merge["method"])
+    opts = merge["options"]
+    return spec is not None and spec.exact_mean and opts["rank"] is None and not opts["project"]
+
+
 def _merge_lines(merge: dict[str, Any], params: dict[str, Any] | None = None) -> list[str]:
     opts = merge["options"]
     ranks = sorted(set(merge["rank"].values()))
@@ -85,7 +92,12 @@ def _merge_lines(merge: dict[str, Any], params: dict[str, Any] | None = None) ->
         f"- rank of the written LoRA: {rank_text} ({how})",
         f"- tolerance (--merge-tol): {opts['tol']:g}"
         + ("" if opts["rank"] is None else f"; rank fixed by --merge-rank {opts['rank']}"),
-        f"- largest relative Frobenius error of writing it at that rank: {merge['max_relative_error']:.2e}",
+        f"- largest relative Frobenius error of the written factors (measured): {merge['max_relative_error']:.2e}"
+        + (
+            " (above --merge-tol: float32 factors cannot store the update more exactly)"
+            if _within_tol(merge) and merge["max_relative_error"] > opts["tol"]
+            else ""
+        ),
         "- weights: " + ("equal" if merge["weights"] is None else ", ".join(f"{w:g}" for w in merge["weights"])),
     ]
     if opts["project"]:

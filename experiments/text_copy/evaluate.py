@@ -164,7 +164,9 @@ def pool_methods(
         result.methods["clair-refined" + suffix] = {
             name: local[name]
             if name in flagged
-            else _adapter_deltas(by_name[name], refined_tensors(by_name[name], bases, "out")[0])
+            else _adapter_deltas(
+                by_name[name], refined_tensors(by_name[name], pipeline.refined_factors(by_name[name], bases, "out")[0])
+            )
             for name in benign
         }
     oracle_pool = pipeline.build_pool([by_name[n] for n in benign], method="mean")

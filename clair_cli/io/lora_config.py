@@ -1,0 +1,381 @@
+"""The one writer of PEFT ``adapter_config.json`` files, and PEFT's rules for reading them.
+
+A config clair writes loads in PEFT as computed, whatever the base model's module names:
+
+- ``rank_pattern`` / ``alpha_pattern`` keys are ``^`` + the escaped full module name. PEFT
+  matches a key as ``re.match(rf"(.*\\.)?({key})$", name)`` (``peft.utils.other.get_pattern_key``),
+  so a bare ``z.proj`` would also match ``y.z.proj`` and ``zxproj``; the anchored, escaped key
+  matches the one module only.
+- ``target_modules`` is the union of the inputs' lists when, under PEFT's list rule (a name
+  equal to an entry or ending in ``.entry``), it selects every module written and none that
+  an input holds but the output leaves out; otherwise an exact regular expression of the
+  module names, which PEFT full-matches.
+- ``layer_replication`` is kept (every input must agree: the module names of replicated layers
+  mean nothing without it); ``task_type`` is kept when every input agrees and it carries no
+  head; anything else is a deterministic function of the set of inputs, never of their order.
+- LoRA variants whose update is not ``scale * B @ A`` (aLoRA, QALoRA, target_parameters, ...)
+  are refused rather than written as a plain LoRA.
+
+Before it is returned, every config is read back with clair's own parser and PEFT's matching
+rules (:func:`check_written`): each module gets its rank and scale and is targeted, and no
+other module an input holds is.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from clair_cli.constants import CONFIG_NAME
+from clair_cli.errors import IncompatibleAdapters, OutputError
+from clair_cli.io.paths import printable
+from clair_cli.types import MAX_PATTERNS, AdapterConfig, pattern_risk
+
+if TYPE_CHECKING:
+    from clair_cli.io.adapter import Adapter
+
+# A task type with a head makes PEFT expect the head's weights (modules_to_save) among the
+# adapter's, which a merge of LoRA factors does not carry.
+HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+# LoRA variants whose effect is not the weight update scale * B @ A (PEFT's is_lora_variant
+# fields, and fields that change what is adapted): a merge or a rewritten config would be wrong.
+UNSUPPORTED_FIELDS = {
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) applies the update only after its tokens",
+    "use_qalora": "QALoRA (use_qalora) applies lora_A to pooled inputs",
+    "target_parameters": "target_parameters adapts nn.Parameters, not modules",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora) is not a plain B @ A",
+    "arrow_config": "Arrow (arrow_config) routes between several LoRAs",
+    "kasa_config": "KaSA (kasa_config) modifies the base weights",
+    "monteclora_config": "MonteCLoRA (monteclora_config) samples the update",
+}
+PEFT_LIST_ALL_LINEAR = "all-linear"
+_REPEATS = re.compile(r"(?<!\\)[*+?{]")  # an unescaped repetition
+
+
+def exact_key(module: str) -> str:
+    """A rank_pattern / alpha_pattern key that PEFT matches to ``module`` and nothing else."""
+    return "^" + re.escape(module)
+
+
+def exact_targets(modules: Iterable[str]) -> str:
+    """A ``target_modules`` regular expression that PEFT full-matches to exactly ``modules``."""
+    return "|".join(re.escape(m) for m in sorted(set(modules)))
+
+
+def _safe_match(pattern: str, fn: Any, text: str) -> bool | None:
+    """``fn(pattern, text)`` for an input's regular expression; None when it cannot be matched safely.
+
+    A pattern without repetition (an alternation of names, as :func:`exact_targets` writes)
+    matches in linear time whatever its length; others must pass :func:`pattern_risk`.
+    """
+    if _REPEATS.search(pattern) and pattern_risk(pattern):
+        return None
+    try:
+        return fn(pattern, text) is not None
+    except (re.error, RecursionError, OverflowError):
+        return None
+
+
+def peft_selects(raw: Mapping[str, Any], module: str) -> bool | None:
+    """Whether PEFT gives ``module`` a LoRA layer under the config ``raw``
+    (``peft.tuners.tuners_utils.check_target_module_exists``); None when it cannot be told
+    from the config alone (no target_modules: PEFT's per-architecture default; an unsafe pattern)."""
+    exclude = raw.get("exclude_modules")
+    if isinstance(exclude, str):
+        hit = _safe_match(exclude, re.fullmatch, module)
+        if hit is None or hit:
+            return None if hit is None else False
+    elif isinstance(exclude, list) and any(module == e or module.endswith(f".{e}") for e in exclude):
+        return False
+    to_save = raw.get("modules_to_save")
+    for m in [to_save] if isinstance(to_save, str) else to_save or []:
+        hit = _safe_match(rf"(^|.*\.){m}($|\..*)", re.match, module)
+        if hit is None or hit:
+            return None if hit is None else False
+    targets = raw.get("target_modules")
+    if targets is None or targets == PEFT_LIST_ALL_LINEAR:
+        return None
+    if isinstance(targets, str):
+        return _safe_match(targets, re.fullmatch, module)
+    if module in targets:
+        return True
+    if not any(module.endswith(f".{t}") for t in targets):
+        return False
+    layers = raw.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    if not isinstance(layers, (int, list)) or (
+        isinstance(layers, list) and not all(isinstance(i, int) for i in layers)
+    ):
+        return None
+    pattern = raw.get("layers_pattern")
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
+    match = None
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    for p in patterns:
+        match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module) if not pattern_risk(p) else None
+        if match is not None:
+            break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def ignored_modules(config: AdapterConfig, modules: Iterable[str]) -> list[str]:
+    """The modules of an adapter's file that PEFT does not load under its own config."""
+    return sorted(m for m in modules if peft_selects(config.raw, m) is False)
+
+
+def ignored_note(config: AdapterConfig, modules: Iterable[str]) -> str | None:
+    """A note for an adapter whose config leaves some of its tensors unused in PEFT, or None."""
+    ignored = ignored_modules(config, modules)
+    if not ignored:
+        return None
+    return (
+        f"its config (target_modules / exclude_modules / modules_to_save) does not select {len(ignored)} "
+        f"module(s) its file holds (e.g. {ignored[0]}): PEFT ignores those tensors when it loads this adapter, "
+        "clair analyses them as stored"
+    )
+
+
+def _where(adapter: Adapter) -> str:
+    return printable(str(adapter.ref.config_file or adapter.ref.weights_file))
+
+
+def _normal(value: Any) -> Any:
+    """A JSON value with tuples as lists, so that configs compare as written."""
+    if isinstance(value, (list, tuple)):
+        return [_normal(v) for v in value]
+    return value
+
+
+def _replication(adapter: Adapter) -> list[list[int]] | None:
+    """The adapter's ``layer_replication`` as ``[[start, end], ...]``, or None.
+
+    Raises:
+        IncompatibleAdapters: not a list of ``[start, end]`` pairs of whole numbers.
+    """
+    value = adapter.config.raw.get("layer_replication")
+    if not value:
+        return None
+    pairs = _normal(value)
+    if not isinstance(pairs, list) or not all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in p)
+        for p in pairs
+    ):
+        raise IncompatibleAdapters(
+            f"{_where(adapter)}: layer_replication must be a list of [start, end] pairs, "
+            f"got {printable(str(value))[:80]}",
+            hint=f"Fix the field in {CONFIG_NAME}.",
+        )
+    return pairs
+
+
+def refuse_variants(adapters: Sequence[Adapter], what: str) -> None:
+    """Refuse adapters whose config turns on a LoRA variant that ``what`` cannot reproduce.
+
+    Raises:
+        IncompatibleAdapters: naming the adapter's config file and the field.
+    """
+    for a in adapters:
+        raw = a.config.raw
+        for name, why in UNSUPPORTED_FIELDS.items():
+            if raw.get(name) not in (None, False, [], {}):
+                raise IncompatibleAdapters(
+                    f"{_where(a)}: {why}; clair cannot write a {what} that PEFT loads as computed",
+                    hint="Leave this adapter out, or audit it only (clair audit).",
+                )
+
+
+@dataclass(frozen=True)
+class ConfigPlan:
+    """What a written config says beyond its modules' ranks and alphas.
+
+    Attributes:
+        base_model: ``base_model_name_or_path``.
+        task_type: PEFT's task type, or None.
+        targets: a ``target_modules`` list that PEFT's list rule maps to exactly the written
+            modules; None: write :func:`exact_targets`.
+        fan_in_fan_out: as the inputs (PEFT corrects it per layer type anyway).
+        layer_replication: the inputs' ``layer_replication``, or None.
+        known: every module an input holds (the written ones and those left out).
+        notes: what the plan decided that a report should say.
+    """
+
+    base_model: str | None
+    task_type: str | None = None
+    targets: tuple[str, ...] | None = None
+    fan_in_fan_out: bool = False
+    layer_replication: list[list[int]] | None = None
+    known: frozenset[str] = frozenset()
+    notes: list[str] = field(default_factory=list)
+
+
+def _task_type(adapters: Sequence[Adapter], notes: list[str]) -> str | None:
+    kinds = sorted({str(a.config.raw.get("task_type")) for a in adapters if a.config.raw.get("task_type")})
+    untyped = any(not a.config.raw.get("task_type") for a in adapters)
+    if len(kinds) == 1 and not untyped:
+        if kinds[0] in HEAD_TASK_TYPES:
+            notes.append(
+                f"task_type {kinds[0]} not written: the merge carries no classification head, so the merged "
+                "adapter loads on the base model with the base model's own head"
+            )
+            return None
+        return kinds[0]
+    if kinds:
+        given = ", ".join(kinds + (["none"] if untyped else []))
+        notes.append(
+            f"the inputs' task_type values differ ({given}): written without one, so PEFT loads it on any model class"
+        )
+    return None
+
+
+def _union_targets(adapters: Sequence[Adapter], written: set[str], known: set[str]) -> tuple[str, ...] | None:
+    """The union of the inputs' target_modules lists, if PEFT's list rule maps it to ``written`` exactly."""
+    union: set[str] = set()
+    for a in adapters:
+        raw = a.config.raw
+        targets = raw.get("target_modules")
+        if not isinstance(targets, list) or targets == [PEFT_LIST_ALL_LINEAR]:
+            return None
+        if any(raw.get(f) not in (None, [], "") for f in ("exclude_modules", "layers_to_transform", "modules_to_save")):
+            return None
+        union.update(targets)
+    spec = {"target_modules": sorted(union)}
+    if all(peft_selects(spec, m) for m in written) and not any(peft_selects(spec, m) for m in known - written):
+        return tuple(sorted(union))
+    return None
+
+
+def plan_merged(adapters: Sequence[Adapter], written: Iterable[str], base_model: str | None) -> ConfigPlan:
+    """The config plan of a merge of ``adapters`` that writes the modules ``written``.
+
+    Raises:
+        IncompatibleAdapters: an input turns on a LoRA variant (:data:`UNSUPPORTED_FIELDS`), or
+            the inputs replicate layers differently (``layer_replication``).
+    """
+    refuse_variants(adapters, "merged adapter")
+    written_set = set(written)
+    known = set().union(*(set(a.modules) for a in adapters)) | written_set
+    replication = {repr(_replication(a)): a for a in adapters}
+    if len(replication) > 1:
+        (r1, a1), (r2, a2) = sorted(replication.items())[:2]
+        raise IncompatibleAdapters(
+            f"{_where(a1)}: layer_replication {r1[:80]} differs from {r2[:80]} in {_where(a2)}; the same module "
+            "names then name different layers",
+            hint="Merge adapters trained with the same layer_replication.",
+        )
+    layer_replication = _replication(adapters[0])
+    notes: list[str] = []
+    task_type = _task_type(adapters, notes)
+    ignored = sorted({m for a in adapters for m in ignored_modules(a.config, a.modules)} & written_set)
+    if ignored:
+        notes.append(
+            f"{len(ignored)} module(s) (e.g. {ignored[0]}) are held by input files whose own config does not "
+            "select them, so PEFT ignores them when loading those inputs; clair merged them as stored and the "
+            "merged adapter targets them"
+        )
+    return ConfigPlan(
+        base_model=base_model,
+        task_type=task_type,
+        targets=_union_targets(adapters, written_set, known),
+        fan_in_fan_out=any(a.config.fan_in_fan_out for a in adapters),
+        layer_replication=layer_replication,
+        known=frozenset(known),
+        notes=notes,
+    )
+
+
+def plan_own(adapter: Adapter) -> ConfigPlan:
+    """The plan of a config written for one adapter that has none on disk (a bare file and flags)."""
+    refuse_variants([adapter], "refined adapter")
+    return ConfigPlan(
+        base_model=adapter.base_model,
+        fan_in_fan_out=adapter.config.fan_in_fan_out,
+        known=frozenset(adapter.modules),
+    )
+
+
+def lora_config(plan: ConfigPlan, modules: Mapping[str, tuple[int, float]], use_rslora: bool = False) -> dict[str, Any]:
+    """The ``adapter_config.json`` of a LoRA whose module ``m`` has rank and alpha ``modules[m]``.
+
+    The most common rank (and, among those, alpha) becomes ``r`` / ``lora_alpha``; every other
+    module gets exact ``rank_pattern`` / ``alpha_pattern`` entries. The result is checked by
+    :func:`check_written` before it is returned.
+
+    Raises:
+        OutputError: more pattern entries than clair (and a sane config) accepts.
+    """
+    if not modules:
+        raise ValueError("no module to write")
+    r = _most_common(rank for rank, _ in modules.values())
+    alpha = _most_common(a for rank, a in modules.values() if rank == r)
+    rank_pattern = {exact_key(m): rk for m, (rk, _) in sorted(modules.items()) if rk != r}
+    alpha_pattern = {exact_key(m): _number(a) for m, (_, a) in sorted(modules.items()) if a != alpha}
+    if max(len(rank_pattern), len(alpha_pattern)) > MAX_PATTERNS:
+        raise OutputError(
+            f"the output would need {max(len(rank_pattern), len(alpha_pattern))} rank_pattern entries "
+            f"(one per module whose rank differs from the most common); at most {MAX_PATTERNS} are written",
+            hint="Pass --merge-rank N to write every module at one rank.",
+        )
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": plan.task_type,
+        "base_model_name_or_path": plan.base_model,
+        "r": r,
+        "lora_alpha": _number(alpha),
+        "use_rslora": use_rslora,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "target_modules": list(plan.targets) if plan.targets is not None else exact_targets(modules),
+        "exclude_modules": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "layer_replication": plan.layer_replication,
+        "fan_in_fan_out": plan.fan_in_fan_out,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "lora_bias": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    check_written(config, modules, use_rslora, plan.known)
+    return config
+
+
+def _most_common(values: Iterable[Any]) -> Any:
+    """The most frequent value; the smallest among equally frequent ones (independent of order)."""
+    counts = Counter(values)
+    return min(counts, key=lambda v: (-counts[v], v))
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def check_written(
+    config: dict[str, Any], modules: Mapping[str, tuple[int, float]], use_rslora: bool, known: Iterable[str] = ()
+) -> None:
+    """Read ``config`` back as PEFT would: every module in ``modules`` is targeted with its rank
+    and scale, and no other ``known`` module is targeted.
+
+    Raises:
+        OutputError: it would not load as computed (a bug in clair: nothing is written).
+    """
+    from clair_cli.io.peft_config import parse_config
+
+    cfg = parse_config(config, CONFIG_NAME)
+    for m, (rank, alpha) in modules.items():
+        want = alpha / rank**0.5 if use_rslora else alpha / rank
+        if not peft_selects(config, m) or cfg.rank_for(m) != rank or abs(cfg.scale_for(m) - want) > 1e-9 * abs(want):
+            raise OutputError(f"the written {CONFIG_NAME} would not give module {printable(m)} its rank and scale")
+    stray = sorted(m for m in set(known) - set(modules) if peft_selects(config, m))
+    if stray:
+        raise OutputError(f"the written {CONFIG_NAME} would also target module {printable(stray[0])}")
