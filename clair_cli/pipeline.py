@@ -18,16 +18,8 @@ from typing import TYPE_CHECKING
 from clair_cli import methods
 from clair_cli.errors import AdapterFormatError, IncompatibleAdapters, UsageError
 from clair_cli.io.adapter import Adapter
-from clair_cli.results import (  # noqa: F401 - re-exported: their home was here
-    DEFAULT_MERGE_TOL,
-    RESCALE_CHOICES,
-    AuditOutcome,
-    MergedAdapter,
-    MergeOptions,
-    Pool,
-    Settings,
-)
-from clair_cli.types import AuditParams
+from clair_cli.params import AuditParams, MergeOptions
+from clair_cli.results import AuditOutcome, MergedAdapter, Pool
 
 if TYPE_CHECKING:
     import torch
@@ -37,9 +29,6 @@ if TYPE_CHECKING:
     from clair_cli.io.sources import SourceOptions
 
 Progress = Callable[[str, int, int], None]
-# Read from the one registry (clair_cli.methods); kept for the library's callers.
-MERGE_METHODS = methods.NAMES
-MIN_ADAPTERS = {m.name: m.min_adapters for m in methods.REGISTRY.values()}
 
 
 def _quiet(_stage: str, _done: int, _total: int) -> None:

@@ -124,7 +124,7 @@ def test_merge_is_invariant_to_factoring() -> None:
     """The exact mean (clair's default merge and ``mean``) of a pool with one adapter
     re-factored by 1e18 equals that of the pool as given."""
     from clair_cli import pipeline
-    from clair_cli.types import AuditParams
+    from clair_cli.params import AuditParams
 
     mods = make_pool(M=2, K=8, spread=0.5, seed=11)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +12,7 @@ import typer
 
 from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK, EXIT_FLAGGED, EXIT_OK
 from clair_cli.errors import UsageError
-from clair_cli.types import AuditParams, SolverForm
+from clair_cli.params import AuditParams
 
 if TYPE_CHECKING:
     from clair_cli.io.adapter import Adapter
@@ -33,35 +32,11 @@ def parse_weights(text: str | None) -> list[float] | None:
     return values
 
 
-def solver_form(solver: SolverForm, method: SolverForm | None, quiet: bool = False) -> SolverForm:
-    """The decomposition form: ``--solver``, or the deprecated ``--method`` of audit, refine and gate.
-
-    ``--method noisy|exact`` still works there, with a one-line notice on stderr (not under
-    ``--quiet``); given with a different ``--solver`` it is refused.
-    """
-    if method is None:
-        return solver
-    if solver != SolverForm.NOISY and solver != method:
-        raise UsageError(
-            f"--method {method.value} and --solver {solver.value} disagree",
-            hint="--method is now --solver here; give --solver alone.",
-        )
-    if not quiet:
-        print(
-            f"clair: --method is now --solver (use --solver {method.value}); --method will name merge methods only.",
-            file=sys.stderr,
-        )
-    return method
-
-
 def audit_params(options: Mapping[str, Any]) -> AuditParams:
     """The audit's parameters from a command's options (its ``locals()``: every command names
-    them alike, options.py), checked once: a bad value is a usage error (exit 2).
-
-    The deprecated ``--method noisy|exact`` of audit, refine and gate is ``deprecated_method``.
-    """
+    them alike, options.py), checked once: a bad value is a usage error (exit 2)."""
     return AuditParams(
-        solver=solver_form(options["solver"], options.get("deprecated_method"), bool(options.get("quiet"))),
+        solver=options["solver"],
         side=options["side"],
         rank=options["rank"],
         threshold=options["threshold"],
@@ -213,7 +188,8 @@ def check_report_targets(
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError(
-                "--plot needs matplotlib, which is not installed", hint="Install it with: pip install 'clair-lora[plot]'"
+                "--plot needs matplotlib, which is not installed",
+                hint="Install it with: pip install 'clair-lora[plot]'",
             ) from None
     for target in files:
         check_report_file(target, inputs)

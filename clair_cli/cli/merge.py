@@ -7,10 +7,10 @@ import sys
 import typer
 
 from clair_cli.cli import options as opt
+from clair_cli.cli.choices import DeviceChoice, Precision, Rescale, Side, SolverForm
 from clair_cli.cli.command import add_command
 from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK
 from clair_cli.methods import MergeMethodName
-from clair_cli.types import DeviceChoice, Precision, Rescale, Side, SolverForm
 
 MERGE_EXAMPLES = """
 Examples:
@@ -80,15 +80,14 @@ def merge_command(
     from clair_cli.errors import UsageError
     from clair_cli.io.paths import input_paths, printable
     from clair_cli.io.peft_writer import AtomicDir
+    from clair_cli.params import MergeOptions
     from clair_cli.report.audit import audit_report
     from clair_cli.report.console import make_console
 
     spec = methods.get(method)
     params = common.audit_params(locals())
     w = common.parse_weights(weights)
-    options = pipeline.MergeOptions(
-        merge_rank, merge_tol, project or project_rank is not None, project_rank, rescale, clip
-    )
+    options = MergeOptions(merge_rank, merge_tol, project or project_rank is not None, project_rank, rescale, clip)
     if not spec.audits and (options.project or options.rescale != Rescale.NONE or clip is not None):
         raise UsageError(
             f"--project, --project-rank, --rescale and --clip shape the clair merge, not --method {spec.name}"
@@ -157,7 +156,6 @@ def refine_command(
     base_model: opt.BaseModel = None,
     max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
     max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
-    deprecated_method: opt.DeprecatedMethod = None,
 ) -> None:
     """Audit, then write each collaborator's refined adapter to DIR/<name>/ (projected onto the shared subspace).
 
@@ -170,9 +168,9 @@ def refine_command(
     from clair_cli.cli import common
     from clair_cli.io.paths import input_paths, printable
     from clair_cli.io.peft_writer import AtomicDir
+    from clair_cli.params import parse_rank
     from clair_cli.report.audit import audit_report
     from clair_cli.report.console import make_console
-    from clair_cli.types import parse_rank
 
     params = common.audit_params(locals())
     fixed = parse_rank(project_rank, "--project-rank")

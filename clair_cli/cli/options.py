@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from clair_cli import methods
-from clair_cli.types import DeviceChoice, Precision, Rescale, Side, SolverForm
+from clair_cli.cli.choices import DeviceChoice, Precision, Rescale, Side, SolverForm
 
 # Every option that takes a value names it (FILE, N, X), so --help reads the same under Typer 0.20
 # (Flower's pin) and the newer Typer that prints Python types (<float>); flags show none
@@ -158,12 +158,6 @@ SideOpt = Annotated[Side, typer.Option("--side", help="Shared space: out (output
 SolverOpt = Annotated[
     SolverForm,
     typer.Option("--solver", help="Decomposition form: noisy (default) or exact (noiseless Outlier Pursuit)."),
-]
-# The name --method had on audit, refine and gate before it meant the merge method only:
-# still accepted, with a notice on stderr (cli/common.py: solver_form).
-DeprecatedMethod = Annotated[
-    Optional[SolverForm],
-    typer.Option("--method", "-m", hidden=True, help="Deprecated: use --solver.", show_default=False),
 ]
 Threshold = Annotated[
     Optional[float],
