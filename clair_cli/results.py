@@ -14,7 +14,7 @@ from clair_cli.params import AuditParams, MergeOptions
 
 if TYPE_CHECKING:
     from clair_cli.core.audit import ClairAuditor
-    from clair_cli.core.baselines import MergeResult
+    from clair_cli.core.merge import MergeResult
     from clair_cli.io.adapter import Adapter
 
 

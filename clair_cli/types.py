@@ -167,7 +167,6 @@ class LoraModule:
         return delta
 
 
-
 # clair_cli/io/peft_config.py (rewritten on another branch) still imports these two from here;
 # their home is clair_cli.io.patterns. Remove them once peft_config.py imports them there.
 MAX_PATTERNS = 4096

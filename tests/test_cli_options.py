@@ -13,10 +13,9 @@ from helpers import MODULES, random_factors, write_adapter
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from clair_cli import methods
+from clair_cli import methods, params
 from clair_cli.cli import app
 from clair_cli.cli.choices import DeviceChoice, Precision, Rescale, Side, SolverForm
-from clair_cli.core import baselines
 from clair_cli.errors import UsageError
 from clair_cli.params import AuditParams
 
@@ -73,6 +72,15 @@ def test_choices_are_str_enums() -> None:
     assert Side("in") == "in" and SolverForm.EXACT == "exact" and str(Precision.FLOAT64) == "float64"
     assert [m.value for m in methods.MergeMethodName] == list(methods.NAMES)
     assert {d.value for d in DeviceChoice} == {"auto", "cpu", "cuda"} and Rescale("norm") == "norm"
+    # The command line's choices are the values the parameters accept (clair_cli.params).
+    for choices, values in [
+        (Side, params.SIDES),
+        (SolverForm, params.SOLVER_FORMS),
+        (DeviceChoice, params.DEVICES),
+        (Precision, params.PRECISIONS),
+        (Rescale, params.RESCALES),
+    ]:
+        assert tuple(c.value for c in choices) == values
 
 
 # --- one parameters object -------------------------------------------------------------------
@@ -113,9 +121,15 @@ def test_audit_params_refuse_bad_values(kwargs: dict, message: str) -> None:
 
 def test_merge_registry_drives_help_pool_size_and_dispatch() -> None:
     assert methods.NAMES[0] == "clair" and methods.get("clair").audits
-    assert [n for n in methods.NAMES if not methods.get(n).exact_mean] == list(
-        n for n in baselines.BASELINES if n != "mean"
-    )
+    assert [n for n in methods.NAMES if not methods.get(n).exact_mean] == [
+        "fedavg",
+        "median",
+        "trimmed-mean",
+        "krum",
+        "multi-krum",
+        "ties",
+    ]
+    assert [n for n in methods.NAMES if isinstance(methods.get(n), methods.Baseline)] == list(methods.NAMES[1:])
     with pytest.raises(UsageError, match="choose one of: clair, mean"):
         methods.get("avg")
     for name in methods.NAMES:

@@ -3,7 +3,7 @@
 Every baseline takes the adapters' factors ``A_k`` (``r_k x d_in``), ``B_k``
 (``d_out x r_k``) and scales ``s_k`` of one module and returns a
 :class:`MergeResult`: LoRA factors with scale 1 (``B @ A`` is the merged update).
-Look them up by name with :func:`get`.
+The merge methods of :mod:`clair_cli.methods` apply them, one module at a time.
 
 Which ones stay factored:
 
@@ -27,32 +27,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from clair_cli.core.lowrank import truncate_dense, truncate_factored
-from clair_cli.core.merge import check_weights
+from clair_cli.core.merge import MergeResult, check_weights
 from clair_cli.core.pairwise import gram
 
 CHUNK_ELEMENTS = 1 << 25  # values of the K x rows x d_in block held at once (128 MiB in float32)
 DEFAULT_TRIM = 0.2
 DEFAULT_DENSITY = 0.2
-
-
-@dataclass
-class MergeResult:
-    """Merged LoRA factors with scale 1 (``B @ A`` is the update)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    method: str
-    selected: list[int]
-    info: dict = field(default_factory=dict)
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
 
 
 Factors = Sequence[torch.Tensor]
@@ -294,30 +278,3 @@ def ties(
     res = _dense_merge("ties", A, B, scales, rank, combine)
     res.info["density"] = density
     return res
-
-
-Baseline = Callable[..., MergeResult]
-
-_REGISTRY: dict[str, Baseline] = {
-    "mean": mean,
-    "fedavg": fedavg,
-    "median": median,
-    "trimmed-mean": trimmed_mean,
-    "krum": krum,
-    "multi-krum": multi_krum,
-    "ties": ties,
-}
-
-BASELINES: tuple[str, ...] = tuple(_REGISTRY)
-
-
-def get(name: str) -> Baseline:
-    """The baseline called ``name``.
-
-    Raises:
-        ValueError: unknown name; the message lists the valid ones.
-    """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown merge method {name!r}; choose one of: {', '.join(BASELINES)}") from None
