@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from benchmarks.synthetic import coordinated_push, flagged, make_pool
 from clair_cli.core.audit import ClairAuditor, ModuleInput, VerdictOptions
-from tests.synthetic import coordinated_push, flagged, make_pool
 
 
 @dataclass

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from synthetic import make_module
 
+from benchmarks.synthetic import make_module
 from clair_cli import methods
 from clair_cli.core import baselines
 from clair_cli.core.lowrank import truncate_dense, truncate_factored

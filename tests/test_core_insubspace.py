@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from synthetic import flagged, make_module, make_pool
 
+from benchmarks.synthetic import flagged, make_module, make_pool
 from clair_cli.core.audit import ClairAuditor, VerdictOptions
 from clair_cli.core.insubspace import centre_cosines, centre_distances, centre_weights, in_subspace_gram
 

@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
+from benchmarks.synthetic import make_pool
 from clair_cli.core.audit import ClairAuditor, ModuleInput
 from clair_cli.core.canonical import canonical_factors
-from tests.synthetic import make_pool
 
 
 def _refactor(mods: list[ModuleInput], k: int, how: str, seed: int = 0) -> list[ModuleInput]:

@@ -65,9 +65,9 @@ def test_clair_merge_clips_what_the_audit_lets_through() -> None:
     """A client at 3x the others' norm (under the norm rule's 4x floor) passes the audit; with
     --clip its pull on the merge is bounded and the report says so; without, the merge is the
     plain mean of the collaborators."""
+    from benchmarks.synthetic import make_pool
     from clair_cli import pipeline
     from clair_cli.params import AuditParams, MergeOptions
-    from tests.synthetic import make_pool
 
     mods = make_pool(M=2, K=10, spread=0.3, seed=2)
     for m in mods:

@@ -12,9 +12,9 @@ import pytest
 import torch
 from helpers import lora_config, write_adapter
 from safetensors.torch import load_file
-from synthetic import make_module
 from typer.testing import CliRunner
 
+from benchmarks.synthetic import make_module
 from clair_cli import pipeline
 from clair_cli.cli import app
 from clair_cli.core.baselines import mean
@@ -245,8 +245,7 @@ def test_bad_merge_options_exit_2(clean_pool: Path, tmp_path: Path, args: list[s
 
 @pytest.mark.parametrize("solver", ["convex", "fast"])
 def test_auditor_is_permutation_equivariant_on_both_paths(solver: str) -> None:
-    from synthetic import make_pool
-
+    from benchmarks.synthetic import make_pool
     from clair_cli.core.audit import ClairAuditor, ModuleInput
 
     K = 24

@@ -178,7 +178,7 @@ def _refactor(
     return out, errors
 
 
-def aggregate_round(
+def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the experiments call; to group next
     global_factors: Mapping[str, Factors],
     clients: Mapping[str, Mapping[str, Factors]],
     scales: Mapping[str, float],
