@@ -418,7 +418,7 @@ def clair_merge(
     ``clair merge``'s (every copy of an update flagged, bounded influence by centred clipping)."""
     from clair_cli import pipeline
     from clair_cli.federated.rounds import _round_merge_options
-    from clair_cli.types import AuditParams
+    from clair_cli.params import AuditParams
 
     named = {f"h{k:02d}": f for k, f in enumerate(p.honest_factors)}
     named |= {f"x{k:02d}": a.factors for k, a in enumerate(attackers)}

@@ -19,8 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from clair_cli.core.audit import ClairAuditor, ModuleInput
-from tests.synthetic import coordinated_push, flagged, make_pool
+from benchmarks.synthetic import coordinated_push, flagged, make_pool
+from clair_cli.core.audit import ClairAuditor, ModuleInput, VerdictOptions
 
 
 @dataclass
@@ -146,7 +146,7 @@ def run(seeds: int, only: str | None = None) -> list[dict]:
             if sc.tamper:
                 sc.tamper(mods)
             for i, second in enumerate((True, False)):  # with and without rule 4 (in-subspace)
-                aud = ClairAuditor(solver=sc.solver, in_subspace=second)  # type: ignore[arg-type]
+                aud = ClairAuditor(solver=sc.solver, verdict=VerdictOptions(in_subspace=second))  # type: ignore[arg-type]
                 got = flagged(aud.fit(mods, sc.K))
                 hits[i] += len(got & set(sc.bad))
                 false[i] += len(got - set(sc.bad))

@@ -28,7 +28,7 @@ from scipy.stats import beta
 from benchmarks.trained_pools import default_cache, manifest
 from clair_cli import pipeline
 from clair_cli.io.sources import open_adapters
-from clair_cli.types import AuditParams
+from clair_cli.params import AuditParams
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:

@@ -16,9 +16,9 @@ import time
 
 import torch
 
+from benchmarks.synthetic import make_module
 from clair_cli.core.decompose import ModuleDecomposer, normalise_blocks, null_spectrum, parallel_analysis_rank
 from clair_cli.core.reduction import reduce_module
-from tests.synthetic import make_module
 
 CASES = {
     "rank 1": (1, {"r": 1}),

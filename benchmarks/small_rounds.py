@@ -23,7 +23,7 @@ import torch
 from benchmarks import trained_pools
 from benchmarks.attacks import read_factors
 from clair_cli import pipeline
-from clair_cli.types import AuditParams
+from clair_cli.params import AuditParams
 
 KINDS = {"honest": None, "x5": 5.0, "x10": 10.0, "flip": -1.0}
 

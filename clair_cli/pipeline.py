@@ -12,34 +12,22 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clair_cli import methods
 from clair_cli.errors import AdapterFormatError, IncompatibleAdapters, UsageError
 from clair_cli.io.adapter import Adapter
-from clair_cli.results import (  # noqa: F401 - re-exported: their home was here
-    DEFAULT_MERGE_TOL,
-    RESCALE_CHOICES,
-    AuditOutcome,
-    MergedAdapter,
-    MergeOptions,
-    Pool,
-    Settings,
-)
-from clair_cli.types import AuditParams
+from clair_cli.io.resources import available_memory
+from clair_cli.params import AuditParams, MergeOptions
+from clair_cli.results import AuditOutcome, MergedAdapter, Pool
 
 if TYPE_CHECKING:
     import torch
 
     from clair_cli.core.audit import ModuleInput
-    from clair_cli.core.baselines import MergeResult
     from clair_cli.io.sources import SourceOptions
 
 Progress = Callable[[str, int, int], None]
-# Read from the one registry (clair_cli.methods); kept for the library's callers.
-MERGE_METHODS = methods.NAMES
-MIN_ADAPTERS = {m.name: m.min_adapters for m in methods.REGISTRY.values()}
 
 
 def _quiet(_stage: str, _done: int, _total: int) -> None:
@@ -304,41 +292,16 @@ def torch_dtype(name: str) -> torch.dtype:
     return table[name]
 
 
-def _available_memory() -> int | None:
-    """Bytes this process can still take: MemAvailable, capped by a cgroup v2 limit (None: unknown)."""
-    found: list[int] = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                found.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        cgroup = Path("/sys/fs/cgroup")
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            used = int((cgroup / "memory.current").read_text())
-            # The cgroup's page cache counts as used but is given back on demand.
-            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines() if " " in line)
-            found.append(int(limit) - used + int(stat.get("inactive_file", 0)))
-    except (OSError, ValueError):
-        pass
-    return min(found) if found else None
-
-
 def audit_memory(pool: Pool, dtype: str = "float32") -> tuple[int, str]:
-    """Working memory of the audit's largest module and its name.
+    """Working memory of the audit's largest module (:func:`clair_cli.core.fastpath.audit_memory_bytes`)
+    and its name."""
+    from clair_cli.core.fastpath import audit_memory_bytes
 
-    The fast path holds the module's stacked factors (``d x n`` for ``n = sum r_k``, a few
-    copies) and the ``n x n`` Gram matrices of both factors and their product, so memory
-    grows with the square of the pool's summed rank: ``itemsize (3 n^2 + 4 d n)``.
-    """
     itemsize = 8 if dtype == "float64" else 4
     need, worst = 0, pool.modules[0]
     for m in pool.modules:
-        n = sum(a.modules[m].rank for a in pool.adapters)
         spec = pool.adapters[0].modules[m]
-        bytes_ = itemsize * (3 * n * n + 4 * max(spec.d_out, spec.d_in) * n)
+        bytes_ = audit_memory_bytes(sum(a.modules[m].rank for a in pool.adapters), max(spec.d_out, spec.d_in), itemsize)
         if bytes_ > need:
             need, worst = bytes_, m
     return need, worst
@@ -350,7 +313,7 @@ def check_audit_memory(pool: Pool, dtype: str = "float32", device: str = "cpu") 
     if str(device).startswith("cuda"):
         return
     need, module = audit_memory(pool, dtype)
-    available = _available_memory()
+    available = available_memory()
     if available is not None and need > 0.8 * available:
         n = sum(a.modules[module].rank for a in pool.adapters)
         raise UsageError(
@@ -370,7 +333,7 @@ def audit(
 ) -> AuditOutcome:
     """Run CLAIR over the pool (``reference``: trusted adapters, as in ``clair gate``;
     ``copies``: as :class:`clair_cli.core.audit.ClairAuditor`'s)."""
-    from clair_cli.core.audit import ClairAuditor
+    from clair_cli.core.audit import ClairAuditor, VerdictOptions
 
     start = time.perf_counter()
     settings = resolved(settings)
@@ -380,12 +343,11 @@ def audit(
         method=settings.solver,  # type: ignore[arg-type]
         side=settings.side,  # type: ignore[arg-type]
         rank=settings.rank,  # type: ignore[arg-type]
-        threshold=settings.threshold,
         dtype=dtype,
         device=settings.device,
         random_state=settings.seed,
         solver=settings.path,  # type: ignore[arg-type]
-        copies=copies,  # type: ignore[arg-type]
+        verdict=VerdictOptions(threshold=settings.threshold, copies=copies),  # type: ignore[arg-type]
     )
     auditor.fit(
         iter_modules(pool, dtype=dtype, device=settings.device, progress=progress),
@@ -394,64 +356,6 @@ def audit(
         names=pool.names,
     )
     return AuditOutcome(pool, settings, auditor, {"audit": time.perf_counter() - start}, reference)
-
-
-def _at_working_precision(mod: ModuleInput, dtype: torch.dtype, solver: str) -> ModuleInput:
-    """The module in the audit's working precision (float64 where the convex path ran)."""
-    from clair_cli.core.audit import ModuleInput, working_dtype
-
-    work = working_dtype(mod.A, dtype, solver)
-    if work == mod.A[0].dtype:
-        return mod
-    return ModuleInput(mod.name, mod.members, [a.to(work) for a in mod.A], [b.to(work) for b in mod.B], mod.scales)
-
-
-def _canonical(
-    mod: ModuleInput, weights: list[float] | None, factors: bool = True
-) -> tuple[ModuleInput, list[float] | None]:
-    """The module (and its weights) in the canonical order of :mod:`clair_cli.core.order`;
-    with ``factors``, also in canonical factors (:mod:`clair_cli.core.canonical`, float64), so
-    that the result depends on each update alone, not on how it was factored."""
-    from clair_cli.core.audit import ModuleInput
-    from clair_cli.core.canonical import canonical_module
-    from clair_cli.core.order import content_order
-
-    if factors:
-        mod = ModuleInput(mod.name, mod.members, *canonical_module(mod.A, mod.B, mod.scales))
-    order = content_order(mod.A, mod.B, mod.scales)
-    return (
-        ModuleInput(
-            mod.name,
-            [mod.members[j] for j in order],
-            [mod.A[j] for j in order],
-            [mod.B[j] for j in order],
-            [mod.scales[j] for j in order],
-        ),
-        None if weights is None else [weights[j] for j in order],
-    )
-
-
-def _basis_side(side: str) -> str:
-    # Refinement and merge project onto one side; "both" uses the output side.
-    return "in" if side == "in" else "out"
-
-
-def projection_basis(mod: ModuleInput, side: str, rank: int | None, weights: list[float] | None = None):
-    """The projection basis of one module's collaborators (``mod`` in canonical order), and its rank.
-
-    ``rank=None`` chooses it by cross-validation (:func:`clair_cli.core.projection.projection_rank`);
-    the basis is None when the unprojected mean predicts held-out adapters better.
-    """
-    from clair_cli.core.fastpath import shared_basis
-    from clair_cli.core.projection import folds_for, projection_rank
-
-    if rank is None:
-        if len(mod.A) < 2:
-            return None, None
-        rank = projection_rank(mod.A, mod.B, mod.scales, folds_for(list(range(len(mod.A)))), weights, side).rank
-        if rank is None:
-            return None, None
-    return shared_basis(mod.A, mod.B, mod.scales, rank, side), rank
 
 
 def merge(
@@ -463,7 +367,7 @@ def merge(
     outcome: AuditOutcome | None = None,
     progress: Progress = _quiet,
 ) -> MergedAdapter:
-    """Merge the pool with ``method``; ``clair`` needs the audit ``outcome``.
+    """Merge the pool with ``method`` (:mod:`clair_cli.methods`); ``clair`` needs the audit ``outcome``.
 
     ``clair`` merges the collaborative set (the adapters not flagged): by default their
     exact weighted mean ``sum_k w_k Theta_k``, written at the smallest rank within
@@ -473,129 +377,37 @@ def merge(
     detection rank). Adapters are taken in a canonical order, so the result does not depend
     on the order of the sources.
     """
-    import torch
-
-    from clair_cli.core import baselines
-    from clair_cli.core.baselines import MergeResult
-    from clair_cli.core.lowrank import truncate_factored
-    from clair_cli.core.merge import merge as project_merge
-    from clair_cli.core.pairwise import gram
+    from clair_cli.core.merge import MergeResult, rescale_to_median_norm, squared_norms
+    from clair_cli.core.projection import basis_side
 
     spec = methods.get(method)
-    method = spec.name
     options = options or MergeOptions()
     settings = resolved(settings)
     dtype = torch_dtype(settings.dtype)
-    notes: list[str] = []
-    if spec.audits:
-        if outcome is None:
-            raise ValueError(f"the {method} merge needs an audit outcome")
-        used = list(outcome.auditor.collaborative_set_)
-        if not used:
-            raise UsageError("every adapter was flagged: there is nothing to merge")
-    else:
-        used = list(range(len(pool.adapters)))
-    if not spec.exact_mean:
-        fn = baselines.get(method)
+    used = spec.members(len(pool.adapters), outcome)
     w = None
     if weights is not None:
         if len(weights) != len(pool.adapters):
             raise UsageError(f"--weights has {len(weights)} values for {len(pool.adapters)} adapters")
         w = [float(weights[k]) for k in used]
-    clipped: dict[int, float] = {}
-    if spec.audits and options.clip is not None and outcome is not None:
-        w, clipped = _bounded_influence(outcome, used, w, options.clip, notes)
-    side = _basis_side(settings.side)
-    slot = {k: i for i, k in enumerate(used)}
+    weighting = spec.merge_weights(outcome, used, w, options)
+    plan = methods.MergePlan(used, options, basis_side(settings.side), dtype, settings.path)
     results: dict[str, MergeResult] = {}
-    unprojected = []
-    sq_norms = None
+    sq_norms = dict.fromkeys(used, 0.0)
     for given in iter_modules(pool, used, dtype=dtype, device=settings.device, progress=progress):
-        mod, mw = _canonical(given, w, factors=not spec.of_factors)
-        # The exact mean stays in the canonical factors' float64, so that --merge-tol is honoured
-        # (and the error measured) on the float32 factors written, to any tolerance.
+        mod, mw = spec.prepare(given, weighting.weights, dtype, settings.path)
         if options.rescale != "none":
-            g = gram(mod.A, mod.B, mod.scales).diagonal().double().cpu()
-            part = torch.zeros(len(used), dtype=torch.float64)
-            part[[slot[k] for k in mod.members]] = g
-            sq_norms = part if sq_norms is None else sq_norms + part
-        if spec.audits and options.project:
-            # The basis as refine finds it (working precision); the mean it projects stays in float64.
-            basis, q = projection_basis(
-                _at_working_precision(mod, dtype, settings.path), side, options.project_rank, mw
-            )
-            if basis is None:
-                unprojected.append(mod.name)
-                res = baselines.mean(mod.A, mod.B, mod.scales, mw, options.rank, options.tol, torch.float32)
-            else:
-                a, b = project_merge(mod.A, mod.B, mod.scales, basis, mw, side=side)
-                a, b, err = truncate_factored(a, b, options.rank, out_dtype=torch.float32)
-                res = MergeResult(a, b, "clair", used, {"truncation_error": err})
-            res.info["projection_rank"] = q
-        elif spec.exact_mean:
-            res = baselines.mean(mod.A, mod.B, mod.scales, mw, options.rank, options.tol, torch.float32)
-        else:
-            try:
-                res = fn(mod.A, mod.B, mod.scales, mw, options.rank)
-            except ValueError as exc:
-                raise UsageError(f"{method}: {exc}") from None
-        selected = list(used) if spec.exact_mean else [mod.members[j] for j in res.selected]
-        name = method if spec.audits else res.method
-        results[mod.name] = MergeResult(res.A.float().cpu(), res.B.float().cpu(), name, selected, res.info)
+            for k, sq in zip(mod.members, squared_norms(mod.A, mod.B, mod.scales), strict=True):
+                sq_norms[k] += sq
+        res = spec.merge_module(mod, mw, plan)
+        results[mod.name] = MergeResult(res.A.float().cpu(), res.B.float().cpu(), res.method, res.selected, res.info)
+    notes = list(weighting.notes)
     scale = 1.0
-    if options.rescale == "norm" and sq_norms is not None:
-        scale = _rescale_to_median_norm(results, sq_norms)
+    if options.rescale == "norm":
+        scale = rescale_to_median_norm(results.values(), [sq_norms[k] for k in used])
         notes.append(f"--rescale norm: merged update scaled by {scale:.3f} (to the merged adapters' median norm)")
-    if unprojected:
-        notes.append(
-            f"projection did not predict held-out adapters better than the plain mean on {len(unprojected)} "
-            f"module(s), which were merged unprojected: {', '.join(unprojected[:4])}"
-            f"{', ...' if len(unprojected) > 4 else ''}"
-        )
-    return MergedAdapter(method, results, used, w, notes, options, scale, clipped)
-
-
-def _bounded_influence(
-    outcome: AuditOutcome, used: list[int], weights: list[float] | None, factor: float, notes: list[str]
-) -> tuple[list[float] | None, dict[int, float]]:
-    """The merge weights after centred clipping of the collaborators' whole updates
-    (:mod:`clair_cli.core.influence`), and the factor applied to each clipped adapter.
-    Unchanged (``weights`` as given) where nothing lies beyond the clipping radius."""
-    import torch
-
-    from clair_cli.core.influence import centred_clipping
-    from clair_cli.core.merge import check_weights
-
-    if len(used) < 3:
-        return weights, {}
-    idx = torch.tensor(used)
-    G = outcome.auditor.inner_[idx[:, None], idx[None, :]]
-    result = centred_clipping(G, torch.tensor(check_weights(weights, len(used)), dtype=torch.float64), factor)
-    clipped = {k: float(c) for k, c in zip(used, result.clipped.tolist(), strict=True) if c < 1}
-    if not clipped:
-        return weights, {}
-    names = [outcome.pool.names[k] for k in sorted(clipped, key=lambda k: clipped[k])]
-    notes.append(
-        f"bounded influence: {len(clipped)} update(s) more than {factor:g}x the collaborators' median distance "
-        f"from their centre were clipped to it: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
-    )
-    return result.weights.tolist(), clipped
-
-
-def _rescale_to_median_norm(results: dict[str, MergeResult], sq_norms: torch.Tensor) -> float:
-    """Scale every module's merged update by one factor so that the merged adapter's norm
-    (over all modules) is the median of the merged adapters' norms; returns the factor."""
-    import torch
-
-    merged_sq = 0.0
-    for r in results.values():
-        merged_sq += float(((r.A.double() @ r.A.double().T) * (r.B.double().T @ r.B.double())).sum())
-    if merged_sq <= 0:
-        return 1.0
-    factor = float(torch.median(sq_norms.sqrt())) / merged_sq**0.5
-    for r in results.values():
-        r.B = r.B * factor
-    return factor
+    notes += spec.result_notes(results)
+    return MergedAdapter(spec.name, results, used, weighting.weights, notes, options, scale, weighting.clipped)
 
 
 def refined_bases(
@@ -607,14 +419,17 @@ def refined_bases(
     cross-validation, as the projected merge does. None for a module where projection does
     not help (its adapters are kept unchanged there).
     """
+    from clair_cli.core.audit import at_working_precision, canonical_input
+    from clair_cli.core.projection import basis_side, projection_basis
+
     dtype = torch_dtype(outcome.settings.dtype)
-    side = _basis_side(outcome.settings.side)
+    side = basis_side(outcome.settings.side)
     out: dict[str, torch.Tensor | None] = {}
     used = outcome.auditor.collaborative_set_
     for given in iter_modules(pool, used, dtype=dtype, device=outcome.settings.device, progress=progress):
-        mod, _ = _canonical(given, None)
-        mod = _at_working_precision(mod, dtype, outcome.settings.path)
-        basis, _q = projection_basis(mod, side, rank)
+        mod, _ = canonical_input(given)
+        mod = at_working_precision(mod, dtype, outcome.settings.path)
+        basis, _q = projection_basis(mod.A, mod.B, mod.scales, side, rank)
         out[mod.name] = None if basis is None else basis.cpu()
     return out
 
@@ -628,6 +443,7 @@ def refined_factors(
     import torch
 
     from clair_cli.core.merge import refine
+    from clair_cli.core.projection import basis_side
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     unchanged = []
@@ -637,5 +453,5 @@ def refined_factors(
                 unchanged.append(name)
                 continue
             mod = adapter.read_module(reader, name, torch.float64)
-            factors[name] = refine(mod.A, mod.B, basis, _basis_side(side))
+            factors[name] = refine(mod.A, mod.B, basis, basis_side(side))
     return factors, unchanged

@@ -82,7 +82,7 @@ def merged_plan(pool: Pool) -> ConfigPlan:
     return plan_merged(pool.adapters, pool.modules, pool.base_model)
 
 
-def write_merged(
+def write_merged(  # noqa: PLR0913 - every part of the card, as the merge command has them
     target: AtomicDir,
     pool: Pool,
     merged: MergedAdapter,

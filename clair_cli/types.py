@@ -1,5 +1,7 @@
 """Small dataclasses shared by the layers: where an adapter comes from, what its
-config says, and one module's LoRA factors.
+config says (with PEFT's rule for matching its rank and alpha patterns), and one module's
+LoRA factors. The run's parameters are in :mod:`clair_cli.params`, the command line's
+choices in :mod:`clair_cli.cli.choices`.
 
 Heavy libraries are imported lazily so that ``clair --help`` stays instant.
 """
@@ -9,141 +11,13 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from enum import Enum, StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
-
-from clair_cli.errors import UsageError
 
 if TYPE_CHECKING:
     import torch
 
 ModuleKind = Literal["linear", "embedding", "conv"]
-
-
-# The named choices of the command line, as str Enums (StrEnum) (as huggingface_hub's CLI declares
-# RepoType): Typer lists them in --help, completes them in the shell and refuses a typo, so no
-# layer re-checks the string. A member equals its value (``Side.OUT == "out"``).
-class Side(StrEnum):
-    """Which space the adapters share: output (column), input (row), or both."""
-
-    OUT = "out"
-    IN = "in"
-    BOTH = "both"
-
-
-class SolverForm(StrEnum):
-    """The decomposition's form (``--solver``): noise-aware, or noiseless Outlier Pursuit."""
-
-    NOISY = "noisy"
-    EXACT = "exact"
-
-
-class DeviceChoice(StrEnum):
-    """Where the decompositions run; ``auto`` takes a GPU when one is present."""
-
-    AUTO = "auto"
-    CPU = "cpu"
-    CUDA = "cuda"
-
-
-class Precision(StrEnum):
-    """Working precision of the fast path (the convex path always works in float64)."""
-
-    FLOAT32 = "float32"
-    FLOAT64 = "float64"
-
-
-class Rescale(StrEnum):
-    """How the clair merge's norm is set: left as it is, or the merged adapters' median norm."""
-
-    NONE = "none"
-    NORM = "norm"
-
-
-def _value(x: Any) -> Any:
-    return x.value if isinstance(x, Enum) else x
-
-
-def _choice(option: str, value: Any, choices: type[Enum]) -> str:
-    text = _value(value)
-    allowed = [c.value for c in choices]
-    if text not in allowed:
-        raise UsageError(f"{option} {text}: expected one of {', '.join(allowed)}")
-    return str(text)
-
-
-def parse_rank(rank: int | str, option: str = "--rank") -> int | Literal["auto"]:
-    """``auto`` or a positive whole number (also given as text, as on the command line)."""
-    if rank == "auto":
-        return "auto"
-    try:
-        value = int(rank)
-    except (TypeError, ValueError):
-        value = 0
-    if isinstance(rank, bool) or value < 1 or (isinstance(rank, float) and rank != value):
-        raise UsageError(f"{option} {rank}: expected 'auto' or a positive integer")
-    return value
-
-
-@dataclass(frozen=True, kw_only=True)
-class AuditParams:
-    """What the audit was asked to do, built once from the options and passed whole.
-
-    Every value is checked here, once; Enum members are stored as their plain values, so
-    the object compares and serialises as text (the ``params`` of the JSON report).
-
-    Attributes:
-        solver: the decomposition's form (``--solver``): ``noisy`` or ``exact``.
-        side: the shared space (``--side``): ``out``, ``in`` or ``both``.
-        rank: detection rank, ``auto`` (parallel analysis) or a positive number.
-        threshold: fixed off-subspace share in (0, 1), or None for the automatic rule.
-        dtype: working precision, ``float32`` or ``float64``.
-        device: ``auto``, ``cpu`` or ``cuda[:N]``; the pipeline resolves ``auto``.
-        seed: seed of the random rotations, 0 to 2**32-1.
-        path: which decomposition runs per module: ``auto`` (fast path for large modules),
-            ``convex`` or ``fast`` (the ``solver`` argument of
-            :class:`clair_cli.core.audit.ClairAuditor`).
-    """
-
-    solver: str = SolverForm.NOISY.value
-    side: str = Side.OUT.value
-    rank: int | str = "auto"
-    threshold: float | None = None
-    dtype: str = Precision.FLOAT32.value
-    device: str = DeviceChoice.CPU.value
-    seed: int = 0
-    path: str = "auto"
-
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        set_(self, "solver", _choice("--solver", self.solver, SolverForm))
-        set_(self, "side", _choice("--side", self.side, Side))
-        set_(self, "dtype", _choice("--dtype", self.dtype, Precision))
-        set_(self, "rank", parse_rank(self.rank))
-        device = str(_value(self.device))
-        if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
-            raise UsageError(f"--device {device}: expected auto, cpu or cuda")
-        set_(self, "device", device)
-        if self.threshold is not None and not 0 < self.threshold < 1:
-            raise UsageError(f"--threshold {self.threshold}: expected a share between 0 and 1")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise UsageError(f"--seed {self.seed}: expected a whole number from 0 to 2**32-1")
-        if self.path not in ("auto", "convex", "fast"):
-            raise UsageError(f"path {self.path!r}: expected auto, convex or fast")
-
-    def as_dict(self) -> dict[str, Any]:
-        """The ``params`` section of the JSON report (its keys predate ``--solver``)."""
-        return {
-            "method": self.solver,
-            "side": self.side,
-            "rank": self.rank,
-            "threshold": self.threshold,
-            "dtype": self.dtype,
-            "device": self.device,
-            "seed": self.seed,
-            "solver": self.path,
-        }
 
 
 @dataclass(frozen=True)
@@ -178,10 +52,7 @@ class AdapterRef:
 
 # A pattern whose only metacharacter is "." (the usual "layers.0.q_proj"): matched without
 # the regex engine, with exactly PEFT's meaning ("." is any character).
-_PLAIN_PATTERN = re.compile(r"^[A-Za-z0-9_\-.]+$")
-MAX_PATTERN_LENGTH = 512
-MAX_PATTERNS = 4096
-MAX_UNBOUNDED_REPEATS = 3
+PLAIN_PATTERN = re.compile(r"^[A-Za-z0-9_\-.]+$")
 
 
 def _plain_match(key: str, module: str) -> bool:
@@ -193,80 +64,12 @@ def _plain_match(key: str, module: str) -> bool:
     return all(k == "." or k == c for k, c in zip(key, module[-n:], strict=True))
 
 
-def pattern_risk(key: str) -> str | None:
-    """Why matching ``key`` (a rank_pattern / alpha_pattern key) could take unbounded time, or ``None``.
-
-    Backtracking blows up on a repetition whose body can itself repeat or branch (``(a+)+``,
-    ``(a|ab)*``) and on backreferences; those are refused, as are very long patterns and more
-    than a few unbounded repetitions. Everything PEFT's own examples use passes.
-    """
-    if len(key) > MAX_PATTERN_LENGTH:
-        return f"is longer than {MAX_PATTERN_LENGTH} characters"
-    if _PLAIN_PATTERN.match(key):
-        return None
-    try:
-        from re import _constants as c  # type: ignore[attr-defined]
-        from re import _parser as parser  # type: ignore[attr-defined]
-    except ImportError:  # pragma: no cover - Python < 3.11
-        import sre_constants as c  # type: ignore[no-redef]
-        import sre_parse as parser  # type: ignore[no-redef]
-    repeats = (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", c.MAX_REPEAT))
-    unbounded = 0
-
-    def walk(items: Any, in_repeat: bool) -> str | None:
-        nonlocal unbounded
-        for op, av in items:
-            if op in (c.GROUPREF, c.GROUPREF_EXISTS):
-                return "uses a backreference"
-            if op in repeats:
-                lo, hi, body = av
-                if hi > 1:
-                    if in_repeat:
-                        return "nests one repetition inside another (catastrophic backtracking)"
-                    unbounded += hi == c.MAXREPEAT
-                    why = walk(body, True)
-                    if why:
-                        return why
-                else:
-                    why = walk(body, in_repeat)
-                    if why:
-                        return why
-            elif op == c.BRANCH:
-                if in_repeat:
-                    return "repeats an alternation (catastrophic backtracking)"
-                for branch in av[1]:
-                    why = walk(branch, in_repeat)
-                    if why:
-                        return why
-            elif op == c.SUBPATTERN:
-                why = walk(av[3], in_repeat)
-                if why:
-                    return why
-            elif op in (c.ASSERT, c.ASSERT_NOT):
-                why = walk(av[1], in_repeat)
-                if why:
-                    return why
-            elif op == getattr(c, "ATOMIC_GROUP", None):
-                why = walk(av, in_repeat)
-                if why:
-                    return why
-        return None
-
-    try:
-        why = walk(parser.parse(key), False)
-    except Exception as exc:  # noqa: BLE001 - re's own parser errors, reported as an invalid pattern
-        return f"is not a valid regular expression ({exc})"
-    if why is None and unbounded > MAX_UNBOUNDED_REPEATS:
-        why = f"has more than {MAX_UNBOUNDED_REPEATS} unbounded repetitions"
-    return why
-
-
 def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
     # Same rule as peft.utils.other.get_pattern_key: the first pattern that matches
-    # a dotted suffix of the module name wins. Keys were checked by pattern_risk when the
-    # config was read; plain keys skip the regex engine.
+    # a dotted suffix of the module name wins. Keys were checked by
+    # clair_cli.io.patterns.pattern_risk when the config was read; plain keys skip the regex engine.
     for key in patterns:
-        if _PLAIN_PATTERN.match(key):
+        if PLAIN_PATTERN.match(key):
             if _plain_match(key, module):
                 return key
         elif re.match(rf"(.*\.)?({key})$", module):
@@ -362,3 +165,15 @@ class LoraModule:
         if self.weight_shape is not None and self.kind == "conv":
             delta = delta.reshape(self.weight_shape)
         return delta
+
+
+# clair_cli/io/peft_config.py (rewritten on another branch) still imports these two from here;
+# their home is clair_cli.io.patterns. Remove them once peft_config.py imports them there.
+MAX_PATTERNS = 4096
+
+
+def pattern_risk(key: str) -> str | None:
+    """:func:`clair_cli.io.patterns.pattern_risk` (imported lazily: io imports this module)."""
+    from clair_cli.io.patterns import pattern_risk as risk
+
+    return risk(key)

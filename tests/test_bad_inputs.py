@@ -220,7 +220,7 @@ def test_a_pool_whose_audit_cannot_fit_in_memory_is_refused_before_any_factor_is
     from clair_cli import pipeline
 
     need, _module = pipeline.audit_memory(pipeline.build_pool(open_sample_adapters()))
-    monkeypatch.setattr(pipeline, "_available_memory", lambda: need)  # 80 % of it is allowed
+    monkeypatch.setattr(pipeline, "available_memory", lambda: need)  # 80 % of it is allowed
     monkeypatch.setattr(pipeline, "iter_modules", _must_not_read)
     result = CliRunner().invoke(app, ["audit", str(SAMPLE_ADAPTERS)], env={"NO_COLOR": "1", "COLUMNS": "200"})
     assert result.exit_code == 2, result.output

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from synthetic import flagged, make_pool
 
+from benchmarks.synthetic import flagged, make_pool
 from clair_cli.core.audit import ClairAuditor
 from clair_cli.core.calibration import critical_value, qn_scale, upper_cut
 
@@ -71,8 +71,7 @@ def test_another_task_is_caught_by_direction_where_few_modules_agree() -> None:
     # 16 clients that agree on 2 of 12 modules and barely on the rest (deviations 8x the
     # common update), and one adapter of another task. The modules without agreement carry no
     # evidence of direction; weighing them equally hid this adapter in one seed of six.
-    from synthetic import make_module
-
+    from benchmarks.synthetic import make_module
     from clair_cli.core.audit import ModuleInput
 
     for seed in range(6):
@@ -127,8 +126,7 @@ def test_score_above_one_is_a_threshold_rule_flagging() -> None:
 
 
 def test_adapters_of_another_task_are_reported_as_one_group() -> None:
-    from synthetic import make_module
-
+    from benchmarks.synthetic import make_module
     from clair_cli.core.audit import ModuleInput
 
     mods = []
@@ -237,8 +235,7 @@ def test_the_isolated_rule_is_off_where_adapters_share_only_a_subspace() -> None
 def test_a_chance_isolated_honest_adapter_is_not_flagged() -> None:
     # One module, ten honest adapters that share a subspace, not a direction: adding one
     # whose nearest neighbour is far (by chance) must not flag it (hypothesis found seed 6712).
-    from synthetic import make_module
-
+    from benchmarks.synthetic import make_module
     from clair_cli.core.audit import ModuleInput
 
     A, B, s, _ = make_module(K=13, bad=(0, 1, 2), seed=6712)

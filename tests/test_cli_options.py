@@ -13,11 +13,11 @@ from helpers import MODULES, random_factors, write_adapter
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from clair_cli import methods, pipeline
+from clair_cli import methods, params
 from clair_cli.cli import app
-from clair_cli.core import baselines
+from clair_cli.cli.choices import DeviceChoice, Precision, Rescale, Side, SolverForm
 from clair_cli.errors import UsageError
-from clair_cli.types import AuditParams, DeviceChoice, Precision, Rescale, Side, SolverForm
+from clair_cli.params import AuditParams
 
 COMMANDS = ["inspect", "audit", "merge", "refine", "gate"]
 # What Typer prints when an option names no value: Python types in newer Typer, lower-case
@@ -50,7 +50,7 @@ def test_help_lists_the_choices() -> None:
     text = _help("audit")
     for values in ("out|in|both", "noisy|exact", "auto|cpu|cuda", "float32|float64"):
         assert values in text
-    assert "--method" not in text  # the deprecated spelling is hidden
+    assert "--method" not in text  # merge methods only
     merge = _help("merge")
     assert "none|norm" in merge and "--solver" in merge
     for name in methods.NAMES:
@@ -72,6 +72,15 @@ def test_choices_are_str_enums() -> None:
     assert Side("in") == "in" and SolverForm.EXACT == "exact" and str(Precision.FLOAT64) == "float64"
     assert [m.value for m in methods.MergeMethodName] == list(methods.NAMES)
     assert {d.value for d in DeviceChoice} == {"auto", "cpu", "cuda"} and Rescale("norm") == "norm"
+    # The command line's choices are the values the parameters accept (clair_cli.params).
+    for choices, values in [
+        (Side, params.SIDES),
+        (SolverForm, params.SOLVER_FORMS),
+        (DeviceChoice, params.DEVICES),
+        (Precision, params.PRECISIONS),
+        (Rescale, params.RESCALES),
+    ]:
+        assert tuple(c.value for c in choices) == values
 
 
 # --- one parameters object -------------------------------------------------------------------
@@ -87,7 +96,6 @@ def test_audit_params_is_frozen_checked_once_and_reports_as_before() -> None:
     # The JSON report's params keep their keys: "method" is the decomposition form.
     assert list(params.as_dict()) == ["method", "side", "rank", "threshold", "dtype", "device", "seed", "solver"]
     assert params.as_dict()["method"] == "exact" and params.as_dict()["solver"] == "auto"
-    assert pipeline.Settings is AuditParams
 
 
 @pytest.mark.parametrize(
@@ -113,17 +121,22 @@ def test_audit_params_refuse_bad_values(kwargs: dict, message: str) -> None:
 
 def test_merge_registry_drives_help_pool_size_and_dispatch() -> None:
     assert methods.NAMES[0] == "clair" and methods.get("clair").audits
-    assert [n for n in methods.NAMES if not methods.get(n).exact_mean] == list(
-        n for n in baselines.BASELINES if n != "mean"
-    )
-    assert {n: methods.get(n).min_adapters for n in methods.NAMES} == pipeline.MIN_ADAPTERS
+    assert [n for n in methods.NAMES if not methods.get(n).exact_mean] == [
+        "fedavg",
+        "median",
+        "trimmed-mean",
+        "krum",
+        "multi-krum",
+        "ties",
+    ]
+    assert [n for n in methods.NAMES if isinstance(methods.get(n), methods.Baseline)] == list(methods.NAMES[1:])
     with pytest.raises(UsageError, match="choose one of: clair, mean"):
         methods.get("avg")
     for name in methods.NAMES:
         assert name in methods.help_text()
 
 
-# --- --solver, and --method's old meaning ------------------------------------------------------
+# --- --solver, and --method (merge methods only) ------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -144,24 +157,10 @@ def test_solver_names_the_decomposition_form(six: Path) -> None:
     assert _params(result)["method"] == "exact"
 
 
-@pytest.mark.parametrize("spelling", ["--method", "-m"])
-def test_old_method_option_still_works_with_a_notice(six: Path, spelling: str) -> None:
-    result = invoke("audit", str(six), spelling, "exact", "--json", "-", "--exit-zero", "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    assert _params(result)["method"] == "exact"
-    assert "--method is now --solver" in result.stderr
-    assert result.stderr.count("\n") == 1  # one line
-
-
-def test_old_method_notice_is_silent_under_quiet(six: Path) -> None:
-    result = invoke("audit", str(six), "--method", "exact", "--quiet", "--exit-zero", "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    assert result.stderr == ""
-
-
-def test_old_method_option_conflicting_with_solver_is_refused(six: Path) -> None:
-    result = invoke("audit", str(six), "--method", "noisy", "--solver", "exact")
-    assert result.exit_code == 2 and "disagree" in result.output
+def test_old_method_option_is_gone(six: Path) -> None:
+    # --solver names the decomposition form; --method is merge's alone (no release had it).
+    result = invoke("audit", str(six), "--method", "exact", "--exit-zero", "--device", "cpu")
+    assert result.exit_code == 2 and "No such option" in result.output
 
 
 def test_merge_method_is_the_merge_method(six: Path, tmp_path: Path) -> None:

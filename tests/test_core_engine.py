@@ -8,8 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from synthetic import flagged, make_module, make_pool
 
+from benchmarks.synthetic import flagged, make_module, make_pool
 from clair_cli.core.audit import ClairAuditor, ModuleInput
 from clair_cli.core.decompose import ModuleDecomposer, normalise_blocks
 from clair_cli.core.pairwise import gram

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from synthetic import flagged, make_module, make_pool
 
+from benchmarks.synthetic import flagged, make_module, make_pool
 from clair_cli.core import audit
 from clair_cli.core.audit import ClairAuditor
 from clair_cli.core.decompose import rotate_blocks

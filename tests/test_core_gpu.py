@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from synthetic import flagged, make_module, make_pool
 
+from benchmarks.synthetic import flagged, make_module, make_pool
+from clair_cli import methods
 from clair_cli.core import baselines
 from clair_cli.core.audit import ClairAuditor
 
@@ -24,11 +25,11 @@ def test_cuda_audit_matches_cpu(solver, dtype) -> None:
         assert a == pytest.approx(b, abs=1e-4)
 
 
-@pytest.mark.parametrize("name", baselines.BASELINES)
+@pytest.mark.parametrize("name", [m.name for m in methods.REGISTRY.values() if isinstance(m, methods.Baseline)])
 def test_cuda_baselines_match_cpu(name) -> None:
     A, B, s, _ = make_module(K=7, ranks=[2, 4, 3, 4, 5, 1, 3], d_out=24, d_in=20, noise=0.5, seed=1)
-    cpu = baselines.get(name)(A, B, s)
-    gpu = baselines.get(name)([a.cuda() for a in A], [b.cuda() for b in B], s)
+    cpu = methods.get(name).combine(A, B, s)
+    gpu = methods.get(name).combine([a.cuda() for a in A], [b.cuda() for b in B], s)
     assert gpu.A.is_cuda and gpu.B.is_cuda
     torch.testing.assert_close((gpu.B @ gpu.A).cpu(), cpu.B @ cpu.A, atol=1e-9, rtol=1e-7)
 

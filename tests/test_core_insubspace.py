@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from synthetic import flagged, make_module, make_pool
 
-from clair_cli.core.audit import ClairAuditor
+from benchmarks.synthetic import flagged, make_module, make_pool
+from clair_cli.core.audit import ClairAuditor, VerdictOptions
 from clair_cli.core.insubspace import centre_cosines, centre_distances, centre_weights, in_subspace_gram
 
 
@@ -68,7 +68,7 @@ def test_sign_flipped_updates_are_caught_where_clients_agree(seed: int) -> None:
     assert all(any(r.kind == "in_subspace" for r in aud.verdicts_[k].reasons) for k in (5, 6))
     # Without the in-subspace rule, the direction rule (the whole update against the others'
     # centre) sees them too; the off-subspace share alone could not.
-    alone = ClairAuditor(in_subspace=False).fit(mods, 20)
+    alone = ClairAuditor(verdict=VerdictOptions(in_subspace=False)).fit(mods, 20)
     assert flagged(alone) == {5, 6}
     assert all(any(r.kind == "direction" for r in alone.verdicts_[k].reasons) for k in (5, 6))
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from synthetic import make_module
 
+from benchmarks.synthetic import make_module
 from clair_cli.core.merge import check_weights, merge, refine
 
 

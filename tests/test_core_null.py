@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from synthetic import make_module
 
+from benchmarks.synthetic import make_module
 from clair_cli.core import decompose
 from clair_cli.core.decompose import (
     NULL_BATCH,

@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
+from benchmarks.synthetic import make_pool
 from clair_cli.core.audit import ClairAuditor, ModuleInput
 from clair_cli.core.canonical import canonical_factors
-from tests.synthetic import make_pool
 
 
 def _refactor(mods: list[ModuleInput], k: int, how: str, seed: int = 0) -> list[ModuleInput]:
@@ -124,7 +124,7 @@ def test_merge_is_invariant_to_factoring() -> None:
     """The exact mean (clair's default merge and ``mean``) of a pool with one adapter
     re-factored by 1e18 equals that of the pool as given."""
     from clair_cli import pipeline
-    from clair_cli.types import AuditParams
+    from clair_cli.params import AuditParams
 
     mods = make_pool(M=2, K=8, spread=0.5, seed=11)
 

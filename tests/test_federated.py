@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.synthetic import make_module
 from clair_cli import pipeline
 from clair_cli.errors import AdapterFormatError
 from clair_cli.federated import aggregate_round, client_update
 from clair_cli.io.sources import open_adapters
+from clair_cli.params import AuditParams
 from clair_cli.report.audit import audit_report
-from clair_cli.types import AuditParams
 from tests.helpers import lora_config, write_adapter
-from tests.synthetic import make_module
 
 NAMES = ("layers.0.q_proj", "layers.1.q_proj")
 

@@ -344,7 +344,7 @@ CASES: dict[str, Case] = {
 class EvilHub:
     """A fake Hub on 127.0.0.1 whose answers are hostile, one behaviour per repo id."""
 
-    def __init__(self, adapter: dict[str, bytes]) -> None:
+    def __init__(self, adapter: dict[str, bytes]) -> None:  # noqa: C901 - one branch per hostile behaviour
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: object) -> None:
                 pass

@@ -65,10 +65,9 @@ def test_clair_merge_clips_what_the_audit_lets_through() -> None:
     """A client at 3x the others' norm (under the norm rule's 4x floor) passes the audit; with
     --clip its pull on the merge is bounded and the report says so; without, the merge is the
     plain mean of the collaborators."""
+    from benchmarks.synthetic import make_pool
     from clair_cli import pipeline
-    from clair_cli.results import MergeOptions
-    from clair_cli.types import AuditParams
-    from tests.synthetic import make_pool
+    from clair_cli.params import AuditParams, MergeOptions
 
     mods = make_pool(M=2, K=10, spread=0.3, seed=2)
     for m in mods:
@@ -90,7 +89,7 @@ def test_clair_merge_clips_what_the_audit_lets_through() -> None:
 
 def test_clip_option_is_checked() -> None:
     from clair_cli.errors import UsageError
-    from clair_cli.results import MergeOptions
+    from clair_cli.params import MergeOptions
 
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(UsageError, match="--clip"):

@@ -12,9 +12,9 @@ import pytest
 import torch
 from helpers import lora_config, write_adapter
 from safetensors.torch import load_file
-from synthetic import make_module
 from typer.testing import CliRunner
 
+from benchmarks.synthetic import make_module
 from clair_cli import pipeline
 from clair_cli.cli import app
 from clair_cli.core.baselines import mean
@@ -22,7 +22,7 @@ from clair_cli.core.lowrank import rank_for_tolerance, truncate_factored
 from clair_cli.core.order import content_order, inverse
 from clair_cli.core.projection import folds_for, projection_rank
 from clair_cli.io.sources import open_adapters
-from clair_cli.types import AuditParams
+from clair_cli.params import AuditParams, MergeOptions
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_adapters"
 
@@ -216,14 +216,12 @@ def test_library_merge_reports_rank_error_and_projection(clean_pool: Path) -> No
     plain = pipeline.merge(pool, "clair", settings, outcome=outcome)
     summary = plain.summary()
     assert summary["max_relative_error"] <= 1e-3 and "projection_rank" not in summary
-    projected = pipeline.merge(pool, "clair", settings, options=pipeline.MergeOptions(project=True), outcome=outcome)
+    projected = pipeline.merge(pool, "clair", settings, options=MergeOptions(project=True), outcome=outcome)
     ranks = projected.summary()["projection_rank"]
     assert set(ranks) == set(pool.modules)
-    fixed = pipeline.merge(
-        pool, "clair", settings, options=pipeline.MergeOptions(project=True, project_rank=2), outcome=outcome
-    )
+    fixed = pipeline.merge(pool, "clair", settings, options=MergeOptions(project=True, project_rank=2), outcome=outcome)
     assert set(fixed.summary()["projection_rank"].values()) == {2} and {r.rank for r in fixed.modules.values()} == {2}
-    rescaled = pipeline.merge(pool, "clair", settings, options=pipeline.MergeOptions(rescale="norm"), outcome=outcome)
+    rescaled = pipeline.merge(pool, "clair", settings, options=MergeOptions(rescale="norm"), outcome=outcome)
     assert rescaled.scale > 1  # the mean of partly independent updates is shorter than they are
     for m, r in rescaled.modules.items():
         torch.testing.assert_close(r.B @ r.A, rescaled.scale * (plain.modules[m].B @ plain.modules[m].A))
@@ -247,8 +245,7 @@ def test_bad_merge_options_exit_2(clean_pool: Path, tmp_path: Path, args: list[s
 
 @pytest.mark.parametrize("solver", ["convex", "fast"])
 def test_auditor_is_permutation_equivariant_on_both_paths(solver: str) -> None:
-    from synthetic import make_pool
-
+    from benchmarks.synthetic import make_pool
     from clair_cli.core.audit import ClairAuditor, ModuleInput
 
     K = 24

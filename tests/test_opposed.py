@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from synthetic import flagged, make_pool
 
+from benchmarks.synthetic import flagged, make_pool
 from clair_cli.core.audit import ClairAuditor
 
 

@@ -31,8 +31,8 @@ from typer.testing import CliRunner
 from clair_cli import pipeline
 from clair_cli.cli import app
 from clair_cli.io.lora_config import exact_key, exact_targets, peft_selects
+from clair_cli.params import AuditParams
 from clair_cli.results import MergeOptions
-from clair_cli.types import AuditParams
 
 
 class Z(nn.Module):

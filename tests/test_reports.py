@@ -21,6 +21,7 @@ from clair_cli.core.rules import Reason
 from clair_cli.errors import IncompatibleAdapters
 from clair_cli.io.base_model import canonical_base_model
 from clair_cli.io.sources import SourceOptions, open_adapters
+from clair_cli.params import AuditParams
 from clair_cli.report.audit import audit_report, reason_text, render_audit, share_text
 from clair_cli.report.modules import ModuleNames, natural_sorted
 from clair_cli.report.plot import plot_labels
@@ -138,7 +139,7 @@ def test_modules_are_listed_in_layer_order(llama_report: dict) -> None:
 def sample_report() -> dict:
     adapters = open_adapters([str(SAMPLES)])
     pool = pipeline.build_pool(adapters)
-    return audit_report(pipeline.audit(pool, pipeline.Settings(device="cpu")))
+    return audit_report(pipeline.audit(pool, AuditParams(device="cpu")))
 
 
 @pytest.mark.parametrize("width", [60, 100])

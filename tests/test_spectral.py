@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from synthetic import coordinated_push, make_pool
 
+from benchmarks.synthetic import coordinated_push, make_pool
 from clair_cli.core import spectral
 from clair_cli.core.audit import ClairAuditor
 from clair_cli.core.calibration import LOG_CHI2, critical_value, qn_scale

@@ -6,8 +6,6 @@ import typer
 
 from clair_cli.cli import options as opt
 from clair_cli.cli.command import add_command
-from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK
-from clair_cli.types import DeviceChoice, Precision, Side, SolverForm
 
 EXAMPLES = """
 Examples:
@@ -27,31 +25,7 @@ Examples:
 
 
 def audit_command(
-    sources: opt.Sources,
-    json_out: opt.JsonOut = None,
-    markdown: opt.MarkdownOut = None,
-    sarif: opt.SarifOut = None,
-    plot: opt.PlotOut = None,
-    rank: opt.Rank = "auto",
-    side: opt.SideOpt = Side.OUT,
-    solver: opt.SolverOpt = SolverForm.NOISY,
-    threshold: opt.Threshold = None,
-    intersect: opt.Intersect = False,
-    device: opt.DeviceOpt = DeviceChoice.AUTO,
-    dtype: opt.DtypeOpt = Precision.FLOAT32,
-    seed: opt.Seed = 0,
-    exit_zero: opt.ExitZero = False,
-    quiet: opt.Quiet = False,
-    subfolder: opt.Subfolder = None,
-    revision: opt.Revision = None,
-    token: opt.Token = None,
-    config: opt.ConfigFile = None,
-    lora_alpha: opt.LoraAlpha = None,
-    rslora: opt.Rslora = False,
-    base_model: opt.BaseModel = None,
-    max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
-    max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
-    deprecated_method: opt.DeprecatedMethod = None,
+    sources: opt.Sources, reports: opt.ScanReports, audit: opt.Audit, run: opt.Run, read: opt.ReadPool
 ) -> None:
     """Score every adapter (SOURCE...) with CLAIR and flag the contaminated ones.
 
@@ -62,16 +36,15 @@ def audit_command(
     from clair_cli.io.paths import input_paths
     from clair_cli.report.audit import audit_report
 
-    params = common.audit_params(locals())
+    params = audit.params()
     sources = common.sources_arg(sources)
-    src = common.source_options(locals())
-    common.check_report_targets(json_out, markdown, plot, input_paths(sources, [config]), sarif=sarif)
-    with common.progress_bar(quiet) as progress:
-        pool = pipeline.open_pool(sources, src, intersect=intersect, progress=progress)
+    common.check_report_targets(reports, input_paths(sources, [read.config]))
+    with common.progress_bar(run.quiet) as progress:
+        pool = pipeline.open_pool(sources, read.source_options(), intersect=audit.intersect, progress=progress)
         outcome = pipeline.audit(pool, params, progress)
-    report = audit_report(outcome, digests=json_out is not None or sarif is not None)
-    common.emit_reports(report, json_out, markdown, plot, quiet, common.adapter_files(pool.adapters), sarif=sarif)
-    common.exit_code(report, exit_zero)
+    report = audit_report(outcome, digests=reports.json_out is not None or reports.sarif is not None)
+    common.emit_reports(report, reports, run.quiet, common.adapter_files(pool.adapters))
+    common.exit_code(report, run.exit_zero)
 
 
 def register(app: typer.Typer) -> None:

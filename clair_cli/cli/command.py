@@ -1,7 +1,12 @@
-"""The command class every ``clair`` command uses, and how commands are added to the app."""
+"""The command class every ``clair`` command uses, how commands are added to the app, and the
+option groups that several commands share."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -35,5 +40,60 @@ class ClairCommand(TyperCommand):
 
 
 def add_command(app: typer.Typer, name: str, command: Callable[..., Any], help: str, examples: str) -> None:
-    """Add ``command`` to ``app`` as ``name``, with ``help`` and an examples epilog."""
-    app.command(name, cls=ClairCommand, help=help, epilog=examples)(command)
+    """Add ``command`` to ``app`` as ``name``, with ``help`` and an examples epilog (its
+    :class:`OptionGroup` parameters expanded into their options)."""
+    app.command(name, cls=ClairCommand, help=help, epilog=examples)(expand_groups(command))
+
+
+class OptionGroup:
+    """Base of a frozen dataclass whose fields are options shared by several commands.
+
+    Each field is annotated with an option alias of :mod:`clair_cli.cli.options` and has the
+    option's default. A command takes the group as one parameter; :func:`add_command` shows
+    Typer the group's fields as options in its place, and the command receives the group
+    built from their values.
+    """
+
+
+def _group_fields(group: type[OptionGroup]) -> list[inspect.Parameter]:
+    hints = typing.get_type_hints(group, include_extras=True)
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    empty = inspect.Parameter.empty
+    return [
+        inspect.Parameter(
+            f.name, kind, default=empty if f.default is dataclasses.MISSING else f.default, annotation=hints[f.name]
+        )
+        for f in dataclasses.fields(group)  # type: ignore[arg-type]
+    ]
+
+
+def expand_groups(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` with each :class:`OptionGroup` parameter shown to Typer as the group's options.
+
+    The wrapper has the expanded signature (``__signature__`` and ``__annotations__``, which is
+    all Typer reads) and calls ``command`` with every group built from its options' values.
+    """
+    hints = typing.get_type_hints(command, include_extras=True)
+    params: list[inspect.Parameter] = []
+    groups: dict[str, type[OptionGroup]] = {}
+    for p in inspect.signature(command).parameters.values():
+        annotation = hints.get(p.name, p.annotation)
+        if isinstance(annotation, type) and issubclass(annotation, OptionGroup):
+            groups[p.name] = annotation
+            params += _group_fields(annotation)
+        else:
+            params.append(p.replace(annotation=annotation))
+    if not groups:
+        return command
+
+    @functools.wraps(command)
+    def wrapper(**values: Any) -> Any:
+        for name, group in groups.items():
+            fields = [f.name for f in dataclasses.fields(group)]  # type: ignore[arg-type]
+            values[name] = group(**{f: values.pop(f) for f in fields})
+        return command(**values)
+
+    del wrapper.__wrapped__  # Typer must see the expanded signature, not the command's
+    wrapper.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params} | {"return": None}
+    return wrapper

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 
-from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK, EXIT_FLAGGED, EXIT_OK
+from clair_cli.constants import EXIT_FLAGGED, EXIT_OK
 from clair_cli.errors import UsageError
-from clair_cli.types import AuditParams, SolverForm
 
 if TYPE_CHECKING:
+    from clair_cli.cli.options import Reports
     from clair_cli.io.adapter import Adapter
-    from clair_cli.io.sources import SourceOptions
     from clair_cli.pipeline import Progress
 
 
@@ -31,61 +29,6 @@ def parse_weights(text: str | None) -> list[float] | None:
     if not values or any(not (v >= 0) or v == float("inf") for v in values) or sum(values) <= 0:
         raise UsageError(f"--weights {text}: weights must be finite, non-negative and not all zero")
     return values
-
-
-def solver_form(solver: SolverForm, method: SolverForm | None, quiet: bool = False) -> SolverForm:
-    """The decomposition form: ``--solver``, or the deprecated ``--method`` of audit, refine and gate.
-
-    ``--method noisy|exact`` still works there, with a one-line notice on stderr (not under
-    ``--quiet``); given with a different ``--solver`` it is refused.
-    """
-    if method is None:
-        return solver
-    if solver != SolverForm.NOISY and solver != method:
-        raise UsageError(
-            f"--method {method.value} and --solver {solver.value} disagree",
-            hint="--method is now --solver here; give --solver alone.",
-        )
-    if not quiet:
-        print(
-            f"clair: --method is now --solver (use --solver {method.value}); --method will name merge methods only.",
-            file=sys.stderr,
-        )
-    return method
-
-
-def audit_params(options: Mapping[str, Any]) -> AuditParams:
-    """The audit's parameters from a command's options (its ``locals()``: every command names
-    them alike, options.py), checked once: a bad value is a usage error (exit 2).
-
-    The deprecated ``--method noisy|exact`` of audit, refine and gate is ``deprecated_method``.
-    """
-    return AuditParams(
-        solver=solver_form(options["solver"], options.get("deprecated_method"), bool(options.get("quiet"))),
-        side=options["side"],
-        rank=options["rank"],
-        threshold=options["threshold"],
-        device=options["device"],
-        dtype=options["dtype"],
-        seed=options["seed"],
-    )
-
-
-def source_options(options: Mapping[str, Any]) -> SourceOptions:
-    """How to read the sources, from a command's options (its ``locals()``)."""
-    from clair_cli.io.sources import SourceOptions
-
-    return SourceOptions(
-        subfolder=options.get("subfolder"),
-        config=options.get("config"),
-        lora_alpha=options.get("lora_alpha"),
-        use_rslora=options.get("rslora", False),
-        base_model=options.get("base_model"),
-        max_rank=options.get("max_rank", DEFAULT_MAX_RANK),
-        max_adapters=options.get("max_adapters", DEFAULT_MAX_ADAPTERS),
-        revision=options.get("revision"),
-        token=options.get("token"),
-    )
 
 
 def sources_arg(sources: Sequence[str]) -> list[str]:
@@ -188,18 +131,12 @@ def unique_out_names(names: Sequence[str]) -> None:
         raise UsageError(f"adapters {', '.join(same)} would be written to the same directory {clash[0]!r}")
 
 
-def check_report_targets(
-    json_out: str | None,
-    markdown: str | None,
-    plot: str | None,
-    inputs: Sequence[Path] = (),
-    out: Path | None = None,
-    *,
-    sarif: str | None = None,
-) -> None:
+def check_report_targets(reports: Reports, inputs: Sequence[Path] = (), out: Path | None = None) -> None:
     """Refuse impossible report targets before any work is done."""
     from clair_cli.io.paths import check_report_file, discarded, printable
 
+    json_out, markdown, plot = reports.json_out, reports.markdown, reports.plot
+    sarif = getattr(reports, "sarif", None)  # audit and gate only (ScanReports)
     if json_out == "-" and markdown == "-":
         raise UsageError("--json - and --markdown - cannot both go to stdout")
     if sarif == "-" and "-" in (json_out, markdown):
@@ -225,17 +162,10 @@ def check_report_targets(
         check_report_file(target, inputs)
 
 
-def emit_reports(
-    report: dict[str, Any],
-    json_out: str | None,
-    markdown: str | None,
-    plot: str | None,
-    quiet: bool,
-    inputs: Sequence[Path] = (),
-    *,
-    sarif: str | None = None,
-) -> None:
+def emit_reports(report: dict[str, Any], reports: Reports, quiet: bool, inputs: Sequence[Path] = ()) -> None:
     """Write the requested report files; the terminal table unless stdout carries JSON, Markdown or SARIF."""
+    json_out, markdown, plot = reports.json_out, reports.markdown, reports.plot
+    sarif = getattr(reports, "sarif", None)  # audit and gate only (ScanReports)
     from clair_cli.io.writers import write_text
     from clair_cli.report.audit import audit_markdown, render_audit
     from clair_cli.report.console import make_console

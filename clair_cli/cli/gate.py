@@ -6,8 +6,6 @@ import typer
 
 from clair_cli.cli import options as opt
 from clair_cli.cli.command import add_command
-from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK
-from clair_cli.types import DeviceChoice, Precision, Side, SolverForm
 
 EXAMPLES = """
 Examples:
@@ -32,30 +30,10 @@ def gate_command(
     ctx: typer.Context,
     candidates: opt.Candidates,
     reference: opt.Reference = None,
-    json_out: opt.JsonOut = None,
-    markdown: opt.MarkdownOut = None,
-    sarif: opt.SarifOut = None,
-    plot: opt.PlotOut = None,
-    rank: opt.Rank = "auto",
-    side: opt.SideOpt = Side.OUT,
-    solver: opt.SolverOpt = SolverForm.NOISY,
-    threshold: opt.Threshold = None,
-    intersect: opt.Intersect = False,
-    device: opt.DeviceOpt = DeviceChoice.AUTO,
-    dtype: opt.DtypeOpt = Precision.FLOAT32,
-    seed: opt.Seed = 0,
-    exit_zero: opt.ExitZero = False,
-    quiet: opt.Quiet = False,
-    subfolder: opt.Subfolder = None,
-    revision: opt.Revision = None,
-    token: opt.Token = None,
-    config: opt.ConfigFile = None,
-    lora_alpha: opt.LoraAlpha = None,
-    rslora: opt.Rslora = False,
-    base_model: opt.BaseModel = None,
-    max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
-    max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
-    deprecated_method: opt.DeprecatedMethod = None,
+    reports: opt.ScanReports = opt.ScanReports(),
+    audit: opt.Audit = opt.Audit(),
+    run: opt.Run = opt.Run(),
+    read: opt.ReadPool = opt.ReadPool(),
 ) -> None:
     """Judge CANDIDATE adapters against trusted --reference adapters.
 
@@ -72,23 +50,23 @@ def gate_command(
 
     spelling_notes = common.check_reference_spelling(ctx.meta.get(ARGV_KEY, ()))
     for note in spelling_notes:
-        make_console(stderr=True, quiet=quiet).print(f"note: {note}", markup=False)
-    params = common.audit_params(locals())
+        make_console(stderr=True, quiet=run.quiet).print(f"note: {note}", markup=False)
+    params = audit.params()
     if "-" in candidates and "-" in (reference or []):
         raise UsageError("- (sources from stdin) is given both as candidate and as --reference; give it once")
     candidates = common.sources_arg(candidates)
     references = common.sources_arg(reference or [])
-    src = common.source_options(locals())
-    common.check_report_targets(
-        json_out, markdown, plot, input_paths([*candidates, *references], [config]), sarif=sarif
-    )
-    with common.progress_bar(quiet) as progress:
-        pool, trusted = pipeline.open_gate_pool(candidates, references, src, intersect=intersect, progress=progress)
+    src = read.source_options()
+    common.check_report_targets(reports, input_paths([*candidates, *references], [read.config]))
+    with common.progress_bar(run.quiet) as progress:
+        pool, trusted = pipeline.open_gate_pool(
+            candidates, references, src, intersect=audit.intersect, progress=progress
+        )
         outcome = pipeline.audit(pool, params, progress, reference=trusted)
-    report = audit_report(outcome, command="gate", digests=json_out is not None or sarif is not None)
+    report = audit_report(outcome, command="gate", digests=reports.json_out is not None or reports.sarif is not None)
     report["notes"] = [*report.get("notes", []), *spelling_notes]
-    common.emit_reports(report, json_out, markdown, plot, quiet, common.adapter_files(pool.adapters), sarif=sarif)
-    common.exit_code(report, exit_zero)
+    common.emit_reports(report, reports, run.quiet, common.adapter_files(pool.adapters))
+    common.exit_code(report, run.exit_zero)
 
 
 def register(app: typer.Typer) -> None:

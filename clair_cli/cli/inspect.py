@@ -8,7 +8,6 @@ import typer
 
 from clair_cli.cli import options as opt
 from clair_cli.cli.command import add_command
-from clair_cli.constants import DEFAULT_MAX_RANK
 
 EXAMPLES = """
 Examples:
@@ -26,24 +25,14 @@ Examples:
 
 
 def inspect_command(
-    sources: opt.Sources,
-    json_out: opt.JsonOut = None,
-    subfolder: opt.Subfolder = None,
-    revision: opt.Revision = None,
-    token: opt.Token = None,
-    config: opt.ConfigFile = None,
-    lora_alpha: opt.LoraAlpha = None,
-    rslora: opt.Rslora = False,
-    base_model: opt.BaseModel = None,
-    max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
-    quiet: opt.Quiet = False,
+    sources: opt.Sources, json_out: opt.JsonOut = None, read: opt.Read = opt.Read(), quiet: opt.Quiet = False
 ) -> None:
     """Show each adapter's base model, rank, alpha, scale rule, modules, size and what clair does not cover.
 
     Every tensor is read once and checked for NaN/Inf. An adapter that cannot be read gets an error
     row (the others are still shown) and the exit code is 2.
     """
-    from clair_cli.cli.common import check_report_targets, source_options, sources_arg
+    from clair_cli.cli.common import check_report_targets, sources_arg
     from clair_cli.errors import AdapterFormatError, ClairError
     from clair_cli.io.adapter import verify
     from clair_cli.io.paths import input_paths, printable
@@ -53,9 +42,9 @@ def inspect_command(
     from clair_cli.report.inspect import adapter_record, error_record, inspect_report, render_inspect
 
     sources = sources_arg(sources)
-    inputs = input_paths(sources, [config])
-    check_report_targets(json_out, None, None, inputs)
-    src = source_options(locals())
+    inputs = input_paths(sources, [read.config])
+    check_report_targets(opt.Reports(json_out=json_out), inputs)
+    src = read.source_options()
     errors: list[tuple[str, str, ClairError]] = []
     refs = resolve_sources(sources, src, errors)
     records = [error_record(name, source, exc.message) for name, source, exc in errors]

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+from typing import Any
 
 import typer
 
 from clair_cli.cli import options as opt
+from clair_cli.cli.choices import Rescale
 from clair_cli.cli.command import add_command
-from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK
-from clair_cli.methods import MergeMethodName
-from clair_cli.types import DeviceChoice, Precision, Rescale, Side, SolverForm
 
 MERGE_EXAMPLES = """
 Examples:
@@ -39,38 +38,12 @@ Examples:
 
 def merge_command(
     sources: opt.Sources,
-    out: opt.Out,
-    method: opt.MergeMethodOpt = MergeMethodName("clair"),
-    weights: opt.Weights = None,
-    merge_rank: opt.MergeRank = None,
-    merge_tol: opt.MergeTol = 1e-3,
-    project: opt.Project = False,
-    project_rank: opt.ProjectRank = None,
-    rescale: opt.RescaleOpt = Rescale.NONE,
-    clip: opt.Clip = None,
-    rank: opt.Rank = "auto",
-    force: opt.Force = False,
-    json_out: opt.JsonOut = None,
-    markdown: opt.MarkdownOut = None,
-    plot: opt.PlotOut = None,
-    side: opt.SideOpt = Side.OUT,
-    solver: opt.SolverOpt = SolverForm.NOISY,
-    threshold: opt.Threshold = None,
-    intersect: opt.Intersect = False,
-    device: opt.DeviceOpt = DeviceChoice.AUTO,
-    dtype: opt.DtypeOpt = Precision.FLOAT32,
-    seed: opt.Seed = 0,
-    exit_zero: opt.ExitZero = False,
-    quiet: opt.Quiet = False,
-    subfolder: opt.Subfolder = None,
-    revision: opt.Revision = None,
-    token: opt.Token = None,
-    config: opt.ConfigFile = None,
-    lora_alpha: opt.LoraAlpha = None,
-    rslora: opt.Rslora = False,
-    base_model: opt.BaseModel = None,
-    max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
-    max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
+    target: opt.Target,
+    merging: opt.Merging,
+    reports: opt.Reports,
+    audit: opt.Audit,
+    run: opt.Run,
+    read: opt.ReadPool,
     drop_extras: opt.DropExtras = False,
 ) -> None:
     """Merge adapters into one PEFT adapter (clair: audit first, then merge the collaborators).
@@ -81,7 +54,6 @@ def merge_command(
     """
     from clair_cli import methods, pipeline, publish
     from clair_cli.cli import common
-    from clair_cli.errors import UsageError
     from clair_cli.io.paths import input_paths, printable
     from clair_cli.io.peft_writer import AtomicDir
     from clair_cli.io.writers import write_text
@@ -89,93 +61,81 @@ def merge_command(
     from clair_cli.report.console import make_console
     from clair_cli.report.merge import merge_report
 
-    spec = methods.get(method)
-    params = common.audit_params(locals())
-    w = common.parse_weights(weights)
-    options = pipeline.MergeOptions(
-        merge_rank, merge_tol, project or project_rank is not None, project_rank, rescale, clip
-    )
-    if not spec.audits and (options.project or options.rescale != Rescale.NONE or clip is not None):
-        raise UsageError(
-            f"--project, --project-rank, --rescale and --clip shape the clair merge, not --method {spec.name}"
-        )
-    if not spec.audits and (markdown is not None or plot is not None):
-        raise UsageError(
-            f"--markdown and --plot report the clair audit; --method {spec.name} runs none",
-            hint="--json writes its merge report.",
-        )
+    spec = methods.get(merging.method)
+    params = audit.params()
+    w = common.parse_weights(merging.weights)
+    options = merging.options()
+    _check_baseline_options(spec, options, reports)
     sources = common.sources_arg(sources)
-    src = common.source_options(locals())
-    inputs = input_paths(sources, [config])
-    common.check_report_targets(json_out, markdown, plot, inputs, out)
-    target = AtomicDir(out, force, inputs)
-    with common.progress_bar(quiet) as progress:
-        pool = pipeline.open_pool(sources, src, intersect=intersect, method=spec.name, progress=progress)
+    inputs = input_paths(sources, [read.config])
+    common.check_report_targets(reports, inputs, target.out)
+    out = AtomicDir(target.out, target.force, inputs)
+    with common.progress_bar(run.quiet) as progress:
+        pool = pipeline.open_pool(
+            sources, read.source_options(), intersect=audit.intersect, method=spec.name, progress=progress
+        )
         files = common.adapter_files(pool.adapters)
-        target.guard(files)
-        common.check_report_targets(json_out, markdown, plot, files, out)
+        out.guard(files)
+        common.check_report_targets(reports, files, target.out)
         dropped = pipeline.extras(pool, drop_extras)
         plan = publish.merged_plan(pool)
         outcome = pipeline.audit(pool, params, progress) if spec.audits else None
         started = time.perf_counter()
         merged = pipeline.merge(pool, spec.name, params, w, options, outcome, progress)
         merge_s = time.perf_counter() - started
-    report = audit_report(outcome, command="merge", digests=json_out is not None) if outcome else None
+    report = audit_report(outcome, command="merge", digests=reports.json_out is not None) if outcome else None
     if report is not None:
         report["merge"] = merged.summary() | {"dropped": dropped}
         report["notes"] = [*report["notes"], *plan.notes]
     notes = list(merged.notes) + dropped + plan.notes
     if pool.dropped:
         notes.append(f"--intersect left out {len(pool.dropped)} module(s) not targeted by every adapter")
-    publish.write_merged(target, pool, merged, outcome, report, notes, sys.argv[1:], params.as_dict(), plan)
-    console = make_console(stderr=True, quiet=quiet)
+    publish.write_merged(out, pool, merged, outcome, report, notes, sys.argv[1:], params.as_dict(), plan)
+    console = make_console(stderr=True, quiet=run.quiet)
     if report is not None:
-        common.emit_reports(report, json_out, markdown, plot, quiet, files)
-    elif json_out is not None:  # a baseline: what was merged, without an audit
+        common.emit_reports(report, reports, run.quiet, files)
+    elif reports.json_out is not None:  # a baseline: what was merged, without an audit
         baseline = merge_report(
             pool, merged, pipeline.resolved(params), dropped, list(merged.notes), {"merge": merge_s}, digests=True
         )
-        write_text(json_out, json.dumps(baseline, indent=2) + "\n", files)
+        write_text(reports.json_out, json.dumps(baseline, indent=2) + "\n", files)
     ranks = [r.rank for r in merged.modules.values()]
     console.print(
-        f"wrote {printable(str(out))}: {spec.name} merge of {len(merged.used)} of {len(pool.adapters)} adapters, "
-        f"rank {min(ranks)}{'' if len(set(ranks)) == 1 else '-' + str(max(ranks))}",
+        f"wrote {printable(str(target.out))}: {spec.name} merge of {len(merged.used)} of {len(pool.adapters)} "
+        f"adapters, rank {min(ranks)}{'' if len(set(ranks)) == 1 else '-' + str(max(ranks))}",
         markup=False,
     )
     for n in notes:
         console.print(f"note: {printable(n)}", style="dim", markup=False)
     if report is not None:
-        common.exit_code(report, exit_zero)
+        common.exit_code(report, run.exit_zero)
+
+
+def _check_baseline_options(spec: Any, options: Any, reports: opt.Reports) -> None:
+    """A baseline (no audit) refuses what shapes or reports the clair merge."""
+    from clair_cli.errors import UsageError
+
+    if spec.audits:
+        return
+    if options.project or options.rescale != Rescale.NONE or options.clip is not None:
+        raise UsageError(
+            f"--project, --project-rank, --rescale and --clip shape the clair merge, not --method {spec.name}"
+        )
+    if reports.markdown is not None or reports.plot is not None:
+        raise UsageError(
+            f"--markdown and --plot report the clair audit; --method {spec.name} runs none",
+            hint="--json writes its merge report.",
+        )
 
 
 def refine_command(
     sources: opt.Sources,
-    out: opt.Out,
+    target: opt.Target,
     project_rank: opt.RefineRank = "auto",
-    rank: opt.Rank = "auto",
-    force: opt.Force = False,
-    json_out: opt.JsonOut = None,
-    markdown: opt.MarkdownOut = None,
-    plot: opt.PlotOut = None,
-    side: opt.SideOpt = Side.OUT,
-    solver: opt.SolverOpt = SolverForm.NOISY,
-    threshold: opt.Threshold = None,
-    intersect: opt.Intersect = False,
-    device: opt.DeviceOpt = DeviceChoice.AUTO,
-    dtype: opt.DtypeOpt = Precision.FLOAT32,
-    seed: opt.Seed = 0,
-    exit_zero: opt.ExitZero = False,
-    quiet: opt.Quiet = False,
-    subfolder: opt.Subfolder = None,
-    revision: opt.Revision = None,
-    token: opt.Token = None,
-    config: opt.ConfigFile = None,
-    lora_alpha: opt.LoraAlpha = None,
-    rslora: opt.Rslora = False,
-    base_model: opt.BaseModel = None,
-    max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
-    max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
-    deprecated_method: opt.DeprecatedMethod = None,
+    reports: opt.Reports = opt.Reports(),
+    audit: opt.Audit = opt.Audit(),
+    run: opt.Run = opt.Run(),
+    read: opt.ReadPool = opt.ReadPool(),
 ) -> None:
     """Audit, then write each collaborator's refined adapter to DIR/<name>/ (projected onto the shared subspace).
 
@@ -188,39 +148,38 @@ def refine_command(
     from clair_cli.cli import common
     from clair_cli.io.paths import input_paths, printable
     from clair_cli.io.peft_writer import AtomicDir
+    from clair_cli.params import parse_rank
     from clair_cli.report.audit import audit_report
     from clair_cli.report.console import make_console
-    from clair_cli.types import parse_rank
 
-    params = common.audit_params(locals())
+    params = audit.params()
     fixed = parse_rank(project_rank, "--project-rank")
     sources = common.sources_arg(sources)
-    src = common.source_options(locals())
-    inputs = input_paths(sources, [config])
-    common.check_report_targets(json_out, markdown, plot, inputs, out)
-    target = AtomicDir(out, force, inputs)
-    with common.progress_bar(quiet) as progress:
-        pool = pipeline.open_pool(sources, src, intersect=intersect, progress=progress)
+    inputs = input_paths(sources, [read.config])
+    common.check_report_targets(reports, inputs, target.out)
+    out = AtomicDir(target.out, target.force, inputs)
+    with common.progress_bar(run.quiet) as progress:
+        pool = pipeline.open_pool(sources, read.source_options(), intersect=audit.intersect, progress=progress)
         files = common.adapter_files(pool.adapters)
-        target.guard(files)
-        common.check_report_targets(json_out, markdown, plot, files, out)
+        out.guard(files)
+        common.check_report_targets(reports, files, target.out)
         outcome = pipeline.audit(pool, params, progress)
         bases = pipeline.refined_bases(pool, outcome, fixed if isinstance(fixed, int) else None, progress)
-        report = audit_report(outcome, command="refine", digests=json_out is not None)
+        report = audit_report(outcome, command="refine", digests=reports.json_out is not None)
         report["refine"] = {
             "project_rank": project_rank,
             "projection_rank": {m: None if b is None else int(b.shape[1]) for m, b in bases.items()},
         }
         common.unique_out_names([pool.adapters[k].name for k in outcome.auditor.collaborative_set_])
         card_params = params.as_dict() | {"project_rank": project_rank}
-        used = publish.write_refined(target, pool, outcome, bases, report, sys.argv[1:], progress, card_params)
-    common.emit_reports(report, json_out, markdown, plot, quiet, files)
-    make_console(stderr=True, quiet=quiet).print(
-        f"wrote {printable(str(out))}: {len(used)} refined adapters "
+        used = publish.write_refined(out, pool, outcome, bases, report, sys.argv[1:], progress, card_params)
+    common.emit_reports(report, reports, run.quiet, files)
+    make_console(stderr=True, quiet=run.quiet).print(
+        f"wrote {printable(str(target.out))}: {len(used)} refined adapters "
         f"({len(pool.adapters) - len(used)} flagged, not written)",
         markup=False,
     )
-    common.exit_code(report, exit_zero)
+    common.exit_code(report, run.exit_zero)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,16 +1,24 @@
-"""Option aliases shared by the commands, so every command spells them alike."""
+"""Option aliases shared by the commands, so every command spells them alike, and the option
+groups (frozen dataclasses of them) that several commands take as one parameter each."""
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from clair_cli import methods
-from clair_cli.types import DeviceChoice, Precision, Rescale, Side, SolverForm
+from clair_cli.cli.choices import DeviceChoice, Precision, Rescale, Side, SolverForm
+from clair_cli.cli.command import OptionGroup
+from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK
+from clair_cli.params import DEFAULT_MERGE_TOL, AuditParams, MergeOptions
+
+if TYPE_CHECKING:
+    from clair_cli.io.sources import SourceOptions
 
 # Every option that takes a value names it (FILE, N, X), so --help reads the same under Typer 0.20
 # (Flower's pin) and the newer Typer that prints Python types (<float>); flags show none
@@ -159,12 +167,6 @@ SolverOpt = Annotated[
     SolverForm,
     typer.Option("--solver", help="Decomposition form: noisy (default) or exact (noiseless Outlier Pursuit)."),
 ]
-# The name --method had on audit, refine and gate before it meant the merge method only:
-# still accepted, with a notice on stderr (cli/common.py: solver_form).
-DeprecatedMethod = Annotated[
-    Optional[SolverForm],
-    typer.Option("--method", "-m", hidden=True, help="Deprecated: use --solver.", show_default=False),
-]
 Threshold = Annotated[
     Optional[float],
     typer.Option(
@@ -261,3 +263,124 @@ MaxAdapters = Annotated[
         metavar="N",
     ),
 ]
+
+
+# --- option groups: the options several commands share, each group one parameter ---------------
+# (cli/command.py: expand_groups shows Typer the fields, in this order, with these defaults).
+
+
+@dataclass(frozen=True)
+class Reports(OptionGroup):
+    """Where the audit's reports go."""
+
+    json_out: JsonOut = None
+    markdown: MarkdownOut = None
+    plot: PlotOut = None
+
+
+@dataclass(frozen=True)
+class ScanReports(Reports):
+    """The reports of a command that judges adapters (audit, gate): SARIF for code scanning too."""
+
+    sarif: SarifOut = None
+
+
+@dataclass(frozen=True)
+class Audit(OptionGroup):
+    """The audit's options; :meth:`params` checks them once."""
+
+    rank: Rank = "auto"
+    side: SideOpt = Side.OUT
+    solver: SolverOpt = SolverForm.NOISY
+    threshold: Threshold = None
+    intersect: Intersect = False
+    device: DeviceOpt = DeviceChoice.AUTO
+    dtype: DtypeOpt = Precision.FLOAT32
+    seed: Seed = 0
+
+    def params(self) -> AuditParams:
+        """The audit's parameters; a bad value is a usage error (exit 2)."""
+        return AuditParams(
+            solver=self.solver,
+            side=self.side,
+            rank=self.rank,
+            threshold=self.threshold,
+            device=self.device,
+            dtype=self.dtype,
+            seed=self.seed,
+        )
+
+
+@dataclass(frozen=True)
+class Run(OptionGroup):
+    """What the run prints and how it exits."""
+
+    exit_zero: ExitZero = False
+    quiet: Quiet = False
+
+
+@dataclass(frozen=True)
+class Read(OptionGroup):
+    """How to read the sources (``clair inspect``, one adapter at a time)."""
+
+    subfolder: Subfolder = None
+    revision: Revision = None
+    token: Token = None
+    config: ConfigFile = None
+    lora_alpha: LoraAlpha = None
+    rslora: Rslora = False
+    base_model: BaseModel = None
+    max_rank: MaxRank = DEFAULT_MAX_RANK
+
+    def source_options(self, max_adapters: int = DEFAULT_MAX_ADAPTERS) -> SourceOptions:
+        """How :mod:`clair_cli.io.sources` reads them."""
+        from clair_cli.io.sources import SourceOptions
+
+        return SourceOptions(
+            subfolder=self.subfolder,
+            config=self.config,
+            lora_alpha=self.lora_alpha,
+            use_rslora=self.rslora,
+            base_model=self.base_model,
+            max_rank=self.max_rank,
+            max_adapters=max_adapters,
+            revision=self.revision,
+            token=self.token,
+        )
+
+
+@dataclass(frozen=True)
+class ReadPool(Read):
+    """How to read the sources of a pool: :class:`Read`, and how many adapters at most."""
+
+    max_adapters: MaxAdapters = DEFAULT_MAX_ADAPTERS
+
+    def source_options(self, max_adapters: int | None = None) -> SourceOptions:
+        return super().source_options(self.max_adapters if max_adapters is None else max_adapters)
+
+
+@dataclass(frozen=True)
+class Target(OptionGroup):
+    """The output directory of merge and refine."""
+
+    out: Out
+    force: Force = False
+
+
+@dataclass(frozen=True)
+class Merging(OptionGroup):
+    """How ``clair merge`` merges; :meth:`options` checks them once."""
+
+    method: MergeMethodOpt = methods.MergeMethodName("clair")
+    weights: Weights = None
+    merge_rank: MergeRank = None
+    merge_tol: MergeTol = DEFAULT_MERGE_TOL
+    project: Project = False
+    project_rank: ProjectRank = None
+    rescale: RescaleOpt = Rescale.NONE
+    clip: Clip = None
+
+    def options(self) -> MergeOptions:
+        """The merge's options (``--project-rank`` implies ``--project``)."""
+        project = self.project or self.project_rank is not None
+        return MergeOptions(self.merge_rank, self.merge_tol, project, self.project_rank, self.rescale, self.clip)

@@ -87,6 +87,37 @@ class ModuleInput:
     scales: list[float]
 
 
+def canonical_input(
+    mod: ModuleInput, weights: list[float] | None = None, factors: bool = True
+) -> tuple[ModuleInput, list[float] | None]:
+    """The module (and its weights) in the canonical order of :mod:`clair_cli.core.order`;
+    with ``factors``, also in canonical factors (:mod:`clair_cli.core.canonical`, float64), so
+    that what is computed from it depends on each update alone, not on how it was factored
+    or on the order of the sources."""
+    if factors:
+        mod = ModuleInput(mod.name, mod.members, *canonical_module(mod.A, mod.B, mod.scales))
+    order = content_order(mod.A, mod.B, mod.scales)
+    return (
+        ModuleInput(
+            mod.name,
+            [mod.members[j] for j in order],
+            [mod.A[j] for j in order],
+            [mod.B[j] for j in order],
+            [mod.scales[j] for j in order],
+        ),
+        None if weights is None else [weights[j] for j in order],
+    )
+
+
+def at_working_precision(mod: ModuleInput, dtype: torch.dtype, solver: str = "auto") -> ModuleInput:
+    """The module in the audit's working precision (:func:`working_dtype`: float64 where the
+    convex path ran)."""
+    work = working_dtype(mod.A, dtype, solver)
+    if work == mod.A[0].dtype:
+        return mod
+    return ModuleInput(mod.name, mod.members, [a.to(work) for a in mod.A], [b.to(work) for b in mod.B], mod.scales)
+
+
 @dataclass
 class ModuleResult:
     name: str
@@ -108,23 +139,16 @@ class ModuleResult:
     direction: torch.Tensor | None = None
 
 
-class ClairAuditor:
-    """Audit a pool of adapters with CLAIR.
+Copies = Literal["keep-one", "flag-all"]
+NULL_DRAWS = 20  # random rotations for parallel analysis
 
-    Args:
-        method: decomposition form, ``"noisy"`` (default) or ``"exact"``.
-        side: ``"out"`` (shared output space, default), ``"in"``, or ``"both"``
-            (off-subspace share is the larger of the two).
-        rank: ``"auto"`` or a fixed shared rank.
-        threshold: fixed off-subspace share threshold (default: the automatic rule).
-        dtype: working precision of the fast path (float32 or float64); modules on the
-            convex path are always computed in float64 (see :func:`working_dtype`).
-        device: torch device for the decompositions.
-        random_state: seed of the parallel analysis.
-        n_null: random rotations for parallel analysis.
-        solver: ``"convex"`` (the decomposition of docs/engine.md, section 3), ``"fast"``
-            (:mod:`clair_cli.core.fastpath`), or ``"auto"``: fast when a module's
-            adapter ranks sum to more than ``FAST_PATH_MIN_SUM_RANK``.
+
+@dataclass(frozen=True)
+class VerdictOptions:
+    """How the audit decides, beyond the decomposition.
+
+    Attributes:
+        threshold: fixed off-subspace share threshold (default None: the automatic rule).
         in_subspace: also test where each update sits inside the shared subspace
             (rule 4, :mod:`clair_cli.core.insubspace`: sign-flipped updates).
         copies: ``"keep-one"`` (default): in a group of identical updates one member is
@@ -135,31 +159,142 @@ class ClairAuditor:
             member to be judged (:func:`clair_cli.core.verdict.flag_every_copy`).
     """
 
+    threshold: float | None = None
+    in_subspace: bool = True
+    copies: Copies = "keep-one"
+
+
+@dataclass
+class _Tally:
+    """What the audit sums over modules, per pair or per adapter of the pool."""
+
+    inner: torch.Tensor  # K x K Gram matrix of the whole updates
+    unit: torch.Tensor  # K x K sum over modules of the cosine matrices
+    digests: list  # per adapter, a sha256 over its modules' content keys
+
+    @classmethod
+    def empty(cls, K: int) -> _Tally:
+        z = torch.zeros(K, K, dtype=torch.float64)
+        return cls(z, z.clone(), [hashlib.sha256() for _ in range(K)])
+
+    def add(self, members: list[int], G: torch.Tensor) -> None:
+        idx = torch.tensor(members)
+        self.inner[idx[:, None], idx[None, :]] += G
+        self.unit[idx[:, None], idx[None, :]] += cosine_from_gram(G)
+
+
+@dataclass
+class _ModuleWork:
+    """One module during its audit, in canonical order of its members.
+
+    Attributes:
+        mod: the module in canonical factors and order; ``back`` undoes the order.
+        A, B: its factors on the device, in the working precision.
+        grams: the factor Gram matrices of ``A`` and ``B``.
+        G: the updates' Gram matrix (float64, CPU); ``norms`` their norms.
+        rep: per member, the first member with an identical update (itself if none).
+        keep: the representatives; ``pos`` their position among them.
+        fit_on: the members the subspace is fitted on (representatives, or references).
+    """
+
+    mod: ModuleInput
+    back: torch.Tensor
+    A: list[torch.Tensor]
+    B: list[torch.Tensor]
+    grams: tuple[torch.Tensor, torch.Tensor]
+    G: torch.Tensor
+    norms: torch.Tensor
+    rep: list[int]
+    keep: list[int]
+    pos: dict[int, int]
+    fit_on: list[int]
+
+
+def _in_content_order(given: ModuleInput, digests: list) -> tuple[ModuleInput, torch.Tensor]:
+    """The module in canonical factors and a canonical order of its members, and the
+    permutation back; each member's content key is added to its digest."""
+    # Every statistic is of the update alone: canonical factors first
+    # (:mod:`clair_cli.core.canonical`), whatever the factorisation given.
+    cA, cB, cs = canonical_module(given.A, given.B, given.scales)
+    # Work in a canonical order of the members; per-member results are put back
+    # into the given order, so the sources' order changes nothing.
+    keys = content_keys(cA, cB, cs)
+    for k, key in zip(given.members, keys, strict=True):
+        digests[k].update(key)
+    order = content_order(cA, cB, cs, keys)
+    mod = ModuleInput(
+        given.name,
+        [given.members[j] for j in order],
+        [cA[j] for j in order],
+        [cB[j] for j in order],
+        [cs[j] for j in order],
+    )
+    return mod, inverse(order)
+
+
+def _representatives(G: torch.Tensor) -> list[int]:
+    """Per member, the first member of its group of identical updates (itself if none)."""
+    rep = list(range(G.shape[0]))
+    for group in duplicate_groups(cosine_from_gram(G)):
+        for j in group[1:]:
+            rep[j] = group[0]
+    return rep
+
+
+def _fit_on(mod: ModuleInput, keep: list[int], reference: list[int] | None) -> list[int]:
+    if reference is None:
+        return keep
+    trusted = set(reference)
+    fit_on = [j for j in keep if mod.members[j] in trusted]
+    if not fit_on:
+        raise ValueError(f"module {mod.name}: no reference adapter targets it")
+    return fit_on
+
+
+class ClairAuditor:
+    """Audit a pool of adapters with CLAIR.
+
+    Args:
+        method: decomposition form, ``"noisy"`` (default) or ``"exact"``.
+        side: ``"out"`` (shared output space, default), ``"in"``, or ``"both"``
+            (off-subspace share is the larger of the two).
+        rank: ``"auto"`` or a fixed shared rank.
+        dtype: working precision of the fast path (float32 or float64); modules on the
+            convex path are always computed in float64 (see :func:`working_dtype`).
+        device: torch device for the decompositions.
+        random_state: seed of the parallel analysis.
+        solver: ``"convex"`` (the decomposition of CLAIR_SPEC.md section 3), ``"fast"``
+            (:mod:`clair_cli.core.fastpath`), or ``"auto"``: fast when a module's
+            adapter ranks sum to more than ``FAST_PATH_MIN_SUM_RANK``.
+        verdict: the threshold, the in-subspace rule and how copies are judged
+            (:class:`VerdictOptions`).
+
+    Attributes:
+        n_null: random rotations drawn for parallel analysis (``NULL_DRAWS``; a class
+            attribute, which an experiment may set on an instance).
+    """
+
+    n_null: int = NULL_DRAWS
+
     def __init__(
         self,
         method: Method = "noisy",
         side: SideOption = "out",
         rank: int | Literal["auto"] = "auto",
-        threshold: float | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         random_state: int = 0,
-        n_null: int = 20,
         solver: Solver = "auto",
-        in_subspace: bool = True,
-        copies: Literal["keep-one", "flag-all"] = "keep-one",
+        verdict: VerdictOptions | None = None,
     ) -> None:
         self.method = method
         self.side = side
         self.rank = rank
-        self.threshold = threshold
         self.dtype = dtype
         self.device = device
         self.random_state = random_state
-        self.n_null = n_null
         self.solver = solver
-        self.in_subspace = in_subspace
-        self.copies = copies
+        self.verdict = verdict if verdict is not None else VerdictOptions()
 
     def _use_fast(self, A: list[torch.Tensor]) -> bool:
         return uses_fast_path(A, self.solver)
@@ -176,7 +311,7 @@ class ClairAuditor:
         return dec
 
     @staticmethod
-    def _held_out_shares(A, B, scales, fit_on: list[int], used, off: torch.Tensor, pos: dict[int, int]) -> torch.Tensor:
+    def _held_out_shares(w: _ModuleWork, used, off: torch.Tensor) -> torch.Tensor:
         """Shares with every reference scored against the subspace of the *other* references.
 
         A candidate never shapes the subspace it is scored against, but a reference does:
@@ -185,6 +320,7 @@ class ClairAuditor:
         (leading directions of the others' unit-norm updates, at the same rank) is scored the
         way a candidate is. Candidates keep their shares. Needs three references or more.
         """
+        A, B, scales, fit_on = w.A, w.B, w.mod.scales, w.fit_on
         out = off.clone()
         if len(fit_on) < 3:
             return out
@@ -203,8 +339,91 @@ class ClairAuditor:
                 )
                 shares.append(off_subspace_shares([A[j]], [B[j]], [scales[j]], basis, side)[0])
             if shares:
-                out[pos[j]] = torch.stack(shares).max()
+                out[w.pos[j]] = torch.stack(shares).max()
         return out
+
+    def _prepare(self, given: ModuleInput, reference: list[int] | None, tally: _Tally) -> _ModuleWork:
+        """The module in canonical order on the device, its Grams (added to ``tally``) and
+        its representatives."""
+        mod, back = _in_content_order(given, tally.digests)
+        dtype = working_dtype(mod.A, self.dtype, self.solver)
+        A = [a.to(self.device, dtype) for a in mod.A]
+        B = [b.to(self.device, dtype) for b in mod.B]
+        grams = factor_grams(A, B)
+        G = gram(A, B, mod.scales, *grams).double().cpu()
+        tally.add(mod.members, G)
+        rep = _representatives(G)
+        keep = [j for j in range(len(A)) if rep[j] == j]
+        pos = {j: p for p, j in enumerate(keep)}
+        norms = G.diagonal().clamp_min(0).sqrt()
+        return _ModuleWork(mod, back, A, B, grams, G, norms, rep, keep, pos, _fit_on(mod, keep, reference))
+
+    def _shares(self, w: _ModuleWork, used, reference: list[int] | None):
+        """Off-subspace shares and residual shares of the representatives, and (gate) the
+        references' held-out shares."""
+        if reference is None:
+            off = torch.stack([d.off_subspace_ for d, _ in used]).max(dim=0).values
+            residual = torch.stack([d.residual_ for d, _ in used]).max(dim=0).values
+            return off, residual, None
+        # Score every adapter against the reference subspace.
+        kA, kB, ks = [w.A[j] for j in w.keep], [w.B[j] for j in w.keep], [w.mod.scales[j] for j in w.keep]
+        off = torch.stack([off_subspace_shares(kA, kB, ks, d.subspace_, s) for d, s in used]).max(0).values
+        return off, off, self._held_out_shares(w, used, off)
+
+    def _in_subspace(self, w: _ModuleWork, main, side: str) -> torch.Tensor | None:
+        """Each update's distance inside the shared subspace from the collaborators' centre."""
+        if not (self.verdict.in_subspace and main.shared_structure_):
+            return None
+        # The centre is fitted on the decomposition's collaborators (copies once).
+        centre_on = torch.zeros(len(w.A), dtype=torch.bool)
+        centre_on[[j for j, c in zip(w.fit_on, main.collaborators_.tolist(), strict=True) if c]] = True
+        Gx = in_subspace_gram(w.A, w.B, w.mod.scales, main.subspace_, side, w.grams).double().cpu()
+        distances = unit_centre_distances(Gx, w.norms, centre_on)
+        return None if distances is None else distances[w.back]
+
+    @staticmethod
+    def _direction(w: _ModuleWork, reference: list[int] | None) -> torch.Tensor:
+        """Each update's cosine with the module's centre, fitted on the representatives (or
+        the references) other than itself and the one it copies: a centre it did not shape."""
+        module_centre = torch.zeros(len(w.A), dtype=torch.bool)
+        module_centre[w.fit_on] = True
+        leave_out = {j: [j] for j in w.fit_on} if reference is not None else {j: [w.rep[j]] for j in range(len(w.A))}
+        return centre_cosines(cosine_from_gram(w.G), module_centre, leave_out)[w.back]
+
+    def _audit_module(self, given: ModuleInput, reference: list[int] | None, tally: _Tally) -> ModuleResult:
+        w = self._prepare(given, reference, tally)
+        sides = ["out", "in"] if self.side == "both" else [self.side]
+        decs = [
+            self._decompose(
+                [w.A[j] for j in w.fit_on], [w.B[j] for j in w.fit_on], [w.mod.scales[j] for j in w.fit_on], s
+            )
+            for s in sides
+        ]
+        # With side="both", a side without shared structure carries no evidence.
+        used = [(d, s) for d, s in zip(decs, sides, strict=True) if d.shared_structure_] or [(decs[0], sides[0])]
+        main = used[0][0]
+        off, residual, held_out = self._shares(w, used, reference)
+        expand = torch.tensor([w.pos[w.rep[j]] for j in range(len(w.A))])
+        null = main.null_spectrum_
+        return ModuleResult(
+            name=w.mod.name,
+            members=list(given.members),
+            rank=main.rank_,
+            spectrum=main.spectrum_.double().cpu(),
+            null_bound=None if null is None else null_bound(null).double().cpu(),
+            residual=residual.double().cpu()[expand][w.back],
+            off_subspace=off.double().cpu()[expand][w.back],
+            norms=w.norms[w.back],
+            subspace=main.subspace_.cpu(),
+            shared_structure=any(d.shared_structure_ for d in decs),
+            n_iter=max(d.n_iter_ for d in decs),
+            converged=all(d.converged_ for d in decs),
+            solver="fast" if isinstance(main, FastDecomposer) else "convex",
+            null_draws=0 if null is None else int(null.shape[0]),
+            in_subspace=self._in_subspace(w, main, used[0][1]),
+            held_out=None if held_out is None else held_out.double().cpu()[expand][w.back],
+            direction=self._direction(w, reference),
+        )
 
     def fit(
         self,
@@ -230,170 +449,76 @@ class ClairAuditor:
             raise ValueError(f"side must be 'out', 'in' or 'both', got {self.side!r}")
         if self.solver not in ("auto", "convex", "fast"):
             raise ValueError(f"solver must be 'auto', 'convex' or 'fast', got {self.solver!r}")
-        K = n_adapters
-        inner = torch.zeros(K, K, dtype=torch.float64)
-        unit = torch.zeros(K, K, dtype=torch.float64)  # sum over modules of the cosine matrices
-        digests = [hashlib.sha256() for _ in range(K)]  # per adapter, over its modules
-        results: list[ModuleResult] = []
-        for given in modules:
-            # Every statistic is of the update alone: canonical factors first
-            # (:mod:`clair_cli.core.canonical`), whatever the factorisation given.
-            cA, cB, cs = canonical_module(given.A, given.B, given.scales)
-            # Work in a canonical order of the members; per-member results are put back
-            # into the given order below, so the sources' order changes nothing.
-            keys = content_keys(cA, cB, cs)
-            for k, key in zip(given.members, keys, strict=True):
-                digests[k].update(key)
-            order = content_order(cA, cB, cs, keys)
-            back = inverse(order)
-            mod = ModuleInput(
-                given.name,
-                [given.members[j] for j in order],
-                [cA[j] for j in order],
-                [cB[j] for j in order],
-                [cs[j] for j in order],
-            )
-            dtype = working_dtype(mod.A, self.dtype, self.solver)
-            A = [a.to(self.device, dtype) for a in mod.A]
-            B = [b.to(self.device, dtype) for b in mod.B]
-            grams = factor_grams(A, B)
-            G = gram(A, B, mod.scales, *grams).double().cpu()
-            idx = torch.tensor(mod.members)
-            inner[idx[:, None], idx[None, :]] += G
-            unit[idx[:, None], idx[None, :]] += cosine_from_gram(G)
-            norms = G.diagonal().clamp_min(0).sqrt()
-            # Representatives: later copies of an identical update map to the first.
-            rep = list(range(len(A)))
-            for group in duplicate_groups(cosine_from_gram(G)):
-                for j in group[1:]:
-                    rep[j] = group[0]
-            keep = [j for j in range(len(A)) if rep[j] == j]
-            pos = {j: p for p, j in enumerate(keep)}
-            sides = ["out", "in"] if self.side == "both" else [self.side]
-            if reference is not None:
-                trusted = set(reference)
-                fit_on = [j for j in keep if mod.members[j] in trusted]
-                if not fit_on:
-                    raise ValueError(f"module {mod.name}: no reference adapter targets it")
-            else:
-                fit_on = keep
-            decs = [
-                self._decompose([A[j] for j in fit_on], [B[j] for j in fit_on], [mod.scales[j] for j in fit_on], s)
-                for s in sides
-            ]
-            # With side="both", a side without shared structure carries no evidence.
-            used = [(d, s) for d, s in zip(decs, sides, strict=True) if d.shared_structure_] or [(decs[0], sides[0])]
-            main = used[0][0]
-            held_out = None
-            if reference is not None:
-                # Score every adapter against the reference subspace.
-                kA, kB, ks = [A[j] for j in keep], [B[j] for j in keep], [mod.scales[j] for j in keep]
-                off = torch.stack([off_subspace_shares(kA, kB, ks, d.subspace_, s) for d, s in used]).max(0).values
-                residual = off
-                held_out = self._held_out_shares(A, B, mod.scales, fit_on, used, off, pos)
-            else:
-                off = torch.stack([d.off_subspace_ for d, _ in used]).max(dim=0).values
-                residual = torch.stack([d.residual_ for d, _ in used]).max(dim=0).values
-            expand = torch.tensor([pos[rep[j]] for j in range(len(A))])
-            null = main.null_spectrum_
-            distances = None
-            if self.in_subspace and main.shared_structure_:
-                # The centre is fitted on the decomposition's collaborators (copies once).
-                centre_on = torch.zeros(len(A), dtype=torch.bool)
-                centre_on[[j for j, c in zip(fit_on, main.collaborators_.tolist(), strict=True) if c]] = True
-                Gx = in_subspace_gram(A, B, mod.scales, main.subspace_, used[0][1], grams).double().cpu()
-                distances = unit_centre_distances(Gx, norms, centre_on)
-            # Each update's cosine with the module's centre, fitted on the representatives (or
-            # the references) other than itself and the one it copies: a centre it did not shape.
-            module_centre = torch.zeros(len(A), dtype=torch.bool)
-            module_centre[fit_on] = True
-            leave_out = {j: [j] for j in fit_on} if reference is not None else {j: [rep[j]] for j in range(len(A))}
-            direction = centre_cosines(cosine_from_gram(G), module_centre, leave_out)
-            results.append(
-                ModuleResult(
-                    name=mod.name,
-                    members=list(given.members),
-                    rank=main.rank_,
-                    spectrum=main.spectrum_.double().cpu(),
-                    null_bound=None if null is None else null_bound(null).double().cpu(),
-                    residual=residual.double().cpu()[expand][back],
-                    off_subspace=off.double().cpu()[expand][back],
-                    norms=norms[back],
-                    subspace=main.subspace_.cpu(),
-                    shared_structure=any(d.shared_structure_ for d in decs),
-                    n_iter=max(d.n_iter_ for d in decs),
-                    converged=all(d.converged_ for d in decs),
-                    solver="fast" if isinstance(main, FastDecomposer) else "convex",
-                    null_draws=0 if null is None else int(null.shape[0]),
-                    in_subspace=None if distances is None else distances[back],
-                    held_out=None if held_out is None else held_out.double().cpu()[expand][back],
-                    direction=direction[back],
-                )
-            )
+        tally = _Tally.empty(n_adapters)
+        results = [self._audit_module(given, reference, tally) for given in modules]
         if not results:
             raise ValueError("no module to audit")
         self.module_results_ = results
-        self.inner_ = inner  # the whole updates' Gram matrix (canonical factors, every module)
-        sq = inner.diagonal().clamp_min(0)
-        self.cosine_ = cosine_from_gram(inner)
+        self.inner_ = tally.inner  # the whole updates' Gram matrix (canonical factors, every module)
+        self.cosine_ = cosine_from_gram(tally.inner)
         trusted = set(reference or ())
         self.duplicate_groups_ = [
             sorted(g, key=lambda k: (k not in trusted, names[k] if names else "", k))
             for g in duplicate_groups(self.cosine_)
         ]
+        signals = self._pool_signals(results, tally, reference)
+        self._decide(signals, tally, trusted)
+        self.shared_rank_ = {r.name: r.rank for r in results}
+        self.shared_structure_ = any(r.shared_structure for r in results)
+        self.reference_ = None if reference is None else sorted(reference)
+        self.n_iter_ = {r.name: r.n_iter for r in results}
+        self.converged_ = all(r.converged for r in results)
+        return self
+
+    def _pool_signals(self, results: list[ModuleResult], tally: _Tally, reference: list[int] | None) -> PoolSignals:
+        """What the verdict reads of the whole pool; sets ``direction_``."""
+        K = tally.inner.shape[0]
         centre_on = torch.ones(K, dtype=torch.bool)
         if reference is not None:
             centre_on = torch.zeros(K, dtype=torch.bool)
             centre_on[list(reference)] = True
-        # In a canonical order of the adapters (their digests), like every module above.
-        glob = sorted(range(K), key=lambda k: digests[k].digest())
+        # In a canonical order of the adapters (their digests), like every module.
+        glob = sorted(range(K), key=lambda k: tally.digests[k].digest())
         where = {k: p for p, k in enumerate(glob)}
         perm = torch.tensor(glob)
-        self.direction_ = direction_cosines(
-            unit[perm[:, None], perm[None, :]],
-            centre_on[perm],
-            [[where[k] for k in g] for g in self.duplicate_groups_],
-        )[inverse(glob)]
+
+        def unit() -> torch.Tensor:  # a fresh copy for each use, in canonical order
+            return tally.unit[perm[:, None], perm[None, :]]
+
+        groups_in_order = [[where[k] for k in g] for g in self.duplicate_groups_]
+        back = inverse(glob)
+        self.direction_ = direction_cosines(unit(), centre_on[perm], groups_in_order)[back]
         pairs = None
         if reference is None and K <= SMALL_POOL_N + 1:
-            pairs = direction_pairs(
-                unit[perm[:, None], perm[None, :]],
-                centre_on[perm],
-                [[where[k] for k in g] for g in self.duplicate_groups_],
-            )
-            back = inverse(glob)
-            pairs = pairs[back[:, None], back[None, :]]
-        signals = PoolSignals(
+            pairs = direction_pairs(unit(), centre_on[perm], groups_in_order)[back[:, None], back[None, :]]
+        return PoolSignals(
             n_adapters=K,
             shares={r.name: r.off_subspace for r in results},
             members={r.name: r.members for r in results},
             structured={r.name: r.shared_structure for r in results},
-            sq_norms=sq,
+            sq_norms=tally.inner.diagonal().clamp_min(0),
             duplicates=self.duplicate_groups_,
-            threshold=self.threshold,
+            threshold=self.verdict.threshold,
             reference=reference,
             in_subspace={r.name: r.in_subspace for r in results},
             held_out={r.name: r.held_out for r in results if r.held_out is not None} or None,
             direction=self.direction_,
             module_direction={r.name: r.direction for r in results if r.direction is not None},
-            inner=inner,
+            inner=tally.inner,
             order=glob,
-            cosine=cosine_from_gram(unit),
+            cosine=cosine_from_gram(tally.unit),
             direction_pairs=pairs,
         )
+
+    def _decide(self, signals: PoolSignals, tally: _Tally, trusted: set[int]) -> None:
+        """The verdicts, and what follows from them: flags, scores, groups, silent rules."""
         self.verdicts_: list[AdapterVerdict] = decide(signals)
-        if self.copies == "flag-all":
-            flag_every_copy(self.verdicts_, self.duplicate_groups_, trusted, sq)
+        if self.verdict.copies == "flag-all":
+            flag_every_copy(self.verdicts_, self.duplicate_groups_, trusted, signals.sq_norms)
         # Rules that measured no adapter at all in this pool (the report says so).
         self.silent_rules_ = [r for r in WATCHED_RULES if not any(r in v.signals for v in self.verdicts_)]
         copies = {k for g in self.duplicate_groups_ for k in g[1:]}
-        self.groups_ = groups(self.verdicts_, cosine_from_gram(unit), self.direction_, copies)
-        self.shared_rank_ = {r.name: r.rank for r in results}
-        self.shared_structure_ = any(r.shared_structure for r in results)
+        self.groups_ = groups(self.verdicts_, cosine_from_gram(tally.unit), self.direction_, copies)
         self.flagged_ = [v.flagged for v in self.verdicts_]
         self.scores_ = [v.score for v in self.verdicts_]
-        self.collaborative_set_ = [k for k in range(K) if not self.flagged_[k]]
-        self.reference_ = None if reference is None else sorted(reference)
-        self.n_iter_ = {r.name: r.n_iter for r in results}
-        self.converged_ = all(r.converged for r in results)
-        return self
+        self.collaborative_set_ = [k for k in range(signals.n_adapters) if not self.flagged_[k]]

@@ -3,7 +3,7 @@
 Every baseline takes the adapters' factors ``A_k`` (``r_k x d_in``), ``B_k``
 (``d_out x r_k``) and scales ``s_k`` of one module and returns a
 :class:`MergeResult`: LoRA factors with scale 1 (``B @ A`` is the merged update).
-Look them up by name with :func:`get`.
+The merge methods of :mod:`clair_cli.methods` apply them, one module at a time.
 
 Which ones stay factored:
 
@@ -27,32 +27,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
 from clair_cli.core.lowrank import truncate_dense, truncate_factored
-from clair_cli.core.merge import check_weights
+from clair_cli.core.merge import MergeResult, check_weights
 from clair_cli.core.pairwise import gram
 
 CHUNK_ELEMENTS = 1 << 25  # values of the K x rows x d_in block held at once (128 MiB in float32)
 DEFAULT_TRIM = 0.2
 DEFAULT_DENSITY = 0.2
-
-
-@dataclass
-class MergeResult:
-    """Merged LoRA factors with scale 1 (``B @ A`` is the update)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    method: str
-    selected: list[int]
-    info: dict = field(default_factory=dict)
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
 
 
 Factors = Sequence[torch.Tensor]
@@ -77,7 +61,6 @@ def _concat(A: Factors, B: Factors, coef: Sequence[float]) -> tuple[torch.Tensor
 
 
 def _weighted_sum(
-    name: str,
     A: Factors,
     B: Factors,
     scales: Sequence[float],
@@ -91,7 +74,7 @@ def _weighted_sum(
     err = 0.0
     if (rank is not None and rank < a.shape[0]) or (rank is None and tol is not None):
         a, b, err = truncate_factored(a, b, rank, tol, out_dtype)
-    return MergeResult(a, b, name, list(selected), {"truncation_error": err})
+    return MergeResult(a, b, "mean", list(selected), {"truncation_error": err})
 
 
 def mean(
@@ -108,7 +91,7 @@ def mean(
     measured on the factors as returned in ``out_dtype`` (:func:`clair_cli.core.lowrank.truncate_factored`)."""
     _check(A, B, scales)
     w = check_weights(weights, len(A))
-    return _weighted_sum("mean", A, B, scales, w, rank, range(len(A)), tol, out_dtype)
+    return _weighted_sum(A, B, scales, w, rank, range(len(A)), tol, out_dtype)
 
 
 def fedavg(
@@ -181,7 +164,8 @@ def multi_krum(
     scores = krum_scores(gram(A, B, scales).double(), f)
     chosen = sorted(torch.argsort(scores, stable=True)[:m].tolist())
     coef = [1.0 / m if k in chosen else 0.0 for k in range(K)]
-    res = _weighted_sum("multi-krum" if m > 1 else "krum", A, B, scales, coef, rank, chosen)
+    res = _weighted_sum(A, B, scales, coef, rank, chosen)
+    res.method = "multi-krum" if m > 1 else "krum"
     res.info.update(f=f, m=m, krum_scores=scores.tolist())
     return res
 
@@ -297,30 +281,3 @@ def ties(
     res = _dense_merge("ties", A, B, scales, rank, combine)
     res.info["density"] = density
     return res
-
-
-Baseline = Callable[..., MergeResult]
-
-_REGISTRY: dict[str, Baseline] = {
-    "mean": mean,
-    "fedavg": fedavg,
-    "median": median,
-    "trimmed-mean": trimmed_mean,
-    "krum": krum,
-    "multi-krum": multi_krum,
-    "ties": ties,
-}
-
-BASELINES: tuple[str, ...] = tuple(_REGISTRY)
-
-
-def get(name: str) -> Baseline:
-    """The baseline called ``name``.
-
-    Raises:
-        ValueError: unknown name; the message lists the valid ones.
-    """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown merge method {name!r}; choose one of: {', '.join(BASELINES)}") from None

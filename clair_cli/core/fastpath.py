@@ -184,3 +184,18 @@ def shared_basis(
     W, offsets = stacked_factors(A, B, scales, side)
     unit = normalise_blocks(W, offsets)[0]
     return top_singular(unit, min(rank, *W.shape), torch.Generator().manual_seed(0))[0].to(W.dtype)
+
+
+def audit_memory_bytes(n: int, d: int, itemsize: int) -> int:
+    """Working memory of the audit of one module on the fast path, in bytes.
+
+    It holds the module's stacked factors (``d x n`` for ``n = sum r_k``, a few copies) and
+    the ``n x n`` Gram matrices of both factors and their product, so memory grows with the
+    square of the summed rank: ``itemsize (3 n^2 + 4 d n)``.
+
+    Args:
+        n: the module's summed adapter rank.
+        d: the larger of the module's two dimensions.
+        itemsize: bytes per value of the working precision.
+    """
+    return itemsize * (3 * n * n + 4 * d * n)

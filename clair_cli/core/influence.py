@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from clair_cli.core.insubspace import centre_weights, combination_distances
+from clair_cli.core.merge import check_weights
 
 CLIP_FACTOR = 2.0  # tau = 2 x the median distance from the geometric median
 MAX_ITERATIONS = 200
@@ -90,3 +91,31 @@ def centred_clipping(G: torch.Tensor, weights: torch.Tensor, factor: float = CLI
     if bool((clip == 1).all()):
         beta = w.clone()  # the fixed point is the weighted mean itself: return it exactly
     return Clipping(beta / beta.sum(), clip, radius, n_iter)
+
+
+def clipped_weights(
+    inner: torch.Tensor, members: list[int], weights: list[float] | None, factor: float = CLIP_FACTOR
+) -> tuple[list[float] | None, dict[int, float]]:
+    """The merge weights of ``members`` after :func:`centred_clipping`, and the factor applied
+    to each clipped member.
+
+    Args:
+        inner: the pool's Gram matrix of whole updates (``K x K``, every module).
+        members: the adapters merged (indices into ``inner``).
+        weights: their merge weights, or None for equal weights.
+        factor: as in :func:`centred_clipping`.
+
+    Returns:
+        ``weights`` as given where nothing lies beyond the clipping radius (or with fewer than
+        three members); otherwise the clipped centre's weights, and per clipped member its
+        factor (below 1).
+    """
+    if len(members) < 3:
+        return weights, {}
+    idx = torch.tensor(members)
+    G = inner[idx[:, None], idx[None, :]]
+    result = centred_clipping(G, torch.tensor(check_weights(weights, len(members)), dtype=torch.float64), factor)
+    clipped = {k: float(c) for k, c in zip(members, result.clipped.tolist(), strict=True) if c < 1}
+    if not clipped:
+        return weights, {}
+    return result.weights.tolist(), clipped

@@ -16,9 +16,36 @@ No dense ``d_out x d_in`` matrix is formed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
+
+from clair_cli.core.lowrank import truncate_factored
+
+
+@dataclass
+class MergeResult:
+    """Merged LoRA factors with scale 1 (``B @ A`` is the update).
+
+    Attributes:
+        A, B: the factors, ``rank x d_in`` and ``d_out x rank``.
+        method: the merge that made them.
+        selected: the adapters merged (positions among the inputs, or pool indices once the
+            pipeline has placed them).
+        info: what the merge measured: ``truncation_error`` (relative Frobenius error of
+            writing the update at its rank) and method-specific values.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    method: str
+    selected: list[int]
+    info: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
 
 
 def check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
@@ -98,3 +125,52 @@ def merge(
     u, s, vh = torch.linalg.svd(rl @ rr.T)
     root = s.sqrt()
     return root[:, None] * (vh @ qr_.T), (ql @ u) * root
+
+
+def projected_merge(
+    A: Sequence[torch.Tensor],
+    B: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    basis: torch.Tensor,
+    weights: Sequence[float] | None = None,
+    side: str = "out",
+    rank: int | None = None,
+) -> MergeResult:
+    """CLAIR's projected merge (:func:`merge`), truncated to ``rank`` when that is lower.
+
+    Returns:
+        The merged factors; ``info["truncation_error"]`` is the relative Frobenius error of
+        the truncation (0 without one). ``selected`` is every input.
+    """
+    a, b = merge(A, B, scales, basis, weights, side=side)
+    # Truncated (at ``rank``, or losslessly) in float64 and measured on the float32 factors written.
+    a, b, err = truncate_factored(a, b, rank, out_dtype=torch.float32)
+    return MergeResult(a, b, "clair", list(range(len(A))), {"truncation_error": err})
+
+
+def squared_norms(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float]) -> list[float]:
+    """Each update's squared Frobenius norm ``||s_k B_k A_k||_F^2``, in float64."""
+    from clair_cli.core.pairwise import gram
+
+    return gram(A, B, scales).diagonal().double().cpu().tolist()
+
+
+def rescale_to_median_norm(results: Iterable[MergeResult], sq_norms: Sequence[float]) -> float:
+    """Scale every module's merged update by one factor so that the merged adapter's norm
+    (over all modules) is the median of the merged adapters' norms; returns the factor.
+
+    Args:
+        results: the merged adapter's modules; their ``B`` is scaled in place.
+        sq_norms: each merged adapter's squared norm over all modules.
+    """
+    results = list(results)
+    merged_sq = 0.0
+    for r in results:
+        merged_sq += float(((r.A.double() @ r.A.double().T) * (r.B.double().T @ r.B.double())).sum())
+    if merged_sq <= 0:
+        return 1.0
+    norms = torch.tensor(list(sq_norms), dtype=torch.float64)
+    factor = float(torch.median(norms.sqrt())) / merged_sq**0.5
+    for r in results:
+        r.B = r.B * factor
+    return factor

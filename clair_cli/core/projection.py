@@ -142,3 +142,38 @@ def projection_rank(
     best = int(torch.argmin(relative))
     rank = best + 1 if float(relative[best]) < unprojected else None
     return ProjectionChoice(rank, relative.tolist(), unprojected)
+
+
+def basis_side(side: str) -> str:
+    """The side a refinement or merge projects on: ``in`` for ``in``, else ``out`` (``both``
+    audits both sides but projects on the output side)."""
+    return "in" if side == "in" else "out"
+
+
+def projection_basis(
+    A: Sequence[torch.Tensor],
+    B: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    side: str,
+    rank: int | None,
+    weights: Sequence[float] | None = None,
+) -> tuple[torch.Tensor | None, int | None]:
+    """The projection basis of one module's collaborators (in canonical order), and its rank.
+
+    Args:
+        A, B, scales: the collaborators' factors.
+        side: ``out`` or ``in`` (:func:`basis_side`).
+        rank: the projection's rank; None chooses it by cross-validation (:func:`projection_rank`).
+        weights: the merge weights, for that cross-validation.
+
+    Returns:
+        ``(basis, rank)``; ``(None, None)`` when the unprojected mean predicts held-out
+        adapters better (or there is one collaborator and no fixed rank).
+    """
+    if rank is None:
+        if len(A) < 2:
+            return None, None
+        rank = projection_rank(A, B, scales, folds_for(list(range(len(A)))), weights, side).rank
+        if rank is None:
+            return None, None
+    return shared_basis(A, B, scales, rank, side), rank

@@ -42,6 +42,7 @@ and ``margin`` the smaller of the two margins.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,10 +80,18 @@ def flag_every_copy(
         verdicts[k].reasons.append(rule.reason([j for j in group if j != k]))
 
 
-def duplicate_groups(cosine: torch.Tensor) -> list[list[int]]:
-    """Connected groups of adapters with pairwise cosine above DUPLICATE_COSINE."""
-    K = cosine.shape[0]
-    parent = list(range(K))
+def connected_components(items: Sequence[int], pairs: Iterable[tuple[int, int]]) -> list[list[int]]:
+    """The connected components of ``items`` linked by ``pairs`` (union-find).
+
+    Args:
+        items: the nodes.
+        pairs: links between nodes of ``items`` (consumed once).
+
+    Returns:
+        Every component, its members in the order of ``items``, the components in the order
+        of their first member there (singletons included).
+    """
+    parent = {i: i for i in items}
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -90,13 +99,19 @@ def duplicate_groups(cosine: torch.Tensor) -> list[list[int]]:
             i = parent[i]
         return i
 
-    above = torch.triu(cosine > DUPLICATE_COSINE, diagonal=1)
-    for i, j in torch.nonzero(above).tolist():  # in row-major order, as the loop over pairs was
+    for i, j in pairs:
         parent[find(j)] = find(i)
     components: dict[int, list[int]] = {}
-    for i in range(K):
+    for i in items:
         components.setdefault(find(i), []).append(i)
-    return [g for g in components.values() if len(g) > 1]
+    return list(components.values())
+
+
+def duplicate_groups(cosine: torch.Tensor) -> list[list[int]]:
+    """Connected groups of adapters with pairwise cosine above DUPLICATE_COSINE."""
+    above = torch.triu(cosine > DUPLICATE_COSINE, diagonal=1)
+    pairs = [(i, j) for i, j in torch.nonzero(above).tolist()]
+    return [g for g in connected_components(range(cosine.shape[0]), pairs) if len(g) > 1]
 
 
 def decide(signals: PoolSignals) -> list[AdapterVerdict]:
@@ -184,22 +199,10 @@ def groups(
         return []
     pairs = cosine[honest][:, honest]
     link = float(pairs[~torch.eye(len(honest), dtype=torch.bool)].double().quantile(0.5))
-    parent = {k: k for k in pointed}
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            i = parent[i]
-        return i
-
-    for a_pos, i in enumerate(pointed):
-        for j in pointed[a_pos + 1 :]:
-            if float(cosine[i, j]) >= link:
-                parent[find(j)] = find(i)
-    sets: dict[int, list[int]] = {}
-    for k in pointed:
-        sets.setdefault(find(k), []).append(k)
+    linked = ((i, j) for a_pos, i in enumerate(pointed) for j in pointed[a_pos + 1 :] if float(cosine[i, j]) >= link)
+    sets = connected_components(pointed, linked)
     out = []
-    for flagged in (sorted(g) for g in sets.values() if len(g) > 1):
+    for flagged in (sorted(g) for g in sets if len(g) > 1):
         close = [j for j in honest if float(cosine[j, flagged].mean()) > float(direction[j])]
         rest_of_pool = [k for k in range(len(verdicts)) if k not in copies]
         members = sorted(flagged + close)

@@ -46,8 +46,8 @@ except ImportError as exc:  # pragma: no cover - exercised without the extra
 if TYPE_CHECKING:
     import torch
 
-    from clair_cli.pipeline import MergeOptions
-    from clair_cli.types import AdapterConfig, AuditParams
+    from clair_cli.params import AuditParams, MergeOptions
+    from clair_cli.types import AdapterConfig
 
 SECAGG_MARKERS = ("secagg",)
 METRIC_PREFIX = "clair"

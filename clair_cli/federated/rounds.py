@@ -43,12 +43,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from clair_cli import methods
 from clair_cli.errors import AdapterFormatError, ClairError, IncompatibleAdapters
-from clair_cli.types import AuditParams
+from clair_cli.params import AuditParams
 
 if TYPE_CHECKING:
     import torch
 
-    from clair_cli.pipeline import MergeOptions
+    from clair_cli.params import MergeOptions
 
 Factors = tuple["torch.Tensor", "torch.Tensor"]  # (A: r x d_in, B: d_out x r)
 TooFew = Literal["skip", "median"]
@@ -178,7 +178,7 @@ def _refactor(
     return out, errors
 
 
-def aggregate_round(
+def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the experiments call; to group next
     global_factors: Mapping[str, Factors],
     clients: Mapping[str, Mapping[str, Factors]],
     scales: Mapping[str, float],
@@ -284,7 +284,7 @@ def _round_merge_options() -> MergeOptions:
     the project's trained pools, where the clipping radius is 2x): clipping then changes
     nothing, and bounds what a client the audit lets through can do."""
     from clair_cli.core.influence import CLIP_FACTOR
-    from clair_cli.results import MergeOptions
+    from clair_cli.params import MergeOptions
 
     return MergeOptions(clip=CLIP_FACTOR)
 

@@ -83,18 +83,9 @@ def peft_selects(raw: Mapping[str, Any], module: str) -> bool | None:
     """Whether PEFT gives ``module`` a LoRA layer under the config ``raw``
     (``peft.tuners.tuners_utils.check_target_module_exists``); None when it cannot be told
     from the config alone (no target_modules: PEFT's per-architecture default; an unsafe pattern)."""
-    exclude = raw.get("exclude_modules")
-    if isinstance(exclude, str):
-        hit = _safe_match(exclude, re.fullmatch, module)
-        if hit is None or hit:
-            return None if hit is None else False
-    elif isinstance(exclude, list) and any(module == e or module.endswith(f".{e}") for e in exclude):
-        return False
-    to_save = raw.get("modules_to_save")
-    for m in [to_save] if isinstance(to_save, str) else to_save or []:
-        hit = _safe_match(rf"(^|.*\.){m}($|\..*)", re.match, module)
-        if hit is None or hit:
-            return None if hit is None else False
+    excluded = _excluded(raw, module)
+    if excluded is not False:
+        return None if excluded is None else False
     targets = raw.get("target_modules")
     if targets is None or targets == PEFT_LIST_ALL_LINEAR:
         return None
@@ -104,6 +95,28 @@ def peft_selects(raw: Mapping[str, Any], module: str) -> bool | None:
         return True
     if not any(module.endswith(f".{t}") for t in targets):
         return False
+    return _in_layers(raw, module)
+
+
+def _excluded(raw: Mapping[str, Any], module: str) -> bool | None:
+    """Whether ``exclude_modules`` or ``modules_to_save`` takes ``module`` out of LoRA (None: unsafe pattern)."""
+    exclude = raw.get("exclude_modules")
+    if isinstance(exclude, str):
+        hit = _safe_match(exclude, re.fullmatch, module)
+        if hit is None or hit:
+            return hit
+    elif isinstance(exclude, list) and any(module == e or module.endswith(f".{e}") for e in exclude):
+        return True
+    to_save = raw.get("modules_to_save")
+    for m in [to_save] if isinstance(to_save, str) else to_save or []:
+        hit = _safe_match(rf"(^|.*\.){m}($|\..*)", re.match, module)
+        if hit is None or hit:
+            return hit
+    return False
+
+
+def _in_layers(raw: Mapping[str, Any], module: str) -> bool | None:
+    """Whether ``layers_to_transform`` (with ``layers_pattern``) keeps ``module`` (None: cannot tell)."""
     layers = raw.get("layers_to_transform")
     if layers is None or layers == []:
         return True

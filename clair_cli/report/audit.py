@@ -37,7 +37,7 @@ def share_text(share: float) -> str:
     return f"{share:.0%}"
 
 
-def reason_text(reason: Reason, names: list[str], modules: ModuleNames) -> str:
+def reason_text(reason: Reason, names: list[str], modules: ModuleNames) -> str:  # noqa: C901 - one branch per kind of reason
     """One reason of a verdict in words (``names``: the adapters', for duplicates)."""
     kind = reason.kind
     if kind == "off_subspace":

@@ -120,7 +120,7 @@ def _front_matter(base_model: str | None, tags: list[str]) -> list[str]:
     return lines
 
 
-def model_card(
+def model_card(  # noqa: PLR0913 - to group into a card dataclass next
     title: str,
     method: str,
     base_model: str | None,

@@ -17,8 +17,8 @@ from clair_cli.constants import JSON_SCHEMA_VERSION
 from clair_cli.report.audit import generated_at, where_from
 
 if TYPE_CHECKING:
+    from clair_cli.params import AuditParams
     from clair_cli.results import MergedAdapter, Pool
-    from clair_cli.types import AuditParams
 
 
 def _shares(merged: MergedAdapter) -> dict[int, float]:

@@ -22,7 +22,8 @@ from transformers import GPT2LMHeadModel
 from clair_cli import pipeline
 from clair_cli.io.peft_writer import refined_tensors
 from clair_cli.io.sources import open_adapters
-from clair_cli.types import AuditParams
+from clair_cli.params import AuditParams, MergeOptions
+from clair_cli.results import MergedAdapter
 
 from . import task
 
@@ -111,7 +112,7 @@ def _adapter_deltas(adapter, tensors: dict[str, torch.Tensor] | None = None) -> 
     return out
 
 
-def _merged_deltas(merged: pipeline.MergedAdapter) -> Deltas:
+def _merged_deltas(merged: MergedAdapter) -> Deltas:
     return {name: _dense(r.A, r.B, 1.0) for name, r in merged.modules.items()}
 
 
@@ -148,12 +149,12 @@ def pool_methods(
     for method, deltas in peft_methods(base, directories).items():
         result.methods[method] = same_for_all(deltas)
     variants = {
-        "clair-merged": pipeline.MergeOptions(),
-        "clair-merged --project": pipeline.MergeOptions(project=True),
-        "clair-merged --rescale norm": pipeline.MergeOptions(rescale="norm"),
+        "clair-merged": MergeOptions(),
+        "clair-merged --project": MergeOptions(project=True),
+        "clair-merged --rescale norm": MergeOptions(rescale="norm"),
     }
     variants.update(
-        {f"clair-merged --project-rank {r}": pipeline.MergeOptions(project_rank=r, project=True) for r in fixed_ranks}
+        {f"clair-merged --project-rank {r}": MergeOptions(project_rank=r, project=True) for r in fixed_ranks}
     )
     for label, options in variants.items():
         merged = pipeline.merge(pool, "clair", settings, options=options, outcome=outcome)

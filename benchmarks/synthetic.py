@@ -1,4 +1,5 @@
-"""Synthetic pools with known structure, for tests and benchmarks (not part of the package).
+"""Synthetic pools with known structure, for benchmarks and tests (not part of the package;
+tests import it from here, benchmarks never import tests).
 
 Benign adapters: ``B_k = U Gamma_k + noise`` with one shared orthonormal ``U``
 (``d_out x r``), so ``Theta_k = s B_k A_k`` has its column space in ``span(U)``.
@@ -13,7 +14,7 @@ import torch
 from clair_cli.core.audit import ModuleInput
 
 
-def make_module(
+def make_module(  # noqa: PLR0913 - each keyword is one property of the synthetic pool
     K: int = 20,
     bad: tuple[int, ...] = (),
     r: int = 2,

@@ -1,0 +1,104 @@
+"""Which ``rank_pattern`` / ``alpha_pattern`` keys a config may hold: matching must stay bounded.
+
+A config read from a hub is untrusted input, and its pattern keys are regular expressions
+that PEFT matches against every module name. Keys whose matching could backtrack without
+bound are refused when the config is read. Stdlib only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clair_cli.types import MAX_PATTERNS, PLAIN_PATTERN
+
+__all__ = ["MAX_PATTERNS", "pattern_risk"]
+
+MAX_PATTERN_LENGTH = 512
+MAX_UNBOUNDED_REPEATS = 3
+
+
+def _re_internals() -> tuple[Any, Any]:
+    try:
+        from re import _constants as c  # type: ignore[attr-defined]
+        from re import _parser as parser  # type: ignore[attr-defined]
+    except ImportError:  # pragma: no cover - Python < 3.11
+        import sre_constants as c  # type: ignore[no-redef]
+        import sre_parse as parser  # type: ignore[no-redef]
+    return c, parser
+
+
+class _Walk:
+    """A walk over ``re``'s parse tree that names the first construct that could backtrack
+    without bound, and counts the unbounded repetitions on the way."""
+
+    def __init__(self, constants: Any) -> None:
+        self.c = constants
+        self.repeats = (constants.MAX_REPEAT, constants.MIN_REPEAT, getattr(constants, "POSSESSIVE_REPEAT", None))
+        self.unbounded = 0
+
+    def items(self, items: Any, in_repeat: bool) -> str | None:
+        for op, av in items:
+            why = self.node(op, av, in_repeat)
+            if why:
+                return why
+        return None
+
+    def node(self, op: Any, av: Any, in_repeat: bool) -> str | None:
+        c = self.c
+        if op in (c.GROUPREF, c.GROUPREF_EXISTS):
+            return "uses a backreference"
+        if op in self.repeats:
+            return self.repeat(av, in_repeat)
+        if op == c.BRANCH:
+            if in_repeat:
+                return "repeats an alternation (catastrophic backtracking)"
+            return self.first(av[1], in_repeat)
+        return self.first(self.bodies(op, av), in_repeat)
+
+    def repeat(self, av: Any, in_repeat: bool) -> str | None:
+        _lo, hi, body = av
+        if hi <= 1:
+            return self.items(body, in_repeat)
+        if in_repeat:
+            return "nests one repetition inside another (catastrophic backtracking)"
+        self.unbounded += hi == self.c.MAXREPEAT
+        return self.items(body, True)
+
+    def first(self, bodies: Any, in_repeat: bool) -> str | None:
+        for body in bodies:
+            why = self.items(body, in_repeat)
+            if why:
+                return why
+        return None
+
+    def bodies(self, op: Any, av: Any) -> list[Any]:
+        c = self.c
+        if op == c.SUBPATTERN:
+            return [av[3]]
+        if op in (c.ASSERT, c.ASSERT_NOT):
+            return [av[1]]
+        if op == getattr(c, "ATOMIC_GROUP", None):
+            return [av]
+        return []
+
+
+def pattern_risk(key: str) -> str | None:
+    """Why matching ``key`` (a rank_pattern / alpha_pattern key) could take unbounded time, or ``None``.
+
+    Backtracking blows up on a repetition whose body can itself repeat or branch (``(a+)+``,
+    ``(a|ab)*``) and on backreferences; those are refused, as are very long patterns and more
+    than a few unbounded repetitions. Everything PEFT's own examples use passes.
+    """
+    if len(key) > MAX_PATTERN_LENGTH:
+        return f"is longer than {MAX_PATTERN_LENGTH} characters"
+    if PLAIN_PATTERN.match(key):
+        return None
+    c, parser = _re_internals()
+    walk = _Walk(c)
+    try:
+        why = walk.items(parser.parse(key), False)
+    except Exception as exc:  # noqa: BLE001 - re's own parser errors, reported as an invalid pattern
+        return f"is not a valid regular expression ({exc})"
+    if why is None and walk.unbounded > MAX_UNBOUNDED_REPEATS:
+        why = f"has more than {MAX_UNBOUNDED_REPEATS} unbounded repetitions"
+    return why

@@ -1,0 +1,155 @@
+"""What a run was asked to do, checked once: the audit's parameters and the merge's options.
+
+Built once from the command line's options (or by a library caller) and passed whole to the
+pipeline; every value is checked here, so no layer below re-checks a string. Stdlib only: the
+command line's choices (:mod:`clair_cli.cli.choices`) are Enums of the values named here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Literal
+
+from clair_cli.errors import UsageError
+
+# The values each choice takes; the command line's Enums list the same (tests/test_cli_options.py).
+SIDES = ("out", "in", "both")
+SOLVER_FORMS = ("noisy", "exact")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("float32", "float64")
+RESCALES = ("none", "norm")
+PATHS = ("auto", "convex", "fast")
+
+# Relative Frobenius error allowed when the merged update is written at a lower rank
+# (--merge-tol): far below the differences between adapters, and below bf16 rounding (4e-3).
+DEFAULT_MERGE_TOL = 1e-3
+
+
+def _value(x: Any) -> Any:
+    return x.value if isinstance(x, Enum) else x
+
+
+def _choice(option: str, value: Any, allowed: tuple[str, ...]) -> str:
+    text = _value(value)
+    if text not in allowed:
+        raise UsageError(f"{option} {text}: expected one of {', '.join(allowed)}")
+    return str(text)
+
+
+def parse_rank(rank: int | str, option: str = "--rank") -> int | Literal["auto"]:
+    """``auto`` or a positive whole number (also given as text, as on the command line)."""
+    if rank == "auto":
+        return "auto"
+    try:
+        value = int(rank)
+    except (TypeError, ValueError):
+        value = 0
+    if isinstance(rank, bool) or value < 1 or (isinstance(rank, float) and rank != value):
+        raise UsageError(f"{option} {rank}: expected 'auto' or a positive integer")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditParams:
+    """What the audit was asked to do, built once from the options and passed whole.
+
+    Every value is checked here, once; Enum members are stored as their plain values, so
+    the object compares and serialises as text (the ``params`` of the JSON report).
+
+    Attributes:
+        solver: the decomposition's form (``--solver``): ``noisy`` or ``exact``.
+        side: the shared space (``--side``): ``out``, ``in`` or ``both``.
+        rank: detection rank, ``auto`` (parallel analysis) or a positive number.
+        threshold: fixed off-subspace share in (0, 1), or None for the automatic rule.
+        dtype: working precision, ``float32`` or ``float64``.
+        device: ``auto``, ``cpu`` or ``cuda[:N]``; the pipeline resolves ``auto``.
+        seed: seed of the random rotations, 0 to 2**32-1.
+        path: which decomposition runs per module: ``auto`` (fast path for large modules),
+            ``convex`` or ``fast`` (the ``solver`` argument of
+            :class:`clair_cli.core.audit.ClairAuditor`).
+    """
+
+    solver: str = "noisy"
+    side: str = "out"
+    rank: int | str = "auto"
+    threshold: float | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    path: str = "auto"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "solver", _choice("--solver", self.solver, SOLVER_FORMS))
+        set_(self, "side", _choice("--side", self.side, SIDES))
+        set_(self, "dtype", _choice("--dtype", self.dtype, PRECISIONS))
+        set_(self, "rank", parse_rank(self.rank))
+        device = str(_value(self.device))
+        if device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", device):
+            raise UsageError(f"--device {device}: expected auto, cpu or cuda")
+        set_(self, "device", device)
+        if self.threshold is not None and not 0 < self.threshold < 1:
+            raise UsageError(f"--threshold {self.threshold}: expected a share between 0 and 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise UsageError(f"--seed {self.seed}: expected a whole number from 0 to 2**32-1")
+        if self.path not in PATHS:
+            raise UsageError(f"path {self.path!r}: expected auto, convex or fast")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``params`` section of the JSON report (its keys predate ``--solver``)."""
+        return {
+            "method": self.solver,
+            "side": self.side,
+            "rank": self.rank,
+            "threshold": self.threshold,
+            "dtype": self.dtype,
+            "device": self.device,
+            "seed": self.seed,
+            "solver": self.path,
+        }
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How the merged update is formed and written (the ``merge`` section of the JSON report).
+
+    Attributes:
+        rank: rank of the written LoRA (``--merge-rank``); None: the smallest rank whose
+            relative Frobenius error is at most ``tol``.
+        tol: that tolerance (``--merge-tol``).
+        project: CLAIR's projected merge ``U U^T`` (``--project``) instead of the exact mean.
+        project_rank: the projection's rank (``--project-rank``); None: chosen per module by
+            cross-validation across the collaborators (:mod:`clair_cli.core.projection`).
+        rescale: ``"norm"`` scales the merged update so its norm is the median of the merged
+            adapters' norms (averaging separately trained updates shrinks them); ``"none"``.
+        clip: bounded influence of the adapters the audit lets through (``--clip``): centred
+            clipping at this many times their median distance from their geometric median
+            (:mod:`clair_cli.core.influence`); None merges their plain weighted mean.
+    """
+
+    rank: int | None = None
+    tol: float = DEFAULT_MERGE_TOL
+    project: bool = False
+    project_rank: int | None = None
+    rescale: str = "none"
+    clip: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
+            raise UsageError(f"--clip {self.clip}: expected a positive number, or off")
+        if self.rank is not None and self.rank < 1:
+            raise UsageError(f"--merge-rank {self.rank}: expected a positive integer")
+        if not 0 <= self.tol < 1:
+            raise UsageError(f"--merge-tol {self.tol}: expected a number in [0, 1)")
+        if self.project_rank is not None and self.project_rank < 1:
+            raise UsageError(f"--project-rank {self.project_rank}: expected a positive integer")
+        rescale = _value(self.rescale)
+        if rescale not in RESCALES:
+            raise UsageError(f"--rescale {rescale}: expected one of {', '.join(RESCALES)}")
+        object.__setattr__(self, "rescale", rescale)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
