@@ -61,6 +61,10 @@ DEFAULT_MAX_RANK = 1024
 # (README, "Limits": 2,000 tiny adapters take about 30 s and 2 GiB).
 DEFAULT_MAX_ADAPTERS = 2048
 MAX_SOURCE_DEPTH = 32  # directory levels searched below a directory source
+# A list of sources (@FILE or stdin): 2,048 adapters of 256-character paths fit 16 times over.
+MAX_LIST_BYTES = 8 * 1024 * 1024
+# The folders a Hugging Face Trainer saves during a run (transformers' PREFIX_CHECKPOINT_DIR).
+CHECKPOINT_DIR_RE = re.compile(r"^checkpoint-\d+$")
 
 HUB_PREFIX = "hf://"
 # Overall deadline of one hub file download (CLAIR_HUB_TIMEOUT overrides it), in seconds.
