@@ -60,6 +60,11 @@ DEFAULT_MAX_RANK = 1024
 # the verdict's calibration cost time and memory that grow with the square of the pool
 # (README, "Limits": 2,000 tiny adapters take about 30 s and 2 GiB).
 DEFAULT_MAX_ADAPTERS = 2048
+# LoRA modules accepted in one adapter by default (--max-modules): the audit costs tens of
+# milliseconds per module for a small pool on one core (28 ms measured for 10,000 modules), so
+# 4,096 modules (every linear layer of a 405B dense model is 882; MoE expert LoRAs are more)
+# bound a run to minutes. The header caps (100,000 tensors) would admit 50,000.
+DEFAULT_MAX_MODULES = 4096
 MAX_SOURCE_DEPTH = 32  # directory levels searched below a directory source
 # A list of sources (@FILE or stdin): 2,048 adapters of 256-character paths fit 16 times over.
 MAX_LIST_BYTES = 8 * 1024 * 1024

@@ -23,6 +23,7 @@ from clair_cli.constants import (
     CHECKPOINT_DIR_RE,
     CONFIG_NAME,
     DEFAULT_MAX_ADAPTERS,
+    DEFAULT_MAX_MODULES,
     DEFAULT_MAX_RANK,
     HUB_PREFIX,
     MAX_LIST_BYTES,
@@ -34,13 +35,13 @@ from clair_cli.constants import (
 )
 from clair_cli.errors import AdapterFormatError, AdapterNotFound, ClairError, UnsafeFormatError, UsageError
 from clair_cli.io import hub
-from clair_cli.io.adapter import Adapter
+from clair_cli.io.adapter import Adapter, classify_keys
 from clair_cli.io.base_model import canonical_base_model
 from clair_cli.io.files import os_problem, probe, read_small
 from clair_cli.io.hub import COMMIT_RE
 from clair_cli.io.paths import printable, resolved, shown_path
 from clair_cli.io.peft_config import load_config
-from clair_cli.io.safetensors_file import read_header
+from clair_cli.io.safetensors_file import TensorInfo, read_header
 from clair_cli.types import AdapterConfig, AdapterRef
 
 Progress = Callable[[str, int, int], None]
@@ -58,6 +59,7 @@ class SourceOptions:
         base_model: the base model of every source (it replaces what a config says, with a note).
         max_rank: adapters with a module of higher rank are refused before any factor is read.
         max_adapters: more adapters than this in one run are refused before any is opened.
+        max_modules: adapters with more LoRA modules are refused before any factor is read.
         revision: hub revision for hub ids that name none (``--revision``).
         token: Hugging Face token for hub sources (``--token``); None: HF_TOKEN or the saved login.
     """
@@ -69,6 +71,7 @@ class SourceOptions:
     base_model: str | None = None
     max_rank: int = DEFAULT_MAX_RANK
     max_adapters: int = DEFAULT_MAX_ADAPTERS
+    max_modules: int = DEFAULT_MAX_MODULES
     revision: str | None = None
     token: str | None = field(default=None, repr=False)
 
@@ -502,16 +505,17 @@ def resolve_sources(
     return refs
 
 
-def _flag_config(ref: AdapterRef, options: SourceOptions) -> AdapterConfig:
-    # A bare file has no r: take each module's rank from its tensors.
+def _flag_config(ref: AdapterRef, options: SourceOptions, tensors: dict[str, TensorInfo]) -> AdapterConfig:
+    """The config of a bare file, from --lora-alpha and the factors' own ranks (no r to check)."""
     if options.lora_alpha is None:
-        raise AdapterFormatError(f"{ref.weights_file}: no config", hint="Pass --config FILE or --lora-alpha.")
-    tensors, _ = read_header(ref.weights_file)
+        raise AdapterFormatError(
+            f"{shown_path(ref.weights_file)}: no config", hint="Pass --config FILE or --lora-alpha."
+        )
     ranks: dict[str, int] = {}
-    for key, info in tensors.items():
-        if (key.endswith(".lora_A.weight") or key.endswith(".lora_embedding_A")) and info.shape:
-            module = key.rsplit(".lora_", 1)[0].removeprefix("base_model.model.")
-            ranks[module] = info.shape[0]
+    for module, parts in classify_keys(ref.weights_file, tensors).parts.items():
+        a = parts.get("lora_A", parts.get("lora_embedding_A"))
+        if a is not None and a.shape:
+            ranks[module] = a.shape[0]
     common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
     return AdapterConfig(
         base_model=options.base_model,
@@ -527,6 +531,7 @@ def open_adapter(ref: AdapterRef, options: SourceOptions | None = None) -> Adapt
     options = options or SourceOptions()
     config_file = options.config if ref.config_file is None or options.config else ref.config_file
     note = None
+    header = read_header(ref.weights_file)
     if config_file is not None:
         config = load_config(config_file)
         if options.base_model:
@@ -536,8 +541,8 @@ def open_adapter(ref: AdapterRef, options: SourceOptions | None = None) -> Adapt
                 note = f"--base-model {options.base_model!r} replaces the config's base model {given!r}"
             config = replace(config, base_model=options.base_model)
     else:
-        config = _flag_config(ref, options)
-    adapter = Adapter.open(ref, config, max_rank=options.max_rank)
+        config = _flag_config(ref, options, header[0])
+    adapter = Adapter.open(ref, config, max_rank=options.max_rank, max_modules=options.max_modules, header=header)
     if note:
         adapter.notes.append(note)
     return adapter
