@@ -72,8 +72,10 @@ MAX_LIST_BYTES = 8 * 1024 * 1024
 CHECKPOINT_DIR_RE = re.compile(r"^checkpoint-\d+$")
 
 HUB_PREFIX = "hf://"
-# Overall deadline of one hub file download (CLAIR_HUB_TIMEOUT overrides it), in seconds.
+# Overall deadline of one hub source's downloads, config and weights together (CLAIR_HUB_TIMEOUT
+# overrides it, up to a week), in seconds.
 HUB_DEFAULT_TIMEOUT_S = 300.0
+HUB_MAX_TIMEOUT_S = 7 * 24 * 3600.0
 HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 JSON_SCHEMA_VERSION = 1
