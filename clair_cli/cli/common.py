@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK, EXIT_FLAGGED, EXIT_OK
+from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_MODULES, DEFAULT_MAX_RANK, EXIT_FLAGGED, EXIT_OK
 from clair_cli.errors import UsageError
 from clair_cli.types import AuditParams, SolverForm
 
@@ -83,6 +83,7 @@ def source_options(options: Mapping[str, Any]) -> SourceOptions:
         base_model=options.get("base_model"),
         max_rank=options.get("max_rank", DEFAULT_MAX_RANK),
         max_adapters=options.get("max_adapters", DEFAULT_MAX_ADAPTERS),
+        max_modules=options.get("max_modules", DEFAULT_MAX_MODULES),
         revision=options.get("revision"),
         token=options.get("token"),
     )
@@ -213,7 +214,8 @@ def check_report_targets(
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError(
-                "--plot needs matplotlib, which is not installed", hint="Install it with: pip install 'clair-lora[plot]'"
+                "--plot needs matplotlib, which is not installed",
+                hint="Install it with: pip install 'clair-lora[plot]'",
             ) from None
     for target in files:
         check_report_file(target, inputs)

@@ -6,7 +6,7 @@ import typer
 
 from clair_cli.cli import options as opt
 from clair_cli.cli.command import add_command
-from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK
+from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_MODULES, DEFAULT_MAX_RANK
 from clair_cli.types import DeviceChoice, Precision, Side, SolverForm
 
 EXAMPLES = """
@@ -52,6 +52,7 @@ def gate_command(
     base_model: opt.BaseModel = None,
     max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
     max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
+    max_modules: opt.MaxModules = DEFAULT_MAX_MODULES,
     deprecated_method: opt.DeprecatedMethod = None,
 ) -> None:
     """Judge CANDIDATE adapters against trusted --reference adapters.

@@ -8,7 +8,7 @@ import typer
 
 from clair_cli.cli import options as opt
 from clair_cli.cli.command import add_command
-from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK
+from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_MODULES, DEFAULT_MAX_RANK
 from clair_cli.methods import MergeMethodName
 from clair_cli.types import DeviceChoice, Precision, Rescale, Side, SolverForm
 
@@ -67,6 +67,7 @@ def merge_command(
     base_model: opt.BaseModel = None,
     max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
     max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
+    max_modules: opt.MaxModules = DEFAULT_MAX_MODULES,
     drop_extras: opt.DropExtras = False,
 ) -> None:
     """Merge adapters into one PEFT adapter (clair: audit first, then merge the collaborators).
@@ -157,6 +158,7 @@ def refine_command(
     base_model: opt.BaseModel = None,
     max_rank: opt.MaxRank = DEFAULT_MAX_RANK,
     max_adapters: opt.MaxAdapters = DEFAULT_MAX_ADAPTERS,
+    max_modules: opt.MaxModules = DEFAULT_MAX_MODULES,
     deprecated_method: opt.DeprecatedMethod = None,
 ) -> None:
     """Audit, then write each collaborator's refined adapter to DIR/<name>/ (projected onto the shared subspace).

@@ -241,6 +241,16 @@ MaxRank = Annotated[
         metavar="N",
     ),
 ]
+MaxModules = Annotated[
+    int,
+    typer.Option(
+        "--max-modules",
+        min=1,
+        help="Refuse adapters with more LoRA modules than this, before reading any factor: the audit "
+        "costs tens of milliseconds per module (README, Limits).",
+        metavar="N",
+    ),
+]
 MaxAdapters = Annotated[
     int,
     typer.Option(
