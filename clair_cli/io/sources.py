@@ -3,8 +3,17 @@
 A source is a PEFT adapter directory, a directory of such directories (every
 adapter below it, sorted, named by relative path), a single ``.safetensors``
 file (config beside it or from flags), or a Hugging Face Hub id. Pickle
-checkpoints are refused without being opened. Inside a directory source, every
-file must resolve inside that directory: a symlink that leads out is refused.
+checkpoints are refused without being opened.
+
+Symlinks are followed, files and directories alike (a Hugging Face cache snapshot
+is links into ``../../blobs``; a pool is often links to chosen adapters): what a
+link names is read through the one bounded reader (:mod:`clair_cli.io.files`), so
+it must be a regular file of bounded size. Dangling links, loops, one directory
+reached twice and one weights file read as two adapters are errors, never skipped.
+Several states of one training run below a directory source (an adapter with
+``checkpoint-N`` folders inside, or two ``checkpoint-N`` folders side by side) are
+refused with a list: they are not independent adapters, and the user names the
+one to read. An adapter inside a cache snapshot is named ``owner/name@<commit[:12]>``.
 """
 
 from __future__ import annotations
@@ -327,12 +336,14 @@ def _nesting(adapters: list[Path]) -> tuple[dict[Path, list[Path]], list[Path]]:
     ``checkpoint-N`` adapters); ``single`` are the other adapter directories.
     """
     groups: dict[Path, list[Path]] = {}
-    ordered = sorted(adapters)
-    outer = [a for a in ordered if not any(a != b and a.is_relative_to(b) for b in ordered)]
-    for a in outer:
-        inner = [b for b in ordered if b != a and b.is_relative_to(a)]
-        if inner:
-            groups[a] = [a, *inner]
+    found = set(adapters)
+    outer: list[Path] = []
+    for a in sorted(adapters):
+        tops = [p for p in a.parents if p in found]  # nearest first: the last is the outermost
+        if tops:
+            groups.setdefault(tops[-1], [tops[-1]]).append(a)
+        else:
+            outer.append(a)
     rest = [a for a in outer if a not in groups]
     by_parent: dict[Path, list[Path]] = {}
     for a in rest:
