@@ -30,6 +30,7 @@ import torch
 from helpers import MODULES, lora_config, random_factors, write_adapter
 from safetensors.torch import save_file
 
+ROOT = Path(__file__).resolve().parents[1]  # this checkout's clair_cli, not an installed one
 LIMIT_S = 300  # per process, on a loaded machine; each takes seconds
 KEY = "base_model.model.model.layers.0.self_attn.q_proj"
 SHA = "c" * 40
@@ -52,6 +53,7 @@ class Run:
 def clair(*args: str, env: dict[str, str] | None = None, stdin: str | None = None, cwd: Path | None = None) -> Run:
     """Run ``python -m clair_cli ARGS`` and measure its own peak memory (wait4)."""
     full = {**os.environ, "NO_COLOR": "1", "COLUMNS": "400", "HF_HUB_DISABLE_TELEMETRY": "1", **(env or {})}
+    full["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         out = stack.enter_context(tempfile.TemporaryFile("w+"))
@@ -281,7 +283,7 @@ def test_the_download_thread_stops_after_the_deadline(
         "    time.sleep(0.2)\n"
         "print('alive' if any(t.name == 'clair-hub-download' for t in threading.enumerate()) else 'stopped')\n"
     )
-    env = {**os.environ, **_hub_env(trickle.url, tmp_path / "home", "2")}
+    env = {**os.environ, **_hub_env(trickle.url, tmp_path / "home", "2"), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=LIMIT_S)
     lines = proc.stdout.strip().splitlines()
     assert lines[0].endswith("did not finish within 2 s"), proc.stdout + proc.stderr

@@ -42,7 +42,14 @@ from clair_cli.constants import (
     PICKLE_WEIGHTS_NAMES,
     SAFETENSORS_WEIGHTS_NAME,
 )
-from clair_cli.errors import AdapterFormatError, AdapterNotFound, ClairError, UnsafeFormatError, UsageError
+from clair_cli.errors import (
+    AdapterFormatError,
+    AdapterNotFound,
+    ClairError,
+    HubError,
+    UnsafeFormatError,
+    UsageError,
+)
 from clair_cli.io import hub
 from clair_cli.io.adapter import Adapter, classify_keys
 from clair_cli.io.base_model import canonical_base_model
@@ -475,6 +482,20 @@ def _same_files(refs: list[AdapterRef]) -> None:
         seen[key] = ref
 
 
+def _resolve_one(
+    spec: str, options: SourceOptions, errors: list[tuple[str, str, ClairError]] | None
+) -> list[AdapterRef]:
+    if spec.startswith("hf://"):
+        return [hub.fetch(spec, options.subfolder, options.revision, options.token)]
+    path = Path(spec)
+    st = probe(path)
+    if st is not None:
+        return _resolve_local(spec, path, st, options, errors)
+    if hub.looks_like_hub_id(spec) and not spec.startswith((".", "/", "~")):
+        return [hub.fetch(spec, options.subfolder, options.revision, options.token)]
+    raise AdapterNotFound(f"{shown_path(spec)}: no such file or directory")
+
+
 def resolve_sources(
     specs: Sequence[str],
     options: SourceOptions | None = None,
@@ -482,8 +503,9 @@ def resolve_sources(
 ) -> list[AdapterRef]:
     """Resolve source strings to adapter references, in the order given.
 
-    With ``errors`` (a list), an unreadable adapter inside a directory source is appended
-    to it as ``(name, source, error)`` instead of ending the resolution.
+    With ``errors`` (a list), a source that cannot be read, or an unreadable adapter inside a
+    directory source, is appended to it as ``(name, source, error)`` instead of ending the
+    resolution (usage errors, such as two adapters of one name, still end it).
 
     Raises:
         AdapterNotFound: a path or hub repo does not exist.
@@ -494,17 +516,12 @@ def resolve_sources(
         raise UsageError("no source given", hint="Name adapter directories, files or hub repo ids.")
     refs: list[AdapterRef] = []
     for spec in specs:
-        path = Path(spec)
-        if spec.startswith("hf://"):
-            refs.append(hub.fetch(spec, options.subfolder, options.revision, options.token))
-            continue
-        st = probe(path)
-        if st is not None:
-            refs.extend(_resolve_local(spec, path, st, options, errors))
-        elif hub.looks_like_hub_id(spec) and not spec.startswith((".", "/", "~")):
-            refs.append(hub.fetch(spec, options.subfolder, options.revision, options.token))
-        else:
-            raise AdapterNotFound(f"{shown_path(spec)}: no such file or directory")
+        try:
+            refs.extend(_resolve_one(spec, options, errors))
+        except (AdapterNotFound, AdapterFormatError, HubError) as exc:
+            if errors is None:
+                raise
+            errors.append((printable(spec), printable(spec), exc))  # inspect shows it as a row
     dupes = [name for name, n in Counter(r.name for r in refs).items() if n > 1]
     if dupes:
         where = [r.weights_file.as_posix() for r in refs if r.name == dupes[0]]
