@@ -453,6 +453,9 @@ def _run_case(case: Case, d: Path, hub_url: str) -> Outcome:
         "NO_COLOR": "1",
         "COLUMNS": "400",
         "HF_HOME": str(d / "home"),
+        # The case runs in its own directory: without this, `-m clair_cli` would import an
+        # installed clair (another checkout's) instead of this one.
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
         **{k: v.format(hub=hub_url) for k, v in case.env.items()},
     }
     before = _snapshot(d)
