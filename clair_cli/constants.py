@@ -25,7 +25,7 @@ LORA_KEY_RE = re.compile(
 )
 DORA_MAGNITUDE_RE = re.compile(r"^(?P<module>.+?)\.lora_magnitude_vector(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$")
 
-# Bounds on one safetensors file's header (README, "Limits"): safetensors itself allows a
+# Bounds on one safetensors file's header (docs/usage/sources.md, "Limits"): safetensors itself allows a
 # 100 MB header; an adapter's is a few hundred KB (a 70B model's LoRA on every linear layer
 # has ~1,100 tensors), so 16 MiB and 100,000 tensors leave room for MoE expert LoRAs while
 # bounding the time and memory one upload can cost.
@@ -54,17 +54,28 @@ SAFETENSORS_DTYPE_SIZES = {
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 MAX_CONFIG_BYTES = 10 * 1024 * 1024
 # Highest LoRA rank accepted by default (--max-rank): the factored analysis holds a
-# (summed rank)^2 Gram matrix per module (README, "Limits").
+# (summed rank)^2 Gram matrix per module (docs/usage/sources.md, "Limits").
 DEFAULT_MAX_RANK = 1024
 # Adapters accepted in one run by default (--max-adapters): the pool-level Gram matrices and
 # the verdict's calibration cost time and memory that grow with the square of the pool
-# (README, "Limits": 2,000 tiny adapters take about 30 s and 2 GiB).
+# (docs/usage/sources.md, "Limits": 2,000 tiny adapters take about 30 s and 2 GiB).
 DEFAULT_MAX_ADAPTERS = 2048
+# LoRA modules accepted in one adapter by default (--max-modules): the audit costs tens of
+# milliseconds per module for a small pool on one core (28 ms measured for 10,000 modules), so
+# 4,096 modules (every linear layer of a 405B dense model is 882; MoE expert LoRAs are more)
+# bound a run to minutes. The header caps (100,000 tensors) would admit 50,000.
+DEFAULT_MAX_MODULES = 4096
 MAX_SOURCE_DEPTH = 32  # directory levels searched below a directory source
+# A list of sources (@FILE or stdin): 2,048 adapters of 256-character paths fit 16 times over.
+MAX_LIST_BYTES = 8 * 1024 * 1024
+# The folders a Hugging Face Trainer saves during a run (transformers' PREFIX_CHECKPOINT_DIR).
+CHECKPOINT_DIR_RE = re.compile(r"^checkpoint-\d+$")
 
 HUB_PREFIX = "hf://"
-# Overall deadline of one hub file download (CLAIR_HUB_TIMEOUT overrides it), in seconds.
+# Overall deadline of one hub source's downloads, config and weights together (CLAIR_HUB_TIMEOUT
+# overrides it, up to a week), in seconds.
 HUB_DEFAULT_TIMEOUT_S = 300.0
+HUB_MAX_TIMEOUT_S = 7 * 24 * 3600.0
 HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 JSON_SCHEMA_VERSION = 1

@@ -30,7 +30,6 @@ class AdapterRef:
         weights_file: the ``.safetensors`` file.
         config_file: ``adapter_config.json`` or ``None`` when given by flags.
         revision: resolved hub commit sha, ``None`` for local sources.
-        root: directory that every file of a local source must stay inside.
         path: a local adapter's own path, spelled from the source as given (relative
             stays relative); ``None`` for hub sources.
         repo_id: the hub repo id, ``None`` for local sources.
@@ -43,7 +42,6 @@ class AdapterRef:
     weights_file: Path
     config_file: Path | None
     revision: str | None = None
-    root: Path | None = None
     path: str | None = None
     repo_id: str | None = None
     requested_revision: str | None = None

@@ -77,13 +77,14 @@ def _with(build: Callable[[Path], list[str]], *extra: str) -> Callable[[Path], l
     return lambda d: [*build(d), *(e.format(d=d) for e in extra)]
 
 
-def _symlink_outside(d: Path) -> list[str]:
+def _symlink_to_a_device(d: Path) -> list[str]:
+    # A link is read as what it names, which must be a regular file: never /dev/zero.
     _good_pool(d / "pool")
     write_adapter(d / "elsewhere")
     evil = d / "pool" / "evil"
     evil.mkdir()
     shutil.copy(d / "elsewhere" / "adapter_config.json", evil / "adapter_config.json")
-    (evil / "adapter_model.safetensors").symlink_to(d / "elsewhere" / "adapter_model.safetensors")
+    (evil / "adapter_model.safetensors").symlink_to("/dev/zero")
     return [str(d / "pool")]
 
 
@@ -215,9 +216,11 @@ def _double_prefix(d: Path) -> None:
 
 
 def _symlinked_member(d: Path) -> list[str]:
+    # A linked adapter folder is read; a second link to the same folder would read it twice.
     _good_pool(d / "pool")
     write_adapter(d / "outside" / "linked", random_factors(MODULES, seed=15))
     (d / "pool" / "linked").symlink_to(d / "outside" / "linked", target_is_directory=True)
+    (d / "pool" / "linked_again").symlink_to(d / "outside" / "linked", target_is_directory=True)
     return [str(d / "pool")]
 
 
@@ -275,7 +278,7 @@ CASES: dict[str, Case] = {
         name: Case(_alone(build) if name in ("missing path", "empty directory") else _pool_with(build), expected, "bad")
         for name, (build, expected) in ADAPTER_CASES.items()
     },
-    "symlink outside the source directory": Case(_symlink_outside, "symlink leads outside", "evil"),
+    "symlink to a device in an adapter": Case(_symlink_to_a_device, "is a device", "evil"),
     "adapters of two base models": Case(_two_base_models, "different base models", "other_base"),
     "duplicate adapter names": Case(_duplicate_names, "both named 'good_0'", "good_0"),
     "fewer adapters than clair needs": Case(_too_few, "clair needs at least 5 adapters, got 3", "adapters"),
@@ -324,7 +327,7 @@ CASES: dict[str, Case] = {
     "one tensor under two key spellings": Case(_pool_with(_two_spellings), "two lora_A tensors", "bad"),
     "two adapter names in one file": Case(_pool_with(_two_adapter_names), "two lora_B tensors", "bad"),
     "keys prefixed twice": Case(_pool_with(_double_prefix), "prefix 'base_model.model.' twice", "bad"),
-    "symlinked adapter inside a pool": Case(_symlinked_member, "symlinked directory", "linked"),
+    "two links to one adapter inside a pool": Case(_symlinked_member, "again", "linked_again"),
     "values that overflow the update": Case(_pool_with(_overflowing), "make its update overflow", "bad"),
     # class 4
     "config nested 200,000 deep": Case(_pool_with(_deep_config), "nested too deeply", "bad"),
@@ -450,6 +453,9 @@ def _run_case(case: Case, d: Path, hub_url: str) -> Outcome:
         "NO_COLOR": "1",
         "COLUMNS": "400",
         "HF_HOME": str(d / "home"),
+        # The case runs in its own directory: without this, `-m clair_cli` would import an
+        # installed clair (another checkout's) instead of this one.
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
         **{k: v.format(hub=hub_url) for k, v in case.env.items()},
     }
     before = _snapshot(d)

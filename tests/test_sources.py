@@ -107,23 +107,26 @@ def test_directory_with_only_pickles_is_refused(tmp_path: Path) -> None:
         resolve_sources([str(tmp_path / "pool")])
 
 
-def test_symlink_leading_outside_the_source_directory_is_refused(tmp_path: Path) -> None:
+def test_symlink_leading_outside_the_source_directory_is_read(tmp_path: Path) -> None:
+    # A link to a regular file is read as that file, through the bounded reader (the layout of
+    # a Hugging Face cache snapshot, and of a pool assembled from links).
     outside = write_adapter(tmp_path / "outside")
     pool = tmp_path / "pool"
-    (pool / "evil").mkdir(parents=True)
-    shutil.copy(outside / "adapter_config.json", pool / "evil" / "adapter_config.json")
-    os.symlink(outside / "adapter_model.safetensors", pool / "evil" / "adapter_model.safetensors")
-    with pytest.raises(UnsafeFormatError, match="symlink leads outside"):
-        resolve_sources([str(pool)])
+    (pool / "linked").mkdir(parents=True)
+    shutil.copy(outside / "adapter_config.json", pool / "linked" / "adapter_config.json")
+    os.symlink(outside / "adapter_model.safetensors", pool / "linked" / "adapter_model.safetensors")
+    (ref,) = resolve_sources([str(pool)])
+    assert ref.name == "linked" and ref.path == os.path.join(str(pool), "linked")
 
 
-def test_symlink_inside_the_source_directory_is_fine(tmp_path: Path) -> None:
+def test_one_file_read_as_two_adapters_is_refused(tmp_path: Path) -> None:
     pool = tmp_path / "pool"
     real = write_adapter(pool / "real")
     (pool / "alias").mkdir()
     shutil.copy(real / "adapter_config.json", pool / "alias" / "adapter_config.json")
     os.symlink(real / "adapter_model.safetensors", pool / "alias" / "adapter_model.safetensors")
-    assert [r.name for r in resolve_sources([str(pool)])] == ["alias", "real"]
+    with pytest.raises(UsageError, match="'?alias'? and '?real'? are the same file|alias and real are the same file"):
+        resolve_sources([str(pool)])
 
 
 def test_duplicate_names_are_refused(pool_dir: Path) -> None:

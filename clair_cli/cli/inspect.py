@@ -29,8 +29,9 @@ def inspect_command(
 ) -> None:
     """Show each adapter's base model, rank, alpha, scale rule, modules, size and what clair does not cover.
 
-    Every tensor is read once and checked for NaN/Inf. An adapter that cannot be read gets an error
-    row (the others are still shown) and the exit code is 2.
+    Every tensor is read once, in bounded chunks, and checked for NaN/Inf. An adapter that cannot be
+    read gets an error row (the others are still shown, and --json still writes every row) and the
+    exit code is 2.
     """
     from clair_cli.cli.common import check_report_targets, sources_arg
     from clair_cli.errors import AdapterFormatError, ClairError
@@ -62,7 +63,7 @@ def inspect_command(
     bad = [r for r in records if "error" in r]
     if len(failures) == len(records) == 1:
         raise failures[0]
-    if json_out is not None and not bad:  # an error run writes no report file
+    if json_out is not None:  # complete: every adapter has its row, the unreadable ones their error
         write_text(json_out, json.dumps(inspect_report(records), indent=2, sort_keys=False) + "\n", inputs)
     if json_out != "-" or bad:
         render_inspect(make_console(stderr=json_out == "-", quiet=quiet), records)

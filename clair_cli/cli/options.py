@@ -14,7 +14,7 @@ import typer
 from clair_cli import methods
 from clair_cli.cli.choices import DeviceChoice, Precision, Rescale, Side, SolverForm
 from clair_cli.cli.command import OptionGroup
-from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_RANK
+from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_MODULES, DEFAULT_MAX_RANK
 from clair_cli.params import DEFAULT_MERGE_TOL, AuditParams, MergeOptions
 
 if TYPE_CHECKING:
@@ -249,7 +249,17 @@ MaxRank = Annotated[
         "--max-rank",
         min=1,
         help="Refuse adapters with a module of higher rank, before reading any factor: memory grows with the "
-        "square of the pool's summed rank (README, Limits).",
+        "square of the pool's summed rank (docs: Limits).",
+        metavar="N",
+    ),
+]
+MaxModules = Annotated[
+    int,
+    typer.Option(
+        "--max-modules",
+        min=1,
+        help="Refuse adapters with more LoRA modules than this, before reading any factor: the audit "
+        "costs tens of milliseconds per module (docs: Limits).",
         metavar="N",
     ),
 ]
@@ -259,7 +269,7 @@ MaxAdapters = Annotated[
         "--max-adapters",
         min=1,
         help="Refuse more adapters than this in one run (each source list counted apart), before opening "
-        "any: the verdict's calibration grows with the square of the pool (README, Limits).",
+        "any: the verdict's calibration grows with the square of the pool (docs: Limits).",
         metavar="N",
     ),
 ]
@@ -331,6 +341,7 @@ class Read(OptionGroup):
     rslora: Rslora = False
     base_model: BaseModel = None
     max_rank: MaxRank = DEFAULT_MAX_RANK
+    max_modules: MaxModules = DEFAULT_MAX_MODULES
 
     def source_options(self, max_adapters: int = DEFAULT_MAX_ADAPTERS) -> SourceOptions:
         """How :mod:`clair_cli.io.sources` reads them."""
@@ -344,6 +355,7 @@ class Read(OptionGroup):
             base_model=self.base_model,
             max_rank=self.max_rank,
             max_adapters=max_adapters,
+            max_modules=self.max_modules,
             revision=self.revision,
             token=self.token,
         )

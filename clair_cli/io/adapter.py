@@ -24,7 +24,7 @@ from clair_cli.constants import (
     PEFT_KEY_PREFIX,
 )
 from clair_cli.errors import AdapterFormatError
-from clair_cli.io.files import open_regular
+from clair_cli.io.files import open_regular, reading
 from clair_cli.io.lora_config import ignored_note
 from clair_cli.io.paths import printable
 from clair_cli.io.safetensors_file import SafetensorsReader, TensorInfo, read_header
@@ -129,41 +129,31 @@ class Adapter:
         return sorted({m.rank for m in self.modules.values()})
 
     @classmethod
-    def open(cls, ref: AdapterRef, config: AdapterConfig, max_rank: int | None = None) -> Adapter:
-        """Read the header of ``ref.weights_file`` and build the module table.
+    def open(
+        cls,
+        ref: AdapterRef,
+        config: AdapterConfig,
+        max_rank: int | None = None,
+        max_modules: int | None = None,
+        header: tuple[dict[str, TensorInfo], dict[str, str]] | None = None,
+    ) -> Adapter:
+        """Read the header of ``ref.weights_file`` (unless given) and build the module table.
 
         Raises:
             AdapterFormatError: unpaired factors, rank or shape mismatches, non-float
-                dtypes, rank 0, or no LoRA tensor at all.
+                dtypes, rank 0, more modules than ``max_modules``, or no LoRA tensor at all.
         """
         path = ref.weights_file
-        shown = printable(str(path))
-        tensors, _metadata = read_header(path)
-        parts: dict[str, dict[str, TensorInfo]] = {}
-        dora, biases, others = [], [], []
-        for key, info in tensors.items():
-            short = _strip(key)
-            if short.startswith(PEFT_KEY_PREFIX):
-                raise AdapterFormatError(
-                    f"{shown}: key {key!r} carries the prefix {PEFT_KEY_PREFIX!r} twice; PEFT cannot load it",
-                    hint="Re-save the adapter with PEFT's save_pretrained(), or strip the repeated prefix.",
-                )
-            m = LORA_KEY_RE.match(short)
-            if m and m["suffix"] == ".bias":
-                biases.append(short)
-            elif m and (m["part"].startswith("lora_embedding") == (m["suffix"] is None)):
-                have = parts.setdefault(m["module"], {})
-                if m["part"] in have:
-                    raise AdapterFormatError(
-                        f"{shown}: module {m['module']!r} has two {m['part']} tensors, "
-                        f"{have[m['part']].name!r} and {key!r} (two key spellings or two adapter names)",
-                        hint="Keep one adapter per file, with PEFT's key names.",
-                    )
-                have[m["part"]] = info
-            elif DORA_MAGNITUDE_RE.match(short):
-                dora.append(short)
-            else:
-                others.append(short)
+        tensors, _metadata = header if header is not None else read_header(path)
+        keys = classify_keys(path, tensors)
+        parts, dora, biases, others = keys.parts, keys.dora, keys.lora_biases, keys.others
+        if max_modules is not None and len(parts) > max_modules:
+            raise AdapterFormatError(
+                f"{printable(str(path))}: {len(parts)} LoRA modules, more than --max-modules {max_modules}; "
+                "refused before reading any factor",
+                hint="The audit costs tens of milliseconds per module (docs: Limits); raise --max-modules "
+                "if the adapter is trusted and the machine has the time.",
+            )
 
         modules: dict[str, ModuleSpec] = {}
         for module in sorted(parts):
@@ -175,6 +165,7 @@ class Adapter:
             )
 
         notes: list[str] = []
+        base_biases = keys.base_biases
         if dora or config.use_dora:
             notes.append(
                 f"DoRA: magnitude vectors of {_plural(len(dora), 'module')} not analysed; "
@@ -182,10 +173,15 @@ class Adapter:
             )
         if biases:
             notes.append(f"LoRA bias in {_plural(len(biases), 'module')} not analysed")
-        if others:
-            shown = ", ".join(sorted(others)[:3]) + (", ..." if len(others) > 3 else "")
+        if base_biases:
             notes.append(
-                f"{_plural(len(others), 'non-LoRA tensor')} (modules_to_save / full weights: {shown}) not analysed"
+                f"{_plural(len(base_biases), 'bias tensor')} of the base layers (PEFT bias='all' / 'lora_only': "
+                f"{_listed(base_biases)}) not analysed"
+            )
+        if others:
+            notes.append(
+                f"{_plural(len(others), 'non-LoRA tensor')} (modules_to_save / full weights: {_listed(others)}) "
+                "not analysed"
             )
         if config.trainable_token_indices:
             notes.append("trainable_token_indices (new token embeddings) not analysed")
@@ -200,6 +196,7 @@ class Adapter:
             for kind, keys in (
                 ("DoRA magnitude vectors", sorted(dora) or (["(use_dora in the config)"] if config.use_dora else [])),
                 ("LoRA biases", sorted(biases)),
+                ("base-layer biases", sorted(base_biases)),
                 ("modules_to_save / full weights", sorted(others)),
                 (
                     "trainable token embeddings",
@@ -213,7 +210,7 @@ class Adapter:
             config,
             modules,
             notes,
-            file_size=os.stat(path).st_size,
+            file_size=_size(path),
             n_params=sum(t.numel for t in tensors.values()),
         )
         adapter.extras = extras
@@ -251,24 +248,10 @@ class Adapter:
         import torch
 
         spec = self.modules[name]
-        factors = []
-        for key in (spec.a_key, spec.b_key):
-            t = reader.get(key)
-            if not bool(torch.isfinite(t).all()):
-                raise AdapterFormatError(
-                    f"{printable(str(self.ref.weights_file))}: tensor {key!r} contains NaN or Inf values",
-                    hint="The adapter diverged during training or the file is corrupt.",
-                )
-            factors.append(t)
-        # The largest entry scale*B@A can reach; past this the analysis (Gram matrices, in float32)
-        # would overflow to Inf before any decomposition, so refuse here, naming the module.
-        peak = abs(spec.scale) * spec.rank * math.prod(float(f.abs().max()) if f.numel() else 0.0 for f in factors)
-        if not math.isfinite(peak) or peak > MAX_UPDATE_ENTRY:
-            raise AdapterFormatError(
-                f"{printable(str(self.ref.weights_file))}: module {name!r}: factor values (up to "
-                f"{max(float(f.abs().max()) for f in factors):.3g}, scale {spec.scale:.3g}) make its update overflow",
-                hint="The adapter diverged during training or the file is corrupt.",
-            )
+        factors = [reader.get(spec.a_key), reader.get(spec.b_key)]
+        # One reduction per factor checks both things: max |x| is NaN or Inf exactly when a
+        # value is (torch's max propagates NaN), and it bounds the update below.
+        self._check_peaks(spec, [_peak(f) for f in factors])
         dtype = dtype or torch.float32
         return LoraModule(
             name=name,
@@ -279,6 +262,108 @@ class Adapter:
             fan_in_fan_out=self.config.fan_in_fan_out and spec.kind == "linear",
             weight_shape=spec.weight_shape,
         )
+
+    def _check_peaks(self, spec: ModuleSpec, peaks: list[float]) -> None:
+        """Refuse a module whose factors hold NaN/Inf, or whose update ``scale * B @ A`` can overflow,
+        from the largest |value| of each factor."""
+        shown = printable(str(self.ref.weights_file))
+        for key, peak in zip((spec.a_key, spec.b_key), peaks, strict=True):
+            if not math.isfinite(peak):
+                raise AdapterFormatError(
+                    f"{shown}: tensor {key!r} contains NaN or Inf values",
+                    hint="The adapter diverged during training or the file is corrupt.",
+                )
+        # The largest entry scale*B@A can reach; past this the analysis (Gram matrices, in float32)
+        # would overflow to Inf before any decomposition, so refuse here, naming the module.
+        bound = abs(spec.scale) * spec.rank * math.prod(peaks)
+        if not math.isfinite(bound) or bound > MAX_UPDATE_ENTRY:
+            raise AdapterFormatError(
+                f"{shown}: module {spec.name!r}: factor values (up to {max(peaks):.3g}, scale {spec.scale:.3g}) "
+                "make its update overflow",
+                hint="The adapter diverged during training or the file is corrupt.",
+            )
+
+    def scan_module(self, reader: SafetensorsReader, name: str) -> bool:
+        """Check one module as :meth:`read_module` does, reading each factor in bounded chunks
+        (never a whole factor at once: a header may claim gigabytes). Returns whether its update
+        is zero (a factor with only zeros).
+
+        Raises:
+            AdapterFormatError: a tensor holds NaN or Inf, or cannot be read.
+        """
+        spec = self.modules[name]
+        peaks = [max((_peak(chunk) for chunk in reader.chunks(key)), default=0.0) for key in (spec.a_key, spec.b_key)]
+        self._check_peaks(spec, peaks)
+        return min(peaks) == 0.0
+
+
+def _peak(t: torch.Tensor) -> float:
+    """max |t| (NaN if t holds a NaN), 0 for an empty tensor."""
+    return float(t.abs().max()) if t.numel() else 0.0
+
+
+def _size(path: Path) -> int:
+    with reading(path):
+        return os.stat(path).st_size
+
+
+def _listed(keys: list[str], n: int = 3) -> str:
+    return ", ".join(sorted(keys)[:n]) + (", ..." if len(keys) > n else "")
+
+
+@dataclass
+class HeaderKeys:
+    """A header's tensor names sorted by what they are.
+
+    Attributes:
+        parts: LoRA factors by module, then by part (``lora_A``, ``lora_B``, ``lora_embedding_A``...).
+        dora: DoRA magnitude vectors.
+        lora_biases: LoRA biases (``lora_B.bias``, PEFT ``lora_bias=True``).
+        base_biases: biases of the base layers (PEFT ``bias='all'`` / ``'lora_only'``).
+        others: every other tensor (``modules_to_save`` copies, full weights).
+    """
+
+    parts: dict[str, dict[str, TensorInfo]]
+    dora: list[str]
+    lora_biases: list[str]
+    base_biases: list[str]
+    others: list[str]
+
+
+def classify_keys(path: Path, tensors: dict[str, TensorInfo]) -> HeaderKeys:
+    """Sort a header's tensors into LoRA factors by module and the rest, by key name alone.
+
+    Raises:
+        AdapterFormatError: a key prefixed twice, or two tensors for one factor of one module.
+    """
+    shown = printable(str(path))
+    keys = HeaderKeys({}, [], [], [], [])
+    for key, info in tensors.items():
+        short = _strip(key)
+        if short.startswith(PEFT_KEY_PREFIX):
+            raise AdapterFormatError(
+                f"{shown}: key {key!r} carries the prefix {PEFT_KEY_PREFIX!r} twice; PEFT cannot load it",
+                hint="Re-save the adapter with PEFT's save_pretrained(), or strip the repeated prefix.",
+            )
+        m = LORA_KEY_RE.match(short)
+        if m and m["suffix"] == ".bias":
+            keys.lora_biases.append(short)
+        elif m and (m["part"].startswith("lora_embedding") == (m["suffix"] is None)):
+            have = keys.parts.setdefault(m["module"], {})
+            if m["part"] in have:
+                raise AdapterFormatError(
+                    f"{shown}: module {m['module']!r} has two {m['part']} tensors, "
+                    f"{have[m['part']].name!r} and {key!r} (two key spellings or two adapter names)",
+                    hint="Keep one adapter per file, with PEFT's key names.",
+                )
+            have[m["part"]] = info
+        elif DORA_MAGNITUDE_RE.match(short):
+            keys.dora.append(short)
+        elif short.endswith(".bias") and "lora_" not in short:
+            keys.base_biases.append(short)
+        else:
+            keys.others.append(short)
+    return keys
 
 
 def _sha256_file(path: Path, size: int) -> str:
@@ -303,6 +388,12 @@ def _module_spec(
         return AdapterFormatError(f"{printable(str(path))}: module {module!r}: {problem}", hint=hint)
 
     emb = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+    if emb and ("lora_A" in parts or "lora_B" in parts):
+        raise bad(
+            "has both lora_A/lora_B and lora_embedding_A/lora_embedding_B tensors; PEFT gives a module one kind "
+            "(embedding layers the second), so one pair would be ignored",
+            hint="Keep the pair that matches the layer (lora_embedding_* for an nn.Embedding) and re-save.",
+        )
     a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
     if a_name not in parts or b_name not in parts:
         have, lack = (a_name, b_name) if a_name in parts else (b_name, a_name)
@@ -330,13 +421,14 @@ def _module_spec(
     if max_rank is not None and rank > max_rank:
         raise bad(
             f"rank {rank} exceeds --max-rank {max_rank}; refused before reading its factors",
-            hint="Raise --max-rank if the adapter is trusted and the machine has the memory (README, Limits).",
+            hint="Raise --max-rank if the adapter is trusted and the machine has the memory (docs: Limits).",
         )
     expected = config.rank_for(module)
     if rank != expected:
+        given = f"{config.file_name}: " if config.file_name else ""
         raise bad(
             f"factors have rank {rank} but the config gives r={expected} for this module "
-            "(r / rank_pattern); PEFT would refuse to load it"
+            f"({given}r / rank_pattern); PEFT would refuse to load it"
         )
     d_in = math.prod(a.shape[1:])
     if d_in == 0 or b.shape[0] == 0:
@@ -356,12 +448,19 @@ def _module_spec(
 
 
 def verify(adapter: Adapter) -> list[str]:
-    """Read every module once: NaN/Inf raise; all-zero updates become a note.
+    """Read every module once, in bounded chunks: NaN/Inf raise; all-zero updates become a note.
+
+    Memory stays at one chunk (:data:`clair_cli.io.safetensors_file.CHUNK_BYTES`) whatever the
+    sizes the header claims.
 
     Returns:
         Notes on what the data shows (zero updates, typical of an untrained adapter).
     """
-    zero = [m.name for m in adapter.load() if not bool(m.A.any()) or not bool(m.B.any())]
+    with adapter.reader() as reader:
+        if hasattr(reader, "chunks"):
+            zero = [name for name in adapter.modules if adapter.scan_module(reader, name)]
+        else:  # factors already in memory
+            zero = [m.name for m in adapter.load() if not bool(m.A.any()) or not bool(m.B.any())]
     if not zero:
         return []
     if len(zero) == len(adapter.modules):

@@ -10,6 +10,7 @@ errors become ClairErrors that name the file.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -18,28 +19,62 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from clair_cli.errors import AdapterFormatError, AdapterNotFound
-from clair_cli.io.paths import printable
+from clair_cli.errors import AdapterFormatError, AdapterNotFound, ClairError
+from clair_cli.io.paths import printable, shown_path
 
 # Linux caps one read() at 2 GiB - 4 KiB; read in pieces well below it.
 READ_CHUNK = 1 << 30
 
 
+def os_problem(exc: OSError | ValueError, path: Path | str) -> ClairError:
+    """The ClairError for an operating-system error met while reading ``path``: a missing
+    file, a dangling symlink, a symlink loop, a path too long for the OS, a NUL byte..."""
+    shown = shown_path(path)
+    if isinstance(exc, ValueError):  # os functions refuse a path with a NUL byte
+        return AdapterNotFound(f"{shown}: the path contains a NUL byte")
+    code = exc.errno
+    if code == errno.ENOENT:
+        if os.path.islink(path):
+            return AdapterNotFound(f"{shown}: is a dangling symlink (to {shown_path(os.readlink(path))})")
+        return AdapterNotFound(f"{shown}: no such file or directory")
+    if code == errno.ELOOP:
+        return AdapterNotFound(f"{shown}: is a symlink loop (too many levels of symbolic links)")
+    if code == errno.ENAMETOOLONG:
+        return AdapterNotFound(f"{shown}: path too long for the operating system ({len(str(path))} characters)")
+    if code == errno.ENOTDIR:
+        return AdapterNotFound(f"{shown}: a component of the path is not a directory")
+    if code == errno.EISDIR:
+        return AdapterFormatError(f"{shown}: is a directory, expected a file")
+    if code in (errno.EACCES, errno.EPERM):
+        return AdapterNotFound(f"{shown}: permission denied")
+    return AdapterNotFound(f"{shown}: cannot be read ({printable(exc.strerror or str(exc))})")
+
+
+def probe(path: Path | str) -> os.stat_result | None:
+    """``os.stat`` of ``path`` (links followed), or None when nothing is there.
+
+    Raises:
+        ClairError: a dangling symlink, a symlink loop, a path too long for the OS, a NUL
+            byte in it, or a permission problem (never an OSError).
+    """
+    try:
+        return os.stat(path)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOENT, errno.ENOTDIR) and not os.path.islink(path):
+            return None
+        raise os_problem(exc, path) from None
+
+
 @contextmanager
 def reading(path: Path) -> Iterator[None]:
-    """Turn FileNotFoundError, IsADirectoryError, PermissionError and other OSErrors
-    raised in the block into AdapterNotFound / AdapterFormatError for ``path``."""
-    shown = printable(str(path))
+    """Turn OSErrors raised in the block (missing file, dangling link, loop, permissions...)
+    into AdapterNotFound / AdapterFormatError for ``path``."""
     try:
         yield
-    except FileNotFoundError as exc:
-        raise AdapterNotFound(f"{shown}: no such file") from exc
-    except IsADirectoryError as exc:
-        raise AdapterFormatError(f"{shown}: is a directory, expected a file") from exc
-    except PermissionError as exc:
-        raise AdapterNotFound(f"{shown}: permission denied") from exc
-    except OSError as exc:
-        raise AdapterNotFound(f"{shown}: cannot be read ({exc.strerror or exc})") from exc
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ValueError) and "null" not in str(exc):
+            raise
+        raise os_problem(exc, path) from exc
 
 
 def _kind(mode: int) -> str:
@@ -103,7 +138,9 @@ def read_small(path: Path, limit: int, what: str) -> bytes:
     try:
         size = os.fstat(fd).st_size
         if size > limit:
-            raise AdapterFormatError(f"{printable(str(path))}: is {size} bytes, too large for {what}")
+            raise AdapterFormatError(
+                f"{shown_path(path)}: is {size} bytes, more than the {limit >> 10} KiB accepted for {what}"
+            )
         return bytes(read_range(fd, 0, size, path))
     finally:
         os.close(fd)

@@ -8,16 +8,19 @@ The resolved commit sha is read from the cache snapshot the files landed in.
 The Hub is not trusted more than the files it serves: a revision must be a git
 ref name or a commit sha (no ``..``), every answer's ``X-Repo-Commit`` must be 40
 hex digits and its ``ETag`` a plain token before huggingface_hub builds a cache
-path from them (a response hook on its HTTP client), and each download has a
-deadline (``CLAIR_HUB_TIMEOUT``, seconds; a Hub that trickles bytes is cut off).
+path from them (a response hook on its HTTP client), and each hub source has one
+deadline for its downloads together (``CLAIR_HUB_TIMEOUT``, seconds; a Hub that trickles
+bytes is cut off, and the download thread stops at its next piece).
 Retry warnings of huggingface_hub are silenced: clair prints one error.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -25,13 +28,14 @@ from typing import Any
 from clair_cli.constants import (
     CONFIG_NAME,
     HUB_DEFAULT_TIMEOUT_S,
+    HUB_MAX_TIMEOUT_S,
     HUB_PREFIX,
     HUB_REPO_RE,
     PICKLE_HINT,
     SAFETENSORS_WEIGHTS_NAME,
 )
 from clair_cli.errors import AdapterNotFound, HubError, UnsafeFormatError, UsageError
-from clair_cli.io.paths import CONTROL_RE, printable
+from clair_cli.io.paths import CONTROL_RE, printable, resolved, shown_path
 from clair_cli.types import AdapterRef
 
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -130,6 +134,8 @@ def _commit_from_path(path: Path) -> str | None:
 
 def _check_answer(response: Any) -> None:
     """httpx response hook: refuse headers that huggingface_hub would turn into cache paths."""
+    _check_deadline()
+    response.stream = _guarded(response.stream)
     headers = response.headers
     commit = headers.get("X-Repo-Commit")
     if commit is not None and not COMMIT_RE.match(commit):
@@ -155,6 +161,7 @@ def _guard_client() -> None:
 
     def factory() -> Any:
         client = _http.default_client_factory()
+        client.event_hooks["request"] = [*client.event_hooks.get("request", []), _guard_request]
         client.event_hooks["response"] = [*client.event_hooks.get("response", []), _check_answer]
         return client
 
@@ -163,33 +170,90 @@ def _guard_client() -> None:
 
 
 def _timeout() -> float:
-    raw = os.environ.get("CLAIR_HUB_TIMEOUT", "")
+    """CLAIR_HUB_TIMEOUT: seconds a hub source's downloads may take in all (default 300)."""
+    raw = os.environ.get("CLAIR_HUB_TIMEOUT", "").strip()
+    if not raw:
+        return HUB_DEFAULT_TIMEOUT_S
     try:
-        value = float(raw) if raw else HUB_DEFAULT_TIMEOUT_S
+        value = float(raw)
     except ValueError:
-        raise UsageError(f"CLAIR_HUB_TIMEOUT={printable(raw)!r}: expected a number of seconds") from None
-    return value if value > 0 else HUB_DEFAULT_TIMEOUT_S
+        value = math.nan
+    if not (0 < value <= HUB_MAX_TIMEOUT_S):  # also refuses nan and inf
+        raise UsageError(
+            f"CLAIR_HUB_TIMEOUT={printable(raw[:40])!r}: expected a number of seconds above 0 and at most "
+            f"{HUB_MAX_TIMEOUT_S:g}",
+            hint=f"It bounds each hub source's download in all; unset it for the default {HUB_DEFAULT_TIMEOUT_S:g} s.",
+        )
+    return value
 
 
-def _with_deadline(fn: Any, what: str, *args: Any, **kwargs: Any) -> Any:
-    """Run a download with an overall deadline: read timeouts alone let a trickling Hub hang forever.
+class HubDeadline(Exception):
+    """The download ran past its deadline (raised inside huggingface_hub's HTTP calls to stop them)."""
 
-    On timeout the worker thread is abandoned (a daemon: it dies with the process) and its
-    partial file stays an ``.incomplete`` inside the hub cache, which huggingface_hub resumes.
+
+# The deadline of the download running in this thread (set by _with_deadline's worker).
+_local = threading.local()
+
+
+def _check_deadline() -> None:
+    deadline = getattr(_local, "deadline", None)
+    if deadline is not None and time.monotonic() > deadline:
+        raise HubDeadline("deadline passed")
+
+
+def _guarded(stream: Any) -> Any:
+    """A response body that stops at the deadline: a Hub that trickles a byte every few seconds
+    never trips a read timeout, so the worker thread checks the clock at every piece it gets."""
+    import httpx2
+
+    class GuardedStream(httpx2.SyncByteStream):
+        def __iter__(self) -> Any:
+            for chunk in stream:
+                _check_deadline()
+                yield chunk
+
+        def close(self) -> None:
+            stream.close()
+
+    return GuardedStream()
+
+
+def _guard_request(request: Any) -> None:
+    """httpx request hook: no new request (a retry, a redirect) after the deadline; no read
+    waits longer than what is left of it."""
+    _check_deadline()
+    deadline = getattr(_local, "deadline", None)
+    timeout = request.extensions.get("timeout")
+    if deadline is not None and isinstance(timeout, dict):
+        left = max(deadline - time.monotonic(), 0.01)
+        request.extensions["timeout"] = {k: left if v is None else min(v, left) for k, v in timeout.items()}
+
+
+def _with_deadline(deadline: float, fn: Any, what: str, *args: Any, **kwargs: Any) -> Any:
+    """Run a download with an overall deadline (``time.monotonic()`` value): read timeouts alone
+    let a trickling Hub hang forever.
+
+    The caller returns at the deadline in any case; the worker thread (a daemon) stops at its
+    next request or received piece (:class:`_GuardedStream`), and its partial file stays an
+    ``.incomplete`` inside the hub cache, which huggingface_hub resumes.
     """
-    limit = _timeout()
     box: dict[str, Any] = {}
 
     def work() -> None:
+        _local.deadline = deadline
         try:
             box["value"] = fn(*args, **kwargs)
         except BaseException as exc:  # handed to the calling thread
             box["error"] = exc
 
+    limit = _timeout()
+    left = deadline - time.monotonic()
     worker = threading.Thread(target=work, daemon=True, name="clair-hub-download")
-    worker.start()
-    worker.join(limit)
-    if worker.is_alive():
+    if left > 0:
+        worker.start()
+        worker.join(left)
+    late = "error" in box and time.monotonic() >= deadline  # HubDeadline, or what huggingface_hub made of it
+    if left <= 0 or worker.is_alive() or late:
         raise HubError(
             f"{what}: download did not finish within {limit:g} s",
             hint="The Hub is slow or stalled; retry later or raise CLAIR_HUB_TIMEOUT.",
@@ -197,6 +261,14 @@ def _with_deadline(fn: Any, what: str, *args: Any, **kwargs: Any) -> Any:
     if "error" in box:
         raise box["error"]
     return box["value"]
+
+
+def _check_cache() -> None:
+    """The hub cache (HF_HOME / HF_HUB_CACHE) must resolve: a symlink loop there is a one-line error."""
+    from huggingface_hub import constants
+
+    for var, value in (("HF_HUB_CACHE", constants.HF_HUB_CACHE), ("HF_HOME", constants.HF_HOME)):
+        resolved(Path(value), f"{var}={shown_path(value)} (the Hugging Face cache)", HubError)
 
 
 def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, token: str | None = None) -> AdapterRef:
@@ -229,6 +301,8 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
         raise HubError("huggingface_hub is not installed; `pip install huggingface-hub`") from exc
 
     _guard_client()
+    _check_cache()
+    deadline = time.monotonic() + _timeout()  # one deadline for the source's files together
     spec = printable(spec)
     where = f"{hub.repo_id}" + (f" (subfolder {hub.subfolder})" if hub.subfolder else "")
     at = f" at revision {hub.revision}" if hub.revision else ""
@@ -238,6 +312,7 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
         try:
             paths[filename] = Path(
                 _with_deadline(
+                    deadline,
                     hf_hub_download,
                     f"{spec}: {filename}",
                     hub.repo_id,

@@ -24,7 +24,7 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-from clair_cli.errors import OutputError
+from clair_cli.errors import ClairError, OutputError, UsageError
 
 # C0 and C1 control characters, DEL, and the Unicode line/paragraph separators.
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -38,6 +38,27 @@ def printable(text: str) -> str:
     model card, so a file name cannot move the cursor, recolour the screen or add lines.
     """
     return CONTROL_RE.sub(lambda m: m.group(0).encode("unicode_escape").decode("ascii"), text)
+
+
+def shown_path(path: Path | str, limit: int = 300) -> str:
+    """``path`` for a one-line message: control characters escaped, the middle of a very
+    long path (one the OS refuses) elided."""
+    text = str(path)
+    if len(text) > limit:
+        text = f"{text[: limit // 2]}...{text[-limit // 3 :]}"
+    return printable(text)
+
+
+def resolved(path: Path, what: str, error: type[ClairError] = UsageError) -> Path:
+    """``path.resolve()``, with a symlink loop or a path the OS refuses as a one-line ``error``
+    naming ``what`` (e.g. ``HOME=/x``)."""
+    try:
+        return path.resolve()
+    except RuntimeError:  # Python 3.11 reports a loop this way; later versions raise OSError(ELOOP)
+        raise error(f"{what}: is or passes through a symlink loop") from None
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or str(exc)
+        raise error(f"{what}: cannot be resolved ({printable(why)})") from None
 
 
 def safe_relpath(name: str) -> str:
@@ -61,8 +82,9 @@ def safe_relpath(name: str) -> str:
 def join_inside(root: Path, relative: str) -> Path:
     """``root / relative``, refused unless it resolves inside ``root``."""
     path = root / relative
-    real_root = root.resolve()
-    if path.resolve() == real_root or not path.resolve().is_relative_to(real_root):
+    real_root = resolved(root, shown_path(root), OutputError)
+    real = resolved(path, shown_path(path), OutputError)
+    if real == real_root or not real.is_relative_to(real_root):
         raise OutputError(f"{printable(str(path))}: would be written outside {printable(str(root))}")
     return path
 
@@ -112,9 +134,12 @@ def check_out_dir(out: Path, inputs: Iterable[Path]) -> None:
             contains one), the hub cache, or is, contains or lies inside an input.
     """
     shown = printable(str(out))
-    real = out.resolve()
-    cwd = Path.cwd().resolve()
-    home = Path.home().resolve()
+    real = resolved(out, f"--out {shown_path(out)}", OutputError)
+    try:
+        cwd = resolved(Path.cwd(), "the current directory")
+    except FileNotFoundError:
+        raise UsageError("the current directory no longer exists") from None
+    home = resolved(Path(os.path.expanduser("~")), f"HOME={shown_path(os.path.expanduser('~'))}")
     if real == Path(real.anchor) or cwd.is_relative_to(real) or home.is_relative_to(real):
         where = "the filesystem root" if real == Path(real.anchor) else "the current or home directory"
         raise OutputError(
@@ -122,10 +147,10 @@ def check_out_dir(out: Path, inputs: Iterable[Path]) -> None:
             hint="Name a new directory for the output, e.g. --out merged/.",
         )
     cache = _hub_cache()
-    if cache is not None and _related(real, cache.resolve()):
+    if cache is not None and _related(real, resolved(cache, f"the Hugging Face cache {shown_path(cache)} (HF_HOME)")):
         raise OutputError(f"--out {shown}: is, contains or lies inside the Hugging Face cache {cache}")
     for path in inputs:
-        src = path.resolve()
+        src = resolved(path, shown_path(path))
         if _related(real, src) or _related(real, path.absolute()):
             raise OutputError(
                 f"--out {shown}: is, contains or lies inside the input {printable(str(path))}",
@@ -172,8 +197,8 @@ def check_report_file(target: str, inputs: Iterable[Path] = ()) -> Path:
     parent = path.parent
     if not parent.is_dir():
         raise OutputError(f"{shown}: directory {printable(str(parent))} does not exist")
-    real = path.resolve()
+    real = resolved(path, shown, OutputError)
     for src in inputs:
-        if real == src.resolve():
+        if real == resolved(src, shown_path(src)):
             raise OutputError(f"{shown}: is one of the inputs ({printable(str(src))}); refusing to overwrite it")
     return path

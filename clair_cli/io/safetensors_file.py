@@ -13,6 +13,7 @@ import math
 import os
 import struct
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +32,9 @@ from clair_cli.io.paths import printable
 
 if TYPE_CHECKING:
     import torch
+
+# What one read of a tensor's data holds at most when a pass only scans values (inspect's check).
+CHUNK_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,29 @@ class SafetensorsReader:
         if not info.nbytes:
             return torch.empty(info.shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+
+    def chunks(self, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
+        """One tensor's values as flat pieces of at most ``chunk_bytes`` each, read one at a time."""
+        import torch
+
+        if not self._open:
+            raise RuntimeError("SafetensorsReader.chunks() outside its `with` block")
+        info = self.tensors[name]
+        if info.dtype not in _TORCH_DTYPES or sys.byteorder != "little":
+            yield self._get_with_safetensors(name).reshape(-1)
+            return
+        dtype = getattr(torch, _TORCH_DTYPES[info.dtype])
+        item = SAFETENSORS_DTYPE_SIZES[info.dtype]
+        step = max(item, chunk_bytes // item * item)
+        for offset in range(0, info.nbytes, step):
+            fd = open_regular(self.path)
+            try:
+                if os.fstat(fd).st_size != self._size:
+                    raise _bad(self.path, "changed size while being read")
+                buf = read_range(fd, info.start + offset, min(step, info.nbytes - offset), self.path)
+            finally:
+                os.close(fd)
+            yield torch.frombuffer(buf, dtype=dtype)
 
     def _get_with_safetensors(self, name: str) -> torch.Tensor:
         from safetensors import SafetensorError, safe_open

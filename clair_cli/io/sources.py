@@ -3,14 +3,24 @@
 A source is a PEFT adapter directory, a directory of such directories (every
 adapter below it, sorted, named by relative path), a single ``.safetensors``
 file (config beside it or from flags), or a Hugging Face Hub id. Pickle
-checkpoints are refused without being opened. Inside a directory source, every
-file must resolve inside that directory: a symlink that leads out is refused.
+checkpoints are refused without being opened.
+
+Symlinks are followed, files and directories alike (a Hugging Face cache snapshot
+is links into ``../../blobs``; a pool is often links to chosen adapters): what a
+link names is read through the one bounded reader (:mod:`clair_cli.io.files`), so
+it must be a regular file of bounded size. Dangling links, loops, one directory
+reached twice and one weights file read as two adapters are errors, never skipped.
+Several states of one training run below a directory source (an adapter with
+``checkpoint-N`` folders inside, or two ``checkpoint-N`` folders side by side) are
+refused with a list: they are not independent adapters, and the user names the
+one to read. An adapter inside a cache snapshot is named ``owner/name@<commit[:12]>``.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -19,23 +29,35 @@ from pathlib import Path
 from typing import TextIO
 
 from clair_cli.constants import (
+    CHECKPOINT_DIR_RE,
     CONFIG_NAME,
     DEFAULT_MAX_ADAPTERS,
+    DEFAULT_MAX_MODULES,
     DEFAULT_MAX_RANK,
     HUB_PREFIX,
+    MAX_LIST_BYTES,
     MAX_SOURCE_DEPTH,
     PICKLE_HINT,
     PICKLE_SUFFIXES,
     PICKLE_WEIGHTS_NAMES,
     SAFETENSORS_WEIGHTS_NAME,
 )
-from clair_cli.errors import AdapterFormatError, AdapterNotFound, ClairError, UnsafeFormatError, UsageError
+from clair_cli.errors import (
+    AdapterFormatError,
+    AdapterNotFound,
+    ClairError,
+    HubError,
+    UnsafeFormatError,
+    UsageError,
+)
 from clair_cli.io import hub
-from clair_cli.io.adapter import Adapter
+from clair_cli.io.adapter import Adapter, classify_keys
 from clair_cli.io.base_model import canonical_base_model
-from clair_cli.io.paths import printable
+from clair_cli.io.files import os_problem, probe, read_small
+from clair_cli.io.hub import COMMIT_RE
+from clair_cli.io.paths import printable, resolved, shown_path
 from clair_cli.io.peft_config import load_config
-from clair_cli.io.safetensors_file import read_header
+from clair_cli.io.safetensors_file import TensorInfo, read_header
 from clair_cli.types import AdapterConfig, AdapterRef
 
 Progress = Callable[[str, int, int], None]
@@ -53,6 +75,7 @@ class SourceOptions:
         base_model: the base model of every source (it replaces what a config says, with a note).
         max_rank: adapters with a module of higher rank are refused before any factor is read.
         max_adapters: more adapters than this in one run are refused before any is opened.
+        max_modules: adapters with more LoRA modules are refused before any factor is read.
         revision: hub revision for hub ids that name none (``--revision``).
         token: Hugging Face token for hub sources (``--token``); None: HF_TOKEN or the saved login.
     """
@@ -64,6 +87,7 @@ class SourceOptions:
     base_model: str | None = None
     max_rank: int = DEFAULT_MAX_RANK
     max_adapters: int = DEFAULT_MAX_ADAPTERS
+    max_modules: int = DEFAULT_MAX_MODULES
     revision: str | None = None
     token: str | None = field(default=None, repr=False)
 
@@ -106,24 +130,33 @@ def expand_sources(specs: Sequence[str], stdin: TextIO | None = None) -> list[st
                     hint="Pipe the list in (ls -d runs/* | clair audit -), or use @FILE.",
                 )
             try:
-                text = source.read()
+                # Bounded like a list file: `clair audit - < /dev/zero` ends with an error, not
+                # with the memory. A pipe is fine here (it is what `-` is for).
+                text = source.read(MAX_LIST_BYTES + 1)
             except UnicodeDecodeError as exc:
                 raise UsageError(f"stdin: the list of sources is not UTF-8 text ({exc.reason})") from None
+            except OSError as exc:
+                raise UsageError(f"stdin: the list of sources cannot be read ({exc.strerror or exc})") from None
+            if len(text) > MAX_LIST_BYTES:
+                raise UsageError(f"stdin: the list of sources is longer than {MAX_LIST_BYTES >> 20} MiB")
             base, where = Path("."), "stdin"
         elif spec.startswith("@") and len(spec) > 1:
             listed = Path(spec[1:])
             try:
-                text = listed.read_text(encoding="utf-8")
-            except FileNotFoundError:
-                raise UsageError(
-                    f"{printable(spec)}: no such list file {printable(str(listed))}",
-                    hint="@FILE names a text file listing one source a line; write ./@name for a path "
-                    "that starts with @.",
-                ) from None
-            except (OSError, UnicodeDecodeError) as exc:
-                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                raise UsageError(f"{printable(spec)}: the list file cannot be read ({printable(why)})") from None
-            base, where = listed.parent, printable(str(listed))
+                if probe(listed) is None:
+                    raise UsageError(
+                        f"{printable(spec)}: no such list file {shown_path(listed)}",
+                        hint="@FILE names a text file listing one source a line; write ./@name for a path "
+                        "that starts with @.",
+                    )
+                raw = read_small(listed, MAX_LIST_BYTES, "a list of sources")
+            except (AdapterNotFound, AdapterFormatError) as exc:
+                raise UsageError(f"{exc.message} (the list file {printable(spec)})", hint=exc.hint) from None
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"{printable(spec)}: the list file is not UTF-8 text ({exc.reason})") from None
+            base, where = listed.parent, shown_path(listed)
         else:
             out.append(spec)
             continue
@@ -133,58 +166,80 @@ def expand_sources(specs: Sequence[str], stdin: TextIO | None = None) -> list[st
                 continue
             if line == "-" or line.startswith("@"):
                 raise UsageError(f"{where}, line {n}: {printable(line)}: a source list cannot name another list")
+            if "\x00" in line:
+                raise UsageError(f"{where}, line {n}: holds a NUL byte; a list of sources is text, one source a line")
             out.append(line if where == "stdin" else _list_entry(line, base))
     return out
 
 
 def _refuse_pickle(path: Path) -> UnsafeFormatError:
-    return UnsafeFormatError(f"{path}: pickle checkpoints are never loaded", hint=PICKLE_HINT)
+    return UnsafeFormatError(f"{shown_path(path)}: pickle checkpoints are never loaded", hint=PICKLE_HINT)
 
 
-def _inside(path: Path, root: Path) -> Path:
-    real = path.resolve()
-    if not real.is_relative_to(root):
-        raise UnsafeFormatError(
-            f"{path}: symlink leads outside the source directory {root} (to {real})",
-            hint="Copy the file into the adapter directory if you trust it.",
-        )
-    return path
-
-
-def _adapter_dir_ref(
-    directory: Path, name: str, source: str, root: Path, options: SourceOptions, path: str
-) -> AdapterRef:
-    weights = directory / SAFETENSORS_WEIGHTS_NAME
-    config = directory / CONFIG_NAME
-    if not weights.exists():
-        for pickle_name in PICKLE_WEIGHTS_NAMES:
-            if (directory / pickle_name).exists():
-                raise _refuse_pickle(directory / pickle_name)
-        raise AdapterFormatError(f"{directory}: has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME}")
-    _inside(weights, root)
-    if config.exists():
-        _inside(config, root)
-    elif options.config is None and options.lora_alpha is None:
-        raise AdapterFormatError(
-            f"{directory}: has {SAFETENSORS_WEIGHTS_NAME} but no {CONFIG_NAME}",
-            hint="Pass --config FILE, or --lora-alpha (and --base-model) to describe it.",
-        )
-    return AdapterRef(name, source, weights, config if config.exists() else None, root=root, path=path)
-
-
-def _bare_file_ref(file: Path, name: str, source: str, root: Path, options: SourceOptions, path: str) -> AdapterRef:
-    """A ``.safetensors`` file in a directory of such files: described by --config or --lora-alpha."""
-    _inside(file, root)
-    if options.config is None and options.lora_alpha is None:
-        raise AdapterFormatError(
-            f"{printable(str(file))}: a bare .safetensors file in {printable(source)}, with no {CONFIG_NAME}",
-            hint="Pass --config FILE, or --lora-alpha (and --base-model), to describe the files of the directory.",
-        )
-    return AdapterRef(name, source, file, None, root=root, path=path)
+def _lexists(path: Path) -> bool:
+    try:
+        os.lstat(path)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _is_adapter_dir(directory: Path) -> bool:
-    return any((directory / n).exists() for n in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, *PICKLE_WEIGHTS_NAMES))
+    # lexists: a dangling link in an adapter file's place makes the directory an adapter whose
+    # file cannot be read (an error naming it), not something skipped.
+    return any(_lexists(directory / n) for n in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, *PICKLE_WEIGHTS_NAMES))
+
+
+def cache_snapshot(path: Path) -> tuple[str, str, str | None] | None:
+    """``(repo_id, commit, subfolder)`` when ``path`` lies in a Hugging Face cache snapshot
+    (``.../models--owner--name/snapshots/<40-hex commit>[/subfolder]``), else None."""
+    parts = Path(os.path.abspath(path)).parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and COMMIT_RE.match(parts[i + 1]) and parts[i - 1].startswith("models--"):
+            owner_name = parts[i - 1].removeprefix("models--").split("--")
+            if len(owner_name) != 2 or not all(owner_name):
+                return None
+            sub = "/".join(parts[i + 2 :]) or None
+            return "/".join(owner_name), parts[i + 1], sub
+    return None
+
+
+def _local_ref(directory: Path, name: str, source: str, weights: Path, config: Path | None, path: str) -> AdapterRef:
+    """A local adapter's reference; one inside a Hugging Face cache snapshot is named and
+    recorded as its hub repo (``owner/name[/subfolder]@<commit[:12]>``, commit and repo in reports)."""
+    snap = cache_snapshot(directory)
+    if snap is None:
+        return AdapterRef(name, source, weights, config, path=path)
+    repo_id, commit, sub = snap
+    hub_name = repo_id + (f"/{sub}" if sub else "") + f"@{commit[:12]}"
+    return AdapterRef(hub_name, source, weights, config, revision=commit, path=path, repo_id=repo_id, subfolder=sub)
+
+
+def _adapter_dir_ref(directory: Path, name: str, source: str, options: SourceOptions, path: str) -> AdapterRef:
+    weights = directory / SAFETENSORS_WEIGHTS_NAME
+    config = directory / CONFIG_NAME
+    if not _lexists(weights):
+        for pickle_name in PICKLE_WEIGHTS_NAMES:
+            if _lexists(directory / pickle_name):
+                raise _refuse_pickle(directory / pickle_name)
+        raise AdapterFormatError(f"{shown_path(directory)}: has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME}")
+    has_config = _lexists(config)
+    if not has_config and options.config is None and options.lora_alpha is None:
+        raise AdapterFormatError(
+            f"{shown_path(directory)}: has {SAFETENSORS_WEIGHTS_NAME} but no {CONFIG_NAME}",
+            hint="Pass --config FILE, or --lora-alpha (and --base-model) to describe it.",
+        )
+    return _local_ref(directory, name, source, weights, config if has_config else None, path)
+
+
+def _bare_file_ref(file: Path, name: str, source: str, options: SourceOptions, path: str) -> AdapterRef:
+    """A ``.safetensors`` file in a directory of such files: described by --config or --lora-alpha."""
+    if options.config is None and options.lora_alpha is None:
+        raise AdapterFormatError(
+            f"{shown_path(file)}: a bare .safetensors file in {printable(source)}, with no {CONFIG_NAME}",
+            hint="Pass --config FILE, or --lora-alpha (and --base-model), to describe the files of the directory.",
+        )
+    return AdapterRef(name, source, file, None, path=path)
 
 
 def _add(
@@ -203,79 +258,242 @@ def _add(
         errors.append((name, source, exc))
 
 
+@dataclass
+class _Walk:
+    """What a walk below a directory source found."""
+
+    adapters: list[Path] = field(default_factory=list)  # adapter directories, in walk order
+    bare: list[Path] = field(default_factory=list)  # .safetensors files
+    pickles: list[Path] = field(default_factory=list)
+    problems: list[tuple[Path, ClairError]] = field(default_factory=list)  # members that cannot be walked
+
+
+def _walk(root: Path, spec: str) -> _Walk:
+    """Every adapter directory, bare ``.safetensors`` file and pickle below ``root``, sorted.
+
+    Symlinks are followed (a directory reached twice, through a loop or two links, is a problem,
+    as are dangling links); dot entries are skipped; more than MAX_SOURCE_DEPTH levels end the walk.
+    """
+    found = _Walk()
+    seen: dict[tuple[int, int], Path] = {}
+
+    def visit(here: Path, depth: int) -> None:
+        try:
+            st = os.stat(here)
+        except (OSError, ValueError) as exc:
+            found.problems.append((here, os_problem(exc, here)))
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            found.problems.append(
+                (
+                    here,
+                    AdapterFormatError(
+                        f"{shown_path(here)}: is the directory {shown_path(seen[key])} again "
+                        "(a symlink loop, or two links to one directory)",
+                        hint="Remove the extra link; each adapter is read once.",
+                    ),
+                )
+            )
+            return
+        seen[key] = here
+        if depth >= MAX_SOURCE_DEPTH:
+            raise AdapterFormatError(
+                f"{shown_path(here)}: more than {MAX_SOURCE_DEPTH} directory levels below the source {printable(spec)}",
+                hint="Name the adapter directories (or a closer parent) as sources.",
+            )
+        if here != root and _is_adapter_dir(here):
+            found.adapters.append(here)
+        try:
+            with os.scandir(here) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except (OSError, ValueError) as exc:
+            problem = os_problem(exc, here)
+            found.problems.append(
+                (here, type(problem)(f"{problem.message}: directory inside the source cannot be read", hint=HINT_FIX))
+            )
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = here / entry.name
+            if entry.is_symlink():
+                try:
+                    os.stat(path)
+                except (OSError, ValueError) as exc:
+                    found.problems.append((path, os_problem(exc, path)))
+                    continue
+            if entry.is_dir():
+                visit(path, depth + 1)
+            elif entry.name.lower().endswith(PICKLE_SUFFIXES):
+                found.pickles.append(path)
+            elif entry.name.lower().endswith(".safetensors"):
+                found.bare.append(path)
+
+    visit(root, 0)
+    return found
+
+
+def _nesting(adapters: list[Path]) -> tuple[dict[Path, list[Path]], list[Path]]:
+    """Adapter directories that are several states of one training run, and the rest.
+
+    Returns ``(groups, single)``: ``groups`` maps a directory to the adapter directories it
+    holds that cannot be told apart as independent adapters (an adapter with adapters below it,
+    e.g. a final save with its ``checkpoint-N`` folders, or a folder of two or more
+    ``checkpoint-N`` adapters); ``single`` are the other adapter directories.
+    """
+    groups: dict[Path, list[Path]] = {}
+    found = set(adapters)
+    outer: list[Path] = []
+    for a in sorted(adapters):
+        tops = [p for p in a.parents if p in found]  # nearest first: the last is the outermost
+        if tops:
+            groups.setdefault(tops[-1], [tops[-1]]).append(a)
+        else:
+            outer.append(a)
+    rest = [a for a in outer if a not in groups]
+    by_parent: dict[Path, list[Path]] = {}
+    for a in rest:
+        if CHECKPOINT_DIR_RE.match(a.name):
+            by_parent.setdefault(a.parent, []).append(a)
+    for parent, ckpts in by_parent.items():
+        if len(ckpts) > 1:
+            groups[parent] = ckpts
+    grouped = {a for members in groups.values() for a in members}
+    return groups, [a for a in rest if a not in grouped]
+
+
+def _step(path: Path) -> tuple[int, str]:
+    m = CHECKPOINT_DIR_RE.match(path.name)
+    return (int(path.name.split("-")[1]) if m else -1, path.as_posix())
+
+
+def _nesting_error(top: Path, members: list[Path], root: Path, spec: str) -> AdapterFormatError:
+    where = os.path.join(spec, top.relative_to(root).as_posix()) if top != root else spec
+    inner = sorted((m for m in members if m != top), key=_step)
+    listed = ", ".join(printable(m.relative_to(top).as_posix()) for m in inner[:6])
+    listed += ", ..." if len(inner) > 6 else ""
+    latest = shown_path(os.path.join(where, inner[-1].relative_to(top).as_posix()))
+    if top in members:
+        what = f"is an adapter directory with {_plural(len(inner), 'more adapter')} below it ({listed})"
+        pick = f"{shown_path(where)} for this adapter alone, or {latest}"
+    else:
+        what = f"holds {len(inner)} training checkpoints ({listed})"
+        pick = latest
+    return AdapterFormatError(
+        f"{shown_path(where)}: {what}: states of one training run are not independent adapters",
+        hint=f"Name the one to read as a source (e.g. {pick}), or move the others out of the source.",
+    )
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+HINT_FIX = "Fix its permissions or move it out of the source; clair does not skip members silently."
+
+
 def _resolve_local(
-    spec: str, path: Path, options: SourceOptions, errors: list[tuple[str, str, ClairError]] | None = None
+    spec: str,
+    path: Path,
+    st: os.stat_result,
+    options: SourceOptions,
+    errors: list[tuple[str, str, ClairError]] | None = None,
 ) -> list[AdapterRef]:
-    if path.is_file():
+    if not stat.S_ISDIR(st.st_mode):
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise _refuse_pickle(path)
         if path.suffix.lower() != ".safetensors":
-            raise AdapterFormatError(f"{path}: expected a .safetensors file or an adapter directory")
+            raise AdapterFormatError(f"{shown_path(path)}: expected a .safetensors file or an adapter directory")
         beside = path.parent / CONFIG_NAME
-        config = beside if beside.exists() and options.config is None else None
+        config = beside if _lexists(beside) and options.config is None else None
         if config is None and options.config is None and options.lora_alpha is None:
             raise AdapterFormatError(
-                f"{path}: no {CONFIG_NAME} beside it",
+                f"{shown_path(path)}: no {CONFIG_NAME} beside it",
                 hint="Pass --config FILE, or --lora-alpha (and --base-model) to describe it.",
             )
-        name = path.parent.resolve().name if path.name == SAFETENSORS_WEIGHTS_NAME else path.stem
-        return [AdapterRef(name, spec, path, config, path=spec)]
+        directory = path.parent
+        if path.name == SAFETENSORS_WEIGHTS_NAME:
+            name = resolved(directory, shown_path(directory), AdapterNotFound).name or spec
+        else:
+            name = path.stem
+        return [_local_ref(directory, name, spec, path, config, spec)]
 
-    root = path.resolve()
     if _is_adapter_dir(path):
-        return [_adapter_dir_ref(path, root.name or spec, spec, root, options, spec)]
+        name = resolved(path, shown_path(path), AdapterNotFound).name or spec
+        return [_adapter_dir_ref(path, name, spec, options, spec)]
 
+    found = _walk(path, spec)
     refs: list[AdapterRef] = []
-    pickles: list[Path] = []
-    bare: list[Path] = []
 
-    def unreadable(exc: OSError) -> None:
-        where = printable(str(exc.filename or path))
-        raise AdapterNotFound(
-            f"{where}: directory inside the source cannot be read ({exc.strerror or exc})",
-            hint="Fix its permissions or move it out of the source; clair does not skip members silently.",
-        )
+    def rel(p: Path) -> str:
+        return p.relative_to(path).as_posix()
 
-    for dirpath, dirnames, filenames in os.walk(path, onerror=unreadable):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        here = Path(dirpath)
-        if len(here.relative_to(path).parts) >= MAX_SOURCE_DEPTH:
-            raise AdapterFormatError(
-                f"{printable(str(here))}: more than {MAX_SOURCE_DEPTH} directory levels below the source "
-                f"{printable(spec)}",
-                hint="Name the adapter directories (or a closer parent) as sources.",
-            )
-        links = [d for d in dirnames if (here / d).is_symlink()]
-        if links:
-            raise UnsafeFormatError(
-                f"{printable(str(here / links[0]))}: is a symlinked directory inside the source; "
-                "clair does not follow directory links",
-                hint="Give the link's target as a source of its own, or copy the adapter in.",
-            )
-        if here != path and _is_adapter_dir(here):
-            rel = here.relative_to(path).as_posix()
-            path_as_given = os.path.join(spec, rel)
-            _add(refs, errors, rel, spec, lambda: _adapter_dir_ref(here, rel, spec, root, options, path_as_given))  # noqa: B023
-            dirnames[:] = []  # an adapter's own subfolders are not further adapters
-            continue
-        pickles += [here / f for f in filenames if f.lower().endswith(PICKLE_SUFFIXES)]
-        bare += [here / f for f in sorted(filenames) if f.lower().endswith(".safetensors") and not f.startswith(".")]
-    if not refs and not errors:
+    for where, problem in found.problems:
+        if errors is None:
+            raise problem
+        errors.append((rel(where), spec, problem))
+    groups, single = _nesting(found.adapters)
+    for top, members in groups.items():
+        problem = _nesting_error(top, members, path, spec)
+        if errors is None:
+            raise problem
+        errors.append((rel(top) if top != path else spec, spec, problem))
+    for here in single:
+        name = rel(here)
+        given = os.path.join(spec, name)
+        _add(refs, errors, name, spec, lambda: _adapter_dir_ref(here, name, spec, options, given))  # noqa: B023
+    if not found.adapters and not errors:
         # A directory of bare .safetensors files (no adapter directory anywhere below it): each
         # file is an adapter, described by --config or --lora-alpha. Beside adapter directories,
         # such files are something else (a base model's weights) and are not adapters.
-        for file in bare:
-            rel = file.relative_to(path).as_posix()[: -len(".safetensors")]
-            given = os.path.join(spec, file.relative_to(path).as_posix())
-            _add(refs, errors, rel, spec, lambda: _bare_file_ref(file, rel, spec, root, options, given))  # noqa: B023
+        for file in found.bare:
+            name = rel(file)[: -len(".safetensors")]
+            given = os.path.join(spec, rel(file))
+            _add(refs, errors, name, spec, lambda: _bare_file_ref(file, name, spec, options, given))  # noqa: B023
     if not refs and not errors:
-        if pickles:
-            raise _refuse_pickle(sorted(pickles)[0])
+        if found.pickles:
+            raise _refuse_pickle(sorted(found.pickles)[0])
         raise AdapterNotFound(
-            f"{path}: no adapter found (looked for directories with {CONFIG_NAME} and {SAFETENSORS_WEIGHTS_NAME}, "
-            "and for .safetensors files)"
+            f"{shown_path(path)}: no adapter found (looked for directories with {CONFIG_NAME} and "
+            f"{SAFETENSORS_WEIGHTS_NAME}, and for .safetensors files)"
         )
     return sorted(refs, key=lambda r: r.name)
+
+
+def _same_files(refs: list[AdapterRef]) -> None:
+    """Refuse one weights file read as two adapters (two links to it, or a source given twice)."""
+    seen: dict[tuple[int, int], AdapterRef] = {}
+    for ref in refs:
+        if ref.repo_id is not None and ref.path is None:
+            continue  # hub downloads: the cache may share one blob between revisions
+        try:
+            st = os.stat(ref.weights_file)
+        except (OSError, ValueError):
+            continue  # reported when the file is opened
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            first = seen[key]
+            raise UsageError(
+                f"{printable(first.name)} and {printable(ref.name)} are the same file "
+                f"({shown_path(first.weights_file)} and {shown_path(ref.weights_file)})",
+                hint="Give each adapter once; a link to an adapter already in the pool reads it twice.",
+            )
+        seen[key] = ref
+
+
+def _resolve_one(
+    spec: str, options: SourceOptions, errors: list[tuple[str, str, ClairError]] | None
+) -> list[AdapterRef]:
+    if spec.startswith("hf://"):
+        return [hub.fetch(spec, options.subfolder, options.revision, options.token)]
+    path = Path(spec)
+    st = probe(path)
+    if st is not None:
+        return _resolve_local(spec, path, st, options, errors)
+    if hub.looks_like_hub_id(spec) and not spec.startswith((".", "/", "~")):
+        return [hub.fetch(spec, options.subfolder, options.revision, options.token)]
+    raise AdapterNotFound(f"{shown_path(spec)}: no such file or directory")
 
 
 def resolve_sources(
@@ -285,8 +503,9 @@ def resolve_sources(
 ) -> list[AdapterRef]:
     """Resolve source strings to adapter references, in the order given.
 
-    With ``errors`` (a list), an unreadable adapter inside a directory source is appended
-    to it as ``(name, source, error)`` instead of ending the resolution.
+    With ``errors`` (a list), a source that cannot be read, or an unreadable adapter inside a
+    directory source, is appended to it as ``(name, source, error)`` instead of ending the
+    resolution (usage errors, such as two adapters of one name, still end it).
 
     Raises:
         AdapterNotFound: a path or hub repo does not exist.
@@ -297,15 +516,12 @@ def resolve_sources(
         raise UsageError("no source given", hint="Name adapter directories, files or hub repo ids.")
     refs: list[AdapterRef] = []
     for spec in specs:
-        path = Path(spec)
-        if spec.startswith("hf://"):
-            refs.append(hub.fetch(spec, options.subfolder, options.revision, options.token))
-        elif path.exists():
-            refs.extend(_resolve_local(spec, path, options, errors))
-        elif hub.looks_like_hub_id(spec) and not spec.startswith((".", "/", "~")):
-            refs.append(hub.fetch(spec, options.subfolder, options.revision, options.token))
-        else:
-            raise AdapterNotFound(f"{spec}: no such file or directory")
+        try:
+            refs.extend(_resolve_one(spec, options, errors))
+        except (AdapterNotFound, AdapterFormatError, HubError) as exc:
+            if errors is None:
+                raise
+            errors.append((printable(spec), printable(spec), exc))  # inspect shows it as a row
     dupes = [name for name, n in Counter(r.name for r in refs).items() if n > 1]
     if dupes:
         where = [r.weights_file.as_posix() for r in refs if r.name == dupes[0]]
@@ -313,19 +529,21 @@ def resolve_sources(
             f"two adapters are both named {dupes[0]!r} ({' and '.join(where)})",
             hint="Give each source once, or put the adapters under one parent directory.",
         )
+    _same_files(refs)
     return refs
 
 
-def _flag_config(ref: AdapterRef, options: SourceOptions) -> AdapterConfig:
-    # A bare file has no r: take each module's rank from its tensors.
+def _flag_config(ref: AdapterRef, options: SourceOptions, tensors: dict[str, TensorInfo]) -> AdapterConfig:
+    """The config of a bare file, from --lora-alpha and the factors' own ranks (no r to check)."""
     if options.lora_alpha is None:
-        raise AdapterFormatError(f"{ref.weights_file}: no config", hint="Pass --config FILE or --lora-alpha.")
-    tensors, _ = read_header(ref.weights_file)
+        raise AdapterFormatError(
+            f"{shown_path(ref.weights_file)}: no config", hint="Pass --config FILE or --lora-alpha."
+        )
     ranks: dict[str, int] = {}
-    for key, info in tensors.items():
-        if (key.endswith(".lora_A.weight") or key.endswith(".lora_embedding_A")) and info.shape:
-            module = key.rsplit(".lora_", 1)[0].removeprefix("base_model.model.")
-            ranks[module] = info.shape[0]
+    for module, parts in classify_keys(ref.weights_file, tensors).parts.items():
+        a = parts.get("lora_A", parts.get("lora_embedding_A"))
+        if a is not None and a.shape:
+            ranks[module] = a.shape[0]
     common = Counter(ranks.values()).most_common(1)[0][0] if ranks else 1
     return AdapterConfig(
         base_model=options.base_model,
@@ -341,6 +559,7 @@ def open_adapter(ref: AdapterRef, options: SourceOptions | None = None) -> Adapt
     options = options or SourceOptions()
     config_file = options.config if ref.config_file is None or options.config else ref.config_file
     note = None
+    header = read_header(ref.weights_file)
     if config_file is not None:
         config = load_config(config_file)
         if options.base_model:
@@ -350,8 +569,8 @@ def open_adapter(ref: AdapterRef, options: SourceOptions | None = None) -> Adapt
                 note = f"--base-model {options.base_model!r} replaces the config's base model {given!r}"
             config = replace(config, base_model=options.base_model)
     else:
-        config = _flag_config(ref, options)
-    adapter = Adapter.open(ref, config, max_rank=options.max_rank)
+        config = _flag_config(ref, options, header[0])
+    adapter = Adapter.open(ref, config, max_rank=options.max_rank, max_modules=options.max_modules, header=header)
     if note:
         adapter.notes.append(note)
     return adapter
@@ -375,7 +594,7 @@ def open_adapters(
         raise UsageError(
             f"{len(refs)} adapters in {printable(', '.join(specs)[:200])}: more than --max-adapters "
             f"{options.max_adapters}",
-            hint="The verdict's calibration grows with the square of the pool (README, Limits); "
+            hint="The verdict's calibration grows with the square of the pool (docs: Limits); "
             "raise --max-adapters if the machine has the time.",
         )
     adapters = []
