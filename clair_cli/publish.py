@@ -1,20 +1,20 @@
 """Merged and refined adapters as directories: PEFT config, tensors and model card.
 
-The commands call these after :mod:`clair_cli.pipeline` has merged or refined; the
-directory is written through :class:`clair_cli.io.peft_writer.AtomicDir`, so an
-interrupted run leaves nothing half-written.
+The commands call these after :mod:`clair_cli.pipeline` has merged or refined; they write
+into a staging directory of the run's output transaction (:class:`clair_cli.io.writers.Outputs`),
+which renames it into place with the run's reports once everything is written, or not at all.
 """
 
 from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
-    from clair_cli.io.peft_writer import AtomicDir
     from clair_cli.pipeline import Progress
     from clair_cli.results import AuditOutcome, MergedAdapter, Pool
 
@@ -69,7 +69,7 @@ def sources_table(
 
 
 def write_merged(
-    target: AtomicDir,
+    root: Path,
     pool: Pool,
     merged: MergedAdapter,
     outcome: AuditOutcome | None,
@@ -78,8 +78,8 @@ def write_merged(
     argv: Sequence[str],
     params: dict[str, Any] | None = None,
 ) -> None:
-    """Write the merged adapter (config, tensors, model card) into ``target``; ``params``: the
-    audit's settings, listed in the card where an audit ran."""
+    """Write the merged adapter (config, tensors, model card) into the staging directory ``root``;
+    ``params``: the audit's settings, listed in the card where an audit ran."""
     from clair_cli.io.peft_writer import merged_config, merged_tensors, save_adapter
     from clair_cli.report.audit import summary_line
     from clair_cli.report.card import model_card
@@ -98,12 +98,11 @@ def write_merged(
         merge=merged.summary(),
         params=params,
     )
-    with target as tmp:
-        save_adapter(tmp, config, tensors, card)
+    save_adapter(root, config, tensors, card)
 
 
 def write_refined(
-    target: AtomicDir,
+    root: Path,
     pool: Pool,
     outcome: AuditOutcome,
     bases: dict[str, torch.Tensor | None],
@@ -112,35 +111,34 @@ def write_refined(
     progress: Progress,
     params: dict[str, Any] | None = None,
 ) -> list[int]:
-    """Write each collaborator's refined adapter to ``target/<name>/``; returns their indices."""
+    """Write each collaborator's refined adapter to ``root/<name>/`` (``root``: the staging
+    directory of ``--out``); returns their indices."""
     from clair_cli.io.peft_writer import refined_tensors, save_adapter, source_config
     from clair_cli.report.audit import summary_line
     from clair_cli.report.card import model_card
 
     used = list(outcome.auditor.collaborative_set_)
     side = "in" if outcome.settings.side == "in" else "out"
-    with target as tmp:
-        for i, k in enumerate(used):
-            adapter = pool.adapters[k]
-            tensors, unchanged = refined_tensors(adapter, bases, side)
-            notes = list(pool.notes)
-            if unchanged:
-                notes.append(
-                    f"{len(unchanged)} module(s) kept unchanged (projection did not predict held-out "
-                    "adapters better there)"
-                )
-            if pool.dropped:
-                notes.append(f"{len(pool.dropped)} module(s) outside the analysed intersection kept unchanged")
-            card = model_card(
-                f"{adapter.name}, refined by CLAIR",
-                "refine",
-                pool.base_model,
-                sources_table(pool, used, outcome),
-                command_line(argv),
-                summary_line(report, timing=False),
-                notes,
-                params=params,
+    for i, k in enumerate(used):
+        adapter = pool.adapters[k]
+        tensors, unchanged = refined_tensors(adapter, bases, side)
+        notes = list(pool.notes)
+        if unchanged:
+            notes.append(
+                f"{len(unchanged)} module(s) kept unchanged (projection did not predict held-out adapters better there)"
             )
-            save_adapter(tmp, source_config(adapter), tensors, card, name=adapter.name)
-            progress("writing adapters", i + 1, len(used))
+        if pool.dropped:
+            notes.append(f"{len(pool.dropped)} module(s) outside the analysed intersection kept unchanged")
+        card = model_card(
+            f"{adapter.name}, refined by CLAIR",
+            "refine",
+            pool.base_model,
+            sources_table(pool, used, outcome),
+            command_line(argv),
+            summary_line(report, timing=False),
+            notes,
+            params=params,
+        )
+        save_adapter(root, source_config(adapter), tensors, card, name=adapter.name)
+        progress("writing adapters", i + 1, len(used))
     return used

@@ -550,7 +550,7 @@ def test_sigterm_removes_the_temporary_directory_and_exits_143(tmp_path: Path) -
         "import sys, time\n"
         "from pathlib import Path\n"
         "import clair_cli.cli as cli\n"
-        "from clair_cli.io.peft_writer import AtomicDir\n"
+        "from clair_cli.io.writers import AtomicDir\n"
         "def fake_main():\n"
         "    with AtomicDir(Path(sys.argv[1])) as tmp:\n"
         "        (tmp / 'partial').write_text('x')\n"

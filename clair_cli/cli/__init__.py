@@ -129,7 +129,7 @@ _TYPER_EXITS = _typer_exits()
 
 def _interrupted(exc: KeyboardInterrupt) -> typer.Exit:
     """Ctrl-C or SIGTERM: outputs are written atomically, so nothing is left half-written."""
-    writer = sys.modules.get("clair_cli.io.peft_writer")
+    writer = sys.modules.get("clair_cli.io.writers")
     done = list(getattr(writer, "COMMITTED", []))
     if done:
         from clair_cli.io.paths import printable

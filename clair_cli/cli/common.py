@@ -18,6 +18,7 @@ from clair_cli.types import AuditParams, SolverForm
 if TYPE_CHECKING:
     from clair_cli.io.adapter import Adapter
     from clair_cli.io.sources import SourceOptions
+    from clair_cli.io.writers import Outputs
     from clair_cli.pipeline import Progress
 
 
@@ -213,7 +214,8 @@ def check_report_targets(
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError(
-                "--plot needs matplotlib, which is not installed", hint="Install it with: pip install 'clair-lora[plot]'"
+                "--plot needs matplotlib, which is not installed",
+                hint="Install it with: pip install 'clair-lora[plot]'",
             ) from None
     for target in files:
         check_report_file(target, inputs)
@@ -227,19 +229,36 @@ def emit_reports(
     quiet: bool,
     inputs: Sequence[Path] = (),
 ) -> None:
-    """Write the requested report files; the terminal table unless stdout carries JSON or Markdown."""
-    from clair_cli.io.writers import write_text
-    from clair_cli.report.audit import audit_markdown, render_audit
-    from clair_cli.report.console import make_console
+    """Write the requested report files (all of them or none), then the terminal table."""
+    from clair_cli.io.writers import Outputs
+
+    with Outputs(inputs) as outputs:
+        stage_reports(outputs, report, json_out, markdown, plot)
+    show_report(report, json_out, markdown, quiet)
+
+
+def stage_reports(
+    outputs: Outputs, report: dict[str, Any], json_out: str | None, markdown: str | None, plot: str | None
+) -> None:
+    """Write the requested report files into the run's output transaction (renamed into place
+    with its other outputs, or not at all)."""
+    from clair_cli.report.audit import audit_markdown
 
     if plot is not None:
-        from clair_cli.report.plot import write_plot
+        from clair_cli.report.plot import plot_png
 
-        write_plot(report, plot, inputs)
+        outputs.write(plot, plot_png(report))
     if json_out is not None:
-        write_text(json_out, json.dumps(report, indent=2) + "\n", inputs)
+        outputs.write_text(json_out, json.dumps(report, indent=2) + "\n")
     if markdown is not None:
-        write_text(markdown, audit_markdown(report), inputs)
+        outputs.write_text(markdown, audit_markdown(report))
+
+
+def show_report(report: dict[str, Any], json_out: str | None, markdown: str | None, quiet: bool) -> None:
+    """The terminal table, unless stdout carries JSON or Markdown."""
+    from clair_cli.report.audit import render_audit
+    from clair_cli.report.console import make_console
+
     if "-" not in (json_out, markdown):
         render_audit(make_console(quiet=quiet), report)
 

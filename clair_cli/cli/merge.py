@@ -79,7 +79,7 @@ def merge_command(
     from clair_cli.cli import common
     from clair_cli.errors import UsageError
     from clair_cli.io.paths import input_paths, printable
-    from clair_cli.io.peft_writer import AtomicDir
+    from clair_cli.io.writers import Outputs
     from clair_cli.report.audit import audit_report
     from clair_cli.report.console import make_console
 
@@ -99,25 +99,29 @@ def merge_command(
     src = common.source_options(locals())
     inputs = input_paths(sources, [config])
     common.check_report_targets(json_out, markdown, plot, inputs, out)
-    target = AtomicDir(out, force, inputs)
-    with common.progress_bar(quiet) as progress:
-        pool = pipeline.open_pool(sources, src, intersect=intersect, method=spec.name, progress=progress)
-        files = common.adapter_files(pool.adapters)
-        target.guard(files)
-        common.check_report_targets(json_out, markdown, plot, files, out)
-        dropped = pipeline.extras(pool, drop_extras)
-        outcome = pipeline.audit(pool, params, progress) if spec.audits else None
-        merged = pipeline.merge(pool, spec.name, params, w, options, outcome, progress)
-    report = audit_report(outcome, command="merge", digests=json_out is not None) if outcome else None
-    if report is not None:
-        report["merge"] = merged.summary() | {"dropped": dropped}
-    notes = list(merged.notes) + dropped
-    if pool.dropped:
-        notes.append(f"--intersect left out {len(pool.dropped)} module(s) not targeted by every adapter")
-    publish.write_merged(target, pool, merged, outcome, report, notes, sys.argv[1:], params.as_dict())
+    with Outputs(inputs) as outputs:  # the adapter and the reports: all written, or none
+        outputs.directory(out, force)
+        with common.progress_bar(quiet) as progress:
+            pool = pipeline.open_pool(sources, src, intersect=intersect, method=spec.name, progress=progress)
+            files = common.adapter_files(pool.adapters)
+            outputs.guard(files)
+            common.check_report_targets(json_out, markdown, plot, files, out)
+            dropped = pipeline.extras(pool, drop_extras)
+            outcome = pipeline.audit(pool, params, progress) if spec.audits else None
+            merged = pipeline.merge(pool, spec.name, params, w, options, outcome, progress)
+        report = audit_report(outcome, command="merge", digests=json_out is not None) if outcome else None
+        if report is not None:
+            report["merge"] = merged.summary() | {"dropped": dropped}
+        notes = list(merged.notes) + dropped
+        if pool.dropped:
+            notes.append(f"--intersect left out {len(pool.dropped)} module(s) not targeted by every adapter")
+        root = outputs.stage_directory(out)
+        publish.write_merged(root, pool, merged, outcome, report, notes, sys.argv[1:], params.as_dict())
+        if report is not None:
+            common.stage_reports(outputs, report, json_out, markdown, plot)
     console = make_console(stderr=True, quiet=quiet)
     if report is not None:
-        common.emit_reports(report, json_out, markdown, plot, quiet, files)
+        common.show_report(report, json_out, markdown, quiet)
     ranks = [r.rank for r in merged.modules.values()]
     console.print(
         f"wrote {printable(str(out))}: {spec.name} merge of {len(merged.used)} of {len(pool.adapters)} adapters, "
@@ -169,7 +173,7 @@ def refine_command(
     from clair_cli import pipeline, publish
     from clair_cli.cli import common
     from clair_cli.io.paths import input_paths, printable
-    from clair_cli.io.peft_writer import AtomicDir
+    from clair_cli.io.writers import Outputs
     from clair_cli.report.audit import audit_report
     from clair_cli.report.console import make_console
     from clair_cli.types import parse_rank
@@ -180,23 +184,26 @@ def refine_command(
     src = common.source_options(locals())
     inputs = input_paths(sources, [config])
     common.check_report_targets(json_out, markdown, plot, inputs, out)
-    target = AtomicDir(out, force, inputs)
-    with common.progress_bar(quiet) as progress:
-        pool = pipeline.open_pool(sources, src, intersect=intersect, progress=progress)
-        files = common.adapter_files(pool.adapters)
-        target.guard(files)
-        common.check_report_targets(json_out, markdown, plot, files, out)
-        outcome = pipeline.audit(pool, params, progress)
-        bases = pipeline.refined_bases(pool, outcome, fixed if isinstance(fixed, int) else None, progress)
-        report = audit_report(outcome, command="refine", digests=json_out is not None)
-        report["refine"] = {
-            "project_rank": project_rank,
-            "projection_rank": {m: None if b is None else int(b.shape[1]) for m, b in bases.items()},
-        }
-        common.unique_out_names([pool.adapters[k].name for k in outcome.auditor.collaborative_set_])
-        card_params = params.as_dict() | {"project_rank": project_rank}
-        used = publish.write_refined(target, pool, outcome, bases, report, sys.argv[1:], progress, card_params)
-    common.emit_reports(report, json_out, markdown, plot, quiet, files)
+    with Outputs(inputs) as outputs:  # the adapters and the reports: all written, or none
+        outputs.directory(out, force)
+        with common.progress_bar(quiet) as progress:
+            pool = pipeline.open_pool(sources, src, intersect=intersect, progress=progress)
+            files = common.adapter_files(pool.adapters)
+            outputs.guard(files)
+            common.check_report_targets(json_out, markdown, plot, files, out)
+            outcome = pipeline.audit(pool, params, progress)
+            bases = pipeline.refined_bases(pool, outcome, fixed if isinstance(fixed, int) else None, progress)
+            report = audit_report(outcome, command="refine", digests=json_out is not None)
+            report["refine"] = {
+                "project_rank": project_rank,
+                "projection_rank": {m: None if b is None else int(b.shape[1]) for m, b in bases.items()},
+            }
+            common.unique_out_names([pool.adapters[k].name for k in outcome.auditor.collaborative_set_])
+            card_params = params.as_dict() | {"project_rank": project_rank}
+            root = outputs.stage_directory(out)
+            used = publish.write_refined(root, pool, outcome, bases, report, sys.argv[1:], progress, card_params)
+        common.stage_reports(outputs, report, json_out, markdown, plot)
+    common.show_report(report, json_out, markdown, quiet)
     make_console(stderr=True, quiet=quiet).print(
         f"wrote {printable(str(out))}: {len(used)} refined adapters "
         f"({len(pool.adapters) - len(used)} flagged, not written)",
