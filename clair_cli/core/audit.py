@@ -76,6 +76,10 @@ def working_dtype(A: list[torch.Tensor], dtype: torch.dtype, solver: str = "auto
     return dtype if uses_fast_path(A, solver) else torch.float64
 
 
+class EmptyUpdates(ValueError):
+    """The adapters that set the shared subspace of a module all have a zero update there."""
+
+
 @dataclass
 class ModuleInput:
     """One module's factors for the adapters that target it."""
@@ -277,6 +281,11 @@ class ClairAuditor:
                     raise ValueError(f"module {mod.name}: no reference adapter targets it")
             else:
                 fit_on = keep
+            if all(float(norms[j]) == 0 for j in fit_on):
+                whose = "reference adapter's" if reference is not None else "adapter's"
+                raise EmptyUpdates(
+                    f"module {mod.name}: every {whose} update is zero there, so they span no shared subspace"
+                )
             decs = [
                 self._decompose([A[j] for j in fit_on], [B[j] for j in fit_on], [mod.scales[j] for j in fit_on], s)
                 for s in sides

@@ -70,6 +70,8 @@ def reason_text(reason: Reason, names: list[str], modules: ModuleNames) -> str:
         )
     if kind == "norm":
         ratio = _given(reason.ratio)
+        if ratio == 0:
+            return "its update is zero (an untrained adapter? lora_B starts at zero): a free rider"
         if ratio < 1:
             return f"update norm {1 / ratio:.0f}x below the pool median (a free rider?)"
         return (
