@@ -48,8 +48,10 @@ def sources_table(
 ) -> list[dict[str, Any]]:
     """Per input adapter: name, source, its own path, revision, whether it was used, its weight
     (its share of a merge: ``weights`` one per adapter in ``used``, None: equal), score and verdict."""
-    given = [1.0] * len(used) if weights is None else list(weights)
-    share = {k: w / sum(given) for k, w in zip(used, given, strict=True)}
+    from clair_cli.core.merge import check_weights
+
+    shares = check_weights(None if weights is None else list(weights), len(used)) if used else []
+    share = dict(zip(used, shares, strict=True))
     rows = []
     for k, a in enumerate(pool.adapters):
         v = outcome.auditor.verdicts_[k] if outcome else None

@@ -201,11 +201,13 @@ def check_report_targets(
 
     if json_out == "-" and markdown == "-":
         raise UsageError("--json - and --markdown - cannot both go to stdout")
-    files = [t for t in (json_out, markdown, plot) if t is not None and t != "-" and not discarded(t)]
-    if len({Path(t).resolve() for t in files}) < len(files):
+    named = [(o, t) for o, t in (("--json", json_out), ("--markdown", markdown), ("--plot", plot)) if t is not None]
+    files = [t for _o, t in named if t != "-" and not discarded(t)]
+    real = {t: _resolved(t, o) for o, t in named if t in files}
+    if len(set(real.values())) < len(files):
         raise UsageError("--json, --markdown and --plot name the same file; give each its own")
     for t in files:
-        if out is not None and Path(t).resolve().is_relative_to(out.resolve()):
+        if out is not None and real[t].is_relative_to(_resolved(out, "--out")):
             raise UsageError(f"{printable(t)}: a report file cannot go inside --out, which is replaced whole")
     if plot is not None:
         if plot == "-" or not plot.lower().endswith(".png"):
@@ -218,7 +220,22 @@ def check_report_targets(
                 hint="Install it with: pip install 'clair-lora[plot]'",
             ) from None
     for target in files:
-        check_report_file(target, inputs)
+        try:
+            check_report_file(target, inputs)
+        except RuntimeError:  # pathlib's resolve() on a symlink loop (Python < 3.13)
+            raise UsageError(f"{printable(target)}: cannot be resolved (too many levels of symbolic links)") from None
+
+
+def _resolved(path: str | Path, option: str) -> Path:
+    """``path`` resolved; a symlink loop is a usage error naming ``option``."""
+    from clair_cli.io.paths import printable
+
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise UsageError(
+            f"{option} {printable(str(path))}: cannot be resolved (too many levels of symbolic links)"
+        ) from exc
 
 
 def emit_reports(

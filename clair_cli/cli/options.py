@@ -71,9 +71,22 @@ ConfigFile = Annotated[
     Optional[Path],
     typer.Option("--config", help="adapter_config.json for .safetensors sources without one.", metavar="FILE"),
 ]
+
+
+def _lora_alpha(value: Optional[float]) -> Optional[float]:
+    """A finite, positive ``--lora-alpha``; anything else is a one-line usage error naming it."""
+    if value is not None and not (0 < value < float("inf")):
+        from clair_cli.errors import UsageError
+
+        raise UsageError(f"--lora-alpha {value:g}: expected a finite number above 0")
+    return value
+
+
 LoraAlpha = Annotated[
     Optional[float],
-    typer.Option("--lora-alpha", help="lora_alpha for .safetensors sources without a config.", metavar="X"),
+    typer.Option(
+        "--lora-alpha", help="lora_alpha for .safetensors sources without a config.", metavar="X", callback=_lora_alpha
+    ),
 ]
 Rslora = Annotated[bool, typer.Option("--rslora", help="With --lora-alpha: scale by alpha/sqrt(r).")]
 BaseModel = Annotated[
@@ -175,12 +188,23 @@ DeviceOpt = Annotated[
     DeviceChoice, typer.Option("--device", help="Where to compute: auto (a GPU when present), cpu or cuda.")
 ]
 DtypeOpt = Annotated[Precision, typer.Option("--dtype", help="Working precision: float32 or float64.")]
+SEED_MAX = 2**32 - 1
+
+
+def _seed(value: int) -> int:
+    """``--seed`` in 0..2**32-1, checked here so that a bad one is one line, not a usage dump."""
+    if not 0 <= value <= SEED_MAX:
+        from clair_cli.errors import UsageError
+
+        raise UsageError(f"--seed {value}: expected a whole number from 0 to 2**32-1 ({SEED_MAX})")
+    return value
+
+
 Seed = Annotated[
     int,
     typer.Option(
         "--seed",
-        min=0,
-        max=2**32 - 1,
+        callback=_seed,
         help="Seed of the random rotations, 0 to 2**32-1 (results are deterministic given it).",
         metavar="N",
     ),

@@ -167,7 +167,10 @@ class Outputs:
 
     def _check(self, out: _Output) -> None:
         if not out.directory:
-            check_report_file(str(out.target), self.inputs)
+            try:
+                check_report_file(str(out.target), self.inputs)
+            except RuntimeError as exc:  # pathlib's resolve() on a symlink loop (Python < 3.13)
+                raise OutputError(f"{out.shown}: cannot be used (too many levels of symbolic links)") from exc
             return
         shown = out.shown
         try:
