@@ -392,7 +392,7 @@ class ClairAuditor:
         )
         self.verdicts_: list[AdapterVerdict] = decide(signals)
         if self.copies == "flag-all":
-            flag_every_copy(self.verdicts_, self.duplicate_groups_, trusted, sq)
+            flag_every_copy(self.verdicts_, self.duplicate_groups_, trusted, sq, inner)
         # Rules that measured no adapter at all in this pool (the report says so).
         self.silent_rules_ = [r for r in WATCHED_RULES if not any(r in v.signals for v in self.verdicts_)]
         copies = {k for g in self.duplicate_groups_ for k in g[1:]}
