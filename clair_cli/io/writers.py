@@ -135,7 +135,7 @@ class Outputs:
     def __init__(self, inputs: Iterable[Path] = ()) -> None:
         self.inputs: list[Path] = list(inputs)
         self.outputs: list[_Output] = []
-        self.stdout: list[bytes] = []
+        self.stdout: list[str] = []
         self.done = False
 
     # Registration and checks -------------------------------------------------------------
@@ -218,7 +218,7 @@ class Outputs:
     def write(self, target: str, data: bytes) -> None:
         """Stage ``data`` as the content of the report file ``target`` (``-``: stdout, after the commit)."""
         if target == "-":
-            self.stdout.append(data)
+            self.stdout.append(data.decode("utf-8", "surrogateescape"))
             return
         if discarded(target):
             return
@@ -269,10 +269,9 @@ class Outputs:
         finally:
             self._discard()
         COMMITTED.extend(o.target for o in staged)
-        for data in self.stdout:
-            sys.stdout.flush()  # what was printed before goes first
-            sys.stdout.buffer.write(data)
-            sys.stdout.buffer.flush()
+        for text in self.stdout:  # through the text layer: its encoding and error handler apply
+            sys.stdout.write(text)
+            sys.stdout.flush()
 
     def _install(self, out: _Output) -> None:
         assert out.staged is not None
