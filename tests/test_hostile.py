@@ -464,6 +464,11 @@ def _run_case(case: Case, d: Path, hub_url: str) -> Outcome:
         "NO_COLOR": "1",
         "COLUMNS": "400",
         "HF_HOME": str(d / "home"),
+        # The process runs in the case's directory: import this checkout's clair_cli, not
+        # whichever one the environment has installed (a worktree shares its venv).
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")) if p
+        ),
         **{k: v.format(hub=hub_url) for k, v in case.env.items()},
     }
     before = _snapshot(d)
