@@ -190,7 +190,7 @@ def test_read_only_location_is_refused_even_where_permissions_are_not_enforced(
 
     real_access = os.access
     monkeypatch.setattr(
-        "clair_cli.io.peft_writer.os.access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode)
+        "clair_cli.io.writers.os.access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode)
     )
     result = CliRunner().invoke(app, ["merge", str(SAMPLES), "--out", str(tmp_path / "merged")])
     assert result.exit_code == 2 and "permission denied" in result.stderr

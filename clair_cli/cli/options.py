@@ -188,23 +188,12 @@ DeviceOpt = Annotated[
     DeviceChoice, typer.Option("--device", help="Where to compute: auto (a GPU when present), cpu or cuda.")
 ]
 DtypeOpt = Annotated[Precision, typer.Option("--dtype", help="Working precision: float32 or float64.")]
-SEED_MAX = 2**32 - 1
-
-
-def _seed(value: int) -> int:
-    """``--seed`` in 0..2**32-1, checked here so that a bad one is one line, not a usage dump."""
-    if not 0 <= value <= SEED_MAX:
-        from clair_cli.errors import UsageError
-
-        raise UsageError(f"--seed {value}: expected a whole number from 0 to 2**32-1 ({SEED_MAX})")
-    return value
-
-
+# No min/max here: AuditParams checks the range once, in one line naming --seed (Typer's
+# range check would print a usage dump instead).
 Seed = Annotated[
     int,
     typer.Option(
         "--seed",
-        callback=_seed,
         help="Seed of the random rotations, 0 to 2**32-1 (results are deterministic given it).",
         metavar="N",
     ),
