@@ -207,7 +207,7 @@ MarkdownOut = Annotated[
 PlotOut = Annotated[
     Optional[str],
     typer.Option(
-        "--plot", help="Write a PNG with the score heatmap and spectra (needs clair-lora\\[plot]).", metavar="FILE.png"
+        "--plot", help="Write a PNG (needs clair-lora\\[plot]) with the score heatmap and spectra.", metavar="FILE.png"
     ),
 ]
 ExitZero = Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even when adapters are flagged.")]
