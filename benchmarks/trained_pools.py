@@ -45,7 +45,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from benchmarks import tasks
-from clair_cli.io.peft_writer import AtomicDir
+from clair_cli.io.writers import AtomicDir
 from experiments.text_copy import train
 
 BASE_NAME = "base_model"  # every adapter's base_model_name_or_path: the pool's base_model/ folder

@@ -233,29 +233,39 @@ def iter_modules(
     device: str = "cpu",
     progress: Progress = _quiet,
 ) -> Iterator[ModuleInput]:
-    """Each module's factors for ``members`` (default: every adapter), one module at a time."""
+    """Each module's factors for ``members`` (default: every adapter), one module at a time.
+
+    An all-zero adapter (untrained: lora_B starts at zero) is passed on like any other; the
+    verdict flags it as a free rider (the norm rule), so the rest of the pool is still audited.
+    """
+    import torch
+
     from clair_cli.core.audit import ModuleInput
+    from clair_cli.core.canonical import in_dtype
+    from clair_cli.io.paths import printable
 
     idx = list(range(len(pool.adapters))) if members is None else list(members)
-    trained = [False] * len(idx)
     with ExitStack() as stack:
         readers = [stack.enter_context(pool.adapters[k].reader()) for k in idx]
         for i, name in enumerate(pool.modules):
-            mods = [pool.adapters[k].read_module(r, name, dtype) for k, r in zip(idx, readers, strict=True)]
-            for j, m in enumerate(mods):
-                trained[j] = trained[j] or (bool(m.A.any()) and bool(m.B.any()))
-            if i == len(pool.modules) - 1 and not all(trained):
-                raise AdapterFormatError(
-                    f"{pool.adapters[idx[trained.index(False)]].ref.weights_file}: every analysed LoRA update "
-                    "is zero (an untrained adapter: lora_B is initialised to zero)",
-                    hint="Leave it out of the pool, or check that training saved the right weights.",
-                )
+            # Read in float64 and cast with in_dtype: float64 factors beyond float32's range whose
+            # update fits are balanced rather than cast to Inf or 0.
+            mods = [pool.adapters[k].read_module(r, name, torch.float64) for k, r in zip(idx, readers, strict=True)]
+            fitted = []
+            for k, m in zip(idx, mods, strict=True):
+                try:
+                    fitted.append(in_dtype(m.A, m.B, m.scale, dtype or torch.float32))
+                except ValueError as exc:
+                    raise AdapterFormatError(
+                        f"{printable(str(pool.adapters[k].ref.weights_file))}: module {name!r}: {exc}",
+                        hint="Use --dtype float64, or check the adapter (clair inspect).",
+                    ) from None
             yield ModuleInput(
                 name,
                 list(idx),
-                [m.A.to(device) for m in mods],
-                [m.B.to(device) for m in mods],
-                [m.scale for m in mods],
+                [a.to(device) for a, _b, _s in fitted],
+                [b.to(device) for _a, b, _s in fitted],
+                [s for _a, _b, s in fitted],
             )
             progress("modules", i + 1, len(pool.modules))
 
@@ -333,7 +343,7 @@ def audit(
 ) -> AuditOutcome:
     """Run CLAIR over the pool (``reference``: trusted adapters, as in ``clair gate``;
     ``copies``: as :class:`clair_cli.core.audit.ClairAuditor`'s)."""
-    from clair_cli.core.audit import ClairAuditor, VerdictOptions
+    from clair_cli.core.audit import ClairAuditor, EmptyUpdates, VerdictOptions
 
     start = time.perf_counter()
     settings = resolved(settings)
@@ -349,12 +359,17 @@ def audit(
         solver=settings.path,  # type: ignore[arg-type]
         verdict=VerdictOptions(threshold=settings.threshold, copies=copies),  # type: ignore[arg-type]
     )
-    auditor.fit(
-        iter_modules(pool, dtype=dtype, device=settings.device, progress=progress),
-        len(pool.adapters),
-        reference,
-        names=pool.names,
-    )
+    try:
+        auditor.fit(
+            iter_modules(pool, dtype=dtype, device=settings.device, progress=progress),
+            len(pool.adapters),
+            reference,
+            names=pool.names,
+        )
+    except EmptyUpdates as exc:
+        raise IncompatibleAdapters(
+            str(exc), hint="Untrained adapters (lora_B starts at zero) carry no update; leave them out."
+        ) from None
     return AuditOutcome(pool, settings, auditor, {"audit": time.perf_counter() - start}, reference)
 
 

@@ -1,21 +1,21 @@
 """Merged and refined adapters as directories: PEFT config, tensors and model card.
 
-The commands call these after :mod:`clair_cli.pipeline` has merged or refined; the
-directory is written through :class:`clair_cli.io.peft_writer.AtomicDir`, so an
-interrupted run leaves nothing half-written.
+The commands call these after :mod:`clair_cli.pipeline` has merged or refined; they write
+into a staging directory of the run's output transaction (:class:`clair_cli.io.writers.Outputs`),
+which renames it into place with the run's reports once everything is written, or not at all.
 """
 
 from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
     from clair_cli.io.lora_config import ConfigPlan
-    from clair_cli.io.peft_writer import AtomicDir
     from clair_cli.pipeline import Progress
     from clair_cli.results import AuditOutcome, MergedAdapter, Pool
 
@@ -49,8 +49,10 @@ def sources_table(
 ) -> list[dict[str, Any]]:
     """Per input adapter: name, source, its own path, revision, whether it was used, its weight
     (its share of a merge: ``weights`` one per adapter in ``used``, None: equal), score and verdict."""
-    given = [1.0] * len(used) if weights is None else list(weights)
-    share = {k: w / sum(given) for k, w in zip(used, given, strict=True)}
+    from clair_cli.core.merge import check_weights
+
+    shares = check_weights(None if weights is None else list(weights), len(used)) if used else []
+    share = dict(zip(used, shares, strict=True))
     rows = []
     for k, a in enumerate(pool.adapters):
         v = outcome.auditor.verdicts_[k] if outcome else None
@@ -83,7 +85,7 @@ def merged_plan(pool: Pool) -> ConfigPlan:
 
 
 def write_merged(  # noqa: PLR0913 - every part of the card, as the merge command has them
-    target: AtomicDir,
+    root: Path,
     pool: Pool,
     merged: MergedAdapter,
     outcome: AuditOutcome | None,
@@ -93,7 +95,7 @@ def write_merged(  # noqa: PLR0913 - every part of the card, as the merge comman
     params: dict[str, Any] | None = None,
     plan: ConfigPlan | None = None,
 ) -> None:
-    """Write the merged adapter (config, tensors, model card) into ``target``; ``params``: the
+    """Write the merged adapter (config, tensors, model card) into the staging directory ``root``; ``params``: the
     audit's settings, listed in the card where an audit ran; ``plan``: :func:`merged_plan`'s
     (made here when not given; its notes are then added to the card's)."""
     from clair_cli.io.lora_config import lora_config
@@ -118,12 +120,11 @@ def write_merged(  # noqa: PLR0913 - every part of the card, as the merge comman
         merge=merged.summary(),
         params=params,
     )
-    with target as tmp:
-        save_adapter(tmp, config, tensors, card)
+    save_adapter(root, config, tensors, card)
 
 
 def write_refined(
-    target: AtomicDir,
+    root: Path,
     pool: Pool,
     outcome: AuditOutcome,
     bases: dict[str, torch.Tensor | None],
@@ -132,7 +133,8 @@ def write_refined(
     progress: Progress,
     params: dict[str, Any] | None = None,
 ) -> list[int]:
-    """Write each collaborator's refined adapter to ``target/<name>/``; returns their indices."""
+    """Write each collaborator's refined adapter to ``root/<name>/`` (``root``: the staging
+    directory of ``--out``); returns their indices."""
     from clair_cli.io.lora_config import ignored_note
     from clair_cli.io.peft_writer import refined_tensors, save_adapter, source_config
     from clair_cli.pipeline import refined_factors
@@ -141,33 +143,31 @@ def write_refined(
 
     used = list(outcome.auditor.collaborative_set_)
     side = "in" if outcome.settings.side == "in" else "out"
-    with target as tmp:
-        for i, k in enumerate(used):
-            adapter = pool.adapters[k]
-            factors, unchanged = refined_factors(adapter, bases, side)
-            tensors = refined_tensors(adapter, factors)
-            config = source_config(adapter)
-            notes = list(pool.notes)
-            ignored = ignored_note(adapter.config, adapter.modules)
-            if ignored:
-                notes.append(f"as in its source, {ignored}")
-            if unchanged:
-                notes.append(
-                    f"{len(unchanged)} module(s) kept unchanged (projection did not predict held-out "
-                    "adapters better there)"
-                )
-            if pool.dropped:
-                notes.append(f"{len(pool.dropped)} module(s) outside the analysed intersection kept unchanged")
-            card = model_card(
-                f"{adapter.name}, refined by CLAIR",
-                "refine",
-                pool.base_model,
-                sources_table(pool, used, outcome),
-                command_line(argv),
-                summary_line(report, timing=False),
-                notes,
-                params=params,
+    for i, k in enumerate(used):
+        adapter = pool.adapters[k]
+        factors, unchanged = refined_factors(adapter, bases, side)
+        tensors = refined_tensors(adapter, factors)
+        config = source_config(adapter)
+        notes = list(pool.notes)
+        ignored = ignored_note(adapter.config, adapter.modules)
+        if ignored:
+            notes.append(f"as in its source, {ignored}")
+        if unchanged:
+            notes.append(
+                f"{len(unchanged)} module(s) kept unchanged (projection did not predict held-out adapters better there)"
             )
-            save_adapter(tmp, config, tensors, card, name=adapter.name)
-            progress("writing adapters", i + 1, len(used))
+        if pool.dropped:
+            notes.append(f"{len(pool.dropped)} module(s) outside the analysed intersection kept unchanged")
+        card = model_card(
+            f"{adapter.name}, refined by CLAIR",
+            "refine",
+            pool.base_model,
+            sources_table(pool, used, outcome),
+            command_line(argv),
+            summary_line(report, timing=False),
+            notes,
+            params=params,
+        )
+        save_adapter(root, config, tensors, card, name=adapter.name)
+        progress("writing adapters", i + 1, len(used))
     return used

@@ -105,9 +105,23 @@ def _too_few(d: Path) -> list[str]:
     return [str(d)]
 
 
-def _untrained(d: Path) -> None:
-    t = random_factors(MODULES, seed=7)
+def _untrained(d: Path, seed: int = 7) -> None:
+    t = random_factors(MODULES, seed=seed)
     write_adapter(d, {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in t.items()})
+
+
+def _all_untrained(d: Path) -> list[str]:
+    # One untrained adapter is flagged as a free rider (tests/test_hostile_outputs.py); a pool
+    # of nothing but untrained ones spans no subspace at all.
+    for k in range(5):
+        _untrained(d / f"zero_{k}", seed=k)
+    return [str(d)]
+
+
+def _nan_weights(d: Path) -> None:
+    t = random_factors(MODULES, seed=7)
+    t[f"{KEY}.lora_B.weight"][3, 1] = float("nan")
+    write_adapter(d, t)
 
 
 def _hub(spec: str, *extra: str) -> Callable[[Path], list[str]]:
@@ -267,7 +281,7 @@ def _deep_dirs(d: Path) -> list[str]:
 
 def _escape_name(d: Path) -> list[str]:
     _good_pool(d)
-    _untrained(d / "bad\x1b[31m\nname")
+    _nan_weights(d / "bad\x1b[31m\nname")
     return [str(d)]
 
 
@@ -282,7 +296,7 @@ CASES: dict[str, Case] = {
     "adapters of two base models": Case(_two_base_models, "different base models", "other_base"),
     "duplicate adapter names": Case(_duplicate_names, "both named 'good_0'", "good_0"),
     "fewer adapters than clair needs": Case(_too_few, "clair needs at least 5 adapters, got 3", "adapters"),
-    "all-zero (untrained) adapter": Case(_pool_with(_untrained), "every analysed LoRA update is zero", "bad"),
+    "a pool of all-zero (untrained) adapters": Case(_all_untrained, "every adapter's update is zero", "module"),
     "hub id with ../ in the path": Case(_hub("hf://owner/name/../../etc"), "must be a relative path", "etc", OFFLINE),
     "hub id with a backslash": Case(_hub("hf://owner/name/a\\b"), "must be a relative path", "a\\b", OFFLINE),
     "hub --subfolder absolute": Case(
@@ -337,9 +351,9 @@ CASES: dict[str, Case] = {
     "invalid hub id": Case(_hub("hf://own er/na me"), "not a valid Hugging Face repo id", "own er", OFFLINE),
     "hub answering non-HTTP bytes": Case(_hub("evil/garbage"), "not valid HTTP", "evil/garbage", HUB),
     "hub redirect loop": Case(_hub("evil/loop"), "not valid HTTP", "evil/loop", HUB),
-    "--seed 2**70": Case(_with(_pool, "--seed", str(2**70)), "--seed", "4294967295", usage=True),
+    "--seed 2**70": Case(_with(_pool, "--seed", str(2**70)), "--seed", "2**32-1"),
     # class 5
-    "escape codes and newline in a name": Case(_escape_name, "every analysed LoRA update is zero", "bad\\x1b[31m\\n"),
+    "escape codes and newline in a name": Case(_escape_name, "contains NaN or Inf", "bad\\x1b[31m\\n"),
     "hub 500 without retry noise": Case(_hub("evil/500"), "the Hub cannot be reached", "evil/500", HUB),
 }
 
@@ -453,9 +467,11 @@ def _run_case(case: Case, d: Path, hub_url: str) -> Outcome:
         "NO_COLOR": "1",
         "COLUMNS": "400",
         "HF_HOME": str(d / "home"),
-        # The case runs in its own directory: without this, `-m clair_cli` would import an
-        # installed clair (another checkout's) instead of this one.
-        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        # The process runs in the case's directory: import this checkout's clair_cli, not
+        # whichever one the environment has installed (a worktree shares its venv).
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")) if p
+        ),
         **{k: v.format(hub=hub_url) for k, v in case.env.items()},
     }
     before = _snapshot(d)
@@ -540,7 +556,7 @@ def test_hostile_input_exits_2_with_one_clear_line_and_writes_nothing(case: str,
 
 def test_json_report_is_not_written_either(tmp_path: Path) -> None:
     _good_pool(tmp_path / "pool")
-    _untrained(tmp_path / "pool" / "bad")
+    _nan_weights(tmp_path / "pool" / "bad")
     report = tmp_path / "audit.json"
     proc = subprocess.run(
         [sys.executable, "-m", "clair_cli", "audit", str(tmp_path / "pool"), "--json", str(report)],
@@ -556,7 +572,7 @@ def test_sigterm_removes_the_temporary_directory_and_exits_143(tmp_path: Path) -
         "import sys, time\n"
         "from pathlib import Path\n"
         "import clair_cli.cli as cli\n"
-        "from clair_cli.io.peft_writer import AtomicDir\n"
+        "from clair_cli.io.writers import AtomicDir\n"
         "def fake_main():\n"
         "    with AtomicDir(Path(sys.argv[1])) as tmp:\n"
         "        (tmp / 'partial').write_text('x')\n"

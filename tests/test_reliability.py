@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +24,9 @@ SAMPLES = ROOT / "sample_adapters"
 def _clair(
     *args: str, threads: int | None = None, timeout: float = 180, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+    # PYTHONPATH: with ``cwd`` elsewhere, still this checkout's clair_cli (a worktree shares its venv).
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "PYTHONPATH": path}
     if threads is not None:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return subprocess.run(
@@ -79,17 +85,51 @@ def test_stale_temporary_directories_of_live_processes_are_kept(tmp_path: Path) 
     assert live.exists() and not dead.exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only directories")
+@contextlib.contextmanager
+def _read_only(directory: Path) -> Iterator[list[str]]:
+    """Make ``directory`` unwritable even for root; yields a command prefix to run clair under.
+
+    Not root: chmod 0555. Root (as CI runs): the immutable attribute (``chattr +i``), or, where
+    the file system has none, a read-only bind mount in a private mount namespace (``unshare``).
+    """
+    if os.geteuid() != 0:
+        directory.chmod(0o555)
+        try:
+            yield []
+        finally:
+            directory.chmod(0o755)
+        return
+    if shutil.which("chattr") and subprocess.run(["chattr", "+i", str(directory)], capture_output=True).returncode == 0:
+        try:
+            yield []
+        finally:
+            subprocess.run(["chattr", "-i", str(directory)], check=True)
+        return
+    d = shlex.quote(str(directory))
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount --bind -o ro {d} {d}"], capture_output=True)
+    if shutil.which("unshare") is None or probe.returncode != 0:
+        pytest.fail("as root, neither chattr +i nor a read-only bind mount works here: the test cannot run")
+    yield ["unshare", "-m", "sh", "-c", f'mount --bind -o ro {d} {d} && exec "$@"', "sh"]
+
+
 def test_read_only_output_location(tmp_path: Path) -> None:
+    # Runs as root too (CI): see _read_only.
     parent = tmp_path / "ro"
     parent.mkdir()
-    parent.chmod(0o555)
-    try:
-        proc = _clair("merge", str(SAMPLES), "--out", str(parent / "merged"))
-        assert proc.returncode == 2 and "permission denied" in proc.stderr and "Traceback" not in proc.stderr
+    with _read_only(parent) as prefix:
+        env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
+        proc = subprocess.run(
+            [*prefix, sys.executable, "-m", "clair_cli", "merge", str(SAMPLES), "--out", str(parent / "merged")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=180,
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr
+        first = proc.stderr.splitlines()[0]
+        assert first.startswith("Error:") and str(parent / "merged") in first and "permission denied" in first
         assert list(parent.iterdir()) == []
-    finally:
-        parent.chmod(0o755)
 
 
 def test_unwritable_output_location_is_refused_before_any_work(tmp_path: Path) -> None:
@@ -150,7 +190,7 @@ def test_read_only_location_is_refused_even_where_permissions_are_not_enforced(
 
     real_access = os.access
     monkeypatch.setattr(
-        "clair_cli.io.peft_writer.os.access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode)
+        "clair_cli.io.writers.os.access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode)
     )
     result = CliRunner().invoke(app, ["merge", str(SAMPLES), "--out", str(tmp_path / "merged")])
     assert result.exit_code == 2 and "permission denied" in result.stderr

@@ -9,6 +9,7 @@ mistaken for a verdict). ``CLAIR_DEBUG=1`` re-raises with the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Any
@@ -129,7 +130,7 @@ _TYPER_EXITS = _typer_exits()
 
 def _interrupted(exc: KeyboardInterrupt) -> typer.Exit:
     """Ctrl-C or SIGTERM: outputs are written atomically, so nothing is left half-written."""
-    writer = sys.modules.get("clair_cli.io.peft_writer")
+    writer = sys.modules.get("clair_cli.io.writers")
     done = list(getattr(writer, "COMMITTED", []))
     if done:
         from clair_cli.io.paths import printable
@@ -180,8 +181,20 @@ _merge.register(app)
 _gate.register(app)
 
 
+def _printable_streams() -> None:
+    """Text the terminal's encoding cannot show (``PYTHONIOENCODING=ascii``, a C locale) is
+    written as ``\\xe4`` escapes instead of raising UnicodeEncodeError: names, paths and
+    reports keep every character they can, and the run its exit code."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and (stream.errors or "strict") == "strict":
+            with contextlib.suppress(ValueError, OSError):
+                reconfigure(errors="backslashreplace")
+
+
 def main() -> None:
     """Console-script entry point (the app ends with SystemExit carrying the exit code)."""
+    _printable_streams()
     try:
         app(prog_name="clair")
     finally:

@@ -16,6 +16,7 @@ from clair_cli.errors import UsageError
 if TYPE_CHECKING:
     from clair_cli.cli.options import Reports
     from clair_cli.io.adapter import Adapter
+    from clair_cli.io.writers import Outputs
     from clair_cli.pipeline import Progress
 
 
@@ -141,12 +142,15 @@ def check_report_targets(reports: Reports, inputs: Sequence[Path] = (), out: Pat
         raise UsageError("--json - and --markdown - cannot both go to stdout")
     if sarif == "-" and "-" in (json_out, markdown):
         raise UsageError("--sarif - cannot share stdout with --json - or --markdown -; give it a file")
-    files = [t for t in (json_out, markdown, plot, sarif) if t is not None and t != "-" and not discarded(t)]
-    if len({Path(t).resolve() for t in files}) < len(files):
-        named = "--json, --markdown, --sarif and --plot" if sarif is not None else "--json, --markdown and --plot"
-        raise UsageError(f"{named} name the same file; give each its own")
+    options = (("--json", json_out), ("--markdown", markdown), ("--plot", plot), ("--sarif", sarif))
+    named = [(o, t) for o, t in options if t is not None]
+    files = [t for _o, t in named if t != "-" and not discarded(t)]
+    real = {t: _resolved(t, o) for o, t in named if t in files}
+    if len(set(real.values())) < len(files):
+        given = "--json, --markdown, --sarif and --plot" if sarif is not None else "--json, --markdown and --plot"
+        raise UsageError(f"{given} name the same file; give each its own")
     for t in files:
-        if out is not None and Path(t).resolve().is_relative_to(out.resolve()):
+        if out is not None and real[t].is_relative_to(_resolved(out, "--out")):
             raise UsageError(f"{printable(t)}: a report file cannot go inside --out, which is replaced whole")
     if plot is not None:
         if plot == "-" or not plot.lower().endswith(".png"):
@@ -159,29 +163,61 @@ def check_report_targets(reports: Reports, inputs: Sequence[Path] = (), out: Pat
                 hint="Install it with: pip install 'clair-lora[plot]'",
             ) from None
     for target in files:
-        check_report_file(target, inputs)
+        try:
+            check_report_file(target, inputs)
+        except RuntimeError:  # pathlib's resolve() on a symlink loop (Python < 3.13)
+            raise UsageError(f"{printable(target)}: cannot be resolved (too many levels of symbolic links)") from None
+
+
+def _resolved(path: str | Path, option: str) -> Path:
+    """``path`` resolved; a symlink loop is a usage error naming ``option``."""
+    from clair_cli.io.paths import printable
+
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise UsageError(
+            f"{option} {printable(str(path))}: cannot be resolved (too many levels of symbolic links)"
+        ) from exc
 
 
 def emit_reports(report: dict[str, Any], reports: Reports, quiet: bool, inputs: Sequence[Path] = ()) -> None:
-    """Write the requested report files; the terminal table unless stdout carries JSON, Markdown or SARIF."""
+    """Write the requested report files (all of them or none), then the terminal table."""
+    from clair_cli.io.writers import Outputs
+
+    with Outputs(inputs) as outputs:
+        stage_reports(outputs, report, reports)
+    show_report(report, reports, quiet)
+
+
+def stage_reports(outputs: Outputs, report: dict[str, Any], reports: Reports) -> None:
+    """Write the requested report files into the run's output transaction (renamed into place
+    with its other outputs, or not at all)."""
+    from clair_cli.report.audit import audit_markdown
+
     json_out, markdown, plot = reports.json_out, reports.markdown, reports.plot
     sarif = getattr(reports, "sarif", None)  # audit and gate only (ScanReports)
-    from clair_cli.io.writers import write_text
-    from clair_cli.report.audit import audit_markdown, render_audit
-    from clair_cli.report.console import make_console
 
     if plot is not None:
-        from clair_cli.report.plot import write_plot
+        from clair_cli.report.plot import plot_png
 
-        write_plot(report, plot, inputs)
+        outputs.write(plot, plot_png(report))
     if json_out is not None:
-        write_text(json_out, json.dumps(report, indent=2) + "\n", inputs)
+        outputs.write_text(json_out, json.dumps(report, indent=2) + "\n")
     if markdown is not None:
-        write_text(markdown, audit_markdown(report), inputs)
+        outputs.write_text(markdown, audit_markdown(report))
     if sarif is not None:
         from clair_cli.report.sarif import sarif_text
 
-        write_text(sarif, sarif_text(report), inputs)
+        outputs.write_text(sarif, sarif_text(report))
+
+
+def show_report(report: dict[str, Any], reports: Reports, quiet: bool) -> None:
+    """The terminal table, unless stdout carries JSON, Markdown or SARIF."""
+    from clair_cli.report.audit import render_audit
+    from clair_cli.report.console import make_console
+
+    json_out, markdown, sarif = reports.json_out, reports.markdown, getattr(reports, "sarif", None)
     if "-" not in (json_out, markdown, sarif):
         render_audit(make_console(quiet=quiet), report)
 

@@ -55,8 +55,7 @@ def merge_command(
     from clair_cli import methods, pipeline, publish
     from clair_cli.cli import common
     from clair_cli.io.paths import input_paths, printable
-    from clair_cli.io.peft_writer import AtomicDir
-    from clair_cli.io.writers import write_text
+    from clair_cli.io.writers import Outputs
     from clair_cli.report.audit import audit_report
     from clair_cli.report.console import make_console
     from clair_cli.report.merge import merge_report
@@ -69,36 +68,38 @@ def merge_command(
     sources = common.sources_arg(sources)
     inputs = input_paths(sources, [read.config])
     common.check_report_targets(reports, inputs, target.out)
-    out = AtomicDir(target.out, target.force, inputs)
-    with common.progress_bar(run.quiet) as progress:
-        pool = pipeline.open_pool(
-            sources, read.source_options(), intersect=audit.intersect, method=spec.name, progress=progress
-        )
-        files = common.adapter_files(pool.adapters)
-        out.guard(files)
-        common.check_report_targets(reports, files, target.out)
-        dropped = pipeline.extras(pool, drop_extras)
-        plan = publish.merged_plan(pool)
-        outcome = pipeline.audit(pool, params, progress) if spec.audits else None
-        started = time.perf_counter()
-        merged = pipeline.merge(pool, spec.name, params, w, options, outcome, progress)
-        merge_s = time.perf_counter() - started
-    report = audit_report(outcome, command="merge", digests=reports.json_out is not None) if outcome else None
-    if report is not None:
-        report["merge"] = merged.summary() | {"dropped": dropped}
-        report["notes"] = [*report["notes"], *plan.notes]
-    notes = list(merged.notes) + dropped + plan.notes
-    if pool.dropped:
-        notes.append(f"--intersect left out {len(pool.dropped)} module(s) not targeted by every adapter")
-    publish.write_merged(out, pool, merged, outcome, report, notes, sys.argv[1:], params.as_dict(), plan)
+    with Outputs(inputs) as outputs:  # the adapter and the reports: all written, or none
+        outputs.directory(target.out, target.force)
+        with common.progress_bar(run.quiet) as progress:
+            pool = pipeline.open_pool(
+                sources, read.source_options(), intersect=audit.intersect, method=spec.name, progress=progress
+            )
+            files = common.adapter_files(pool.adapters)
+            outputs.guard(files)
+            common.check_report_targets(reports, files, target.out)
+            dropped = pipeline.extras(pool, drop_extras)
+            plan = publish.merged_plan(pool)
+            outcome = pipeline.audit(pool, params, progress) if spec.audits else None
+            started = time.perf_counter()
+            merged = pipeline.merge(pool, spec.name, params, w, options, outcome, progress)
+            merge_s = time.perf_counter() - started
+        report = audit_report(outcome, command="merge", digests=reports.json_out is not None) if outcome else None
+        if report is not None:
+            report["merge"] = merged.summary() | {"dropped": dropped}
+            report["notes"] = [*report["notes"], *plan.notes]
+        notes = _merge_notes(list(merged.notes) + dropped + plan.notes, len(pool.dropped))
+        root = outputs.stage_directory(target.out)
+        publish.write_merged(root, pool, merged, outcome, report, notes, sys.argv[1:], params.as_dict(), plan)
+        if report is not None:
+            common.stage_reports(outputs, report, reports)
+        elif reports.json_out is not None:  # a baseline: what was merged, without an audit
+            baseline = merge_report(
+                pool, merged, pipeline.resolved(params), dropped, list(merged.notes), {"merge": merge_s}, digests=True
+            )
+            outputs.write_text(reports.json_out, json.dumps(baseline, indent=2) + "\n")
     console = make_console(stderr=True, quiet=run.quiet)
     if report is not None:
-        common.emit_reports(report, reports, run.quiet, files)
-    elif reports.json_out is not None:  # a baseline: what was merged, without an audit
-        baseline = merge_report(
-            pool, merged, pipeline.resolved(params), dropped, list(merged.notes), {"merge": merge_s}, digests=True
-        )
-        write_text(reports.json_out, json.dumps(baseline, indent=2) + "\n", files)
+        common.show_report(report, reports, run.quiet)
     ranks = [r.rank for r in merged.modules.values()]
     console.print(
         f"wrote {printable(str(target.out))}: {spec.name} merge of {len(merged.used)} of {len(pool.adapters)} "
@@ -109,6 +110,13 @@ def merge_command(
         console.print(f"note: {printable(n)}", style="dim", markup=False)
     if report is not None:
         common.exit_code(report, run.exit_zero)
+
+
+def _merge_notes(notes: list[str], n_dropped: int) -> list[str]:
+    """The merge's notes, and what ``--intersect`` left out."""
+    if n_dropped:
+        notes.append(f"--intersect left out {n_dropped} module(s) not targeted by every adapter")
+    return notes
 
 
 def _check_baseline_options(spec: Any, options: Any, reports: opt.Reports) -> None:
@@ -147,7 +155,7 @@ def refine_command(
     from clair_cli import pipeline, publish
     from clair_cli.cli import common
     from clair_cli.io.paths import input_paths, printable
-    from clair_cli.io.peft_writer import AtomicDir
+    from clair_cli.io.writers import Outputs
     from clair_cli.params import parse_rank
     from clair_cli.report.audit import audit_report
     from clair_cli.report.console import make_console
@@ -157,23 +165,26 @@ def refine_command(
     sources = common.sources_arg(sources)
     inputs = input_paths(sources, [read.config])
     common.check_report_targets(reports, inputs, target.out)
-    out = AtomicDir(target.out, target.force, inputs)
-    with common.progress_bar(run.quiet) as progress:
-        pool = pipeline.open_pool(sources, read.source_options(), intersect=audit.intersect, progress=progress)
-        files = common.adapter_files(pool.adapters)
-        out.guard(files)
-        common.check_report_targets(reports, files, target.out)
-        outcome = pipeline.audit(pool, params, progress)
-        bases = pipeline.refined_bases(pool, outcome, fixed if isinstance(fixed, int) else None, progress)
-        report = audit_report(outcome, command="refine", digests=reports.json_out is not None)
-        report["refine"] = {
-            "project_rank": project_rank,
-            "projection_rank": {m: None if b is None else int(b.shape[1]) for m, b in bases.items()},
-        }
-        common.unique_out_names([pool.adapters[k].name for k in outcome.auditor.collaborative_set_])
-        card_params = params.as_dict() | {"project_rank": project_rank}
-        used = publish.write_refined(out, pool, outcome, bases, report, sys.argv[1:], progress, card_params)
-    common.emit_reports(report, reports, run.quiet, files)
+    with Outputs(inputs) as outputs:  # the adapters and the reports: all written, or none
+        outputs.directory(target.out, target.force)
+        with common.progress_bar(run.quiet) as progress:
+            pool = pipeline.open_pool(sources, read.source_options(), intersect=audit.intersect, progress=progress)
+            files = common.adapter_files(pool.adapters)
+            outputs.guard(files)
+            common.check_report_targets(reports, files, target.out)
+            outcome = pipeline.audit(pool, params, progress)
+            bases = pipeline.refined_bases(pool, outcome, fixed if isinstance(fixed, int) else None, progress)
+            report = audit_report(outcome, command="refine", digests=reports.json_out is not None)
+            report["refine"] = {
+                "project_rank": project_rank,
+                "projection_rank": {m: None if b is None else int(b.shape[1]) for m, b in bases.items()},
+            }
+            common.unique_out_names([pool.adapters[k].name for k in outcome.auditor.collaborative_set_])
+            card_params = params.as_dict() | {"project_rank": project_rank}
+            root = outputs.stage_directory(target.out)
+            used = publish.write_refined(root, pool, outcome, bases, report, sys.argv[1:], progress, card_params)
+        common.stage_reports(outputs, report, reports)
+    common.show_report(report, reports, run.quiet)
     make_console(stderr=True, quiet=run.quiet).print(
         f"wrote {printable(str(target.out))}: {len(used)} refined adapters "
         f"({len(pool.adapters) - len(used)} flagged, not written)",

@@ -79,9 +79,22 @@ ConfigFile = Annotated[
     Optional[Path],
     typer.Option("--config", help="adapter_config.json for .safetensors sources without one.", metavar="FILE"),
 ]
+
+
+def _lora_alpha(value: Optional[float]) -> Optional[float]:
+    """A finite, positive ``--lora-alpha``; anything else is a one-line usage error naming it."""
+    if value is not None and not (0 < value < float("inf")):
+        from clair_cli.errors import UsageError
+
+        raise UsageError(f"--lora-alpha {value:g}: expected a finite number above 0")
+    return value
+
+
 LoraAlpha = Annotated[
     Optional[float],
-    typer.Option("--lora-alpha", help="lora_alpha for .safetensors sources without a config.", metavar="X"),
+    typer.Option(
+        "--lora-alpha", help="lora_alpha for .safetensors sources without a config.", metavar="X", callback=_lora_alpha
+    ),
 ]
 Rslora = Annotated[bool, typer.Option("--rslora", help="With --lora-alpha: scale by alpha/sqrt(r).")]
 BaseModel = Annotated[
@@ -177,12 +190,12 @@ DeviceOpt = Annotated[
     DeviceChoice, typer.Option("--device", help="Where to compute: auto (a GPU when present), cpu or cuda.")
 ]
 DtypeOpt = Annotated[Precision, typer.Option("--dtype", help="Working precision: float32 or float64.")]
+# No min/max here: AuditParams checks the range once, in one line naming --seed (Typer's
+# range check would print a usage dump instead).
 Seed = Annotated[
     int,
     typer.Option(
         "--seed",
-        min=0,
-        max=2**32 - 1,
         help="Seed of the random rotations, 0 to 2**32-1 (results are deterministic given it).",
         metavar="N",
     ),
@@ -206,7 +219,7 @@ SarifOut = Annotated[
 PlotOut = Annotated[
     Optional[str],
     typer.Option(
-        "--plot", help="Write a PNG with the score heatmap and spectra (needs clair-lora\\[plot]).", metavar="FILE.png"
+        "--plot", help="Write a PNG (needs clair-lora\\[plot]) with the score heatmap and spectra.", metavar="FILE.png"
     ),
 ]
 ExitZero = Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even when adapters are flagged.")]

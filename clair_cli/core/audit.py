@@ -76,6 +76,10 @@ def working_dtype(A: list[torch.Tensor], dtype: torch.dtype, solver: str = "auto
     return dtype if uses_fast_path(A, solver) else torch.float64
 
 
+class EmptyUpdates(ValueError):
+    """The adapters that set the shared subspace of a module all have a zero update there."""
+
+
 @dataclass
 class ModuleInput:
     """One module's factors for the adapters that target it."""
@@ -241,13 +245,22 @@ def _representatives(G: torch.Tensor) -> list[int]:
     return rep
 
 
-def _fit_on(mod: ModuleInput, keep: list[int], reference: list[int] | None) -> list[int]:
-    if reference is None:
-        return keep
-    trusted = set(reference)
-    fit_on = [j for j in keep if mod.members[j] in trusted]
-    if not fit_on:
-        raise ValueError(f"module {mod.name}: no reference adapter targets it")
+def _fit_on(mod: ModuleInput, keep: list[int], reference: list[int] | None, norms: torch.Tensor) -> list[int]:
+    """The members the subspace is fitted on: the representatives, or (gate) the references.
+
+    Raises:
+        ValueError: no reference adapter targets the module.
+        EmptyUpdates: every one of them has a zero update there.
+    """
+    fit_on = keep
+    if reference is not None:
+        trusted = set(reference)
+        fit_on = [j for j in keep if mod.members[j] in trusted]
+        if not fit_on:
+            raise ValueError(f"module {mod.name}: no reference adapter targets it")
+    if all(float(norms[j]) == 0 for j in fit_on):
+        whose = "reference adapter's" if reference is not None else "adapter's"
+        raise EmptyUpdates(f"module {mod.name}: every {whose} update is zero there, so they span no shared subspace")
     return fit_on
 
 
@@ -356,7 +369,7 @@ class ClairAuditor:
         keep = [j for j in range(len(A)) if rep[j] == j]
         pos = {j: p for p, j in enumerate(keep)}
         norms = G.diagonal().clamp_min(0).sqrt()
-        return _ModuleWork(mod, back, A, B, grams, G, norms, rep, keep, pos, _fit_on(mod, keep, reference))
+        return _ModuleWork(mod, back, A, B, grams, G, norms, rep, keep, pos, _fit_on(mod, keep, reference, norms))
 
     def _shares(self, w: _ModuleWork, used, reference: list[int] | None):
         """Off-subspace shares and residual shares of the representatives, and (gate) the
@@ -514,7 +527,7 @@ class ClairAuditor:
         """The verdicts, and what follows from them: flags, scores, groups, silent rules."""
         self.verdicts_: list[AdapterVerdict] = decide(signals)
         if self.verdict.copies == "flag-all":
-            flag_every_copy(self.verdicts_, self.duplicate_groups_, trusted, signals.sq_norms)
+            flag_every_copy(self.verdicts_, self.duplicate_groups_, trusted, signals.sq_norms, tally.inner)
         # Rules that measured no adapter at all in this pool (the report says so).
         self.silent_rules_ = [r for r in WATCHED_RULES if not any(r in v.signals for v in self.verdicts_)]
         copies = {k for g in self.duplicate_groups_ for k in g[1:]}

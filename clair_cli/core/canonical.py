@@ -71,3 +71,39 @@ def canonical_module(
     """:func:`canonical_factors` of every adapter of one module; the scales become 1."""
     pairs = [canonical_factors(a, b, s, dtype) for a, b, s in zip(A, B, scales, strict=True)]
     return [p[0] for p in pairs], [p[1] for p in pairs], [1.0] * len(pairs)
+
+
+def in_dtype(
+    A: torch.Tensor, B: torch.Tensor, scale: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(A, B, scale)`` in ``dtype``, the same update whenever it fits there.
+
+    Factors stored in a wider dtype can lie outside ``dtype``'s range while their update does
+    not (``(c B, A / c)`` with ``c = 1e39``): cast as they are, one would become Inf and the
+    other 0. Such factors are replaced by their canonical factors (balanced, scale 1), whose
+    entries are bounded by the update's singular values. Factors that cast faithfully are
+    returned cast, unchanged otherwise.
+
+    Raises:
+        ValueError: the update itself does not fit in ``dtype`` (its canonical factors overflow).
+    """
+    a, b = A.to(dtype), B.to(dtype)
+    if _cast_faithfully(A, a) and _cast_faithfully(B, b):
+        return a, b, scale
+    ca, cb = canonical_factors(A, B, scale, torch.float64)
+    a, b = ca.to(dtype), cb.to(dtype)
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        raise ValueError(f"the update's entries exceed {dtype}'s range")
+    return a, b, 1.0
+
+
+def _cast_faithfully(wide: torch.Tensor, narrow: torch.Tensor) -> bool:
+    """Whether ``narrow`` (``wide`` cast) keeps its largest entry to rounding, finite and normal."""
+    if wide.numel() == 0:
+        return True
+    top = float(wide.abs().max())
+    cast = float(narrow.abs().max())
+    if top == 0.0:
+        return True
+    info = torch.finfo(narrow.dtype)
+    return math.isfinite(cast) and cast >= info.tiny * 2**info.bits and abs(cast - top) <= 1e-3 * top

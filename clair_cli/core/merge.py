@@ -63,10 +63,11 @@ def check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
         raise ValueError("weights must be finite and non-negative")
-    total = float(w.sum())
-    if total <= 0:
+    top = float(w.max())
+    if top <= 0:
         raise ValueError("weights must not all be zero")
-    return (w / total).tolist()
+    w = w / top  # first, so that the sum of weights near float's largest cannot overflow
+    return (w / w.sum()).tolist()
 
 
 def refine(

@@ -27,8 +27,9 @@ the groups of flagged adapters that agree with each other (:func:`groups`).
 
 An adapter's ``score`` is its largest margin over rules 1-5, 7 and 8: the distance above the typical
 value in units of the distance to the threshold, so a score above 1 means that rule flagged
-it (a duplicate is flagged whatever its score). ``threshold`` (the ``--threshold`` option)
-replaces rules 2 and 3 by a fixed off-subspace share on any module.
+it; the duplicate rule (a copy) and the norm rule's zero update flag outright, without a
+margin, so such an adapter may be flagged with a score below 1 (its reason names the rule).
+``threshold`` (the ``--threshold`` option) replaces rules 2 and 3 by a fixed off-subspace share on any module.
 
 Every reason records the rule that flagged (``rule``), the statistic it compared
 (``value``), the bound it was compared with (``threshold``; ``compare`` says which side
@@ -49,7 +50,7 @@ import torch
 
 from clair_cli.core.calibration import critical_value
 from clair_cli.core.rules import ALPHA, DUPLICATE_COSINE, RULES, AdapterVerdict, Pass, PoolSignals
-from clair_cli.core.rules.duplicate import Duplicate
+from clair_cli.core.rules.duplicate import Duplicate, group_cosine
 
 PASSES = 5  # at most; stops when the flagged set repeats
 POINTING = tuple(rule.name for rule in RULES if rule.pointing)  # their near-misses leave their bases
@@ -62,7 +63,11 @@ SAME_NORM = 1.01  # copies whose norms agree to 1 % are one update sent twice
 
 
 def flag_every_copy(
-    verdicts: list[AdapterVerdict], duplicates: list[list[int]], trusted: set[int], sq_norms: torch.Tensor
+    verdicts: list[AdapterVerdict],
+    duplicates: list[list[int]],
+    trusted: set[int],
+    sq_norms: torch.Tensor,
+    inner: torch.Tensor | None = None,
 ) -> None:
     """Flag the kept member of every group of identical updates too (a federated round: two
     honest clients never send the same update), as a copy of the others. A group whose
@@ -77,7 +82,8 @@ def flag_every_copy(
         if k in trusted or not same or any(r.kind == "duplicate" for r in verdicts[k].reasons):
             continue
         verdicts[k].flagged = True
-        verdicts[k].reasons.append(rule.reason([j for j in group if j != k]))
+        of = [j for j in group if j != k]
+        verdicts[k].reasons.append(rule.reason(of, group_cosine(inner, k, of)))
 
 
 def connected_components(items: Sequence[int], pairs: Iterable[tuple[int, int]]) -> list[list[int]]:

@@ -7,130 +7,27 @@ embeddings). A refined adapter keeps its source's config and every tensor of its
 file; only the analysed factors change, as the pipeline computed them (this module
 does no arithmetic).
 
-Everything is written into a temporary directory beside the target and renamed
-into place, so an interrupted run never leaves a half-written adapter; an
-existing target is refused unless ``force`` is given. The target is checked by
-:func:`clair_cli.io.paths.check_out_dir` (never an input, the current or home
-directory, or the hub cache) and every name written inside it goes through
-:func:`clair_cli.io.paths.join_inside`. The umask is honoured.
+:func:`save_adapter` writes into a staging directory of the run's output transaction
+(:class:`clair_cli.io.writers.Outputs`), which checks the target and renames it into
+place with the run's other outputs, or not at all. Every name written inside it goes
+through :func:`clair_cli.io.paths.join_inside`. The umask is honoured.
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clair_cli.constants import CONFIG_NAME, MODEL_CARD_NAME, PEFT_KEY_PREFIX, SAFETENSORS_WEIGHTS_NAME
 from clair_cli.errors import OutputError
 from clair_cli.io.adapter import Adapter, ModuleSpec
-from clair_cli.io.paths import apply_umask, check_out_dir, join_inside, printable, safe_relpath
+from clair_cli.io.paths import apply_umask, join_inside, printable, safe_relpath
 from clair_cli.io.writers import os_error_text
 
 if TYPE_CHECKING:
     import torch
-
-TMP_SUFFIX = ".clair-tmp"
-COMMITTED: list[Path] = []  # targets renamed into place by this process (for the interrupt message)
-OLD_SUFFIX = ".clair-old"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-class AtomicDir:
-    """``with AtomicDir(target, force, inputs) as tmp:`` write into ``tmp``; it becomes ``target`` on success.
-
-    ``inputs`` are the paths being read: the target may not be, contain or lie inside
-    one (checked now, and again with :meth:`guard` once the sources are resolved).
-    """
-
-    def __init__(self, target: Path, force: bool = False, inputs: Iterable[Path] = ()) -> None:
-        self.target = Path(target)
-        self.force = force
-        self.inputs: list[Path] = list(inputs)
-        self.tmp: Path | None = None
-        self.check()
-
-    def guard(self, inputs: Iterable[Path | None]) -> None:
-        """Add the files actually read (adapter files, hub cache files) and check again."""
-        self.inputs += [p for p in inputs if p is not None]
-        self.check()
-
-    def _prefix(self) -> str:
-        return f".{self.target.name}.{os.getpid()}."
-
-    def check(self) -> None:
-        """Refuse an unsafe target, an existing one without ``force`` and a missing parent, before any work."""
-        shown = printable(str(self.target))
-        check_out_dir(self.target, self.inputs)
-        exists = os.path.lexists(self.target)
-        if exists and not self.force:
-            raise OutputError(f"{shown}: already exists", hint="Pass --force to replace it.")
-        if exists and (self.target.is_symlink() or not self.target.is_dir()):
-            raise OutputError(f"{shown}: exists and is not a directory; clair replaces only directories")
-        parent = self.target.parent
-        if not parent.is_dir():
-            raise OutputError(f"{shown}: parent directory {printable(str(parent))} does not exist")
-        if not os.access(parent, os.W_OK):
-            raise OutputError(f"{shown}: cannot write in {printable(str(parent))} (permission denied)")
-
-    def _clean_stale(self) -> None:
-        """Remove temporary directories that killed runs (SIGKILL, power loss) left beside the target.
-
-        Their names carry the writing process's id; only those of processes that no longer
-        exist are removed, so a concurrent run's work is never touched.
-        """
-        for path in self.target.parent.glob(f".{glob.escape(self.target.name)}.*"):
-            if not path.name.endswith((TMP_SUFFIX, OLD_SUFFIX)):
-                continue
-            pid = path.name[len(self.target.name) + 2 :].split(".", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(path, ignore_errors=True)
-
-    def __enter__(self) -> Path:
-        self._clean_stale()
-        try:
-            self.tmp = Path(tempfile.mkdtemp(prefix=self._prefix(), suffix=TMP_SUFFIX, dir=self.target.parent))
-            apply_umask(self.tmp, directory=True)
-        except OSError as exc:
-            raise OutputError(f"{printable(str(self.target))}: cannot write here ({os_error_text(exc)})") from exc
-        return self.tmp
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if self.tmp is None:
-            return
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        try:
-            self.check()
-            old = None
-            if self.target.exists():
-                old = Path(tempfile.mkdtemp(prefix=self._prefix(), suffix=OLD_SUFFIX, dir=self.target.parent))
-                os.replace(self.target, old / "previous")
-            os.replace(self.tmp, self.target)
-            COMMITTED.append(self.target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError as exc:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise OutputError(f"{printable(str(self.target))}: cannot write ({os_error_text(exc)})") from exc
-        except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
 
 
 def save_adapter(

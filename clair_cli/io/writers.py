@@ -1,22 +1,51 @@
-"""Write report files atomically: to a temporary file beside the target, then rename.
+"""Write a run's outputs as one transaction: every output or none.
 
-An interrupted run leaves the old file (or nothing), never half a file. Only a
-missing path or a regular file is replaced: a symlink, FIFO or device in the
-target's place is refused, never followed (:func:`clair_cli.io.paths.check_report_file`).
-The file gets the mode a plain create would give it (umask honoured).
+A run may write an adapter directory (``--out``) and report files (``--json``,
+``--markdown``, ``--plot``). :class:`Outputs` stages each of them beside its target under a
+unique name, and only once every one is completely written renames them into place
+together, under an exclusive lock (``flock``) on each target's directory. So:
+
+- a full disk, an interrupt or an error while writing any output leaves every target as
+  it was (the old file or directory, or nothing): the staged outputs are removed;
+- two runs writing the same targets at once never mix: each installs its whole set under
+  the lock; the later one replaces the earlier's with ``--force`` and is refused (its
+  staged outputs removed) without it;
+- a failure while renaming (rare: the data is already written) puts back what was there.
+
+Staging names are ``.<name>.<pid>.<random>.clair-tmp`` (``.clair-old`` for a replaced
+output kept until the commit ends), with ``<name>`` shortened by a hash so that every
+staging name fits in ``NAME_MAX`` whatever the target's length; the process id lets a later
+run remove what a killed one (SIGKILL, power loss) left, never a live run's work.
+
+Only a missing path or a regular file is replaced by a report; only a directory by
+``--out`` (with ``force``). A symlink, FIFO or device in a target's place is refused, never
+followed (:func:`clair_cli.io.paths.check_report_file`, :func:`check_out_dir`). Outputs get
+the mode a plain create would give them (umask honoured). ``-`` (stdout) is written after
+the files are in place.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
+import glob
+import hashlib
 import os
+import secrets
+import shutil
 import sys
-import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from clair_cli.errors import OutputError
-from clair_cli.io.paths import apply_umask, check_report_file, discarded, printable
+from clair_cli.io.paths import apply_umask, check_out_dir, check_report_file, discarded, printable
+
+TMP_SUFFIX = ".clair-tmp"
+OLD_SUFFIX = ".clair-old"
+STAGE_NAME_BYTES = 80  # of the target's name kept in a staging name; the rest is a hash
+COMMITTED: list[Path] = []  # targets renamed into place by this process (for the interrupt message)
 
 
 def os_error_text(exc: OSError) -> str:
@@ -25,45 +54,327 @@ def os_error_text(exc: OSError) -> str:
         return "no space left on the device"
     if exc.errno == errno.EDQUOT:
         return "disk quota exceeded"
+    if exc.errno == errno.ELOOP:
+        return "too many levels of symbolic links"
+    if exc.errno == errno.ENAMETOOLONG:
+        return "file name too long"
     return exc.strerror or str(exc)
 
 
+def stage_stem(name: str) -> str:
+    """The part of a staging name that stands for the target ``name``: the name itself when
+    short, else its first bytes and a hash of the whole, so the staging name fits NAME_MAX."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) <= STAGE_NAME_BYTES:
+        return name
+    head = raw[: STAGE_NAME_BYTES - 17].decode("utf-8", "ignore")
+    return f"{head}~{hashlib.sha256(raw).hexdigest()[:16]}"
+
+
+def _staging_path(target: Path, suffix: str) -> Path:
+    return target.parent / f".{stage_stem(target.name)}.{os.getpid()}.{secrets.token_hex(4)}{suffix}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale(target: Path) -> None:
+    """Remove staging entries that killed runs (SIGKILL, power loss) left beside ``target``.
+
+    Their names carry the writing process's id; only those of processes that no longer
+    exist are removed, so a concurrent run's work is never touched.
+    """
+    stem = stage_stem(target.name)
+    with contextlib.suppress(OSError):
+        for path in target.parent.glob(f".{glob.escape(stem)}.*"):
+            if not path.name.endswith((TMP_SUFFIX, OLD_SUFFIX)):
+                continue
+            pid = path.name[len(stem) + 2 :].split(".", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                _remove(path)
+
+
+def _remove(path: Path) -> None:
+    """Remove a staging entry (a file or a directory tree), never following a symlink."""
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+@dataclass
+class _Output:
+    target: Path
+    shown: str
+    directory: bool
+    force: bool = False
+    staged: Path | None = None
+    backup: Path | None = None
+    installed: bool = False
+
+
+class Outputs:
+    """A run's outputs, written all together or not at all.
+
+    ``with Outputs(inputs) as outputs:`` register the targets first (checked at once, before
+    any work: :meth:`directory`, :meth:`file`), write them (:meth:`stage_directory`,
+    :meth:`write`); when the block ends without an exception every output is renamed into
+    place (:meth:`commit`), otherwise every staged output is removed.
+
+    ``inputs`` are the paths being read: no target may be, contain or lie inside one.
+    """
+
+    def __init__(self, inputs: Iterable[Path] = ()) -> None:
+        self.inputs: list[Path] = list(inputs)
+        self.outputs: list[_Output] = []
+        self.stdout: list[str] = []
+        self.done = False
+
+    # Registration and checks -------------------------------------------------------------
+
+    def directory(self, target: Path, force: bool = False) -> None:
+        """Register the output directory ``target`` (replaced only with ``force``) and check it."""
+        out = _Output(Path(target), printable(str(target)), directory=True, force=force)
+        self._check(out)
+        self.outputs.append(out)
+
+    def file(self, target: str) -> None:
+        """Register the report file ``target`` (``-``: stdout) and check it."""
+        if target != "-" and not discarded(target):
+            self._file(target)
+
+    def _file(self, target: str) -> _Output:
+        out = self._find(target)
+        if out is None:
+            out = _Output(Path(target), printable(target), directory=False)
+            self._check(out)
+            self.outputs.append(out)
+        return out
+
+    def guard(self, inputs: Iterable[Path | None]) -> None:
+        """Add the files actually read (adapter files, hub cache files) and check every target again."""
+        self.inputs += [p for p in inputs if p is not None]
+        for out in self.outputs:
+            self._check(out)
+
+    def _check(self, out: _Output) -> None:
+        if not out.directory:
+            try:
+                check_report_file(str(out.target), self.inputs)
+            except RuntimeError as exc:  # pathlib's resolve() on a symlink loop (Python < 3.13)
+                raise OutputError(f"{out.shown}: cannot be used (too many levels of symbolic links)") from exc
+            return
+        shown = out.shown
+        try:
+            check_out_dir(out.target, self.inputs)
+            exists = os.path.lexists(out.target)
+            if exists and not out.force:
+                raise OutputError(f"{shown}: already exists", hint="Pass --force to replace it.")
+            if exists and (out.target.is_symlink() or not out.target.is_dir()):
+                raise OutputError(f"{shown}: exists and is not a directory; clair replaces only directories")
+            parent = out.target.parent
+            if not parent.is_dir():
+                raise OutputError(f"{shown}: parent directory {printable(str(parent))} does not exist")
+            if not os.access(parent, os.W_OK):
+                raise OutputError(f"{shown}: cannot write in {printable(str(parent))} (permission denied)")
+        except OSError as exc:
+            raise OutputError(f"--out {shown}: cannot be used ({os_error_text(exc)})") from exc
+        except RuntimeError as exc:  # pathlib's resolve() on a symlink loop (Python < 3.13)
+            raise OutputError(f"--out {shown}: cannot be used (too many levels of symbolic links)") from exc
+
+    def _find(self, target: str | Path) -> _Output | None:
+        for out in self.outputs:
+            if out.target == Path(target):
+                return out
+        return None
+
+    # Staging -----------------------------------------------------------------------------
+
+    def stage_directory(self, target: Path) -> Path:
+        """A new empty directory, beside the registered ``target``, to write its content into."""
+        out = self._find(target)
+        if out is None or not out.directory:
+            raise ValueError(f"{target} is not a registered output directory")
+        if out.staged is not None:
+            return out.staged
+        clean_stale(out.target)
+        path = _staging_path(out.target, TMP_SUFFIX)
+        try:
+            path.mkdir(mode=0o700)
+            out.staged = path
+            apply_umask(path, directory=True)
+        except OSError as exc:
+            raise OutputError(f"{out.shown}: cannot write here ({os_error_text(exc)})") from exc
+        return path
+
+    def write(self, target: str, data: bytes) -> None:
+        """Stage ``data`` as the content of the report file ``target`` (``-``: stdout, after the commit)."""
+        if target == "-":
+            self.stdout.append(data.decode("utf-8", "surrogateescape"))
+            return
+        if discarded(target):
+            return
+        out = self._file(target)
+        clean_stale(out.target)
+        path = _staging_path(out.target, TMP_SUFFIX)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except OSError as exc:
+            raise OutputError(f"{out.shown}: cannot write here ({os_error_text(exc)})") from exc
+        if out.staged is not None:
+            _remove(out.staged)
+        out.staged = path
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            apply_umask(path)
+        except OSError as exc:
+            raise OutputError(f"{out.shown}: cannot write ({os_error_text(exc)})") from exc
+
+    def write_text(self, target: str, text: str) -> None:
+        """:meth:`write` of UTF-8 text."""
+        self.write(target, text.encode("utf-8"))
+
+    # Commit --------------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Rename every staged output into place, under a lock on each target's directory.
+
+        Raises:
+            OutputError: a target changed meanwhile (now exists without --force, became a
+                symlink...) or a rename failed; every target is then as it was before.
+        """
+        if self.done:
+            return
+        self.done = True
+        staged = [o for o in self.outputs if o.staged is not None]
+        try:
+            with _locked({o.target.parent for o in staged}):
+                for out in staged:  # another run may have written meanwhile
+                    self._check(out)
+                try:
+                    for out in staged:
+                        self._install(out)
+                except BaseException:
+                    self._roll_back(staged)
+                    raise
+        finally:
+            self._discard()
+        COMMITTED.extend(o.target for o in staged)
+        for text in self.stdout:  # through the text layer: its encoding and error handler apply
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    def _install(self, out: _Output) -> None:
+        assert out.staged is not None
+        try:
+            if os.path.lexists(out.target):
+                out.backup = _staging_path(out.target, OLD_SUFFIX)
+                if out.directory:
+                    os.rename(out.target, out.backup)
+                else:
+                    # A hard link keeps the old file reachable while the new one atomically replaces it.
+                    try:
+                        os.link(out.target, out.backup, follow_symlinks=False)
+                    except OSError:
+                        os.rename(out.target, out.backup)
+            os.replace(out.staged, out.target)
+            out.staged = None
+            out.installed = True
+        except OSError as exc:
+            raise OutputError(f"{out.shown}: cannot write ({os_error_text(exc)})") from exc
+
+    def _roll_back(self, outputs: list[_Output]) -> None:
+        """Put back what was in place before :meth:`commit` began."""
+        for out in reversed(outputs):
+            with contextlib.suppress(OSError):
+                if out.installed:
+                    if out.backup is not None:
+                        if out.directory:
+                            trash = _staging_path(out.target, TMP_SUFFIX)
+                            os.rename(out.target, trash)
+                            _remove(trash)
+                        os.replace(out.backup, out.target)
+                    else:
+                        _remove(out.target)
+                elif out.backup is not None and not os.path.lexists(out.target):
+                    os.replace(out.backup, out.target)
+                out.backup = None
+
+    def _discard(self) -> None:
+        for out in self.outputs:
+            for path in (out.staged, out.backup):
+                if path is not None:
+                    _remove(path)
+            out.staged = out.backup = None
+
+    def discard(self) -> None:
+        """Remove every staged output; no target is touched."""
+        self.done = True
+        self._discard()
+
+    def __enter__(self) -> Outputs:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.discard()
+        else:
+            self.commit()
+
+
+@contextlib.contextmanager
+def _locked(directories: Iterable[Path]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on each directory (in a fixed order, so two runs cannot deadlock)."""
+    fds: list[int] = []
+    try:
+        for d in sorted({Path(os.path.abspath(p)) for p in directories}):
+            try:
+                fd = os.open(d, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            except OSError as exc:
+                raise OutputError(f"{printable(str(d))}: cannot be opened ({os_error_text(exc)})") from exc
+            fds.append(fd)
+            with contextlib.suppress(OSError):  # a file system without locks: unique staging still keeps runs apart
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)  # closing releases the lock
+
+
+class AtomicDir(Outputs):
+    """``with AtomicDir(target, force, inputs) as tmp:`` write into ``tmp``; it becomes ``target`` on success.
+
+    A transaction of one directory (:class:`Outputs`).
+    """
+
+    def __init__(self, target: Path, force: bool = False, inputs: Iterable[Path] = ()) -> None:
+        super().__init__(inputs)
+        self.target = Path(target)
+        self.directory(self.target, force)
+
+    def __enter__(self) -> Path:  # type: ignore[override]
+        return self.stage_directory(self.target)
+
+
 def write_bytes(target: str, data: bytes, inputs: Iterable[Path] = ()) -> None:
-    """Write ``data`` to the file ``target`` atomically (``-`` is stdout).
+    """Write ``data`` to the file ``target`` atomically (``-`` is stdout): one output's transaction.
 
     Raises:
         OutputError: the target is not a regular file, is an input, or cannot be written.
     """
-    if target == "-":
-        sys.stdout.buffer.write(data)
-        sys.stdout.flush()
-        return
-    path = check_report_file(target, inputs)
-    if discarded(target):
-        return
-    shown = printable(target)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:100]}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise OutputError(f"{shown}: cannot write here ({os_error_text(exc)})") from exc
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        apply_umask(Path(tmp))
-        check_report_file(target, inputs)  # nothing swapped in meanwhile
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"{shown}: cannot write ({os_error_text(exc)})") from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with Outputs(inputs) as outputs:
+        outputs.write(target, data)
 
 
 def write_text(target: str, text: str, inputs: Iterable[Path] = ()) -> None:
     """Write ``text`` (UTF-8) to a file atomically, or to stdout when ``target`` is ``-``."""
-    if target == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
     write_bytes(target, text.encode("utf-8"), inputs)

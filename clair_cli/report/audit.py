@@ -19,6 +19,7 @@ from rich.table import Table
 
 from clair_cli import __version__
 from clair_cli.constants import JSON_SCHEMA_VERSION
+from clair_cli.core.rules.duplicate import IDENTICAL_COSINE
 from clair_cli.report.console import shown
 from clair_cli.report.markdown import md_code, md_text
 from clair_cli.report.modules import ModuleNames, natural_key, natural_sorted
@@ -70,13 +71,22 @@ def reason_text(reason: Reason, names: list[str], modules: ModuleNames) -> str: 
         )
     if kind == "norm":
         ratio = _given(reason.ratio)
+        if ratio == 0:
+            return (
+                "its update is zero (an untrained adapter? lora_B starts at zero): a free rider, "
+                "flagged whatever its score"
+            )
         if ratio < 1:
             return f"update norm {1 / ratio:.0f}x below the pool median (a free rider?)"
         return (
             f"update norm {ratio:.0f}x the pool median" if ratio >= 10 else f"update norm {ratio:.1f}x the pool median"
         )
     if kind == "duplicate":
-        return "identical to " + ", ".join(sorted(names[j] for j in reason.of or ()))
+        copy_of = ", ".join(sorted(names[j] for j in reason.of or ()))
+        c = reason.value
+        if c is None or c >= IDENTICAL_COSINE:
+            return f"identical to {copy_of} (a copy: flagged whatever its score)"
+        return f"near-identical to {copy_of} (cosine {c:.4f}; a copy: flagged whatever its score)"
     if kind == "in_subspace":
         return (
             f"inside the shared subspace, its update lies {_given(reason.ratio):.1f}x farther than is typical "

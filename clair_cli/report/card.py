@@ -149,13 +149,13 @@ def model_card(  # noqa: PLR0913 - to group into a card dataclass next
     lines = _front_matter(base_model, ["lora", "clair", "merge" if method != "refine" else "refined"])
     lines += [f"# {md_text(title)}", "", f"Made by clair {__version__}.", "", md_fence(portable_command(command)), ""]
     key = "clair-project" if method == "clair" and merge and merge["options"]["project"] else method
-    lines += ["## Method", "", METHOD_TEXT.get(key, method), ""]
+    lines += ["## Method", "", METHOD_TEXT.get(key, md_text(method)), ""]
     if merge:
         lines += _merge_lines(merge, params if summary else None)  # audit settings only where one ran
     elif params and summary:
         lines += ["## Parameters", "", *_params_lines(params), ""]
     if summary:
-        lines += ["## Audit", "", summary + ".", ""]
+        lines += ["## Audit", "", md_text(summary) + ".", ""]
     weighted = merge is not None
     lines += [
         "## Sources",

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from clair_cli.errors import UsageError
 from clair_cli.io.paths import printable
-from clair_cli.io.writers import write_bytes
 from clair_cli.report.modules import ModuleNames, natural_key
 
 
@@ -20,12 +17,11 @@ def plot_labels(report: dict[str, Any]) -> list[str]:
     return [labels.short(m) for m in sorted(names, key=natural_key)]
 
 
-def write_plot(report: dict[str, Any], target: str, inputs: Iterable[Path] = ()) -> None:
-    """Write the heatmap (adapters x modules, off-subspace share) and the spectra to a PNG.
+def plot_png(report: dict[str, Any]) -> bytes:
+    """The heatmap (adapters x modules, off-subspace share) and the spectra, as a PNG.
 
     Raises:
         UsageError: matplotlib is not installed.
-        OutputError: the file cannot be written.
     """
     try:
         import matplotlib
@@ -79,4 +75,4 @@ def write_plot(report: dict[str, Any], target: str, inputs: Iterable[Path] = ())
         fig.savefig(buf, dpi=110, format="png")
     finally:
         plt.close(fig)
-    write_bytes(target, buf.getvalue(), inputs)
+    return buf.getvalue()

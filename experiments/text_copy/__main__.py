@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from clair_cli.io.peft_writer import AtomicDir
+from clair_cli.io.writers import AtomicDir
 
 from . import evaluate, task, train
 

@@ -4,6 +4,10 @@ riders), floor a tenth of it. Sets every verdict's ``norm_ratio``. Below a dozen
 its critical value is capped (:func:`clair_cli.core.calibration.rule_critical_value`): the
 floor, not the noisy spread of five values, then decides, so a round of six clients flags a
 fivefold update.
+
+An all-zero update (an untrained adapter: PEFT initialises ``lora_B`` to zero) has no log
+norm; it sets no threshold and is flagged as a free rider outright (ratio 0, no margin: its
+score is that of the other rules), so the rest of the pool is still audited.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ class Norm:
         high = ctx.cuts(log_norm, ALPHA, math.log(NORM_FACTOR_FLOOR), capped=True)
         low = ctx.cuts(-log_norm, ALPHA, math.log(NORM_LOW_FACTOR_FLOOR), capped=True)
         for k, (up_cut, down_cut) in enumerate(zip(high, low, strict=True)):
+            if float(sq_norms[k]) <= 0:
+                ctx.verdicts[k].norm_ratio = 0.0
+                if k not in ctx.trusted:
+                    ctx.flag(k, self.reason(0.0, 1 / NORM_LOW_FACTOR_FLOOR, None, "<"))
+                continue
             if up_cut is None or down_cut is None:
                 continue
             ratio = math.exp(float(log_norm[k]) - up_cut.centre)
@@ -42,7 +51,7 @@ class Norm:
                 bound = math.exp(up_cut.width) if up else math.exp(-down_cut.width)
                 ctx.flag(k, self.reason(ratio, bound, max(m_up, m_down), ">" if up else "<"))
 
-    def reason(self, ratio: float, bound: float, margin: float, compare: str) -> Reason:
+    def reason(self, ratio: float, bound: float, margin: float | None, compare: str) -> Reason:
         return Reason(
             kind="norm", ratio=ratio, rule=self.name, value=ratio, threshold=bound, compare=compare, margin=margin
         )
