@@ -276,7 +276,7 @@ class ClairAuditor:
             convex path are always computed in float64 (see :func:`working_dtype`).
         device: torch device for the decompositions.
         random_state: seed of the parallel analysis.
-        solver: ``"convex"`` (the decomposition of CLAIR_SPEC.md section 3), ``"fast"``
+        solver: ``"convex"`` (the decomposition of docs/engine.md, section 3), ``"fast"``
             (:mod:`clair_cli.core.fastpath`), or ``"auto"``: fast when a module's
             adapter ranks sum to more than ``FAST_PATH_MIN_SUM_RANK``.
         verdict: the threshold, the in-subspace rule and how copies are judged

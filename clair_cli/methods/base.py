@@ -115,7 +115,13 @@ class MergeMethod:
 
 
 class Baseline(MergeMethod):
-    """A method of :mod:`clair_cli.core.baselines` applied to every adapter, no audit."""
+    """A method of :mod:`clair_cli.core.baselines` applied to every adapter, no audit.
+
+    Attributes:
+        function: the name of its function in :mod:`clair_cli.core.baselines`.
+    """
+
+    function: ClassVar[str]
 
     def combine(
         self,
@@ -126,7 +132,9 @@ class Baseline(MergeMethod):
         rank: int | None = None,
     ) -> MergeResult:
         """The method on one module's factors (``selected``: positions among them)."""
-        raise NotImplementedError
+        from clair_cli.core import baselines
+
+        return getattr(baselines, self.function)(A, B, scales, weights, rank)
 
     def merge_module(self, mod: ModuleInput, weights: list[float] | None, plan: MergePlan) -> MergeResult:
         from clair_cli.errors import UsageError

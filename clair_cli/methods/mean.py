@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from clair_cli.methods.base import Baseline, MergePlan
 
 if TYPE_CHECKING:
-    import torch
-
     from clair_cli.core.audit import ModuleInput
     from clair_cli.core.merge import MergeResult
 
@@ -21,18 +18,7 @@ class Mean(Baseline):
     min_adapters = 1
     description = "exact (weighted) mean of every adapter, no audit"
     exact_mean = True
-
-    def combine(
-        self,
-        A: Sequence[torch.Tensor],
-        B: Sequence[torch.Tensor],
-        scales: Sequence[float],
-        weights: Sequence[float] | None = None,
-        rank: int | None = None,
-    ) -> MergeResult:
-        from clair_cli.core.baselines import mean
-
-        return mean(A, B, scales, weights, rank)
+    function = "mean"
 
     def merge_module(self, mod: ModuleInput, weights: list[float] | None, plan: MergePlan) -> MergeResult:
         import torch
