@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -36,19 +35,24 @@ def test_version() -> None:
     assert result.stdout.strip() == f"clair {__version__}"
 
 
-def test_help_is_fast_and_imports_no_heavy_library() -> None:
+def test_help_imports_no_heavy_library() -> None:
+    """``clair --help`` answers at once: neither importing the CLI nor rendering every command's
+    help imports torch or the other heavy libraries (checked by what is imported, not by a
+    wall-clock limit, which a busy CI runner would break)."""
+    heavy = "('torch', 'safetensors', 'peft', 'huggingface_hub', 'matplotlib', 'numpy')"
     code = (
-        "import sys, time; t = time.perf_counter(); from clair_cli.cli import app;"
-        "heavy = [m for m in ('torch', 'safetensors', 'peft', 'huggingface_hub', 'matplotlib', 'numpy')"
-        " if m in sys.modules];"
-        "print(heavy, time.perf_counter() - t)"
+        "import sys\n"
+        "from clair_cli.cli import main\n"
+        "for argv in (['--help'], *[[c, '--help'] for c in ('audit', 'merge', 'refine', 'gate', 'inspect')]):\n"
+        "    sys.argv = ['clair', *argv]\n"
+        "    try:\n"
+        "        main()\n"
+        "    except SystemExit as done:\n"
+        "        assert done.code in (0, None), (argv, done.code)\n"
+        f"print([m for m in {heavy} if m in sys.modules])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ")
-    assert out[0] == "[]", out
-    start = time.perf_counter()
-    proc = run_cli("--help")
-    assert proc.returncode == 0
-    assert time.perf_counter() - start < 2.0  # interpreter start included; the import alone is ~0.2 s
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-500:]
 
 
 def test_core_is_pure_math() -> None:
