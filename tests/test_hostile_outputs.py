@@ -258,7 +258,8 @@ def test_symlink_loops_in_outputs(tmp_path: Path, where: str) -> None:
         "--out-inside": ["merge", str(pool), "--out", loop + "/x"],
         "--json": ["audit", str(pool), "--json", loop + "/r.json"],
     }[where]
-    _one_error_line(_clair(*args), "loop1", "symbolic links")
+    line = _one_error_line(_clair(*args), "loop1")
+    assert "symlink loop" in line or "symbolic links" in line, line
 
 
 def test_an_ascii_terminal_gets_escapes_not_an_error(tmp_path: Path) -> None:
