@@ -93,3 +93,6 @@ PICKLE_HINT = (
 # Where ClairGroup.parse_args keeps the command's raw arguments (ctx.meta), for checks that
 # parsing cannot make (gate --reference a b).
 ARGV_KEY = "clair.argv"
+
+# rank_pattern / alpha_pattern entries an adapter_config.json may hold (docs/usage/sources.md, Limits).
+MAX_PATTERNS = 4096

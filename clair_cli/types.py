@@ -163,15 +163,3 @@ class LoraModule:
         if self.weight_shape is not None and self.kind == "conv":
             delta = delta.reshape(self.weight_shape)
         return delta
-
-
-# clair_cli/io/peft_config.py (rewritten on another branch) still imports these two from here;
-# their home is clair_cli.io.patterns. Remove them once peft_config.py imports them there.
-MAX_PATTERNS = 4096
-
-
-def pattern_risk(key: str) -> str | None:
-    """:func:`clair_cli.io.patterns.pattern_risk` (imported lazily: io imports this module)."""
-    from clair_cli.io.patterns import pattern_risk as risk
-
-    return risk(key)

@@ -29,10 +29,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from clair_cli.constants import CONFIG_NAME
+from clair_cli.constants import CONFIG_NAME, MAX_PATTERNS
 from clair_cli.errors import IncompatibleAdapters, OutputError
 from clair_cli.io.paths import printable
-from clair_cli.types import MAX_PATTERNS, AdapterConfig, pattern_risk
+from clair_cli.io.patterns import pattern_risk
+from clair_cli.types import AdapterConfig
 
 if TYPE_CHECKING:
     from clair_cli.io.adapter import Adapter

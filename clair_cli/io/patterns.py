@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from clair_cli.types import MAX_PATTERNS, PLAIN_PATTERN
+from clair_cli.constants import MAX_PATTERNS
+from clair_cli.types import PLAIN_PATTERN
 
 __all__ = ["MAX_PATTERNS", "pattern_risk"]
 

@@ -14,11 +14,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from clair_cli.constants import CONFIG_NAME, MAX_CONFIG_BYTES
+from clair_cli.constants import CONFIG_NAME, MAX_CONFIG_BYTES, MAX_PATTERNS
 from clair_cli.errors import AdapterFormatError
 from clair_cli.io.files import parse_json, read_small
 from clair_cli.io.paths import printable
-from clair_cli.types import MAX_PATTERNS, AdapterConfig, pattern_risk
+from clair_cli.io.patterns import pattern_risk
+from clair_cli.types import AdapterConfig
 
 
 def _fail(path: Path | str, problem: str) -> AdapterFormatError:
