@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +88,16 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
     )
     check_cli_outputs(args, proc.returncode, proc.stdout)
     return proc
+
+
+def run_measured(argv: list[str], limit_s: float, **popen: Any) -> tuple[int, int]:
+    """Run ``python -m clair_cli ARGV`` (``popen``: stdout, stderr, stdin, env, cwd), killed after
+    ``limit_s`` seconds; its exit code and its own peak resident memory in bytes (wait4)."""
+    proc = subprocess.Popen([sys.executable, "-m", "clair_cli", *argv], **popen)
+    timer = threading.Timer(limit_s, proc.kill)
+    timer.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        timer.cancel()
+    return os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MODULES, lora_config, random_factors, write_adapter
+from helpers import MODULES, lora_config, random_factors, run_measured, write_adapter
 from test_bad_inputs import CASES as ADAPTER_CASES
 
 TIME_LIMIT_S = 120  # per case, on a loaded machine; a sound run takes a few seconds
@@ -477,23 +477,14 @@ def _run_case(case: Case, d: Path, hub_url: str) -> Outcome:
     before = _snapshot(d)
     start = time.perf_counter()
     with open(d.parent / (d.name + ".stdout"), "w+") as out, open(d.parent / (d.name + ".stderr"), "w+") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "clair_cli", case.command, *args], stdout=out, stderr=err, env=env, cwd=d
-        )
-        timer = threading.Timer(TIME_LIMIT_S, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        code, peak = run_measured([case.command, *args], TIME_LIMIT_S, stdout=out, stderr=err, env=env, cwd=d)
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read(), err.read()
     wall = time.perf_counter() - start
     after = _snapshot(d)
     changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    return Outcome(proc.returncode, stdout, stderr, wall, usage.ru_maxrss * 1024, out_parent, changed)
+    return Outcome(code, stdout, stderr, wall, peak, out_parent, changed)
 
 
 class Runner:

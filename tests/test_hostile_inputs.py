@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MODULES, lora_config, random_factors, write_adapter
+from helpers import MODULES, lora_config, random_factors, run_measured, write_adapter
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]  # this checkout's clair_cli, not an installed one
@@ -59,19 +59,10 @@ def clair(*args: str, env: dict[str, str] | None = None, stdin: str | None = Non
         out = stack.enter_context(tempfile.TemporaryFile("w+"))
         err = stack.enter_context(tempfile.TemporaryFile("w+"))
         src = stack.enter_context(open(stdin, "rb")) if stdin else subprocess.DEVNULL
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "clair_cli", *args], stdout=out, stderr=err, stdin=src, env=full, cwd=cwd
-        )
-        timer = threading.Timer(LIMIT_S, proc.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        code, peak = run_measured(list(args), LIMIT_S, stdout=out, stderr=err, stdin=src, env=full, cwd=cwd)
         out.seek(0)
         err.seek(0)
-        return Run(proc.returncode, out.read(), err.read(), time.perf_counter() - start, usage.ru_maxrss * 1024)
+        return Run(code, out.read(), err.read(), time.perf_counter() - start, peak)
 
 
 def refused(run: Run, *names: str) -> None:
