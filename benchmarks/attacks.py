@@ -355,13 +355,43 @@ def _opposed_edge(p: PoolData, m: int, c: float, rng: np.random.Generator) -> li
     independently by ``SPREAD``: the group's mean has cosine about -0.19 with the rest's, just above the
     rule's -0.2, and no member is a copy. What it buys: a pull of 0.19 c median norms per attacker against
     the honest direction, plus a push along ``d``."""
+    return jittered(p.layout, c * p.median_norm * edge_direction(p), m, rng, SPREAD)
+
+
+def edge_direction(p: PoolData) -> np.ndarray:
+    """``-0.19 h + 0.98 d``: unit, at cosine -0.19 with the honest mean ``h``, along the honest clients'
+    main direction of disagreement ``d``."""
     h = p.honest.mean(0)
     h /= np.linalg.norm(h)
     dev = p.honest - p.honest.mean(0)
     dev -= np.outer(dev @ h, h)
     d = np.linalg.svd(dev, full_matrices=False)[2][0]
-    v = -EDGE_COSINE * h + np.sqrt(1 - EDGE_COSINE**2) * d
-    return jittered(p.layout, c * p.median_norm * v, m, rng, SPREAD)
+    return -EDGE_COSINE * h + np.sqrt(1 - EDGE_COSINE**2) * d
+
+
+SPREAD_NORM = 3.5  # opposed-spread: each attacker's norm, in honest median norms (under the 4x floor)
+
+
+def low_rank_noise(layout: Layout, rng: np.random.Generator, rank: int = ATTACK_RANK) -> np.ndarray:
+    """A random update of unit norm, rank ``rank`` per module (it survives the attack's truncation)."""
+    parts = [rng.standard_normal((o, rank)) @ rng.standard_normal((rank, i)) for o, i in layout.shapes]
+    vec = np.concatenate([x.ravel() for x in parts])
+    return vec / np.linalg.norm(vec)
+
+
+def _opposed_spread(p: PoolData, m: int, rho: float, rng: np.random.Generator) -> list:
+    """``opposed-edge`` tuned against rule 10 (``coordinated``) too: each attacker adds independent
+    low-rank noise, so that two attackers' cosine is about ``rho`` (the noise's norm ``sqrt(1 / rho - 1)``
+    times the shared part's) and their nearest-neighbour cosines approach the honest clients'; every
+    attacker's norm is ``SPREAD_NORM`` honest median norms. Lower ``rho``: harder to group, and less of
+    each update is the shared pull (``sqrt(rho)`` of its norm)."""
+    v = edge_direction(p)
+    spread = np.sqrt(1 / rho - 1)
+    out = []
+    for _ in range(m):
+        vec = v + spread * low_rank_noise(p.layout, rng)
+        out.append(as_lora(p.layout, SPREAD_NORM * p.median_norm * vec / np.linalg.norm(vec)))
+    return out
 
 
 def _copies_alie(p: PoolData, m: int, z: float, rng: np.random.Generator) -> list:
@@ -401,6 +431,7 @@ ATTACKS: dict[str, Attack] = {
         Attack("rank-inflation", _rank_inflation, (0.0, 1e-3), (0.0, 1e-3), "extra directions' size"),
         Attack("alie-norm", _alie_norm, (1.0, 2.0, 3.0, 3.5, 3.9), (2.0, 3.9), "norm / honest median"),
         Attack("opposed-edge", _opposed_edge, (1.0, 2.0, 3.0, 3.9), (2.0, 3.9), "norm / honest median"),
+        Attack("opposed-spread", _opposed_spread, (0.9, 0.6, 0.4, 0.25), (0.6, 0.25), "attackers' cosine"),
         Attack("copies-alie", _copies_alie, (0.5, 1.0, 4.0), (1.0, 4.0), "z"),
         Attack("copies-backdoor", _copies_backdoor, (0.5, 1.0, 2.0, 5.0), (1.0, 5.0), "norm / honest median", True),
     )

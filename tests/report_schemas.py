@@ -28,9 +28,9 @@ KINDS = ("audit", "gate", "merge", "refine", "inspect")
 
 # The rules of the verdict (clair_cli.core.rules.RULES) and the kinds of reason they write.
 RULES = ["direction", "off_subspace", "joint", "module", "in_subspace", "norm", "spectral", "isolated", "opposed",
-         "duplicate"]  # fmt: skip
+         "duplicate", "coordinated"]  # fmt: skip
 REASON_KINDS = ["direction", "off_subspace", "joint", "in_subspace", "norm", "spectral", "isolated", "opposed",
-                "duplicate"]  # fmt: skip
+                "duplicate", "coordinated"]  # fmt: skip
 WATCHED_RULES = ["direction", "off_subspace", "norm", "spectral"]
 BASELINES = ["mean", "fedavg", "median", "trimmed-mean", "krum", "multi-krum", "ties"]
 
@@ -193,6 +193,10 @@ def audit_body(command: str, roles: list[str]) -> dict[str, Any]:
         "collaborative_set": NAMES,
         "flagged": NAMES,
         "duplicate_groups": {"type": "array", "items": NAMES},
+        "coordinated_groups": {
+            "type": "array",
+            "items": closed({"members": NAMES, "cosine_within": NUMBER, "tie_cosine": NUMBER}),
+        },
         "groups": {"type": "array", "items": GROUP},
         "silent_rules": {"type": "array", "items": {"enum": WATCHED_RULES}},
         "converged": BOOLEAN,

@@ -287,6 +287,7 @@ def test_the_rules_are_registered_in_the_order_they_run() -> None:
         "isolated",
         "opposed",
         "duplicate",
+        "coordinated",
     ]
     assert [r.name for r in rules.RULES] == names
     assert POINTING == ("direction", "off_subspace", "joint")

@@ -135,7 +135,7 @@ def test_direction_pairs_leave_both_out() -> None:
     x = x / x.norm(dim=1, keepdim=True)
     C = x @ x.T
     fit_on = torch.ones(6, dtype=torch.bool)
-    D = direction_pairs(C, fit_on, [[4, 5]])
+    D = direction_pairs(C, fit_on, {4: [4, 5], 5: [4, 5]})
     assert bool(D.diagonal().isnan().all())
     for k, j in [(0, 1), (3, 2), (4, 0), (0, 4)]:
         leave = sorted({j, k} | ({4, 5} if {j, k} & {4, 5} else set()))
@@ -154,3 +154,17 @@ def test_a_pool_without_a_common_direction_says_so() -> None:
     assert "no common direction" in SILENT["direction"]
     agreeing = ClairAuditor().fit(make_pool(M=2, K=10, spread=0.3, seed=4), 10)
     assert agreeing.silent_rules_ == []
+
+
+def test_a_centre_with_masses_counts_a_group_once() -> None:
+    """``mass``: the geometric median of points with weights; three coincident points of
+    mass 1/3 each pull like one point."""
+    from clair_cli.core.insubspace import centre_weights
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 8, generator=g, dtype=torch.float64)
+    pts = torch.cat([x, x[3:].expand(2, 8)])  # points 3, 4, 5 coincide
+    mass = torch.tensor([1.0, 1.0, 1.0, 1 / 3, 1 / 3, 1 / 3], dtype=torch.float64)
+    W = centre_weights(pts @ pts.T, torch.ones(1, 6, dtype=torch.bool), mass=mass)[0]
+    want = centre_weights(x @ x.T, torch.ones(1, 4, dtype=torch.bool))[0]
+    assert (W[:3] @ pts[:3] + W[3:].sum() * x[3]).tolist() == pytest.approx((want @ x).tolist(), abs=1e-8)

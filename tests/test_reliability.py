@@ -63,9 +63,9 @@ def test_killed_merge_leaves_no_partial_target_and_a_second_run_succeeds(
             # and no message; reached on a loaded machine): nothing can have been written.
             # Once clair runs, the message and exit code 130 are required.
             if "Interrupted" in err or "clair_cli" in err:
-                assert proc.returncode == 130 and "Interrupted" in err
+                assert proc.returncode == 130 and "Interrupted" in err, err
             else:
-                assert proc.returncode in (-signal.SIGINT, 130, 1) and not target.exists()
+                assert proc.returncode in (-signal.SIGINT, 130, 1) and not target.exists(), (proc.returncode, err)
             assert _leftovers(tmp_path, "merged") == []
         if target.exists():  # only possible if the rename into place had happened
             assert (target / "adapter_model.safetensors").is_file() and (target / "adapter_config.json").is_file()
@@ -234,6 +234,20 @@ def test_ctrl_c_wrapped_by_an_import_is_still_an_interrupt(
     monkeypatch.setattr(clair_cli.io.sources, "resolve_sources", wrapped_resolve)
     result = CliRunner().invoke(clair_cli.cli.app, ["inspect", str(SAMPLES)])
     assert result.exit_code == 130 and "Interrupted" in result.stderr and "internal error" not in result.stderr
+
+    # A bad-input error raised by a cleanup while the Ctrl-C unwinds is still the Ctrl-C (exit
+    # 130, not 2: the input was fine).
+    from clair_cli.errors import UsageError
+
+    def refused_while_interrupted(*_args: object, **_kwargs: object) -> None:
+        try:
+            raise KeyboardInterrupt
+        finally:
+            raise UsageError("a check in a cleanup")
+
+    monkeypatch.setattr(clair_cli.io.sources, "resolve_sources", refused_while_interrupted)
+    result = CliRunner().invoke(clair_cli.cli.app, ["inspect", str(SAMPLES)])
+    assert result.exit_code == 130 and "Interrupted" in result.stderr and "a check" not in result.stderr
 
     def broken() -> None:
         raise RuntimeError("a real bug")

@@ -66,13 +66,8 @@ class ClairGroup(TyperGroup):
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx: Any) -> Any:
-        debug = bool(os.environ.get("CLAIR_DEBUG"))
         try:
             return super().invoke(ctx)
-        except ClairError as exc:
-            if debug:
-                raise
-            raise typer.Exit(report_error(exc.message, exc.hint)) from None
         except BrokenPipeError:
             _quiet_stdout()
             raise typer.Exit(EXIT_BROKEN_PIPE) from None
@@ -80,26 +75,31 @@ class ClairGroup(TyperGroup):
             raise _interrupted(exc) from None
         except _TYPER_EXITS:
             raise  # Typer's own usage errors and exits
-        except MemoryError:
-            if debug:
-                raise
-            raise typer.Exit(report_error("out of memory", OUT_OF_MEMORY_HINT)) from None
         except Exception as exc:  # noqa: BLE001 - the one boundary: a bug is reported, never a raw traceback
-            interrupt = interrupt_cause(exc)  # a Ctrl-C wrapped by an import is still an interrupt
+            # A Ctrl-C wrapped by an import, or an error raised by a cleanup while it unwound,
+            # is still an interrupt.
+            interrupt = interrupt_cause(exc)
             if interrupt is not None:
                 raise _interrupted(interrupt) from None
-            if debug:
+            if os.environ.get("CLAIR_DEBUG"):
                 raise
-            if _out_of_memory(exc):
-                raise typer.Exit(report_error("out of memory", OUT_OF_MEMORY_HINT)) from None
-            text = str(exc).splitlines()[0][:300] if str(exc) else ""
-            raise typer.Exit(
-                report_error(
-                    f"internal error ({type(exc).__name__}: {text})",
-                    "This is a bug in clair; please report it with the output of the same command run "
-                    "with CLAIR_DEBUG=1 (it shows the traceback).",
-                )
-            ) from None
+            raise _failure(exc) from None
+
+
+def _failure(exc: Exception) -> typer.Exit:
+    """Exit 2 with a message: bad input as its ClairError says, memory, or a bug."""
+    if isinstance(exc, ClairError):
+        return typer.Exit(report_error(exc.message, exc.hint))
+    if isinstance(exc, MemoryError) or _out_of_memory(exc):
+        return typer.Exit(report_error("out of memory", OUT_OF_MEMORY_HINT))
+    text = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return typer.Exit(
+        report_error(
+            f"internal error ({type(exc).__name__}: {text})",
+            "This is a bug in clair; please report it with the output of the same command run "
+            "with CLAIR_DEBUG=1 (it shows the traceback).",
+        )
+    )
 
 
 def _out_of_memory(exc: BaseException) -> bool:

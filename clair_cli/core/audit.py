@@ -8,6 +8,8 @@ factors plus small per-module results) and learns:
   subspace basis, solver iterations and convergence;
 - ``verdicts_``: per adapter, score, flag and reasons (see :mod:`clair_cli.core.verdict`);
 - ``shared_rank_``, ``collaborative_set_``, ``duplicate_groups_``, ``shared_structure_``;
+- ``coordinated_groups_``: adapters that agree far more closely than the pool does, each
+  group counted as one adapter (:mod:`clair_cli.core.rules.coordinated`);
 - ``groups_``: flagged adapters that agree with each other but not with the rest
   (:func:`clair_cli.core.verdict.groups`);
 - ``silent_rules_``: the rules of ``WATCHED_RULES`` that could measure no adapter of the pool
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -42,6 +44,8 @@ from clair_cli.core.insubspace import (
 from clair_cli.core.order import content_keys, content_order, inverse
 from clair_cli.core.pairwise import cosine_from_gram, factor_grams, gram
 from clair_cli.core.reduction import reduce_module
+from clair_cli.core.rules.context import kin
+from clair_cli.core.rules.coordinated import coordinated_groups, group_masses
 from clair_cli.core.verdict import AdapterVerdict, PoolSignals, decide, duplicate_groups, flag_every_copy, groups
 
 # Rules whose silence over a whole pool is reported: each measures every adapter where it can.
@@ -474,6 +478,13 @@ class ClairAuditor:
             sorted(g, key=lambda k: (k not in trusted, names[k] if names else "", k))
             for g in duplicate_groups(self.cosine_)
         ]
+        # Groups that agree far more closely than the pool does count as one adapter (rule 10);
+        # in a gate the references alone set every centre and threshold.
+        copies = {k for g in self.duplicate_groups_ for k in g[1:]}
+        self.coordinated_groups_ = [
+            replace(g, members=sorted(g.members, key=lambda k: (names[k] if names else "", k)))
+            for g in (coordinated_groups(self.cosine_, copies) if reference is None else [])
+        ]
         signals = self._pool_signals(results, tally, reference)
         self._decide(signals, tally, trusted)
         self.shared_rank_ = {r.name: r.rank for r in results}
@@ -498,13 +509,17 @@ class ClairAuditor:
         def unit() -> torch.Tensor:  # a fresh copy for each use, in canonical order
             return tally.unit[perm[:, None], perm[None, :]]
 
-        groups_in_order = [[where[k] for k in g] for g in self.duplicate_groups_]
         back = inverse(glob)
-        self.direction_ = direction_cosines(unit(), centre_on[perm], groups_in_order)[back]
+        coordinated = self.coordinated_groups_
+        shared = kin(self.duplicate_groups_, coordinated)
+        kin_in_order = {where[k]: [where[j] for j in v] for k, v in shared.items()}
+        mass = group_masses(K, coordinated)[perm]
+        self.direction_ = direction_cosines(unit(), centre_on[perm], kin_in_order, mass)[back]
         pairs = None
         if reference is None and K <= SMALL_POOL_N + 1:
-            pairs = direction_pairs(unit(), centre_on[perm], groups_in_order)[back[:, None], back[None, :]]
+            pairs = direction_pairs(unit(), centre_on[perm], kin_in_order, mass)[back[:, None], back[None, :]]
         return PoolSignals(
+            coordinated=coordinated,
             n_adapters=K,
             shares={r.name: r.off_subspace for r in results},
             members={r.name: r.members for r in results},

@@ -85,21 +85,26 @@ def combination_distances(G: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     return (G.diagonal()[None, :] - 2 * GW + (GW * W).sum(1, keepdim=True)).clamp_min(0).sqrt()
 
 
-def centre_weights(G: torch.Tensor, masks: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+def centre_weights(
+    G: torch.Tensor, masks: torch.Tensor, start: torch.Tensor | None = None, mass: torch.Tensor | None = None
+) -> torch.Tensor:
     """Weiszfeld's weights of the geometric median of the points in each row of ``masks``
     (``P x K``, at least one point a row), all rows iterated at once; ``P x K``, zero
     outside the row's mask. Each row stops moving once it has converged. ``start``: weights
-    to begin from (restricted to each row's mask), such as the median of a superset."""
+    to begin from (restricted to each row's mask), such as the median of a superset.
+    ``mass``: per point, its weight in the median (the minimiser of ``sum_k mass_k ||x - x_k||``;
+    default 1 each)."""
     G = G.double()
     masks = masks.bool()
-    W = masks.double() if start is None else torch.where(masks, start.double().expand_as(masks), 0.0)
+    m = torch.ones(G.shape[0], dtype=torch.float64) if mass is None else mass.double()
+    W = (masks.double() * m) if start is None else torch.where(masks, start.double().expand_as(masks), 0.0)
     W = W / W.sum(1, keepdim=True)
     eps = 1e-12 * (float(G.diagonal().clamp_min(0).sqrt().max()) or 1.0)
     active = torch.ones(W.shape[0], dtype=torch.bool)
     for _ in range(WEISZFELD_ITERATIONS):
         rows = active.nonzero().flatten()
         d = combination_distances(G, W[rows])
-        inv = torch.where(masks[rows], 1 / d.clamp_min(eps), torch.zeros_like(d))
+        inv = torch.where(masks[rows], m / d.clamp_min(eps), torch.zeros_like(d))
         new = inv / inv.sum(1, keepdim=True)
         done = (new - W[rows]).abs().amax(1) < 1e-10
         W[rows] = new
@@ -120,45 +125,61 @@ def unit_centre_distances(Gx: torch.Tensor, norms: torch.Tensor, fit_on: torch.T
     return centre_distances(inv[:, None] * Gx * inv[None, :], fit_on)[0]
 
 
-def direction_cosines(C: torch.Tensor, fit_on: torch.Tensor, groups: list[list[int]] | None = None) -> torch.Tensor:
+def direction_cosines(
+    C: torch.Tensor,
+    fit_on: torch.Tensor,
+    groups: Mapping[int, Sequence[int]] | None = None,
+    mass: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Rule 1's raw statistic (its floor): each adapter's cosine with the geometric median of the *others*.
 
     ``C`` is the Gram matrix of the adapters' updates with every module scaled to unit norm
     (the sum over modules of their cosine matrices), so each module counts once whatever its
-    scale. Adapter k's centre is fitted on ``fit_on`` without k and without the members of
-    k's duplicate group (``groups``), so neither k nor its copies shape what it is measured
-    against. NaN for an adapter with a zero update or an empty centre.
+    scale. Adapter k's centre is fitted on ``fit_on`` without k and without ``groups[k]`` (its
+    copies and coordinated group), so nothing that shares its update shapes what it is
+    measured against; ``mass`` weighs the points of the median (a coordinated group's members
+    ``1 / |group|`` each: the group counts as one adapter). NaN for an adapter with a zero
+    update or an empty centre.
     """
-    group_of = {k: g for g in groups or () for k in g}
-    return centre_cosines(C, fit_on, {k: group_of.get(k, [k]) for k in range(C.shape[0])})
+    groups = groups or {}
+    return centre_cosines(C, fit_on, {k: groups.get(k, [k]) for k in range(C.shape[0])}, mass)
 
 
-def direction_pairs(C: torch.Tensor, fit_on: torch.Tensor, groups: list[list[int]] | None = None) -> torch.Tensor:
+def direction_pairs(
+    C: torch.Tensor,
+    fit_on: torch.Tensor,
+    groups: Mapping[int, Sequence[int]] | None = None,
+    mass: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``D[k, j]``: adapter j's cosine with the geometric median of ``fit_on`` without j, k and
     their copies (NaN on the diagonal): the others' statistic of rule 1 with k taken out of
     their centres too. In a pool of five, one adapter is a quarter of each other adapter's
     centre: a sign-flipped one drags every honest cosine towards zero and makes the pool look
     as if it agreed on no direction. ``K^2`` Weiszfeld fits: for small pools."""
-    group_of = {k: g for g in groups or () for k in g}
+    group_of = groups or {}
     K = C.shape[0]
     out = torch.full((K, K), float("nan"), dtype=torch.float64)
     for k in range(K):
         gk = set(group_of.get(k, [k]))
         leave = {j: sorted(gk | set(group_of.get(j, [j]))) for j in range(K) if j not in gk}
-        row = centre_cosines(C, fit_on, leave)
+        row = centre_cosines(C, fit_on, leave, mass)
         out[k, list(leave)] = row[list(leave)]
     return out
 
 
 def centre_cosines(
-    C: torch.Tensor, fit_on: torch.Tensor, leave_out: Mapping[int, Sequence[int]] | None = None
+    C: torch.Tensor,
+    fit_on: torch.Tensor,
+    leave_out: Mapping[int, Sequence[int]] | None = None,
+    mass: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each adapter's cosine with the geometric median of the unit updates in ``fit_on``.
 
     ``C`` is a cosine (or unit-update Gram) matrix. For an adapter k in ``leave_out`` the
     centre is fitted without ``leave_out[k]`` (the references of a gate, which would otherwise
     be measured against a centre they shaped; every adapter, and its copies, for rule 1).
-    NaN for a zero update or an empty centre.
+    ``mass``: per adapter, its weight in the median (:func:`centre_weights`). NaN for a zero
+    update or an empty centre.
     """
     C = C.double()
     norms = C.diagonal().clamp_min(0).sqrt()
@@ -181,7 +202,7 @@ def centre_cosines(
     if bool(fitted.any()):
         # From the median of all of fit_on (every row's points lie in it, with positive
         # weight): leaving one point out moves it by O(1/K).
-        W[fitted] = centre_weights(C, M[fitted], centre_weights(C, fit_on[None, :])[0])
+        W[fitted] = centre_weights(C, M[fitted], centre_weights(C, fit_on[None, :], mass=mass)[0], mass)
     WC = W @ C
     centre_sq = (WC * W).sum(1)
     cos = WC / (centre_sq.clamp_min(1e-300).sqrt()[:, None] * norms.clamp_min(1e-300)[None, :])

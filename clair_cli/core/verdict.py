@@ -21,6 +21,10 @@ minimum effect size in the statistic's own units. The rules, one module each in
 6. **Duplicates** (``duplicate``): cosine above 0.999; every copy but one is flagged.
 7. **Along the others' leading deviation** (``spectral``): a coordinated group.
 8. **No neighbour** (``isolated``): another task's adapter.
+9. **A group against the rest** (``opposed``): a minority whose mean points against the rest's.
+10. **A coordinated group** (``coordinated``): adapters that agree far more closely than the
+    pool does count as one adapter in every centre, threshold and merge; a flag for where one
+    member points flags them all.
 
 This module owns what the rules share: the passes (:func:`decide`), the duplicate groups and
 the groups of flagged adapters that agree with each other (:func:`groups`).

@@ -23,6 +23,34 @@ def _listed(names: list[str]) -> str:
     return f"{', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
 
 
+def one_vote_per_group(
+    outcome: AuditOutcome, used: list[int], weights: list[float] | None
+) -> tuple[list[float] | None, list[str]]:
+    """The merge weights with every coordinated group among ``used`` counted as one adapter
+    (:mod:`clair_cli.core.rules.coordinated`): its members share one member's weight, so a
+    tight minority that passed the audit moves the mean by one adapter's weight, not by its
+    size. ``weights`` unchanged (and no note) where no such group is merged."""
+    from clair_cli.core.merge import check_weights
+
+    pos = {k: p for p, k in enumerate(used)}
+    groups = [[k for k in g.members if k in pos] for g in outcome.auditor.coordinated_groups_]
+    groups = [g for g in groups if len(g) > 1]
+    if not groups:
+        return weights, []
+    w = list(check_weights(weights, len(used)))
+    for g in groups:
+        for k in g:
+            w[pos[k]] /= len(g)
+    total = sum(w)
+    names = outcome.pool.names
+    notes = [
+        f"coordinated group counted as one adapter in the mean ({len(g)} adapters that agree far more closely "
+        f"than the pool does): {_listed(sorted(names[k] for k in g))}"
+        for g in groups
+    ]
+    return [x / total for x in w], notes
+
+
 class Clair(MergeMethod):
     """CLAIR's merge of the collaborative set."""
 
@@ -54,20 +82,24 @@ class Clair(MergeMethod):
     def merge_weights(
         self, outcome: AuditOutcome | None, used: list[int], weights: list[float] | None, options: MergeOptions
     ) -> Weighting:
-        """With ``--clip``, the weights of the centred clipping of the collaborators' whole updates."""
-        if options.clip is None or outcome is None:
+        """Each coordinated group the audit let through counted as one adapter; with ``--clip``,
+        then the weights of the centred clipping of the collaborators' whole updates."""
+        if outcome is None:
             return Weighting(weights, {}, [])
+        weights, notes = one_vote_per_group(outcome, used, weights)
+        if options.clip is None:
+            return Weighting(weights, {}, notes)
         from clair_cli.core.influence import clipped_weights
 
         clipped_w, clipped = clipped_weights(outcome.auditor.inner_, used, weights, options.clip)
         if not clipped:
-            return Weighting(weights, {}, [])
+            return Weighting(weights, {}, notes)
         names = [outcome.pool.names[k] for k in sorted(clipped, key=lambda k: clipped[k])]
         note = (
             f"bounded influence: {len(clipped)} update(s) more than {options.clip:g}x the collaborators' median "
             f"distance from their centre were clipped to it: {_listed(names)}"
         )
-        return Weighting(clipped_w, clipped, [note])
+        return Weighting(clipped_w, clipped, [*notes, note])
 
     def merge_module(self, mod: ModuleInput, weights: list[float] | None, plan: MergePlan) -> MergeResult:
         import torch

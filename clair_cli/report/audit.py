@@ -87,6 +87,13 @@ def reason_text(reason: Reason, names: list[str], modules: ModuleNames) -> str: 
         if c is None or c >= IDENTICAL_COSINE:
             return f"identical to {copy_of} (a copy: flagged whatever its score)"
         return f"near-identical to {copy_of} (cosine {c:.4f}; a copy: flagged whatever its score)"
+    if kind == "coordinated":
+        flagged_with = ", ".join(sorted(names[j] for j in reason.of or ()))
+        return (
+            f"it agrees with {flagged_with}, flagged for where its update points, far more closely than adapters "
+            f"of this pool agree (cosine at least {_given(reason.cosine):.2f} within the group, against "
+            f"{_given(reason.threshold):.2f} for a tie): a coordinated group sends one update between them"
+        )
     if kind == "in_subspace":
         return (
             f"inside the shared subspace, its update lies {_given(reason.ratio):.1f}x farther than is typical "
@@ -218,6 +225,17 @@ def audit_report(outcome: AuditOutcome, command: str = "audit", digests: bool = 
         "flagged": flagged,
         # Sorted by name, so that the order of the sources does not show.
         "duplicate_groups": sorted(sorted(names[k] for k in g) for g in aud.duplicate_groups_),
+        "coordinated_groups": sorted(
+            (
+                {
+                    "members": sorted(names[k] for k in g.members),
+                    "cosine_within": round(g.within, 6),
+                    "tie_cosine": round(g.tie, 6),
+                }
+                for g in aud.coordinated_groups_
+            ),
+            key=lambda g: g["members"],
+        ),
         "groups": sorted(
             (
                 {

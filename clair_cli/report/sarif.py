@@ -109,6 +109,13 @@ RULE_TEXTS: dict[str, RuleText] = {
         "The update equals another adapter's (cosine above 0.999 over all modules): a Sybil copy. One member "
         "of each group of copies is judged on its own signals; the others are flagged.",
     ),
+    "coordinated": RuleText(
+        "Coordinated",
+        "With a group that agrees far more closely than the pool does, it shares a flagged update.",
+        "The adapter belongs to a minority group whose members agree with each other far more closely than the "
+        "pool's adapters agree with their nearest neighbours (a coordinated group counts as one adapter in "
+        "every centre and in the merge), and another member was flagged for where its update points.",
+    ),
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from clair_cli.core.rules.base import ALPHA, ModuleHit, Reason, Rule
 from clair_cli.core.rules.context import AdapterVerdict, Pass, PoolSignals
+from clair_cli.core.rules.coordinated import Coordinated, CoordinatedGroup, coordinated_groups
 from clair_cli.core.rules.direction import Direction
 from clair_cli.core.rules.duplicate import DUPLICATE_COSINE, Duplicate
 from clair_cli.core.rules.in_subspace import InSubspace
@@ -33,6 +34,7 @@ RULES: tuple[Rule, ...] = (
     Isolated(),  # 8: reads 1
     Opposed(),  # 9: a group against the rest
     Duplicate(),  # 6
+    Coordinated(),  # 10: reads every flag above
 )
 
 
@@ -49,10 +51,12 @@ __all__ = [
     "DUPLICATE_COSINE",
     "RULES",
     "AdapterVerdict",
+    "CoordinatedGroup",
     "ModuleHit",
     "Pass",
     "PoolSignals",
     "Reason",
     "Rule",
+    "coordinated_groups",
     "get",
 ]

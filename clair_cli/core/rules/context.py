@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from clair_cli.core.calibration import NORMAL, Cut, leave_one_out_cuts, qn_scale
 from clair_cli.core.decompose import median
 from clair_cli.core.rules.base import ALPHA, ModuleHit, Reason
+
+if TYPE_CHECKING:
+    from clair_cli.core.rules.coordinated import CoordinatedGroup
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +45,8 @@ class PoolSignals:
             eigensolves run, so that its last bits do not depend on the order of the sources.
         cosine: the ``K x K`` cosines of the updates with every module at unit norm, for
             rule 8; None leaves the rule out.
+        coordinated: groups of adapters that agree far more closely than is typical
+            (:mod:`clair_cli.core.rules.coordinated`): each counts as one adapter.
         direction_pairs: in small pools, ``D[k, j]``, adapter j's rule-1 cosine with k left
             out of its centre too (:func:`clair_cli.core.insubspace.direction_pairs`); rule 1
             takes k's typical cosine from row k. None: from ``direction``.
@@ -63,6 +69,26 @@ class PoolSignals:
     inner: torch.Tensor | None = None
     order: list[int] | None = None
     cosine: torch.Tensor | None = None
+    coordinated: list[CoordinatedGroup] = field(default_factory=list)
+
+    def kin(self) -> dict[int, list[int]]:
+        """:func:`kin` of the pool's duplicate and coordinated groups."""
+        return kin(self.duplicates, self.coordinated)
+
+
+def kin(duplicates: list[list[int]], coordinated: list[CoordinatedGroup]) -> dict[int, list[int]]:
+    """Per adapter in a duplicate or coordinated group, the adapters that share its update
+    (itself included: its copies, its group and their copies), which its own centres and
+    neighbours leave out."""
+    sets: dict[int, set[int]] = {}
+    for group in duplicates:
+        for k in group:
+            sets.setdefault(k, set()).update(group)
+    for cg in coordinated:
+        together = set().union(*(sets.get(k, {k}) for k in cg.members))
+        for k in together:
+            sets[k] = sets.get(k, set()) | together
+    return {k: sorted(v) for k, v in sets.items()}
 
 
 @dataclass
@@ -112,7 +138,10 @@ class Pass:
         self.trusted = set(signals.reference or ())
         self.gated = signals.reference is not None
         self.copies = {k for group in signals.duplicates for k in group[1:]}
-        self.excluded = excluded | self.copies
+        # A coordinated group counts once in every threshold (rule 10); its other members
+        # still shape the spectral rule's fit, whose evidence is a group pushing one way.
+        self.echoes = {k for group in signals.coordinated for k in group.members[1:]} - self.copies
+        self.excluded = excluded | self.copies | self.echoes
         self.extra: set[int] = set()  # also left out of the bases, for the rules that set it
         self.calibration = signals.held_out if signals.reference is not None else None
         for name, o in signals.shares.items():
@@ -143,10 +172,11 @@ class Pass:
         cuts = leave_one_out_cuts(calib, self.basis(calib), alpha, floor, relative, law, capped)
         return [cut if bool(torch.isfinite(values[k])) else None for k, cut in enumerate(cuts)]
 
-    def basis(self, calib: torch.Tensor) -> torch.Tensor:
-        """Which adapters' values set a threshold: finite, not excluded, references in a gate."""
+    def basis(self, calib: torch.Tensor, echoes: bool = False) -> torch.Tensor:
+        """Which adapters' values set a threshold: finite, not excluded, references in a gate;
+        ``echoes``: with the members of coordinated groups counted once for thresholds."""
         basis = torch.isfinite(calib)
-        basis[list(self.excluded | self.extra)] = False
+        basis[list((self.excluded - (self.echoes if echoes else set())) | self.extra)] = False
         if self.gated:
             basis &= torch.tensor([k in self.trusted for k in range(len(calib))], dtype=torch.bool)
         return basis

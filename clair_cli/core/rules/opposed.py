@@ -59,6 +59,7 @@ class Opposed:
         C = ctx.signals.cosine
         if C is None:
             return
+        # Copies once; a coordinated group with all its members: the split it makes is its own.
         copies = {k for g in ctx.signals.duplicates for k in g[1:]}
         order = ctx.signals.order or list(range(len(ctx.verdicts)))
         idx = [k for k in order if k not in copies]  # canonical order: eigh's signs are reproducible

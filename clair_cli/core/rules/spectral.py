@@ -64,7 +64,7 @@ class Spectral:
     def statistic(self, ctx: Pass, inner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per adapter, the log of its squared projection, the log of its share, and the share."""
         K = len(ctx.verdicts)
-        shapes = ctx.basis(torch.zeros(K, dtype=torch.float64))
+        shapes = ctx.basis(torch.zeros(K, dtype=torch.float64), echoes=True)  # a group shapes the fit
         group_of = {k: g for g in ctx.signals.duplicates for k in g}
         order = ctx.signals.order or list(range(K))
         where = {k: p for p, k in enumerate(order)}
