@@ -54,7 +54,7 @@ from clair_cli.core.calibration import leave_one_out_cuts
 from clair_cli.core.rules.base import ALPHA, Reason
 from clair_cli.core.rules.context import Pass
 
-MIN_ADAPTERS = 5  # below, the others' nearest-neighbour cosines set no threshold
+MIN_ADAPTERS = 5  # below, the others' neighbour cosines set no threshold
 TIGHT_FLOOR = math.log(1.5)  # neighbours at least 1.5x as close (in 1 - cos) as is typical
 JOIN = 0.5  # a member joins at least half as tightly (in t) as the group agrees within itself
 MAX_COSINE = 1 - 1e-12
