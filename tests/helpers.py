@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +102,17 @@ def run_measured(argv: list[str], limit_s: float, **popen: Any) -> tuple[int, in
     finally:
         timer.cancel()
     return os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024
+
+
+class LocalServer:
+    """An HTTP server on a free port of 127.0.0.1, answering from daemon threads (fake Hubs)."""
+
+    def start(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

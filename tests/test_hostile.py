@@ -22,17 +22,16 @@ import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import MODULES, lora_config, random_factors, run_measured, write_adapter
+from helpers import MODULES, LocalServer, lora_config, random_factors, run_measured, write_adapter
 from test_bad_inputs import CASES as ADAPTER_CASES
 
 TIME_LIMIT_S = 120  # per case, on a loaded machine; a sound run takes a few seconds
@@ -358,7 +357,7 @@ CASES: dict[str, Case] = {
 }
 
 
-class EvilHub:
+class EvilHub(LocalServer):
     """A fake Hub on 127.0.0.1 whose answers are hostile, one behaviour per repo id."""
 
     def __init__(self, adapter: dict[str, bytes]) -> None:  # noqa: C901 - one branch per hostile behaviour
@@ -420,14 +419,7 @@ class EvilHub:
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self._answer(body=True)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.start(Handler)
 
 
 @dataclass

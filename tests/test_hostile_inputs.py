@@ -18,16 +18,15 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import MODULES, lora_config, random_factors, run_measured, write_adapter
+from helpers import MODULES, LocalServer, lora_config, random_factors, run_measured, write_adapter
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]  # this checkout's clair_cli, not an installed one
@@ -195,7 +194,7 @@ def test_the_module_limit_can_be_raised(tmp_path: Path) -> None:
     assert json.loads(run.stdout)["adapters"][0]["n_modules"] == 5000
 
 
-class TrickleHub:
+class TrickleHub(LocalServer):
     """A fake Hub that answers headers at once, then a body byte every ``delay`` seconds."""
 
     def __init__(self, files: dict[str, bytes], delay: float) -> None:
@@ -223,14 +222,7 @@ class TrickleHub:
             def do_GET(self) -> None:  # noqa: N802
                 self._answer(True)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.start(Handler)
 
 
 @pytest.fixture(scope="module")

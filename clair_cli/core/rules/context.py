@@ -71,10 +71,6 @@ class PoolSignals:
     cosine: torch.Tensor | None = None
     coordinated: list[CoordinatedGroup] = field(default_factory=list)
 
-    def kin(self) -> dict[int, list[int]]:
-        """:func:`kin` of the pool's duplicate and coordinated groups."""
-        return kin(self.duplicates, self.coordinated)
-
 
 def kin(duplicates: list[list[int]], coordinated: list[CoordinatedGroup]) -> dict[int, list[int]]:
     """Per adapter in a duplicate or coordinated group, the adapters that share its update
