@@ -5,6 +5,7 @@ import os
 import signal
 import sys
 
+from clair_cli.cli.allocator import configure_allocator
 from clair_cli.cli.threads import configure_threads
 from clair_cli.errors import Terminated, interrupt_cause
 
@@ -18,6 +19,7 @@ def run() -> None:
     unwinds through the writers' cleanup, so no temporary directory is left behind."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     configure_threads()  # before torch is imported
+    configure_allocator()
     try:
         from clair_cli.cli import main
 

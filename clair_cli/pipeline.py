@@ -12,7 +12,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from clair_cli import methods
 from clair_cli.errors import AdapterFormatError, IncompatibleAdapters, UsageError
@@ -25,9 +25,21 @@ if TYPE_CHECKING:
     import torch
 
     from clair_cli.core.audit import ModuleInput
+    from clair_cli.core.merge import MergeResult
+    from clair_cli.io.safetensors_file import SafetensorsReader
     from clair_cli.io.sources import SourceOptions
 
 Progress = Callable[[str, int, int], None]
+
+
+class MergeSink(Protocol):
+    """Where :func:`merge` puts each merged module as soon as it is computed (the output file)."""
+
+    def put(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Take module ``name``'s merged factors (float32, scale 1)."""
+
+    def rewrite_b(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every ``B`` taken so far by ``fn(B)`` (``--rescale norm``'s second pass)."""
 
 
 def _quiet(_stage: str, _done: int, _total: int) -> None:
@@ -240,34 +252,50 @@ def iter_modules(
     """
     import torch
 
-    from clair_cli.core.audit import ModuleInput
-    from clair_cli.core.canonical import in_dtype
-    from clair_cli.io.paths import printable
 
     idx = list(range(len(pool.adapters))) if members is None else list(members)
     with ExitStack() as stack:
         readers = [stack.enter_context(pool.adapters[k].reader()) for k in idx]
         for i, name in enumerate(pool.modules):
-            # Read in float64 and cast with in_dtype: float64 factors beyond float32's range whose
-            # update fits are balanced rather than cast to Inf or 0.
-            mods = [pool.adapters[k].read_module(r, name, torch.float64) for k, r in zip(idx, readers, strict=True)]
-            fitted = []
-            for k, m in zip(idx, mods, strict=True):
-                try:
-                    fitted.append(in_dtype(m.A, m.B, m.scale, dtype or torch.float32))
-                except ValueError as exc:
-                    raise AdapterFormatError(
-                        f"{printable(str(pool.adapters[k].ref.weights_file))}: module {name!r}: {exc}",
-                        hint="Use --dtype float64, or check the adapter (clair inspect).",
-                    ) from None
-            yield ModuleInput(
-                name,
-                list(idx),
-                [a.to(device) for a, _b, _s in fitted],
-                [b.to(device) for _a, b, _s in fitted],
-                [s for _a, _b, s in fitted],
-            )
+            # Built in the yield: the generator keeps no reference to a module being worked on.
+            yield _module_input(pool, idx, readers, name, dtype or torch.float32, device)
             progress("modules", i + 1, len(pool.modules))
+
+
+def _module_input(
+    pool: Pool, idx: list[int], readers: list[SafetensorsReader], name: str, dtype: torch.dtype, device: str
+) -> ModuleInput:
+    from clair_cli.core.audit import ModuleInput
+
+    fitted = [_read_fitted(pool.adapters[k], r, name, dtype) for k, r in zip(idx, readers, strict=True)]
+    return ModuleInput(
+        name,
+        list(idx),
+        [a.to(device) for a, _b, _s in fitted],
+        [b.to(device) for _a, b, _s in fitted],
+        [s for _a, _b, s in fitted],
+    )
+
+
+def _read_fitted(
+    adapter: Adapter, reader: SafetensorsReader, name: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One adapter's factors of module ``name`` in ``dtype``: read in float64 and cast with
+    :func:`~clair_cli.core.canonical.in_dtype`, so float64 factors beyond float32's range whose
+    update fits are balanced rather than cast to Inf or 0."""
+    import torch
+
+    from clair_cli.core.canonical import in_dtype
+    from clair_cli.io.paths import printable
+
+    m = adapter.read_module(reader, name, torch.float64)
+    try:
+        return in_dtype(m.A, m.B, m.scale, dtype)
+    except ValueError as exc:
+        raise AdapterFormatError(
+            f"{printable(str(adapter.ref.weights_file))}: module {name!r}: {exc}",
+            hint="Use --dtype float64, or check the adapter (clair inspect).",
+        ) from None
 
 
 def resolve_device(device: str) -> str:
@@ -381,6 +409,7 @@ def merge(
     options: MergeOptions | None = None,
     outcome: AuditOutcome | None = None,
     progress: Progress = _quiet,
+    sink: MergeSink | None = None,
 ) -> MergedAdapter:
     """Merge the pool with ``method`` (:mod:`clair_cli.methods`); ``clair`` needs the audit ``outcome``.
 
@@ -391,8 +420,13 @@ def merge(
     leading directions of the collaborators at a rank chosen for reconstruction (never the
     detection rank). Adapters are taken in a canonical order, so the result does not depend
     on the order of the sources.
+
+    With a ``sink`` (what ``clair merge`` gives: the output file, :class:`MergeSink`), each
+    module's factors go to it as soon as they are merged and the returned adapter keeps only
+    their shapes (``meta`` tensors): memory is one module's work, not the merged adapter.
+    ``--rescale norm`` then scales the written ``B`` factors in a second pass over the sink.
     """
-    from clair_cli.core.merge import MergeResult, rescale_to_median_norm, squared_norms
+    from clair_cli.core.merge import MergeResult, median_norm_factor, merged_sq_norm, squared_norms
     from clair_cli.core.projection import basis_side
 
     spec = methods.get(method)
@@ -409,20 +443,54 @@ def merge(
     plan = methods.MergePlan(used, options, basis_side(settings.side), dtype, settings.path)
     results: dict[str, MergeResult] = {}
     sq_norms = dict.fromkeys(used, 0.0)
+    merged_sq = 0.0
     for given in iter_modules(pool, used, dtype=dtype, device=settings.device, progress=progress):
         mod, mw = spec.prepare(given, weighting.weights, dtype, settings.path)
+        del given  # only the method's own copy of the module is held while it merges
         if options.rescale != "none":
             for k, sq in zip(mod.members, squared_norms(mod.A, mod.B, mod.scales), strict=True):
                 sq_norms[k] += sq
         res = spec.merge_module(mod, mw, plan)
-        results[mod.name] = MergeResult(res.A.float().cpu(), res.B.float().cpu(), res.method, res.selected, res.info)
+        A, B = res.A.float().cpu(), res.B.float().cpu()
+        if options.rescale == "norm":
+            merged_sq += merged_sq_norm(A, B)
+        if sink is not None:
+            sink.put(mod.name, A, B)
+            A, B = A.to("meta"), B.to("meta")  # the shapes stay; the data is in the sink
+        results[mod.name] = MergeResult(A, B, res.method, res.selected, res.info)
     notes = list(weighting.notes)
     scale = 1.0
     if options.rescale == "norm":
-        scale = rescale_to_median_norm(results.values(), [sq_norms[k] for k in used])
+        scale = median_norm_factor(merged_sq, [sq_norms[k] for k in used])
+        if scale != 1.0:
+            _scale_b(results, sink, scale)
         notes.append(f"--rescale norm: merged update scaled by {scale:.3f} (to the merged adapters' median norm)")
     notes += spec.result_notes(results)
-    return MergedAdapter(spec.name, results, used, weighting.weights, notes, options, scale, weighting.clipped)
+    return MergedAdapter(
+        spec.name, results, used, weighting.weights, notes, options, scale, weighting.clipped, sink is not None
+    )
+
+
+def _scale_b(results: Mapping[str, MergeResult], sink: MergeSink | None, factor: float) -> None:
+    """Multiply every merged ``B`` by ``factor``: in memory, or in the sink's file."""
+    if sink is not None:
+        sink.rewrite_b(lambda B: B * factor)
+        return
+    for r in results.values():
+        r.B = r.B * factor
+
+
+def merged_rank_bound(pool: Pool, options: MergeOptions | None = None) -> dict[str, int]:
+    """Per module, a rank no merge of the pool's adapters exceeds (what a :class:`MergeSink`
+    reserves room for): the larger of the adapters' summed rank, the module's smaller side
+    (a dense merge factored exactly) and ``--merge-rank``."""
+    fixed = (options.rank if options is not None else None) or 0
+    out = {}
+    for m in pool.modules:
+        spec = pool.adapters[0].modules[m]
+        summed = sum(a.modules[m].rank for a in pool.adapters)
+        out[m] = max(summed, min(spec.d_out, spec.d_in), fixed)
+    return out
 
 
 def refined_bases(

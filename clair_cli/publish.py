@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     import torch
 
     from clair_cli.io.lora_config import ConfigPlan
+    from clair_cli.io.peft_writer import MergedStream
+    from clair_cli.params import MergeOptions
     from clair_cli.pipeline import Progress
     from clair_cli.results import AuditOutcome, MergedAdapter, Pool
 
@@ -84,6 +86,15 @@ def merged_plan(pool: Pool) -> ConfigPlan:
     return plan_merged(pool.adapters, pool.modules, pool.base_model)
 
 
+def merged_stream(root: Path, pool: Pool, options: MergeOptions | None = None) -> MergedStream:
+    """The sink :func:`clair_cli.pipeline.merge` writes the merged tensors into, module by module
+    (``root``: the staging directory of ``--out``); :func:`write_merged` then adds the config and card."""
+    from clair_cli.io.peft_writer import MergedStream
+    from clair_cli.pipeline import merged_rank_bound
+
+    return MergedStream(root, pool.adapters[0].modules, merged_rank_bound(pool, options))
+
+
 def write_merged(  # noqa: PLR0913 - every part of the card, as the merge command has them
     root: Path,
     pool: Pool,
@@ -95,7 +106,8 @@ def write_merged(  # noqa: PLR0913 - every part of the card, as the merge comman
     params: dict[str, Any] | None = None,
     plan: ConfigPlan | None = None,
 ) -> None:
-    """Write the merged adapter (config, tensors, model card) into the staging directory ``root``; ``params``: the
+    """Write the merged adapter (config, tensors unless ``merged`` was streamed there already, model card)
+    into the staging directory ``root``; ``params``: the
     audit's settings, listed in the card where an audit ran; ``plan``: :func:`merged_plan`'s
     (made here when not given; its notes are then added to the card's)."""
     from clair_cli.io.lora_config import lora_config
@@ -108,7 +120,11 @@ def write_merged(  # noqa: PLR0913 - every part of the card, as the merge comman
         notes = [*notes, *plan.notes]
     # Scale 1 everywhere: alpha = r in every module.
     config = lora_config(plan, {m: (r.rank, r.rank) for m, r in merged.modules.items()})
-    tensors = merged_tensors(pool.adapters[0].modules, {m: (r.A, r.B) for m, r in merged.modules.items()})
+    tensors = (
+        None
+        if merged.streamed
+        else merged_tensors(pool.adapters[0].modules, {m: (r.A, r.B) for m, r in merged.modules.items()})
+    )
     card = model_card(
         f"Merged LoRA adapter ({merged.method})",
         merged.method,

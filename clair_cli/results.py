@@ -60,7 +60,9 @@ def _sig(x: float) -> float:
 class MergedAdapter:
     """One merged LoRA: per module ``(A, B)`` with scale 1, and how it was made.
 
-    ``scale`` is the factor ``--rescale`` applied (1.0 otherwise); per module,
+    ``scale`` is the factor ``--rescale`` applied (1.0 otherwise); ``streamed``: the factors were
+    written as they were merged (:class:`clair_cli.pipeline.MergeSink`), and ``modules`` hold
+    ``meta`` tensors of their shapes; per module,
     ``modules[name].info`` holds ``truncation_error`` (relative Frobenius error of the factors
     written, measured on them: rank truncation and float32 rounding) and, for a projected merge, ``projection_rank``.
     """
@@ -73,6 +75,7 @@ class MergedAdapter:
     options: MergeOptions = field(default_factory=MergeOptions)
     scale: float = 1.0
     clipped: dict[int, float] = field(default_factory=dict)
+    streamed: bool = False  # the factors went to a sink as they were merged; ``modules`` keep their shapes only
 
     def summary(self) -> dict[str, Any]:
         """The ``merge`` section of the JSON report."""

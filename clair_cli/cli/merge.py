@@ -81,14 +81,15 @@ def merge_command(
             plan = publish.merged_plan(pool)
             outcome = pipeline.audit(pool, params, progress) if spec.audits else None
             started = time.perf_counter()
-            merged = pipeline.merge(pool, spec.name, params, w, options, outcome, progress)
+            root = outputs.stage_directory(target.out)
+            with publish.merged_stream(root, pool, options) as sink:  # tensors written as they are merged
+                merged = pipeline.merge(pool, spec.name, params, w, options, outcome, progress, sink)
             merge_s = time.perf_counter() - started
         report = audit_report(outcome, command="merge", digests=reports.json_out is not None) if outcome else None
         if report is not None:
             report["merge"] = merged.summary() | {"dropped": dropped}
             report["notes"] = [*report["notes"], *plan.notes]
         notes = _merge_notes(list(merged.notes) + dropped + plan.notes, len(pool.dropped))
-        root = outputs.stage_directory(target.out)
         publish.write_merged(root, pool, merged, outcome, report, notes, sys.argv[1:], params.as_dict(), plan)
         if report is not None:
             common.stage_reports(outputs, report, reports)

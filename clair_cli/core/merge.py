@@ -156,6 +156,21 @@ def squared_norms(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: 
     return gram(A, B, scales).diagonal().double().cpu().tolist()
 
 
+def merged_sq_norm(A: torch.Tensor, B: torch.Tensor) -> float:
+    """``||B @ A||_F^2`` of one merged module, from its factors (float64)."""
+    return float(((A.double() @ A.double().T) * (B.double().T @ B.double())).sum())
+
+
+def median_norm_factor(merged_sq: float, sq_norms: Sequence[float]) -> float:
+    """The factor that gives a merged adapter of squared norm ``merged_sq`` (over all modules)
+    the median of the merged adapters' norms (``sq_norms``: each one's squared norm); 1.0 for
+    a zero merged update."""
+    if merged_sq <= 0:
+        return 1.0
+    norms = torch.tensor(list(sq_norms), dtype=torch.float64)
+    return float(torch.median(norms.sqrt())) / merged_sq**0.5
+
+
 def rescale_to_median_norm(results: Iterable[MergeResult], sq_norms: Sequence[float]) -> float:
     """Scale every module's merged update by one factor so that the merged adapter's norm
     (over all modules) is the median of the merged adapters' norms; returns the factor.
@@ -167,11 +182,10 @@ def rescale_to_median_norm(results: Iterable[MergeResult], sq_norms: Sequence[fl
     results = list(results)
     merged_sq = 0.0
     for r in results:
-        merged_sq += float(((r.A.double() @ r.A.double().T) * (r.B.double().T @ r.B.double())).sum())
-    if merged_sq <= 0:
-        return 1.0
-    norms = torch.tensor(list(sq_norms), dtype=torch.float64)
-    factor = float(torch.median(norms.sqrt())) / merged_sq**0.5
+        merged_sq += merged_sq_norm(r.A, r.B)
+    factor = median_norm_factor(merged_sq, sq_norms)
+    if factor == 1.0:
+        return factor
     for r in results:
         r.B = r.B * factor
     return factor

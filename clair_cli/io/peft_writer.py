@@ -16,7 +16,7 @@ through :func:`clair_cli.io.paths.join_inside`. The umask is honoured.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,12 +31,13 @@ if TYPE_CHECKING:
 
 
 def save_adapter(
-    root: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], card: str, name: str | None = None
+    root: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor] | None, card: str, name: str | None = None
 ) -> Path:
     """Write adapter_config.json, adapter_model.safetensors and README.md into ``root`` (or ``root/name``).
 
     ``name`` (an adapter name, from the input) is made a safe relative path and checked
     to stay inside ``root``. Non-finite tensors are refused before anything is written.
+    ``tensors`` None: the tensors file is already there (:class:`MergedStream` wrote it).
 
     Returns:
         The directory written.
@@ -45,27 +46,109 @@ def save_adapter(
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in (tensors or {}).items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
-        raise OutputError(
-            f"the output for {printable(name or str(root))} would hold NaN or Inf values "
-            f"({len(bad)} tensor(s), e.g. {printable(bad[0])}); nothing was written",
-            hint="An input holds extreme values; inspect the adapters (clair inspect).",
-        )
+        raise _non_finite(name or str(root), len(bad), bad[0])
     directory = root if name is None else join_inside(root, safe_relpath(name))
     try:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()}, str(directory / SAFETENSORS_WEIGHTS_NAME), {"format": "pt"}
-        )
+        if tensors is not None:
+            save_file(
+                {k: v.contiguous() for k, v in tensors.items()},
+                str(directory / SAFETENSORS_WEIGHTS_NAME),
+                {"format": "pt"},
+            )
+            apply_umask(directory / SAFETENSORS_WEIGHTS_NAME)  # safetensors creates it 0600
         (directory / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
-        apply_umask(directory / SAFETENSORS_WEIGHTS_NAME)  # safetensors creates it 0600
     except OSError as exc:
         raise OutputError(f"{printable(str(directory))}: cannot write ({os_error_text(exc)})") from exc
     except SafetensorError as exc:
         raise OutputError(f"{printable(str(directory))}: cannot write the tensors ({exc})") from exc
     return directory
+
+
+def _non_finite(what: str, n: int, first: str) -> OutputError:
+    return OutputError(
+        f"the output for {printable(what)} would hold NaN or Inf values "
+        f"({n} tensor(s), e.g. {printable(first)}); nothing was written",
+        hint="An input holds extreme values; inspect the adapters (clair inspect).",
+    )
+
+
+class MergedStream:
+    """The merged adapter's ``adapter_model.safetensors`` in ``root``, written module by module
+    as :func:`clair_cli.pipeline.merge` computes them (a :class:`clair_cli.pipeline.MergeSink`),
+    in the layout :func:`merged_tensors` gives; :func:`save_adapter` (``tensors=None``) then
+    adds the config and the card. Peak memory is one module's factors.
+
+    Args:
+        root: the staging directory of ``--out``.
+        specs: an input's module table (kind and kernel shape).
+        max_rank: per module merged, a rank its merge does not exceed
+            (:func:`clair_cli.pipeline.merged_rank_bound`).
+    """
+
+    def __init__(self, root: Path, specs: Mapping[str, ModuleSpec], max_rank: Mapping[str, int]) -> None:
+        from clair_cli.io.safetensors_stream import SafetensorsStream
+
+        self.root = root
+        self.specs = specs
+        largest: dict[str, tuple[int, ...]] = {}
+        for name, rank in max_rank.items():
+            a_key, b_key = _keys(specs[name])
+            largest[a_key], largest[b_key] = _shapes(specs[name], rank)
+        self._b_keys: list[str] = []
+        self._stream = SafetensorsStream(root / SAFETENSORS_WEIGHTS_NAME, largest, {"format": "pt"})
+
+    def __enter__(self) -> MergedStream:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._stream.__enter__()
+        except OSError as exc:
+            raise self._cannot(exc) from exc
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            self._stream.__exit__(exc_type, exc, tb)
+        except OSError as exc:
+            raise self._cannot(exc) from exc
+
+    def _cannot(self, exc: OSError) -> OutputError:
+        return OutputError(f"{printable(str(self.root))}: cannot write ({os_error_text(exc)})")
+
+    def put(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Append module ``name``'s merged factors (refused, before any byte of theirs, if not finite)."""
+        import torch
+
+        a_key, b_key = _keys(self.specs[name])
+        for key, t in ((a_key, A), (b_key, B)):
+            if not bool(torch.isfinite(t).all()):
+                raise _non_finite(str(self.root), 1, key)
+        a_shape, b_shape = _shapes(self.specs[name], A.shape[0])
+        try:
+            self._stream.add(a_key, A.reshape(a_shape))
+            self._stream.add(b_key, B.reshape(b_shape))
+        except OSError as exc:
+            raise self._cannot(exc) from exc
+        self._b_keys.append(b_key)
+
+    def rewrite_b(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every ``B`` written by ``fn(B)``, in place in the file (``--rescale norm``);
+        a result that is not finite is refused."""
+        import torch
+
+        def checked(B: torch.Tensor) -> torch.Tensor:
+            out = fn(B)
+            if not bool(torch.isfinite(out).all()):
+                raise _non_finite(str(self.root), 1, "a rescaled lora_B")
+            return out
+
+        try:
+            self._stream.rewrite(self._b_keys, checked)
+        except OSError as exc:
+            raise self._cannot(exc) from exc
 
 
 def _shapes(spec: ModuleSpec, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
