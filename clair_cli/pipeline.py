@@ -238,36 +238,48 @@ def iter_modules(
     An all-zero adapter (untrained: lora_B starts at zero) is passed on like any other; the
     verdict flags it as a free rider (the norm rule), so the rest of the pool is still audited.
     """
+    idx = list(range(len(pool.adapters))) if members is None else list(members)
+    with ExitStack() as stack:
+        readers = [stack.enter_context(pool.adapters[k].reader()) for k in idx]
+        for i, name in enumerate(pool.modules):
+            yield module_input(pool, name, idx, readers, dtype, device)
+            progress("modules", i + 1, len(pool.modules))
+
+
+def module_input(
+    pool: Pool, name: str, idx: Sequence[int], readers: Sequence, dtype: torch.dtype | None, device: str
+) -> ModuleInput:
+    """Module ``name``'s factors for the adapters ``idx``, read through their open ``readers``
+    (:func:`iter_modules`, and an executor's worker, which reads a module where it runs).
+
+    Raises:
+        AdapterFormatError: factors that cannot be cast to ``dtype``, or cannot be read.
+    """
     import torch
 
     from clair_cli.core.audit import ModuleInput
     from clair_cli.core.canonical import in_dtype
     from clair_cli.io.paths import printable
 
-    idx = list(range(len(pool.adapters))) if members is None else list(members)
-    with ExitStack() as stack:
-        readers = [stack.enter_context(pool.adapters[k].reader()) for k in idx]
-        for i, name in enumerate(pool.modules):
-            # Read in float64 and cast with in_dtype: float64 factors beyond float32's range whose
-            # update fits are balanced rather than cast to Inf or 0.
-            mods = [pool.adapters[k].read_module(r, name, torch.float64) for k, r in zip(idx, readers, strict=True)]
-            fitted = []
-            for k, m in zip(idx, mods, strict=True):
-                try:
-                    fitted.append(in_dtype(m.A, m.B, m.scale, dtype or torch.float32))
-                except ValueError as exc:
-                    raise AdapterFormatError(
-                        f"{printable(str(pool.adapters[k].ref.weights_file))}: module {name!r}: {exc}",
-                        hint="Use --dtype float64, or check the adapter (clair inspect).",
-                    ) from None
-            yield ModuleInput(
-                name,
-                list(idx),
-                [a.to(device) for a, _b, _s in fitted],
-                [b.to(device) for _a, b, _s in fitted],
-                [s for _a, _b, s in fitted],
-            )
-            progress("modules", i + 1, len(pool.modules))
+    # Read in float64 and cast with in_dtype: float64 factors beyond float32's range whose
+    # update fits are balanced rather than cast to Inf or 0.
+    mods = [pool.adapters[k].read_module(r, name, torch.float64) for k, r in zip(idx, readers, strict=True)]
+    fitted = []
+    for k, m in zip(idx, mods, strict=True):
+        try:
+            fitted.append(in_dtype(m.A, m.B, m.scale, dtype or torch.float32))
+        except ValueError as exc:
+            raise AdapterFormatError(
+                f"{printable(str(pool.adapters[k].ref.weights_file))}: module {name!r}: {exc}",
+                hint="Use --dtype float64, or check the adapter (clair inspect).",
+            ) from None
+    return ModuleInput(
+        name,
+        list(idx),
+        [a.to(device) for a, _b, _s in fitted],
+        [b.to(device) for _a, b, _s in fitted],
+        [s for _a, _b, s in fitted],
+    )
 
 
 def resolve_device(device: str) -> str:
@@ -360,12 +372,17 @@ def audit(
         verdict=VerdictOptions(threshold=settings.threshold, copies=copies),  # type: ignore[arg-type]
     )
     try:
-        auditor.fit(
-            iter_modules(pool, dtype=dtype, device=settings.device, progress=progress),
-            len(pool.adapters),
-            reference,
-            names=pool.names,
-        )
+        if settings.executor == "local":
+            auditor.fit(
+                iter_modules(pool, dtype=dtype, device=settings.device, progress=progress),
+                len(pool.adapters),
+                reference,
+                names=pool.names,
+            )
+        else:
+            from clair_cli.executors import ray_fit
+
+            ray_fit(settings.executor, auditor, pool, reference, progress)
     except EmptyUpdates as exc:
         raise IncompatibleAdapters(
             str(exc), hint="Untrained adapters (lora_B starts at zero) carry no update; leave them out."
