@@ -124,19 +124,7 @@ class RayExecutor:
     def __enter__(self) -> RayExecutor:
         ray = _ray()
         if not ray.is_initialized():
-            if self.address.startswith("ray://"):
-                check_reachable(self.address)
-            import logging
-
-            try:
-                ray.init(
-                    address=None if self.address == "ray" else self.address,
-                    include_dashboard=False,
-                    logging_level=logging.WARNING,
-                    log_to_driver=False,
-                )
-            except (ConnectionError, RuntimeError, TimeoutError) as exc:
-                raise UsageError(f"--executor {self.address}: cannot connect to Ray ({_first_line(exc)})") from None
+            _connect(ray, self.address)
             self._started = True
         self._check_workers(ray)
         return self
@@ -196,6 +184,26 @@ class RayExecutor:
                 yield take()
         while pending:
             yield take()
+
+
+def _connect(ray: Any, address: str) -> None:
+    """``ray.init`` for ``--executor address``; a cluster that cannot be reached is a one-line error."""
+    import logging
+    import warnings
+
+    if address.startswith("ray://"):
+        check_reachable(address)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # Ray's notes on its own future defaults
+            ray.init(
+                address=None if address == "ray" else address,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,
+            )
+    except (ConnectionError, RuntimeError, TimeoutError) as exc:
+        raise UsageError(f"--executor {address}: cannot connect to Ray ({_first_line(exc)})") from None
 
 
 def _workers(ray: Any, threads: int, gpu: bool) -> int:

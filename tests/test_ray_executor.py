@@ -1,0 +1,177 @@
+"""``--executor ray``: the audit's modules run as Ray tasks, with results identical to the local run.
+
+Needs Ray (``pip install 'clair-lora[ray]'``; ``.venv-flower`` has it through
+``flwr[simulation]``): skipped without it, except under ``make test``
+(``CLAIR_REQUIRE_FLOWER=1``), where a missing Ray is an error. One local Ray cluster
+(2 CPUs) serves the whole module; the commands run in this process and find it running.
+The refusals (no Ray, an unreachable cluster) run in subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from benchmarks import poolgen
+from clair_cli.cli import app
+
+SAMPLES = Path(__file__).parents[1] / "sample_adapters"
+# Adapter ranks sum to 12 x 16 = 192 > 128: the fast path, in float32 (thread-count sensitive).
+SYNTHETIC = poolgen.PoolSpec(k=12, layers=1, hidden=256, rank=16, shared=4, bad=2, dtype="float32")
+
+
+def _ray_or_skip():
+    try:
+        import ray
+    except ImportError:
+        if os.environ.get("CLAIR_REQUIRE_FLOWER") == "1":
+            pytest.fail("CLAIR_REQUIRE_FLOWER=1 but Ray is missing: pip install -e '.[ray]' (or '.[flower-sim]')")
+        pytest.skip("Ray is not installed (pip install 'clair-lora[ray]')")
+    return ray
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    ray = _ray_or_skip()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return poolgen.generate(SYNTHETIC, tmp_path_factory.mktemp("synthetic") / "pool")
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args), env={"NO_COLOR": "1", "COLUMNS": "120"})
+
+
+def _report(path: Path) -> dict:
+    report = json.loads(path.read_text())
+    report.pop("timing_s", None)
+    report.pop("generated_at", None)
+    return report
+
+
+def _both(tmp_path: Path, *args: str) -> tuple[Path, Path]:
+    """Run the command locally and on Ray, each writing into its own directory (``{out}`` in ``args``)."""
+    outs = []
+    for executor in ("local", "ray"):
+        out = tmp_path / executor
+        out.mkdir()
+        argv = [a.replace("{out}", str(out)) for a in args]
+        result = invoke(*argv, "--executor", executor, "--exit-zero", "--quiet")
+        assert result.exit_code == 0, result.output
+        outs.append(out)
+    return outs[0], outs[1]
+
+
+@pytest.mark.parametrize("which", ["samples", "synthetic"])
+def test_audit_report_is_identical(cluster: None, synthetic: Path, tmp_path: Path, which: str) -> None:
+    pool = SAMPLES if which == "samples" else synthetic
+    local, ray = _both(tmp_path, "audit", str(pool), "--json", "{out}/report.json", "--device", "cpu")
+    assert _report(local / "report.json") == _report(ray / "report.json")
+    assert _report(ray / "report.json")["flagged"]
+
+
+@pytest.mark.parametrize("which", ["samples", "synthetic"])
+def test_merged_adapter_is_identical(cluster: None, synthetic: Path, tmp_path: Path, which: str) -> None:
+    pool = SAMPLES if which == "samples" else synthetic
+    local, ray = _both(
+        tmp_path, "merge", str(pool), "--out", "{out}/merged", "--json", "{out}/report.json", "--device", "cpu"
+    )
+    assert _report(local / "report.json") == _report(ray / "report.json")
+    weights = "adapter_model.safetensors"
+    assert (local / "merged" / weights).read_bytes() == (ray / "merged" / weights).read_bytes()
+    config = "adapter_config.json"
+    assert (local / "merged" / config).read_text() == (ray / "merged" / config).read_text()
+
+
+def test_gate_report_is_identical(cluster: None, synthetic: Path, tmp_path: Path) -> None:
+    names = sorted(p.name for p in synthetic.iterdir() if p.is_dir())
+    refs = [a for n in names[:6] for a in ("--reference", str(synthetic / n))]
+    candidates = [str(synthetic / n) for n in names[6:]]
+    local, ray = _both(tmp_path, "gate", *candidates, *refs, "--json", "{out}/report.json", "--device", "cpu")
+    assert _report(local / "report.json") == _report(ray / "report.json")
+
+
+def test_refine_is_identical(cluster: None, tmp_path: Path) -> None:
+    local, ray = _both(tmp_path, "refine", str(SAMPLES), "--out", "{out}/refined", "--device", "cpu")
+    written = sorted(p.relative_to(local) for p in (local / "refined").rglob("*.safetensors"))
+    assert written
+    assert written == sorted(p.relative_to(ray) for p in (ray / "refined").rglob("*.safetensors"))
+    assert all((local / p).read_bytes() == (ray / p).read_bytes() for p in written)
+
+
+def test_library_run_on_more_threads_is_identical(cluster: None, synthetic: Path) -> None:
+    """A library caller's thread count travels with the tasks: float32 on 2 threads, both ways."""
+    import torch
+
+    from clair_cli import pipeline
+    from clair_cli.params import AuditParams
+
+    pool = pipeline.open_pool([str(synthetic)])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        local = pipeline.audit(pool, AuditParams(device="cpu"))
+        ray = pipeline.audit(pool, AuditParams(device="cpu", executor="ray"))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(local.auditor.inner_, ray.auditor.inner_)
+    for a, b in zip(local.auditor.module_results_, ray.auditor.module_results_, strict=True):
+        assert torch.equal(a.subspace, b.subspace) and torch.equal(a.off_subspace, b.off_subspace), a.name
+    assert local.auditor.scores_ == ray.auditor.scores_
+
+
+def _clair(*args: str, prelude: str = "", timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    code = f"import sys\n{prelude}from clair_cli.cli import main\nsys.argv = ['clair', *sys.argv[1:]]\nmain()\n"
+    env = {**os.environ, "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_without_ray_says_how_to_install_it() -> None:
+    proc = _clair("audit", str(SAMPLES), "--executor", "ray", prelude="sys.modules['ray'] = None\n")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'clair-lora[ray]'" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_an_unreachable_cluster_is_one_line(tmp_path: Path) -> None:
+    _ray_or_skip()
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _clair("audit", str(SAMPLES), "--executor", f"ray://127.0.0.1:{port}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot reach the Ray cluster" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("bad", ["dask", "ray://nohost", "ray://host:port", "ray:/x:1"])
+def test_a_bad_executor_is_a_usage_error(bad: str) -> None:
+    result = invoke("audit", str(SAMPLES), "--executor", bad)
+    assert result.exit_code == 2, result.output
+    assert "expected local, ray or ray://HOST:PORT" in result.output
+
+
+def test_the_cli_never_imports_ray_unless_asked() -> None:
+    code = (
+        "import sys\nfrom clair_cli.cli import main\nsys.argv = ['clair', 'audit', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\nprint('ray' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip().splitlines()[-1] == "False", proc.stderr
