@@ -187,12 +187,23 @@ class RayExecutor:
 
 
 def _connect(ray: Any, address: str) -> None:
-    """``ray.init`` for ``--executor address``; a cluster that cannot be reached is a one-line error."""
+    """``ray.init`` for ``--executor address``; a cluster that cannot be reached is a one-line error.
+
+    Ray's start-up notes are silenced, and clair's own SIGTERM handler (which cleans up
+    like Ctrl-C) is put back: ``ray.init`` replaces it with one that exits at once.
+    """
     import logging
+    import signal
+    import threading
     import warnings
 
     if address.startswith("ray://"):
         check_reachable(address)
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    ray_log = logging.getLogger("ray")
+    level = ray_log.level
+    ray_log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # Ray's notes on its own future defaults
@@ -204,6 +215,10 @@ def _connect(ray: Any, address: str) -> None:
             )
     except (ConnectionError, RuntimeError, TimeoutError) as exc:
         raise UsageError(f"--executor {address}: cannot connect to Ray ({_first_line(exc)})") from None
+    finally:
+        ray_log.setLevel(level)
+        if main and handler is not None:
+            signal.signal(signal.SIGTERM, handler)
 
 
 def _workers(ray: Any, threads: int, gpu: bool) -> int:
