@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from clair_cli.results import Pool
 
 INSTALL = "pip install 'clair-lora[ray]'"
-# Seconds to wait for a ray://HOST:PORT to accept a connection before calling it unreachable.
+# Seconds to wait for a ray://HOST:PORT to accept a connection before calling it unreachable
+# (then Ray Client gives a server that accepts connections but does not answer about 30 s).
 CONNECT_TIMEOUT_S = 10.0
 # Tasks in flight per worker: enough to keep each busy while the driver folds a result.
 IN_FLIGHT_PER_WORKER = 2
@@ -206,13 +207,13 @@ def _connect(ray: Any, address: str) -> None:
     ray_log.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # Ray's notes on its own future defaults
-            ray.init(
-                address=None if address == "ray" else address,
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-                log_to_driver=False,
-            )
+            # Ray's notes on its future defaults, and Ray Client's on a timed-out connection
+            # (the error below says it in one line).
+            warnings.simplefilter("ignore")
+            if address == "ray":
+                ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+            else:  # Ray Client: its other arguments would be passed on to ray.init on the cluster
+                ray.init(address, configure_logging=False)
     except (ConnectionError, RuntimeError, TimeoutError) as exc:
         raise UsageError(f"--executor {address}: cannot connect to Ray ({_first_line(exc)})") from None
     finally:
