@@ -161,6 +161,64 @@ def _clair(*args: str, prelude: str = "", timeout: float = 120) -> subprocess.Co
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def remote() -> Iterator[str]:
+    """A second Ray cluster, started by ``ray start --head`` in its own session and temporary
+    directory (so no other ``ray.init`` finds it): the address of its Ray Client server."""
+    import shutil
+    import signal
+    import socket
+    import tempfile
+    import time
+
+    _ray_or_skip()
+    ray_cli = Path(sys.executable).with_name("ray")
+    if not ray_cli.exists():
+        pytest.skip("no ray command beside this Python")
+    temp, port = tempfile.mkdtemp(prefix="clair-ray-"), _free_port()
+    argv = [str(ray_cli), "start", "--head", "--block", "--num-cpus=1", "--include-dashboard=false"]
+    argv += [f"--temp-dir={temp}", f"--port={_free_port()}", f"--ray-client-server-port={port}"]
+    head = subprocess.Popen(
+        [*argv, "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 180  # a loaded machine starts Ray slowly
+        while True:
+            assert head.poll() is None, "ray start --head exited"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the Ray head did not start within 180 s"
+                time.sleep(1)
+        yield f"ray://127.0.0.1:{port}"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_remote_cluster_through_ray_client(remote: str, tmp_path: Path) -> None:
+    """``--executor ray://HOST:PORT`` (in a fresh process: this one's Ray would be used instead)."""
+    result = invoke("audit", str(SAMPLES), "--json", str(tmp_path / "local.json"), "--exit-zero", "--quiet")
+    assert result.exit_code == 0, result.output
+    proc = _clair(
+        "audit", str(SAMPLES), "--executor", remote, "--json", str(tmp_path / "ray.json"), "--exit-zero", timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "", proc.stderr  # no notes from Ray
+    assert _report(tmp_path / "local.json") == _report(tmp_path / "ray.json")
+
+
 def test_without_ray_says_how_to_install_it() -> None:
     proc = _clair("audit", str(SAMPLES), "--executor", "ray", prelude="sys.modules['ray'] = None\n")
     assert proc.returncode == 2, proc.stderr
@@ -171,12 +229,7 @@ def test_without_ray_says_how_to_install_it() -> None:
 
 def test_an_unreachable_cluster_is_one_line(tmp_path: Path) -> None:
     _ray_or_skip()
-    import socket
-
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = _clair("audit", str(SAMPLES), "--executor", f"ray://127.0.0.1:{port}")
+    proc = _clair("audit", str(SAMPLES), "--executor", f"ray://127.0.0.1:{_free_port()}")  # nothing listens
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot reach the Ray cluster" in lines[0], proc.stderr
