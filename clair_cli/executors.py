@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 INSTALL = "pip install 'clair-lora[ray]'"
 # Seconds to wait for a ray://HOST:PORT to accept a connection before calling it unreachable
-# (then Ray Client gives a server that accepts connections but does not answer about 30 s).
+# (a server that accepts it but does not answer as Ray Client fails after Ray Client's own
+# retries, about 30 s).
 CONNECT_TIMEOUT_S = 10.0
 # Tasks in flight per worker: enough to keep each busy while the driver folds a result.
 IN_FLIGHT_PER_WORKER = 2
