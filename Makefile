@@ -109,9 +109,10 @@ install-flower: $(STAMP_FLOWER)
 
 # ClairStrategy's tests (a 3-round simulation, about 20 s), examples/flower-app run by `flwr run`
 # on a local simulation SuperLink with Ray (8 SuperNodes, 4 rounds, about 2 min on 2 busy
-# cores), the in-memory engine path, and the CLI's tests under Flower's older Typer and Rich.
+# cores), the in-memory engine path, the CLI's tests under Flower's older Typer and Rich, and
+# --executor ray on the Ray that flwr[simulation] brings (about 1 min).
 FLOWER_TESTS := tests/test_flower.py tests/test_flower_app.py tests/test_federated.py tests/test_cli.py tests/test_cli_options.py \
-	tests/test_commands.py tests/test_reports.py tests/test_reliability.py
+	tests/test_commands.py tests/test_reports.py tests/test_reliability.py tests/test_ray_executor.py
 
 test-flower: install-flower
 	CLAIR_REQUIRE_FLOWER=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q $(FLOWER_TESTS)

@@ -20,6 +20,14 @@ class ClairError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self) -> tuple:
+        # Pickled with its hint (an error raised in a Ray worker reaches the driver whole).
+        return (_rebuild, (type(self), self.message, self.hint))
+
+
+def _rebuild(kind: type[ClairError], message: str, hint: str | None) -> ClairError:
+    return kind(message, hint=hint)
+
 
 class AdapterNotFound(ClairError):
     """A source names nothing that exists: a path, a hub repo, a revision, a file."""

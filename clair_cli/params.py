@@ -70,6 +70,10 @@ class AuditParams:
         path: which decomposition runs per module: ``auto`` (fast path for large modules),
             ``convex`` or ``fast`` (the ``solver`` argument of
             :class:`clair_cli.core.audit.ClairAuditor`).
+        executor: where the per-module work runs (``--executor``): ``local`` (this process),
+            ``ray`` (a Ray cluster: ``RAY_ADDRESS``, one running on this machine, or a new
+            local one) or ``ray://HOST:PORT`` (a remote cluster through Ray Client). It changes
+            no result, so the report's ``params`` leave it out.
     """
 
     solver: str = "noisy"
@@ -80,6 +84,7 @@ class AuditParams:
     device: str = "cpu"
     seed: int = 0
     path: str = "auto"
+    executor: str = "local"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -97,6 +102,10 @@ class AuditParams:
             raise UsageError(f"--seed {self.seed}: expected a whole number from 0 to 2**32-1")
         if self.path not in PATHS:
             raise UsageError(f"path {self.path!r}: expected auto, convex or fast")
+        executor = str(_value(self.executor)).strip()
+        if executor not in ("local", "ray") and not re.fullmatch(r"ray://[^\s/]+:\d{1,5}", executor):
+            raise UsageError(f"--executor {executor}: expected local, ray or ray://HOST:PORT")
+        set_(self, "executor", executor)
 
     def as_dict(self) -> dict[str, Any]:
         """The ``params`` section of the JSON report (its keys predate ``--solver``)."""

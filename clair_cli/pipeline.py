@@ -250,24 +250,31 @@ def iter_modules(
     An all-zero adapter (untrained: lora_B starts at zero) is passed on like any other; the
     verdict flags it as a free rider (the norm rule), so the rest of the pool is still audited.
     """
-    import torch
-
-
     idx = list(range(len(pool.adapters))) if members is None else list(members)
     with ExitStack() as stack:
         readers = [stack.enter_context(pool.adapters[k].reader()) for k in idx]
         for i, name in enumerate(pool.modules):
-            # Built in the yield: the generator keeps no reference to a module being worked on.
-            yield _module_input(pool, idx, readers, name, dtype or torch.float32, device)
+            yield module_input(pool, name, idx, readers, dtype, device)  # no local keeps the module
             progress("modules", i + 1, len(pool.modules))
 
 
-def _module_input(
-    pool: Pool, idx: list[int], readers: list[SafetensorsReader], name: str, dtype: torch.dtype, device: str
+def module_input(
+    pool: Pool, name: str, idx: Sequence[int], readers: Sequence, dtype: torch.dtype | None, device: str
 ) -> ModuleInput:
+    """Module ``name``'s factors for the adapters ``idx``, read through their open ``readers``
+    (:func:`iter_modules`, and an executor's worker, which reads a module where it runs).
+
+    Raises:
+        AdapterFormatError: factors that cannot be cast to ``dtype``, or cannot be read.
+    """
+    import torch
+
     from clair_cli.core.audit import ModuleInput
 
-    fitted = [_read_fitted(pool.adapters[k], r, name, dtype) for k, r in zip(idx, readers, strict=True)]
+    # Only the factors in the working dtype are held while the module is worked on.
+    fitted = [
+        _read_fitted(pool.adapters[k], r, name, dtype or torch.float32) for k, r in zip(idx, readers, strict=True)
+    ]
     return ModuleInput(
         name,
         list(idx),
@@ -388,12 +395,17 @@ def audit(
         verdict=VerdictOptions(threshold=settings.threshold, copies=copies),  # type: ignore[arg-type]
     )
     try:
-        auditor.fit(
-            iter_modules(pool, dtype=dtype, device=settings.device, progress=progress),
-            len(pool.adapters),
-            reference,
-            names=pool.names,
-        )
+        if settings.executor == "local":
+            auditor.fit(
+                iter_modules(pool, dtype=dtype, device=settings.device, progress=progress),
+                len(pool.adapters),
+                reference,
+                names=pool.names,
+            )
+        else:
+            from clair_cli.executors import ray_fit
+
+            ray_fit(settings.executor, auditor, pool, reference, progress)
     except EmptyUpdates as exc:
         raise IncompatibleAdapters(
             str(exc), hint="Untrained adapters (lora_B starts at zero) carry no update; leave them out."

@@ -39,7 +39,7 @@ def test_help_imports_no_heavy_library() -> None:
     """``clair --help`` answers at once: neither importing the CLI nor rendering every command's
     help imports torch or the other heavy libraries (checked by what is imported, not by a
     wall-clock limit, which a busy CI runner would break)."""
-    heavy = "('torch', 'safetensors', 'peft', 'huggingface_hub', 'matplotlib', 'numpy')"
+    heavy = "('torch', 'safetensors', 'peft', 'huggingface_hub', 'matplotlib', 'numpy', 'ray')"
     code = (
         "import sys\n"
         "from clair_cli.cli import main\n"

@@ -109,6 +109,8 @@ def test_audit_params_is_frozen_checked_once_and_reports_as_before() -> None:
         ({"rank": "x"}, "--rank x"),
         ({"threshold": 1.5}, "--threshold"),
         ({"seed": -1}, "--seed"),
+        ({"executor": "dask"}, "--executor dask"),
+        ({"executor": "ray://host"}, "--executor ray://host"),
     ],
 )
 def test_audit_params_refuse_bad_values(kwargs: dict, message: str) -> None:

@@ -102,6 +102,16 @@ def test_core_imports_no_terminal_file_or_hub_library() -> None:
     assert not wrong, wrong
 
 
+def test_only_the_executors_import_ray() -> None:
+    """Ray is an extra (clair-lora[ray]), imported by clair_cli/executors.py alone, and only when asked for."""
+    wrong = {
+        str(p.relative_to(ROOT))
+        for p in _modules(PACKAGE)
+        if p.name != "executors.py" and any(name.split(".")[0] == "ray" for name in _imports(p))
+    }
+    assert not wrong, wrong
+
+
 def test_benchmarks_and_experiments_do_not_import_tests() -> None:
     wrong = {
         f"{p.relative_to(ROOT)}: {name}"

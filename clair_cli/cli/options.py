@@ -189,6 +189,16 @@ Threshold = Annotated[
 DeviceOpt = Annotated[
     DeviceChoice, typer.Option("--device", help="Where to compute: auto (a GPU when present), cpu or cuda.")
 ]
+ExecutorOpt = Annotated[
+    str,
+    typer.Option(
+        "--executor",
+        help="Where the audit's per-module work runs: local (this process), ray (a Ray cluster: RAY_ADDRESS, "
+        "one started on this machine, or a new local one) or ray://HOST:PORT (a remote one; the adapters' files "
+        "must be readable at the same paths on its nodes). Needs clair-lora\\[ray]; results are identical.",
+        metavar="local|ray|ray://HOST:PORT",
+    ),
+]
 DtypeOpt = Annotated[Precision, typer.Option("--dtype", help="Working precision: float32 or float64.")]
 # No min/max here: AuditParams checks the range once, in one line naming --seed (Typer's
 # range check would print a usage dump instead).
@@ -320,6 +330,7 @@ class Audit(OptionGroup):
     device: DeviceOpt = DeviceChoice.AUTO
     dtype: DtypeOpt = Precision.FLOAT32
     seed: Seed = 0
+    executor: ExecutorOpt = "local"
 
     def params(self) -> AuditParams:
         """The audit's parameters; a bad value is a usage error (exit 2)."""
@@ -331,6 +342,7 @@ class Audit(OptionGroup):
             device=self.device,
             dtype=self.dtype,
             seed=self.seed,
+            executor=self.executor,
         )
 
 

@@ -190,6 +190,33 @@ class _Tally:
         self.inner[idx[:, None], idx[None, :]] += G
         self.unit[idx[:, None], idx[None, :]] += cosine_from_gram(G)
 
+    def fold(self, done: ModuleAudit) -> None:
+        """Add one module's share; modules are folded in the pool's module order, whoever
+        computed them, so the sums are the same bit for bit."""
+        for k, key in zip(done.given_members, done.keys, strict=True):
+            self.digests[k].update(key)
+        self.add(done.work_members, done.G)
+
+
+@dataclass
+class ModuleAudit:
+    """One module's audit, a function of that module's factors and the auditor's settings
+    alone (so it can be computed in any process): its result and its share of the pool-wide
+    sums, which :meth:`_Tally.fold` adds in module order.
+
+    Attributes:
+        result: the module's result.
+        given_members, keys: the members as given and each one's content key.
+        work_members, G: the members in canonical order and their updates' Gram matrix
+            (float64, CPU).
+    """
+
+    result: ModuleResult
+    given_members: list[int]
+    keys: list[bytes]
+    work_members: list[int]
+    G: torch.Tensor
+
 
 @dataclass
 class _ModuleWork:
@@ -197,6 +224,7 @@ class _ModuleWork:
 
     Attributes:
         mod: the module in canonical factors and order; ``back`` undoes the order.
+        keys: per member as given, its content key.
         A, B: its factors on the device, in the working precision.
         grams: the factor Gram matrices of ``A`` and ``B``.
         G: the updates' Gram matrix (float64, CPU); ``norms`` their norms.
@@ -207,6 +235,7 @@ class _ModuleWork:
 
     mod: ModuleInput
     back: torch.Tensor
+    keys: list[bytes]
     A: list[torch.Tensor]
     B: list[torch.Tensor]
     grams: tuple[torch.Tensor, torch.Tensor]
@@ -218,17 +247,15 @@ class _ModuleWork:
     fit_on: list[int]
 
 
-def _in_content_order(given: ModuleInput, digests: list) -> tuple[ModuleInput, torch.Tensor]:
-    """The module in canonical factors and a canonical order of its members, and the
-    permutation back; each member's content key is added to its digest."""
+def _in_content_order(given: ModuleInput) -> tuple[ModuleInput, torch.Tensor, list[bytes]]:
+    """The module in canonical factors and a canonical order of its members, the
+    permutation back, and each member's content key (in the given order)."""
     # Every statistic is of the update alone: canonical factors first
     # (:mod:`clair_cli.core.canonical`), whatever the factorisation given.
     cA, cB, cs = canonical_module(given.A, given.B, given.scales)
     # Work in a canonical order of the members; per-member results are put back
     # into the given order, so the sources' order changes nothing.
     keys = content_keys(cA, cB, cs)
-    for k, key in zip(given.members, keys, strict=True):
-        digests[k].update(key)
     order = content_order(cA, cB, cs, keys)
     mod = ModuleInput(
         given.name,
@@ -237,7 +264,7 @@ def _in_content_order(given: ModuleInput, digests: list) -> tuple[ModuleInput, t
         [cB[j] for j in order],
         [cs[j] for j in order],
     )
-    return mod, inverse(order)
+    return mod, inverse(order), list(keys)
 
 
 def _representatives(G: torch.Tensor) -> list[int]:
@@ -359,21 +386,19 @@ class ClairAuditor:
                 out[w.pos[j]] = torch.stack(shares).max()
         return out
 
-    def _prepare(self, given: ModuleInput, reference: list[int] | None, tally: _Tally) -> _ModuleWork:
-        """The module in canonical order on the device, its Grams (added to ``tally``) and
-        its representatives."""
-        mod, back = _in_content_order(given, tally.digests)
+    def _prepare(self, given: ModuleInput, reference: list[int] | None) -> _ModuleWork:
+        """The module in canonical order on the device, its Grams and its representatives."""
+        mod, back, keys = _in_content_order(given)
         dtype = working_dtype(mod.A, self.dtype, self.solver)
         A = [a.to(self.device, dtype) for a in mod.A]
         B = [b.to(self.device, dtype) for b in mod.B]
         grams = factor_grams(A, B)
         G = gram(A, B, mod.scales, *grams).double().cpu()
-        tally.add(mod.members, G)
         rep = _representatives(G)
         keep = [j for j in range(len(A)) if rep[j] == j]
         pos = {j: p for p, j in enumerate(keep)}
         norms = G.diagonal().clamp_min(0).sqrt()
-        return _ModuleWork(mod, back, A, B, grams, G, norms, rep, keep, pos, _fit_on(mod, keep, reference, norms))
+        return _ModuleWork(mod, back, keys, A, B, grams, G, norms, rep, keep, pos, _fit_on(mod, keep, reference, norms))
 
     def _shares(self, w: _ModuleWork, used, reference: list[int] | None):
         """Off-subspace shares and residual shares of the representatives, and (gate) the
@@ -407,8 +432,13 @@ class ClairAuditor:
         leave_out = {j: [j] for j in w.fit_on} if reference is not None else {j: [w.rep[j]] for j in range(len(w.A))}
         return centre_cosines(cosine_from_gram(w.G), module_centre, leave_out)[w.back]
 
-    def _audit_module(self, given: ModuleInput, reference: list[int] | None, tally: _Tally) -> ModuleResult:
-        w = self._prepare(given, reference, tally)
+    def audit_module(self, given: ModuleInput, reference: list[int] | None = None) -> ModuleAudit:
+        """One module's audit (:class:`ModuleAudit`), which :meth:`fit_audits` folds into the pool's.
+
+        A pure function of ``given`` and the auditor's parameters: its random draws come from
+        generators seeded with ``random_state`` for each module, so any process computes it alike.
+        """
+        w = self._prepare(given, reference)
         sides = ["out", "in"] if self.side == "both" else [self.side]
         decs = [
             self._decompose(
@@ -422,7 +452,7 @@ class ClairAuditor:
         off, residual, held_out = self._shares(w, used, reference)
         expand = torch.tensor([w.pos[w.rep[j]] for j in range(len(w.A))])
         null = main.null_spectrum_
-        return ModuleResult(
+        result = ModuleResult(
             name=w.mod.name,
             members=list(given.members),
             rank=main.rank_,
@@ -441,6 +471,7 @@ class ClairAuditor:
             held_out=None if held_out is None else held_out.double().cpu()[expand][w.back],
             direction=self._direction(w, reference),
         )
+        return ModuleAudit(result, list(given.members), w.keys, list(w.mod.members), w.G)
 
     def fit(
         self,
@@ -462,12 +493,30 @@ class ClairAuditor:
                 there is one, else the first by name (by index without names), so the
                 order of the sources does not matter.
         """
+        self._check_params()
+        return self.fit_audits((self.audit_module(given, reference) for given in modules), n_adapters, reference, names)
+
+    def _check_params(self) -> None:
         if self.side not in ("out", "in", "both"):
             raise ValueError(f"side must be 'out', 'in' or 'both', got {self.side!r}")
         if self.solver not in ("auto", "convex", "fast"):
             raise ValueError(f"solver must be 'auto', 'convex' or 'fast', got {self.solver!r}")
+
+    def fit_audits(
+        self,
+        audits: Iterable[ModuleAudit],
+        n_adapters: int,
+        reference: list[int] | None = None,
+        names: list[str] | None = None,
+    ) -> ClairAuditor:
+        """:meth:`fit` from the modules' audits (:meth:`audit_module`, computed here or
+        elsewhere), given in the pool's module order; the arguments are :meth:`fit`'s."""
+        self._check_params()
         tally = _Tally.empty(n_adapters)
-        results = [self._audit_module(given, reference, tally) for given in modules]
+        results = []
+        for done in audits:
+            tally.fold(done)
+            results.append(done.result)
         if not results:
             raise ValueError("no module to audit")
         self.module_results_ = results

@@ -1,0 +1,267 @@
+"""Where the audit's per-module work runs: in this process (``local``) or on a Ray cluster.
+
+One module's audit is a function of the pool's description, the module's name and the
+auditor's parameters (:meth:`clair_cli.core.audit.ClairAuditor.audit_module`): its random
+draws come from generators seeded per module, and its arithmetic runs on the driver's thread
+count. The driver folds the modules' audits into the pool-wide sums in module order
+(:meth:`~clair_cli.core.audit.ClairAuditor.fit_audits`) and decides the verdict itself, so a
+report is the same, bit for bit, whatever ran the modules.
+
+With Ray, workers read the factors themselves, where they run: a task carries the adapters'
+absolute file paths and that module's table entry (in-memory adapters: that module's factors),
+never the pool's tensors. Tasks are submitted in module order with at most a few per worker
+in flight, and their results gathered in that order, so the driver holds a bounded number of
+modules' results, not the pool's. The only module that imports ray (extra ``clair-lora[ray]``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from clair_cli.errors import ClairError, UsageError
+
+if TYPE_CHECKING:
+    from clair_cli.core.audit import ClairAuditor, ModuleAudit
+    from clair_cli.io.adapter import Adapter
+    from clair_cli.results import Pool
+
+INSTALL = "pip install 'clair-lora[ray]'"
+# Seconds to wait for a ray://HOST:PORT to accept a connection before calling it unreachable
+# (a server that accepts it but does not answer as Ray Client fails after Ray Client's own
+# retries, about 30 s).
+CONNECT_TIMEOUT_S = 10.0
+# Tasks in flight per worker: enough to keep each busy while the driver folds a result.
+IN_FLIGHT_PER_WORKER = 2
+
+
+def _ray() -> Any:
+    """The ray module, or a one-line usage error saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise UsageError(f"--executor ray needs Ray, which is not installed: {INSTALL}") from None
+    return ray
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse, within ``timeout`` seconds, a ``ray://HOST:PORT`` that accepts no connection
+    (Ray Client itself retries for much longer)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise UsageError(f"--executor {address}: cannot reach the Ray cluster ({reason})") from None
+
+
+def audit_one(pool: Pool, auditor: ClairAuditor, reference: list[int] | None, threads: int) -> ModuleAudit:
+    """A worker's task: read the pool's one module where it runs and audit it on ``threads`` threads."""
+    from contextlib import ExitStack
+
+    import torch
+
+    from clair_cli.pipeline import module_input
+
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    idx = list(range(len(pool.adapters)))
+    with ExitStack() as stack:
+        readers = [stack.enter_context(a.reader()) for a in pool.adapters]
+        given = module_input(pool, pool.modules[0], idx, readers, auditor.dtype, str(auditor.device))
+    return auditor.audit_module(given, reference)
+
+
+def versions() -> tuple[str, str]:
+    """clair's and torch's versions where this runs (a worker's must be the driver's)."""
+    import torch
+
+    from clair_cli import __version__
+
+    return __version__, torch.__version__
+
+
+def _slim(adapter: Adapter, module: str) -> Adapter:
+    """``adapter`` for one task: that module's table entry, its file by absolute path (a
+    worker's working directory is not the driver's); an in-memory adapter, that module's factors."""
+    out = copy.copy(adapter)
+    spec = adapter.modules[module]
+    out.modules = {module: spec}
+    out.notes, out.extras = [], {}
+    tensors = getattr(adapter, "_tensors", None)
+    if tensors is not None:
+        out._tensors = {spec.a_key: tensors[spec.a_key], spec.b_key: tensors[spec.b_key]}  # type: ignore[attr-defined]
+    else:
+        out.ref = replace(adapter.ref, weights_file=Path(os.path.abspath(adapter.ref.weights_file)))
+    return out
+
+
+def module_pool(pool: Pool, module: str) -> Pool:
+    """The pool as one task needs it: its adapters (:func:`_slim`) and one module."""
+    from clair_cli.results import Pool
+
+    return Pool([_slim(a, module) for a in pool.adapters], [module], base_model=pool.base_model)
+
+
+class RayExecutor:
+    """Runs modules' audits as Ray tasks, gathered in module order.
+
+    Args:
+        address: ``ray`` (``ray.init()``'s own choice: ``RAY_ADDRESS``, a cluster started on
+            this machine, or a new local one) or ``ray://HOST:PORT``. A Ray already initialised
+            in this process (a library caller's, a test's) is used as it is, and left running.
+    """
+
+    def __init__(self, address: str = "ray") -> None:
+        self.address = address
+        self._started = False
+
+    def __enter__(self) -> RayExecutor:
+        ray = _ray()
+        if not ray.is_initialized():
+            _connect(ray, self.address)
+            self._started = True
+        self._check_workers(ray)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._started:
+            _ray().shutdown()
+
+    @staticmethod
+    def _check_workers(ray: Any) -> None:
+        """Refuse a cluster whose workers run another clair or torch (results would differ)."""
+        try:
+            theirs = ray.get(ray.remote(versions).options(num_cpus=0).remote())
+        except ray.exceptions.RayError as exc:
+            raise UsageError(
+                f"the Ray cluster's workers cannot run clair ({_first_line(exc)}): install clair-lora on every node"
+            ) from None
+        if theirs != versions():
+            raise UsageError(
+                f"the Ray cluster's workers run clair {theirs[0]} with torch {theirs[1]}, this process clair "
+                f"{versions()[0]} with torch {versions()[1]}: install the same versions on every node"
+            )
+
+    def audits(
+        self,
+        pool: Pool,
+        auditor: ClairAuditor,
+        reference: list[int] | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+    ) -> Iterator[ModuleAudit]:
+        """The modules' audits in module order, computed by Ray tasks (a bounded number in flight)."""
+        import torch
+
+        ray = _ray()
+        threads = torch.get_num_threads()
+        gpu = str(auditor.device).startswith("cuda")
+        task = ray.remote(audit_one).options(num_cpus=threads, num_gpus=1 if gpu else 0)
+        if gpu:  # Ray shows each task its own GPU as the first one
+            auditor = copy.copy(auditor)
+            auditor.device = "cuda"
+        shared = ray.put(auditor)
+        window = IN_FLIGHT_PER_WORKER * _workers(ray, threads, gpu)
+        pending: deque = deque()
+        done = 0
+
+        def take() -> ModuleAudit:
+            nonlocal done
+            result = _result(ray, pending.popleft())
+            done += 1
+            if progress is not None:
+                progress("modules", done, len(pool.modules))
+            return result
+
+        for name in pool.modules:
+            pending.append(task.remote(module_pool(pool, name), shared, reference, threads))
+            if len(pending) >= window:
+                yield take()
+        while pending:
+            yield take()
+
+
+def _connect(ray: Any, address: str) -> None:
+    """``ray.init`` for ``--executor address``; a cluster that cannot be reached is a one-line error.
+
+    Ray's start-up notes are silenced, and clair's own SIGTERM handler (which cleans up
+    like Ctrl-C) is put back: ``ray.init`` replaces it with one that exits at once.
+    """
+    import logging
+    import signal
+    import threading
+    import warnings
+
+    if address.startswith("ray://"):
+        check_reachable(address)
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    ray_log = logging.getLogger("ray")
+    level = ray_log.level
+    ray_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            # Ray's notes on its future defaults, and Ray Client's on a timed-out connection
+            # (the error below says it in one line).
+            warnings.simplefilter("ignore")
+            if address == "ray":
+                ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+            else:  # Ray Client: its other arguments would be passed on to ray.init on the cluster
+                ray.init(address, configure_logging=False)
+    except (ConnectionError, RuntimeError, TimeoutError) as exc:
+        raise UsageError(f"--executor {address}: cannot connect to Ray ({_first_line(exc)})") from None
+    finally:
+        ray_log.setLevel(level)
+        if main and handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _workers(ray: Any, threads: int, gpu: bool) -> int:
+    """How many tasks the cluster runs at once (at least one); refuses a cluster that can run none."""
+    have = ray.cluster_resources()
+    cpus, gpus = int(have.get("CPU", 0)), int(have.get("GPU", 0))
+    if cpus < threads or (gpu and gpus < 1):
+        need = f"{threads} CPU(s)" + (" and a GPU" if gpu else "")
+        raise UsageError(
+            f"the Ray cluster has {cpus} CPU(s) and {gpus} GPU(s); each task needs {need}",
+            hint="Lower CLAIR_NUM_THREADS, or use --device cpu.",
+        )
+    return max(1, min(cpus // threads, gpus if gpu else cpus))
+
+
+def _result(ray: Any, ref: Any) -> ModuleAudit:
+    """A task's result; an error raised in the task is raised here as itself (a ClairError, or
+    the ValueError of a module the audit cannot handle), not as Ray's wrapper."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, ClairError | ValueError):
+            raise cause from None
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def ray_fit(
+    address: str,
+    auditor: ClairAuditor,
+    pool: Pool,
+    reference: list[int] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> ClairAuditor:
+    """``auditor.fit`` over ``pool`` with the modules' audits run on Ray (:class:`RayExecutor`)."""
+    with RayExecutor(address) as executor:
+        return auditor.fit_audits(
+            executor.audits(pool, auditor, reference, progress), len(pool.adapters), reference, names=pool.names
+        )
