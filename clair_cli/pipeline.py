@@ -92,6 +92,7 @@ def build_pool(adapters: Sequence[Adapter], intersect: bool = False, method: str
             hint="Audit the adapters of one base model at a time, or pass --base-model to name it for all.",
         )
     note = same_model_note(spellings)
+    _one_layout(adapters)
     sets = [set(a.modules) for a in adapters]
     common = set.intersection(*sets)
     union = set.union(*sets)
@@ -122,6 +123,24 @@ def build_pool(adapters: Sequence[Adapter], intersect: bool = False, method: str
                     hint="Adapters of one base model have equal shapes; check the base models.",
                 )
     return Pool(list(adapters), modules, dropped, _one_spelling(spellings), [note] if note else [])
+
+
+def _one_layout(adapters: Sequence[Adapter]) -> None:
+    """Refuse a pool of several file layouts (PEFT, kohya, diffusers): their module names differ, and
+    clair does not translate between them.
+
+    Raises:
+        IncompatibleAdapters: naming one adapter of each of two layouts.
+    """
+    first = adapters[0]
+    odd = next((a for a in adapters if a.layout != first.layout), None)
+    if odd is not None:
+        raise IncompatibleAdapters(
+            f"{first.name} is a {first.layout} LoRA and {odd.name} is a {odd.layout} LoRA; "
+            "clair compares and merges adapters of one layout",
+            hint="Convert them to one layout first (diffusers loads kohya files and saves them with "
+            "save_lora_weights), or audit each layout on its own.",
+        )
 
 
 def open_pool(

@@ -106,9 +106,11 @@ def write_merged(  # noqa: PLR0913 - every part of the card, as the merge comman
     if plan is None:
         plan = merged_plan(pool)
         notes = [*notes, *plan.notes]
-    # Scale 1 everywhere: alpha = r in every module.
-    config = lora_config(plan, {m: (r.rank, r.rank) for m, r in merged.modules.items()})
-    tensors = merged_tensors(pool.adapters[0].modules, {m: (r.A, r.B) for m, r in merged.modules.items()})
+    layout = pool.adapters[0].layout
+    # Scale 1 everywhere: alpha = r in every module (a diffusion file carries no config: kohya's
+    # alpha tensors say it, and diffusers reads a file without alphas so).
+    config = None if layout != "peft" else lora_config(plan, {m: (r.rank, r.rank) for m, r in merged.modules.items()})
+    tensors = merged_tensors(pool.adapters[0].modules, {m: (r.A, r.B) for m, r in merged.modules.items()}, layout)
     card = model_card(
         f"Merged LoRA adapter ({merged.method})",
         merged.method,
@@ -120,7 +122,16 @@ def write_merged(  # noqa: PLR0913 - every part of the card, as the merge comman
         merge=merged.summary(),
         params=params,
     )
-    save_adapter(root, config, tensors, card)
+    save_adapter(root, config, tensors, card, **_layout_files(layout))
+
+
+def _layout_files(layout: str, metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """:func:`clair_cli.io.peft_writer.save_adapter`'s file options for an adapter of ``layout``."""
+    from clair_cli.constants import DIFFUSERS_WEIGHTS_NAME
+
+    if layout == "peft":
+        return {}
+    return {"weights_name": DIFFUSERS_WEIGHTS_NAME, "metadata": metadata}
 
 
 def write_refined(
@@ -147,7 +158,8 @@ def write_refined(
         adapter = pool.adapters[k]
         factors, unchanged = refined_factors(adapter, bases, side)
         tensors = refined_tensors(adapter, factors)
-        config = source_config(adapter)
+        # A diffusion file keeps its own alphas (kohya's tensors, diffusers' metadata) and has no config.
+        config = source_config(adapter) if adapter.layout == "peft" else None
         notes = list(pool.notes)
         ignored = ignored_note(adapter.config, adapter.modules)
         if ignored:
@@ -168,6 +180,8 @@ def write_refined(
             notes,
             params=params,
         )
-        save_adapter(root, config, tensors, card, name=adapter.name)
+        save_adapter(
+            root, config, tensors, card, name=adapter.name, **_layout_files(adapter.layout, adapter.file_metadata)
+        )
         progress("writing adapters", i + 1, len(used))
     return used

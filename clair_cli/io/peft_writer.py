@@ -11,6 +11,11 @@ does no arithmetic).
 (:class:`clair_cli.io.writers.Outputs`), which checks the target and renames it into
 place with the run's other outputs, or not at all. Every name written inside it goes
 through :func:`clair_cli.io.paths.join_inside`. The umask is honoured.
+
+Diffusion LoRA files (:mod:`clair_cli.io.diffusion`) are written back in their own layout: a
+merged or refined kohya or diffusers adapter is a directory with ``pytorch_lora_weights.safetensors``
+(the name diffusers' ``load_lora_weights(DIR)`` looks for) and the model card, and no
+``adapter_config.json`` (PEFT would read one as a description of keys it cannot load).
 """
 
 from __future__ import annotations
@@ -30,13 +35,22 @@ if TYPE_CHECKING:
     import torch
 
 
-def save_adapter(
-    root: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], card: str, name: str | None = None
+def save_adapter(  # noqa: PLR0913 - the files of one adapter directory
+    root: Path,
+    config: dict[str, Any] | None,
+    tensors: dict[str, torch.Tensor],
+    card: str,
+    name: str | None = None,
+    *,
+    weights_name: str = SAFETENSORS_WEIGHTS_NAME,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write adapter_config.json, adapter_model.safetensors and README.md into ``root`` (or ``root/name``).
 
     ``name`` (an adapter name, from the input) is made a safe relative path and checked
     to stay inside ``root``. Non-finite tensors are refused before anything is written.
+    A diffusion LoRA has no ``config`` (None: none written), its own ``weights_name`` and the
+    safetensors ``metadata`` of its source (``format`` is always ``pt``).
 
     Returns:
         The directory written.
@@ -55,12 +69,15 @@ def save_adapter(
     directory = root if name is None else join_inside(root, safe_relpath(name))
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if config is not None:
+            (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         save_file(
-            {k: v.contiguous() for k, v in tensors.items()}, str(directory / SAFETENSORS_WEIGHTS_NAME), {"format": "pt"}
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(directory / weights_name),
+            {**(metadata or {}), "format": "pt"},
         )
         (directory / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
-        apply_umask(directory / SAFETENSORS_WEIGHTS_NAME)  # safetensors creates it 0600
+        apply_umask(directory / weights_name)  # safetensors creates it 0600
     except OSError as exc:
         raise OutputError(f"{printable(str(directory))}: cannot write ({os_error_text(exc)})") from exc
     except SafetensorError as exc:
@@ -82,17 +99,30 @@ def _keys(spec: ModuleSpec) -> tuple[str, str]:
 
 
 def merged_tensors(
-    specs: Mapping[str, ModuleSpec], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    specs: Mapping[str, ModuleSpec], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], layout: str = "peft"
 ) -> dict[str, torch.Tensor]:
-    """PEFT tensors of a merged adapter from per-module ``(A, B)`` (scale 1), laid out as ``specs``
-    (an input's module table: kind and kernel shape)."""
+    """Tensors of a merged adapter from per-module ``(A, B)`` (scale 1), laid out as ``specs``
+    (an input's module table: kind, kernel shape and, for a diffusion ``layout``, its keys).
+
+    PEFT's keys for ``peft``; the input's own keys for ``kohya`` and ``diffusers``. A merged
+    kohya file has scale 1 in every module: ``alpha`` = rank, written when every module has one
+    rank, and left out otherwise (no alpha means alpha = rank in sd-scripts, A1111, ComfyUI and
+    diffusers alike, whereas diffusers 0.42 scales attention modules whose kohya alpha differs from
+    the file's most common one by that common alpha, ``get_peft_kwargs``'s alpha_pattern keys not
+    matching them)."""
+    import torch
+
     out = {}
     for name, (A, B) in sorted(factors.items()):
         spec = specs[name]
         a_shape, b_shape = _shapes(spec, A.shape[0])
-        a_key, b_key = _keys(spec)
+        a_key, b_key = _keys(spec) if layout == "peft" else (spec.a_key, spec.b_key)
         out[a_key] = A.reshape(a_shape)
         out[b_key] = B.reshape(b_shape)
+    ranks = {A.shape[0] for A, _ in factors.values()}
+    if layout == "kohya" and len(ranks) == 1:
+        rank = torch.tensor(float(ranks.pop()), dtype=torch.float32)
+        out.update({f"{name}.alpha": rank.clone() for name in factors})
     return out
 
 
