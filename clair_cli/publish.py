@@ -118,11 +118,22 @@ def write_merged(  # noqa: PLR0913 - every part of the card, as the merge comman
         sources_table(pool, merged.used, outcome, merged.weights),
         command_line(argv),
         summary_line(report, timing=False) if report else None,
-        [*pool.notes, *notes],
+        [*pool.notes, *notes, *_layout_notes(layout)],
         merge=merged.summary(),
         params=params,
+        library="peft" if layout == "peft" else "diffusers",
     )
     save_adapter(root, config, tensors, card, **_layout_files(layout))
+
+
+def _layout_notes(layout: str) -> list[str]:
+    """How to load an adapter written in a diffusion ``layout`` (none for PEFT's)."""
+    if layout == "peft":
+        return []
+    return [
+        f"a {layout} LoRA file, as its sources: pipe.load_lora_weights(DIR) loads it in diffusers"
+        + ("; A1111 and ComfyUI take the file as it is" if layout == "kohya" else "")
+    ]
 
 
 def _layout_files(layout: str, metadata: dict[str, str] | None = None) -> dict[str, Any]:
@@ -177,8 +188,9 @@ def write_refined(
             sources_table(pool, used, outcome),
             command_line(argv),
             summary_line(report, timing=False),
-            notes,
+            [*notes, *_layout_notes(adapter.layout)],
             params=params,
+            library="peft" if adapter.layout == "peft" else "diffusers",
         )
         save_adapter(
             root, config, tensors, card, name=adapter.name, **_layout_files(adapter.layout, adapter.file_metadata)
