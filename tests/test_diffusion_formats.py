@@ -431,6 +431,60 @@ def test_a_pool_of_two_layouts_is_refused(kohya_pool: Path, diffusers_pool: Path
     assert "kohya LoRA" in result.output and "diffusers LoRA" in result.output
 
 
+def test_a_kohya_module_needs_both_factors(tmp_path: Path) -> None:
+    path = tmp_path / "half.safetensors"
+    save_file({"lora_unet_x_to_q.lora_down.weight": torch.randn(4, 8)}, str(path))
+    _refused(path, "has lora_down but no lora_up")
+
+
+def test_diffusers_keys_of_a_lycoris_variant_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "lokr.safetensors"
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lokr_w1": torch.randn(4, 4)}, str(path))
+    _refused(path, "LoKr")
+
+
+LAYOUTS = {
+    "SD 1.x kohya": (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "lora_te_x.alpha"], "kohya"),
+    "SDXL kohya": (["lora_te1_text_model_x.lora_up.weight", "lora_te2_text_model_x.lora_up.weight"], "kohya"),
+    "Flux kohya": (["lora_transformer_single_transformer_blocks_0_attn_to_q.lora_down.weight"], "kohya"),
+    "SDXL diffusers": (["unet.a.lora_A.weight", "text_encoder_2.b.lora_B.weight"], "diffusers"),
+    "Flux diffusers": (["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"], "diffusers"),
+    "PEFT": (["base_model.model.unet.a.lora_A.weight"], "peft"),
+    # GPT-2's module path starts with "transformer.": a bare PEFT file of stripped keys stays PEFT.
+    "GPT-2 stripped": (["transformer.h.0.attn.c_attn.lora_A.weight"], "peft"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYOUTS))
+def test_layout_is_told_from_the_keys(case: str) -> None:
+    from clair_cli.io.diffusion import layout_of
+    from clair_cli.io.safetensors_file import TensorInfo
+
+    keys, layout = LAYOUTS[case]
+    tensors = {k: TensorInfo(k, "F32", (4, 4), 64) for k in keys}
+    assert layout_of(Path("x.safetensors"), tensors, {}) == layout
+
+
+def test_per_module_ranks_and_alphas_open_in_linear_time(tmp_path: Path) -> None:
+    # kohya's resize_lora (dynamic rank) gives every module its own rank and alpha.
+    import time
+
+    n = 2000
+    tensors = {}
+    for i in range(n):
+        r = 1 + i % 7
+        tensors[f"lora_unet_m{i}_to_q.lora_down.weight"] = torch.ones(r, 4)
+        tensors[f"lora_unet_m{i}_to_q.lora_up.weight"] = torch.ones(4, r)
+        tensors[f"lora_unet_m{i}_to_q.alpha"] = torch.tensor(float(1 + i % 11))
+    path = tmp_path / "resized.safetensors"
+    save_file(tensors, str(path))
+    start = time.perf_counter()
+    adapter = open_adapter(resolve_sources([str(path)])[0])
+    assert time.perf_counter() - start < 5.0
+    for i in (0, 5, n - 1):
+        assert adapter.modules[f"lora_unet_m{i}_to_q"].scale == (1 + i % 11) / (1 + i % 7)
+
+
 def test_library_errors_are_clair_errors(tmp_path: Path) -> None:
     path = _kohya_with(tmp_path, {"lora_unet_x_to_q.hada_w1_a": torch.randn(4, 8)})
     with pytest.raises(AdapterFormatError, match="LoHa"):

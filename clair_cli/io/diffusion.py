@@ -147,6 +147,10 @@ def classify_kohya(path: Path, tensors: Mapping[str, TensorInfo]) -> tuple[Heade
     orphan = sorted(set(alphas) - set(keys.parts))
     if orphan:
         raise _bad(path, f"{printable(orphan[0])}.alpha has no lora_down / lora_up tensors")
+    for module, parts in sorted(keys.parts.items()):
+        if len(parts) == 1:
+            have, lack = ("lora_down", "lora_up") if "lora_A" in parts else ("lora_up", "lora_down")
+            raise _bad(path, f"module {printable(module)!r} has {have} but no {lack}")
     return keys, alphas
 
 
@@ -184,6 +188,7 @@ def module_config(
         rank_pattern={exact_key(m): rk for m, (rk, _) in sorted(modules.items()) if rk != r},
         alpha_pattern={exact_key(m): a for m, (_, a) in sorted(modules.items()) if a != alpha},
         use_dora=use_dora,
+        exact=dict(modules),
     )
 
 
@@ -270,6 +275,9 @@ def _diffusers_keys(path: Path, tensors: Mapping[str, TensorInfo]) -> HeaderKeys
             hint="Load it in diffusers (load_lora_weights) and save it again with save_lora_weights().",
         )
     keys = classify_keys(path, dict(tensors))
+    variant = next((k for k in sorted(keys.others) if any(marker in k for marker, _ in VARIANTS[:3])), None)
+    if variant is not None:  # LoHa, LoKr, DoRA tensors under diffusers' component names
+        raise _refuse_variant(path, variant)
     keys.layout = "diffusers"
     return keys
 
