@@ -92,7 +92,7 @@ def build_pool(adapters: Sequence[Adapter], intersect: bool = False, method: str
             hint="Audit the adapters of one base model at a time, or pass --base-model to name it for all.",
         )
     note = same_model_note(spellings)
-    _one_layout(adapters)
+    layout_note = _one_layout(adapters)
     sets = [set(a.modules) for a in adapters]
     common = set.intersection(*sets)
     union = set.union(*sets)
@@ -122,12 +122,13 @@ def build_pool(adapters: Sequence[Adapter], intersect: bool = False, method: str
                     f"{a.name} has a {spec.kind} update of {spec.d_out}x{spec.d_in}",
                     hint="Adapters of one base model have equal shapes; check the base models.",
                 )
-    return Pool(list(adapters), modules, dropped, _one_spelling(spellings), [note] if note else [])
+    notes = [n for n in (note, layout_note) if n]
+    return Pool(list(adapters), modules, dropped, _one_spelling(spellings), notes)
 
 
-def _one_layout(adapters: Sequence[Adapter]) -> None:
+def _one_layout(adapters: Sequence[Adapter]) -> str | None:
     """Refuse a pool of several file layouts (PEFT, kohya, diffusers): their module names differ, and
-    clair does not translate between them.
+    clair does not translate between them. Returns a note for a pool of diffusion LoRA files.
 
     Raises:
         IncompatibleAdapters: naming one adapter of each of two layouts.
@@ -141,6 +142,9 @@ def _one_layout(adapters: Sequence[Adapter]) -> None:
             hint="Convert them to one layout first (diffusers loads kohya files and saves them with "
             "save_lora_weights), or audit each layout on its own.",
         )
+    if first.layout == "peft":
+        return None
+    return f"{first.layout} LoRA files: merged and refined adapters are written in the same layout"
 
 
 def open_pool(

@@ -485,6 +485,19 @@ def test_per_module_ranks_and_alphas_open_in_linear_time(tmp_path: Path) -> None
         assert adapter.modules[f"lora_unet_m{i}_to_q"].scale == (1 + i % 11) / (1 + i % 7)
 
 
+def test_max_modules_is_checked_before_any_alpha_is_read(tmp_path: Path) -> None:
+    path = _kohya_with(
+        tmp_path,
+        {
+            "lora_unet_y_to_q.lora_down.weight": torch.randn(4, 8),
+            "lora_unet_y_to_q.lora_up.weight": torch.randn(8, 4),
+            "lora_unet_y_to_q.alpha": torch.tensor(float("nan")),
+        },
+    )
+    result = invoke("inspect", str(path), "--max-modules", "1")
+    assert result.exit_code == 2 and "more than --max-modules 1" in result.output, result.output
+
+
 def test_library_errors_are_clair_errors(tmp_path: Path) -> None:
     path = _kohya_with(tmp_path, {"lora_unet_x_to_q.hada_w1_a": torch.randn(4, 8)})
     with pytest.raises(AdapterFormatError, match="LoHa"):

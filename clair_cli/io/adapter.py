@@ -154,13 +154,7 @@ class Adapter:
         tensors, metadata = header if header is not None else read_header(path)
         keys = keys if keys is not None else classify_keys(path, tensors)
         parts, dora, biases, others = keys.parts, keys.dora, keys.lora_biases, keys.others
-        if max_modules is not None and len(parts) > max_modules:
-            raise AdapterFormatError(
-                f"{printable(str(path))}: {len(parts)} LoRA modules, more than --max-modules {max_modules}; "
-                "refused before reading any factor",
-                hint="The audit costs tens of milliseconds per module (docs: Limits); raise --max-modules "
-                "if the adapter is trusted and the machine has the time.",
-            )
+        check_module_count(path, len(parts), max_modules)
 
         modules: dict[str, ModuleSpec] = {}
         for module in sorted(parts):
@@ -304,6 +298,21 @@ class Adapter:
         peaks = [max((_peak(chunk) for chunk in reader.chunks(key)), default=0.0) for key in (spec.a_key, spec.b_key)]
         self._check_peaks(spec, peaks)
         return min(peaks) == 0.0
+
+
+def check_module_count(path: Path, n: int, max_modules: int | None) -> None:
+    """Refuse an adapter of more than ``max_modules`` LoRA modules (``--max-modules``), before any tensor is read.
+
+    Raises:
+        AdapterFormatError: naming the file and both numbers.
+    """
+    if max_modules is not None and n > max_modules:
+        raise AdapterFormatError(
+            f"{printable(str(path))}: {n} LoRA modules, more than --max-modules {max_modules}; "
+            "refused before reading any factor",
+            hint="The audit costs tens of milliseconds per module (docs: Limits); raise --max-modules "
+            "if the adapter is trusted and the machine has the time.",
+        )
 
 
 def _peak(t: torch.Tensor) -> float:

@@ -39,7 +39,7 @@ from clair_cli.constants import (
     PEFT_KEY_PREFIX,
 )
 from clair_cli.errors import AdapterFormatError
-from clair_cli.io.adapter import Adapter, HeaderKeys, classify_keys
+from clair_cli.io.adapter import Adapter, HeaderKeys, check_module_count, classify_keys
 from clair_cli.io.lora_config import exact_key
 from clair_cli.io.paths import printable
 from clair_cli.io.peft_config import parse_config
@@ -206,6 +206,7 @@ def _kohya_config(
     path: Path, tensors: Mapping[str, TensorInfo], options: SourceOptions
 ) -> tuple[HeaderKeys, AdapterConfig]:
     keys, alpha_infos = classify_kohya(path, tensors)
+    check_module_count(path, len(keys.parts), options.max_modules)  # before reading an alpha
     alphas = _alpha_values(path, alpha_infos)
     default = options.lora_alpha
     modules = {m: (r, alphas.get(m, default if default is not None else float(r))) for m, r in _ranks(keys).items()}
@@ -301,5 +302,4 @@ def open_diffusion(
     adapter = Adapter.open(
         ref, config, max_rank=options.max_rank, max_modules=options.max_modules, header=header, keys=keys
     )
-    adapter.notes.insert(0, f"{layout} LoRA file: written back in the same layout")
     return adapter
