@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
     from clair_cli.io.sources import SourceOptions
 
-LAYOUTS = ("peft", "kohya", "diffusers")
 # LyCORIS and other kohya-style tensors that are not a plain LoRA's, by what their key holds.
 VARIANTS = (
     ("hada_", "LoHa (hada_* tensors)"),
