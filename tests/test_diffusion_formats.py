@@ -36,10 +36,27 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore")
 
 
-def tiny_pipeline():
-    """A StableDiffusionPipeline of tiny components built from configs (seed 0, no tokenizer)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# SDXL's UNet: added time and text conditioning (8 * 6 time features + text_encoder_2's projection of 8).
+SDXL_UNET = {
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 56,
+}
+
+
+def tiny_pipeline(xl: bool = False):
+    """A StableDiffusion(XL)Pipeline of tiny components built from configs (seed 0, no tokenizer)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     _quiet()
     torch.manual_seed(0)
@@ -51,13 +68,12 @@ def tiny_pipeline():
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=8,
+        cross_attention_dim=16 if xl else 8,
         norm_num_groups=2,
+        **(SDXL_UNET if xl else {}),
     )
-    te_config = CLIPTextConfig(
-        hidden_size=8, intermediate_size=16, num_attention_heads=2, num_hidden_layers=2, vocab_size=1000
-    )
-    text_encoder = CLIPTextModel(te_config)
+    te = {"hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2, "vocab_size": 1000}
+    text_encoder = CLIPTextModel(CLIPTextConfig(num_hidden_layers=1 if xl else 2, **te))
     vae = AutoencoderKL(
         block_out_channels=(4,),
         down_block_types=("DownEncoderBlock2D",),
@@ -65,6 +81,17 @@ def tiny_pipeline():
         latent_channels=4,
         norm_num_groups=2,
     )
+    if xl:
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(num_hidden_layers=1, projection_dim=8, **te))
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=None,
+            tokenizer_2=None,
+            unet=unet,
+            scheduler=DDIMScheduler(clip_sample=False),
+        )
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -90,8 +117,16 @@ def _targets(model: torch.nn.Module, suffixes: tuple[str, ...]) -> dict[str, tup
 
 @pytest.fixture(scope="module")
 def layers() -> dict[str, dict[str, tuple[int, ...]]]:
-    pipe = tiny_pipeline()
-    return {"unet": _targets(pipe.unet, UNET_TARGETS), "text_encoder": _targets(pipe.text_encoder, TE_TARGETS)}
+    return layers_of(tiny_pipeline())
+
+
+def _parts(pipe) -> dict[str, torch.nn.Module]:
+    return {c: getattr(pipe, c) for c in COMPONENTS if getattr(pipe, c, None) is not None}
+
+
+def layers_of(pipe) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The layers the LoRAs adapt, by component."""
+    return {c: _targets(m, UNET_TARGETS if c == "unet" else TE_TARGETS) for c, m in _parts(pipe).items()}
 
 
 def _factors(shape: tuple[int, ...], shared: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,10 +144,12 @@ def pool_factors(layers: dict[str, dict[str, tuple[int, ...]]], seed: int = 0) -
     return [{m: _factors(s, shared[m], g) for m, s in shapes.items()} for _ in range(K)]
 
 
-def kohya_name(module: str) -> str:
-    """sd-scripts' name of a diffusers module path (``unet.a.b`` -> ``lora_unet_a_b``)."""
+def kohya_name(module: str, xl: bool = False) -> str:
+    """sd-scripts' name of a diffusers module path (``unet.a.b`` -> ``lora_unet_a_b``; SDXL's text
+    encoders are ``lora_te1_`` and ``lora_te2_``)."""
     component, _, path = module.partition(".")
-    return ("lora_unet_" if component == "unet" else "lora_te_") + path.replace(".", "_")
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if xl else "lora_te_", "text_encoder_2": "lora_te2_"}
+    return prefix[component] + path.replace(".", "_")
 
 
 def alpha_of(k: int) -> float:
@@ -122,8 +159,9 @@ def alpha_of(k: int) -> float:
 
 def write_kohya(path: Path, factors: dict[str, tuple], alpha: float, with_alpha: bool = True) -> Path:
     tensors = {}
+    xl = any(m.startswith("text_encoder_2.") for m in factors)
     for module, (a, b) in factors.items():
-        name = kohya_name(module)
+        name = kohya_name(module, xl)
         tensors[f"{name}.lora_down.weight"] = a.contiguous()
         tensors[f"{name}.lora_up.weight"] = b.contiguous()
         if with_alpha:
@@ -135,26 +173,22 @@ def write_kohya(path: Path, factors: dict[str, tuple], alpha: float, with_alpha:
 
 def write_diffusers(directory: Path, factors: dict[str, tuple], alpha: float | None) -> Path:
     """``save_lora_weights`` of diffusers itself; alphas in its metadata when ``alpha`` is given."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft import LoraConfig
 
-    layers: dict[str, dict[str, torch.Tensor]] = {"unet": {}, "text_encoder": {}}
+    layers: dict[str, dict[str, torch.Tensor]] = {}
     for module, (a, b) in factors.items():
         component, _, path = module.partition(".")
-        layers[component][f"{path}.lora_A.weight"] = a.contiguous()
+        layers.setdefault(component, {})[f"{path}.lora_A.weight"] = a.contiguous()
         layers[component][f"{path}.lora_B.weight"] = b.contiguous()
-    meta = {}
+    kwargs: dict[str, dict] = {f"{c}_lora_layers": tensors for c, tensors in layers.items()}
     if alpha is not None:
-        for component, targets in (("unet", UNET_TARGETS), ("text_encoder", TE_TARGETS)):
+        for component in layers:
+            targets = UNET_TARGETS if component == "unet" else TE_TARGETS
             config = LoraConfig(r=RANK, lora_alpha=alpha, target_modules=list(targets)).to_dict()
-            meta[f"{component}_lora_adapter_metadata"] = config
-    StableDiffusionPipeline.save_lora_weights(
-        directory,
-        unet_lora_layers=layers["unet"],
-        text_encoder_lora_layers=layers["text_encoder"],
-        safe_serialization=True,
-        **meta,
-    )
+            kwargs[f"{component}_lora_adapter_metadata"] = config
+    pipeline = StableDiffusionXLPipeline if "text_encoder_2" in layers else StableDiffusionPipeline
+    pipeline.save_lora_weights(directory, safe_serialization=True, **kwargs)
     return directory
 
 
@@ -179,17 +213,17 @@ def invoke(*args: str):
     return CliRunner().invoke(app, list(args), env={"NO_COLOR": "1", "COLUMNS": "120"})
 
 
-def fused_deltas(source: Path) -> dict[str, torch.Tensor]:
+def fused_deltas(source: Path, xl: bool = False) -> dict[str, torch.Tensor]:
     """What diffusers adds to each weight when it loads and fuses the LoRA at ``source``
     (a directory or a file), by ``component.module``."""
-    pipe = tiny_pipeline()
-    parts = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    pipe = tiny_pipeline(xl)
+    parts = _parts(pipe)
     before = {c: {k: v.clone() for k, v in m.state_dict().items()} for c, m in parts.items()}
     if source.is_file():
         pipe.load_lora_weights(str(source.parent), weight_name=source.name)
     else:
         pipe.load_lora_weights(str(source))
-    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0)
+    pipe.fuse_lora(components=list(parts), lora_scale=1.0)
     pipe.unload_lora_weights()
     out = {}
     for c, model in parts.items():
@@ -209,7 +243,8 @@ def clair_deltas(source: Path, **options) -> dict[str, torch.Tensor]:
 def _same(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
     """clair's deltas (by the file's names) equal diffusers' (by diffusers module name)."""
     if next(iter(ours)).startswith("lora_"):
-        theirs = {kohya_name(name): delta for name, delta in theirs.items()}
+        xl = any(n.startswith("text_encoder_2.") for n in theirs)
+        theirs = {kohya_name(name, xl): delta for name, delta in theirs.items()}
     assert sorted(ours) == sorted(theirs)
     for name, delta in ours.items():
         assert delta.shape == theirs[name].shape, name
@@ -255,6 +290,30 @@ def test_diffusers_without_metadata_takes_lora_alpha(diffusers_pool: Path) -> No
     (ref,) = resolve_sources([str(diffusers_pool / "lora_0")])
     assert {s.scale for s in open_adapter(ref).modules.values()} == {1.0}
     assert {s.scale for s in open_adapter(ref, SourceOptions(lora_alpha=8)).modules.values()} == {2.0}
+
+
+@pytest.fixture(scope="module")
+def xl_layers() -> dict[str, dict[str, tuple[int, ...]]]:
+    return layers_of(tiny_pipeline(xl=True))
+
+
+def test_sdxl_files_read_as_diffusers_fuses_them(xl_layers, tmp_path: Path) -> None:
+    factors = pool_factors(xl_layers)[1]
+    kohya = write_kohya(tmp_path / "xl.safetensors", factors, 2.0)
+    assert any(k.startswith("lora_te2_") for k in load_file(kohya))
+    _same(clair_deltas(kohya), fused_deltas(kohya, xl=True))
+    directory = write_diffusers(tmp_path / "xl_diffusers", factors, 8.0)
+    assert any(k.startswith("text_encoder_2.") for k in load_file(directory / "pytorch_lora_weights.safetensors"))
+    _same(clair_deltas(directory), fused_deltas(directory, xl=True))
+
+
+def test_merged_sdxl_kohya_file_loads_as_computed(xl_layers, tmp_path: Path) -> None:
+    for k, factors in enumerate(pool_factors(xl_layers, seed=2)):
+        write_kohya(tmp_path / "pool" / f"xl_{k}.safetensors", factors, alpha_of(k))
+    out = tmp_path / "merged"
+    result = invoke("merge", str(tmp_path / "pool"), "--out", str(out), "--device", "cpu", "--exit-zero")
+    assert result.exit_code == 0, result.output
+    _same(clair_deltas(out), fused_deltas(out, xl=True))
 
 
 # --- audit, merge, refine ----------------------------------------------------------------------
