@@ -279,6 +279,18 @@ def test_diffusers_updates_equal_what_diffusers_fuses(diffusers_pool: Path, k: i
     _same(clair_deltas(diffusers_pool / f"lora_{k}"), fused_deltas(diffusers_pool / f"lora_{k}"))
 
 
+def test_kohya_alphas_are_per_module_and_differing_ones_get_a_note(layers, tmp_path: Path) -> None:
+    factors = pool_factors(layers)[0]
+    path = write_kohya(tmp_path / "mixed.safetensors", factors, 4.0)
+    tensors = load_file(path)
+    odd = kohya_name(next(iter(factors)))
+    tensors[f"{odd}.alpha"] = torch.tensor(8.0)
+    save_file(tensors, str(path))
+    adapter = open_adapter(resolve_sources([str(path)])[0])
+    assert adapter.modules[odd].scale == 2.0 and {s.scale for s in adapter.modules.values()} == {1.0, 2.0}
+    assert any("alphas differ between modules" in n for n in adapter.notes)
+
+
 def test_kohya_without_alpha_is_scale_one(layers, tmp_path: Path) -> None:
     path = write_kohya(tmp_path / "plain.safetensors", pool_factors(layers)[0], 0.0, with_alpha=False)
     adapter = open_adapter(resolve_sources([str(path)])[0])

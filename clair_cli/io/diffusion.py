@@ -66,6 +66,13 @@ VARIANT_HINT = (
     "clair reads plain LoRA files only (lora_down / lora_up / alpha): a LyCORIS variant has no low-rank "
     "update B @ A to compare. Leave this file out of the pool."
 )
+# diffusers 0.42 reads a kohya file's alphas into a LoraConfig whose alpha_pattern keys do not match
+# attention modules (to_q / to_k / to_v / to_out, the text encoders' self_attn): those get the file's
+# most common alpha.
+KOHYA_ALPHAS_NOTE = (
+    "alphas differ between modules: clair reads each module's own, as sd-scripts, A1111 and ComfyUI do; "
+    "diffusers (0.42) applies the most common alpha to attention modules instead"
+)
 # diffusers' attention-processor era keys (before its PEFT integration).
 OLD_DIFFUSERS_RE = re.compile(r"[._]lora\.(down|up)\.|\.lora_linear_layer\.")
 _MAIN_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -301,4 +308,6 @@ def open_diffusion(
     adapter = Adapter.open(
         ref, config, max_rank=options.max_rank, max_modules=options.max_modules, header=header, keys=keys
     )
+    if layout == "kohya" and len({alpha for _, alpha in config.exact.values()}) > 1:
+        adapter.notes.append(KOHYA_ALPHAS_NOTE)
     return adapter
