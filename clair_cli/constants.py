@@ -25,6 +25,21 @@ LORA_KEY_RE = re.compile(
 )
 DORA_MAGNITUDE_RE = re.compile(r"^(?P<module>.+?)\.lora_magnitude_vector(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$")
 
+# Diffusion LoRA files (docs/usage/sources.md, "Diffusion LoRA files"). diffusers' save_lora_weights
+# writes this file name, and load_lora_weights(DIR) looks for it; clair writes it for both layouts.
+DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+# diffusers keeps each component's LoraConfig (as JSON, keys "<component>.<field>") under this
+# safetensors metadata key (diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY).
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+# The pipeline components a diffusers LoRA file names first (unet.<module>.lora_A.weight).
+DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "transformer", "prior")
+# kohya / sd-scripts: "lora_unet_<module path with _>.lora_down.weight", ".lora_up.weight", ".alpha";
+# lora_te_ / lora_te1_ / lora_te2_ for the text encoders (SDXL has two), lora_transformer_ (Flux, SD3).
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_transformer_")
+KOHYA_KEY_RE = re.compile(
+    r"^(?P<module>lora_(?:unet|te[123]?|transformer)_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"
+)
+
 # Bounds on one safetensors file's header (docs/usage/sources.md, "Limits"): safetensors itself allows a
 # 100 MB header; an adapter's is a few hundred KB (a 70B model's LoRA on every linear layer
 # has ~1,100 tensors), so 16 MiB and 100,000 tensors leave room for MoE expert LoRAs while

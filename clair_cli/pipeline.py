@@ -104,6 +104,7 @@ def build_pool(adapters: Sequence[Adapter], intersect: bool = False, method: str
             hint="Audit the adapters of one base model at a time, or pass --base-model to name it for all.",
         )
     note = same_model_note(spellings)
+    layout_note = _one_layout(adapters)
     sets = [set(a.modules) for a in adapters]
     common = set.intersection(*sets)
     union = set.union(*sets)
@@ -133,7 +134,29 @@ def build_pool(adapters: Sequence[Adapter], intersect: bool = False, method: str
                     f"{a.name} has a {spec.kind} update of {spec.d_out}x{spec.d_in}",
                     hint="Adapters of one base model have equal shapes; check the base models.",
                 )
-    return Pool(list(adapters), modules, dropped, _one_spelling(spellings), [note] if note else [])
+    notes = [n for n in (note, layout_note) if n]
+    return Pool(list(adapters), modules, dropped, _one_spelling(spellings), notes)
+
+
+def _one_layout(adapters: Sequence[Adapter]) -> str | None:
+    """Refuse a pool of several file layouts (PEFT, kohya, diffusers): their module names differ, and
+    clair does not translate between them. Returns a note for a pool of diffusion LoRA files.
+
+    Raises:
+        IncompatibleAdapters: naming one adapter of each of two layouts.
+    """
+    first = adapters[0]
+    odd = next((a for a in adapters if a.layout != first.layout), None)
+    if odd is not None:
+        raise IncompatibleAdapters(
+            f"{first.name} is a {first.layout} LoRA and {odd.name} is a {odd.layout} LoRA; "
+            "clair compares and merges adapters of one layout",
+            hint="Convert them to one layout first (diffusers loads kohya files and saves them with "
+            "save_lora_weights), or audit each layout on its own.",
+        )
+    if first.layout == "peft":
+        return None
+    return f"{first.layout} LoRA files: merged and refined adapters are written in the same layout"
 
 
 def open_pool(

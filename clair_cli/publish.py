@@ -92,7 +92,8 @@ def merged_stream(root: Path, pool: Pool, options: MergeOptions | None = None) -
     from clair_cli.io.peft_writer import MergedStream
     from clair_cli.pipeline import merged_rank_bound
 
-    return MergedStream(root, pool.adapters[0].modules, merged_rank_bound(pool, options))
+    first = pool.adapters[0]
+    return MergedStream(root, first.modules, merged_rank_bound(pool, options), first.layout)
 
 
 def write_merged(  # noqa: PLR0913 - every part of the card, as the merge command has them
@@ -118,12 +119,14 @@ def write_merged(  # noqa: PLR0913 - every part of the card, as the merge comman
     if plan is None:
         plan = merged_plan(pool)
         notes = [*notes, *plan.notes]
-    # Scale 1 everywhere: alpha = r in every module.
-    config = lora_config(plan, {m: (r.rank, r.rank) for m, r in merged.modules.items()})
+    layout = pool.adapters[0].layout
+    # Scale 1 everywhere: alpha = r in every module (a diffusion file carries no config: kohya's
+    # alpha tensors say it, and diffusers reads a file without alphas so).
+    config = None if layout != "peft" else lora_config(plan, {m: (r.rank, r.rank) for m, r in merged.modules.items()})
     tensors = (
         None
         if merged.streamed
-        else merged_tensors(pool.adapters[0].modules, {m: (r.A, r.B) for m, r in merged.modules.items()})
+        else merged_tensors(pool.adapters[0].modules, {m: (r.A, r.B) for m, r in merged.modules.items()}, layout)
     )
     card = model_card(
         f"Merged LoRA adapter ({merged.method})",
@@ -132,11 +135,31 @@ def write_merged(  # noqa: PLR0913 - every part of the card, as the merge comman
         sources_table(pool, merged.used, outcome, merged.weights),
         command_line(argv),
         summary_line(report, timing=False) if report else None,
-        [*pool.notes, *notes],
+        [*pool.notes, *notes, *_layout_notes(layout)],
         merge=merged.summary(),
         params=params,
+        library="peft" if layout == "peft" else "diffusers",
     )
-    save_adapter(root, config, tensors, card)
+    save_adapter(root, config, tensors, card, **_layout_files(layout))
+
+
+def _layout_notes(layout: str) -> list[str]:
+    """How to load an adapter written in a diffusion ``layout`` (none for PEFT's)."""
+    if layout == "peft":
+        return []
+    return [
+        f"a {layout} LoRA file, as its sources: pipe.load_lora_weights(DIR) loads it in diffusers"
+        + ("; A1111 and ComfyUI take the file as it is" if layout == "kohya" else "")
+    ]
+
+
+def _layout_files(layout: str, metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """:func:`clair_cli.io.peft_writer.save_adapter`'s file options for an adapter of ``layout``."""
+    from clair_cli.constants import DIFFUSERS_WEIGHTS_NAME
+
+    if layout == "peft":
+        return {}
+    return {"weights_name": DIFFUSERS_WEIGHTS_NAME, "metadata": metadata}
 
 
 def write_refined(
@@ -163,7 +186,8 @@ def write_refined(
         adapter = pool.adapters[k]
         factors, unchanged = refined_factors(adapter, bases, side)
         tensors = refined_tensors(adapter, factors)
-        config = source_config(adapter)
+        # A diffusion file keeps its own alphas (kohya's tensors, diffusers' metadata) and has no config.
+        config = source_config(adapter) if adapter.layout == "peft" else None
         notes = list(pool.notes)
         ignored = ignored_note(adapter.config, adapter.modules)
         if ignored:
@@ -181,9 +205,12 @@ def write_refined(
             sources_table(pool, used, outcome),
             command_line(argv),
             summary_line(report, timing=False),
-            notes,
+            [*notes, *_layout_notes(adapter.layout)],
             params=params,
+            library="peft" if adapter.layout == "peft" else "diffusers",
         )
-        save_adapter(root, config, tensors, card, name=adapter.name)
+        save_adapter(
+            root, config, tensors, card, name=adapter.name, **_layout_files(adapter.layout, adapter.file_metadata)
+        )
         progress("writing adapters", i + 1, len(used))
     return used

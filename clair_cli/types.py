@@ -96,14 +96,22 @@ class AdapterConfig:
     # sha256 of the config file's bytes as read and that file's name (None for a config built from flags).
     sha256: str | None = field(default=None, compare=False, repr=False)
     file_name: str | None = field(default=None, compare=False, repr=False)
+    # (rank, alpha) of each module of a file that gives them module by module (kohya alphas,
+    # diffusers metadata: clair_cli.io.diffusion), looked up before the patterns, which then
+    # only describe them (matching hundreds of exact patterns against every module is quadratic).
+    exact: dict[str, tuple[int, float]] = field(default_factory=dict, compare=False, repr=False)
 
     def rank_for(self, module: str) -> int:
         """Rank PEFT gives ``module``: ``rank_pattern`` first, then ``r``."""
+        if module in self.exact:
+            return self.exact[module][0]
         key = _pattern_key(self.rank_pattern, module)
         return int(self.rank_pattern[key]) if key is not None else self.r
 
     def alpha_for(self, module: str) -> float:
         """Alpha PEFT gives ``module``: ``alpha_pattern`` first, then ``lora_alpha``."""
+        if module in self.exact:
+            return self.exact[module][1]
         key = _pattern_key(self.alpha_pattern, module)
         return float(self.alpha_pattern[key]) if key is not None else self.lora_alpha
 

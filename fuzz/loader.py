@@ -8,6 +8,7 @@ exception other than :class:`clair_cli.errors.ClairError` is a bug.
 
     python -m fuzz.loader --cases 100000 --seed 1   # the documented run (README)
     python -m fuzz.loader --cases 500 --seed 3
+    python -m fuzz.loader --cases 5000 --kohya    # a kohya LoRA file (no config) instead
 
 ``tests/test_fuzz.py`` drives the same mutations from hypothesis on every test run.
 """
@@ -41,6 +42,24 @@ def valid_adapter() -> tuple[bytes, dict]:
         tensors[f"base_model.model.{m}.lora_B.weight"] = torch.randn(12, 4, generator=g)
     config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
     return save(tensors), config
+
+
+def valid_kohya() -> bytes:
+    """A small valid kohya LoRA file: two linear modules and a conv module with their alphas."""
+    import torch
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for m in ("lora_unet_mid_block_attentions_0_proj_in", "lora_te_text_model_encoder_layers_0_self_attn_q_proj"):
+        tensors[f"{m}.lora_down.weight"] = torch.randn(4, 16, generator=g)
+        tensors[f"{m}.lora_up.weight"] = torch.randn(12, 4, generator=g)
+        tensors[f"{m}.alpha"] = torch.tensor(2.0, dtype=torch.float16)
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"
+    tensors[f"{conv}.lora_down.weight"] = torch.randn(4, 3, 3, 3, generator=g)
+    tensors[f"{conv}.lora_up.weight"] = torch.randn(5, 4, 1, 1, generator=g)
+    tensors[f"{conv}.alpha"] = torch.tensor([4])
+    return save(tensors)
 
 
 def _header(raw: bytes) -> tuple[int, dict]:
@@ -131,12 +150,28 @@ def check(weights: bytes, config: bytes, directory: Path) -> None:
         pass
 
 
+def check_file(weights: bytes, directory: Path) -> None:
+    """Open and read a bare weights file (a kohya LoRA needs no config) as :func:`check` does."""
+    from clair_cli.io.adapter import verify
+    from clair_cli.io.sources import open_adapters
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "lora.safetensors"
+    path.write_bytes(weights)
+    try:
+        for adapter in open_adapters([str(path)]):
+            verify(adapter)
+    except ClairError:
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=20000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kohya", action="store_true", help="damage a kohya LoRA file (no config) instead")
     args = parser.parse_args()
-    raw, config = valid_adapter()
+    raw, config = (valid_kohya(), {}) if args.kohya else valid_adapter()
     rng = random.Random(args.seed)
     failures = 0
     start = time.perf_counter()
@@ -144,7 +179,10 @@ def main() -> None:
         for i in range(args.cases):
             weights, cfg = mutate(raw, config, rng)
             try:
-                check(weights, cfg, Path(tmp) / "adapter")
+                if args.kohya:
+                    check_file(weights, Path(tmp) / "adapter")
+                else:
+                    check(weights, cfg, Path(tmp) / "adapter")
             except Exception:  # noqa: BLE001 - counting what escapes is the point
                 failures += 1
                 if failures <= 5:

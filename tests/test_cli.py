@@ -79,6 +79,7 @@ def test_json_report_schema(pool_dir: Path, tmp_path: Path) -> None:
         "revision",
         "base_model",
         "peft_type",
+        "layout",
         "r",
         "ranks",
         "lora_alpha",

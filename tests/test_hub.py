@@ -86,6 +86,18 @@ class FakeHub:
         self.server.server_close()
 
 
+def _diffusers_file() -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for m in ("unet.mid_block.attentions.0.proj_in", "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"):
+        tensors[f"{m}.lora_A.weight"] = torch.randn(4, 8, generator=g)
+        tensors[f"{m}.lora_B.weight"] = torch.randn(8, 4, generator=g)
+    return save(tensors)
+
+
 @pytest.fixture()
 def fake_hub(tmp_path: Path) -> Iterator[FakeHub]:
     main = _adapter_files(tmp_path, 0, base_model_name_or_path="org/base")
@@ -94,6 +106,7 @@ def fake_hub(tmp_path: Path) -> Iterator[FakeHub]:
     repos = {
         "owner/lora": {"main": (SHA_MAIN, {**main, "README.md": b"x"}), SHA_MAIN: (SHA_MAIN, main), "v1": (SHA_V1, v1)},
         "owner/rounds": {"main": (SHA_MAIN, sub)},
+        "owner/sdlora": {"main": (SHA_MAIN, {"pytorch_lora_weights.safetensors": _diffusers_file()})},
         "owner/pickled": {
             "main": (SHA_MAIN, {"adapter_config.json": main["adapter_config.json"], "adapter_model.bin": b"\x80"})
         },
@@ -146,6 +159,20 @@ def test_second_run_offline_uses_the_cache(fake_hub: FakeHub, tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["adapters"][0]["revision"] == SHA_MAIN
     assert len(fake_hub.requests) == n
+
+
+def test_a_diffusers_lora_repo_is_read_from_its_weights_file(fake_hub: FakeHub, tmp_path: Path) -> None:
+    env = _env(fake_hub, tmp_path / "home")
+    proc = run_cli("inspect", "owner/sdlora", "--json", "-", env=env)
+    assert proc.returncode == 0, proc.stderr
+    (adapter,) = json.loads(proc.stdout)["adapters"]
+    assert adapter["layout"] == "diffusers" and adapter["revision"] == SHA_MAIN and adapter["n_modules"] == 2
+    fetched = {path.rsplit("/", 1)[-1] for _, path, _ in fake_hub.requests}
+    assert fetched == {"adapter_config.json", "pytorch_lora_weights.safetensors"}
+    n = len(fake_hub.requests)
+    proc = run_cli("inspect", "owner/sdlora", "--json", "-", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["adapters"][0]["layout"] == "diffusers" and len(fake_hub.requests) == n
 
 
 @pytest.mark.parametrize(

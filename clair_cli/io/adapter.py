@@ -74,6 +74,9 @@ class Adapter:
             tokens) by kind; a merge refuses them unless told to drop them.
         file_size: bytes of the weights file.
         n_params: parameters in the weights file (all tensors).
+        layout: how the file names its tensors: ``peft``, ``kohya`` or ``diffusers``
+            (:mod:`clair_cli.io.diffusion`); outputs keep it.
+        file_metadata: the weights file's safetensors metadata (a refined diffusion file keeps it).
     """
 
     def __init__(
@@ -93,6 +96,8 @@ class Adapter:
         self.n_params = n_params
         # What a merge of LoRA factors cannot carry, by kind: key names (or the config field).
         self.extras: dict[str, list[str]] = {}
+        self.layout = "peft"
+        self.file_metadata: dict[str, str] = {}
         self._weights_sha256: str | None = None
 
     @property
@@ -136,24 +141,20 @@ class Adapter:
         max_rank: int | None = None,
         max_modules: int | None = None,
         header: tuple[dict[str, TensorInfo], dict[str, str]] | None = None,
+        keys: HeaderKeys | None = None,
     ) -> Adapter:
-        """Read the header of ``ref.weights_file`` (unless given) and build the module table.
+        """Read the header of ``ref.weights_file`` (unless given) and build the module table
+        (from ``keys`` when given: a diffusion layout's, :mod:`clair_cli.io.diffusion`).
 
         Raises:
             AdapterFormatError: unpaired factors, rank or shape mismatches, non-float
                 dtypes, rank 0, more modules than ``max_modules``, or no LoRA tensor at all.
         """
         path = ref.weights_file
-        tensors, _metadata = header if header is not None else read_header(path)
-        keys = classify_keys(path, tensors)
+        tensors, metadata = header if header is not None else read_header(path)
+        keys = keys if keys is not None else classify_keys(path, tensors)
         parts, dora, biases, others = keys.parts, keys.dora, keys.lora_biases, keys.others
-        if max_modules is not None and len(parts) > max_modules:
-            raise AdapterFormatError(
-                f"{printable(str(path))}: {len(parts)} LoRA modules, more than --max-modules {max_modules}; "
-                "refused before reading any factor",
-                hint="The audit costs tens of milliseconds per module (docs: Limits); raise --max-modules "
-                "if the adapter is trusted and the machine has the time.",
-            )
+        check_module_count(path, len(parts), max_modules)
 
         modules: dict[str, ModuleSpec] = {}
         for module in sorted(parts):
@@ -214,6 +215,8 @@ class Adapter:
             n_params=sum(t.numel for t in tensors.values()),
         )
         adapter.extras = extras
+        adapter.layout = keys.layout
+        adapter.file_metadata = dict(metadata)
         return adapter
 
     def load(
@@ -297,6 +300,21 @@ class Adapter:
         return min(peaks) == 0.0
 
 
+def check_module_count(path: Path, n: int, max_modules: int | None) -> None:
+    """Refuse an adapter of more than ``max_modules`` LoRA modules (``--max-modules``), before any tensor is read.
+
+    Raises:
+        AdapterFormatError: naming the file and both numbers.
+    """
+    if max_modules is not None and n > max_modules:
+        raise AdapterFormatError(
+            f"{printable(str(path))}: {n} LoRA modules, more than --max-modules {max_modules}; "
+            "refused before reading any factor",
+            hint="The audit costs tens of milliseconds per module (docs: Limits); raise --max-modules "
+            "if the adapter is trusted and the machine has the time.",
+        )
+
+
 def _peak(t: torch.Tensor) -> float:
     """max |t| (NaN if t holds a NaN), 0 for an empty tensor."""
     return float(t.abs().max()) if t.numel() else 0.0
@@ -321,6 +339,7 @@ class HeaderKeys:
         lora_biases: LoRA biases (``lora_B.bias``, PEFT ``lora_bias=True``).
         base_biases: biases of the base layers (PEFT ``bias='all'`` / ``'lora_only'``).
         others: every other tensor (``modules_to_save`` copies, full weights).
+        layout: the file's key layout (``peft``, ``kohya``, ``diffusers``).
     """
 
     parts: dict[str, dict[str, TensorInfo]]
@@ -328,6 +347,7 @@ class HeaderKeys:
     lora_biases: list[str]
     base_biases: list[str]
     others: list[str]
+    layout: str = "peft"
 
 
 def classify_keys(path: Path, tensors: dict[str, TensorInfo]) -> HeaderKeys:

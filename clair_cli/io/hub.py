@@ -1,6 +1,7 @@
 """Hugging Face Hub sources: ``owner/name``, ``hf://owner/name[/subfolder][@revision]``.
 
-Only ``adapter_config.json`` and ``adapter_model.safetensors`` are downloaded,
+Only ``adapter_config.json`` and ``adapter_model.safetensors`` are downloaded (a repo
+without ``adapter_config.json``: its diffusers LoRA file ``pytorch_lora_weights.safetensors``),
 through ``huggingface_hub`` so that HF_TOKEN, HF_HOME, HF_ENDPOINT,
 HF_HUB_OFFLINE and the shared cache behave as everywhere else in the ecosystem.
 The resolved commit sha is read from the cache snapshot the files landed in.
@@ -27,6 +28,7 @@ from typing import Any
 
 from clair_cli.constants import (
     CONFIG_NAME,
+    DIFFUSERS_WEIGHTS_NAME,
     HUB_DEFAULT_TIMEOUT_S,
     HUB_MAX_TIMEOUT_S,
     HUB_PREFIX,
@@ -45,6 +47,18 @@ REVISION_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]{0,254}$")
 
 class HubAnswerError(Exception):
     """A Hub response whose headers clair will not let become cache paths."""
+
+
+# Files a repo may lack: without adapter_config.json it may be a diffusers LoRA repo.
+_OPTIONAL = (CONFIG_NAME, DIFFUSERS_WEIGHTS_NAME)
+
+
+class _Missing(AdapterNotFound):
+    """The repo has no such file (one of :data:`_OPTIONAL`)."""
+
+
+class _NotCached(HubError):
+    """Offline, and the file (one of :data:`_OPTIONAL`) is not in the cache."""
 
 
 def check_revision(revision: str, source: str) -> str:
@@ -307,10 +321,10 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
     where = f"{hub.repo_id}" + (f" (subfolder {hub.subfolder})" if hub.subfolder else "")
     at = f" at revision {hub.revision}" if hub.revision else ""
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-    paths: dict[str, Path] = {}
-    for filename in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME):
+
+    def get(filename: str) -> Path:  # noqa: C901 - one branch per answer of the Hub
         try:
-            paths[filename] = Path(
+            return Path(
                 _with_deadline(
                     deadline,
                     hf_hub_download,
@@ -336,7 +350,7 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
             raise AdapterNotFound(f"{spec}: revision {hub.revision!r} not found in {hub.repo_id}") from exc
         except LocalEntryNotFoundError as exc:
             if offline:
-                raise HubError(
+                raise (_NotCached if filename in _OPTIONAL else HubError)(
                     f"{spec}: {filename} of {where}{at} is not in the local cache and HF_HUB_OFFLINE is set",
                     hint="Unset HF_HUB_OFFLINE to allow downloads.",
                 ) from exc
@@ -350,7 +364,11 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
                     f"{spec}: {where}{at} has no {SAFETENSORS_WEIGHTS_NAME} (pickle checkpoints are refused)",
                     hint=PICKLE_HINT,
                 ) from exc
-            raise AdapterNotFound(f"{spec}: {where}{at} has no {filename}; is it a PEFT adapter repo?") from exc
+            raise (_Missing if filename in _OPTIONAL else AdapterNotFound)(
+                f"{spec}: {where}{at} has no {filename}; is it a PEFT adapter repo?",
+                hint=f"A diffusers LoRA repo holds {DIFFUSERS_WEIGHTS_NAME}; for a kohya LoRA file, download it "
+                "and name the file as the source.",
+            ) from exc
         except HfHubHTTPError as exc:
             first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise HubError(f"{spec}: the Hub refused the request ({printable(first)})") from exc
@@ -365,12 +383,22 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
         except (OSError, ValueError) as exc:
             # ValueError: huggingface_hub refused to build a path or parse an answer.
             raise HubError(f"{spec}: download failed ({printable(str(exc)[:200])})") from exc
+
+    config: Path | None
+    try:
+        config = get(CONFIG_NAME)
+        weights = get(SAFETENSORS_WEIGHTS_NAME)
+    except (_Missing, _NotCached) as exc:
+        try:  # a diffusers LoRA repo: its weights file alone, read as a diffusion LoRA (io.diffusion)
+            weights, config = get(DIFFUSERS_WEIGHTS_NAME), None
+        except (_Missing, _NotCached):
+            raise exc from None
     return AdapterRef(
         name=hub.name,
         source=spec,
-        weights_file=paths[SAFETENSORS_WEIGHTS_NAME],
-        config_file=paths[CONFIG_NAME],
-        revision=_commit_from_path(paths[CONFIG_NAME]),
+        weights_file=weights,
+        config_file=config,
+        revision=_commit_from_path(config or weights),
         repo_id=hub.repo_id,
         requested_revision=hub.revision,
         subfolder=hub.subfolder,

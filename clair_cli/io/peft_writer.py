@@ -11,6 +11,11 @@ does no arithmetic).
 (:class:`clair_cli.io.writers.Outputs`), which checks the target and renames it into
 place with the run's other outputs, or not at all. Every name written inside it goes
 through :func:`clair_cli.io.paths.join_inside`. The umask is honoured.
+
+Diffusion LoRA files (:mod:`clair_cli.io.diffusion`) are written back in their own layout: a
+merged or refined kohya or diffusers adapter is a directory with ``pytorch_lora_weights.safetensors``
+(the name diffusers' ``load_lora_weights(DIR)`` looks for) and the model card, and no
+``adapter_config.json`` (PEFT would read one as a description of keys it cannot load).
 """
 
 from __future__ import annotations
@@ -30,14 +35,23 @@ if TYPE_CHECKING:
     import torch
 
 
-def save_adapter(
-    root: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor] | None, card: str, name: str | None = None
+def save_adapter(  # noqa: PLR0913 - the files of one adapter directory
+    root: Path,
+    config: dict[str, Any] | None,
+    tensors: dict[str, torch.Tensor] | None,
+    card: str,
+    name: str | None = None,
+    *,
+    weights_name: str = SAFETENSORS_WEIGHTS_NAME,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write adapter_config.json, adapter_model.safetensors and README.md into ``root`` (or ``root/name``).
 
     ``name`` (an adapter name, from the input) is made a safe relative path and checked
     to stay inside ``root``. Non-finite tensors are refused before anything is written.
     ``tensors`` None: the tensors file is already there (:class:`MergedStream` wrote it).
+    A diffusion LoRA has no ``config`` (None: none written), its own ``weights_name`` and the
+    safetensors ``metadata`` of its source (``format`` is always ``pt``).
 
     Returns:
         The directory written.
@@ -52,14 +66,15 @@ def save_adapter(
     directory = root if name is None else join_inside(root, safe_relpath(name))
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if config is not None:
+            (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         if tensors is not None:
             save_file(
                 {k: v.contiguous() for k, v in tensors.items()},
-                str(directory / SAFETENSORS_WEIGHTS_NAME),
-                {"format": "pt"},
+                str(directory / weights_name),
+                {**(metadata or {}), "format": "pt"},
             )
-            apply_umask(directory / SAFETENSORS_WEIGHTS_NAME)  # safetensors creates it 0600
+            apply_umask(directory / weights_name)  # safetensors creates it 0600
         (directory / MODEL_CARD_NAME).write_text(card, encoding="utf-8")
     except OSError as exc:
         raise OutputError(f"{printable(str(directory))}: cannot write ({os_error_text(exc)})") from exc
@@ -77,29 +92,38 @@ def _non_finite(what: str, n: int, first: str) -> OutputError:
 
 
 class MergedStream:
-    """The merged adapter's ``adapter_model.safetensors`` in ``root``, written module by module
-    as :func:`clair_cli.pipeline.merge` computes them (a :class:`clair_cli.pipeline.MergeSink`),
-    in the layout :func:`merged_tensors` gives; :func:`save_adapter` (``tensors=None``) then
-    adds the config and the card. Peak memory is one module's factors.
+    """The merged adapter's tensors file in ``root``, written module by module as
+    :func:`clair_cli.pipeline.merge` computes them (a :class:`clair_cli.pipeline.MergeSink`), in
+    the layout :func:`merged_tensors` gives; :func:`save_adapter` (``tensors=None``) then adds
+    the config and the card. Peak memory is one module's factors.
 
     Args:
         root: the staging directory of ``--out``.
-        specs: an input's module table (kind and kernel shape).
+        specs: an input's module table (kind, kernel shape, keys).
         max_rank: per module merged, a rank its merge does not exceed
             (:func:`clair_cli.pipeline.merged_rank_bound`).
+        layout: the inputs' layout (``peft``, ``kohya``, ``diffusers``): key names, the file's
+            name, and a kohya file's alphas (written last, once every module's rank is known).
     """
 
-    def __init__(self, root: Path, specs: Mapping[str, ModuleSpec], max_rank: Mapping[str, int]) -> None:
+    def __init__(
+        self, root: Path, specs: Mapping[str, ModuleSpec], max_rank: Mapping[str, int], layout: str = "peft"
+    ) -> None:
+        from clair_cli.constants import DIFFUSERS_WEIGHTS_NAME
         from clair_cli.io.safetensors_stream import SafetensorsStream
 
         self.root = root
         self.specs = specs
+        self.layout = layout
         largest: dict[str, tuple[int, ...]] = {}
         for name, rank in max_rank.items():
-            a_key, b_key = _keys(specs[name])
+            a_key, b_key = _layout_keys(specs[name], layout)
             largest[a_key], largest[b_key] = _shapes(specs[name], rank)
+        optional = {f"{name}.alpha": () for name in max_rank} if layout == "kohya" else {}
         self._b_keys: list[str] = []
-        self._stream = SafetensorsStream(root / SAFETENSORS_WEIGHTS_NAME, largest, {"format": "pt"})
+        self._ranks: dict[str, int] = {}
+        file = root / (SAFETENSORS_WEIGHTS_NAME if layout == "peft" else DIFFUSERS_WEIGHTS_NAME)
+        self._stream = SafetensorsStream(file, largest, {"format": "pt"}, optional)
 
     def __enter__(self) -> MergedStream:
         try:
@@ -111,6 +135,9 @@ class MergedStream:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         try:
+            if exc_type is None:
+                for key, alpha in _kohya_alphas(self.layout, self._ranks).items():
+                    self._stream.add(key, alpha)
             self._stream.__exit__(exc_type, exc, tb)
         except OSError as exc:
             raise self._cannot(exc) from exc
@@ -122,7 +149,7 @@ class MergedStream:
         """Append module ``name``'s merged factors (refused, before any byte of theirs, if not finite)."""
         import torch
 
-        a_key, b_key = _keys(self.specs[name])
+        a_key, b_key = _layout_keys(self.specs[name], self.layout)
         for key, t in ((a_key, A), (b_key, B)):
             if not bool(torch.isfinite(t).all()):
                 raise _non_finite(str(self.root), 1, key)
@@ -133,6 +160,7 @@ class MergedStream:
         except OSError as exc:
             raise self._cannot(exc) from exc
         self._b_keys.append(b_key)
+        self._ranks[name] = int(A.shape[0])
 
     def rewrite_b(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Replace every ``B`` written by ``fn(B)``, in place in the file (``--rescale norm``);
@@ -165,18 +193,43 @@ def _keys(spec: ModuleSpec) -> tuple[str, str]:
 
 
 def merged_tensors(
-    specs: Mapping[str, ModuleSpec], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+    specs: Mapping[str, ModuleSpec], factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]], layout: str = "peft"
 ) -> dict[str, torch.Tensor]:
-    """PEFT tensors of a merged adapter from per-module ``(A, B)`` (scale 1), laid out as ``specs``
-    (an input's module table: kind and kernel shape)."""
+    """Tensors of a merged adapter from per-module ``(A, B)`` (scale 1), laid out as ``specs``
+    (an input's module table: kind, kernel shape and, for a diffusion ``layout``, its keys).
+
+    PEFT's keys for ``peft``; the input's own keys for ``kohya`` and ``diffusers``. A merged
+    kohya file has scale 1 in every module: ``alpha`` = rank, written when every module has one
+    rank, and left out otherwise (no alpha means alpha = rank in sd-scripts, A1111, ComfyUI and
+    diffusers alike, whereas diffusers 0.42 scales attention modules whose kohya alpha differs from
+    the file's most common one by that common alpha, ``get_peft_kwargs``'s alpha_pattern keys not
+    matching them)."""
+
     out = {}
     for name, (A, B) in sorted(factors.items()):
         spec = specs[name]
         a_shape, b_shape = _shapes(spec, A.shape[0])
-        a_key, b_key = _keys(spec)
+        a_key, b_key = _layout_keys(spec, layout)
         out[a_key] = A.reshape(a_shape)
         out[b_key] = B.reshape(b_shape)
+    out.update(_kohya_alphas(layout, {name: A.shape[0] for name, (A, _B) in factors.items()}))
     return out
+
+
+def _layout_keys(spec: ModuleSpec, layout: str) -> tuple[str, str]:
+    """A merged module's tensor names: PEFT's for ``peft``, the input's own for a diffusion layout."""
+    return _keys(spec) if layout == "peft" else (spec.a_key, spec.b_key)
+
+
+def _kohya_alphas(layout: str, ranks: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """The ``alpha`` tensors of a merged kohya file (:func:`merged_tensors`): ``alpha`` = rank in
+    every module when all have one rank, none otherwise."""
+    import torch
+
+    if layout != "kohya" or len(set(ranks.values())) != 1:
+        return {}
+    rank = torch.tensor(float(next(iter(ranks.values()))), dtype=torch.float32)
+    return {f"{name}.alpha": rank.clone() for name in ranks}
 
 
 def refined_tensors(

@@ -56,13 +56,21 @@ class SafetensorsStream:
         largest: per tensor name, the largest shape it may have (its data size is bounded by
             it, and so is every number of the header).
         metadata: the ``__metadata__`` strings.
+        optional: like ``largest``, for tensors that may be left out.
 
     Use as a context manager; leaving without an exception writes the header.
     """
 
-    def __init__(self, path: Path, largest: Mapping[str, Sequence[int]], metadata: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        largest: Mapping[str, Sequence[int]],
+        metadata: Mapping[str, str],
+        optional: Mapping[str, Sequence[int]] | None = None,
+    ) -> None:
         self.path = path
-        self.largest = {k: tuple(int(d) for d in v) for k, v in largest.items()}
+        self.required = set(largest)
+        self.largest = {k: tuple(int(d) for d in v) for k, v in {**largest, **(optional or {})}.items()}
         self.metadata = dict(metadata)
         self.written: dict[str, _Written] = {}
         total = sum(math.prod(s) * ITEMSIZE for s in self.largest.values())
@@ -119,7 +127,7 @@ class SafetensorsStream:
                 f.write(_little_endian_bytes(new))
 
     def _finish(self, f: BinaryIO) -> None:
-        missing = sorted(set(self.largest) - set(self.written))
+        missing = sorted(self.required - set(self.written))
         if missing:
             raise ValueError(f"{len(missing)} planned tensor(s) never written, e.g. {missing[0]!r}")
         header = _header({k: (w.shape, w.start, w.end) for k, w in sorted(self.written.items())}, self.metadata)
@@ -135,5 +143,5 @@ class SafetensorsStream:
 def _little_endian_bytes(tensor: torch.Tensor) -> memoryview:
     import torch
 
-    arr = tensor.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
+    arr = tensor.detach().to("cpu", torch.float32).reshape(-1).contiguous().numpy().astype("<f4", copy=False)
     return arr.data.cast("B")

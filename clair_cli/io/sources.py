@@ -34,6 +34,7 @@ from clair_cli.constants import (
     DEFAULT_MAX_ADAPTERS,
     DEFAULT_MAX_MODULES,
     DEFAULT_MAX_RANK,
+    DIFFUSERS_WEIGHTS_NAME,
     HUB_PREFIX,
     MAX_LIST_BYTES,
     MAX_SOURCE_DEPTH,
@@ -53,6 +54,7 @@ from clair_cli.errors import (
 from clair_cli.io import hub
 from clair_cli.io.adapter import Adapter, classify_keys
 from clair_cli.io.base_model import canonical_base_model
+from clair_cli.io.diffusion import layout_of, open_diffusion
 from clair_cli.io.files import os_problem, probe, read_small
 from clair_cli.io.hub import COMMIT_RE
 from clair_cli.io.paths import printable, resolved, shown_path
@@ -187,7 +189,22 @@ def _lexists(path: Path) -> bool:
 def _is_adapter_dir(directory: Path) -> bool:
     # lexists: a dangling link in an adapter file's place makes the directory an adapter whose
     # file cannot be read (an error naming it), not something skipped.
-    return any(_lexists(directory / n) for n in (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, *PICKLE_WEIGHTS_NAMES))
+    names = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME, *PICKLE_WEIGHTS_NAMES)
+    return any(_lexists(directory / n) for n in names)
+
+
+def _is_diffusion_file(path: Path) -> bool:
+    """Whether a bare weights file is a kohya or diffusers LoRA (which needs no config); False when
+    its header cannot be read (opening it later says why).
+
+    Raises:
+        AdapterFormatError: the file mixes layouts.
+    """
+    try:
+        tensors, metadata = read_header(path)
+    except ClairError:
+        return False
+    return layout_of(path, tensors, metadata) != "peft"
 
 
 def cache_snapshot(path: Path) -> tuple[str, str, str | None] | None:
@@ -218,6 +235,10 @@ def _local_ref(directory: Path, name: str, source: str, weights: Path, config: P
 def _adapter_dir_ref(directory: Path, name: str, source: str, options: SourceOptions, path: str) -> AdapterRef:
     weights = directory / SAFETENSORS_WEIGHTS_NAME
     config = directory / CONFIG_NAME
+    if not _lexists(weights) and _lexists(directory / DIFFUSERS_WEIGHTS_NAME):
+        # A diffusion LoRA directory (save_lora_weights, or clair's own output): read at open.
+        weights = directory / DIFFUSERS_WEIGHTS_NAME
+        return _local_ref(directory, name, source, weights, config if _lexists(config) else None, path)
     if not _lexists(weights):
         for pickle_name in PICKLE_WEIGHTS_NAMES:
             if _lexists(directory / pickle_name):
@@ -234,7 +255,7 @@ def _adapter_dir_ref(directory: Path, name: str, source: str, options: SourceOpt
 
 def _bare_file_ref(file: Path, name: str, source: str, options: SourceOptions, path: str) -> AdapterRef:
     """A ``.safetensors`` file in a directory of such files: described by --config or --lora-alpha."""
-    if options.config is None and options.lora_alpha is None:
+    if options.config is None and options.lora_alpha is None and not _is_diffusion_file(file):
         raise AdapterFormatError(
             f"{shown_path(file)}: a bare .safetensors file in {printable(source)}, with no {CONFIG_NAME}",
             hint="Pass --config FILE, or --lora-alpha (and --base-model), to describe the files of the directory.",
@@ -407,13 +428,13 @@ def _resolve_local(
             raise AdapterFormatError(f"{shown_path(path)}: expected a .safetensors file or an adapter directory")
         beside = path.parent / CONFIG_NAME
         config = beside if _lexists(beside) and options.config is None else None
-        if config is None and options.config is None and options.lora_alpha is None:
+        if config is None and options.config is None and options.lora_alpha is None and not _is_diffusion_file(path):
             raise AdapterFormatError(
                 f"{shown_path(path)}: no {CONFIG_NAME} beside it",
                 hint="Pass --config FILE, or --lora-alpha (and --base-model) to describe it.",
             )
         directory = path.parent
-        if path.name == SAFETENSORS_WEIGHTS_NAME:
+        if path.name in (SAFETENSORS_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME):
             name = resolved(directory, shown_path(directory), AdapterNotFound).name or spec
         else:
             name = path.stem
@@ -560,6 +581,15 @@ def open_adapter(ref: AdapterRef, options: SourceOptions | None = None) -> Adapt
     config_file = options.config if ref.config_file is None or options.config else ref.config_file
     note = None
     header = read_header(ref.weights_file)
+    layout = layout_of(ref.weights_file, *header)
+    if layout == "kohya" and config_file is not None:
+        raise AdapterFormatError(
+            f"{shown_path(ref.weights_file)}: a kohya LoRA file, which carries its own alphas; "
+            f"the config {shown_path(config_file)} does not apply to it",
+            hint="Drop --config (or move the adapter_config.json beside the file away).",
+        )
+    if layout != "peft" and config_file is None:
+        return open_diffusion(ref, header, layout, options)
     if config_file is not None:
         config = load_config(config_file)
         if options.base_model:

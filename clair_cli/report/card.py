@@ -112,8 +112,8 @@ def _merge_lines(merge: dict[str, Any], params: dict[str, Any] | None = None) ->
     return [*lines, ""]
 
 
-def _front_matter(base_model: str | None, tags: list[str]) -> list[str]:
-    lines = ["---", "library_name: peft"]
+def _front_matter(base_model: str | None, tags: list[str], library: str = "peft") -> list[str]:
+    lines = ["---", f"library_name: {library}"]
     if base_model:
         lines.append(f"base_model: {yaml_string(portable(base_model) or base_model)}")
     lines += ["tags:", *(f"- {t}" for t in tags), "---", ""]
@@ -130,6 +130,7 @@ def model_card(  # noqa: PLR0913 - to group into a card dataclass next
     notes: list[str],
     merge: dict[str, Any] | None = None,
     params: dict[str, Any] | None = None,
+    library: str = "peft",
 ) -> str:
     """A model card.
 
@@ -145,8 +146,9 @@ def model_card(  # noqa: PLR0913 - to group into a card dataclass next
         merge: the merge parameters (``MergedAdapter.summary()``), for a merged adapter.
         params: the audit's settings (``AuditParams.as_dict()``), listed with the parameters
             when an audit ran (``summary``).
+        library: the Hub's ``library_name`` (``diffusers`` for a kohya or diffusers LoRA file).
     """
-    lines = _front_matter(base_model, ["lora", "clair", "merge" if method != "refine" else "refined"])
+    lines = _front_matter(base_model, ["lora", "clair", "merge" if method != "refine" else "refined"], library)
     lines += [f"# {md_text(title)}", "", f"Made by clair {__version__}.", "", md_fence(portable_command(command)), ""]
     key = "clair-project" if method == "clair" and merge and merge["options"]["project"] else method
     lines += ["## Method", "", METHOD_TEXT.get(key, md_text(method)), ""]

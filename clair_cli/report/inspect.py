@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from rich.console import Console
@@ -31,6 +32,7 @@ def adapter_record(adapter: Adapter, extra_notes: list[str] | None = None, diges
         **where_from(adapter, digests),
         "base_model": cfg.base_model,
         "peft_type": cfg.peft_type,
+        "layout": adapter.layout,
         "r": cfg.r,
         "ranks": adapter.ranks,
         "lora_alpha": cfg.lora_alpha,
@@ -77,6 +79,9 @@ def inspect_report(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _targets(rec: dict[str, Any]) -> str:
     t = rec["target_modules"]
+    if t is None and rec.get("layout") == "kohya":  # lora_unet_<path with _>: one line per part
+        parts = Counter("_".join(m["name"].split("_", 2)[:2]) + "_*" for m in rec["modules"])
+        return ", ".join(f"{p} ({n})" for p, n in sorted(parts.items()))
     if t is None:
         names = sorted({m["name"].rsplit(".", 1)[-1] for m in rec["modules"]})
         return ", ".join(names)

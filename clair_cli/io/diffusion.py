@@ -1,0 +1,313 @@
+"""Diffusion LoRA files: kohya / sd-scripts and diffusers layouts, read as the same (A, B, scale) updates.
+
+Two layouts besides PEFT's are recognised from a file's tensor names (never from its name):
+
+- **kohya** (sd-scripts, A1111, ComfyUI): ``lora_unet_<path with _>.lora_down.weight``,
+  ``.lora_up.weight`` and ``.alpha`` per module; ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` for
+  the text encoders, ``lora_transformer_`` for Flux / SD3. ``lora_down`` is A, ``lora_up`` is B;
+  the scale is alpha / rank, and a module without ``alpha`` has alpha = rank (scale 1), as
+  sd-scripts and diffusers' ``_convert_non_diffusers_lora_to_diffusers`` read it.
+- **diffusers** (``save_lora_weights``): ``unet.<module>.lora_A.weight`` /
+  ``text_encoder.<module>.lora_B.weight`` / ``transformer.<module>...``. Each component's
+  LoraConfig may be in the safetensors metadata (``lora_adapter_metadata``, keys
+  ``<component>.<field>``), which diffusers then applies as is; without it diffusers gives every
+  module alpha = rank (``get_peft_kwargs``), so clair reads scale 1 unless ``--lora-alpha`` says
+  otherwise.
+
+Module names are the file's own (``lora_unet_..._to_q``, ``unet.down_blocks...to_q``): adapters of
+one layout compare module by module, and outputs keep each input's layout and keys. What is not a
+plain LoRA (LyCORIS LoHa, LoKr, DoRA, Tucker cores, full differences, IA3; diffusers' old
+attention-processor keys) is refused with the file and the key named, and so is a file that mixes
+layouts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from clair_cli.constants import (
+    DIFFUSERS_COMPONENTS,
+    DIFFUSERS_METADATA_KEY,
+    FLOAT_DTYPES,
+    KOHYA_KEY_RE,
+    KOHYA_PREFIXES,
+    PEFT_KEY_PREFIX,
+)
+from clair_cli.errors import AdapterFormatError
+from clair_cli.io.adapter import Adapter, HeaderKeys, check_module_count, classify_keys
+from clair_cli.io.lora_config import exact_key
+from clair_cli.io.paths import printable
+from clair_cli.io.peft_config import parse_config
+from clair_cli.io.safetensors_file import SafetensorsReader, TensorInfo
+from clair_cli.types import AdapterConfig, AdapterRef
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from clair_cli.io.sources import SourceOptions
+
+# LyCORIS and other kohya-style tensors that are not a plain LoRA's, by what their key holds.
+VARIANTS = (
+    ("hada_", "LoHa (hada_* tensors)"),
+    ("lokr_", "LoKr (lokr_* tensors)"),
+    ("dora_scale", "DoRA (dora_scale)"),
+    ("lora_mid", "LoCon with a Tucker core (lora_mid)"),
+    ("diff", "a full weight difference (diff)"),
+    ("on_input", "IA3 (on_input)"),
+    ("oft_", "OFT (oft_* tensors)"),
+    ("_norm", "norm tuning (w_norm / b_norm)"),
+)
+VARIANT_HINT = (
+    "clair reads plain LoRA files only (lora_down / lora_up / alpha): a LyCORIS variant has no low-rank "
+    "update B @ A to compare. Leave this file out of the pool."
+)
+# diffusers 0.42 reads a kohya file's alphas into a LoraConfig whose alpha_pattern keys do not match
+# attention modules (to_q / to_k / to_v / to_out, the text encoders' self_attn): those get the file's
+# most common alpha.
+KOHYA_ALPHAS_NOTE = (
+    "alphas differ between modules: clair reads each module's own, as sd-scripts, A1111 and ComfyUI do; "
+    "diffusers (0.42) applies the most common alpha to attention modules instead"
+)
+# diffusers' attention-processor era keys (before its PEFT integration).
+OLD_DIFFUSERS_RE = re.compile(r"[._]lora\.(down|up)\.|\.lora_linear_layer\.")
+_MAIN_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def _bad(path: Path, problem: str, hint: str | None = None) -> AdapterFormatError:
+    return AdapterFormatError(f"{printable(str(path))}: {problem}", hint=hint)
+
+
+def layout_of(path: Path, tensors: Mapping[str, TensorInfo], metadata: Mapping[str, str]) -> str:
+    """The key layout of a weights file: ``kohya``, ``diffusers`` or ``peft`` (anything else).
+
+    Raises:
+        AdapterFormatError: the file mixes kohya keys with others, or diffusers keys with others.
+    """
+    names = sorted(tensors)
+    kohya = [k for k in names if k.startswith(KOHYA_PREFIXES)]
+    if kohya:
+        other = next((k for k in names if not k.startswith(KOHYA_PREFIXES)), None)
+        if other is not None:
+            raise _bad(
+                path,
+                f"mixes kohya keys ({printable(kohya[0])!r}) with others ({printable(other)!r}); "
+                "one file holds one LoRA in one layout",
+                hint="Save each LoRA in one layout (kohya's or diffusers').",
+            )
+        return "kohya"
+    if any(k.startswith(PEFT_KEY_PREFIX) for k in names):
+        return "peft"
+    heads = {k.split(".", 1)[0] for k in names}
+    if not heads & set(DIFFUSERS_COMPONENTS):
+        return "peft"
+    # "transformer." alone is also a GPT-2 module path (transformer.h.0...): diffusers only with evidence.
+    evidence = bool(heads & set(_MAIN_COMPONENTS)) or DIFFUSERS_METADATA_KEY in metadata
+    evidence = evidence or any("transformer_blocks." in k for k in names)
+    if not evidence:
+        return "peft"
+    stray = next((k for k in names if k.split(".", 1)[0] not in DIFFUSERS_COMPONENTS), None)
+    if stray is not None:
+        raise _bad(
+            path,
+            f"mixes diffusers keys (component.module...) with {printable(stray)!r}; "
+            "one file holds one LoRA in one layout",
+            hint="Save the LoRA with diffusers' save_lora_weights().",
+        )
+    return "diffusers"
+
+
+def _refuse_variant(path: Path, key: str) -> AdapterFormatError:
+    tail = key.split(".", 1)[1] if "." in key else key
+    what = next((name for marker, name in VARIANTS if marker in tail), None)
+    if what is None:
+        return _bad(
+            path,
+            f"tensor {printable(key)!r} is not a plain LoRA tensor (lora_down / lora_up / alpha)",
+            hint=VARIANT_HINT,
+        )
+    return _bad(path, f"tensor {printable(key)!r} belongs to {what}, not a plain LoRA", hint=VARIANT_HINT)
+
+
+def classify_kohya(path: Path, tensors: Mapping[str, TensorInfo]) -> tuple[HeaderKeys, dict[str, TensorInfo]]:
+    """A kohya file's factors by module (``lora_down`` as ``lora_A``, ``lora_up`` as ``lora_B``) and its alphas.
+
+    Raises:
+        AdapterFormatError: a LyCORIS or other non-LoRA tensor, or an alpha without factors.
+    """
+    keys = HeaderKeys({}, [], [], [], [], layout="kohya")
+    alphas: dict[str, TensorInfo] = {}
+    for key, info in sorted(tensors.items()):
+        m = KOHYA_KEY_RE.match(key)
+        if m is None:
+            raise _refuse_variant(path, key)
+        if m["part"] == "alpha":
+            alphas[m["module"]] = info
+        else:
+            part = "lora_A" if m["part"].startswith("lora_down") else "lora_B"
+            keys.parts.setdefault(m["module"], {})[part] = info
+    orphan = sorted(set(alphas) - set(keys.parts))
+    if orphan:
+        raise _bad(path, f"{printable(orphan[0])}.alpha has no lora_down / lora_up tensors")
+    for module, parts in sorted(keys.parts.items()):
+        if len(parts) == 1:
+            have, lack = ("lora_down", "lora_up") if "lora_A" in parts else ("lora_up", "lora_down")
+            raise _bad(path, f"module {printable(module)!r} has {have} but no {lack}")
+    return keys, alphas
+
+
+def _alpha_values(path: Path, infos: Mapping[str, TensorInfo]) -> dict[str, float]:
+    """Each module's alpha (one number, floating point or integer), checked finite and positive."""
+    out: dict[str, float] = {}
+    with SafetensorsReader(path) as reader:
+        for module, info in infos.items():
+            if info.numel != 1 or info.dtype not in (*FLOAT_DTYPES, "I8", "I16", "I32", "I64", "U8"):
+                raise _bad(path, f"{printable(info.name)!r} must be one number, got {info.dtype} {list(info.shape)}")
+            value = float(reader.get(info.name).reshape(-1)[0])
+            if not math.isfinite(value) or value <= 0:
+                raise _bad(
+                    path,
+                    f"{printable(info.name)!r} is {value}; alpha must be a finite positive number",
+                    hint="The file is corrupt or was written by a broken tool.",
+                )
+            out[module] = value
+    return out
+
+
+def module_config(
+    base_model: str | None, modules: Mapping[str, tuple[int, float]], use_rslora: bool = False, use_dora: bool = False
+) -> AdapterConfig:
+    """An :class:`AdapterConfig` that gives each module its ``(rank, alpha)`` (exact patterns for the odd ones)."""
+    ranks = Counter(r for r, _ in modules.values())
+    r = min(ranks, key=lambda v: (-ranks[v], v)) if ranks else 1
+    alphas = Counter(a for rk, a in modules.values() if rk == r)
+    alpha = min(alphas, key=lambda v: (-alphas[v], v)) if alphas else float(r)
+    return AdapterConfig(
+        base_model=base_model,
+        r=r,
+        lora_alpha=alpha,
+        use_rslora=use_rslora,
+        rank_pattern={exact_key(m): rk for m, (rk, _) in sorted(modules.items()) if rk != r},
+        alpha_pattern={exact_key(m): a for m, (_, a) in sorted(modules.items()) if a != alpha},
+        use_dora=use_dora,
+        exact=dict(modules),
+    )
+
+
+def _ranks(keys: HeaderKeys) -> dict[str, int]:
+    """Each module's rank as its A factor's first dimension (checked later by :func:`_module_spec`)."""
+    out = {}
+    for module, parts in keys.parts.items():
+        a = parts.get("lora_A", parts.get("lora_embedding_A"))
+        if a is not None and a.shape and a.shape[0] > 0:
+            out[module] = a.shape[0]
+    return out
+
+
+def _kohya_config(
+    path: Path, tensors: Mapping[str, TensorInfo], options: SourceOptions
+) -> tuple[HeaderKeys, AdapterConfig]:
+    keys, alpha_infos = classify_kohya(path, tensors)
+    check_module_count(path, len(keys.parts), options.max_modules)  # before reading an alpha
+    alphas = _alpha_values(path, alpha_infos)
+    default = options.lora_alpha
+    modules = {m: (r, alphas.get(m, default if default is not None else float(r))) for m, r in _ranks(keys).items()}
+    return keys, module_config(options.base_model, modules)
+
+
+def metadata_configs(path: Path, metadata: Mapping[str, str]) -> dict[str, AdapterConfig]:
+    """The LoraConfig of each component that diffusers' ``lora_adapter_metadata`` describes.
+
+    Raises:
+        AdapterFormatError: the metadata is not a JSON object of ``<component>.<field>`` keys, or a
+            component's config is not a valid LoRA config.
+    """
+    raw = metadata.get(DIFFUSERS_METADATA_KEY)
+    if raw is None:
+        return {}
+    where = f"{printable(str(path))} ({DIFFUSERS_METADATA_KEY} metadata)"
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise _bad(path, f"{DIFFUSERS_METADATA_KEY} metadata is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise _bad(path, f"{DIFFUSERS_METADATA_KEY} metadata must be a JSON object")
+    by_component: dict[str, dict[str, Any]] = {}
+    for key, value in data.items():
+        component, _, field = str(key).partition(".")
+        if component in DIFFUSERS_COMPONENTS and field:
+            by_component.setdefault(component, {})[field] = value
+    return {c: parse_config(fields, f"{where}, {c}") for c, fields in sorted(by_component.items())}
+
+
+def _diffusers_config(
+    path: Path, keys: HeaderKeys, metadata: Mapping[str, str], options: SourceOptions
+) -> AdapterConfig:
+    configs = metadata_configs(path, metadata)
+    rslora = {c.use_rslora for c in configs.values()}
+    if len(rslora) > 1:
+        raise _bad(path, "its components' configs disagree on use_rslora; clair reads one scaling rule per file")
+    use_rslora = rslora.pop() if rslora else options.use_rslora
+    default = options.lora_alpha
+    modules: dict[str, tuple[int, float]] = {}
+    for module, rank in _ranks(keys).items():
+        component, _, inner = module.partition(".")
+        config = configs.get(component)
+        if config is not None:
+            if config.rank_for(inner) != rank:
+                raise _bad(
+                    path,
+                    f"module {printable(module)!r}: factors have rank {rank} but the {component} config in the "
+                    f"metadata gives r={config.rank_for(inner)}; diffusers would refuse to load it",
+                )
+            modules[module] = (rank, config.alpha_for(inner))
+        elif default is not None:
+            modules[module] = (rank, default)
+        else:
+            modules[module] = (rank, math.sqrt(rank) if use_rslora else float(rank))
+    use_dora = any(c.use_dora for c in configs.values())
+    return module_config(options.base_model, modules, use_rslora=use_rslora, use_dora=use_dora)
+
+
+def _diffusers_keys(path: Path, tensors: Mapping[str, TensorInfo]) -> HeaderKeys:
+    old = next((k for k in sorted(tensors) if OLD_DIFFUSERS_RE.search(k)), None)
+    if old is not None:
+        raise _bad(
+            path,
+            f"tensor {printable(old)!r} is in diffusers' old attention-processor layout (lora.down / lora.up)",
+            hint="Load it in diffusers (load_lora_weights) and save it again with save_lora_weights().",
+        )
+    keys = classify_keys(path, dict(tensors))
+    variant = next((k for k in sorted(keys.others) if any(marker in k for marker, _ in VARIANTS[:3])), None)
+    if variant is not None:  # LoHa, LoKr, DoRA tensors under diffusers' component names
+        raise _refuse_variant(path, variant)
+    keys.layout = "diffusers"
+    return keys
+
+
+def open_diffusion(
+    ref: AdapterRef, header: tuple[dict[str, TensorInfo], dict[str, str]], layout: str, options: SourceOptions
+) -> Adapter:
+    """Open a kohya or diffusers file (``layout``, from :func:`layout_of`) as an :class:`Adapter`.
+
+    Raises:
+        AdapterFormatError: a variant that is not a plain LoRA, a bad alpha, or what
+            :meth:`Adapter.open` refuses.
+    """
+    path = ref.weights_file
+    tensors, metadata = header
+    if layout == "kohya":
+        keys, config = _kohya_config(path, tensors, options)
+    else:
+        keys = _diffusers_keys(path, tensors)
+        config = _diffusers_config(path, keys, metadata, options)
+    adapter = Adapter.open(
+        ref, config, max_rank=options.max_rank, max_modules=options.max_modules, header=header, keys=keys
+    )
+    if layout == "kohya" and len({alpha for _, alpha in config.exact.values()}) > 1:
+        adapter.notes.append(KOHYA_ALPHAS_NOTE)
+    return adapter
