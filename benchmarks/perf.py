@@ -40,6 +40,8 @@ from benchmarks import poolgen
 
 ROOT = Path(__file__).resolve().parent.parent
 CLAIR = [sys.executable, "-m", "clair_cli"]
+# The merge's peak resident memory on the default (Llama-2-7B-shaped) pool must stay below this.
+MERGE_PEAK_BOUND = 2**30
 
 
 def run_measured(cmd: list[str], env: dict[str, str] | None = None) -> dict:
@@ -390,6 +392,9 @@ def summary(res: dict) -> str:
         f"{gib(e['audit']['max_rss'])} |",
         f"| `clair merge` | {e['merge']['wall_s']:.2f} | {e['merge']['wall_s'] / floor:.2f} | "
         f"{gib(e['merge']['max_rss'])} |",
+        "",
+        f"Merge peak under {gib(MERGE_PEAK_BOUND)} (the merged modules are streamed into the output file): "
+        f"{'met' if e['merge']['max_rss'] < MERGE_PEAK_BOUND else 'NOT MET'}.",
     ]
     m = res["per_module"]
     a = m["audit"]
