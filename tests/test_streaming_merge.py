@@ -68,14 +68,18 @@ def test_a_streamed_file_is_an_ordinary_safetensors_file(tmp_path: Path) -> None
     ],
 )
 def test_a_tensor_outside_the_plan_is_refused(tmp_path: Path, name: str, tensor: torch.Tensor, problem: str) -> None:
-    with pytest.raises(ValueError, match=problem), SafetensorsStream(tmp_path / "x.safetensors", {"a": (2, 4)}, {}) as s:
+    with (
+        pytest.raises(ValueError, match=problem),
+        SafetensorsStream(tmp_path / "x.safetensors", {"a": (2, 4)}, {}) as s,
+    ):
         s.add(name, tensor)
 
 
 def test_a_planned_tensor_never_written_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="never written"), SafetensorsStream(
-        tmp_path / "x.safetensors", {"a": (2, 4), "b": (1,)}, {}
-    ) as s:
+    with (
+        pytest.raises(ValueError, match="never written"),
+        SafetensorsStream(tmp_path / "x.safetensors", {"a": (2, 4), "b": (1,)}, {}) as s,
+    ):
         s.add("a", torch.zeros(2, 4))
 
 
@@ -183,7 +187,9 @@ def test_peak_memory_does_not_grow_with_the_merged_adapter(tmp_path: Path) -> No
     assert held > 0.8 * grown, (held, streamed)
     assert streamed < 0.25 * grown, (held, streamed)
     written = load_file(str(tmp_path / "s1" / "adapter_model.safetensors"))
-    assert len(written) == 2 * 96 and written["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (
+    assert len(written) == 2 * 96 and written[
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    ].shape == (
         256,
         512,
     )
