@@ -244,10 +244,15 @@ def test_a_full_disk_is_exit_2_and_leaves_nothing(tmp_path: Path, monkeypatch: p
     def full(*_args: object, **_kwargs: object) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    from clair_cli.io.safetensors_stream import SafetensorsStream
+
     pool = _pool(tmp_path / "pool")
     (tmp_path / "out").mkdir()
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
-    result = CliRunner().invoke(app, ["merge", str(pool), "--out", str(tmp_path / "out" / "m"), "--method", "mean"])
-    assert result.exit_code == 2, result.output
-    assert "no space left on the device" in result.stderr
-    assert list((tmp_path / "out").iterdir()) == []
+    monkeypatch.setattr(safetensors.torch, "save_file", full)  # refine's adapters
+    monkeypatch.setattr(SafetensorsStream, "add", full)  # merge streams its tensors
+    for command in ("merge", "refine"):
+        method = ["--method", "mean"] if command == "merge" else []
+        result = CliRunner().invoke(app, [command, str(pool), "--out", str(tmp_path / "out" / "m"), *method])
+        assert result.exit_code == 2, result.output
+        assert "no space left on the device" in result.stderr
+        assert list((tmp_path / "out").iterdir()) == []

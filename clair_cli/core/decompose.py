@@ -141,25 +141,25 @@ def _wishart_null(
     n = sum(len(ks) * width for ks, width, _ in groups)
     rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
     dof = torch.from_numpy(rng.chisquare(d - np.arange(n), size=(n_draws, n)))
-    out = []
-    for draw in range(n_draws):
+    draws = []
+    for draw in range(n_draws):  # one draw at a time from the generator; the algebra batched over draws
         L = torch.randn(n, n, generator=generator, dtype=like.dtype).tril_(-1)
         L.diagonal().copy_(dof[draw].sqrt())
-        L = L.to(like.device)
-        X = torch.empty_like(L)  # L^T T, so that X^T X = T^T (L L^T) T
-        start = 0
-        for ks, width, sv in groups:
-            stop = start + len(ks) * width
-            rows = L[start:stop].reshape(len(ks), width, n)
-            evals, evecs = torch.linalg.eigh(rows @ rows.transpose(1, 2))  # G_k^T G_k, one per block
-            # A block of fewer rows than columns has fewer singular values than its width.
-            sv_w = torch.nn.functional.pad(sv, (0, width - sv.shape[1])) if sv.shape[1] < width else sv[:, :width]
-            t = (evecs * evals.rsqrt()[:, None, :]) @ evecs.transpose(1, 2) * sv_w[:, None, :].to(like)
-            X[:, start:stop] = torch.einsum("gwn,gwv->ngv", rows, t).reshape(n, stop - start)
-            start = stop
-        # Squared singular values: the eigenvalues of X^T X (twice as fast as an SVD).
-        out.append(torch.linalg.eigvalsh(X.T @ X).flip(0).clamp_min(0).sqrt())
-    return torch.stack(out)
+        draws.append(L)
+    L = torch.stack(draws).to(like.device)
+    X = torch.empty_like(L)  # L^T T, so that X^T X = T^T (L L^T) T
+    start = 0
+    for ks, width, sv in groups:
+        stop = start + len(ks) * width
+        rows = L[:, start:stop].reshape(n_draws, len(ks), width, n)
+        evals, evecs = torch.linalg.eigh(rows @ rows.transpose(-1, -2))  # G_k^T G_k, one per block and draw
+        # A block of fewer rows than columns has fewer singular values than its width.
+        sv_w = torch.nn.functional.pad(sv, (0, width - sv.shape[1])) if sv.shape[1] < width else sv[:, :width]
+        t = (evecs * evals.rsqrt()[..., None, :]) @ evecs.transpose(-1, -2) * sv_w[:, None, :].to(like)
+        X[:, :, start:stop] = torch.einsum("dgwn,dgwv->dngv", rows, t).reshape(n_draws, n, stop - start)
+        start = stop
+    # Squared singular values: the eigenvalues of X^T X (twice as fast as an SVD).
+    return torch.linalg.eigvalsh(X.transpose(-1, -2) @ X).flip(-1).clamp_min(0).sqrt()
 
 
 def null_spectrum(

@@ -101,16 +101,22 @@ def centre_weights(
     W = W / W.sum(1, keepdim=True)
     eps = 1e-12 * (float(G.diagonal().clamp_min(0).sqrt().max()) or 1.0)
     active = torch.ones(W.shape[0], dtype=torch.bool)
+    rows: torch.Tensor | None = None  # None: every row still moves (no gather or scatter needed)
     for _ in range(WEISZFELD_ITERATIONS):
-        rows = active.nonzero().flatten()
-        d = combination_distances(G, W[rows])
-        inv = torch.where(masks[rows], m / d.clamp_min(eps), torch.zeros_like(d))
+        current = W if rows is None else W[rows]
+        d = combination_distances(G, current)
+        inv = torch.where(masks if rows is None else masks[rows], m / d.clamp_min(eps), 0.0)
         new = inv / inv.sum(1, keepdim=True)
-        done = (new - W[rows]).abs().amax(1) < 1e-10
-        W[rows] = new
-        active[rows[done]] = False
+        done = (new - current).abs().amax(1) < 1e-10
+        if rows is None:
+            W = new
+            active = ~done
+        else:
+            W[rows] = new
+            active[rows[done]] = False
         if not bool(active.any()):
             break
+        rows = None if bool(active.all()) else active.nonzero().flatten()
     return W
 
 
