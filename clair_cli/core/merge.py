@@ -16,7 +16,7 @@ No dense ``d_out x d_in`` matrix is formed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -169,23 +169,3 @@ def median_norm_factor(merged_sq: float, sq_norms: Sequence[float]) -> float:
         return 1.0
     norms = torch.tensor(list(sq_norms), dtype=torch.float64)
     return float(torch.median(norms.sqrt())) / merged_sq**0.5
-
-
-def rescale_to_median_norm(results: Iterable[MergeResult], sq_norms: Sequence[float]) -> float:
-    """Scale every module's merged update by one factor so that the merged adapter's norm
-    (over all modules) is the median of the merged adapters' norms; returns the factor.
-
-    Args:
-        results: the merged adapter's modules; their ``B`` is scaled in place.
-        sq_norms: each merged adapter's squared norm over all modules.
-    """
-    results = list(results)
-    merged_sq = 0.0
-    for r in results:
-        merged_sq += merged_sq_norm(r.A, r.B)
-    factor = median_norm_factor(merged_sq, sq_norms)
-    if factor == 1.0:
-        return factor
-    for r in results:
-        r.B = r.B * factor
-    return factor
