@@ -294,3 +294,40 @@ def test_the_rules_are_registered_in_the_order_they_run() -> None:
     assert rules.get("norm") is rules.RULES[5]
     with pytest.raises(ValueError, match="the rules are: direction, off_subspace"):
         rules.get("nope")
+
+
+def test_cuts_of_many_rows_are_each_rows_cuts_bit_for_bit() -> None:
+    """The per-module rules' batched cuts (one row a module, bases that differ between rows,
+    rows with too few values, NaNs and ties) equal :func:`leave_one_out_cuts` row by row."""
+    from clair_cli.core.calibration import leave_one_out_cuts, leave_one_out_rows
+
+    g = torch.Generator().manual_seed(2)
+    for K in (3, 5, 8, 13):
+        values = torch.randn(40, K, generator=g, dtype=torch.float64)
+        values[::3, : K // 2] = 0.5  # ties
+        values[torch.rand(40, K, generator=g) < 0.1] = math.nan
+        basis = torch.rand(40, K, generator=g) < 0.85
+        basis[::7] = True  # many rows with one basis: batched together
+        for capped in (False, True):
+            centre, width = leave_one_out_rows(values, basis, 1e-4, 0.05, 0.1, capped=capped)
+            for row in range(40):
+                for k, cut in enumerate(leave_one_out_cuts(values[row], basis[row], 1e-4, 0.05, 0.1, capped=capped)):
+                    if cut is None:
+                        assert math.isnan(centre[row, k]) and math.isnan(width[row, k])
+                    else:
+                        assert (float(centre[row, k]), float(width[row, k])) == (cut.centre, cut.width)
+
+
+def test_distances_without_each_member_batched_over_rows() -> None:
+    from clair_cli.core.calibration import _kth_distance_without_each
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.round(torch.randn(30, 9, generator=g, dtype=torch.float64) * 3) / 3  # ties
+    t = 5 * 4 // 2
+    rows = _kth_distance_without_each(x, t)
+    for r in range(30):
+        assert torch.equal(rows[r], _kth_distance_without_each(x[r], t))
+        for k in range(9):
+            others = torch.cat([x[r, :k], x[r, k + 1 :]])
+            i, j = torch.triu_indices(8, 8, 1)
+            assert float(rows[r, k]) == float((others[i] - others[j]).abs().kthvalue(t).values)

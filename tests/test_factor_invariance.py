@@ -139,3 +139,22 @@ def test_merge_is_invariant_to_factoring() -> None:
         dense.append({n: r.B.double() @ r.A.double() for n, r in merged.modules.items()})
     for n in dense[0]:
         torch.testing.assert_close(dense[1][n], dense[0][n], rtol=1e-5, atol=1e-7)
+
+
+def test_canonical_module_equals_one_update_at_a_time() -> None:
+    """The module's adapters are factored in batches of one shape: the same factors, bit for
+    bit, as :func:`canonical_factors` on each (mixed ranks, a zero update, a dropped direction)."""
+    from clair_cli.core.canonical import canonical_module
+
+    g = torch.Generator().manual_seed(0)
+    ranks = [4, 4, 2, 4, 2, 4, 4]
+    A = [torch.randn(r, 48, generator=g) for r in ranks]
+    B = [torch.randn(40, r, generator=g) for r in ranks]
+    B[1] = torch.zeros(40, 4)
+    B[3][:, 0] = 0.0
+    scales = [0.5 + k for k in range(len(ranks))]
+    cA, cB, cs = canonical_module(A, B, scales)
+    assert cs == [1.0] * len(ranks)
+    for k in range(len(ranks)):
+        a, b = canonical_factors(A[k], B[k], scales[k])
+        assert torch.equal(cA[k], a) and torch.equal(cB[k], b)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import torch
@@ -216,6 +216,16 @@ class ModuleAudit:
     keys: list[bytes]
     work_members: list[int]
     G: torch.Tensor
+
+
+def _ordinary(done: ModuleAudit) -> ModuleAudit:
+    """``done`` with every tensor copied out of inference mode (an inference tensor cannot be
+    changed in place, or recorded by autograd, outside it: a caller may do either)."""
+
+    r = done.result
+    tensors = {f.name: getattr(r, f.name) for f in fields(r) if isinstance(getattr(r, f.name), torch.Tensor)}
+    result = replace(r, **{name: t.clone() for name, t in tensors.items()})
+    return replace(done, result=result, G=done.G.clone())
 
 
 @dataclass
@@ -437,7 +447,16 @@ class ClairAuditor:
 
         A pure function of ``given`` and the auditor's parameters: its random draws come from
         generators seeded with ``random_state`` for each module, so any process computes it alike.
+
+        Computed in torch's inference mode: the work is hundreds of operations on small
+        matrices, where autograd's bookkeeping costs a third of the time (the same kernels,
+        so the same numbers); the results are copied out as ordinary tensors.
         """
+        with torch.inference_mode():
+            done = self._audit_module(given, reference)
+        return _ordinary(done)
+
+    def _audit_module(self, given: ModuleInput, reference: list[int] | None) -> ModuleAudit:
         w = self._prepare(given, reference)
         sides = ["out", "in"] if self.side == "both" else [self.side]
         decs = [

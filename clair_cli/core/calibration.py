@@ -203,54 +203,103 @@ def leave_one_out_cuts(
     """For every adapter, :func:`upper_cut` on the values in ``basis`` (a mask) other than its
     own, computed together: one sort and one batch of pairwise distances instead of one per
     adapter (the same numbers; ``tests/test_calibration.py`` checks them against the loop).
+    An adapter outside the basis gets the cut of the whole basis.
     """
-    K = values.numel()
-    idx = torch.nonzero(basis & torch.isfinite(values), as_tuple=True)[0]
-    x = values[idx].double()
-    n = x.numel()
-    shared = upper_cut(x, alpha, floor, relative, law, capped)  # for adapters outside the basis
-    out: list[Cut | None] = [shared] * K
-    if n < 4:  # leaving one out leaves fewer than 3
-        for k in idx.tolist():
-            out[k] = None
-        return out
+    centre, width = leave_one_out_rows(values[None, :], basis[None, :], alpha, floor, relative, law, capped)
+    return [None if math.isnan(c) else Cut(c, w) for c, w in zip(centre[0].tolist(), width[0].tolist(), strict=True)]
+
+
+def leave_one_out_rows(
+    values: torch.Tensor,
+    basis: torch.Tensor,
+    alpha: float,
+    floor: float,
+    relative: float = 0.0,
+    law: str = NORMAL,
+    capped: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`leave_one_out_cuts` for every row of ``values`` (``M x K``, each row with its
+    own ``basis``; one module a row for the per-module rules), batched over the rows whose
+    basis is the same: the per-module rules of a pool of 10,000 modules cost a few batched
+    operations, not 10,000 of each. Returns ``(centre, width)``, ``M x K`` float64, NaN
+    where there is no cut (fewer than 3 values to set it). The numbers are
+    :func:`leave_one_out_cuts`'s, bit for bit: the same sorts, distances and order
+    statistics, row by row.
+    """
+    values = values.double()
+    basis = basis & torch.isfinite(values)
+    M, K = values.shape
+    centre = torch.full((M, K), math.nan, dtype=torch.float64)
+    width = torch.full((M, K), math.nan, dtype=torch.float64)
+    patterns, which = torch.unique(basis, dim=0, return_inverse=True)
+    for p, pattern in enumerate(patterns):
+        rows = torch.nonzero(which == p, as_tuple=True)[0]
+        idx = torch.nonzero(pattern, as_tuple=True)[0]
+        n = idx.numel()
+        if n < 3:
+            continue
+        x = values[rows][:, idx]
+        # The whole basis's cut, for the adapters outside it.
+        c = (rule_critical_value if capped else critical_value)(n, alpha, law)
+        shared = x.quantile(0.5, dim=1)
+        centre[rows] = shared[:, None]
+        width[rows] = _widths(c * qn_scale(x), shared, floor, relative)[:, None]
+        where = (rows[:, None], idx[None, :])
+        if n < 4:  # leaving one out leaves fewer than 3
+            centre[where] = width[where] = math.nan
+            continue
+        centre[where], spreads = _without_each(x)
+        c = (rule_critical_value if capped else critical_value)(n - 1, alpha, law)
+        width[where] = _widths(c * spreads, centre[where], floor, relative)
+    return centre, width
+
+
+def _without_each(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``x`` (``M x n``, ``n >= 4``) and member, the median and Qn of the row's others."""
+    n = x.shape[1]
     m = n - 1
-    # Medians without each member: the sorted values without its position q.
-    xs, order = torch.sort(x)
-    rank = torch.empty(n, dtype=torch.long)
-    rank[order] = torch.arange(n)
+    # Medians without each member: the sorted values without its position.
+    xs, order = torch.sort(x, dim=1)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n).expand_as(order))
     lo_i, hi_i = (m - 1) // 2, m // 2  # the middle one or two of m sorted values
+    lo = torch.where(rank > lo_i, xs[:, lo_i : lo_i + 1], xs[:, lo_i + 1 : lo_i + 2])
+    hi = torch.where(rank > hi_i, xs[:, hi_i : hi_i + 1], xs[:, hi_i + 1 : hi_i + 2])
+    return 0.5 * (lo + hi), QN_TO_SIGMA * _kth_distance_without_each(x, (m // 2 + 1) * (m // 2) // 2)
 
-    def without(i: int) -> torch.Tensor:  # the i-th smallest remaining value, for each member
-        return torch.where(rank > i, xs[i], xs[min(i + 1, n - 1)])
 
-    centres = 0.5 * (without(lo_i) + without(hi_i))
-    spreads = QN_TO_SIGMA * _kth_distance_without_each(x, (m // 2 + 1) * (m // 2) // 2)
-    c = (rule_critical_value if capped else critical_value)(m, alpha, law)
-    for k, centre, spread in zip(idx.tolist(), centres.tolist(), spreads.tolist(), strict=True):
-        out[k] = Cut(centre, max(c * spread, floor, relative * abs(centre)))
-    return out
+def _widths(spread: torch.Tensor, centre: torch.Tensor, floor: float, relative: float) -> torch.Tensor:
+    """``max(c * sigma, floor, relative * |centre|)``, elementwise (``spread`` is ``c * sigma``)."""
+    return torch.maximum(torch.maximum(spread, torch.full_like(spread, floor)), relative * centre.abs())
 
 
 def _kth_distance_without_each(x: torch.Tensor, t: int) -> torch.Tensor:
-    """For each member k, the ``t``-th smallest pairwise distance among the others: O(n^2).
+    """For each member k of each row of ``x`` (``M x n``, or one row ``n``), the ``t``-th
+    smallest pairwise distance among the row's others: O(n^2) a row.
 
     In the sorted list of all pairwise distances, member k's answer is the ``t``-th entry not
     involving k. At most ``n - 1`` entries involve k, so it lies among the ``n`` entries from
     position ``t - 1`` on; how many entries before that window involve k is one count.
     """
-    n = x.numel()
+    if x.ndim == 1:
+        return _kth_distance_without_each(x[None, :], t)[0]
+    M, n = x.shape
     i, j = torch.triu_indices(n, n, 1)
-    dist, order = torch.sort((x[i] - x[j]).abs())
-    i, j = i[order], j[order]
-    before = torch.bincount(torch.cat([i[: t - 1], j[: t - 1]]), minlength=n)  # involve k, before the window
-    window = torch.arange(t - 1, min(t - 1 + n, dist.numel()))
-    out = torch.empty(n, dtype=x.dtype)
-    members = torch.arange(n)
-    for start in range(0, n, 1024):  # bounded memory: at most 1024 x n flags at a time
-        k = members[start : start + 1024, None]
-        free = ~((i[window][None, :] == k) | (j[window][None, :] == k))
-        count = (t - 1 - before[start : start + 1024, None]) + free.cumsum(1)  # not involving k, so far
-        first = ((count >= t) & free).int().argmax(1)
-        out[start : start + 1024] = dist[window][first]
+    dist, order = torch.sort((x[:, i] - x[:, j]).abs(), dim=1)
+    i, j = i[order], j[order]  # M x pairs
+    before = torch.zeros(M, n, dtype=torch.long)  # per member, entries involving it before the window
+    before.scatter_add_(1, torch.cat([i[:, : t - 1], j[:, : t - 1]], 1), torch.ones(M, 2 * (t - 1), dtype=torch.long))
+    window = torch.arange(t - 1, min(t - 1 + n, dist.shape[1]))
+    iw, jw, dw = i[:, window], j[:, window], dist[:, window]
+    out = torch.empty(M, n, dtype=x.dtype)
+    # Bounded memory: at most about 2^22 flags (rows x members x window) at a time.
+    members = max(1, min(n, (1 << 22) // max(window.numel(), 1)))
+    rows = max(1, (1 << 22) // (members * max(window.numel(), 1)))
+    for r0 in range(0, M, rows):
+        r = slice(r0, r0 + rows)
+        for start in range(0, n, members):
+            k = torch.arange(start, min(start + members, n))[None, :, None]
+            free = ~((iw[r, None, :] == k) | (jw[r, None, :] == k))  # rows x members x window
+            count = (t - 1 - before[r, start : start + members, None]) + free.cumsum(2)  # not involving k, so far
+            first = ((count >= t) & free).int().argmax(2)
+            out[r, start : start + members] = torch.gather(dw[r], 1, first)
     return out

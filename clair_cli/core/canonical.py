@@ -53,24 +53,51 @@ def canonical_factors(
     """
     if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
         raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} are not r x d_in and d_out x r")
+    (a,), (b,) = _canonical_batch(A[None], B[None], [scale], dtype)
+    return a, b
+
+
+def _canonical_batch(
+    A: torch.Tensor, B: torch.Tensor, scales: Sequence[float], dtype: torch.dtype
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """:func:`canonical_factors` of a batch of updates of one shape (``A``: ``n x r x d_in``,
+    ``B``: ``n x d_out x r``): the QRs batched, the same numbers as one at a time
+    (LAPACK's QR runs on each matrix of a batch alike)."""
     a, b = A.to(dtype), B.to(dtype)
-    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all()) and math.isfinite(float(scale))):
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all()) and all(map(math.isfinite, scales))):
         raise ValueError("LoRA factors and scale must be finite")
     qb, rb = torch.linalg.qr(b, mode="reduced")
-    qa, ra = torch.linalg.qr(a.T, mode="reduced")
-    u, s, vh = torch.linalg.svd(float(scale) * (rb @ ra.T), full_matrices=False)
-    top = float(s[0]) if s.numel() else 0.0
-    keep = max(int((s > torch.finfo(dtype).eps * max(s.numel(), EPS_RANK) * top).sum()), 1) if top > 0 else 1
-    root = s[:keep].sqrt()
-    return root[:, None] * (vh[:keep] @ qa.T), (qb @ u[:, :keep]) * root
+    qa, ra = torch.linalg.qr(a.transpose(1, 2), mode="reduced")
+    out_a, out_b = [], []
+    for k, scale in enumerate(scales):
+        # One SVD at a time: torch's batched SVD can differ from it in the last bits.
+        u, s, vh = torch.linalg.svd(float(scale) * (rb[k] @ ra[k].T), full_matrices=False)
+        top = float(s[0]) if s.numel() else 0.0
+        keep = max(int((s > torch.finfo(dtype).eps * max(s.numel(), EPS_RANK) * top).sum()), 1) if top > 0 else 1
+        root = s[:keep].sqrt()
+        out_a.append(root[:, None] * (vh[:keep] @ qa[k].T))
+        out_b.append((qb[k] @ u[:, :keep]) * root)
+    return out_a, out_b
 
 
 def canonical_module(
     A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float], dtype: torch.dtype = torch.float64
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
-    """:func:`canonical_factors` of every adapter of one module; the scales become 1."""
-    pairs = [canonical_factors(a, b, s, dtype) for a, b, s in zip(A, B, scales, strict=True)]
-    return [p[0] for p in pairs], [p[1] for p in pairs], [1.0] * len(pairs)
+    """:func:`canonical_factors` of every adapter of one module; the scales become 1. The
+    adapters of one rank are factored as one batch."""
+    out_a: list[torch.Tensor | None] = [None] * len(A)
+    out_b: list[torch.Tensor | None] = [None] * len(A)
+    by_shape: dict[tuple, list[int]] = {}
+    for k, (a, b) in enumerate(zip(A, B, strict=True)):
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"A {tuple(a.shape)} and B {tuple(b.shape)} are not r x d_in and d_out x r")
+        by_shape.setdefault((tuple(a.shape), tuple(b.shape)), []).append(k)
+    for ks in by_shape.values():
+        a_k, b_k = torch.stack([A[k].to(dtype) for k in ks]), torch.stack([B[k].to(dtype) for k in ks])
+        ca, cb = _canonical_batch(a_k, b_k, [scales[k] for k in ks], dtype)
+        for k, a, b in zip(ks, ca, cb, strict=True):
+            out_a[k], out_b[k] = a, b
+    return [a for a in out_a if a is not None], [b for b in out_b if b is not None], [1.0] * len(A)
 
 
 def in_dtype(

@@ -97,15 +97,18 @@ def centre_weights(
     G = G.double()
     masks = masks.bool()
     m = torch.ones(G.shape[0], dtype=torch.float64) if mass is None else mass.double()
-    W = (masks.double() * m) if start is None else torch.where(masks, start.double().expand_as(masks), 0.0)
+    mass_in = masks.double() * m  # a point's mass in its row's median, 0 outside the row
+    W = mass_in if start is None else torch.where(masks, start.double().expand_as(masks), 0.0)
     W = W / W.sum(1, keepdim=True)
     eps = 1e-12 * (float(G.diagonal().clamp_min(0).sqrt().max()) or 1.0)
+    diag = G.diagonal()[None, :]
     active = torch.ones(W.shape[0], dtype=torch.bool)
     rows: torch.Tensor | None = None  # None: every row still moves (no gather or scatter needed)
     for _ in range(WEISZFELD_ITERATIONS):
         current = W if rows is None else W[rows]
-        d = combination_distances(G, current)
-        inv = torch.where(masks if rows is None else masks[rows], m / d.clamp_min(eps), 0.0)
+        GW = current @ G  # :func:`combination_distances`, inlined: this loop runs for every module
+        d = (diag - 2 * GW + (GW * current).sum(1, keepdim=True)).clamp_min(0).sqrt()
+        inv = (mass_in if rows is None else mass_in[rows]) / d.clamp_min(eps)
         new = inv / inv.sum(1, keepdim=True)
         done = (new - current).abs().amax(1) < 1e-10
         if rows is None:
@@ -114,9 +117,10 @@ def centre_weights(
         else:
             W[rows] = new
             active[rows[done]] = False
-        if not bool(active.any()):
+        moving = int(active.sum())
+        if not moving:
             break
-        rows = None if bool(active.all()) else active.nonzero().flatten()
+        rows = None if moving == active.numel() else active.nonzero().flatten()
     return W
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -41,6 +42,13 @@ def svt(X: torch.Tensor, tau: float) -> tuple[torch.Tensor, int]:
 
 
 def block_ids(offsets: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Each column's block (read-only: the tensor is shared between calls; the solvers ask
+    for it at every iteration, and a pool of 10,000 modules has few distinct block layouts)."""
+    return _block_ids(tuple(int(o) for o in offsets), str(device))
+
+
+@lru_cache(maxsize=256)
+def _block_ids(offsets: tuple[int, ...], device: str) -> torch.Tensor:
     widths = torch.tensor([offsets[k + 1] - offsets[k] for k in range(len(offsets) - 1)], device=device)
     return torch.repeat_interleave(torch.arange(len(offsets) - 1, device=device), widths)
 

@@ -251,7 +251,7 @@ class Adapter:
         import torch
 
         spec = self.modules[name]
-        factors = [reader.get(spec.a_key), reader.get(spec.b_key)]
+        factors = reader.get_many([spec.a_key, spec.b_key])
         # One reduction per factor checks both things: max |x| is NaN or Inf exactly when a
         # value is (torch's max propagates NaN), and it bounds the update below.
         self._check_peaks(spec, [_peak(f) for f in factors])

@@ -9,7 +9,7 @@ Nothing here touches a file.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +40,9 @@ class _MemoryReader:
 
     def get(self, name: str) -> torch.Tensor:
         return self.tensors[name]
+
+    def get_many(self, names: Sequence[str]) -> list[torch.Tensor]:
+        return [self.tensors[name] for name in names]
 
 
 class MemoryAdapter(Adapter):

@@ -13,7 +13,7 @@ import math
 import os
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -193,24 +193,33 @@ class SafetensorsReader:
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, as stored (dtype unchanged)."""
+        return self.get_many([name])[0]
+
+    def get_many(self, names: Sequence[str]) -> list[torch.Tensor]:
+        """Several tensors, as stored, through one open of the file (a module's two factors)."""
         import torch
 
         if not self._open:
             raise RuntimeError("SafetensorsReader.get() outside its `with` block")
-        info = self.tensors[name]
-        if info.dtype not in _TORCH_DTYPES or sys.byteorder != "little":
-            return self._get_with_safetensors(name)
+        infos = [self.tensors[name] for name in names]
+        if any(info.dtype not in _TORCH_DTYPES for info in infos) or sys.byteorder != "little":
+            return [self._get_with_safetensors(name) for name in names]
         fd = open_regular(self.path)
         try:
             if os.fstat(fd).st_size != self._size:
                 raise _bad(self.path, "changed size while being read")
-            buf = read_range(fd, info.start, info.nbytes, self.path)
+            bufs = [read_range(fd, info.start, info.nbytes, self.path) for info in infos]
         finally:
             os.close(fd)
-        dtype = getattr(torch, _TORCH_DTYPES[info.dtype])
-        if not info.nbytes:
-            return torch.empty(info.shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+        out = []
+        for info, buf in zip(infos, bufs, strict=True):
+            dtype = getattr(torch, _TORCH_DTYPES[info.dtype])
+            out.append(
+                torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+                if info.nbytes
+                else torch.empty(info.shape, dtype=dtype)
+            )
+        return out
 
     def chunks(self, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
         """One tensor's values as flat pieces of at most ``chunk_bytes`` each, read one at a time."""

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from clair_cli.core.calibration import NORMAL, Cut, leave_one_out_cuts, qn_scale
-from clair_cli.core.decompose import median
+from clair_cli.core.calibration import NORMAL, Cut, leave_one_out_cuts, leave_one_out_rows, qn_scale
 from clair_cli.core.rules.base import ALPHA, ModuleHit, Reason
 
 if TYPE_CHECKING:
@@ -171,22 +170,33 @@ class Pass:
     def basis(self, calib: torch.Tensor, echoes: bool = False) -> torch.Tensor:
         """Which adapters' values set a threshold: finite, not excluded, references in a gate;
         ``echoes``: with the members of coordinated groups counted once for thresholds."""
-        basis = torch.isfinite(calib)
-        basis[list((self.excluded - (self.echoes if echoes else set())) | self.extra)] = False
-        if self.gated:
-            basis &= torch.tensor([k in self.trusted for k in range(len(calib))], dtype=torch.bool)
-        return basis
+        return torch.isfinite(calib) & self._setters(len(calib), echoes)
 
-    def full(self, values: torch.Tensor, where: list[int]) -> torch.Tensor:
-        """A per-module value spread over all K adapters (NaN where the module has none)."""
-        out = torch.full((len(self.verdicts),), math.nan, dtype=torch.float64)
-        out[where] = values.double()
+    def _setters(self, K: int, echoes: bool = False) -> torch.Tensor:
+        """:meth:`basis` before the values: who may set a threshold at all."""
+        setters = torch.ones(K, dtype=torch.bool)
+        setters[list((self.excluded - (self.echoes if echoes else set())) | self.extra)] = False
+        if self.gated:
+            setters &= torch.tensor([k in self.trusted for k in range(K)], dtype=torch.bool)
+        return setters
+
+    def table(self, values: dict[str, torch.Tensor], members: dict[str, list[int]]) -> torch.Tensor:
+        """Per-module values spread over all K adapters: one row a module, in ``values``'
+        order (NaN where a module has no value for an adapter). The modules with the same
+        members are written together: a pool of 10,000 modules costs a few operations."""
+        names = list(values)
+        out = torch.full((len(names), len(self.verdicts)), math.nan, dtype=torch.float64)
+        alike: dict[tuple[int, ...], list[int]] = {}
+        for row, name in enumerate(names):
+            alike.setdefault(tuple(members[name]), []).append(row)
+        for cols, rows in alike.items():
+            block = torch.stack([values[names[r]] for r in rows]).double()
+            out[torch.tensor(rows)[:, None], torch.tensor(cols, dtype=torch.long)[None, :]] = block
         return out
 
     def mean(self, values: dict[str, torch.Tensor], members: dict[str, list[int]]) -> torch.Tensor:
         """Per adapter, the mean of a per-module value over the modules it is in (NaN: none)."""
-        rows = torch.stack([self.full(v, members[n]) for n, v in values.items()])
-        return rows.nanmean(0)
+        return self.table(values, members).nanmean(0)
 
     def standardised_mean(
         self,
@@ -206,22 +216,33 @@ class Pass:
         module lets it fall in units of the module's spread (the weights of the likelihood
         ratio for "no shared component" under independent Gaussian modules); modules on
         which the others agree on no direction carry no weight."""
-        rows, weights = [], []
-        for name, v in values.items():
-            full = self.full(v, members[name])
-            calib = self.full((calibration or {}).get(name, v), members[name])
-            basis = self.basis(calib)
-            if int(basis.sum()) < 3:
+        K = len(self.verdicts)
+        nothing = torch.full((K,), math.nan, dtype=torch.float64)
+        if not values:
+            return nothing
+        full = self.table(values, members)
+        calib = full if not calibration else self.table({n: calibration.get(n, v) for n, v in values.items()}, members)
+        # Centre and spread of every module at once, the modules of one basis together.
+        basis = torch.isfinite(calib) & self._setters(K)[None, :]
+        centre = torch.full((full.shape[0],), math.nan, dtype=torch.float64)
+        spread = torch.zeros(full.shape[0], dtype=torch.float64)
+        patterns, which = torch.unique(basis, dim=0, return_inverse=True)
+        for p, pattern in enumerate(patterns):
+            if int(pattern.sum()) < 3:
                 continue
-            spread = float(qn_scale(calib[basis]))
-            if spread > 0:
-                centre = float(median(calib[basis]))
-                rows.append((full - centre) / spread)
-                weights.append(max(-centre / spread, 0.0) if by_agreement else 1.0)
-        if not rows or sum(weights) <= 0:
-            return torch.full((len(self.verdicts),), math.nan, dtype=torch.float64)
-        z = torch.stack(rows)
-        w = torch.tensor(weights, dtype=torch.float64)[:, None].expand_as(z).where(~z.isnan(), 0.0)
+            rows = torch.nonzero(which == p, as_tuple=True)[0]
+            x = calib[rows][:, pattern]
+            centre[rows] = x.quantile(0.5, dim=1)
+            spread[rows] = qn_scale(x)
+        kept = spread > 0  # modules whose basis has no spread carry no evidence
+        if not bool(kept.any()):
+            return nothing
+        centre, spread = centre[kept], spread[kept]
+        z = (full[kept] - centre[:, None]) / spread[:, None]
+        weights = (-centre / spread).clamp_min(0.0) if by_agreement else torch.ones_like(centre)
+        if float(weights.sum()) <= 0:
+            return nothing
+        w = weights[:, None].expand_as(z).where(~z.isnan(), 0.0)
         return (z.nan_to_num(0.0) * w).sum(0) / w.sum(0)  # NaN where an adapter has no weighed module
 
     def per_module(
@@ -232,22 +253,30 @@ class Pass:
         calibration: dict[str, torch.Tensor] | None = None,
     ) -> dict[int, list[ModuleHit]]:
         """A per-module rule at ALPHA / M (Bonferroni over the modules measured); hits per
-        adapter, largest excess first. Margins are recorded as the ``module`` signal."""
+        adapter, largest excess first. Margins are recorded as the ``module`` signal.
+        The cuts of all modules are computed together (:func:`leave_one_out_rows`)."""
         hits: dict[int, list[ModuleHit]] = {}
-        alpha = ALPHA / max(len(values), 1)
-        for name, v in values.items():
-            full = self.full(v, members[name])
-            calib = None
-            if calibration is not None and name in calibration:
-                calib = self.full(calibration[name], members[name])
-            for k, cut in enumerate(self.cuts(full, alpha, floor, calib)):
-                if cut is None:
-                    continue
-                m = cut.margin(float(full[k]))
-                if self.margin(k, m, "module"):
-                    hits.setdefault(k, []).append(
-                        ModuleHit(float(full[k]) - cut.centre, name, float(full[k]), cut.value, m)
-                    )
+        if not values:
+            return hits
+        names = list(values)
+        alpha = ALPHA / len(names)
+        full = self.table(values, members)
+        calib = full if not calibration else self.table({n: calibration.get(n, values[n]) for n in names}, members)
+        centre, width = leave_one_out_rows(calib, self._setters(full.shape[1])[None, :], alpha, floor)
+        margins = torch.where(
+            width > 0, (full - centre) / width, torch.where(full > centre, math.inf, 0.0).double()
+        ).where(torch.isfinite(full) & ~centre.isnan(), math.nan)
+        for k in range(full.shape[1]):
+            column = margins[:, k]
+            measured = ~column.isnan()
+            if not bool(measured.any()):
+                continue
+            self.margin(k, float(column[measured].max()), "module")
+            if k in self.trusted:
+                continue
+            for row in torch.nonzero(column > 1, as_tuple=True)[0].tolist():
+                x, c, w = float(full[row, k]), float(centre[row, k]), float(width[row, k])
+                hits.setdefault(k, []).append(ModuleHit(x - c, names[row], x, c + w, float(column[row])))
         for items in hits.values():
             items.sort(key=lambda h: (-h.excess, h.module))
         return hits
