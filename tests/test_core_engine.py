@@ -231,3 +231,19 @@ def test_adding_a_clean_adapter_never_flags_an_existing_clean_one(seed: int) -> 
     after = ClairAuditor(dtype=torch.float64).fit([ModuleInput("m", list(range(13)), A, B, s)], 13)
     clean_before = {k for k in range(3, 12) if not before.flagged_[k]}
     assert all(not after.flagged_[k] for k in clean_before)
+
+
+def test_module_audits_are_ordinary_tensors_a_caller_may_change() -> None:
+    """The per-module work runs in torch's inference mode; what it returns must not be
+    inference tensors, which raise when changed in place (or used by autograd) outside it."""
+    mods = make_pool(M=2, K=8, bad=(3,), seed=1)
+    auditor = ClairAuditor()
+    done = auditor.audit_module(mods[0])
+    tensors = [done.G] + [v for v in vars(done.result).values() if isinstance(v, torch.Tensor)]
+    assert len(tensors) >= 8
+    for t in tensors:
+        assert not t.is_inference()
+        t.add_(0)  # raises for an inference tensor
+    aud = ClairAuditor().fit(mods, 8)
+    assert flagged(aud) == {3}
+    aud.inner_.mul_(1)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from clair_cli.core.pairwise import gram
@@ -101,16 +102,25 @@ def centre_weights(
     W = mass_in if start is None else torch.where(masks, start.double().expand_as(masks), 0.0)
     W = W / W.sum(1, keepdim=True)
     eps = 1e-12 * (float(G.diagonal().clamp_min(0).sqrt().max()) or 1.0)
-    diag = G.diagonal()[None, :]
-    active = torch.ones(W.shape[0], dtype=torch.bool)
-    rows: torch.Tensor | None = None  # None: every row still moves (no gather or scatter needed)
+    # The loop runs in NumPy: a few dozen iterations of a dozen operations on K x K
+    # matrices for every module, where torch's fixed cost per call is most of the time
+    # (NumPy's matrix product may round differently in the last bit: far below the 1e-10
+    # at which a row stops).
+    return torch.from_numpy(_weiszfeld(G.cpu().numpy(), mass_in.cpu().numpy(), W.cpu().numpy().copy(), eps)).to(G)
+
+
+def _weiszfeld(G: np.ndarray, mass_in: np.ndarray, W: np.ndarray, eps: float) -> np.ndarray:
+    """:func:`centre_weights`' iterations from the weights ``W`` (changed in place)."""
+    diag = np.diagonal(G)[None, :]
+    active = np.ones(W.shape[0], dtype=bool)
+    rows: np.ndarray | None = None  # None: every row still moves (no gather or scatter needed)
     for _ in range(WEISZFELD_ITERATIONS):
         current = W if rows is None else W[rows]
-        GW = current @ G  # :func:`combination_distances`, inlined: this loop runs for every module
-        d = (diag - 2 * GW + (GW * current).sum(1, keepdim=True)).clamp_min(0).sqrt()
-        inv = (mass_in if rows is None else mass_in[rows]) / d.clamp_min(eps)
-        new = inv / inv.sum(1, keepdim=True)
-        done = (new - current).abs().amax(1) < 1e-10
+        GW = current @ G  # :func:`combination_distances`, inlined
+        d = np.sqrt(np.maximum(diag - 2 * GW + (GW * current).sum(1, keepdims=True), 0.0))
+        inv = (mass_in if rows is None else mass_in[rows]) / np.maximum(d, eps)
+        new = inv / inv.sum(1, keepdims=True)
+        done = np.abs(new - current).max(1) < 1e-10
         if rows is None:
             W = new
             active = ~done
@@ -120,7 +130,7 @@ def centre_weights(
         moving = int(active.sum())
         if not moving:
             break
-        rows = None if moving == active.numel() else active.nonzero().flatten()
+        rows = None if moving == active.size else np.flatnonzero(active)
     return W
 
 
