@@ -137,6 +137,10 @@ class MergeOptions:
         clip: bounded influence of the adapters the audit lets through (``--clip``): centred
             clipping at this many times their median distance from their geometric median
             (:mod:`clair_cli.core.influence`); None merges their plain weighted mean.
+        norm_bound: a norm bound on the same adapters (``--norm-bound``), applied before the
+            clipping: each update's weight scaled down so that it counts as an update of
+            this many times their median norm (widened where their norms spread;
+            :func:`clair_cli.core.influence.norm_bound`); None: no bound.
     """
 
     rank: int | None = None
@@ -145,10 +149,13 @@ class MergeOptions:
     project_rank: int | None = None
     rescale: str = "none"
     clip: float | None = None
+    norm_bound: float | None = None
 
     def __post_init__(self) -> None:
         if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
             raise UsageError(f"--clip {self.clip}: expected a positive number, or off")
+        if self.norm_bound is not None and not (math.isfinite(self.norm_bound) and self.norm_bound >= 1):
+            raise UsageError(f"--norm-bound {self.norm_bound}: expected a number of at least 1 (times the median norm)")
         if self.rank is not None and self.rank < 1:
             raise UsageError(f"--merge-rank {self.rank}: expected a positive integer")
         if not 0 <= self.tol < 1:

@@ -502,7 +502,16 @@ def merge(
         notes.append(f"--rescale norm: merged update scaled by {scale:.3f} (to the merged adapters' median norm)")
     notes += spec.result_notes(results)
     return MergedAdapter(
-        spec.name, results, used, weighting.weights, notes, options, scale, weighting.clipped, sink is not None
+        spec.name,
+        results,
+        used,
+        weighting.weights,
+        notes,
+        options,
+        scale,
+        weighting.clipped,
+        weighting.norm_bounded,
+        sink is not None,
     )
 
 

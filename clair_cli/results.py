@@ -75,6 +75,7 @@ class MergedAdapter:
     options: MergeOptions = field(default_factory=MergeOptions)
     scale: float = 1.0
     clipped: dict[int, float] = field(default_factory=dict)
+    norm_bounded: dict[int, float] = field(default_factory=dict)
     streamed: bool = False  # the factors went to a sink as they were merged; ``modules`` keep their shapes only
 
     def summary(self) -> dict[str, Any]:
@@ -92,6 +93,8 @@ class MergedAdapter:
         }
         if self.options.clip is not None:
             out["clipped"] = {str(k): round(c, 6) for k, c in sorted(self.clipped.items())}
+        if self.options.norm_bound is not None:
+            out["norm_bounded"] = {str(k): round(c, 6) for k, c in sorted(self.norm_bounded.items())}
         if self.options.project:
             out["projection_rank"] = {m: r.info.get("projection_rank") for m, r in self.modules.items()}
         return out

@@ -213,6 +213,7 @@ MERGE_OPTIONS = closed(
         "project_rank": nullable({"type": "integer", "minimum": 1}),
         "rescale": {"enum": ["none", "norm"]},
         "clip": nullable(NUMBER),
+        "norm_bound": nullable(NUMBER),
     }
 )
 
@@ -228,10 +229,11 @@ def merge_section(methods: list[str], baseline: bool) -> dict[str, Any]:
         "relative_error": map_of(NUMBER),
         "scale": NUMBER,
         "clipped": map_of(NUMBER),
+        "norm_bounded": map_of(NUMBER),
         "projection_rank": map_of(nullable(COUNT)),
         "dropped": NAMES,
     }
-    optional = ("clipped", "projection_rank")
+    optional = ("clipped", "norm_bounded", "projection_rank")
     extra: dict[str, Any] = {}
     if baseline:
         props["selected"] = map_of(NAMES, "Per module, the adapters a selecting method (krum) merged.")
@@ -241,6 +243,10 @@ def merge_section(methods: list[str], baseline: bool) -> dict[str, Any]:
             {
                 "if": {"properties": {"options": {"properties": {"clip": {"type": "number"}}}}},
                 "then": {"required": ["clipped"]},
+            },
+            {
+                "if": {"properties": {"options": {"properties": {"norm_bound": {"type": "number"}}}}},
+                "then": {"required": ["norm_bounded"]},
             },
             {
                 "if": {"properties": {"options": {"properties": {"project": {"const": True}}}}},

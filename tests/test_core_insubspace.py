@@ -168,3 +168,57 @@ def test_a_centre_with_masses_counts_a_group_once() -> None:
     W = centre_weights(pts @ pts.T, torch.ones(1, 6, dtype=torch.bool), mass=mass)[0]
     want = centre_weights(x @ x.T, torch.ones(1, 4, dtype=torch.bool))[0]
     assert (W[:3] @ pts[:3] + W[3:].sum() * x[3]).tolist() == pytest.approx((want @ x).tolist(), abs=1e-8)
+
+
+def _loose_pool_with_a_tight_set(n_loose: int, n_tight: int, rho: float, seed: int = 0) -> torch.Tensor:
+    """Unit vectors: ``n_loose`` around a shared direction at pairwise cosine about 0.15, and
+    ``n_tight`` around another direction (cosine -0.2 with the first) at pairwise cosine ``rho``."""
+    g = torch.Generator().manual_seed(seed)
+    d = 4000
+    h = torch.randn(d, generator=g, dtype=torch.float64)
+    h /= h.norm()
+    v = torch.randn(d, generator=g, dtype=torch.float64)
+    v -= (v @ h) * h
+    v = -0.2 * h + math.sqrt(1 - 0.04) * v / v.norm()
+
+    def around(c: torch.Tensor, cos: float, n: int) -> torch.Tensor:
+        noise = torch.randn(n, d, generator=g, dtype=torch.float64)
+        noise /= noise.norm(dim=1, keepdim=True)
+        x = math.sqrt(cos) * c + math.sqrt(1 - cos) * noise
+        return x / x.norm(dim=1, keepdim=True)
+
+    return torch.cat([around(h, 0.15, n_loose), around(v, rho, n_tight)])
+
+
+def test_agreement_masses_count_a_tight_set_about_once() -> None:
+    from clair_cli.core.insubspace import agreement_masses
+
+    X = _loose_pool_with_a_tight_set(12, 6, 0.5)
+    C = X @ X.T
+    mass = agreement_masses(C, torch.ones(18, dtype=torch.bool))
+    loose, tight = mass[:12], mass[12:]
+    # Loosely agreeing adapters keep about their weight; the six of the tight set together
+    # weigh about one to two adapters.
+    assert float(loose.min()) > 0.7 and 1 < float(tight.sum()) < 2.5, mass
+    # Outside fit_on, or in a pool too small to have a typical level: weight 1.
+    fit_on = torch.ones(18, dtype=torch.bool)
+    fit_on[[0, 12]] = False
+    partial = agreement_masses(C, fit_on)
+    assert float(partial[0]) == 1.0 and float(partial[12]) == 1.0
+    assert bool((agreement_masses(C[:5, :5], torch.ones(5, dtype=torch.bool)) == 1).all())
+
+
+def test_a_spread_minority_no_longer_captures_the_centre() -> None:
+    # A third of the pool agreeing at cosine 0.4 among themselves, against a loosely agreeing
+    # majority (0.15): with equal weights the geometric median leans to them, so that they look
+    # closer to the others' centre than the majority does; counted by their agreement, they
+    # fall below every honest adapter.
+    from clair_cli.core.insubspace import agreement_masses, direction_cosines
+
+    X = _loose_pool_with_a_tight_set(12, 6, 0.4, seed=3)
+    C = X @ X.T
+    everyone = torch.ones(18, dtype=torch.bool)
+    plain = direction_cosines(C, everyone)
+    soft = direction_cosines(C, everyone, mass=agreement_masses(C, everyone))
+    assert float(plain[12:].mean()) > float(plain[:12].mean())
+    assert float(soft[12:].max()) < float(soft[:12].min())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -61,13 +63,12 @@ def test_refuses_bad_shapes_and_factors() -> None:
         centred_clipping(torch.eye(3), torch.ones(3) / 3, factor=0.0)
 
 
-def test_clair_merge_clips_what_the_audit_lets_through() -> None:
-    """A client at 3x the others' norm (under the norm rule's 4x floor) passes the audit; with
-    --clip its pull on the merge is bounded and the report says so; without, the merge is the
-    plain mean of the collaborators."""
+def _pool_with_a_3x_client() -> tuple:
+    """Ten clients of one synthetic task, the last at 3x its norm (under the norm rule's 4x
+    floor, so the audit lets it through), and the audit's outcome."""
     from benchmarks.synthetic import make_pool
     from clair_cli import pipeline
-    from clair_cli.params import AuditParams, MergeOptions
+    from clair_cli.params import AuditParams
 
     mods = make_pool(M=2, K=10, spread=0.3, seed=2)
     for m in mods:
@@ -78,6 +79,17 @@ def test_clair_merge_clips_what_the_audit_lets_through() -> None:
     )
     outcome = pipeline.audit(pool, AuditParams())
     assert not outcome.auditor.flagged_[9]
+    return pool, outcome
+
+
+def test_clair_merge_clips_what_the_audit_lets_through() -> None:
+    """A client at 3x the others' norm (under the norm rule's 4x floor) passes the audit; with
+    --clip its pull on the merge is bounded and the report says so; without, the merge is the
+    plain mean of the collaborators."""
+    from clair_cli import pipeline
+    from clair_cli.params import AuditParams, MergeOptions
+
+    pool, outcome = _pool_with_a_3x_client()
     plain = pipeline.merge(pool, "clair", AuditParams(), outcome=outcome)
     clipped = pipeline.merge(pool, "clair", AuditParams(), options=MergeOptions(clip=1.5), outcome=outcome)
     assert plain.weights is None and plain.clipped == {}
@@ -94,3 +106,108 @@ def test_clip_option_is_checked() -> None:
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(UsageError, match="--clip"):
             MergeOptions(clip=bad)
+
+
+# -- the norm bound ----------------------------------------------------------------------
+
+
+def test_norm_bound_on_comparable_updates_is_the_factor_times_the_median() -> None:
+    from clair_cli.core.influence import norm_bound
+
+    norms = torch.tensor([1.0, 0.95, 1.05, 1.1, 0.9, 1.0, 3.0, 0.0], dtype=torch.float64)
+    bound = norm_bound(norms.square(), 1.5)
+    # The median and spread come from the non-zero norms; the spread is small, so 1.5x sets it.
+    median = float(norms[:7].log().median().exp())
+    assert bound.relative == 1.5 and bound.radius == pytest.approx(1.5 * median)
+    want = torch.where(norms > bound.radius, bound.radius / norms.clamp_min(1e-300), torch.ones_like(norms))
+    torch.testing.assert_close(bound.factors, want)
+    assert bool((bound.factors[:6] == 1).all()) and float(bound.factors[6]) == pytest.approx(bound.radius / 3.0)
+    assert float(bound.factors[7]) == 1.0  # a zero update has nothing to bound
+
+
+def test_norm_bound_widens_with_the_collaborators_spread() -> None:
+    # Updates of other recipes: log norms spread by about 0.7, so exp(3 sigma) >> 1.5 and no
+    # update of the spread is bounded, while one far beyond it still is.
+    from clair_cli.core.decompose import robust_center_scale
+    from clair_cli.core.influence import NORM_SPREAD_SDS, norm_bound
+
+    norms = torch.tensor([0.3, 0.6, 1.0, 1.6, 2.5, 4.0, 400.0], dtype=torch.float64)
+    bound = norm_bound(norms.square(), 1.5)
+    _, sigma = robust_center_scale(norms.log())
+    assert bound.relative == pytest.approx(math.exp(NORM_SPREAD_SDS * sigma)) and bound.relative > 4
+    assert bool((bound.factors[:6] == 1).all()) and float(bound.factors[6]) == pytest.approx(bound.radius / 400.0)
+    assert float(bound.factors[6]) < 1
+
+
+def test_norm_bound_needs_three_norms_and_a_factor_of_at_least_one() -> None:
+    from clair_cli.core.influence import bounded_weights, norm_bound
+
+    assert bool((norm_bound(torch.tensor([1.0, 100.0, 0.0]), 1.5).factors == 1).all())
+    with pytest.raises(ValueError, match="at least 1"):
+        norm_bound(torch.ones(5), 0.9)
+    G = torch.diag(torch.tensor([1.0, 1.0, 100.0], dtype=torch.float64))
+    assert bounded_weights(G, [0, 2], None, 1.5) == (None, {}, math.inf)
+
+
+@pytest.mark.parametrize("boost", [1.2, 3.0, 1e6])
+def test_bounded_weights_match_the_dense_reference(boost: float) -> None:
+    # The merge with the bounded weights is the mean of the updates each scaled down to the
+    # bound (renormalised): sum_k w_k s_k x_k / sum_k w_k s_k, computed on explicit vectors.
+    from clair_cli.core.decompose import median
+    from clair_cli.core.influence import bounded_weights
+
+    x = _pool(8, seed=3)
+    x[6] = boost * x[6] / x[6].norm() * x[:6].norm(dim=1).median()
+    w = torch.linspace(1, 2, 8, dtype=torch.float64)
+    w = w / w.sum()
+    members = list(range(8))
+    weights, bounded, relative = bounded_weights(x @ x.T, members, w.tolist(), 1.5)
+    norms = x.norm(dim=1)
+    tau = math.exp(median(norms.log())) * relative  # the mean of the middle two of eight
+    s = torch.clamp(tau / norms, max=1.0)
+    if not bool((s < 1).any()):
+        assert weights == w.tolist() and bounded == {}
+        return
+    want = (w * s)[:, None] * x
+    want = want.sum(0) / float((w * s).sum())
+    torch.testing.assert_close(torch.tensor(weights, dtype=torch.float64) @ x, want)
+    assert set(bounded) == {int(k) for k in torch.nonzero(s < 1).flatten()}
+    # A bounded update moves the mean at most as one of norm tau with its weight would.
+    assert float(torch.tensor(weights)[6] * norms[6]) <= float(w[6] * tau / (w * s).sum()) * (1 + 1e-12)
+
+
+def test_clair_merge_norm_bound_weights_down_what_the_audit_lets_through() -> None:
+    """The 3x client of the clipping test, under --norm-bound 1.5: weighted down to 1.5x the
+    median norm, reported, and composed with --clip; without it the merge is the plain mean."""
+    from clair_cli import pipeline
+    from clair_cli.params import AuditParams, MergeOptions
+
+    pool, outcome = _pool_with_a_3x_client()
+    bounded = pipeline.merge(pool, "clair", AuditParams(), options=MergeOptions(norm_bound=1.5), outcome=outcome)
+    assert set(bounded.norm_bounded) == {9} and bounded.clipped == {}
+    assert bounded.weights is not None and bounded.weights[9] < 0.1 / 1.5
+    assert any("norm bound" in n for n in bounded.notes)
+    summary = bounded.summary()
+    assert summary["norm_bounded"] == {"9": round(bounded.norm_bounded[9], 6)} and "clipped" not in summary
+    both = pipeline.merge(pool, "clair", AuditParams(), options=MergeOptions(norm_bound=1.5, clip=1.5), outcome=outcome)
+    assert set(both.norm_bounded) == {9} and both.summary()["clipped"] is not None
+    plain = pipeline.merge(pool, "clair", AuditParams(), outcome=outcome)
+    assert plain.weights is None and plain.norm_bounded == {} and "norm_bounded" not in plain.summary()
+
+
+def test_norm_bound_option_is_checked() -> None:
+    from clair_cli.errors import UsageError
+    from clair_cli.params import MergeOptions
+
+    for bad in (0.5, 0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(UsageError, match="--norm-bound"):
+            MergeOptions(norm_bound=bad)
+    assert MergeOptions(norm_bound=1.0).norm_bound == 1.0
+
+
+def test_rounds_bound_norms_and_clip_by_default() -> None:
+    from clair_cli.core.influence import CLIP_FACTOR, NORM_BOUND
+    from clair_cli.federated.rounds import _round_merge_options
+
+    options = _round_merge_options()
+    assert options.norm_bound == NORM_BOUND and options.clip == CLIP_FACTOR

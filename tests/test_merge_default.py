@@ -235,6 +235,8 @@ def test_library_merge_reports_rank_error_and_projection(clean_pool: Path) -> No
         (["--project-rank", "0"], "--project-rank 0"),
         (["--rescale", "up"], "'up' is not one of"),
         (["--method", "mean", "--project"], "--project"),
+        (["--norm-bound", "0.5"], "--norm-bound 0.5"),
+        (["--method", "mean", "--norm-bound", "1.5"], "--norm-bound shape the clair merge"),
     ],
 )
 def test_bad_merge_options_exit_2(clean_pool: Path, tmp_path: Path, args: list[str], message: str) -> None:

@@ -27,8 +27,8 @@ from clair_cli.cli import app
 ROOT = Path(__file__).parents[1]
 SAMPLES = ROOT / "sample_adapters"
 # Every option that adds to the clair merge's section of the report.
-MERGE_OPTIONS = ("--project", "--clip", "2", "--rescale", "norm", "--weights", "1,2,3,4,5,6,7,8", "--merge-rank", "3",
-                 "--exit-zero")  # fmt: skip
+MERGE_OPTIONS = ("--project", "--clip", "2", "--norm-bound", "1.5", "--rescale", "norm",
+                 "--weights", "1,2,3,4,5,6,7,8", "--merge-rank", "3", "--exit-zero")  # fmt: skip
 
 
 def invoke(*args: str) -> Any:

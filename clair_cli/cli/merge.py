@@ -126,9 +126,10 @@ def _check_baseline_options(spec: Any, options: Any, reports: opt.Reports) -> No
 
     if spec.audits:
         return
-    if options.project or options.rescale != Rescale.NONE or options.clip is not None:
+    if options.project or options.rescale != Rescale.NONE or options.clip is not None or options.norm_bound is not None:
         raise UsageError(
-            f"--project, --project-rank, --rescale and --clip shape the clair merge, not --method {spec.name}"
+            f"--project, --project-rank, --rescale, --clip and --norm-bound shape the clair merge, "
+            f"not --method {spec.name}"
         )
     if reports.markdown is not None or reports.plot is not None:
         raise UsageError(

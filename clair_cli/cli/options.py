@@ -175,6 +175,17 @@ Clip = Annotated[
         show_default=False,
     ),
 ]
+NormBoundOpt = Annotated[
+    Optional[float],
+    typer.Option(
+        "--norm-bound",
+        help="Bounded influence: weight each merged update down to FACTOR times the collaborators' median norm "
+        "(widened where their norms spread; 1.5 is ClairStrategy's default), before --clip. Off by default: "
+        "adapters trained with different alphas or recipes differ in norm.",
+        metavar="FACTOR",
+        show_default=False,
+    ),
+]
 SideOpt = Annotated[Side, typer.Option("--side", help="Shared space: out (output/column), in (input/row) or both.")]
 SolverOpt = Annotated[
     SolverForm,
@@ -416,8 +427,11 @@ class Merging(OptionGroup):
     project_rank: ProjectRank = None
     rescale: RescaleOpt = Rescale.NONE
     clip: Clip = None
+    norm_bound: NormBoundOpt = None
 
     def options(self) -> MergeOptions:
         """The merge's options (``--project-rank`` implies ``--project``)."""
         project = self.project or self.project_rank is not None
-        return MergeOptions(self.merge_rank, self.merge_tol, project, self.project_rank, self.rescale, self.clip)
+        return MergeOptions(
+            self.merge_rank, self.merge_tol, project, self.project_rank, self.rescale, self.clip, self.norm_bound
+        )

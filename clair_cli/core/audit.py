@@ -35,6 +35,7 @@ from clair_cli.core.canonical import canonical_module
 from clair_cli.core.decompose import Method, ModuleDecomposer, null_bound
 from clair_cli.core.fastpath import FastDecomposer, off_subspace_shares, shared_basis
 from clair_cli.core.insubspace import (
+    agreement_masses,
     centre_cosines,
     direction_cosines,
     direction_pairs,
@@ -440,7 +441,11 @@ class ClairAuditor:
         module_centre = torch.zeros(len(w.A), dtype=torch.bool)
         module_centre[w.fit_on] = True
         leave_out = {j: [j] for j in w.fit_on} if reference is not None else {j: [w.rep[j]] for j in range(len(w.A))}
-        return centre_cosines(cosine_from_gram(w.G), module_centre, leave_out)[w.back]
+        cosine = cosine_from_gram(w.G)
+        # Weighed by agreement: a set agreeing far more closely than the module's pool counts
+        # about once (a gate's references set the centre as they are).
+        mass = agreement_masses(cosine, module_centre) if reference is None else None
+        return centre_cosines(cosine, module_centre, leave_out, mass)[w.back]
 
     def audit_module(self, given: ModuleInput, reference: list[int] | None = None) -> ModuleAudit:
         """One module's audit (:class:`ModuleAudit`), which :meth:`fit_audits` folds into the pool's.

@@ -20,18 +20,30 @@ median (the start): a scale the collaborators set, which an attacker in the mino
 inflate. Where every update lies within ``tau`` of the weighted mean, the fixed point *is*
 the weighted mean and the weights come back unchanged: clipping changes nothing on a pool
 of comparable honest updates.
+
+A **norm bound** (:func:`norm_bound`) comes first where it is asked for: every update larger
+than ``tau_n`` (``factor`` times the collaborators' median norm, widened to ``exp(3 sigma)``
+times it where their log norms spread by a robust ``sigma`` that large) is weighted down so
+that its share of the mean is that of an update of norm ``tau_n`` (norm thresholding, Sun et
+al. 2019, "Can You Really Backdoor Federated Learning?"). Centred clipping bounds distance
+from the centre, which a third of the pool can drag; a norm bound needs no centre, and a
+minority cannot move the median norm past the honest clients'.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from clair_cli.core.decompose import robust_center_scale
 from clair_cli.core.insubspace import centre_weights, combination_distances
 from clair_cli.core.merge import check_weights
 
 CLIP_FACTOR = 2.0  # tau = 2 x the median distance from the geometric median
+NORM_BOUND = 1.5  # a round's norm bound: 1.5 x the collaborators' median norm (trained honest clients: at most 1.19x)
+NORM_SPREAD_SDS = 3.0  # ... or exp(3 robust sd of their log norms) x the median, if larger
 MAX_ITERATIONS = 200
 TOLERANCE = 1e-12
 
@@ -119,3 +131,68 @@ def clipped_weights(
     if not clipped:
         return weights, {}
     return result.weights.tolist(), clipped
+
+
+@dataclass(frozen=True)
+class NormBound:
+    """The result of :func:`norm_bound`.
+
+    Attributes:
+        factors: per update, ``min(1, tau / ||Theta_k||_F)`` (1: untouched).
+        radius: ``tau``; infinite where fewer than three updates have a norm.
+        relative: ``tau`` in units of the median norm.
+    """
+
+    factors: torch.Tensor
+    radius: float
+    relative: float
+
+
+def norm_bound(sq_norms: torch.Tensor, factor: float = NORM_BOUND) -> NormBound:
+    """How far each update lies above the norm bound of its pool.
+
+    ``tau = median_norm * max(factor, exp(NORM_SPREAD_SDS * sigma))``, with ``sigma``
+    the robust (MAD) standard deviation of the non-zero updates' log norms: on a pool of
+    comparable updates ``factor`` sets it; where the collaborators' norms legitimately spread
+    (other recipes, alphas) it widens with them.
+
+    Args:
+        sq_norms: the updates' squared Frobenius norms (the Gram matrix's diagonal).
+        factor: the bound in units of the median norm, at least 1.
+
+    Raises:
+        ValueError: a factor below 1 (it would bound half the collaborators).
+    """
+    if not factor >= 1:
+        raise ValueError(f"factor must be at least 1, got {factor}")
+    norms = sq_norms.double().clamp_min(0).sqrt()
+    positive = norms[norms > 0]
+    if positive.numel() < 3:
+        return NormBound(torch.ones_like(norms), math.inf, math.inf)
+    centre, sigma = robust_center_scale(positive.log())
+    relative = max(factor, math.exp(NORM_SPREAD_SDS * sigma))
+    radius = math.exp(centre) * relative
+    factors = torch.where(norms > radius, radius / norms.clamp_min(1e-300), torch.ones_like(norms))
+    return NormBound(factors, radius, relative)
+
+
+def bounded_weights(
+    inner: torch.Tensor, members: list[int], weights: list[float] | None, factor: float = NORM_BOUND
+) -> tuple[list[float] | None, dict[int, float], float]:
+    """The merge weights of ``members`` under :func:`norm_bound`, the factor applied to each
+    bounded member, and the bound in units of their median norm: weights
+    ``w_k min(1, tau / ||Theta_k||)``, normalised, so a bounded update moves the mean as an
+    update of norm ``tau`` with its weight would.
+
+    Returns ``weights`` as given (and no factor) where no member lies above the bound or
+    fewer than three are merged.
+    """
+    if len(members) < 3:
+        return weights, {}, math.inf
+    idx = torch.tensor(members)
+    bound = norm_bound(inner[idx, idx], factor)
+    bounded = {k: float(c) for k, c in zip(members, bound.factors.tolist(), strict=True) if c < 1}
+    if not bounded:
+        return weights, {}, bound.relative
+    w = torch.tensor(check_weights(weights, len(members)), dtype=torch.float64) * bound.factors
+    return (w / w.sum()).tolist(), bounded, bound.relative

@@ -187,6 +187,34 @@ def direction_pairs(
     return out
 
 
+AGREEMENT_MIN_POOL = 6  # below, the pool's typical cosine is too noisy to weigh agreement by
+
+
+def agreement_masses(cosine: torch.Tensor, fit_on: torch.Tensor) -> torch.Tensor:
+    """Per adapter, its weight in a centre that counts agreement beyond the pool's typical
+    level softly: ``1 / (1 + sum_j e_kj)`` over the others j in ``fit_on``, with
+    ``e_kj = max(0, c_kj - t) / (1 - t)`` and ``t`` the median cosine of the pairs of
+    ``fit_on``. An adapter as close to the others as the pool typically is keeps weight
+    about 1; a member of a set that agrees far more closely than that (a coordinated group
+    spread just enough not to be found as one, or the copies of one update) shares about one
+    adapter's weight with the set, whatever its size. 1 for every adapter outside
+    ``fit_on`` or in pools smaller than ``AGREEMENT_MIN_POOL``.
+    """
+    # In NumPy: a few operations on a K x K matrix, once per module.
+    C = cosine.detach().double().cpu().numpy()
+    idx = np.flatnonzero(fit_on.cpu().numpy())
+    mass = np.ones(C.shape[0])
+    n = idx.size
+    if n >= AGREEMENT_MIN_POOL:
+        sub = C[np.ix_(idx, idx)]
+        off = ~np.eye(n, dtype=bool)
+        t = float(np.median(sub[off]))  # the mean of the middle two for an even count, as ``median``
+        if t < 1:
+            excess = np.where(off, np.clip(sub - t, 0.0, None), 0.0) / (1 - t)
+            mass[idx] = 1 / (1 + excess.sum(1))
+    return torch.from_numpy(mass)
+
+
 def centre_cosines(
     C: torch.Tensor,
     fit_on: torch.Tensor,

@@ -137,7 +137,8 @@ class ClairStrategy(FedAvg):
     Args:
         lora_config: the clients' PEFT ``LoraConfig`` (or its dict): ranks and scales.
         settings: the audit settings (``clair audit``'s defaults when None).
-        merge_options: how the collaborators' mean is formed (``clair merge``'s defaults).
+        merge_options: how the collaborators' mean is formed (None: ``clair merge``'s defaults
+            with the norm bound and centred clipping on, as every round).
         on_too_few: with fewer auditable replies than clair's minimum (5), ``"skip"`` keeps
             the global LoRA for that round, ``"median"`` takes the updates' geometric median
             (from three replies on; fewer are skipped). The round's metrics and history say which.

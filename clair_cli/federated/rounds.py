@@ -202,7 +202,7 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
             equal when None.
         settings: the audit settings (``clair audit``'s defaults when None).
         merge_options: how the collaborators' mean is formed (``clair merge``'s defaults
-            with centred clipping on: :func:`_round_merge_options`).
+            with the norm bound and centred clipping on: :func:`_round_merge_options`).
         base_model: named in the report.
         on_too_few: with fewer auditable clients than the engine's minimum, ``"skip"``
             keeps the global LoRA, ``"median"`` takes the updates' geometric median.
@@ -278,15 +278,16 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
 
 
 def _round_merge_options() -> MergeOptions:
-    """A round's default merge: ``clair merge``'s, with bounded influence on (centred
-    clipping at ``CLIP_FACTOR``). Clients of one run share one ``LoraConfig`` and recipe, so
-    their updates lie at comparable distances from their centre (at most 1.26x the median on
-    the project's trained pools, where the clipping radius is 2x): clipping then changes
-    nothing, and bounds what a client the audit lets through can do."""
-    from clair_cli.core.influence import CLIP_FACTOR
+    """A round's default merge: ``clair merge``'s, with bounded influence on (a norm bound at
+    ``NORM_BOUND``, then centred clipping at ``CLIP_FACTOR``). Clients of one run share one
+    ``LoraConfig`` and recipe, so their updates have comparable norms (at most 1.19x the
+    median on the project's trained pools, where the bound is 1.5x) and lie at comparable
+    distances from their centre (at most 1.26x the median, where the clipping radius is 2x):
+    both then change nothing, and bound what a client the audit lets through can do."""
+    from clair_cli.core.influence import CLIP_FACTOR, NORM_BOUND
     from clair_cli.params import MergeOptions
 
-    return MergeOptions(clip=CLIP_FACTOR)
+    return MergeOptions(clip=CLIP_FACTOR, norm_bound=NORM_BOUND)
 
 
 def _factors(merged: Any) -> dict[str, Factors]:

@@ -11,7 +11,7 @@ that the command line can build ``--method`` from the registry instantly.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
@@ -48,13 +48,15 @@ class Weighting:
 
     Attributes:
         weights: per merged adapter (None: equal weights).
-        clipped: per adapter whose influence was bounded, the factor applied (pool index).
+        clipped: per adapter whose influence centred clipping bounded, the factor applied (pool index).
         notes: what a report should say about it.
+        norm_bounded: per adapter the norm bound weighted down, the factor applied (pool index).
     """
 
     weights: list[float] | None
     clipped: dict[int, float]
     notes: list[str]
+    norm_bounded: dict[int, float] = field(default_factory=dict)
 
 
 class MergeMethod:

@@ -3,7 +3,8 @@
 By default their exact weighted mean (with nothing flagged, ``mean`` bit for bit); with
 ``--project``, CLAIR's projection ``U U^T`` of that mean onto the collaborators' leading
 directions, at a rank chosen for reconstruction (never the detection rank); with ``--clip``,
-their influence bounded by centred clipping (:mod:`clair_cli.core.influence`).
+their influence bounded by centred clipping, with ``--norm-bound`` by a norm bound first
+(:mod:`clair_cli.core.influence`).
 """
 
 from __future__ import annotations
@@ -82,24 +83,34 @@ class Clair(MergeMethod):
     def merge_weights(
         self, outcome: AuditOutcome | None, used: list[int], weights: list[float] | None, options: MergeOptions
     ) -> Weighting:
-        """Each coordinated group the audit let through counted as one adapter; with ``--clip``,
+        """Each coordinated group the audit let through counted as one adapter; with
+        ``--norm-bound``, then updates above the norm bound weighted down to it; with ``--clip``,
         then the weights of the centred clipping of the collaborators' whole updates."""
         if outcome is None:
             return Weighting(weights, {}, [])
-        weights, notes = one_vote_per_group(outcome, used, weights)
-        if options.clip is None:
-            return Weighting(weights, {}, notes)
-        from clair_cli.core.influence import clipped_weights
+        from clair_cli.core.influence import bounded_weights, clipped_weights
 
-        clipped_w, clipped = clipped_weights(outcome.auditor.inner_, used, weights, options.clip)
-        if not clipped:
-            return Weighting(weights, {}, notes)
-        names = [outcome.pool.names[k] for k in sorted(clipped, key=lambda k: clipped[k])]
-        note = (
-            f"bounded influence: {len(clipped)} update(s) more than {options.clip:g}x the collaborators' median "
-            f"distance from their centre were clipped to it: {_listed(names)}"
-        )
-        return Weighting(clipped_w, clipped, [*notes, note])
+        weights, notes = one_vote_per_group(outcome, used, weights)
+        names = outcome.pool.names
+        bounded: dict[int, float] = {}
+        if options.norm_bound is not None:
+            weights, bounded, relative = bounded_weights(outcome.auditor.inner_, used, weights, options.norm_bound)
+            if bounded:
+                notes.append(
+                    f"bounded influence: {len(bounded)} update(s) larger than the norm bound ({relative:.3g}x "
+                    f"the collaborators' median norm) weighted down to it: "
+                    f"{_listed([names[k] for k in sorted(bounded, key=lambda k: bounded[k])])}"
+                )
+        clipped: dict[int, float] = {}
+        if options.clip is not None:
+            weights, clipped = clipped_weights(outcome.auditor.inner_, used, weights, options.clip)
+            if clipped:
+                notes.append(
+                    f"bounded influence: {len(clipped)} update(s) more than {options.clip:g}x the collaborators' "
+                    f"median distance from their centre were clipped to it: "
+                    f"{_listed([names[k] for k in sorted(clipped, key=lambda k: clipped[k])])}"
+                )
+        return Weighting(weights, clipped, notes, bounded)
 
     def merge_module(self, mod: ModuleInput, weights: list[float] | None, plan: MergePlan) -> MergeResult:
         import torch

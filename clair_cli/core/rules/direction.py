@@ -4,7 +4,9 @@ module counts once. Sign flips, label flips and updates of another task point el
 
 Each module's cosine is taken with that module's centre fitted without the adapter,
 standardised (median, Qn over the pool) and averaged with weight median / Qn, so the modules
-where the pool agrees on a direction carry the evidence. Floor: the raw cosine must have
+where the pool agrees on a direction carry the evidence. Each module's centre weighs the
+adapters by their agreement (:func:`clair_cli.core.insubspace.agreement_masses`): a set that
+agrees far more closely than the pool does counts about once. Floor: the raw cosine must have
 dropped by ``DIRECTION_FLOOR`` and to 0.4 of the typical cosine; where the typical cosine is
 below ``DIRECTION_FLOOR`` the others agree on no direction, the centre is noise, and the rule
 is off. ``threshold`` in its reason is the bound on the raw cosine; ``margin`` the smaller
