@@ -443,7 +443,7 @@ class ClairAuditor:
         leave_out = {j: [j] for j in w.fit_on} if reference is not None else {j: [w.rep[j]] for j in range(len(w.A))}
         cosine = cosine_from_gram(w.G)
         # Weighed by agreement: a set agreeing far more closely than the module's pool counts
-        # about once (a gate's references set the centre as they are).
+        # as a few adapters, whatever its size (a gate's references set the centre as they are).
         mass = agreement_masses(cosine, module_centre) if reference is None else None
         return centre_cosines(cosine, module_centre, leave_out, mass)[w.back]
 

@@ -195,10 +195,11 @@ def agreement_masses(cosine: torch.Tensor, fit_on: torch.Tensor) -> torch.Tensor
     level softly: ``1 / (1 + sum_j e_kj)`` over the others j in ``fit_on``, with
     ``e_kj = max(0, c_kj - t) / (1 - t)`` and ``t`` the median cosine of the pairs of
     ``fit_on``. An adapter as close to the others as the pool typically is keeps weight
-    about 1; a member of a set that agrees far more closely than that (a coordinated group
-    spread just enough not to be found as one, or the copies of one update) shares about one
-    adapter's weight with the set, whatever its size. 1 for every adapter outside
-    ``fit_on`` or in pools smaller than ``AGREEMENT_MIN_POOL``.
+    about 1; a set of ``g`` that agrees far more closely than that weighs
+    ``g / (1 + (g - 1) e)`` together: one adapter's weight for copies (``e = 1``), about 2.4
+    for six at cosine 0.4 where the pool agrees at 0.14 (a coordinated group spread just
+    enough not to be found as one), whatever its size beyond that. 1 for every adapter
+    outside ``fit_on`` or in pools smaller than ``AGREEMENT_MIN_POOL``.
     """
     # In NumPy: a few operations on a K x K matrix, once per module.
     C = cosine.detach().double().cpu().numpy()

@@ -6,7 +6,7 @@ Each module's cosine is taken with that module's centre fitted without the adapt
 standardised (median, Qn over the pool) and averaged with weight median / Qn, so the modules
 where the pool agrees on a direction carry the evidence. Each module's centre weighs the
 adapters by their agreement (:func:`clair_cli.core.insubspace.agreement_masses`): a set that
-agrees far more closely than the pool does counts about once. Floor: the raw cosine must have
+agrees far more closely than the pool does counts as a few adapters, whatever its size. Floor: the raw cosine must have
 dropped by ``DIRECTION_FLOOR`` and to 0.4 of the typical cosine; where the typical cosine is
 below ``DIRECTION_FLOOR`` the others agree on no direction, the centre is noise, and the rule
 is off. ``threshold`` in its reason is the bound on the raw cosine; ``margin`` the smaller
