@@ -1,11 +1,11 @@
 """``python -m clair_cli`` and the ``clair`` console script."""
 
-import contextlib
-import os
 import signal
 import sys
 
 from clair_cli.cli.allocator import configure_allocator
+from clair_cli.cli.interrupts import NO_OUTPUT
+from clair_cli.cli.interrupts import exit_interrupted as _exit_interrupted
 from clair_cli.cli.threads import configure_threads
 from clair_cli.errors import Terminated, interrupt_cause
 
@@ -16,7 +16,8 @@ def _on_sigterm(_signum: int, _frame: object) -> None:
 
 def run() -> None:
     """Run the CLI; Ctrl-C (exit 130) or SIGTERM (exit 143) at any moment, even while importing,
-    unwinds through the writers' cleanup, so no temporary directory is left behind."""
+    unwinds through the writers' cleanup, so no temporary directory is left behind (while the
+    numerical stack is imported, before anything is written, it ends the process at once)."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     configure_threads()  # before torch is imported
     configure_allocator()
@@ -37,22 +38,8 @@ def run() -> None:
         if interrupt is None:
             raise
         # Outputs are written atomically: an interrupted run has left nothing in place.
-        sys.stderr.write("Interrupted: no output was written.\n")
+        sys.stderr.write(NO_OUTPUT + "\n")
         _exit_interrupted(getattr(interrupt, "exit_code", 130))
-
-
-def _exit_interrupted(code: int) -> None:
-    """Exit with 130 (Ctrl-C) or 143 (SIGTERM) once the interrupt has been handled.
-
-    CPython remembers a KeyboardInterrupt that once passed out of code run through
-    ``PyRun_String`` (some extension modules' imports do this) and then kills the process
-    with SIGINT at exit, even after clair caught the interrupt and cleaned up: the exit code
-    would read -2 instead of 130. Leaving through ``os._exit`` after flushing keeps the code.
-    """
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

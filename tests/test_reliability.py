@@ -197,6 +197,50 @@ def test_read_only_location_is_refused_even_where_permissions_are_not_enforced(
     assert list(tmp_path.iterdir()) == []
 
 
+_SIGNAL_DURING_IMPORT = """
+import os, signal, sys
+
+class SignalOnImport:  # the signal lands while {module} is being imported
+    def find_spec(self, name, path, target=None):
+        if name == "{module}":
+            os.kill(os.getpid(), signal.{sig})
+        return None
+
+sys.meta_path.insert(0, SignalOnImport())
+from clair_cli.cli.interrupts import import_numerics
+import_numerics()
+print("imported")
+"""
+
+
+@pytest.mark.parametrize("module", ["numpy", "torch"])
+@pytest.mark.parametrize(("sig", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_signal_while_the_numerical_stack_is_imported_ends_the_run_at_once(module: str, sig: str, code: int) -> None:
+    # torch's start-up imports numpy from C and swallows any error there, a Ctrl-C included: the
+    # command then failed on a half-imported numpy ("internal error ... no attribute 'matrix'",
+    # exit 2; CI saw this). Nothing has been written yet, so the process ends with the code.
+    script = _SIGNAL_DURING_IMPORT.format(module=module, sig=sig)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert done.returncode == code, (done.returncode, done.stderr)
+    assert "Interrupted: no output was written." in done.stderr and "imported" not in done.stdout
+    assert "Traceback" not in done.stderr
+
+
+def test_the_numerical_stack_is_imported_before_a_command_runs() -> None:
+    # After the import, Ctrl-C raises KeyboardInterrupt again so that writers clean up.
+    script = (
+        "import signal, sys\n"
+        "from clair_cli.cli.interrupts import NUMERICS, import_numerics\n"
+        "before = signal.getsignal(signal.SIGINT)\n"
+        "import_numerics()\n"
+        "assert all(name in sys.modules for name in NUMERICS)\n"
+        "assert signal.getsignal(signal.SIGINT) is before is signal.default_int_handler\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
 def test_ctrl_c_wrapped_by_an_import_is_still_an_interrupt(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -19,6 +19,7 @@ from typer.core import TyperGroup
 
 from clair_cli import __version__
 from clair_cli.cli.command import flags_without_type
+from clair_cli.cli.interrupts import NO_OUTPUT
 from clair_cli.constants import ARGV_KEY, EXIT_ERROR
 from clair_cli.errors import ClairError, interrupt_cause
 
@@ -137,7 +138,7 @@ def _interrupted(exc: KeyboardInterrupt) -> typer.Exit:
 
         print(f"Interrupted after writing {printable(str(done[-1]))}.", file=sys.stderr)
     else:
-        print("Interrupted: no output was written.", file=sys.stderr)
+        print(NO_OUTPUT, file=sys.stderr)
     return typer.Exit(getattr(exc, "exit_code", EXIT_INTERRUPTED))
 
 

@@ -13,6 +13,8 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
+from clair_cli.cli.interrupts import import_numerics
+
 
 def flags_without_type(params: list[Any]) -> list[Any]:
     """Flags show no value placeholder: newer Typer prints their Python type (<bool>) unless a
@@ -37,6 +39,10 @@ class ClairCommand(TyperCommand):
 
     def get_params(self, ctx: Any) -> list[Any]:
         return flags_without_type(super().get_params(ctx))
+
+    def invoke(self, ctx: Any) -> Any:
+        import_numerics()  # where a Ctrl-C cannot leave them half-imported
+        return super().invoke(ctx)
 
 
 def add_command(app: typer.Typer, name: str, command: Callable[..., Any], help: str, examples: str) -> None:
