@@ -385,12 +385,28 @@ def _opposed_spread(p: PoolData, m: int, rho: float, rng: np.random.Generator) -
     times the shared part's) and their nearest-neighbour cosines approach the honest clients'; every
     attacker's norm is ``SPREAD_NORM`` honest median norms. Lower ``rho``: harder to group, and less of
     each update is the shared pull (``sqrt(rho)`` of its norm)."""
+    return spread_edge(p, m, rho, SPREAD_NORM, rng)
+
+
+SPREAD_RHO = 0.4  # opposed-spread-norm: the attackers' cosine, clair's worst point of opposed-spread
+
+
+def _opposed_spread_norm(p: PoolData, m: int, c: float, rng: np.random.Generator) -> list:
+    """``opposed-spread`` at ``SPREAD_RHO`` with the norm scanned instead (``c`` honest median norms):
+    what the attacker gives up by staying at the honest clients' size, where no norm statistic (the
+    distance-based aggregators' tell, clair's norm bound) sees it."""
+    return spread_edge(p, m, SPREAD_RHO, c, rng)
+
+
+def spread_edge(p: PoolData, m: int, rho: float, c: float, rng: np.random.Generator) -> list:
+    """``m`` updates of ``c`` honest median norms along the ``opposed-edge`` direction plus independent
+    low-rank noise, two of them at cosine about ``rho``."""
     v = edge_direction(p)
     spread = np.sqrt(1 / rho - 1)
     out = []
     for _ in range(m):
         vec = v + spread * low_rank_noise(p.layout, rng)
-        out.append(as_lora(p.layout, SPREAD_NORM * p.median_norm * vec / np.linalg.norm(vec)))
+        out.append(as_lora(p.layout, c * p.median_norm * vec / np.linalg.norm(vec)))
     return out
 
 
@@ -432,6 +448,9 @@ ATTACKS: dict[str, Attack] = {
         Attack("alie-norm", _alie_norm, (1.0, 2.0, 3.0, 3.5, 3.9), (2.0, 3.9), "norm / honest median"),
         Attack("opposed-edge", _opposed_edge, (1.0, 2.0, 3.0, 3.9), (2.0, 3.9), "norm / honest median"),
         Attack("opposed-spread", _opposed_spread, (0.9, 0.6, 0.4, 0.25), (0.6, 0.25), "attackers' cosine"),
+        Attack(
+            "opposed-spread-norm", _opposed_spread_norm, (1.0, 1.5, 2.0, 2.5, 3.5), (1.0, 3.5), "norm / honest median"
+        ),
         Attack("copies-alie", _copies_alie, (0.5, 1.0, 4.0), (1.0, 4.0), "z"),
         Attack("copies-backdoor", _copies_backdoor, (0.5, 1.0, 2.0, 5.0), (1.0, 5.0), "norm / honest median", True),
     )

@@ -17,19 +17,15 @@ modules' results, not the pool's. The only module that imports ray (extra ``clai
 from __future__ import annotations
 
 import copy
-import os
 import socket
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from clair_cli.errors import ClairError, UsageError
 
 if TYPE_CHECKING:
     from clair_cli.core.audit import ClairAuditor, ModuleAudit
-    from clair_cli.io.adapter import Adapter
     from clair_cli.results import Pool
 
 INSTALL = "pip install 'clair-lora[ray]'"
@@ -88,26 +84,11 @@ def versions() -> tuple[str, str]:
     return __version__, torch.__version__
 
 
-def _slim(adapter: Adapter, module: str) -> Adapter:
-    """``adapter`` for one task: that module's table entry, its file by absolute path (a
-    worker's working directory is not the driver's); an in-memory adapter, that module's factors."""
-    out = copy.copy(adapter)
-    spec = adapter.modules[module]
-    out.modules = {module: spec}
-    out.notes, out.extras = [], {}
-    tensors = getattr(adapter, "_tensors", None)
-    if tensors is not None:
-        out._tensors = {spec.a_key: tensors[spec.a_key], spec.b_key: tensors[spec.b_key]}  # type: ignore[attr-defined]
-    else:
-        out.ref = replace(adapter.ref, weights_file=Path(os.path.abspath(adapter.ref.weights_file)))
-    return out
-
-
 def module_pool(pool: Pool, module: str) -> Pool:
-    """The pool as one task needs it: its adapters (:func:`_slim`) and one module."""
+    """The pool as one task needs it: its adapters with one module (:meth:`Adapter.for_module`)."""
     from clair_cli.results import Pool
 
-    return Pool([_slim(a, module) for a in pool.adapters], [module], base_model=pool.base_model)
+    return Pool([a.for_module(module) for a in pool.adapters], [module], base_model=pool.base_model)
 
 
 class RayExecutor:

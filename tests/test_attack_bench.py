@@ -55,3 +55,20 @@ def test_attack_formulas() -> None:
     assert far == pytest.approx(4.0, rel=1e-4)  # the honest maximum squared distance, (3 - 1)^2
     trim = agg.fang_trim(column([1.0, 2.0, 3.0]), 4, 2.0, np.random.default_rng(0))
     assert ((trim >= 0.5) & (trim <= 1.0)).all()  # honest direction > 0: in [w_min / b, w_min]
+
+
+@pytest.mark.parametrize(("rho", "c"), [(0.4, 1.0), (0.4, 3.5), (0.9, 2.0)])
+def test_spread_attackers_have_the_norm_and_mutual_cosine_asked_for(rho: float, c: float) -> None:
+    from benchmarks import attacks as at
+
+    rng = np.random.default_rng(0)
+    layout = at.Layout(["m0", "m1"], [(8, 30), (6, 20)])  # rank <= 8: the attack's truncation keeps all
+    honest = np.vstack([at.low_rank_noise(layout, rng, rank=2) * s for s in rng.uniform(0.5, 1.5, 12)])
+    pool = at.PoolData("t", 0, layout, [], honest, [], np.zeros((0, honest.shape[1])), None)  # type: ignore[arg-type]
+    attackers = np.vstack([a.vector for a in at.spread_edge(pool, 6, rho, c, rng)])
+    assert np.linalg.norm(attackers, axis=1) == pytest.approx(c * pool.median_norm, rel=1e-6)
+    unit = attackers / np.linalg.norm(attackers, axis=1, keepdims=True)
+    pairs = (unit @ unit.T)[np.triu_indices(6, 1)]
+    assert pairs.mean() == pytest.approx(rho, abs=0.1)
+    mean_dir = honest.mean(0) / np.linalg.norm(honest.mean(0))
+    assert float(unit.mean(0) @ mean_dir / np.linalg.norm(unit.mean(0))) == pytest.approx(-at.EDGE_COSINE, abs=0.1)

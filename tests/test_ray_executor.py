@@ -240,3 +240,33 @@ def test_a_bad_executor_is_a_usage_error(bad: str) -> None:
     result = invoke("audit", str(SAMPLES), "--executor", bad)
     assert result.exit_code == 2, result.output
     assert "expected local, ray or ray://HOST:PORT" in result.output
+
+
+def test_a_task_carries_one_module_of_each_adapter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # What a worker receives (no Ray needed): one module, the file by absolute path (its working
+    # directory is not the driver's), or that module's factors alone for an in-memory adapter;
+    # each reads the same factors as the whole adapter, which is left as it was.
+    import torch
+
+    from clair_cli import pipeline
+    from clair_cli.executors import module_pool
+
+    monkeypatch.chdir(SAMPLES.parent)
+    on_disk = pipeline.open_pool([SAMPLES.name])  # a relative source
+    g = torch.Generator().manual_seed(0)
+    factors = {f"m{i}": (torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g), 1.0) for i in range(3)}
+    in_memory = pipeline.pool_from_factors({name: factors for name in "abcde"})
+    for pool in (on_disk, in_memory):
+        adapters, module = pool.adapters, pool.modules[1]
+        slim = module_pool(pool, module)
+        assert slim.modules == [module]
+        for whole, part in zip(adapters, slim.adapters, strict=True):
+            assert list(part.modules) == [module] and part.notes == [] and part.extras == {}
+            assert len(whole.modules) > 1  # the original keeps every module
+            if pool is on_disk:
+                assert part.ref.weights_file.is_absolute() and part.ref.weights_file.samefile(whole.ref.weights_file)
+            else:
+                assert set(part._tensors) == {whole.modules[module].a_key, whole.modules[module].b_key}
+            with whole.reader() as r_whole, part.reader() as r_part:
+                a, b = whole.read_module(r_whole, module), part.read_module(r_part, module)
+            assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)

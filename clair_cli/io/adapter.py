@@ -9,11 +9,12 @@ one module at a time, so memory is bounded by a module's factors.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -123,6 +124,15 @@ class Adapter:
         out = {self.ref.weights_file.name: self._weights_sha256}
         if self.config.sha256 is not None:  # the file actually read (--config may stand in for one beside the weights)
             out[self.config.file_name or "config"] = self.config.sha256
+        return out
+
+    def for_module(self, module: str) -> Adapter:
+        """A copy that holds one module (no notes, no extras) and names its file by absolute
+        path: what a worker, whose working directory is not the caller's, needs to read it."""
+        out = copy.copy(self)
+        out.modules = {module: self.modules[module]}
+        out.notes, out.extras = [], {}
+        out.ref = replace(self.ref, weights_file=Path(os.path.abspath(self.ref.weights_file)))
         return out
 
     @property

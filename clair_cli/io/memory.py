@@ -8,6 +8,7 @@ Nothing here touches a file.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -118,6 +119,15 @@ class MemoryAdapter(Adapter):
         return adapter
 
     _tensors: dict[str, torch.Tensor]
+
+    def for_module(self, module: str) -> MemoryAdapter:
+        """A copy that holds one module's factors (and no notes or extras)."""
+        out = copy.copy(self)
+        spec = self.modules[module]
+        out.modules = {module: spec}
+        out.notes, out.extras = [], {}
+        out._tensors = {key: self._tensors[key] for key in (spec.a_key, spec.b_key)}
+        return out
 
     def reader(self) -> _MemoryReader:  # type: ignore[override]
         return _MemoryReader(self._tensors)
