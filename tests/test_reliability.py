@@ -226,7 +226,7 @@ def test_signal_while_the_numerical_stack_is_imported_ends_the_run_at_once(modul
     assert "Traceback" not in done.stderr
 
 
-def test_the_numerical_stack_is_imported_before_a_command_runs() -> None:
+def test_importing_the_numerical_stack_gives_ctrl_c_back_to_the_writers() -> None:
     # After the import, Ctrl-C raises KeyboardInterrupt again so that writers clean up.
     script = (
         "import signal, sys\n"
@@ -239,6 +239,24 @@ def test_the_numerical_stack_is_imported_before_a_command_runs() -> None:
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_every_command_imports_the_numerical_stack_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import clair_cli.cli
+    import clair_cli.cli.command
+
+    calls: list[str] = []
+    monkeypatch.setattr(clair_cli.cli.command, "import_numerics", lambda: calls.append("numerics"))
+    needs = {"merge": ["--out", "/nonexistent/out"], "refine": ["--out", "/nonexistent/out"]}
+    needs["gate"] = ["--reference", "/nonexistent/reference"]
+    commands = [c.name for c in clair_cli.cli.app.registered_commands]
+    assert set(needs) < set(commands)
+    for name in commands:
+        calls.clear()
+        result = CliRunner().invoke(clair_cli.cli.app, [name, "/nonexistent/source", *needs.get(name, [])])
+        assert calls == ["numerics"] and result.exit_code == 2, (name, result.output)
 
 
 def test_ctrl_c_wrapped_by_an_import_is_still_an_interrupt(
