@@ -199,6 +199,7 @@ def test_read_only_location_is_refused_even_where_permissions_are_not_enforced(
 
 _SIGNAL_DURING_IMPORT = """
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores it)
 
 class SignalOnImport:  # the signal lands while {module} is being imported
     def find_spec(self, name, path, target=None):
@@ -226,15 +227,17 @@ def test_signal_while_the_numerical_stack_is_imported_ends_the_run_at_once(modul
     assert "Traceback" not in done.stderr
 
 
-def test_importing_the_numerical_stack_gives_ctrl_c_back_to_the_writers() -> None:
-    # After the import, Ctrl-C raises KeyboardInterrupt again so that writers clean up.
+@pytest.mark.parametrize("handler", ["default_int_handler", "SIG_IGN"])
+def test_importing_the_numerical_stack_gives_ctrl_c_back_to_the_writers(handler: str) -> None:
+    # After the import, Ctrl-C raises KeyboardInterrupt again so that writers clean up; where it
+    # was ignored (a background job), it stays ignored.
     script = (
         "import signal, sys\n"
+        f"signal.signal(signal.SIGINT, signal.{handler})\n"
         "from clair_cli.cli.interrupts import NUMERICS, import_numerics\n"
-        "before = signal.getsignal(signal.SIGINT)\n"
         "import_numerics()\n"
         "assert all(name in sys.modules for name in NUMERICS)\n"
-        "assert signal.getsignal(signal.SIGINT) is before is signal.default_int_handler\n"
+        f"assert signal.getsignal(signal.SIGINT) is signal.{handler}\n"
         "print('ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180, cwd=ROOT)

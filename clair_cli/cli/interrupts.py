@@ -54,7 +54,10 @@ def import_numerics() -> None:
         for name in missing:
             importlib.import_module(name)
         return
+    # A signal ignored (a background job's Ctrl-C) stays ignored; None: a handler installed
+    # outside Python, which could not be put back.
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: handler for sig, handler in previous.items() if handler not in (signal.SIG_IGN, None)}
     for sig in previous:
         signal.signal(sig, _exit_now)
     try:
@@ -62,5 +65,4 @@ def import_numerics() -> None:
             importlib.import_module(name)
     finally:
         for sig, handler in previous.items():
-            if handler is not None:  # None: installed outside Python, cannot be put back
-                signal.signal(sig, handler)
+            signal.signal(sig, handler)
