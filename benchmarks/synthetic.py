@@ -97,3 +97,53 @@ def coordinated_push(mods: list[ModuleInput], bad: tuple[int, ...], strength: fl
         for k in bad:
             m.A[k] = torch.cat([m.A[k], v])
             m.B[k] = torch.cat([m.B[k], u * strength * typical / m.scales[k]], dim=1)
+
+
+def tight_pool(  # noqa: PLR0913 - each keyword is one property of the synthetic pool
+    K: int,
+    bad: tuple[int, ...] = (),
+    rho: float = 0.4,
+    norm: float = 2.0,
+    seed: int = 0,
+    M: int = 3,
+    own: float = 2.0,
+    jitter: float = 0.1,
+    lean: dict[int, float] | None = None,
+) -> list[ModuleInput]:
+    """Honest clients as trained ones are: one common rank-4 update per module plus each
+    client's own rank-4 part ``own`` times as large (pairwise cosine about ``1 / (1 + own^2)``),
+    whole-update norms within ``1 +- jitter`` of each other (one alpha, one learning rate).
+    ``bad``: a spread group, each member a shared rank-4 push plus its own part, two members
+    at cosine about ``rho``, at ``norm`` times the honest median norm. ``lean``: honest clients
+    given that share of the group's push in their own update (they lie on the group's side).
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    def unit(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return B / (B @ A).norm(), A
+
+    d_out, d_in, r = 48, 40, 4
+    lean = lean or {}
+    target = {k: norm if k in bad else 1 + jitter * (2 * float(torch.rand(1, generator=g)) - 1) for k in range(K)}
+    parts: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+    for _ in range(M):
+        common, push = unit(rnd(d_out, r), rnd(r, d_in)), unit(rnd(d_out, r), rnd(r, d_in))
+        A, B = [], []
+        for k in range(K):
+            mine = unit(rnd(d_out, r), rnd(r, d_in))
+            if k in bad:
+                pieces = [(math.sqrt(rho), push), (math.sqrt(1 - rho), mine)]
+            else:
+                pieces = [(1.0, common), (own, mine)] + ([(lean[k] * own, push)] if k in lean else [])
+            B.append(torch.cat([w * b for w, (b, _) in pieces], 1))
+            A.append(torch.cat([a for _, (_, a) in pieces]))
+        parts.append((A, B))
+    size = [math.sqrt(sum(float((B[k] @ A[k]).norm() ** 2) for A, B in parts)) for k in range(K)]
+    mods = []
+    for m, (A, B) in enumerate(parts):
+        B = [b * target[k] / size[k] for k, b in enumerate(B)]
+        mods.append(ModuleInput(f"layers.{m}.q_proj", list(range(K)), A, B, [1.0] * K))
+    return mods

@@ -28,10 +28,10 @@ KINDS = ("audit", "gate", "merge", "refine", "inspect")
 
 # The rules of the verdict (clair_cli.core.rules.RULES) and the kinds of reason they write.
 RULES = ["direction", "off_subspace", "joint", "module", "in_subspace", "norm", "spectral", "isolated", "opposed",
-         "duplicate", "coordinated"]  # fmt: skip
+         "pull", "duplicate", "coordinated"]  # fmt: skip
 REASON_KINDS = ["direction", "off_subspace", "joint", "in_subspace", "norm", "spectral", "isolated", "opposed",
-                "duplicate", "coordinated"]  # fmt: skip
-WATCHED_RULES = ["direction", "off_subspace", "norm", "spectral"]
+                "pull", "duplicate", "coordinated"]  # fmt: skip
+WATCHED_RULES = ["direction", "off_subspace", "norm", "spectral", "pull"]
 BASELINES = ["mean", "fedavg", "median", "trimmed-mean", "krum", "multi-krum", "ties"]
 
 STRING: dict[str, Any] = {"type": "string"}

@@ -286,6 +286,7 @@ def test_the_rules_are_registered_in_the_order_they_run() -> None:
         "spectral",
         "isolated",
         "opposed",
+        "pull",
         "duplicate",
         "coordinated",
     ]

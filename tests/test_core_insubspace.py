@@ -153,7 +153,8 @@ def test_a_pool_without_a_common_direction_says_so() -> None:
     assert "direction" in aud.silent_rules_
     assert "no common direction" in SILENT["direction"]
     agreeing = ClairAuditor().fit(make_pool(M=2, K=10, spread=0.3, seed=4), 10)
-    assert agreeing.silent_rules_ == []
+    # Only the pull rule: the synthetic pools' mixed alphas (0.5, 1.5, 2.5) spread the norms.
+    assert agreeing.silent_rules_ == ["pull"]
 
 
 def test_a_centre_with_masses_counts_a_group_once() -> None:

@@ -50,7 +50,7 @@ from clair_cli.core.rules.coordinated import coordinated_groups, group_masses
 from clair_cli.core.verdict import AdapterVerdict, PoolSignals, decide, duplicate_groups, flag_every_copy, groups
 
 # Rules whose silence over a whole pool is reported: each measures every adapter where it can.
-WATCHED_RULES = ("direction", "off_subspace", "norm", "spectral")
+WATCHED_RULES = ("direction", "off_subspace", "norm", "spectral", "pull")
 
 SideOption = Literal["out", "in", "both"]
 Solver = Literal["auto", "convex", "fast"]

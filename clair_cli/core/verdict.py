@@ -25,11 +25,13 @@ minimum effect size in the statistic's own units. The rules, one module each in
 10. **A coordinated group** (``coordinated``): adapters that agree far more closely than the
     pool does count as one adapter in every centre, threshold and merge; a flag for where one
     member points flags them all.
+11. **A group pulling together** (``pull``): a minority whose deviations from the pool's
+    centre add up, moving the mean far more than as many honest clients' would.
 
 This module owns what the rules share: the passes (:func:`decide`), the duplicate groups and
 the groups of flagged adapters that agree with each other (:func:`groups`).
 
-An adapter's ``score`` is its largest margin over rules 1-5, 7 and 8: the distance above the typical
+An adapter's ``score`` is its largest margin over rules 1-5, 7, 8, 9 and 11: the distance above the typical
 value in units of the distance to the threshold, so a score above 1 means that rule flagged
 it; the duplicate rule (a copy) and the norm rule's zero update flag outright, without a
 margin, so such an adapter may be flagged with a score below 1 (its reason names the rule).

@@ -117,6 +117,14 @@ def reason_text(reason: Reason, names: list[str], modules: ModuleNames) -> str: 
             f"group's mean update and the rest's, whose members agree at {_given(reason.typical):+.2f}: "
             "a coordinated attack?)"
         )
+    if kind == "pull":
+        others = sorted(names[j] for j in reason.of or ())
+        return (
+            f"with {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}, it pulls the mean one way: the "
+            f"members' deviations from the pool's centre agree by {_given(reason.value):.1f} typical squared "
+            f"deviations on average, where honest clients' are nearly independent (flagged past "
+            f"{reason.threshold:g}: a coordinated attack?)"
+        )
     return kind
 
 
@@ -350,6 +358,9 @@ SILENT = {
     "off_subspace": "no module has shared low-rank structure: the off-subspace and in-subspace rules are off",
     "norm": "too few adapters to compare norms: the norm rule is off",
     "spectral": "too few adapters for the spectral rule: coordinated groups are not checked",
+    "pull": "groups that pull the mean together are not checked (the pull rule needs 5 adapters that agree "
+    "on a direction and whose norms spread by a robust sd of at most 0.3 in log, about 1.35x; it is off "
+    "in gate)",
 }
 
 

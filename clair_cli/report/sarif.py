@@ -103,6 +103,13 @@ RULE_TEXTS: dict[str, RuleText] = {
         "The adapter belongs to a minority group whose mean update has a clearly negative cosine with the mean "
         "update of the rest of the pool: a coordinated attack that keeps each member inside the pool's spread.",
     ),
+    "pull": RuleText(
+        "Pull",
+        "With a minority group, it pulls the mean one way.",
+        "The adapter belongs to a minority group whose deviations from the pool's centre add up: together "
+        "they move the mean much farther than as many honest clients' independent deviations would, even "
+        "when each member alone stays inside the pool's spread.",
+    ),
     "duplicate": RuleText(
         "Duplicate",
         "The update is a copy of another adapter's.",

@@ -1,0 +1,208 @@
+"""Rule 11, **a group pulling together** (``pull``): how far a group moves the mean, as one.
+
+Every other rule judges an adapter against the others; a group of attackers who each stay
+inside the pool's spread (a norm under rule 5's 4x floor, a direction under rule 1's, a
+mutual cosine under rule 10's floor) passes them all, yet moves the mean by what they share.
+With ``d_k = Theta_k - c`` each update's deviation from the pool's geometric median ``c``
+(coordinated groups of rule 10 counted once, as in rule 1's centre), less its part along
+``c`` itself (an update larger or smaller than the typical one along the common direction is
+the norm rule's), and ``s^2`` the median of ``||d_k||^2``, a group ``S`` of ``g`` adapters
+pulls
+
+    T(S) = sum_{i != j in S} <d_i, d_j> / (g s^2)
+
+the members' mean inner product with the other members' deviations. Honest clients'
+deviations are nearly independent, so ``T`` stays near 0 for any group of them; attackers who
+share a push agree: ``g`` members of ``c`` typical deviations at mutual cosine ``rho`` give
+about ``(g - 1) c^2 rho``. Only pairs count, not a member's own size: one large update does
+not make a group with an honest client (the norm rule judges it).
+
+The groups judged are found greedily in the ``K x K`` Gram matrix of the deviations: from
+every adapter, add the one with the largest inner product with the group's sum, up to a
+minority (fewer than half of the adapters judged); each step is a candidate. A candidate
+counts only if each member's inner product with the other members' sum is at least ``JOIN``
+times the members' mean. The counted candidate with the largest ``T`` past ``PULL_FLOOR`` is
+flagged, then the largest among the others, and so on; each other adapter's margin is the
+``T`` of the best counted candidate it is in over ``PULL_FLOOR`` (0 in none). Adapters
+flagged in an earlier pass are still judged, against the centre and scale of the others.
+Only the Gram matrix of the whole updates is used (summed over modules, from canonical
+factors: invariant to how each update is factored).
+
+Where it is off (the report lists it among the silent rules): in ``clair gate`` (uploads are
+judged one by one against the references); with fewer than ``MIN_ADAPTERS`` adapters setting
+the centre; where they agree on no direction (rule 9's consensus below 0.1: their mean is near
+zero and every update deviates by its whole self); and where their norms spread by a robust
+sd (Qn) of more than ``NORM_SPREAD_MAX`` in log (alphas or learning rates that differ: larger
+honest updates then pull together as a group does; on synthetic pools of mixed alphas, whose
+Qn is 0.5-1.5, 2-10 honest clients were flagged). Honest clients of the trained pools of
+``benchmarks/`` spread by 0.08-0.12, and 0.11-0.18 with a third of attackers at 3.5x: Qn
+breaks down only at half the pool, so a minority cannot switch the rule off.
+
+The floor is fixed, not calibrated on the pool: the pool of a round may hold a third of
+attackers, and a scale fitted to their pull would hide it. On the attack benchmark's pools
+the most coherent group of 5-12 honest clients has ``T`` at most 0.32; but a third of the
+pool pointing away drags the geometric median, and the honest clients on the far side then
+share the drag: such honest groups reach 1.5 (and 2.2 for attackers at cosine 0.7, before
+rule 10 counts so tight a group once in the centre). Six attackers at cosine 0.4 reach
+0.8-1.6 at the honest norm, 1.5-3.2 at 1.5x and 2.7-5.6 at 2x (docs/security.md).
+
+What an attacker who knows it can do: keep ``T`` under the floor. ``g`` members at mutual
+cosine ``rho`` then send at most ``sqrt(2 / ((g - 1) rho))`` typical deviations each, and the
+group's shared push is at most about ``sqrt(2 g)`` typical deviations whatever its size and
+spread: about what six attackers at the honest norm and ``rho = 0.4`` send
+(``opposed-spread-norm`` at 1x in the attack benchmark, where clair still loses to the
+oracle). Or it splits into several groups along different directions, each under the floor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from clair_cli.core.calibration import qn_scale
+from clair_cli.core.insubspace import centre_weights
+from clair_cli.core.rules.base import Reason
+from clair_cli.core.rules.context import Pass
+from clair_cli.core.rules.coordinated import group_masses
+from clair_cli.core.rules.opposed import CONSENSUS, Opposed
+
+PULL_FLOOR = 2.0  # T: the members' mean inner product with the others' deviations, in typical squared deviations
+JOIN = 0.5  # each member's inner product with the others' pull: at least half the members' mean
+MIN_ADAPTERS = 5
+NORM_SPREAD_MAX = 0.3  # on where honest log norms spread by a robust sd of at most 0.3 (~1.35x)
+MAX_STARTS = 256  # greedy starts: the adapters that deviate most (every adapter in pools up to this size)
+
+
+def group_pulls(
+    G: torch.Tensor, mass: torch.Tensor | None = None, fit: torch.Tensor | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The counted candidate groups of ``K`` updates known by their Gram matrix ``G``.
+
+    Args:
+        G: the ``K x K`` Gram matrix of the updates judged.
+        mass: per update, its weight in the geometric median (default 1 each).
+        fit: the updates that set the centre and the scale (default all): those flagged in an
+            earlier pass are still judged, against the others'.
+
+    Returns:
+        ``(members, pulls)``: a boolean ``P x K`` matrix, one row per counted candidate
+        group, and their ``T``; empty where fewer than ``MIN_ADAPTERS`` set the centre or the
+        updates do not deviate.
+    """
+    K = G.shape[0]
+    nothing = np.zeros((0, K), dtype=bool), np.zeros(0)
+    fit = torch.ones(K, dtype=torch.bool) if fit is None else fit.bool()
+    if int(fit.sum()) < MIN_ADAPTERS:
+        return nothing
+    G = G.double()
+    w = centre_weights(G, fit[None, :], mass=mass)[0].numpy()
+    g = G.numpy()
+    centred = np.eye(K) - w[None, :]  # row k: e_k - w, the deviation's coefficients
+    E = centred @ g @ centred.T
+    # Deviations along the centre's own direction (updates larger or smaller than the typical
+    # one: alphas and learning rates differ) are the norm rule's; only the rest can pull apart.
+    along = centred @ (g @ w)
+    centre_sq = float(w @ g @ w)
+    if centre_sq > 0:
+        E = E - np.outer(along, along) / centre_sq
+    E = 0.5 * (E + E.T)
+    scale = float(np.median(np.diagonal(E)[fit.numpy()]))
+    if not scale > 0 or not math.isfinite(scale):
+        return nothing
+    E = E / scale
+    diag = np.diagonal(E).copy()
+    starts = np.argsort(-diag, kind="stable")[:MAX_STARTS]
+    rows = np.arange(len(starts))
+    member = np.zeros((len(starts), K), dtype=bool)
+    member[rows, starts] = True
+    pull = E[starts].copy()  # row r: E u_r, each adapter's inner product with the group's sum
+    agree = np.zeros(len(starts))  # sum of E_ij over ordered pairs of distinct members
+    found_members, found_pulls = [], []
+    for size in range(2, (K + 1) // 2):  # a minority: size < K / 2
+        gain = np.where(member, -np.inf, pull)
+        j = gain.argmax(1)
+        agree += 2 * gain[rows, j]
+        pull += E[j]
+        member[rows, j] = True
+        others = pull - diag[None, :]  # each member's inner product with the other members' sum
+        mean = agree / size  # = the members' mean of ``others``: the group's T
+        ok = (np.where(member, others, np.inf).min(1) >= JOIN * mean) & (mean > 0)
+        found_members.append(member[ok].copy())
+        found_pulls.append(mean[ok])
+    if not found_members:
+        return nothing
+    members = np.concatenate(found_members)
+    pulls = np.concatenate(found_pulls)
+    members, first = np.unique(members, axis=0, return_index=True)
+    return members, pulls[first]
+
+
+class Pull:
+    name = "pull"
+    pointing = False
+
+    def apply(self, ctx: Pass) -> None:
+        inner = ctx.signals.inner
+        if inner is None or ctx.gated:
+            return
+        K = len(ctx.verdicts)
+        setters = ctx.basis(torch.zeros(K, dtype=torch.float64), echoes=True)
+        mass = group_masses(K, ctx.signals.coordinated)
+        order = ctx.signals.order or list(range(K))  # canonical order: reproducible ties
+        judged = [k for k in order if k not in ctx.copies and not ctx.verdicts[k].flagged]
+        fit = [k for k in judged if bool(setters[k])]
+        if not self.agreed(ctx, fit) or self.norm_spread(ctx.signals.sq_norms[fit]) > NORM_SPREAD_MAX:
+            return
+
+        def pulls_of(among: list[int]) -> tuple[np.ndarray, np.ndarray]:
+            return group_pulls(inner.double()[among][:, among], mass[among], setters[among])
+
+        members, pulls = pulls_of(judged)
+        while len(pulls) and float(pulls.max()) > PULL_FLOOR:  # the largest pull first, then the rest
+            best = int(np.argmax(pulls))
+            group = [judged[p] for p in np.flatnonzero(members[best])]
+            margin = float(pulls[best]) / PULL_FLOOR
+            for k in group:
+                if ctx.margin(k, margin, self.name):
+                    ctx.flag(k, self.reason(float(pulls[best]), [j for j in group if j != k], margin))
+            judged = [k for k in judged if k not in group]
+            members, pulls = pulls_of(judged)
+        for p, k in enumerate(judged):  # in no counted group: nothing pulls with it (T = 0)
+            pull = max(pulls[members[:, p]], default=0.0) if len(pulls) else 0.0
+            ctx.margin(k, float(pull) / PULL_FLOOR, self.name)
+
+    @staticmethod
+    def agreed(ctx: Pass, fit: list[int]) -> bool:
+        """Whether the adapters that set the centre agree on a direction (rule 9's consensus,
+        at least ``CONSENSUS``): where they share only a subspace, their mean is near zero and
+        every update deviates by its whole self, so updates that are merely larger (alphas
+        differ) pull together."""
+        C = ctx.signals.cosine
+        if C is None or len(fit) < MIN_ADAPTERS:
+            return False
+        sub = C.double()[fit][:, fit]
+        return Opposed().consensus(sub, torch.ones(len(fit), dtype=torch.float64)) >= CONSENSUS
+
+    @staticmethod
+    def norm_spread(sq_norms: torch.Tensor) -> float:
+        """The robust spread (Qn) of the log norms of non-zero updates (inf where fewer than
+        ``MIN_ADAPTERS``). A minority cannot widen it: Qn breaks down at half the pool."""
+        sq_norms = sq_norms.double()
+        sq_norms = sq_norms[sq_norms > 0]
+        if len(sq_norms) < MIN_ADAPTERS:
+            return math.inf
+        return float(qn_scale(0.5 * torch.log(sq_norms)))
+
+    def reason(self, pull: float, others: list[int], margin: float) -> Reason:
+        """``value``: the group's ``T``; ``of``: the other members."""
+        return Reason(
+            kind="pull",
+            of=tuple(others),
+            rule=self.name,
+            value=pull,
+            threshold=PULL_FLOOR,
+            compare=">",
+            margin=margin,
+        )

@@ -1,0 +1,131 @@
+"""Rule 11 (``pull``): a group whose deviations add up moves the mean as one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.synthetic import flagged, make_pool, tight_pool
+from clair_cli.core.audit import ClairAuditor
+from clair_cli.core.rules.pull import JOIN, NORM_SPREAD_MAX, PULL_FLOOR, Pull, group_pulls
+
+
+def _geometric_median(X: np.ndarray) -> np.ndarray:
+    c = X.mean(0)
+    for _ in range(5000):
+        d = np.maximum(np.linalg.norm(X - c, axis=1), 1e-15)
+        new = (X / d[:, None]).sum(0) / (1 / d).sum()
+        if np.linalg.norm(new - c) < 1e-14 * np.linalg.norm(c):
+            break
+        c = new
+    return c
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_group_pulls_match_a_dense_reference(seed: int) -> None:
+    """Each counted group's ``T`` from the Gram matrix equals the same quantity computed from
+    the dense updates (deviations from the geometric median, their part along the median's
+    direction removed: the members' mean inner product with the other members' deviations);
+    every group is a minority whose members each pull their share."""
+    rng = np.random.default_rng(seed)
+    K, d = 11, 60
+    X = rng.standard_normal((K, d)) + 0.8 * rng.standard_normal(d)
+    X[:4] += 1.5 * rng.standard_normal(d)  # a group sharing a push
+    members, pulls = group_pulls(torch.from_numpy(X @ X.T))
+    assert len(pulls) > 0
+    centre = _geometric_median(X)
+    dev = X - centre
+    unit = centre / np.linalg.norm(centre)
+    dev -= np.outer(dev @ unit, unit)  # along the centre's direction: the norm rule's
+    s2 = np.median((dev**2).sum(1))
+    for row, t in zip(members, pulls, strict=True):
+        g = int(row.sum())
+        assert 2 <= g < K / 2
+        total = dev[row].sum(0)
+        others = (dev[row] @ total - (dev[row] ** 2).sum(1)) / s2  # with the other members' sum
+        assert t == pytest.approx((float(total @ total) - float((dev[row] ** 2).sum())) / (g * s2), rel=1e-6)
+        assert t == pytest.approx(others.mean(), rel=1e-6)
+        assert others.mean() > 0 and others.min() >= JOIN * others.mean() - 1e-9
+    best = members[int(np.argmax(pulls))]
+    assert set(np.flatnonzero(best)) == {0, 1, 2, 3}
+
+
+def test_group_pulls_need_enough_adapters_to_set_the_centre() -> None:
+    X = np.random.default_rng(0).standard_normal((6, 20))
+    fit = torch.tensor([True, True, True, True, False, False])
+    members, pulls = group_pulls(torch.from_numpy(X @ X.T), fit=fit)
+    assert members.shape == (0, 6) and len(pulls) == 0
+
+
+@pytest.mark.parametrize("K", [6, 8, 12, 18])
+def test_honest_pools_have_no_pulling_group(K: int) -> None:
+    for seed in range(4):
+        aud = ClairAuditor().fit(tight_pool(K, seed=seed), K)
+        assert flagged(aud) == set(), seed
+        assert "pull" not in aud.silent_rules_
+        assert max(v.signals["pull"] for v in aud.verdicts_) < 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_spread_group_at_twice_the_norm_is_flagged_together(seed: int) -> None:
+    """Six of eighteen: each at twice the honest norm (under the norm rule's 4x), the group's
+    members at cosine 0.4 with each other (under rule 10's floor): only the group's pull
+    gives it away, and the rule flags exactly it, each member listing the others."""
+    K, bad = 18, tuple(range(12, 18))
+    aud = ClairAuditor().fit(tight_pool(K, bad, rho=0.4, norm=2.0, seed=seed), K)
+    assert flagged(aud) == set(bad)
+    for k in bad:
+        (reason,) = [r for r in aud.verdicts_[k].reasons if r.rule == "pull"]
+        assert set(reason.of or ()) == set(bad) - {k}
+        assert reason.value > PULL_FLOOR and reason.margin is not None and reason.margin > 1
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_honest_clients_on_the_groups_side_are_not_taken_with_it(seed: int) -> None:
+    """Two honest clients carry 30 % of the group's push in their own update: they lie on its
+    side but do not pull with it (their inner product with the members' sum is their own)."""
+    K, bad = 18, tuple(range(12, 18))
+    aud = ClairAuditor().fit(tight_pool(K, bad, norm=2.0, seed=seed, lean={0: 0.3, 1: 0.3}), K)
+    assert flagged(aud) == set(bad)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_large_update_does_not_take_an_honest_client_with_it(seed: int) -> None:
+    """One update at 3x the others' norm (under the norm rule's floor) pulls the mean alone:
+    only what its deviation shares with another's counts, so no honest client is flagged
+    with it (a statistic with each member's own squared deviation in it flagged such pairs)."""
+    for K in (10, 12):
+        mods = tight_pool(K, seed=seed)
+        for m in mods:
+            m.B[0] = 3.0 * m.B[0]
+        aud = ClairAuditor().fit(mods, K)
+        assert flagged(aud) <= {0}, (seed, K)
+        assert all(r.rule != "pull" for v in aud.verdicts_ for r in v.reasons)
+
+
+@pytest.mark.parametrize("kw", [dict(spread=0.5), dict(spread=1.0), dict()])
+def test_off_where_honest_norms_spread(kw: dict) -> None:
+    """The synthetic pools' mixed alphas (0.5, 1.5, 2.5) spread the norms by a Qn of 0.5-1.5
+    in log: larger honest updates would pull together, so the rule is off and says so."""
+    for seed in range(3):
+        aud = ClairAuditor().fit(make_pool(M=3, K=16, seed=seed, **kw), 16)
+        assert "pull" in aud.silent_rules_
+        assert all("pull" not in v.signals for v in aud.verdicts_)
+
+
+def test_a_third_of_the_pool_cannot_widen_the_norm_spread() -> None:
+    """Qn breaks down at half the pool: six of eighteen at 0.3x and 3.5x the norm leave the
+    spread near the honest clients' own."""
+    honest = torch.tensor([0.9, 0.95, 1.0, 1.0, 1.05, 1.1, 0.92, 0.97, 1.02, 1.08, 1.12, 0.88]) ** 2
+    attackers = torch.tensor([0.3, 3.5, 0.3, 3.5, 0.3, 3.5]) ** 2
+    assert Pull.norm_spread(honest) < 0.15
+    assert Pull.norm_spread(torch.cat([honest, attackers])) < NORM_SPREAD_MAX
+    assert Pull.norm_spread(torch.tensor([0.5, 1.5, 2.5, 0.5, 1.5, 2.5]) ** 2) > NORM_SPREAD_MAX
+
+
+def test_the_gate_leaves_the_rule_out() -> None:
+    K, bad = 18, tuple(range(12, 18))
+    aud = ClairAuditor().fit(tight_pool(K, bad, seed=0), K, reference=list(range(12)))
+    assert not any("pull" in v.signals for v in aud.verdicts_)
+    assert "pull" in aud.silent_rules_
