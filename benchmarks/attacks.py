@@ -449,7 +449,11 @@ ATTACKS: dict[str, Attack] = {
         Attack("opposed-edge", _opposed_edge, (1.0, 2.0, 3.0, 3.9), (2.0, 3.9), "norm / honest median"),
         Attack("opposed-spread", _opposed_spread, (0.9, 0.6, 0.4, 0.25), (0.6, 0.25), "attackers' cosine"),
         Attack(
-            "opposed-spread-norm", _opposed_spread_norm, (1.0, 1.5, 2.0, 2.5, 3.5), (1.0, 3.5), "norm / honest median"
+            "opposed-spread-norm",
+            _opposed_spread_norm,
+            (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.5),
+            (1.0, 3.5),
+            "norm / honest median",
         ),
         Attack("copies-alie", _copies_alie, (0.5, 1.0, 4.0), (1.0, 4.0), "z"),
         Attack("copies-backdoor", _copies_backdoor, (0.5, 1.0, 2.0, 5.0), (1.0, 5.0), "norm / honest median", True),
