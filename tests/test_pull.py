@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from benchmarks.synthetic import flagged, make_pool, tight_pool
+from clair_cli.core import verdict
 from clair_cli.core.audit import ClairAuditor
 from clair_cli.core.rules.pull import JOIN, NORM_SPREAD_MAX, PULL_FLOOR, Pull, group_pulls
 
@@ -68,15 +69,21 @@ def test_honest_pools_have_no_pulling_group(K: int) -> None:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_a_spread_group_at_twice_the_norm_is_flagged_together(seed: int) -> None:
+def test_a_spread_group_at_twice_the_norm_is_flagged_together(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Six of eighteen: each at twice the honest norm (under the norm rule's 4x), the group's
-    members at cosine 0.4 with each other (under rule 10's floor): only the group's pull
-    gives it away, and the rule flags exactly it, each member listing the others."""
+    members at cosine 0.4 with each other (under rule 10's floor): in the verdict's first pass
+    only the group's pull gives it away, and the rule flags exactly it, each member listing
+    the others. The later passes measure rule 1 against the centre of the rest, where the
+    members point away from the honest clients: the same adapters, flagged by both."""
     K, bad = 18, tuple(range(12, 18))
     aud = ClairAuditor().fit(tight_pool(K, bad, rho=0.4, norm=2.0, seed=seed), K)
     assert flagged(aud) == set(bad)
+    monkeypatch.setattr(verdict, "PASSES", 1)
+    aud = ClairAuditor().fit(tight_pool(K, bad, rho=0.4, norm=2.0, seed=seed), K)
+    assert flagged(aud) == set(bad)
     for k in bad:
-        (reason,) = [r for r in aud.verdicts_[k].reasons if r.rule == "pull"]
+        assert [r.rule for r in aud.verdicts_[k].reasons] == ["pull"]
+        (reason,) = aud.verdicts_[k].reasons
         assert set(reason.of or ()) == set(bad) - {k}
         assert reason.value > PULL_FLOOR and reason.margin is not None and reason.margin > 1
 

@@ -35,10 +35,9 @@ from clair_cli.core.canonical import canonical_module
 from clair_cli.core.decompose import Method, ModuleDecomposer, null_bound
 from clair_cli.core.fastpath import FastDecomposer, off_subspace_shares, shared_basis
 from clair_cli.core.insubspace import (
+    DirectionCentres,
     agreement_masses,
     centre_cosines,
-    direction_cosines,
-    direction_pairs,
     in_subspace_gram,
     unit_centre_distances,
 )
@@ -576,21 +575,16 @@ class ClairAuditor:
             centre_on[list(reference)] = True
         # In a canonical order of the adapters (their digests), like every module.
         glob = sorted(range(K), key=lambda k: tally.digests[k].digest())
-        where = {k: p for p, k in enumerate(glob)}
-        perm = torch.tensor(glob)
-
-        def unit() -> torch.Tensor:  # a fresh copy for each use, in canonical order
-            return tally.unit[perm[:, None], perm[None, :]]
-
-        back = inverse(glob)
         coordinated = self.coordinated_groups_
-        shared = kin(self.duplicate_groups_, coordinated)
-        kin_in_order = {where[k]: [where[j] for j in v] for k, v in shared.items()}
-        mass = group_masses(K, coordinated)[perm]
-        self.direction_ = direction_cosines(unit(), centre_on[perm], kin_in_order, mass)[back]
-        pairs = None
-        if reference is None and K <= SMALL_POOL_N + 1:
-            pairs = direction_pairs(unit(), centre_on[perm], kin_in_order, mass)[back[:, None], back[None, :]]
+        centres = DirectionCentres(
+            tally.unit,
+            centre_on,
+            glob,
+            kin(self.duplicate_groups_, coordinated),
+            group_masses(K, coordinated),
+            pairs=reference is None and K <= SMALL_POOL_N + 1,
+        )
+        self.direction_, pairs = centres()
         return PoolSignals(
             coordinated=coordinated,
             n_adapters=K,
@@ -609,6 +603,7 @@ class ClairAuditor:
             order=glob,
             cosine=cosine_from_gram(tally.unit),
             direction_pairs=pairs,
+            recentre=centres if reference is None else None,
         )
 
     def _decide(self, signals: PoolSignals, tally: _Tally, trusted: set[int]) -> None:

@@ -187,6 +187,59 @@ def direction_pairs(
     return out
 
 
+class DirectionCentres:
+    """Rule 1's raw statistics (:func:`direction_cosines` and, in small pools,
+    :func:`direction_pairs`) with the centres fitted without a given set of adapters.
+
+    The verdict's later passes judge every adapter against the centre of the adapters the
+    previous pass let through: a flagged set that pulls the centre against one honest client
+    (a sign-flipped copy of its update, say) would otherwise get that client flagged too.
+    Computed in ``order`` (a canonical order of the adapters, so the last bits do not depend
+    on the order of the sources) and returned in the adapters' own; cached per set.
+
+    Args:
+        C: the unit-module Gram matrix (:func:`direction_cosines`), in the adapters' order.
+        fit_on: who may shape a centre at all.
+        order: the canonical order.
+        groups: per adapter, what its centres leave out with it (its copies and group).
+        mass: per adapter, its weight in the median.
+        pairs: compute :func:`direction_pairs` too (small pools).
+    """
+
+    def __init__(
+        self,
+        C: torch.Tensor,
+        fit_on: torch.Tensor,
+        order: Sequence[int],
+        groups: Mapping[int, Sequence[int]],
+        mass: torch.Tensor,
+        pairs: bool,
+    ) -> None:
+        self._perm = torch.tensor(list(order), dtype=torch.long)
+        where = {k: p for p, k in enumerate(order)}
+        self._back = torch.tensor([where[k] for k in range(len(order))], dtype=torch.long)
+        self._C = C[self._perm[:, None], self._perm[None, :]]
+        self._fit_on = fit_on[self._perm]
+        self._groups = {where[k]: [where[j] for j in v] for k, v in groups.items()}
+        self._mass = mass[self._perm]
+        self._pairs = pairs
+        self._cache: dict[frozenset[int], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def __call__(self, without: frozenset[int] = frozenset()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(cosines, pairs or None) with every centre fitted without ``without``."""
+        if without not in self._cache:
+            fit_on = self._fit_on.clone()
+            if without:
+                fit_on[self._back[sorted(without)]] = False
+            back = self._back
+            cos = direction_cosines(self._C.clone(), fit_on, self._groups, self._mass)[back]
+            pairs = None
+            if self._pairs:
+                pairs = direction_pairs(self._C.clone(), fit_on, self._groups, self._mass)[back[:, None], back[None, :]]
+            self._cache[without] = (cos, pairs)
+        return self._cache[without]
+
+
 AGREEMENT_MIN_POOL = 6  # below, the pool's typical cosine is too noisy to weigh agreement by
 
 

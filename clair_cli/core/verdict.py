@@ -133,7 +133,10 @@ def decide(signals: PoolSignals) -> list[AdapterVerdict]:
     flagged and, for rules 1, 2 and 2b, also without those past the threshold those rules
     would have at ``EXCLUDE_ALPHA`` (until both sets repeat, at most PASSES), so that
     contaminated adapters, which widen the robust spread (a third of the pool may be
-    contaminated), do not shield each other. The norm and per-module rules leave out only
+    contaminated), do not shield each other; the flagged and those near misses together stay
+    a minority of the pool (the largest misses first). From the second pass on, rule 1
+    measures its cosines against centres fitted without the adapters the previous pass flagged
+    (:class:`~clair_cli.core.insubspace.DirectionCentres`). The norm and per-module rules leave out only
     the flagged: honest norms are often multimodal (alphas differ), and leaving out their
     upper mode would tighten the threshold onto the rest of it. A duplicate group's first member
     (the caller orders them) is judged on its own signals; the others are flagged as copies.
@@ -146,16 +149,25 @@ def decide(signals: PoolSignals) -> list[AdapterVerdict]:
     seen: set[tuple[frozenset[int], frozenset[int]]] = set()
     for _ in range(PASSES - 1):
         flagged = frozenset(v.index for v in verdicts if v.flagged)
-        suspects = frozenset(
-            v.index
-            for v in verdicts
-            if max(v.signals.get(r, -math.inf) for r in POINTING) > exclude_above and v.index not in trusted
-        )
+        suspects = _suspects(verdicts, flagged, exclude_above, trusted)
         if not (flagged or suspects) or (flagged, suspects) in seen:
             break
         seen.add((flagged, suspects))
         verdicts = _decide(signals, excluded=set(flagged), suspects=set(suspects))
     return verdicts
+
+
+def _suspects(
+    verdicts: list[AdapterVerdict], flagged: frozenset[int], exclude_above: float, trusted: set[int]
+) -> frozenset[int]:
+    """The near misses of the pointing rules (margin above ``exclude_above``), largest first,
+    as many as keep the flagged and the suspects together a minority of the pool: the bases
+    of the thresholds always rest on most of it (in a pool of five, honest clients measured
+    against a centre without the flagged one can all come near their cuts)."""
+    pointing = {v.index: max(v.signals.get(r, -math.inf) for r in POINTING) for v in verdicts if v.index not in trusted}
+    near = sorted((k for k, m in pointing.items() if m > exclude_above), key=lambda k: (-pointing[k], k))
+    room = (len(verdicts) - 1) // 2 - len(flagged - set(near))
+    return frozenset(near[: max(room, 0)])
 
 
 def _decide(signals: PoolSignals, excluded: set[int], suspects: set[int]) -> list[AdapterVerdict]:

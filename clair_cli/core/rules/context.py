@@ -4,6 +4,7 @@ every rule takes from the others' values (:mod:`clair_cli.core.verdict`)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,10 @@ class PoolSignals:
         direction_pairs: in small pools, ``D[k, j]``, adapter j's rule-1 cosine with k left
             out of its centre too (:func:`clair_cli.core.insubspace.direction_pairs`); rule 1
             takes k's typical cosine from row k. None: from ``direction``.
+        recentre: ``direction`` and ``direction_pairs`` with the centres fitted without a
+            given set of adapters (:class:`clair_cli.core.insubspace.DirectionCentres`); the
+            passes after the first judge rule 1 against the centre of the adapters the previous
+            pass let through. None: every pass uses ``direction``.
     """
 
     direction_pairs: torch.Tensor | None = None
@@ -69,6 +74,7 @@ class PoolSignals:
     order: list[int] | None = None
     cosine: torch.Tensor | None = None
     coordinated: list[CoordinatedGroup] = field(default_factory=list)
+    recentre: Callable[[frozenset[int]], tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
 
 def kin(duplicates: list[list[int]], coordinated: list[CoordinatedGroup]) -> dict[int, list[int]]:
@@ -137,6 +143,11 @@ class Pass:
         # still shape the spectral rule's fit, whose evidence is a group pushing one way.
         self.echoes = {k for group in signals.coordinated for k in group.members[1:]} - self.copies
         self.excluded = excluded | self.copies | self.echoes
+        # Rule 1's cosines: against the centre of the adapters the previous pass let through,
+        # where those it flagged are a minority (else the centres of the whole pool).
+        self.direction_cosine, self.direction_pairs = signals.direction, signals.direction_pairs
+        if signals.recentre is not None and excluded and 2 * len(excluded) < signals.n_adapters:
+            self.direction_cosine, self.direction_pairs = signals.recentre(frozenset(excluded))
         self.extra: set[int] = set()  # also left out of the bases, for the rules that set it
         self.calibration = signals.held_out if signals.reference is not None else None
         for name, o in signals.shares.items():

@@ -10,7 +10,10 @@ agrees far more closely than the pool does counts as a few adapters, whatever it
 dropped by ``DIRECTION_FLOOR`` and to 0.4 of the typical cosine; where the typical cosine is
 below ``DIRECTION_FLOOR`` the others agree on no direction, the centre is noise, and the rule
 is off. ``threshold`` in its reason is the bound on the raw cosine; ``margin`` the smaller
-of the two margins.
+of the two margins. From the verdict's second pass on, the raw cosine is taken with centres
+fitted without the adapters the previous pass flagged (while they are a minority;
+:class:`clair_cli.core.insubspace.DirectionCentres`): a flagged set that pulls the centre
+against an honest client (a sign-flipped copy of its update) does not get it flagged.
 Below a dozen adapters the standardised statistic's critical value is capped
 (:func:`clair_cli.core.calibration.rule_critical_value`); the raw floor still applies, with
 the typical cosine measured with the adapter left out of the others' centres as well
@@ -37,7 +40,7 @@ class Direction:
 
     def apply(self, ctx: Pass) -> None:
         pool = ctx.signals
-        direction, module_direction = pool.direction, pool.module_direction
+        direction, module_direction = ctx.direction_cosine, pool.module_direction
         if direction is None or not module_direction:
             return
         # Per module standardised, averaged with the weight of the others' agreement on it,
@@ -64,7 +67,7 @@ class Direction:
     def _typical(ctx: Pass, k: int, typical: float) -> float:
         """The others' typical cosine: from ``direction_pairs`` where given (k out of their
         centres too; the median over the same basis), else ``typical`` as given."""
-        pairs = ctx.signals.direction_pairs
+        pairs = ctx.direction_pairs
         if pairs is None:
             return typical
         row = pairs[k]

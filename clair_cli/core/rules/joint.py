@@ -19,7 +19,7 @@ class Joint:
     pointing = True
 
     def apply(self, ctx: Pass) -> None:
-        d, o, direction = ctx.direction, ctx.off_subspace, ctx.signals.direction
+        d, o, direction = ctx.direction, ctx.off_subspace, ctx.direction_cosine
         if d is None or o is None or direction is None:
             return
         joint, joint_calib = d.z + o.z, d.z + o.z_calib

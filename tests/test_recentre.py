@@ -1,0 +1,116 @@
+"""Rule 1's later passes judge every adapter against the centre of the adapters the previous
+pass let through (:class:`clair_cli.core.insubspace.DirectionCentres`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.synthetic import flagged, tight_pool
+from clair_cli.core.audit import ClairAuditor, ModuleInput
+from clair_cli.core.insubspace import DirectionCentres, direction_cosines, direction_pairs
+from clair_cli.core.rules import Pass, PoolSignals
+
+
+def _unit_gram(seed: int, K: int = 9, d: int = 30) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(K, d, generator=g, dtype=torch.float64) + 0.7 * torch.randn(d, generator=g, dtype=torch.float64)
+    X = X / X.norm(dim=1, keepdim=True)
+    return X @ X.T
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_centres_without_a_set_are_the_centres_fitted_on_the_rest(seed: int) -> None:
+    C, K = _unit_gram(seed), 9
+    groups, mass = {3: [3, 4], 4: [3, 4]}, torch.tensor([1.0, 1, 1, 0.5, 0.5, 1, 1, 1, 1], dtype=torch.float64)
+    fit_on = torch.ones(K, dtype=torch.bool)
+    centres = DirectionCentres(C, fit_on, list(range(K)), groups, mass, pairs=True)
+    cos, pairs = centres(frozenset({1, 6}))
+    rest = fit_on.clone()
+    rest[[1, 6]] = False
+    torch.testing.assert_close(cos, direction_cosines(C, rest, groups, mass), rtol=1e-12, atol=1e-12)
+    assert pairs is not None
+    torch.testing.assert_close(pairs, direction_pairs(C, rest, groups, mass), rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert centres(frozenset({1, 6}))[0] is cos  # cached per set
+    # The canonical order only fixes the arithmetic's order: the same values, to rounding.
+    order = list(reversed(range(K)))
+    other = DirectionCentres(C, fit_on, order, groups, mass, pairs=False)(frozenset({1, 6}))
+    torch.testing.assert_close(other[0], cos, rtol=1e-9, atol=1e-12)
+    assert other[1] is None
+
+
+def _with_flipped_copies(mods: list[ModuleInput], victims: tuple[int, ...]) -> list[ModuleInput]:
+    """The pool plus, for each victim, its update with the sign flipped (a new adapter)."""
+    out = []
+    for m in mods:
+        K = len(m.members)
+        extra = list(range(K, K + len(victims)))
+        out.append(
+            ModuleInput(
+                m.name,
+                m.members + extra,
+                m.A + [m.A[v] for v in victims],
+                m.B + [-m.B[v] for v in victims],
+                m.scales + [m.scales[v] for v in victims],
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("K", [12, 15])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_sign_flipped_copies_do_not_get_their_victims_flagged(K: int, seed: int) -> None:
+    """Three attackers each send an honest client's update with its sign flipped. Against
+    centres that include them, each victim's cosine falls by the share its own negative holds
+    in the centre, and where the honest pool agrees loosely (pairwise cosine about 0.1) the
+    victims were flagged with the attackers (every seed here). Judged against the centre of
+    the adapters that pass, only the attackers are."""
+    victims = (0, 1, 2)
+    mods = _with_flipped_copies(tight_pool(K, seed=seed, own=3.0), victims)
+    aud = ClairAuditor().fit(mods, K + len(victims))
+    assert flagged(aud) == {K, K + 1, K + 2}
+
+
+def _signals(K: int, recentre) -> PoolSignals:
+    return PoolSignals(
+        n_adapters=K,
+        shares={},
+        members={},
+        structured={},
+        sq_norms=torch.ones(K, dtype=torch.float64),
+        duplicates=[],
+        direction=torch.zeros(K, dtype=torch.float64),
+        recentre=recentre,
+    )
+
+
+def test_a_pass_recentres_only_without_a_minority() -> None:
+    """The centres leave out what the previous pass flagged only while that is a minority
+    of the pool (else the flagged set says more about the pool than about the adapters)."""
+    asked: list[frozenset[int]] = []
+
+    def recentre(without: frozenset[int]) -> tuple[torch.Tensor, None]:
+        asked.append(without)
+        return torch.ones(6, dtype=torch.float64), None
+
+    signals = _signals(6, recentre)
+    assert float(Pass(signals, set()).direction_cosine.sum()) == 0  # the first pass: the whole pool's
+    assert float(Pass(signals, {0, 1}).direction_cosine.sum()) == 6
+    assert float(Pass(signals, {0, 1, 2}).direction_cosine.sum()) == 0  # half: not a minority
+    assert asked == [frozenset({0, 1})]
+
+
+def test_near_misses_leave_a_majority_to_set_the_thresholds() -> None:
+    """The flagged and the near misses left out of the bases stay a minority of the pool,
+    the largest misses first: in a pool of five, at most two."""
+    from clair_cli.core.rules import AdapterVerdict
+    from clair_cli.core.verdict import _suspects
+
+    margins = [0.35, -0.8, 0.48, 0.9, 2.35]
+    verdicts = [AdapterVerdict(k, m, m > 1, signals={"direction": m}) for k, m in enumerate(margins)]
+    assert _suspects(verdicts, frozenset({4}), 0.3, set()) == {4, 3}
+    assert _suspects(verdicts, frozenset(), 0.3, set()) == {4, 3}
+    assert _suspects(verdicts, frozenset({4}), 0.3, {3}) == {4, 2}  # references are never left out
+    verdicts += [AdapterVerdict(k, 0.0, False, signals={"direction": 0.0}) for k in range(5, 11)]
+    assert _suspects(verdicts, frozenset({4}), 0.3, set()) == {4, 3, 2, 0}  # eleven: room for five
+    assert _suspects(verdicts, frozenset({1, 5, 6, 7}), 0.3, set()) == {4}  # four flagged elsewhere
