@@ -114,3 +114,18 @@ def test_near_misses_leave_a_majority_to_set_the_thresholds() -> None:
     verdicts += [AdapterVerdict(k, 0.0, False, signals={"direction": 0.0}) for k in range(5, 11)]
     assert _suspects(verdicts, frozenset({4}), 0.3, set()) == {4, 3, 2, 0}  # eleven: room for five
     assert _suspects(verdicts, frozenset({1, 5, 6, 7}), 0.3, set()) == {4}  # four flagged elsewhere
+
+
+@pytest.mark.parametrize("norm", [1.0, 1.25, 1.5])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_spread_group_at_the_honest_norm_is_caught_against_the_rest(norm: float, seed: int) -> None:
+    """Six of eighteen at 1-1.5x the honest norm, at cosine 0.4 with each other, among honest
+    clients who agree loosely (pairwise cosine about 0.1): the group drags every centre it
+    is in, so against the whole pool's its members point about as honest clients do, and its
+    pull stays under rule 11's floor. A group pulling past a quarter of it leaves rule 1's
+    centres, whole-update and per-module, in the next pass: against the centre of the rest
+    the members point away, and exactly they are flagged. (Refitting only the whole-update
+    centre without the flagged caught 0-6 of the six.)"""
+    K, bad = 18, tuple(range(12, 18))
+    aud = ClairAuditor().fit(tight_pool(K, bad, rho=0.4, norm=norm, own=3.0, seed=seed), K)
+    assert flagged(aud) == set(bad)

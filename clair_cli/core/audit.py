@@ -209,6 +209,7 @@ class ModuleAudit:
         given_members, keys: the members as given and each one's content key.
         work_members, G: the members in canonical order and their updates' Gram matrix
             (float64, CPU).
+        centre: rule 1's per-module cosines refitted without given adapters (outside a gate).
     """
 
     result: ModuleResult
@@ -216,6 +217,50 @@ class ModuleAudit:
     keys: list[bytes]
     work_members: list[int]
     G: torch.Tensor
+    centre: ModuleCentre | None = None
+
+
+@dataclass
+class ModuleCentre:
+    """What a module's rule-1 cosines come from, in the canonical order of its members, so
+    that the verdict's later passes can refit them without the adapters a pass flagged.
+
+    Attributes:
+        adapters: the pool index of each member, in canonical order.
+        cosine: the members' cosine matrix.
+        fit_on: the members that shape the centre (the representatives of copies).
+        rep: per member, the member whose update it copies (itself if none).
+        back: undoes the canonical order (the cosines are returned in the members' given order).
+    """
+
+    adapters: list[int]
+    cosine: torch.Tensor
+    fit_on: list[int]
+    rep: list[int]
+    back: torch.Tensor
+
+    def cosines(self, without: frozenset[int] = frozenset()) -> torch.Tensor:
+        """Each member's cosine with the module's centre of the others, without ``without``."""
+        centre = torch.zeros(len(self.adapters), dtype=torch.bool)
+        centre[self.fit_on] = True
+        if without:
+            centre &= torch.tensor([k not in without for k in self.adapters], dtype=torch.bool)
+        leave_out = {j: [self.rep[j]] for j in range(len(self.adapters))}
+        mass = agreement_masses(self.cosine, centre)
+        return centre_cosines(self.cosine, centre, leave_out, mass)[self.back]
+
+
+class ModuleCentres:
+    """Every module's rule-1 cosines refitted without a set of adapters, cached per set."""
+
+    def __init__(self, centres: dict[str, ModuleCentre]) -> None:
+        self._centres = centres
+        self._cache: dict[frozenset[int], dict[str, torch.Tensor]] = {}
+
+    def __call__(self, without: frozenset[int]) -> dict[str, torch.Tensor]:
+        if without not in self._cache:
+            self._cache[without] = {name: c.cosines(without) for name, c in self._centres.items()}
+        return self._cache[without]
 
 
 def _ordinary(done: ModuleAudit) -> ModuleAudit:
@@ -225,7 +270,9 @@ def _ordinary(done: ModuleAudit) -> ModuleAudit:
     r = done.result
     tensors = {f.name: getattr(r, f.name) for f in fields(r) if isinstance(getattr(r, f.name), torch.Tensor)}
     result = replace(r, **{name: t.clone() for name, t in tensors.items()})
-    return replace(done, result=result, G=done.G.clone())
+    c = done.centre
+    centre = None if c is None else replace(c, cosine=c.cosine.clone(), back=c.back.clone())
+    return replace(done, result=result, G=done.G.clone(), centre=centre)
 
 
 @dataclass
@@ -434,17 +481,20 @@ class ClairAuditor:
         return None if distances is None else distances[w.back]
 
     @staticmethod
-    def _direction(w: _ModuleWork, reference: list[int] | None) -> torch.Tensor:
+    def _direction(w: _ModuleWork, reference: list[int] | None) -> tuple[torch.Tensor, ModuleCentre | None]:
         """Each update's cosine with the module's centre, fitted on the representatives (or
-        the references) other than itself and the one it copies: a centre it did not shape."""
+        the references) other than itself and the one it copies: a centre it did not shape;
+        outside a gate, also what refits it (:class:`ModuleCentre`)."""
+        cosine = cosine_from_gram(w.G)
+        if reference is None:
+            # Weighed by agreement: a set agreeing far more closely than the module's pool
+            # counts as a few adapters, whatever its size.
+            centre = ModuleCentre(list(w.mod.members), cosine, list(w.fit_on), list(w.rep), w.back)
+            return centre.cosines(), centre
+        # A gate's references set the centre as they are.
         module_centre = torch.zeros(len(w.A), dtype=torch.bool)
         module_centre[w.fit_on] = True
-        leave_out = {j: [j] for j in w.fit_on} if reference is not None else {j: [w.rep[j]] for j in range(len(w.A))}
-        cosine = cosine_from_gram(w.G)
-        # Weighed by agreement: a set agreeing far more closely than the module's pool counts
-        # as a few adapters, whatever its size (a gate's references set the centre as they are).
-        mass = agreement_masses(cosine, module_centre) if reference is None else None
-        return centre_cosines(cosine, module_centre, leave_out, mass)[w.back]
+        return centre_cosines(cosine, module_centre, {j: [j] for j in w.fit_on})[w.back], None
 
     def audit_module(self, given: ModuleInput, reference: list[int] | None = None) -> ModuleAudit:
         """One module's audit (:class:`ModuleAudit`), which :meth:`fit_audits` folds into the pool's.
@@ -475,6 +525,7 @@ class ClairAuditor:
         off, residual, held_out = self._shares(w, used, reference)
         expand = torch.tensor([w.pos[w.rep[j]] for j in range(len(w.A))])
         null = main.null_spectrum_
+        direction, centre = self._direction(w, reference)
         result = ModuleResult(
             name=w.mod.name,
             members=list(given.members),
@@ -492,9 +543,9 @@ class ClairAuditor:
             null_draws=0 if null is None else int(null.shape[0]),
             in_subspace=self._in_subspace(w, main, used[0][1]),
             held_out=None if held_out is None else held_out.double().cpu()[expand][w.back],
-            direction=self._direction(w, reference),
+            direction=direction,
         )
-        return ModuleAudit(result, list(given.members), w.keys, list(w.mod.members), w.G)
+        return ModuleAudit(result, list(given.members), w.keys, list(w.mod.members), w.G, centre)
 
     def fit(
         self,
@@ -537,9 +588,12 @@ class ClairAuditor:
         self._check_params()
         tally = _Tally.empty(n_adapters)
         results = []
+        centres: dict[str, ModuleCentre] = {}
         for done in audits:
             tally.fold(done)
             results.append(done.result)
+            if done.centre is not None:
+                centres[done.result.name] = done.centre
         if not results:
             raise ValueError("no module to audit")
         self.module_results_ = results
@@ -557,7 +611,7 @@ class ClairAuditor:
             replace(g, members=sorted(g.members, key=lambda k: (names[k] if names else "", k)))
             for g in (coordinated_groups(self.cosine_, copies) if reference is None else [])
         ]
-        signals = self._pool_signals(results, tally, reference)
+        signals = self._pool_signals(results, tally, reference, centres)
         self._decide(signals, tally, trusted)
         self.shared_rank_ = {r.name: r.rank for r in results}
         self.shared_structure_ = any(r.shared_structure for r in results)
@@ -566,7 +620,13 @@ class ClairAuditor:
         self.converged_ = all(r.converged for r in results)
         return self
 
-    def _pool_signals(self, results: list[ModuleResult], tally: _Tally, reference: list[int] | None) -> PoolSignals:
+    def _pool_signals(
+        self,
+        results: list[ModuleResult],
+        tally: _Tally,
+        reference: list[int] | None,
+        centres: dict[str, ModuleCentre] | None = None,
+    ) -> PoolSignals:
         """What the verdict reads of the whole pool; sets ``direction_``."""
         K = tally.inner.shape[0]
         centre_on = torch.ones(K, dtype=torch.bool)
@@ -576,7 +636,7 @@ class ClairAuditor:
         # In a canonical order of the adapters (their digests), like every module.
         glob = sorted(range(K), key=lambda k: tally.digests[k].digest())
         coordinated = self.coordinated_groups_
-        centres = DirectionCentres(
+        direction_centres = DirectionCentres(
             tally.unit,
             centre_on,
             glob,
@@ -584,7 +644,7 @@ class ClairAuditor:
             group_masses(K, coordinated),
             pairs=reference is None and K <= SMALL_POOL_N + 1,
         )
-        self.direction_, pairs = centres()
+        self.direction_, pairs = direction_centres()
         return PoolSignals(
             coordinated=coordinated,
             n_adapters=K,
@@ -603,7 +663,8 @@ class ClairAuditor:
             order=glob,
             cosine=cosine_from_gram(tally.unit),
             direction_pairs=pairs,
-            recentre=centres if reference is None else None,
+            recentre=direction_centres if reference is None else None,
+            module_recentre=ModuleCentres(centres) if reference is None and centres else None,
         )
 
     def _decide(self, signals: PoolSignals, tally: _Tally, trusted: set[int]) -> None:

@@ -57,6 +57,7 @@ import torch
 from clair_cli.core.calibration import critical_value
 from clair_cli.core.rules import ALPHA, DUPLICATE_COSINE, RULES, AdapterVerdict, Pass, PoolSignals
 from clair_cli.core.rules.duplicate import Duplicate, group_cosine
+from clair_cli.core.rules.pull import SUSPECT as PULL_SUSPECT
 
 PASSES = 5  # at most; stops when the flagged set repeats
 POINTING = tuple(rule.name for rule in RULES if rule.pointing)  # their near-misses leave their bases
@@ -136,6 +137,7 @@ def decide(signals: PoolSignals) -> list[AdapterVerdict]:
     contaminated), do not shield each other; the flagged and those near misses together stay
     a minority of the pool (the largest misses first). From the second pass on, rule 1
     measures its cosines against centres fitted without the adapters the previous pass flagged
+    and those pulling past rule 11's ``SUSPECT`` margin, while these are a minority
     (:class:`~clair_cli.core.insubspace.DirectionCentres`). The norm and per-module rules leave out only
     the flagged: honest norms are often multimodal (alphas differ), and leaving out their
     upper mode would tighten the threshold onto the rest of it. A duplicate group's first member
@@ -146,14 +148,20 @@ def decide(signals: PoolSignals) -> list[AdapterVerdict]:
     verdicts = _decide(signals, excluded=set(), suspects=set())
     exclude_above = _exclusion_margin(signals.n_adapters)
     trusted = set(signals.reference or ())  # references always set the thresholds
-    seen: set[tuple[frozenset[int], frozenset[int]]] = set()
+    seen: set[tuple[frozenset[int], ...]] = set()
     for _ in range(PASSES - 1):
         flagged = frozenset(v.index for v in verdicts if v.flagged)
         suspects = _suspects(verdicts, flagged, exclude_above, trusted)
-        if not (flagged or suspects) or (flagged, suspects) in seen:
+        pulling = frozenset(
+            v.index
+            for v in verdicts
+            if not v.flagged and v.index not in trusted and v.signals.get("pull", -math.inf) > PULL_SUSPECT
+        )
+        state = (flagged, suspects, pulling)
+        if not (flagged or suspects or pulling) or state in seen:
             break
-        seen.add((flagged, suspects))
-        verdicts = _decide(signals, excluded=set(flagged), suspects=set(suspects))
+        seen.add(state)
+        verdicts = _decide(signals, excluded=set(flagged), suspects=set(suspects), centre_without=flagged | pulling)
     return verdicts
 
 
@@ -170,9 +178,12 @@ def _suspects(
     return frozenset(near[: max(room, 0)])
 
 
-def _decide(signals: PoolSignals, excluded: set[int], suspects: set[int]) -> list[AdapterVerdict]:
-    """One pass: every rule in order, the pointing ones also without the ``suspects``."""
-    ctx = Pass(signals, excluded)
+def _decide(
+    signals: PoolSignals, excluded: set[int], suspects: set[int], centre_without: frozenset[int] = frozenset()
+) -> list[AdapterVerdict]:
+    """One pass: every rule in order, the pointing ones also without the ``suspects``; rule 1's
+    centres without ``centre_without`` where that is a minority (else without ``excluded``)."""
+    ctx = Pass(signals, excluded, centre_without)
     for rule in RULES:
         ctx.extra = suspects if rule.pointing else set()
         rule.apply(ctx)

@@ -75,6 +75,7 @@ class PoolSignals:
     cosine: torch.Tensor | None = None
     coordinated: list[CoordinatedGroup] = field(default_factory=list)
     recentre: Callable[[frozenset[int]], tuple[torch.Tensor, torch.Tensor | None]] | None = None
+    module_recentre: Callable[[frozenset[int]], dict[str, torch.Tensor]] | None = None
 
 
 def kin(duplicates: list[list[int]], coordinated: list[CoordinatedGroup]) -> dict[int, list[int]]:
@@ -133,7 +134,7 @@ class Pass:
     threshold; ``extra`` (the suspects, while a pointing rule runs) neither.
     """
 
-    def __init__(self, signals: PoolSignals, excluded: set[int]) -> None:
+    def __init__(self, signals: PoolSignals, excluded: set[int], centre_without: frozenset[int] = frozenset()) -> None:
         self.signals = signals
         self.verdicts = [AdapterVerdict(k, 0.0, False) for k in range(signals.n_adapters)]
         self.trusted = set(signals.reference or ())
@@ -146,8 +147,13 @@ class Pass:
         # Rule 1's cosines: against the centre of the adapters the previous pass let through,
         # where those it flagged are a minority (else the centres of the whole pool).
         self.direction_cosine, self.direction_pairs = signals.direction, signals.direction_pairs
-        if signals.recentre is not None and excluded and 2 * len(excluded) < signals.n_adapters:
-            self.direction_cosine, self.direction_pairs = signals.recentre(frozenset(excluded))
+        self.module_direction = signals.module_direction
+        for without in (centre_without | excluded, frozenset(excluded)):
+            if signals.recentre is not None and without and 2 * len(without) < signals.n_adapters:
+                self.direction_cosine, self.direction_pairs = signals.recentre(frozenset(without))
+                if signals.module_recentre is not None:
+                    self.module_direction = signals.module_recentre(frozenset(without))
+                break
         self.extra: set[int] = set()  # also left out of the bases, for the rules that set it
         self.calibration = signals.held_out if signals.reference is not None else None
         for name, o in signals.shares.items():

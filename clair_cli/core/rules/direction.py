@@ -10,10 +10,13 @@ agrees far more closely than the pool does counts as a few adapters, whatever it
 dropped by ``DIRECTION_FLOOR`` and to 0.4 of the typical cosine; where the typical cosine is
 below ``DIRECTION_FLOOR`` the others agree on no direction, the centre is noise, and the rule
 is off. ``threshold`` in its reason is the bound on the raw cosine; ``margin`` the smaller
-of the two margins. From the verdict's second pass on, the raw cosine is taken with centres
-fitted without the adapters the previous pass flagged (while they are a minority;
-:class:`clair_cli.core.insubspace.DirectionCentres`): a flagged set that pulls the centre
-against an honest client (a sign-flipped copy of its update) does not get it flagged.
+of the two margins. From the verdict's second pass on, every centre (whole-update and
+per module) is fitted without the adapters the previous pass flagged and those pulling
+past a quarter of rule 11's floor, while they are a minority
+(:class:`clair_cli.core.insubspace.DirectionCentres`, :class:`clair_cli.core.audit.ModuleCentre`):
+a flagged set that pulls the centre against an honest client (a sign-flipped copy of its
+update) does not get it flagged, and a group that drags the centres to itself is measured
+against the rest.
 Below a dozen adapters the standardised statistic's critical value is capped
 (:func:`clair_cli.core.calibration.rule_critical_value`); the raw floor still applies, with
 the typical cosine measured with the adapter left out of the others' centres as well
@@ -40,7 +43,7 @@ class Direction:
 
     def apply(self, ctx: Pass) -> None:
         pool = ctx.signals
-        direction, module_direction = ctx.direction_cosine, pool.module_direction
+        direction, module_direction = ctx.direction_cosine, ctx.module_direction
         if direction is None or not module_direction:
             return
         # Per module standardised, averaged with the weight of the others' agreement on it,

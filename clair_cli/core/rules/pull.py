@@ -25,6 +25,9 @@ times the members' mean. The counted candidate with the largest ``T`` past ``PUL
 flagged, then the largest among the others, and so on; each other adapter's margin is the
 ``T`` of the best counted candidate it is in over ``PULL_FLOOR`` (0 in none). Adapters
 flagged in an earlier pass are still judged, against the centre and scale of the others.
+An adapter with a margin above ``SUSPECT`` (``T > 0.5``) is not flagged for it, but leaves rule
+1's centres in the next pass (:func:`clair_cli.core.verdict.decide`): a group that agrees
+closely drags every centre it is in, and is then measured against the rest's.
 Only the Gram matrix of the whole updates is used (summed over modules, from canonical
 factors: invariant to how each update is factored).
 
@@ -70,6 +73,7 @@ from clair_cli.core.rules.opposed import CONSENSUS, Opposed
 
 PULL_FLOOR = 2.0  # T: the members' mean inner product with the others' deviations, in typical squared deviations
 JOIN = 0.5  # each member's inner product with the others' pull: at least half the members' mean
+SUSPECT = 0.25  # margin (T > 0.5): the group leaves rule 1's centres in the next pass
 MIN_ADAPTERS = 5
 NORM_SPREAD_MAX = 0.3  # on where honest log norms spread by a robust sd of at most 0.3 (~1.35x)
 MAX_STARTS = 256  # greedy starts: the adapters that deviate most (every adapter in pools up to this size)
