@@ -129,3 +129,39 @@ def test_a_spread_group_at_the_honest_norm_is_caught_against_the_rest(norm: floa
     K, bad = 18, tuple(range(12, 18))
     aud = ClairAuditor().fit(tight_pool(K, bad, rho=0.4, norm=norm, own=3.0, seed=seed), K)
     assert flagged(aud) == set(bad)
+
+
+def test_batched_module_centres_equal_the_module_by_module_ones() -> None:
+    """The verdict refits every module's centres as one batch: the same cosines as
+    :func:`centre_cosines` module by module (copies, a zero update, members outside the
+    centre), to rounding, and NaN in the same places."""
+    import numpy as np
+
+    from clair_cli.core.insubspace import agreement_masses, batched_centre_cosines, centre_cosines
+
+    rng = np.random.default_rng(0)
+    B, K = 40, 7
+    Cs, fits, reps, masses, expected = [], [], [], [], []
+    for b in range(B):
+        X = rng.standard_normal((K, 12)) + 0.5 * rng.standard_normal(12)
+        rep = np.arange(K)
+        if b % 5 == 0:
+            X[3], rep[3] = X[1], 1  # a copy: its centre leaves out the member it copies
+        if b % 7 == 0:
+            X[5] = 0  # a zero update: NaN
+        X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-300)
+        fit = rep == np.arange(K)
+        if b % 3 == 0:
+            fit[0] = False
+        C = torch.from_numpy(X @ X.T)
+        mass = agreement_masses(C, torch.from_numpy(fit))
+        leave_out = {j: [int(rep[j])] for j in range(K)}
+        expected.append(centre_cosines(C, torch.from_numpy(fit), leave_out, mass).numpy())
+        Cs.append(C.numpy())
+        fits.append(fit)
+        reps.append(rep)
+        masses.append(mass.numpy())
+    got = batched_centre_cosines(np.stack(Cs), np.stack(fits), np.stack(reps), np.stack(masses))
+    want = np.stack(expected)
+    assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(want).any()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-13, equal_nan=True)

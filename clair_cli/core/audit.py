@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from typing import Literal
 
+import numpy as np
 import torch
 
 from clair_cli.core.calibration import SMALL_POOL_N
@@ -36,6 +37,7 @@ from clair_cli.core.decompose import Method, ModuleDecomposer, null_bound
 from clair_cli.core.fastpath import FastDecomposer, off_subspace_shares, shared_basis
 from clair_cli.core.insubspace import (
     DirectionCentres,
+    batched_centre_cosines,
     agreement_masses,
     centre_cosines,
     in_subspace_gram,
@@ -251,15 +253,46 @@ class ModuleCentre:
 
 
 class ModuleCentres:
-    """Every module's rule-1 cosines refitted without a set of adapters, cached per set."""
+    """Every module's rule-1 cosines refitted without a set of adapters (as
+    :meth:`ModuleCentre.cosines`, to rounding), cached per set. The modules with the same
+    number of members are refitted as one batch (:func:`batched_centre_cosines`)."""
 
     def __init__(self, centres: dict[str, ModuleCentre]) -> None:
-        self._centres = centres
+        by_size: dict[int, list[str]] = {}
+        for name, c in centres.items():
+            by_size.setdefault(len(c.adapters), []).append(name)
+        self._batches = []
+        for names in by_size.values():
+            cs = [centres[n] for n in names]
+            fit_on = np.zeros((len(cs), len(cs[0].adapters)), dtype=bool)
+            for b, c in enumerate(cs):
+                fit_on[b, c.fit_on] = True
+            self._batches.append(
+                (
+                    names,
+                    np.array([c.adapters for c in cs]),
+                    np.stack([c.cosine.double().numpy() for c in cs]),
+                    fit_on,
+                    np.array([c.rep for c in cs]),
+                    [c.back for c in cs],
+                )
+            )
         self._cache: dict[frozenset[int], dict[str, torch.Tensor]] = {}
 
     def __call__(self, without: frozenset[int]) -> dict[str, torch.Tensor]:
         if without not in self._cache:
-            self._cache[without] = {name: c.cosines(without) for name, c in self._centres.items()}
+            out: dict[str, torch.Tensor] = {}
+            for names, adapters, C, fit_on, rep, backs in self._batches:
+                centre = fit_on & ~np.isin(adapters, list(without))
+                mass = np.stack(
+                    [
+                        agreement_masses(torch.from_numpy(C[b]), torch.from_numpy(centre[b])).numpy()
+                        for b in range(len(names))
+                    ]
+                )
+                cos = torch.from_numpy(batched_centre_cosines(C, centre, rep, mass))
+                out |= {name: cos[b][back] for b, (name, back) in enumerate(zip(names, backs, strict=True))}
+            self._cache[without] = out
         return self._cache[without]
 
 
