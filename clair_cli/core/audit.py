@@ -37,8 +37,8 @@ from clair_cli.core.decompose import Method, ModuleDecomposer, null_bound
 from clair_cli.core.fastpath import FastDecomposer, off_subspace_shares, shared_basis
 from clair_cli.core.insubspace import (
     DirectionCentres,
-    batched_centre_cosines,
     agreement_masses,
+    batched_centre_cosines,
     centre_cosines,
     in_subspace_gram,
     unit_centre_distances,
