@@ -54,6 +54,7 @@ class PoolSignals:
             given set of adapters (:class:`clair_cli.core.insubspace.DirectionCentres`); the
             passes after the first judge rule 1 against the centre of the adapters the previous
             pass let through. None: every pass uses ``direction``.
+        module_recentre: ``module_direction`` likewise (:class:`clair_cli.core.audit.ModuleCentres`).
     """
 
     direction_pairs: torch.Tensor | None = None
@@ -144,8 +145,9 @@ class Pass:
         # still shape the spectral rule's fit, whose evidence is a group pushing one way.
         self.echoes = {k for group in signals.coordinated for k in group.members[1:]} - self.copies
         self.excluded = excluded | self.copies | self.echoes
-        # Rule 1's cosines: against the centre of the adapters the previous pass let through,
-        # where those it flagged are a minority (else the centres of the whole pool).
+        # Rule 1's cosines: against the centres without ``centre_without`` (what the previous
+        # pass flagged, and groups pulling together) where that is a minority, else without
+        # the flagged alone where they are, else against the whole pool's.
         self.direction_cosine, self.direction_pairs = signals.direction, signals.direction_pairs
         self.module_direction = signals.module_direction
         for without in (centre_without | excluded, frozenset(excluded)):
