@@ -165,3 +165,26 @@ def test_batched_module_centres_equal_the_module_by_module_ones() -> None:
     want = np.stack(expected)
     assert np.array_equal(np.isnan(got), np.isnan(want)) and np.isnan(want).any()
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-13, equal_nan=True)
+
+
+def test_rule_11_sets_apart_the_group_not_every_client_in_a_candidate_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups are set apart as rule 11 flags them, the largest pull first and its members then
+    out of the search: the honest clients that some greedy candidate joins to the group (a
+    candidate grown from an honest client takes the group in) are not set apart with it, so
+    the centres without the group remain most of the pool. Here the first pass flags nothing
+    and sets apart exactly the six; the later passes flag exactly them."""
+    from clair_cli.core import verdict
+
+    first: list[tuple[set[int], frozenset[int]]] = []
+    decide_pass = verdict._decide
+
+    def recorded(*args, **kwargs):
+        verdicts, pulling = decide_pass(*args, **kwargs)
+        first.append(({v.index for v in verdicts if v.flagged}, pulling))
+        return verdicts, pulling
+
+    monkeypatch.setattr(verdict, "_decide", recorded)
+    K, bad = 18, tuple(range(12, 18))
+    aud = ClairAuditor().fit(tight_pool(K, bad, rho=0.4, norm=1.25, own=3.0, seed=3), K)
+    assert first[0] == (set(), frozenset(bad))
+    assert flagged(aud) == set(bad)

@@ -57,7 +57,6 @@ import torch
 from clair_cli.core.calibration import critical_value
 from clair_cli.core.rules import ALPHA, DUPLICATE_COSINE, RULES, AdapterVerdict, Pass, PoolSignals
 from clair_cli.core.rules.duplicate import Duplicate, group_cosine
-from clair_cli.core.rules.pull import SUSPECT as PULL_SUSPECT
 
 PASSES = 5  # at most; stops when the flagged set repeats
 POINTING = tuple(rule.name for rule in RULES if rule.pointing)  # their near-misses leave their bases
@@ -145,23 +144,20 @@ def decide(signals: PoolSignals) -> list[AdapterVerdict]:
 
     ``signals``: see :class:`~clair_cli.core.rules.context.PoolSignals`.
     """
-    verdicts = _decide(signals, excluded=set(), suspects=set())
+    verdicts, pulling = _decide(signals, excluded=set(), suspects=set())
     exclude_above = _exclusion_margin(signals.n_adapters)
     trusted = set(signals.reference or ())  # references always set the thresholds
     seen: set[tuple[frozenset[int], ...]] = set()
     for _ in range(PASSES - 1):
         flagged = frozenset(v.index for v in verdicts if v.flagged)
         suspects = _suspects(verdicts, flagged, exclude_above, trusted)
-        pulling = frozenset(
-            v.index
-            for v in verdicts
-            if not v.flagged and v.index not in trusted and v.signals.get("pull", -math.inf) > PULL_SUSPECT
-        )
         state = (flagged, suspects, pulling)
         if not (flagged or suspects or pulling) or state in seen:
             break
         seen.add(state)
-        verdicts = _decide(signals, excluded=set(flagged), suspects=set(suspects), centre_without=flagged | pulling)
+        verdicts, pulling = _decide(
+            signals, excluded=set(flagged), suspects=set(suspects), centre_without=flagged | pulling
+        )
     return verdicts
 
 
@@ -180,15 +176,16 @@ def _suspects(
 
 def _decide(
     signals: PoolSignals, excluded: set[int], suspects: set[int], centre_without: frozenset[int] = frozenset()
-) -> list[AdapterVerdict]:
+) -> tuple[list[AdapterVerdict], frozenset[int]]:
     """One pass: every rule in order, the pointing ones also without the ``suspects``; rule 1's
-    centres without ``centre_without`` where that is a minority (else without ``excluded``)."""
+    centres without ``centre_without`` where that is a minority (else without ``excluded``).
+    Returns the verdicts and the groups rule 11 set apart (pulling, not flagged)."""
     ctx = Pass(signals, excluded, centre_without)
     for rule in RULES:
         ctx.extra = suspects if rule.pointing else set()
         rule.apply(ctx)
     ctx.release_held()
-    return ctx.verdicts
+    return ctx.verdicts, frozenset(ctx.pulling - set(signals.reference or ()))
 
 
 def _exclusion_margin(n_adapters: int) -> float:

@@ -168,6 +168,7 @@ class Pass:
         self.off_hits: dict[int, list[ModuleHit]] = {}  # rules 2 and 3; [] for rule 2 alone
         self.across: dict[int, tuple[float, float, float]] = {}  # rule 2: mean log-odds, its bound, margin
         self.held: dict[int, Reason] = {}  # listed only where they set the score
+        self.pulling: set[int] = set()  # rule 11: groups pulling past its SUSPECT margin, not flagged
 
     def cuts(
         self,

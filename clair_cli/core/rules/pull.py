@@ -25,9 +25,10 @@ times the members' mean. The counted candidate with the largest ``T`` past ``PUL
 flagged, then the largest among the others, and so on; each other adapter's margin is the
 ``T`` of the best counted candidate it is in over ``PULL_FLOOR`` (0 in none). Adapters
 flagged in an earlier pass are still judged, against the centre and scale of the others.
-An adapter with a margin above ``SUSPECT`` (``T > 0.5``) is not flagged for it, but leaves rule
-1's centres in the next pass (:func:`clair_cli.core.verdict.decide`): a group that agrees
-closely drags every centre it is in, and is then measured against the rest's.
+The groups past ``SUSPECT`` times the floor (``T > 0.5``), found the same way (the largest
+first, its members then set aside), are not flagged for it, but leave rule 1's centres in the
+next pass (:func:`clair_cli.core.verdict.decide`): a group that agrees closely drags every
+centre it is in, and is then measured against the rest's.
 Only the Gram matrix of the whole updates is used (summed over modules, from canonical
 factors: invariant to how each update is factored).
 
@@ -164,13 +165,17 @@ class Pull:
             return group_pulls(inner.double()[among][:, among], mass[among], setters[among])
 
         members, pulls = pulls_of(judged)
-        while len(pulls) and float(pulls.max()) > PULL_FLOOR:  # the largest pull first, then the rest
+        # The largest pull first, then the rest: past the floor a group is flagged; past
+        # SUSPECT of it, it is set apart (rule 1's centres leave it out in the next pass).
+        while len(pulls) and float(pulls.max()) > SUSPECT * PULL_FLOOR:
             best = int(np.argmax(pulls))
             group = [judged[p] for p in np.flatnonzero(members[best])]
             margin = float(pulls[best]) / PULL_FLOOR
             for k in group:
                 if ctx.margin(k, margin, self.name):
                     ctx.flag(k, self.reason(float(pulls[best]), [j for j in group if j != k], margin))
+                elif margin <= 1:
+                    ctx.pulling.add(k)
             judged = [k for k in judged if k not in group]
             members, pulls = pulls_of(judged)
         for p, k in enumerate(judged):  # in no counted group: nothing pulls with it (T = 0)
