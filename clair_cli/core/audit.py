@@ -241,12 +241,11 @@ class ModuleCentre:
     rep: list[int]
     back: torch.Tensor
 
-    def cosines(self, without: frozenset[int] = frozenset()) -> torch.Tensor:
-        """Each member's cosine with the module's centre of the others, without ``without``."""
+    def cosines(self) -> torch.Tensor:
+        """Each member's cosine with the module's centre of the others (the first pass's;
+        :class:`ModuleCentres` refits them without given adapters)."""
         centre = torch.zeros(len(self.adapters), dtype=torch.bool)
         centre[self.fit_on] = True
-        if without:
-            centre &= torch.tensor([k not in without for k in self.adapters], dtype=torch.bool)
         leave_out = {j: [self.rep[j]] for j in range(len(self.adapters))}
         mass = agreement_masses(self.cosine, centre)
         return centre_cosines(self.cosine, centre, leave_out, mass)[self.back]
@@ -254,7 +253,7 @@ class ModuleCentre:
 
 class ModuleCentres:
     """Every module's rule-1 cosines refitted without a set of adapters (as
-    :meth:`ModuleCentre.cosines`, to rounding), cached per set. The modules with the same
+    :meth:`ModuleCentre.cosines` with those out of the centre, to rounding), cached per set. The modules with the same
     number of members are refitted as one batch (:func:`batched_centre_cosines`)."""
 
     def __init__(self, centres: dict[str, ModuleCentre]) -> None:

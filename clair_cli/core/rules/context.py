@@ -152,9 +152,9 @@ class Pass:
         self.module_direction = signals.module_direction
         for without in (centre_without | excluded, frozenset(excluded)):
             if signals.recentre is not None and without and 2 * len(without) < signals.n_adapters:
-                self.direction_cosine, self.direction_pairs = signals.recentre(frozenset(without))
+                self.direction_cosine, self.direction_pairs = signals.recentre(without)
                 if signals.module_recentre is not None:
-                    self.module_direction = signals.module_recentre(frozenset(without))
+                    self.module_direction = signals.module_recentre(without)
                 break
         self.extra: set[int] = set()  # also left out of the bases, for the rules that set it
         self.calibration = signals.held_out if signals.reference is not None else None
