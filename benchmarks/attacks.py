@@ -358,14 +358,14 @@ def _opposed_edge(p: PoolData, m: int, c: float, rng: np.random.Generator) -> li
     return jittered(p.layout, c * p.median_norm * edge_direction(p), m, rng, SPREAD)
 
 
-def edge_direction(p: PoolData) -> np.ndarray:
+def edge_direction(p: PoolData, which: int = 0) -> np.ndarray:
     """``-0.19 h + 0.98 d``: unit, at cosine -0.19 with the honest mean ``h``, along the honest clients'
-    main direction of disagreement ``d``."""
+    main direction of disagreement ``d`` (``which``: the next ones, orthogonal to it and to ``h``)."""
     h = p.honest.mean(0)
     h /= np.linalg.norm(h)
     dev = p.honest - p.honest.mean(0)
     dev -= np.outer(dev @ h, h)
-    d = np.linalg.svd(dev, full_matrices=False)[2][0]
+    d = np.linalg.svd(dev, full_matrices=False)[2][which]
     return -EDGE_COSINE * h + np.sqrt(1 - EDGE_COSINE**2) * d
 
 
@@ -398,16 +398,41 @@ def _opposed_spread_norm(p: PoolData, m: int, c: float, rng: np.random.Generator
     return spread_edge(p, m, SPREAD_RHO, c, rng)
 
 
-def spread_edge(p: PoolData, m: int, rho: float, c: float, rng: np.random.Generator) -> list:
+def spread_edge(p: PoolData, m: int, rho: float, c: float, rng: np.random.Generator, groups: int = 1) -> list:
     """``m`` updates of ``c`` honest median norms along the ``opposed-edge`` direction plus independent
-    low-rank noise, two of them at cosine about ``rho``."""
-    v = edge_direction(p)
+    low-rank noise, two of them at cosine about ``rho``. With ``groups`` > 1 the attackers split into that
+    many groups (sizes as equal as they can be), group ``j`` along ``edge_direction(p, j)``: every group
+    pulls against the honest mean alike, each along its own direction of honest disagreement, so two
+    groups' directions have cosine 0.19^2 = 0.04."""
+    directions = [edge_direction(p, j) for j in range(groups)]
     spread = np.sqrt(1 / rho - 1)
     out = []
-    for _ in range(m):
-        vec = v + spread * low_rank_noise(p.layout, rng)
+    for k in range(m):
+        vec = directions[k % groups] + spread * low_rank_noise(p.layout, rng)
         out.append(as_lora(p.layout, c * p.median_norm * vec / np.linalg.norm(vec)))
     return out
+
+
+FAINT_RHO = 0.15  # opposed-spread-faint: the attackers' cosine, under rule 11's reach in a pool of honest ones
+
+
+def _opposed_spread_faint(p: PoolData, m: int, c: float, rng: np.random.Generator) -> list:
+    """``opposed-spread-norm`` with the attackers at cosine about ``FAINT_RHO`` with each other, as loosely
+    as trained honest clients agree: each update is mostly its own noise (the shared pull is ``sqrt(0.15)``
+    = 0.39 of its norm), so what gives the group away is only the sum of its small pulls."""
+    return spread_edge(p, m, FAINT_RHO, c, rng)
+
+
+SPLIT_NORM = 2.0  # split-groups: each attacker's norm in honest median norms
+
+
+def _split_groups(p: PoolData, m: int, groups: float, rng: np.random.Generator) -> list:
+    """Tuned against rule 11 (a group's pull is judged group by group): the attackers split into
+    ``groups`` groups (at most one per attacker), each an ``opposed-spread`` group at cosine
+    ``SPREAD_RHO`` and ``SPLIT_NORM`` honest median norms along its own direction of honest
+    disagreement, so that each group pulls a fraction of the whole while together they pull the
+    merge against the honest mean as one group would."""
+    return spread_edge(p, m, SPREAD_RHO, SPLIT_NORM, rng, groups=min(int(groups), m))
 
 
 def _copies_alie(p: PoolData, m: int, z: float, rng: np.random.Generator) -> list:
@@ -455,6 +480,8 @@ ATTACKS: dict[str, Attack] = {
             (1.0, 3.5),
             "norm / honest median",
         ),
+        Attack("opposed-spread-faint", _opposed_spread_faint, (1.0, 1.5, 2.0, 3.5), (1.0, 2.0), "norm / honest median"),
+        Attack("split-groups", _split_groups, (2.0, 3.0, 6.0), (2.0, 3.0), "groups"),
         Attack("copies-alie", _copies_alie, (0.5, 1.0, 4.0), (1.0, 4.0), "z"),
         Attack("copies-backdoor", _copies_backdoor, (0.5, 1.0, 2.0, 5.0), (1.0, 5.0), "norm / honest median", True),
     )

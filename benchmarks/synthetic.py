@@ -147,3 +147,60 @@ def tight_pool(  # noqa: PLR0913 - each keyword is one property of the synthetic
         B = [b * target[k] / size[k] for k, b in enumerate(B)]
         mods.append(ModuleInput(f"layers.{m}.q_proj", list(range(K)), A, B, [1.0] * K))
     return mods
+
+
+def split_groups_pool(  # noqa: PLR0913 - each keyword is one property of the synthetic pool
+    seed: int = 0,
+    groups: int = 2,
+    own: float = 3.6,
+    rho: float = 0.4,
+    norm: float = 2.0,
+    n_bad: int = 6,
+    K_honest: int = 12,
+    M: int = 3,
+) -> tuple[list[ModuleInput], tuple[int, ...]]:
+    """The attack benchmark's ``split-groups`` on a synthetic pool: honest clients that agree as
+    loosely as trained ones that learned little (a common rank-4 update per module plus their
+    own, ``own`` times as large: pairwise cosine about ``1 / (1 + own^2)``), and ``n_bad``
+    attackers (the last adapters) in ``groups`` groups, each group along
+    ``-0.19 h + 0.98 d_j`` (``h`` the honest mean's direction, ``d_j`` the honest clients'
+    ``j``-th direction of disagreement), each member with its own rank-2 noise so that two
+    members are at cosine about ``rho``, at ``norm`` times the honest norm. Every update is
+    written at rank 8 by truncated SVD, as the benchmark writes its attackers.
+    """
+    g = torch.Generator().manual_seed(seed)
+    d_out, d_in, r = 48, 40, 4
+
+    def lowrank(rank: int) -> torch.Tensor:
+        return torch.randn(d_out, rank, generator=g, dtype=torch.float64) @ torch.randn(
+            rank, d_in, generator=g, dtype=torch.float64
+        )
+
+    def unit(x: torch.Tensor) -> torch.Tensor:
+        return x / x.norm()
+
+    def whole(rank: int) -> torch.Tensor:
+        return unit(torch.cat([unit(lowrank(rank)).flatten() for _ in range(M)]))
+
+    common = whole(r) * math.sqrt(M)
+    honest = torch.stack([unit(common + own * whole(r) * math.sqrt(M)) for _ in range(K_honest)])
+    h = unit(honest.mean(0))
+    dev = honest - honest.mean(0)
+    dev = dev - torch.outer(dev @ h, h)
+    directions = torch.linalg.svd(dev, full_matrices=False).Vh
+    edge = 0.19
+    bad = [
+        norm * unit(-edge * h + math.sqrt(1 - edge**2) * directions[k % groups] + math.sqrt(1 / rho - 1) * whole(2))
+        for k in range(n_bad)
+    ]
+    X = torch.cat([honest, torch.stack(bad)])
+    K = len(X)
+    mods = []
+    for m in range(M):
+        A, B = [], []
+        for k in range(K):
+            U, S, Vh = torch.linalg.svd(X[k, m * d_out * d_in : (m + 1) * d_out * d_in].reshape(d_out, d_in))
+            B.append(U[:, :8] * S[:8].sqrt())
+            A.append(S[:8].sqrt()[:, None] * Vh[:8])
+        mods.append(ModuleInput(f"layers.{m}.q_proj", list(range(K)), A, B, [1.0] * K))
+    return mods, tuple(range(K_honest, K))

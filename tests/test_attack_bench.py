@@ -72,3 +72,27 @@ def test_spread_attackers_have_the_norm_and_mutual_cosine_asked_for(rho: float, 
     assert pairs.mean() == pytest.approx(rho, abs=0.1)
     mean_dir = honest.mean(0) / np.linalg.norm(honest.mean(0))
     assert float(unit.mean(0) @ mean_dir / np.linalg.norm(unit.mean(0))) == pytest.approx(-at.EDGE_COSINE, abs=0.1)
+
+
+def test_split_groups_pull_alike_along_their_own_directions() -> None:
+    """``split-groups``: members of one group at about ``SPREAD_RHO`` with each other, two groups
+    nearly orthogonal (their directions share only the pull, cosine 0.19^2), every group at
+    cosine about -0.19 with the honest mean."""
+    from benchmarks import attacks as at
+
+    rng = np.random.default_rng(1)
+    layout = at.Layout(["m0", "m1"], [(8, 30), (6, 20)])
+    honest = np.vstack([at.low_rank_noise(layout, rng, rank=2) * s for s in rng.uniform(0.5, 1.5, 12)])
+    pool = at.PoolData("t", 0, layout, [], honest, [], np.zeros((0, honest.shape[1])), None)  # type: ignore[arg-type]
+    attackers = np.vstack([a.vector for a in at.spread_edge(pool, 6, 0.9, 2.0, rng, groups=2)])
+    unit = attackers / np.linalg.norm(attackers, axis=1, keepdims=True)
+    C = unit @ unit.T
+    same = [C[i, j] for i in range(6) for j in range(i + 1, 6) if i % 2 == j % 2]
+    other = [C[i, j] for i in range(6) for j in range(i + 1, 6) if i % 2 != j % 2]
+    assert np.mean(same) == pytest.approx(0.9, abs=0.1)
+    assert np.mean(other) == pytest.approx(0.9 * at.EDGE_COSINE**2, abs=0.1)
+    mean_dir = honest.mean(0) / np.linalg.norm(honest.mean(0))
+    for j in (0, 1):
+        g = unit[j::2].mean(0)
+        assert float(g @ mean_dir / np.linalg.norm(g)) == pytest.approx(-at.EDGE_COSINE, abs=0.1)
+    assert {len(at._split_groups(pool, 3, 6.0, rng))} == {3}  # more groups than attackers: one each

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.synthetic import flagged, make_pool, tight_pool
+from benchmarks.synthetic import flagged, make_pool, split_groups_pool, tight_pool
 from clair_cli.core import verdict
 from clair_cli.core.audit import ClairAuditor
+from clair_cli.core.rules.opposed import CONSENSUS, Opposed
 from clair_cli.core.rules.pull import JOIN, NORM_SPREAD_MAX, PULL_FLOOR, Pull, group_pulls
 
 
@@ -136,3 +137,55 @@ def test_the_gate_leaves_the_rule_out() -> None:
     aud = ClairAuditor().fit(tight_pool(K, bad, seed=0), K, reference=list(range(12)))
     assert not any("pull" in v.signals for v in aud.verdicts_)
     assert "pull" in aud.silent_rules_
+
+
+def _consensus(C: torch.Tensor) -> float:
+    return Opposed().consensus(C.double(), torch.ones(C.shape[0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("groups", [2, 3])
+def test_groups_that_take_away_the_consensus_are_still_judged(groups: int) -> None:
+    """Six of eighteen in two or three groups, each along its own direction of the honest
+    clients' disagreement and against their mean (the attack benchmark's ``split-groups``),
+    among honest clients that agree loosely (pairwise cosine about 0.07): together the groups
+    take the whole pool's consensus under 0.1, where the rule would be off; set aside, the rest
+    agree, and the groups are judged. Before, no attacker was flagged in these pools."""
+    below = 0
+    for seed in range(4):
+        mods, bad = split_groups_pool(seed, groups=groups)
+        aud = ClairAuditor().fit(mods, len(mods[0].A))
+        assert flagged(aud) == set(bad), seed
+        below += _consensus(torch.as_tensor(aud.cosine_)) < CONSENSUS
+    assert below >= 2  # the pools exercise the gate
+
+
+def _unit_pool(vectors: list[np.ndarray]) -> torch.Tensor:
+    X = np.stack(vectors)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    return torch.from_numpy(X @ X.T)
+
+
+def test_without_consensus_leaves_out_one_side_of_a_split() -> None:
+    """Updates spread around zero in a plane: the rest agree once a group is set aside, but
+    the group stands against them (one side of the split such a pool makes), so nothing is
+    judged; a group nearly orthogonal to the rest of a loosely agreeing pool is."""
+    angles = np.linspace(0, 2 * np.pi, 12, endpoint=False)
+    plane = [np.array([np.cos(a), np.sin(a), 0.0]) for a in angles]
+    C = _unit_pool(plane)
+    fit = list(range(12))
+    assert not Pull.agreed(C, fit)
+    side = [0, 1, 2, 11]  # an arc: its mean opposes the rest's
+    assert Pull.without_consensus(C, fit, [(side, 1.5)]) is None
+
+    rng = np.random.default_rng(0)
+    common = rng.standard_normal(400)
+    honest = [common + 4.0 * rng.standard_normal(400) for _ in range(12)]  # consensus 0.14
+    push = [rng.standard_normal(400) for _ in range(2)]
+    bad = [-1.5 * common + 3 * push[k % 2] + 3 * rng.standard_normal(400) for k in range(6)]  # all: 0.06
+    C = _unit_pool(honest + bad)
+    fit = list(range(18))
+    groups = [([12, 14, 16], 1.2), ([13, 15, 17], 1.1)]
+    assert not Pull.agreed(C, fit) and Pull.agreed(C, fit[:12])
+    assert Pull.without_consensus(C, fit, groups) == groups
+    assert Pull.without_consensus(C, fit, groups[:1]) is None  # one group set aside is not enough here
+    assert Pull.without_consensus(C, fit, [(list(range(12, 18)) + [0, 1, 2], 3.0)]) is None  # not a minority

@@ -35,7 +35,9 @@ factors: invariant to how each update is factored).
 Where it is off (the report lists it among the silent rules): in ``clair gate`` (uploads are
 judged one by one against the references); with fewer than ``MIN_ADAPTERS`` adapters setting
 the centre; where they agree on no direction (rule 9's consensus below 0.1: their mean is near
-zero and every update deviates by its whole self); and where their norms spread by a robust
+zero and every update deviates by its whole self) even with the groups found set aside (a
+minority of groups that pull along different directions can lower the consensus of a pool
+that agrees; :meth:`Pull.without_consensus`); and where their norms spread by a robust
 sd (Qn) of more than ``NORM_SPREAD_MAX`` in log (alphas or learning rates that differ: larger
 honest updates then pull together as a group does; on synthetic pools of mixed alphas, whose
 Qn is 0.5-1.5, 2-10 honest clients were flagged). Honest clients of the trained pools of
@@ -55,7 +57,11 @@ cosine ``rho`` then send at most ``sqrt(2 / ((g - 1) rho))`` typical deviations 
 group's shared push is at most about ``sqrt(2 g)`` typical deviations whatever its size and
 spread: about what six attackers at the honest norm and ``rho = 0.4`` send
 (``opposed-spread-norm`` at 1x in the attack benchmark, where clair still loses to the
-oracle). Or it splits into several groups along different directions, each under the floor.
+oracle). Or it splits into several groups along different directions, each under the floor:
+each group that pulls past ``SUSPECT`` of it is still set apart from rule 1's centres, and the
+groups together lower the pool's consensus, which is why the consensus gate is judged with
+them set aside (``split-groups`` in the attack benchmark: two or three groups of a third of the
+pool at twice the honest norm, every attacker caught in every pool).
 """
 
 from __future__ import annotations
@@ -70,7 +76,7 @@ from clair_cli.core.insubspace import centre_weights
 from clair_cli.core.rules.base import Reason
 from clair_cli.core.rules.context import Pass
 from clair_cli.core.rules.coordinated import group_masses
-from clair_cli.core.rules.opposed import CONSENSUS, Opposed
+from clair_cli.core.rules.opposed import CONSENSUS, OPPOSED_COSINE, Opposed
 
 PULL_FLOOR = 2.0  # T: the members' mean inner product with the others' deviations, in typical squared deviations
 JOIN = 0.5  # each member's inner product with the others' pull: at least half the members' mean
@@ -158,41 +164,82 @@ class Pull:
         order = ctx.signals.order or list(range(K))  # canonical order: reproducible ties
         judged = [k for k in order if k not in ctx.copies and not ctx.verdicts[k].flagged]
         fit = [k for k in judged if bool(setters[k])]
-        if not self.agreed(ctx, fit) or self.norm_spread(ctx.signals.sq_norms[fit]) > NORM_SPREAD_MAX:
+        C = ctx.signals.cosine
+        if C is None or len(fit) < MIN_ADAPTERS or self.norm_spread(ctx.signals.sq_norms[fit]) > NORM_SPREAD_MAX:
             return
 
         def pulls_of(among: list[int]) -> tuple[np.ndarray, np.ndarray]:
             return group_pulls(inner.double()[among][:, among], mass[among], setters[among])
 
         members, pulls = pulls_of(judged)
-        # The largest pull first, then the rest: past the floor a group is flagged; past
-        # SUSPECT of it, it is set apart (rule 1's centres leave it out in the next pass).
+        # The groups past SUSPECT of the floor, the largest pull first, each set aside before
+        # the next is sought.
+        found: list[tuple[list[int], float]] = []
         while len(pulls) and float(pulls.max()) > SUSPECT * PULL_FLOOR:
             best = int(np.argmax(pulls))
-            group = [judged[p] for p in np.flatnonzero(members[best])]
-            margin = float(pulls[best]) / PULL_FLOOR
+            found.append(([judged[p] for p in np.flatnonzero(members[best])], float(pulls[best])))
+            judged = [k for k in judged if k not in found[-1][0]]
+            members, pulls = pulls_of(judged)
+        if not self.agreed(C, fit):
+            kept = self.without_consensus(C, fit, found)
+            if kept is None:
+                return
+            found = kept
+        # Past the floor a group is flagged; past SUSPECT of it, it is set apart (rule 1's
+        # centres leave it out in the next pass).
+        for group, pull in found:
+            margin = pull / PULL_FLOOR
             for k in group:
                 if ctx.margin(k, margin, self.name):
-                    ctx.flag(k, self.reason(float(pulls[best]), [j for j in group if j != k], margin))
+                    ctx.flag(k, self.reason(pull, [j for j in group if j != k], margin))
                 elif margin <= 1:
                     ctx.pulling.add(k)
-            judged = [k for k in judged if k not in group]
-            members, pulls = pulls_of(judged)
         for p, k in enumerate(judged):  # in no counted group: nothing pulls with it (T = 0)
             pull = max(pulls[members[:, p]], default=0.0) if len(pulls) else 0.0
             ctx.margin(k, float(pull) / PULL_FLOOR, self.name)
 
     @staticmethod
-    def agreed(ctx: Pass, fit: list[int]) -> bool:
+    def agreed(C: torch.Tensor, fit: list[int]) -> bool:
         """Whether the adapters that set the centre agree on a direction (rule 9's consensus,
         at least ``CONSENSUS``): where they share only a subspace, their mean is near zero and
         every update deviates by its whole self, so updates that are merely larger (alphas
         differ) pull together."""
-        C = ctx.signals.cosine
-        if C is None or len(fit) < MIN_ADAPTERS:
+        if len(fit) < MIN_ADAPTERS:
             return False
         sub = C.double()[fit][:, fit]
         return Opposed().consensus(sub, torch.ones(len(fit), dtype=torch.float64)) >= CONSENSUS
+
+    @staticmethod
+    def without_consensus(
+        C: torch.Tensor, fit: list[int], found: list[tuple[list[int], float]]
+    ) -> list[tuple[list[int], float]] | None:
+        """The groups judged where the adapters that set the centre agree on no direction (None:
+        the rule is off).
+
+        A minority can make a pool that agrees look as if it agreed on nothing: groups that
+        pull along different directions of disagreement lower every member's cosine with the
+        mean of the others (on a trained pool whose honest clients agree at a consensus of
+        0.16, six attackers in two groups took it to 0.04). So the groups found are set aside,
+        the largest pull first, while together they stay a minority of the adapters that set
+        the centre, and the rule judges them if the rest then agree (consensus at least
+        ``CONSENSUS``). A group whose mean stands against all the others' (cosine below
+        ``-OPPOSED_COSINE``) is left out: that is one side of the split a pool without a
+        common direction makes (measured at -0.36 to -0.71 on synthetic pools of updates spread
+        around zero in a subspace, against -0.04 to -0.17 for the attackers' groups), and
+        rule 9 judges such splits where the rest agree.
+        """
+        kept: list[tuple[list[int], float]] = []
+        out: set[int] = set()
+        for group, pull in found:
+            if 2 * (len(out) + len(group)) >= len(fit):
+                break
+            if _group_cosine(C, group, [k for k in fit if k not in group]) < -OPPOSED_COSINE:
+                continue
+            kept.append((group, pull))
+            out.update(group)
+        if not kept or not Pull.agreed(C, [k for k in fit if k not in out]):
+            return None
+        return kept
 
     @staticmethod
     def norm_spread(sq_norms: torch.Tensor) -> float:
@@ -215,3 +262,17 @@ class Pull:
             compare=">",
             margin=margin,
         )
+
+
+def _group_cosine(C: torch.Tensor, group: list[int], rest: list[int]) -> float:
+    """The cosine between the mean unit update of ``group`` and that of ``rest`` (-1 where either
+    mean is zero)."""
+    idx = group + rest
+    sub = C.double()[idx][:, idx]
+    s = torch.zeros(len(idx), dtype=torch.float64)
+    s[: len(group)] = 1.0
+    t = 1.0 - s
+    ss, tt = float(s @ sub @ s), float(t @ sub @ t)
+    if ss <= 0 or tt <= 0:
+        return -1.0
+    return float(s @ sub @ t) / math.sqrt(ss * tt)
