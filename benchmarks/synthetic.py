@@ -204,3 +204,40 @@ def split_groups_pool(  # noqa: PLR0913 - each keyword is one property of the sy
             A.append(S[:8].sqrt()[:, None] * Vh[:8])
         mods.append(ModuleInput(f"layers.{m}.q_proj", list(range(K)), A, B, [1.0] * K))
     return mods, tuple(range(K_honest, K))
+
+
+def directionless_pool(  # noqa: PLR0913 - each keyword is one property of the synthetic pool
+    K: int,
+    dims: int,
+    own: float = 0.0,
+    common: float = 0.0,
+    seed: int = 0,
+    M: int = 3,
+) -> list[ModuleInput]:
+    """Honest updates without a common direction: per module, random coefficients on ``dims``
+    shared rank-4 updates (a pool spread around zero in a subspace), plus ``common`` times a
+    shared update all carry and each client's own rank-4 part (``own`` times ``sqrt(dims)``);
+    every update at unit norm (one alpha, one learning rate)."""
+    g = torch.Generator().manual_seed(seed)
+    d_out, d_in, r = 48, 40, 4
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    def part() -> tuple[torch.Tensor, torch.Tensor]:
+        return rnd(d_out, r) / math.sqrt(d_out * r), rnd(r, d_in)
+
+    mods = []
+    for m in range(M):
+        basis = [part() for _ in range(dims + 1)]
+        A, B = [], []
+        for _ in range(K):
+            coef = rnd(dims)
+            pieces = [(common, basis[dims])] + [(float(coef[j]), basis[j]) for j in range(dims)]
+            pieces.append((own * math.sqrt(dims), part()))
+            Bk = torch.cat([w * b for w, (b, _) in pieces], 1)
+            Ak = torch.cat([a for _, (_, a) in pieces])
+            B.append(Bk / (Bk @ Ak).norm())
+            A.append(Ak)
+        mods.append(ModuleInput(f"layers.{m}.q_proj", list(range(K)), A, B, [1.0] * K))
+    return mods

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.synthetic import flagged, make_pool, split_groups_pool, tight_pool
+from benchmarks.synthetic import directionless_pool, flagged, make_pool, split_groups_pool, tight_pool
 from clair_cli.core import verdict
 from clair_cli.core.audit import ClairAuditor
 from clair_cli.core.rules.opposed import CONSENSUS, Opposed
@@ -189,3 +189,31 @@ def test_without_consensus_leaves_out_one_side_of_a_split() -> None:
     assert Pull.without_consensus(C, fit, groups) == groups
     assert Pull.without_consensus(C, fit, groups[:1]) is None  # one group set aside is not enough here
     assert Pull.without_consensus(C, fit, [(list(range(12, 18)) + [0, 1, 2], 3.0)]) is None  # not a minority
+
+
+def _pulled(aud: ClairAuditor) -> int:
+    return sum(any(r.rule == "pull" for r in v.reasons) for v in aud.verdicts_)
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_a_pool_spread_around_zero_draws_no_pull_flag(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twelve honest updates with random coefficients in a plane (no common direction): the
+    greedy search finds a side pulling past the floor, which the consensus gate keeps from
+    being flagged."""
+    aud = ClairAuditor().fit(directionless_pool(12, dims=2, seed=seed), 12)
+    assert _pulled(aud) == 0
+    monkeypatch.setattr(Pull, "agreed", staticmethod(lambda C, fit: len(fit) >= 5))
+    aud = ClairAuditor().fit(directionless_pool(12, dims=2, seed=seed), 12)
+    assert _pulled(aud) >= 3  # without the gate the side is flagged
+
+
+def test_a_side_that_stands_against_the_rest_is_not_set_aside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eighteen updates spread along one shared direction with both signs: set aside, the
+    side the search finds leaves a rest that agrees, but it stands against that rest as a side
+    of such a pool does, so nothing is judged."""
+    from clair_cli.core.rules import pull
+
+    pool = directionless_pool(18, dims=1, own=0.5, seed=1)
+    assert _pulled(ClairAuditor().fit(pool, 18)) == 0
+    monkeypatch.setattr(pull, "_group_cosine", lambda C, group, rest: 0.0)
+    assert _pulled(ClairAuditor().fit(directionless_pool(18, dims=1, own=0.5, seed=1), 18)) >= 3
