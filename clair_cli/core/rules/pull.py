@@ -184,7 +184,7 @@ class Pull:
             kept = self.without_consensus(C, fit, found)
             if kept is None:
                 return
-            found = kept
+            found = kept  # the groups left out get no margin from this rule: the other rules judge them
         # Past the floor a group is flagged; past SUSPECT of it, it is set apart (rule 1's
         # centres leave it out in the next pass).
         for group, pull in found:
