@@ -358,15 +358,15 @@ def _opposed_edge(p: PoolData, m: int, c: float, rng: np.random.Generator) -> li
     return jittered(p.layout, c * p.median_norm * edge_direction(p), m, rng, SPREAD)
 
 
-def edge_direction(p: PoolData, which: int = 0) -> np.ndarray:
-    """``-0.19 h + 0.98 d``: unit, at cosine -0.19 with the honest mean ``h``, along the honest clients'
-    main direction of disagreement ``d`` (``which``: the next ones, orthogonal to it and to ``h``)."""
+def edge_direction(p: PoolData, which: int = 0, cosine: float = EDGE_COSINE) -> np.ndarray:
+    """``-0.19 h + 0.98 d``: unit, at cosine -0.19 (``-cosine``) with the honest mean ``h``, along the honest
+    clients' main direction of disagreement ``d`` (``which``: the next ones, orthogonal to it and to ``h``)."""
     h = p.honest.mean(0)
     h /= np.linalg.norm(h)
     dev = p.honest - p.honest.mean(0)
     dev -= np.outer(dev @ h, h)
     d = np.linalg.svd(dev, full_matrices=False)[2][which]
-    return -EDGE_COSINE * h + np.sqrt(1 - EDGE_COSINE**2) * d
+    return -cosine * h + np.sqrt(1 - cosine**2) * d
 
 
 SPREAD_NORM = 3.5  # opposed-spread: each attacker's norm, in honest median norms (under the 4x floor)
@@ -398,13 +398,15 @@ def _opposed_spread_norm(p: PoolData, m: int, c: float, rng: np.random.Generator
     return spread_edge(p, m, SPREAD_RHO, c, rng)
 
 
-def spread_edge(p: PoolData, m: int, rho: float, c: float, rng: np.random.Generator, groups: int = 1) -> list:
+def spread_edge(  # noqa: PLR0913 - each keyword is one property of the attack
+    p: PoolData, m: int, rho: float, c: float, rng: np.random.Generator, groups: int = 1, cosine: float = EDGE_COSINE
+) -> list:
     """``m`` updates of ``c`` honest median norms along the ``opposed-edge`` direction plus independent
     low-rank noise, two of them at cosine about ``rho``. With ``groups`` > 1 the attackers split into that
     many groups (sizes as equal as they can be), group ``j`` along ``edge_direction(p, j)``: every group
     pulls against the honest mean alike, each along its own direction of honest disagreement, so two
-    groups' directions have cosine 0.19^2 = 0.04."""
-    directions = [edge_direction(p, j) for j in range(groups)]
+    groups' directions have cosine 0.19^2 = 0.04 (``cosine``: instead of 0.19)."""
+    directions = [edge_direction(p, j, cosine) for j in range(groups)]
     spread = np.sqrt(1 / rho - 1)
     out = []
     for k in range(m):
@@ -433,6 +435,13 @@ def _split_groups(p: PoolData, m: int, groups: float, rng: np.random.Generator) 
     disagreement, so that each group pulls a fraction of the whole while together they pull the
     merge against the honest mean as one group would."""
     return spread_edge(p, m, SPREAD_RHO, SPLIT_NORM, rng, groups=min(int(groups), m))
+
+
+def _split_against(p: PoolData, m: int, cosine: float, rng: np.random.Generator) -> list:
+    """``split-groups`` in two groups, tuned against rule 11's set-aside check: each group's cosine with
+    the honest mean scanned from -0.19 down, so that past -0.2 a group stands against the others, where a
+    side of a directionless pool does and rule 11 leaves it to rule 9."""
+    return spread_edge(p, m, SPREAD_RHO, SPLIT_NORM, rng, groups=min(2, m), cosine=cosine)
 
 
 def _copies_alie(p: PoolData, m: int, z: float, rng: np.random.Generator) -> list:
@@ -482,6 +491,7 @@ ATTACKS: dict[str, Attack] = {
         ),
         Attack("opposed-spread-faint", _opposed_spread_faint, (1.0, 1.5, 2.0, 3.5), (1.0, 2.0), "norm / honest median"),
         Attack("split-groups", _split_groups, (2.0, 3.0, 6.0), (2.0, 3.0), "groups"),
+        Attack("split-against", _split_against, (0.19, 0.3, 0.45, 0.6), (0.3, 0.45), "-cos(group, honest mean)"),
         Attack("copies-alie", _copies_alie, (0.5, 1.0, 4.0), (1.0, 4.0), "z"),
         Attack("copies-backdoor", _copies_backdoor, (0.5, 1.0, 2.0, 5.0), (1.0, 5.0), "norm / honest median", True),
     )

@@ -96,3 +96,6 @@ def test_split_groups_pull_alike_along_their_own_directions() -> None:
         g = unit[j::2].mean(0)
         assert float(g @ mean_dir / np.linalg.norm(g)) == pytest.approx(-at.EDGE_COSINE, abs=0.1)
     assert {len(at._split_groups(pool, 3, 6.0, rng))} == {3}  # more groups than attackers: one each
+    against = np.vstack([a.vector for a in at.spread_edge(pool, 6, 0.9, 2.0, rng, groups=2, cosine=0.45)])
+    g = (against / np.linalg.norm(against, axis=1, keepdims=True))[0::2].mean(0)
+    assert float(g @ mean_dir / np.linalg.norm(g)) == pytest.approx(-0.45, abs=0.1)
