@@ -188,7 +188,7 @@ def split_groups_pool(  # noqa: PLR0913 - each keyword is one property of the sy
     dev = honest - honest.mean(0)
     dev = dev - torch.outer(dev @ h, h)
     directions = torch.linalg.svd(dev, full_matrices=False).Vh
-    edge = 0.19
+    edge = 0.19  # as benchmarks.attacks.EDGE_COSINE: just above rule 9's -0.2
     bad = [
         norm * unit(-edge * h + math.sqrt(1 - edge**2) * directions[k % groups] + math.sqrt(1 / rho - 1) * whole(2))
         for k in range(n_bad)

@@ -203,16 +203,16 @@ def remote() -> Iterator[str]:
         # The client server listens before the cluster behind it can serve a client: on a loaded
         # machine a first connection then fails ("Initialization failure from server"). Wait until
         # a client gets through.
+        probe_code = f"import ray; ray.init({address!r}, logging_level='error'); ray.shutdown()"
         while True:
-            probe = subprocess.run(
-                [sys.executable, "-c", f"import ray; ray.init({address!r}, logging_level='error'); ray.shutdown()"],
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
-            if probe.returncode == 0:
-                break
-            assert time.monotonic() < deadline, f"no Ray client got through within 180 s:\n{probe.stderr[-2000:]}"
+            try:
+                probe = subprocess.run([sys.executable, "-c", probe_code], capture_output=True, text=True, timeout=120)
+                if probe.returncode == 0:
+                    break
+                why = probe.stderr[-2000:]
+            except subprocess.TimeoutExpired:
+                why = "a client still waiting after 120 s"
+            assert time.monotonic() < deadline, f"no Ray client got through within 180 s:\n{why}"
             time.sleep(2)
         yield address
     finally:
