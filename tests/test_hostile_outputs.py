@@ -373,3 +373,83 @@ def test_near_copies_are_near_identical_and_say_why_they_are_flagged(tmp_path: P
     for a in report["adapters"]:  # a flag below score 1 comes from a rule without a margin, and says so
         if a["flagged"] and a["score"] <= 1:
             assert all(r["margin"] is None for r in a["reasons"]) and "whatever its score" in a["reasons"][0]["text"]
+
+
+# --- found by fuzzing (2026-12-04) -------------------------------------------------------------
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [[], ["--json", "-", "-q"]])
+def test_a_full_stdout_is_an_output_error_not_a_bug(tmp_path: Path, args: list[str]) -> None:
+    pool = _pool(tmp_path / "pool")
+    full = {**os.environ, "NO_COLOR": "1", "OMP_NUM_THREADS": "1"}
+    with open("/dev/full", "w") as sink:
+        proc = subprocess.run(
+            [sys.executable, "-m", "clair_cli", "audit", str(pool), "--exit-zero", *args],
+            stdout=sink,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=full,
+            timeout=TIMEOUT,
+        )
+    _one_error_line(proc, "cannot write the output", "No space left")
+
+
+@pytest.mark.parametrize("field", ["use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"])
+def test_a_boolean_config_field_given_as_a_string_is_refused(tmp_path: Path, field: str) -> None:
+    """``bool("false")`` is true: read that way, ``"use_rslora": "false"`` changed the scale."""
+    pool = _pool(tmp_path / "pool")
+    config = pool / "a0" / "adapter_config.json"
+    data = json.loads(config.read_text())
+    data[field] = "false"
+    config.write_text(json.dumps(data))
+    line = _one_error_line(_clair("inspect", str(pool / "a0")), "adapter_config.json", field, "true or false")
+    assert "'false'" in line
+    data[field] = None  # null is PEFT's "not set"
+    config.write_text(json.dumps(data))
+    assert _clair("inspect", str(pool / "a0"), "-q").returncode == 0
+
+
+def test_a_pickle_upload_beside_adapters_is_refused_not_skipped(tmp_path: Path) -> None:
+    """A directory scan never passes over an upload it will not read; a training run's own
+    pickles (beside its adapter files) are not uploads."""
+    pool = _pool(tmp_path / "pool")
+    (pool / "a1" / "training_args.bin").write_bytes(b"\x80\x04K\x01.")  # beside an adapter: fine
+    assert _clair("audit", str(pool), "-q", "--exit-zero").returncode == 0
+    (pool / "upload").mkdir()
+    (pool / "upload" / "lora.pt").write_bytes(b"\x80\x04K\x01.")
+    _one_error_line(_clair("audit", str(pool), "-q"), "upload/lora.pt", "pickle checkpoints are never loaded")
+
+
+def test_an_unreadable_dangling_link_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A link whose target cannot be read (a /proc link, or one removed meanwhile)."""
+    from clair_cli.io import files
+
+    link = tmp_path / "gone"
+    link.symlink_to(tmp_path / "nowhere")
+
+    def unreadable(path: object) -> str:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(files.os, "readlink", unreadable)
+    problem = files.os_problem(FileNotFoundError(errno.ENOENT, "No such file"), link)
+    assert problem.message.endswith("gone: is a dangling symlink")
+
+
+def test_a_replaced_output_that_cannot_be_removed_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--force``: the new output is in place; what could not be removed of the old is named."""
+    from clair_cli.io import writers
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    monkeypatch.setattr(writers, "_remove", lambda path: None)  # as if nothing could be removed
+    with writers.AtomicDir(out, force=True) as staged:
+        (staged / "new.txt").write_text("new")
+    assert (out / "new.txt").read_text() == "new"
+    err = capsys.readouterr().err
+    assert err.startswith("warning: the previous") and ".clair-old" in err
+    (left,) = [p for p in tmp_path.iterdir() if p.name.endswith(".clair-old")]
+    assert (left / "old.txt").read_text() == "old"

@@ -10,6 +10,7 @@ mistaken for a verdict). ``CLAIR_DEBUG=1`` re-raises with the traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 from typing import Any
@@ -87,12 +88,20 @@ class ClairGroup(TyperGroup):
             raise _failure(exc) from None
 
 
+# An output the system could not take: no space, over quota, too large, an I/O error.
+WRITE_FAILURES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
 def _failure(exc: Exception) -> typer.Exit:
     """Exit 2 with a message: bad input as its ClairError says, memory, or a bug."""
     if isinstance(exc, ClairError):
         return typer.Exit(report_error(exc.message, exc.hint))
     if isinstance(exc, MemoryError) or _out_of_memory(exc):
         return typer.Exit(report_error("out of memory", OUT_OF_MEMORY_HINT))
+    if isinstance(exc, OSError) and exc.errno in WRITE_FAILURES:  # a full disk under stdout or a report
+        return typer.Exit(
+            report_error(f"cannot write the output ({exc.strerror or exc})", "Free space, or write it elsewhere.")
+        )
     text = str(exc).splitlines()[0][:300] if str(exc) else ""
     return typer.Exit(
         report_error(

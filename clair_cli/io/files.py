@@ -35,7 +35,11 @@ def os_problem(exc: OSError | ValueError, path: Path | str) -> ClairError:
     code = exc.errno
     if code == errno.ENOENT:
         if os.path.islink(path):
-            return AdapterNotFound(f"{shown}: is a dangling symlink (to {shown_path(os.readlink(path))})")
+            try:
+                target = f" (to {shown_path(os.readlink(path))})"
+            except OSError:  # unreadable (a /proc link) or gone since
+                target = ""
+            return AdapterNotFound(f"{shown}: is a dangling symlink{target}")
         return AdapterNotFound(f"{shown}: no such file or directory")
     if code == errno.ELOOP:
         return AdapterNotFound(f"{shown}: is a symlink loop (too many levels of symbolic links)")

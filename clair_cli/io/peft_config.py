@@ -43,6 +43,16 @@ def _finite(path: Path | str, field: str, value: Any) -> float:
     return float(value)
 
 
+def _flag(path: Path | str, field: str, value: Any) -> bool:
+    """A boolean field (absent or null: false). A string such as ``"false"`` is refused, not
+    read as Python's ``bool("false")``, which is true and would change the update's scale."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _fail(path, f"{field} must be true or false, got {value!r}")
+    return value
+
+
 def _pattern_dict(path: Path | str, field: str, value: Any, convert: Any) -> dict[str, Any]:
     if value is None:
         return {}
@@ -101,13 +111,13 @@ def parse_config(data: dict[str, Any], path: Path | str) -> AdapterConfig:
         base_model=base_model or None,
         r=_positive_int(path, "r", data["r"]),
         lora_alpha=_finite(path, "lora_alpha", data["lora_alpha"]),
-        use_rslora=bool(data.get("use_rslora", False)),
+        use_rslora=_flag(path, "use_rslora", data.get("use_rslora")),
         rank_pattern=_pattern_dict(path, "rank_pattern", data.get("rank_pattern"), _positive_int),
         alpha_pattern=_pattern_dict(path, "alpha_pattern", data.get("alpha_pattern"), _finite),
-        fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
+        fan_in_fan_out=_flag(path, "fan_in_fan_out", data.get("fan_in_fan_out")),
         target_modules=_str_list(path, "target_modules", data.get("target_modules")),
-        use_dora=bool(data.get("use_dora", False)),
-        lora_bias=bool(data.get("lora_bias", False)),
+        use_dora=_flag(path, "use_dora", data.get("use_dora")),
+        lora_bias=_flag(path, "lora_bias", data.get("lora_bias")),
         modules_to_save=(to_save,) if isinstance(to_save, str) else tuple(to_save or ()),
         trainable_token_indices=data.get("trainable_token_indices"),
         raw=data,

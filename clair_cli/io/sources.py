@@ -454,6 +454,15 @@ def _resolve_local(
         if errors is None:
             raise problem
         errors.append((rel(where), spec, problem))
+    # A pickle outside every adapter directory is an upload in a format never loaded, not a
+    # training run's own files (training_args.bin, optimizer.pt sit beside its adapter files):
+    # refused rather than skipped, so that a scan never passes over an adapter unread.
+    for pickle_file in found.pickles:
+        if found.adapters and not any(pickle_file.is_relative_to(a) for a in found.adapters):
+            problem = _refuse_pickle(pickle_file)
+            if errors is None:
+                raise problem
+            errors.append((rel(pickle_file), spec, problem))
     groups, single = _nesting(found.adapters)
     for top, members in groups.items():
         problem = _nesting_error(top, members, path, spec)

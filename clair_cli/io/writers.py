@@ -136,6 +136,7 @@ class Outputs:
         self.inputs: list[Path] = list(inputs)
         self.outputs: list[_Output] = []
         self.stdout: list[str] = []
+        self.left: list[tuple[str, Path]] = []  # replaced outputs that could not be removed entirely
         self.done = False
 
     # Registration and checks -------------------------------------------------------------
@@ -269,6 +270,11 @@ class Outputs:
         finally:
             self._discard()
         COMMITTED.extend(o.target for o in staged)
+        for shown, path in self.left:  # the new output is in place; say where the old one's rest lies
+            sys.stderr.write(
+                f"warning: the previous {shown} could not be removed entirely; what is left of it is in "
+                f"{printable(str(path))}\n"
+            )
         for text in self.stdout:  # through the text layer: its encoding and error handler apply
             sys.stdout.write(text)
             sys.stdout.flush()
@@ -314,6 +320,8 @@ class Outputs:
             for path in (out.staged, out.backup):
                 if path is not None:
                     _remove(path)
+            if out.backup is not None and os.path.lexists(out.backup):
+                self.left.append((out.shown, out.backup))
             out.staged = out.backup = None
 
     def discard(self) -> None:
