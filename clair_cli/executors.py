@@ -16,7 +16,6 @@ modules' results, not the pool's. The only module that imports ray (extra ``clai
 
 from __future__ import annotations
 
-import copy
 import socket
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -58,8 +57,11 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
         raise UsageError(f"--executor {address}: cannot reach the Ray cluster ({reason})") from None
 
 
-def audit_one(pool: Pool, auditor: ClairAuditor, reference: list[int] | None, threads: int) -> ModuleAudit:
-    """A worker's task: read the pool's one module where it runs and audit it on ``threads`` threads."""
+def audit_one(
+    pool: Pool, auditor: ClairAuditor, reference: list[int] | None, threads: int, without: frozenset[int] = frozenset()
+) -> ModuleAudit:
+    """A worker's task: read the pool's one module where it runs and audit it on ``threads`` threads
+    (``without``: as :meth:`~clair_cli.core.audit.ClairAuditor.audit_module`'s)."""
     from contextlib import ExitStack
 
     import torch
@@ -72,7 +74,7 @@ def audit_one(pool: Pool, auditor: ClairAuditor, reference: list[int] | None, th
     with ExitStack() as stack:
         readers = [stack.enter_context(a.reader()) for a in pool.adapters]
         given = module_input(pool, pool.modules[0], idx, readers, auditor.dtype, str(auditor.device))
-    return auditor.audit_module(given, reference)
+    return auditor.audit_module(given, reference, without)
 
 
 def versions() -> tuple[str, str]:
@@ -137,16 +139,20 @@ class RayExecutor:
         auditor: ClairAuditor,
         reference: list[int] | None = None,
         progress: Callable[[str, int, int], None] | None = None,
+        modules: list[str] | None = None,
+        without: frozenset[int] = frozenset(),
     ) -> Iterator[ModuleAudit]:
-        """The modules' audits in module order, computed by Ray tasks (a bounded number in flight)."""
+        """The modules' audits in module order, computed by Ray tasks (a bounded number in flight);
+        ``modules``: those of the pool's only; ``without``: as
+        :meth:`~clair_cli.core.audit.ClairAuditor.audit_module`'s."""
         import torch
 
         ray = _ray()
         threads = torch.get_num_threads()
         gpu = str(auditor.device).startswith("cuda")
         task = ray.remote(audit_one).options(num_cpus=threads, num_gpus=1 if gpu else 0)
+        auditor = auditor.unfitted()  # a refit's second round: not the first one's state
         if gpu:  # Ray shows each task its own GPU as the first one
-            auditor = copy.copy(auditor)
             auditor.device = "cuda"
         shared = ray.put(auditor)
         window = IN_FLIGHT_PER_WORKER * _workers(ray, threads, gpu)
@@ -158,11 +164,13 @@ class RayExecutor:
             result = _result(ray, pending.popleft())
             done += 1
             if progress is not None:
-                progress("modules", done, len(pool.modules))
+                progress("modules", done, len(names))
             return result
 
-        for name in pool.modules:
-            pending.append(task.remote(module_pool(pool, name), shared, reference, threads))
+        wanted = None if modules is None else set(modules)
+        names = pool.modules if wanted is None else [m for m in pool.modules if m in wanted]
+        for name in names:
+            pending.append(task.remote(module_pool(pool, name), shared, reference, threads, without))
             if len(pending) >= window:
                 yield take()
         while pending:
@@ -243,6 +251,10 @@ def ray_fit(
 ) -> ClairAuditor:
     """``auditor.fit`` over ``pool`` with the modules' audits run on Ray (:class:`RayExecutor`)."""
     with RayExecutor(address) as executor:
-        return auditor.fit_audits(
+        auditor.fit_audits(
             executor.audits(pool, auditor, reference, progress), len(pool.adapters), reference, names=pool.names
         )
+        while (plan := auditor.refit_plan())[0]:
+            modules, without = plan
+            auditor.refit(executor.audits(pool, auditor, reference, modules=modules, without=without), without)
+        return auditor

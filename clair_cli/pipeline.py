@@ -267,8 +267,10 @@ def iter_modules(
     dtype: torch.dtype | None = None,
     device: str = "cpu",
     progress: Progress = _quiet,
+    modules: Sequence[str] | None = None,
 ) -> Iterator[ModuleInput]:
-    """Each module's factors for ``members`` (default: every adapter), one module at a time.
+    """Each module's factors for ``members`` (default: every adapter), one module at a time
+    (``modules``: those of the pool's modules only, in the pool's order).
 
     An all-zero adapter (untrained: lora_B starts at zero) is passed on like any other; the
     verdict flags it as a free rider (the norm rule), so the rest of the pool is still audited.
@@ -276,9 +278,11 @@ def iter_modules(
     idx = list(range(len(pool.adapters))) if members is None else list(members)
     with ExitStack() as stack:
         readers = [stack.enter_context(pool.adapters[k].reader()) for k in idx]
-        for i, name in enumerate(pool.modules):
+        wanted = None if modules is None else set(modules)
+        names = pool.modules if wanted is None else [m for m in pool.modules if m in wanted]
+        for i, name in enumerate(names):
             yield module_input(pool, name, idx, readers, dtype, device)  # no local keeps the module
-            progress("modules", i + 1, len(pool.modules))
+            progress("modules", i + 1, len(names))
 
 
 def module_input(
@@ -424,6 +428,7 @@ def audit(
                 len(pool.adapters),
                 reference,
                 names=pool.names,
+                again=lambda wanted: iter_modules(pool, dtype=dtype, device=settings.device, modules=wanted),
             )
         else:
             from clair_cli.executors import ray_fit

@@ -199,6 +199,12 @@ def audit_body(command: str, roles: list[str]) -> dict[str, Any]:
         },
         "groups": {"type": "array", "items": GROUP},
         "silent_rules": {"type": "array", "items": {"enum": WATCHED_RULES}},
+        "refit": closed(
+            {"modules": COUNT, "without": NAMES},
+            description="The shared subspaces fitted again without the adapters the first verdict flagged for "
+            "where they point, where those had helped fit them (modules: how many; without: those "
+            "adapters), and the verdict decided again.",
+        ),
         "converged": BOOLEAN,
         "notes": NAMES,
         "timing_s": TIMING,

@@ -80,7 +80,9 @@ def test_a_spread_group_at_twice_the_norm_is_flagged_together(seed: int, monkeyp
     aud = ClairAuditor().fit(tight_pool(K, bad, rho=0.4, norm=2.0, seed=seed), K)
     assert flagged(aud) == set(bad)
     monkeypatch.setattr(verdict, "PASSES", 1)
-    aud = ClairAuditor().fit(tight_pool(K, bad, rho=0.4, norm=2.0, seed=seed), K)
+    # From a stream: the first verdict alone (no refit, whose second verdict scores the group
+    # against subspaces fitted without it, where rules 2 and 2b see it too).
+    aud = ClairAuditor().fit(iter(tight_pool(K, bad, rho=0.4, norm=2.0, seed=seed)), K)
     assert flagged(aud) == set(bad)
     for k in bad:
         assert [r.rule for r in aud.verdicts_[k].reasons] == ["pull"]

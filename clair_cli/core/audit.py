@@ -24,8 +24,9 @@ a shared subspace; the copies then receive their representative's scores.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
+from functools import partial
 from typing import Literal
 
 import numpy as np
@@ -47,7 +48,7 @@ from clair_cli.core.order import content_keys, content_order, inverse
 from clair_cli.core.pairwise import cosine_from_gram, factor_grams, gram
 from clair_cli.core.reduction import reduce_module
 from clair_cli.core.rules.context import kin
-from clair_cli.core.rules.coordinated import coordinated_groups, group_masses
+from clair_cli.core.rules.coordinated import POINTING_RULES, coordinated_groups, group_masses
 from clair_cli.core.verdict import AdapterVerdict, PoolSignals, decide, duplicate_groups, flag_every_copy, groups
 
 # Rules whose silence over a whole pool is reported: each measures every adapter where it can.
@@ -147,10 +148,16 @@ class ModuleResult:
     in_subspace: torch.Tensor | None = None
     held_out: torch.Tensor | None = None
     direction: torch.Tensor | None = None
+    fitted: list[int] | None = None  # pool indices of the collaborators that shaped the subspace
 
 
 Copies = Literal["keep-one", "flag-all"]
 NULL_DRAWS = 20  # random rotations for parallel analysis
+# Rules whose flag leaves an adapter out of a refitted subspace (ClairAuditor.refit_plan): those
+# that judge where an update points, and the groups pointing one way together.
+REFIT_WITHOUT = frozenset(POINTING_RULES) | {"coordinated", "pull"}
+MAX_REFITS = 2  # verdicts decided again with subspaces fitted without the flagged (ClairAuditor.refit)
+MIN_REFIT = 3  # adapters with an update a refitted subspace needs (fewer: the module is fitted as it was)
 
 
 @dataclass(frozen=True)
@@ -365,8 +372,22 @@ def _representatives(G: torch.Tensor) -> list[int]:
     return rep
 
 
-def _fit_on(mod: ModuleInput, keep: list[int], reference: list[int] | None, norms: torch.Tensor) -> list[int]:
-    """The members the subspace is fitted on: the representatives, or (gate) the references.
+def _named(modules: list[ModuleInput], wanted: list[str]) -> list[ModuleInput]:
+    """The modules named in ``wanted``, in their order in ``modules``."""
+    names = set(wanted)
+    return [given for given in modules if given.name in names]
+
+
+def _fit_on(
+    mod: ModuleInput,
+    keep: list[int],
+    reference: list[int] | None,
+    norms: torch.Tensor,
+    without: frozenset[int] = frozenset(),
+) -> list[int]:
+    """The members the subspace is fitted on: the representatives, or (gate) the references;
+    ``without`` (pool indices) leaves adapters out of the fit where at least ``MIN_REFIT`` others
+    with a non-zero update remain (:meth:`ClairAuditor.refit`).
 
     Raises:
         ValueError: no reference adapter targets the module.
@@ -381,6 +402,9 @@ def _fit_on(mod: ModuleInput, keep: list[int], reference: list[int] | None, norm
     if all(float(norms[j]) == 0 for j in fit_on):
         whose = "reference adapter's" if reference is not None else "adapter's"
         raise EmptyUpdates(f"module {mod.name}: every {whose} update is zero there, so they span no shared subspace")
+    rest = [j for j in fit_on if mod.members[j] not in without]
+    if len(rest) < len(fit_on) and sum(float(norms[j]) > 0 for j in rest) >= MIN_REFIT:
+        return rest
     return fit_on
 
 
@@ -429,6 +453,16 @@ class ClairAuditor:
         self.solver = solver
         self.verdict = verdict if verdict is not None else VerdictOptions()
 
+    def unfitted(self) -> ClairAuditor:
+        """An auditor with these parameters and none of a fit's state: what a worker needs to
+        audit a module (:meth:`audit_module`), small and picklable after a fit too."""
+        fresh = ClairAuditor(
+            self.method, self.side, self.rank, self.dtype, self.device, self.random_state, self.solver, self.verdict
+        )
+        if "n_null" in vars(self):  # set on the instance (an experiment's)
+            fresh.n_null = self.n_null
+        return fresh
+
     def _use_fast(self, A: list[torch.Tensor]) -> bool:
         return uses_fast_path(A, self.solver)
 
@@ -475,7 +509,9 @@ class ClairAuditor:
                 out[w.pos[j]] = torch.stack(shares).max()
         return out
 
-    def _prepare(self, given: ModuleInput, reference: list[int] | None) -> _ModuleWork:
+    def _prepare(
+        self, given: ModuleInput, reference: list[int] | None, without: frozenset[int] = frozenset()
+    ) -> _ModuleWork:
         """The module in canonical order on the device, its Grams and its representatives."""
         mod, back, keys = _in_content_order(given)
         dtype = working_dtype(mod.A, self.dtype, self.solver)
@@ -487,19 +523,31 @@ class ClairAuditor:
         keep = [j for j in range(len(A)) if rep[j] == j]
         pos = {j: p for p, j in enumerate(keep)}
         norms = G.diagonal().clamp_min(0).sqrt()
-        return _ModuleWork(mod, back, keys, A, B, grams, G, norms, rep, keep, pos, _fit_on(mod, keep, reference, norms))
+        fit_on = _fit_on(mod, keep, reference, norms, without)
+        return _ModuleWork(mod, back, keys, A, B, grams, G, norms, rep, keep, pos, fit_on)
 
     def _shares(self, w: _ModuleWork, used, reference: list[int] | None):
         """Off-subspace shares and residual shares of the representatives, and (gate) the
         references' held-out shares."""
         if reference is None:
-            off = torch.stack([d.off_subspace_ for d, _ in used]).max(dim=0).values
-            residual = torch.stack([d.residual_ for d, _ in used]).max(dim=0).values
+            off = torch.stack([self._over_keep(w, d, d.off_subspace_, s) for d, s in used]).max(dim=0).values
+            residual = torch.stack([self._over_keep(w, d, d.residual_, s) for d, s in used]).max(dim=0).values
             return off, residual, None
         # Score every adapter against the reference subspace.
         kA, kB, ks = [w.A[j] for j in w.keep], [w.B[j] for j in w.keep], [w.mod.scales[j] for j in w.keep]
         off = torch.stack([off_subspace_shares(kA, kB, ks, d.subspace_, s) for d, s in used]).max(0).values
         return off, off, self._held_out_shares(w, used, off)
+
+    @staticmethod
+    def _over_keep(w: _ModuleWork, d, fitted: torch.Tensor, side: str) -> torch.Tensor:
+        """A decomposition's per-member values (over ``fit_on``) for every representative: those
+        left out of the fit (:meth:`ClairAuditor.refit`) get their share off its subspace."""
+        if len(w.fit_on) == len(w.keep):
+            return fitted
+        kA, kB, ks = [w.A[j] for j in w.keep], [w.B[j] for j in w.keep], [w.mod.scales[j] for j in w.keep]
+        out = off_subspace_shares(kA, kB, ks, d.subspace_, side).to(fitted)
+        out[[w.pos[j] for j in w.fit_on]] = fitted
+        return out
 
     def _in_subspace(self, w: _ModuleWork, main, side: str) -> torch.Tensor | None:
         """Each update's distance inside the shared subspace from the collaborators' centre."""
@@ -528,8 +576,11 @@ class ClairAuditor:
         module_centre[w.fit_on] = True
         return centre_cosines(cosine, module_centre, {j: [j] for j in w.fit_on})[w.back], None
 
-    def audit_module(self, given: ModuleInput, reference: list[int] | None = None) -> ModuleAudit:
-        """One module's audit (:class:`ModuleAudit`), which :meth:`fit_audits` folds into the pool's.
+    def audit_module(
+        self, given: ModuleInput, reference: list[int] | None = None, without: frozenset[int] = frozenset()
+    ) -> ModuleAudit:
+        """One module's audit (:class:`ModuleAudit`), which :meth:`fit_audits` folds into the pool's;
+        ``without``: adapters (pool indices) left out of the subspace's fit (:meth:`refit`).
 
         A pure function of ``given`` and the auditor's parameters: its random draws come from
         generators seeded with ``random_state`` for each module, so any process computes it alike.
@@ -539,11 +590,11 @@ class ClairAuditor:
         so the same numbers); the results are copied out as ordinary tensors.
         """
         with torch.inference_mode():
-            done = self._audit_module(given, reference)
+            done = self._audit_module(given, reference, without)
         return _ordinary(done)
 
-    def _audit_module(self, given: ModuleInput, reference: list[int] | None) -> ModuleAudit:
-        w = self._prepare(given, reference)
+    def _audit_module(self, given: ModuleInput, reference: list[int] | None, without: frozenset[int]) -> ModuleAudit:
+        w = self._prepare(given, reference, without)
         sides = ["out", "in"] if self.side == "both" else [self.side]
         decs = [
             self._decompose(
@@ -576,6 +627,7 @@ class ClairAuditor:
             in_subspace=self._in_subspace(w, main, used[0][1]),
             held_out=None if held_out is None else held_out.double().cpu()[expand][w.back],
             direction=direction,
+            fitted=sorted(w.mod.members[j] for j, c in zip(w.fit_on, main.collaborators_.tolist(), strict=True) if c),
         )
         return ModuleAudit(result, list(given.members), w.keys, list(w.mod.members), w.G, centre)
 
@@ -585,11 +637,13 @@ class ClairAuditor:
         n_adapters: int,
         reference: list[int] | None = None,
         names: list[str] | None = None,
+        again: Callable[[list[str]], Iterable[ModuleInput]] | None = None,
     ) -> ClairAuditor:
-        """Audit the pool, one module at a time.
+        """Audit the pool, one module at a time, then :meth:`refit` where :meth:`refit_plan` says.
 
         Args:
-            modules: the modules' factors (consumed once).
+            modules: the modules' factors (consumed once; a list or tuple is also read again
+                for the refit).
             n_adapters: K; module members index into ``range(K)``.
             reference: trusted adapters. When given (``clair gate``), each module's
                 subspace is estimated on them alone, every other adapter is scored
@@ -598,9 +652,18 @@ class ClairAuditor:
                 on its own signals; the others are flagged as copies) is a reference if
                 there is one, else the first by name (by index without names), so the
                 order of the sources does not matter.
+            again: given the names of some modules, their factors again, in the pool's module
+                order (a stream such as a pool read from files; without it, and with ``modules``
+                a stream, no refit is made).
         """
         self._check_params()
-        return self.fit_audits((self.audit_module(given, reference) for given in modules), n_adapters, reference, names)
+        if again is None and isinstance(modules, list | tuple):
+            again = partial(_named, list(modules))
+        self.fit_audits((self.audit_module(given, reference) for given in modules), n_adapters, reference, names)
+        while again is not None and (plan := self.refit_plan())[0]:
+            wanted, without = plan
+            self.refit((self.audit_module(given, reference, without) for given in again(wanted)), without)
+        return self
 
     def _check_params(self) -> None:
         if self.side not in ("out", "in", "both"):
@@ -628,7 +691,6 @@ class ClairAuditor:
                 centres[done.result.name] = done.centre
         if not results:
             raise ValueError("no module to audit")
-        self.module_results_ = results
         self.inner_ = tally.inner  # the whole updates' Gram matrix (canonical factors, every module)
         self.cosine_ = cosine_from_gram(tally.inner)
         trusted = set(reference or ())
@@ -643,13 +705,67 @@ class ClairAuditor:
             replace(g, members=sorted(g.members, key=lambda k: (names[k] if names else "", k)))
             for g in (coordinated_groups(self.cosine_, copies) if reference is None else [])
         ]
-        signals = self._pool_signals(results, tally, reference, centres)
-        self._decide(signals, tally, trusted)
+        self.reference_ = None if reference is None else sorted(reference)
+        self.refitted_: list[str] = []
+        self.refit_without_: list[int] = []
+        self._refits = 0
+        self._tally, self._centres = tally, centres
+        self._conclude(results, trusted)
+        return self
+
+    def _conclude(self, results: list[ModuleResult], trusted: set[int]) -> None:
+        """The verdict from the modules' results and the pool-wide sums."""
+        self.module_results_ = results
+        signals = self._pool_signals(results, self._tally, self.reference_, self._centres)
+        self._decide(signals, self._tally, trusted)
         self.shared_rank_ = {r.name: r.rank for r in results}
         self.shared_structure_ = any(r.shared_structure for r in results)
-        self.reference_ = None if reference is None else sorted(reference)
         self.n_iter_ = {r.name: r.n_iter for r in results}
         self.converged_ = all(r.converged for r in results)
+
+    def refit_plan(self) -> tuple[list[str], frozenset[int]]:
+        """What :meth:`refit` redoes: the modules whose shared subspace adapters the verdict
+        flagged helped to fit (among the decomposition's collaborators), in module order, and
+        those adapters (pool indices): the flagged for where their update points, alone or as a
+        group (``REFIT_WITHOUT``). Adapters flagged only for their size (norm, in-subspace,
+        spectral) or as copies stay in: blocks enter the fit at unit norm and copies once, so
+        such an adapter shaped the subspace as one honest adapter does. Nothing in a gate (the
+        references fit every subspace), when the flagged are not a minority of the pool, or when
+        the last refit left out exactly the adapters now flagged; at most ``MAX_REFITS`` refits
+        (a second one puts back in the fit an adapter that the first one's verdict no longer
+        flags)."""
+        flagged = frozenset(
+            v.index for v in self.verdicts_ if v.flagged and any(r.rule in REFIT_WITHOUT for r in v.reasons)
+        )
+        if (
+            self.reference_ is not None
+            or self._refits >= MAX_REFITS
+            or flagged == frozenset(self.refit_without_)
+            or 2 * sum(self.flagged_) >= len(self.flagged_)
+        ):
+            return [], frozenset()
+        before = set(self.refitted_)  # fitted without the previous refit's flagged: redone with these
+        return [r.name for r in self.module_results_ if r.name in before or flagged & set(r.fitted or ())], flagged
+
+    def refit(self, audits: Iterable[ModuleAudit], without: frozenset[int]) -> ClairAuditor:
+        """Decide again with the subspaces of :meth:`refit_plan`'s modules fitted without the
+        adapters the verdict flagged.
+
+        An adapter's off-subspace share is measured against a subspace the others fitted. Where
+        flagged adapters were among them (a tight group of attackers is; an update far off the
+        others' subspace is trimmed out of the fit already), they took part of the subspace's
+        rank, and the honest adapter whose own direction was left out looked further off than
+        in a pool without them (docs/security.md#refit). ``audits``: :meth:`audit_module` of
+        those modules with ``without``, in the pool's module order; every other module keeps
+        its result, and the pool-wide sums, which do not depend on the subspaces, stay. The
+        left-out adapters are scored against the refitted subspaces as new adapters are (a
+        subspace they did not shape).
+        """
+        redone = {done.result.name: done.result for done in audits}
+        self.refitted_ = [r.name for r in self.module_results_ if r.name in redone or r.name in self.refitted_]
+        self.refit_without_ = sorted(without)
+        self._refits += 1
+        self._conclude([redone.get(r.name, r) for r in self.module_results_], set())
         return self
 
     def _pool_signals(

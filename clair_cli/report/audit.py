@@ -257,6 +257,7 @@ def audit_report(outcome: AuditOutcome, command: str = "audit", digests: bool = 
             key=lambda g: g["members"],
         ),
         "silent_rules": list(aud.silent_rules_),
+        "refit": {"modules": len(aud.refitted_), "without": sorted(names[k] for k in aud.refit_without_)},
         "converged": aud.converged_,
         "notes": list(pool.notes),
         "timing_s": {k: round(v, 3) for k, v in outcome.timing.items()},
