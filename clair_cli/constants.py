@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 CONFIG_NAME = "adapter_config.json"
@@ -99,11 +100,25 @@ EXIT_OK = 0
 EXIT_FLAGGED = 1
 EXIT_ERROR = 2
 
-PICKLE_HINT = (
-    "clair never unpickles checkpoints. If you trust the file, convert it once with: "
-    'python -c "import torch; from safetensors.torch import save_file; '
-    "save_file(torch.load('adapter_model.bin', weights_only=True), 'adapter_model.safetensors')\""
-)
+
+def pickle_hint(name: str = "adapter_model.bin") -> str:
+    """How to convert the pickle file ``name`` once, for a user who trusts it. A name that is
+    not plain (letters, digits, ``._-``) is not put in the command a user may paste into a
+    shell: ``FILE.pt`` stands for it."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}", name):
+        name = "FILE" + (
+            os.path.splitext(name)[1] if re.fullmatch(r"\.[A-Za-z]{1,8}", os.path.splitext(name)[1]) else ""
+        )
+    stem = name.rsplit(".", 1)[0] if "." in name else name
+    target = "adapter_model" if stem == "adapter_model" else stem
+    return (
+        "clair never unpickles checkpoints. If you trust the file, convert it once with: "
+        'python -c "import torch; from safetensors.torch import save_file; '
+        f'save_file(torch.load({name!r}, weights_only=True), {target + ".safetensors"!r})"'
+    )
+
+
+PICKLE_HINT = pickle_hint()
 
 # Where ClairGroup.parse_args keeps the command's raw arguments (ctx.meta), for checks that
 # parsing cannot make (gate --reference a b).

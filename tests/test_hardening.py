@@ -88,6 +88,15 @@ def test_markdown_code_spans_hold_backticks_and_pipes() -> None:
     assert printable("a\x1b[2Jb\nc") == "a\\x1b[2Jb\\nc"
 
 
+def test_names_cannot_reorder_or_hide_what_a_report_shows() -> None:
+    """A right-to-left override shows ``client_\u202e31`` as ``client_13``; a zero-width space
+    makes two names look alike. Both are escaped; other non-ASCII text is kept."""
+    assert printable("client_\u202e31") == "client_\\u202e31"
+    assert printable("a\u2066b\u2069c\u200fd") == "a\\u2066b\\u2069c\\u200fd"
+    assert printable("a\u200bb\ufeff") == "a\\u200bb\\ufeff"
+    assert printable("café ✓ 模型") == "café ✓ 模型"
+
+
 def test_pr_comment_escapes_adapter_names(tmp_path: Path) -> None:
     pool = tmp_path / "pool"
     for k, name in enumerate(["a`b", "c|d", "e<img>", "f", "g"]):
@@ -256,3 +265,12 @@ def test_a_full_disk_is_exit_2_and_leaves_nothing(tmp_path: Path, monkeypatch: p
         assert result.exit_code == 2, result.output
         assert "no space left on the device" in result.stderr
         assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_the_pickle_hint_never_pastes_a_hostile_name_into_a_shell_command() -> None:
+    from clair_cli.constants import pickle_hint
+
+    assert "torch.load('model.ckpt'" in pickle_hint("model.ckpt") and "'model.safetensors'" in pickle_hint("model.ckpt")
+    for hostile in ("x$(rm -rf ~).pt", "a'b.bin", 'a"b.pt', "`id`.ckpt", "-rf.pt", "a b.pth"):
+        hint = pickle_hint(hostile)
+        assert hostile not in hint and "torch.load('FILE" in hint

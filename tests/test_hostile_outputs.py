@@ -453,3 +453,19 @@ def test_a_replaced_output_that_cannot_be_removed_is_reported(
     assert err.startswith("warning: the previous") and ".clair-old" in err
     (left,) = [p for p in tmp_path.iterdir() if p.name.endswith(".clair-old")]
     assert (left / "old.txt").read_text() == "old"
+
+
+@pytest.mark.parametrize(
+    "change,words",
+    [
+        (lambda t, k: t.__setitem__(k, t[k].unsqueeze(-1)), ["lora_A has 3 dimensions and lora_B 2"]),
+        (lambda t, k: t.__setitem__(k, t[k].to(torch.float8_e4m3fn)), ["F8_E4M3", "float16, bfloat16"]),
+    ],
+    ids=["3-D lora_A", "float8"],
+)
+def test_malformed_factors_are_named_for_what_they_are(tmp_path: Path, change, words: list[str]) -> None:
+    tensors = random_factors(MODULES, seed=0)
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    change(tensors, key)
+    write_adapter(tmp_path / "a", tensors)
+    _one_error_line(_clair("inspect", str(tmp_path / "a")), *words)

@@ -431,7 +431,7 @@ def _module_spec(
     a, b = parts[a_name], parts[b_name]
     for t in (a, b):
         if t.dtype not in FLOAT_DTYPES:
-            raise bad(f"{t.name} has dtype {t.dtype}; LoRA factors must be floating point")
+            raise bad(f"{t.name} has dtype {t.dtype}; LoRA factors must be float16, bfloat16, float32 or float64")
     if len(a.shape) < 2 or len(b.shape) < 2:
         raise bad(f"factors must be matrices, got lora_A {a.shape} and lora_B {b.shape}")
 
@@ -439,7 +439,12 @@ def _module_spec(
     rank = a.shape[0]
     weight_shape = None
     if kind == "conv":
-        if len(b.shape) != len(a.shape) or any(d != 1 for d in b.shape[2:]):
+        if len(b.shape) != len(a.shape):
+            raise bad(
+                f"lora_A has {len(a.shape)} dimensions and lora_B {len(b.shape)}: a conv LoRA's are both 4-D "
+                f"(got lora_A {a.shape} and lora_B {b.shape}), a linear one's both 2-D"
+            )
+        if any(d != 1 for d in b.shape[2:]):
             raise bad(f"conv lora_B must have a 1x1 kernel, got {b.shape}")
         weight_shape = (b.shape[0], *a.shape[1:])
     elif len(a.shape) != 2 or len(b.shape) != 2:

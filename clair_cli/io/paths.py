@@ -26,8 +26,11 @@ from pathlib import Path
 
 from clair_cli.errors import ClairError, OutputError, UsageError
 
-# C0 and C1 control characters, DEL, and the Unicode line/paragraph separators.
-CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# C0 and C1 control characters, DEL, the Unicode line/paragraph separators, the bidirectional
+# controls (marks, embeddings, overrides, isolates: a name with U+202E shows its characters in
+# reverse order, so one adapter could pass for another in a report, as in "Trojan Source") and
+# the invisible joiners and spaces (two names that look the same).
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
 MAX_COMPONENT = 200  # bytes-safe below the usual 255-byte NAME_MAX
 
 

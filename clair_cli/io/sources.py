@@ -38,10 +38,10 @@ from clair_cli.constants import (
     HUB_PREFIX,
     MAX_LIST_BYTES,
     MAX_SOURCE_DEPTH,
-    PICKLE_HINT,
     PICKLE_SUFFIXES,
     PICKLE_WEIGHTS_NAMES,
     SAFETENSORS_WEIGHTS_NAME,
+    pickle_hint,
 )
 from clair_cli.errors import (
     AdapterFormatError,
@@ -175,7 +175,7 @@ def expand_sources(specs: Sequence[str], stdin: TextIO | None = None) -> list[st
 
 
 def _refuse_pickle(path: Path) -> UnsafeFormatError:
-    return UnsafeFormatError(f"{shown_path(path)}: pickle checkpoints are never loaded", hint=PICKLE_HINT)
+    return UnsafeFormatError(f"{shown_path(path)}: pickle checkpoints are never loaded", hint=pickle_hint(path.name))
 
 
 def _lexists(path: Path) -> bool:
