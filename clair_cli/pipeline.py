@@ -428,7 +428,13 @@ def audit(
                 len(pool.adapters),
                 reference,
                 names=pool.names,
-                again=lambda wanted: iter_modules(pool, dtype=dtype, device=settings.device, modules=wanted),
+                again=lambda wanted: iter_modules(
+                    pool,
+                    dtype=dtype,
+                    device=settings.device,
+                    progress=lambda _stage, done, total: progress("refitting modules", done, total),
+                    modules=wanted,
+                ),
             )
         else:
             from clair_cli.executors import ray_fit

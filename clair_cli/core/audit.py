@@ -14,7 +14,10 @@ factors plus small per-module results) and learns:
   (:func:`clair_cli.core.verdict.groups`);
 - ``silent_rules_``: the rules of ``WATCHED_RULES`` that could measure no adapter of the pool
   (no common direction, no shared structure, too few adapters), so that a report says
-  what it could not check.
+  what it could not check;
+- ``refitted_``, ``refit_without_``: the modules whose subspaces were fitted again without
+  the adapters the first verdict flagged for where they point, and those adapters
+  (:meth:`ClairAuditor.refit`).
 
 Within a module, adapters whose updates are identical up to rounding (cosine
 above 0.999) enter the decomposition once, so a group of copies cannot pose as
