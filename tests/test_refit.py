@@ -139,3 +139,14 @@ def test_an_auditor_for_workers_carries_no_fitted_state() -> None:
     fresh = pickle.loads(pickle.dumps(aud.unfitted()))
     assert (fresh.solver, fresh.random_state, fresh.n_null) == ("fast", 3, 5)
     assert not hasattr(fresh, "verdicts_")
+
+
+def test_one_flagged_adapter_alone_is_not_refitted() -> None:
+    """One adapter carries no shared direction by itself (parallel analysis's MIN_CARRIERS), so
+    leaving it out would only score it held out. In this pool of honest adapters (no common
+    part, spread over 8 directions) the first verdict flags one by rule 1; refitted without it,
+    two more crossed rule 2b's cut."""
+    from benchmarks.synthetic import directionless_pool
+
+    aud = ClairAuditor().fit(directionless_pool(12, 8, 0.5, 0.0, 0), 12)
+    assert flagged(aud) == {8} and aud.refitted_ == []

@@ -159,6 +159,9 @@ NULL_DRAWS = 20  # random rotations for parallel analysis
 # Rules whose flag leaves an adapter out of a refitted subspace (ClairAuditor.refit_plan): those
 # that judge where an update points, and the groups pointing one way together.
 REFIT_WITHOUT = frozenset(POINTING_RULES) | {"coordinated", "pull"}
+# Flagged collaborators of a module that make it refitted: one adapter alone carries no shared
+# direction (parallel analysis's MIN_CARRIERS), so leaving it out would only score it held out.
+MIN_CARRIERS_GROUP = 2
 MAX_REFITS = 2  # verdicts decided again with subspaces fitted without the flagged (ClairAuditor.refit)
 MIN_REFIT = 3  # adapters with an update a refitted subspace needs (fewer: the module is fitted as it was)
 
@@ -727,8 +730,8 @@ class ClairAuditor:
         self.converged_ = all(r.converged for r in results)
 
     def refit_plan(self) -> tuple[list[str], frozenset[int]]:
-        """What :meth:`refit` redoes: the modules whose shared subspace adapters the verdict
-        flagged helped to fit (among the decomposition's collaborators), in module order, and
+        """What :meth:`refit` redoes: the modules whose shared subspace two or more adapters the
+        verdict flagged helped to fit (among the decomposition's collaborators), in module order, and
         those adapters (pool indices): the flagged for where their update points, alone or as a
         group (``REFIT_WITHOUT``). Adapters flagged only for their size (norm, in-subspace,
         spectral) or as copies stay in: blocks enter the fit at unit norm and copies once, so
@@ -748,7 +751,8 @@ class ClairAuditor:
         ):
             return [], frozenset()
         before = set(self.refitted_)  # fitted without the previous refit's flagged: redone with these
-        return [r.name for r in self.module_results_ if r.name in before or flagged & set(r.fitted or ())], flagged
+        shaped = [r.name for r in self.module_results_ if len(flagged & set(r.fitted or ())) >= MIN_CARRIERS_GROUP]
+        return [r.name for r in self.module_results_ if r.name in before or r.name in shaped], flagged
 
     def refit(self, audits: Iterable[ModuleAudit], without: frozenset[int]) -> ClairAuditor:
         """Decide again with the subspaces of :meth:`refit_plan`'s modules fitted without the

@@ -431,7 +431,10 @@ def _module_spec(
     a, b = parts[a_name], parts[b_name]
     for t in (a, b):
         if t.dtype not in FLOAT_DTYPES:
-            raise bad(f"{t.name} has dtype {t.dtype}; LoRA factors must be float16, bfloat16, float32 or float64")
+            raise bad(
+                f"{t.name} has dtype {t.dtype}; LoRA factors must be floating point: float16, bfloat16, float32 "
+                "or float64"
+            )
     if len(a.shape) < 2 or len(b.shape) < 2:
         raise bad(f"factors must be matrices, got lora_A {a.shape} and lora_B {b.shape}")
 
