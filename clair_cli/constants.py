@@ -105,16 +105,13 @@ def pickle_hint(name: str = "adapter_model.bin") -> str:
     """How to convert the pickle file ``name`` once, for a user who trusts it. A name that is
     not plain (letters, digits, ``._-``) is not put in the command a user may paste into a
     shell: ``FILE.pt`` stands for it."""
+    stem, suffix = os.path.splitext(name)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}", name):
-        name = "FILE" + (
-            os.path.splitext(name)[1] if re.fullmatch(r"\.[A-Za-z]{1,8}", os.path.splitext(name)[1]) else ""
-        )
-    stem = name.rsplit(".", 1)[0] if "." in name else name
-    target = "adapter_model" if stem == "adapter_model" else stem
+        stem, suffix = "FILE", suffix if re.fullmatch(r"\.[A-Za-z]{1,8}", suffix) else ""
     return (
         "clair never unpickles checkpoints. If you trust the file, convert it once with: "
         'python -c "import torch; from safetensors.torch import save_file; '
-        f'save_file(torch.load({name!r}, weights_only=True), {target + ".safetensors"!r})"'
+        f"save_file(torch.load('{stem}{suffix}', weights_only=True), '{stem}.safetensors')\""
     )
 
 

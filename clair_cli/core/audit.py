@@ -550,9 +550,12 @@ class ClairAuditor:
         left out of the fit (:meth:`ClairAuditor.refit`) get their share off its subspace."""
         if len(w.fit_on) == len(w.keep):
             return fitted
-        kA, kB, ks = [w.A[j] for j in w.keep], [w.B[j] for j in w.keep], [w.mod.scales[j] for j in w.keep]
-        out = off_subspace_shares(kA, kB, ks, d.subspace_, side).to(fitted)
+        out = torch.empty(len(w.keep), dtype=fitted.dtype, device=fitted.device)
         out[[w.pos[j] for j in w.fit_on]] = fitted
+        fitted_on = set(w.fit_on)
+        left = [j for j in w.keep if j not in fitted_on]
+        A, B, scales = [w.A[j] for j in left], [w.B[j] for j in left], [w.mod.scales[j] for j in left]
+        out[[w.pos[j] for j in left]] = off_subspace_shares(A, B, scales, d.subspace_, side).to(out)
         return out
 
     def _in_subspace(self, w: _ModuleWork, main, side: str) -> torch.Tensor | None:
@@ -751,8 +754,11 @@ class ClairAuditor:
         ):
             return [], frozenset()
         before = set(self.refitted_)  # fitted without the previous refit's flagged: redone with these
-        shaped = [r.name for r in self.module_results_ if len(flagged & set(r.fitted or ())) >= MIN_CARRIERS_GROUP]
-        return [r.name for r in self.module_results_ if r.name in before or r.name in shaped], flagged
+        return [
+            r.name
+            for r in self.module_results_
+            if r.name in before or len(flagged.intersection(r.fitted or ())) >= MIN_CARRIERS_GROUP
+        ], flagged
 
     def refit(self, audits: Iterable[ModuleAudit], without: frozenset[int]) -> ClairAuditor:
         """Decide again with the subspaces of :meth:`refit_plan`'s modules fitted without the
@@ -769,7 +775,8 @@ class ClairAuditor:
         subspace they did not shape).
         """
         redone = {done.result.name: done.result for done in audits}
-        self.refitted_ = [r.name for r in self.module_results_ if r.name in redone or r.name in self.refitted_]
+        before = set(self.refitted_)
+        self.refitted_ = [r.name for r in self.module_results_ if r.name in redone or r.name in before]
         self.refit_without_ = sorted(without)
         self._refits += 1
         self._conclude([redone.get(r.name, r) for r in self.module_results_], set())
