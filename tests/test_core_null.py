@@ -172,3 +172,86 @@ def test_a_direction_of_one_adapter_is_never_shared() -> None:
     U = torch.linalg.svd(Y, full_matrices=False)[0]
     assert carriers(Y, stack.offsets, U[:, 0]) > 8 and carriers(Y, stack.offsets, U[:, 1]) < 1.1
     assert ModuleDecomposer().fit(stack).rank_ == 1
+
+
+def _large_unit_stack(K: int = 48, r: int = 16, d: int = 1024, seed: int = 0) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """A fast-path-sized stack: ``K r`` columns past ``KRYLOV_MIN_N``, blocks of decaying spectra."""
+    g = torch.Generator().manual_seed(seed)
+    decay = torch.linspace(1.0, 0.1, r, dtype=torch.float64)
+    blocks = [torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))[0] * decay for _ in range(K)]
+    offsets = tuple(range(0, K * r + 1, r))
+    return normalise_blocks(torch.cat(blocks, dim=1), offsets)[0], offsets
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_krylov_top_values_equal_a_dense_eigensolve(dtype: torch.dtype) -> None:
+    """The leading values of the large modules' null draws (block Krylov) are those of a dense
+    eigensolve of the same draws, to about float32's rounding."""
+    W, offsets = _large_unit_stack()
+    W = W.to(dtype)
+    groups = decompose._block_spectra(W, offsets)
+    X = decompose.bartlett_draws(groups, W.shape[0], [11, 12, 13], W)
+    for m in (8, 16):
+        top = decompose.top_singular_values(X, m, torch.Generator().manual_seed(0))
+        assert top is not None and top.shape == (3, m)
+        exact = torch.linalg.svdvals(X.double())[:, :m]
+        assert float(((top.double() - exact) / exact[:, :1]).abs().max()) < 1e-5, m
+
+
+def test_krylov_gives_up_where_a_dense_eigensolve_is_as_cheap() -> None:
+    """Too many values for the draws' width (32 of 768 on a flat null spectrum), or a matrix
+    too small: None, and TopNull falls back to a dense eigensolve."""
+    W, offsets = _large_unit_stack()
+    X = decompose.bartlett_draws(decompose._block_spectra(W, offsets), W.shape[0], [11], W)
+    assert decompose.top_singular_values(X, 32, torch.Generator().manual_seed(0)) is None
+    small = torch.randn(1, 40, 40, dtype=torch.float64)
+    assert decompose.top_singular_values(small, 16, torch.Generator().manual_seed(0)) is None
+
+
+def test_top_null_draws_have_the_distribution_of_the_full_null() -> None:
+    """TopNull's draws (rebuilt from per-draw seeds) and null_spectrum's: the same distribution
+    of the leading values; widening recomputes the same draws with more values."""
+    W, offsets = _large_unit_stack(K=40)
+    n = 60
+    top = decompose.TopNull(W, offsets, 48, torch.Generator().manual_seed(1))
+    few = torch.cat([top(5) for _ in range(n // 5)])
+    assert few.shape == (n, decompose.NULL_WIDTH)
+    full = null_spectrum(W, offsets, n, torch.Generator().manual_seed(2))
+    for k in range(decompose.NULL_WIDTH):
+        a, b = few[:, k], full[:, k]
+        se = math.sqrt((a.var() + b.var()) / n)
+        assert abs(float(a.mean() - b.mean())) < 5 * se, k
+    wider = top.widen()
+    assert wider is not None and wider.shape == (n, 2 * decompose.NULL_WIDTH)
+    torch.testing.assert_close(wider[:, : decompose.NULL_WIDTH], few, rtol=1e-5, atol=0)
+    assert top.widen() is not None and top.width == 48 and top.widen() is None
+
+
+def test_the_rank_is_never_cut_by_the_values_drawn() -> None:
+    """A spectrum above the null at every one of the first NULL_WIDTH values: the draws are
+    widened until a value falls under the bound, and the rank is the one a full null gives."""
+    W, offsets = _large_unit_stack(K=40)
+    g = torch.Generator().manual_seed(3)
+    probe = null_spectrum(W, offsets, 20, torch.Generator().manual_seed(4))
+    bound = probe.mean(0) + 3 * probe.std(0)
+    spectrum = bound[:48].clone()
+    spectrum[:20] *= 2  # 20 shared values, more than a first draw holds
+    spectrum[20:] *= 0.5
+    top = decompose.TopNull(W, offsets, 48, g)
+    r, null = parallel_analysis(spectrum, top, 20, max_rank=47, widen=top.widen)
+    assert r == 20 and null.shape[1] == 32
+    r_full, _ = parallel_analysis(spectrum, lambda k: null_spectrum(W, offsets, k, g)[:, :48], 20, max_rank=47)
+    assert r_full == 20
+
+
+def test_all_finite_is_exact_where_the_sum_overflows() -> None:
+    from clair_cli.core.canonical import all_finite
+
+    big = torch.full((4, 3), 1e308, dtype=torch.float64)  # finite entries, an infinite sum
+    assert all_finite(big) and all_finite(torch.empty(0, 3)) and all_finite(torch.randn(5, 5))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        x = torch.randn(64, 16, dtype=torch.float64)
+        x[7, 3] = bad
+        assert not all_finite(x) and not all_finite(x.float())
+    mixed = torch.tensor([float("inf"), float("-inf"), 1.0])  # a NaN sum, not a finite one
+    assert not all_finite(mixed)
