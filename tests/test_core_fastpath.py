@@ -9,7 +9,9 @@ from benchmarks.synthetic import flagged, make_module, make_pool
 from clair_cli.core import audit
 from clair_cli.core.audit import ClairAuditor
 from clair_cli.core.decompose import rotate_blocks
-from clair_cli.core.fastpath import FastDecomposer, stacked_factors, top_singular
+from clair_cli.core.decompose import normalise_blocks
+from clair_cli.core.fastpath import FastDecomposer, _stacked, stack_gram, stacked_factors, top_singular
+from clair_cli.core.pairwise import factor_grams
 from clair_cli.core.reduction import reduce_module
 
 
@@ -31,6 +33,41 @@ def test_top_singular_matches_svd() -> None:
     U_ref, s_ref, _ = torch.linalg.svd(W)
     torch.testing.assert_close(s, s_ref[:6], rtol=1e-8, atol=0)
     torch.testing.assert_close(U @ U.T, U_ref[:, :6] @ U_ref[:, :6].T, atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("ranks", [[3, 3, 3, 3, 3], [2, 4, 3, 4, 1]])
+def test_the_stack_gram_comes_from_the_factor_grams(ranks: list[int]) -> None:
+    """W^T W of the unit-norm stack from the shared side's factor Gram (blocks of one width are
+    batched, others go through a block-diagonal product), on both sides."""
+    A, B, s, _ = make_module(K=5, ranks=ranks, noise=0.3, seed=4)
+    A[2] = torch.zeros_like(A[2])  # a zero update: its block stays zero
+    a_gram, b_gram = factor_grams(A, B)
+    for side, gram in (("out", b_gram), ("in", a_gram)):
+        W, offsets, ts = _stacked(A, B, s, side)
+        W, norms = normalise_blocks(W, offsets)
+        torch.testing.assert_close(stack_gram(gram, ts, norms), W.T @ W, atol=1e-12, rtol=1e-10)
+
+
+def test_top_singular_through_the_gram_matches_svd() -> None:
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(300, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 80, generator=g, dtype=torch.float64)
+    W += 0.01 * torch.randn(300, 80, generator=g, dtype=torch.float64)
+    U_ref, s_ref, _ = torch.linalg.svd(W)
+    for k in (6, 75):  # a subspace iteration; every value (a dense eigensolve of the Gram)
+        U, s = top_singular(W, k, g, W.T @ W)
+        torch.testing.assert_close(s[:6], s_ref[:6], rtol=1e-8, atol=0)
+        torch.testing.assert_close(U[:, :6] @ U[:, :6].T, U_ref[:, :6] @ U_ref[:, :6].T, atol=1e-8, rtol=0)
+
+
+def test_the_fast_path_gives_the_same_results_with_and_without_the_factor_gram() -> None:
+    A, B, s, _ = make_module(K=24, r=3, noise=0.5, bad=(3, 11), seed=5)
+    a_gram, b_gram = factor_grams(A, B)
+    for side, gram in (("out", b_gram), ("in", a_gram)):
+        plain = FastDecomposer(random_state=1).fit(A, B, s, side)
+        via = FastDecomposer(random_state=1).fit(A, B, s, side, gram=gram)
+        assert via.rank_ == plain.rank_ and torch.equal(via.collaborators_, plain.collaborators_)
+        torch.testing.assert_close(via.spectrum_, plain.spectrum_, rtol=1e-8, atol=1e-10)
+        torch.testing.assert_close(via.off_subspace_, plain.off_subspace_, rtol=1e-6, atol=1e-8)
 
 
 def test_rotated_blocks_keep_their_singular_values() -> None:

@@ -369,6 +369,17 @@ def _in_content_order(given: ModuleInput) -> tuple[ModuleInput, torch.Tensor, li
     return mod, inverse(order), list(keys)
 
 
+def _sub_grams(w: _ModuleWork) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's factor Grams restricted to the members the subspace is fitted on."""
+    starts = [0]
+    for a in w.A:
+        starts.append(starts[-1] + a.shape[0])
+    if len(w.fit_on) == len(w.A):
+        return w.grams
+    idx = torch.cat([torch.arange(starts[j], starts[j + 1]) for j in w.fit_on]).to(w.grams[0].device)
+    return w.grams[0][idx][:, idx], w.grams[1][idx][:, idx]
+
+
 def _representatives(G: torch.Tensor) -> list[int]:
     """Per member, the first member of its group of identical updates (itself if none)."""
     rep = list(range(G.shape[0]))
@@ -472,10 +483,19 @@ class ClairAuditor:
     def _use_fast(self, A: list[torch.Tensor]) -> bool:
         return uses_fast_path(A, self.solver)
 
-    def _decompose(self, A: list[torch.Tensor], B: list[torch.Tensor], scales: list[float], side: str):
+    def _decompose(
+        self,
+        A: list[torch.Tensor],
+        B: list[torch.Tensor],
+        scales: list[float],
+        side: str,
+        grams: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ):
+        """``grams``: ``(A A^T, B^T B)`` of exactly these factors stacked, where the caller has them."""
         if self._use_fast(A):
+            gram = None if grams is None else grams()[0 if side == "in" else 1]
             return FastDecomposer(rank=self.rank, n_null=self.n_null, random_state=self.random_state).fit(
-                A, B, scales, side
+                A, B, scales, side, gram=gram
             )
         stack = reduce_module(A, B, scales, side=side)  # type: ignore[arg-type]
         dec = ModuleDecomposer(
@@ -607,7 +627,11 @@ class ClairAuditor:
         sides = ["out", "in"] if self.side == "both" else [self.side]
         decs = [
             self._decompose(
-                [w.A[j] for j in w.fit_on], [w.B[j] for j in w.fit_on], [w.mod.scales[j] for j in w.fit_on], s
+                [w.A[j] for j in w.fit_on],
+                [w.B[j] for j in w.fit_on],
+                [w.mod.scales[j] for j in w.fit_on],
+                s,
+                lambda: _sub_grams(w),
             )
             for s in sides
         ]

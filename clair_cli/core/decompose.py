@@ -57,7 +57,7 @@ NULL_BATCH = 5
 SETTLE_SES = 3.0
 # Top null values of large pools by block Krylov (:func:`top_singular_values`).
 KRYLOV_OVERSAMPLE = 8
-KRYLOV_FIRST_CHECK = 6
+KRYLOV_FIRST_CHECK = 8
 KRYLOV_TOL = 1e-5
 NULL_WIDTH = 16  # leading null values a large module's draws start with
 # A shared direction is carried by more than one adapter (participation ratio, see carriers()).

@@ -55,18 +55,52 @@ def stacked_factors(
     A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float], side: str
 ) -> tuple[torch.Tensor, tuple[int, ...]]:
     """``W = [F_1 | ... | F_K]`` with ``F_k F_k^T = Theta_k Theta_k^T`` (side orientation), and block offsets."""
+    W, offsets, _ = _stacked(A, B, scales, side)
+    return W, offsets
+
+
+def _stacked(
+    A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float], side: str
+) -> tuple[torch.Tensor, tuple[int, ...], list[torch.Tensor]]:
+    """:func:`stacked_factors` and each block's ``s_k T_k`` (``F_k = C_k (s_k T_k)^T``)."""
     cols, rows = (list(B), [a.T for a in A]) if side == "out" else ([a.T for a in A], list(B))
-    blocks, offsets = [], [0]
+    blocks, offsets, ts = [], [0], []
     for c, r, s in zip(cols, rows, scales, strict=True):
-        t = torch.linalg.qr(r, mode="r")[1]  # r = P T with P orthonormal
-        blocks.append(float(s) * c @ t.T)
+        t = float(s) * torch.linalg.qr(r, mode="r")[1]  # r = P T with P orthonormal
+        blocks.append(c @ t.T)
+        ts.append(t)
         offsets.append(offsets[-1] + t.shape[0])
-    return torch.cat(blocks, dim=1), tuple(offsets)
+    return torch.cat(blocks, dim=1), tuple(offsets), ts
 
 
-def top_singular(W: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Leading ``k`` left singular vectors and values of ``W`` by randomized subspace iteration."""
+def stack_gram(gram: torch.Tensor, ts: Sequence[torch.Tensor], norms: torch.Tensor) -> torch.Tensor:
+    """``W^T W`` of the unit-norm stack from the Gram of the shared side's factors (``C^T C``,
+    ``sum r_k`` square): block ``(j, k)`` is ``T_j (C_j^T C_k) T_k^T / (|F_j| |F_k|)``. O((sum r_k)^2 r)
+    instead of the ``d (sum r_k)^2`` of the product itself, which the audit has already paid."""
+    scale = torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(norms))
+    widths = [t.shape[0] for t in ts]
+    if len(set(widths)) == 1:  # every block of one width: two batched products
+        K, w = len(ts), widths[0]
+        T = torch.stack(ts) * scale[:, None, None].to(gram)
+        G = (T @ gram.reshape(K, w, K * w)).reshape(K * w, K * w)
+        return (T @ G.T.reshape(K, w, K * w)).reshape(K * w, K * w).T
+    T = torch.block_diag(*[t * float(c) for t, c in zip(ts, scale.tolist(), strict=True)]).to(gram)
+    return T @ gram @ T.T
+
+
+def top_singular(
+    W: torch.Tensor, k: int, generator: torch.Generator, gram: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leading ``k`` left singular vectors and values of ``W`` by randomized subspace iteration.
+
+    ``gram``: ``W^T W`` (:func:`stack_gram`). The iteration then runs on it (``n x n`` products
+    instead of ``d x n`` ones, for ``d`` rows and ``n`` columns) and the vectors are ``W V / s``;
+    the squared values come to ``eps * s_1^2`` absolutely, far under the rank test's noise for
+    the leading values it reads.
+    """
     ell = min(k + OVERSAMPLE, *W.shape)
+    if gram is not None:
+        return _top_from_gram(W, gram, k, ell, generator)
     if ell >= min(W.shape):
         U, s, _ = torch.linalg.svd(W, full_matrices=False)
         return U[:, :k], s[:k]
@@ -76,6 +110,25 @@ def top_singular(W: torch.Tensor, k: int, generator: torch.Generator) -> tuple[t
         Q = torch.linalg.qr(W @ (W.T @ Q))[0]
     u, s, _ = torch.linalg.svd(Q.T @ W, full_matrices=False)
     return (Q @ u)[:, :k], s[:k]
+
+
+def _top_from_gram(
+    W: torch.Tensor, gram: torch.Tensor, k: int, ell: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`top_singular` through ``W^T W``: subspace iteration with as many products as on ``W``."""
+    G = (gram + gram.T) / 2
+    if ell >= G.shape[0]:
+        evals, V = torch.linalg.eigh(G)
+    else:
+        Q = torch.linalg.qr(G @ torch.randn(G.shape[0], ell, generator=generator, dtype=torch.float64).to(G))[0]
+        for _ in range(POWER_ITERATIONS):
+            Q = torch.linalg.qr(G @ Q)[0]
+        evals, Z = torch.linalg.eigh(Q.T @ G @ Q)
+        V = Q @ Z
+    evals, V = evals.flip(0)[:k], V.flip(1)[:, :k]
+    s = evals.clamp_min(0).sqrt()
+    U = W @ (V * torch.where(s > 0, 1 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s)))
+    return U, s
 
 
 def null_top(
@@ -124,17 +177,26 @@ class FastDecomposer:
         self.random_state = random_state
 
     def fit(
-        self, A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float], side: str = "out"
+        self,
+        A: Sequence[torch.Tensor],
+        B: Sequence[torch.Tensor],
+        scales: Sequence[float],
+        side: str = "out",
+        gram: torch.Tensor | None = None,
     ) -> FastDecomposer:
+        """``gram``: the Gram matrix of the shared side's stacked factors (``B^T B`` for
+        ``side="out"``, ``A A^T`` for ``"in"``), where already computed: the subspace iterations
+        then run on ``sum r_k``-square matrices instead of ``d x sum r_k`` ones."""
         if side not in ("out", "in"):
             raise ValueError(f"side must be 'out' or 'in', got {side!r}")
-        W, offsets = stacked_factors(A, B, scales, side)
+        W, offsets, ts = _stacked(A, B, scales, side)
         W, norms = normalise_blocks(W, offsets)
+        G = None if gram is None else stack_gram(gram.to(W), ts, norms)
         active = norms > 0
         ids = block_ids(offsets, W.device)
         gen = torch.Generator().manual_seed(self.random_state)
         probe = min(PROBE, *W.shape)
-        U_probe, spectrum = top_singular(W, probe, gen)
+        U_probe, spectrum = top_singular(W, probe, gen, G)
         self.spectrum_ = spectrum
         self.null_spectrum_: torch.Tensor | None = None
         if self.rank == "auto":
@@ -162,7 +224,8 @@ class FastDecomposer:
                 # more oversampling than a rank-r_fit iteration would use).
                 U = U_probe[:, :r_fit]
             else:
-                U = top_singular(W[:, keep[ids]], r_fit, gen)[0]
+                cols = keep[ids]
+                U = top_singular(W[:, cols], r_fit, gen, None if G is None else G[cols][:, cols])[0]
             off = block_norms(W - U @ (U.T @ W), offsets).clamp(0, 1)
             off[~active] = 0.0
             med, sigma = robust_center_scale(off[active])
