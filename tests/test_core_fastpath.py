@@ -8,8 +8,7 @@ import torch
 from benchmarks.synthetic import flagged, make_module, make_pool
 from clair_cli.core import audit
 from clair_cli.core.audit import ClairAuditor
-from clair_cli.core.decompose import rotate_blocks
-from clair_cli.core.decompose import normalise_blocks
+from clair_cli.core.decompose import normalise_blocks, rotate_blocks
 from clair_cli.core.fastpath import FastDecomposer, _stacked, stack_gram, stacked_factors, top_singular
 from clair_cli.core.pairwise import factor_grams
 from clair_cli.core.reduction import reduce_module
