@@ -21,6 +21,9 @@ from clair_cli.io.resources import available_memory
 from clair_cli.params import AuditParams, MergeOptions
 from clair_cli.results import AuditOutcome, MergedAdapter, Pool
 
+# Stored dtypes (safetensors names) whose every value is exact in float32 and float64.
+EXACT_IN_FLOAT32 = frozenset({"F16", "BF16", "F32"})
+
 if TYPE_CHECKING:
     import torch
 
@@ -319,9 +322,17 @@ def _read_fitted(
     update fits are balanced rather than cast to Inf or 0."""
     import torch
 
-    from clair_cli.core.canonical import in_dtype
+    from clair_cli.core.canonical import cast_faithfully, in_dtype
     from clair_cli.io.paths import printable
 
+    spec = adapter.modules[name]
+    stored = {reader.tensors[key].dtype for key in (spec.a_key, spec.b_key)}
+    if stored <= EXACT_IN_FLOAT32 and dtype in (torch.float32, torch.float64):
+        # Every stored value is exact in dtype: read straight into it; only factors whose
+        # largest entry is too small for dtype's normal range take the balancing below.
+        m = adapter.read_module(reader, name, dtype)
+        if cast_faithfully(m.A, m.A) and cast_faithfully(m.B, m.B):  # (one reduction each)
+            return m.A, m.B, m.scale
     m = adapter.read_module(reader, name, torch.float64)
     try:
         return in_dtype(m.A, m.B, m.scale, dtype)

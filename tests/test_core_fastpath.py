@@ -136,3 +136,23 @@ def test_fast_path_is_deterministic() -> None:
 def test_bad_solver_name() -> None:
     with pytest.raises(ValueError, match="solver must be"):
         ClairAuditor(solver="dense").fit(make_pool(M=1, K=5), 5)  # type: ignore[arg-type]
+
+
+def test_large_modules_read_the_null_s_leading_values_only_and_find_the_same_rank(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A module of 768 summed ranks takes TopNull's route (leading values by block Krylov); the
+    exact route's dense eigensolves give the same rank, collaborators and shares."""
+    from clair_cli.core import fastpath
+
+    A, B, s, _ = make_module(K=48, r=3, ranks=[16] * 48, d_out=1024, d_in=256, noise=0.5, bad=(5,), seed=6)
+    used: list[int] = []
+    real = fastpath.TopNull
+    monkeypatch.setattr(fastpath, "TopNull", lambda *a: used.append(1) or real(*a))
+    fast = FastDecomposer(random_state=2).fit(A, B, s, "out")
+    assert used and fast.null_spectrum_ is not None and fast.null_spectrum_.shape[1] < 48
+    monkeypatch.setattr(fastpath, "KRYLOV_MIN_N", 10**6)
+    dense = FastDecomposer(random_state=2).fit(A, B, s, "out")
+    assert dense.null_spectrum_ is not None and dense.null_spectrum_.shape[1] == 48
+    assert fast.rank_ == dense.rank_ > 0 and torch.equal(fast.collaborators_, dense.collaborators_)
+    torch.testing.assert_close(fast.off_subspace_, dense.off_subspace_, rtol=1e-4, atol=1e-5)

@@ -174,13 +174,47 @@ def test_a_direction_of_one_adapter_is_never_shared() -> None:
     assert ModuleDecomposer().fit(stack).rank_ == 1
 
 
-def _large_unit_stack(K: int = 48, r: int = 16, d: int = 1024, seed: int = 0) -> tuple[torch.Tensor, tuple[int, ...]]:
+def _large_unit_stack(
+    K: int = 48, r: int = 16, d: int = 1024, seed: int = 0, ranks: list[int] | None = None
+) -> tuple[torch.Tensor, tuple[int, ...]]:
     """A fast-path-sized stack: ``K r`` columns past ``KRYLOV_MIN_N``, blocks of decaying spectra."""
     g = torch.Generator().manual_seed(seed)
-    decay = torch.linspace(1.0, 0.1, r, dtype=torch.float64)
-    blocks = [torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))[0] * decay for _ in range(K)]
-    offsets = tuple(range(0, K * r + 1, r))
+    ranks = ranks or [r] * K
+    blocks = [
+        torch.linalg.qr(torch.randn(d, w, generator=g, dtype=torch.float64))[0]
+        * torch.linspace(1.0, 0.1, w, dtype=torch.float64)
+        for w in ranks
+    ]
+    offsets = tuple(int(x) for x in torch.tensor([0, *ranks]).cumsum(0))
     return normalise_blocks(torch.cat(blocks, dim=1), offsets)[0], offsets
+
+
+def _null_grams(W: torch.Tensor, offsets: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
+    groups = decompose._block_spectra(W, offsets)
+    S = torch.stack([decompose.wishart_draw(s, W.shape[0], W.shape[1], W.dtype, W.device) for s in seeds])
+    return decompose.null_gram(groups, S)
+
+
+@pytest.mark.parametrize("ranks", [None, [16, 8, 16, 12] * 12])
+def test_the_null_gram_is_that_of_the_bartlett_factors(ranks: list[int] | None) -> None:
+    """X^T X of a null draw built from its Wishart matrix (block products) equals the product of
+    the draw's X = L^T T (:func:`bartlett_factors`), with blocks of one width and of several."""
+    W, offsets = _large_unit_stack(K=48, d=1024, ranks=ranks)
+    groups = decompose._block_spectra(W, offsets)
+    L = torch.stack([decompose.bartlett_factor(s, W.shape[0], W.shape[1], W.dtype) for s in (5, 6)])
+    X = decompose.bartlett_factors(groups, L, W)
+    torch.testing.assert_close(_null_grams(W, offsets, [5, 6]), X.transpose(-1, -2) @ X, rtol=1e-9, atol=1e-9)
+
+
+def test_cached_wishart_draws_are_fresh_draws_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    W, offsets = _large_unit_stack(K=40)
+    first = _null_grams(W, offsets, [1, 2])
+    assert any(key[0] == 1 for key in decompose._WISHART_CACHE)
+    monkeypatch.setattr(decompose, "_WISHART_CACHE", {})
+    assert torch.equal(_null_grams(W, offsets, [1, 2]), first)
+    monkeypatch.setattr(decompose, "WISHART_CACHE_BYTES", 10)  # nothing fits: nothing kept
+    monkeypatch.setattr(decompose, "_WISHART_CACHE", {})
+    assert torch.equal(_null_grams(W, offsets, [1, 2]), first) and not decompose._WISHART_CACHE
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -188,13 +222,11 @@ def test_krylov_top_values_equal_a_dense_eigensolve(dtype: torch.dtype) -> None:
     """The leading values of the large modules' null draws (block Krylov) are those of a dense
     eigensolve of the same draws, to about float32's rounding."""
     W, offsets = _large_unit_stack()
-    W = W.to(dtype)
-    groups = decompose._block_spectra(W, offsets)
-    X = decompose.bartlett_draws(groups, W.shape[0], [11, 12, 13], W)
+    M = _null_grams(W.to(dtype), offsets, [11, 12, 13])
     for m in (8, 16):
-        top = decompose.top_singular_values(X, m, torch.Generator().manual_seed(0))
+        top = decompose.top_eigenvalues(M, m, torch.Generator().manual_seed(0))
         assert top is not None and top.shape == (3, m)
-        exact = torch.linalg.svdvals(X.double())[:, :m]
+        exact = torch.linalg.eigvalsh(M.double()).flip(-1)[:, :m]
         assert float(((top.double() - exact) / exact[:, :1]).abs().max()) < 1e-5, m
 
 
@@ -202,10 +234,9 @@ def test_krylov_gives_up_where_a_dense_eigensolve_is_as_cheap() -> None:
     """Too many values for the draws' width (32 of 768 on a flat null spectrum), or a matrix
     too small: None, and TopNull falls back to a dense eigensolve."""
     W, offsets = _large_unit_stack()
-    X = decompose.bartlett_draws(decompose._block_spectra(W, offsets), W.shape[0], [11], W)
-    assert decompose.top_singular_values(X, 32, torch.Generator().manual_seed(0)) is None
+    assert decompose.top_eigenvalues(_null_grams(W, offsets, [11]), 32, torch.Generator().manual_seed(0)) is None
     small = torch.randn(1, 40, 40, dtype=torch.float64)
-    assert decompose.top_singular_values(small, 16, torch.Generator().manual_seed(0)) is None
+    assert decompose.top_eigenvalues(small @ small.transpose(-1, -2), 16, torch.Generator().manual_seed(0)) is None
 
 
 def test_top_null_draws_have_the_distribution_of_the_full_null() -> None:

@@ -104,7 +104,7 @@ def canonical_module(
             raise ValueError(f"A {tuple(a.shape)} and B {tuple(b.shape)} are not r x d_in and d_out x r")
         by_shape.setdefault((tuple(a.shape), tuple(b.shape)), []).append(k)
     for ks in by_shape.values():
-        a_k, b_k = torch.stack([A[k].to(dtype) for k in ks]), torch.stack([B[k].to(dtype) for k in ks])
+        a_k, b_k = torch.stack([A[k] for k in ks]).to(dtype), torch.stack([B[k] for k in ks]).to(dtype)
         ca, cb = _canonical_batch(a_k, b_k, [scales[k] for k in ks], dtype)
         for k, a, b in zip(ks, ca, cb, strict=True):
             out_a[k], out_b[k] = a, b
@@ -126,7 +126,7 @@ def in_dtype(
         ValueError: the update itself does not fit in ``dtype`` (its canonical factors overflow).
     """
     a, b = A.to(dtype), B.to(dtype)
-    if _cast_faithfully(A, a) and _cast_faithfully(B, b):
+    if cast_faithfully(A, a) and cast_faithfully(B, b):
         return a, b, scale
     ca, cb = canonical_factors(A, B, scale, torch.float64)
     a, b = ca.to(dtype), cb.to(dtype)
@@ -135,13 +135,20 @@ def in_dtype(
     return a, b, 1.0
 
 
-def _cast_faithfully(wide: torch.Tensor, narrow: torch.Tensor) -> bool:
+def cast_faithfully(wide: torch.Tensor, narrow: torch.Tensor) -> bool:
     """Whether ``narrow`` (``wide`` cast) keeps its largest entry to rounding, finite and normal."""
     if wide.numel() == 0:
         return True
     top = float(wide.abs().max())
-    cast = float(narrow.abs().max())
     if top == 0.0:
         return True
-    info = torch.finfo(narrow.dtype)
-    return math.isfinite(cast) and cast >= info.tiny * 2**info.bits and abs(cast - top) <= 1e-3 * top
+    cast = top if narrow is wide else float(narrow.abs().max())
+    return well_scaled(cast, narrow.dtype) and abs(cast - top) <= 1e-3 * top
+
+
+def well_scaled(top: float, dtype: torch.dtype) -> bool:
+    """Whether a factor whose largest |entry| is ``top`` (> 0) is held in ``dtype`` without
+    balancing: finite, and far enough above the smallest normal value that products of such
+    factors keep their precision."""
+    info = torch.finfo(dtype)
+    return math.isfinite(top) and top >= info.tiny * 2**info.bits

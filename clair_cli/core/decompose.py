@@ -40,7 +40,7 @@ calling structure in a pool that has none).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import numpy as np
@@ -55,11 +55,13 @@ NULL_SDS = 3.0
 # Parallel analysis draws null spectra in batches and stops once the rank is settled.
 NULL_BATCH = 5
 SETTLE_SES = 3.0
-# Top null values of large pools by block Krylov (:func:`top_singular_values`).
+# Top null values of large pools by block Krylov (:func:`top_eigenvalues`).
 KRYLOV_OVERSAMPLE = 8
 KRYLOV_FIRST_CHECK = 8
 KRYLOV_TOL = 1e-5
 NULL_WIDTH = 16  # leading null values a large module's draws start with
+WISHART_CACHE_BYTES = 2**27  # Wishart matrices kept for the next modules (wishart_draw)
+_WISHART_CACHE: dict[tuple, torch.Tensor] = {}
 # A shared direction is carried by more than one adapter (participation ratio, see carriers()).
 MIN_CARRIERS = 1.5
 
@@ -166,19 +168,64 @@ def _wishart_null(
     return torch.linalg.eigvalsh(X.transpose(-1, -2) @ X).flip(-1).clamp_min(0).sqrt()
 
 
-def bartlett_draws(
-    groups: list[tuple[list[int], int, torch.Tensor]], d: int, seeds: Sequence[int], like: torch.Tensor
-) -> torch.Tensor:
-    """One Bartlett factor ``L`` (see :func:`_wishart_null`) per seed, each from its own
-    generators, so that a draw can be rebuilt from its seed alone (``len(seeds) x n x n``)."""
-    n = sum(len(ks) * width for ks, width, _ in groups)
-    draws = []
-    for seed in seeds:
-        dof = np.random.default_rng(seed).chisquare(d - np.arange(n))
-        L = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=like.dtype).tril_(-1)
-        L.diagonal().copy_(torch.from_numpy(dof).sqrt())
-        draws.append(L)
-    return bartlett_factors(groups, torch.stack(draws).to(like.device), like)
+def bartlett_factor(seed: int, d: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """The Bartlett factor ``L`` (``n x n``, see :func:`_wishart_null`) drawn from ``seed`` alone."""
+    dof = np.random.default_rng(seed).chisquare(d - np.arange(n))
+    L = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=dtype).tril_(-1)
+    L.diagonal().copy_(torch.from_numpy(dof).sqrt())
+    return L
+
+
+def wishart_draw(seed: int, d: int, n: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """The Wishart(d, I_n) matrix ``L L^T`` of the Bartlett factor ``L`` drawn from ``seed``
+    (see :func:`_wishart_null`; ``L``'s own generators, so a draw is rebuilt from its seed alone).
+
+    Every module of one width and summed rank draws the same seeds (each module's generator
+    starts from the audit's seed), so the matrices are kept in a small cache
+    (``WISHART_CACHE_BYTES``): a pool's modules then share the ``n^3`` product, and only their
+    block spectra change. A cached matrix is the one a fresh draw would give, bit for bit.
+    """
+    key = (seed, d, n, dtype, str(device))
+    S = _WISHART_CACHE.get(key)
+    if S is None:
+        L = bartlett_factor(seed, d, n, dtype).to(device)
+        S = L @ L.T
+        size = S.numel() * S.element_size()
+        if size <= WISHART_CACHE_BYTES:
+            while _WISHART_CACHE and sum(v.numel() * v.element_size() for v in _WISHART_CACHE.values()) + size > (
+                WISHART_CACHE_BYTES
+            ):
+                _WISHART_CACHE.pop(next(iter(_WISHART_CACHE)))  # the oldest
+            _WISHART_CACHE[key] = S
+    return S
+
+
+def null_gram(groups: list[tuple[list[int], int, torch.Tensor]], S: torch.Tensor) -> torch.Tensor:
+    """``X^T X = T^T S T`` of null draws (:func:`bartlett_factors`) from their Wishart matrices
+    ``S = L L^T`` (``n_draws x n x n``): ``T``'s blocks come from the eigendecompositions of
+    ``S``'s diagonal blocks (``G_k^T G_k``), and the block-diagonal products cost O(n^2 r)."""
+    n_draws, n = S.shape[0], S.shape[1]
+    ST = torch.empty_like(S)
+    ts = []
+    start = 0
+    for ks, width, sv in groups:
+        stop = start + len(ks) * width
+        g = len(ks)
+        diag = S[:, start:stop, start:stop].reshape(n_draws, g, width, g, width).diagonal(dim1=1, dim2=3)
+        evals, evecs = torch.linalg.eigh(diag.permute(0, 3, 1, 2))  # G_k^T G_k, one per block and draw
+        sv_w = torch.nn.functional.pad(sv, (0, width - sv.shape[1])) if sv.shape[1] < width else sv[:, :width]
+        t = (evecs * evals.rsqrt()[..., None, :]) @ evecs.transpose(-1, -2) * sv_w[:, None, :].to(S)
+        ST[:, :, start:stop] = torch.einsum(
+            "dngw,dgwv->dngv", S[:, :, start:stop].reshape(n_draws, n, g, width), t
+        ).reshape(n_draws, n, stop - start)
+        ts.append((start, stop, g, width, t))
+        start = stop
+    M = torch.empty_like(S)
+    for start, stop, g, width, t in ts:
+        M[:, start:stop] = torch.einsum("dgwv,dgwn->dgvn", t, ST[:, start:stop].reshape(n_draws, g, width, n)).reshape(
+            n_draws, stop - start, n
+        )
+    return M
 
 
 def bartlett_factors(
@@ -201,25 +248,23 @@ def bartlett_factors(
     return X
 
 
-def top_singular_values(X: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor | None:
-    """The ``m`` largest singular values of each ``X`` (``batch x n x n``) by a block Krylov
-    method on ``X^T X``, or None where it would not pay.
+def top_eigenvalues(M: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor | None:
+    """The ``m`` largest eigenvalues of each symmetric positive semi-definite ``M``
+    (``batch x n x n``) by a block Krylov method, or None where it would not pay.
 
     Block Lanczos with full reorthogonalisation: a block of ``m + KRYLOV_OVERSAMPLE`` random
-    vectors, the basis grown by ``X^T X`` times its last block (two products with ``X``; never
-    ``X^T X`` itself, which would cost ``n`` products), and the Rayleigh quotient ``H`` on the
-    basis kept up to date block by block. The Ritz values (eigenvalues of ``H``) rise to the top
+    vectors, the basis grown by ``M`` times its last block, and the Rayleigh quotient ``H`` on
+    it kept up to date block by block. The Ritz values (eigenvalues of ``H``) rise to the top
     eigenvalues from below (Cauchy interlacing); iteration stops once the ``m`` largest change
-    by at most ``KRYLOV_TOL`` of the largest between two steps (within about 1e-6 of it measured
-    on null draws of 512-2048 columns, the rounding of float32). Returns None when the basis
-    would pass half of ``n`` before that (a flat spectrum needs that many steps; a dense
+    by at most ``KRYLOV_TOL`` of the largest between two steps (within about 1e-6 of it
+    measured on null draws of 512-2048 columns, the rounding of float32). Returns None when the
+    basis would pass half of ``n`` before that (a flat spectrum needs that many steps; a dense
     eigensolve is then as cheap).
     """
-    batch, n, _ = X.shape
+    batch, n, _ = M.shape
     b = m + KRYLOV_OVERSAMPLE
-    Xt = X.transpose(-1, -2)
-    Q = torch.linalg.qr(torch.randn(n, b, generator=generator, dtype=X.dtype).to(X.device).expand(batch, n, b))[0]
-    basis, P = Q, Xt @ (X @ Q)
+    Q = torch.linalg.qr(torch.randn(n, b, generator=generator, dtype=M.dtype).to(M.device).expand(batch, n, b))[0]
+    basis, P = Q, M @ Q
     H = Q.transpose(-1, -2) @ P
     previous: torch.Tensor | None = None
     step = 0
@@ -229,7 +274,7 @@ def top_singular_values(X: torch.Tensor, m: int, generator: torch.Generator) -> 
         for _ in range(2):  # twice is enough (Kahan, Parlett)
             Y = Y - basis @ (basis.transpose(-1, -2) @ Y)
         Q = torch.linalg.qr(Y)[0]
-        P = Xt @ (X @ Q)
+        P = M @ Q
         C = basis.transpose(-1, -2) @ P
         H = torch.cat([torch.cat([H, C], -1), torch.cat([C.transpose(-1, -2), Q.transpose(-1, -2) @ P], -1)], -2)
         basis = torch.cat([basis, Q], -1)
@@ -237,7 +282,7 @@ def top_singular_values(X: torch.Tensor, m: int, generator: torch.Generator) -> 
             continue
         ritz = torch.linalg.eigvalsh((H + H.transpose(-1, -2)) / 2).flip(-1)[..., :m]
         if previous is not None and bool(((ritz - previous).abs() <= KRYLOV_TOL * ritz[..., :1]).all()):
-            return ritz.clamp_min(0).sqrt()
+            return ritz
         previous = ritz
     return None
 
@@ -363,9 +408,10 @@ class TopNull:
 
     Each draw is Bartlett's (:func:`_wishart_null`'s distribution), rebuilt from its own seed
     when more of its values are needed; its ``width`` leading values come from
-    :func:`top_singular_values` of its ``X`` (a dense eigensolve where that does not pay), so a
-    draw costs a few dozen block products with ``X`` instead of ``X^T X`` and its full
-    eigensolve. Starts with ``NULL_WIDTH`` values; :meth:`widen` doubles them, up to ``k``.
+    :func:`top_eigenvalues` of ``X^T X`` (a dense eigensolve where that does not pay), which
+    :func:`null_gram` builds from the draw's Wishart matrix (:func:`wishart_draw`, shared by the
+    modules of one shape) in O(n^2 r). A draw then costs a few dozen block products instead of
+    ``X^T X`` and its full eigensolve. Starts with ``NULL_WIDTH`` values; :meth:`widen` doubles them, up to ``k``.
     Used as ``draw`` and ``widen`` of :func:`parallel_analysis`.
     """
 
@@ -387,11 +433,13 @@ class TopNull:
         return torch.cat([self._values(seeds) for seeds in self.batches])
 
     def _values(self, seeds: list[int]) -> torch.Tensor:
-        X = bartlett_draws(self.groups, self.d, seeds, self.like)
-        top = top_singular_values(X, self.width, torch.Generator().manual_seed(seeds[0]))
+        n = sum(len(ks) * width for ks, width, _ in self.groups)
+        S = torch.stack([wishart_draw(seed, self.d, n, self.like.dtype, self.like.device) for seed in seeds])
+        M = null_gram(self.groups, S)
+        top = top_eigenvalues(M, self.width, torch.Generator().manual_seed(seeds[0]))
         if top is None:
-            top = torch.linalg.eigvalsh(X.transpose(-1, -2) @ X).flip(-1)[..., : self.width].clamp_min(0).sqrt()
-        return top
+            top = torch.linalg.eigvalsh(M).flip(-1)[..., : self.width]
+        return top.clamp_min(0).sqrt()
 
 
 class ModuleDecomposer:
