@@ -47,6 +47,28 @@ def test_the_stack_gram_comes_from_the_factor_grams(ranks: list[int]) -> None:
         torch.testing.assert_close(stack_gram(gram, ts, norms), W.T @ W, atol=1e-12, rtol=1e-10)
 
 
+def test_the_stack_gram_of_factors_wider_than_their_other_side() -> None:
+    """Non-canonical factors: ranks above the other side's width (T_k not square) and blocks of
+    one width but different ranks."""
+    g = torch.Generator().manual_seed(7)
+    for ranks, d_in in (([8, 8, 8], 4), ([3, 6, 8], 5), ([2, 4, 3], 40)):
+        A = [torch.randn(r, d_in, generator=g, dtype=torch.float64) for r in ranks]
+        B = [torch.randn(30, r, generator=g, dtype=torch.float64) for r in ranks]
+        s = [0.5, 1.0, 2.0]
+        W, offsets, ts = _stacked(A, B, s, "out")
+        W, norms = normalise_blocks(W, offsets)
+        torch.testing.assert_close(stack_gram(factor_grams(A, B)[1], ts, norms), W.T @ W, atol=1e-12, rtol=1e-10)
+        FastDecomposer(rank=2).fit(A, B, s, "out", gram=factor_grams(A, B)[1])  # runs
+
+
+def test_a_fixed_rank_above_the_shared_one_keeps_an_orthonormal_subspace() -> None:
+    A, B, s, _ = make_module(K=40, r=3, d_out=256, d_in=64, noise=0.05, seed=8, dtype=torch.float32)
+    gram = factor_grams(A, B)[1]
+    for rank in (10, 30):
+        U = FastDecomposer(rank=rank).fit(A, B, s, "out", gram=gram).subspace_
+        torch.testing.assert_close(U.T @ U, torch.eye(rank), atol=1e-5, rtol=0)
+
+
 def test_top_singular_through_the_gram_matches_svd() -> None:
     g = torch.Generator().manual_seed(0)
     W = torch.randn(300, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 80, generator=g, dtype=torch.float64)

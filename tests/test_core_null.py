@@ -286,3 +286,18 @@ def test_all_finite_is_exact_where_the_sum_overflows() -> None:
         assert not all_finite(x) and not all_finite(x.float())
     mixed = torch.tensor([float("inf"), float("-inf"), 1.0])  # a NaN sum, not a finite one
     assert not all_finite(mixed)
+
+
+def test_top_null_uses_krylov_on_large_draws_and_agrees_with_a_dense_eigensolve(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    W, offsets = _large_unit_stack(K=64, d=1100)  # 1024 columns: the Krylov route
+    calls: list[int] = []
+    real = decompose.top_eigenvalues
+    monkeypatch.setattr(decompose, "top_eigenvalues", lambda *a: calls.append(1) or real(*a))
+    top = decompose.TopNull(W.float(), offsets, 48, torch.Generator().manual_seed(0))
+    values = top(3)
+    assert calls and values.shape == (3, decompose.NULL_WIDTH)
+    M = _null_grams(W.float(), offsets, top.batches[0]).double()
+    exact = torch.linalg.eigvalsh(M).flip(-1)[:, : decompose.NULL_WIDTH].sqrt()
+    assert float(((values.double() - exact) / exact[:, :1]).abs().max()) < 1e-5

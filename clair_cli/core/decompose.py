@@ -40,6 +40,7 @@ calling structure in a pool that has none).
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Iterator
 from typing import Literal
 
@@ -59,9 +60,12 @@ SETTLE_SES = 3.0
 KRYLOV_OVERSAMPLE = 8
 KRYLOV_FIRST_CHECK = 8
 KRYLOV_TOL = 1e-5
+KRYLOV_TOL_FLOAT64 = 1e-8
+KRYLOV_MIN_COLUMNS = 40  # Krylov tried only on draws of at least this many times its block's columns
 NULL_WIDTH = 16  # leading null values a large module's draws start with
 WISHART_CACHE_BYTES = 2**27  # Wishart matrices kept for the next modules (wishart_draw)
 _WISHART_CACHE: dict[tuple, torch.Tensor] = {}
+_WISHART_LOCK = threading.Lock()
 # A shared direction is carried by more than one adapter (participation ratio, see carriers()).
 MIN_CARRIERS = 1.5
 
@@ -186,16 +190,20 @@ def wishart_draw(seed: int, d: int, n: int, dtype: torch.dtype, device: torch.de
     block spectra change. A cached matrix is the one a fresh draw would give, bit for bit.
     """
     key = (seed, d, n, dtype, str(device))
-    S = _WISHART_CACHE.get(key)
-    if S is None:
-        L = bartlett_factor(seed, d, n, dtype).to(device)
-        S = L @ L.T
-        size = S.numel() * S.element_size()
-        if size <= WISHART_CACHE_BYTES:
+    with _WISHART_LOCK:
+        S = _WISHART_CACHE.pop(key, None)
+        if S is not None:
+            _WISHART_CACHE[key] = S  # the most recently used last
+            return S
+    L = bartlett_factor(seed, d, n, dtype).to(device)
+    S = L @ L.T
+    size = S.numel() * S.element_size()
+    if size <= WISHART_CACHE_BYTES:
+        with _WISHART_LOCK:
             while _WISHART_CACHE and sum(v.numel() * v.element_size() for v in _WISHART_CACHE.values()) + size > (
                 WISHART_CACHE_BYTES
             ):
-                _WISHART_CACHE.pop(next(iter(_WISHART_CACHE)))  # the oldest
+                _WISHART_CACHE.pop(next(iter(_WISHART_CACHE)))  # the least recently used
             _WISHART_CACHE[key] = S
     return S
 
@@ -256,13 +264,14 @@ def top_eigenvalues(M: torch.Tensor, m: int, generator: torch.Generator) -> torc
     vectors, the basis grown by ``M`` times its last block, and the Rayleigh quotient ``H`` on
     it kept up to date block by block. The Ritz values (eigenvalues of ``H``) rise to the top
     eigenvalues from below (Cauchy interlacing); iteration stops once the ``m`` largest change
-    by at most ``KRYLOV_TOL`` of the largest between two steps (within about 1e-6 of it
-    measured on null draws of 512-2048 columns, the rounding of float32). Returns None when the
-    basis would pass half of ``n`` before that (a flat spectrum needs that many steps; a dense
-    eigensolve is then as cheap).
+    by at most ``KRYLOV_TOL`` of the largest between two steps (``KRYLOV_TOL_FLOAT64`` in
+    float64): within about 1e-5 of the largest (up to 7e-6 measured on null draws of 1024-2048
+    columns in float32, m up to 32). Returns None when the basis would pass half of ``n`` before
+    that (a flat spectrum needs that many steps; a dense eigensolve is then as cheap).
     """
     batch, n, _ = M.shape
     b = m + KRYLOV_OVERSAMPLE
+    tol = KRYLOV_TOL if M.dtype != torch.float64 else KRYLOV_TOL_FLOAT64
     Q = torch.linalg.qr(torch.randn(n, b, generator=generator, dtype=M.dtype).to(M.device).expand(batch, n, b))[0]
     basis, P = Q, M @ Q
     H = Q.transpose(-1, -2) @ P
@@ -281,7 +290,7 @@ def top_eigenvalues(M: torch.Tensor, m: int, generator: torch.Generator) -> torc
         if step < KRYLOV_FIRST_CHECK:
             continue
         ritz = torch.linalg.eigvalsh((H + H.transpose(-1, -2)) / 2).flip(-1)[..., :m]
-        if previous is not None and bool(((ritz - previous).abs() <= KRYLOV_TOL * ritz[..., :1]).all()):
+        if previous is not None and bool(((ritz - previous).abs() <= tol * ritz[..., :1]).all()):
             return ritz
         previous = ritz
     return None
@@ -436,7 +445,9 @@ class TopNull:
         n = sum(len(ks) * width for ks, width, _ in self.groups)
         S = torch.stack([wishart_draw(seed, self.d, n, self.like.dtype, self.like.device) for seed in seeds])
         M = null_gram(self.groups, S)
-        top = top_eigenvalues(M, self.width, torch.Generator().manual_seed(seeds[0]))
+        top = None
+        if n >= KRYLOV_MIN_COLUMNS * (self.width + KRYLOV_OVERSAMPLE):  # else it would not converge in time
+            top = top_eigenvalues(M, self.width, torch.Generator().manual_seed(seeds[0]))
         if top is None:
             top = torch.linalg.eigvalsh(M).flip(-1)[..., : self.width]
         return top.clamp_min(0).sqrt()

@@ -48,7 +48,7 @@ PROBE = 48  # singular values estimated; the shared rank is found among them
 OVERSAMPLE = 10
 POWER_ITERATIONS = 6
 WISHART_MAX_N = 2048  # exact null draws up to this many columns (about 0.5 s a draw on 2 cores)
-KRYLOV_MIN_N = 640  # from here, exact draws' leading values only (TopNull): 2-2.5x faster at 1024-2048
+KRYLOV_MIN_N = 640  # from here, exact draws' leading values only (TopNull, its Wishart matrices shared)
 
 
 def stacked_factors(
@@ -66,9 +66,9 @@ def _stacked(
     cols, rows = (list(B), [a.T for a in A]) if side == "out" else ([a.T for a in A], list(B))
     blocks, offsets, ts = [], [0], []
     for c, r, s in zip(cols, rows, scales, strict=True):
-        t = float(s) * torch.linalg.qr(r, mode="r")[1]  # r = P T with P orthonormal
-        blocks.append(c @ t.T)
-        ts.append(t)
+        t = torch.linalg.qr(r, mode="r")[1]  # r = P T with P orthonormal
+        blocks.append(float(s) * c @ t.T)
+        ts.append(float(s) * t)
         offsets.append(offsets[-1] + t.shape[0])
     return torch.cat(blocks, dim=1), tuple(offsets), ts
 
@@ -76,14 +76,14 @@ def _stacked(
 def stack_gram(gram: torch.Tensor, ts: Sequence[torch.Tensor], norms: torch.Tensor) -> torch.Tensor:
     """``W^T W`` of the unit-norm stack from the Gram of the shared side's factors (``C^T C``,
     ``sum r_k`` square): block ``(j, k)`` is ``T_j (C_j^T C_k) T_k^T / (|F_j| |F_k|)``. O((sum r_k)^2 r)
-    instead of the ``d (sum r_k)^2`` of the product itself, which the audit has already paid."""
+    instead of the ``d (sum r_k)^2`` of the product itself, which the audit has already paid.
+    ``T_k`` is ``w_k x r_k``, ``w_k = min(r_k, the other side's width)``."""
     scale = torch.where(norms > 0, 1 / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(norms))
-    widths = [t.shape[0] for t in ts]
-    if len(set(widths)) == 1:  # every block of one width: two batched products
-        K, w = len(ts), widths[0]
-        T = torch.stack(ts) * scale[:, None, None].to(gram)
-        G = (T @ gram.reshape(K, w, K * w)).reshape(K * w, K * w)
-        return (T @ G.T.reshape(K, w, K * w)).reshape(K * w, K * w).T
+    if len({tuple(t.shape) for t in ts}) == 1:  # every block of one shape: two batched products
+        K, (w, r) = len(ts), ts[0].shape
+        T = torch.stack(list(ts)) * scale[:, None, None].to(gram)
+        G = (T @ gram.reshape(K, r, K * r)).reshape(K * w, K * r)  # T gram
+        return (T @ G.T.reshape(K, r, K * w)).reshape(K * w, K * w).T  # (T (T gram)^T)^T
     T = torch.block_diag(*[t * float(c) for t, c in zip(ts, scale.tolist(), strict=True)]).to(gram)
     return T @ gram @ T.T
 
@@ -94,9 +94,9 @@ def top_singular(
     """Leading ``k`` left singular vectors and values of ``W`` by randomized subspace iteration.
 
     ``gram``: ``W^T W`` (:func:`stack_gram`). The iteration then runs on it (``n x n`` products
-    instead of ``d x n`` ones, for ``d`` rows and ``n`` columns) and the vectors are ``W V / s``;
-    the squared values come to ``eps * s_1^2`` absolutely, far under the rank test's noise for
-    the leading values it reads.
+    instead of ``d x n`` ones, for ``d`` rows and ``n`` columns), and the values and vectors
+    come from the SVD of ``W V`` for the iteration's ``k + OVERSAMPLE`` vectors ``V``, as on
+    ``W`` itself (an orthonormal basis, values not squared).
     """
     ell = min(k + OVERSAMPLE, *W.shape)
     if gram is not None:
@@ -118,17 +118,13 @@ def _top_from_gram(
     """:func:`top_singular` through ``W^T W``: subspace iteration with as many products as on ``W``."""
     G = (gram + gram.T) / 2
     if ell >= G.shape[0]:
-        evals, V = torch.linalg.eigh(G)
+        V = torch.linalg.eigh(G)[1]
     else:
-        Q = torch.linalg.qr(G @ torch.randn(G.shape[0], ell, generator=generator, dtype=torch.float64).to(G))[0]
+        V = torch.linalg.qr(G @ torch.randn(G.shape[0], ell, generator=generator, dtype=torch.float64).to(G))[0]
         for _ in range(POWER_ITERATIONS):
-            Q = torch.linalg.qr(G @ Q)[0]
-        evals, Z = torch.linalg.eigh(Q.T @ G @ Q)
-        V = Q @ Z
-    evals, V = evals.flip(0)[:k], V.flip(1)[:, :k]
-    s = evals.clamp_min(0).sqrt()
-    U = W @ (V * torch.where(s > 0, 1 / s.clamp_min(torch.finfo(s.dtype).tiny), torch.zeros_like(s)))
-    return U, s
+            V = torch.linalg.qr(G @ V)[0]
+    U, s, _ = torch.linalg.svd(W @ V, full_matrices=False)
+    return U[:, :k], s[:k]
 
 
 def null_top(
