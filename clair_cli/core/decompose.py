@@ -185,9 +185,11 @@ def wishart_draw(seed: int, d: int, n: int, dtype: torch.dtype, device: torch.de
     (see :func:`_wishart_null`; ``L``'s own generators, so a draw is rebuilt from its seed alone).
 
     Every module of one width and summed rank draws the same seeds (each module's generator
-    starts from the audit's seed), so the matrices are kept in a small cache
-    (``WISHART_CACHE_BYTES``): a pool's modules then share the ``n^3`` product, and only their
-    block spectra change. A cached matrix is the one a fresh draw would give, bit for bit.
+    starts from the audit's seed), so the matrices are kept in a small least-recently-used
+    cache (``WISHART_CACHE_BYTES``, on the device they were drawn for; thread-safe): a pool's
+    modules then share the ``n^3`` product, and only their block spectra change. A cached
+    matrix is the one a fresh draw would give, bit for bit: the cache changes speed, never
+    results.
     """
     key = (seed, d, n, dtype, str(device))
     with _WISHART_LOCK:
@@ -220,9 +222,7 @@ def null_gram(groups: list[tuple[list[int], int, torch.Tensor]], S: torch.Tensor
         stop = start + len(ks) * width
         g = len(ks)
         diag = S[:, start:stop, start:stop].reshape(n_draws, g, width, g, width).diagonal(dim1=1, dim2=3)
-        evals, evecs = torch.linalg.eigh(diag.permute(0, 3, 1, 2))  # G_k^T G_k, one per block and draw
-        sv_w = torch.nn.functional.pad(sv, (0, width - sv.shape[1])) if sv.shape[1] < width else sv[:, :width]
-        t = (evecs * evals.rsqrt()[..., None, :]) @ evecs.transpose(-1, -2) * sv_w[:, None, :].to(S)
+        t = _frames(diag.permute(0, 3, 1, 2), sv, width, S)
         ST[:, :, start:stop] = torch.einsum(
             "dngw,dgwv->dngv", S[:, :, start:stop].reshape(n_draws, n, g, width), t
         ).reshape(n_draws, n, stop - start)
@@ -247,13 +247,19 @@ def bartlett_factors(
     for ks, width, sv in groups:
         stop = start + len(ks) * width
         rows = L[:, start:stop].reshape(n_draws, len(ks), width, n)
-        evals, evecs = torch.linalg.eigh(rows @ rows.transpose(-1, -2))  # G_k^T G_k, one per block and draw
-        # A block of fewer rows than columns has fewer singular values than its width.
-        sv_w = torch.nn.functional.pad(sv, (0, width - sv.shape[1])) if sv.shape[1] < width else sv[:, :width]
-        t = (evecs * evals.rsqrt()[..., None, :]) @ evecs.transpose(-1, -2) * sv_w[:, None, :].to(like)
+        t = _frames(rows @ rows.transpose(-1, -2), sv, width, like)
         X[:, :, start:stop] = torch.einsum("dgwn,dgwv->dngv", rows, t).reshape(n_draws, n, stop - start)
         start = stop
     return X
+
+
+def _frames(C: torch.Tensor, sv: torch.Tensor, width: int, like: torch.Tensor) -> torch.Tensor:
+    """``T_k = (G_k^T G_k)^{-1/2} S_k`` for each block and draw, from ``C = G_k^T G_k``
+    (``n_draws x blocks x width x width``) and the blocks' singular values ``sv``."""
+    evals, evecs = torch.linalg.eigh(C)
+    # A block of fewer rows than columns has fewer singular values than its width.
+    sv_w = torch.nn.functional.pad(sv, (0, width - sv.shape[1])) if sv.shape[1] < width else sv[:, :width]
+    return (evecs * evals.rsqrt()[..., None, :]) @ evecs.transpose(-1, -2) * sv_w[:, None, :].to(like)
 
 
 def top_eigenvalues(M: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor | None:

@@ -146,10 +146,11 @@ def null_top(
     return torch.stack([top_singular(R, k, generator)[1] for R in rotated_draws(W, offsets, n_draws, generator)])
 
 
-def krylov_null(W: torch.Tensor, k: int) -> bool:
-    """Whether the fast path's null draws of ``W`` are read by :class:`TopNull`: exact draws
-    (at most ``WISHART_MAX_N`` columns, no more than rows) of at least ``KRYLOV_MIN_N``
-    columns, where a dense eigensolve of every draw costs more than the rest of the module."""
+def leading_null_only(W: torch.Tensor, k: int) -> bool:
+    """Whether the fast path reads only the leading values of the null draws of ``W``
+    (:class:`TopNull`): exact draws (at most ``WISHART_MAX_N`` columns, no more than rows) of at
+    least ``KRYLOV_MIN_N`` columns, where a full eigensolve of every draw costs more than the
+    rest of the module."""
     d, n = W.shape
     return KRYLOV_MIN_N <= n <= min(d, WISHART_MAX_N) and k < n
 
@@ -196,7 +197,7 @@ class FastDecomposer:
         self.spectrum_ = spectrum
         self.null_spectrum_: torch.Tensor | None = None
         if self.rank == "auto":
-            top = TopNull(W, offsets, probe, gen) if krylov_null(W, probe) else None
+            top = TopNull(W, offsets, probe, gen) if leading_null_only(W, probe) else None
             r, self.null_spectrum_ = parallel_analysis(
                 spectrum,
                 top if top is not None else lambda n: null_top(W, offsets, n, probe, gen),
