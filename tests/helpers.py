@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -91,17 +92,52 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
     return proc
 
 
+# Runs a command and writes its exit code and peak resident memory (wait4) to a file descriptor.
+_SPAWNER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+os.write(int(sys.argv[1]), f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss}".encode())
+"""
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # already ended
+        os.killpg(pgid, 9)
+
+
 def run_measured(argv: list[str], limit_s: float, **popen: Any) -> tuple[int, int]:
     """Run ``python -m clair_cli ARGV`` (``popen``: stdout, stderr, stdin, env, cwd), killed after
-    ``limit_s`` seconds; its exit code and its own peak resident memory in bytes (wait4)."""
-    proc = subprocess.Popen([sys.executable, "-m", "clair_cli", *argv], **popen)
-    timer = threading.Timer(limit_s, proc.kill)
-    timer.start()
+    ``limit_s`` seconds; its exit code and its own peak resident memory in bytes (wait4).
+
+    The command is started by a small Python process, not by the test process: a child's peak
+    memory as wait4 reports it includes the high-water mark of the memory it was forked from
+    (Linux carries it over fork and exec), which for a test process that has run hundreds of
+    tests can be more than a gigabyte, whatever the command itself used."""
+    read, write = os.pipe()
     try:
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SPAWNER, str(write), sys.executable, "-m", "clair_cli", *argv],
+            pass_fds=(write,),
+            start_new_session=True,  # one process group: a timeout kills the command too
+            **popen,
+        )
+        os.close(write)
+        write = -1
+        timer = threading.Timer(limit_s, _kill_group, (proc.pid,))
+        timer.start()
+        try:
+            proc.wait()
+            reported = os.read(read, 100).decode().split()
+        finally:
+            timer.cancel()
     finally:
-        timer.cancel()
-    return os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024
+        os.close(read)
+        if write >= 0:
+            os.close(write)
+    if len(reported) != 2:  # killed before the command ended
+        return proc.returncode, 0
+    return int(reported[0]), int(reported[1]) * 1024
 
 
 class LocalServer:
