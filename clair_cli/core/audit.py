@@ -371,11 +371,11 @@ def _in_content_order(given: ModuleInput) -> tuple[ModuleInput, torch.Tensor, li
 
 def _sub_grams(w: _ModuleWork) -> tuple[torch.Tensor, torch.Tensor]:
     """The module's factor Grams restricted to the members the subspace is fitted on."""
+    if len(w.fit_on) == len(w.A):
+        return w.grams
     starts = [0]
     for a in w.A:
         starts.append(starts[-1] + a.shape[0])
-    if len(w.fit_on) == len(w.A):
-        return w.grams
     idx = torch.cat([torch.arange(starts[j], starts[j + 1]) for j in w.fit_on]).to(w.grams[0].device)
     return w.grams[0][idx][:, idx], w.grams[1][idx][:, idx]
 
