@@ -332,3 +332,43 @@ def test_distances_without_each_member_batched_over_rows() -> None:
             others = torch.cat([x[r, :k], x[r, k + 1 :]])
             i, j = torch.triu_indices(8, 8, 1)
             assert float(rows[r, k]) == float((others[i] - others[j]).abs().kthvalue(t).values)
+
+
+def _weak_consensus(K: int, share: float, seed: int, common: bool = True) -> list:
+    """K rank-4 adapters per module: a common rank-2 update (``share`` of each one's own
+    rank-2 part in norm; none with ``common=False``) plus an independent rank-2 part."""
+    from clair_cli.core.audit import ModuleInput
+
+    g = torch.Generator().manual_seed(seed)
+    mods = []
+    for m in range(4):
+        B0 = torch.randn(64, 2, generator=g, dtype=torch.float64)
+        A0 = torch.randn(2, 48, generator=g, dtype=torch.float64)
+        A, B = [], []
+        for _ in range(K):
+            Bk = torch.randn(64, 2, generator=g, dtype=torch.float64)
+            Ak = torch.randn(2, 48, generator=g, dtype=torch.float64)
+            B.append(torch.cat([share * B0 if common else torch.zeros_like(B0), Bk], 1))
+            A.append(torch.cat([A0, Ak]))
+        mods.append(ModuleInput(f"layers.{m}.q_proj", list(range(K)), A, B, [1.0] * K))
+    return mods
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_flip_is_caught_where_a_small_pool_agrees_weakly_but_consistently(seed: int) -> None:
+    """Five or six clients whose cosines with the others' centre are all about 0.07-0.1 (under
+    rule 1's 0.1 floor, yet many standard errors above 0) agree on a direction: one flipped
+    among them points against it. Pools that agree on nothing keep rule 1 off."""
+    for K in (5, 6):
+        mods = _weak_consensus(K, 0.24, seed)
+        for m in mods:
+            m.B[K - 1] = -m.B[K - 1]
+        aud = ClairAuditor().fit(mods, K)
+        assert flagged(aud) == {K - 1}, [v.signals for v in aud.verdicts_]
+        assert any(r.kind == "direction" for r in aud.verdicts_[K - 1].reasons)
+        assert flagged(ClairAuditor().fit(_weak_consensus(K, 0.24, seed), K)) == set()
+        unrelated = _weak_consensus(K, 0.24, seed, common=False)
+        for m in unrelated:
+            m.B[K - 1] = -m.B[K - 1]
+        aud = ClairAuditor().fit(unrelated, K)
+        assert flagged(aud) == set() and "direction" in aud.silent_rules_
