@@ -158,3 +158,61 @@ def test_canonical_module_equals_one_update_at_a_time() -> None:
     for k in range(len(ranks)):
         a, b = canonical_factors(A[k], B[k], scales[k])
         assert torch.equal(cA[k], a) and torch.equal(cB[k], b)
+
+
+def test_triangular_factors_take_cholesky_only_where_it_is_accurate() -> None:
+    """Well-conditioned tall factors: ``R`` from the Cholesky factor of the Gram matrix (``Q``
+    left implicit), Householder's ``R`` up to the signs of its rows. Ill-conditioned,
+    rank-deficient and wide ones: Householder's QR, ``Q`` formed."""
+    from clair_cli.core.canonical import CHOLESKY_QR_MAX_CONDITION, triangular_factors
+
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(4, 300, 8, generator=g, dtype=torch.float64)
+    X[1] = X[1] @ torch.diag(torch.logspace(-2, 2, 8, dtype=torch.float64))  # condition 1e4
+    X[2, :, 5] = 0.0  # rank-deficient (rank inflation)
+    Q, R = triangular_factors(X)
+    assert Q[0] is None and Q[3] is None and all(Q[k] is not None for k in (1, 2))
+    assert float(torch.linalg.cond(X[1])) > CHOLESKY_QR_MAX_CONDITION
+    _, Rh = torch.linalg.qr(X, mode="reduced")
+    for k in (0, 3):
+        signs = torch.sign(Rh[k].diagonal())
+        torch.testing.assert_close(R[k], signs[:, None] * Rh[k], rtol=0, atol=1e-12 * float(R[k].abs().max()))
+    for k in (1, 2):
+        torch.testing.assert_close(Q[k] @ R[k], X[k], rtol=0, atol=1e-12 * float(X[k].abs().max()))
+    Qw, Rw = triangular_factors(torch.randn(3, 5, 8, generator=g, dtype=torch.float64))
+    assert all(q is not None and q.shape == (5, 5) for q in Qw) and Rw.shape == (3, 5, 8)
+
+
+def test_canonical_factors_agree_across_the_two_routes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Canonical factors by the Cholesky route and by Householder's QR (forced) are the same
+    to 1e-10 of the update, up to the sign of each singular pair."""
+    from clair_cli.core import canonical
+
+    g = torch.Generator().manual_seed(3)
+    A = [torch.randn(8, 200, generator=g, dtype=torch.float64) for _ in range(5)]
+    spread = torch.diag(torch.logspace(0, 2.9, 8, dtype=torch.float64))  # condition about 800, under the bound
+    B = [torch.randn(150, 8, generator=g, dtype=torch.float64) @ spread for _ in range(5)]
+    fast = canonical.canonical_module(A, B, [2.0] * 5)
+    monkeypatch.setattr(canonical, "CHOLESKY_QR_MAX_CONDITION", 0.5)  # every matrix by Householder's QR
+    slow = canonical.canonical_module(A, B, [2.0] * 5)
+    for a0, b0, a1, b1 in zip(slow[0], slow[1], fast[0], fast[1], strict=True):
+        size = float((b0 @ a0).norm())
+        signs = torch.sign((b1 * b0).sum(0))
+        torch.testing.assert_close(b1 * signs, b0, rtol=0, atol=1e-10 * size**0.5)
+        torch.testing.assert_close(signs[:, None] * a1, a0, rtol=0, atol=1e-10 * size**0.5)
+
+
+def test_content_keys_are_equal_exactly_for_equal_factors() -> None:
+    """Keys read a sample of each factor's entries; adapters whose samples agree but whose
+    factors differ elsewhere still get different keys, and identical ones equal keys."""
+    from clair_cli.core.order import SAMPLE_STRIDE, content_keys
+
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(4, 300, generator=g, dtype=torch.float64)
+    b = torch.randn(200, 4, generator=g, dtype=torch.float64)
+    b2 = b.clone()
+    b2.view(-1)[1] += 1.0  # an entry the sample skips
+    assert 1 % SAMPLE_STRIDE != 0
+    keys = content_keys([a, a, a, a.clone()], [b, b2, b, b.clone()], [1.0, 1.0, 2.0, 1.0])
+    assert keys[0] != keys[1] and keys[0] != keys[2] and keys[0] == keys[3]
+    assert len(set(keys)) == 3

@@ -15,28 +15,47 @@ from collections.abc import Sequence
 
 import torch
 
+SAMPLE_STRIDE = 61  # a sampled key reads every 61st entry of each factor (prime: every column is read)
 
-def _digest(a: torch.Tensor, b: torch.Tensor, scale: float) -> bytes:
+
+def _digest(a: torch.Tensor, b: torch.Tensor, scale: float, stride: int = 1) -> bytes:
     h = hashlib.sha256()
     for t in (a, b):
         t = t.detach().to("cpu").contiguous()
         h.update(struct.pack("<2q", *t.shape))
         h.update(str(t.dtype).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        sample = t.reshape(-1)[::stride]
+        dense = torch.empty(sample.shape, dtype=sample.dtype).copy_(sample)  # stride 1 even for one entry
+        h.update(dense.view(torch.uint8).numpy().tobytes())
     h.update(struct.pack("<d", float(scale)))
     return h.digest()
 
 
 def content_keys(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float]) -> list[bytes]:
-    """A SHA-256 digest of each adapter's factors and scale."""
-    return [_digest(a, b, s) for a, b, s in zip(A, B, scales, strict=True)]
+    """Per adapter, a key of its factors and scale: equal exactly when they are equal.
+
+    A SHA-256 digest of every ``SAMPLE_STRIDE``-th entry (with the shapes, dtypes and scale);
+    adapters whose sampled keys coincide get the digest of all their bytes appended, so two
+    different adapters never share a key, whatever entries they differ in, and identical ones
+    always do. Reading a sample instead of every byte makes the keys of a module of 64
+    adapters of 4096 x 16 cost about 1 ms instead of 50.
+    """
+    keys = [_digest(a, b, s, SAMPLE_STRIDE) for a, b, s in zip(A, B, scales, strict=True)]
+    seen: dict[bytes, list[int]] = {}
+    for k, key in enumerate(keys):
+        seen.setdefault(key, []).append(k)
+    for same in seen.values():
+        if len(same) > 1:
+            for k in same:
+                keys[k] += _digest(A[k], B[k], scales[k])
+    return keys
 
 
 def content_order(
     A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float], keys: Sequence[bytes] | None = None
 ) -> list[int]:
-    """Indices of the adapters sorted by a SHA-256 digest of their factors and scale
-    (``keys``, when computed already).
+    """Indices of the adapters sorted by their :func:`content_keys` (``keys``, when computed
+    already).
 
     Adapters with identical factors tie; they are interchangeable, so their relative order
     cannot change a result.
