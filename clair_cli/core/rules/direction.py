@@ -6,20 +6,17 @@ Each module's cosine is taken with that module's centre fitted without the adapt
 standardised (median, Qn over the pool) and averaged with weight median / Qn, so the modules
 where the pool agrees on a direction carry the evidence. Each module's centre weighs the
 adapters by their agreement (:func:`clair_cli.core.insubspace.agreement_masses`): a set that
-agrees far more closely than the pool does counts as a few adapters, whatever its size.
-Floor: the raw cosine must have dropped by ``DIRECTION_FLOOR`` and to 0.4 of the typical
-cosine; where the typical cosine is below ``DIRECTION_FLOOR`` the others agree on no
-direction, the centre is noise, and the rule is off, unless it is at least half the floor
-and ``AGREEMENT_Z`` standard errors above 0 (:func:`agreed`: a small round of clients that
-agree weakly but consistently, as on the revsucc task, where one flipped client among five
-otherwise passed). ``threshold`` in its reason is the bound on the raw cosine; ``margin``
-the smaller of the two margins. From the verdict's second pass on, every centre
-(whole-update and per module) is fitted without the adapters the previous pass flagged and
-those pulling past a quarter of rule 11's floor, while they are a minority
-(:class:`clair_cli.core.insubspace.DirectionCentres`,
-:class:`clair_cli.core.audit.ModuleCentre`): a flagged set that pulls the centre against an
-honest client (a sign-flipped copy of its update) does not get it flagged, and a group that
-drags the centres to itself is measured against the rest.
+agrees far more closely than the pool does counts as a few adapters, whatever its size. Floor: the raw cosine must have
+dropped by ``DIRECTION_FLOOR`` and to 0.4 of the typical cosine; where the typical cosine is
+below ``DIRECTION_FLOOR`` the others agree on no direction, the centre is noise, and the rule
+is off. ``threshold`` in its reason is the bound on the raw cosine; ``margin`` the smaller
+of the two margins. From the verdict's second pass on, every centre (whole-update and
+per module) is fitted without the adapters the previous pass flagged and those pulling
+past a quarter of rule 11's floor, while they are a minority
+(:class:`clair_cli.core.insubspace.DirectionCentres`, :class:`clair_cli.core.audit.ModuleCentre`):
+a flagged set that pulls the centre against an honest client (a sign-flipped copy of its
+update) does not get it flagged, and a group that drags the centres to itself is measured
+against the rest.
 Below a dozen adapters the standardised statistic's critical value is capped
 (:func:`clair_cli.core.calibration.rule_critical_value`); the raw floor still applies, with
 the typical cosine measured with the adapter left out of the others' centres as well
@@ -32,22 +29,12 @@ import math
 
 import torch
 
-from clair_cli.core.calibration import qn_scale
 from clair_cli.core.decompose import median
 from clair_cli.core.rules.base import ALPHA, Reason
 from clair_cli.core.rules.context import DirectionEvidence, Pass
 
 DIRECTION_FLOOR = 0.1  # of cosine, and at least 0.6 of the typical cosine
 DIRECTION_RELATIVE_FLOOR = 0.6
-AGREEMENT_Z = 3.0  # a typical cosine of half the floor or more is agreement this many standard errors above 0
-
-
-def agreed(typical: float, se: float) -> bool:
-    """Whether the others agree on a direction: their typical cosine is at least
-    ``DIRECTION_FLOOR``, or at least half of it and ``AGREEMENT_Z`` standard errors above 0 (a
-    small pool whose clients agree weakly but consistently). Below half the floor not even
-    an exact reversal of a typical client drops its cosine by the floor."""
-    return typical >= DIRECTION_FLOOR or (typical >= DIRECTION_FLOOR / 2 and typical > AGREEMENT_Z * se)
 
 
 class Direction:
@@ -69,9 +56,9 @@ class Direction:
             centre = raw[k]
             if cut is None or centre is None:
                 continue
-            typical, se = self._typical(ctx, k, -centre.centre, direction)
-            if not agreed(typical, se):
-                continue  # the others agree on no direction: nothing to leave
+            typical = self._typical(ctx, k, -centre.centre)
+            if typical < DIRECTION_FLOOR:  # the others agree on no direction: nothing to leave
+                continue
             floor = max(DIRECTION_FLOOR, DIRECTION_RELATIVE_FLOOR * typical)
             effect[k] = (typical - float(direction[k])) / floor
             m = min(cut.margin(float(z[k])), float(effect[k]))
@@ -80,19 +67,18 @@ class Direction:
         ctx.direction = DirectionEvidence(z, effect)
 
     @staticmethod
-    def _typical(ctx: Pass, k: int, typical: float, direction: torch.Tensor) -> tuple[float, float]:
-        """The others' typical cosine and its standard error: from ``direction_pairs`` where
-        given (k out of their centres too; the median over the same basis), else ``typical``
-        as given, with the others' cosines in ``direction``. The standard error is the median's,
-        ``sqrt(pi / 2) Qn / sqrt(n)`` over the ``n`` others."""
-        row = direction.double() if ctx.direction_pairs is None else ctx.direction_pairs[k].double()
+    def _typical(ctx: Pass, k: int, typical: float) -> float:
+        """The others' typical cosine: from ``direction_pairs`` where given (k out of their
+        centres too; the median over the same basis), else ``typical`` as given."""
+        pairs = ctx.direction_pairs
+        if pairs is None:
+            return typical
+        row = pairs[k]
         basis = ctx.basis(row)
         basis[k] = False
-        n = int(basis.sum())
-        if n < 3:
-            return typical, math.inf
-        se = math.sqrt(math.pi / 2) * float(qn_scale(row[basis])) / math.sqrt(n)
-        return (typical if ctx.direction_pairs is None else float(median(row[basis]))), se
+        if int(basis.sum()) < 3:
+            return typical
+        return float(median(row[basis]))
 
     def reason(self, cosine: float, typical: float, floor: float, margin: float) -> Reason:
         return Reason(
