@@ -186,6 +186,10 @@ def test_triangular_factors_take_cholesky_only_where_it_is_accurate() -> None:
         torch.testing.assert_close(R[k], signs[:, None] * Rh[k], rtol=0, atol=1e-12 * float(R[k].abs().max()))
     for k in (1, 2):
         torch.testing.assert_close(Q[k] @ R[k], X[k], rtol=0, atol=1e-12 * float(X[k].abs().max()))
+    huge = X[:1] * 1e-3
+    huge[0, 0, 0] = 1.5 * 2.0**1023  # 2^1024, the power of two that would scale it, overflows
+    Qx, Rx = triangular_factors(huge)
+    assert Qx[0] is not None and Rx.shape == (1, 8, 8)  # Householder's QR, as before the Cholesky route
     Qw, Rw = triangular_factors(torch.randn(3, 5, 8, generator=g, dtype=torch.float64))
     assert all(q is not None and q.shape == (5, 5) for q in Qw) and Rw.shape == (3, 5, 8)
 

@@ -19,8 +19,8 @@ factors are *balanced* (``||B'||_F = ||A'||_F``, orthogonal columns in ``B'``, o
 rows in ``A'``), so later QRs and Gram products see factors of comparable size whatever the
 input's balance; the QRs are scale-equivariant, so ``(c B, A / c)`` gives the same core to
 rounding for any ``c`` in the dtype's range. Cost: O((d_out + d_in) r^2) per update, as
-much as the factored reduction spends on it anyway: a batched Gram product and a Cholesky
-factor for well-conditioned factors (the trained LoRA factors of the benchmarks have
+much as the factored reduction spends on it anyway: a Gram product and a Cholesky factor
+for each well-conditioned factor (the trained LoRA factors of the benchmarks have
 condition numbers up to about 30), Householder's QR for the others.
 """
 
@@ -33,6 +33,7 @@ import torch
 
 EPS_RANK = 8  # the cut is eps * max(r, 8) * sigma_max, as the factored reduction's
 CHOLESKY_QR_MAX_CONDITION = 1e3  # Cholesky QR up to this condition number, Householder's QR above
+MAX_SCALING_EXPONENT = 1000  # beyond 2^+-1000 in the largest entry, Householder's QR
 
 
 def canonical_factors(
@@ -137,6 +138,8 @@ def _cholesky_r(x: torch.Tensor) -> torch.Tensor | None:
     if not (top > 0 and math.isfinite(top)):
         return None
     exponent = math.frexp(top)[1]
+    if abs(exponent) > MAX_SCALING_EXPONENT:  # 2^exponent itself would leave the float range
+        return None
     scaled = x * 2.0**-exponent  # a power of two: exact
     R, info = torch.linalg.cholesky_ex(scaled.T @ scaled, upper=True)
     if int(info) != 0 or not bool(torch.isfinite(R).all()):
