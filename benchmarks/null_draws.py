@@ -4,7 +4,8 @@ against the dense route (a full eigensolve of every draw).
     python -m benchmarks.null_draws          # n = 640 ... 2048 summed ranks, 5 draws, one thread (about 30 s)
 
 Stacks of K unit-norm rank-16 blocks (decaying spectra) in 4096 dimensions, float32; TopNull is
-timed with its Wishart matrices already drawn, as for every module of a pool after its first.
+timed with its draws' (whitened Wishart) matrices already built, as for every module of a pool
+after the first of its block layout.
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ def _stack(K: int, r: int = 16, d: int = 4096) -> tuple[torch.Tensor, tuple[int,
 
 def main() -> None:
     torch.set_num_threads(1)
-    print("| summed ranks | dense route (s) | leading values, Wishart shared (s) | widened to 32 (s) |")
+    print("| summed ranks | dense route (s) | leading values, draws shared (s) | widened to 32 (s) |")
     print("|---:|---:|---:|---:|")
     for K in (40, 48, 64, 96, 128):
         W, offsets = _stack(K)
         start = time.perf_counter()
         decompose.null_spectrum(W, offsets, DRAWS, torch.Generator().manual_seed(0))
         dense = time.perf_counter() - start
-        decompose.TopNull(W, offsets, 48, torch.Generator().manual_seed(0))(DRAWS)  # draws the Wishart matrices
+        decompose.TopNull(W, offsets, 48, torch.Generator().manual_seed(0))(DRAWS)  # builds the draws' matrices
         top = decompose.TopNull(W, offsets, 48, torch.Generator().manual_seed(0))
         start = time.perf_counter()
         top(DRAWS)

@@ -3,7 +3,6 @@
 import signal
 import sys
 
-from clair_cli.cli.allocator import configure_allocator
 from clair_cli.cli.interrupts import NO_OUTPUT
 from clair_cli.cli.interrupts import exit_interrupted as _exit_interrupted
 from clair_cli.cli.threads import configure_threads
@@ -20,7 +19,6 @@ def run() -> None:
     numerical stack is imported, before anything is written, it ends the process at once)."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     configure_threads()  # before torch is imported
-    configure_allocator()
     try:
         from clair_cli.cli import main
 

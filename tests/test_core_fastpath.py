@@ -65,30 +65,71 @@ def test_a_fixed_rank_above_the_shared_one_keeps_an_orthonormal_subspace() -> No
     A, B, s, _ = make_module(K=40, r=3, d_out=256, d_in=64, noise=0.05, seed=8, dtype=torch.float32)
     gram = factor_grams(A, B)[1]
     for rank in (10, 30):
-        U = FastDecomposer(rank=rank).fit(A, B, s, "out", gram=gram).subspace_
-        torch.testing.assert_close(U.T @ U, torch.eye(rank), atol=1e-5, rtol=0)
+        for other in (None, factor_grams(A, B)[0]):
+            U = FastDecomposer(rank=rank).fit(A, B, s, "out", gram=gram, other_gram=other).subspace_
+            torch.testing.assert_close(U.T @ U, torch.eye(rank), atol=1e-5, rtol=0)
 
 
-def test_top_singular_through_the_gram_matches_svd() -> None:
-    g = torch.Generator().manual_seed(0)
-    W = torch.randn(300, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 80, generator=g, dtype=torch.float64)
-    W += 0.01 * torch.randn(300, 80, generator=g, dtype=torch.float64)
-    U_ref, s_ref, _ = torch.linalg.svd(W)
-    for k in (6, 75):  # a subspace iteration; every value (a dense eigensolve of the Gram)
-        U, s = top_singular(W, k, g, W.T @ W)
-        torch.testing.assert_close(s[:6], s_ref[:6], rtol=1e-8, atol=0)
-        torch.testing.assert_close(U[:, :6] @ U[:, :6].T, U_ref[:, :6] @ U_ref[:, :6].T, atol=1e-8, rtol=0)
-
-
-def test_the_fast_path_gives_the_same_results_with_and_without_the_factor_gram() -> None:
-    A, B, s, _ = make_module(K=24, r=3, noise=0.5, bad=(3, 11), seed=5)
+@pytest.mark.parametrize("other", [False, True], ids=["frames by QR", "frames from the other Gram"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        dict(K=24, r=3, d_out=160, d_in=64, noise=0.5, bad=(3, 11), seed=5),
+        dict(K=30, r=2, ranks=[2, 4, 3, 4, 1, 6] * 5, d_out=160, d_in=64, noise=0.3, bad=(7,), seed=9),  # mixed ranks
+        dict(K=20, r=3, d_out=160, d_in=64, noise=0.0, bad=(2,), seed=3),  # exactly low rank: honest shares at 0
+    ],
+    ids=["one rank", "mixed ranks", "noiseless"],
+)
+def test_the_fast_path_gives_the_same_results_from_the_factor_grams(module: dict, other: bool) -> None:
+    """Without factor Grams the stack W is formed; with them the fit never forms it (rank,
+    spectrum, trimming, shares and the subspace from W^T W): the same decisions and values, on
+    both sides, with a zero update among the adapters."""
+    A, B, s, _ = make_module(**module)
+    A[5] = torch.zeros_like(A[5])
     a_gram, b_gram = factor_grams(A, B)
-    for side, gram in (("out", b_gram), ("in", a_gram)):
+    for side, gram, other_gram in (("out", b_gram, a_gram), ("in", a_gram, b_gram)):
         plain = FastDecomposer(random_state=1).fit(A, B, s, side)
-        via = FastDecomposer(random_state=1).fit(A, B, s, side, gram=gram)
+        via = FastDecomposer(random_state=1).fit(A, B, s, side, gram=gram, other_gram=other_gram if other else None)
         assert via.rank_ == plain.rank_ and torch.equal(via.collaborators_, plain.collaborators_)
-        torch.testing.assert_close(via.spectrum_, plain.spectrum_, rtol=1e-8, atol=1e-10)
-        torch.testing.assert_close(via.off_subspace_, plain.off_subspace_, rtol=1e-6, atol=1e-8)
+        assert plain.rank_ > 0 or side == "in"  # the pools share output directions only
+        assert not bool(via.collaborators_[5]) and float(via.off_subspace_[5]) == 0.0
+        # The leading values (those at 0 in exact arithmetic come out of W^T W at sqrt(eps), 1e-8
+        # in float64); the tail of 48 probed with 10 extra vectors is an estimate on either route
+        # (this one applies W^T W once more).
+        torch.testing.assert_close(via.spectrum_[:10], plain.spectrum_[:10], rtol=1e-8, atol=1e-7)
+        torch.testing.assert_close(via.spectrum_, plain.spectrum_, rtol=1e-2, atol=1e-7)
+        torch.testing.assert_close(via.off_subspace_, plain.off_subspace_, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(via.norms_, plain.norms_, rtol=1e-10, atol=1e-12)
+        U, V = via.subspace_, plain.subspace_
+        torch.testing.assert_close(U.T @ U, torch.eye(U.shape[1], dtype=U.dtype), atol=1e-12, rtol=0)
+        torch.testing.assert_close(U @ U.T, V @ V.T, atol=1e-8, rtol=0)
+
+
+def test_the_factor_gram_route_in_float32_keeps_the_formed_route_s_decisions() -> None:
+    """The audit's working precision: shares from W^T W lose digits only where they are near 0."""
+    A, B, s, _ = make_module(K=40, r=3, d_out=256, d_in=64, noise=0.2, bad=(4, 17), seed=8, dtype=torch.float32)
+    a_gram, b_gram = factor_grams(A, B)
+    plain = FastDecomposer().fit(A, B, s, "out")
+    via = FastDecomposer().fit(A, B, s, "out", gram=b_gram, other_gram=a_gram)
+    assert via.rank_ == plain.rank_ == 3 and torch.equal(via.collaborators_, plain.collaborators_)
+    assert set(torch.nonzero(~via.collaborators_).flatten().tolist()) == {4, 17}
+    torch.testing.assert_close(via.off_subspace_, plain.off_subspace_, rtol=1e-4, atol=1e-5)
+    # The leading values; the tail of a randomized iteration is an estimate on either route.
+    torch.testing.assert_close(via.spectrum_[:8], plain.spectrum_[:8], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("ranks", [[3] * 6, [2, 4, 3, 4, 1, 5]])
+def test_block_spectra_from_the_gram_are_the_blocks_singular_values(ranks: list[int]) -> None:
+    from clair_cli.core import decompose
+
+    A, B, s, _ = make_module(K=6, ranks=ranks, noise=0.3, seed=2)
+    W, offsets = stacked_factors(A, B, s, "out")
+    W = normalise_blocks(W, offsets)[0]
+    direct = decompose._block_spectra(W, offsets)
+    via = decompose.block_spectra_from_gram(W.T @ W, offsets, W.shape[0])
+    assert [(ks, width) for ks, width, _ in via] == [(ks, width) for ks, width, _ in direct]
+    for (_, _, a), (_, _, b) in zip(via, direct, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_rotated_blocks_keep_their_singular_values() -> None:

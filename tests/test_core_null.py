@@ -217,6 +217,23 @@ def test_cached_wishart_draws_are_fresh_draws_bit_for_bit(monkeypatch: pytest.Mo
     assert torch.equal(_null_grams(W, offsets, [1, 2]), first) and not decompose._WISHART_CACHE
 
 
+@pytest.mark.parametrize("ranks", [None, [16, 8, 16, 12] * 12])
+def test_a_null_draw_is_its_whitened_wishart_matrix_scaled_by_the_block_spectra(ranks: list[int] | None) -> None:
+    """TopNull's X^T X = Sigma N Sigma (N shared by every module of one block layout) equals the
+    block products T^T S T of the draw's Wishart matrix, for blocks of one width and of several,
+    and a cached N is a fresh one bit for bit."""
+    W, offsets = _large_unit_stack(K=48, d=1024, ranks=ranks)
+    top = decompose.TopNull(W, offsets, 48, torch.Generator().manual_seed(0))
+    seeds = [5, 6]
+    N = torch.stack([decompose.whitened_draw(s, W.shape[0], top.layout, W.dtype, W.device) for s in seeds])
+    M = N * (top.sigma[:, None] * top.sigma[None, :])
+    torch.testing.assert_close(M, _null_grams(W, offsets, seeds), rtol=1e-9, atol=1e-9)
+    assert any(key[0] == "whitened" for key in decompose._WISHART_CACHE)
+    decompose._WISHART_CACHE.clear()
+    again = torch.stack([decompose.whitened_draw(s, W.shape[0], top.layout, W.dtype, W.device) for s in seeds])
+    assert torch.equal(again, N)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_krylov_top_values_equal_a_dense_eigensolve(dtype: torch.dtype) -> None:
     """The leading values of the large modules' null draws (block Krylov) are those of a dense

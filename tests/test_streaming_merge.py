@@ -196,13 +196,11 @@ def test_peak_memory_does_not_grow_with_the_merged_adapter(tmp_path: Path) -> No
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_the_command_line_fixes_glibcs_mmap_threshold_unless_the_environment_does(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    from clair_cli.cli.allocator import configure_allocator
+def test_freed_memory_is_released_unless_the_environment_sets_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clair_cli.cli.allocator import release_freed_memory
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert configure_allocator() is False
+    assert release_freed_memory() is False
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
     import ctypes
 
@@ -210,4 +208,23 @@ def test_the_command_line_fixes_glibcs_mmap_threshold_unless_the_environment_doe
         ctypes.CDLL(None).mallopt  # noqa: B018 - glibc has it
     except AttributeError:
         pytest.skip("not glibc")
-    assert configure_allocator() is True
+    assert release_freed_memory() is True
+
+
+@pytest.mark.parametrize("command", ["audit", "merge", "refine"])
+def test_only_the_writing_commands_fix_the_threshold_and_only_once_the_audit_is_done(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, command: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from clair_cli.cli import app
+    from clair_cli.cli import merge as merge_cli
+
+    events: list[str] = []
+    audit = pipeline.audit
+    monkeypatch.setattr(merge_cli, "release_freed_memory", lambda: events.append("release") or True)
+    monkeypatch.setattr(pipeline, "audit", lambda *a, **k: events.append("audit") or audit(*a, **k))
+    args = [command, str(SAMPLES), "--exit-zero", "-q"] + ([] if command == "audit" else ["--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert events == (["audit"] if command == "audit" else ["audit", "release"])

@@ -1,14 +1,22 @@
-"""Freed large blocks go back to the system at once (glibc), for the command line.
+"""Freed large blocks go back to the system at once (glibc), while the command line writes.
 
 glibc serves an allocation above its mmap threshold with its own mapping, released on free;
 but the threshold starts at 128 KiB and rises to the size of each such block freed (up to
 32 MiB), after which blocks of that size come from the heap, where freed space is kept and
 fragments. A merge allocates and frees tens-of-MiB float64 temporaries per module: on a
 Llama-2-7B-shaped pool that left 250 MiB of freed heap resident (peak 1.06 GiB against
-810 MiB with a fixed threshold, and no slower). So the command line fixes the threshold
-at :data:`MMAP_THRESHOLD_BYTES`, unless ``MALLOC_MMAP_THRESHOLD_`` already sets it. Like the
-thread count (:mod:`clair_cli.cli.threads`), the library never changes it: a program that
-imports ``clair_cli`` keeps its allocator as it is.
+810 MiB with a fixed threshold, and no slower). So ``clair merge`` and ``clair refine`` fix
+the threshold at :data:`MMAP_THRESHOLD_BYTES` when they start writing, and hand the heap's
+freed space back first (``malloc_trim``), unless ``MALLOC_MMAP_THRESHOLD_`` already sets it.
+
+The audit before that keeps glibc's own threshold: its temporaries (``d x sum r_k`` stacks,
+``sum r_k``-square null draws) are allocated and freed a few hundred times per module, and
+with a fixed 1 MiB threshold each one was a fresh mapping whose pages the kernel zeroes on
+first touch: 21 % of the audit of a 4-layer Llama-2-7B-shaped pool (17.0 s against 14.2 s,
+2.3 million page faults against 0.4 million), for 150 MiB less peak memory.
+
+Like the thread count (:mod:`clair_cli.cli.threads`), the library never changes the allocator:
+a program that imports ``clair_cli`` keeps its allocator as it is.
 """
 
 from __future__ import annotations
@@ -21,15 +29,21 @@ M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h)
 MMAP_THRESHOLD_BYTES = 1 << 20
 
 
-def configure_allocator() -> bool:
-    """Fix glibc's mmap threshold for this process; whether it was set (False: not glibc, or the
-    environment sets it)."""
+def release_freed_memory() -> bool:
+    """Hand the heap's freed space back to the system and fix glibc's mmap threshold from now on;
+    whether it was done (False: not glibc, or the environment sets the threshold)."""
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
-        mallopt = ctypes.CDLL(None).mallopt
+        libc = ctypes.CDLL(None)
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    malloc_trim.restype = ctypes.c_int
+    if not mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES):
+        return False
+    malloc_trim(0)
+    return True

@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from clair_cli.cli import options as opt
+from clair_cli.cli.allocator import release_freed_memory
 from clair_cli.cli.choices import Rescale
 from clair_cli.cli.command import add_command
 
@@ -81,7 +82,7 @@ def merge_command(
             plan = publish.merged_plan(pool)
             outcome = pipeline.audit(pool, params, progress) if spec.audits else None
             started = time.perf_counter()
-            root = outputs.stage_directory(target.out)
+            root = _stage_for_writing(outputs, target)
             with publish.merged_stream(root, pool, options) as sink:  # tensors written as they are merged
                 merged = pipeline.merge(pool, spec.name, params, w, options, outcome, progress, sink)
             merge_s = time.perf_counter() - started
@@ -111,6 +112,14 @@ def merge_command(
         console.print(f"note: {printable(n)}", style="dim", markup=False)
     if report is not None:
         common.exit_code(report, run.exit_zero)
+
+
+def _stage_for_writing(outputs: Any, target: opt.Target) -> Any:
+    """The staging directory of ``--out``, once the audit is done: from here on, the written
+    modules' temporaries leave memory as they are freed (:mod:`clair_cli.cli.allocator`)."""
+    root = outputs.stage_directory(target.out)
+    release_freed_memory()
+    return root
 
 
 def _merge_notes(notes: list[str], n_dropped: int) -> list[str]:
@@ -183,7 +192,7 @@ def refine_command(
             }
             common.unique_out_names([pool.adapters[k].name for k in outcome.auditor.collaborative_set_])
             card_params = params.as_dict() | {"project_rank": project_rank}
-            root = outputs.stage_directory(target.out)
+            root = _stage_for_writing(outputs, target)
             used = publish.write_refined(root, pool, outcome, bases, report, sys.argv[1:], progress, card_params)
         common.stage_reports(outputs, report, reports)
     common.show_report(report, reports, run.quiet)

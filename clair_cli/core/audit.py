@@ -493,9 +493,10 @@ class ClairAuditor:
     ):
         """``grams``: ``(A A^T, B^T B)`` of exactly these factors stacked, where the caller has them."""
         if self._use_fast(A):
-            gram = None if grams is None else grams()[0 if side == "in" else 1]
+            a_gram, b_gram = (None, None) if grams is None else grams()
+            gram, other = (a_gram, b_gram) if side == "in" else (b_gram, a_gram)
             return FastDecomposer(rank=self.rank, n_null=self.n_null, random_state=self.random_state).fit(
-                A, B, scales, side, gram=gram
+                A, B, scales, side, gram=gram, other_gram=other
             )
         stack = reduce_module(A, B, scales, side=side)  # type: ignore[arg-type]
         dec = ModuleDecomposer(

@@ -110,6 +110,22 @@ def _block_spectra(W: torch.Tensor, offsets: tuple[int, ...]) -> list[tuple[list
     return groups
 
 
+def block_spectra_from_gram(
+    G: torch.Tensor, offsets: tuple[int, ...], d: int
+) -> list[tuple[list[int], int, torch.Tensor]]:
+    """:func:`_block_spectra` of a ``d``-row ``W`` from ``G = W^T W``: each block's singular
+    values are the square roots of the eigenvalues of its diagonal block of ``G`` (computed in
+    float64, returned in ``G``'s dtype)."""
+    widths = [offsets[k + 1] - offsets[k] for k in range(len(offsets) - 1)]
+    groups = []
+    for width in sorted(set(widths)):
+        ks = [k for k, w in enumerate(widths) if w == width]
+        diag = torch.stack([G[offsets[k] : offsets[k + 1], offsets[k] : offsets[k + 1]] for k in ks]).double()
+        values = torch.linalg.eigvalsh((diag + diag.transpose(-1, -2)) / 2).flip(-1).clamp_min(0).sqrt()
+        groups.append((ks, width, values[:, : min(d, width)].to(G.dtype)))
+    return groups
+
+
 def rotated_draws(
     W: torch.Tensor, offsets: tuple[int, ...], n_draws: int, generator: torch.Generator
 ) -> Iterator[torch.Tensor]:
@@ -182,32 +198,64 @@ def bartlett_factor(seed: int, d: int, n: int, dtype: torch.dtype) -> torch.Tens
 
 def wishart_draw(seed: int, d: int, n: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """The Wishart(d, I_n) matrix ``L L^T`` of the Bartlett factor ``L`` drawn from ``seed``
-    (see :func:`_wishart_null`; ``L``'s own generators, so a draw is rebuilt from its seed alone).
+    (see :func:`_wishart_null`; ``L``'s own generators, so a draw is rebuilt from its seed alone),
+    kept in the draws' cache (:func:`_cached`)."""
+    return _cached((seed, d, n, dtype, str(device)), lambda: _wishart(seed, d, n, dtype, device))
+
+
+def _wishart(seed: int, d: int, n: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    L = bartlett_factor(seed, d, n, dtype).to(device)
+    return L @ L.T
+
+
+def whitened_draw(
+    seed: int, d: int, layout: tuple[tuple[int, int], ...], dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """``N = P S P`` for the Wishart matrix ``S`` of ``seed`` (:func:`wishart_draw`) and
+    ``P = blockdiag(S_kk^{-1/2})`` over the blocks of ``layout`` (``(width, count)`` per group of
+    blocks of one width, in :func:`_block_spectra`'s order), kept in the draws' cache.
+
+    A null draw's Gram matrix is ``X^T X = T^T S T`` with ``T = P Sigma`` (:func:`_frames`:
+    ``T_k = S_kk^{-1/2} Sigma_k``, ``Sigma`` the blocks' singular values on the diagonal), so
+    ``X^T X = Sigma N Sigma``: ``N`` depends on the seed and the block layout alone, and every
+    module of one layout (the modules of one width and adapter ranks draw the same seeds) scales
+    the same ``N`` by its own block spectra, ``O(n^2)``, instead of ``O(n^2 r)`` block products.
+    """
+    n = sum(width * count for width, count in layout)
+
+    def build() -> torch.Tensor:
+        S = _wishart(seed, d, n, dtype, device)
+        unit = [(list(range(count)), width, torch.ones(count, width, dtype=dtype)) for width, count in layout]
+        return null_gram(unit, S[None])[0]
+
+    return _cached(("whitened", seed, d, layout, dtype, str(device)), build)
+
+
+def _cached(key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The null draws' matrices, kept in a small least-recently-used cache.
 
     Every module of one width and summed rank draws the same seeds (each module's generator
-    starts from the audit's seed), so the matrices are kept in a small least-recently-used
-    cache (``WISHART_CACHE_BYTES``, on the device they were drawn for; thread-safe): a pool's
-    modules then share the ``n^3`` product, and only their block spectra change. A cached
-    matrix is the one a fresh draw would give, bit for bit: the cache changes speed, never
-    results.
+    starts from the audit's seed), so the matrices of those draws (:func:`wishart_draw`,
+    :func:`whitened_draw`) are kept (``WISHART_CACHE_BYTES`` in all, on the device they were
+    drawn for; thread-safe): a pool's modules then share their ``n^3`` products, and only their
+    block spectra change. A cached matrix is the one a fresh draw would give, bit for bit: the
+    cache changes speed, never results.
     """
-    key = (seed, d, n, dtype, str(device))
     with _WISHART_LOCK:
-        S = _WISHART_CACHE.pop(key, None)
-        if S is not None:
-            _WISHART_CACHE[key] = S  # the most recently used last
-            return S
-    L = bartlett_factor(seed, d, n, dtype).to(device)
-    S = L @ L.T
-    size = S.numel() * S.element_size()
+        cached = _WISHART_CACHE.pop(key, None)
+        if cached is not None:
+            _WISHART_CACHE[key] = cached  # the most recently used last
+            return cached
+    made = build()
+    size = made.numel() * made.element_size()
     if size <= WISHART_CACHE_BYTES:
         with _WISHART_LOCK:
             while _WISHART_CACHE and sum(v.numel() * v.element_size() for v in _WISHART_CACHE.values()) + size > (
                 WISHART_CACHE_BYTES
             ):
                 _WISHART_CACHE.pop(next(iter(_WISHART_CACHE)))  # the least recently used
-            _WISHART_CACHE[key] = S
-    return S
+            _WISHART_CACHE[key] = made
+    return made
 
 
 def null_gram(groups: list[tuple[list[int], int, torch.Tensor]], S: torch.Tensor) -> torch.Tensor:
@@ -423,16 +471,35 @@ class TopNull:
 
     Each draw is Bartlett's (:func:`_wishart_null`'s distribution), rebuilt from its own seed
     when more of its values are needed; its ``width`` leading values come from
-    :func:`top_eigenvalues` of ``X^T X`` (a dense eigensolve where that does not pay), which
-    :func:`null_gram` builds from the draw's Wishart matrix (:func:`wishart_draw`, shared by the
-    modules of one shape) in O(n^2 r). A draw then costs a few dozen block products instead of
-    ``X^T X`` and its full eigensolve. Starts with ``NULL_WIDTH`` values; :meth:`widen` doubles them, up to ``k``.
+    :func:`top_eigenvalues` of ``X^T X`` (a dense eigensolve where that does not pay), which is
+    the draw's whitened Wishart matrix (:func:`whitened_draw`, shared by the modules of one
+    layout) scaled by the module's block spectra, ``Sigma N Sigma``, in O(n^2). A draw then costs
+    a few dozen block products instead of ``X^T X`` and its full eigensolve. Starts with
+    ``NULL_WIDTH`` values; :meth:`widen` doubles them, up to ``k``.
     Used as ``draw`` and ``widen`` of :func:`parallel_analysis`.
     """
 
-    def __init__(self, W: torch.Tensor, offsets: tuple[int, ...], k: int, generator: torch.Generator) -> None:
-        self.groups = _block_spectra(W, offsets)
+    def __init__(
+        self,
+        W: torch.Tensor,
+        offsets: tuple[int, ...],
+        k: int,
+        generator: torch.Generator,
+        spectra: list[tuple[list[int], int, torch.Tensor]] | None = None,
+    ) -> None:
+        """``spectra``: the blocks' spectra (:func:`block_spectra_from_gram`) where ``W`` is not
+        formed; ``W`` is then any tensor of ``d`` rows, the dtype and the device."""
+        self.groups = _block_spectra(W, offsets) if spectra is None else spectra
         self.d, self.like, self.k, self.generator = W.shape[0], W, k, generator
+        self.layout = tuple((width, len(ks)) for ks, width, _ in self.groups)
+        # Each block's singular values, padded with zeros to its width (a block of fewer rows
+        # than columns has fewer values), in the order of the draws' columns.
+        self.sigma = torch.cat(
+            [
+                torch.nn.functional.pad(sv[:, :width], (0, width - min(width, sv.shape[1]))).reshape(-1)
+                for _, width, sv in self.groups
+            ]
+        ).to(W)
         self.width = min(NULL_WIDTH, k)
         self.batches: list[list[int]] = []  # the seeds of each call's draws
 
@@ -449,8 +516,8 @@ class TopNull:
 
     def _values(self, seeds: list[int]) -> torch.Tensor:
         n = sum(len(ks) * width for ks, width, _ in self.groups)
-        S = torch.stack([wishart_draw(seed, self.d, n, self.like.dtype, self.like.device) for seed in seeds])
-        M = null_gram(self.groups, S)
+        N = torch.stack([whitened_draw(seed, self.d, self.layout, self.like.dtype, self.like.device) for seed in seeds])
+        M = N * (self.sigma[:, None] * self.sigma[None, :])  # Sigma N Sigma = T^T S T (whitened_draw)
         top = None
         if n >= KRYLOV_MIN_COLUMNS * (self.width + KRYLOV_OVERSAMPLE):  # else it would not converge in time
             top = top_eigenvalues(M, self.width, torch.Generator().manual_seed(seeds[0]))

@@ -9,7 +9,10 @@ other, ``Theta_k Theta_k^T = F_k F_k^T``, so ``Y Y^T = W W^T`` for the
 ``d x sum r_k`` matrix ``W = [F_1 | ... | F_K]`` (blocks scaled to unit norm, as
 on the convex path). Its leading singular subspace is found by randomized
 subspace iteration (matrix products with ``W`` and ``W^T`` only: O(d sum r_k l)
-per iteration, linear in K).
+per iteration, linear in K). Where the audit has the factors' Gram matrices (it computes
+them for the pairwise statistics anyway), the whole fit runs on ``W^T W``
+(``sum r_k``-square products: the spectrum, the null's block spectra, the carriers, the
+trimming rounds' shares) and only the final ``d x r`` subspace is formed (:class:`_FromGram`).
 
 Same decisions as the convex path, computed differently:
 
@@ -35,6 +38,8 @@ import torch
 
 from clair_cli.core.decompose import (
     TopNull,
+    _wishart_null,
+    block_spectra_from_gram,
     carriers,
     normalise_blocks,
     null_spectrum,
@@ -88,19 +93,10 @@ def stack_gram(gram: torch.Tensor, ts: Sequence[torch.Tensor], norms: torch.Tens
     return T @ gram @ T.T
 
 
-def top_singular(
-    W: torch.Tensor, k: int, generator: torch.Generator, gram: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Leading ``k`` left singular vectors and values of ``W`` by randomized subspace iteration.
-
-    ``gram``: ``W^T W`` (:func:`stack_gram`). The iteration then runs on it (``n x n`` products
-    instead of ``d x n`` ones, for ``d`` rows and ``n`` columns), and the values and vectors
-    come from the SVD of ``W V`` for the iteration's ``k + OVERSAMPLE`` vectors ``V``, as on
-    ``W`` itself (an orthonormal basis, values not squared).
-    """
+def top_singular(W: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leading ``k`` left singular vectors and values of ``W`` by randomized subspace iteration
+    (:class:`_FromGram` runs the same iteration on ``W^T W``)."""
     ell = min(k + OVERSAMPLE, *W.shape)
-    if gram is not None:
-        return _top_from_gram(W, gram, k, ell, generator)
     if ell >= min(W.shape):
         U, s, _ = torch.linalg.svd(W, full_matrices=False)
         return U[:, :k], s[:k]
@@ -110,21 +106,6 @@ def top_singular(
         Q = torch.linalg.qr(W @ (W.T @ Q))[0]
     u, s, _ = torch.linalg.svd(Q.T @ W, full_matrices=False)
     return (Q @ u)[:, :k], s[:k]
-
-
-def _top_from_gram(
-    W: torch.Tensor, gram: torch.Tensor, k: int, ell: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`top_singular` through ``W^T W``: subspace iteration with as many products as on ``W``."""
-    G = (gram + gram.T) / 2
-    if ell >= G.shape[0]:
-        V = torch.linalg.eigh(G)[1]
-    else:
-        V = torch.linalg.qr(G @ torch.randn(G.shape[0], ell, generator=generator, dtype=torch.float64).to(G))[0]
-        for _ in range(POWER_ITERATIONS):
-            V = torch.linalg.qr(G @ V)[0]
-    U, s, _ = torch.linalg.svd(W @ V, full_matrices=False)
-    return U[:, :k], s[:k]
 
 
 def null_top(
@@ -151,8 +132,201 @@ def leading_null_only(W: torch.Tensor, k: int) -> bool:
     (:class:`TopNull`): exact draws (at most ``WISHART_MAX_N`` columns, no more than rows) of at
     least ``KRYLOV_MIN_N`` columns, where a full eigensolve of every draw costs more than the
     rest of the module."""
-    d, n = W.shape
+    return _leading_null_only(W.shape[0], W.shape[1], k)
+
+
+def _leading_null_only(d: int, n: int, k: int) -> bool:
     return KRYLOV_MIN_N <= n <= min(d, WISHART_MAX_N) and k < n
+
+
+class _Formed:
+    """The unit-norm stack ``W`` formed (``d x n``): the path without factor Grams. A fitted
+    subspace is its orthonormal basis itself."""
+
+    def __init__(self, A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float], side: str):
+        W, self.offsets, _ = _stacked(A, B, scales, side)
+        self.W, self.norms = normalise_blocks(W, self.offsets)
+        self.d, self.n = self.W.shape
+
+    def top(self, k: int, gen: torch.Generator, cols: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return top_singular(self.W if cols is None else self.W[:, cols], k, gen)
+
+    def null_draws(self, n_draws: int, k: int, gen: torch.Generator) -> torch.Tensor:
+        return null_top(self.W, self.offsets, n_draws, k, gen)
+
+    def top_null(self, k: int, gen: torch.Generator) -> TopNull:
+        return TopNull(self.W, self.offsets, k, gen)
+
+    def carriers(self, fitted: torch.Tensor, i: int) -> float:
+        return carriers(self.W, self.offsets, fitted[:, i])
+
+    def shares(self, fitted: torch.Tensor, r: int) -> torch.Tensor:
+        U = fitted[:, :r]
+        return block_norms(self.W - U @ (U.T @ self.W), self.offsets).clamp(0, 1)
+
+    def basis(self, fitted: torch.Tensor, r: int) -> torch.Tensor:
+        return fitted[:, :r]
+
+
+class _FromGram:
+    """The unit-norm stack known through ``G = W^T W`` (``n x n``) alone: every step of the fit
+    works on ``n``-sized matrices, and only the final subspace is formed, ``d x r``.
+
+    ``G`` comes from the shared side's factor Gram (:func:`stack_gram`) with the other side's
+    frames ``T_k`` (``T_k^T T_k = R_k^T R_k`` for the other side's factor ``R_k``): from its
+    factor Gram's diagonal blocks where given (an ``r_k``-square eigensolve each), else from thin
+    QRs of its factors. A subspace is held as coefficients ``C`` on ``W``'s columns (``U = W C``):
+    from the Rayleigh-Ritz step ``V^T G V = Y Lambda Y^T`` on the subspace iteration's vectors
+    ``V``, ``C = V Y Lambda^{-1/2}``, the values ``Lambda^{1/2}`` (the SVD of ``W V`` in exact
+    arithmetic). A share off the subspace is ``1 - ||C^T G_k||^2 / tr(G_kk)``, computed in float64
+    from ``G``: it is exact to about ``sqrt(eps)`` of ``G``'s precision where it is near 0 (3e-4
+    in float32), to rounding where it is not.
+    """
+
+    def __init__(
+        self,
+        A: Sequence[torch.Tensor],
+        B: Sequence[torch.Tensor],
+        scales: Sequence[float],
+        side: str,
+        gram: torch.Tensor,
+        other_gram: torch.Tensor | None,
+    ):
+        self.A, self.B, self.side = A, B, side
+        cols = list(B) if side == "out" else [a.T for a in A]
+        self.d = int(cols[0].shape[0])
+        ts = _row_frames(A, B, scales, side, other_gram)
+        offsets = [0]
+        for t in ts:
+            offsets.append(offsets[-1] + t.shape[0])
+        self.offsets = tuple(offsets)
+        self.n = self.offsets[-1]
+        starts = [0]
+        for c in cols:
+            starts.append(starts[-1] + c.shape[1])
+        self.ts = [t.to(gram) for t in ts]
+        traces = torch.stack(
+            [(t @ gram[starts[k] : starts[k + 1], starts[k] : starts[k + 1]] * t).sum() for k, t in enumerate(self.ts)]
+        )
+        self.norms = traces.clamp_min(0).sqrt()
+        self.G = stack_gram(gram, self.ts, self.norms)
+        self.G64 = self.G.double()
+        ids = block_ids(self.offsets, self.G.device)
+        self.ids = ids
+        diag = torch.zeros(len(ts), dtype=torch.float64, device=self.G.device)
+        self.diag = diag.index_add_(0, ids, self.G64.diagonal())  # tr(G_kk): 1 for a non-zero block
+        self._energies: tuple[torch.Tensor, torch.Tensor] | None = None  # the probe's, per direction and block
+        self._spectra: list[tuple[list[int], int, torch.Tensor]] | None = None
+
+    def top(
+        self, k: int, gen: torch.Generator, cols: torch.Tensor | None = None
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+        G = self.G if cols is None else self.G[cols][:, cols]
+        n = G.shape[0]
+        ell = min(k + OVERSAMPLE, self.d, n)
+        G = (G + G.T) / 2
+        if ell >= n:
+            lam, Y = torch.linalg.eigh(G.double())
+            V = None
+        else:
+            V = torch.linalg.qr(G @ torch.randn(n, ell, generator=gen, dtype=torch.float64).to(G))[0]
+            for _ in range(POWER_ITERATIONS):
+                V = torch.linalg.qr(G @ V)[0]
+            H = V.T.double() @ (G @ V).double()
+            lam, Y = torch.linalg.eigh((H + H.T) / 2)
+        lam, Y = lam.flip(-1)[:k].clamp_min(0), Y.flip(-1)[:, :k]
+        values = lam.sqrt()
+        inv = torch.where(values > 0, 1 / values.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(values))
+        C = (Y if V is None else V.double() @ Y) * inv
+        return (C, cols), values.to(self.G.dtype)
+
+    def spectra(self) -> list[tuple[list[int], int, torch.Tensor]]:
+        """The blocks' singular values, for the null (:func:`block_spectra_from_gram`)."""
+        if self._spectra is None:
+            self._spectra = block_spectra_from_gram(self.G, self.offsets, self.d)
+        return self._spectra
+
+    def null_draws(self, n_draws: int, k: int, gen: torch.Generator) -> torch.Tensor:
+        if self.n <= min(self.d, WISHART_MAX_N):
+            return _wishart_null(self.spectra(), self.d, n_draws, gen, self.G)[:, : min(self.d, self.n)][:, :k]
+        return null_top(self.formed(), self.offsets, n_draws, k, gen)
+
+    def top_null(self, k: int, gen: torch.Generator) -> TopNull:
+        return TopNull(self.G.new_empty(self.d, 0), self.offsets, k, gen, spectra=self.spectra())
+
+    def formed(self) -> torch.Tensor:
+        """``W`` itself (null draws of a stack wider than its rows rotate it)."""
+        cols = [b.to(self.G) for b in self.B] if self.side == "out" else [a.T.to(self.G) for a in self.A]
+        scale = [1 / n if n > 0 else 0.0 for n in self.norms.tolist()]
+        return torch.cat([c @ t.T * f for c, t, f in zip(cols, self.ts, scale, strict=True)], dim=1)
+
+    def _projections(self, fitted: tuple[torch.Tensor, torch.Tensor | None], r: int) -> torch.Tensor:
+        """``U^T W`` (``r x n``) for ``U = W[:, cols] C``, from ``G``."""
+        C, cols = fitted
+        rows = self.G64 if cols is None else self.G64[cols]
+        return C[:, :r].T @ rows
+
+    def carriers(self, fitted: tuple[torch.Tensor, torch.Tensor | None], i: int) -> float:
+        if self._energies is None or self._energies[0] is not fitted[0]:
+            P = self._projections(fitted, fitted[0].shape[1]).square()
+            sums = torch.zeros(P.shape[0], len(self.ts), dtype=P.dtype, device=P.device).index_add_(1, self.ids, P)
+            self._energies = (fitted[0], sums)
+        e = self._energies[1][i]
+        total = float(e.sum())
+        return total * total / float(e.square().sum()) if total > 0 else 0.0
+
+    def shares(self, fitted: tuple[torch.Tensor, torch.Tensor | None], r: int) -> torch.Tensor:
+        inside = torch.zeros(len(self.ts), dtype=torch.float64, device=self.G.device)
+        inside.index_add_(0, self.ids, self._projections(fitted, r).square().sum(dim=0))
+        share = torch.where(self.diag > 0, 1 - inside / self.diag.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+        return share.clamp(0, 1).sqrt().to(self.G.dtype)
+
+    def basis(self, fitted: tuple[torch.Tensor, torch.Tensor | None], r: int) -> torch.Tensor:
+        """``U = W[:, cols] C`` formed (``d x r``) as ``sum_k C_k (s_k T_k^T / |F_k|) C[k]``, with its
+        rounding taken out (the orthonormal polar factor, the nearest orthonormal matrix)."""
+        C, cols = fitted
+        full = torch.zeros(self.n, r, dtype=torch.float64, device=self.G.device)
+        if cols is None:
+            full[:] = C[:, :r]
+        else:
+            full[cols] = C[:, :r]
+        coef = []
+        for k, (t, n) in enumerate(zip(self.ts, self.norms.tolist(), strict=True)):
+            block = full[self.offsets[k] : self.offsets[k + 1]]
+            coef.append(t.T.double() @ block * (1 / n if n > 0 else 0.0))
+        Z = torch.cat(coef).to(self.G)
+        if self.side == "out":
+            U = torch.cat([b.to(self.G) for b in self.B], dim=1) @ Z
+        else:
+            U = (Z.T @ torch.cat([a.to(self.G) for a in self.A], dim=0)).T
+        left, _, right = torch.linalg.svd(U, full_matrices=False)
+        return left @ right
+
+
+def _row_frames(
+    A: Sequence[torch.Tensor],
+    B: Sequence[torch.Tensor],
+    scales: Sequence[float],
+    side: str,
+    other_gram: torch.Tensor | None,
+) -> list[torch.Tensor]:
+    """Per block, ``s_k T_k`` (``w_k x r_k``, ``w_k = min(r_k, the other side's width)``) with
+    ``T_k^T T_k = R_k^T R_k`` for the other side's factor ``R_k`` (``A_k^T`` for ``side="out"``):
+    from ``other_gram``'s diagonal blocks (``R_k^T R_k`` itself; float64 eigensolves, the
+    ``w_k`` largest values kept), else from thin QRs of ``R_k``."""
+    rows = [a.T for a in A] if side == "out" else list(B)
+    if other_gram is None:
+        return [float(s) * torch.linalg.qr(r, mode="r")[1] for r, s in zip(rows, scales, strict=True)]
+    out, start = [], 0
+    for r, s in zip(rows, scales, strict=True):
+        rank = r.shape[1]
+        block = other_gram[start : start + rank, start : start + rank].double()
+        start += rank
+        lam, vec = torch.linalg.eigh((block + block.T) / 2)
+        width = min(rank, r.shape[0])
+        lam, vec = lam.flip(-1)[:width].clamp_min(0), vec.flip(-1)[:, :width]
+        out.append((float(s) * lam.sqrt()[:, None] * vec.T).to(other_gram))
+    return out
 
 
 class FastDecomposer:
@@ -180,30 +354,33 @@ class FastDecomposer:
         scales: Sequence[float],
         side: str = "out",
         gram: torch.Tensor | None = None,
+        other_gram: torch.Tensor | None = None,
     ) -> FastDecomposer:
         """``gram``: the Gram matrix of the shared side's stacked factors (``B^T B`` for
-        ``side="out"``, ``A A^T`` for ``"in"``), where already computed: the subspace iterations
-        then run on ``sum r_k``-square matrices instead of ``d x sum r_k`` ones."""
+        ``side="out"``, ``A A^T`` for ``"in"``), where already computed, and ``other_gram`` the
+        other side's: the fit then works on ``sum r_k``-square matrices and never forms the
+        ``d x sum r_k`` stack (:class:`_FromGram`)."""
         if side not in ("out", "in"):
             raise ValueError(f"side must be 'out' or 'in', got {side!r}")
-        W, offsets, ts = _stacked(A, B, scales, side)
-        W, norms = normalise_blocks(W, offsets)
-        G = None if gram is None else stack_gram(gram.to(W), ts, norms)
+        stack: _Formed | _FromGram = (
+            _Formed(A, B, scales, side) if gram is None else _FromGram(A, B, scales, side, gram, other_gram)
+        )
+        norms, offsets = stack.norms, stack.offsets
         active = norms > 0
-        ids = block_ids(offsets, W.device)
+        ids = block_ids(offsets, norms.device)
         gen = torch.Generator().manual_seed(self.random_state)
-        probe = min(PROBE, *W.shape)
-        U_probe, spectrum = top_singular(W, probe, gen, G)
+        probe = min(PROBE, stack.d, stack.n)
+        probed, spectrum = stack.top(probe, gen)
         self.spectrum_ = spectrum
         self.null_spectrum_: torch.Tensor | None = None
         if self.rank == "auto":
-            top = TopNull(W, offsets, probe, gen) if leading_null_only(W, probe) else None
+            top = stack.top_null(probe, gen) if _leading_null_only(stack.d, stack.n, probe) else None
             r, self.null_spectrum_ = parallel_analysis(
                 spectrum,
-                top if top is not None else lambda n: null_top(W, offsets, n, probe, gen),
+                top if top is not None else lambda n: stack.null_draws(n, probe, gen),
                 self.n_null,
                 max_rank=probe - 1,
-                carried_by=lambda i: carriers(W, offsets, U_probe[:, i]),
+                carried_by=lambda i: stack.carriers(probed, i),  # type: ignore[arg-type]
                 widen=None if top is None else top.widen,
             )
         else:
@@ -216,14 +393,11 @@ class FastDecomposer:
         converged = False
         rounds = 0
         for rounds in range(1, self.max_trim + 1):  # noqa: B007 - rounds is reported
-            if torch.equal(keep, active) and r_fit <= probe:
-                # Every adapter kept: the probe's leading vectors are this subspace (found with
-                # more oversampling than a rank-r_fit iteration would use).
-                U = U_probe[:, :r_fit]
-            else:
-                cols = keep[ids]
-                U = top_singular(W[:, cols], r_fit, gen, None if G is None else G[cols][:, cols])[0]
-            off = block_norms(W - U @ (U.T @ W), offsets).clamp(0, 1)
+            # Every adapter kept: the probe's leading vectors are this subspace (found with
+            # more oversampling than a rank-r_fit iteration would use).
+            every = torch.equal(keep, active) and r_fit <= probe
+            fitted = probed if every else stack.top(r_fit, gen, keep[ids])[0]
+            off = stack.shares(fitted, r_fit)  # type: ignore[arg-type]
             off[~active] = 0.0
             med, sigma = robust_center_scale(off[active])
             new = active & (off <= med + max(3.5 * sigma, 0.1))
@@ -237,7 +411,7 @@ class FastDecomposer:
         self.shared_structure_ = r > 0
         self.norms_ = norms
         self.collaborators_ = keep
-        self.subspace_ = U
+        self.subspace_ = stack.basis(fitted, r_fit)  # type: ignore[arg-type]
         self.off_subspace_ = off
         self.residual_ = off.clone()
         self.n_iter_ = rounds
