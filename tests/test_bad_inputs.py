@@ -51,6 +51,23 @@ def _overlap(d: Path) -> None:
     )
 
 
+def _trailing_bytes(d: Path) -> None:
+    write_adapter(d)
+    f = d / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes() + b"PK\x03\x04 a payload no tensor claims")
+
+
+def _gap(d: Path) -> None:
+    _raw_safetensors(
+        d,
+        {
+            "m.lora_A.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+            "m.lora_B.weight": {"dtype": "F32", "shape": [2, 2], "data_offsets": [24, 40]},
+        },
+        b"\0" * 40,
+    )
+
+
 def _shape_mismatch(d: Path) -> None:
     _raw_safetensors(d, {"m.lora_A.weight": {"dtype": "F32", "shape": [3, 3], "data_offsets": [0, 16]}}, b"\0" * 16)
 
@@ -128,6 +145,8 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "header past end": (_header_past_end, "runs past the end of the file"),
     "huge tensor claim": (_huge_tensor, "needs"),
     "overlapping offsets": (_overlap, "overlap"),
+    "trailing bytes": (_trailing_bytes, "bytes after the last tensor belong to no tensor"),
+    "gap between tensors": (_gap, "bytes 16-24 of the data section, before tensor 'm.lora_B.weight', belong to no"),
     "dtype/shape vs data": (_shape_mismatch, "needs 36 bytes but its data spans 16"),
     "pickle renamed to .safetensors": (_pickle_renamed, "not a safetensors file"),
     "pickle .bin only": (_bin_only, "pickle checkpoints are never loaded"),

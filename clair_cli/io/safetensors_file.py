@@ -150,6 +150,20 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
             raise _bad(path, f"tensors {n0!r} and {n1!r} overlap in the data section")
+    # The tensors cover the data section exactly, as safetensors itself requires ("file not fully
+    # covered"): bytes that belong to no tensor would be audited by no one but shipped with the file.
+    covered = 0
+    for begin, end, name in spans:
+        if begin > covered:
+            problem = f"bytes {covered}-{begin} of the data section, before tensor {name!r}, belong to no tensor"
+            raise _bad(path, problem)
+        covered = max(covered, end)
+    if covered != data_len:
+        raise _bad(
+            path,
+            f"{data_len - covered} bytes after the last tensor belong to no tensor "
+            "(a safetensors data section is covered exactly by its tensors)",
+        )
     return tensors, metadata
 
 
