@@ -141,6 +141,14 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
         _with_config(json.dumps(lora_config(rank_pattern={"(": 2}))),
         "not a valid regular expression",
     ),
+    "bad target_modules regex": (
+        _with_config(json.dumps(lora_config(target_modules=".*(q_proj"))),
+        "target_modules '.*(q_proj' is not a valid regular expression",
+    ),
+    "bad exclude_modules regex": (
+        _with_config(json.dumps(lora_config(exclude_modules="[k_proj"))),
+        "exclude_modules '[k_proj' is not a valid regular expression",
+    ),
     "truncated safetensors": (_truncated, "truncated"),
     "header past end": (_header_past_end, "runs past the end of the file"),
     "huge tensor claim": (_huge_tensor, "needs"),

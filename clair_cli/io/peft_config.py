@@ -81,6 +81,16 @@ def _str_list(path: Path | str, field: str, value: Any) -> tuple[str, ...] | str
     raise _fail(path, f"{field} must be a string or a list of strings")
 
 
+def _regex(path: Path | str, field: str, value: str) -> str:
+    """A module-selecting field given as one string, which PEFT full-matches as a regular
+    expression when it loads the adapter (an invalid one makes loading fail there)."""
+    try:
+        re.compile(value)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise _fail(path, f"{field} {value[:80]!r} is not a valid regular expression ({exc})") from exc
+    return value
+
+
 def parse_config(data: dict[str, Any], path: Path | str) -> AdapterConfig:
     """Validate a config dict as PEFT would apply it.
 
@@ -106,6 +116,10 @@ def parse_config(data: dict[str, Any], path: Path | str) -> AdapterConfig:
     if base_model is not None and not isinstance(base_model, str):
         raise _fail(path, "base_model_name_or_path must be a string")
     to_save = _str_list(path, "modules_to_save", data.get("modules_to_save"))
+    for field in ("target_modules", "exclude_modules"):
+        if isinstance(data.get(field), str):
+            _regex(path, field, data[field])
+    _str_list(path, "exclude_modules", data.get("exclude_modules"))
     return AdapterConfig(
         peft_type="LORA",
         base_model=base_model or None,
