@@ -105,6 +105,33 @@ def test_the_fast_path_gives_the_same_results_from_the_factor_grams(module: dict
         torch.testing.assert_close(U @ U.T, V @ V.T, atol=1e-8, rtol=0)
 
 
+def test_a_rank_above_the_columns_kept_fits_the_directions_there_are() -> None:
+    """A trimming round that keeps fewer columns than the rank (9 rank-1 adapters on 9 of 12
+    shared directions kept, 8 rank-16 ones carrying all 12 trimmed), a fixed rank above the summed
+    ranks, and a gate's few references: the subspace spans the directions there are, as when W
+    is formed (found by review: the factor-Gram route raised a shape mismatch)."""
+    g = torch.Generator().manual_seed(2)
+    d, common = 512, 12
+    U = torch.linalg.qr(torch.randn(d, common, generator=g, dtype=torch.float64))[0]
+    A, B = [], []
+    for k in range(9):
+        B.append(U[:, k : k + 1] * 2)
+        A.append(torch.randn(1, 96, generator=g, dtype=torch.float64))
+    for _ in range(8):
+        own = torch.randn(d, 16 - common, generator=g, dtype=torch.float64)
+        B.append(torch.cat([U * 3, own / own.norm(dim=0) * 3], 1))
+        A.append(torch.linalg.qr(torch.randn(96, 16, generator=g, dtype=torch.float64))[0].T)
+    K = len(A)
+    auditor = ClairAuditor().fit([audit.ModuleInput("layers.0.q_proj", list(range(K)), A, B, [1.0] * K)], K)
+    assert auditor.shared_rank_ == {"layers.0.q_proj": 12} and flagged(auditor) == set(range(9, 17))
+    mods = make_pool(M=1, K=4, ranks=[3] * 4, d_out=64, d_in=32)
+    for side in ("out", "in", "both"):
+        result = ClairAuditor(solver="fast", rank=13, side=side).fit(mods, 4).module_results_[0]
+        assert result.subspace.shape[1] <= 12
+    pool = make_pool(M=1, K=30, noise=0.2, d_out=96)
+    ClairAuditor(solver="fast", rank=40).fit(pool, 30, reference=[27, 28, 29])
+
+
 def test_the_factor_gram_route_in_float32_keeps_the_formed_route_s_decisions() -> None:
     """The audit's working precision: shares from W^T W lose digits only where they are near 0."""
     A, B, s, _ = make_module(K=40, r=3, d_out=256, d_in=64, noise=0.2, bad=(4, 17), seed=8, dtype=torch.float32)

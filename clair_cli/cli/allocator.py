@@ -25,8 +25,10 @@ import ctypes
 import os
 import sys
 
-M_MMAP_THRESHOLD = -3  # mallopt's parameter (malloc.h)
+M_TRIM_THRESHOLD = -1  # mallopt's parameters (malloc.h)
+M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 1 << 20
+TRIM_THRESHOLD_BYTES = 128 << 10  # glibc's default, which the audit's large frees have raised (up to 64 MiB)
 
 
 def release_freed_memory() -> bool:
@@ -43,7 +45,10 @@ def release_freed_memory() -> bool:
     mallopt.restype = ctypes.c_int
     malloc_trim.argtypes = [ctypes.c_size_t]
     malloc_trim.restype = ctypes.c_int
-    if not mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES):
+    # Fixing the mmap threshold stops glibc adjusting either threshold, but leaves the trim
+    # threshold where the audit's frees raised it (twice the largest block freed): reset it, or
+    # the heap keeps that much freed memory through the whole merge.
+    if not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)):
         return False
     malloc_trim(0)
     return True

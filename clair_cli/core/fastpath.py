@@ -225,7 +225,7 @@ class _FromGram:
         n = G.shape[0]
         ell = min(k + OVERSAMPLE, self.d, n)
         G = (G + G.T) / 2
-        if ell >= n:
+        if ell >= min(self.d, n):  # every value there is: a dense eigensolve (an SVD of W, as on W itself)
             lam, Y = torch.linalg.eigh(G.double())
             V = None
         else:
@@ -285,6 +285,7 @@ class _FromGram:
         """``U = W[:, cols] C`` formed (``d x r``) as ``sum_k C_k (s_k T_k^T / |F_k|) C[k]``, with its
         rounding taken out (the orthonormal polar factor, the nearest orthonormal matrix)."""
         C, cols = fitted
+        r = min(r, C.shape[1])  # a fit on fewer columns (or rows) than r spans no more directions
         full = torch.zeros(self.n, r, dtype=torch.float64, device=self.G.device)
         if cols is None:
             full[:] = C[:, :r]
