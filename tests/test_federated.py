@@ -146,6 +146,8 @@ def _clients_with(bad: str) -> tuple[dict, dict[str, dict[str, tuple[torch.Tenso
         clients["node-3"] = {NAMES[0]: clients["node-0"][NAMES[0]]}
     elif bad in ("nan", "inf"):
         clients["node-3"][NAMES[1]][1][0, 0] = math.nan if bad == "nan" else math.inf
+    elif bad == "huge":  # finite, but its update overflows the analysis (float32 Grams)
+        clients["node-3"] = {n: (A, B * 1e20) for n, (A, B) in clients["node-3"].items()}
     return glob, clients
 
 
@@ -156,6 +158,7 @@ def _clients_with(bad: str) -> tuple[dict, dict[str, dict[str, tuple[torch.Tenso
         ("modules", "sent LoRA modules other than"),
         ("nan", "NaN or infinite"),
         ("inf", "NaN or infinite"),
+        ("huge", "make its update overflow"),
     ],
 )
 def test_a_malformed_reply_is_left_out_and_the_round_goes_on(bad: str, why: str) -> None:

@@ -10,8 +10,9 @@ metrics carry every client's score and verdict; with ``audit_dir`` each round's 
 audit`` JSON report is written there too.
 
 A reply that is not a client's LoRA factors (other tensors, DoRA, LoRA biases, ranks or
-modules other than the strategy's ``LoraConfig``, NaN or infinite values, a missing or
-negative weight) is flagged with its reason and left out; the round goes on. Refused with
+modules other than the strategy's ``LoraConfig``, NaN or infinite values, factors whose update
+would overflow the analysis, a missing or negative weight) is flagged with its reason and left
+out; the round goes on. Refused with
 a :class:`clair_cli.errors.ClairError`: a ``LoraConfig`` that is not LoRA, a global adapter
 that does not match it, and masked replies of secure aggregation (clair needs each
 client's factors, which secure aggregation exists to hide).

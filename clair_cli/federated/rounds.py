@@ -18,7 +18,8 @@ testable without it). Each round:
    error of that truncation is reported per module.
 
 Before the audit, a reply is flagged and left out, with its reason, when it cannot be a
-client's honest update: factors that are not finite, other modules or ranks than the
+client's honest update: factors that are not finite or whose update would overflow the
+analysis (:func:`check_factors`), other modules or ranks than the
 global adapter's (or a reply the strategy could not read at all: ``refused``), the global
 adapter sent back unchanged (a zero update: a free rider), or the same update as another
 client's (two honest clients never send identical updates, so every member of the group is
@@ -119,16 +120,23 @@ def _unchanged(client: Mapping[str, Factors], global_factors: Mapping[str, Facto
 
 
 def check_factors(
-    name: str, client: Mapping[str, Factors], global_factors: Mapping[str, Factors], ranks: Mapping[str, int]
+    name: str,
+    client: Mapping[str, Factors],
+    global_factors: Mapping[str, Factors],
+    ranks: Mapping[str, int],
+    scales: Mapping[str, float] | None = None,
 ) -> None:
-    """Refuse a client whose modules or ranks differ from the global adapter's, or whose
-    factors are not finite.
+    """Refuse a client whose modules or ranks differ from the global adapter's, whose factors
+    are not finite, or (given the modules' ``scales``) whose update would overflow the analysis,
+    as an adapter file's would (:func:`~clair_cli.io.adapter.update_overflows`).
 
     Raises:
         IncompatibleAdapters: other modules than the global adapter, or another rank than
             the configured one (the global adapter could not be loaded back).
-        AdapterFormatError: a factor with NaN or infinite values.
+        AdapterFormatError: a factor with NaN or infinite values, or an update past the bound.
     """
+    from clair_cli.io.adapter import update_overflows
+
     if set(client) != set(global_factors):
         diff = sorted(set(client) ^ set(global_factors))
         raise IncompatibleAdapters(
@@ -146,6 +154,12 @@ def check_factors(
             )
         if not (bool(A.isfinite().all()) and bool(B.isfinite().all())):
             raise AdapterFormatError(f"{name}: module {module}: the factors hold NaN or infinite values")
+        peaks = [float(A.abs().max()) if A.numel() else 0.0, float(B.abs().max()) if B.numel() else 0.0]
+        if scales is not None and update_overflows(scales[module], A.shape[0], peaks):
+            raise AdapterFormatError(
+                f"{name}: module {module}: factor values (up to {max(peaks):.3g}, scale {scales[module]:.3g}) "
+                "make its update overflow"
+            )
 
 
 def _refactor(
@@ -228,7 +242,7 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
     scores: list[float | None] = [None] * len(names)
     reasons: list[list[str]] = [[] for _ in names]
     for i, name in enumerate(names):
-        why = refused.get(name) or _screen(name, clients[name], global_factors, ranks)
+        why = refused.get(name) or _screen(name, clients[name], global_factors, ranks, scales)
         if why:
             flagged[i] = True
             reasons[i].append(why)
@@ -298,11 +312,15 @@ FREE_RIDER = "sent the global adapter back unchanged (a zero update: free rider?
 
 
 def _screen(
-    name: str, client: Mapping[str, Factors], global_factors: Mapping[str, Factors], ranks: Mapping[str, int]
+    name: str,
+    client: Mapping[str, Factors],
+    global_factors: Mapping[str, Factors],
+    ranks: Mapping[str, int],
+    scales: Mapping[str, float],
 ) -> str | None:
     """Why a reply is left out before the audit (malformed, or a zero update); None if it is not."""
     try:
-        check_factors(name, client, global_factors, ranks)
+        check_factors(name, client, global_factors, ranks, scales)
     except ClairError as exc:
         return f"malformed reply: {exc.message}"
     return FREE_RIDER if _unchanged(client, global_factors) else None

@@ -13,7 +13,7 @@ import copy
 import hashlib
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -286,10 +286,7 @@ class Adapter:
                     f"{shown}: tensor {key!r} contains NaN or Inf values",
                     hint="The adapter diverged during training or the file is corrupt.",
                 )
-        # The largest entry scale*B@A can reach; past this the analysis (Gram matrices, in float32)
-        # would overflow to Inf before any decomposition, so refuse here, naming the module.
-        bound = abs(spec.scale) * spec.rank * math.prod(peaks)
-        if not math.isfinite(bound) or bound > MAX_UPDATE_ENTRY:
+        if update_overflows(spec.scale, spec.rank, peaks):
             raise AdapterFormatError(
                 f"{shown}: module {spec.name!r}: factor values (up to {max(peaks):.3g}, scale {spec.scale:.3g}) "
                 "make its update overflow",
@@ -323,6 +320,14 @@ def check_module_count(path: Path, n: int, max_modules: int | None) -> None:
             hint="The audit costs tens of milliseconds per module (docs: Limits); raise --max-modules "
             "if the adapter is trusted and the machine has the time.",
         )
+
+
+def update_overflows(scale: float, rank: int, peaks: Sequence[float]) -> bool:
+    """Whether an update ``scale * B @ A`` of rank ``rank`` whose factors' largest ``|entries|``
+    are ``peaks`` can pass ``MAX_UPDATE_ENTRY``: past that the analysis (Gram matrices, in
+    float32) would overflow to Inf before any decomposition, and the update is refused, named."""
+    bound = abs(scale) * rank * math.prod(peaks)
+    return not math.isfinite(bound) or bound > MAX_UPDATE_ENTRY
 
 
 def _peak(t: torch.Tensor) -> float:
