@@ -205,9 +205,11 @@ class _FromGram:
         for c in cols:
             starts.append(starts[-1] + c.shape[1])
         self.ts = [t.to(gram) for t in ts]
-        traces = torch.stack(
-            [(t @ gram[starts[k] : starts[k + 1], starts[k] : starts[k + 1]] * t).sum() for k, t in enumerate(self.ts)]
-        )
+        traces = torch.zeros(len(ts), dtype=gram.dtype, device=gram.device)
+        own = [gram[starts[k] : starts[k + 1], starts[k] : starts[k + 1]] for k in range(len(ts))]  # C_k^T C_k
+        for ks in _same_shape([tuple(t.shape) for t in self.ts]):  # T_k's shape sets C_k^T C_k's
+            T = torch.stack([self.ts[k] for k in ks])
+            traces[ks] = ((T @ torch.stack([own[k] for k in ks])) * T).sum(dim=(1, 2))  # tr(T_k C_k^T C_k T_k^T)
         self.norms = traces.clamp_min(0).sqrt()
         self.G = stack_gram(gram, self.ts, self.norms)
         self.G64 = self.G.double()
@@ -304,6 +306,18 @@ class _FromGram:
         return left @ right
 
 
+def _stack_rows(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], side: str) -> int:
+    """``d``: the width of the shared side."""
+    return int(B[0].shape[0] if side == "out" else A[0].shape[1])
+
+
+def _stack_columns(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], side: str) -> int:
+    """``n = sum w_k``, ``w_k = min(r_k, the other side's width)``: the stack's columns. Where
+    ``n > d`` the fit forms ``W`` (:class:`_Formed`): products with ``W`` then cost less than
+    with ``W^T W``, and the null rotates ``W`` itself (:func:`null_top`)."""
+    return sum(min(a.shape[0], a.shape[1] if side == "out" else b.shape[0]) for a, b in zip(A, B, strict=True))
+
+
 def _row_frames(
     A: Sequence[torch.Tensor],
     B: Sequence[torch.Tensor],
@@ -318,16 +332,28 @@ def _row_frames(
     rows = [a.T for a in A] if side == "out" else list(B)
     if other_gram is None:
         return [float(s) * torch.linalg.qr(r, mode="r")[1] for r, s in zip(rows, scales, strict=True)]
-    out, start = [], 0
-    for r, s in zip(rows, scales, strict=True):
-        rank = r.shape[1]
-        block = other_gram[start : start + rank, start : start + rank].double()
-        start += rank
-        lam, vec = torch.linalg.eigh((block + block.T) / 2)
-        width = min(rank, r.shape[0])
-        lam, vec = lam.flip(-1)[:width].clamp_min(0), vec.flip(-1)[:, :width]
-        out.append((float(s) * lam.sqrt()[:, None] * vec.T).to(other_gram))
-    return out
+    ranks = [r.shape[1] for r in rows]
+    starts = [0]
+    for rank in ranks:
+        starts.append(starts[-1] + rank)
+    blocks = [other_gram[starts[k] : starts[k + 1], starts[k] : starts[k + 1]] for k in range(len(rows))]
+    out = {}
+    for ks in _same_shape([tuple(b.shape) for b in blocks]):  # one batched eigensolve per rank (LAPACK: each alike)
+        block = torch.stack([blocks[k] for k in ks]).double()
+        lam, vec = torch.linalg.eigh((block + block.transpose(-1, -2)) / 2)
+        width = min(ranks[ks[0]], rows[ks[0]].shape[0])
+        lam, vec = lam.flip(-1)[..., :width].clamp_min(0), vec.flip(-1)[..., :width]
+        frames = (lam.sqrt()[..., :, None] * vec.transpose(-1, -2)).to(other_gram)
+        out.update({k: float(scales[k]) * frames[j] for j, k in enumerate(ks)})
+    return [out[k] for k in range(len(rows))]
+
+
+def _same_shape(shapes: Sequence[tuple[int, ...]]) -> list[list[int]]:
+    """The indices of ``shapes``, grouped by shape (in order of first appearance)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, shape in enumerate(shapes):
+        groups.setdefault(shape, []).append(k)
+    return list(groups.values())
 
 
 class FastDecomposer:
@@ -360,11 +386,14 @@ class FastDecomposer:
         """``gram``: the Gram matrix of the shared side's stacked factors (``B^T B`` for
         ``side="out"``, ``A A^T`` for ``"in"``), where already computed, and ``other_gram`` the
         other side's: the fit then works on ``sum r_k``-square matrices and never forms the
-        ``d x sum r_k`` stack (:class:`_FromGram`)."""
+        ``d x sum r_k`` stack (:class:`_FromGram`), wherever the stack has no more columns than
+        rows (:func:`_stack_columns`)."""
         if side not in ("out", "in"):
             raise ValueError(f"side must be 'out' or 'in', got {side!r}")
         stack: _Formed | _FromGram = (
-            _Formed(A, B, scales, side) if gram is None else _FromGram(A, B, scales, side, gram, other_gram)
+            _FromGram(A, B, scales, side, gram, other_gram)
+            if gram is not None and _stack_columns(A, B, side) <= _stack_rows(A, B, side)
+            else _Formed(A, B, scales, side)
         )
         norms, offsets = stack.norms, stack.offsets
         active = norms > 0
