@@ -227,3 +227,21 @@ def test_content_keys_are_equal_exactly_for_equal_factors() -> None:
     keys = content_keys([a, a, a, a.clone()], [b, b2, b, b.clone()], [1.0, 1.0, 2.0, 1.0])
     assert keys[0] != keys[1] and keys[0] != keys[2] and keys[0] == keys[3]
     assert len(set(keys)) == 3
+
+
+@pytest.mark.parametrize("dtype, caught, overflows", [(torch.float32, 1e19, 1e20), (torch.float64, 1e150, 1e155)])
+def test_an_update_too_large_for_the_working_precision_is_refused_not_passed(
+    dtype: torch.dtype, caught: float, overflows: float
+) -> None:
+    """Up to where the Gram products overflow, a boosted adapter is flagged; past it the audit
+    refuses the module, naming the adapter (found by review: every statistic turned NaN and the
+    boosted adapter passed). The command line's readers refuse such factors long before."""
+    for boost in (caught, overflows):
+        pool = make_pool(M=1, K=30, r=2, d_out=64, d_in=48, noise=0.2, bad=(7,), seed=1)
+        pool[0].B[3] = pool[0].B[3] * boost
+        auditor = ClairAuditor(solver="fast", dtype=dtype)
+        if boost == caught:
+            assert {k for k, f in enumerate(auditor.fit(pool, 30).flagged_) if f} == {3, 7}
+        else:
+            with pytest.raises(ValueError, match=r"adapters \[3\] are too large for float"):
+                auditor.fit(pool, 30)
