@@ -332,10 +332,30 @@ def test_existing_output_is_refused_and_kept(pool: Path, tmp_path: Path) -> None
     result = invoke("merge", str(pool), "--out", str(out))
     assert result.exit_code == 2 and "already exists" in result.output and "--force" in result.output
     assert (out / "keep.txt").read_text() == "mine"
+    # --force replaces an empty directory or an adapter clair wrote, never other data.
     result = invoke("merge", str(pool), "--out", str(out), "--force", "--exit-zero")
-    assert result.exit_code == 0 and not (out / "keep.txt").exists()
-    assert (out / "adapter_model.safetensors").exists()
+    assert result.exit_code == 2 and "holds keep.txt, which clair does not write" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    for _ in range(2):  # into the empty directory, then over the merge clair wrote there
+        result = invoke("merge", str(pool), "--out", str(out), "--force", "--exit-zero")
+        assert result.exit_code == 0 and (out / "adapter_model.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+    (out / "README.md").write_text("# my own notes\n")
+    result = invoke("merge", str(pool), "--out", str(out), "--force", "--exit-zero")
+    assert result.exit_code == 2 and "holds a README.md that clair did not write" in result.output
+    assert (out / "README.md").read_text() == "# my own notes\n"
+
+
+def test_force_replaces_a_refined_directory_clair_wrote(pool: Path, tmp_path: Path) -> None:
+    out = tmp_path / "refined"
+    for _ in range(2):
+        result = invoke("refine", str(pool), "--out", str(out), "--force", "--exit-zero")
+        assert result.exit_code == 0, result.output
+    (sub,) = [p for p in out.iterdir()][:1]
+    (sub / "optimizer.pt").write_bytes(b"mine")
+    result = invoke("refine", str(pool), "--out", str(out), "--force", "--exit-zero")
+    assert result.exit_code == 2 and f"holds {sub.name}/optimizer.pt, which clair does not write" in result.output
 
 
 def test_failed_run_leaves_nothing(pool: Path, tmp_path: Path) -> None:

@@ -444,7 +444,7 @@ def test_a_replaced_output_that_cannot_be_removed_is_reported(
 
     out = tmp_path / "out"
     out.mkdir()
-    (out / "old.txt").write_text("old")
+    (out / "adapter_config.json").write_text("old")  # an earlier output (--force replaces nothing else)
     monkeypatch.setattr(writers, "_remove", lambda path: None)  # as if nothing could be removed
     with writers.AtomicDir(out, force=True) as staged:
         (staged / "new.txt").write_text("new")
@@ -452,7 +452,7 @@ def test_a_replaced_output_that_cannot_be_removed_is_reported(
     err = capsys.readouterr().err
     assert err.startswith("warning: the previous") and ".clair-old" in err
     (left,) = [p for p in tmp_path.iterdir() if p.name.endswith(".clair-old")]
-    assert (left / "old.txt").read_text() == "old"
+    assert (left / "adapter_config.json").read_text() == "old"
 
 
 @pytest.mark.parametrize(

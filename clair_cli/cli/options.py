@@ -244,7 +244,9 @@ PlotOut = Annotated[
     ),
 ]
 ExitZero = Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even when adapters are flagged.")]
-Force = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output directory.")]
+Force = Annotated[
+    bool, typer.Option("--force", "-f", help="Replace an existing output directory (empty, or an adapter clair wrote).")
+]
 Out = Annotated[
     Path, typer.Option("--out", "-o", help="Output directory (must not exist unless --force).", metavar="DIR")
 ]

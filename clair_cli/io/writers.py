@@ -121,6 +121,42 @@ class _Output:
     installed: bool = False
 
 
+def _foreign(directory: Path, depth: int = 0) -> str | None:
+    """Why ``directory`` is not empty and not an output of clair's (a merged adapter's files, or
+    ``clair refine``'s directory of them), or None: ``--force`` replaces only those, so that a
+    mistyped ``--out`` never deletes someone's data."""
+    from clair_cli.constants import CONFIG_NAME, DIFFUSERS_WEIGHTS_NAME, MODEL_CARD_NAME, SAFETENSORS_WEIGHTS_NAME
+
+    written = {CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME, MODEL_CARD_NAME}
+    with os.scandir(directory) as entries:
+        for count, entry in enumerate(entries):
+            if count >= FORCE_MAX_ENTRIES:
+                return f"holds more than {FORCE_MAX_ENTRIES} entries"
+            where = entry.name if depth == 0 else f"{directory.name}/{entry.name}"
+            if depth == 0 and entry.is_dir(follow_symlinks=False):
+                why = _foreign(Path(entry.path), 1)
+                if why is not None:
+                    return why
+            elif not (entry.is_file(follow_symlinks=False) and entry.name in written):
+                return f"holds {printable(where)}, which clair does not write"
+            elif entry.name == MODEL_CARD_NAME and not _clair_card(Path(entry.path)):
+                return f"holds a {printable(where)} that clair did not write"
+    return None
+
+
+FORCE_MAX_ENTRIES = 100_000  # refine writes one directory per adapter
+
+
+def _clair_card(path: Path) -> bool:
+    """Whether the model card at ``path`` is one clair wrote (its first lines say so)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return False
+    return b"\nMade by clair " in head
+
+
 class Outputs:
     """A run's outputs, written all together or not at all.
 
@@ -181,6 +217,13 @@ class Outputs:
                 raise OutputError(f"{shown}: already exists", hint="Pass --force to replace it.")
             if exists and (out.target.is_symlink() or not out.target.is_dir()):
                 raise OutputError(f"{shown}: exists and is not a directory; clair replaces only directories")
+            foreign = _foreign(out.target) if exists else None
+            if foreign is not None:
+                raise OutputError(
+                    f"{shown}: exists and {foreign}; --force replaces only an empty directory or an adapter "
+                    "clair wrote (clair merge / clair refine)",
+                    hint="Remove it yourself if it should go, or name a new directory.",
+                )
             parent = out.target.parent
             if not parent.is_dir():
                 raise OutputError(f"{shown}: parent directory {printable(str(parent))} does not exist")
