@@ -70,7 +70,7 @@ def merge_command(
     inputs = input_paths(sources, [read.config])
     common.check_report_targets(reports, inputs, target.out)
     with Outputs(inputs) as outputs:  # the adapter and the reports: all written, or none
-        outputs.directory(target.out, target.force)
+        outputs.directory(target.out, target.force, adapters_only=True)
         with common.progress_bar(run.quiet) as progress:
             pool = pipeline.open_pool(
                 sources, read.source_options(), intersect=audit.intersect, method=spec.name, progress=progress
@@ -177,7 +177,7 @@ def refine_command(
     inputs = input_paths(sources, [read.config])
     common.check_report_targets(reports, inputs, target.out)
     with Outputs(inputs) as outputs:  # the adapters and the reports: all written, or none
-        outputs.directory(target.out, target.force)
+        outputs.directory(target.out, target.force, adapters_only=True)
         with common.progress_bar(run.quiet) as progress:
             pool = pipeline.open_pool(sources, read.source_options(), intersect=audit.intersect, progress=progress)
             files = common.adapter_files(pool.adapters)

@@ -116,6 +116,7 @@ class _Output:
     shown: str
     directory: bool
     force: bool = False
+    adapters_only: bool = False  # with force, replace only an empty directory or an adapter clair wrote
     staged: Path | None = None
     backup: Path | None = None
     installed: bool = False
@@ -177,9 +178,11 @@ class Outputs:
 
     # Registration and checks -------------------------------------------------------------
 
-    def directory(self, target: Path, force: bool = False) -> None:
-        """Register the output directory ``target`` (replaced only with ``force``) and check it."""
-        out = _Output(Path(target), printable(str(target)), directory=True, force=force)
+    def directory(self, target: Path, force: bool = False, adapters_only: bool = False) -> None:
+        """Register the output directory ``target`` (replaced only with ``force``; with
+        ``adapters_only``, only where it is empty or an adapter clair wrote: the commands' ``--out``)
+        and check it."""
+        out = _Output(Path(target), printable(str(target)), directory=True, force=force, adapters_only=adapters_only)
         self._check(out)
         self.outputs.append(out)
 
@@ -217,7 +220,7 @@ class Outputs:
                 raise OutputError(f"{shown}: already exists", hint="Pass --force to replace it.")
             if exists and (out.target.is_symlink() or not out.target.is_dir()):
                 raise OutputError(f"{shown}: exists and is not a directory; clair replaces only directories")
-            foreign = _foreign(out.target) if exists else None
+            foreign = _foreign(out.target) if exists and out.adapters_only else None
             if foreign is not None:
                 raise OutputError(
                     f"{shown}: exists and {foreign}; --force replaces only an empty directory or an adapter "
