@@ -150,3 +150,15 @@ def test_one_flagged_adapter_alone_is_not_refitted() -> None:
 
     aud = ClairAuditor().fit(directionless_pool(12, 8, 0.5, 0.0, 0), 12)
     assert flagged(aud) == {8} and aud.refitted_ == []
+
+
+def test_a_fitted_auditor_pickles_with_its_verdict_and_its_refit_plan() -> None:
+    """A fitted auditor travels between processes (multiprocessing, Ray, a cache): the per-adapter
+    digests that order the pool are kept as bytes once the modules are folded."""
+    import pickle
+
+    pool = make_pool(M=2, K=12, noise=0.2, bad=(3,))
+    fitted = ClairAuditor().fit(pool, 12)
+    again = pickle.loads(pickle.dumps(fitted))
+    assert again.flagged_ == fitted.flagged_ and again.scores_ == fitted.scores_
+    assert again.refit_plan() == fitted.refit_plan()

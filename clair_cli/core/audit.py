@@ -194,7 +194,7 @@ class _Tally:
 
     inner: torch.Tensor  # K x K Gram matrix of the whole updates
     unit: torch.Tensor  # K x K sum over modules of the cosine matrices
-    digests: list  # per adapter, a sha256 over its modules' content keys
+    digests: list  # per adapter, a sha256 over its modules' content keys (its bytes once sealed)
 
     @classmethod
     def empty(cls, K: int) -> _Tally:
@@ -205,6 +205,10 @@ class _Tally:
         idx = torch.tensor(members)
         self.inner[idx[:, None], idx[None, :]] += G
         self.unit[idx[:, None], idx[None, :]] += cosine_from_gram(G)
+
+    def seal(self) -> None:
+        """End the folding: each adapter's digest becomes its bytes (a fitted auditor then pickles)."""
+        self.digests = [h.digest() if not isinstance(h, bytes) else h for h in self.digests]
 
     def fold(self, done: ModuleAudit) -> None:
         """Add one module's share; modules are folded in the pool's module order, whoever
@@ -748,6 +752,7 @@ class ClairAuditor:
                 centres[done.result.name] = done.centre
         if not results:
             raise ValueError("no module to audit")
+        tally.seal()
         self.inner_ = tally.inner  # the whole updates' Gram matrix (canonical factors, every module)
         self.cosine_ = cosine_from_gram(tally.inner)
         trusted = set(reference or ())
@@ -844,7 +849,7 @@ class ClairAuditor:
             centre_on = torch.zeros(K, dtype=torch.bool)
             centre_on[list(reference)] = True
         # In a canonical order of the adapters (their digests), like every module.
-        glob = sorted(range(K), key=lambda k: tally.digests[k].digest())
+        glob = sorted(range(K), key=lambda k: tally.digests[k])
         coordinated = self.coordinated_groups_
         direction_centres = DirectionCentres(
             tally.unit,
