@@ -358,6 +358,28 @@ def test_force_replaces_a_refined_directory_clair_wrote(pool: Path, tmp_path: Pa
     assert result.exit_code == 2 and f"holds {sub.name}/optimizer.pt, which clair does not write" in result.output
 
 
+def test_force_replaces_nested_refined_adapters_but_not_someone_elses(tmp_path: Path) -> None:
+    """Adapters named by nested paths are refined into nested directories, which --force replaces;
+    a tree of adapters without clair's cards is someone else's and is kept (found by review)."""
+    import shutil
+
+    nested = tmp_path / "nested"
+    for k, tensors in enumerate(pool_factors()):
+        write_adapter(nested / ("team_a" if k % 2 else "team_b") / f"client_{k:02d}", tensors, lora_config())
+    out = tmp_path / "refined"
+    for _ in range(2):
+        result = invoke("refine", str(nested), "--out", str(out), "--force", "--exit-zero")
+        assert result.exit_code == 0, result.output
+    assert any(p.name == "README.md" for p in (out / "team_a").rglob("*"))
+    theirs = tmp_path / "theirs"
+    shutil.copytree(nested, theirs)  # adapters, with no card clair wrote
+    result = invoke("merge", str(nested), "--out", str(theirs), "--force", "--exit-zero")
+    assert result.exit_code == 2 and "without the model card clair writes beside them" in result.output
+    assert sorted(p.relative_to(theirs) for p in theirs.rglob("*")) == sorted(
+        p.relative_to(nested) for p in nested.rglob("*")
+    )
+
+
 def test_failed_run_leaves_nothing(pool: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad_pool"
     for k in range(4):

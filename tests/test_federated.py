@@ -171,6 +171,27 @@ def test_a_malformed_reply_is_left_out_and_the_round_goes_on(bad: str, why: str)
         assert bool(A.isfinite().all()) and bool(B.isfinite().all()) and bool(B.any())
 
 
+@pytest.mark.parametrize("how", ["rebalanced", "balanced near the bound"])
+def test_a_reply_whose_update_the_reader_would_refuse_is_left_out_from_the_second_round_on(how: str) -> None:
+    """Once the global LoRA is non-zero the update is [A; A_g], [B, -B_g] at rank 2r: the screen
+    checks those factors, as the reader will (found by review: a rebalanced reply, A 1e15 and
+    B / 1e15, or one just under the bound at rank r, passed the screen and stopped the round)."""
+    g = torch.Generator().manual_seed(5)
+    glob = {n: (0.1 * torch.randn(4, 40, generator=g), 0.1 * torch.randn(48, 4, generator=g)) for n in NAMES}
+    clients = {
+        c: {n: (glob[n][0] + A / 4, glob[n][1] + B / 4) for n, (A, B) in mods.items()} for c, mods in _pool().items()
+    }
+    if how == "rebalanced":
+        clients["node-3"] = {n: (A * 1e15, B / 1e15) for n, (A, B) in clients["node-3"].items()}
+    else:  # each factor at 0.7 of what the bound allows a rank-4 update: the rank-8 one passes it
+        for n, (A, B) in clients["node-3"].items():
+            c = (0.7 * 1e12 / (2.0 * 4)) ** 0.5
+            clients["node-3"][n] = (A / A.abs().max() * c, B / B.abs().max() * c)
+    res = aggregate_round(glob, clients, dict.fromkeys(NAMES, 2.0), dict.fromkeys(NAMES, 4))
+    assert res.flagged[3] and "make its update overflow" in res.reasons[3][0]
+    assert res.report is not None and "node-3" not in res.collaborators
+
+
 def test_a_reply_that_could_not_be_read_is_listed_and_left_out() -> None:
     glob, clients = _clients_with("none")
     res = aggregate_round(

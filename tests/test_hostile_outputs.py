@@ -469,3 +469,14 @@ def test_malformed_factors_are_named_for_what_they_are(tmp_path: Path, change, w
     change(tensors, key)
     write_adapter(tmp_path / "a", tensors)
     _one_error_line(_clair("inspect", str(tmp_path / "a")), *words)
+
+
+def test_clair_s_card_is_recognised_past_a_long_front_matter(tmp_path: Path) -> None:
+    """A config's base model (up to its 10 MiB) comes before the card's "Made by clair" line."""
+    from clair_cli.io.writers import _clair_card
+
+    card = tmp_path / "README.md"
+    card.write_text("---\nbase_model: org/" + "x" * (3 << 20) + "\n---\n\n# Merged\n\nMade by clair 0.1.0.\n")
+    assert _clair_card(card)
+    card.write_text("---\nbase_model: org/" + "x" * (3 << 20) + "\n---\n\n# Someone's notes\n")
+    assert not _clair_card(card)

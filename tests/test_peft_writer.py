@@ -329,6 +329,14 @@ def test_peft_selects_is_peft_s_rule(raw: dict[str, Any]) -> None:
         assert peft_selects(raw, name) == bool(check_target_module_exists(cfg, name)), name
 
 
+@pytest.mark.parametrize("shorthand", ["all-linear", "ALL-LINEAR", "All-Linear"])
+def test_peft_s_all_linear_shorthand_is_read_in_any_case(shorthand: str) -> None:
+    """PEFT lower-cases a string target_modules before comparing it with its shorthand: which
+    modules that selects depends on the model, not on the config (found by review: "ALL-LINEAR"
+    was taken for a regular expression that selects nothing, and a false note followed)."""
+    assert all(peft_selects({"target_modules": shorthand}, name) is None for name in NAMES)
+
+
 def decaying_pool(K: int = 24, r: int = 8, d: int = 256) -> tuple[pipeline.Pool, dict]:
     """24 adapters of rank 8 whose updates span six decades: summed rank 192, float32 cannot resolve it."""
     ads = {}

@@ -48,7 +48,9 @@ def release_freed_memory() -> bool:
     # Fixing the mmap threshold stops glibc adjusting either threshold, but leaves the trim
     # threshold where the audit's frees raised it (twice the largest block freed): reset it, or
     # the heap keeps that much freed memory through the whole merge.
-    if not (mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)):
+    if not mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES):
         return False
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:  # the user's own setting stays
+        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
     malloc_trim(0)
     return True

@@ -154,10 +154,15 @@ def check_factors(
             )
         if not (bool(A.isfinite().all()) and bool(B.isfinite().all())):
             raise AdapterFormatError(f"{name}: module {module}: the factors hold NaN or infinite values")
+    if scales is None:
+        return
+    # The update as the audit reads it (client_update: rank 2r once the global LoRA is non-zero),
+    # checked as the reader checks every adapter, so that a reply it would refuse is left out here.
+    for module, (A, B, s) in client_update(client, global_factors, scales).items():
         peaks = [float(A.abs().max()) if A.numel() else 0.0, float(B.abs().max()) if B.numel() else 0.0]
-        if scales is not None and update_overflows(scales[module], A.shape[0], peaks):
+        if update_overflows(s, A.shape[0], peaks):
             raise AdapterFormatError(
-                f"{name}: module {module}: factor values (up to {max(peaks):.3g}, scale {scales[module]:.3g}) "
+                f"{name}: module {module}: factor values (up to {max(peaks):.3g}, scale {s:.3g}) "
                 "make its update overflow"
             )
 

@@ -88,7 +88,7 @@ def peft_selects(raw: Mapping[str, Any], module: str) -> bool | None:
     if excluded is not False:
         return None if excluded is None else False
     targets = raw.get("target_modules")
-    if targets is None or targets == PEFT_LIST_ALL_LINEAR:
+    if targets is None or (isinstance(targets, str) and targets.lower() == PEFT_LIST_ALL_LINEAR):  # as PEFT
         return None
     if isinstance(targets, str):
         return _safe_match(targets, re.fullmatch, module)

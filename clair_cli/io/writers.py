@@ -122,40 +122,59 @@ class _Output:
     installed: bool = False
 
 
-def _foreign(directory: Path, depth: int = 0) -> str | None:
-    """Why ``directory`` is not empty and not an output of clair's (a merged adapter's files, or
-    ``clair refine``'s directory of them), or None: ``--force`` replaces only those, so that a
-    mistyped ``--out`` never deletes someone's data."""
+def _foreign(root: Path) -> str | None:
+    """Why ``root`` is not empty and not an output of clair's, or None: ``--force`` replaces only
+    those, so that a mistyped ``--out`` never deletes someone's data. An output of clair's is a
+    tree of directories (``clair refine`` nests adapters as their names do) whose files are the
+    ones clair writes, each directory that holds any of them with clair's model card."""
     from clair_cli.constants import CONFIG_NAME, DIFFUSERS_WEIGHTS_NAME, MODEL_CARD_NAME, SAFETENSORS_WEIGHTS_NAME
 
     written = {CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME, MODEL_CARD_NAME}
-    with os.scandir(directory) as entries:
-        for count, entry in enumerate(entries):
-            if count >= FORCE_MAX_ENTRIES:
-                return f"holds more than {FORCE_MAX_ENTRIES} entries"
-            where = entry.name if depth == 0 else f"{directory.name}/{entry.name}"
-            if depth == 0 and entry.is_dir(follow_symlinks=False):
-                why = _foreign(Path(entry.path), 1)
-                if why is not None:
-                    return why
-            elif not (entry.is_file(follow_symlinks=False) and entry.name in written):
-                return f"holds {printable(where)}, which clair does not write"
-            elif entry.name == MODEL_CARD_NAME and not _clair_card(Path(entry.path)):
-                return f"holds a {printable(where)} that clair did not write"
+    count = 0
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        inside = directory.relative_to(root)
+        files = set()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                count += 1
+                if count > FORCE_MAX_ENTRIES:
+                    return f"holds more than {FORCE_MAX_ENTRIES} entries"
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False) and entry.name in written:
+                    files.add(entry.name)
+                else:
+                    return f"holds {printable(str(inside / entry.name))}, which clair does not write"
+        card = inside / MODEL_CARD_NAME
+        if files and MODEL_CARD_NAME not in files:
+            return f"holds adapter files without the model card clair writes beside them ({printable(str(card))})"
+        if files and not _clair_card(directory / MODEL_CARD_NAME):
+            return f"holds a {printable(str(card))} that clair did not write"
     return None
 
 
 FORCE_MAX_ENTRIES = 100_000  # refine writes one directory per adapter
+CARD_MARK_BYTES = 64 << 20  # how far into a model card its "Made by clair" line is looked for
 
 
 def _clair_card(path: Path) -> bool:
-    """Whether the model card at ``path`` is one clair wrote (its first lines say so)."""
+    """Whether the model card at ``path`` is one clair wrote (its "Made by clair" line, after a
+    front matter whose base model a config can make long)."""
+    mark, tail = b"\nMade by clair ", b""
     try:
         with open(path, "rb") as f:
-            head = f.read(1 << 16)
+            for _ in range(0, CARD_MARK_BYTES, 1 << 20):
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    return False
+                if mark in tail + chunk:
+                    return True
+                tail = chunk[-len(mark) :]
     except OSError:
         return False
-    return b"\nMade by clair " in head
+    return False
 
 
 class Outputs:
