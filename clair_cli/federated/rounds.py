@@ -135,7 +135,7 @@ def check_factors(
             the configured one (the global adapter could not be loaded back).
         AdapterFormatError: a factor with NaN or infinite values, or an update past the bound.
     """
-    from clair_cli.io.adapter import update_overflows
+    from clair_cli.io.adapter import peak, update_overflows
 
     if set(client) != set(global_factors):
         diff = sorted(set(client) ^ set(global_factors))
@@ -159,7 +159,7 @@ def check_factors(
     # The update as the audit reads it (client_update: rank 2r once the global LoRA is non-zero),
     # checked as the reader checks every adapter, so that a reply it would refuse is left out here.
     for module, (A, B, s) in client_update(client, global_factors, scales).items():
-        peaks = [float(A.abs().max()) if A.numel() else 0.0, float(B.abs().max()) if B.numel() else 0.0]
+        peaks = [peak(A), peak(B)]
         if update_overflows(s, A.shape[0], peaks):
             raise AdapterFormatError(
                 f"{name}: module {module}: factor values (up to {max(peaks):.3g}, scale {s:.3g}) "

@@ -264,7 +264,7 @@ class Adapter:
         factors = reader.get_many([spec.a_key, spec.b_key])
         # One reduction per factor checks both things: max |x| is NaN or Inf exactly when a
         # value is (torch's max propagates NaN), and it bounds the update below.
-        self._check_peaks(spec, [_peak(f) for f in factors])
+        self._check_peaks(spec, [peak(f) for f in factors])
         dtype = dtype or torch.float32
         return LoraModule(
             name=name,
@@ -280,8 +280,8 @@ class Adapter:
         """Refuse a module whose factors hold NaN/Inf, or whose update ``scale * B @ A`` can overflow,
         from the largest |value| of each factor."""
         shown = printable(str(self.ref.weights_file))
-        for key, peak in zip((spec.a_key, spec.b_key), peaks, strict=True):
-            if not math.isfinite(peak):
+        for key, top in zip((spec.a_key, spec.b_key), peaks, strict=True):
+            if not math.isfinite(top):
                 raise AdapterFormatError(
                     f"{shown}: tensor {key!r} contains NaN or Inf values",
                     hint="The adapter diverged during training or the file is corrupt.",
@@ -302,7 +302,7 @@ class Adapter:
             AdapterFormatError: a tensor holds NaN or Inf, or cannot be read.
         """
         spec = self.modules[name]
-        peaks = [max((_peak(chunk) for chunk in reader.chunks(key)), default=0.0) for key in (spec.a_key, spec.b_key)]
+        peaks = [max((peak(chunk) for chunk in reader.chunks(key)), default=0.0) for key in (spec.a_key, spec.b_key)]
         self._check_peaks(spec, peaks)
         return min(peaks) == 0.0
 
@@ -330,7 +330,7 @@ def update_overflows(scale: float, rank: int, peaks: Sequence[float]) -> bool:
     return not math.isfinite(bound) or bound > MAX_UPDATE_ENTRY
 
 
-def _peak(t: torch.Tensor) -> float:
+def peak(t: torch.Tensor) -> float:
     """max |t| (NaN if t holds a NaN), 0 for an empty tensor."""
     return float(t.abs().max()) if t.numel() else 0.0
 
