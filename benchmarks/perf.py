@@ -96,16 +96,17 @@ def _io_floor(pool: Path) -> None:
     print(json.dumps({"values": n, "read_s": time.perf_counter() - start}))
 
 
-def _dense_floor(pool: Path) -> None:
+def _dense_floor(pool: Path, threads: int = 1) -> None:
     """The audit's unavoidable dense work: the exact Gram products ``A A^T`` and ``B^T B`` of every
     module's stacked factors (float32, the fast path's precision; one thread, the command
-    line's default), timed apart from reading them."""
+    line's default, or ``threads``: the floor of ``--jobs`` on that many cores), timed apart
+    from reading them."""
     import torch
     from safetensors import safe_open
 
     from clair_cli.core.pairwise import factor_grams
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     files = sorted(pool.glob("*/adapter_model.safetensors"))
     handles = [safe_open(str(f), framework="pt") for f in files]
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in handles[0].keys() if ".lora_A." in k})  # noqa: SIM118
@@ -284,7 +285,7 @@ def worker(argv: list[str]) -> None:
     elif name == "_io_floor":
         _io_floor(Path(args[0]))
     elif name == "_dense_floor":
-        _dense_floor(Path(args[0]))
+        _dense_floor(Path(args[0]), int(args[1]) if len(args) > 1 else 1)
     elif name == "_point":
         _point(int(args[0]), int(args[1]), int(args[2]), args[3], args[4])
     elif name == "_module_vs_dense":

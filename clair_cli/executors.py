@@ -1,4 +1,5 @@
-"""Where the audit's per-module work runs: in this process (``local``) or on a Ray cluster.
+"""Where the audit's per-module work runs: in this process (``local``), in worker processes on
+this machine (``--jobs N``) or on a Ray cluster.
 
 One module's audit is a function of the pool's description, the module's name and the
 auditor's parameters (:meth:`clair_cli.core.audit.ClairAuditor.audit_module`): its random
@@ -12,6 +13,9 @@ absolute file paths and that module's table entry (in-memory adapters: that modu
 never the pool's tensors. Tasks are submitted in module order with at most a few per worker
 in flight, and their results gathered in that order, so the driver holds a bounded number of
 modules' results, not the pool's. The only module that imports ray (extra ``clair-lora[ray]``).
+
+With ``--jobs N`` the same tasks run in N worker processes of this machine
+(:class:`ProcessExecutor`, the standard library's process pool; no Ray needed).
 """
 
 from __future__ import annotations
@@ -156,25 +160,146 @@ class RayExecutor:
             auditor.device = "cuda"
         shared = ray.put(auditor)
         window = IN_FLIGHT_PER_WORKER * _workers(ray, threads, gpu)
-        pending: deque = deque()
-        done = 0
+        names = _names(pool, modules)
+        yield from _in_order(
+            (task.remote(module_pool(pool, n), shared, reference, threads, without) for n in names),
+            lambda ref: _result(ray, ref),
+            window,
+            len(names),
+            progress,
+        )
 
-        def take() -> ModuleAudit:
-            nonlocal done
-            result = _result(ray, pending.popleft())
-            done += 1
-            if progress is not None:
-                progress("modules", done, len(names))
-            return result
 
-        wanted = None if modules is None else set(modules)
-        names = pool.modules if wanted is None else [m for m in pool.modules if m in wanted]
-        for name in names:
-            pending.append(task.remote(module_pool(pool, name), shared, reference, threads, without))
-            if len(pending) >= window:
-                yield take()
-        while pending:
+class ProcessExecutor:
+    """Runs modules' audits in ``jobs`` worker processes on this machine, gathered in module order.
+
+    The tasks are :class:`RayExecutor`'s (:func:`audit_one`: each reads its module's factors
+    itself and audits it on the driver's thread count), so the results are the local run's, bit
+    for bit. Workers start fresh (``spawn``: none of the driver's threads, locks or open files is
+    inherited), ignore Ctrl-C (the driver handles it and stops them) and stay for the whole
+    audit, a refit's second round included. A caller's script that uses this must guard its
+    entry point (``if __name__ == "__main__":``), as for any spawned process pool.
+    """
+
+    def __init__(self, jobs: int) -> None:
+        if jobs < 1:
+            raise ValueError(f"jobs must be at least 1, got {jobs}")
+        self.jobs = jobs
+        self._pool: Any = None
+
+    def __enter__(self) -> ProcessExecutor:
+        import multiprocessing
+        import signal
+        from concurrent.futures import ProcessPoolExecutor
+
+        self._pool = ProcessPoolExecutor(
+            self.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_interrupts
+        )
+        # Start every worker now, with Ctrl-C blocked so that they inherit it blocked: one that
+        # landed while a worker imports torch would print that worker's traceback. A Ctrl-C
+        # pressed meanwhile reaches the driver once the workers have started.
+        blocked = hasattr(signal, "pthread_sigmask")
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocked else None
+        try:
+            for _ in range(self.jobs):  # each submission starts a worker while none is idle
+                self._pool.submit(int)
+        finally:
+            if old is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        pool, self._pool = self._pool, None
+        if exc_type is None:
+            pool.shutdown(wait=True)
+            return
+        # Interrupted or failed: drop what is queued and stop the workers now rather than
+        # after their current module.
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.kill()
+        for process in processes:
+            process.join(timeout=5)
+
+    def audits(
+        self,
+        pool: Pool,
+        auditor: ClairAuditor,
+        reference: list[int] | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+        modules: list[str] | None = None,
+        without: frozenset[int] = frozenset(),
+    ) -> Iterator[ModuleAudit]:
+        """As :meth:`RayExecutor.audits`, on this machine's worker processes."""
+        import torch
+
+        if self._pool is None:
+            raise RuntimeError("ProcessExecutor.audits outside its with block")
+        threads = torch.get_num_threads()
+        unfitted = auditor.unfitted()  # a refit's second round: not the first one's state
+        names = _names(pool, modules)
+        yield from _in_order(
+            (self._pool.submit(audit_one, module_pool(pool, n), unfitted, reference, threads, without) for n in names),
+            _process_result,
+            IN_FLIGHT_PER_WORKER * self.jobs,
+            len(names),
+            progress,
+        )
+
+
+def _ignore_interrupts() -> None:
+    """A worker's start: Ctrl-C reaches the terminal's whole process group, and the driver alone
+    handles it (it stops the workers), so a worker prints no traceback of its own."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _process_result(future: Any) -> ModuleAudit:
+    """A worker's result; a worker that died (killed, out of memory) is one line, not a traceback."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        raise ClairError(
+            "a worker process of --jobs stopped before finishing its module (killed, or out of memory?)",
+            hint="Run again with fewer --jobs, or without --jobs.",
+        ) from None
+
+
+def _names(pool: Pool, modules: list[str] | None) -> list[str]:
+    """The pool's modules, or those of them named in ``modules``, in the pool's order."""
+    wanted = None if modules is None else set(modules)
+    return list(pool.modules) if wanted is None else [m for m in pool.modules if m in wanted]
+
+
+def _in_order(
+    tasks: Iterator[Any],
+    result: Callable[[Any], ModuleAudit],
+    window: int,
+    total: int,
+    progress: Callable[[str, int, int], None] | None,
+) -> Iterator[ModuleAudit]:
+    """The results of ``tasks`` (submitted lazily, at most ``window`` in flight) in their order."""
+    pending: deque = deque()
+    done = 0
+
+    def take() -> ModuleAudit:
+        nonlocal done
+        out = result(pending.popleft())
+        done += 1
+        if progress is not None:
+            progress("modules", done, total)
+        return out
+
+    for task in tasks:
+        pending.append(task)
+        if len(pending) >= window:
             yield take()
+    while pending:
+        yield take()
 
 
 def _connect(ray: Any, address: str) -> None:
@@ -242,15 +367,15 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def ray_fit(
-    address: str,
+def executor_fit(
+    executor: RayExecutor | ProcessExecutor,
     auditor: ClairAuditor,
     pool: Pool,
     reference: list[int] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> ClairAuditor:
-    """``auditor.fit`` over ``pool`` with the modules' audits run on Ray (:class:`RayExecutor`)."""
-    with RayExecutor(address) as executor:
+    """``auditor.fit`` over ``pool`` with the modules' audits run by ``executor`` (entered here)."""
+    with executor:
         auditor.fit_audits(
             executor.audits(pool, auditor, reference, progress), len(pool.adapters), reference, names=pool.names
         )
@@ -258,3 +383,13 @@ def ray_fit(
             modules, without = plan
             auditor.refit(executor.audits(pool, auditor, reference, modules=modules, without=without), without)
         return auditor
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity where the system says, else all)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)

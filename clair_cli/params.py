@@ -52,6 +52,16 @@ def parse_rank(rank: int | str, option: str = "--rank") -> int | Literal["auto"]
     return value
 
 
+def parse_jobs(jobs: int | str) -> int | Literal["auto"]:
+    """``--jobs``: ``auto`` or a whole number of worker processes, at least 1."""
+    text = str(_value(jobs)).strip()
+    if text == "auto":
+        return "auto"
+    if isinstance(jobs, bool) or not re.fullmatch(r"\d{1,4}", text) or int(text) < 1:
+        raise UsageError(f"--jobs {text}: expected a number of worker processes (1 or more) or auto")
+    return int(text)
+
+
 @dataclass(frozen=True, kw_only=True)
 class AuditParams:
     """What the audit was asked to do, built once from the options and passed whole.
@@ -74,6 +84,9 @@ class AuditParams:
             ``ray`` (a Ray cluster: ``RAY_ADDRESS``, one running on this machine, or a new
             local one) or ``ray://HOST:PORT`` (a remote cluster through Ray Client). It changes
             no result, so the report's ``params`` leave it out.
+        jobs: with the local executor, how many worker processes of this machine run the
+            modules (``--jobs``): 1 (this process, the default), a larger number, or ``auto``
+            (this machine's usable CPUs over the threads each task uses). Changes no result.
     """
 
     solver: str = "noisy"
@@ -85,6 +98,7 @@ class AuditParams:
     seed: int = 0
     path: str = "auto"
     executor: str = "local"
+    jobs: int | str = 1  # a number or "auto"; text as on the command line is parsed
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -106,6 +120,11 @@ class AuditParams:
         if executor not in ("local", "ray") and not re.fullmatch(r"ray://[^\s/]+:\d{1,5}", executor):
             raise UsageError(f"--executor {executor}: expected local, ray or ray://HOST:PORT")
         set_(self, "executor", executor)
+        set_(self, "jobs", parse_jobs(self.jobs))
+        if self.jobs != 1 and executor != "local":
+            raise UsageError(
+                f"--jobs {self.jobs} with --executor {executor}: a Ray cluster runs as many tasks as it has CPUs"
+            )
 
     def as_dict(self) -> dict[str, Any]:
         """The ``params`` section of the JSON report (its keys predate ``--solver``)."""

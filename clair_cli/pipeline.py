@@ -343,6 +343,17 @@ def _read_fitted(
         ) from None
 
 
+def local_jobs(jobs: int | str) -> int:
+    """``--jobs`` as a number: ``auto`` is this machine's usable CPUs over each task's threads."""
+    if jobs != "auto":
+        return int(jobs)
+    import torch
+
+    from clair_cli.executors import usable_cpus
+
+    return max(1, usable_cpus() // max(1, torch.get_num_threads()))
+
+
 def resolve_device(device: str) -> str:
     """``auto`` becomes ``cuda`` when a GPU is present, else ``cpu``; ``cuda`` without one is an error."""
     import torch
@@ -390,19 +401,21 @@ def audit_memory(pool: Pool, dtype: str = "float32") -> tuple[int, str]:
     return need, worst
 
 
-def check_audit_memory(pool: Pool, dtype: str = "float32", device: str = "cpu") -> None:
+def check_audit_memory(pool: Pool, dtype: str = "float32", device: str = "cpu", jobs: int = 1) -> None:
     """Refuse, before reading any factor, a pool whose audit cannot fit in memory (on a GPU,
-    the allocator's own error says so)."""
+    the allocator's own error says so); ``jobs`` worker processes each work on a module."""
     if str(device).startswith("cuda"):
         return
     need, module = audit_memory(pool, dtype)
     available = available_memory()
-    if available is not None and need > 0.8 * available:
+    if available is not None and jobs * need > 0.8 * available:
         n = sum(a.modules[module].rank for a in pool.adapters)
+        each = f" in each of {jobs} worker processes" if jobs > 1 else ""
         raise UsageError(
             f"the audit needs about {need / 2**30:.1f} GiB for module {module} ({len(pool.adapters)} adapters, "
-            f"summed rank {n}), more than the {available / 2**30:.1f} GiB available",
-            hint="Audit fewer adapters at once, or lower --max-rank: memory grows with the square of the summed rank.",
+            f"summed rank {n}){each}, more than the {available / 2**30:.1f} GiB available",
+            hint=("Use fewer --jobs. " if jobs > 1 else "")
+            + "Audit fewer adapters at once, or lower --max-rank: memory grows with the square of the summed rank.",
         )
 
 
@@ -420,7 +433,9 @@ def audit(
 
     start = time.perf_counter()
     settings = resolved(settings)
-    check_audit_memory(pool, settings.dtype, settings.device)
+    # No more workers than modules; one runs in this process.
+    jobs = min(local_jobs(settings.jobs), len(pool.modules)) if settings.executor == "local" else 1
+    check_audit_memory(pool, settings.dtype, settings.device, jobs)
     dtype = torch_dtype(settings.dtype)
     auditor = ClairAuditor(
         method=settings.solver,  # type: ignore[arg-type]
@@ -433,7 +448,7 @@ def audit(
         verdict=VerdictOptions(threshold=settings.threshold, copies=copies),  # type: ignore[arg-type]
     )
     try:
-        if settings.executor == "local":
+        if settings.executor == "local" and jobs == 1:
             auditor.fit(
                 iter_modules(pool, dtype=dtype, device=settings.device, progress=progress),
                 len(pool.adapters),
@@ -448,9 +463,10 @@ def audit(
                 ),
             )
         else:
-            from clair_cli.executors import ray_fit
+            from clair_cli.executors import ProcessExecutor, RayExecutor, executor_fit
 
-            ray_fit(settings.executor, auditor, pool, reference, progress)
+            executor = ProcessExecutor(jobs) if settings.executor == "local" else RayExecutor(settings.executor)
+            executor_fit(executor, auditor, pool, reference, progress)
     except EmptyUpdates as exc:
         raise IncompatibleAdapters(
             str(exc), hint="Untrained adapters (lora_B starts at zero) carry no update; leave them out."

@@ -111,6 +111,9 @@ def test_audit_params_is_frozen_checked_once_and_reports_as_before() -> None:
         ({"seed": -1}, "--seed"),
         ({"executor": "dask"}, "--executor dask"),
         ({"executor": "ray://host"}, "--executor ray://host"),
+        ({"jobs": 0}, "--jobs 0"),
+        ({"jobs": "many"}, "--jobs many"),
+        ({"jobs": 2, "executor": "ray"}, "--jobs 2 with --executor ray"),
     ],
 )
 def test_audit_params_refuse_bad_values(kwargs: dict, message: str) -> None:

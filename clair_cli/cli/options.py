@@ -210,6 +210,16 @@ ExecutorOpt = Annotated[
         metavar="local|ray|ray://HOST:PORT",
     ),
 ]
+JobsOpt = Annotated[
+    str,
+    typer.Option(
+        "--jobs",
+        "-j",
+        help="Worker processes of this machine that audit the modules (local executor): a number, or auto (the "
+        "usable CPUs over CLAIR_NUM_THREADS). 1 runs in this process. Results are identical.",
+        metavar="N|auto",
+    ),
+]
 DtypeOpt = Annotated[Precision, typer.Option("--dtype", help="Working precision: float32 or float64.")]
 # No min/max here: AuditParams checks the range once, in one line naming --seed (Typer's
 # range check would print a usage dump instead).
@@ -344,6 +354,7 @@ class Audit(OptionGroup):
     dtype: DtypeOpt = Precision.FLOAT32
     seed: Seed = 0
     executor: ExecutorOpt = "local"
+    jobs: JobsOpt = "1"
 
     def params(self) -> AuditParams:
         """The audit's parameters; a bad value is a usage error (exit 2)."""
@@ -356,6 +367,7 @@ class Audit(OptionGroup):
             dtype=self.dtype,
             seed=self.seed,
             executor=self.executor,
+            jobs=self.jobs,
         )
 
 

@@ -1,0 +1,228 @@
+"""``--jobs N``: the audit's modules run in N worker processes of this machine, with results
+identical to the one-process run, bit for bit; bad values, a failing module, a dead worker and
+Ctrl-C are handled as in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import pytest
+from helpers import MODULES, random_factors, write_adapter
+from typer.testing import CliRunner
+
+from benchmarks import poolgen
+from clair_cli.cli import app
+from clair_cli.errors import ClairError, UsageError
+from clair_cli.params import AuditParams
+
+ROOT = Path(__file__).parents[1]
+SAMPLES = ROOT / "sample_adapters"
+# Adapter ranks sum to 12 x 16 = 192 > 128: the fast path, in float32 (thread-count sensitive).
+SYNTHETIC = poolgen.PoolSpec(k=12, layers=2, hidden=256, rank=16, shared=4, bad=2, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return poolgen.generate(SYNTHETIC, tmp_path_factory.mktemp("synthetic") / "pool")
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args), env={"NO_COLOR": "1", "COLUMNS": "120"})
+
+
+def _report(path: Path) -> dict:
+    report = json.loads(path.read_text())
+    report.pop("generated_at")
+    report.pop("timing_s")
+    return report
+
+
+def _both(tmp_path: Path, *argv: str) -> tuple[Path, Path]:
+    """Runs the command in this process and with ``--jobs 2``; ``{out}`` in argv is each run's directory."""
+    outs = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        out.mkdir()
+        result = invoke(*(a.replace("{out}", str(out)) for a in argv), "--jobs", jobs, "--exit-zero", "--quiet")
+        assert result.exit_code == 0, result.output
+        outs.append(out)
+    return outs[0], outs[1]
+
+
+def test_audit_report_is_identical(tmp_path: Path) -> None:
+    one, two = _both(tmp_path, "audit", str(SAMPLES), "--json", "{out}/report.json", "--device", "cpu")
+    assert _report(one / "report.json") == _report(two / "report.json")
+
+
+def test_merge_is_identical_on_the_fast_path(synthetic: Path, tmp_path: Path) -> None:
+    one, two = _both(
+        tmp_path, "merge", str(synthetic), "--out", "{out}/merged", "--json", "{out}/report.json", "--device", "cpu"
+    )
+    report = _report(one / "report.json")
+    assert any(m["solver"] == "fast" for m in report["modules"])  # float32, thread-count sensitive
+    assert report == _report(two / "report.json")
+    weights = "adapter_model.safetensors"
+    assert (one / "merged" / weights).read_bytes() == (two / "merged" / weights).read_bytes()
+
+
+def test_gate_report_is_identical(synthetic: Path, tmp_path: Path) -> None:
+    names = sorted(p.name for p in synthetic.iterdir() if p.is_dir())
+    refs = [a for n in names[:6] for a in ("--reference", str(synthetic / n))]
+    candidates = [str(synthetic / n) for n in names[6:]]
+    one, two = _both(tmp_path, "gate", *candidates, *refs, "--json", "{out}/report.json", "--device", "cpu")
+    assert _report(one / "report.json") == _report(two / "report.json")
+
+
+def test_library_run_on_two_threads_is_identical(synthetic: Path) -> None:
+    """A library caller's thread count travels with the tasks: float32 on 2 threads, both ways."""
+    import torch
+
+    from clair_cli import pipeline
+
+    pool = pipeline.open_pool([str(synthetic)])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        local = pipeline.audit(pool, AuditParams(device="cpu"))
+        jobs = pipeline.audit(pool, AuditParams(device="cpu", jobs=2))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(local.auditor.inner_, jobs.auditor.inner_)
+    for a, b in zip(local.auditor.module_results_, jobs.auditor.module_results_, strict=True):
+        assert torch.equal(a.subspace, b.subspace) and torch.equal(a.off_subspace, b.off_subspace), a.name
+    assert local.auditor.scores_ == jobs.auditor.scores_
+
+
+def test_an_error_in_a_worker_is_the_local_error(tmp_path: Path) -> None:
+    """A module that cannot be read fails in the worker that reads it; the command reports the same
+    one-line error (with its hint) as the one-process run, exit 2."""
+    for k in range(6):
+        tensors = random_factors(MODULES, seed=k)
+        if k == 3:
+            tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight"][0, 0] = float("nan")
+        write_adapter(tmp_path / "pool" / f"a{k}", tensors)
+    outputs = []
+    for jobs in ("1", "2"):
+        result = invoke("audit", str(tmp_path / "pool"), "--jobs", jobs, "--device", "cpu")
+        assert result.exit_code == 2, result.output
+        assert "NaN" in result.output and "Traceback" not in result.output
+        outputs.append(result.output)
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "two", "1.5", "99999"])
+def test_a_bad_jobs_value_is_a_usage_error(bad: str) -> None:
+    result = invoke("audit", str(SAMPLES), "--jobs", bad)
+    assert result.exit_code == 2
+    assert f"--jobs {bad}" in result.output and "Traceback" not in result.output
+
+
+def test_jobs_with_ray_is_a_usage_error() -> None:
+    result = invoke("audit", str(SAMPLES), "--jobs", "2", "--executor", "ray")
+    assert result.exit_code == 2
+    assert "--jobs 2 with --executor ray" in result.output
+
+
+def test_jobs_values() -> None:
+    from clair_cli.pipeline import local_jobs
+
+    assert AuditParams(jobs="3").jobs == 3 and AuditParams(jobs=" auto ").jobs == "auto"
+    assert local_jobs("auto") >= 1 and local_jobs(4) == 4
+    with pytest.raises(UsageError):
+        AuditParams(jobs=True)
+
+
+def test_a_dead_worker_is_one_line() -> None:
+    from clair_cli.executors import _process_result
+
+    future: Future = Future()
+    future.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
+    with pytest.raises(ClairError, match="worker process of --jobs stopped"):
+        _process_result(future)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found += [int(c) for c in text]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_ctrl_c_stops_the_workers(synthetic: Path, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the terminal's process group) ends the command with exit 130 and its one
+    line, no worker prints a traceback, and no worker is left running."""
+    big = poolgen.generate(
+        poolgen.PoolSpec(k=24, layers=8, hidden=512, rank=16, shared=4, bad=2, dtype="float32"), tmp_path / "big"
+    )
+    script = (
+        "import signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # as in a terminal
+        "from clair_cli.__main__ import run\n"
+        f"sys.argv = ['clair', 'audit', {str(big)!r}, '--jobs', '2', '--device', 'cpu', '-q', '--exit-zero']\n"
+        "run()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    try:
+        deadline = time.monotonic() + 120
+        workers: list[int] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            # The workers (spawned through a resource tracker) are running: wait for two busy ones.
+            workers = [c for c in _children(proc.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+            if len(workers) == 2:
+                break
+            time.sleep(0.2)
+        assert len(workers) == 2, "the workers did not start"
+        time.sleep(3)  # into the modules' work
+        os.killpg(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    if proc.returncode == 0:
+        pytest.skip("the audit finished before the interrupt (a very fast machine)")
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert "Interrupted" in err and "Traceback" not in err, err
+    deadline = time.monotonic() + 10
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers)
+
+
+def test_the_memory_check_counts_every_worker(synthetic: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each worker works on one module at a time: N workers need N modules' memory."""
+    from clair_cli import pipeline
+
+    pool = pipeline.open_pool([str(synthetic)])
+    need, _module = pipeline.audit_memory(pool)
+    monkeypatch.setattr(pipeline, "available_memory", lambda: int(need / 0.8 * 1.5))
+    pipeline.check_audit_memory(pool, jobs=1)  # fits once
+    with pytest.raises(UsageError, match="in each of 2 worker processes") as refused:
+        pipeline.check_audit_memory(pool, jobs=2)
+    assert "fewer --jobs" in (refused.value.hint or "")
