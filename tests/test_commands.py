@@ -347,6 +347,23 @@ def test_existing_output_is_refused_and_kept(pool: Path, tmp_path: Path) -> None
     assert (out / "README.md").read_text() == "# my own notes\n"
 
 
+def test_force_replaces_a_merge_a_file_browser_has_shown(pool: Path, tmp_path: Path) -> None:
+    """Finder's and Explorer's own files (.DS_Store, ._*, Thumbs.db, desktop.ini) are not data:
+    --force replaces the output that holds them; a file of the same kind of name inside a
+    directory clair did not write, or a directory named like one, is still refused."""
+    out = tmp_path / "merged"
+    assert invoke("merge", str(pool), "--out", str(out), "--exit-zero").exit_code == 0
+    for name in (".DS_Store", "._adapter_model.safetensors", "Thumbs.db", "desktop.ini"):
+        (out / name).write_bytes(b"\0\0\0\1Bud1")
+    result = invoke("merge", str(pool), "--out", str(out), "--force", "--exit-zero")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    (out / "Thumbs.db").mkdir()  # a directory is not a browser's file
+    (out / "Thumbs.db" / "keep.txt").write_text("mine")
+    result = invoke("merge", str(pool), "--out", str(out), "--force", "--exit-zero")
+    assert result.exit_code == 2 and "Thumbs.db/keep.txt, which clair does not write" in result.output
+
+
 def test_force_replaces_a_refined_directory_clair_wrote(pool: Path, tmp_path: Path) -> None:
     out = tmp_path / "refined"
     for _ in range(2):

@@ -145,6 +145,8 @@ def _foreign(root: Path) -> str | None:
                     pending.append(Path(entry.path))
                 elif entry.is_file(follow_symlinks=False) and entry.name in written:
                     files.add(entry.name)
+                elif entry.is_file(follow_symlinks=False) and _os_metadata(entry.name):
+                    continue  # a file browser's own (Finder, Explorer), not anyone's data
                 else:
                     return f"holds {printable(str(inside / entry.name))}, which clair does not write"
         card = inside / MODEL_CARD_NAME
@@ -155,6 +157,14 @@ def _foreign(root: Path) -> str | None:
     return None
 
 
+def _os_metadata(name: str) -> bool:
+    """Whether ``name`` is a file that a file browser leaves in any directory it shows (macOS
+    Finder's ``.DS_Store`` and ``._*`` AppleDouble files, Windows Explorer's ``Thumbs.db`` and
+    ``desktop.ini``, KDE's ``.directory``): ``--force`` replaces an output that holds them."""
+    return name in OS_METADATA_FILES or name.startswith("._")
+
+
+OS_METADATA_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".directory"})
 FORCE_MAX_ENTRIES = 100_000  # refine writes one directory per adapter
 CARD_MARK_BYTES = 64 << 20  # how far into a model card its "Made by clair" line is looked for
 
