@@ -205,17 +205,33 @@ def open_gate_pool(
 
     refs = open_adapters(references, options, loading)
     cands = open_adapters(candidates, options, loading)
-    names = {a.name for a in refs}
-    clash = [a.name for a in cands if a.name in names]
-    if clash:
+    by_name = {a.name: a for a in refs}
+    for cand in cands:
+        ref = by_name.get(cand.name)
+        if ref is None:
+            continue
+        if _same_file(ref.ref.weights_file, cand.ref.weights_file):
+            raise UsageError(
+                f"{printable(cand.name)!r} is both a candidate and a reference adapter",
+                hint="A candidate cannot vouch for itself; give it once.",
+            )
         raise UsageError(
-            f"{printable(clash[0])!r} is both a candidate and a reference adapter",
-            hint="A candidate cannot vouch for itself; give it once.",
+            f"a candidate and a reference adapter are both named {printable(cand.name)!r} "
+            f"({printable(cand.ref.weights_file.as_posix())} and {printable(ref.ref.weights_file.as_posix())})",
+            hint="Reports name adapters by their directories: rename one of the two, or put it under another name.",
         )
     need = methods.get("clair").min_adapters
     if len(refs) < need:
         raise UsageError(f"gate needs at least {need} reference adapters, got {len(refs)}")
     return build_pool(refs + cands, intersect=intersect), list(range(len(refs)))
+
+
+def _same_file(a: os.PathLike, b: os.PathLike) -> bool:
+    """Whether two paths name one file (a link or another spelling of the same path included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.abspath(a) == os.path.abspath(b)
 
 
 def extras(pool: Pool, drop: bool) -> list[str]:

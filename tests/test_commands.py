@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import warnings
 from pathlib import Path
 
@@ -509,3 +510,17 @@ def test_refine_and_gate_exit_codes_in_a_real_process(pool: Path, tmp_path: Path
     assert run_cli("gate", str(pool / "client_07"), *refs, "-q").returncode == 0
     proc = run_cli("gate", str(pool / "client_07"), "-r", str(pool / "client_07"))
     assert proc.returncode == 2 and "both a candidate and a reference" in proc.stderr
+
+
+def test_gate_tells_a_namesake_from_the_reference_itself(pool: Path, tmp_path: Path) -> None:
+    """A candidate named like a reference but another adapter is not the reference vouching for
+    itself: the refusal names both files; the same directory given twice is still that."""
+    upload = tmp_path / "uploads" / "client_01"
+    shutil.copytree(pool / "client_07", upload)
+    refs = [str(pool / f"client_{k:02d}") for k in (0, 1, 3, 4, 5)]
+    result = invoke("gate", str(upload), *(a for r in refs for a in ("-r", r)))
+    assert result.exit_code == 2
+    assert "a candidate and a reference adapter are both named 'client_01'" in result.output
+    assert "uploads/client_01" in result.output and "rename one" in result.output
+    result = invoke("gate", str(pool / "client_01" / ".." / "client_01"), *(a for r in refs for a in ("-r", r)))
+    assert result.exit_code == 2 and "both a candidate and a reference adapter" in result.output
