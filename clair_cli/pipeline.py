@@ -359,15 +359,27 @@ def _read_fitted(
         ) from None
 
 
-def local_jobs(jobs: int | str) -> int:
-    """``--jobs`` as a number: ``auto`` is this machine's usable CPUs over each task's threads."""
+# What a worker process of --jobs holds beside its module's work: Python, torch and clair
+# (about 260 MiB measured for one process's start; rounded up).
+WORKER_BASE_BYTES = 320 << 20
+
+
+def local_jobs(jobs: int | str, pool: Pool | None = None, dtype: str = "float32") -> int:
+    """``--jobs`` as a number: ``auto`` is this machine's usable CPUs over each task's threads,
+    and (given the pool) no more workers than the memory available holds, each with its module's
+    work and its own Python and torch (at least one)."""
     if jobs != "auto":
         return int(jobs)
     import torch
 
     from clair_cli.executors import usable_cpus
 
-    return max(1, usable_cpus() // max(1, torch.get_num_threads()))
+    count = max(1, usable_cpus() // max(1, torch.get_num_threads()))
+    available = available_memory() if pool is not None else None
+    if pool is not None and available is not None:
+        need, _module = audit_memory(pool, dtype)
+        count = min(count, max(1, int(0.8 * available) // (need + WORKER_BASE_BYTES)))
+    return count
 
 
 def resolve_device(device: str) -> str:
@@ -450,7 +462,9 @@ def audit(
     start = time.perf_counter()
     settings = resolved(settings)
     # No more workers than modules; one runs in this process.
-    jobs = min(local_jobs(settings.jobs), len(pool.modules)) if settings.executor == "local" else 1
+    jobs = (
+        min(local_jobs(settings.jobs, pool, settings.dtype), len(pool.modules)) if settings.executor == "local" else 1
+    )
     check_audit_memory(pool, settings.dtype, settings.device, jobs)
     dtype = torch_dtype(settings.dtype)
     auditor = ClairAuditor(

@@ -226,3 +226,20 @@ def test_the_memory_check_counts_every_worker(synthetic: Path, monkeypatch: pyte
     with pytest.raises(UsageError, match="in each of 2 worker processes") as refused:
         pipeline.check_audit_memory(pool, jobs=2)
     assert "fewer --jobs" in (refused.value.hint or "")
+
+
+def test_auto_takes_no_more_workers_than_memory_holds(synthetic: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from clair_cli import executors, pipeline
+
+    pool = pipeline.open_pool([str(synthetic)])
+    need, _module = pipeline.audit_memory(pool)
+    each = need + pipeline.WORKER_BASE_BYTES
+    monkeypatch.setattr(executors, "usable_cpus", lambda: 16)
+    monkeypatch.setattr(pipeline, "available_memory", lambda: int(3.5 * each / 0.8))
+    assert pipeline.local_jobs("auto", pool) == 3
+    assert pipeline.local_jobs("auto") == 16  # without the pool: the CPUs alone
+    assert pipeline.local_jobs(8, pool) == 8  # a number given is kept (the memory check judges it)
+    monkeypatch.setattr(pipeline, "available_memory", lambda: each // 4)
+    assert pipeline.local_jobs("auto", pool) == 1
+    monkeypatch.setattr(pipeline, "available_memory", lambda: None)  # unknown: the CPUs
+    assert pipeline.local_jobs("auto", pool) == 16
