@@ -20,6 +20,7 @@ With ``--jobs N`` the same tasks run in N worker processes of this machine
 
 from __future__ import annotations
 
+import signal
 import socket
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -62,18 +63,26 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
 
 
 def audit_one(
-    pool: Pool, auditor: ClairAuditor, reference: list[int] | None, threads: int, without: frozenset[int] = frozenset()
+    pool: Pool,
+    auditor: ClairAuditor,
+    reference: list[int] | None,
+    settings: tuple[int, str],
+    without: frozenset[int] = frozenset(),
 ) -> ModuleAudit:
-    """A worker's task: read the pool's one module where it runs and audit it on ``threads`` threads
-    (``without``: as :meth:`~clair_cli.core.audit.ClairAuditor.audit_module`'s)."""
+    """A worker's task: read the pool's one module where it runs and audit it with the driver's
+    numerical settings, ``(threads, float32 matmul precision)`` (``without``: as
+    :meth:`~clair_cli.core.audit.ClairAuditor.audit_module`'s)."""
     from contextlib import ExitStack
 
     import torch
 
     from clair_cli.pipeline import module_input
 
+    threads, precision = settings
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
+    if precision != torch.get_float32_matmul_precision():
+        torch.set_float32_matmul_precision(precision)
     idx = list(range(len(pool.adapters)))
     with ExitStack() as stack:
         readers = [stack.enter_context(a.reader()) for a in pool.adapters]
@@ -90,11 +99,13 @@ def versions() -> tuple[str, str]:
     return __version__, torch.__version__
 
 
-def module_pool(pool: Pool, module: str) -> Pool:
-    """The pool as one task needs it: its adapters with one module (:meth:`Adapter.for_module`)."""
+def module_pool(pool: Pool, module: str, absolute: bool = True) -> Pool:
+    """The pool as one task needs it: its adapters with one module (:meth:`Adapter.for_module`;
+    ``absolute``: files named by absolute paths, for workers whose working directory is not the
+    driver's)."""
     from clair_cli.results import Pool
 
-    return Pool([a.for_module(module) for a in pool.adapters], [module], base_model=pool.base_model)
+    return Pool([a.for_module(module, absolute) for a in pool.adapters], [module], base_model=pool.base_model)
 
 
 class RayExecutor:
@@ -153,6 +164,7 @@ class RayExecutor:
 
         ray = _ray()
         threads = torch.get_num_threads()
+        settings = (threads, torch.get_float32_matmul_precision())
         gpu = str(auditor.device).startswith("cuda")
         task = ray.remote(audit_one).options(num_cpus=threads, num_gpus=1 if gpu else 0)
         auditor = auditor.unfitted()  # a refit's second round: not the first one's state
@@ -162,7 +174,7 @@ class RayExecutor:
         window = IN_FLIGHT_PER_WORKER * _workers(ray, threads, gpu)
         names = _names(pool, modules)
         yield from _in_order(
-            (task.remote(module_pool(pool, n), shared, reference, threads, without) for n in names),
+            (task.remote(module_pool(pool, n), shared, reference, settings, without) for n in names),
             lambda ref: _result(ray, ref),
             window,
             len(names),
@@ -174,53 +186,85 @@ class ProcessExecutor:
     """Runs modules' audits in ``jobs`` worker processes on this machine, gathered in module order.
 
     The tasks are :class:`RayExecutor`'s (:func:`audit_one`: each reads its module's factors
-    itself and audits it on the driver's thread count), so the results are the local run's, bit
-    for bit. Workers start fresh (``spawn``: none of the driver's threads, locks or open files is
-    inherited), ignore Ctrl-C (the driver handles it and stops them) and stay for the whole
-    audit, a refit's second round included. A caller's script that uses this must guard its
-    entry point (``if __name__ == "__main__":``), as for any spawned process pool.
+    itself and audits it on the driver's thread count and float32 matmul precision), so the
+    results are the local run's, bit for bit. Each worker is a fresh process (``spawn``: none of
+    the driver's threads, locks or open files is inherited) with its own pipe; tasks and results
+    cross it pickled by value with the standard pickler (never through shared memory or passed
+    file descriptors, which container limits and open-file limits would break). Workers are
+    started together, with Ctrl-C blocked, so that a Ctrl-C pressed while they import torch
+    reaches the driver alone; they ignore Ctrl-C and SIGTERM (the driver handles both and stops
+    them) and die with the driver where the system allows (Linux: ``PR_SET_PDEATHSIG``; else
+    they watch the driver's pid). A script that uses this must guard its entry point
+    (``if __name__ == "__main__":``), as for any spawned process.
     """
 
     def __init__(self, jobs: int) -> None:
         if jobs < 1:
             raise ValueError(f"jobs must be at least 1, got {jobs}")
         self.jobs = jobs
-        self._pool: Any = None
+        self._workers: list[tuple[Any, Any]] = []  # (process, its end of the pipe)
 
     def __enter__(self) -> ProcessExecutor:
         import multiprocessing
-        import signal
-        from concurrent.futures import ProcessPoolExecutor
+        import os
+        from multiprocessing import resource_tracker
 
-        self._pool = ProcessPoolExecutor(
-            self.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_interrupts
-        )
-        # Start every worker now, with Ctrl-C blocked so that they inherit it blocked: one that
-        # landed while a worker imports torch would print that worker's traceback. A Ctrl-C
-        # pressed meanwhile reaches the driver once the workers have started.
-        blocked = hasattr(signal, "pthread_sigmask")
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if blocked else None
+        context = multiprocessing.get_context("spawn")
+        signals = {signal.SIGINT, signal.SIGTERM}
+        # Spawned processes need multiprocessing's resource tracker, whose start unblocks these
+        # two signals in the starting thread: started first, it leaves the mask below alone.
+        resource_tracker.ensure_running()
         try:
-            for _ in range(self.jobs):  # each submission starts a worker while none is idle
-                self._pool.submit(int)
-        finally:
-            if old is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            # While the workers start, Ctrl-C and SIGTERM wait: blocked in this thread, so that the
+            # workers start with them blocked (one pressed while they import torch reaches the
+            # driver alone), and deferred by Python's handler, which any other thread of this
+            # process could run. A start cut in half would leave a worker nobody stops.
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, signals) if hasattr(signal, "pthread_sigmask") else None
+            deferred: list[int] = []
+            handlers = _defer(signals, deferred)
+            try:
+                for _ in range(self.jobs):
+                    ours, theirs = context.Pipe(duplex=True)
+                    process = context.Process(target=_worker, args=(theirs, os.getpid()), daemon=True)
+                    self._workers.append((process, ours))
+                    process.start()
+                    theirs.close()
+                    if old is not None:  # blocked still, whatever the start did
+                        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+            finally:
+                for sig, handler in handlers.items():
+                    signal.signal(sig, handler)
+                if old is not None:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            for signum in deferred:  # now raised as they would have been, and handled below
+                signal.raise_signal(signum)
+        except BaseException:
+            self._stop()
+            raise
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
-        pool, self._pool = self._pool, None
-        if exc_type is None:
-            pool.shutdown(wait=True)
-            return
-        # Interrupted or failed: drop what is queued and stop the workers now rather than
-        # after their current module.
-        processes = list((getattr(pool, "_processes", None) or {}).values())
-        pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
-            process.kill()
-        for process in processes:
-            process.join(timeout=5)
+        self._stop(graceful=exc_type is None)
+
+    def _stop(self, graceful: bool = False) -> None:
+        """Stop the workers: asked to leave after a run that ended well, killed otherwise."""
+        import contextlib
+
+        workers, self._workers = self._workers, []
+        for process, conn in workers:
+            if graceful and process.is_alive():
+                with contextlib.suppress(OSError):
+                    conn.send_bytes(_STOP)
+            elif process.pid is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    process.kill()
+        for process, conn in workers:
+            if process.pid is not None:
+                process.join(timeout=10)
+                if process.is_alive():
+                    process.kill()
+                    process.join(timeout=10)
+            conn.close()
 
     def audits(
         self,
@@ -231,42 +275,157 @@ class ProcessExecutor:
         modules: list[str] | None = None,
         without: frozenset[int] = frozenset(),
     ) -> Iterator[ModuleAudit]:
-        """As :meth:`RayExecutor.audits`, on this machine's worker processes."""
+        """As :meth:`RayExecutor.audits`, on this machine's worker processes: each task goes to
+        the next idle worker, at most ``IN_FLIGHT_PER_WORKER`` per worker are in flight or held,
+        and results are yielded in module order."""
+        import pickle
+        from multiprocessing.connection import wait
+
         import torch
 
-        if self._pool is None:
+        if not self._workers:
             raise RuntimeError("ProcessExecutor.audits outside its with block")
-        threads = torch.get_num_threads()
+        settings = (torch.get_num_threads(), torch.get_float32_matmul_precision())
         unfitted = auditor.unfitted()  # a refit's second round: not the first one's state
         names = _names(pool, modules)
-        yield from _in_order(
-            (self._pool.submit(audit_one, module_pool(pool, n), unfitted, reference, threads, without) for n in names),
-            _process_result,
-            IN_FLIGHT_PER_WORKER * self.jobs,
-            len(names),
-            progress,
-        )
+        idle = list(range(len(self._workers)))[::-1]
+        busy: dict[int, int] = {}  # worker -> the task it works on
+        ready: dict[int, ModuleAudit] = {}  # results not yet yielded, by task
+        window = IN_FLIGHT_PER_WORKER * len(self._workers)
+        following = 0
+        done = 0
+        finished = False
+        try:
+            while done < len(names):
+                while idle and following < len(names) and len(busy) + len(ready) < window:
+                    worker = idle.pop()
+                    task = (module_pool(pool, names[following], absolute=False), unfitted, reference, settings, without)
+                    self._workers[worker][1].send_bytes(pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL))
+                    busy[worker] = following
+                    following += 1
+                if done in ready:
+                    yield ready.pop(done)
+                    done += 1
+                    if progress is not None:
+                        progress("modules", done, len(names))
+                    continue
+                conns = {id(self._workers[w][1]): w for w in busy}
+                for conn in wait([self._workers[w][1] for w in busy]):
+                    worker = conns[id(conn)]
+                    ready[busy.pop(worker)] = self._result(worker)
+                    idle.append(worker)
+            finished = True
+        finally:
+            if not finished:  # stopped early (an error, or the caller gave up): no stale result may follow
+                self._stop()
+
+    def _result(self, worker: int) -> ModuleAudit:
+        """One task's result from ``worker``; an error raised there is raised here as itself (a
+        ClairError, or the ValueError of a module the audit cannot handle)."""
+        import pickle
+
+        process, conn = self._workers[worker]
+        try:
+            status, value = pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            raise _died(process) from None
+        if status == "error":
+            raise value
+        return value
 
 
-def _ignore_interrupts() -> None:
-    """A worker's start: Ctrl-C reaches the terminal's whole process group, and the driver alone
-    handles it (it stops the workers), so a worker prints no traceback of its own."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+_STOP = b"stop"
 
 
-def _process_result(future: Any) -> ModuleAudit:
-    """A worker's result; a worker that died (killed, out of memory) is one line, not a traceback."""
-    from concurrent.futures.process import BrokenProcessPool
+def _defer(signals: set[signal.Signals], deferred: list[int]) -> dict[signal.Signals, Any]:
+    """Install a handler that notes ``signals`` in ``deferred`` instead of acting on them; return
+    the handlers it replaced. Only in the main thread (the only one that may set handlers), and
+    never over a signal that is ignored."""
+    import threading
 
-    try:
-        return future.result()
-    except BrokenProcessPool:
-        raise ClairError(
-            "a worker process of --jobs stopped before finishing its module (killed, or out of memory?)",
-            hint="Run again with fewer --jobs, or without --jobs.",
-        ) from None
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    replaced = {}
+    for sig in signals:
+        handler = signal.getsignal(sig)
+        if handler in (signal.SIG_IGN, None):
+            continue
+        replaced[sig] = signal.signal(sig, lambda signum, _frame: deferred.append(signum))
+    return replaced
+
+
+def _died(process: Any) -> ClairError:
+    """A worker that stopped before finishing its module, as one line."""
+    process.join(timeout=5)
+    code = process.exitcode
+    if code is not None and code < 0:
+        try:
+            how = f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"killed by signal {-code}"
+    else:
+        how = f"exit code {code}"
+    return ClairError(
+        f"a worker process of --jobs stopped before finishing its module ({how}; out of memory?)",
+        hint="Run again with fewer --jobs, or without --jobs.",
+    )
+
+
+def _worker(conn: Any, parent: int) -> None:
+    """A worker process of :class:`ProcessExecutor`: tasks in, results out, until told to stop."""
+    import pickle
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles both, and stops the workers
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    _die_with(parent)
+    while True:
+        try:
+            data = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        if data == _STOP:
+            return
+        pool, auditor, reference, settings, without = pickle.loads(data)
+        try:
+            result: tuple[str, Any] = ("ok", audit_one(pool, auditor, reference, settings, without))
+        except Exception as exc:  # raised in the driver as itself
+            result = ("error", exc)
+        try:
+            payload = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:  # an exception that does not pickle: its type and message
+            error = result[1]
+            payload = pickle.dumps(("error", RuntimeError(f"{type(error).__name__}: {error}")))
+        conn.send_bytes(payload)
+
+
+def _die_with(parent: int) -> None:
+    """End this worker when the driver ends, however it ends (SIGKILL, out of memory)."""
+    import os
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        else:
+            if os.getppid() != parent:  # the driver died before the request
+                os._exit(1)
+            return
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _names(pool: Pool, modules: list[str] | None) -> list[str]:
@@ -375,21 +534,36 @@ def executor_fit(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> ClairAuditor:
     """``auditor.fit`` over ``pool`` with the modules' audits run by ``executor`` (entered here)."""
+
+    def refitting(_stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress("refitting modules", done, total)
+
     with executor:
         auditor.fit_audits(
             executor.audits(pool, auditor, reference, progress), len(pool.adapters), reference, names=pool.names
         )
         while (plan := auditor.refit_plan())[0]:
             modules, without = plan
-            auditor.refit(executor.audits(pool, auditor, reference, modules=modules, without=without), without)
+            auditor.refit(executor.audits(pool, auditor, reference, refitting, modules, without), without)
         return auditor
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity where the system says, else all)."""
+    """The CPUs this process may use: those it may run on (its affinity), and no more than a
+    container's CPU quota (cgroup v2 ``cpu.max``) allows; at least one."""
+    import math
     import os
+    from pathlib import Path
 
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        count = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        count = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)

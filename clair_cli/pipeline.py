@@ -436,6 +436,8 @@ def check_audit_memory(pool: Pool, dtype: str = "float32", device: str = "cpu", 
         return
     need, module = audit_memory(pool, dtype)
     available = available_memory()
+    if jobs > 1:  # each worker also holds its own Python, torch and clair
+        need += WORKER_BASE_BYTES
     if available is not None and jobs * need > 0.8 * available:
         n = sum(a.modules[module].rank for a in pool.adapters)
         each = f" in each of {jobs} worker processes" if jobs > 1 else ""
@@ -461,10 +463,17 @@ def audit(
 
     start = time.perf_counter()
     settings = resolved(settings)
-    # No more workers than modules; one runs in this process.
+    # No more workers than modules; one runs in this process. A GPU is driven by one process.
     jobs = (
         min(local_jobs(settings.jobs, pool, settings.dtype), len(pool.modules)) if settings.executor == "local" else 1
     )
+    if str(settings.device).startswith("cuda") and jobs > 1:
+        if settings.jobs != "auto":
+            raise UsageError(
+                f"--jobs {settings.jobs} with --device {settings.device}: one process drives the GPU",
+                hint="Use --jobs with --device cpu, or leave it out.",
+            )
+        jobs = 1
     check_audit_memory(pool, settings.dtype, settings.device, jobs)
     dtype = torch_dtype(settings.dtype)
     auditor = ClairAuditor(

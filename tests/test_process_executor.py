@@ -10,8 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import Future
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from typer.testing import CliRunner
 
 from benchmarks import poolgen
 from clair_cli.cli import app
-from clair_cli.errors import ClairError, UsageError
+from clair_cli.errors import UsageError
 from clair_cli.params import AuditParams
 
 ROOT = Path(__file__).parents[1]
@@ -101,9 +99,10 @@ def test_library_run_on_two_threads_is_identical(synthetic: Path) -> None:
     assert local.auditor.scores_ == jobs.auditor.scores_
 
 
-def test_an_error_in_a_worker_is_the_local_error(tmp_path: Path) -> None:
+def test_an_error_in_a_worker_is_the_local_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A module that cannot be read fails in the worker that reads it; the command reports the same
-    one-line error (with its hint) as the one-process run, exit 2."""
+    one-line error (with its hint, the path as given) as the one-process run, exit 2."""
+    monkeypatch.chdir(tmp_path)
     for k in range(6):
         tensors = random_factors(MODULES, seed=k)
         if k == 3:
@@ -111,9 +110,10 @@ def test_an_error_in_a_worker_is_the_local_error(tmp_path: Path) -> None:
         write_adapter(tmp_path / "pool" / f"a{k}", tensors)
     outputs = []
     for jobs in ("1", "2"):
-        result = invoke("audit", str(tmp_path / "pool"), "--jobs", jobs, "--device", "cpu")
+        result = invoke("audit", "pool", "--jobs", jobs, "--device", "cpu")
         assert result.exit_code == 2, result.output
         assert "NaN" in result.output and "Traceback" not in result.output
+        assert "Error: pool/a3/" in result.output
         outputs.append(result.output)
     assert outputs[0] == outputs[1]
 
@@ -140,13 +140,139 @@ def test_jobs_values() -> None:
         AuditParams(jobs=True)
 
 
-def test_a_dead_worker_is_one_line() -> None:
-    from clair_cli.executors import _process_result
+def _clair_process(*argv: str, prelude: str = "") -> subprocess.Popen:
+    """``clair`` in its own session (signals go to the whole group, as a terminal sends them), with
+    Ctrl-C handled as in a terminal."""
+    script = (
+        "import signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        f"{prelude}"
+        "from clair_cli.__main__ import run\n"
+        f"sys.argv = ['clair', *{list(argv)!r}]\n"
+        "run()\n"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
 
-    future: Future = Future()
-    future.set_exception(BrokenProcessPool("A process in the process pool was terminated abruptly"))
-    with pytest.raises(ClairError, match="worker process of --jobs stopped"):
-        _process_result(future)
+
+def _workers_of(proc: subprocess.Popen, count: int = 2, timeout: float = 120) -> list[int]:
+    deadline = time.monotonic() + timeout
+    workers: list[int] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        workers = [c for c in _children(proc.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+        if len(workers) >= count:
+            return workers
+        time.sleep(0.1)
+    raise AssertionError(f"the workers did not start ({workers})")
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Modules that take a while (48 of them: more than a small open-file limit would allow
+    results that hold a file each)."""
+    spec = poolgen.PoolSpec(k=24, layers=12, hidden=384, rank=16, shared=4, bad=2, dtype="float32")
+    return poolgen.generate(spec, tmp_path_factory.mktemp("big") / "pool")
+
+
+def _gone(pids: list[int], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(_alive(p) for p in pids)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_a_killed_worker_is_one_line_and_the_others_stop(big: Path) -> None:
+    proc = _clair_process("audit", str(big), "--jobs", "2", "--device", "cpu", "-q", "--exit-zero")
+    try:
+        workers = _workers_of(proc)
+        time.sleep(2)
+        os.kill(workers[0], signal.SIGKILL)
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    if proc.returncode == 0:
+        pytest.skip("the audit finished before the kill (a very fast machine)")
+    assert proc.returncode == 2, err
+    assert "worker process of --jobs stopped before finishing its module (killed by SIGKILL" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
+    assert _gone(workers)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_workers_end_with_a_killed_driver(big: Path) -> None:
+    proc = _clair_process("audit", str(big), "--jobs", "2", "--device", "cpu", "-q", "--exit-zero")
+    try:
+        workers = _workers_of(proc)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+        assert _gone(workers, timeout=30), "workers outlived their driver"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
+def test_results_hold_no_open_files(big: Path, tmp_path: Path) -> None:
+    """Results cross the pipes by value: 48 modules under a limit of 64 open files, and the same
+    report as one process (relative paths in it, and in errors, read as given)."""
+    reports = []
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}.json"
+        proc = _clair_process(
+            "audit",
+            os.path.relpath(big, ROOT),
+            "--jobs",
+            jobs,
+            "--json",
+            str(out),
+            "-q",
+            "--exit-zero",
+            prelude="import resource\nresource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n",
+        )
+        _out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        reports.append(_report(out))
+    assert reports[0] == reports[1]
+
+
+def test_an_in_memory_pool_is_left_as_it_was(synthetic: Path) -> None:
+    """The Flower path: a pool of the caller's tensors audited with workers gives the one-process
+    result, and the caller's tensors are not moved into shared memory."""
+    from benchmarks.attacks import read_factors
+    from clair_cli import pipeline
+
+    factors = {p.name: read_factors(p) for p in sorted(synthetic.iterdir()) if p.is_dir()}
+    pool = pipeline.pool_from_factors(factors)
+    one = pipeline.audit(pool, AuditParams(device="cpu"))
+    two = pipeline.audit(pool, AuditParams(device="cpu", jobs=2))
+    assert one.auditor.scores_ == two.auditor.scores_ and one.auditor.flagged_ == two.auditor.flagged_
+    assert not any(t.is_shared() for m in factors.values() for (A, B, _s) in m.values() for t in (A, B))
+
+
+def test_the_float32_matmul_precision_travels_with_the_tasks(synthetic: Path) -> None:
+    import torch
+
+    from clair_cli import pipeline
+
+    pool = pipeline.open_pool([str(synthetic)])
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        one = pipeline.audit(pool, AuditParams(device="cpu"))
+        two = pipeline.audit(pool, AuditParams(device="cpu", jobs=2))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert one.auditor.scores_ == two.auditor.scores_
 
 
 def _children(pid: int) -> list[int]:
@@ -166,53 +292,30 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
-def test_ctrl_c_stops_the_workers(synthetic: Path, tmp_path: Path) -> None:
-    """Ctrl-C (SIGINT to the terminal's process group) ends the command with exit 130 and its one
-    line, no worker prints a traceback, and no worker is left running."""
-    big = poolgen.generate(
-        poolgen.PoolSpec(k=24, layers=8, hidden=512, rank=16, shared=4, bad=2, dtype="float32"), tmp_path / "big"
-    )
-    script = (
-        "import signal, sys\n"
-        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # as in a terminal
-        "from clair_cli.__main__ import run\n"
-        f"sys.argv = ['clair', 'audit', {str(big)!r}, '--jobs', '2', '--device', 'cpu', '-q', '--exit-zero']\n"
-        "run()\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        start_new_session=True,
-        env={**os.environ, "NO_COLOR": "1"},
-    )
+@pytest.mark.parametrize("when", ["starting", "working"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_group_stops_the_workers(big: Path, when: str, sig: signal.Signals) -> None:
+    """Ctrl-C (or SIGTERM) to the terminal's process group ends the command with its exit code and
+    one line, whether the workers are still starting or at work: no worker prints anything (no
+    traceback, no resource warning), and none is left running."""
+    proc = _clair_process("audit", str(big), "--jobs", "2", "--device", "cpu", "-q", "--exit-zero")
     try:
-        deadline = time.monotonic() + 120
-        workers: list[int] = []
-        while time.monotonic() < deadline and proc.poll() is None:
-            # The workers (spawned through a resource tracker) are running: wait for two busy ones.
-            workers = [c for c in _children(proc.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
-            if len(workers) == 2:
-                break
-            time.sleep(0.2)
-        assert len(workers) == 2, "the workers did not start"
-        time.sleep(3)  # into the modules' work
-        os.killpg(proc.pid, signal.SIGINT)
+        workers = _workers_of(proc, count=1 if when == "starting" else 2)
+        if when == "working":
+            time.sleep(3)
+        os.killpg(proc.pid, sig)
         _out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
     if proc.returncode == 0:
-        pytest.skip("the audit finished before the interrupt (a very fast machine)")
-    assert proc.returncode == 130, (proc.returncode, err)
-    assert "Interrupted" in err and "Traceback" not in err, err
-    deadline = time.monotonic() + 10
-    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(_alive(w) for w in workers)
+        pytest.skip("the audit finished before the signal (a very fast machine)")
+    code = 130 if sig == signal.SIGINT else 143
+    assert proc.returncode == code, (proc.returncode, err)
+    assert err.strip() == "Interrupted: no output was written.", err
+    children = [c for c in workers if _alive(c)]
+    assert _gone(children)
 
 
 def test_the_memory_check_counts_every_worker(synthetic: Path, monkeypatch: pytest.MonkeyPatch) -> None:

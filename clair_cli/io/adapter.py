@@ -126,13 +126,15 @@ class Adapter:
             out[self.config.file_name or "config"] = self.config.sha256
         return out
 
-    def for_module(self, module: str) -> Adapter:
-        """A copy that holds one module (no notes, no extras) and names its file by absolute
-        path: what a worker, whose working directory is not the caller's, needs to read it."""
+    def for_module(self, module: str, absolute: bool = True) -> Adapter:
+        """A copy that holds one module (no notes, no extras); ``absolute``: it names its file by
+        absolute path, what a worker whose working directory is not the caller's needs to read it
+        (a worker of this machine keeps the path as given, so its errors read as the caller's)."""
         out = copy.copy(self)
         out.modules = {module: self.modules[module]}
         out.notes, out.extras = [], {}
-        out.ref = replace(self.ref, weights_file=Path(os.path.abspath(self.ref.weights_file)))
+        if absolute:
+            out.ref = replace(self.ref, weights_file=Path(os.path.abspath(self.ref.weights_file)))
         return out
 
     @property

@@ -120,8 +120,8 @@ class MemoryAdapter(Adapter):
 
     _tensors: dict[str, torch.Tensor]
 
-    def for_module(self, module: str) -> MemoryAdapter:
-        """A copy that holds one module's factors (and no notes or extras)."""
+    def for_module(self, module: str, absolute: bool = True) -> MemoryAdapter:
+        """A copy that holds one module's factors (and no notes or extras; no file to name)."""
         out = copy.copy(self)
         spec = self.modules[module]
         out.modules = {module: spec}
