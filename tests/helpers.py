@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -152,3 +153,31 @@ class LocalServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def report_without_times(path: Path) -> dict[str, Any]:
+    """A JSON report without what changes from run to run (its timings and time stamp)."""
+    report = json.loads(path.read_text())
+    report.pop("timing_s", None)
+    report.pop("generated_at", None)
+    return report
+
+
+def side_by_side(tmp_path: Path, args: Sequence[str], variants: dict[str, Sequence[str]]) -> list[Path]:
+    """Run the command (through Typer's runner, in this process) once per variant, each with the
+    variant's extra options and writing into its own directory (``{out}`` in ``args``)."""
+    from typer.testing import CliRunner
+
+    from clair_cli.cli import app
+
+    outs = []
+    for name, extra in variants.items():
+        out = tmp_path / name
+        out.mkdir()
+        argv = [a.replace("{out}", str(out)) for a in args]
+        result = CliRunner().invoke(
+            app, [*argv, *extra, "--exit-zero", "--quiet"], env={"NO_COLOR": "1", "COLUMNS": "120"}
+        )
+        assert result.exit_code == 0, result.output
+        outs.append(out)
+    return outs

@@ -4,7 +4,6 @@ Ctrl-C are handled as in one process."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import MODULES, random_factors, write_adapter
+from helpers import MODULES, random_factors, report_without_times, side_by_side, write_adapter
 from typer.testing import CliRunner
 
 from benchmarks import poolgen
@@ -36,23 +35,13 @@ def invoke(*args: str):
     return CliRunner().invoke(app, list(args), env={"NO_COLOR": "1", "COLUMNS": "120"})
 
 
-def _report(path: Path) -> dict:
-    report = json.loads(path.read_text())
-    report.pop("generated_at")
-    report.pop("timing_s")
-    return report
+_report = report_without_times
 
 
 def _both(tmp_path: Path, *argv: str) -> tuple[Path, Path]:
     """Runs the command in this process and with ``--jobs 2``; ``{out}`` in argv is each run's directory."""
-    outs = []
-    for jobs in ("1", "2"):
-        out = tmp_path / f"jobs{jobs}"
-        out.mkdir()
-        result = invoke(*(a.replace("{out}", str(out)) for a in argv), "--jobs", jobs, "--exit-zero", "--quiet")
-        assert result.exit_code == 0, result.output
-        outs.append(out)
-    return outs[0], outs[1]
+    one, two = side_by_side(tmp_path, argv, {"jobs1": ["--jobs", "1"], "jobs2": ["--jobs", "2"]})
+    return one, two
 
 
 def test_audit_report_is_identical(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ The refusals (no Ray, an unreachable cluster) run in subprocesses.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import MODULES, random_factors, write_adapter
+from helpers import MODULES, random_factors, report_without_times, side_by_side, write_adapter
 from typer.testing import CliRunner
 
 from benchmarks import poolgen
@@ -60,24 +59,13 @@ def invoke(*args: str):
     return CliRunner().invoke(app, list(args), env={"NO_COLOR": "1", "COLUMNS": "120"})
 
 
-def _report(path: Path) -> dict:
-    report = json.loads(path.read_text())
-    report.pop("timing_s", None)
-    report.pop("generated_at", None)
-    return report
+_report = report_without_times
 
 
 def _both(tmp_path: Path, *args: str) -> tuple[Path, Path]:
     """Run the command locally and on Ray, each writing into its own directory (``{out}`` in ``args``)."""
-    outs = []
-    for executor in ("local", "ray"):
-        out = tmp_path / executor
-        out.mkdir()
-        argv = [a.replace("{out}", str(out)) for a in args]
-        result = invoke(*argv, "--executor", executor, "--exit-zero", "--quiet")
-        assert result.exit_code == 0, result.output
-        outs.append(out)
-    return outs[0], outs[1]
+    local, ray = side_by_side(tmp_path, args, {"local": ["--executor", "local"], "ray": ["--executor", "ray"]})
+    return local, ray
 
 
 @pytest.mark.parametrize("which", ["samples", "synthetic"])
