@@ -20,6 +20,7 @@ With ``--jobs N`` the same tasks run in N worker processes of this machine
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 from collections import deque
@@ -207,13 +208,19 @@ class ProcessExecutor:
     def __enter__(self) -> ProcessExecutor:
         import multiprocessing
         import os
-        from multiprocessing import resource_tracker
+        import threading
 
         context = multiprocessing.get_context("spawn")
         signals = {signal.SIGINT, signal.SIGTERM}
-        # Spawned processes need multiprocessing's resource tracker, whose start unblocks these
-        # two signals in the starting thread: started first, it leaves the mask below alone.
-        resource_tracker.ensure_running()
+        if os.name == "posix":
+            from multiprocessing import resource_tracker
+
+            # Spawned processes need multiprocessing's resource tracker, whose start unblocks these
+            # two signals in the starting thread: started first, it leaves the mask below alone.
+            resource_tracker.ensure_running()
+        # The kernel's "die with your parent" follows the thread that starts a process: only the
+        # main thread outlives the workers for sure; from another, the workers watch the pid.
+        by_kernel = threading.current_thread() is threading.main_thread()
         try:
             # While the workers start, Ctrl-C and SIGTERM wait: blocked in this thread, so that the
             # workers start with them blocked (one pressed while they import torch reaches the
@@ -225,19 +232,28 @@ class ProcessExecutor:
             try:
                 for _ in range(self.jobs):
                     ours, theirs = context.Pipe(duplex=True)
-                    process = context.Process(target=_worker, args=(theirs, os.getpid()), daemon=True)
+                    process = context.Process(target=_worker, args=(theirs, os.getpid(), by_kernel), daemon=True)
                     self._workers.append((process, ours))
-                    process.start()
-                    theirs.close()
+                    try:
+                        process.start()
+                    finally:
+                        theirs.close()
                     if old is not None:  # blocked still, whatever the start did
                         signal.pthread_sigmask(signal.SIG_BLOCK, signals)
             finally:
-                for sig, handler in handlers.items():
-                    signal.signal(sig, handler)
-                if old is not None:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
-            for signum in deferred:  # now raised as they would have been, and handled below
-                signal.raise_signal(signum)
+                _restore(handlers, old)
+            for signum in dict.fromkeys(deferred):  # now handled as they would have been, once each
+                handler = handlers.get(signal.Signals(signum), signal.SIG_DFL)
+                if callable(handler):
+                    handler(signum, None)
+                else:
+                    signal.raise_signal(signum)
+        except OSError as exc:  # no more processes or open files allowed
+            self._stop()
+            raise ClairError(
+                f"cannot start {self.jobs} worker processes for --jobs ({exc.strerror or exc})",
+                hint="Run again with fewer --jobs, or without --jobs.",
+            ) from None
         except BaseException:
             self._stop()
             raise
@@ -248,8 +264,6 @@ class ProcessExecutor:
 
     def _stop(self, graceful: bool = False) -> None:
         """Stop the workers: asked to leave after a run that ended well, killed otherwise."""
-        import contextlib
-
         workers, self._workers = self._workers, []
         for process, conn in workers:
             if graceful and process.is_alive():
@@ -276,8 +290,9 @@ class ProcessExecutor:
         without: frozenset[int] = frozenset(),
     ) -> Iterator[ModuleAudit]:
         """As :meth:`RayExecutor.audits`, on this machine's worker processes: each task goes to
-        the next idle worker, at most ``IN_FLIGHT_PER_WORKER`` per worker are in flight or held,
-        and results are yielded in module order."""
+        the next idle worker (one task a worker at a time), at most ``IN_FLIGHT_PER_WORKER`` tasks
+        per worker are in flight or done and held, and results are yielded in module order; an
+        error raised by a module's audit is raised when its turn comes, as in one process."""
         import pickle
         from multiprocessing.connection import wait
 
@@ -290,7 +305,7 @@ class ProcessExecutor:
         names = _names(pool, modules)
         idle = list(range(len(self._workers)))[::-1]
         busy: dict[int, int] = {}  # worker -> the task it works on
-        ready: dict[int, ModuleAudit] = {}  # results not yet yielded, by task
+        ready: dict[int, tuple[str, Any]] = {}  # results (or errors) not yet yielded, by task
         window = IN_FLIGHT_PER_WORKER * len(self._workers)
         following = 0
         done = 0
@@ -300,11 +315,18 @@ class ProcessExecutor:
                 while idle and following < len(names) and len(busy) + len(ready) < window:
                     worker = idle.pop()
                     task = (module_pool(pool, names[following], absolute=False), unfitted, reference, settings, without)
-                    self._workers[worker][1].send_bytes(pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL))
+                    process, conn = self._workers[worker]
+                    try:
+                        conn.send_bytes(pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL))
+                    except OSError:
+                        raise _died(process) from None
                     busy[worker] = following
                     following += 1
                 if done in ready:
-                    yield ready.pop(done)
+                    status, value = ready.pop(done)
+                    if status == "error":
+                        raise value
+                    yield value
                     done += 1
                     if progress is not None:
                         progress("modules", done, len(names))
@@ -319,22 +341,36 @@ class ProcessExecutor:
             if not finished:  # stopped early (an error, or the caller gave up): no stale result may follow
                 self._stop()
 
-    def _result(self, worker: int) -> ModuleAudit:
-        """One task's result from ``worker``; an error raised there is raised here as itself (a
-        ClairError, or the ValueError of a module the audit cannot handle)."""
+    def _result(self, worker: int) -> tuple[str, Any]:
+        """One task's ``("ok", result)`` or ``("error", exception)`` from ``worker`` (the exception
+        as raised there: a ClairError, or the ValueError of a module the audit cannot handle)."""
         import pickle
 
         process, conn = self._workers[worker]
         try:
-            status, value = pickle.loads(conn.recv_bytes())
+            return pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             raise _died(process) from None
-        if status == "error":
-            raise value
-        return value
 
 
 _STOP = b"stop"
+
+
+def _restore(handlers: dict[signal.Signals, Any], mask: set[Any] | None) -> None:
+    """Put ``handlers`` and the thread's signal ``mask`` back, whatever signal is handled meanwhile
+    (one raised by a handler just put back is raised once everything is restored)."""
+    error: BaseException | None = None
+    for sig, handler in handlers.items():
+        while True:
+            try:
+                signal.signal(sig, handler)
+                break
+            except BaseException as exc:  # a signal handled before the change: make it again
+                error = error or exc
+    if mask is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    if error is not None:
+        raise error
 
 
 def _defer(signals: set[signal.Signals], deferred: list[int]) -> dict[signal.Signals, Any]:
@@ -365,21 +401,26 @@ def _died(process: Any) -> ClairError:
             how = f"killed by signal {-code}"
     else:
         how = f"exit code {code}"
+    if code == -9:
+        how += "; out of memory?"
     return ClairError(
-        f"a worker process of --jobs stopped before finishing its module ({how}; out of memory?)",
+        f"a worker process of --jobs stopped before finishing its module ({how})",
         hint="Run again with fewer --jobs, or without --jobs.",
     )
 
 
-def _worker(conn: Any, parent: int) -> None:
+def _worker(conn: Any, parent: int, by_kernel: bool) -> None:
     """A worker process of :class:`ProcessExecutor`: tasks in, results out, until told to stop."""
+    import os
     import pickle
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles both, and stops the workers
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C, and stops the workers
+    # SIGTERM: leave at once and quietly (a group's SIGTERM reaches the driver too, which ends the
+    # run; multiprocessing's exit stops daemonic workers with it).
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: os._exit(0))
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    _die_with(parent)
+    _die_with(parent, by_kernel)
     while True:
         try:
             data = conn.recv_bytes()
@@ -387,33 +428,37 @@ def _worker(conn: Any, parent: int) -> None:
             return
         if data == _STOP:
             return
-        pool, auditor, reference, settings, without = pickle.loads(data)
+        result: tuple[str, Any]
         try:
-            result: tuple[str, Any] = ("ok", audit_one(pool, auditor, reference, settings, without))
-        except Exception as exc:  # raised in the driver as itself
+            pool, auditor, reference, settings, without = pickle.loads(data)
+            result = ("ok", audit_one(pool, auditor, reference, settings, without))
+        except BaseException as exc:  # raised in the driver as itself
             result = ("error", exc)
         try:
             payload = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:  # an exception that does not pickle: its type and message
             error = result[1]
             payload = pickle.dumps(("error", RuntimeError(f"{type(error).__name__}: {error}")))
+        del data, result
         conn.send_bytes(payload)
+        del payload  # an idle worker holds nothing of its last task
 
 
-def _die_with(parent: int) -> None:
-    """End this worker when the driver ends, however it ends (SIGKILL, out of memory)."""
+def _die_with(parent: int, by_kernel: bool = True) -> None:
+    """End this worker when the driver ends, however it ends (SIGKILL, out of memory): by the
+    kernel where the driver's main thread started it (Linux), else by watching the driver's pid."""
     import os
     import sys
 
-    if sys.platform.startswith("linux"):
+    if by_kernel and sys.platform.startswith("linux"):
         import ctypes
 
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+            done = libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
-            pass
-        else:
+            done = False
+        if done:
             if os.getppid() != parent:  # the driver died before the request
                 os._exit(1)
             return
@@ -560,10 +605,17 @@ def usable_cpus() -> int:
         count = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         count = os.cpu_count() or 1
-    try:
+    try:  # cgroup v2
         quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
         if quota != "max":
             count = min(count, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        v1 = Path("/sys/fs/cgroup/cpu")
+        quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
+        if quota_us > 0:
+            count = min(count, math.ceil(quota_us / int((v1 / "cpu.cfs_period_us").read_text())))
     except (OSError, ValueError):
         pass
     return max(1, count)

@@ -367,14 +367,17 @@ WORKER_BASE_BYTES = 320 << 20
 def local_jobs(jobs: int | str, pool: Pool | None = None, dtype: str = "float32") -> int:
     """``--jobs`` as a number: ``auto`` is this machine's usable CPUs over each task's threads,
     and (given the pool) no more workers than the memory available holds, each with its module's
-    work and its own Python and torch (at least one)."""
-    if jobs != "auto":
-        return int(jobs)
+    work and its own Python and torch (at least one); a number given, at most the first."""
     import torch
 
     from clair_cli.executors import usable_cpus
 
+    # Each worker runs on the driver's thread count (for the same results): no more workers than
+    # the CPUs hold at that count, which a number given is capped at too (a library caller on
+    # torch's default threads would otherwise run cores x jobs spinning threads).
     count = max(1, usable_cpus() // max(1, torch.get_num_threads()))
+    if jobs != "auto":
+        return min(int(jobs), count)
     available = available_memory() if pool is not None else None
     if pool is not None and available is not None:
         need, _module = audit_memory(pool, dtype)
@@ -462,6 +465,7 @@ def audit(
     from clair_cli.core.audit import ClairAuditor, EmptyUpdates, VerdictOptions
 
     start = time.perf_counter()
+    asked_device = settings.device
     settings = resolved(settings)
     # No more workers than modules; one runs in this process. A GPU is driven by one process.
     jobs = (
@@ -469,8 +473,9 @@ def audit(
     )
     if str(settings.device).startswith("cuda") and jobs > 1:
         if settings.jobs != "auto":
+            chose = "" if asked_device == settings.device else f", which --device {asked_device} chose"
             raise UsageError(
-                f"--jobs {settings.jobs} with --device {settings.device}: one process drives the GPU",
+                f"--jobs {settings.jobs} on the GPU ({settings.device}{chose}): one process drives the GPU",
                 hint="Use --jobs with --device cpu, or leave it out.",
             )
         jobs = 1

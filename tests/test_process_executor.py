@@ -26,6 +26,20 @@ SAMPLES = ROOT / "sample_adapters"
 SYNTHETIC = poolgen.PoolSpec(k=12, layers=2, hidden=256, rank=16, shared=4, bad=2, dtype="float32")
 
 
+# The worker-process tests below need two CPUs at least (--jobs is capped at the usable CPUs);
+# in this process the count is raised, so that the in-process runs always start workers.
+needs_two_cpus = pytest.mark.skipif(
+    __import__("clair_cli.executors", fromlist=["usable_cpus"]).usable_cpus() < 2, reason="needs 2 CPUs"
+)
+
+
+@pytest.fixture(autouse=True)
+def _cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clair_cli import executors
+
+    monkeypatch.setattr(executors, "usable_cpus", lambda: 4)
+
+
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return poolgen.generate(SYNTHETIC, tmp_path_factory.mktemp("synthetic") / "pool")
@@ -124,7 +138,16 @@ def test_jobs_values() -> None:
     from clair_cli.pipeline import local_jobs
 
     assert AuditParams(jobs="3").jobs == 3 and AuditParams(jobs=" auto ").jobs == "auto"
-    assert local_jobs("auto") >= 1 and local_jobs(4) == 4
+    assert local_jobs("auto") == 4 and local_jobs(3) == 3
+    assert local_jobs(9) == 4  # at most the CPUs at the driver's thread count
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert local_jobs(4) == 2 and local_jobs("auto") == 2
+    finally:
+        torch.set_num_threads(before)
     with pytest.raises(UsageError):
         AuditParams(jobs=True)
 
@@ -177,6 +200,7 @@ def _gone(pids: list[int], timeout: float = 10) -> bool:
     return not any(_alive(p) for p in pids)
 
 
+@needs_two_cpus
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
 def test_a_killed_worker_is_one_line_and_the_others_stop(big: Path) -> None:
     proc = _clair_process("audit", str(big), "--jobs", "2", "--device", "cpu", "-q", "--exit-zero")
@@ -197,6 +221,7 @@ def test_a_killed_worker_is_one_line_and_the_others_stop(big: Path) -> None:
     assert _gone(workers)
 
 
+@needs_two_cpus
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
 def test_workers_end_with_a_killed_driver(big: Path) -> None:
     proc = _clair_process("audit", str(big), "--jobs", "2", "--device", "cpu", "-q", "--exit-zero")
@@ -211,6 +236,7 @@ def test_workers_end_with_a_killed_driver(big: Path) -> None:
             proc.communicate()
 
 
+@needs_two_cpus
 def test_results_hold_no_open_files(big: Path, tmp_path: Path) -> None:
     """Results cross the pipes by value: 48 modules under a limit of 64 open files, and the same
     report as one process (relative paths in it, and in errors, read as given)."""
@@ -280,6 +306,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@needs_two_cpus
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
 @pytest.mark.parametrize("when", ["starting", "working"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -335,3 +362,56 @@ def test_auto_takes_no_more_workers_than_memory_holds(synthetic: Path, monkeypat
     assert pipeline.local_jobs("auto", pool) == 1
     monkeypatch.setattr(pipeline, "available_memory", lambda: None)  # unknown: the CPUs
     assert pipeline.local_jobs("auto", pool) == 16
+
+
+def test_a_worker_dead_before_its_task_is_one_line(synthetic: Path) -> None:
+    """A worker killed while idle (between the audit and a refit round, say): the next task sent
+    to it ends the run with the one-line error, not a broken pipe."""
+    from clair_cli import pipeline
+    from clair_cli.core.audit import ClairAuditor
+    from clair_cli.errors import ClairError
+    from clair_cli.executors import ProcessExecutor
+
+    pool = pipeline.open_pool([str(synthetic)])
+    with ProcessExecutor(2) as executor:
+        process = executor._workers[1][0]
+        os.kill(process.pid, signal.SIGKILL)
+        process.join(timeout=30)
+        with pytest.raises(ClairError, match="killed by SIGKILL"):
+            list(executor.audits(pool, ClairAuditor()))
+
+
+def test_module_errors_come_in_module_order(tmp_path: Path) -> None:
+    """Two modules that cannot be read: the error is the first one's in module order, as in one
+    process, whichever worker fails first."""
+    for k in range(6):
+        tensors = random_factors(MODULES, seed=k)
+        if k == 5:
+            tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"][0, 0] = float("nan")
+        if k == 0:
+            tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"][0, 0] = float("inf")
+        write_adapter(tmp_path / "pool" / f"a{k}", tensors)
+    outputs = [invoke("audit", str(tmp_path / "pool"), "--jobs", jobs).output for jobs in ("1", "2")]
+    assert "a5" in outputs[0] and outputs[0] == outputs[1]
+
+
+def test_a_view_of_a_larger_tensor_travels_alone() -> None:
+    """In-memory factors that are views of one flat buffer: a task carries its module's factors,
+    not the buffer."""
+    import pickle
+
+    import torch
+
+    from clair_cli import pipeline
+    from clair_cli.executors import module_pool
+
+    flat = torch.randn(8 * 2 * 64 * 4 + 10**6)
+    factors = {}
+    for k in range(8):
+        base = k * 2 * 64 * 4
+        A = flat[base : base + 256].view(4, 64)
+        B = flat[base + 256 : base + 512].view(64, 4)
+        factors[f"c{k}"] = {"model.layers.0.self_attn.q_proj": (A, B, 2.0)}
+    pool = pipeline.pool_from_factors(factors)
+    size = len(pickle.dumps(module_pool(pool, pool.modules[0], absolute=False)))
+    assert size < 200_000, size

@@ -126,8 +126,15 @@ class MemoryAdapter(Adapter):
         spec = self.modules[module]
         out.modules = {module: spec}
         out.notes, out.extras = [], {}
-        out._tensors = {key: self._tensors[key] for key in (spec.a_key, spec.b_key)}
+        # A view into a larger tensor (one flat buffer of several factors) would carry all of it
+        # to a worker: such factors are copied on their own.
+        out._tensors = {key: _own(self._tensors[key]) for key in (spec.a_key, spec.b_key)}
         return out
 
     def reader(self) -> _MemoryReader:  # type: ignore[override]
         return _MemoryReader(self._tensors)
+
+
+def _own(t: torch.Tensor) -> torch.Tensor:
+    """``t``, copied where it is a view of a larger storage."""
+    return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
