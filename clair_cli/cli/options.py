@@ -215,8 +215,9 @@ JobsOpt = Annotated[
     typer.Option(
         "--jobs",
         "-j",
-        help="Worker processes of this machine that audit the modules (local executor): a number, or auto (the "
-        "usable CPUs over CLAIR_NUM_THREADS). 1 runs in this process. Results are identical.",
+        help="Worker processes of this machine that audit the modules (local executor): a number (at most the "
+        "usable CPUs over CLAIR_NUM_THREADS), or auto (that many, as memory allows). 1 runs in this process. "
+        "Results are identical.",
         metavar="N|auto",
     ),
 ]
