@@ -192,11 +192,12 @@ class ProcessExecutor:
     the driver's threads, locks or open files is inherited) with its own pipe; tasks and results
     cross it pickled by value with the standard pickler (never through shared memory or passed
     file descriptors, which container limits and open-file limits would break). Workers are
-    started together, with Ctrl-C blocked, so that a Ctrl-C pressed while they import torch
-    reaches the driver alone; they ignore Ctrl-C and SIGTERM (the driver handles both and stops
-    them) and die with the driver where the system allows (Linux: ``PR_SET_PDEATHSIG``; else
-    they watch the driver's pid). A script that uses this must guard its entry point
-    (``if __name__ == "__main__":``), as for any spawned process.
+    started together, with Ctrl-C and SIGTERM blocked and deferred, so that a signal sent while
+    they import torch reaches the driver alone; then they ignore Ctrl-C (the driver handles it
+    and stops them), leave quietly on SIGTERM, and die with the driver however it ends (Linux:
+    ``PR_SET_PDEATHSIG`` where the main thread starts them; else they watch the driver's pid).
+    A script that uses this must guard its entry point (``if __name__ == "__main__":``), as for
+    any spawned process.
     """
 
     def __init__(self, jobs: int) -> None:
