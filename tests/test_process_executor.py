@@ -4,11 +4,13 @@ Ctrl-C are handled as in one process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -174,6 +176,19 @@ def _clair_process(*argv: str, prelude: str = "") -> subprocess.Popen:
     )
 
 
+@contextlib.contextmanager
+def _running_audit(pool: Path) -> Iterator[subprocess.Popen]:
+    """``clair audit POOL --jobs 2`` in its own session; whatever is left of its process group is
+    killed on the way out."""
+    proc = _clair_process("audit", str(pool), "--jobs", "2", "--device", "cpu", "-q", "--exit-zero")
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+
+
 def _workers_of(proc: subprocess.Popen, count: int = 2, timeout: float = 120) -> list[int]:
     deadline = time.monotonic() + timeout
     workers: list[int] = []
@@ -203,16 +218,11 @@ def _gone(pids: list[int], timeout: float = 10) -> bool:
 @needs_two_cpus
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
 def test_a_killed_worker_is_one_line_and_the_others_stop(big: Path) -> None:
-    proc = _clair_process("audit", str(big), "--jobs", "2", "--device", "cpu", "-q", "--exit-zero")
-    try:
+    with _running_audit(big) as proc:
         workers = _workers_of(proc)
         time.sleep(2)
         os.kill(workers[0], signal.SIGKILL)
         _out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
     if proc.returncode == 0:
         pytest.skip("the audit finished before the kill (a very fast machine)")
     assert proc.returncode == 2, err
@@ -224,16 +234,11 @@ def test_a_killed_worker_is_one_line_and_the_others_stop(big: Path) -> None:
 @needs_two_cpus
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
 def test_workers_end_with_a_killed_driver(big: Path) -> None:
-    proc = _clair_process("audit", str(big), "--jobs", "2", "--device", "cpu", "-q", "--exit-zero")
-    try:
+    with _running_audit(big) as proc:
         workers = _workers_of(proc)
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=60)
         assert _gone(workers, timeout=30), "workers outlived their driver"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
 
 
 @needs_two_cpus
@@ -314,17 +319,12 @@ def test_a_signal_to_the_group_stops_the_workers(big: Path, when: str, sig: sign
     """Ctrl-C (or SIGTERM) to the terminal's process group ends the command with its exit code and
     one line, whether the workers are still starting or at work: no worker prints anything (no
     traceback, no resource warning), and none is left running."""
-    proc = _clair_process("audit", str(big), "--jobs", "2", "--device", "cpu", "-q", "--exit-zero")
-    try:
+    with _running_audit(big) as proc:
         workers = _workers_of(proc, count=1 if when == "starting" else 2)
         if when == "working":
             time.sleep(3)
         os.killpg(proc.pid, sig)
         _out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
     if proc.returncode == 0:
         pytest.skip("the audit finished before the signal (a very fast machine)")
     code = 130 if sig == signal.SIGINT else 143
