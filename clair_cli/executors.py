@@ -326,7 +326,8 @@ class ProcessExecutor:
                 if done in ready:
                     status, value = ready.pop(done)
                     if status == "error":
-                        raise value
+                        error, trace = value
+                        raise error from RemoteTraceback(trace)
                     yield value
                     done += 1
                     if progress is not None:
@@ -343,8 +344,9 @@ class ProcessExecutor:
                 self._stop()
 
     def _result(self, worker: int) -> tuple[str, Any]:
-        """One task's ``("ok", result)`` or ``("error", exception)`` from ``worker`` (the exception
-        as raised there: a ClairError, or the ValueError of a module the audit cannot handle)."""
+        """One task's ``("ok", result)`` or ``("error", (exception, traceback))`` from ``worker``
+        (the exception as raised there: a ClairError, or the ValueError of a module the audit
+        cannot handle; the traceback as text)."""
         import pickle
 
         process, conn = self._workers[worker]
@@ -410,10 +412,23 @@ def _died(process: Any) -> ClairError:
     )
 
 
+class RemoteTraceback(Exception):
+    """The cause of an error raised in a worker process: its traceback there, as text (what
+    ``CLAIR_DEBUG=1`` shows under the driver's own; ``concurrent.futures`` does the same)."""
+
+    def __init__(self, trace: str) -> None:
+        super().__init__(trace)
+        self.trace = trace
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.trace}"""'
+
+
 def _worker(conn: Any, parent: int, by_kernel: bool) -> None:
     """A worker process of :class:`ProcessExecutor`: tasks in, results out, until told to stop."""
     import os
     import pickle
+    import traceback
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C, and stops the workers
     # SIGTERM: leave at once and quietly (a group's SIGTERM reaches the driver too, which ends the
@@ -429,17 +444,19 @@ def _worker(conn: Any, parent: int, by_kernel: bool) -> None:
             return
         if data == _STOP:
             return
-        result: tuple[str, Any]
+        result: tuple[str, Any]  # ("ok", ModuleAudit) or ("error", (exception, traceback))
         try:
             pool, auditor, reference, settings, without = pickle.loads(data)
-            result = ("ok", audit_one(pool, auditor, reference, settings, without))
-        except BaseException as exc:  # raised in the driver as itself
-            result = ("error", exc)
+            audited: Any = audit_one(pool, auditor, reference, settings, without)
+            result = ("ok", audited)
+        except BaseException as exc:  # raised in the driver as itself, this traceback its cause
+            result = ("error", (exc, traceback.format_exc()))
         try:
             payload = pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:  # an exception that does not pickle: its type and message
-            error = result[1]
-            payload = pickle.dumps(("error", RuntimeError(f"{type(error).__name__}: {error}")))
+        except Exception as exc:  # what does not pickle: an exception's type and message
+            failure: tuple[BaseException, str] = (exc, traceback.format_exc()) if result[0] == "ok" else result[1]
+            error, trace = failure
+            payload = pickle.dumps(("error", (RuntimeError(f"{type(error).__name__}: {error}"), trace)))
         del data, result
         conn.send_bytes(payload)
         del payload  # an idle worker holds nothing of its last task
@@ -596,27 +613,16 @@ def executor_fit(
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may use: those it may run on (its affinity), and no more than a
-    container's CPU quota (cgroup v2 ``cpu.max``) allows; at least one."""
-    import math
+    """The CPUs this process may use: those it may run on (its affinity), and no more than its
+    container's CPU quota (cgroup v2 ``cpu.max`` or v1 CFS, :func:`clair_cli.io.resources.cpu_quota`)
+    allows; at least one."""
     import os
-    from pathlib import Path
+
+    from clair_cli.io.resources import cpu_quota
 
     try:
         count = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         count = os.cpu_count() or 1
-    try:  # cgroup v2
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            count = min(count, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):
-        pass
-    try:  # cgroup v1
-        v1 = Path("/sys/fs/cgroup/cpu")
-        quota_us = int((v1 / "cpu.cfs_quota_us").read_text())
-        if quota_us > 0:
-            count = min(count, math.ceil(quota_us / int((v1 / "cpu.cfs_period_us").read_text())))
-    except (OSError, ValueError):
-        pass
-    return max(1, count)
+    quota = cpu_quota()
+    return max(1, count if quota is None else min(count, quota))

@@ -415,3 +415,24 @@ def test_a_view_of_a_larger_tensor_travels_alone() -> None:
     pool = pipeline.pool_from_factors(factors)
     size = len(pickle.dumps(module_pool(pool, pool.modules[0], absolute=False)))
     assert size < 200_000, size
+
+
+def test_a_worker_error_carries_the_worker_traceback(tmp_path: Path) -> None:
+    """An error raised in a worker is raised in the driver as itself, with the worker's own
+    traceback as its cause (what ``CLAIR_DEBUG=1`` shows; the driver's alone would end at the pipe)."""
+    from clair_cli import pipeline
+    from clair_cli.core.audit import ClairAuditor
+    from clair_cli.errors import ClairError
+    from clair_cli.executors import ProcessExecutor, RemoteTraceback
+
+    for k in range(6):
+        tensors = random_factors(MODULES, seed=k)
+        if k == 2:
+            tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"][0, 0] = float("nan")
+        write_adapter(tmp_path / "pool" / f"a{k}", tensors)
+    pool = pipeline.open_pool([str(tmp_path / "pool")])
+    with ProcessExecutor(2) as executor, pytest.raises(ClairError, match="NaN") as raised:
+        list(executor.audits(pool, ClairAuditor()))
+    cause = raised.value.__cause__
+    assert isinstance(cause, RemoteTraceback)
+    assert "Traceback (most recent call last)" in cause.trace and "audit_one" in cause.trace
