@@ -334,8 +334,9 @@ def _read_fitted(
     adapter: Adapter, reader: SafetensorsReader, name: str, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One adapter's factors of module ``name`` in ``dtype``: read in float64 and cast with
-    :func:`~clair_cli.core.canonical.in_dtype`, so float64 factors beyond float32's range whose
-    update fits are balanced rather than cast to Inf or 0."""
+    :func:`~clair_cli.core.canonical.in_dtype`, so float64 factors are balanced before they are
+    narrowed (their update, not each factor, keeps its precision; factors beyond float32's range
+    whose update fits are not cast to Inf or 0)."""
     import torch
 
     from clair_cli.core.canonical import cast_faithfully, in_dtype

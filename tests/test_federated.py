@@ -171,25 +171,63 @@ def test_a_malformed_reply_is_left_out_and_the_round_goes_on(bad: str, why: str)
         assert bool(A.isfinite().all()) and bool(B.isfinite().all()) and bool(B.any())
 
 
-@pytest.mark.parametrize("how", ["rebalanced", "balanced near the bound"])
-def test_a_reply_whose_update_the_reader_would_refuse_is_left_out_from_the_second_round_on(how: str) -> None:
-    """Once the global LoRA is non-zero the update is [A; A_g], [B, -B_g] at rank 2r: the screen
-    checks those factors, as the reader will (found by review: a rebalanced reply, A 1e15 and
-    B / 1e15, or one just under the bound at rank r, passed the screen and stopped the round)."""
+def _second_round() -> tuple[dict, dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
+    """A non-zero global LoRA and eight clients trained from it (node-2 off the others' subspace)."""
     g = torch.Generator().manual_seed(5)
     glob = {n: (0.1 * torch.randn(4, 40, generator=g), 0.1 * torch.randn(48, 4, generator=g)) for n in NAMES}
     clients = {
         c: {n: (glob[n][0] + A / 4, glob[n][1] + B / 4) for n, (A, B) in mods.items()} for c, mods in _pool().items()
     }
-    if how == "rebalanced":
-        clients["node-3"] = {n: (A * 1e15, B / 1e15) for n, (A, B) in clients["node-3"].items()}
-    else:  # each factor at 0.7 of what the bound allows a rank-4 update: the rank-8 one passes it
-        for n, (A, B) in clients["node-3"].items():
-            c = (0.7 * 1e12 / (2.0 * 4)) ** 0.5
-            clients["node-3"][n] = (A / A.abs().max() * c, B / B.abs().max() * c)
+    return glob, clients
+
+
+def test_a_reply_whose_update_the_reader_would_refuse_is_left_out_from_the_second_round_on() -> None:
+    """Once the global LoRA is non-zero the update is [A; A_g], [B, -B_g] at rank 2r: the screen
+    checks those factors, as the reader will (found by review: a reply just under the bound at
+    rank r passed the screen and stopped the round)."""
+    glob, clients = _second_round()
+    for n, (A, B) in clients["node-3"].items():  # each factor at 0.7 of what the bound allows a rank-4 update
+        c = (0.7 * 1e12 / (2.0 * 4)) ** 0.5
+        clients["node-3"][n] = (A / A.abs().max() * c, B / B.abs().max() * c)
     res = aggregate_round(glob, clients, dict.fromkeys(NAMES, 2.0), dict.fromkeys(NAMES, 4))
     assert res.flagged[3] and "make its update overflow" in res.reasons[3][0]
     assert res.report is not None and "node-3" not in res.collaborators
+
+
+def _ill_conditioned(A: torch.Tensor, B: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M^{-1} A, B M)`` in float64 for ``M`` of condition number 1e8: the same update to 1e-8."""
+    g = torch.Generator().manual_seed(seed)
+    r = A.shape[0]
+    q1 = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64))[0]
+    q2 = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64))[0]
+    d = torch.logspace(-4, 4, r, dtype=torch.float64)
+    return q2 @ torch.diag(1 / d) @ q1.T @ A.double(), B.double() @ q1 @ torch.diag(d) @ q2.T
+
+
+@pytest.mark.parametrize("how", ["c=1e15", "c=1e-15", "c=1e3", "ill-conditioned float64"])
+@pytest.mark.parametrize("second_round", [False, True])
+def test_a_refactored_reply_changes_no_flag_and_no_score(how: str, second_round: bool) -> None:
+    """A client's update sent factored another way, ``(c A, B / c)`` or ``(M^{-1} A, B M)``:
+    the round's flags and scores are the same to rounding (found by review: in the second round
+    (A 1e12, B / 1e12) was refused as an overflow, and float64 factors of an ill-conditioned M
+    were cast to float32 factor by factor, which got an honest client flagged)."""
+    if second_round:
+        glob, clients = _second_round()
+    else:
+        glob, clients = _clients_with("none")
+        clients["node-2"] = {n: (A, 10 * B) for n, (A, B) in clients["node-2"].items()}  # one to flag
+    base = aggregate_round(glob, clients, dict.fromkeys(NAMES, 2.0), dict.fromkeys(NAMES, 4))
+    for k in (3, 2):  # an honest client, and the flagged one
+        moved = {c: dict(m) for c, m in clients.items()}
+        if how == "ill-conditioned float64":
+            moved[f"node-{k}"] = {n: _ill_conditioned(A, B) for n, (A, B) in clients[f"node-{k}"].items()}
+        else:
+            c = float(how.removeprefix("c="))
+            moved[f"node-{k}"] = {n: (A * c, B / c) for n, (A, B) in clients[f"node-{k}"].items()}
+        res = aggregate_round(glob, moved, dict.fromkeys(NAMES, 2.0), dict.fromkeys(NAMES, 4))
+        assert res.flagged == base.flagged == [j == 2 for j in range(8)], (k, res.reasons)
+        for s0, s1 in zip(base.scores, res.scores, strict=True):
+            assert math.isclose(s0, s1, rel_tol=1e-4, abs_tol=1e-4), (k, base.scores, res.scores)
 
 
 def test_a_reply_that_could_not_be_read_is_listed_and_left_out() -> None:
@@ -237,3 +275,101 @@ def test_flower_module_says_how_to_install_it() -> None:
     code = "import sys, clair_cli.federated, clair_cli.__main__; print('flwr' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def _merged_update(res, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    return {n: scale * B.double() @ A.double() for n, (A, B) in res.global_factors.items()}
+
+
+def test_a_client_cannot_take_the_merge_over_by_claiming_many_examples() -> None:
+    """A client the audit lets through (a moderately boosted honest update) claims a million
+    examples against the others' ten: its weight counts as three times the median (the notes say
+    so), and the merge stays near the honest clients' mean; uncapped, it is that client's update."""
+    glob, clients = _clients_with("none")
+    clients["node-5"] = {n: (A, 1.3 * B) for n, (A, B) in clients["node-5"].items()}
+    weights = [10.0] * 8
+    weights[5] = 1e6
+    args = (glob, clients, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, 4))
+    capped = aggregate_round(*args, weights=weights)
+    free = aggregate_round(*args, weights=weights, weight_cap=None)
+    equal = aggregate_round(*args, weights=[10.0] * 8)
+    assert not any(capped.flagged) and not any(free.flagged)
+    assert any(note.startswith("node-5: weight 1e+06 counted as 30") for note in capped.notes), capped.notes
+    attacker = _dense(clients["node-5"], 1.0)
+    for n in NAMES:
+        honest = _merged_update(equal)[n]
+        pull_capped = float((_merged_update(capped)[n] - honest).norm() / honest.norm())
+        pull_free = float((_merged_update(free)[n] - honest).norm() / honest.norm())
+        assert float((_merged_update(free)[n] - attacker[n]).norm() / attacker[n].norm()) < 0.05  # taken over
+        assert pull_capped < 0.5 * pull_free, (pull_capped, pull_free)
+
+
+def test_weights_refused_or_all_zero() -> None:
+    """A weight that is not a non-negative number leaves its client out; collaborators whose
+    weights are all zero are merged with equal weights, with a note (found by review: the merge
+    raised and the round stopped)."""
+    glob, clients = _clients_with("none")
+    args = (glob, clients, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, 4))
+    bad = [1.0, math.nan, 1.0, -2.0, 1.0, math.inf, 1.0, 1.0]
+    res = aggregate_round(*args, weights=bad)
+    assert res.flagged == [w != 1.0 for w in bad]
+    assert all("is not a non-negative number" in res.reasons[k][0] for k in (1, 3, 5))
+    zero = aggregate_round(*args, weights=[0.0] * 8)
+    equal = aggregate_round(*args)
+    assert any("weights are all zero" in note for note in zero.notes)
+    for n in NAMES:
+        assert torch.allclose(_merged_update(zero)[n], _merged_update(equal)[n])
+
+
+def test_a_module_no_client_trained_is_kept_and_the_round_goes_on() -> None:
+    """First round (zero global B): every client left one module untouched. The others are
+    audited and merged; that module stays as it was (found by review: the audit raised)."""
+    glob, clients = _clients_with("none")
+    clients["node-2"] = {n: (A, 10 * B) for n, (A, B) in clients["node-2"].items()}
+    for mods in clients.values():
+        A, _B = mods[NAMES[1]]
+        mods[NAMES[1]] = (A, torch.zeros(48, 4))
+    res = aggregate_round(glob, clients, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, 4))
+    assert res.fallback is None and res.flagged == [k == 2 for k in range(8)]
+    assert any("1 module(s) where no client's update is non-zero" in note for note in res.notes)
+    A, B = res.global_factors[NAMES[1]]
+    assert not bool(B.any())
+    assert bool(res.global_factors[NAMES[0]][1].any())
+
+
+@pytest.mark.parametrize(
+    "reply, why",
+    [
+        (None, "not LoRA factors by module"),
+        ({NAMES[0]: None, NAMES[1]: None}, "expected (A, B)"),
+        ("int32", "dense floating-point"),
+        ("bool", "dense floating-point"),
+        ("complex", "dense floating-point"),
+        ("numpy", "is a ndarray"),
+        ("sparse", "dense floating-point"),
+        ("meta", "dense floating-point"),
+        ("one", "expected (A, B)"),
+    ],
+)
+def test_a_reply_of_the_wrong_types_is_left_out_through_the_library_too(reply, why: str) -> None:
+    """``aggregate_round`` called directly with what is not a pair of float matrices per module:
+    that client is flagged with the reason, the round goes on (found by review: errors escaped)."""
+    glob, clients = _clients_with("none")
+    good = clients["node-3"]
+    if isinstance(reply, str):
+        A, B = good[NAMES[0]]
+        bad_pair = {
+            "int32": (A.int(), B.int()),
+            "bool": (A > 0, B > 0),
+            "complex": (A.to(torch.complex64), B.to(torch.complex64)),
+            "numpy": (A.numpy(), B.numpy()),
+            "sparse": (A.to_sparse(), B.to_sparse()),
+            "meta": (A.to("meta"), B.to("meta")),
+            "one": (A,),
+        }[reply]
+        reply = {NAMES[0]: bad_pair, NAMES[1]: good[NAMES[1]]}
+    clients["node-3"] = reply
+    res = aggregate_round(glob, clients, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, 4))
+    assert res.flagged == [k == 3 for k in range(8)], res.reasons
+    assert res.reasons[3][0].startswith("malformed reply") and why in res.reasons[3][0], res.reasons[3]
+    assert res.fallback is None

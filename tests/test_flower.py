@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("flwr")
 pytest.importorskip("transformers")
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
 from clair_cli.errors import AdapterFormatError, UsageError  # noqa: E402
@@ -70,9 +72,10 @@ def _one_round(
     config: RecordDict | None = None,
     bad: dict[str, torch.Tensor] | None = None,
     nodes: int = 6,
+    bad_reply: Callable[[dict[str, torch.Tensor]], RecordDict] | None = None,
 ) -> ClairStrategy:
     """Run ClairStrategy for one round: every client replies ``reply_state`` plus its own
-    change, except the last node, which replies ``bad`` when given."""
+    change, except the last node, which replies ``bad`` when given, or ``bad_reply(its state)``."""
     app = ClientApp()
 
     @app.train()
@@ -81,9 +84,11 @@ def _one_round(
         state = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in reply_state.items()}
         if bad is not None and int(context.node_id) == nodes:
             state = bad
-        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 10})})
+        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 10, "loss": 1.0})})
         for key, record in (config or {}).items():
             content[key] = record
+        if bad_reply is not None and int(context.node_id) == nodes:
+            content = bad_reply(state)
         return Message(content, reply_to=msg)
 
     strategy = ClairStrategy({"r": 4, "lora_alpha": 8}, fraction_evaluate=0.0, min_available_nodes=nodes)
@@ -95,8 +100,81 @@ def _one_round(
 def test_refuses_what_is_not_lora() -> None:
     with pytest.raises(AdapterFormatError, match="use_dora"):
         ClairStrategy({"r": 4, "lora_alpha": 8, "use_dora": True})
-    with pytest.raises(UsageError, match="secure aggregation"):
+    with pytest.raises(UsageError, match="every reply carries secure-aggregation records"):
         _one_round(_state(), RecordDict({"secaggplus_configs": ConfigRecord({"stage": "setup"})}))
+
+
+def _with_array(key: str, array: Array) -> Callable[[dict[str, torch.Tensor]], RecordDict]:
+    def reply(state: dict[str, torch.Tensor]) -> RecordDict:
+        record = ArrayRecord({k: Array(v.numpy()) for k, v in state.items()})
+        record[key] = array
+        return RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 10})})
+
+    return reply
+
+
+def _with_records(extra: dict[str, object], metrics: dict[str, object] | None = None):
+    def reply(state: dict[str, torch.Tensor]) -> RecordDict:
+        content = RecordDict(
+            {"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics or {"num-examples": 10})}  # type: ignore[arg-type]
+        )
+        for key, record in extra.items():
+            content[key] = record  # type: ignore[assignment]
+        return content
+
+    return reply
+
+
+KEY_A = "base_model.model.h.0.attn.q.lora_A.weight"
+
+
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (
+            _with_array(KEY_A, Array(dtype="float32", shape=(4, 12), stype="numpy.ndarray", data=b"garbage")),
+            "cannot be read",
+        ),
+        (
+            _with_array(KEY_A, Array(dtype="float32", shape=(4, 12), stype="torch.raw", data=b"0" * 192)),
+            "cannot be read",
+        ),
+        (_with_array(KEY_A, Array(np.full((4, 12), "x"))), "cannot be read"),
+        (_with_array(KEY_A, Array(np.ones((4, 12), dtype=np.longdouble))), "cannot be read"),
+        (_with_records({"secagg-junk": ConfigRecord({"x": 1})}), "secure-aggregation"),
+        (_with_records({"cfg": ConfigRecord({"use_secagg": 0})}), "secure-aggregation"),
+        (_with_records({}, {"num-examples": 10, "loss": [1.0, 2.0]}), None),  # kept: only the metrics are lost
+        (_with_records({}, {"num-examples": 0, "loss": 1.0}), None),
+    ],
+)
+def test_a_reply_that_would_have_stopped_the_round_is_left_out(make, why: str | None) -> None:
+    """Bytes that are not a NumPy array, another serialisation, dtypes torch has no tensor of,
+    one client's secure-aggregation records, metrics of another type: that reply is flagged (or,
+    for metrics, the clients' metrics dropped), the round goes on (found by review: each raised
+    out of aggregate_train and stopped the federation)."""
+    strategy = _one_round(_state(), bad_reply=make)
+    (entry,) = strategy.history
+    assert entry["fallback"] is None and len(entry["clients"]) == 6
+    if why is None:
+        assert entry["flagged"] == []
+    else:
+        (left_out,) = entry["flagged"]
+        assert left_out == entry["clients"][-1]
+        assert entry["reasons"][left_out][0].startswith("malformed reply") and why in entry["reasons"][left_out][0]
+
+
+def test_a_big_endian_reply_is_read() -> None:
+    strategy = _one_round(
+        _state(),
+        bad_reply=lambda state: RecordDict(
+            {
+                "arrays": ArrayRecord({k: Array(v.numpy().astype(">f4")) for k, v in state.items()}),
+                "metrics": MetricRecord({"num-examples": 10}),
+            }
+        ),
+    )
+    (entry,) = strategy.history
+    assert entry["flagged"] == [] and entry["fallback"] is None
 
 
 NAN = _state()
@@ -134,3 +212,11 @@ def test_split_state_dict_pairs_factors() -> None:
         split_state_dict("x", {"base_model.model.h.0.attn.q.lora_A.weight": torch.randn(4, 12)})
     with pytest.raises(AdapterFormatError, match="floating-point"):
         split_state_dict("x", {k: v.long() for k, v in _state().items()})
+    twice = _state() | {"h.0.attn.q.lora_A.weight": torch.randn(4, 12).half()}
+    with pytest.raises(AdapterFormatError, match="are both module 'h.0.attn.q'"):
+        split_state_dict("x", twice)
+    mixed = {k: v for k, v in _state().items() if "lora_A" not in k} | {
+        "base_model.model.h.0.attn.q.lora_embedding_A": torch.randn(4, 12)
+    }
+    with pytest.raises(AdapterFormatError, match="pairs an embedding factor with a linear one"):
+        split_state_dict("x", mixed)

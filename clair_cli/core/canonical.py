@@ -188,15 +188,24 @@ def in_dtype(
 
     Factors stored in a wider dtype can lie outside ``dtype``'s range while their update does
     not (``(c B, A / c)`` with ``c = 1e39``): cast as they are, one would become Inf and the
-    other 0. Such factors are replaced by their canonical factors (balanced, scale 1), whose
-    entries are bounded by the update's singular values. Factors that cast faithfully are
-    returned cast, unchanged otherwise.
+    other 0. And factors cast to a dtype of less precision each keep their own relative precision,
+    not their product's: ``(B M, M^{-1} A)`` with ``M`` of condition number 1e8, exact in
+    float64, is noise in float32 (the terms of ``B A`` cancel to 1e-8 of their size). Factors
+    of more precision than ``dtype`` are therefore replaced by their canonical factors (balanced,
+    scale 1; computed in float64), whose entries are bounded by the update's singular values and
+    whose cast keeps the update to ``dtype``'s rounding. Factors whose values ``dtype`` holds
+    exactly (bfloat16 or float16 into float32, float32 values read as float64) are cast as they
+    are.
 
     Raises:
         ValueError: the update itself does not fit in ``dtype`` (its canonical factors overflow).
     """
     a, b = A.to(dtype), B.to(dtype)
-    if cast_faithfully(A, a) and cast_faithfully(B, b):
+    exact = all(
+        torch.finfo(wide.dtype).eps >= torch.finfo(dtype).eps or torch.equal(narrow.to(wide.dtype), wide)
+        for wide, narrow in ((A, a), (B, b))
+    )
+    if exact and cast_faithfully(A, a) and cast_faithfully(B, b):
         return a, b, scale
     ca, cb = canonical_factors(A, B, scale, torch.float64)
     a, b = ca.to(dtype), cb.to(dtype)

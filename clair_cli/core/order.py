@@ -2,9 +2,17 @@
 
 Every per-module computation that could depend on position (which block a random null
 draw lands on, the order of floating-point sums, cross-validation folds, which copy in a
-group of duplicates represents it) runs with the adapters sorted by a digest of their
-own factors. Permuting the sources then permutes every per-adapter result exactly, bit for
-bit, and leaves every pool-level result unchanged.
+group of duplicates represents it) runs with the adapters sorted by their own content: first
+by the size of their factors (:func:`magnitude`; for the audit's canonical factors, twice the
+update's nuclear norm), then by a digest of their bytes. Permuting the sources then permutes
+every per-adapter result exactly, bit for bit, and leaves every pool-level result unchanged.
+
+The size comes first because it is continuous: factors that differ in their last bits (the
+same update factored another way, ``(c B, A / c)``, then put in canonical factors) keep their
+place unless another adapter's size lies within rounding of theirs, so the null draws land
+where they did and no score moves beyond rounding. Sorted by the digest alone, a one-bit
+change reshuffled the order (a score moved by 0.05 under a re-factorisation), and an attacker
+could grind factorisations of one update for a favourable null.
 """
 
 from __future__ import annotations
@@ -52,17 +60,24 @@ def content_keys(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: S
     return keys
 
 
+def magnitude(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
+    """``|scale| (||A||_F^2 + ||B||_F^2)`` in float64: for balanced canonical factors (scale 1),
+    twice the update's nuclear norm; a continuous function of the factors either way."""
+    return abs(float(scale)) * float(a.detach().double().square().sum() + b.detach().double().square().sum())
+
+
 def content_order(
     A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: Sequence[float], keys: Sequence[bytes] | None = None
 ) -> list[int]:
-    """Indices of the adapters sorted by their :func:`content_keys` (``keys``, when computed
-    already).
+    """Indices of the adapters sorted by their :func:`magnitude`, then their :func:`content_keys`
+    (``keys``, when computed already).
 
     Adapters with identical factors tie; they are interchangeable, so their relative order
     cannot change a result.
     """
     keys = list(keys) if keys is not None else content_keys(A, B, scales)
-    return sorted(range(len(keys)), key=keys.__getitem__)
+    sizes = [magnitude(a, b, s) for a, b, s in zip(A, B, scales, strict=True)]
+    return sorted(range(len(keys)), key=lambda k: (sizes[k], keys[k]))
 
 
 def inverse(order: Sequence[int]) -> torch.Tensor:

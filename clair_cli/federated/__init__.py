@@ -6,18 +6,22 @@ Importing this package never imports ``flwr``; ``clair_cli.federated.flower`` do
 
 from clair_cli.federated.rounds import (
     TOO_FEW_CHOICES,
+    WEIGHT_CAP,
     RoundResult,
     TooFew,
     aggregate_round,
+    capped_weights,
     client_update,
     geometric_median_weights,
 )
 
 __all__ = [
     "TOO_FEW_CHOICES",
+    "WEIGHT_CAP",
     "RoundResult",
     "TooFew",
     "aggregate_round",
+    "capped_weights",
     "client_update",
     "geometric_median_weights",
 ]

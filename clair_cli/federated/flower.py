@@ -10,12 +10,14 @@ metrics carry every client's score and verdict; with ``audit_dir`` each round's 
 audit`` JSON report is written there too.
 
 A reply that is not a client's LoRA factors (other tensors, DoRA, LoRA biases, ranks or
-modules other than the strategy's ``LoraConfig``, NaN or infinite values, factors whose update
-would overflow the analysis, a missing or negative weight) is flagged with its reason and left
-out; the round goes on. Refused with
-a :class:`clair_cli.errors.ClairError`: a ``LoraConfig`` that is not LoRA, a global adapter
-that does not match it, and masked replies of secure aggregation (clair needs each
-client's factors, which secure aggregation exists to hide).
+modules other than the strategy's ``LoraConfig``, two tensors for one factor, NaN or infinite
+values, factors whose update would overflow the analysis, arrays that do not decode, a missing
+or negative weight, secure-aggregation records) is flagged with its reason and left out; the
+round goes on, whatever the reply's bytes raise. Metrics that cannot be aggregated are dropped,
+not the round. Refused with a :class:`clair_cli.errors.ClairError`: a ``LoraConfig`` that is
+not LoRA, a global adapter that does not match it, and a round in which every reply carries
+secure-aggregation records (the server runs SecAgg, which hides each client's factors, what
+clair needs).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from clair_cli.constants import LORA_KEY_RE, PEFT_KEY_PREFIX
 from clair_cli.errors import AdapterFormatError, ClairError, IncompatibleAdapters, UsageError
-from clair_cli.federated.rounds import TOO_FEW_CHOICES, RoundResult, TooFew, aggregate_round
+from clair_cli.federated.rounds import TOO_FEW_CHOICES, WEIGHT_CAP, RoundResult, TooFew, aggregate_round
 from clair_cli.io.writers import write_text
 
 try:
@@ -84,7 +86,10 @@ def split_state_dict(
         AdapterFormatError: a tensor that is not a LoRA factor, an unpaired factor, or a
             factor that is not a floating-point matrix.
     """
+    import torch
+
     parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    kinds: dict[str, set[str]] = {}
     for key, value in state.items():
         short = key[len(PEFT_KEY_PREFIX) :] if key.startswith(PEFT_KEY_PREFIX) else key
         m = LORA_KEY_RE.match(short)
@@ -99,12 +104,21 @@ def split_state_dict(
                 "bias='none', no DoRA).",
             )
         part = "A" if m["part"].endswith("A") else "B"
-        parts.setdefault(m["module"], {})[part] = (key, value)
+        kind = "embedding" if m["part"].startswith("lora_embedding") else "linear"
+        entry = parts.setdefault(m["module"], {})
+        if part in entry:  # two keys for one factor (with and without the prefix, or ``.default``)
+            raise AdapterFormatError(
+                f"{name}: {entry[part][0]!r} and {key!r} are both module {m['module']!r}'s lora_{part}"
+            )
+        entry[part] = (key, value)
+        kinds.setdefault(m["module"], set()).add(kind)
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     keys: dict[str, tuple[str, str]] = {}
     for module, p in sorted(parts.items()):
         if set(p) != {"A", "B"}:
             raise AdapterFormatError(f"{name}: module {module!r} has lora_{next(iter(p))} but not its pair")
+        if len(kinds[module]) > 1:
+            raise AdapterFormatError(f"{name}: module {module!r} pairs an embedding factor with a linear one")
         (ka, A), (kb, B) = p["A"], p["B"]
         if A.dim() != 2 or B.dim() != 2 or not A.is_floating_point() or not B.is_floating_point():
             raise AdapterFormatError(
@@ -112,24 +126,64 @@ def split_state_dict(
                 f"{A.dtype} {tuple(A.shape)} and {B.dtype} {tuple(B.shape)}",
                 hint="Integer arrays are what secure aggregation's masking sends; clair needs the factors.",
             )
-        factors[module] = (A.float(), B.float())
+        # float64 stays float64 until the audit reads it (``in_dtype`` balances its factors
+        # before narrowing them, so an ill-conditioned factorisation keeps its update).
+        factors[module] = (A, B) if A.dtype == B.dtype == torch.float64 else (A.float(), B.float())
         keys[module] = (ka, kb)
     if not factors:
         raise AdapterFormatError(f"{name}: the reply holds no LoRA factor")
     return factors, keys
 
 
-def _refuse_secure_aggregation(message: Message) -> None:
+SECAGG_REASON = "carries secure-aggregation records (masked updates are not LoRA factors)"
+
+
+def _secure_aggregation(message: Message) -> bool:
+    """Whether a reply carries records of secure aggregation (SecAgg / SecAgg+): a record or
+    config key named for it."""
     content = message.content
     names = [*content.config_records.keys(), *content.array_records.keys(), *content.metric_records.keys()]
     for record in content.config_records.values():
         names.extend(record.keys())
-    if any(marker in n.lower() for n in names for marker in SECAGG_MARKERS):
+    return any(marker in str(n).lower() for n in names for marker in SECAGG_MARKERS)
+
+
+def _refuse_secure_aggregation(replies: list[Message]) -> None:
+    """Refuse the run when every reply carries secure-aggregation records: the server runs
+    SecAgg, which hides what clair needs. One client's such reply is only that client's
+    (left out with its reason), or any client could stop the federation."""
+    if replies and all(_secure_aggregation(m) for m in replies):
         raise UsageError(
-            f"node {message.metadata.src_node_id}: the reply carries secure-aggregation records; "
-            "ClairStrategy needs each client's LoRA factors, which secure aggregation hides",
+            "every reply carries secure-aggregation records; ClairStrategy needs each client's LoRA "
+            "factors, which secure aggregation hides",
             hint="Run ClairStrategy without SecAgg/SecAgg+ (the server must see every client's update).",
         )
+
+
+def reply_state_dict(name: str, record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """A reply's arrays as tensors (``ArrayRecord.to_torch_state_dict``, with every failure one
+    :class:`AdapterFormatError` naming the array: bytes that are not a NumPy array, another
+    serialisation, a dtype torch has no tensor of). Big-endian floating-point arrays are read
+    in the machine's byte order.
+
+    Raises:
+        AdapterFormatError: an array that cannot be read as a tensor.
+    """
+    import numpy as np
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    for key in record:
+        try:
+            array = record[key].numpy()
+            if array.dtype.kind == "f" and not array.dtype.isnative:
+                array = array.astype(array.dtype.newbyteorder("="))
+            out[key] = torch.from_numpy(np.ascontiguousarray(array))
+        except Exception as exc:  # noqa: BLE001 - a client's bytes: any failure is a malformed reply
+            raise AdapterFormatError(
+                f"{name}: array {str(key)[:200]!r} cannot be read as a tensor ({type(exc).__name__}: {str(exc)[:200]})"
+            ) from None
+    return out
 
 
 class ClairStrategy(FedAvg):
@@ -146,6 +200,9 @@ class ClairStrategy(FedAvg):
         audit_dir: where to write each round's ``clair audit`` JSON report
             (``round-001.json``, ...); None writes none.
         base_model: the base model's name, for the reports.
+        weight_cap: a reply's weight (its ``num-examples``, or ``weighted_by_key``: what the
+            client claims) counts at most this many times the round's median weight
+            (:func:`clair_cli.federated.rounds.capped_weights`); None: FedAvg's weights, uncapped.
         **kwargs: ``FedAvg``'s own arguments (fractions, minimum nodes, keys, ...).
 
     Attributes:
@@ -163,9 +220,13 @@ class ClairStrategy(FedAvg):
         on_too_few: TooFew = "skip",
         audit_dir: str | Path | None = None,
         base_model: str | None = None,
+        weight_cap: float | None = WEIGHT_CAP,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if weight_cap is not None and not (math.isfinite(weight_cap) and weight_cap >= 1):
+            raise UsageError(f"weight_cap={weight_cap!r}: expected a number of at least 1, or None")
+        self.weight_cap = weight_cap
         if on_too_few not in TOO_FEW_CHOICES:
             raise UsageError(f"on_too_few={on_too_few!r}: expected one of {', '.join(TOO_FEW_CHOICES)}")
         self.config = parse_lora_config(lora_config)
@@ -181,7 +242,8 @@ class ClairStrategy(FedAvg):
     def summary(self) -> None:
         """Log the strategy's settings (Flower calls it when the run starts)."""
         log(INFO, "\t├──> CLAIR: LoRA r=%s, alpha=%s", self.config.r, self.config.lora_alpha)
-        log(INFO, "\t│\t└── too few clients to audit: %s", self.on_too_few)
+        log(INFO, "\t│\t├── too few clients to audit: %s", self.on_too_few)
+        log(INFO, "\t│\t└── weight cap: %s", "none" if self.weight_cap is None else f"{self.weight_cap}x the median")
         super().summary()
 
     def configure_train(
@@ -196,9 +258,7 @@ class ClairStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Audit the replies' updates, merge the collaborators', return the next global LoRA."""
         replies = list(replies)
-        for msg in replies:
-            if not msg.has_error():
-                _refuse_secure_aggregation(msg)
+        _refuse_secure_aggregation([m for m in replies if not m.has_error()])
         # FedAvg's own consistency check would drop the whole round for one odd reply;
         # each reply is checked on its own below instead.
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
@@ -230,6 +290,9 @@ class ClairStrategy(FedAvg):
             except ClairError as exc:
                 refused[name] = f"malformed reply: {exc.message}"
                 continue
+            except Exception as exc:  # noqa: BLE001 - whatever a client's bytes do, only its reply is lost
+                refused[name] = f"malformed reply: cannot be read ({type(exc).__name__}: {str(exc)[:200]})"
+                continue
             clients[name] = factors
             weights.append(weight)
         result = aggregate_round(
@@ -243,6 +306,7 @@ class ClairStrategy(FedAvg):
             base_model=self.base_model,
             on_too_few=self.on_too_few,
             refused=refused,
+            weight_cap=self.weight_cap,
         )
         state = {}
         for m, (A, B) in result.global_factors.items():
@@ -266,13 +330,15 @@ class ClairStrategy(FedAvg):
                 that is missing, not finite or negative.
         """
         content = msg.content
+        if _secure_aggregation(msg):
+            raise AdapterFormatError(f"{name}: the reply {SECAGG_REASON}")
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
             raise AdapterFormatError(
                 f"{name}: the reply holds {len(content.array_records)} ArrayRecord(s) and "
                 f"{len(content.metric_records)} MetricRecord(s); expected one of each"
             )
         record = next(iter(content.array_records.values()))
-        factors, _ = split_state_dict(name, record.to_torch_state_dict())
+        factors, _ = split_state_dict(name, reply_state_dict(name, record))
         metrics = next(iter(content.metric_records.values()))
         try:
             weight = float(metrics[self.weighted_by_key])  # type: ignore[arg-type]
@@ -291,7 +357,11 @@ class ClairStrategy(FedAvg):
         if len(keys) != 1:
             log(INFO, "CLAIR: the collaborators' metric records differ; their metrics are not aggregated")
             return MetricRecord()
-        return self.train_metrics_aggr_fn(kept, self.weighted_by_key)
+        try:  # values of other types or lengths, weights summing to zero: the clients' metrics are lost, not the round
+            return self.train_metrics_aggr_fn(kept, self.weighted_by_key)
+        except Exception as exc:  # noqa: BLE001
+            log(INFO, "CLAIR: the collaborators' metrics cannot be aggregated (%s: %s)", type(exc).__name__, exc)
+            return MetricRecord()
 
     @staticmethod
     def _round_metrics(result: RoundResult, node_ids: list[int]) -> dict[str, int | float]:

@@ -55,6 +55,11 @@ Factors = tuple["torch.Tensor", "torch.Tensor"]  # (A: r x d_in, B: d_out x r)
 TooFew = Literal["skip", "median"]
 TOO_FEW_CHOICES = ("skip", "median")
 MEDIAN_MIN_CLIENTS = 3  # the geometric median of two points is any point between them
+# A client's merge weight (its claimed number of examples) counts at most this many times the
+# median weight of the round's clients: a weight is whatever a client says, and one that passes
+# the audit would otherwise take the merge over by claiming a million examples.
+WEIGHT_CAP = 3.0
+FACTOR_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 @dataclass
@@ -97,13 +102,25 @@ def client_update(
     """A client's update ``s B_k A_k - s B_g A_g`` per module, as exact LoRA factors."""
     import torch
 
+    from clair_cli.core.canonical import canonical_factors
+    from clair_cli.io.adapter import peak, update_overflows
+
     out = {}
     for module, (A, B) in client.items():
         Ag, Bg = global_factors[module]
         if not bool(Bg.any()) or not bool(Ag.any()):
             out[module] = (A, B, scales[module])
-        else:
-            out[module] = (torch.cat([A, Ag.to(A.dtype)], 0), torch.cat([B, -Bg.to(B.dtype)], 1), scales[module])
+            continue
+        s = scales[module]
+        Ag, Bg = Ag.to(A.dtype), Bg.to(B.dtype)
+        rank = A.shape[0] + Ag.shape[0]
+        if update_overflows(s, rank, [max(peak(A), peak(Ag)), max(peak(B), peak(Bg))]):
+            # Factors of very different balance than the global's (c B, A / c): the stacked
+            # factors would look like an overflowing update though neither term is one. The
+            # client's term in balanced factors (the same update; scale folded in) instead.
+            ca, cb = canonical_factors(A, B, 1.0)
+            A, B = ca.to(A.dtype), cb.to(B.dtype)
+        out[module] = (torch.cat([A, Ag], 0), torch.cat([B, -Bg], 1), s)
     return out
 
 
@@ -137,6 +154,7 @@ def check_factors(
     """
     from clair_cli.io.adapter import peak, update_overflows
 
+    _check_types(name, client)
     if set(client) != set(global_factors):
         diff = sorted(set(client) ^ set(global_factors))
         raise IncompatibleAdapters(
@@ -156,7 +174,8 @@ def check_factors(
             raise AdapterFormatError(f"{name}: module {module}: the factors hold NaN or infinite values")
     if scales is None:
         return
-    # The update as the audit reads it (client_update: rank 2r once the global LoRA is non-zero),
+    # The update as the audit reads it (client_update: rank 2r once the global LoRA is non-zero,
+    # the client's term balanced where its factors are merely skewed against the global's),
     # checked as the reader checks every adapter, so that a reply it would refuse is left out here.
     for module, (A, B, s) in client_update(client, global_factors, scales).items():
         peaks = [peak(A), peak(B)]
@@ -165,6 +184,32 @@ def check_factors(
                 f"{name}: module {module}: factor values (up to {max(peaks):.3g}, scale {s:.3g}) "
                 "make its update overflow"
             )
+
+
+def _check_types(name: str, client: Any) -> None:
+    """Refuse a reply that is not, per module, a pair of dense floating-point matrices.
+
+    Raises:
+        AdapterFormatError: naming the client and the module.
+    """
+    import torch
+
+    if not isinstance(client, Mapping):
+        raise AdapterFormatError(f"{name}: the reply is a {type(client).__name__}, not LoRA factors by module")
+    for module, pair in client.items():
+        if not (isinstance(pair, tuple | list) and len(pair) == 2):
+            raise AdapterFormatError(
+                f"{name}: module {str(module)[:200]!r}: expected (A, B), got {type(pair).__name__}"
+            )
+        for what, t in zip("AB", pair, strict=True):
+            if not isinstance(t, torch.Tensor):
+                raise AdapterFormatError(f"{name}: module {str(module)[:200]!r}: {what} is a {type(t).__name__}")
+            dtype = str(t.dtype).removeprefix("torch.")
+            if dtype not in FACTOR_DTYPES or t.layout != torch.strided or t.is_meta or t.dim() != 2:
+                raise AdapterFormatError(
+                    f"{name}: module {str(module)[:200]!r}: {what} is a {t.dim()}-d {dtype} tensor "
+                    f"({t.layout}{', meta' if t.is_meta else ''}); LoRA factors are dense floating-point matrices"
+                )
 
 
 def _refactor(
@@ -182,6 +227,9 @@ def _refactor(
     errors: dict[str, float] = {}
     for module, (Ag, Bg) in global_factors.items():
         s = scales[module]
+        if module not in merged:  # no client changed it (:func:`_idle_modules`)
+            out[module], errors[module] = (Ag.clone(), Bg.clone()), 0.0
+            continue
         Am, Bm = merged[module]
         A = torch.cat([Ag.double(), Am.double()], 0)
         B = torch.cat([s * Bg.double(), Bm.double()], 1)
@@ -209,6 +257,7 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
     base_model: str | None = None,
     on_too_few: TooFew = "skip",
     refused: Mapping[str, str] | None = None,
+    weight_cap: float | None = WEIGHT_CAP,
 ) -> RoundResult:
     """Audit the clients' updates, merge the collaborators', and write the next global LoRA.
 
@@ -218,7 +267,9 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
         scales: per module, the LoRA scale (alpha / r, or alpha / sqrt(r) with rsLoRA).
         ranks: per module, the configured rank of the global LoRA.
         weights: per client of ``clients``, its merge weight (e.g. its number of examples);
-            equal when None.
+            equal when None. A weight that is not a finite non-negative number leaves its
+            client out as a malformed reply; where the collaborators' weights sum to zero they
+            are merged with equal weights.
         settings: the audit settings (``clair audit``'s defaults when None).
         merge_options: how the collaborators' mean is formed (``clair merge``'s defaults
             with the norm bound and centred clipping on: :func:`_round_merge_options`).
@@ -227,6 +278,8 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
             keeps the global LoRA, ``"median"`` takes the updates' geometric median.
         refused: clients whose reply could not be read (name: why); flagged, left out, and
             listed after ``clients``.
+        weight_cap: a weight counts at most this many times the median weight of the clients
+            audited (:func:`capped_weights`; the notes name who was capped); None: uncapped.
 
     Raises:
         ValueError: ``on_too_few`` is not one of ``TOO_FEW_CHOICES``, or wrong ``weights``.
@@ -247,14 +300,17 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
     scores: list[float | None] = [None] * len(names)
     reasons: list[list[str]] = [[] for _ in names]
     for i, name in enumerate(names):
-        why = refused.get(name) or _screen(name, clients[name], global_factors, ranks, scales)
+        why = (
+            refused.get(name) or _bad_weight(weights, i) or _screen(name, clients[name], global_factors, ranks, scales)
+        )
         if why:
             flagged[i] = True
             reasons[i].append(why)
     live = [i for i in range(len(clients)) if not flagged[i]]
     updates = {names[i]: client_update(clients[names[i]], global_factors, scales) for i in live}
-    live_weights = None if weights is None else [float(weights[i]) for i in live]
     notes = [f"{n}: {reasons[i][0]}" for i, n in enumerate(names) if i >= len(clients) or _malformed(reasons[i])]
+    live_weights = _live_weights(weights, live, names, weight_cap, notes)
+    idle = _drop_idle_modules(updates, notes)
     report = None
     timing: dict[str, float] = {}
 
@@ -266,6 +322,9 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
         return RoundResult(new_global, names, flagged, scores, reasons, report, errors, fallback, notes, timing)
 
     need = methods.get("clair").min_adapters
+    if updates and len(idle) == len(global_factors):
+        notes.append("every client's update is zero: the global adapter is kept unchanged")
+        return result(None, "skip")
     if len(live) < need:
         robust = on_too_few == "median" and len(live) >= MEDIAN_MIN_CLIENTS
         what = "their geometric median is taken" if robust else "the global adapter is kept unchanged"
@@ -290,10 +349,101 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
         notes.append("every client was flagged: the global adapter is kept unchanged")
         return result(None, "skip")
     t0 = time.perf_counter()
-    merged = pipeline.merge(pool, "clair", settings, live_weights, merge_options, outcome)
+    merge_weights = _nonzero(live_weights, outcome.auditor.collaborative_set_, notes)
+    merged = pipeline.merge(pool, "clair", settings, merge_weights, merge_options, outcome)
     timing["merge"] = time.perf_counter() - t0
     new_global, errors = _refactor(global_factors, _factors(merged), scales, ranks)
     return result(new_global, None, errors)
+
+
+def capped_weights(
+    weights: Sequence[float], cap: float | None = WEIGHT_CAP
+) -> tuple[list[float], list[tuple[int, float]]]:
+    """``weights`` with each at most ``cap`` times the median of the positive ones, and the
+    ``(index, new weight)`` of those lowered.
+
+    A client's weight is what it claims (its number of examples); one that passes the audit
+    could otherwise take the merge over with a large enough claim, whatever bounds its update.
+    Capped, a client's share of the merge is at most ``cap / (cap + n_other)`` of a round where
+    the others sit at the median weight, and no minority can raise the median past the
+    majority's weights. Honest clients of very unequal data sizes lose the part of their weight
+    above the cap (None: uncapped, FedAvg's weighting).
+    """
+    out = [float(w) for w in weights]
+    positive = [w for w in out if w > 0]
+    if cap is None or not positive:
+        return out, []
+    import statistics
+
+    bound = cap * statistics.median(positive)
+    capped = [(j, bound) for j, w in enumerate(out) if w > bound]
+    for j, w in capped:
+        out[j] = w
+    return out, capped
+
+
+def _live_weights(
+    weights: Sequence[float] | None, live: list[int], names: list[str], cap: float | None, notes: list[str]
+) -> list[float] | None:
+    """The audited clients' merge weights (:func:`capped_weights`), a note for each one capped."""
+    if weights is None:
+        return None
+    out, capped = capped_weights([float(weights[i]) for i in live], cap)
+    notes += [f"{names[live[j]]}: weight {float(weights[live[j]]):.6g} counted as {w:.6g}" for j, w in capped]
+    return out
+
+
+def _drop_idle_modules(
+    updates: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]], notes: list[str]
+) -> list[str]:
+    """Take the modules no client changed (:func:`_idle_modules`) out of ``updates``, with a note."""
+    idle = _idle_modules(updates)
+    for update in updates.values():
+        for m in idle:
+            del update[m]
+    if idle:
+        notes.append(f"{len(idle)} module(s) where no client's update is non-zero (e.g. {idle[0]}): kept as they are")
+    return idle
+
+
+def _nonzero(weights: list[float] | None, collaborators: Sequence[int], notes: list[str]) -> list[float] | None:
+    """``weights``, or None (equal weights, with a note) where the collaborators' sum to zero."""
+    if weights is not None and not any(weights[j] > 0 for j in collaborators):
+        notes.append("the collaborators' weights are all zero: they are merged with equal weights")
+        return None
+    return weights
+
+
+def _bad_weight(weights: Sequence[float] | None, i: int) -> str | None:
+    """Why client ``i``'s weight is refused (not a finite non-negative number), or None."""
+    if weights is None or i >= len(weights):
+        return None
+    try:
+        w = float(weights[i])
+    except (TypeError, ValueError):
+        w = math.nan
+    return (
+        None
+        if math.isfinite(w) and w >= 0
+        else f"malformed reply: its weight {weights[i]!r} is not a non-negative number"
+    )
+
+
+def _idle_modules(updates: Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]]) -> list[str]:
+    """The modules where every client's update is exactly zero (``||B A||^2 = tr(B^T B A A^T) = 0``;
+    a module no client trained in the first round, where the global is zero): they span no
+    subspace to audit, and the global keeps them as they are."""
+    if not updates:
+        return []
+    first = next(iter(updates.values()))
+    return [
+        m
+        for m in first
+        if all(
+            float(((B.double().T @ B.double()) * (A.double() @ A.double().T)).sum()) == 0.0
+            for A, B, _s in (u[m] for u in updates.values())
+        )
+    ]
 
 
 def _round_merge_options() -> MergeOptions:
@@ -328,6 +478,8 @@ def _screen(
         check_factors(name, client, global_factors, ranks, scales)
     except ClairError as exc:
         return f"malformed reply: {exc.message}"
+    except Exception as exc:  # noqa: BLE001 - whatever a client sent, only its reply is lost
+        return f"malformed reply: cannot be read ({type(exc).__name__}: {str(exc)[:200]})"
     return FREE_RIDER if _unchanged(client, global_factors) else None
 
 
