@@ -264,6 +264,8 @@ def test_a_full_disk_is_exit_2_and_leaves_nothing(tmp_path: Path, monkeypatch: p
         result = CliRunner().invoke(app, [command, str(pool), "--out", str(tmp_path / "out" / "m"), *method])
         assert result.exit_code == 2, result.output
         assert "no space left on the device" in result.stderr
+        # The error names the output given, not the staging directory it was written into.
+        assert f"Error: {tmp_path / 'out' / 'm'}" in result.stderr and ".clair-tmp" not in result.stderr
         assert list((tmp_path / "out").iterdir()) == []
 
 

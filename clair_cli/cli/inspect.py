@@ -65,7 +65,7 @@ def inspect_command(
         raise failures[0]
     if json_out is not None:  # complete: every adapter has its row, the unreadable ones their error
         write_text(json_out, json.dumps(inspect_report(records), indent=2, sort_keys=False) + "\n", inputs)
-    if json_out != "-" or bad:
+    if (json_out != "-" and not quiet) or bad:  # (a table laid out only to be thrown away costs time)
         render_inspect(make_console(stderr=json_out == "-", quiet=quiet), records)
     if bad:
         raise AdapterFormatError(

@@ -260,6 +260,13 @@ def _union_targets(adapters: Sequence[Adapter], written: set[str], known: set[st
         if any(raw.get(f) not in (None, [], "") for f in ("exclude_modules", "layers_to_transform", "modules_to_save")):
             return None
         union.update(targets)
+    # PEFT's list rule: a name selects a module it equals or ends (after a dot). Names that end no
+    # module any input holds select nothing clair writes: left out, so that a config listing
+    # hundreds of thousands of names does not make the merged config too large to read back.
+    suffixes = {".".join(parts[i:]) for m in known for parts in [m.split(".")] for i in range(len(parts))}
+    union &= suffixes
+    if not union:
+        return None
     spec = {"target_modules": sorted(union)}
     if all(peft_selects(spec, m) for m in written) and not any(peft_selects(spec, m) for m in known - written):
         return tuple(sorted(union))

@@ -10,8 +10,9 @@ download inside the huggingface_hub cache. This module owns the rules:
   the joined path resolves inside its root;
 - ``--out`` may not be, contain or lie inside an input, the current or home
   directory, the filesystem root or the hub cache (:func:`check_out_dir`);
-- a report file may not be an input, nor anything but a regular file
-  (:func:`check_report_file`): a symlink, a FIFO or a device is refused, not followed.
+- a report file may not be an input, nor lie in the directory of a PEFT adapter being read (its
+  model card would be replaced), nor be anything but a regular file (:func:`check_report_file`):
+  a symlink, a FIFO or a device is refused, not followed.
 
 The umask is honoured for everything clair creates (:func:`umask`).
 """
@@ -24,13 +25,18 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from clair_cli.constants import CONFIG_NAME
 from clair_cli.errors import ClairError, OutputError, UsageError
 
 # C0 and C1 control characters, DEL, the Unicode line/paragraph separators, the bidirectional
 # controls (marks, embeddings, overrides, isolates: a name with U+202E shows its characters in
 # reverse order, so one adapter could pass for another in a report, as in "Trojan Source") and
-# the invisible joiners and spaces (two names that look the same).
-CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+# the invisible joiners and spaces (two names that look the same), and lone surrogates (a file
+# name's bytes that are not UTF-8, as Python decodes them, or a ``\ud800`` escape in a JSON
+# string): no UTF-8 output can hold them.
+CONTROL_RE = re.compile(
+    r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff\ud800-\udfff]"
+)
 MAX_COMPONENT = 200  # bytes-safe below the usual 255-byte NAME_MAX
 
 
@@ -167,11 +173,13 @@ def discarded(target: str) -> bool:
 
 
 def check_report_file(target: str, inputs: Iterable[Path] = ()) -> Path:
-    """Check that a report file can be (re)placed: not an input, and a regular file if it exists.
+    """Check that a report file can be (re)placed: not an input nor beside an input file, and a
+    regular file if it exists.
 
     Raises:
         OutputError: the path exists and is a directory, symlink, FIFO, socket or
-            device; its directory does not exist; or it is one of the inputs.
+            device; its directory does not exist; it is one of the inputs, or lies in the
+            directory of a PEFT adapter whose files are inputs.
     """
     path = Path(target)
     shown = printable(target)
@@ -202,6 +210,16 @@ def check_report_file(target: str, inputs: Iterable[Path] = ()) -> Path:
         raise OutputError(f"{shown}: directory {printable(str(parent))} does not exist")
     real = resolved(path, shown, OutputError)
     for src in inputs:
-        if real == resolved(src, shown_path(src)):
+        source = resolved(src, shown_path(src))
+        if real == source:
             raise OutputError(f"{shown}: is one of the inputs ({printable(str(src))}); refusing to overwrite it")
+        if real.parent == source.parent and source.is_file() and (source.parent / CONFIG_NAME).is_file():
+            # A file in a PEFT adapter's directory is part of that adapter (its model card, its
+            # tokenizer), or would become part of it: reports go where no adapter lives. (A
+            # folder of single-file LoRAs, kohya's, belongs to no one adapter.)
+            raise OutputError(
+                f"{shown}: lies in the directory of {printable(str(src))}, an adapter being read; "
+                "refusing to write a report there",
+                hint="Write the report outside the adapters' directories.",
+            )
     return path

@@ -36,8 +36,17 @@ def _positive_int(path: Path | str, field: str, value: Any) -> int:
 
 
 def _finite(path: Path | str, field: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _fail(path, f"{field} must be a finite number, got {value!r}")
+    try:  # an integer past float's range (10**400) overflows isfinite
+        finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if not finite:
+        shown = (
+            repr(value)
+            if not isinstance(value, int) or value.bit_length() < 128
+            else f"an integer of {len(str(value))} digits"
+        )
+        raise _fail(path, f"{field} must be a finite number, got {shown}")
     if value == 0:
         raise _fail(path, f"{field} is 0, which makes the update zero")
     return float(value)
@@ -91,6 +100,19 @@ def _regex(path: Path | str, field: str, value: str) -> str:
     return value
 
 
+def _layers(path: Path | str, layers: Any, pattern: Any) -> None:
+    """``layers_to_transform`` (null, an index or a list of indices) and ``layers_pattern`` (null,
+    a regular expression or a list of them), as PEFT reads them."""
+    if layers is not None and not (
+        (isinstance(layers, int) and not isinstance(layers, bool))
+        or (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers))
+    ):
+        raise _fail(path, "layers_to_transform must be a layer index or a list of layer indices")
+    patterns = _str_list(path, "layers_pattern", pattern)
+    for p in [patterns] if isinstance(patterns, str) else patterns or ():
+        _regex(path, "layers_pattern", p)
+
+
 def parse_config(data: dict[str, Any], path: Path | str) -> AdapterConfig:
     """Validate a config dict as PEFT would apply it.
 
@@ -120,6 +142,7 @@ def parse_config(data: dict[str, Any], path: Path | str) -> AdapterConfig:
         if isinstance(data.get(field), str):
             _regex(path, field, data[field])
     _str_list(path, "exclude_modules", data.get("exclude_modules"))
+    _layers(path, data.get("layers_to_transform"), data.get("layers_pattern"))
     return AdapterConfig(
         peft_type="LORA",
         base_model=base_model or None,

@@ -100,7 +100,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     if n_tensors > SAFETENSORS_MAX_TENSORS:
         raise _bad(path, f"header lists {n_tensors} tensors; clair accepts at most {SAFETENSORS_MAX_TENSORS}")
 
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:  # absent or null, as the safetensors library accepts; 0, [] or "" are refused there too
+        metadata = {}
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):

@@ -103,8 +103,9 @@ def _list_entry(line: str, base: Path) -> str:
     if Path(line).is_absolute():
         return line
     beside = os.path.normpath(base / line)
-    if Path(beside).exists() or not hub.looks_like_hub_id(line):
-        return beside
+    owner = base / line.partition("/")[0]
+    if Path(beside).exists() or not hub.looks_like_hub_id(line) or owner.is_dir():
+        return beside  # (owner/name with owner a directory there: a path, as on the command line)
     return line  # owner/name: a hub id, as on the command line
 
 
@@ -521,8 +522,16 @@ def _resolve_one(
     st = probe(path)
     if st is not None:
         return _resolve_local(spec, path, st, options, errors)
+    owner = spec.partition("/")[0]
     if hub.looks_like_hub_id(spec) and not spec.startswith((".", "/", "~")):
-        return [hub.fetch(spec, options.subfolder, options.revision, options.token)]
+        if not Path(owner).is_dir():
+            return [hub.fetch(spec, options.subfolder, options.revision, options.token)]
+        # owner/name where ./owner is a local directory: a path with a typo, not a hub id.
+        raise AdapterNotFound(
+            f"{shown_path(spec)}: no such file or directory (read as a local path, since {shown_path(owner)}/ is a "
+            "directory here)",
+            hint=f"For the Hugging Face Hub repo of that name, write hf://{printable(spec)}.",
+        )
     raise AdapterNotFound(f"{shown_path(spec)}: no such file or directory")
 
 

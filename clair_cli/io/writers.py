@@ -39,7 +39,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from clair_cli.errors import OutputError
+from clair_cli.errors import ClairError, OutputError
 from clair_cli.io.paths import apply_umask, check_out_dir, check_report_file, discarded, printable
 
 TMP_SUFFIX = ".clair-tmp"
@@ -409,9 +409,22 @@ class Outputs:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
+            if isinstance(exc, ClairError):
+                self._name_targets(exc)
             self.discard()
         else:
             self.commit()
+
+    def _name_targets(self, exc: ClairError) -> None:
+        """An error that names a staging path (a full disk while the merged adapter was written
+        into it) names the target the user gave instead; the staging entry is removed anyway."""
+        for out in self.outputs:
+            if out.staged is None:
+                continue
+            staged = printable(str(out.staged))
+            if staged in exc.message:
+                exc.message = exc.message.replace(staged, out.shown)
+                exc.args = (exc.message,)
 
 
 @contextlib.contextmanager

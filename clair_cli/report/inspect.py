@@ -77,15 +77,29 @@ def inspect_report(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+MAX_TARGETS_SHOWN = 12  # names in the Targets cell; the JSON report has them all
+MAX_TARGETS_CHARS = 400
+
+
 def _targets(rec: dict[str, Any]) -> str:
     t = rec["target_modules"]
     if t is None and rec.get("layout") == "kohya":  # lora_unet_<path with _>: one line per part
         parts = Counter("_".join(m["name"].split("_", 2)[:2]) + "_*" for m in rec["modules"])
-        return ", ".join(f"{p} ({n})" for p, n in sorted(parts.items()))
+        return _listed([f"{p} ({n})" for p, n in sorted(parts.items())])
     if t is None:
-        names = sorted({m["name"].rsplit(".", 1)[-1] for m in rec["modules"]})
-        return ", ".join(names)
-    return t if isinstance(t, str) else ", ".join(sorted(t))
+        return _listed(sorted({m["name"].rsplit(".", 1)[-1] for m in rec["modules"]}))
+    if isinstance(t, str):
+        return t if len(t) <= MAX_TARGETS_CHARS else f"{t[:MAX_TARGETS_CHARS]}... ({len(t)} characters)"
+    return _listed(sorted(t))
+
+
+def _listed(names: list[str]) -> str:
+    """At most ``MAX_TARGETS_SHOWN`` names and ``MAX_TARGETS_CHARS`` characters, then how many in
+    all (a config may list hundreds of thousands; laying them out in a table cell took minutes)."""
+    text = ", ".join(names[:MAX_TARGETS_SHOWN])
+    if len(names) <= MAX_TARGETS_SHOWN and len(text) <= MAX_TARGETS_CHARS:
+        return text
+    return f"{text[:MAX_TARGETS_CHARS]}, ... ({len(names)} names)"
 
 
 def render_inspect(console: Console, records: list[dict[str, Any]]) -> None:
