@@ -287,9 +287,12 @@ def iter_modules(
     device: str = "cpu",
     progress: Progress = _quiet,
     modules: Sequence[str] | None = None,
+    as_given: bool = False,
 ) -> Iterator[ModuleInput]:
     """Each module's factors for ``members`` (default: every adapter), one module at a time
-    (``modules``: those of the pool's modules only, in the pool's order).
+    (``modules``: those of the pool's modules only, in the pool's order; ``as_given``: factors
+    of more precision than ``dtype`` cast as they are, not balanced first, for the methods
+    defined on the factors: :func:`~clair_cli.core.canonical.in_dtype`).
 
     An all-zero adapter (untrained: lora_B starts at zero) is passed on like any other; the
     verdict flags it as a free rider (the norm rule), so the rest of the pool is still audited.
@@ -300,12 +303,18 @@ def iter_modules(
         wanted = None if modules is None else set(modules)
         names = pool.modules if wanted is None else [m for m in pool.modules if m in wanted]
         for i, name in enumerate(names):
-            yield module_input(pool, name, idx, readers, dtype, device)  # no local keeps the module
+            yield module_input(pool, name, idx, readers, dtype, device, as_given)  # no local keeps the module
             progress("modules", i + 1, len(names))
 
 
 def module_input(
-    pool: Pool, name: str, idx: Sequence[int], readers: Sequence, dtype: torch.dtype | None, device: str
+    pool: Pool,
+    name: str,
+    idx: Sequence[int],
+    readers: Sequence,
+    dtype: torch.dtype | None,
+    device: str,
+    as_given: bool = False,
 ) -> ModuleInput:
     """Module ``name``'s factors for the adapters ``idx``, read through their open ``readers``
     (:func:`iter_modules`, and an executor's worker, which reads a module where it runs).
@@ -319,7 +328,8 @@ def module_input(
 
     # Only the factors in the working dtype are held while the module is worked on.
     fitted = [
-        _read_fitted(pool.adapters[k], r, name, dtype or torch.float32) for k, r in zip(idx, readers, strict=True)
+        _read_fitted(pool.adapters[k], r, name, dtype or torch.float32, as_given)
+        for k, r in zip(idx, readers, strict=True)
     ]
     return ModuleInput(
         name,
@@ -331,7 +341,7 @@ def module_input(
 
 
 def _read_fitted(
-    adapter: Adapter, reader: SafetensorsReader, name: str, dtype: torch.dtype
+    adapter: Adapter, reader: SafetensorsReader, name: str, dtype: torch.dtype, as_given: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One adapter's factors of module ``name`` in ``dtype``: read in float64 and cast with
     :func:`~clair_cli.core.canonical.in_dtype`, so float64 factors are balanced before they are
@@ -352,7 +362,7 @@ def _read_fitted(
             return m.A, m.B, m.scale
     m = adapter.read_module(reader, name, torch.float64)
     try:
-        return in_dtype(m.A, m.B, m.scale, dtype)
+        return in_dtype(m.A, m.B, m.scale, dtype, balance=not as_given)
     except ValueError as exc:
         raise AdapterFormatError(
             f"{printable(str(adapter.ref.weights_file))}: module {name!r}: {exc}",
@@ -562,7 +572,9 @@ def merge(
     results: dict[str, MergeResult] = {}
     sq_norms = dict.fromkeys(used, 0.0)
     merged_sq = 0.0
-    for given in iter_modules(pool, used, dtype=dtype, device=settings.device, progress=progress):
+    for given in iter_modules(
+        pool, used, dtype=dtype, device=settings.device, progress=progress, as_given=spec.of_factors
+    ):
         mod, mw = spec.prepare(given, weighting.weights, dtype, settings.path)
         del given  # only the method's own copy of the module is held while it merges
         if options.rescale != "none":

@@ -245,3 +245,48 @@ def test_an_update_too_large_for_the_working_precision_is_refused_not_passed(
         else:
             with pytest.raises(ValueError, match=r"adapters \[3\] are too large for float"):
                 auditor.fit(pool, 30)
+
+
+def test_fedavg_of_float64_factors_averages_them_as_given(tmp_path) -> None:
+    """FedAvg is defined on the factors: float64 factors are cast as they are, not balanced
+    first (found by review: balanced factors are rotated, and FedAvg of the same adapters in
+    float64 and float32 differed by the update's own size)."""
+    from clair_cli import pipeline
+    from clair_cli.io.sources import open_adapters
+    from clair_cli.params import AuditParams
+    from tests.helpers import MODULES, lora_config, random_factors, write_adapter
+
+    merged = {}
+    for dtype in (torch.float32, torch.float64):
+        for k in range(4):
+            g = torch.Generator().manual_seed(k)
+            tensors = {
+                key: torch.randn(v.shape, generator=g, dtype=torch.float64).to(dtype)
+                for key, v in random_factors(MODULES, seed=k).items()
+            }
+            write_adapter(tmp_path / str(dtype) / f"a{k}", tensors, lora_config())
+        pool = pipeline.build_pool(open_adapters([str(tmp_path / str(dtype))]), method="fedavg")
+        merged[dtype] = {
+            n: r.B.double() @ r.A.double() for n, r in pipeline.merge(pool, "fedavg", AuditParams()).modules.items()
+        }
+    for n, single in merged[torch.float32].items():
+        assert float((merged[torch.float64][n] - single).norm() / single.norm()) < 1e-5, n
+
+
+def test_the_content_order_never_sorts_on_nan() -> None:
+    """A scale of 0 with factors whose squares overflow: the size is 0, not 0 x inf = NaN, so the
+    order stays a function of the content alone."""
+    import itertools
+
+    from clair_cli.core.order import content_order, magnitude
+
+    big = torch.full((4, 8), 1e200, dtype=torch.float64)
+    assert magnitude(big, big.T, 0.0) == 0.0
+    A = [big, torch.ones(4, 8, dtype=torch.float64), big * 2, torch.ones(4, 8, dtype=torch.float64) * 3]
+    B = [a.T.clone() for a in A]
+    scales = [0.0, 1.0, 1.0, 1.0]
+    orders = set()
+    for perm in itertools.permutations(range(4)):
+        order = content_order([A[j] for j in perm], [B[j] for j in perm], [scales[j] for j in perm])
+        orders.add(tuple(perm[j] for j in order))
+    assert len(orders) == 1

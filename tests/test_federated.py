@@ -373,3 +373,36 @@ def test_a_reply_of_the_wrong_types_is_left_out_through_the_library_too(reply, w
     assert res.flagged == [k == 3 for k in range(8)], res.reasons
     assert res.reasons[3][0].startswith("malformed reply") and why in res.reasons[3][0], res.reasons[3]
     assert res.fallback is None
+
+
+def test_flagged_copies_do_not_set_the_weight_cap() -> None:
+    """Nine identical Sybil replies claiming a million examples each (all flagged as copies) and
+    one client that passes the audit claiming as much: the cap is three times the median of the
+    collaborators' weights, so the Sybils cannot lift it (found by review: they set the median)."""
+    glob, clients = _clients_with("none")
+    clients["node-5"] = {n: (A, 1.3 * B) for n, (A, B) in clients["node-5"].items()}
+    g = torch.Generator().manual_seed(9)
+    junk = {n: (torch.randn(4, 40, generator=g), torch.randn(48, 4, generator=g)) for n in NAMES}
+    for k in range(9):
+        clients[f"sybil-{k}"] = {n: (A.clone(), B.clone()) for n, (A, B) in junk.items()}
+    weights = [10.0] * 8 + [1e6] * 9
+    weights[5] = 1e6
+    res = aggregate_round(glob, clients, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, 4), weights=weights)
+    assert res.collaborators == [f"node-{k}" for k in range(8)]
+    assert "node-5: weight 1e+06 counted as 30" in res.notes
+
+
+@pytest.mark.parametrize("cap", [math.nan, 0.0, -1.0, 0.5])
+def test_a_weight_cap_under_one_is_refused(cap: float) -> None:
+    glob, clients = _clients_with("none")
+    with pytest.raises(ValueError, match="weight_cap"):
+        aggregate_round(glob, clients, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, 4), weight_cap=cap)
+
+
+def test_a_weight_past_float_range_is_a_malformed_reply() -> None:
+    glob, clients = _clients_with("none")
+    weights: list = [1.0] * 8
+    weights[3] = 10**400
+    res = aggregate_round(glob, clients, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, 4), weights=weights)
+    assert res.flagged == [k == 3 for k in range(8)] and "is not a non-negative number" in res.reasons[3][0]
+    assert len(res.reasons[3][0]) < 200

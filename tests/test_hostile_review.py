@@ -170,3 +170,29 @@ def test_a_null_metadata_is_read(tmp_path: Path) -> None:
     text += b" " * (-len(text) % 8)
     path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n :])
     assert invoke("inspect", str(tmp_path / "a")).exit_code == 0
+
+
+def test_a_report_in_an_adapter_directory_is_refused_before_the_audit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusal comes before the audit's work (found by review: a long audit ran, then exit 2),
+    also for an adapter whose files are links into a store (git-annex, DVC)."""
+    import os
+
+    from clair_cli import pipeline
+
+    pool = _pool(tmp_path / "pool", n=5)
+    write_adapter(tmp_path / "new" / "upload", random_factors(MODULES, seed=7))
+    store = tmp_path / "store"
+    store.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (pool / "client_02" / name).rename(store / name)
+        os.symlink(store / name, pool / "client_02" / name)
+    monkeypatch.setattr(pipeline, "audit", lambda *a, **k: pytest.fail("audited before refusing"))
+    for target in (pool / "client_01" / "r.json", pool / "client_02" / "README.md"):
+        refused(invoke("audit", str(pool), "--json", str(target)), "adapter being read")
+        refused(
+            invoke("gate", str(tmp_path / "new" / "upload"), "-r", str(pool), "--json", str(target)),
+            "adapter being read",
+        )
+    assert not (pool / "client_02" / "README.md").exists()

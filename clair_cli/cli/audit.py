@@ -41,6 +41,7 @@ def audit_command(
     common.check_report_targets(reports, input_paths(sources, [read.config]))
     with common.progress_bar(run.quiet) as progress:
         pool = pipeline.open_pool(sources, read.source_options(), intersect=audit.intersect, progress=progress)
+        common.check_report_targets(reports, common.adapter_files(pool.adapters))  # before the work, not after
         outcome = pipeline.audit(pool, params, progress)
     report = audit_report(outcome, digests=reports.json_out is not None or reports.sarif is not None)
     common.emit_reports(report, reports, run.quiet, common.adapter_files(pool.adapters))

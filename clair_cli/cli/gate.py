@@ -62,6 +62,7 @@ def gate_command(
         pool, trusted = pipeline.open_gate_pool(
             candidates, references, src, intersect=audit.intersect, progress=progress
         )
+        common.check_report_targets(reports, common.adapter_files(pool.adapters))  # before the work, not after
         outcome = pipeline.audit(pool, params, progress, reference=trusted)
     report = audit_report(outcome, command="gate", digests=reports.json_out is not None or reports.sarif is not None)
     report["notes"] = [*report.get("notes", []), *spelling_notes]

@@ -182,7 +182,7 @@ def canonical_module(
 
 
 def in_dtype(
-    A: torch.Tensor, B: torch.Tensor, scale: float, dtype: torch.dtype
+    A: torch.Tensor, B: torch.Tensor, scale: float, dtype: torch.dtype, balance: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(A, B, scale)`` in ``dtype``, the same update whenever it fits there.
 
@@ -195,13 +195,15 @@ def in_dtype(
     scale 1; computed in float64), whose entries are bounded by the update's singular values and
     whose cast keeps the update to ``dtype``'s rounding. Factors whose values ``dtype`` holds
     exactly (bfloat16 or float16 into float32, float32 values read as float64) are cast as they
-    are.
+    are. ``balance=False`` (for methods defined on the factors as given, such as FedAvg's mean of
+    ``A`` and of ``B``): factors are cast as they are wherever each keeps its range, and balanced
+    only where one would not.
 
     Raises:
         ValueError: the update itself does not fit in ``dtype`` (its canonical factors overflow).
     """
     a, b = A.to(dtype), B.to(dtype)
-    exact = all(
+    exact = not balance or all(
         torch.finfo(wide.dtype).eps >= torch.finfo(dtype).eps or torch.equal(narrow.to(wide.dtype), wide)
         for wide, narrow in ((A, a), (B, b))
     )

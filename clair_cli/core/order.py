@@ -18,6 +18,7 @@ could grind factorisations of one update for a favourable null.
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from collections.abc import Sequence
 
@@ -63,7 +64,10 @@ def content_keys(A: Sequence[torch.Tensor], B: Sequence[torch.Tensor], scales: S
 def magnitude(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
     """``|scale| (||A||_F^2 + ||B||_F^2)`` in float64: for balanced canonical factors (scale 1),
     twice the update's nuclear norm; a continuous function of the factors either way."""
-    return abs(float(scale)) * float(a.detach().double().square().sum() + b.detach().double().square().sum())
+    if scale == 0:
+        return 0.0
+    size = abs(float(scale)) * float(a.detach().double().square().sum() + b.detach().double().square().sum())
+    return size if size == size else math.inf  # (never NaN, which would make the sort depend on position)
 
 
 def content_order(

@@ -149,10 +149,10 @@ def _secure_aggregation(message: Message) -> bool:
 
 
 def _refuse_secure_aggregation(replies: list[Message]) -> None:
-    """Refuse the run when every reply carries secure-aggregation records: the server runs
-    SecAgg, which hides what clair needs. One client's such reply is only that client's
-    (left out with its reason), or any client could stop the federation."""
-    if replies and all(_secure_aggregation(m) for m in replies):
+    """Refuse the run when every reply (two or more) carries secure-aggregation records: the
+    server runs SecAgg, which hides what clair needs. One client's such reply is only that
+    client's (left out with its reason), or any client could stop the federation."""
+    if len(replies) > 1 and all(_secure_aggregation(m) for m in replies):
         raise UsageError(
             "every reply carries secure-aggregation records; ClairStrategy needs each client's LoRA "
             "factors, which secure aggregation hides",

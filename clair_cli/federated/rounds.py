@@ -278,19 +278,18 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
             keeps the global LoRA, ``"median"`` takes the updates' geometric median.
         refused: clients whose reply could not be read (name: why); flagged, left out, and
             listed after ``clients``.
-        weight_cap: a weight counts at most this many times the median weight of the clients
-            audited (:func:`capped_weights`; the notes name who was capped); None: uncapped.
+        weight_cap: a collaborator's weight counts at most this many times the median weight of
+            the collaborators (:func:`capped_weights`; the notes name who was capped); None:
+            uncapped.
 
     Raises:
-        ValueError: ``on_too_few`` is not one of ``TOO_FEW_CHOICES``, or wrong ``weights``.
+        ValueError: ``on_too_few`` is not one of ``TOO_FEW_CHOICES``, wrong ``weights``, or a
+            ``weight_cap`` under 1.
     """
     from clair_cli import pipeline
     from clair_cli.report.audit import audit_report
 
-    if on_too_few not in TOO_FEW_CHOICES:
-        raise ValueError(f"on_too_few must be one of {', '.join(TOO_FEW_CHOICES)}, got {on_too_few!r}")
-    if weights is not None and len(weights) != len(clients):
-        raise ValueError(f"expected {len(clients)} weights, got {len(weights)}")
+    _check_arguments(on_too_few, len(clients), weights, weight_cap)
     start = time.perf_counter()
     settings = settings or AuditParams()
     merge_options = merge_options or _round_merge_options()
@@ -309,7 +308,7 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
     live = [i for i in range(len(clients)) if not flagged[i]]
     updates = {names[i]: client_update(clients[names[i]], global_factors, scales) for i in live}
     notes = [f"{n}: {reasons[i][0]}" for i, n in enumerate(names) if i >= len(clients) or _malformed(reasons[i])]
-    live_weights = _live_weights(weights, live, names, weight_cap, notes)
+    live_weights = None if weights is None else [float(weights[i]) for i in live]
     idle = _drop_idle_modules(updates, notes)
     report = None
     timing: dict[str, float] = {}
@@ -349,11 +348,22 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
         notes.append("every client was flagged: the global adapter is kept unchanged")
         return result(None, "skip")
     t0 = time.perf_counter()
-    merge_weights = _nonzero(live_weights, outcome.auditor.collaborative_set_, notes)
+    merge_weights = _merge_weights(
+        live_weights, outcome.auditor.collaborative_set_, weight_cap, [names[i] for i in live], notes
+    )
     merged = pipeline.merge(pool, "clair", settings, merge_weights, merge_options, outcome)
     timing["merge"] = time.perf_counter() - t0
     new_global, errors = _refactor(global_factors, _factors(merged), scales, ranks)
     return result(new_global, None, errors)
+
+
+def _check_arguments(on_too_few: str, n_clients: int, weights: Sequence[float] | None, cap: float | None) -> None:
+    if on_too_few not in TOO_FEW_CHOICES:
+        raise ValueError(f"on_too_few must be one of {', '.join(TOO_FEW_CHOICES)}, got {on_too_few!r}")
+    if weights is not None and len(weights) != n_clients:
+        raise ValueError(f"expected {n_clients} weights, got {len(weights)}")
+    if cap is not None and not (math.isfinite(cap) and cap >= 1):
+        raise ValueError(f"weight_cap must be a number of at least 1, or None; got {cap!r}")
 
 
 def capped_weights(
@@ -382,17 +392,6 @@ def capped_weights(
     return out, capped
 
 
-def _live_weights(
-    weights: Sequence[float] | None, live: list[int], names: list[str], cap: float | None, notes: list[str]
-) -> list[float] | None:
-    """The audited clients' merge weights (:func:`capped_weights`), a note for each one capped."""
-    if weights is None:
-        return None
-    out, capped = capped_weights([float(weights[i]) for i in live], cap)
-    notes += [f"{names[live[j]]}: weight {float(weights[live[j]]):.6g} counted as {w:.6g}" for j, w in capped]
-    return out
-
-
 def _drop_idle_modules(
     updates: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]], notes: list[str]
 ) -> list[str]:
@@ -406,12 +405,26 @@ def _drop_idle_modules(
     return idle
 
 
-def _nonzero(weights: list[float] | None, collaborators: Sequence[int], notes: list[str]) -> list[float] | None:
-    """``weights``, or None (equal weights, with a note) where the collaborators' sum to zero."""
-    if weights is not None and not any(weights[j] > 0 for j in collaborators):
+def _merge_weights(
+    weights: list[float] | None, collaborators: Sequence[int], cap: float | None, names: list[str], notes: list[str]
+) -> list[float] | None:
+    """The merge weights of the audited clients (``weights``, by pool index): the collaborators'
+    capped at ``cap`` times their own median (:func:`capped_weights`; the flagged, copies
+    included, neither count in the median nor are merged), a note for each one capped; None
+    (equal weights, with a note) where the collaborators' weights sum to zero."""
+    if weights is None:
+        return None
+    out = list(weights)
+    capped, lowered = capped_weights([weights[j] for j in collaborators], cap)
+    for k, c in zip(collaborators, capped, strict=True):
+        out[k] = c
+    notes += [
+        f"{names[collaborators[j]]}: weight {weights[collaborators[j]]:.6g} counted as {w:.6g}" for j, w in lowered
+    ]
+    if not any(out[j] > 0 for j in collaborators):
         notes.append("the collaborators' weights are all zero: they are merged with equal weights")
         return None
-    return weights
+    return out
 
 
 def _bad_weight(weights: Sequence[float] | None, i: int) -> str | None:
@@ -420,12 +433,12 @@ def _bad_weight(weights: Sequence[float] | None, i: int) -> str | None:
         return None
     try:
         w = float(weights[i])
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, ArithmeticError):  # (an integer past float's range overflows)
         w = math.nan
     return (
         None
         if math.isfinite(w) and w >= 0
-        else f"malformed reply: its weight {weights[i]!r} is not a non-negative number"
+        else f"malformed reply: its weight {repr(weights[i])[:40]} is not a non-negative number"
     )
 
 

@@ -213,7 +213,11 @@ def check_report_file(target: str, inputs: Iterable[Path] = ()) -> Path:
         source = resolved(src, shown_path(src))
         if real == source:
             raise OutputError(f"{shown}: is one of the inputs ({printable(str(src))}); refusing to overwrite it")
-        if real.parent == source.parent and source.is_file() and (source.parent / CONFIG_NAME).is_file():
+        # (the directory the file is in, and the one its link lies in: git-annex links each file)
+        if source.is_file() and any(
+            real.parent == parent and (parent / CONFIG_NAME).exists()
+            for parent in (source.parent, resolved(src.absolute().parent, shown_path(src)))
+        ):
             # A file in a PEFT adapter's directory is part of that adapter (its model card, its
             # tokenizer), or would become part of it: reports go where no adapter lives. (A
             # folder of single-file LoRAs, kohya's, belongs to no one adapter.)
