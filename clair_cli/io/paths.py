@@ -209,10 +209,11 @@ def check_report_file(target: str, inputs: Iterable[Path] = ()) -> Path:
     if not parent.is_dir():
         raise OutputError(f"{shown}: directory {printable(str(parent))} does not exist")
     real = resolved(path, shown, OutputError)
-    for src in inputs:
-        source = resolved(src, shown_path(src))
+    sources = [(src, resolved(src, shown_path(src))) for src in inputs]
+    for src, source in sources:
         if real == source:
             raise OutputError(f"{shown}: is one of the inputs ({printable(str(src))}); refusing to overwrite it")
+    for src, source in sources:
         # (the directory the file is in, and the one its link lies in: git-annex links each file)
         if source.is_file() and any(
             real.parent == parent and (parent / CONFIG_NAME).exists()
