@@ -201,7 +201,8 @@ class ClairStrategy(FedAvg):
             (``round-001.json``, ...); None writes none.
         base_model: the base model's name, for the reports.
         weight_cap: a reply's weight (its ``num-examples``, or ``weighted_by_key``: what the
-            client claims) counts at most this many times the round's median weight
+            client claims) counts at most this many times the median weight of the round's
+            collaborators
             (:func:`clair_cli.federated.rounds.capped_weights`); None: FedAvg's weights, uncapped.
         **kwargs: ``FedAvg``'s own arguments (fractions, minimum nodes, keys, ...).
 

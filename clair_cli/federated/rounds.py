@@ -56,8 +56,8 @@ TooFew = Literal["skip", "median"]
 TOO_FEW_CHOICES = ("skip", "median")
 MEDIAN_MIN_CLIENTS = 3  # the geometric median of two points is any point between them
 # A client's merge weight (its claimed number of examples) counts at most this many times the
-# median weight of the round's clients: a weight is whatever a client says, and one that passes
-# the audit would otherwise take the merge over by claiming a million examples.
+# median weight of the round's collaborators: a weight is whatever a client says, and one that
+# passes the audit would otherwise take the merge over by claiming a million examples.
 WEIGHT_CAP = 3.0
 FACTOR_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
