@@ -73,8 +73,8 @@ def reason_text(reason: Reason, names: list[str], modules: ModuleNames) -> str: 
         ratio = _given(reason.ratio)
         if ratio == 0:
             return (
-                "its update is zero (an untrained adapter? lora_B starts at zero): a free rider, "
-                "flagged whatever its score"
+                "its update is zero, or below what float64 holds (an untrained adapter? lora_B starts at "
+                "zero; or a scale such as lora_alpha 1e-300): a free rider, flagged whatever its score"
             )
         if ratio < 1:
             return f"update norm {1 / ratio:.0f}x below the pool median (a free rider?)"
