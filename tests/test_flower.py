@@ -220,3 +220,17 @@ def test_split_state_dict_pairs_factors() -> None:
     }
     with pytest.raises(AdapterFormatError, match="pairs an embedding factor with a linear one"):
         split_state_dict("x", mixed)
+
+
+def test_unequal_client_sizes_change_only_the_sizes() -> None:
+    """``size_spread`` draws each client's number of training strings from its own generator:
+    0 keeps every client at ``strings`` and the data of a spread run is the same draw, cut."""
+    even = sim.Setup(n_clients=4, attackers=(), strings=32)
+    spread = sim.Setup(n_clients=4, attackers=(), strings=32, size_spread=1.0)
+    assert [sim.client_strings(even, 0, i) for i in range(4)] == [32] * 4
+    sizes = [sim.client_strings(spread, 0, i) for i in range(4)]
+    assert sizes == [sim.client_strings(spread, 0, i) for i in range(4)] and len(set(sizes)) > 1 and min(sizes) >= 8
+    for client, n in zip(sim.make_clients(spread, 0), sizes, strict=True):
+        assert client.train.shape[0] == n
+    for a, b in zip(sim.make_clients(even, 0), sim.make_clients(spread, 0), strict=True):
+        assert torch.equal(a.test, b.test)

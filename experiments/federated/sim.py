@@ -23,6 +23,7 @@ produced).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -71,6 +72,7 @@ class Setup:
     fraction_train: float = 1.0  # share of the clients Flower samples each round
     boost: float | None = None  # backdoor's model-replacement factor; None: n_clients
     attacker_steps: int = 5  # the backdoor attacker trains this many times local_steps
+    size_spread: float = 0.0  # sd of the log of each client's training strings (0: every client has `strings`)
 
     @property
     def kinds(self) -> list[str]:
@@ -107,12 +109,22 @@ def make_clients(setup: Setup, seed: int) -> list[ClientData]:
         g = torch.Generator().manual_seed(seed * 1000 + i)
         freq = task.client_frequencies(setup.concentration, g)
         test = task.client_dataset("benign", freq, setup.test_strings, g)
+        n = client_strings(setup, seed, i)
         if kind == "backdoor":
-            data = backdoor_dataset(freq, setup.strings, g)
+            data = backdoor_dataset(freq, n, g)
         else:
-            data = task.client_dataset("shifted" if kind == "label-flip" else "benign", freq, setup.strings, g)
+            data = task.client_dataset("shifted" if kind == "label-flip" else "benign", freq, n, g)
         out.append(ClientData(kind, data, test))
     return out
+
+
+def client_strings(setup: Setup, seed: int, i: int) -> int:
+    """Client ``i``'s number of training strings: ``strings``, or with ``size_spread`` a
+    log-normal draw around it (its own generator, so the rest of the data is the same draw)."""
+    if not setup.size_spread:
+        return setup.strings
+    z = float(torch.randn(1, generator=torch.Generator().manual_seed(seed * 1000 + i + 500_000)))
+    return max(8, round(setup.strings * math.exp(setup.size_spread * z)))
 
 
 def backdoor_dataset(frequencies: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
@@ -256,6 +268,10 @@ def make_strategy(name: str, setup: Setup, n_attackers: int, audit_dir: Path | N
         from clair_cli.federated.flower import ClairStrategy
 
         return ClairStrategy(lora_config(setup), base_model=BASE_NAME, audit_dir=audit_dir, **common)
+    if name == "clair-uncapped":  # FedAvg's weights: every client's num-examples as it claims
+        from clair_cli.federated.flower import ClairStrategy
+
+        return ClairStrategy(lora_config(setup), base_model=BASE_NAME, audit_dir=audit_dir, weight_cap=None, **common)
     if name == "FedAvg":
         return fl.FedAvg(**common)
     if name == "FedMedian":
@@ -349,6 +365,7 @@ def run(
             row["clients"] = sorted(int(n.split("-")[1]) for n in h["clients"])
             row["fallback"] = h["fallback"]
             row["truncation_error"] = round(max(h["truncation_error"].values(), default=0.0), 6)
+            row["capped"] = sum("counted as" in note for note in h["notes"])  # weights over the cap
         out.rounds.append(row)
     out.seconds = time.perf_counter() - start
     return out
