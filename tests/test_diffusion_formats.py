@@ -497,6 +497,19 @@ def test_a_kohya_module_needs_both_factors(tmp_path: Path) -> None:
     _refused(path, "has lora_down but no lora_up")
 
 
+def test_a_kohya_module_is_named_in_its_own_terms(tmp_path: Path) -> None:
+    """A conv lora_up with a 3x3 kernel: the message says lora_up, as the file does (not PEFT's lora_B)."""
+    path = tmp_path / "conv.safetensors"
+    save_file(
+        {
+            "lora_unet_x_conv.lora_down.weight": torch.randn(4, 8, 3, 3),
+            "lora_unet_x_conv.lora_up.weight": torch.randn(16, 4, 3, 3),
+        },
+        str(path),
+    )
+    _refused(path, "conv lora_up must have a 1x1 kernel")
+
+
 def test_diffusers_keys_of_a_lycoris_variant_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "lokr.safetensors"
     save_file({"transformer.transformer_blocks.0.attn.to_q.lokr_w1": torch.randn(4, 4)}, str(path))

@@ -436,6 +436,8 @@ def _module_spec(
         have, lack = (a_name, b_name) if a_name in parts else (b_name, a_name)
         raise bad(f"has {have} but no {lack}")
     a, b = parts[a_name], parts[b_name]
+    if ".lora_down" in a.name:  # a kohya file: its own names in the messages
+        a_name, b_name = "lora_down", "lora_up"
     for t in (a, b):
         if t.dtype not in FLOAT_DTYPES:
             raise bad(
@@ -443,7 +445,7 @@ def _module_spec(
                 "or float64"
             )
     if len(a.shape) < 2 or len(b.shape) < 2:
-        raise bad(f"factors must be matrices, got lora_A {a.shape} and lora_B {b.shape}")
+        raise bad(f"factors must be matrices, got {a_name} {a.shape} and {b_name} {b.shape}")
 
     kind: ModuleKind = "embedding" if emb else ("conv" if len(a.shape) > 2 else "linear")
     rank = a.shape[0]
@@ -451,14 +453,14 @@ def _module_spec(
     if kind == "conv":
         if len(b.shape) != len(a.shape):
             raise bad(
-                f"lora_A has {len(a.shape)} dimensions and lora_B {len(b.shape)}: a conv LoRA's are both 4-D "
-                f"(got lora_A {a.shape} and lora_B {b.shape}), a linear one's both 2-D"
+                f"{a_name} has {len(a.shape)} dimensions and {b_name} {len(b.shape)}: a conv LoRA's are both "
+                f"4-D (got {a_name} {a.shape} and {b_name} {b.shape}), a linear one's both 2-D"
             )
         if any(d != 1 for d in b.shape[2:]):
-            raise bad(f"conv lora_B must have a 1x1 kernel, got {b.shape}")
+            raise bad(f"conv {b_name} must have a 1x1 kernel, got {b.shape}")
         weight_shape = (b.shape[0], *a.shape[1:])
     elif len(a.shape) != 2 or len(b.shape) != 2:
-        raise bad(f"factors must be matrices, got lora_A {a.shape} and lora_B {b.shape}")
+        raise bad(f"factors must be matrices, got {a_name} {a.shape} and {b_name} {b.shape}")
     if b.shape[1] != rank:
         raise bad(f"rank mismatch: {a_name} has rank {rank} but {b_name} has {b.shape[1]} columns")
     if rank == 0:
@@ -477,7 +479,7 @@ def _module_spec(
         )
     d_in = math.prod(a.shape[1:])
     if d_in == 0 or b.shape[0] == 0:
-        raise bad(f"has an empty dimension: lora_A {a.shape}, lora_B {b.shape}")
+        raise bad(f"has an empty dimension: {a_name} {a.shape}, {b_name} {b.shape}")
     return ModuleSpec(
         name=module,
         kind=kind,
