@@ -309,6 +309,21 @@ def _sign_flip(p: PoolData, m: int, c: float, rng: np.random.Generator) -> list:
     return _scaled_honest(p, m, -c)
 
 
+def _module_flip(p: PoolData, m: int, c: float, rng: np.random.Generator) -> list:
+    """Attacker ``k`` sends honest client ``k``'s update, honest in every module but the one the
+    honest mean relies on most (its largest module), where it is sent times ``-c``: the attack
+    whole-update statistics dilute (rules 12-14 judge each module)."""
+    mean = p.layout.split(p.honest.mean(0))
+    target = max(p.layout.modules, key=lambda mod: (float(np.linalg.norm(mean[mod])), mod))
+    out = []
+    for k in range(m):
+        f = dict(p.honest_factors[k])
+        A, B, s = f[target]
+        f[target] = (A, -c * B, s)
+        out.append(Contribution(f, p.layout.flatten(f)))
+    return out
+
+
 def _rebalance(p: PoolData, m: int, c: float, rng: np.random.Generator) -> list:
     """Factor game: honest client ``k``'s ``(A / c, B c)`` in float64 (the same update)."""
     out = []
@@ -477,6 +492,7 @@ ATTACKS: dict[str, Attack] = {
         Attack("backdoor-scale", _backdoor, (0.5, 1.0, 2.0, 5.0), (1.0, 5.0), "norm / honest median", True),
         Attack("boost", _boost, (2.0, 5.0, 50.0), (2.0, 10.0), "x c"),
         Attack("sign-flip", _sign_flip, (1.0, 2.0, 10.0), (1.0, 5.0), "x -c"),
+        Attack("module-flip", _module_flip, (1.0, 2.0, 3.0, 3.9, 8.0), (2.0, 3.9), "x -c in one module"),
         Attack("rebalance", _rebalance, (1e-6, 1e6, 1e18), (1e-6, 1e18), "c in (A / c, B c)"),
         Attack("rank-inflation", _rank_inflation, (0.0, 1e-3), (0.0, 1e-3), "extra directions' size"),
         Attack("alie-norm", _alie_norm, (1.0, 2.0, 3.0, 3.5, 3.9), (2.0, 3.9), "norm / honest median"),

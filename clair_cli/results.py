@@ -95,6 +95,11 @@ class MergedAdapter:
             out["clipped"] = {str(k): round(c, 6) for k, c in sorted(self.clipped.items())}
         if self.options.norm_bound is not None:
             out["norm_bounded"] = {str(k): round(c, 6) for k, c in sorted(self.norm_bounded.items())}
+            out["module_norm_bounded"] = {
+                m: {str(k): round(c, 6) for k, c in sorted(r.info["module_norm_bounded"].items())}
+                for m, r in self.modules.items()
+                if r.info.get("module_norm_bounded")
+            }
         if self.options.project:
             out["projection_rank"] = {m: r.info.get("projection_rank") for m, r in self.modules.items()}
         return out

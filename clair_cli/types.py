@@ -51,6 +51,9 @@ class AdapterRef:
 # A pattern whose only metacharacter is "." (the usual "layers.0.q_proj"): matched without
 # the regex engine, with exactly PEFT's meaning ("." is any character).
 PLAIN_PATTERN = re.compile(r"^[A-Za-z0-9_\-.]+$")
+# How PEFT (peft.utils.other.get_pattern_key) matches a rank_pattern / alpha_pattern key, and clair
+# with it: a key must compile inside this expression (clair_cli.io.peft_config checks it).
+PATTERN_KEY_WRAP = r"(.*\.)?({key})$"
 
 
 def _plain_match(key: str, module: str) -> bool:
@@ -70,7 +73,7 @@ def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
         if PLAIN_PATTERN.match(key):
             if _plain_match(key, module):
                 return key
-        elif re.match(rf"(.*\.)?({key})$", module):
+        elif re.match(PATTERN_KEY_WRAP.format(key=key), module):
             return key
     return None
 

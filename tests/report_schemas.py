@@ -27,10 +27,12 @@ DIALECT = "https://json-schema.org/draft/2020-12/schema"
 KINDS = ("audit", "gate", "merge", "refine", "inspect")
 
 # The rules of the verdict (clair_cli.core.rules.RULES) and the kinds of reason they write.
-RULES = ["direction", "off_subspace", "joint", "module", "in_subspace", "norm", "spectral", "isolated", "opposed",
-         "pull", "duplicate", "coordinated"]  # fmt: skip
-REASON_KINDS = ["direction", "off_subspace", "joint", "in_subspace", "norm", "spectral", "isolated", "opposed",
-                "pull", "duplicate", "coordinated"]  # fmt: skip
+RULES = ["direction", "off_subspace", "joint", "module", "in_subspace", "norm", "module_direction", "module_norm",
+         "module_projection", "spectral", "isolated", "opposed", "pull", "duplicate",
+         "coordinated"]  # fmt: skip
+REASON_KINDS = ["direction", "off_subspace", "joint", "in_subspace", "norm", "module_direction", "module_norm",
+                "module_projection", "spectral", "isolated", "opposed", "pull", "duplicate",
+         "coordinated"]  # fmt: skip
 WATCHED_RULES = ["direction", "off_subspace", "norm", "spectral", "pull"]
 BASELINES = ["mean", "fedavg", "median", "trimmed-mean", "krum", "multi-krum", "ties"]
 
@@ -236,10 +238,11 @@ def merge_section(methods: list[str], baseline: bool) -> dict[str, Any]:
         "scale": NUMBER,
         "clipped": map_of(NUMBER),
         "norm_bounded": map_of(NUMBER),
+        "module_norm_bounded": map_of(map_of(NUMBER), "Per module, the adapters its own norm bound weighted down."),
         "projection_rank": map_of(nullable(COUNT)),
         "dropped": NAMES,
     }
-    optional = ("clipped", "norm_bounded", "projection_rank")
+    optional = ("clipped", "norm_bounded", "module_norm_bounded", "projection_rank")
     extra: dict[str, Any] = {}
     if baseline:
         props["selected"] = map_of(NAMES, "Per module, the adapters a selecting method (krum) merged.")
@@ -252,7 +255,7 @@ def merge_section(methods: list[str], baseline: bool) -> dict[str, Any]:
             },
             {
                 "if": {"properties": {"options": {"properties": {"norm_bound": {"type": "number"}}}}},
-                "then": {"required": ["norm_bounded"]},
+                "then": {"required": ["norm_bounded", "module_norm_bounded"]},
             },
             {
                 "if": {"properties": {"options": {"properties": {"project": {"const": True}}}}},

@@ -100,7 +100,12 @@ def test_adapters_flagged_for_their_size_alone_stay_in_the_fit() -> None:
             m.B[k] = 10 * m.B[k]
     aud = ClairAuditor().fit(mods, 12)
     assert flagged(aud) == {10, 11}
-    assert {r.rule for k in (10, 11) for r in aud.verdicts_[k].reasons} <= {"norm", "in_subspace", "spectral"}
+    assert {r.rule for k in (10, 11) for r in aud.verdicts_[k].reasons} <= {
+        "norm",
+        "module_norm",
+        "in_subspace",
+        "spectral",
+    }
     assert aud.refitted_ == [] and aud.refit_plan() == ([], frozenset())
 
 

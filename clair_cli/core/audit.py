@@ -53,7 +53,15 @@ from clair_cli.core.pairwise import cosine_from_gram, factor_grams, gram
 from clair_cli.core.reduction import reduce_module
 from clair_cli.core.rules.context import kin
 from clair_cli.core.rules.coordinated import POINTING_RULES, coordinated_groups, group_masses
-from clair_cli.core.verdict import AdapterVerdict, PoolSignals, decide, duplicate_groups, flag_every_copy, groups
+from clair_cli.core.verdict import (
+    AdapterVerdict,
+    PoolSignals,
+    copy_order,
+    decide,
+    duplicate_groups,
+    flag_every_copy,
+    groups,
+)
 
 # Rules whose silence over a whole pool is reported: each measures every adapter where it can.
 WATCHED_RULES = ("direction", "off_subspace", "norm", "spectral", "pull")
@@ -756,10 +764,8 @@ class ClairAuditor:
         self.inner_ = tally.inner  # the whole updates' Gram matrix (canonical factors, every module)
         self.cosine_ = cosine_from_gram(tally.inner)
         trusted = set(reference or ())
-        self.duplicate_groups_ = [
-            sorted(g, key=lambda k: (k not in trusted, names[k] if names else "", k))
-            for g in duplicate_groups(self.cosine_)
-        ]
+        order = copy_order(tally.inner.diagonal(), names, trusted)
+        self.duplicate_groups_ = [sorted(g, key=order) for g in duplicate_groups(self.cosine_)]
         # Groups that agree far more closely than the pool does count as one adapter (rule 10);
         # in a gate the references alone set every centre and threshold.
         copies = {k for g in self.duplicate_groups_ for k in g[1:]}
@@ -880,6 +886,7 @@ class ClairAuditor:
             direction_pairs=pairs,
             recentre=direction_centres if reference is None else None,
             module_recentre=ModuleCentres(centres) if reference is None and centres else None,
+            module_norms={r.name: r.norms for r in results},
         )
 
     def _decide(self, signals: PoolSignals, tally: _Tally, trusted: set[int]) -> None:

@@ -196,3 +196,36 @@ def bounded_weights(
         return weights, {}, bound.relative
     w = torch.tensor(check_weights(weights, len(members)), dtype=torch.float64) * bound.factors
     return (w / w.sum()).tolist(), bounded, bound.relative
+
+
+def module_bounded_weights(
+    A: list[torch.Tensor],
+    B: list[torch.Tensor],
+    scales: list[float],
+    weights: list[float] | None,
+    factor: float = NORM_BOUND,
+) -> tuple[list[float] | None, dict[int, float]]:
+    """One module's merge weights under that module's :func:`norm_bound`, and the factor
+    applied to each member bounded there (by position): ``w_k min(1, tau_m / ||Theta_km||)``,
+    normalised, with ``tau_m`` the bound of the members' norms on this module alone.
+
+    The norm bound over all modules (:func:`bounded_weights`) leaves an update boosted in one
+    module of many nearly whole (a module of eight at 4x is about 1.8x over all modules); on
+    its own module it is bounded like any update. Weights as given where nothing lies above the
+    bound or fewer than three members have an update.
+    """
+    if len(A) < 3:
+        return weights, {}
+    sq = torch.tensor(
+        [
+            float(s) ** 2 * float(((a.double() @ a.double().T) * (b.double().T @ b.double())).sum())
+            for a, b, s in zip(A, B, scales, strict=True)
+        ],
+        dtype=torch.float64,
+    )
+    bound = norm_bound(sq, factor)
+    bounded = {j: float(c) for j, c in enumerate(bound.factors.tolist()) if c < 1}
+    if not bounded:
+        return weights, {}
+    w = torch.tensor(check_weights(weights, len(A)), dtype=torch.float64) * bound.factors
+    return (w / w.sum()).tolist(), bounded

@@ -27,11 +27,15 @@ minimum effect size in the statistic's own units. The rules, one module each in
     member points flags them all.
 11. **A group pulling together** (``pull``): a minority whose deviations from the pool's
     centre add up, moving the mean far more than as many honest clients' would.
+12. **Direction per module** (``module_direction``), at ``ALPHA / M``: an update turned in a
+    few modules and honest in the rest.
+13. **Norm per module** (``module_norm``), at ``ALPHA / M``: an update boosted in a few modules.
+14. **Against the others on a module** (``module_projection``), at ``ALPHA / M``: flipped and scaled.
 
 This module owns what the rules share: the passes (:func:`decide`), the duplicate groups and
 the groups of flagged adapters that agree with each other (:func:`groups`).
 
-An adapter's ``score`` is its largest margin over rules 1-5, 7, 8, 9 and 11: the distance above the typical
+An adapter's ``score`` is its largest margin over rules 1-5, 7, 8, 9 and 11-14: the distance above the typical
 value in units of the distance to the threshold, so a score above 1 means that rule flagged
 it; the duplicate rule (a copy) and the norm rule's zero update flag outright, without a
 margin, so such an adapter may be flagged with a score below 1 (its reason names the rule).
@@ -78,7 +82,8 @@ def flag_every_copy(
     """Flag the kept member of every group of identical updates too (a federated round: two
     honest clients never send the same update), as a copy of the others. A group whose
     members differ in norm (an update and a scaled copy of it: cosine 1, norms apart) keeps
-    its first member, judged on its own signals: otherwise an attacker who scales a copy of
+    its first member (the one whose norm is nearest the pool's median,
+    :func:`copy_order`), judged on its own signals: otherwise an attacker who scales a copy of
     an honest client's update would get that client left out."""
     rule = Duplicate()
     for group in duplicates:
@@ -90,6 +95,25 @@ def flag_every_copy(
         verdicts[k].flagged = True
         of = [j for j in group if j != k]
         verdicts[k].reasons.append(rule.reason(of, group_cosine(inner, k, of)))
+
+
+def copy_order(sq_norms: torch.Tensor, names: Sequence[str] | None = None, trusted: Iterable[int] = ()):
+    """The key that orders each group of copies, its first member standing for the group: a
+    trusted reference first, then the member whose norm lies nearest the pool's median norm (in
+    log; a zero update last), then the name. A copy scaled by another factor (an attacker's
+    ``x 3`` or ``x 0.2`` of an honest client's update) is farther from the median than the update
+    it copies, so it is the one flagged as the copy whatever it is called; identical copies keep
+    the first by name, as before (either is the same update)."""
+    trusted = set(trusted)
+    log_norms = 0.5 * torch.log(sq_norms.double().clamp_min(1e-300))
+    positive = sq_norms > 0
+    centre = float(log_norms[positive].median()) if bool(positive.any()) else 0.0
+
+    def key(k: int) -> tuple[bool, float, str, int]:
+        off = abs(float(log_norms[k]) - centre) if bool(positive[k]) else math.inf
+        return (k not in trusted, off, names[k] if names else "", k)
+
+    return key
 
 
 def connected_components(items: Sequence[int], pairs: Iterable[tuple[int, int]]) -> list[list[int]]:

@@ -14,7 +14,7 @@ import hashlib
 import math
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +26,7 @@ from clair_cli.constants import (
 )
 from clair_cli.errors import AdapterFormatError
 from clair_cli.io.files import open_regular, reading
-from clair_cli.io.lora_config import ignored_note
+from clair_cli.io.lora_config import base_rewriting_note, ignored_note
 from clair_cli.io.paths import printable
 from clair_cli.io.safetensors_file import SafetensorsReader, TensorInfo, read_header
 from clair_cli.types import AdapterConfig, AdapterRef, LoraModule, ModuleKind
@@ -97,6 +97,9 @@ class Adapter:
         self.n_params = n_params
         # What a merge of LoRA factors cannot carry, by kind: key names (or the config field).
         self.extras: dict[str, list[str]] = {}
+        # Modules of a PEFT-layout file whose factors lack PEFT's key prefix (PeftModel.from_pretrained
+        # does not load them); a merge refuses them (clair_cli.io.lora_config.refuse_unprefixed).
+        self.unprefixed: list[str] = []
         self.layout = "peft"
         self.file_metadata: dict[str, str] = {}
         self._weights_sha256: str | None = None
@@ -201,6 +204,24 @@ class Adapter:
         ignored = ignored_note(config, modules)
         if ignored:
             notes.append(ignored)
+        rewriting = base_rewriting_note(config)
+        if rewriting:
+            notes.append(rewriting)
+        negative = [m for m, spec in modules.items() if spec.scale < 0]
+        if negative:
+            # PEFT applies a negative lora_alpha / alpha_pattern as given: the update's sign flips
+            # there, which the audit judges like any flipped update (rules 12-14 per module).
+            notes.append(
+                f"negative LoRA scale (lora_alpha / alpha_pattern) on {_plural(len(negative), 'module')} "
+                f"({_listed(negative)}): PEFT applies it, so the update there is sign-flipped"
+            )
+        unprefixed = sorted(keys.unprefixed) if keys.layout == "peft" else []
+        if unprefixed:
+            notes.append(
+                f"{_plural(len(unprefixed), 'module')} stored without PEFT's key prefix {PEFT_KEY_PREFIX!r} "
+                f"(e.g. {modules[unprefixed[0]].a_key}): PeftModel.from_pretrained does not load them (their update "
+                "there is 0; transformers' load_adapter does load them), clair analyses them as stored"
+            )
         n_conv = sum(m.kind == "conv" for m in modules.values())
         if n_conv:
             notes.append(f"{_plural(n_conv, 'conv module')}: kernels flattened into the input dimension")
@@ -227,6 +248,7 @@ class Adapter:
             n_params=sum(t.numel for t in tensors.values()),
         )
         adapter.extras = extras
+        adapter.unprefixed = unprefixed
         adapter.layout = keys.layout
         adapter.file_metadata = dict(metadata)
         return adapter
@@ -357,6 +379,8 @@ class HeaderKeys:
         base_biases: biases of the base layers (PEFT ``bias='all'`` / ``'lora_only'``).
         others: every other tensor (``modules_to_save`` copies, full weights).
         layout: the file's key layout (``peft``, ``kohya``, ``diffusers``).
+        unprefixed: modules in ``parts`` whose factor keys lack PEFT's key prefix (``base_model.model.``),
+            which PeftModel.from_pretrained does not load (meaningful in the ``peft`` layout only).
     """
 
     parts: dict[str, dict[str, TensorInfo]]
@@ -365,6 +389,7 @@ class HeaderKeys:
     base_biases: list[str]
     others: list[str]
     layout: str = "peft"
+    unprefixed: set[str] = field(default_factory=set)
 
 
 def classify_keys(path: Path, tensors: dict[str, TensorInfo]) -> HeaderKeys:
@@ -394,6 +419,8 @@ def classify_keys(path: Path, tensors: dict[str, TensorInfo]) -> HeaderKeys:
                     hint="Keep one adapter per file, with PEFT's key names.",
                 )
             have[m["part"]] = info
+            if not key.startswith(PEFT_KEY_PREFIX):
+                keys.unprefixed.add(m["module"])
         elif DORA_MAGNITUDE_RE.match(short):
             keys.dora.append(short)
         elif short.endswith(".bias") and "lora_" not in short:

@@ -29,10 +29,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from clair_cli.constants import CONFIG_NAME, MAX_PATTERNS
+from clair_cli.constants import CONFIG_NAME, MAX_PATTERNS, PEFT_KEY_PREFIX
 from clair_cli.errors import IncompatibleAdapters, OutputError
 from clair_cli.io.paths import printable
-from clair_cli.io.patterns import pattern_risk
+from clair_cli.io.patterns import LAYERS_PATTERN_WRAP, pattern_risk
 from clair_cli.types import AdapterConfig
 
 if TYPE_CHECKING:
@@ -52,6 +52,12 @@ UNSUPPORTED_FIELDS = {
     "kasa_config": "KaSA (kasa_config) modifies the base weights",
     "monteclora_config": "MonteCLoRA (monteclora_config) samples the update",
 }
+# init_lora_weights values with which PEFT rewrites the base model's weights when it loads the adapter
+# (peft.tuners.lora.layer.LoraLayer.update_layer: pissa_init, corda_init, olora_init, loftq_init), so that
+# the adapter's change to the base model is not scale * B @ A. "eva", "gaussian", "orthogonal", "mica" and
+# "lora_ga" (whose loading falls back to a plain init: no gradients are attached) leave the base weights
+# alone; their factors, loaded from the file, are a plain LoRA.
+BASE_REWRITING_INITS = ("PiSSA", "CorDA", "OLoRA", "LoftQ")
 PEFT_LIST_ALL_LINEAR = "all-linear"
 _REPEATS = re.compile(r"(?<!\\)[*+?{]")  # an unescaped repetition
 
@@ -131,7 +137,7 @@ def _in_layers(raw: Mapping[str, Any], module: str) -> bool | None:
     if not patterns:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
     for p in patterns:
-        match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module) if not pattern_risk(p) else None
+        match = re.match(LAYERS_PATTERN_WRAP.format(key=p), module) if not pattern_risk(p) else None
         if match is not None:
             break
     if match is None:
@@ -191,7 +197,8 @@ def _replication(adapter: Adapter) -> list[list[int]] | None:
 
 
 def refuse_variants(adapters: Sequence[Adapter], what: str) -> None:
-    """Refuse adapters whose config turns on a LoRA variant that ``what`` cannot reproduce.
+    """Refuse adapters whose config turns on a LoRA variant that ``what`` cannot reproduce, or an
+    init with which PEFT rewrites the base weights (:func:`refuse_base_rewriting`).
 
     Raises:
         IncompatibleAdapters: naming the adapter's config file and the field.
@@ -204,6 +211,77 @@ def refuse_variants(adapters: Sequence[Adapter], what: str) -> None:
                     f"{_where(a)}: {why}; clair cannot write a {what} that PEFT loads as computed",
                     hint="Leave this adapter out, or audit it only (clair audit).",
                 )
+    refuse_base_rewriting(adapters, what)
+
+
+def base_rewriting_init(raw: Mapping[str, Any]) -> str | None:
+    """The method's name (PiSSA, CorDA, OLoRA, LoftQ) when the config's ``init_lora_weights`` makes PEFT
+    rewrite the base weights as it loads the adapter (its tests, as in PEFT's update_layer), or None."""
+    value = raw.get("init_lora_weights")
+    if not isinstance(value, str):
+        return None
+    if value.startswith("pissa"):
+        return "PiSSA"
+    if value.startswith("corda"):
+        return "CorDA"
+    if value.lower() == "olora":
+        return "OLoRA"
+    if value == "loftq":
+        return "LoftQ"
+    return None
+
+
+def base_rewriting_note(config: AdapterConfig) -> str | None:
+    """A note for an adapter whose ``init_lora_weights`` rewrites the base weights in PEFT, or None."""
+    method = base_rewriting_init(config.raw)
+    if method is None:
+        return None
+    return (
+        f"init_lora_weights {printable(repr(config.raw.get('init_lora_weights')))} ({method}): PEFT rewrites the "
+        "base model's weights when it loads this adapter, so its change to the base model is not scale*B@A; "
+        "clair analyses scale*B@A as stored (convert it to a plain LoRA with PEFT's save_pretrained("
+        "path_initial_model_for_weight_conversion=...))"
+    )
+
+
+def refuse_base_rewriting(adapters: Sequence[Adapter], what: str) -> None:
+    """Refuse adapters whose ``init_lora_weights`` (PiSSA, CorDA, OLoRA, LoftQ) makes PEFT rewrite the
+    base weights at load: a ``what`` written from their factors would be a different model.
+
+    Raises:
+        IncompatibleAdapters: naming the adapter's config file and the value.
+    """
+    for a in adapters:
+        method = base_rewriting_init(a.config.raw)
+        if method is not None:
+            value = printable(repr(a.config.raw.get("init_lora_weights")))
+            raise IncompatibleAdapters(
+                f"{_where(a)}: init_lora_weights {value} ({method}) makes PEFT rewrite the base model's weights "
+                f"when it loads the adapter, so its update is not scale*B@A; clair cannot write a {what} that "
+                "PEFT loads as computed",
+                hint="Convert it to a plain LoRA first: PEFT's save_pretrained(..., "
+                "path_initial_model_for_weight_conversion=<the adapter as initialised>) writes one with "
+                "init_lora_weights=true. Or audit it only (clair audit).",
+            )
+
+
+def refuse_unprefixed(adapters: Sequence[Adapter], what: str) -> None:
+    """Refuse adapters holding LoRA factors without PEFT's key prefix, which PeftModel.from_pretrained
+    does not load: a ``what`` clair writes carries the prefix, so it would apply updates that loading
+    the inputs did not.
+
+    Raises:
+        IncompatibleAdapters: naming the adapter's weights file and a key.
+    """
+    for a in adapters:
+        if a.unprefixed:
+            spec = a.modules[a.unprefixed[0]]
+            raise IncompatibleAdapters(
+                f"{printable(str(a.ref.weights_file))}: {len(a.unprefixed)} module(s) stored without PEFT's key "
+                f"prefix {PEFT_KEY_PREFIX!r} (e.g. {printable(spec.a_key)!r}), which PeftModel.from_pretrained "
+                f"does not load; clair cannot write a {what} that loads as its inputs do",
+                hint=f"Re-save the adapter with PEFT's save_pretrained(), or prefix its keys with {PEFT_KEY_PREFIX!r}.",
+            )
 
 
 @dataclass(frozen=True)
@@ -277,10 +355,12 @@ def plan_merged(adapters: Sequence[Adapter], written: Iterable[str], base_model:
     """The config plan of a merge of ``adapters`` that writes the modules ``written``.
 
     Raises:
-        IncompatibleAdapters: an input turns on a LoRA variant (:data:`UNSUPPORTED_FIELDS`), or
-            the inputs replicate layers differently (``layer_replication``).
+        IncompatibleAdapters: an input turns on a LoRA variant (:data:`UNSUPPORTED_FIELDS`), an init
+            that rewrites the base weights (:data:`BASE_REWRITING_INITS`), holds factors PEFT does not
+            load (no key prefix), or the inputs replicate layers differently (``layer_replication``).
     """
     refuse_variants(adapters, "merged adapter")
+    refuse_unprefixed(adapters, "merged adapter")
     written_set = set(written)
     known = set().union(*(set(a.modules) for a in adapters)) | written_set
     replication = {repr(_replication(a)): a for a in adapters}

@@ -12,7 +12,11 @@ from typing import Any
 from clair_cli.constants import MAX_PATTERNS
 from clair_cli.types import PLAIN_PATTERN
 
-__all__ = ["MAX_PATTERNS", "pattern_risk"]
+__all__ = ["LAYERS_PATTERN_WRAP", "MAX_PATTERNS", "pattern_risk"]
+
+# How PEFT (peft.tuners.tuners_utils.check_target_module_exists) and clair_cli.io.lora_config._in_layers
+# match a layers_pattern: inside this expression, which must compile too (clair_cli.io.peft_config checks it).
+LAYERS_PATTERN_WRAP = r"(?:^|.*?\.){key}\.(?P<idx>\d+)\."
 
 MAX_PATTERN_LENGTH = 512
 MAX_UNBOUNDED_REPEATS = 3

@@ -18,8 +18,8 @@ from clair_cli.constants import CONFIG_NAME, MAX_CONFIG_BYTES, MAX_PATTERNS
 from clair_cli.errors import AdapterFormatError
 from clair_cli.io.files import parse_json, read_small
 from clair_cli.io.paths import printable
-from clair_cli.io.patterns import pattern_risk
-from clair_cli.types import AdapterConfig
+from clair_cli.io.patterns import LAYERS_PATTERN_WRAP, pattern_risk
+from clair_cli.types import PATTERN_KEY_WRAP, AdapterConfig
 
 
 def _fail(path: Path | str, problem: str) -> AdapterFormatError:
@@ -73,8 +73,16 @@ def _pattern_dict(path: Path | str, field: str, value: Any, convert: Any) -> dic
     for key, val in value.items():
         try:
             re.compile(key)
+            # PEFT (peft.utils.other.get_pattern_key) and clair (clair_cli.types._pattern_key) match the
+            # key wrapped: a key that compiles alone may not compile there ("(?i)q_proj": a global flag
+            # no longer at the start; an "idx"-named group), and PEFT fails to load the adapter.
+            re.compile(PATTERN_KEY_WRAP.format(key=key))
         except (re.error, RecursionError, OverflowError) as exc:
-            raise _fail(path, f"{field} key {key[:80]!r} is not a valid regular expression ({exc})") from exc
+            raise _fail(
+                path,
+                f"{field} key {key[:80]!r} is not a valid regular expression as PEFT matches it, "
+                f"{PATTERN_KEY_WRAP.format(key='KEY')} ({exc})",
+            ) from exc
         why = pattern_risk(key)
         if why:
             raise _fail(path, f"{field} key {key[:80]!r} {why}; refused so that matching stays bounded")
@@ -90,13 +98,17 @@ def _str_list(path: Path | str, field: str, value: Any) -> tuple[str, ...] | str
     raise _fail(path, f"{field} must be a string or a list of strings")
 
 
-def _regex(path: Path | str, field: str, value: str) -> str:
+def _regex(path: Path | str, field: str, value: str, wrap: str | None = None) -> str:
     """A module-selecting field given as one string, which PEFT full-matches as a regular
-    expression when it loads the adapter (an invalid one makes loading fail there)."""
+    expression when it loads the adapter (an invalid one makes loading fail there). ``wrap``:
+    the expression PEFT builds around it (``{key}`` stands for the value), compiled as well."""
     try:
         re.compile(value)
+        if wrap is not None:
+            re.compile(wrap.format(key=value))
     except (re.error, RecursionError, OverflowError) as exc:
-        raise _fail(path, f"{field} {value[:80]!r} is not a valid regular expression ({exc})") from exc
+        how = "" if wrap is None else f" as PEFT matches it, {wrap.format(key='PATTERN')}"
+        raise _fail(path, f"{field} {value[:80]!r} is not a valid regular expression{how} ({exc})") from exc
     return value
 
 
@@ -110,7 +122,7 @@ def _layers(path: Path | str, layers: Any, pattern: Any) -> None:
         raise _fail(path, "layers_to_transform must be a layer index or a list of layer indices")
     patterns = _str_list(path, "layers_pattern", pattern)
     for p in [patterns] if isinstance(patterns, str) else patterns or ():
-        _regex(path, "layers_pattern", p)
+        _regex(path, "layers_pattern", p, LAYERS_PATTERN_WRAP)
 
 
 def parse_config(data: dict[str, Any], path: Path | str) -> AdapterConfig:

@@ -56,11 +56,10 @@ def save_adapter(  # noqa: PLR0913 - the files of one adapter directory
     Returns:
         The directory written.
     """
-    import torch
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    bad = [k for k, v in (tensors or {}).items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = [k for k, v in (tensors or {}).items() if not all_finite(v)]
     if bad:
         raise _non_finite(name or str(root), len(bad), bad[0])
     directory = root if name is None else join_inside(root, safe_relpath(name))
@@ -81,6 +80,30 @@ def save_adapter(  # noqa: PLR0913 - the files of one adapter directory
     except SafetensorError as exc:
         raise OutputError(f"{printable(str(directory))}: cannot write the tensors ({exc})") from exc
     return directory
+
+
+# Elements upcast at a time to check a tensor whose dtype torch.isfinite does not take (float8).
+_FINITE_CHUNK = 1 << 24
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of ``t`` is finite (a tensor that is not floating point: true). A dtype
+    other than float64/32/16 and bfloat16 (the float8 types: torch.isfinite has no kernel for most
+    and answers wrongly for float8_e8m0fnu) is checked upcast to float32, which holds its values
+    exactly, a chunk at a time; packed float4 holds no value that is not finite."""
+    import torch
+
+    if not t.is_floating_point():
+        return True
+    if t.dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        return bool(torch.isfinite(t).all())
+    if t.dtype == getattr(torch, "float4_e2m1fn_x2", None):
+        return True  # packed e2m1 encodes no NaN or Inf (and torch cannot convert it)
+    flat = t.reshape(-1)
+    return all(
+        bool(torch.isfinite(flat[i : i + _FINITE_CHUNK].to(torch.float32)).all())
+        for i in range(0, flat.numel(), _FINITE_CHUNK)
+    )
 
 
 def _non_finite(what: str, n: int, first: str) -> OutputError:
@@ -147,11 +170,10 @@ class MergedStream:
 
     def put(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
         """Append module ``name``'s merged factors (refused, before any byte of theirs, if not finite)."""
-        import torch
 
         a_key, b_key = _layout_keys(self.specs[name], self.layout)
         for key, t in ((a_key, A), (b_key, B)):
-            if not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 raise _non_finite(str(self.root), 1, key)
         a_shape, b_shape = _shapes(self.specs[name], A.shape[0])
         try:
@@ -165,11 +187,10 @@ class MergedStream:
     def rewrite_b(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Replace every ``B`` written by ``fn(B)``, in place in the file (``--rescale norm``);
         a result that is not finite is refused."""
-        import torch
 
         def checked(B: torch.Tensor) -> torch.Tensor:
             out = fn(B)
-            if not bool(torch.isfinite(out).all()):
+            if not all_finite(out):
                 raise _non_finite(str(self.root), 1, "a rescaled lora_B")
             return out
 

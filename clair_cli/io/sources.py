@@ -18,6 +18,7 @@ one to read. An adapter inside a cache snapshot is named ``owner/name@<commit[:1
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -142,6 +143,7 @@ def expand_sources(specs: Sequence[str], stdin: TextIO | None = None) -> list[st
                 raise UsageError(f"stdin: the list of sources cannot be read ({exc.strerror or exc})") from None
             if len(text) > MAX_LIST_BYTES:
                 raise UsageError(f"stdin: the list of sources is longer than {MAX_LIST_BYTES >> 20} MiB")
+            text = text.removeprefix("\ufeff")  # a byte-order mark, as in a list file
             base, where = Path("."), "stdin"
         elif spec.startswith("@") and len(spec) > 1:
             listed = Path(spec[1:])
@@ -156,7 +158,7 @@ def expand_sources(specs: Sequence[str], stdin: TextIO | None = None) -> list[st
             except (AdapterNotFound, AdapterFormatError) as exc:
                 raise UsageError(f"{exc.message} (the list file {printable(spec)})", hint=exc.hint) from None
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not part of the first source
             except UnicodeDecodeError as exc:
                 raise UsageError(f"{printable(spec)}: the list file is not UTF-8 text ({exc.reason})") from None
             base, where = listed.parent, shown_path(listed)
@@ -180,10 +182,24 @@ def _refuse_pickle(path: Path) -> UnsafeFormatError:
 
 
 def _lexists(path: Path) -> bool:
+    """Whether anything (a dangling link included) is at ``path``: false when nothing is (ENOENT,
+    or ENOTDIR: a component of the path is a file).
+
+    Raises:
+        ClairError: any other error, naming the path: a directory without search permission (EACCES)
+            cannot tell whether an adapter file is there, and is refused rather than read as no adapter.
+    """
     try:
         os.lstat(path)
-    except (OSError, ValueError):
+    except ValueError:  # a NUL byte: nothing of that name can exist
         return False
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return False
+        problem = os_problem(exc, path)
+        raise type(problem)(
+            f"{problem.message} (cannot tell whether it exists)", hint=problem.hint or HINT_FIX
+        ) from None
     return True
 
 
@@ -324,8 +340,12 @@ def _walk(root: Path, spec: str) -> _Walk:
                 f"{shown_path(here)}: more than {MAX_SOURCE_DEPTH} directory levels below the source {printable(spec)}",
                 hint="Name the adapter directories (or a closer parent) as sources.",
             )
-        if here != root and _is_adapter_dir(here):
-            found.adapters.append(here)
+        try:
+            if here != root and _is_adapter_dir(here):
+                found.adapters.append(here)
+        except ClairError as exc:  # a member that cannot be looked into is refused, never skipped
+            found.problems.append((here, exc))
+            return
         try:
             with os.scandir(here) as it:
                 entries = sorted(it, key=lambda e: e.name)

@@ -121,8 +121,17 @@ class Clair(MergeMethod):
         from clair_cli.core.projection import projection_basis
 
         options = plan.options
+        bounded: dict[int, float] = {}
+        if options.norm_bound is not None:
+            # Each module's own norm bound too: a module boosted alone hardly moves the whole update's.
+            from clair_cli.core.influence import module_bounded_weights
+
+            weights, at = module_bounded_weights(mod.A, mod.B, mod.scales, weights, options.norm_bound)
+            bounded = {mod.members[j]: c for j, c in at.items()}
         if not options.project:
             res = mean(mod.A, mod.B, mod.scales, weights, options.rank, options.tol, torch.float32)
+            if bounded:
+                res.info["module_norm_bounded"] = bounded
             return MergeResult(res.A, res.B, self.name, list(plan.used), res.info)
         # The basis as refine finds it (working precision); the mean it projects stays in float64.
         work = at_working_precision(mod, plan.dtype, plan.path)
@@ -132,16 +141,27 @@ class Clair(MergeMethod):
         else:
             res = projected_merge(mod.A, mod.B, mod.scales, basis, weights, plan.side, options.rank)
         res.info["projection_rank"] = q
+        if bounded:
+            res.info["module_norm_bounded"] = bounded
         return MergeResult(res.A, res.B, self.name, list(plan.used), res.info)
 
     def result_notes(self, results: dict[str, MergeResult]) -> list[str]:
-        """Modules a projected merge left unprojected (their projection did not help)."""
+        """Modules where a member's update was above that module's norm bound, and modules a
+        projected merge left unprojected (their projection did not help)."""
+        notes = []
+        bounded = [m for m, r in results.items() if r.info.get("module_norm_bounded")]
+        if bounded:
+            members = sorted({k for m in bounded for k in results[m].info["module_norm_bounded"]})
+            notes.append(
+                f"bounded influence: on {len(bounded)} module(s), {len(members)} update(s) larger than that "
+                f"module's norm bound were weighted down to it there: {_listed(bounded)}"
+            )
         unprojected = [
             m for m, r in results.items() if "projection_rank" in r.info and r.info["projection_rank"] is None
         ]
         if not unprojected:
-            return []
-        return [
+            return notes
+        return notes + [
             f"projection did not predict held-out adapters better than the plain mean on {len(unprojected)} "
             f"module(s), which were merged unprojected: {_listed(unprojected)}"
         ]

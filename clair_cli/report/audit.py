@@ -99,6 +99,8 @@ def reason_text(reason: Reason, names: list[str], modules: ModuleNames) -> str: 
             f"inside the shared subspace, its update lies {_given(reason.ratio):.1f}x farther than is typical "
             f"from the pool's centre (sign-flipped or scaled?), in {modules.summarise(list(reason.modules or ()))}"
         )
+    if kind in ("module_direction", "module_norm", "module_projection"):
+        return _module_text(reason, modules)
     if kind == "isolated":
         return (
             f"it shares almost nothing with any other adapter (cosine {_given(reason.cosine):+.2f} with its "
@@ -126,6 +128,29 @@ def reason_text(reason: Reason, names: list[str], modules: ModuleNames) -> str: 
             f"{reason.threshold:g}: a coordinated attack?)"
         )
     return kind
+
+
+def _module_text(reason: Reason, modules: ModuleNames) -> str:
+    """The reason of rule 12, 13 or 14: what it found on the module farthest out, and where else."""
+    where = list(reason.modules or ())
+    also = f"; past its threshold in {modules.summarise(where)}" if len(where) > 1 else ""
+    on = f"in {modules.short(reason.module or where[0])}"
+    if reason.kind == "module_norm":
+        ratio = _given(reason.ratio)
+        size = f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.1f}x"
+        return f"{on}, its update's norm is {size} the others' median there{f' ({also[2:]})' if also else ''}: " + (
+            "boosted in a few modules?"
+        )
+    if reason.kind == "module_projection":
+        return (
+            f"{on}, its update pulls against the others' there (its component along their centre is "
+            f"{_given(reason.value):+.2f} of the module's median norm, typically {_given(reason.typical):+.2f}"
+            f"{also}): sign-flipped and scaled in a few modules?"
+        )
+    return (
+        f"{on}, its update points away from the others' there (cosine {_given(reason.cosine):+.2f} with their "
+        f"centre, typically {_given(reason.typical):+.2f}{also}): sign-flipped or turned in a few modules?"
+    )
 
 
 def _given(value: float | None) -> float:

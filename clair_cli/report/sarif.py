@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 from clair_cli import __version__
 from clair_cli.constants import SAFETENSORS_WEIGHTS_NAME
+from clair_cli.io.paths import printable
 
 SARIF_VERSION = "2.1.0"
 SARIF_SCHEMA_URI = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
@@ -83,6 +84,27 @@ RULE_TEXTS: dict[str, RuleText] = {
         "The update's norm is far from the pool's median.",
         "The norm of the adapter's update over all modules is atypically far above the pool's median (a "
         "boosted update, model replacement) or below it (a free rider that learned nothing).",
+    ),
+    "module_direction": RuleText(
+        "ModuleDirection",
+        "On some modules, the update points away from the other adapters'.",
+        "On one or more modules the cosine between the adapter's update and the geometric median of the other "
+        "adapters' updates there is far below the typical cosine (Bonferroni over the modules): an update "
+        "sign-flipped or turned in a few modules and honest elsewhere, which an average over modules would dilute.",
+    ),
+    "module_norm": RuleText(
+        "ModuleNorm",
+        "On some modules, the update's norm is far above the others'.",
+        "On one or more modules the norm of the adapter's update is atypically far above the other adapters' "
+        "median there (Bonferroni over the modules): an update boosted in a few modules, which the norm over "
+        "all modules would dilute.",
+    ),
+    "module_projection": RuleText(
+        "ModuleProjection",
+        "On some modules, the update pulls against the other adapters'.",
+        "On one or more modules the component of the adapter's update along the geometric median of the other "
+        "adapters' updates there, in units of the module's median norm, is clearly negative where theirs is "
+        "positive (Bonferroni over the modules): an update sign-flipped and scaled in a few modules.",
     ),
     "spectral": RuleText(
         "Spectral",
@@ -175,8 +197,9 @@ def weights_file(path: str, cwd: Path) -> str:
 
 
 def location(adapter: dict[str, Any], cwd: Path) -> dict[str, Any]:
-    """Where code scanning shows an adapter's result: its weights file."""
-    logical = [{"name": adapter["name"], "kind": "module"}]
+    """Where code scanning shows an adapter's result: its weights file (the name shown escaped, as
+    :func:`clair_cli.io.paths.printable` writes it for the terminal and Markdown)."""
+    logical = [{"name": printable(adapter["name"]), "kind": "module"}]
     if adapter.get("hub"):
         artifact: dict[str, Any] = {"uri": _hub_uri(adapter["hub"])}
     elif adapter.get("path") is not None:
@@ -191,7 +214,8 @@ def _message(adapter: dict[str, Any], command: str, rule_id: str) -> str:
     who = "Candidate adapter" if adapter["role"] == "candidate" else "Adapter"
     verdict = "refused by clair gate" if command == "gate" else f"flagged by clair {command}"
     why = "; ".join(r["text"] for r in adapter["reasons"]) or "flagged"
-    return f"{who} {adapter['name']} {verdict} (score {adapter['score']:.3f}, rule {rule_id}): {why}."
+    # Shown to people (code scanning's alert): control and bidi characters of names escaped.
+    return printable(f"{who} {adapter['name']} {verdict} (score {adapter['score']:.3f}, rule {rule_id}): {why}.")
 
 
 def sarif_log(report: dict[str, Any], cwd: Path | None = None) -> dict[str, Any]:

@@ -13,12 +13,12 @@ from __future__ import annotations
 from clair_cli.core.rules.base import ALPHA, ModuleHit, Reason, Rule
 from clair_cli.core.rules.context import AdapterVerdict, Pass, PoolSignals
 from clair_cli.core.rules.coordinated import Coordinated, CoordinatedGroup, coordinated_groups
-from clair_cli.core.rules.direction import Direction
+from clair_cli.core.rules.direction import Direction, ModuleDirection, ModuleProjection
 from clair_cli.core.rules.duplicate import DUPLICATE_COSINE, Duplicate
 from clair_cli.core.rules.in_subspace import InSubspace
 from clair_cli.core.rules.isolated import Isolated
 from clair_cli.core.rules.joint import Joint
-from clair_cli.core.rules.norm import Norm
+from clair_cli.core.rules.norm import ModuleNorm, Norm
 from clair_cli.core.rules.off_subspace import ModuleOffSubspace, OffSubspace
 from clair_cli.core.rules.opposed import Opposed
 from clair_cli.core.rules.pull import Pull
@@ -31,6 +31,9 @@ RULES: tuple[Rule, ...] = (
     ModuleOffSubspace(),  # 3, and the reason of 2 and 3
     InSubspace(),  # 4
     Norm(),  # 5
+    ModuleDirection(),  # 12: rule 1 per module
+    ModuleNorm(),  # 13: rule 5 per module
+    ModuleProjection(),  # 14: 12 and 13 together
     Spectral(),  # 7
     Isolated(),  # 8: reads 1
     Opposed(),  # 9: a group against the rest

@@ -55,6 +55,7 @@ class PoolSignals:
             passes after the first judge rule 1 against the centre of the adapters the previous
             pass let through. None: every pass uses ``direction``.
         module_recentre: ``module_direction`` likewise (:class:`clair_cli.core.audit.ModuleCentres`).
+        module_norms: per module, each member's update norm (rule 13); None leaves the rule out.
     """
 
     direction_pairs: torch.Tensor | None = None
@@ -77,6 +78,7 @@ class PoolSignals:
     coordinated: list[CoordinatedGroup] = field(default_factory=list)
     recentre: Callable[[frozenset[int]], tuple[torch.Tensor, torch.Tensor | None]] | None = None
     module_recentre: Callable[[frozenset[int]], dict[str, torch.Tensor]] | None = None
+    module_norms: dict[str, torch.Tensor] | None = None
 
 
 def kin(duplicates: list[list[int]], coordinated: list[CoordinatedGroup]) -> dict[int, list[int]]:
@@ -271,10 +273,20 @@ class Pass:
         members: dict[str, list[int]],
         floor: float,
         calibration: dict[str, torch.Tensor] | None = None,
+        *,
+        relative: float = 0.0,
+        centre_at_most: float | None = None,
+        signal: str = "module",
+        skip: frozenset[int] = frozenset(),
     ) -> dict[int, list[ModuleHit]]:
         """A per-module rule at ALPHA / M (Bonferroni over the modules measured); hits per
-        adapter, largest excess first. Margins are recorded as the ``module`` signal.
-        The cuts of all modules are computed together (:func:`leave_one_out_rows`)."""
+        adapter, largest excess first. Margins are recorded as the ``signal`` signal.
+        The cuts of all modules are computed together (:func:`leave_one_out_rows`).
+
+        ``relative``: as in :meth:`cuts`. ``centre_at_most``: a module measures an
+        adapter only where the others' centre there is at most this value (rule 12: where the
+        others agree on a direction). ``skip``: adapters not judged (no margin recorded), such as
+        those a rule over all modules flagged for the same evidence."""
         hits: dict[int, list[ModuleHit]] = {}
         if not values:
             return hits
@@ -282,16 +294,19 @@ class Pass:
         alpha = ALPHA / len(names)
         full = self.table(values, members)
         calib = full if not calibration else self.table({n: calibration.get(n, values[n]) for n in names}, members)
-        centre, width = leave_one_out_rows(calib, self._setters(full.shape[1])[None, :], alpha, floor)
+        setters = self._setters(full.shape[1])[None, :]
+        centre, width = leave_one_out_rows(calib, setters, alpha, floor, relative)
+        if centre_at_most is not None:
+            centre = centre.where(centre <= centre_at_most, math.nan)
         margins = torch.where(
             width > 0, (full - centre) / width, torch.where(full > centre, math.inf, 0.0).double()
         ).where(torch.isfinite(full) & ~centre.isnan(), math.nan)
         for k in range(full.shape[1]):
             column = margins[:, k]
             measured = ~column.isnan()
-            if not bool(measured.any()):
+            if k in skip or not bool(measured.any()):
                 continue
-            self.margin(k, float(column[measured].max()), "module")
+            self.margin(k, float(column[measured].max()), signal)
             if k in self.trusted:
                 continue
             for row in torch.nonzero(column > 1, as_tuple=True)[0].tolist():
@@ -312,10 +327,20 @@ class Pass:
         self.verdicts[k].flagged = True
         self.verdicts[k].reasons.append(reason)
 
+    def flagged_for(self, kinds: tuple[str, ...], compare: str | None = None) -> frozenset[int]:
+        """The adapters this pass flagged with a reason of ``kinds`` (on the ``compare`` side)."""
+        return frozenset(
+            k
+            for k, v in enumerate(self.verdicts)
+            if any(r.kind in kinds and compare in (None, r.compare) for r in v.reasons)
+        )
+
     def hold(self, k: int, reason: Reason) -> None:
         """A reason for an adapter already flagged for the same evidence: one is enough,
-        unless this one sets the score (:meth:`release_held`)."""
-        self.held[k] = reason
+        unless this one sets the score (:meth:`release_held`; of two held, the larger margin)."""
+        held = self.held.get(k)
+        if held is None or (reason.margin or -math.inf) > (held.margin or -math.inf):
+            self.held[k] = reason
 
     def release_held(self) -> None:
         """List each held reason where it set the score: the score shown is then always the

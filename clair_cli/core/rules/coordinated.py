@@ -60,7 +60,9 @@ JOIN = 0.5  # a member joins at least half as tightly (in t) as the group agrees
 MAX_COSINE = 1 - 1e-12
 # The rules whose flag on one member flags its group: they judge where an update points, which
 # the members share; the norm, in-subspace and spectral rules also judge its size, which they
-# need not share.
+# need not share. Not the rules of single modules (12, 14): a copy of an honest client's
+# update flipped in one module agrees with the original far more closely than the pool does, and
+# would have the original flagged with it; every member of a real group trips them on its own.
 POINTING_RULES = ("direction", "off_subspace", "joint", "module", "isolated", "opposed")
 
 

@@ -30,7 +30,7 @@ import math
 import torch
 
 from clair_cli.core.decompose import median
-from clair_cli.core.rules.base import ALPHA, Reason
+from clair_cli.core.rules.base import ALPHA, ModuleHit, Reason
 from clair_cli.core.rules.context import DirectionEvidence, Pass
 
 DIRECTION_FLOOR = 0.1  # of cosine, and at least 0.6 of the typical cosine
@@ -91,3 +91,120 @@ class Direction:
             compare="<",
             margin=margin,
         )
+
+
+# On one module alone an update must point against the others' centre (cosine below 0), not
+# only away from it: one module's cosines are skewed (bounded by 1), and a loosely agreeing
+# honest client sits near 0 on some module of many far more often than a Gaussian model says.
+MODULE_DIRECTION_RELATIVE_FLOOR = 1.0
+
+
+class ModuleDirection:
+    """Rule 12, **direction per module** (``module_direction``): on each module, the cosine of
+    the adapter's update with that module's centre of the others (the cosines rule 1 averages),
+    at ``ALPHA / M`` (Bonferroni over the modules), with floors on that module: the cosine must
+    have dropped by ``DIRECTION_FLOOR`` and below 0 (``MODULE_DIRECTION_RELATIVE_FLOOR``: rule 1
+    asks 0.6 of the typical cosine), and the module is off where the others agree on no
+    direction (typical under ``DIRECTION_FLOOR``). The exact critical value at every pool size.
+
+    An update sign-flipped (or turned elsewhere) in one module of many and honest in the rest
+    moves rule 1's average by one module's worth and no whole-update statistic at all; this is
+    the per-module view, as rule 3 is rule 2's. An attacker who knows it keeps every module's
+    cosine above its cut, which bounds how far that module points away from the others'.
+    """
+
+    name = "module_direction"
+    pointing = False
+
+    def apply(self, ctx: Pass) -> None:
+        pool = ctx.signals
+        if not ctx.module_direction:
+            return
+        values = {n: -c.double() for n, c in ctx.module_direction.items()}
+        hits = ctx.per_module(
+            values,
+            pool.members,
+            DIRECTION_FLOOR,
+            relative=MODULE_DIRECTION_RELATIVE_FLOOR,
+            centre_at_most=-DIRECTION_FLOOR,
+            signal=self.name,
+            skip=ctx.flagged_for(("direction", "joint")),  # where it points, seen over all modules already
+        )
+        for k, items in sorted(hits.items()):
+            ctx.flag(k, self.reason(items))
+
+    def reason(self, items: list[ModuleHit]) -> Reason:
+        """The module farthest out: its cosine, the others' typical cosine there and the bound."""
+        return downward_reason(self.name, items, cosine=True)
+
+
+def downward_reason(rule: str, items: list[ModuleHit], cosine: bool = False) -> Reason:
+    """The reason of a per-module rule run on minus its statistic (rules 12 and 14): on the
+    module farthest out, the statistic, the others' typical value there and the bound, back in
+    the statistic's own sign."""
+    excess, module, value, bound, _m = items[0]
+    return Reason(
+        kind=rule,
+        cosine=-value if cosine else None,
+        typical=excess - value,
+        modules=tuple(h.module for h in items),
+        module=module,
+        rule=rule,
+        value=-value,
+        threshold=-bound,
+        compare="<",
+        margin=max(h.margin for h in items),
+    )
+
+
+PROJECTION_RELATIVE_FLOOR = 1 + DIRECTION_RELATIVE_FLOOR  # below -0.6 of the typical: pulling against it
+
+
+class ModuleProjection:
+    """Rule 14, **against the others on a module** (``module_projection``): on each module, the
+    component of the adapter's update along that module's centre of the others (rule 12's
+    cosine times the update's norm), in units of the module's median norm, at ``ALPHA / M``;
+    downward only, floor: below ``-0.6`` times the others' typical component there (an update
+    orthogonal to the centre, at 0, is never flagged), off where that typical component is
+    under ``DIRECTION_FLOOR``.
+
+    Rule 12 reads the direction alone and rule 13 the size alone, each with its own floor: a
+    module sign-flipped and boosted just under the norm floor (x -3.9) passed both where the
+    others' cosines spread, while it pulled that module of the merge back by nearly four
+    honest updates. This is their product, which an attacker cannot keep typical while
+    pulling against the others.
+    """
+
+    name = "module_projection"
+    pointing = False
+
+    def apply(self, ctx: Pass) -> None:
+        pool = ctx.signals
+        if not ctx.module_direction or not pool.module_norms:
+            return
+        values = {}
+        for name, cosine in ctx.module_direction.items():
+            norms = pool.module_norms.get(name)
+            if norms is None:
+                continue
+            norms = norms.double()
+            positive = norms[norms > 0]
+            if positive.numel() < 3:
+                continue
+            values[name] = -cosine.double() * norms / float(positive.median())
+        hits = ctx.per_module(
+            values,
+            pool.members,
+            DIRECTION_FLOOR,
+            relative=PROJECTION_RELATIVE_FLOOR,
+            centre_at_most=-DIRECTION_FLOOR,
+            signal=self.name,
+            skip=ctx.flagged_for(("direction", "joint", "module_direction")),
+        )
+        for k, items in sorted(hits.items()):
+            ctx.flag(k, self.reason(items))
+
+    def reason(self, items: list[ModuleHit]) -> Reason:
+        """The module farthest out: the component along the others' centre (in the module's
+        median norms), the others' typical component there and the bound."""
+        return downward_reason(self.name, items)

@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from clair_cli.core.rules.base import ALPHA, Reason
+from clair_cli.core.rules.base import ALPHA, ModuleHit, Reason
 from clair_cli.core.rules.context import Pass
 
 NORM_FACTOR_FLOOR = 4.0
@@ -54,4 +54,47 @@ class Norm:
     def reason(self, ratio: float, bound: float, margin: float | None, compare: str) -> Reason:
         return Reason(
             kind="norm", ratio=ratio, rule=self.name, value=ratio, threshold=bound, compare=compare, margin=margin
+        )
+
+
+class ModuleNorm:
+    """Rule 13, **norm per module** (``module_norm``): ``log ||Theta_km||`` on each module
+    against the others' on it, at ``ALPHA / M`` (Bonferroni over the modules), floor 4x the
+    others' median there, the exact critical value at every pool size (capped as rule 5's, the
+    Bonferroni cut over a handful of values flagged honest clients in small rounds). Upward only: an update
+    boosted in one module of many moves the norm over all modules (rule 5's) by far less than
+    its factor (a module boosted 4x of eight: about 1.8x), and a module left small harms the
+    merge little.
+    """
+
+    name = "module_norm"
+    pointing = False
+
+    def apply(self, ctx: Pass) -> None:
+        pool = ctx.signals
+        if not pool.module_norms:
+            return
+        values = {
+            n: torch.where(x > 0, torch.log(x.double().clamp_min(1e-300)), math.nan)
+            for n, x in pool.module_norms.items()
+        }
+        boosted = ctx.flagged_for(("norm",), ">")  # its size, seen over all modules already
+        hits = ctx.per_module(values, pool.members, math.log(NORM_FACTOR_FLOOR), signal=self.name, skip=boosted)
+        for k, items in sorted(hits.items()):
+            ctx.flag(k, self.reason(items))
+
+    def reason(self, items: list[ModuleHit]) -> Reason:
+        """The ratio to the others' median norm on the module farthest out, and the ratio at
+        which the rule flags there."""
+        excess, module, value, bound, _m = items[0]
+        return Reason(
+            kind="module_norm",
+            ratio=math.exp(excess),
+            modules=tuple(h.module for h in items),
+            module=module,
+            rule=self.name,
+            value=math.exp(excess),
+            threshold=math.exp(bound - (value - excess)),
+            compare=">",
+            margin=max(h.margin for h in items),
         )
