@@ -39,7 +39,7 @@ import torch
 
 from clair_cli.core.decompose import robust_center_scale
 from clair_cli.core.insubspace import centre_weights, combination_distances
-from clair_cli.core.merge import check_weights
+from clair_cli.core.merge import check_weights, merged_sq_norm
 
 CLIP_FACTOR = 2.0  # tau = 2 x the median distance from the geometric median
 NORM_BOUND = 1.5  # a round's norm bound: 1.5 x the collaborators' median norm (trained honest clients: at most 1.19x)
@@ -217,11 +217,7 @@ def module_bounded_weights(
     if len(A) < 3:
         return weights, {}
     sq = torch.tensor(
-        [
-            float(s) ** 2 * float(((a.double() @ a.double().T) * (b.double().T @ b.double())).sum())
-            for a, b, s in zip(A, B, scales, strict=True)
-        ],
-        dtype=torch.float64,
+        [float(s) ** 2 * merged_sq_norm(a, b) for a, b, s in zip(A, B, scales, strict=True)], dtype=torch.float64
     )
     bound = norm_bound(sq, factor)
     bounded = {j: float(c) for j, c in enumerate(bound.factors.tolist()) if c < 1}

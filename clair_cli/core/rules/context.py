@@ -337,10 +337,8 @@ class Pass:
 
     def hold(self, k: int, reason: Reason) -> None:
         """A reason for an adapter already flagged for the same evidence: one is enough,
-        unless this one sets the score (:meth:`release_held`; of two held, the larger margin)."""
-        held = self.held.get(k)
-        if held is None or (reason.margin or -math.inf) > (held.margin or -math.inf):
-            self.held[k] = reason
+        unless this one sets the score (:meth:`release_held`)."""
+        self.held[k] = reason
 
     def release_held(self) -> None:
         """List each held reason where it set the score: the score shown is then always the
