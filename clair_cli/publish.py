@@ -24,6 +24,54 @@ if TYPE_CHECKING:
 # Options whose value is a secret: the model card's command line shows them as ***.
 SECRET_OPTIONS = ("--token",)
 
+# A diffusion LoRA file's safetensors metadata that describes its tensors' content: sd-scripts'
+# hashes of the tensor data (sshs_*, which A1111 and Civitai use to identify a LoRA) and the SAI
+# model spec's. Stale once clair rewrites the tensors: never copied to an output.
+CONTENT_METADATA_PREFIXES = ("sshs_",)
+CONTENT_METADATA = frozenset({"modelspec.hash_sha256"})
+# The metadata that describes the base model and the network type (sd-scripts' ss_*, the SAI model
+# spec's): a merge keeps each one that every input gives, with one value. Everything else (ranks,
+# alphas, diffusers' per-component LoraConfig, training settings) describes one input, not the merge.
+BASE_METADATA = (
+    "ss_base_model_version",
+    "ss_v2",
+    "ss_sd_model_name",
+    "ss_sd_model_hash",
+    "ss_new_sd_model_hash",
+    "ss_vae_name",
+    "ss_vae_hash",
+    "ss_new_vae_hash",
+    "ss_network_module",
+    "modelspec.sai_model_spec",
+    "modelspec.architecture",
+    "modelspec.implementation",
+    "modelspec.prediction_type",
+    "modelspec.timestep_range",
+    "modelspec.encoder_layer",
+)
+
+
+def refined_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """A refined diffusion file's metadata: its source's, less what describes the tensors' content
+    (:data:`CONTENT_METADATA`); ranks, alphas and diffusers' LoraConfig still hold (refine keeps them)."""
+    return {
+        k: v
+        for k, v in metadata.items()
+        if k not in CONTENT_METADATA and not k.startswith(CONTENT_METADATA_PREFIXES) and k != "format"
+    }
+
+
+def merged_metadata(metadata: Sequence[dict[str, str]]) -> dict[str, str]:
+    """A merged diffusion file's metadata: the :data:`BASE_METADATA` keys on which every input's
+    ``metadata`` agrees (one value, given by all)."""
+    out: dict[str, str] = {}
+    for key in BASE_METADATA:
+        values = {m.get(key) for m in metadata}
+        value = values.pop() if len(values) == 1 else None
+        if value is not None:
+            out[key] = value
+    return out
+
 
 def command_line(argv: Sequence[str]) -> str:
     """The command that made an adapter, for its model card, with secrets (``--token``) masked."""
@@ -93,7 +141,8 @@ def merged_stream(root: Path, pool: Pool, options: MergeOptions | None = None) -
     from clair_cli.pipeline import merged_rank_bound
 
     first = pool.adapters[0]
-    return MergedStream(root, first.modules, merged_rank_bound(pool, options), first.layout)
+    metadata = merged_metadata([a.file_metadata for a in pool.adapters]) if first.layout != "peft" else None
+    return MergedStream(root, first.modules, merged_rank_bound(pool, options), first.layout, metadata)
 
 
 def write_merged(  # noqa: PLR0913 - every part of the card, as the merge command has them
@@ -140,7 +189,9 @@ def write_merged(  # noqa: PLR0913 - every part of the card, as the merge comman
         params=params,
         library="peft" if layout == "peft" else "diffusers",
     )
-    save_adapter(root, config, tensors, card, **_layout_files(layout))
+    save_adapter(
+        root, config, tensors, card, **_layout_files(layout, merged_metadata([a.file_metadata for a in pool.adapters]))
+    )
 
 
 def _layout_notes(layout: str) -> list[str]:
@@ -210,7 +261,12 @@ def write_refined(
             library="peft" if adapter.layout == "peft" else "diffusers",
         )
         save_adapter(
-            root, config, tensors, card, name=adapter.name, **_layout_files(adapter.layout, adapter.file_metadata)
+            root,
+            config,
+            tensors,
+            card,
+            name=adapter.name,
+            **_layout_files(adapter.layout, refined_metadata(adapter.file_metadata)),
         )
         progress("writing adapters", i + 1, len(used))
     return used

@@ -8,17 +8,21 @@ Two layouts besides PEFT's are recognised from a file's tensor names (never from
   the scale is alpha / rank, and a module without ``alpha`` has alpha = rank (scale 1), as
   sd-scripts and diffusers' ``_convert_non_diffusers_lora_to_diffusers`` read it.
 - **diffusers** (``save_lora_weights``): ``unet.<module>.lora_A.weight`` /
-  ``text_encoder.<module>.lora_B.weight`` / ``transformer.<module>...``. Each component's
+  ``text_encoder.<module>.lora_B.weight`` / ``transformer.<module>...`` / ``prior.<module>...``,
+  told by structure: a pipeline component first, PEFT's ``lora_A`` / ``lora_B`` after the module
+  (``transformer.`` alone, also an LLM's module path, needs a module of diffusers' transformer
+  models: ``transformer_blocks``, ``x_embedder``, an Attention's ``to_q`` ...). Each component's
   LoraConfig may be in the safetensors metadata (``lora_adapter_metadata``, keys
-  ``<component>.<field>``), which diffusers then applies as is; without it diffusers gives every
-  module alpha = rank (``get_peft_kwargs``), so clair reads scale 1 unless ``--lora-alpha`` says
-  otherwise.
+  ``<component>.<field>``), which diffusers then applies as is, per component (``use_rslora``
+  included); without it diffusers gives every module alpha = rank (``get_peft_kwargs``), so clair
+  reads scale 1 unless ``--lora-alpha`` says otherwise.
 
 Module names are the file's own (``lora_unet_..._to_q``, ``unet.down_blocks...to_q``): adapters of
 one layout compare module by module, and outputs keep each input's layout and keys. What is not a
-plain LoRA (LyCORIS LoHa, LoKr, DoRA, Tucker cores, full differences, IA3; diffusers' old
-attention-processor keys) is refused with the file and the key named, and so is a file that mixes
-layouts.
+plain LoRA (LyCORIS LoHa, LoKr, DoRA, Tucker cores, full differences, IA3, OFT, norm tuning, in
+either layout; diffusers' old attention-processor keys) is refused with the file and the key named,
+and so is a file that mixes layouts or holds one kohya text-encoder module under two spellings
+(``lora_te_X`` and ``lora_te1_X``).
 """
 
 from __future__ import annotations
@@ -73,9 +77,47 @@ KOHYA_ALPHAS_NOTE = (
     "alphas differ between modules: clair reads each module's own, as sd-scripts, A1111 and ComfyUI do; "
     "diffusers (0.42) applies the most common alpha to attention modules instead"
 )
+# LyCORIS tensors beside diffusers' names, by their last parts (a module path may hold "diff" or "_norm"):
+# a Tucker core, full weight differences, IA3, OFT and norm tuning.
+DIFFUSERS_VARIANT_RE = re.compile(r"\.(?P<tail>lora_mid|diff|diff_b|on_input|oft_\w+|[wb]_norm)(?:\.weight)?$")
+# diffusers 0.42 gives a kohya module without an alpha tensor the file's most common stored alpha when
+# other modules store one (get_peft_kwargs' lora_alpha); sd-scripts, A1111 and ComfyUI read alpha = rank.
+KOHYA_MISSING_ALPHAS_NOTE = (
+    "{n} module(s) store no alpha (e.g. {example}): clair reads alpha = rank there (or --lora-alpha), as "
+    "sd-scripts, A1111 and ComfyUI do; diffusers (0.42) gives them the file's most common stored alpha instead"
+)
 # diffusers' attention-processor era keys (before its PEFT integration).
 OLD_DIFFUSERS_RE = re.compile(r"[._]lora\.(down|up)\.|\.lora_linear_layer\.")
-_MAIN_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3")
+# Components that only a diffusers pipeline has: their keys alone say diffusers.
+_MAIN_COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "text_encoder_3", "prior")
+# "transformer." is also the top of LLM module paths (GPT-2, Falcon, BLOOM: transformer.h.N; MPT, DBRX:
+# transformer.blocks.N; OpenELM: transformer.layers.N). A file of such keys is diffusers' when a module
+# sits under a top-level module of diffusers' transformer models that no LLM has, or is a layer of
+# diffusers' Attention / FeedForward (to_q ... to_out.0, add_q_proj, ff.net.0.proj): Flux, SD3, Wan
+# (transformer.blocks.N.attn1.to_q), Lumina2 (transformer.layers.N.attention.to_q), HiDream, CogVideoX...
+_DIFFUSERS_TRANSFORMER_TOPS = frozenset(
+    {
+        "transformer_blocks",
+        "single_transformer_blocks",
+        "double_stream_blocks",
+        "single_stream_blocks",
+        "x_embedder",
+        "context_embedder",
+        "time_text_embed",
+        "condition_embedder",
+        "patch_embedding",
+        "caption_projection",
+        "noise_refiner",
+        "context_refiner",
+        "time_caption_embed",
+        "proj_out",
+        "norm_out",
+    }
+)
+_DIFFUSERS_LAYER_RE = re.compile(
+    r"\.(?:to_q|to_k|to_v|to_qkv|to_out\.0|to_add_out|add_q_proj|add_k_proj|add_v_proj|ff\.net\.0\.proj|ff\.net\.2|"
+    r"ff_context\.net\.0\.proj|ff_context\.net\.2|ffn\.net\.0\.proj|ffn\.net\.2)\.[a-z]"
+)
 
 
 def _bad(path: Path, problem: str, hint: str | None = None) -> AdapterFormatError:
@@ -105,9 +147,9 @@ def layout_of(path: Path, tensors: Mapping[str, TensorInfo], metadata: Mapping[s
     heads = {k.split(".", 1)[0] for k in names}
     if not heads & set(DIFFUSERS_COMPONENTS):
         return "peft"
-    # "transformer." alone is also a GPT-2 module path (transformer.h.0...): diffusers only with evidence.
+    # "transformer." alone is also an LLM's module path (transformer.h.0...): diffusers only with evidence.
     evidence = bool(heads & set(_MAIN_COMPONENTS)) or DIFFUSERS_METADATA_KEY in metadata
-    evidence = evidence or any("transformer_blocks." in k for k in names)
+    evidence = evidence or any(_diffusers_transformer_key(k) for k in names)
     if not evidence:
         return "peft"
     stray = next((k for k in names if k.split(".", 1)[0] not in DIFFUSERS_COMPONENTS), None)
@@ -121,8 +163,18 @@ def layout_of(path: Path, tensors: Mapping[str, TensorInfo], metadata: Mapping[s
     return "diffusers"
 
 
+def _diffusers_transformer_key(key: str) -> bool:
+    """Whether ``transformer.<...>`` is a tensor of a diffusers transformer model's module (see
+    :data:`_DIFFUSERS_TRANSFORMER_TOPS`): a LoRA factor, or a LyCORIS tensor refused later as in a kohya file."""
+    parts = key.split(".")
+    if len(parts) < 3 or parts[0] != "transformer":
+        return False
+    return parts[1] in _DIFFUSERS_TRANSFORMER_TOPS or _DIFFUSERS_LAYER_RE.search(key) is not None
+
+
 def _refuse_variant(path: Path, key: str) -> AdapterFormatError:
-    tail = key.split(".", 1)[1] if "." in key else key
+    m = DIFFUSERS_VARIANT_RE.search(key)
+    tail = m["tail"] if m else key.split(".", 1)[1] if "." in key else key
     what = next((name for marker, name in VARIANTS if marker in tail), None)
     if what is None:
         return _bad(
@@ -157,7 +209,31 @@ def classify_kohya(path: Path, tensors: Mapping[str, TensorInfo]) -> tuple[Heade
         if len(parts) == 1:
             have, lack = ("lora_down", "lora_up") if "lora_A" in parts else ("lora_up", "lora_down")
             raise _bad(path, f"module {printable(module)!r} has {have} but no {lack}")
+    _refuse_two_spellings(path, keys.parts)
     return keys, alphas
+
+
+def _refuse_two_spellings(path: Path, parts: Mapping[str, object]) -> None:
+    """Refuse one text-encoder module stored under both of sd-scripts' spellings (``lora_te_X`` and
+    ``lora_te1_X``: both name the first text encoder's X).
+
+    diffusers reads both into one module and keeps whichever comes last; clair would audit them as two
+    modules, one of which no loader applies as audited.
+    """
+    for module in sorted(parts):
+        if module.startswith("lora_te_"):
+            twin = "lora_te1_" + module.removeprefix("lora_te_")
+            if twin in parts:
+                raise _bad(
+                    path,
+                    f"module {printable(module)!r} is also stored as {printable(twin)!r} (lora_te_ and lora_te1_ both "
+                    "name the first text encoder): loaders read the two as one module and differ on which they apply",
+                    hint="Keep one spelling (lora_te_ for SD 1.x / 2.x, lora_te1_ for SDXL) and save the file again.",
+                )
+
+
+# What an alpha tensor may be stored as (float8 and bool are not read as a number here).
+ALPHA_DTYPES = (*FLOAT_DTYPES, "I8", "I16", "I32", "I64", "U8")
 
 
 def _alpha_values(path: Path, infos: Mapping[str, TensorInfo]) -> dict[str, float]:
@@ -165,8 +241,15 @@ def _alpha_values(path: Path, infos: Mapping[str, TensorInfo]) -> dict[str, floa
     out: dict[str, float] = {}
     with SafetensorsReader(path) as reader:
         for module, info in infos.items():
-            if info.numel != 1 or info.dtype not in (*FLOAT_DTYPES, "I8", "I16", "I32", "I64", "U8"):
-                raise _bad(path, f"{printable(info.name)!r} must be one number, got {info.dtype} {list(info.shape)}")
+            if info.numel != 1:
+                raise _bad(path, f"{printable(info.name)!r} must be one number, got shape {list(info.shape)}")
+            if info.dtype not in ALPHA_DTYPES:
+                raise _bad(
+                    path,
+                    f"{printable(info.name)!r} has dtype {info.dtype}; an alpha is a float ({', '.join(FLOAT_DTYPES)}) "
+                    "or an integer (I8-I64, U8)",
+                    hint="Save the alphas as float32 (sd-scripts does), or leave them out for alpha = rank.",
+                )
             value = float(reader.get(info.name).reshape(-1)[0])
             if not math.isfinite(value) or value <= 0:
                 raise _bad(
@@ -210,13 +293,32 @@ def _ranks(keys: HeaderKeys) -> dict[str, int]:
 
 def _kohya_config(
     path: Path, tensors: Mapping[str, TensorInfo], options: SourceOptions
-) -> tuple[HeaderKeys, AdapterConfig]:
+) -> tuple[HeaderKeys, AdapterConfig, dict[str, float]]:
+    """The file's keys, its config, and the alphas it stores (modules without one are not in it)."""
     keys, alpha_infos = classify_kohya(path, tensors)
     check_module_count(path, len(keys.parts), options.max_modules)  # before reading an alpha
     alphas = _alpha_values(path, alpha_infos)
     default = options.lora_alpha
     modules = {m: (r, alphas.get(m, default if default is not None else float(r))) for m, r in _ranks(keys).items()}
-    return keys, module_config(options.base_model, modules)
+    return keys, module_config(options.base_model, modules), alphas
+
+
+def _kohya_alpha_notes(stored: Mapping[str, float], config: AdapterConfig) -> list[str]:
+    """Where diffusers scales a kohya file's modules unlike clair (and sd-scripts, A1111, ComfyUI).
+
+    Only the alphas the file stores count: a file of no alpha tensors (clair's own merge of modules
+    of several ranks) has alpha = rank everywhere in diffusers too.
+    """
+    notes = []
+    if len(set(stored.values())) > 1:
+        notes.append(KOHYA_ALPHAS_NOTE)
+    missing = sorted(m for m in config.exact if m not in stored)
+    if stored and missing:
+        counts = Counter(stored.values())
+        common = [a for a, c in counts.items() if c == max(counts.values())]
+        if len(common) > 1 or any(config.exact[m][1] != common[0] for m in missing):
+            notes.append(KOHYA_MISSING_ALPHAS_NOTE.format(n=len(missing), example=printable(missing[0])))
+    return notes
 
 
 def metadata_configs(path: Path, metadata: Mapping[str, str]) -> dict[str, AdapterConfig]:
@@ -246,12 +348,18 @@ def metadata_configs(path: Path, metadata: Mapping[str, str]) -> dict[str, Adapt
 
 def _diffusers_config(
     path: Path, keys: HeaderKeys, metadata: Mapping[str, str], options: SourceOptions
-) -> AdapterConfig:
+) -> tuple[AdapterConfig, list[str]]:
+    """The file's config (each module's rank and alpha, from its component's LoraConfig in the
+    metadata, else ``--lora-alpha`` or alpha = rank) and notes on how it was read.
+
+    diffusers builds one LoraConfig per component, so components may differ in ``use_rslora``:
+    each module then keeps its own component's rule, its alpha given in the file's rule (alpha/r):
+    an rsLoRA module's alpha is read as ``alpha * sqrt(r)``, the same scale ``alpha / sqrt(r)``.
+    """
     configs = metadata_configs(path, metadata)
     rslora = {c.use_rslora for c in configs.values()}
-    if len(rslora) > 1:
-        raise _bad(path, "its components' configs disagree on use_rslora; clair reads one scaling rule per file")
-    use_rslora = rslora.pop() if rslora else options.use_rslora
+    # The file's rule: its configs' one rule; the flags' when it has none; alpha/r when they differ.
+    use_rslora = options.use_rslora if not rslora else rslora == {True}
     default = options.lora_alpha
     modules: dict[str, tuple[int, float]] = {}
     for module, rank in _ranks(keys).items():
@@ -264,13 +372,24 @@ def _diffusers_config(
                     f"module {printable(module)!r}: factors have rank {rank} but the {component} config in the "
                     f"metadata gives r={config.rank_for(inner)}; diffusers would refuse to load it",
                 )
-            modules[module] = (rank, config.alpha_for(inner))
+            alpha, own_rslora = config.alpha_for(inner), config.use_rslora
         elif default is not None:
-            modules[module] = (rank, default)
-        else:
-            modules[module] = (rank, math.sqrt(rank) if use_rslora else float(rank))
+            alpha, own_rslora = default, options.use_rslora
+        else:  # diffusers' LoraConfig for a component without metadata: alpha = r, scale 1
+            alpha, own_rslora = float(rank), False
+        if own_rslora != use_rslora:  # the same scale in the file's rule
+            alpha = alpha * math.sqrt(rank) if own_rslora else alpha / math.sqrt(rank)
+        modules[module] = (rank, alpha)
+    notes = []
+    if len(rslora) > 1:
+        scaled = ", ".join(f"{c}: alpha/sqrt(r)" if cfg.use_rslora else f"{c}: alpha/r" for c, cfg in configs.items())
+        notes.append(
+            f"its components' configs differ on use_rslora ({scaled}); clair scales each module by its own "
+            "component's rule, as diffusers does (alphas shown in the alpha/r rule: an rsLoRA module's is "
+            "alpha*sqrt(r))"
+        )
     use_dora = any(c.use_dora for c in configs.values())
-    return module_config(options.base_model, modules, use_rslora=use_rslora, use_dora=use_dora)
+    return module_config(options.base_model, modules, use_rslora=use_rslora, use_dora=use_dora), notes
 
 
 def _diffusers_keys(path: Path, tensors: Mapping[str, TensorInfo]) -> HeaderKeys:
@@ -282,8 +401,15 @@ def _diffusers_keys(path: Path, tensors: Mapping[str, TensorInfo]) -> HeaderKeys
             hint="Load it in diffusers (load_lora_weights) and save it again with save_lora_weights().",
         )
     keys = classify_keys(path, dict(tensors))
-    variant = next((k for k in sorted(keys.others) if any(marker in k for marker, _ in VARIANTS[:3])), None)
-    if variant is not None:  # LoHa, LoKr, DoRA tensors under diffusers' component names
+    variant = next(
+        (
+            k
+            for k in sorted(keys.others)
+            if any(marker in k for marker, _ in VARIANTS[:3]) or DIFFUSERS_VARIANT_RE.search(k)
+        ),
+        None,
+    )
+    if variant is not None:  # LyCORIS tensors under diffusers' component names, refused as in a kohya file
         raise _refuse_variant(path, variant)
     keys.layout = "diffusers"
     return keys
@@ -300,14 +426,15 @@ def open_diffusion(
     """
     path = ref.weights_file
     tensors, metadata = header
+    notes: list[str] = []
     if layout == "kohya":
-        keys, config = _kohya_config(path, tensors, options)
+        keys, config, stored = _kohya_config(path, tensors, options)
+        notes.extend(_kohya_alpha_notes(stored, config))
     else:
         keys = _diffusers_keys(path, tensors)
-        config = _diffusers_config(path, keys, metadata, options)
+        config, notes = _diffusers_config(path, keys, metadata, options)
     adapter = Adapter.open(
         ref, config, max_rank=options.max_rank, max_modules=options.max_modules, header=header, keys=keys
     )
-    if layout == "kohya" and len({alpha for _, alpha in config.exact.values()}) > 1:
-        adapter.notes.append(KOHYA_ALPHAS_NOTE)
+    adapter.notes.extend(notes)
     return adapter

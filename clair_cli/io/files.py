@@ -150,13 +150,36 @@ def read_small(path: Path, limit: int, what: str) -> bytes:
         os.close(fd)
 
 
-def parse_json(raw: bytes, path: Path | str, what: str) -> Any:
+class DuplicateKeyError(ValueError):
+    """A JSON object that names one key twice (:func:`parse_json` with ``unique_keys``)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise DuplicateKeyError(key)
+            seen.add(key)
+    return out
+
+
+def parse_json(raw: bytes, path: Path | str, what: str, *, unique_keys: bool = False) -> Any:
     """Parse JSON from an input; any problem (encoding, syntax, nesting too deep, an integer of
-    thousands of digits) is an AdapterFormatError naming the file.
+    thousands of digits) is an AdapterFormatError naming the file. ``unique_keys``: an object that
+    names a key twice is refused too (Python keeps the last entry, other readers the first or none;
+    the error's ``__cause__`` is then a :class:`DuplicateKeyError`).
     """
     shown = printable(str(path))
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_object if unique_keys else None)
+    except DuplicateKeyError as exc:
+        raise AdapterFormatError(f"{shown}: {what} names {printable(exc.key)!r} twice") from exc
     except UnicodeDecodeError as exc:
         raise AdapterFormatError(f"{shown}: {what} is not UTF-8 text") from exc
     except json.JSONDecodeError as exc:

@@ -127,10 +127,17 @@ class MergedStream:
             (:func:`clair_cli.pipeline.merged_rank_bound`).
         layout: the inputs' layout (``peft``, ``kohya``, ``diffusers``): key names, the file's
             name, and a kohya file's alphas (written last, once every module's rank is known).
+        metadata: safetensors metadata of the file besides ``format`` (``pt``): a diffusion merge's
+            (:func:`clair_cli.publish.merged_metadata`).
     """
 
     def __init__(
-        self, root: Path, specs: Mapping[str, ModuleSpec], max_rank: Mapping[str, int], layout: str = "peft"
+        self,
+        root: Path,
+        specs: Mapping[str, ModuleSpec],
+        max_rank: Mapping[str, int],
+        layout: str = "peft",
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         from clair_cli.constants import DIFFUSERS_WEIGHTS_NAME
         from clair_cli.io.safetensors_stream import SafetensorsStream
@@ -146,7 +153,7 @@ class MergedStream:
         self._b_keys: list[str] = []
         self._ranks: dict[str, int] = {}
         file = root / (SAFETENSORS_WEIGHTS_NAME if layout == "peft" else DIFFUSERS_WEIGHTS_NAME)
-        self._stream = SafetensorsStream(file, largest, {"format": "pt"}, optional)
+        self._stream = SafetensorsStream(file, largest, {**(metadata or {}), "format": "pt"}, optional)
 
     def __enter__(self) -> MergedStream:
         try:

@@ -27,7 +27,7 @@ from clair_cli.constants import (
     SAFETENSORS_MAX_TENSORS,
 )
 from clair_cli.errors import AdapterFormatError
-from clair_cli.io.files import open_regular, parse_json, read_range, reading
+from clair_cli.io.files import DuplicateKeyError, open_regular, parse_json, read_range, reading
 from clair_cli.io.paths import printable
 
 if TYPE_CHECKING:
@@ -91,8 +91,14 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         os.close(fd)
 
     try:
-        header = parse_json(raw, path, "the safetensors header")
+        header = parse_json(raw, path, "the safetensors header", unique_keys=True)
     except AdapterFormatError as exc:
+        if isinstance(exc.__cause__, DuplicateKeyError):
+            # Python's json keeps the last entry, other readers the first: one file, two contents.
+            raise _bad(
+                path,
+                f"the header names {printable(exc.__cause__.key)!r} twice; readers differ on which entry they use",
+            ) from exc
         raise _bad(path, exc.message.split(": ", 1)[-1] + " (not a safetensors file?)") from exc
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")

@@ -13,7 +13,9 @@ reached twice and one weights file read as two adapters are errors, never skippe
 Several states of one training run below a directory source (an adapter with
 ``checkpoint-N`` folders inside, or two ``checkpoint-N`` folders side by side) are
 refused with a list: they are not independent adapters, and the user names the
-one to read. An adapter inside a cache snapshot is named ``owner/name@<commit[:12]>``.
+one to read. Beside adapter directories, a loose ``.safetensors`` file is not an adapter (a base
+model's weights), but one whose tensor names are a LoRA's is refused with a list, never skipped.
+An adapter inside a cache snapshot is named ``owner/name@<commit[:12]>``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from clair_cli.constants import (
     DEFAULT_MAX_RANK,
     DIFFUSERS_WEIGHTS_NAME,
     HUB_PREFIX,
+    KOHYA_PREFIXES,
+    LORA_KEY_RE,
     MAX_LIST_BYTES,
     MAX_SOURCE_DEPTH,
     PICKLE_SUFFIXES,
@@ -211,17 +215,48 @@ def _is_adapter_dir(directory: Path) -> bool:
 
 
 def _is_diffusion_file(path: Path) -> bool:
-    """Whether a bare weights file is a kohya or diffusers LoRA (which needs no config); False when
-    its header cannot be read (opening it later says why).
+    """Whether a bare weights file is a kohya or diffusers LoRA (which needs no config).
 
     Raises:
-        AdapterFormatError: the file mixes layouts.
+        AdapterFormatError: the file mixes layouts, or its header cannot be read: a truncated or
+            corrupt file, or no safetensors file at all, is that problem (named), not a missing config.
+        AdapterNotFound: the file cannot be opened.
     """
+    tensors, metadata = read_header(path)
+    return layout_of(path, tensors, metadata) != "peft"
+
+
+def _holds_lora(path: Path) -> bool:
+    """Whether a file's tensor names are a LoRA's (kohya ``lora_down`` / ``lora_up``, or
+    ``lora_A`` / ``lora_B`` in any layout); False for other weights (a base model's) and for a
+    file whose header cannot be read (nothing then tells that it is a LoRA)."""
     try:
-        tensors, metadata = read_header(path)
+        tensors, _metadata = read_header(path)
     except ClairError:
         return False
-    return layout_of(path, tensors, metadata) != "peft"
+    return any(k.startswith(KOHYA_PREFIXES) or LORA_KEY_RE.match(k) for k in tensors)
+
+
+def _loose_loras_error(files: Sequence[Path], root: Path, spec: str, adapters: Sequence[Path]) -> AdapterFormatError:
+    """The error for LoRA files that lie outside every adapter directory of a directory source
+    that holds adapter directories (a scan reads those directories alone)."""
+    folders = ", ".join(printable(a.relative_to(root).as_posix()) for a in sorted(adapters)[:3])
+    folders += ", ..." if len(adapters) > 3 else ""
+    if len(files) == 1:
+        what = f"{shown_path(files[0])}: a LoRA file beside the adapter directories of {shown_path(spec)}"
+        it = "it"
+    else:
+        listed = ", ".join(printable(f.relative_to(root).as_posix()) for f in files[:6])
+        what = f"{shown_path(spec)}: holds {len(files)} LoRA files ({listed}{', ...' if len(files) > 6 else ''})"
+        what += " beside its adapter directories"
+        it = "they"
+    first = os.path.join(spec, sorted(adapters)[0].relative_to(root).as_posix())
+    return AdapterFormatError(
+        f"{what} ({folders}); a scan of a directory that holds adapter directories reads only those, so "
+        f"{it} would not be audited",
+        hint=f"Name what to read: the LoRA files (e.g. {shown_path(files[0])}, or a directory that holds only them), "
+        f"or the adapter directories (e.g. {shown_path(first)}); move the others out of {shown_path(spec)}.",
+    )
 
 
 def cache_snapshot(path: Path) -> tuple[str, str, str | None] | None:
@@ -494,6 +529,17 @@ def _resolve_local(
         name = rel(here)
         given = os.path.join(spec, name)
         _add(refs, errors, name, spec, lambda: _adapter_dir_ref(here, name, spec, options, given))  # noqa: B023
+    if found.adapters:
+        # Beside adapter directories, a loose .safetensors file is something else (a base model's
+        # weights) and is not read. One whose tensor names are a LoRA's is no such thing: read it or
+        # not, the user decides (a scan never passes over an adapter unread).
+        inside = set(found.adapters)
+        loose = [f for f in found.bare if not any(p in inside for p in f.parents) and _holds_lora(f)]
+        if loose and errors is None:
+            raise _loose_loras_error(loose, path, spec, found.adapters)
+        for file in loose:
+            if errors is not None:
+                errors.append((rel(file), spec, _loose_loras_error([file], path, spec, found.adapters)))
     if not found.adapters and not errors:
         # A directory of bare .safetensors files (no adapter directory anywhere below it): each
         # file is an adapter, described by --config or --lora-alpha. Beside adapter directories,
