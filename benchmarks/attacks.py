@@ -324,6 +324,28 @@ def _module_flip(p: PoolData, m: int, c: float, rng: np.random.Generator) -> lis
     return out
 
 
+def _free_ride_span(p: PoolData, m: int, cosine: float, rng: np.random.Generator) -> list:
+    """Free riders at full norm: each attacker sends a zero-sum combination of the honest updates
+    (random signs, as many + as -), less its part along the honest mean, plus ``cosine`` of the honest
+    mean's direction, at the honest median norm. At 0 it carries nothing along the honest direction while
+    its norm and subspace are the honest clients' (it is made of their differences), and it dilutes the
+    merge by its share of the pool; it also subtracts some honest clients' updates, dragging the cosines
+    of those clients with any centre it shapes. Tuned against rule 15 by raising ``cosine``: each step buys
+    back part of the share it dilutes."""
+    h = p.honest.mean(0)
+    h = h / np.linalg.norm(h)
+    n = len(p.honest)
+    out = []
+    for _ in range(m):
+        signs = np.array([1.0] * (n // 2) + [-1.0] * (n - n // 2))
+        rng.shuffle(signs)
+        v = (signs - signs.mean()) @ p.honest
+        v -= (v @ h) * h
+        vec = cosine * h + np.sqrt(1 - cosine**2) * v / np.linalg.norm(v)
+        out.append(as_lora(p.layout, p.median_norm * vec))
+    return out
+
+
 def _rebalance(p: PoolData, m: int, c: float, rng: np.random.Generator) -> list:
     """Factor game: honest client ``k``'s ``(A / c, B c)`` in float64 (the same update)."""
     out = []
@@ -493,6 +515,7 @@ ATTACKS: dict[str, Attack] = {
         Attack("boost", _boost, (2.0, 5.0, 50.0), (2.0, 10.0), "x c"),
         Attack("sign-flip", _sign_flip, (1.0, 2.0, 10.0), (1.0, 5.0), "x -c"),
         Attack("module-flip", _module_flip, (1.0, 2.0, 3.0, 3.9, 8.0), (2.0, 3.9), "x -c in one module"),
+        Attack("free-ride-span", _free_ride_span, (0.0, 0.1, 0.2, 0.3), (0.0, 0.2), "cosine with the honest mean"),
         Attack("rebalance", _rebalance, (1e-6, 1e6, 1e18), (1e-6, 1e18), "c in (A / c, B c)"),
         Attack("rank-inflation", _rank_inflation, (0.0, 1e-3), (0.0, 1e-3), "extra directions' size"),
         Attack("alie-norm", _alie_norm, (1.0, 2.0, 3.0, 3.5, 3.9), (2.0, 3.9), "norm / honest median"),

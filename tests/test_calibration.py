@@ -278,6 +278,7 @@ def test_the_rules_are_registered_in_the_order_they_run() -> None:
 
     names = [
         "direction",
+        "whole_direction",
         "off_subspace",
         "joint",
         "module",
@@ -294,9 +295,9 @@ def test_the_rules_are_registered_in_the_order_they_run() -> None:
         "coordinated",
     ]
     assert [r.name for r in rules.RULES] == names
-    assert POINTING == ("direction", "off_subspace", "joint")
-    assert rules.get("norm") is rules.RULES[5]
-    with pytest.raises(ValueError, match="the rules are: direction, off_subspace"):
+    assert POINTING == ("direction", "whole_direction", "off_subspace", "joint")
+    assert rules.get("norm") is rules.RULES[6]
+    with pytest.raises(ValueError, match="the rules are: direction, whole_direction, off_subspace"):
         rules.get("nope")
 
 

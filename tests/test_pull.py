@@ -79,6 +79,9 @@ def test_a_spread_group_at_twice_the_norm_is_flagged_together(seed: int, monkeyp
     K, bad = 18, tuple(range(12, 18))
     aud = ClairAuditor().fit(tight_pool(K, bad, rho=0.4, norm=2.0, seed=seed), K)
     assert flagged(aud) == set(bad)
+    # Rule 15 (the whole update's direction against the most aligned two thirds) sees them in
+    # the first pass too; without it, what rule 11 alone does:
+    monkeypatch.setattr(verdict, "RULES", tuple(r for r in verdict.RULES if r.name != "whole_direction"))
     monkeypatch.setattr(verdict, "PASSES", 1)
     # From a stream: the first verdict alone (no refit, whose second verdict scores the group
     # against subspaces fitted without it, where rules 2 and 2b see it too).

@@ -64,7 +64,7 @@ from clair_cli.core.verdict import (
 )
 
 # Rules whose silence over a whole pool is reported: each measures every adapter where it can.
-WATCHED_RULES = ("direction", "off_subspace", "norm", "spectral", "pull")
+WATCHED_RULES = ("direction", "whole_direction", "off_subspace", "norm", "spectral", "pull")
 
 SideOption = Literal["out", "in", "both"]
 Solver = Literal["auto", "convex", "fast"]
@@ -765,7 +765,7 @@ class ClairAuditor:
         self.cosine_ = cosine_from_gram(tally.inner)
         trusted = set(reference or ())
         order = copy_order(tally.inner.diagonal(), names, trusted)
-        self.duplicate_groups_ = [sorted(g, key=order) for g in duplicate_groups(self.cosine_)]
+        self.duplicate_groups_ = [order(g) for g in duplicate_groups(self.cosine_)]
         # Groups that agree far more closely than the pool does count as one adapter (rule 10);
         # in a gate the references alone set every centre and threshold.
         copies = {k for g in self.duplicate_groups_ for k in g[1:]}
@@ -857,15 +857,14 @@ class ClairAuditor:
         # In a canonical order of the adapters (their digests), like every module.
         glob = sorted(range(K), key=lambda k: tally.digests[k])
         coordinated = self.coordinated_groups_
-        direction_centres = DirectionCentres(
-            tally.unit,
-            centre_on,
-            glob,
-            kin(self.duplicate_groups_, coordinated),
-            group_masses(K, coordinated),
-            pairs=reference is None and K <= SMALL_POOL_N + 1,
-        )
+        kept_out, masses = kin(self.duplicate_groups_, coordinated), group_masses(K, coordinated)
+        small = reference is None and K <= SMALL_POOL_N + 1
+        direction_centres = DirectionCentres(tally.unit, centre_on, glob, kept_out, masses, pairs=small)
         self.direction_, pairs = direction_centres()
+        # Rule 15's: the whole updates, fitted on the most aligned two thirds (a gate's references all).
+        peel = reference is None
+        whole_centres = DirectionCentres(tally.inner, centre_on, glob, kept_out, masses, pairs=small, peel=peel)
+        whole, whole_pairs = whole_centres()
         return PoolSignals(
             coordinated=coordinated,
             n_adapters=K,
@@ -887,6 +886,9 @@ class ClairAuditor:
             recentre=direction_centres if reference is None else None,
             module_recentre=ModuleCentres(centres) if reference is None and centres else None,
             module_norms={r.name: r.norms for r in results},
+            whole_direction=whole,
+            whole_pairs=whole_pairs,
+            whole_recentre=whole_centres if reference is None else None,
         )
 
     def _decide(self, signals: PoolSignals, tally: _Tally, trusted: set[int]) -> None:

@@ -28,12 +28,13 @@ distance and a robust outlier.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from clair_cli.core.pairwise import gram
+from clair_cli.core.pairwise import cosine_from_gram, gram
 
 WEISZFELD_ITERATIONS = 200
 
@@ -247,12 +248,15 @@ class DirectionCentres:
     on the order of the sources) and returned in the adapters' own; cached per set.
 
     Args:
-        C: the unit-module Gram matrix (:func:`direction_cosines`), in the adapters' order.
+        C: the unit-module Gram matrix (:func:`direction_cosines`), in the adapters' order
+            (rule 15: the whole updates' Gram matrix).
         fit_on: who may shape a centre at all.
         order: the canonical order.
         groups: per adapter, what its centres leave out with it (its copies and group).
         mass: per adapter, its weight in the median.
         pairs: compute :func:`direction_pairs` too (small pools).
+        peel: fit the centres on :func:`peeled` ``fit_on`` only, each point weighed by its
+            :func:`agreement_masses` among them as well (rule 15).
     """
 
     def __init__(
@@ -263,15 +267,19 @@ class DirectionCentres:
         groups: Mapping[int, Sequence[int]],
         mass: torch.Tensor,
         pairs: bool,
+        peel: bool = False,
     ) -> None:
         self._perm = torch.tensor(list(order), dtype=torch.long)
         where = {k: p for p, k in enumerate(order)}
         self._back = torch.tensor([where[k] for k in range(len(order))], dtype=torch.long)
-        self._C = C[self._perm[:, None], self._perm[None, :]]
+        self._C = C[self._perm[:, None], self._perm[None, :]].double()
         self._fit_on = fit_on[self._perm]
         self._groups = {where[k]: [where[j] for j in v] for k, v in groups.items()}
-        self._mass = mass[self._perm]
+        self._mass = mass[self._perm].double()
         self._pairs = pairs
+        self._peel = peel
+        if peel:
+            self._fit_on = peeled(self._C, self._fit_on, self._mass)
         self._cache: dict[frozenset[int], tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def __call__(self, without: frozenset[int] = frozenset()) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -281,12 +289,51 @@ class DirectionCentres:
             if without:
                 fit_on[self._back[sorted(without)]] = False
             back = self._back
-            cos = direction_cosines(self._C.clone(), fit_on, self._groups, self._mass)[back]
+            mass = self._mass
+            if self._peel:
+                mass = mass * agreement_masses(cosine_from_gram(self._C), fit_on)
+            cos = direction_cosines(self._C.clone(), fit_on, self._groups, mass)[back]
             pairs = None
             if self._pairs:
-                pairs = direction_pairs(self._C.clone(), fit_on, self._groups, self._mass)[back[:, None], back[None, :]]
+                pairs = direction_pairs(self._C.clone(), fit_on, self._groups, mass)[back[:, None], back[None, :]]
             self._cache[without] = (cos, pairs)
         return self._cache[without]
+
+
+PEEL_KEEP = 2 / 3  # rule 15's centre: the two thirds of the pool that agree with it most
+
+
+def peeled(G: torch.Tensor, fit_on: torch.Tensor, mass: torch.Tensor | None = None) -> torch.Tensor:
+    """The adapters of ``fit_on`` that rule 15's centre is fitted on: ``fit_on`` less those least
+    aligned with the centre, down to ``PEEL_KEEP`` of it (at least 3).
+
+    Each step fits the geometric median of the current set (its points weighed by ``mass``
+    times their :func:`agreement_masses` among the set), and drops the members with the lowest
+    cosine with it: half of the excess, at least one (a few steps at any pool size).
+    A third of the pool that carries nothing along the others' direction (free riders at full
+    norm, made of the honest updates' differences) drags a centre fitted on everyone towards
+    zero and, through the honest updates it subtracts, against chosen honest clients; each
+    step leaves the least aligned out, and the honest clients it had dragged down recover in
+    the next. Nothing is flagged here: the adapters left out are measured against the centre
+    like everyone else. ``G``: the whole updates' Gram matrix.
+    """
+    G = G.double()
+    norms = G.diagonal().clamp_min(0).sqrt()
+    cosine = cosine_from_gram(G)
+    base = torch.ones(G.shape[0], dtype=torch.float64) if mass is None else mass.double()
+    keep_set = fit_on.clone() & (norms > 0)
+    keep = max(3, math.ceil(PEEL_KEEP * int(keep_set.sum())))
+    while int(keep_set.sum()) > keep:
+        w = centre_weights(G, keep_set[None, :], mass=base * agreement_masses(cosine, keep_set))[0]
+        centre = float(w @ G @ w)
+        if centre <= 0:
+            break
+        cos = (G @ w) / (norms.clamp_min(1e-300) * math.sqrt(centre))
+        members = torch.nonzero(keep_set, as_tuple=True)[0]
+        drop = max(1, math.ceil((len(members) - keep) / 2))
+        order = sorted(members.tolist(), key=lambda k: (float(cos[k]), k))
+        keep_set[order[:drop]] = False
+    return keep_set
 
 
 AGREEMENT_MIN_POOL = 6  # below, the pool's typical cosine is too noisy to weigh agreement by

@@ -31,11 +31,14 @@ minimum effect size in the statistic's own units. The rules, one module each in
     few modules and honest in the rest.
 13. **Norm per module** (``module_norm``), at ``ALPHA / M``: an update boosted in a few modules.
 14. **Against the others on a module** (``module_projection``), at ``ALPHA / M``: flipped and scaled.
+15. **Direction of the whole update** (``whole_direction``): rule 1 with every module at its own
+    norm, against a centre fitted on the two thirds of the pool most aligned with it: free
+    riders at full norm.
 
 This module owns what the rules share: the passes (:func:`decide`), the duplicate groups and
 the groups of flagged adapters that agree with each other (:func:`groups`).
 
-An adapter's ``score`` is its largest margin over rules 1-5, 7, 8, 9 and 11-14: the distance above the typical
+An adapter's ``score`` is its largest margin over rules 1-5, 7, 8, 9 and 11-15: the distance above the typical
 value in units of the distance to the threshold, so a score above 1 means that rule flagged
 it; the duplicate rule (a copy) and the norm rule's zero update flag outright, without a
 margin, so such an adapter may be flagged with a score below 1 (its reason names the rule).
@@ -44,7 +47,7 @@ margin, so such an adapter may be flagged with a score below 1 (its reason names
 Every reason records the rule that flagged (``rule``), the statistic it compared
 (``value``), the bound it was compared with (``threshold``; ``compare`` says which side
 flags) and its ``margin``; the adapter's score is the largest margin among its reasons
-whenever a rule flagged it. Rules 1 and 2 require two things at once (the standardised
+whenever a rule flagged it. Rules 1, 2 and 15 require two things at once (the standardised
 statistic past its calibrated cut and the raw effect past its floor): ``threshold`` is the
 bound on the raw statistic (rule 2: the mean log-odds, not the mean share the text quotes)
 and ``margin`` the smaller of the two margins.
@@ -97,23 +100,40 @@ def flag_every_copy(
         verdicts[k].reasons.append(rule.reason(of, group_cosine(inner, k, of)))
 
 
+COPY_NORM_TIE = 1e-3  # copies whose log norms differ by less are one update up to rounding: the name decides
+
+
 def copy_order(sq_norms: torch.Tensor, names: Sequence[str] | None = None, trusted: Iterable[int] = ()):
-    """The key that orders each group of copies, its first member standing for the group: a
-    trusted reference first, then the member whose norm lies nearest the pool's median norm (in
-    log; a zero update last), then the name. A copy scaled by another factor (an attacker's
-    ``x 3`` or ``x 0.2`` of an honest client's update) is farther from the median than the update
-    it copies, so it is the one flagged as the copy whatever it is called; identical copies keep
-    the first by name, as before (either is the same update)."""
+    """How each group of copies is ordered, its first member standing for the group: a function
+    of the group that returns its members in order. A trusted reference first, then the member
+    whose norm lies nearest the pool's median norm (in log; a zero update last), then the name. A
+    copy scaled by another factor (an attacker's ``x 3`` or ``x 0.2`` of an honest client's update)
+    is farther from the median than the update it copies, so it is the one flagged as the copy
+    whatever it is called. Members whose distances from the median differ by less than
+    ``COPY_NORM_TIE`` (in log) are tied and ordered by name: one update sent twice, or
+    re-factored (``B c``, ``A / c``), differs in norm only by the rounding of its factors, which
+    must not decide which sender is named the copy."""
     trusted = set(trusted)
     log_norms = 0.5 * torch.log(sq_norms.double().clamp_min(1e-300))
     positive = sq_norms > 0
     centre = float(log_norms[positive].median()) if bool(positive.any()) else 0.0
 
-    def key(k: int) -> tuple[bool, float, str, int]:
-        off = abs(float(log_norms[k]) - centre) if bool(positive[k]) else math.inf
-        return (k not in trusted, off, names[k] if names else "", k)
+    def off(k: int) -> float:
+        return abs(float(log_norms[k]) - centre) if bool(positive[k]) else math.inf
 
-    return key
+    def order(group: Iterable[int]) -> list[int]:
+        members = list(group)
+        # Per rank (trusted or not), the nearest distance of the group's members of that rank.
+        nearest = {t: min((off(k) for k in members if (k not in trusted) == t), default=math.inf) for t in (0, 1)}
+
+        def key(k: int) -> tuple[bool, float, str, int]:
+            d = off(k)
+            tied = d <= nearest[int(k not in trusted)] + COPY_NORM_TIE
+            return (k not in trusted, 0.0 if tied else d, names[k] if names else "", k)
+
+        return sorted(members, key=key)
+
+    return order
 
 
 def connected_components(items: Sequence[int], pairs: Iterable[tuple[int, int]]) -> list[list[int]]:
@@ -246,7 +266,7 @@ def groups(
     duplicate groups other than the one kept) are left out: they are reported as copies.
     """
     copies = copies or set()
-    kinds = {"direction", "off_subspace", "spectral", "opposed"}
+    kinds = {"direction", "whole_direction", "off_subspace", "spectral", "opposed"}
     pointed = [v.index for v in verdicts if v.index not in copies and any(r.kind in kinds for r in v.reasons)]
     honest = [
         k for k, v in enumerate(verdicts) if not v.flagged and k not in copies and bool(torch.isfinite(direction[k]))

@@ -63,6 +63,12 @@ def reason_text(reason: Reason, names: list[str], modules: ModuleNames) -> str: 
             f"its update points away from the others' (cosine {_given(reason.cosine):+.2f} with their centre, "
             f"typically {_given(reason.typical):+.2f})"
         )
+    if kind == "whole_direction":
+        return (
+            f"its whole update, every module at its own size, carries little along the others' direction "
+            f"(cosine {_given(reason.cosine):+.2f} with their centre, typically {_given(reason.typical):+.2f}: "
+            "a free rider at full norm, or another task?)"
+        )
     if kind == "joint":
         share = reason.share if reason.share is not None else 1 / (1 + math.exp(-_given(reason.log_odds)))
         return (
@@ -381,6 +387,9 @@ SILENT = {
     "direction": "the adapters agree on no common direction (typical cosine below 0.1): the direction rule "
     "and the rules that need it (joint, isolated) are off, so sign flips and another task's adapters "
     "are not checked here",
+    "whole_direction": "the adapters' whole updates agree on no common direction (typical cosine below 0.1): "
+    "the whole-update direction rule is off, so updates that carry nothing along the others' direction at a "
+    "full norm (free riders) are not checked here",
     "off_subspace": "no module has shared low-rank structure: the off-subspace and in-subspace rules are off",
     "norm": "too few adapters to compare norms: the norm rule is off",
     "spectral": "too few adapters for the spectral rule: coordinated groups are not checked",

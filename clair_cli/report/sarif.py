@@ -54,6 +54,14 @@ RULE_TEXTS: dict[str, RuleText] = {
         "other adapters' updates is far below the typical cosine: sign flips, label flips and updates for "
         "another task point elsewhere.",
     ),
+    "whole_direction": RuleText(
+        "WholeDirection",
+        "The adapter's whole update carries little along the other adapters' direction.",
+        "The cosine between the adapter's whole update (every module at its own norm) and the geometric median "
+        "of the other adapters' whole updates, fitted on the two thirds of the pool most aligned with it, is far "
+        "below the typical cosine: updates that carry nothing along the pool's direction at a full norm (free "
+        "riders made of the honest updates' differences) dilute the merge by their share of the pool.",
+    ),
     "off_subspace": RuleText(
         "OffSubspace",
         "Averaged over the modules, much of the update lies outside the shared subspace.",

@@ -13,7 +13,7 @@ from __future__ import annotations
 from clair_cli.core.rules.base import ALPHA, ModuleHit, Reason, Rule
 from clair_cli.core.rules.context import AdapterVerdict, Pass, PoolSignals
 from clair_cli.core.rules.coordinated import Coordinated, CoordinatedGroup, coordinated_groups
-from clair_cli.core.rules.direction import Direction, ModuleDirection, ModuleProjection
+from clair_cli.core.rules.direction import Direction, ModuleDirection, ModuleProjection, WholeDirection
 from clair_cli.core.rules.duplicate import DUPLICATE_COSINE, Duplicate
 from clair_cli.core.rules.in_subspace import InSubspace
 from clair_cli.core.rules.isolated import Isolated
@@ -26,6 +26,7 @@ from clair_cli.core.rules.spectral import Spectral
 
 RULES: tuple[Rule, ...] = (
     Direction(),  # 1
+    WholeDirection(),  # 15: rule 1 with every module at its own norm
     OffSubspace(),  # 2
     Joint(),  # 2b: reads 1 and 2
     ModuleOffSubspace(),  # 3, and the reason of 2 and 3

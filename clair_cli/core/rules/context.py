@@ -56,6 +56,10 @@ class PoolSignals:
             pass let through. None: every pass uses ``direction``.
         module_recentre: ``module_direction`` likewise (:class:`clair_cli.core.audit.ModuleCentres`).
         module_norms: per module, each member's update norm (rule 13); None leaves the rule out.
+        whole_direction: per adapter, the cosine of its whole update (every module at its own
+            norm, not scaled to unit) with the geometric median of the others' (rule 15).
+        whole_pairs: ``direction_pairs`` for ``whole_direction``.
+        whole_recentre: ``recentre`` for ``whole_direction``.
     """
 
     direction_pairs: torch.Tensor | None = None
@@ -79,6 +83,9 @@ class PoolSignals:
     recentre: Callable[[frozenset[int]], tuple[torch.Tensor, torch.Tensor | None]] | None = None
     module_recentre: Callable[[frozenset[int]], dict[str, torch.Tensor]] | None = None
     module_norms: dict[str, torch.Tensor] | None = None
+    whole_direction: torch.Tensor | None = None
+    whole_pairs: torch.Tensor | None = None
+    whole_recentre: Callable[[frozenset[int]], tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
 
 def kin(duplicates: list[list[int]], coordinated: list[CoordinatedGroup]) -> dict[int, list[int]]:
@@ -152,11 +159,14 @@ class Pass:
         # the flagged alone where they are, else against the whole pool's.
         self.direction_cosine, self.direction_pairs = signals.direction, signals.direction_pairs
         self.module_direction = signals.module_direction
+        self.whole_cosine, self.whole_pairs = signals.whole_direction, signals.whole_pairs
         for without in (centre_without | excluded, frozenset(excluded)):
             if signals.recentre is not None and without and 2 * len(without) < signals.n_adapters:
                 self.direction_cosine, self.direction_pairs = signals.recentre(without)
                 if signals.module_recentre is not None:
                     self.module_direction = signals.module_recentre(without)
+                if signals.whole_recentre is not None:
+                    self.whole_cosine, self.whole_pairs = signals.whole_recentre(without)
                 break
         self.extra: set[int] = set()  # also left out of the bases, for the rules that set it
         self.calibration = signals.held_out if signals.reference is not None else None

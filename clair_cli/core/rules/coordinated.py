@@ -63,7 +63,7 @@ MAX_COSINE = 1 - 1e-12
 # need not share. Not the rules of single modules (12, 14): a copy of an honest client's
 # update flipped in one module agrees with the original far more closely than the pool does, and
 # would have the original flagged with it; every member of a real group trips them on its own.
-POINTING_RULES = ("direction", "off_subspace", "joint", "module", "isolated", "opposed")
+POINTING_RULES = ("direction", "whole_direction", "off_subspace", "joint", "module", "isolated", "opposed")
 
 
 def log_distance(cosine: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,184 @@
+"""Rule 15 (direction of the whole update) and its peeled centre: free riders at full norm.
+
+A review from outside built updates that carry nothing along the pool's direction at an honest
+norm: zero-sum combinations of the honest updates (as many added as subtracted), so that they
+lie in the honest clients' subspace at their size. Rule 1 (every module at unit norm) left them
+inside the honest spread, and a third of a trained pool of them took the merge from 0.76 to 0.39.
+They also drag any centre fitted on everyone towards zero and against the honest clients they
+subtract; the centre of rule 15 is fitted on the two thirds of the pool most aligned with it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.attacks import read_factors
+from clair_cli import pipeline
+from clair_cli.core import verdict
+from clair_cli.core.insubspace import DirectionCentres, direction_cosines, peeled
+from clair_cli.core.rules import Pass, PoolSignals
+from clair_cli.core.rules.direction import WholeDirection
+from clair_cli.params import AuditParams
+from clair_cli.report.audit import reason_text
+from clair_cli.report.modules import ModuleNames
+
+SAMPLES = Path(__file__).parents[1] / "sample_adapters"
+HONEST = [f"client_{k:02d}" for k in range(1, 13)]  # the sample pool's twelve honest clients
+
+
+def _free_rider(honest: np.ndarray, rng: np.random.Generator, targets: tuple[int, ...] = ()) -> np.ndarray:
+    """A zero-sum +-1 combination of the honest updates at their median norm; ``targets`` always subtracted."""
+    n = len(honest)
+    rest = [k for k in range(n) if k not in targets]
+    signs = np.full(n, -1.0)
+    plus = rng.choice(rest, size=n // 2, replace=False)
+    signs[plus] = 1.0
+    v = signs @ honest
+    return v * float(np.median(np.linalg.norm(honest, axis=1))) / np.linalg.norm(v)
+
+
+def _gram(seed: int, n_free: int = 6, share: float = 0.2, targets: tuple[int, ...] = ()) -> torch.Tensor:
+    """Twelve honest updates sharing ``share`` of their squared norm with a common direction, then
+    ``n_free`` free riders made of them; the Gram matrix of all."""
+    rng = np.random.default_rng(seed)
+    dim = 4000
+    common = rng.standard_normal(dim)
+    common *= math.sqrt(share) / np.linalg.norm(common)
+    noise = rng.standard_normal((12, dim))
+    noise *= math.sqrt(1 - share) / np.linalg.norm(noise, axis=1, keepdims=True)
+    honest = common + noise
+    free = [_free_rider(honest, rng, targets) for _ in range(n_free)]
+    X = torch.from_numpy(np.vstack([honest, *free]) if free else honest)
+    return X @ X.T
+
+
+def _centres(G: torch.Tensor, peel: bool = True, order: list[int] | None = None) -> DirectionCentres:
+    K = G.shape[0]
+    return DirectionCentres(
+        G,
+        torch.ones(K, dtype=torch.bool),
+        order if order is not None else list(range(K)),
+        {},
+        torch.ones(K, dtype=torch.float64),
+        pairs=False,
+        peel=peel,
+    )
+
+
+def _rule_15(G: torch.Tensor) -> list[bool]:
+    """Rule 15 alone on the pool of Gram matrix ``G``: who it flags."""
+    K = G.shape[0]
+    cosine, pairs = _centres(G)()
+    signals = PoolSignals(
+        n_adapters=K,
+        shares={},
+        members={},
+        structured={},
+        sq_norms=G.diagonal(),
+        duplicates=[],
+        whole_direction=cosine,
+        whole_pairs=pairs,
+    )
+    ctx = Pass(signals, set())
+    WholeDirection().apply(ctx)
+    return [v.flagged for v in ctx.verdicts]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("targets", [(), (3, 8)])
+def test_the_peeled_centre_leaves_every_free_rider_out(seed: int, targets: tuple[int, ...]) -> None:
+    G = _gram(seed, targets=targets)
+    kept = peeled(G, torch.ones(18, dtype=torch.bool))
+    assert int(kept.sum()) == 12  # two thirds of 18
+    assert not bool(kept[12:].any())
+
+
+def test_free_riders_drag_a_centre_fitted_on_everyone_against_the_clients_they_subtract() -> None:
+    G = _gram(0, targets=(3, 8))
+    plain = direction_cosines(G, torch.ones(18, dtype=torch.bool))
+    typical = float(plain[:12].median())
+    assert float(plain[3]) < 0.6 * typical and float(plain[8]) < 0.6 * typical  # dragged down
+    cosine, _ = _centres(G)()
+    typical = float(cosine[:12].median())
+    assert float(cosine[:12].min()) > 0.7 * typical  # the peeled centre gives them back
+    assert float(cosine[12:].max()) < 0.4 * typical  # and leaves the free riders at about 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("targets", [(), (3, 8)])
+def test_rule_15_flags_the_free_riders_and_no_honest_client(seed: int, targets: tuple[int, ...]) -> None:
+    assert _rule_15(_gram(seed, targets=targets)) == [False] * 12 + [True] * 6
+
+
+def test_rule_15_flags_no_honest_client_of_a_clean_pool() -> None:
+    for seed in range(5):
+        assert not any(_rule_15(_gram(seed, n_free=0)))
+
+
+def test_rule_15_is_off_where_the_pool_agrees_on_no_direction() -> None:
+    G = _gram(0, share=0.0)
+    K = G.shape[0]
+    cosine, _ = _centres(G)()
+    signals = PoolSignals(
+        n_adapters=K, shares={}, members={}, structured={}, sq_norms=G.diagonal(), duplicates=[], whole_direction=cosine
+    )
+    ctx = Pass(signals, set())
+    WholeDirection().apply(ctx)
+    assert not any(v.flagged for v in ctx.verdicts)
+    assert not any("whole_direction" in v.signals for v in ctx.verdicts)
+
+
+def test_the_peeled_centre_does_not_depend_on_the_order_of_the_adapters() -> None:
+    G = _gram(1, targets=(2,))
+    key = np.random.default_rng(0).permutation(18)  # a canonical order (clair: the adapters' digests)
+    canonical = sorted(range(18), key=lambda k: key[k])
+    first, _ = _centres(G, order=canonical)()
+    perm = torch.from_numpy(np.random.default_rng(1).permutation(18))
+    Gp = G[perm[:, None], perm[None, :]]
+    where = {int(k): p for p, k in enumerate(perm)}
+    second, _ = _centres(Gp, order=[where[k] for k in canonical])()
+    assert torch.equal(second, first[perm])
+
+
+def test_on_the_sample_pool_rule_15_alone_catches_free_riders_rule_1_also_sees() -> None:
+    honest = {n: read_factors(SAMPLES / n) for n in HONEST}
+    modules = list(honest[HONEST[0]])
+    dense = np.stack(
+        [
+            np.concatenate([(s * B.double() @ A.double()).numpy().ravel() for A, B, s in factors.values()])
+            for factors in honest.values()
+        ]
+    )
+    shapes = [(B.shape[0], A.shape[1]) for A, B, _ in honest[HONEST[0]].values()]
+    rng = np.random.default_rng(0)
+    pool = dict(honest)
+    for j in range(4):
+        vec, offset = _free_rider(dense, rng), 0
+        factors = {}
+        for module, (out_dim, in_dim) in zip(modules, shapes, strict=True):
+            W = torch.from_numpy(vec[offset : offset + out_dim * in_dim].reshape(out_dim, in_dim))
+            offset += out_dim * in_dim
+            u, s, vt = torch.linalg.svd(W, full_matrices=False)
+            root = s[:8].sqrt()
+            factors[module] = ((root[:, None] * vt[:8]).float(), (u[:, :8] * root).float(), 1.0)
+        pool[f"zz_free_{j}"] = factors
+    saved = verdict.RULES
+    try:  # rule 1 (and 2b, which reads it) taken out: what rule 15 sees on its own
+        verdict.RULES = tuple(r for r in saved if r.name not in ("direction", "joint", "isolated"))
+        audited = pipeline.pool_from_factors(pool, base_model="gpt2")
+        verdicts = dict(zip(audited.names, pipeline.audit(audited, AuditParams()).auditor.verdicts_, strict=True))
+    finally:
+        verdict.RULES = saved
+    for name, v in verdicts.items():
+        if name.startswith("zz_free"):
+            reason = next(r for r in v.reasons if r.rule == "whole_direction")
+            assert reason.cosine < reason.threshold < reason.typical and reason.margin > 1
+            text = reason_text(reason, list(verdicts), ModuleNames(modules))
+            assert "carries little along the others' direction" in text and f"{reason.cosine:+.2f}" in text
+        else:
+            assert not v.flagged, name
