@@ -20,7 +20,7 @@ import torch
 from benchmarks.attacks import read_factors
 from clair_cli import pipeline
 from clair_cli.core import verdict
-from clair_cli.core.insubspace import DirectionCentres, direction_cosines, peeled
+from clair_cli.core.insubspace import DirectionCentres, direction_cosines, peeled, second_population
 from clair_cli.core.rules import Pass, PoolSignals
 from clair_cli.core.rules.direction import WholeDirection
 from clair_cli.params import AuditParams
@@ -57,6 +57,21 @@ def _gram(seed: int, n_free: int = 6, share: float = 0.2, targets: tuple[int, ..
     return X @ X.T
 
 
+def _two_populations(seed: int, sizes: tuple[int, int], share: float = 0.25) -> torch.Tensor:
+    """Honest updates of two tasks: each task's share of the squared norm along its own direction
+    (the two directions orthogonal), the rest independent; the Gram matrix of all."""
+    rng = np.random.default_rng(seed)
+    dim = 4000
+    q, _ = np.linalg.qr(rng.standard_normal((dim, 2)))
+    rows = []
+    for task, n in enumerate(sizes):
+        noise = rng.standard_normal((n, dim))
+        noise *= math.sqrt(1 - share) / np.linalg.norm(noise, axis=1, keepdims=True)
+        rows.append(math.sqrt(share) * q[:, task] + noise)
+    X = torch.from_numpy(np.vstack(rows))
+    return X @ X.T
+
+
 def _centres(G: torch.Tensor, peel: bool = True, order: list[int] | None = None) -> DirectionCentres:
     K = G.shape[0]
     return DirectionCentres(
@@ -73,7 +88,8 @@ def _centres(G: torch.Tensor, peel: bool = True, order: list[int] | None = None)
 def _rule_15(G: torch.Tensor) -> list[bool]:
     """Rule 15 alone on the pool of Gram matrix ``G``: who it flags."""
     K = G.shape[0]
-    cosine, pairs = _centres(G)()
+    centres = _centres(G)
+    cosine, pairs = centres()
     signals = PoolSignals(
         n_adapters=K,
         shares={},
@@ -83,6 +99,7 @@ def _rule_15(G: torch.Tensor) -> list[bool]:
         duplicates=[],
         whole_direction=cosine,
         whole_pairs=pairs,
+        whole_population=centres.population,
     )
     ctx = Pass(signals, set())
     WholeDirection().apply(ctx)
@@ -182,3 +199,32 @@ def test_on_the_sample_pool_rule_15_alone_catches_free_riders_rule_1_also_sees()
             assert "carries little along the others' direction" in text and f"{reason.cosine:+.2f}" in text
         else:
             assert not v.flagged, name
+
+
+@pytest.mark.parametrize("sizes", [(11, 3), (10, 4), (9, 5), (8, 6), (7, 7)])
+def test_a_second_population_switches_rule_15_off_instead_of_being_flagged(sizes: tuple[int, int]) -> None:
+    """Honest adapters of two tasks: the peel leaves (most of) the smaller one out and the centre
+    of the rest is the larger one's; an outside review had rule 15 flag the whole smaller task (25
+    honest flags in 15 draws of 5 + 9 trained clients, none without it). Where the left-out set
+    agrees within itself and its centre points against no kept adapter, the rule is off."""
+    for seed in range(3):
+        G = _two_populations(seed, sizes)
+        if sizes != (7, 7):  # halves: the peel may leave out two of each, which agree on nothing
+            assert _centres(G).population  # (most of) the second task, left out by the peel
+        assert not any(_rule_15(G))
+
+
+def test_free_riders_are_no_population_their_centre_points_against_honest_clients() -> None:
+    for seed in range(3):
+        for targets in ((), (3, 8)):
+            G = _gram(seed, targets=targets)
+            kept = peeled(G, torch.ones(18, dtype=torch.bool))
+            assert second_population(G, ~kept, kept) == []
+        # sent in opposite pairs (+s, -s), their centre is near zero: they do not agree with each other
+        G = _gram(seed, n_free=3)
+        X = torch.linalg.cholesky(G + 1e-9 * torch.eye(15, dtype=G.dtype))  # any factor X with X X^T = G
+        X = torch.cat([X, -X[12:]])
+        G2 = X @ X.T
+        kept = peeled(G2, torch.ones(18, dtype=torch.bool))
+        assert second_population(G2, ~kept, kept) == []
+        assert _rule_15(G2)[12:] == [True] * 6 and not any(_rule_15(G2)[:12])

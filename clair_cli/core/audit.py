@@ -889,6 +889,7 @@ class ClairAuditor:
             whole_direction=whole,
             whole_pairs=whole_pairs,
             whole_recentre=whole_centres if reference is None else None,
+            whole_population=whole_centres.population,
         )
 
     def _decide(self, signals: PoolSignals, tally: _Tally, trusted: set[int]) -> None:

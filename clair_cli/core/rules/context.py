@@ -60,6 +60,8 @@ class PoolSignals:
             norm, not scaled to unit) with the geometric median of the others' (rule 15).
         whole_pairs: ``direction_pairs`` for ``whole_direction``.
         whole_recentre: ``recentre`` for ``whole_direction``.
+        whole_population: a second population that rule 15's peel left out
+            (:func:`clair_cli.core.insubspace.second_population`); where there is one, the rule is off.
     """
 
     direction_pairs: torch.Tensor | None = None
@@ -86,6 +88,7 @@ class PoolSignals:
     whole_direction: torch.Tensor | None = None
     whole_pairs: torch.Tensor | None = None
     whole_recentre: Callable[[frozenset[int]], tuple[torch.Tensor, torch.Tensor | None]] | None = None
+    whole_population: frozenset[int] = frozenset()
 
 
 def kin(duplicates: list[list[int]], coordinated: list[CoordinatedGroup]) -> dict[int, list[int]]:

@@ -109,7 +109,11 @@ class WholeDirection:
 
     The centre is fitted on the two thirds of the pool most aligned with it
     (:func:`clair_cli.core.insubspace.peeled`), each point weighed by its agreement with the
-    others, and from the second pass on without what the previous pass flagged.
+    others, and from the second pass on without what the previous pass flagged. Where the
+    adapters the peel left out are a population of their own (they agree with each other and
+    their centre points against none of the rest: another task's honest adapters,
+    :func:`clair_cli.core.insubspace.second_population`), the pool has no one direction for all
+    to share and the rule is off: the rest's centre would flag that whole population.
 
     Rule 1 scales every module to unit norm, so that a module of small updates counts as much
     as a large one; its cosines are noisy where the pool agrees mainly on a few large modules.
@@ -123,7 +127,10 @@ class WholeDirection:
     What an attacker who knows it can do: keep the whole cosine above its bound, so that each
     update carries at least 0.4 of the typical honest component along the others' centre (the
     attack benchmark's ``free-ride-span`` scans that cosine, docs/security.md); or send free
-    riders as more than a third of the pool, which then reach into the peeled centre.
+    riders as more than a third of the pool, which then reach into the peeled centre; or make
+    the left-out set look like a population (free riders that agree with each other and subtract
+    no honest client by more than a cosine of 0.1: out of reach with a dozen honest updates, whose
+    zero-sum combinations subtract some of them by 0.2-0.6, but not in pools of hundreds).
     """
 
     name = "whole_direction"
@@ -135,6 +142,8 @@ class WholeDirection:
             return
         cosine = cosine.double()
         seen = ctx.flagged_for(("direction",))  # where it points, seen by rule 1 already: held
+        if ctx.signals.whole_population:  # two populations: no one direction for all to share
+            return
         for k, cut in enumerate(ctx.cuts(-cosine, ALPHA, 0.0)):  # the exact critical value (see above)
             if cut is None:
                 continue
