@@ -33,7 +33,7 @@ RULES = ["direction", "whole_direction", "off_subspace", "joint", "module", "in_
 REASON_KINDS = ["direction", "whole_direction", "off_subspace", "joint", "in_subspace", "norm", "module_direction",
                 "module_norm", "module_projection", "spectral", "isolated", "opposed", "pull", "duplicate",
          "coordinated"]  # fmt: skip
-WATCHED_RULES = ["direction", "whole_direction", "off_subspace", "norm", "spectral", "pull"]
+WATCHED_RULES = ["direction", "off_subspace", "norm", "spectral", "pull"]
 BASELINES = ["mean", "fedavg", "median", "trimmed-mean", "krum", "multi-krum", "ties"]
 
 STRING: dict[str, Any] = {"type": "string"}

@@ -64,7 +64,7 @@ from clair_cli.core.verdict import (
 )
 
 # Rules whose silence over a whole pool is reported: each measures every adapter where it can.
-WATCHED_RULES = ("direction", "whole_direction", "off_subspace", "norm", "spectral", "pull")
+WATCHED_RULES = ("direction", "off_subspace", "norm", "spectral", "pull")
 
 SideOption = Literal["out", "in", "both"]
 Solver = Literal["auto", "convex", "fast"]

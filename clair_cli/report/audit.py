@@ -387,10 +387,6 @@ SILENT = {
     "direction": "the adapters agree on no common direction (typical cosine below 0.1): the direction rule "
     "and the rules that need it (joint, isolated) are off, so sign flips and another task's adapters "
     "are not checked here",
-    "whole_direction": "the adapters' whole updates agree on no common direction (typical cosine below 0.1), "
-    "or a third of them form a population of their own (another task's adapters?): the whole-update "
-    "direction rule is off, so updates that carry nothing along the others' direction at a full norm (free "
-    "riders) are not checked here",
     "off_subspace": "no module has shared low-rank structure: the off-subspace and in-subspace rules are off",
     "norm": "too few adapters to compare norms: the norm rule is off",
     "spectral": "too few adapters for the spectral rule: coordinated groups are not checked",

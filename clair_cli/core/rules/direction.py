@@ -109,11 +109,13 @@ class WholeDirection:
 
     The centre is fitted on the two thirds of the pool most aligned with it
     (:func:`clair_cli.core.insubspace.peeled`), each point weighed by its agreement with the
-    others, and from the second pass on without what the previous pass flagged. Where the
-    adapters the peel left out are a population of their own (they agree with each other and
-    their centre points against none of the rest: another task's honest adapters,
-    :func:`clair_cli.core.insubspace.second_population`), the pool has no one direction for all
-    to share and the rule is off: the rest's centre would flag that whole population.
+    others, and from the second pass on without what the previous pass flagged. The rule judges
+    only where the adapters the peel left out pull against some of the rest (their centre at a
+    cosine below -0.1 with a kept adapter) or do not agree with each other: elsewhere they are a
+    population of their own (:func:`clair_cli.core.insubspace.second_population`), such as the
+    least aligned third of an honest pool, which shares its direction, or another task's honest
+    adapters, which the rest's centre would flag as a whole; the rule is then off, silently
+    (not a silent rule of the report: it is its usual state in a pool without free riders).
 
     Rule 1 scales every module to unit norm, so that a module of small updates counts as much
     as a large one; its cosines are noisy where the pool agrees mainly on a few large modules.
