@@ -89,7 +89,7 @@ def _rule_15(G: torch.Tensor) -> list[bool]:
     """Rule 15 alone on the pool of Gram matrix ``G``: who it flags."""
     K = G.shape[0]
     centres = _centres(G)
-    cosine, pairs = centres()
+    cosine, pairs = (None, None) if centres.population else centres()  # as the auditor: off there
     signals = PoolSignals(
         n_adapters=K,
         shares={},
@@ -99,7 +99,6 @@ def _rule_15(G: torch.Tensor) -> list[bool]:
         duplicates=[],
         whole_direction=cosine,
         whole_pairs=pairs,
-        whole_population=centres.population,
     )
     ctx = Pass(signals, set())
     WholeDirection().apply(ctx)

@@ -864,7 +864,8 @@ class ClairAuditor:
         # Rule 15's: the whole updates, fitted on the most aligned two thirds (a gate's references all).
         peel = reference is None
         whole_centres = DirectionCentres(tally.inner, centre_on, glob, kept_out, masses, pairs=small, peel=peel)
-        whole, whole_pairs = whole_centres()
+        # Where the peel leaves out a population of its own, rule 15 is off: no signal, no refits.
+        whole, whole_pairs = (None, None) if whole_centres.population else whole_centres()
         return PoolSignals(
             coordinated=coordinated,
             n_adapters=K,
@@ -888,8 +889,7 @@ class ClairAuditor:
             module_norms={r.name: r.norms for r in results},
             whole_direction=whole,
             whole_pairs=whole_pairs,
-            whole_recentre=whole_centres if reference is None else None,
-            whole_population=whole_centres.population,
+            whole_recentre=whole_centres if reference is None and whole is not None else None,
         )
 
     def _decide(self, signals: PoolSignals, tally: _Tally, trusted: set[int]) -> None:

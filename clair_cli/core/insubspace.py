@@ -278,7 +278,7 @@ class DirectionCentres:
         self._mass = mass[self._perm].double()
         self._pairs = pairs
         self._peel = peel
-        self.population: frozenset[int] = frozenset()  # rule 15: a second population, not judged
+        self.population: frozenset[int] = frozenset()  # rule 15: a second population (the rule is off)
         if peel:
             whole = self._fit_on.clone()
             self._fit_on = peeled(self._C, whole, self._mass)
@@ -302,6 +302,15 @@ class DirectionCentres:
                 pairs = direction_pairs(self._C.clone(), fit_on, self._groups, mass)[back[:, None], back[None, :]]
             self._cache[without] = (cos, pairs)
         return self._cache[without]
+
+
+def combination_cosines(G: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """Every point's cosine with ``sum_j w_j x_j``, from the points' Gram matrix ``G`` (float64);
+    None where that combination is zero."""
+    centre = float(w @ G @ w)
+    if centre <= 0:
+        return None
+    return (G @ w) / (G.diagonal().clamp_min(0).sqrt().clamp_min(1e-300) * math.sqrt(centre))
 
 
 PEEL_KEEP = 2 / 3  # rule 15's centre: the two thirds of the pool that agree with it most
@@ -329,10 +338,9 @@ def peeled(G: torch.Tensor, fit_on: torch.Tensor, mass: torch.Tensor | None = No
     keep = max(3, math.ceil(PEEL_KEEP * int(keep_set.sum())))
     while int(keep_set.sum()) > keep:
         w = centre_weights(G, keep_set[None, :], mass=base * agreement_masses(cosine, keep_set))[0]
-        centre = float(w @ G @ w)
-        if centre <= 0:
+        cos = combination_cosines(G, w)
+        if cos is None:
             break
-        cos = (G @ w) / (norms.clamp_min(1e-300) * math.sqrt(centre))
         members = torch.nonzero(keep_set, as_tuple=True)[0]
         drop = max(1, math.ceil((len(members) - keep) / 2))
         order = sorted(members.tolist(), key=lambda k: (float(cos[k]), k))
@@ -368,13 +376,10 @@ def second_population(G: torch.Tensor, left_out: torch.Tensor, kept: torch.Tenso
     own = centre_cosines(G, mask, {k: [k] for k in out})[out]
     if not bool(torch.isfinite(own).all()) or float(own.median()) < POPULATION_AGREEMENT:
         return []
-    w = centre_weights(G, mask[None, :])[0]
-    centre = float(w @ G @ w)
-    if centre <= 0:
+    against = combination_cosines(G, centre_weights(G, mask[None, :])[0])
+    if against is None:
         return []
-    norms = G.diagonal().clamp_min(0).sqrt()
-    against = (G @ w)[inside] / (norms[inside].clamp_min(1e-300) * math.sqrt(centre))
-    return out if float(against.min()) >= POPULATION_AGAINST else []
+    return out if float(against[inside].min()) >= POPULATION_AGAINST else []
 
 
 AGREEMENT_MIN_POOL = 6  # below, the pool's typical cosine is too noisy to weigh agreement by

@@ -57,11 +57,10 @@ class PoolSignals:
         module_recentre: ``module_direction`` likewise (:class:`clair_cli.core.audit.ModuleCentres`).
         module_norms: per module, each member's update norm (rule 13); None leaves the rule out.
         whole_direction: per adapter, the cosine of its whole update (every module at its own
-            norm, not scaled to unit) with the geometric median of the others' (rule 15).
+            norm, not scaled to unit) with the geometric median of the others' (rule 15); None
+            where the rule is off (a second population, :func:`clair_cli.core.insubspace.second_population`).
         whole_pairs: ``direction_pairs`` for ``whole_direction``.
         whole_recentre: ``recentre`` for ``whole_direction``.
-        whole_population: a second population that rule 15's peel left out
-            (:func:`clair_cli.core.insubspace.second_population`); where there is one, the rule is off.
     """
 
     direction_pairs: torch.Tensor | None = None
@@ -88,7 +87,6 @@ class PoolSignals:
     whole_direction: torch.Tensor | None = None
     whole_pairs: torch.Tensor | None = None
     whole_recentre: Callable[[frozenset[int]], tuple[torch.Tensor, torch.Tensor | None]] | None = None
-    whole_population: frozenset[int] = frozenset()
 
 
 def kin(duplicates: list[list[int]], coordinated: list[CoordinatedGroup]) -> dict[int, list[int]]:

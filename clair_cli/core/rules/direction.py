@@ -144,8 +144,6 @@ class WholeDirection:
             return
         cosine = cosine.double()
         seen = ctx.flagged_for(("direction",))  # where it points, seen by rule 1 already: held
-        if ctx.signals.whole_population:  # two populations: no one direction for all to share
-            return
         for k, cut in enumerate(ctx.cuts(-cosine, ALPHA, 0.0)):  # the exact critical value (see above)
             if cut is None:
                 continue
