@@ -212,6 +212,10 @@ def test_prepopulated_cache_offline(tmp_path: Path) -> None:
     proc = run_cli("inspect", "owner/not-cached", env=env)
     assert proc.returncode == 2
     assert "not in the local cache" in proc.stderr
+    # A local path with a typo (no ./owner here) reads as a hub id: the message says so.
+    assert "No local path owner/not-cached exists, so it was read as a Hub repo id" in " ".join(proc.stderr.split())
+    proc = run_cli("inspect", "hf://owner/not-cached", env=env)
+    assert proc.returncode == 2 and "No local path" not in proc.stderr
 
 
 def test_audit_json_records_hub_coordinates_and_digests(fake_hub: FakeHub, tmp_path: Path) -> None:

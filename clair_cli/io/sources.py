@@ -591,7 +591,13 @@ def _resolve_one(
     owner = spec.partition("/")[0]
     if hub.looks_like_hub_id(spec) and not spec.startswith((".", "/", "~")):
         if not Path(owner).is_dir():
-            return [hub.fetch(spec, options.subfolder, options.revision, options.token)]
+            try:
+                return [hub.fetch(spec, options.subfolder, options.revision, options.token)]
+            except (HubError, AdapterNotFound) as exc:
+                # A local path with a typo reads as a hub id too: say which reading was taken.
+                reading = f"(No local path {shown_path(spec)} exists, so it was read as a Hub repo id.)"
+                exc.hint = " ".join(filter(None, [exc.hint, reading]))
+                raise
         # owner/name where ./owner is a local directory: a path with a typo, not a hub id.
         raise AdapterNotFound(
             f"{shown_path(spec)}: no such file or directory (read as a local path, since {shown_path(owner)}/ is a "
