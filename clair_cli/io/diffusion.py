@@ -15,14 +15,22 @@ Two layouts besides PEFT's are recognised from a file's tensor names (never from
   LoraConfig may be in the safetensors metadata (``lora_adapter_metadata``, keys
   ``<component>.<field>``), which diffusers then applies as is, per component (``use_rslora``
   included); without it diffusers gives every module alpha = rank (``get_peft_kwargs``), so clair
-  reads scale 1 unless ``--lora-alpha`` says otherwise.
+  reads scale 1 unless ``--lora-alpha`` says otherwise. A ``<module>.alpha`` tensor (SimpleTuner and
+  others write them) gives its module alpha / rank, as diffusers' Flux loader applies it
+  (``FluxLoraLoaderMixin.lora_state_dict``: ``network_alphas``); a file that diffusers refuses or reads
+  two ways is refused: alphas beside a ``unet`` / ``prior`` / ``text_encoder_2`` / ``text_encoder_3``
+  (Stable Diffusion, SDXL and SD3 refuse a key without "lora"), beside ``lora_adapter_metadata``,
+  in some modules of a component and not others, or not stored as a float.
 
 Module names are the file's own (``lora_unet_..._to_q``, ``unet.down_blocks...to_q``): adapters of
 one layout compare module by module, and outputs keep each input's layout and keys. What is not a
 plain LoRA (LyCORIS LoHa, LoKr, DoRA, Tucker cores, full differences, IA3, OFT, norm tuning, in
 either layout; diffusers' old attention-processor keys) is refused with the file and the key named,
-and so is a file that mixes layouts or holds one kohya text-encoder module under two spellings
-(``lora_te_X`` and ``lora_te1_X``).
+and so is a file that mixes layouts, names one layer under two spellings (``lora_te_X`` and
+``lora_te1_X``, SGM and diffusers UNet names, Black Forest Labs and diffusers Flux names:
+:mod:`clair_cli.io.spellings`), or whose sd-scripts metadata (``ss_network_module``,
+``ss_network_args``) says it is a network whose tensors are not a plain LoRA's (LyCORIS LoHa, LoKr,
+IA3, GLoRA, OFT, BOFT, full, DoRA; sd-scripts' OFT) beside plain LoRA tensors (:func:`network_notes`).
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from clair_cli.io.lora_config import exact_key
 from clair_cli.io.paths import printable
 from clair_cli.io.peft_config import parse_config
 from clair_cli.io.safetensors_file import SafetensorsReader, TensorInfo
+from clair_cli.io.spellings import refuse_two_spellings
 from clair_cli.types import AdapterConfig, AdapterRef
 
 if TYPE_CHECKING:
@@ -117,6 +126,43 @@ _DIFFUSERS_TRANSFORMER_TOPS = frozenset(
 _DIFFUSERS_LAYER_RE = re.compile(
     r"\.(?:to_q|to_k|to_v|to_qkv|to_out\.0|to_add_out|add_q_proj|add_k_proj|add_v_proj|ff\.net\.0\.proj|ff\.net\.2|"
     r"ff_context\.net\.0\.proj|ff_context\.net\.2|ffn\.net\.0\.proj|ffn\.net\.2)\.[a-z]"
+)
+
+
+# sd-scripts records the network a file was trained as: ss_network_module (--network_module) and
+# ss_network_args (--network_args, a JSON object of strings; train_network.py). LyCORIS's entry point
+# for sd-scripts (lycoris.kohya.create_network) takes its algorithm from them: "algo", default "lora".
+NETWORK_MODULE_KEY = "ss_network_module"
+NETWORK_ARGS_KEY = "ss_network_args"
+# LyCORIS algorithms whose modules are a plain LoRA's (LoConModule: lora_down / lora_up / alpha, conv too).
+LYCORIS_PLAIN = frozenset({"lora", "locon"})
+# What LyCORIS's other algorithms store (lycoris/modules/*.py): never lora_down / lora_up alone.
+LYCORIS_VARIANTS = {
+    "loha": "LoHa (hada_* tensors)",
+    "lokr": "LoKr (lokr_* tensors)",
+    "ia3": "IA3 (weight / on_input tensors)",
+    "glora": "GLoRA (a1 / a2 / b1 / b2 tensors)",
+    "full": "a full weight difference (diff / diff_b tensors)",
+    "diag-oft": "OFT (oft_blocks tensors)",
+    "boft": "BOFT (oft_blocks tensors)",
+}
+# sd-scripts' own networks that are not a plain LoRA (networks/oft.py, oft_flux.py; loha.py and
+# lokr.py on its feature branches).
+SD_SCRIPTS_VARIANTS = {
+    "networks.oft": "OFT (oft_blocks tensors)",
+    "networks.oft_flux": "OFT (oft_blocks tensors)",
+    "networks.loha": "LoHa (hada_* tensors)",
+    "networks.lokr": "LoKr (lokr_* tensors)",
+}
+# DyLoRA saves a plain lora_down / lora_up / alpha at its full rank (sd-scripts' networks/dylora.py
+# DyLoRAModule.state_dict, LyCORIS' DyLoraModule.custom_state_dict), applied as alpha / rank by every loader.
+DYLORA_NOTE = (
+    "its metadata says DyLoRA ({said}): DyLoRA saves a plain LoRA at its full rank, read as sd-scripts, "
+    "A1111, ComfyUI and diffusers apply it (alpha / rank)"
+)
+NETWORK_HINT = (
+    "If the file was converted to a plain LoRA, correct or remove ss_network_module / ss_network_args in its "
+    "metadata and save it again; otherwise it is not a LoRA clair can audit: leave it out of the pool."
 )
 
 
@@ -209,45 +255,36 @@ def classify_kohya(path: Path, tensors: Mapping[str, TensorInfo]) -> tuple[Heade
         if len(parts) == 1:
             have, lack = ("lora_down", "lora_up") if "lora_A" in parts else ("lora_up", "lora_down")
             raise _bad(path, f"module {printable(module)!r} has {have} but no {lack}")
-    _refuse_two_spellings(path, keys.parts)
+    refuse_two_spellings(path, keys.parts, "kohya")
     return keys, alphas
-
-
-def _refuse_two_spellings(path: Path, parts: Mapping[str, object]) -> None:
-    """Refuse one text-encoder module stored under both of sd-scripts' spellings (``lora_te_X`` and
-    ``lora_te1_X``: both name the first text encoder's X).
-
-    diffusers reads both into one module and keeps whichever comes last; clair would audit them as two
-    modules, one of which no loader applies as audited.
-    """
-    for module in sorted(parts):
-        if module.startswith("lora_te_"):
-            twin = "lora_te1_" + module.removeprefix("lora_te_")
-            if twin in parts:
-                raise _bad(
-                    path,
-                    f"module {printable(module)!r} is also stored as {printable(twin)!r} (lora_te_ and lora_te1_ both "
-                    "name the first text encoder): loaders read the two as one module and differ on which they apply",
-                    hint="Keep one spelling (lora_te_ for SD 1.x / 2.x, lora_te1_ for SDXL) and save the file again.",
-                )
 
 
 # What an alpha tensor may be stored as (float8 and bool are not read as a number here).
 ALPHA_DTYPES = (*FLOAT_DTYPES, "I8", "I16", "I32", "I64", "U8")
 
 
-def _alpha_values(path: Path, infos: Mapping[str, TensorInfo]) -> dict[str, float]:
-    """Each module's alpha (one number, floating point or integer), checked finite and positive."""
+# diffusers' Flux loader refuses an alpha tensor that is not floating point (FluxLoraLoaderMixin.lora_state_dict).
+DIFFUSERS_ALPHA_DTYPES = FLOAT_DTYPES
+# The components of a diffusers file whose alpha tensors diffusers reads: Flux's (FluxLoraLoaderMixin).
+DIFFUSERS_ALPHA_COMPONENTS = ("transformer", "text_encoder")
+
+
+def _alpha_values(
+    path: Path, infos: Mapping[str, TensorInfo], dtypes: tuple[str, ...] = ALPHA_DTYPES
+) -> dict[str, float]:
+    """Each module's alpha (one number of ``dtypes``: a kohya file's may be floating point or
+    integer, a diffusers file's floating point), checked finite and positive."""
     out: dict[str, float] = {}
     with SafetensorsReader(path) as reader:
         for module, info in infos.items():
             if info.numel != 1:
                 raise _bad(path, f"{printable(info.name)!r} must be one number, got shape {list(info.shape)}")
-            if info.dtype not in ALPHA_DTYPES:
+            if info.dtype not in dtypes:
+                allowed = f"a float ({', '.join(FLOAT_DTYPES)})"
+                allowed += " or an integer (I8-I64, U8)" if dtypes == ALPHA_DTYPES else " (diffusers refuses others)"
                 raise _bad(
                     path,
-                    f"{printable(info.name)!r} has dtype {info.dtype}; an alpha is a float ({', '.join(FLOAT_DTYPES)}) "
-                    "or an integer (I8-I64, U8)",
+                    f"{printable(info.name)!r} has dtype {info.dtype}; an alpha is {allowed}",
                     hint="Save the alphas as float32 (sd-scripts does), or leave them out for alpha = rank.",
                 )
             value = float(reader.get(info.name).reshape(-1)[0])
@@ -347,10 +384,11 @@ def metadata_configs(path: Path, metadata: Mapping[str, str]) -> dict[str, Adapt
 
 
 def _diffusers_config(
-    path: Path, keys: HeaderKeys, metadata: Mapping[str, str], options: SourceOptions
+    path: Path, keys: HeaderKeys, metadata: Mapping[str, str], options: SourceOptions, stored: Mapping[str, float]
 ) -> tuple[AdapterConfig, list[str]]:
-    """The file's config (each module's rank and alpha, from its component's LoraConfig in the
-    metadata, else ``--lora-alpha`` or alpha = rank) and notes on how it was read.
+    """The file's config (each module's rank and alpha, from its ``.alpha`` tensor (``stored``), or
+    its component's LoraConfig in the metadata, else ``--lora-alpha`` or alpha = rank) and notes on
+    how it was read.
 
     diffusers builds one LoraConfig per component, so components may differ in ``use_rslora``:
     each module then keeps its own component's rule, its alpha given in the file's rule (alpha/r):
@@ -365,7 +403,9 @@ def _diffusers_config(
     for module, rank in _ranks(keys).items():
         component, _, inner = module.partition(".")
         config = configs.get(component)
-        if config is not None:
+        if module in stored:  # an alpha tensor, applied as alpha / r (never beside metadata: refused)
+            alpha, own_rslora = stored[module], False
+        elif config is not None:
             if config.rank_for(inner) != rank:
                 raise _bad(
                     path,
@@ -392,7 +432,13 @@ def _diffusers_config(
     return module_config(options.base_model, modules, use_rslora=use_rslora, use_dora=use_dora), notes
 
 
-def _diffusers_keys(path: Path, tensors: Mapping[str, TensorInfo]) -> HeaderKeys:
+def _diffusers_keys(path: Path, tensors: Mapping[str, TensorInfo]) -> tuple[HeaderKeys, dict[str, TensorInfo]]:
+    """A diffusers file's keys (refused: the old attention-processor layout, LyCORIS tensors, one layer
+    under two spellings) and its ``<module>.alpha`` tensors by module.
+
+    Raises:
+        AdapterFormatError: what is refused, or an alpha tensor of no module.
+    """
     old = next((k for k in sorted(tensors) if OLD_DIFFUSERS_RE.search(k)), None)
     if old is not None:
         raise _bad(
@@ -411,8 +457,71 @@ def _diffusers_keys(path: Path, tensors: Mapping[str, TensorInfo]) -> HeaderKeys
     )
     if variant is not None:  # LyCORIS tensors under diffusers' component names, refused as in a kohya file
         raise _refuse_variant(path, variant)
+    alphas: dict[str, TensorInfo] = {}
+    for key in keys.others:
+        if key.endswith(".alpha"):
+            module = key.removesuffix(".alpha")
+            if module not in keys.parts:
+                raise _bad(path, f"{printable(key)!r} is an alpha without lora_A / lora_B tensors beside it")
+            alphas[module] = tensors[key]
+    keys.others = [k for k in keys.others if not (k.endswith(".alpha") and k.removesuffix(".alpha") in alphas)]
     keys.layout = "diffusers"
-    return keys
+    refuse_two_spellings(path, keys.parts, "diffusers")
+    return keys, alphas
+
+
+def _diffusers_alphas(
+    path: Path, keys: HeaderKeys, infos: Mapping[str, TensorInfo], metadata: Mapping[str, str]
+) -> tuple[dict[str, float], list[str]]:
+    """The alphas of a diffusers file's ``<module>.alpha`` tensors, read as diffusers 0.42 reads them.
+
+    Only its Flux loader takes them from such a file (``FluxLoraLoaderMixin.lora_state_dict`` pops every
+    alpha key into ``network_alphas``; ``get_peft_kwargs`` makes them ``lora_alpha`` / ``alpha_pattern``:
+    scale alpha / r per module, the text encoder's too); the loaders of Stable Diffusion, SDXL, SD3, Wan...
+    refuse a file with a key that lacks "lora" (``load_lora_weights``: "Invalid LoRA checkpoint"). A file
+    that diffusers refuses, or reads in two ways, is refused.
+
+    Raises:
+        AdapterFormatError: alphas beside a component Flux has not, or beside lora_adapter_metadata; an
+            alpha in some modules of a component but not in others; an alpha that is not one positive float.
+    """
+    if not infos:
+        return {}, []
+    example = printable(infos[min(infos)].name)
+    components = sorted({m.partition(".")[0] for m in keys.parts})
+    other = next((c for c in components if c not in DIFFUSERS_ALPHA_COMPONENTS), None)
+    if other is not None:
+        raise _bad(
+            path,
+            f"tensor {example!r} is an alpha tensor in a file with {other}. modules; diffusers reads alpha tensors in "
+            f"a Flux LoRA only (transformer., text_encoder.), and its loaders of pipelines with a {other} refuse "
+            "every key without 'lora' in it (Invalid LoRA checkpoint)",
+            hint="Fold each alpha into its module (lora_B * alpha / r) and save the file without alpha tensors.",
+        )
+    if DIFFUSERS_METADATA_KEY in metadata:
+        raise _bad(
+            path,
+            f"holds alpha tensors (e.g. {example!r}) and {DIFFUSERS_METADATA_KEY} metadata, two sources of the "
+            "scale; diffusers' Flux loader refuses the two together (network_alphas and metadata)",
+            hint=f"Keep one: the alpha tensors or the LoraConfig in {DIFFUSERS_METADATA_KEY}.",
+        )
+    for component in components:
+        own = [m for m in keys.parts if m.partition(".")[0] == component]
+        missing = sorted(m for m in own if m not in infos)
+        if missing and len(missing) < len(own):
+            raise _bad(
+                path,
+                f"{len(own) - len(missing)} {component} module(s) store an alpha tensor and {len(missing)} none (e.g. "
+                f"{printable(missing[0])!r}); diffusers' Flux loader gives those another module's alpha (the first "
+                "in the file), its Qwen-Image loader alpha = r, so their update depends on the loader",
+                hint="Store an alpha for every module of the component, or for none.",
+            )
+    values = _alpha_values(path, infos, DIFFUSERS_ALPHA_DTYPES)
+    note = (
+        f"{len(values)} module(s) hold an alpha tensor: scaled by alpha / r, as diffusers' Flux loader applies them "
+        "(diffusers' loaders of other pipelines, such as SD3 and Wan, refuse the file)"
+    )
+    return values, [note]
 
 
 def open_diffusion(
@@ -431,10 +540,80 @@ def open_diffusion(
         keys, config, stored = _kohya_config(path, tensors, options)
         notes.extend(_kohya_alpha_notes(stored, config))
     else:
-        keys = _diffusers_keys(path, tensors)
-        config, notes = _diffusers_config(path, keys, metadata, options)
+        keys, alpha_infos = _diffusers_keys(path, tensors)
+        check_module_count(path, len(keys.parts), options.max_modules)  # before reading an alpha
+        alphas, notes = _diffusers_alphas(path, keys, alpha_infos, metadata)
+        config, more = _diffusers_config(path, keys, metadata, options, alphas)
+        notes.extend(more)
+    notes.extend(network_notes(path, metadata, layout))
     adapter = Adapter.open(
         ref, config, max_rank=options.max_rank, max_modules=options.max_modules, header=header, keys=keys
     )
     adapter.notes.extend(notes)
     return adapter
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    text = str(value)
+    return printable(text[:limit] + ("..." if len(text) > limit else ""))
+
+
+def network_notes(path: Path, metadata: Mapping[str, str], layout: str) -> list[str]:
+    """Check what the file's sd-scripts metadata says it is against its tensors, all a plain LoRA's
+    (the variants' tensors are refused before): a DyLoRA is read, with a note; LoHa, LoKr, IA3, GLoRA,
+    OFT, BOFT, a full difference, DoRA (LyCORIS ``dora_wd``) or an unknown LyCORIS algorithm is refused.
+
+    Raises:
+        AdapterFormatError: naming the file and the metadata that contradicts its tensors.
+    """
+    module = metadata.get(NETWORK_MODULE_KEY)
+    if module is None:
+        return []
+    module = module.strip()
+    said = f"{NETWORK_MODULE_KEY} {_shown(module)!r}"
+    if module in SD_SCRIPTS_VARIANTS:
+        raise _contradiction(path, SD_SCRIPTS_VARIANTS[module], said, layout)
+    if module == "networks.dylora":
+        return [DYLORA_NOTE.format(said=said)]
+    if module.split(".")[0] != "lycoris":
+        return []
+    args = _network_args(path, metadata)
+    algo = str(args.get("algo") or "lora").strip().lower()  # as lycoris.kohya.create_network reads it
+    said += f", {NETWORK_ARGS_KEY} algo {_shown(algo)!r}"
+    if algo == "dylora":
+        return [DYLORA_NOTE.format(said=said)]
+    if algo not in LYCORIS_PLAIN:
+        what = LYCORIS_VARIANTS.get(algo, "a LyCORIS algorithm clair does not know")
+        raise _contradiction(path, what, said, layout)
+    if str(args.get("dora_wd", False)).lower() != "false":  # LyCORIS's str_bool
+        said += f", dora_wd {_shown(args['dora_wd'])!r}"
+        raise _contradiction(path, "DoRA (a dora_scale tensor in each module)", said, layout)
+    return []
+
+
+def _network_args(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
+    raw = metadata.get(NETWORK_ARGS_KEY)
+    if raw is None:
+        return {}
+    try:
+        args = json.loads(raw)
+    except (ValueError, RecursionError):
+        args = None
+    if not isinstance(args, dict):
+        raise _bad(
+            path,
+            f"{NETWORK_MODULE_KEY} {_shown(metadata[NETWORK_MODULE_KEY])!r} names LyCORIS, but {NETWORK_ARGS_KEY} is "
+            "not a JSON object, so which of its algorithms made the file cannot be told",
+            hint=NETWORK_HINT,
+        )
+    return args
+
+
+def _contradiction(path: Path, what: str, said: str, layout: str) -> AdapterFormatError:
+    plain = "lora_down / lora_up / alpha" if layout == "kohya" else "lora_A / lora_B"
+    return _bad(
+        path,
+        f"its metadata says {what} ({said}), but its tensors are a plain LoRA's ({plain}): one of the two is "
+        "wrong, and which update the file holds cannot be told",
+        hint=NETWORK_HINT,
+    )

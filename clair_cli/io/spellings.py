@@ -1,0 +1,281 @@
+"""One layer of a diffusion model named twice in one LoRA file: refused, never read as two modules.
+
+A diffusion model's layers have several spellings in LoRA files, and loaders map each of them onto
+the same layer:
+
+- the first text encoder: sd-scripts' ``lora_te_`` (SD 1.x / 2.x) and ``lora_te1_`` (SDXL, Flux);
+- an SD / SDXL UNet: Stability's SGM / LDM names (``input_blocks.4.1``, ``middle_block``,
+  ``output_blocks``, ``time_embed``, ``label_emb``) and diffusers' (``down_blocks.1.attentions.0``,
+  ``mid_block``, ``up_blocks``, ``time_embedding``, ``add_embedding``);
+- Flux: Black Forest Labs' names (``double_blocks.0.img_attn.qkv``, ``single_blocks.0.linear1``,
+  ``img_in``...) and diffusers' (``transformer_blocks.0.attn.to_q``, ``single_transformer_blocks``...);
+  SD3: SAI's MMDiT names (``joint_blocks``) and diffusers' again;
+- in sd-scripts' layout, the denoiser as ``lora_unet_`` (sd-scripts' own Flux, SD3, Lumina) and as
+  ``lora_transformer_`` (diffusers' names).
+
+clair keeps each file's own names, so a file that holds one layer under two spellings would be
+audited as two modules, while diffusers keeps one spelling and drops the other without a word
+(``_maybe_map_sgm_blocks_to_diffusers`` drops the SGM modules of a file that also has diffusers'
+UNet names; ``_convert_kohya_flux_lora_to_diffusers`` drops every ``lora_unet_`` module of a file
+that also has ``lora_transformer_`` ones). A file whose denoiser modules come in two spellings is
+refused, with the twin pair named where the names map onto one layer (SGM blocks mapped as
+diffusers maps them, with SD / SDXL's two layers a block, except SD 1.x's ``output_blocks.2.1.conv``:
+the first up block's upsampler, which diffusers maps to no layer; BFL names as
+``_convert_kohya_flux_lora_to_diffusers`` maps them, a fused ``qkv`` onto ``to_q``, ``to_k`` and ``to_v``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from clair_cli.errors import AdapterFormatError
+from clair_cli.io.paths import printable
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+# How the path of a denoiser module starts (after lora_unet_ / unet. / transformer.), by spelling.
+FAMILIES = {
+    "sgm": (
+        ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb"),
+        "SGM / LDM UNet names: input_blocks, middle_block, output_blocks",
+    ),
+    "unet": (
+        ("down_blocks", "mid_block", "up_blocks", "time_embedding", "add_embedding"),
+        "diffusers UNet names: down_blocks, mid_block, up_blocks",
+    ),
+    "bfl": (
+        ("double_blocks", "single_blocks", "img_in", "txt_in", "time_in", "vector_in", "guidance_in"),
+        "Black Forest Labs Flux names: double_blocks, single_blocks",
+    ),
+    "mmdit": (("joint_blocks",), "SAI MMDiT names: joint_blocks"),
+    "transformer": (
+        ("transformer_blocks", "single_transformer_blocks", "time_text_embed"),
+        "diffusers transformer names: transformer_blocks, single_transformer_blocks",
+    ),
+}
+KOHYA_DENOISER = ("lora_unet_", "lora_transformer_")
+DIFFUSERS_DENOISER = ("unet.", "transformer.", "prior.")
+TWO_SPELLINGS_HINT = "Keep one spelling of each layer (the one the file's other modules use) and save the file again."
+
+# SD / SDXL's UNet has two layers a block (layers_per_block = 2): SGM's input block i is diffusers'
+# down block (i - 1) // 3, layer (i - 1) % 3; output block i is up block i // 3, layer i % 3.
+_LAYERS_PER_BLOCK = 2
+_RESNET_PARTS = (("in_layers_2", "conv1"), ("out_layers_3", "conv2"), ("emb_layers_1", "time_emb_proj"))
+_SGM_WHOLE = {
+    "time_embed_0": "time_embedding_linear_1",
+    "time_embed_2": "time_embedding_linear_2",
+    "label_emb_0_0": "add_embedding_linear_1",
+    "label_emb_0_2": "add_embedding_linear_2",
+}
+_SGM_BLOCK_RE = re.compile(r"^(input_blocks|output_blocks)_(\d{1,9})_(\d{1,9})(?:_(.*))?$")  # int() of bounded digits
+_SGM_MIDDLE_RE = re.compile(r"^middle_block_([012])(?:_(.*))?$")
+_SGM_MIDDLE = ("resnets_0", "attentions_0", "resnets_1")
+# Black Forest Labs' Flux names and diffusers' (_convert_kohya_flux_lora_to_diffusers); {i}: the block.
+_QKV = ("to_q", "to_k", "to_v")
+_BFL_DOUBLE = {
+    "img_attn_proj": ("attn_to_out_0",),
+    "img_attn_qkv": tuple(f"attn_{p}" for p in _QKV),
+    "img_mlp_0": ("ff_net_0_proj",),
+    "img_mlp_2": ("ff_net_2",),
+    "img_mod_lin": ("norm1_linear",),
+    "txt_attn_proj": ("attn_to_add_out",),
+    "txt_attn_qkv": ("attn_add_q_proj", "attn_add_k_proj", "attn_add_v_proj"),
+    "txt_mlp_0": ("ff_context_net_0_proj",),
+    "txt_mlp_2": ("ff_context_net_2",),
+    "txt_mod_lin": ("norm1_context_linear",),
+}
+_BFL_SINGLE = {
+    "linear1": (*(f"attn_{p}" for p in _QKV), "proj_mlp"),
+    "linear2": ("proj_out",),
+    "modulation_lin": ("norm_linear",),
+}
+_BFL_WHOLE = {
+    "img_in": "x_embedder",
+    "txt_in": "context_embedder",
+    "time_in_in_layer": "time_text_embed_timestep_embedder_linear_1",
+    "time_in_out_layer": "time_text_embed_timestep_embedder_linear_2",
+    "vector_in_in_layer": "time_text_embed_text_embedder_linear_1",
+    "vector_in_out_layer": "time_text_embed_text_embedder_linear_2",
+    "guidance_in_in_layer": "time_text_embed_guidance_embedder_linear_1",
+    "guidance_in_out_layer": "time_text_embed_guidance_embedder_linear_2",
+}
+_BFL_BLOCK_RE = re.compile(r"^(double|single)_blocks_(\d+)_(.+)$")
+
+
+def refuse_two_spellings(path: Path, modules: Iterable[str], layout: str) -> None:
+    """Refuse a kohya or diffusers file (``layout``) that names one layer twice, or spells its
+    denoiser two ways (see the module docstring).
+
+    Raises:
+        AdapterFormatError: naming the file, the two modules and what they spell.
+    """
+    names = sorted(modules)
+    if layout == "kohya":
+        _refuse_two_text_encoder_spellings(path, names)
+    denoiser: dict[str, tuple[str, str]] = {}  # module: (family or "", path in kohya's underscore form)
+    for module in names:
+        where = _denoiser_path(module, layout)
+        if where is not None:
+            denoiser[module] = where
+    twin = _twin(denoiser)
+    if twin is not None:
+        a, b = twin
+        raise _bad(
+            path,
+            f"module {printable(a)!r} ({_spelled(denoiser[a][0], a)}) is also stored as {printable(b)!r} "
+            f"({_spelled(denoiser[b][0], b)}): one layer under two spellings",
+            _who_drops(denoiser[a][0], denoiser[b][0], layout),
+        )
+    first: dict[str, str] = {}  # a module of each spelling
+    for module, (family, _rest) in denoiser.items():
+        if family:
+            first.setdefault(family, module)
+    pairs = sorted((module, family) for family, module in first.items())
+    if layout == "kohya":  # lora_unet_ and lora_transformer_: two spellings, whatever the paths after them
+        unet = next((m for m in denoiser if m.startswith("lora_unet_")), None)
+        other = next((m for m in denoiser if m.startswith("lora_transformer_")), None)
+        if unet is not None and other is not None:
+            pairs = [(unet, denoiser[unet][0]), (other, "transformer")]
+    if len(pairs) > 1:
+        (a, fa), (b, fb) = pairs[:2]
+        raise _bad(
+            path,
+            f"spells its denoiser two ways: {printable(a)!r} ({_spelled(fa, a)}) and {printable(b)!r} "
+            f"({_spelled(fb, b)})",
+            _who_drops(fa, fb, layout),
+        )
+
+
+def _bad(path: Path, problem: str, consequence: str) -> AdapterFormatError:
+    return AdapterFormatError(f"{printable(str(path))}: {problem}; {consequence}", hint=TWO_SPELLINGS_HINT)
+
+
+def _refuse_two_text_encoder_spellings(path: Path, names: list[str]) -> None:
+    """``lora_te_X`` and ``lora_te1_X`` both name the first text encoder's X."""
+    present = set(names)
+    for module in names:
+        if module.startswith("lora_te_"):
+            twin = "lora_te1_" + module.removeprefix("lora_te_")
+            if twin in present:
+                raise AdapterFormatError(
+                    f"{printable(str(path))}: module {printable(module)!r} is also stored as {printable(twin)!r} "
+                    "(lora_te_ and lora_te1_ both name the first text encoder): loaders read the two as one module "
+                    "and differ on which they apply",
+                    hint="Keep one spelling (lora_te_ for SD 1.x / 2.x, lora_te1_ for SDXL) and save the file again.",
+                )
+
+
+def _denoiser_path(module: str, layout: str) -> tuple[str, str] | None:
+    """``(family, path)`` of a denoiser module: its spelling (:data:`FAMILIES`; ``transformer`` for
+    every ``lora_transformer_`` module, "" when the path tells none) and its path after the
+    component, in kohya's underscore form; None for a text encoder's module."""
+    prefixes = KOHYA_DENOISER if layout == "kohya" else DIFFUSERS_DENOISER
+    prefix = next((p for p in prefixes if module.startswith(p)), None)
+    if prefix is None:
+        return None
+    rest = module[len(prefix) :].replace(".", "_")
+    if prefix == "lora_transformer_":
+        return "transformer", rest
+    family = next(
+        (name for name, (starts, _) in FAMILIES.items() if any(rest == s or rest.startswith(s + "_") for s in starts)),
+        "",
+    )
+    return family, rest
+
+
+def _twin(denoiser: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
+    """Two modules of different spellings that name one layer (SGM and BFL names mapped to diffusers')."""
+    seen: dict[str, tuple[str, str]] = {}  # diffusers' name: (module, family)
+    for module, (family, rest) in sorted(denoiser.items()):
+        if not family:
+            continue
+        for name in _diffusers_names(family, rest):
+            other = seen.setdefault(name, (module, family))
+            if other[1] != family:
+                return other[0], module
+    return None
+
+
+def _diffusers_names(family: str, rest: str) -> tuple[str, ...]:
+    """diffusers' names (kohya's underscore form) of the layer(s) a module of ``family`` adapts: a
+    BFL fused qkv is three layers of diffusers' Flux."""
+    if family == "sgm":
+        return (_sgm_to_diffusers(rest),)
+    if family == "bfl":
+        return _bfl_to_diffusers(rest)
+    return (rest,)
+
+
+def _sgm_to_diffusers(rest: str) -> str:
+    """An SGM UNet module path as diffusers' ``_maybe_map_sgm_blocks_to_diffusers`` and
+    ``_convert_unet_lora_key`` map it (SD / SDXL: two layers a block)."""
+    if rest in _SGM_WHOLE:
+        return _SGM_WHOLE[rest]
+    middle = _SGM_MIDDLE_RE.match(rest)
+    if middle is not None:
+        part, inner = _SGM_MIDDLE[int(middle[1])], middle[2] or ""
+        return _joined(f"mid_block_{part}", _resnet_inner(inner) if part.startswith("resnets") else inner)
+    m = _SGM_BLOCK_RE.match(rest)
+    if m is None:
+        return rest
+    kind, i, j, inner = m[1], int(m[2]), int(m[3]), m[4] or ""
+    per = _LAYERS_PER_BLOCK + 1
+    if kind == "input_blocks":
+        if i == 0:
+            return "conv_in"
+        block, layer = f"down_blocks_{(i - 1) // per}", (i - 1) % per
+        if inner.startswith("op"):
+            return f"{block}_downsamplers_0_conv"
+    else:  # output_blocks: an upsampler is the block's last part (SD 1.x's first up block has no attentions)
+        block, layer = f"up_blocks_{i // per}", i % per
+        if j == 2 or (j == 1 and inner == "conv"):
+            return f"{block}_upsamplers_0_conv"
+    if j == 0:
+        return _joined(f"{block}_resnets_{layer}", _resnet_inner(inner))
+    return _joined(f"{block}_attentions_{layer}", inner)
+
+
+def _resnet_inner(inner: str) -> str:
+    for sgm, diffusers in _RESNET_PARTS:
+        if inner == sgm:
+            return diffusers
+    return "conv_shortcut" if inner == "skip_connection" else inner
+
+
+def _joined(head: str, inner: str) -> str:
+    return f"{head}_{inner}" if inner else head
+
+
+def _bfl_to_diffusers(rest: str) -> tuple[str, ...]:
+    if rest in _BFL_WHOLE:
+        return (_BFL_WHOLE[rest],)
+    m = _BFL_BLOCK_RE.match(rest)
+    if m is None:
+        return (rest,)
+    kind, i, inner = m[1], m[2], m[3]
+    if kind == "double":
+        table, block = _BFL_DOUBLE, "transformer_blocks"
+    else:
+        table, block = _BFL_SINGLE, "single_transformer_blocks"
+    return tuple(f"{block}_{i}_{part}" for part in table.get(inner, (inner,)))
+
+
+def _spelled(family: str, module: str) -> str:
+    if module.startswith("lora_transformer_"):
+        return "diffusers' names under lora_transformer_"
+    if family in FAMILIES:
+        return FAMILIES[family][1]
+    return "sd-scripts' names under lora_unet_" if module.startswith("lora_unet_") else "another spelling"
+
+
+def _who_drops(first: str, second: str, layout: str) -> str:
+    """What diffusers does with a file of the two spellings ``first`` and ``second``."""
+    pair = {first, second}
+    if pair == {"sgm", "unet"}:
+        return "diffusers loads only the diffusers-named modules of such a file and drops the SGM ones"
+    if layout == "kohya" and "transformer" in pair:
+        return "diffusers' Flux loader drops every lora_unet_ module of a file that has lora_transformer_ ones"
+    return "clair would audit each spelling as a module of its own, which no loader applies as such"
