@@ -290,13 +290,35 @@ def _flux_file(tmp_path: Path, extra: dict[str, torch.Tensor], drop: str | None 
     return path
 
 
-def test_alpha_files_that_diffusers_refuses_or_reads_two_ways_are_refused(tmp_path: Path) -> None:
-    meta = {"lora_adapter_metadata": json.dumps({"transformer.r": RANK, "transformer.lora_alpha": 8})}
-    path = _flux_file(tmp_path, {}, **meta)
-    result = invoke("inspect", str(path))
-    refused(result, "odd.safetensors", "holds alpha tensors", "lora_adapter_metadata", "refuses the two together")
-    with pytest.raises(ValueError, match="network_alphas"):  # what the message says of diffusers
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"transformer.r": RANK, "transformer.lora_alpha": 8},
+        # SimpleTuner's ComfyUI export: its LoraConfig unprefixed, its alphas taken from it (an outside review)
+        {"r": RANK, "lora_alpha": 8, "target_modules": ["to_q", "to_k"], "use_rslora": False},
+    ],
+)
+def test_alpha_tensors_beside_metadata_that_agrees_are_read_as_comfyui_applies_them(
+    config: dict, tmp_path: Path
+) -> None:
+    path = _flux_file(tmp_path, {}, lora_adapter_metadata=json.dumps(config))
+    adapter = _open(path)
+    for module, spec in adapter.modules.items():  # every module stores alpha 8 (the text encoder's: no config)
+        assert spec.scale == pytest.approx(8.0 / spec.rank), module
+    assert any("agrees with its lora_adapter_metadata config" in n for n in adapter.notes), adapter.notes
+    with pytest.raises(ValueError, match="network_alphas"):  # what the note says of diffusers
         flux_deltas(path)
+
+
+def test_alpha_files_that_diffusers_refuses_or_reads_two_ways_are_refused(tmp_path: Path) -> None:
+    for config in ({"transformer.r": RANK, "transformer.lora_alpha": 16}, {"r": RANK, "lora_alpha": 4}):
+        path = _flux_file(tmp_path, {}, lora_adapter_metadata=json.dumps(config))
+        result = invoke("inspect", str(path))
+        refused(
+            result, "odd.safetensors", "its alpha tensor says alpha=8", "lora_adapter_metadata config", "two scales"
+        )
+    path = _flux_file(tmp_path, {}, lora_adapter_metadata=json.dumps({"r": RANK + 1, "lora_alpha": 8}))
+    refused(invoke("inspect", str(path)), "odd.safetensors", f"r={RANK + 1}", "two scales")
     path = _flux_file(tmp_path, {}, drop=FLUX_MODULES[2])
     refused(
         invoke("inspect", str(path)),
@@ -381,9 +403,36 @@ TWINS = {
         ("lora_unet_input_blocks_3_0_op", "lora_unet_down_blocks_0_downsamplers_0_conv"),
         ["one layer under two spellings"],
     ),
+    # A layer outside the blocks counts by the spelling of the file's blocks (here diffusers' UNet,
+    # which has no time_embed of its own).
     "SGM time embedding": (
         ("lora_unet_time_embed_0", "lora_unet_time_embedding_linear_1"),
         ["one layer under two spellings"],
+        ("lora_unet_down_blocks_0_resnets_0_conv1",),
+    ),
+    # The reviews' slip-throughs: BFL's and SAI's final layer and SD3's patch embedding beside diffusers' names.
+    "BFL final layer": (
+        ("lora_unet_final_layer_linear", "lora_unet_proj_out"),
+        ["one layer under two spellings", "diffusers' names"],
+        ("lora_unet_double_blocks_0_img_attn_qkv",),
+    ),
+    "BFL final modulation": (
+        ("lora_unet_final_layer_adaLN_modulation_1", "lora_unet_norm_out_linear"),
+        ["one layer under two spellings"],
+        ("lora_unet_single_blocks_0_linear1",),
+    ),
+    "MMDiT patch embedding": (
+        ("lora_unet_x_embedder_proj", "lora_unet_pos_embed_proj"),
+        ["one layer under two spellings"],
+        ("lora_unet_joint_blocks_0_x_block_attn_qkv",),
+    ),
+    "BFL final layer under lora_transformer_": (
+        ("lora_unet_final_layer_linear", "lora_transformer_proj_out"),
+        ["one layer under two spellings", "drops every lora_unet_ module"],
+    ),
+    "MMDiT context block": (
+        ("lora_unet_joint_blocks_1_context_block_attn_qkv", "lora_unet_transformer_blocks_1_attn_add_k_proj"),
+        ["one layer under two spellings", "SAI MMDiT names"],
     ),
     "BFL qkv": (
         ("lora_unet_double_blocks_0_img_attn_qkv", "lora_transformer_transformer_blocks_0_attn_to_k"),
@@ -401,7 +450,7 @@ MIXED = {
         ["spells its denoiser two ways", "drops the SGM ones"],
     ),
     "BFL final layer and lora_transformer_": (
-        ("lora_unet_final_layer_linear", "lora_transformer_proj_out"),
+        ("lora_unet_final_layer_linear", "lora_transformer_x_embedder"),
         ["spells its denoiser two ways", "drops every lora_unet_ module"],
     ),
     "diffusers names under both prefixes": (
@@ -409,7 +458,7 @@ MIXED = {
         ["spells its denoiser two ways"],
     ),
     "SD3 MMDiT and lora_transformer_": (
-        ("lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_transformer_transformer_blocks_0_attn_to_q"),
+        ("lora_unet_joint_blocks_0_x_block_attn_qkv", "lora_transformer_transformer_blocks_3_attn_to_q"),
         ["spells its denoiser two ways", "SAI MMDiT names"],
     ),
     "BFL and diffusers blocks under lora_unet_": (
@@ -421,15 +470,16 @@ MIXED = {
 
 @pytest.mark.parametrize("case", sorted(TWINS) + sorted(MIXED))
 def test_a_kohya_file_that_spells_one_model_two_ways_is_refused(case: str, tmp_path: Path) -> None:
-    names, words = TWINS.get(case) or MIXED[case]
-    path = _kohya(tmp_path / "twice.safetensors", names=names)
+    names, words, *more = TWINS.get(case) or MIXED[case]
+    extra = tuple(more[0]) if more else ()
+    path = _kohya(tmp_path / "twice.safetensors", names=names + extra)
     result = invoke("inspect", str(path))
     refused(result, "twice.safetensors", *(f"'{n}'" for n in names), *words)
     assert ("is also stored as" in result.stderr) == (case in TWINS), result.stderr
     pool = tmp_path / "pool"
     for k in range(5):
-        _kohya(pool / f"s{k}.safetensors", names=names[:1])
-    _kohya(pool / "s5.safetensors", names=names)
+        _kohya(pool / f"s{k}.safetensors", names=names[:1] + extra)
+    _kohya(pool / "s5.safetensors", names=names + extra)
     out = tmp_path / "merged"
     refused(invoke("merge", str(pool), "--out", str(out), "--device", "cpu", "--exit-zero"), "s5.safetensors")
     assert not out.exists()
@@ -498,6 +548,30 @@ ONE_SPELLING = {
 def test_files_of_one_spelling_are_read(case: str, tmp_path: Path) -> None:
     path = _kohya(tmp_path / "one.safetensors", names=ONE_SPELLING[case])
     assert sorted(_open(path).modules) == sorted(ONE_SPELLING[case])
+
+
+# diffusers' transformer models whose layers outside the blocks carry words of another model's spelling
+# (an outside review of the first version, which refused them: OneTrainer's default "full" layer preset,
+# ai-toolkit's transformer_only: false and PEFT's all-linear train them; diffusers and ComfyUI load them).
+OWN_LAYERS = {
+    "Qwen-Image": ("img_in", "txt_in", "time_text_embed.timestep_embedder.linear_1", "proj_out"),
+    "Sana": ("time_embed.emb.timestep_embedder.linear_1", "time_embed.linear", "caption_projection.linear_1"),
+    "LTX-Video": ("time_embed.emb.timestep_embedder.linear_1", "proj_in"),
+    "CogVideoX": ("time_embedding.linear_1", "patch_embed.proj"),
+}
+
+
+@pytest.mark.parametrize("model", sorted(OWN_LAYERS))
+@pytest.mark.parametrize("layout", ["diffusers", "kohya"])
+def test_transformer_layers_named_like_another_spelling_are_read(model: str, layout: str, tmp_path: Path) -> None:
+    inner = (*OWN_LAYERS[model], "transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k")
+    if layout == "diffusers":
+        names = tuple(f"transformer.{n}" for n in inner)
+        path = _diffusers(tmp_path / "own.safetensors", names)
+    else:  # OneTrainer's kohya output of these models: diffusers' names under lora_unet_
+        names = tuple("lora_unet_" + n.replace(".", "_") for n in inner)
+        path = _kohya(tmp_path / "own.safetensors", names=names)
+    assert sorted(_open(path).modules) == sorted(names)
 
 
 def test_what_the_messages_say_diffusers_does_with_two_spellings() -> None:

@@ -403,7 +403,7 @@ def _diffusers_config(
     for module, rank in _ranks(keys).items():
         component, _, inner = module.partition(".")
         config = configs.get(component)
-        if module in stored:  # an alpha tensor, applied as alpha / r (never beside metadata: refused)
+        if module in stored:  # an alpha tensor, applied as alpha / r (beside metadata only where the two agree)
             alpha, own_rslora = stored[module], False
         elif config is not None:
             if config.rank_for(inner) != rank:
@@ -498,13 +498,6 @@ def _diffusers_alphas(
             "every key without 'lora' in it (Invalid LoRA checkpoint)",
             hint="Fold each alpha into its module (lora_B * alpha / r) and save the file without alpha tensors.",
         )
-    if DIFFUSERS_METADATA_KEY in metadata:
-        raise _bad(
-            path,
-            f"holds alpha tensors (e.g. {example!r}) and {DIFFUSERS_METADATA_KEY} metadata, two sources of the "
-            "scale; diffusers' Flux loader refuses the two together (network_alphas and metadata)",
-            hint=f"Keep one: the alpha tensors or the LoraConfig in {DIFFUSERS_METADATA_KEY}.",
-        )
     for component in components:
         own = [m for m in keys.parts if m.partition(".")[0] == component]
         missing = sorted(m for m in own if m not in infos)
@@ -517,11 +510,58 @@ def _diffusers_alphas(
                 hint="Store an alpha for every module of the component, or for none.",
             )
     values = _alpha_values(path, infos, DIFFUSERS_ALPHA_DTYPES)
+    if DIFFUSERS_METADATA_KEY in metadata:
+        return values, [_alphas_beside_metadata(path, keys, values, metadata)]
     note = (
         f"{len(values)} module(s) hold an alpha tensor: scaled by alpha / r, as diffusers' Flux loader applies them "
         "(diffusers' loaders of other pipelines, such as SD3 and Wan, refuse the file)"
     )
     return values, [note]
+
+
+def _alphas_beside_metadata(
+    path: Path, keys: HeaderKeys, values: Mapping[str, float], metadata: Mapping[str, str]
+) -> str:
+    """Alpha tensors beside ``lora_adapter_metadata`` (SimpleTuner's ComfyUI export writes both, its
+    alphas taken from its LoraConfig, which it writes unprefixed): read where the two agree on every
+    module's rank and alpha, as ComfyUI applies them (diffusers' Flux loader refuses such a file);
+    refused where they do not, since which scale applies then depends on the loader.
+
+    Raises:
+        AdapterFormatError: a module's alpha tensor, or its rank, not what the metadata's config says.
+    """
+    configs = metadata_configs(path, metadata)
+    flat = _flat_metadata_config(path, metadata)
+    ranks = _ranks(keys)
+    for module, alpha in sorted(values.items()):
+        component, _, inner = module.partition(".")
+        config = configs.get(component, flat)
+        if config is None:
+            continue
+        said = config.alpha_for(inner) * (math.sqrt(ranks[module]) if config.use_rslora else 1.0)  # in alpha / r
+        if config.rank_for(inner) != ranks[module] or not math.isclose(said, alpha, rel_tol=1e-6):
+            raise _bad(
+                path,
+                f"module {printable(module)!r}: its alpha tensor says alpha={alpha:g} at rank {ranks[module]}, its "
+                f"{DIFFUSERS_METADATA_KEY} config alpha={config.alpha_for(inner):g}, r={config.rank_for(inner)}"
+                f"{', use_rslora' if config.use_rslora else ''}: two scales, and which one applies depends on the "
+                "loader (diffusers' Flux loader refuses the two together, ComfyUI applies the tensor)",
+                hint=f"Keep one: the alpha tensors or the LoraConfig in {DIFFUSERS_METADATA_KEY}.",
+            )
+    return (
+        f"{len(values)} module(s) hold an alpha tensor, which agrees with its {DIFFUSERS_METADATA_KEY} config: scaled "
+        "by alpha / r, as ComfyUI applies them (diffusers' Flux loader refuses a file with both)"
+    )
+
+
+def _flat_metadata_config(path: Path, metadata: Mapping[str, str]) -> AdapterConfig | None:
+    """The LoraConfig of ``lora_adapter_metadata`` written without component prefixes (``r``,
+    ``lora_alpha``, ... at the top level, as SimpleTuner's ComfyUI export writes it); None if none."""
+    data = json.loads(metadata[DIFFUSERS_METADATA_KEY])  # valid: metadata_configs parsed it
+    fields = {str(k): v for k, v in data.items() if "." not in str(k)}
+    if "r" not in fields and "lora_alpha" not in fields:
+        return None
+    return parse_config(fields, f"{printable(str(path))} ({DIFFUSERS_METADATA_KEY} metadata)")
 
 
 def open_diffusion(

@@ -36,26 +36,24 @@ from clair_cli.io.paths import printable
 if TYPE_CHECKING:
     from pathlib import Path
 
-# How the path of a denoiser module starts (after lora_unet_ / unet. / transformer.), by spelling.
+# The block containers that tell a denoiser's spelling apart: a module's path (after lora_unet_ /
+# unet. / transformer.) starts with one of them. Layers outside the blocks do not count here:
+# diffusers' transformer models reuse those words for layers of their own (Qwen-Image's img_in and
+# txt_in, Sana's and LTX-Video's time_embed, CogVideoX's time_embedding), beside transformer_blocks.
 FAMILIES = {
     "sgm": (
-        ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb"),
+        ("input_blocks", "middle_block", "output_blocks"),
         "SGM / LDM UNet names: input_blocks, middle_block, output_blocks",
     ),
-    "unet": (
-        ("down_blocks", "mid_block", "up_blocks", "time_embedding", "add_embedding"),
-        "diffusers UNet names: down_blocks, mid_block, up_blocks",
-    ),
-    "bfl": (
-        ("double_blocks", "single_blocks", "img_in", "txt_in", "time_in", "vector_in", "guidance_in"),
-        "Black Forest Labs Flux names: double_blocks, single_blocks",
-    ),
+    "unet": (("down_blocks", "mid_block", "up_blocks"), "diffusers UNet names: down_blocks, mid_block, up_blocks"),
+    "bfl": (("double_blocks", "single_blocks"), "Black Forest Labs Flux names: double_blocks, single_blocks"),
     "mmdit": (("joint_blocks",), "SAI MMDiT names: joint_blocks"),
     "transformer": (
-        ("transformer_blocks", "single_transformer_blocks", "time_text_embed"),
+        ("transformer_blocks", "single_transformer_blocks"),
         "diffusers transformer names: transformer_blocks, single_transformer_blocks",
     ),
 }
+DIFFUSERS_FAMILIES = ("unet", "transformer")  # already diffusers' names
 KOHYA_DENOISER = ("lora_unet_", "lora_transformer_")
 DIFFUSERS_DENOISER = ("unet.", "transformer.", "prior.")
 TWO_SPELLINGS_HINT = "Keep one spelling of each layer (the one the file's other modules use) and save the file again."
@@ -101,13 +99,43 @@ _BFL_WHOLE = {
     "vector_in_out_layer": "time_text_embed_text_embedder_linear_2",
     "guidance_in_in_layer": "time_text_embed_guidance_embedder_linear_1",
     "guidance_in_out_layer": "time_text_embed_guidance_embedder_linear_2",
+    "final_layer_linear": "proj_out",
+    "final_layer_adaLN_modulation_1": "norm_out_linear",
 }
 _BFL_BLOCK_RE = re.compile(r"^(double|single)_blocks_(\d+)_(.+)$")
+# SAI's SD3 MMDiT names and diffusers' (convert_sd3_transformer_checkpoint_to_diffusers).
+_MMDIT_WHOLE = {
+    "x_embedder_proj": "pos_embed_proj",
+    "t_embedder_mlp_0": "time_text_embed_timestep_embedder_linear_1",
+    "t_embedder_mlp_2": "time_text_embed_timestep_embedder_linear_2",
+    "y_embedder_mlp_0": "time_text_embed_text_embedder_linear_1",
+    "y_embedder_mlp_2": "time_text_embed_text_embedder_linear_2",
+    "final_layer_linear": "proj_out",
+    "final_layer_adaLN_modulation_1": "norm_out_linear",
+}
+_MMDIT_BLOCK = {
+    "x_block_attn_qkv": tuple(f"attn_{p}" for p in _QKV),
+    "x_block_attn_proj": ("attn_to_out_0",),
+    "x_block_mlp_fc1": ("ff_net_0_proj",),
+    "x_block_mlp_fc2": ("ff_net_2",),
+    "x_block_adaLN_modulation_1": ("norm1_linear",),
+    "context_block_attn_qkv": ("attn_add_q_proj", "attn_add_k_proj", "attn_add_v_proj"),
+    "context_block_attn_proj": ("attn_to_add_out",),
+    "context_block_mlp_fc1": ("ff_context_net_0_proj",),
+    "context_block_mlp_fc2": ("ff_context_net_2",),
+    "context_block_adaLN_modulation_1": ("norm1_context_linear",),
+}
+_MMDIT_BLOCK_RE = re.compile(r"^joint_blocks_(\d+)_(.+)$")
 
 
 def refuse_two_spellings(path: Path, modules: Iterable[str], layout: str) -> None:
     """Refuse a kohya or diffusers file (``layout``) that names one layer twice, or spells its
     denoiser two ways (see the module docstring).
+
+    A file's spelling is told by its blocks (:data:`FAMILIES`); a layer outside them (an embedding,
+    the final layer) is mapped onto diffusers' name by the spelling of the file's blocks only, so
+    that diffusers' own transformer layers named like another model's (Qwen-Image's ``img_in``) are
+    read as what they are.
 
     Raises:
         AdapterFormatError: naming the file, the two modules and what they spell.
@@ -115,37 +143,36 @@ def refuse_two_spellings(path: Path, modules: Iterable[str], layout: str) -> Non
     names = sorted(modules)
     if layout == "kohya":
         _refuse_two_text_encoder_spellings(path, names)
-    denoiser: dict[str, tuple[str, str]] = {}  # module: (family or "", path in kohya's underscore form)
-    for module in names:
-        where = _denoiser_path(module, layout)
-        if where is not None:
-            denoiser[module] = where
-    twin = _twin(denoiser)
+    paths = {m: rest for m in names if (rest := _denoiser_path(m, layout)) is not None}
+    # In sd-scripts' layout, lora_unet_ beside lora_transformer_ is Flux's mixture: BFL names under lora_unet_.
+    mixture = layout == "kohya" and {m.startswith("lora_unet_") for m in paths} == {True, False}
+    families = {m: _family(m, rest) for m, rest in paths.items()}
+    blocks = {f for f in families.values() if f}
+    twin = _twin(paths, families, blocks, mixture)
     if twin is not None:
-        a, b = twin
+        (a, fa), (b, fb) = twin
         raise _bad(
             path,
-            f"module {printable(a)!r} ({_spelled(denoiser[a][0], a)}) is also stored as {printable(b)!r} "
-            f"({_spelled(denoiser[b][0], b)}): one layer under two spellings",
-            _who_drops(denoiser[a][0], denoiser[b][0], layout),
+            f"module {printable(a)!r} ({_spelled(fa, a)}) is also stored as {printable(b)!r} "
+            f"({_spelled(fb, b)}): one layer under two spellings",
+            _who_drops(fa, fb, mixture),
         )
     first: dict[str, str] = {}  # a module of each spelling
-    for module, (family, _rest) in denoiser.items():
+    for module, family in families.items():
         if family:
             first.setdefault(family, module)
     pairs = sorted((module, family) for family, module in first.items())
-    if layout == "kohya":  # lora_unet_ and lora_transformer_: two spellings, whatever the paths after them
-        unet = next((m for m in denoiser if m.startswith("lora_unet_")), None)
-        other = next((m for m in denoiser if m.startswith("lora_transformer_")), None)
-        if unet is not None and other is not None:
-            pairs = [(unet, denoiser[unet][0]), (other, "transformer")]
+    if mixture:  # lora_unet_ and lora_transformer_: two spellings, whatever the paths after them
+        unet = next(m for m in paths if m.startswith("lora_unet_"))
+        other = next(m for m in paths if m.startswith("lora_transformer_"))
+        pairs = [(unet, families[unet]), (other, "transformer")]
     if len(pairs) > 1:
         (a, fa), (b, fb) = pairs[:2]
         raise _bad(
             path,
             f"spells its denoiser two ways: {printable(a)!r} ({_spelled(fa, a)}) and {printable(b)!r} "
             f"({_spelled(fb, b)})",
-            _who_drops(fa, fb, layout),
+            _who_drops(fa, fb, mixture),
         )
 
 
@@ -168,45 +195,62 @@ def _refuse_two_text_encoder_spellings(path: Path, names: list[str]) -> None:
                 )
 
 
-def _denoiser_path(module: str, layout: str) -> tuple[str, str] | None:
-    """``(family, path)`` of a denoiser module: its spelling (:data:`FAMILIES`; ``transformer`` for
-    every ``lora_transformer_`` module, "" when the path tells none) and its path after the
-    component, in kohya's underscore form; None for a text encoder's module."""
+def _denoiser_path(module: str, layout: str) -> str | None:
+    """The path of a denoiser module after its component, in kohya's underscore form; None for a
+    text encoder's module."""
     prefixes = KOHYA_DENOISER if layout == "kohya" else DIFFUSERS_DENOISER
     prefix = next((p for p in prefixes if module.startswith(p)), None)
-    if prefix is None:
-        return None
-    rest = module[len(prefix) :].replace(".", "_")
-    if prefix == "lora_transformer_":
-        return "transformer", rest
-    family = next(
+    return None if prefix is None else module[len(prefix) :].replace(".", "_")
+
+
+def _family(module: str, rest: str) -> str:
+    """The spelling of a module's blocks (:data:`FAMILIES`; ``transformer`` for every
+    ``lora_transformer_`` module: diffusers' names); "" outside the blocks."""
+    if module.startswith("lora_transformer_"):
+        return "transformer"
+    return next(
         (name for name, (starts, _) in FAMILIES.items() if any(rest == s or rest.startswith(s + "_") for s in starts)),
         "",
     )
-    return family, rest
 
 
-def _twin(denoiser: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
-    """Two modules of different spellings that name one layer (SGM and BFL names mapped to diffusers')."""
-    seen: dict[str, tuple[str, str]] = {}  # diffusers' name: (module, family)
-    for module, (family, rest) in sorted(denoiser.items()):
-        if not family:
-            continue
-        for name in _diffusers_names(family, rest):
-            other = seen.setdefault(name, (module, family))
-            if other[1] != family:
-                return other[0], module
+def _twin(
+    paths: dict[str, str], families: dict[str, str], blocks: set[str], mixture: bool
+) -> tuple[tuple[str, str], tuple[str, str]] | None:
+    """Two modules of different spellings that name one layer, each with its spelling (a family of
+    :data:`FAMILIES`, or "diffusers" outside the blocks): each module's path mapped onto diffusers'
+    name(s) (a BFL or MMDiT fused qkv is three layers), a layer outside the blocks by the spelling of
+    the file's blocks (the SGM embeddings also in a diffusers UNet file, which has no layer of those
+    names; BFL's in a lora_unet_ + lora_transformer_ mixture)."""
+    seen: dict[str, tuple[str, str]] = {}  # diffusers' name: (module, spelling)
+    for module, rest in sorted(paths.items()):
+        spelling, mapped = _diffusers_names(module, rest, families[module], blocks, mixture)
+        shown = (families[module] or "diffusers") if spelling == "diffusers" else spelling  # for the message
+        for name in mapped:
+            other = seen.setdefault(name, (module, shown))
+            if _kind(other[1]) != _kind(shown):
+                return other, (module, shown)
     return None
 
 
-def _diffusers_names(family: str, rest: str) -> tuple[str, ...]:
-    """diffusers' names (kohya's underscore form) of the layer(s) a module of ``family`` adapts: a
-    BFL fused qkv is three layers of diffusers' Flux."""
-    if family == "sgm":
-        return (_sgm_to_diffusers(rest),)
-    if family == "bfl":
-        return _bfl_to_diffusers(rest)
-    return (rest,)
+def _kind(spelling: str) -> str:
+    """A spelling, with diffusers' own (its UNet's and transformers' names) as one."""
+    return "diffusers" if spelling in (*DIFFUSERS_FAMILIES, "diffusers") else spelling
+
+
+def _diffusers_names(
+    module: str, rest: str, family: str, blocks: set[str], mixture: bool
+) -> tuple[str, tuple[str, ...]]:
+    """``(spelling, names)``: the spelling a module is in ("diffusers" for diffusers' own names) and
+    diffusers' names (kohya's underscore form) of the layer(s) it adapts."""
+    if family == "sgm" or (not family and rest in _SGM_WHOLE and blocks & {"sgm", "unet"}):
+        return "sgm", (_sgm_to_diffusers(rest),)
+    bfl = "bfl" in blocks or (mixture and module.startswith("lora_unet_"))
+    if family == "bfl" or (not family and rest in _BFL_WHOLE and bfl):
+        return "bfl", _bfl_to_diffusers(rest)
+    if family == "mmdit" or (not family and rest in _MMDIT_WHOLE and "mmdit" in blocks):
+        return "mmdit", _mmdit_to_diffusers(rest)
+    return "diffusers", (rest,)
 
 
 def _sgm_to_diffusers(rest: str) -> str:
@@ -263,19 +307,29 @@ def _bfl_to_diffusers(rest: str) -> tuple[str, ...]:
     return tuple(f"{block}_{i}_{part}" for part in table.get(inner, (inner,)))
 
 
+def _mmdit_to_diffusers(rest: str) -> tuple[str, ...]:
+    if rest in _MMDIT_WHOLE:
+        return (_MMDIT_WHOLE[rest],)
+    m = _MMDIT_BLOCK_RE.match(rest)
+    if m is None:
+        return (rest,)
+    return tuple(f"transformer_blocks_{m[1]}_{part}" for part in _MMDIT_BLOCK.get(m[2], (m[2],)))
+
+
 def _spelled(family: str, module: str) -> str:
     if module.startswith("lora_transformer_"):
         return "diffusers' names under lora_transformer_"
     if family in FAMILIES:
         return FAMILIES[family][1]
+    if family == "diffusers":
+        return "diffusers' names"
     return "sd-scripts' names under lora_unet_" if module.startswith("lora_unet_") else "another spelling"
 
 
-def _who_drops(first: str, second: str, layout: str) -> str:
+def _who_drops(first: str, second: str, mixture: bool) -> str:
     """What diffusers does with a file of the two spellings ``first`` and ``second``."""
-    pair = {first, second}
-    if pair == {"sgm", "unet"}:
+    if {first, second} == {"sgm", "unet"}:
         return "diffusers loads only the diffusers-named modules of such a file and drops the SGM ones"
-    if layout == "kohya" and "transformer" in pair:
+    if mixture:
         return "diffusers' Flux loader drops every lora_unet_ module of a file that has lora_transformer_ ones"
     return "clair would audit each spelling as a module of its own, which no loader applies as such"
