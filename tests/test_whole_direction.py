@@ -22,7 +22,12 @@ from clair_cli import pipeline
 from clair_cli.core import verdict
 from clair_cli.core.insubspace import DirectionCentres, direction_cosines, peeled, second_population
 from clair_cli.core.rules import Pass, PoolSignals
-from clair_cli.core.rules.direction import WholeDirection
+from clair_cli.core.rules.direction import (
+    DIRECTION_RELATIVE_FLOOR,
+    MODULE_DIRECTION_RELATIVE_FLOOR,
+    WholeDirection,
+    whole_relative_floor,
+)
 from clair_cli.params import AuditParams
 from clair_cli.report.audit import reason_text
 from clair_cli.report.modules import ModuleNames
@@ -227,3 +232,56 @@ def test_free_riders_are_no_population_their_centre_points_against_honest_client
         kept = peeled(G2, torch.ones(18, dtype=torch.bool))
         assert second_population(G2, ~kept, kept) == []
         assert _rule_15(G2)[12:] == [True] * 6 and not any(_rule_15(G2)[:12])
+
+
+def test_the_relative_floor_moves_to_rule_12s_where_one_module_carries_the_update() -> None:
+    assert whole_relative_floor(math.inf) == pytest.approx(DIRECTION_RELATIVE_FLOOR)
+    assert whole_relative_floor(1.0) == pytest.approx(MODULE_DIRECTION_RELATIVE_FLOOR)
+    assert whole_relative_floor(2.0) == pytest.approx(0.8)
+    assert whole_relative_floor(0.5) == pytest.approx(MODULE_DIRECTION_RELATIVE_FLOOR)  # never past rule 12's
+
+
+def _signals(cosines: list[float], module_norms: dict[str, torch.Tensor] | None) -> PoolSignals:
+    K = len(cosines)
+    return PoolSignals(
+        n_adapters=K,
+        shares={},
+        members={},
+        structured={},
+        sq_norms=torch.ones(K, dtype=torch.float64),
+        duplicates=[],
+        module_norms=module_norms,
+        whole_direction=torch.tensor(cosines, dtype=torch.float64),
+    )
+
+
+def test_effective_modules_is_the_participation_ratio_of_the_typical_module_norms() -> None:
+    K = 12
+    even = {f"m{i}": torch.ones(K) for i in range(8)}
+    assert _signals([0.4] * K, even).effective_modules == pytest.approx(8.0)
+    dominant = {**even, "m0": torch.full((K,), 10.0)}  # every client's first module x 10 (alpha_pattern)
+    assert _signals([0.4] * K, dominant).effective_modules == pytest.approx(107**2 / (100**2 + 7), rel=1e-9)
+    # a minority cannot move it: the medians of each module's norms
+    boosted = {m: torch.cat([v[:9], torch.full((3,), 1e3)]) for m, v in even.items()} | {"m0": torch.ones(K)}
+    assert _signals([0.4] * K, boosted).effective_modules == pytest.approx(8.0)
+    with_nan = {**even, "m1": torch.tensor([math.nan] + [1.0] * (K - 1))}
+    assert _signals([0.4] * K, with_nan).effective_modules == pytest.approx(8.0)
+    assert _signals([0.4] * K, None).effective_modules == math.inf
+
+
+@pytest.mark.parametrize(("x", "flagged_even", "flagged_dominant"), [(0.12, True, False), (-0.05, True, True)])
+def test_where_one_module_dominates_rule_15_asks_what_rule_12_asks_of_one_module(
+    x: float, flagged_even: bool, flagged_dominant: bool
+) -> None:
+    """Eleven clients at a whole cosine of about 0.4 and one at ``x``: over eight equal modules
+    (rule 1's floor, 0.6 + 0.4 / 8 of the typical cosine) a drop to 0.12 is flagged; where one
+    module carries nearly all of every update the whole cosine is that module's, and, as rule 12
+    on one module, only a cosine below 0 is."""
+    K = 12
+    cosines = [0.4 + 0.01 * (i % 3 - 1) for i in range(K - 1)] + [x]
+    even = {f"m{i}": torch.ones(K) for i in range(8)}
+    dominant = {**even, "m0": torch.full((K,), 30.0)}
+    for norms, expected in ((even, flagged_even), (dominant, flagged_dominant)):
+        ctx = Pass(_signals(cosines, norms), set())
+        WholeDirection().apply(ctx)
+        assert [v.flagged for v in ctx.verdicts] == [False] * (K - 1) + [expected]

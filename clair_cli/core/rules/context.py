@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
 
 from clair_cli.core.calibration import NORMAL, Cut, leave_one_out_cuts, leave_one_out_rows, qn_scale
+from clair_cli.core.decompose import median
 from clair_cli.core.rules.base import ALPHA, ModuleHit, Reason
 
 if TYPE_CHECKING:
@@ -87,6 +89,19 @@ class PoolSignals:
     whole_direction: torch.Tensor | None = None
     whole_pairs: torch.Tensor | None = None
     whole_recentre: Callable[[frozenset[int]], tuple[torch.Tensor, torch.Tensor | None]] | None = None
+
+    @cached_property
+    def effective_modules(self) -> float:
+        """How many modules a whole update's cosine averages over: the participation ratio
+        ``1 / sum_m p_m^2`` of the modules' shares ``p_m`` of the pool's typical squared update
+        (each module's median over its members, which a minority does not move); ``inf`` where
+        the module norms are not given."""
+        if not self.module_norms:
+            return math.inf
+        finite = (v.double()[torch.isfinite(v)] for v in self.module_norms.values())
+        typical = torch.tensor([median(v.square()) for v in finite if v.numel()], dtype=torch.float64)
+        total = float(typical.sum())
+        return 1.0 / float((typical / total).square().sum()) if math.isfinite(total) and total > 0 else math.inf
 
 
 def kin(duplicates: list[list[int]], coordinated: list[CoordinatedGroup]) -> dict[int, list[int]]:
