@@ -305,9 +305,45 @@ def test_alpha_tensors_beside_metadata_that_agrees_are_read_as_comfyui_applies_t
     adapter = _open(path)
     for module, spec in adapter.modules.items():  # every module stores alpha 8 (the text encoder's: no config)
         assert spec.scale == pytest.approx(8.0 / spec.rank), module
-    assert any("agrees with its lora_adapter_metadata config" in n for n in adapter.notes), adapter.notes
+    # the transformer's five modules are described by the config (prefixed, or SimpleTuner's flat one), the text
+    # encoder's two are not
+    assert any("(5 of them described by the lora_adapter_metadata config too" in n for n in adapter.notes), (
+        adapter.notes
+    )
     with pytest.raises(ValueError, match="network_alphas"):  # what the note says of diffusers
         flux_deltas(path)
+
+
+def test_alpha_tensors_beside_metadata_are_compared_to_their_own_precision(tmp_path: Path) -> None:
+    """A bfloat16 alpha of 0.1 is 0.10009765625: the same alpha as the config's 0.1."""
+    extra = {f"{m}.alpha": torch.tensor(0.1, dtype=torch.bfloat16) for m in FLUX_MODULES}
+    path = _flux_file(tmp_path, extra, lora_adapter_metadata=json.dumps({"r": RANK, "lora_alpha": 0.1}))
+    adapter = _open(path)
+    assert all(spec.scale == pytest.approx(0.10009765625 / spec.rank) for spec in adapter.modules.values())
+
+
+@pytest.mark.parametrize("broken", ["no lora_A", "rank 0"])
+def test_a_broken_module_with_an_alpha_beside_metadata_is_refused_for_what_it_lacks(
+    broken: str, tmp_path: Path
+) -> None:
+    """Checking the alphas against the metadata once raised a KeyError (an internal error) on a module
+    without both factors; it is refused as without metadata."""
+    path = _flux_file(
+        tmp_path, {}, lora_adapter_metadata=json.dumps({"transformer.r": RANK, "transformer.lora_alpha": 8})
+    )
+    tensors = load_file(path)
+    module = FLUX_MODULES[0]
+    if broken == "no lora_A":
+        del tensors[f"{module}.lora_A.weight"]
+        words = ["has lora_B but no lora_A"]
+    else:
+        tensors[f"{module}.lora_A.weight"] = torch.zeros(0, tensors[f"{module}.lora_A.weight"].shape[1])
+        tensors[f"{module}.lora_B.weight"] = torch.zeros(tensors[f"{module}.lora_B.weight"].shape[0], 0)
+        words = ["has rank 0"]
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, str(path), metadata)
+    refused(invoke("inspect", str(path)), "odd.safetensors", f"'{module}'", *words)
 
 
 def test_alpha_files_that_diffusers_refuses_or_reads_two_ways_are_refused(tmp_path: Path) -> None:
@@ -407,6 +443,11 @@ TWINS = {
     # which has no time_embed of its own).
     "SGM time embedding": (
         ("lora_unet_time_embed_0", "lora_unet_time_embedding_linear_1"),
+        ["one layer under two spellings"],
+        ("lora_unet_down_blocks_0_resnets_0_conv1",),
+    ),
+    "SGM conv_out": (
+        ("lora_unet_out_2", "lora_unet_conv_out"),
         ["one layer under two spellings"],
         ("lora_unet_down_blocks_0_resnets_0_conv1",),
     ),

@@ -264,6 +264,16 @@ def test_effective_modules_is_the_participation_ratio_of_the_typical_module_norm
     # a minority cannot move it: the medians of each module's norms
     boosted = {m: torch.cat([v[:9], torch.full((3,), 1e3)]) for m, v in even.items()} | {"m0": torch.ones(K)}
     assert _signals([0.4] * K, boosted).effective_modules == pytest.approx(8.0)
+    # a module of one adapter counts nothing (its median over the pool is 0), however large
+    solo = _signals([0.4] * K, {**even, "solo": torch.tensor([30.0])})
+    solo = PoolSignals(**{**solo.__dict__, "members": {"solo": [11]}})
+    assert solo.effective_modules == pytest.approx(8.0)
+    # in gate, the references alone: candidates that all boost one module do not move it
+    gate = {m: torch.cat([torch.ones(12), torch.full((14,), 30.0 if m == "m0" else 1.0)]) for m in even}
+    assert PoolSignals(**{**_signals([0.4] * 26, gate).__dict__, "reference": list(range(12))}).effective_modules == (
+        pytest.approx(8.0)
+    )
+    assert _signals([0.4] * 26, gate).effective_modules < 2.0
     with_nan = {**even, "m1": torch.tensor([math.nan] + [1.0] * (K - 1))}
     assert _signals([0.4] * K, with_nan).effective_modules == pytest.approx(8.0)
     assert _signals([0.4] * K, None).effective_modules == math.inf

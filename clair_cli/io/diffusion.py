@@ -511,7 +511,8 @@ def _diffusers_alphas(
             )
     values = _alpha_values(path, infos, DIFFUSERS_ALPHA_DTYPES)
     if DIFFUSERS_METADATA_KEY in metadata:
-        return values, [_alphas_beside_metadata(path, keys, values, metadata)]
+        dtypes = {m: info.dtype for m, info in infos.items()}
+        return values, [_alphas_beside_metadata(path, keys, values, metadata, dtypes)]
     note = (
         f"{len(values)} module(s) hold an alpha tensor: scaled by alpha / r, as diffusers' Flux loader applies them "
         "(diffusers' loaders of other pipelines, such as SD3 and Wan, refuse the file)"
@@ -520,12 +521,14 @@ def _diffusers_alphas(
 
 
 def _alphas_beside_metadata(
-    path: Path, keys: HeaderKeys, values: Mapping[str, float], metadata: Mapping[str, str]
+    path: Path, keys: HeaderKeys, values: Mapping[str, float], metadata: Mapping[str, str], dtypes: Mapping[str, str]
 ) -> str:
     """Alpha tensors beside ``lora_adapter_metadata`` (SimpleTuner's ComfyUI export writes both, its
-    alphas taken from its LoraConfig, which it writes unprefixed): read where the two agree on every
-    module's rank and alpha, as ComfyUI applies them (diffusers' Flux loader refuses such a file);
-    refused where they do not, since which scale applies then depends on the loader.
+    alphas taken from its LoraConfig, which it writes unprefixed for the transformer): read where the
+    two agree on every module's rank and alpha (to the alpha tensor's precision: ``dtypes``, by
+    module), as ComfyUI applies them (diffusers' Flux loader refuses such a file); refused where they
+    do not, since which scale applies then depends on the loader. A module without both factors is
+    left to the adapter's own checks, which name what it lacks.
 
     Raises:
         AdapterFormatError: a module's alpha tensor, or its rank, not what the metadata's config says.
@@ -533,25 +536,33 @@ def _alphas_beside_metadata(
     configs = metadata_configs(path, metadata)
     flat = _flat_metadata_config(path, metadata)
     ranks = _ranks(keys)
+    checked = 0
     for module, alpha in sorted(values.items()):
         component, _, inner = module.partition(".")
-        config = configs.get(component, flat)
-        if config is None:
+        config = configs.get(component, flat if component == "transformer" else None)
+        rank = ranks.get(module)
+        if config is None or rank is None:
             continue
-        said = config.alpha_for(inner) * (math.sqrt(ranks[module]) if config.use_rslora else 1.0)  # in alpha / r
-        if config.rank_for(inner) != ranks[module] or not math.isclose(said, alpha, rel_tol=1e-6):
+        checked += 1
+        said = config.alpha_for(inner) * (math.sqrt(rank) if config.use_rslora else 1.0)  # in alpha / r
+        if config.rank_for(inner) != rank or not math.isclose(said, alpha, rel_tol=ALPHA_PRECISION[dtypes[module]]):
             raise _bad(
                 path,
-                f"module {printable(module)!r}: its alpha tensor says alpha={alpha:g} at rank {ranks[module]}, its "
+                f"module {printable(module)!r}: its alpha tensor says alpha={alpha:g} at rank {rank}, its "
                 f"{DIFFUSERS_METADATA_KEY} config alpha={config.alpha_for(inner):g}, r={config.rank_for(inner)}"
                 f"{', use_rslora' if config.use_rslora else ''}: two scales, and which one applies depends on the "
                 "loader (diffusers' Flux loader refuses the two together, ComfyUI applies the tensor)",
                 hint=f"Keep one: the alpha tensors or the LoraConfig in {DIFFUSERS_METADATA_KEY}.",
             )
     return (
-        f"{len(values)} module(s) hold an alpha tensor, which agrees with its {DIFFUSERS_METADATA_KEY} config: scaled "
-        "by alpha / r, as ComfyUI applies them (diffusers' Flux loader refuses a file with both)"
+        f"{len(values)} module(s) hold an alpha tensor ({checked} of them described by the {DIFFUSERS_METADATA_KEY} "
+        "config too, which agrees): scaled by alpha / r, as ComfyUI applies them (diffusers' Flux loader refuses a "
+        "file with both)"
     )
+
+
+# How closely a stored alpha can match its config's value: the rounding of its dtype (half an ulp, relative).
+ALPHA_PRECISION = {"F64": 1e-12, "F32": 2.0**-23, "F16": 2.0**-10, "BF16": 2.0**-7}
 
 
 def _flat_metadata_config(path: Path, metadata: Mapping[str, str]) -> AdapterConfig | None:

@@ -67,6 +67,7 @@ _SGM_WHOLE = {
     "time_embed_2": "time_embedding_linear_2",
     "label_emb_0_0": "add_embedding_linear_1",
     "label_emb_0_2": "add_embedding_linear_2",
+    "out_2": "conv_out",  # diffusers' _convert_unet_lora_key: out.2 -> conv_out
 }
 _SGM_BLOCK_RE = re.compile(r"^(input_blocks|output_blocks)_(\d{1,9})_(\d{1,9})(?:_(.*))?$")  # int() of bounded digits
 _SGM_MIDDLE_RE = re.compile(r"^middle_block_([012])(?:_(.*))?$")

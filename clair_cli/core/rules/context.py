@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from clair_cli.core.calibration import NORMAL, Cut, leave_one_out_cuts, leave_one_out_rows, qn_scale
-from clair_cli.core.decompose import median
 from clair_cli.core.rules.base import ALPHA, ModuleHit, Reason
 
 if TYPE_CHECKING:
@@ -93,15 +92,32 @@ class PoolSignals:
     @cached_property
     def effective_modules(self) -> float:
         """How many modules a whole update's cosine averages over: the participation ratio
-        ``1 / sum_m p_m^2`` of the modules' shares ``p_m`` of the pool's typical squared update
-        (each module's median over its members, which a minority does not move); ``inf`` where
-        the module norms are not given."""
+        ``1 / sum_m p_m^2`` of the modules' shares ``p_m`` of the pool's typical squared update.
+        A module's typical squared norm is its median over every adapter, one that does not hold
+        the module counting 0 (a module of a minority counts nothing, so that no minority moves
+        it), over the references alone in ``gate``; non-finite norms count 0. ``inf`` where the
+        module norms are not given."""
         if not self.module_norms:
             return math.inf
-        finite = (v.double()[torch.isfinite(v)] for v in self.module_norms.values())
-        typical = torch.tensor([median(v.square()) for v in finite if v.numel()], dtype=torch.float64)
-        total = float(typical.sum())
-        return 1.0 / float((typical / total).square().sum()) if math.isfinite(total) and total > 0 else math.inf
+        columns = sorted(self.reference) if self.reference else list(range(self.n_adapters))
+        names = list(self.module_norms)
+        chunk = max(1, EFFECTIVE_MODULES_CHUNK // max(self.n_adapters, 1))
+        typical = []
+        for start in range(0, len(names), chunk):
+            block = torch.zeros(len(names[start : start + chunk]), self.n_adapters, dtype=torch.float64)
+            for row, name in enumerate(names[start : start + chunk]):
+                norms = self.module_norms[name].double()
+                where = self.members.get(name, list(range(norms.numel())))
+                block[row, where] = torch.where(torch.isfinite(norms), norms.square(), 0.0)
+            ordered = block[:, columns].sort(dim=1).values
+            n = len(columns)
+            typical.append(0.5 * (ordered[:, (n - 1) // 2] + ordered[:, n // 2]))  # the median, as decompose's
+        shares = torch.cat(typical)
+        total = float(shares.sum())
+        return 1.0 / float((shares / total).square().sum()) if math.isfinite(total) and total > 0 else math.inf
+
+
+EFFECTIVE_MODULES_CHUNK = 1 << 22  # adapters x modules at a time in PoolSignals.effective_modules (32 MiB)
 
 
 def kin(duplicates: list[list[int]], coordinated: list[CoordinatedGroup]) -> dict[int, list[int]]:
