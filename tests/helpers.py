@@ -181,3 +181,14 @@ def side_by_side(tmp_path: Path, args: Sequence[str], variants: dict[str, Sequen
         assert result.exit_code == 0, result.output
         outs.append(out)
     return outs
+
+
+def bare_signals(n_adapters: int, **fields: Any):
+    """A :class:`~clair_cli.core.rules.PoolSignals` of ``n_adapters`` with no modules, unit norms and
+    no duplicates, and ``fields`` (a rule's inputs) as given: for one rule run alone on a ``Pass``."""
+    from clair_cli.core.rules import PoolSignals
+
+    base: dict[str, Any] = dict(
+        shares={}, members={}, structured={}, sq_norms=torch.ones(n_adapters, dtype=torch.float64), duplicates=[]
+    )
+    return PoolSignals(n_adapters=n_adapters, **{**base, **fields})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import bare_signals
 
 from benchmarks.synthetic import flagged, tight_pool
 from clair_cli.core.audit import ClairAuditor, ModuleInput
@@ -72,16 +73,7 @@ def test_sign_flipped_copies_do_not_get_their_victims_flagged(K: int, seed: int)
 
 
 def _signals(K: int, recentre) -> PoolSignals:
-    return PoolSignals(
-        n_adapters=K,
-        shares={},
-        members={},
-        structured={},
-        sq_norms=torch.ones(K, dtype=torch.float64),
-        duplicates=[],
-        direction=torch.zeros(K, dtype=torch.float64),
-        recentre=recentre,
-    )
+    return bare_signals(K, direction=torch.zeros(K, dtype=torch.float64), recentre=recentre)
 
 
 def test_a_pass_recentres_only_without_a_minority() -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import bare_signals
 
 from benchmarks.attacks import read_factors
 from clair_cli import pipeline
@@ -95,17 +96,7 @@ def _rule_15(G: torch.Tensor) -> list[bool]:
     K = G.shape[0]
     centres = _centres(G)
     cosine, pairs = (None, None) if centres.population else centres()  # as the auditor: off there
-    signals = PoolSignals(
-        n_adapters=K,
-        shares={},
-        members={},
-        structured={},
-        sq_norms=G.diagonal(),
-        duplicates=[],
-        whole_direction=cosine,
-        whole_pairs=pairs,
-    )
-    ctx = Pass(signals, set())
+    ctx = Pass(bare_signals(K, sq_norms=G.diagonal(), whole_direction=cosine, whole_pairs=pairs), set())
     WholeDirection().apply(ctx)
     return [v.flagged for v in ctx.verdicts]
 
@@ -145,10 +136,7 @@ def test_rule_15_is_off_where_the_pool_agrees_on_no_direction() -> None:
     G = _gram(0, share=0.0)
     K = G.shape[0]
     cosine, _ = _centres(G)()
-    signals = PoolSignals(
-        n_adapters=K, shares={}, members={}, structured={}, sq_norms=G.diagonal(), duplicates=[], whole_direction=cosine
-    )
-    ctx = Pass(signals, set())
+    ctx = Pass(bare_signals(K, sq_norms=G.diagonal(), whole_direction=cosine), set())
     WholeDirection().apply(ctx)
     assert not any(v.flagged for v in ctx.verdicts)
     assert not any("whole_direction" in v.signals for v in ctx.verdicts)
@@ -241,18 +229,9 @@ def test_the_relative_floor_moves_to_rule_12s_where_one_module_carries_the_updat
     assert whole_relative_floor(0.5) == pytest.approx(MODULE_DIRECTION_RELATIVE_FLOOR)  # never past rule 12's
 
 
-def _signals(cosines: list[float], module_norms: dict[str, torch.Tensor] | None) -> PoolSignals:
-    K = len(cosines)
-    return PoolSignals(
-        n_adapters=K,
-        shares={},
-        members={},
-        structured={},
-        sq_norms=torch.ones(K, dtype=torch.float64),
-        duplicates=[],
-        module_norms=module_norms,
-        whole_direction=torch.tensor(cosines, dtype=torch.float64),
-    )
+def _signals(cosines: list[float], module_norms: dict[str, torch.Tensor] | None, **fields: object) -> PoolSignals:
+    whole = torch.tensor(cosines, dtype=torch.float64)
+    return bare_signals(len(cosines), module_norms=module_norms, whole_direction=whole, **fields)
 
 
 def test_effective_modules_is_the_participation_ratio_of_the_typical_module_norms() -> None:
@@ -265,14 +244,11 @@ def test_effective_modules_is_the_participation_ratio_of_the_typical_module_norm
     boosted = {m: torch.cat([v[:9], torch.full((3,), 1e3)]) for m, v in even.items()} | {"m0": torch.ones(K)}
     assert _signals([0.4] * K, boosted).effective_modules == pytest.approx(8.0)
     # a module of one adapter counts nothing (its median over the pool is 0), however large
-    solo = _signals([0.4] * K, {**even, "solo": torch.tensor([30.0])})
-    solo = PoolSignals(**{**solo.__dict__, "members": {"solo": [11]}})
+    solo = _signals([0.4] * K, {**even, "solo": torch.tensor([30.0])}, members={"solo": [11]})
     assert solo.effective_modules == pytest.approx(8.0)
     # in gate, the references alone: candidates that all boost one module do not move it
     gate = {m: torch.cat([torch.ones(12), torch.full((14,), 30.0 if m == "m0" else 1.0)]) for m in even}
-    assert PoolSignals(**{**_signals([0.4] * 26, gate).__dict__, "reference": list(range(12))}).effective_modules == (
-        pytest.approx(8.0)
-    )
+    assert _signals([0.4] * 26, gate, reference=list(range(12))).effective_modules == pytest.approx(8.0)
     assert _signals([0.4] * 26, gate).effective_modules < 2.0
     with_nan = {**even, "m1": torch.tensor([math.nan] + [1.0] * (K - 1))}
     assert _signals([0.4] * K, with_nan).effective_modules == pytest.approx(8.0)

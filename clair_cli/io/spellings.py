@@ -126,7 +126,9 @@ _MMDIT_BLOCK = {
     "context_block_mlp_fc2": ("ff_context_net_2",),
     "context_block_adaLN_modulation_1": ("norm1_context_linear",),
 }
-_MMDIT_BLOCK_RE = re.compile(r"^joint_blocks_(\d+)_(.+)$")
+_MMDIT_BLOCK_RE = re.compile(r"^(joint)_blocks_(\d+)_(.+)$")
+_BFL_BLOCKS = {"double": ("transformer_blocks", _BFL_DOUBLE), "single": ("single_transformer_blocks", _BFL_SINGLE)}
+_MMDIT_BLOCKS = {"joint": ("transformer_blocks", _MMDIT_BLOCK)}
 
 
 def refuse_two_spellings(path: Path, modules: Iterable[str], layout: str) -> None:
@@ -295,26 +297,26 @@ def _joined(head: str, inner: str) -> str:
 
 
 def _bfl_to_diffusers(rest: str) -> tuple[str, ...]:
-    if rest in _BFL_WHOLE:
-        return (_BFL_WHOLE[rest],)
-    m = _BFL_BLOCK_RE.match(rest)
-    if m is None:
-        return (rest,)
-    kind, i, inner = m[1], m[2], m[3]
-    if kind == "double":
-        table, block = _BFL_DOUBLE, "transformer_blocks"
-    else:
-        table, block = _BFL_SINGLE, "single_transformer_blocks"
-    return tuple(f"{block}_{i}_{part}" for part in table.get(inner, (inner,)))
+    return _blocks_to_diffusers(rest, _BFL_WHOLE, _BFL_BLOCK_RE, _BFL_BLOCKS)
 
 
 def _mmdit_to_diffusers(rest: str) -> tuple[str, ...]:
-    if rest in _MMDIT_WHOLE:
-        return (_MMDIT_WHOLE[rest],)
-    m = _MMDIT_BLOCK_RE.match(rest)
+    return _blocks_to_diffusers(rest, _MMDIT_WHOLE, _MMDIT_BLOCK_RE, _MMDIT_BLOCKS)
+
+
+Blocks = dict[str, tuple[str, dict[str, tuple[str, ...]]]]  # a block kind: diffusers' block and its table
+
+
+def _blocks_to_diffusers(rest: str, whole: dict[str, str], pattern: re.Pattern[str], blocks: Blocks) -> tuple[str, ...]:
+    """diffusers' names of a transformer module of another spelling: a whole layer by ``whole``, a
+    block's (``pattern``: its kind, index and inner path) by the kind's diffusers block and table."""
+    if rest in whole:
+        return (whole[rest],)
+    m = pattern.match(rest)
     if m is None:
         return (rest,)
-    return tuple(f"transformer_blocks_{m[1]}_{part}" for part in _MMDIT_BLOCK.get(m[2], (m[2],)))
+    block, table = blocks[m[1]]
+    return tuple(f"{block}_{m[2]}_{part}" for part in table.get(m[3], (m[3],)))
 
 
 def _spelled(family: str, module: str) -> str:
