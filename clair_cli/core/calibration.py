@@ -34,6 +34,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 from clair_cli.core.decompose import median
@@ -50,10 +51,18 @@ def qn_scale(x: torch.Tensor) -> torch.Tensor:
     """Qn over the last dimension: ``2.2219`` times the ``C(h, 2)``-th smallest pairwise
     distance, ``h = n // 2 + 1`` (Rousseeuw and Croux 1993). O(n^2), for pools of adapters."""
     n = x.shape[-1]
+    h = n // 2 + 1
+    k = h * (h - 1) // 2
+    if x.device.type == "cpu" and x.dtype in (torch.float64, torch.float32) and not x.requires_grad:
+        # NumPy's introselect: the same order statistic as torch's kthvalue, bit for bit, about
+        # 4x faster on the simulated sets of critical_value, where this takes most of the time.
+        i, j = np.triu_indices(n, 1)
+        values = x.numpy()
+        pairs = np.abs(values[..., i] - values[..., j])
+        return QN_TO_SIGMA * torch.from_numpy(np.partition(pairs, k - 1, axis=-1)[..., k - 1])
     i, j = torch.triu_indices(n, n, 1)
     pairs = (x[..., i] - x[..., j]).abs()
-    h = n // 2 + 1
-    return QN_TO_SIGMA * pairs.kthvalue(h * (h - 1) // 2, dim=-1).values
+    return QN_TO_SIGMA * pairs.kthvalue(k, dim=-1).values
 
 
 NORMAL = "normal"
