@@ -22,6 +22,20 @@ def test_qn_matches_its_definition() -> None:
         assert float(qn_scale(x)) == pytest.approx(2.2219 * pairs[h * (h - 1) // 2 - 1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_qn_is_the_same_on_every_path_bit_for_bit(dtype: torch.dtype) -> None:
+    """NumPy's selection (CPU, float32/64) and torch's kthvalue (other devices, other dtypes,
+    tensors that need a gradient) take the same order statistic: the critical values simulated
+    with one are those simulated with the other."""
+    g = torch.Generator().manual_seed(1)
+    for n in (3, 4, 9, 16, 51):
+        x = torch.randn(7, 5, n, generator=g, dtype=torch.float64).to(dtype)
+        with_grad = x.clone().requires_grad_(True)  # the torch path
+        assert torch.equal(qn_scale(x), qn_scale(with_grad).detach())
+        assert torch.equal(qn_scale(x.flip(-1)), qn_scale(x))  # a set's order does not matter
+        assert torch.equal(qn_scale(x.transpose(0, 1)), qn_scale(x).transpose(0, 1))  # strided input
+
+
 @pytest.mark.parametrize(("n", "alpha"), [(8, 0.02), (11, 0.01), (30, 0.01)])
 def test_critical_value_gives_the_stated_false_flag_rate(n: int, alpha: float) -> None:
     # Direct simulation, independent of the Rao-Blackwellised solution: n values, one new.
