@@ -18,7 +18,8 @@ backdoor client, the backdoor success rate on the same strings with the trigger 
 front (strings whose true target is the backdoor target left out).
 
 Rows: ``base`` (no adapter), ``local`` (each benign client's own adapter), the baselines
-``mean``, ``fedavg``, ``median``, ``trimmed-mean``, ``multi-krum``, clair's default merge,
+``mean``, ``fedavg``, ``median``, ``trimmed-mean``, ``multi-krum``, clair's default merge (norm bound
+1.5x), ``clair --norm-bound off``,
 ``clair --project``, ``clair --rescale norm`` (recorded as missing when the CLI has no
 such flag), and ``oracle`` (``--method mean`` on the benign clients only). clair's
 detection comes from the default row's JSON report.
@@ -60,11 +61,12 @@ METHODS: list[tuple[str, list[str] | None]] = [
     ("trimmed-mean", ["--method", "trimmed-mean"]),
     ("multi-krum", ["--method", "multi-krum"]),
     ("clair", []),
+    ("clair --norm-bound off", ["--norm-bound", "off"]),
     ("clair --project", ["--project"]),
     ("clair --rescale norm", ["--rescale", "norm"]),
     ("oracle", ["--method", "mean"]),  # on the benign clients only
 ]
-CLAIR_ROWS = ("clair", "clair --project", "clair --rescale norm")
+CLAIR_ROWS = ("clair", "clair --norm-bound off", "clair --project", "clair --rescale norm")
 BACKDOOR_KINDS = ("backdoor", "boosted_backdoor")
 TOLERANCE = 0.01  # "within 0.01 of the oracle"
 

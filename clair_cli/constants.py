@@ -123,3 +123,9 @@ ARGV_KEY = "clair.argv"
 
 # rank_pattern / alpha_pattern entries an adapter_config.json may hold (docs/usage/sources.md, Limits).
 MAX_PATTERNS = 4096
+
+# Bounded influence (clair_cli.core.influence): every merged update larger than this many times the
+# collaborators' median norm, whole or on one module, is weighted down to count as one of that norm
+# (widened where their norms spread). On by default in `clair merge` and in every federated round;
+# the trained pools' honest clients reach 1.19x the median over all modules.
+NORM_BOUND = 1.5

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Literal
 
+from clair_cli.constants import NORM_BOUND
 from clair_cli.errors import UsageError
 
 # The values each choice takes; the command line's Enums list the same (tests/test_cli_options.py).
@@ -158,8 +159,10 @@ class MergeOptions:
             (:mod:`clair_cli.core.influence`); None merges their plain weighted mean.
         norm_bound: a norm bound on the same adapters (``--norm-bound``), applied before the
             clipping: each update's weight scaled down so that it counts as an update of
-            this many times their median norm (widened where their norms spread;
-            :func:`clair_cli.core.influence.norm_bound`); None: no bound.
+            this many times their median norm, over all modules and on each module (widened
+            where their norms spread; :func:`clair_cli.core.influence.norm_bound`); on by
+            default at ``NORM_BOUND`` (1.5); None: no bound (``--norm-bound off``). Baseline
+            methods run no audit and ignore it, as ``clip``.
     """
 
     rank: int | None = None
@@ -168,7 +171,7 @@ class MergeOptions:
     project_rank: int | None = None
     rescale: str = "none"
     clip: float | None = None
-    norm_bound: float | None = None
+    norm_bound: float | None = NORM_BOUND
 
     def __post_init__(self) -> None:
         if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):

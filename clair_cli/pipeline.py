@@ -8,6 +8,7 @@ that stay open (memory-mapped) for the whole pass.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -542,9 +543,11 @@ def merge(
     """Merge the pool with ``method`` (:mod:`clair_cli.methods`); ``clair`` needs the audit ``outcome``.
 
     ``clair`` merges the collaborative set (the adapters not flagged): by default their
-    exact weighted mean ``sum_k w_k Theta_k``, written at the smallest rank within
-    ``options.tol`` (or at ``options.rank``); with nothing flagged this is ``mean``, bit for
-    bit. With ``options.project``, CLAIR's projection ``U U^T`` of that mean, with ``U`` the
+    exact weighted mean ``sum_k w_k Theta_k`` under the norm bound (``options.norm_bound``:
+    an update above it, over all modules or on one, counts as one at the bound), written at
+    the smallest rank within ``options.tol`` (or at ``options.rank``); with nothing flagged
+    and nothing bounded this is ``mean``, bit for bit. Baselines ignore ``clip`` and
+    ``norm_bound``. With ``options.project``, CLAIR's projection ``U U^T`` of that mean, with ``U`` the
     leading directions of the collaborators at a rank chosen for reconstruction (never the
     detection rank). Adapters are taken in a canonical order, so the result does not depend
     on the order of the sources.
@@ -559,6 +562,8 @@ def merge(
 
     spec = methods.get(method)
     options = options or MergeOptions()
+    if not spec.audits:  # bounded influence shapes the clair merge of what the audit lets through
+        options = dataclasses.replace(options, clip=None, norm_bound=None)
     settings = resolved(settings)
     dtype = torch_dtype(settings.dtype)
     used = spec.members(len(pool.adapters), outcome)

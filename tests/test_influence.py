@@ -84,14 +84,16 @@ def _pool_with_a_3x_client() -> tuple:
 
 def test_clair_merge_clips_what_the_audit_lets_through() -> None:
     """A client at 3x the others' norm (under the norm rule's 4x floor) passes the audit; with
-    --clip its pull on the merge is bounded and the report says so; without, the merge is the
-    plain mean of the collaborators."""
+    --clip (and no norm bound) its pull on the merge is bounded and the report says so; with
+    neither, the merge is the plain mean of the collaborators."""
     from clair_cli import pipeline
     from clair_cli.params import AuditParams, MergeOptions
 
     pool, outcome = _pool_with_a_3x_client()
-    plain = pipeline.merge(pool, "clair", AuditParams(), outcome=outcome)
-    clipped = pipeline.merge(pool, "clair", AuditParams(), options=MergeOptions(clip=1.5), outcome=outcome)
+    plain = pipeline.merge(pool, "clair", AuditParams(), options=MergeOptions(norm_bound=None), outcome=outcome)
+    clipped = pipeline.merge(
+        pool, "clair", AuditParams(), options=MergeOptions(clip=1.5, norm_bound=None), outcome=outcome
+    )
     assert plain.weights is None and plain.clipped == {}
     assert set(clipped.clipped) == {9} and clipped.weights is not None and clipped.weights[9] < 0.1
     assert any("bounded influence" in n for n in clipped.notes)
@@ -177,8 +179,9 @@ def test_bounded_weights_match_the_dense_reference(boost: float) -> None:
 
 
 def test_clair_merge_norm_bound_weights_down_what_the_audit_lets_through() -> None:
-    """The 3x client of the clipping test, under --norm-bound 1.5: weighted down to 1.5x the
-    median norm, reported, and composed with --clip; without it the merge is the plain mean."""
+    """The 3x client of the clipping test, under --norm-bound 1.5 (the default): weighted down to
+    1.5x the median norm, reported, and composed with --clip; with --norm-bound off the merge is
+    the plain mean."""
     from clair_cli import pipeline
     from clair_cli.params import AuditParams, MergeOptions
 
@@ -191,8 +194,14 @@ def test_clair_merge_norm_bound_weights_down_what_the_audit_lets_through() -> No
     assert summary["norm_bounded"] == {"9": round(bounded.norm_bounded[9], 6)} and "clipped" not in summary
     both = pipeline.merge(pool, "clair", AuditParams(), options=MergeOptions(norm_bound=1.5, clip=1.5), outcome=outcome)
     assert set(both.norm_bounded) == {9} and both.summary()["clipped"] is not None
-    plain = pipeline.merge(pool, "clair", AuditParams(), outcome=outcome)
+    default = pipeline.merge(pool, "clair", AuditParams(), outcome=outcome)
+    assert default.weights == bounded.weights and default.norm_bounded == bounded.norm_bounded
+    plain = pipeline.merge(pool, "clair", AuditParams(), options=MergeOptions(norm_bound=None), outcome=outcome)
     assert plain.weights is None and plain.norm_bounded == {} and "norm_bounded" not in plain.summary()
+    mean = pipeline.merge(pool, "mean", AuditParams())  # a baseline: no audit, no bound
+    assert mean.options.norm_bound is None and "norm_bounded" not in mean.summary()
+    for m, r in plain.modules.items():
+        torch.testing.assert_close(r.B @ r.A, mean.modules[m].B @ mean.modules[m].A, rtol=0, atol=1e-4)
 
 
 def test_norm_bound_option_is_checked() -> None:

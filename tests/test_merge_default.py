@@ -237,12 +237,50 @@ def test_library_merge_reports_rank_error_and_projection(clean_pool: Path) -> No
         (["--method", "mean", "--project"], "--project"),
         (["--norm-bound", "0.5"], "--norm-bound 0.5"),
         (["--method", "mean", "--norm-bound", "1.5"], "--norm-bound shape the clair merge"),
+        (["--norm-bound", "none"], "--norm-bound none: expected a number of at least 1"),
+        (["--norm-bound", "inf"], "--norm-bound inf"),
     ],
 )
 def test_bad_merge_options_exit_2(clean_pool: Path, tmp_path: Path, args: list[str], message: str) -> None:
     result = CliRunner().invoke(app, ["merge", str(clean_pool), "--out", str(tmp_path / "o"), *args])
     assert result.exit_code == 2 and message in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_norm_bound_is_on_by_default_and_off_on_request(tmp_path: Path) -> None:
+    """`clair merge` bounds norms at 1.5x by default (a client at 3x its norm, under the norm
+    rule's 4x floor, weighted down and named in a note); `--norm-bound off` merges the plain mean
+    of the collaborators; a baseline runs without a bound, and accepts `--norm-bound off`."""
+    pool = tmp_path / "pool"
+    mods = {f"model.layers.{i}.self_attn.{p}": (16, 12) for i in range(2) for p in ("q_proj", "v_proj")}
+    per_module = {m: make_module(K=10, d_out=16, d_in=12, noise=0.3, seed=j) for j, m in enumerate(mods)}
+    for k in range(10):
+        tensors = {}
+        for m, (A, B, _s, _U) in per_module.items():
+            tensors[f"base_model.model.{m}.lora_A.weight"] = A[k].float().contiguous()
+            tensors[f"base_model.model.{m}.lora_B.weight"] = (3.0 if k == 9 else 1.0) * B[k].float().contiguous()
+        write_adapter(pool / f"c{k}", tensors, lora_config(target_modules=["q_proj", "v_proj"]))
+    runner = CliRunner()
+    reports, outputs = {}, {}
+    for name, args in {"default": [], "off": ["--norm-bound", "off"], "mean": ["--method", "mean"]}.items():
+        out = tmp_path / name
+        result = runner.invoke(
+            app, ["merge", str(pool), "--out", str(out), "--json", str(tmp_path / f"{name}.json"), "--exit-zero", *args]
+        )
+        assert result.exit_code == 0, result.output
+        reports[name] = json.loads((tmp_path / f"{name}.json").read_text())["merge"]
+        outputs[name] = " ".join(result.output.split())  # the console wraps its notes
+    assert reports["default"]["options"]["norm_bound"] == 1.5 and "weighted down to it: c9" in outputs["default"]
+    assert reports["default"]["norm_bounded"] and reports["off"]["options"]["norm_bound"] is None
+    assert "norm_bounded" not in reports["off"] and reports["mean"]["options"]["norm_bound"] is None
+    cards = {name: (tmp_path / name / "README.md").read_text() for name in reports}  # the model cards say so too
+    assert "- norm bound (--norm-bound): 1.5x the collaborators' median norm" in cards["default"]
+    assert "1 update(s) weighted down to it over all modules" in cards["default"]
+    assert "- norm bound: off" in cards["off"] and "norm bound" not in cards["mean"]
+    result = runner.invoke(
+        app, ["merge", str(pool), "--out", str(tmp_path / "m2"), "--method", "mean", "--norm-bound", "off"]
+    )
+    assert result.exit_code == 0, result.output
 
 
 @pytest.mark.parametrize("solver", ["convex", "fast"])

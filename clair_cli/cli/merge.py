@@ -49,8 +49,9 @@ def merge_command(
 ) -> None:
     """Merge adapters into one PEFT adapter (clair: audit first, then merge the collaborators).
 
-    The clair merge is the exact weighted mean of the adapters the audit did not flag (with nothing
-    flagged, the same as --method mean), written at the smallest rank within --merge-tol.
+    The clair merge is the exact weighted mean of the adapters the audit did not flag, any of them
+    above 1.5x their median norm weighted down to count as one at it (--norm-bound; with nothing
+    flagged or bounded, the same as --method mean), written at the smallest rank within --merge-tol.
     Exit code 0, or 1 when the clair audit flagged adapters (they are left out of the merge; 0 with --exit-zero).
     """
     from clair_cli import methods, pipeline, publish
@@ -65,7 +66,7 @@ def merge_command(
     params = audit.params()
     w = common.parse_weights(merging.weights)
     options = merging.options()
-    _check_baseline_options(spec, options, reports)
+    _check_baseline_options(spec, options, merging.norm_bound, reports)
     sources = common.sources_arg(sources)
     inputs = input_paths(sources, [read.config])
     common.check_report_targets(reports, inputs, target.out)
@@ -129,13 +130,15 @@ def _merge_notes(notes: list[str], n_dropped: int) -> list[str]:
     return notes
 
 
-def _check_baseline_options(spec: Any, options: Any, reports: opt.Reports) -> None:
-    """A baseline (no audit) refuses what shapes or reports the clair merge."""
+def _check_baseline_options(spec: Any, options: Any, norm_bound: str | None, reports: opt.Reports) -> None:
+    """A baseline (no audit) refuses what shapes or reports the clair merge (``--norm-bound``
+    given as a number: its default and ``off`` leave a baseline as it is)."""
     from clair_cli.errors import UsageError
 
     if spec.audits:
         return
-    if options.project or options.rescale != Rescale.NONE or options.clip is not None or options.norm_bound is not None:
+    bound = norm_bound is not None and options.norm_bound is not None
+    if options.project or options.rescale != Rescale.NONE or options.clip is not None or bound:
         raise UsageError(
             f"--project, --project-rank, --rescale, --clip and --norm-bound shape the clair merge, "
             f"not --method {spec.name}"

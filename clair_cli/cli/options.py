@@ -14,7 +14,8 @@ import typer
 from clair_cli import methods
 from clair_cli.cli.choices import DeviceChoice, Precision, Rescale, Side, SolverForm
 from clair_cli.cli.command import OptionGroup
-from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_MODULES, DEFAULT_MAX_RANK
+from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_MODULES, DEFAULT_MAX_RANK, NORM_BOUND
+from clair_cli.errors import UsageError
 from clair_cli.params import DEFAULT_MERGE_TOL, AuditParams, MergeOptions
 
 if TYPE_CHECKING:
@@ -84,8 +85,6 @@ ConfigFile = Annotated[
 def _lora_alpha(value: Optional[float]) -> Optional[float]:
     """A finite, positive ``--lora-alpha``; anything else is a one-line usage error naming it."""
     if value is not None and not (0 < value < float("inf")):
-        from clair_cli.errors import UsageError
-
         raise UsageError(f"--lora-alpha {value:g}: expected a finite number above 0")
     return value
 
@@ -176,13 +175,13 @@ Clip = Annotated[
     ),
 ]
 NormBoundOpt = Annotated[
-    Optional[float],
+    Optional[str],
     typer.Option(
         "--norm-bound",
-        help="Bounded influence: weight each merged update down to FACTOR times the collaborators' median norm "
-        "(widened where their norms spread; 1.5 is ClairStrategy's default), before --clip. Off by default: "
-        "adapters trained with different alphas or recipes differ in norm.",
-        metavar="FACTOR",
+        help="Bounded influence: weight each merged update down to FACTOR times the collaborators' median norm, "
+        "over all modules and on each module (widened where their norms spread), before --clip. Default 1.5, "
+        "as in ClairStrategy's rounds; off: the plain mean of what the audit lets through.",
+        metavar="FACTOR|off",
         show_default=False,
     ),
 ]
@@ -445,8 +444,20 @@ class Merging(OptionGroup):
     norm_bound: NormBoundOpt = None
 
     def options(self) -> MergeOptions:
-        """The merge's options (``--project-rank`` implies ``--project``)."""
+        """The merge's options (``--project-rank`` implies ``--project``; no ``--norm-bound``: 1.5)."""
         project = self.project or self.project_rank is not None
-        return MergeOptions(
-            self.merge_rank, self.merge_tol, project, self.project_rank, self.rescale, self.clip, self.norm_bound
-        )
+        bound = norm_bound_value(self.norm_bound)
+        return MergeOptions(self.merge_rank, self.merge_tol, project, self.project_rank, self.rescale, self.clip, bound)
+
+
+def norm_bound_value(text: str | None) -> float | None:
+    """``--norm-bound``'s factor: the default (``NORM_BOUND``) where not given, None for ``off``."""
+    if text is None:
+        return NORM_BOUND
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        message = f"--norm-bound {text}: expected a number of at least 1 (times the median norm), or off"
+        raise UsageError(message) from None

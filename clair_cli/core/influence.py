@@ -21,7 +21,7 @@ inflate. Where every update lies within ``tau`` of the weighted mean, the fixed 
 the weighted mean and the weights come back unchanged: clipping changes nothing on a pool
 of comparable honest updates.
 
-A **norm bound** (:func:`norm_bound`) comes first where it is asked for: every update larger
+A **norm bound** (:func:`norm_bound`, on by default: ``NORM_BOUND``) comes first: every update larger
 than ``tau_n`` (``factor`` times the collaborators' median norm, widened to ``exp(3 sigma)``
 times it where their log norms spread by a robust ``sigma`` that large) is weighted down so
 that its share of the mean is that of an update of norm ``tau_n`` (norm thresholding, Sun et
@@ -37,12 +37,12 @@ from dataclasses import dataclass
 
 import torch
 
+from clair_cli.constants import NORM_BOUND
 from clair_cli.core.decompose import robust_center_scale
 from clair_cli.core.insubspace import centre_weights, combination_distances
 from clair_cli.core.merge import check_weights, merged_sq_norm
 
 CLIP_FACTOR = 2.0  # tau = 2 x the median distance from the geometric median
-NORM_BOUND = 1.5  # a round's norm bound: 1.5 x the collaborators' median norm (trained honest clients: at most 1.19x)
 NORM_SPREAD_SDS = 3.0  # ... or exp(3 robust sd of their log norms) x the median, if larger
 MAX_ITERATIONS = 200
 TOLERANCE = 1e-12

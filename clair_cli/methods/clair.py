@@ -1,9 +1,10 @@
 """``clair``: audit, then merge the adapters the audit does not flag.
 
-By default their exact weighted mean (with nothing flagged, ``mean`` bit for bit); with
-``--project``, CLAIR's projection ``U U^T`` of that mean onto the collaborators' leading
-directions, at a rank chosen for reconstruction (never the detection rank); with ``--clip``,
-their influence bounded by centred clipping, with ``--norm-bound`` by a norm bound first
+By default their exact weighted mean under a norm bound (``--norm-bound``, 1.5x their median
+norm over all modules and on each module, widened where their norms spread: with nothing
+flagged or bounded, ``mean`` bit for bit); with ``--project``, CLAIR's projection ``U U^T`` of
+that mean onto the collaborators' leading directions, at a rank chosen for reconstruction
+(never the detection rank); with ``--clip``, their influence also bounded by centred clipping
 (:mod:`clair_cli.core.influence`).
 """
 
@@ -99,7 +100,8 @@ class Clair(MergeMethod):
                 notes.append(
                     f"bounded influence: {len(bounded)} update(s) larger than the norm bound ({relative:.3g}x "
                     f"the collaborators' median norm) weighted down to it: "
-                    f"{_listed([names[k] for k in sorted(bounded, key=lambda k: bounded[k])])}"
+                    f"{_listed([names[k] for k in sorted(bounded, key=lambda k: bounded[k])])} "
+                    f"(--norm-bound off: merged at their full weight)"
                 )
         clipped: dict[int, float] = {}
         if options.clip is not None:

@@ -80,6 +80,33 @@ def _within_tol(merge: dict[str, Any]) -> bool:
     return spec is not None and spec.exact_mean and opts["rank"] is None and not opts["project"]
 
 
+def _influence_lines(merge: dict[str, Any]) -> list[str]:
+    """The clair merge's bounded influence: the norm bound and centred clipping, and how many
+    updates each weighted down."""
+    opts, lines = merge["options"], []
+    if opts.get("norm_bound") is not None:
+        whole = len(merge.get("norm_bounded") or {})
+        modules = merge.get("module_norm_bounded") or {}
+        per_module = len({k for m in modules.values() for k in m})
+        what = (
+            f"{whole} update(s) weighted down to it over all modules, {per_module} on {len(modules)} module(s) alone"
+            if whole or modules
+            else "no update above it"
+        )
+        lines.append(
+            f"- norm bound (--norm-bound): {opts['norm_bound']:g}x the collaborators' median norm (widened where "
+            f"their norms spread); {what}"
+        )
+    elif merge["method"] == "clair":
+        lines.append("- norm bound: off (--norm-bound off)")
+    if opts.get("clip") is not None:
+        lines.append(
+            f"- centred clipping (--clip): {opts['clip']:g}x the collaborators' median distance from their centre; "
+            f"{len(merge.get('clipped') or {})} update(s) clipped"
+        )
+    return lines
+
+
 def _merge_lines(merge: dict[str, Any], params: dict[str, Any] | None = None) -> list[str]:
     opts = merge["options"]
     ranks = sorted(set(merge["rank"].values()))
@@ -106,6 +133,7 @@ def _merge_lines(merge: dict[str, Any], params: dict[str, Any] | None = None) ->
         how = f"fixed at {fixed}" if fixed is not None else "cross-validated per module"
         span = f"{min(q)}-{max(q)}" if q else "none (the mean was kept everywhere)"
         lines.append(f"- projection rank: {span}, {how}")
+    lines += _influence_lines(merge)
     if opts["rescale"] != "none":
         lines.append(f"- rescaled by {merge['scale']:g} ({opts['rescale']})")
     lines += _params_lines(params)
