@@ -511,7 +511,7 @@ ATTACKS: dict[str, Attack] = {
         Attack("min-sum-std", _min_attack("sum", "std"), (0.5, 1.0, 4.0), (1.0, 4.0), "gamma / gamma*"),
         Attack("fang-krum", _fang_krum, (0.25, 1.0, 8.0), (1.0, 8.0), "lambda / lambda*"),
         Attack("fang-trim", _fang_trim, (1.25, 1.5, 2.0, 3.0, 10.0), (2.0, 10.0), "b"),
-        Attack("backdoor-scale", _backdoor, (0.5, 1.0, 2.0, 5.0), (1.0, 5.0), "norm / honest median", True),
+        Attack("backdoor-scale", _backdoor, (0.5, 1.0, 1.5, 2.0, 5.0), (1.0, 5.0), "norm / honest median", True),
         Attack("boost", _boost, (2.0, 5.0, 50.0), (2.0, 10.0), "x c"),
         Attack("sign-flip", _sign_flip, (1.0, 2.0, 10.0), (1.0, 5.0), "x -c"),
         Attack("module-flip", _module_flip, (1.0, 2.0, 3.0, 3.9, 8.0), (2.0, 3.9), "x -c in one module"),
@@ -532,7 +532,9 @@ ATTACKS: dict[str, Attack] = {
         Attack("split-groups", _split_groups, (2.0, 3.0, 6.0), (2.0, 3.0), "groups"),
         Attack("split-against", _split_against, (0.19, 0.3, 0.45, 0.6), (0.3, 0.45), "-cos(group, honest mean)"),
         Attack("copies-alie", _copies_alie, (0.5, 1.0, 4.0), (1.0, 4.0), "z"),
-        Attack("copies-backdoor", _copies_backdoor, (0.5, 1.0, 2.0, 5.0), (1.0, 5.0), "norm / honest median", True),
+        Attack(
+            "copies-backdoor", _copies_backdoor, (0.5, 1.0, 1.5, 2.0, 5.0), (1.0, 5.0), "norm / honest median", True
+        ),
     )
 }
 

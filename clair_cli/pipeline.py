@@ -573,7 +573,9 @@ def merge(
             raise UsageError(f"--weights has {len(weights)} values for {len(pool.adapters)} adapters")
         w = [float(weights[k]) for k in used]
     weighting = spec.merge_weights(outcome, used, w, options)
-    plan = methods.MergePlan(used, options, basis_side(settings.side), dtype, settings.path)
+    plan = methods.MergePlan(
+        used, options, basis_side(settings.side), dtype, settings.path, dict(weighting.norm_bounded)
+    )
     results: dict[str, MergeResult] = {}
     sq_norms = dict.fromkeys(used, 0.0)
     merged_sq = 0.0

@@ -128,17 +128,50 @@ def test_norm_bound_on_comparable_updates_is_the_factor_times_the_median() -> No
 
 
 def test_norm_bound_widens_with_the_collaborators_spread() -> None:
-    # Updates of other recipes: log norms spread by about 0.7, so exp(3 sigma) >> 1.5 and no
-    # update of the spread is bounded, while one far beyond it still is.
+    # Updates of other recipes: log norms spread by about 0.7, so exp(3 sigma) >> 1.5: the bound
+    # widens, up to its cap (twice the factor), and no update of the spread (up to 2.5x the
+    # median) is bounded, while one far beyond it still is.
     from clair_cli.core.decompose import robust_center_scale
-    from clair_cli.core.influence import NORM_SPREAD_SDS, norm_bound
+    from clair_cli.core.influence import NORM_SPREAD_CAP, NORM_SPREAD_SDS, norm_bound
 
     norms = torch.tensor([0.3, 0.6, 1.0, 1.6, 2.5, 4.0, 400.0], dtype=torch.float64)
     bound = norm_bound(norms.square(), 1.5)
     _, sigma = robust_center_scale(norms.log())
-    assert bound.relative == pytest.approx(math.exp(NORM_SPREAD_SDS * sigma)) and bound.relative > 4
+    assert math.exp(NORM_SPREAD_SDS * sigma) > 4 and bound.relative == NORM_SPREAD_CAP * 1.5
     assert bool((bound.factors[:6] == 1).all()) and float(bound.factors[6]) == pytest.approx(bound.radius / 400.0)
     assert float(bound.factors[6]) < 1
+    # A spread under the cap widens it to exp(3 sigma) exactly.
+    norms = torch.tensor([0.8, 0.9, 1.0, 1.1, 1.25, 1.4, 0.7], dtype=torch.float64)
+    _, sigma = robust_center_scale(norms.log())
+    assert 1.5 < math.exp(NORM_SPREAD_SDS * sigma) < 3
+    assert norm_bound(norms.square(), 1.5).relative == pytest.approx(math.exp(NORM_SPREAD_SDS * sigma))
+
+
+def test_a_minority_cannot_widen_the_norm_bound_past_its_cap() -> None:
+    """An outside review: 10 of 30 updates placed just above the honest norms (each at 1.5x,
+    under the bound themselves) doubled the MAD of the log norms and widened the bound from
+    1.8x to 3.9x the honest median, so a 3x update merged at full weight. Capped at twice the
+    factor, no placement of the minority widens it further; and members of weight 0 (a client
+    claiming no examples) do not set it."""
+    from clair_cli.core.decompose import robust_center_scale
+    from clair_cli.core.influence import NORM_SPREAD_CAP, bounded_weights, norm_bound
+
+    gen = torch.Generator().manual_seed(1)
+    honest = (0.15 * torch.randn(20, generator=gen, dtype=torch.float64)).exp()
+    widest = uncapped = 0.0
+    for at in (1.2, 1.4, 1.55, 1.7, 1.8, 2.0, 2.5, 4.0):
+        norms = torch.cat([honest, torch.full((10,), at, dtype=torch.float64)])
+        widest = max(widest, norm_bound(norms.square(), 1.5).relative)
+        uncapped = max(uncapped, math.exp(3 * robust_center_scale(norms.log())[1]))
+    assert uncapped > 4 and widest == NORM_SPREAD_CAP * 1.5  # 4.3x without the cap
+    # Zero-weight members: 20 claims of weight 0 at 100x do not move the bound or get a factor.
+    norms = torch.cat([honest, torch.full((20,), 100.0, dtype=torch.float64), torch.tensor([2.5])])
+    G = torch.diag(norms.square())
+    weights = [1.0] * 20 + [0.0] * 20 + [1.0]
+    got, bounded, relative = bounded_weights(G, list(range(41)), weights, 1.5)
+    want = norm_bound(torch.cat([honest, torch.tensor([2.5])]).square(), 1.5)
+    assert relative == want.relative and set(bounded) == {40} and bounded[40] == pytest.approx(float(want.factors[-1]))
+    assert got is not None and all(g == 0 for g in got[20:40])
 
 
 def test_norm_bound_needs_three_norms_and_a_factor_of_at_least_one() -> None:
@@ -220,3 +253,29 @@ def test_rounds_bound_norms_and_clip_by_default() -> None:
 
     options = _round_merge_options()
     assert options.norm_bound == NORM_BOUND and options.clip == CLIP_FACTOR
+
+
+def test_the_whole_and_the_module_bound_are_one_bound() -> None:
+    """An update above the bound over all modules and on a module counts as one at the stricter
+    of the two, never at their product (an outside review: a 3.5x update merged at 0.65x the
+    median norm, not 1.5x): each module's merge is the mean with weights ``min(c_whole, c_module)``,
+    computed here on dense updates."""
+    from clair_cli import pipeline
+    from clair_cli.core.influence import norm_bound
+    from clair_cli.core.merge import merged_sq_norm
+    from clair_cli.params import AuditParams
+
+    pool, outcome = _pool_with_a_3x_client()
+    merged = pipeline.merge(pool, "clair", AuditParams(), outcome=outcome)
+    c_whole = merged.norm_bounded[9]
+    assert merged.used == list(range(10)) and c_whole < 1
+    for mod in pipeline.iter_modules(pool, merged.used, dtype=torch.float64):
+        sq = torch.tensor([s**2 * merged_sq_norm(a, b) for a, b, s in zip(mod.A, mod.B, mod.scales, strict=True)])
+        c_module = norm_bound(sq, 1.5).factors
+        effective = torch.tensor(
+            [min(c_whole if k == 9 else 1.0, float(c_module[j])) for j, k in enumerate(mod.members)]
+        )
+        w = effective / effective.sum()
+        want = sum(float(w[j]) * s * b @ a for j, (a, b, s) in enumerate(zip(mod.A, mod.B, mod.scales, strict=True)))
+        res = merged.modules[mod.name]
+        torch.testing.assert_close(res.B.double() @ res.A.double(), want, rtol=0, atol=2e-6 * float(want.norm()))

@@ -44,6 +44,7 @@ from clair_cli.core.merge import check_weights, merged_sq_norm
 
 CLIP_FACTOR = 2.0  # tau = 2 x the median distance from the geometric median
 NORM_SPREAD_SDS = 3.0  # ... or exp(3 robust sd of their log norms) x the median, if larger
+NORM_SPREAD_CAP = 2.0  # ... but never wider than twice the factor (3x the median at the default 1.5)
 MAX_ITERATIONS = 200
 TOLERANCE = 1e-12
 
@@ -151,10 +152,14 @@ class NormBound:
 def norm_bound(sq_norms: torch.Tensor, factor: float = NORM_BOUND) -> NormBound:
     """How far each update lies above the norm bound of its pool.
 
-    ``tau = median_norm * max(factor, exp(NORM_SPREAD_SDS * sigma))``, with ``sigma``
-    the robust (MAD) standard deviation of the non-zero updates' log norms: on a pool of
-    comparable updates ``factor`` sets it; where the collaborators' norms legitimately spread
-    (other recipes, alphas) it widens with them.
+    ``tau = median_norm * min(max(factor, exp(NORM_SPREAD_SDS * sigma)), NORM_SPREAD_CAP * factor)``,
+    with ``sigma`` the robust (MAD) standard deviation of the non-zero updates' log norms: on a
+    pool of comparable updates ``factor`` sets it; where the collaborators' norms legitimately
+    spread (other recipes, alphas) it widens with them, up to twice ``factor``. The cap is what a
+    minority can do to it: the median of the log norms moves only within the honest ones, but a
+    third of the pool placed above them (each at 1.5x, itself under the bound) doubles the MAD,
+    and ``exp(3 sigma)`` turns that into a bound 2-4x wider (an outside review: a 3x update then
+    merged at full weight); capped, the widest bound is ``2 * factor`` whatever they do.
 
     Args:
         sq_norms: the updates' squared Frobenius norms (the Gram matrix's diagonal).
@@ -170,7 +175,7 @@ def norm_bound(sq_norms: torch.Tensor, factor: float = NORM_BOUND) -> NormBound:
     if positive.numel() < 3:
         return NormBound(torch.ones_like(norms), math.inf, math.inf)
     centre, sigma = robust_center_scale(positive.log())
-    relative = max(factor, math.exp(NORM_SPREAD_SDS * sigma))
+    relative = min(max(factor, math.exp(NORM_SPREAD_SDS * sigma)), NORM_SPREAD_CAP * factor)
     radius = math.exp(centre) * relative
     factors = torch.where(norms > radius, radius / norms.clamp_min(1e-300), torch.ones_like(norms))
     return NormBound(factors, radius, relative)
@@ -185,43 +190,57 @@ def bounded_weights(
     update of norm ``tau`` with its weight would.
 
     Returns ``weights`` as given (and no factor) where no member lies above the bound or
-    fewer than three are merged.
+    fewer than three are merged. Members of weight 0 do not set the bound (a federated client
+    claiming no examples cannot move it for free).
     """
     if len(members) < 3:
         return weights, {}, math.inf
     idx = torch.tensor(members)
-    bound = norm_bound(inner[idx, idx], factor)
-    bounded = {k: float(c) for k, c in zip(members, bound.factors.tolist(), strict=True) if c < 1}
+    w = torch.tensor(check_weights(weights, len(members)), dtype=torch.float64)
+    bound = norm_bound(inner[idx, idx].double() * (w > 0), factor)
+    bounded = {
+        k: float(c) for k, c, wk in zip(members, bound.factors.tolist(), w.tolist(), strict=True) if c < 1 and wk > 0
+    }
     if not bounded:
         return weights, {}, bound.relative
-    w = torch.tensor(check_weights(weights, len(members)), dtype=torch.float64) * bound.factors
+    w = w * bound.factors
     return (w / w.sum()).tolist(), bounded, bound.relative
 
 
-def module_bounded_weights(
+def module_bounded_weights(  # noqa: PLR0913 - the module's factors, its weights, and the bound's two inputs
     A: list[torch.Tensor],
     B: list[torch.Tensor],
     scales: list[float],
     weights: list[float] | None,
     factor: float = NORM_BOUND,
+    whole: list[float] | None = None,
 ) -> tuple[list[float] | None, dict[int, float]]:
     """One module's merge weights under that module's :func:`norm_bound`, and the factor
-    applied to each member bounded there (by position): ``w_k min(1, tau_m / ||Theta_km||)``,
-    normalised, with ``tau_m`` the bound of the members' norms on this module alone.
+    applied to each member bounded there (by position): ``min(1, tau_m / ||Theta_km||)``, with
+    ``tau_m`` the bound of the members' norms on this module alone.
 
     The norm bound over all modules (:func:`bounded_weights`) leaves an update boosted in one
     module of many nearly whole (a module of eight at 4x is about 1.8x over all modules); on
-    its own module it is bounded like any update. Weights as given where nothing lies above the
-    bound or fewer than three members have an update.
+    its own module it is bounded like any update. ``whole``: per member the factor the bound over
+    all modules already applied to ``weights`` (1: none). The two bounds are one: a member's
+    weight on this module is its original weight times ``min(whole, module factor)``, so the
+    weights are multiplied by ``min(1, module factor / whole)`` (an update above both bounds
+    counts as one at the stricter, never at their product). Members of weight 0 do not set the
+    bound. Weights as given where nothing lies above the bound or fewer than three members have
+    an update.
     """
     if len(A) < 3:
         return weights, {}
+    w = torch.tensor(check_weights(weights, len(A)), dtype=torch.float64)
     sq = torch.tensor(
         [float(s) ** 2 * merged_sq_norm(a, b) for a, b, s in zip(A, B, scales, strict=True)], dtype=torch.float64
     )
-    bound = norm_bound(sq, factor)
-    bounded = {j: float(c) for j, c in enumerate(bound.factors.tolist()) if c < 1}
+    factors = norm_bound(sq * (w > 0), factor).factors
+    already = torch.ones_like(factors) if whole is None else torch.tensor(whole, dtype=torch.float64)
+    extra = torch.clamp(factors / already, max=1.0)
+    bounded = {j: float(c) for j, (c, e) in enumerate(zip(factors.tolist(), extra.tolist(), strict=True)) if e < 1}
+    bounded = {j: c for j, c in bounded.items() if w[j] > 0}
     if not bounded:
         return weights, {}
-    w = torch.tensor(check_weights(weights, len(A)), dtype=torch.float64) * bound.factors
+    w = w * torch.where(w > 0, extra, torch.ones_like(extra))
     return (w / w.sum()).tolist(), bounded

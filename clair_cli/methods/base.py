@@ -33,6 +33,9 @@ class MergePlan:
         side: the side a projection basis spans (``out`` or ``in``).
         dtype: the audit's working precision (a projection basis is found in it, as refine finds it).
         path: the audit's solver path (``settings.path``), for :func:`~clair_cli.core.audit.at_working_precision`.
+        norm_bounded: per adapter the norm bound over all modules weighted down, that factor (pool
+            index): a module's own bound weighs it down only as far as that factor has not
+            (:func:`~clair_cli.core.influence.module_bounded_weights`).
     """
 
     used: list[int]
@@ -40,6 +43,7 @@ class MergePlan:
     side: str
     dtype: torch.dtype
     path: str
+    norm_bounded: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

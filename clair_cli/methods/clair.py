@@ -128,7 +128,8 @@ class Clair(MergeMethod):
             # Each module's own norm bound too: a module boosted alone hardly moves the whole update's.
             from clair_cli.core.influence import module_bounded_weights
 
-            weights, at = module_bounded_weights(mod.A, mod.B, mod.scales, weights, options.norm_bound)
+            whole = [plan.norm_bounded.get(k, 1.0) for k in mod.members]
+            weights, at = module_bounded_weights(mod.A, mod.B, mod.scales, weights, options.norm_bound, whole)
             bounded = {mod.members[j]: c for j, c in at.items()}
         if not options.project:
             res = mean(mod.A, mod.B, mod.scales, weights, options.rank, options.tol, torch.float32)
