@@ -614,6 +614,7 @@ def merge(
         weighting.clipped,
         weighting.norm_bounded,
         sink is not None,
+        weighting.norm_bound_relative,
     )
 
 

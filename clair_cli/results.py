@@ -77,6 +77,7 @@ class MergedAdapter:
     clipped: dict[int, float] = field(default_factory=dict)
     norm_bounded: dict[int, float] = field(default_factory=dict)
     streamed: bool = False  # the factors went to a sink as they were merged; ``modules`` keep their shapes only
+    norm_bound_relative: float | None = None  # the norm bound used, in units of the collaborators' median norm
 
     def summary(self) -> dict[str, Any]:
         """The ``merge`` section of the JSON report."""
@@ -95,6 +96,8 @@ class MergedAdapter:
             out["clipped"] = {str(k): round(c, 6) for k, c in sorted(self.clipped.items())}
         if self.options.norm_bound is not None:
             out["norm_bounded"] = {str(k): round(c, 6) for k, c in sorted(self.norm_bounded.items())}
+            relative = self.norm_bound_relative
+            out["norm_bound_relative"] = None if relative is None else round(relative, 6)
             out["module_norm_bounded"] = {
                 m: {str(k): round(c, 6) for k, c in sorted(r.info["module_norm_bounded"].items())}
                 for m, r in self.modules.items()

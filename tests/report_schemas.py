@@ -238,11 +238,12 @@ def merge_section(methods: list[str], baseline: bool) -> dict[str, Any]:
         "scale": NUMBER,
         "clipped": map_of(NUMBER),
         "norm_bounded": map_of(NUMBER),
+        "norm_bound_relative": nullable(NUMBER),
         "module_norm_bounded": map_of(map_of(NUMBER), "Per module, the adapters its own norm bound weighted down."),
         "projection_rank": map_of(nullable(COUNT)),
         "dropped": NAMES,
     }
-    optional = ("clipped", "norm_bounded", "module_norm_bounded", "projection_rank")
+    optional = ("clipped", "norm_bounded", "norm_bound_relative", "module_norm_bounded", "projection_rank")
     extra: dict[str, Any] = {}
     if baseline:
         props["selected"] = map_of(NAMES, "Per module, the adapters a selecting method (krum) merged.")
@@ -255,7 +256,7 @@ def merge_section(methods: list[str], baseline: bool) -> dict[str, Any]:
             },
             {
                 "if": {"properties": {"options": {"properties": {"norm_bound": {"type": "number"}}}}},
-                "then": {"required": ["norm_bounded", "module_norm_bounded"]},
+                "then": {"required": ["norm_bounded", "norm_bound_relative", "module_norm_bounded"]},
             },
             {
                 "if": {"properties": {"options": {"properties": {"project": {"const": True}}}}},

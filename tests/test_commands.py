@@ -116,10 +116,18 @@ def projector(TC: torch.Tensor, q: int) -> torch.Tensor:
 def expected_update(method: str, fs, m: str, report: dict | None) -> torch.Tensor:
     T = thetas(fs, m)
     if method in ("clair", "clair --project"):
-        C = [int(n.split("_")[1]) for n in report["collaborative_set"]]
+        names = [n for n in report["collaborative_set"]]
+        C = [int(n.split("_")[1]) for n in names]
         TC = T[C]
+        # The norm bound (on by default): a collaborator's weight times the stricter of its factors over
+        # all modules and on this module (the report gives each by pool index, in report order).
+        index = {a["name"]: i for i, a in enumerate(report["adapters"])}
+        whole, own = report["merge"]["norm_bounded"], report["merge"]["module_norm_bounded"].get(m, {})
+        factor = [own.get(str(index[n]), whole.get(str(index[n]), 1.0)) for n in names]
+        w = torch.tensor(factor, dtype=torch.float64)
+        mean = (w[:, None, None] * TC).sum(0) / w.sum()
         q = report["merge"].get("projection_rank", {}).get(m)
-        return TC.mean(0) if q is None else projector(TC, q) @ TC.mean(0)
+        return mean if q is None else projector(TC, q) @ mean
     if method == "mean":
         return T.mean(0)
     if method == "fedavg":

@@ -273,6 +273,7 @@ def test_norm_bound_is_on_by_default_and_off_on_request(tmp_path: Path) -> None:
     assert reports["default"]["options"]["norm_bound"] == 1.5 and "weighted down to it: c9" in outputs["default"]
     assert reports["default"]["norm_bounded"] and reports["off"]["options"]["norm_bound"] is None
     assert "norm_bounded" not in reports["off"] and reports["mean"]["options"]["norm_bound"] is None
+    assert 1.5 <= reports["default"]["norm_bound_relative"] <= 3.0 and "norm_bound_relative" not in reports["off"]
     cards = {name: (tmp_path / name / "README.md").read_text() for name in reports}  # the model cards say so too
     assert "- norm bound (--norm-bound): 1.5x the collaborators' median norm" in cards["default"]
     assert "1 update(s) weighted down to it over all modules" in cards["default"]

@@ -55,12 +55,15 @@ class Weighting:
         clipped: per adapter whose influence centred clipping bounded, the factor applied (pool index).
         notes: what a report should say about it.
         norm_bounded: per adapter the norm bound weighted down, the factor applied (pool index).
+        norm_bound_relative: the norm bound used over all modules, in units of the collaborators'
+            median norm (None: no bound asked for, or fewer than three collaborators).
     """
 
     weights: list[float] | None
     clipped: dict[int, float]
     notes: list[str]
     norm_bounded: dict[int, float] = field(default_factory=dict)
+    norm_bound_relative: float | None = None
 
 
 class MergeMethod:

@@ -10,6 +10,7 @@ that mean onto the collaborators' leading directions, at a rank chosen for recon
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 from clair_cli.methods.base import MergeMethod, MergePlan, Weighting
@@ -94,6 +95,7 @@ class Clair(MergeMethod):
         weights, notes = one_vote_per_group(outcome, used, weights)
         names = outcome.pool.names
         bounded: dict[int, float] = {}
+        relative: float | None = None
         if options.norm_bound is not None:
             weights, bounded, relative = bounded_weights(outcome.auditor.inner_, used, weights, options.norm_bound)
             if bounded:
@@ -112,7 +114,8 @@ class Clair(MergeMethod):
                     f"median distance from their centre were clipped to it: "
                     f"{_listed([names[k] for k in sorted(clipped, key=lambda k: clipped[k])])}"
                 )
-        return Weighting(weights, clipped, notes, bounded)
+        finite = relative if relative is not None and math.isfinite(relative) else None
+        return Weighting(weights, clipped, notes, bounded, finite)
 
     def merge_module(self, mod: ModuleInput, weights: list[float] | None, plan: MergePlan) -> MergeResult:
         import torch

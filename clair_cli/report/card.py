@@ -93,9 +93,11 @@ def _influence_lines(merge: dict[str, Any]) -> list[str]:
             if whole or modules
             else "no update above it"
         )
+        relative = merge.get("norm_bound_relative")
+        used = "" if relative is None or relative == opts["norm_bound"] else f", here {relative:.3g}x"
         lines.append(
             f"- norm bound (--norm-bound): {opts['norm_bound']:g}x the collaborators' median norm (widened where "
-            f"their norms spread); {what}"
+            f"their norms spread, to at most twice that{used}); {what}"
         )
     elif merge["method"] == "clair":
         lines.append("- norm bound: off (--norm-bound off)")
