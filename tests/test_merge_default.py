@@ -181,19 +181,25 @@ def test_verdicts_do_not_depend_on_the_seed() -> None:
     assert len(flagged) == 1
 
 
-@pytest.fixture(scope="module")
-def clean_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Six benign adapters sharing a rank-2 output space per module (nothing to flag)."""
-    root = tmp_path_factory.mktemp("clean")
+def write_pool(root: Path, K: int, noise: float, boost: dict[int, float] | None = None) -> Path:
+    """K adapters of 4 modules sharing a rank-2 output space per module, adapter k's B times
+    ``boost[k]``."""
+    boost = boost or {}
     mods = {f"model.layers.{i}.self_attn.{p}": (16, 12) for i in range(2) for p in ("q_proj", "v_proj")}
-    per_module = {m: make_module(K=6, d_out=16, d_in=12, noise=0.05, seed=j) for j, m in enumerate(mods)}
-    for k in range(6):
+    per_module = {m: make_module(K=K, d_out=16, d_in=12, noise=noise, seed=j) for j, m in enumerate(mods)}
+    for k in range(K):
         tensors = {}
         for m, (A, B, _s, _U) in per_module.items():
             tensors[f"base_model.model.{m}.lora_A.weight"] = A[k].float().contiguous()
-            tensors[f"base_model.model.{m}.lora_B.weight"] = B[k].float().contiguous()
+            tensors[f"base_model.model.{m}.lora_B.weight"] = boost.get(k, 1.0) * B[k].float().contiguous()
         write_adapter(root / f"c{k}", tensors, lora_config(target_modules=["q_proj", "v_proj"]))
     return root
+
+
+@pytest.fixture(scope="module")
+def clean_pool(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six benign adapters sharing a rank-2 output space per module (nothing to flag)."""
+    return write_pool(tmp_path_factory.mktemp("clean"), 6, 0.05)
 
 
 def test_with_nothing_flagged_the_merge_is_the_mean_bit_for_bit(clean_pool: Path, tmp_path: Path) -> None:
@@ -251,15 +257,7 @@ def test_norm_bound_is_on_by_default_and_off_on_request(tmp_path: Path) -> None:
     """`clair merge` bounds norms at 1.5x by default (a client at 3x its norm, under the norm
     rule's 4x floor, weighted down and named in a note); `--norm-bound off` merges the plain mean
     of the collaborators; a baseline runs without a bound, and accepts `--norm-bound off`."""
-    pool = tmp_path / "pool"
-    mods = {f"model.layers.{i}.self_attn.{p}": (16, 12) for i in range(2) for p in ("q_proj", "v_proj")}
-    per_module = {m: make_module(K=10, d_out=16, d_in=12, noise=0.3, seed=j) for j, m in enumerate(mods)}
-    for k in range(10):
-        tensors = {}
-        for m, (A, B, _s, _U) in per_module.items():
-            tensors[f"base_model.model.{m}.lora_A.weight"] = A[k].float().contiguous()
-            tensors[f"base_model.model.{m}.lora_B.weight"] = (3.0 if k == 9 else 1.0) * B[k].float().contiguous()
-        write_adapter(pool / f"c{k}", tensors, lora_config(target_modules=["q_proj", "v_proj"]))
+    pool = write_pool(tmp_path / "pool", 10, 0.3, {9: 3.0})
     runner = CliRunner()
     reports, outputs = {}, {}
     for name, args in {"default": [], "off": ["--norm-bound", "off"], "mean": ["--method", "mean"]}.items():
