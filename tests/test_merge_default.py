@@ -241,10 +241,11 @@ def test_library_merge_reports_rank_error_and_projection(clean_pool: Path) -> No
         (["--project-rank", "0"], "--project-rank 0"),
         (["--rescale", "up"], "'up' is not one of"),
         (["--method", "mean", "--project"], "--project"),
-        (["--norm-bound", "0.5"], "--norm-bound 0.5"),
         (["--method", "mean", "--norm-bound", "1.5"], "--norm-bound shape the clair merge"),
         (["--norm-bound", "none"], "--norm-bound none: expected a number of at least 1"),
         (["--norm-bound", "inf"], "--norm-bound inf"),
+        (["--norm-bound", "1_5"], "--norm-bound 1_5: expected a number of at least 1 (times the median norm), or off"),
+        (["--norm-bound", "0.5"], "--norm-bound 0.5: expected a number of at least 1 (times the median norm), or off"),
     ],
 )
 def test_bad_merge_options_exit_2(clean_pool: Path, tmp_path: Path, args: list[str], message: str) -> None:

@@ -4,6 +4,8 @@ groups (frozen dataclasses of them) that several commands take as one parameter 
 from __future__ import annotations
 
 import inspect
+import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -456,8 +458,12 @@ def norm_bound_value(text: str | None) -> float | None:
         return NORM_BOUND
     if text.strip().lower() == "off":
         return None
-    try:
-        return float(text)
-    except ValueError:
+    # Plain decimal notation only: float() would also take "1_5" (15), "nan" or full-width digits.
+    value = float(text) if _DECIMAL.fullmatch(text.strip()) else math.nan
+    if not (math.isfinite(value) and value >= 1):
         message = f"--norm-bound {text}: expected a number of at least 1 (times the median norm), or off"
-        raise UsageError(message) from None
+        raise UsageError(message)
+    return value
+
+
+_DECIMAL = re.compile(r"[+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
