@@ -328,3 +328,14 @@ def test_gate_thresholds_come_from_held_out_reference_shares() -> None:
         honest_flags += len(flagged & set(cands))
         caught += len(flagged & set(bad))
     assert honest_flags == 0 and caught == 8
+
+
+def test_the_card_says_when_the_norm_bound_was_not_applied() -> None:
+    """With fewer than three collaborators there is no median to bound by: the card says so
+    instead of stating a bound (the JSON's norm_bound_relative is null)."""
+    from clair_cli.report.card import _influence_lines
+
+    merge = {"method": "clair", "options": {"norm_bound": 1.5, "clip": None}, "norm_bound_relative": None}
+    assert _influence_lines(merge) == ["- norm bound (--norm-bound 1.5): not applied, fewer than three collaborators"]
+    merge |= {"norm_bound_relative": 2.25, "norm_bounded": {"3": 0.5}, "module_norm_bounded": {}}
+    assert "here 2.25x); 1 update(s) weighted down" in _influence_lines(merge)[0]

@@ -238,8 +238,7 @@ def module_bounded_weights(  # noqa: PLR0913 - the module's factors, its weights
     factors = norm_bound(sq * (w > 0), factor).factors
     already = torch.ones_like(factors) if whole is None else torch.tensor(whole, dtype=torch.float64)
     extra = torch.clamp(factors / already, max=1.0)
-    bounded = {j: float(c) for j, (c, e) in enumerate(zip(factors.tolist(), extra.tolist(), strict=True)) if e < 1}
-    bounded = {j: c for j, c in bounded.items() if w[j] > 0}
+    bounded = {j: float(factors[j]) for j in range(len(A)) if extra[j] < 1 and w[j] > 0}
     if not bounded:
         return weights, {}
     w = w * torch.where(w > 0, extra, torch.ones_like(extra))

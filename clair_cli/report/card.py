@@ -84,7 +84,9 @@ def _influence_lines(merge: dict[str, Any]) -> list[str]:
     """The clair merge's bounded influence: the norm bound and centred clipping, and how many
     updates each weighted down."""
     opts, lines = merge["options"], []
-    if opts.get("norm_bound") is not None:
+    if opts.get("norm_bound") is not None and merge.get("norm_bound_relative") is None:
+        lines.append(f"- norm bound (--norm-bound {opts['norm_bound']:g}): not applied, fewer than three collaborators")
+    elif opts.get("norm_bound") is not None:
         whole = len(merge.get("norm_bounded") or {})
         modules = merge.get("module_norm_bounded") or {}
         per_module = len({k for m in modules.values() for k in m})
@@ -93,8 +95,8 @@ def _influence_lines(merge: dict[str, Any]) -> list[str]:
             if whole or modules
             else "no update above it"
         )
-        relative = merge.get("norm_bound_relative")
-        used = "" if relative is None or relative == opts["norm_bound"] else f", here {relative:.3g}x"
+        relative = merge["norm_bound_relative"]
+        used = "" if relative == opts["norm_bound"] else f", here {relative:.3g}x"
         lines.append(
             f"- norm bound (--norm-bound): {opts['norm_bound']:g}x the collaborators' median norm (widened where "
             f"their norms spread, to at most twice that{used}); {what}"
