@@ -241,5 +241,5 @@ def module_bounded_weights(  # noqa: PLR0913 - the module's factors, its weights
     bounded = {j: float(factors[j]) for j in range(len(A)) if extra[j] < 1 and w[j] > 0}
     if not bounded:
         return weights, {}
-    w = w * torch.where(w > 0, extra, torch.ones_like(extra))
+    w = w * extra  # a member of weight 0 stays at 0
     return (w / w.sum()).tolist(), bounded
