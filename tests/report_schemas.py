@@ -28,10 +28,10 @@ KINDS = ("audit", "gate", "merge", "refine", "inspect")
 
 # The rules of the verdict (clair_cli.core.rules.RULES) and the kinds of reason they write.
 RULES = ["direction", "whole_direction", "off_subspace", "joint", "module", "in_subspace", "norm", "module_direction",
-         "module_norm", "module_projection", "spectral", "isolated", "opposed", "pull", "duplicate",
+         "module_norm", "module_projection", "spectral", "isolated", "opposed", "module_opposed", "pull", "duplicate",
          "coordinated"]  # fmt: skip
 REASON_KINDS = ["direction", "whole_direction", "off_subspace", "joint", "in_subspace", "norm", "module_direction",
-                "module_norm", "module_projection", "spectral", "isolated", "opposed", "pull", "duplicate",
+                "module_norm", "module_projection", "spectral", "isolated", "opposed", "module_opposed", "pull", "duplicate",
          "coordinated"]  # fmt: skip
 WATCHED_RULES = ["direction", "off_subspace", "norm", "spectral", "pull"]
 BASELINES = ["mean", "fedavg", "median", "trimmed-mean", "krum", "multi-krum", "ties"]

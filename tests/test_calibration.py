@@ -304,6 +304,7 @@ def test_the_rules_are_registered_in_the_order_they_run() -> None:
         "spectral",
         "isolated",
         "opposed",
+        "module_opposed",
         "pull",
         "duplicate",
         "coordinated",

@@ -1,12 +1,30 @@
-"""Rule 9 (``opposed``): a group that points against the rest of the pool."""
+"""Rules 9 (``opposed``) and 16 (``module_opposed``): a group that points against the rest of
+the pool, over all modules or on one."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
+import clair_cli.core.audit as audit_module
 from benchmarks.synthetic import flagged, make_pool
 from clair_cli.core.audit import ClairAuditor
+from clair_cli.core.insubspace import agreement_masses
+from clair_cli.core.rules.base import ALPHA
+from clair_cli.core.rules.opposed import (
+    MIN_GROUP,
+    MODULE_OPPOSED_COSINE,
+    SPLITS,
+    ModuleCosines,
+    _refined,
+    group_level,
+    largest_minority,
+    module_groups,
+)
+from clair_cli.report.audit import reason_text
+from clair_cli.report.modules import ModuleNames
 
 
 def _flip(mods, members):
@@ -54,3 +72,115 @@ def test_a_lone_flipped_client_in_a_small_pool() -> None:
     aud = ClairAuditor().fit(mods, 6)
     assert flagged(aud) == {5}
     assert torch.isfinite(torch.tensor(aud.verdicts_[5].score))
+
+
+# -- rule 16: a group against the rest on one module --------------------------------------
+
+
+def _turn_one_module(K: int, spread: float, seed: int, M: int = 4):
+    """Clients 12.. send honest-looking updates with module 0 sign-flipped (module-flip)."""
+    mods = make_pool(M=M, K=K, spread=spread, seed=seed)
+    for k in range(12, K):
+        mods[0].B[k] = -mods[0].B[k]
+    return mods
+
+
+@pytest.mark.parametrize("seed", [0, 2, 4, 5])
+def test_a_group_turning_one_module_is_caught_as_a_group(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A third of the pool flipped in one module of four, where honest clients agree loosely: each
+    member alone sits inside rule 12's cut (these seeds: none or one flagged without rule 16);
+    on that module, together, they point against the rest."""
+    K, bad = 18, set(range(12, 18))
+    aud = ClairAuditor().fit(_turn_one_module(K, 1.0, seed), K)
+    caught = flagged(aud)
+    assert caught <= bad and len(caught) >= 3, caught
+    for k in caught:
+        r = next(r for r in aud.verdicts_[k].reasons if r.rule == "module_opposed")
+        assert r.module == "layers.0.q_proj" and r.value < -MODULE_OPPOSED_COSINE
+        assert set(r.of or ()) == caught - {k}
+    r = next(r for r in aud.verdicts_[min(caught)].reasons if r.rule == "module_opposed")
+    names = [f"client_{k:02d}" for k in range(K)]
+    text = reason_text(r, names, ModuleNames(f"layers.{m}.q_proj" for m in range(4)))
+    assert "against the rest of the pool in layer 0 q_proj" in text and f"{r.value:+.2f}" in text
+    assert all(names[j] in text for j in sorted(r.of or ())[:3])
+    monkeypatch.setattr(audit_module, "module_groups", lambda modules, coordinated=(): [])
+    without = flagged(ClairAuditor().fit(_turn_one_module(K, 1.0, seed), K))
+    assert len(without & bad) < len(caught), without
+
+
+@pytest.mark.parametrize("kw", [dict(spread=0.5), dict(spread=1.0), dict(spread=2.0), dict(kind="independent")])
+def test_honest_pools_have_no_module_group(kw: dict) -> None:
+    """Honest pools, loose ones and ones without a common direction included, never hold a group
+    against the rest on one module (some split into near-halves: rule 16 leaves those alone)."""
+    for seed in range(6):
+        aud = ClairAuditor().fit(make_pool(M=4, K=15, seed=seed, **kw), 15)
+        assert not any(v.signals.get("module_opposed", 0.0) > 1 for v in aud.verdicts_), (kw, seed)
+
+
+def test_a_group_seen_over_all_modules_is_left_to_those_rules() -> None:
+    """Sign-flipped in every module: rule 9 flags the group over all modules; rule 16 adds no
+    reason (nor a member of its own)."""
+    K, bad = 18, tuple(range(12, 18))
+    aud = ClairAuditor().fit(_flip(make_pool(M=3, K=K, spread=1.0, seed=0), bad), K)
+    assert flagged(aud) == set(bad)
+    assert not any(r.rule == "module_opposed" for v in aud.verdicts_ for r in v.reasons)
+
+
+def _unit_rows(n_honest: int, mirrors: int, dim: int = 12, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(dim, generator=g, dtype=torch.float64)
+    honest = common + 0.8 * torch.randn(n_honest, dim, generator=g, dtype=torch.float64) * common.norm() / dim**0.5
+    X = torch.cat([honest, -honest[:mirrors]])
+    return X / X.norm(dim=1, keepdim=True)
+
+
+def test_refining_puts_every_mirror_image_on_the_group_side() -> None:
+    """Mirror images of honest clients: a split with one on the wrong side drags its original
+    against the rest's mean; refined, the mirrors and only they are the group side."""
+    X = _unit_rows(12, 4)
+    C = X @ X.T
+    start = torch.zeros(16, dtype=torch.bool)
+    start[[0, 12, 13, 14]] = True  # one original with three mirrors, the fourth mirror with the rest
+    assert _refined(C, start).tolist() == [False] * 12 + [True] * 4
+
+
+def test_the_module_group_against_a_dense_reference() -> None:
+    """The group's cosine with the rest and the rest's consensus, recomputed from the unit updates
+    (the rest's mean weighs each member by its agreement); the combined levels keep the union
+    bound at ALPHA."""
+    X = _unit_rows(12, 4, seed=3)
+    C = X @ X.T
+    groups = module_groups({"m": ModuleCosines(tuple(range(100, 116)), C, torch.zeros(16))})
+    assert groups, "four mirror images of a dozen honest clients form a group"
+    group = groups[0]
+    core = [k - 100 for k in group.core]
+    assert core == [12, 13, 14, 15]
+    rest = torch.arange(16) < 12
+    w = agreement_masses(C, rest)[:12]
+    g_mean, t_mean = X[core].sum(0), (w[:, None] * X[:12]).sum(0)
+    assert group.cosine == pytest.approx(float(g_mean @ t_mean / (g_mean.norm() * t_mean.norm())), abs=1e-12)
+    agreement = sorted(
+        float(X[j] @ (t_mean - w[j] * X[j]) / (t_mean - w[j] * X[j]).norm()) for j in range(12)
+    )  # each member of the rest with the mean of the others; twelve: the median is the middle two's mean
+    assert group.consensus == pytest.approx((agreement[5] + agreement[6]) / 2, abs=1e-12)
+    n, G = 16, largest_minority(16)
+    for g in range(MIN_GROUP, G + 1):
+        level = group_level(n, g, 8)
+        assert 8 * SPLITS * (G - MIN_GROUP + 1) * math.comb(n, g) * level**g == pytest.approx(ALPHA, rel=1e-9)
+
+
+def test_a_coordinated_group_in_the_rest_counts_as_one_member() -> None:
+    """Rule 10's group inside the rest would set its consensus (its members agree with each other):
+    counted once, it does not make loosely agreeing honest clients look opposed (a tight third
+    pushing along the honest clients' disagreement flagged two honest clients before)."""
+    from tests.test_coordinated import _pool_with_group
+
+    for seed in range(3):
+        aud = ClairAuditor().fit(_pool_with_group(seed), 18)
+        assert not any(v.signals.get("module_opposed", 0.0) > 1 for v in aud.verdicts_[:12]), seed
+
+
+def test_rule_16_is_off_in_a_gate() -> None:
+    mods = _turn_one_module(15, 1.0, 0)
+    aud = ClairAuditor().fit(mods, 15, reference=list(range(8)))
+    assert not any("module_opposed" in v.signals for v in aud.verdicts_)

@@ -53,6 +53,7 @@ from clair_cli.core.pairwise import cosine_from_gram, factor_grams, gram
 from clair_cli.core.reduction import reduce_module
 from clair_cli.core.rules.context import kin
 from clair_cli.core.rules.coordinated import POINTING_RULES, coordinated_groups, group_masses
+from clair_cli.core.rules.opposed import ModuleCosines, module_groups
 from clair_cli.core.verdict import (
     AdapterVerdict,
     PoolSignals,
@@ -270,11 +271,21 @@ class ModuleCentre:
     def cosines(self) -> torch.Tensor:
         """Each member's cosine with the module's centre of the others (the first pass's;
         :class:`ModuleCentres` refits them without given adapters)."""
+        return self._canonical_cosines()[self.back]
+
+    def _canonical_cosines(self) -> torch.Tensor:
         centre = torch.zeros(len(self.adapters), dtype=torch.bool)
         centre[self.fit_on] = True
         leave_out = {j: [self.rep[j]] for j in range(len(self.adapters))}
         mass = agreement_masses(self.cosine, centre)
-        return centre_cosines(self.cosine, centre, leave_out, mass)[self.back]
+        return centre_cosines(self.cosine, centre, leave_out, mass)
+
+    def for_groups(self) -> ModuleCosines:
+        """What rule 16 reads (:class:`~clair_cli.core.rules.opposed.ModuleCosines`): the members
+        with a nonzero update, copies once."""
+        C = self.cosine.double()
+        idx = [j for j in range(len(self.adapters)) if self.rep[j] == j and float(C[j, j]) > 0]
+        return ModuleCosines(tuple(self.adapters[j] for j in idx), C[idx][:, idx], self._canonical_cosines()[idx])
 
 
 class ModuleCentres:
@@ -890,6 +901,9 @@ class ClairAuditor:
             whole_direction=whole,
             whole_pairs=whole_pairs,
             whole_recentre=whole_centres if reference is None and whole is not None else None,
+            module_groups=module_groups({n: c.for_groups() for n, c in centres.items()}, coordinated)
+            if reference is None and centres
+            else [],
         )
 
     def _decide(self, signals: PoolSignals, tally: _Tally, trusted: set[int]) -> None:

@@ -116,17 +116,9 @@ def critical_value(n: int, alpha: float, law: str = NORMAL) -> float:
         raise ValueError(f"unknown law {law!r}")
     if law == LOG_CHI2 and n > LARGE_N:
         return critical_value(LARGE_N, alpha, law)
-    if n > LARGE_N:
-        mu = (n + (1.4 if n % 2 else 3.8)) / n
 
-        def tail(c: float) -> float:
-            return 0.5 * math.erfc(c * mu / math.sqrt(2 * (1 + (math.pi / 2 + c * c * QN_VARIANCE) / n)))
-
-    else:
-        m, s = _simulated(n, law)
-
-        def tail(c: float) -> float:
-            return float(_upper_tail(law, m + c * s).mean())
+    def tail(c: float) -> float:
+        return tail_probability(n, c, law)
 
     lo, hi = 0.0, 1.0
     while tail(hi) > alpha:
@@ -137,6 +129,29 @@ def critical_value(n: int, alpha: float, law: str = NORMAL) -> float:
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if tail(mid) > alpha else (lo, mid)
     return hi
+
+
+def tail_probability(n: int, c: float, law: str = NORMAL) -> float:
+    """``P(x > median + c * Qn)`` for ``n`` + 1 independent draws of the law: the false-flag rate
+    :func:`critical_value` inverts (simulated up to ``LARGE_N`` values, in closed form above;
+    the log-chi-square law above ``LARGE_N`` as at ``LARGE_N``). ``n`` below 3: 1."""
+    if n < 3:
+        return 1.0
+    if law == LOG_CHI2 and n > LARGE_N:
+        n = LARGE_N
+    if n > LARGE_N:
+        mu = (n + (1.4 if n % 2 else 3.8)) / n
+        return 0.5 * math.erfc(c * mu / math.sqrt(2 * (1 + (math.pi / 2 + c * c * QN_VARIANCE) / n)))
+    m, s = _simulated(n, law)
+    return float(_upper_tail(law, m + c * s).mean())
+
+
+def rule_tail_probability(n: int, c: float, law: str = NORMAL) -> float:
+    """:func:`tail_probability` with :func:`rule_critical_value`'s cap: a value past
+    ``median + c * Qn`` is past the rules' cut at level ``alpha`` exactly where this is at most
+    ``alpha``."""
+    p = tail_probability(n, c, law)
+    return p if n >= SMALL_POOL_N else min(p, tail_probability(SMALL_POOL_N, c, law))
 
 
 def rule_critical_value(n: int, alpha: float, law: str = NORMAL) -> float:
@@ -159,11 +174,9 @@ def rule_critical_value(n: int, alpha: float, law: str = NORMAL) -> float:
 
 
 def honest_flag_rate(n: int, c: float, law: str = NORMAL) -> float:
-    """``P(x > median + c * Qn)`` for ``n`` + 1 independent draws of ``law`` (no floor)."""
-    if n < 3:
-        return 1.0
-    m, s = _simulated(n, law)
-    return float(_upper_tail(law, m + c * s).mean())
+    """``P(x > median + c * Qn)`` for ``n`` + 1 independent draws of ``law`` (no floor): an honest
+    adapter's chance to pass an uncapped cut ``c`` (:func:`tail_probability`)."""
+    return tail_probability(n, c, law)
 
 
 @dataclass(frozen=True)

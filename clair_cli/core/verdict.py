@@ -34,11 +34,13 @@ minimum effect size in the statistic's own units. The rules, one module each in
 15. **Direction of the whole update** (``whole_direction``): rule 1 with every module at its own
     norm, against a centre fitted on the two thirds of the pool most aligned with it: free
     riders at full norm.
+16. **A group against the rest on one module** (``module_opposed``): rule 9 on each module, the
+    evidence of the group's members combined: a group turning one module of honest updates.
 
 This module owns what the rules share: the passes (:func:`decide`), the duplicate groups and
 the groups of flagged adapters that agree with each other (:func:`groups`).
 
-An adapter's ``score`` is its largest margin over rules 1-5, 7, 8, 9 and 11-15: the distance above the typical
+An adapter's ``score`` is its largest margin over rules 1-5, 7, 8, 9 and 11-16: the distance above the typical
 value in units of the distance to the threshold, so a score above 1 means that rule flagged
 it; the duplicate rule (a copy) and the norm rule's zero update flag outright, without a
 margin, so such an adapter may be flagged with a score below 1 (its reason names the rule).

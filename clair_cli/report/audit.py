@@ -125,6 +125,17 @@ def reason_text(reason: Reason, names: list[str], modules: ModuleNames) -> str: 
             f"group's mean update and the rest's, whose members agree at {_given(reason.typical):+.2f}: "
             "a coordinated attack?)"
         )
+    if kind == "module_opposed":
+        others = sorted(names[j] for j in reason.of or ())
+        where = list(reason.modules or ())
+        also = f" (also in {modules.summarise(where[1:])})" if len(where) > 1 else ""
+        on = modules.short(reason.module or where[0])
+        return (
+            f"with {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}, it points against the rest of the "
+            f"pool in {on}{also} (cosine {_given(reason.cosine):+.2f} between the group's mean update there and "
+            f"the rest's, whose members agree at {_given(reason.typical):+.2f}: "
+            "a module turned by a coordinated group?)"
+        )
     if kind == "pull":
         others = sorted(names[j] for j in reason.of or ())
         return (

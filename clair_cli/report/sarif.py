@@ -133,6 +133,14 @@ RULE_TEXTS: dict[str, RuleText] = {
         "The adapter belongs to a minority group whose mean update has a clearly negative cosine with the mean "
         "update of the rest of the pool: a coordinated attack that keeps each member inside the pool's spread.",
     ),
+    "module_opposed": RuleText(
+        "ModuleOpposed",
+        "With a minority group, it points against the rest of the pool on one module.",
+        "On one module, the adapter belongs to a minority group whose members each point against the mean "
+        "update of the rest there, past a cut that combines the evidence over the group, and whose mean update "
+        "has a clearly negative cosine with the rest's: a coordinated attack that turns one module and keeps "
+        "each member inside the pool's spread.",
+    ),
     "pull": RuleText(
         "Pull",
         "With a minority group, it pulls the mean one way.",

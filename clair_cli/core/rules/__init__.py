@@ -20,7 +20,7 @@ from clair_cli.core.rules.isolated import Isolated
 from clair_cli.core.rules.joint import Joint
 from clair_cli.core.rules.norm import ModuleNorm, Norm
 from clair_cli.core.rules.off_subspace import ModuleOffSubspace, OffSubspace
-from clair_cli.core.rules.opposed import Opposed
+from clair_cli.core.rules.opposed import ModuleOpposed, Opposed
 from clair_cli.core.rules.pull import Pull
 from clair_cli.core.rules.spectral import Spectral
 
@@ -38,6 +38,7 @@ RULES: tuple[Rule, ...] = (
     Spectral(),  # 7
     Isolated(),  # 8: reads 1
     Opposed(),  # 9: a group against the rest
+    ModuleOpposed(),  # 16: rule 9 on each module
     Pull(),  # 11: a group pulling the mean together (after every per-adapter rule)
     Duplicate(),  # 6
     Coordinated(),  # 10: reads every flag above

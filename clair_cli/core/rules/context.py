@@ -16,6 +16,7 @@ from clair_cli.core.rules.base import ALPHA, ModuleHit, Reason
 
 if TYPE_CHECKING:
     from clair_cli.core.rules.coordinated import CoordinatedGroup
+    from clair_cli.core.rules.opposed import ModuleGroup
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +63,8 @@ class PoolSignals:
             where the rule is off (a second population, :func:`clair_cli.core.insubspace.second_population`).
         whole_pairs: ``direction_pairs`` for ``whole_direction``.
         whole_recentre: ``recentre`` for ``whole_direction``.
+        module_groups: rule 16's groups, each pointing against the rest on one module
+            (:func:`clair_cli.core.rules.opposed.module_groups`); empty leaves the rule silent.
     """
 
     direction_pairs: torch.Tensor | None = None
@@ -88,6 +91,7 @@ class PoolSignals:
     whole_direction: torch.Tensor | None = None
     whole_pairs: torch.Tensor | None = None
     whole_recentre: Callable[[frozenset[int]], tuple[torch.Tensor, torch.Tensor | None]] | None = None
+    module_groups: list[ModuleGroup] = field(default_factory=list)
 
     @cached_property
     def effective_modules(self) -> float:

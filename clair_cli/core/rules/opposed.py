@@ -39,12 +39,21 @@ its norm, which the norm rule and bounded influence (:mod:`clair_cli.core.influe
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 
-from clair_cli.core.calibration import upper_cut
+from clair_cli.core.calibration import qn_scale, rule_critical_value, rule_tail_probability, upper_cut
 from clair_cli.core.decompose import median
+from clair_cli.core.insubspace import agreement_masses
 from clair_cli.core.rules.base import ALPHA, Reason
 from clair_cli.core.rules.context import Pass
+
+if TYPE_CHECKING:
+    from clair_cli.core.rules.coordinated import CoordinatedGroup
 
 OPPOSED_COSINE = 0.2  # the group's mean against the rest's: cosine below -0.2
 CONSENSUS = 0.1  # the rest must agree on a direction (rule 1's floor)
@@ -100,12 +109,14 @@ class Opposed:
 
     @staticmethod
     def agreement(sub: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Each member of ``T``'s cosine with the mean of ``T``'s other members."""
+        """Each member of ``T``'s cosine with the mean of ``T``'s other members; ``t``: ``T``'s
+        indicator, or its members' weights in that mean (rule 16)."""
         members = torch.nonzero(t).flatten()
+        w = t[members]
         row = sub[members] @ t  # <x_j, sum_T>
         diag = sub.diagonal()[members]
-        rest = (float(t @ sub @ t) - 2 * row + diag).clamp_min(1e-300)  # ||sum_{T \ j}||^2
-        return (row - diag) / (diag * rest).sqrt()
+        rest = (float(t @ sub @ t) - 2 * w * row + w * w * diag).clamp_min(1e-300)  # ||sum_{T \ j}||^2
+        return (row - w * diag) / (diag * rest).sqrt()
 
     def consensus(self, sub: torch.Tensor, t: torch.Tensor) -> float:
         """The median of :meth:`agreement` (``-inf`` with fewer than three members)."""
@@ -123,3 +134,278 @@ class Opposed:
             compare="<",
             margin=margin,
         )
+
+
+MODULE_OPPOSED_COSINE = 0.4  # rule 16: the group's mean against the rest's on one module
+SPLITS = 2  # candidate splits per module (rule 16): the leading eigenvector's and rule 12's signs
+SPLIT_STEPS = 5  # at most, refining a split (rule 16)
+MIN_GROUP = 3  # rule 16's smallest group: two honest clients of one skew point together on a module
+# Rule 16 leaves a group whose core, but for fewer than MIN_GROUP members, these flagged: where
+# it points, seen over all modules.
+WHOLE_POINTING = ("direction", "whole_direction", "joint", "opposed")
+
+
+@dataclass(frozen=True)
+class ModuleCosines:
+    """What rule 16 reads of one module: its members' pool indices, their cosine matrix and
+    their cosines with the module's centre (rule 12's), over the members with a nonzero update,
+    copies once, in the module's canonical order."""
+
+    adapters: tuple[int, ...]
+    cosine: torch.Tensor
+    centre: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ModuleGroup:
+    """A group rule 16 found on one module: its members (pool indices) and each one's margin;
+    ``core``, the members whose evidence combined shows the group (its mean's cosine with the
+    rest's there is ``cosine``), and the rest's consensus."""
+
+    module: str
+    members: tuple[int, ...]
+    margins: tuple[float, ...]
+    core: tuple[int, ...]
+    cosine: float
+    consensus: float
+
+
+class ModuleOpposed:
+    """Rule 16, **a group against the rest on one module** (``module_opposed``): rule 9 on each
+    module, with the evidence of the group's members combined.
+
+    A coordinated group that sends honest updates with one module turned against the others
+    (the attack benchmark's ``module-flip``: honest clients' updates with one module times
+    ``-1``) moves no statistic over all modules by more than one module's worth, and on that
+    module each member alone may sit inside the others' spread: mirror images of honest
+    clients are as coherent as the honest clients are, drag the module's centre (rule 12's)
+    towards zero and widen the spread every per-adapter cut there is measured against.
+    Measured on the attack benchmark's six trained pools before this rule: the flipped
+    members' rule-12 margins were 0.59-0.84 (the highest of the pool, under the cut at
+    ``ALPHA / M``), and a fifth or a third of the pool flipped at the honest norm passed.
+
+    On each module, over its members with a nonzero update (copies once):
+
+    1. **Two splits, each refined.** The sign pattern of the leading eigenvector of the
+       members' cosine matrix (rule 9's split), and the members pointing against the module's
+       centre (rule 12's cosine below 0). Refining moves, until the split repeats (at most
+       ``SPLIT_STEPS`` times), every member whose cosine with the mean of the rest's side
+       (less itself) is negative to the group side ``S``, the others to the rest ``T``: a
+       mirror image left on ``T``'s side drags its original against ``T``'s mean; refined,
+       every mirror image is on ``S``'s side.
+    2. **Rule 9's gates.** ``S`` is a minority of at most half of ``T`` (a third of the module's
+       members: a module whose honest clients split into near-halves, which happens in loose
+       pools, is left alone) and of at least ``MIN_GROUP`` (three: two honest clients of one
+       skew point against the rest on a module together, at -0.2 on ``majority`` seed 1 and at
+       -0.41 on revsucc seed 0 with a coordinated third in the rest; one member alone is rule
+       12's), and ``T`` agrees (its consensus, the median cosine of ``T``'s members with the
+       mean of ``T``'s others, at least ``CONSENSUS``).
+    3. **The evidence combined over the group.** ``T``'s mean weighs its members by their
+       agreement (:func:`clair_cli.core.insubspace.agreement_masses`, over ``T``), and each of
+       rule 10's groups as one member (in the mean, ``1 / g`` each; in the thresholds, one of
+       them): a set within ``T`` that agrees far more closely than ``T`` does counts as a few
+       members. Without the weights, a coordinated third of the pool pushing one way
+       (``opposed-spread-norm`` at 33 %) made ``T``'s mean its own on a module, four honest
+       clients pointed against it, and the passes that followed, fitted without them, flagged
+       nine honest clients and no attacker. Each member of ``S`` is judged by its cosine with
+       ``T``'s mean against those cosines of ``T``'s own members (each with the mean of ``T``'s
+       others; the calibrated law, its floor the consensus: below zero at least), as a p-value.
+       Among ``n`` honest members, ``g`` past the level ``a_g`` have probability at most
+       ``C(n, g) a_g^g`` (independent under the Gaussian model), so
+       ``a_g = (ALPHA / (M * SPLITS * (G - MIN_GROUP + 1) * C(n, g)))^(1/g)`` keeps the chance
+       that an honest module shows a group at ``ALPHA`` over the ``M`` modules, both splits and
+       the group sizes ``MIN_GROUP`` to ``G`` (the largest minority). The core is the largest
+       ``g`` with at least ``g`` members past ``a_g``; its mean update must have a cosine below
+       ``-MODULE_OPPOSED_COSINE`` with ``T``'s.
+    4. **Members at ALPHA.** Where a core shows a group, the members of ``S`` past the cut at
+       ``ALPHA`` (the false-flag rate of every rule) are flagged, each with the margin of the
+       smaller of the group's cosine (over its bound) and its own cut. A core's level is looser
+       than ``ALPHA``, but an honest member that only rides along with the attackers is flagged
+       at ``ALPHA`` alone.
+
+    A group whose core, but for fewer than ``MIN_GROUP`` members, rules 1, 15, 2b or 9 already
+    flagged (where it points, seen over all modules) is left to them: an honest client that
+    points against the rest on one module (``majority`` seed 1 has one) rode along with groups
+    of IPM, Min-Max, Fang and trimmed-mean attackers that those rules flag. Off in ``clair
+    gate`` (the references' centre judges each upload).
+
+    The group's bound is twice rule 9's: one module's cosines spread more than the whole
+    update's. Measured (``python -m benchmarks.module_groups``, docs/security.md#one-module): on
+    the attack benchmark's six trained pools, each whole and in 30 subsets of 5-10 of its
+    honest clients (186 audits), the largest rule-16 margin of an honest client is 0.49; the
+    module-flip groups of a fifth and a third of the pool at the honest norm are caught, every
+    member, in five pools of six. On ``revsucc`` seed 1, whose honest clients agree on the
+    flipped module at a consensus of 0.12, a third of the pool passes (an honest client leans
+    against the rest there too, and the group side is more than a third), and at ``x -2`` two
+    of a fifth's three (the third is flagged over all modules, which leaves a pair). Synthetic
+    pools with one module flipped in 3 or 6 of 15-18 clients are in the
+    benchmark's second table.
+
+    What an attacker who knows it can do: keep the group's mean cosine with the rest above
+    ``-MODULE_OPPOSED_COSINE`` on every module, or each member's cosine with the rest's mean
+    above the cuts, or send more than a third of the module's members, or two; it then pulls
+    that module of the merge against the others by at most that cosine times its norm, which
+    the norm bound (:mod:`clair_cli.core.influence`) limits. Or have one member of three
+    flagged over all modules (an obvious one), which leaves the other two to rule 12.
+    """
+
+    name = "module_opposed"
+    pointing = False
+
+    def apply(self, ctx: Pass) -> None:
+        found: dict[int, list[tuple[float, ModuleGroup]]] = {}
+        seen = ctx.flagged_for(WHOLE_POINTING)
+        for group in ctx.signals.module_groups:
+            if len(set(group.core) - seen) < MIN_GROUP:  # where they point, seen over all modules already
+                continue
+            for k, margin in zip(group.members, group.margins, strict=True):
+                if ctx.margin(k, margin, self.name):
+                    found.setdefault(k, []).append((margin, group))
+        for k, hits in sorted(found.items()):
+            hits.sort(key=lambda h: (-h[0], h[1].module))
+            ctx.flag(k, self.reason(k, hits))
+
+    def reason(self, k: int, hits: list[tuple[float, ModuleGroup]]) -> Reason:
+        """The module where the group is farthest out, and every module where one flagged it."""
+        margin, group = hits[0]
+        return Reason(
+            kind=self.name,
+            cosine=group.cosine,
+            typical=group.consensus,
+            modules=tuple(g.module for _, g in hits),
+            module=group.module,
+            of=tuple(j for j, m in zip(group.members, group.margins, strict=True) if j != k and m > 1),
+            rule=self.name,
+            value=group.cosine,
+            threshold=-MODULE_OPPOSED_COSINE,
+            compare="<",
+            margin=margin,
+        )
+
+
+def module_groups(
+    modules: Mapping[str, ModuleCosines], coordinated: Sequence[CoordinatedGroup] = ()
+) -> list[ModuleGroup]:
+    """Rule 16's groups over every module (:class:`ModuleOpposed`), in module order. Each of
+    ``coordinated`` (rule 10's groups) counts as one adapter in the rest's mean and thresholds."""
+    out: list[ModuleGroup] = []
+    for name, m in modules.items():
+        once = _counted_once(m.adapters, coordinated)
+        seen: set[tuple[bool, ...]] = set()
+        for s in _splits(m.cosine.double(), m.centre.double()):
+            key = tuple(s.tolist())
+            if key in seen:
+                continue
+            seen.add(key)
+            group = _judge(name, m.adapters, m.cosine.double(), s, len(modules), once)
+            if group is not None and all(g.members != group.members for g in out if g.module == name):
+                out.append(group)
+    return out
+
+
+def _counted_once(
+    adapters: tuple[int, ...], coordinated: Sequence[CoordinatedGroup]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per member of a module: its weight (``1 / g`` in a coordinated group of ``g`` there) and
+    whether it sets thresholds (one member of each such group does, the first)."""
+    mass = torch.ones(len(adapters), dtype=torch.float64)
+    setter = torch.ones(len(adapters), dtype=torch.bool)
+    where = {a: i for i, a in enumerate(adapters)}
+    for group in coordinated:
+        present = [where[a] for a in group.members if a in where]
+        if len(present) > 1:
+            mass[present] = 1.0 / len(present)
+            setter[present[1:]] = False
+    return mass, setter
+
+
+def _splits(C: torch.Tensor, centre: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The two candidate group sides of a module, each refined (:class:`ModuleOpposed`)."""
+    if C.shape[0] < 3:
+        return
+    v = torch.linalg.eigh(C).eigenvectors[:, -1]
+    if int((v < 0).sum()) > int((v > 0).sum()):
+        v = -v
+    yield _refined(C, v < 0)
+    yield _refined(C, centre < 0)
+
+
+def _refined(C: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``s`` moved, until it repeats, to the members whose cosine with the mean of the others on
+    the rest's side (less themselves) is negative."""
+    diag = C.diagonal()
+    for _ in range(SPLIT_STEPS):
+        t = (~s).double()
+        row = C @ t
+        rest = (float(t @ C @ t) - 2 * row * t + diag * t).clamp_min(1e-300)  # ||sum_T - [k in T] x_k||^2
+        new = (row - diag * t) / (diag * rest).sqrt() < 0
+        if bool((new == s).all()):
+            break
+        s = new
+    return s
+
+
+def largest_minority(n: int) -> int:
+    """The largest group of ``n`` members that is at most ``MINORITY`` times the rest."""
+    return int(math.floor(MINORITY * n / (1 + MINORITY) + 1e-9))
+
+
+def group_level(n: int, g: int, n_modules: int) -> float:
+    """Rule 16's level for each of ``g`` members among ``n`` (:class:`ModuleOpposed`)."""
+    groups = max(largest_minority(n) - MIN_GROUP + 1, 1)
+    return min((ALPHA / (n_modules * SPLITS * groups * math.comb(n, g))) ** (1 / g), 0.25)
+
+
+def _judge(  # noqa: PLR0913 - the module, its side, and how its members count
+    name: str,
+    adapters: tuple[int, ...],
+    C: torch.Tensor,
+    s: torch.Tensor,
+    n_modules: int,
+    once: tuple[torch.Tensor, torch.Tensor],
+) -> ModuleGroup | None:
+    """The group of side ``s`` that points against the rest on this module, if any; ``once``:
+    :func:`_counted_once`."""
+    n, h = C.shape[0], int(s.sum())
+    if not MIN_GROUP <= h <= MINORITY * (n - h):
+        return None
+    # T's mean weighs its members by their agreement: a set within T that agrees far more closely
+    # than T does (a coordinated third of the pool) counts as a few members, not as the rest; a
+    # group rule 10 found counts as one member, in the mean and in the thresholds.
+    mass, setter = once
+    t = (~s).double() * agreement_masses(C, ~s) * mass
+    tt = float(t @ C @ t)
+    if tt <= 0:
+        return None
+    # Each member of S against T's own members (each one's cosine with the mean of T's others):
+    # p-values of the calibrated law, past the floor (the consensus: below zero at least).
+    basis = -Opposed.agreement(C, t)[setter[~s]]
+    if basis.numel() < 3:
+        return None
+    centre, sigma = median(basis), float(qn_scale(basis))
+    consensus = -centre
+    if consensus < CONSENSUS:
+        return None
+    own = (C @ t) / (C.diagonal() * tt).sqrt()
+    side = torch.nonzero(s).flatten().tolist()
+    p = {}
+    for j in side:
+        x = -float(own[j])
+        if x > centre + consensus:
+            p[j] = rule_tail_probability(basis.numel(), (x - centre) / sigma) if sigma > 0 else 0.0
+    # The largest g with at least g members past the level of g (S is a minority: at most G).
+    for g in range(h, MIN_GROUP - 1, -1):
+        members = [j for j in side if p.get(j, 1.0) <= group_level(n, g, n_modules)]
+        if len(members) >= g:
+            break
+    else:
+        return None
+    a = torch.zeros(n, dtype=torch.float64)
+    a[members] = 1.0
+    cosine = float(a @ C @ t) / (float(a @ C @ a) * tt) ** 0.5
+    # The group shows that this module holds one; each member is then judged at ALPHA.
+    width = max(rule_critical_value(basis.numel(), ALPHA) * sigma, consensus)
+    judged = sorted(set(members) | {j for j in side if p.get(j, 1.0) <= ALPHA})
+    margins = tuple(min(-cosine / MODULE_OPPOSED_COSINE, (-float(own[j]) - centre) / width) for j in judged)
+    core = tuple(adapters[j] for j in members)
+    return ModuleGroup(name, tuple(adapters[j] for j in judged), margins, core, cosine, consensus)
