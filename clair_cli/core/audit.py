@@ -260,6 +260,8 @@ class ModuleCentre:
         fit_on: the members that shape the centre (the representatives of copies).
         rep: per member, the member whose update it copies (itself if none).
         back: undoes the canonical order (the cosines are returned in the members' given order).
+        first: :meth:`cosines`, as the module's audit computed them (rule 16 starts a split from
+            their signs).
     """
 
     adapters: list[int]
@@ -267,25 +269,27 @@ class ModuleCentre:
     fit_on: list[int]
     rep: list[int]
     back: torch.Tensor
+    first: torch.Tensor | None = None
 
     def cosines(self) -> torch.Tensor:
         """Each member's cosine with the module's centre of the others (the first pass's;
         :class:`ModuleCentres` refits them without given adapters)."""
-        return self._canonical_cosines()[self.back]
-
-    def _canonical_cosines(self) -> torch.Tensor:
         centre = torch.zeros(len(self.adapters), dtype=torch.bool)
         centre[self.fit_on] = True
         leave_out = {j: [self.rep[j]] for j in range(len(self.adapters))}
         mass = agreement_masses(self.cosine, centre)
-        return centre_cosines(self.cosine, centre, leave_out, mass)
+        return centre_cosines(self.cosine, centre, leave_out, mass)[self.back]
 
     def for_groups(self) -> ModuleCosines:
         """What rule 16 reads (:class:`~clair_cli.core.rules.opposed.ModuleCosines`): the members
         with a nonzero update, copies once."""
         C = self.cosine.double()
-        idx = [j for j in range(len(self.adapters)) if self.rep[j] == j and float(C[j, j]) > 0]
-        return ModuleCosines(tuple(self.adapters[j] for j in idx), C[idx][:, idx], self._canonical_cosines()[idx])
+        diag = C.diagonal().tolist()
+        idx = [j for j in range(len(self.adapters)) if self.rep[j] == j and diag[j] > 0]
+        first = self.cosines() if self.first is None else self.first
+        canonical = first.double()[torch.argsort(self.back)]  # given order back to canonical
+        keep = torch.tensor(idx, dtype=torch.long)
+        return ModuleCosines(tuple(self.adapters[j] for j in idx), C[keep][:, keep], canonical[keep])
 
 
 class ModuleCentres:
@@ -340,7 +344,8 @@ def _ordinary(done: ModuleAudit) -> ModuleAudit:
     tensors = {f.name: getattr(r, f.name) for f in fields(r) if isinstance(getattr(r, f.name), torch.Tensor)}
     result = replace(r, **{name: t.clone() for name, t in tensors.items()})
     c = done.centre
-    centre = None if c is None else replace(c, cosine=c.cosine.clone(), back=c.back.clone())
+    first = None if c is None or c.first is None else c.first.clone()
+    centre = None if c is None else replace(c, cosine=c.cosine.clone(), back=c.back.clone(), first=first)
     return replace(done, result=result, G=done.G.clone(), centre=centre)
 
 
@@ -646,7 +651,8 @@ class ClairAuditor:
             # Weighed by agreement: a set agreeing far more closely than the module's pool
             # counts as a few adapters, whatever its size.
             centre = ModuleCentre(list(w.mod.members), cosine, list(w.fit_on), list(w.rep), w.back)
-            return centre.cosines(), centre
+            centre.first = centre.cosines()
+            return centre.first, centre
         # A gate's references set the centre as they are.
         module_centre = torch.zeros(len(w.A), dtype=torch.bool)
         module_centre[w.fit_on] = True
