@@ -31,8 +31,8 @@ RULES = ["direction", "whole_direction", "off_subspace", "joint", "module", "in_
          "module_norm", "module_projection", "spectral", "isolated", "opposed", "module_opposed", "pull", "duplicate",
          "coordinated"]  # fmt: skip
 REASON_KINDS = ["direction", "whole_direction", "off_subspace", "joint", "in_subspace", "norm", "module_direction",
-                "module_norm", "module_projection", "spectral", "isolated", "opposed", "module_opposed", "pull", "duplicate",
-         "coordinated"]  # fmt: skip
+                "module_norm", "module_projection", "spectral", "isolated", "opposed", "module_opposed", "pull",
+                "duplicate", "coordinated"]  # fmt: skip
 WATCHED_RULES = ["direction", "off_subspace", "norm", "spectral", "pull"]
 BASELINES = ["mean", "fedavg", "median", "trimmed-mean", "krum", "multi-krum", "ties"]
 
