@@ -208,10 +208,13 @@ class ModuleOpposed:
        (``opposed-spread-norm`` at 33 %) made ``T``'s mean its own on a module, four honest
        clients pointed against it, and the passes that followed, fitted without them, flagged
        nine honest clients and no attacker. Each member of ``S`` is judged by its cosine with
-       ``T``'s mean against those cosines of ``T``'s own members (each with the mean of ``T``'s
-       others; the calibrated law, its floor the consensus: below zero at least), as a p-value.
-       Among ``n`` honest members, ``g`` past the level ``a_g`` have probability at most
-       ``C(n, g) a_g^g`` (independent under the Gaussian model), so
+       ``T``'s mean against the same values of every other member (``T``'s: each one's cosine
+       with the mean of ``T``'s others; ``S``'s included: the split has moved an honest module's
+       lower tail to ``S``, and ``T`` alone was a trimmed reference that flagged honest clients
+       of rank-1 synthetic pools in 8 of 20, found by an outside review), with the calibrated
+       law and the consensus as floor (below zero at least), as a p-value. Among ``n`` honest
+       members, ``g`` past the level ``a_g`` have probability at most ``C(n, g) a_g^g`` where
+       their p-values are independent (approximately: they share one reference), so
        ``a_g = (ALPHA / (M * SPLITS * (G - MIN_GROUP + 1) * C(n, g)))^(1/g)`` keeps the chance
        that an honest module shows a group at ``ALPHA`` over the ``M`` modules, both splits and
        the group sizes ``MIN_GROUP`` to ``G`` (the largest minority). The core is the largest
@@ -230,16 +233,15 @@ class ModuleOpposed:
     gate`` (the references' centre judges each upload).
 
     The group's bound is twice rule 9's: one module's cosines spread more than the whole
-    update's. Measured (``python -m benchmarks.module_groups``, docs/security.md#one-module): on
-    the attack benchmark's six trained pools, each whole and in 30 subsets of 5-10 of its
-    honest clients (186 audits), the largest rule-16 margin of an honest client is 0.49; the
-    module-flip groups of a fifth and a third of the pool at the honest norm are caught, every
-    member, in five pools of six. On ``revsucc`` seed 1, whose honest clients agree on the
-    flipped module at a consensus of 0.12, a third of the pool passes (an honest client leans
-    against the rest there too, and the group side is more than a third), and at ``x -2`` two
-    of a fifth's three (the third is flagged over all modules, which leaves a pair). Synthetic
-    pools with one module flipped in 3 or 6 of 15-18 clients are in the
-    benchmark's second table.
+    update's. Measured: ``python -m benchmarks.module_groups`` (honest margins on the attack
+    benchmark's six trained pools and 180 subsets of them; one module flipped in synthetic pools)
+    and ``python -m benchmarks.attacks --attacks module-flip`` (docs/security.md#one-module).
+    Where the honest clients agree only loosely on the flipped module (``revsucc`` seed 1,
+    consensus 0.12; ``majority`` seed 2) a flipped group still passes. A label-skewed honest
+    minority of three or more on a head-like module looks exactly like a flipped group (an
+    outside review built one: flagged); so do copies of one flipped module, which count once
+    (not yet handled: every copy of a flagged member should be flagged, and the copies counted
+    in the group's size).
 
     What an attacker who knows it can do: keep the group's mean cosine with the rest above
     ``-MODULE_OPPOSED_COSINE`` on every module, or each member's cosine with the rest's mean
@@ -274,7 +276,7 @@ class ModuleOpposed:
             typical=group.consensus,
             modules=tuple(g.module for _, g in hits),
             module=group.module,
-            of=tuple(j for j, m in zip(group.members, group.margins, strict=True) if j != k and m > 1),
+            of=tuple(j for j in dict.fromkeys(group.core + group.members) if j != k),
             rule=self.name,
             value=group.cosine,
             threshold=-MODULE_OPPOSED_COSINE,
@@ -387,12 +389,19 @@ def _judge(  # noqa: PLR0913 - the module, its side, and how its members count
     if consensus < CONSENSUS:
         return None
     own = (C @ t) / (C.diagonal() * tt).sqrt()
+    # Each member of S against every other member (S's own included): the split has moved the
+    # lower tail of an honest module to S, so T alone is a trimmed reference.
+    x = -own.clone()
+    x[~s] = -Opposed.agreement(C, t)
     side = torch.nonzero(s).flatten().tolist()
     p = {}
     for j in side:
-        x = -float(own[j])
-        if x > centre + consensus:
-            p[j] = rule_tail_probability(basis.numel(), (x - centre) / sigma) if sigma > 0 else 0.0
+        others = setter.clone()
+        others[j] = False
+        ref = x[others]
+        c_j, sigma = median(ref), float(qn_scale(ref))
+        if float(x[j]) > c_j + consensus:
+            p[j] = rule_tail_probability(ref.numel(), (float(x[j]) - c_j) / sigma) if sigma > 0 else 0.0
     # The largest g with at least g members past the level of g (S is a minority: at most G).
     for g in range(h, MIN_GROUP - 1, -1):
         members = [j for j in side if p.get(j, 1.0) <= group_level(n, g, n_modules)]
