@@ -384,8 +384,7 @@ def _judge(  # noqa: PLR0913 - the module, its side, and how its members count
     basis = -Opposed.agreement(C, t)[setter[~s]]
     if basis.numel() < 3:
         return None
-    centre, sigma = median(basis), float(qn_scale(basis))
-    consensus = -centre
+    consensus = -median(basis)
     if consensus < CONSENSUS:
         return None
     own = (C @ t) / (C.diagonal() * tt).sqrt()
@@ -394,12 +393,13 @@ def _judge(  # noqa: PLR0913 - the module, its side, and how its members count
     x = -own.clone()
     x[~s] = -Opposed.agreement(C, t)
     side = torch.nonzero(s).flatten().tolist()
-    p = {}
+    p, cuts = {}, {}
     for j in side:
         others = setter.clone()
         others[j] = False
         ref = x[others]
         c_j, sigma = median(ref), float(qn_scale(ref))
+        cuts[j] = (c_j, max(rule_critical_value(ref.numel(), ALPHA) * sigma, consensus))
         if float(x[j]) > c_j + consensus:
             p[j] = rule_tail_probability(ref.numel(), (float(x[j]) - c_j) / sigma) if sigma > 0 else 0.0
     # The largest g with at least g members past the level of g (S is a minority: at most G).
@@ -413,8 +413,7 @@ def _judge(  # noqa: PLR0913 - the module, its side, and how its members count
     a[members] = 1.0
     cosine = float(a @ C @ t) / (float(a @ C @ a) * tt) ** 0.5
     # The group shows that this module holds one; each member is then judged at ALPHA.
-    width = max(rule_critical_value(basis.numel(), ALPHA) * sigma, consensus)
     judged = sorted(set(members) | {j for j in side if p.get(j, 1.0) <= ALPHA})
-    margins = tuple(min(-cosine / MODULE_OPPOSED_COSINE, (-float(own[j]) - centre) / width) for j in judged)
+    margins = tuple(min(-cosine / MODULE_OPPOSED_COSINE, (float(x[j]) - cuts[j][0]) / cuts[j][1]) for j in judged)
     core = tuple(adapters[j] for j in members)
     return ModuleGroup(name, tuple(adapters[j] for j in judged), margins, core, cosine, consensus)
