@@ -313,13 +313,36 @@ def _module_flip(p: PoolData, m: int, c: float, rng: np.random.Generator) -> lis
     """Attacker ``k`` sends honest client ``k``'s update, honest in every module but the one the
     honest mean relies on most (its largest module), where it is sent times ``-c``: the attack
     whole-update statistics dilute (rules 12-14 judge each module)."""
-    mean = p.layout.split(p.honest.mean(0))
-    target = max(p.layout.modules, key=lambda mod: (float(np.linalg.norm(mean[mod])), mod))
+    target = _flip_target(p)
     out = []
     for k in range(m):
         f = dict(p.honest_factors[k])
         A, B, s = f[target]
         f[target] = (A, -c * B, s)
+        out.append(Contribution(f, p.layout.flatten(f)))
+    return out
+
+
+def _flip_target(p: PoolData) -> str:
+    """The module the honest mean relies on most (its largest)."""
+    mean = p.layout.split(p.honest.mean(0))
+    return max(p.layout.modules, key=lambda mod: (float(np.linalg.norm(mean[mod])), mod))
+
+
+def _module_flip_copies(p: PoolData, m: int, c: float, rng: np.random.Generator) -> list:
+    """``module-flip`` sent as copies: every attacker's target module is honest client 0's times
+    ``-c``, the same update (cosine 1), each at its own honest norm times ``c``; copies of one
+    module update enter a module's statistics once, so the group must be counted by its copies."""
+    flipped = _module_flip(p, m, c, rng)
+    target = _flip_target(p)
+    A0, B0, s0 = flipped[0].factors[target]
+    size0 = float((s0 * B0 @ A0).norm())
+    out = [flipped[0]]
+    for k in range(1, m):
+        f = dict(flipped[k].factors)
+        A, B, s = f[target]
+        own = float((s * B @ A).norm())
+        f[target] = (A0, B0 * (s0 * own / size0 / s), s)
         out.append(Contribution(f, p.layout.flatten(f)))
     return out
 
@@ -515,6 +538,7 @@ ATTACKS: dict[str, Attack] = {
         Attack("boost", _boost, (2.0, 5.0, 50.0), (2.0, 10.0), "x c"),
         Attack("sign-flip", _sign_flip, (1.0, 2.0, 10.0), (1.0, 5.0), "x -c"),
         Attack("module-flip", _module_flip, (1.0, 2.0, 3.0, 3.9, 8.0), (2.0, 3.9), "x -c in one module"),
+        Attack("module-flip-copies", _module_flip_copies, (1.0, 2.0, 3.0, 3.9, 8.0), (2.0, 3.9), "x -c in one module"),
         Attack("free-ride-span", _free_ride_span, (0.0, 0.1, 0.2, 0.3), (0.0, 0.2), "cosine with the honest mean"),
         Attack("rebalance", _rebalance, (1e-6, 1e6, 1e18), (1e-6, 1e18), "c in (A / c, B c)"),
         Attack("rank-inflation", _rank_inflation, (0.0, 1e-3), (0.0, 1e-3), "extra directions' size"),

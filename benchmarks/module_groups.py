@@ -12,7 +12,9 @@ Two tables:
 2. **Module-flip on synthetic pools.** ``benchmarks.synthetic.make_pool`` pools of 12 honest
    clients (spread 0.5, 1 and 2; 3 or 6 modules) plus 0, 3 or 6 clients whose update is an
    honest-looking one with module 0 sign-flipped, ``--synthetic-seeds`` seeds each, audited with
-   and without rule 16 (its groups emptied): attackers caught and honest clients flagged.
+   and without rule 16 (its groups emptied): attackers caught and honest clients flagged. The
+   flip is sent two ways: each attacker flips its own module (``own``), or every attacker sends
+   the first one's flipped module at its own norm (``copies``: one update, cosine 1).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ SUBSET_SIZES = (5, 6, 7, 8, 10)
 SPREADS = (0.5, 1.0, 2.0)
 MODULES = (3, 6)
 ATTACKERS = (0, 3, 6)
+SENT = ("own", "copies")
 N_HONEST = 12
 
 
@@ -64,31 +67,52 @@ def honest_margins(cache: Path, seeds: int, subsets: int) -> list[dict]:
     return rows
 
 
+def flip_module(mods: list, attackers: range, sent: str) -> None:
+    """Module 0 of each attacker sign-flipped: its own (``own``), or the first attacker's flipped
+    module at the attacker's own norm (``copies``)."""
+    m = mods[0]
+    for k in attackers:
+        m.B[k] = -m.B[k]
+        if sent == "copies" and k != attackers[0]:
+            first = attackers[0]
+            own = float((m.B[k] @ m.A[k]).norm()) * m.scales[k]
+            size = float((m.B[first] @ m.A[first]).norm()) * m.scales[first]
+            m.A[k], m.B[k] = m.A[first].clone(), m.B[first] * (m.scales[first] * own / size / m.scales[k])
+
+
 def module_flip(seeds: int) -> list[dict]:
-    """Per (spread, with/without rule 16): attackers caught and honest clients flagged."""
+    """Per (how the flip is sent, spread, with/without rule 16): attackers caught, honest flagged."""
     rows = []
-    for spread in SPREADS:
-        for rule in (True, False):
-            caught = attackers = honest = audited = 0
-            for n_mod in MODULES:
-                for m in ATTACKERS:
-                    for seed in range(seeds):
-                        K = N_HONEST + m
-                        mods = make_pool(M=n_mod, K=K, spread=spread, seed=seed)
-                        for k in range(N_HONEST, K):
-                            mods[0].B[k] = -mods[0].B[k]
-                        if rule:
-                            found = flagged(ClairAuditor().fit(mods, K))
-                        else:
-                            with mock.patch.object(audit_module, "module_groups", lambda modules, coordinated=(): []):
+    for sent in SENT:
+        for spread in SPREADS:
+            for rule in (True, False):
+                caught = attackers = honest = audited = 0
+                for n_mod in MODULES:
+                    for m in ATTACKERS:
+                        for seed in range(seeds):
+                            K = N_HONEST + m
+                            mods = make_pool(M=n_mod, K=K, spread=spread, seed=seed)
+                            flip_module(mods, range(N_HONEST, K), sent)
+                            if rule:
                                 found = flagged(ClairAuditor().fit(mods, K))
-                        caught += sum(k >= N_HONEST for k in found)
-                        honest += sum(k < N_HONEST for k in found)
-                        attackers += m
-                        audited += N_HONEST
-            rows.append(
-                dict(spread=spread, rule=rule, caught=caught, attackers=attackers, honest=honest, audited=audited)
-            )
+                            else:
+                                with mock.patch.object(audit_module, "module_groups", lambda *args: []):
+                                    found = flagged(ClairAuditor().fit(mods, K))
+                            caught += sum(k >= N_HONEST for k in found)
+                            honest += sum(k < N_HONEST for k in found)
+                            attackers += m
+                            audited += N_HONEST
+                rows.append(
+                    dict(
+                        sent=sent,
+                        spread=spread,
+                        rule=rule,
+                        caught=caught,
+                        attackers=attackers,
+                        honest=honest,
+                        audited=audited,
+                    )
+                )
     return rows
 
 
@@ -101,10 +125,11 @@ def render(honest: list[dict], flips: list[dict]) -> str:
         lines.append(
             f"| {r['task']} | {r['seed']} | {r['audits']} | {r['worst']:.2f} | {r['flagged']} / {r['audited']} |"
         )
-    lines += ["", "| spread | rule 16 | attackers caught | honest flagged |", "|---|---|---|---|"]
+    lines += ["", "| flip sent as | spread | rule 16 | attackers caught | honest flagged |", "|---|---|---|---|---|"]
     for r in flips:
         on = "on" if r["rule"] else "off"
-        lines.append(f"| {r['spread']:g} | {on} | {r['caught']} / {r['attackers']} | {r['honest']} / {r['audited']} |")
+        caught, honest = f"{r['caught']} / {r['attackers']}", f"{r['honest']} / {r['audited']}"
+        lines.append(f"| {r['sent']} | {r['spread']:g} | {on} | {caught} | {honest} |")
     return "\n".join(lines)
 
 

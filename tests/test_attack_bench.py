@@ -99,3 +99,40 @@ def test_split_groups_pull_alike_along_their_own_directions() -> None:
     against = np.vstack([a.vector for a in at.spread_edge(pool, 6, 0.9, 2.0, rng, groups=2, cosine=0.45)])
     g = (against / np.linalg.norm(against, axis=1, keepdims=True))[0::2].mean(0)
     assert float(g @ mean_dir / np.linalg.norm(g)) == pytest.approx(-0.45, abs=0.1)
+
+
+def test_module_flip_copies_send_one_flipped_module_at_each_attackers_norm() -> None:
+    """``module-flip-copies``: every attacker's largest module is honest client 0's times -c (one
+    update, cosine 1), each at its own honest norm times c; its other modules are its own."""
+    import torch
+
+    from benchmarks.attacks import Layout, PoolData, _flip_target, _module_flip_copies
+
+    g = torch.Generator().manual_seed(0)
+    layout = Layout(["a", "b"], [(6, 5), (4, 5)])
+    factors = [
+        {
+            m: (
+                torch.randn(2, 5, generator=g, dtype=torch.float64),
+                torch.randn(o, 2, generator=g, dtype=torch.float64) * (3.0 if m == "a" else 1.0),
+                0.5 + k,
+            )
+            for m, (o, _) in zip(layout.modules, layout.shapes, strict=True)
+        }
+        for k in range(6)
+    ]
+    honest = np.stack([layout.flatten(f) for f in factors])
+    p = PoolData("t", 0, layout, factors, honest, [], honest[:0], None)  # type: ignore[arg-type]
+    target = _flip_target(p)
+    assert target == "a"
+    out = _module_flip_copies(p, 4, 2.0, np.random.default_rng(0))
+    first = factors[0]["a"][2] * factors[0]["a"][1] @ factors[0]["a"][0]
+    for k, c in enumerate(out):
+        A, B, s = c.factors["a"]
+        sent = s * B @ A
+        own = factors[k]["a"][2] * factors[k]["a"][1] @ factors[k]["a"][0]
+        cosine = float((sent * first).sum() / (sent.norm() * first.norm()))
+        assert cosine == pytest.approx(-1.0, abs=1e-12)
+        assert float(sent.norm()) == pytest.approx(2.0 * float(own.norm()), rel=1e-12)
+        assert c.factors["b"] is factors[k]["b"]
+        np.testing.assert_allclose(c.vector, layout.flatten(c.factors))

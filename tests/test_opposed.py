@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import clair_cli.core.audit as audit_module
+import clair_cli.core.rules.opposed as opposed
 from benchmarks.synthetic import flagged, make_pool
 from clair_cli.core.audit import ClairAuditor
+from clair_cli.core.calibration import qn_scale, rule_critical_value, rule_tail_probability
 from clair_cli.core.insubspace import agreement_masses
 from clair_cli.core.rules.base import ALPHA
 from clair_cli.core.rules.opposed import (
@@ -104,7 +106,7 @@ def test_a_group_turning_one_module_is_caught_as_a_group(seed: int, monkeypatch:
     text = reason_text(r, names, ModuleNames(f"layers.{m}.q_proj" for m in range(4)))
     assert "against the rest of the pool in layer 0 q_proj" in text and f"{r.value:+.2f}" in text
     assert all(names[j] in text for j in sorted(r.of or ())[:3])
-    monkeypatch.setattr(audit_module, "module_groups", lambda modules, coordinated=(): [])
+    monkeypatch.setattr(audit_module, "module_groups", lambda *args: [])
     without = flagged(ClairAuditor().fit(_turn_one_module(K, 1.0, seed), K))
     assert len(without & bad) < len(caught), without
 
@@ -170,6 +172,57 @@ def test_the_module_group_against_a_dense_reference() -> None:
         assert 8 * SPLITS * (G - MIN_GROUP + 1) * math.comb(n, g) * level**g == pytest.approx(ALPHA, rel=1e-9)
 
 
+@pytest.mark.parametrize("seed", [1, 3])
+def test_the_module_group_members_p_values_and_margins_against_a_dense_reference(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five noisy mirror images of honest clients among twelve: each member's p-value recomputed
+    from the unit updates (its cosine with the rest's weighted mean, against every other member's
+    cosine with the mean of the rest less itself), the core as the largest ``g`` with ``g``
+    members past ``group_level``, and each margin as the smaller of the group's and the member's
+    own. Modules too small to hold a group leave the levels alone."""
+    g = torch.Generator().manual_seed(5)
+    X = _unit_rows(12, 0, seed=seed)
+    mirrors = -X[:5] + 0.9 * torch.randn(5, X.shape[1], generator=g, dtype=torch.float64) / X.shape[1] ** 0.5
+    X = torch.cat([X, mirrors / mirrors.norm(dim=1, keepdim=True)])
+    C, n = X @ X.T, 17
+    small = ModuleCosines((0, 1, 2, 3), torch.eye(4, dtype=torch.float64), torch.zeros(4))
+    modules = {"m": ModuleCosines(tuple(range(n)), C, torch.zeros(n)), **{f"small{i}": small for i in range(5)}}
+    levels: list[int] = []
+    monkeypatch.setattr(opposed, "group_level", lambda n, g, m: levels.append(m) or group_level(n, g, m))
+    (group,) = module_groups(modules)
+    assert set(levels) == {1}  # the small modules cannot hold a group of three at a third
+    rest = torch.arange(n) < 12
+    w = agreement_masses(C, rest)
+    t_mean = (w[:12, None] * X[:12]).sum(0)
+    x = torch.tensor(
+        [
+            -float(X[j] @ (t_mean - w[j] * X[j]) / (t_mean - w[j] * X[j]).norm())
+            if j < 12
+            else -float(X[j] @ t_mean / t_mean.norm())
+            for j in range(n)
+        ],
+        dtype=torch.float64,
+    )
+    consensus = -float(torch.quantile(x[:12], 0.5))
+    p, cut = {}, {}
+    for j in range(12, n):
+        ref = torch.cat([x[:j], x[j + 1 :]])
+        c, sigma = float(torch.quantile(ref, 0.5)), float(qn_scale(ref))
+        p[j] = rule_tail_probability(n - 1, (float(x[j]) - c) / sigma) if float(x[j]) > c + consensus else 1.0
+        cut[j] = (float(x[j]) - c) / max(rule_critical_value(n - 1, ALPHA) * sigma, consensus)
+    sizes = [h for h in range(5, MIN_GROUP - 1, -1) if sum(p[j] <= group_level(n, h, 1) for j in p) >= h]
+    core = [j for j in p if p[j] <= group_level(n, sizes[0], 1)]
+    assert list(group.core) == core and group.consensus == pytest.approx(consensus, abs=1e-12)
+    g_mean = X[core].sum(0)
+    cosine = float(g_mean @ t_mean / (g_mean.norm() * t_mean.norm()))
+    assert group.cosine == pytest.approx(cosine, abs=1e-12)
+    judged = sorted(set(core) | {j for j in p if p[j] <= ALPHA})
+    assert list(group.members) == judged
+    expected = [min(-cosine / MODULE_OPPOSED_COSINE, cut[j]) for j in judged]
+    assert list(group.margins) == pytest.approx(expected, abs=1e-9)
+
+
 def test_a_coordinated_group_in_the_rest_counts_as_one_member() -> None:
     """Rule 10's group inside the rest would set its consensus (its members agree with each other):
     counted once, it does not make loosely agreeing honest clients look opposed (a tight third
@@ -179,6 +232,55 @@ def test_a_coordinated_group_in_the_rest_counts_as_one_member() -> None:
     for seed in range(3):
         aud = ClairAuditor().fit(_pool_with_group(seed), 18)
         assert not any(v.signals.get("module_opposed", 0.0) > 1 for v in aud.verdicts_[:12]), seed
+
+
+def _copies_of_one_flipped_module(seed: int, sources: dict[int, int]):
+    """Each attacker ``k`` sends, on module 0, the flipped module of client ``sources[k]`` (the
+    same update, cosine 1, at its own norm) and honest-looking other modules."""
+    mods = make_pool(M=4, K=18, spread=1.0, seed=seed)
+    m = mods[0]
+    flipped = {j: (m.A[j].clone(), -m.B[j] * m.scales[j]) for j in set(sources.values())}
+    for k, j in sources.items():
+        A, B = flipped[j]
+        own = float((m.B[k] @ m.A[k]).norm()) * m.scales[k]
+        m.A[k], m.B[k] = A.clone(), B * own / float((B @ A).norm()) / m.scales[k]
+    return mods
+
+
+def test_copies_of_one_flipped_module_are_a_group_of_their_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Six clients of eighteen send one flipped module, the same update (each at its own norm),
+    and honest updates elsewhere: copies enter a module's statistics once, which left one member
+    on the group side (never a group) until copies counted as the adapters they are. Every copy
+    is flagged with the one it copies."""
+    bad = set(range(12, 18))
+    aud = ClairAuditor().fit(_copies_of_one_flipped_module(0, {k: 12 for k in bad}), 18)
+    assert flagged(aud) == bad
+    for k in bad:
+        r = next(r for r in aud.verdicts_[k].reasons if r.rule == "module_opposed")
+        assert r.module == "layers.0.q_proj" and set(r.of or ()) == bad - {k}
+    monkeypatch.setattr(ModuleCosines, "multiplicity", lambda self, once=(): torch.ones(len(self.adapters)))
+    assert not flagged(ClairAuditor().fit(_copies_of_one_flipped_module(0, {k: 12 for k in bad}), 18))
+
+
+def test_a_copy_is_flagged_with_the_member_it_copies() -> None:
+    """Clients 12-14 flip their own module 0 and 15-17 copy one each: a flagged member's copies
+    are flagged with it, never left to ride free."""
+    for seed in (0, 4):
+        mods = _copies_of_one_flipped_module(seed, {12: 12, 13: 13, 14: 14, 15: 12, 16: 13, 17: 14})
+        aud = ClairAuditor().fit(mods, 18)
+        caught = {k for k, v in enumerate(aud.verdicts_) if any(r.rule == "module_opposed" for r in v.reasons)}
+        assert caught and flagged(aud) <= set(range(12, 18)), (seed, flagged(aud))
+        assert all((k in caught) == (k + 3 in caught) for k in (12, 13, 14)), (seed, caught)
+
+
+def test_copies_of_a_whole_update_count_once_in_a_module_group() -> None:
+    """A hub pool may hold re-uploads of one adapter: they are flagged as copies already and count
+    as one adapter on every module (one p-value is not three)."""
+    m = ModuleCosines((0, 1, 2), torch.eye(3), torch.zeros(3), ((5, 6), (), (7,)))
+    assert m.multiplicity().tolist() == [3.0, 1.0, 2.0]
+    assert m.multiplicity({5, 6}).tolist() == [1.0, 1.0, 2.0]
+    assert m.multiplicity({0, 5}).tolist() == [1.0, 1.0, 2.0]  # the first may itself be the whole copy
+    assert m.stands_for(0) == (0, 5, 6) and m.stands_for(1) == (1,)
 
 
 def test_rule_16_is_off_in_a_gate() -> None:

@@ -282,14 +282,17 @@ class ModuleCentre:
 
     def for_groups(self) -> ModuleCosines:
         """What rule 16 reads (:class:`~clair_cli.core.rules.opposed.ModuleCosines`): the members
-        with a nonzero update, copies once."""
+        with a nonzero update, copies once (and named with the one they copy)."""
         C = self.cosine.double()
         diag = C.diagonal().tolist()
         idx = [j for j in range(len(self.adapters)) if self.rep[j] == j and diag[j] > 0]
+        copies = {j: tuple(self.adapters[i] for i in range(len(self.rep)) if self.rep[i] == j != i) for j in idx}
         first = self.cosines() if self.first is None else self.first
         canonical = first.double()[torch.argsort(self.back)]  # given order back to canonical
         keep = torch.tensor(idx, dtype=torch.long)
-        return ModuleCosines(tuple(self.adapters[j] for j in idx), C[keep][:, keep], canonical[keep])
+        return ModuleCosines(
+            tuple(self.adapters[j] for j in idx), C[keep][:, keep], canonical[keep], tuple(copies[j] for j in idx)
+        )
 
 
 class ModuleCentres:
@@ -907,7 +910,11 @@ class ClairAuditor:
             whole_direction=whole,
             whole_pairs=whole_pairs,
             whole_recentre=whole_centres if reference is None and whole is not None else None,
-            module_groups=module_groups({n: c.for_groups() for n, c in centres.items()}, coordinated)
+            module_groups=module_groups(
+                {n: c.for_groups() for n, c in centres.items()},
+                coordinated,
+                {k for g in self.duplicate_groups_ for k in g[1:]},
+            )
             if reference is None and centres
             else [],
         )

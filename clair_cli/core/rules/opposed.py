@@ -40,7 +40,7 @@ its norm, which the norm rule and bounded influence (:mod:`clair_cli.core.influe
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -149,11 +149,23 @@ WHOLE_POINTING = ("direction", "whole_direction", "joint", "opposed")
 class ModuleCosines:
     """What rule 16 reads of one module: its members' pool indices, their cosine matrix and
     their cosines with the module's centre (rule 12's), over the members with a nonzero update,
-    copies once, in the module's canonical order."""
+    copies once, in the module's canonical order; ``copies``, per member, the pool indices of the
+    other members that send the same update on this module (none where empty)."""
 
     adapters: tuple[int, ...]
     cosine: torch.Tensor
     centre: torch.Tensor
+    copies: tuple[tuple[int, ...], ...] = ()
+
+    def multiplicity(self, once: Collection[int] = ()) -> torch.Tensor:
+        """How many adapters each member stands for: itself and its copies, less those in
+        ``once`` (copies of a whole update, which count as one adapter everywhere)."""
+        counts = [max(sum(1 for k in self.stands_for(j) if k not in once), 1) for j in range(len(self.adapters))]
+        return torch.tensor(counts, dtype=torch.float64)
+
+    def stands_for(self, j: int) -> tuple[int, ...]:
+        """Member ``j`` and the adapters that copy its update on this module."""
+        return (self.adapters[j], *(self.copies[j] if self.copies else ()))
 
 
 @dataclass(frozen=True)
@@ -184,7 +196,10 @@ class ModuleOpposed:
     members' rule-12 margins were 0.59-0.84 (the highest of the pool, under the cut at
     ``ALPHA / M``), and a fifth or a third of the pool flipped at the honest norm passed.
 
-    On each module, over its members with a nonzero update (copies once):
+    On each module, over its members with a nonzero update (copies of one update once in every
+    statistic, and as the number of adapters they are in every count: six clients sending one
+    flipped module are a group of six, and each copy of a flagged member is flagged with it;
+    copies of a whole update, flagged as such already, count as one adapter):
 
     1. **Two splits, each refined.** The sign pattern of the leading eigenvector of the
        members' cosine matrix (rule 9's split), and the members pointing against the module's
@@ -216,8 +231,9 @@ class ModuleOpposed:
        members, ``g`` past the level ``a_g`` have probability at most ``C(n, g) a_g^g`` where
        their p-values are independent (approximately: they share one reference), so
        ``a_g = (ALPHA / (M * SPLITS * (G - MIN_GROUP + 1) * C(n, g)))^(1/g)`` keeps the chance
-       that an honest module shows a group at ``ALPHA`` over the ``M`` modules, both splits and
-       the group sizes ``MIN_GROUP`` to ``G`` (the largest minority). The core is the largest
+       that an honest module shows a group at ``ALPHA`` over the ``M`` modules that can hold one
+       (at least ``MIN_GROUP`` members at a third), both splits and the group sizes
+       ``MIN_GROUP`` to ``G`` (the largest minority). The core is the largest
        ``g`` with at least ``g`` members past ``a_g``; its mean update must have a cosine below
        ``-MODULE_OPPOSED_COSINE`` with ``T``'s.
     4. **Members at ALPHA.** Where a core shows a group, the members of ``S`` past the cut at
@@ -239,9 +255,7 @@ class ModuleOpposed:
     Where the honest clients agree only loosely on the flipped module (``revsucc`` seed 1,
     consensus 0.12; ``majority`` seed 2) a flipped group still passes. A label-skewed honest
     minority of three or more on a head-like module looks exactly like a flipped group (an
-    outside review built one: flagged); so do copies of one flipped module, which count once
-    (not yet handled: every copy of a flagged member should be flagged, and the copies counted
-    in the group's size).
+    outside review built one: flagged).
 
     What an attacker who knows it can do: keep the group's mean cosine with the rest above
     ``-MODULE_OPPOSED_COSINE`` on every module, or each member's cosine with the rest's mean
@@ -286,20 +300,27 @@ class ModuleOpposed:
 
 
 def module_groups(
-    modules: Mapping[str, ModuleCosines], coordinated: Sequence[CoordinatedGroup] = ()
+    modules: Mapping[str, ModuleCosines],
+    coordinated: Sequence[CoordinatedGroup] = (),
+    copies: Collection[int] = (),
 ) -> list[ModuleGroup]:
     """Rule 16's groups over every module (:class:`ModuleOpposed`), in module order. Each of
-    ``coordinated`` (rule 10's groups) counts as one adapter in the rest's mean and thresholds."""
+    ``coordinated`` (rule 10's groups) counts as one adapter in the rest's mean and thresholds;
+    ``copies`` (copies of a whole update, flagged as such) count as one adapter with the one
+    they copy; any other copies of a module's update count as the adapters they are."""
+    mult = {name: m.multiplicity(copies) for name, m in modules.items()}
+    # The union bound runs over the modules that can hold a group at all.
+    n_modules = max(sum(largest_minority(round(float(w.sum()))) >= MIN_GROUP for w in mult.values()), 1)
     out: list[ModuleGroup] = []
     for name, m in modules.items():
-        once = _counted_once(m.adapters, coordinated)
+        once = (*_counted_once(m.adapters, coordinated), mult[name])
         seen: set[tuple[bool, ...]] = set()
         for s in _splits(m.cosine.double(), m.centre.double()):
             key = tuple(s.tolist())
             if key in seen:
                 continue
             seen.add(key)
-            group = _judge(name, m.adapters, m.cosine.double(), s, len(modules), once)
+            group = _judge(name, m, s, n_modules, once)
             if group is not None and all(g.members != group.members for g in out if g.module == name):
                 out.append(group)
     return out
@@ -358,23 +379,25 @@ def group_level(n: int, g: int, n_modules: int) -> float:
     return min((ALPHA / (n_modules * SPLITS * groups * math.comb(n, g))) ** (1 / g), 0.25)
 
 
-def _judge(  # noqa: PLR0913 - the module, its side, and how its members count
+def _judge(
     name: str,
-    adapters: tuple[int, ...],
-    C: torch.Tensor,
+    m: ModuleCosines,
     s: torch.Tensor,
     n_modules: int,
-    once: tuple[torch.Tensor, torch.Tensor],
+    once: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> ModuleGroup | None:
-    """The group of side ``s`` that points against the rest on this module, if any; ``once``:
-    :func:`_counted_once`."""
-    n, h = C.shape[0], int(s.sum())
+    """The group of side ``s`` that points against the rest on module ``m``, if any; ``once``:
+    :func:`_counted_once` and how many adapters each member stands for (its copies on ``m``)."""
+    C = m.cosine.double()
+    mass, setter, mult = once
+    # Sizes count copies of one module update as the adapters they are: six clients sending one
+    # flipped module are a group of six (honest clients never send identical updates).
+    n, h = round(float(mult.sum())), round(float(mult[s].sum()))
     if not MIN_GROUP <= h <= MINORITY * (n - h):
         return None
     # T's mean weighs its members by their agreement: a set within T that agrees far more closely
     # than T does (a coordinated third of the pool) counts as a few members, not as the rest; a
     # group rule 10 found counts as one member, in the mean and in the thresholds.
-    mass, setter = once
     t = (~s).double() * agreement_masses(C, ~s) * mass
     tt = float(t @ C @ t)
     if tt <= 0:
@@ -405,15 +428,21 @@ def _judge(  # noqa: PLR0913 - the module, its side, and how its members count
     # The largest g with at least g members past the level of g (S is a minority: at most G).
     for g in range(h, MIN_GROUP - 1, -1):
         members = [j for j in side if p.get(j, 1.0) <= group_level(n, g, n_modules)]
-        if len(members) >= g:
+        if float(mult[members].sum()) >= g:
             break
     else:
         return None
-    a = torch.zeros(n, dtype=torch.float64)
-    a[members] = 1.0
+    a = torch.zeros(len(m.adapters), dtype=torch.float64)
+    a[members] = mult[members]
     cosine = float(a @ C @ t) / (float(a @ C @ a) * tt) ** 0.5
-    # The group shows that this module holds one; each member is then judged at ALPHA.
+    # The group shows that this module holds one; each member is then judged at ALPHA, and its
+    # copies with it.
     judged = sorted(set(members) | {j for j in side if p.get(j, 1.0) <= ALPHA})
-    margins = tuple(min(-cosine / MODULE_OPPOSED_COSINE, (float(x[j]) - cuts[j][0]) / cuts[j][1]) for j in judged)
-    core = tuple(adapters[j] for j in members)
-    return ModuleGroup(name, tuple(adapters[j] for j in judged), margins, core, cosine, consensus)
+    flagged: list[int] = []
+    margins: list[float] = []
+    for j in judged:
+        margin = min(-cosine / MODULE_OPPOSED_COSINE, (float(x[j]) - cuts[j][0]) / cuts[j][1])
+        flagged += m.stands_for(j)
+        margins += [margin] * len(m.stands_for(j))
+    core = tuple(k for j in members for k in m.stands_for(j))
+    return ModuleGroup(name, tuple(flagged), tuple(margins), core, cosine, consensus)
