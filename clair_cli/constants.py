@@ -40,6 +40,13 @@ KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_
 KOHYA_KEY_RE = re.compile(
     r"^(?P<module>lora_(?:unet|te[123]?|transformer)_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"
 )
+# ComfyUI's layout (and musubi-tuner's, ai-toolkit's for Wan, Qwen-Image, HunyuanVideo, Flux): the original
+# checkpoint's module names after "diffusion_model.", PEFT's or kohya's factor names, an optional alpha.
+COMFY_PREFIX = "diffusion_model."
+COMFY_KEY_RE = re.compile(
+    r"^(?P<module>diffusion_model\.[A-Za-z0-9_.]*[A-Za-z0-9_])\."
+    r"(?P<part>lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha)$"
+)
 
 # Bounds on one safetensors file's header (docs/usage/sources.md, "Limits"): safetensors itself allows a
 # 100 MB header; an adapter's is a few hundred KB (a 70B model's LoRA on every linear layer

@@ -198,6 +198,12 @@ def _layout_notes(layout: str) -> list[str]:
     """How to load an adapter written in a diffusion ``layout`` (none for PEFT's)."""
     if layout == "peft":
         return []
+    if layout == "comfyui":
+        return [
+            "a ComfyUI LoRA file (diffusion_model. keys, scale 1 in every module), as its sources: ComfyUI takes "
+            "the file as it is, and pipe.load_lora_weights(DIR) loads it in the diffusers pipelines that read this "
+            "layout (Wan, Qwen-Image, HunyuanVideo, Flux)"
+        ]
     return [
         f"a {layout} LoRA file, as its sources: pipe.load_lora_weights(DIR) loads it in diffusers"
         + ("; A1111 and ComfyUI take the file as it is" if layout == "kohya" else "")

@@ -312,7 +312,7 @@ INSPECT_ADAPTER = closed(
     | {
         "base_model": nullable(STRING),
         "peft_type": STRING,
-        "layout": {"enum": ["peft", "kohya", "diffusers"]},
+        "layout": {"enum": ["peft", "kohya", "comfyui", "diffusers"]},
         "r": COUNT,
         "ranks": {"type": "array", "items": COUNT},
         "lora_alpha": NUMBER,

@@ -1,6 +1,6 @@
 """Diffusion LoRA files: kohya / sd-scripts and diffusers layouts, read as the same (A, B, scale) updates.
 
-Two layouts besides PEFT's are recognised from a file's tensor names (never from its name):
+Three layouts besides PEFT's are recognised from a file's tensor names (never from its name):
 
 - **kohya** (sd-scripts, A1111, ComfyUI): ``lora_unet_<path with _>.lora_down.weight``,
   ``.lora_up.weight`` and ``.alpha`` per module; ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` for
@@ -21,6 +21,15 @@ Two layouts besides PEFT's are recognised from a file's tensor names (never from
   two ways is refused: alphas beside a ``unet`` / ``prior`` / ``text_encoder_2`` / ``text_encoder_3``
   (Stable Diffusion, SDXL and SD3 refuse a key without "lora"), beside ``lora_adapter_metadata``,
   in some modules of a component and not others, or not stored as a float.
+- **comfyui** (ComfyUI's own, and what musubi-tuner and ai-toolkit write for Wan, Qwen-Image,
+  HunyuanVideo, Flux): ``diffusion_model.<module>.lora_A.weight`` / ``.lora_B.weight`` (or
+  ``.lora_down.weight`` / ``.lora_up.weight``) and ``.alpha``, under the original checkpoint's module
+  names. Each module's scale is its alpha / rank, and 1 (alpha = rank, or ``--lora-alpha``) without
+  one, as ComfyUI applies them and diffusers 0.42's loaders of those pipelines fold them into the
+  factors (``lora_state_dict``: ``_convert_non_diffusers_wan_lora_to_diffusers``,
+  ``_convert_non_diffusers_qwen_lora_to_diffusers``), whichever factor spelling a module uses. Bias
+  and norm differences (``.diff_b``, ``.diff``: Wan's CausVid and AccVideo LoRAs carry them) are
+  refused as any full weight difference is: they are no low-rank update.
 
 Module names are the file's own (``lora_unet_..._to_q``, ``unet.down_blocks...to_q``): adapters of
 one layout compare module by module, and outputs keep each input's layout and keys. What is not a
@@ -43,6 +52,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from clair_cli.constants import (
+    COMFY_KEY_RE,
+    COMFY_PREFIX,
     DIFFUSERS_COMPONENTS,
     DIFFUSERS_METADATA_KEY,
     FLOAT_DTYPES,
@@ -76,7 +87,8 @@ VARIANTS = (
     ("_norm", "norm tuning (w_norm / b_norm)"),
 )
 VARIANT_HINT = (
-    "clair reads plain LoRA files only (lora_down / lora_up / alpha): a LyCORIS variant has no low-rank "
+    "clair reads plain LoRA files only (lora_A / lora_B or lora_down / lora_up, alpha): a LyCORIS variant has no "
+    "low-rank "
     "update B @ A to compare. Leave this file out of the pool."
 )
 # diffusers 0.42 reads a kohya file's alphas into a LoraConfig whose alpha_pattern keys do not match
@@ -166,28 +178,33 @@ NETWORK_HINT = (
 )
 
 
+# How messages name each layout.
+LAYOUT_NAMES = {"peft": "PEFT", "kohya": "kohya", "comfyui": "ComfyUI", "diffusers": "diffusers"}
+
+
 def _bad(path: Path, problem: str, hint: str | None = None) -> AdapterFormatError:
     return AdapterFormatError(f"{printable(str(path))}: {problem}", hint=hint)
 
 
 def layout_of(path: Path, tensors: Mapping[str, TensorInfo], metadata: Mapping[str, str]) -> str:
-    """The key layout of a weights file: ``kohya``, ``diffusers`` or ``peft`` (anything else).
+    """The key layout of a weights file: ``kohya``, ``comfyui``, ``diffusers`` or ``peft`` (anything else).
 
     Raises:
-        AdapterFormatError: the file mixes kohya keys with others, or diffusers keys with others.
+        AdapterFormatError: the file mixes kohya, ComfyUI or diffusers keys with others.
     """
     names = sorted(tensors)
-    kohya = [k for k in names if k.startswith(KOHYA_PREFIXES)]
-    if kohya:
-        other = next((k for k in names if not k.startswith(KOHYA_PREFIXES)), None)
-        if other is not None:
-            raise _bad(
-                path,
-                f"mixes kohya keys ({printable(kohya[0])!r}) with others ({printable(other)!r}); "
-                "one file holds one LoRA in one layout",
-                hint="Save each LoRA in one layout (kohya's or diffusers').",
-            )
-        return "kohya"
+    for layout, prefixes in (("kohya", KOHYA_PREFIXES), ("comfyui", (COMFY_PREFIX,))):
+        own = [k for k in names if k.startswith(prefixes)]
+        if own:
+            other = next((k for k in names if not k.startswith(prefixes)), None)
+            if other is not None:
+                raise _bad(
+                    path,
+                    f"mixes {LAYOUT_NAMES[layout]} keys ({printable(own[0])!r}) with others ({printable(other)!r}); "
+                    "one file holds one LoRA in one layout",
+                    hint="Save each LoRA in one layout (kohya's, ComfyUI's or diffusers').",
+                )
+            return layout
     if any(k.startswith(PEFT_KEY_PREFIX) for k in names):
         return "peft"
     heads = {k.split(".", 1)[0] for k in names}
@@ -225,7 +242,7 @@ def _refuse_variant(path: Path, key: str) -> AdapterFormatError:
     if what is None:
         return _bad(
             path,
-            f"tensor {printable(key)!r} is not a plain LoRA tensor (lora_down / lora_up / alpha)",
+            f"tensor {printable(key)!r} is not a plain LoRA tensor (lora_A / lora_B or lora_down / lora_up, alpha)",
             hint=VARIANT_HINT,
         )
     return _bad(path, f"tensor {printable(key)!r} belongs to {what}, not a plain LoRA", hint=VARIANT_HINT)
@@ -256,6 +273,43 @@ def classify_kohya(path: Path, tensors: Mapping[str, TensorInfo]) -> tuple[Heade
             have, lack = ("lora_down", "lora_up") if "lora_A" in parts else ("lora_up", "lora_down")
             raise _bad(path, f"module {printable(module)!r} has {have} but no {lack}")
     refuse_two_spellings(path, keys.parts, "kohya")
+    return keys, alphas
+
+
+def classify_comfy(path: Path, tensors: Mapping[str, TensorInfo]) -> tuple[HeaderKeys, dict[str, TensorInfo]]:
+    """A ComfyUI-layout file's factors by module (``lora_A`` or ``lora_down`` as A, ``lora_B`` or
+    ``lora_up`` as B) and its alphas.
+
+    Raises:
+        AdapterFormatError: a tensor that is not a plain LoRA's, a factor stored under both spellings,
+            a module with one factor, or an alpha without factors.
+    """
+    keys = HeaderKeys({}, [], [], [], [], layout="comfyui")
+    alphas: dict[str, TensorInfo] = {}
+    for key, info in sorted(tensors.items()):
+        m = COMFY_KEY_RE.match(key)
+        if m is None:
+            raise _refuse_variant(path, key)
+        if m["part"] == "alpha":
+            alphas[m["module"]] = info
+            continue
+        part = "lora_A" if m["part"] in ("lora_A.weight", "lora_down.weight") else "lora_B"
+        have = keys.parts.setdefault(m["module"], {})
+        if part in have:
+            raise _bad(
+                path,
+                f"module {printable(m['module'])!r} has two {part} tensors, {printable(have[part].name)!r} and "
+                f"{printable(key)!r} (lora_A / lora_B and lora_down / lora_up spell one factor)",
+                hint="Keep one spelling per module.",
+            )
+        have[part] = info
+    orphan = sorted(set(alphas) - set(keys.parts))
+    if orphan:
+        raise _bad(path, f"{printable(orphan[0])}.alpha is an alpha with no lora_A / lora_B tensors beside it")
+    for module, parts in sorted(keys.parts.items()):
+        if len(parts) == 1:
+            have_part, lack = ("lora_A", "lora_B") if "lora_A" in parts else ("lora_B", "lora_A")
+            raise _bad(path, f"module {printable(module)!r} has {have_part} but no {lack}")
     return keys, alphas
 
 
@@ -338,6 +392,19 @@ def _kohya_config(
     default = options.lora_alpha
     modules = {m: (r, alphas.get(m, default if default is not None else float(r))) for m, r in _ranks(keys).items()}
     return keys, module_config(options.base_model, modules), alphas
+
+
+def _comfy_config(
+    path: Path, tensors: Mapping[str, TensorInfo], options: SourceOptions
+) -> tuple[HeaderKeys, AdapterConfig]:
+    """A ComfyUI-layout file's keys and config: each module's alpha / rank where it stores an alpha,
+    alpha = rank (or ``--lora-alpha``) where it does not."""
+    keys, alpha_infos = classify_comfy(path, tensors)
+    check_module_count(path, len(keys.parts), options.max_modules)  # before reading an alpha
+    alphas = _alpha_values(path, alpha_infos)
+    default = options.lora_alpha
+    modules = {m: (r, alphas.get(m, default if default is not None else float(r))) for m, r in _ranks(keys).items()}
+    return keys, module_config(options.base_model, modules)
 
 
 def _kohya_alpha_notes(stored: Mapping[str, float], config: AdapterConfig) -> list[str]:
@@ -578,7 +645,7 @@ def _flat_metadata_config(path: Path, metadata: Mapping[str, str]) -> AdapterCon
 def open_diffusion(
     ref: AdapterRef, header: tuple[dict[str, TensorInfo], dict[str, str]], layout: str, options: SourceOptions
 ) -> Adapter:
-    """Open a kohya or diffusers file (``layout``, from :func:`layout_of`) as an :class:`Adapter`.
+    """Open a kohya, ComfyUI or diffusers file (``layout``, from :func:`layout_of`) as an :class:`Adapter`.
 
     Raises:
         AdapterFormatError: a variant that is not a plain LoRA, a bad alpha, or what
@@ -590,6 +657,8 @@ def open_diffusion(
     if layout == "kohya":
         keys, config, stored = _kohya_config(path, tensors, options)
         notes.extend(_kohya_alpha_notes(stored, config))
+    elif layout == "comfyui":
+        keys, config = _comfy_config(path, tensors, options)
     else:
         keys, alpha_infos = _diffusers_keys(path, tensors)
         check_module_count(path, len(keys.parts), options.max_modules)  # before reading an alpha

@@ -13,7 +13,7 @@ place with the run's other outputs, or not at all. Every name written inside it 
 through :func:`clair_cli.io.paths.join_inside`. The umask is honoured.
 
 Diffusion LoRA files (:mod:`clair_cli.io.diffusion`) are written back in their own layout: a
-merged or refined kohya or diffusers adapter is a directory with ``pytorch_lora_weights.safetensors``
+merged or refined kohya, ComfyUI or diffusers adapter is a directory with ``pytorch_lora_weights.safetensors``
 (the name diffusers' ``load_lora_weights(DIR)`` looks for) and the model card, and no
 ``adapter_config.json`` (PEFT would read one as a description of keys it cannot load).
 """

@@ -33,6 +33,7 @@ from typing import TextIO
 
 from clair_cli.constants import (
     CHECKPOINT_DIR_RE,
+    COMFY_KEY_RE,
     CONFIG_NAME,
     DEFAULT_MAX_ADAPTERS,
     DEFAULT_MAX_MODULES,
@@ -59,7 +60,7 @@ from clair_cli.errors import (
 from clair_cli.io import hub
 from clair_cli.io.adapter import Adapter, classify_keys
 from clair_cli.io.base_model import canonical_base_model
-from clair_cli.io.diffusion import layout_of, open_diffusion
+from clair_cli.io.diffusion import LAYOUT_NAMES, layout_of, open_diffusion
 from clair_cli.io.files import os_problem, probe, read_small
 from clair_cli.io.hub import COMMIT_RE
 from clair_cli.io.paths import printable, resolved, shown_path
@@ -215,7 +216,7 @@ def _is_adapter_dir(directory: Path) -> bool:
 
 
 def _is_diffusion_file(path: Path) -> bool:
-    """Whether a bare weights file is a kohya or diffusers LoRA (which needs no config).
+    """Whether a bare weights file is a kohya, ComfyUI or diffusers LoRA (which needs no config).
 
     Raises:
         AdapterFormatError: the file mixes layouts, or its header cannot be read: a truncated or
@@ -227,14 +228,14 @@ def _is_diffusion_file(path: Path) -> bool:
 
 
 def _holds_lora(path: Path) -> bool:
-    """Whether a file's tensor names are a LoRA's (kohya ``lora_down`` / ``lora_up``, or
-    ``lora_A`` / ``lora_B`` in any layout); False for other weights (a base model's) and for a
+    """Whether a file's tensor names are a LoRA's (kohya's or ComfyUI's ``lora_down`` / ``lora_up``,
+    or ``lora_A`` / ``lora_B`` in any layout); False for other weights (a base model's) and for a
     file whose header cannot be read (nothing then tells that it is a LoRA)."""
     try:
         tensors, _metadata = read_header(path)
     except ClairError:
         return False
-    return any(k.startswith(KOHYA_PREFIXES) or LORA_KEY_RE.match(k) for k in tensors)
+    return any(k.startswith(KOHYA_PREFIXES) or LORA_KEY_RE.match(k) or COMFY_KEY_RE.match(k) for k in tensors)
 
 
 def _loose_loras_error(files: Sequence[Path], root: Path, spec: str, adapters: Sequence[Path]) -> AdapterFormatError:
@@ -672,10 +673,10 @@ def open_adapter(ref: AdapterRef, options: SourceOptions | None = None) -> Adapt
     note = None
     header = read_header(ref.weights_file)
     layout = layout_of(ref.weights_file, *header)
-    if layout == "kohya" and config_file is not None:
+    if layout in ("kohya", "comfyui") and config_file is not None:
         raise AdapterFormatError(
-            f"{shown_path(ref.weights_file)}: a kohya LoRA file, which carries its own alphas; "
-            f"the config {shown_path(config_file)} does not apply to it",
+            f"{shown_path(ref.weights_file)}: a {LAYOUT_NAMES[layout]} LoRA file, which carries its own alphas "
+            f"(alpha = rank where a module has none); the config {shown_path(config_file)} does not apply to it",
             hint="Drop --config (or move the adapter_config.json beside the file away).",
         )
     if layout != "peft" and config_file is None:

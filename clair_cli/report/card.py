@@ -178,7 +178,7 @@ def model_card(  # noqa: PLR0913 - to group into a card dataclass next
         merge: the merge parameters (``MergedAdapter.summary()``), for a merged adapter.
         params: the audit's settings (``AuditParams.as_dict()``), listed with the parameters
             when an audit ran (``summary``).
-        library: the Hub's ``library_name`` (``diffusers`` for a kohya or diffusers LoRA file).
+        library: the Hub's ``library_name`` (``diffusers`` for a kohya, ComfyUI or diffusers LoRA file).
     """
     lines = _front_matter(base_model, ["lora", "clair", "merge" if method != "refine" else "refined"], library)
     lines += [f"# {md_text(title)}", "", f"Made by clair {__version__}.", "", md_fence(portable_command(command)), ""]
