@@ -158,7 +158,8 @@ class Evaluator:
 
     @torch.inference_mode()
     def score(self, vec: np.ndarray | None, backdoor: bool = False) -> dict:
-        """``{"accuracy", "backdoor"}`` of base + ``vec`` (None: the base)."""
+        """``{"accuracy", "backdoor", "correct"}`` of base + ``vec`` (None: the base); ``correct``: each
+        held-out string's score, whose per-client means ``accuracy`` averages (:meth:`paired_interval`)."""
         key = (hashlib.sha1(b"" if vec is None else np.ascontiguousarray(vec).tobytes()).hexdigest(), backdoor)
         if key in self.cache:
             return self.cache[key]
@@ -168,14 +169,29 @@ class Evaluator:
             p.copy_(self.original[m] if vec is None else self.original[m] + torch.from_numpy(parts[m].T).to(p.dtype))
         task = self.scorer.task
         pred = self.model(input_ids=self.tests).logits[:, task.predict_slice].argmax(-1)
-        acc = self._per_client((pred == self.tests[:, task.target_slice]).float().mean(1), self.owner)
+        correct = (pred == self.tests[:, task.target_slice]).float().mean(1)
+        acc = self._per_client(correct, self.owner)
         bd = None
         if backdoor and self.triggered is not None:
             pred = self.model(input_ids=self.triggered).logits[:, task.predict_slice].argmax(-1)
             bd = self._per_client((pred == task.backdoor_target).all(1).float(), self.trig_owner)
-        out = {"accuracy": acc, "backdoor": bd}
+        out = {"accuracy": acc, "backdoor": bd, "correct": correct}
         self.cache[key] = out
         return out
+
+    def paired_interval(self, a: torch.Tensor, b: torch.Tensor, draws: int = 4000) -> tuple[float, float]:
+        """A 95 % interval of ``accuracy(a) - accuracy(b)`` over the sampling of the held-out strings:
+        ``a`` and ``b`` are two updates' ``correct`` on the same strings, resampled together within each
+        client (a paired, stratified bootstrap; fixed generator)."""
+        g = torch.Generator().manual_seed(0)
+        d = (a - b).double()
+        owners = int(self.owner.max()) + 1
+        total = torch.zeros(draws, dtype=torch.float64)
+        for k in range(owners):
+            dk = d[self.owner == k]
+            total += dk[torch.randint(len(dk), (draws, len(dk)), generator=g)].mean(1)
+        total /= owners
+        return float(total.quantile(0.025)), float(total.quantile(0.975))
 
 
 @dataclass(eq=False)
@@ -613,6 +629,9 @@ class Cell:
     attackers: int
     attack: str
     points: list[dict] = field(default_factory=list)
+    # clair's worst point against the best other aggregator's: the difference and its 95 % interval
+    # over the held-out strings (:meth:`Evaluator.paired_interval`)
+    noise: dict | None = None
 
 
 def aggregate_all(p: PoolData, x: np.ndarray, f: int) -> dict[str, np.ndarray]:
@@ -623,6 +642,7 @@ def run_cell(p: PoolData, attack: Attack, fraction: float, strengths: tuple[floa
     m = n_attackers(fraction)
     cell = Cell(p.task, p.seed, fraction, m, attack.name)
     oracle = p.evaluator.score(p.honest.mean(0), attack.backdoor)
+    correct: list[dict[str, torch.Tensor]] = []
     for strength in strengths:
         rng = np.random.default_rng([seed, m, int(1e6 * strength) % 2**31, len(cell.points)])
         contributions = attack.build(p, m, strength, rng)
@@ -645,7 +665,22 @@ def run_cell(p: PoolData, attack: Attack, fraction: float, strengths: tuple[floa
                 "attack_norm": float(np.median(np.linalg.norm(x[N_HONEST:], axis=1)) / p.median_norm),
             }
         )
+        correct.append({k: v["correct"] for k, v in scores.items()})
+    cell.noise = against_best_other(p.evaluator, cell, correct)
     return cell
+
+
+def against_best_other(evaluator: Evaluator, cell: Cell, correct: list[dict[str, torch.Tensor]]) -> dict:
+    """clair's worst point against the best other aggregator's worst point (:func:`worst`'s points):
+    the difference in accuracy and its 95 % interval over the held-out strings."""
+
+    def at_worst(col: str) -> int:
+        return min(range(len(cell.points)), key=lambda i: cell.points[i]["accuracy"][col])
+
+    best = max(("mean", *BASELINES), key=lambda col: cell.points[at_worst(col)]["accuracy"][col])
+    a, b = correct[at_worst("clair")]["clair"], correct[at_worst(best)][best]
+    lo, hi = evaluator.paired_interval(a, b)
+    return {"best_other": best, "difference": round(evaluator._per_client(a - b, evaluator.owner), 6), "ci95": [lo, hi]}
 
 
 def clean_cell(p: PoolData) -> Cell:
@@ -748,12 +783,21 @@ def tables(cells: list[Cell]) -> str:
                     f"- {attack}, {who} attackers, {c.task} seed {c.seed}: clair {x['clair']['accuracy']:.3f} at "
                     f"strength {x['clair']['strength']:g} (oracle {x['oracle']['accuracy']:.3f}, "
                     f"gap {x['clair']['accuracy'] - x['oracle']['accuracy']:+.3f}); best other {best} "
-                    f"{x[best]['accuracy']:.3f} at its worst strength {x[best]['strength']:g}"
+                    f"{x[best]['accuracy']:.3f} at its worst strength {x[best]['strength']:g}" + _noise_text(c)
                 )
         if "max_backdoor" in w[0]["clair"]:
             bd = {col: [x[col]["max_backdoor"] for x in w] for col in COLUMNS}
             bd_lines.append(f"| {attack} | {who} | " + " | ".join(_ms(bd[col]) for col in COLUMNS) + " |")
     lines += ["", "Pools where clair misses the bar:", "", *(failures or ["- none"])]
+    misses = [c for c in cells if c.attack != "clean" and c.noise is not None and not meets_bar(worst(c))]
+    if misses:
+        within = sum(c.noise["ci95"][1] >= 0 for c in misses)  # type: ignore[index]
+        lines += [
+            "",
+            f"Of these {len(misses)} misses, {within} are within the evaluation's noise: the 95 % interval of clair "
+            "minus the best other (each at its worst point), over the held-out strings resampled within each "
+            "client, reaches 0.",
+        ]
     if bd_lines:
         lines += [
             "",
@@ -764,6 +808,15 @@ def tables(cells: list[Cell]) -> str:
             *bd_lines,
         ]
     return "\n".join(lines)
+
+
+def _noise_text(cell: Cell) -> str:
+    """A miss's difference from the best other and whether it is within the held-out strings' noise."""
+    if cell.noise is None:
+        return ""
+    lo, hi = cell.noise["ci95"]
+    verdict = "within the evaluation's noise" if hi >= 0 else "beyond the evaluation's noise"
+    return f"; difference {cell.noise['difference']:+.3f}, 95 % interval {lo:+.3f} to {hi:+.3f} ({verdict})"
 
 
 def clair_scan_table(cells: list[Cell]) -> str:

@@ -136,3 +136,26 @@ def test_module_flip_copies_send_one_flipped_module_at_each_attackers_norm() -> 
         assert float(sent.norm()) == pytest.approx(2.0 * float(own.norm()), rel=1e-12)
         assert c.factors["b"] is factors[k]["b"]
         np.testing.assert_allclose(c.vector, layout.flatten(c.factors))
+
+
+def test_paired_interval_is_over_the_held_out_strings_within_each_client() -> None:
+    """The bar's noise: a 95 % interval of the difference of two updates' accuracies (per-client
+    means of per-string scores), the strings resampled together within each client."""
+    import torch
+
+    from benchmarks.attacks import Evaluator
+
+    ev = object.__new__(Evaluator)
+    ev.owner = torch.arange(4).repeat_interleave(64)
+    g = torch.Generator().manual_seed(1)
+    a = (torch.rand(256, generator=g) < 0.7).float()
+    assert ev.paired_interval(a, a) == (0.0, 0.0)
+    b = a.clone()
+    b[::32] = 1.0 - b[::32]  # eight strings of 256 differ, in both directions
+    lo, hi = ev.paired_interval(a, b)
+    d = ev._per_client(a - b, ev.owner)
+    assert lo < d < hi and lo < 0 < hi and hi - lo < 0.1
+    worse = a.clone()
+    worse[a == 1] = 0.0  # every correct string lost: far beyond the noise
+    lo, hi = ev.paired_interval(worse, a)
+    assert hi < -0.5
