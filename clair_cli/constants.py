@@ -41,11 +41,16 @@ KOHYA_KEY_RE = re.compile(
     r"^(?P<module>lora_(?:unet|te[123]?|transformer)_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"
 )
 # ComfyUI's layout (and musubi-tuner's, ai-toolkit's for Wan, Qwen-Image, HunyuanVideo, Flux): the original
-# checkpoint's module names after "diffusion_model.", PEFT's or kohya's factor names, an optional alpha.
+# checkpoint's module names after "diffusion_model." (and a text encoder's after "text_encoders.", as ComfyUI's
+# LoraSave writes them), PEFT's or kohya's factor names, an optional alpha; LoraSave's bias and norm
+# differences (diff_b, diff) beside them.
+# How messages name each file layout (clair_cli.io.diffusion).
+LAYOUT_NAMES = {"peft": "PEFT", "kohya": "kohya", "comfyui": "ComfyUI", "diffusers": "diffusers"}
 COMFY_PREFIX = "diffusion_model."
+COMFY_PREFIXES = (COMFY_PREFIX, "text_encoders.")
 COMFY_KEY_RE = re.compile(
-    r"^(?P<module>diffusion_model\.[A-Za-z0-9_.]*[A-Za-z0-9_])\."
-    r"(?P<part>lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha)$"
+    r"^(?P<module>(?:diffusion_model|text_encoders)(?:\.[A-Za-z0-9_]+)+)\."
+    r"(?P<part>lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha|diff|diff_b)$"
 )
 
 # Bounds on one safetensors file's header (docs/usage/sources.md, "Limits"): safetensors itself allows a

@@ -16,6 +16,7 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING, Protocol
 
 from clair_cli import methods
+from clair_cli.constants import LAYOUT_NAMES
 from clair_cli.errors import AdapterFormatError, IncompatibleAdapters, UsageError
 from clair_cli.io.adapter import Adapter
 from clair_cli.io.resources import available_memory
@@ -153,14 +154,14 @@ def _one_layout(adapters: Sequence[Adapter]) -> str | None:
     odd = next((a for a in adapters if a.layout != first.layout), None)
     if odd is not None:
         raise IncompatibleAdapters(
-            f"{first.name} is a {first.layout} LoRA and {odd.name} is a {odd.layout} LoRA; "
+            f"{first.name} is a {LAYOUT_NAMES[first.layout]} LoRA and {odd.name} is a {LAYOUT_NAMES[odd.layout]} LoRA; "
             "clair compares and merges adapters of one layout",
             hint="Convert them to one layout first (diffusers loads kohya files and saves them with "
             "save_lora_weights), or audit each layout on its own.",
         )
     if first.layout == "peft":
         return None
-    return f"{first.layout} LoRA files: merged and refined adapters are written in the same layout"
+    return f"{LAYOUT_NAMES[first.layout]} LoRA files: merged and refined adapters are written in the same layout"
 
 
 def open_pool(

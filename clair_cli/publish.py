@@ -194,15 +194,17 @@ def write_merged(  # noqa: PLR0913 - every part of the card, as the merge comman
     )
 
 
-def _layout_notes(layout: str) -> list[str]:
-    """How to load an adapter written in a diffusion ``layout`` (none for PEFT's)."""
+def _layout_notes(layout: str, merged: bool = True) -> list[str]:
+    """How to load an adapter written in a diffusion ``layout`` (none for PEFT's); ``merged``: a merge
+    (scale 1 in every module) or a refined source (its own alphas)."""
     if layout == "peft":
         return []
     if layout == "comfyui":
+        scales = "no alphas: scale 1 in every module" if merged else "the source's alphas"
         return [
-            "a ComfyUI LoRA file (diffusion_model. keys, scale 1 in every module), as its sources: ComfyUI takes "
-            "the file as it is, and pipe.load_lora_weights(DIR) loads it in the diffusers pipelines that read this "
-            "layout (Wan, Qwen-Image, HunyuanVideo, Flux)"
+            f"a ComfyUI LoRA file (the sources' keys, {scales}): ComfyUI takes the file as it is; diffusers' "
+            "pipe.load_lora_weights(DIR) reads this layout in its Wan and Qwen-Image pipelines, and in Flux's "
+            "for lora_down / lora_up files"
         ]
     return [
         f"a {layout} LoRA file, as its sources: pipe.load_lora_weights(DIR) loads it in diffusers"
@@ -262,7 +264,7 @@ def write_refined(
             sources_table(pool, used, outcome),
             command_line(argv),
             summary_line(report, timing=False),
-            [*notes, *_layout_notes(adapter.layout)],
+            [*notes, *_layout_notes(adapter.layout, merged=False)],
             params=params,
             library="peft" if adapter.layout == "peft" else "diffusers",
         )

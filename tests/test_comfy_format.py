@@ -198,16 +198,29 @@ def _comfy_with(tmp_path: Path, extra: dict[str, torch.Tensor], drop: str | None
 @pytest.mark.parametrize(
     ("extra", "drop", "words"),
     [
-        ({"diffusion_model.blocks.0.norm_q.diff": torch.randn(8)}, None, ("full weight difference", "not a plain")),
-        ({"diffusion_model.blocks.0.self_attn.q.diff_b": torch.randn(8)}, None, ("not a plain LoRA",)),
+        ({"diffusion_model.blocks.0.self_attn.q.diff": torch.randn(8, 8)}, None, ("full weight difference", "[8, 8]")),
         ({"diffusion_model.blocks.0.self_attn.k.hada_w1_a": torch.randn(4, 8)}, None, ("LoHa",)),
         ({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(4, 8)}, None, ("two lora_A",)),
+        ({"diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(8, 4)}, None, ("two lora_B",)),
+        ({"diffusion_model.blocks.0.x.lora_A.weight.lora_A.weight": torch.randn(4, 8)}, None, ("holds 'lora_A'",)),
+        ({"diffusion_model.blocks..0.q.lora_A.weight": torch.randn(4, 8)}, None, ("not a plain LoRA tensor",)),
         ({"diffusion_model.blocks.0.self_attn.k.alpha": torch.tensor(4.0)}, None, ("alpha", "no lora_A")),
         ({}, "diffusion_model.blocks.0.self_attn.q.lora_B.weight", ("has lora_A but no lora_B",)),
         ({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, 8)}, None, ("mixes",)),
         ({"diffusion_model.blocks.0.self_attn.q.alpha": torch.tensor([1.0, 2.0])}, None, ("one number",)),
     ],
-    ids=["diff", "diff_b", "loha", "two-spellings", "orphan-alpha", "half-module", "mixed-layouts", "alpha-shape"],
+    ids=[
+        "matrix-diff",
+        "loha",
+        "two-spellings",
+        "two-spellings-b",
+        "nested-name",
+        "empty-segment",
+        "orphan-alpha",
+        "half-module",
+        "mixed-layouts",
+        "alpha-shape",
+    ],
 )
 def test_what_is_not_a_plain_comfy_lora_is_refused(extra: dict, drop: str | None, words: tuple, tmp_path: Path) -> None:
     _refused(_comfy_with(tmp_path, extra, drop), *words)
@@ -220,3 +233,57 @@ def test_a_config_does_not_apply_to_a_comfy_file(tmp_path: Path) -> None:
     result = invoke("inspect", str(directory))
     assert result.exit_code == 2, result.output
     assert "ComfyUI" in result.output and "does not apply" in result.output
+
+
+def test_a_module_of_two_spellings_is_refused(tmp_path: Path) -> None:
+    """ComfyUI pairs lora_A with lora_B and lora_down with lora_up: a lora_A beside a lora_up is read by
+    neither of its pairings."""
+    path = tmp_path / "odd.safetensors"
+    save_file(
+        {
+            "diffusion_model.blocks.0.self_attn.q.lora_A.weight": torch.randn(4, 8),
+            "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(8, 4),
+        },
+        str(path),
+    )
+    _refused(path, "pairs two spellings")
+
+
+def test_lorasave_files_with_text_encoders_and_zero_differences_are_read(tmp_path: Path) -> None:
+    """What ComfyUI's LoraSave writes from a plain LoRA: text-encoder modules under ``text_encoders.``,
+    and a zero ``diff_b`` / ``diff`` for every bias and norm (left out, with a note); a difference that is
+    not zero is kept and not analysed, as PEFT's LoRA biases are, and a merge then asks for
+    --drop-extras."""
+    te = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+
+    def write(root: Path, k: int, bias: float) -> None:
+        path = comfy_file(root / f"s{k}.safetensors", QWEN, 20 + k, "lora_down", "all")
+        tensors = {key: t for key, t in safe_open_all(path).items()}
+        tensors[f"{te}.lora_down.weight"] = torch.randn(RANK, 16)
+        tensors[f"{te}.lora_up.weight"] = torch.randn(16, RANK)
+        tensors[f"{te}.alpha"] = torch.tensor(2.0)
+        tensors["diffusion_model.transformer_blocks.0.attn.to_q.diff_b"] = torch.full((24,), bias)
+        tensors["diffusion_model.transformer_blocks.0.attn.norm_q.diff"] = torch.zeros(8)
+        save_file(tensors, str(path))
+
+    zero, kept = tmp_path / "zero", tmp_path / "kept"
+    for k in range(6):
+        write(zero, k, 0.0)
+        write(kept, k, 0.5)
+    result = invoke("inspect", str(zero / "s0.safetensors"), "--json", str(tmp_path / "z.json"))
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "z.json").read_text())["adapters"][0]
+    assert record["n_modules"] == len(QWEN) + 1 and record["layout"] == "comfyui"
+    assert any("all-zero bias / norm difference" in n for n in record["notes"]), record["notes"]
+    assert clair_deltas(zero / "s0.safetensors")[te].shape == (16, 16)
+    out = tmp_path / "merged"
+    result = invoke("merge", str(zero), "--out", str(out), "--device", "cpu", "--exit-zero")
+    assert result.exit_code == 0, result.output
+    result = invoke("merge", str(kept), "--out", str(tmp_path / "m2"), "--device", "cpu", "--exit-zero")
+    assert result.exit_code == 2 and "--drop-extras" in result.output, result.output
+    assert not (tmp_path / "m2").exists()
+
+
+def safe_open_all(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118

@@ -23,13 +23,14 @@ Three layouts besides PEFT's are recognised from a file's tensor names (never fr
   in some modules of a component and not others, or not stored as a float.
 - **comfyui** (ComfyUI's own, and what musubi-tuner and ai-toolkit write for Wan, Qwen-Image,
   HunyuanVideo, Flux): ``diffusion_model.<module>.lora_A.weight`` / ``.lora_B.weight`` (or
-  ``.lora_down.weight`` / ``.lora_up.weight``) and ``.alpha``, under the original checkpoint's module
-  names. Each module's scale is its alpha / rank, and 1 (alpha = rank, or ``--lora-alpha``) without
-  one, as ComfyUI applies them and diffusers 0.42's loaders of those pipelines fold them into the
-  factors (``lora_state_dict``: ``_convert_non_diffusers_wan_lora_to_diffusers``,
-  ``_convert_non_diffusers_qwen_lora_to_diffusers``), whichever factor spelling a module uses. Bias
-  and norm differences (``.diff_b``, ``.diff``: Wan's CausVid and AccVideo LoRAs carry them) are
-  refused as any full weight difference is: they are no low-rank update.
+  ``.lora_down.weight`` / ``.lora_up.weight``, one pair per module) and ``.alpha``, under the original
+  checkpoint's module names; text encoders' modules under ``text_encoders.`` beside them (ComfyUI's
+  LoraSave). Each module's scale is its alpha / rank, and 1 (alpha = rank, or ``--lora-alpha``)
+  without one, as ComfyUI applies them and diffusers 0.42's Wan, Qwen-Image and Flux loaders fold
+  them into the factors (``lora_state_dict``). Bias and norm differences (``.diff_b``, one-dimensional
+  ``.diff``), which LoraSave writes for every bias and norm, are left out with a note where they are
+  zero and kept, not analysed, otherwise (as PEFT's LoRA biases); a ``.diff`` of a matrix is a full
+  weight difference and refused.
 
 Module names are the file's own (``lora_unet_..._to_q``, ``unet.down_blocks...to_q``): adapters of
 one layout compare module by module, and outputs keep each input's layout and keys. What is not a
@@ -54,11 +55,13 @@ from typing import TYPE_CHECKING, Any
 from clair_cli.constants import (
     COMFY_KEY_RE,
     COMFY_PREFIX,
+    COMFY_PREFIXES,
     DIFFUSERS_COMPONENTS,
     DIFFUSERS_METADATA_KEY,
     FLOAT_DTYPES,
     KOHYA_KEY_RE,
     KOHYA_PREFIXES,
+    LAYOUT_NAMES,
     PEFT_KEY_PREFIX,
 )
 from clair_cli.errors import AdapterFormatError
@@ -178,8 +181,8 @@ NETWORK_HINT = (
 )
 
 
-# How messages name each layout.
-LAYOUT_NAMES = {"peft": "PEFT", "kohya": "kohya", "comfyui": "ComfyUI", "diffusers": "diffusers"}
+# The tensor names of a ComfyUI file's parts, which its module names may not hold.
+COMFY_PART_NAMES = frozenset({"lora_A", "lora_B", "lora_down", "lora_up", "alpha", "diff", "diff_b"})
 
 
 def _bad(path: Path, problem: str, hint: str | None = None) -> AdapterFormatError:
@@ -193,8 +196,12 @@ def layout_of(path: Path, tensors: Mapping[str, TensorInfo], metadata: Mapping[s
         AdapterFormatError: the file mixes kohya, ComfyUI or diffusers keys with others.
     """
     names = sorted(tensors)
-    for layout, prefixes in (("kohya", KOHYA_PREFIXES), ("comfyui", (COMFY_PREFIX,))):
-        own = [k for k in names if k.startswith(prefixes)]
+    # A ComfyUI file is told by its denoiser's prefix; its text encoders' keys may sit beside them.
+    for layout, marks, prefixes in (
+        ("kohya", KOHYA_PREFIXES, KOHYA_PREFIXES),
+        ("comfyui", (COMFY_PREFIX,), COMFY_PREFIXES),
+    ):
+        own = [k for k in names if k.startswith(marks)]
         if own:
             other = next((k for k in names if not k.startswith(prefixes)), None)
             if other is not None:
@@ -276,23 +283,37 @@ def classify_kohya(path: Path, tensors: Mapping[str, TensorInfo]) -> tuple[Heade
     return keys, alphas
 
 
-def classify_comfy(path: Path, tensors: Mapping[str, TensorInfo]) -> tuple[HeaderKeys, dict[str, TensorInfo]]:
-    """A ComfyUI-layout file's factors by module (``lora_A`` or ``lora_down`` as A, ``lora_B`` or
-    ``lora_up`` as B) and its alphas.
+def classify_comfy(
+    path: Path, tensors: Mapping[str, TensorInfo]
+) -> tuple[HeaderKeys, dict[str, TensorInfo], dict[str, TensorInfo]]:
+    """A ComfyUI-layout file's factors by module (``lora_A`` / ``lora_B`` or ``lora_down`` / ``lora_up``),
+    its alphas, and its bias and norm differences (``diff_b``, ``diff``: ComfyUI's LoraSave writes them,
+    zeros where its source was a plain LoRA), by key.
 
     Raises:
-        AdapterFormatError: a tensor that is not a plain LoRA's, a factor stored under both spellings,
-            a module with one factor, or an alpha without factors.
+        AdapterFormatError: a tensor that is not a plain LoRA's, a module name that holds a LoRA tensor's
+            name, a factor stored under both spellings or a pair of two spellings (ComfyUI pairs ``lora_A``
+            with ``lora_B`` only, ``lora_down`` with ``lora_up``), a module with one factor, or an alpha
+            without factors.
     """
     keys = HeaderKeys({}, [], [], [], [], layout="comfyui")
     alphas: dict[str, TensorInfo] = {}
+    diffs: dict[str, TensorInfo] = {}
+    spellings: dict[str, set[str]] = {}
     for key, info in sorted(tensors.items()):
         m = COMFY_KEY_RE.match(key)
         if m is None:
             raise _refuse_variant(path, key)
+        nested = next((p for p in m["module"].split(".") if p in COMFY_PART_NAMES), None)
+        if nested is not None:
+            raise _bad(path, f"tensor {printable(key)!r}: its module name holds {nested!r}, a LoRA tensor's name")
+        if m["part"] in ("diff", "diff_b"):
+            diffs[key] = info
+            continue
         if m["part"] == "alpha":
             alphas[m["module"]] = info
             continue
+        kohya = m["part"] in ("lora_down.weight", "lora_up.weight")
         part = "lora_A" if m["part"] in ("lora_A.weight", "lora_down.weight") else "lora_B"
         have = keys.parts.setdefault(m["module"], {})
         if part in have:
@@ -303,6 +324,7 @@ def classify_comfy(path: Path, tensors: Mapping[str, TensorInfo]) -> tuple[Heade
                 hint="Keep one spelling per module.",
             )
         have[part] = info
+        spellings.setdefault(m["module"], set()).add("lora_down / lora_up" if kohya else "lora_A / lora_B")
     orphan = sorted(set(alphas) - set(keys.parts))
     if orphan:
         raise _bad(path, f"{printable(orphan[0])}.alpha is an alpha with no lora_A / lora_B tensors beside it")
@@ -310,7 +332,47 @@ def classify_comfy(path: Path, tensors: Mapping[str, TensorInfo]) -> tuple[Heade
         if len(parts) == 1:
             have_part, lack = ("lora_A", "lora_B") if "lora_A" in parts else ("lora_B", "lora_A")
             raise _bad(path, f"module {printable(module)!r} has {have_part} but no {lack}")
-    return keys, alphas
+        if len(spellings[module]) > 1:
+            names = " and ".join(printable(info.name) for info in parts.values())
+            raise _bad(
+                path,
+                f"module {printable(module)!r} pairs two spellings ({names}); ComfyUI pairs lora_A with lora_B "
+                "and lora_down with lora_up, and reads neither factor of such a pair",
+                hint="Keep one spelling per module.",
+            )
+    return keys, alphas, diffs
+
+
+def _comfy_diffs(path: Path, keys: HeaderKeys, diffs: Mapping[str, TensorInfo]) -> list[str]:
+    """Sort a ComfyUI file's bias and norm differences: all-zero ones carry nothing (ComfyUI's LoraSave
+    writes them for every bias and norm of a model whose source was a plain LoRA) and are left out with
+    a note; others are kept and not analysed, as PEFT's LoRA biases and full weights are (a merge asks
+    for ``--drop-extras``).
+
+    Raises:
+        AdapterFormatError: a difference that is not one vector (a full weight difference).
+    """
+    zero = 0
+    with SafetensorsReader(path) as reader:
+        for key, info in sorted(diffs.items()):
+            if len(info.shape) != 1:
+                raise _bad(
+                    path,
+                    f"tensor {printable(key)!r} is a full weight difference of shape {list(info.shape)}, not a "
+                    "plain LoRA",
+                    hint=VARIANT_HINT,
+                )
+            if info.dtype not in FLOAT_DTYPES:
+                raise _bad(path, f"tensor {printable(key)!r} has dtype {info.dtype}; a difference is a float")
+            if not bool(reader.get(key).any()):
+                zero += 1
+            elif key.endswith(".diff_b"):
+                keys.lora_biases.append(key)
+            else:
+                keys.others.append(key)
+    if not zero:
+        return []
+    return [f"{zero} all-zero bias / norm difference(s) (diff_b / diff, as ComfyUI's LoraSave writes them): left out"]
 
 
 # What an alpha tensor may be stored as (float8 and bool are not read as a number here).
@@ -396,15 +458,16 @@ def _kohya_config(
 
 def _comfy_config(
     path: Path, tensors: Mapping[str, TensorInfo], options: SourceOptions
-) -> tuple[HeaderKeys, AdapterConfig]:
-    """A ComfyUI-layout file's keys and config: each module's alpha / rank where it stores an alpha,
-    alpha = rank (or ``--lora-alpha``) where it does not."""
-    keys, alpha_infos = classify_comfy(path, tensors)
+) -> tuple[HeaderKeys, AdapterConfig, list[str]]:
+    """A ComfyUI-layout file's keys, config (each module's alpha / rank where it stores an alpha,
+    alpha = rank, or ``--lora-alpha``, where it does not) and notes."""
+    keys, alpha_infos, diffs = classify_comfy(path, tensors)
     check_module_count(path, len(keys.parts), options.max_modules)  # before reading an alpha
     alphas = _alpha_values(path, alpha_infos)
+    notes = _comfy_diffs(path, keys, diffs)
     default = options.lora_alpha
     modules = {m: (r, alphas.get(m, default if default is not None else float(r))) for m, r in _ranks(keys).items()}
-    return keys, module_config(options.base_model, modules)
+    return keys, module_config(options.base_model, modules), notes
 
 
 def _kohya_alpha_notes(stored: Mapping[str, float], config: AdapterConfig) -> list[str]:
@@ -658,7 +721,7 @@ def open_diffusion(
         keys, config, stored = _kohya_config(path, tensors, options)
         notes.extend(_kohya_alpha_notes(stored, config))
     elif layout == "comfyui":
-        keys, config = _comfy_config(path, tensors, options)
+        keys, config, notes = _comfy_config(path, tensors, options)
     else:
         keys, alpha_infos = _diffusers_keys(path, tensors)
         check_module_count(path, len(keys.parts), options.max_modules)  # before reading an alpha
@@ -730,7 +793,9 @@ def _network_args(path: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _contradiction(path: Path, what: str, said: str, layout: str) -> AdapterFormatError:
-    plain = "lora_down / lora_up / alpha" if layout == "kohya" else "lora_A / lora_B"
+    plain = {"kohya": "lora_down / lora_up / alpha", "comfyui": "lora_A / lora_B or lora_down / lora_up, alpha"}.get(
+        layout, "lora_A / lora_B"
+    )
     return _bad(
         path,
         f"its metadata says {what} ({said}), but its tensors are a plain LoRA's ({plain}): one of the two is "

@@ -41,6 +41,7 @@ from clair_cli.constants import (
     DIFFUSERS_WEIGHTS_NAME,
     HUB_PREFIX,
     KOHYA_PREFIXES,
+    LAYOUT_NAMES,
     LORA_KEY_RE,
     MAX_LIST_BYTES,
     MAX_SOURCE_DEPTH,
@@ -60,7 +61,7 @@ from clair_cli.errors import (
 from clair_cli.io import hub
 from clair_cli.io.adapter import Adapter, classify_keys
 from clair_cli.io.base_model import canonical_base_model
-from clair_cli.io.diffusion import LAYOUT_NAMES, layout_of, open_diffusion
+from clair_cli.io.diffusion import layout_of, open_diffusion
 from clair_cli.io.files import os_problem, probe, read_small
 from clair_cli.io.hub import COMMIT_RE
 from clair_cli.io.paths import printable, resolved, shown_path
