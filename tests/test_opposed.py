@@ -247,25 +247,87 @@ def _copies_of_one_flipped_module(seed: int, sources: dict[int, int]):
     return mods
 
 
-def test_copies_of_one_flipped_module_are_a_group_of_their_number(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Six clients of eighteen send one flipped module, the same update (each at its own norm),
-    and honest updates elsewhere: copies enter a module's statistics once, which left one member
-    on the group side (never a group) until copies counted as the adapters they are. Every copy
-    is flagged with the one it copies."""
-    bad = set(range(12, 18))
-    aud = ClairAuditor().fit(_copies_of_one_flipped_module(0, {k: 12 for k in bad}), 18)
-    assert flagged(aud) == bad
-    for k in bad:
-        r = next(r for r in aud.verdicts_[k].reasons if r.rule == "module_opposed")
-        assert r.module == "layers.0.q_proj" and set(r.of or ()) == bad - {k}
-    monkeypatch.setattr(ModuleCosines, "multiplicity", lambda self, once=(): torch.ones(len(self.adapters)))
-    assert not flagged(ClairAuditor().fit(_copies_of_one_flipped_module(0, {k: 12 for k in bad}), 18))
+def _mirrors(seed: int, n_mirrors: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    X = _unit_rows(12, 0, seed=seed)
+    mirrors = -X[:n_mirrors] + 0.9 * torch.randn(n_mirrors, X.shape[1], generator=g, dtype=torch.float64) / 12**0.5
+    return torch.cat([X, mirrors / mirrors.norm(dim=1, keepdim=True)])
+
+
+def test_copies_are_one_member_of_a_group_and_flagged_with_it() -> None:
+    """Copies of one module update are one p-value: one mirror image sent by six adapters is no
+    group (an honest family sharing a frozen module, or copies of an honest client's module that an
+    attacker sends, would otherwise be one); three distinct mirror images are, and each one's copies
+    are flagged with it, the group's mean weighing every copy."""
+    X = _mirrors(1, 1)
+    one = ModuleCosines(tuple(range(13)), X @ X.T, torch.zeros(13), ((),) * 12 + ((100, 101, 102, 103, 104),))
+    assert one.multiplicity().tolist() == [1.0] * 12 + [6.0]
+    assert module_groups({"m": one}) == []
+    X = _mirrors(1, 3)
+    copies = ((),) * 12 + ((100, 101, 102), (), ())
+    (group,) = module_groups({"m": ModuleCosines(tuple(range(15)), X @ X.T, torch.zeros(15), copies)})
+    assert list(group.core) == [12, 100, 101, 102, 13, 14]
+    assert set(group.members) == {12, 13, 14, 100, 101, 102}
+    margin = dict(zip(group.members, group.margins, strict=True))
+    assert margin[100] == margin[101] == margin[102] == margin[12]
+    w = agreement_masses(X @ X.T, torch.arange(15) < 12)
+    t_mean, g_mean = (w[:12, None] * X[:12]).sum(0), 4 * X[12] + X[13] + X[14]
+    assert group.cosine == pytest.approx(float(g_mean @ t_mean / (g_mean.norm() * t_mean.norm())), abs=1e-12)
+
+
+def _atypical(seed: int, beta: float, M: int):
+    """make_pool with client 0's module 0 turned against the others (its update less ``beta`` times
+    their mean's direction at its norm): an unusual honest client, flagged by no rule."""
+    mods = make_pool(M=M, K=16, spread=1.0, seed=seed)
+    m = mods[0]
+    D = [s * b @ a for a, b, s in zip(m.A, m.B, m.scales, strict=True)]
+    others = torch.stack(D[1:12]).mean(0)
+    U, S, Vh = torch.linalg.svd(D[0] - beta * others * D[0].norm() / others.norm(), full_matrices=False)
+    m.A[0], m.B[0] = Vh[:4].clone(), U[:, :4] * S[:4] / m.scales[0]
+    return mods
+
+
+@pytest.mark.parametrize(("M", "beta"), [(4, 1.6), (12, 2.0)])
+def test_copies_of_an_unusual_honest_module_flag_no_one(M: int, beta: float) -> None:
+    """An outside review's two ways to make one module update count as several adapters: a family of
+    honest adapters sharing it (clients 1 and 2 send client 0's module 0), and two sybils sending it at
+    1 % of its norm (hub adapters are public). Counted as a group, both got client 0 flagged."""
+    family = _atypical(0, beta, M)
+    for k in (1, 2):
+        family[0].A[k], family[0].B[k] = (
+            family[0].A[0].clone(),
+            family[0].B[0] * family[0].scales[0] / family[0].scales[k],
+        )
+    assert not flagged(ClairAuditor().fit(family, 16))
+    framed = _atypical(0, beta, M)
+    for k in (12, 13):
+        framed[0].A[k], framed[0].B[k] = (
+            framed[0].A[0].clone(),
+            0.01 * framed[0].B[0] * framed[0].scales[0] / framed[0].scales[k],
+        )
+    assert not flagged(ClairAuditor().fit(framed, 16))
+
+
+def test_the_auditor_counts_copies_of_a_whole_update_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-uploaded adapter is flagged as a copy already; in rule 16's sizes it counts once."""
+    mods = _atypical(0, 1.6, 4)
+    for m in mods:
+        for k in (12, 13):
+            m.A[k], m.B[k] = m.A[0].clone(), m.B[0] * m.scales[0] / m.scales[k]
+    seen = []
+    real = audit_module.module_groups
+    monkeypatch.setattr(audit_module, "module_groups", lambda *args: seen.append(args) or real(*args))
+    aud = ClairAuditor().fit(mods, 16)
+    assert aud.duplicate_groups_ == [[0, 12, 13]] and flagged(aud) == {12, 13}
+    ((modules, _coordinated, copies),) = seen
+    assert set(copies) == {12, 13}
+    assert modules["layers.0.q_proj"].multiplicity(copies).tolist() == [1.0] * 14
 
 
 def test_a_copy_is_flagged_with_the_member_it_copies() -> None:
     """Clients 12-14 flip their own module 0 and 15-17 copy one each: a flagged member's copies
     are flagged with it, never left to ride free."""
-    for seed in (0, 4):
+    for seed in (4,):  # seeds 0 and 5 of this model: three distinct flips do not show a group
         mods = _copies_of_one_flipped_module(seed, {12: 12, 13: 13, 14: 14, 15: 12, 16: 13, 17: 14})
         aud = ClairAuditor().fit(mods, 18)
         caught = {k for k, v in enumerate(aud.verdicts_) if any(r.rule == "module_opposed" for r in v.reasons)}

@@ -197,9 +197,9 @@ class ModuleOpposed:
     ``ALPHA / M``), and a fifth or a third of the pool flipped at the honest norm passed.
 
     On each module, over its members with a nonzero update (copies of one update once in every
-    statistic, and as the number of adapters they are in every count: six clients sending one
-    flipped module are a group of six, and each copy of a flagged member is flagged with it;
-    copies of a whole update, flagged as such already, count as one adapter):
+    statistic and in the evidence, which one p-value is however many adapters send it, but as the
+    adapters they are in the group side's size, and each copy of a flagged member is flagged with
+    it; copies of a whole update, flagged as such already, count as one adapter):
 
     1. **Two splits, each refined.** The sign pattern of the leading eigenvector of the
        members' cosine matrix (rule 9's split), and the members pointing against the module's
@@ -232,8 +232,11 @@ class ModuleOpposed:
        their p-values are independent (approximately: they share one reference), so
        ``a_g = (ALPHA / (M * SPLITS * (G - MIN_GROUP + 1) * C(n, g)))^(1/g)`` keeps the chance
        that an honest module shows a group at ``ALPHA`` over the ``M`` modules that can hold one
-       (at least ``MIN_GROUP`` members at a third), both splits and the group sizes
-       ``MIN_GROUP`` to ``G`` (the largest minority). The core is the largest
+       (at least ``MIN_GROUP`` distinct updates at a third), both splits and the group sizes
+       ``MIN_GROUP`` to ``G`` (the largest minority), ``n`` and ``g`` counting distinct updates:
+       copies of one update are one p-value (counted as several, an outside review got an unusual
+       honest client flagged through a family of adapters sharing its module, and through two
+       sybils copying it at 1 % of its norm). The core is the largest
        ``g`` with at least ``g`` members past ``a_g``; its mean update must have a cosine below
        ``-MODULE_OPPOSED_COSINE`` with ``T``'s.
     4. **Members at ALPHA.** Where a core shows a group, the members of ``S`` past the cut at
@@ -309,8 +312,8 @@ def module_groups(
     ``copies`` (copies of a whole update, flagged as such) count as one adapter with the one
     they copy; any other copies of a module's update count as the adapters they are."""
     mult = {name: m.multiplicity(copies) for name, m in modules.items()}
-    # The union bound runs over the modules that can hold a group at all.
-    n_modules = max(sum(largest_minority(round(float(w.sum()))) >= MIN_GROUP for w in mult.values()), 1)
+    # The union bound runs over the modules that can hold a group of distinct updates at all.
+    n_modules = max(sum(largest_minority(len(m.adapters)) >= MIN_GROUP for m in modules.values()), 1)
     out: list[ModuleGroup] = []
     for name, m in modules.items():
         once = (*_counted_once(m.adapters, coordinated), mult[name])
@@ -386,12 +389,13 @@ def _judge(
     n_modules: int,
     once: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
 ) -> ModuleGroup | None:
-    """The group of side ``s`` that points against the rest on module ``m``, if any; ``once``:
-    :func:`_counted_once` and how many adapters each member stands for (its copies on ``m``)."""
+    """The group of side ``s`` that points against the rest on module ``m``, if any; ``n_modules``:
+    the modules that can hold a group; ``once``: :func:`_counted_once` and how many adapters each
+    member stands for (its copies on ``m``)."""
     C = m.cosine.double()
     mass, setter, mult = once
-    # Sizes count copies of one module update as the adapters they are: six clients sending one
-    # flipped module are a group of six (honest clients never send identical updates).
+    # Sizes count copies of one module update as the adapters they are (the group side is at most
+    # a third of the module's adapters); the evidence counts each distinct update once.
     n, h = round(float(mult.sum())), round(float(mult[s].sum()))
     if not MIN_GROUP <= h <= MINORITY * (n - h):
         return None
@@ -425,10 +429,13 @@ def _judge(
         cuts[j] = (c_j, max(rule_critical_value(ref.numel(), ALPHA) * sigma, consensus))
         if float(x[j]) > c_j + consensus:
             p[j] = rule_tail_probability(ref.numel(), (float(x[j]) - c_j) / sigma) if sigma > 0 else 0.0
-    # The largest g with at least g members past the level of g (S is a minority: at most G).
-    for g in range(h, MIN_GROUP - 1, -1):
-        members = [j for j in side if p.get(j, 1.0) <= group_level(n, g, n_modules)]
-        if float(mult[members].sum()) >= g:
+    # The largest g with at least g distinct updates past the level of g (S is a minority: at most
+    # G). Copies of one update are one p-value, never a group: a family of adapters that share a
+    # module, or copies of an honest client's module that an attacker sends, are no independent
+    # members (counted as such, an outside review got an atypical honest client flagged both ways).
+    for g in range(len(side), MIN_GROUP - 1, -1):
+        members = [j for j in side if p.get(j, 1.0) <= group_level(len(m.adapters), g, n_modules)]
+        if len(members) >= g:
             break
     else:
         return None
