@@ -272,15 +272,24 @@ def classify_kohya(path: Path, tensors: Mapping[str, TensorInfo]) -> tuple[Heade
         else:
             part = "lora_A" if m["part"].startswith("lora_down") else "lora_B"
             keys.parts.setdefault(m["module"], {})[part] = info
-    orphan = sorted(set(alphas) - set(keys.parts))
-    if orphan:
-        raise _bad(path, f"{printable(orphan[0])}.alpha has no lora_down / lora_up tensors")
-    for module, parts in sorted(keys.parts.items()):
-        if len(parts) == 1:
-            have, lack = ("lora_down", "lora_up") if "lora_A" in parts else ("lora_up", "lora_down")
-            raise _bad(path, f"module {printable(module)!r} has {have} but no {lack}")
+    _refuse_unpaired(path, keys, alphas, ("lora_down", "lora_up"))
     refuse_two_spellings(path, keys.parts, "kohya")
     return keys, alphas
+
+
+def _refuse_unpaired(path: Path, keys: HeaderKeys, alphas: Mapping[str, object], names: tuple[str, str]) -> None:
+    """Refuse an alpha of no module and a module with one factor (``names``: how the file calls A and B).
+
+    Raises:
+        AdapterFormatError: naming the alpha or the module.
+    """
+    orphan = sorted(set(alphas) - set(keys.parts))
+    if orphan:
+        raise _bad(path, f"{printable(orphan[0])}.alpha has no {names[0]} / {names[1]} tensors")
+    for module, parts in sorted(keys.parts.items()):
+        if len(parts) == 1:
+            have, lack = names if "lora_A" in parts else names[::-1]
+            raise _bad(path, f"module {printable(module)!r} has {have} but no {lack}")
 
 
 def classify_comfy(
@@ -325,13 +334,8 @@ def classify_comfy(
             )
         have[part] = info
         spellings.setdefault(m["module"], set()).add("lora_down / lora_up" if kohya else "lora_A / lora_B")
-    orphan = sorted(set(alphas) - set(keys.parts))
-    if orphan:
-        raise _bad(path, f"{printable(orphan[0])}.alpha is an alpha with no lora_A / lora_B tensors beside it")
+    _refuse_unpaired(path, keys, alphas, ("lora_A", "lora_B"))
     for module, parts in sorted(keys.parts.items()):
-        if len(parts) == 1:
-            have_part, lack = ("lora_A", "lora_B") if "lora_A" in parts else ("lora_B", "lora_A")
-            raise _bad(path, f"module {printable(module)!r} has {have_part} but no {lack}")
         if len(spellings[module]) > 1:
             names = " and ".join(printable(info.name) for info in parts.values())
             raise _bad(
