@@ -40,12 +40,12 @@ KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_
 KOHYA_KEY_RE = re.compile(
     r"^(?P<module>lora_(?:unet|te[123]?|transformer)_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"
 )
+# How messages name each file layout (clair_cli.io.diffusion).
+LAYOUT_NAMES = {"peft": "PEFT", "kohya": "kohya", "comfyui": "ComfyUI", "diffusers": "diffusers"}
 # ComfyUI's layout (and musubi-tuner's, ai-toolkit's for Wan, Qwen-Image, HunyuanVideo, Flux): the original
 # checkpoint's module names after "diffusion_model." (and a text encoder's after "text_encoders.", as ComfyUI's
 # LoraSave writes them), PEFT's or kohya's factor names, an optional alpha; LoraSave's bias and norm
 # differences (diff_b, diff) beside them.
-# How messages name each file layout (clair_cli.io.diffusion).
-LAYOUT_NAMES = {"peft": "PEFT", "kohya": "kohya", "comfyui": "ComfyUI", "diffusers": "diffusers"}
 COMFY_PREFIX = "diffusion_model."
 COMFY_PREFIXES = (COMFY_PREFIX, "text_encoders.")
 COMFY_KEY_RE = re.compile(

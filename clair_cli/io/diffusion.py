@@ -90,9 +90,8 @@ VARIANTS = (
     ("_norm", "norm tuning (w_norm / b_norm)"),
 )
 VARIANT_HINT = (
-    "clair reads plain LoRA files only (lora_A / lora_B or lora_down / lora_up, alpha): a LyCORIS variant has no "
-    "low-rank "
-    "update B @ A to compare. Leave this file out of the pool."
+    "clair reads plain LoRA files only (lora_A / lora_B or lora_down / lora_up, alpha): a LyCORIS variant has "
+    "no low-rank update B @ A to compare. Leave this file out of the pool."
 )
 # diffusers 0.42 reads a kohya file's alphas into a LoraConfig whose alpha_pattern keys do not match
 # attention modules (to_q / to_k / to_v / to_out, the text encoders' self_attn): those get the file's
