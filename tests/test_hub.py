@@ -98,6 +98,20 @@ def _diffusers_file() -> bytes:
     return save(tensors)
 
 
+def _comfy_file() -> bytes:
+    """A ComfyUI-layout LoRA file, under a community upload's own name."""
+    import torch
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for m in ("diffusion_model.blocks.0.self_attn.q", "diffusion_model.blocks.0.ffn.0"):
+        tensors[f"{m}.lora_down.weight"] = torch.randn(4, 8, generator=g)
+        tensors[f"{m}.lora_up.weight"] = torch.randn(8, 4, generator=g)
+        tensors[f"{m}.alpha"] = torch.tensor(2.0)
+    return save(tensors)
+
+
 @pytest.fixture()
 def fake_hub(tmp_path: Path) -> Iterator[FakeHub]:
     main = _adapter_files(tmp_path, 0, base_model_name_or_path="org/base")
@@ -107,6 +121,16 @@ def fake_hub(tmp_path: Path) -> Iterator[FakeHub]:
         "owner/lora": {"main": (SHA_MAIN, {**main, "README.md": b"x"}), SHA_MAIN: (SHA_MAIN, main), "v1": (SHA_V1, v1)},
         "owner/rounds": {"main": (SHA_MAIN, sub)},
         "owner/sdlora": {"main": (SHA_MAIN, {"pytorch_lora_weights.safetensors": _diffusers_file()})},
+        "owner/community": {
+            "main": (
+                SHA_MAIN,
+                {
+                    "styles/wan_style_v2.safetensors": _comfy_file(),
+                    "peft_bare.safetensors": main["adapter_model.safetensors"],
+                    "README.md": b"x",
+                },
+            )
+        },
         "owner/pickled": {
             "main": (SHA_MAIN, {"adapter_config.json": main["adapter_config.json"], "adapter_model.bin": b"\x80"})
         },
@@ -175,9 +199,31 @@ def test_a_diffusers_lora_repo_is_read_from_its_weights_file(fake_hub: FakeHub, 
     assert json.loads(proc.stdout)["adapters"][0]["layout"] == "diffusers" and len(fake_hub.requests) == n
 
 
+def test_one_lora_file_of_a_repo_is_named_in_the_source(fake_hub: FakeHub, tmp_path: Path) -> None:
+    """``hf://owner/name/[folder/]file.safetensors``: that file alone is downloaded and read as a bare
+    weights file is (a diffusion LoRA needs no config; a PEFT file needs --lora-alpha)."""
+    env = _env(fake_hub, tmp_path / "home")
+    spec = "hf://owner/community/styles/wan_style_v2.safetensors"
+    proc = run_cli("inspect", spec, "--json", "-", env=env)
+    assert proc.returncode == 0, proc.stderr
+    (adapter,) = json.loads(proc.stdout)["adapters"]
+    assert adapter["layout"] == "comfyui" and adapter["n_modules"] == 2 and adapter["revision"] == SHA_MAIN
+    assert adapter["name"] == "owner/community/styles/wan_style_v2.safetensors"
+    assert {path for _, path, _ in fake_hub.requests} == {
+        "/owner/community/resolve/main/styles/wan_style_v2.safetensors"
+    }
+    proc = run_cli("inspect", "hf://owner/community/peft_bare.safetensors", env=env)
+    assert proc.returncode == 2 and "--lora-alpha" in proc.stderr, proc.stderr
+    proc = run_cli("inspect", "hf://owner/community/peft_bare.safetensors", "--lora-alpha", "8", "--json", "-", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["adapters"][0]["layout"] == "peft"
+
+
 @pytest.mark.parametrize(
     "spec, message",
     [
+        ("hf://owner/community/nope.safetensors", "owner/community has no nope.safetensors"),
+        ("hf://owner/community/model.ckpt", "is a pickle file (refused)"),
         ("owner/missing", "hub repo owner/missing not found"),
         ("owner/lora@nope", "revision 'nope' not found"),
         ("owner/pickled", "pickle checkpoints are refused"),

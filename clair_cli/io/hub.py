@@ -1,7 +1,9 @@
-"""Hugging Face Hub sources: ``owner/name``, ``hf://owner/name[/subfolder][@revision]``.
+"""Hugging Face Hub sources: ``owner/name``, ``hf://owner/name[/subfolder][@revision]``, and one
+LoRA file of a repo, ``hf://owner/name[/subfolder]/file.safetensors[@revision]``.
 
 Only ``adapter_config.json`` and ``adapter_model.safetensors`` are downloaded (a repo
-without ``adapter_config.json``: its diffusers LoRA file ``pytorch_lora_weights.safetensors``),
+without ``adapter_config.json``: its diffusers LoRA file ``pytorch_lora_weights.safetensors``;
+a named file: that file alone, read as a bare weights file is),
 through ``huggingface_hub`` so that HF_TOKEN, HF_HOME, HF_ENDPOINT,
 HF_HUB_OFFLINE and the shared cache behave as everywhere else in the ecosystem.
 The resolved commit sha is read from the cache snapshot the files landed in.
@@ -34,6 +36,7 @@ from clair_cli.constants import (
     HUB_PREFIX,
     HUB_REPO_RE,
     PICKLE_HINT,
+    PICKLE_SUFFIXES,
     SAFETENSORS_WEIGHTS_NAME,
 )
 from clair_cli.errors import AdapterNotFound, HubError, UnsafeFormatError, UsageError
@@ -81,10 +84,11 @@ class HubSpec:
     repo_id: str
     revision: str | None
     subfolder: str | None
+    filename: str | None = None  # one .safetensors file of the repo (in ``subfolder``)
 
     @property
     def name(self) -> str:
-        name = self.repo_id + (f"/{self.subfolder}" if self.subfolder else "")
+        name = self.repo_id + "".join(f"/{p}" for p in (self.subfolder, self.filename) if p)
         return name + (f"@{self.revision}" if self.revision else "")
 
 
@@ -129,7 +133,19 @@ def parse_hub_spec(spec: str, subfolder: str | None = None, revision: str | None
         raise UsageError(f"{printable(spec)}: the source names a subfolder and --subfolder is given too; use one")
     if not revision and default_revision:
         revision = check_revision(default_revision, spec)
+    folder, _, last = (inner or "").rpartition("/")
+    if last.lower().endswith(PICKLE_SUFFIXES):
+        raise UnsafeFormatError(f"{printable(spec)}: {printable(last)!r} is a pickle file (refused)", hint=PICKLE_HINT)
+    if last.endswith(".safetensors"):  # one file of the repo, in the folder the source names
+        return HubSpec(repo_id, revision or None, check_subfolder(folder, spec), check_filename(last, spec))
     return HubSpec(repo_id, revision or None, check_subfolder(inner or subfolder, spec))
+
+
+def check_filename(name: str, source: str) -> str:
+    """A file name of a hub source: one path component, no control characters."""
+    if name in (".safetensors",) or "\\" in name or CONTROL_RE.search(name):
+        raise UsageError(f"{printable(source)}: {printable(name)!r} is not a file name inside the repo")
+    return name
 
 
 def looks_like_hub_id(spec: str) -> bool:
@@ -359,6 +375,8 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
                 hint="Check the network and HF_ENDPOINT.",
             ) from exc
         except EntryNotFoundError as exc:
+            if filename == hub.filename:
+                raise AdapterNotFound(f"{spec}: {where}{at} has no {filename}") from exc
             if filename == SAFETENSORS_WEIGHTS_NAME:
                 raise UnsafeFormatError(
                     f"{spec}: {where}{at} has no {SAFETENSORS_WEIGHTS_NAME} (pickle checkpoints are refused)",
@@ -366,8 +384,8 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
                 ) from exc
             raise (_Missing if filename in _OPTIONAL else AdapterNotFound)(
                 f"{spec}: {where}{at} has no {filename}; is it a PEFT adapter repo?",
-                hint=f"A diffusers LoRA repo holds {DIFFUSERS_WEIGHTS_NAME}; for a kohya LoRA file, download it "
-                "and name the file as the source.",
+                hint=f"A diffusers LoRA repo holds {DIFFUSERS_WEIGHTS_NAME}; for a LoRA file of another name, name "
+                f"it in the source: hf://{hub.repo_id}/FILE.safetensors.",
             ) from exc
         except HfHubHTTPError as exc:
             first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
@@ -385,6 +403,8 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
             raise HubError(f"{spec}: download failed ({printable(str(exc)[:200])})") from exc
 
     config: Path | None
+    if hub.filename is not None:  # the named file alone: a diffusion LoRA, or a PEFT file with --lora-alpha
+        return _ref(hub, spec, get(hub.filename), None)
     try:
         config = get(CONFIG_NAME)
         weights = get(SAFETENSORS_WEIGHTS_NAME)
@@ -393,6 +413,10 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
             weights, config = get(DIFFUSERS_WEIGHTS_NAME), None
         except (_Missing, _NotCached):
             raise exc from None
+    return _ref(hub, spec, weights, config)
+
+
+def _ref(hub: HubSpec, spec: str, weights: Path, config: Path | None) -> AdapterRef:
     return AdapterRef(
         name=hub.name,
         source=spec,
