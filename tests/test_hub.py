@@ -86,30 +86,30 @@ class FakeHub:
         self.server.server_close()
 
 
-def _diffusers_file() -> bytes:
+def _lora_file(modules: tuple[str, ...], parts: tuple[str, str], alpha: float | None, seed: int) -> bytes:
+    """A safetensors LoRA file of random 4 x 8 / 8 x 4 factors under ``parts`` (A's and B's names)."""
     import torch
     from safetensors.torch import save
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     tensors = {}
-    for m in ("unet.mid_block.attentions.0.proj_in", "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"):
-        tensors[f"{m}.lora_A.weight"] = torch.randn(4, 8, generator=g)
-        tensors[f"{m}.lora_B.weight"] = torch.randn(8, 4, generator=g)
+    for m in modules:
+        tensors[f"{m}.{parts[0]}.weight"] = torch.randn(4, 8, generator=g)
+        tensors[f"{m}.{parts[1]}.weight"] = torch.randn(8, 4, generator=g)
+        if alpha is not None:
+            tensors[f"{m}.alpha"] = torch.tensor(alpha)
     return save(tensors)
+
+
+def _diffusers_file() -> bytes:
+    modules = ("unet.mid_block.attentions.0.proj_in", "text_encoder.text_model.encoder.layers.0.self_attn.q_proj")
+    return _lora_file(modules, ("lora_A", "lora_B"), None, 0)
 
 
 def _comfy_file() -> bytes:
     """A ComfyUI-layout LoRA file, under a community upload's own name."""
-    import torch
-    from safetensors.torch import save
-
-    g = torch.Generator().manual_seed(1)
-    tensors = {}
-    for m in ("diffusion_model.blocks.0.self_attn.q", "diffusion_model.blocks.0.ffn.0"):
-        tensors[f"{m}.lora_down.weight"] = torch.randn(4, 8, generator=g)
-        tensors[f"{m}.lora_up.weight"] = torch.randn(8, 4, generator=g)
-        tensors[f"{m}.alpha"] = torch.tensor(2.0)
-    return save(tensors)
+    modules = ("diffusion_model.blocks.0.self_attn.q", "diffusion_model.blocks.0.ffn.0")
+    return _lora_file(modules, ("lora_down", "lora_up"), 2.0, 1)
 
 
 @pytest.fixture()
