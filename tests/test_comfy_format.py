@@ -127,6 +127,9 @@ def test_the_layout_is_told_from_the_prefix(tmp_path: Path) -> None:
     result = invoke("inspect", str(path), "--json", str(tmp_path / "i.json"))
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "i.json").read_text())["adapters"][0]["layout"] == "comfyui"
+    # The Targets cell names what each module targets; a Sequential's index keeps its parent.
+    table = invoke("inspect", str(path)).output
+    assert "net.2" in table and "to_q" in table and ", 2," not in table
 
 
 def _pool(root: Path, spelling: str = "lora_A", boosted: int | None = None) -> Path:

@@ -87,10 +87,17 @@ def _targets(rec: dict[str, Any]) -> str:
         parts = Counter("_".join(m["name"].split("_", 2)[:2]) + "_*" for m in rec["modules"])
         return _listed([f"{p} ({n})" for p, n in sorted(parts.items())])
     if t is None:
-        return _listed(sorted({m["name"].rsplit(".", 1)[-1] for m in rec["modules"]}))
+        return _listed(sorted({_leaf(m["name"]) for m in rec["modules"]}))
     if isinstance(t, str):
         return t if len(t) <= MAX_TARGETS_CHARS else f"{t[:MAX_TARGETS_CHARS]}... ({len(t)} characters)"
     return _listed(sorted(t))
+
+
+def _leaf(name: str) -> str:
+    """What a module name targets, as PEFT's ``target_modules`` would name it: its last part, with
+    the one before where the last is an index (``ff.net.2``: ``net.2``, a Sequential's layer)."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if len(parts) > 1 and parts[-1].isdigit() else parts[-1]
 
 
 def _listed(names: list[str]) -> str:
