@@ -223,3 +223,42 @@ def test_a_spread_minority_no_longer_captures_the_centre() -> None:
     soft = direction_cosines(C, everyone, mass=agreement_masses(C, everyone))
     assert float(plain[12:].mean()) > float(plain[:12].mean())
     assert float(soft[12:].max()) < float(soft[:12].min())
+
+
+def test_agreement_groups_are_cliques_of_close_pairs_counted_in_canonical_order() -> None:
+    from clair_cli.core.insubspace import agreement_groups
+
+    X = _loose_pool_with_a_tight_set(9, 3, 0.6)
+    C = X @ X.T
+    everyone = torch.ones(12, dtype=torch.bool)
+    assert agreement_groups(C, everyone) == [[9, 10, 11]]
+    # The order decides which member comes first (the one kept in the thresholds), not the set.
+    order = list(range(11, -1, -1))
+    assert agreement_groups(C, everyone, order) == [[11, 10, 9]]
+    # Left out of the candidates, an adapter is in no set; below six candidates, no sets.
+    some = everyone.clone()
+    some[10] = False
+    assert agreement_groups(C, some) == [[9, 11]]
+    assert agreement_groups(C[7:, 7:], torch.ones(5, dtype=torch.bool)) == []
+    # Loose adapters alone form no set.
+    assert agreement_groups(C[:9, :9], torch.ones(9, dtype=torch.bool)) == []
+
+
+def test_an_adapter_between_two_others_does_not_tie_them_together() -> None:
+    from clair_cli.core.insubspace import agreement_groups
+
+    X = _loose_pool_with_a_tight_set(9, 0, 0.6)
+    C = X @ X.T
+    # Adapter 2 lies close to 0 and to 1, which are no closer to each other than a typical pair:
+    # a chain, not a set.
+    C[0, 2] = C[2, 0] = C[1, 2] = C[2, 1] = 0.8
+    groups = agreement_groups(C, torch.ones(9, dtype=torch.bool))
+    assert groups == [[0, 2]], groups
+
+
+def test_sets_that_would_leave_no_loose_majority_count_as_they_are() -> None:
+    from clair_cli.core.insubspace import agreement_groups
+
+    # Two tight halves: counting each once would leave two values to set every threshold.
+    X = torch.cat([_loose_pool_with_a_tight_set(0, 6, 0.6, seed=1), _loose_pool_with_a_tight_set(0, 6, 0.6, seed=2)])
+    assert agreement_groups(X @ X.T, torch.ones(12, dtype=torch.bool)) == []

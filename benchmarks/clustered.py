@@ -1,0 +1,200 @@
+"""Honest federations whose clients come in clusters: how many honest clients clair flags.
+
+    python -m benchmarks.clustered [--seeds 3] [--draws 5] [--cache DIR] [--pools DIR]
+
+Real federations are rarely a set of independent non-IID clients: several hospitals of one
+network, shops of one chain or devices of one region share a data distribution, so their
+updates agree with each other more than with the rest of the round. clair's group rules look
+for exactly that (a set agreeing more closely than the pool, a set pointing against the rest on
+one module), so a cluster of honest clients is the honest case closest to a coordinated attack.
+This benchmark measures what they do to the verdict, with no attacker at all.
+
+For each (task, seed) of benchmarks/trained_pools.py (its pretrained base, its LoRA recipe), a
+bank of honest clients is trained: ``CLUSTERS`` cluster distributions with ``PER_CLUSTER``
+clients each (each client its own strings of the cluster's distribution, its own training
+seed), and ``INDEPENDENT`` clients with a distribution each, as the trained pools' clients
+are. Both at the trained pools' Dirichlet concentration (``standard``) and at ``STRONG``
+(``strong``: most of each client's data from one or two labels or symbols). Pools are drawn
+from a bank (``--draws`` per layout), clients in a random order:
+
+- ``independent``: the bank's 12 clients with a distribution each (the trained pools' setting;
+  one pool per bank);
+- ``pairs``, ``triples``, ``quads``, ``halves``: 12 clients in clusters of 2, 3, 4 and 6;
+- ``one-3``, ``one-4``: one cluster of 3 or 4 and the rest independent;
+- ``small-2x3``, ``small-3x2``, ``small-one-3``: rounds of 6 (two clusters of 3, three of 2, one
+  of 3 and three independent).
+
+Every pool is audited with clair's defaults (``pipeline.audit``, ``AuditParams()``); the table
+gives honest clients flagged over clients audited, per layout and skew, with the rules that
+flagged them. Banks are cached under ``--pools`` (trained once, about 1 s a client).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import tasks, trained_pools
+from benchmarks.attacks import read_factors
+from clair_cli import pipeline
+from clair_cli.params import AuditParams
+from experiments.text_copy import train
+
+CLUSTERS = 6
+PER_CLUSTER = 6
+INDEPENDENT = 12
+STRONG = 0.2  # Dirichlet concentration of the strongly skewed banks
+SKEWS = ("standard", "strong")
+LAYOUTS: dict[str, tuple[tuple[int, ...], int]] = {  # cluster sizes, independent clients
+    "independent": ((), 12),
+    "pairs": ((2,) * 6, 0),
+    "triples": ((3,) * 4, 0),
+    "quads": ((4,) * 3, 0),
+    "halves": ((6, 6), 0),
+    "one-3": ((3,), 9),
+    "one-4": ((4,), 8),
+    "small-2x3": ((3, 3), 0),
+    "small-3x2": ((2, 2, 2), 0),
+    "small-one-3": ((3,), 3),
+}
+
+
+def concentration(task: str, skew: str) -> float:
+    return trained_pools.CONCENTRATION[task] if skew == "standard" else STRONG
+
+
+def bank_dir(pools: Path, task: str, seed: int, skew: str) -> Path:
+    return pools / f"{task}-s{seed}-{skew}"
+
+
+def train_bank(cache: Path, pools: Path, task_name: str, seed: int, skew: str, log=print) -> Path:
+    """Train (or reuse) one bank: ``c<i>_<j>`` cluster clients and ``i<j>`` independent ones."""
+    target = bank_dir(pools, task_name, seed, skew)
+    if (target / "BANK.json").is_file():
+        return target
+    base = cache / f"{task_name}-s{seed}-clean" / trained_pools.BASE_NAME
+    if not (base / "config.json").is_file():
+        raise SystemExit(f"{base} missing; run python -m benchmarks.trained_pools first")
+    start = time.perf_counter()
+    trainer = trained_pools.Trainer(train.load_base(base), trained_pools.SETUP, seed, trained_pools.BASE_NAME)
+    world = tasks.World.make(seed)
+    task = tasks.TASKS[task_name]
+    t_index = list(tasks.TASKS).index(task_name)
+    g = torch.Generator().manual_seed(7_000 + 1000 * seed + 100 * t_index + SKEWS.index(skew))
+    conc = concentration(task_name, skew)
+    target.mkdir(parents=True, exist_ok=True)
+    clients: dict[str, dict] = {}
+    jobs = [(f"c{i}_{j}", i) for i in range(CLUSTERS) for j in range(PER_CLUSTER)]
+    jobs += [(f"i{j:02d}", None) for j in range(INDEPENDENT)]
+    dists = [task.distribution(conc, g) for _ in range(CLUSTERS)]
+    for n, (name, cluster) in enumerate(jobs):
+        dist = dists[cluster] if cluster is not None else task.distribution(conc, g)
+        data = task.dataset(world, dist, trained_pools.N_TRAIN[task_name], g)
+        state = trainer.train(data, 50_000 + 1000 * seed + n, task.prompt_len)
+        trainer.save(state, target / name)
+        clients[name] = {"cluster": cluster, "distribution": dist}
+    (target / "BANK.json").write_text(json.dumps({"task": task_name, "seed": seed, "skew": skew, "clients": clients}))
+    log(f"{target.name}: {len(jobs)} clients trained ({time.perf_counter() - start:.0f} s)")
+    return target
+
+
+def draw_pool(rng: np.random.Generator, layout: str) -> tuple[list[str], dict[str, int]]:
+    """Client names of one pool of ``layout`` and, per client, its cluster's label in the pool (-1: none)."""
+    sizes, independent = LAYOUTS[layout]
+    clusters = rng.choice(CLUSTERS, len(sizes), replace=False)
+    names, label = [], {}
+    for c, (cluster, size) in enumerate(zip(clusters, sizes, strict=True)):
+        for j in rng.choice(PER_CLUSTER, size, replace=False):
+            names.append(f"c{cluster}_{j}")
+            label[names[-1]] = c
+    for j in rng.choice(INDEPENDENT, independent, replace=False):
+        names.append(f"i{j:02d}")
+        label[names[-1]] = -1
+    order = rng.permutation(len(names))
+    return [names[k] for k in order], label
+
+
+def audit_pool(bank: Path, names: list[str], factors: dict[str, dict]) -> list[tuple[str, list[str]]]:
+    """The flagged clients of one pool and the rules that flagged each."""
+    pool = pipeline.pool_from_factors({n: factors[n] for n in names}, base_model=trained_pools.BASE_NAME)
+    auditor = pipeline.audit(pool, AuditParams()).auditor
+    return [(names[v.index], sorted({r.rule for r in v.reasons})) for v in auditor.verdicts_ if v.flagged]
+
+
+def run(cache: Path, pools: Path, seeds: int, draws: int, log=print) -> list[dict]:
+    rows = []
+    for skew in SKEWS:
+        for task in ("revsucc", "majority"):
+            for seed in range(seeds):
+                bank = train_bank(cache, pools, task, seed, skew, log)
+                info = json.loads((bank / "BANK.json").read_text())["clients"]
+                factors = {n: read_factors(bank / n) for n in info}
+                rng = np.random.default_rng([seed, SKEWS.index(skew), list(tasks.TASKS).index(task)])
+                for layout in LAYOUTS:
+                    for draw in range(1 if layout == "independent" else draws):  # one set: one pool
+                        names, label = draw_pool(rng, layout)
+                        flagged = audit_pool(bank, names, factors)
+                        rows.append(
+                            dict(
+                                skew=skew,
+                                task=task,
+                                seed=seed,
+                                layout=layout,
+                                draw=draw,
+                                clients=len(names),
+                                flagged=[n for n, _ in flagged],
+                                rules=[r for _, rs in flagged for r in rs],
+                                in_cluster=sum(label[n] >= 0 for n, _ in flagged),
+                            )
+                        )
+                log(f"{bank.name}: audited")
+    return rows
+
+
+def render(rows: list[dict]) -> str:
+    lines = [
+        "| layout | skew | pools | honest flagged | in a cluster | rules |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for layout in LAYOUTS:
+        for skew in SKEWS:
+            sel = [r for r in rows if r["layout"] == layout and r["skew"] == skew]
+            if not sel:
+                continue
+            flagged = sum(len(r["flagged"]) for r in sel)
+            audited = sum(r["clients"] for r in sel)
+            rules = Counter(x for r in sel for x in r["rules"])
+            text = ", ".join(f"{k} {v}" for k, v in sorted(rules.items())) or "-"
+            lines.append(
+                f"| {layout} | {skew} | {len(sel)} | {flagged} / {audited} | "
+                f"{sum(r['in_cluster'] for r in sel)} | {text} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--draws", type=int, default=5)
+    parser.add_argument("--cache", type=Path, default=trained_pools.default_cache())
+    parser.add_argument("--pools", type=Path, default=Path(trained_pools.default_cache()).parent / "clair-clustered")
+    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    trained_pools.configure_torch()
+    start = time.perf_counter()
+    rows = run(args.cache, args.pools, args.seeds, args.draws)
+    print(render(rows))
+    print(f"\n{time.perf_counter() - start:.0f} s")
+    if args.out is not None:
+        args.out.write_text(json.dumps({"rows": rows, "seconds": time.perf_counter() - start}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
