@@ -25,8 +25,9 @@ from a bank (``--draws`` per layout), clients in a random order:
   of 3 and three independent).
 
 Every pool is audited with clair's defaults (``pipeline.audit``, ``AuditParams()``); the table
-gives honest clients flagged over clients audited, per layout and skew, with the rules that
-flagged them. Banks are cached under ``--pools`` (trained once, about 1 s a client).
+gives honest clients flagged over clients audited, per layout and skew, the pools with any flag,
+how many of the flagged are in a cluster, and the rules that flagged them. Banks are cached under
+``--pools`` (trained once, about 1 s a client).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def draw_pool(rng: np.random.Generator, layout: str) -> tuple[list[str], dict[st
     return [names[k] for k in order], label
 
 
-def audit_pool(bank: Path, names: list[str], factors: dict[str, dict]) -> list[tuple[str, list[str]]]:
+def audit_pool(names: list[str], factors: dict[str, dict]) -> list[tuple[str, list[str]]]:
     """The flagged clients of one pool and the rules that flagged each."""
     pool = pipeline.pool_from_factors({n: factors[n] for n in names}, base_model=trained_pools.BASE_NAME)
     auditor = pipeline.audit(pool, AuditParams()).auditor
@@ -139,42 +140,40 @@ def run(cache: Path, pools: Path, seeds: int, draws: int, log=print) -> list[dic
                 for layout in LAYOUTS:
                     for draw in range(1 if layout == "independent" else draws):  # one set: one pool
                         names, label = draw_pool(rng, layout)
-                        flagged = audit_pool(bank, names, factors)
-                        rows.append(
-                            dict(
-                                skew=skew,
-                                task=task,
-                                seed=seed,
-                                layout=layout,
-                                draw=draw,
-                                clients=len(names),
-                                flagged=[n for n, _ in flagged],
-                                rules=[r for _, rs in flagged for r in rs],
-                                in_cluster=sum(label[n] >= 0 for n, _ in flagged),
-                            )
-                        )
+                        row = dict(skew=skew, task=task, seed=seed, layout=layout, draw=draw, clients=len(names))
+                        flagged = audit_pool(names, factors)
+                        row["flagged"] = [n for n, _ in flagged]
+                        row["rules"] = [r for _, rs in flagged for r in rs]
+                        row["in_cluster"] = sum(label[n] >= 0 for n, _ in flagged)
+                        rows.append(row)
                 log(f"{bank.name}: audited")
     return rows
 
 
 def render(rows: list[dict]) -> str:
     lines = [
-        "| layout | skew | pools | honest flagged | in a cluster | rules |",
-        "|---|---|---:|---:|---:|---|",
+        "| layout | skew | pools | honest flagged | pools with a flag | in a cluster | rules |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for layout in LAYOUTS:
         for skew in SKEWS:
             sel = [r for r in rows if r["layout"] == layout and r["skew"] == skew]
             if not sel:
                 continue
-            flagged = sum(len(r["flagged"]) for r in sel)
             audited = sum(r["clients"] for r in sel)
             rules = Counter(x for r in sel for x in r["rules"])
             text = ", ".join(f"{k} {v}" for k, v in sorted(rules.items())) or "-"
             lines.append(
-                f"| {layout} | {skew} | {len(sel)} | {flagged} / {audited} | "
-                f"{sum(r['in_cluster'] for r in sel)} | {text} |"
+                f"| {layout} | {skew} | {len(sel)} | {sum(len(r['flagged']) for r in sel)} / {audited} | "
+                f"{sum(bool(r['flagged']) for r in sel)} | {sum(r['in_cluster'] for r in sel)} | {text} |"
             )
+    for skew in SKEWS:
+        sel = [r for r in rows if r["skew"] == skew]
+        audited = sum(r["clients"] for r in sel)
+        lines.append(
+            f"| all | {skew} | {len(sel)} | {sum(len(r['flagged']) for r in sel)} / {audited} | "
+            f"{sum(bool(r['flagged']) for r in sel)} | {sum(r['in_cluster'] for r in sel)} | |"
+        )
     return "\n".join(lines)
 
 

@@ -308,3 +308,24 @@ def test_refine_cards_are_portable_and_list_the_parameters(tmp_path: Path) -> No
     for card in cards:
         assert str(tmp_path) not in card
         assert "## Parameters" in card and "seed 4" in card and "projection rank: auto" in card
+
+
+def test_the_report_says_when_half_the_pool_or_more_is_flagged() -> None:
+    from clair_cli.report.audit import report_notes
+
+    def notes(n_flagged: int, n_adapters: int) -> list[str]:
+        adapters = [{"name": f"a{k}", "role": "candidate", "notes": []} for k in range(n_adapters)]
+        report = {
+            "dropped_modules": [],
+            "converged": True,
+            "modules": [],
+            "adapters": adapters,
+            "command": "audit",
+            "summary": {"n_flagged": n_flagged},
+            "n_adapters": n_adapters,
+        }
+        return [n for n in report_notes(report) if "adapters flagged" in n]
+
+    # Two cohorts of half a round each: one flagged whole is exactly half (benchmarks/clustered.py).
+    assert notes(6, 12) and "cohorts" in notes(6, 12)[0]
+    assert notes(7, 12) and not notes(5, 12) and not notes(3, 7)

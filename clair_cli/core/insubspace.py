@@ -385,53 +385,6 @@ def second_population(G: torch.Tensor, left_out: torch.Tensor, kept: torch.Tenso
 AGREEMENT_MIN_POOL = 6  # below, the pool's typical cosine is too noisy to weigh agreement by
 
 
-AGREEMENT_GROUP_CLOSER = 1.5  # a group's pairs 1.5x closer (in 1 - cos) than the typical pair
-
-
-def agreement_groups(cosine: torch.Tensor, candidates: torch.Tensor, order: list[int] | None = None) -> list[list[int]]:
-    """Sets of adapters that agree with each other far more closely than the pool's pairs
-    typically do: every pair of a set at most ``1 / AGREEMENT_GROUP_CLOSER`` of the typical
-    pair's distance ``1 - t`` (``t`` the median cosine of the pairs of ``candidates``), in
-    ``1 - cos``; rule 10's floor, without its calibrated cut. Honest clients of one data source
-    (hospitals of one network, devices of one region) agree like this, and so does a spread
-    coordinated group.
-
-    Cliques, not chains: an adapter joins a set only if it is that close to every member, so
-    an adapter between two honest clients does not tie them together. Built greedily in
-    ``order`` (the pool's canonical order; default the indices), each set from its first free
-    member, members joining closest first. Each set in that order. None (``[]``) where fewer
-    than ``AGREEMENT_MIN_POOL`` candidates are given, or where the sets would leave fewer than
-    half of the candidates outside them but for one member each: the pool then has no loose
-    majority to set a threshold by, and which of its sets is typical cannot be told.
-    """
-    order = list(range(cosine.shape[0])) if order is None else list(order)
-    mask = candidates.cpu().numpy()
-    idx = [k for k in order if mask[k]]
-    n = len(idx)
-    if n < AGREEMENT_MIN_POOL:
-        return []
-    C = cosine.detach().double().cpu().numpy()[np.ix_(idx, idx)]
-    off = ~np.eye(n, dtype=bool)
-    t = float(np.median(C[off]))
-    if not t < 1:
-        return []
-    close = off & ((1 - t) / AGREEMENT_GROUP_CLOSER >= 1 - C)
-    free = np.ones(n, dtype=bool)
-    groups = []
-    for a in range(n):
-        if not free[a]:
-            continue
-        group = [a]
-        for b in sorted(np.flatnonzero(close[a] & free).tolist(), key=lambda b: (-C[a, b], b)):
-            if all(close[b, c] for c in group):
-                group.append(b)
-        if len(group) > 1:
-            free[group] = False
-            groups.append([idx[g] for g in group])
-    counted_once = sum(len(g) - 1 for g in groups)
-    return groups if 2 * counted_once < n else []
-
-
 def agreement_masses(cosine: torch.Tensor, fit_on: torch.Tensor) -> torch.Tensor:
     """Per adapter, its weight in a centre that counts agreement beyond the pool's typical
     level softly: ``1 / (1 + sum_j e_kj)`` over the others j in ``fit_on``, with

@@ -423,10 +423,12 @@ def report_notes(report: dict[str, Any]) -> list[str]:
         )
     notes.extend(SILENT[r] for r in report.get("silent_rules", []) if r in SILENT)
     n_flagged = report["summary"]["n_flagged"]
-    if n_flagged * 2 > report["n_adapters"]:
+    if n_flagged * 2 >= report["n_adapters"]:
         notes.append(
             f"{n_flagged} of {report['n_adapters']} adapters flagged: the verdict assumes honest adapters are "
-            "the majority; check that the pool holds adapters of one task and base model"
+            "the majority; check that the pool holds adapters of one task and base model, and whether its "
+            "clients come in two cohorts of about half the pool each (data sources, label mixes), which "
+            "clair cannot tell from a coordinated half"
         )
     for g in report.get("groups", []):
         unflagged = [m for m in g["members"] if m not in g["flagged"]]

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 import torch
 
 from clair_cli.core.calibration import NORMAL, Cut, leave_one_out_cuts, leave_one_out_rows, qn_scale
-from clair_cli.core.insubspace import agreement_groups
 from clair_cli.core.rules.base import ALPHA, ModuleHit, Reason
 
 if TYPE_CHECKING:
@@ -93,21 +92,6 @@ class PoolSignals:
     whole_pairs: torch.Tensor | None = None
     whole_recentre: Callable[[frozenset[int]], tuple[torch.Tensor, torch.Tensor | None]] | None = None
     module_groups: list[ModuleGroup] = field(default_factory=list)
-
-    @cached_property
-    def agreeing_echoes(self) -> set[int]:
-        """Every member but the first of each set that agrees far more closely than the pool's
-        pairs do (:func:`clair_cli.core.insubspace.agreement_groups`, over the adapters that are
-        neither copies nor in rule 10's groups, in the canonical order): they count once in
-        every threshold. None in a gate, whose references set the thresholds as they are."""
-        if self.cosine is None or self.reference is not None:
-            return set()
-        candidates = torch.ones(self.n_adapters, dtype=torch.bool)
-        once = {k for group in self.duplicates for k in group[1:]}
-        once |= {k for group in self.coordinated for k in group.members[1:]}
-        candidates[sorted(once)] = False
-        groups = agreement_groups(self.cosine, candidates, self.order)
-        return {k for group in groups for k in group[1:]}
 
     @cached_property
     def effective_modules(self) -> float:
@@ -205,10 +189,6 @@ class Pass:
         # A coordinated group counts once in every threshold (rule 10); its other members
         # still shape the spectral rule's fit, whose evidence is a group pushing one way.
         self.echoes = {k for group in signals.coordinated for k in group.members[1:]} - self.copies
-        # Sets agreeing far more closely than the pool's pairs do (an honest cluster: clients of
-        # one data source) count once in every threshold too, judged as before: a cluster of
-        # three among six otherwise set the typical cosine and flagged the loose half.
-        self.echoes |= signals.agreeing_echoes - self.copies
         self.excluded = excluded | self.copies | self.echoes
         # Rule 1's cosines: against the centres without ``centre_without`` (what the previous
         # pass flagged, and groups pulling together) where that is a minority, else without
