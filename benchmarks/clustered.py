@@ -26,7 +26,9 @@ from a bank (``--draws`` per layout), clients in a random order:
 
 Every pool is audited with clair's defaults (``pipeline.audit``, ``AuditParams()``); the table
 gives honest clients flagged over clients audited, per layout and skew, the pools with any flag,
-how many of the flagged are in a cluster, and the rules that flagged them. Banks are cached under
+how many of the flagged are in a cluster, and the rules that flagged them. ``--cohorts`` adds
+what a user who knows the cohorts can do instead (:func:`cohort_rows`): audit each cohort alone,
+or gate the clients against references drawn from every cohort. Banks are cached under
 ``--pools`` (trained once, about 1 s a client).
 """
 
@@ -51,6 +53,7 @@ CLUSTERS = 6
 PER_CLUSTER = 6
 INDEPENDENT = 12
 STRONG = 0.2  # Dirichlet concentration of the strongly skewed banks
+MIN_COHORT = 5  # --cohorts: the smallest cohort audited alone (clair audits pools of five or more)
 SKEWS = ("standard", "strong")
 LAYOUTS: dict[str, tuple[tuple[int, ...], int]] = {  # cluster sizes, independent clients
     "independent": ((), 12),
@@ -121,14 +124,42 @@ def draw_pool(rng: np.random.Generator, layout: str) -> tuple[list[str], dict[st
     return [names[k] for k in order], label
 
 
-def audit_pool(names: list[str], factors: dict[str, dict]) -> list[tuple[str, list[str]]]:
-    """The flagged clients of one pool and the rules that flagged each."""
+def audit_pool(
+    names: list[str], factors: dict[str, dict], references: list[str] | None = None
+) -> list[tuple[str, list[str]]]:
+    """The flagged clients of one pool and the rules that flagged each; with ``references``, as
+    ``clair gate`` judges the other clients against them."""
     pool = pipeline.pool_from_factors({n: factors[n] for n in names}, base_model=trained_pools.BASE_NAME)
-    auditor = pipeline.audit(pool, AuditParams()).auditor
+    reference = None if references is None else [names.index(n) for n in references]
+    auditor = pipeline.audit(pool, AuditParams(), reference=reference).auditor
     return [(names[v.index], sorted({r.rule for r in v.reasons})) for v in auditor.verdicts_ if v.flagged]
 
 
-def run(cache: Path, pools: Path, seeds: int, draws: int, log=print) -> list[dict]:
+def cohort_rows(names: list[str], label: dict[str, int], factors: dict[str, dict]) -> dict:
+    """What a user who knows the cohorts can do instead (``--cohorts``): audit each cohort (each
+    cluster, and the clients of no cluster together) as a pool of its own, where it has at least
+    ``MIN_COHORT`` clients; or gate the clients against references drawn from every cohort (the
+    first half of each cohort, rounded up, in the pool's order)."""
+    cohorts: dict[int, list[str]] = {}
+    for n in names:
+        cohorts.setdefault(label[n], []).append(n)
+    flagged, audited = [], 0
+    for members in cohorts.values():
+        if len(members) >= MIN_COHORT:
+            audited += len(members)
+            flagged += [n for n, _ in audit_pool(members, factors)]
+    references = [n for members in cohorts.values() for n in members[: (len(members) + 1) // 2]]
+    candidates = [n for n in names if n not in references]
+    gated = [n for n, _ in audit_pool(names, factors, references)]
+    return {
+        "cohort_flagged": flagged,
+        "cohort_audited": audited,
+        "gate_flagged": [n for n in gated if n in candidates],
+        "gate_candidates": len(candidates),
+    }
+
+
+def run(cache: Path, pools: Path, seeds: int, draws: int, cohorts: bool = False, log=print) -> list[dict]:
     rows = []
     for skew in SKEWS:
         for task in ("revsucc", "majority"):
@@ -145,6 +176,8 @@ def run(cache: Path, pools: Path, seeds: int, draws: int, log=print) -> list[dic
                         row["flagged"] = [n for n, _ in flagged]
                         row["rules"] = [r for _, rs in flagged for r in rs]
                         row["in_cluster"] = sum(label[n] >= 0 for n, _ in flagged)
+                        if cohorts and layout != "independent":
+                            row |= cohort_rows(names, label, factors)
                         rows.append(row)
                 log(f"{bank.name}: audited")
     return rows
@@ -174,6 +207,22 @@ def render(rows: list[dict]) -> str:
             f"| all | {skew} | {len(sel)} | {sum(len(r['flagged']) for r in sel)} / {audited} | "
             f"{sum(bool(r['flagged']) for r in sel)} | {sum(r['in_cluster'] for r in sel)} | |"
         )
+    if any("gate_flagged" in r for r in rows):
+        lines += [
+            "",
+            "| layout | skew | each cohort audited alone: honest flagged | gate against half of every cohort: "
+            "candidates flagged |",
+            "|---|---|---:|---:|",
+        ]
+        for layout in LAYOUTS:
+            for skew in SKEWS:
+                sel = [r for r in rows if r["layout"] == layout and r["skew"] == skew and "gate_flagged" in r]
+                if sel:
+                    lines.append(
+                        f"| {layout} | {skew} | {sum(len(r['cohort_flagged']) for r in sel)} / "
+                        f"{sum(r['cohort_audited'] for r in sel)} | {sum(len(r['gate_flagged']) for r in sel)} / "
+                        f"{sum(r['gate_candidates'] for r in sel)} |"
+                    )
     return "\n".join(lines)
 
 
@@ -184,10 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=trained_pools.default_cache())
     parser.add_argument("--pools", type=Path, default=Path(trained_pools.default_cache()).parent / "clair-clustered")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    parser.add_argument(
+        "--cohorts", action="store_true", help="also audit each cohort alone, and gate against references of each"
+    )
     args = parser.parse_args(argv)
     trained_pools.configure_torch()
     start = time.perf_counter()
-    rows = run(args.cache, args.pools, args.seeds, args.draws)
+    rows = run(args.cache, args.pools, args.seeds, args.draws, args.cohorts)
     print(render(rows))
     print(f"\n{time.perf_counter() - start:.0f} s")
     if args.out is not None:
