@@ -135,11 +135,17 @@ def audit_pool(
     return [(names[v.index], sorted({r.rule for r in v.reasons})) for v in auditor.verdicts_ if v.flagged]
 
 
+ATTACKS = {"x10": 10.0, "flip": -1.0}  # --cohorts: one candidate's update times this (its B scaled)
+
+
 def cohort_rows(names: list[str], label: dict[str, int], factors: dict[str, dict]) -> dict:
     """What a user who knows the cohorts can do instead (``--cohorts``): audit each cohort (each
     cluster, and the clients of no cluster together) as a pool of its own, where it has at least
     ``MIN_COHORT`` clients; or gate the clients against references drawn from every cohort (the
-    first half of each cohort, rounded up, in the pool's order)."""
+    first half of each cohort, rounded up, in the pool's order). Then, for each of ``ATTACKS``,
+    the first candidate (in the pool's order) sends its own update scaled (x10, or sign-flipped,
+    as in the small-rounds benchmark) instead: whether the gate flags it, whether its cohort,
+    audited alone where large enough, does, and whether the whole pool's audit does."""
     cohorts: dict[int, list[str]] = {}
     for n in names:
         cohorts.setdefault(label[n], []).append(n)
@@ -151,12 +157,24 @@ def cohort_rows(names: list[str], label: dict[str, int], factors: dict[str, dict
     references = [n for members in cohorts.values() for n in members[: (len(members) + 1) // 2]]
     candidates = [n for n in names if n not in references]
     gated = [n for n, _ in audit_pool(names, factors, references)]
-    return {
+    row: dict = {
         "cohort_flagged": flagged,
         "cohort_audited": audited,
         "gate_flagged": [n for n in gated if n in candidates],
         "gate_candidates": len(candidates),
     }
+    victim = candidates[0]
+    cohort = cohorts[label[victim]]
+    for attack, factor in ATTACKS.items():
+        bad = f"{victim}-{attack}"
+        sent = {**factors, bad: {m: (a, b * factor, s) for m, (a, b, s) in factors[victim].items()}}
+        swap = [bad if n == victim else n for n in names]
+        row[f"gate_{attack}"] = bad in {n for n, _ in audit_pool(swap, sent, references)}
+        row[f"audit_{attack}"] = bad in {n for n, _ in audit_pool(swap, sent)}
+        if len(cohort) >= MIN_COHORT:
+            own = [bad if n == victim else n for n in cohort]
+            row[f"cohort_{attack}"] = bad in {n for n, _ in audit_pool(own, sent)}
+    return row
 
 
 def run(cache: Path, pools: Path, seeds: int, draws: int, cohorts: bool = False, log=print) -> list[dict]:
@@ -210,20 +228,31 @@ def render(rows: list[dict]) -> str:
     if any("gate_flagged" in r for r in rows):
         lines += [
             "",
-            "| layout | skew | each cohort audited alone: honest flagged | gate against half of every cohort: "
-            "candidates flagged |",
-            "|---|---|---:|---:|",
+            "| layout | skew | whole pool audited: x10, flip caught | each cohort audited alone: honest flagged | "
+            "x10, flip caught | gate against half of every cohort: honest candidates flagged | x10, flip caught |",
+            "|---|---|---:|---:|---:|---:|---:|",
         ]
         for layout in LAYOUTS:
             for skew in SKEWS:
                 sel = [r for r in rows if r["layout"] == layout and r["skew"] == skew and "gate_flagged" in r]
                 if sel:
                     lines.append(
-                        f"| {layout} | {skew} | {sum(len(r['cohort_flagged']) for r in sel)} / "
-                        f"{sum(r['cohort_audited'] for r in sel)} | {sum(len(r['gate_flagged']) for r in sel)} / "
-                        f"{sum(r['gate_candidates'] for r in sel)} |"
+                        f"| {layout} | {skew} | {_caught(sel, 'audit')} | "
+                        f"{sum(len(r['cohort_flagged']) for r in sel)} / {sum(r['cohort_audited'] for r in sel)} | "
+                        f"{_caught(sel, 'cohort')} | "
+                        f"{sum(len(r['gate_flagged']) for r in sel)} / {sum(r['gate_candidates'] for r in sel)} | "
+                        f"{_caught(sel, 'gate')} |"
                     )
     return "\n".join(lines)
+
+
+def _caught(rows: list[dict], how: str) -> str:
+    """``x10 caught / tried, flip caught / tried`` over ``rows`` (``how``: ``audit``, ``cohort`` or ``gate``)."""
+    parts = []
+    for attack in ATTACKS:
+        tried = [r[f"{how}_{attack}"] for r in rows if f"{how}_{attack}" in r]
+        parts.append(f"{sum(tried)}/{len(tried)}" if tried else "-")
+    return ", ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
