@@ -1,6 +1,6 @@
 """Honest federations whose clients come in clusters: how many honest clients clair flags.
 
-    python -m benchmarks.clustered [--seeds 3] [--draws 5] [--cache DIR] [--pools DIR]
+    python -m benchmarks.clustered [--seeds 3] [--draws 5] [--cohorts] [--out FILE.json] [--cache DIR] [--pools DIR]
 
 Real federations are rarely a set of independent non-IID clients: several hospitals of one
 network, shops of one chain or devices of one region share a data distribution, so their
