@@ -15,7 +15,7 @@ from helpers import lora_config, random_factors, write_adapter
 from rich.console import Console
 from typer.testing import CliRunner
 
-from clair_cli import pipeline
+from clair_cli import methods, pipeline
 from clair_cli.cli import app
 from clair_cli.core.rules import Reason
 from clair_cli.errors import IncompatibleAdapters
@@ -23,6 +23,7 @@ from clair_cli.io.base_model import canonical_base_model
 from clair_cli.io.sources import SourceOptions, open_adapters
 from clair_cli.params import AuditParams
 from clair_cli.report.audit import audit_report, reason_text, render_audit, share_text
+from clair_cli.report.card import model_card
 from clair_cli.report.modules import ModuleNames, natural_sorted
 from clair_cli.report.plot import plot_labels
 
@@ -329,3 +330,14 @@ def test_the_report_says_when_half_the_pool_or_more_is_flagged() -> None:
     # Two cohorts of half a round each: one flagged whole is exactly half (benchmarks/clustered.py).
     assert notes(6, 12) and "cohorts" in notes(6, 12)[0]
     assert notes(7, 12) and not notes(5, 12) and not notes(3, 7)
+
+
+@pytest.mark.parametrize("name", [*methods.REGISTRY, "refine"])
+def test_every_method_card_says_what_it_did(name: str) -> None:
+    """Each merge method of the registry carries its own card paragraph, and refine has one:
+    none falls back to its bare name."""
+    text = model_card("t", name, "gpt2", [], "clair merge x", None, [])
+    method = text.split("## Method\n\n", 1)[1].split("\n", 1)[0]
+    assert method != name and len(method) > 30
+    if name in methods.REGISTRY:
+        assert method == methods.REGISTRY[name].card

@@ -73,6 +73,7 @@ class MergeMethod:
         name: as ``--method`` spells it.
         min_adapters: the fewest adapters it can work with.
         description: one line for ``--help``.
+        card: the paragraph that says what it did in a merged adapter's model card.
         audits: runs the CLAIR audit first and merges the adapters it does not flag.
         exact_mean: forms the (weighted) mean of its adapters, in the audit's working precision.
         of_factors: defined on the factors as given, not on the updates alone (every other
@@ -82,6 +83,7 @@ class MergeMethod:
     name: ClassVar[str]
     min_adapters: ClassVar[int]
     description: ClassVar[str]
+    card: ClassVar[str]
     audits: ClassVar[bool] = False
     exact_mean: ClassVar[bool] = False
     of_factors: ClassVar[bool] = False

@@ -10,6 +10,7 @@ class FedAvg(Baseline):
     name = "fedavg"
     min_adapters = 1
     description = "naive federated averaging of the A and B factors apart"
+    card = "Federated averaging of the factors, (sum_k w_k s_k B_k)(sum_k w_k A_k)."
     function = "fedavg"
     of_factors = True
 
@@ -18,6 +19,7 @@ class Median(Baseline):
     name = "median"
     min_adapters = 2
     description = "coordinate-wise median of the updates"
+    card = "Coordinate-wise median of the updates, truncated back to LoRA rank by SVD."
     function = "median"
 
 
@@ -25,6 +27,7 @@ class TrimmedMean(Baseline):
     name = "trimmed-mean"
     min_adapters = 3
     description = "coordinate-wise mean without the largest and smallest values"
+    card = "Coordinate-wise trimmed mean of the updates, truncated back to LoRA rank by SVD."
     function = "trimmed_mean"
 
 
@@ -32,6 +35,7 @@ class Krum(Baseline):
     name = "krum"
     min_adapters = 3
     description = "the adapter of lowest Krum score"
+    card = "Krum: the single adapter closest to its neighbours."
     function = "krum"
 
 
@@ -39,6 +43,7 @@ class MultiKrum(Baseline):
     name = "multi-krum"
     min_adapters = 3
     description = "mean of the adapters of lowest Krum score"
+    card = "Multi-Krum: the mean of the adapters closest to their neighbours."
     function = "multi_krum"
 
 
@@ -46,4 +51,5 @@ class Ties(Baseline):
     name = "ties"
     min_adapters = 2
     description = "TIES: trim, elect sign, disjoint mean"
+    card = "TIES merging (trim, elect sign, disjoint mean), truncated back to LoRA rank by SVD."
     function = "ties"

@@ -63,6 +63,11 @@ class Clair(MergeMethod):
     name = "clair"
     min_adapters = 5
     description = "audit, then the exact mean of the adapters not flagged"
+    card = (
+        "CLAIR merge: the adapters the CLAIR audit did not flag (the collaborative set) are merged "
+        "by their exact weighted mean, Theta_bar = sum_k w_k s_k B_k A_k, written with scale 1 at the "
+        "smallest rank within the stated relative error."
+    )
     audits = True
     exact_mean = True
 

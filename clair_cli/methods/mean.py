@@ -17,6 +17,7 @@ class Mean(Baseline):
     name = "mean"
     min_adapters = 1
     description = "exact (weighted) mean of every adapter, no audit"
+    card = "Exact weighted mean of the updates, sum_k w_k s_k B_k A_k, as a concatenated LoRA."
     exact_mean = True
     function = "mean"
 

@@ -14,20 +14,11 @@ from typing import Any
 from clair_cli import __version__, methods
 from clair_cli.report.markdown import md_code, md_fence, md_text, yaml_string
 
-METHOD_TEXT = {
-    "clair": "CLAIR merge: the adapters the CLAIR audit did not flag (the collaborative set) are merged "
-    "by their exact weighted mean, Theta_bar = sum_k w_k s_k B_k A_k, written with scale 1 at the "
-    "smallest rank within the stated relative error.",
+# Cards of what is not a merge method of the registry (each method carries its own, ``card``).
+CARD_TEXT = {
     "clair-project": "CLAIR projected merge: the collaborators' weighted mean projected onto their shared "
     "subspace (Theta_bar = U U^T sum_k w_k Theta_k), with the projection's rank chosen per module by "
     "cross-validation across the collaborators (or fixed by --project-rank); scale 1.",
-    "mean": "Exact weighted mean of the updates, sum_k w_k s_k B_k A_k, as a concatenated LoRA.",
-    "fedavg": "Federated averaging of the factors, (sum_k w_k s_k B_k)(sum_k w_k A_k).",
-    "median": "Coordinate-wise median of the updates, truncated back to LoRA rank by SVD.",
-    "trimmed-mean": "Coordinate-wise trimmed mean of the updates, truncated back to LoRA rank by SVD.",
-    "krum": "Krum: the single adapter closest to its neighbours.",
-    "multi-krum": "Multi-Krum: the mean of the adapters closest to their neighbours.",
-    "ties": "TIES merging (trim, elect sign, disjoint mean), truncated back to LoRA rank by SVD.",
     "refine": "CLAIR refinement: this adapter's update projected onto the shared subspace of the "
     "collaborative adapters (B~ = U U^T B); rank, alpha and config unchanged.",
 }
@@ -168,7 +159,7 @@ def model_card(  # noqa: PLR0913 - to group into a card dataclass next
 
     Args:
         title: heading.
-        method: key of METHOD_TEXT.
+        method: a merge method's name (:data:`clair_cli.methods.REGISTRY`) or ``refine``.
         base_model: base model id.
         sources: per input adapter: name, source, path (its own, as given), revision,
             used (bool), weight (its share of a merge), score, flagged.
@@ -183,7 +174,9 @@ def model_card(  # noqa: PLR0913 - to group into a card dataclass next
     lines = _front_matter(base_model, ["lora", "clair", "merge" if method != "refine" else "refined"], library)
     lines += [f"# {md_text(title)}", "", f"Made by clair {__version__}.", "", md_fence(portable_command(command)), ""]
     key = "clair-project" if method == "clair" and merge and merge["options"]["project"] else method
-    lines += ["## Method", "", METHOD_TEXT.get(key, md_text(method)), ""]
+    spec = methods.REGISTRY.get(key)
+    text = spec.card if spec is not None else CARD_TEXT.get(key, md_text(method))
+    lines += ["## Method", "", text, ""]
     if merge:
         lines += _merge_lines(merge, params if summary else None)  # audit settings only where one ran
     elif params and summary:
