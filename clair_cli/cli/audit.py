@@ -33,12 +33,11 @@ def audit_command(
     """
     from clair_cli import pipeline
     from clair_cli.cli import common
-    from clair_cli.io.paths import input_paths
     from clair_cli.report.audit import audit_report
 
     params = audit.params()
-    sources = common.sources_arg(sources)
-    common.check_report_targets(reports, input_paths(sources, [read.config]))
+    given, sources = sources, common.sources_arg(sources)
+    common.check_report_targets(reports, common.local_inputs(given, sources, read.config))
     with common.progress_bar(run.quiet) as progress:
         pool = pipeline.open_pool(sources, read.source_options(), intersect=audit.intersect, progress=progress)
         common.check_report_targets(reports, common.adapter_files(pool.adapters))  # before the work, not after

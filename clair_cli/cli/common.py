@@ -39,6 +39,15 @@ def sources_arg(sources: Sequence[str]) -> list[str]:
     return expand_sources(sources)
 
 
+def local_inputs(given: Sequence[str], sources: Sequence[str], *files: Path | None) -> list[Path]:
+    """The local paths a command reads before opening the adapters: its ``sources`` (expanded
+    from the arguments ``given``), the ``@FILE`` lists among ``given`` and ``files`` (``--config``)."""
+    from clair_cli.io.paths import input_paths
+    from clair_cli.io.sources import list_files
+
+    return input_paths(sources, [*files, *list_files(given)])
+
+
 def check_reference_spelling(argv: Sequence[str]) -> list[str]:
     """Refuse ``--reference a b c``: ``b c`` would silently become candidates.
 

@@ -44,7 +44,6 @@ def gate_command(
     from clair_cli.cli import common
     from clair_cli.constants import ARGV_KEY
     from clair_cli.errors import UsageError
-    from clair_cli.io.paths import input_paths
     from clair_cli.report.audit import audit_report
     from clair_cli.report.console import make_console
 
@@ -54,10 +53,11 @@ def gate_command(
     params = audit.params()
     if "-" in candidates and "-" in (reference or []):
         raise UsageError("- (sources from stdin) is given both as candidate and as --reference; give it once")
+    given = [*candidates, *(reference or [])]
     candidates = common.sources_arg(candidates)
     references = common.sources_arg(reference or [])
     src = read.source_options()
-    common.check_report_targets(reports, input_paths([*candidates, *references], [read.config]))
+    common.check_report_targets(reports, common.local_inputs(given, [*candidates, *references], read.config))
     with common.progress_bar(run.quiet) as progress:
         pool, trusted = pipeline.open_gate_pool(
             candidates, references, src, intersect=audit.intersect, progress=progress

@@ -33,17 +33,17 @@ def inspect_command(
     read gets an error row (the others are still shown, and --json still writes every row) and the
     exit code is 2.
     """
-    from clair_cli.cli.common import check_report_targets, sources_arg
+    from clair_cli.cli.common import check_report_targets, local_inputs, sources_arg
     from clair_cli.errors import AdapterFormatError, ClairError
     from clair_cli.io.adapter import verify
-    from clair_cli.io.paths import input_paths, printable
+    from clair_cli.io.paths import printable
     from clair_cli.io.sources import open_adapter, resolve_sources
     from clair_cli.io.writers import write_text
     from clair_cli.report.console import make_console
     from clair_cli.report.inspect import adapter_record, error_record, inspect_report, render_inspect
 
-    sources = sources_arg(sources)
-    inputs = input_paths(sources, [read.config])
+    given, sources = sources, sources_arg(sources)
+    inputs = local_inputs(given, sources, read.config)
     check_report_targets(opt.Reports(json_out=json_out), inputs)
     src = read.source_options()
     errors: list[tuple[str, str, ClairError]] = []

@@ -56,7 +56,7 @@ def merge_command(
     """
     from clair_cli import methods, pipeline, publish
     from clair_cli.cli import common
-    from clair_cli.io.paths import input_paths, printable
+    from clair_cli.io.paths import printable
     from clair_cli.io.writers import Outputs
     from clair_cli.report.audit import audit_report
     from clair_cli.report.console import make_console
@@ -67,8 +67,8 @@ def merge_command(
     w = common.parse_weights(merging.weights)
     options = merging.options()
     _check_baseline_options(spec, options, merging.norm_bound, reports)
-    sources = common.sources_arg(sources)
-    inputs = input_paths(sources, [read.config])
+    given, sources = sources, common.sources_arg(sources)
+    inputs = common.local_inputs(given, sources, read.config)
     common.check_report_targets(reports, inputs, target.out)
     with Outputs(inputs) as outputs:  # the adapter and the reports: all written, or none
         outputs.directory(target.out, target.force, adapters_only=True)
@@ -169,7 +169,7 @@ def refine_command(
     from clair_cli import pipeline, publish
     from clair_cli.cli import common
     from clair_cli.io.lora_config import refuse_base_rewriting
-    from clair_cli.io.paths import input_paths, printable
+    from clair_cli.io.paths import printable
     from clair_cli.io.writers import Outputs
     from clair_cli.params import parse_rank
     from clair_cli.report.audit import audit_report
@@ -177,8 +177,8 @@ def refine_command(
 
     params = audit.params()
     fixed = parse_rank(project_rank, "--project-rank")
-    sources = common.sources_arg(sources)
-    inputs = input_paths(sources, [read.config])
+    given, sources = sources, common.sources_arg(sources)
+    inputs = common.local_inputs(given, sources, read.config)
     common.check_report_targets(reports, inputs, target.out)
     with Outputs(inputs) as outputs:  # the adapters and the reports: all written, or none
         outputs.directory(target.out, target.force, adapters_only=True)

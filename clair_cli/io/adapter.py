@@ -533,6 +533,7 @@ def verify(adapter: Adapter) -> list[str]:
     with adapter.reader() as reader:
         if hasattr(reader, "chunks"):
             zero = [name for name in adapter.modules if adapter.scan_module(reader, name)]
+            _scan_others(adapter, reader)
         else:  # factors already in memory
             zero = [m.name for m in adapter.load() if not bool(m.A.any()) or not bool(m.B.any())]
     if not zero:
@@ -540,3 +541,24 @@ def verify(adapter: Adapter) -> list[str]:
     if len(zero) == len(adapter.modules):
         return ["every module's update is zero (untrained adapter?)"]
     return [f"{_plural(len(zero), 'module')} with a zero update (e.g. {zero[0]})"]
+
+
+def _scan_others(adapter: Adapter, reader: SafetensorsReader) -> None:
+    """Check the file's tensors that are no module's factors (biases, full weights of
+    ``modules_to_save``, alphas, bias and norm differences) for NaN and Inf, in bounded chunks: clair
+    does not analyse them, but refine keeps them and a merge may, and no loader should get them so.
+
+    Raises:
+        AdapterFormatError: naming the file and the tensor.
+    """
+    factors = {key for spec in adapter.modules.values() for key in (spec.a_key, spec.b_key)}
+    for name, info in reader.tensors.items():
+        if name in factors or not info.dtype.startswith(("F", "BF")):
+            continue
+        # (float8 values are widened first: abs() and max() do not take them)
+        if any(not math.isfinite(peak(c.float() if c.element_size() == 1 else c)) for c in reader.chunks(name)):
+            raise AdapterFormatError(
+                f"{printable(str(adapter.ref.weights_file))}: tensor {name!r} contains NaN or Inf values "
+                "(clair does not analyse it, but a merge or refine would carry it)",
+                hint="The adapter diverged during training or the file is corrupt.",
+            )

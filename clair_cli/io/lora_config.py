@@ -52,6 +52,18 @@ UNSUPPORTED_FIELDS = {
     "kasa_config": "KaSA (kasa_config) modifies the base weights",
     "monteclora_config": "MonteCLoRA (monteclora_config) samples the update",
 }
+# The values with which PEFT (0.21) leaves each variant off. Its sub-config fields turn even ``{}``
+# into a config object (KasaConfig(), ...), which switches the variant on, and an aLoRA layer is
+# made whenever alora_invocation_tokens is not None; a boolean or a list is off when false or empty.
+VARIANT_OFF: dict[str, tuple[Any, ...]] = {
+    "alora_invocation_tokens": (None,),
+    "use_qalora": (None, False),
+    "target_parameters": (None, []),
+    "use_bdlora": (None,),
+    "arrow_config": (None,),
+    "kasa_config": (None,),
+    "monteclora_config": (None,),
+}
 # init_lora_weights values with which PEFT rewrites the base model's weights when it loads the adapter
 # (peft.tuners.lora.layer.LoraLayer.update_layer: pissa_init, corda_init, olora_init, loftq_init), so that
 # the adapter's change to the base model is not scale * B @ A. "eva", "gaussian", "orthogonal", "mica" and
@@ -206,7 +218,8 @@ def refuse_variants(adapters: Sequence[Adapter], what: str) -> None:
     for a in adapters:
         raw = a.config.raw
         for name, why in UNSUPPORTED_FIELDS.items():
-            if raw.get(name) not in (None, False, [], {}):
+            value = raw.get(name)
+            if not any(value is off or (value == off and type(value) is type(off)) for off in VARIANT_OFF[name]):
                 raise IncompatibleAdapters(
                     f"{_where(a)}: {why}; clair cannot write a {what} that PEFT loads as computed",
                     hint="Leave this adapter out, or audit it only (clair audit).",

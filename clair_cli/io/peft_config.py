@@ -21,6 +21,8 @@ from clair_cli.io.paths import printable
 from clair_cli.io.patterns import LAYERS_PATTERN_WRAP, pattern_risk
 from clair_cli.types import PATTERN_KEY_WRAP, AdapterConfig
 
+MAX_BASE_MODEL_LENGTH = 4096  # characters of base_model_name_or_path (PATH_MAX)
+
 
 def _fail(path: Path | str, problem: str) -> AdapterFormatError:
     return AdapterFormatError(
@@ -149,6 +151,14 @@ def parse_config(data: dict[str, Any], path: Path | str) -> AdapterConfig:
     base_model = data.get("base_model_name_or_path")
     if base_model is not None and not isinstance(base_model, str):
         raise _fail(path, "base_model_name_or_path must be a string")
+    if base_model is not None and len(base_model) > MAX_BASE_MODEL_LENGTH:
+        # A hub id has at most 96 characters and a path at most PATH_MAX (4,096 bytes on Linux):
+        # longer is no model's name, and every message and card that quotes it would carry it.
+        raise _fail(
+            path,
+            f"base_model_name_or_path is {len(base_model)} characters long; clair accepts at most "
+            f"{MAX_BASE_MODEL_LENGTH}",
+        )
     to_save = _str_list(path, "modules_to_save", data.get("modules_to_save"))
     for field in ("target_modules", "exclude_modules"):
         if isinstance(data.get(field), str):

@@ -9,8 +9,10 @@ a time at the offsets the checked header gives (:class:`SafetensorsReader`).
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import struct
 import sys
 from collections.abc import Iterator, Sequence
@@ -59,6 +61,20 @@ def _bad(path: Path, problem: str) -> AdapterFormatError:
     )
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
+
+
+def _lone_surrogate(raw: bytes, parsed: object) -> bool:
+    """Whether the JSON text ``raw`` (``parsed``) escapes a UTF-16 surrogate that no pair completes."""
+    if not _SURROGATE_ESCAPE.search(raw):
+        return False
+    try:
+        json.dumps(parsed, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header without reading tensor data.
 
@@ -102,6 +118,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         raise _bad(path, exc.message.split(": ", 1)[-1] + " (not a safetensors file?)") from exc
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
+    if _lone_surrogate(raw, header):
+        # JSON's "\ud800" escape decodes to a string no UTF-8 writer can encode: Python's json
+        # reads it, the safetensors library (and so PEFT and diffusers) refuses the file.
+        raise _bad(path, "the header escapes a lone UTF-16 surrogate (U+D800-U+DFFF), which is not text")
     n_tensors = len(header) - ("__metadata__" in header)
     if n_tensors > SAFETENSORS_MAX_TENSORS:
         raise _bad(path, f"header lists {n_tensors} tensors; clair accepts at most {SAFETENSORS_MAX_TENSORS}")

@@ -40,6 +40,7 @@ from clair_cli.constants import (
     DEFAULT_MAX_RANK,
     DIFFUSERS_WEIGHTS_NAME,
     HUB_PREFIX,
+    HUB_REPO_RE,
     KOHYA_PREFIXES,
     LAYOUT_NAMES,
     LORA_KEY_RE,
@@ -114,6 +115,12 @@ def _list_entry(line: str, base: Path) -> str:
     if Path(beside).exists() or not hub.looks_like_hub_id(line) or owner.is_dir():
         return beside  # (owner/name with owner a directory there: a path, as on the command line)
     return line  # owner/name: a hub id, as on the command line
+
+
+def list_files(specs: Sequence[str]) -> list[Path]:
+    """The ``@FILE`` lists among ``specs`` (as :func:`expand_sources` reads them): inputs too, which
+    no report or output may replace."""
+    return [Path(spec[1:]) for spec in specs if spec.startswith("@") and len(spec) > 1]
 
 
 def expand_sources(specs: Sequence[str], stdin: TextIO | None = None) -> list[str]:
@@ -268,10 +275,13 @@ def cache_snapshot(path: Path) -> tuple[str, str, str | None] | None:
     for i in range(len(parts) - 2, 0, -1):
         if parts[i] == "snapshots" and COMMIT_RE.match(parts[i + 1]) and parts[i - 1].startswith("models--"):
             owner_name = parts[i - 1].removeprefix("models--").split("--")
-            if len(owner_name) != 2 or not all(owner_name):
+            # Only a folder name the cache could have written: a valid repo id (the Hub allows no
+            # ".." in one), never "../evil".
+            repo_id = "/".join(owner_name)
+            if len(owner_name) != 2 or not HUB_REPO_RE.match(repo_id) or ".." in repo_id:
                 return None
             sub = "/".join(parts[i + 2 :]) or None
-            return "/".join(owner_name), parts[i + 1], sub
+            return repo_id, parts[i + 1], sub
     return None
 
 

@@ -196,13 +196,19 @@ def _local_uri(path: str, cwd: Path) -> tuple[str, str | None]:
         relative = absolute.relative_to(root)
     except ValueError:
         return absolute.as_uri(), None
-    return quote(PurePosixPath(*relative.parts).as_posix(), safe="/"), SRCROOT
+    return _quoted(PurePosixPath(*relative.parts).as_posix()), SRCROOT
+
+
+def _quoted(text: str) -> str:
+    """``text`` percent-encoded for a URI; a name that is not UTF-8 (its bytes kept as surrogates,
+    as Python reads such file names) by its own bytes."""
+    return quote(text.encode("utf-8", "surrogateescape"), safe="/")
 
 
 def _hub_uri(hub: dict[str, Any]) -> str:
     at = hub.get("commit") or hub.get("revision") or "main"
     folder = f"{hub['subfolder'].strip('/')}/" if hub.get("subfolder") else ""
-    return HUB_URL + quote(f"{hub['repo_id']}/blob/{at}/{folder}{SAFETENSORS_WEIGHTS_NAME}", safe="/")
+    return HUB_URL + _quoted(f"{hub['repo_id']}/blob/{at}/{folder}{SAFETENSORS_WEIGHTS_NAME}")
 
 
 def weights_file(path: str, cwd: Path) -> str:
