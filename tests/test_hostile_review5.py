@@ -16,16 +16,10 @@ import pytest
 import torch
 from helpers import MODULES, lora_config, random_factors, write_adapter
 from test_hostile_review import invoke, refused
+from test_hostile_review2 import _pool
 
 from clair_cli.io.patterns import pattern_risk
 from clair_cli.io.sources import cache_snapshot
-
-
-def _pool(root: Path, n: int = 6, config: dict | None = None) -> Path:
-    for k in range(n):
-        write_adapter(root / f"client_{k:02d}", random_factors(MODULES, seed=k), config)
-    return root
-
 
 # 1. A report aimed at the @FILE list the run reads.
 
