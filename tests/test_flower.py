@@ -234,3 +234,107 @@ def test_unequal_client_sizes_change_only_the_sizes() -> None:
         assert client.train.shape[0] == n
     for a, b in zip(sim.make_clients(even, 0), sim.make_clients(spread, 0), strict=True):
         assert torch.equal(a.test, b.test)
+
+
+# Found by a review of 2026-12-06: the evaluate path kept FedAvg's all-or-nothing check, two replies
+# from one node raised, the round's metrics used uncapped claims, and long keys filled the history.
+
+
+def _run_rounds(train_metrics, evaluate_metrics, nodes: int = 6, rounds: int = 2):
+    """A run of ``rounds`` with every client training and evaluating; ``*_metrics(node)`` gives
+    each node's MetricRecord contents."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        g = torch.Generator().manual_seed(int(context.node_id))
+        state = {
+            k: v + 0.3 * torch.randn(v.shape, generator=g)
+            for k, v in msg.content["arrays"].to_torch_state_dict().items()
+        }
+        content = RecordDict(
+            {"arrays": ArrayRecord(state), "metrics": MetricRecord(train_metrics(int(context.node_id)))}
+        )
+        return Message(content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return Message(RecordDict({"metrics": MetricRecord(evaluate_metrics(int(context.node_id)))}), reply_to=msg)
+
+    strategy = ClairStrategy({"r": 4, "lora_alpha": 8}, min_available_nodes=nodes)  # fraction_evaluate 1.0
+    result = strategy.start(
+        grid=LocalGrid(app, nodes),
+        initial_arrays=ArrayRecord(_state()),
+        num_rounds=rounds,
+        train_config=ConfigRecord({}),
+    )
+    return strategy, result
+
+
+def test_odd_evaluate_replies_are_left_out_and_the_run_goes_on() -> None:
+    """An extra metric key, a missing weight and a NaN from three of eight clients: FedAvg's check
+    ended the whole run (InconsistentMessageReplies); now those replies are left out."""
+
+    def evaluate(node: int) -> dict:
+        metrics: dict = {"num-examples": 10, "accuracy": 0.5}
+        if node == 6:
+            metrics["x"] = 1.0
+        if node == 7:
+            del metrics["num-examples"]
+        if node == 8:
+            metrics["accuracy"] = float("nan")
+        return metrics
+
+    strategy, result = _run_rounds(lambda node: {"num-examples": 10, "loss": 1.0}, evaluate, nodes=8)
+    assert len(strategy.history) == 2
+    assert {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()} == {
+        1: {"accuracy": 0.5},
+        2: {"accuracy": 0.5},
+    }
+
+
+def test_the_rounds_metrics_weigh_claims_as_the_merge_does() -> None:
+    """One of eight clients claims 1e15 examples and reports loss 0: the merge counts it at 3x the
+    median weight, and so do the round's metrics (they showed 7e-14); a NaN loss is left out."""
+
+    def train(node: int) -> dict:
+        if node == 8:
+            return {"num-examples": 1e15, "loss": 0.0}
+        if node == 7:
+            return {"num-examples": 10, "loss": float("nan")}
+        return {"num-examples": 10, "loss": 1.0}
+
+    _, result = _run_rounds(train, lambda node: {"num-examples": 10, "accuracy": 0.5}, nodes=8, rounds=1)
+    loss = result.train_metrics_clientapp[1]["loss"]
+    assert loss == pytest.approx(6 * 10 / (6 * 10 + 30))
+
+
+def test_two_replies_from_one_node_are_both_left_out() -> None:
+    """Which of a node's two replies would count? Neither (a custom grid or a direct call could pass
+    both; aggregate_train raised 'expected 7 weights, got 8')."""
+    LocalGrid(ClientApp(), 1)  # the ServerApp's identity, which messages read
+    strategy = ClairStrategy({"r": 4, "lora_alpha": 8}, fraction_evaluate=0.0)
+    start = _state()
+    strategy._round_arrays = {1: ArrayRecord(start)}
+    replies = []
+    for k in range(1, 9):
+        node = min(k, 7)
+        g = torch.Generator().manual_seed(k)
+        state = {key: v + 0.3 * torch.randn(v.shape, generator=g) for key, v in start.items()}
+        query = Message(RecordDict(), node, "train", group_id="1")
+        query.metadata.__dict__["_message_id"] = f"m{k}"
+        content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"num-examples": 10})})
+        reply = Message(content, reply_to=query)
+        reply.metadata.__dict__["_message_id"] = f"r{k}"
+        replies.append(reply)
+    arrays, _ = strategy.aggregate_train(1, replies)
+    (entry,) = strategy.history
+    assert arrays is not None and "node-7" in entry["flagged"]
+    assert "sent 2 replies" in entry["reasons"]["node-7"][0]
+
+
+def test_a_long_key_is_quoted_cut_in_the_reason() -> None:
+    key = "base_model.model." + "x" * 100_000 + ".lora_A.weight"
+    with pytest.raises(AdapterFormatError) as caught:
+        split_state_dict("node-1", _state() | {key.replace("lora_A", "lora_B"): torch.randn(16, 4)})
+    assert len(caught.value.message) < 1000

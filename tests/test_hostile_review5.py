@@ -208,3 +208,28 @@ def test_a_base_model_name_longer_than_a_path_is_refused_briefly(tmp_path: Path)
     result = invoke("merge", str(pool), "--out", str(tmp_path / "m"))
     refused(result, "client_00", "base_model_name_or_path is 200000 characters long")
     assert len(result.stderr) < 1000
+
+
+# 9. The library's pool of factors held in memory (pipeline.pool_from_factors).
+
+
+def _factors(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"m.q": (torch.randn(4, 12, generator=g), torch.randn(16, 4, generator=g), 2.0)}
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        ({"x": {"m.q": (torch.randn(4, 12, device="meta"), torch.randn(16, 4, device="meta"), 2.0)}}, "meta"),
+        ({"x": {"m.q": (torch.randn(4, 12).to_sparse(), torch.randn(16, 4), 2.0)}}, "sparse"),
+        ({1: _factors(9)}, "adapter names must be strings"),
+        ({"x": {("m", "q"): _factors(9)["m.q"]}}, "module names must be strings"),
+    ],
+)
+def test_pool_from_factors_names_what_is_not_a_lora_factor(extra: dict, words: str) -> None:
+    from clair_cli import pipeline
+    from clair_cli.errors import AdapterFormatError
+
+    with pytest.raises(AdapterFormatError, match=words):
+        pipeline.pool_from_factors({f"a{k}": _factors(k) for k in range(5)} | extra)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from logging import INFO
 from pathlib import Path
@@ -32,11 +33,18 @@ from typing import TYPE_CHECKING, Any
 
 from clair_cli.constants import LORA_KEY_RE, PEFT_KEY_PREFIX
 from clair_cli.errors import AdapterFormatError, ClairError, IncompatibleAdapters, UsageError
-from clair_cli.federated.rounds import TOO_FEW_CHOICES, WEIGHT_CAP, RoundResult, TooFew, aggregate_round
+from clair_cli.federated.rounds import (
+    TOO_FEW_CHOICES,
+    WEIGHT_CAP,
+    RoundResult,
+    TooFew,
+    aggregate_round,
+    capped_weights,
+)
 from clair_cli.io.writers import write_text
 
 try:
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.serverapp import Grid
     from flwr.serverapp.strategy import FedAvg
     from flwr.supercore import log
@@ -77,6 +85,13 @@ def parse_lora_config(config: Any) -> AdapterConfig:
     return parsed
 
 
+def _short(text: object, limit: int = 200) -> str:
+    """A client's string (a key, a module name) as a reason quotes it: ``repr``, cut to ``limit``
+    characters, so that a megabyte-long key does not fill the round's history and logs."""
+    text = str(text)
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 def split_state_dict(
     name: str, state: Mapping[str, torch.Tensor]
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, tuple[str, str]]]:
@@ -99,7 +114,7 @@ def split_state_dict(
         )
         if not ok or m is None:
             raise AdapterFormatError(
-                f"{name}: {key!r} is not a LoRA factor (expected '<module>.lora_A.weight' / '.lora_B.weight')",
+                f"{name}: {_short(key)} is not a LoRA factor (expected '<module>.lora_A.weight' / '.lora_B.weight')",
                 hint="Send only get_peft_model_state_dict(model) of a plain LoRA (no modules_to_save, "
                 "bias='none', no DoRA).",
             )
@@ -108,7 +123,8 @@ def split_state_dict(
         entry = parts.setdefault(m["module"], {})
         if part in entry:  # two keys for one factor (with and without the prefix, or ``.default``)
             raise AdapterFormatError(
-                f"{name}: {entry[part][0]!r} and {key!r} are both module {m['module']!r}'s lora_{part}"
+                f"{name}: {_short(entry[part][0])} and {_short(key)} are both "
+                f"module {_short(m['module'])}'s lora_{part}"
             )
         entry[part] = (key, value)
         kinds.setdefault(m["module"], set()).add(kind)
@@ -116,13 +132,13 @@ def split_state_dict(
     keys: dict[str, tuple[str, str]] = {}
     for module, p in sorted(parts.items()):
         if set(p) != {"A", "B"}:
-            raise AdapterFormatError(f"{name}: module {module!r} has lora_{next(iter(p))} but not its pair")
+            raise AdapterFormatError(f"{name}: module {_short(module)} has lora_{next(iter(p))} but not its pair")
         if len(kinds[module]) > 1:
-            raise AdapterFormatError(f"{name}: module {module!r} pairs an embedding factor with a linear one")
+            raise AdapterFormatError(f"{name}: module {_short(module)} pairs an embedding factor with a linear one")
         (ka, A), (kb, B) = p["A"], p["B"]
         if A.dim() != 2 or B.dim() != 2 or not A.is_floating_point() or not B.is_floating_point():
             raise AdapterFormatError(
-                f"{name}: module {module!r}: LoRA factors must be floating-point matrices, got "
+                f"{name}: module {_short(module)}: LoRA factors must be floating-point matrices, got "
                 f"{A.dtype} {tuple(A.shape)} and {B.dtype} {tuple(B.shape)}",
                 hint="Integer arrays are what secure aggregation's masking sends; clair needs the factors.",
             )
@@ -184,6 +200,21 @@ def reply_state_dict(name: str, record: ArrayRecord) -> dict[str, torch.Tensor]:
                 f"{name}: array {str(key)[:200]!r} cannot be read as a tensor ({type(exc).__name__}: {str(exc)[:200]})"
             ) from None
     return out
+
+
+def _metric_weight(record: Any, key: str) -> float | None:
+    """A metric record's weight: a finite non-negative number (not a boolean), else None."""
+    value = record.get(key) if key in record else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    weight = float(value)
+    return weight if math.isfinite(weight) and weight >= 0 else None
+
+
+def _finite_metric(value: Any) -> bool:
+    """Whether a metric value (a number or a list of numbers) is finite throughout."""
+    values = value if isinstance(value, list) else [value]
+    return all(isinstance(v, int) or (isinstance(v, float) and math.isfinite(v)) for v in values)
 
 
 class ClairStrategy(FedAvg):
@@ -283,9 +314,13 @@ class ClairStrategy(FedAvg):
         refused: dict[str, str] = {}
         weights: list[float] = []
         node_of: dict[str, int] = {}
+        sent = Counter(msg.metadata.src_node_id for msg in valid)
         for msg in valid:
             name = f"node-{msg.metadata.src_node_id}"
             node_of[name] = msg.metadata.src_node_id
+            if sent[node_of[name]] > 1:  # which of its replies counts? none
+                refused[name] = f"malformed reply: node {node_of[name]} sent {sent[node_of[name]]} replies this round"
+                continue
             try:  # one unreadable reply is left out with its reason; the round goes on
                 factors, weight = self._read_reply(name, msg)
             except ClairError as exc:
@@ -316,8 +351,8 @@ class ClairStrategy(FedAvg):
             state[kb] = B.float().contiguous()
         arrays = ArrayRecord({k: state[k] for k in global_state})  # the global's key order
         left_out = {n for n, f in zip(result.names, result.flagged, strict=True) if f}
-        kept = [msg.content for msg in valid if f"node-{msg.metadata.src_node_id}" not in left_out]
-        metrics = self._kept_metrics(kept)
+        kept = [msg.content for msg in valid if f"node-{msg.metadata.src_node_id}" not in left_out | set(refused)]
+        metrics = self._metrics(kept, self.train_metrics_aggr_fn, "train")
         for key, value in self._round_metrics(result, [node_of[n] for n in result.names]).items():
             metrics[key] = value
         self._record(server_round, result, time.perf_counter() - start)
@@ -349,19 +384,52 @@ class ClairStrategy(FedAvg):
             raise AdapterFormatError(f"{name}: the metric {self.weighted_by_key!r} is not a non-negative number")
         return factors, weight
 
-    def _kept_metrics(self, kept: list[Any]) -> MetricRecord:
-        """The collaborators' train metrics, aggregated as FedAvg does; empty where their
-        metric records disagree (the round's own ``clair-*`` metrics are added either way)."""
-        if not kept:
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """FedAvg's, without its all-or-nothing check (which ends the run for one odd reply): the
+        replies whose metrics cannot be aggregated are left out with a log line (:meth:`_metrics`)."""
+        valid, _ = self._check_and_log_replies(list(replies), is_train=False, validate=False)
+        metrics = self._metrics([msg.content for msg in valid], self.evaluate_metrics_aggr_fn, "evaluate")
+        return metrics if len(metrics) else None
+
+    def _metrics(self, contents: list[Any], aggregate: Any, what: str) -> MetricRecord:
+        """The replies' metrics aggregated as FedAvg does, from the replies that can be: one
+        MetricRecord whose weight (``weighted_by_key``) is a non-negative number and whose values
+        are finite, with the most common set of keys. Each weight counts at most ``weight_cap``
+        times the median weight, as in the merge (:func:`clair_cli.federated.rounds.capped_weights`):
+        a client's claim sets its share of the round's metrics no more than of its model. Replies
+        left out are logged; metrics that cannot be aggregated at all are dropped, never the run."""
+        records = []
+        for content in contents:
+            if len(content.metric_records) != 1:
+                continue
+            record = next(iter(content.metric_records.values()))
+            if _metric_weight(record, self.weighted_by_key) is not None and all(
+                _finite_metric(v) for v in record.values()
+            ):
+                records.append(record)
+        if records:
+            common = Counter(frozenset(r.keys()) for r in records).most_common(1)[0][0]
+            records = [r for r in records if frozenset(r.keys()) == common]
+        if len(records) < len(contents):
+            log(
+                INFO,
+                "CLAIR: %d of %d %s replies left out of the metrics (no single MetricRecord with a non-negative "
+                "weight, non-finite values, or other keys than the rest)",
+                len(contents) - len(records),
+                len(contents),
+                what,
+            )
+        if not records:
             return MetricRecord()
-        keys = {frozenset(next(iter(c.metric_records.values())).keys()) for c in kept}
-        if len(keys) != 1:
-            log(INFO, "CLAIR: the collaborators' metric records differ; their metrics are not aggregated")
-            return MetricRecord()
-        try:  # values of other types or lengths, weights summing to zero: the clients' metrics are lost, not the round
-            return self.train_metrics_aggr_fn(kept, self.weighted_by_key)
+        weights, _ = capped_weights([_metric_weight(r, self.weighted_by_key) or 0.0 for r in records], self.weight_cap)
+        weighted = [
+            RecordDict({"metrics": MetricRecord({**dict(r.items()), self.weighted_by_key: w})})
+            for r, w in zip(records, weights, strict=True)
+        ]
+        try:  # values of other types or lengths, weights summing to zero: the metrics are lost, not the round
+            return aggregate(weighted, self.weighted_by_key)
         except Exception as exc:  # noqa: BLE001
-            log(INFO, "CLAIR: the collaborators' metrics cannot be aggregated (%s: %s)", type(exc).__name__, exc)
+            log(INFO, "CLAIR: the %s metrics cannot be aggregated (%s: %s)", what, type(exc).__name__, exc)
             return MetricRecord()
 
     @staticmethod

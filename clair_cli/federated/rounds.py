@@ -158,14 +158,15 @@ def check_factors(
     if set(client) != set(global_factors):
         diff = sorted(set(client) ^ set(global_factors))
         raise IncompatibleAdapters(
-            f"{name} sent LoRA modules other than the global adapter's ({len(diff)} differ, e.g. {diff[0]})",
+            f"{name} sent LoRA modules other than the global adapter's "
+            f"({len(diff)} differ, e.g. {str(diff[0])[:200]!r})",
             hint="Every client must train the LoraConfig the strategy was given.",
         )
     for module, (A, B) in client.items():
         Ag, Bg = global_factors[module]
         if A.shape != Ag.shape or B.shape != Bg.shape:
             raise IncompatibleAdapters(
-                f"{name}: module {module}: factors of shapes A {tuple(A.shape)}, B {tuple(B.shape)}; the "
+                f"{name}: module {str(module)[:200]!r}: factors of shapes A {tuple(A.shape)}, B {tuple(B.shape)}; the "
                 f"global adapter has A {tuple(Ag.shape)}, B {tuple(Bg.shape)} (rank {ranks[module]} in the LoraConfig)",
                 hint="Clients of one run must use the strategy's LoraConfig: clair merges updates, but the "
                 "global adapter it sends back has one rank per module.",

@@ -12,7 +12,7 @@ import copy
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from clair_cli.errors import AdapterFormatError
 from clair_cli.io.adapter import TORCH_DTYPE_NAMES, Adapter, ModuleSpec
@@ -72,30 +72,18 @@ class MemoryAdapter(Adapter):
             AdapterFormatError: no module, a factor that is not a floating-point matrix,
                 ranks that do not match, or a non-finite scale.
         """
-        import torch
 
+        if not isinstance(name, str):
+            raise AdapterFormatError(f"adapter names must be strings, got {type(name).__name__} {str(name)[:80]!r}")
         if not modules:
             raise AdapterFormatError(f"{name}: no LoRA module given")
         specs: dict[str, ModuleSpec] = {}
         tensors: dict[str, torch.Tensor] = {}
+        if not all(isinstance(module, str) for module in modules):
+            raise AdapterFormatError(f"{name}: module names must be strings")
         for module in sorted(modules):
             A, B, scale = modules[module]
-
-            def bad(problem: str, module: str = module) -> AdapterFormatError:
-                return AdapterFormatError(f"{name}: module {module!r}: {problem}")
-
-            if not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor):
-                raise bad("factors must be torch tensors")
-            if A.dim() != 2 or B.dim() != 2:
-                raise bad(f"factors must be matrices, got A {tuple(A.shape)} and B {tuple(B.shape)}")
-            if not A.is_floating_point() or not B.is_floating_point():
-                raise bad(f"factors must be floating point, got {A.dtype} and {B.dtype}")
-            if B.shape[1] != A.shape[0] or A.shape[0] == 0:
-                raise bad(f"rank mismatch: A is {tuple(A.shape)}, B is {tuple(B.shape)}")
-            if A.shape[1] == 0 or B.shape[0] == 0:
-                raise bad(f"has an empty dimension: A {tuple(A.shape)}, B {tuple(B.shape)}")
-            if not math.isfinite(float(scale)):
-                raise bad(f"scale {scale} is not finite")
+            _check_factors(name, module, A, B, scale)
             dtype = _SAFETENSORS_DTYPE.get(str(A.dtype), "F32")
             specs[module] = ModuleSpec(
                 name=module,
@@ -138,3 +126,33 @@ class MemoryAdapter(Adapter):
 def _own(t: torch.Tensor) -> torch.Tensor:
     """``t``, copied where it is a view of a larger storage."""
     return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
+
+def _check_factors(name: str, module: str, A: Any, B: Any, scale: Any) -> None:
+    """Refuse what is not one module's LoRA factors (:meth:`MemoryAdapter.from_factors`).
+
+    Raises:
+        AdapterFormatError: naming the adapter, the module and the problem.
+    """
+    import torch
+
+    def bad(problem: str) -> AdapterFormatError:
+        return AdapterFormatError(f"{name}: module {module[:200]!r}: {problem}")
+
+    if not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor):
+        raise bad("factors must be torch tensors")
+    if A.layout != torch.strided or B.layout != torch.strided or A.is_meta or B.is_meta:
+        raise bad(
+            f"factors must be dense tensors with values, got A {A.layout}{' (meta)' if A.is_meta else ''} "
+            f"and B {B.layout}{' (meta)' if B.is_meta else ''}"
+        )
+    if A.dim() != 2 or B.dim() != 2:
+        raise bad(f"factors must be matrices, got A {tuple(A.shape)} and B {tuple(B.shape)}")
+    if not A.is_floating_point() or not B.is_floating_point():
+        raise bad(f"factors must be floating point, got {A.dtype} and {B.dtype}")
+    if B.shape[1] != A.shape[0] or A.shape[0] == 0:
+        raise bad(f"rank mismatch: A is {tuple(A.shape)}, B is {tuple(B.shape)}")
+    if A.shape[1] == 0 or B.shape[0] == 0:
+        raise bad(f"has an empty dimension: A {tuple(A.shape)}, B {tuple(B.shape)}")
+    if not math.isfinite(float(scale)):
+        raise bad(f"scale {scale} is not finite")
