@@ -74,6 +74,16 @@ def test_patterns_of_real_configs_pass(key: str) -> None:
     assert pattern_risk(key) is None
 
 
+def test_a_leading_lookaround_of_a_full_matched_pattern_is_tried_once() -> None:
+    """Vision-language fine-tunes write target_modules so (three '.*', quadratic at most, since a
+    full match tries the lookahead at the start only); as a rank_pattern key, matched at every
+    dot, the same pattern counts all three."""
+    qwen_vl = r"^(?!.*visual).*(?:o_proj|up_proj|v_proj|down_proj|k_proj|q_proj|gate_proj).*"
+    assert pattern_risk(qwen_vl, anchored=True) is None
+    assert pattern_risk(qwen_vl)
+    assert pattern_risk(r"^(?=(a+)+b).*", anchored=True)  # a lookaround is still checked for nesting
+
+
 def test_a_rank_pattern_key_that_repeats_an_optional_element_is_refused_at_once(tmp_path: Path) -> None:
     config = lora_config(rank_pattern={r"(?:\w\w?)+x": 2})
     pool = _pool(tmp_path / "pool", n=5, config=config)

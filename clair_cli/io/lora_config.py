@@ -90,7 +90,7 @@ def _safe_match(pattern: str, fn: Any, text: str) -> bool | None:
     A pattern without repetition (an alternation of names, as :func:`exact_targets` writes)
     matches in linear time whatever its length; others must pass :func:`pattern_risk`.
     """
-    if _REPEATS.search(pattern) and pattern_risk(pattern):
+    if _REPEATS.search(pattern) and pattern_risk(pattern, anchored=fn in (re.fullmatch, re.match)):
         return None
     try:
         return fn(pattern, text) is not None

@@ -95,13 +95,19 @@ class _Walk:
         return []
 
 
-def pattern_risk(key: str) -> str | None:
+def pattern_risk(key: str, anchored: bool = False) -> str | None:
     """Why matching ``key`` (a rank_pattern / alpha_pattern key) could take unbounded time, or ``None``.
 
     Backtracking blows up on a repetition whose body can itself repeat, branch or skip an
     optional element (``(a+)+``, ``(a|ab)*``, ``(ab?)+``) and on backreferences; those are
     refused, as are very long patterns and more than two unbounded repetitions (matching then
     stays at most quadratic in the module name's length). Everything PEFT's own examples use passes.
+
+    ``anchored``: the pattern is matched from the start of the name only (``target_modules`` and
+    ``exclude_modules``, which PEFT full-matches), so a lookaround it starts with is tried once,
+    in linear time, and its repetitions are not counted (``^(?!.*visual).*(?:q_proj|v_proj).*``,
+    as vision-language fine-tunes write it). A rank_pattern key is matched after PEFT's
+    ``(.*\\.)?``, at every dot, and each of its repetitions counts.
     """
     if len(key) > MAX_PATTERN_LENGTH:
         return f"is longer than {MAX_PATTERN_LENGTH} characters"
@@ -110,7 +116,12 @@ def pattern_risk(key: str) -> str | None:
     c, parser = _re_internals()
     walk = _Walk(c)
     try:
-        why = walk.items(parser.parse(key), False)
+        items = list(parser.parse(key))
+        lead = 0
+        while anchored and lead < len(items) and items[lead][0] in (c.AT, c.ASSERT, c.ASSERT_NOT):
+            lead += 1
+        # (the leading lookarounds are still checked for what backtracks without bound)
+        why = _Walk(c).items(items[:lead], False) or walk.items(items[lead:], False)
     except Exception as exc:  # noqa: BLE001 - re's own parser errors, reported as an invalid pattern
         return f"is not a valid regular expression ({exc})"
     if why is None and walk.unbounded > MAX_UNBOUNDED_REPEATS:
