@@ -338,3 +338,18 @@ def test_a_long_key_is_quoted_cut_in_the_reason() -> None:
     with pytest.raises(AdapterFormatError) as caught:
         split_state_dict("node-1", _state() | {key.replace("lora_A", "lora_B"): torch.randn(16, 4)})
     assert len(caught.value.message) < 1000
+
+
+def test_metrics_of_another_layout_leave_out_that_reply_only() -> None:
+    """One client's list of another length (or a list where the others send a number) made the
+    aggregation fail and the round lose every client's metrics; now only that reply is left out,
+    and a custom aggregator still sees each reply's other records."""
+
+    def evaluate(node: int) -> dict:
+        metrics: dict = {"num-examples": 10, "accuracy": 0.5, "per_class": [0.5, 0.5]}
+        if node == 6:
+            metrics["per_class"] = [0.0, 0.0, 0.0]
+        return metrics
+
+    _, result = _run_rounds(lambda node: {"num-examples": 10, "loss": 1.0}, evaluate, nodes=6, rounds=1)
+    assert dict(result.evaluate_metrics_clientapp[1]) == {"accuracy": 0.5, "per_class": [0.5, 0.5]}

@@ -53,6 +53,7 @@ def test_a_report_cannot_replace_the_source_list_being_read(tmp_path: Path, comm
         r"(?:\w?){40}\w{40}",  # C(80, 40) ways
         r"(?:ab?)*c",
         r"\w*\w*\w*x",  # three adjacent unbounded repetitions: 0.47 s on a 1,024-character name
+        r".*a.*a.*x",  # three, none of them final
     ],
 )
 def test_patterns_that_backtrack_without_bound_are_named(key: str) -> None:
@@ -68,6 +69,8 @@ def test_patterns_that_backtrack_without_bound_are_named(key: str) -> None:
         r"^(?!.*vision).*(q_proj|k_proj)",
         r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)",
         r"(?:[0-9]\.)+q_proj",
+        r".*(text_model|modality_projection|perceiver_resampler).*(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj|o_proj).*$",
+        r".*\.layers\.\d+\.mlp\..*",
     ],
 )
 def test_patterns_of_real_configs_pass(key: str) -> None:
@@ -75,12 +78,11 @@ def test_patterns_of_real_configs_pass(key: str) -> None:
 
 
 def test_a_leading_lookaround_of_a_full_matched_pattern_is_tried_once() -> None:
-    """Vision-language fine-tunes write target_modules so (three '.*', quadratic at most, since a
-    full match tries the lookahead at the start only); as a rank_pattern key, matched at every
-    dot, the same pattern counts all three."""
-    qwen_vl = r"^(?!.*visual).*(?:o_proj|up_proj|v_proj|down_proj|k_proj|q_proj|gate_proj).*"
-    assert pattern_risk(qwen_vl, anchored=True) is None
-    assert pattern_risk(qwen_vl)
+    """A full match tries a leading lookahead at the start only, so its repetition is not counted
+    in target_modules; as a rank_pattern key, matched at every dot, it is."""
+    pattern = r"^(?!.*visual).*(?:o_proj|up_proj|v_proj|down_proj|k_proj|q_proj|gate_proj)\w*"
+    assert pattern_risk(pattern, anchored=True) is None
+    assert pattern_risk(pattern)
     assert pattern_risk(r"^(?=(a+)+b).*", anchored=True)  # a lookaround is still checked for nesting
 
 
@@ -117,6 +119,15 @@ def test_a_lone_surrogate_escape_in_the_header_is_refused(tmp_path: Path, where:
     ):
         refused(invoke(*args), "client_00", "lone UTF-16 surrogate")
     assert not (tmp_path / "m").exists()
+
+
+def test_a_tensor_name_with_a_control_character_is_refused(tmp_path: Path) -> None:
+    """No model's module path holds one, and a final ".*" of a module pattern takes the rest of a
+    name in one step only where the name holds no newline."""
+    pool = _pool(tmp_path / "pool", n=5)
+    weights = pool / "client_00" / "adapter_model.safetensors"
+    _with_raw_header(weights, lambda h: h.replace("q_proj.lora_A", "q_proj\\n.lora_A", 1))
+    refused(invoke("inspect", str(pool / "client_00")), "client_00", "control character")
 
 
 def test_a_surrogate_pair_in_the_header_is_text() -> None:

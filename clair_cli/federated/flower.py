@@ -211,6 +211,20 @@ def _metric_weight(record: Any, key: str) -> float | None:
     return weight if math.isfinite(weight) and weight >= 0 else None
 
 
+def _layout(content: Any) -> frozenset[tuple[str, int]]:
+    """A reply's metric layout: each key with -1 for a number, the length for a list."""
+    record = next(iter(content.metric_records.values()))
+    return frozenset((key, len(value) if isinstance(value, list) else -1) for key, value in record.items())
+
+
+def _with_weight(content: Any, key: str, weight: float) -> Any:
+    """A copy of a reply's content whose one MetricRecord has ``key`` set to ``weight``."""
+    (name, record), *_ = content.metric_records.items()
+    out = RecordDict(dict(content.items()))
+    out[name] = MetricRecord({**dict(record.items()), key: weight})
+    return out
+
+
 def _finite_metric(value: Any) -> bool:
     """Whether a metric value (a number or a list of numbers) is finite throughout."""
     values = value if isinstance(value, list) else [value]
@@ -394,11 +408,13 @@ class ClairStrategy(FedAvg):
     def _metrics(self, contents: list[Any], aggregate: Any, what: str) -> MetricRecord:
         """The replies' metrics aggregated as FedAvg does, from the replies that can be: one
         MetricRecord whose weight (``weighted_by_key``) is a non-negative number and whose values
-        are finite, with the most common set of keys. Each weight counts at most ``weight_cap``
-        times the median weight, as in the merge (:func:`clair_cli.federated.rounds.capped_weights`):
-        a client's claim sets its share of the round's metrics no more than of its model. Replies
+        are finite, with the most common layout (keys, and a number or a list of one length for
+        each). Each weight counts at most ``weight_cap`` times the median weight, as in the merge
+        (:func:`clair_cli.federated.rounds.capped_weights`): a client's claim sets its share of
+        the round's metrics no more than of its model. The aggregator gets the replies as they
+        came, with all their records, but for the weight of a reply the cap lowered. Replies
         left out are logged; metrics that cannot be aggregated at all are dropped, never the run."""
-        records = []
+        usable = []
         for content in contents:
             if len(content.metric_records) != 1:
                 continue
@@ -406,28 +422,27 @@ class ClairStrategy(FedAvg):
             if _metric_weight(record, self.weighted_by_key) is not None and all(
                 _finite_metric(v) for v in record.values()
             ):
-                records.append(record)
-        if records:
-            common = Counter(frozenset(r.keys()) for r in records).most_common(1)[0][0]
-            records = [r for r in records if frozenset(r.keys()) == common]
-        if len(records) < len(contents):
+                usable.append(content)
+        if usable:
+            common = Counter(_layout(c) for c in usable).most_common(1)[0][0]
+            usable = [c for c in usable if _layout(c) == common]
+        if len(usable) < len(contents):
             log(
                 INFO,
                 "CLAIR: %d of %d %s replies left out of the metrics (no single MetricRecord with a non-negative "
-                "weight, non-finite values, or other keys than the rest)",
-                len(contents) - len(records),
+                "weight, non-finite values, or other keys or value lengths than the rest)",
+                len(contents) - len(usable),
                 len(contents),
                 what,
             )
-        if not records:
+        if not usable:
             return MetricRecord()
-        weights, _ = capped_weights([_metric_weight(r, self.weighted_by_key) or 0.0 for r in records], self.weight_cap)
-        weighted = [
-            RecordDict({"metrics": MetricRecord({**dict(r.items()), self.weighted_by_key: w})})
-            for r, w in zip(records, weights, strict=True)
-        ]
-        try:  # values of other types or lengths, weights summing to zero: the metrics are lost, not the round
-            return aggregate(weighted, self.weighted_by_key)
+        claimed = [_metric_weight(next(iter(c.metric_records.values())), self.weighted_by_key) or 0.0 for c in usable]
+        _, lowered = capped_weights(claimed, self.weight_cap)
+        for j, weight in lowered:
+            usable[j] = _with_weight(usable[j], self.weighted_by_key, weight)
+        try:  # weights summing to zero, a custom aggregator's own failure: the metrics are lost, not the round
+            return aggregate(usable, self.weighted_by_key)
         except Exception as exc:  # noqa: BLE001
             log(INFO, "CLAIR: the %s metrics cannot be aggregated (%s: %s)", what, type(exc).__name__, exc)
             return MetricRecord()

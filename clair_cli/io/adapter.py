@@ -555,10 +555,20 @@ def _scan_others(adapter: Adapter, reader: SafetensorsReader) -> None:
     for name, info in reader.tensors.items():
         if name in factors or not info.dtype.startswith(("F", "BF")):
             continue
-        # (float8 values are widened first: abs() and max() do not take them)
-        if any(not math.isfinite(peak(c.float() if c.element_size() == 1 else c)) for c in reader.chunks(name)):
+        if not all(math.isfinite(peak(piece)) for chunk in reader.chunks(name) for piece in _widened(chunk)):
             raise AdapterFormatError(
                 f"{printable(str(adapter.ref.weights_file))}: tensor {name!r} contains NaN or Inf values "
                 "(clair does not analyse it, but a merge or refine would carry it)",
                 hint="The adapter diverged during training or the file is corrupt.",
             )
+
+
+def _widened(chunk: torch.Tensor, step: int = 1 << 22) -> Iterator[torch.Tensor]:
+    """``chunk``, or for float8 (which abs() and max() do not take, and which the reader hands over
+    whole) float32 copies of it ``step`` values at a time: memory stays bounded."""
+    if chunk.element_size() != 1:
+        yield chunk
+        return
+    flat = chunk.reshape(-1)
+    for start in range(0, flat.numel(), step):
+        yield flat[start : start + step].float()

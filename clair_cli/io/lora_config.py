@@ -52,9 +52,11 @@ UNSUPPORTED_FIELDS = {
     "kasa_config": "KaSA (kasa_config) modifies the base weights",
     "monteclora_config": "MonteCLoRA (monteclora_config) samples the update",
 }
-# The values with which PEFT (0.21) leaves each variant off. Its sub-config fields turn even ``{}``
-# into a config object (KasaConfig(), ...), which switches the variant on, and an aLoRA layer is
-# made whenever alora_invocation_tokens is not None; a boolean or a list is off when false or empty.
+# The values with which PEFT (0.21) leaves each variant off wherever the adapter is loaded. Its
+# sub-config fields turn even ``{}`` into a config object (KasaConfig(), ...), which switches the
+# variant on; alora_invocation_tokens=[] makes an aLoRA layer of a bitsandbytes-quantized base layer
+# (``is not None``) though not of a plain one (``bool``), and clair cannot tell which the adapter
+# goes into; a boolean or target_parameters is off when false or empty.
 VARIANT_OFF: dict[str, tuple[Any, ...]] = {
     "alora_invocation_tokens": (None,),
     "use_qalora": (None, False),

@@ -95,13 +95,23 @@ class _Walk:
         return []
 
 
+def _matches_the_rest(c: Any, item: Any) -> bool:
+    """Whether ``item`` is a final ``.*``: it takes what is left of a module name in one step
+    (names hold no newline: :func:`clair_cli.io.safetensors_file.read_header`), so it adds no
+    backtracking and is not counted (``.*\\.layers\\.\\d+\\.mlp\\..*``, Idefics2's
+    ``.*(text_model|...).*(q_proj|...).*$``)."""
+    op, av = item
+    return op in (c.MAX_REPEAT, c.MIN_REPEAT) and av[0] == 0 and av[1] == c.MAXREPEAT and list(av[2]) == [(c.ANY, None)]
+
+
 def pattern_risk(key: str, anchored: bool = False) -> str | None:
     """Why matching ``key`` (a rank_pattern / alpha_pattern key) could take unbounded time, or ``None``.
 
     Backtracking blows up on a repetition whose body can itself repeat, branch or skip an
     optional element (``(a+)+``, ``(a|ab)*``, ``(ab?)+``) and on backreferences; those are
     refused, as are very long patterns and more than two unbounded repetitions (matching then
-    stays at most quadratic in the module name's length). Everything PEFT's own examples use passes.
+    stays at most quadratic in the module name's length; a final ``.*`` is not counted, see
+    :func:`_matches_the_rest`). Everything PEFT's own examples use passes.
 
     ``anchored``: the pattern is matched from the start of the name only (``target_modules`` and
     ``exclude_modules``, which PEFT full-matches), so a lookaround it starts with is tried once,
@@ -120,8 +130,13 @@ def pattern_risk(key: str, anchored: bool = False) -> str | None:
         lead = 0
         while anchored and lead < len(items) and items[lead][0] in (c.AT, c.ASSERT, c.ASSERT_NOT):
             lead += 1
+        end = len(items)
+        while end > lead and items[end - 1][0] == c.AT:
+            end -= 1
+        if end > lead and _matches_the_rest(c, items[end - 1]):
+            end -= 1
         # (the leading lookarounds are still checked for what backtracks without bound)
-        why = _Walk(c).items(items[:lead], False) or walk.items(items[lead:], False)
+        why = _Walk(c).items(items[:lead], False) or walk.items(items[lead:end], False)
     except Exception as exc:  # noqa: BLE001 - re's own parser errors, reported as an invalid pattern
         return f"is not a valid regular expression ({exc})"
     if why is None and walk.unbounded > MAX_UNBOUNDED_REPEATS:

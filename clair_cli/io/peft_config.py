@@ -24,7 +24,12 @@ from clair_cli.types import PATTERN_KEY_WRAP, AdapterConfig
 MAX_BASE_MODEL_LENGTH = 4096  # characters of base_model_name_or_path (PATH_MAX)
 
 
+MAX_PROBLEM_LENGTH = 500  # characters of a config error's text: fields may hold megabytes
+
+
 def _fail(path: Path | str, problem: str) -> AdapterFormatError:
+    if len(problem) > MAX_PROBLEM_LENGTH:  # a value quoted in the problem: cut, not the whole field
+        problem = problem[:MAX_PROBLEM_LENGTH] + "... (cut)"
     return AdapterFormatError(
         f"{printable(str(path))}: {problem}",
         hint=f"Fix the field in {CONFIG_NAME} or re-save the adapter with PEFT's save_pretrained().",

@@ -61,6 +61,7 @@ def _bad(path: Path, problem: str) -> AdapterFormatError:
     )
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 
 
@@ -140,6 +141,10 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     for name, entry in header.items():
         if len(name) > MAX_KEY_LENGTH:
             raise _bad(path, f"tensor name {printable(name[:60])!r}... is longer than {MAX_KEY_LENGTH} characters")
+        if _CONTROL.search(name):
+            # No model's module path holds one, and module-name patterns rely on it: "." matches any
+            # character but a newline, so a trailing ".*" always reaches the end of a name in one step.
+            raise _bad(path, f"tensor name {printable(name[:200])!r} holds a control character")
         if not isinstance(entry, dict):
             raise _bad(path, f"tensor {name!r}: header entry is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
