@@ -131,7 +131,7 @@ def pattern_risk(key: str, anchored: bool = False) -> str | None:
         while anchored and lead < len(items) and items[lead][0] in (c.AT, c.ASSERT, c.ASSERT_NOT):
             lead += 1
         end = len(items)
-        while end > lead and items[end - 1][0] == c.AT:
+        while end > lead and items[end - 1] in ((c.AT, c.AT_END), (c.AT, c.AT_END_STRING)):
             end -= 1
         if end > lead and _matches_the_rest(c, items[end - 1]):
             end -= 1
