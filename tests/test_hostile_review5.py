@@ -7,6 +7,7 @@ characters. Each is now refused (exit 2, the file named) or handled."""
 from __future__ import annotations
 
 import json
+import re
 import struct
 import sys
 import time
@@ -254,3 +255,21 @@ def test_pool_from_factors_names_what_is_not_a_lora_factor(extra: dict, words: s
 
     with pytest.raises(AdapterFormatError, match=words):
         pipeline.pool_from_factors({f"a{k}": _factors(k) for k in range(5)} | extra)
+
+
+# 10. JSON reports of a name that is not UTF-8.
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS refuses file names that are not UTF-8")
+def test_json_reports_hold_no_lone_surrogate_escape(tmp_path: Path) -> None:
+    """Python reads ``"\\udcff"`` back, strict JSON parsers (serde_json, Go) refuse it: a byte of a
+    file name that is not UTF-8 is written as the text ``\\udcff``, as the terminal shows it."""
+    pool = _pool(tmp_path / "pool", n=6)
+    write_adapter(pool / "c\udcff", random_factors(MODULES, seed=60))
+    assert invoke("audit", str(pool), "--exit-zero", "--json", str(tmp_path / "r.json")).exit_code == 0
+    assert invoke("inspect", str(pool), "--json", str(tmp_path / "i.json")).exit_code == 0
+    for report in ("r.json", "i.json"):
+        text = (tmp_path / report).read_text(encoding="utf-8")
+        assert not re.search(r"(?<!\\)\\u[dD][89a-fA-F]", text), report
+        assert "c\\\\udcff" in text  # the escaped text, one backslash in the JSON string
+        json.loads(text)

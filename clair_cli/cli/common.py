@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -202,6 +201,7 @@ def emit_reports(report: dict[str, Any], reports: Reports, quiet: bool, inputs: 
 def stage_reports(outputs: Outputs, report: dict[str, Any], reports: Reports) -> None:
     """Write the requested report files into the run's output transaction (renamed into place
     with its other outputs, or not at all)."""
+    from clair_cli.report import json_text
     from clair_cli.report.audit import audit_markdown
 
     json_out, markdown, plot = reports.json_out, reports.markdown, reports.plot
@@ -212,7 +212,7 @@ def stage_reports(outputs: Outputs, report: dict[str, Any], reports: Reports) ->
 
         outputs.write(plot, plot_png(report))
     if json_out is not None:
-        outputs.write_text(json_out, json.dumps(report, indent=2) + "\n")
+        outputs.write_text(json_out, json_text(report, indent=2) + "\n")
     if markdown is not None:
         outputs.write_text(markdown, audit_markdown(report))
     if sarif is not None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import typer
 
 from clair_cli.cli import options as opt
@@ -39,6 +37,7 @@ def inspect_command(
     from clair_cli.io.paths import printable
     from clair_cli.io.sources import open_adapter, resolve_sources
     from clair_cli.io.writers import write_text
+    from clair_cli.report import json_text
     from clair_cli.report.console import make_console
     from clair_cli.report.inspect import adapter_record, error_record, inspect_report, render_inspect
 
@@ -64,7 +63,7 @@ def inspect_command(
     if len(failures) == len(records) == 1:
         raise failures[0]
     if json_out is not None:  # complete: every adapter has its row, the unreadable ones their error
-        write_text(json_out, json.dumps(inspect_report(records), indent=2, sort_keys=False) + "\n", inputs)
+        write_text(json_out, json_text(inspect_report(records), indent=2, sort_keys=False) + "\n", inputs)
     if (json_out != "-" and not quiet) or bad:  # (a table laid out only to be thrown away costs time)
         render_inspect(make_console(stderr=json_out == "-", quiet=quiet), records)
     if bad:

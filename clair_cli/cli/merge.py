@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from typing import Any
@@ -13,6 +12,7 @@ from clair_cli.cli import options as opt
 from clair_cli.cli.allocator import release_freed_memory
 from clair_cli.cli.choices import Rescale
 from clair_cli.cli.command import add_command
+from clair_cli.report import json_text
 
 MERGE_EXAMPLES = """
 Examples:
@@ -99,7 +99,7 @@ def merge_command(
             baseline = merge_report(
                 pool, merged, pipeline.resolved(params), dropped, list(merged.notes), {"merge": merge_s}, digests=True
             )
-            outputs.write_text(reports.json_out, json.dumps(baseline, indent=2) + "\n")
+            outputs.write_text(reports.json_out, json_text(baseline, indent=2) + "\n")
     console = make_console(stderr=True, quiet=run.quiet)
     if report is not None:
         common.show_report(report, reports, run.quiet)

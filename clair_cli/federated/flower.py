@@ -22,7 +22,6 @@ clair needs).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import Counter
@@ -42,6 +41,7 @@ from clair_cli.federated.rounds import (
     capped_weights,
 )
 from clair_cli.io.writers import write_text
+from clair_cli.report import json_text
 
 try:
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -481,4 +481,4 @@ class ClairStrategy(FedAvg):
                 self.audit_dir.mkdir(parents=True, exist_ok=True)
                 path = self.audit_dir / f"round-{server_round:03d}.json"
                 # Atomically, as every report clair writes: a crash mid-round leaves no half file.
-                write_text(str(path), json.dumps(report, indent=2) + "\n")
+                write_text(str(path), json_text(report, indent=2) + "\n")

@@ -17,7 +17,6 @@ follow one alert across runs, since a file without line numbers gets no fingerpr
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
@@ -26,6 +25,7 @@ from urllib.parse import quote
 from clair_cli import __version__
 from clair_cli.constants import SAFETENSORS_WEIGHTS_NAME
 from clair_cli.io.paths import printable
+from clair_cli.report import json_text
 
 SARIF_VERSION = "2.1.0"
 SARIF_SCHEMA_URI = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
@@ -302,4 +302,4 @@ def sarif_log(report: dict[str, Any], cwd: Path | None = None) -> dict[str, Any]
 
 def sarif_text(report: dict[str, Any], cwd: Path | None = None) -> str:
     """:func:`sarif_log` as the text of a ``.sarif`` file."""
-    return json.dumps(sarif_log(report, cwd), indent=2) + "\n"
+    return json_text(sarif_log(report, cwd), indent=2) + "\n"
