@@ -340,3 +340,41 @@ def test_no_candidate_passes_without_running_clair(repo: tuple[Runner, Path], ac
     code, gate, log = runner.run(step(action["runs"]["steps"], "gate"), context, "gate-none")
     assert code == 0 and gate == {"exit-code": "0", "passed": "true"}, log
     assert "no candidate adapters to judge" in log
+
+
+def test_the_workflow_lists_every_upload_as_it_is_named(repo: tuple[Runner, Path], workflow: dict[str, Any]) -> None:
+    """A review (2026-12-06) passed the job with a directory named "x --exit-zero" (split by the
+    shell into an option) and with one named with a non-ASCII letter (quoted by git diff, so the
+    path matched nothing and nothing was gated): both are listed as they are, each its own line."""
+    runner, work = repo
+    git(work, "clean", "-fdq")  # what earlier tests left in the workspace
+    git(work, "checkout", "-qf", "main")
+    names = ["évil", "x --exit-zero", "it's"]
+
+    def make(path: Path) -> None:
+        for name in names:
+            shutil.copytree(SAMPLES / "client_11", path.parent / name)
+
+    pull_request(work, "odd-names", names[0], make)
+    code, added, log = runner.run(
+        step(workflow["jobs"]["gate"]["steps"], "added"), {"github": {"base_ref": "main"}}, "odd"
+    )
+    assert code == 0, log
+    assert added["adapters"].splitlines() == sorted(f"adapters/uploads/{n}" for n in names)
+
+
+def test_the_workflow_fails_a_pull_request_that_changes_the_trusted_pool(
+    repo: tuple[Runner, Path], workflow: dict[str, Any]
+) -> None:
+    runner, work = repo
+    git(work, "clean", "-fdq")
+    git(work, "checkout", "-qf", "-B", "poison", "main")
+    shutil.copytree(SAMPLES / "client_13", work / "adapters" / "trusted" / "extra")
+    git(work, "add", "-A")
+    git(work, "commit", "-q", "-m", "a reference that vouches for the upload")
+    check = step(workflow["jobs"]["gate"]["steps"], "Trusted pool unchanged")
+    code, _, log = runner.run(check, {"github": {"base_ref": "main"}}, "trusted")
+    assert code == 1 and "changes adapters/trusted" in log
+    git(work, "checkout", "-q", "-B", "clean", "main")
+    code, _, log = runner.run(check, {"github": {"base_ref": "main"}}, "trusted-ok")
+    assert code == 0, log
