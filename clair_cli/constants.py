@@ -104,6 +104,10 @@ HUB_PREFIX = "hf://"
 # overrides it, up to a week), in seconds.
 HUB_DEFAULT_TIMEOUT_S = 300.0
 HUB_MAX_TIMEOUT_S = 7 * 24 * 3600.0
+# The largest file a hub source may download: a LoRA of every linear layer of a 405B model at rank 256
+# is about 20 GB in bfloat16 (a config file is bounded by MAX_CONFIG_BYTES). A Hub that announces or
+# sends more is refused before it fills the disk.
+HUB_MAX_FILE_BYTES = 32 * 2**30
 HUB_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 JSON_SCHEMA_VERSION = 1

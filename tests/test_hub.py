@@ -45,9 +45,11 @@ class FakeHub:
                 repo, rev, path = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
                 if repo not in hub.repos:
                     return self._error(401, "RepoNotFound")
-                if rev not in hub.repos[repo]:
+                entries = hub.repos[repo]  # a revision, or a commit of one (the Hub resolves either)
+                entry = entries.get(rev) or next((e for e in entries.values() if e[0] == rev), None)
+                if entry is None:
                     return self._error(404, "RevisionNotFound")
-                sha, files = hub.repos[repo][rev]
+                sha, files = entry
                 if path not in files:
                     return self._error(404, "EntryNotFound", sha)
                 data = files[path]
@@ -327,3 +329,25 @@ def test_hub_options_reach_the_download(tmp_path: Path, monkeypatch: pytest.Monk
     assert {(c["revision"], c["token"]) for c in calls} == {("v1", None)}  # None: HF_TOKEN, as huggingface_hub reads it
     bad = runner.invoke(app, ["inspect", "owner/lora", "--revision", "../x"])
     assert bad.exit_code == 2 and "is not a branch, tag or commit sha" in bad.output
+
+
+def test_the_weights_come_from_the_commit_of_the_config(fake_hub: FakeHub, tmp_path: Path) -> None:
+    """A branch that moves between the two downloads would pair one commit's config with another's
+    weights (a review, 2026-12-06): the weights are asked for at the config's commit."""
+    proc = run_cli("inspect", "owner/lora@v1", env=_env(fake_hub, tmp_path / "home"))
+    assert proc.returncode == 0, proc.stderr
+    gets = [path for method, path, _ in fake_hub.requests if method == "GET"]
+    assert any(p.endswith("/resolve/v1/adapter_config.json") for p in gets), gets
+    assert any(p.endswith(f"/resolve/{SHA_V1}/adapter_model.safetensors") for p in gets), gets
+
+
+def test_a_file_larger_than_its_bound_is_refused_before_it_is_downloaded(tmp_path: Path) -> None:
+    """An adapter_config.json the Hub announces at 40 GB (and would send endlessly) fills no disk:
+    a config is bounded by 10 MiB, any file by 32 GiB."""
+    files = _adapter_files(tmp_path, 0)
+    files["adapter_config.json"] = files["adapter_config.json"] + b" " * (10 * 2**20)
+    with FakeHub({"owner/big": {"main": (SHA_MAIN, files)}}) as hub:
+        proc = run_cli("inspect", "owner/big", env=_env(hub, tmp_path / "home"))
+    assert proc.returncode == 2, proc.stderr
+    assert "clair accepts at most 10485760" in proc.stderr
+    assert not list((tmp_path / "home").rglob("adapter_config.json"))

@@ -24,6 +24,7 @@ import os
 import re
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -32,9 +33,11 @@ from clair_cli.constants import (
     CONFIG_NAME,
     DIFFUSERS_WEIGHTS_NAME,
     HUB_DEFAULT_TIMEOUT_S,
+    HUB_MAX_FILE_BYTES,
     HUB_MAX_TIMEOUT_S,
     HUB_PREFIX,
     HUB_REPO_RE,
+    MAX_CONFIG_BYTES,
     PICKLE_HINT,
     PICKLE_SUFFIXES,
     SAFETENSORS_WEIGHTS_NAME,
@@ -163,10 +166,16 @@ def _commit_from_path(path: Path) -> str | None:
 
 
 def _check_answer(response: Any) -> None:
-    """httpx response hook: refuse headers that huggingface_hub would turn into cache paths."""
+    """httpx response hook: refuse headers that huggingface_hub would turn into cache paths, and
+    a file larger than the download's bound (``_local.max_bytes``), announced or sent."""
     _check_deadline()
     response.stream = _guarded(response.stream)
     headers = response.headers
+    bound = getattr(_local, "max_bytes", None)
+    for name in ("X-Linked-Size", "Content-Length"):
+        size = headers.get(name)
+        if bound is not None and size is not None and size.strip().isdigit() and int(size) > bound:
+            raise HubAnswerError(f"the Hub announces a file of {int(size)} bytes; clair accepts at most {bound}")
     commit = headers.get("X-Repo-Commit")
     if commit is not None and not COMMIT_RE.match(commit):
         raise HubAnswerError(f"the Hub answered with an invalid commit id {printable(commit[:80])!r}")
@@ -188,6 +197,8 @@ def _guard_client() -> None:
     from huggingface_hub.utils import _http, logging
 
     logging.set_verbosity_error()
+    # Its warnings (not enough free disk space, ...) would be raw lines beside clair's one Error: line.
+    warnings.filterwarnings("ignore", module=r"huggingface_hub(\.|$)")
 
     def factory() -> Any:
         client = _http.default_client_factory()
@@ -232,14 +243,19 @@ def _check_deadline() -> None:
 
 
 def _guarded(stream: Any) -> Any:
-    """A response body that stops at the deadline: a Hub that trickles a byte every few seconds
-    never trips a read timeout, so the worker thread checks the clock at every piece it gets."""
+    """A response body that stops at the deadline (a Hub that trickles a byte every few seconds
+    never trips a read timeout, so the worker thread checks the clock at every piece it gets) and
+    at the download's size bound."""
     import httpx2
 
     class GuardedStream(httpx2.SyncByteStream):
         def __iter__(self) -> Any:
+            bound, sent = getattr(_local, "max_bytes", None), 0
             for chunk in stream:
                 _check_deadline()
+                sent += len(chunk)
+                if bound is not None and sent > bound:
+                    raise HubAnswerError(f"the Hub sends more than {bound} bytes for one file")
                 yield chunk
 
         def close(self) -> None:
@@ -259,7 +275,7 @@ def _guard_request(request: Any) -> None:
         request.extensions["timeout"] = {k: left if v is None else min(v, left) for k, v in timeout.items()}
 
 
-def _with_deadline(deadline: float, fn: Any, what: str, *args: Any, **kwargs: Any) -> Any:
+def _with_deadline(deadline: float, fn: Any, what: str, *args: Any, max_bytes: int | None = None, **kwargs: Any) -> Any:
     """Run a download with an overall deadline (``time.monotonic()`` value): read timeouts alone
     let a trickling Hub hang forever.
 
@@ -271,6 +287,7 @@ def _with_deadline(deadline: float, fn: Any, what: str, *args: Any, **kwargs: An
 
     def work() -> None:
         _local.deadline = deadline
+        _local.max_bytes = max_bytes
         try:
             box["value"] = fn(*args, **kwargs)
         except BaseException as exc:  # handed to the calling thread
@@ -338,7 +355,7 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
     at = f" at revision {hub.revision}" if hub.revision else ""
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
-    def get(filename: str) -> Path:  # noqa: C901 - one branch per answer of the Hub
+    def get(filename: str, revision: str | None = hub.revision) -> Path:  # noqa: C901 - one branch per answer
         try:
             return Path(
                 _with_deadline(
@@ -348,8 +365,9 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
                     hub.repo_id,
                     filename,
                     subfolder=hub.subfolder,
-                    revision=hub.revision,
+                    revision=revision,
                     token=token,
+                    max_bytes=MAX_CONFIG_BYTES if filename == CONFIG_NAME else HUB_MAX_FILE_BYTES,
                 )
             )
         except GatedRepoError as exc:
@@ -407,7 +425,16 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
         return _ref(hub, spec, get(hub.filename), None)
     try:
         config = get(CONFIG_NAME)
-        weights = get(SAFETENSORS_WEIGHTS_NAME)
+        # The weights of the commit the config came from: a branch that moves between the two
+        # downloads would pair one commit's config with another's weights.
+        commit = _commit_from_path(config)
+        weights = get(SAFETENSORS_WEIGHTS_NAME, commit or hub.revision)
+        if commit is not None and _commit_from_path(weights) not in (None, commit):
+            raise HubError(
+                f"{spec}: the Hub answered commit {_commit_from_path(weights)} for {SAFETENSORS_WEIGHTS_NAME} "
+                f"and {commit} for {CONFIG_NAME}; the two files must be of one commit",
+                hint="Retry, or pin the revision to a commit (owner/name@<40-hex sha>).",
+            )
     except (_Missing, _NotCached) as exc:
         try:  # a diffusers LoRA repo: its weights file alone, read as a diffusion LoRA (io.diffusion)
             weights, config = get(DIFFUSERS_WEIGHTS_NAME), None
