@@ -351,3 +351,35 @@ def test_a_file_larger_than_its_bound_is_refused_before_it_is_downloaded(tmp_pat
     assert proc.returncode == 2, proc.stderr
     assert "clair accepts at most 10485760" in proc.stderr
     assert not list((tmp_path / "home").rglob("adapter_config.json"))
+
+
+def test_a_rate_limited_download_says_so(tmp_path: Path) -> None:
+    """A Hub answering 429 with a long Retry-After ran out the deadline as a 'slow or stalled' Hub."""
+
+    class Limited(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self.send_response(429)
+            self.send_header("Retry-After", "999999")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD  # noqa: N815
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Limited)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {
+            "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+            "HF_HOME": str(tmp_path / "home"),
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "CLAIR_HUB_TIMEOUT": "8",  # the first answer comes long before, even on a busy machine
+        }
+        proc = run_cli("inspect", "owner/busy", env=env)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 2, proc.stderr
+    assert "rate-limits these requests (429 Too Many Requests, Retry-After 999999)" in proc.stderr

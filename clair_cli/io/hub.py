@@ -171,6 +171,10 @@ def _check_answer(response: Any) -> None:
     _check_deadline()
     response.stream = _guarded(response.stream)
     headers = response.headers
+    if response.status_code == 429:  # huggingface_hub waits Retry-After before it asks again
+        box = getattr(_local, "box", None)
+        if box is not None:
+            box["rate_limited"] = headers.get("Retry-After", "")
     bound = getattr(_local, "max_bytes", None)
     for name in ("X-Linked-Size", "Content-Length"):
         size = headers.get(name)
@@ -288,6 +292,7 @@ def _with_deadline(deadline: float, fn: Any, what: str, *args: Any, max_bytes: i
     def work() -> None:
         _local.deadline = deadline
         _local.max_bytes = max_bytes
+        _local.box = box
         try:
             box["value"] = fn(*args, **kwargs)
         except BaseException as exc:  # handed to the calling thread
@@ -301,6 +306,14 @@ def _with_deadline(deadline: float, fn: Any, what: str, *args: Any, max_bytes: i
         worker.join(left)
     late = "error" in box and time.monotonic() >= deadline  # HubDeadline, or what huggingface_hub made of it
     if left <= 0 or worker.is_alive() or late:
+        if "rate_limited" in box:
+            after = printable(str(box["rate_limited"])[:40])
+            raise HubError(
+                f"{what}: download did not finish within {limit:g} s: the Hub rate-limits these requests "
+                f"(429 Too Many Requests{f', Retry-After {after}' if after else ''})",
+                hint="Retry later, give a token (HF_TOKEN or --token: logged-in requests have higher limits), "
+                "or raise CLAIR_HUB_TIMEOUT.",
+            )
         raise HubError(
             f"{what}: download did not finish within {limit:g} s",
             hint="The Hub is slow or stalled; retry later or raise CLAIR_HUB_TIMEOUT.",
