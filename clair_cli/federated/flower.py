@@ -39,6 +39,7 @@ from clair_cli.federated.rounds import (
     TooFew,
     aggregate_round,
     capped_weights,
+    quoted,
 )
 from clair_cli.io.writers import write_text
 from clair_cli.report import json_text
@@ -85,13 +86,6 @@ def parse_lora_config(config: Any) -> AdapterConfig:
     return parsed
 
 
-def _short(text: object, limit: int = 200) -> str:
-    """A client's string (a key, a module name) as a reason quotes it: ``repr``, cut to ``limit``
-    characters, so that a megabyte-long key does not fill the round's history and logs."""
-    text = str(text)
-    return repr(text[:limit]) + ("..." if len(text) > limit else "")
-
-
 def split_state_dict(
     name: str, state: Mapping[str, torch.Tensor]
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, tuple[str, str]]]:
@@ -114,7 +108,7 @@ def split_state_dict(
         )
         if not ok or m is None:
             raise AdapterFormatError(
-                f"{name}: {_short(key)} is not a LoRA factor (expected '<module>.lora_A.weight' / '.lora_B.weight')",
+                f"{name}: {quoted(key)} is not a LoRA factor (expected '<module>.lora_A.weight' / '.lora_B.weight')",
                 hint="Send only get_peft_model_state_dict(model) of a plain LoRA (no modules_to_save, "
                 "bias='none', no DoRA).",
             )
@@ -123,8 +117,8 @@ def split_state_dict(
         entry = parts.setdefault(m["module"], {})
         if part in entry:  # two keys for one factor (with and without the prefix, or ``.default``)
             raise AdapterFormatError(
-                f"{name}: {_short(entry[part][0])} and {_short(key)} are both "
-                f"module {_short(m['module'])}'s lora_{part}"
+                f"{name}: {quoted(entry[part][0])} and {quoted(key)} are both "
+                f"module {quoted(m['module'])}'s lora_{part}"
             )
         entry[part] = (key, value)
         kinds.setdefault(m["module"], set()).add(kind)
@@ -132,13 +126,13 @@ def split_state_dict(
     keys: dict[str, tuple[str, str]] = {}
     for module, p in sorted(parts.items()):
         if set(p) != {"A", "B"}:
-            raise AdapterFormatError(f"{name}: module {_short(module)} has lora_{next(iter(p))} but not its pair")
+            raise AdapterFormatError(f"{name}: module {quoted(module)} has lora_{next(iter(p))} but not its pair")
         if len(kinds[module]) > 1:
-            raise AdapterFormatError(f"{name}: module {_short(module)} pairs an embedding factor with a linear one")
+            raise AdapterFormatError(f"{name}: module {quoted(module)} pairs an embedding factor with a linear one")
         (ka, A), (kb, B) = p["A"], p["B"]
         if A.dim() != 2 or B.dim() != 2 or not A.is_floating_point() or not B.is_floating_point():
             raise AdapterFormatError(
-                f"{name}: module {_short(module)}: LoRA factors must be floating-point matrices, got "
+                f"{name}: module {quoted(module)}: LoRA factors must be floating-point matrices, got "
                 f"{A.dtype} {tuple(A.shape)} and {B.dtype} {tuple(B.shape)}",
                 hint="Integer arrays are what secure aggregation's masking sends; clair needs the factors.",
             )
@@ -197,7 +191,7 @@ def reply_state_dict(name: str, record: ArrayRecord) -> dict[str, torch.Tensor]:
             out[key] = torch.from_numpy(np.ascontiguousarray(array))
         except Exception as exc:  # noqa: BLE001 - a client's bytes: any failure is a malformed reply
             raise AdapterFormatError(
-                f"{name}: array {str(key)[:200]!r} cannot be read as a tensor ({type(exc).__name__}: {str(exc)[:200]})"
+                f"{name}: array {quoted(key)} cannot be read as a tensor ({type(exc).__name__}: {str(exc)[:200]})"
             ) from None
     return out
 
@@ -365,7 +359,8 @@ class ClairStrategy(FedAvg):
             state[kb] = B.float().contiguous()
         arrays = ArrayRecord({k: state[k] for k in global_state})  # the global's key order
         left_out = {n for n, f in zip(result.names, result.flagged, strict=True) if f}
-        kept = [msg.content for msg in valid if f"node-{msg.metadata.src_node_id}" not in left_out | set(refused)]
+        left_out |= set(refused)
+        kept = [msg.content for msg in valid if f"node-{msg.metadata.src_node_id}" not in left_out]
         metrics = self._metrics(kept, self.train_metrics_aggr_fn, "train")
         for key, value in self._round_metrics(result, [node_of[n] for n in result.names]).items():
             metrics[key] = value
@@ -390,11 +385,8 @@ class ClairStrategy(FedAvg):
         record = next(iter(content.array_records.values()))
         factors, _ = split_state_dict(name, reply_state_dict(name, record))
         metrics = next(iter(content.metric_records.values()))
-        try:
-            weight = float(metrics[self.weighted_by_key])  # type: ignore[arg-type]
-        except (KeyError, TypeError, ValueError):
-            weight = math.nan
-        if not (math.isfinite(weight) and weight >= 0):
+        weight = _metric_weight(metrics, self.weighted_by_key)  # the metrics' own test of a weight
+        if weight is None:
             raise AdapterFormatError(f"{name}: the metric {self.weighted_by_key!r} is not a non-negative number")
         return factors, weight
 

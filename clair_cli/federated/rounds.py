@@ -62,6 +62,13 @@ WEIGHT_CAP = 3.0
 FACTOR_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
+def quoted(text: object, limit: int = 200) -> str:
+    """A client's string (a key, a module name) as a reason quotes it: ``repr``, cut to ``limit``
+    characters, so that a megabyte-long name does not fill the round's history and logs."""
+    text = str(text)
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 @dataclass
 class RoundResult:
     """What one round decided.
@@ -158,15 +165,14 @@ def check_factors(
     if set(client) != set(global_factors):
         diff = sorted(set(client) ^ set(global_factors))
         raise IncompatibleAdapters(
-            f"{name} sent LoRA modules other than the global adapter's "
-            f"({len(diff)} differ, e.g. {str(diff[0])[:200]!r})",
+            f"{name} sent LoRA modules other than the global adapter's ({len(diff)} differ, e.g. {quoted(diff[0])})",
             hint="Every client must train the LoraConfig the strategy was given.",
         )
     for module, (A, B) in client.items():
         Ag, Bg = global_factors[module]
         if A.shape != Ag.shape or B.shape != Bg.shape:
             raise IncompatibleAdapters(
-                f"{name}: module {str(module)[:200]!r}: factors of shapes A {tuple(A.shape)}, B {tuple(B.shape)}; the "
+                f"{name}: module {quoted(module)}: factors of shapes A {tuple(A.shape)}, B {tuple(B.shape)}; the "
                 f"global adapter has A {tuple(Ag.shape)}, B {tuple(Bg.shape)} (rank {ranks[module]} in the LoraConfig)",
                 hint="Clients of one run must use the strategy's LoraConfig: clair merges updates, but the "
                 "global adapter it sends back has one rank per module.",
@@ -199,16 +205,14 @@ def _check_types(name: str, client: Any) -> None:
         raise AdapterFormatError(f"{name}: the reply is a {type(client).__name__}, not LoRA factors by module")
     for module, pair in client.items():
         if not (isinstance(pair, tuple | list) and len(pair) == 2):
-            raise AdapterFormatError(
-                f"{name}: module {str(module)[:200]!r}: expected (A, B), got {type(pair).__name__}"
-            )
+            raise AdapterFormatError(f"{name}: module {quoted(module)}: expected (A, B), got {type(pair).__name__}")
         for what, t in zip("AB", pair, strict=True):
             if not isinstance(t, torch.Tensor):
-                raise AdapterFormatError(f"{name}: module {str(module)[:200]!r}: {what} is a {type(t).__name__}")
+                raise AdapterFormatError(f"{name}: module {quoted(module)}: {what} is a {type(t).__name__}")
             dtype = str(t.dtype).removeprefix("torch.")
             if dtype not in FACTOR_DTYPES or t.layout != torch.strided or t.is_meta or t.dim() != 2:
                 raise AdapterFormatError(
-                    f"{name}: module {str(module)[:200]!r}: {what} is a {t.dim()}-d {dtype} tensor "
+                    f"{name}: module {quoted(module)}: {what} is a {t.dim()}-d {dtype} tensor "
                     f"({t.layout}{', meta' if t.is_meta else ''}); LoRA factors are dense floating-point matrices"
                 )
 
