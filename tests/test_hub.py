@@ -6,9 +6,15 @@ metadata, GET for content) on 127.0.0.1, so the real download path runs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -383,3 +389,64 @@ def test_a_rate_limited_download_says_so(tmp_path: Path) -> None:
         server.server_close()
     assert proc.returncode == 2, proc.stderr
     assert "rate-limits these requests (429 Too Many Requests, Retry-After 999999)" in proc.stderr
+
+
+@pytest.mark.parametrize("gap", [0.2, 1000.0], ids=["trickling", "silent"])
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_download_leaves_no_partial_file(tmp_path: Path, gap: float, sig: int, code: int) -> None:
+    """Ctrl-C or SIGTERM during a download left huggingface_hub's ``<etag>.<random>.incomplete``
+    in the cache: named per process, nothing ever resumed or removed it. The download is stopped
+    at its next piece (a trickling Hub) or, blocked in a read (a silent one), its open file removed."""
+    data = b"x" * 4000
+
+    class Slow(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _answer(self, body: bool) -> None:
+            self.send_response(200)
+            self.send_header("X-Repo-Commit", SHA_MAIN)
+            self.send_header("ETag", '"' + hashlib.sha256(data).hexdigest() + '"')
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                for byte in data if body else b"":
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(gap)
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._answer(body=False)
+
+        def do_GET(self) -> None:  # noqa: N802
+            self._answer(body=True)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    home = tmp_path / "home"
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+        "HF_HOME": str(home),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_XET": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clair_cli", "inspect", "owner/slow"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        for _ in range(1200):  # the download has begun once its partial file exists (a minute at most)
+            if list(home.rglob("*.incomplete")) or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert list(home.rglob("*.incomplete")), "the download never started"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == code, err
+    assert "Interrupted: no output was written." in err
+    assert not list(home.rglob("*.incomplete"))

@@ -19,6 +19,7 @@ Retry warnings of huggingface_hub are silenced: clair prints one error.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -241,9 +242,50 @@ _local = threading.local()
 
 
 def _check_deadline() -> None:
+    if getattr(_local, "box", {}).get("stop"):
+        raise HubDeadline("stopped")
     deadline = getattr(_local, "deadline", None)
     if deadline is not None and time.monotonic() > deadline:
         raise HubDeadline("deadline passed")
+
+
+# How long a stopped download gets to notice it (at its next request or received piece) and
+# leave through huggingface_hub's own clean-up, which deletes its partial file.
+_STOP_GRACE_S = 2.0
+
+
+def _stop(done: threading.Event, box: dict[str, Any]) -> None:
+    """Stop a download that clair gives up on (its deadline, Ctrl-C, SIGTERM) without leaving its
+    partial file in the hub cache: huggingface_hub names it per process
+    (``<etag>.<random>.incomplete``), so nothing would ever resume or remove it."""
+    box["stop"] = True
+    try:
+        done.wait(_STOP_GRACE_S)
+    finally:
+        if not done.is_set():  # blocked in a read: its file goes with this process
+            _remove_open_partials()
+
+
+def _remove_open_partials() -> None:
+    """Delete the ``.incomplete`` files of the hub cache that this process holds open (Linux's
+    ``/proc/self/fd``; elsewhere only the grace of :func:`_stop` applies). Only this process's
+    downloads hold them open, so another process's download into the same cache is left alone."""
+    from huggingface_hub import constants
+
+    fds = Path("/proc/self/fd")
+    try:
+        names = os.listdir(fds)
+        cache = os.path.realpath(constants.HF_HUB_CACHE) + os.sep
+    except OSError:
+        return
+    for fd in names:
+        try:
+            target = os.readlink(fds / fd)
+        except OSError:  # closed meanwhile, or not a link
+            continue
+        if target.endswith(".incomplete") and target.startswith(cache):
+            with contextlib.suppress(OSError):
+                os.unlink(target)
 
 
 def _guarded(stream: Any) -> Any:
@@ -283,11 +325,14 @@ def _with_deadline(deadline: float, fn: Any, what: str, *args: Any, max_bytes: i
     """Run a download with an overall deadline (``time.monotonic()`` value): read timeouts alone
     let a trickling Hub hang forever.
 
-    The caller returns at the deadline in any case; the worker thread (a daemon) stops at its
-    next request or received piece (:class:`_GuardedStream`), and its partial file stays an
-    ``.incomplete`` inside the hub cache, which huggingface_hub resumes.
+    The caller returns at the deadline in any case, and on Ctrl-C or SIGTERM: the worker thread
+    (a daemon) is told to stop at its next request or received piece (:func:`_guarded`) and
+    given a moment to remove its partial file (:func:`_stop`).
     """
     box: dict[str, Any] = {}
+    # Waited on instead of Thread.join, which a Ctrl-C during the wait leaves believing (Python
+    # 3.11) that the thread has ended.
+    done = threading.Event()
 
     def work() -> None:
         _local.deadline = deadline
@@ -297,15 +342,24 @@ def _with_deadline(deadline: float, fn: Any, what: str, *args: Any, max_bytes: i
             box["value"] = fn(*args, **kwargs)
         except BaseException as exc:  # handed to the calling thread
             box["error"] = exc
+        finally:
+            done.set()
 
     limit = _timeout()
     left = deadline - time.monotonic()
     worker = threading.Thread(target=work, daemon=True, name="clair-hub-download")
     if left > 0:
         worker.start()
-        worker.join(left)
+        try:
+            done.wait(left)
+        except BaseException:  # Ctrl-C, SIGTERM (raised as Terminated)
+            _stop(done, box)
+            raise
     late = "error" in box and time.monotonic() >= deadline  # HubDeadline, or what huggingface_hub made of it
-    if left <= 0 or worker.is_alive() or late:
+    running = left > 0 and not done.is_set()
+    if left <= 0 or running or late:
+        if running:
+            _stop(done, box)
         if "rate_limited" in box:
             after = printable(str(box["rate_limited"])[:40])
             raise HubError(
