@@ -4,6 +4,7 @@ text, honours the umask, and a merge of adapters with a head either refuses or l
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import stat
@@ -276,3 +277,34 @@ def test_the_pickle_hint_never_pastes_a_hostile_name_into_a_shell_command() -> N
     for hostile in ("x$(rm -rf ~).pt", "a'b.bin", 'a"b.pt', "`id`.ckpt", "-rf.pt", "a b.pth"):
         hint = pickle_hint(hostile)
         assert hostile not in hint and "torch.load('FILE" in hint
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32, torch.uint64, torch.int16, torch.bool],
+    ids=str,
+)
+def test_every_dtype_is_read_in_slices_as_safetensors_reads_it(tmp_path: Path, dtype: torch.dtype) -> None:
+    """float8 and unsigned wide tensors went through safetensors whole (a scan of a large one held
+    it all); they are read straight from the file, in slices, with safetensors' values bit for bit."""
+    from safetensors.torch import load_file, save_file
+
+    import clair_cli.io.safetensors_file as stf
+
+    values = torch.randn(3, 1000) * 100
+    tensor = (
+        values > 0
+        if dtype == torch.bool
+        else values.abs().to(dtype)
+        if dtype.is_floating_point
+        else (values.abs().to(torch.int64).to(dtype))
+    )
+    save_file({"t": tensor}, tmp_path / "f.safetensors")
+    expected = load_file(tmp_path / "f.safetensors")["t"]
+    with stf.SafetensorsReader(tmp_path / "f.safetensors") as reader:
+        assert stf._torch_dtype(reader.tensors["t"].dtype) == dtype
+        whole = reader.get("t")
+        pieces = list(reader.chunks("t", chunk_bytes=1000))
+    assert whole.dtype == dtype and torch.equal(whole.view(torch.uint8), expected.view(torch.uint8))
+    assert len(pieces) == math.ceil(tensor.numel() * tensor.element_size() / 1000)
+    assert torch.equal(torch.cat(pieces).view(torch.uint8), expected.reshape(-1).view(torch.uint8))

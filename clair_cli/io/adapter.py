@@ -564,8 +564,8 @@ def _scan_others(adapter: Adapter, reader: SafetensorsReader) -> None:
 
 
 def _widened(chunk: torch.Tensor, step: int = 1 << 22) -> Iterator[torch.Tensor]:
-    """``chunk``, or for float8 (which abs() and max() do not take, and which the reader hands over
-    whole) float32 copies of it ``step`` values at a time: memory stays bounded."""
+    """``chunk``, or for float8 (which abs() and max() do not take) float32 copies of it ``step``
+    values at a time: a chunk's widening stays a quarter of the chunk's size again."""
     if chunk.element_size() != 1:
         yield chunk
         return

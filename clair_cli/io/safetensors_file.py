@@ -200,19 +200,34 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return tensors, metadata
 
 
-# Dtypes read straight from the file; others (unsigned wide ints, float8) go through safetensors.
+# Dtypes read straight from the file, in slices where asked (:meth:`SafetensorsReader.chunks`);
+# one the installed torch lacks (uint16-64 before torch 2.3) goes through safetensors, whole.
 _TORCH_DTYPES = {
     "F16": "float16",
     "BF16": "bfloat16",
     "F32": "float32",
     "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
     "BOOL": "bool",
     "U8": "uint8",
     "I8": "int8",
     "I16": "int16",
+    "U16": "uint16",
     "I32": "int32",
+    "U32": "uint32",
     "I64": "int64",
+    "U64": "uint64",
 }
+
+
+def _torch_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype a safetensors dtype is read as directly, or None (through safetensors)."""
+    import torch
+
+    if name not in _TORCH_DTYPES or sys.byteorder != "little":
+        return None
+    return getattr(torch, _TORCH_DTYPES[name], None)
 
 
 class SafetensorsReader:
@@ -249,7 +264,9 @@ class SafetensorsReader:
         if not self._open:
             raise RuntimeError("SafetensorsReader.get() outside its `with` block")
         infos = [self.tensors[name] for name in names]
-        if any(info.dtype not in _TORCH_DTYPES for info in infos) or sys.byteorder != "little":
+        found = [_torch_dtype(info.dtype) for info in infos]
+        dtypes = [dtype for dtype in found if dtype is not None]
+        if len(dtypes) < len(found):
             return [self._get_with_safetensors(name) for name in names]
         fd = open_regular(self.path)
         try:
@@ -259,8 +276,7 @@ class SafetensorsReader:
         finally:
             os.close(fd)
         out = []
-        for info, buf in zip(infos, bufs, strict=True):
-            dtype = getattr(torch, _TORCH_DTYPES[info.dtype])
+        for info, buf, dtype in zip(infos, bufs, dtypes, strict=True):
             out.append(
                 torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
                 if info.nbytes
@@ -275,10 +291,10 @@ class SafetensorsReader:
         if not self._open:
             raise RuntimeError("SafetensorsReader.chunks() outside its `with` block")
         info = self.tensors[name]
-        if info.dtype not in _TORCH_DTYPES or sys.byteorder != "little":
+        dtype = _torch_dtype(info.dtype)
+        if dtype is None:
             yield self._get_with_safetensors(name).reshape(-1)
             return
-        dtype = getattr(torch, _TORCH_DTYPES[info.dtype])
         item = SAFETENSORS_DTYPE_SIZES[info.dtype]
         step = max(item, chunk_bytes // item * item)
         for offset in range(0, info.nbytes, step):
