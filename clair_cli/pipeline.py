@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Protocol
 
@@ -22,6 +22,7 @@ from clair_cli.io.adapter import Adapter
 from clair_cli.io.resources import available_memory
 from clair_cli.params import AuditParams, MergeOptions
 from clair_cli.results import AuditOutcome, MergedAdapter, Pool
+from clair_cli.types import peft_layer
 
 # Stored dtypes (safetensors names) whose every value is exact in float32 and float64.
 EXACT_IN_FLOAT32 = frozenset({"F16", "BF16", "F32"})
@@ -577,9 +578,9 @@ def merge(
     plan = methods.MergePlan(
         used, options, basis_side(settings.side), dtype, settings.path, dict(weighting.norm_bounded)
     )
-    results: dict[str, MergeResult] = {}
     sq_norms = dict.fromkeys(used, 0.0)
     merged_sq = 0.0
+    written = _Written(pool.modules, sink)
     for given in iter_modules(
         pool, used, dtype=dtype, device=settings.device, progress=progress, as_given=spec.of_factors
     ):
@@ -589,13 +590,11 @@ def merge(
             for k, sq in zip(mod.members, squared_norms(mod.A, mod.B, mod.scales), strict=True):
                 sq_norms[k] += sq
         res = spec.merge_module(mod, mw, plan)
-        A, B = res.A.float().cpu(), res.B.float().cpu()
+        res = MergeResult(res.A.float().cpu(), res.B.float().cpu(), res.method, res.selected, res.info)
         if options.rescale == "norm":
-            merged_sq += merged_sq_norm(A, B)
-        if sink is not None:
-            sink.put(mod.name, A, B)
-            A, B = A.to("meta"), B.to("meta")  # the shapes stay; the data is in the sink
-        results[mod.name] = MergeResult(A, B, res.method, res.selected, res.info)
+            merged_sq += merged_sq_norm(res.A, res.B)
+        written.add(mod.name, res)
+    results = written.results
     notes = list(weighting.notes)
     scale = 1.0
     if options.rescale == "norm":
@@ -619,6 +618,62 @@ def merge(
     )
 
 
+def one_rank_pairs(modules: Iterable[str]) -> dict[str, str]:
+    """Modules PEFT gives one rank together, each mapped to its peer: a MultiheadAttention layer's
+    LoRA and its ``out_proj``'s (:func:`clair_cli.types.peft_layer`), both present."""
+    names = set(modules)
+    pairs = {}
+    for m in names:
+        layer = peft_layer(m)
+        if layer != m and layer in names:
+            pairs[m], pairs[layer] = layer, m
+    return pairs
+
+
+class _Written:
+    """The merged modules as they come, to the sink (their shapes kept) or kept whole; the two of a
+    pair that PEFT gives one rank (:func:`one_rank_pairs`) are held until both are merged, then
+    written at the larger of their ranks (zero directions appended: the same updates)."""
+
+    def __init__(self, modules: Iterable[str], sink: MergeSink | None) -> None:
+        self.peers = one_rank_pairs(modules)
+        self.sink = sink
+        self.held: dict[str, MergeResult] = {}
+        self.results: dict[str, MergeResult] = {}
+
+    def add(self, name: str, res: MergeResult) -> None:
+        peer = self.peers.get(name)
+        if peer is None:
+            self._emit(name, res)
+        elif peer not in self.held:
+            self.held[name] = res
+        else:
+            first = self.held.pop(peer)
+            rank = max(first.rank, res.rank)
+            self._emit(peer, _with_rank(first, rank))
+            self._emit(name, _with_rank(res, rank))
+
+    def _emit(self, name: str, res: MergeResult) -> None:
+        if self.sink is None:
+            self.results[name] = res
+            return
+        self.sink.put(name, res.A, res.B)
+        meta = res.A.to("meta"), res.B.to("meta")  # the shapes stay; the data is in the sink
+        self.results[name] = dataclasses.replace(res, A=meta[0], B=meta[1])
+
+
+def _with_rank(res: MergeResult, rank: int) -> MergeResult:
+    """``res`` written at ``rank`` (at least its own): zero directions appended, the same update."""
+    import torch
+
+    extra = rank - res.rank
+    if extra <= 0:
+        return res
+    A = torch.cat([res.A, res.A.new_zeros(extra, res.A.shape[1])])
+    B = torch.cat([res.B, res.B.new_zeros(res.B.shape[0], extra)], dim=1)
+    return dataclasses.replace(res, A=A, B=B)
+
+
 def _scale_b(results: Mapping[str, MergeResult], sink: MergeSink | None, factor: float) -> None:
     """Multiply every merged ``B`` by ``factor``: in memory, or in the sink's file."""
     if sink is not None:
@@ -631,13 +686,16 @@ def _scale_b(results: Mapping[str, MergeResult], sink: MergeSink | None, factor:
 def merged_rank_bound(pool: Pool, options: MergeOptions | None = None) -> dict[str, int]:
     """Per module, a rank no merge of the pool's adapters exceeds (what a :class:`MergeSink`
     reserves room for): the larger of the adapters' summed rank, the module's smaller side
-    (a dense merge factored exactly) and ``--merge-rank``."""
+    (a dense merge factored exactly) and ``--merge-rank``, and the larger of a pair's
+    (:func:`one_rank_pairs`)."""
     fixed = (options.rank if options is not None else None) or 0
     out = {}
     for m in pool.modules:
         spec = pool.adapters[0].modules[m]
         summed = sum(a.modules[m].rank for a in pool.adapters)
         out[m] = max(summed, min(spec.d_out, spec.d_in), fixed)
+    for m, peer in one_rank_pairs(pool.modules).items():  # written at the larger of the two ranks
+        out[m] = max(out[m], out[peer])
     return out
 
 

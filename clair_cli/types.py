@@ -65,6 +65,22 @@ def _plain_match(key: str, module: str) -> bool:
     return all(k == "." or k == c for k, c in zip(key, module[-n:], strict=True))
 
 
+# PEFT's LoRA layer for nn.MultiheadAttention (``peft.tuners.lora.layer.MultiheadAttention``) also
+# wraps the attention's ``out_proj``, whose factors are stored under ``<mha>.base_layer.out_proj``,
+# with the rank and alpha of the attention layer itself: patterns and target_modules select ``<mha>``.
+MHA_OUT_PROJ = ".base_layer.out_proj"
+
+
+def peft_layer(module: str) -> str:
+    """The name of the layer whose configuration PEFT gives ``module``'s LoRA (itself, or the
+    MultiheadAttention layer whose ``out_proj`` it is)."""
+    return (
+        module.removesuffix(MHA_OUT_PROJ)
+        if module.endswith(MHA_OUT_PROJ) and len(module) > len(MHA_OUT_PROJ)
+        else module
+    )
+
+
 def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
     # Same rule as peft.utils.other.get_pattern_key: the first pattern that matches
     # a dotted suffix of the module name wins. Keys were checked by
@@ -105,17 +121,17 @@ class AdapterConfig:
     exact: dict[str, tuple[int, float]] = field(default_factory=dict, compare=False, repr=False)
 
     def rank_for(self, module: str) -> int:
-        """Rank PEFT gives ``module``: ``rank_pattern`` first, then ``r``."""
+        """Rank PEFT gives ``module``: ``rank_pattern`` first, then ``r`` (:func:`peft_layer`'s)."""
         if module in self.exact:
             return self.exact[module][0]
-        key = _pattern_key(self.rank_pattern, module)
+        key = _pattern_key(self.rank_pattern, peft_layer(module))
         return int(self.rank_pattern[key]) if key is not None else self.r
 
     def alpha_for(self, module: str) -> float:
-        """Alpha PEFT gives ``module``: ``alpha_pattern`` first, then ``lora_alpha``."""
+        """Alpha PEFT gives ``module``: ``alpha_pattern`` first, then ``lora_alpha`` (:func:`peft_layer`'s)."""
         if module in self.exact:
             return self.exact[module][1]
-        key = _pattern_key(self.alpha_pattern, module)
+        key = _pattern_key(self.alpha_pattern, peft_layer(module))
         return float(self.alpha_pattern[key]) if key is not None else self.lora_alpha
 
     def scale_for(self, module: str, r: int | None = None) -> float:

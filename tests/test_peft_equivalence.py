@@ -22,6 +22,7 @@ class Tiny(nn.Module):
         self.c_attn = Conv1D(12, 8)
         self.conv = nn.Conv2d(3, 5, 3)
         self.head = nn.Linear(6, 4)
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
 
 
 CASES = {
@@ -36,6 +37,11 @@ CASES = {
     "embedding": dict(target_modules=["embed"]),
     "conv": dict(target_modules=["conv"]),
     "dora": dict(target_modules=["q_proj"], use_dora=True),
+    # PEFT's MultiheadAttention LoRA also wraps out_proj (<mha>.base_layer.out_proj) with the
+    # attention layer's own rank and alpha: the patterns match the attention layer's name.
+    "mha": dict(target_modules=["mha", "q_proj"]),
+    "mha_alpha_pattern": dict(target_modules=["mha", "q_proj"], alpha_pattern={"mha": 32}),
+    "mha_rank_pattern": dict(target_modules=["mha", "q_proj"], rank_pattern={"mha": 2}, use_rslora=True),
 }
 
 
@@ -90,3 +96,54 @@ def test_half_precision_adapters_are_upcast(tmp_path: Path, dtype: torch.dtype) 
     layer = model.base_model.model.q_proj
     expected = (layer.lora_B["default"].weight.float() @ layer.lora_A["default"].weight.float()) * 2.0
     torch.testing.assert_close(module.delta(), expected.detach())
+
+
+def test_a_multihead_attention_merge_loads_in_peft_as_the_mean(tmp_path: Path) -> None:
+    """PEFT gives a MultiheadAttention's in_proj and out_proj LoRAs one rank (the attention layer's):
+    a merge whose out_proj mean has a lower rank than its in_proj mean is written at the larger
+    rank in both (zero directions), or PEFT could not load it; and an ``alpha_pattern`` keyed on
+    the attention layer sets out_proj's scale too (clair read 2.0 for PEFT's 8.0, and its merge
+    loaded at a quarter of the mean)."""
+    from peft import PeftModel
+    from typer.testing import CliRunner
+
+    from clair_cli.cli import app
+
+    def base() -> nn.Module:
+        torch.manual_seed(0)
+        return Tiny().eval()
+
+    config = dict(r=4, lora_alpha=8, target_modules=["mha", "q_proj"], init_lora_weights=False)
+    deltas = []
+    for k in range(6):
+        torch.manual_seed(10 + k)
+        model = get_peft_model(base(), LoraConfig(**config, alpha_pattern={"mha": 32}))
+        out_proj = model.base_model.model.mha.base_layer.out_proj
+        with torch.no_grad():  # one shared rank-1 out_proj update: its mean has rank 1
+            out_proj.lora_A["default"].weight.copy_(torch.outer(torch.tensor([1.0, 0, 0, 0]), torch.arange(8.0) / 8))
+            out_proj.lora_B["default"].weight.copy_(
+                torch.outer(torch.linspace(-1, 1, 8), torch.tensor([1.0 + k, 0, 0, 0]))
+            )
+        assert out_proj.scaling["default"] == 8.0
+        model.save_pretrained(tmp_path / "pool" / f"c{k}")
+        deltas.append({n: m.get_delta_weight("default").detach().double() for n, m in _lora_layers(model).items()})
+    result = CliRunner().invoke(
+        app, ["merge", str(tmp_path / "pool"), "--out", str(tmp_path / "m"), "--method", "mean"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "PEFT ignores" not in result.output + (tmp_path / "m" / "README.md").read_text()  # out_proj is loaded
+    merged = _lora_layers(PeftModel.from_pretrained(base(), tmp_path / "m"))
+    assert set(merged) == {"mha", "mha.base_layer.out_proj", "q_proj"}
+    for name, layer in merged.items():
+        want = sum(d[name] for d in deltas) / len(deltas)
+        torch.testing.assert_close(layer.get_delta_weight("default").double(), want, rtol=1e-4, atol=1e-5)
+    ranks = {name: layer.r["default"] for name, layer in merged.items()}
+    assert ranks["mha"] == ranks["mha.base_layer.out_proj"]
+
+
+def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {
+        name.removeprefix("base_model.model."): mod
+        for name, mod in model.named_modules()
+        if hasattr(mod, "get_delta_weight") and "default" in getattr(mod, "scaling", {})
+    }

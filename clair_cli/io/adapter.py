@@ -489,6 +489,13 @@ def _module_spec(
     elif len(a.shape) != 2 or len(b.shape) != 2:
         raise bad(f"factors must be matrices, got {a_name} {a.shape} and {b_name} {b.shape}")
     if b.shape[1] != rank:
+        if kind == "conv" and 0 < b.shape[1] < rank and rank % b.shape[1] == 0:
+            raise bad(
+                f"a LoRA of a grouped convolution ({b_name} {b.shape} takes {b.shape[1]} of {a_name}'s {rank} "
+                f"channels per group, {rank // b.shape[1]} groups): its update is not one B @ A, and PEFT "
+                "cannot merge it either; clair does not read it",
+                hint="Leave this adapter out.",
+            )
         raise bad(f"rank mismatch: {a_name} has rank {rank} but {b_name} has {b.shape[1]} columns")
     if rank == 0:
         raise bad("has rank 0")
@@ -498,6 +505,13 @@ def _module_spec(
             hint="Raise --max-rank if the adapter is trusted and the machine has the memory (docs: Limits).",
         )
     expected = config.rank_for(module)
+    if rank != expected and config.raw.get("target_parameters") and rank % expected == 0:
+        raise bad(
+            f"factors of rank {rank} where the config gives r={expected}: a LoRA of target_parameters "
+            f"(nn.Parameters such as fused MoE experts; {rank // expected} LoRAs of rank {expected} in one pair of "
+            "factors), which clair does not read",
+            hint="Leave this adapter out; clair reads LoRAs of modules (target_modules).",
+        )
     if rank != expected:
         given = f"{config.file_name}: " if config.file_name else ""
         raise bad(

@@ -33,7 +33,7 @@ from clair_cli.constants import CONFIG_NAME, MAX_PATTERNS, PEFT_KEY_PREFIX
 from clair_cli.errors import IncompatibleAdapters, OutputError
 from clair_cli.io.paths import printable
 from clair_cli.io.patterns import LAYERS_PATTERN_WRAP, pattern_risk
-from clair_cli.types import AdapterConfig
+from clair_cli.types import AdapterConfig, peft_layer
 
 if TYPE_CHECKING:
     from clair_cli.io.adapter import Adapter
@@ -103,7 +103,9 @@ def _safe_match(pattern: str, fn: Any, text: str) -> bool | None:
 def peft_selects(raw: Mapping[str, Any], module: str) -> bool | None:
     """Whether PEFT gives ``module`` a LoRA layer under the config ``raw``
     (``peft.tuners.tuners_utils.check_target_module_exists``); None when it cannot be told
-    from the config alone (no target_modules: PEFT's per-architecture default; an unsafe pattern)."""
+    from the config alone (no target_modules: PEFT's per-architecture default; an unsafe pattern).
+    A MultiheadAttention's ``out_proj`` is selected with the attention layer (:func:`peft_layer`)."""
+    module = peft_layer(module)
     excluded = _excluded(raw, module)
     if excluded is not False:
         return None if excluded is None else False
