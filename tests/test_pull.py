@@ -10,7 +10,7 @@ from benchmarks.synthetic import directionless_pool, flagged, make_pool, split_g
 from clair_cli.core import verdict
 from clair_cli.core.audit import ClairAuditor
 from clair_cli.core.rules.opposed import CONSENSUS, Opposed
-from clair_cli.core.rules.pull import JOIN, NORM_SPREAD_MAX, PULL_FLOOR, Pull, group_pulls
+from clair_cli.core.rules.pull import JOIN, MIN_ADAPTERS, NORM_SPREAD_MAX, PULL_FLOOR, Pull, group_pulls, pull_floor
 
 
 def _geometric_median(X: np.ndarray) -> np.ndarray:
@@ -180,7 +180,7 @@ def test_without_consensus_leaves_out_one_side_of_a_split() -> None:
     fit = list(range(12))
     assert not Pull.agreed(C, fit)
     side = [0, 1, 2, 11]  # an arc: its mean opposes the rest's
-    assert Pull.without_consensus(C, fit, [(side, 1.5)]) is None
+    assert Pull.without_consensus(C, fit, [(side, 1.5, 0.75)]) is None
 
     rng = np.random.default_rng(0)
     common = rng.standard_normal(400)
@@ -189,11 +189,11 @@ def test_without_consensus_leaves_out_one_side_of_a_split() -> None:
     bad = [-1.5 * common + 3 * push[k % 2] + 3 * rng.standard_normal(400) for k in range(6)]  # all: 0.06
     C = _unit_pool(honest + bad)
     fit = list(range(18))
-    groups = [([12, 14, 16], 1.2), ([13, 15, 17], 1.1)]
+    groups = [([12, 14, 16], 1.2, 0.6), ([13, 15, 17], 1.1, 0.55)]
     assert not Pull.agreed(C, fit) and Pull.agreed(C, fit[:12])
     assert Pull.without_consensus(C, fit, groups) == groups
     assert Pull.without_consensus(C, fit, groups[:1]) is None  # one group set aside is not enough here
-    assert Pull.without_consensus(C, fit, [(list(range(12, 18)) + [0, 1, 2], 3.0)]) is None  # not a minority
+    assert Pull.without_consensus(C, fit, [(list(range(12, 18)) + [0, 1, 2], 3.0, 1.5)]) is None  # not a minority
 
 
 def _pulled(aud: ClairAuditor) -> int:
@@ -222,3 +222,51 @@ def test_a_side_that_stands_against_the_rest_is_not_set_aside(monkeypatch: pytes
     assert _pulled(ClairAuditor().fit(pool, 18)) == 0
     monkeypatch.setattr(pull, "_group_cosine", lambda C, group, rest: 0.0)
     assert _pulled(ClairAuditor().fit(directionless_pool(18, dims=1, own=0.5, seed=1), 18)) >= 3
+
+
+def _low_dimensional_pool(K: int, seed: int) -> list:
+    """Honest updates that differ along a few directions only: per module ``U (I + 0.2 G_k) V^T``
+    (one rank-2 update, each client's 2 x 2 core jittered) plus small rank-2 noise; the shapes of
+    an outside review's pools (2026-12-06), where the greedy groups of 150 such clients pulled past
+    the floor (43-114 of them flagged by this rule alone)."""
+    from clair_cli.core.audit import ModuleInput
+
+    g = torch.Generator().manual_seed(seed)
+    mods = []
+    for m in range(2):
+        d = 64
+        U = torch.linalg.qr(torch.randn(d, 2, generator=g, dtype=torch.float64))[0]
+        V = torch.linalg.qr(torch.randn(d, 2, generator=g, dtype=torch.float64))[0]
+        A, B = [], []
+        for _ in range(K):
+            core = torch.eye(2, dtype=torch.float64) + 0.2 * torch.randn(2, 2, generator=g, dtype=torch.float64)
+            noise_b = 0.3 * torch.randn(d, 2, generator=g, dtype=torch.float64) / d**0.5
+            noise_a = torch.randn(2, d, generator=g, dtype=torch.float64) / d**0.5
+            B.append(torch.cat([U @ core, noise_b], 1))
+            A.append(torch.cat([V.T, noise_a]))
+        mods.append(ModuleInput(f"layers.{m}.q_proj", list(range(K)), A, B, [1.0] * K))
+    return mods
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_large_pool_of_honest_updates_that_differ_along_few_directions_draws_no_pull_flag(seed: int) -> None:
+    """The floor was set on pools of 5-24 adapters; the honest updates of 150 farthest along one
+    direction of their spread lie farther out, and pull more, than any group of 24 can. The floor
+    grows as those extremes' pull does (:func:`pull_floor`), and is unchanged up to 24 adapters."""
+    K = 150
+    aud = ClairAuditor().fit(_low_dimensional_pool(K, seed), K)
+    assert not any("pull" in {r.rule for r in v.reasons} for v in aud.verdicts_)
+    assert flagged(aud) == set()
+    for pool in range(MIN_ADAPTERS, 25):
+        assert np.all(pull_floor(np.arange(2, (pool + 1) // 2), pool) == PULL_FLOOR)
+    assert pull_floor(12, 150)[0] == pytest.approx(4.56 * PULL_FLOOR, rel=0.01)
+
+
+@pytest.mark.parametrize(("K", "share"), [(60, 1 / 3), (90, 0.2)])
+def test_a_group_in_a_large_pool_is_flagged_as_in_a_small_one(K: int, share: float) -> None:
+    """A third (or a fifth) of a large pool, each at twice the honest norm and cosine 0.4 with each
+    other (the group the floor was set for, in pools of 18): still flagged, every member and no
+    honest client."""
+    bad = tuple(range(K - round(share * K), K))
+    aud = ClairAuditor().fit(tight_pool(K, bad, rho=0.4, norm=2.0, seed=0), K)
+    assert flagged(aud) == set(bad)

@@ -67,6 +67,7 @@ pool at twice the honest norm, every attacker caught in every pool).
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -84,6 +85,34 @@ SUSPECT = 0.25  # margin (T > 0.5): the group leaves rule 1's centres in the nex
 MIN_ADAPTERS = 5
 NORM_SPREAD_MAX = 0.3  # on where honest log norms spread by a robust sd of at most 0.3 (~1.35x)
 MAX_STARTS = 256  # greedy starts: the adapters that deviate most (every adapter in pools up to this size)
+REFERENCE_POOL = 24  # the floor is PULL_FLOOR for every group of a pool of up to this many adapters
+
+
+def _extreme_pull(size: float, pool: float) -> float:
+    """``(g - 1) mu(g / K)^2``: how ``T`` grows for the ``g`` honest updates of ``K`` that lie
+    farthest along one direction of Gaussian spread, ``mu(q)`` the mean of a standard normal's
+    top ``q`` (the members' mean deviation along it)."""
+    normal = NormalDist()
+    q = min(max(size / pool, 1e-9), 1 - 1e-9)
+    return (size - 1) * (normal.pdf(normal.inv_cdf(1 - q)) / q) ** 2
+
+
+# The largest such growth in pools of up to REFERENCE_POOL adapters (8 of 24): where the floor was
+# set and measured (attack benchmark, small rounds, clustered federations: 5-18 adapters).
+_REFERENCE_PULL = max(
+    _extreme_pull(g, k) for k in range(MIN_ADAPTERS, REFERENCE_POOL + 1) for g in range(2, (k + 1) // 2)
+)
+
+
+def pull_floor(size: np.ndarray | int, pool: int) -> np.ndarray:
+    """The floor of ``T`` for a group of ``size`` of the ``pool`` adapters judged: ``PULL_FLOOR``,
+    raised where the honest updates farthest along a direction of their spread would pull more
+    than any group of a pool of ``REFERENCE_POOL`` (a group of 12 of 150 pulls 4.6 times as much
+    as one of 8 of 24: the extremes of 150 lie farther out)."""
+    sizes = np.atleast_1d(np.asarray(size, dtype=np.float64))
+    growth = np.array([_extreme_pull(float(g), pool) for g in sizes]) / _REFERENCE_PULL
+    out = PULL_FLOOR * np.maximum(1.0, growth)
+    return out if np.ndim(size) else out[:1]
 
 
 def group_pulls(
@@ -172,14 +201,16 @@ class Pull:
             return group_pulls(inner.double()[among][:, among], mass[among], setters[among])
 
         members, pulls = pulls_of(judged)
-        # The groups past SUSPECT of the floor, the largest pull first, each set aside before
+        margins = pulls / pull_floor(members.sum(1), len(judged))
+        # The groups past SUSPECT of their floor, the largest margin first, each set aside before
         # the next is sought.
-        found: list[tuple[list[int], float]] = []
-        while len(pulls) and float(pulls.max()) > SUSPECT * PULL_FLOOR:
-            best = int(np.argmax(pulls))
-            found.append(([judged[p] for p in np.flatnonzero(members[best])], float(pulls[best])))
+        found: list[tuple[list[int], float, float]] = []
+        while len(margins) and float(margins.max()) > SUSPECT:
+            best = int(np.argmax(margins))
+            found.append(([judged[p] for p in np.flatnonzero(members[best])], float(pulls[best]), float(margins[best])))
             judged = [k for k in judged if k not in found[-1][0]]
             members, pulls = pulls_of(judged)
+            margins = pulls / pull_floor(members.sum(1), len(judged))
         if not self.agreed(C, fit):
             kept = self.without_consensus(C, fit, found)
             if kept is None:
@@ -187,16 +218,14 @@ class Pull:
             found = kept  # the groups left out get no margin from this rule: the other rules judge them
         # Past the floor a group is flagged; past SUSPECT of it, it is set apart (rule 1's
         # centres leave it out in the next pass).
-        for group, pull in found:
-            margin = pull / PULL_FLOOR
+        for group, pull, margin in found:
             for k in group:
                 if ctx.margin(k, margin, self.name):
-                    ctx.flag(k, self.reason(pull, [j for j in group if j != k], margin))
+                    ctx.flag(k, self.reason(pull, [j for j in group if j != k], margin, pull / margin))
                 elif margin <= 1:
                     ctx.pulling.add(k)
         for p, k in enumerate(judged):  # in no counted group: nothing pulls with it (T = 0)
-            pull = max(pulls[members[:, p]], default=0.0) if len(pulls) else 0.0
-            ctx.margin(k, float(pull) / PULL_FLOOR, self.name)
+            ctx.margin(k, float(max(margins[members[:, p]], default=0.0)) if len(margins) else 0.0, self.name)
 
     @staticmethod
     def agreed(C: torch.Tensor, fit: list[int]) -> bool:
@@ -211,8 +240,8 @@ class Pull:
 
     @staticmethod
     def without_consensus(
-        C: torch.Tensor, fit: list[int], found: list[tuple[list[int], float]]
-    ) -> list[tuple[list[int], float]] | None:
+        C: torch.Tensor, fit: list[int], found: list[tuple[list[int], float, float]]
+    ) -> list[tuple[list[int], float, float]] | None:
         """The groups judged where the adapters that set the centre agree on no direction (None:
         the rule is off).
 
@@ -228,14 +257,14 @@ class Pull:
         around zero in a subspace, against -0.04 to -0.17 for the attackers' groups), and
         rule 9 judges such splits where the rest agree.
         """
-        kept: list[tuple[list[int], float]] = []
+        kept: list[tuple[list[int], float, float]] = []
         out: set[int] = set()
-        for group, pull in found:
+        for group, pull, margin in found:
             if 2 * (len(out) + len(group)) >= len(fit):
                 break
             if _group_cosine(C, group, [k for k in fit if k not in group]) < -OPPOSED_COSINE:
                 continue
-            kept.append((group, pull))
+            kept.append((group, pull, margin))
             out.update(group)
         if not kept or not Pull.agreed(C, [k for k in fit if k not in out]):
             return None
@@ -251,14 +280,14 @@ class Pull:
             return math.inf
         return float(qn_scale(0.5 * torch.log(sq_norms)))
 
-    def reason(self, pull: float, others: list[int], margin: float) -> Reason:
-        """``value``: the group's ``T``; ``of``: the other members."""
+    def reason(self, pull: float, others: list[int], margin: float, floor: float) -> Reason:
+        """``value``: the group's ``T``; ``threshold``: its floor (:func:`pull_floor`); ``of``: the other members."""
         return Reason(
             kind="pull",
             of=tuple(others),
             rule=self.name,
             value=pull,
-            threshold=PULL_FLOOR,
+            threshold=floor,
             compare=">",
             margin=margin,
         )
