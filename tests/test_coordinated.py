@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,3 +192,22 @@ def test_a_group_whose_nearest_cosines_look_ordinary_shows_at_a_deeper_rank() ->
     nearest = off.max(1).values
     assert float(nearest[12:].median()) <= float(nearest[:12].max())  # nothing unusual at rank 1
     assert [g.members for g in coordinated_groups(C)] == [list(range(12, 18))]
+
+
+def test_zero_updates_neither_join_nor_make_a_group_a_minority() -> None:
+    """Five untrained adapters (zero updates: cosine 0 everywhere, their diagonal too) and three
+    that carry an update, two of them close: the two were a 'coordinated group' of a pool of 8 and
+    shared one adapter's weight in the merge, so a sign-flipped third carried half of it (an
+    outside review). Three updates are too few to tell a group from the pool."""
+    from clair_cli.core.pairwise import cosine_from_gram
+
+    rng = np.random.default_rng(0)
+    honest = rng.standard_normal(50)
+    X = np.zeros((8, 50))
+    X[5] = -honest + 0.3 * rng.standard_normal(50)
+    X[6] = honest + 0.3 * rng.standard_normal(50)
+    X[7] = honest + 0.3 * rng.standard_normal(50)
+    cosine = cosine_from_gram(torch.from_numpy(X @ X.T))
+    assert coordinated_groups(cosine) == []
+    X[:5] = rng.standard_normal((5, 50))  # the same with five loose updates: the two close ones are a group
+    assert [g.members for g in coordinated_groups(cosine_from_gram(torch.from_numpy(X @ X.T)))] == [[6, 7]]

@@ -87,14 +87,18 @@ def coordinated_groups(cosine: torch.Tensor, copies: set[int] | None = None) -> 
     Args:
         cosine: the ``K x K`` cosines of the adapters' whole updates.
         copies: adapters left out (the copies of duplicate groups: the kept member stands
-            for its group).
+            for its group); zero updates are left out too.
 
     Returns:
         The groups (two or more members, fewer than half of the adapters judged), members
         sorted, in the order of their smallest member.
     """
     copies = copies or set()
-    idx = [k for k in range(cosine.shape[0]) if k not in copies]
+    # A zero update (an untrained adapter) has no direction (:func:`cosine_from_gram` gives it 0
+    # everywhere, its own diagonal included): it neither joins a group nor counts among the
+    # adapters that make one a minority.
+    directed = cosine.diagonal().nan_to_num(nan=0.0) > 0
+    idx = [k for k in range(cosine.shape[0]) if k not in copies and bool(directed[k])]
     n = len(idx)
     if n < MIN_ADAPTERS:
         return []
