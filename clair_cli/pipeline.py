@@ -466,6 +466,30 @@ def check_audit_memory(pool: Pool, dtype: str = "float32", device: str = "cpu", 
         )
 
 
+def check_merge_memory(pool: Pool, used: Sequence[int], device: str = "cpu") -> None:
+    """Refuse, before merging, a merge of the adapters ``used`` whose largest module's work cannot
+    fit in memory (:func:`clair_cli.core.fastpath.merge_memory_bytes`; on a GPU, the allocator's
+    own error says so)."""
+    from clair_cli.core.fastpath import merge_memory_bytes
+
+    available = available_memory()
+    if str(device).startswith("cuda") or available is None or not used:
+        return
+    need, worst, n_worst = 0, pool.modules[0], 0
+    for m in pool.modules:
+        spec = pool.adapters[0].modules[m]
+        n = sum(pool.adapters[k].modules[m].rank for k in used)
+        bytes_ = merge_memory_bytes(n, max(spec.d_out, spec.d_in))
+        if bytes_ > need:
+            need, worst, n_worst = bytes_, m, n
+    if need > 0.8 * available:
+        raise UsageError(
+            f"the merge needs about {need / 2**30:.1f} GiB for module {worst} ({len(used)} adapters merged, "
+            f"summed rank {n_worst}), more than the {available / 2**30:.1f} GiB available",
+            hint="Merge fewer adapters at once, or where more memory is available.",
+        )
+
+
 def audit(
     pool: Pool,
     settings: AuditParams,
@@ -569,6 +593,7 @@ def merge(
     settings = resolved(settings)
     dtype = torch_dtype(settings.dtype)
     used = spec.members(len(pool.adapters), outcome)
+    check_merge_memory(pool, used, settings.device)
     w = None
     if weights is not None:
         if len(weights) != len(pool.adapters):
