@@ -385,6 +385,76 @@ def _free_ride_span(p: PoolData, m: int, cosine: float, rng: np.random.Generator
     return out
 
 
+ASCENT_STRINGS = 192  # fresh strings of each benign client's distribution the loss-ascent attackers use
+
+
+@functools.cache
+def loss_ascent_direction(p: PoolData) -> np.ndarray:
+    """Unit: where the benign clients' loss rises fastest at the base plus the honest mean, at rank
+    ``ATTACK_RANK`` per module and orthogonal to the honest mean. The gradient of the cross-entropy on
+    ``ASCENT_STRINGS`` fresh strings of every benign client's distribution (drawn with seeds of their own,
+    so none is a held-out string the evaluator scores): what an attacker who knows the task and the
+    others' updates computes, as the papers' omniscient attackers do."""
+    ev, sc = p.evaluator, p.evaluator.scorer
+    names = sorted(sc.tests)
+    strings = torch.cat(
+        [
+            sc.task.dataset(
+                sc.world,
+                sc.manifest["adapters"][n]["distribution"],
+                ASCENT_STRINGS,
+                torch.Generator().manual_seed(10_000 + k),
+            )
+            for k, n in enumerate(names)
+        ]
+    )
+    parts = p.layout.split(p.honest.mean(0))
+    try:
+        for m, prm in ev.params.items():
+            with torch.no_grad():
+                prm.copy_(ev.original[m] + torch.from_numpy(parts[m].T).to(prm.dtype))
+            prm.requires_grad_(True)
+            prm.grad = None
+        with torch.enable_grad():
+            logits = ev.model(input_ids=strings).logits[:, sc.task.predict_slice]
+            target = strings[:, sc.task.target_slice]
+            torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1)).backward()
+        grad = {m: ev.params[m].grad.detach().double().numpy().T for m in p.layout.modules}
+    finally:
+        for m, prm in ev.params.items():
+            prm.requires_grad_(False)
+            prm.grad = None
+            with torch.no_grad():
+                prm.copy_(ev.original[m])
+    d = p.layout.flatten(p.layout.to_lora(np.concatenate([grad[m].ravel() for m in p.layout.modules])))
+    h = p.honest.mean(0) / np.linalg.norm(p.honest.mean(0))
+    d -= (d @ h) * h
+    return d / np.linalg.norm(d)
+
+
+def _loss_ascent(p: PoolData, m: int, beta: float, rng: np.random.Generator) -> list:
+    """An honest-looking update with a small part along the loss's ascent (an outside review,
+    2026-12-06): each attacker sends the honest median norm along ``sqrt(1 - beta^2) b + beta d``, where
+    ``b`` is ``free-ride-span``'s update at the honest clients' median cosine with their mean (a zero-sum
+    combination of their updates, orthogonal to ``d``: honest norm, honest cosine, honest subspace) and
+    ``d`` is :func:`loss_ascent_direction`. ``beta`` is the share of the update's norm that does harm; the
+    model's loss is far steeper along ``d`` than along the directions in which honest clients differ, so a
+    part smaller than the honest spread costs much accuracy."""
+    d = loss_ascent_direction(p)
+    h = p.honest.mean(0) / np.linalg.norm(p.honest.mean(0))
+    typical = float(np.median(p.honest @ h / np.linalg.norm(p.honest, axis=1)))
+    n = len(p.honest)
+    out = []
+    for _ in range(m):
+        signs = np.array([1.0] * (n // 2) + [-1.0] * (n - n // 2))
+        rng.shuffle(signs)
+        v = (signs - signs.mean()) @ p.honest
+        v -= (v @ h) * h + (v @ d) * d
+        b = typical * h + np.sqrt(1 - typical**2) * v / np.linalg.norm(v)
+        out.append(as_lora(p.layout, p.median_norm * (np.sqrt(1 - beta**2) * b + beta * d)))
+    return out
+
+
 def _rebalance(p: PoolData, m: int, c: float, rng: np.random.Generator) -> list:
     """Factor game: honest client ``k``'s ``(A / c, B c)`` in float64 (the same update)."""
     out = []
@@ -556,6 +626,7 @@ ATTACKS: dict[str, Attack] = {
         Attack("module-flip", _module_flip, (1.0, 2.0, 3.0, 3.9, 8.0), (2.0, 3.9), "x -c in one module"),
         Attack("module-flip-copies", _module_flip_copies, (1.0, 2.0, 3.0, 3.9, 8.0), (2.0, 3.9), "x -c in one module"),
         Attack("free-ride-span", _free_ride_span, (0.0, 0.1, 0.2, 0.3), (0.0, 0.2), "cosine with the honest mean"),
+        Attack("loss-ascent", _loss_ascent, (0.05, 0.1, 0.2, 0.35, 0.5, 0.8), (0.1, 0.5), "share of the norm along d"),
         Attack("rebalance", _rebalance, (1e-6, 1e6, 1e18), (1e-6, 1e18), "c in (A / c, B c)"),
         Attack("rank-inflation", _rank_inflation, (0.0, 1e-3), (0.0, 1e-3), "extra directions' size"),
         Attack("alie-norm", _alie_norm, (1.0, 2.0, 3.0, 3.5, 3.9), (2.0, 3.9), "norm / honest median"),
