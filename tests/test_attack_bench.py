@@ -159,3 +159,41 @@ def test_paired_interval_is_over_the_held_out_strings_within_each_client() -> No
     worse[a == 1] = 0.0  # every correct string lost: far beyond the noise
     lo, hi = ev.paired_interval(worse, a)
     assert hi < -0.5
+
+
+def test_loss_ascent_attackers_are_honest_looking_with_a_share_along_the_ascent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``loss-ascent``: each attacker at the honest median norm, ``beta`` of it along the ascent
+    direction ``d`` (stubbed: the gradient needs a model), the rest at the honest clients' median
+    cosine with their mean, in their span; modules narrower than the attack rank are exact."""
+    import torch
+
+    from benchmarks import attacks
+
+    g = torch.Generator().manual_seed(1)
+    layout = attacks.Layout(["a", "b"], [(6, 5), (4, 5)])
+    factors = [
+        {
+            m: (
+                torch.randn(2, 5, generator=g, dtype=torch.float64),
+                torch.randn(o, 2, generator=g, dtype=torch.float64),
+                1.0,
+            )
+            for m, (o, _) in zip(layout.modules, layout.shapes, strict=True)
+        }
+        for _ in range(12)
+    ]
+    honest = np.stack([layout.flatten(f) for f in factors])
+    p = attacks.PoolData("t", 0, layout, factors, honest, [], honest[:0], None)  # type: ignore[arg-type]
+    h = honest.mean(0) / np.linalg.norm(honest.mean(0))
+    d = np.random.default_rng(0).standard_normal(honest.shape[1])
+    d -= (d @ h) * h
+    d /= np.linalg.norm(d)
+    monkeypatch.setattr(attacks, "loss_ascent_direction", lambda _p: d)
+    typical = float(np.median(honest @ h / np.linalg.norm(honest, axis=1)))
+    for beta in (0.1, 0.5):
+        for c in attacks._loss_ascent(p, 3, beta, np.random.default_rng(2)):
+            assert np.linalg.norm(c.vector) == pytest.approx(p.median_norm, rel=1e-9)
+            assert c.vector @ d == pytest.approx(beta * p.median_norm, rel=1e-9)
+            assert c.vector @ h == pytest.approx(typical * np.sqrt(1 - beta**2) * p.median_norm, rel=1e-9)
