@@ -133,8 +133,11 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     "invalid json config": (_with_config("{not json"), "is not valid JSON"),
     "non-utf8 config": (_with_config(b"\xff\xfe{}"), "is not UTF-8"),
     "config not an object": (_with_config("[1, 2]"), "must hold a JSON object"),
-    "config missing r": (_with_config(json.dumps({"peft_type": "LORA", "lora_alpha": 8})), "missing required field r"),
-    "config missing alpha": (_with_config(json.dumps({"peft_type": "LORA", "r": 4})), "lora_alpha"),
+    # PEFT gives a config without r the default r = 8: these factors have rank 4
+    "config missing r": (
+        _with_config(json.dumps({"peft_type": "LORA", "lora_alpha": 8})),
+        "factors have rank 4 but the config gives r=8",
+    ),
     "r = 0": (_with_config(json.dumps(lora_config(r=0))), "r must be a positive integer"),
     "not lora": (_with_config(json.dumps(lora_config(peft_type="IA3"))), "LoRA adapters only"),
     "bad rank_pattern regex": (
@@ -318,3 +321,15 @@ def open_sample_adapters() -> list:
 
 def _must_not_read(*_args: object, **_kwargs: object) -> None:
     raise AssertionError("factors were read")
+
+
+def test_a_config_without_lora_alpha_is_read_with_peft_s_default(tmp_path: Path) -> None:
+    """PEFT loads a config that leaves lora_alpha (or r) out with its LoraConfig's default, 8; clair
+    refused it as 'missing required field' (a review of real PEFT checkpoints), and now reads it
+    as PEFT does, saying so."""
+    from clair_cli.io import SourceOptions, open_adapters
+
+    cfg = {k: v for k, v in lora_config().items() if k != "lora_alpha"}
+    (adapter,) = open_adapters([str(write_adapter(tmp_path / "a", config=cfg))], SourceOptions())
+    assert {spec.scale for spec in adapter.modules.values()} == {8 / 4}
+    assert any("does not give lora_alpha: PEFT loads it with its default lora_alpha=8" in n for n in adapter.notes)

@@ -28,6 +28,7 @@ from clair_cli.errors import AdapterFormatError
 from clair_cli.io.files import open_regular, reading
 from clair_cli.io.lora_config import base_rewriting_note, ignored_note
 from clair_cli.io.paths import printable
+from clair_cli.io.peft_config import PEFT_DEFAULT_ALPHA, PEFT_DEFAULT_R
 from clair_cli.io.safetensors_file import SafetensorsReader, TensorInfo, read_header
 from clair_cli.types import AdapterConfig, AdapterRef, LoraModule, ModuleKind
 
@@ -198,6 +199,13 @@ class Adapter:
             notes.append(
                 f"{_plural(len(others), 'non-LoRA tensor')} (modules_to_save / full weights: {_listed(others)}) "
                 "not analysed"
+            )
+        defaults = {"r": PEFT_DEFAULT_R, "lora_alpha": PEFT_DEFAULT_ALPHA}
+        defaulted = [f"{f}={v}" for f, v in defaults.items() if config.file_name is not None and f not in config.raw]
+        if defaulted:
+            notes.append(
+                f"its {config.file_name} does not give {' or '.join(d.split('=')[0] for d in defaulted)}: "
+                f"PEFT loads it with its default {' and '.join(defaulted)}, and so does clair"
             )
         if config.trainable_token_indices:
             notes.append("trainable_token_indices (new token embeddings) not analysed")

@@ -22,6 +22,9 @@ from clair_cli.io.patterns import LAYERS_PATTERN_WRAP, pattern_risk
 from clair_cli.types import PATTERN_KEY_WRAP, AdapterConfig
 
 MAX_BASE_MODEL_LENGTH = 4096  # characters of base_model_name_or_path (PATH_MAX)
+# What PEFT's LoraConfig gives a config that leaves r or lora_alpha out (PEFT loads it so).
+PEFT_DEFAULT_R = 8
+PEFT_DEFAULT_ALPHA = 8
 
 
 MAX_PROBLEM_LENGTH = 500  # characters of a config error's text: fields may hold megabytes
@@ -150,9 +153,6 @@ def parse_config(data: dict[str, Any], path: Path | str) -> AdapterConfig:
         raise AdapterFormatError(
             f"{path}: peft_type is {peft_type!r}; clair analyses LoRA adapters only",
         )
-    missing = [f for f in ("r", "lora_alpha") if f not in data]
-    if missing:
-        raise _fail(path, f"missing required field{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     base_model = data.get("base_model_name_or_path")
     if base_model is not None and not isinstance(base_model, str):
         raise _fail(path, "base_model_name_or_path must be a string")
@@ -173,8 +173,8 @@ def parse_config(data: dict[str, Any], path: Path | str) -> AdapterConfig:
     return AdapterConfig(
         peft_type="LORA",
         base_model=base_model or None,
-        r=_positive_int(path, "r", data["r"]),
-        lora_alpha=_finite(path, "lora_alpha", data["lora_alpha"]),
+        r=_positive_int(path, "r", data.get("r", PEFT_DEFAULT_R)),
+        lora_alpha=_finite(path, "lora_alpha", data.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
         use_rslora=_flag(path, "use_rslora", data.get("use_rslora")),
         rank_pattern=_pattern_dict(path, "rank_pattern", data.get("rank_pattern"), _positive_int),
         alpha_pattern=_pattern_dict(path, "alpha_pattern", data.get("alpha_pattern"), _finite),
