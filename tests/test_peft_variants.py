@@ -47,3 +47,17 @@ def test_a_target_parameters_lora_is_refused_for_what_it_is(tmp_path: Path) -> N
         assert proc.returncode == 2, proc.stderr
         assert "a LoRA of target_parameters (nn.Parameters such as fused MoE experts; 4 LoRAs of rank 4" in proc.stderr
         assert "PEFT would refuse" not in proc.stderr
+
+
+def test_with_ensure_weight_tying_no_module_is_said_to_be_ignored() -> None:
+    """With ``ensure_weight_tying`` PEFT gives the layers tied to a targeted one (the lm_head of a
+    tied embed_tokens) its LoRA and loads their tensors, though target_modules does not name them;
+    which layers are tied, the model says, so no note claims PEFT ignores them (a review: it did)."""
+    from clair_cli.io.lora_config import ignored_modules
+    from clair_cli.io.peft_config import parse_config
+
+    modules = ["model.embed_tokens", "lm_head"]
+    plain = parse_config(lora_config(target_modules=["embed_tokens"]), "c.json")
+    tied = parse_config(lora_config(target_modules=["embed_tokens"], ensure_weight_tying=True), "c.json")
+    assert ignored_modules(plain, modules) == ["lm_head"]
+    assert ignored_modules(tied, modules) == []

@@ -163,7 +163,12 @@ def _in_layers(raw: Mapping[str, Any], module: str) -> bool | None:
 
 
 def ignored_modules(config: AdapterConfig, modules: Iterable[str]) -> list[str]:
-    """The modules of an adapter's file that PEFT does not load under its own config."""
+    """The modules of an adapter's file that PEFT does not load under its own config. None can be
+    told from the config where ``ensure_weight_tying`` is on: PEFT then also gives the layers tied
+    to a targeted one (the ``lm_head`` of a tied ``embed_tokens``) its LoRA, and which those are,
+    the model says."""
+    if config.raw.get("ensure_weight_tying") is True:
+        return []
     return sorted(m for m in modules if peft_selects(config.raw, m) is False)
 
 
