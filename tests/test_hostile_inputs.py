@@ -306,6 +306,15 @@ def test_checkpoints_inside_an_adapter_are_refused_with_a_list(tmp_path: Path) -
     assert not out.exists()
 
 
+def test_an_adapter_saved_with_a_second_one_is_refused_as_what_it_may_be(tmp_path: Path) -> None:
+    """PEFT's save_pretrained of a model with two adapters writes the second in a subfolder of its
+    name: not 'states of one training run' alone (a review)."""
+    pool(tmp_path / "pool")
+    write_adapter(tmp_path / "pool" / "client_01" / "other", seed=20)
+    run = clair("inspect", str(tmp_path / "pool"))
+    refused(run, "client_01", "1 more adapter below it (other)", "adapters saved together from one model")
+
+
 def test_sibling_checkpoints_are_refused_and_one_is_read_by_path(tmp_path: Path) -> None:
     pool(tmp_path / "pool", 4)
     write_adapter(tmp_path / "pool" / "client_09" / "checkpoint-100", seed=20)

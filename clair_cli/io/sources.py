@@ -463,14 +463,21 @@ def _nesting_error(top: Path, members: list[Path], root: Path, spec: str) -> Ada
     listed = ", ".join(printable(m.relative_to(top).as_posix()) for m in inner[:6])
     listed += ", ..." if len(inner) > 6 else ""
     latest = shown_path(os.path.join(where, inner[-1].relative_to(top).as_posix()))
+    why = "states of one training run are not independent adapters"
     if top in members:
         what = f"is an adapter directory with {_plural(len(inner), 'more adapter')} below it ({listed})"
         pick = f"{shown_path(where)} for this adapter alone, or {latest}"
+        if not all(CHECKPOINT_DIR_RE.match(m.name) for m in inner):
+            # PEFT's save_pretrained writes each adapter of a model after the first in a subfolder
+            why = (
+                "states of one training run, or adapters saved together from one model (PEFT puts each "
+                "adapter after the first in a subfolder of its name), are not independent adapters"
+            )
     else:
         what = f"holds {len(inner)} training checkpoints ({listed})"
         pick = latest
     return AdapterFormatError(
-        f"{shown_path(where)}: {what}: states of one training run are not independent adapters",
+        f"{shown_path(where)}: {what}: {why}",
         hint=f"Name the one to read as a source (e.g. {pick}), or move the others out of the source.",
     )
 
