@@ -373,16 +373,22 @@ def _free_ride_span(p: PoolData, m: int, cosine: float, rng: np.random.Generator
     back part of the share it dilutes."""
     h = p.honest.mean(0)
     h = h / np.linalg.norm(h)
-    n = len(p.honest)
     out = []
     for _ in range(m):
-        signs = np.array([1.0] * (n // 2) + [-1.0] * (n - n // 2))
-        rng.shuffle(signs)
-        v = (signs - signs.mean()) @ p.honest
-        v -= (v @ h) * h
+        v = _zero_sum(p, rng, (h,))
         vec = cosine * h + np.sqrt(1 - cosine**2) * v / np.linalg.norm(v)
         out.append(as_lora(p.layout, p.median_norm * vec))
     return out
+
+
+def _zero_sum(p: PoolData, rng: np.random.Generator, away: tuple[np.ndarray, ...]) -> np.ndarray:
+    """A combination of the honest updates with random signs, as many + as - (their differences),
+    less its parts along the orthonormal vectors ``away``."""
+    n = len(p.honest)
+    signs = np.array([1.0] * (n // 2) + [-1.0] * (n - n // 2))
+    rng.shuffle(signs)
+    v = (signs - signs.mean()) @ p.honest
+    return v - sum((v @ u) * u for u in away)
 
 
 ASCENT_STRINGS = 192  # fresh strings of each benign client's distribution the loss-ascent attackers use
@@ -443,13 +449,9 @@ def _loss_ascent(p: PoolData, m: int, beta: float, rng: np.random.Generator) -> 
     d = loss_ascent_direction(p)
     h = p.honest.mean(0) / np.linalg.norm(p.honest.mean(0))
     typical = float(np.median(p.honest @ h / np.linalg.norm(p.honest, axis=1)))
-    n = len(p.honest)
     out = []
     for _ in range(m):
-        signs = np.array([1.0] * (n // 2) + [-1.0] * (n - n // 2))
-        rng.shuffle(signs)
-        v = (signs - signs.mean()) @ p.honest
-        v -= (v @ h) * h + (v @ d) * d
+        v = _zero_sum(p, rng, (h, d))
         b = typical * h + np.sqrt(1 - typical**2) * v / np.linalg.norm(v)
         out.append(as_lora(p.layout, p.median_norm * (np.sqrt(1 - beta**2) * b + beta * d)))
     return out
