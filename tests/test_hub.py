@@ -450,3 +450,34 @@ def test_an_interrupted_download_leaves_no_partial_file(tmp_path: Path, gap: flo
     assert proc.returncode == code, err
     assert "Interrupted: no output was written." in err
     assert not list(home.rglob("*.incomplete"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="open files are found through /proc/self/fd")
+def test_a_stopped_download_removes_its_own_partial_file_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stopped download blocked in a read: its partial file is removed, not another thread's of
+    this process (a review: a library caller fetching two sources at once lost the healthy one)."""
+    from huggingface_hub import constants
+
+    from clair_cli.io import hub
+
+    blobs = tmp_path / "models--o--n" / "blobs"
+    blobs.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    mine, other = blobs / "aaa111.0f0f0f0f.incomplete", blobs / "bbb222.1e1e1e1e.incomplete"
+    with mine.open("wb"), other.open("wb"):
+        hub._remove_open_partials({"aaa111"})
+        assert not mine.exists() and other.exists()
+
+
+def test_xet_transfers_are_off_so_every_bound_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hf_xet's transfers pass no HTTP hook: clair's deadline, size bounds and stop would not reach
+    them (a review), so its process fetches hub files over HTTP."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils._runtime import is_xet_available
+
+    from clair_cli.io import hub
+
+    monkeypatch.setattr(hub, "_installed", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    hub._guard_client()
+    assert constants.HF_HUB_DISABLE_XET and not is_xet_available()

@@ -188,6 +188,9 @@ def _check_answer(response: Any) -> None:
         etag = headers.get(name)
         if etag is not None and not ETAG_RE.match(etag):
             raise HubAnswerError(f"the Hub answered with an invalid {name} {printable(etag[:80])!r}")
+        box = getattr(_local, "box", None)
+        if etag is not None and box is not None:  # the names of this download's partial files
+            box.setdefault("etags", set()).add(etag.strip().removeprefix("W/").strip('"'))
 
 
 _installed = False
@@ -198,12 +201,15 @@ def _guard_client() -> None:
     global _installed
     if _installed:
         return
-    from huggingface_hub import set_client_factory
+    from huggingface_hub import constants, set_client_factory
     from huggingface_hub.utils import _http, logging
 
     logging.set_verbosity_error()
     # Its warnings (not enough free disk space, ...) would be raw lines beside clair's one Error: line.
     warnings.filterwarnings("ignore", module=r"huggingface_hub(\.|$)")
+    # Xet transfers (hf_xet, in Rust) pass no HTTP hook: no deadline, size bound or stop would
+    # reach them. Over HTTP the Hub serves the same files (huggingface_hub's own fallback).
+    constants.HF_HUB_DISABLE_XET = True
 
     def factory() -> Any:
         client = _http.default_client_factory()
@@ -263,13 +269,14 @@ def _stop(done: threading.Event, box: dict[str, Any]) -> None:
         done.wait(_STOP_GRACE_S)
     finally:
         if not done.is_set():  # blocked in a read: its file goes with this process
-            _remove_open_partials()
+            _remove_open_partials(box.get("etags", set()))
 
 
-def _remove_open_partials() -> None:
-    """Delete the ``.incomplete`` files of the hub cache that this process holds open (Linux's
-    ``/proc/self/fd``; elsewhere only the grace of :func:`_stop` applies). Only this process's
-    downloads hold them open, so another process's download into the same cache is left alone."""
+def _remove_open_partials(etags: set[str]) -> None:
+    """Delete the ``.incomplete`` files of the hub cache that this process holds open for the
+    files of ``etags`` (``<etag>.<random>.incomplete``; Linux's ``/proc/self/fd``, elsewhere only
+    the grace of :func:`_stop` applies): another process's download, or another thread's of this
+    one, is left alone."""
     from huggingface_hub import constants
 
     fds = Path("/proc/self/fd")
@@ -283,7 +290,9 @@ def _remove_open_partials() -> None:
             target = os.readlink(fds / fd)
         except OSError:  # closed meanwhile, or not a link
             continue
-        if target.endswith(".incomplete") and target.startswith(cache):
+        name = os.path.basename(target)
+        mine = name.endswith(".incomplete") and name.split(".", 1)[0] in etags
+        if mine and target.startswith(cache):
             with contextlib.suppress(OSError):
                 os.unlink(target)
 
