@@ -22,7 +22,7 @@ from clair_cli.io.adapter import Adapter
 from clair_cli.io.resources import available_memory
 from clair_cli.params import AuditParams, MergeOptions
 from clair_cli.results import AuditOutcome, MergedAdapter, Pool
-from clair_cli.types import peft_layer
+from clair_cli.types import MHA_OUT_PROJ, attention_layers
 
 # Stored dtypes (safetensors names) whose every value is exact in float32 and float64.
 EXACT_IN_FLOAT32 = frozenset({"F16", "BF16", "F32"})
@@ -440,7 +440,7 @@ def audit_memory(pool: Pool, dtype: str = "float32") -> tuple[int, str]:
     need, worst = 0, pool.modules[0]
     for m in pool.modules:
         spec = pool.adapters[0].modules[m]
-        bytes_ = audit_memory_bytes(sum(a.modules[m].rank for a in pool.adapters), max(spec.d_out, spec.d_in), itemsize)
+        bytes_ = audit_memory_bytes(sum(a.modules[m].rank for a in pool.adapters), spec.d_out + spec.d_in, itemsize)
         if bytes_ > need:
             need, worst = bytes_, m
     return need, worst
@@ -479,7 +479,7 @@ def check_merge_memory(pool: Pool, used: Sequence[int], device: str = "cpu") -> 
     for m in pool.modules:
         spec = pool.adapters[0].modules[m]
         n = sum(pool.adapters[k].modules[m].rank for k in used)
-        bytes_ = merge_memory_bytes(n, max(spec.d_out, spec.d_in))
+        bytes_ = merge_memory_bytes(n, spec.d_out + spec.d_in)
         if bytes_ > need:
             need, worst, n_worst = bytes_, m, n
     if need > 0.8 * available:
@@ -645,13 +645,10 @@ def merge(
 
 def one_rank_pairs(modules: Iterable[str]) -> dict[str, str]:
     """Modules PEFT gives one rank together, each mapped to its peer: a MultiheadAttention layer's
-    LoRA and its ``out_proj``'s (:func:`clair_cli.types.peft_layer`), both present."""
-    names = set(modules)
+    LoRA and its ``out_proj``'s (:func:`clair_cli.types.attention_layers`)."""
     pairs = {}
-    for m in names:
-        layer = peft_layer(m)
-        if layer != m and layer in names:
-            pairs[m], pairs[layer] = layer, m
+    for layer in attention_layers(modules):
+        pairs[layer + MHA_OUT_PROJ], pairs[layer] = layer, layer + MHA_OUT_PROJ
     return pairs
 
 

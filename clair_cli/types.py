@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -71,13 +72,23 @@ def _plain_match(key: str, module: str) -> bool:
 MHA_OUT_PROJ = ".base_layer.out_proj"
 
 
-def peft_layer(module: str) -> str:
-    """The name of the layer whose configuration PEFT gives ``module``'s LoRA (itself, or the
-    MultiheadAttention layer whose ``out_proj`` it is)."""
-    return (
-        module.removesuffix(MHA_OUT_PROJ)
-        if module.endswith(MHA_OUT_PROJ) and len(module) > len(MHA_OUT_PROJ)
-        else module
+def peft_layer(module: str, layers: Collection[str]) -> str:
+    """The name of the layer whose configuration PEFT gives ``module``'s LoRA: itself, or the
+    MultiheadAttention layer among ``layers`` (:func:`attention_layers`) whose ``out_proj`` it is."""
+    if module.endswith(MHA_OUT_PROJ):
+        layer = module[: -len(MHA_OUT_PROJ)]
+        if layer in layers:
+            return layer
+    return module
+
+
+def attention_layers(modules: Iterable[str]) -> frozenset[str]:
+    """The MultiheadAttention layers among an adapter's ``modules``: those whose LoRA comes with
+    an ``out_proj`` LoRA under ``<layer>.base_layer.out_proj`` (a module merely named so, with no
+    LoRA of its own parent, is taken as itself)."""
+    names = set(modules)
+    return frozenset(
+        m[: -len(MHA_OUT_PROJ)] for m in names if m.endswith(MHA_OUT_PROJ) and m[: -len(MHA_OUT_PROJ)] in names
     )
 
 
@@ -119,19 +130,22 @@ class AdapterConfig:
     # diffusers metadata: clair_cli.io.diffusion), looked up before the patterns, which then
     # only describe them (matching hundreds of exact patterns against every module is quadratic).
     exact: dict[str, tuple[int, float]] = field(default_factory=dict, compare=False, repr=False)
+    # The MultiheadAttention layers of the file the config goes with (:func:`attention_layers`):
+    # their out_proj LoRA takes the layer's rank and alpha.
+    attention_layers: frozenset[str] = field(default_factory=frozenset, compare=False, repr=False)
 
     def rank_for(self, module: str) -> int:
         """Rank PEFT gives ``module``: ``rank_pattern`` first, then ``r`` (:func:`peft_layer`'s)."""
         if module in self.exact:
             return self.exact[module][0]
-        key = _pattern_key(self.rank_pattern, peft_layer(module))
+        key = _pattern_key(self.rank_pattern, peft_layer(module, self.attention_layers))
         return int(self.rank_pattern[key]) if key is not None else self.r
 
     def alpha_for(self, module: str) -> float:
         """Alpha PEFT gives ``module``: ``alpha_pattern`` first, then ``lora_alpha`` (:func:`peft_layer`'s)."""
         if module in self.exact:
             return self.exact[module][1]
-        key = _pattern_key(self.alpha_pattern, peft_layer(module))
+        key = _pattern_key(self.alpha_pattern, peft_layer(module, self.attention_layers))
         return float(self.alpha_pattern[key]) if key is not None else self.lora_alpha
 
     def scale_for(self, module: str, r: int | None = None) -> float:

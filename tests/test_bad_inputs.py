@@ -271,7 +271,7 @@ def test_a_merge_that_cannot_fit_in_memory_is_refused_before_it_merges(
     need = max(
         merge_memory_bytes(
             sum(a.modules[m].rank for a in pool.adapters),
-            max(pool.adapters[0].modules[m].d_out, pool.adapters[0].modules[m].d_in),
+            pool.adapters[0].modules[m].d_out + pool.adapters[0].modules[m].d_in,
         )
         for m in pool.modules
     )

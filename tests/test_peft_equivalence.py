@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -139,6 +141,23 @@ def test_a_multihead_attention_merge_loads_in_peft_as_the_mean(tmp_path: Path) -
         torch.testing.assert_close(layer.get_delta_weight("default").double(), want, rtol=1e-4, atol=1e-5)
     ranks = {name: layer.r["default"] for name, layer in merged.items()}
     assert ranks["mha"] == ranks["mha.base_layer.out_proj"]
+    written = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    # PEFT matches patterns against the attention layer: a key for its out_proj would match nothing
+    assert not any("out_proj" in key for key in [*written["rank_pattern"], *written["alpha_pattern"]])
+
+
+def test_a_module_only_named_like_an_attention_out_proj_takes_its_own_patterns() -> None:
+    """``<x>.base_layer.out_proj`` is a MultiheadAttention's out_proj only where ``<x>`` has a LoRA
+    of its own (a review: a plain submodule so named got the default rank and was refused)."""
+    from clair_cli.io.peft_config import parse_config
+    from clair_cli.types import attention_layers
+
+    config = parse_config({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "rank_pattern": {"out_proj": 2}}, "c.json")
+    assert config.rank_for("block.base_layer.out_proj") == 2
+    assert attention_layers(["block.base_layer.out_proj", "q_proj"]) == frozenset()
+    layers = attention_layers(["mha", "mha.base_layer.out_proj"])
+    assert layers == {"mha"}
+    assert replace(config, attention_layers=layers).rank_for("mha.base_layer.out_proj") == 4  # mha's: r
 
 
 def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -30,7 +30,7 @@ from clair_cli.io.lora_config import base_rewriting_note, ignored_note
 from clair_cli.io.paths import printable
 from clair_cli.io.peft_config import PEFT_DEFAULT_ALPHA, PEFT_DEFAULT_R
 from clair_cli.io.safetensors_file import SafetensorsReader, TensorInfo, read_header
-from clair_cli.types import AdapterConfig, AdapterRef, LoraModule, ModuleKind
+from clair_cli.types import AdapterConfig, AdapterRef, LoraModule, ModuleKind, attention_layers
 
 if TYPE_CHECKING:
     import torch
@@ -171,6 +171,9 @@ class Adapter:
         keys = keys if keys is not None else classify_keys(path, tensors)
         parts, dora, biases, others = keys.parts, keys.dora, keys.lora_biases, keys.others
         check_module_count(path, len(parts), max_modules)
+        layers = attention_layers(parts)
+        if layers:
+            config = replace(config, attention_layers=layers)
 
         modules: dict[str, ModuleSpec] = {}
         for module in sorted(parts):

@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from clair_cli.constants import CONFIG_NAME, MAX_PATTERNS, PEFT_KEY_PREFIX
 from clair_cli.errors import IncompatibleAdapters, OutputError
 from clair_cli.io.paths import printable
 from clair_cli.io.patterns import LAYERS_PATTERN_WRAP, pattern_risk
-from clair_cli.types import AdapterConfig, peft_layer
+from clair_cli.types import AdapterConfig, attention_layers, peft_layer
 
 if TYPE_CHECKING:
     from clair_cli.io.adapter import Adapter
@@ -100,12 +100,13 @@ def _safe_match(pattern: str, fn: Any, text: str) -> bool | None:
         return None
 
 
-def peft_selects(raw: Mapping[str, Any], module: str) -> bool | None:
+def peft_selects(raw: Mapping[str, Any], module: str, layers: Collection[str] = ()) -> bool | None:
     """Whether PEFT gives ``module`` a LoRA layer under the config ``raw``
     (``peft.tuners.tuners_utils.check_target_module_exists``); None when it cannot be told
     from the config alone (no target_modules: PEFT's per-architecture default; an unsafe pattern).
-    A MultiheadAttention's ``out_proj`` is selected with the attention layer (:func:`peft_layer`)."""
-    module = peft_layer(module)
+    A MultiheadAttention's ``out_proj`` is selected with its attention layer among ``layers``
+    (:func:`clair_cli.types.peft_layer`)."""
+    module = peft_layer(module, layers)
     excluded = _excluded(raw, module)
     if excluded is not False:
         return None if excluded is None else False
@@ -169,7 +170,9 @@ def ignored_modules(config: AdapterConfig, modules: Iterable[str]) -> list[str]:
     the model says."""
     if config.raw.get("ensure_weight_tying") is True:
         return []
-    return sorted(m for m in modules if peft_selects(config.raw, m) is False)
+    modules = list(modules)
+    layers = attention_layers(modules)
+    return sorted(m for m in modules if peft_selects(config.raw, m, layers) is False)
 
 
 def ignored_note(config: AdapterConfig, modules: Iterable[str]) -> str | None:
@@ -438,8 +441,11 @@ def lora_config(plan: ConfigPlan, modules: Mapping[str, tuple[int, float]], use_
         raise ValueError("no module to write")
     r = _most_common(rank for rank, _ in modules.values())
     alpha = _most_common(a for rank, a in modules.values() if rank == r)
-    rank_pattern = {exact_key(m): rk for m, (rk, _) in sorted(modules.items()) if rk != r}
-    alpha_pattern = {exact_key(m): _number(a) for m, (_, a) in sorted(modules.items()) if a != alpha}
+    # A MultiheadAttention's out_proj takes its layer's rank and alpha: a key for it matches nothing.
+    layers = attention_layers(modules)
+    own = sorted((m, v) for m, v in modules.items() if peft_layer(m, layers) == m)
+    rank_pattern = {exact_key(m): rk for m, (rk, _) in own if rk != r}
+    alpha_pattern = {exact_key(m): _number(a) for m, (_, a) in own if a != alpha}
     if max(len(rank_pattern), len(alpha_pattern)) > MAX_PATTERNS:
         raise OutputError(
             f"the output would need {max(len(rank_pattern), len(alpha_pattern))} rank_pattern entries "
@@ -494,11 +500,13 @@ def check_written(
     """
     from clair_cli.io.peft_config import parse_config
 
-    cfg = parse_config(config, CONFIG_NAME)
+    layers = attention_layers(modules)
+    cfg = replace(parse_config(config, CONFIG_NAME), attention_layers=layers)
     for m, (rank, alpha) in modules.items():
         want = alpha / rank**0.5 if use_rslora else alpha / rank
-        if not peft_selects(config, m) or cfg.rank_for(m) != rank or abs(cfg.scale_for(m) - want) > 1e-9 * abs(want):
+        selected = peft_selects(config, m, layers)
+        if not selected or cfg.rank_for(m) != rank or abs(cfg.scale_for(m) - want) > 1e-9 * abs(want):
             raise OutputError(f"the written {CONFIG_NAME} would not give module {printable(m)} its rank and scale")
-    stray = sorted(m for m in set(known) - set(modules) if peft_selects(config, m))
+    stray = sorted(m for m in set(known) - set(modules) if peft_selects(config, m, layers))
     if stray:
         raise OutputError(f"the written {CONFIG_NAME} would also target module {printable(stray[0])}")
