@@ -432,9 +432,14 @@ def test_an_interrupted_download_leaves_no_partial_file(tmp_path: Path, gap: flo
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "HF_HUB_DISABLE_XET": "1",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "clair_cli", "inspect", "owner/slow"], env=env, stderr=subprocess.PIPE, text=True
+    script = (  # Ctrl-C as in a terminal: a background job (CI's) inherits SIGINT ignored
+        "import signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "from clair_cli.__main__ import run\n"
+        "sys.argv = ['clair', 'inspect', 'owner/slow']\n"
+        "run()\n"
     )
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(1200):  # the download has begun once its partial file exists (a minute at most)
             if list(home.rglob("*.incomplete")) or proc.poll() is not None:
