@@ -333,3 +333,23 @@ def test_a_config_without_lora_alpha_is_read_with_peft_s_default(tmp_path: Path)
     (adapter,) = open_adapters([str(write_adapter(tmp_path / "a", config=cfg))], SourceOptions())
     assert {spec.scale for spec in adapter.modules.values()} == {8 / 4}
     assert any("does not give lora_alpha: PEFT loads it with its default lora_alpha=8" in n for n in adapter.notes)
+
+
+@pytest.mark.parametrize(("zero", "trained", "noted"), [(5, 3, True), (1, 5, False)])
+def test_a_pool_of_mostly_untrained_adapters_says_how_few_carry_an_update(
+    tmp_path: Path, zero: int, trained: int, noted: bool
+) -> None:
+    """Untrained adapters (lora_B zero) are flagged, and the few trained ones are judged against
+    each other with little power: the report says so (a review's pool of five untrained and three
+    trained adapters, one of them sign-flipped, passed it silently)."""
+    for k in range(zero + trained):
+        tensors = random_factors(MODULES, seed=k)
+        if k < zero:
+            tensors = {n: torch.zeros_like(t) if ".lora_B." in n else t for n, t in tensors.items()}
+        write_adapter(tmp_path / "pool" / f"a{k}", tensors)
+    result = CliRunner().invoke(
+        app, ["audit", str(tmp_path / "pool"), "--exit-zero", "--markdown", str(tmp_path / "r.md")]
+    )
+    assert result.exit_code == 0, result.output
+    text = (tmp_path / "r.md").read_text()
+    assert (f"only {trained} of {zero + trained} adapters carry an update ({zero} are zero" in text) == noted

@@ -407,6 +407,9 @@ SILENT = {
 }
 
 
+MIN_CARRYING = 5  # adapters with a non-zero update the verdict is calibrated for (as clair audit needs)
+
+
 def report_notes(report: dict[str, Any]) -> list[str]:
     notes = list(report.get("notes", []))
     if report["dropped_modules"]:
@@ -422,6 +425,14 @@ def report_notes(report: dict[str, Any]) -> list[str]:
             f"(subtle contamination passes) and less reliable; use {RECOMMENDED_REFERENCES} or more"
         )
     notes.extend(SILENT[r] for r in report.get("silent_rules", []) if r in SILENT)
+    n_zero = sum(a["norm"] == 0 for a in report["adapters"])
+    carrying = report["n_adapters"] - n_zero
+    if n_zero and carrying < MIN_CARRYING and report["command"] != "gate":
+        notes.append(
+            f"only {carrying} of {report['n_adapters']} adapters carry an update ({n_zero} are zero: untrained?): "
+            f"the rules compare adapters with each other and are calibrated for {MIN_CARRYING} or more, so among "
+            f"{carrying} they have little power to tell a contaminated one"
+        )
     n_flagged = report["summary"]["n_flagged"]
     if n_flagged * 2 >= report["n_adapters"]:
         notes.append(
