@@ -425,7 +425,7 @@ def report_notes(report: dict[str, Any]) -> list[str]:
             f"(subtle contamination passes) and less reliable; use {RECOMMENDED_REFERENCES} or more"
         )
     notes.extend(SILENT[r] for r in report.get("silent_rules", []) if r in SILENT)
-    n_zero = sum(a["norm"] == 0 for a in report["adapters"])
+    n_zero = sum(a.get("norm") == 0 for a in report["adapters"])
     carrying = report["n_adapters"] - n_zero
     if n_zero and carrying < MIN_CARRYING and report["command"] != "gate":
         notes.append(
