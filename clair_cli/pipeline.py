@@ -619,7 +619,7 @@ def merge(
         if options.rescale == "norm":
             merged_sq += merged_sq_norm(res.A, res.B)
         written.add(mod.name, res)
-    results = written.results
+    results = written.finish()
     notes = list(weighting.notes)
     scale = 1.0
     if options.rescale == "norm":
@@ -674,6 +674,13 @@ class _Written:
             rank = max(first.rank, res.rank)
             self._emit(peer, _with_rank(first, rank))
             self._emit(name, _with_rank(res, rank))
+
+    def finish(self) -> dict[str, MergeResult]:
+        """Every module merged, in the order written; one of a pair whose peer never came is
+        written as it is (every module of the pool is merged, so none is held here)."""
+        for name in list(self.held):
+            self._emit(name, self.held.pop(name))
+        return self.results
 
     def _emit(self, name: str, res: MergeResult) -> None:
         if self.sink is None:

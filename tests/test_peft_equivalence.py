@@ -166,3 +166,26 @@ def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
         for name, mod in model.named_modules()
         if hasattr(mod, "get_delta_weight") and "default" in getattr(mod, "scaling", {})
     }
+
+
+def test_an_attention_pair_is_written_at_one_rank_and_nothing_is_held_back() -> None:
+    """The merge writes a MultiheadAttention's two modules at the larger rank (zero directions
+    appended: the same updates), and a module whose peer never comes is still written."""
+    from clair_cli.core.merge import MergeResult
+    from clair_cli.pipeline import _Written
+
+    def result(rank: int) -> MergeResult:
+        return MergeResult(torch.randn(rank, 8), torch.randn(6, rank), "mean", [0, 1], {})
+
+    names = ["mha", "mha.base_layer.out_proj", "q_proj"]
+    written = _Written(names, None)
+    small, large = result(1), result(3)
+    written.add("mha.base_layer.out_proj", small)
+    written.add("q_proj", result(2))
+    written.add("mha", large)
+    out = written.finish()
+    assert {n: r.rank for n, r in out.items()} == {"mha.base_layer.out_proj": 3, "q_proj": 2, "mha": 3}
+    torch.testing.assert_close(out["mha.base_layer.out_proj"].B @ out["mha.base_layer.out_proj"].A, small.B @ small.A)
+    alone = _Written(names, None)
+    alone.add("mha", large)
+    assert alone.finish() == {"mha": large}
