@@ -204,11 +204,11 @@ class Adapter:
                 "not analysed"
             )
         defaults = {"r": PEFT_DEFAULT_R, "lora_alpha": PEFT_DEFAULT_ALPHA}
-        defaulted = [f"{f}={v}" for f, v in defaults.items() if config.file_name is not None and f not in config.raw]
-        if defaulted:
+        missing = [f for f in defaults if config.file_name is not None and f not in config.raw]
+        if missing:
             notes.append(
-                f"its {config.file_name} does not give {' or '.join(d.split('=')[0] for d in defaulted)}: "
-                f"PEFT loads it with its default {' and '.join(defaulted)}, and so does clair"
+                f"its {config.file_name} does not give {' or '.join(missing)}: PEFT loads it with its default "
+                f"{' and '.join(f'{f}={defaults[f]}' for f in missing)}, and so does clair"
             )
         if config.trainable_token_indices:
             notes.append("trainable_token_indices (new token embeddings) not analysed")
