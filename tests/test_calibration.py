@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,6 +202,44 @@ def test_distances_without_each_member_match_brute_force_on_large_pools() -> Non
         i, j = torch.triu_indices(1099, 1099, 1)
         want = (others[i] - others[j]).abs().kthvalue(t).values
         assert float(got[k]) == float(want)
+
+
+def test_the_tabulated_critical_values_are_the_simulated_ones_bit_for_bit() -> None:
+    """The shipped table (simulating it took about 0.5 s in every process) holds every level
+    the rules use, and each entry is what the simulation gives: on a sample of sizes here,
+    every size and level with ``python -m clair_cli.core.calibration`` (which rewrites it)."""
+    from clair_cli.core import calibration
+
+    table = calibration._table()
+    levels = calibration.tabulated_levels()
+    assert {(law, repr(alpha)) for law, alpha in levels} == set(table)
+    assert all(len(row) == calibration.LARGE_N - 2 for row in table.values())
+    for n in [*range(3, 16), 23, 40, 57, 99, 100]:
+        for law, alpha in levels:
+            assert critical_value(n, alpha, law) == table[law, repr(alpha)][n - 3]
+            assert table[law, repr(alpha)][n - 3] == calibration._solved_critical_value(n, alpha, law), (n, law, alpha)
+    package_data = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "core/critical_values.json" in package_data["package-data"]["clair_cli"]  # shipped in the wheel
+    # A level the table does not hold is simulated as before.
+    assert critical_value(9, 0.0123) == calibration._solved_critical_value(9, 0.0123, calibration.NORMAL)
+
+
+def test_every_level_the_rules_ask_for_is_tabulated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An audit of a pool (rule 10's levels included) never simulates a critical value."""
+    from clair_cli.core import calibration
+
+    asked: list[tuple[int, float, str]] = []
+    solved = calibration._solved_critical_value
+    monkeypatch.setattr(
+        calibration, "_solved_critical_value", lambda n, a, law: asked.append((n, a, law)) or solved(n, a, law)
+    )
+    calibration.critical_value.cache_clear()
+    try:
+        for k in (5, 12, 40):
+            ClairAuditor().fit(make_pool(M=2, K=k, d_out=32, d_in=24, bad=(0,), seed=k), k)
+    finally:
+        calibration.critical_value.cache_clear()
+    assert asked == []
 
 
 def test_closed_form_critical_value_continues_the_simulated_one() -> None:

@@ -12,7 +12,8 @@ the spread are themselves noisy, so the normal quantile ``z(1 - alpha)`` would f
 than ``alpha`` of honest adapters. The critical
 value ``c(n, alpha)`` is chosen so that, when the ``n`` others and the new adapter are
 independent draws of one Gaussian, the flag has probability exactly ``alpha``
-(:func:`critical_value`). It is computed, not tabulated: for ``N`` simulated sets of ``n``
+(:func:`critical_value`). It is computed (and, for the rules' own levels, shipped as computed
+in :data:`TABLE_FILE`): for ``N`` simulated sets of ``n``
 values, the tail probability of the new value given the set is known in closed form,
 ``P(x > m + c s | m, s) = Phi(-(m + c s))``, so
 
@@ -30,9 +31,12 @@ adapters are numerically identical (MAD near 0) are never split.
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,6 +49,10 @@ QN_TO_SIGMA = 2.2219  # Qn's consistency constant for Gaussian data (large n)
 LARGE_N = 100  # above: the Gaussian approximation of the median and Qn, in closed form
 QN_VARIANCE = 0.6077  # n Var(Qn) / sigma^2 for Gaussian data (82.27 % efficiency)
 SMALL_POOL_N = 11  # below: the critical value is capped at this many values' (see rule_critical_value)
+# critical_value's results for the rules' own levels, from 3 to LARGE_N values, as simulated
+# here (bit for bit: tests/test_calibration.py recomputes every entry): simulating them cost
+# about 0.5 s in every process. Rewrite with ``python -m clair_cli.core.calibration``.
+TABLE_FILE = Path(__file__).with_name("critical_values.json")
 
 
 def qn_scale(x: torch.Tensor) -> torch.Tensor:
@@ -116,6 +124,14 @@ def critical_value(n: int, alpha: float, law: str = NORMAL) -> float:
         raise ValueError(f"unknown law {law!r}")
     if law == LOG_CHI2 and n > LARGE_N:
         return critical_value(LARGE_N, alpha, law)
+    row = _table().get((law, repr(alpha)))
+    if row is not None and n <= LARGE_N:
+        return row[n - 3]
+    return _solved_critical_value(n, alpha, law)
+
+
+def _solved_critical_value(n: int, alpha: float, law: str) -> float:
+    """:func:`critical_value` by bisection on the simulated tail (``n`` from 3, a valid ``alpha``)."""
 
     def tail(c: float) -> float:
         return tail_probability(n, c, law)
@@ -129,6 +145,41 @@ def critical_value(n: int, alpha: float, law: str = NORMAL) -> float:
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if tail(mid) > alpha else (lo, mid)
     return hi
+
+
+@lru_cache(maxsize=1)
+def _table() -> dict[tuple[str, str], list[float]]:
+    """The tabulated critical values, keyed by law and ``repr(alpha)``: row entry ``i`` is for
+    ``i + 3`` values. Empty if the file cannot be read (every value is then simulated)."""
+    try:
+        data = json.loads(TABLE_FILE.read_text(encoding="utf-8"))
+        return {(law, alpha): row for law in (NORMAL, LOG_CHI2) for alpha, row in data[law].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def tabulated_levels() -> list[tuple[str, float]]:
+    """The (law, alpha) pairs of the verdict's rules, which the table holds: every rule's
+    ``ALPHA``, rule 10's ``ALPHA`` over its number of neighbour levels (up to ``LARGE_N``
+    adapters), rule 7's two levels and the verdict's exclusion level."""
+    from clair_cli.core.rules.base import ALPHA
+    from clair_cli.core.rules.coordinated import neighbour_levels
+    from clair_cli.core.rules.spectral import SPECTRAL_ALPHA, SPECTRAL_SHARE_ALPHA
+    from clair_cli.core.verdict import EXCLUDE_ALPHA
+
+    counts = sorted({len(neighbour_levels(n)) for n in range(1, LARGE_N + 2)})
+    normal = [ALPHA, EXCLUDE_ALPHA, *(ALPHA / count for count in counts if count > 1)]
+    return [(NORMAL, a) for a in normal] + [(LOG_CHI2, SPECTRAL_ALPHA), (LOG_CHI2, SPECTRAL_SHARE_ALPHA)]
+
+
+def simulated_table() -> dict[str, dict[str, list[float]]]:
+    """:data:`TABLE_FILE`'s content, simulated afresh (about 10 s)."""
+    out: dict[str, dict[str, list[float]]] = {NORMAL: {}, LOG_CHI2: {}}
+    levels = tabulated_levels()
+    for n in range(3, LARGE_N + 1):  # n outermost: each n's simulated sets are drawn once
+        for law, alpha in levels:
+            out[law].setdefault(repr(alpha), []).append(_solved_critical_value(n, alpha, law))
+    return out
 
 
 def tail_probability(n: int, c: float, law: str = NORMAL) -> float:
@@ -325,3 +376,8 @@ def _kth_distance_without_each(x: torch.Tensor, t: int) -> torch.Tensor:
             first = ((count >= t) & free).int().argmax(2)
             out[r, start : start + members] = torch.gather(dw[r], 1, first)
     return out
+
+
+if __name__ == "__main__":  # python -m clair_cli.core.calibration: rewrite the table
+    TABLE_FILE.write_text(json.dumps(simulated_table(), indent=1) + "\n", encoding="utf-8")
+    sys.stdout.write(f"wrote {TABLE_FILE}\n")
