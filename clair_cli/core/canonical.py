@@ -14,7 +14,9 @@ rounding and the signs of singular pairs (which cancel in ``B A``):
     s R_B R_A^T = U Sigma V^T                       (``r x r`` core)
     B' = Q_B U Sigma^{1/2},   A' = Sigma^{1/2} V^T Q_A^T,   scale 1
 
-keeping the singular directions above ``eps * max(r, 8) * sigma_max`` (at least one). The
+keeping the singular directions above ``eps * max(r, 8) * |s| sum_i ||b_i|| ||a_i||`` (the
+rounding of the product of its rank-one terms; at least ``sigma_max``): one zero direction where
+none is, as for an update whose terms cancel to rounding. The
 factors are *balanced* (``||B'||_F = ||A'||_F``, orthogonal columns in ``B'``, orthogonal
 rows in ``A'``), so later QRs and Gram products see factors of comparable size whatever the
 input's balance; the QRs are scale-equivariant, so ``(c B, A / c)`` gives the same core to
@@ -31,7 +33,7 @@ from collections.abc import Sequence
 
 import torch
 
-EPS_RANK = 8  # the cut is eps * max(r, 8) * sigma_max, as the factored reduction's
+EPS_RANK = 8  # the cut is eps * max(r, 8) * |s| sum_i ||b_i|| ||a_i||
 CHOLESKY_QR_MAX_CONDITION = 1e3  # Cholesky QR up to this condition number, Householder's QR above
 MAX_SCALING_EXPONENT = 1000  # beyond 2^+-1000 in the largest entry, Householder's QR
 
@@ -77,12 +79,25 @@ def _canonical_batch(
     for k, scale in enumerate(scales):
         # One SVD at a time: torch's batched SVD can differ from it in the last bits.
         u, s, vh = torch.linalg.svd(float(scale) * (rb[k] @ ra[k].T), full_matrices=False)
-        top = float(s[0]) if s.numel() else 0.0
-        keep = max(int((s > torch.finfo(dtype).eps * max(s.numel(), EPS_RANK) * top).sum()), 1) if top > 0 else 1
-        root = s[:keep].sqrt()
+        # The rounding of s B A is eps times sum_i ||b_i|| ||a_i|| (its rank-one terms; at least
+        # sigma_max, and the same for (c B, A / c)): directions below it are rounding, and an
+        # update whose terms cancel to rounding (a client's factors minus the same global
+        # factors) is zero, not noise of norm 1e-17 with a direction of its own.
+        terms = abs(float(scale)) * float((_column_norms(rb[k]) * _column_norms(ra[k])).sum())
+        kept = int((s > torch.finfo(dtype).eps * max(s.numel(), EPS_RANK) * terms).sum())
+        keep = max(kept, 1)
+        root = s[:keep].sqrt() if kept else torch.zeros_like(s[:1])
         out_a.append(_times_q(a[k].T, qa[k], ra[k], vh[:keep].T * root).T)
         out_b.append(_times_q(b[k], qb[k], rb[k], u[:, :keep] * root))
     return out_a, out_b
+
+
+def _column_norms(R: torch.Tensor) -> torch.Tensor:
+    """Euclidean norms of the columns, each scaled by its largest entry first: entries of 1e160
+    or 1e-160 (factors ``(c B, A / c)``) neither overflow nor underflow when squared."""
+    top = R.abs().amax(dim=0)
+    safe = torch.where(top > 0, top, torch.ones_like(top))
+    return top * (R / safe).norm(dim=0)
 
 
 def _times_q(X: torch.Tensor, Q: torch.Tensor | None, R: torch.Tensor, M: torch.Tensor) -> torch.Tensor:

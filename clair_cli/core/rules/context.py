@@ -250,15 +250,21 @@ class Pass:
 
     def table(self, values: dict[str, torch.Tensor], members: dict[str, list[int]]) -> torch.Tensor:
         """Per-module values spread over all K adapters: one row a module, in ``values``'
-        order (NaN where a module has no value for an adapter). The modules with the same
-        members are written together: a pool of 10,000 modules costs a few operations."""
+        order (NaN where a module has no value for an adapter, and where the adapter's update
+        there is zero: a member that left a module untouched says nothing about it, and a
+        minority of such members must not set the module's typical values). The modules with
+        the same members are written together: a pool of 10,000 modules costs a few operations."""
         names = list(values)
         out = torch.full((len(names), len(self.verdicts)), math.nan, dtype=torch.float64)
         alike: dict[tuple[int, ...], list[int]] = {}
         for row, name in enumerate(names):
             alike.setdefault(tuple(members[name]), []).append(row)
+        norms = self.signals.module_norms or {}
         for cols, rows in alike.items():
             block = torch.stack([values[names[r]] for r in rows]).double()
+            if all(names[r] in norms for r in rows):
+                zero = torch.stack([norms[names[r]] for r in rows]) == 0
+                block = block.masked_fill(zero.to(block.device), math.nan)
             out[torch.tensor(rows)[:, None], torch.tensor(cols, dtype=torch.long)[None, :]] = block
         return out
 
