@@ -137,6 +137,41 @@ def test_small_round_median_resists_a_boosted_client() -> None:
         assert float((got - honest[n].mean(0)).norm()) < 2 * float(spread)
 
 
+@pytest.mark.parametrize("noise", [0.0, 1e-6])
+def test_a_median_round_leaves_copies_out(noise: float) -> None:
+    """Two honest clients and two sending one update x10 (``on_too_few="median"``): half the
+    points at one place made the geometric median that place (29x an honest update away, found
+    by review). Every copy is flagged, as in an audited round, and two updates are too few for a
+    median: the round is skipped."""
+    r = 4
+    glob = {n: (torch.randn(r, 40), torch.zeros(48, r)) for n in NAMES}
+    clients = _pool(K=4, bad=())
+    sybil = {n: (A, 10 * B) for n, (A, B) in clients["node-2"].items()}
+    clients["node-2"] = sybil
+    clients["node-3"] = {n: (A.clone(), B + noise * B.norm() * torch.randn_like(B)) for n, (A, B) in sybil.items()}
+    res = aggregate_round(glob, clients, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, r), on_too_few="median")
+    assert res.flagged == [False, False, True, True], res.reasons
+    assert "identical to node-3" in res.reasons[2][0] and "identical to node-2" in res.reasons[3][0]
+    assert res.fallback == "skip" and "2 left out as copies: the global adapter is kept unchanged" in res.notes[-1]
+    assert all(torch.equal(res.global_factors[n][1], glob[n][1]) for n in NAMES)
+
+
+def test_a_median_round_counts_a_scaled_copy_once() -> None:
+    """Four clients, the fourth a copy of the third's update x10: the copy is left out (not the
+    client it copies, whose norm lies nearer the median) and the median is of the three others."""
+    r = 4
+    glob = {n: (torch.randn(r, 40), torch.zeros(48, r)) for n in NAMES}
+    clients = _pool(K=4, bad=())
+    clients["node-3"] = {n: (A.clone(), 10 * B) for n, (A, B) in clients["node-2"].items()}
+    res = aggregate_round(glob, clients, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, r), on_too_few="median")
+    assert res.flagged == [False, False, False, True] and "identical to node-2" in res.reasons[3][0]
+    assert res.fallback == "median" and "the geometric median of the other 3 is taken" in res.notes[-1]
+    three = {c: clients[c] for c in ("node-0", "node-1", "node-2")}
+    want = aggregate_round(glob, three, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, r), on_too_few="median")
+    for n in NAMES:
+        assert torch.allclose(_dense({n: res.global_factors[n]}, 1.0)[n], _dense({n: want.global_factors[n]}, 1.0)[n])
+
+
 def _clients_with(bad: str) -> tuple[dict, dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
     glob = {n: (torch.randn(4, 40), torch.zeros(48, 4)) for n in NAMES}
     clients = {c: {n: (A.clone(), B.clone()) for n, (A, B) in mods.items()} for c, mods in _pool(K=8, bad=()).items()}

@@ -19,11 +19,12 @@ import torch
 pytest.importorskip("flwr")
 pytest.importorskip("transformers")
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS  # noqa: E402
 
 from clair_cli.errors import AdapterFormatError, UsageError  # noqa: E402
-from clair_cli.federated.flower import ClairStrategy, split_state_dict  # noqa: E402
+from clair_cli.federated.flower import SECAGG_MARKERS, ClairStrategy, split_state_dict, weighted_metrics  # noqa: E402
 from experiments.federated import sim  # noqa: E402
 from experiments.federated.grid import LocalGrid  # noqa: E402
 
@@ -100,8 +101,39 @@ def _one_round(
 def test_refuses_what_is_not_lora() -> None:
     with pytest.raises(AdapterFormatError, match="use_dora"):
         ClairStrategy({"r": 4, "lora_alpha": 8, "use_dora": True})
-    with pytest.raises(UsageError, match="every reply carries secure-aggregation records"):
-        _one_round(_state(), RecordDict({"secaggplus_configs": ConfigRecord({"stage": "setup"})}))
+
+
+class _SecAggServer(ClairStrategy):
+    """A server whose train instructions carry Flower's SecAgg+ record."""
+
+    def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> list[Message]:
+        record["secaggplus_configs"] = ConfigRecord({"stage": "setup"})
+        return super()._construct_messages(record, node_ids, message_type)
+
+
+def test_secure_aggregation_is_refused_from_the_servers_instructions_only() -> None:
+    """The run is refused when the server's own train instructions carry secure-aggregation
+    records; replies that carry them, every reply of a round included, are only malformed replies
+    (a review: two clients whose replies named a record ``secagg_junk``, the others' replies
+    errors, stopped the run with UsageError)."""
+    assert any(marker in RECORD_KEY_CONFIGS for marker in SECAGG_MARKERS)  # Flower's SecAgg/SecAgg+ record
+    strategy = _SecAggServer({"r": 4, "lora_alpha": 8}, fraction_evaluate=0.0, min_available_nodes=6)
+    with pytest.raises(UsageError, match="train instructions carry secure-aggregation records"):
+        strategy.start(
+            grid=LocalGrid(ClientApp(), 6),
+            initial_arrays=ArrayRecord(_state()),
+            num_rounds=1,
+            train_config=ConfigRecord({}),
+        )
+    strategy = _one_round(_state(), RecordDict({"secaggplus_configs": ConfigRecord({"stage": "setup"})}))
+    (entry,) = strategy.history
+    assert len(entry["flagged"]) == 6 and entry["fallback"] == "skip"
+    assert all("secure-aggregation" in entry["reasons"][n][0] for n in entry["flagged"])
+    strategy, (arrays, metrics) = _direct({n: _error() for n in range(1, 5)} | {5: _junk(5), 6: _junk(6)})
+    (entry,) = strategy.history
+    assert entry["flagged"] == ["node-5", "node-6"] and entry["fallback"] == "skip"
+    assert sorted(entry["errors"]) == ["node-1", "node-2", "node-3", "node-4"]
+    assert arrays is not None and metrics is not None and metrics["clair-skipped"] == 1
 
 
 def _with_array(key: str, array: Array) -> Callable[[dict[str, torch.Tensor]], RecordDict]:
@@ -353,3 +385,137 @@ def test_metrics_of_another_layout_leave_out_that_reply_only() -> None:
 
     _, result = _run_rounds(lambda node: {"num-examples": 10, "loss": 1.0}, evaluate, nodes=6, rounds=1)
     assert dict(result.evaluate_metrics_clientapp[1]) == {"accuracy": 0.5, "per_class": [0.5, 0.5]}
+
+
+# Found by a review of 2026-12-07: copies in median rounds (tests/test_federated.py), SecAgg decided from
+# the replies' record names (above), metrics wrong under huge weights, skipped and median rounds alike in
+# the metrics, nothing logged of who was left out, no history of a round of errors, arrays decoded before
+# their keys were checked.
+
+_START = _state()
+
+
+def _honest(node: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(node)
+    return {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in _START.items()}
+
+
+def _content(node: int, metrics: dict | None = None, state: dict[str, torch.Tensor] | None = None) -> RecordDict:
+    return RecordDict(
+        {
+            "arrays": ArrayRecord(_honest(node) if state is None else state),
+            "metrics": MetricRecord(metrics or {"num-examples": 10, "loss": 1.0}),
+        }
+    )
+
+
+def _junk(node: int) -> RecordDict:
+    content = _content(node)
+    content["secagg_junk"] = ConfigRecord({"x": 1})
+    return content
+
+
+def _error() -> Error:
+    return Error(code=0, reason="timeout")
+
+
+def _direct(contents: dict[int, RecordDict | Error], **kwargs) -> tuple[ClairStrategy, tuple]:
+    """``aggregate_train`` of round 1 called with node ``n``'s reply ``contents[n]`` (a Flower
+    error where an ``Error``)."""
+    LocalGrid(ClientApp(), 1)  # the ServerApp's identity, which messages read
+    strategy = ClairStrategy({"r": 4, "lora_alpha": 8}, fraction_evaluate=0.0, **kwargs)
+    strategy._round_arrays = {1: ArrayRecord(_START)}
+    replies = []
+    for node, content in contents.items():
+        query = Message(RecordDict(), node, "train", group_id="1")
+        query.metadata.__dict__["_message_id"] = f"q{node}"
+        reply = Message(content, reply_to=query)
+        reply.metadata.__dict__["_message_id"] = f"r{node}"
+        replies.append(reply)
+    return strategy, strategy.aggregate_train(1, replies)
+
+
+def test_metrics_under_weights_whose_sum_overflows() -> None:
+    """Claims of 1e308 summed to infinity and made the round's loss 0.0; the weights are now
+    divided by the largest first: three clients at 1e308 and loss 2 against three at 10 and loss 1
+    give 2."""
+    contents = {
+        n: _content(n, {"num-examples": 10 if n <= 3 else 1e308, "loss": 1.0 if n <= 3 else 2.0}) for n in range(1, 7)
+    }
+    _, (_, metrics) = _direct(contents, weight_cap=None)
+    assert metrics["loss"] == pytest.approx(2.0)
+    _, (_, metrics) = _direct(contents)  # capped at 3x the median (5e307): not lowered
+    assert metrics["loss"] == pytest.approx(2.0)
+
+
+def test_a_value_that_is_not_finite_is_left_out_of_its_metric_only() -> None:
+    """A NaN loss left the reply's whole record out (its accuracy too); now only that value, with a
+    note, and so for one element of a list."""
+    contents = {
+        n: _content(n, {"num-examples": 10, "loss": 1.0, "accuracy": 0.5, "per": [0.5, 0.5]}) for n in range(1, 7)
+    }
+    contents[7] = _content(7, {"num-examples": 10, "loss": float("nan"), "accuracy": 1.0, "per": [float("inf"), 1.0]})
+    strategy, (_, metrics) = _direct(contents)
+    assert metrics["loss"] == pytest.approx(1.0)
+    assert metrics["accuracy"] == pytest.approx((6 * 0.5 + 1.0) / 7)
+    assert metrics["per"] == pytest.approx([0.5, (6 * 0.5 + 1.0) / 7])
+    notes = strategy.history[0]["notes"]
+    assert any("'loss': 1 of 7 replies' values are not finite" in n for n in notes), notes
+    assert any("'per': 1 of 7" in n for n in notes), notes
+
+
+def test_weighted_metrics_are_the_weighted_mean() -> None:
+    records = [MetricRecord({"n": w, "loss": v}) for w, v in [(1, 1e308), (6, 1.0), (0, float("nan"))]]
+    out, notes = weighted_metrics(records, "n")
+    assert out["loss"] == pytest.approx(1e308 / 7) and list(out) == ["loss"] and len(notes) == 1
+    out, notes = weighted_metrics([MetricRecord({"n": 0, "loss": 2.0}), MetricRecord({"n": 0, "loss": 4.0})], "n")
+    assert out["loss"] == 3.0 and "equal weights" in notes[0]
+    out, _ = weighted_metrics([MetricRecord({"n": 1, "loss": 1.7e308}), MetricRecord({"n": 1, "loss": 1.7e308})], "n")
+    assert out["loss"] == pytest.approx(1.7e308)
+
+
+@pytest.mark.parametrize(
+    "nodes, on_too_few, skipped, fallback",
+    [(6, "skip", 0, 0), (4, "skip", 1, 1), (4, "median", 0, 1), (2, "median", 1, 1)],
+)
+def test_the_metrics_say_whether_a_round_was_skipped(nodes: int, on_too_few: str, skipped: int, fallback: int) -> None:
+    """``clair-fallback`` was 1 for a skipped round and for a median round alike."""
+    _, (_, metrics) = _direct({n: _content(n) for n in range(1, nodes + 1)}, on_too_few=on_too_few)
+    assert metrics["clair-skipped"] == skipped and metrics["clair-fallback"] == fallback
+
+
+def test_each_round_logs_who_was_left_out_and_why(caplog: pytest.LogCaptureFixture) -> None:
+    nan = _honest(7)
+    nan[KEY_A] = torch.full_like(nan[KEY_A], float("nan"))
+    contents: dict[int, RecordDict | Error] = {n: _content(n) for n in range(1, 7)}
+    contents[7] = _content(7, state=nan)
+    contents[8] = _error()
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        _direct(contents)
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("CLAIR round 1")]
+    assert line.startswith("CLAIR round 1: 8 replies, 2 left out (node-7: malformed reply: module")
+    assert "NaN or infinite" in line and "node-8: error reply (code 0): 'timeout'" in line and line.endswith("6 merged")
+
+
+def test_a_round_of_errors_leaves_a_history_entry() -> None:
+    strategy, (arrays, metrics) = _direct({n: _error() for n in range(1, 4)})
+    (entry,) = strategy.history
+    assert entry["clients"] == [] and entry["fallback"] == "skip" and len(entry["errors"]) == 3
+    assert "every reply (3) is an error" in entry["notes"][-1]
+    assert arrays is not None and metrics["clair-skipped"] == 1 and metrics["clair-clients"] == 0
+
+
+def test_a_replys_keys_are_checked_before_its_arrays_are_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reply of many tiny arrays for modules the global adapter does not have was decoded
+    whole before it was refused (20,000 arrays: 3.2 s)."""
+    decoded = []
+    numpy = Array.numpy
+    monkeypatch.setattr(Array, "numpy", lambda self: decoded.append(1) or numpy(self))
+    bad = _honest(7)
+    for i in range(50):
+        bad[f"base_model.model.fake.{i}.lora_A.weight"] = torch.zeros(1, 1)
+        bad[f"base_model.model.fake.{i}.lora_B.weight"] = torch.zeros(1, 1)
+    contents = {n: _content(n) for n in range(1, 7)} | {7: _content(7, state=bad)}
+    strategy, _ = _direct(contents)
+    assert "sent LoRA modules other than the global adapter's (50 differ" in strategy.history[0]["reasons"]["node-7"][0]
+    assert len(decoded) == 7 * 2  # the global adapter's and the six other replies' factors

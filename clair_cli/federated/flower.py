@@ -13,11 +13,14 @@ A reply that is not a client's LoRA factors (other tensors, DoRA, LoRA biases, r
 modules other than the strategy's ``LoraConfig``, two tensors for one factor, NaN or infinite
 values, factors whose update would overflow the analysis, arrays that do not decode, a missing
 or negative weight, secure-aggregation records) is flagged with its reason and left out; the
-round goes on, whatever the reply's bytes raise. Metrics that cannot be aggregated are dropped,
-not the round. Refused with a :class:`clair_cli.errors.ClairError`: a ``LoraConfig`` that is
-not LoRA, a global adapter that does not match it, and a round in which every reply carries
-secure-aggregation records (the server runs SecAgg, which hides each client's factors, what
-clair needs).
+round goes on, whatever the reply's bytes raise. A reply's key names are checked before its
+arrays are decoded. Metrics that cannot be aggregated are dropped, not the round. Each round
+logs one line (Flower's logger) of who was left out and why, and leaves an entry in
+``history``, a round of error replies included. Refused with a
+:class:`clair_cli.errors.ClairError`: a ``LoraConfig`` that is not LoRA, a global adapter that
+does not match it, and train instructions that carry secure-aggregation records (the server
+runs SecAgg, which hides each client's factors, what clair needs; decided from what the server
+sends, never from the replies).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +42,7 @@ from clair_cli.federated.rounds import (
     TooFew,
     aggregate_round,
     capped_weights,
+    check_modules,
     quoted,
 )
 from clair_cli.io.writers import write_text
@@ -48,6 +52,7 @@ try:
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.serverapp import Grid
     from flwr.serverapp.strategy import FedAvg
+    from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
     from flwr.supercore import log
 except ImportError as exc:  # pragma: no cover - exercised without the extra
     raise ImportError(
@@ -86,20 +91,17 @@ def parse_lora_config(config: Any) -> AdapterConfig:
     return parsed
 
 
-def split_state_dict(
-    name: str, state: Mapping[str, torch.Tensor]
-) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, tuple[str, str]]]:
-    """Per module ``(A, B)`` from a LoRA state dict, and the keys they came from.
+def lora_keys(name: str, keys: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """Per module, the keys of its ``A`` and ``B`` factors, from a LoRA state dict's key names
+    alone (nothing decoded).
 
     Raises:
-        AdapterFormatError: a tensor that is not a LoRA factor, an unpaired factor, or a
-            factor that is not a floating-point matrix.
+        AdapterFormatError: a key that is not a LoRA factor's, two keys for one factor, an
+            unpaired factor, or an embedding factor paired with a linear one.
     """
-    import torch
-
-    parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    parts: dict[str, dict[str, str]] = {}
     kinds: dict[str, set[str]] = {}
-    for key, value in state.items():
+    for key in keys:
         short = key[len(PEFT_KEY_PREFIX) :] if key.startswith(PEFT_KEY_PREFIX) else key
         m = LORA_KEY_RE.match(short)
         ok = m is not None and (
@@ -117,19 +119,35 @@ def split_state_dict(
         entry = parts.setdefault(m["module"], {})
         if part in entry:  # two keys for one factor (with and without the prefix, or ``.default``)
             raise AdapterFormatError(
-                f"{name}: {quoted(entry[part][0])} and {quoted(key)} are both "
-                f"module {quoted(m['module'])}'s lora_{part}"
+                f"{name}: {quoted(entry[part])} and {quoted(key)} are both module {quoted(m['module'])}'s lora_{part}"
             )
-        entry[part] = (key, value)
+        entry[part] = key
         kinds.setdefault(m["module"], set()).add(kind)
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    keys: dict[str, tuple[str, str]] = {}
+    out: dict[str, tuple[str, str]] = {}
     for module, p in sorted(parts.items()):
         if set(p) != {"A", "B"}:
             raise AdapterFormatError(f"{name}: module {quoted(module)} has lora_{next(iter(p))} but not its pair")
         if len(kinds[module]) > 1:
             raise AdapterFormatError(f"{name}: module {quoted(module)} pairs an embedding factor with a linear one")
-        (ka, A), (kb, B) = p["A"], p["B"]
+        out[module] = (p["A"], p["B"])
+    return out
+
+
+def split_state_dict(
+    name: str, state: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, tuple[str, str]]]:
+    """Per module ``(A, B)`` from a LoRA state dict, and the keys they came from.
+
+    Raises:
+        AdapterFormatError: a tensor that is not a LoRA factor, an unpaired factor (see
+            :func:`lora_keys`), or a factor that is not a floating-point matrix.
+    """
+    import torch
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    keys = lora_keys(name, state)
+    for module, (ka, kb) in keys.items():
+        A, B = state[ka], state[kb]
         if A.dim() != 2 or B.dim() != 2 or not A.is_floating_point() or not B.is_floating_point():
             raise AdapterFormatError(
                 f"{name}: module {quoted(module)}: LoRA factors must be floating-point matrices, got "
@@ -139,7 +157,6 @@ def split_state_dict(
         # float64 stays float64 until the audit reads it (``in_dtype`` balances its factors
         # before narrowing them, so an ill-conditioned factorisation keeps its update).
         factors[module] = (A, B) if A.dtype == B.dtype == torch.float64 else (A.float(), B.float())
-        keys[module] = (ka, kb)
     if not factors:
         raise AdapterFormatError(f"{name}: the reply holds no LoRA factor")
     return factors, keys
@@ -148,24 +165,27 @@ def split_state_dict(
 SECAGG_REASON = "carries secure-aggregation records (masked updates are not LoRA factors)"
 
 
-def _secure_aggregation(message: Message) -> bool:
-    """Whether a reply carries records of secure aggregation (SecAgg / SecAgg+): a record or
-    config key named for it."""
+def _secure_aggregation(message: Message, config_keys: bool = True) -> bool:
+    """Whether a message carries records of secure aggregation (SecAgg / SecAgg+): a record (or,
+    with ``config_keys``, a config key) named for it. Flower's SecAgg+ workflow sends its stages
+    in a ConfigRecord named ``secaggplus_configs`` and its mod replies with one."""
     content = message.content
     names = [*content.config_records.keys(), *content.array_records.keys(), *content.metric_records.keys()]
-    for record in content.config_records.values():
-        names.extend(record.keys())
+    if config_keys:
+        for record in content.config_records.values():
+            names.extend(record.keys())
     return any(marker in str(n).lower() for n in names for marker in SECAGG_MARKERS)
 
 
-def _refuse_secure_aggregation(replies: list[Message]) -> None:
-    """Refuse the run when every reply (two or more) carries secure-aggregation records: the
-    server runs SecAgg, which hides what clair needs. One client's such reply is only that
-    client's (left out with its reason), or any client could stop the federation."""
-    if len(replies) > 1 and all(_secure_aggregation(m) for m in replies):
+def _refuse_secure_aggregation(server_round: int, instructions: list[Message]) -> None:
+    """Refuse the run when the server's own train instructions carry secure-aggregation records:
+    the server runs SecAgg, which hides what clair needs. Decided from what the server sends, never
+    from the replies: a client's record names are its own choice, and such a reply is only that
+    client's (left out with its reason), or two clients could stop the federation."""
+    if any(_secure_aggregation(m, config_keys=False) for m in instructions):
         raise UsageError(
-            "every reply carries secure-aggregation records; ClairStrategy needs each client's LoRA "
-            "factors, which secure aggregation hides",
+            f"round {server_round}: the train instructions carry secure-aggregation records; ClairStrategy "
+            "needs each client's LoRA factors, which secure aggregation hides",
             hint="Run ClairStrategy without SecAgg/SecAgg+ (the server must see every client's update).",
         )
 
@@ -219,6 +239,98 @@ def _with_weight(content: Any, key: str, weight: float) -> Any:
     return out
 
 
+def weighted_metrics(records: list[Any], key: str) -> tuple[MetricRecord, list[str]]:
+    """The weighted mean of each metric of ``records`` (MetricRecords of one layout), weighted by
+    ``key``, as Flower's ``aggregate_metricrecords`` (FedAvg's default) means it, but finite and
+    exact where that is not: the weights are divided by the largest before they are summed
+    (claims of 1e308 summed to infinity, and every metric came out 0.0), and a value that is not
+    finite is left out of its metric (with its weight) instead of the reply's whole record. Where
+    every weight is zero the records count equally, as in the merge. Returns the means (the weight
+    itself left out, as Flower does) and a note for each thing left out."""
+    weights = [_metric_weight(r, key) or 0.0 for r in records]
+    top = max(weights, default=0.0)
+    scaled = [w / top for w in weights] if top > 0 else [1.0] * len(weights)
+    notes = [] if top > 0 or not records else ["every weight is zero: the metrics are averaged with equal weights"]
+    out = MetricRecord()
+    for name, first in records[0].items() if records else ():
+        if name == key:
+            continue
+        columns = range(len(first)) if isinstance(first, list) else [None]
+        means: list[float] = []
+        bad = set()
+        for c in columns:
+            pairs = []
+            for j, (s, record) in enumerate(zip(scaled, records, strict=True)):
+                value = float(record[name] if c is None else record[name][c])
+                if math.isfinite(value):
+                    pairs.append((s, value))
+                else:
+                    bad.add(j)
+            mean = _weighted_mean(pairs)
+            if mean is None:
+                break
+            means.append(mean)
+        if bad:
+            notes.append(f"{quoted(name, 60)}: {len(bad)} of {len(records)} replies' values are not finite (left out)")
+        if len(means) < len(columns):
+            notes.append(f"{quoted(name, 60)} cannot be averaged (no finite value of a positive weight): left out")
+            continue
+        out[name] = means if isinstance(first, list) else means[0]
+    return out, notes
+
+
+def _weighted_mean(pairs: list[tuple[float, float]]) -> float | None:
+    """``sum w v / sum w`` of ``(w, v)`` (weights at most 1, values finite), finite; None where the
+    weights sum to zero or (at values near float's limit) the mean does not fit."""
+    total = math.fsum(w for w, _ in pairs)
+    if total <= 0:
+        return None
+    try:
+        mean = math.fsum(w * v for w, v in pairs) / total
+    except OverflowError:
+        mean = math.inf
+    if not math.isfinite(mean):  # sums past float's range: each value's share first
+        try:
+            mean = math.fsum(w / total * v for w, v in pairs)
+        except OverflowError:
+            return None
+    return mean if math.isfinite(mean) else None
+
+
+def _error_text(message: Message) -> str:
+    """A reply's Flower error in words, cut as a reason is."""
+    error = message.error
+    return f"error reply (code {error.code}): {quoted(error.reason)}"
+
+
+def round_summary(server_round: int, result: RoundResult, errors: Mapping[str, str], shown: int = 5) -> str:
+    """One log line for a round: how many replies, who was left out and why (the clients of one
+    reason together; ``shown`` reasons and names a reason at most, each reason cut to 100
+    characters: ``strategy.history`` has them all), and what was done."""
+    why: dict[str, list[str]] = {}
+    for n, reasons, f in zip(result.names, result.reasons, result.flagged, strict=True):
+        if f:
+            text = (reasons[0] if reasons else "").replace(f"{n}: ", "", 1)
+            why.setdefault(text[:100] + ("..." if len(text) > 100 else ""), []).append(n)
+    for n, text in errors.items():
+        why.setdefault(text[:100], []).append(n)
+    if result.fallback == "skip":
+        done = "the global LoRA kept unchanged"
+    elif result.fallback == "median":
+        done = f"the geometric median of {len(result.collaborators)} taken"
+    else:
+        done = f"{len(result.collaborators)} merged"
+    left_out = sum(len(names) for names in why.values())
+    line = f"CLAIR round {server_round}: {len(result.names) + len(errors)} replies, {left_out} left out"
+    groups = [
+        ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "") + f": {text}"
+        for text, names in list(why.items())[:shown]
+    ]
+    if len(why) > shown:
+        groups.append(f"{len(why) - shown} other reasons")
+    return f"{line}{' (' + '; '.join(groups) + ')' if groups else ''}; {done}"
+
+
 def _finite_metric(value: Any) -> bool:
     """Whether a metric value (a number or a list of numbers) is finite throughout."""
     values = value if isinstance(value, list) else [value]
@@ -235,7 +347,8 @@ class ClairStrategy(FedAvg):
             with the norm bound and centred clipping on, as every round).
         on_too_few: with fewer auditable replies than clair's minimum (5), ``"skip"`` keeps
             the global LoRA for that round, ``"median"`` takes the updates' geometric median
-            (from three replies on; fewer are skipped). The round's metrics and history say which.
+            (from three replies on, copies left out; fewer are skipped). The round's metrics
+            (``clair-fallback``, ``clair-skipped``) and history say which.
         audit_dir: where to write each round's ``clair audit`` JSON report
             (``round-001.json``, ...); None writes none.
         base_model: the base model's name, for the reports.
@@ -247,7 +360,7 @@ class ClairStrategy(FedAvg):
 
     Attributes:
         history: per round, a dict of what was decided (clients, flags, scores, reasons,
-            truncation error, fallback, seconds).
+            truncation error, fallback, error replies by node, notes, seconds).
         reports: per round, the ``clair audit`` JSON report (when an audit ran).
     """
 
@@ -289,21 +402,23 @@ class ClairStrategy(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """FedAvg's, remembering the round's global LoRA: updates are measured from it."""
+        """FedAvg's, remembering the round's global LoRA: updates are measured from it.
+
+        Raises:
+            UsageError: the instructions carry secure-aggregation records (the server runs SecAgg).
+        """
         self._round_arrays = {server_round: arrays}
-        return super().configure_train(server_round, arrays, config, grid)
+        instructions = list(super().configure_train(server_round, arrays, config, grid))
+        _refuse_secure_aggregation(server_round, instructions)
+        return instructions
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Audit the replies' updates, merge the collaborators', return the next global LoRA."""
-        replies = list(replies)
-        _refuse_secure_aggregation([m for m in replies if not m.has_error()])
         # FedAvg's own consistency check would drop the whole round for one odd reply;
         # each reply is checked on its own below instead.
-        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
-        if not valid:
-            return None, None
+        valid, failed = self._check_and_log_replies(list(replies), is_train=True, validate=False)
         if server_round not in self._round_arrays:
             raise UsageError(f"round {server_round}: aggregate_train without configure_train")
         start = time.perf_counter()
@@ -330,7 +445,7 @@ class ClairStrategy(FedAvg):
                 refused[name] = f"malformed reply: node {node_of[name]} sent {sent[node_of[name]]} replies this round"
                 continue
             try:  # one unreadable reply is left out with its reason; the round goes on
-                factors, weight = self._read_reply(name, msg)
+                factors, weight = self._read_reply(name, msg, global_factors)
             except ClairError as exc:
                 refused[name] = f"malformed reply: {exc.message}"
                 continue
@@ -361,18 +476,31 @@ class ClairStrategy(FedAvg):
         left_out = {n for n, f in zip(result.names, result.flagged, strict=True) if f}
         left_out |= set(refused)
         kept = [msg.content for msg in valid if f"node-{msg.metadata.src_node_id}" not in left_out]
-        metrics = self._metrics(kept, self.train_metrics_aggr_fn, "train")
+        metrics = self._metrics(kept, self.train_metrics_aggr_fn, "train", result.notes)
         for key, value in self._round_metrics(result, [node_of[n] for n in result.names]).items():
             metrics[key] = value
-        self._record(server_round, result, time.perf_counter() - start)
+        errors = {f"node-{m.metadata.src_node_id}": _error_text(m) for m in failed}
+        if errors and not valid:
+            result.notes.append(f"every reply ({len(errors)}) is an error: the global adapter is kept unchanged")
+        self._record(server_round, result, time.perf_counter() - start, errors)
+        log(
+            WARNING if left_out or errors or result.fallback == "skip" else INFO,
+            "%s",
+            round_summary(server_round, result, errors),
+        )
         return arrays, metrics
 
-    def _read_reply(self, name: str, msg: Message) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
-        """A reply's LoRA factors and merge weight.
+    def _read_reply(
+        self, name: str, msg: Message, global_factors: Mapping[str, Any]
+    ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], float]:
+        """A reply's LoRA factors and merge weight. Its key names are checked against the global
+        adapter's modules before any array is decoded: a reply of 20,000 tiny arrays for other
+        modules took 3.2 s to decode before it was refused.
 
         Raises:
             AdapterFormatError: not LoRA factors (see :func:`split_state_dict`), or a weight
                 that is missing, not finite or negative.
+            IncompatibleAdapters: other modules than the global adapter's.
         """
         content = msg.content
         if _secure_aggregation(msg):
@@ -383,6 +511,7 @@ class ClairStrategy(FedAvg):
                 f"{len(content.metric_records)} MetricRecord(s); expected one of each"
             )
         record = next(iter(content.array_records.values()))
+        check_modules(name, lora_keys(name, record.keys()), global_factors)
         factors, _ = split_state_dict(name, reply_state_dict(name, record))
         metrics = next(iter(content.metric_records.values()))
         weight = _metric_weight(metrics, self.weighted_by_key)  # the metrics' own test of a weight
@@ -397,54 +526,78 @@ class ClairStrategy(FedAvg):
         metrics = self._metrics([msg.content for msg in valid], self.evaluate_metrics_aggr_fn, "evaluate")
         return metrics if len(metrics) else None
 
-    def _metrics(self, contents: list[Any], aggregate: Any, what: str) -> MetricRecord:
+    def _metrics(self, contents: list[Any], aggregate: Any, what: str, notes: list[str] | None = None) -> MetricRecord:
         """The replies' metrics aggregated as FedAvg does, from the replies that can be: one
-        MetricRecord whose weight (``weighted_by_key``) is a non-negative number and whose values
-        are finite, with the most common layout (keys, and a number or a list of one length for
-        each). Each weight counts at most ``weight_cap`` times the median weight, as in the merge
+        MetricRecord whose weight (``weighted_by_key``) is a non-negative number, with the most
+        common layout (keys, and a number or a list of one length for each). Each weight counts
+        at most ``weight_cap`` times the median weight, as in the merge
         (:func:`clair_cli.federated.rounds.capped_weights`): a client's claim sets its share of
-        the round's metrics no more than of its model. The aggregator gets the replies as they
-        came, with all their records, but for the weight of a reply the cap lowered. Replies
-        left out are logged; metrics that cannot be aggregated at all are dropped, never the run."""
-        usable = []
-        for content in contents:
-            if len(content.metric_records) != 1:
-                continue
-            record = next(iter(content.metric_records.values()))
-            if _metric_weight(record, self.weighted_by_key) is not None and all(
-                _finite_metric(v) for v in record.values()
-            ):
-                usable.append(content)
-        if usable:
-            common = Counter(_layout(c) for c in usable).most_common(1)[0][0]
-            usable = [c for c in usable if _layout(c) == common]
+        the round's metrics no more than of its model. FedAvg's default aggregator is replaced by
+        :func:`weighted_metrics` (the same weighted mean, finite whatever the weights; a value
+        that is not finite is left out of its metric alone); a custom aggregator gets the replies
+        whose values are all finite, as they came, with all their records, but for the weight of
+        a reply the cap lowered. Replies and values left out are logged (and added to ``notes``);
+        metrics that cannot be aggregated at all are dropped, never the run."""
+        own = aggregate is aggregate_metricrecords
+        usable = self._usable(contents, finite=not own)
+        said: list[str] = []
         if len(usable) < len(contents):
-            log(
-                INFO,
-                "CLAIR: %d of %d %s replies left out of the metrics (no single MetricRecord with a non-negative "
-                "weight, non-finite values, or other keys or value lengths than the rest)",
-                len(contents) - len(usable),
-                len(contents),
-                what,
+            said.append(
+                f"{len(contents) - len(usable)} of {len(contents)} replies left out of the metrics (no single "
+                "MetricRecord with a non-negative weight, "
+                + ("" if own else "non-finite values, ")
+                + "or other keys or value lengths than the rest)"
             )
-        if not usable:
-            return MetricRecord()
-        claimed = [_metric_weight(next(iter(c.metric_records.values())), self.weighted_by_key) or 0.0 for c in usable]
-        _, lowered = capped_weights(claimed, self.weight_cap)
-        for j, weight in lowered:
-            usable[j] = _with_weight(usable[j], self.weighted_by_key, weight)
+        metrics = MetricRecord()
+        if usable and own:
+            metrics, left = weighted_metrics(
+                [next(iter(c.metric_records.values())) for c in usable], self.weighted_by_key
+            )
+            said += left
+        for note in said:
+            log(INFO, "CLAIR: %s metrics: %s", what, note)
+        if notes is not None:
+            notes += [f"{what} metrics: {note}" for note in said]
+        if not usable or own:
+            return metrics
         try:  # weights summing to zero, a custom aggregator's own failure: the metrics are lost, not the round
             return aggregate(usable, self.weighted_by_key)
         except Exception as exc:  # noqa: BLE001
             log(INFO, "CLAIR: the %s metrics cannot be aggregated (%s: %s)", what, type(exc).__name__, exc)
             return MetricRecord()
 
+    def _usable(self, contents: list[Any], finite: bool) -> list[Any]:
+        """The replies whose metrics can be aggregated (:meth:`_metrics`), with the weight the cap
+        leaves each."""
+        usable = []
+        for content in contents:
+            if len(content.metric_records) != 1:
+                continue
+            record = next(iter(content.metric_records.values()))
+            if _metric_weight(record, self.weighted_by_key) is not None and (
+                not finite or all(_finite_metric(v) for v in record.values())
+            ):
+                usable.append(content)
+        if not usable:
+            return []
+        common = Counter(_layout(c) for c in usable).most_common(1)[0][0]
+        usable = [c for c in usable if _layout(c) == common]
+        claimed = [_metric_weight(next(iter(c.metric_records.values())), self.weighted_by_key) or 0.0 for c in usable]
+        _, lowered = capped_weights(claimed, self.weight_cap)
+        for j, weight in lowered:
+            usable[j] = _with_weight(usable[j], self.weighted_by_key, weight)
+        return usable
+
     @staticmethod
     def _round_metrics(result: RoundResult, node_ids: list[int]) -> dict[str, int | float]:
+        """The round's ``clair-*`` metrics. ``clair-fallback`` is 1 where no audit decided the
+        round (skipped, or the geometric median); ``clair-skipped`` is 1 where the round kept the
+        global LoRA unchanged: a median round is ``clair-fallback`` 1, ``clair-skipped`` 0."""
         out: dict[str, int | float] = {
             f"{METRIC_PREFIX}-clients": len(node_ids),
             f"{METRIC_PREFIX}-flagged": sum(result.flagged),
             f"{METRIC_PREFIX}-fallback": int(result.fallback is not None),
+            f"{METRIC_PREFIX}-skipped": int(result.fallback == "skip"),
             f"{METRIC_PREFIX}-truncation-error": max(result.truncation_error.values(), default=0.0),
         }
         for node, flag, score in zip(node_ids, result.flagged, result.scores, strict=True):
@@ -452,7 +605,7 @@ class ClairStrategy(FedAvg):
             out[f"{METRIC_PREFIX}-score-{node}"] = -1.0 if score is None else float(score)
         return out
 
-    def _record(self, server_round: int, result: RoundResult, seconds: float) -> None:
+    def _record(self, server_round: int, result: RoundResult, seconds: float, errors: Mapping[str, str]) -> None:
         entry = {
             "round": server_round,
             "clients": result.names,
@@ -461,6 +614,7 @@ class ClairStrategy(FedAvg):
             "reasons": {n: r for n, r in zip(result.names, result.reasons, strict=True) if r},
             "truncation_error": {m: round(e, 8) for m, e in result.truncation_error.items()},
             "fallback": result.fallback,
+            "errors": dict(errors),
             "notes": result.notes,
             "seconds": round(seconds, 3),
         }

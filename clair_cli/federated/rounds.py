@@ -30,15 +30,17 @@ With fewer clients left than the engine's minimum
 keeps the global adapter (``on_too_few="skip"``, the default) or, from three clients on,
 takes the geometric median of the updates (``"median"``: computed exactly from their Gram
 matrix, so a minority of any size of update cannot move it far; :func:`geometric_median_weights`),
-and the round's notes say which. With one or two clients the median is not robust and the
-round is skipped.
+and the round's notes say which. Before the median, copies are flagged as an audited round
+flags them (:func:`flag_copies`): a group of copies is one point at most, or two Sybils sending
+one update would be half the points of a round of four, and the median theirs. With one or two
+clients left the median is not robust and the round is skipped.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -162,12 +164,7 @@ def check_factors(
     from clair_cli.io.adapter import peak, update_overflows
 
     _check_types(name, client)
-    if set(client) != set(global_factors):
-        diff = sorted(set(client) ^ set(global_factors))
-        raise IncompatibleAdapters(
-            f"{name} sent LoRA modules other than the global adapter's ({len(diff)} differ, e.g. {quoted(diff[0])})",
-            hint="Every client must train the LoraConfig the strategy was given.",
-        )
+    check_modules(name, client, global_factors)
     for module, (A, B) in client.items():
         Ag, Bg = global_factors[module]
         if A.shape != Ag.shape or B.shape != Bg.shape:
@@ -191,6 +188,21 @@ def check_factors(
                 f"{name}: module {module}: factor values (up to {max(peaks):.3g}, scale {s:.3g}) "
                 "make its update overflow"
             )
+
+
+def check_modules(name: str, modules: Iterable[str], global_modules: Iterable[str]) -> None:
+    """Refuse a client whose modules are not the global adapter's.
+
+    Raises:
+        IncompatibleAdapters: naming how many differ, and one of them.
+    """
+    modules, global_modules = set(modules), set(global_modules)
+    if modules != global_modules:
+        diff = sorted(modules ^ global_modules)
+        raise IncompatibleAdapters(
+            f"{name} sent LoRA modules other than the global adapter's ({len(diff)} differ, e.g. {quoted(diff[0])})",
+            hint="Every client must train the LoraConfig the strategy was given.",
+        )
 
 
 def _check_types(name: str, client: Any) -> None:
@@ -330,12 +342,21 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
         notes.append("every client's update is zero: the global adapter is kept unchanged")
         return result(None, "skip")
     if len(live) < need:
-        robust = on_too_few == "median" and len(live) >= MEDIAN_MIN_CLIENTS
-        what = "their geometric median is taken" if robust else "the global adapter is kept unchanged"
-        notes.append(f"{len(live)} client update(s) to audit, fewer than clair's minimum of {need}: {what}")
+        copies = (
+            _median_copies(updates, base_model) if on_too_few == "median" and len(live) >= MEDIAN_MIN_CLIENTS else {}
+        )
+        _flag(names, flagged, reasons, copies)
+        left = len(live) - len(copies)
+        robust = on_too_few == "median" and left >= MEDIAN_MIN_CLIENTS
+        what = "the global adapter is kept unchanged"
+        if robust:
+            what = f"the geometric median of the other {left} is taken" if copies else "their geometric median is taken"
+        copied = f"; {len(copies)} left out as copies" if copies else ""
+        notes.append(f"{len(live)} client update(s) to audit, fewer than clair's minimum of {need}{copied}: {what}")
         if not robust:
             return result(None, "skip")
-        pool = pipeline.pool_from_factors(updates, base_model, method="mean")
+        kept = {n: u for n, u in updates.items() if n not in copies}
+        pool = pipeline.pool_from_factors(kept, base_model, method="mean")
         median = geometric_median_weights(pool)
         merged = pipeline.merge(pool, "mean", settings, median, merge_options)
         new_global, errors = _refactor(global_factors, _factors(merged), scales, ranks)
@@ -505,16 +526,13 @@ def _malformed(reasons: list[str]) -> bool:
     return bool(reasons) and reasons[0].startswith("malformed reply")
 
 
-def geometric_median_weights(pool: Any) -> list[float]:
-    """Weights ``beta`` (summing to 1) with ``sum_k beta_k Theta_k`` the geometric median of
-    the pool's whole updates (all modules together), by Weiszfeld's iteration on their Gram
-    matrix: exact in factored form, and no minority can move it past the spread of the
-    majority (breakdown point 1/2)."""
+def whole_gram(pool: Any) -> torch.Tensor:
+    """The Gram matrix (float64) of the pool's whole updates, all modules together, from their
+    canonical factors: the audit's ``inner_``, without the audit."""
     import torch
 
     from clair_cli import pipeline
     from clair_cli.core.canonical import canonical_module
-    from clair_cli.core.insubspace import centre_weights
     from clair_cli.core.pairwise import gram
 
     K = len(pool.adapters)
@@ -522,4 +540,65 @@ def geometric_median_weights(pool: Any) -> list[float]:
     for mod in pipeline.iter_modules(pool):
         idx = torch.tensor(mod.members)
         G[idx[:, None], idx[None, :]] += gram(*canonical_module(mod.A, mod.B, mod.scales)).double()
-    return centre_weights(G, torch.ones(1, K, dtype=torch.bool))[0].tolist()
+    return G
+
+
+def _flag(names: list[str], flagged: list[bool], reasons: list[list[str]], why: Mapping[str, str]) -> None:
+    """Flag the clients named in ``why``, each with its reason."""
+    for i, name in enumerate(names):
+        if name in why:
+            flagged[i] = True
+            reasons[i].append(why[name])
+
+
+def _median_copies(
+    updates: Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]], base_model: str | None
+) -> dict[str, str]:
+    """The copies among a median round's updates (:func:`flag_copies`), by name, with their reasons."""
+    from clair_cli import pipeline
+
+    names = list(updates)
+    G = whole_gram(pipeline.pool_from_factors(updates, base_model, method="mean"))
+    return {names[j]: why for j, why in flag_copies(G, names).items()}
+
+
+def flag_copies(G: torch.Tensor, names: list[str]) -> dict[int, str]:
+    """The updates a federated audit flags as copies (``copies="flag-all"``), by index into
+    ``G`` (the whole updates' Gram matrix), with the audit's reason: the audit's own groups
+    (:func:`clair_cli.core.verdict.duplicate_groups`, cosine above 0.999), ordered by
+    :func:`~clair_cli.core.verdict.copy_order`; every member but the first is a copy
+    (:class:`~clair_cli.core.rules.duplicate.Duplicate`), and the first too where the group's
+    norms agree (:func:`~clair_cli.core.verdict.flag_every_copy`; a scaled copy does not get the
+    update it copies left out). For the rounds no audit judges (the geometric median)."""
+    from clair_cli.core.pairwise import cosine_from_gram
+    from clair_cli.core.rules import AdapterVerdict
+    from clair_cli.core.rules.duplicate import Duplicate, group_cosine
+    from clair_cli.core.verdict import copy_order, duplicate_groups, flag_every_copy
+    from clair_cli.report.audit import reason_text
+    from clair_cli.report.modules import ModuleNames
+
+    order = copy_order(G.diagonal(), names)
+    groups = [order(g) for g in duplicate_groups(cosine_from_gram(G))]
+    verdicts = [AdapterVerdict(index=k, score=0.0, flagged=False) for k in range(len(names))]
+    rule = Duplicate()
+    for group in groups:
+        for k in group[1:]:
+            of = [j for j in group if j != k]
+            verdicts[k].flagged = True
+            verdicts[k].reasons.append(rule.reason(of, group_cosine(G, k, of)))
+    flag_every_copy(verdicts, groups, set(), G.diagonal(), G)
+    labels = ModuleNames([])
+    return {v.index: reason_text(v.reasons[0], names, labels) for v in verdicts if v.flagged}
+
+
+def geometric_median_weights(pool: Any) -> list[float]:
+    """Weights ``beta`` (summing to 1) with ``sum_k beta_k Theta_k`` the geometric median of
+    the pool's whole updates (all modules together), by Weiszfeld's iteration on their Gram
+    matrix (:func:`whole_gram`): exact in factored form, and no minority can move it past the
+    spread of the majority (breakdown point 1/2)."""
+    import torch
+
+    from clair_cli.core.insubspace import centre_weights
+
+    G = whole_gram(pool)
+    return centre_weights(G, torch.ones(1, G.shape[0], dtype=torch.bool))[0].tolist()
