@@ -34,11 +34,13 @@ Three layouts besides PEFT's are recognised from a file's tensor names (never fr
 
 Module names are the file's own (``lora_unet_..._to_q``, ``unet.down_blocks...to_q``): adapters of
 one layout compare module by module, and outputs keep each input's layout and keys. What is not a
-plain LoRA (LyCORIS LoHa, LoKr, DoRA, Tucker cores, full differences, IA3, OFT, norm tuning, in
-either layout; diffusers' old attention-processor keys) is refused with the file and the key named,
-and so is a file that mixes layouts, names one layer under two spellings (``lora_te_X`` and
-``lora_te1_X``, SGM and diffusers UNet names, Black Forest Labs and diffusers Flux names:
-:mod:`clair_cli.io.spellings`), or whose sd-scripts metadata (``ss_network_module``,
+plain LoRA (LyCORIS LoHa, LoKr, kohya's DoRA ``dora_scale``, Tucker cores, full differences, IA3, OFT,
+norm tuning, in either layout; diffusers' old attention-processor keys) is refused with the file and
+the key named (diffusers' DoRA ``lora_magnitude_vector`` is read, not analysed, with a note), and so
+is a file that mixes layouts, names one layer under two spellings (``lora_te_X`` and
+``lora_te1_X``, SGM and diffusers UNet names, Black Forest Labs and diffusers Flux names, two kohya
+names that diffusers' Stable Diffusion loader maps onto one UNet layer: :mod:`clair_cli.io.spellings`),
+or whose sd-scripts metadata (``ss_network_module``,
 ``ss_network_args``) says it is a network whose tensors are not a plain LoRA's (LyCORIS LoHa, LoKr,
 IA3, GLoRA, OFT, BOFT, full, DoRA; sd-scripts' OFT) beside plain LoRA tensors (:func:`network_notes`).
 """
@@ -70,7 +72,7 @@ from clair_cli.io.lora_config import exact_key
 from clair_cli.io.paths import printable
 from clair_cli.io.peft_config import parse_config
 from clair_cli.io.safetensors_file import SafetensorsReader, TensorInfo
-from clair_cli.io.spellings import refuse_two_spellings
+from clair_cli.io.spellings import bfl_outside_blocks, kohya_loader, refuse_two_spellings
 from clair_cli.types import AdapterConfig, AdapterRef
 
 if TYPE_CHECKING:
@@ -93,21 +95,46 @@ VARIANT_HINT = (
     "clair reads plain LoRA files only (lora_A / lora_B or lora_down / lora_up, alpha): a LyCORIS variant has "
     "no low-rank update B @ A to compare. Leave this file out of the pool."
 )
-# diffusers 0.42 reads a kohya file's alphas into a LoraConfig whose alpha_pattern keys do not match
-# attention modules (to_q / to_k / to_v / to_out, the text encoders' self_attn): those get the file's
-# most common alpha.
+# diffusers 0.42's Stable Diffusion / SDXL loader reads a kohya file's alphas into a LoraConfig whose
+# alpha_pattern keys do not match attention modules (to_q / to_k / to_v / to_out, the text encoders'
+# self_attn): those get the file's most common alpha. Its Flux loader folds each module's own alpha into
+# the factors (alpha = rank where none is stored), as clair reads them: no note there.
 KOHYA_ALPHAS_NOTE = (
     "alphas differ between modules: clair reads each module's own, as sd-scripts, A1111 and ComfyUI do; "
-    "diffusers (0.42) applies the most common alpha to attention modules instead"
+    "diffusers' Stable Diffusion / SDXL loader (0.42) applies the most common alpha to attention modules instead"
 )
 # LyCORIS tensors beside diffusers' names, by their last parts (a module path may hold "diff" or "_norm"):
 # a Tucker core, full weight differences, IA3, OFT and norm tuning.
 DIFFUSERS_VARIANT_RE = re.compile(r"\.(?P<tail>lora_mid|diff|diff_b|on_input|oft_\w+|[wb]_norm)(?:\.weight)?$")
-# diffusers 0.42 gives a kohya module without an alpha tensor the file's most common stored alpha when
-# other modules store one (get_peft_kwargs' lora_alpha); sd-scripts, A1111 and ComfyUI read alpha = rank.
+# diffusers 0.42's Stable Diffusion / SDXL loader gives a kohya module without an alpha tensor the file's
+# most common stored alpha when other modules store one (get_peft_kwargs' lora_alpha); sd-scripts, A1111,
+# ComfyUI and diffusers' Flux loader read alpha = rank.
 KOHYA_MISSING_ALPHAS_NOTE = (
     "{n} module(s) store no alpha (e.g. {example}): clair reads alpha = rank there (or --lora-alpha), as "
-    "sd-scripts, A1111 and ComfyUI do; diffusers (0.42) gives them the file's most common stored alpha instead"
+    "sd-scripts, A1111 and ComfyUI do; diffusers' Stable Diffusion / SDXL loader (0.42) gives them the file's "
+    "most common stored alpha instead"
+)
+# diffusers' Flux loader reads a lora_transformer_ file (_convert_mixture_state_dict_to_diffusers) only
+# with an alpha in every module: a KeyError otherwise.
+KOHYA_TRANSFORMER_NO_ALPHA_NOTE = (
+    "{n} module(s) store no alpha (e.g. {example}): clair reads alpha = rank there (or --lora-alpha), as "
+    "sd-scripts, A1111 and ComfyUI do; diffusers' Flux loader (0.42) refuses a lora_transformer_ file without "
+    "an alpha in every module"
+)
+# diffusers' Flux loader (0.42, _convert_sd_scripts_to_ai_toolkit) converts an sd-scripts Flux file's
+# modules outside the blocks without the transformer. prefix, and drops them.
+KOHYA_FLUX_OUTSIDE_NOTE = (
+    "{n} module(s) outside Flux's blocks (e.g. {example}; img_in, txt_in, time_in, vector_in, guidance_in, "
+    "final_layer): clair reads them as ComfyUI applies them; diffusers' Flux loader (0.42) does not apply them"
+)
+# diffusers 0.42 reads a kohya text encoder's attention modules in its old processor layout (q_proj ->
+# to_q_lora), which its PEFT conversion (convert_state_dict_to_peft) recognises only when the text
+# encoder also has an out_proj module (to_out_lora): without one, q_proj / k_proj / v_proj modules are
+# dropped beside mlp modules, and the file is refused (Could not automatically infer state dict type)
+# without them.
+KOHYA_TE_ATTENTION_NOTE = (
+    "{n} {component} attention module(s) (q_proj / k_proj / v_proj, e.g. {example}) in a text encoder with no "
+    "out_proj module: clair reads them as sd-scripts, A1111 and ComfyUI apply them; diffusers (0.42) {what}"
 )
 # diffusers' attention-processor era keys (before its PEFT integration).
 OLD_DIFFUSERS_RE = re.compile(r"[._]lora\.(down|up)\.|\.lora_linear_layer\.")
@@ -473,8 +500,49 @@ def _comfy_config(
     return keys, module_config(options.base_model, modules), notes
 
 
+def _kohya_notes(modules: Mapping[str, object], stored: Mapping[str, float], config: AdapterConfig) -> list[str]:
+    """Where diffusers' loader of a kohya file (:func:`kohya_loader`) applies it unlike clair (and
+    sd-scripts, A1111, ComfyUI): alphas (:func:`_kohya_alpha_notes`), the modules of an sd-scripts Flux
+    file outside its blocks, text-encoder attention modules without out_proj."""
+    loader = kohya_loader(modules)
+    if loader == "sd":
+        return [*_kohya_alpha_notes(stored, config), *_te_attention_notes(modules)]
+    if loader == "flux":
+        notes = _te_attention_notes(modules)
+        outside = bfl_outside_blocks(modules)
+        if outside:
+            notes.insert(0, KOHYA_FLUX_OUTSIDE_NOTE.format(n=len(outside), example=printable(outside[0])))
+        return notes
+    missing = sorted(m for m in config.exact if m not in stored)
+    if loader == "flux_transformer" and missing:
+        return [KOHYA_TRANSFORMER_NO_ALPHA_NOTE.format(n=len(missing), example=printable(missing[0]))]
+    return []
+
+
+def _te_attention_notes(modules: Mapping[str, object]) -> list[str]:
+    """Text encoders whose q_proj / k_proj / v_proj modules diffusers 0.42 does not apply (see
+    :data:`KOHYA_TE_ATTENTION_NOTE`), one note each."""
+    notes = []
+    for component, prefixes in (("text_encoder", ("lora_te_", "lora_te1_")), ("text_encoder_2", ("lora_te2_",))):
+        own = [m for m in modules if m.startswith(prefixes)]
+        if any(m.endswith("out_proj") for m in own):
+            continue
+        attention = sorted(m for m in own if m.endswith(("q_proj", "k_proj", "v_proj")))
+        if not attention:
+            continue
+        mlp = any("mlp" in m and "self_attn" not in m and "text_projection" not in m for m in own)
+        what = "does not apply them" if mlp else "refuses the file (Could not automatically infer state dict type)"
+        notes.append(
+            KOHYA_TE_ATTENTION_NOTE.format(
+                n=len(attention), component=component, example=printable(attention[0]), what=what
+            )
+        )
+    return notes
+
+
 def _kohya_alpha_notes(stored: Mapping[str, float], config: AdapterConfig) -> list[str]:
-    """Where diffusers scales a kohya file's modules unlike clair (and sd-scripts, A1111, ComfyUI).
+    """Where diffusers' Stable Diffusion / SDXL loader scales a kohya file's modules unlike clair (and
+    sd-scripts, A1111, ComfyUI, diffusers' Flux loader).
 
     Only the alphas the file stores count: a file of no alpha tensors (clair's own merge of modules
     of several ranks) has alpha = rank everywhere in diffusers too.
@@ -722,7 +790,7 @@ def open_diffusion(
     notes: list[str] = []
     if layout == "kohya":
         keys, config, stored = _kohya_config(path, tensors, options)
-        notes.extend(_kohya_alpha_notes(stored, config))
+        notes.extend(_kohya_notes(keys.parts, stored, config))
     elif layout == "comfyui":
         keys, config, notes = _comfy_config(path, tensors, options)
     else:

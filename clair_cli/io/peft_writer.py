@@ -227,11 +227,7 @@ def merged_tensors(
     (an input's module table: kind, kernel shape and, for a diffusion ``layout``, its keys).
 
     PEFT's keys for ``peft``; the input's own keys for ``kohya`` and ``diffusers``. A merged
-    kohya file has scale 1 in every module: ``alpha`` = rank, written when every module has one
-    rank, and left out otherwise (no alpha means alpha = rank in sd-scripts, A1111, ComfyUI and
-    diffusers alike, whereas diffusers 0.42 scales attention modules whose kohya alpha differs from
-    the file's most common one by that common alpha, ``get_peft_kwargs``'s alpha_pattern keys not
-    matching them)."""
+    kohya file has scale 1 in every module (:func:`_kohya_alphas`)."""
 
     out = {}
     for name, (A, B) in sorted(factors.items()):
@@ -250,14 +246,21 @@ def _layout_keys(spec: ModuleSpec, layout: str) -> tuple[str, str]:
 
 
 def _kohya_alphas(layout: str, ranks: Mapping[str, int]) -> dict[str, torch.Tensor]:
-    """The ``alpha`` tensors of a merged kohya file (:func:`merged_tensors`): ``alpha`` = rank in
-    every module when all have one rank, none otherwise."""
+    """The ``alpha`` tensors of a merged kohya file (:func:`merged_tensors`), scale 1 in every module:
+    ``alpha`` = rank in each module when all have one rank, or when the file is in diffusers' Flux names
+    (``lora_transformer_``: diffusers' Flux loader, ``_convert_mixture_state_dict_to_diffusers``, reads
+    such a file only with an alpha in every module); none when ranks differ in another file (no alpha
+    means alpha = rank to sd-scripts, A1111, ComfyUI, diffusers' Flux loader of sd-scripts names and its
+    Stable Diffusion / SDXL loader, whereas the latter (0.42) scales attention modules whose kohya alpha
+    differs from the file's most common one by that common alpha, ``get_peft_kwargs``'s alpha_pattern
+    keys not matching them)."""
     import torch
 
-    if layout != "kohya" or len(set(ranks.values())) != 1:
+    if layout != "kohya" or not ranks:
         return {}
-    rank = torch.tensor(float(next(iter(ranks.values()))), dtype=torch.float32)
-    return {f"{name}.alpha": rank.clone() for name in ranks}
+    if len(set(ranks.values())) != 1 and not any(name.startswith("lora_transformer_") for name in ranks):
+        return {}
+    return {f"{name}.alpha": torch.tensor(float(rank), dtype=torch.float32) for name, rank in ranks.items()}
 
 
 def refined_tensors(

@@ -177,6 +177,8 @@ def refuse_two_spellings(path: Path, modules: Iterable[str], layout: str) -> Non
             f"({_spelled(fb, b)})",
             _who_drops(fa, fb, mixture),
         )
+    if layout == "kohya":
+        _refuse_sd_aliases(path, names, paths, blocks)
 
 
 def _bad(path: Path, problem: str, consequence: str) -> AdapterFormatError:
@@ -336,3 +338,178 @@ def _who_drops(first: str, second: str, mixture: bool) -> str:
     if mixture:
         return "diffusers' Flux loader drops every lora_unet_ module of a file that has lora_transformer_ ones"
     return "clair would audit each spelling as a module of its own, which no loader applies as such"
+
+
+# diffusers' Stable Diffusion / SDXL loader (StableDiffusionLoraLoaderMixin.lora_state_dict), for a file of
+# lora_unet_ / lora_te*_ keys only: SGM blocks remapped by _maybe_map_sgm_blocks_to_diffusers (two layers
+# a block), then every lora_unet_ key renamed by _convert_unet_lora_key, whose string replacements send
+# several kohya names onto one layer (in_layers_2 and conv1, emb_layers_1 and time_emb_proj,
+# skip_connection and conv_shortcut, op and conv in a downsampler...): diffusers keeps the later key
+# and drops the other. Mirrored here, replacement for replacement (diffusers 0.42).
+_SGM_PATTERNS = ("input_blocks", "middle_block", "output_blocks")
+_SGM_INNER = ("resnets", "attentions", "upsamplers")
+_SGM_MIDDLE_PARTS = (("resnets", "0"), ("attentions", "0"), ("resnets", "1"))
+_UNET_RENAMES = (
+    ("input.blocks.0.0", "conv_in"),
+    ("out.2", "conv_out"),
+    ("input.blocks", "down_blocks"),
+    ("down.blocks", "down_blocks"),
+    ("middle.block", "mid_block"),
+    ("mid.block", "mid_block"),
+    ("output.blocks", "up_blocks"),
+    ("up.blocks", "up_blocks"),
+    ("transformer.blocks", "transformer_blocks"),
+    ("to.q.lora", "to_q_lora"),
+    ("to.k.lora", "to_k_lora"),
+    ("to.v.lora", "to_v_lora"),
+    ("to.out.0.lora", "to_out_lora"),
+    ("proj.in", "proj_in"),
+    ("proj.out", "proj_out"),
+    ("emb.layers", "time_emb_proj"),
+    ("conv.in", "conv_in"),
+    ("conv.out", "conv_out"),
+    ("time.embed.0", "time_embedding.linear_1"),
+    ("time.embed.2", "time_embedding.linear_2"),
+    ("label.emb.0.0", "add_embedding.linear_1"),
+    ("label.emb.0.2", "add_embedding.linear_2"),
+    ("time.embedding.linear.1", "time_embedding.linear_1"),
+    ("time.embedding.linear.2", "time_embedding.linear_2"),
+)
+_LAST_INDEX_RE = re.compile(r"\.\d+(?=\D*$)")
+# The processor-era names _convert_unet_lora_key leaves, as diffusers' PEFT conversion reads them
+# (UNET_TO_DIFFUSERS, with ".processor." dropped).
+_UNET_TO_PEFT = (
+    (".to_out_lora.down", ".to_out.0.lora_A"),
+    (".to_q_lora.down", ".to_q.lora_A"),
+    (".to_k_lora.down", ".to_k.lora_A"),
+    (".to_v_lora.down", ".to_v.lora_A"),
+    (".lora.down", ".lora_A"),
+    (".processor.", "."),
+)
+_DOWN = ".lora_down.weight"
+SD_LOADER_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+
+
+def _refuse_sd_aliases(path: Path, names: list[str], paths: dict[str, str], blocks: set[str]) -> None:
+    """Refuse two ``lora_unet_`` modules that diffusers' SD / SDXL loader maps onto one UNet layer.
+
+    Only a file that loader reads: every key one of :data:`SD_LOADER_PREFIXES`, and UNet blocks
+    (SGM or diffusers names) or SGM's layers outside them, no Flux or SD3 blocks (their loaders map
+    names one by one).
+    """
+    if not names or not all(m.startswith(SD_LOADER_PREFIXES) for m in names) or blocks - {"sgm", "unet"}:
+        return
+    unet = sorted(m for m in paths if m.startswith("lora_unet_"))
+    if not blocks and not any(paths[m] in _SGM_WHOLE for m in unet):
+        return
+    seen: dict[str, str] = {}
+    for module, key in _sgm_remapped([m + _DOWN for m in unet]).items():
+        layer = sd_unet_layer(key)
+        if layer is None:
+            continue
+        other = seen.setdefault(layer, module)
+        if other != module:
+            raise AdapterFormatError(
+                f"{printable(str(path))}: modules {printable(other)!r} and {printable(module)!r} name one UNet "
+                f"layer, {printable(layer)!r}, as diffusers' Stable Diffusion / SDXL loader maps kohya names "
+                "(_convert_unet_lora_key): the two are one key to it, which keeps the later tensor and drops the "
+                "other, while clair would audit each as a module of its own",
+                hint="Keep one name for each layer and save the file again.",
+            )
+
+
+def _sgm_remapped(keys: list[str]) -> dict[str, str]:
+    """``{module: key}``: each ``lora_unet_`` key as diffusers' ``_maybe_map_sgm_blocks_to_diffusers``
+    renames it (SD / SDXL: two layers a block; a block's keys found by substring, the lowest index first)."""
+    modules = {key: key.removesuffix(_DOWN) for key in keys}
+    if not any(p in key for key in keys for p in _SGM_PATTERNS):
+        return {m: key for key, m in modules.items()}
+    out: dict[str, str] = {}
+    ids: dict[str, set[int]] = {p: set() for p in _SGM_PATTERNS}
+    for key in keys:
+        if "text" in key or not any(p in key for p in _SGM_PATTERNS) or "input_blocks_0_0" in key:
+            out[modules[key]] = key
+            continue
+        head = key.split("_")[4]
+        pattern = next(p for p in _SGM_PATTERNS if p in key)
+        if head.isdigit() and len(head) < 10:  # diffusers refuses a file of other indices
+            ids[pattern].add(int(head))
+    for pattern in _SGM_PATTERNS:
+        for i in sorted(ids[pattern]):
+            for key in keys:
+                if f"{pattern}_{i}" not in key or modules[key] in out:
+                    continue
+                parts = key.split("_")
+                if pattern == "middle_block":
+                    if i > 2:
+                        continue
+                    new = [*parts[:4], *_SGM_MIDDLE_PARTS[i], *parts[5:]]
+                else:
+                    inner = parts[5] if len(parts) > 5 else ""
+                    if not (inner.isdigit() and int(inner) < len(_SGM_INNER)):
+                        continue
+                    new = _sgm_block_key(parts, pattern, i, int(inner), "op" in key)
+                out[modules[key]] = "_".join(new)
+    return out
+
+
+def _sgm_block_key(parts: list[str], pattern: str, i: int, inner: int, op: bool) -> list[str]:
+    per = _LAYERS_PER_BLOCK + 1
+    if pattern == "input_blocks":
+        block, layer = (i - 1) // per, (i - 1) % per
+        kind, index = ("downsamplers", "0") if op else (_SGM_INNER[inner], str(layer))
+    else:
+        block, layer = i // per, i % per
+        kind, index = _SGM_INNER[inner], str(layer) if inner < 2 else "0"
+    return [*parts[:4], str(block), kind, index, *parts[6:]]
+
+
+def sd_unet_layer(key: str) -> str | None:
+    """The UNet layer diffusers' SD / SDXL loader loads a ``lora_unet_`` module's ``lora_down`` key
+    (after the SGM remap) into: ``_convert_unet_lora_key``, then its PEFT conversion; None where that
+    conversion drops an index no layer goes without (``add_embedding_linear_1`` and ``_2`` both become
+    ``add.embedding.linear``, which diffusers loads into no layer)."""
+    name = key.replace("lora_unet_", "").replace("_", ".")
+    for old, new in _UNET_RENAMES:
+        name = name.replace(old, new)
+    if "emb" in name and "time.emb.proj" not in name:  # diffusers' "SDXL specific conversions"
+        name, stripped = _LAST_INDEX_RE.subn("", name, count=1)
+        if stripped and not name.endswith("time_emb_proj.lora.down.weight"):
+            return None  # an index dropped from no resnet's emb_layers: no layer of the UNet (add.embedding.linear)
+    if ".in." in name:
+        name = name.replace("in.layers.2", "conv1")
+    if ".out." in name:
+        name = name.replace("out.layers.3", "conv2")
+    if "downsamplers" in name or "upsamplers" in name:
+        name = name.replace("op", "conv")
+    if "skip" in name:
+        name = name.replace("skip.connection", "conv_shortcut")
+    name = name.replace("time.emb.proj", "time_emb_proj").replace("conv.shortcut", "conv_shortcut")
+    if "transformer_blocks" in name:
+        name = name.replace("attn1", "attn1.processor").replace("attn2", "attn2.processor")
+    for old, new in _UNET_TO_PEFT:
+        name = name.replace(old, new)
+    return name.removesuffix(".lora_A.weight")
+
+
+def kohya_loader(modules: Iterable[str]) -> str:
+    """Which of diffusers' loaders reads a kohya file, told by its module names: ``"sd"`` (Stable
+    Diffusion / SDXL: ``lora_unet_`` / ``lora_te*_`` names only, UNet blocks or none), ``"flux"``
+    (sd-scripts' Flux: Black Forest Labs blocks under ``lora_unet_``), ``"flux_transformer"``
+    (``lora_transformer_``: diffusers' Flux names) or ``""`` (another model's)."""
+    names = list(modules)
+    if any(m.startswith("lora_transformer_") for m in names):
+        return "flux_transformer"
+    blocks = {_family(m, rest) for m in names if (rest := _denoiser_path(m, "kohya")) is not None} - {""}
+    if "bfl" in blocks:
+        return "flux"
+    if blocks <= {"sgm", "unet"} and all(m.startswith(SD_LOADER_PREFIXES) for m in names):
+        return "sd"
+    return ""
+
+
+def bfl_outside_blocks(modules: Iterable[str]) -> list[str]:
+    """The ``lora_unet_`` modules of an sd-scripts Flux file outside its blocks (``img_in``, ``txt_in``,
+    ``time_in``, ``vector_in``, ``guidance_in``, ``final_layer``): diffusers' Flux loader (0.42) converts
+    them without the ``transformer.`` prefix and drops them (``_convert_sd_scripts_to_ai_toolkit``)."""
+    return sorted(m for m in modules if m.startswith("lora_unet_") and m.removeprefix("lora_unet_") in _BFL_WHOLE)
