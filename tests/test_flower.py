@@ -387,7 +387,7 @@ def test_metrics_of_another_layout_leave_out_that_reply_only() -> None:
     assert dict(result.evaluate_metrics_clientapp[1]) == {"accuracy": 0.5, "per_class": [0.5, 0.5]}
 
 
-# Found by a review of 2026-12-07: copies in median rounds (tests/test_federated.py), SecAgg decided from
+# Found by a review of 2026-12-06: copies in median rounds (tests/test_federated.py), SecAgg decided from
 # the replies' record names (above), metrics wrong under huge weights, skipped and median rounds alike in
 # the metrics, nothing logged of who was left out, no history of a round of errors, arrays decoded before
 # their keys were checked.
