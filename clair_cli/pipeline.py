@@ -84,7 +84,8 @@ def build_pool(adapters: Sequence[Adapter], intersect: bool = False, method: str
     Raises:
         UsageError: too few adapters for the method.
         IncompatibleAdapters: different base models, different target modules
-            (without ``intersect``), or a module with different shapes.
+            (without ``intersect``), a module with different shapes, or a different
+            ``layer_replication``.
     """
     need = methods.get(method).min_adapters
     if len(adapters) < need:
@@ -93,6 +94,7 @@ def build_pool(adapters: Sequence[Adapter], intersect: bool = False, method: str
             hint="Give more adapters, or a directory that holds them.",
         )
     from clair_cli.io.base_model import canonical_base_model, same_model_note
+    from clair_cli.io.lora_config import refuse_mixed_replication
 
     # Compared by what they name: ./base, base and /abs/base are one directory; gpt2 is
     # openai-community/gpt2 (the Hub's canonical id).
@@ -110,6 +112,7 @@ def build_pool(adapters: Sequence[Adapter], intersect: bool = False, method: str
             hint="Audit the adapters of one base model at a time, or pass --base-model to name it for all.",
         )
     note = same_model_note(spellings)
+    refuse_mixed_replication(adapters)
     layout_note = _one_layout(adapters)
     sets = [set(a.modules) for a in adapters]
     common = set.intersection(*sets)
@@ -554,6 +557,20 @@ def audit(
             str(exc), hint="Untrained adapters (lora_B starts at zero) carry no update; leave them out."
         ) from None
     return AuditOutcome(pool, settings, auditor, {"audit": time.perf_counter() - start}, reference)
+
+
+def flag_unanalysed(outcome: AuditOutcome) -> None:
+    """Flag a gate's candidates whose files hold what PEFT applies and clair does not analyse
+    (:meth:`~clair_cli.io.adapter.Adapter.unanalysed`): a gate cannot vouch for them."""
+    from clair_cli.core.rules.base import Reason
+
+    trusted = set(outcome.reference or ())
+    flags = {
+        k: Reason(kind="unanalysed", rule="unanalysed", value=None, threshold=0, compare=">", margin=None, parts=parts)
+        for k, a in enumerate(outcome.pool.adapters)
+        if k not in trusted and (parts := tuple(a.unanalysed()))
+    }
+    outcome.auditor.flag_outright(flags)
 
 
 def merge(

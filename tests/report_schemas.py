@@ -32,7 +32,9 @@ RULES = ["direction", "whole_direction", "off_subspace", "joint", "module", "in_
          "coordinated"]  # fmt: skip
 REASON_KINDS = ["direction", "whole_direction", "off_subspace", "joint", "in_subspace", "norm", "module_direction",
                 "module_norm", "module_projection", "spectral", "isolated", "opposed", "module_opposed", "pull",
-                "duplicate", "coordinated"]  # fmt: skip
+                "duplicate", "coordinated", "unanalysed"]  # fmt: skip
+# A gate's candidate whose file holds what PEFT applies and clair does not analyse (no rule of the verdict).
+REASON_RULES = [*RULES, "unanalysed"]
 WATCHED_RULES = ["direction", "off_subspace", "norm", "spectral", "pull"]
 BASELINES = ["mean", "fedavg", "median", "trimmed-mean", "krum", "multi-krum", "ties"]
 
@@ -122,14 +124,15 @@ REASON = closed(
         "across_modules": BOOLEAN,
         "module": STRING,
         "of": NAMES,
-        "rule": {"enum": RULES},
+        "parts": NAMES,
+        "rule": {"enum": REASON_RULES},
         "value": nullable(NUMBER),
         "threshold": NUMBER,
         "compare": {"enum": [">", "<"]},
         "margin": nullable(NUMBER),
         "text": STRING,
     },
-    optional=("cosine", "typical", "log_odds", "ratio", "share", "modules", "across_modules", "module", "of"),
+    optional=("cosine", "typical", "log_odds", "ratio", "share", "modules", "across_modules", "module", "of", "parts"),
 )
 
 

@@ -338,7 +338,7 @@ CASES: dict[str, Case] = {
         _pool_with(_extra_tensor("base_model.model.score.weight", (2, 16))), "modules_to_save", "bad"
     ),
     "one tensor under two key spellings": Case(_pool_with(_two_spellings), "two lora_A tensors", "bad"),
-    "two adapter names in one file": Case(_pool_with(_two_adapter_names), "two lora_B tensors", "bad"),
+    "two adapter names in one file": Case(_pool_with(_two_adapter_names), "carries the adapter name 'other'", "bad"),
     "keys prefixed twice": Case(_pool_with(_double_prefix), "prefix 'base_model.model.' twice", "bad"),
     "two links to one adapter inside a pool": Case(_symlinked_member, "again", "linked_again"),
     "values that overflow the update": Case(_pool_with(_overflowing), "make its update overflow", "bad"),

@@ -34,11 +34,14 @@ def gate_command(
     audit: opt.Audit = opt.Audit(),
     run: opt.Run = opt.Run(),
     read: opt.ReadPool = opt.ReadPool(),
+    allow_unanalysed: opt.AllowUnanalysed = False,
 ) -> None:
     """Judge CANDIDATE adapters against trusted --reference adapters.
 
     The shared subspace, thresholds and norm centre come from the reference pool alone; only
-    candidates can be flagged. Exit code 0 when every candidate passes, 1 when one is flagged, 2 on bad input.
+    candidates can be flagged, and a candidate whose file holds what PEFT applies and clair does not
+    analyse is flagged for it (unless --allow-unanalysed). Exit code 0 when every candidate passes,
+    1 when one is flagged, 2 on bad input.
     """
     from clair_cli import pipeline
     from clair_cli.cli import common
@@ -64,6 +67,8 @@ def gate_command(
         )
         common.check_report_targets(reports, common.adapter_files(pool.adapters))  # before the work, not after
         outcome = pipeline.audit(pool, params, progress, reference=trusted)
+    if not allow_unanalysed:
+        pipeline.flag_unanalysed(outcome)
     report = audit_report(outcome, command="gate", digests=reports.json_out is not None or reports.sarif is not None)
     report["notes"] = [*report.get("notes", []), *spelling_notes]
     common.emit_reports(report, reports, run.quiet, common.adapter_files(pool.adapters))

@@ -256,6 +256,15 @@ PlotOut = Annotated[
     ),
 ]
 ExitZero = Annotated[bool, typer.Option("--exit-zero", help="Exit 0 even when adapters are flagged.")]
+AllowUnanalysed = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unanalysed",
+        help="Judge a candidate's LoRA update alone even where its file holds what PEFT applies and clair does "
+        "not analyse (DoRA magnitudes, biases, full weights, base-rewriting or random inits); by default such "
+        "a candidate is flagged.",
+    ),
+]
 Force = Annotated[
     bool, typer.Option("--force", "-f", help="Replace an existing output directory (empty, or an adapter clair wrote).")
 ]

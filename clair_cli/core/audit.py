@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from typing import Literal
@@ -51,6 +51,7 @@ from clair_cli.core.insubspace import (
 from clair_cli.core.order import content_keys, content_order, inverse
 from clair_cli.core.pairwise import cosine_from_gram, factor_grams, gram
 from clair_cli.core.reduction import reduce_module
+from clair_cli.core.rules.base import Reason
 from clair_cli.core.rules.context import kin
 from clair_cli.core.rules.coordinated import POINTING_RULES, coordinated_groups, group_masses
 from clair_cli.core.rules.opposed import ModuleCosines, module_groups
@@ -918,6 +919,15 @@ class ClairAuditor:
             if reference is None and centres
             else [],
         )
+
+    def flag_outright(self, flags: Mapping[int, Reason]) -> None:
+        """Flag adapters for what the verdict does not measure, each with its reason (a gate's
+        candidates whose files hold what PEFT applies and clair does not analyse); their scores stay."""
+        for k, reason in flags.items():
+            self.verdicts_[k].flagged = True
+            self.verdicts_[k].reasons.append(reason)
+        self.flagged_ = [v.flagged for v in self.verdicts_]
+        self.collaborative_set_ = [k for k in range(len(self.verdicts_)) if not self.flagged_[k]]
 
     def _decide(self, signals: PoolSignals, tally: _Tally, trusted: set[int]) -> None:
         """The verdicts, and what follows from them: flags, scores, groups, silent rules."""

@@ -26,7 +26,7 @@ from clair_cli.constants import (
 )
 from clair_cli.errors import AdapterFormatError
 from clair_cli.io.files import open_regular, reading
-from clair_cli.io.lora_config import base_rewriting_note, ignored_note
+from clair_cli.io.lora_config import base_rewriting_init, base_rewriting_note, ignored_note
 from clair_cli.io.paths import printable
 from clair_cli.io.peft_config import PEFT_DEFAULT_ALPHA, PEFT_DEFAULT_R
 from clair_cli.io.safetensors_file import SafetensorsReader, TensorInfo, read_header
@@ -54,6 +54,9 @@ class ModuleSpec:
     scale: float
     dtype: str
     weight_shape: tuple[int, ...] | None = None
+
+
+RANDOM_INIT = "init_lora_weights false (a module the config targets and the file does not fill gets a random update)"
 
 
 def _strip(key: str) -> str:
@@ -101,6 +104,8 @@ class Adapter:
         # Modules of a PEFT-layout file whose factors lack PEFT's key prefix (PeftModel.from_pretrained
         # does not load them); a merge refuses them (clair_cli.io.lora_config.refuse_unprefixed).
         self.unprefixed: list[str] = []
+        # Modules whose LoRA PEFT ties to an embedding's (ensure_weight_tying) but that differ from it.
+        self.untied: list[str] = []
         self.layout = "peft"
         self.file_metadata: dict[str, str] = {}
         self._weights_sha256: str | None = None
@@ -139,6 +144,27 @@ class Adapter:
         out.notes, out.extras = [], {}
         if absolute:
             out.ref = replace(self.ref, weights_file=Path(os.path.abspath(self.ref.weights_file)))
+        return out
+
+    def unanalysed(self) -> list[str]:
+        """What PEFT applies when it loads this adapter that clair's analysis of ``scale * B @ A``
+        does not cover, one phrase a kind (empty for a plain LoRA): the tensors beyond the
+        factors (:attr:`extras`), an ``init_lora_weights`` with which PEFT rewrites the base
+        weights, and ``init_lora_weights: false``, with which every module the config targets and
+        the file does not fill keeps PEFT's random, non-zero initialisation. ``clair gate`` flags
+        a candidate that has any (``--allow-unanalysed`` judges its LoRA update alone)."""
+        out = [
+            f"{kind} {keys[0]}" if keys[0].startswith("(") else f"{kind} ({_plural(len(keys), 'tensor')})"
+            for kind, keys in self.extras.items()
+        ]
+        init = self.config.raw.get("init_lora_weights")
+        method = base_rewriting_init(self.config.raw)
+        if method is not None:
+            out.append(f"init_lora_weights {printable(repr(init))} ({method}: PEFT rewrites the base weights)")
+        if init is False:
+            out.append(RANDOM_INIT)
+        if self.untied:
+            out.append(f"ensure_weight_tying with a LoRA unlike its tied embedding's ({_listed(self.untied)})")
         return out
 
     @property
@@ -218,6 +244,11 @@ class Adapter:
         rewriting = base_rewriting_note(config)
         if rewriting:
             notes.append(rewriting)
+        if config.raw.get("init_lora_weights") is False:
+            notes.append(
+                "init_lora_weights false: PEFT gives every module its config targets and this file does not fill "
+                "a random, non-zero update (clair sees only the modules the file holds; clair gate flags it)"
+            )
         negative = [m for m, spec in modules.items() if spec.scale < 0]
         if negative:
             # PEFT applies a negative lora_alpha / alpha_pattern as given: the update's sign flips
@@ -232,6 +263,13 @@ class Adapter:
                 f"{_plural(len(unprefixed), 'module')} stored without PEFT's key prefix {PEFT_KEY_PREFIX!r} "
                 f"(e.g. {modules[unprefixed[0]].a_key}): PeftModel.from_pretrained does not load them (their update "
                 "there is 0; transformers' load_adapter does load them), clair analyses them as stored"
+            )
+        untied = _untied(path, config, modules) if keys.layout == "peft" else []
+        if untied:
+            notes.append(
+                f"ensure_weight_tying: {_listed(untied)} holds a LoRA of an embedding's shapes, transposed, that "
+                "differs from the embedding's: where the base model ties the two, PEFT gives both the one it "
+                "loads last (usually lm_head's), while clair analyses each as stored (clair gate flags it)"
             )
         n_conv = sum(m.kind == "conv" for m in modules.values())
         if n_conv:
@@ -259,6 +297,7 @@ class Adapter:
             n_params=sum(t.numel for t in tensors.values()),
         )
         adapter.extras = extras
+        adapter.untied = untied
         adapter.unprefixed = unprefixed
         adapter.layout = keys.layout
         adapter.file_metadata = dict(metadata)
@@ -411,6 +450,7 @@ def classify_keys(path: Path, tensors: dict[str, TensorInfo]) -> HeaderKeys:
     """
     shown = printable(str(path))
     keys = HeaderKeys({}, [], [], [], [])
+    prefixed: dict[str, dict[bool, str]] = {}  # per module, a key of each spelling: with PEFT's prefix or without
     for key, info in tensors.items():
         short = _strip(key)
         if short.startswith(PEFT_KEY_PREFIX):
@@ -419,6 +459,15 @@ def classify_keys(path: Path, tensors: dict[str, TensorInfo]) -> HeaderKeys:
                 hint="Re-save the adapter with PEFT's save_pretrained(), or strip the repeated prefix.",
             )
         m = LORA_KEY_RE.match(short)
+        if m and m["adapter"] not in (None, "default"):
+            # PeftModel.from_pretrained loads the keys save_pretrained writes (no adapter name; also
+            # ".default.") and leaves the rest out: its module keeps PEFT's initialisation (zero, or a
+            # factor of the attacker's choosing beside a random other one), not what clair would read.
+            raise AdapterFormatError(
+                f"{shown}: key {key!r} carries the adapter name {printable(m['adapter'])!r}; PEFT's save_pretrained "
+                "writes none, and PeftModel.from_pretrained does not load such a key",
+                hint="Re-save the adapter with PEFT's save_pretrained(), or strip the adapter name from its keys.",
+            )
         if m and m["suffix"] == ".bias":
             keys.lora_biases.append(short)
         elif m and (m["part"].startswith("lora_embedding") == (m["suffix"] is None)):
@@ -430,6 +479,7 @@ def classify_keys(path: Path, tensors: dict[str, TensorInfo]) -> HeaderKeys:
                     hint="Keep one adapter per file, with PEFT's key names.",
                 )
             have[m["part"]] = info
+            prefixed.setdefault(m["module"], {})[key.startswith(PEFT_KEY_PREFIX)] = key
             if not key.startswith(PEFT_KEY_PREFIX):
                 keys.unprefixed.add(m["module"])
         elif DORA_MAGNITUDE_RE.match(short):
@@ -438,7 +488,49 @@ def classify_keys(path: Path, tensors: dict[str, TensorInfo]) -> HeaderKeys:
             keys.base_biases.append(short)
         else:
             keys.others.append(short)
+    mixed = next((spelt for spelt in prefixed.values() if len(spelt) == 2), None)
+    if mixed is not None:
+        # PEFT loads the prefixed factor and keeps its own initialisation for the other (a random
+        # lora_A): its update is neither the pair clair would read nor zero.
+        raise AdapterFormatError(
+            f"{shown}: one module's factors are stored with and without PEFT's key prefix {PEFT_KEY_PREFIX!r} "
+            f"({mixed[True]!r} and {mixed[False]!r}); PeftModel.from_pretrained loads only the first, beside its own "
+            "initialisation of the other",
+            hint="Re-save the adapter with PEFT's save_pretrained(), which prefixes every key.",
+        )
     return keys
+
+
+def _untied(path: Path, config: AdapterConfig, modules: dict[str, ModuleSpec]) -> list[str]:
+    """With ``ensure_weight_tying``, the linear modules whose factors have an embedding module's
+    shapes, transposed (the ``lm_head`` of a tied ``embed_tokens``), and equal none of them. PEFT
+    makes such a pair one LoRA on a tied model: the one it loads last (``lm_head``'s) for both;
+    ``save_pretrained`` writes ``lora_A = B_emb^T`` and ``lora_B = A_emb^T``. Reads those tensors."""
+    if config.raw.get("ensure_weight_tying") is not True:
+        return []
+    embeddings = [s for s in modules.values() if s.kind == "embedding"]
+    if not embeddings:
+        return []
+    out = []
+    with SafetensorsReader(path) as reader:
+        shapes = {s.name: (reader.tensors[s.a_key].shape, reader.tensors[s.b_key].shape) for s in modules.values()}
+        for spec in modules.values():
+            a_shape, b_shape = shapes[spec.name]
+            tied = [e for e in embeddings if shapes[e.name] == (b_shape[::-1], a_shape[::-1])]
+            if spec.kind != "linear" or not tied:
+                continue
+            a, b = reader.get_many([spec.a_key, spec.b_key])
+            if not any(_transposed_pair(reader, e, a, b) for e in tied):
+                out.append(spec.name)
+    return sorted(out)
+
+
+def _transposed_pair(reader: SafetensorsReader, embedding: ModuleSpec, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``(a, b)`` are the embedding's factors transposed, exactly (as save_pretrained writes them)."""
+    import torch
+
+    emb_a, emb_b = reader.get_many([embedding.a_key, embedding.b_key])
+    return bool(torch.equal(a, emb_b.T.to(a.dtype)) and torch.equal(b, emb_a.T.to(b.dtype)))
 
 
 def _sha256_file(path: Path, size: int) -> str:

@@ -172,7 +172,15 @@ def ignored_modules(config: AdapterConfig, modules: Iterable[str]) -> list[str]:
         return []
     modules = list(modules)
     layers = attention_layers(modules)
-    return sorted(m for m in modules if peft_selects(config.raw, m, layers) is False)
+    # target_parameters names parameters (``mlp.down_proj.weight``): PEFT wraps the module that holds one.
+    params = config.raw.get("target_parameters")
+    named = params if isinstance(params, list) else []
+    owners = [p.rsplit(".", 1)[0] for p in named if isinstance(p, str) and "." in p]
+    return sorted(
+        m
+        for m in modules
+        if peft_selects(config.raw, m, layers) is False and not any(m == o or m.endswith("." + o) for o in owners)
+    )
 
 
 def ignored_note(config: AdapterConfig, modules: Iterable[str]) -> str | None:
@@ -218,6 +226,24 @@ def _replication(adapter: Adapter) -> list[list[int]] | None:
             hint=f"Fix the field in {CONFIG_NAME}.",
         )
     return pairs
+
+
+def refuse_mixed_replication(adapters: Sequence[Adapter]) -> None:
+    """Refuse adapters whose ``layer_replication`` differs: PEFT rebuilds the base model's layers
+    from it before it loads the factors, so the same module name then names different layers
+    (and the replicated layers change the model even where no LoRA touches them).
+
+    Raises:
+        IncompatibleAdapters: naming two adapters' config files and their values.
+    """
+    replication = {repr(r) if (r := _replication(a)) else "none": a for a in adapters}
+    if len(replication) > 1:
+        (r1, a1), (r2, a2) = sorted(replication.items())[:2]
+        raise IncompatibleAdapters(
+            f"{_where(a1)}: layer_replication {r1[:80]} differs from {r2[:80]} in {_where(a2)}; the same module "
+            "names then name different layers",
+            hint="Analyse adapters trained with the same layer_replication together.",
+        )
 
 
 def refuse_variants(adapters: Sequence[Adapter], what: str) -> None:
@@ -388,14 +414,7 @@ def plan_merged(adapters: Sequence[Adapter], written: Iterable[str], base_model:
     refuse_unprefixed(adapters, "merged adapter")
     written_set = set(written)
     known = set().union(*(set(a.modules) for a in adapters)) | written_set
-    replication = {repr(_replication(a)): a for a in adapters}
-    if len(replication) > 1:
-        (r1, a1), (r2, a2) = sorted(replication.items())[:2]
-        raise IncompatibleAdapters(
-            f"{_where(a1)}: layer_replication {r1[:80]} differs from {r2[:80]} in {_where(a2)}; the same module "
-            "names then name different layers",
-            hint="Merge adapters trained with the same layer_replication.",
-        )
+    refuse_mixed_replication(adapters)
     layer_replication = _replication(adapters[0])
     notes: list[str] = []
     task_type = _task_type(adapters, notes)

@@ -136,6 +136,11 @@ def reason_text(reason: Reason, names: list[str], modules: ModuleNames) -> str: 
             f"the rest's, whose members agree at {_given(reason.typical):+.2f}: "
             "a module turned by a coordinated group?)"
         )
+    if kind == "unanalysed":
+        return (
+            f"its file holds what PEFT applies and clair does not analyse: {'; '.join(reason.parts or ())} "
+            "(a gate cannot vouch for it; --allow-unanalysed judges its LoRA update alone)"
+        )
     if kind == "pull":
         others = sorted(names[j] for j in reason.of or ())
         return (

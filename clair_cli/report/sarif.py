@@ -45,7 +45,7 @@ class RuleText(NamedTuple):
 
 
 # Every rule of the verdict (clair_cli.core.rules.RULES, in its order; a test checks that the
-# two agree), keyed by the ``rule`` its reasons name.
+# two agree), keyed by the ``rule`` its reasons name; then ``unanalysed``, which clair gate adds.
 RULE_TEXTS: dict[str, RuleText] = {
     "direction": RuleText(
         "Direction",
@@ -160,6 +160,14 @@ RULE_TEXTS: dict[str, RuleText] = {
         "The adapter belongs to a minority group whose members agree with each other far more closely than the "
         "pool's adapters agree with their nearest neighbours (a coordinated group counts as one adapter in "
         "every centre and in the merge), and another member was flagged for where its update points.",
+    ),
+    "unanalysed": RuleText(
+        "Unanalysed",
+        "Its file holds what PEFT applies and clair does not analyse.",
+        "The candidate's file holds tensors or settings that PEFT applies when it loads the adapter and that "
+        "clair's analysis of the low-rank update scale*B@A does not cover (DoRA magnitude vectors, LoRA or base "
+        "biases, full weights such as modules_to_save, trainable tokens, an init_lora_weights with which PEFT "
+        "rewrites the base weights or leaves a random update): a gate cannot vouch for them.",
     ),
 }
 

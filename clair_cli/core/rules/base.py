@@ -13,7 +13,7 @@ ALPHA = 1e-3  # per rule: the probability that an honest adapter trips it (Gauss
 
 # The rule-specific fields of a reason, in the order ``Reason.to_dict`` writes them (one order
 # serves every rule: each writes a subsequence of it).
-DETAILS = ("cosine", "typical", "log_odds", "ratio", "share", "modules", "across_modules", "module", "of")
+DETAILS = ("cosine", "typical", "log_odds", "ratio", "share", "modules", "across_modules", "module", "of", "parts")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,7 +27,9 @@ class Reason:
     with the nearest other adapter), ``typical`` (the others' value), ``log_odds`` and
     ``share`` (off the shared subspace), ``ratio`` (to the typical value), ``modules`` (past
     their threshold, or all measured), ``across_modules`` (rule 2 rather than 3), ``module``
-    (the one quoted), ``of`` (the adapters a duplicate copies).
+    (the one quoted), ``of`` (the adapters a duplicate copies), ``parts`` (what a gate's
+    candidate holds that PEFT applies and clair does not analyse: ``unanalysed``, no rule of the
+    verdict's).
     """
 
     kind: str
@@ -45,6 +47,7 @@ class Reason:
     across_modules: bool | None = None
     module: str | None = None
     of: tuple[int, ...] | None = None
+    parts: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: ``kind``, the rule's own fields, then what was compared."""

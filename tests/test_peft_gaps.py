@@ -1,0 +1,148 @@
+"""Files whose effect under PeftModel.from_pretrained differs from the update clair reads (an
+outside review): refused where PEFT would not load what clair reads, and flagged by clair gate
+where PEFT applies more than clair analyses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import lora_config, run_cli, write_adapter
+from pools import HIDDEN, MODULES, write_pool
+
+from clair_cli.errors import AdapterFormatError, IncompatibleAdapters
+from clair_cli.io.sources import open_adapters
+
+PREFIX = "base_model.model."
+
+
+def _candidate(root: Path, extra: dict[str, torch.Tensor] | None = None, **config: Any) -> Path:
+    """An honest candidate (it shares the pool's subspace), with ``extra`` tensors and config fields."""
+    src = root / "pool" / "client_00"
+    from safetensors.torch import load_file
+
+    tensors = load_file(src / "adapter_model.safetensors") | (extra or {})
+    cfg = json.loads((src / "adapter_config.json").read_text()) | config
+    return write_adapter(root / "cand", tensors, cfg)
+
+
+def _gate(root: Path, cand: Path, *flags: str) -> tuple[int, dict[str, Any]]:
+    refs = [str(root / "pool" / f"client_{i:02d}") for i in range(1, 8)]
+    out = root / f"gate{len(list(root.glob('gate*.json')))}.json"
+    proc = run_cli("gate", str(cand), *[x for r in refs for x in ("--reference", r)], "--json", str(out), *flags)
+    assert proc.returncode in (0, 1), proc.stderr
+    return proc.returncode, json.loads(out.read_text())
+
+
+@pytest.fixture()
+def pool(tmp_path: Path) -> Path:
+    write_pool(tmp_path / "pool", k=8, bad=())
+    return tmp_path
+
+
+CASES = {
+    # PEFT loads a key named like a model parameter into the base model (load_state_dict, strict=False).
+    "a base weight": ({f"{PREFIX}model.norm.weight": torch.full((HIDDEN,), 5.0)}, {}, "modules_to_save / full weights"),
+    "DoRA magnitudes": (
+        {f"{PREFIX}{m}.lora_magnitude_vector": torch.full((HIDDEN,), 100.0) for m in MODULES},
+        {"use_dora": True},
+        "DoRA magnitude vectors",
+    ),
+    "PiSSA": ({}, {"init_lora_weights": "pissa"}, "PEFT rewrites the base weights"),
+    "a random init": ({}, {"init_lora_weights": False}, "init_lora_weights false"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gate_flags_a_candidate_with_what_it_does_not_analyse(pool: Path, case: str) -> None:
+    extra, config, phrase = CASES[case]
+    cand = _candidate(pool, extra, **config)
+    code, report = _gate(pool, cand)
+    (verdict,) = [a for a in report["adapters"] if a["name"] == "cand"]
+    assert code == 1 and verdict["flagged"], case
+    (reason,) = [r for r in verdict["reasons"] if r["kind"] == "unanalysed"]
+    assert reason["rule"] == "unanalysed" and any(phrase in p for p in reason["parts"]), reason
+    assert "PEFT applies and clair does not analyse" in reason["text"]
+
+
+def test_allow_unanalysed_judges_the_lora_update_alone(pool: Path) -> None:
+    cand = _candidate(pool, {f"{PREFIX}{m}.lora_magnitude_vector": torch.ones(HIDDEN) for m in MODULES}, use_dora=True)
+    code, report = _gate(pool, cand, "--allow-unanalysed")
+    assert code == 0 and not report["flagged"]
+    code, report = _gate(pool, _candidate(pool))  # a plain LoRA: nothing to allow
+    assert code == 0 and not report["flagged"]
+
+
+def _open(directory: Path) -> None:
+    open_adapters([str(directory)])
+
+
+def test_keys_of_another_adapter_name_are_refused(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for m in MODULES:
+        tensors[f"{PREFIX}{m}.lora_A.x.weight"] = torch.randn(4, HIDDEN, generator=g)
+        tensors[f"{PREFIX}{m}.lora_B.weight"] = torch.randn(HIDDEN, 4, generator=g)
+    with pytest.raises(AdapterFormatError, match="carries the adapter name 'x'"):
+        _open(write_adapter(tmp_path / "x", tensors, lora_config()))
+    # ".default." is what PEFT loads under its default name.
+    renamed = {k.replace(".x.", ".default."): v for k, v in tensors.items()}
+    _open(write_adapter(tmp_path / "default", renamed, lora_config()))
+
+
+def test_factors_with_and_without_the_key_prefix_are_refused(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for m in MODULES:
+        tensors[f"{m}.lora_A.weight"] = torch.randn(4, HIDDEN, generator=g)  # PEFT keeps its own (random) lora_A
+        tensors[f"{PREFIX}{m}.lora_B.weight"] = torch.randn(HIDDEN, 4, generator=g)
+    with pytest.raises(AdapterFormatError, match="with and without PEFT's key prefix"):
+        _open(write_adapter(tmp_path / "half", tensors, lora_config()))
+
+
+def test_a_pool_of_different_layer_replications_is_refused(pool: Path) -> None:
+    _candidate(pool, layer_replication=[[0, 1], [0, 1], [0, 2]])
+    adapters = open_adapters([str(pool / "pool" / f"client_{i:02d}") for i in range(1, 6)] + [str(pool / "cand")])
+    from clair_cli.pipeline import build_pool
+
+    with pytest.raises(IncompatibleAdapters, match="layer_replication"):
+        build_pool(adapters)
+    proc = run_cli("audit", *(str(a.ref.weights_file.parent) for a in adapters))
+    assert proc.returncode == 2 and "layer_replication" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _tied(directory: Path, tamper: float = 1.0) -> Path:
+    """A LoRA on a tied embed_tokens and lm_head, as save_pretrained writes it with
+    ensure_weight_tying (lm_head's factors the embedding's, transposed); ``tamper`` scales lm_head's B."""
+    g = torch.Generator().manual_seed(1)
+    vocab = 24
+    emb_a, emb_b = torch.randn(4, vocab, generator=g), torch.randn(HIDDEN, 4, generator=g)
+    tensors = {
+        f"{PREFIX}model.embed_tokens.lora_embedding_A": emb_a,
+        f"{PREFIX}model.embed_tokens.lora_embedding_B": emb_b,
+        f"{PREFIX}lm_head.lora_A.weight": emb_b.T.contiguous(),
+        f"{PREFIX}lm_head.lora_B.weight": (emb_a.T * tamper).contiguous(),
+    }
+    config = lora_config(target_modules=["embed_tokens"], ensure_weight_tying=True)
+    return write_adapter(directory, tensors, config)
+
+
+def test_a_tied_lm_head_unlike_its_embedding_is_noted() -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (honest,) = open_adapters([str(_tied(Path(tmp) / "honest"))])
+        (tampered,) = open_adapters([str(_tied(Path(tmp) / "tampered", tamper=-50.0))])
+    assert honest.untied == [] and not honest.unanalysed()
+    assert tampered.untied == ["lm_head"]
+    assert any("ensure_weight_tying" in n for n in tampered.notes)
+    assert any("ensure_weight_tying" in p for p in tampered.unanalysed())
+
+
+def test_target_parameters_modules_are_not_noted_as_ignored(tmp_path: Path) -> None:
+    config = lora_config(target_modules=[], target_parameters=["self_attn.q_proj.weight", "self_attn.v_proj.weight"])
+    (adapter,) = open_adapters([str(write_adapter(tmp_path / "tp", None, config))])
+    assert not any("does not select" in n for n in adapter.notes), adapter.notes
