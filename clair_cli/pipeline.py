@@ -503,7 +503,7 @@ def audit(
 ) -> AuditOutcome:
     """Run CLAIR over the pool (``reference``: trusted adapters, as in ``clair gate``;
     ``copies``: as :class:`clair_cli.core.audit.ClairAuditor`'s)."""
-    from clair_cli.core.audit import ClairAuditor, EmptyUpdates, VerdictOptions
+    from clair_cli.core.audit import CancellingUpdate, ClairAuditor, EmptyUpdates, VerdictOptions
 
     start = time.perf_counter()
     asked_device = settings.device
@@ -555,6 +555,15 @@ def audit(
     except EmptyUpdates as exc:
         raise IncompatibleAdapters(
             str(exc), hint="Untrained adapters (lora_B starts at zero) carry no update; leave them out."
+        ) from None
+    except CancellingUpdate as exc:
+        from clair_cli.io.paths import printable
+
+        where = printable(str(pool.adapters[exc.member].ref.weights_file))
+        raise AdapterFormatError(
+            f"{where}: module {printable(exc.module)!r}: {exc.args[2]}",
+            hint="Save the adapter's factors as trained (PEFT's save_pretrained); an update written as large "
+            "terms that cancel hides what it is.",
         ) from None
     return AuditOutcome(pool, settings, auditor, {"audit": time.perf_counter() - start}, reference)
 

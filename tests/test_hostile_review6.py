@@ -338,3 +338,14 @@ def test_text_encoder_attention_without_out_proj_has_a_note(with_mlp: bool, tmp_
     else:
         with pytest.raises(ValueError, match="Could not automatically infer state dict type"):
             fused_deltas(path)
+
+
+def test_an_sd15_file_in_sgm_names_with_blocks_10_and_11_is_read() -> None:
+    """SD 1.5's SGM input blocks run to 11: diffusers' substring match takes input_blocks_10 and 11
+    for block 1 (and then fails on the file; ComfyUI and A1111 read it). Not two names of one layer."""
+    resnet = ("in_layers_2", "out_layers_3", "emb_layers_1")
+    names = [f"lora_unet_input_blocks_{i}_0_{p}" for i in (1, 2, 4, 5, 7, 8, 10, 11) for p in resnet]
+    names += [f"lora_unet_input_blocks_{i}_0_op" for i in (3, 6, 9)]
+    refuse_two_spellings(Path("sd15.safetensors"), names, "kohya")  # not refused
+    layers = {sd_unet_layer(key) for key in _sgm_remapped([f"{n}.lora_down.weight" for n in names]).values()}
+    assert len(layers) == len(names)

@@ -52,7 +52,11 @@ CASES = {
         "DoRA magnitude vectors",
     ),
     "PiSSA": ({}, {"init_lora_weights": "pissa"}, "PEFT rewrites the base weights"),
-    "a random init": ({}, {"init_lora_weights": False}, "init_lora_weights false"),
+    "a random init": ({}, {"init_lora_weights": False}, "a false init_lora_weights"),
+    "a random init, 0": ({}, {"init_lora_weights": 0}, "a false init_lora_weights"),
+    "a random init, null": ({}, {"init_lora_weights": None}, "a false init_lora_weights"),
+    # KaSA truncates the base weights' spectrum (a review: logits moved more than by the whole LoRA).
+    "a variant": ({}, {"kasa_config": {}}, "KaSA (kasa_config) modifies the base weights"),
 }
 
 

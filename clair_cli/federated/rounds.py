@@ -108,29 +108,46 @@ class RoundResult:
 def client_update(
     client: Mapping[str, Factors], global_factors: Mapping[str, Factors], scales: Mapping[str, float]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """A client's update ``s B_k A_k - s B_g A_g`` per module, as exact LoRA factors."""
+    """A client's update ``s B_k A_k - s B_g A_g`` per module, as LoRA factors: the client's own
+    where the global adapter is zero; else the balanced factors of the difference of the two terms'
+    canonical factors (:mod:`clair_cli.core.canonical`, whatever either term's factorisation), and an
+    exact zero where the two terms agree to ``UNCHANGED_RELATIVE`` (the global's update sent back,
+    as it was, re-factored or with its rank permuted: not the rounding of their difference, which
+    has a direction of its own and, from a minority that leaves a module untouched, once set that
+    module's typical values; docs/security.md, "A module left untouched").
+
+    Raises:
+        CancellingFactors: the client's factors of a module are pairs of terms that cancel
+            (:data:`~clair_cli.core.canonical.MAX_CANCELLATION`).
+    """
     import torch
 
     from clair_cli.core.canonical import canonical_factors
-    from clair_cli.io.adapter import peak, update_overflows
 
     out = {}
     for module, (A, B) in client.items():
         Ag, Bg = global_factors[module]
-        if not bool(Bg.any()) or not bool(Ag.any()):
-            out[module] = (A, B, scales[module])
-            continue
         s = scales[module]
-        Ag, Bg = Ag.to(A.dtype), Bg.to(B.dtype)
-        rank = A.shape[0] + Ag.shape[0]
-        if update_overflows(s, rank, [max(peak(A), peak(Ag)), max(peak(B), peak(Bg))]):
-            # Factors of very different balance than the global's (c B, A / c): the stacked
-            # factors would look like an overflowing update though neither term is one. The
-            # client's term in balanced factors (the same update; scale folded in) instead.
-            ca, cb = canonical_factors(A, B, 1.0)
-            A, B = ca.to(A.dtype), cb.to(B.dtype)
-        out[module] = (torch.cat([A, Ag], 0), torch.cat([B, -Bg], 1), s)
+        ca, cb = canonical_factors(A, B, 1.0)  # (checks the client's factors)
+        if not bool(Bg.any()) or not bool(Ag.any()):
+            out[module] = (A, B, s)
+            continue
+        ga, gb = canonical_factors(Ag.to(A.dtype), Bg.to(B.dtype), 1.0, check=False)
+        # The difference of two balanced terms: no pair of huge terms, whatever the client sent.
+        da, db = canonical_factors(torch.cat([ca, ga]), torch.cat([cb, -gb], 1), 1.0, check=False)
+        if _norm(da, db) <= UNCHANGED_RELATIVE * max(_norm(ca, cb), _norm(ga, gb)):
+            out[module] = (torch.zeros_like(A), torch.zeros_like(B), s)
+        else:
+            out[module] = (da.to(A.dtype), db.to(B.dtype), s)
     return out
+
+
+UNCHANGED_RELATIVE = 2.0**-26  # a quarter of float32's unit roundoff: what PEFT's float32 product cannot show
+
+
+def _norm(A: torch.Tensor, B: torch.Tensor) -> float:
+    """``||B A||_F`` from the factors' Gram matrices (``tr(B^T B A A^T)``), never forming ``B A``."""
+    return math.sqrt(max(float(((B.T @ B) * (A @ A.T)).sum()), 0.0))
 
 
 def _unchanged(client: Mapping[str, Factors], global_factors: Mapping[str, Factors]) -> bool:
@@ -161,6 +178,7 @@ def check_factors(
             the configured one (the global adapter could not be loaded back).
         AdapterFormatError: a factor with NaN or infinite values, or an update past the bound.
     """
+    from clair_cli.core.canonical import CancellingFactors
     from clair_cli.io.adapter import peak, update_overflows
 
     _check_types(name, client)
@@ -178,10 +196,13 @@ def check_factors(
             raise AdapterFormatError(f"{name}: module {module}: the factors hold NaN or infinite values")
     if scales is None:
         return
-    # The update as the audit reads it (client_update: rank 2r once the global LoRA is non-zero,
-    # the client's term balanced where its factors are merely skewed against the global's),
-    # checked as the reader checks every adapter, so that a reply it would refuse is left out here.
-    for module, (A, B, s) in client_update(client, global_factors, scales).items():
+    # The update as the audit reads it (client_update), checked as the reader checks every
+    # adapter, so that a reply it would refuse is left out here.
+    for module in client:
+        try:
+            ((A, B, s),) = client_update({module: client[module]}, global_factors, scales).values()
+        except CancellingFactors as exc:
+            raise AdapterFormatError(f"{name}: module {module}: {exc}") from None
         peaks = [peak(A), peak(B)]
         if update_overflows(s, A.shape[0], peaks):
             raise AdapterFormatError(

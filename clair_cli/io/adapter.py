@@ -26,7 +26,7 @@ from clair_cli.constants import (
 )
 from clair_cli.errors import AdapterFormatError
 from clair_cli.io.files import open_regular, reading
-from clair_cli.io.lora_config import base_rewriting_init, base_rewriting_note, ignored_note
+from clair_cli.io.lora_config import base_rewriting_init, base_rewriting_note, ignored_note, random_init, variants_on
 from clair_cli.io.paths import printable
 from clair_cli.io.peft_config import PEFT_DEFAULT_ALPHA, PEFT_DEFAULT_R
 from clair_cli.io.safetensors_file import SafetensorsReader, TensorInfo, read_header
@@ -56,7 +56,7 @@ class ModuleSpec:
     weight_shape: tuple[int, ...] | None = None
 
 
-RANDOM_INIT = "init_lora_weights false (a module the config targets and the file does not fill gets a random update)"
+RANDOM_INIT = "a false init_lora_weights (a module the config targets and the file does not fill gets a random update)"
 
 
 def _strip(key: str) -> str:
@@ -161,8 +161,10 @@ class Adapter:
         method = base_rewriting_init(self.config.raw)
         if method is not None:
             out.append(f"init_lora_weights {printable(repr(init))} ({method}: PEFT rewrites the base weights)")
-        if init is False:
+        if random_init(self.config.raw):
             out.append(RANDOM_INIT)
+        # target_parameters on plain Linear weights is exactly scale * B @ A; the others are not.
+        out += [why for why in variants_on(self.config.raw) if not why.startswith("target_parameters")]
         if self.untied:
             out.append(f"ensure_weight_tying with a LoRA unlike its tied embedding's ({_listed(self.untied)})")
         return out
@@ -244,10 +246,11 @@ class Adapter:
         rewriting = base_rewriting_note(config)
         if rewriting:
             notes.append(rewriting)
-        if config.raw.get("init_lora_weights") is False:
+        if random_init(config.raw):
             notes.append(
-                "init_lora_weights false: PEFT gives every module its config targets and this file does not fill "
-                "a random, non-zero update (clair sees only the modules the file holds; clair gate flags it)"
+                f"init_lora_weights {printable(repr(config.raw['init_lora_weights']))}: PEFT gives every module its "
+                "config targets and this file does not fill a random, non-zero update (clair sees only the modules "
+                "the file holds; clair gate flags it)"
             )
         negative = [m for m, spec in modules.items() if spec.scale < 0]
         if negative:

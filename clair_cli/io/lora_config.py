@@ -246,6 +246,25 @@ def refuse_mixed_replication(adapters: Sequence[Adapter]) -> None:
         )
 
 
+def variants_on(raw: Mapping[str, Any]) -> list[str]:
+    """What each LoRA variant the config turns on does (:data:`UNSUPPORTED_FIELDS`), in its order."""
+    return [
+        why
+        for name, why in UNSUPPORTED_FIELDS.items()
+        if not any(
+            raw.get(name) is off or (raw.get(name) == off and type(raw.get(name)) is type(off))
+            for off in VARIANT_OFF[name]
+        )
+    ]
+
+
+def random_init(raw: Mapping[str, Any]) -> bool:
+    """Whether the config gives ``init_lora_weights`` a false value (``false``, ``0``, ``null``, ``""``):
+    PEFT (``elif init_lora_weights:``) then leaves ``lora_A`` and ``lora_B`` at their layers' random
+    initialisation, which every module the config targets and the file does not fill keeps."""
+    return "init_lora_weights" in raw and not raw["init_lora_weights"]
+
+
 def refuse_variants(adapters: Sequence[Adapter], what: str) -> None:
     """Refuse adapters whose config turns on a LoRA variant that ``what`` cannot reproduce, or an
     init with which PEFT rewrites the base weights (:func:`refuse_base_rewriting`).
@@ -255,9 +274,8 @@ def refuse_variants(adapters: Sequence[Adapter], what: str) -> None:
     """
     for a in adapters:
         raw = a.config.raw
-        for name, why in UNSUPPORTED_FIELDS.items():
-            value = raw.get(name)
-            if not any(value is off or (value == off and type(value) is type(off)) for off in VARIANT_OFF[name]):
+        for why in variants_on(raw):
+            if why:
                 raise IncompatibleAdapters(
                     f"{_where(a)}: {why}; clair cannot write a {what} that PEFT loads as computed",
                     hint="Leave this adapter out, or audit it only (clair audit).",

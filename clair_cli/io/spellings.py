@@ -437,7 +437,9 @@ def _sgm_remapped(keys: list[str]) -> dict[str, str]:
     for pattern in _SGM_PATTERNS:
         for i in sorted(ids[pattern]):
             for key in keys:
-                if f"{pattern}_{i}" not in key or modules[key] in out:
+                # The block's own index (diffusers tests a substring, so that input_blocks_1 also takes
+                # input_blocks_10 and 11 and then fails on the file; ComfyUI and A1111 read it right).
+                if pattern not in key or key.split("_")[4] != str(i) or modules[key] in out:
                     continue
                 parts = key.split("_")
                 if pattern == "middle_block":
