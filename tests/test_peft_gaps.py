@@ -150,3 +150,26 @@ def test_target_parameters_modules_are_not_noted_as_ignored(tmp_path: Path) -> N
     config = lora_config(target_modules=[], target_parameters=["self_attn.q_proj.weight", "self_attn.v_proj.weight"])
     (adapter,) = open_adapters([str(write_adapter(tmp_path / "tp", None, config))])
     assert not any("does not select" in n for n in adapter.notes), adapter.notes
+
+
+def test_per_expert_moe_patterns_are_unanalysed(tmp_path: Path) -> None:
+    """transformers 5 fuses the experts and PEFT then ignores patterns on expert and router modules
+    (a review: lora_alpha 800 with alpha_pattern 8 on every expert passed the audit while PEFT
+    applied 100x what clair read) and scales rsLoRA gate/up experts by sqrt 2."""
+    from helpers import random_factors
+
+    moe = {f"model.layers.0.block_sparse_moe.experts.{e}.{w}": (16, 12) for e in range(2) for w in ("w1", "w3")}
+    moe |= {f"model.layers.0.block_sparse_moe.experts.{e}.w2": (12, 16) for e in range(2)}
+    moe["model.layers.0.self_attn.q_proj"] = (12, 12)
+    tensors = random_factors(moe)
+    targets = {"target_modules": ["w1", "w2", "w3", "q_proj"]}
+    cases = {
+        "plain": ({}, None),
+        "pattern on q_proj only": ({"alpha_pattern": {"q_proj": 32}}, None),
+        "pattern on experts": ({"lora_alpha": 800, "alpha_pattern": {"w1": 8, "w2": 8, "w3": 8}}, "PEFT ignores them"),
+        "rsLoRA": ({"use_rslora": True}, "scales their updates by sqrt 2"),
+    }
+    for name, (config, phrase) in cases.items():
+        (adapter,) = open_adapters([str(write_adapter(tmp_path / name, tensors, lora_config(**targets, **config)))])
+        parts = adapter.unanalysed()
+        assert (phrase is None and parts == []) or (phrase is not None and any(phrase in p for p in parts)), name

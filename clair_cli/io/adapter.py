@@ -13,6 +13,7 @@ import copy
 import hashlib
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -56,6 +57,14 @@ class ModuleSpec:
     weight_shape: tuple[int, ...] | None = None
 
 
+# Per-expert MoE LoRA modules (transformers 4 key layout) and MoE routers. transformers 5 fuses the
+# experts of these models, and PEFT (0.21) converts such an adapter into a LoRA of the fused
+# parameters when it loads it: exactly for plain configs, but ignoring rank_pattern / alpha_pattern
+# entries of expert and router modules and doubling the rank and alpha of gate/up pairs (which
+# changes an rsLoRA scale by sqrt 2). Under transformers 4 the file loads as clair reads it.
+EXPERT_MODULE_RE = re.compile(r"\.experts\.\d+\.(?:w1|w2|w3|gate_proj|up_proj|down_proj)$")
+ROUTER_MODULE_RE = re.compile(r"\.(?:block_sparse_moe|mlp)\.gate$")
+GATE_UP_RE = re.compile(r"\.experts\.\d+\.(?:w1|w3|gate_proj|up_proj)$")
 RANDOM_INIT = "a false init_lora_weights (a module the config targets and the file does not fill gets a random update)"
 
 
@@ -167,6 +176,9 @@ class Adapter:
         out += [why for why in variants_on(self.config.raw) if not why.startswith("target_parameters")]
         if self.untied:
             out.append(f"ensure_weight_tying with a LoRA unlike its tied embedding's ({_listed(self.untied)})")
+        moe = expert_scaling(self.config, self.modules)
+        if moe:
+            out.append(moe)
         return out
 
     @property
@@ -274,6 +286,9 @@ class Adapter:
                 "differs from the embedding's: where the base model ties the two, PEFT gives both the one it "
                 "loads last (usually lm_head's), while clair analyses each as stored (clair gate flags it)"
             )
+        moe = expert_scaling(config, modules)
+        if moe:
+            notes.append(f"{moe} (under transformers 4 it loads as clair reads it; clair gate flags it)")
         n_conv = sum(m.kind == "conv" for m in modules.values())
         if n_conv:
             notes.append(f"{_plural(n_conv, 'conv module')}: kernels flattened into the input dimension")
@@ -502,6 +517,29 @@ def classify_keys(path: Path, tensors: dict[str, TensorInfo]) -> HeaderKeys:
             hint="Re-save the adapter with PEFT's save_pretrained(), which prefixes every key.",
         )
     return keys
+
+
+def expert_scaling(config: AdapterConfig, modules: Iterable[str]) -> str | None:
+    """What of a per-expert MoE LoRA's scaling PEFT does not apply when transformers 5 fuses the
+    experts (see ``EXPERT_MODULE_RE``): rank or alpha patterns that change an expert's or a router's
+    scale, or rsLoRA on gate/up experts. None for other adapters."""
+    modules = list(modules)
+    experts = [m for m in modules if EXPERT_MODULE_RE.search(m)]
+    if not experts:
+        return None
+    routed = experts + [m for m in modules if ROUTER_MODULE_RE.search(m)]
+    patterned = [m for m in routed if config.rank_for(m) != config.r or config.alpha_for(m) != config.lora_alpha]
+    if patterned:
+        return (
+            f"rank_pattern / alpha_pattern on {_plural(len(patterned), 'expert or router module')} of a per-expert "
+            f"MoE LoRA (e.g. {patterned[0]}): PEFT ignores them where transformers 5 fuses the experts"
+        )
+    if config.use_rslora and any(GATE_UP_RE.search(m) for m in experts):
+        return (
+            "rsLoRA on the gate/up experts of a per-expert MoE LoRA: where transformers 5 fuses the experts, "
+            "PEFT scales their updates by sqrt 2"
+        )
+    return None
 
 
 def _untied(path: Path, config: AdapterConfig, modules: dict[str, ModuleSpec]) -> list[str]:
