@@ -367,6 +367,8 @@ def _read_fitted(
         if cast_faithfully(m.A, m.A) and cast_faithfully(m.B, m.B):  # (one reduction each)
             return m.A, m.B, m.scale
     m = adapter.read_module(reader, name, torch.float64)
+    if "F64" in stored:
+        _check_float32_load(adapter, name, m.A, m.B)
     try:
         return in_dtype(m.A, m.B, m.scale, dtype, balance=not as_given)
     except ValueError as exc:
@@ -374,6 +376,39 @@ def _read_fitted(
             f"{printable(str(adapter.ref.weights_file))}: module {name!r}: {exc}",
             hint="Use --dtype float64, or check the adapter (clair inspect).",
         ) from None
+
+
+FLOAT32_LOAD_TOLERANCE = 1e-4  # of the update: float64 factors whose float32 cast moves it more are refused
+
+
+def _check_float32_load(adapter: Adapter, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+    """Refuse float64 factors whose float32 cast (what PEFT loads into a float32 model) makes
+    another update than they do: clair would audit an update PEFT never applies. An outside review
+    built such a file: pairs of large terms that differ below float32's resolution read as a benign
+    adapter in float64 and cancel exactly in float32, leaving a backdoor's update; clair gate passed
+    it. Factors beyond float32's range (which PEFT cannot load faithfully) are left to the balancing
+    of :func:`~clair_cli.core.canonical.in_dtype`, as before.
+
+    Raises:
+        AdapterFormatError: naming the file and module, and how far the cast moves the update.
+    """
+    import torch
+
+    from clair_cli.core.canonical import update_difference
+    from clair_cli.io.paths import printable
+
+    a32, b32 = A.float(), B.float()
+    if not (bool(torch.isfinite(a32).all()) and bool(torch.isfinite(b32).all())):
+        return
+    *_, moved = update_difference(A, B, a32.double(), b32.double())
+    if moved > FLOAT32_LOAD_TOLERANCE:
+        raise AdapterFormatError(
+            f"{printable(str(adapter.ref.weights_file))}: module {name!r}: its float64 factors make an update that "
+            f"their float32 cast, what PEFT loads into a float32 model, moves by {moved:.1%}; clair would audit an "
+            "update PEFT does not apply",
+            hint="Save the factors in float32 (or as trained): float64 values that float32 cannot hold change the "
+            "update.",
+        )
 
 
 # What a worker process of --jobs holds beside its module's work: Python, torch and clair
@@ -503,7 +538,7 @@ def audit(
 ) -> AuditOutcome:
     """Run CLAIR over the pool (``reference``: trusted adapters, as in ``clair gate``;
     ``copies``: as :class:`clair_cli.core.audit.ClairAuditor`'s)."""
-    from clair_cli.core.audit import CancellingUpdate, ClairAuditor, EmptyUpdates, VerdictOptions
+    from clair_cli.core.audit import ClairAuditor, EmptyUpdates, VerdictOptions
 
     start = time.perf_counter()
     asked_device = settings.device
@@ -555,15 +590,6 @@ def audit(
     except EmptyUpdates as exc:
         raise IncompatibleAdapters(
             str(exc), hint="Untrained adapters (lora_B starts at zero) carry no update; leave them out."
-        ) from None
-    except CancellingUpdate as exc:
-        from clair_cli.io.paths import printable
-
-        where = printable(str(pool.adapters[exc.member].ref.weights_file))
-        raise AdapterFormatError(
-            f"{where}: module {printable(exc.module)!r}: {exc.args[2]}",
-            hint="Save the adapter's factors as trained (PEFT's save_pretrained); an update written as large "
-            "terms that cancel hides what it is.",
         ) from None
     return AuditOutcome(pool, settings, auditor, {"audit": time.perf_counter() - start}, reference)
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from clair_cli.core.audit import ClairAuditor, ModuleInput
-from clair_cli.core.canonical import CancellingFactors, canonical_factors
+from clair_cli.core.canonical import canonical_factors
 
 D_IN, D_OUT, R = 12, 16, 4
 
@@ -66,51 +65,41 @@ def test_the_global_sent_back_is_an_exact_zero_update() -> None:
     assert torch.allclose(b @ a, gB @ (A - gA), rtol=0, atol=1e-6 * float((gB @ (A - gA)).norm()))
 
 
-def _cancelling(big: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """An update with pairs of huge rank-one terms that cancel (PEFT's float32 product cancels
-    them exactly; float64 holds the rest only to about eps times their size)."""
+def test_terms_that_cancel_exactly_are_read() -> None:
+    """PiSSA / OLoRA adapters converted by PEFT's save_pretrained hold ``[B', B0] / [A'; -A0]``: a
+    module left untrained cancels exactly, and is read (a review: a first version of the fix
+    refused such honest files), as an update at float64's rounding of the terms."""
     A, B = _factors(3, 0.3, 1)
-    g = torch.Generator().manual_seed(5)
-    u = torch.randint(0, 2, (D_OUT, 1), generator=g).double() * 2 - 1
-    v = torch.randint(0, 2, (1, D_IN), generator=g).double() * 2 - 1
-    return torch.cat([A, big * v, -big * v]), torch.cat([B, u, u], 1)
+    ca, cb = canonical_factors(torch.cat([A, -A]), torch.cat([B, B], 1), 2.0)
+    assert float((cb @ ca).norm()) <= 1e-14 * float((B @ A).norm())
 
 
-def test_factors_whose_terms_cancel_are_refused() -> None:
-    """An outside review hid a payload behind such pairs (a cut scaled by the terms' sizes read
-    it as rounding). Past MAX_CANCELLATION they are refused; below it the update is kept exactly."""
-    A, B = _factors(3, 0.3, 1)
-    ca, cb = canonical_factors(*_cancelling(2.0**6), 2.0)
-    assert torch.allclose(cb @ ca, 2.0 * B @ A, rtol=0, atol=1e-9 * float((B @ A).norm()))
-    for big in (2.0**30, 2.0**47):
-        with pytest.raises(CancellingFactors, match="rank-one terms are"):
-            canonical_factors(*_cancelling(big), 2.0)
-
-
-def test_a_file_or_reply_whose_terms_cancel_is_refused_by_name(tmp_path: Path) -> None:
+def test_float64_factors_are_read_as_peft_loads_them(tmp_path: Path) -> None:
+    """A review's attack: pairs of float64 terms ``c + e`` and ``c`` (``e`` below half a float32 ulp
+    of ``c``) against rows ``s`` and ``-s`` read as ``B A + e s`` in float64, while PEFT's float32
+    cast drops ``e`` and applies ``B A``; clair gate passed a backdoor that way. Refused now, with
+    the file and module named; an honest float64 file is read."""
     from helpers import lora_config, run_cli, write_adapter
     from pools import write_pool
-
-    from clair_cli.errors import AdapterFormatError
-    from clair_cli.federated.rounds import check_factors
-
-    pool = write_pool(tmp_path / "pool", k=6, bad=())
     from safetensors.torch import load_file
 
+    pool = write_pool(tmp_path / "pool", k=6, bad=())
     key = "base_model.model.model.layers.0.self_attn.q_proj"
-    tensors = load_file(pool / "client_00" / "adapter_model.safetensors")
+    tensors = {k: v.double() for k, v in load_file(pool / "client_01" / "adapter_model.safetensors").items()}
+    write_adapter(pool / "client_01", tensors, lora_config(lora_alpha=8))  # honest, in float64
     a, b = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
-    u, v = torch.ones(b.shape[0], 1), torch.ones(1, a.shape[1])
-    tensors[f"{key}.lora_A.weight"] = torch.cat([a, 2.0**30 * v, -(2.0**30) * v])
-    tensors[f"{key}.lora_B.weight"] = torch.cat([b, u, u], 1)
+    c = torch.full((b.shape[0], 1), 2.0**20, dtype=torch.float64)
+    row = torch.ones(1, a.shape[1], dtype=torch.float64)
+    tensors[f"{key}.lora_A.weight"] = torch.cat([a, row, -row])
+    tensors[f"{key}.lora_B.weight"] = torch.cat([b, c + 0.05, c], 1)  # 0.05: below float32's 0.0625
     write_adapter(pool / "client_00", tensors, lora_config(rank_pattern={"layers.0.self_attn.q_proj": 6}))
     proc = run_cli("audit", str(pool))
-    assert proc.returncode == 2 and "client_00" in proc.stderr and "rank-one terms" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "client_00" in proc.stderr and "float32 cast" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
-    g_a, g_b = torch.randn(6, a.shape[1]), torch.zeros(b.shape[0], 6)
-    reply = {"q": (tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"])}
-    with pytest.raises(AdapterFormatError, match="node-3: module q: its factors' rank-one terms"):
-        check_factors("node-3", reply, {"q": (g_a, g_b)}, {"q": 6}, {"q": 2.0})
+    (pool / "client_00" / "adapter_model.safetensors").unlink()
+    (pool / "client_00" / "adapter_config.json").unlink()
+    (pool / "client_00").rmdir()
+    assert run_cli("audit", str(pool), "--exit-zero").returncode == 0
 
 
 def test_a_minority_with_an_untouched_module_flags_no_honest_client() -> None:

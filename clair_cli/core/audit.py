@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from clair_cli.core.calibration import SMALL_POOL_N
-from clair_cli.core.canonical import CancellingFactors, canonical_module
+from clair_cli.core.canonical import canonical_module
 from clair_cli.core.decompose import Method, ModuleDecomposer, null_bound
 from clair_cli.core.fastpath import FastDecomposer, off_subspace_shares, shared_basis
 from clair_cli.core.insubspace import (
@@ -101,28 +101,6 @@ class EmptyUpdates(ValueError):
     """The adapters that set the shared subspace of a module all have a zero update there."""
 
 
-class CancellingUpdate(ValueError):
-    """A member's factors on a module cancel far beyond what float64 resolves
-    (:class:`~clair_cli.core.canonical.CancellingFactors`): ``args`` are the module's name, the
-    member (its index in the pool) and the problem in words."""
-
-    @property
-    def module(self) -> str:
-        return str(self.args[0])
-
-    @property
-    def member(self) -> int:
-        return int(self.args[1])
-
-
-def _canonical(mod: ModuleInput) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
-    """:func:`canonical_module` of a module's members, a member whose factors cancel named."""
-    try:
-        return canonical_module(mod.A, mod.B, mod.scales)
-    except CancellingFactors as exc:
-        raise CancellingUpdate(mod.name, mod.members[exc.index], str(exc)) from None
-
-
 @dataclass
 class ModuleInput:
     """One module's factors for the adapters that target it."""
@@ -142,7 +120,7 @@ def canonical_input(
     that what is computed from it depends on each update alone, not on how it was factored
     or on the order of the sources."""
     if factors:
-        mod = ModuleInput(mod.name, mod.members, *_canonical(mod))
+        mod = ModuleInput(mod.name, mod.members, *canonical_module(mod.A, mod.B, mod.scales))
     order = content_order(mod.A, mod.B, mod.scales)
     return (
         ModuleInput(
@@ -409,7 +387,7 @@ def _in_content_order(given: ModuleInput) -> tuple[ModuleInput, torch.Tensor, li
     permutation back, and each member's content key (in the given order)."""
     # Every statistic is of the update alone: canonical factors first
     # (:mod:`clair_cli.core.canonical`), whatever the factorisation given.
-    cA, cB, cs = _canonical(given)
+    cA, cB, cs = canonical_module(given.A, given.B, given.scales)
     # Work in a canonical order of the members; per-member results are put back
     # into the given order, so the sources' order changes nothing.
     keys = content_keys(cA, cB, cs)

@@ -32,34 +32,12 @@ from collections.abc import Sequence
 import torch
 
 EPS_RANK = 8  # the cut is eps * max(r, 8) * sigma_max, as the factored reduction's
-# Factors whose rank-one terms are this many times the update they make (pairs that cancel) are
-# refused: float64 holds the update to about eps times the ratio (2e-7 here, float32's own rounding
-# of the analysis), and past it what clair reads is not what PEFT applies (its float32 product
-# cancels such pairs exactly; an outside review hid a payload behind pairs of 1e14). Honest LoRA
-# factors: 2-3; an honest update re-factored through an M of condition number 1e8: up to 2e6.
-MAX_CANCELLATION = 1e9
-
-
-class CancellingFactors(ValueError):
-    """Factors whose rank-one terms are far larger than the update they make (:data:`MAX_CANCELLATION`)."""
-
-    def __init__(self, index: int, ratio: float) -> None:
-        super().__init__(index, ratio)
-        self.index, self.ratio = index, ratio
-
-    def __str__(self) -> str:
-        return (
-            f"its factors' rank-one terms are {self.ratio:.1e} times the update they make (pairs that cancel): "
-            f"more than {MAX_CANCELLATION:.0e}, past which float64 does not hold the update they make"
-        )
-
-
 CHOLESKY_QR_MAX_CONDITION = 1e3  # Cholesky QR up to this condition number, Householder's QR above
 MAX_SCALING_EXPONENT = 1000  # beyond 2^+-1000 in the largest entry, Householder's QR
 
 
 def canonical_factors(
-    A: torch.Tensor, B: torch.Tensor, scale: float, dtype: torch.dtype = torch.float64, *, check: bool = True
+    A: torch.Tensor, B: torch.Tensor, scale: float, dtype: torch.dtype = torch.float64
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced SVD factors ``(A', B')`` with ``B' A' = scale * B A`` (scale 1).
 
@@ -69,8 +47,6 @@ def canonical_factors(
         scale: the LoRA scale of the update.
         dtype: precision of the factorisation and of the result (float64 by default, so
             factors whose product would overflow float32's accumulations stay exact).
-        check: refuse factors whose terms cancel (:class:`CancellingFactors`); off for the
-            difference of two balanced terms, which is as exact as float64 makes it.
 
     Returns:
         ``(A', B')`` of shapes ``rho x d_in`` and ``d_out x rho``, ``rho`` the numerical rank
@@ -78,16 +54,15 @@ def canonical_factors(
 
     Raises:
         ValueError: factors that are not ``r x d_in`` and ``d_out x r``, or not finite.
-        CancellingFactors: rank-one terms ``MAX_CANCELLATION`` times the update (with ``check``).
     """
     if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
         raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} are not r x d_in and d_out x r")
-    (a,), (b,) = _canonical_batch(A[None], B[None], [scale], dtype, check)
+    (a,), (b,) = _canonical_batch(A[None], B[None], [scale], dtype)
     return a, b
 
 
 def _canonical_batch(
-    A: torch.Tensor, B: torch.Tensor, scales: Sequence[float], dtype: torch.dtype, check: bool = True
+    A: torch.Tensor, B: torch.Tensor, scales: Sequence[float], dtype: torch.dtype
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """:func:`canonical_factors` of a batch of updates of one shape (``A``: ``n x r x d_in``,
     ``B``: ``n x d_out x r``): the same numbers as one at a time (:func:`triangular_factors`
@@ -103,8 +78,6 @@ def _canonical_batch(
         # One SVD at a time: torch's batched SVD can differ from it in the last bits.
         u, s, vh = torch.linalg.svd(float(scale) * (rb[k] @ ra[k].T), full_matrices=False)
         top = float(s[0]) if s.numel() else 0.0
-        if check:
-            _check_cancellation(k, rb[k], ra[k], abs(float(scale)), top)
         keep = max(int((s > torch.finfo(dtype).eps * max(s.numel(), EPS_RANK) * top).sum()), 1) if top > 0 else 1
         root = s[:keep].sqrt()
         out_a.append(_times_q(a[k].T, qa[k], ra[k], vh[:keep].T * root).T)
@@ -112,21 +85,22 @@ def _canonical_batch(
     return out_a, out_b
 
 
-def _check_cancellation(k: int, rb: torch.Tensor, ra: torch.Tensor, scale: float, top: float) -> None:
-    """Raise :class:`CancellingFactors` where ``scale * sum_i ||b_i|| ||a_i||`` (the norms of the
-    rank-one terms, from the columns of ``R``: ``Q`` keeps them) exceeds ``MAX_CANCELLATION`` times
-    the update's largest singular value ``top``."""
-    terms = scale * float((_column_norms(rb) * _column_norms(ra)).sum())
-    if terms > MAX_CANCELLATION * top and math.isfinite(terms) and terms > 0:
-        raise CancellingFactors(k, terms / top if top > 0 else math.inf)
+def update_difference(
+    A: torch.Tensor, B: torch.Tensor, A2: torch.Tensor, B2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The difference ``B A - B2 A2`` as balanced factors ``(A', B')`` (float64), and its norm over
+    the larger of the two updates' (0 where both are zero). Each update is taken in its canonical
+    factors first, so the difference is as exact as float64 makes it whatever either factorisation."""
+    ca, cb = canonical_factors(A, B, 1.0)
+    ga, gb = canonical_factors(A2, B2, 1.0)
+    da, db = canonical_factors(torch.cat([ca, ga]), torch.cat([cb, -gb], 1), 1.0)
+    larger = max(_norm(ca, cb), _norm(ga, gb))
+    return da, db, _norm(da, db) / larger if larger > 0 else 0.0
 
 
-def _column_norms(R: torch.Tensor) -> torch.Tensor:
-    """Euclidean norms of the columns, each scaled by its largest entry first: entries of 1e160
-    or 1e-160 (factors ``(c B, A / c)``) neither overflow nor underflow when squared."""
-    top = R.abs().amax(dim=0)
-    safe = torch.where(top > 0, top, torch.ones_like(top))
-    return top * (R / safe).norm(dim=0)
+def _norm(A: torch.Tensor, B: torch.Tensor) -> float:
+    """``||B A||_F`` from the factors' Gram matrices (``tr(B^T B A A^T)``), never forming ``B A``."""
+    return math.sqrt(max(float(((B.T @ B) * (A @ A.T)).sum()), 0.0))
 
 
 def _times_q(X: torch.Tensor, Q: torch.Tensor | None, R: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
@@ -219,10 +193,7 @@ def canonical_module(
         by_shape.setdefault((tuple(a.shape), tuple(b.shape)), []).append(k)
     for ks in by_shape.values():
         a_k, b_k = torch.stack([A[k] for k in ks]).to(dtype), torch.stack([B[k] for k in ks]).to(dtype)
-        try:
-            ca, cb = _canonical_batch(a_k, b_k, [scales[k] for k in ks], dtype)
-        except CancellingFactors as exc:
-            raise CancellingFactors(ks[exc.index], exc.ratio) from None
+        ca, cb = _canonical_batch(a_k, b_k, [scales[k] for k in ks], dtype)
         for k, a, b in zip(ks, ca, cb, strict=True):
             out_a[k], out_b[k] = a, b
     return [a for a in out_a if a is not None], [b for b in out_b if b is not None], [1.0] * len(A)

@@ -115,39 +115,28 @@ def client_update(
     as it was, re-factored or with its rank permuted: not the rounding of their difference, which
     has a direction of its own and, from a minority that leaves a module untouched, once set that
     module's typical values; docs/security.md, "A module left untouched").
-
-    Raises:
-        CancellingFactors: the client's factors of a module are pairs of terms that cancel
-            (:data:`~clair_cli.core.canonical.MAX_CANCELLATION`).
     """
     import torch
 
-    from clair_cli.core.canonical import canonical_factors
+    from clair_cli.core.canonical import update_difference
 
     out = {}
     for module, (A, B) in client.items():
         Ag, Bg = global_factors[module]
         s = scales[module]
-        ca, cb = canonical_factors(A, B, 1.0)  # (checks the client's factors)
         if not bool(Bg.any()) or not bool(Ag.any()):
             out[module] = (A, B, s)
             continue
-        ga, gb = canonical_factors(Ag.to(A.dtype), Bg.to(B.dtype), 1.0, check=False)
-        # The difference of two balanced terms: no pair of huge terms, whatever the client sent.
-        da, db = canonical_factors(torch.cat([ca, ga]), torch.cat([cb, -gb], 1), 1.0, check=False)
-        if _norm(da, db) <= UNCHANGED_RELATIVE * max(_norm(ca, cb), _norm(ga, gb)):
+        da, db, relative = update_difference(A, B, Ag.to(A.dtype), Bg.to(B.dtype))
+        if relative <= UNCHANGED_RELATIVE:
             out[module] = (torch.zeros_like(A), torch.zeros_like(B), s)
-        else:
-            out[module] = (da.to(A.dtype), db.to(B.dtype), s)
+        else:  # (float32 at least: a half-precision difference would underflow where it is small)
+            wide = torch.promote_types(A.dtype, torch.float32)
+            out[module] = (da.to(wide), db.to(wide), s)
     return out
 
 
 UNCHANGED_RELATIVE = 2.0**-26  # a quarter of float32's unit roundoff: what PEFT's float32 product cannot show
-
-
-def _norm(A: torch.Tensor, B: torch.Tensor) -> float:
-    """``||B A||_F`` from the factors' Gram matrices (``tr(B^T B A A^T)``), never forming ``B A``."""
-    return math.sqrt(max(float(((B.T @ B) * (A @ A.T)).sum()), 0.0))
 
 
 def _unchanged(client: Mapping[str, Factors], global_factors: Mapping[str, Factors]) -> bool:
@@ -178,7 +167,6 @@ def check_factors(
             the configured one (the global adapter could not be loaded back).
         AdapterFormatError: a factor with NaN or infinite values, or an update past the bound.
     """
-    from clair_cli.core.canonical import CancellingFactors
     from clair_cli.io.adapter import peak, update_overflows
 
     _check_types(name, client)
@@ -198,11 +186,7 @@ def check_factors(
         return
     # The update as the audit reads it (client_update), checked as the reader checks every
     # adapter, so that a reply it would refuse is left out here.
-    for module in client:
-        try:
-            ((A, B, s),) = client_update({module: client[module]}, global_factors, scales).values()
-        except CancellingFactors as exc:
-            raise AdapterFormatError(f"{name}: module {module}: {exc}") from None
+    for module, (A, B, s) in client_update(client, global_factors, scales).items():
         peaks = [peak(A), peak(B)]
         if update_overflows(s, A.shape[0], peaks):
             raise AdapterFormatError(
