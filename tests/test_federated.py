@@ -229,6 +229,19 @@ def test_a_reply_whose_update_the_reader_would_refuse_is_left_out_from_the_secon
     assert res.report is not None and "node-3" not in res.collaborators
 
 
+def test_a_round_computes_each_clients_update_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reply screen's update (three canonical factorisations a module) is the one the round
+    audits: a closing review found every update computed twice (a round 46 % slower)."""
+    from clair_cli.federated import rounds
+
+    glob, clients = _second_round()
+    calls: list[int] = []
+    real = rounds.client_update
+    monkeypatch.setattr(rounds, "client_update", lambda *a: calls.append(1) or real(*a))
+    res = aggregate_round(glob, clients, dict.fromkeys(NAMES, 2.0), dict.fromkeys(NAMES, 4))
+    assert res.report is not None and len(calls) == len(clients)
+
+
 def _ill_conditioned(A: torch.Tensor, B: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(M^{-1} A, B M)`` in float64 for ``M`` of condition number 1e8: the same update to 1e-8."""
     g = torch.Generator().manual_seed(seed)

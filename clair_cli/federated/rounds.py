@@ -157,10 +157,11 @@ def check_factors(
     global_factors: Mapping[str, Factors],
     ranks: Mapping[str, int],
     scales: Mapping[str, float] | None = None,
-) -> None:
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None:
     """Refuse a client whose modules or ranks differ from the global adapter's, whose factors
     are not finite, or (given the modules' ``scales``) whose update would overflow the analysis,
-    as an adapter file's would (:func:`~clair_cli.io.adapter.update_overflows`).
+    as an adapter file's would (:func:`~clair_cli.io.adapter.update_overflows`). Returns the
+    update it checked (:func:`client_update`; None without ``scales``), for the round to reuse.
 
     Raises:
         IncompatibleAdapters: other modules than the global adapter, or another rank than
@@ -183,16 +184,18 @@ def check_factors(
         if not (bool(A.isfinite().all()) and bool(B.isfinite().all())):
             raise AdapterFormatError(f"{name}: module {module}: the factors hold NaN or infinite values")
     if scales is None:
-        return
+        return None
     # The update as the audit reads it (client_update), checked as the reader checks every
     # adapter, so that a reply it would refuse is left out here.
-    for module, (A, B, s) in client_update(client, global_factors, scales).items():
+    update = client_update(client, global_factors, scales)
+    for module, (A, B, s) in update.items():
         peaks = [peak(A), peak(B)]
         if update_overflows(s, A.shape[0], peaks):
             raise AdapterFormatError(
                 f"{name}: module {module}: factor values (up to {max(peaks):.3g}, scale {s:.3g}) "
                 "make its update overflow"
             )
+    return update
 
 
 def check_modules(name: str, modules: Iterable[str], global_modules: Iterable[str]) -> None:
@@ -320,15 +323,20 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
     flagged = [False] * len(names)
     scores: list[float | None] = [None] * len(names)
     reasons: list[list[str]] = [[] for _ in names]
+    checked: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] = {}  # the screen's client_update
     for i, name in enumerate(names):
         why = (
-            refused.get(name) or _bad_weight(weights, i) or _screen(name, clients[name], global_factors, ranks, scales)
+            refused.get(name)
+            or _bad_weight(weights, i)
+            or _screen(name, clients[name], global_factors, ranks, scales, checked)
         )
         if why:
             flagged[i] = True
             reasons[i].append(why)
     live = [i for i in range(len(clients)) if not flagged[i]]
-    updates = {names[i]: client_update(clients[names[i]], global_factors, scales) for i in live}
+    updates = {
+        names[i]: checked.get(names[i]) or client_update(clients[names[i]], global_factors, scales) for i in live
+    }
     notes = [f"{n}: {reasons[i][0]}" for i, n in enumerate(names) if i >= len(clients) or _malformed(reasons[i])]
     live_weights = None if weights is None else [float(weights[i]) for i in live]
     idle = _drop_idle_modules(updates, notes)
@@ -516,10 +524,14 @@ def _screen(
     global_factors: Mapping[str, Factors],
     ranks: Mapping[str, int],
     scales: Mapping[str, float],
+    checked: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]] | None = None,
 ) -> str | None:
-    """Why a reply is left out before the audit (malformed, or a zero update); None if it is not."""
+    """Why a reply is left out before the audit (malformed, or a zero update); None if it is not.
+    ``checked``: where the update the screen computed is kept by client name (:func:`check_factors`)."""
     try:
-        check_factors(name, client, global_factors, ranks, scales)
+        update = check_factors(name, client, global_factors, ranks, scales)
+        if checked is not None and update is not None:
+            checked[name] = update
     except ClairError as exc:
         return f"malformed reply: {exc.message}"
     except Exception as exc:  # noqa: BLE001 - whatever a client sent, only its reply is lost
