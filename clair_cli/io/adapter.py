@@ -115,6 +115,8 @@ class Adapter:
         self.unprefixed: list[str] = []
         # Modules whose LoRA PEFT ties to an embedding's (ensure_weight_tying) but that differ from it.
         self.untied: list[str] = []
+        # What of a per-expert MoE LoRA's scaling PEFT does not apply under transformers 5 (expert_scaling).
+        self.expert_scaling: str | None = None
         self.layout = "peft"
         self.file_metadata: dict[str, str] = {}
         self._weights_sha256: str | None = None
@@ -176,9 +178,8 @@ class Adapter:
         out += [why for why in variants_on(self.config.raw) if not why.startswith("target_parameters")]
         if self.untied:
             out.append(f"ensure_weight_tying with a LoRA unlike its tied embedding's ({_listed(self.untied)})")
-        moe = expert_scaling(self.config, self.modules)
-        if moe:
-            out.append(moe)
+        if self.expert_scaling:
+            out.append(self.expert_scaling)
         return out
 
     @property
@@ -316,6 +317,7 @@ class Adapter:
         )
         adapter.extras = extras
         adapter.untied = untied
+        adapter.expert_scaling = moe
         adapter.unprefixed = unprefixed
         adapter.layout = keys.layout
         adapter.file_metadata = dict(metadata)
