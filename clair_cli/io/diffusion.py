@@ -127,6 +127,26 @@ KOHYA_FLUX_OUTSIDE_NOTE = (
     "{n} module(s) outside Flux's blocks (e.g. {example}; img_in, txt_in, time_in, vector_in, guidance_in, "
     "final_layer): clair reads them as ComfyUI applies them; diffusers' Flux loader (0.42) does not apply them"
 )
+# diffusers' Flux loader (0.42) keeps only an sd-scripts Flux file's lora_unet_ / lora_te_ / lora_te1_ keys (the
+# ComfyUI branch of _convert_kohya_flux_lora_to_diffusers): a T5's modules (lora_te2_ for OneTrainer, lora_te3_ for
+# sd-scripts and ComfyUI) are dropped.
+KOHYA_FLUX_T5_NOTE = (
+    "{n} T5 text-encoder module(s) (lora_te2_ / lora_te3_, e.g. {example}): clair reads them as sd-scripts and "
+    "ComfyUI apply them; diffusers' Flux loader (0.42) does not apply them"
+)
+# diffusers' Flux loader (0.42, FluxLoraLoaderMixin.lora_state_dict) reads a ComfyUI Flux file (Black Forest Labs'
+# blocks under diffusion_model.) in the lora_down / lora_up spelling only, as an sd-scripts file (diffusion_model. ->
+# lora_unet_, text_encoders.clip_l.transformer. -> lora_te_): it drops the modules outside the blocks, every text
+# encoder's but CLIP-L's (T5) and text_projection modules; it applies no module of a lora_A / lora_B file.
+COMFY_FLUX_DROPPED_NOTE = (
+    "{n} module(s) that diffusers' Flux loader (0.42) does not apply (e.g. {example}; {what}): clair reads them as "
+    "ComfyUI applies them"
+)
+COMFY_FLUX_AB_NOTE = (
+    "diffusers' Flux loader (0.42) applies none of this file's modules: it reads a ComfyUI Flux file in the "
+    "lora_down / lora_up spelling only; clair reads them as ComfyUI applies them"
+)
+COMFY_CLIP_L = "text_encoders.clip_l.transformer."
 # diffusers 0.42 reads a kohya text encoder's attention modules in its old processor layout (q_proj ->
 # to_q_lora), which its PEFT conversion (convert_state_dict_to_peft) recognises only when the text
 # encoder also has an out_proj module (to_out_lora): without one, q_proj / k_proj / v_proj modules are
@@ -494,16 +514,50 @@ def _comfy_config(
     keys, alpha_infos, diffs = classify_comfy(path, tensors)
     check_module_count(path, len(keys.parts), options.max_modules)  # before reading an alpha
     alphas = _alpha_values(path, alpha_infos)
-    notes = _comfy_diffs(path, keys, diffs)
+    notes = [*_comfy_diffs(path, keys, diffs), *_comfy_flux_notes(keys.parts)]
     default = options.lora_alpha
     modules = {m: (r, alphas.get(m, default if default is not None else float(r))) for m, r in _ranks(keys).items()}
     return keys, module_config(options.base_model, modules), notes
 
 
+def _comfy_flux_notes(modules: Mapping[str, Mapping[str, TensorInfo]]) -> list[str]:
+    """What diffusers' Flux loader does not apply of a ComfyUI Flux file (:data:`COMFY_FLUX_DROPPED_NOTE`,
+    :data:`COMFY_FLUX_AB_NOTE`). A Flux file has Black Forest Labs' blocks under ``diffusion_model.``, and
+    not HunyuanVideo's fused ``img_attn_qkv`` / ``txt_attn_qkv`` (diffusers' HunyuanVideo loader reads
+    those); one that mixes the two spellings diffusers refuses (no note)."""
+    denoiser = {m: m.removeprefix(COMFY_PREFIX) for m in modules if m.startswith(COMFY_PREFIX)}
+    if not any(p.startswith(("double_blocks.", "single_blocks.")) for p in denoiser.values()):
+        return []
+    if any("img_attn_qkv" in m or "txt_attn_qkv" in m for m in modules):
+        return []
+    down = {m for m, parts in modules.items() if any(i.name.endswith(".lora_down.weight") for i in parts.values())}
+    if not down:
+        return [COMFY_FLUX_AB_NOTE]
+    if len(down) < len(modules):
+        return []
+    kohya = {"lora_unet_" + p.replace(".", "_"): m for m, p in denoiser.items()}
+    outside = [kohya[k] for k in bfl_outside_blocks(kohya)]
+    encoders = [m for m in modules if m.startswith("text_encoders.") and not m.startswith(COMFY_CLIP_L)]
+    projections = [m for m in modules if m.startswith(COMFY_CLIP_L) and "text_projection" in m]
+    what = [
+        text
+        for found, text in (
+            (outside, "outside Flux's blocks: img_in, txt_in, time_in, vector_in, guidance_in, final_layer"),
+            (encoders, "a text encoder other than clip_l, such as T5"),
+            (projections, "clip_l's text_projection"),
+        )
+        if found
+    ]
+    dropped = sorted({*outside, *encoders, *projections})
+    if not dropped:
+        return []
+    return [COMFY_FLUX_DROPPED_NOTE.format(n=len(dropped), example=printable(dropped[0]), what="; ".join(what))]
+
+
 def _kohya_notes(modules: Mapping[str, object], stored: Mapping[str, float], config: AdapterConfig) -> list[str]:
     """Where diffusers' loader of a kohya file (:func:`kohya_loader`) applies it unlike clair (and
     sd-scripts, A1111, ComfyUI): alphas (:func:`_kohya_alpha_notes`), the modules of an sd-scripts Flux
-    file outside its blocks, text-encoder attention modules without out_proj."""
+    file outside its blocks and its T5 modules, text-encoder attention modules without out_proj."""
     loader = kohya_loader(modules)
     if loader == "sd":
         return [*_kohya_alpha_notes(stored, config), *_te_attention_notes(modules)]
@@ -512,6 +566,9 @@ def _kohya_notes(modules: Mapping[str, object], stored: Mapping[str, float], con
         outside = bfl_outside_blocks(modules)
         if outside:
             notes.insert(0, KOHYA_FLUX_OUTSIDE_NOTE.format(n=len(outside), example=printable(outside[0])))
+        t5 = sorted(m for m in modules if m.startswith(("lora_te2_", "lora_te3_")))
+        if t5:
+            notes.append(KOHYA_FLUX_T5_NOTE.format(n=len(t5), example=printable(t5[0])))
         return notes
     missing = sorted(m for m in config.exact if m not in stored)
     if loader == "flux_transformer" and missing:
