@@ -1,15 +1,18 @@
 """Diffusion LoRA files, from a seventh review from outside, of what diffusers' loaders apply against
 what clair reads: the modules of ComfyUI-layout and sd-scripts Flux files that diffusers' Flux loader
-drops (outside the blocks, T5) had no note.
+drops (outside the blocks, T5) had no note, and diffusers' HunyuanVideo loader applies a ComfyUI file's
+``final_layer.adaLN_modulation.1`` otherwise than ComfyUI (it reorders lora_A's rank rows).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_diffusion_formats import clair_deltas
+from test_hostile_review import invoke, refused
 from test_hostile_review4 import _layer_shapes, flux_deltas
 
 from clair_cli.io.sources import open_adapter, resolve_sources
@@ -101,3 +104,82 @@ def test_sd_scripts_flux_t5_modules_are_named_in_a_note(tmp_path: Path) -> None:
     ]
     del modules["lora_te3_encoder_block_0_layer_0_SelfAttention_q"]
     assert not _open(_write(tmp_path / "clip.safetensors", modules)).notes
+
+
+# 2. diffusers' HunyuanVideo loader swaps the halves of final_layer.adaLN_modulation.1's lora_A rows too.
+
+
+def _tiny_hunyuan():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 2, 4),
+    )
+
+
+def _hunyuan_deltas(path: Path) -> dict[str, torch.Tensor]:
+    """What diffusers' HunyuanVideo loader adds to each layer of a tiny transformer, by module."""
+    from diffusers.loaders import HunyuanVideoLoraLoaderMixin
+    from peft.tuners.lora import LoraLayer
+
+    class Pipe(HunyuanVideoLoraLoaderMixin):
+        def __init__(self) -> None:
+            self.transformer = _tiny_hunyuan()
+            self.hf_device_map = None
+
+        @property
+        def components(self) -> dict[str, torch.nn.Module]:
+            return {"transformer": self.transformer}
+
+    pipe = Pipe()
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    return {
+        name: module.get_delta_weight(adapter)
+        for name, module in pipe.transformer.named_modules()
+        if isinstance(module, LoraLayer)
+        for adapter in module.lora_A
+    }
+
+
+def _hunyuan_file(path: Path, r: int) -> Path:
+    shapes = {n: tuple(m.weight.shape) for n, m in _tiny_hunyuan().named_modules() if isinstance(m, torch.nn.Linear)}
+    q = shapes["transformer_blocks.0.attn.to_q"]
+    modules = {
+        "diffusion_model.double_blocks.0.img_attn_qkv": (3 * q[0], q[1]),
+        "diffusion_model.final_layer.adaLN_modulation.1": shapes["norm_out.linear"],
+    }
+    return _write(path, modules, "lora_A", "lora_B", r=r)
+
+
+@pytest.mark.parametrize("r", [2, 3])
+def test_a_hunyuan_final_modulation_module_diffusers_applies_otherwise_is_refused(r: int, tmp_path: Path) -> None:
+    path = _hunyuan_file(tmp_path / "hunyuan.safetensors", r)
+    tensors = load_file(str(path))
+    name = "diffusion_model.final_layer.adaLN_modulation.1"
+    comfy = tensors[f"{name}.lora_B.weight"] @ tensors[f"{name}.lora_A.weight"]  # what ComfyUI applies
+    shift, scale = comfy.chunk(2)
+    theirs = _hunyuan_deltas(path)["norm_out.linear"]
+    assert not torch.allclose(theirs, torch.cat([scale, shift]), atol=1e-4)  # not ComfyUI's update, swapped
+    refused(invoke("inspect", str(path)), "final_layer.adaLN_modulation.1", "HunyuanVideo loader", "rank")
+
+
+def test_a_rank_one_hunyuan_final_modulation_module_and_a_flux_one_are_read(tmp_path: Path) -> None:
+    path = _hunyuan_file(tmp_path / "hunyuan.safetensors", 1)
+    assert "diffusion_model.final_layer.adaLN_modulation.1" in clair_deltas(path)  # as ComfyUI applies it
+    with pytest.raises(ValueError):  # diffusers' swap cannot split one row: it refuses the file
+        _hunyuan_deltas(path)
+    name = "diffusion_model.final_layer.adaLN_modulation.1"
+    flux = {"diffusion_model.double_blocks.0.img_attn.qkv": (24, 8), name: (8, 8)}  # Flux's names: no HunyuanVideo qkv
+    assert name in _open(_write(tmp_path / "flux.safetensors", flux)).modules

@@ -30,7 +30,8 @@ Three layouts besides PEFT's are recognised from a file's tensor names (never fr
   them into the factors (``lora_state_dict``). Bias and norm differences (``.diff_b``, one-dimensional
   ``.diff``), which LoraSave writes for every bias and norm, are left out with a note where they are
   zero and kept, not analysed, otherwise (as PEFT's LoRA biases); a ``.diff`` of a matrix is a full
-  weight difference and refused.
+  weight difference and refused, and so is a HunyuanVideo file's ``final_layer.adaLN_modulation.1`` of
+  rank above 1, which diffusers' HunyuanVideo loader applies otherwise (:data:`HUNYUAN_SWAPPED`).
 
 Module names are the file's own (``lora_unet_..._to_q``, ``unet.down_blocks...to_q``): adapters of
 one layout compare module by module, and outputs keep each input's layout and keys. What is not a
@@ -147,6 +148,12 @@ COMFY_FLUX_AB_NOTE = (
     "lora_down / lora_up spelling only; clair reads them as ComfyUI applies them"
 )
 COMFY_CLIP_L = "text_encoders.clip_l.transformer."
+# diffusers' HunyuanVideo loader (0.42, _convert_hunyuan_video_lora_to_diffusers; a file with an img_attn_qkv key)
+# swaps the halves of final_layer.adaLN_modulation.1's tensors into its norm_out.linear (BFL's shift, scale order is
+# diffusers' scale, shift): right for lora_B's output rows, but it swaps lora_A's rank rows too, which pairs them
+# with other columns of lora_B: another update than ComfyUI's B @ A at any rank above 1 (a pair of terms that cancel
+# in B @ A need not cancel there).
+HUNYUAN_SWAPPED = "final_layer.adaLN_modulation.1"
 # diffusers 0.42 reads a kohya text encoder's attention modules in its old processor layout (q_proj ->
 # to_q_lora), which its PEFT conversion (convert_state_dict_to_peft) recognises only when the text
 # encoder also has an out_proj module (to_out_lora): without one, q_proj / k_proj / v_proj modules are
@@ -513,11 +520,33 @@ def _comfy_config(
     alpha = rank, or ``--lora-alpha``, where it does not) and notes."""
     keys, alpha_infos, diffs = classify_comfy(path, tensors)
     check_module_count(path, len(keys.parts), options.max_modules)  # before reading an alpha
+    _refuse_hunyuan_swapped(path, keys)
     alphas = _alpha_values(path, alpha_infos)
     notes = [*_comfy_diffs(path, keys, diffs), *_comfy_flux_notes(keys.parts)]
     default = options.lora_alpha
     modules = {m: (r, alphas.get(m, default if default is not None else float(r))) for m, r in _ranks(keys).items()}
     return keys, module_config(options.base_model, modules), notes
+
+
+def _refuse_hunyuan_swapped(path: Path, keys: HeaderKeys) -> None:
+    """Refuse a HunyuanVideo file's ``final_layer.adaLN_modulation.1`` module of rank above 1, which
+    diffusers' HunyuanVideo loader applies otherwise than ComfyUI (:data:`HUNYUAN_SWAPPED`).
+
+    Raises:
+        AdapterFormatError: naming the file and the module.
+    """
+    if not any("img_attn_qkv" in m for m in keys.parts):  # diffusers' test of a HunyuanVideo file
+        return
+    for module, rank in sorted(_ranks(keys).items()):
+        if module.removeprefix(COMFY_PREFIX) == HUNYUAN_SWAPPED and rank > 1:
+            raise _bad(
+                path,
+                f"module {printable(module)!r} (rank {rank}): diffusers' HunyuanVideo loader swaps the halves of both "
+                "its factors into norm_out.linear (the scale / shift swap, right for lora_B's rows, also reorders "
+                "lora_A's rank rows), so it applies another update than ComfyUI's B @ A, and clair cannot judge the "
+                "two as one",
+                hint="Remove this module's tensors from the file and save it again, or leave the file out of the pool.",
+            )
 
 
 def _comfy_flux_notes(modules: Mapping[str, Mapping[str, TensorInfo]]) -> list[str]:
