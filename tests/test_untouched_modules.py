@@ -108,3 +108,31 @@ def test_a_minority_with_an_untouched_module_flags_no_honest_client() -> None:
             audit = ClairAuditor().fit(_pool(n_honest, n_lazy, stacked), n_honest + n_lazy)
             flagged = {k for k in range(n_honest + n_lazy) if audit.verdicts_[k].flagged}
             assert not flagged & set(range(n_honest)), (stacked, n_honest, n_lazy, flagged)
+
+
+def _tiny_pool(n_honest: int, n_small: int, scale: float, seed: int, every_module: bool = False) -> list[ModuleInput]:
+    """:func:`_pool`'s first round, but the minority's module v (with ``every_module``, its whole
+    update) is an honest-looking update at ``scale`` of an honest one: tiny, not exactly zero."""
+    modules = _pool(n_honest, n_small, stacked=False, seed=seed)
+    for module in modules if every_module else modules[1:]:
+        for k in range(n_honest, n_honest + n_small):
+            A, B = _factors(k + 50 * seed + 500, 0.3, 7 + seed)
+            module.A[k], module.B[k] = A, B * scale
+    return modules
+
+
+def test_a_near_half_minority_of_tiny_modules_flags_no_honest_client() -> None:
+    """An outside review: four clients of nine whose module v is an honest-looking update at 1e-6
+    (to 1e-30) of an honest one, not exactly zero and so not left out as untouched, made each honest
+    client's others half tiny and half honest, and their median the midpoint of the two: every
+    honest client was flagged for a norm ~1e3x "the others' median" there (rule 13; here in 4 of 4
+    seeds at 4 of 9 and 5 of 11 before the fix), on trained pools too, and the payload merged. The
+    norm rules' centre is now at least the median of the whole pool, which lies among the honest
+    values while the attackers are fewer than half."""
+    for n_honest, n_small in ((5, 4), (6, 5)):
+        for seed in (1, 2, 3, 4):
+            for scale, every_module in ((1e-6, False), (1e-30, False), (1e-6, True)):
+                K = n_honest + n_small
+                audit = ClairAuditor().fit(_tiny_pool(n_honest, n_small, scale, seed, every_module), K)
+                flagged = {k for k in range(K) if audit.verdicts_[k].flagged}
+                assert not flagged & set(range(n_honest)), (n_honest, n_small, seed, scale, every_module, flagged)

@@ -227,13 +227,43 @@ class Pass:
         relative: float = 0.0,
         law: str = NORMAL,
         capped: bool = False,
+        centre_at_least_median: bool = False,
     ) -> list[Cut | None]:
         """Per adapter, the cut from the others' values (finite ones, not ``excluded``; in a
         gate, the references' values, from ``calibration`` where given); ``capped``: with
-        the small-pool critical value (:func:`clair_cli.core.calibration.rule_critical_value`)."""
+        the small-pool critical value (:func:`clair_cli.core.calibration.rule_critical_value`);
+        ``centre_at_least_median``: no centre below :meth:`pool_median` (the norm rules)."""
         calib = values if calibration is None else calibration
         cuts = leave_one_out_cuts(calib, self.basis(calib), alpha, floor, relative, law, capped)
+        if centre_at_least_median:
+            median = float(self.pool_median(calib[None, :])[0])
+            cuts = [
+                None if cut is None or math.isnan(median) else Cut(max(cut.centre, median), cut.width) for cut in cuts
+            ]
         return [cut if bool(torch.isfinite(values[k])) else None for k, cut in enumerate(cuts)]
+
+    def pool_median(self, calib: torch.Tensor) -> torch.Tensor:
+        """Per row of ``calib`` (``M x K``), the median of every adapter's finite value but the
+        copies' (the references' alone in a gate), the adapter judged and those a previous pass
+        flagged included (NaN: none).
+
+        A leave-one-out centre is the median of the others; where nearly half the pool sits far
+        below the rest (four of nine clients whose update on a module is 1e-6 of an honest one,
+        not exactly zero), each honest client's others are half low and half honest, and their
+        median is the midpoint of the two groups: every honest client was flagged at 1e6x "the
+        others' median" and the payload merged. The median of the whole pool lies between the
+        lowest and the largest honest value whenever the attackers are fewer than half, whatever
+        they send, so an upward norm cut centred at least there flags an honest value only for
+        its distance from the other honest ones (docs/security.md, "Near-zero modules"). Those a
+        previous pass flagged count here (else one honest client flagged by another rule would
+        reopen the midpoint for the rest); this centre only raises the cut, so a boosted
+        group among them raises it at most to the largest honest value."""
+        keep = torch.ones(calib.shape[1], dtype=torch.bool)
+        keep[list(self.copies)] = False
+        if self.gated:
+            keep &= torch.tensor([k in self.trusted for k in range(calib.shape[1])], dtype=torch.bool)
+        x = calib.double().where(torch.isfinite(calib) & keep[None, :], math.nan)
+        return x.nanquantile(0.5, dim=1)
 
     def basis(self, calib: torch.Tensor, echoes: bool = False) -> torch.Tensor:
         """Which adapters' values set a threshold: finite, not excluded, references in a gate;
@@ -319,7 +349,7 @@ class Pass:
         w = weights[:, None].expand_as(z).where(~z.isnan(), 0.0)
         return (z.nan_to_num(0.0) * w).sum(0) / w.sum(0)  # NaN where an adapter has no weighed module
 
-    def per_module(
+    def per_module(  # noqa: PLR0913 - keyword-only switches of one per-module rule
         self,
         values: dict[str, torch.Tensor],
         members: dict[str, list[int]],
@@ -330,6 +360,7 @@ class Pass:
         centre_at_most: float | None = None,
         signal: str = "module",
         skip: frozenset[int] = frozenset(),
+        centre_at_least_median: bool = False,
     ) -> dict[int, list[ModuleHit]]:
         """A per-module rule at ALPHA / M (Bonferroni over the modules measured); hits per
         adapter, largest excess first. Margins are recorded as the ``signal`` signal.
@@ -338,7 +369,9 @@ class Pass:
         ``relative``: as in :meth:`cuts`. ``centre_at_most``: a module measures an
         adapter only where the others' centre there is at most this value (rule 12: where the
         others agree on a direction). ``skip``: adapters not judged (no margin recorded), such as
-        those a rule over all modules flagged for the same evidence."""
+        those a rule over all modules flagged for the same evidence. ``centre_at_least_median``: no
+        centre below the module's :meth:`pool_median` (rule 13; the width is the others', so use
+        it with ``relative=0`` only)."""
         hits: dict[int, list[ModuleHit]] = {}
         if not values:
             return hits
@@ -348,6 +381,8 @@ class Pass:
         calib = full if not calibration else self.table({n: calibration.get(n, values[n]) for n in names}, members)
         setters = self._setters(full.shape[1])[None, :]
         centre, width = leave_one_out_rows(calib, setters, alpha, floor, relative)
+        if centre_at_least_median:
+            centre = centre.where(centre.isnan(), torch.fmax(centre, self.pool_median(calib)[:, None]))
         if centre_at_most is not None:
             centre = centre.where(centre <= centre_at_most, math.nan)
         margins = torch.where(
