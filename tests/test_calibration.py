@@ -391,3 +391,50 @@ def test_distances_without_each_member_batched_over_rows() -> None:
             others = torch.cat([x[r, :k], x[r, k + 1 :]])
             i, j = torch.triu_indices(8, 8, 1)
             assert float(rows[r, k]) == float((others[i] - others[j]).abs().kthvalue(t).values)
+
+
+def test_a_centre_stays_within_one_spread_of_near() -> None:
+    """``near`` (the norm rules: the whole pool's median) raises a leave-one-out centre to at most
+    one spread (the others' Qn scale) below it, and nothing else: the width is the others' as
+    before, and rows batched together get each row's own numbers."""
+    from clair_cli.core.calibration import leave_one_out_cuts, leave_one_out_rows
+
+    g = torch.Generator().manual_seed(3)
+    for trial in range(40):
+        K = int(torch.randint(4, 16, (1,), generator=g))
+        values = torch.randn(K, generator=g, dtype=torch.float64)
+        if trial % 2 == 0:  # nearly half far below the rest: the others' median is the midpoint
+            values[: (K - 1) // 2] -= 12.0
+        basis = torch.rand(K, generator=g) < 0.9
+        near = float(values.median()) if trial % 3 else math.nan
+        plain = leave_one_out_cuts(values, basis, 1e-3, 0.1)
+        raised = leave_one_out_cuts(values, basis, 1e-3, 0.1, near=near)
+        for k in range(K):
+            mask = basis.clone()
+            mask[k] = False
+            if int(mask.sum()) < 3:
+                continue
+            sigma = float(qn_scale(values[mask]))
+            assert plain[k] is not None and raised[k] is not None
+            expected = plain[k].centre if math.isnan(near) else max(plain[k].centre, near - sigma)
+            assert raised[k].centre == pytest.approx(expected, abs=1e-12)
+            assert raised[k].width == plain[k].width
+        rows = torch.stack([values, values.flip(0)])
+        centre, width = leave_one_out_rows(rows, basis.expand(2, K), 1e-3, 0.1, near=torch.tensor([near, near]))
+        assert [(c.centre if c else math.nan) for c in raised] == pytest.approx(centre[0].tolist(), nan_ok=True)
+
+
+def test_nearly_half_far_below_does_not_set_the_norm_centre() -> None:
+    """Four values of nine far below five honest ones (log-norms of near-zero modules): the others'
+    median of an honest value is the midpoint of the two groups, six spreads under it; with ``near``
+    at the whole pool's median its centre is within a spread of the honest values, and its cut (the
+    norm rules' floor, log 4) is not passed by any honest value."""
+    from clair_cli.core.calibration import leave_one_out_cuts
+
+    honest = torch.tensor([0.0, 0.1, -0.1, 0.15, -0.05], dtype=torch.float64)
+    values = torch.cat([honest, torch.tensor([-14.0, -14.1, -13.9, -14.05], dtype=torch.float64)])
+    basis = torch.ones(9, dtype=torch.bool)
+    plain = leave_one_out_cuts(values, basis, 1e-3, math.log(4))
+    assert any(cut is not None and float(values[k]) > cut.value for k, cut in enumerate(plain[:5]))
+    raised = leave_one_out_cuts(values, basis, 1e-3, math.log(4), near=float(values.median()))
+    assert all(cut is not None and float(values[k]) <= cut.value for k, cut in enumerate(raised[:5]))

@@ -127,8 +127,8 @@ def test_a_near_half_minority_of_tiny_modules_flags_no_honest_client() -> None:
     client's others half tiny and half honest, and their median the midpoint of the two: every
     honest client was flagged for a norm ~1e3x "the others' median" there (rule 13; here in 4 of 4
     seeds at 4 of 9 and 5 of 11 before the fix), on trained pools too, and the payload merged. The
-    norm rules' centre is now at least the median of the whole pool, which lies among the honest
-    values while the attackers are fewer than half."""
+    norm rules' centre is now at most a spread below the median of the whole pool, which lies among
+    the honest values while the attackers are fewer than half."""
     for n_honest, n_small in ((5, 4), (6, 5)):
         for seed in (1, 2, 3, 4):
             for scale, every_module in ((1e-6, False), (1e-30, False), (1e-6, True)):

@@ -272,13 +272,16 @@ def leave_one_out_cuts(
     relative: float = 0.0,
     law: str = NORMAL,
     capped: bool = False,
+    near: float | None = None,
 ) -> list[Cut | None]:
     """For every adapter, :func:`upper_cut` on the values in ``basis`` (a mask) other than its
     own, computed together: one sort and one batch of pairwise distances instead of one per
     adapter (the same numbers; ``tests/test_calibration.py`` checks them against the loop).
-    An adapter outside the basis gets the cut of the whole basis.
+    An adapter outside the basis gets the cut of the whole basis. ``near``: as in
+    :func:`leave_one_out_rows`.
     """
-    centre, width = leave_one_out_rows(values[None, :], basis[None, :], alpha, floor, relative, law, capped)
+    at = None if near is None else torch.tensor([near], dtype=torch.float64)
+    centre, width = leave_one_out_rows(values[None, :], basis[None, :], alpha, floor, relative, law, capped, at)
     return [None if math.isnan(c) else Cut(c, w) for c, w in zip(centre[0].tolist(), width[0].tolist(), strict=True)]
 
 
@@ -290,6 +293,7 @@ def leave_one_out_rows(
     relative: float = 0.0,
     law: str = NORMAL,
     capped: bool = False,
+    near: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`leave_one_out_cuts` for every row of ``values`` (``M x K``, each row with its
     own ``basis``; one module a row for the per-module rules), batched over the rows whose
@@ -298,6 +302,13 @@ def leave_one_out_rows(
     where there is no cut (fewer than 3 values to set it). The numbers are
     :func:`leave_one_out_cuts`'s, bit for bit: the same sorts, distances and order
     statistics, row by row.
+
+    ``near`` (per row; NaN: none): no centre more than one spread (the others' Qn scale, the
+    ``sigma`` of the width ``c sigma``) below it. The norm rules give the median of the whole
+    pool (:meth:`clair_cli.core.rules.context.Pass.pool_median`): where nearly half the others
+    sit far below the rest, their median is the midpoint of the two groups, far under every
+    value of the upper one, while their Qn scale is the groups' own spread (docs/security.md,
+    "Near-zero modules").
     """
     values = values.double()
     basis = basis & torch.isfinite(values)
@@ -314,17 +325,27 @@ def leave_one_out_rows(
         x = values[rows][:, idx]
         # The whole basis's cut, for the adapters outside it.
         c = (rule_critical_value if capped else critical_value)(n, alpha, law)
-        shared = x.quantile(0.5, dim=1)
+        sigma = qn_scale(x)
+        shared = _near(x.quantile(0.5, dim=1), sigma, near, rows)
         centre[rows] = shared[:, None]
-        width[rows] = _widths(c * qn_scale(x), shared, floor, relative)[:, None]
+        width[rows] = _widths(c * sigma, shared, floor, relative)[:, None]
         where = (rows[:, None], idx[None, :])
         if n < 4:  # leaving one out leaves fewer than 3
             centre[where] = width[where] = math.nan
             continue
-        centre[where], spreads = _without_each(x)
+        without, spreads = _without_each(x)
+        centre[where] = _near(without, spreads, near, rows[:, None])
         c = (rule_critical_value if capped else critical_value)(n - 1, alpha, law)
         width[where] = _widths(c * spreads, centre[where], floor, relative)
     return centre, width
+
+
+def _near(centre: torch.Tensor, sigma: torch.Tensor, near: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """``centre``, raised to at most one ``sigma`` below ``near[rows]`` (unchanged where ``near`` is None or NaN)."""
+    if near is None:
+        return centre
+    bound = near.double()[rows] - sigma
+    return torch.where(torch.isnan(bound) | torch.isnan(centre), centre, torch.maximum(centre, bound))
 
 
 def _without_each(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

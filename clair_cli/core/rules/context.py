@@ -227,19 +227,15 @@ class Pass:
         relative: float = 0.0,
         law: str = NORMAL,
         capped: bool = False,
-        centre_at_least_median: bool = False,
+        near_median: bool = False,
     ) -> list[Cut | None]:
         """Per adapter, the cut from the others' values (finite ones, not ``excluded``; in a
         gate, the references' values, from ``calibration`` where given); ``capped``: with
         the small-pool critical value (:func:`clair_cli.core.calibration.rule_critical_value`);
-        ``centre_at_least_median``: no centre below :meth:`pool_median` (the norm rules)."""
+        ``near_median``: no centre more than a spread below :meth:`pool_median` (the norm rules)."""
         calib = values if calibration is None else calibration
-        cuts = leave_one_out_cuts(calib, self.basis(calib), alpha, floor, relative, law, capped)
-        if centre_at_least_median:
-            median = float(self.pool_median(calib[None, :])[0])
-            cuts = [
-                None if cut is None or math.isnan(median) else Cut(max(cut.centre, median), cut.width) for cut in cuts
-            ]
+        near = float(self.pool_median(calib[None, :])[0]) if near_median else None
+        cuts = leave_one_out_cuts(calib, self.basis(calib), alpha, floor, relative, law, capped, near)
         return [cut if bool(torch.isfinite(values[k])) else None for k, cut in enumerate(cuts)]
 
     def pool_median(self, calib: torch.Tensor) -> torch.Tensor:
@@ -253,11 +249,14 @@ class Pass:
         median is the midpoint of the two groups: every honest client was flagged at 1e6x "the
         others' median" and the payload merged. The median of the whole pool lies between the
         lowest and the largest honest value whenever the attackers are fewer than half, whatever
-        they send, so an upward norm cut centred at least there flags an honest value only for
-        its distance from the other honest ones (docs/security.md, "Near-zero modules"). Those a
-        previous pass flagged count here (else one honest client flagged by another rule would
-        reopen the midpoint for the rest); this centre only raises the cut, so a boosted
-        group among them raises it at most to the largest honest value."""
+        they send, so an upward norm cut centred no more than one spread below it (``near`` of
+        :func:`~clair_cli.core.calibration.leave_one_out_rows`; the spread is the others' Qn scale,
+        which sees the groups' own spreads) flags an honest value only for its distance from the
+        other honest ones (docs/security.md, "Near-zero modules"). In an honest pool the others'
+        median is within a spread of it and nothing changes. Those a previous pass flagged count
+        here (else one honest client flagged by another rule would reopen the midpoint for the
+        rest); the bound only raises a centre, so a boosted group among them raises it at most to
+        a spread below the largest honest value."""
         keep = torch.ones(calib.shape[1], dtype=torch.bool)
         keep[list(self.copies)] = False
         if self.gated:
@@ -360,7 +359,7 @@ class Pass:
         centre_at_most: float | None = None,
         signal: str = "module",
         skip: frozenset[int] = frozenset(),
-        centre_at_least_median: bool = False,
+        near_median: bool = False,
     ) -> dict[int, list[ModuleHit]]:
         """A per-module rule at ALPHA / M (Bonferroni over the modules measured); hits per
         adapter, largest excess first. Margins are recorded as the ``signal`` signal.
@@ -369,9 +368,8 @@ class Pass:
         ``relative``: as in :meth:`cuts`. ``centre_at_most``: a module measures an
         adapter only where the others' centre there is at most this value (rule 12: where the
         others agree on a direction). ``skip``: adapters not judged (no margin recorded), such as
-        those a rule over all modules flagged for the same evidence. ``centre_at_least_median``: no
-        centre below the module's :meth:`pool_median` (rule 13; the width is the others', so use
-        it with ``relative=0`` only)."""
+        those a rule over all modules flagged for the same evidence. ``near_median``: no centre
+        more than a spread below the module's :meth:`pool_median` (rule 13)."""
         hits: dict[int, list[ModuleHit]] = {}
         if not values:
             return hits
@@ -380,9 +378,8 @@ class Pass:
         full = self.table(values, members)
         calib = full if not calibration else self.table({n: calibration.get(n, values[n]) for n in names}, members)
         setters = self._setters(full.shape[1])[None, :]
-        centre, width = leave_one_out_rows(calib, setters, alpha, floor, relative)
-        if centre_at_least_median:
-            centre = centre.where(centre.isnan(), torch.fmax(centre, self.pool_median(calib)[:, None]))
+        near = self.pool_median(calib) if near_median else None
+        centre, width = leave_one_out_rows(calib, setters, alpha, floor, relative, near=near)
         if centre_at_most is not None:
             centre = centre.where(centre <= centre_at_most, math.nan)
         margins = torch.where(

@@ -30,8 +30,8 @@ class Norm:
     def apply(self, ctx: Pass) -> None:
         sq_norms = ctx.signals.sq_norms
         log_norm = torch.where(sq_norms > 0, 0.5 * torch.log(sq_norms.double().clamp_min(1e-300)), math.nan)
-        high = ctx.cuts(log_norm, ALPHA, math.log(NORM_FACTOR_FLOOR), capped=True, centre_at_least_median=True)
-        low = ctx.cuts(-log_norm, ALPHA, math.log(NORM_LOW_FACTOR_FLOOR), capped=True, centre_at_least_median=True)
+        high = ctx.cuts(log_norm, ALPHA, math.log(NORM_FACTOR_FLOOR), capped=True, near_median=True)
+        low = ctx.cuts(-log_norm, ALPHA, math.log(NORM_LOW_FACTOR_FLOOR), capped=True, near_median=True)
         for k, (up_cut, down_cut) in enumerate(zip(high, low, strict=True)):
             if float(sq_norms[k]) <= 0:
                 ctx.verdicts[k].norm_ratio = 0.0
@@ -85,7 +85,7 @@ class ModuleNorm:
             math.log(NORM_FACTOR_FLOOR),
             signal=self.name,
             skip=boosted,
-            centre_at_least_median=True,
+            near_median=True,
         )
         for k, items in sorted(hits.items()):
             ctx.flag(k, self.reason(items))
