@@ -26,11 +26,11 @@ from clair_cli.constants import (
     PEFT_KEY_PREFIX,
 )
 from clair_cli.errors import AdapterFormatError
-from clair_cli.io.files import open_regular, reading
+from clair_cli.io.files import open_regular
 from clair_cli.io.lora_config import base_rewriting_init, base_rewriting_note, ignored_note, random_init, variants_on
 from clair_cli.io.paths import printable
 from clair_cli.io.peft_config import PEFT_DEFAULT_ALPHA, PEFT_DEFAULT_R
-from clair_cli.io.safetensors_file import SafetensorsReader, TensorInfo, read_header
+from clair_cli.io.safetensors_file import FileStamp, SafetensorsReader, TensorInfo, changed, file_stamp, read_header
 from clair_cli.types import AdapterConfig, AdapterRef, LoraModule, ModuleKind, attention_layers
 
 if TYPE_CHECKING:
@@ -55,6 +55,8 @@ class ModuleSpec:
     scale: float
     dtype: str
     weight_shape: tuple[int, ...] | None = None
+    # A's and B's header entries when the adapter was opened: a reader checks its file still has them.
+    tensors: tuple[TensorInfo, ...] = field(default=(), compare=False, repr=False)
 
 
 # Per-expert MoE LoRA modules (transformers 4 key layout) and MoE routers. transformers 5 fuses the
@@ -108,6 +110,8 @@ class Adapter:
         self.notes = notes
         self.file_size = file_size
         self.n_params = n_params
+        # The weights file's version when it was opened: every later read is of that version or refused.
+        self.stamp: FileStamp | None = None
         # What a merge of LoRA factors cannot carry, by kind: key names (or the config field).
         self.extras: dict[str, list[str]] = {}
         # Modules of a PEFT-layout file whose factors lack PEFT's key prefix (PeftModel.from_pretrained
@@ -140,7 +144,7 @@ class Adapter:
             AdapterFormatError: the weights file changed or cannot be read.
         """
         if self._weights_sha256 is None:
-            self._weights_sha256 = _sha256_file(self.ref.weights_file, self.file_size)
+            self._weights_sha256 = _sha256_file(self.ref.weights_file, self.file_size, self.stamp)
         out = {self.ref.weights_file.name: self._weights_sha256}
         if self.config.sha256 is not None:  # the file actually read (--config may stand in for one beside the weights)
             out[self.config.file_name or "config"] = self.config.sha256
@@ -307,14 +311,16 @@ class Adapter:
             )
             if keys
         }
+        stamp = file_stamp(path)
         adapter = cls(
             ref,
             config,
             modules,
             notes,
-            file_size=_size(path),
+            file_size=stamp.size,
             n_params=sum(t.numel for t in tensors.values()),
         )
+        adapter.stamp = stamp
         adapter.extras = extras
         adapter.untied = untied
         adapter.expert_scaling = moe
@@ -343,8 +349,19 @@ class Adapter:
                 yield self.read_module(reader, name, dtype)
 
     def reader(self) -> SafetensorsReader:
-        """A reader of this adapter's weights file, to use as a context manager."""
-        return SafetensorsReader(self.ref.weights_file)
+        """A reader of this adapter's weights file, to use as a context manager.
+
+        Raises:
+            AdapterFormatError: the file is not the version opened (rewritten or replaced since:
+                its :class:`FileStamp` or, on another machine, its modules' header entries differ).
+        """
+        path = self.ref.weights_file
+        reader = SafetensorsReader(path, self.stamp)
+        if self.stamp is None or not self.stamp.here():
+            for spec in self.modules.values():
+                if any(reader.tensors.get(info.name) != info for info in spec.tensors):
+                    raise changed(path)
+        return reader
 
     def read_module(self, reader: SafetensorsReader, name: str, dtype: torch.dtype | None = None) -> LoraModule:
         """One module's factors through an open :meth:`reader`, checked finite.
@@ -427,11 +444,6 @@ def update_overflows(scale: float, rank: int, peaks: Sequence[float]) -> bool:
 def peak(t: torch.Tensor) -> float:
     """max |t| (NaN if t holds a NaN), 0 for an empty tensor."""
     return float(t.abs().max()) if t.numel() else 0.0
-
-
-def _size(path: Path) -> int:
-    with reading(path):
-        return os.stat(path).st_size
 
 
 def _listed(keys: list[str], n: int = 3) -> str:
@@ -576,14 +588,19 @@ def _transposed_pair(reader: SafetensorsReader, embedding: ModuleSpec, a: torch.
     return bool(torch.equal(a, emb_b.T.to(a.dtype)) and torch.equal(b, emb_a.T.to(b.dtype)))
 
 
-def _sha256_file(path: Path, size: int) -> str:
+def _sha256_file(path: Path, size: int, stamp: FileStamp | None = None) -> str:
+    """The file's sha256, refused unless it is the version opened (``stamp``), before and after hashing."""
     digest = hashlib.sha256()
     fd = open_regular(path)
     try:
+        if stamp is not None and not stamp.same(os.fstat(fd)):
+            raise changed(path)
         if os.fstat(fd).st_size != size:
             raise AdapterFormatError(f"{printable(str(path))}: changed size while being read")
         while chunk := os.read(fd, 1 << 20):
             digest.update(chunk)
+        if stamp is not None and not stamp.same(os.fstat(fd)):
+            raise changed(path)
     except OSError as exc:
         raise AdapterFormatError(f"{printable(str(path))}: cannot be read ({exc.strerror or exc})") from exc
     finally:
@@ -678,6 +695,7 @@ def _module_spec(
         scale=config.scale_for(module, rank),
         dtype=a.dtype,
         weight_shape=weight_shape,
+        tensors=(a, b),
     )
 
 

@@ -54,6 +54,57 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+@dataclass(frozen=True)
+class FileStamp:
+    """One version of a file on one machine: its device, inode, size, modification and change
+    times. A file rewritten in place or replaced (a rename over it) after clair read its header
+    has another stamp: the change time (``st_ctime``) moves with any write and cannot be set back,
+    as the modification time can. On another machine (a Ray worker) the file is another copy,
+    whose stamp says nothing; the tensor table is compared there (:meth:`Adapter.reader`)."""
+
+    host: str
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileStamp:
+        return cls(_host(), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def here(self) -> bool:
+        """Whether the stamp was taken on this machine (only there can it be compared)."""
+        return self.host == _host()
+
+    def same(self, st: os.stat_result) -> bool:
+        """Whether ``st`` is this version of the file (always true on another machine)."""
+        return not self.here() or FileStamp.of(st) == self
+
+
+def _host() -> str:
+    return os.uname().nodename if hasattr(os, "uname") else ""
+
+
+def file_stamp(path: Path) -> FileStamp:
+    """The :class:`FileStamp` of ``path`` as it is now.
+
+    Raises:
+        AdapterNotFound: the file cannot be found or read.
+    """
+    with reading(path):
+        return FileStamp.of(os.stat(path))
+
+
+def changed(path: Path) -> AdapterFormatError:
+    """The error for an input that changed while the run was reading it."""
+    return AdapterFormatError(
+        f"{printable(str(path))}: changed while clair was reading it (rewritten or replaced after its header "
+        "was read); nothing was written",
+        hint="Run again once nothing writes to the adapters.",
+    )
+
+
 def _bad(path: Path, problem: str) -> AdapterFormatError:
     return AdapterFormatError(
         f"{printable(str(path))}: {problem}",
@@ -239,12 +290,24 @@ class SafetensorsReader:
     over a large pool keeps neither the pool's pages nor K open files.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, stamp: FileStamp | None = None) -> None:
         self.path = path
+        self.stamp = stamp  # the version read before (an adapter's, when it was opened): no other is read
         self.tensors, self.metadata = read_header(path)
         with reading(path):
-            self._size = path.stat().st_size
+            st = path.stat()
+        self._size = st.st_size
+        if stamp is not None and not stamp.same(st):
+            raise changed(path)
         self._open = False
+
+    def _check(self, fd: int) -> None:
+        """Refuse the open file ``fd`` unless it is the version this reader's header came from."""
+        st = os.fstat(fd)
+        if self.stamp is not None and not self.stamp.same(st):
+            raise changed(self.path)
+        if st.st_size != self._size:
+            raise _bad(self.path, "changed size while being read")
 
     def __enter__(self) -> SafetensorsReader:
         self._open = True
@@ -270,8 +333,7 @@ class SafetensorsReader:
             return [self._get_with_safetensors(name) for name in names]
         fd = open_regular(self.path)
         try:
-            if os.fstat(fd).st_size != self._size:
-                raise _bad(self.path, "changed size while being read")
+            self._check(fd)
             bufs = [read_range(fd, info.start, info.nbytes, self.path) for info in infos]
         finally:
             os.close(fd)
@@ -300,8 +362,7 @@ class SafetensorsReader:
         for offset in range(0, info.nbytes, step):
             fd = open_regular(self.path)
             try:
-                if os.fstat(fd).st_size != self._size:
-                    raise _bad(self.path, "changed size while being read")
+                self._check(fd)
                 buf = read_range(fd, info.start + offset, min(step, info.nbytes - offset), self.path)
             finally:
                 os.close(fd)
@@ -312,6 +373,12 @@ class SafetensorsReader:
 
         try:
             with safe_open(str(self.path), framework="pt", device="cpu") as handle:
-                return handle.get_tensor(name)
+                tensor = handle.get_tensor(name)
         except (SafetensorError, OSError, TypeError) as exc:
             raise _bad(self.path, f"tensor {name!r} cannot be read ({exc})") from exc
+        fd = open_regular(self.path)  # the library opens the path itself: what it read must be this version still
+        try:
+            self._check(fd)
+        finally:
+            os.close(fd)
+        return tensor

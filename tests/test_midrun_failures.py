@@ -1,0 +1,146 @@
+"""Failures during a run, through the real CLI in separate processes (a review of 2026-12-06):
+inputs that change while they are read, outputs that fill the disk, a stdout that cannot take
+what is written to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "sample_adapters"
+WEIGHTS = "adapter_model.safetensors"
+
+# Runs clair with one input file changed just before a stage of the pipeline (the audit, the
+# merge), as another process would change it while the run reads the pool.
+HOOKED = """
+import os, shutil, sys
+stage, mode, victim, donor = sys.argv[1:5]
+from clair_cli import pipeline
+real = getattr(pipeline, stage)
+def hooked(*args, **kwargs):
+    if mode == "replace":
+        shutil.copy(donor, victim + ".new")
+        os.replace(victim + ".new", victim)
+    else:
+        stat = os.stat(victim)
+        data = open(donor, "rb").read()
+        with open(victim, "r+b") as f:
+            f.write(data[: stat.st_size])
+        os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the modification time put back
+    return real(*args, **kwargs)
+setattr(pipeline, stage, hooked)
+sys.argv = ["clair", *sys.argv[5:]]
+from clair_cli.cli import main
+main()
+"""
+
+
+def _env() -> dict[str, str]:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def _hooked(stage: str, mode: str, victim: Path, donor: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", HOOKED, stage, mode, str(victim), str(donor), *args],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+
+
+def _pool(tmp_path: Path) -> Path:
+    pool = tmp_path / "pool"
+    shutil.copytree(SAMPLES, pool)
+    return pool
+
+
+def _rank2(source: Path, target: Path) -> None:
+    """``source``'s adapter file at rank 2: the same modules, other shapes."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(source))
+    save_file({k: (v[:2] if ".lora_A." in k else v[:, :2]).contiguous() for k, v in tensors.items()}, str(target))
+
+
+@pytest.mark.parametrize("stage", ["audit", "merge"])
+@pytest.mark.parametrize("donor", ["flagged", "rank2"])
+def test_an_input_replaced_during_the_run_is_refused(stage: str, donor: str, tmp_path: Path) -> None:
+    """An adapter file replaced (renamed over) after its header was read: before, a file of other
+    shapes ended in "internal error (RuntimeError...)" and one of the same shapes, swapped in
+    between the audit and the merge, was merged: a flagged adapter's update went into the merge
+    in the place of the clean adapter audited, and the report gave the flagged file's sha256 as
+    the clean adapter's."""
+    pool = _pool(tmp_path)
+    victim = pool / "client_03" / WEIGHTS
+    source = pool / "client_13" / WEIGHTS  # flagged by the audit of the sample pool
+    if donor == "rank2":
+        source = tmp_path / "rank2.safetensors"
+        _rank2(pool / "client_03" / WEIGHTS, source)
+    out, report = tmp_path / "merged", tmp_path / "report.json"
+    res = _hooked(stage, "replace", victim, source, "merge", str(pool), "--out", str(out), "-q", "--json", str(report))
+    assert res.returncode == 2, res.stderr
+    assert "changed while clair was reading it" in res.stderr and "client_03" in res.stderr, res.stderr
+    assert "internal error" not in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists() and not report.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_input_rewritten_in_place_with_its_time_put_back_is_refused(tmp_path: Path) -> None:
+    """The same size, the same tensor table, the modification time set back: the change time
+    (which nothing can set back) still tells the file changed after the audit read it."""
+    pool = _pool(tmp_path)
+    out = tmp_path / "merged"
+    res = _hooked(
+        "merge", "inplace", pool / "client_03" / WEIGHTS, pool / "client_13" / WEIGHTS, "merge", str(pool),
+        "--out", str(out), "-q",
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert "changed while clair was reading it" in res.stderr, res.stderr
+    assert not out.exists()
+
+
+def test_a_reader_elsewhere_compares_the_tensor_table(tmp_path: Path) -> None:
+    """Where the stamp cannot be compared (a Ray worker on another machine reads its own copy),
+    a file whose header no longer lists the module's tensors as opened is refused, not read."""
+    from clair_cli.errors import AdapterFormatError
+    from clair_cli.io.sources import open_adapter, resolve_sources
+
+    pool = _pool(tmp_path)
+    (ref,) = resolve_sources([str(pool / "client_03")])
+    adapter = open_adapter(ref)
+    elsewhere = adapter.for_module(next(iter(adapter.modules)))
+    elsewhere.stamp = None
+    with elsewhere.reader():
+        pass  # the file as opened
+    _rank2(pool / "client_03" / WEIGHTS, tmp_path / "rank2.safetensors")
+    os.replace(tmp_path / "rank2.safetensors", pool / "client_03" / WEIGHTS)
+    with pytest.raises(AdapterFormatError, match="changed while clair was reading it"):
+        elsewhere.reader()
+    with pytest.raises(AdapterFormatError, match="changed while clair was reading it"):
+        adapter.reader()
+    with pytest.raises(AdapterFormatError, match="changed while clair was reading it"):
+        adapter.file_digests()
+
+
+def test_an_unchanged_pool_reads_as_before(tmp_path: Path) -> None:
+    """The checks refuse nothing that did not change: the sample pool merges, with digests."""
+    out, report = tmp_path / "merged", tmp_path / "report.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "clair_cli", "merge", str(SAMPLES), "--out", str(out), "-q", "--json", str(report)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
+    assert res.returncode == 1, res.stderr  # the sample pool has flagged adapters
+    digests = {a["name"]: a["sha256"] for a in json.loads(report.read_text())["adapters"]}
+    assert len(digests) == 16 and (out / WEIGHTS).is_file()
