@@ -144,3 +144,67 @@ def test_an_unchanged_pool_reads_as_before(tmp_path: Path) -> None:
     assert res.returncode == 1, res.stderr  # the sample pool has flagged adapters
     digests = {a["name"]: a["sha256"] for a in json.loads(report.read_text())["adapters"]}
     assert len(digests) == 16 and (out / WEIGHTS).is_file()
+
+
+def _limited(limit: int) -> None:
+    """In the child: files may grow to ``limit`` bytes (past it a write fails with EFBIG, as on a
+    full disk; Python ignores SIGXFSZ)."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.parametrize("report", ["--json", "--sarif"])
+@pytest.mark.parametrize("unbuffered", ["1", ""], ids=["PYTHONUNBUFFERED", "buffered"])
+def test_a_report_on_stdout_that_the_file_cannot_take_is_an_error(report: str, unbuffered: str, tmp_path: Path) -> None:
+    """``clair audit --json - > report.json`` on a disk that fills up: under PYTHONUNBUFFERED (many
+    container images set it) Python wrote the report with one unchecked write() and the run ended
+    0 with the first 16 KiB of a 39 KB report, no message."""
+    sink = tmp_path / "report.out"
+    with sink.open("wb") as out:
+        res = subprocess.run(
+            [sys.executable, "-m", "clair_cli", "audit", str(SAMPLES), report, "-", "--exit-zero"],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**_env(), "PYTHONUNBUFFERED": unbuffered},
+            timeout=300,
+            preexec_fn=lambda: _limited(16384),
+        )
+    assert res.returncode == 2, (res.returncode, res.stderr, sink.stat().st_size)
+    assert "Error: cannot write the output (File too large)" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("option", ["--version", "--help"])
+def test_help_and_version_on_a_full_stdout_end_in_one_line(option: str) -> None:
+    """``clair --version > /dev/full`` ended in a traceback (exit 1): eager options write before any
+    command's boundary."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    with open("/dev/full", "w") as full:
+        res = subprocess.run(
+            [sys.executable, "-m", "clair_cli", option], stdout=full, stderr=subprocess.PIPE, text=True, env=_env()
+        )
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.startswith("Error: cannot write the output (No space left on device)"), res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_stdout_under_pythonunbuffered_keeps_every_byte(tmp_path: Path) -> None:
+    """The buffered writer put under stdout changes nothing a reader sees: the same report bytes,
+    whichever way stdout is buffered, and messages still reach stderr."""
+    outs = []
+    for unbuffered in ("1", ""):
+        res = subprocess.run(
+            [sys.executable, "-m", "clair_cli", "audit", str(SAMPLES), "--json", "-", "--exit-zero"],
+            capture_output=True,
+            text=True,
+            env={**_env(), "PYTHONUNBUFFERED": unbuffered, "SOURCE_DATE_EPOCH": "0"},
+            timeout=300,
+        )
+        assert res.returncode == 0, res.stderr
+        report = json.loads(res.stdout)
+        report.pop("timing_s", None)
+        outs.append(report)
+    assert outs[0] == outs[1]

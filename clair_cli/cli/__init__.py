@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import sys
 from typing import Any
@@ -99,6 +100,7 @@ def _failure(exc: Exception) -> typer.Exit:
     if isinstance(exc, MemoryError) or _out_of_memory(exc):
         return typer.Exit(report_error("out of memory", OUT_OF_MEMORY_HINT))
     if isinstance(exc, OSError) and exc.errno in WRITE_FAILURES:  # a full disk under stdout or a report
+        _quiet_stdout()  # what stdout's buffer still holds goes nowhere, rather than failing again at exit
         return typer.Exit(
             report_error(f"cannot write the output ({exc.strerror or exc})", "Free space, or write it elsewhere.")
         )
@@ -202,13 +204,61 @@ def _printable_streams() -> None:
                 reconfigure(errors="backslashreplace")
 
 
+def _whole_writes() -> None:
+    """Make a write to stdout or stderr all or an error, also under ``PYTHONUNBUFFERED`` (``python -u``,
+    set by many container images and CI setups).
+
+    There Python writes text straight to the unbuffered file, one ``write()`` call that the text
+    layer does not check: when the system takes part of it (a disk filling up under ``--json - >
+    report.json``) the rest was lost without an error, and the run ended 0 with a truncated report.
+    A buffered writer between them writes the rest, or raises the error (ENOSPC, EFBIG...) that the
+    command turns into exit 2; it is flushed at each newline and each explicit flush, as before.
+    """
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not isinstance(stream, io.TextIOWrapper) or not isinstance(getattr(stream, "buffer", None), io.FileIO):
+            continue
+        try:
+            raw = io.FileIO(stream.fileno(), "w", closefd=False)  # the same descriptor, never closed here
+        except (OSError, ValueError):
+            continue
+        stream.flush()
+        setattr(
+            sys,
+            name,
+            io.TextIOWrapper(
+                io.BufferedWriter(raw),
+                encoding=stream.encoding,
+                errors=stream.errors,
+                line_buffering=True,
+                write_through=True,
+            ),
+        )
+
+
+def _unwritable(exc: OSError) -> None:
+    """End the run on an output that stdout's file could not take (exit 2, or 141 for a closed pipe)."""
+    _quiet_stdout()
+    if isinstance(exc, BrokenPipeError):
+        raise SystemExit(EXIT_BROKEN_PIPE) from None
+    report_error(f"cannot write the output ({exc.strerror or exc})", "Free space, or write it elsewhere.")
+    raise SystemExit(EXIT_ERROR) from None
+
+
 def main() -> None:
     """Console-script entry point (the app ends with SystemExit carrying the exit code)."""
+    _whole_writes()
     _printable_streams()
     try:
         app(prog_name="clair")
+    except OSError as exc:  # outside a command (--help, --version) there is no boundary but this one
+        if exc.errno not in WRITE_FAILURES and not isinstance(exc, BrokenPipeError):
+            raise
+        _unwritable(exc)
     finally:
         try:
             sys.stdout.flush()  # here rather than at interpreter exit, where EPIPE prints a warning
         except BrokenPipeError:
             _quiet_stdout()
+        except OSError as exc:  # the end of the output did not reach a full disk
+            _unwritable(exc)
