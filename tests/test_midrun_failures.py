@@ -208,3 +208,72 @@ def test_stdout_under_pythonunbuffered_keeps_every_byte(tmp_path: Path) -> None:
         report.pop("timing_s", None)
         outs.append(report)
     assert outs[0] == outs[1]
+
+
+# Dies as SIGKILL would, right after the old --out is moved aside and before the new one is in.
+KILLED_BETWEEN_RENAMES = """
+import os, sys
+from clair_cli.io import writers
+real = os.rename
+def rename(src, dst, *args, **kwargs):
+    real(src, dst, *args, **kwargs)
+    if str(dst).endswith(".clair-old"):
+        os.kill(os.getpid(), 9)
+writers.os.rename = rename
+sys.argv = ["clair", *sys.argv[1:]]
+from clair_cli.cli import main
+main()
+"""
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_an_output_moved_aside_by_a_killed_run_is_put_back_not_lost(tmp_path: Path) -> None:
+    """``--force``: a run killed between moving the old ``--out`` aside and renaming its own in left
+    the old output as ``.merged.<pid>.<random>.clair-old``; the next run writing there removed it
+    as a stale leftover, so when that run failed too (here: the disk full under it), the previous
+    output was gone. It is put back now, and the next run answers as if the kill had not happened."""
+    out = tmp_path / "merged"
+    first = subprocess.run(
+        [sys.executable, "-m", "clair_cli", "merge", str(SAMPLES), "--out", str(out), "-q", "--exit-zero"],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    before = _files(out)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_BETWEEN_RENAMES, "merge", str(SAMPLES), "--out", str(out), "-q", "--force",
+         "--method", "fedavg"],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    assert not out.exists() and any(p.name.endswith(".clair-old") for p in tmp_path.iterdir())
+    failing = subprocess.run(
+        [sys.executable, "-m", "clair_cli", "merge", str(SAMPLES), "--out", str(out), "-q", "--force", "--exit-zero"],
+        capture_output=True, text=True, env=_env(), timeout=300, preexec_fn=lambda: _limited(100_000),
+    )  # fmt: skip
+    assert failing.returncode == 2 and "File too large" in failing.stderr, failing.stderr
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    again = subprocess.run(
+        [sys.executable, "-m", "clair_cli", "merge", str(SAMPLES), "--out", str(out), "-q"],
+        capture_output=True, text=True, env=_env(), timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 2 and "already exists" in again.stderr, again.stderr
+
+
+def test_clean_stale_puts_back_only_where_the_target_is_missing(tmp_path: Path) -> None:
+    from clair_cli.io.writers import OLD_SUFFIX, TMP_SUFFIX, clean_stale
+
+    target = tmp_path / "merged"
+    old = tmp_path / f".merged.999999999.aaaa{OLD_SUFFIX}"
+    tmp = tmp_path / f".merged.999999999.bbbb{TMP_SUFFIX}"
+    for d in (old, tmp):
+        d.mkdir()
+        (d / "README.md").write_text(d.name)
+    clean_stale(target)
+    assert (target / "README.md").read_text() == old.name and not old.exists() and not tmp.exists()
+    old.mkdir()  # the target exists now: a dead run's moved-aside output is only a leftover
+    clean_stale(target)
+    assert not old.exists() and (target / "README.md").read_text() == old.name

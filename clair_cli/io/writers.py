@@ -15,7 +15,8 @@ together, under an exclusive lock (``flock``) on each target's directory. So:
 Staging names are ``.<name>.<pid>.<random>.clair-tmp`` (``.clair-old`` for a replaced
 output kept until the commit ends), with ``<name>`` shortened by a hash so that every
 staging name fits in ``NAME_MAX`` whatever the target's length; the process id lets a later
-run remove what a killed one (SIGKILL, power loss) left, never a live run's work.
+run remove what a killed one (SIGKILL, power loss) left, never a live run's work, and put back
+an old output that a killed run had moved aside without replacing it (:func:`clean_stale`).
 
 Only a missing path or a regular file is replaced by a report; only a directory by
 ``--out`` (with ``force``). A symlink, FIFO or device in a target's place is refused, never
@@ -86,19 +87,41 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale(target: Path) -> None:
-    """Remove staging entries that killed runs (SIGKILL, power loss) left beside ``target``.
+    """Remove staging entries that killed runs (SIGKILL, power loss) left beside ``target``, and
+    put back the previous output that one of them had moved aside when ``target`` is missing.
 
     Their names carry the writing process's id; only those of processes that no longer
-    exist are removed, so a concurrent run's work is never touched.
+    exist are touched, so a concurrent run's work never is. A run killed between moving the
+    old ``target`` aside (``.clair-old``) and renaming its new output in leaves no ``target``:
+    that old output is renamed back (under the directory's lock, where no live run is between
+    its two renames), not removed, so the next run cannot lose it by failing in its turn.
     """
     stem = stage_stem(target.name)
     with contextlib.suppress(OSError):
+        stale = []
         for path in target.parent.glob(f".{glob.escape(stem)}.*"):
             if not path.name.endswith((TMP_SUFFIX, OLD_SUFFIX)):
                 continue
             pid = path.name[len(stem) + 2 :].split(".", 1)[0]
             if pid.isdigit() and not _alive(int(pid)):
+                stale.append(path)
+        # The newest output moved aside first (two killed runs: the later one's is the later output).
+        stale.sort(key=lambda p: (p.name.endswith(OLD_SUFFIX), p.lstat().st_mtime_ns), reverse=True)
+        for path in stale:
+            if not (path.name.endswith(OLD_SUFFIX) and _put_back(path, target)):
                 _remove(path)
+
+
+def _put_back(old: Path, target: Path) -> bool:
+    """Rename ``old`` (a dead run's ``.clair-old``) back to ``target`` if ``target`` is missing."""
+    try:
+        with _locked([target.parent]):
+            if os.path.lexists(target):
+                return False
+            os.rename(old, target)
+    except (OSError, ClairError):
+        return False
+    return True
 
 
 def _remove(path: Path) -> None:
@@ -212,6 +235,7 @@ class Outputs:
         ``adapters_only``, only where it is empty or an adapter clair wrote: the commands' ``--out``)
         and check it."""
         out = _Output(Path(target), printable(str(target)), directory=True, force=force, adapters_only=adapters_only)
+        clean_stale(out.target)  # a killed run's leftovers gone, its moved-aside output back, before the checks
         self._check(out)
         self.outputs.append(out)
 
