@@ -277,3 +277,93 @@ def test_clean_stale_puts_back_only_where_the_target_is_missing(tmp_path: Path) 
     old.mkdir()  # the target exists now: a dead run's moved-aside output is only a leftover
     clean_stale(target)
     assert not old.exists() and (target / "README.md").read_text() == old.name
+
+
+def test_a_staging_directory_removed_mid_run_is_not_installed(tmp_path: Path) -> None:
+    """A staging directory removed while the run wrote into it (and made again by the writer's
+    ``mkdir(parents=True)``): before, the commit installed what was left, an adapter directory
+    without its ``adapter_model.safetensors``, with exit 0, over the previous output."""
+    from clair_cli.errors import OutputError
+    from clair_cli.io.writers import Outputs
+
+    target = tmp_path / "merged"
+    target.mkdir()
+    (target / "adapter_config.json").write_text("old")
+    outputs = Outputs()
+    outputs.directory(target, force=True)
+    staged = outputs.stage_directory(target)
+    (staged / "adapter_model.safetensors").write_text("weights")
+    shutil.rmtree(staged)  # another process "cleaning up"
+    staged.mkdir(parents=True)
+    (staged / "adapter_config.json").write_text("new")
+    with pytest.raises(OutputError, match="was removed or replaced while this run wrote it"):
+        outputs.__exit__(None, None, None)
+    assert _files(target) == {"adapter_config.json": b"old"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_a_staged_report_replaced_mid_run_is_not_installed(tmp_path: Path) -> None:
+    from clair_cli.errors import OutputError
+    from clair_cli.io.writers import Outputs
+
+    report = tmp_path / "report.json"
+    report.write_text("old")
+    outputs = Outputs()
+    outputs.write_text(str(report), "new")
+    (staged,) = [p for p in tmp_path.iterdir() if p.name.endswith(".clair-tmp")]
+    staged.unlink()
+    staged.write_text("someone else's")
+    with pytest.raises(OutputError, match="was removed or replaced"):
+        outputs.__exit__(None, None, None)
+    assert report.read_text() == "old"
+
+
+def test_a_live_staging_entry_whose_pid_means_nothing_here_is_kept(tmp_path: Path) -> None:
+    """A run in another PID namespace (a container sharing the directory) or on another machine
+    has a process id that is not alive here: its staging directory was removed as stale by the next
+    run writing the same ``--out``, mid-write, and that run then installed an adapter directory
+    without its weights (exit 0; reproduced with ``unshare --pid``). The lock such a run holds on
+    what it stages keeps it now; once released, the entry is a leftover and goes."""
+    import fcntl
+
+    from clair_cli.io.writers import TMP_SUFFIX, clean_stale
+
+    target = tmp_path / "merged"
+    foreign = tmp_path / f".merged.999999999.abcd{TMP_SUFFIX}"  # no such process here
+    foreign.mkdir()
+    (foreign / "adapter_model.safetensors").write_text("being written")
+    fd = os.open(foreign, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # what the live run holds
+        clean_stale(target)
+        assert (foreign / "adapter_model.safetensors").exists()
+    finally:
+        os.close(fd)
+    clean_stale(target)
+    assert not foreign.exists()
+
+
+def test_a_run_holds_its_staging_entries_locked(tmp_path: Path) -> None:
+    """What the live-entry check relies on: while a run writes, its staged directory and report file
+    are locked against the exclusive lock :func:`clean_stale` tries, and released after."""
+    import fcntl
+
+    from clair_cli.io.writers import Outputs
+
+    def locked(path: Path) -> bool:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    with Outputs() as outputs:
+        outputs.directory(tmp_path / "merged")
+        staged = outputs.stage_directory(tmp_path / "merged")
+        outputs.write_text(str(tmp_path / "r.json"), "{}")
+        (report,) = [p for p in tmp_path.iterdir() if p.name.startswith(".r.json.")]
+        assert locked(staged) and locked(report)
+    assert not locked(tmp_path / "merged") and not locked(tmp_path / "r.json")

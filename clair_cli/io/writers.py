@@ -97,31 +97,57 @@ def clean_stale(target: Path) -> None:
     its two renames), not removed, so the next run cannot lose it by failing in its turn.
     """
     stem = stage_stem(target.name)
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, ClairError), _locked([target.parent]):
         stale = []
         for path in target.parent.glob(f".{glob.escape(stem)}.*"):
             if not path.name.endswith((TMP_SUFFIX, OLD_SUFFIX)):
                 continue
             pid = path.name[len(stem) + 2 :].split(".", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and _abandoned(path, int(pid)):
                 stale.append(path)
         # The newest output moved aside first (two killed runs: the later one's is the later output).
         stale.sort(key=lambda p: (p.name.endswith(OLD_SUFFIX), p.lstat().st_mtime_ns), reverse=True)
         for path in stale:
-            if not (path.name.endswith(OLD_SUFFIX) and _put_back(path, target)):
-                _remove(path)
+            if path.name.endswith(OLD_SUFFIX) and not os.path.lexists(target):
+                with contextlib.suppress(OSError):
+                    os.rename(path, target)
+                    continue
+            _remove(path)
 
 
-def _put_back(old: Path, target: Path) -> bool:
-    """Rename ``old`` (a dead run's ``.clair-old``) back to ``target`` if ``target`` is missing."""
-    try:
-        with _locked([target.parent]):
-            if os.path.lexists(target):
-                return False
-            os.rename(old, target)
-    except (OSError, ClairError):
+def _abandoned(path: Path, pid: int) -> bool:
+    """Whether the run that staged ``path`` is gone: no process ``pid`` here, and nothing holds the
+    lock a run keeps on what it stages (:func:`_hold`). The process id alone is not enough: a run in
+    another PID namespace (a container sharing the directory) or on another machine (a network
+    file system) has an id that means nothing here, and its staged output was removed mid-write."""
+    if _alive(pid):
         return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return True  # a symlink, or nothing that can be opened: no run's
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # a file system without locks: the process id decides
+    finally:
+        os.close(fd)
     return True
+
+
+def _hold(fd: int) -> int:
+    """Take a shared lock on a staged entry through ``fd`` and return it: the run keeps it open (and
+    the entry locked) until its outputs are committed or discarded (:func:`_abandoned`)."""
+    with contextlib.suppress(OSError):  # a file system without locks: the process id still protects it here
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return fd
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def _remove(path: Path) -> None:
@@ -143,6 +169,15 @@ class _Output:
     staged: Path | None = None
     backup: Path | None = None
     installed: bool = False
+    held: int | None = None  # a descriptor of the staged entry, locked while the run lives (_hold)
+    identity: tuple[int, int] | None = None  # the staged entry's (device, inode), checked at the commit
+
+    def release(self) -> None:
+        """Close the staged entry's descriptor (its lock goes with it)."""
+        if self.held is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.held)
+            self.held = None
 
 
 def _foreign(root: Path) -> str | None:
@@ -310,6 +345,8 @@ class Outputs:
         try:
             path.mkdir(mode=0o700)
             out.staged = path
+            out.held = _hold(os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0)))
+            out.identity = _identity(out.held)
             apply_umask(path, directory=True)
         except OSError as exc:
             raise OutputError(f"{out.shown}: cannot write here ({os_error_text(exc)})") from exc
@@ -331,8 +368,11 @@ class Outputs:
             raise OutputError(f"{out.shown}: cannot write here ({os_error_text(exc)})") from exc
         if out.staged is not None:
             _remove(out.staged)
+            out.release()
         out.staged = path
         try:
+            out.held = _hold(os.dup(fd))
+            out.identity = _identity(fd)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
             apply_umask(path)
@@ -360,6 +400,7 @@ class Outputs:
             with _locked({o.target.parent for o in staged}):
                 for out in staged:  # another run may have written meanwhile
                     self._check(out)
+                    self._check_staged(out)
                 try:
                     for out in staged:
                         self._install(out)
@@ -377,6 +418,25 @@ class Outputs:
         for text in self.stdout:  # through the text layer: its encoding and error handler apply
             sys.stdout.write(text)
             sys.stdout.flush()
+
+    @staticmethod
+    def _check_staged(out: _Output) -> None:
+        """Refuse to install a staged entry that is not the one this run made and wrote (removed,
+        and maybe made again by a later write, while the run wrote it): what is there is not the
+        whole output."""
+        assert out.staged is not None
+        try:
+            st = os.lstat(out.staged)
+            same = out.identity is None or (st.st_dev, st.st_ino) == out.identity
+        except OSError:
+            same = False
+        if not same:
+            raise OutputError(
+                f"{out.shown}: its staging {'directory' if out.directory else 'file'} "
+                f"{printable(str(out.staged))} was removed or replaced while this run wrote it (by another "
+                "process cleaning the directory?); nothing was written",
+                hint="Run again; make sure nothing else removes files there meanwhile.",
+            )
 
     def _install(self, out: _Output) -> None:
         assert out.staged is not None
@@ -419,6 +479,7 @@ class Outputs:
             for path in (out.staged, out.backup):
                 if path is not None:
                     _remove(path)
+            out.release()
             if out.backup is not None and os.path.lexists(out.backup):
                 self.left.append((out.shown, out.backup))
             out.staged = out.backup = None
