@@ -367,3 +367,32 @@ def test_a_run_holds_its_staging_entries_locked(tmp_path: Path) -> None:
         (report,) = [p for p in tmp_path.iterdir() if p.name.startswith(".r.json.")]
         assert locked(staged) and locked(report)
     assert not locked(tmp_path / "merged") and not locked(tmp_path / "r.json")
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, OSError], ids=["ctrl-c", "full-disk"])
+def test_a_commit_that_fails_at_a_report_leaves_no_hard_link_behind(
+    failure: type[BaseException], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit installs ``--out``, then the report; a failure (Ctrl-C, an error) at the report's
+    rename rolls both back, and left the report's hard-linked copy (``.r.json.<pid>.<random>.clair-old``)
+    beside it."""
+    from clair_cli.io import writers
+
+    out, report = tmp_path / "merged", tmp_path / "r.json"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("old")
+    report.write_text("old report")
+    real = os.replace
+
+    def replace(src: object, dst: object) -> None:
+        if Path(str(dst)) == report:
+            raise failure(28, "No space left on device") if failure is OSError else failure()
+        real(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writers.os, "replace", replace)
+    with pytest.raises((KeyboardInterrupt, writers.OutputError)), writers.Outputs() as outputs:
+        outputs.directory(out, force=True)
+        (outputs.stage_directory(out) / "adapter_config.json").write_text("new")
+        outputs.write_text(str(report), "new report")
+    assert _files(out) == {"adapter_config.json": b"old"} and report.read_text() == "old report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "r.json"]

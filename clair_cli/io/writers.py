@@ -472,6 +472,8 @@ class Outputs:
                         _remove(out.target)
                 elif out.backup is not None and not os.path.lexists(out.target):
                     os.replace(out.backup, out.target)
+                elif out.backup is not None and os.path.samefile(out.backup, out.target):
+                    os.unlink(out.backup)  # the hard link kept of a report file that was not replaced after all
                 out.backup = None
 
     def _discard(self) -> None:
