@@ -396,3 +396,30 @@ def test_a_commit_that_fails_at_a_report_leaves_no_hard_link_behind(
         outputs.write_text(str(report), "new report")
     assert _files(out) == {"adapter_config.json": b"old"} and report.read_text() == "old report"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "r.json"]
+
+
+def test_the_error_line_needs_no_import(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run out of address space (``ulimit -v``) could not import rich to say so: "out of memory"
+    became a chain of MemoryError tracebacks (exit 1). The line is written plainly then."""
+    from clair_cli import cli
+
+    monkeypatch.setitem(sys.modules, "rich.console", None)  # its import fails
+    assert cli.report_error("out of memory\x1b[2J", "Use fewer adapters.") == 2
+    assert capsys.readouterr().err == "Error: out of memory\\x1b[2J\nUse fewer adapters.\n"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ImportError("libtorch_cpu.so: failed to map segment from shared object"),
+        RuntimeError("std::bad_alloc"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes"),
+    ],
+)
+def test_memory_failures_are_out_of_memory_not_a_bug(exc: BaseException) -> None:
+    """Under ``ulimit -v`` torch's import and allocations fail in these words: "internal error (...)
+    This is a bug in clair" before."""
+    from clair_cli import cli
+
+    assert cli._out_of_memory(exc)
+    assert not cli._out_of_memory(ImportError("No module named 'torch'"))

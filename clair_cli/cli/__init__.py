@@ -27,17 +27,31 @@ from clair_cli.errors import ClairError, interrupt_cause
 
 
 def report_error(message: str, hint: str | None) -> int:
-    """Print an error and its hint as the user sees it (control characters escaped); return the exit code."""
-    from rich.console import Console
-    from rich.text import Text
+    """Print an error and its hint as the user sees it (control characters escaped); return the exit code.
 
-    from clair_cli.io.paths import printable
+    Without rich (its import failed: the process out of memory, or of address space) the same lines
+    are written plainly: the message of a run that ran out of memory must not need more of it.
+    """
+    try:
+        from rich.console import Console
+        from rich.text import Text
 
+        from clair_cli.io.paths import printable
+    except (ImportError, MemoryError, OSError):
+        with contextlib.suppress(OSError, ValueError, MemoryError):
+            sys.stderr.write(f"Error: {_plain(message)}\n" + (f"{_plain(hint)}\n" if hint else ""))
+            sys.stderr.flush()
+        return EXIT_ERROR
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     console.print(Text.assemble(("Error: ", "bold red"), printable(message)))
     if hint:
         console.print(printable(hint), markup=False, emoji=False, style="dim")
     return EXIT_ERROR
+
+
+def _plain(text: str) -> str:
+    """``text`` with what is not printable escaped, without imports (:func:`report_error`'s fallback)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode() for c in text)
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -115,11 +129,18 @@ def _failure(exc: Exception) -> typer.Exit:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    """torch's allocators failing: the CPU's RuntimeError, CUDA's ``torch.OutOfMemoryError``."""
+    """torch's allocators failing: the CPU's RuntimeError (``std::bad_alloc`` from C++ among them),
+    CUDA's ``torch.OutOfMemoryError``; and a
+    library that cannot be loaded for want of memory (``failed to map segment from shared object``:
+    the address space is exhausted, as under ``ulimit -v``)."""
     if type(exc).__name__ == "OutOfMemoryError":
         return True
     text = str(exc)
-    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+    if isinstance(exc, ImportError):
+        return "failed to map segment" in text or "cannot allocate memory" in text.lower()
+    return isinstance(exc, RuntimeError) and (
+        "can't allocate memory" in text or "out of memory" in text.lower() or "std::bad_alloc" in text
+    )
 
 
 def _typer_exits() -> tuple[type[BaseException], ...]:
