@@ -423,3 +423,43 @@ def test_memory_failures_are_out_of_memory_not_a_bug(exc: BaseException) -> None
 
     assert cli._out_of_memory(exc)
     assert not cli._out_of_memory(ImportError("No module named 'torch'"))
+
+
+def test_outputs_are_on_the_disk_before_they_are_renamed_into_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit renamed outputs whose files (the config, the card, the reports) had never been
+    flushed: after a power loss the renames could survive and the files be empty. Every staged file
+    and directory is synced before the first rename, and the targets' directories after them."""
+    from clair_cli.io import writers
+
+    synced: set[tuple[int, int]] = set()
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.add((st.st_dev, st.st_ino))
+        real_fsync(fd)
+
+    def key(path: Path) -> tuple[int, int]:
+        st = os.lstat(path)
+        return st.st_dev, st.st_ino
+
+    def replace(src: object, dst: object) -> None:
+        staged = Path(str(src))
+        if staged.name.endswith(writers.TMP_SUFFIX):
+            inside = [staged, *staged.rglob("*")] if staged.is_dir() else [staged]
+            assert all(key(p) in synced for p in inside), f"{staged} renamed before it was synced"
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writers.os, "fsync", fsync)
+    monkeypatch.setattr(writers.os, "replace", replace)
+    with writers.Outputs() as outputs:
+        outputs.directory(tmp_path / "merged")
+        staged = outputs.stage_directory(tmp_path / "merged")
+        (staged / "adapter_config.json").write_text("{}")
+        (staged / "nested").mkdir()
+        (staged / "nested" / "README.md").write_text("card")
+        outputs.write_text(str(tmp_path / "r.json"), "{}")
+    assert key(tmp_path) in synced  # the renames
+    assert (tmp_path / "merged" / "nested" / "README.md").read_text() == "card"

@@ -397,6 +397,8 @@ class Outputs:
         self.done = True
         staged = [o for o in self.outputs if o.staged is not None]
         try:
+            for out in staged:  # on the disk before any rename, so that no crash installs files it lost
+                self._sync(out)
             with _locked({o.target.parent for o in staged}):
                 for out in staged:  # another run may have written meanwhile
                     self._check(out)
@@ -407,6 +409,8 @@ class Outputs:
                 except BaseException:
                     self._roll_back(staged)
                     raise
+                for parent in {o.target.parent for o in staged}:  # the renames themselves
+                    _fsync_path(parent, directory=True, strict=False)
         finally:
             self._discard()
         COMMITTED.extend(o.target for o in staged)
@@ -418,6 +422,28 @@ class Outputs:
         for text in self.stdout:  # through the text layer: its encoding and error handler apply
             sys.stdout.write(text)
             sys.stdout.flush()
+
+    @staticmethod
+    def _sync(out: _Output) -> None:
+        """Flush a staged output to the disk (``fsync`` of each file and directory in it): a power
+        loss after the commit's renames must not leave an installed output whose files are empty,
+        and a write error that the system reports only then (a network file system, a quota) is
+        the run's error, before anything is installed."""
+        assert out.staged is not None
+        try:
+            if not out.directory:
+                _fsync_path(out.staged)
+                return
+            for root, dirs, files in os.walk(out.staged):
+                for name in files:
+                    if not os.path.islink(os.path.join(root, name)):
+                        _fsync_path(Path(root, name))
+                for name in dirs:
+                    if not os.path.islink(os.path.join(root, name)):
+                        _fsync_path(Path(root, name), directory=True)
+            _fsync_path(out.staged, directory=True)
+        except OSError as exc:
+            raise OutputError(f"{out.shown}: cannot write ({os_error_text(exc)})") from exc
 
     @staticmethod
     def _check_staged(out: _Output) -> None:
@@ -512,6 +538,21 @@ class Outputs:
             if staged in exc.message:
                 exc.message = exc.message.replace(staged, out.shown)
                 exc.args = (exc.message,)
+
+
+def _fsync_path(path: Path, directory: bool = False, strict: bool = True) -> None:
+    """``fsync`` the file or directory ``path`` (never following a symlink). Errors are raised only
+    when ``strict``; a file system that cannot sync a directory (EINVAL) is not an error."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        if strict and not (directory and exc.errno in (errno.EINVAL, errno.EBADF, errno.EISDIR)):
+            raise
 
 
 @contextlib.contextmanager
