@@ -29,7 +29,7 @@ from clair_cli.constants import (
     SAFETENSORS_MAX_TENSORS,
 )
 from clair_cli.errors import AdapterFormatError
-from clair_cli.io.files import DuplicateKeyError, open_regular, parse_json, read_range, reading
+from clair_cli.io.files import DuplicateKeyError, open_regular, parse_json, read_range
 from clair_cli.io.paths import printable
 
 if TYPE_CHECKING:
@@ -92,8 +92,11 @@ def file_stamp(path: Path) -> FileStamp:
     Raises:
         AdapterNotFound: the file cannot be found or read.
     """
-    with reading(path):
-        return FileStamp.of(os.stat(path))
+    fd = open_regular(path)  # fstat, as every later check: stat and fstat can differ (old overlayfs)
+    try:
+        return FileStamp.of(os.fstat(fd))
+    finally:
+        os.close(fd)
 
 
 def changed(path: Path) -> AdapterFormatError:
@@ -294,8 +297,11 @@ class SafetensorsReader:
         self.path = path
         self.stamp = stamp  # the version read before (an adapter's, when it was opened): no other is read
         self.tensors, self.metadata = read_header(path)
-        with reading(path):
-            st = path.stat()
+        fd = open_regular(path)
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
         self._size = st.st_size
         if stamp is not None and not stamp.same(st):
             raise changed(path)
