@@ -131,6 +131,30 @@ def test_a_reader_elsewhere_compares_the_tensor_table(tmp_path: Path) -> None:
         adapter.file_digests()
 
 
+def test_a_file_replaced_while_its_header_is_read_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stamp is taken before the header is read: a file replaced between the two (the header
+    of one version, the tensors of another) is refused when the adapter is opened, not stamped as
+    the new version and read with the old table."""
+    from clair_cli.errors import AdapterFormatError
+    from clair_cli.io import sources
+
+    pool = _pool(tmp_path)
+    victim = pool / "client_03" / WEIGHTS
+    _rank2(victim, tmp_path / "rank2.safetensors")
+    real = sources.read_header
+
+    def read_then_replace(path: Path) -> object:
+        header = real(path)
+        if Path(path) == victim:
+            os.replace(tmp_path / "rank2.safetensors", victim)
+        return header
+
+    monkeypatch.setattr(sources, "read_header", read_then_replace)
+    (ref,) = sources.resolve_sources([str(pool / "client_03")])
+    with pytest.raises(AdapterFormatError, match="changed while clair was reading it"):
+        sources.open_adapter(ref)
+
+
 def test_an_unchanged_pool_reads_as_before(tmp_path: Path) -> None:
     """The checks refuse nothing that did not change: the sample pool merges, with digests."""
     out, report = tmp_path / "merged", tmp_path / "report.json"

@@ -203,15 +203,24 @@ class Adapter:
         max_modules: int | None = None,
         header: tuple[dict[str, TensorInfo], dict[str, str]] | None = None,
         keys: HeaderKeys | None = None,
+        stamp: FileStamp | None = None,
     ) -> Adapter:
         """Read the header of ``ref.weights_file`` (unless given) and build the module table
         (from ``keys`` when given: a diffusion layout's, :mod:`clair_cli.io.diffusion`).
+        ``stamp``: the file's :class:`FileStamp` taken before ``header`` was read (taken here
+        otherwise); the file must still be that version once the table is built, and every later
+        read checks it again.
 
         Raises:
             AdapterFormatError: unpaired factors, rank or shape mismatches, non-float
-                dtypes, rank 0, more modules than ``max_modules``, or no LoRA tensor at all.
+                dtypes, rank 0, more modules than ``max_modules``, no LoRA tensor at all, or a
+                file that changed since ``stamp``.
         """
         path = ref.weights_file
+        if stamp is None:
+            if header is not None:
+                raise ValueError("a header given without the stamp taken before it was read")
+            stamp = file_stamp(path)
         tensors, metadata = header if header is not None else read_header(path)
         keys = keys if keys is not None else classify_keys(path, tensors)
         parts, dora, biases, others = keys.parts, keys.dora, keys.lora_biases, keys.others
@@ -311,7 +320,8 @@ class Adapter:
             )
             if keys
         }
-        stamp = file_stamp(path)
+        if file_stamp(path) != stamp:  # rewritten or replaced while its header and tensors above were read
+            raise changed(path)
         adapter = cls(
             ref,
             config,

@@ -72,7 +72,7 @@ from clair_cli.io.adapter import Adapter, HeaderKeys, check_module_count, classi
 from clair_cli.io.lora_config import exact_key
 from clair_cli.io.paths import printable
 from clair_cli.io.peft_config import parse_config
-from clair_cli.io.safetensors_file import SafetensorsReader, TensorInfo
+from clair_cli.io.safetensors_file import FileStamp, SafetensorsReader, TensorInfo
 from clair_cli.io.spellings import bfl_outside_blocks, kohya_loader, refuse_two_spellings
 from clair_cli.types import AdapterConfig, AdapterRef
 
@@ -863,9 +863,14 @@ def _flat_metadata_config(path: Path, metadata: Mapping[str, str]) -> AdapterCon
 
 
 def open_diffusion(
-    ref: AdapterRef, header: tuple[dict[str, TensorInfo], dict[str, str]], layout: str, options: SourceOptions
+    ref: AdapterRef,
+    header: tuple[dict[str, TensorInfo], dict[str, str]],
+    layout: str,
+    options: SourceOptions,
+    stamp: FileStamp,
 ) -> Adapter:
-    """Open a kohya, ComfyUI or diffusers file (``layout``, from :func:`layout_of`) as an :class:`Adapter`.
+    """Open a kohya, ComfyUI or diffusers file (``layout``, from :func:`layout_of`) as an :class:`Adapter`
+    (``stamp``: the file's, taken before ``header`` was read: :meth:`Adapter.open`).
 
     Raises:
         AdapterFormatError: a variant that is not a plain LoRA, a bad alpha, or what
@@ -887,7 +892,7 @@ def open_diffusion(
         notes.extend(more)
     notes.extend(network_notes(path, metadata, layout))
     adapter = Adapter.open(
-        ref, config, max_rank=options.max_rank, max_modules=options.max_modules, header=header, keys=keys
+        ref, config, max_rank=options.max_rank, max_modules=options.max_modules, header=header, keys=keys, stamp=stamp
     )
     adapter.notes.extend(notes)
     return adapter

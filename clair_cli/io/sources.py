@@ -67,7 +67,7 @@ from clair_cli.io.files import os_problem, probe, read_small
 from clair_cli.io.hub import COMMIT_RE
 from clair_cli.io.paths import printable, resolved, shown_path
 from clair_cli.io.peft_config import load_config
-from clair_cli.io.safetensors_file import TensorInfo, read_header
+from clair_cli.io.safetensors_file import TensorInfo, file_stamp, read_header
 from clair_cli.types import AdapterConfig, AdapterRef
 
 Progress = Callable[[str, int, int], None]
@@ -689,6 +689,7 @@ def open_adapter(ref: AdapterRef, options: SourceOptions | None = None) -> Adapt
     options = options or SourceOptions()
     config_file = options.config if ref.config_file is None or options.config else ref.config_file
     note = None
+    stamp = file_stamp(ref.weights_file)  # before the header: any change after it is refused at a later read
     header = read_header(ref.weights_file)
     layout = layout_of(ref.weights_file, *header)
     if layout in ("kohya", "comfyui") and config_file is not None:
@@ -698,7 +699,7 @@ def open_adapter(ref: AdapterRef, options: SourceOptions | None = None) -> Adapt
             hint="Drop --config (or move the adapter_config.json beside the file away).",
         )
     if layout != "peft" and config_file is None:
-        return open_diffusion(ref, header, layout, options)
+        return open_diffusion(ref, header, layout, options, stamp)
     if config_file is not None:
         config = load_config(config_file)
         if options.base_model:
@@ -709,7 +710,9 @@ def open_adapter(ref: AdapterRef, options: SourceOptions | None = None) -> Adapt
             config = replace(config, base_model=options.base_model)
     else:
         config = _flag_config(ref, options, header[0])
-    adapter = Adapter.open(ref, config, max_rank=options.max_rank, max_modules=options.max_modules, header=header)
+    adapter = Adapter.open(
+        ref, config, max_rank=options.max_rank, max_modules=options.max_modules, header=header, stamp=stamp
+    )
     if note:
         adapter.notes.append(note)
     return adapter
