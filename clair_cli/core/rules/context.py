@@ -173,6 +173,21 @@ class OffSubspaceEvidence:
     effect: torch.Tensor
 
 
+@dataclass(frozen=True)
+class CentreLimits:
+    """Limits on a per-module rule's centre (:meth:`Pass.per_module`).
+
+    ``at_most``: a module measures an adapter only where the others' centre there is at most this
+    value (rule 12: where the others agree on a direction). ``near_median``: no centre more than a
+    spread below the module's :meth:`Pass.pool_median` (rule 13)."""
+
+    at_most: float | None = None
+    near_median: bool = False
+
+
+NO_LIMITS = CentreLimits()
+
+
 class Pass:
     """One pass over the rules: thresholds from the others' values, margins and reasons.
 
@@ -348,7 +363,7 @@ class Pass:
         w = weights[:, None].expand_as(z).where(~z.isnan(), 0.0)
         return (z.nan_to_num(0.0) * w).sum(0) / w.sum(0)  # NaN where an adapter has no weighed module
 
-    def per_module(  # noqa: PLR0913 - keyword-only switches of one per-module rule
+    def per_module(
         self,
         values: dict[str, torch.Tensor],
         members: dict[str, list[int]],
@@ -356,20 +371,17 @@ class Pass:
         calibration: dict[str, torch.Tensor] | None = None,
         *,
         relative: float = 0.0,
-        centre_at_most: float | None = None,
+        centre: CentreLimits = NO_LIMITS,
         signal: str = "module",
         skip: frozenset[int] = frozenset(),
-        near_median: bool = False,
     ) -> dict[int, list[ModuleHit]]:
         """A per-module rule at ALPHA / M (Bonferroni over the modules measured); hits per
         adapter, largest excess first. Margins are recorded as the ``signal`` signal.
         The cuts of all modules are computed together (:func:`leave_one_out_rows`).
 
-        ``relative``: as in :meth:`cuts`. ``centre_at_most``: a module measures an
-        adapter only where the others' centre there is at most this value (rule 12: where the
-        others agree on a direction). ``skip``: adapters not judged (no margin recorded), such as
-        those a rule over all modules flagged for the same evidence. ``near_median``: no centre
-        more than a spread below the module's :meth:`pool_median` (rule 13)."""
+        ``relative``: as in :meth:`cuts`. ``centre``: limits on the others' centre
+        (:class:`CentreLimits`). ``skip``: adapters not judged (no margin recorded), such as
+        those a rule over all modules flagged for the same evidence."""
         hits: dict[int, list[ModuleHit]] = {}
         if not values:
             return hits
@@ -378,13 +390,13 @@ class Pass:
         full = self.table(values, members)
         calib = full if not calibration else self.table({n: calibration.get(n, values[n]) for n in names}, members)
         setters = self._setters(full.shape[1])[None, :]
-        near = self.pool_median(calib) if near_median else None
-        centre, width = leave_one_out_rows(calib, setters, alpha, floor, relative, near=near)
-        if centre_at_most is not None:
-            centre = centre.where(centre <= centre_at_most, math.nan)
-        margins = torch.where(
-            width > 0, (full - centre) / width, torch.where(full > centre, math.inf, 0.0).double()
-        ).where(torch.isfinite(full) & ~centre.isnan(), math.nan)
+        near = self.pool_median(calib) if centre.near_median else None
+        at, width = leave_one_out_rows(calib, setters, alpha, floor, relative, near=near)
+        if centre.at_most is not None:
+            at = at.where(at <= centre.at_most, math.nan)
+        margins = torch.where(width > 0, (full - at) / width, torch.where(full > at, math.inf, 0.0).double()).where(
+            torch.isfinite(full) & ~at.isnan(), math.nan
+        )
         for k in range(full.shape[1]):
             column = margins[:, k]
             measured = ~column.isnan()
@@ -394,7 +406,7 @@ class Pass:
             if k in self.trusted:
                 continue
             for row in torch.nonzero(column > 1, as_tuple=True)[0].tolist():
-                x, c, w = float(full[row, k]), float(centre[row, k]), float(width[row, k])
+                x, c, w = float(full[row, k]), float(at[row, k]), float(width[row, k])
                 hits.setdefault(k, []).append(ModuleHit(x - c, names[row], x, c + w, float(column[row])))
         for items in hits.values():
             items.sort(key=lambda h: (-h.excess, h.module))

@@ -31,7 +31,7 @@ import torch
 
 from clair_cli.core.decompose import median
 from clair_cli.core.rules.base import ALPHA, ModuleHit, Reason
-from clair_cli.core.rules.context import DirectionEvidence, Pass
+from clair_cli.core.rules.context import CentreLimits, DirectionEvidence, Pass
 
 DIRECTION_FLOOR = 0.1  # of cosine, and at least 0.6 of the typical cosine
 DIRECTION_RELATIVE_FLOOR = 0.6
@@ -209,7 +209,7 @@ class ModuleDirection:
             pool.members,
             DIRECTION_FLOOR,
             relative=MODULE_DIRECTION_RELATIVE_FLOOR,
-            centre_at_most=-DIRECTION_FLOOR,
+            centre=CentreLimits(at_most=-DIRECTION_FLOOR),
             signal=self.name,
             skip=ctx.flagged_for(("direction", "joint")),  # where it points, seen over all modules already
         )
@@ -280,7 +280,7 @@ class ModuleProjection:
             pool.members,
             DIRECTION_FLOOR,
             relative=PROJECTION_RELATIVE_FLOOR,
-            centre_at_most=-DIRECTION_FLOOR,
+            centre=CentreLimits(at_most=-DIRECTION_FLOOR),
             signal=self.name,
             skip=ctx.flagged_for(("direction", "joint", "module_direction")),
         )

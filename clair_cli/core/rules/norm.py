@@ -17,7 +17,7 @@ import math
 import torch
 
 from clair_cli.core.rules.base import ALPHA, ModuleHit, Reason
-from clair_cli.core.rules.context import Pass
+from clair_cli.core.rules.context import CentreLimits, Pass
 
 NORM_FACTOR_FLOOR = 4.0
 NORM_LOW_FACTOR_FLOOR = 10.0  # a small update does little harm: only far below the others
@@ -85,7 +85,7 @@ class ModuleNorm:
             math.log(NORM_FACTOR_FLOOR),
             signal=self.name,
             skip=boosted,
-            near_median=True,
+            centre=CentreLimits(near_median=True),
         )
         for k, items in sorted(hits.items()):
             ctx.flag(k, self.reason(items))
