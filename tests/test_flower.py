@@ -519,3 +519,32 @@ def test_a_replys_keys_are_checked_before_its_arrays_are_decoded(monkeypatch: py
     strategy, _ = _direct(contents)
     assert "sent LoRA modules other than the global adapter's (50 differ" in strategy.history[0]["reasons"]["node-7"][0]
     assert len(decoded) == 7 * 2  # the global adapter's and the six other replies' factors
+
+
+def test_the_boost_scan_reports_each_strategys_worst_point(tmp_path: Path) -> None:
+    """``experiments.federated.boost_scan`` (no simulation run: results.json files written here)."""
+    from experiments.federated import boost_scan
+
+    kinds = ["benign", "benign", "backdoor"]
+
+    def run(strategy: str, seed: int, backdoor: float, flagged: list[int]) -> dict:
+        rows = [{"round": 0, "benign_accuracy": 0.1, "backdoor_success": 0.0}]
+        rows += [{"round": 1, "benign_accuracy": 0.9, "backdoor_success": backdoor, "clients": [1, 2, 3]}]
+        if strategy == "clair":
+            rows[1]["flagged"] = flagged
+        return {"strategy": strategy, "scenario": "attack", "seed": seed, "rounds": rows, "kinds": kinds}
+
+    dirs = []
+    for boost, fedavg in ((1.0, 0.0), (4.0, 0.5)):
+        d = tmp_path / f"boost-{boost:g}"
+        d.mkdir()
+        setup = {"boost": boost, "n_clients": 3, "attacker_steps": 5, "fraction_train": 1.0}
+        runs = [run("clair", s, 0.0, [3] if boost > 1 else []) for s in (0, 1)]
+        runs += [run("FedAvg", s, fedavg * (1 + s), []) for s in (0, 1)]
+        (d / "results.json").write_text(json.dumps({"meta": {"setup": setup}, "runs": runs}))
+        dirs.append(d)
+    lines = boost_scan.table(boost_scan.load(dirs))
+    assert "| clair | 1 | 0,1 | 0.9000 | 0.900 | 0.000 | 0.000 | 0 of 2 rounds |" in lines
+    assert "| clair | 4 | 0,1 | 0.9000 | 0.900 | 0.000 | 0.000 | 2 of 2 rounds |" in lines
+    worst = lines[lines.index("Each strategy's worst point of the scan:") :]
+    assert "| FedAvg | 4 | 0,1 | 0.9000 | 0.900 | 0.750 (0.500-1.000) | 0.750 (0.500-1.000) | - |" in worst

@@ -150,7 +150,14 @@ def markdown(results: list[dict], setup: sim.Setup, seeds: list[int], strategies
         f"{setup.n_clients} clients, {r} rounds, LoRA r={setup.rank} (alpha {setup.alpha}) on the text-copy task, "
         f"{setup.local_steps} local steps a round, seeds {', '.join(map(str, seeds))}. "
         f"Attack runs: {', '.join(setup.attackers)} (one client each, from round 1). "
-        "Benign accuracy: symbol accuracy of the global model on the held-out strings of the clients that are "
+        + (f"The backdoor attacker sends g + {setup.boost:g} (local - g). " if setup.boost is not None else "")
+        + (
+            f"The backdoor attacker trains {setup.attacker_steps}x the local steps. "
+            if setup.attacker_steps != sim.Setup.attacker_steps
+            else ""
+        )
+        + (f"Flower samples {setup.fraction_train:g} of the clients a round. " if setup.fraction_train != 1 else "")
+        + "Benign accuracy: symbol accuracy of the global model on the held-out strings of the clients that are "
         "benign in the attack runs (the same clients in both scenarios), after the last round. Backdoor success: "
         "share of triggered strings that produce the whole backdoor target. Mean over seeds (min-max).",
         "",
@@ -214,6 +221,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clean-strategies", nargs="+", default=list(CLEAN_STRATEGIES), choices=sim.STRATEGIES)
     parser.add_argument("--rounds", type=int, default=sim.Setup.rounds)
     parser.add_argument(
+        "--backdoor-boost",
+        type=float,
+        default=None,
+        metavar="X",
+        help="the backdoor attacker sends g + X (local - g) every round (default: the number of clients, 12)",
+    )
+    parser.add_argument(
+        "--attacker-steps",
+        type=int,
+        default=sim.Setup.attacker_steps,
+        metavar="K",
+        help="the backdoor attacker trains K times the honest clients' local steps (default 5)",
+    )
+    parser.add_argument(
+        "--fraction-train", type=float, default=1.0, help="share of the clients Flower samples each round (default 1)"
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="rewrite results.md and rounds.png from DIR/results.json"
     )
     args = parser.parse_args(argv)
@@ -230,8 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     args.out.mkdir(parents=True, exist_ok=True)
-    attack = sim.Setup(rounds=args.rounds)
-    clean = sim.Setup(rounds=args.rounds, attackers=())
+    sizes = {
+        "rounds": args.rounds,
+        "boost": args.backdoor_boost,
+        "attacker_steps": args.attacker_steps,
+        "fraction_train": args.fraction_train,
+    }
+    attack = sim.Setup(**sizes)
+    clean = sim.Setup(**sizes, attackers=())
     benign = [i for i, k in enumerate(attack.kinds) if k == "benign"]
     results: list[dict[str, Any]] = []
     start = time.perf_counter()
