@@ -59,7 +59,7 @@ def parse_jobs(jobs: int | str) -> int | Literal["auto"]:
     if text == "auto":
         return "auto"
     if isinstance(jobs, bool) or not re.fullmatch(r"\d{1,4}", text) or int(text) < 1:
-        raise UsageError(f"--jobs {text}: expected a number of worker processes (1 or more) or auto")
+        raise UsageError(f"--jobs {text}: expected a number of worker processes (1 to 9999) or auto")
     return int(text)
 
 

@@ -113,6 +113,7 @@ def test_audit_params_is_frozen_checked_once_and_reports_as_before() -> None:
         ({"executor": "ray://host"}, "--executor ray://host"),
         ({"jobs": 0}, "--jobs 0"),
         ({"jobs": "many"}, "--jobs many"),
+        ({"jobs": 100000}, "--jobs 100000: expected a number of worker processes (1 to 9999)"),
         ({"jobs": 2, "executor": "ray"}, "--jobs 2 with --executor ray"),
     ],
 )
