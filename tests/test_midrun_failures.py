@@ -422,6 +422,41 @@ def test_a_commit_that_fails_at_a_report_leaves_no_hard_link_behind(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "r.json"]
 
 
+def test_a_second_ctrl_c_during_the_roll_back_does_not_lose_the_old_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ctrl-C at the report's rename rolls ``--out`` back; a second one during that roll-back
+    stopped it after the new output was moved aside and before the old one was put back, and the
+    clean-up then removed the old one's backup. Signals are held during the roll-back: the second
+    Ctrl-C arrives once the old output is back."""
+    import signal
+
+    from clair_cli.io import writers
+
+    out, report = tmp_path / "merged", tmp_path / "r.json"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("old")
+    real = os.replace
+
+    def replace(src: object, dst: object) -> None:
+        if Path(str(dst)) == report:
+            raise KeyboardInterrupt  # the first Ctrl-C, at the report's rename
+        if Path(str(dst)) == out and ".clair-old" in str(src):  # the roll-back putting the old --out back
+            os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C
+        real(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writers.os, "replace", replace)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # CI runs with SIGINT ignored
+    try:
+        with pytest.raises(KeyboardInterrupt), writers.Outputs() as outputs:
+            outputs.directory(out, force=True)
+            (outputs.stage_directory(out) / "adapter_config.json").write_text("new")
+            outputs.write_text(str(report), "new report")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert _files(out) == {"adapter_config.json": b"old"} and not report.exists()
+
+
 def test_the_error_line_needs_no_import(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A run out of address space (``ulimit -v``) could not import rich to say so: "out of memory"
     became a chain of MemoryError tracebacks (exit 1). The line is written plainly then."""

@@ -35,6 +35,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import signal
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -407,7 +408,8 @@ class Outputs:
                     for out in staged:
                         self._install(out)
                 except BaseException:
-                    self._roll_back(staged)
+                    with _signals_held():  # a second Ctrl-C must not stop the roll-back half-way
+                        self._roll_back(staged)
                     raise
                 for parent in {o.target.parent for o in staged}:  # the renames themselves
                     _fsync_path(parent, directory=True, strict=False)
@@ -538,6 +540,29 @@ class Outputs:
             if staged in exc.message:
                 exc.message = exc.message.replace(staged, out.shown)
                 exc.args = (exc.message,)
+
+
+HELD_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP while the block runs; they are delivered after it.
+
+    A commit interrupted at a rename (Ctrl-C) rolls back; a second Ctrl-C during the roll-back
+    stopped it between moving the new output aside and putting the old one back, and the
+    clean-up that follows then removed the old output's backup: the previous ``--out`` was lost.
+    Held, the second signal arrives once everything is back in place (where ``pthread_sigmask``
+    exists: POSIX)."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None:
+        yield
+        return
+    previous = mask(signal.SIG_BLOCK, HELD_SIGNALS)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, previous)
 
 
 def _fsync_path(path: Path, directory: bool = False, strict: bool = True) -> None:
