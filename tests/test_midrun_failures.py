@@ -155,6 +155,43 @@ def test_a_file_replaced_while_its_header_is_read_is_refused(tmp_path: Path, mon
         sources.open_adapter(ref)
 
 
+@pytest.mark.parametrize("how", ["get_many", "chunks"])
+def test_a_write_in_place_during_a_read_is_refused(how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: the stamp was compared before each read only, so bytes written in place between
+    that check and the read (the last read of a file in a merge) were merged, exit 0, with the
+    report's sha256 of the version audited. The stamp is compared after the read as well."""
+    from clair_cli.errors import AdapterFormatError
+    from clair_cli.io import safetensors_file
+    from clair_cli.io.sources import open_adapter, resolve_sources
+
+    pool = _pool(tmp_path)
+    victim = pool / "client_03" / WEIGHTS
+    (ref,) = resolve_sources([str(pool / "client_03")])
+    adapter = open_adapter(ref)
+    spec = next(iter(adapter.modules.values()))
+    real = safetensors_file.read_range
+    reading: list[bool] = []  # the tensors' reads, not the header's
+
+    def written_meanwhile(fd: int, start: int, size: int, path: Path) -> bytearray:
+        if not reading:
+            return real(fd, start, size, path)
+        with open(victim, "r+b") as f:  # another process, after the reader's check
+            f.seek(start)
+            data = bytearray(f.read(size))
+            data[0] ^= 0x40
+            f.seek(start)
+            f.write(data)
+        return real(fd, start, size, path)
+
+    monkeypatch.setattr(safetensors_file, "read_range", written_meanwhile)
+    with adapter.reader() as reader, pytest.raises(AdapterFormatError, match="changed while clair was reading it"):
+        reading.append(True)
+        if how == "get_many":
+            reader.get_many([spec.a_key, spec.b_key])
+        else:
+            list(reader.chunks(spec.b_key))
+
+
 def test_an_unchanged_pool_reads_as_before(tmp_path: Path) -> None:
     """The checks refuse nothing that did not change: the sample pool merges, with digests."""
     out, report = tmp_path / "merged", tmp_path / "report.json"

@@ -308,7 +308,8 @@ class SafetensorsReader:
         self._open = False
 
     def _check(self, fd: int) -> None:
-        """Refuse the open file ``fd`` unless it is the version this reader's header came from."""
+        """Refuse the open file ``fd`` unless it is the version this reader's header came from (called
+        before and after each read: a write in place between the two is in the bytes read)."""
         st = os.fstat(fd)
         if self.stamp is not None and not self.stamp.same(st):
             raise changed(self.path)
@@ -341,6 +342,7 @@ class SafetensorsReader:
         try:
             self._check(fd)
             bufs = [read_range(fd, info.start, info.nbytes, self.path) for info in infos]
+            self._check(fd)  # and after: a write in place while the bytes were read changes the stamp
         finally:
             os.close(fd)
         out = []
@@ -370,6 +372,7 @@ class SafetensorsReader:
             try:
                 self._check(fd)
                 buf = read_range(fd, info.start + offset, min(step, info.nbytes - offset), self.path)
+                self._check(fd)
             finally:
                 os.close(fd)
             yield torch.frombuffer(buf, dtype=dtype)
