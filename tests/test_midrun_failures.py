@@ -192,6 +192,24 @@ def test_a_write_in_place_during_a_read_is_refused(how: str, tmp_path: Path, mon
             list(reader.chunks(spec.b_key))
 
 
+def test_a_metadata_change_is_refused_and_said_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A review: a chmod (or utime, or an extended attribute: a backup or sync tool) between the
+    audit and the merge moves the change time as a write does, and the run was refused with "rewritten
+    or replaced" of a file whose content had not changed. Still refused (a write with its modification
+    time put back differs in nothing else), and the message names the metadata too."""
+    from clair_cli.errors import AdapterFormatError
+    from clair_cli.io.sources import open_adapter, resolve_sources
+
+    pool = _pool(tmp_path)
+    victim = pool / "client_03" / WEIGHTS
+    (ref,) = resolve_sources([str(pool / "client_03")])
+    adapter = open_adapter(ref)
+    os.chmod(victim, os.stat(victim).st_mode)  # the same mode: only the change time moves
+    with pytest.raises(AdapterFormatError, match="changed while clair was reading it") as info:
+        adapter.reader()
+    assert "permissions, times or extended attributes" in str(info.value)
+
+
 def test_an_unchanged_pool_reads_as_before(tmp_path: Path) -> None:
     """The checks refuse nothing that did not change: the sample pool merges, with digests."""
     out, report = tmp_path / "merged", tmp_path / "report.json"

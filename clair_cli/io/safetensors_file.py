@@ -100,11 +100,14 @@ def file_stamp(path: Path) -> FileStamp:
 
 
 def changed(path: Path) -> AdapterFormatError:
-    """The error for an input that changed while the run was reading it."""
+    """The error for an input that changed while the run was reading it. Its change time moves with a
+    chmod, chown, utime (``touch``, ``tar --atime-preserve``) or extended attribute as with a write, and
+    cannot be told from one (a write with its modification time put back differs in nothing else): the
+    message says so, rather than that the file was rewritten."""
     return AdapterFormatError(
-        f"{printable(str(path))}: changed while clair was reading it (rewritten or replaced after its header "
-        "was read); nothing was written",
-        hint="Run again once nothing writes to the adapters.",
+        f"{printable(str(path))}: changed while clair was reading it (rewritten or replaced, or its "
+        "permissions, times or extended attributes changed, after its header was read); nothing was written",
+        hint="Run again once nothing writes to the adapters or changes their metadata.",
     )
 
 
