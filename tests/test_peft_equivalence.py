@@ -189,3 +189,22 @@ def test_an_attention_pair_is_written_at_one_rank_and_nothing_is_held_back() -> 
     alone = _Written(names, None)
     alone.add("mha", large)
     assert alone.finish() == {"mha": large}
+
+
+def test_refine_refuses_dora_adapters(tmp_path: Path) -> None:
+    """``clair refine`` keeps an adapter's config and tensors and changes its factors; PEFT applies DoRA
+    as ``m * (W + s*B@A) / ||W + s*B@A||`` with the kept magnitudes, so a refined DoRA adapter would
+    not apply the projected update it reports (a review: on a tiny Llama it applied a change of norm
+    1.1 for a projected update of norm 14.7). Refused, naming the config file, before anything is written."""
+    from typer.testing import CliRunner
+
+    from clair_cli.cli import app
+
+    for k in range(5):
+        torch.manual_seed(20 + k)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=k == 3, init_lora_weights=False)
+        get_peft_model(Tiny(), config).save_pretrained(tmp_path / "pool" / f"c{k}")
+    result = CliRunner().invoke(app, ["refine", str(tmp_path / "pool"), "--out", str(tmp_path / "r"), "--exit-zero"])
+    assert result.exit_code == 2, result.output
+    assert "DoRA" in result.output and "c3" in result.output and "adapter_config.json" in result.output
+    assert not (tmp_path / "r").exists()

@@ -168,7 +168,7 @@ def refine_command(
     """
     from clair_cli import pipeline, publish
     from clair_cli.cli import common
-    from clair_cli.io.lora_config import refuse_base_rewriting
+    from clair_cli.io.lora_config import refuse_base_rewriting, refuse_dora
     from clair_cli.io.paths import printable
     from clair_cli.io.writers import Outputs
     from clair_cli.params import parse_rank
@@ -188,6 +188,7 @@ def refine_command(
             outputs.guard(files)
             common.check_report_targets(reports, files, target.out)
             refuse_base_rewriting(pool.adapters, "refined adapter")  # before the work
+            refuse_dora(pool.adapters, "refined adapter")
             outcome = pipeline.audit(pool, params, progress)
             bases = pipeline.refined_bases(pool, outcome, fixed if isinstance(fixed, int) else None, progress)
             report = audit_report(outcome, command="refine", digests=reports.json_out is not None)

@@ -334,6 +334,28 @@ def refuse_base_rewriting(adapters: Sequence[Adapter], what: str) -> None:
             )
 
 
+DORA_EXTRA = "DoRA magnitude vectors"  # the kind of extra (:attr:`clair_cli.io.adapter.Adapter.extras`)
+
+
+def refuse_dora(adapters: Sequence[Adapter], what: str) -> None:
+    """Refuse DoRA adapters for a ``what`` that keeps their config and magnitude vectors but changes
+    ``B`` or ``A`` (``clair refine``): PEFT applies DoRA as ``m * (W + s*B@A) / ||W + s*B@A||``, so
+    with the magnitudes kept the written adapter does not apply the changed update ``s*B~@A~`` (nor
+    that update's difference from the input's).
+
+    Raises:
+        IncompatibleAdapters: naming the adapter's config file.
+    """
+    for a in adapters:
+        if DORA_EXTRA in a.extras or a.config.use_dora:
+            raise IncompatibleAdapters(
+                f"{_where(a)}: DoRA (use_dora, magnitude vectors) rescales each column of W + scale*B@A to its "
+                f"stored magnitude when PEFT loads the adapter, so a {what} with its factors changed would not "
+                "apply the update clair computed",
+                hint="Leave DoRA adapters out of the pool, or audit them only (clair audit).",
+            )
+
+
 def refuse_unprefixed(adapters: Sequence[Adapter], what: str) -> None:
     """Refuse adapters holding LoRA factors without PEFT's key prefix, which PeftModel.from_pretrained
     does not load: a ``what`` clair writes carries the prefix, so it would apply updates that loading
