@@ -1,11 +1,13 @@
 """``python -m clair_cli`` and the ``clair`` console script."""
 
+import os
 import signal
 import sys
 
 from clair_cli.cli.interrupts import NO_OUTPUT
 from clair_cli.cli.interrupts import exit_interrupted as _exit_interrupted
 from clair_cli.cli.threads import configure_threads
+from clair_cli.constants import EXIT_ERROR, POSIX_ONLY
 from clair_cli.errors import Terminated, interrupt_cause
 
 
@@ -17,6 +19,9 @@ def run() -> None:
     """Run the CLI; Ctrl-C (exit 130) or SIGTERM (exit 143) at any moment, even while importing,
     unwinds through the writers' cleanup, so no temporary directory is left behind (while the
     numerical stack is imported, before anything is written, it ends the process at once)."""
+    if os.name != "posix":
+        sys.stderr.write(f"Error: {POSIX_ONLY}\n")
+        raise SystemExit(EXIT_ERROR)
     signal.signal(signal.SIGTERM, _on_sigterm)
     configure_threads()  # before torch is imported
     try:

@@ -116,6 +116,9 @@ EXIT_OK = 0
 EXIT_FLAGGED = 1
 EXIT_ERROR = 2
 
+# clair writes its outputs with POSIX file locks and renames (clair_cli.io.writers).
+POSIX_ONLY = "clair runs on Linux and macOS (POSIX systems); on Windows, run it under WSL 2"
+
 
 def pickle_hint(name: str = "adapter_model.bin") -> str:
     """How to convert the pickle file ``name`` once, for a user who trusts it. A name that is

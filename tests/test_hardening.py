@@ -308,3 +308,15 @@ def test_every_dtype_is_read_in_slices_as_safetensors_reads_it(tmp_path: Path, d
     assert whole.dtype == dtype and torch.equal(whole.view(torch.uint8), expected.view(torch.uint8))
     assert len(pieces) == math.ceil(tensor.numel() * tensor.element_size() / 1000)
     assert torch.equal(torch.cat(pieces).view(torch.uint8), expected.reshape(-1).view(torch.uint8))
+
+
+def test_windows_gets_a_message_not_a_traceback() -> None:
+    # clair's writers need POSIX file locks (fcntl): outside POSIX the command says so, exit 2,
+    # and the library's writers fail to import with the same words instead of "No module named fcntl".
+    code = "import os, sys; from clair_cli.__main__ import run; sys.argv[0] = 'clair'; os.name = 'nt'; run()"
+    proc = subprocess.run([sys.executable, "-c", code, "--version"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "Error: clair runs on Linux and macOS (POSIX systems); on Windows, run it under WSL 2"
+    code = "import sys; sys.modules['fcntl'] = None; import clair_cli.io.writers"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "ImportError: clair runs on Linux and macOS" in proc.stderr

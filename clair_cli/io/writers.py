@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import glob
 import hashlib
 import os
@@ -43,6 +42,13 @@ from pathlib import Path
 
 from clair_cli.errors import ClairError, OutputError
 from clair_cli.io.paths import apply_umask, check_out_dir, check_report_file, discarded, printable
+
+try:
+    import fcntl
+except ImportError as exc:  # Windows: no POSIX file locks
+    from clair_cli.constants import POSIX_ONLY
+
+    raise ImportError(POSIX_ONLY) from exc
 
 TMP_SUFFIX = ".clair-tmp"
 OLD_SUFFIX = ".clair-old"
