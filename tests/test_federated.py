@@ -242,6 +242,29 @@ def test_a_round_computes_each_clients_update_once(monkeypatch: pytest.MonkeyPat
     assert res.report is not None and len(calls) == len(clients)
 
 
+def test_a_round_factors_the_global_term_once_a_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The global adapter's term is the same for every client: its canonical factors are computed
+    once a module and dtype in a round (GlobalTerms), and every update is the same to the bit as
+    one computed on its own."""
+    from clair_cli.core import canonical
+    from clair_cli.federated import rounds
+
+    glob, clients = _second_round()
+    scales = dict.fromkeys(NAMES, 2.0)
+    alone = {name: client_update(client, glob, scales) for name, client in clients.items()}
+    terms = rounds.GlobalTerms()
+    calls: list[int] = []
+    real = canonical.canonical_factors
+    monkeypatch.setattr(canonical, "canonical_factors", lambda *a: calls.append(1) or real(*a))
+    shared = {name: client_update(client, glob, scales, terms) for name, client in clients.items()}
+    touched = [m for m, (A, B) in glob.items() if bool(A.any()) and bool(B.any())]
+    assert touched and len(calls) == len(clients) * 3 * len(touched) - (len(clients) - 1) * len(touched)
+    for name, update in shared.items():
+        for module, (A, B, s) in update.items():
+            A0, B0, s0 = alone[name][module]
+            assert torch.equal(A, A0) and torch.equal(B, B0) and s == s0
+
+
 def _ill_conditioned(A: torch.Tensor, B: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``(M^{-1} A, B M)`` in float64 for ``M`` of condition number 1e8: the same update to 1e-8."""
     g = torch.Generator().manual_seed(seed)

@@ -86,13 +86,19 @@ def _canonical_batch(
 
 
 def update_difference(
-    A: torch.Tensor, B: torch.Tensor, A2: torch.Tensor, B2: torch.Tensor
+    A: torch.Tensor,
+    B: torch.Tensor,
+    A2: torch.Tensor,
+    B2: torch.Tensor,
+    second: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The difference ``B A - B2 A2`` as balanced factors ``(A', B')`` (float64), and its norm over
     the larger of the two updates' (0 where both are zero). Each update is taken in its canonical
-    factors first, so the difference is as exact as float64 makes it whatever either factorisation."""
+    factors first, so the difference is as exact as float64 makes it whatever either factorisation.
+    ``second``: ``canonical_factors(A2, B2, 1.0)`` where the caller has them (a federated round's
+    global term, the same for every client), else computed here."""
     ca, cb = canonical_factors(A, B, 1.0)
-    ga, gb = canonical_factors(A2, B2, 1.0)
+    ga, gb = canonical_factors(A2, B2, 1.0) if second is None else second
     da, db = canonical_factors(torch.cat([ca, ga]), torch.cat([cb, -gb], 1), 1.0)
     larger = max(_norm(ca, cb), _norm(ga, gb))
     return da, db, _norm(da, db) / larger if larger > 0 else 0.0
