@@ -333,6 +333,16 @@ INSPECT_ADAPTER = closed(
         "notes": NAMES,
     }
 )
+# An adapter that cannot be read still gets its row (clair_cli.report.inspect.error_record), and
+# --json writes every row although the run exits 2.
+INSPECT_ERROR = closed(
+    {
+        "name": STRING,
+        "source": {"type": "string", "description": "The source as given."},
+        "revision": nullable(STRING),
+        "error": {"type": "string", "description": "Why the adapter cannot be read (the Error: line's text)."},
+    }
+)
 
 
 def document(kind: str, title: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -356,7 +366,9 @@ def schemas() -> dict[str, dict[str, Any]]:
         audit_body("refine", ["member"])
         | {"refine": closed({"project_rank": STRING, "projection_rank": map_of(nullable(COUNT))})}
     )
-    inspect = closed(header("inspect") | {"adapters": {"type": "array", "items": INSPECT_ADAPTER}})
+    inspect = closed(
+        header("inspect") | {"adapters": {"type": "array", "items": {"anyOf": [INSPECT_ADAPTER, INSPECT_ERROR]}}}
+    )
     return {
         "audit": document("audit", "clair audit report", audit),
         "gate": document("gate", "clair gate report", gate),

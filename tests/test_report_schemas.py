@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,20 @@ def test_a_baseline_still_refuses_markdown_and_plot(pool: Path, tmp_path: Path) 
     result = invoke("merge", str(pool), "--out", str(tmp_path / "m"), "--method", "mean", "--markdown", "-")
     assert result.exit_code == 2
     assert "--method mean runs none" in result.output and not (tmp_path / "m").exists()
+
+
+def test_an_inspect_report_with_an_error_row_follows_its_schema(tmp_path: Path) -> None:
+    """inspect writes every row with --json, an unreadable adapter's too, although it exits 2."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(SAMPLES / "client_01" / "adapter_config.json", broken)
+    weights = (SAMPLES / "client_01" / "adapter_model.safetensors").read_bytes()
+    (broken / "adapter_model.safetensors").write_bytes(weights[:100])  # truncated
+    report = run_json("inspect", str(SAMPLES / "client_02"), str(broken), code=2)
+    good, bad = report["adapters"]
+    assert "error" not in good and set(bad) == {"name", "source", "revision", "error"}
+    assert "truncated" in bad["error"]
+    assert problems(_renamed(report, ["adapters", 1, "error"], "message")), "an error row's fields are checked"
 
 
 def _renamed(report: dict[str, Any], path: list[Any], new: str | None) -> dict[str, Any]:
