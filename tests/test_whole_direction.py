@@ -222,6 +222,62 @@ def test_free_riders_are_no_population_their_centre_points_against_honest_client
         assert _rule_15(G2)[12:] == [True] * 6 and not any(_rule_15(G2)[:12])
 
 
+def _fake_population(seed: int, share: float = 0.2) -> torch.Tensor:
+    """Twelve honest updates (as :func:`_gram`) and six free riders posing as a population of
+    their own (what ``benchmarks/adaptive_search.py`` found on the trained pools): each a copy of
+    one honest client's deviation from the honest mean x 0.9 (it stays in the honest subspace),
+    0.1 of the honest mean, a shared direction orthogonal to it at 0.55 honest norms (they agree
+    with each other) and independent noise at 0.7, each scaled by its own jitter; the Gram matrix."""
+    rng = np.random.default_rng(seed)
+    dim = 4000
+    common = rng.standard_normal(dim)
+    common *= math.sqrt(share) / np.linalg.norm(common)
+    noise = rng.standard_normal((12, dim))
+    noise *= math.sqrt(1 - share) / np.linalg.norm(noise, axis=1, keepdims=True)
+    honest = common + noise
+    h = honest.mean(0)
+    size = float(np.median(np.linalg.norm(honest, axis=1)))
+    shared = rng.standard_normal(dim)
+    shared -= (shared @ h) / (h @ h) * h
+    shared /= np.linalg.norm(shared)
+    riders = []
+    for i in rng.permutation(12)[:6]:
+        z = rng.standard_normal(dim)
+        z /= np.linalg.norm(z)
+        scale = np.exp(0.35 * rng.standard_normal())
+        riders.append(scale * (0.1 * h + 0.9 * (honest[i] - h) + 0.55 * size * shared + 0.7 * size * z))
+    X = torch.from_numpy(np.vstack([honest, *riders]))
+    return X @ X.T
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_free_riders_made_of_honest_deviations_are_no_population(seed: int) -> None:
+    """A third of the pool that agrees with itself through a shared direction, points against no
+    honest client and keeps to the honest subspace by copying honest clients' deviations switched
+    rule 15 off as a second population, and nothing else flagged it (on the trained pools the
+    merge fell from 0.761 to 0.491). Half its squared norm lies in the span of the honest updates,
+    where another task's adapters have almost none: no population, and rule 15 flags it."""
+    G = _fake_population(seed)
+    kept = peeled(G, torch.ones(18, dtype=torch.bool))
+    assert (~kept).nonzero().flatten().tolist() == list(range(12, 18))
+    assert second_population(G, ~kept, kept) == []
+    assert _rule_15(G) == [False] * 12 + [True] * 6
+
+
+def test_span_shares_from_the_gram_matrix() -> None:
+    from clair_cli.core.insubspace import span_shares
+
+    rng = np.random.default_rng(0)
+    B = rng.standard_normal((3, 50))
+    inside = rng.standard_normal(3) @ B
+    outside = rng.standard_normal(50)
+    outside -= np.linalg.lstsq(B.T, outside, rcond=None)[0] @ B
+    mixed = inside / np.linalg.norm(inside) + outside / np.linalg.norm(outside)  # half in, half out
+    X = torch.from_numpy(np.vstack([B, inside, outside, mixed, 2 * B[0] - B[1]]))  # a dependent basis too
+    shares = span_shares(X @ X.T, [3, 4, 5], [0, 1, 2, 6])
+    assert torch.allclose(shares, torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64), atol=1e-9)
+
+
 def test_the_relative_floor_moves_to_rule_12s_where_one_module_carries_the_update() -> None:
     assert whole_relative_floor(math.inf) == pytest.approx(DIRECTION_RELATIVE_FLOOR)
     assert whole_relative_floor(1.0) == pytest.approx(MODULE_DIRECTION_RELATIVE_FLOOR)

@@ -350,6 +350,7 @@ def peeled(G: torch.Tensor, fit_on: torch.Tensor, mass: torch.Tensor | None = No
 
 POPULATION_AGREEMENT = 0.1  # the left-out set's typical cosine with its own centre, at least
 POPULATION_AGAINST = -0.1  # its centre's cosine with every kept adapter, at least
+POPULATION_IN_SPAN = 0.3  # the share of a typical member's squared norm in the kept adapters' span, at most
 
 
 def second_population(G: torch.Tensor, left_out: torch.Tensor, kept: torch.Tensor) -> list[int]:
@@ -365,7 +366,17 @@ def second_population(G: torch.Tensor, left_out: torch.Tensor, kept: torch.Tenso
     honest updates' differences subtract some honest clients: their centre points against those
     (cosine -0.19 to -0.59 on the trained pools, where the two-task pools' stay within +-0.05),
     or, sent in opposite pairs, they do not agree with each other. ``G``: the whole updates' Gram
-    matrix; ``left_out``, ``kept``: masks."""
+    matrix; ``left_out``, ``kept``: masks.
+
+    A population of its own is also not made of the kept adapters: the typical member (the
+    median) has at most ``POPULATION_IN_SPAN`` of its squared norm in the span of the kept
+    adapters' updates (:func:`span_shares`). Another task's honest adapters have 0.002-0.12 there
+    on the trained pools, the least aligned third of an honest pool 0.03-0.15; an adaptive
+    search (``benchmarks/adaptive_search.py``) found free riders that pass as a population
+    with 0.44-0.77: each a copy of one honest client's deviation from the honest mean (which
+    keeps it in the honest subspace), a small shared direction (which makes them agree with
+    each other) and noise, at a cosine of 0.1 with the honest mean; a third of a trained pool
+    of them took the merge from 0.761 to 0.491, none flagged."""
     G = G.double()
     out = torch.nonzero(left_out & (G.diagonal() > 0), as_tuple=True)[0].tolist()
     inside = torch.nonzero(kept, as_tuple=True)[0].tolist()
@@ -379,7 +390,22 @@ def second_population(G: torch.Tensor, left_out: torch.Tensor, kept: torch.Tenso
     against = combination_cosines(G, centre_weights(G, mask[None, :])[0])
     if against is None:
         return []
-    return out if float(against[inside].min()) >= POPULATION_AGAINST else []
+    if float(against[inside].min()) < POPULATION_AGAINST:
+        return []
+    return out if float(span_shares(G, out, inside).median()) <= POPULATION_IN_SPAN else []
+
+
+def span_shares(G: torch.Tensor, points: list[int], basis: list[int], rcond: float = 1e-10) -> torch.Tensor:
+    """Per point of ``points``, the share of its squared norm that lies in the span of the
+    ``basis`` points (``g^T G_BB^+ g / G_kk``, from the Gram matrix ``G`` alone: directions of
+    ``G_BB`` under ``rcond`` of its largest eigenvalue left out)."""
+    G = G.double()
+    evals, evecs = torch.linalg.eigh(G[basis][:, basis])
+    keep = evals > rcond * float(evals.max().clamp_min(0))
+    if not bool(keep.any()):
+        return torch.zeros(len(points), dtype=torch.float64)
+    proj = (evecs[:, keep].T @ G[basis][:, points]) / evals[keep].sqrt()[:, None]  # coordinates in the span
+    return (proj**2).sum(0) / G.diagonal()[points].clamp_min(1e-300)
 
 
 AGREEMENT_MIN_POOL = 6  # below, the pool's typical cosine is too noisy to weigh agreement by

@@ -132,8 +132,14 @@ class WholeDirection:
     attack benchmark's ``free-ride-span`` scans that cosine, docs/security.md); or send free
     riders as more than a third of the pool, which then reach into the peeled centre; or make
     the left-out set look like a population (free riders that agree with each other and subtract
-    no honest client by more than a cosine of 0.1: out of reach with a dozen honest updates, whose
-    zero-sum combinations subtract some of them by 0.2-0.6, but not in pools of hundreds).
+    no honest client by more than a cosine of 0.1). Zero-sum combinations of a dozen honest
+    updates subtract some of them by 0.2-0.6, but an adaptive search
+    (``benchmarks/adaptive_search.py``) reached it with a dozen: each free rider a copy of one
+    honest client's deviation from the honest mean, a little of the mean, a shared direction and
+    noise. Such a set is made of the kept adapters (about half of each one's squared norm lies in
+    their span, where another task's adapters have almost none), so it is no population now
+    (:func:`clair_cli.core.insubspace.second_population`) and the rule judges it; a third of the
+    pool at a whole cosine of 0.1-0.2 still passes its cut on some pools (docs/security.md).
     """
 
     name = "whole_direction"
