@@ -67,11 +67,11 @@ def audit_one(
     pool: Pool,
     auditor: ClairAuditor,
     reference: list[int] | None,
-    settings: tuple[int, str],
+    settings: tuple[int, str, bool],
     without: frozenset[int] = frozenset(),
 ) -> ModuleAudit:
     """A worker's task: read the pool's one module where it runs and audit it with the driver's
-    numerical settings, ``(threads, float32 matmul precision)`` (``without``: as
+    numerical settings, ``(threads, float32 matmul precision, subnormals flushed to zero)`` (``without``: as
     :meth:`~clair_cli.core.audit.ClairAuditor.audit_module`'s)."""
     from contextlib import ExitStack
 
@@ -79,7 +79,9 @@ def audit_one(
 
     from clair_cli.pipeline import module_input
 
-    threads, precision = settings
+    threads, precision, flush = settings
+    if flush and not denormals_flushed():  # before set_num_threads starts the worker's threads
+        torch.set_flush_denormal(True)
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
     if precision != torch.get_float32_matmul_precision():
@@ -89,6 +91,23 @@ def audit_one(
         readers = [stack.enter_context(a.reader()) for a in pool.adapters]
         given = module_input(pool, pool.modules[0], idx, readers, auditor.dtype, str(auditor.device))
     return auditor.audit_module(given, reference, without)
+
+
+def numeric_settings() -> tuple[int, str, bool]:
+    """The driver's settings that a worker's arithmetic must share for the same numbers
+    (:func:`audit_one`): threads, float32 matmul precision, subnormals flushed to zero."""
+    import torch
+
+    return torch.get_num_threads(), torch.get_float32_matmul_precision(), denormals_flushed()
+
+
+def denormals_flushed() -> bool:
+    """Whether this thread's float arithmetic flushes subnormal numbers to zero
+    (:func:`clair_cli.cli.threads.flush_denormals`): the CPU's own answer, the smallest
+    subnormal float64 times one."""
+    import torch
+
+    return float(torch.tensor(5e-324, dtype=torch.float64) * 1.0) == 0.0
 
 
 def versions() -> tuple[str, str]:
@@ -165,7 +184,7 @@ class RayExecutor:
 
         ray = _ray()
         threads = torch.get_num_threads()
-        settings = (threads, torch.get_float32_matmul_precision())
+        settings = numeric_settings()
         gpu = str(auditor.device).startswith("cuda")
         task = ray.remote(audit_one).options(num_cpus=threads, num_gpus=1 if gpu else 0)
         auditor = auditor.unfitted()  # a refit's second round: not the first one's state
@@ -297,11 +316,9 @@ class ProcessExecutor:
         import pickle
         from multiprocessing.connection import wait
 
-        import torch
-
         if not self._workers:
             raise RuntimeError("ProcessExecutor.audits outside its with block")
-        settings = (torch.get_num_threads(), torch.get_float32_matmul_precision())
+        settings = numeric_settings()
         unfitted = auditor.unfitted()  # a refit's second round: not the first one's state
         names = _names(pool, modules)
         idle = list(range(len(self._workers)))[::-1]

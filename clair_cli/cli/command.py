@@ -14,6 +14,7 @@ import typer
 from typer.core import TyperCommand
 
 from clair_cli.cli.interrupts import import_numerics
+from clair_cli.cli.threads import flush_denormals
 
 
 def flags_without_type(params: list[Any]) -> list[Any]:
@@ -42,7 +43,13 @@ class ClairCommand(TyperCommand):
 
     def invoke(self, ctx: Any) -> Any:
         import_numerics()  # where a Ctrl-C cannot leave them half-imported
-        return super().invoke(ctx)
+        # Before torch starts its threads (each inherits the setting); put back after the command
+        # for a program that runs it in its own process (a test's CliRunner).
+        restore = flush_denormals()
+        try:
+            return super().invoke(ctx)
+        finally:
+            restore()
 
 
 def add_command(app: typer.Typer, name: str, command: Callable[..., Any], help: str, examples: str) -> None:
