@@ -11,6 +11,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+
+from clair_cli.core.decompose import ModuleDecomposer, normalise_blocks
+from clair_cli.core.reduction import reduce_module
+from clair_cli.core.solvers import solve_noisy
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "sample_adapters"
 
@@ -62,3 +67,45 @@ def test_a_command_run_in_this_process_puts_the_setting_back():
     result = CliRunner().invoke(app, ["inspect", str(SAMPLE_DIR)], env={"NO_COLOR": "1"})
     assert result.exit_code == 0, result.output
     assert not denormals_flushed()
+
+
+def _module(n: int, rank: int, width: int, noise: float, outliers: int = 0, seed: int = 0):
+    """``n`` adapters of one module whose ``B`` lie in one shared ``rank``-dimensional subspace
+    (exactly where ``noise`` is 0); the last ``outliers`` have unstructured ``B``."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(width, rank, generator=g, dtype=torch.float64))[0]
+    A, B = [], []
+    for k in range(n):
+        A.append(torch.randn(rank, width, generator=g, dtype=torch.float64) / width**0.5)
+        if k >= n - outliers:
+            B.append(torch.randn(width, rank, generator=g, dtype=torch.float64))
+        else:
+            b = U @ torch.randn(rank, rank, generator=g, dtype=torch.float64)
+            B.append(
+                b
+                + noise * b.norm() / (width * rank) ** 0.5 * torch.randn(width, rank, generator=g, dtype=torch.float64)
+            )
+    return A, B, [1.0] * n
+
+
+@pytest.mark.parametrize(("rank", "width"), [(8, 64), (1, 8)])
+def test_updates_that_share_a_subspace_exactly_converge_at_once(rank, width):
+    """Before, FISTA started from zero with weights of 1e-6 of the top singular value and ran to
+    its cap of 1000 iterations on every such module (152 s for 16 adapters x 64 modules of rank 8,
+    1024 wide, against 3 s for the same shapes with noise)."""
+    A, B, scales = _module(16, rank, width, 0.0)
+    dec = ModuleDecomposer().fit(reduce_module(A, B, scales, side="out"))
+    assert dec.converged_ and dec.n_iter_ <= 50, dec.n_iter_
+    assert dec.rank_ == rank and bool(dec.collaborators_.all())
+
+
+@pytest.mark.parametrize(("noise", "outliers"), [(0.3, 0), (0.3, 3), (1.0, 3)])
+def test_the_warm_start_finds_the_optimum_the_cold_start_finds(noise, outliers):
+    A, B, scales = _module(12, 8, 64, noise, outliers, seed=1)
+    stack = reduce_module(A, B, scales, side="out")
+    dec = ModuleDecomposer().fit(stack)
+    Y, _norms = normalise_blocks(stack.G.double(), stack.offsets)
+    cold = solve_noisy(Y, stack.offsets, dec.lam_L_, dec.lam_S_, max_iter=100_000)
+    assert dec.converged_ and cold.converged
+    torch.testing.assert_close(dec.low_rank_, cold.L, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dec.sparse_, cold.S, atol=1e-5, rtol=0)
