@@ -67,4 +67,9 @@ def flush_denormals() -> Callable[[], None]:
 
     before = denormals_flushed()
     torch.set_flush_denormal(True)
-    return lambda: None if before else torch.set_flush_denormal(False)
+
+    def restore() -> None:
+        if not before:
+            torch.set_flush_denormal(False)
+
+    return restore
