@@ -109,3 +109,50 @@ def test_the_warm_start_finds_the_optimum_the_cold_start_finds(noise, outliers):
     assert dec.converged_ and cold.converged
     torch.testing.assert_close(dec.low_rank_, cold.L, atol=1e-5, rtol=0)
     torch.testing.assert_close(dec.sparse_, cold.S, atol=1e-5, rtol=0)
+
+
+def test_subnormal_factors_are_refused_not_read_as_zero(tmp_path: Path):
+    """The commands flush subnormal numbers to zero, conversions included: a module whose A is
+    subnormal (below 1.2e-38) and whose B is near 1e38 was audited as a zero update, while PEFT
+    on a CPU (no flush) applies it. A payload of 10x an honest update's norm in one module of
+    one client went from flagged (score 1.7, before the flush) to 'ok' (0.17) with it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from clair_cli.cli import app
+
+    pool = tmp_path / "pool"
+    for client in sorted(SAMPLE_DIR.glob("client_0*"))[:6]:
+        shutil.copytree(client, pool / client.name)
+    weights = pool / "client_06" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = "base_model.model.transformer.h.0.mlp.c_fc"
+    A, B = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
+    g = torch.Generator().manual_seed(0)
+    Ap, Bp = torch.randn(A.shape, generator=g), torch.randn(B.shape, generator=g)
+    Ap /= Ap.abs().max()
+    Bp *= 10 * (B @ A).norm() / (Bp @ Ap).norm()
+    tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = Ap * 1.1e-38, Bp / 1.1e-38
+    assert float((tensors[f"{key}.lora_B.weight"] @ tensors[f"{key}.lora_A.weight"]).norm()) > 1  # no flush here
+    save_file(tensors, weights, metadata={"format": "pt"})
+    result = CliRunner().invoke(app, ["audit", str(pool)], env={"NO_COLOR": "1"})
+    assert result.exit_code == 2, result.output
+    assert "subnormal" in result.output and "lora_A" in result.output
+
+
+def test_has_subnormal_reads_the_bits():
+    from clair_cli.executors import denormals_flushed
+    from clair_cli.io.adapter import has_subnormal
+
+    dtypes = (torch.float32, torch.bfloat16, torch.float64)
+    tiny = [torch.tensor([0.0, 1.0, 1e-39], dtype=dtype) for dtype in dtypes]  # made before the flush
+    normal = [torch.tensor([0.0, -1.0, 2e-38], dtype=dtype) for dtype in dtypes]
+    torch.set_flush_denormal(True)
+    try:
+        assert denormals_flushed() or not X86
+        assert all(map(has_subnormal, tiny)) and not any(map(has_subnormal, normal))
+        assert not has_subnormal(torch.tensor([1e-7, 0.0], dtype=torch.float16))  # normal in float32
+    finally:
+        torch.set_flush_denormal(False)

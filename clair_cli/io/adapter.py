@@ -386,6 +386,7 @@ class Adapter:
         # One reduction per factor checks both things: max |x| is NaN or Inf exactly when a
         # value is (torch's max propagates NaN), and it bounds the update below.
         self._check_peaks(spec, [peak(f) for f in factors])
+        self._check_subnormal(spec, [(key, f) for key, f in zip((spec.a_key, spec.b_key), factors, strict=True)])
         dtype = dtype or torch.float32
         return LoraModule(
             name=name,
@@ -414,6 +415,17 @@ class Adapter:
                 hint="The adapter diverged during training or the file is corrupt.",
             )
 
+    def _check_subnormal(self, spec: ModuleSpec, pieces: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Refuse a factor holding values below float32's normal range (:func:`has_subnormal`)."""
+        for key, piece in pieces:
+            if has_subnormal(piece):
+                raise AdapterFormatError(
+                    f"{printable(str(self.ref.weights_file))}: tensor {key!r} of module {spec.name!r} holds "
+                    "subnormal values (nonzero, below 1.2e-38), which clair's arithmetic reads as zero "
+                    "but a loader multiplies into the update",
+                    hint="No trained adapter holds such values: the file is corrupt or crafted.",
+                )
+
     def scan_module(self, reader: SafetensorsReader, name: str) -> bool:
         """Check one module as :meth:`read_module` does, reading each factor in bounded chunks
         (never a whole factor at once: a header may claim gigabytes). Returns whether its update
@@ -423,7 +435,13 @@ class Adapter:
             AdapterFormatError: a tensor holds NaN or Inf, or cannot be read.
         """
         spec = self.modules[name]
-        peaks = [max((peak(chunk) for chunk in reader.chunks(key)), default=0.0) for key in (spec.a_key, spec.b_key)]
+        peaks = []
+        for key in (spec.a_key, spec.b_key):
+            tops = []
+            for chunk in reader.chunks(key):
+                tops.append(peak(chunk))
+                self._check_subnormal(spec, [(key, chunk)])
+            peaks.append(max(tops, default=0.0))
         self._check_peaks(spec, peaks)
         return min(peaks) == 0.0
 
@@ -449,6 +467,30 @@ def update_overflows(scale: float, rank: int, peaks: Sequence[float]) -> bool:
     float32) would overflow to Inf before any decomposition, and the update is refused, named."""
     bound = abs(scale) * rank * math.prod(peaks)
     return not math.isfinite(bound) or bound > MAX_UPDATE_ENTRY
+
+
+FLOAT32_TINY = 1.1754943508222875e-38  # float32's (and bfloat16's) smallest normal number
+# The bits of float32 and bfloat16 values: (integer view, exponent mask, mantissa mask).
+_FLOAT_BITS = {"float32": ("int32", 0x7F800000, 0x007FFFFF), "bfloat16": ("int16", 0x7F80, 0x007F)}
+
+
+def has_subnormal(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds a nonzero value below float32's normal range (1.2e-38): a subnormal
+    float32 or bfloat16, or a float64 that becomes one in float32. The commands flush such values
+    to zero (:func:`clair_cli.cli.threads.flush_denormals`), conversions included, while a
+    loader that does not (PEFT on a CPU) multiplies them by factors up to 3e38 into an ordinary
+    update: a module whose ``A`` is subnormal and whose ``B`` is huge would be audited as zero.
+    Read from the bits (float32, bfloat16), which the flush does not touch."""
+    import torch
+
+    name = str(t.dtype).removeprefix("torch.")
+    if name in _FLOAT_BITS:
+        view, exponent, mantissa = _FLOAT_BITS[name]
+        bits = t.reshape(-1).view(getattr(torch, view))
+        return bool(((bits & exponent) == 0).logical_and_((bits & mantissa) != 0).any())
+    if t.dtype == torch.float64:
+        return bool(((t != 0) & (t.abs() < FLOAT32_TINY)).any())
+    return False  # float16 and float8 values are all normal numbers in float32
 
 
 def peak(t: torch.Tensor) -> float:
