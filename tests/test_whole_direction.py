@@ -222,7 +222,7 @@ def test_free_riders_are_no_population_their_centre_points_against_honest_client
         assert _rule_15(G2)[12:] == [True] * 6 and not any(_rule_15(G2)[:12])
 
 
-def _fake_population(seed: int, share: float = 0.2) -> torch.Tensor:
+def _fake_population(seed: int, share: float = 0.2, decoys: bool = False) -> torch.Tensor:
     """Twelve honest updates (as :func:`_gram`) and six free riders posing as a population of
     their own (what ``benchmarks/adaptive_search.py`` found on the trained pools): each a copy of
     one honest client's deviation from the honest mean x 0.9 (it stays in the honest subspace),
@@ -245,7 +245,8 @@ def _fake_population(seed: int, share: float = 0.2) -> torch.Tensor:
         z = rng.standard_normal(dim)
         z /= np.linalg.norm(z)
         scale = np.exp(0.35 * rng.standard_normal())
-        riders.append(scale * (0.1 * h + 0.9 * (honest[i] - h) + 0.55 * size * shared + 0.7 * size * z))
+        copy = 0.0 if decoys and len(riders) % 2 else 0.9  # a decoy: no honest deviation, nothing in the span
+        riders.append(scale * (0.1 * h + copy * (honest[i] - h) + 0.55 * size * shared + 0.7 * size * z))
     X = torch.from_numpy(np.vstack([honest, *riders]))
     return X @ X.T
 
@@ -262,6 +263,18 @@ def test_free_riders_made_of_honest_deviations_are_no_population(seed: int) -> N
     assert (~kept).nonzero().flatten().tolist() == list(range(12, 18))
     assert second_population(G, ~kept, kept) == []
     assert _rule_15(G) == [False] * 12 + [True] * 6
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_decoys_do_not_carry_the_copies_past_the_span_test(seed: int) -> None:
+    """Three of the six free riders without the copy of an honest deviation (share ~0.01 in the
+    kept span, the copies ~0.43): torch's lower median of the six shares was a decoy's, the set
+    passed as a population and rule 15 was off."""
+    G = _fake_population(seed, decoys=True)
+    kept = peeled(G, torch.ones(18, dtype=torch.bool))
+    assert (~kept).nonzero().flatten().tolist() == list(range(12, 18))
+    assert second_population(G, ~kept, kept) == []
+    assert not any(_rule_15(G)[:12]) and any(_rule_15(G)[12:])
 
 
 def test_span_shares_from_the_gram_matrix() -> None:

@@ -369,7 +369,7 @@ def second_population(G: torch.Tensor, left_out: torch.Tensor, kept: torch.Tenso
     matrix; ``left_out``, ``kept``: masks.
 
     A population of its own is also not made of the kept adapters: the typical member (the
-    median) has at most ``POPULATION_IN_SPAN`` of its squared norm in the span of the kept
+    upper median) has at most ``POPULATION_IN_SPAN`` of its squared norm in the span of the kept
     adapters' updates (:func:`span_shares`). Another task's honest adapters have 0.002-0.12 there
     on the trained pools, the least aligned third of an honest pool 0.03-0.15; an adaptive
     search (``benchmarks/adaptive_search.py``) found free riders that pass as a population
@@ -392,7 +392,11 @@ def second_population(G: torch.Tensor, left_out: torch.Tensor, kept: torch.Tenso
         return []
     if float(against[inside].min()) < POPULATION_AGAINST:
         return []
-    return out if float(span_shares(G, out, inside).median()) <= POPULATION_IN_SPAN else []
+    # The upper median: torch's median of an even count is the lower middle value, so half the
+    # set as decoys of no share in the span (noise and the shared direction) carried the other
+    # half, copies of honest deviations, past the test.
+    shares = span_shares(G, out, inside).sort().values
+    return out if float(shares[len(out) // 2]) <= POPULATION_IN_SPAN else []
 
 
 def span_shares(G: torch.Tensor, points: list[int], basis: list[int], rcond: float = 1e-10) -> torch.Tensor:
