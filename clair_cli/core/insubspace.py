@@ -376,7 +376,9 @@ def second_population(G: torch.Tensor, left_out: torch.Tensor, kept: torch.Tenso
     with 0.44-0.77: each a copy of one honest client's deviation from the honest mean (which
     keeps it in the honest subspace), a small shared direction (which makes them agree with
     each other) and noise, at a cosine of 0.1 with the honest mean; a third of a trained pool
-    of them took the merge from 0.761 to 0.491, none flagged."""
+    of them took the merge from 0.761 to 0.491, none flagged. Refused as a population, they are
+    judged by rule 15: caught on revsucc seed 2, while on seed 0 the same point still passes
+    (0.491-0.640), where the rule's calibrated cut lies under their cosine."""
     G = G.double()
     out = torch.nonzero(left_out & (G.diagonal() > 0), as_tuple=True)[0].tolist()
     inside = torch.nonzero(kept, as_tuple=True)[0].tolist()
