@@ -156,3 +156,29 @@ def test_has_subnormal_reads_the_bits():
         assert not has_subnormal(torch.tensor([1e-7, 0.0], dtype=torch.float16))  # normal in float32
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_a_stray_subnormal_beside_ordinary_factors_is_read_as_zero(tmp_path: Path):
+    """The bit test runs only where subnormal values could hide more than 5e-20 in an entry of
+    the update (the other factor near 1e18 or more): a subnormal entry in an ordinary adapter
+    adds at most about 1e-36, so it is read as zero and the adapter audited, not refused."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from typer.testing import CliRunner
+
+    from clair_cli.cli import app
+    from clair_cli.io.adapter import has_subnormal
+
+    pool = tmp_path / "pool"
+    for client in sorted(SAMPLE_DIR.glob("client_0*"))[:6]:
+        shutil.copytree(client, pool / client.name)
+    weights = pool / "client_06" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = "base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight"
+    tensors[key][0, 0] = 1e-39
+    assert has_subnormal(tensors[key])
+    save_file(tensors, weights, metadata={"format": "pt"})
+    result = CliRunner().invoke(app, ["audit", str(pool), "--exit-zero"], env={"NO_COLOR": "1"})
+    assert result.exit_code == 0, result.output
+    assert "subnormal" not in result.output
