@@ -182,3 +182,21 @@ def test_a_stray_subnormal_beside_ordinary_factors_is_read_as_zero(tmp_path: Pat
     result = CliRunner().invoke(app, ["audit", str(pool), "--exit-zero"], env={"NO_COLOR": "1"})
     assert result.exit_code == 0, result.output
     assert "subnormal" not in result.output
+
+
+def test_a_subnormal_lora_alpha_is_refused_by_its_bits():
+    """A config's number under float64's normal range is refused whether or not the arithmetic
+    flushes subnormals (the commands do; a comparison with 0 then says it is 0)."""
+    from clair_cli.errors import AdapterFormatError
+    from clair_cli.io.peft_config import _finite
+
+    for flushed in (False, True):
+        torch.set_flush_denormal(flushed)
+        try:
+            with pytest.raises(AdapterFormatError, match="under float64's normal range"):
+                _finite("adapter_config.json", "lora_alpha", 1e-310)
+            with pytest.raises(AdapterFormatError, match="is 0, which makes the update zero"):
+                _finite("adapter_config.json", "lora_alpha", -0.0)
+            assert _finite("adapter_config.json", "lora_alpha", 2.3e-308) == 2.3e-308
+        finally:
+            torch.set_flush_denormal(False)

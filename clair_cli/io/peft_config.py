@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import struct
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,12 @@ def _finite(path: Path | str, field: str, value: Any) -> float:
             else f"an integer of {len(str(value))} digits"
         )
         raise _fail(path, f"{field} must be a finite number, got {shown}")
-    if value == 0:
+    # From the bits, not by comparing: the commands flush subnormal numbers to zero, comparisons too.
+    magnitude = struct.unpack("<Q", struct.pack("<d", float(value)))[0] & ~(1 << 63)
+    if magnitude == 0:
         raise _fail(path, f"{field} is 0, which makes the update zero")
+    if magnitude < 1 << 52:  # subnormal: the commands' arithmetic reads it as 0, a loader does not
+        raise _fail(path, f"{field} is {value!r}, under float64's normal range (2.2e-308)")
     return float(value)
 
 
