@@ -488,12 +488,14 @@ _FLOAT_BITS = {"float32": ("int32", 0x7F800000, 0x007FFFFF), "bfloat16": ("int16
 
 
 def has_subnormal(t: torch.Tensor) -> bool:
-    """Whether ``t`` holds a nonzero value below float32's normal range (1.2e-38): a subnormal
-    float32 or bfloat16, or a float64 that becomes one in float32. The commands flush such values
-    to zero (:func:`clair_cli.cli.threads.flush_denormals`), conversions included, while a
-    loader that does not (PEFT on a CPU) multiplies them by factors up to 3e38 into an ordinary
-    update: a module whose ``A`` is subnormal and whose ``B`` is huge would be audited as zero.
-    Read from the bits (float32, bfloat16), which the flush does not touch."""
+    """Whether ``t`` holds a subnormal float32 or bfloat16 value (nonzero, below 1.2e-38). The
+    commands flush such values to zero (:func:`clair_cli.cli.threads.flush_denormals`),
+    conversions included, while a loader that does not (PEFT on a CPU) multiplies them by factors
+    up to 3e38 into an ordinary update: a module whose ``A`` is subnormal and whose ``B`` is huge
+    would be audited as zero. Read from the bits, which the flush does not touch. A float64 value
+    that small is a normal float64: clair's canonical factors take it exactly (a re-factored
+    update, ``(B / 1e39, A 1e39)``, is audited as the same update), and a float64 file whose
+    values float32 cannot hold is refused where PEFT would load it into float32."""
     import torch
 
     name = str(t.dtype).removeprefix("torch.")
@@ -501,9 +503,7 @@ def has_subnormal(t: torch.Tensor) -> bool:
         view, exponent, mantissa = _FLOAT_BITS[name]
         bits = t.reshape(-1).view(getattr(torch, view))
         return bool(((bits & exponent) == 0).logical_and_((bits & mantissa) != 0).any())
-    if t.dtype == torch.float64:
-        return bool(((t != 0) & (t.abs() < FLOAT32_TINY)).any())
-    return False  # float16 and float8 values are all normal numbers in float32
+    return False  # float16 and float8 values are normal numbers in float32, float64 ones in float64
 
 
 def peak(t: torch.Tensor) -> float:
