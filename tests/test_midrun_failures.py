@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -502,12 +503,20 @@ def test_a_second_ctrl_c_during_the_roll_back_does_not_lose_the_old_output(
 
     monkeypatch.setattr(writers.os, "replace", replace)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # CI runs with SIGINT ignored
+    # Another thread that does not block the signal (torch's pool in a real run): a signal sent to
+    # the process goes to it while the main thread blocks it, and Python still runs the handler on
+    # the main thread, so blocking the main thread alone (pthread_sigmask) held nothing there.
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
     try:
         with pytest.raises(KeyboardInterrupt), writers.Outputs() as outputs:
             outputs.directory(out, force=True)
             (outputs.stage_directory(out) / "adapter_config.json").write_text("new")
             outputs.write_text(str(report), "new report")
     finally:
+        stop.set()
+        other.join()
         signal.signal(signal.SIGINT, previous)
     assert _files(out) == {"adapter_config.json": b"old"} and not report.exists()
 

@@ -36,6 +36,7 @@ import secrets
 import shutil
 import signal
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -558,17 +559,34 @@ def _signals_held() -> Iterator[None]:
     A commit interrupted at a rename (Ctrl-C) rolls back; a second Ctrl-C during the roll-back
     stopped it between moving the new output aside and putting the old one back, and the
     clean-up that follows then removed the old output's backup: the previous ``--out`` was lost.
-    Held, the second signal arrives once everything is back in place (where ``pthread_sigmask``
-    exists: POSIX)."""
-    mask = getattr(signal, "pthread_sigmask", None)
-    if mask is None:
-        yield
+    Held, the second signal arrives once everything is back in place.
+
+    Held by Python-level handlers that note the signal, then put back and the signal raised again:
+    blocking it (``pthread_sigmask``) holds it only for the calling thread, and a signal sent to
+    the process goes to any thread that does not block it (torch's pool in a run), after which
+    Python runs the handler on the main thread anyway. Handlers can be set from the main thread
+    only; from another, the signals are blocked for that thread, which is all it can do."""
+    if threading.current_thread() is not threading.main_thread():
+        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         return
-    previous = mask(signal.SIG_BLOCK, HELD_SIGNALS)
+    noted: list[int] = []
+
+    def note(signum: int, _frame: object) -> None:
+        if signum not in noted:
+            noted.append(signum)
+
+    previous = {held: signal.signal(held, note) for held in sorted(HELD_SIGNALS)}
     try:
         yield
     finally:
-        mask(signal.SIG_SETMASK, previous)
+        for held, handler in previous.items():
+            signal.signal(held, handler)
+        for signum in noted:
+            signal.raise_signal(signum)
 
 
 def _fsync_path(path: Path, directory: bool = False, strict: bool = True) -> None:
