@@ -280,6 +280,33 @@ def test_an_adapter_with_no_neighbour_is_flagged_as_isolated() -> None:
         assert all(aud.verdicts_[k].signals.get("isolated", 0.0) < 1 for k in range(16))
 
 
+def test_attackers_pairing_with_honest_clients_do_not_get_the_others_flagged_as_isolated() -> None:
+    # Six attackers among twelve honest clients, each a copy of one honest client's deviation
+    # from the mean (x1.2) with half the mean and noise in the honest deviations' span: half the
+    # pool has a close neighbour and the others' typical nearest cosine rises. Judged against it,
+    # honest clients 7 and 11, whom nobody copied, lay under a third of it (the adaptive search's
+    # framing, docs/security.md "Free riders posing as a population"); their third-nearest
+    # cosines, which one attacker cannot raise, cap the typical.
+    from clair_cli.core.audit import ModuleInput
+
+    g = torch.Generator().manual_seed(7)
+    mods = []
+    for mod in make_pool(M=4, K=12, r=2, spread=2.0, noise=0.3, seed=0):
+        W = torch.stack([s * b @ a for a, b, s in zip(mod.A, mod.B, mod.scales, strict=True)])
+        mean, N = W.mean(0), W.norm(dim=(1, 2)).median()
+        A, B, S = list(mod.A), list(mod.B), list(mod.scales)
+        for j in range(6):
+            e = torch.einsum("k,kij->ij", torch.randn(12, generator=g, dtype=torch.float64), W - mean)
+            u, sv, vh = torch.linalg.svd(0.5 * mean + 1.2 * (W[j] - mean) + 0.5 * N * e / e.norm())
+            A.append(vh[:8].clone())
+            B.append((u[:, :8] * sv[:8]).clone())
+            S.append(1.0)
+        mods.append(ModuleInput(mod.name, list(range(18)), A, B, S))
+    aud = ClairAuditor().fit(mods, 18)
+    assert not flagged(aud) & set(range(12)), [(k, aud.verdicts_[k].reasons) for k in flagged(aud)]
+    assert flagged(aud) == {15}
+
+
 def test_the_isolated_rule_is_off_where_adapters_share_only_a_subspace() -> None:
     for seed in range(3):  # no consensus: nearest neighbours are chance, so no signal
         aud = ClairAuditor().fit(make_pool(M=3, K=20, noise=0.3, seed=seed), 20)
