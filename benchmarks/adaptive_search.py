@@ -278,38 +278,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.replay:
         return replay(args, family, start)
     results = []
-    for name in args.pools.split(","):
-        fam = family(name)
-        for fraction in (float(f) for f in args.fractions.split(",")):
-            m = attacks.n_attackers(fraction)
-            oracle = Oracle(fam, m)
-            found = search(oracle, args.random, args.refine, zlib.crc32(f"{name}/{m}".encode()), dirs)
-            check = {}
-            task = name.split("-s")[0]
-            check_name = f"{task}-s{args.check_seed}"
-            if f"-s{args.check_seed}" not in name:
-                cfam = family(check_name)
-                coracle = Oracle(cfam, m)
-                for kind, row in found.items():
-                    if row is None:
-                        continue
-                    pt = Point(**row["point"])
-                    check[kind] = [coracle(replace(pt, draw=pt.draw + k), "check", baselines=True) for k in range(3)]
-            results.append(
-                {
-                    "pool": name,
-                    "fraction": fraction,
-                    "attackers": m,
-                    "oracle": oracle.oracle_acc,
-                    "calls": oracle.calls,
-                    "found": found,
-                    "check_pool": check_name,
-                    "check": check,
-                    "log": oracle.log,
-                }
-            )
-            trained_pools.log_err(f"{name} m={m}: {oracle.calls} clair calls ({time.perf_counter() - start:.0f} s)")
-            log_found(found, check, check_name, m)
+    for name, fraction, m, oracle in _oracles(args, family):
+        found = search(oracle, args.random, args.refine, zlib.crc32(f"{name}/{m}".encode()), dirs)
+        check = {}
+        task = name.split("-s")[0]
+        check_name = f"{task}-s{args.check_seed}"
+        if f"-s{args.check_seed}" not in name:
+            cfam = family(check_name)
+            coracle = Oracle(cfam, m)
+            for kind, row in found.items():
+                if row is None:
+                    continue
+                pt = Point(**row["point"])
+                check[kind] = [coracle(replace(pt, draw=pt.draw + k), "check", baselines=True) for k in range(3)]
+        results.append(
+            {
+                "pool": name,
+                "fraction": fraction,
+                "attackers": m,
+                "oracle": oracle.oracle_acc,
+                "calls": oracle.calls,
+                "found": found,
+                "check_pool": check_name,
+                "check": check,
+                "log": oracle.log,
+            }
+        )
+        trained_pools.log_err(f"{name} m={m}: {oracle.calls} clair calls ({time.perf_counter() - start:.0f} s)")
+        log_found(found, check, check_name, m)
     trained_pools.write_results(
         args.out, {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, start
     )
@@ -333,24 +329,29 @@ def log_found(found: dict, check: dict, check_name: str, m: int) -> None:
             )
 
 
-def replay(args: argparse.Namespace, family, start: float) -> int:
-    """Re-score given points on every pool (``--pools``), fraction and draw; a summary line each."""
-    points = [Point(**d) for d in json.loads(args.replay)]
-    rows = []
+def _oracles(args: argparse.Namespace, family):
+    """``(pool name, fraction, attackers, Oracle)`` for every pool of ``--pools`` and fraction of ``--fractions``."""
     for name in args.pools.split(","):
         fam = family(name)
         for fraction in (float(f) for f in args.fractions.split(",")):
             m = attacks.n_attackers(fraction)
-            oracle = Oracle(fam, m)
-            for j, pt in enumerate(points):
-                for k in range(args.draws):
-                    row = oracle(replace(pt, draw=pt.draw + k), f"replay{j}", baselines=True)
-                    rows.append(row | {"pool": name, "attackers": m, "point_index": j})
-                    trained_pools.log_err(
-                        f"{name} m={m} point {j} draw +{k}: clair {row['clair']:.3f} oracle {row['oracle']:.3f} "
-                        f"mean {row['mean']:.3f} median {row['median']:.3f} geomed {row['geomed']:.3f} "
-                        f"attackers flagged {row['attackers_flagged']}/{m} honest flagged {row['honest_flagged']}"
-                    )
+            yield name, fraction, m, Oracle(fam, m)
+
+
+def replay(args: argparse.Namespace, family, start: float) -> int:
+    """Re-score given points on every pool (``--pools``), fraction and draw; a summary line each."""
+    points = [Point(**d) for d in json.loads(args.replay)]
+    rows = []
+    for name, _, m, oracle in _oracles(args, family):
+        for j, pt in enumerate(points):
+            for k in range(args.draws):
+                row = oracle(replace(pt, draw=pt.draw + k), f"replay{j}", baselines=True)
+                rows.append(row | {"pool": name, "attackers": m, "point_index": j})
+                trained_pools.log_err(
+                    f"{name} m={m} point {j} draw +{k}: clair {row['clair']:.3f} oracle {row['oracle']:.3f} "
+                    f"mean {row['mean']:.3f} median {row['median']:.3f} geomed {row['geomed']:.3f} "
+                    f"attackers flagged {row['attackers_flagged']}/{m} honest flagged {row['honest_flagged']}"
+                )
     trained_pools.write_results(args.out, {"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, start)
     return 0
 

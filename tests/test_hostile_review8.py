@@ -111,22 +111,28 @@ def test_the_warm_start_finds_the_optimum_the_cold_start_finds(noise, outliers):
     torch.testing.assert_close(dec.sparse_, cold.S, atol=1e-5, rtol=0)
 
 
+def _six_clients(tmp_path: Path) -> tuple[Path, Path]:
+    """Six of the sample clients copied into a pool, and the last one's weights file."""
+    import shutil
+
+    pool = tmp_path / "pool"
+    for client in sorted(SAMPLE_DIR.glob("client_0*"))[:6]:
+        shutil.copytree(client, pool / client.name)
+    return pool, pool / "client_06" / "adapter_model.safetensors"
+
+
 def test_subnormal_factors_are_refused_not_read_as_zero(tmp_path: Path):
     """The commands flush subnormal numbers to zero, conversions included: a module whose A is
     subnormal (below 1.2e-38) and whose B is near 1e38 was audited as a zero update, while PEFT
     on a CPU (no flush) applies it. A payload of 10x an honest update's norm in one module of
     one client went from flagged (score 1.7, before the flush) to 'ok' (0.17) with it."""
-    import shutil
 
     from safetensors.torch import load_file, save_file
     from typer.testing import CliRunner
 
     from clair_cli.cli import app
 
-    pool = tmp_path / "pool"
-    for client in sorted(SAMPLE_DIR.glob("client_0*"))[:6]:
-        shutil.copytree(client, pool / client.name)
-    weights = pool / "client_06" / "adapter_model.safetensors"
+    pool, weights = _six_clients(tmp_path)
     tensors = load_file(weights)
     key = "base_model.model.transformer.h.0.mlp.c_fc"
     A, B = tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"]
@@ -163,7 +169,6 @@ def test_a_stray_subnormal_beside_ordinary_factors_is_read_as_zero(tmp_path: Pat
     """The bit test runs only where subnormal values could hide more than 5e-20 in an entry of
     the update (the other factor near 1e18 or more): a subnormal entry in an ordinary adapter
     adds at most about 1e-36, so it is read as zero and the adapter audited, not refused."""
-    import shutil
 
     from safetensors.torch import load_file, save_file
     from typer.testing import CliRunner
@@ -171,10 +176,7 @@ def test_a_stray_subnormal_beside_ordinary_factors_is_read_as_zero(tmp_path: Pat
     from clair_cli.cli import app
     from clair_cli.io.adapter import has_subnormal
 
-    pool = tmp_path / "pool"
-    for client in sorted(SAMPLE_DIR.glob("client_0*"))[:6]:
-        shutil.copytree(client, pool / client.name)
-    weights = pool / "client_06" / "adapter_model.safetensors"
+    pool, weights = _six_clients(tmp_path)
     tensors = load_file(weights)
     key = "base_model.model.transformer.h.0.mlp.c_fc.lora_A.weight"
     tensors[key][0, 0] = 1e-39

@@ -48,16 +48,21 @@ def _free_rider(honest: np.ndarray, rng: np.random.Generator, targets: tuple[int
     return v * float(np.median(np.linalg.norm(honest, axis=1))) / np.linalg.norm(v)
 
 
-def _gram(seed: int, n_free: int = 6, share: float = 0.2, targets: tuple[int, ...] = ()) -> torch.Tensor:
-    """Twelve honest updates sharing ``share`` of their squared norm with a common direction, then
-    ``n_free`` free riders made of them; the Gram matrix of all."""
-    rng = np.random.default_rng(seed)
-    dim = 4000
+def _honest(rng: np.random.Generator, share: float, dim: int = 4000) -> np.ndarray:
+    """Twelve honest updates of unit norm sharing ``share`` of their squared norm with a common
+    direction."""
     common = rng.standard_normal(dim)
     common *= math.sqrt(share) / np.linalg.norm(common)
     noise = rng.standard_normal((12, dim))
     noise *= math.sqrt(1 - share) / np.linalg.norm(noise, axis=1, keepdims=True)
-    honest = common + noise
+    return common + noise
+
+
+def _gram(seed: int, n_free: int = 6, share: float = 0.2, targets: tuple[int, ...] = ()) -> torch.Tensor:
+    """Twelve honest updates sharing ``share`` of their squared norm with a common direction, then
+    ``n_free`` free riders made of them; the Gram matrix of all."""
+    rng = np.random.default_rng(seed)
+    honest = _honest(rng, share)
     free = [_free_rider(honest, rng, targets) for _ in range(n_free)]
     X = torch.from_numpy(np.vstack([honest, *free]) if free else honest)
     return X @ X.T
@@ -229,12 +234,8 @@ def _fake_population(seed: int, share: float = 0.2, decoys: bool = False) -> tor
     0.1 of the honest mean, a shared direction orthogonal to it at 0.55 honest norms (they agree
     with each other) and independent noise at 0.7, each scaled by its own jitter; the Gram matrix."""
     rng = np.random.default_rng(seed)
-    dim = 4000
-    common = rng.standard_normal(dim)
-    common *= math.sqrt(share) / np.linalg.norm(common)
-    noise = rng.standard_normal((12, dim))
-    noise *= math.sqrt(1 - share) / np.linalg.norm(noise, axis=1, keepdims=True)
-    honest = common + noise
+    honest = _honest(rng, share)
+    dim = honest.shape[1]
     h = honest.mean(0)
     size = float(np.median(np.linalg.norm(honest, axis=1)))
     shared = rng.standard_normal(dim)
