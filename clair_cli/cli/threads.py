@@ -54,7 +54,11 @@ def flush_denormals() -> Callable[[], None]:
     uploads with one ordinary adapter made ``clair audit`` 8x slower than the same pool at
     ordinary scale (an outside review, 2026-12-06). Such values are far below anything an
     update carries: clair reads them as zero (the update of such an adapter is zero in
-    float32's Gram products either way, and flagged as a free rider).
+    float32's Gram products either way, and flagged as a free rider). The flush reads a
+    subnormal input as zero too, so the reader refuses factors holding subnormal values wherever
+    they could hide more than ``SUBNORMAL_NEGLIGIBLE`` in the update
+    (:func:`clair_cli.io.adapter.subnormal_suspects`), and config numbers are checked from their
+    bits.
 
     The setting is per thread and each thread inherits it where it starts, so it must come
     before torch starts its thread pool: at the start of a command, right after the numerical
