@@ -586,27 +586,3 @@ def test_outputs_are_on_the_disk_before_they_are_renamed_into_place(
         outputs.write_text(str(tmp_path / "r.json"), "{}")
     assert key(tmp_path) in synced  # the renames
     assert (tmp_path / "merged" / "nested" / "README.md").read_text() == "card"
-
-
-def test_signals_held_where_a_c_library_set_the_handler(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A handler a C library installed cannot be put back from Python (``getsignal`` and
-    ``signal.signal`` give None for it, and ``signal.signal(s, None)`` raises TypeError): the hold
-    then blocks the signals for this thread instead, and a Ctrl-C sent during the block still
-    arrives after it, the block run to its end."""
-    import signal
-
-    from clair_cli.io import writers
-
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # CI runs with SIGINT ignored
-    real = signal.signal
-    monkeypatch.setattr(writers.signal, "getsignal", lambda _signum: None)
-    monkeypatch.setattr(writers.signal, "signal", lambda signum, handler: real(signum, handler) and None)
-    done = []
-    try:
-        with pytest.raises(KeyboardInterrupt), writers._signals_held():
-            os.kill(os.getpid(), signal.SIGINT)
-            done.append("after the signal")
-    finally:
-        monkeypatch.undo()
-        signal.signal(signal.SIGINT, previous)
-    assert done == ["after the signal"]

@@ -565,11 +565,8 @@ def _signals_held() -> Iterator[None]:
     blocking it (``pthread_sigmask``) holds it only for the calling thread, and a signal sent to
     the process goes to any thread that does not block it (torch's pool in a run), after which
     Python runs the handler on the main thread anyway. Handlers can be set from the main thread
-    only, and put back only where Python set them (``getsignal`` is None for one a C library
-    installed); otherwise the signals are blocked for this thread, which is all it can do."""
-    if threading.current_thread() is not threading.main_thread() or any(
-        signal.getsignal(held) is None for held in HELD_SIGNALS
-    ):
+    only; from another, the signals are blocked for that thread, which is all it can do."""
+    if threading.current_thread() is not threading.main_thread():
         previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         try:
             yield
