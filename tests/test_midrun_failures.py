@@ -586,3 +586,29 @@ def test_outputs_are_on_the_disk_before_they_are_renamed_into_place(
         outputs.write_text(str(tmp_path / "r.json"), "{}")
     assert key(tmp_path) in synced  # the renames
     assert (tmp_path / "merged" / "nested" / "README.md").read_text() == "card"
+
+
+def test_holding_signals_leaves_a_handler_installed_outside_python_in_place(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A handler installed outside Python (``getsignal`` None: a host program embedding clair)
+    cannot be put back by Python: replacing it during the roll-back, the restore raised TypeError
+    half-way through. Such a signal is left alone and blocked for the thread instead; the others
+    are still noted and delivered after the block."""
+    import signal
+
+    from clair_cli.io import writers
+
+    real_getsignal = signal.getsignal
+    monkeypatch.setattr(writers.signal, "getsignal", lambda s: None if s == signal.SIGHUP else real_getsignal(s))
+    before_hup = real_getsignal(signal.SIGHUP)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # CI runs with SIGINT ignored
+    try:
+        with pytest.raises(KeyboardInterrupt), writers._signals_held():
+            assert signal.SIGHUP in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            assert real_getsignal(signal.SIGHUP) is before_hup  # not replaced
+            os.kill(os.getpid(), signal.SIGINT)
+            reached = True  # the SIGINT is held
+        assert reached
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert signal.SIGHUP not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert real_getsignal(signal.SIGHUP) is before_hup

@@ -40,6 +40,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from clair_cli.errors import ClairError, OutputError
 from clair_cli.io.paths import apply_umask, check_out_dir, check_report_file, discarded, printable
@@ -565,26 +566,30 @@ def _signals_held() -> Iterator[None]:
     blocking it (``pthread_sigmask``) holds it only for the calling thread, and a signal sent to
     the process goes to any thread that does not block it (torch's pool in a run), after which
     Python runs the handler on the main thread anyway. Handlers can be set from the main thread
-    only; from another, the signals are blocked for that thread, which is all it can do."""
-    if threading.current_thread() is not threading.main_thread():
-        previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-        try:
-            yield
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
-        return
+    only; from another, the signals are blocked for that thread, which is all it can do. So is a
+    signal whose handler was installed outside Python (``getsignal`` gives None: a host program
+    embedding clair): Python cannot put such a handler back, so it is left in place and the signal
+    blocked for the calling thread instead (replacing it, the restore raised TypeError half-way
+    through the roll-back)."""
+    main = threading.current_thread() is threading.main_thread()
+    foreign = HELD_SIGNALS if not main else frozenset(s for s in HELD_SIGNALS if signal.getsignal(s) is None)
     noted: list[int] = []
 
     def note(signum: int, _frame: object) -> None:
         if signum not in noted:
             noted.append(signum)
 
-    previous = {held: signal.signal(held, note) for held in sorted(HELD_SIGNALS)}
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, foreign) if foreign else None
+    previous: dict[int, Any] = {}
     try:
+        for held in sorted(HELD_SIGNALS - foreign):
+            previous[held] = signal.signal(held, note)
         yield
     finally:
         for held, handler in previous.items():
             signal.signal(held, handler)
+        if previous_mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         for signum in noted:
             signal.raise_signal(signum)
 
