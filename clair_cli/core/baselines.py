@@ -34,7 +34,8 @@ from clair_cli.core.lowrank import truncate_dense, truncate_factored
 from clair_cli.core.merge import MergeResult, check_weights
 from clair_cli.core.pairwise import gram
 
-CHUNK_ELEMENTS = 1 << 25  # values of the K x rows x d_in block held at once (128 MiB in float32)
+CHUNK_ELEMENTS = 1 << 23  # values of the K x rows x d_in block held at once (32 MiB in float32; a sort
+# of it holds three times that again, its int64 indices included)
 DEFAULT_TRIM = 0.2
 DEFAULT_DENSITY = 0.2
 
@@ -186,9 +187,13 @@ def _chunks(A: Factors, B: Factors, scales: Sequence[float]):
     """Row blocks ``(start, stop, X)`` with ``X[k] = Theta_k[start:stop]``."""
     K, d_out, d_in = len(A), B[0].shape[0], A[0].shape[1]
     step = max(1, CHUNK_ELEMENTS // max(K * d_in, 1))
+    block = torch.empty(K, min(step, d_out), d_in, dtype=A[0].dtype, device=A[0].device)
     for start in range(0, d_out, step):
         stop = min(start + step, d_out)
-        yield start, stop, torch.stack([float(s) * b[start:stop] @ a for a, b, s in zip(A, B, scales, strict=True)])
+        X = block[:, : stop - start]
+        for k, (a, b, s) in enumerate(zip(A, B, scales, strict=True)):
+            torch.matmul(float(s) * b[start:stop], a, out=X[k])
+        yield start, stop, X
 
 
 def _dense_merge(name: str, A: Factors, B: Factors, scales, rank: int | None, combine: Callable) -> MergeResult:
