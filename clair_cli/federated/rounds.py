@@ -21,7 +21,7 @@ Before the audit, a reply is flagged and left out, with its reason, when it cann
 client's honest update: factors that are not finite or whose update would overflow the
 analysis (:func:`check_factors`), other modules or ranks than the
 global adapter's (or a reply the strategy could not read at all: ``refused``), the global
-adapter sent back unchanged (a zero update: a free rider), or the same update as another
+adapter sent back unchanged or re-factored (a zero update: a free rider), or the same update as another
 client's (two honest clients never send identical updates, so every member of the group is
 left out, not only the later ones). One bad reply never stops the round.
 
@@ -514,14 +514,7 @@ def _idle_modules(updates: Mapping[str, Mapping[str, tuple[torch.Tensor, torch.T
     if not updates:
         return []
     first = next(iter(updates.values()))
-    return [
-        m
-        for m in first
-        if all(
-            float(((B.double().T @ B.double()) * (A.double() @ A.double().T)).sum()) == 0.0
-            for A, B, _s in (u[m] for u in updates.values())
-        )
-    ]
+    return [m for m in first if all(_zero_update(A, B) for A, B, _s in (u[m] for u in updates.values()))]
 
 
 def _round_merge_options() -> MergeOptions:
@@ -542,6 +535,7 @@ def _factors(merged: Any) -> dict[str, Factors]:
 
 
 FREE_RIDER = "sent the global adapter back unchanged (a zero update: free rider?)"
+ZERO_UPDATE = "sent a zero update (the global adapter's update, factored otherwise: free rider?)"
 
 
 def _screen(
@@ -564,7 +558,21 @@ def _screen(
         return f"malformed reply: {exc.message}"
     except Exception as exc:  # noqa: BLE001 - whatever a client sent, only its reply is lost
         return f"malformed reply: cannot be read ({type(exc).__name__}: {str(exc)[:200]})"
-    return FREE_RIDER if _unchanged(client, global_factors) else None
+    if _unchanged(client, global_factors):
+        return FREE_RIDER
+    # The global's update sent back re-factored ((c A_g, B_g / c), its rank permuted) is the same
+    # zero update (client_update): flagged as the unchanged copy is, or it counts as a point at
+    # zero in a median round (two such replies among four put the median at the global).
+    if update is not None and all(_zero_update(A, B) for A, B, _s in update.values()):
+        return ZERO_UPDATE
+    return None
+
+
+def _zero_update(A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether ``B A`` is exactly zero (``||B A||^2 = tr(B^T B A A^T)``, in float64)."""
+    if not (bool(A.any()) and bool(B.any())):
+        return True
+    return float(((B.double().T @ B.double()) * (A.double() @ A.double().T)).sum()) == 0.0
 
 
 def _malformed(reasons: list[str]) -> bool:
