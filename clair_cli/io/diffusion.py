@@ -24,9 +24,9 @@ Three layouts besides PEFT's are recognised from a file's tensor names (never fr
 - **comfyui** (ComfyUI's own, and what musubi-tuner and ai-toolkit write for Wan, Qwen-Image,
   HunyuanVideo, Flux): ``diffusion_model.<module>.lora_A.weight`` / ``.lora_B.weight`` (or
   ``.lora_down.weight`` / ``.lora_up.weight``, one pair per module) and ``.alpha``, under the original
-  checkpoint's module names; text encoders' modules under ``text_encoders.`` beside them (ComfyUI's
-  LoraSave). Each module's scale is its alpha / rank, and 1 (alpha = rank, or ``--lora-alpha``)
-  without one, as ComfyUI applies them and diffusers 0.42's Wan, Qwen-Image and Flux loaders fold
+  checkpoint's module names; text encoders' modules under ``text_encoders.`` beside them, or alone in a
+  text encoder's LoRA (ComfyUI's LoraSave). Each module's scale is its alpha / rank, and 1 (alpha = rank,
+  or ``--lora-alpha``) without one, as ComfyUI applies them and diffusers 0.42's Wan, Qwen-Image and Flux loaders fold
   them into the factors (``lora_state_dict``). Bias and norm differences (``.diff_b``, one-dimensional
   ``.diff``), which LoraSave writes for every bias and norm, are left out with a note where they are
   zero and kept, not analysed, otherwise (as PEFT's LoRA biases); a ``.diff`` of a matrix is a full
@@ -52,7 +52,7 @@ import json
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from clair_cli.constants import (
@@ -67,7 +67,7 @@ from clair_cli.constants import (
     LAYOUT_NAMES,
     PEFT_KEY_PREFIX,
 )
-from clair_cli.errors import AdapterFormatError
+from clair_cli.errors import AdapterFormatError, OutputError
 from clair_cli.io.adapter import Adapter, HeaderKeys, check_module_count, classify_keys
 from clair_cli.io.lora_config import exact_key
 from clair_cli.io.paths import printable
@@ -265,6 +265,10 @@ def layout_of(path: Path, tensors: Mapping[str, TensorInfo], metadata: Mapping[s
                     hint="Save each LoRA in one layout (kohya's, ComfyUI's or diffusers').",
                 )
             return layout
+    # A text encoder's LoRA alone (ComfyUI's LoraSave given no model difference): every key under text_encoders.,
+    # which no PEFT or diffusers file has (ComfyUI applies its alphas; PEFT has no such keys).
+    if names and all(k.startswith(COMFY_PREFIXES[1]) for k in names):
+        return "comfyui"
     if any(k.startswith(PEFT_KEY_PREFIX) for k in names):
         return "peft"
     heads = {k.split(".", 1)[0] for k in names}
@@ -547,6 +551,26 @@ def _refuse_hunyuan_swapped(path: Path, keys: HeaderKeys) -> None:
                 "two as one",
                 hint="Remove this module's tensors from the file and save it again, or leave the file out of the pool.",
             )
+
+
+def refuse_swapped_output(modules: Collection[str], name: str, rank: int) -> None:
+    """Refuse to write a ComfyUI file's module that :func:`_refuse_hunyuan_swapped` refuses to read: a merge
+    of rank-1 inputs is of a higher rank, which diffusers' HunyuanVideo loader applies otherwise than ComfyUI
+    (``modules``: the file's modules; ``rank``: the one ``name`` would be written at).
+
+    Raises:
+        OutputError: naming the module and its rank; nothing is written.
+    """
+    if rank <= 1 or name.removeprefix(COMFY_PREFIX) != HUNYUAN_SWAPPED:
+        return
+    if not any("img_attn_qkv" in m for m in modules):
+        return
+    raise OutputError(
+        f"the merged module {printable(name)!r} would have rank {rank}: diffusers' HunyuanVideo loader swaps the "
+        "halves of both its factors into norm_out.linear (lora_A's rank rows too), so it would apply another update "
+        "than ComfyUI's B @ A, and clair would refuse to read the file it wrote; nothing was written",
+        hint="Remove this module's tensors from the inputs and merge again, or merge at --merge-rank 1.",
+    )
 
 
 def _comfy_flux_notes(modules: Mapping[str, Mapping[str, TensorInfo]]) -> list[str]:

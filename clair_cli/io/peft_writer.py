@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from clair_cli.constants import CONFIG_NAME, MODEL_CARD_NAME, PEFT_KEY_PREFIX, SAFETENSORS_WEIGHTS_NAME
 from clair_cli.errors import OutputError
 from clair_cli.io.adapter import Adapter, ModuleSpec
+from clair_cli.io.diffusion import refuse_swapped_output
 from clair_cli.io.paths import apply_umask, join_inside, printable, safe_relpath
 from clair_cli.io.writers import os_error_text
 
@@ -178,6 +179,8 @@ class MergedStream:
     def put(self, name: str, A: torch.Tensor, B: torch.Tensor) -> None:
         """Append module ``name``'s merged factors (refused, before any byte of theirs, if not finite)."""
 
+        if self.layout == "comfyui":
+            refuse_swapped_output(self.specs, name, int(A.shape[0]))
         a_key, b_key = _layout_keys(self.specs[name], self.layout)
         for key, t in ((a_key, A), (b_key, B)):
             if not all_finite(t):
@@ -232,6 +235,8 @@ def merged_tensors(
     out = {}
     for name, (A, B) in sorted(factors.items()):
         spec = specs[name]
+        if layout == "comfyui":
+            refuse_swapped_output(specs, name, int(A.shape[0]))
         a_shape, b_shape = _shapes(spec, A.shape[0])
         a_key, b_key = _layout_keys(spec, layout)
         out[a_key] = A.reshape(a_shape)
