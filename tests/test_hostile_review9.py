@@ -78,3 +78,21 @@ def test_a_merge_never_writes_a_hunyuan_final_modulation_module_clair_refuses_to
     result = invoke("merge", str(pool), "--method", "mean", "--merge-rank", "1", "--out", str(out), "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert invoke("inspect", str(out)).exit_code == 0  # clair reads what it wrote
+
+
+def test_a_subnormal_alpha_is_named_as_stored(tmp_path: Path) -> None:
+    """An alpha of 1e-44 (a subnormal float32) was refused as "is 0.0": the commands flush subnormal
+    numbers to zero, its conversion included. The refusal names what the file stores."""
+    path = tmp_path / "k.safetensors"
+    module = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file(
+        {
+            f"{module}.lora_down.weight": torch.randn(2, 8),
+            f"{module}.lora_up.weight": torch.randn(8, 2),
+            f"{module}.alpha": torch.tensor(1e-44),
+        },
+        str(path),
+    )
+    result = invoke("inspect", str(path))
+    assert result.exit_code == 2, result.output
+    assert "subnormal" in result.output and "is 0.0" not in result.output

@@ -68,7 +68,7 @@ from clair_cli.constants import (
     PEFT_KEY_PREFIX,
 )
 from clair_cli.errors import AdapterFormatError, OutputError
-from clair_cli.io.adapter import Adapter, HeaderKeys, check_module_count, classify_keys
+from clair_cli.io.adapter import Adapter, HeaderKeys, check_module_count, classify_keys, has_subnormal
 from clair_cli.io.lora_config import exact_key
 from clair_cli.io.paths import printable
 from clair_cli.io.peft_config import parse_config
@@ -464,11 +464,14 @@ def _alpha_values(
                     f"{printable(info.name)!r} has dtype {info.dtype}; an alpha is {allowed}",
                     hint="Save the alphas as float32 (sd-scripts does), or leave them out for alpha = rank.",
                 )
-            value = float(reader.get(info.name).reshape(-1)[0])
+            stored = reader.get(info.name)
+            value = float(stored.reshape(-1)[0])
             if not math.isfinite(value) or value <= 0:
+                # a subnormal alpha reads as 0.0 under the commands' flush to zero: say what is stored
+                shown = "a subnormal number (below 1.2e-38)" if has_subnormal(stored) else str(value)
                 raise _bad(
                     path,
-                    f"{printable(info.name)!r} is {value}; alpha must be a finite positive number",
+                    f"{printable(info.name)!r} is {shown}; alpha must be a finite positive number",
                     hint="The file is corrupt or was written by a broken tool.",
                 )
             out[module] = value
