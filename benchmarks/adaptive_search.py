@@ -5,6 +5,7 @@ damaging collusion that passes unflagged.
                                          [--random 50] [--refine 30] [--check-seed 2]
                                          [--directions neg_mean,other_task,random_lr,dev_pc1]
                                          [--out benchmarks/results/adaptive_search.json]
+                                         [--replay POINTS_JSON [--draws 3]] [--copies 1]
 
 Unlike benchmarks/attacks.py's hand-tuned families, one broad family is searched. ``m`` colluding
 attackers (20 % or 33 % of the pool, as benchmarks.attacks.n_attackers) each send, before the
@@ -17,7 +18,8 @@ benchmark's rank-8 LoRA truncation (``attacks.as_lora``)::
 ``random_lr``: a random rank-8 direction, less its part along h; ``dev_pc1``: the honest clients'
 main direction of disagreement orthogonal to h; ``loss_ascent``: attacks.loss_ascent_direction, a
 documented limit, only when asked for), restricted to a subset of modules ``mask`` and renormalised;
-``x_{i_k}``: a randomly chosen honest client (distinct per attacker while there are enough), so
+``x_{i_k}``: a randomly chosen honest client (distinct per attacker while there are enough; with
+``--copies n``, the same for each n attackers in turn), so
 ``a = c = 1, b = sigma = 0`` is a near copy of an honest client; ``noise_k``: independent unit rank-8
 noise; ``s_k = exp(jitter z_k)``: a per-attacker scale jitter. ``draw`` seeds every random choice.
 
@@ -92,8 +94,9 @@ def mutate(p: Point, rng: np.random.Generator, step: float, directions: tuple[st
 class Family:
     """Builds a point's attackers on one pool."""
 
-    def __init__(self, p: attacks.PoolData, other: attacks.PoolData | None) -> None:
+    def __init__(self, p: attacks.PoolData, other: attacks.PoolData | None, copies: int = 1) -> None:
         self.p = p
+        self.copies = copies  # attackers per copied honest client
         self.h = p.honest.mean(0)
         self.hu = self.h / np.linalg.norm(self.h)
         self.N = p.median_norm
@@ -149,7 +152,7 @@ class Family:
         order = rng.permutation(n_h)
         out = []
         for k in range(m):
-            i = int(order[k % n_h])
+            i = int(order[(k // self.copies) % n_h])
             noise = attacks.low_rank_noise(p.layout, rng)
             v = pt.a * self.h + pt.b * self.N * harm + pt.c * (p.honest[i] - self.h) + pt.sigma * self.N * noise
             v = float(np.exp(pt.jitter * rng.standard_normal())) * v
@@ -259,6 +262,13 @@ def main(argv: list[str] | None = None) -> int:
         "searching, each with --draws fresh draws (draw, draw + 1, ...)",
     )
     parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument(
+        "--copies",
+        type=int,
+        default=1,
+        help="attackers per copied honest client (2: each copied client gets two attackers that resemble "
+        "each other, the framing of rule 10 in docs/security.md)",
+    )
     args = parser.parse_args(argv)
     trained_pools.configure_torch()
     start = time.perf_counter()
@@ -273,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     def family(name: str) -> Family:
         task, seed = name.split("-s")
         other = "majority" if task == "revsucc" else "revsucc"
-        return Family(pool(name), pool(f"{other}-s{seed}"))
+        return Family(pool(name), pool(f"{other}-s{seed}"), args.copies)
 
     if args.replay:
         return replay(args, family, start)

@@ -157,11 +157,41 @@ def test_one_member_flagged_for_its_direction_flags_the_group() -> None:
     ctx.flag(2, Reason(kind="norm", rule="norm", value=5.0, threshold=4.0, compare=">", margin=2.0))
     rule.Coordinated().apply(ctx)
     assert [v.flagged for v in ctx.verdicts] == [False, False, True, False, False], "a flag for size stays put"
+    ctx.verdicts[1].signals["direction"] = 0.6  # past half-way to rule 1's cut itself
     ctx.flag(3, Reason(kind="direction", rule="direction", value=-0.5, threshold=0.1, compare="<", margin=3.0))
     rule.Coordinated().apply(ctx)
     assert [v.flagged for v in ctx.verdicts] == [False, True, True, True, False]
     (reason,) = ctx.verdicts[1].reasons
     assert reason.kind == "coordinated" and reason.of == (3,) and reason.value == 0.95 and reason.margin is None
+
+
+def test_a_member_that_points_with_the_honest_is_not_flagged_with_its_group() -> None:
+    """Two attackers copy an honest client's deviation and add their own direction: the three
+    agree far more closely than the pool does (one group), and the attackers are flagged for their
+    direction. The client itself, typical on rule 1 (margin 0.2) and past half-way only on a rule
+    that flagged no member, stays: it does not send the group's direction."""
+    from clair_cli.core.rules.base import Reason
+    from clair_cli.core.rules.context import Pass, PoolSignals
+
+    group = rule.CoordinatedGroup([1, 2, 3], 0.9, 0.6)
+    signals = PoolSignals(
+        n_adapters=6,
+        shares={},
+        members={},
+        structured={},
+        sq_norms=torch.ones(6),
+        duplicates=[],
+        coordinated=[group],
+    )
+    ctx = Pass(signals, set())
+    ctx.verdicts[1].signals.update(direction=0.2, off_subspace=0.9)
+    for k in (2, 3):
+        ctx.flag(k, Reason(kind="direction", rule="direction", value=-0.5, threshold=0.1, compare="<", margin=3.0))
+    rule.Coordinated().apply(ctx)
+    assert [v.flagged for v in ctx.verdicts] == [False, False, True, True, False, False]
+    ctx.verdicts[1].signals["direction"] = 0.51
+    rule.Coordinated().apply(ctx)
+    assert [v.flagged for v in ctx.verdicts] == [False, True, True, True, False, False]
 
 
 def test_neighbour_levels_reach_half_the_pool() -> None:

@@ -28,11 +28,14 @@ What a group changes:
   the first leaves the thresholds of every rule, as copies do (rule 7's fit and rule 9's
   split keep every member: their evidence is the group pushing one way).
 - Its members are judged on their own signals; if any member is flagged for where its update
-  points (``POINTING_RULES``), the others are flagged too (:class:`Coordinated`): they send
-  one direction between them. A flag for size (norm) stays with its member, so a scaled
-  near-copy of an honest client cannot take that client down with it; a near-copy tied to an
-  honest client and flagged for its direction can (one attacker spent to remove one honest
-  client).
+  points (``POINTING_RULES``), the others are flagged too (:class:`Coordinated`) where they
+  lean that way themselves: past half-way from the typical to the cut (margin above
+  :data:`SHARED`) on a rule that flagged a member. They send one direction between them. A
+  flag for size (norm) stays with its member, so a scaled near-copy of an honest client cannot
+  take that client down with it; nor can near-copies that add a direction of their own and are
+  flagged for it, while the client itself points as honest clients do (two attackers per copied
+  client framed it so: docs/security.md, "Groups that agree too closely"). What passes of a
+  group this way still counts as one adapter in the merge.
 - If none is flagged, ``clair merge`` counts the group as one adapter in the mean
   (:meth:`clair_cli.methods.clair.Clair.merge_weights`): a tight minority moves the merge by
   one adapter's weight, not by its size.
@@ -58,6 +61,7 @@ MIN_ADAPTERS = 5  # below, the others' neighbour cosines set no threshold
 TIGHT_FLOOR = math.log(1.5)  # neighbours at least 1.5x as close (in 1 - cos) as is typical
 JOIN = 0.5  # a member joins at least half as tightly (in t) as the group agrees within itself
 MAX_COSINE = 1 - 1e-12
+SHARED = 0.5  # an unflagged member is flagged with its group past half-way to a cut that flagged a member
 # The rules whose flag on one member flags its group: they judge where an update points, which
 # the members share; the norm, in-subspace and spectral rules also judge its size, which they
 # need not share. Not the rules of single modules (12, 14): a copy of an honest client's
@@ -186,9 +190,21 @@ class Coordinated:
             flagged = [k for k in group.members if self.evidence(ctx, k)]
             if not flagged:
                 continue
+            rules = {r.rule for k in flagged for r in ctx.verdicts[k].reasons if r.rule in POINTING_RULES}
             for k in group.members:
-                if k not in flagged and k not in ctx.trusted and not ctx.verdicts[k].flagged:
+                if k in flagged or k in ctx.trusted or ctx.verdicts[k].flagged:
+                    continue
+                if self.shares(ctx, k, rules):
                     ctx.flag(k, self.reason(flagged, group))
+
+    @staticmethod
+    def shares(ctx: Pass, k: int, rules: set[str]) -> bool:
+        """Whether ``k`` itself leans where its flagged members point: past half-way from the typical
+        to the cut (margin above :data:`SHARED`) on a rule that flagged one of them. A member that
+        sits with the honest adapters on every such rule does not send the group's direction: an
+        honest client whose deviation two attackers copied (they then agree with it and each other
+        far more than the pool does) was flagged with them for the direction they added."""
+        return max((ctx.verdicts[k].signals.get(rule, -math.inf) for rule in rules), default=-math.inf) > SHARED
 
     @staticmethod
     def evidence(ctx: Pass, k: int) -> bool:
