@@ -95,10 +95,15 @@ def command_line(argv: Sequence[str]) -> str:
 
 
 def sources_table(
-    pool: Pool, used: Sequence[int], outcome: AuditOutcome | None, weights: Sequence[float] | None = None
+    pool: Pool,
+    used: Sequence[int],
+    outcome: AuditOutcome | None,
+    weights: Sequence[float] | None = None,
+    weighted: bool = True,
 ) -> list[dict[str, Any]]:
     """Per input adapter: name, source, its own path, revision, whether it was used, its weight
-    (its share of a merge: ``weights`` one per adapter in ``used``, None: equal), score and verdict."""
+    (its share of a merge: ``weights`` one per adapter in ``used``, None: equal; none at all
+    where the method is not ``weighted``, an order statistic), score and verdict."""
     from clair_cli.core.merge import check_weights
 
     shares = check_weights(None if weights is None else list(weights), len(used)) if used else []
@@ -113,7 +118,7 @@ def sources_table(
                 "path": a.ref.path,
                 "revision": a.ref.revision,
                 "used": k in used,
-                "weight": share.get(k) if weights is not None or used else None,
+                "weight": share.get(k) if weighted and (weights is not None or used) else None,
                 "score": None if v is None else v.score,
                 "flagged": None if v is None else v.flagged,
             }
@@ -160,6 +165,7 @@ def write_merged(  # noqa: PLR0913 - every part of the card, as the merge comman
     into the staging directory ``root``; ``params``: the
     audit's settings, listed in the card where an audit ran; ``plan``: :func:`merged_plan`'s
     (made here when not given; its notes are then added to the card's)."""
+    from clair_cli import methods
     from clair_cli.io.lora_config import lora_config
     from clair_cli.io.peft_writer import merged_tensors, save_adapter
     from clair_cli.report.audit import summary_line
@@ -181,7 +187,7 @@ def write_merged(  # noqa: PLR0913 - every part of the card, as the merge comman
         f"Merged LoRA adapter ({merged.method})",
         merged.method,
         pool.base_model,
-        sources_table(pool, merged.used, outcome, merged.weights),
+        sources_table(pool, merged.used, outcome, merged.weights, methods.get(merged.method).weighted),
         command_line(argv),
         summary_line(report, timing=False) if report else None,
         [*pool.notes, *notes, *_layout_notes(layout)],

@@ -16,10 +16,10 @@ as the papers clip the whole model update). So the result is the weighted mean w
 the mean is, with no dense matrix.
 
 ``tau`` is ``CLIP_FACTOR`` times the median distance of the updates from their geometric
-median (the start): a scale the collaborators set, which an attacker in the minority cannot
-inflate. Where every update lies within ``tau`` of the weighted mean, the fixed point *is*
-the weighted mean and the weights come back unchanged: clipping changes nothing on a pool
-of comparable honest updates.
+median (the start; with an even count the lower of the two middle distances, ``torch.median``'s):
+a scale the collaborators set, which an attacker in the minority cannot inflate. Where every
+update lies within ``tau`` of the weighted mean, the fixed point *is* the weighted mean and the
+weights come back unchanged: clipping changes nothing on a pool of comparable honest updates.
 
 A **norm bound** (:func:`norm_bound`, on by default: ``NORM_BOUND``) comes first: every update larger
 than ``tau_n`` (``factor`` times the collaborators' median norm, widened to ``exp(3 sigma)``

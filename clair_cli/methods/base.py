@@ -78,6 +78,8 @@ class MergeMethod:
         exact_mean: forms the (weighted) mean of its adapters, in the audit's working precision.
         of_factors: defined on the factors as given, not on the updates alone (every other
             method sees canonical factors, :mod:`clair_cli.core.canonical`).
+        weighted: gives each adapter a share of a weighted merge (an order statistic, which
+            refuses ``--weights``, gives none: its model card lists no weights).
     """
 
     name: ClassVar[str]
@@ -87,6 +89,7 @@ class MergeMethod:
     audits: ClassVar[bool] = False
     exact_mean: ClassVar[bool] = False
     of_factors: ClassVar[bool] = False
+    weighted: ClassVar[bool] = True
 
     def __repr__(self) -> str:
         return f"<merge method {self.name}>"

@@ -21,6 +21,7 @@ class Median(Baseline):
     description = "coordinate-wise median of the updates"
     card = "Coordinate-wise median of the updates, truncated back to LoRA rank by SVD."
     function = "median"
+    weighted = False
 
 
 class TrimmedMean(Baseline):
@@ -29,6 +30,7 @@ class TrimmedMean(Baseline):
     description = "coordinate-wise mean without the largest and smallest values"
     card = "Coordinate-wise trimmed mean of the updates, truncated back to LoRA rank by SVD."
     function = "trimmed_mean"
+    weighted = False
 
 
 class Krum(Baseline):
@@ -37,6 +39,7 @@ class Krum(Baseline):
     description = "the adapter of lowest Krum score"
     card = "Krum: the single adapter closest to its neighbours."
     function = "krum"
+    weighted = False
 
 
 class MultiKrum(Baseline):
@@ -45,6 +48,7 @@ class MultiKrum(Baseline):
     description = "mean of the adapters of lowest Krum score"
     card = "Multi-Krum: the mean of the adapters closest to their neighbours."
     function = "multi_krum"
+    weighted = False
 
 
 class Ties(Baseline):

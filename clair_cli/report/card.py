@@ -102,17 +102,47 @@ def _influence_lines(merge: dict[str, Any]) -> list[str]:
     return lines
 
 
+# How a method that does not choose its rank by --merge-tol sets the rank it writes.
+_RANK_CHOICE = {
+    "project": "the projection's rank; smallest within --merge-tol where the mean was kept",
+    "median": "the largest input rank: the dense merge truncated by SVD",
+    "trimmed-mean": "the largest input rank: the dense merge truncated by SVD",
+    "ties": "the largest input rank: the dense merge truncated by SVD",
+    "fedavg": "the largest input rank: the averaged factors",
+    "krum": "the selected adapter's own",
+    "multi-krum": "the selected adapters' summed rank",
+}
+
+
+def _weights_text(merge: dict[str, Any]) -> str:
+    spec = methods.REGISTRY.get(merge["method"])
+    if spec is not None and not spec.weighted:
+        return "none (an order statistic of the adapters)"
+    return "equal" if merge["weights"] is None else ", ".join(f"{w:g}" for w in merge["weights"])
+
+
 def _merge_lines(merge: dict[str, Any], params: dict[str, Any] | None = None) -> list[str]:
     opts = merge["options"]
     ranks = sorted(set(merge["rank"].values()))
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]} (per module)"
-    how = "fixed by --merge-rank" if opts["rank"] is not None else f"smallest within --merge-tol {opts['tol']:g}"
+    by_tol = _within_tol(merge)
+    if opts["rank"] is not None:
+        how = "fixed by --merge-rank"
+    elif by_tol:
+        how = f"smallest within --merge-tol {opts['tol']:g}"
+    else:  # --merge-tol shapes only the exact mean (methods.MergeMethod.exact_mean)
+        how = _RANK_CHOICE.get("project" if opts["project"] else merge["method"], "as the method forms it")
+    tol_text = (
+        f"{opts['tol']:g}"
+        if by_tol or opts["rank"] is not None or opts["project"]
+        else f"{opts['tol']:g} (not used by this method)"
+    )
     lines = [
         "## Merge parameters",
         "",
         f"- method: {merge['method']}" + (" (projected)" if opts["project"] else ""),
         f"- rank of the written LoRA: {rank_text} ({how})",
-        f"- tolerance (--merge-tol): {opts['tol']:g}"
+        f"- tolerance (--merge-tol): {tol_text}"
         + ("" if opts["rank"] is None else f"; rank fixed by --merge-rank {opts['rank']}"),
         f"- largest relative Frobenius error of the written factors (measured): {merge['max_relative_error']:.2e}"
         + (
@@ -120,7 +150,7 @@ def _merge_lines(merge: dict[str, Any], params: dict[str, Any] | None = None) ->
             if _within_tol(merge) and merge["max_relative_error"] > opts["tol"]
             else ""
         ),
-        "- weights: " + ("equal" if merge["weights"] is None else ", ".join(f"{w:g}" for w in merge["weights"])),
+        "- weights: " + _weights_text(merge),
     ]
     if opts["project"]:
         q = [r for r in merge.get("projection_rank", {}).values() if r is not None]
