@@ -192,3 +192,20 @@ def bare_signals(n_adapters: int, **fields: Any):
         shares={}, members={}, structured={}, sq_norms=torch.ones(n_adapters, dtype=torch.float64), duplicates=[]
     )
     return PoolSignals(n_adapters=n_adapters, **{**base, **fields})
+
+
+def tiny_llama(hidden: int = 16) -> torch.nn.Module:
+    """A two-layer Llama of width ``hidden`` built from its config (no download), seeded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=32,
+        hidden_size=hidden,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
+    return LlamaForCausalLM(cfg).eval()

@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import lora_config, run_cli, write_adapter
+from helpers import lora_config, run_cli, tiny_llama, write_adapter
 from peft import PeftModel
 from safetensors.torch import load_file
 from scipy.stats import trim_mean
-from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from clair_cli.cli import app
@@ -24,20 +23,6 @@ HIDDEN = 16
 MODULES = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
 K, BAD = 8, (2, 6)
 SAMPLES = Path(__file__).parents[1] / "sample_adapters"
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=32,
-        hidden_size=HIDDEN,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def pool_factors(seed: int = 0) -> list[dict[str, torch.Tensor]]:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_llama
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
@@ -31,22 +32,6 @@ from clair_cli.cli import app
 HIDDEN = 16
 MODS = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_adapters"
-
-
-def tiny_llama() -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=32,
-        hidden_size=HIDDEN,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 def tiny_gpt2() -> torch.nn.Module:

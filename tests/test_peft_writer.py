@@ -18,13 +18,12 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import lora_config, random_factors, write_adapter
+from helpers import lora_config, random_factors, tiny_llama, write_adapter
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_target_module_exists
 from peft.utils.other import get_pattern_key
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 from typer.testing import CliRunner
 
@@ -67,20 +66,6 @@ class Suffixes(nn.Module):
 def suffixes() -> Suffixes:
     torch.manual_seed(0)
     return Suffixes().eval()
-
-
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=32,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-    )
-    return LlamaForCausalLM(cfg).eval()
 
 
 ALL = ["proj", "embed", "conv1", "conv2", "c_attn", "zxproj"]

@@ -580,14 +580,14 @@ def _signals_held() -> Iterator[None]:
             noted.append(signum)
 
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, foreign) if foreign else None
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     try:
         for held in sorted(HELD_SIGNALS - foreign):
             previous[held] = signal.signal(held, note)
         yield
     finally:
-        for held, handler in previous.items():
-            signal.signal(held, handler)
+        for restored, handler in previous.items():
+            signal.signal(restored, handler)
         if previous_mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
         for signum in noted:
