@@ -209,3 +209,18 @@ def tiny_llama(hidden: int = 16) -> torch.nn.Module:
         max_position_embeddings=16,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+def train_replies(contents: dict[int, Any]) -> list[Any]:
+    """Flower replies of round 1's ``train`` queries: node ``n`` answers with ``contents[n]`` (a
+    RecordDict or a Flower ``Error``), each message with an id of its own."""
+    from flwr.app import Message, RecordDict
+
+    replies = []
+    for node, content in contents.items():
+        query = Message(RecordDict(), node, "train", group_id="1")
+        query.metadata.__dict__["_message_id"] = f"q{node}"
+        reply = Message(content, reply_to=query)
+        reply.metadata.__dict__["_message_id"] = f"r{node}"
+        replies.append(reply)
+    return replies

@@ -22,6 +22,7 @@ pytest.importorskip("transformers")
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS  # noqa: E402
+from helpers import train_replies  # noqa: E402
 
 from clair_cli.errors import AdapterFormatError, UsageError  # noqa: E402
 from clair_cli.federated.flower import SECAGG_MARKERS, ClairStrategy, split_state_dict, weighted_metrics  # noqa: E402
@@ -425,14 +426,7 @@ def _direct(contents: dict[int, RecordDict | Error], **kwargs) -> tuple[ClairStr
     LocalGrid(ClientApp(), 1)  # the ServerApp's identity, which messages read
     strategy = ClairStrategy({"r": 4, "lora_alpha": 8}, fraction_evaluate=0.0, **kwargs)
     strategy._round_arrays = {1: ArrayRecord(_START)}
-    replies = []
-    for node, content in contents.items():
-        query = Message(RecordDict(), node, "train", group_id="1")
-        query.metadata.__dict__["_message_id"] = f"q{node}"
-        reply = Message(content, reply_to=query)
-        reply.metadata.__dict__["_message_id"] = f"r{node}"
-        replies.append(reply)
-    return strategy, strategy.aggregate_train(1, replies)
+    return strategy, strategy.aggregate_train(1, train_replies(contents))
 
 
 def test_metrics_under_weights_whose_sum_overflows() -> None:

@@ -8,6 +8,7 @@ import logging
 
 import pytest
 import torch
+from helpers import train_replies
 
 from clair_cli.federated import aggregate_round
 
@@ -74,7 +75,7 @@ def test_strategy_flags_the_global_sent_back_refactored() -> None:
     """The same through ClairStrategy.aggregate_train: two replies of the global with its rank
     permuted among four are both left out, and the round is skipped, not a median at the global."""
     pytest.importorskip("flwr")
-    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
     from flwr.clientapp import ClientApp
 
     from clair_cli.federated.flower import ClairStrategy
@@ -99,14 +100,7 @@ def test_strategy_flags_the_global_sent_back_refactored() -> None:
     LocalGrid(ClientApp(), 1)
     strategy = ClairStrategy({"r": R, "lora_alpha": 8}, fraction_evaluate=0.0, on_too_few="median")
     strategy._round_arrays = {1: ArrayRecord(state)}
-    replies = []
-    for node, content in contents.items():
-        query = Message(RecordDict(), node, "train", group_id="1")
-        query.metadata.__dict__["_message_id"] = f"q{node}"
-        answer = Message(content, reply_to=query)
-        answer.metadata.__dict__["_message_id"] = f"r{node}"
-        replies.append(answer)
-    arrays, metrics = strategy.aggregate_train(1, replies)
+    arrays, metrics = strategy.aggregate_train(1, train_replies(contents))
     assert strategy.history[-1]["flagged"] == ["node-3", "node-4"]
     assert strategy.history[-1]["fallback"] == "skip" and metrics["clair-skipped"] == 1
     assert all(torch.equal(arrays.to_torch_state_dict()[k], v) for k, v in state.items())
