@@ -133,20 +133,29 @@ class AdapterConfig:
     # The MultiheadAttention layers of the file the config goes with (:func:`attention_layers`):
     # their out_proj LoRA takes the layer's rank and alpha.
     attention_layers: frozenset[str] = field(default_factory=frozenset, compare=False, repr=False)
+    # The name PEFT matches rank_pattern / alpha_pattern keys against for a module that holds the LoRA of a
+    # ``target_parameters`` entry: ``<module>.<parameter>`` (peft.tuners.tuners_utils._inject_parameters), not
+    # the module's own name, which the file's keys carry.
+    parameter_names: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def rank_for(self, module: str) -> int:
         """Rank PEFT gives ``module``: ``rank_pattern`` first, then ``r`` (:func:`peft_layer`'s)."""
         if module in self.exact:
             return self.exact[module][0]
-        key = _pattern_key(self.rank_pattern, peft_layer(module, self.attention_layers))
+        key = _pattern_key(self.rank_pattern, self.pattern_name(module))
         return int(self.rank_pattern[key]) if key is not None else self.r
 
     def alpha_for(self, module: str) -> float:
         """Alpha PEFT gives ``module``: ``alpha_pattern`` first, then ``lora_alpha`` (:func:`peft_layer`'s)."""
         if module in self.exact:
             return self.exact[module][1]
-        key = _pattern_key(self.alpha_pattern, peft_layer(module, self.attention_layers))
+        key = _pattern_key(self.alpha_pattern, self.pattern_name(module))
         return float(self.alpha_pattern[key]) if key is not None else self.lora_alpha
+
+    def pattern_name(self, module: str) -> str:
+        """The name PEFT matches ``module``'s rank_pattern / alpha_pattern keys against: its parameter's
+        (:attr:`parameter_names`), its MultiheadAttention layer's (:func:`peft_layer`), or its own."""
+        return self.parameter_names.get(module) or peft_layer(module, self.attention_layers)
 
     def scale_for(self, module: str, r: int | None = None) -> float:
         """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""

@@ -27,7 +27,14 @@ from clair_cli.constants import (
 )
 from clair_cli.errors import AdapterFormatError
 from clair_cli.io.files import open_regular
-from clair_cli.io.lora_config import base_rewriting_init, base_rewriting_note, ignored_note, random_init, variants_on
+from clair_cli.io.lora_config import (
+    base_rewriting_init,
+    base_rewriting_note,
+    ignored_note,
+    peft_selects,
+    random_init,
+    variants_on,
+)
 from clair_cli.io.paths import printable
 from clair_cli.io.peft_config import PEFT_DEFAULT_ALPHA, PEFT_DEFAULT_R
 from clair_cli.io.safetensors_file import FileStamp, SafetensorsReader, TensorInfo, changed, file_stamp, read_header
@@ -228,6 +235,9 @@ class Adapter:
         layers = attention_layers(parts)
         if layers:
             config = replace(config, attention_layers=layers)
+        params = parameter_names(path, config, parts)
+        if params:
+            config = replace(config, parameter_names=params)
 
         modules: dict[str, ModuleSpec] = {}
         for module in sorted(parts):
@@ -596,6 +606,44 @@ def classify_keys(path: Path, tensors: dict[str, TensorInfo]) -> HeaderKeys:
             hint="Re-save the adapter with PEFT's save_pretrained(), which prefixes every key.",
         )
     return keys
+
+
+def parameter_names(path: Path, config: AdapterConfig, modules: Iterable[str]) -> dict[str, str]:
+    """For a config with ``target_parameters`` and rank or alpha patterns: the name PEFT matches those
+    patterns against for each module that holds a parameter's LoRA, ``<module>.<parameter>`` (PEFT's
+    ``_inject_parameters`` passes that as the key; the file's keys carry the module's name only).
+
+    Raises:
+        AdapterFormatError: a module whose LoRA is of one of several parameters of one layer (PEFT nests
+            their wrappers: ``<module>.base_layer``), where which parameter's name the patterns meet
+            cannot be told from the file.
+    """
+    targets = config.raw.get("target_parameters")
+    if not (config.rank_pattern or config.alpha_pattern) or not isinstance(targets, list):
+        return {}
+    entries = [t for t in targets if isinstance(t, str) and "." in t]
+    out: dict[str, str] = {}
+    for module in modules:
+        if peft_selects(config.raw, module) is True:  # a module's LoRA (target_modules)
+            continue
+        owner = module.replace(".base_layer", "")  # PEFT's strip_base_layer_from_name
+        names = {
+            f"{module}.{param}"
+            for entry in entries
+            for param in [entry.rpartition(".")[2]]
+            if f"{owner}.{param}" == entry or f"{owner}.{param}".endswith("." + entry)
+        }
+        if not names:
+            continue
+        if len(names) > 1 or owner != module:
+            raise AdapterFormatError(
+                f"{printable(str(path))}: module {module!r} holds the LoRA of one of several target_parameters of one "
+                f"layer ({', '.join(sorted(n.rpartition('.')[2] for n in names))}), and PEFT matches rank_pattern / "
+                "alpha_pattern keys against the parameter's name, which the file does not tell; clair does not read it",
+                hint="Leave this adapter out, or give every parameter the same r and lora_alpha (no patterns).",
+            )
+        out[module] = names.pop()
+    return out
 
 
 def expert_scaling(config: AdapterConfig, modules: Iterable[str]) -> str | None:

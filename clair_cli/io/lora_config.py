@@ -41,6 +41,14 @@ if TYPE_CHECKING:
 # A task type with a head makes PEFT expect the head's weights (modules_to_save) among the
 # adapter's, which a merge of LoRA factors does not carry.
 HEAD_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS")
+# The head modules PEFT's model class for such a task type adds to modules_to_save when it loads the adapter
+# (peft.peft_model.PeftModelForSequenceClassification and its siblings), whatever the config lists: they take
+# those modules (and those under them) out of LoRA too, so a LoRA of theirs in the file is not applied.
+TASK_HEAD_MODULES = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 # LoRA variants whose effect is not the weight update scale * B @ A (PEFT's is_lora_variant
 # fields, and fields that change what is adapted): a merge or a rewritten config would be wrong.
 UNSUPPORTED_FIELDS = {
@@ -123,7 +131,8 @@ def peft_selects(raw: Mapping[str, Any], module: str, layers: Collection[str] = 
 
 
 def _excluded(raw: Mapping[str, Any], module: str) -> bool | None:
-    """Whether ``exclude_modules`` or ``modules_to_save`` takes ``module`` out of LoRA (None: unsafe pattern)."""
+    """Whether ``exclude_modules`` or ``modules_to_save`` (with the task type's head, :data:`TASK_HEAD_MODULES`)
+    takes ``module`` out of LoRA (None: unsafe pattern)."""
     exclude = raw.get("exclude_modules")
     if isinstance(exclude, str):
         hit = _safe_match(exclude, re.fullmatch, module)
@@ -132,7 +141,8 @@ def _excluded(raw: Mapping[str, Any], module: str) -> bool | None:
     elif isinstance(exclude, list) and any(module == e or module.endswith(f".{e}") for e in exclude):
         return True
     to_save = raw.get("modules_to_save")
-    for m in [to_save] if isinstance(to_save, str) else to_save or []:
+    heads = TASK_HEAD_MODULES.get(raw.get("task_type"), ()) if isinstance(raw.get("task_type"), str) else ()
+    for m in [*([to_save] if isinstance(to_save, str) else to_save or []), *heads]:
         hit = _safe_match(rf"(^|.*\.){m}($|\..*)", re.match, module)
         if hit is None or hit:
             return hit
@@ -149,7 +159,8 @@ def _in_layers(raw: Mapping[str, Any], module: str) -> bool | None:
     ):
         return None
     pattern = raw.get("layers_pattern")
-    patterns = [pattern] if isinstance(pattern, str) else list(pattern or [])
+    # An empty layers_pattern ("" or []) is PEFT's default pattern, as null is (check_target_module_exists).
+    patterns = [pattern] if isinstance(pattern, str) and pattern else list(pattern or [])
     match = None
     if not patterns:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
@@ -189,9 +200,9 @@ def ignored_note(config: AdapterConfig, modules: Iterable[str]) -> str | None:
     if not ignored:
         return None
     return (
-        f"its config (target_modules / exclude_modules / modules_to_save) does not select {len(ignored)} "
-        f"module(s) its file holds (e.g. {ignored[0]}): PEFT ignores those tensors when it loads this adapter, "
-        "clair analyses them as stored"
+        "its config (target_modules / exclude_modules / modules_to_save / the head of its task_type) does not "
+        f"select {len(ignored)} module(s) its file holds (e.g. {ignored[0]}): PEFT ignores those tensors when it "
+        "loads this adapter, clair analyses them as stored"
     )
 
 
