@@ -156,6 +156,28 @@ def test_a_median_round_leaves_copies_out(noise: float) -> None:
     assert all(torch.equal(res.global_factors[n][1], glob[n][1]) for n in NAMES)
 
 
+@pytest.mark.parametrize("on_too_few", ["median", "skip"])
+def test_copies_do_not_pad_a_round_to_an_audit(on_too_few: str) -> None:
+    """Three clients and two Sybils sending one update (found by review): five replies made an
+    audited round, whose statistics then rested on four distinct updates and whose mean gave the
+    third client a third of the round, where three replies alone are a median round (or skipped).
+    Copies are left out, and the round is judged by what remains."""
+    r = 4
+    glob = {n: (torch.randn(r, 40), torch.zeros(48, r)) for n in NAMES}
+    clients = _pool(K=4, bad=())
+    clients["node-4"] = {n: (A.clone(), B.clone()) for n, (A, B) in clients["node-3"].items()}
+    res = aggregate_round(glob, clients, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, r), on_too_few=on_too_few)
+    assert res.report is None and res.flagged == [False, False, False, True, True], res.reasons
+    assert "identical to node-4" in res.reasons[3][0] and "identical to node-3" in res.reasons[4][0]
+    assert "5 client updates, 2 of them copies, left out: 3 to audit, fewer than clair's minimum of 5" in res.notes[-1]
+    if on_too_few == "median":
+        assert res.fallback == "median" and "geometric median of the other 3" in res.notes[-1]
+    else:
+        assert res.fallback == "skip" and all(torch.equal(res.global_factors[n][1], glob[n][1]) for n in NAMES)
+    honest = aggregate_round(glob, _pool(K=5, bad=()), dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, r))
+    assert honest.fallback is None and honest.report is not None  # five distinct updates: audited
+
+
 def test_a_median_round_counts_a_scaled_copy_once() -> None:
     """Four clients, the fourth a copy of the third's update x10: the copy is left out (not the
     client it copies, whose norm lies nearer the median) and the median is of the three others."""

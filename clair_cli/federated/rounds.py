@@ -32,8 +32,10 @@ takes the geometric median of the updates (``"median"``: computed exactly from t
 matrix, so a minority of any size of update cannot move it far; :func:`geometric_median_weights`),
 and the round's notes say which. Before the median, copies are flagged as an audited round
 flags them (:func:`flag_copies`): a group of copies is one point at most, or two Sybils sending
-one update would be half the points of a round of four, and the median theirs. With one or two
-clients left the median is not robust and the round is skipped.
+one update would be half the points of a round of four, and the median theirs. Copies do not
+count toward the minimum: a round padded to it by copies (found flagged by its audit) is judged
+as the round of what remains. With one or two clients left the median is not robust and the
+round is skipped.
 """
 
 from __future__ import annotations
@@ -380,18 +382,18 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
     if updates and len(idle) == len(global_factors):
         notes.append("every client's update is zero: the global adapter is kept unchanged")
         return result(None, "skip")
-    if len(live) < need:
-        copies = (
-            _median_copies(updates, base_model) if on_too_few == "median" and len(live) >= MEDIAN_MIN_CLIENTS else {}
-        )
+    outcome, copies = None, None
+    if len(live) >= need:
+        pool = pipeline.pool_from_factors(updates, base_model)
+        outcome = pipeline.audit(pool, settings, copies="flag-all")
+        report = audit_report(outcome)
+        padded = _copies_in(report, [names[i] for i in live])
+        if len(live) - len(padded) < need:  # copies padded the round to an audit's size: too few all the same
+            outcome, report, copies = None, None, padded
+    if outcome is None:
+        copies, robust, note = _too_few(updates, copies, need, on_too_few, base_model)
         _flag(names, flagged, reasons, copies)
-        left = len(live) - len(copies)
-        robust = on_too_few == "median" and left >= MEDIAN_MIN_CLIENTS
-        what = "the global adapter is kept unchanged"
-        if robust:
-            what = f"the geometric median of the other {left} is taken" if copies else "their geometric median is taken"
-        copied = f"; {len(copies)} left out as copies" if copies else ""
-        notes.append(f"{len(live)} client update(s) to audit, fewer than clair's minimum of {need}{copied}: {what}")
+        notes.append(note)
         if not robust:
             return result(None, "skip")
         kept = {n: u for n, u in updates.items() if n not in copies}
@@ -400,10 +402,8 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
         merged = pipeline.merge(pool, "mean", settings, median, merge_options)
         new_global, errors = _refactor(global_factors, _factors(merged), scales, ranks)
         return result(new_global, "median", errors)
-    pool = pipeline.pool_from_factors(updates, base_model)
-    outcome = pipeline.audit(pool, settings, copies="flag-all")
+    assert report is not None
     timing["audit"] = outcome.timing["audit"]
-    report = audit_report(outcome)
     for j, i in enumerate(live):
         verdict = report["adapters"][j]
         scores[i] = float(verdict["score"])
@@ -602,6 +602,44 @@ def _flag(names: list[str], flagged: list[bool], reasons: list[list[str]], why: 
         if name in why:
             flagged[i] = True
             reasons[i].append(why[name])
+
+
+def _too_few(
+    updates: Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]],
+    copies: dict[str, str] | None,
+    need: int,
+    on_too_few: str,
+    base_model: str | None,
+) -> tuple[dict[str, str], bool, str]:
+    """A round with fewer updates than an audit needs: the copies left out (``copies`` where its
+    audit found them, else those of a median round), whether the median of the rest is taken, and
+    the round's note."""
+    n = len(updates)
+    if copies is None:
+        copies = _median_copies(updates, base_model) if on_too_few == "median" and n >= MEDIAN_MIN_CLIENTS else {}
+    left = n - len(copies)
+    robust = on_too_few == "median" and left >= MEDIAN_MIN_CLIENTS
+    what = "the global adapter is kept unchanged"
+    if robust:
+        what = f"the geometric median of the other {left} is taken" if copies else "their geometric median is taken"
+    if n >= need:  # copies padded the round
+        return (
+            copies,
+            robust,
+            f"{n} client updates, {len(copies)} of them copies, left out: {left} to audit, "
+            + (f"fewer than clair's minimum of {need}: {what}"),
+        )
+    copied = f"; {len(copies)} left out as copies" if copies else ""
+    return copies, robust, f"{n} client update(s) to audit, fewer than clair's minimum of {need}{copied}: {what}"
+
+
+def _copies_in(report: Mapping[str, Any], names: list[str]) -> dict[str, str]:
+    """The updates an audit's report flags as copies (reason ``duplicate``), by name, with that reason."""
+    return {
+        names[j]: next(r["text"] for r in verdict["reasons"] if r["kind"] == "duplicate")
+        for j, verdict in enumerate(report["adapters"])
+        if any(r["kind"] == "duplicate" for r in verdict["reasons"])
+    }
 
 
 def _median_copies(

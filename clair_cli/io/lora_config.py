@@ -141,7 +141,8 @@ def _excluded(raw: Mapping[str, Any], module: str) -> bool | None:
     elif isinstance(exclude, list) and any(module == e or module.endswith(f".{e}") for e in exclude):
         return True
     to_save = raw.get("modules_to_save")
-    heads = TASK_HEAD_MODULES.get(raw.get("task_type"), ()) if isinstance(raw.get("task_type"), str) else ()
+    task = raw.get("task_type")
+    heads = TASK_HEAD_MODULES.get(task, ()) if isinstance(task, str) else ()
     for m in [*([to_save] if isinstance(to_save, str) else to_save or []), *heads]:
         hit = _safe_match(rf"(^|.*\.){m}($|\..*)", re.match, module)
         if hit is None or hit:
