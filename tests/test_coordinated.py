@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import bare_signals
 
 from benchmarks.synthetic import flagged, make_pool
 from clair_cli.core.audit import ClairAuditor, ModuleInput
@@ -140,19 +141,9 @@ def test_a_group_that_passes_counts_as_one_adapter_in_the_merge() -> None:
 
 def test_one_member_flagged_for_its_direction_flags_the_group() -> None:
     from clair_cli.core.rules.base import Reason
-    from clair_cli.core.rules.context import Pass, PoolSignals
+    from clair_cli.core.rules.context import Pass
 
-    group = rule.CoordinatedGroup([1, 2, 3], 0.95, 0.6)
-    signals = PoolSignals(
-        n_adapters=5,
-        shares={},
-        members={},
-        structured={},
-        sq_norms=torch.ones(5),
-        duplicates=[],
-        coordinated=[group],
-    )
-    ctx = Pass(signals, set())
+    ctx = Pass(bare_signals(5, coordinated=[rule.CoordinatedGroup([1, 2, 3], 0.95, 0.6)]), set())
     assert ctx.echoes == {2, 3} and ctx.excluded == {2, 3}  # counted once in every threshold
     ctx.flag(2, Reason(kind="norm", rule="norm", value=5.0, threshold=4.0, compare=">", margin=2.0))
     rule.Coordinated().apply(ctx)
@@ -171,19 +162,9 @@ def test_a_member_that_points_with_the_honest_is_not_flagged_with_its_group() ->
     direction. The client itself, typical on rule 1 (margin 0.2) and past half-way only on a rule
     that flagged no member, stays: it does not send the group's direction."""
     from clair_cli.core.rules.base import Reason
-    from clair_cli.core.rules.context import Pass, PoolSignals
+    from clair_cli.core.rules.context import Pass
 
-    group = rule.CoordinatedGroup([1, 2, 3], 0.9, 0.6)
-    signals = PoolSignals(
-        n_adapters=6,
-        shares={},
-        members={},
-        structured={},
-        sq_norms=torch.ones(6),
-        duplicates=[],
-        coordinated=[group],
-    )
-    ctx = Pass(signals, set())
+    ctx = Pass(bare_signals(6, coordinated=[rule.CoordinatedGroup([1, 2, 3], 0.9, 0.6)]), set())
     ctx.verdicts[1].signals.update(direction=0.2, off_subspace=0.9)
     for k in (2, 3):
         ctx.flag(k, Reason(kind="direction", rule="direction", value=-0.5, threshold=0.1, compare="<", margin=3.0))
