@@ -175,6 +175,32 @@ def test_a_member_that_points_with_the_honest_is_not_flagged_with_its_group() ->
     assert [v.flagged for v in ctx.verdicts] == [False, True, True, True, False, False]
 
 
+def test_a_rule_held_behind_another_still_sets_the_bar() -> None:
+    """A member flagged by rule 1 and rule 15 lists rule 1's reason only (rule 15's is held:
+    one reason is enough), and one flagged by rules 2 and 3 lists rule 3's: the rule held, or
+    folded in, flagged it all the same, and a member past half-way on it leans the group's way."""
+    from clair_cli.core.rules.base import Reason
+    from clair_cli.core.rules.context import Pass
+    from clair_cli.core.rules.direction import direction_reason
+
+    ctx = Pass(bare_signals(6, coordinated=[rule.CoordinatedGroup([1, 2], 0.9, 0.6)]), set())
+    ctx.margin(2, 3.0, "direction")
+    ctx.flag(2, direction_reason("direction", -0.5, 0.4, 0.1, 3.0))
+    ctx.margin(2, 2.0, "whole_direction")
+    ctx.hold(2, direction_reason("whole_direction", -0.4, 0.4, 0.1, 2.0))
+    ctx.verdicts[1].signals.update(direction=0.1, whole_direction=0.9)
+    rule.Coordinated().apply(ctx)
+    assert [v.flagged for v in ctx.verdicts] == [False, True, True, False, False, False]
+
+    ctx = Pass(bare_signals(6, coordinated=[rule.CoordinatedGroup([1, 2], 0.9, 0.6)]), set())
+    ctx.margin(2, 2.5, "off_subspace")
+    ctx.margin(2, 1.5, "module")
+    ctx.flag(2, Reason(kind="off_subspace", rule="module", value=0.9, threshold=0.5, compare=">", margin=2.5))
+    ctx.verdicts[1].signals.update(module=0.2, off_subspace=0.8)
+    rule.Coordinated().apply(ctx)
+    assert [v.flagged for v in ctx.verdicts] == [False, True, True, False, False, False]
+
+
 def test_neighbour_levels_reach_half_the_pool() -> None:
     assert rule.neighbour_levels(5) == [1]
     assert rule.neighbour_levels(18) == list(range(1, 9))

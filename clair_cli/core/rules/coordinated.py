@@ -190,12 +190,21 @@ class Coordinated:
             flagged = [k for k in group.members if self.evidence(ctx, k)]
             if not flagged:
                 continue
-            rules = {r.rule for k in flagged for r in ctx.verdicts[k].reasons if r.rule in POINTING_RULES}
+            rules = set().union(*(self.pointed(ctx, k) for k in flagged))
             for k in group.members:
                 if k in flagged or k in ctx.trusted or ctx.verdicts[k].flagged:
                     continue
                 if self.shares(ctx, k, rules):
                     ctx.flag(k, self.reason(flagged, group))
+
+    @staticmethod
+    def pointed(ctx: Pass, k: int) -> set[str]:
+        """The pointing rules that flagged ``k``: those of its listed reasons, and those whose margin
+        on it passed the cut without a reason of their own (rule 15's or 2b's held behind rule 1's,
+        :meth:`~clair_cli.core.rules.context.Pass.hold`; rule 2's written as rule 3's reason)."""
+        v = ctx.verdicts[k]
+        listed = {r.rule for r in v.reasons if r.rule in POINTING_RULES}
+        return listed | {rule for rule in POINTING_RULES if v.signals.get(rule, -math.inf) > 1}
 
     @staticmethod
     def shares(ctx: Pass, k: int, rules: set[str]) -> bool:
