@@ -203,3 +203,17 @@ def test_float32_inputs_stay_float32(pool) -> None:
         res = methods.get(name).combine(A32, B32, s)
         assert res.A.dtype == torch.float32 and res.B.dtype == torch.float32, name
         assert math.isfinite(float((res.B @ res.A).norm())), name
+
+
+def test_dense_baselines_take_adapters_of_other_dtypes() -> None:
+    """One reused row-block buffer (``_chunks``) was made in the first adapter's dtype and written
+    with ``matmul(out=)``: a float64 adapter after a float32 one raised, where the stacked blocks
+    promoted it. The buffer is in the promoted dtype, and the result as before."""
+    g = torch.Generator().manual_seed(0)
+    A = [torch.randn(2, 8, generator=g), torch.randn(2, 8, generator=g, dtype=torch.float64)] * 2
+    B = [torch.randn(6, 2, generator=g), torch.randn(6, 2, generator=g, dtype=torch.float64)] * 2
+    for merge in (baselines.median, baselines.trimmed_mean):
+        got = merge(A, B, [1.0] * 4)
+        want = merge([a.double() for a in A], [b.double() for b in B], [1.0] * 4)
+        assert got.A.dtype == torch.float32
+        assert torch.allclose((got.B @ got.A).double(), want.B @ want.A, atol=1e-5)

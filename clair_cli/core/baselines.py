@@ -25,6 +25,7 @@ Which ones stay factored:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -187,12 +188,17 @@ def _chunks(A: Factors, B: Factors, scales: Sequence[float]):
     """Row blocks ``(start, stop, X)`` with ``X[k] = Theta_k[start:stop]``."""
     K, d_out, d_in = len(A), B[0].shape[0], A[0].shape[1]
     step = max(1, CHUNK_ELEMENTS // max(K * d_in, 1))
-    block = torch.empty(K, min(step, d_out), d_in, dtype=A[0].dtype, device=A[0].device)
+    # (the dtype torch.stack gave the products: adapters of other dtypes are promoted, as they were)
+    dtype = functools.reduce(torch.promote_types, (a.dtype for a in A))
+    block = torch.empty(K, min(step, d_out), d_in, dtype=dtype, device=A[0].device)
     for start in range(0, d_out, step):
         stop = min(start + step, d_out)
         X = block[:, : stop - start]
         for k, (a, b, s) in enumerate(zip(A, B, scales, strict=True)):
-            torch.matmul(float(s) * b[start:stop], a, out=X[k])
+            if a.dtype == dtype:
+                torch.matmul(float(s) * b[start:stop], a, out=X[k])
+            else:
+                X[k] = float(s) * b[start:stop] @ a
         yield start, stop, X
 
 
