@@ -381,6 +381,28 @@ def _free_ride_span(p: PoolData, m: int, cosine: float, rng: np.random.Generator
     return out
 
 
+DILUTE_SPREAD = 0.5  # dilute-spread's deviations, in honest median norms (the red team's most damaging)
+
+
+def _dilute_spread(p: PoolData, m: int, b: float, rng: np.random.Generator) -> list:
+    """Honest-looking dilution (a red team's most damaging layout against rule 10, 2026-12-07): each
+    attacker sends the honest mean less ``b`` honest median norms along its direction, plus a random
+    combination of the honest clients' deviations from their mean (Gaussian weights) at
+    ``DILUTE_SPREAD`` of the median norm. Inside the honest subspace, at half an honest norm, with a
+    cosine with the honest mean inside the honest clients' range while ``b`` stays under the mean's own
+    length (about half the median norm on these pools), each carries a fraction of an honest client's
+    part along the honest direction: it dilutes the merge as an honest client that learned less would,
+    and no rule that judges one adapter, or a group by its agreement, can tell the two apart."""
+    h = p.honest.mean(0)
+    unit = h / np.linalg.norm(h)
+    out = []
+    for _ in range(m):
+        u = rng.standard_normal(len(p.honest)) @ (p.honest - h)
+        vec = h - b * p.median_norm * unit + DILUTE_SPREAD * p.median_norm * u / np.linalg.norm(u)
+        out.append(as_lora(p.layout, vec))
+    return out
+
+
 def _zero_sum(p: PoolData, rng: np.random.Generator, away: tuple[np.ndarray, ...]) -> np.ndarray:
     """A combination of the honest updates with random signs, as many + as - (their differences),
     less its parts along the orthonormal vectors ``away``."""
@@ -628,6 +650,7 @@ ATTACKS: dict[str, Attack] = {
         Attack("module-flip", _module_flip, (1.0, 2.0, 3.0, 3.9, 8.0), (2.0, 3.9), "x -c in one module"),
         Attack("module-flip-copies", _module_flip_copies, (1.0, 2.0, 3.0, 3.9, 8.0), (2.0, 3.9), "x -c in one module"),
         Attack("free-ride-span", _free_ride_span, (0.0, 0.1, 0.2, 0.3), (0.0, 0.2), "cosine with the honest mean"),
+        Attack("dilute-spread", _dilute_spread, (0.25, 0.35, 0.45, 0.55), (0.35, 0.45), "median norms off the mean"),
         Attack("loss-ascent", _loss_ascent, (0.05, 0.1, 0.2, 0.35, 0.5, 0.8), (0.1, 0.5), "share of the norm along d"),
         Attack("rebalance", _rebalance, (1e-6, 1e6, 1e18), (1e-6, 1e18), "c in (A / c, B c)"),
         Attack("rank-inflation", _rank_inflation, (0.0, 1e-3), (0.0, 1e-3), "extra directions' size"),

@@ -197,3 +197,41 @@ def test_loss_ascent_attackers_are_honest_looking_with_a_share_along_the_ascent(
             assert np.linalg.norm(c.vector) == pytest.approx(p.median_norm, rel=1e-9)
             assert c.vector @ d == pytest.approx(beta * p.median_norm, rel=1e-9)
             assert c.vector @ h == pytest.approx(typical * np.sqrt(1 - beta**2) * p.median_norm, rel=1e-9)
+
+
+def test_dilute_spread_attackers_are_the_mean_less_b_plus_honest_deviations() -> None:
+    """``dilute-spread``: each attacker is the honest mean less ``b`` median norms along its own
+    direction, plus a combination of the honest deviations from the mean at ``DILUTE_SPREAD`` median
+    norms; modules narrower than the attack rank are exact."""
+    import torch
+
+    from benchmarks import attacks
+
+    g = torch.Generator().manual_seed(3)
+    layout = attacks.Layout(["a", "b"], [(6, 5), (4, 5)])
+    factors = [
+        {
+            m: (
+                torch.randn(2, 5, generator=g, dtype=torch.float64),
+                torch.randn(o, 2, generator=g, dtype=torch.float64),
+                1.0,
+            )
+            for m, (o, _) in zip(layout.modules, layout.shapes, strict=True)
+        }
+        for _ in range(12)
+    ]
+    honest = np.stack([layout.flatten(f) for f in factors])
+    p = attacks.PoolData("t", 0, layout, factors, honest, [], honest[:0], None)  # type: ignore[arg-type]
+    h = honest.mean(0)
+    unit = h / np.linalg.norm(h)
+    deviations = honest - h
+    for b in (0.25, 0.55):
+        out = attacks._dilute_spread(p, 4, b, np.random.default_rng(5))
+        assert len(out) == 4
+        for c in out:
+            rest = c.vector - (h - b * p.median_norm * unit)
+            assert np.linalg.norm(rest) == pytest.approx(attacks.DILUTE_SPREAD * p.median_norm, rel=1e-9)
+            weights, *_ = np.linalg.lstsq(deviations.T, rest, rcond=None)
+            np.testing.assert_allclose(deviations.T @ weights, rest, atol=1e-9 * p.median_norm)
+            np.testing.assert_allclose(c.vector, layout.flatten(c.factors), atol=1e-12)
+        assert not np.allclose(out[0].vector, out[1].vector)
