@@ -23,6 +23,8 @@ from clair_cli.constants import (
     DORA_MAGNITUDE_RE,
     FLOAT_DTYPES,
     LORA_KEY_RE,
+    MLX_HINT,
+    MLX_KEY_RE,
     PEFT_KEY_PREFIX,
 )
 from clair_cli.errors import AdapterFormatError
@@ -242,6 +244,8 @@ class Adapter:
         modules: dict[str, ModuleSpec] = {}
         for module in sorted(parts):
             modules[module] = _module_spec(path, config, module, parts[module], max_rank)
+        if not modules and any(MLX_KEY_RE.match(k) for k in tensors):
+            raise AdapterFormatError(f"{path}: an MLX-LM adapter's tensors (<module>.lora_a / .lora_b)", hint=MLX_HINT)
         if not modules:
             raise AdapterFormatError(
                 f"{path}: no LoRA tensors found (expected keys like '<module>.lora_A.weight')",

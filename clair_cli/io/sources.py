@@ -46,6 +46,8 @@ from clair_cli.constants import (
     LORA_KEY_RE,
     MAX_LIST_BYTES,
     MAX_SOURCE_DEPTH,
+    MLX_HINT,
+    MLX_WEIGHTS_NAME,
     PICKLE_SUFFIXES,
     PICKLE_WEIGHTS_NAMES,
     SAFETENSORS_WEIGHTS_NAME,
@@ -307,6 +309,10 @@ def _adapter_dir_ref(directory: Path, name: str, source: str, options: SourceOpt
         for pickle_name in PICKLE_WEIGHTS_NAMES:
             if _lexists(directory / pickle_name):
                 raise _refuse_pickle(directory / pickle_name)
+        if _lexists(directory / MLX_WEIGHTS_NAME):
+            raise AdapterFormatError(
+                f"{shown_path(directory)}: an MLX-LM adapter ({MLX_WEIGHTS_NAME}), not a PEFT one", hint=MLX_HINT
+            )
         raise AdapterFormatError(f"{shown_path(directory)}: has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME}")
     has_config = _lexists(config)
     if not has_config and options.config is None and options.lora_alpha is None:
