@@ -26,16 +26,10 @@ LORA_KEY_RE = re.compile(
 )
 DORA_MAGNITUDE_RE = re.compile(r"^(?P<module>.+?)\.lora_magnitude_vector(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$")
 
-# MLX-LM's LoRA adapters (mlx_lm.lora): adapters.safetensors with `<module>.lora_a` (in x r) and
-# `<module>.lora_b` (r x out), and a config whose lora_parameters give one rank and scale. Not read:
-# refused with how to convert one (docs/usage/sources.md, "MLX-LM adapters").
+# MLX-LM's LoRA adapters (mlx_lm.lora; clair_cli.io.mlx): adapters.safetensors with `<module>.lora_a`
+# (in x r) and `<module>.lora_b` (r x out), beside a config whose lora_parameters give one rank and scale.
 MLX_WEIGHTS_NAME = "adapters.safetensors"
 MLX_KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<part>lora_a|lora_b)$")
-MLX_HINT = (
-    "clair reads PEFT, kohya, ComfyUI and diffusers LoRAs, not MLX-LM's layout. To audit it, convert it to "
-    "PEFT once: lora_A.weight = lora_a transposed, lora_B.weight = lora_b transposed, r = rank and "
-    "lora_alpha = scale * rank (a script: docs, Where adapters come from, MLX-LM adapters)."
-)
 
 # Diffusion LoRA files (docs/usage/sources.md, "Diffusion LoRA files"). diffusers' save_lora_weights
 # writes this file name, and load_lora_weights(DIR) looks for it; clair writes it for both layouts.
@@ -52,7 +46,7 @@ KOHYA_KEY_RE = re.compile(
     r"^(?P<module>lora_(?:unet|te[123]?|transformer)_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"
 )
 # How messages name each file layout (clair_cli.io.diffusion).
-LAYOUT_NAMES = {"peft": "PEFT", "kohya": "kohya", "comfyui": "ComfyUI", "diffusers": "diffusers"}
+LAYOUT_NAMES = {"peft": "PEFT", "kohya": "kohya", "comfyui": "ComfyUI", "diffusers": "diffusers", "mlx": "MLX-LM"}
 # ComfyUI's layout (and musubi-tuner's, ai-toolkit's for Wan, Qwen-Image, HunyuanVideo, Flux): the original
 # checkpoint's module names after "diffusion_model." (and a text encoder's after "text_encoders.", as ComfyUI's
 # LoraSave writes them), PEFT's or kohya's factor names, an optional alpha; LoraSave's bias and norm

@@ -7,6 +7,7 @@ which renames it into place with the run's reports once everything is written, o
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -139,13 +140,19 @@ def merged_plan(pool: Pool) -> ConfigPlan:
     return plan_merged(pool.adapters, pool.modules, pool.base_model)
 
 
-def merged_stream(root: Path, pool: Pool, options: MergeOptions | None = None) -> MergedStream:
+def merged_stream(
+    root: Path, pool: Pool, options: MergeOptions | None = None
+) -> MergedStream | contextlib.nullcontext[None]:
     """The sink :func:`clair_cli.pipeline.merge` writes the merged tensors into, module by module
-    (``root``: the staging directory of ``--out``); :func:`write_merged` then adds the config and card."""
+    (``root``: the staging directory of ``--out``); :func:`write_merged` then adds the config and card.
+    None (a context that gives None) for MLX-LM adapters, whose every module takes one rank, known once
+    all are merged: their merge is held in memory and written by :func:`write_merged`."""
     from clair_cli.io.peft_writer import MergedStream
     from clair_cli.pipeline import merged_rank_bound
 
     first = pool.adapters[0]
+    if first.layout == "mlx":
+        return contextlib.nullcontext()
     metadata = merged_metadata([a.file_metadata for a in pool.adapters]) if first.layout != "peft" else None
     return MergedStream(root, first.modules, merged_rank_bound(pool, options), first.layout, metadata)
 
@@ -167,6 +174,7 @@ def write_merged(  # noqa: PLR0913 - every part of the card, as the merge comman
     (made here when not given; its notes are then added to the card's)."""
     from clair_cli import methods
     from clair_cli.io.lora_config import lora_config
+    from clair_cli.io.mlx import merged_config as merged_mlx_config
     from clair_cli.io.peft_writer import merged_tensors, save_adapter
     from clair_cli.report.audit import summary_line
     from clair_cli.report.card import model_card
@@ -176,8 +184,14 @@ def write_merged(  # noqa: PLR0913 - every part of the card, as the merge comman
         notes = [*notes, *plan.notes]
     layout = pool.adapters[0].layout
     # Scale 1 everywhere: alpha = r in every module (a diffusion file carries no config: kohya's
-    # alpha tensors say it, and diffusers reads a file without alphas so).
-    config = None if layout != "peft" else lora_config(plan, {m: (r.rank, r.rank) for m, r in merged.modules.items()})
+    # alpha tensors say it, and diffusers reads a file without alphas so; an MLX-LM config, scale 1
+    # at the largest rank, to which every module is padded).
+    config = None
+    if layout == "peft":
+        config = lora_config(plan, {m: (r.rank, r.rank) for m, r in merged.modules.items()})
+    elif layout == "mlx":
+        rank = max(r.rank for r in merged.modules.values())
+        config = merged_mlx_config(pool.adapters[0].config.raw, rank)
     tensors = (
         None
         if merged.streamed
@@ -193,11 +207,15 @@ def write_merged(  # noqa: PLR0913 - every part of the card, as the merge comman
         [*pool.notes, *notes, *_layout_notes(layout)],
         merge=merged.summary(),
         params=params,
-        library="peft" if layout == "peft" else "diffusers",
+        library=_LIBRARY.get(layout, "diffusers"),
     )
     save_adapter(
         root, config, tensors, card, **_layout_files(layout, merged_metadata([a.file_metadata for a in pool.adapters]))
     )
+
+
+# The Hub's library_name of a written adapter, by layout (diffusers for the diffusion layouts).
+_LIBRARY = {"peft": "peft", "mlx": "mlx"}
 
 
 def _layout_notes(layout: str, merged: bool = True) -> list[str]:
@@ -205,6 +223,16 @@ def _layout_notes(layout: str, merged: bool = True) -> list[str]:
     (scale 1 in every module) or a refined source (its own alphas)."""
     if layout == "peft":
         return []
+    if layout == "mlx":
+        scales = (
+            "scale 1 and every module at the largest merged rank (zeros beyond its own)"
+            if merged
+            else ("its source's rank and scale")
+        )
+        return [
+            f"an MLX-LM adapter (adapters.safetensors and its sources' adapter_config.json, {scales}): "
+            "mlx_lm.load(BASE, adapter_path=DIR) or mlx_lm.generate --adapter-path DIR loads it"
+        ]
     if layout == "comfyui":
         scales = "no alphas: scale 1 in every module" if merged else "the source's alphas"
         return [
@@ -220,10 +248,12 @@ def _layout_notes(layout: str, merged: bool = True) -> list[str]:
 
 def _layout_files(layout: str, metadata: dict[str, str] | None = None) -> dict[str, Any]:
     """:func:`clair_cli.io.peft_writer.save_adapter`'s file options for an adapter of ``layout``."""
-    from clair_cli.constants import DIFFUSERS_WEIGHTS_NAME
+    from clair_cli.constants import DIFFUSERS_WEIGHTS_NAME, MLX_WEIGHTS_NAME
 
     if layout == "peft":
         return {}
+    if layout == "mlx":
+        return {"weights_name": MLX_WEIGHTS_NAME}
     return {"weights_name": DIFFUSERS_WEIGHTS_NAME, "metadata": metadata}
 
 
@@ -251,8 +281,9 @@ def write_refined(
         adapter = pool.adapters[k]
         factors, unchanged = refined_factors(adapter, bases, side)
         tensors = refined_tensors(adapter, factors)
-        # A diffusion file keeps its own alphas (kohya's tensors, diffusers' metadata) and has no config.
-        config = source_config(adapter) if adapter.layout == "peft" else None
+        # A diffusion file keeps its own alphas (kohya's tensors, diffusers' metadata) and has no config;
+        # an MLX-LM adapter keeps its config (its rank and scale) as it is.
+        config = source_config(adapter) if adapter.layout in ("peft", "mlx") else None
         notes = list(pool.notes)
         ignored = ignored_note(adapter.config, adapter.modules)
         if ignored:
@@ -272,7 +303,7 @@ def write_refined(
             summary_line(report, timing=False),
             [*notes, *_layout_notes(adapter.layout, merged=False)],
             params=params,
-            library="peft" if adapter.layout == "peft" else "diffusers",
+            library=_LIBRARY.get(adapter.layout, "diffusers"),
         )
         save_adapter(
             root,

@@ -315,7 +315,7 @@ INSPECT_ADAPTER = closed(
     | {
         "base_model": nullable(STRING),
         "peft_type": STRING,
-        "layout": {"enum": ["peft", "kohya", "comfyui", "diffusers"]},
+        "layout": {"enum": ["peft", "kohya", "comfyui", "diffusers", "mlx"]},
         "r": COUNT,
         "ranks": {"type": "array", "items": COUNT},
         "lora_alpha": NUMBER,

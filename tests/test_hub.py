@@ -120,6 +120,20 @@ def _comfy_file() -> bytes:
     return _lora_file(modules, ("lora_down", "lora_up"), 2.0, 1)
 
 
+def _mlx_files() -> dict[str, bytes]:
+    """An MLX-LM adapter repo's files: adapters.safetensors (lora_a in x r, lora_b r x out) and its config."""
+    import torch
+    from safetensors.torch import save
+
+    g = torch.Generator().manual_seed(2)
+    tensors = {}
+    for m in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"):
+        tensors[f"{m}.lora_a"] = torch.randn(8, 4, generator=g)
+        tensors[f"{m}.lora_b"] = torch.randn(4, 8, generator=g)
+    config = {"model": "org/base", "num_layers": 1, "lora_parameters": {"rank": 4, "scale": 10.0, "dropout": 0.0}}
+    return {"adapters.safetensors": save(tensors), "adapter_config.json": json.dumps(config).encode()}
+
+
 @pytest.fixture()
 def fake_hub(tmp_path: Path) -> Iterator[FakeHub]:
     main = _adapter_files(tmp_path, 0, base_model_name_or_path="org/base")
@@ -139,6 +153,7 @@ def fake_hub(tmp_path: Path) -> Iterator[FakeHub]:
                 },
             )
         },
+        "owner/mlxlora": {"main": (SHA_MAIN, _mlx_files())},
         "owner/pickled": {
             "main": (SHA_MAIN, {"adapter_config.json": main["adapter_config.json"], "adapter_model.bin": b"\x80"})
         },
@@ -205,6 +220,21 @@ def test_a_diffusers_lora_repo_is_read_from_its_weights_file(fake_hub: FakeHub, 
     proc = run_cli("inspect", "owner/sdlora", "--json", "-", env={**env, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["adapters"][0]["layout"] == "diffusers" and len(fake_hub.requests) == n
+
+
+def test_an_mlx_lm_adapter_repo_is_read_from_its_adapters_file(fake_hub: FakeHub, tmp_path: Path) -> None:
+    env = _env(fake_hub, tmp_path / "home")
+    proc = run_cli("inspect", "owner/mlxlora", "--json", "-", env=env)
+    assert proc.returncode == 0, proc.stderr
+    (adapter,) = json.loads(proc.stdout)["adapters"]
+    assert adapter["layout"] == "mlx" and adapter["revision"] == SHA_MAIN and adapter["n_modules"] == 2
+    assert adapter["lora_alpha"] == 40.0 and adapter["base_model"] == "org/base"
+    fetched = {path.rsplit("/", 1)[-1] for _, path, _ in fake_hub.requests}
+    assert fetched == {"adapter_config.json", "adapter_model.safetensors", "adapters.safetensors"}
+    n = len(fake_hub.requests)
+    proc = run_cli("inspect", "owner/mlxlora", "--json", "-", env={**env, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["adapters"][0]["layout"] == "mlx" and len(fake_hub.requests) == n
 
 
 def test_one_lora_file_of_a_repo_is_named_in_the_source(fake_hub: FakeHub, tmp_path: Path) -> None:

@@ -1,11 +1,13 @@
-"""MLX-LM LoRA adapters (``mlx_lm.lora``): refused with how to convert them, and the conversion
-script (``examples/mlx_to_peft.py``) gives a PEFT adapter whose update, as clair reads it and as
-PEFT applies it, is MLX-LM's ``scale * (lora_a @ lora_b)^T``."""
+"""MLX-LM LoRA adapters (``mlx_lm.lora``): audited, merged and refined in their own layout as the
+same adapters in PEFT's layout are, and the conversion script (``examples/mlx_to_peft.py``) gives a
+PEFT adapter whose update, as clair reads it and as PEFT applies it, is MLX-LM's
+``scale * (lora_a @ lora_b)^T``."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -46,17 +48,133 @@ def converter():
     return module.convert
 
 
-def test_an_mlx_adapter_directory_is_refused_with_how_to_convert_it(tmp_path: Path) -> None:
+def mlx_update(directory: Path) -> dict[str, np.ndarray]:
+    """Each module's update as MLX-LM applies the adapter in ``directory`` (``LoRALinear.fuse``:
+    ``scale * lora_b^T @ lora_a^T``), after the checks of ``mlx_lm.tuner.utils.load_adapters``: a
+    plain LoRA, every tensor a ``lora_a`` (``in x rank``) or ``lora_b`` (``rank x out``) at the
+    config's one rank."""
+    from safetensors.torch import load_file
+
+    config = json.loads((directory / "adapter_config.json").read_text())
+    assert config.get("fine_tune_type", "lora") == "lora"
+    rank, scale = config["lora_parameters"]["rank"], config["lora_parameters"]["scale"]
+    tensors = load_file(str(directory / "adapters.safetensors"))
+    out = {}
+    for key, t in tensors.items():
+        module, _, part = key.rpartition(".")
+        assert part in ("lora_a", "lora_b"), key
+        if part == "lora_a":
+            b = tensors[f"{module}.lora_b"]
+            assert t.shape[1] == rank and b.shape[0] == rank, (key, t.shape, b.shape)
+            out[module] = (scale * b.double().T @ t.double().T).numpy()
+    return out
+
+
+def peft_update(directory: Path) -> dict[str, np.ndarray]:
+    """Each module's update as clair reads a PEFT adapter directory (``scale * B @ A``)."""
+    from clair_cli.io.sources import SourceOptions, open_adapters
+
+    (adapter,) = open_adapters([str(directory)], SourceOptions())
+    return {m.name: (m.scale * m.B.double() @ m.A.double()).numpy() for m in adapter.load(dtype=torch.float64)}
+
+
+def pools(tmp_path: Path, n: int = 6) -> tuple[Path, Path]:
+    """``n`` MLX-LM adapters and the same adapters converted to PEFT (``examples/mlx_to_peft.py``);
+    the last two push one shared direction tenfold in layer 1's q_proj."""
+    convert = converter()
+    for k in range(n):
+        tensors = mlx_adapter(tmp_path / "mlx" / f"c{k}", k)
+        if k >= n - 2:
+            g = torch.Generator().manual_seed(99)
+            m = "model.layers.1.self_attn.q_proj"
+            tensors[f"{m}.lora_a"][:, 0] = torch.randn(WIDTH, generator=g)
+            tensors[f"{m}.lora_b"][0] = torch.randn(WIDTH, generator=g)
+            save_file(tensors, str(tmp_path / "mlx" / f"c{k}" / "adapters.safetensors"))
+        convert(tmp_path / "mlx" / f"c{k}", tmp_path / "peft" / f"c{k}")
+    return tmp_path / "mlx", tmp_path / "peft"
+
+
+def test_an_mlx_pool_is_audited_as_the_same_adapters_in_peft_layout(tmp_path: Path) -> None:
+    mlx, peft = pools(tmp_path)
+    reports = []
+    for pool in (mlx, peft):
+        proc = run_cli("audit", str(pool), "--json", "-", "--exit-zero", "-q")
+        assert proc.returncode == 0, proc.stderr
+        reports.append(json.loads(proc.stdout))
+    got, want = ([(a["name"], a["flagged"], a["score"]) for a in r["adapters"]] for r in reports)
+    assert got == want
+    assert any(flagged for _, flagged, _ in got)
+    assert "MLX-LM LoRA files: merged and refined adapters are written in the same layout" in reports[0]["notes"]
+    proc = run_cli("inspect", str(mlx / "c0"), "--json", "-")
+    assert proc.returncode == 0, proc.stderr
+    (adapter,) = json.loads(proc.stdout)["adapters"]
+    assert adapter["layout"] == "mlx" and adapter["lora_alpha"] == pytest.approx(SCALE * RANK)
+    # The update clair reads is MLX-LM's, module by module.
+    from clair_cli.io.sources import SourceOptions, open_adapters
+
+    (opened,) = open_adapters([str(mlx / "c0")], SourceOptions())
+    read = {m.name: (m.scale * m.B.double() @ m.A.double()).numpy() for m in opened.load(dtype=torch.float64)}
+    expected = mlx_update(mlx / "c0")
+    assert sorted(read) == sorted(expected) == sorted(MODULES)
+    for m in MODULES:
+        np.testing.assert_allclose(read[m], expected[m], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("command", ["merge", "refine"])
+def test_merged_and_refined_mlx_adapters_keep_the_layout_and_the_peft_layouts_update(
+    tmp_path: Path, command: str
+) -> None:
+    mlx, peft = pools(tmp_path)
+    for pool, out in ((mlx, "out-mlx"), (peft, "out-peft")):
+        proc = run_cli(command, str(pool), "--out", str(tmp_path / out), "-q")
+        assert proc.returncode in (0, 1), proc.stderr
+    outputs = [("", tmp_path / "out-mlx", tmp_path / "out-peft")]
+    if command == "refine":
+        outputs = [(d.name, d, tmp_path / "out-peft" / d.name) for d in sorted((tmp_path / "out-mlx").iterdir())]
+        assert len(outputs) >= 4
+    for name, got_dir, want_dir in outputs:
+        assert sorted(p.name for p in got_dir.iterdir()) == ["README.md", "adapter_config.json", "adapters.safetensors"]
+        assert "library_name: mlx" in (got_dir / "README.md").read_text()
+        config = json.loads((got_dir / "adapter_config.json").read_text())
+        source = json.loads((mlx / (name or "c0") / "adapter_config.json").read_text())
+        if command == "refine":
+            assert config == source
+        else:
+            assert config["lora_parameters"]["scale"] == 1.0 and config["num_layers"] == source["num_layers"]
+        got, want = mlx_update(got_dir), peft_update(want_dir)
+        assert sorted(got) == sorted(want) == sorted(MODULES)
+        for m in MODULES:
+            np.testing.assert_allclose(got[m], want[m], rtol=1e-5, atol=1e-7 * np.abs(want[m]).max())
+
+
+def test_what_is_not_an_mlx_lm_plain_lora_is_refused(tmp_path: Path) -> None:
     for k in range(5):
         mlx_adapter(tmp_path / "pool" / f"c{k}", k)
-    proc = run_cli("audit", str(tmp_path / "pool"), "-q")
-    assert proc.returncode == 2
-    assert "c0: an MLX-LM adapter (adapters.safetensors)" in proc.stderr
-    assert "lora_alpha = scale * rank" in proc.stderr and "Traceback" not in proc.stderr
-    # The weights file named alone, described by flags: its keys are told for MLX-LM's.
-    proc = run_cli("inspect", str(tmp_path / "pool" / "c0" / "adapters.safetensors"), "--lora-alpha", "8", "-q")
-    assert proc.returncode == 2
-    assert "an MLX-LM adapter's tensors" in proc.stderr and "Traceback" not in proc.stderr
+    # The weights file alone, without its config: no rank and scale.
+    (tmp_path / "alone").mkdir()
+    shutil.copy(tmp_path / "pool" / "c0" / "adapters.safetensors", tmp_path / "alone" / "adapters.safetensors")
+    proc = run_cli("inspect", str(tmp_path / "alone" / "adapters.safetensors"))
+    assert proc.returncode == 2 and "without its adapter_config.json" in proc.stderr, proc.stderr
+    cases = {
+        "dora": ({"fine_tune_type": "dora"}, {}, "fine_tune_type 'dora': DoRA"),
+        "full": ({"fine_tune_type": "full"}, {}, "a full fine-tune"),
+        "no lora_parameters": ({"lora_parameters": None}, {}, "without lora_parameters"),
+        "rank": ({"lora_parameters": {"rank": 0, "scale": 2.0}}, {}, "rank must be a positive integer"),
+        "scale": ({"lora_parameters": {"rank": RANK, "scale": "x"}}, {}, "scale must be a finite number"),
+        "magnitude": ({}, {"model.layers.0.self_attn.q_proj.m": torch.ones(WIDTH)}, "a DoRA magnitude vector"),
+        "experts": ({}, {"model.layers.0.mlp.switch_mlp.up_proj.lora_a": torch.ones(2, RANK, WIDTH)}, "MoE expert"),
+        "rank mismatch": ({"lora_parameters": {"rank": 8, "scale": 2.0}}, {}, "but the config gives r=8"),
+    }
+    for what, (config_change, extra, message) in cases.items():
+        d = tmp_path / what.replace(" ", "-")
+        tensors = mlx_adapter(d, 0)
+        config = json.loads((d / "adapter_config.json").read_text()) | config_change
+        (d / "adapter_config.json").write_text(json.dumps(config))
+        if extra:
+            save_file({**tensors, **extra}, str(d / "adapters.safetensors"))
+        proc = run_cli("inspect", str(d))
+        assert proc.returncode == 2, (what, proc.stderr)
+        assert message in proc.stderr and "Traceback" not in proc.stderr, (what, proc.stderr)
 
 
 def test_the_converted_adapter_is_mlx_lms_update_as_clair_reads_it_and_peft_applies_it(tmp_path: Path) -> None:

@@ -23,8 +23,6 @@ from clair_cli.constants import (
     DORA_MAGNITUDE_RE,
     FLOAT_DTYPES,
     LORA_KEY_RE,
-    MLX_HINT,
-    MLX_KEY_RE,
     PEFT_KEY_PREFIX,
 )
 from clair_cli.errors import AdapterFormatError
@@ -64,6 +62,8 @@ class ModuleSpec:
     scale: float
     dtype: str
     weight_shape: tuple[int, ...] | None = None
+    # A and B stored transposed (MLX-LM's lora_a, in x r, and lora_b, r x out: clair_cli.io.mlx).
+    transposed: bool = False
     # A's and B's header entries when the adapter was opened: a reader checks its file still has them.
     tensors: tuple[TensorInfo, ...] = field(default=(), compare=False, repr=False)
 
@@ -244,8 +244,6 @@ class Adapter:
         modules: dict[str, ModuleSpec] = {}
         for module in sorted(parts):
             modules[module] = _module_spec(path, config, module, parts[module], max_rank)
-        if not modules and any(MLX_KEY_RE.match(k) for k in tensors):
-            raise AdapterFormatError(f"{path}: an MLX-LM adapter's tensors (<module>.lora_a / .lora_b)", hint=MLX_HINT)
         if not modules:
             raise AdapterFormatError(
                 f"{path}: no LoRA tensors found (expected keys like '<module>.lora_A.weight')",
@@ -272,7 +270,7 @@ class Adapter:
                 "not analysed"
             )
         defaults = {"r": PEFT_DEFAULT_R, "lora_alpha": PEFT_DEFAULT_ALPHA}
-        missing = [f for f in defaults if config.file_name is not None and f not in config.raw]
+        missing = [f for f in defaults if config.file_name is not None and f not in config.raw and keys.layout != "mlx"]
         if missing:
             notes.append(
                 f"its {config.file_name} does not give {' or '.join(missing)}: PEFT loads it with its default "
@@ -404,6 +402,8 @@ class Adapter:
         for j, key in subnormal_suspects(spec, peaks):
             self._check_subnormal(spec, [(key, factors[j])])
         dtype = dtype or torch.float32
+        if spec.transposed:
+            factors = [factors[0].T, factors[1].T]
         return LoraModule(
             name=name,
             A=factors[0].reshape(spec.rank, spec.d_in).to(dtype),

@@ -65,6 +65,7 @@ from clair_cli.constants import (
     KOHYA_KEY_RE,
     KOHYA_PREFIXES,
     LAYOUT_NAMES,
+    MLX_KEY_RE,
     PEFT_KEY_PREFIX,
 )
 from clair_cli.errors import AdapterFormatError, OutputError
@@ -269,6 +270,8 @@ def layout_of(path: Path, tensors: Mapping[str, TensorInfo], metadata: Mapping[s
     # which no PEFT or diffusers file has (ComfyUI applies its alphas; PEFT has no such keys).
     if names and all(k.startswith(COMFY_PREFIXES[1]) for k in names):
         return "comfyui"
+    if any(MLX_KEY_RE.match(k) for k in names):
+        return "mlx"  # MLX-LM's lora_a / lora_b (clair_cli.io.mlx), which no other layout spells so
     if any(k.startswith(PEFT_KEY_PREFIX) for k in names):
         return "peft"
     heads = {k.split(".", 1)[0] for k in names}

@@ -39,6 +39,7 @@ from clair_cli.constants import (
     HUB_PREFIX,
     HUB_REPO_RE,
     MAX_CONFIG_BYTES,
+    MLX_WEIGHTS_NAME,
     PICKLE_HINT,
     PICKLE_SUFFIXES,
     SAFETENSORS_WEIGHTS_NAME,
@@ -57,7 +58,7 @@ class HubAnswerError(Exception):
 
 
 # Files a repo may lack: without adapter_config.json it may be a diffusers LoRA repo.
-_OPTIONAL = (CONFIG_NAME, DIFFUSERS_WEIGHTS_NAME)
+_OPTIONAL = (CONFIG_NAME, DIFFUSERS_WEIGHTS_NAME, MLX_WEIGHTS_NAME)
 
 
 class _Missing(AdapterNotFound):
@@ -504,10 +505,16 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
         # The weights of the commit the config came from: a branch that moves between the two
         # downloads would pair one commit's config with another's weights.
         commit = _commit_from_path(config)
-        weights = get(SAFETENSORS_WEIGHTS_NAME, commit or hub.revision)
+        try:
+            weights = get(SAFETENSORS_WEIGHTS_NAME, commit or hub.revision)
+        except (UnsafeFormatError, HubError) as exc:  # none in the repo, or none cached offline
+            try:  # an MLX-LM adapter repo: adapters.safetensors beside its config (io.mlx)
+                weights = get(MLX_WEIGHTS_NAME, commit or hub.revision)
+            except (AdapterNotFound, HubError):
+                raise exc from None
         if commit is not None and _commit_from_path(weights) not in (None, commit):
             raise HubError(
-                f"{spec}: the Hub answered commit {_commit_from_path(weights)} for {SAFETENSORS_WEIGHTS_NAME} "
+                f"{spec}: the Hub answered commit {_commit_from_path(weights)} for {weights.name} "
                 f"and {commit} for {CONFIG_NAME}; the two files must be of one commit",
                 hint="Retry, or pin the revision to a commit (owner/name@<40-hex sha>).",
             )

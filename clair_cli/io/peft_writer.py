@@ -15,7 +15,9 @@ through :func:`clair_cli.io.paths.join_inside`. The umask is honoured.
 Diffusion LoRA files (:mod:`clair_cli.io.diffusion`) are written back in their own layout: a
 merged or refined kohya, ComfyUI or diffusers adapter is a directory with ``pytorch_lora_weights.safetensors``
 (the name diffusers' ``load_lora_weights(DIR)`` looks for) and the model card, and no
-``adapter_config.json`` (PEFT would read one as a description of keys it cannot load).
+``adapter_config.json`` (PEFT would read one as a description of keys it cannot load). An
+MLX-LM adapter (:mod:`clair_cli.io.mlx`) is written back as MLX-LM's ``adapters.safetensors``
+(factors transposed, every module of a merge at one rank) beside its source's config.
 """
 
 from __future__ import annotations
@@ -143,6 +145,8 @@ class MergedStream:
         from clair_cli.constants import DIFFUSERS_WEIGHTS_NAME
         from clair_cli.io.safetensors_stream import SafetensorsStream
 
+        if layout == "mlx":  # one rank for every module, known once all are merged: merged_tensors
+            raise ValueError("an MLX-LM merge is not streamed")
         self.root = root
         self.specs = specs
         self.layout = layout
@@ -185,10 +189,10 @@ class MergedStream:
         for key, t in ((a_key, A), (b_key, B)):
             if not all_finite(t):
                 raise _non_finite(str(self.root), 1, key)
-        a_shape, b_shape = _shapes(self.specs[name], A.shape[0])
+        stored_a, stored_b = _stored(self.specs[name], A, B)
         try:
-            self._stream.add(a_key, A.reshape(a_shape))
-            self._stream.add(b_key, B.reshape(b_shape))
+            self._stream.add(a_key, stored_a)
+            self._stream.add(b_key, stored_b)
         except OSError as exc:
             raise self._cannot(exc) from exc
         self._b_keys.append(b_key)
@@ -211,10 +215,40 @@ class MergedStream:
 
 
 def _shapes(spec: ModuleSpec, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """PEFT's stored shapes of A and B at a new rank (conv kernels keep their layout)."""
+    """The stored shapes of A and B at a new rank: PEFT's (conv kernels keep their layout), or
+    MLX-LM's transposed ones (``lora_a`` ``d_in x r``, ``lora_b`` ``r x d_out``)."""
+    if spec.transposed:
+        return (spec.d_in, rank), (rank, spec.d_out)
     if spec.kind == "conv" and spec.weight_shape is not None:
         return (rank, *spec.weight_shape[1:]), (spec.d_out, rank, *([1] * (len(spec.weight_shape) - 2)))
     return (rank, spec.d_in), (spec.d_out, rank)
+
+
+def _stored(spec: ModuleSpec, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` (``r x d_in``) and ``B`` (``d_out x r``) as the file stores them (:func:`_shapes`)."""
+    if spec.transposed:
+        return A.T.contiguous(), B.T.contiguous()
+    a_shape, b_shape = _shapes(spec, A.shape[0])
+    return A.reshape(a_shape), B.reshape(b_shape)
+
+
+def uniform_rank(
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every module's factors at the largest rank among them, the new directions zero (the same
+    update): an MLX-LM adapter has one rank for every module (``lora_parameters.rank``)."""
+    import torch
+
+    rank = max((int(A.shape[0]) for A, _B in factors.values()), default=0)
+    out = {}
+    for name, (A, B) in factors.items():
+        pad = rank - int(A.shape[0])
+        out[name] = (
+            (torch.cat([A, A.new_zeros(pad, A.shape[1])]), torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1))
+            if pad
+            else (A, B)
+        )
+    return out
 
 
 def _keys(spec: ModuleSpec) -> tuple[str, str]:
@@ -233,14 +267,14 @@ def merged_tensors(
     kohya file has scale 1 in every module (:func:`_kohya_alphas`)."""
 
     out = {}
+    if layout == "mlx":
+        factors = uniform_rank(factors)
     for name, (A, B) in sorted(factors.items()):
         spec = specs[name]
         if layout == "comfyui":
             refuse_swapped_output(specs, name, int(A.shape[0]))
-        a_shape, b_shape = _shapes(spec, A.shape[0])
         a_key, b_key = _layout_keys(spec, layout)
-        out[a_key] = A.reshape(a_shape)
-        out[b_key] = B.reshape(b_shape)
+        out[a_key], out[b_key] = _stored(spec, A, B)
     out.update(_kohya_alphas(layout, {name: A.shape[0] for name, (A, _B) in factors.items()}))
     return out
 
@@ -278,8 +312,9 @@ def refined_tensors(
         tensors = {key: reader.get(key) for key in reader.tensors}
     for name, (A, B) in factors.items():
         spec = adapter.modules[name]
-        tensors[spec.a_key] = A.reshape(tensors[spec.a_key].shape).to(tensors[spec.a_key].dtype)
-        tensors[spec.b_key] = B.reshape(tensors[spec.b_key].shape).to(tensors[spec.b_key].dtype)
+        stored_a, stored_b = _stored(spec, A, B)
+        tensors[spec.a_key] = stored_a.reshape(tensors[spec.a_key].shape).to(tensors[spec.a_key].dtype)
+        tensors[spec.b_key] = stored_b.reshape(tensors[spec.b_key].shape).to(tensors[spec.b_key].dtype)
     return tensors
 
 

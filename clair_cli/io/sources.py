@@ -46,7 +46,6 @@ from clair_cli.constants import (
     LORA_KEY_RE,
     MAX_LIST_BYTES,
     MAX_SOURCE_DEPTH,
-    MLX_HINT,
     MLX_WEIGHTS_NAME,
     PICKLE_SUFFIXES,
     PICKLE_WEIGHTS_NAMES,
@@ -305,14 +304,14 @@ def _adapter_dir_ref(directory: Path, name: str, source: str, options: SourceOpt
         # A diffusion LoRA directory (save_lora_weights, or clair's own output): read at open.
         weights = directory / DIFFUSERS_WEIGHTS_NAME
         return _local_ref(directory, name, source, weights, config if _lexists(config) else None, path)
+    if not _lexists(weights) and _lexists(directory / MLX_WEIGHTS_NAME):
+        # An MLX-LM adapter (clair_cli.io.mlx): its config gives the rank and scale, read at open.
+        weights = directory / MLX_WEIGHTS_NAME
+        return _local_ref(directory, name, source, weights, config if _lexists(config) else None, path)
     if not _lexists(weights):
         for pickle_name in PICKLE_WEIGHTS_NAMES:
             if _lexists(directory / pickle_name):
                 raise _refuse_pickle(directory / pickle_name)
-        if _lexists(directory / MLX_WEIGHTS_NAME):
-            raise AdapterFormatError(
-                f"{shown_path(directory)}: an MLX-LM adapter ({MLX_WEIGHTS_NAME}), not a PEFT one", hint=MLX_HINT
-            )
         raise AdapterFormatError(f"{shown_path(directory)}: has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME}")
     has_config = _lexists(config)
     if not has_config and options.config is None and options.lora_alpha is None:
@@ -698,6 +697,10 @@ def open_adapter(ref: AdapterRef, options: SourceOptions | None = None) -> Adapt
     stamp = file_stamp(ref.weights_file)  # before the header: any change after it is refused at a later read
     header = read_header(ref.weights_file)
     layout = layout_of(ref.weights_file, *header)
+    if layout == "mlx":
+        from clair_cli.io.mlx import open_mlx
+
+        return open_mlx(ref, header, config_file, options.max_rank, options.max_modules, stamp)
     if layout in ("kohya", "comfyui") and config_file is not None:
         raise AdapterFormatError(
             f"{shown_path(ref.weights_file)}: a {LAYOUT_NAMES[layout]} LoRA file, which carries its own alphas "

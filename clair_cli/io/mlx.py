@@ -1,0 +1,158 @@
+"""MLX-LM's LoRA adapters (``mlx_lm.lora``), read as the same per-module updates as PEFT's.
+
+An MLX-LM adapter is a directory of ``adapters.safetensors`` and ``adapter_config.json``. The file
+holds ``<module>.lora_a`` (``in x r``) and ``<module>.lora_b`` (``r x out``) for each adapted layer,
+under the Hugging Face model's module names, and the layer adds ``scale * (x @ lora_a) @ lora_b``
+(``mlx_lm.tuner.lora.LoRALinear``; an embedding adds ``scale * lora_a @ lora_b`` to its table, the
+same product). The config's ``lora_parameters`` give one ``rank`` and ``scale`` for every module;
+``fine_tune_type`` is ``lora`` (the default), ``dora`` or ``full``.
+
+clair reads the update as ``scale * B @ A`` with ``A = lora_a^T`` and ``B = lora_b^T``: the factors
+stay as stored in the file and are transposed as they are read (:attr:`ModuleSpec.transposed`), and
+written back transposed (merged and refined adapters keep this layout, with the sources' config:
+``mlx_lm.load(..., adapter_path=DIR)`` loads them). DoRA (``dora``: magnitude vectors ``.m``),
+full fine-tunes and MoE expert stacks (``LoRASwitchLinear``: 3-D factors) are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from clair_cli.constants import MAX_CONFIG_BYTES, MLX_KEY_RE, MLX_WEIGHTS_NAME
+from clair_cli.errors import AdapterFormatError
+from clair_cli.io.adapter import Adapter, HeaderKeys
+from clair_cli.io.files import parse_json, read_small
+from clair_cli.io.paths import printable
+from clair_cli.io.safetensors_file import FileStamp, TensorInfo
+from clair_cli.types import AdapterConfig, AdapterRef
+
+MLX_LAYOUT = "mlx"
+HINT = "Train or save it with mlx_lm.lora's default fine_tune_type (lora), or leave it out."
+
+
+def _bad(path: Path | str, problem: str, hint: str | None = None) -> AdapterFormatError:
+    return AdapterFormatError(f"{printable(str(path))}: {problem}", hint=hint)
+
+
+def is_mlx(tensors: dict[str, TensorInfo]) -> bool:
+    """Whether a file's tensors are an MLX-LM adapter's (``<module>.lora_a`` / ``.lora_b``)."""
+    return any(MLX_KEY_RE.match(k) for k in tensors)
+
+
+def mlx_config(path: Path) -> tuple[AdapterConfig, float]:
+    """The adapter config at ``path`` (MLX-LM's) as an :class:`AdapterConfig` (``r`` the rank,
+    ``lora_alpha = scale * rank``, ``raw`` the file's object) and its ``scale``.
+
+    Raises:
+        AdapterFormatError: not MLX-LM's config of a plain LoRA, or a rank or scale that is not a
+            positive integer / a finite number.
+    """
+    raw = read_small(path, MAX_CONFIG_BYTES, "an adapter config")
+    data = parse_json(raw, path, "the config")
+    if not isinstance(data, dict):
+        raise _bad(path, "must hold a JSON object")
+    kind = data.get("fine_tune_type", "lora")
+    if kind != "lora":
+        what = {"dora": "DoRA (magnitude vectors beside the factors)", "full": "a full fine-tune (no LoRA factors)"}
+        raise _bad(
+            path,
+            f"fine_tune_type {printable(repr(kind))[:60]}: {what.get(kind, 'not a LoRA')}; clair reads MLX-LM's "
+            "plain LoRA adapters",
+            hint=HINT,
+        )
+    params = data.get("lora_parameters")
+    if not isinstance(params, dict):
+        raise _bad(path, "an MLX-LM adapter config without lora_parameters (its rank and scale)")
+    rank, scale = params.get("rank"), params.get("scale")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 0 < rank < 2**31:
+        raise _bad(path, f"lora_parameters.rank must be a positive integer, got {printable(repr(rank))[:60]}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise _bad(path, f"lora_parameters.scale must be a finite number, got {printable(repr(scale))[:60]}")
+    base = data.get("model")
+    config = AdapterConfig(
+        base_model=base if isinstance(base, str) and base else None,
+        r=rank,
+        lora_alpha=float(scale) * rank,
+        raw=data,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        file_name=path.name,
+    )
+    return config, float(scale)
+
+
+def mlx_keys(path: Path, tensors: dict[str, TensorInfo]) -> HeaderKeys:
+    """The file's LoRA factors by module, as PEFT's ``lora_A`` / ``lora_B`` with their shapes
+    transposed (``r x in``, ``out x r``), so that the module table checks them as PEFT's.
+
+    Raises:
+        AdapterFormatError: a DoRA magnitude, an MoE expert stack (3-D factors), or any tensor
+            that is not an MLX-LM LoRA factor.
+    """
+    keys = HeaderKeys({}, [], [], [], [], layout=MLX_LAYOUT)
+    for key, info in sorted(tensors.items()):
+        m = MLX_KEY_RE.match(key)
+        if m is None:
+            dora = key.endswith(".m")
+            raise _bad(
+                path,
+                f"tensor {printable(key)!r} is not an MLX-LM LoRA factor (<module>.lora_a / .lora_b)"
+                + ("; a DoRA magnitude vector" if dora else ""),
+                hint=HINT if dora else "Keep the LoRA factors alone in adapters.safetensors.",
+            )
+        if len(info.shape) != 2:
+            raise _bad(
+                path,
+                f"{printable(key)!r} has shape {list(info.shape)}: an MoE expert stack (LoRASwitchLinear) or not a "
+                "LoRA factor of one layer; clair reads the LoRAs of linear and embedding layers",
+                hint="Leave this adapter out.",
+            )
+        part = "lora_A" if m["part"] == "lora_a" else "lora_B"
+        keys.parts.setdefault(m["module"], {})[part] = replace(info, shape=info.shape[::-1])
+    return keys
+
+
+def open_mlx(
+    ref: AdapterRef,
+    header: tuple[dict[str, TensorInfo], dict[str, str]],
+    config_file: Path | None,
+    max_rank: int | None,
+    max_modules: int | None,
+    stamp: FileStamp,
+) -> Adapter:
+    """Open an MLX-LM adapter (``stamp``: the file's, taken before ``header`` was read).
+
+    Raises:
+        AdapterFormatError: no config beside it, or what :func:`mlx_config`, :func:`mlx_keys` and
+            :meth:`Adapter.open` refuse.
+    """
+    tensors, _metadata = header
+    if config_file is None:
+        raise _bad(
+            ref.weights_file,
+            "an MLX-LM adapter's tensors (<module>.lora_a / .lora_b) without its adapter_config.json, whose "
+            "lora_parameters give their rank and scale",
+            hint=f"Name the adapter's directory (its {MLX_WEIGHTS_NAME} and adapter_config.json), or pass "
+            "--config with its adapter_config.json.",
+        )
+    config, scale = mlx_config(config_file)
+    keys = mlx_keys(ref.weights_file, tensors)
+    adapter = Adapter.open(
+        ref, config, max_rank=max_rank, max_modules=max_modules, header=header, keys=keys, stamp=stamp
+    )
+    adapter.modules = {
+        name: replace(spec, transposed=True, scale=scale, tensors=(tensors[spec.a_key], tensors[spec.b_key]))
+        for name, spec in adapter.modules.items()
+    }
+    return adapter
+
+
+def merged_config(source: dict[str, Any], rank: int) -> dict[str, Any]:
+    """A merged adapter's MLX-LM config: its source's, with every module at ``rank`` and scale 1
+    (the merged factors carry the scale)."""
+    out = dict(source)
+    out["lora_parameters"] = {**source.get("lora_parameters", {}), "rank": rank, "scale": 1.0}
+    return out
