@@ -786,20 +786,32 @@ def refined_bases(
     """Per module, the projection basis of the collaborative set.
 
     ``rank`` fixes the projection rank (``--project-rank``); None chooses it per module by
-    cross-validation, as the projected merge does. None for a module where projection does
-    not help (its adapters are kept unchanged there).
+    cross-validation, as the projected merge does, but never below the module's detected shared
+    rank: the cross-validation asks how well the projected *mean* predicts a held-out adapter,
+    which counts each adapter's own variation inside the shared subspace as noise, so on its own
+    it projects personalised adapters onto fewer directions than they share and removes the
+    variation that refinement keeps (docs/engine.md, section 6). A module without shared
+    structure (detected rank 0) is kept unchanged, as is one where projection does not help
+    (None for both).
     """
     from clair_cli.core.audit import at_working_precision, canonical_input
+    from clair_cli.core.fastpath import shared_basis
     from clair_cli.core.projection import basis_side, projection_basis
 
     dtype = torch_dtype(outcome.settings.dtype)
     side = basis_side(outcome.settings.side)
+    detected = outcome.auditor.shared_rank_
     out: dict[str, torch.Tensor | None] = {}
     used = outcome.auditor.collaborative_set_
     for given in iter_modules(pool, used, dtype=dtype, device=outcome.settings.device, progress=progress):
+        if rank is None and detected.get(given.name, 0) < 1:
+            out[given.name] = None  # nothing shared beyond chance: no subspace to refine onto
+            continue
         mod, _ = canonical_input(given)
         mod = at_working_precision(mod, dtype, outcome.settings.path)
-        basis, _q = projection_basis(mod.A, mod.B, mod.scales, side, rank)
+        basis, q = projection_basis(mod.A, mod.B, mod.scales, side, rank)
+        if rank is None and q is not None and q < detected[mod.name]:
+            basis = shared_basis(mod.A, mod.B, mod.scales, detected[mod.name], side)
         out[mod.name] = None if basis is None else basis.cpu()
     return out
 

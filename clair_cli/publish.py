@@ -290,7 +290,8 @@ def write_refined(
             notes.append(f"as in its source, {ignored}")
         if unchanged:
             notes.append(
-                f"{len(unchanged)} module(s) kept unchanged (projection did not predict held-out adapters better there)"
+                f"{len(unchanged)} module(s) kept unchanged (no shared structure, or projection did not predict "
+                "held-out adapters better there)"
             )
         if pool.dropped:
             notes.append(f"{len(pool.dropped)} module(s) outside the analysed intersection kept unchanged")

@@ -161,8 +161,9 @@ def refine_command(
 ) -> None:
     """Audit, then write each collaborator's refined adapter to DIR/<name>/ (projected onto the shared subspace).
 
-    The projection's rank is chosen per module by cross-validation across the collaborators (or
-    --project-rank), never the detection rank; a module where projection does not help is kept unchanged.
+    The projection's rank is chosen per module by cross-validation across the collaborators, never
+    below the detected shared rank (or --project-rank); a module without shared structure or where
+    projection does not help is kept unchanged.
 
     Exit code 0, or 1 when adapters were flagged (no refined adapter is written for them; 0 with --exit-zero).
     """

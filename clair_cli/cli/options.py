@@ -157,7 +157,8 @@ RefineRank = Annotated[
     str,
     typer.Option(
         "--project-rank",
-        help="Rank of the subspace each adapter is projected on: 'auto' (cross-validated per module) or a number.",
+        help="Rank of the subspace each adapter is projected on: 'auto' (cross-validated per module, at least "
+        "the detected shared rank) or a number.",
         metavar="N|auto",
     ),
 ]
