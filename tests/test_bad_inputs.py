@@ -352,4 +352,5 @@ def test_a_pool_of_mostly_untrained_adapters_says_how_few_carry_an_update(
     )
     assert result.exit_code == 0, result.output
     text = (tmp_path / "r.md").read_text()
-    assert (f"only {trained} of {zero + trained} adapters carry an update ({zero} are zero" in text) == noted
+    verb = "is" if zero == 1 else "are"
+    assert (f"only {trained} of {zero + trained} adapters carry an update ({zero} {verb} zero" in text) == noted

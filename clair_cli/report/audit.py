@@ -434,7 +434,7 @@ def report_notes(report: dict[str, Any]) -> list[str]:
     carrying = report["n_adapters"] - n_zero
     if n_zero and carrying < MIN_CARRYING and report["command"] != "gate":
         notes.append(
-            f"only {carrying} of {report['n_adapters']} adapters carry an update ({n_zero} are zero: untrained?): "
+            f"only {carrying} of {report['n_adapters']} adapters carry an update ({n_zero} {'is' if n_zero == 1 else 'are'} zero: untrained?): "
             f"the rules compare adapters with each other and are calibrated for {MIN_CARRYING} or more, so among "
             f"{carrying} they have little power to tell a contaminated one"
         )
