@@ -167,25 +167,11 @@ def test_loss_ascent_attackers_are_honest_looking_with_a_share_along_the_ascent(
     """``loss-ascent``: each attacker at the honest median norm, ``beta`` of it along the ascent
     direction ``d`` (stubbed: the gradient needs a model), the rest at the honest clients' median
     cosine with their mean, in their span; modules narrower than the attack rank are exact."""
-    import torch
 
     from benchmarks import attacks
 
-    g = torch.Generator().manual_seed(1)
-    layout = attacks.Layout(["a", "b"], [(6, 5), (4, 5)])
-    factors = [
-        {
-            m: (
-                torch.randn(2, 5, generator=g, dtype=torch.float64),
-                torch.randn(o, 2, generator=g, dtype=torch.float64),
-                1.0,
-            )
-            for m, (o, _) in zip(layout.modules, layout.shapes, strict=True)
-        }
-        for _ in range(12)
-    ]
-    honest = np.stack([layout.flatten(f) for f in factors])
-    p = attacks.PoolData("t", 0, layout, factors, honest, [], honest[:0], None)  # type: ignore[arg-type]
+    p = _tiny_pool(1)
+    honest = p.honest
     h = honest.mean(0) / np.linalg.norm(honest.mean(0))
     d = np.random.default_rng(0).standard_normal(honest.shape[1])
     d -= (d @ h) * h
@@ -203,25 +189,11 @@ def test_dilute_spread_attackers_are_the_mean_less_b_plus_honest_deviations() ->
     """``dilute-spread``: each attacker is the honest mean less ``b`` median norms along its own
     direction, plus a combination of the honest deviations from the mean at ``DILUTE_SPREAD`` median
     norms; modules narrower than the attack rank are exact."""
-    import torch
 
     from benchmarks import attacks
 
-    g = torch.Generator().manual_seed(3)
-    layout = attacks.Layout(["a", "b"], [(6, 5), (4, 5)])
-    factors = [
-        {
-            m: (
-                torch.randn(2, 5, generator=g, dtype=torch.float64),
-                torch.randn(o, 2, generator=g, dtype=torch.float64),
-                1.0,
-            )
-            for m, (o, _) in zip(layout.modules, layout.shapes, strict=True)
-        }
-        for _ in range(12)
-    ]
-    honest = np.stack([layout.flatten(f) for f in factors])
-    p = attacks.PoolData("t", 0, layout, factors, honest, [], honest[:0], None)  # type: ignore[arg-type]
+    p = _tiny_pool(3)
+    honest, layout = p.honest, p.layout
     h = honest.mean(0)
     unit = h / np.linalg.norm(h)
     deviations = honest - h
@@ -235,3 +207,26 @@ def test_dilute_spread_attackers_are_the_mean_less_b_plus_honest_deviations() ->
             np.testing.assert_allclose(deviations.T @ weights, rest, atol=1e-9 * p.median_norm)
             np.testing.assert_allclose(c.vector, layout.flatten(c.factors), atol=1e-12)
         assert not np.allclose(out[0].vector, out[1].vector)
+
+
+def _tiny_pool(seed: int, n: int = 12):
+    """A pool of ``n`` honest rank-2 float64 clients on two modules narrower than the attack rank."""
+    import torch
+
+    from benchmarks import attacks
+
+    g = torch.Generator().manual_seed(seed)
+    layout = attacks.Layout(["a", "b"], [(6, 5), (4, 5)])
+    factors = [
+        {
+            m: (
+                torch.randn(2, 5, generator=g, dtype=torch.float64),
+                torch.randn(o, 2, generator=g, dtype=torch.float64),
+                1.0,
+            )
+            for m, (o, _) in zip(layout.modules, layout.shapes, strict=True)
+        }
+        for _ in range(n)
+    ]
+    honest = np.stack([layout.flatten(f) for f in factors])
+    return attacks.PoolData("t", 0, layout, factors, honest, [], honest[:0], None)  # type: ignore[arg-type]

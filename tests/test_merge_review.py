@@ -40,10 +40,9 @@ def tiny_gpt2() -> torch.nn.Module:
     return GPT2LMHeadModel.from_pretrained(str(SAMPLES / "base_model")).eval()
 
 
-def _write(directory: Path, tensors: dict[str, torch.Tensor], r: int, alpha: float, rslora: bool) -> None:
-    directory.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "adapter_model.safetensors")
-    cfg = {
+def tiny_config(r: int, alpha: float, rslora: bool) -> dict:
+    """The PEFT config of the tiny Llama's q_proj / v_proj adapters of these tests."""
+    return {
         "peft_type": "LORA",
         "base_model_name_or_path": "tiny-llama",
         "r": r,
@@ -56,7 +55,12 @@ def _write(directory: Path, tensors: dict[str, torch.Tensor], r: int, alpha: flo
         "bias": "none",
         "lora_dropout": 0.0,
     }
-    (directory / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def _write(directory: Path, tensors: dict[str, torch.Tensor], r: int, alpha: float, rslora: bool) -> None:
+    directory.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, directory / "adapter_model.safetensors")
+    (directory / "adapter_config.json").write_text(json.dumps(tiny_config(r, alpha, rslora)))
 
 
 def write_pool(  # noqa: PLR0913 - the pool's recipe

@@ -38,6 +38,7 @@ from helpers import tiny_llama
 from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
+from test_merge_review import tiny_config
 from typer.testing import CliRunner
 
 from clair_cli.cli import app
@@ -45,22 +46,6 @@ from clair_cli.cli import app
 H = 32
 MODS = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
 RECIPES = ((2, 4.0, False), (4, 8.0, False), (3, 6.0, True))  # (r, alpha, rslora) by index, with --mixed
-
-
-def _config(r: int, alpha: float, rslora: bool) -> dict[str, Any]:
-    return {
-        "peft_type": "LORA",
-        "base_model_name_or_path": "tiny-llama",
-        "r": r,
-        "lora_alpha": alpha,
-        "target_modules": ["q_proj", "v_proj"],
-        "fan_in_fan_out": False,
-        "use_rslora": rslora,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "bias": "none",
-        "lora_dropout": 0.0,
-    }
 
 
 def write_pool(  # noqa: PLR0913 - the pool's recipe
@@ -96,7 +81,7 @@ def write_pool(  # noqa: PLR0913 - the pool's recipe
         d = root / f"client_{i:02d}"
         d.mkdir(parents=True)
         save_file(t, d / "adapter_model.safetensors")
-        (d / "adapter_config.json").write_text(json.dumps(_config(r, alpha, rslora)))
+        (d / "adapter_config.json").write_text(json.dumps(tiny_config(r, alpha, rslora)))
         names.append(d.name)
     return names, truth
 
@@ -401,7 +386,7 @@ def test_inspect_reports_the_scale_peft_applies(rslora, ranks, rank_pattern, alp
         tensors[f"base_model.model.{m}.lora_B.weight"] = torch.randn(H, r, generator=g)
     (tmp_path / "a").mkdir()
     save_file(tensors, tmp_path / "a" / "adapter_model.safetensors")
-    cfg = _config(4, 8.0, rslora) | {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+    cfg = tiny_config(4, 8.0, rslora) | {"rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(cfg))
     result = CliRunner().invoke(app, ["inspect", str(tmp_path / "a"), "--json", "-"])
     assert result.exit_code == 0, result.output
