@@ -164,6 +164,8 @@ def test_what_is_not_an_mlx_lm_plain_lora_is_refused(tmp_path: Path) -> None:
         "magnitude": ({}, {"model.layers.0.self_attn.q_proj.m": torch.ones(WIDTH)}, "a DoRA magnitude vector"),
         "experts": ({}, {"model.layers.0.mlp.switch_mlp.up_proj.lora_a": torch.ones(2, RANK, WIDTH)}, "MoE expert"),
         "rank mismatch": ({"lora_parameters": {"rank": 8, "scale": 2.0}}, {}, "but the config gives r=8"),
+        "unpaired": ({}, {"model.layers.0.mlp.up_proj.lora_a": torch.ones(WIDTH, RANK)}, "has lora_a but no lora_b"),
+        "pair": ({}, {f"{MODULES[0]}.lora_b": torch.ones(RANK + 1, WIDTH)}, "lora_a^T has rank 4 but lora_b^T has 5"),
     }
     for what, (config_change, extra, message) in cases.items():
         d = tmp_path / what.replace(" ", "-")

@@ -745,6 +745,8 @@ def _module_spec(
     a, b = parts[a_name], parts[b_name]
     if ".lora_down" in a.name:  # a kohya file: its own names in the messages
         a_name, b_name = "lora_down", "lora_up"
+    elif a.name.endswith(".lora_a"):  # MLX-LM's, whose shapes are checked transposed (clair_cli.io.mlx)
+        a_name, b_name = "lora_a^T", "lora_b^T"
     for t in (a, b):
         if t.dtype not in FLOAT_DTYPES:
             raise bad(

@@ -112,6 +112,10 @@ def mlx_keys(path: Path, tensors: dict[str, TensorInfo]) -> HeaderKeys:
             )
         part = "lora_A" if m["part"] == "lora_a" else "lora_B"
         keys.parts.setdefault(m["module"], {})[part] = replace(info, shape=info.shape[::-1])
+    for module, parts in keys.parts.items():
+        if len(parts) == 1:
+            have, lack = ("lora_a", "lora_b") if "lora_A" in parts else ("lora_b", "lora_a")
+            raise _bad(path, f"module {printable(module)!r} has {have} but no {lack}")
     return keys
 
 
