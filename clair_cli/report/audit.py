@@ -433,8 +433,9 @@ def report_notes(report: dict[str, Any]) -> list[str]:
     n_zero = sum(a.get("norm") == 0 for a in report["adapters"])
     carrying = report["n_adapters"] - n_zero
     if n_zero and carrying < MIN_CARRYING and report["command"] != "gate":
+        verb = "is" if n_zero == 1 else "are"
         notes.append(
-            f"only {carrying} of {report['n_adapters']} adapters carry an update ({n_zero} {'is' if n_zero == 1 else 'are'} zero: untrained?): "
+            f"only {carrying} of {report['n_adapters']} adapters carry an update ({n_zero} {verb} zero: untrained?): "
             f"the rules compare adapters with each other and are calibrated for {MIN_CARRYING} or more, so among "
             f"{carrying} they have little power to tell a contaminated one"
         )
