@@ -157,7 +157,7 @@ def test_a_median_round_leaves_copies_out(noise: float) -> None:
 
 
 @pytest.mark.parametrize("on_too_few", ["median", "skip"])
-def test_copies_do_not_pad_a_round_to_an_audit(on_too_few: str) -> None:
+def test_copies_do_not_pad_a_round_to_an_audit(on_too_few: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Three clients and two Sybils sending one update (found by review): five replies made an
     audited round, whose statistics then rested on four distinct updates and whose mean gave the
     third client a third of the round, where three replies alone are a median round (or skipped).
@@ -166,8 +166,14 @@ def test_copies_do_not_pad_a_round_to_an_audit(on_too_few: str) -> None:
     glob = {n: (torch.randn(r, 40), torch.zeros(48, r)) for n in NAMES}
     clients = _pool(K=4, bad=())
     clients["node-4"] = {n: (A.clone(), B.clone()) for n, (A, B) in clients["node-3"].items()}
+    from clair_cli import pipeline
+
+    audits = []
+    real_audit = pipeline.audit
+    monkeypatch.setattr(pipeline, "audit", lambda *a, **k: audits.append(1) or real_audit(*a, **k))
     res = aggregate_round(glob, clients, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, r), on_too_few=on_too_few)
     assert res.report is None and res.flagged == [False, False, False, True, True], res.reasons
+    assert not audits  # the copies are counted before an audit is run, not after one is discarded
     assert "identical to node-4" in res.reasons[3][0] and "identical to node-3" in res.reasons[4][0]
     assert "5 client updates, 2 of them copies, left out: 3 to audit, fewer than clair's minimum of 5" in res.notes[-1]
     if on_too_few == "median":

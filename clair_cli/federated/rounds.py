@@ -383,7 +383,11 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
         notes.append("every client's update is zero: the global adapter is kept unchanged")
         return result(None, "skip")
     outcome, copies = None, None
-    if len(live) >= need:
+    if need <= len(live) < 2 * need:  # copies may pad the round to an audit's size: counted first (cheap)
+        found = _median_copies(updates, base_model)
+        if len(live) - len(found) < need:
+            copies = found
+    if len(live) >= need and copies is None:
         pool = pipeline.pool_from_factors(updates, base_model)
         outcome = pipeline.audit(pool, settings, copies="flag-all")
         report = audit_report(outcome)
