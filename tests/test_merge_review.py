@@ -402,6 +402,8 @@ def test_rescale_norm_sets_the_lower_median_norm(clair_pool, tmp_path: Path) -> 
     norms = np.sort(np.sqrt(sum(np.array([np.linalg.norm(X[m][k]) for k in used]) ** 2 for m in MODS)))
     scale = norms[(len(norms) - 1) // 2] / np.sqrt(sum(np.linalg.norm(want[m]) ** 2 for m in MODS))
     assert report["merge"]["scale"] == pytest.approx(scale, rel=1e-5) and scale > 1.5
+    # The note the console prints is in the report's notes too.
+    assert any(n.startswith("--rescale norm: merged update scaled by") for n in report["notes"]), report["notes"]
     for m in MODS:
         assert rel(got[m], scale * want[m]) < 1e-5
 

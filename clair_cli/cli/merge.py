@@ -88,10 +88,11 @@ def merge_command(
                 merged = pipeline.merge(pool, spec.name, params, w, options, outcome, progress, sink)
             merge_s = time.perf_counter() - started
         report = audit_report(outcome, command="merge", digests=reports.json_out is not None) if outcome else None
+        notes = _merge_notes(list(merged.notes) + dropped + plan.notes, len(pool.dropped))
         if report is not None:
             report["merge"] = merged.summary() | {"dropped": dropped}
-            report["notes"] = [*report["notes"], *plan.notes]
-        notes = _merge_notes(list(merged.notes) + dropped + plan.notes, len(pool.dropped))
+            # Every note the console prints after the merge, as a baseline merge's report has them.
+            report["notes"] = [*report["notes"], *(n for n in notes if n not in report["notes"])]
         publish.write_merged(root, pool, merged, outcome, report, notes, sys.argv[1:], params.as_dict(), plan)
         if report is not None:
             common.stage_reports(outputs, report, reports)
