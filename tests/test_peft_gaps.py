@@ -52,6 +52,11 @@ CASES = {
         "DoRA magnitude vectors",
     ),
     "PiSSA": ({}, {"init_lora_weights": "pissa"}, "PEFT rewrites the base weights"),
+    # PEFT refuses these as it loads the adapter (ValueError: Unknown initialization; PiSSA's own check).
+    "PiSSA capitalised": ({}, {"init_lora_weights": "PiSSA"}, "which PEFT refuses as it loads the adapter"),
+    "LoftQ capitalised": ({}, {"init_lora_weights": "LoftQ"}, "which PEFT refuses as it loads the adapter"),
+    "a PiSSA variant PEFT lacks": ({}, {"init_lora_weights": "pissa_x"}, "which PEFT refuses as it loads"),
+    "a number": ({}, {"init_lora_weights": 2}, "which PEFT refuses as it loads the adapter"),
     "a random init": ({}, {"init_lora_weights": False}, "a false init_lora_weights"),
     "a random init, 0": ({}, {"init_lora_weights": 0}, "a false init_lora_weights"),
     "a random init, null": ({}, {"init_lora_weights": None}, "a false init_lora_weights"),
@@ -173,3 +178,28 @@ def test_per_expert_moe_patterns_are_unanalysed(tmp_path: Path) -> None:
         (adapter,) = open_adapters([str(write_adapter(tmp_path / name, tensors, lora_config(**targets, **config)))])
         parts = adapter.unanalysed()
         assert (phrase is None and parts == []) or (phrase is not None and any(phrase in p for p in parts)), name
+
+
+@pytest.mark.parametrize("value", [True, "gaussian", "Gaussian", "eva", "orthogonal", "lora_ga", "MiCA"])
+def test_an_init_peft_loads_without_touching_the_base_weights_is_a_plain_lora(pool: Path, value: Any) -> None:
+    code, report = _gate(pool, _candidate(pool, init_lora_weights=value))
+    assert code == 0 and not report["flagged"], value
+
+
+def test_which_inits_peft_refuses_as_it_loads(tmp_path: Path) -> None:
+    """``unloadable_init`` against PEFT itself: each config saved and loaded on a tiny Llama."""
+    from helpers import tiny_llama
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from clair_cli.io.lora_config import unloadable_init
+
+    get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    for value in ["PiSSA", "LoftQ", "EVA", "pissa_x", "foo", "Gaussian", "OLoRA", "gaussian", "eva", True]:
+        (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"init_lora_weights": value}))
+        try:
+            PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+            refused = False
+        except ValueError:
+            refused = True
+        assert unloadable_init({"init_lora_weights": value}) == refused, value

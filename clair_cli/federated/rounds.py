@@ -338,7 +338,6 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
             ``weight_cap`` under 1.
     """
     from clair_cli import pipeline
-    from clair_cli.report.audit import audit_report
 
     _check_arguments(on_too_few, len(clients), weights, weight_cap)
     start = time.perf_counter()
@@ -382,18 +381,7 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
     if updates and len(idle) == len(global_factors):
         notes.append("every client's update is zero: the global adapter is kept unchanged")
         return result(None, "skip")
-    outcome, copies = None, None
-    if need <= len(live) < 2 * need:  # copies may pad the round to an audit's size: counted first (cheap)
-        found = _median_copies(updates, base_model)
-        if len(live) - len(found) < need:
-            copies = found
-    if len(live) >= need and copies is None:
-        pool = pipeline.pool_from_factors(updates, base_model)
-        outcome = pipeline.audit(pool, settings, copies="flag-all")
-        report = audit_report(outcome)
-        padded = _copies_in(report, [names[i] for i in live])
-        if len(live) - len(padded) < need:  # copies padded the round to an audit's size: too few all the same
-            outcome, report, copies = None, None, padded
+    pool, outcome, report, copies = _audit_round(updates, need, settings, base_model)
     if outcome is None:
         copies, robust, note = _too_few(updates, copies, need, on_too_few, base_model)
         _flag(names, flagged, reasons, copies)
@@ -424,6 +412,35 @@ def aggregate_round(  # noqa: PLR0913, PLR0915 - the round API Flower and the ex
     timing["merge"] = time.perf_counter() - t0
     new_global, errors = _refactor(global_factors, _factors(merged), scales, ranks)
     return result(new_global, None, errors)
+
+
+def _audit_round(
+    updates: Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]],
+    need: int,
+    settings: AuditParams,
+    base_model: str | None,
+) -> tuple[Any, Any, dict[str, Any] | None, dict[str, str] | None]:
+    """The round's pool, audit and report; no audit (None) where fewer than ``need`` updates are left
+    to audit, with the copies that left them (None where there were too few without copies). In
+    rounds of fewer than ``2 need`` the copies are counted first (the whole updates' Gram matrix,
+    cheap), so that a round copies pad to an audit's size is not audited and then discarded."""
+    from clair_cli import pipeline
+    from clair_cli.report.audit import audit_report
+
+    names = list(updates)
+    if len(names) < need:
+        return None, None, None, None
+    if len(names) < 2 * need:
+        found = _median_copies(updates, base_model)
+        if len(names) - len(found) < need:
+            return None, None, None, found
+    pool = pipeline.pool_from_factors(updates, base_model)
+    outcome = pipeline.audit(pool, settings, copies="flag-all")
+    report = audit_report(outcome)
+    padded = _copies_in(report, names)
+    if len(names) - len(padded) < need:  # copies padded the round to an audit's size: too few all the same
+        return None, None, None, padded
+    return pool, outcome, report, None
 
 
 def _check_arguments(on_too_few: str, n_clients: int, weights: Sequence[float] | None, cap: float | None) -> None:

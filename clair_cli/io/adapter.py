@@ -33,6 +33,7 @@ from clair_cli.io.lora_config import (
     ignored_note,
     peft_selects,
     random_init,
+    unloadable_init,
     variants_on,
 )
 from clair_cli.io.paths import printable
@@ -76,6 +77,7 @@ class ModuleSpec:
 EXPERT_MODULE_RE = re.compile(r"\.experts\.\d+\.(?:w1|w2|w3|gate_proj|up_proj|down_proj)$")
 ROUTER_MODULE_RE = re.compile(r"\.(?:block_sparse_moe|mlp)\.gate$")
 GATE_UP_RE = re.compile(r"\.experts\.\d+\.(?:w1|w3|gate_proj|up_proj)$")
+UNLOADABLE_INIT = "which PEFT refuses as it loads the adapter (an initialization it does not know)"
 RANDOM_INIT = "a false init_lora_weights (a module the config targets and the file does not fill gets a random update)"
 
 
@@ -187,6 +189,8 @@ class Adapter:
             out.append(f"init_lora_weights {printable(repr(init))} ({method}: PEFT rewrites the base weights)")
         if random_init(self.config.raw):
             out.append(RANDOM_INIT)
+        if unloadable_init(self.config.raw):
+            out.append(f"init_lora_weights {printable(repr(init))[:60]}, {UNLOADABLE_INIT}")
         # target_parameters on plain Linear weights is exactly scale * B @ A; the others are not.
         out += [why for why in variants_on(self.config.raw) if not why.startswith("target_parameters")]
         if self.untied:
@@ -284,6 +288,9 @@ class Adapter:
         rewriting = base_rewriting_note(config)
         if rewriting:
             notes.append(rewriting)
+        if unloadable_init(config.raw):
+            shown = printable(repr(config.raw["init_lora_weights"]))[:60]
+            notes.append(f"init_lora_weights {shown}, {UNLOADABLE_INIT}; clair reads its factors (clair gate flags it)")
         if random_init(config.raw):
             notes.append(
                 f"init_lora_weights {printable(repr(config.raw['init_lora_weights']))}: PEFT gives every module its "

@@ -295,11 +295,32 @@ def refuse_variants(adapters: Sequence[Adapter], what: str) -> None:
     refuse_base_rewriting(adapters, what)
 
 
+# init_lora_weights strings PEFT (0.21, LoraLayer.update_layer and reset_lora_parameters) takes exactly as
+# written, and those it takes in any case; "pissa" and "pissa_niter_N" and any "corda..." are PiSSA's and CorDA's.
+_PEFT_INITS_EXACT = ("loftq", "eva", "orthogonal", "lora_ga")
+_PEFT_INITS_ANY_CASE = ("olora", "mica", "gaussian")
+
+
+def unloadable_init(raw: Mapping[str, Any]) -> bool:
+    """Whether the config's ``init_lora_weights`` is a value PEFT refuses as it loads the adapter
+    (``ValueError: Unknown initialization``, or PiSSA's own check): a string other than its
+    methods' names (case matters but for OLoRA, MiCA and Gaussian: ``"PiSSA"``, ``"LoftQ"``), or
+    a true value that is neither ``true`` nor a string."""
+    value = raw.get("init_lora_weights")
+    if not value or value is True:
+        return False
+    if not isinstance(value, str):
+        return True
+    if value.startswith("pissa"):
+        return value != "pissa" and re.fullmatch(r"pissa_niter_\d+", value) is None
+    return not (value.startswith("corda") or value in _PEFT_INITS_EXACT or value.lower() in _PEFT_INITS_ANY_CASE)
+
+
 def base_rewriting_init(raw: Mapping[str, Any]) -> str | None:
     """The method's name (PiSSA, CorDA, OLoRA, LoftQ) when the config's ``init_lora_weights`` makes PEFT
     rewrite the base weights as it loads the adapter (its tests, as in PEFT's update_layer), or None."""
     value = raw.get("init_lora_weights")
-    if not isinstance(value, str):
+    if not isinstance(value, str) or unloadable_init(raw):
         return None
     if value.startswith("pissa"):
         return "PiSSA"
