@@ -73,6 +73,13 @@ def test_patterns_over_several_parameters_of_one_layer_are_refused(tmp_path: Pat
     # Without patterns every parameter gets r and lora_alpha: read as before.
     write_adapter(tmp_path / "b", tensors, lora_config(target_modules=[], target_parameters=["block.w1", "block.w2"]))
     assert set(_open(tmp_path / "b").modules) == {"block", "block.base_layer"}
+    # Patterns that give both parameters one rank and alpha (none of them, or both alike): which one
+    # a pair belongs to does not change its scale, so it is read.
+    for name, pattern, scale in (("c", {"elsewhere": 3}, 8 / 4), ("d", {r"w\d": 3}, 3 / 4)):
+        both = lora_config(target_modules=[], target_parameters=["block.w1", "block.w2"], alpha_pattern=pattern)
+        write_adapter(tmp_path / name, tensors, both)
+        modules = _open(tmp_path / name).modules
+        assert {m: s.scale for m, s in modules.items()} == {"block": scale, "block.base_layer": scale}
 
 
 @pytest.mark.parametrize(

@@ -646,15 +646,27 @@ def parameter_names(path: Path, config: AdapterConfig, modules: Iterable[str]) -
         }
         if not names:
             continue
-        if len(names) > 1 or owner != module:
+        if owner != module:  # nested wrappers: the name may be spelt with or without base_layer
+            names |= {n.replace(".base_layer", "") for n in names}
+        if (len(names) > 1 or owner != module) and not _same_scale(config, module, names):
             raise AdapterFormatError(
                 f"{printable(str(path))}: module {module!r} holds the LoRA of one of several target_parameters of one "
                 f"layer ({', '.join(sorted(n.rpartition('.')[2] for n in names))}), and PEFT matches rank_pattern / "
                 "alpha_pattern keys against the parameter's name, which the file does not tell; clair does not read it",
                 hint="Leave this adapter out, or give every parameter the same r and lora_alpha (no patterns).",
             )
-        out[module] = names.pop()
+        out[module] = min(names)
     return out
+
+
+def _same_scale(config: AdapterConfig, module: str, names: set[str]) -> bool:
+    """Whether the rank and alpha patterns give ``module`` one rank and one alpha whichever of
+    ``names`` PEFT matches them against (then which one it is does not matter)."""
+    found = {
+        (probe.rank_for(module), probe.alpha_for(module))
+        for probe in (replace(config, parameter_names={module: name}) for name in names)
+    }
+    return len(found) == 1
 
 
 def expert_scaling(config: AdapterConfig, modules: Iterable[str]) -> str | None:
