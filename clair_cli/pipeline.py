@@ -157,11 +157,21 @@ def _one_layout(adapters: Sequence[Adapter]) -> str | None:
     first = adapters[0]
     odd = next((a for a in adapters if a.layout != first.layout), None)
     if odd is not None:
+
+        def named(layout: str) -> str:
+            return ("an " if layout == "mlx" else "a ") + LAYOUT_NAMES[layout]
+
+        mlx = "mlx" in (first.layout, odd.layout)
         raise IncompatibleAdapters(
-            f"{first.name} is a {LAYOUT_NAMES[first.layout]} LoRA and {odd.name} is a {LAYOUT_NAMES[odd.layout]} LoRA; "
+            f"{first.name} is {named(first.layout)} LoRA and {odd.name} is {named(odd.layout)} LoRA; "
             "clair compares and merges adapters of one layout",
-            hint="Convert them to one layout first (diffusers loads kohya files and saves them with "
-            "save_lora_weights), or audit each layout on its own.",
+            hint="Convert them to one layout first ("
+            + (
+                "examples/mlx_to_peft.py converts an MLX-LM adapter to PEFT's layout"
+                if mlx
+                else "diffusers loads kohya files and saves them with save_lora_weights"
+            )
+            + "), or audit each layout on its own.",
         )
     if first.layout == "peft":
         return None

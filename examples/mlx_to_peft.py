@@ -8,7 +8,13 @@ MLX-LM stores ``<module>.lora_a`` (in x r) and ``<module>.lora_b`` (r x out) in
 update in PEFT's terms: ``lora_A.weight = lora_a^T``, ``lora_B.weight = lora_b^T`` and
 ``lora_alpha / r = scale``. MLX-LM's module names are the Hugging Face model's, so the PEFT adapter
 targets exactly the modules the file holds. DoRA (``fine_tune_type: dora``), full fine-tunes and
-MoE expert stacks (3-D factors) are refused: they are not a plain LoRA update.
+MoE expert stacks (3-D factors) are refused: they are not a plain LoRA update. The scale is the one
+clair reads (``clair_cli.io.mlx.mlx_config``: ``scale * alpha / rank`` for the configs of mlx_lm
+0.13.0 and older that give an ``alpha``). An embedding's LoRA (MLX-LM's ``LoRAEmbedding``: the
+table gains ``scale * lora_a @ lora_b``) is written under PEFT's embedding names
+(``lora_embedding_A = lora_a^T``, ``lora_embedding_B = lora_b^T``: PEFT adds ``(B @ A)^T``), which
+PEFT loads into an ``nn.Embedding`` (it ignores ``lora_A.weight`` there); the file does not say which
+modules are embeddings, so they are told by name (``EMBEDDING_NAMES``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+# The last part of an embedding module's name in the Hugging Face models MLX-LM fine-tunes.
+EMBEDDING_NAMES = {"embed_tokens", "wte", "embed_in", "tok_embeddings", "word_embeddings"}
 
 
 def convert(src: Path, dst: Path) -> None:
@@ -27,7 +36,16 @@ def convert(src: Path, dst: Path) -> None:
     if kind != "lora":
         raise SystemExit(f"{src}: fine_tune_type {kind!r} is not a plain LoRA")
     params = config["lora_parameters"]
-    rank, scale = int(params["rank"]), float(params["scale"])
+    rank = int(params["rank"])
+    try:
+        from clair_cli.errors import ClairError
+        from clair_cli.io.mlx import mlx_config
+
+        scale = mlx_config(src / "adapter_config.json")[1]
+    except ImportError:  # clair not installed: the config's scale as it stands
+        scale = float(params["scale"])
+    except ClairError as exc:
+        raise SystemExit(str(exc)) from None
     tensors: dict[str, torch.Tensor] = {}
     modules: set[str] = set()
     for key, t in load_file(str(src / "adapters.safetensors")).items():
@@ -35,7 +53,11 @@ def convert(src: Path, dst: Path) -> None:
         if part not in ("lora_a", "lora_b") or t.ndim != 2:
             raise SystemExit(f"{src}: {key} {tuple(t.shape)} is not a LoRA factor of a linear layer")
         peft_part = "lora_A" if part == "lora_a" else "lora_B"
-        tensors[f"base_model.model.{module}.{peft_part}.weight"] = t.T.contiguous()
+        if module.rsplit(".", 1)[-1] in EMBEDDING_NAMES:
+            name = f"base_model.model.{module}.{peft_part.replace('lora_', 'lora_embedding_')}"
+        else:
+            name = f"base_model.model.{module}.{peft_part}.weight"
+        tensors[name] = t.T.contiguous()
         modules.add(module)
     dst.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(dst / "adapter_model.safetensors"))

@@ -154,6 +154,9 @@ def fake_hub(tmp_path: Path) -> Iterator[FakeHub]:
             )
         },
         "owner/mlxlora": {"main": (SHA_MAIN, _mlx_files())},
+        "owner/mlxboth": {
+            "main": (SHA_MAIN, {**_mlx_files(), "adapter_model.safetensors": main["adapter_model.safetensors"]})
+        },
         "owner/pickled": {
             "main": (SHA_MAIN, {"adapter_config.json": main["adapter_config.json"], "adapter_model.bin": b"\x80"})
         },
@@ -230,11 +233,20 @@ def test_an_mlx_lm_adapter_repo_is_read_from_its_adapters_file(fake_hub: FakeHub
     assert adapter["layout"] == "mlx" and adapter["revision"] == SHA_MAIN and adapter["n_modules"] == 2
     assert adapter["lora_alpha"] == 40.0 and adapter["base_model"] == "org/base"
     fetched = {path.rsplit("/", 1)[-1] for _, path, _ in fake_hub.requests}
-    assert fetched == {"adapter_config.json", "adapter_model.safetensors", "adapters.safetensors"}
+    assert fetched == {"adapter_config.json", "adapters.safetensors"}  # the config is MLX-LM's
     n = len(fake_hub.requests)
     proc = run_cli("inspect", "owner/mlxlora", "--json", "-", env={**env, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["adapters"][0]["layout"] == "mlx" and len(fake_hub.requests) == n
+
+
+def test_an_mlx_lm_repo_with_a_peft_weights_file_too_is_read_as_its_config_says(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    proc = run_cli("inspect", "owner/mlxboth", "--json", "-", env=_env(fake_hub, tmp_path / "home"))
+    assert proc.returncode == 0, proc.stderr
+    (adapter,) = json.loads(proc.stdout)["adapters"]
+    assert adapter["layout"] == "mlx" and adapter["lora_alpha"] == 40.0
 
 
 def test_one_lora_file_of_a_repo_is_named_in_the_source(fake_hub: FakeHub, tmp_path: Path) -> None:

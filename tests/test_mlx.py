@@ -163,14 +163,27 @@ def test_what_is_not_an_mlx_lm_plain_lora_is_refused(tmp_path: Path) -> None:
         "scale": ({"lora_parameters": {"rank": RANK, "scale": "x"}}, {}, "scale must be a finite number"),
         "magnitude": ({}, {"model.layers.0.self_attn.q_proj.m": torch.ones(WIDTH)}, "a DoRA magnitude vector"),
         "experts": ({}, {"model.layers.0.mlp.switch_mlp.up_proj.lora_a": torch.ones(2, RANK, WIDTH)}, "MoE expert"),
-        "rank mismatch": ({"lora_parameters": {"rank": 8, "scale": 2.0}}, {}, "but the config gives r=8"),
+        "rank mismatch": (
+            {"lora_parameters": {"rank": 8, "scale": 2.0}},
+            {},
+            "but the config gives rank 8 (adapter_config.json: lora_parameters.rank",
+        ),
+        "fine_tune_type list": ({"fine_tune_type": ["lora"]}, {}, "fine_tune_type ['lora']: not a LoRA"),
+        "fine_tune_type object": ({"fine_tune_type": {"a": 1}}, {}, "fine_tune_type {'a': 1}: not a LoRA"),
+        "use_dora": ({"fine_tune_type": None, "use_dora": True}, {}, "use_dora: a DoRA adapter"),
+        "b alone": (
+            {},
+            {"model.layers.5.self_attn.q_proj.lora_b": torch.ones(RANK, WIDTH)},
+            "has lora_b but no lora_a",
+        ),
         "unpaired": ({}, {"model.layers.0.mlp.up_proj.lora_a": torch.ones(WIDTH, RANK)}, "has lora_a but no lora_b"),
-        "pair": ({}, {f"{MODULES[0]}.lora_b": torch.ones(RANK + 1, WIDTH)}, "lora_a^T has rank 4 but lora_b^T has 5"),
+        "pair": ({}, {f"{MODULES[0]}.lora_b": torch.ones(RANK + 1, WIDTH)}, "rank mismatch: lora_a [16, 4] has rank 4"),
     }
     for what, (config_change, extra, message) in cases.items():
         d = tmp_path / what.replace(" ", "-")
         tensors = mlx_adapter(d, 0)
         config = json.loads((d / "adapter_config.json").read_text()) | config_change
+        config = {k: v for k, v in config.items() if not (k == "fine_tune_type" and v is None and what == "use_dora")}
         (d / "adapter_config.json").write_text(json.dumps(config))
         if extra:
             save_file({**tensors, **extra}, str(d / "adapters.safetensors"))
@@ -205,3 +218,111 @@ def test_the_converter_refuses_what_is_not_a_plain_lora(tmp_path: Path, what: st
     with pytest.raises(SystemExit, match="dora" if what == "dora" else "not a LoRA factor of a linear layer"):
         converter()(tmp_path / "mlx", tmp_path / "peft")
     assert not (tmp_path / "peft" / "adapter_model.safetensors").exists()
+
+
+def test_an_alpha_is_read_as_the_mlx_lm_version_that_wrote_the_config_applied_it(tmp_path: Path) -> None:
+    """mlx_lm 0.6.0 to 0.14.1 applied ``scale * alpha / rank`` (configs of ``lora_layers``, and no
+    ``use_dora`` before 0.13.1); 0.14.2 on ignored the ``alpha`` its defaults kept until 0.22
+    (configs of ``num_layers`` from 0.19); a config of 0.13.1 to 0.18 does not say which."""
+    params = {"rank": RANK, "alpha": 16, "scale": 10.0, "dropout": 0.0}
+    cases = {
+        "0.13.0": ({"lora_layers": 2, "lora_parameters": params}, 10.0 * 16 / RANK),
+        "0.19": ({"num_layers": 2, "fine_tune_type": "lora", "lora_parameters": params}, 10.0),
+        "alpha = rank": ({"lora_layers": 2, "use_dora": False, "lora_parameters": {**params, "alpha": RANK}}, 10.0),
+        "0.16": ({"lora_layers": 2, "use_dora": False, "lora_parameters": params}, None),
+        "alpha not a number": ({"lora_layers": 2, "lora_parameters": {**params, "alpha": "16"}}, None),
+    }
+    for what, (config, scale) in cases.items():
+        d = tmp_path / what.replace(" ", "-")
+        mlx_adapter(d, 0)
+        (d / "adapter_config.json").write_text(json.dumps({"model": "m", **config}))
+        proc = run_cli("inspect", str(d), "--json", "-")
+        if scale is None:
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, (what, proc.stderr)
+            assert "alpha" in proc.stderr.splitlines()[0], (what, proc.stderr)
+            continue
+        assert proc.returncode == 0, (what, proc.stderr)
+        (adapter,) = json.loads(proc.stdout)["adapters"]
+        assert adapter["lora_alpha"] == pytest.approx(scale * RANK), what
+    # A merge of 0.13.0's adapters: alpha = rank, so that mlx_lm 0.14.1 and older apply scale 1 too.
+    for k in range(5):
+        mlx_adapter(tmp_path / "pool" / f"c{k}", k)
+        (tmp_path / "pool" / f"c{k}" / "adapter_config.json").write_text(json.dumps(cases["0.13.0"][0]))
+    proc = run_cli("merge", str(tmp_path / "pool"), "--out", str(tmp_path / "out"), "-q")
+    assert proc.returncode in (0, 1), proc.stderr
+    merged = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["lora_parameters"]
+    assert merged["scale"] == 1.0 and merged["alpha"] == merged["rank"]
+    reread = run_cli("inspect", str(tmp_path / "out"), "--json", "-")
+    assert reread.returncode == 0, reread.stderr
+    assert json.loads(reread.stdout)["adapters"][0]["lora_alpha"] == merged["rank"]
+
+
+def test_an_mlx_lm_config_beside_a_peft_weights_file(tmp_path: Path) -> None:
+    """A directory with both weights files is read as its config says (MLX-LM's: adapters.safetensors,
+    what mlx_lm loads); an MLX-LM config is never read as PEFT's (PEFT's defaults for its rank and scale)."""
+    mlx_adapter(tmp_path / "mlx", 0)
+    converter()(tmp_path / "mlx", tmp_path / "peft")
+    both = tmp_path / "both"
+    shutil.copytree(tmp_path / "mlx", both)
+    shutil.copy(tmp_path / "peft" / "adapter_model.safetensors", both)
+    proc = run_cli("inspect", str(both), "--json", "-")
+    assert proc.returncode == 0, proc.stderr
+    (adapter,) = json.loads(proc.stdout)["adapters"]
+    assert adapter["layout"] == "mlx" and adapter["lora_alpha"] == pytest.approx(SCALE * RANK)
+    (both / "adapters.safetensors").unlink()
+    for args in (
+        [str(both)],
+        [str(tmp_path / "peft" / "adapter_model.safetensors"), "--config", str(both / "adapter_config.json")],
+    ):
+        proc = run_cli("inspect", *args)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "adapter_config.json: an MLX-LM adapter config (lora_parameters)" in proc.stderr.splitlines()[0]
+    # With PEFT's config, the directory is PEFT's adapter (what PEFT loads from it).
+    shutil.copy(tmp_path / "mlx" / "adapters.safetensors", both)
+    shutil.copy(tmp_path / "peft" / "adapter_config.json", both)
+    proc = run_cli("inspect", str(both), "--json", "-")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["adapters"][0]["layout"] == "peft", proc.stderr
+
+
+def test_a_pool_of_mlx_lm_and_peft_adapters_is_refused_with_the_converter(tmp_path: Path) -> None:
+    mlx, peft = pools(tmp_path)
+    shutil.copytree(peft / "c0", mlx / "p0")
+    proc = run_cli("audit", str(mlx))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "c0 is an MLX-LM LoRA and p0 is a PEFT LoRA" in proc.stderr
+    assert "examples/mlx_to_peft.py" in proc.stderr
+
+
+def test_the_converter_writes_an_embeddings_lora_under_the_names_peft_applies(tmp_path: Path) -> None:
+    """MLX-LM's LoRAEmbedding adds ``scale * lora_a @ lora_b`` to the table; PEFT applies the converted
+    adapter's update there (it ignored lora_A.weight on an nn.Embedding), and clair reads the MLX-LM
+    adapter and the converted one as one update."""
+    from peft import PeftModel
+
+    from clair_cli.io.sources import SourceOptions, open_adapters
+
+    vocab = tiny_llama(WIDTH).model.embed_tokens.weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    m = "model.embed_tokens"
+    tensors = {
+        f"{m}.lora_a": torch.randn(vocab, RANK, generator=g),
+        f"{m}.lora_b": torch.randn(RANK, WIDTH, generator=g),
+    }
+    (tmp_path / "mlx").mkdir()
+    save_file(tensors, str(tmp_path / "mlx" / "adapters.safetensors"))
+    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": {"rank": RANK, "scale": 2.0}}
+    (tmp_path / "mlx" / "adapter_config.json").write_text(json.dumps(config))
+    converter()(tmp_path / "mlx", tmp_path / "peft")
+    base = tiny_llama(WIDTH)
+    before = base.model.embed_tokens.weight.detach().clone()
+    merged = PeftModel.from_pretrained(base, str(tmp_path / "peft")).merge_and_unload()
+    applied = (merged.model.embed_tokens.weight.detach() - before).double()
+    expected = 2.0 * tensors[f"{m}.lora_a"].double() @ tensors[f"{m}.lora_b"].double()
+    np.testing.assert_allclose(applied.numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+    reads = []
+    for d in ("mlx", "peft"):
+        (adapter,) = open_adapters([str(tmp_path / d)], SourceOptions())
+        (module,) = adapter.load(dtype=torch.float64)
+        reads.append((module.scale * module.B.double() @ module.A.double()).numpy())
+    np.testing.assert_allclose(reads[0], expected.numpy().T, rtol=1e-12)
+    np.testing.assert_allclose(reads[1], expected.numpy().T, rtol=1e-12)

@@ -758,14 +758,16 @@ def _module_spec(
             hint="Keep the pair that matches the layer (lora_embedding_* for an nn.Embedding) and re-save.",
         )
     a_name, b_name = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
+    # An MLX-LM file (clair_cli.io.mlx): its own names (lora_a, in x r; lora_b, r x out) in the messages.
+    mlx = any(t.name.endswith((".lora_a", ".lora_b")) for t in parts.values())
     if a_name not in parts or b_name not in parts:
         have, lack = (a_name, b_name) if a_name in parts else (b_name, a_name)
-        raise bad(f"has {have} but no {lack}")
+        raise bad(f"has {have.lower()} but no {lack.lower()}" if mlx else f"has {have} but no {lack}")
     a, b = parts[a_name], parts[b_name]
     if ".lora_down" in a.name:  # a kohya file: its own names in the messages
         a_name, b_name = "lora_down", "lora_up"
-    elif a.name.endswith(".lora_a"):  # MLX-LM's, whose shapes are checked transposed (clair_cli.io.mlx)
-        a_name, b_name = "lora_a^T", "lora_b^T"
+    elif mlx:
+        a_name, b_name = "lora_a", "lora_b"
     for t in (a, b):
         if t.dtype not in FLOAT_DTYPES:
             raise bad(
@@ -797,6 +799,11 @@ def _module_spec(
                 "cannot merge it either; clair does not read it",
                 hint="Leave this adapter out.",
             )
+        if mlx:
+            raise bad(
+                f"rank mismatch: lora_a {list(a.shape[::-1])} has rank {rank} but lora_b {list(b.shape[::-1])} "
+                f"has rank {b.shape[1]}"
+            )
         raise bad(f"rank mismatch: {a_name} has rank {rank} but {b_name} has {b.shape[1]} columns")
     if rank == 0:
         raise bad("has rank 0")
@@ -812,6 +819,12 @@ def _module_spec(
             f"(nn.Parameters such as fused MoE experts; {rank // expected} LoRAs of rank {expected} in one pair of "
             "factors), which clair does not read",
             hint="Leave this adapter out; clair reads LoRAs of modules (target_modules).",
+        )
+    if rank != expected and mlx:
+        raise bad(
+            f"factors have rank {rank} but the config gives rank {expected} "
+            f"({config.file_name or 'adapter_config.json'}: lora_parameters.rank, one rank for every module); "
+            "MLX-LM would refuse to load it"
         )
     if rank != expected:
         given = f"{config.file_name}: " if config.file_name else ""

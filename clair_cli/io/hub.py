@@ -506,7 +506,9 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
         # downloads would pair one commit's config with another's weights.
         commit = _commit_from_path(config)
         try:
-            weights = get(SAFETENSORS_WEIGHTS_NAME, commit or hub.revision)
+            weights = _mlx_weights(get, config, commit or hub.revision) or get(
+                SAFETENSORS_WEIGHTS_NAME, commit or hub.revision
+            )
         except (UnsafeFormatError, HubError) as exc:  # none in the repo, or none cached offline
             try:  # an MLX-LM adapter repo: adapters.safetensors beside its config (io.mlx)
                 weights = get(MLX_WEIGHTS_NAME, commit or hub.revision)
@@ -524,6 +526,19 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
         except (_Missing, _NotCached):
             raise exc from None
     return _ref(hub, spec, weights, config)
+
+
+def _mlx_weights(get: Any, config: Path, revision: str | None) -> Path | None:
+    """An MLX-LM repo's adapters.safetensors where its config is MLX-LM's (io.mlx), read even beside an
+    adapter_model.safetensors (what mlx_lm loads from the repo); None otherwise, or where the repo has none."""
+    from clair_cli.io.mlx import is_mlx_config
+
+    if not is_mlx_config(config):
+        return None
+    try:
+        return get(MLX_WEIGHTS_NAME, revision)
+    except (_Missing, _NotCached):
+        return None
 
 
 def _ref(hub: HubSpec, spec: str, weights: Path, config: Path | None) -> AdapterRef:

@@ -43,6 +43,16 @@ def is_mlx(tensors: dict[str, TensorInfo]) -> bool:
     return any(MLX_KEY_RE.match(k) for k in tensors)
 
 
+def is_mlx_config(path: Path) -> bool:
+    """Whether ``path`` reads as MLX-LM's adapter config (``lora_parameters``, no ``peft_type``); false for
+    anything unreadable (the reader of the adapter then says why)."""
+    try:
+        data = parse_json(read_small(path, MAX_CONFIG_BYTES, "an adapter config"), path, "the config")
+    except (AdapterFormatError, OSError):
+        return False
+    return isinstance(data, dict) and "peft_type" not in data and isinstance(data.get("lora_parameters"), dict)
+
+
 def mlx_config(path: Path) -> tuple[AdapterConfig, float]:
     """The adapter config at ``path`` (MLX-LM's) as an :class:`AdapterConfig` (``r`` the rank,
     ``lora_alpha = scale * rank``, ``raw`` the file's object) and its ``scale``.
@@ -60,8 +70,15 @@ def mlx_config(path: Path) -> tuple[AdapterConfig, float]:
         what = {"dora": "DoRA (magnitude vectors beside the factors)", "full": "a full fine-tune (no LoRA factors)"}
         raise _bad(
             path,
-            f"fine_tune_type {printable(repr(kind))[:60]}: {what.get(kind, 'not a LoRA')}; clair reads MLX-LM's "
+            f"fine_tune_type {printable(repr(kind))[:60]}: "
+            f"{what.get(kind, 'not a LoRA') if isinstance(kind, str) else 'not a LoRA'}; clair reads MLX-LM's "
             "plain LoRA adapters",
+            hint=HINT,
+        )
+    if "fine_tune_type" not in data and data.get("use_dora"):  # mlx_lm 0.13.1 to 0.18 (fine_tune_type after)
+        raise _bad(
+            path,
+            "use_dora: a DoRA adapter (magnitude vectors beside the factors); clair reads MLX-LM's plain LoRA adapters",
             hint=HINT,
         )
     params = data.get("lora_parameters")
@@ -72,6 +89,7 @@ def mlx_config(path: Path) -> tuple[AdapterConfig, float]:
         raise _bad(path, f"lora_parameters.rank must be a positive integer, got {printable(repr(rank))[:60]}")
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise _bad(path, f"lora_parameters.scale must be a finite number, got {printable(repr(scale))[:60]}")
+    scale = _alpha_scale(path, data, params, rank, float(scale))
     base = data.get("model")
     config = AdapterConfig(
         base_model=base if isinstance(base, str) and base else None,
@@ -82,6 +100,41 @@ def mlx_config(path: Path) -> tuple[AdapterConfig, float]:
         file_name=path.name,
     )
     return config, float(scale)
+
+
+def _alpha_scale(path: Path, data: dict[str, Any], params: dict[str, Any], rank: int, scale: float) -> float:
+    """The scale MLX-LM applied for a config whose ``lora_parameters`` hold an ``alpha``.
+
+    mlx_lm 0.6.0 (the first to save adapter_config.json) to 0.14.1 applied ``scale * alpha / rank``
+    (``LoRALinear``); 0.14.2 dropped ``alpha`` from the layers, yet kept ``"alpha": 16`` in its
+    default ``lora_parameters`` until 0.22, ignored. A config with ``num_layers`` or
+    ``fine_tune_type`` (0.19 on) is therefore read with ``scale`` alone, and one with
+    ``lora_layers`` and no ``use_dora`` (0.6.0 to 0.13.0: ``use_dora`` came in 0.13.1) with
+    ``scale * alpha / rank``. Otherwise (0.13.1 to 0.18, or a config written by hand) the
+    config does not say which of the two it meant, unless ``alpha`` equals ``rank``.
+
+    Raises:
+        AdapterFormatError: an alpha that is not a finite number, or one whose meaning the
+            config leaves open.
+    """
+    if "alpha" not in params or "num_layers" in data or "fine_tune_type" in data:
+        return scale
+    alpha = params["alpha"]
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise _bad(path, f"lora_parameters.alpha must be a finite number, got {printable(repr(alpha))[:60]}")
+    if alpha == rank:
+        return scale
+    if "lora_layers" in data and "use_dora" not in data:
+        return scale * float(alpha) / rank
+    raise _bad(
+        path,
+        f"lora_parameters give alpha {alpha:g} beside rank {rank} and scale {scale:g}, in a config of mlx_lm "
+        f"before 0.19 (no num_layers): mlx_lm up to 0.14.1 applied scale * alpha / rank = "
+        f"{scale * float(alpha) / rank:g}, 0.14.2 and later scale alone, and the config does not say which "
+        "wrote it",
+        hint="Set lora_parameters.scale to the scale the adapter was trained with (scale * alpha / rank if "
+        "mlx_lm 0.14.1 or older trained it) and remove alpha.",
+    )
 
 
 def mlx_keys(path: Path, tensors: dict[str, TensorInfo]) -> HeaderKeys:
@@ -156,7 +209,11 @@ def open_mlx(
 
 def merged_config(source: dict[str, Any], rank: int) -> dict[str, Any]:
     """A merged adapter's MLX-LM config: its source's, with every module at ``rank`` and scale 1
-    (the merged factors carry the scale)."""
+    (the merged factors carry the scale); an ``alpha`` the source gives becomes ``rank`` (scale 1
+    to the mlx_lm versions that applied ``scale * alpha / rank`` too: :func:`_alpha_scale`)."""
     out = dict(source)
-    out["lora_parameters"] = {**source.get("lora_parameters", {}), "rank": rank, "scale": 1.0}
+    params = {**source.get("lora_parameters", {}), "rank": rank, "scale": 1.0}
+    if "alpha" in params:  # mlx_lm up to 0.14.1 applied scale * alpha / rank: 1 with alpha = rank
+        params["alpha"] = rank
+    out["lora_parameters"] = params
     return out

@@ -199,4 +199,13 @@ def load_config(path: Path) -> AdapterConfig:
     data = parse_json(raw, path, "the config")
     if not isinstance(data, dict):
         raise _fail(path, "must hold a JSON object")
+    if "peft_type" not in data and isinstance(data.get("lora_parameters"), dict):
+        # MLX-LM's (clair_cli.io.mlx), beside a PEFT-layout weights file: PEFT's defaults would stand in
+        # for its rank and scale.
+        raise AdapterFormatError(
+            f"{printable(str(path))}: an MLX-LM adapter config (lora_parameters), which describes MLX-LM's "
+            "adapters.safetensors, not the PEFT-layout weights file read with it",
+            hint="Keep an MLX-LM adapter's directory to its adapters.safetensors and adapter_config.json, or "
+            "give the PEFT adapter its own adapter_config.json.",
+        )
     return replace(parse_config(data, path), sha256=hashlib.sha256(raw).hexdigest(), file_name=path.name)

@@ -304,8 +304,9 @@ def _adapter_dir_ref(directory: Path, name: str, source: str, options: SourceOpt
         # A diffusion LoRA directory (save_lora_weights, or clair's own output): read at open.
         weights = directory / DIFFUSERS_WEIGHTS_NAME
         return _local_ref(directory, name, source, weights, config if _lexists(config) else None, path)
-    if not _lexists(weights) and _lexists(directory / MLX_WEIGHTS_NAME):
-        # An MLX-LM adapter (clair_cli.io.mlx): its config gives the rank and scale, read at open.
+    if _lexists(directory / MLX_WEIGHTS_NAME) and (not _lexists(weights) or _mlx_beside_peft(config)):
+        # An MLX-LM adapter (clair_cli.io.mlx): its config gives the rank and scale, read at open; beside
+        # an adapter_model.safetensors, read when the config is MLX-LM's (what mlx_lm loads from it).
         weights = directory / MLX_WEIGHTS_NAME
         return _local_ref(directory, name, source, weights, config if _lexists(config) else None, path)
     if not _lexists(weights):
@@ -320,6 +321,12 @@ def _adapter_dir_ref(directory: Path, name: str, source: str, options: SourceOpt
             hint="Pass --config FILE, or --lora-alpha (and --base-model) to describe it.",
         )
     return _local_ref(directory, name, source, weights, config if has_config else None, path)
+
+
+def _mlx_beside_peft(config: Path) -> bool:
+    from clair_cli.io.mlx import is_mlx_config
+
+    return _lexists(config) and is_mlx_config(config)
 
 
 def _bare_file_ref(file: Path, name: str, source: str, options: SourceOptions, path: str) -> AdapterRef:
