@@ -250,8 +250,11 @@ def test_an_alpha_is_read_as_the_mlx_lm_version_that_wrote_the_config_applied_it
         (tmp_path / "pool" / f"c{k}" / "adapter_config.json").write_text(json.dumps(cases["0.13.0"][0]))
     proc = run_cli("merge", str(tmp_path / "pool"), "--out", str(tmp_path / "out"), "-q")
     assert proc.returncode in (0, 1), proc.stderr
-    merged = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["lora_parameters"]
+    written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    merged = written["lora_parameters"]
     assert merged["scale"] == 1.0 and merged["alpha"] == merged["rank"]
+    # num_layers beside lora_layers: what mlx_lm 0.19 and later read.
+    assert written["lora_layers"] == written["num_layers"] == 2
     reread = run_cli("inspect", str(tmp_path / "out"), "--json", "-")
     assert reread.returncode == 0, reread.stderr
     assert json.loads(reread.stdout)["adapters"][0]["lora_alpha"] == merged["rank"]

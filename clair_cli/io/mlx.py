@@ -210,10 +210,13 @@ def open_mlx(
 def merged_config(source: dict[str, Any], rank: int) -> dict[str, Any]:
     """A merged adapter's MLX-LM config: its source's, with every module at ``rank`` and scale 1
     (the merged factors carry the scale); an ``alpha`` the source gives becomes ``rank`` (scale 1
-    to the mlx_lm versions that applied ``scale * alpha / rank`` too: :func:`_alpha_scale`)."""
+    to the mlx_lm versions that applied ``scale * alpha / rank`` too: :func:`_alpha_scale`); a source of
+    mlx_lm before 0.19 (``lora_layers``) gets ``num_layers`` beside it, which later versions read."""
     out = dict(source)
     params = {**source.get("lora_parameters", {}), "rank": rank, "scale": 1.0}
     if "alpha" in params:  # mlx_lm up to 0.14.1 applied scale * alpha / rank: 1 with alpha = rank
         params["alpha"] = rank
     out["lora_parameters"] = params
+    if "num_layers" not in out and isinstance(out.get("lora_layers"), int):
+        out["num_layers"] = out["lora_layers"]  # what mlx_lm 0.19 and later read (lora_layers before)
     return out
