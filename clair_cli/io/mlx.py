@@ -38,11 +38,6 @@ def _bad(path: Path | str, problem: str, hint: str | None = None) -> AdapterForm
     return AdapterFormatError(f"{printable(str(path))}: {problem}", hint=hint)
 
 
-def is_mlx(tensors: dict[str, TensorInfo]) -> bool:
-    """Whether a file's tensors are an MLX-LM adapter's (``<module>.lora_a`` / ``.lora_b``)."""
-    return any(MLX_KEY_RE.match(k) for k in tensors)
-
-
 def is_mlx_config(path: Path) -> bool:
     """Whether ``path`` reads as MLX-LM's adapter config (``lora_parameters``, no ``peft_type``); false for
     anything unreadable (the reader of the adapter then says why)."""
