@@ -132,6 +132,9 @@ class Adapter:
         self.untied: list[str] = []
         # What of a per-expert MoE LoRA's scaling PEFT does not apply under transformers 5 (expert_scaling).
         self.expert_scaling: str | None = None
+        # A diffusion transformer's PEFT adapter that diffusers' loaders apply at another scale than PEFT
+        # (clair_cli.io.diffusion.peft_diffusion_scale).
+        self.loader_scale: str | None = None
         self.layout = "peft"
         self.file_metadata: dict[str, str] = {}
         self._weights_sha256: str | None = None
@@ -197,6 +200,8 @@ class Adapter:
             out.append(f"ensure_weight_tying with a LoRA unlike its tied embedding's ({_listed(self.untied)})")
         if self.expert_scaling:
             out.append(self.expert_scaling)
+        if self.loader_scale:
+            out.append(self.loader_scale)
         return out
 
     @property
@@ -322,6 +327,13 @@ class Adapter:
         moe = expert_scaling(config, modules)
         if moe:
             notes.append(f"{moe} (under transformers 4 it loads as clair reads it; clair gate flags it)")
+        loader_scale = None
+        if keys.layout == "peft":
+            from clair_cli.io.diffusion import peft_diffusion_scale
+
+            loader_scale = peft_diffusion_scale({m: spec.scale for m, spec in modules.items()}, unprefixed)
+        if loader_scale:
+            notes.append(f"{loader_scale}: clair analyses PEFT's (clair gate flags it)")
         n_conv = sum(m.kind == "conv" for m in modules.values())
         if n_conv:
             notes.append(f"{_plural(n_conv, 'conv module')}: kernels flattened into the input dimension")
@@ -353,6 +365,7 @@ class Adapter:
         adapter.extras = extras
         adapter.untied = untied
         adapter.expert_scaling = moe
+        adapter.loader_scale = loader_scale
         adapter.unprefixed = unprefixed
         adapter.layout = keys.layout
         adapter.file_metadata = dict(metadata)

@@ -39,8 +39,9 @@ plain LoRA (LyCORIS LoHa, LoKr, kohya's DoRA ``dora_scale``, Tucker cores, full 
 norm tuning, in either layout; diffusers' old attention-processor keys) is refused with the file and
 the key named (diffusers' DoRA ``lora_magnitude_vector`` is read, not analysed, with a note), and so
 is a file that mixes layouts, names one layer under two spellings (``lora_te_X`` and
-``lora_te1_X``, SGM and diffusers UNet names, Black Forest Labs and diffusers Flux names, two kohya
-names that diffusers' Stable Diffusion loader maps onto one UNet layer: :mod:`clair_cli.io.spellings`),
+``lora_te1_X``, a text encoder's layer with and without ``text_model``, SGM and diffusers UNet names,
+Black Forest Labs and diffusers Flux names, two kohya names that diffusers' Stable Diffusion loader maps
+onto one UNet layer: :mod:`clair_cli.io.spellings`),
 or whose sd-scripts metadata (``ss_network_module``,
 ``ss_network_args``) says it is a network whose tensors are not a plain LoRA's (LyCORIS LoHa, LoKr,
 IA3, GLoRA, OFT, BOFT, full, DoRA; sd-scripts' OFT) beside plain LoRA tensors (:func:`network_notes`).
@@ -99,11 +100,13 @@ VARIANT_HINT = (
 )
 # diffusers 0.42's Stable Diffusion / SDXL loader reads a kohya file's alphas into a LoraConfig whose
 # alpha_pattern keys do not match attention modules (to_q / to_k / to_v / to_out, the text encoders'
-# self_attn): those get the file's most common alpha. Its Flux loader folds each module's own alpha into
-# the factors (alpha = rank where none is stored), as clair reads them: no note there.
+# self_attn), nor, with transformers 5 (a CLIPTextModel without text_model, which those keys keep: SD's and
+# SDXL's first text encoder), any of its modules: those get the file's most common alpha. Its Flux loader folds
+# each module's own alpha into the factors (alpha = rank where none is stored), as clair reads them: no note there.
 KOHYA_ALPHAS_NOTE = (
     "alphas differ between modules: clair reads each module's own, as sd-scripts, A1111 and ComfyUI do; "
-    "diffusers' Stable Diffusion / SDXL loader (0.42) applies the most common alpha to attention modules instead"
+    "diffusers' Stable Diffusion / SDXL loader (0.42) applies the most common alpha to attention modules (and, "
+    "with transformers 5, to every module of a CLIPTextModel, the first text encoder) instead"
 )
 # LyCORIS tensors beside diffusers' names, by their last parts (a module path may hold "diff" or "_norm"):
 # a Tucker core, full weight differences, IA3, OFT and norm tuning.
@@ -300,6 +303,35 @@ def _diffusers_transformer_key(key: str) -> bool:
     if len(parts) < 3 or parts[0] != "transformer":
         return False
     return parts[1] in _DIFFUSERS_TRANSFORMER_TOPS or _DIFFUSERS_LAYER_RE.search(key) is not None
+
+
+# diffusers' loaders that read a PEFT-format weights file (base_model.model. keys) of a diffusion transformer read
+# the file alone, never its adapter_config.json: Flux.2's (Flux2LoraLoaderMixin), Krea 2's, ERNIE-Image's and, for
+# fal's FLUX.1 Kontext LoRAs, Flux's (0.42). They give every module alpha = r (get_peft_kwargs): scale 1.
+PEFT_DIFFUSION_BLOCKS = ("double_blocks.", "single_blocks.", "sformer_blocks.")
+_UNET_BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")  # a UNet's: none of those loaders applies them
+PEFT_DIFFUSION_SCALE = (
+    "a diffusion transformer's PEFT adapter whose config scales {n} (e.g. {example}: {scale:g}): PEFT applies that "
+    "scale, diffusers' loaders that read PEFT-format weights (Flux.2, Krea 2, ERNIE-Image, FLUX.1 Kontext; 0.42) "
+    "read the weights file without adapter_config.json and apply scale 1 (alpha = r)"
+)
+
+
+def peft_diffusion_scale(scales: Mapping[str, float], unprefixed: Collection[str]) -> str | None:
+    """What diffusers applies otherwise than PEFT of a PEFT-layout adapter of a diffusion transformer (told by its
+    module names: diffusers' transformer blocks and layers, Black Forest Labs' blocks): its modules of a scale other
+    than 1 (``scales``: each module's PEFT scale; ``unprefixed``: modules stored without ``base_model.model.``,
+    which those loaders do not read either). None for another adapter, or one of scale 1 throughout."""
+    read = [m for m in scales if m not in unprefixed and not m.startswith(_UNET_BLOCKS)]
+    if not any(
+        m.startswith(PEFT_DIFFUSION_BLOCKS) or _diffusers_transformer_key(f"transformer.{m}.lora_A") for m in read
+    ):
+        return None
+    other = sorted(m for m in read if not math.isclose(scales[m], 1.0, rel_tol=1e-6))
+    if not other:
+        return None
+    n = f"{len(other)} module{'' if len(other) == 1 else 's'}"
+    return PEFT_DIFFUSION_SCALE.format(n=n, example=printable(other[0]), scale=scales[other[0]])
 
 
 def _refuse_variant(path: Path, key: str) -> AdapterFormatError:

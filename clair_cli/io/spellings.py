@@ -4,6 +4,8 @@ A diffusion model's layers have several spellings in LoRA files, and loaders map
 the same layer:
 
 - the first text encoder: sd-scripts' ``lora_te_`` (SD 1.x / 2.x) and ``lora_te1_`` (SDXL, Flux);
+- a CLIP text encoder's layer with and without ``text_model`` before it (diffusers strips it where
+  the model has no such level, as transformers 5's CLIPTextModel), in either layout;
 - an SD / SDXL UNet: Stability's SGM / LDM names (``input_blocks.4.1``, ``middle_block``,
   ``output_blocks``, ``time_embed``, ``label_emb``) and diffusers' (``down_blocks.1.attentions.0``,
   ``mid_block``, ``up_blocks``, ``time_embedding``, ``add_embedding``);
@@ -56,6 +58,14 @@ FAMILIES = {
 DIFFUSERS_FAMILIES = ("unet", "transformer")  # already diffusers' names
 KOHYA_DENOISER = ("lora_unet_", "lora_transformer_")
 DIFFUSERS_DENOISER = ("unet.", "transformer.", "prior.")
+# A text encoder's modules in sd-scripts' layout (lora_te_ and lora_te1_ both name the first) and in diffusers'.
+KOHYA_TEXT_ENCODERS = {"lora_te_": "te1", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te3_": "te3"}
+DIFFUSERS_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+# transformers 5 flattens CLIPTextModel (no text_model level; CLIPTextModelWithProjection keeps it), and diffusers
+# 0.42 strips a leading text_model. from a text encoder's LoRA keys when its model has none
+# (_load_lora_into_text_encoder; sd-scripts' lora_te_text_model_... converts to text_model....), and loads only
+# the spelling the model has otherwise: a layer spelled with and without it is one layer, one update applied.
+TEXT_MODEL = "text_model"
 TWO_SPELLINGS_HINT = "Keep one spelling of each layer (the one the file's other modules use) and save the file again."
 
 # SD / SDXL's UNet has two layers a block (layers_per_block = 2): SGM's input block i is diffusers'
@@ -144,8 +154,7 @@ def refuse_two_spellings(path: Path, modules: Iterable[str], layout: str) -> Non
         AdapterFormatError: naming the file, the two modules and what they spell.
     """
     names = sorted(modules)
-    if layout == "kohya":
-        _refuse_two_text_encoder_spellings(path, names)
+    _refuse_two_text_encoder_spellings(path, names, layout)
     paths = {m: rest for m in names if (rest := _denoiser_path(m, layout)) is not None}
     # In sd-scripts' layout, lora_unet_ beside lora_transformer_ is Flux's mixture: BFL names under lora_unet_.
     mixture = layout == "kohya" and {m.startswith("lora_unet_") for m in paths} == {True, False}
@@ -185,19 +194,51 @@ def _bad(path: Path, problem: str, consequence: str) -> AdapterFormatError:
     return AdapterFormatError(f"{printable(str(path))}: {problem}; {consequence}", hint=TWO_SPELLINGS_HINT)
 
 
-def _refuse_two_text_encoder_spellings(path: Path, names: list[str]) -> None:
-    """``lora_te_X`` and ``lora_te1_X`` both name the first text encoder's X."""
-    present = set(names)
+def _refuse_two_text_encoder_spellings(path: Path, names: list[str], layout: str) -> None:
+    """Two modules of a kohya or diffusers file (``layout``) that name one text-encoder layer: ``lora_te_X``
+    and ``lora_te1_X``, or a layer with and without ``text_model`` before it (:data:`TEXT_MODEL`).
+
+    Raises:
+        AdapterFormatError: naming the file and the two modules.
+    """
+    seen: dict[tuple[str, str], str] = {}
     for module in names:
-        if module.startswith("lora_te_"):
-            twin = "lora_te1_" + module.removeprefix("lora_te_")
-            if twin in present:
-                raise AdapterFormatError(
-                    f"{printable(str(path))}: module {printable(module)!r} is also stored as {printable(twin)!r} "
-                    "(lora_te_ and lora_te1_ both name the first text encoder): loaders read the two as one module "
-                    "and differ on which they apply",
-                    hint="Keep one spelling (lora_te_ for SD 1.x / 2.x, lora_te1_ for SDXL) and save the file again.",
-                )
+        layer = _text_encoder_layer(module, layout)
+        if layer is None:
+            continue
+        other = seen.setdefault(layer, module)
+        if other == module:
+            continue
+        first, second = sorted((other, module), key=lambda m: not m.startswith("lora_te_"))
+        if second == "lora_te1_" + first.removeprefix("lora_te_"):
+            raise AdapterFormatError(
+                f"{printable(str(path))}: module {printable(first)!r} is also stored as {printable(second)!r} "
+                "(lora_te_ and lora_te1_ both name the first text encoder): loaders read the two as one module "
+                "and differ on which they apply",
+                hint="Keep one spelling (lora_te_ for SD 1.x / 2.x, lora_te1_ for SDXL) and save the file again.",
+            )
+        raise AdapterFormatError(
+            f"{printable(str(path))}: module {printable(other)!r} is also stored as {printable(module)!r} (one text "
+            "encoder layer with and without text_model before it): diffusers (0.42) applies only one of them (it "
+            "strips text_model where the model has none, as transformers 5's CLIPTextModel, and loads only the "
+            "spelling the model has otherwise), while clair would audit each as a module of its own",
+            hint="Keep one spelling of each text encoder layer (with text_model, as sd-scripts and diffusers write "
+            "it) and save the file again.",
+        )
+
+
+def _text_encoder_layer(module: str, layout: str) -> tuple[str, str] | None:
+    """``(text encoder, path)`` of a kohya or diffusers text encoder module, its path without a leading
+    ``text_model``; None for another module."""
+    if layout == "kohya":
+        prefix = next((p for p in KOHYA_TEXT_ENCODERS if module.startswith(p)), None)
+        if prefix is None:
+            return None
+        return KOHYA_TEXT_ENCODERS[prefix], module[len(prefix) :].removeprefix(TEXT_MODEL + "_")
+    component, _, inner = module.partition(".")
+    if component not in DIFFUSERS_TEXT_ENCODERS:
+        return None
+    return component, inner.removeprefix(TEXT_MODEL + ".")
 
 
 def _denoiser_path(module: str, layout: str) -> str | None:
@@ -375,6 +416,9 @@ _UNET_RENAMES = (
     ("time.embedding.linear.1", "time_embedding.linear_1"),
     ("time.embedding.linear.2", "time_embedding.linear_2"),
 )
+# The SD UNet's time embedding under diffusers' and SGM's names, with an index after it that diffusers' loader
+# drops (time_embedding_linear_1_0 is time_embedding.linear_1): an SD UNet's layers without its blocks.
+_SD_TIME_EMBEDDING = ("time_embedding_linear_1_", "time_embedding_linear_2_", "time_embed_0_", "time_embed_2_")
 _LAST_INDEX_RE = re.compile(r"\.\d+(?=\D*$)")
 # The processor-era names _convert_unet_lora_key leaves, as diffusers' PEFT conversion reads them
 # (UNET_TO_DIFFUSERS, with ".processor." dropped).
@@ -394,13 +438,13 @@ def _refuse_sd_aliases(path: Path, names: list[str], paths: dict[str, str], bloc
     """Refuse two ``lora_unet_`` modules that diffusers' SD / SDXL loader maps onto one UNet layer.
 
     Only a file that loader reads: every key one of :data:`SD_LOADER_PREFIXES`, and UNet blocks
-    (SGM or diffusers names) or SGM's layers outside them, no Flux or SD3 blocks (their loaders map
-    names one by one).
+    (SGM or diffusers names), SGM's layers outside them or the time embedding with an index after it
+    (:data:`_SD_TIME_EMBEDDING`), no Flux or SD3 blocks (their loaders map names one by one).
     """
     if not names or not all(m.startswith(SD_LOADER_PREFIXES) for m in names) or blocks - {"sgm", "unet"}:
         return
     unet = sorted(m for m in paths if m.startswith("lora_unet_"))
-    if not blocks and not any(paths[m] in _SGM_WHOLE for m in unet):
+    if not blocks and not any(paths[m] in _SGM_WHOLE or paths[m].startswith(_SD_TIME_EMBEDDING) for m in unet):
         return
     seen: dict[str, str] = {}
     for module, key in _sgm_remapped([m + _DOWN for m in unet]).items():
@@ -476,8 +520,11 @@ def sd_unet_layer(key: str) -> str | None:
         name = name.replace(old, new)
     if "emb" in name and "time.emb.proj" not in name:  # diffusers' "SDXL specific conversions"
         name, stripped = _LAST_INDEX_RE.subn("", name, count=1)
-        if stripped and not name.endswith("time_emb_proj.lora.down.weight"):
-            return None  # an index dropped from no resnet's emb_layers: no layer of the UNet (add.embedding.linear)
+        # an index dropped from a resnet's emb_layers, or after the time embedding's linear_1 / linear_2
+        # (time_embedding_linear_1_0, time_embed_0_5 are time_embedding.linear_1 to diffusers): a layer; from
+        # another name, none (add_embedding_linear_1 and _2 both become add.embedding.linear, no layer of the UNet)
+        if stripped and not name.endswith("time_emb_proj.lora.down.weight") and not name.startswith("time_embedding."):
+            return None
     if ".in." in name:
         name = name.replace("in.layers.2", "conv1")
     if ".out." in name:

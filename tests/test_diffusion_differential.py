@@ -1,0 +1,271 @@
+"""A differential review of what clair reads from a diffusion LoRA file against what diffusers 0.42 applies
+when it loads the same file (``load_lora_weights``, then the fused or PEFT delta of each layer).
+
+1. One CLIP text encoder layer stored with and without ``text_model`` before it (kohya's
+   ``lora_te_text_model_X`` and ``lora_te_X``, diffusers' ``text_encoder.text_model.X`` and
+   ``text_encoder.X``) was audited as two modules; diffusers applies one of the two to the layer (it strips
+   ``text_model`` where the model has none, as transformers 5's CLIPTextModel).
+2. The SD UNet's time embedding under a name with one more index (``time_embedding_linear_1_0``,
+   ``time_embed_0_5``) beside its own was audited as two modules; diffusers' Stable Diffusion loader
+   drops that index and applies one of the two.
+3. A PEFT adapter (``base_model.model.`` keys, ``adapter_config.json``) of a diffusion transformer was read at
+   its config's scale without a word; diffusers' Flux.2 loader (and Krea 2's, ERNIE-Image's) reads the weights
+   file alone and applies scale 1: now a note, and ``clair gate`` flags it.
+4. The note on a kohya file's differing alphas named attention modules only; under transformers 5, diffusers'
+   Stable Diffusion loader gives every module of the first text encoder (a CLIPTextModel) the file's most
+   common alpha too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_diffusion_formats import _quiet, clair_deltas, fused_deltas
+
+from clair_cli.errors import AdapterFormatError
+from clair_cli.io.sources import SourceOptions, open_adapter, resolve_sources
+
+FC1 = "encoder.layers.0.mlp.fc1"
+OUT_PROJ = "encoder.layers.0.self_attn.out_proj"
+PROJ_IN = "down_blocks.1.attentions.0.proj_in"  # a 1x1 conv of the tiny SD UNet (4-D factors)
+
+
+def _pair(g: torch.Generator, d_out: int, d_in: int, conv: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = torch.randn(2, d_in, generator=g), torch.randn(d_out, 2, generator=g)
+    return (a[:, :, None, None], b[:, :, None, None]) if conv else (a, b)
+
+
+def _kohya(path: Path, modules: dict[str, tuple[int, int]], alphas: dict[str, float] | None = None) -> Path:
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, (d_out, d_in) in modules.items():
+        a, b = _pair(g, d_out, d_in, conv=name.endswith("proj_in"))
+        tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = a, b
+        if alphas is not None:
+            tensors[f"{name}.alpha"] = torch.tensor(alphas[name])
+    save_file(tensors, str(path))
+    return path
+
+
+def _diffusers(path: Path, modules: dict[str, tuple[int, int]]) -> Path:
+    g = torch.Generator().manual_seed(1)
+    tensors = {}
+    for name, (d_out, d_in) in modules.items():
+        a, b = _pair(g, d_out, d_in, conv=name.endswith("proj_in"))
+        tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = a, b
+    save_file(tensors, str(path))
+    return path
+
+
+def _open(path: Path, **options):
+    (ref,) = resolve_sources([str(path)], SourceOptions(**options))
+    return open_adapter(ref, SourceOptions(**options))
+
+
+# 1. A text encoder layer with and without text_model.
+
+TWINS = {
+    "kohya": (
+        _kohya,
+        {
+            "lora_unet_" + PROJ_IN.replace(".", "_"): (8, 8),
+            "lora_te_text_model_" + FC1.replace(".", "_"): (16, 8),
+            "lora_te_" + FC1.replace(".", "_"): (16, 8),
+        },
+    ),
+    "diffusers": (
+        _diffusers,
+        {
+            f"unet.{PROJ_IN}": (8, 8),
+            f"text_encoder.text_model.{OUT_PROJ}": (8, 8),
+            f"text_encoder.{OUT_PROJ}": (8, 8),
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(TWINS))
+def test_a_text_encoder_layer_with_and_without_text_model_is_refused(layout: str, tmp_path: Path) -> None:
+    write, modules = TWINS[layout]
+    path = write(tmp_path / "twins.safetensors", modules)
+    plain, with_text_model = [m for m in modules if "unet" not in m][::-1]
+    # What diffusers does with it: one text encoder layer, one of the two updates.
+    fused = {k: v for k, v in fused_deltas(path).items() if k.startswith("text_encoder.")}
+    assert len(fused) == 1
+    with pytest.raises(AdapterFormatError) as caught:
+        _open(path)
+    message = str(caught.value)
+    assert f"'{plain}'" in message and f"'{with_text_model}'" in message and "text_model" in message
+    # Either spelling alone is read, as diffusers applies it.
+    for drop in (plain, with_text_model):
+        alone = write(tmp_path / "alone.safetensors", {m: s for m, s in modules.items() if m != drop})
+        (ours,) = [d for m, d in clair_deltas(alone).items() if m.startswith(("lora_te_", "text_encoder."))]
+        (theirs,) = [d for m, d in fused_deltas(alone).items() if m.startswith("text_encoder.")]
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_sdxls_second_text_encoder_keeps_text_model_and_its_twin_is_refused_too(tmp_path: Path) -> None:
+    # CLIPTextModelWithProjection keeps its text_model under transformers 5: diffusers loads that spelling alone.
+    modules = {
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q": (8, 8),
+        "lora_te2_text_model_" + FC1.replace(".", "_"): (16, 8),
+        "lora_te2_" + FC1.replace(".", "_"): (16, 8),
+    }
+    path = _kohya(tmp_path / "twins.safetensors", modules)
+    fused = {k: v for k, v in fused_deltas(path, xl=True).items() if k.startswith("text_encoder_2.")}
+    assert list(fused) == [f"text_encoder_2.text_model.{FC1}"]
+    with pytest.raises(AdapterFormatError, match="text_model"):
+        _open(path)
+
+
+# 2. The time embedding under a name with one more index.
+
+
+def _sd_loader_layers(names: list[str]) -> set[str]:
+    """The UNet layers diffusers' Stable Diffusion loader loads kohya ``names`` into (no model needed)."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    _quiet()
+    tensors = {}
+    for name in names:
+        tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = torch.zeros(1, 1), torch.zeros(1, 1)
+    state, _alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(tensors)
+    unet = convert_unet_state_dict_to_peft({k[len("unet.") :]: v for k, v in state.items() if k.startswith("unet.")})
+    return {k.removesuffix(".lora_A.weight") for k in unet if k.endswith(".lora_A.weight")}
+
+
+@pytest.mark.parametrize(
+    "own, alias",
+    [
+        ("time_embedding_linear_1", "time_embedding_linear_1_0"),
+        ("time_embedding_linear_2", "time_embedding_linear_2_3"),
+        ("time_embedding_linear_1", "time_embed_0_5"),
+        ("time_embed_2", "time_embedding_linear_2_1"),
+    ],
+)
+@pytest.mark.parametrize("blocks", [True, False], ids=["with blocks", "alone"])
+def test_the_time_embedding_under_a_name_with_one_more_index_beside_its_own_is_refused(
+    own: str, alias: str, blocks: bool, tmp_path: Path
+) -> None:
+    names = ["lora_unet_" + own, "lora_unet_" + alias]
+    assert len(_sd_loader_layers(names)) == 1  # one layer to diffusers, which keeps one of the two
+    modules = dict.fromkeys(names, (8, 8))
+    if blocks:
+        modules["lora_unet_" + PROJ_IN.replace(".", "_")] = (8, 8)
+    with pytest.raises(AdapterFormatError) as caught:
+        _open(_kohya(tmp_path / "twins.safetensors", modules))
+    assert "name one UNet layer" in str(caught.value)
+
+
+def test_add_embedding_names_diffusers_loads_into_no_layer_are_still_read(tmp_path: Path) -> None:
+    names = ["lora_unet_add_embedding_linear_1", "lora_unet_add_embedding_linear_2"]
+    assert _sd_loader_layers(names) == {"add.embedding.linear"}  # no layer of the UNet
+    modules = {**dict.fromkeys(names, (8, 8)), "lora_unet_" + PROJ_IN.replace(".", "_"): (8, 8)}
+    assert sorted(_open(_kohya(tmp_path / "add.safetensors", modules)).modules) == sorted(modules)
+
+
+# 3. A diffusion transformer's PEFT adapter at a scale other than 1.
+
+
+def _tiny_flux2():
+    from diffusers import Flux2Transformer2DModel
+
+    _quiet()
+    torch.manual_seed(0)
+    return Flux2Transformer2DModel(
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        timestep_guidance_channels=8,
+        axes_dims_rope=(2, 2, 2, 2),
+    )
+
+
+def _flux2_deltas(directory: Path) -> dict[str, torch.Tensor]:
+    """What diffusers' Flux.2 loader adds to each layer of a tiny transformer, by module."""
+    from diffusers.loaders import Flux2LoraLoaderMixin
+    from peft.tuners.lora import LoraLayer
+
+    class Pipe(Flux2LoraLoaderMixin):
+        def __init__(self) -> None:
+            self.transformer = _tiny_flux2()
+            self.hf_device_map = None
+
+        @property
+        def components(self) -> dict[str, torch.nn.Module]:
+            return {"transformer": self.transformer}
+
+    pipe = Pipe()
+    pipe.load_lora_weights(str(directory), weight_name="adapter_model.safetensors")
+    return {
+        name: module.get_delta_weight(adapter).detach()
+        for name, module in pipe.transformer.named_modules()
+        if isinstance(module, LoraLayer)
+        for adapter in module.lora_A
+    }
+
+
+def _peft_adapter(directory: Path, modules: dict[str, tuple[int, int]], lora_alpha: float) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(2)
+    tensors = {}
+    for name, (d_out, d_in) in modules.items():
+        a, b = _pair(g, d_out, d_in)
+        tensors[f"base_model.model.{name}.lora_A.weight"], tensors[f"base_model.model.{name}.lora_B.weight"] = a, b
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    targets = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": lora_alpha, "target_modules": targets}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory
+
+
+FLUX2 = {"transformer_blocks.0.attn.to_q": (16, 16), "transformer_blocks.0.attn.to_k": (16, 16)}
+
+
+def test_a_diffusion_transformers_peft_adapter_at_another_scale_than_one_is_flagged(tmp_path: Path) -> None:
+    adapter_dir = _peft_adapter(tmp_path / "flux2", FLUX2, lora_alpha=0.25)
+    adapter = _open(adapter_dir)
+    ours = {m.name: m.delta_weight() for m in adapter.load()}
+    theirs = _flux2_deltas(adapter_dir)
+    assert sorted(ours) == sorted(theirs)
+    for name, delta in ours.items():  # PEFT's scale 0.25 / 2 against diffusers' 1
+        torch.testing.assert_close(delta * 8, theirs[name], rtol=1e-5, atol=1e-5)
+    assert any(
+        "diffusers' loaders that read PEFT-format weights" in n and "clair gate flags it" in n for n in adapter.notes
+    )
+    assert any("apply scale 1" in why for why in adapter.unanalysed())
+
+
+def test_a_diffusion_transformers_peft_adapter_at_scale_one_and_an_llms_are_not_flagged(tmp_path: Path) -> None:
+    adapter_dir = _peft_adapter(tmp_path / "flux2", FLUX2, lora_alpha=2)
+    adapter = _open(adapter_dir)
+    ours = {m.name: m.delta_weight() for m in adapter.load()}
+    theirs = _flux2_deltas(adapter_dir)
+    for name, delta in ours.items():
+        torch.testing.assert_close(delta, theirs[name], rtol=1e-5, atol=1e-5)
+    assert not adapter.unanalysed()
+    llm = _peft_adapter(tmp_path / "llm", {"model.layers.0.self_attn.q_proj": (16, 16)}, lora_alpha=16)
+    assert not _open(llm).unanalysed()
+
+
+# 4. The note on differing kohya alphas.
+
+
+def test_the_alphas_note_names_the_text_encoder_modules_diffusers_scales_otherwise(tmp_path: Path) -> None:
+    te = {f"lora_te_text_model_encoder_layers_{i}_mlp_fc1": (16, 8) for i in (0, 1)}
+    te["lora_te_text_model_encoder_layers_0_mlp_fc2"] = (8, 16)
+    alphas = dict(zip(te, (1.0, 1.0, 8.0), strict=True))
+    path = _kohya(tmp_path / "alphas.safetensors", te, alphas)
+    theirs = fused_deltas(path)["text_encoder.encoder.layers.0.mlp.fc2"]
+    ours = clair_deltas(path)["lora_te_text_model_encoder_layers_0_mlp_fc2"]
+    torch.testing.assert_close(ours / 8, theirs, rtol=1e-5, atol=1e-6)  # diffusers: the most common alpha, 1
+    (note,) = [n for n in _open(path).notes if n.startswith("alphas differ")]
+    assert "every module of a CLIPTextModel" in note
