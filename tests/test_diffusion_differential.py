@@ -252,8 +252,9 @@ def test_a_diffusion_transformers_peft_adapter_at_scale_one_and_an_llms_are_not_
     for name, delta in ours.items():
         torch.testing.assert_close(delta, theirs[name], rtol=1e-5, atol=1e-5)
     assert not adapter.unanalysed()
-    llm = _peft_adapter(tmp_path / "llm", {"model.layers.0.self_attn.q_proj": (16, 16)}, lora_alpha=16)
-    assert not _open(llm).unanalysed()
+    for k, name in enumerate(("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.to_q")):
+        llm = _peft_adapter(tmp_path / f"llm{k}", {name: (16, 16)}, lora_alpha=16)  # an LLM's, whatever its names
+        assert not _open(llm).unanalysed()
 
 
 # 4. The note on differing kohya alphas.

@@ -308,7 +308,7 @@ def _diffusers_transformer_key(key: str) -> bool:
 # diffusers' loaders that read a PEFT-format weights file (base_model.model. keys) of a diffusion transformer read
 # the file alone, never its adapter_config.json: Flux.2's (Flux2LoraLoaderMixin), Krea 2's, ERNIE-Image's and, for
 # fal's FLUX.1 Kontext LoRAs, Flux's (0.42). They give every module alpha = r (get_peft_kwargs): scale 1.
-PEFT_DIFFUSION_BLOCKS = ("double_blocks.", "single_blocks.", "sformer_blocks.")
+PEFT_DIFFUSION_BLOCKS = ("double_blocks.", "single_blocks.")  # Black Forest Labs' names
 _UNET_BLOCKS = ("down_blocks.", "mid_block.", "up_blocks.")  # a UNet's: none of those loaders applies them
 PEFT_DIFFUSION_SCALE = (
     "a diffusion transformer's PEFT adapter whose config scales {n} (e.g. {example}: {scale:g}): PEFT applies that "
@@ -322,7 +322,9 @@ def peft_diffusion_scale(scales: Mapping[str, float], unprefixed: Collection[str
     module names: diffusers' transformer blocks and layers, Black Forest Labs' blocks): its modules of a scale other
     than 1 (``scales``: each module's PEFT scale; ``unprefixed``: modules stored without ``base_model.model.``,
     which those loaders do not read either). None for another adapter, or one of scale 1 throughout."""
-    read = [m for m in scales if m not in unprefixed and not m.startswith(_UNET_BLOCKS)]
+    # A diffusers model's modules sit at its top level; a transformers model's under ``model.`` (or another
+    # top such as ``language_model.``), where an LLM may name a layer ``to_q`` too.
+    read = [m for m in scales if m not in unprefixed and not m.startswith(_UNET_BLOCKS) and not m.startswith("model.")]
     if not any(
         m.startswith(PEFT_DIFFUSION_BLOCKS) or _diffusers_transformer_key(f"transformer.{m}.lora_A") for m in read
     ):
