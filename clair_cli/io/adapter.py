@@ -30,6 +30,7 @@ from clair_cli.io.files import open_regular
 from clair_cli.io.lora_config import (
     base_rewriting_init,
     base_rewriting_note,
+    default_targets_note,
     ignored_note,
     peft_selects,
     random_init,
@@ -290,6 +291,9 @@ class Adapter:
         ignored = ignored_note(config, modules)
         if ignored:
             notes.append(ignored)
+        defaults_note = default_targets_note(config) if config.file_name is not None and keys.layout == "peft" else None
+        if defaults_note:
+            notes.append(defaults_note)
         rewriting = base_rewriting_note(config)
         if rewriting:
             notes.append(rewriting)
@@ -324,7 +328,7 @@ class Adapter:
                 "differs from the embedding's: where the base model ties the two, PEFT gives both the one it "
                 "loads last (usually lm_head's), while clair analyses each as stored (clair gate flags it)"
             )
-        moe = expert_scaling(config, modules)
+        moe = "; ".join(why for why in (expert_scaling(config, modules), renamed_scaling(config, modules)) if why)
         if moe:
             notes.append(f"{moe} (under transformers 4 it loads as clair reads it; clair gate flags it)")
         loader_scale = None
@@ -703,6 +707,52 @@ def expert_scaling(config: AdapterConfig, modules: Iterable[str]) -> str | None:
             "PEFT scales their updates by sqrt 2"
         )
     return None
+
+
+# The top-level modules of a vision-language model's LoRA saved under transformers 4 (llava, llava_next, gemma3,
+# paligemma, mistral3, internvl, aya_vision, got_ocr2, fuyu, ...), and their names under transformers 5, which
+# renames them as it loads the model; PEFT (0.21, peft.utils.transformers_weight_conversion) renames the adapter's
+# keys with it and matches rank_pattern / alpha_pattern keys against the new names. First match wins.
+TRANSFORMERS5_RENAMES = (
+    ("language_model.lm_head.", "lm_head."),
+    ("language_model.model.", "model.language_model."),
+    ("language_model.", "model.language_model."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+    ("vision_embed_tokens.", "model.vision_embed_tokens."),
+)
+
+
+def transformers5_name(module: str) -> str | None:
+    """``module``'s name under transformers 5 where it renames a transformers-4 vision-language layout, or None."""
+    for old, new in TRANSFORMERS5_RENAMES:
+        if (module + ".").startswith(old):
+            return (new + (module + ".")[len(old) :])[:-1]
+    return None
+
+
+def renamed_scaling(config: AdapterConfig, modules: Iterable[str]) -> str | None:
+    """What of the patterns' scaling PEFT does not apply where transformers 5 renames the modules of a
+    transformers-4 vision-language LoRA (:data:`TRANSFORMERS5_RENAMES`): modules to which rank_pattern /
+    alpha_pattern give another rank or alpha under their old name than under the new one. None for others."""
+    if not (config.rank_pattern or config.alpha_pattern):
+        return None
+    changed = []
+    for m in modules:
+        new = transformers5_name(m)
+        if new is not None and (config.rank_for(m), config.alpha_for(m)) != (
+            config.rank_for(new),
+            config.alpha_for(new),
+        ):
+            changed.append((m, new))
+    if not changed:
+        return None
+    m, new = changed[0]
+    return (
+        f"rank_pattern / alpha_pattern give {_plural(len(changed), 'module')} of a transformers-4 vision-language "
+        f"layout (e.g. {m}) another rank or alpha than its transformers-5 name ({new}), which PEFT matches them "
+        "against where transformers 5 renames the model's modules"
+    )
 
 
 def _untied(path: Path, config: AdapterConfig, modules: dict[str, ModuleSpec]) -> list[str]:

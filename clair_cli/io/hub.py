@@ -44,7 +44,7 @@ from clair_cli.constants import (
     PICKLE_SUFFIXES,
     SAFETENSORS_WEIGHTS_NAME,
 )
-from clair_cli.errors import AdapterNotFound, HubError, UnsafeFormatError, UsageError
+from clair_cli.errors import AdapterFormatError, AdapterNotFound, HubError, UnsafeFormatError, UsageError
 from clair_cli.io.paths import CONTROL_RE, printable, resolved, shown_path
 from clair_cli.types import AdapterRef
 
@@ -510,6 +510,10 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
                 SAFETENSORS_WEIGHTS_NAME, commit or hub.revision
             )
         except (UnsafeFormatError, HubError) as exc:  # none in the repo, or none cached offline
+            if _peft_config(config):
+                # PeftModel.from_pretrained loads such a repo's adapter_model.bin (or nothing), never its
+                # adapters.safetensors: reading that one would audit another update.
+                raise
             try:  # an MLX-LM adapter repo: adapters.safetensors beside its config (io.mlx)
                 weights = get(MLX_WEIGHTS_NAME, commit or hub.revision)
             except (AdapterNotFound, HubError):
@@ -526,6 +530,17 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
         except (_Missing, _NotCached):
             raise exc from None
     return _ref(hub, spec, weights, config)
+
+
+def _peft_config(config: Path) -> bool:
+    """Whether ``config`` reads as a PEFT adapter config (a ``peft_type``), which PeftModel.from_pretrained loads."""
+    from clair_cli.io.files import parse_json, read_small
+
+    try:
+        data = parse_json(read_small(config, MAX_CONFIG_BYTES, "an adapter config"), config, "the config")
+    except (AdapterFormatError, OSError):
+        return False
+    return isinstance(data, dict) and "peft_type" in data
 
 
 def _mlx_weights(get: Any, config: Path, revision: str | None) -> Path | None:

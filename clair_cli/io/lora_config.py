@@ -182,16 +182,39 @@ def ignored_modules(config: AdapterConfig, modules: Iterable[str]) -> list[str]:
     the model says."""
     if config.raw.get("ensure_weight_tying") is True:
         return []
+    kinds = {m: getattr(spec, "kind", None) for m, spec in modules.items()} if isinstance(modules, Mapping) else {}
     modules = list(modules)
     layers = attention_layers(modules)
     # target_parameters names parameters (``mlp.down_proj.weight``): PEFT wraps the module that holds one.
     params = config.raw.get("target_parameters")
     named = params if isinstance(params, list) else []
     owners = [p.rsplit(".", 1)[0] for p in named if isinstance(p, str) and "." in p]
+    # "all-linear": PEFT targets the model's nn.Linear / Conv1D layers but its output layer
+    # (tuners_utils._maybe_include_all_linear_layers): an embedding's, a convolution's or lm_head's LoRA is not loaded.
+    unlinear = {m for m in modules if kinds.get(m) in ("embedding", "conv") or m.split(".")[-1] == "lm_head"}
     return sorted(
         m
         for m in modules
-        if peft_selects(config.raw, m, layers) is False and not any(m == o or m.endswith("." + o) for o in owners)
+        if (peft_selects(config.raw, m, layers) is False or (m in unlinear and _all_linear(config.raw)))
+        and not any(m == o or m.endswith("." + o) for o in owners)
+    )
+
+
+def _all_linear(raw: Mapping[str, Any]) -> bool:
+    targets = raw.get("target_modules")
+    return isinstance(targets, str) and targets.lower() == PEFT_LIST_ALL_LINEAR
+
+
+def default_targets_note(config: AdapterConfig) -> str | None:
+    """A note for a config that gives no ``target_modules`` (nor ``target_parameters``), or None: PEFT
+    then targets its default modules for the base model's architecture (``_prepare_adapter_config``)."""
+    raw = config.raw
+    if raw.get("target_modules") is not None or raw.get("target_parameters"):
+        return None
+    return (
+        "its config gives no target_modules: PEFT targets its default modules for the base model's architecture "
+        "(q_proj and v_proj for Llama, Mistral, Qwen2...) and ignores this file's other modules; clair analyses "
+        "every module as stored"
     )
 
 

@@ -72,6 +72,9 @@ from clair_cli.io.safetensors_file import TensorInfo, file_stamp, read_header
 from clair_cli.types import AdapterConfig, AdapterRef
 
 Progress = Callable[[str, int, int], None]
+# The pickle PeftModel.from_pretrained loads where a directory has no adapter_model.safetensors
+# (peft.utils.constants.WEIGHTS_NAME).
+PEFT_PICKLE_NAME = PICKLE_WEIGHTS_NAMES[0]
 
 
 @dataclass(frozen=True)
@@ -300,6 +303,11 @@ def _local_ref(directory: Path, name: str, source: str, weights: Path, config: P
 def _adapter_dir_ref(directory: Path, name: str, source: str, options: SourceOptions, path: str) -> AdapterRef:
     weights = directory / SAFETENSORS_WEIGHTS_NAME
     config = directory / CONFIG_NAME
+    pickle = directory / PEFT_PICKLE_NAME
+    if not _lexists(weights) and _lexists(config) and _lexists(pickle) and not _mlx_beside_peft(config):
+        # PeftModel.from_pretrained loads adapter_model.bin where adapter_model.safetensors is absent,
+        # whatever diffusers or MLX-LM file lies beside it: reading that one would audit another update.
+        raise _refuse_pickle(pickle)
     if not _lexists(weights) and _lexists(directory / DIFFUSERS_WEIGHTS_NAME):
         # A diffusion LoRA directory (save_lora_weights, or clair's own output): read at open.
         weights = directory / DIFFUSERS_WEIGHTS_NAME
