@@ -203,3 +203,19 @@ def test_which_inits_peft_refuses_as_it_loads(tmp_path: Path) -> None:
         except ValueError:
             refused = True
         assert unloadable_init({"init_lora_weights": value}) == refused, value
+
+
+@pytest.mark.parametrize(
+    ("megatron", "noted"),
+    [
+        ({"tensor_model_parallel_size": 2}, True),
+        ({"tensor_model_parallel_size": "2"}, True),
+        ({"num_layers": 2}, False),  # Megatron's default tensor_model_parallel_size is 1
+        ({"tensor_model_parallel_size": 1}, False),
+        (None, False),
+    ],
+)
+def test_a_tensor_parallel_adapter_is_noted_as_possibly_one_ranks_shard(pool: Path, megatron: Any, noted: bool) -> None:
+    cand = _candidate(pool, megatron_config=megatron, megatron_core="megatron.core")
+    (adapter,) = open_adapters([str(cand)])
+    assert any("tensor-parallel LoRA" in n and "shard" in n for n in adapter.notes) == noted

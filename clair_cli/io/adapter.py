@@ -32,6 +32,7 @@ from clair_cli.io.lora_config import (
     base_rewriting_note,
     default_targets_note,
     ignored_note,
+    megatron_note,
     peft_selects,
     random_init,
     unloadable_init,
@@ -297,6 +298,9 @@ class Adapter:
         rewriting = base_rewriting_note(config)
         if rewriting:
             notes.append(rewriting)
+        megatron = megatron_note(config)
+        if megatron:
+            notes.append(megatron)
         if unloadable_init(config.raw):
             shown = printable(repr(config.raw["init_lora_weights"]))[:60]
             notes.append(f"init_lora_weights {shown}, {UNLOADABLE_INIT}; clair reads its factors (clair gate flags it)")

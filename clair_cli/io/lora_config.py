@@ -356,6 +356,25 @@ def base_rewriting_init(raw: Mapping[str, Any]) -> str | None:
     return None
 
 
+def megatron_note(config: AdapterConfig) -> str | None:
+    """A note for an adapter of PEFT's tensor-parallel LoRA (``megatron_config`` with a
+    ``tensor_model_parallel_size`` above 1, or one that does not say: Megatron's default is 1), or None.
+    PEFT splits ``lora_A`` of a row-parallel layer by its input and ``lora_B`` of a column-parallel one by
+    its output over the ranks (``LoraParallelLinear``), so a file one rank saved holds its shard."""
+    value = config.raw.get("megatron_config")
+    if not value:
+        return None
+    size = value.get("tensor_model_parallel_size", 1) if isinstance(value, Mapping) else None
+    if isinstance(size, int) and not isinstance(size, bool) and size <= 1:
+        return None
+    said = f"tensor_model_parallel_size {printable(repr(size))}" if size is not None else "megatron_config"
+    return (
+        f"megatron_config ({said}): PEFT's tensor-parallel LoRA splits lora_A of row-parallel layers and lora_B of "
+        "column-parallel ones over the ranks, so a file one rank saved holds that rank's shard; clair analyses the "
+        "factors as stored, as a whole update"
+    )
+
+
 def base_rewriting_note(config: AdapterConfig) -> str | None:
     """A note for an adapter whose ``init_lora_weights`` rewrites the base weights in PEFT, or None."""
     method = base_rewriting_init(config.raw)
