@@ -204,6 +204,25 @@ def test_distances_without_each_member_match_brute_force_on_large_pools() -> Non
         assert float(got[k]) == float(want)
 
 
+def test_distances_without_each_member_split_ties_at_the_window_as_the_definition() -> None:
+    """Values drawn from three levels: most distances tie, also across the boundary between the
+    entries before the window and the window itself (the selection there keeps as many of the
+    tied distances as fill it); each member's answer is the t-th distance among the others."""
+    from clair_cli.core.calibration import _kth_distance_without_each
+
+    g = torch.Generator().manual_seed(3)
+    for n in (4, 5, 9, 16, 33):
+        x = torch.randint(0, 3, (3, n), generator=g).double()
+        m = n - 1
+        t = (m // 2 + 1) * (m // 2) // 2
+        got = _kth_distance_without_each(x, t)
+        for r in range(3):
+            for k in range(n):
+                others = torch.cat([x[r, :k], x[r, k + 1 :]])
+                i, j = torch.triu_indices(m, m, 1)
+                assert float(got[r, k]) == float((others[i] - others[j]).abs().kthvalue(t).values)
+
+
 def test_the_tabulated_critical_values_are_the_simulated_ones_bit_for_bit() -> None:
     """The shipped table (simulating it took about 0.5 s in every process) holds every level
     the rules use, and each entry is what the simulation gives: on a sample of sizes here,
