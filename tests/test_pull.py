@@ -53,6 +53,20 @@ def test_group_pulls_match_a_dense_reference(seed: int) -> None:
     assert set(np.flatnonzero(best)) == {0, 1, 2, 3}
 
 
+@pytest.mark.parametrize("K", [11, 37])
+def test_group_pulls_list_each_group_once_in_row_order(K: int) -> None:
+    """Groups found from several starts are listed once each, in the boolean rows' lexicographic
+    order (as ``np.unique(..., axis=0)`` gives them), whatever number of members (K = 37: rows
+    of several packed bytes)."""
+    rng = np.random.default_rng(K)
+    X = rng.standard_normal((K, 80)) + 0.8 * rng.standard_normal(80)
+    X[: K // 3] += 1.5 * rng.standard_normal(80)
+    members, pulls = group_pulls(torch.from_numpy(X @ X.T))
+    assert members.dtype == bool and members.shape[1] == K and len(members) == len(pulls) > 1
+    again, first = np.unique(members, axis=0, return_index=True)
+    assert (again == members).all() and (first == np.arange(len(members))).all()
+
+
 def test_group_pulls_need_enough_adapters_to_set_the_centre() -> None:
     X = np.random.default_rng(0).standard_normal((6, 20))
     fit = torch.tensor([True, True, True, True, False, False])
