@@ -287,7 +287,11 @@ class ModuleCentre:
         C = self.cosine.double()
         diag = C.diagonal().tolist()
         idx = [j for j in range(len(self.adapters)) if self.rep[j] == j and diag[j] > 0]
-        copies = {j: tuple(self.adapters[i] for i in range(len(self.rep)) if self.rep[i] == j != i) for j in idx}
+        copied: dict[int, list[int]] = {}  # per adapter, its copies in order (one pass, not one per adapter)
+        for i, r in enumerate(self.rep):
+            if r != i:
+                copied.setdefault(r, []).append(self.adapters[i])
+        copies = {j: tuple(copied.get(j, ())) for j in idx}
         first = self.cosines() if self.first is None else self.first
         canonical = first.double()[torch.argsort(self.back)]  # given order back to canonical
         keep = torch.tensor(idx, dtype=torch.long)
@@ -402,6 +406,12 @@ def _in_content_order(given: ModuleInput) -> tuple[ModuleInput, torch.Tensor, li
     return mod, inverse(order), list(keys)
 
 
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite, from its largest and smallest (NaN propagates
+    through both, +Inf is the largest, -Inf the smallest): no mask of its size is allocated."""
+    return not t.numel() or bool(torch.isfinite(t.amax()) & torch.isfinite(t.amin()))
+
+
 def _check_finite(
     mod: ModuleInput, G: torch.Tensor, grams: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype
 ) -> None:
@@ -412,7 +422,7 @@ def _check_finite(
     Raises:
         ValueError: naming the module and the adapters (pool indices) whose updates overflow.
     """
-    if bool(torch.isfinite(G).all()) and all(bool(torch.isfinite(g).all()) for g in grams):
+    if all(_finite(t) for t in (G, *grams)):
         return
     rows = [j for j in range(G.shape[0]) if not bool(torch.isfinite(G[j]).all())]
     bad = [j for j in rows if not math.isfinite(float(G[j, j]))] or rows or list(range(G.shape[0]))
