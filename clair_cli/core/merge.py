@@ -123,7 +123,7 @@ def merge(
     # left has orthonormal columns on one side; factor the small r x r product.
     ql, rl = torch.linalg.qr(left)
     qr_, rr = torch.linalg.qr(right.T)
-    u, s, vh = torch.linalg.svd(rl @ rr.T)
+    u, s, vh = torch.linalg.svd(rl @ rr.T, full_matrices=False)
     root = s.sqrt()
     return root[:, None] * (vh @ qr_.T), (ql @ u) * root
 

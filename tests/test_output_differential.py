@@ -1,0 +1,90 @@
+"""What PEFT loads from clair's outputs is the update clair computed: cases a differential review
+of the written adapters found (each merged module's ``get_delta_weight`` against the formula)."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from typer.testing import CliRunner
+
+from clair_cli.cli import app
+from clair_cli.core.merge import merge
+
+
+class Uneven(nn.Module):
+    """One layer of unequal sides (4 -> 12 or 12 -> 4): a projection rank between the two."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(d_in, d_out)
+
+
+def uneven(side: str) -> Uneven:
+    """The basis of ``side`` is on the module's larger side (12), the other side is 4."""
+    torch.manual_seed(0)
+    return (Uneven(4, 12) if side == "out" else Uneven(12, 4)).eval()
+
+
+def deltas(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        name.removeprefix("base_model.model."): layer.get_delta_weight("default").detach().double()
+        for name, layer in model.named_modules()
+        if isinstance(layer, LoraLayer) and "default" in layer.scaling
+    }
+
+
+@pytest.mark.parametrize("side", ["out", "in"])
+def test_the_projected_merge_takes_a_basis_wider_than_the_other_side(side: str) -> None:
+    """``merge`` factors the projected mean at any basis width: a basis of more columns than the
+    other side of the module has (here 9 > 4) used to fail in the SVD of the small core."""
+    g = torch.Generator().manual_seed(0)
+    d_out, d_in, q = (12, 4, 9) if side == "out" else (4, 12, 9)
+    A = [torch.randn(3, d_in, generator=g, dtype=torch.float64) for _ in range(4)]
+    B = [torch.randn(d_out, 3, generator=g, dtype=torch.float64) for _ in range(4)]
+    basis = torch.linalg.qr(torch.randn(d_out if side == "out" else d_in, q, generator=g, dtype=torch.float64))[0]
+    a, b = merge(A, B, [0.5] * 4, basis, side=side)
+    mean = sum(0.5 * bk @ ak for ak, bk in zip(A, B, strict=True)) / 4
+    want = basis @ basis.T @ mean if side == "out" else mean @ basis @ basis.T
+    torch.testing.assert_close(b @ a, want)
+
+
+@pytest.mark.parametrize("side", ["out", "in"])
+def test_a_projection_rank_above_a_modules_smaller_side_loads_as_the_projected_mean(side: str, tmp_path: Path) -> None:
+    """``--project-rank 9`` on a 12 x 4 module (a 4 x 12 one with ``--side in``): the basis, on the
+    module's larger side, has 9 columns, and PEFT loads ``U U^T`` of the mean (it used to fail)."""
+    pool = tmp_path / "pool"
+    inputs = []
+    for k in range(5):
+        base = uneven(side)
+        torch.manual_seed(100 + k)
+        model = get_peft_model(
+            base, LoraConfig(r=2 + k % 2, lora_alpha=4, target_modules=["up"], init_lora_weights=False)
+        )
+        model.save_pretrained(pool / f"a{k}")
+        inputs.append(deltas(model)["up"])
+    out, report = tmp_path / "merged", tmp_path / "report.json"
+    args = ["merge", str(pool), "--out", str(out), "--project-rank", "9", "--side", side, "--norm-bound", "off"]
+    result = CliRunner().invoke(app, [*args, "--exit-zero", "-q", "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    used = [k for k, a in enumerate(json.loads(report.read_text())["adapters"]) if not a["flagged"]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = deltas(PeftModel.from_pretrained(uneven(side), str(out)))["up"]
+    assert not [w for w in caught if re.search("missing|unexpected", str(w.message), re.I)]
+    units = [inputs[k] / inputs[k].norm() for k in used]
+    mean = sum(inputs[k] for k in used) / len(used)
+    if side == "out":
+        U = torch.linalg.svd(torch.cat(units, dim=1))[0][:, :9]
+        want = U @ U.T @ mean
+    else:
+        V = torch.linalg.svd(torch.cat(units, dim=0))[2][:9].T
+        want = mean @ V @ V.T
+    assert float((got - want).norm() / want.norm()) < 1e-5
