@@ -88,3 +88,51 @@ def test_a_projection_rank_above_a_modules_smaller_side_loads_as_the_projected_m
         V = torch.linalg.svd(torch.cat(units, dim=0))[2][:9].T
         want = mean @ V @ V.T
     assert float((got - want).norm() / want.norm()) < 1e-5
+
+
+# ---- diffusers files: a text encoder diffusers refuses ----------------------------------------
+
+
+def _diffusers_file(directory: Path, te_modules: tuple[str, ...]) -> Path:
+    """A diffusers file (diffusers' own ``save_lora_weights``) of the tiny pipeline's UNet modules and
+    the text encoder's modules ending in ``te_modules``."""
+    from test_diffusion_formats import layers_of, pool_factors, tiny_pipeline, write_diffusers
+
+    factors = pool_factors(layers_of(tiny_pipeline()), seed=len(directory.name))[0]
+    kept = {m: f for m, f in factors.items() if m.startswith("unet.") or m.endswith(te_modules)}
+    write_diffusers(directory, kept, None)
+    return directory / "pytorch_lora_weights.safetensors"
+
+
+def test_an_intersection_that_leaves_a_text_encoder_diffusers_refuses_is_noted(tmp_path: Path) -> None:
+    """Each input's text encoder has an attention module (q_proj in one, v_proj in the other), so
+    diffusers loads both; their intersection keeps fc1 alone, and diffusers 0.42 refuses that file
+    (Could not automatically infer state dict type). The merge says so, on the console and in the card."""
+    from test_diffusion_formats import fused_deltas
+
+    files = [
+        _diffusers_file(tmp_path / "pool" / "a", ("q_proj", "fc1")),
+        _diffusers_file(tmp_path / "pool" / "b", ("v_proj", "fc1")),
+    ]
+    for f in files:
+        assert fused_deltas(f)  # diffusers loads each input
+    out = tmp_path / "merged"
+    args = ["merge", str(tmp_path / "pool"), "--out", str(out), "--method", "mean", "--intersect", "--device", "cpu"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    with pytest.raises(ValueError, match="infer state dict type"):
+        fused_deltas(out / "pytorch_lora_weights.safetensors")
+    said = "note: the merged file holds 2 text_encoder module(s) (e.g. text_encoder.encoder.layers.0.mlp.fc1) but no"
+    assert said in result.output
+    assert "diffusers (0.42) refuses the file" in (out / "README.md").read_text().replace("\\_", "_")
+
+
+def test_an_input_whose_text_encoder_diffusers_refuses_is_noted(tmp_path: Path) -> None:
+    from clair_cli.io.sources import SourceOptions, open_adapter, resolve_sources
+
+    def notes(path: Path) -> list[str]:
+        (ref,) = resolve_sources([str(path)], SourceOptions())
+        return [n for n in open_adapter(ref, SourceOptions()).notes if "refuses the file" in n]
+
+    assert notes(_diffusers_file(tmp_path / "mlp", ("fc1",)))
+    assert not notes(_diffusers_file(tmp_path / "attn", ("out_proj", "fc1")))

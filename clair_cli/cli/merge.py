@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -13,6 +13,9 @@ from clair_cli.cli.allocator import release_freed_memory
 from clair_cli.cli.choices import Rescale
 from clair_cli.cli.command import add_command
 from clair_cli.report import json_text
+
+if TYPE_CHECKING:
+    from clair_cli.results import Pool
 
 MERGE_EXAMPLES = """
 Examples:
@@ -88,7 +91,7 @@ def merge_command(
                 merged = pipeline.merge(pool, spec.name, params, w, options, outcome, progress, sink)
             merge_s = time.perf_counter() - started
         report = audit_report(outcome, command="merge", digests=reports.json_out is not None) if outcome else None
-        notes = _merge_notes(list(merged.notes) + dropped + plan.notes, len(pool.dropped))
+        notes = _merge_notes(list(merged.notes) + dropped + plan.notes, len(pool.dropped), pool)
         if report is not None:
             report["merge"] = merged.summary() | {"dropped": dropped}
             # Every note the console prints after the merge, as a baseline merge's report has them.
@@ -124,10 +127,16 @@ def _stage_for_writing(outputs: Any, target: opt.Target) -> Any:
     return root
 
 
-def _merge_notes(notes: list[str], n_dropped: int) -> list[str]:
-    """The merge's notes, and what ``--intersect`` left out."""
+def _merge_notes(notes: list[str], n_dropped: int, pool: Pool) -> list[str]:
+    """The merge's notes, what ``--intersect`` left out, and a merged diffusers file's text encoder
+    that diffusers refuses (:func:`clair_cli.io.diffusion.diffusers_te_notes`: ``--intersect`` can
+    leave one of files that diffusers loads)."""
+    from clair_cli.io.diffusion import diffusers_te_notes
+
     if n_dropped:
         notes.append(f"--intersect left out {n_dropped} module(s) not targeted by every adapter")
+    if pool.adapters[0].layout == "diffusers":
+        notes.extend(diffusers_te_notes(pool.modules, "the merged file holds"))
     return notes
 
 

@@ -167,6 +167,17 @@ KOHYA_TE_ATTENTION_NOTE = (
     "{n} {component} attention module(s) (q_proj / k_proj / v_proj, e.g. {example}) in a text encoder with no "
     "out_proj module: clair reads them as sd-scripts, A1111 and ComfyUI apply them; diffusers (0.42) {what}"
 )
+# diffusers 0.42 loads a text encoder's LoRA of a diffusers file (PEFT's key names) through its old
+# processor layout (convert_state_dict_to_diffusers, then convert_state_dict_to_peft), which tells that
+# layout from a q_proj / k_proj / v_proj / out_proj module: a text encoder of other modules alone (fc1,
+# fc2) has none, and diffusers refuses the whole file (Could not automatically infer state dict type).
+# An --intersect merge of files diffusers loads can leave a text encoder so (diffusers_te_notes).
+DIFFUSERS_TE_ATTENTION = (".q_proj", ".k_proj", ".v_proj", ".out_proj")
+DIFFUSERS_TE_NOTE = (
+    "{what} {component} module(s) (e.g. {example}) but no attention module (q_proj / k_proj / v_proj / "
+    "out_proj) of that text encoder: diffusers (0.42) refuses the file (Could not automatically infer "
+    "state dict type); clair reads the modules as PEFT applies them"
+)
 # diffusers' attention-processor era keys (before its PEFT integration).
 OLD_DIFFUSERS_RE = re.compile(r"[._]lora\.(down|up)\.|\.lora_linear_layer\.")
 # Components that only a diffusers pipeline has: their keys alone say diffusers.
@@ -669,6 +680,19 @@ def _kohya_notes(modules: Mapping[str, object], stored: Mapping[str, float], con
     return []
 
 
+def diffusers_te_notes(modules: Collection[str], what: str = "it holds") -> list[str]:
+    """Text encoders of a diffusers file (``modules``: its module names) that diffusers 0.42 refuses
+    (:data:`DIFFUSERS_TE_NOTE`), one note each; ``what`` begins the note (an input's, a merged file's)."""
+    notes = []
+    for component in ("text_encoder", "text_encoder_2"):
+        own = sorted(m for m in modules if m.startswith(component + "."))
+        if own and not any(m.endswith(DIFFUSERS_TE_ATTENTION) for m in own):
+            notes.append(
+                DIFFUSERS_TE_NOTE.format(what=f"{what} {len(own)}", component=component, example=printable(own[0]))
+            )
+    return notes
+
+
 def _te_attention_notes(modules: Mapping[str, object]) -> list[str]:
     """Text encoders whose q_proj / k_proj / v_proj modules diffusers 0.42 does not apply (see
     :data:`KOHYA_TE_ATTENTION_NOTE`), one note each."""
@@ -954,6 +978,7 @@ def open_diffusion(
         alphas, notes = _diffusers_alphas(path, keys, alpha_infos, metadata)
         config, more = _diffusers_config(path, keys, metadata, options, alphas)
         notes.extend(more)
+        notes.extend(diffusers_te_notes(keys.parts))
     notes.extend(network_notes(path, metadata, layout))
     adapter = Adapter.open(
         ref, config, max_rank=options.max_rank, max_modules=options.max_modules, header=header, keys=keys, stamp=stamp
