@@ -107,7 +107,8 @@ def _diffusers_file(directory: Path, te_modules: tuple[str, ...]) -> Path:
 def test_an_intersection_that_leaves_a_text_encoder_diffusers_refuses_is_noted(tmp_path: Path) -> None:
     """Each input's text encoder has an attention module (q_proj in one, v_proj in the other), so
     diffusers loads both; their intersection keeps fc1 alone, and diffusers 0.42 refuses that file
-    (Could not automatically infer state dict type). The merge says so, on the console and in the card."""
+    (Could not automatically infer state dict type). The merge says so: on the console, in the card and
+    in the JSON report (a baseline's report used to hold only the method's own notes, not the console's)."""
     from test_diffusion_formats import fused_deltas
 
     files = [
@@ -118,13 +119,15 @@ def test_an_intersection_that_leaves_a_text_encoder_diffusers_refuses_is_noted(t
         assert fused_deltas(f)  # diffusers loads each input
     out = tmp_path / "merged"
     args = ["merge", str(tmp_path / "pool"), "--out", str(out), "--method", "mean", "--intersect", "--device", "cpu"]
-    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    result = CliRunner().invoke(app, [*args, "--json", str(tmp_path / "report.json")], env={"COLUMNS": "400"})
     assert result.exit_code == 0, result.output
     with pytest.raises(ValueError, match="infer state dict type"):
         fused_deltas(out / "pytorch_lora_weights.safetensors")
-    said = "note: the merged file holds 2 text_encoder module(s) (e.g. text_encoder.encoder.layers.0.mlp.fc1) but no"
-    assert said in result.output
+    said = "the merged file holds 2 text_encoder module(s) (e.g. text_encoder.encoder.layers.0.mlp.fc1) but no"
+    assert f"note: {said}" in result.output
     assert "diffusers (0.42) refuses the file" in (out / "README.md").read_text().replace("\\_", "_")
+    notes = json.loads((tmp_path / "report.json").read_text())["notes"]
+    assert any(n.startswith(said) for n in notes), notes  # a baseline's report: every note it printed
 
 
 def test_an_input_whose_text_encoder_diffusers_refuses_is_noted(tmp_path: Path) -> None:
@@ -136,3 +139,20 @@ def test_an_input_whose_text_encoder_diffusers_refuses_is_noted(tmp_path: Path) 
 
     assert notes(_diffusers_file(tmp_path / "mlp", ("fc1",)))
     assert not notes(_diffusers_file(tmp_path / "attn", ("out_proj", "fc1")))
+
+
+def test_a_baseline_merges_report_holds_every_note_it_prints(tmp_path: Path) -> None:
+    """``--method mean --intersect``: the notes printed after the merge (the modules ``--intersect``
+    left out, the task types that differ) are in the JSON report too, as in the clair merge's."""
+    from helpers import tiny_llama
+
+    for k, (targets, task) in enumerate([(["q_proj"], "SEQ_CLS"), (["q_proj", "v_proj"], None)]):
+        model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=targets, task_type=task))
+        model.save_pretrained(tmp_path / "pool" / f"a{k}")
+    report = tmp_path / "report.json"
+    args = ["merge", str(tmp_path / "pool"), "--out", str(tmp_path / "merged"), "--method", "mean", "--intersect"]
+    result = CliRunner().invoke(app, [*args, "--json", str(report)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    notes = json.loads(report.read_text())["notes"]
+    printed = [line.removeprefix("note: ") for line in result.output.splitlines() if line.startswith("note: ")]
+    assert len(printed) == 2 and all(n in notes for n in printed), (printed, notes)

@@ -101,7 +101,7 @@ def merge_command(
             common.stage_reports(outputs, report, reports)
         elif reports.json_out is not None:  # a baseline: what was merged, without an audit
             baseline = merge_report(
-                pool, merged, pipeline.resolved(params), dropped, list(merged.notes), {"merge": merge_s}, digests=True
+                pool, merged, pipeline.resolved(params), dropped, notes, {"merge": merge_s}, digests=True
             )
             outputs.write_text(reports.json_out, json_text(baseline, indent=2) + "\n")
     console = make_console(stderr=True, quiet=run.quiet)
