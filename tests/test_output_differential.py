@@ -130,6 +130,30 @@ def test_an_intersection_that_leaves_a_text_encoder_diffusers_refuses_is_noted(t
     assert any(n.startswith(said) for n in notes), notes  # a baseline's report: every note it printed
 
 
+def test_a_kohya_intersection_that_leaves_text_encoder_attention_without_out_proj_is_noted(tmp_path: Path) -> None:
+    """kohya files whose text encoders hold q_proj and v_proj, one with out_proj in layer 0, the
+    other in layer 1 (and fc1): diffusers loads each. Their intersection keeps q_proj and v_proj
+    without out_proj, a text encoder diffusers 0.42 reads in a layout it cannot tell, so it refuses
+    the file; the merge says so, as the note on such an input does."""
+    from test_diffusion_formats import fused_deltas, layers_of, pool_factors, tiny_pipeline, write_kohya
+
+    factors = pool_factors(layers_of(tiny_pipeline()))
+    for k, own in enumerate(
+        [("q_proj", "v_proj", "0.self_attn.out_proj"), ("q_proj", "v_proj", "1.self_attn.out_proj", "fc1")]
+    ):
+        kept = {m: f for m, f in factors[k].items() if m.startswith("unet.") or m.endswith(own)}
+        write_kohya(tmp_path / "pool" / f"style_{k}.safetensors", kept, 4.0)
+    for f in sorted((tmp_path / "pool").iterdir()):
+        assert fused_deltas(f)  # diffusers loads each input
+    out = tmp_path / "merged"
+    args = ["merge", str(tmp_path / "pool"), "--out", str(out), "--method", "mean", "--intersect", "--device", "cpu"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    with pytest.raises(ValueError, match="infer state dict type"):
+        fused_deltas(out / "pytorch_lora_weights.safetensors")
+    assert "note: the merged file: 4 text_encoder attention module(s)" in result.output, result.output
+
+
 def test_an_input_whose_text_encoder_diffusers_refuses_is_noted(tmp_path: Path) -> None:
     from clair_cli.io.sources import SourceOptions, open_adapter, resolve_sources
 

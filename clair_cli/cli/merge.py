@@ -128,15 +128,14 @@ def _stage_for_writing(outputs: Any, target: opt.Target) -> Any:
 
 
 def _merge_notes(notes: list[str], n_dropped: int, pool: Pool) -> list[str]:
-    """The merge's notes, what ``--intersect`` left out, and a merged diffusers file's text encoder
-    that diffusers refuses (:func:`clair_cli.io.diffusion.diffusers_te_notes`: ``--intersect`` can
-    leave one of files that diffusers loads)."""
-    from clair_cli.io.diffusion import diffusers_te_notes
+    """The merge's notes, what ``--intersect`` left out, and a merged diffusion file's text encoder
+    that diffusers refuses or applies in part (:func:`clair_cli.io.diffusion.merged_te_notes`:
+    ``--intersect`` can leave one of files that diffusers loads)."""
+    from clair_cli.io.diffusion import merged_te_notes
 
     if n_dropped:
         notes.append(f"--intersect left out {n_dropped} module(s) not targeted by every adapter")
-    if pool.adapters[0].layout == "diffusers":
-        notes.extend(diffusers_te_notes(pool.modules, "the merged file holds"))
+    notes.extend(merged_te_notes(pool.adapters[0].layout, pool.modules))
     return notes
 
 

@@ -693,6 +693,17 @@ def diffusers_te_notes(modules: Collection[str], what: str = "it holds") -> list
     return notes
 
 
+def merged_te_notes(layout: str, modules: Collection[str]) -> list[str]:
+    """Text encoders of a merged diffusion file (its ``layout``, its ``modules``) that diffusers 0.42
+    refuses or applies in part, as its inputs' notes say of theirs (:func:`diffusers_te_notes`,
+    :func:`_te_attention_notes`): ``--intersect`` can leave one so of inputs that diffusers loads."""
+    if layout == "diffusers":
+        return diffusers_te_notes(modules, "the merged file holds")
+    if layout == "kohya" and kohya_loader(modules) in ("sd", "flux"):
+        return [f"the merged file: {n}" for n in _te_attention_notes(dict.fromkeys(modules))]
+    return []
+
+
 def _te_attention_notes(modules: Mapping[str, object]) -> list[str]:
     """Text encoders whose q_proj / k_proj / v_proj modules diffusers 0.42 does not apply (see
     :data:`KOHYA_TE_ATTENTION_NOTE`), one note each."""
