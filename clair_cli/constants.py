@@ -34,6 +34,11 @@ MLX_KEY_RE = re.compile(r"^(?P<module>.+)\.(?P<part>lora_a|lora_b)$")
 # Diffusion LoRA files (docs/usage/sources.md, "Diffusion LoRA files"). diffusers' save_lora_weights
 # writes this file name, and load_lora_weights(DIR) looks for it; clair writes it for both layouts.
 DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+# What diffusers' load_lora_weights(DIR or repo) loads when no weight_name is given
+# (diffusers.loaders.lora_base._best_guess_weight_name): the first name that ends with
+# DIFFUSERS_WEIGHTS_NAME and holds none of these words, in directory (or Hub listing) order.
+DIFFUSERS_GUESS_SKIPPED = ("scheduler", "optimizer", "checkpoint")
 # diffusers keeps each component's LoraConfig (as JSON, keys "<component>.<field>") under this
 # safetensors metadata key (diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY).
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"

@@ -98,15 +98,25 @@ def build_pool(adapters: Sequence[Adapter], intersect: bool = False, method: str
 
     # Compared by what they name: ./base, base and /abs/base are one directory; gpt2 is
     # openai-community/gpt2 (the Hub's canonical id).
-    bases: dict[str, tuple[str, Adapter]] = {}
+    # A config's revision is the base model's branch, tag or commit (AutoPeftModel loads the base model
+    # there); none is PEFT's and transformers' default, main.
+    bases: dict[tuple[str, str], tuple[str, Adapter]] = {}
     spellings: list[str] = []
     for a in adapters:
         base = _base(a.base_model)
         if base is not None:
-            bases.setdefault(canonical_base_model(base), (base, a))
+            revision = a.config.base_revision or "main"
+            bases.setdefault((canonical_base_model(base), revision), (base, a))
             spellings.append(base)
     if len(bases) > 1:
-        (b1, a1), (b2, a2) = list(bases.values())[:2]
+        ((c1, r1), (b1, a1)), ((c2, r2), (b2, a2)) = list(bases.items())[:2]
+        if c1 == c2:
+            raise IncompatibleAdapters(
+                f"adapters are for different revisions of the base model {b1!r}: {a1.name} is for revision "
+                f"{r1!r}, {a2.name} for {r2!r} (their configs' revision, at which AutoPeftModel loads the base model)",
+                hint="Audit the adapters of one base model revision at a time, or pass --base-model to name the "
+                "base model of all.",
+            )
         raise IncompatibleAdapters(
             f"adapters are for different base models: {a1.name} is for {b1!r}, {a2.name} is for {b2!r}",
             hint="Audit the adapters of one base model at a time, or pass --base-model to name it for all.",

@@ -111,6 +111,8 @@ class AdapterConfig:
 
     peft_type: str = "LORA"
     base_model: str | None = None
+    # The config's ``revision``: the base model's branch, tag or commit, which AutoPeftModel loads the base model at.
+    base_revision: str | None = None
     r: int = 8
     lora_alpha: float = 8.0
     use_rslora: bool = False

@@ -34,7 +34,7 @@ def _adapter_files(tmp: Path, seed: int, **cfg: object) -> dict[str, bytes]:
 class FakeHub:
     """repos: {repo_id: {revision_or_sha: (sha, {path: bytes})}}"""
 
-    def __init__(self, repos: dict[str, dict[str, tuple[str, dict[str, bytes]]]]) -> None:
+    def __init__(self, repos: dict[str, dict[str, tuple[str, dict[str, bytes]]]]) -> None:  # noqa: C901 - its handler
         self.repos = repos
         self.requests: list[tuple[str, str, str | None]] = []
         hub = self
@@ -46,6 +46,8 @@ class FakeHub:
             def _answer(self, body: bool) -> None:
                 hub.requests.append((self.command, self.path, self.headers.get("Authorization")))
                 parts = self.path.split("?")[0].strip("/").split("/")
+                if parts[:2] == ["api", "models"] and len(parts) == 6 and parts[4] == "revision":
+                    return self._listing("/".join(parts[2:4]), parts[5])
                 if len(parts) < 5 or parts[2] != "resolve":
                     return self._error(404, "RepoNotFound")
                 repo, rev, path = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
@@ -66,6 +68,20 @@ class FakeHub:
                 self.end_headers()
                 if body:
                     self.wfile.write(data)
+
+            def _listing(self, repo: str, rev: str) -> None:
+                """model_info's answer: the repo's files at a revision (what diffusers lists to pick a file)."""
+                entries = hub.repos.get(repo, {})
+                entry = entries.get(rev) or next((e for e in entries.values() if e[0] == rev), None)
+                if entry is None:
+                    return self._error(404, "RevisionNotFound" if entries else "RepoNotFound")
+                sha, files = entry
+                body = json.dumps({"id": repo, "sha": sha, "siblings": [{"rfilename": p} for p in sorted(files)]})
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
 
             def _error(self, code: int, error_code: str, sha: str | None = None) -> None:
                 self.send_response(code)
@@ -217,8 +233,10 @@ def test_a_diffusers_lora_repo_is_read_from_its_weights_file(fake_hub: FakeHub, 
     assert proc.returncode == 0, proc.stderr
     (adapter,) = json.loads(proc.stdout)["adapters"]
     assert adapter["layout"] == "diffusers" and adapter["revision"] == SHA_MAIN and adapter["n_modules"] == 2
-    fetched = {path.rsplit("/", 1)[-1] for _, path, _ in fake_hub.requests}
+    fetched = {path.rsplit("/", 1)[-1] for _, path, _ in fake_hub.requests if not path.startswith("/api/")}
     assert fetched == {"adapter_config.json", "pytorch_lora_weights.safetensors"}
+    # and its list of files, to tell that diffusers' load_lora_weights(repo) loads that file
+    assert f"/api/models/owner/sdlora/revision/{SHA_MAIN}" in {path for _, path, _ in fake_hub.requests}
     n = len(fake_hub.requests)
     proc = run_cli("inspect", "owner/sdlora", "--json", "-", env={**env, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr

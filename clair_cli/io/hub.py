@@ -3,7 +3,8 @@ LoRA file of a repo, ``hf://owner/name[/subfolder]/file.safetensors[@revision]``
 
 Only ``adapter_config.json`` and ``adapter_model.safetensors`` are downloaded (a repo
 without ``adapter_config.json``: its diffusers LoRA file ``pytorch_lora_weights.safetensors``;
-a named file: that file alone, read as a bare weights file is),
+a named file: that file alone, read as a bare weights file is; a repo read from its diffusers LoRA
+file is also listed, to tell that diffusers' ``load_lora_weights`` loads no other file from it),
 through ``huggingface_hub`` so that HF_TOKEN, HF_HOME, HF_ENDPOINT,
 HF_HUB_OFFLINE and the shared cache behave as everywhere else in the ecosystem.
 The resolved commit sha is read from the cache snapshot the files landed in.
@@ -32,6 +33,7 @@ from typing import Any
 
 from clair_cli.constants import (
     CONFIG_NAME,
+    DIFFUSERS_GUESS_SKIPPED,
     DIFFUSERS_WEIGHTS_NAME,
     HUB_DEFAULT_TIMEOUT_S,
     HUB_MAX_FILE_BYTES,
@@ -529,7 +531,96 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
             weights, config = get(DIFFUSERS_WEIGHTS_NAME), None
         except (_Missing, _NotCached):
             raise exc from None
+        if isinstance(exc, _NotCached) and not _known_missing(hub, CONFIG_NAME, _commit_from_path(weights)):
+            # Offline, a config that is not in the cache may still be in the repo (a diffusers download of
+            # the repo fetched its pytorch_lora_weights.safetensors alone): PeftModel.from_pretrained would load
+            # that config's adapter_model.safetensors, another update than this file's.
+            named = f"hf://{hub.repo_id}/" + (f"{hub.subfolder}/" if hub.subfolder else "") + DIFFUSERS_WEIGHTS_NAME
+            raise HubError(
+                f"{spec}: {CONFIG_NAME} of {where}{at} is not in the local cache and HF_HUB_OFFLINE is set, so it "
+                f"cannot be told whether the repo is a PEFT adapter (PeftModel.from_pretrained loads its "
+                f"{SAFETENSORS_WEIGHTS_NAME}) or a diffusers LoRA (its {DIFFUSERS_WEIGHTS_NAME}, which is cached)",
+                hint=f"Unset HF_HUB_OFFLINE to let the Hub say, or name the diffusers file to read it alone: {named}.",
+            ) from None
+        if not offline:  # offline, diffusers loads no repo without a weight_name, and clair cannot list one
+            _check_diffusers_guess(hub, spec, _commit_from_path(weights), token, deadline)
     return _ref(hub, spec, weights, config)
+
+
+def _known_missing(hub: HubSpec, filename: str, commit: str | None) -> bool:
+    """Whether the hub cache records that ``filename`` (in the source's subfolder) is absent from the repo at
+    ``commit`` (huggingface_hub's ``.no_exist`` marker, written when the Hub answered that it has no such file)."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.file_download import _CACHED_NO_EXIST
+
+    if commit is None:
+        return False
+    name = f"{hub.subfolder}/{filename}" if hub.subfolder else filename
+    try:
+        return try_to_load_from_cache(hub.repo_id, name, revision=commit) is _CACHED_NO_EXIST
+    except (OSError, ValueError):
+        return False
+
+
+def diffusers_candidates(names: list[str]) -> list[str]:
+    """The names among ``names`` (a directory's entries, or a repo's file paths) of which diffusers'
+    ``load_lora_weights`` loads the first when it is given no ``weight_name``
+    (``diffusers.loaders.lora_base._best_guess_weight_name``): those that end with
+    ``pytorch_lora_weights.safetensors`` and hold none of its skipped words."""
+    return sorted(
+        n for n in names if n.endswith(DIFFUSERS_WEIGHTS_NAME) and not any(w in n for w in DIFFUSERS_GUESS_SKIPPED)
+    )
+
+
+# A repo's file listing (the Hub's model_info answer): about 100 bytes a file.
+_MAX_LISTING_BYTES = 64 << 20
+
+
+def _check_diffusers_guess(hub: HubSpec, spec: str, commit: str | None, token: str | None, deadline: float) -> None:
+    """Refuse a diffusers LoRA repo (no adapter_config.json) where diffusers' ``load_lora_weights(repo)`` could
+    load another file than the ``pytorch_lora_weights.safetensors`` clair reads: it lists the repo and loads
+    the first file whose name ends so (``v2_pytorch_lora_weights.safetensors``,
+    ``a/pytorch_lora_weights.safetensors``)."""
+    from huggingface_hub import model_info
+
+    try:
+        info = _with_deadline(
+            deadline,
+            model_info,
+            f"{spec}: the list of files",
+            hub.repo_id,
+            revision=commit or hub.revision,
+            token=token,
+            max_bytes=_MAX_LISTING_BYTES,
+        )
+        if info.siblings is None:
+            raise ValueError("the answer lists no files")
+        names = [s.rfilename for s in info.siblings]
+    except HubError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure to list: nothing tells which file diffusers loads
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise HubError(
+            f"{spec}: the files of {hub.repo_id} cannot be listed ({printable(first)}), so it cannot be told which "
+            f"file diffusers' load_lora_weights loads from it",
+            hint=f"Name the file to read: hf://{hub.repo_id}/"
+            + (f"{hub.subfolder}/" if hub.subfolder else "")
+            + f"{DIFFUSERS_WEIGHTS_NAME}.",
+        ) from None
+    if hub.subfolder:
+        inner = f"{hub.subfolder}/"
+        names = [n[len(inner) :] for n in names if n.startswith(inner)]
+    found = diffusers_candidates(names)
+    if found != [DIFFUSERS_WEIGHTS_NAME]:
+        listed = ", ".join(printable(n) for n in found[:6]) + (", ..." if len(found) > 6 else "")
+        where = f"{hub.repo_id}" + (f" (subfolder {hub.subfolder})" if hub.subfolder else "")
+        raise AdapterFormatError(
+            f"{spec}: {where} holds {len(found)} files that diffusers' load_lora_weights may load ({listed}): it "
+            f"loads the first it lists, which need not be the {DIFFUSERS_WEIGHTS_NAME} clair would read",
+            hint=f"Name the file to read as the source: hf://{hub.repo_id}/"
+            + (f"{hub.subfolder}/" if hub.subfolder else "")
+            + "FILE.safetensors.",
+        )
 
 
 def _peft_config(config: Path) -> bool:

@@ -169,6 +169,12 @@ def parse_config(data: dict[str, Any], path: Path | str) -> AdapterConfig:
             f"base_model_name_or_path is {len(base_model)} characters long; clair accepts at most "
             f"{MAX_BASE_MODEL_LENGTH}",
         )
+    base_revision = data.get("revision")
+    if base_revision is not None and (not isinstance(base_revision, str) or len(base_revision) > MAX_BASE_MODEL_LENGTH):
+        raise _fail(
+            path,
+            f"revision (the base model's branch, tag or commit) must be a string of at most {MAX_BASE_MODEL_LENGTH}",
+        )
     to_save = _str_list(path, "modules_to_save", data.get("modules_to_save"))
     for field in ("target_modules", "exclude_modules"):
         if isinstance(data.get(field), str):
@@ -178,6 +184,7 @@ def parse_config(data: dict[str, Any], path: Path | str) -> AdapterConfig:
     return AdapterConfig(
         peft_type="LORA",
         base_model=base_model or None,
+        base_revision=base_revision or None,
         r=_positive_int(path, "r", data.get("r", PEFT_DEFAULT_R)),
         lora_alpha=_finite(path, "lora_alpha", data.get("lora_alpha", PEFT_DEFAULT_ALPHA)),
         use_rslora=_flag(path, "use_rslora", data.get("use_rslora")),

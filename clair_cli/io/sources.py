@@ -311,6 +311,19 @@ def _adapter_dir_ref(directory: Path, name: str, source: str, options: SourceOpt
     if not _lexists(weights) and _lexists(directory / DIFFUSERS_WEIGHTS_NAME):
         # A diffusion LoRA directory (save_lora_weights, or clair's own output): read at open.
         weights = directory / DIFFUSERS_WEIGHTS_NAME
+        if _lexists(config):
+            # No loader applies a config to that file: PeftModel.from_pretrained loads adapter_model.safetensors
+            # (or .bin), none here, and diffusers' load_lora_weights reads the file without it (a hub repo so laid
+            # out is refused too).
+            raise AdapterFormatError(
+                f"{shown_path(directory)}: has {CONFIG_NAME} beside {DIFFUSERS_WEIGHTS_NAME} and no "
+                f"{SAFETENSORS_WEIGHTS_NAME}: PeftModel.from_pretrained loads no weights from it, and diffusers' "
+                "load_lora_weights reads the file without that config (at scale 1, or its own metadata's), not at "
+                "the config's alpha / r",
+                hint=f"Move {CONFIG_NAME} away to read a diffusers LoRA as diffusers does, or name the file "
+                f"({shown_path(weights)}) to read it with the config beside it.",
+            )
+        _refuse_diffusers_rivals(directory)
         return _local_ref(directory, name, source, weights, config if _lexists(config) else None, path)
     if _lexists(directory / MLX_WEIGHTS_NAME) and (not _lexists(weights) or _mlx_beside_peft(config)):
         # An MLX-LM adapter (clair_cli.io.mlx): its config gives the rank and scale, read at open; beside
@@ -329,6 +342,26 @@ def _adapter_dir_ref(directory: Path, name: str, source: str, options: SourceOpt
             hint="Pass --config FILE, or --lora-alpha (and --base-model) to describe it.",
         )
     return _local_ref(directory, name, source, weights, config if has_config else None, path)
+
+
+def _refuse_diffusers_rivals(directory: Path) -> None:
+    """Refuse a diffusers LoRA directory where diffusers' ``load_lora_weights(DIR)`` could load another file
+    than its ``pytorch_lora_weights.safetensors``: it loads the first entry, in ``os.listdir`` order, whose
+    name ends so (``v2_pytorch_lora_weights.safetensors``), and that order is the file system's."""
+    try:
+        names = os.listdir(directory)
+    except (OSError, ValueError) as exc:
+        raise os_problem(exc, directory) from None
+    found = hub.diffusers_candidates(names)
+    if found != [DIFFUSERS_WEIGHTS_NAME]:
+        listed = ", ".join(printable(n) for n in found[:6]) + (", ..." if len(found) > 6 else "")
+        raise AdapterFormatError(
+            f"{shown_path(directory)}: holds {len(found)} files that diffusers' load_lora_weights may load "
+            f"({listed}): it loads the first the directory lists, which need not be the "
+            f"{DIFFUSERS_WEIGHTS_NAME} clair would read",
+            hint=f"Name the file to read as the source (e.g. {shown_path(directory / DIFFUSERS_WEIGHTS_NAME)}), or "
+            "move the others out of the directory.",
+        )
 
 
 def _mlx_beside_peft(config: Path) -> bool:
@@ -587,6 +620,7 @@ def _resolve_local(
             name = rel(file)[: -len(".safetensors")]
             given = os.path.join(spec, rel(file))
             _add(refs, errors, name, spec, lambda: _bare_file_ref(file, name, spec, options, given))  # noqa: B023
+    refs = _one_commit_per_repo(refs, spec, errors)
     if not refs and not errors:
         if found.pickles:
             raise _refuse_pickle(sorted(found.pickles)[0])
@@ -595,6 +629,35 @@ def _resolve_local(
             f"{SAFETENSORS_WEIGHTS_NAME}, and for .safetensors files)"
         )
     return sorted(refs, key=lambda r: r.name)
+
+
+def _one_commit_per_repo(
+    refs: list[AdapterRef], spec: str, errors: list[tuple[str, str, ClairError]] | None
+) -> list[AdapterRef]:
+    """Refuse the snapshots of several commits of one hub repo (and subfolder) below a directory source (a
+    Hugging Face cache, or a repo's folder in it): they are states of one upload, not independent adapters
+    (PeftModel.from_pretrained loads one revision), as two checkpoint-N folders of one run are."""
+    commits: dict[tuple[str, str | None], list[AdapterRef]] = {}
+    for ref in refs:
+        if ref.repo_id is not None and ref.revision is not None:
+            commits.setdefault((ref.repo_id, ref.subfolder), []).append(ref)
+    refused: set[str] = set()
+    for (repo_id, sub), same in commits.items():
+        if len({r.revision for r in same}) < 2:
+            continue
+        where = printable(repo_id + (f"/{sub}" if sub else ""))
+        listed = ", ".join(printable(r.name) for r in same[:6]) + (", ..." if len(same) > 6 else "")
+        problem = AdapterFormatError(
+            f"{shown_path(spec)}: holds the cache snapshots of {len(same)} commits of the hub repo {where} ({listed}): "
+            "states of one upload are not independent adapters",
+            hint=f"Name the one to read as a source (its snapshot folder, or hf://{where}@<commit>), or move the "
+            "others out of the source.",
+        )
+        if errors is None:
+            raise problem
+        errors.append((where, spec, problem))
+        refused.update(r.name for r in same)
+    return [r for r in refs if r.name not in refused]
 
 
 def _same_files(refs: list[AdapterRef]) -> None:
@@ -626,6 +689,15 @@ def _resolve_one(
     path = Path(spec)
     st = probe(path)
     if st is not None:
+        if options.subfolder and options.subfolder.strip("/"):
+            # PeftModel.from_pretrained(base, DIR, subfolder=SUB) loads DIR/SUB: reading DIR itself would audit
+            # another adapter than the one the option names.
+            raise UsageError(
+                f"{shown_path(spec)}: --subfolder {printable(options.subfolder)!r} applies to hub sources, and "
+                "this is a local path",
+                hint=f"Name the folder in the path ({shown_path(os.path.join(spec, options.subfolder))}), and a "
+                "hub repo's folder in its source (hf://owner/name/FOLDER).",
+            )
         return _resolve_local(spec, path, st, options, errors)
     owner = spec.partition("/")[0]
     if hub.looks_like_hub_id(spec) and not spec.startswith((".", "/", "~")):
@@ -731,7 +803,10 @@ def open_adapter(ref: AdapterRef, options: SourceOptions | None = None) -> Adapt
             given = config.base_model
             if given and canonical_base_model(given) != canonical_base_model(options.base_model):
                 note = f"--base-model {options.base_model!r} replaces the config's base model {given!r}"
-            config = replace(config, base_model=options.base_model)
+            elif config.base_revision not in (None, "main"):
+                revision = config.base_revision
+                note = f"--base-model {options.base_model!r} replaces the config's base model revision {revision!r}"
+            config = replace(config, base_model=options.base_model, base_revision=None)
     else:
         config = _flag_config(ref, options, header[0])
     adapter = Adapter.open(

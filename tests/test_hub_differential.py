@@ -1,0 +1,185 @@
+"""A differential review of hub and local-directory sources: what PEFT (or diffusers) loads from a repo
+or folder against what clair reads from it. Each case below was a silent divergence: clair audited
+another file, another folder or another base model than the loader would use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+from helpers import lora_config, run_cli, write_adapter
+from test_hub import SHA_MAIN, FakeHub, _adapter_files, _diffusers_file, _env, _populate_cache
+
+from clair_cli.errors import AdapterFormatError, IncompatibleAdapters, UsageError
+from clair_cli.io import SourceOptions, open_adapters
+from clair_cli.io.sources import resolve_sources
+from clair_cli.pipeline import build_pool
+
+NAME = "pytorch_lora_weights.safetensors"
+
+
+def _payload() -> bytes:
+    """The diffusers file with its lora_B factors 1000 times larger."""
+    tensors = safetensors.torch.load(_diffusers_file())
+    return safetensors.torch.save({k: v * 1000 if "lora_B" in k else v for k, v in tensors.items()})
+
+
+def test_a_diffusers_directory_with_another_file_diffusers_may_load_is_refused(tmp_path: Path) -> None:
+    """diffusers' load_lora_weights(DIR) loads the first entry of os.listdir whose name ends with
+    pytorch_lora_weights.safetensors; clair read pytorch_lora_weights.safetensors itself (a review: diffusers
+    loaded v2_pytorch_lora_weights.safetensors, 1000 times larger, from the folder clair passed)."""
+    from diffusers.loaders.lora_base import _best_guess_weight_name
+
+    directory = tmp_path / "style"
+    directory.mkdir()
+    (directory / NAME).write_bytes(_diffusers_file())
+    (directory / f"v2_{NAME}").write_bytes(_payload())
+    assert _best_guess_weight_name(str(directory)) in {NAME, f"v2_{NAME}"}  # the file system's order decides
+    with pytest.raises(AdapterFormatError, match=r"holds 2 files that diffusers' load_lora_weights may load"):
+        open_adapters([str(directory)])
+    (adapter,) = open_adapters([str(directory / NAME)])  # the file named: that file alone
+    assert adapter.ref.weights_file == directory / NAME
+    # diffusers skips names with "checkpoint", "scheduler" or "optimizer": no rival
+    (directory / f"v2_{NAME}").rename(directory / f"checkpoint_{NAME}")
+    (adapter,) = open_adapters([str(directory)])
+    assert adapter.ref.weights_file == directory / NAME
+
+
+def test_a_diffusers_hub_repo_with_another_file_diffusers_may_load_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the Hub diffusers lists the whole repo (model_info's siblings, subfolders included) and loads the first
+    path that ends with pytorch_lora_weights.safetensors."""
+    from diffusers.loaders import lora_base
+    from huggingface_hub.hf_api import ModelInfo
+
+    files = {NAME: _diffusers_file(), f"a/{NAME}": _payload(), f"checkpoint-5/{NAME}": _payload()}
+    siblings = [{"rfilename": p} for p in sorted(files)]  # the Hub lists a repo's files sorted
+    monkeypatch.setattr(lora_base, "model_info", lambda repo: ModelInfo(id=repo, siblings=siblings))
+    assert lora_base._best_guess_weight_name("owner/two") == f"a/{NAME}"  # not the root file clair read
+    ok = {NAME: _diffusers_file(), f"checkpoint-5/{NAME}": _payload(), f"b/{NAME}": _payload()}
+    with FakeHub({"owner/two": {"main": (SHA_MAIN, files)}, "owner/ok": {"main": (SHA_MAIN, ok)}}) as hub:
+        env = _env(hub, tmp_path / "home")
+        proc = run_cli("inspect", "owner/two", env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert "holds 2 files that diffusers' load_lora_weights may load" in proc.stderr
+        assert f"a/{NAME}" in proc.stderr and "Traceback" not in proc.stderr
+        proc = run_cli("inspect", f"hf://owner/two/{NAME}", "--json", "-", env=env)  # the file named: read
+        assert proc.returncode == 0, proc.stderr
+        # a subfolder source is checked among that folder's files: b/ holds one
+        proc = run_cli("inspect", "hf://owner/ok/b", "--json", "-", env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["adapters"][0]["layout"] == "diffusers"
+
+
+def test_offline_a_repo_whose_config_is_not_cached_is_not_read_as_a_diffusers_lora(tmp_path: Path) -> None:
+    """Offline, a repo whose cache holds its pytorch_lora_weights.safetensors but not its adapter_config.json
+    (diffusers fetched that file alone) was read as a diffusers LoRA; the repo may be a PEFT adapter, whose
+    adapter_model.safetensors PeftModel.from_pretrained loads (and clair online read)."""
+    home = tmp_path / "home"
+    _populate_cache(home, "owner/both", SHA_MAIN, {NAME: _diffusers_file()})
+    env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    proc = run_cli("inspect", "owner/both", env=env)
+    assert proc.returncode == 2, proc.stdout
+    assert "cannot be told whether the repo is a PEFT adapter" in " ".join(proc.stderr.split())
+    proc = run_cli("inspect", f"hf://owner/both/{NAME}", "--json", "-", env=env)  # the file named: read
+    assert proc.returncode == 0, proc.stderr
+    # Where the cache records that the repo has no config (the Hub said so once), it is a diffusers repo.
+    marker = home / "hub" / "models--owner--both" / ".no_exist" / SHA_MAIN / "adapter_config.json"
+    marker.parent.mkdir(parents=True)
+    marker.touch()
+    proc = run_cli("inspect", "owner/both", "--json", "-", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["adapters"][0]["layout"] == "diffusers"
+
+
+def test_adapters_for_different_revisions_of_one_base_model_are_refused(tmp_path: Path) -> None:
+    """adapter_config.json's revision is the base model's revision, at which AutoPeftModel loads the base model
+    (peft.auto: base_model_revision = peft_config.revision); clair pooled such adapters as of one base model."""
+    from peft import PeftConfig
+
+    pool = tmp_path / "pool"
+    for i in range(3):
+        write_adapter(pool / f"c{i}", config=lora_config(revision="v2" if i == 0 else None), seed=i)
+    assert PeftConfig.from_pretrained(str(pool / "c0")).revision == "v2"
+    with pytest.raises(IncompatibleAdapters, match="different revisions of the base model"):
+        build_pool(open_adapters([str(pool)]), method="mean")
+    # "main" is PEFT's and transformers' default: the same revision as none
+    (pool / "c0" / "adapter_config.json").write_text(json.dumps(lora_config(revision="main")))
+    build_pool(open_adapters([str(pool)]), method="mean")
+    # --base-model names the base model of every source, revision included
+    (pool / "c0" / "adapter_config.json").write_text(json.dumps(lora_config(revision="v2")))
+    adapters = open_adapters([str(pool)], SourceOptions(base_model="clair-test/tiny-base"))
+    build_pool(adapters, method="mean")
+    assert any("revision 'v2'" in n for n in adapters[0].notes)
+    (pool / "c0" / "adapter_config.json").write_text(json.dumps(lora_config(revision=3)))
+    with pytest.raises(AdapterFormatError, match="revision"):
+        open_adapters([str(pool)])
+
+
+def test_subfolder_is_not_ignored_for_a_local_source(tmp_path: Path) -> None:
+    """PeftModel.from_pretrained(base, DIR, subfolder=SUB) loads DIR/SUB; clair read DIR and dropped --subfolder,
+    also for a Hugging Face cache snapshot named as a hub repo."""
+    from peft import PeftConfig
+
+    repo = write_adapter(tmp_path / "repo", config=lora_config(), seed=0)
+    write_adapter(repo / "x", config=lora_config(lora_alpha=800), seed=1)
+    assert PeftConfig.from_pretrained(str(repo), subfolder="x").lora_alpha == 800
+    with pytest.raises(UsageError, match="--subfolder 'x' applies to hub sources"):
+        resolve_sources([str(repo)], SourceOptions(subfolder="x"))
+    (ref,) = resolve_sources([str(repo / "x")])
+    assert ref.config_file == repo / "x" / "adapter_config.json"
+    home = tmp_path / "home"
+    _populate_cache(home, "owner/cached", SHA_MAIN, _adapter_files(tmp_path, 3))
+    snapshot = home / "hub" / "models--owner--cached" / "snapshots" / SHA_MAIN
+    with pytest.raises(UsageError, match="applies to hub sources"):
+        resolve_sources([str(snapshot)], SourceOptions(subfolder="x"))
+
+
+def test_a_peft_config_beside_a_diffusers_file_is_not_applied_to_it(tmp_path: Path) -> None:
+    """A folder of a PEFT adapter_config.json and pytorch_lora_weights.safetensors (no adapter_model.safetensors):
+    clair read the file at the config's alpha / r, while PeftModel.from_pretrained loads no weights from it and
+    diffusers' load_lora_weights reads the file without the config, at scale 1 (a config of lora_alpha 0.004
+    shrank clair's update 1000 times below the one diffusers applies). A hub repo so laid out was refused."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    directory = tmp_path / "style"
+    directory.mkdir()
+    (directory / NAME).write_bytes(_payload())
+    config = lora_config(r=4, lora_alpha=0.004, target_modules=["proj_in", "q_proj"])
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(directory))
+    assert alphas is None and state.keys() == safetensors.torch.load(_payload()).keys()  # the file as stored
+    with pytest.raises(AdapterFormatError, match="PeftModel.from_pretrained loads no weights from it"):
+        open_adapters([str(directory)])
+    config.pop("peft_type")  # read as PEFT's all the same (clair's default peft_type)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterFormatError, match="PeftModel.from_pretrained loads no weights from it"):
+        open_adapters([str(directory)])
+    (directory / "adapter_config.json").unlink()  # a diffusers LoRA: read at diffusers' scale
+    (adapter,) = open_adapters([str(directory)])
+    assert adapter.config.file_name is None
+
+
+def test_two_commits_of_one_hub_repo_in_a_cache_scan_are_refused(tmp_path: Path) -> None:
+    """A scan of a Hugging Face cache (or of one repo's folder in it) read the snapshots of two commits of one
+    repo as two independent adapters (PEFT loads one revision): one upload weighed twice, as two checkpoint-N
+    folders of one run would be."""
+    home = tmp_path / "home"
+    _populate_cache(home, "owner/lora", SHA_MAIN, _adapter_files(tmp_path, 0))
+    _populate_cache(home, "owner/other", SHA_MAIN, _adapter_files(tmp_path, 2))
+    root = home / "hub" / "models--owner--lora"
+    later = root / "snapshots" / ("b" * 40)
+    later.mkdir()
+    for name, data in _adapter_files(tmp_path, 1, lora_alpha=16).items():
+        (later / name).write_bytes(data)
+    for source in (root, home / "hub"):
+        with pytest.raises(AdapterFormatError, match="snapshots of 2 commits of the hub repo owner/lora"):
+            resolve_sources([str(source)])
+    errors: list = []
+    assert [r.name for r in resolve_sources([str(home / "hub")], errors=errors)] == [f"owner/other@{SHA_MAIN[:12]}"]
+    assert [e[0] for e in errors] == ["owner/lora"]
+    (ref,) = resolve_sources([str(later)])  # one snapshot named: read
+    assert ref.revision == "b" * 40
