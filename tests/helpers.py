@@ -224,3 +224,27 @@ def train_replies(contents: dict[int, Any]) -> list[Any]:
         reply.metadata.__dict__["_message_id"] = f"r{node}"
         replies.append(reply)
     return replies
+
+
+def transformer_lora_deltas(mixin: type, transformer: torch.nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """What diffusers' LoRA loader ``mixin`` (a transformer pipeline's, e.g. ``Flux2LoraLoaderMixin``) adds to
+    each layer of ``transformer`` when it loads the file ``path``, by module."""
+    from peft.tuners.lora import LoraLayer
+
+    class Pipe(mixin):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            self.transformer = transformer
+            self.hf_device_map = None
+
+        @property
+        def components(self) -> dict[str, torch.nn.Module]:
+            return {"transformer": self.transformer}
+
+    pipe = Pipe()
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    return {
+        name: module.get_delta_weight(adapter).detach()
+        for name, module in pipe.transformer.named_modules()
+        if isinstance(module, LoraLayer)
+        for adapter in module.lora_A
+    }

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import transformer_lora_deltas
 from safetensors.torch import save_file
 from test_diffusion_formats import _quiet, clair_deltas, fused_deltas
 
@@ -192,25 +193,8 @@ def _tiny_flux2():
 def _flux2_deltas(directory: Path) -> dict[str, torch.Tensor]:
     """What diffusers' Flux.2 loader adds to each layer of a tiny transformer, by module."""
     from diffusers.loaders import Flux2LoraLoaderMixin
-    from peft.tuners.lora import LoraLayer
 
-    class Pipe(Flux2LoraLoaderMixin):
-        def __init__(self) -> None:
-            self.transformer = _tiny_flux2()
-            self.hf_device_map = None
-
-        @property
-        def components(self) -> dict[str, torch.nn.Module]:
-            return {"transformer": self.transformer}
-
-    pipe = Pipe()
-    pipe.load_lora_weights(str(directory), weight_name="adapter_model.safetensors")
-    return {
-        name: module.get_delta_weight(adapter).detach()
-        for name, module in pipe.transformer.named_modules()
-        if isinstance(module, LoraLayer)
-        for adapter in module.lora_A
-    }
+    return transformer_lora_deltas(Flux2LoraLoaderMixin, _tiny_flux2(), directory / "adapter_model.safetensors")
 
 
 def _peft_adapter(directory: Path, modules: dict[str, tuple[int, int]], lora_alpha: float) -> Path:

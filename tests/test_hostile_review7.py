@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import transformer_lora_deltas
 from safetensors.torch import load_file, save_file
 from test_diffusion_formats import clair_deltas
 from test_hostile_review import invoke, refused
@@ -132,25 +133,8 @@ def _tiny_hunyuan():
 def _hunyuan_deltas(path: Path) -> dict[str, torch.Tensor]:
     """What diffusers' HunyuanVideo loader adds to each layer of a tiny transformer, by module."""
     from diffusers.loaders import HunyuanVideoLoraLoaderMixin
-    from peft.tuners.lora import LoraLayer
 
-    class Pipe(HunyuanVideoLoraLoaderMixin):
-        def __init__(self) -> None:
-            self.transformer = _tiny_hunyuan()
-            self.hf_device_map = None
-
-        @property
-        def components(self) -> dict[str, torch.nn.Module]:
-            return {"transformer": self.transformer}
-
-    pipe = Pipe()
-    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
-    return {
-        name: module.get_delta_weight(adapter)
-        for name, module in pipe.transformer.named_modules()
-        if isinstance(module, LoraLayer)
-        for adapter in module.lora_A
-    }
+    return transformer_lora_deltas(HunyuanVideoLoraLoaderMixin, _tiny_hunyuan(), path)
 
 
 def _hunyuan_file(path: Path, r: int) -> Path:
