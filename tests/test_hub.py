@@ -217,14 +217,40 @@ def test_token_is_sent(fake_hub: FakeHub, tmp_path: Path) -> None:
     assert all(auth == "Bearer hf_secret" for _, _, auth in fake_hub.requests)
 
 
-def test_second_run_offline_uses_the_cache(fake_hub: FakeHub, tmp_path: Path) -> None:
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"])
+def test_second_run_offline_uses_the_cache(fake_hub: FakeHub, tmp_path: Path, variable: str) -> None:
+    """Either variable puts huggingface_hub offline (TRANSFORMERS_OFFLINE where HF_HUB_OFFLINE is unset):
+    clair reads the cache then, a diffusers repo included, without listing it."""
     env = _env(fake_hub, tmp_path / "home")
-    assert run_cli("inspect", "owner/lora", env=env).returncode == 0
+    for repo in ("owner/lora", "owner/sdlora"):
+        assert run_cli("inspect", repo, env=env).returncode == 0
     n = len(fake_hub.requests)
-    proc = run_cli("inspect", "owner/lora", "--json", "-", env={**env, "HF_HUB_OFFLINE": "1"})
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["adapters"][0]["revision"] == SHA_MAIN
+    for repo in ("owner/lora", "owner/sdlora"):
+        proc = run_cli("inspect", repo, "--json", "-", env={**env, variable: "1"})
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["adapters"][0]["revision"] == SHA_MAIN
     assert len(fake_hub.requests) == n
+    proc = run_cli("inspect", "owner/rounds", "--subfolder", "round_3", env={**env, variable: "1"})
+    assert proc.returncode == 2 and f"{variable} is set" in proc.stderr
+
+
+def test_offline_variables_read_as_huggingface_hub_reads_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clair_cli.io.hub import offline_variable
+
+    for hf, tf, want in [
+        (None, None, None),
+        ("1", None, "HF_HUB_OFFLINE"),
+        ("true", None, "HF_HUB_OFFLINE"),
+        (None, "yes", "TRANSFORMERS_OFFLINE"),
+        ("", "1", "TRANSFORMERS_OFFLINE"),  # empty: huggingface_hub reads the other
+        ("0", "1", None),  # set: the other is not read
+    ]:
+        for name, value in (("HF_HUB_OFFLINE", hf), ("TRANSFORMERS_OFFLINE", tf)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        assert offline_variable() == want, (hf, tf)
 
 
 def test_a_diffusers_lora_repo_is_read_from_its_weights_file(fake_hub: FakeHub, tmp_path: Path) -> None:

@@ -432,7 +432,7 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
     spec = printable(spec)
     where = f"{hub.repo_id}" + (f" (subfolder {hub.subfolder})" if hub.subfolder else "")
     at = f" at revision {hub.revision}" if hub.revision else ""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    offline = offline_variable()
 
     def get(filename: str, revision: str | None = hub.revision) -> Path:  # noqa: C901 - one branch per answer
         try:
@@ -464,8 +464,8 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
         except LocalEntryNotFoundError as exc:
             if offline:
                 raise (_NotCached if filename in _OPTIONAL else HubError)(
-                    f"{spec}: {filename} of {where}{at} is not in the local cache and HF_HUB_OFFLINE is set",
-                    hint="Unset HF_HUB_OFFLINE to allow downloads.",
+                    f"{spec}: {filename} of {where}{at} is not in the local cache and {offline} is set",
+                    hint=f"Unset {offline} to allow downloads.",
                 ) from exc
             raise HubError(
                 f"{spec}: {filename} of {where}{at} is not in the local cache and the Hub cannot be reached",
@@ -537,14 +537,24 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
             # that config's adapter_model.safetensors, another update than this file's.
             named = f"hf://{hub.repo_id}/" + (f"{hub.subfolder}/" if hub.subfolder else "") + DIFFUSERS_WEIGHTS_NAME
             raise HubError(
-                f"{spec}: {CONFIG_NAME} of {where}{at} is not in the local cache and HF_HUB_OFFLINE is set, so it "
+                f"{spec}: {CONFIG_NAME} of {where}{at} is not in the local cache and {offline} is set, so it "
                 f"cannot be told whether the repo is a PEFT adapter (PeftModel.from_pretrained loads its "
                 f"{SAFETENSORS_WEIGHTS_NAME}) or a diffusers LoRA (its {DIFFUSERS_WEIGHTS_NAME}, which is cached)",
-                hint=f"Unset HF_HUB_OFFLINE to let the Hub say, or name the diffusers file to read it alone: {named}.",
+                hint=f"Unset {offline} to let the Hub say, or name the diffusers file to read it alone: {named}.",
             ) from None
         if not offline:  # offline, diffusers loads no repo without a weight_name, and clair cannot list one
             _check_diffusers_guess(hub, spec, _commit_from_path(weights), token, deadline)
     return _ref(hub, spec, weights, config)
+
+
+def offline_variable() -> str | None:
+    """The variable that puts huggingface_hub offline (``HF_HUB_OFFLINE``, or where that is unset or empty
+    ``TRANSFORMERS_OFFLINE``, as huggingface_hub's own constants read them: 1, ON, YES or TRUE), or None."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        value = os.environ.get(name)
+        if value:
+            return name if value.upper() in ("1", "ON", "YES", "TRUE") else None
+    return None
 
 
 def _known_missing(hub: HubSpec, filename: str, commit: str | None) -> bool:
