@@ -119,6 +119,21 @@ def test_adapters_for_different_revisions_of_one_base_model_are_refused(tmp_path
         open_adapters([str(pool)])
 
 
+@pytest.mark.parametrize("revision", ["v2", None])
+def test_a_merge_is_written_for_its_inputs_base_model_revision(tmp_path: Path, revision: str | None) -> None:
+    """AutoPeftModel loads the base model at the config's revision: a merge of adapters for revision v2 says
+    v2 (it said nothing, so the merged adapter loaded onto the base model's main)."""
+    from peft import PeftConfig
+
+    pool = tmp_path / "pool"
+    for i in range(5):
+        write_adapter(pool / f"c{i}", config=lora_config(revision=revision), seed=i)
+    proc = run_cli("merge", str(pool), "--out", str(tmp_path / "out"), "--method", "mean", "--exit-zero")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["revision"] == revision
+    assert PeftConfig.from_pretrained(str(tmp_path / "out")).revision == revision
+
+
 def test_subfolder_is_not_ignored_for_a_local_source(tmp_path: Path) -> None:
     """PeftModel.from_pretrained(base, DIR, subfolder=SUB) loads DIR/SUB; clair read DIR and dropped --subfolder,
     also for a Hugging Face cache snapshot named as a hub repo."""

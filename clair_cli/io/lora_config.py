@@ -456,6 +456,7 @@ class ConfigPlan:
 
     Attributes:
         base_model: ``base_model_name_or_path``.
+        base_revision: ``revision``, the base model's (the inputs' one; None: PEFT's default).
         task_type: PEFT's task type, or None.
         targets: a ``target_modules`` list that PEFT's list rule maps to exactly the written
             modules; None: write :func:`exact_targets`.
@@ -466,6 +467,7 @@ class ConfigPlan:
     """
 
     base_model: str | None
+    base_revision: str | None = None
     task_type: str | None = None
     targets: tuple[str, ...] | None = None
     fan_in_fan_out: bool = False
@@ -540,8 +542,12 @@ def plan_merged(adapters: Sequence[Adapter], written: Iterable[str], base_model:
             "select them, so PEFT ignores them when loading those inputs; clair merged them as stored and the "
             "merged adapter targets them"
         )
+    # The pool has one base model revision (build_pool refuses several), none where --base-model named the base
+    # model: AutoPeftModel loads the base model at the written one.
+    revisions = {a.config.base_revision for a in adapters}
     return ConfigPlan(
         base_model=base_model,
+        base_revision=revisions.pop() if len(revisions) == 1 else None,
         task_type=task_type,
         targets=_union_targets(adapters, written_set, known),
         fan_in_fan_out=any(a.config.fan_in_fan_out for a in adapters),
@@ -556,6 +562,7 @@ def plan_own(adapter: Adapter) -> ConfigPlan:
     refuse_variants([adapter], "refined adapter")
     return ConfigPlan(
         base_model=adapter.base_model,
+        base_revision=adapter.config.base_revision,
         fan_in_fan_out=adapter.config.fan_in_fan_out,
         known=frozenset(adapter.modules),
     )
@@ -590,6 +597,7 @@ def lora_config(plan: ConfigPlan, modules: Mapping[str, tuple[int, float]], use_
         "peft_type": "LORA",
         "task_type": plan.task_type,
         "base_model_name_or_path": plan.base_model,
+        "revision": plan.base_revision,
         "r": r,
         "lora_alpha": _number(alpha),
         "use_rslora": use_rslora,
