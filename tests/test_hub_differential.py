@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
+import torch
 from helpers import lora_config, run_cli, write_adapter
 from test_hub import SHA_MAIN, FakeHub, _adapter_files, _diffusers_file, _env, _populate_cache
 
@@ -198,3 +199,110 @@ def test_two_commits_of_one_hub_repo_in_a_cache_scan_are_refused(tmp_path: Path)
     assert [e[0] for e in errors] == ["owner/lora"]
     (ref,) = resolve_sources([str(later)])  # one snapshot named: read
     assert ref.revision == "b" * 40
+
+
+def _flux2_peft(directory: Path, factor: float = 1.0, lora_alpha: float = 2) -> dict[str, bytes]:
+    """A Flux.2 transformer's PEFT adapter (its lora_B factors times ``factor``); its files by name."""
+    from test_diffusion_differential import FLUX2, _peft_adapter
+
+    _peft_adapter(directory, FLUX2, lora_alpha=lora_alpha)
+    weights = directory / "adapter_model.safetensors"
+    tensors = safetensors.torch.load_file(weights)
+    safetensors.torch.save_file({k: v * factor if "lora_B" in k else v for k, v in tensors.items()}, weights)
+    return {n: (directory / n).read_bytes() for n in ("adapter_config.json", "adapter_model.safetensors")}
+
+
+def test_a_diffusion_peft_adapter_directory_with_another_file_diffusers_may_load_is_refused(tmp_path: Path) -> None:
+    """Without a weight_name, diffusers' load_lora_weights(DIR) loads the first .safetensors entry of os.listdir,
+    which Flux.2's loader reads as PEFT-format weights as readily as adapter_model.safetensors; clair read
+    adapter_model.safetensors (a review: a folder where ext4 listed lora.safetensors first, whose factors were 1000
+    times larger, applied an update 1000 times the one clair audited)."""
+    from diffusers.loaders import Flux2LoraLoaderMixin
+    from diffusers.loaders.lora_base import _best_guess_weight_name
+    from helpers import transformer_lora_deltas
+    from test_diffusion_differential import _tiny_flux2
+
+    directory = tmp_path / "flux2"
+    _flux2_peft(directory)
+    _flux2_peft(tmp_path / "payload", factor=1000)
+    (directory / "lora.safetensors").write_bytes((tmp_path / "payload" / "adapter_model.safetensors").read_bytes())
+    assert _best_guess_weight_name(str(directory)) in {"adapter_model.safetensors", "lora.safetensors"}
+    ours = {m.name: m.delta_weight() for m in open_adapters([str(directory / "adapter_model.safetensors")])[0].load()}
+    theirs = transformer_lora_deltas(Flux2LoraLoaderMixin, _tiny_flux2(), directory / "lora.safetensors")
+    for name, delta in ours.items():  # what diffusers applies where the file system lists lora.safetensors first
+        torch.testing.assert_close(delta * 1000, theirs[name], rtol=1e-5, atol=1e-3)
+    with pytest.raises(AdapterFormatError, match=r"beside 1 other file that diffusers' load_lora_weights may load"):
+        open_adapters([str(directory)])
+    proc = run_cli("inspect", str(tmp_path))  # a scan too, with the file named
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "lora.safetensors" in proc.stderr
+    # The file named: read, with the config beside it.
+    (adapter,) = open_adapters([str(directory / "adapter_model.safetensors")])
+    assert adapter.config.file_name == "adapter_config.json"
+    # A pytorch_lora_weights.safetensors beside it is what diffusers loads, whatever the order.
+    (directory / "lora.safetensors").rename(directory / NAME)
+    assert _best_guess_weight_name(str(directory)) == NAME
+    with pytest.raises(AdapterFormatError, match=rf"\({NAME}\)"):
+        open_adapters([str(directory)])
+    # diffusers skips names with "checkpoint", "scheduler" or "optimizer": no rival.
+    (directory / NAME).rename(directory / "checkpoint.safetensors")
+    assert _best_guess_weight_name(str(directory)) == "adapter_model.safetensors"
+    (adapter,) = open_adapters([str(directory)])
+    assert adapter.ref.weights_file == directory / "adapter_model.safetensors"
+
+
+def test_an_llms_peft_adapter_directory_with_another_safetensors_file_is_read(tmp_path: Path) -> None:
+    # No diffusers loader reads an LLM's adapter: the file beside it is no rival to PeftModel.from_pretrained's.
+    directory = write_adapter(tmp_path / "llm", config=lora_config(), seed=0)
+    (directory / "model.safetensors").write_bytes(_payload())
+    (adapter,) = open_adapters([str(directory)])
+    assert adapter.ref.weights_file == directory / "adapter_model.safetensors"
+
+
+def test_a_peft_config_beside_an_adapters_safetensors_is_not_applied_to_it(tmp_path: Path) -> None:
+    """A folder of a PEFT adapter_config.json and adapters.safetensors (MLX-LM's file name) in PEFT's layout, no
+    adapter_model.safetensors: clair read the file at the config's alpha / r (a hub repo so laid out was refused),
+    while PeftModel.from_pretrained loads no weights from it and diffusers' Flux.2 loader reads the file without
+    the config, at scale 1 (a config of lora_alpha 0.25 at r 2: clair's update 8 times below diffusers')."""
+    from diffusers.loaders import Flux2LoraLoaderMixin
+    from diffusers.loaders.lora_base import _best_guess_weight_name
+    from helpers import transformer_lora_deltas
+    from test_diffusion_differential import _tiny_flux2
+
+    directory = tmp_path / "flux2"
+    _flux2_peft(directory, lora_alpha=0.25)
+    (directory / "adapter_model.safetensors").rename(directory / "adapters.safetensors")
+    assert _best_guess_weight_name(str(directory)) == "adapters.safetensors"
+    theirs = transformer_lora_deltas(Flux2LoraLoaderMixin, _tiny_flux2(), directory / "adapters.safetensors")
+    ours = {m.name: m.delta_weight() for m in open_adapters([str(directory / "adapters.safetensors")])[0].load()}
+    for name, delta in ours.items():
+        torch.testing.assert_close(delta * 8, theirs[name], rtol=1e-5, atol=1e-5)
+    with pytest.raises(AdapterFormatError, match="PeftModel.from_pretrained loads no weights from it"):
+        open_adapters([str(directory)])
+
+
+def test_a_diffusion_peft_adapter_hub_repo_with_another_file_diffusers_may_load_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the Hub diffusers lists the repo (model_info's siblings, sorted) and loads the first .safetensors file:
+    a.safetensors before adapter_model.safetensors, which clair read without listing the repo."""
+    from diffusers.loaders import lora_base
+    from huggingface_hub.hf_api import ModelInfo
+
+    files = _flux2_peft(tmp_path / "src")
+    payload = _flux2_peft(tmp_path / "payload", factor=1000)["adapter_model.safetensors"]
+    two = {**files, "a.safetensors": payload}
+    siblings = [{"rfilename": p} for p in sorted(two)]
+    monkeypatch.setattr(lora_base, "model_info", lambda repo: ModelInfo(id=repo, siblings=siblings))
+    assert lora_base._best_guess_weight_name("owner/two") == "a.safetensors"
+    ok = {**files, "checkpoint-5/a.safetensors": payload}
+    repos = {"owner/two": {"main": (SHA_MAIN, two)}, "owner/ok": {"main": (SHA_MAIN, ok)}}
+    with FakeHub(repos) as hub:
+        env = _env(hub, tmp_path / "home")
+        proc = run_cli("inspect", "owner/two", "owner/ok", env=env)
+        assert proc.returncode == 2, proc.stderr
+        assert "beside 1 other file that diffusers' load_lora_weights may load (a.safetensors)" in proc.stderr
+        assert "owner/ok" not in proc.stderr and "Traceback" not in proc.stderr
+        proc = run_cli("inspect", "owner/ok", "--json", "-", env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert f"/api/models/owner/ok/revision/{SHA_MAIN}" in {path for _, path, _ in hub.requests}

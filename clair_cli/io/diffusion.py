@@ -328,17 +328,31 @@ PEFT_DIFFUSION_SCALE = (
 )
 
 
+def _diffusion_module(module: str) -> bool:
+    """Whether a PEFT module name (without ``base_model.model.``) is a diffusion transformer's layer: one of
+    diffusers' transformer blocks or layers, or of Black Forest Labs' blocks. A diffusers model's modules sit at
+    its top level; a transformers model's under ``model.`` (or another top such as ``language_model.``), where
+    an LLM may name a layer ``to_q`` too; a UNet's, none of those loaders applies."""
+    if module.startswith(_UNET_BLOCKS) or module.startswith("model."):
+        return False
+    return module.startswith(PEFT_DIFFUSION_BLOCKS) or _diffusers_transformer_key(f"transformer.{module}.lora_A")
+
+
+def diffusers_reads_peft(keys: Collection[str]) -> bool:
+    """Whether a PEFT-layout weights file (its tensor ``keys``) is a diffusion transformer's adapter, which
+    diffusers' loaders that read PEFT-format weights load (``base_model.model.`` keys of diffusers' transformer
+    blocks and layers, or Black Forest Labs' blocks)."""
+    prefix = "base_model.model."
+    return any(k.startswith(prefix) and _diffusion_module(k[len(prefix) :]) for k in keys)
+
+
 def peft_diffusion_scale(scales: Mapping[str, float], unprefixed: Collection[str]) -> str | None:
     """What diffusers applies otherwise than PEFT of a PEFT-layout adapter of a diffusion transformer (told by its
     module names: diffusers' transformer blocks and layers, Black Forest Labs' blocks): its modules of a scale other
     than 1 (``scales``: each module's PEFT scale; ``unprefixed``: modules stored without ``base_model.model.``,
     which those loaders do not read either). None for another adapter, or one of scale 1 throughout."""
-    # A diffusers model's modules sit at its top level; a transformers model's under ``model.`` (or another
-    # top such as ``language_model.``), where an LLM may name a layer ``to_q`` too.
     read = [m for m in scales if m not in unprefixed and not m.startswith(_UNET_BLOCKS) and not m.startswith("model.")]
-    if not any(
-        m.startswith(PEFT_DIFFUSION_BLOCKS) or _diffusers_transformer_key(f"transformer.{m}.lora_A") for m in read
-    ):
+    if not any(_diffusion_module(m) for m in read):
         return None
     other = sorted(m for m in read if not math.isclose(scales[m], 1.0, rel_tol=1e-6))
     if not other:

@@ -4,7 +4,8 @@ LoRA file of a repo, ``hf://owner/name[/subfolder]/file.safetensors[@revision]``
 Only ``adapter_config.json`` and ``adapter_model.safetensors`` are downloaded (a repo
 without ``adapter_config.json``: its diffusers LoRA file ``pytorch_lora_weights.safetensors``;
 a named file: that file alone, read as a bare weights file is; a repo read from its diffusers LoRA
-file is also listed, to tell that diffusers' ``load_lora_weights`` loads no other file from it),
+file, or from a diffusion transformer's PEFT adapter, is also listed, to tell that diffusers' ``load_lora_weights``
+loads no other file from it),
 through ``huggingface_hub`` so that HF_TOKEN, HF_HOME, HF_ENDPOINT,
 HF_HUB_OFFLINE and the shared cache behave as everywhere else in the ecosystem.
 The resolved commit sha is read from the cache snapshot the files landed in.
@@ -512,7 +513,7 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
                 SAFETENSORS_WEIGHTS_NAME, commit or hub.revision
             )
         except (UnsafeFormatError, HubError) as exc:  # none in the repo, or none cached offline
-            if _peft_config(config):
+            if is_peft_config(config):
                 # PeftModel.from_pretrained loads such a repo's adapter_model.bin (or nothing), never its
                 # adapters.safetensors: reading that one would audit another update.
                 raise
@@ -526,6 +527,8 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
                 f"and {commit} for {CONFIG_NAME}; the two files must be of one commit",
                 hint="Retry, or pin the revision to a commit (owner/name@<40-hex sha>).",
             )
+        if weights.name == SAFETENSORS_WEIGHTS_NAME and not offline:  # offline, diffusers guesses no file
+            _check_peft_guess(hub, spec, weights, commit, token, deadline)
     except (_Missing, _NotCached) as exc:
         try:  # a diffusers LoRA repo: its weights file alone, read as a diffusion LoRA (io.diffusion)
             weights, config = get(DIFFUSERS_WEIGHTS_NAME), None
@@ -575,22 +578,21 @@ def _known_missing(hub: HubSpec, filename: str, commit: str | None) -> bool:
 def diffusers_candidates(names: list[str]) -> list[str]:
     """The names among ``names`` (a directory's entries, or a repo's file paths) of which diffusers'
     ``load_lora_weights`` loads the first when it is given no ``weight_name``
-    (``diffusers.loaders.lora_base._best_guess_weight_name``): those that end with
-    ``pytorch_lora_weights.safetensors`` and hold none of its skipped words."""
-    return sorted(
-        n for n in names if n.endswith(DIFFUSERS_WEIGHTS_NAME) and not any(w in n for w in DIFFUSERS_GUESS_SKIPPED)
-    )
+    (``diffusers.loaders.lora_base._best_guess_weight_name``): those that end with ``.safetensors`` and hold none
+    of its skipped words, and of them, where any ends with ``pytorch_lora_weights.safetensors``, those alone."""
+    safe = [n for n in names if n.endswith(".safetensors") and not any(w in n for w in DIFFUSERS_GUESS_SKIPPED)]
+    return sorted([n for n in safe if n.endswith(DIFFUSERS_WEIGHTS_NAME)] or safe)
 
 
 # A repo's file listing (the Hub's model_info answer): about 100 bytes a file.
 _MAX_LISTING_BYTES = 64 << 20
 
 
-def _check_diffusers_guess(hub: HubSpec, spec: str, commit: str | None, token: str | None, deadline: float) -> None:
-    """Refuse a diffusers LoRA repo (no adapter_config.json) where diffusers' ``load_lora_weights(repo)`` could
-    load another file than the ``pytorch_lora_weights.safetensors`` clair reads: it lists the repo and loads
-    the first file whose name ends so (``v2_pytorch_lora_weights.safetensors``,
-    ``a/pytorch_lora_weights.safetensors``)."""
+def _repo_files(
+    hub: HubSpec, spec: str, commit: str | None, token: str | None, deadline: float, read: str
+) -> list[str]:
+    """The repo's file paths at ``commit`` (those in the source's subfolder, relative to it), as diffusers lists
+    the repo to pick a file (``read``: the file clair reads, named in the hint where the list cannot be had)."""
     from huggingface_hub import model_info
 
     try:
@@ -613,14 +615,20 @@ def _check_diffusers_guess(hub: HubSpec, spec: str, commit: str | None, token: s
         raise HubError(
             f"{spec}: the files of {hub.repo_id} cannot be listed ({printable(first)}), so it cannot be told which "
             f"file diffusers' load_lora_weights loads from it",
-            hint=f"Name the file to read: hf://{hub.repo_id}/"
-            + (f"{hub.subfolder}/" if hub.subfolder else "")
-            + f"{DIFFUSERS_WEIGHTS_NAME}.",
+            hint=f"Name the file to read: hf://{hub.repo_id}/" + (f"{hub.subfolder}/" if hub.subfolder else "") + read,
         ) from None
     if hub.subfolder:
         inner = f"{hub.subfolder}/"
         names = [n[len(inner) :] for n in names if n.startswith(inner)]
-    found = diffusers_candidates(names)
+    return names
+
+
+def _check_diffusers_guess(hub: HubSpec, spec: str, commit: str | None, token: str | None, deadline: float) -> None:
+    """Refuse a diffusers LoRA repo (no adapter_config.json) where diffusers' ``load_lora_weights(repo)`` could
+    load another file than the ``pytorch_lora_weights.safetensors`` clair reads: it lists the repo and loads
+    the first file whose name ends so (``v2_pytorch_lora_weights.safetensors``,
+    ``a/pytorch_lora_weights.safetensors``)."""
+    found = diffusers_candidates(_repo_files(hub, spec, commit, token, deadline, DIFFUSERS_WEIGHTS_NAME))
     if found != [DIFFUSERS_WEIGHTS_NAME]:
         listed = ", ".join(printable(n) for n in found[:6]) + (", ..." if len(found) > 6 else "")
         where = f"{hub.repo_id}" + (f" (subfolder {hub.subfolder})" if hub.subfolder else "")
@@ -633,7 +641,50 @@ def _check_diffusers_guess(hub: HubSpec, spec: str, commit: str | None, token: s
         )
 
 
-def _peft_config(config: Path) -> bool:
+PEFT_RIVALS = (
+    "{where}: a diffusion transformer's PEFT adapter beside {n} other {files} that diffusers' load_lora_weights may "
+    "load ({listed}): loaded without a weight_name, diffusers reads the first .safetensors file it lists (one whose "
+    "name ends with pytorch_lora_weights.safetensors where there is one), which need not be the "
+    f"{SAFETENSORS_WEIGHTS_NAME} clair would read (and PeftModel.from_pretrained loads)"
+)
+
+
+def peft_rivals(names: list[str]) -> list[str]:
+    """The files among ``names`` (a PEFT adapter's folder, or repo) that diffusers' ``load_lora_weights`` may load
+    instead of its ``adapter_model.safetensors`` (:func:`diffusers_candidates`)."""
+    found = diffusers_candidates(names)
+    return [] if found == [SAFETENSORS_WEIGHTS_NAME] else [n for n in found if n != SAFETENSORS_WEIGHTS_NAME]
+
+
+def rivals_message(where: str, rivals: list[str]) -> str:
+    listed = ", ".join(printable(n) for n in rivals[:6]) + (", ..." if len(rivals) > 6 else "")
+    files = "file" if len(rivals) == 1 else "files"
+    return PEFT_RIVALS.format(where=where, n=len(rivals), files=files, listed=listed)
+
+
+def _check_peft_guess(
+    hub: HubSpec, spec: str, weights: Path, commit: str | None, token: str | None, deadline: float
+) -> None:
+    """Refuse a repo of a diffusion transformer's PEFT adapter (clair reads its adapter_model.safetensors) where
+    diffusers' ``load_lora_weights(repo)``, whose Flux.2, Krea 2, ERNIE-Image and Flux loaders read PEFT-format
+    weights, could load another file: it lists the repo and loads the first ``.safetensors`` file."""
+    from clair_cli.io.diffusion import diffusers_reads_peft
+    from clair_cli.io.safetensors_file import read_header
+
+    if not diffusers_reads_peft(read_header(weights)[0]):
+        return  # another model's adapter (an LLM's): no diffusers loader reads it
+    rivals = peft_rivals(_repo_files(hub, spec, commit, token, deadline, SAFETENSORS_WEIGHTS_NAME))
+    if rivals:
+        where = f"{spec}: {hub.repo_id}" + (f" (subfolder {hub.subfolder})" if hub.subfolder else "")
+        raise AdapterFormatError(
+            rivals_message(where, rivals),
+            hint="Remove the other .safetensors files from the repo, or name the file to read as the source: "
+            f"hf://{hub.repo_id}/" + (f"{hub.subfolder}/" if hub.subfolder else "") + "FILE.safetensors "
+            "(a PEFT file with --config or --lora-alpha).",
+        )
+
+
+def is_peft_config(config: Path) -> bool:
     """Whether ``config`` reads as a PEFT adapter config (a ``peft_type``), which PeftModel.from_pretrained loads."""
     from clair_cli.io.files import parse_json, read_small
 

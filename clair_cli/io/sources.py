@@ -63,7 +63,7 @@ from clair_cli.errors import (
 from clair_cli.io import hub
 from clair_cli.io.adapter import Adapter, classify_keys
 from clair_cli.io.base_model import canonical_base_model
-from clair_cli.io.diffusion import layout_of, open_diffusion
+from clair_cli.io.diffusion import diffusers_reads_peft, layout_of, open_diffusion
 from clair_cli.io.files import os_problem, probe, read_small
 from clair_cli.io.hub import COMMIT_RE
 from clair_cli.io.paths import printable, resolved, shown_path
@@ -325,10 +325,22 @@ def _adapter_dir_ref(directory: Path, name: str, source: str, options: SourceOpt
             )
         _refuse_diffusers_rivals(directory)
         return _local_ref(directory, name, source, weights, config if _lexists(config) else None, path)
-    if _lexists(directory / MLX_WEIGHTS_NAME) and (not _lexists(weights) or _mlx_beside_peft(config)):
+    mlx = directory / MLX_WEIGHTS_NAME
+    if _lexists(mlx) and not _lexists(weights) and not _mlx_beside_peft(config) and hub.is_peft_config(config):
+        # PeftModel.from_pretrained loads adapter_model.safetensors (or .bin), none here; diffusers'
+        # load_lora_weights reads adapters.safetensors without the config (a hub repo so laid out is refused too).
+        raise AdapterFormatError(
+            f"{shown_path(directory)}: has a PEFT {CONFIG_NAME} beside {MLX_WEIGHTS_NAME} and no "
+            f"{SAFETENSORS_WEIGHTS_NAME}: PeftModel.from_pretrained loads no weights from it, and diffusers' "
+            f"load_lora_weights reads {MLX_WEIGHTS_NAME} without that config (at scale 1), not at the config's "
+            "alpha / r",
+            hint=f"Name the file ({shown_path(mlx)}) to read it with the config beside it, or rename it "
+            f"{SAFETENSORS_WEIGHTS_NAME} if it is the PEFT adapter's weights.",
+        )
+    if _lexists(mlx) and (not _lexists(weights) or _mlx_beside_peft(config)):
         # An MLX-LM adapter (clair_cli.io.mlx): its config gives the rank and scale, read at open; beside
         # an adapter_model.safetensors, read when the config is MLX-LM's (what mlx_lm loads from it).
-        weights = directory / MLX_WEIGHTS_NAME
+        weights = mlx
         return _local_ref(directory, name, source, weights, config if _lexists(config) else None, path)
     if not _lexists(weights):
         for pickle_name in PICKLE_WEIGHTS_NAMES:
@@ -341,6 +353,7 @@ def _adapter_dir_ref(directory: Path, name: str, source: str, options: SourceOpt
             f"{shown_path(directory)}: has {SAFETENSORS_WEIGHTS_NAME} but no {CONFIG_NAME}",
             hint="Pass --config FILE, or --lora-alpha (and --base-model) to describe it.",
         )
+    _refuse_peft_rivals(directory, weights)
     return _local_ref(directory, name, source, weights, config if has_config else None, path)
 
 
@@ -362,6 +375,25 @@ def _refuse_diffusers_rivals(directory: Path) -> None:
             hint=f"Name the file to read as the source (e.g. {shown_path(directory / DIFFUSERS_WEIGHTS_NAME)}), or "
             "move the others out of the directory.",
         )
+
+
+def _refuse_peft_rivals(directory: Path, weights: Path) -> None:
+    """Refuse a diffusion transformer's PEFT adapter directory where diffusers' ``load_lora_weights(DIR)`` (whose
+    Flux.2, Krea 2, ERNIE-Image and Flux loaders read PEFT-format weights) could load another file than its
+    ``adapter_model.safetensors``: without a ``weight_name`` it loads the first ``.safetensors`` entry of
+    ``os.listdir`` (the file system's order), or of those named ``...pytorch_lora_weights.safetensors``."""
+    try:
+        names = os.listdir(directory)
+    except (OSError, ValueError) as exc:
+        raise os_problem(exc, directory) from None
+    rivals = hub.peft_rivals(names)
+    if not rivals or not diffusers_reads_peft(read_header(weights)[0]):
+        return  # an LLM's adapter (no diffusers loader reads it), or nothing else diffusers would load
+    raise AdapterFormatError(
+        hub.rivals_message(shown_path(directory), rivals),
+        hint=f"Move the other files out of the directory, or name the file to read as the source (e.g. "
+        f"{shown_path(weights)}, read with the {CONFIG_NAME} beside it).",
+    )
 
 
 def _mlx_beside_peft(config: Path) -> bool:
