@@ -25,7 +25,7 @@ import pytest
 import torch
 from helpers import transformer_lora_deltas
 from safetensors.torch import save_file
-from test_diffusion_formats import _quiet, clair_deltas, fused_deltas
+from test_diffusion_formats import _quiet, clair_deltas, fused_deltas, invoke
 
 from clair_cli.errors import AdapterFormatError
 from clair_cli.io.sources import SourceOptions, open_adapter, resolve_sources
@@ -163,11 +163,68 @@ def test_the_time_embedding_under_a_name_with_one_more_index_beside_its_own_is_r
     assert "name one UNet layer" in str(caught.value)
 
 
-def test_add_embedding_names_diffusers_loads_into_no_layer_are_still_read(tmp_path: Path) -> None:
-    names = ["lora_unet_add_embedding_linear_1", "lora_unet_add_embedding_linear_2"]
-    assert _sd_loader_layers(names) == {"add.embedding.linear"}  # no layer of the UNet
-    modules = {**dict.fromkeys(names, (8, 8)), "lora_unet_" + PROJ_IN.replace(".", "_"): (8, 8)}
-    assert sorted(_open(_kohya(tmp_path / "add.safetensors", modules)).modules) == sorted(modules)
+ADD_EMBEDDING = {"lora_unet_add_embedding_linear_1": (16, 56), "lora_unet_add_embedding_linear_2": (16, 16)}
+SDXL_ATTN = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+def test_sdxls_add_embedding_under_kohya_names_diffusers_applies_to_no_layer_is_read_with_a_note(
+    tmp_path: Path,
+) -> None:
+    """diffusers' SD / SDXL loader turns lora_unet_add_embedding_linear_1 and _2 into add.embedding.linear, no
+    layer of the UNet: it applied neither while clair audited both without a word (a review: updates of norm
+    40.8 and 12.5 in clair's audit, none in the fused pipeline). ComfyUI applies them to label_emb: clair reads
+    them, and says what diffusers does."""
+    assert _sd_loader_layers(list(ADD_EMBEDDING)) == {"add.embedding.linear"}  # one name, of no layer
+    path = _kohya(tmp_path / "add.safetensors", {**ADD_EMBEDDING, SDXL_ATTN: (8, 8)})
+    theirs = fused_deltas(path, xl=True)
+    assert list(theirs) == ["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
+    adapter = _open(path)
+    assert sorted(adapter.modules) == sorted([*ADD_EMBEDDING, SDXL_ATTN])
+    (note,) = [n for n in adapter.notes if "applies to no layer" in n]
+    assert note.startswith("2 UNet module(s)") and all(m in note for m in ADD_EMBEDDING)
+    assert "refuses a file" not in note
+    # Without another UNet module diffusers refuses the file (PEFT finds no target module): the note says so.
+    alone = _kohya(tmp_path / "alone.safetensors", {**ADD_EMBEDDING, "lora_te1_" + FC1.replace(".", "_"): (16, 8)})
+    with pytest.raises(ValueError, match="add.embedding.linear"):
+        fused_deltas(alone, xl=True)
+    assert any("refuses a file whose UNet LoRA has no other module" in n for n in _open(alone).notes)
+    # SGM's names and diffusers' file layout name real layers: diffusers applies them, and there is no note.
+    sgm = _kohya(
+        tmp_path / "sgm.safetensors", {"lora_unet_label_emb_0_0": (16, 56), "lora_unet_label_emb_0_2": (16, 16)}
+    )
+    assert sorted(fused_deltas(sgm, xl=True)) == ["unet.add_embedding.linear_1", "unet.add_embedding.linear_2"]
+    assert not [n for n in _open(sgm).notes if "applies to no layer" in n]
+    named = {
+        f"unet.{m.removeprefix('lora_unet_').replace('_linear_', '.linear_')}": s for m, s in ADD_EMBEDDING.items()
+    }
+    diffusers_file = _diffusers(tmp_path / "d.safetensors", named)
+    assert sorted(fused_deltas(diffusers_file, xl=True)) == sorted(named)
+    assert not [n for n in _open(diffusers_file).notes if "applies to no layer" in n]
+
+
+def test_a_merge_of_files_with_sdxls_add_embedding_loads_in_diffusers_and_says_what_it_skips(tmp_path: Path) -> None:
+    """The merged kohya file keeps the add_embedding modules (ComfyUI applies them); diffusers loads it, applies
+    the other modules as clair merged them, and skips those two, as the merge's note says."""
+    for k in range(3):
+        g = torch.Generator().manual_seed(10 + k)
+        tensors = {}
+        for name, (d_out, d_in) in {**ADD_EMBEDDING, SDXL_ATTN: (8, 8)}.items():
+            a, b = _pair(g, d_out, d_in)
+            tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = a, b
+        (tmp_path / "pool").mkdir(exist_ok=True)
+        save_file(tensors, str(tmp_path / "pool" / f"style_{k}.safetensors"))
+    out, report = tmp_path / "merged", tmp_path / "report.json"
+    args = ["merge", str(tmp_path / "pool"), "--out", str(out), "--method", "mean", "--device", "cpu"]
+    result = invoke(*args, "--json", str(report))
+    assert result.exit_code == 0, result.output
+    merged = out / "pytorch_lora_weights.safetensors"
+    ours = clair_deltas(merged)
+    theirs = fused_deltas(merged, xl=True)
+    assert sorted(ours) == sorted([*ADD_EMBEDDING, SDXL_ATTN])
+    (applied,) = theirs.values()
+    torch.testing.assert_close(ours[SDXL_ATTN], applied, rtol=1e-5, atol=1e-6)
+    notes = json.loads(report.read_text())["notes"]
+    assert any(n.startswith("the merged file: 2 UNet module(s) that diffusers'") for n in notes), notes
 
 
 # 3. A diffusion transformer's PEFT adapter at a scale other than 1.

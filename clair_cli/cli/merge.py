@@ -128,14 +128,14 @@ def _stage_for_writing(outputs: Any, target: opt.Target) -> Any:
 
 
 def _merge_notes(notes: list[str], n_dropped: int, pool: Pool) -> list[str]:
-    """The merge's notes, what ``--intersect`` left out, and a merged diffusion file's text encoder
-    that diffusers refuses or applies in part (:func:`clair_cli.io.diffusion.merged_te_notes`:
-    ``--intersect`` can leave one of files that diffusers loads)."""
-    from clair_cli.io.diffusion import merged_te_notes
+    """The merge's notes, what ``--intersect`` left out, and what of a merged diffusion file diffusers
+    refuses or does not apply (:func:`clair_cli.io.diffusion.merged_diffusers_notes`: ``--intersect`` can
+    leave a text encoder so of files that diffusers loads)."""
+    from clair_cli.io.diffusion import merged_diffusers_notes
 
     if n_dropped:
         notes.append(f"--intersect left out {n_dropped} module(s) not targeted by every adapter")
-    notes.extend(merged_te_notes(pool.adapters[0].layout, pool.modules))
+    notes.extend(merged_diffusers_notes(pool.adapters[0].layout, pool.modules))
     return notes
 
 

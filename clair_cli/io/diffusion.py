@@ -75,7 +75,7 @@ from clair_cli.io.lora_config import exact_key
 from clair_cli.io.paths import printable
 from clair_cli.io.peft_config import parse_config
 from clair_cli.io.safetensors_file import FileStamp, SafetensorsReader, TensorInfo
-from clair_cli.io.spellings import bfl_outside_blocks, kohya_loader, refuse_two_spellings
+from clair_cli.io.spellings import bfl_outside_blocks, kohya_loader, refuse_two_spellings, sd_unlayered
 from clair_cli.types import AdapterConfig, AdapterRef
 
 if TYPE_CHECKING:
@@ -132,6 +132,18 @@ KOHYA_FLUX_OUTSIDE_NOTE = (
     "{n} module(s) outside Flux's blocks (e.g. {example}; img_in, txt_in, time_in, vector_in, guidance_in, "
     "final_layer): clair reads them as ComfyUI applies them; diffusers' Flux loader (0.42) does not apply them"
 )
+# diffusers' Stable Diffusion / SDXL loader (0.42, _convert_unet_lora_key) turns a kohya file's SDXL added-conditioning
+# MLP under diffusers' names (lora_unet_add_embedding_linear_1 / _2; a UNet's class_embedding the same) into
+# add.embedding.linear: it strips the last index of a name with "emb", which leaves one name for the two layers and
+# no layer of the UNet. It applies neither, and refuses a file whose UNet LoRA has no other module (PEFT finds no
+# target module). ComfyUI maps those names onto the layers (label_emb.0.0 / label_emb.0.2) and applies them; SGM's
+# own names (lora_unet_label_emb_0_0 / _0_2) diffusers maps right.
+KOHYA_SD_UNLAYERED_NOTE = (
+    "{n} UNet module(s) that diffusers' Stable Diffusion / SDXL loader (0.42) applies to no layer ({listed}: it turns "
+    "add_embedding_linear_1 and _2 into one name, add.embedding.linear, of no layer of the UNet){alone}; clair reads "
+    "them as ComfyUI applies them (SDXL's label_emb.0.0 / 0.2), so the audit and a merge include them"
+)
+KOHYA_SD_UNLAYERED_ALONE = ", and refuses a file whose UNet LoRA has no other module"
 # diffusers' Flux loader (0.42) keeps only an sd-scripts Flux file's lora_unet_ / lora_te_ / lora_te1_ keys (the
 # ComfyUI branch of _convert_kohya_flux_lora_to_diffusers): a T5's modules (lora_te2_ for OneTrainer, lora_te3_ for
 # sd-scripts and ComfyUI) are dropped.
@@ -678,7 +690,7 @@ def _kohya_notes(modules: Mapping[str, object], stored: Mapping[str, float], con
     file outside its blocks and its T5 modules, text-encoder attention modules without out_proj."""
     loader = kohya_loader(modules)
     if loader == "sd":
-        return [*_kohya_alpha_notes(stored, config), *_te_attention_notes(modules)]
+        return [*_kohya_alpha_notes(stored, config), *_te_attention_notes(modules), *_sd_unlayered_notes(modules)]
     if loader == "flux":
         notes = _te_attention_notes(modules)
         outside = bfl_outside_blocks(modules)
@@ -707,15 +719,31 @@ def diffusers_te_notes(modules: Collection[str], what: str = "it holds") -> list
     return notes
 
 
-def merged_te_notes(layout: str, modules: Collection[str]) -> list[str]:
-    """Text encoders of a merged diffusion file (its ``layout``, its ``modules``) that diffusers 0.42
-    refuses or applies in part, as its inputs' notes say of theirs (:func:`diffusers_te_notes`,
-    :func:`_te_attention_notes`): ``--intersect`` can leave one so of inputs that diffusers loads."""
+def merged_diffusers_notes(layout: str, modules: Collection[str]) -> list[str]:
+    """What of a merged diffusion file (its ``layout``, its ``modules``) diffusers 0.42 refuses or does not
+    apply, as its inputs' notes say of theirs: text encoders (:func:`diffusers_te_notes`,
+    :func:`_te_attention_notes`; ``--intersect`` can leave one so of inputs that diffusers loads) and UNet
+    modules of no layer (:func:`_sd_unlayered_notes`; the merge writes them, as ComfyUI applies them)."""
     if layout == "diffusers":
         return diffusers_te_notes(modules, "the merged file holds")
-    if layout == "kohya" and kohya_loader(modules) in ("sd", "flux"):
-        return [f"the merged file: {n}" for n in _te_attention_notes(dict.fromkeys(modules))]
-    return []
+    loader = kohya_loader(modules) if layout == "kohya" else ""
+    notes = _te_attention_notes(dict.fromkeys(modules)) if loader in ("sd", "flux") else []
+    if loader == "sd":
+        notes += _sd_unlayered_notes(modules)
+    return [f"the merged file: {n}" for n in notes]
+
+
+def _sd_unlayered_notes(modules: Collection[str]) -> list[str]:
+    """The UNet modules of a kohya file that diffusers' SD / SDXL loader applies to no layer
+    (:data:`KOHYA_SD_UNLAYERED_NOTE`), in one note."""
+    unlayered = sd_unlayered(modules)
+    if not unlayered:
+        return []
+    listed = ", ".join(printable(m) for m in unlayered[:4]) + (", ..." if len(unlayered) > 4 else "")
+    alone = all(m in unlayered for m in modules if m.startswith("lora_unet_"))
+    return [
+        KOHYA_SD_UNLAYERED_NOTE.format(n=len(unlayered), listed=listed, alone=KOHYA_SD_UNLAYERED_ALONE if alone else "")
+    ]
 
 
 def _te_attention_notes(modules: Mapping[str, object]) -> list[str]:

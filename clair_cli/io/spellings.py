@@ -541,6 +541,14 @@ def sd_unet_layer(key: str) -> str | None:
     return name.removesuffix(".lora_A.weight")
 
 
+def sd_unlayered(modules: Iterable[str]) -> list[str]:
+    """The ``lora_unet_`` modules of a kohya file that diffusers' SD / SDXL loader applies to no layer
+    (:func:`sd_unet_layer` after the SGM remap): SDXL's ``add_embedding_linear_1`` / ``_2`` (and a UNet's
+    ``class_embedding_linear_1`` / ``_2``), which ``_convert_unet_lora_key`` turns into one name of no layer."""
+    unet = sorted(m for m in modules if m.startswith("lora_unet_"))
+    return sorted(m for m, key in _sgm_remapped([m + _DOWN for m in unet]).items() if sd_unet_layer(key) is None)
+
+
 def kohya_loader(modules: Iterable[str]) -> str:
     """Which of diffusers' loaders reads a kohya file, told by its module names: ``"sd"`` (Stable
     Diffusion / SDXL: ``lora_unet_`` / ``lora_te*_`` names only, UNet blocks or none), ``"flux"``
