@@ -434,6 +434,8 @@ def _check_float32_load(adapter: Adapter, name: str, A: torch.Tensor, B: torch.T
 # What a worker process of --jobs holds beside its module's work: Python, torch and clair
 # (about 260 MiB measured for one process's start; rounded up).
 WORKER_BASE_BYTES = 320 << 20
+# Bytes the audit keeps per pair of adapters and module until the verdict ends (pool_memory).
+POOL_BYTES_PER_PAIR = 48
 
 
 def local_jobs(jobs: int | str, pool: Pool | None = None, dtype: str = "float32") -> int:
@@ -453,7 +455,7 @@ def local_jobs(jobs: int | str, pool: Pool | None = None, dtype: str = "float32"
     available = available_memory() if pool is not None else None
     if pool is not None and available is not None:
         need, _module = audit_memory(pool, dtype)
-        count = min(count, max(1, int(0.8 * available) // (need + WORKER_BASE_BYTES)))
+        count = min(count, max(1, (int(0.8 * available) - pool_memory(pool)) // (need + WORKER_BASE_BYTES)))
     return count
 
 
@@ -504,24 +506,44 @@ def audit_memory(pool: Pool, dtype: str = "float32") -> tuple[int, str]:
     return need, worst
 
 
+def pool_memory(pool: Pool) -> int:
+    """What the audit keeps per module for the verdict, in bytes: a few ``K x K`` float64 matrices
+    of each module (its updates' Gram and cosine matrices, and the verdict's copies of them),
+    held in the ``clair`` process until the verdict ends, with the verdict's bounded temporaries:
+    ``POOL_BYTES_PER_PAIR`` per pair of adapters and module (45 measured on 1,000 modules of 128
+    adapters). It grows with the modules times the square of the pool: 0.7 GiB for 1,000 modules
+    of 128 adapters, 7.3 GiB for 10,000."""
+    return POOL_BYTES_PER_PAIR * len(pool.modules) * len(pool.adapters) ** 2
+
+
 def check_audit_memory(pool: Pool, dtype: str = "float32", device: str = "cpu", jobs: int = 1) -> None:
-    """Refuse, before reading any factor, a pool whose audit cannot fit in memory (on a GPU,
-    the allocator's own error says so); ``jobs`` worker processes each work on a module."""
-    if str(device).startswith("cuda"):
-        return
+    """Refuse, before reading any factor, a pool whose audit cannot fit in memory: the largest
+    module's work (in each of ``jobs`` worker processes) and what the verdict keeps per module
+    (:func:`pool_memory`). On a GPU the module's work is the device's (its allocator's own error
+    says so) and only the second is checked."""
+    cuda = str(device).startswith("cuda")
     need, module = audit_memory(pool, dtype)
-    available = available_memory()
     if jobs > 1:  # each worker also holds its own Python, torch and clair
         need += WORKER_BASE_BYTES
-    if available is not None and jobs * need > 0.8 * available:
-        n = sum(a.modules[module].rank for a in pool.adapters)
-        each = f" in each of {jobs} worker processes" if jobs > 1 else ""
-        raise UsageError(
-            f"the audit needs about {need / 2**30:.1f} GiB for module {module} ({len(pool.adapters)} adapters, "
-            f"summed rank {n}){each}, more than the {available / 2**30:.1f} GiB available",
-            hint=("Use fewer --jobs. " if jobs > 1 else "")
-            + "Audit fewer adapters at once, or lower --max-rank: memory grows with the square of the summed rank.",
-        )
+    kept = pool_memory(pool)
+    total = kept + (0 if cuda else jobs * need)
+    available = available_memory()
+    if available is None or total <= 0.8 * available:
+        return
+    each = f" in each of {jobs} worker processes" if jobs > 1 else ""
+    n = sum(a.modules[module].rank for a in pool.adapters)
+    work = f"{need / 2**30:.1f} GiB for module {module}'s work (summed rank {n}){each}"
+    parts = ([] if cuda else [work]) + [
+        f"{kept / 2**30:.1f} GiB for the verdict's {len(pool.adapters)} x {len(pool.adapters)} matrices "
+        f"of {len(pool.modules)} modules"
+    ]
+    raise UsageError(
+        f"the audit needs about {total / 2**30:.1f} GiB ({' and '.join(parts)}; {len(pool.adapters)} adapters), "
+        f"more than the {available / 2**30:.1f} GiB available",
+        hint=("Use fewer --jobs. " if jobs > 1 else "")
+        + "Audit fewer adapters at once, or lower --max-rank: memory grows with the square of the summed rank"
+        + (", and with the modules times the square of the adapters." if kept > need else "."),
+    )
 
 
 def check_merge_memory(pool: Pool, used: Sequence[int], device: str = "cpu") -> None:

@@ -258,6 +258,28 @@ def test_a_pool_whose_audit_cannot_fit_in_memory_is_refused_before_any_factor_is
     assert "Traceback" not in result.output
 
 
+def test_a_pool_whose_verdict_matrices_cannot_fit_is_refused_before_any_factor_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The verdict keeps a few ``K x K`` matrices per module (measured 1.2-2.2 GiB for 1,000 modules
+    of 128 tiny adapters, against a largest module's work of a few MiB): a pool of many modules whose
+    matrices cannot fit was not refused and would be killed by the kernel after the whole audit. It is
+    now checked with the module's work, before any factor is read, and the message says which part."""
+    from clair_cli import pipeline
+
+    pool = pipeline.build_pool(open_sample_adapters())
+    need, _module = pipeline.audit_memory(pool)
+    kept = pipeline.pool_memory(pool)
+    assert kept == pipeline.POOL_BYTES_PER_PAIR * len(pool.modules) * len(pool.adapters) ** 2
+    monkeypatch.setattr(pipeline, "POOL_BYTES_PER_PAIR", 100 * need)  # the module's work alone fits
+    monkeypatch.setattr(pipeline, "available_memory", lambda: 2 * need)
+    monkeypatch.setattr(pipeline, "iter_modules", _must_not_read)
+    result = CliRunner().invoke(app, ["audit", str(SAMPLE_ADAPTERS)], env={"NO_COLOR": "1", "COLUMNS": "300"})
+    assert result.exit_code == 2, result.output
+    assert "the audit needs about" in result.output and "matrices of" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_a_merge_that_cannot_fit_in_memory_is_refused_before_it_merges(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

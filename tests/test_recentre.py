@@ -159,6 +159,47 @@ def test_batched_module_centres_equal_the_module_by_module_ones() -> None:
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-13, equal_nan=True)
 
 
+def test_batched_module_centres_in_chunks_are_the_one_batch_bit_for_bit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thousands of modules are refitted a chunk at a time (a few ``K x K`` temporaries per
+    module in one batch took 1.1 GiB for 1,000 modules of 128 adapters): the same cosines, bit
+    for bit, and the loop's memory bounded by the chunk, not by the number of modules."""
+    import tracemalloc
+
+    import numpy as np
+
+    from clair_cli.core import insubspace
+
+    rng = np.random.default_rng(1)
+    B, K = 600, 16
+    X = rng.standard_normal((B, K, 20)) + 0.4 * rng.standard_normal((B, 1, 20))
+    X[::7, 5] = 0  # zero updates: NaN
+    X = X / np.maximum(np.linalg.norm(X, axis=2, keepdims=True), 1e-300)
+    C = X @ X.transpose(0, 2, 1)
+    fit = np.ones((B, K), dtype=bool)
+    fit[::3, 0] = False
+    rep = np.tile(np.arange(K), (B, 1))
+    rep[::4, 3] = 1  # member 3 copies member 1
+    mass = rng.uniform(0.5, 1.5, (B, K))
+
+    def run() -> tuple[np.ndarray, int]:
+        tracemalloc.start()
+        try:
+            out = insubspace.batched_centre_cosines(C, fit, rep, mass)
+            return out, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    whole, whole_peak = run()
+    monkeypatch.setattr(insubspace, "CHUNK_ENTRIES", 10 * K * K)  # chunks of 10 modules
+    chunked, chunked_peak = run()
+    assert np.array_equal(chunked, whole, equal_nan=True) and np.isnan(whole).any()
+    per_module = C[0].nbytes
+    # One batch: about ten (B, K, K) temporaries (5,700 modules' worth measured); in chunks, a
+    # chunk's and a few (B, K) arrays (150 measured).
+    assert whole_peak > 1000 * per_module
+    assert chunked_peak < 400 * per_module
+
+
 def test_rule_11_sets_apart_the_group_not_every_client_in_a_candidate_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """Groups are set apart as rule 11 flags them, the largest pull first and its members then
     out of the search: the honest clients that some greedy candidate joins to the group (a

@@ -48,6 +48,7 @@ SIMULATED_PAIRS = 4_000_000  # pairwise distances simulated in all (at least 2,0
 QN_TO_SIGMA = 2.2219  # Qn's consistency constant for Gaussian data (large n)
 LARGE_N = 100  # above: the Gaussian approximation of the median and Qn, in closed form
 QN_VARIANCE = 0.6077  # n Var(Qn) / sigma^2 for Gaussian data (82.27 % efficiency)
+CHUNK_DISTANCES = 1 << 21  # pairwise distances held at once by the leave-one-out Qn (rows x n^2 / 2)
 SMALL_POOL_N = 11  # below: the critical value is capped at this many values' (see rule_critical_value)
 # critical_value's results for the rules' own levels, from 3 to LARGE_N values, as simulated
 # here (bit for bit: tests/test_calibration.py recomputes every entry): simulating them cost
@@ -61,6 +62,11 @@ def qn_scale(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
     h = n // 2 + 1
     k = h * (h - 1) // 2
+    rows = x.numel() // max(n, 1)
+    step = max(1, CHUNK_DISTANCES // max(n * (n - 1) // 2, 1))
+    if x.ndim > 1 and rows > step:  # rows are independent: chunks of them keep their distances bounded in memory
+        flat = x.reshape(rows, n)
+        return torch.cat([qn_scale(flat[r : r + step]) for r in range(0, rows, step)]).reshape(x.shape[:-1])
     if x.device.type == "cpu" and x.dtype in (torch.float64, torch.float32) and not x.requires_grad:
         # NumPy's introselect: the same order statistic as torch's kthvalue, bit for bit, about
         # 4x faster on the simulated sets of critical_value, where this takes most of the time.
@@ -381,6 +387,9 @@ def _kth_distance_without_each(x: torch.Tensor, t: int) -> torch.Tensor:
     if x.ndim == 1:
         return _kth_distance_without_each(x[None, :], t)[0]
     M, n = x.shape
+    step = max(1, CHUNK_DISTANCES // max(n * (n - 1) // 2, 1))
+    if step < M:  # rows are independent: chunks of them keep the n^2 / 2 distances per row bounded in memory
+        return torch.cat([_kth_distance_without_each(x[r : r + step], t) for r in range(0, M, step)])
     i, j = torch.triu_indices(n, n, 1)
     dist = (x[:, i] - x[:, j]).abs()
     pairs = dist.shape[1]

@@ -37,6 +37,8 @@ import torch
 from clair_cli.core.pairwise import cosine_from_gram, gram
 
 WEISZFELD_ITERATIONS = 200
+# Values per (chunk, K, K) temporary of the batched Weiszfeld loop (2^20: 8 MiB in float64).
+CHUNK_ENTRIES = 1 << 20
 
 
 def in_subspace_gram(
@@ -140,10 +142,20 @@ def batched_centre_cosines(C: np.ndarray, fit_on: np.ndarray, rep: np.ndarray, m
     member's centre fitted without the member it copies (``rep``; itself if none), as
     rule 1's per-module cosines are: ``C`` (B, K, K) cosine matrices, ``fit_on`` (B, K) who
     shapes the centres, ``rep`` (B, K), ``mass`` (B, K) each point's weight; (B, K) cosines,
-    NaN where undefined. One Weiszfeld loop for the whole batch: the verdict refits every
-    module's centres at once (thousands of expert modules cost a few operations). Equal to
-    :func:`centre_cosines` module by module up to the last bits of rounding."""
+    NaN where undefined. One Weiszfeld loop for a chunk of modules: the verdict refits every
+    module's centres in a few operations (thousands of expert modules), with at most about
+    ``CHUNK_ENTRIES`` values in each of the loop's (chunk, K, K) temporaries, so memory stays
+    bounded whatever the number of modules (each module's rows are computed as in one batch,
+    bit for bit). Equal to :func:`centre_cosines` module by module up to the last bits of rounding."""
     B, K, _ = C.shape
+    step = max(1, CHUNK_ENTRIES // max(K * K, 1))
+    if step < B:
+        return np.concatenate(
+            [
+                batched_centre_cosines(C[b : b + step], fit_on[b : b + step], rep[b : b + step], mass[b : b + step])
+                for b in range(0, B, step)
+            ]
+        )
     norms = np.sqrt(np.maximum(np.diagonal(C, axis1=1, axis2=2), 0.0))
     fit_on = fit_on & (norms > 0)
     masks = fit_on[:, None, :] & (np.arange(K)[None, None, :] != rep[:, :, None])  # (B, K rows, K points)
