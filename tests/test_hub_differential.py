@@ -170,7 +170,7 @@ def test_a_peft_config_beside_a_diffusers_file_is_not_applied_to_it(tmp_path: Pa
     assert alphas is None and state.keys() == safetensors.torch.load(_payload()).keys()  # the file as stored
     with pytest.raises(AdapterFormatError, match="PeftModel.from_pretrained loads no weights from it"):
         open_adapters([str(directory)])
-    config.pop("peft_type")  # read as PEFT's all the same (clair's default peft_type)
+    config.pop("peft_type")  # the directory is refused first, whatever its config says
     (directory / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(AdapterFormatError, match="PeftModel.from_pretrained loads no weights from it"):
         open_adapters([str(directory)])

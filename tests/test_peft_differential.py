@@ -16,8 +16,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from test_hub import SHA_MAIN, FakeHub, _env
 
-from clair_cli.errors import UnsafeFormatError
+from clair_cli.errors import AdapterFormatError, UnsafeFormatError
 from clair_cli.io import SourceOptions, open_adapters
+from clair_cli.io.peft_config import parse_config
 
 
 def _peft_adapter(directory: Path, model: torch.nn.Module, **config: object) -> Path:
@@ -162,3 +163,28 @@ def test_modules_all_linear_does_not_select_are_noted_as_ignored(tmp_path: Path)
     (adapter,) = open_adapters([str(directory)])
     (note,) = [n for n in adapter.notes if "PEFT ignores those tensors" in n]
     assert "does not select 2 module(s)" in note
+
+
+@pytest.mark.parametrize("peft_type", ["lora", "Lora", None])
+def test_a_config_whose_peft_type_peft_cannot_look_up_is_refused(tmp_path: Path, peft_type: str | None) -> None:
+    """PEFT looks ``peft_type`` up among its types' names, case-sensitively: PeftModel.from_pretrained (and
+    transformers' load_adapter, through PeftConfig) fails on "lora" and on a config without one, while clair
+    read both as LoRA, and gate passed the adapter (a review: exit 0 for a candidate nobody loads)."""
+    refs = [str(write_adapter(tmp_path / "refs" / f"r{k}", seed=k)) for k in range(6)]
+    config = lora_config(peft_type=peft_type)
+    if peft_type is None:
+        del config["peft_type"]
+    candidate = write_adapter(tmp_path / "candidate", config=config, seed=9)
+    with pytest.raises(KeyError, match=repr(peft_type or "peft_type")), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        PeftModel.from_pretrained(tiny_llama(), str(candidate))
+    with pytest.raises(AdapterFormatError, match="PEFT loads only"):
+        open_adapters([str(candidate)])
+    proc = run_cli("gate", str(candidate), *sum((["-r", r] for r in refs), []), "--device", "cpu")
+    assert proc.returncode == 2, proc.stdout
+    (line, *_) = proc.stderr.strip().splitlines()
+    assert str(candidate / "adapter_config.json") in line and "peft_type" in line and "Traceback" not in proc.stderr
+    (candidate / "adapter_config.json").write_text(json.dumps(lora_config()))  # the same adapter, as PEFT writes it
+    assert run_cli("gate", str(candidate), *sum((["-r", r] for r in refs), []), "--device", "cpu").returncode == 0
+    # A config given in code (Flower's ClairStrategy, diffusers' metadata) may leave peft_type out.
+    assert parse_config({"r": 4, "lora_alpha": 8}, "LoraConfig").r == 4

@@ -215,4 +215,26 @@ def load_config(path: Path) -> AdapterConfig:
             hint="Keep an MLX-LM adapter's directory to its adapters.safetensors and adapter_config.json, or "
             "give the PEFT adapter its own adapter_config.json.",
         )
-    return replace(parse_config(data, path), sha256=hashlib.sha256(raw).hexdigest(), file_name=path.name)
+    config = parse_config(data, path)  # a non-LoRA peft_type is refused there, with its own message
+    _check_peft_type(data, path)
+    return replace(config, sha256=hashlib.sha256(raw).hexdigest(), file_name=path.name)
+
+
+def _check_peft_type(data: dict[str, Any], path: Path) -> None:
+    """An adapter config file must say ``"peft_type": "LORA"``, spelled so: PEFT looks the value up among
+    its types' names (``PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]``, case-sensitive), so PeftModel.from_pretrained,
+    AutoPeftModel and transformers' load_adapter fail on ``"lora"`` (KeyError 'lora') and on a config
+    without one (KeyError 'peft_type'). clair would otherwise audit, and pass, an adapter that none of
+    them loads. (A config dict given in code, diffusers' metadata and Flower's LoraConfig are read by
+    :func:`parse_config`, which takes ``peft_type`` as optional.)"""
+    peft_type = data.get("peft_type")
+    if peft_type == "LORA":
+        return
+    said = "has no peft_type" if peft_type is None else f"says peft_type {printable(repr(peft_type))}"
+    raise AdapterFormatError(
+        f'{printable(str(path))}: {said}; PEFT loads only "peft_type": "LORA", spelled so '
+        f"(PeftModel.from_pretrained and transformers' load_adapter fail here with KeyError "
+        f"{printable(repr('peft_type' if peft_type is None else peft_type))}), so no PEFT loader applies this adapter",
+        hint=f'Set "peft_type": "LORA" in {CONFIG_NAME} (what save_pretrained() writes), or re-save the adapter '
+        "with PEFT.",
+    )
