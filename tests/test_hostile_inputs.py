@@ -397,7 +397,7 @@ def _snapshot(home: Path, repo: str, sub: str | None = None) -> Path:
 @pytest.mark.parametrize("sub", [None, "round_3"])
 def test_a_hub_cache_snapshot_is_read_and_named_by_its_repo(tmp_path: Path, sub: str | None) -> None:
     snap = _snapshot(tmp_path / "home", "owner/lora", sub)
-    run = clair("inspect", str(snap), "--json", "-")
+    run = clair("inspect", str(snap), "--json", "-", env={"HF_HOME": str(tmp_path / "home")})  # the cache in use
     assert run.code == 0, run.stderr
     (rec,) = json.loads(run.stdout)["adapters"]
     assert rec["name"] == "owner/lora" + (f"/{sub}" if sub else "") + "@" + SHA[:12]

@@ -179,11 +179,16 @@ def test_a_peft_config_beside_a_diffusers_file_is_not_applied_to_it(tmp_path: Pa
     assert adapter.config.file_name is None
 
 
-def test_two_commits_of_one_hub_repo_in_a_cache_scan_are_refused(tmp_path: Path) -> None:
+def test_two_commits_of_one_hub_repo_in_a_cache_scan_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A scan of a Hugging Face cache (or of one repo's folder in it) read the snapshots of two commits of one
     repo as two independent adapters (PEFT loads one revision): one upload weighed twice, as two checkpoint-N
     folders of one run would be."""
+    from huggingface_hub import constants
+
     home = tmp_path / "home"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))  # the cache in use: snapshots named by repo
     _populate_cache(home, "owner/lora", SHA_MAIN, _adapter_files(tmp_path, 0))
     _populate_cache(home, "owner/other", SHA_MAIN, _adapter_files(tmp_path, 2))
     root = home / "hub" / "models--owner--lora"
@@ -306,3 +311,47 @@ def test_a_diffusion_peft_adapter_hub_repo_with_another_file_diffusers_may_load_
         proc = run_cli("inspect", "owner/ok", "--json", "-", env=env)
         assert proc.returncode == 0, proc.stderr
         assert f"/api/models/owner/ok/revision/{SHA_MAIN}" in {path for _, path, _ in hub.requests}
+
+
+def test_a_folder_laid_out_as_a_cache_snapshot_is_the_hub_repo_only_in_the_cache_in_use(tmp_path: Path) -> None:
+    """A local folder ``.../models--owner--name/snapshots/<commit>/`` was reported as that hub repo at that
+    commit wherever it lay (its name, the JSON's revision and hub block, a huggingface.co link in SARIF), though
+    anyone can make one (a review: an upload unpacked as models--meta-llama--... was gated as meta-llama's
+    commit). Only in the Hugging Face cache in use does a hub source of that commit read the same files."""
+    from huggingface_hub import try_to_load_from_cache
+
+    home, upload = tmp_path / "home", tmp_path / "upload"
+    files = _adapter_files(tmp_path, 9)
+    files["adapter_model.safetensors"] = safetensors.torch.save(
+        {
+            k: v * 100 if "lora_B" in k else v
+            for k, v in safetensors.torch.load(files["adapter_model.safetensors"]).items()
+        }
+    )
+    for root in (home, upload):
+        _populate_cache(root, "meta-llama/Llama-3.1-8B", SHA_MAIN, files)
+    refs = [str(write_adapter(tmp_path / "refs" / f"r{k}", seed=k)) for k in range(8)]
+    for root, in_use in ((upload, False), (home, True)):
+        snap = root / "hub" / "models--meta-llama--Llama-3.1-8B" / "snapshots" / SHA_MAIN
+        hub_reads = try_to_load_from_cache(
+            "meta-llama/Llama-3.1-8B", "adapter_model.safetensors", cache_dir=home / "hub", revision=SHA_MAIN
+        )  # what the hub source of that commit reads with HF_HOME=home, offline
+        assert (hub_reads == str(snap / "adapter_model.safetensors")) == in_use
+        env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+        proc = run_cli(
+            "gate", str(snap), *sum((["-r", r] for r in refs), []), "--json", "-", "--sarif",
+            str(tmp_path / "g.sarif"), "--device", "cpu", env=env,
+        )  # fmt: skip
+        assert proc.returncode == 1, proc.stderr  # flagged: its updates are 100 times the references'
+        (candidate,) = [a for a in json.loads(proc.stdout)["adapters"] if a["role"] == "candidate"]
+        sarif = (tmp_path / "g.sarif").read_text()
+        said = [n for n in candidate["notes"] if "laid out as the Hugging Face cache snapshot" in n]
+        if in_use:
+            assert candidate["name"] == f"meta-llama/Llama-3.1-8B@{SHA_MAIN[:12]}" and candidate["revision"] == SHA_MAIN
+            assert candidate["hub"]["repo_id"] == "meta-llama/Llama-3.1-8B" and candidate["hub"]["commit"] == SHA_MAIN
+            assert "huggingface.co/meta-llama/Llama-3.1-8B/blob/" in sarif and not said
+        else:
+            assert "meta-llama" not in candidate["name"] and candidate["revision"] is None
+            assert candidate["hub"] is None and candidate["path"] == str(snap)
+            assert "huggingface.co" not in sarif and snap.as_uri() in sarif
+            assert said and "outside the cache in use" in said[0] and SHA_MAIN in said[0]

@@ -15,7 +15,8 @@ Several states of one training run below a directory source (an adapter with
 refused with a list: they are not independent adapters, and the user names the
 one to read. Beside adapter directories, a loose ``.safetensors`` file is not an adapter (a base
 model's weights), but one whose tensor names are a LoRA's is refused with a list, never skipped.
-An adapter inside a cache snapshot is named ``owner/name@<commit[:12]>``.
+An adapter inside a snapshot of the Hugging Face cache in use is named ``owner/name@<commit[:12]>``
+and recorded as that hub repo and commit; a folder so laid out elsewhere is a local path, with a note.
 """
 
 from __future__ import annotations
@@ -289,11 +290,45 @@ def cache_snapshot(path: Path) -> tuple[str, str, str | None] | None:
     return None
 
 
-def _local_ref(directory: Path, name: str, source: str, weights: Path, config: Path | None, path: str) -> AdapterRef:
-    """A local adapter's reference; one inside a Hugging Face cache snapshot is named and
-    recorded as its hub repo (``owner/name[/subfolder]@<commit[:12]>``, commit and repo in reports)."""
-    snap = cache_snapshot(directory)
+def in_hub_cache(path: Path) -> bool:
+    """Whether ``path`` lies in the Hugging Face cache this process uses (HF_HUB_CACHE, or HF_HOME's
+    ``hub``, as huggingface_hub reads them), links resolved: where a hub source, ``owner/name@<commit>``,
+    reads the very files of that commit's snapshot."""
+    from huggingface_hub import constants
+
+    try:
+        cache = os.path.realpath(constants.HF_HUB_CACHE)
+        return os.path.realpath(path).startswith(cache.rstrip(os.sep) + os.sep)
+    except (OSError, ValueError):
+        return False
+
+
+def unverified_snapshot_note(ref: AdapterRef) -> str | None:
+    """The note of a local adapter laid out as a Hugging Face cache snapshot outside the cache in use:
+    anyone can make such a folder, so its repo and commit are not recorded (None for any other adapter)."""
+    if ref.repo_id is not None:
+        return None
+    snap = cache_snapshot(ref.weights_file.parent)
     if snap is None:
+        return None
+    repo_id, commit, sub = snap
+    where = repo_id + (f" (subfolder {sub})" if sub else "")
+    return (
+        f"a local folder laid out as the Hugging Face cache snapshot of {printable(where)} at commit {commit}, "
+        "outside the cache in use (HF_HUB_CACHE / HF_HOME): nothing checks that its files are that commit's, so "
+        f"it is recorded as a local path (the source hf://{printable(repo_id)}"
+        + (f"/{printable(sub)}" if sub else "")
+        + f"@{commit} reads that commit from the Hub)"
+    )
+
+
+def _local_ref(directory: Path, name: str, source: str, weights: Path, config: Path | None, path: str) -> AdapterRef:
+    """A local adapter's reference; one inside a snapshot of the Hugging Face cache in use (where the hub
+    source of its repo and commit reads the same files) is named and recorded as its hub repo
+    (``owner/name[/subfolder]@<commit[:12]>``, commit and repo in reports). A folder so laid out elsewhere
+    is a local path (:func:`unverified_snapshot_note` says what it claims)."""
+    snap = cache_snapshot(directory)
+    if snap is None or not in_hub_cache(directory):
         return AdapterRef(name, source, weights, config, path=path)
     repo_id, commit, sub = snap
     hub_name = repo_id + (f"/{sub}" if sub else "") + f"@{commit[:12]}"
@@ -668,14 +703,17 @@ def _one_commit_per_repo(
 ) -> list[AdapterRef]:
     """Refuse the snapshots of several commits of one hub repo (and subfolder) below a directory source (a
     Hugging Face cache, or a repo's folder in it): they are states of one upload, not independent adapters
-    (PeftModel.from_pretrained loads one revision), as two checkpoint-N folders of one run are."""
-    commits: dict[tuple[str, str | None], list[AdapterRef]] = {}
+    (PeftModel.from_pretrained loads one revision), as two checkpoint-N folders of one run are. By the folders'
+    layout, in the cache in use or not."""
+    commits: dict[tuple[str, str | None], list[tuple[AdapterRef, str]]] = {}
     for ref in refs:
-        if ref.repo_id is not None and ref.revision is not None:
-            commits.setdefault((ref.repo_id, ref.subfolder), []).append(ref)
+        snap = cache_snapshot(ref.weights_file.parent)
+        if snap is not None:
+            commits.setdefault((snap[0], snap[2]), []).append((ref, snap[1]))
     refused: set[str] = set()
-    for (repo_id, sub), same in commits.items():
-        if len({r.revision for r in same}) < 2:
+    for (repo_id, sub), found in commits.items():
+        same = [ref for ref, _ in found]
+        if len({commit for _, commit in found}) < 2:
             continue
         where = printable(repo_id + (f"/{sub}" if sub else ""))
         listed = ", ".join(printable(r.name) for r in same[:6]) + (", ..." if len(same) > 6 else "")
@@ -810,7 +848,14 @@ def _flag_config(ref: AdapterRef, options: SourceOptions, tensors: dict[str, Ten
 
 def open_adapter(ref: AdapterRef, options: SourceOptions | None = None) -> Adapter:
     """Read one adapter's config and header (no tensor data)."""
-    options = options or SourceOptions()
+    adapter = _open_adapter(ref, options or SourceOptions())
+    said = unverified_snapshot_note(ref)
+    if said is not None and said not in adapter.notes:
+        adapter.notes.append(said)
+    return adapter
+
+
+def _open_adapter(ref: AdapterRef, options: SourceOptions) -> Adapter:
     config_file = options.config if ref.config_file is None or options.config else ref.config_file
     note = None
     stamp = file_stamp(ref.weights_file)  # before the header: any change after it is refused at a later read
