@@ -342,6 +342,32 @@ def test_a_fan_in_fan_out_pool_merges_in_the_right_orientation(tmp_path: Path) -
         assert rel(got[m], U @ (U.T @ mean)) < 1e-5 and rel(got[m], mean) > 0.05
 
 
+def test_bare_gpt2_files_merged_with_lora_alpha_write_fan_in_fan_out(tmp_path: Path) -> None:
+    """Bare GPT-2 files (Conv1D layers, weights stored in x out) read with --lora-alpha: the merged and refined
+    configs said fan_in_fan_out false, which PEFT corrects at load with a warning ("fan_in_fan_out is set to
+    False but the target module is `Conv1D`"). The base model's config.json (model_type gpt2) says true."""
+    names = ["client_01", "client_02", "client_03", "client_05", "client_06", "client_08", "client_13"]
+    (tmp_path / "bare").mkdir()
+    for n in names:
+        shutil.copy(SAMPLES / n / "adapter_model.safetensors", tmp_path / "bare" / f"{n}.safetensors")
+    deltas = [peft_deltas(SAMPLES / n, tiny_gpt2) for n in names]  # with their own configs: r 4, lora_alpha 8
+    bare = ["--lora-alpha", "8", "--base-model", str(SAMPLES / "base_model")]
+    report = merge(tmp_path / "bare", tmp_path / "m", "--method", "mean", *bare)
+    assert json.loads((tmp_path / "m" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = peft_deltas(tmp_path / "m", tiny_gpt2)
+    assert not [w for w in caught if "fan_in_fan_out" in str(w.message)]
+    for m in sorted(deltas[0]):
+        k = module_key(report["merge"]["rank"], m)
+        mean = np.mean([d[m] for d in deltas], axis=0)
+        assert_truncation_of(got[m], mean, report["merge"]["rank"][k], report["merge"]["relative_error"][k])
+    result = CliRunner().invoke(app, ["refine", str(tmp_path / "bare"), "--out", str(tmp_path / "r"), "-q", *bare])
+    assert result.exit_code in (0, 1), result.output
+    refined = sorted((tmp_path / "r").glob("*/adapter_config.json"))
+    assert refined and all(json.loads(c.read_text())["fan_in_fan_out"] is True for c in refined)
+
+
 # ---- the clair merge -----------------------------------------------------------------------
 
 
@@ -495,3 +521,22 @@ def test_a_baseline_s_card_says_how_its_rank_was_chosen_and_lists_no_weights_for
     merge(root, tmp_path / "mean", "--method", "mean", "--base-model", "tiny-llama")
     card = (tmp_path / "mean" / "README.md").read_text()
     assert "(smallest within --merge-tol 0.001)" in card and "not used" not in card
+
+
+def test_a_bare_file_whose_base_model_is_unknown_has_a_note_on_fan_in_fan_out(tmp_path: Path) -> None:
+    """Where nothing tells the base model's layer types, a bare file of GPT-2-named layers says so (GPT-BigCode
+    names its nn.Linear layers so too: no guess from names alone)."""
+    from clair_cli.io import SourceOptions, open_adapters
+    from clair_cli.io.base_model import conv1d_base_model
+
+    assert conv1d_base_model(str(SAMPLES / "base_model")) is True and conv1d_base_model("gpt2") is True
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert conv1d_base_model(str(tmp_path / "llama")) is False and conv1d_base_model(None) is None
+    file = tmp_path / "client_01.safetensors"  # no config beside it
+    shutil.copy(SAMPLES / "client_01" / "adapter_model.safetensors", file)
+    (known,) = open_adapters([str(file)], SourceOptions(lora_alpha=8, base_model="openai-community/gpt2"))
+    (unknown,) = open_adapters([str(file)], SourceOptions(lora_alpha=8, base_model=str(tmp_path / "nowhere")))
+    assert known.config.fan_in_fan_out and not any("fan_in_fan_out" in n for n in known.notes)
+    assert not unknown.config.fan_in_fan_out
+    assert any("fan_in_fan_out taken as false" in n and "c_attn" in n for n in unknown.notes)

@@ -9,6 +9,7 @@ No network: the moved ids are a fixed table.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Legacy un-namespaced hub ids and the organisation repos the Hub now serves them from.
 LEGACY_HUB_IDS: dict[str, str] = {
@@ -76,3 +77,52 @@ def same_model_note(names: list[str]) -> str | None:
     canon = canonical_base_model(distinct[0])
     why = "one local directory" if looks_local(distinct[0]) else f"the hub model {canon}"
     return f"base model named {', '.join(repr(n) for n in distinct)}: taken as the same model ({why})"
+
+
+# transformers' model types whose linear layers are GPT-2's ``Conv1D`` (weight stored in x out): PEFT
+# gives their LoRA layers fan_in_fan_out=True whatever a config says (warning where it says false).
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+# Hub models of those types, by id (after canonical_base_model), known without their config.json.
+CONV1D_HUB_MODELS = frozenset(
+    [f"openai-community/{n}" for n in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "openai-gpt")]
+    + ["distilbert/distilgpt2"]
+)
+# The names of those layers in them (GPT-BigCode and GPT-Neo name nn.Linear layers so too).
+CONV1D_LAYER_NAMES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+MAX_MODEL_CONFIG_BYTES = 1 << 20  # a model's config.json: a few KiB
+
+
+def conv1d_base_model(name: str | None) -> bool | None:
+    """Whether the base model ``name`` stores its LoRA-targeted layers as GPT-2's ``Conv1D`` does (PEFT's
+    ``fan_in_fan_out``): from the ``model_type`` of its ``config.json`` (a local directory, or the Hugging
+    Face cache, never the network), else from a fixed list of hub ids; None when nothing tells."""
+    if not name:
+        return None
+    canon = canonical_base_model(name)
+    config = None
+    if looks_local(name):
+        config = os.path.join(canon, "config.json")
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(canon, "config.json")
+            config = found if isinstance(found, str) else None
+        except Exception:  # noqa: BLE001 - not a repo id huggingface_hub accepts, an unreadable cache: unknown
+            config = None
+    model_type = _model_type(config) if config else None
+    if model_type is not None:
+        return model_type in CONV1D_MODEL_TYPES
+    return True if canon in CONV1D_HUB_MODELS else None
+
+
+def _model_type(config: str) -> str | None:
+    from clair_cli.errors import ClairError
+    from clair_cli.io.files import parse_json, read_small
+
+    try:
+        data = parse_json(read_small(Path(config), MAX_MODEL_CONFIG_BYTES, "a model config"), config, "the config")
+    except (ClairError, OSError, ValueError):
+        return None
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    return model_type if isinstance(model_type, str) else None

@@ -63,7 +63,7 @@ from clair_cli.errors import (
 )
 from clair_cli.io import hub
 from clair_cli.io.adapter import Adapter, classify_keys
-from clair_cli.io.base_model import canonical_base_model
+from clair_cli.io.base_model import CONV1D_LAYER_NAMES, canonical_base_model, conv1d_base_model
 from clair_cli.io.diffusion import diffusers_reads_peft, layout_of, open_diffusion
 from clair_cli.io.files import os_problem, probe, read_small
 from clair_cli.io.hub import COMMIT_RE
@@ -825,8 +825,11 @@ def resolve_sources(
     return refs
 
 
-def _flag_config(ref: AdapterRef, options: SourceOptions, tensors: dict[str, TensorInfo]) -> AdapterConfig:
-    """The config of a bare file, from --lora-alpha and the factors' own ranks (no r to check)."""
+def _flag_config(
+    ref: AdapterRef, options: SourceOptions, tensors: dict[str, TensorInfo], conv1d: bool | None
+) -> AdapterConfig:
+    """The config of a bare file, from --lora-alpha and the factors' own ranks (no r to check); ``conv1d``:
+    whether the base model's layers are GPT-2's Conv1D (:func:`conv1d_base_model`), None if unknown."""
     if options.lora_alpha is None:
         raise AdapterFormatError(
             f"{shown_path(ref.weights_file)}: no config", hint="Pass --config FILE or --lora-alpha."
@@ -842,6 +845,9 @@ def _flag_config(ref: AdapterRef, options: SourceOptions, tensors: dict[str, Ten
         r=max(common, 1),
         lora_alpha=options.lora_alpha,
         use_rslora=options.use_rslora,
+        # GPT-2's Conv1D layers (weights stored in x out), as the base model's config.json says: PEFT sets it so
+        # at load, and a merged or refined config written from this one says it too.
+        fan_in_fan_out=bool(conv1d),
         rank_pattern={f"^{re.escape(m)}": r for m, r in ranks.items() if r != common and r > 0},
     )
 
@@ -858,6 +864,7 @@ def open_adapter(ref: AdapterRef, options: SourceOptions | None = None) -> Adapt
 def _open_adapter(ref: AdapterRef, options: SourceOptions) -> Adapter:
     config_file = options.config if ref.config_file is None or options.config else ref.config_file
     note = None
+    conv1d: bool | None = False
     stamp = file_stamp(ref.weights_file)  # before the header: any change after it is refused at a later read
     header = read_header(ref.weights_file)
     layout = layout_of(ref.weights_file, *header)
@@ -885,12 +892,22 @@ def _open_adapter(ref: AdapterRef, options: SourceOptions) -> Adapter:
                 note = f"--base-model {options.base_model!r} replaces the config's base model revision {revision!r}"
             config = replace(config, base_model=options.base_model, base_revision=None)
     else:
-        config = _flag_config(ref, options, header[0])
+        conv1d = conv1d_base_model(options.base_model)
+        config = _flag_config(ref, options, header[0], conv1d)
     adapter = Adapter.open(
         ref, config, max_rank=options.max_rank, max_modules=options.max_modules, header=header, stamp=stamp
     )
     if note:
         adapter.notes.append(note)
+    if conv1d is None:
+        named = sorted({m.rsplit(".", 1)[-1] for m in adapter.modules} & CONV1D_LAYER_NAMES)
+        if named:
+            adapter.notes.append(
+                f"fan_in_fan_out taken as false: its layers are named as GPT-2's Conv1D ones ({', '.join(named)}), "
+                "which store their weights transposed, but nothing says whether the base model's do (no config.json "
+                "of --base-model at hand, locally or in the Hugging Face cache); PEFT sets it per layer at load, "
+                "while a merged or refined config says false (--config FILE with fan_in_fan_out says which)",
+            )
     return adapter
 
 
