@@ -295,9 +295,10 @@ class ModuleCentre:
         first = self.cosines() if self.first is None else self.first
         canonical = first.double()[torch.argsort(self.back)]  # given order back to canonical
         keep = torch.tensor(idx, dtype=torch.long)
-        return ModuleCosines(
-            tuple(self.adapters[j] for j in idx), C[keep][:, keep], canonical[keep], tuple(copies[j] for j in idx)
-        )
+        # Every member kept (the usual case): the cosine matrix itself, not a copy of it (a pool of many
+        # modules keeps one per module until the verdict ends).
+        kept = C if len(idx) == C.shape[0] else C[keep][:, keep]
+        return ModuleCosines(tuple(self.adapters[j] for j in idx), kept, canonical[keep], tuple(copies[j] for j in idx))
 
 
 class ModuleCentres:
@@ -315,11 +316,14 @@ class ModuleCentres:
             fit_on = np.zeros((len(cs), len(cs[0].adapters)), dtype=bool)
             for b, c in enumerate(cs):
                 fit_on[b, c.fit_on] = True
+            stacked = np.stack([c.cosine.double().numpy() for c in cs])
+            for b, c in enumerate(cs):  # each centre's matrix becomes a view of the stack: one copy kept, not two
+                c.cosine = torch.from_numpy(stacked[b])
             self._batches.append(
                 (
                     names,
                     np.array([c.adapters for c in cs]),
-                    np.stack([c.cosine.double().numpy() for c in cs]),
+                    stacked,
                     fit_on,
                     np.array([c.rep for c in cs]),
                     [c.back for c in cs],
