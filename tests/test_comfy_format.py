@@ -290,3 +290,105 @@ def test_lorasave_files_with_text_encoders_and_zero_differences_are_read(tmp_pat
 def safe_open_all(path: Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), "pt") as f:
         return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+
+
+def _modules(path: Path, modules: dict[str, tuple[int, int]]) -> Path:
+    """A ComfyUI-layout file of ``modules`` (full names, with their prefix) of random factors and alphas."""
+    tensors = {}
+    for module, (d_out, d_in) in modules.items():
+        tensors[f"{module}.lora_A.weight"] = torch.randn(RANK, d_in)
+        tensors[f"{module}.lora_B.weight"] = torch.randn(d_out, RANK)
+        tensors[f"{module}.alpha"] = torch.tensor(float(RANK))
+    save_file(tensors, str(path))
+    return path
+
+
+CLIP_L = "text_encoders.clip_l.transformer."
+# One layer under two spellings that ComfyUI and diffusers read as one: (the module the file's other modules
+# spell it as, its twin of another spelling, words of the refusal).
+TWINS = {
+    "text-model": (
+        CLIP_L + "text_model.encoder.layers.0.self_attn.q_proj",
+        CLIP_L + "encoder.layers.0.self_attn.q_proj",
+        ("with and without text_model",),
+    ),
+    "flux-qkv": (
+        PREFIX + "double_blocks.0.img_attn.qkv",
+        PREFIX + "transformer_blocks.0.attn.to_k",
+        ("Black Forest Labs", "diffusers transformer names", "one layer under two spellings"),
+    ),
+    "flux-proj": (
+        PREFIX + "double_blocks.0.img_attn.proj",
+        PREFIX + "transformer_blocks.0.attn.to_out.0",
+        ("Black Forest Labs", "one layer under two spellings"),
+    ),
+    "flux-img-in": (PREFIX + "img_in", PREFIX + "x_embedder", ("Black Forest Labs", "one layer under two spellings")),
+    "sdxl": (
+        PREFIX + "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+        PREFIX + "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        ("SGM / LDM UNet names", "diffusers UNet names", "one layer under two spellings"),
+    ),
+    "wan": (PREFIX + "blocks.0.self_attn.q", PREFIX + "blocks.0.attn1.to_q", ("Wan's own names", "diffusers' Wan")),
+    "wan-i2v": (
+        PREFIX + "blocks.1.cross_attn.k_img",
+        PREFIX + "blocks.1.attn2.add_k_proj",
+        ("Wan's own names", "diffusers' Wan"),
+    ),
+    "wan-ffn": (PREFIX + "blocks.0.ffn.0", PREFIX + "blocks.0.ffn.net.0.proj", ("one layer under two spellings",)),
+    "wan-head": (PREFIX + "head.head", PREFIX + "proj_out", ("one layer under two spellings",)),
+}
+# Each twin's file also holds a module of its model's own spelling, as a real LoRA does.
+TWIN_COMPANIONS = {
+    "text-model": PREFIX + "double_blocks.0.img_mlp.0",
+    "flux-qkv": PREFIX + "double_blocks.1.img_attn.proj",
+    "flux-proj": PREFIX + "single_blocks.0.linear2",
+    "flux-img-in": PREFIX + "double_blocks.0.img_mlp.0",
+    "sdxl": PREFIX + "input_blocks.1.0.in_layers.2",
+    "wan": PREFIX + "blocks.1.self_attn.k",
+    "wan-i2v": PREFIX + "blocks.0.cross_attn.q",
+    "wan-ffn": PREFIX + "blocks.0.ffn.2",
+    "wan-head": PREFIX + "blocks.0.self_attn.o",
+}
+
+
+@pytest.mark.parametrize("case", sorted(TWINS))
+def test_one_layer_under_two_spellings_is_refused(case: str, tmp_path: Path) -> None:
+    """ComfyUI maps a file's ``diffusion_model.`` / ``text_encoders.`` keys onto its model's own names and applies
+    one spelling of a layer; diffusers' Flux and Wan loaders refuse such a file (or apply one of the two): clair
+    refuses it (exit 2, the file and both modules named) rather than audit one layer as two modules. The file
+    without the twin is read."""
+    own, twin, words = TWINS[case]
+    shapes = {own: (16, 16), TWIN_COMPANIONS[case]: (16, 16)}
+    alone = _modules(tmp_path / "alone.safetensors", shapes)
+    result = invoke("inspect", str(alone), "--json", str(tmp_path / "i.json"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "i.json").read_text())["adapters"][0]["n_modules"] == 2
+    _refused(_modules(tmp_path / "twins.safetensors", {**shapes, twin: (16, 16)}), own, twin, *words)
+
+
+def test_a_wan_file_of_both_block_spellings_is_refused(tmp_path: Path) -> None:
+    """Wan's own block names beside diffusers' in other blocks: ComfyUI applies only its model's (Wan's) and
+    diffusers' Wan loader refuses the file (its conversion leaves the diffusers-named keys over)."""
+    own, other = PREFIX + "blocks.0.self_attn.q", PREFIX + "blocks.1.attn1.to_k"
+    _refused(_modules(tmp_path / "mixed.safetensors", {own: (16, 16), other: (16, 16)}), "two ways", own, other)
+
+
+def test_wan_and_flux_files_of_one_spelling_are_read(tmp_path: Path) -> None:
+    """Every Wan layer diffusers' Wan loader renames, under Wan's own names and under diffusers' (each file alone),
+    and a Flux file's blocks and layers outside them: one module each."""
+    wan = ["self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k"]
+    wan += ["cross_attn.v", "cross_attn.o", "cross_attn.k_img", "cross_attn.v_img", "ffn.0", "ffn.2"]
+    ours = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k"]
+    ours += ["attn2.to_v", "attn2.to_out.0", "attn2.add_k_proj", "attn2.add_v_proj", "ffn.net.0.proj", "ffn.net.2"]
+    outside = ["head.head", "time_projection.1", "text_embedding.0", "time_embedding.2", "img_emb.proj.1"]
+    flux = ["double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv", "single_blocks.0.linear1", "img_in"]
+    files = {
+        "wan": [f"blocks.{i}.{m}" for i in (0, 1) for m in wan] + outside,
+        "wan_diffusers": [f"blocks.{i}.{m}" for i in (0, 1) for m in ours] + ["proj_out", "condition_embedder.proj"],
+        "flux": [*flux, "final_layer.linear", "txt_in", "time_in.in_layer"],
+    }
+    for name, modules in files.items():
+        path = _modules(tmp_path / f"{name}.safetensors", {PREFIX + m: (16, 16) for m in modules})
+        result = invoke("inspect", str(path), "--json", str(tmp_path / f"{name}.json"))
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / f"{name}.json").read_text())["adapters"][0]["n_modules"] == len(modules)

@@ -40,8 +40,8 @@ norm tuning, in either layout; diffusers' old attention-processor keys) is refus
 the key named (diffusers' DoRA ``lora_magnitude_vector`` is read, not analysed, with a note), and so
 is a file that mixes layouts, names one layer under two spellings (``lora_te_X`` and
 ``lora_te1_X``, a text encoder's layer with and without ``text_model``, SGM and diffusers UNet names,
-Black Forest Labs and diffusers Flux names, two kohya names that diffusers' Stable Diffusion loader maps
-onto one UNet layer: :mod:`clair_cli.io.spellings`),
+Black Forest Labs and diffusers Flux names, in a ComfyUI file Wan's own and diffusers' Wan names, two kohya
+names that diffusers' Stable Diffusion loader maps onto one UNet layer: :mod:`clair_cli.io.spellings`),
 or whose sd-scripts metadata (``ss_network_module``,
 ``ss_network_args``) says it is a network whose tensors are not a plain LoRA's (LyCORIS LoHa, LoKr,
 IA3, GLoRA, OFT, BOFT, full, DoRA; sd-scripts' OFT) beside plain LoRA tensors (:func:`network_notes`).
@@ -433,8 +433,8 @@ def classify_comfy(
     Raises:
         AdapterFormatError: a tensor that is not a plain LoRA's, a module name that holds a LoRA tensor's
             name, a factor stored under both spellings or a pair of two spellings (ComfyUI pairs ``lora_A``
-            with ``lora_B`` only, ``lora_down`` with ``lora_up``), a module with one factor, or an alpha
-            without factors.
+            with ``lora_B`` only, ``lora_down`` with ``lora_up``), a module with one factor, an alpha
+            without factors, or one layer under two spellings (:func:`refuse_two_spellings`).
     """
     keys = HeaderKeys({}, [], [], [], [], layout="comfyui")
     alphas: dict[str, TensorInfo] = {}
@@ -475,6 +475,7 @@ def classify_comfy(
                 "and lora_down with lora_up, and reads neither factor of such a pair",
                 hint="Keep one spelling per module.",
             )
+    refuse_two_spellings(path, keys.parts, "comfyui")
     return keys, alphas, diffs
 
 

@@ -13,7 +13,16 @@ the same layer:
   ``img_in``...) and diffusers' (``transformer_blocks.0.attn.to_q``, ``single_transformer_blocks``...);
   SD3: SAI's MMDiT names (``joint_blocks``) and diffusers' again;
 - in sd-scripts' layout, the denoiser as ``lora_unet_`` (sd-scripts' own Flux, SD3, Lumina) and as
-  ``lora_transformer_`` (diffusers' names).
+  ``lora_transformer_`` (diffusers' names);
+- Wan, in ComfyUI's layout: Wan's own block names (``blocks.0.self_attn.q``, ``cross_attn.k_img``,
+  ``ffn.0``) and diffusers' (``blocks.0.attn1.to_q``, ``attn2.add_k_proj``, ``ffn.net.0.proj``), as
+  diffusers' ``_convert_non_diffusers_wan_lora_to_diffusers`` maps them.
+
+ComfyUI's layout (``diffusion_model.<path>``, ``text_encoders.<encoder>.transformer.<path>``) takes
+the denoiser's and the text encoders' spellings above: ComfyUI maps ``diffusion_model.`` and
+``text_encoders.`` keys onto its model's own state-dict names only (``model_lora_keys_unet``,
+``model_lora_keys_clip``: SGM UNet blocks, Black Forest Labs' Flux blocks, Wan's own names, CLIP with
+``text_model``), and leaves a module of another spelling unloaded.
 
 clair keeps each file's own names, so a file that holds one layer under two spellings would be
 audited as two modules, while diffusers keeps one spelling and drops the other without a word
@@ -55,9 +64,39 @@ FAMILIES = {
         "diffusers transformer names: transformer_blocks, single_transformer_blocks",
     ),
 }
-DIFFUSERS_FAMILIES = ("unet", "transformer")  # already diffusers' names
+# Wan's blocks (ComfyUI's layout only), told by their layers rather than their container (``blocks`` in
+# both spellings): Wan's own names, as diffusers' _convert_non_diffusers_wan_lora_to_diffusers (0.42)
+# maps them onto its WanTransformer3DModel's, and those names of diffusers'.
+WAN_FAMILIES = {
+    "wan": "Wan's own names: blocks.N.self_attn, cross_attn, ffn.0 / ffn.2",
+    "wan_diffusers": "diffusers' Wan names: blocks.N.attn1, attn2, ffn.net",
+}
+_WAN_ATTENTION = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out_0", "k_img": "add_k_proj", "v_img": "add_v_proj"}
+_WAN_BLOCK = {
+    **{f"self_attn_{o}": f"attn1_{c}" for o, c in _WAN_ATTENTION.items() if "img" not in o},
+    **{f"cross_attn_{o}": f"attn2_{c}" for o, c in _WAN_ATTENTION.items()},
+    "ffn_0": "ffn_net_0_proj",
+    "ffn_2": "ffn_net_2",
+}
+_WAN_WHOLE = {
+    "time_projection_1": "condition_embedder_time_proj",
+    "head_head": "proj_out",
+    "text_embedding_0": "condition_embedder_text_embedder_linear_1",
+    "text_embedding_2": "condition_embedder_text_embedder_linear_2",
+    "time_embedding_0": "condition_embedder_time_embedder_linear_1",
+    "time_embedding_2": "condition_embedder_time_embedder_linear_2",
+    "img_emb_proj_1": "condition_embedder_image_embedder_ff_net_0_proj",
+    "img_emb_proj_3": "condition_embedder_image_embedder_ff_net_2",
+}
+_WAN_BLOCK_RE = re.compile(r"^blocks_(\d+)_(.+)$")
+_WAN_DIFFUSERS_BLOCK = frozenset(_WAN_BLOCK.values())
+DIFFUSERS_FAMILIES = ("unet", "transformer", "wan_diffusers")  # already diffusers' names
 KOHYA_DENOISER = ("lora_unet_", "lora_transformer_")
 DIFFUSERS_DENOISER = ("unet.", "transformer.", "prior.")
+COMFY_DENOISER = ("diffusion_model.",)
+# A ComfyUI file's text encoder modules: text_encoders.<encoder>.transformer.<path> (model_lora_keys_clip).
+COMFY_TEXT_ENCODERS = "text_encoders."
+COMFY_TRANSFORMER = "transformer."
 # A text encoder's modules in sd-scripts' layout (lora_te_ and lora_te1_ both name the first) and in diffusers'.
 KOHYA_TEXT_ENCODERS = {"lora_te_": "te1", "lora_te1_": "te1", "lora_te2_": "te2", "lora_te3_": "te3"}
 DIFFUSERS_TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
@@ -142,8 +181,8 @@ _MMDIT_BLOCKS = {"joint": ("transformer_blocks", _MMDIT_BLOCK)}
 
 
 def refuse_two_spellings(path: Path, modules: Iterable[str], layout: str) -> None:
-    """Refuse a kohya or diffusers file (``layout``) that names one layer twice, or spells its
-    denoiser two ways (see the module docstring).
+    """Refuse a kohya, diffusers or ComfyUI file (``layout``: ``kohya``, ``diffusers``, ``comfyui``)
+    that names one layer twice, or spells its denoiser two ways (see the module docstring).
 
     A file's spelling is told by its blocks (:data:`FAMILIES`); a layer outside them (an embedding,
     the final layer) is mapped onto diffusers' name by the spelling of the file's blocks only, so
@@ -167,7 +206,7 @@ def refuse_two_spellings(path: Path, modules: Iterable[str], layout: str) -> Non
             path,
             f"module {printable(a)!r} ({_spelled(fa, a)}) is also stored as {printable(b)!r} "
             f"({_spelled(fb, b)}): one layer under two spellings",
-            _who_drops(fa, fb, mixture),
+            _who_drops(fa, fb, mixture, layout),
         )
     first: dict[str, str] = {}  # a module of each spelling
     for module, family in families.items():
@@ -184,7 +223,7 @@ def refuse_two_spellings(path: Path, modules: Iterable[str], layout: str) -> Non
             path,
             f"spells its denoiser two ways: {printable(a)!r} ({_spelled(fa, a)}) and {printable(b)!r} "
             f"({_spelled(fb, b)})",
-            _who_drops(fa, fb, mixture),
+            _who_drops(fa, fb, mixture, layout),
         )
     if layout == "kohya":
         _refuse_sd_aliases(path, names, paths, blocks)
@@ -217,6 +256,15 @@ def _refuse_two_text_encoder_spellings(path: Path, names: list[str], layout: str
                 "and differ on which they apply",
                 hint="Keep one spelling (lora_te_ for SD 1.x / 2.x, lora_te1_ for SDXL) and save the file again.",
             )
+        if layout == "comfyui":
+            raise AdapterFormatError(
+                f"{printable(str(path))}: module {printable(other)!r} is also stored as {printable(module)!r} (one "
+                "text encoder layer with and without text_model before it): ComfyUI applies only the spelling its "
+                "model has (text_model, in its CLIP text encoders) and leaves the other unloaded, while clair would "
+                "audit each as a module of its own",
+                hint="Keep one spelling of each text encoder layer (with text_model, as ComfyUI's LoraSave writes "
+                "it) and save the file again.",
+            )
         raise AdapterFormatError(
             f"{printable(str(path))}: module {printable(other)!r} is also stored as {printable(module)!r} (one text "
             "encoder layer with and without text_model before it): diffusers (0.42) applies only one of them (it "
@@ -228,8 +276,13 @@ def _refuse_two_text_encoder_spellings(path: Path, names: list[str], layout: str
 
 
 def _text_encoder_layer(module: str, layout: str) -> tuple[str, str] | None:
-    """``(text encoder, path)`` of a kohya or diffusers text encoder module, its path without a leading
-    ``text_model``; None for another module."""
+    """``(text encoder, path)`` of a kohya, diffusers or ComfyUI text encoder module, its path without a
+    leading ``text_model``; None for another module."""
+    if layout == "comfyui":
+        encoder, _, inner = module.removeprefix(COMFY_TEXT_ENCODERS).partition(".")
+        if not module.startswith(COMFY_TEXT_ENCODERS) or not inner.startswith(COMFY_TRANSFORMER):
+            return None
+        return encoder, inner.removeprefix(COMFY_TRANSFORMER).removeprefix(TEXT_MODEL + ".")
     if layout == "kohya":
         prefix = next((p for p in KOHYA_TEXT_ENCODERS if module.startswith(p)), None)
         if prefix is None:
@@ -244,16 +297,23 @@ def _text_encoder_layer(module: str, layout: str) -> tuple[str, str] | None:
 def _denoiser_path(module: str, layout: str) -> str | None:
     """The path of a denoiser module after its component, in kohya's underscore form; None for a
     text encoder's module."""
-    prefixes = KOHYA_DENOISER if layout == "kohya" else DIFFUSERS_DENOISER
+    prefixes = {"kohya": KOHYA_DENOISER, "comfyui": COMFY_DENOISER}.get(layout, DIFFUSERS_DENOISER)
     prefix = next((p for p in prefixes if module.startswith(p)), None)
     return None if prefix is None else module[len(prefix) :].replace(".", "_")
 
 
 def _family(module: str, rest: str) -> str:
     """The spelling of a module's blocks (:data:`FAMILIES`; ``transformer`` for every
-    ``lora_transformer_`` module: diffusers' names); "" outside the blocks."""
+    ``lora_transformer_`` module: diffusers' names; in ComfyUI's layout, :data:`WAN_FAMILIES` for Wan's
+    block layers); "" outside the blocks."""
     if module.startswith("lora_transformer_"):
         return "transformer"
+    if module.startswith(COMFY_DENOISER):
+        wan = _WAN_BLOCK_RE.match(rest)
+        if wan is not None and wan[2] in _WAN_BLOCK:
+            return "wan"
+        if wan is not None and wan[2] in _WAN_DIFFUSERS_BLOCK:
+            return "wan_diffusers"
     return next(
         (name for name, (starts, _) in FAMILIES.items() if any(rest == s or rest.startswith(s + "_") for s in starts)),
         "",
@@ -296,7 +356,19 @@ def _diffusers_names(
         return "bfl", _bfl_to_diffusers(rest)
     if family == "mmdit" or (not family and rest in _MMDIT_WHOLE and "mmdit" in blocks):
         return "mmdit", _mmdit_to_diffusers(rest)
+    if family == "wan" or (not family and rest in _WAN_WHOLE and "wan" in blocks):
+        return "wan", (_wan_to_diffusers(rest),)
     return "diffusers", (rest,)
+
+
+def _wan_to_diffusers(rest: str) -> str:
+    """A Wan module path (ComfyUI's layout) as diffusers' ``_convert_non_diffusers_wan_lora_to_diffusers`` maps it."""
+    if rest in _WAN_WHOLE:
+        return _WAN_WHOLE[rest]
+    m = _WAN_BLOCK_RE.match(rest)
+    if m is None or m[2] not in _WAN_BLOCK:
+        return rest
+    return f"blocks_{m[1]}_{_WAN_BLOCK[m[2]]}"
 
 
 def _sgm_to_diffusers(rest: str) -> str:
@@ -367,13 +439,20 @@ def _spelled(family: str, module: str) -> str:
         return "diffusers' names under lora_transformer_"
     if family in FAMILIES:
         return FAMILIES[family][1]
+    if family in WAN_FAMILIES:
+        return WAN_FAMILIES[family]
     if family == "diffusers":
         return "diffusers' names"
     return "sd-scripts' names under lora_unet_" if module.startswith("lora_unet_") else "another spelling"
 
 
-def _who_drops(first: str, second: str, mixture: bool) -> str:
-    """What diffusers does with a file of the two spellings ``first`` and ``second``."""
+def _who_drops(first: str, second: str, mixture: bool, layout: str) -> str:
+    """What the loaders do with a file (of ``layout``) of the two spellings ``first`` and ``second``."""
+    if layout == "comfyui":
+        return (
+            "ComfyUI maps diffusion_model. keys onto its model's own names, so it applies only the spelling its "
+            "model has and leaves the other unloaded, while clair would audit each spelling as a module of its own"
+        )
     if {first, second} == {"sgm", "unet"}:
         return "diffusers loads only the diffusers-named modules of such a file and drops the SGM ones"
     if mixture:
