@@ -176,6 +176,7 @@ def fake_hub(tmp_path: Path) -> Iterator[FakeHub]:
         "owner/pickled": {
             "main": (SHA_MAIN, {"adapter_config.json": main["adapter_config.json"], "adapter_model.bin": b"\x80"})
         },
+        "owner/noweights": {"main": (SHA_MAIN, {"adapter_config.json": main["adapter_config.json"]})},
     }
     with FakeHub(repos) as hub:
         yield hub
@@ -320,7 +321,8 @@ def test_one_lora_file_of_a_repo_is_named_in_the_source(fake_hub: FakeHub, tmp_p
         ("hf://owner/community/model.ckpt", "is a pickle file (refused)"),
         ("owner/missing", "hub repo owner/missing not found"),
         ("owner/lora@nope", "revision 'nope' not found"),
-        ("owner/pickled", "pickle checkpoints are refused"),
+        ("owner/pickled", "has adapter_config.json but no adapter_model.safetensors"),
+        ("owner/noweights", "has adapter_config.json but no adapter_model.safetensors"),
         ("owner/rounds", "has no adapter_config.json"),
     ],
 )
@@ -329,6 +331,17 @@ def test_hub_errors_exit_2(fake_hub: FakeHub, tmp_path: Path, spec: str, message
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert message in proc.stderr.splitlines()[0]
+
+
+def test_a_peft_repo_without_weights_is_not_said_to_hold_a_pickle(fake_hub: FakeHub, tmp_path: Path) -> None:
+    """A repo with a PEFT adapter_config.json and no weights file at all: the message says which file is missing,
+    not that a pickle checkpoint was refused (the repo has none); the pickle advice stays in the hint."""
+    proc = run_cli("inspect", "owner/noweights", env=_env(fake_hub, tmp_path / "home"))
+    assert proc.returncode == 2, proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert "owner/noweights" in first and "no adapter_model.safetensors" in first, proc.stderr
+    assert "pickle" not in first, proc.stderr
+    assert "adapter_model.bin" in proc.stderr
 
 
 def _populate_cache(home: Path, repo: str, sha: str, files: dict[str, bytes]) -> None:

@@ -73,7 +73,7 @@ def test_a_hub_repo_with_a_peft_config_is_not_read_from_an_mlx_file(tmp_path: Pa
         proc = run_cli("inspect", "owner/mixed", "--json", "-", env=_env(hub, tmp_path / "home"))
         fetched = {path.rsplit("/", 1)[-1] for _, path, _ in hub.requests}
     assert proc.returncode == 2, proc.stdout
-    assert "pickle checkpoints are refused" in proc.stderr
+    assert "has adapter_config.json but no adapter_model.safetensors" in proc.stderr
     assert "adapters.safetensors" not in fetched
 
 

@@ -410,7 +410,8 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
     Raises:
         AdapterNotFound: repo, revision or file does not exist (or is private).
         HubError: the Hub cannot be reached and the files are not cached.
-        UnsafeFormatError: the repo has only a pickle checkpoint.
+        UnsafeFormatError: the repo has an adapter_config.json and no adapter_model.safetensors (none, or
+            only a pickle checkpoint).
     """
     hub = parse_hub_spec(spec, subfolder, revision)
     try:
@@ -475,10 +476,13 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
         except EntryNotFoundError as exc:
             if filename == hub.filename:
                 raise AdapterNotFound(f"{spec}: {where}{at} has no {filename}") from exc
-            if filename == SAFETENSORS_WEIGHTS_NAME:
+            if filename == SAFETENSORS_WEIGHTS_NAME:  # asked for after the repo's CONFIG_NAME was found
+                # The repo may hold a pickle adapter_model.bin, or no weights at all: clair does not look.
                 raise UnsafeFormatError(
-                    f"{spec}: {where}{at} has no {SAFETENSORS_WEIGHTS_NAME} (pickle checkpoints are refused)",
-                    hint=PICKLE_HINT,
+                    f"{spec}: {where}{at} has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME}, the weights file "
+                    "clair reads beside it",
+                    hint=f"Upload the adapter as PEFT's save_pretrained writes it ({SAFETENSORS_WEIGHTS_NAME}). "
+                    f"If the repo holds a pickle checkpoint (adapter_model.bin) instead: {PICKLE_HINT}",
                 ) from exc
             raise (_Missing if filename in _OPTIONAL else AdapterNotFound)(
                 f"{spec}: {where}{at} has no {filename}; is it a PEFT adapter repo?",
