@@ -140,6 +140,9 @@ CASES: dict[str, tuple[Callable[[Path], None], str]] = {
     ),
     "r = 0": (_with_config(json.dumps(lora_config(r=0))), "r must be a positive integer"),
     "not lora": (_with_config(json.dumps(lora_config(peft_type="IA3"))), "LoRA adapters only"),
+    # PEFT fails on it (KeyError None), a config it cannot load rather than another adapter type
+    "peft_type null": (_with_config(json.dumps(lora_config(peft_type=None))), "peft_type is null, which names no PEFT"),
+    "peft_type a number": (_with_config(json.dumps(lora_config(peft_type=3))), "PEFT cannot load this config"),
     "bad rank_pattern regex": (
         _with_config(json.dumps(lora_config(rank_pattern={"(": 2}))),
         "not a valid regular expression",

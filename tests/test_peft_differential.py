@@ -77,6 +77,23 @@ def test_a_hub_repo_with_a_peft_config_is_not_read_from_an_mlx_file(tmp_path: Pa
     assert "adapters.safetensors" not in fetched
 
 
+def test_a_config_whose_peft_type_is_null_is_refused_as_one_peft_cannot_load(tmp_path: Path) -> None:
+    """``"peft_type": null``: PEFT fails on it (KeyError None) like on "lora"; clair says it is a config PEFT
+    cannot load, not another kind of adapter than LoRA (its old message: "clair analyses LoRA adapters only")."""
+    from peft import PeftConfig
+
+    candidate = write_adapter(tmp_path / "candidate", config=lora_config(peft_type=None))
+    with pytest.raises(KeyError, match="None"):
+        PeftConfig.from_pretrained(str(candidate))
+    proc = run_cli("inspect", str(candidate))
+    assert proc.returncode == 2, proc.stdout
+    (line, *_) = proc.stderr.strip().splitlines()
+    assert str(candidate / "adapter_config.json") in line and "Traceback" not in proc.stderr
+    assert "peft_type is null" in line and "PEFT cannot load this config" in line, line
+    assert "LoRA adapters only" not in line
+    assert '"peft_type": "LORA"' in proc.stderr  # the hint
+
+
 def _tiny_llava() -> torch.nn.Module:
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 

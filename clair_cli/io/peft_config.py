@@ -8,6 +8,7 @@ hand-edited config fails here with the field's name rather than later.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import struct
@@ -154,7 +155,16 @@ def parse_config(data: dict[str, Any], path: Path | str) -> AdapterConfig:
         AdapterFormatError: not a LoRA config, or a field is missing or invalid.
     """
     peft_type = data.get("peft_type", "LORA")
-    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+    if not isinstance(peft_type, str):  # null, a number, a list: no type's name, which PEFT looks the value up by
+        shown = "null" if peft_type is None else json.dumps(peft_type, default=str)[:80]
+        raise AdapterFormatError(
+            f"{printable(str(path))}: peft_type is {printable(shown)}, which names no PEFT type: PEFT cannot load "
+            "this config (PeftConfig looks peft_type up among its types' names and fails"
+            + (", KeyError None)" if peft_type is None else ")"),
+            hint=f'Set "peft_type": "LORA" in {CONFIG_NAME} (what save_pretrained() writes), or re-save the adapter '
+            "with PEFT.",
+        )
+    if peft_type.upper() != "LORA":
         raise AdapterFormatError(
             f"{path}: peft_type is {peft_type!r}; clair analyses LoRA adapters only",
         )
