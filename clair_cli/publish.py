@@ -7,7 +7,6 @@ which renames it into place with the run's reports once everything is written, o
 
 from __future__ import annotations
 
-import contextlib
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -142,18 +141,17 @@ def merged_plan(pool: Pool) -> ConfigPlan:
 
 def merged_stream(
     root: Path, pool: Pool, options: MergeOptions | None = None
-) -> MergedStream | contextlib.nullcontext[None]:
+) -> MergedStream:
     """The sink :func:`clair_cli.pipeline.merge` writes the merged tensors into, module by module
     (``root``: the staging directory of ``--out``); :func:`write_merged` then adds the config and card.
-    None (a context that gives None) for MLX-LM adapters, whose every module takes one rank, known once
-    all are merged: their merge is held in memory and written by :func:`write_merged`."""
+    MLX-LM adapters, whose every module takes one rank, known once all are merged, are staged at their
+    own ranks and padded to one as the sink closes (:class:`~clair_cli.io.peft_writer.MergedStream`)."""
     from clair_cli.io.peft_writer import MergedStream
     from clair_cli.pipeline import merged_rank_bound
 
     first = pool.adapters[0]
-    if first.layout == "mlx":
-        return contextlib.nullcontext()
-    metadata = merged_metadata([a.file_metadata for a in pool.adapters]) if first.layout != "peft" else None
+    diffusion = first.layout not in ("peft", "mlx")
+    metadata = merged_metadata([a.file_metadata for a in pool.adapters]) if diffusion else None
     return MergedStream(root, first.modules, merged_rank_bound(pool, options), first.layout, metadata)
 
 

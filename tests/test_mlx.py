@@ -329,3 +329,33 @@ def test_the_converter_writes_an_embeddings_lora_under_the_names_peft_applies(tm
         reads.append((module.scale * module.B.double() @ module.A.double()).numpy())
     np.testing.assert_allclose(reads[0], expected.numpy().T, rtol=1e-12)
     np.testing.assert_allclose(reads[1], expected.numpy().T, rtol=1e-12)
+
+
+def test_an_mlx_lm_merge_is_streamed_and_padded_to_one_rank_as_in_memory(tmp_path: Path) -> None:
+    """An MLX-LM merge was held in memory until written (every module takes one rank, known once all
+    are merged). It is now streamed like the other layouts: modules staged at their own ranks, then
+    copied padded with zero directions to the largest one, one module at a time. The file holds the
+    tensors the in-memory layout gives (modules of different ranks, one rescaled in the second pass),
+    and the staging file is gone."""
+    from safetensors.torch import load_file
+
+    from clair_cli.io.peft_writer import MLX_UNPADDED_NAME, MergedStream, merged_tensors
+    from clair_cli.io.sources import SourceOptions, open_adapters
+
+    mlx_adapter(tmp_path / "in", 0)
+    (adapter,) = open_adapters([str(tmp_path / "in")], SourceOptions())
+    g = torch.Generator().manual_seed(1)
+    ranks = dict(zip(MODULES, (3, 7, 1, 5), strict=True))
+    factors = {m: (torch.randn(r, WIDTH, generator=g), torch.randn(WIDTH, r, generator=g)) for m, r in ranks.items()}
+    root = tmp_path / "out"
+    with MergedStream(root, adapter.modules, {m: 8 for m in MODULES}, "mlx") as sink:
+        for m in MODULES:
+            sink.put(m, *factors[m])
+        sink.rewrite_b(lambda B: B * 0.5)  # --rescale norm's second pass
+    got = load_file(str(root / "adapters.safetensors"))
+    want = merged_tensors(adapter.modules, {m: (A, B * 0.5) for m, (A, B) in factors.items()}, "mlx")
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        assert got[key].shape == value.shape and torch.equal(got[key], value.float()), key
+    assert {tuple(t.shape) for k, t in got.items() if k.endswith("lora_a")} == {(WIDTH, 7)}
+    assert not (root / MLX_UNPADDED_NAME).exists()

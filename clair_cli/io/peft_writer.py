@@ -87,6 +87,8 @@ def save_adapter(  # noqa: PLR0913 - the files of one adapter directory
 
 # Elements upcast at a time to check a tensor whose dtype torch.isfinite does not take (float8).
 _FINITE_CHUNK = 1 << 24
+# Where an MLX-LM merge stages its modules at their own ranks before they are padded to one (MergedStream).
+MLX_UNPADDED_NAME = ".clair-mlx-unpadded.safetensors"
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -145,20 +147,22 @@ class MergedStream:
         from clair_cli.constants import DIFFUSERS_WEIGHTS_NAME
         from clair_cli.io.safetensors_stream import SafetensorsStream
 
-        if layout == "mlx":  # one rank for every module, known once all are merged: merged_tensors
-            raise ValueError("an MLX-LM merge is not streamed")
         self.root = root
         self.specs = specs
         self.layout = layout
+        self.metadata = {**(metadata or {}), "format": "pt"}
         largest: dict[str, tuple[int, ...]] = {}
         for name, rank in max_rank.items():
             a_key, b_key = _layout_keys(specs[name], layout)
-            largest[a_key], largest[b_key] = _shapes(specs[name], rank)
+            # MLX-LM's modules go to a staging file as merged (r x d_in, d_out x r at their own rank) first
+            largest[a_key], largest[b_key] = (rank, specs[name].d_in), (specs[name].d_out, rank)
+            if layout != "mlx":
+                largest[a_key], largest[b_key] = _shapes(specs[name], rank)
         optional = {f"{name}.alpha": () for name in max_rank} if layout == "kohya" else {}
         self._b_keys: list[str] = []
         self._ranks: dict[str, int] = {}
-        file = root / (SAFETENSORS_WEIGHTS_NAME if layout == "peft" else DIFFUSERS_WEIGHTS_NAME)
-        self._stream = SafetensorsStream(file, largest, {**(metadata or {}), "format": "pt"}, optional)
+        file = root / {"peft": SAFETENSORS_WEIGHTS_NAME, "mlx": MLX_UNPADDED_NAME}.get(layout, DIFFUSERS_WEIGHTS_NAME)
+        self._stream = SafetensorsStream(file, largest, self.metadata, optional)
 
     def __enter__(self) -> MergedStream:
         try:
@@ -174,8 +178,36 @@ class MergedStream:
                 for key, alpha in _kohya_alphas(self.layout, self._ranks).items():
                     self._stream.add(key, alpha)
             self._stream.__exit__(exc_type, exc, tb)
+            if exc_type is None and self.layout == "mlx":
+                self._pad_mlx()
         except OSError as exc:
             raise self._cannot(exc) from exc
+
+    def _pad_mlx(self) -> None:
+        """Copy the staged modules into MLX-LM's ``adapters.safetensors``, each padded with zero directions
+        to the largest merged rank (MLX-LM gives every module one rank: the same update), one module in
+        memory at a time, then remove the staging file."""
+        from safetensors import safe_open
+
+        from clair_cli.constants import MLX_WEIGHTS_NAME
+        from clair_cli.io.safetensors_stream import SafetensorsStream
+
+        staged = self._stream.path
+        rank = max(self._ranks.values(), default=0)
+        keys = {name: _layout_keys(self.specs[name], self.layout) for name in self._ranks}
+        largest: dict[str, tuple[int, ...]] = {}
+        for name, (a_key, b_key) in keys.items():
+            largest[a_key], largest[b_key] = _shapes(self.specs[name], rank)
+        with (
+            safe_open(str(staged), framework="pt") as f,
+            SafetensorsStream(self.root / MLX_WEIGHTS_NAME, largest, self.metadata) as out,
+        ):
+            for name, (a_key, b_key) in sorted(keys.items()):
+                A, B = _padded(f.get_tensor(a_key), f.get_tensor(b_key), rank)
+                stored_a, stored_b = _stored(self.specs[name], A, B)
+                out.add(a_key, stored_a)
+                out.add(b_key, stored_b)
+        staged.unlink()
 
     def _cannot(self, exc: OSError) -> OutputError:
         return OutputError(f"{printable(str(self.root))}: cannot write ({os_error_text(exc)})")
@@ -189,7 +221,8 @@ class MergedStream:
         for key, t in ((a_key, A), (b_key, B)):
             if not all_finite(t):
                 raise _non_finite(str(self.root), 1, key)
-        stored_a, stored_b = _stored(self.specs[name], A, B)
+        # MLX-LM's: staged as merged, stored (and padded) at the end (_pad_mlx)
+        stored_a, stored_b = (A, B) if self.layout == "mlx" else _stored(self.specs[name], A, B)
         try:
             self._stream.add(a_key, stored_a)
             self._stream.add(b_key, stored_b)
@@ -237,18 +270,19 @@ def uniform_rank(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Every module's factors at the largest rank among them, the new directions zero (the same
     update): an MLX-LM adapter has one rank for every module (``lora_parameters.rank``)."""
-    import torch
 
     rank = max((int(A.shape[0]) for A, _B in factors.values()), default=0)
-    out = {}
-    for name, (A, B) in factors.items():
-        pad = rank - int(A.shape[0])
-        out[name] = (
-            (torch.cat([A, A.new_zeros(pad, A.shape[1])]), torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1))
-            if pad
-            else (A, B)
-        )
-    return out
+    return {name: _padded(A, B, rank) for name, (A, B) in factors.items()}
+
+
+def _padded(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` (``r x d_in``) and ``B`` (``d_out x r``) at ``rank`` >= ``r``, the new directions zero."""
+    import torch
+
+    pad = rank - int(A.shape[0])
+    if not pad:
+        return A, B
+    return torch.cat([A, A.new_zeros(pad, A.shape[1])]), torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
 
 
 def _keys(spec: ModuleSpec) -> tuple[str, str]:
