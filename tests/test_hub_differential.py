@@ -355,3 +355,27 @@ def test_a_folder_laid_out_as_a_cache_snapshot_is_the_hub_repo_only_in_the_cache
             assert candidate["hub"] is None and candidate["path"] == str(snap)
             assert "huggingface.co" not in sarif and snap.as_uri() in sarif
             assert said and "outside the cache in use" in said[0] and SHA_MAIN in said[0]
+
+
+def test_bare_files_in_a_snapshot_of_the_cache_in_use_are_not_said_to_lie_outside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bare ``.safetensors`` files of a snapshot (a directory source of several LoRA files, read with
+    --lora-alpha) are recorded as local paths wherever the snapshot lies; inside the Hugging Face cache in use
+    each was still noted as "a local folder laid out as the Hugging Face cache snapshot ... outside the cache in
+    use", which it is not. The note is for a folder outside that cache alone."""
+    from huggingface_hub import constants
+
+    weights = Path(__file__).resolve().parent.parent / "sample_adapters"
+    for root, in_use in ((tmp_path / "cache", True), (tmp_path / "upload", False)):
+        snap = root / "models--acme--loras" / "snapshots" / SHA_MAIN
+        snap.mkdir(parents=True)
+        for k in (1, 2):
+            source = weights / f"client_0{k}" / "adapter_model.safetensors"
+            (snap / f"c{k}.safetensors").write_bytes(source.read_bytes())
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+        adapters = open_adapters([str(snap)], SourceOptions(lora_alpha=8.0))
+        assert sorted(a.name for a in adapters) == ["c1", "c2"]
+        for adapter in adapters:
+            said = [n for n in adapter.notes if "laid out as the Hugging Face cache snapshot" in n]
+            assert bool(said) == (not in_use), (in_use, adapter.notes)

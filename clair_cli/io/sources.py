@@ -305,11 +305,12 @@ def in_hub_cache(path: Path) -> bool:
 
 def unverified_snapshot_note(ref: AdapterRef) -> str | None:
     """The note of a local adapter laid out as a Hugging Face cache snapshot outside the cache in use:
-    anyone can make such a folder, so its repo and commit are not recorded (None for any other adapter)."""
+    anyone can make such a folder, so its repo and commit are not recorded (None for any other adapter, and for
+    a bare file of a snapshot in that cache: recorded as a local path too, but not outside the cache)."""
     if ref.repo_id is not None:
         return None
     snap = cache_snapshot(ref.weights_file.parent)
-    if snap is None:
+    if snap is None or in_hub_cache(ref.weights_file.parent):
         return None
     repo_id, commit, sub = snap
     where = repo_id + (f" (subfolder {sub})" if sub else "")
