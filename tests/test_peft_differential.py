@@ -203,5 +203,10 @@ def test_a_config_whose_peft_type_peft_cannot_look_up_is_refused(tmp_path: Path,
     assert str(candidate / "adapter_config.json") in line and "peft_type" in line and "Traceback" not in proc.stderr
     (candidate / "adapter_config.json").write_text(json.dumps(lora_config()))  # the same adapter, as PEFT writes it
     assert run_cli("gate", str(candidate), *sum((["-r", r] for r in refs), []), "--device", "cpu").returncode == 0
-    # A config given in code (Flower's ClairStrategy, diffusers' metadata) may leave peft_type out.
+    # A config given in code (Flower's ClairStrategy, diffusers' metadata) may leave peft_type out, and so
+    # may one given with --config to describe a loose weights file (no PEFT loader opens either).
     assert parse_config({"r": 4, "lora_alpha": 8}, "LoraConfig").r == 4
+    described = tmp_path / "described.json"
+    described.write_text(json.dumps(config))
+    (loose,) = open_adapters([str(candidate / "adapter_model.safetensors")], SourceOptions(config=described))
+    assert loose.config.r == config["r"]

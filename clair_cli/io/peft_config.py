@@ -210,8 +210,11 @@ def parse_config(data: dict[str, Any], path: Path | str) -> AdapterConfig:
     )
 
 
-def load_config(path: Path) -> AdapterConfig:
-    """Read and validate ``adapter_config.json`` at ``path``."""
+def load_config(path: Path, peft_loads: bool = True) -> AdapterConfig:
+    """Read and validate ``adapter_config.json`` at ``path``. ``peft_loads``: the config PEFT loads with
+    the weights (beside them), which must say ``"peft_type": "LORA"`` as PEFT spells it; False for a
+    description given with ``--config`` (of loose weights files, which no PEFT loader opens), where a
+    missing or lowercase ``peft_type`` means LoRA as before."""
     raw = read_small(path, MAX_CONFIG_BYTES, "an adapter config")
     data = parse_json(raw, path, "the config")
     if not isinstance(data, dict):
@@ -226,7 +229,8 @@ def load_config(path: Path) -> AdapterConfig:
             "give the PEFT adapter its own adapter_config.json.",
         )
     config = parse_config(data, path)  # a non-LoRA peft_type is refused there, with its own message
-    _check_peft_type(data, path)
+    if peft_loads:
+        _check_peft_type(data, path)
     return replace(config, sha256=hashlib.sha256(raw).hexdigest(), file_name=path.name)
 
 

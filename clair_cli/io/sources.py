@@ -882,7 +882,7 @@ def _open_adapter(ref: AdapterRef, options: SourceOptions) -> Adapter:
     if layout != "peft" and config_file is None:
         return open_diffusion(ref, header, layout, options, stamp)
     if config_file is not None:
-        config = load_config(config_file)
+        config = load_config(config_file, peft_loads=config_file != options.config)
         if options.base_model:
             # --base-model names the base model of every source, whatever its config says.
             given = config.base_model
