@@ -435,7 +435,7 @@ def _check_float32_load(adapter: Adapter, name: str, A: torch.Tensor, B: torch.T
 # (about 260 MiB measured for one process's start; rounded up).
 WORKER_BASE_BYTES = 320 << 20
 # Bytes the audit keeps per pair of adapters and module until the verdict ends (pool_memory).
-POOL_BYTES_PER_PAIR = 48
+POOL_BYTES_PER_PAIR = 64
 
 
 def local_jobs(jobs: int | str, pool: Pool | None = None, dtype: str = "float32") -> int:
@@ -510,9 +510,10 @@ def pool_memory(pool: Pool) -> int:
     """What the audit keeps per module for the verdict, in bytes: a few ``K x K`` float64 matrices
     of each module (its updates' Gram and cosine matrices, and the verdict's copies of them),
     held in the ``clair`` process until the verdict ends, with the verdict's bounded temporaries:
-    ``POOL_BYTES_PER_PAIR`` per pair of adapters and module (45 measured on 1,000 modules of 128
-    adapters). It grows with the modules times the square of the pool: 0.7 GiB for 1,000 modules
-    of 128 adapters, 7.3 GiB for 10,000."""
+    ``POOL_BYTES_PER_PAIR`` per pair of adapters and module (measured: 45 on 1,000 tiny modules of 128
+    adapters; about 65 for an audit and 30 for a gate fitted over MoE-shaped pools of 16-96 adapters and
+    100-1,000 modules). It grows with the modules times the square of the pool: 1 GiB for 1,000
+    modules of 128 adapters, 9.8 GiB for 10,000."""
     return POOL_BYTES_PER_PAIR * len(pool.modules) * len(pool.adapters) ** 2
 
 
