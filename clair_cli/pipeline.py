@@ -541,9 +541,11 @@ def check_audit_memory(pool: Pool, dtype: str = "float32", device: str = "cpu", 
     raise UsageError(
         f"the audit needs about {total / 2**30:.1f} GiB ({' and '.join(parts)}; {len(pool.adapters)} adapters), "
         f"more than the {available / 2**30:.1f} GiB available",
-        hint=("Use fewer --jobs. " if jobs > 1 else "")
-        + "Audit fewer adapters at once, or lower --max-rank: memory grows with the square of the summed rank"
-        + (", and with the modules times the square of the adapters." if kept > need else "."),
+        hint="Audit fewer adapters at once: the verdict's matrices grow with the modules times the square of the "
+        "adapters."
+        if cuda or kept > need
+        else ("Use fewer --jobs. " if jobs > 1 else "")
+        + "Audit fewer adapters at once, or lower --max-rank: memory grows with the square of the summed rank.",
     )
 
 

@@ -280,6 +280,7 @@ def test_a_pool_whose_verdict_matrices_cannot_fit_is_refused_before_any_factor_i
     result = CliRunner().invoke(app, ["audit", str(SAMPLE_ADAPTERS)], env={"NO_COLOR": "1", "COLUMNS": "300"})
     assert result.exit_code == 2, result.output
     assert "the audit needs about" in result.output and "matrices of" in result.output
+    assert "the modules times the square of the adapters" in result.output and "--max-rank" not in result.output
     assert "Traceback" not in result.output
 
 
