@@ -139,9 +139,7 @@ def merged_plan(pool: Pool) -> ConfigPlan:
     return plan_merged(pool.adapters, pool.modules, pool.base_model)
 
 
-def merged_stream(
-    root: Path, pool: Pool, options: MergeOptions | None = None
-) -> MergedStream:
+def merged_stream(root: Path, pool: Pool, options: MergeOptions | None = None) -> MergedStream:
     """The sink :func:`clair_cli.pipeline.merge` writes the merged tensors into, module by module
     (``root``: the staging directory of ``--out``); :func:`write_merged` then adds the config and card.
     MLX-LM adapters, whose every module takes one rank, known once all are merged, are staged at their
@@ -189,7 +187,7 @@ def write_merged(  # noqa: PLR0913 - every part of the card, as the merge comman
         config = lora_config(plan, {m: (r.rank, r.rank) for m, r in merged.modules.items()})
     elif layout == "mlx":
         rank = max(r.rank for r in merged.modules.values())
-        config = merged_mlx_config(pool.adapters[0].config.raw, rank)
+        config = merged_mlx_config([a.config.raw for a in pool.adapters], rank, merged.modules)
     tensors = (
         None
         if merged.streamed

@@ -359,3 +359,39 @@ def test_an_mlx_lm_merge_is_streamed_and_padded_to_one_rank_as_in_memory(tmp_pat
         assert got[key].shape == value.shape and torch.equal(got[key], value.float()), key
     assert {tuple(t.shape) for k, t in got.items() if k.endswith("lora_a")} == {(WIDTH, 7)}
     assert not (root / MLX_UNPADDED_NAME).exists()
+
+
+def mlx_loaded(directory: Path, n_layers: int = 2) -> set[str]:
+    """The modules whose factors ``mlx_lm.load(BASE, adapter_path=directory)`` loads into a model of
+    ``n_layers`` Llama layers (mlx_lm 0.22 to 0.31, ``tuner/utils.py``): ``linear_to_lora_layers`` gives
+    a LoRA layer to each module of ``model.layers[-max(num_layers, 0):]`` whose name within its layer
+    is in ``lora_parameters.keys`` (every linear one without keys) and to each module whose whole name
+    is, and ``load_weights(..., strict=False)`` drops every other tensor of the file."""
+    from safetensors import safe_open
+
+    config = json.loads((directory / "adapter_config.json").read_text())
+    keys = config["lora_parameters"].get("keys")
+    within = keys if keys is not None else [f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    layers = list(range(n_layers))[-max(config["num_layers"], 0) :]
+    lora = {f"model.layers.{i}.{k}" for i in layers for k in within} | set(keys or [])
+    with safe_open(str(directory / "adapters.safetensors"), "pt") as f:
+        return {k.rpartition(".")[0] for k in f.keys()} & lora  # noqa: SIM118 (safe_open is not iterable)
+
+
+def test_a_merge_writes_a_config_under_which_mlx_lm_loads_every_merged_module(tmp_path: Path) -> None:
+    """The first source's config selects one of the four modules (num_layers 1, keys q_proj), the
+    others' all of them: the merge's config must select them all, or mlx_lm drops three merged
+    modules without a word (a review found the first source's num_layers and keys written as they were)."""
+    mlx, _ = pools(tmp_path)
+    config = json.loads((mlx / "c0" / "adapter_config.json").read_text())
+    config["num_layers"] = 1
+    config["lora_parameters"]["keys"] = ["self_attn.q_proj"]
+    (mlx / "c0" / "adapter_config.json").write_text(json.dumps(config))
+    assert mlx_loaded(mlx / "c0") == {"model.layers.1.self_attn.q_proj"}
+    assert mlx_loaded(mlx / "c1") == set(MODULES)
+    proc = run_cli("merge", str(mlx), "--out", str(tmp_path / "out"), "-q")
+    assert proc.returncode in (0, 1), proc.stderr
+    written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert written["num_layers"] == 2
+    assert sorted(written["lora_parameters"]["keys"]) == ["self_attn.q_proj", "self_attn.v_proj"]
+    assert mlx_loaded(tmp_path / "out") == set(MODULES)

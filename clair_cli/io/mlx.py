@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -202,16 +204,56 @@ def open_mlx(
     return adapter
 
 
-def merged_config(source: dict[str, Any], rank: int) -> dict[str, Any]:
-    """A merged adapter's MLX-LM config: its source's, with every module at ``rank`` and scale 1
+# A module's path as mlx_lm names it: ``<model.layers path>.<index>.<key within the layer>``
+# (``model.layers.3.self_attn.q_proj``); the first all-digit component is the layer's index.
+_LAYER_RE = re.compile(r"^(?:[^.]+\.)*?(?P<index>\d+)\.(?P<key>.+)$")
+
+
+def _in_layer(module: str) -> tuple[int | None, str]:
+    """``module``'s layer index and its name within the layer (``lora_parameters.keys``' names), or
+    None and the whole name for a module outside the model's layers (``lm_head``)."""
+    m = _LAYER_RE.match(module)
+    return (int(m["index"]), m["key"]) if m else (None, module)
+
+
+def _num_layers(raw: dict[str, Any]) -> int | None:
+    n = raw.get("num_layers", raw.get("lora_layers"))
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+def _keys(raw: dict[str, Any]) -> list[str] | None:
+    params = raw.get("lora_parameters")
+    keys = params.get("keys") if isinstance(params, dict) else None
+    return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else None
+
+
+def merged_config(sources: Sequence[dict[str, Any]], rank: int, modules: Iterable[str]) -> dict[str, Any]:
+    """A merged adapter's MLX-LM config: its first source's, with every module at ``rank`` and scale 1
     (the merged factors carry the scale); an ``alpha`` the source gives becomes ``rank`` (scale 1
     to the mlx_lm versions that applied ``scale * alpha / rank`` too: :func:`_alpha_scale`); a source of
-    mlx_lm before 0.19 (``lora_layers``) gets ``num_layers`` beside it, which later versions read."""
-    out = dict(source)
-    params = {**source.get("lora_parameters", {}), "rank": rank, "scale": 1.0}
+    mlx_lm before 0.19 (``lora_layers``) gets ``num_layers`` beside it, which later versions read.
+
+    mlx_lm loads only the modules the config selects (``keys`` in its last ``num_layers`` layers), so the written
+    ``num_layers`` is the largest of the sources' and of the merged modules' span of layers (one that
+    selects every layer, 0 or below, wins), and
+    ``keys``, where any source gives them, names every merged ``modules``' key (each within its
+    layer, or whole outside the layers) beside the sources' keys: no merged module is dropped where
+    a source's own config loaded it."""
+    out = dict(sources[0])
+    params = {**sources[0].get("lora_parameters", {}), "rank": rank, "scale": 1.0}
     if "alpha" in params:  # mlx_lm up to 0.14.1 applied scale * alpha / rank: 1 with alpha = rank
         params["alpha"] = rank
+    given = [k for k in (_keys(s) for s in sources) if k is not None]
+    if given:
+        params["keys"] = sorted({*(k for keys in given for k in keys), *(_in_layer(m)[1] for m in modules)})
     out["lora_parameters"] = params
-    if "num_layers" not in out and isinstance(out.get("lora_layers"), int):
-        out["num_layers"] = out["lora_layers"]  # what mlx_lm 0.19 and later read (lora_layers before)
+    counts = [n for n in (_num_layers(s) for s in sources) if n is not None]
+    if counts:
+        everything = [n for n in counts if n <= 0]
+        indices = [i for i in (_in_layer(m)[0] for m in modules) if i is not None]
+        span = max(indices) - min(indices) + 1 if indices else 0
+        n = everything[0] if everything else max(*counts, span)
+        out["num_layers"] = n  # what mlx_lm 0.19 and later read (lora_layers before)
+        if "lora_layers" in out:
+            out["lora_layers"] = n
     return out
