@@ -395,3 +395,23 @@ def test_a_merge_writes_a_config_under_which_mlx_lm_loads_every_merged_module(tm
     assert written["num_layers"] == 2
     assert sorted(written["lora_parameters"]["keys"]) == ["self_attn.q_proj", "self_attn.v_proj"]
     assert mlx_loaded(tmp_path / "out") == set(MODULES)
+
+
+def test_modules_mlx_lm_does_not_load_under_the_adapters_own_config_are_noted(tmp_path: Path) -> None:
+    """mlx_lm gives a LoRA to the modules its config's keys name in its last num_layers layers only, and
+    loads the file with strict=False: the file's other modules are dropped without a word, and clair,
+    which analyses them as stored, says so (as it says of PEFT modules a config does not select)."""
+    mlx, _ = pools(tmp_path)
+    proc = run_cli("inspect", str(mlx / "c0"), "--json", "-")
+    assert proc.returncode == 0, proc.stderr
+    assert not [n for n in json.loads(proc.stdout)["adapters"][0]["notes"] if "mlx_lm.load drops" in n]
+    config = json.loads((mlx / "c0" / "adapter_config.json").read_text())
+    config["num_layers"] = 1
+    config["lora_parameters"]["keys"] = ["self_attn.q_proj"]
+    (mlx / "c0" / "adapter_config.json").write_text(json.dumps(config))
+    assert mlx_loaded(mlx / "c0") == {"model.layers.1.self_attn.q_proj"}
+    proc = run_cli("inspect", str(mlx / "c0"), "--json", "-")
+    assert proc.returncode == 0, proc.stderr
+    (note,) = [n for n in json.loads(proc.stdout)["adapters"][0]["notes"] if "mlx_lm.load drops" in n]
+    assert "keys does not name 2 module(s)" in note and "model.layers.0.self_attn.v_proj" in note
+    assert "1 module(s) (e.g. model.layers.0.self_attn.q_proj) lie in layers below its last num_layers (1)" in note

@@ -201,6 +201,9 @@ def open_mlx(
         name: replace(spec, transposed=True, scale=scale, tensors=(tensors[spec.a_key], tensors[spec.b_key]))
         for name, spec in adapter.modules.items()
     }
+    unloaded = unloaded_note(config.raw, adapter.modules)
+    if unloaded:
+        adapter.notes.append(unloaded)
     return adapter
 
 
@@ -227,13 +230,58 @@ def _keys(raw: dict[str, Any]) -> list[str] | None:
     return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else None
 
 
+def unloaded_modules(raw: dict[str, Any], modules: Iterable[str]) -> tuple[list[str], list[str]]:
+    """The modules of an MLX-LM adapter's file that ``mlx_lm.load(BASE, adapter_path=DIR)`` does not
+    load under its own config: those ``lora_parameters.keys`` does not name, and those of layers
+    below its last ``num_layers`` (as far as the file tells them: below the last ``num_layers`` of
+    its highest layer).
+
+    ``linear_to_lora_layers`` gives a LoRA layer to each module of ``model.layers[-num_layers:]``
+    whose name within its layer is in ``keys``, and to each module whose whole name is, and
+    ``load_adapters`` loads the file with ``load_weights(..., strict=False)``: a tensor of any other
+    module matches no parameter and is dropped without a word (mlx_lm 0.22 on; 0.19 to 0.21 gave
+    every layer a LoRA, whatever ``num_layers`` said)."""
+    modules = list(modules)
+    keys = _keys(raw)
+    unkeyed = [] if keys is None else [m for m in modules if m not in keys and _in_layer(m)[1] not in keys]
+    n = _num_layers(raw)
+    below: list[str] = []
+    indices = [i for i in (_in_layer(m)[0] for m in modules if m not in unkeyed) if i is not None]
+    if n is not None and n > 0 and indices:
+        lowest = max(indices) - n + 1
+        below = [m for m in modules if m not in unkeyed and (i := _in_layer(m)[0]) is not None and i < lowest]
+    return sorted(unkeyed), sorted(below)
+
+
+def unloaded_note(raw: dict[str, Any], modules: Iterable[str]) -> str | None:
+    """A note for an MLX-LM adapter whose config leaves some of its file's modules unloaded, or None."""
+    unkeyed, below = unloaded_modules(raw, modules)
+    parts = []
+    if unkeyed:
+        parts.append(
+            f"lora_parameters.keys does not name {len(unkeyed)} module(s) its file holds (e.g. {printable(unkeyed[0])})"
+        )
+    if below:
+        parts.append(
+            f"{len(below)} module(s) (e.g. {printable(below[0])}) lie in layers below its last num_layers "
+            f"({_num_layers(raw)}), to which mlx_lm before 0.19 and from 0.22 gives no LoRA (0.19 to 0.21 gave "
+            "every layer one)"
+        )
+    if not parts:
+        return None
+    return (
+        "; ".join(parts) + ": mlx_lm.load drops their tensors without a word (load_weights(strict=False)), "
+        "clair analyses them as stored"
+    )
+
+
 def merged_config(sources: Sequence[dict[str, Any]], rank: int, modules: Iterable[str]) -> dict[str, Any]:
     """A merged adapter's MLX-LM config: its first source's, with every module at ``rank`` and scale 1
     (the merged factors carry the scale); an ``alpha`` the source gives becomes ``rank`` (scale 1
     to the mlx_lm versions that applied ``scale * alpha / rank`` too: :func:`_alpha_scale`); a source of
     mlx_lm before 0.19 (``lora_layers``) gets ``num_layers`` beside it, which later versions read.
 
-    mlx_lm loads only the modules the config selects (``keys`` in its last ``num_layers`` layers), so the written
+    mlx_lm loads only the modules the config selects (:func:`unloaded_modules`), so the written
     ``num_layers`` is the largest of the sources' and of the merged modules' span of layers (one that
     selects every layer, 0 or below, wins), and
     ``keys``, where any source gives them, names every merged ``modules``' key (each within its
