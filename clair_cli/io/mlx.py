@@ -243,7 +243,8 @@ def unloaded_modules(raw: dict[str, Any], modules: Iterable[str]) -> tuple[list[
     every layer a LoRA, whatever ``num_layers`` said)."""
     modules = list(modules)
     keys = _keys(raw)
-    unkeyed = [] if keys is None else [m for m in modules if m not in keys and _in_layer(m)[1] not in keys]
+    named = None if keys is None else set(keys)
+    unkeyed = set() if named is None else {m for m in modules if m not in named and _in_layer(m)[1] not in named}
     n = _num_layers(raw)
     below: list[str] = []
     indices = [i for i in (_in_layer(m)[0] for m in modules if m not in unkeyed) if i is not None]
