@@ -50,6 +50,12 @@ KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_
 KOHYA_KEY_RE = re.compile(
     r"^(?P<module>lora_(?:unet|te[123]?|transformer)_[A-Za-z0-9_]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)$"
 )
+# Textual-inversion embeddings bundled in a kohya file, as A1111 reads them (extensions-builtin/Lora/networks.py:
+# "bundle_emb.<embedding>.<vector>", the vector "string_to_param.*" for SD, "clip_l" / "clip_g" for SDXL).
+# A1111 loads them as embeddings beside the LoRA; sd-scripts (create_network_from_weights reads lora_down /
+# alpha keys alone, load_weights is not strict) and ComfyUI (a "lora key not loaded" warning) skip them.
+KOHYA_BUNDLE_PREFIX = "bundle_emb."
+KOHYA_BUNDLE_RE = re.compile(r"^bundle_emb\.[^.]+\..+$")
 # How messages name each file layout (clair_cli.io.diffusion).
 LAYOUT_NAMES = {"peft": "PEFT", "kohya": "kohya", "comfyui": "ComfyUI", "diffusers": "diffusers", "mlx": "MLX-LM"}
 # ComfyUI's layout (and musubi-tuner's, ai-toolkit's for Wan, Qwen-Image, HunyuanVideo, Flux): the original

@@ -280,6 +280,12 @@ class Adapter:
                 f"{_plural(len(others), 'non-LoRA tensor')} (modules_to_save / full weights: {_listed(others)}) "
                 "not analysed"
             )
+        if keys.embeddings:
+            notes.append(
+                f"{_plural(len(keys.embeddings), 'bundled embedding tensor')} ({_listed(keys.embeddings)}) not "
+                "analysed: A1111 loads them as textual-inversion embeddings beside the LoRA, sd-scripts and ComfyUI "
+                "apply the LoRA alone, and diffusers refuses the file"
+            )
         defaults = {"r": PEFT_DEFAULT_R, "lora_alpha": PEFT_DEFAULT_ALPHA}
         missing = [f for f in defaults if config.file_name is not None and f not in config.raw and keys.layout != "mlx"]
         if missing:
@@ -352,6 +358,7 @@ class Adapter:
                 ("LoRA biases", sorted(biases)),
                 ("base-layer biases", sorted(base_biases)),
                 ("modules_to_save / full weights", sorted(others)),
+                ("bundled textual-inversion embeddings", sorted(keys.embeddings)),
                 (
                     "trainable token embeddings",
                     ["(trainable_token_indices in the config)"] if config.trainable_token_indices else [],
@@ -567,6 +574,7 @@ class HeaderKeys:
         lora_biases: LoRA biases (``lora_B.bias``, PEFT ``lora_bias=True``).
         base_biases: biases of the base layers (PEFT ``bias='all'`` / ``'lora_only'``).
         others: every other tensor (``modules_to_save`` copies, full weights).
+        embeddings: textual-inversion embeddings bundled in a kohya file (``bundle_emb.<name>.<vector>``).
         layout: the file's key layout (``peft``, ``kohya``, ``diffusers``).
         unprefixed: modules in ``parts`` whose factor keys lack PEFT's key prefix (``base_model.model.``),
             which PeftModel.from_pretrained does not load (meaningful in the ``peft`` layout only).
@@ -578,6 +586,7 @@ class HeaderKeys:
     base_biases: list[str]
     others: list[str]
     layout: str = "peft"
+    embeddings: list[str] = field(default_factory=list)
     unprefixed: set[str] = field(default_factory=set)
 
 

@@ -63,6 +63,8 @@ from clair_cli.constants import (
     DIFFUSERS_COMPONENTS,
     DIFFUSERS_METADATA_KEY,
     FLOAT_DTYPES,
+    KOHYA_BUNDLE_PREFIX,
+    KOHYA_BUNDLE_RE,
     KOHYA_KEY_RE,
     KOHYA_PREFIXES,
     LAYOUT_NAMES,
@@ -278,7 +280,7 @@ def layout_of(path: Path, tensors: Mapping[str, TensorInfo], metadata: Mapping[s
     names = sorted(tensors)
     # A ComfyUI file is told by its denoiser's prefix; its text encoders' keys may sit beside them.
     for layout, marks, prefixes in (
-        ("kohya", KOHYA_PREFIXES, KOHYA_PREFIXES),
+        ("kohya", KOHYA_PREFIXES, (*KOHYA_PREFIXES, KOHYA_BUNDLE_PREFIX)),  # embeddings beside the LoRA (A1111's)
         ("comfyui", (COMFY_PREFIX,), COMFY_PREFIXES),
     ):
         own = [k for k in names if k.startswith(marks)]
@@ -387,7 +389,9 @@ def _refuse_variant(path: Path, key: str) -> AdapterFormatError:
 
 
 def classify_kohya(path: Path, tensors: Mapping[str, TensorInfo]) -> tuple[HeaderKeys, dict[str, TensorInfo]]:
-    """A kohya file's factors by module (``lora_down`` as ``lora_A``, ``lora_up`` as ``lora_B``) and its alphas.
+    """A kohya file's factors by module (``lora_down`` as ``lora_A``, ``lora_up`` as ``lora_B``) and its alphas;
+    textual-inversion embeddings bundled beside them (``bundle_emb.<name>.<vector>``, which A1111 loads and
+    sd-scripts and ComfyUI skip) are kept, not analysed.
 
     Raises:
         AdapterFormatError: a LyCORIS or other non-LoRA tensor, or an alpha without factors.
@@ -395,6 +399,9 @@ def classify_kohya(path: Path, tensors: Mapping[str, TensorInfo]) -> tuple[Heade
     keys = HeaderKeys({}, [], [], [], [], layout="kohya")
     alphas: dict[str, TensorInfo] = {}
     for key, info in sorted(tensors.items()):
+        if KOHYA_BUNDLE_RE.match(key):
+            keys.embeddings.append(key)
+            continue
         m = KOHYA_KEY_RE.match(key)
         if m is None:
             raise _refuse_variant(path, key)
@@ -1024,6 +1031,7 @@ def open_diffusion(
     if layout == "kohya":
         keys, config, stored = _kohya_config(path, tensors, options)
         notes.extend(_kohya_notes(keys.parts, stored, config))
+        notes.extend(split_qkv_notes(metadata, keys.parts))
     elif layout == "comfyui":
         keys, config, notes = _comfy_config(path, tensors, options)
     else:
@@ -1039,6 +1047,41 @@ def open_diffusion(
     )
     adapter.notes.extend(notes)
     return adapter
+
+
+# sd-scripts' Flux and HunyuanImage networks (networks/lora_flux.py, lora_hunyuan_image.py) with
+# --network_args split_qkv=True train a double block's fused qkv as 3 LoRAs and a single block's linear1 as 4
+# (q, k, v, mlp), each of rank dim scaled alpha / dim (LoRAModule.__init__, forward), and save each module
+# fused (LoRANetwork.state_dict): lora_down of 3 or 4 times dim rows, a block-diagonal lora_up, the same alpha.
+# Every loader, sd-scripts' own create_network_from_weights (which loads with split_qkv False) included,
+# applies alpha / (3 or 4 dim): a third or a quarter of the update training saw (kohya-ss/sd-scripts#2204).
+SPLIT_QKV_MODULES = frozenset({"networks.lora_flux", "networks.lora_hunyuan_image"})
+SPLIT_QKV_NOTE = (
+    "its metadata says sd-scripts' split_qkv ({said}): {n} fused module(s) (e.g. {example}) were trained as 3 "
+    "(a double block's qkv) or 4 (a single block's linear1) LoRAs, each scaled alpha / its own rank, and saved "
+    "fused with that alpha; clair reads them at alpha / the stored rank, as every loader applies them (sd-scripts' "
+    "create_network_from_weights included), a third or a quarter of the update training saw "
+    "(kohya-ss/sd-scripts#2204)"
+)
+
+
+def split_qkv_notes(metadata: Mapping[str, str], modules: Collection[str]) -> list[str]:
+    """:data:`SPLIT_QKV_NOTE` for a kohya file whose sd-scripts metadata says split_qkv and that has fused
+    modules (the names sd-scripts splits: ``double`` and ``qkv``, or ``single`` and ``linear1``)."""
+    module = str(metadata.get(NETWORK_MODULE_KEY, "")).strip()
+    if module not in SPLIT_QKV_MODULES:
+        return []
+    try:
+        args = json.loads(metadata.get(NETWORK_ARGS_KEY) or "{}")
+    except (ValueError, RecursionError):
+        return []
+    if not isinstance(args, dict) or str(args.get("split_qkv")) != "True":  # sd-scripts: split_qkv == "True"
+        return []
+    fused = sorted(m for m in modules if ("double" in m and "qkv" in m) or ("single" in m and "linear1" in m))
+    if not fused:
+        return []
+    said = f"{NETWORK_MODULE_KEY} {_shown(module)!r}, {NETWORK_ARGS_KEY} split_qkv 'True'"
+    return [SPLIT_QKV_NOTE.format(said=said, n=len(fused), example=printable(fused[0]))]
 
 
 def _shown(value: object, limit: int = 60) -> str:
