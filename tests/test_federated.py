@@ -13,7 +13,7 @@ import torch
 from benchmarks.synthetic import make_module
 from clair_cli import pipeline
 from clair_cli.errors import AdapterFormatError
-from clair_cli.federated import aggregate_round, client_update
+from clair_cli.federated import aggregate_round, capped_weights, client_update
 from clair_cli.io.sources import open_adapters
 from clair_cli.params import AuditParams
 from clair_cli.report.audit import audit_report
@@ -257,6 +257,27 @@ def test_a_reply_whose_update_the_reader_would_refuse_is_left_out_from_the_secon
     assert res.report is not None and "node-3" not in res.collaborators
 
 
+@pytest.mark.parametrize("c", [1e200, 1e300])
+def test_a_float64_update_past_the_gram_products_range_is_refused_not_read_as_unchanged(c: float) -> None:
+    """Float64 factors whose update is finite but whose Gram products overflow (one module's
+    ``lora_A`` times 1e200): the norms of the update and of its difference from the global came out
+    NaN, the difference was read as none, and the module counted as sent back unchanged, the reply
+    merged on its other module (found by review, 2026-12-07: the promise is that an update past the
+    bound is refused, with that reason). The norms are now taken from factors scaled to their
+    largest entry where the plain products overflow."""
+    from clair_cli.core.canonical import update_difference
+
+    glob, clients = _second_round()
+    A, B = clients["node-3"][NAMES[1]]
+    clients["node-3"][NAMES[1]] = (A.double() * c, B.double())
+    *_, relative = update_difference(A.double() * c, B.double(), glob[NAMES[1]][0].double(), glob[NAMES[1]][1].double())
+    assert relative == pytest.approx(1.0)
+    res = aggregate_round(glob, clients, dict.fromkeys(NAMES, 2.0), dict.fromkeys(NAMES, 4))
+    assert res.flagged[3] and res.reasons[3][0].startswith("malformed reply"), res.reasons[3]
+    assert "make its update overflow" in res.reasons[3][0], res.reasons[3]
+    assert "node-3" not in res.collaborators
+
+
 def test_a_round_computes_each_clients_update_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The reply screen's update (three canonical factorisations a module) is the one the round
     audits: a closing review found every update computed twice (a round 46 % slower)."""
@@ -418,6 +439,39 @@ def test_weights_refused_or_all_zero() -> None:
     assert any("weights are all zero" in note for note in zero.notes)
     for n in NAMES:
         assert torch.allclose(_merged_update(zero)[n], _merged_update(equal)[n])
+
+
+@pytest.mark.parametrize("claim", [1e-300, 1.0, 1e6])
+def test_one_claim_above_zero_does_not_take_a_round_of_zero_claims_over(claim: float) -> None:
+    """Collaborators that all claim zero examples are merged with equal weights; one that claimed
+    any positive number (1e-300) was merged alone: the weight cap was three times the median of
+    the positive claims (its own), and the norm bound, which members of weight 0 do not set, took
+    its own norm as the median (found by review, 2026-12-07: a 1.3x update that passes the audit
+    was the next global update, whole). The cap's median is now that of every collaborator's
+    claim, zeros included: a minority cannot set it, and where it is zero so is every weight."""
+    glob, clients = _clients_with("none")
+    clients["node-5"] = {n: (A, 1.3 * B) for n, (A, B) in clients["node-5"].items()}
+    args = (glob, clients, dict.fromkeys(NAMES, 1.0), dict.fromkeys(NAMES, 4))
+    weights = [0.0] * 8
+    weights[5] = claim
+    res = aggregate_round(*args, weights=weights)
+    zero = aggregate_round(*args, weights=[0.0] * 8)
+    assert not any(res.flagged) and not any(zero.flagged)
+    assert any("weights are all zero" in note for note in res.notes), res.notes
+    assert any(note.startswith(f"node-5: weight {claim:.6g} counted as 0") for note in res.notes), res.notes
+    for n in NAMES:
+        assert torch.allclose(_merged_update(res)[n], _merged_update(zero)[n])
+
+
+def test_the_weight_cap_counts_zero_claims_in_its_median() -> None:
+    """``capped_weights``: the median is of every claim (a minority of positive claims among zeros
+    does not set it); with a majority of positive claims the zeros change nothing they did not."""
+    assert capped_weights([0.0, 0.0, 0.0, 5.0]) == ([0.0, 0.0, 0.0, 0.0], [(3, 0.0)])
+    assert capped_weights([0.0, 10.0, 10.0, 100.0]) == ([0.0, 10.0, 10.0, 30.0], [(3, 30.0)])
+    assert capped_weights([0.0, 0.0, 10.0, 10.0, 100.0]) == ([0.0, 0.0, 10.0, 10.0, 30.0], [(4, 30.0)])
+    assert capped_weights([0.0, 0.0]) == ([0.0, 0.0], [])
+    assert capped_weights([0.0, 5.0], None) == ([0.0, 5.0], [])
+    assert capped_weights([0.0, 0.0, 0.0, 5.0, 100.0], zeros=False) == ([0.0, 0.0, 0.0, 5.0, 100.0], [])
 
 
 def test_a_module_no_client_trained_is_kept_and_the_round_goes_on() -> None:

@@ -542,3 +542,63 @@ def test_the_boost_scan_reports_each_strategys_worst_point(tmp_path: Path) -> No
     assert "| clair | 4 | 0,1 | 0.9000 | 0.900 | 0.000 | 0.000 | 2 of 2 rounds |" in lines
     worst = lines[lines.index("Each strategy's worst point of the scan:") :]
     assert "| FedAvg | 4 | 0,1 | 0.9000 | 0.900 | 0.750 (0.500-1.000) | 0.750 (0.500-1.000) | - |" in worst
+
+
+def test_one_claim_above_zero_does_not_take_a_round_of_zero_claims_over() -> None:
+    """Six clients claim zero examples (counted equally), a seventh 1e-300 with an update twice
+    its own and a loss of 100: it was merged alone (the next global was its update, whole, the
+    norm bound its own norm) and set the round's train metrics alone (found by review,
+    2026-12-07). The cap's median now counts the zero claims: every weight is zero, the seven are
+    merged and their train metrics averaged with equal weights, as where it claims zero too.
+    Federated evaluation keeps FedAvg's reading of a zero claim (no test data: its metrics count
+    for nothing), so there the clients with test data set the metrics, however few."""
+    boosted = {k: _START[k] + 2 * (v - _START[k]) for k, v in _honest(7).items()}
+
+    def contents(claim: float) -> dict[int, RecordDict | Error]:
+        out: dict[int, RecordDict | Error] = {n: _content(n, {"num-examples": 0, "loss": 1.0}) for n in range(1, 7)}
+        out[7] = _content(7, {"num-examples": claim, "loss": 100.0}, state=boosted)
+        return out
+
+    strategy, (arrays, metrics) = _direct(contents(1e-300))
+    _, (equal, _) = _direct(contents(0))
+    assert strategy.history[0]["flagged"] == []
+    assert metrics["loss"] == pytest.approx((6 * 1.0 + 100.0) / 7)
+    for key, value in arrays.to_torch_state_dict().items():
+        assert torch.allclose(value, equal.to_torch_state_dict()[key], atol=1e-6)
+    assert any("weights are all zero" in note for note in strategy.history[0]["notes"])
+    claims = {n: (0, 0.0) for n in range(1, 7)} | {n: (10, 0.9) for n in range(7, 11)}
+    replies = train_replies(
+        {n: RecordDict({"m": MetricRecord({"num-examples": w, "acc": a})}) for n, (w, a) in claims.items()}
+    )
+    evaluated = strategy.aggregate_evaluate(1, replies)
+    assert evaluated is not None and evaluated["acc"] == pytest.approx(0.9)
+
+
+def test_an_integer_metric_past_floats_range_is_left_out_not_raised() -> None:
+    """A reply built in the ServerApp's process (a simulation's, a custom grid's) may carry a
+    Python integer of any size in its MetricRecord; a loss of 10**400 raised OverflowError out of
+    ``aggregate_train`` and a weight of 10**400 out of ``aggregate_evaluate`` (found by review,
+    2026-12-07). Such a value is now one that is not finite: left out of its metric, or the
+    reply left out of the metrics, the round going on."""
+    contents: dict[int, RecordDict | Error] = {n: _content(n) for n in range(1, 7)}
+    contents[7] = _content(7, {"num-examples": 10, "loss": 10**400})
+    strategy, (_, metrics) = _direct(contents)
+    assert strategy.history[0]["flagged"] == [] and metrics["loss"] == pytest.approx(1.0)
+    assert any("'loss': 1 of 7 replies' values are not finite" in n for n in strategy.history[0]["notes"])
+    contents[7] = _content(7, {"num-examples": 10**400, "loss": 1.0})
+    strategy, _ = _direct(contents)
+    assert strategy.history[0]["flagged"] == ["node-7"]
+    for bad in ({"num-examples": 10**400, "acc": 1.0}, {"num-examples": 10, "acc": 10**400}):
+        replies = train_replies(
+            {
+                n: RecordDict({"m": MetricRecord(bad if n == 3 else {"num-examples": 10, "acc": 0.5})})
+                for n in range(1, 4)
+            }
+        )
+        evaluated = strategy.aggregate_evaluate(1, replies)
+        assert evaluated is not None and evaluated["acc"] == pytest.approx(0.5)
+    custom = ClairStrategy({"r": 4, "lora_alpha": 8}, evaluate_metrics_aggr_fn=lambda records, key: records[0]["m"])
+    replies = train_replies(
+        {n: RecordDict({"m": MetricRecord({"num-examples": 10, "acc": 10**400 if n == 1 else 0.5})}) for n in (1, 2)}
+    )
+    assert custom.aggregate_evaluate(1, replies) == MetricRecord({"num-examples": 10, "acc": 0.5})

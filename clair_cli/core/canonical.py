@@ -101,12 +101,24 @@ def update_difference(
     ga, gb = canonical_factors(A2, B2, 1.0) if second is None else second
     da, db = canonical_factors(torch.cat([ca, ga]), torch.cat([cb, -gb], 1), 1.0)
     larger = max(_norm(ca, cb), _norm(ga, gb))
+    if not math.isfinite(larger):  # an update past float64's range is no update's rounding
+        return da, db, math.inf
     return da, db, _norm(da, db) / larger if larger > 0 else 0.0
 
 
 def _norm(A: torch.Tensor, B: torch.Tensor) -> float:
-    """``||B A||_F`` from the factors' Gram matrices (``tr(B^T B A A^T)``), never forming ``B A``."""
-    return math.sqrt(max(float(((B.T @ B) * (A @ A.T)).sum()), 0.0))
+    """``||B A||_F`` from the factors' Gram matrices (``tr(B^T B A A^T)``), never forming ``B A``.
+    Where those products overflow (float64 factors near 1e100 and past: the norm came out NaN, and
+    an update of 1e200 read as no change from the global), from the factors scaled to their
+    largest entry; ``inf`` where the norm itself is past float64's range."""
+    norm = math.sqrt(max(float(((B.T @ B) * (A @ A.T)).sum()), 0.0))
+    if math.isfinite(norm) or not (A.numel() and B.numel()):
+        return norm
+    a, b = float(A.abs().max()), float(B.abs().max())
+    if not (math.isfinite(a) and math.isfinite(b)) or a == 0 or b == 0:
+        return math.inf if a and b else 0.0
+    A, B = A / a, B / b
+    return a * b * math.sqrt(max(float(((B.T @ B) * (A @ A.T)).sum()), 0.0))
 
 
 def _times_q(X: torch.Tensor, Q: torch.Tensor | None, R: torch.Tensor, M: torch.Tensor) -> torch.Tensor:

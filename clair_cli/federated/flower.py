@@ -216,12 +216,22 @@ def reply_state_dict(name: str, record: ArrayRecord) -> dict[str, torch.Tensor]:
     return out
 
 
+def _number(value: Any) -> float:
+    """A metric value as a float; ``inf`` for an integer past float's range (a message built in
+    the ServerApp's process, as a simulation's or a custom grid's, carries Python integers of any
+    size; Flower's wire format holds 64 bits): ``float(10**400)`` raised out of the round."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
 def _metric_weight(record: Any, key: str) -> float | None:
     """A metric record's weight: a finite non-negative number (not a boolean), else None."""
     value = record.get(key) if key in record else None
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    weight = float(value)
+    weight = _number(value)
     return weight if math.isfinite(weight) and weight >= 0 else None
 
 
@@ -261,7 +271,7 @@ def weighted_metrics(records: list[Any], key: str) -> tuple[MetricRecord, list[s
         for c in columns:
             pairs = []
             for j, (s, record) in enumerate(zip(scaled, records, strict=True)):
-                value = float(record[name] if c is None else record[name][c])
+                value = _number(record[name] if c is None else record[name][c])
                 if math.isfinite(value):
                     pairs.append((s, value))
                 else:
@@ -334,7 +344,7 @@ def round_summary(server_round: int, result: RoundResult, errors: Mapping[str, s
 def _finite_metric(value: Any) -> bool:
     """Whether a metric value (a number or a list of numbers) is finite throughout."""
     values = value if isinstance(value, list) else [value]
-    return all(isinstance(v, int) or (isinstance(v, float) and math.isfinite(v)) for v in values)
+    return all(isinstance(v, int | float) and math.isfinite(_number(v)) for v in values)
 
 
 class ClairStrategy(FedAvg):
@@ -539,7 +549,7 @@ class ClairStrategy(FedAvg):
         a reply the cap lowered. Replies and values left out are logged (and added to ``notes``);
         metrics that cannot be aggregated at all are dropped, never the run."""
         own = aggregate is aggregate_metricrecords
-        usable = self._usable(contents, finite=not own)
+        usable = self._usable(contents, finite=not own, zeros=what == "train")
         said: list[str] = []
         if len(usable) < len(contents):
             said.append(
@@ -566,9 +576,11 @@ class ClairStrategy(FedAvg):
             log(INFO, "CLAIR: the %s metrics cannot be aggregated (%s: %s)", what, type(exc).__name__, exc)
             return MetricRecord()
 
-    def _usable(self, contents: list[Any], finite: bool) -> list[Any]:
+    def _usable(self, contents: list[Any], finite: bool, zeros: bool = True) -> list[Any]:
         """The replies whose metrics can be aggregated (:meth:`_metrics`), with the weight the cap
-        leaves each."""
+        leaves each. ``zeros``: whether claims of zero count in the cap's median, as in the merge
+        (:func:`~clair_cli.federated.rounds.capped_weights`); not in federated evaluation, where a
+        client with no test data claims zero and its metrics count for nothing."""
         usable = []
         for content in contents:
             if len(content.metric_records) != 1:
@@ -583,7 +595,7 @@ class ClairStrategy(FedAvg):
         common = Counter(_layout(c) for c in usable).most_common(1)[0][0]
         usable = [c for c in usable if _layout(c) == common]
         claimed = [_metric_weight(next(iter(c.metric_records.values())), self.weighted_by_key) or 0.0 for c in usable]
-        _, lowered = capped_weights(claimed, self.weight_cap)
+        _, lowered = capped_weights(claimed, self.weight_cap, zeros)
         for j, weight in lowered:
             usable[j] = _with_weight(usable[j], self.weighted_by_key, weight)
         return usable

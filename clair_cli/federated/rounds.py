@@ -453,25 +453,31 @@ def _check_arguments(on_too_few: str, n_clients: int, weights: Sequence[float] |
 
 
 def capped_weights(
-    weights: Sequence[float], cap: float | None = WEIGHT_CAP
+    weights: Sequence[float], cap: float | None = WEIGHT_CAP, zeros: bool = True
 ) -> tuple[list[float], list[tuple[int, float]]]:
-    """``weights`` with each at most ``cap`` times the median of the positive ones, and the
-    ``(index, new weight)`` of those lowered.
+    """``weights`` with each at most ``cap`` times the median of all of them (zeros included),
+    and the ``(index, new weight)`` of those lowered.
 
     A client's weight is what it claims (its number of examples); one that passes the audit
     could otherwise take the merge over with a large enough claim, whatever bounds its update.
     Capped, a client's share of the merge is at most ``cap / (cap + n_other)`` of a round where
     the others sit at the median weight, and no minority can raise the median past the
-    majority's weights. Honest clients of very unequal data sizes lose the part of their weight
-    above the cap (None: uncapped, FedAvg's weighting).
+    majority's weights. Zero claims count in the median: where most claims are zero the median
+    is zero and so is every capped weight (the merge then counts its members equally, as where
+    every claim is zero). Taken over the positive claims alone, the median of a round whose
+    other clients all claimed zero was one client's own claim (1e-300 was enough), and that
+    client was merged alone. ``zeros=False`` takes the median of the positive claims (federated
+    evaluation, where a claim of zero is a client with no test data, whose metrics count for
+    nothing). Honest clients of very unequal data sizes lose the part of their weight above the
+    cap (None: uncapped, FedAvg's weighting).
     """
     out = [float(w) for w in weights]
-    positive = [w for w in out if w > 0]
-    if cap is None or not positive:
+    counted = out if zeros else [w for w in out if w > 0]
+    if cap is None or not any(w > 0 for w in out):
         return out, []
     import statistics
 
-    bound = cap * statistics.median(positive)
+    bound = cap * statistics.median(counted)
     capped = [(j, bound) for j, w in enumerate(out) if w > bound]
     for j, w in capped:
         out[j] = w
