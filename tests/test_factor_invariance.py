@@ -120,6 +120,18 @@ def test_canonical_factors_refuse_non_finite() -> None:
         canonical_factors(torch.full((2, 3), math.nan), torch.ones(4, 2), 1.0)
 
 
+def test_canonical_factors_refuse_finite_factors_of_an_infinite_update() -> None:
+    """Finite float64 factors whose product is past float64's range gave NaN factors, silently (the
+    SVD of an infinite core); a scale that overflows the product likewise."""
+    big = torch.full((2, 8), 1e160, dtype=torch.float64)
+    with pytest.raises(ValueError, match="range"):
+        canonical_factors(big, big.T.clone(), 1.0)
+    with pytest.raises(ValueError, match="range"):
+        canonical_factors(big * 1e-100, big.T * 1e-100, 1e300)
+    a, b = canonical_factors(big * 1e-100, big.T.clone(), 1.0)  # 1e220 per entry: in range
+    assert bool(a.isfinite().all() and b.isfinite().all())
+
+
 def test_merge_is_invariant_to_factoring() -> None:
     """The exact mean (clair's default merge and ``mean``) of a pool with one adapter
     re-factored by 1e18 equals that of the pool as given."""

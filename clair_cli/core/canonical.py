@@ -75,8 +75,11 @@ def _canonical_batch(
     qa, ra = triangular_factors(a.transpose(1, 2))
     out_a, out_b = [], []
     for k, scale in enumerate(scales):
+        core = float(scale) * (rb[k] @ ra[k].T)
+        if not all_finite(core):  # finite factors whose product is not: an SVD of it is NaN, silently
+            raise ValueError(f"the update scale * B @ A is past {dtype}'s range (finite factors, an infinite product)")
         # One SVD at a time: torch's batched SVD can differ from it in the last bits.
-        u, s, vh = torch.linalg.svd(float(scale) * (rb[k] @ ra[k].T), full_matrices=False)
+        u, s, vh = torch.linalg.svd(core, full_matrices=False)
         top = float(s[0]) if s.numel() else 0.0
         keep = max(int((s > torch.finfo(dtype).eps * max(s.numel(), EPS_RANK) * top).sum()), 1) if top > 0 else 1
         root = s[:keep].sqrt()
