@@ -353,7 +353,7 @@ CASES: dict[str, Case] = {
     "--seed 2**70": Case(_with(_pool, "--seed", str(2**70)), "--seed", "2**32-1"),
     # class 5
     "escape codes and newline in a name": Case(_escape_name, "contains NaN or Inf", "bad\\x1b[31m\\n"),
-    "hub 500 without retry noise": Case(_hub("evil/500"), "the Hub cannot be reached", "evil/500", HUB),
+    "hub 500 without retry noise": Case(_hub("evil/500"), "the Hub could not serve", "evil/500", HUB),
 }
 
 

@@ -585,3 +585,125 @@ def test_xet_transfers_are_off_so_every_bound_applies(monkeypatch: pytest.Monkey
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
     hub._guard_client()
     assert constants.HF_HUB_DISABLE_XET and not is_xet_available()
+
+
+def test_huggingface_hub_uri_spellings_are_read_as_huggingface_hub_reads_them(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    """huggingface_hub's own hf:// URIs, hf://[TYPE/]owner/name[@REV][/PATH], read the repo, revision and folder
+    they name (a review, 2026-12-07: hf://models/owner/name read the repo "models/owner", hf://owner/name@v1/sub
+    asked for a revision "v1/sub"); a dataset or Space is refused before any request."""
+    from clair_cli.errors import UsageError
+    from clair_cli.io.hub import parse_hub_spec
+
+    for spec, want in [
+        ("hf://models/owner/lora", ("owner/lora", None, None, None)),
+        ("hf://owner/rounds@v1/round_3", ("owner/rounds", "v1", "round_3", None)),
+        ("hf://models/owner/rounds@v1/round_3/", ("owner/rounds", "v1", "round_3", None)),
+        ("hf://owner/r@v2/styles/wan.safetensors", ("owner/r", "v2", "styles", "wan.safetensors")),
+        ("hf://owner/r@refs/pr/3/sub", ("owner/r", "refs/pr/3", "sub", None)),
+        ("hf://owner/r@feature%2Fx/sub", ("owner/r", "feature/x", "sub", None)),
+        # clair's own order, and the bare form, read as before
+        ("hf://owner/r/sub@feature/x", ("owner/r", "feature/x", "sub", None)),
+        ("owner/r@feature/x", ("owner/r", "feature/x", None, None)),
+    ]:
+        hub = parse_hub_spec(spec)
+        assert (hub.repo_id, hub.revision, hub.subfolder, hub.filename) == want, spec
+    for spec in ("hf://owner/lora@..%2F..", "hf://owner/r@v1/../x", "hf://datasets/owner/lora", "hf://spaces/a/b"):
+        with pytest.raises(UsageError):
+            parse_hub_spec(spec)
+    env = _env(fake_hub, tmp_path / "home")
+    proc = run_cli("inspect", "hf://models/owner/lora@v1", "hf://owner/rounds@main/round_3", "--json", "-", env=env)
+    assert proc.returncode == 0, proc.stderr
+    adapters = json.loads(proc.stdout)["adapters"]
+    assert [(a["name"], a["revision"]) for a in adapters] == [
+        ("owner/lora@v1", SHA_V1),
+        ("owner/rounds/round_3@main", SHA_MAIN),
+    ]
+    n = len(fake_hub.requests)
+    proc = run_cli("inspect", "hf://datasets/owner/lora", env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "names a dataset repo" in proc.stderr.splitlines()[0] and len(fake_hub.requests) == n
+    proc = run_cli("inspect", "hf://owner/lora@nope/x", env=env)
+    assert proc.returncode == 2 and "revision 'nope' not found in owner/lora" in proc.stderr
+    assert "%2F" in proc.stderr  # how to write a branch whose name holds a '/'
+
+
+@pytest.mark.parametrize(
+    ("status", "said"),
+    [
+        (401, "refused the request for adapter_config.json of owner/private (401 Unauthorized)"),
+        (403, "refused the request for adapter_config.json of owner/private (403 Forbidden)"),
+        (400, "refused the request for adapter_config.json of owner/private (400 Bad Request)"),
+    ],
+)
+def test_a_hub_error_status_is_said_as_the_hub_answered_it(tmp_path: Path, status: int, said: str) -> None:
+    """A Hub that answers 403 (a token without access to the repo) was said not to be reachable, with a hint
+    to check the network (a review, 2026-12-07): huggingface_hub raises LocalEntryNotFoundError from the answer."""
+
+    class Refusing(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD  # noqa: N815
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {
+            "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+            "HF_HOME": str(tmp_path / "home"),
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_TOKEN": "hf_not_to_be_shown",
+        }
+        proc = run_cli("inspect", "hf://owner/private", env=env)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "hf_not_to_be_shown" not in proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert said in first and "cannot be reached" not in proc.stderr, proc.stderr
+    assert "token" in proc.stderr.lower() or status == 400
+
+
+def test_a_diffusers_repo_is_read_at_the_commit_that_has_no_config(tmp_path: Path) -> None:
+    """The branch moves after the Hub answered that it has no adapter_config.json, to a commit of a PEFT
+    adapter: its pytorch_lora_weights.safetensors was read as the repo's diffusers LoRA, and recorded at that
+    commit (a review, 2026-12-07). The weights are asked for at the commit the answer was of."""
+    peft = _adapter_files(tmp_path, 0, base_model_name_or_path="org/base")
+    old = {"pytorch_lora_weights.safetensors": _diffusers_file()}
+    new = {**peft, "pytorch_lora_weights.safetensors": _comfy_file()}
+    repos = {"owner/moving": {"main": (SHA_MAIN, old), SHA_MAIN: (SHA_MAIN, old), SHA_V1: (SHA_V1, new)}}
+
+    class Moving(list):  # type: ignore[type-arg]
+        def append(self, item: tuple[str, str, str | None]) -> None:
+            super().append(item)
+            if item[1].endswith("/pytorch_lora_weights.safetensors"):  # main moves on
+                repos["owner/moving"]["main"] = (SHA_V1, new)
+
+    with FakeHub(repos) as hub:
+        hub.requests = Moving()
+        proc = run_cli("inspect", "owner/moving", "--json", "-", env=_env(hub, tmp_path / "home"))
+    assert proc.returncode == 0, proc.stderr
+    (adapter,) = json.loads(proc.stdout)["adapters"]
+    assert adapter["revision"] == SHA_MAIN and adapter["layout"] == "diffusers" and adapter["n_modules"] == 2
+    gets = [path for method, path, _ in hub.requests if method == "GET"]
+    assert f"/owner/moving/resolve/{SHA_MAIN}/pytorch_lora_weights.safetensors" in gets, gets
+
+
+def test_a_repo_of_adapters_in_folders_names_them(tmp_path: Path) -> None:
+    """A repo with one adapter per folder and none at its top: the error names the folders to read."""
+    files = _adapter_files(tmp_path, 0)
+    repo = {f"round_{k}/{name}": data for k in (1, 2) for name, data in files.items()}
+    with FakeHub({"owner/rounds": {"main": (SHA_MAIN, {**repo, "README.md": b"x"})}}) as hub:
+        proc = run_cli("inspect", "hf://owner/rounds@main", env=_env(hub, tmp_path / "home"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "has no adapter_config.json" in proc.stderr.splitlines()[0]
+    text = " ".join(proc.stderr.split())
+    assert "It holds adapters in 2 folders (round_1, round_2)" in text and "hf://owner/rounds/round_1@main" in text

@@ -1,5 +1,6 @@
 """Hugging Face Hub sources: ``owner/name``, ``hf://owner/name[/subfolder][@revision]``, and one
-LoRA file of a repo, ``hf://owner/name[/subfolder]/file.safetensors[@revision]``.
+LoRA file of a repo, ``hf://owner/name[/subfolder]/file.safetensors[@revision]``; huggingface_hub's own URIs,
+``hf://[models/]owner/name[@revision][/path]``, read as it reads them (a dataset, Space, kernel or bucket refused).
 
 Only ``adapter_config.json`` and ``adapter_model.safetensors`` are downloaded (a repo
 without ``adapter_config.json``: its diffusers LoRA file ``pytorch_lora_weights.safetensors``;
@@ -31,6 +32,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import unquote
 
 from clair_cli.constants import (
     CONFIG_NAME,
@@ -65,11 +67,25 @@ _OPTIONAL = (CONFIG_NAME, DIFFUSERS_WEIGHTS_NAME, MLX_WEIGHTS_NAME)
 
 
 class _Missing(AdapterNotFound):
-    """The repo has no such file (one of :data:`_OPTIONAL`)."""
+    """The repo has no such file (one of :data:`_OPTIONAL`); ``commit``: the commit at which the Hub said so."""
+
+    commit: str | None = None
 
 
 class _NotCached(HubError):
     """Offline, and the file (one of :data:`_OPTIONAL`) is not in the cache."""
+
+
+# The repo types of huggingface_hub's hf:// URIs (``hf://datasets/owner/name``); a model repo needs no prefix.
+_URI_TYPES = {
+    "models": "model",
+    "datasets": "dataset repo",
+    "spaces": "Space",
+    "kernels": "kernel repo",
+    "buckets": "bucket",
+}
+# Revisions with a '/' that huggingface_hub's hf:// URIs read whole before a path: refs/pr/N, refs/convert/NAME.
+_SPECIAL_REF_RE = re.compile(r"^refs/(?:convert/[\w.-]+|pr/\d+)(?=/|$)")
 
 
 def check_revision(revision: str, source: str) -> str:
@@ -127,8 +143,27 @@ def parse_hub_spec(spec: str, subfolder: str | None = None, revision: str | None
     a revision written in the source wins over ``--revision``.
     """
     default_revision = revision
-    body = spec[len(HUB_PREFIX) :] if spec.startswith(HUB_PREFIX) else spec
+    uri = spec.startswith(HUB_PREFIX)
+    body = spec[len(HUB_PREFIX) :] if uri else spec
+    kind = body.partition("/")[0]
+    if uri and kind in _URI_TYPES:  # huggingface_hub's hf://[TYPE/]owner/name URIs
+        if _URI_TYPES[kind] != "model":
+            raise UsageError(
+                f"{printable(spec)}: names a {_URI_TYPES[kind]} ({kind}/ in a huggingface_hub hf:// URI); clair reads "
+                "adapters from model repos",
+                hint="Write the model repo as hf://owner/name (or hf://models/owner/name).",
+            )
+        body = body.partition("/")[2]
     body, at, revision = body.partition("@")
+    if uri and at and "/" in revision and len(body.strip("/").split("/")) == 2:
+        # huggingface_hub's order, hf://owner/name@REV/PATH: the revision ends at the first '/' (a pull request's
+        # refs/pr/N and refs/convert/NAME whole; a '/' of a branch name is written %2F, as huggingface_hub writes it).
+        special = _SPECIAL_REF_RE.match(revision)
+        end = special.end() if special else revision.index("/")
+        revision, path = revision[:end], revision[end:].strip("/")
+        body = body.strip("/") + (f"/{path}" if path else "")
+    if uri and "%" in revision:
+        revision = unquote(revision)
     if at and not revision:
         raise UsageError(f"{printable(spec)}: empty revision after '@'")
     if revision:
@@ -390,6 +425,53 @@ def _with_deadline(deadline: float, fn: Any, what: str, *args: Any, max_bytes: i
     return box["value"]
 
 
+def _status(exc: BaseException | None) -> tuple[int, str, str] | None:
+    """``(status, reason, Retry-After)`` of the Hub answer behind ``exc`` (an ``HfHubHTTPError``, or the
+    ``LocalEntryNotFoundError`` huggingface_hub raises from one where no cached copy stands in), else None."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for err in (exc, getattr(exc, "__cause__", None)):
+        response = getattr(err, "response", None) if isinstance(err, HfHubHTTPError) else None
+        status = getattr(response, "status_code", None)
+        if isinstance(status, int):
+            reason = printable(str(getattr(response, "reason_phrase", "") or "")[:60])
+            headers = getattr(response, "headers", None) or {}
+            return status, reason, printable(str(headers.get("Retry-After", ""))[:40])
+    return None
+
+
+def _refusal(spec: str, what: str, answer: tuple[int, str, str], detail: str | None = None) -> HubError:
+    """The one-line error of a Hub that answered ``what`` (a file of a repo) with an HTTP error status:
+    the Hub was reached, so the message says what it answered, not that it cannot be reached."""
+    status, reason, retry_after = answer
+    code = f"{status} {reason}".strip() + (f", Retry-After {retry_after}" if status == 429 and retry_after else "")
+    extra = f": {detail}" if detail else ""
+    if status == 401:
+        hint = (
+            "The Hub did not accept the credentials: check the token (HF_TOKEN, --token or the saved login); it may "
+            "be expired or revoked."
+        )
+    elif status == 403:
+        hint = (
+            "The token may lack read access to this repo (a fine-grained token must grant it), or the repo is "
+            "disabled; check it on the Hub."
+        )
+    elif status == 429:
+        hint = "Retry later, or give a token (HF_TOKEN or --token: logged-in requests have higher limits)."
+    elif status >= 500:
+        hint = "The Hub is down or overloaded (a server error); retry later."
+    else:
+        hint = "Check the source, HF_ENDPOINT and the token."
+    said = (
+        "could not serve"
+        if status >= 500
+        else "rate-limits the requests for"
+        if status == 429
+        else "refused the request for"
+    )
+    return HubError(f"{spec}: the Hub {said} {what} ({code}){extra}", hint=hint)
+
+
 def _check_cache() -> None:
     """The hub cache (HF_HOME / HF_HUB_CACHE) must resolve: a symlink loop there is a one-line error."""
     from huggingface_hub import constants
@@ -462,8 +544,20 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
                 hint="Check the spelling; for a private repo give a token (HF_TOKEN or --token).",
             ) from exc
         except RevisionNotFoundError as exc:
-            raise AdapterNotFound(f"{spec}: revision {hub.revision!r} not found in {hub.repo_id}") from exc
+            after = spec.partition("@")[2]
+            split = spec.startswith(HUB_PREFIX) and "/" in after and unquote(after) != hub.revision
+            raise AdapterNotFound(
+                f"{spec}: revision {hub.revision!r} not found in {hub.repo_id}",
+                hint="In an hf:// source the revision ends at the first '/' after '@', as in huggingface_hub's "
+                "hf://owner/name@REV/PATH: write a '/' of a branch name as %2F (@feature%2Fx), or give the branch "
+                "with --revision."
+                if split
+                else None,
+            ) from exc
         except LocalEntryNotFoundError as exc:
+            answer = None if offline else _status(exc)
+            if answer is not None:  # the Hub answered with an error status, and no cached copy stands in
+                raise _refusal(spec, f"{filename} of {where}{at}", answer) from exc
             if offline:
                 raise (_NotCached if filename in _OPTIONAL else HubError)(
                     f"{spec}: {filename} of {where}{at} is not in the local cache and {offline} is set",
@@ -484,13 +578,23 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
                     hint=f"Upload the adapter as PEFT's save_pretrained writes it ({SAFETENSORS_WEIGHTS_NAME}). "
                     f"If the repo holds a pickle checkpoint (adapter_model.bin) instead: {PICKLE_HINT}",
                 ) from exc
-            raise (_Missing if filename in _OPTIONAL else AdapterNotFound)(
+            missing = (_Missing if filename in _OPTIONAL else AdapterNotFound)(
                 f"{spec}: {where}{at} has no {filename}; is it a PEFT adapter repo?",
                 hint=f"A diffusers LoRA repo holds {DIFFUSERS_WEIGHTS_NAME}; for a LoRA file of another name, name "
                 f"it in the source: hf://{hub.repo_id}/FILE.safetensors.",
-            ) from exc
+            )
+            if isinstance(missing, _Missing):  # the commit the answer is of: the next file is asked for at it
+                response = getattr(exc, "response", None)
+                commit = getattr(response, "headers", {}).get("X-Repo-Commit") if response is not None else None
+                missing.commit = commit if isinstance(commit, str) and COMMIT_RE.match(commit) else None
+            raise missing from exc
         except HfHubHTTPError as exc:
             first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            answer = _status(exc)
+            if answer is not None:
+                said = str(getattr(exc, "server_message", None) or "").strip().splitlines()
+                detail = printable(said[0][:200]) if said else None
+                raise _refusal(spec, f"{filename} of {where}{at}", answer, detail) from exc
             raise HubError(f"{spec}: the Hub refused the request ({printable(first)})") from exc
         except HubAnswerError as exc:
             raise HubError(f"{spec}: {exc}; nothing was written from it") from exc
@@ -534,9 +638,14 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
         if weights.name == SAFETENSORS_WEIGHTS_NAME and not offline:  # offline, diffusers guesses no file
             _check_peft_guess(hub, spec, weights, commit, token, deadline)
     except (_Missing, _NotCached) as exc:
+        # The weights of the commit at which the Hub said the repo has no config: a branch that moves between the
+        # two requests would read another commit's pytorch_lora_weights.safetensors, one beside a PEFT config.
+        missing_at = exc.commit if isinstance(exc, _Missing) else None
         try:  # a diffusers LoRA repo: its weights file alone, read as a diffusion LoRA (io.diffusion)
-            weights, config = get(DIFFUSERS_WEIGHTS_NAME), None
+            weights, config = get(DIFFUSERS_WEIGHTS_NAME, missing_at or hub.revision), None
         except (_Missing, _NotCached):
+            if isinstance(exc, _Missing):
+                _name_inner_adapters(exc, hub, spec, missing_at, token, deadline)
             raise exc from None
         if isinstance(exc, _NotCached) and not _known_missing(hub, CONFIG_NAME, _commit_from_path(weights)):
             # Offline, a config that is not in the cache may still be in the repo (a diffusers download of
@@ -552,6 +661,31 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
         if not offline:  # offline, diffusers loads no repo without a weight_name, and clair cannot list one
             _check_diffusers_guess(hub, spec, _commit_from_path(weights), token, deadline)
     return _ref(hub, spec, weights, config)
+
+
+def _name_inner_adapters(
+    exc: AdapterNotFound, hub: HubSpec, spec: str, commit: str | None, token: str | None, deadline: float
+) -> None:
+    """Where a repo (or its subfolder) holds no adapter at its top but adapters in folders (one per client or
+    round), name them in ``exc``'s hint: a hub source reads one adapter, from the folder it names."""
+    try:
+        names = _repo_files(hub, spec, commit, token, deadline, CONFIG_NAME)
+    except (HubError, AdapterNotFound):  # the listing is a courtesy: the error stands without it
+        return
+    folders = sorted(
+        {n.rpartition("/")[0] for n in names if n.rpartition("/")[2] in (CONFIG_NAME, DIFFUSERS_WEIGHTS_NAME)}
+    )
+    folders = [f for f in folders if f]
+    if not folders:
+        return
+    base = f"hf://{hub.repo_id}/" + (f"{hub.subfolder}/" if hub.subfolder else "")
+    listed = ", ".join(printable(f) for f in folders[:6]) + (", ..." if len(folders) > 6 else "")
+    exc.hint = (
+        f"It holds adapters in {len(folders)} folder{'s' if len(folders) > 1 else ''} ({listed}): a hub source reads "
+        f"one adapter, from the folder it names: {base}{printable(folders[0])}"
+        + (f"@{hub.revision}" if hub.revision else "")
+        + "."
+    )
 
 
 def offline_variable() -> str | None:
