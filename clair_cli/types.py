@@ -36,6 +36,8 @@ class AdapterRef:
         repo_id: the hub repo id, ``None`` for local sources.
         requested_revision: the hub revision asked for (``@v2``), ``None`` when none was.
         subfolder: the folder inside the hub repo, if any.
+        note: what a report says of how the files were found (a hub source read from the cache because the
+            Hub did not answer), if anything.
     """
 
     name: str
@@ -47,6 +49,7 @@ class AdapterRef:
     repo_id: str | None = None
     requested_revision: str | None = None
     subfolder: str | None = None
+    note: str | None = None
 
 
 # A pattern whose only metacharacter is "." (the usual "layers.0.q_proj"): matched without

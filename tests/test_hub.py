@@ -707,3 +707,21 @@ def test_a_repo_of_adapters_in_folders_names_them(tmp_path: Path) -> None:
     assert "has no adapter_config.json" in proc.stderr.splitlines()[0]
     text = " ".join(proc.stderr.split())
     assert "It holds adapters in 2 folders (round_1, round_2)" in text and "hf://owner/rounds/round_1@main" in text
+
+
+def test_a_branch_read_from_the_cache_because_the_hub_did_not_answer_says_so(fake_hub: FakeHub, tmp_path: Path) -> None:
+    """Online, a Hub that does not answer lets huggingface_hub read the commit the cache last saw for the
+    branch, which may be behind it: that was silent (a review, 2026-12-07); a note says so. A pinned commit,
+    and an answered request, have none."""
+    env = _env(fake_hub, tmp_path / "home")
+    proc = run_cli("inspect", "owner/lora", "--json", "-", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert not any("did not answer" in n for n in json.loads(proc.stdout)["adapters"][0]["notes"])
+    away = {**env, "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there
+    proc = run_cli("inspect", "owner/lora", f"owner/lora@{SHA_MAIN}", "--json", "-", env=away)
+    assert proc.returncode == 0, proc.stderr
+    branch, pinned = json.loads(proc.stdout)["adapters"]
+    assert branch["revision"] == SHA_MAIN
+    (note,) = [n for n in branch["notes"] if "did not answer" in n]
+    assert f"read the cached commit {SHA_MAIN} of main" in note and "may have moved on" in note
+    assert not any("did not answer" in n for n in pinned["notes"])

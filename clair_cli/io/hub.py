@@ -211,6 +211,9 @@ def _check_answer(response: Any) -> None:
     _check_deadline()
     response.stream = _guarded(response.stream)
     headers = response.headers
+    box = getattr(_local, "box", None)
+    if box is not None and isinstance(response.status_code, int) and response.status_code < 400:
+        box["answered"] = True  # the Hub answered this download (not a cached copy standing in for it)
     if response.status_code == 429:  # huggingface_hub waits Retry-After before it asks again
         box = getattr(_local, "box", None)
         if box is not None:
@@ -369,15 +372,24 @@ def _guard_request(request: Any) -> None:
         request.extensions["timeout"] = {k: left if v is None else min(v, left) for k, v in timeout.items()}
 
 
-def _with_deadline(deadline: float, fn: Any, what: str, *args: Any, max_bytes: int | None = None, **kwargs: Any) -> Any:
+def _with_deadline(
+    deadline: float,
+    fn: Any,
+    what: str,
+    *args: Any,
+    max_bytes: int | None = None,
+    box: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> Any:
     """Run a download with an overall deadline (``time.monotonic()`` value): read timeouts alone
-    let a trickling Hub hang forever.
+    let a trickling Hub hang forever. ``box`` (a dict): where the download's state is kept, ``answered``
+    among it when the Hub answered one of its requests without an error status.
 
     The caller returns at the deadline in any case, and on Ctrl-C or SIGTERM: the worker thread
     (a daemon) is told to stop at its next request or received piece (:func:`_guarded`) and
     given a moment to remove its partial file (:func:`_stop`).
     """
-    box: dict[str, Any] = {}
+    box = {} if box is None else box
     # Waited on instead of Thread.join, which a Ctrl-C during the wait leaves believing (Python
     # 3.11) that the thread has ended.
     done = threading.Event()
@@ -518,9 +530,12 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
     at = f" at revision {hub.revision}" if hub.revision else ""
     offline = offline_variable()
 
+    stale: list[str] = []  # the files read from the cache where the Hub did not answer for the revision
+
     def get(filename: str, revision: str | None = hub.revision) -> Path:  # noqa: C901 - one branch per answer
+        box: dict[str, Any] = {}
         try:
-            return Path(
+            path = Path(
                 _with_deadline(
                     deadline,
                     hf_hub_download,
@@ -531,8 +546,14 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
                     revision=revision,
                     token=token,
                     max_bytes=MAX_CONFIG_BYTES if filename == CONFIG_NAME else HUB_MAX_FILE_BYTES,
+                    box=box,
                 )
             )
+            if not offline and not COMMIT_RE.match(revision or "") and not box.get("answered"):
+                # huggingface_hub read the branch's cached commit (refs/) because the Hub did not answer:
+                # the branch may have moved on since.
+                stale.append(filename)
+            return path
         except GatedRepoError as exc:
             raise HubError(
                 f"{spec}: hub repo {hub.repo_id} is gated",
@@ -610,7 +631,8 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
 
     config: Path | None
     if hub.filename is not None:  # the named file alone: a diffusion LoRA, or a PEFT file with --lora-alpha
-        return _ref(hub, spec, get(hub.filename), None)
+        weights = get(hub.filename)
+        return _ref(hub, spec, weights, None, _stale_note(hub, stale, weights))
     try:
         config = get(CONFIG_NAME)
         # The weights of the commit the config came from: a branch that moves between the two
@@ -660,7 +682,21 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
             ) from None
         if not offline:  # offline, diffusers loads no repo without a weight_name, and clair cannot list one
             _check_diffusers_guess(hub, spec, _commit_from_path(weights), token, deadline)
-    return _ref(hub, spec, weights, config)
+    return _ref(hub, spec, weights, config, _stale_note(hub, stale, config or weights))
+
+
+def _stale_note(hub: HubSpec, stale: list[str], path: Path) -> str | None:
+    """The note of a hub source read from the cache because the Hub did not answer (no network, an error
+    status): huggingface_hub then reads the commit the cache last saw for the branch, which may be behind it."""
+    if not stale:
+        return None
+    branch = hub.revision or "main"
+    commit = _commit_from_path(path)
+    return (
+        f"the Hub did not answer for {stale[0]} of {hub.repo_id}, so huggingface_hub read the cached commit "
+        f"{commit or '(unknown)'} of {printable(branch)}, the last it saw: the branch may have moved on since "
+        f"(pin the commit, {hub.repo_id}@<sha>, or retry with the Hub reachable)"
+    )
 
 
 def _name_inner_adapters(
@@ -846,7 +882,7 @@ def _mlx_weights(get: Any, config: Path, revision: str | None) -> Path | None:
         return None
 
 
-def _ref(hub: HubSpec, spec: str, weights: Path, config: Path | None) -> AdapterRef:
+def _ref(hub: HubSpec, spec: str, weights: Path, config: Path | None, note: str | None = None) -> AdapterRef:
     return AdapterRef(
         name=hub.name,
         source=spec,
@@ -856,4 +892,5 @@ def _ref(hub: HubSpec, spec: str, weights: Path, config: Path | None) -> Adapter
         repo_id=hub.repo_id,
         requested_revision=hub.revision,
         subfolder=hub.subfolder,
+        note=note,
     )

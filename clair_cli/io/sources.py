@@ -856,9 +856,9 @@ def _flag_config(
 def open_adapter(ref: AdapterRef, options: SourceOptions | None = None) -> Adapter:
     """Read one adapter's config and header (no tensor data)."""
     adapter = _open_adapter(ref, options or SourceOptions())
-    said = unverified_snapshot_note(ref)
-    if said is not None and said not in adapter.notes:
-        adapter.notes.append(said)
+    for said in (unverified_snapshot_note(ref), ref.note):
+        if said is not None and said not in adapter.notes:
+            adapter.notes.append(said)
     return adapter
 
 
