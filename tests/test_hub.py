@@ -609,7 +609,13 @@ def test_huggingface_hub_uri_spellings_are_read_as_huggingface_hub_reads_them(
     ]:
         hub = parse_hub_spec(spec)
         assert (hub.repo_id, hub.revision, hub.subfolder, hub.filename) == want, spec
-    for spec in ("hf://owner/lora@..%2F..", "hf://owner/r@v1/../x", "hf://datasets/owner/lora", "hf://spaces/a/b"):
+    for spec in (
+        "hf://owner/lora@..%2F..",
+        "hf://owner/r@v1/../x",
+        "hf://owner/r@v1/x.safetensors@v2",
+        "hf://datasets/owner/lora",
+        "hf://spaces/a/b",
+    ):
         with pytest.raises(UsageError):
             parse_hub_spec(spec)
     env = _env(fake_hub, tmp_path / "home")

@@ -161,6 +161,8 @@ def parse_hub_spec(spec: str, subfolder: str | None = None, revision: str | None
         special = _SPECIAL_REF_RE.match(revision)
         end = special.end() if special else revision.index("/")
         revision, path = revision[:end], revision[end:].strip("/")
+        if "@" in path:
+            raise UsageError(f"{printable(spec)}: more than one '@' (a revision is written once)")
         body = body.strip("/") + (f"/{path}" if path else "")
     if uri and "%" in revision:
         revision = unquote(revision)
