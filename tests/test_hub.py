@@ -458,34 +458,49 @@ def test_a_file_larger_than_its_bound_is_refused_before_it_is_downloaded(tmp_pat
     assert not list((tmp_path / "home").rglob("adapter_config.json"))
 
 
-def test_a_rate_limited_download_says_so(tmp_path: Path) -> None:
-    """A Hub answering 429 with a long Retry-After ran out the deadline as a 'slow or stalled' Hub."""
+def _inspect_at_status_server(
+    tmp_path: Path, source: str, status: int, headers: dict[str, str], extra_env: dict[str, str]
+) -> subprocess.CompletedProcess:
+    """``clair inspect SOURCE`` against a local Hub that answers every request with ``status`` and ``headers``."""
 
-    class Limited(BaseHTTPRequestHandler):
+    class Answering(BaseHTTPRequestHandler):
         def log_message(self, *args: object) -> None:
             pass
 
         def do_HEAD(self) -> None:  # noqa: N802
-            self.send_response(429)
-            self.send_header("Retry-After", "999999")
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
         do_GET = do_HEAD  # noqa: N815
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Limited)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Answering)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         env = {
             "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
             "HF_HOME": str(tmp_path / "home"),
             "HF_HUB_DISABLE_TELEMETRY": "1",
-            "CLAIR_HUB_TIMEOUT": "8",  # the first answer comes long before, even on a busy machine
+            **extra_env,
         }
-        proc = run_cli("inspect", "owner/busy", env=env)
+        return run_cli("inspect", source, env=env)
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_rate_limited_download_says_so(tmp_path: Path) -> None:
+    """A Hub answering 429 with a long Retry-After ran out the deadline as a 'slow or stalled' Hub."""
+
+    proc = _inspect_at_status_server(
+        tmp_path,
+        "owner/busy",
+        429,
+        {"Retry-After": "999999"},
+        {"CLAIR_HUB_TIMEOUT": "8"},  # the first answer comes long before, even on a busy machine
+    )
     assert proc.returncode == 2, proc.stderr
     assert "rate-limits these requests (429 Too Many Requests, Retry-After 999999)" in proc.stderr
 
@@ -647,30 +662,7 @@ def test_a_hub_error_status_is_said_as_the_hub_answered_it(tmp_path: Path, statu
     """A Hub that answers 403 (a token without access to the repo) was said not to be reachable, with a hint
     to check the network (a review, 2026-12-07): huggingface_hub raises LocalEntryNotFoundError from the answer."""
 
-    class Refusing(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def do_HEAD(self) -> None:  # noqa: N802
-            self.send_response(status)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        do_GET = do_HEAD  # noqa: N815
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        env = {
-            "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
-            "HF_HOME": str(tmp_path / "home"),
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_TOKEN": "hf_not_to_be_shown",
-        }
-        proc = run_cli("inspect", "hf://owner/private", env=env)
-    finally:
-        server.shutdown()
-        server.server_close()
+    proc = _inspect_at_status_server(tmp_path, "hf://owner/private", status, {}, {"HF_TOKEN": "hf_not_to_be_shown"})
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "hf_not_to_be_shown" not in proc.stderr
     first = proc.stderr.splitlines()[0]
