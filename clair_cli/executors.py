@@ -48,6 +48,16 @@ def _ray() -> Any:
         import ray
     except ImportError:
         raise UsageError(f"--executor ray needs Ray, which is not installed: {INSTALL}") from None
+    if getattr(ray, "__file__", None) is None or not hasattr(ray, "init"):
+        # A folder named ray on the import path (the working directory under ``python -m``; Ray's
+        # own session folder /tmp/ray among them), imported as an empty namespace package.
+        from clair_cli.io.paths import printable
+
+        folder = next(iter(getattr(ray, "__path__", None) or ()), "?")
+        raise UsageError(
+            f"--executor ray needs Ray, which is not installed: {INSTALL} "
+            f"(Python found the folder {printable(str(folder))} instead)"
+        )
     return ray
 
 
@@ -55,6 +65,8 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
     """Refuse, within ``timeout`` seconds, a ``ray://HOST:PORT`` that accepts no connection
     (Ray Client itself retries for much longer)."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:  # the resolver takes 65536 and up modulo 65536
+        raise UsageError(f"--executor {address}: expected a port from 1 to 65535")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             pass
@@ -443,14 +455,14 @@ class RemoteTraceback(Exception):
 
 def _worker(conn: Any, parent: int, by_kernel: bool) -> None:
     """A worker process of :class:`ProcessExecutor`: tasks in, results out, until told to stop."""
-    import os
     import pickle
     import traceback
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver handles Ctrl-C, and stops the workers
-    # SIGTERM: leave at once and quietly (a group's SIGTERM reaches the driver too, which ends the
-    # run; multiprocessing's exit stops daemonic workers with it).
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: os._exit(0))
+    # SIGTERM: end at once and quietly, by the kernel (not after a long torch call returns), and as
+    # killed by SIGTERM, which the driver names when the signal reached this worker alone (a
+    # group's SIGTERM reaches the driver too, which ends the run with exit 143).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     _die_with(parent, by_kernel)
@@ -599,6 +611,15 @@ def _result(ray: Any, ref: Any) -> ModuleAudit:
         if isinstance(cause, ClairError | ValueError):
             raise cause from None
         raise
+    except ray.exceptions.RayError as exc:
+        if type(exc).__name__ == "OutOfMemoryError":  # Ray's memory monitor: the CLI says "out of memory"
+            raise
+        # Its worker or node died (after Ray's retries), its result was lost, it was cancelled:
+        # one line, not an internal error.
+        raise ClairError(
+            f"a Ray task stopped before finishing its module ({type(exc).__name__}: {_first_line(exc)})",
+            hint="Run again; a worker killed for want of memory needs nodes with more memory.",
+        ) from None
 
 
 def _first_line(exc: BaseException) -> str:

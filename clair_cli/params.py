@@ -118,8 +118,10 @@ class AuditParams:
         if self.path not in PATHS:
             raise UsageError(f"path {self.path!r}: expected auto, convex or fast")
         executor = str(_value(self.executor)).strip()
-        if executor not in ("local", "ray") and not re.fullmatch(r"ray://[^\s/]+:\d{1,5}", executor):
-            raise UsageError(f"--executor {executor}: expected local, ray or ray://HOST:PORT")
+        port = re.fullmatch(r"ray://[^\s/]+:(\d{1,5})", executor)
+        if executor not in ("local", "ray") and not (port and 0 < int(port.group(1)) < 65536):
+            # (a port past 65535 would be taken modulo 65536 by the resolver: another port)
+            raise UsageError(f"--executor {executor}: expected local, ray or ray://HOST:PORT (a port from 1 to 65535)")
         set_(self, "executor", executor)
         set_(self, "jobs", parse_jobs(self.jobs))
         if self.jobs != 1 and executor != "local":
