@@ -158,7 +158,11 @@ class RayExecutor:
         if not ray.is_initialized():
             _connect(ray, self.address)
             self._started = True
-        self._check_workers(ray)
+        try:
+            self._check_workers(ray)
+        except BaseException:  # a refusal, Ctrl-C, SIGTERM: no __exit__ follows to stop what we started
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -557,7 +561,10 @@ def _connect(ray: Any, address: str) -> None:
     """``ray.init`` for ``--executor address``; a cluster that cannot be reached is a one-line error.
 
     Ray's start-up notes are silenced, and clair's own SIGTERM handler (which cleans up
-    like Ctrl-C) is put back: ``ray.init`` replaces it with one that exits at once.
+    like Ctrl-C) stays: ``ray.init`` would replace it with one that exits at once (``sys.exit(15)``:
+    exit code 15, no message), and it is put back should ``ray.init`` set another. A Ctrl-C or
+    SIGTERM in the middle of ``ray.init`` stops what it has started of a local cluster (the exit
+    that follows skips Ray's own ``atexit`` clean-up).
     """
     import logging
     import signal
@@ -571,6 +578,10 @@ def _connect(ray: Any, address: str) -> None:
     ray_log = logging.getLogger("ray")
     level = ray_log.level
     ray_log.setLevel(logging.ERROR)
+    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    replace = getattr(utils, "set_sigterm_handler", None) if main else None
+    if replace is not None:
+        utils.set_sigterm_handler = _keep_sigterm_handler
     try:
         with warnings.catch_warnings():
             # Ray's notes on its future defaults, and Ray Client's on a timed-out connection
@@ -581,11 +592,33 @@ def _connect(ray: Any, address: str) -> None:
             else:  # Ray Client: its other arguments would be passed on to ray.init on the cluster
                 ray.init(address, configure_logging=False)
     except (ConnectionError, RuntimeError, TimeoutError) as exc:
+        _shutdown(ray)
         raise UsageError(f"--executor {address}: cannot connect to Ray ({_first_line(exc)})") from None
+    except BaseException:
+        _shutdown(ray)
+        raise
     finally:
+        if replace is not None:
+            utils.set_sigterm_handler = replace
         ray_log.setLevel(level)
         if main and handler is not None:
             signal.signal(signal.SIGTERM, handler)
+
+
+def _keep_sigterm_handler(_handler: Any) -> None:
+    """Stands in for Ray's ``set_sigterm_handler`` during ``ray.init``: clair's handler stays."""
+
+
+def _shutdown(ray: Any) -> None:
+    """``ray.shutdown()`` after a ``ray.init`` that did not finish; a second Ctrl-C or SIGTERM
+    meanwhile waits until it ends (processes of a local cluster would be left running)."""
+    deferred: list[int] = []
+    handlers = _defer({signal.SIGINT, signal.SIGTERM}, deferred)
+    try:
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+    finally:
+        _restore(handlers, None)
 
 
 def _workers(ray: Any, threads: int, gpu: bool) -> int:

@@ -123,3 +123,73 @@ def test_a_ray_port_out_of_range_is_refused(port: str) -> None:
     with pytest.raises(UsageError, match="a port from 1 to 65535"):
         check_reachable(f"ray://127.0.0.1:{port}")
     assert AuditParams(executor="ray://127.0.0.1:65535").executor == "ray://127.0.0.1:65535"
+
+
+def _fake_ray_init(calls: list[str], during_init) -> SimpleNamespace:
+    """A Ray whose ``init`` sets its own SIGTERM handler, as Ray's does (``sys.exit(signum)``),
+    then runs ``during_init``; ``calls`` notes ``init`` and ``shutdown``."""
+
+    def set_sigterm_handler(handler) -> None:
+        signal.signal(signal.SIGTERM, handler)
+
+    fake = SimpleNamespace(_private=SimpleNamespace(utils=SimpleNamespace(set_sigterm_handler=set_sigterm_handler)))
+
+    def init(*_args, **_kwargs) -> None:
+        calls.append("init")
+        fake._private.utils.set_sigterm_handler(lambda signum, _frame: sys.exit(signum))
+        during_init()
+
+    fake.init = init
+    fake.shutdown = lambda: calls.append("shutdown")
+    fake.is_initialized = lambda: False
+    return fake
+
+
+@pytest.fixture
+def clair_sigterm():
+    """clair's own SIGTERM handler (``Terminated``, exit 143), as ``clair_cli.__main__`` installs it."""
+    from clair_cli.__main__ import _on_sigterm
+
+    before = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_sigterm_while_ray_starts_is_terminated(clair_sigterm: None) -> None:
+    """A SIGTERM in the middle of ``ray.init`` ran Ray's handler, ``sys.exit(15)``: exit code 15 and
+    no message, and the local cluster's processes left running (the exit skips Ray's atexit)."""
+    from clair_cli.errors import Terminated
+    from clair_cli.executors import _connect
+
+    def sigterm() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100_000):  # Python runs the handler at the next instruction
+            pass
+
+    calls: list[str] = []
+    with pytest.raises(Terminated):
+        _connect(_fake_ray_init(calls, sigterm), "ray")
+    assert calls == ["init", "shutdown"]
+    from clair_cli.__main__ import _on_sigterm
+
+    assert signal.getsignal(signal.SIGTERM) is _on_sigterm
+
+
+def test_ctrl_c_while_ray_workers_are_checked_stops_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Ctrl-C (or a refusal) while the first task checks the workers' versions came out of
+    ``__enter__``, so no ``__exit__`` stopped the local cluster that had just been started."""
+    from clair_cli import executors
+
+    calls: list[str] = []
+    fake = _fake_ray_init(calls, lambda: None)
+    monkeypatch.setattr(executors, "_ray", lambda: fake)
+
+    def interrupted(_ray) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(executors.RayExecutor, "_check_workers", staticmethod(interrupted))
+    with pytest.raises(KeyboardInterrupt), executors.RayExecutor("ray"):
+        pass
+    assert calls == ["init", "shutdown"]
