@@ -173,7 +173,8 @@ class RayExecutor:
     def _check_workers(ray: Any) -> None:
         """Refuse a cluster whose workers run another clair or torch (results would differ)."""
         try:
-            theirs = ray.get(ray.remote(versions).options(num_cpus=0).remote())
+            with _sigterm_kept():
+                theirs = ray.get(ray.remote(versions).options(num_cpus=0).remote())
         except ray.exceptions.RayError as exc:
             raise UsageError(
                 f"the Ray cluster's workers cannot run clair ({_first_line(exc)}): install clair-lora on every node"
@@ -638,7 +639,8 @@ def _result(ray: Any, ref: Any) -> ModuleAudit:
     """A task's result; an error raised in the task is raised here as itself (a ClairError, or
     the ValueError of a module the audit cannot handle), not as Ray's wrapper."""
     try:
-        return ray.get(ref)
+        with _sigterm_kept():
+            return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
         if isinstance(cause, ClairError | ValueError):
@@ -653,6 +655,37 @@ def _result(ray: Any, ref: Any) -> ModuleAudit:
             f"a Ray task stopped before finishing its module ({type(exc).__name__}: {_first_line(exc)})",
             hint="Run again; a worker killed for want of memory needs nodes with more memory.",
         ) from None
+
+
+@contextlib.contextmanager
+def _sigterm_kept() -> Iterator[None]:
+    """Around a blocking Ray call: ``ray.get`` turns whatever a signal handler raises into a
+    plain KeyboardInterrupt, so clair's SIGTERM (``Terminated``, exit 143) would end the run as a
+    Ctrl-C (exit 130); a SIGTERM handled meanwhile is raised as ``Terminated`` again."""
+    import threading
+
+    from clair_cli.errors import Terminated
+
+    original = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or not callable(original):
+        yield
+        return
+    seen: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        seen.append(signum)
+        original(signum, frame)
+
+    signal.signal(signal.SIGTERM, note)
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if seen and not isinstance(exc, Terminated):
+            raise Terminated() from None
+        raise
+    finally:
+        if signal.getsignal(signal.SIGTERM) is note:
+            signal.signal(signal.SIGTERM, original)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -193,3 +193,26 @@ def test_ctrl_c_while_ray_workers_are_checked_stops_ray(monkeypatch: pytest.Monk
     with pytest.raises(KeyboardInterrupt), executors.RayExecutor("ray"):
         pass
     assert calls == ["init", "shutdown"]
+
+
+def test_sigterm_while_waiting_on_ray_is_terminated(clair_sigterm: None) -> None:
+    """``ray.get`` turns what a signal handler raises into a plain KeyboardInterrupt: a SIGTERM to
+    clair while it waited for a Ray task ended the run as a Ctrl-C, exit 130 instead of 143."""
+    from clair_cli.errors import Terminated
+    from clair_cli.executors import _result
+
+    def get(_ref: object) -> None:  # as Ray's: the handler's exception becomes KeyboardInterrupt()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100_000):
+                pass
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt from None
+
+    fake = SimpleNamespace(get=get, exceptions=SimpleNamespace(RayError=_RayError, RayTaskError=_RayTaskError))
+    with pytest.raises(KeyboardInterrupt) as raised:
+        _result(fake, object())
+    assert isinstance(raised.value, Terminated)
+    from clair_cli.__main__ import _on_sigterm
+
+    assert signal.getsignal(signal.SIGTERM) is _on_sigterm
