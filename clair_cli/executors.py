@@ -579,7 +579,7 @@ def _connect(ray: Any, address: str) -> None:
     ray_log = logging.getLogger("ray")
     level = ray_log.level
     ray_log.setLevel(logging.ERROR)
-    utils = getattr(getattr(ray, "_private", None), "utils", None)
+    utils: Any = getattr(getattr(ray, "_private", None), "utils", None)
     replace = getattr(utils, "set_sigterm_handler", None) if main else None
     if replace is not None:
         utils.set_sigterm_handler = _keep_sigterm_handler
