@@ -337,6 +337,7 @@ def test_torch_failing_to_allocate_is_out_of_memory_not_an_internal_error(
     monkeypatch.setattr(pipeline, "audit", fail)
     result = CliRunner().invoke(app, ["audit", str(SAMPLE_ADAPTERS)], env={"NO_COLOR": "1", "COLUMNS": "200"})
     assert result.exit_code == 2 and "out of memory" in result.output and "internal error" not in result.output
+    assert "--max-rank" in result.output and "fewer jobs" in result.output  # what to change, --jobs among it
 
 
 def open_sample_adapters() -> list:
