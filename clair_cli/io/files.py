@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import stat
 from collections.abc import Iterator
@@ -169,17 +170,71 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def parse_json(raw: bytes, path: Path | str, what: str, *, unique_keys: bool = False) -> Any:
+class NotStrictJSON(ValueError):
+    """A number that Python's json reads but strict JSON parsers refuse (:func:`parse_json` with ``strict``)."""
+
+
+# What serde_json (the safetensors library's parser: PEFT and diffusers load through it) refuses that
+# Python's json reads: NaN, Infinity and -Infinity (no JSON), a number past float64's range ("number
+# out of range": 1e400, an integer of 310 digits), and more than 127 arrays and objects nested (its
+# recursion limit, 128). It also reads "-0" as a float, -0.0: no shape or offset.
+STRICT_MAX_DEPTH = 127
+STRICT_REFUSAL = "which the safetensors library (and so PEFT and diffusers) refuses"
+
+
+def _strict_constant(token: str) -> Any:
+    raise NotStrictJSON(f"{token} (not JSON)")
+
+
+def _strict_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise NotStrictJSON(f"the number {text[:40]} (past float64's range)")
+    return value
+
+
+def _strict_int(text: str) -> int | float:
+    return -0.0 if text == "-0" else int(text)
+
+
+def strict_problem(value: Any, max_depth: int) -> str | None:
+    """What in ``value`` (parsed with ``strict``) the safetensors library's parser refuses that
+    :func:`parse_json` lets through: more than ``max_depth`` arrays and objects nested (the outermost
+    counted), or an integer past float64's range. None if nothing. Iterative."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > max_depth:
+                return f"arrays and objects nested more than {STRICT_MAX_DEPTH} deep in the header"
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+        elif isinstance(node, int) and node.bit_length() > 1000:
+            try:
+                float(node)
+            except OverflowError:
+                return f"an integer of {len(str(abs(node)))} digits (past float64's range)"
+    return None
+
+
+def parse_json(raw: bytes, path: Path | str, what: str, *, unique_keys: bool = False, strict: bool = False) -> Any:
     """Parse JSON from an input; any problem (encoding, syntax, nesting too deep, an integer of
     thousands of digits) is an AdapterFormatError naming the file. ``unique_keys``: an object that
     names a key twice is refused too (Python keeps the last entry, other readers the first or none;
-    the error's ``__cause__`` is then a :class:`DuplicateKeyError`).
+    the error's ``__cause__`` is then a :class:`DuplicateKeyError`). ``strict``: what the safetensors
+    library's parser refuses is refused too (NaN, Infinity, floats past float64's range; ``-0`` is read as
+    the float -0.0, as it reads it), so that a file that no loader opens is not read here (the caller
+    checks nesting and large integers where they may be, :func:`strict_problem`).
     """
     shown = printable(str(path))
+    hooks: dict[str, Any] = {"parse_constant": _strict_constant, "parse_float": _strict_float} if strict else {}
+    if strict and b"-0" in raw:  # a hook per integer costs half again a large header's parse
+        hooks["parse_int"] = _strict_int
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_object if unique_keys else None)
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_object if unique_keys else None, **hooks)
     except DuplicateKeyError as exc:
         raise AdapterFormatError(f"{shown}: {what} names {printable(exc.key)!r} twice") from exc
+    except NotStrictJSON as exc:
+        raise AdapterFormatError(f"{shown}: {what} holds {exc}, {STRICT_REFUSAL}") from exc
     except UnicodeDecodeError as exc:
         raise AdapterFormatError(f"{shown}: {what} is not UTF-8 text") from exc
     except json.JSONDecodeError as exc:

@@ -17,7 +17,6 @@ full fine-tunes and MoE expert stacks (``LoRASwitchLinear``: 3-D factors) are re
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -29,6 +28,7 @@ from clair_cli.errors import AdapterFormatError
 from clair_cli.io.adapter import Adapter, HeaderKeys
 from clair_cli.io.files import parse_json, read_small
 from clair_cli.io.paths import printable
+from clair_cli.io.peft_config import MAX_PROBLEM_LENGTH, number_problem
 from clair_cli.io.safetensors_file import FileStamp, TensorInfo
 from clair_cli.types import AdapterConfig, AdapterRef
 
@@ -38,6 +38,14 @@ HINT = "Train or save it with mlx_lm.lora's default fine_tune_type (lora), or le
 
 def _bad(path: Path | str, problem: str, hint: str | None = None) -> AdapterFormatError:
     return AdapterFormatError(f"{printable(str(path))}: {problem}", hint=hint)
+
+
+def _number(path: Path, field: str, value: Any) -> float:
+    """A scale or alpha of ``lora_parameters``: checked as a PEFT config's ``lora_alpha`` is."""
+    problem = number_problem(field, value)
+    if problem:
+        raise _bad(path, printable(problem)[:MAX_PROBLEM_LENGTH])
+    return float(value)
 
 
 def is_mlx_config(path: Path) -> bool:
@@ -84,9 +92,9 @@ def mlx_config(path: Path) -> tuple[AdapterConfig, float]:
     rank, scale = params.get("rank"), params.get("scale")
     if not isinstance(rank, int) or isinstance(rank, bool) or not 0 < rank < 2**31:
         raise _bad(path, f"lora_parameters.rank must be a positive integer, got {printable(repr(rank))[:60]}")
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-        raise _bad(path, f"lora_parameters.scale must be a finite number, got {printable(repr(scale))[:60]}")
-    scale = _alpha_scale(path, data, params, rank, float(scale))
+    # As lora_alpha's: finite (an integer of 400 digits overflows float), neither 0 (no update) nor subnormal
+    # (the commands' arithmetic reads it as 0, mlx_lm does not).
+    scale = _alpha_scale(path, data, params, rank, _number(path, "lora_parameters.scale", scale))
     base = data.get("model")
     config = AdapterConfig(
         base_model=base if isinstance(base, str) and base else None,
@@ -116,9 +124,7 @@ def _alpha_scale(path: Path, data: dict[str, Any], params: dict[str, Any], rank:
     """
     if "alpha" not in params or "num_layers" in data or "fine_tune_type" in data:
         return scale
-    alpha = params["alpha"]
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise _bad(path, f"lora_parameters.alpha must be a finite number, got {printable(repr(alpha))[:60]}")
+    alpha = _number(path, "lora_parameters.alpha", params["alpha"])
     if alpha == rank:
         return scale
     if "lora_layers" in data and "use_dora" not in data:

@@ -47,7 +47,8 @@ def _positive_int(path: Path | str, field: str, value: Any) -> int:
     return value
 
 
-def _finite(path: Path | str, field: str, value: Any) -> float:
+def number_problem(field: str, value: Any) -> str | None:
+    """Why ``value`` cannot be ``field``, a scale or an alpha (not a finite number, 0, or subnormal), or None."""
     try:  # an integer past float's range (10**400) overflows isfinite
         finite = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     except OverflowError:
@@ -58,13 +59,20 @@ def _finite(path: Path | str, field: str, value: Any) -> float:
             if not isinstance(value, int) or value.bit_length() < 128
             else f"an integer of {len(str(value))} digits"
         )
-        raise _fail(path, f"{field} must be a finite number, got {shown}")
+        return f"{field} must be a finite number, got {shown}"
     # From the bits, not by comparing: the commands flush subnormal numbers to zero, comparisons too.
     magnitude = struct.unpack("<Q", struct.pack("<d", float(value)))[0] & ~(1 << 63)
     if magnitude == 0:
-        raise _fail(path, f"{field} is 0, which makes the update zero")
+        return f"{field} is 0, which makes the update zero"
     if magnitude < 1 << 52:  # subnormal: the commands' arithmetic reads it as 0, a loader does not
-        raise _fail(path, f"{field} is {value!r}, under float64's normal range (2.2e-308)")
+        return f"{field} is {value!r}, under float64's normal range (2.2e-308)"
+    return None
+
+
+def _finite(path: Path | str, field: str, value: Any) -> float:
+    problem = number_problem(field, value)
+    if problem:
+        raise _fail(path, problem)
     return float(value)
 
 

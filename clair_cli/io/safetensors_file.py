@@ -29,7 +29,16 @@ from clair_cli.constants import (
     SAFETENSORS_MAX_TENSORS,
 )
 from clair_cli.errors import AdapterFormatError
-from clair_cli.io.files import DuplicateKeyError, open_regular, parse_json, read_range
+from clair_cli.io.files import (
+    STRICT_MAX_DEPTH,
+    STRICT_REFUSAL,
+    DuplicateKeyError,
+    NotStrictJSON,
+    open_regular,
+    parse_json,
+    read_range,
+    strict_problem,
+)
 from clair_cli.io.paths import printable
 
 if TYPE_CHECKING:
@@ -119,6 +128,7 @@ def _bad(path: Path, problem: str) -> AdapterFormatError:
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ENTRY_FIELDS = frozenset({"dtype", "shape", "data_offsets"})
 _SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89a-fA-F]")
 
 
@@ -165,7 +175,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         os.close(fd)
 
     try:
-        header = parse_json(raw, path, "the safetensors header", unique_keys=True)
+        header = parse_json(raw, path, "the safetensors header", unique_keys=True, strict=True)
     except AdapterFormatError as exc:
         if isinstance(exc.__cause__, DuplicateKeyError):
             # Python's json keeps the last entry, other readers the first: one file, two contents.
@@ -173,6 +183,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 path,
                 f"the header names {printable(exc.__cause__.key)!r} twice; readers differ on which entry they use",
             ) from exc
+        if isinstance(exc.__cause__, NotStrictJSON):  # Python's json reads it; no loader opens the file
+            raise _bad(path, f"the header holds {exc.__cause__}, {STRICT_REFUSAL}") from exc
         raise _bad(path, exc.message.split(": ", 1)[-1] + " (not a safetensors file?)") from exc
     if not isinstance(header, dict):
         raise _bad(path, "header is not a JSON object")
@@ -205,6 +217,14 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         if not isinstance(entry, dict):
             raise _bad(path, f"tensor {name!r}: header entry is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if len(entry) > len(_ENTRY_FIELDS):  # fields every reader ignores, but the library's parser reads
+            for field in entry.keys() - _ENTRY_FIELDS:
+                why = strict_problem(entry[field], STRICT_MAX_DEPTH - 2)  # in the header, in its entry
+                if why:
+                    raise _bad(
+                        path,
+                        f"tensor {name!r}: its field {printable(field[:80])!r} holds {why}, {STRICT_REFUSAL}",
+                    )
         if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPE_SIZES:
             raise _bad(path, f"tensor {name!r}: unknown dtype {str(dtype)[:40]!r}")
         if (

@@ -1,0 +1,144 @@
+"""Inputs found misread by a tenth review from outside (safetensors headers that the safetensors library
+refuses, MLX-LM scales): each is refused with the file and the problem named, exit 2, never a bug."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_adapter
+from safetensors import safe_open
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from clair_cli.cli import app
+from clair_cli.errors import AdapterFormatError
+from clair_cli.io.safetensors_file import read_header
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args), env={"NO_COLOR": "1", "COLUMNS": "200"})
+
+
+def _header_with(path: Path, change) -> Path:
+    """``path`` (a safetensors file) with its header's JSON text rewritten by ``change``."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = change(raw[8 : 8 + n].decode())
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + raw[8 + n :])
+    return path
+
+
+def _library_reads(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is no mapping
+                handle.get_tensor(key)
+    except Exception:  # noqa: BLE001 - SafetensorError, whatever the version calls it
+        return False
+    return True
+
+
+def _in_first_entry(text: str) -> str:
+    return '"dtype": "F32", "x": ' + text
+
+
+def _extra_field(text: str):
+    return lambda header: header.replace('"dtype":"F32"', _in_first_entry(text), 1)
+
+
+# Python's json reads each of these; the safetensors library (serde_json), and so PEFT and diffusers, does not.
+REFUSED = {
+    "NaN": (_extra_field("NaN"), "NaN (not JSON)"),
+    "Infinity": (_extra_field("Infinity"), "Infinity (not JSON)"),
+    "-Infinity": (_extra_field("-Infinity"), "-Infinity (not JSON)"),
+    "1e400": (_extra_field("1e400"), "the number 1e400 (past float64's range)"),
+    "an integer of 400 digits": (_extra_field("1" + "0" * 400), "an integer of 401 digits"),
+    "126 arrays in a field": (_extra_field("[" * 126 + "]" * 126), "nested more than 127 deep"),
+    "an offset of -0": (lambda h: h.replace('"data_offsets":[0,', '"data_offsets":[-0,', 1), "invalid data_offsets"),
+}
+READ = {
+    "125 arrays in a field": _extra_field("[" * 125 + "]" * 125),
+    "an integer of 300 digits": _extra_field("1" + "0" * 299),
+    "-0 in a field": _extra_field("-0"),
+    "1e-400 in a field": _extra_field("1e-400"),
+}
+
+
+def _one_file(tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"{name.replace(' ', '_')}.safetensors"
+    g = torch.Generator().manual_seed(0)
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, 16, generator=g),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(16, 4, generator=g),
+        },
+        str(path),
+    )
+    return path
+
+
+@pytest.mark.parametrize("what", sorted(REFUSED))
+def test_a_header_the_safetensors_library_refuses_is_refused(what: str, tmp_path: Path) -> None:
+    """A NaN, an Infinity, a number past float64's range, or nesting past serde_json's recursion limit in a
+    field no reader uses, or a -0 where an integer belongs: Python's json read the header and clair audited
+    (and gate passed) a file that no loader opens. Now refused, naming the file."""
+    change, message = REFUSED[what]
+    path = _header_with(_one_file(tmp_path, what), change)
+    assert not _library_reads(path), what
+    with pytest.raises(AdapterFormatError) as err:
+        read_header(path)
+    assert str(path) in err.value.message and message in err.value.message, err.value.message
+    result = invoke("inspect", str(path))
+    assert result.exit_code == 2 and "internal error" not in result.output, result.output
+
+
+@pytest.mark.parametrize("what", sorted(READ))
+def test_a_header_the_safetensors_library_reads_is_still_read(what: str, tmp_path: Path) -> None:
+    path = _header_with(_one_file(tmp_path, what), READ[what])
+    assert _library_reads(path), what
+    tensors, _ = read_header(path)
+    assert len(tensors) == 2
+
+
+# MLX-LM's lora_parameters.scale (and an old config's alpha) as lora_alpha is checked in a PEFT config.
+MLX_CASES = {
+    "scale of 400 digits": ({"scale": 10**400}, "lora_parameters.scale must be a finite number, got an integer of 401"),
+    "scale 0": ({"scale": 0}, "lora_parameters.scale is 0, which makes the update zero"),
+    "alpha of 400 digits": (
+        {"alpha": 10**400},
+        "lora_parameters.alpha must be a finite number, got an integer of 401",
+    ),
+}
+
+
+@pytest.mark.parametrize("what", sorted(MLX_CASES))
+def test_an_mlx_scale_that_is_no_usable_number_is_refused_not_a_bug(what: str, tmp_path: Path) -> None:
+    """A scale (or alpha) of 400 digits ended in "internal error (OverflowError)"; a scale of 0 was read
+    (an update of zero, where lora_alpha 0 is refused)."""
+    change, message = MLX_CASES[what]
+    d = tmp_path / "mlx"
+    d.mkdir()
+    g = torch.Generator().manual_seed(0)
+    save_file(
+        {
+            "model.layers.0.self_attn.q_proj.lora_a": torch.randn(16, 4, generator=g),
+            "model.layers.0.self_attn.q_proj.lora_b": torch.randn(4, 16, generator=g),
+        },
+        str(d / "adapters.safetensors"),
+    )
+    params = {"rank": 4, "scale": 20.0, **change}
+    config = {"model": "m", "lora_layers": 1, "lora_parameters": params}  # alpha is read beside lora_layers alone
+    (d / "adapter_config.json").write_text(json.dumps(config))
+    result = invoke("inspect", str(d))
+    assert result.exit_code == 2, result.output
+    assert "internal error" not in result.output and message in result.output, result.output
+    assert "adapter_config.json" in result.output
+
+
+def test_a_peft_adapter_beside_them_is_unchanged(tmp_path: Path) -> None:
+    write_adapter(tmp_path / "a")
+    assert invoke("inspect", str(tmp_path / "a")).exit_code == 0
