@@ -1,5 +1,6 @@
 """Inputs found misread by a tenth review from outside (safetensors headers that the safetensors library
-refuses, MLX-LM scales): each is refused with the file and the problem named, exit 2, never a bug."""
+refuses, MLX-LM scales): each is refused with the file and the problem named, exit 2, never a bug; and
+config lists that cost time per module and per entry (minutes for one adapter)."""
 
 from __future__ import annotations
 
@@ -142,3 +143,70 @@ def test_an_mlx_scale_that_is_no_usable_number_is_refused_not_a_bug(what: str, t
 def test_a_peft_adapter_beside_them_is_unchanged(tmp_path: Path) -> None:
     write_adapter(tmp_path / "a")
     assert invoke("inspect", str(tmp_path / "a")).exit_code == 0
+
+
+# The lists of a PEFT config (target_modules, exclude_modules, modules_to_save, layers_to_transform,
+# layers_pattern) were scanned, and modules_to_save's entries parsed and compiled, once per module: a
+# 7.5 MB config of 700,000 modules_to_save names took 634 s to inspect one adapter of 4 modules.
+MODULES = [f"model.layers.{i}.self_attn.q_proj" for i in range(2000)]
+
+
+def test_long_config_lists_cost_time_linear_in_the_module_names() -> None:
+    import time
+
+    from clair_cli.io.lora_config import peft_selects
+
+    n = 200_000
+    configs = {
+        "target_modules": {"target_modules": [f"m{i}" for i in range(n)] + ["q_proj"]},
+        "exclude_modules": {"target_modules": ["q_proj"], "exclude_modules": [f"m{i}" for i in range(n)]},
+        "modules_to_save": {"target_modules": ["q_proj"], "modules_to_save": [f"m{i}" for i in range(n)]},
+        "layers_to_transform": {"target_modules": ["q_proj"], "layers_to_transform": list(range(1, n))},
+    }
+    expected = {"target_modules": True, "exclude_modules": True, "modules_to_save": True}
+    for what, raw in configs.items():
+        start, got = time.perf_counter(), set()
+        for m in MODULES:  # minutes before (n x 2,000 scans, a regex parsed in each); well under a second now
+            got.add(peft_selects(raw, m))
+            assert time.perf_counter() - start < 10, (what, m)
+        if what == "layers_to_transform":
+            assert got == {True, False}  # layer 0 is not among 1..n-1
+        else:
+            assert got == {expected[what]}, what
+
+
+def test_modules_to_save_patterns_are_prepared_once_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clair_cli.io import lora_config
+
+    calls = []
+    real = lora_config.pattern_risk
+    monkeypatch.setattr(lora_config, "pattern_risk", lambda *a, **k: calls.append(a) or real(*a, **k))
+    raw = {"target_modules": ["q_proj"], "modules_to_save": [f"x{i}.y" for i in range(100)]}
+    assert {lora_config.peft_selects(raw, m) for m in MODULES[:50]} == {True}
+    assert len(calls) <= 100  # once per entry (5,000 times before: per entry and module)
+    calls.clear()
+    past = {"target_modules": ["q_proj"], "modules_to_save": [f"x{i}.y" for i in range(300)]}
+    assert {lora_config.peft_selects(past, m) for m in MODULES[:50]} == {None}  # past the bound: unverified
+    assert calls == []
+    # A plain name that takes the module out decides, whatever an unsafe entry before it.
+    mixed = {"target_modules": ["q_proj"], "modules_to_save": ["(a+)+b", "self_attn"]}
+    assert lora_config.peft_selects(mixed, MODULES[0]) is False
+    assert lora_config.peft_selects({"target_modules": ["q_proj"], "modules_to_save": ["(a+)+b"]}, MODULES[0]) is None
+
+
+def test_a_long_layers_pattern_list_is_left_unverified() -> None:
+    from clair_cli.io.lora_config import MAX_LISTED_PATTERNS, peft_selects
+
+    raw = {"target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": ["layers"]}
+    assert peft_selects(raw, MODULES[0]) is True and peft_selects(raw, MODULES[1]) is False
+    long = {**raw, "layers_pattern": [f"l{i}" for i in range(MAX_LISTED_PATTERNS)] + ["layers"]}
+    assert peft_selects(long, MODULES[0]) is None
+
+
+def test_a_layers_pattern_list_past_4096_entries_is_refused_before_it_is_compiled(tmp_path: Path) -> None:
+    """Each entry is compiled (twice) to check it as PEFT matches it: 300,000 took 35 s per adapter."""
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    config |= {"layers_to_transform": [0], "layers_pattern": [f"l{i}" for i in range(300_000)]}
+    write_adapter(tmp_path / "a", config=config)
+    result = invoke("inspect", str(tmp_path / "a"))
+    assert result.exit_code == 2 and "layers_pattern has 300000 entries; clair accepts at most 4096" in result.output

@@ -113,7 +113,11 @@ def peft_selects(raw: Mapping[str, Any], module: str, layers: Collection[str] = 
     (``peft.tuners.tuners_utils.check_target_module_exists``); None when it cannot be told
     from the config alone (no target_modules: PEFT's per-architecture default; an unsafe pattern).
     A MultiheadAttention's ``out_proj`` is selected with its attention layer among ``layers``
-    (:func:`clair_cli.types.peft_layer`)."""
+    (:func:`clair_cli.types.peft_layer`).
+
+    Each list of the config is prepared once (:func:`_prepared`), so that a module costs time linear in
+    its name, not in the lists' lengths: a 10 MiB config holds a million names, which took minutes for
+    each module when they were scanned per module."""
     module = peft_layer(module, layers)
     excluded = _excluded(raw, module)
     if excluded is not False:
@@ -123,31 +127,103 @@ def peft_selects(raw: Mapping[str, Any], module: str, layers: Collection[str] = 
         return None
     if isinstance(targets, str):
         return _safe_match(targets, re.fullmatch, module)
-    if module in targets:
+    names = _names(targets)
+    if module in names:  # PEFT: the whole name (layers_to_transform not asked), else a suffix after a dot
         return True
-    if not any(module.endswith(f".{t}") for t in targets):
+    if names.isdisjoint(_dotted_suffixes(module)):
         return False
     return _in_layers(raw, module)
 
 
+def _dotted_suffixes(module: str) -> list[str]:
+    """``module`` and each of its suffixes that follows a dot: the names ``m == t or m.endswith(f".{t}")`` finds."""
+    parts = module.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
+
+
+# Prepared forms of a config's lists, by the list's identity (kept alive here, so the id is not reused).
+_PREPARED: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+
+def _prepared(kind: str, value: Any, build: Any) -> Any:
+    key = (kind, id(value))
+    hit = _PREPARED.get(key)
+    if hit is not None and hit[0] is value:
+        return hit[1]
+    if len(_PREPARED) >= 256:
+        _PREPARED.clear()
+    built = build(value)
+    _PREPARED[key] = (value, built)
+    return built
+
+
+def _names(values: Any) -> frozenset[str]:
+    return _prepared("names", values, lambda v: frozenset(x for x in v if isinstance(x, str)))
+
+
+_WORD = re.compile(r"\w+")
+# Regular expressions of a list (modules_to_save entries other than plain names, layers_pattern) matched
+# per module at most: each costs about a microsecond per module, and a 10 MiB config holds a million.
+# Past it, what the list selects is left unverified (None), as a target_modules string past the
+# pattern bounds is: nothing PEFT loads is refused for it.
+MAX_LISTED_PATTERNS = 256
+
+
+def _save_patterns(entries: Any) -> tuple[frozenset[str], list[re.Pattern[str] | None]]:
+    r"""``modules_to_save`` as PEFT matches a module name to it, ``re.match(rf"(^|.*\.){m}($|\..*)", key)``:
+    the names made of word characters (a whole dotted component of the module's name: no regex needed) and
+    the others compiled once (None: unsafe or invalid)."""
+
+    def build(values: Any) -> tuple[frozenset[str], list[re.Pattern[str] | None]]:
+        words = frozenset(m for m in values if isinstance(m, str) and _WORD.fullmatch(m))
+        others: list[re.Pattern[str] | None] = []
+        if sum(1 for m in values if not (isinstance(m, str) and m in words)) > MAX_LISTED_PATTERNS:
+            return words, [None]  # unverified (past the bound)
+        for m in values:
+            if not isinstance(m, str) or m in words:
+                continue
+            pattern = rf"(^|.*\.){m}($|\..*)"
+            try:
+                risky = bool(_REPEATS.search(pattern) and pattern_risk(pattern, anchored=True))
+                others.append(None if risky else re.compile(pattern))
+            except (re.error, RecursionError, OverflowError):
+                others.append(None)
+        return words, others
+
+    return _prepared("to_save", entries, build)
+
+
 def _excluded(raw: Mapping[str, Any], module: str) -> bool | None:
     """Whether ``exclude_modules`` or ``modules_to_save`` (with the task type's head, :data:`TASK_HEAD_MODULES`)
-    takes ``module`` out of LoRA (None: unsafe pattern)."""
+    takes ``module`` out of LoRA (None: unsafe pattern, and no other entry takes it out)."""
     exclude = raw.get("exclude_modules")
     if isinstance(exclude, str):
         hit = _safe_match(exclude, re.fullmatch, module)
         if hit is None or hit:
             return hit
-    elif isinstance(exclude, list) and any(module == e or module.endswith(f".{e}") for e in exclude):
+    elif isinstance(exclude, list) and not _names(exclude).isdisjoint(_dotted_suffixes(module)):
         return True
     to_save = raw.get("modules_to_save")
     task = raw.get("task_type")
     heads = TASK_HEAD_MODULES.get(task, ()) if isinstance(task, str) else ()
-    for m in [*([to_save] if isinstance(to_save, str) else to_save or []), *heads]:
-        hit = _safe_match(rf"(^|.*\.){m}($|\..*)", re.match, module)
-        if hit is None or hit:
-            return hit
-    return False
+    components = module.split(".")
+    if any(h in components for h in heads):
+        return True
+    entries = [to_save] if isinstance(to_save, str) else to_save if isinstance(to_save, list) else []
+    words, others = _save_patterns(entries)
+    if not words.isdisjoint(components):
+        return True
+    unsafe = False
+    for compiled in others:
+        if compiled is None:
+            unsafe = True
+            continue
+        try:
+            if compiled.match(module) is not None:
+                return True
+        except (RecursionError, OverflowError):
+            unsafe = True
+    return None if unsafe else False
 
 
 def _in_layers(raw: Mapping[str, Any], module: str) -> bool | None:
@@ -155,24 +231,42 @@ def _in_layers(raw: Mapping[str, Any], module: str) -> bool | None:
     layers = raw.get("layers_to_transform")
     if layers is None or layers == []:
         return True
-    if not isinstance(layers, (int, list)) or (
-        isinstance(layers, list) and not all(isinstance(i, int) for i in layers)
-    ):
+    if isinstance(layers, list):
+        wanted = _prepared("layers", layers, lambda v: frozenset(v) if all(isinstance(i, int) for i in v) else None)
+        if wanted is None:
+            return None
+    elif isinstance(layers, int):
+        wanted = frozenset((layers,))
+    else:
         return None
     pattern = raw.get("layers_pattern")
     # An empty layers_pattern ("" or []) is PEFT's default pattern, as null is (check_target_module_exists).
-    patterns = [pattern] if isinstance(pattern, str) and pattern else list(pattern or [])
+    patterns = [pattern] if isinstance(pattern, str) and pattern else pattern if isinstance(pattern, list) else []
+    if len(patterns) > MAX_LISTED_PATTERNS:
+        return None
     match = None
     if not patterns:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
-    for p in patterns:
-        match = re.match(LAYERS_PATTERN_WRAP.format(key=p), module) if not pattern_risk(p) else None
+    for compiled in _layer_patterns(patterns) if patterns else ():
+        match = compiled.match(module) if compiled is not None else None
         if match is not None:
             break
     if match is None:
         return False
-    index = int(match.group("idx"))
-    return index == layers if isinstance(layers, int) else index in layers
+    return int(match.group("idx")) in wanted
+
+
+def _layer_patterns(patterns: list[Any]) -> list[re.Pattern[str] | None]:
+    def build(values: list[Any]) -> list[re.Pattern[str] | None]:
+        out: list[re.Pattern[str] | None] = []
+        for p in values:
+            try:
+                out.append(None if pattern_risk(p) else re.compile(LAYERS_PATTERN_WRAP.format(key=p)))
+            except (re.error, RecursionError, OverflowError, TypeError):
+                out.append(None)
+        return out
+
+    return build(patterns) if len(patterns) == 1 else _prepared("layers_pattern", patterns, build)
 
 
 def ignored_modules(config: AdapterConfig, modules: Iterable[str]) -> list[str]:

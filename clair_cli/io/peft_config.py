@@ -145,6 +145,8 @@ def _layers(path: Path | str, layers: Any, pattern: Any) -> None:
     ):
         raise _fail(path, "layers_to_transform must be a layer index or a list of layer indices")
     patterns = _str_list(path, "layers_pattern", pattern)
+    if isinstance(patterns, tuple) and len(patterns) > MAX_PATTERNS:  # each is compiled twice, here
+        raise _fail(path, f"layers_pattern has {len(patterns)} entries; clair accepts at most {MAX_PATTERNS}")
     for p in [patterns] if isinstance(patterns, str) else patterns or ():
         _regex(path, "layers_pattern", p, LAYERS_PATTERN_WRAP)
 
