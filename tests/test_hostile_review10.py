@@ -210,3 +210,30 @@ def test_a_layers_pattern_list_past_4096_entries_is_refused_before_it_is_compile
     write_adapter(tmp_path / "a", config=config)
     result = invoke("inspect", str(tmp_path / "a"))
     assert result.exit_code == 2 and "layers_pattern has 300000 entries; clair accepts at most 4096" in result.output
+
+
+@pytest.mark.parametrize("command", ["audit", "inspect"])
+def test_a_table_into_a_closed_pipe_ends_with_141_not_1(command: str, tmp_path: Path) -> None:
+    """rich ends a process whose stdout's reader went away with exit 1 (Console.on_broken_pipe), which reads
+    as "an adapter was flagged" (``clair audit POOL | head`` in CI; inspect never returns 1); a report on
+    stdout (``--json -``) ended with 141, as documented, and so does the table now."""
+    import os
+    import subprocess
+    import sys
+
+    for k in range(5):
+        write_adapter(tmp_path / "pool" / f"a{k}", seed=k)
+    read, write = os.pipe()
+    os.close(read)  # the reader went away before clair wrote
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "clair_cli", command, str(tmp_path / "pool")],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "NO_COLOR": "1"},
+            timeout=300,
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 141, (proc.returncode, proc.stderr)
+    assert b"Traceback" not in proc.stderr and b"Exception ignored" not in proc.stderr

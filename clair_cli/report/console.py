@@ -6,6 +6,7 @@ output is plain text. ``COLUMNS`` sets the width when there is no terminal.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import IO
@@ -16,13 +17,22 @@ from rich.markup import escape
 from clair_cli.io.paths import printable
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """Rich ends the process here with exit 1, which reads as "an adapter was flagged" (a table piped
+        into ``head``); the error goes to the command's boundary instead, which ends with 141, as a report
+        on stdout (``--json -``) does."""
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, "the output's reader closed it")
+
+
 def make_console(*, stderr: bool = False, quiet: bool = False, file: IO[str] | None = None) -> Console:
     """A console on stdout (data) or stderr (messages); ``quiet`` silences it."""
     stream = file or (sys.stderr if stderr else sys.stdout)
     width = None
     if not stream.isatty():
         width = int(os.environ.get("COLUMNS", "0") or 0) or 120
-    return Console(file=stream, quiet=quiet, highlight=False, width=width, soft_wrap=False)
+    return _Console(file=stream, quiet=quiet, highlight=False, width=width, soft_wrap=False)
 
 
 def shown(text: str) -> str:
