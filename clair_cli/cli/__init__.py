@@ -56,7 +56,9 @@ def _plain(text: str) -> str:
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
-OUT_OF_MEMORY_HINT = "Use fewer or smaller adapters, or --max-rank; with --jobs, fewer jobs (each worker holds its own module)."
+OUT_OF_MEMORY_HINT = (
+    "Use fewer or smaller adapters, or --max-rank; with --jobs, fewer jobs (each worker holds its own module)."
+)
 
 
 def _quiet_stdout() -> None:
