@@ -5,6 +5,7 @@ config lists that cost time per module and per entry (minutes for one adapter)."
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 
@@ -237,3 +238,44 @@ def test_a_table_into_a_closed_pipe_ends_with_141_not_1(command: str, tmp_path: 
         os.close(write)
     assert proc.returncode == 141, (proc.returncode, proc.stderr)
     assert b"Traceback" not in proc.stderr and b"Exception ignored" not in proc.stderr
+
+
+def test_a_long_alternation_of_names_is_matched_as_the_regex_would_match_it() -> None:
+    """A target_modules / exclude_modules string of many names (what clair writes for a merged adapter:
+    an alternation of 10,000 names for a MoE adapter) was matched as one regular expression per module,
+    7 ms each; its literal branches are now a set, the other branches a regex: the same answers."""
+    import random
+
+    from clair_cli.io.lora_config import _fullmatches
+
+    tail = "|".join(re.escape(f"name{i}.q-x") for i in range(150))
+    pieces = ["a", "b", ".", "|", "\\.", "*", "x", "(", ")", "[a]", "\\d", "^", "$", "{2}", "\\", "-", "\\-", "1", "?"]
+    names = ["a", "b", "ab", "a.b", "x", "name3.q-x", "name3xq-x", "", "aa", "-", "1", "a-b", ".", "\\"]
+    rng = random.Random(0)
+    told = 0
+    for _ in range(3000):
+        pattern = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 10))) + "|" + tail
+        for name in names:
+            try:
+                want = re.fullmatch(pattern, name) is not None
+            except re.error:
+                want = None
+            got = _fullmatches(pattern, name)
+            if got is not None:
+                told += 1
+                assert got == want, (pattern[:40], name)
+    assert told > 10_000  # patterns without groups or classes are told, not left unverified
+
+
+def test_a_merged_moe_adapters_target_string_is_prepared_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from clair_cli.io import lora_config
+
+    modules = [f"model.layers.{i // 192}.mlp.experts.{i % 64}.w{i % 3}" for i in range(10_000)]
+    raw = {"target_modules": lora_config.exact_targets(modules)}
+    monkeypatch.setattr(lora_config, "_safe_match", lambda *a: pytest.fail("matched as one regex"))
+    lora_config._PREPARED.clear()
+    assert all(lora_config.peft_selects(raw, m) for m in modules[:2000])
+    assert lora_config.peft_selects(raw, "model.layers.0.mlp.experts.0.w9") is False
+    # One entry for the string (and one for modules_to_save, absent): none made per module, which emptied
+    # the cache every 256 modules and prepared the 300 KB string again (an empty list per call had been one).
+    assert len(lora_config._PREPARED) <= 2
