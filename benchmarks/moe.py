@@ -2,6 +2,11 @@
 
     python -m benchmarks.moe                        # K = 8 adapters, 1,000 and 10,000 expert modules
     python -m benchmarks.moe --modules 1000 --k 8 --runs 3
+    python -m benchmarks.moe --modules 10000 --k 1 --named --inspect   # a merged adapter read back
+
+``--named``: each config names its modules as ``clair merge`` writes them, one alternation of exact
+names in ``target_modules`` (``exact_targets``), instead of ``["down_proj"]``; ``--inspect`` times
+``clair inspect`` of the first adapter instead of the pool's audit.
 
 Each adapter holds ``--modules`` LoRA modules named like a MoE model's experts
 (``model.layers.L.mlp.experts.E.down_proj``, 64 experts a layer), 64 x 64, rank 4, bfloat16:
@@ -30,17 +35,22 @@ WIDTH = 64
 RANK = 4
 
 
-def generate(out: Path, k: int, modules: int, seed: int = 0) -> Path:
-    """Write ``k`` PEFT adapters of ``modules`` expert modules each into ``out``."""
+def generate(out: Path, k: int, modules: int, seed: int = 0, named: bool = False) -> Path:
+    """Write ``k`` PEFT adapters of ``modules`` expert modules each into ``out`` (``named``: their
+    config's ``target_modules`` the alternation of their names that ``clair merge`` writes)."""
     import torch
     from safetensors.torch import save_file
+
+    from clair_cli.io.lora_config import exact_targets
 
     g = torch.Generator().manual_seed(seed)
     shared = torch.randn(WIDTH, 1, generator=g)
     for a in range(k):
         tensors = {}
+        names = []
         for i in range(modules):
             name = f"model.layers.{i // EXPERTS_PER_LAYER}.mlp.experts.{i % EXPERTS_PER_LAYER}.down_proj"
+            names.append(name)
             A = torch.randn(RANK, WIDTH, generator=g)
             B = torch.randn(WIDTH, RANK, generator=g)
             B[:, :1] += (10.0 if a >= k - 2 else 1.0) * shared
@@ -54,15 +64,21 @@ def generate(out: Path, k: int, modules: int, seed: int = 0) -> Path:
             "base_model_name_or_path": "moe-bench",
             "r": RANK,
             "lora_alpha": 2 * RANK,
-            "target_modules": ["down_proj"],
+            "target_modules": exact_targets(names) if named else ["down_proj"],
         }
         (directory / "adapter_config.json").write_text(json.dumps(config))
     return out
 
 
-def measure(pool: Path, k: int, modules: int, runs: int) -> dict:
+def measure(pool: Path, k: int, modules: int, runs: int, inspect: bool = False) -> dict:
     start = timed([sys.executable, "-c", "import torch, clair_cli.cli"], runs)["wall_s"]
-    audit = timed([*CLAIR, "audit", str(pool), "-q", "--exit-zero", "--max-modules", str(modules)], runs)
+    limit = ["--max-modules", str(modules)]
+    if inspect:  # one adapter read back, its modules checked against its config
+        k = 1
+        command = [*CLAIR, "inspect", str(pool / "adapter_000"), "--json", "-", *limit]
+    else:
+        command = [*CLAIR, "audit", str(pool), "-q", "--exit-zero", *limit]
+    audit = timed(command, runs)
     work = max(audit["wall_s"] - start, 0.0)
     return {
         "k": k,
@@ -81,13 +97,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=8, help="adapters (default 8)")
     parser.add_argument("--modules", type=int, nargs="+", default=[1000, 10000], help="expert modules per adapter")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--named", action="store_true", help="target_modules as clair merge writes it")
+    parser.add_argument("--inspect", action="store_true", help="time clair inspect of one adapter")
     args = parser.parse_args(argv)
     rows = []
     work = Path(tempfile.mkdtemp(prefix="clair-moe-"))
     try:
         for n in args.modules:
-            pool = generate(work / f"pool{n}", args.k, n)
-            rows.append(measure(pool, args.k, n, args.runs))
+            pool = generate(work / f"pool{n}", args.k, n, named=args.named)
+            rows.append(measure(pool, args.k, n, args.runs, args.inspect))
             shutil.rmtree(pool)
     finally:
         shutil.rmtree(work, ignore_errors=True)
