@@ -279,3 +279,23 @@ def test_a_merged_moe_adapters_target_string_is_prepared_once(monkeypatch: pytes
     # One entry for the string (and one for modules_to_save, absent): none made per module, which emptied
     # the cache every 256 modules and prepared the 300 KB string again (an empty list per call had been one).
     assert len(lora_config._PREPARED) <= 2
+
+
+def test_a_long_target_string_of_names_is_checked_without_compiling_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checking that a config's target_modules string compiles (PEFT fails to load one that does not)
+    compiled the whole alternation a merged MoE adapter's config holds: 3 s for 10,000 names. Names
+    always compile; the other branches are compiled, and an invalid one is still refused."""
+    from clair_cli.errors import AdapterFormatError
+    from clair_cli.io import peft_config
+    from clair_cli.io.lora_config import exact_targets
+
+    names = exact_targets(f"model.layers.{i}.mlp.experts.{j}.w1" for i in range(40) for j in range(64))
+    compiled: list[int] = []
+    real = re.compile
+    monkeypatch.setattr(peft_config.re, "compile", lambda p, *a: compiled.append(len(p)) or real(p, *a))
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4}
+    assert peft_config.parse_config({**config, "target_modules": names}, "c.json").target_modules == names
+    assert not compiled or max(compiled) < 1000
+    peft_config.parse_config({**config, "target_modules": names + "|.*q_proj"}, "c.json")
+    with pytest.raises(AdapterFormatError, match="not a valid regular expression"):
+        peft_config.parse_config({**config, "target_modules": names + "|*q_proj"}, "c.json")

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from clair_cli.constants import CONFIG_NAME, MAX_PATTERNS, PEFT_KEY_PREFIX
 from clair_cli.errors import IncompatibleAdapters, OutputError
 from clair_cli.io.paths import printable
-from clair_cli.io.patterns import LAYERS_PATTERN_WRAP, pattern_risk
+from clair_cli.io.patterns import ALTERNATION_MIN_LENGTH, LAYERS_PATTERN_WRAP, pattern_risk, split_alternation
 from clair_cli.types import AdapterConfig, attention_layers, peft_layer
 
 if TYPE_CHECKING:
@@ -108,45 +108,23 @@ def _safe_match(pattern: str, fn: Any, text: str) -> bool | None:
         return None
 
 
-# A branch of a top-level alternation that matches one name only: characters that are not special, and
-# punctuation escaped (``re.escape``'s output; ``\\`` and a letter or digit is a class or a backreference).
-_LITERAL_BRANCH = re.compile(r"(?:[^\\.^$*+?{}\[\]()|]|\\[^A-Za-z0-9])*", re.S)
-_TOKEN = re.compile(r"\\.|\||[^\\|]+", re.S)
-_ALTERNATION_MIN_LENGTH = 1024  # shorter patterns: the re module's own cache is as fast
-
-
 def _alternation(pattern: str) -> tuple[frozenset[str], re.Pattern[str] | None] | None:
-    """A pattern without groups or classes (so every unescaped ``|`` is top-level) as the names its
-    literal branches match and the rest of its branches compiled (None: no other branch); None where
-    it is not such a pattern, or does not compile. ``re.fullmatch`` backtracks across branches, so the
-    pattern full-matches a name exactly where the name is one of those names or the rest full-matches it.
-    Prepared once per pattern: an alternation of 10,000 module names (what :func:`exact_targets` writes
-    for a merged MoE adapter) took 7 ms per module as a regular expression, 70 s per adapter."""
+    """:func:`~clair_cli.io.patterns.split_alternation` of ``pattern``, its other branches compiled (None:
+    no other branch), prepared once per pattern; None where it is not such a pattern or they cannot be
+    matched safely. An alternation of 10,000 module names (what :func:`exact_targets` writes for a merged
+    MoE adapter) took 7 ms per module as one regular expression, 70 s per adapter."""
 
     def build(text: str) -> tuple[frozenset[str], re.Pattern[str] | None] | None:
-        branches: list[str] = []
-        current: list[str] = []
-        tokens = _TOKEN.findall(text)
-        if "".join(tokens) != text:  # a lone backslash at the end: not a pattern
+        split = split_alternation(text)
+        if split is None:
             return None
-        for token in tokens:
-            if token == "|":
-                branches.append("".join(current))
-                current = []
-            elif token[0] != "\\" and any(c in token for c in "()[]"):
-                return None  # a group or a class: a '|' may be inside it
-            else:
-                current.append(token)
-        branches.append("".join(current))
-        names = frozenset(re.sub(r"\\(.)", r"\1", b, flags=re.S) for b in branches if _LITERAL_BRANCH.fullmatch(b))
-        rest = [b for b in branches if not _LITERAL_BRANCH.fullmatch(b)]
-        if not rest:
+        names, rest = split
+        if rest is None:
             return names, None
-        joined = "|".join(rest)
-        if _REPEATS.search(joined) and pattern_risk(joined, anchored=True):
+        if _REPEATS.search(rest) and pattern_risk(rest, anchored=True):
             return None  # matched as a whole, to say it cannot be told
         try:
-            return names, re.compile(joined)
+            return names, re.compile(rest)
         except (re.error, RecursionError, OverflowError):
             return None
 
@@ -157,7 +135,7 @@ def _fullmatches(pattern: str, module: str) -> bool | None:
     """``re.fullmatch(pattern, module)`` for a config's ``target_modules`` / ``exclude_modules`` string;
     None when it cannot be matched safely (:func:`_safe_match`). A long alternation of names is matched
     by a set lookup (:func:`_alternation`)."""
-    split = _alternation(pattern) if len(pattern) >= _ALTERNATION_MIN_LENGTH else None
+    split = _alternation(pattern) if len(pattern) >= ALTERNATION_MIN_LENGTH else None
     if split is None:
         return _safe_match(pattern, re.fullmatch, module)
     names, rest = split

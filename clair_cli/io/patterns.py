@@ -7,12 +7,13 @@ bound are refused when the config is read. Stdlib only.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from clair_cli.constants import MAX_PATTERNS
 from clair_cli.types import PLAIN_PATTERN
 
-__all__ = ["LAYERS_PATTERN_WRAP", "MAX_PATTERNS", "pattern_risk"]
+__all__ = ["LAYERS_PATTERN_WRAP", "MAX_PATTERNS", "pattern_risk", "split_alternation"]
 
 # How PEFT (peft.tuners.tuners_utils.check_target_module_exists) and clair_cli.io.lora_config._in_layers
 # match a layers_pattern: inside this expression, which must compile too (clair_cli.io.peft_config checks it).
@@ -23,6 +24,39 @@ MAX_PATTERN_LENGTH = 512
 # 1,024-character module name, 1.4 ms for \w*\w*x but 0.47 s for \w*\w*\w*x (half an hour over
 # 4,096 modules), and the configs of real adapters use one or two (.*\.(q|v)_proj, ^(?!.*vision).*q_proj).
 MAX_UNBOUNDED_REPEATS = 2
+
+
+# A branch of a top-level alternation that matches one name only: characters that are not special, and
+# punctuation escaped (``re.escape``'s output; a backslash and a letter or digit is a class or a backreference).
+_LITERAL_BRANCH = re.compile(r"(?:[^\\.^$*+?{}\[\]()|]|\\[^A-Za-z0-9])*", re.S)
+_TOKEN = re.compile(r"\\.|\||[^\\|]+", re.S)
+ALTERNATION_MIN_LENGTH = 1024  # shorter patterns: the re module's own cache is as fast
+
+
+def split_alternation(pattern: str) -> tuple[frozenset[str], str | None] | None:
+    """A pattern without groups or classes (so every unescaped ``|`` is top-level) as the names its
+    literal branches match and its other branches joined (None: no other branch); None where it is
+    not such a pattern. ``re.fullmatch`` backtracks across branches, so the pattern full-matches a
+    name exactly where the name is one of those names or the other branches full-match it; and it
+    compiles exactly where they do (a literal branch always compiles). What :func:`exact_targets
+    <clair_cli.io.lora_config.exact_targets>` writes for a merged adapter is names alone."""
+    tokens = _TOKEN.findall(pattern)
+    if "".join(tokens) != pattern:  # a lone backslash at the end: not a pattern
+        return None
+    branches: list[str] = []
+    current: list[str] = []
+    for token in tokens:
+        if token == "|":
+            branches.append("".join(current))
+            current = []
+        elif token[0] != "\\" and any(c in token for c in "()[]"):
+            return None  # a group or a class: a '|' may be inside it
+        else:
+            current.append(token)
+    branches.append("".join(current))
+    names = frozenset(re.sub(r"\\(.)", r"\1", b, flags=re.S) for b in branches if _LITERAL_BRANCH.fullmatch(b))
+    rest = [b for b in branches if not _LITERAL_BRANCH.fullmatch(b)]
+    return names, "|".join(rest) if rest else None
 
 
 def _re_internals() -> tuple[Any, Any]:

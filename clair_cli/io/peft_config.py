@@ -20,7 +20,7 @@ from clair_cli.constants import CONFIG_NAME, MAX_CONFIG_BYTES, MAX_PATTERNS
 from clair_cli.errors import AdapterFormatError
 from clair_cli.io.files import parse_json, read_small
 from clair_cli.io.paths import printable
-from clair_cli.io.patterns import LAYERS_PATTERN_WRAP, pattern_risk
+from clair_cli.io.patterns import ALTERNATION_MIN_LENGTH, LAYERS_PATTERN_WRAP, pattern_risk, split_alternation
 from clair_cli.types import PATTERN_KEY_WRAP, AdapterConfig
 
 MAX_BASE_MODEL_LENGTH = 4096  # characters of base_model_name_or_path (PATH_MAX)
@@ -126,8 +126,12 @@ def _regex(path: Path | str, field: str, value: str, wrap: str | None = None) ->
     """A module-selecting field given as one string, which PEFT full-matches as a regular
     expression when it loads the adapter (an invalid one makes loading fail there). ``wrap``:
     the expression PEFT builds around it (``{key}`` stands for the value), compiled as well."""
+    split = split_alternation(value) if wrap is None and len(value) >= ALTERNATION_MIN_LENGTH else None
     try:
-        re.compile(value)
+        if split is None:
+            re.compile(value)
+        elif split[1] is not None:  # names alone always compile (a merged adapter's 10,000 took 3 s)
+            re.compile(split[1])
         if wrap is not None:
             re.compile(wrap.format(key=value))
     except (re.error, RecursionError, OverflowError) as exc:
