@@ -240,6 +240,28 @@ def test_a_table_into_a_closed_pipe_ends_with_141_not_1(command: str, tmp_path: 
     assert b"Traceback" not in proc.stderr and b"Exception ignored" not in proc.stderr
 
 
+def test_an_error_into_a_closed_stderr_keeps_its_exit_code(tmp_path: Path) -> None:
+    """With stderr's reader gone, rich pointed stdout (not stderr) at /dev/null and the interpreter's final
+    flush of stderr failed: a bad input's run ended with Python's exit code 120 instead of 2."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader went away before clair wrote
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "clair_cli", "audit", str(tmp_path / "missing")],
+            stdout=subprocess.PIPE,
+            stderr=write,
+            env={**os.environ, "NO_COLOR": "1"},
+            timeout=300,
+        )
+    finally:
+        os.close(write)
+    assert proc.returncode == 2, proc.returncode
+
+
 def test_a_long_alternation_of_names_is_matched_as_the_regex_would_match_it() -> None:
     """A target_modules / exclude_modules string of many names (what clair writes for a merged adapter:
     an alternation of 10,000 names for a MoE adapter) was matched as one regular expression per module,

@@ -33,20 +33,38 @@ def report_error(message: str, hint: str | None) -> int:
     are written plainly: the message of a run that ran out of memory must not need more of it.
     """
     try:
-        from rich.console import Console
         from rich.text import Text
 
         from clair_cli.io.paths import printable
+
+        stderr_console = _stderr_console()
     except (ImportError, MemoryError, OSError):
         with contextlib.suppress(OSError, ValueError, MemoryError):
             sys.stderr.write(f"Error: {_plain(message)}\n" + (f"{_plain(hint)}\n" if hint else ""))
             sys.stderr.flush()
         return EXIT_ERROR
-    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console = stderr_console(stderr=True, highlight=False, soft_wrap=True)
     console.print(Text.assemble(("Error: ", "bold red"), printable(message)))
     if hint:
         console.print(printable(hint), markup=False, emoji=False, style="dim")
     return EXIT_ERROR
+
+
+def _stderr_console() -> type:
+    from rich.console import Console
+
+    class StderrConsole(Console):
+        def on_broken_pipe(self) -> None:
+            """Rich points stdout at /dev/null here and exits 1; with stderr's reader gone, the run's exit
+            code stays the error's (2), and stderr goes to /dev/null so that the interpreter's final flush
+            of it does not fail (Python then exits 120)."""
+            self.quiet = True
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stderr.fileno())
+                os.close(devnull)
+
+    return StderrConsole
 
 
 def _plain(text: str) -> str:
