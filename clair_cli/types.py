@@ -73,6 +73,12 @@ def _plain_match(key: str, module: str) -> bool:
 # wraps the attention's ``out_proj``, whose factors are stored under ``<mha>.base_layer.out_proj``,
 # with the rank and alpha of the attention layer itself: patterns and target_modules select ``<mha>``.
 MHA_OUT_PROJ = ".base_layer.out_proj"
+# PEFT before 0.22 applied that out_proj LoRA twice (huggingface/peft#3774: merged into the weight by
+# the layer and again by out_proj itself); PEFT 0.22 applies it once and doubles ``lora_B`` on load for
+# an adapter saved before 0.22 (its config's ``peft_version``, or none: saved before 0.18). Such an
+# adapter's out_proj update is ``2 * scale * B @ A`` under every PEFT version; a later one's, under PEFT
+# 0.22 and later, ``scale * B @ A`` (:attr:`AdapterConfig.out_proj_doubled`).
+OUT_PROJ_DOUBLING = 2.0
 
 
 def peft_layer(module: str, layers: Collection[str]) -> str:
@@ -93,6 +99,11 @@ def attention_layers(modules: Iterable[str]) -> frozenset[str]:
     return frozenset(
         m[: -len(MHA_OUT_PROJ)] for m in names if m.endswith(MHA_OUT_PROJ) and m[: -len(MHA_OUT_PROJ)] in names
     )
+
+
+def attention_out_projs(modules: Iterable[str]) -> frozenset[str]:
+    """The out_proj modules of the MultiheadAttention layers among ``modules`` (:func:`attention_layers`)."""
+    return frozenset(layer + MHA_OUT_PROJ for layer in attention_layers(modules))
 
 
 def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
@@ -142,6 +153,10 @@ class AdapterConfig:
     # ``target_parameters`` entry: ``<module>.<parameter>`` (peft.tuners.tuners_utils._inject_parameters), not
     # the module's own name, which the file's keys carry.
     parameter_names: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # Saved before PEFT 0.22 (see OUT_PROJ_DOUBLING): PEFT applies a MultiheadAttention's out_proj LoRA at
+    # twice its scale. None: the config's peft_version is no version, which PEFT 0.22 refuses to load
+    # such a LoRA under (the reader refuses an adapter that has one).
+    out_proj_doubled: bool | None = field(default=False, compare=False, repr=False)
 
     def rank_for(self, module: str) -> int:
         """Rank PEFT gives ``module``: ``rank_pattern`` first, then ``r`` (:func:`peft_layer`'s)."""
@@ -163,10 +178,17 @@ class AdapterConfig:
         return self.parameter_names.get(module) or peft_layer(module, self.attention_layers)
 
     def scale_for(self, module: str, r: int | None = None) -> float:
-        """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA; twice that for the out_proj LoRA of a
+        MultiheadAttention in an adapter saved before PEFT 0.22 (:attr:`out_proj_doubled`)."""
         rank = self.rank_for(module) if r is None else r
         alpha = self.alpha_for(module)
-        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+        scale = alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+        return scale * OUT_PROJ_DOUBLING if self.doubles(module) else scale
+
+    def doubles(self, module: str) -> bool:
+        """Whether PEFT applies ``module``'s LoRA at twice its scale: the out_proj of a MultiheadAttention
+        (:func:`peft_layer`) in an adapter saved before PEFT 0.22 (:data:`OUT_PROJ_DOUBLING`)."""
+        return bool(self.out_proj_doubled) and peft_layer(module, self.attention_layers) != module
 
     @property
     def scale_rule(self) -> str:

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clair_cli.constants import (
+    CONFIG_NAME,
     DORA_MAGNITUDE_RE,
     FLOAT_DTYPES,
     LORA_KEY_RE,
@@ -247,7 +249,11 @@ class Adapter:
         check_module_count(path, len(parts), max_modules)
         layers = attention_layers(parts)
         if layers:
-            config = replace(config, attention_layers=layers)
+            config = replace(
+                config, attention_layers=layers, out_proj_doubled=keys.layout == "peft" and config.out_proj_doubled
+            )
+            if config.out_proj_doubled is None:
+                _refuse_peft_version(path, config, layers)
         params = parameter_names(path, config, parts)
         if params:
             config = replace(config, parameter_names=params)
@@ -295,6 +301,8 @@ class Adapter:
             )
         if config.trainable_token_indices:
             notes.append("trainable_token_indices (new token embeddings) not analysed")
+        if config.out_proj_doubled and layers:
+            notes.append(_doubled_note(config, layers))
         ignored = ignored_note(config, modules)
         if ignored:
             notes.append(ignored)
@@ -562,6 +570,32 @@ def peak(t: torch.Tensor) -> float:
 
 def _listed(keys: list[str], n: int = 3) -> str:
     return ", ".join(sorted(keys)[:n]) + (", ..." if len(keys) > n else "")
+
+
+def _said_version(config: AdapterConfig) -> str:
+    if "peft_version" not in config.raw:
+        return "no peft_version (saved before PEFT 0.18)"
+    return f"peft_version {printable(json.dumps(config.raw['peft_version'], default=str))[:80]}"
+
+
+def _refuse_peft_version(path: Path, config: AdapterConfig, layers: Iterable[str]) -> None:
+    """Refuse an adapter with a MultiheadAttention out_proj LoRA whose config's ``peft_version`` is no
+    version: PEFT 0.22 parses it to decide whether to double that LoRA, and fails."""
+    name = config.file_name or CONFIG_NAME
+    raise AdapterFormatError(
+        f"{printable(str(path))}: its {name} has {_said_version(config)}, which is not a version: PEFT (0.22 and "
+        f"later) reads it to load the out_proj LoRA of MultiheadAttention {printable(sorted(layers)[0])} and fails",
+        hint='Give the version of PEFT that saved the adapter ("peft_version": "0.21.0" for one trained before '
+        "PEFT 0.22, whose out_proj LoRA it applied twice), or re-save the adapter with PEFT.",
+    )
+
+
+def _doubled_note(config: AdapterConfig, layers: Collection[str]) -> str:
+    return (
+        f"{_said_version(config)}: the out_proj LoRA of its {_plural(len(layers), 'MultiheadAttention layer')} "
+        f"({_listed(sorted(layers))}) is read at twice scale*B@A, as PEFT before 0.22 applied it (twice, "
+        "huggingface/peft#3774) and PEFT 0.22 and later loads it (doubling lora_B)"
+    )
 
 
 @dataclass

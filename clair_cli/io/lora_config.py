@@ -33,7 +33,7 @@ from clair_cli.constants import CONFIG_NAME, MAX_PATTERNS, PEFT_KEY_PREFIX
 from clair_cli.errors import IncompatibleAdapters, OutputError
 from clair_cli.io.paths import printable
 from clair_cli.io.patterns import ALTERNATION_MIN_LENGTH, LAYERS_PATTERN_WRAP, pattern_risk, split_alternation
-from clair_cli.types import AdapterConfig, attention_layers, peft_layer
+from clair_cli.types import OUT_PROJ_DOUBLING, AdapterConfig, attention_layers, attention_out_projs, peft_layer
 
 if TYPE_CHECKING:
     from clair_cli.io.adapter import Adapter
@@ -678,6 +678,13 @@ def plan_merged(adapters: Sequence[Adapter], written: Iterable[str], base_model:
             "select them, so PEFT ignores them when loading those inputs; clair merged them as stored and the "
             "merged adapter targets them"
         )
+    layers = sorted(attention_layers(written_set))
+    if layers and adapters[0].layout == "peft":
+        notes.append(
+            f"the out_proj LoRA of {len(layers)} MultiheadAttention layer(s) (e.g. {printable(layers[0])}) stores "
+            "half the merged update in lora_B, under a config without peft_version: PEFT before 0.22 applies it "
+            "twice and PEFT 0.22 and later doubles it on load (saying so in a warning), so both apply the merged update"
+        )
     # The pool has one base model revision (build_pool refuses several), none where --base-model named the base
     # model: AutoPeftModel loads the base model at the written one.
     revisions = {a.config.base_revision for a in adapters}
@@ -704,8 +711,15 @@ def plan_own(adapter: Adapter) -> ConfigPlan:
     )
 
 
+# The configs clair writes carry no peft_version, which PEFT reads as saved before 0.22: PEFT of every
+# version applies a MultiheadAttention's out_proj LoRA at twice the config's scale (before 0.22 by applying
+# it twice, since by doubling lora_B on load; clair_cli.types.OUT_PROJ_DOUBLING). A merged adapter stores
+# that module's B at half the merged update's (clair_cli.io.peft_writer), and loads as computed under both.
+
+
 def lora_config(plan: ConfigPlan, modules: Mapping[str, tuple[int, float]], use_rslora: bool = False) -> dict[str, Any]:
-    """The ``adapter_config.json`` of a LoRA whose module ``m`` has rank and alpha ``modules[m]``.
+    """The ``adapter_config.json`` of a LoRA whose module ``m`` has rank and alpha ``modules[m]`` (the out_proj
+    of a MultiheadAttention at twice that scale, as PEFT applies it under a config without peft_version).
 
     The most common rank (and, among those, alpha) becomes ``r`` / ``lora_alpha``; every other
     module gets exact ``rank_pattern`` / ``alpha_pattern`` entries. The result is checked by
@@ -780,8 +794,9 @@ def check_written(
 
     layers = attention_layers(modules)
     cfg = replace(parse_config(config, CONFIG_NAME), attention_layers=layers)
+    doubled = attention_out_projs(modules)  # PEFT doubles them under a config without peft_version
     for m, (rank, alpha) in modules.items():
-        want = alpha / rank**0.5 if use_rslora else alpha / rank
+        want = (alpha / rank**0.5 if use_rslora else alpha / rank) * (OUT_PROJ_DOUBLING if m in doubled else 1.0)
         selected = peft_selects(config, m, layers)
         if not selected or cfg.rank_for(m) != rank or abs(cfg.scale_for(m) - want) > 1e-9 * abs(want):
             raise OutputError(f"the written {CONFIG_NAME} would not give module {printable(m)} its rank and scale")

@@ -155,6 +155,29 @@ def _layers(path: Path | str, layers: Any, pattern: Any) -> None:
         _regex(path, "layers_pattern", p, LAYERS_PATTERN_WRAP)
 
 
+def saved_before_out_proj_fix(data: dict[str, Any]) -> bool | None:
+    """Whether PEFT 0.22+ doubles a MultiheadAttention out_proj's ``lora_B`` when it loads an adapter of
+    this config (``peft.tuners.lora.model.LoraModel._remap_adapter_state_dict_for_load``, see
+    :data:`clair_cli.types.OUT_PROJ_DOUBLING`): no ``peft_version`` key (saved before PEFT 0.18), a release
+    before 0.21.1, or a release (not a dev build) before 0.22.0. None: the value is not a version string,
+    which PEFT fails on for such an adapter (it keeps a ``null`` as its own version: not doubled)."""
+    from packaging.version import InvalidVersion, Version
+
+    if "peft_version" not in data:
+        return True
+    said = data["peft_version"]
+    if said is None:
+        return False
+    if not isinstance(said, str):
+        return None
+    try:
+        version = Version(said.partition("@")[0])
+    except InvalidVersion:
+        return None
+    release = Version(version.base_version)
+    return release < Version("0.21.1") or (not version.is_devrelease and release < Version("0.22.0"))
+
+
 def parse_config(data: dict[str, Any], path: Path | str) -> AdapterConfig:
     """Validate a config dict as PEFT would apply it.
 
@@ -221,6 +244,7 @@ def parse_config(data: dict[str, Any], path: Path | str) -> AdapterConfig:
         modules_to_save=(to_save,) if isinstance(to_save, str) else tuple(to_save or ()),
         trainable_token_indices=data.get("trainable_token_indices"),
         raw=data,
+        out_proj_doubled=saved_before_out_proj_fix(data),
     )
 
 

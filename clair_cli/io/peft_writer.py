@@ -1,6 +1,7 @@
 """Write PEFT adapter directories atomically.
 
-A merged adapter is a LoRA with scale 1 in every module; its config comes from
+A merged adapter is a LoRA with scale 1 in every module (a MultiheadAttention's out_proj, which PEFT
+applies at twice the scale of a config without peft_version, stores half its B); its config comes from
 :mod:`clair_cli.io.lora_config`, the one writer of configs. Tensor names are PEFT's:
 ``base_model.model.<module>.lora_A.weight`` (``lora_embedding_A`` for
 embeddings). A refined adapter keeps its source's config and every tensor of its
@@ -23,7 +24,7 @@ MLX-LM adapter (:mod:`clair_cli.io.mlx`) is written back as MLX-LM's ``adapters.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ from clair_cli.io.adapter import Adapter, ModuleSpec
 from clair_cli.io.diffusion import refuse_swapped_output
 from clair_cli.io.paths import apply_umask, join_inside, printable, safe_relpath
 from clair_cli.io.writers import os_error_text
+from clair_cli.types import OUT_PROJ_DOUBLING, attention_out_projs
 
 if TYPE_CHECKING:
     import torch
@@ -161,6 +163,7 @@ class MergedStream:
         optional = {f"{name}.alpha": () for name in max_rank} if layout == "kohya" else {}
         self._b_keys: list[str] = []
         self._ranks: dict[str, int] = {}
+        self._halved = _halved(max_rank, layout)
         file = root / {"peft": SAFETENSORS_WEIGHTS_NAME, "mlx": MLX_UNPADDED_NAME}.get(layout, DIFFUSERS_WEIGHTS_NAME)
         self._stream = SafetensorsStream(file, largest, self.metadata, optional)
 
@@ -221,6 +224,8 @@ class MergedStream:
         for key, t in ((a_key, A), (b_key, B)):
             if not all_finite(t):
                 raise _non_finite(str(self.root), 1, key)
+        if name in self._halved:
+            B = B / OUT_PROJ_DOUBLING
         # MLX-LM's: staged as merged, stored (and padded) at the end (_pad_mlx)
         stored_a, stored_b = (A, B) if self.layout == "mlx" else _stored(self.specs[name], A, B)
         try:
@@ -303,14 +308,24 @@ def merged_tensors(
     out = {}
     if layout == "mlx":
         factors = uniform_rank(factors)
+    halved = _halved(factors, layout)
     for name, (A, B) in sorted(factors.items()):
         spec = specs[name]
         if layout == "comfyui":
             refuse_swapped_output(specs, name, int(A.shape[0]))
+        if name in halved:
+            B = B / OUT_PROJ_DOUBLING
         a_key, b_key = _layout_keys(spec, layout)
         out[a_key], out[b_key] = _stored(spec, A, B)
     out.update(_kohya_alphas(layout, {name: A.shape[0] for name, (A, _B) in factors.items()}))
     return out
+
+
+def _halved(modules: Iterable[str], layout: str) -> frozenset[str]:
+    """The merged modules whose ``B`` a PEFT adapter stores at half the merged update's: a MultiheadAttention's
+    out_proj, which PEFT applies at twice the scale of the config clair writes
+    (:func:`clair_cli.io.lora_config.lora_config`, :data:`clair_cli.types.OUT_PROJ_DOUBLING`)."""
+    return attention_out_projs(modules) if layout == "peft" else frozenset()
 
 
 def _layout_keys(spec: ModuleSpec, layout: str) -> tuple[str, str]:

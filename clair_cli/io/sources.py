@@ -850,6 +850,8 @@ def _flag_config(
         # at load, and a merged or refined config written from this one says it too.
         fan_in_fan_out=bool(conv1d),
         rank_pattern={f"^{re.escape(m)}": r for m, r in ranks.items() if r != common and r > 0},
+        # A config without peft_version, as PEFT reads one (and the one a refined adapter gets from it).
+        out_proj_doubled=True,
     )
 
 
