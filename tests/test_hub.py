@@ -212,6 +212,20 @@ def test_subfolder_in_spec_and_option(fake_hub: FakeHub, tmp_path: Path) -> None
         assert adapter["name"] == "owner/rounds/round_3" and adapter["revision"] == SHA_MAIN
 
 
+def test_a_repo_folder_named_like_a_cache_snapshot_is_read_at_the_commit_the_hub_answered(tmp_path: Path) -> None:
+    """The commit of a download is read from its cache path (``models--o--n/snapshots/<commit>/...``); a
+    repo folder ``snapshots/<40 hex>`` after it was taken for the commit, and the weights were asked for
+    at that commit (an error: the Hub has no such revision)."""
+    other = "c" * 40
+    files = {f"snapshots/{other}/{k}": v for k, v in _adapter_files(tmp_path, 0).items()}
+    with FakeHub({"owner/nested": {"main": (SHA_MAIN, files)}}) as hub:
+        proc = run_cli("inspect", f"hf://owner/nested/snapshots/{other}", "--json", "-", env=_env(hub, tmp_path / "h"))
+    assert proc.returncode == 0, proc.stderr
+    (adapter,) = json.loads(proc.stdout)["adapters"]
+    assert adapter["revision"] == SHA_MAIN
+    assert adapter["hub"]["commit"] == SHA_MAIN and adapter["hub"]["subfolder"] == f"snapshots/{other}"
+
+
 def test_token_is_sent(fake_hub: FakeHub, tmp_path: Path) -> None:
     proc = run_cli("inspect", "owner/lora", env=_env(fake_hub, tmp_path / "home", HF_TOKEN="hf_secret"))
     assert proc.returncode == 0, proc.stderr

@@ -199,10 +199,12 @@ def looks_like_hub_id(spec: str) -> bool:
 
 
 def _commit_from_path(path: Path) -> str | None:
+    """The commit of a file huggingface_hub downloaded, from its cache path
+    ``.../models--<owner>--<name>/snapshots/<commit>/<path in the repo>``: the first such triple (the repo's own
+    folders, named by whoever uploaded it, come after it and may spell one too)."""
     parts = path.parts
-    if "snapshots" in parts:
-        i = len(parts) - 1 - parts[::-1].index("snapshots")
-        if i + 1 < len(parts) and COMMIT_RE.match(parts[i + 1]):
+    for i in range(1, len(parts) - 1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith("models--") and COMMIT_RE.match(parts[i + 1]):
             return parts[i + 1]
     return None
 
