@@ -278,6 +278,20 @@ def test_a_float64_update_past_the_gram_products_range_is_refused_not_read_as_un
     assert "node-3" not in res.collaborators
 
 
+def test_a_float64_update_past_float64s_range_is_refused_with_its_module_and_why() -> None:
+    """Finite float64 factors whose product is past float64's range (both factors times 1e160): the
+    reply was left out as "cannot be read (ValueError: ...)", an internal error's words; it is a
+    malformed reply that names its module and the overflow, as an adapter file's would be."""
+    glob, clients = _second_round()
+    A, B = clients["node-3"][NAMES[1]]
+    clients["node-3"][NAMES[1]] = (A.double() * 1e160, B.double() * 1e160)
+    res = aggregate_round(glob, clients, dict.fromkeys(NAMES, 2.0), dict.fromkeys(NAMES, 4))
+    (why,) = res.reasons[3]
+    assert why.startswith("malformed reply") and "ValueError" not in why and "cannot be read" not in why, why
+    assert f"module {NAMES[1]}" in why and "range" in why, why
+    assert "node-3" not in res.collaborators
+
+
 def test_a_round_computes_each_clients_update_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The reply screen's update (three canonical factorisations a module) is the one the round
     audits: a closing review found every update computed twice (a round 46 % slower)."""

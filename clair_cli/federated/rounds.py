@@ -135,7 +135,10 @@ def client_update(
             out[module] = (A, B, s)
             continue
         Ag, Bg = Ag.to(A.dtype), Bg.to(B.dtype)
-        da, db, relative = update_difference(A, B, Ag, Bg, global_terms.canonical(module, Ag, Bg))
+        try:
+            da, db, relative = update_difference(A, B, Ag, Bg, global_terms.canonical(module, Ag, Bg))
+        except ValueError as exc:  # an update past its dtype's range (clair_cli.core.canonical)
+            raise ValueError(f"module {module}: {exc}") from exc
         if relative <= UNCHANGED_RELATIVE:
             out[module] = (torch.zeros_like(A), torch.zeros_like(B), s)
         else:  # (float32 at least: a half-precision difference would underflow where it is small)
@@ -213,7 +216,10 @@ def check_factors(
         return None
     # The update as the audit reads it (client_update), checked as the reader checks every
     # adapter, so that a reply it would refuse is left out here.
-    update = client_update(client, global_factors, scales, global_terms)
+    try:
+        update = client_update(client, global_factors, scales, global_terms)
+    except ValueError as exc:  # canonical factors of an update past its dtype's range (client_update's module)
+        raise AdapterFormatError(f"{name}: {exc}") from exc
     for module, (A, B, s) in update.items():
         peaks = [peak(A), peak(B)]
         if update_overflows(s, A.shape[0], peaks):
