@@ -737,3 +737,28 @@ def test_a_branch_read_from_the_cache_because_the_hub_did_not_answer_says_so(fak
     (note,) = [n for n in branch["notes"] if "did not answer" in n]
     assert f"read the cached commit {SHA_MAIN} of main" in note and "may have moved on" in note
     assert not any("did not answer" in n for n in pinned["notes"])
+
+
+@pytest.mark.parametrize("installed", ["0.36.2", "1.33.0"])
+def test_an_older_huggingface_hub_is_named_not_an_internal_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, installed: str
+) -> None:
+    """huggingface_hub 0.36 (which transformers 4 pins, and pip kept under the old bound, >=0.23) has
+    no set_client_factory: a Hub source ended in "internal error (ImportError ...)". It is refused
+    before any download, naming the version installed and the one needed (pyproject declares it)."""
+    import huggingface_hub
+    from typer.testing import CliRunner
+
+    from clair_cli.cli import app
+    from clair_cli.io.hub import HUB_MIN_VERSION
+
+    monkeypatch.setattr(huggingface_hub, "__version__", installed)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing is asked of it
+    result = CliRunner().invoke(app, ["inspect", "hf://owner/lora"])
+    assert result.exit_code == 2, result.output
+    assert f"huggingface_hub {installed} is installed" in result.output
+    assert f"{HUB_MIN_VERSION} or later" in result.output and "internal error" not in result.output
+    assert not (tmp_path / "home").exists() or not any((tmp_path / "home").rglob("*.safetensors"))
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert f'"huggingface-hub>={HUB_MIN_VERSION}"' in pyproject

@@ -239,6 +239,40 @@ def _check_answer(response: Any) -> None:
             box.setdefault("etags", set()).add(etag.strip().removeprefix("W/").strip('"'))
 
 
+# The oldest huggingface_hub whose HTTP client (httpx2, set_client_factory) clair hooks to bound, time and
+# check every download; pyproject.toml declares it. An environment may hold an older one anyway (transformers
+# 4 pins huggingface-hub below 1.0, and pip keeps what is installed where it can).
+HUB_MIN_VERSION = "2.0"
+HUB_HINT = (
+    f"pip install -U 'huggingface-hub>={HUB_MIN_VERSION}' (transformers 4 pins huggingface-hub below 1.0: "
+    "use transformers 5, or clair in an environment of its own)."
+)
+
+
+def _require_hub() -> None:
+    """Refuse a Hub source where huggingface_hub is missing or older than :data:`HUB_MIN_VERSION`.
+
+    Raises:
+        HubError: saying which version is installed.
+    """
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        from huggingface_hub import __version__ as installed
+    except ImportError as exc:
+        raise HubError(f"huggingface_hub is not installed ({exc})", hint=HUB_HINT) from exc
+    try:
+        old = Version(installed) < Version(HUB_MIN_VERSION)
+    except InvalidVersion:
+        old = False  # a build of its own: tried as it is
+    if old:
+        raise HubError(
+            f"huggingface_hub {printable(installed)} is installed; a Hub source needs {HUB_MIN_VERSION} or later "
+            "(clair bounds, times and checks each download through its HTTP client)",
+            hint=HUB_HINT,
+        )
+
+
 _installed = False
 
 
@@ -512,6 +546,7 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
             only a pickle checkpoint).
     """
     hub = parse_hub_spec(spec, subfolder, revision)
+    _require_hub()
     try:
         import httpx2
         from huggingface_hub import hf_hub_download
@@ -524,7 +559,7 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
             RevisionNotFoundError,
         )
     except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise HubError("huggingface_hub is not installed; `pip install huggingface-hub`") from exc
+        raise HubError(f"huggingface_hub {HUB_MIN_VERSION} or later is not installed ({exc})", hint=HUB_HINT) from exc
 
     _guard_client()
     _check_cache()
