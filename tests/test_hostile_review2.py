@@ -110,7 +110,14 @@ def test_refine_keeps_a_float8_tensor_and_refuses_a_nan_in_one(tmp_path: Path, d
 
 @pytest.mark.parametrize(
     "init, method",
-    [("pissa", "PiSSA"), ("pissa_niter_4", "PiSSA"), ("corda", "CorDA"), ("olora", "OLoRA"), ("loftq", "LoftQ")],
+    [
+        ("pissa", "PiSSA"),
+        ("pissa_niter_4", "PiSSA"),
+        ("corda", "CorDA"),
+        ("astra", "Astra"),  # PEFT 0.22
+        ("olora", "OLoRA"),
+        ("loftq", "LoftQ"),
+    ],
 )
 def test_an_adapter_that_rewrites_the_base_weights_is_not_merged_or_refined(
     tmp_path: Path, init: str, method: str

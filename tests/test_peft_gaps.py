@@ -52,6 +52,7 @@ CASES = {
         "DoRA magnitude vectors",
     ),
     "PiSSA": ({}, {"init_lora_weights": "pissa"}, "PEFT rewrites the base weights"),
+    "Astra": ({}, {"init_lora_weights": "astra"}, "(Astra: PEFT rewrites the base weights)"),  # PEFT 0.22
     # PEFT refuses these as it loads the adapter (ValueError: Unknown initialization; PiSSA's own check).
     "PiSSA capitalised": ({}, {"init_lora_weights": "PiSSA"}, "which PEFT refuses as it loads the adapter"),
     "LoftQ capitalised": ({}, {"init_lora_weights": "LoftQ"}, "which PEFT refuses as it loads the adapter"),
@@ -219,3 +220,62 @@ def test_a_tensor_parallel_adapter_is_noted_as_possibly_one_ranks_shard(pool: Pa
     cand = _candidate(pool, megatron_config=megatron, megatron_core="megatron.core")
     (adapter,) = open_adapters([str(cand)])
     assert any("tensor-parallel LoRA" in n and "shard" in n for n in adapter.notes) == noted
+
+
+def peft_is_022() -> bool:
+    from packaging.version import Version
+    from peft import __version__
+
+    return Version(Version(__version__).base_version) >= Version("0.22.0")
+
+
+@pytest.mark.skipif(not peft_is_022(), reason="init_lora_weights 'astra' is PEFT 0.22's (0.21 refuses it as unknown)")
+def test_an_astra_adapter_is_refused_for_a_merge_as_peft_rewrites_the_base_weights(tmp_path: Path) -> None:
+    """PEFT 0.22's Astra, like CorDA, sets the base weights to W - scale * B0 @ A0 (B0, A0: the initial
+    factors, from preprocess_astra's eigenvectors) whenever it builds the adapter, so the adapter's change
+    to the base model is scale * (B @ A - B0 @ A0), not scale * B @ A: a merged plain LoRA would be another
+    model. clair read it as an unknown init (a review: it merged two of them, exit 0)."""
+    from helpers import tiny_llama
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import AstraConfig, preprocess_astra
+
+    ids = torch.randint(0, 32, (4, 12), generator=torch.Generator().manual_seed(0))
+    for k in range(2):
+        model = tiny_llama()
+        config = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="astra", astra_config=AstraConfig()
+        )
+        preprocess_astra(model, config, run_model=lambda model=model: model(ids))
+        peft_model = get_peft_model(model, config)
+        torch.manual_seed(k)
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.add_(0.1 * torch.randn_like(p))
+        peft_model.save_pretrained(tmp_path / "pool" / f"c{k}")
+        layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+        update = layer.get_delta_weight("default")
+        change = (
+            peft_model.merge_and_unload().model.layers[0].self_attn.q_proj.weight
+            - tiny_llama().model.layers[0].self_attn.q_proj.weight
+        )
+        assert (change - update).abs().max() > 0.1 * update.abs().max()  # what PEFT applies is not scale * B @ A
+    assert json.loads((tmp_path / "pool" / "c0" / "adapter_config.json").read_text())["init_lora_weights"] == "astra"
+
+    from typer.testing import CliRunner
+
+    from clair_cli.cli import app
+
+    env = {"NO_COLOR": "1", "COLUMNS": "200"}
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(app, ["merge", str(tmp_path / "pool"), "--out", str(out), "--method", "mean"], env=env)
+    assert result.exit_code == 2, result.output
+    assert "adapter_config.json: init_lora_weights 'astra' (Astra) makes PEFT rewrite the base model's" in " ".join(
+        result.stderr.split()
+    )
+    assert "path_initial_model_for_weight_conversion" in result.stderr and not out.exists()
+    result = CliRunner().invoke(app, ["inspect", str(tmp_path / "pool" / "c0"), "--json", "-"], env=env)
+    assert result.exit_code == 0, result.output
+    notes = json.loads(result.stdout)["adapters"][0]["notes"]
+    assert any("(Astra): PEFT rewrites the base model's weights" in n for n in notes), notes
+    assert not any("which PEFT refuses" in n for n in notes), notes

@@ -75,11 +75,13 @@ VARIANT_OFF: dict[str, tuple[Any, ...]] = {
     "monteclora_config": (None,),
 }
 # init_lora_weights values with which PEFT rewrites the base model's weights when it loads the adapter
-# (peft.tuners.lora.layer.LoraLayer.update_layer: pissa_init, corda_init, olora_init, loftq_init), so that
-# the adapter's change to the base model is not scale * B @ A. "eva", "gaussian", "orthogonal", "mica" and
+# (peft.tuners.lora.layer.LoraLayer.update_layer: pissa_init, corda_init, astra_init (PEFT 0.22: any
+# "astra..."; like CorDA, it needs preprocess_astra's eigenvectors on the base model and subtracts the
+# initial scale * B0 @ A0 from the base weights), olora_init, loftq_init), so that the adapter's change to
+# the base model is not scale * B @ A. "eva", "gaussian", "orthogonal", "mica", "nora" (PEFT 0.22) and
 # "lora_ga" (whose loading falls back to a plain init: no gradients are attached) leave the base weights
 # alone; their factors, loaded from the file, are a plain LoRA.
-BASE_REWRITING_INITS = ("PiSSA", "CorDA", "OLoRA", "LoftQ")
+BASE_REWRITING_INITS = ("PiSSA", "CorDA", "Astra", "OLoRA", "LoftQ")
 PEFT_LIST_ALL_LINEAR = "all-linear"
 _REPEATS = re.compile(r"(?<!\\)[*+?{]")  # an unescaped repetition
 
@@ -455,7 +457,8 @@ def refuse_variants(adapters: Sequence[Adapter], what: str) -> None:
 
 
 # init_lora_weights strings PEFT (0.21, LoraLayer.update_layer and reset_lora_parameters) takes exactly as
-# written, and those it takes in any case; "pissa" and "pissa_niter_N" and any "corda..." are PiSSA's and CorDA's.
+# written, and those it takes in any case; "pissa" and "pissa_niter_N", any "corda..." and any "astra..." (PEFT 0.22)
+# are PiSSA's, CorDA's and Astra's.
 _PEFT_INITS_EXACT = ("loftq", "eva", "orthogonal", "lora_ga")
 _PEFT_INITS_ANY_CASE = ("olora", "mica", "gaussian")
 
@@ -472,11 +475,13 @@ def unloadable_init(raw: Mapping[str, Any]) -> bool:
         return True
     if value.startswith("pissa"):
         return value != "pissa" and re.fullmatch(r"pissa_niter_\d+", value) is None
-    return not (value.startswith("corda") or value in _PEFT_INITS_EXACT or value.lower() in _PEFT_INITS_ANY_CASE)
+    return not (
+        value.startswith(("corda", "astra")) or value in _PEFT_INITS_EXACT or value.lower() in _PEFT_INITS_ANY_CASE
+    )
 
 
 def base_rewriting_init(raw: Mapping[str, Any]) -> str | None:
-    """The method's name (PiSSA, CorDA, OLoRA, LoftQ) when the config's ``init_lora_weights`` makes PEFT
+    """The method's name (PiSSA, CorDA, Astra, OLoRA, LoftQ) when the config's ``init_lora_weights`` makes PEFT
     rewrite the base weights as it loads the adapter (its tests, as in PEFT's update_layer), or None."""
     value = raw.get("init_lora_weights")
     if not isinstance(value, str) or unloadable_init(raw):
@@ -485,6 +490,8 @@ def base_rewriting_init(raw: Mapping[str, Any]) -> str | None:
         return "PiSSA"
     if value.startswith("corda"):
         return "CorDA"
+    if value.startswith("astra"):
+        return "Astra"
     if value.lower() == "olora":
         return "OLoRA"
     if value == "loftq":
@@ -525,7 +532,7 @@ def base_rewriting_note(config: AdapterConfig) -> str | None:
 
 
 def refuse_base_rewriting(adapters: Sequence[Adapter], what: str) -> None:
-    """Refuse adapters whose ``init_lora_weights`` (PiSSA, CorDA, OLoRA, LoftQ) makes PEFT rewrite the
+    """Refuse adapters whose ``init_lora_weights`` (PiSSA, CorDA, Astra, OLoRA, LoftQ) makes PEFT rewrite the
     base weights at load: a ``what`` written from their factors would be a different model.
 
     Raises:
