@@ -137,7 +137,7 @@ def test_an_adapter_that_rewrites_the_base_weights_is_not_merged_or_refined(
     assert any(method in n for n in json.loads(result.stdout)["adapters"][0]["notes"])
 
 
-@pytest.mark.parametrize("init", ["gaussian", "eva", "orthogonal", "lora_ga", False])
+@pytest.mark.parametrize("init", ["gaussian", "eva", "orthogonal", "lora_ga", "nora", False])
 def test_an_init_that_leaves_the_base_alone_merges_as_a_plain_lora(tmp_path: Path, init: object) -> None:
     """Their factors, loaded from the file, are the whole update; the merged config says
     init_lora_weights true (a plain LoRA), whatever the inputs said."""

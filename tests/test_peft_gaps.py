@@ -181,7 +181,7 @@ def test_per_expert_moe_patterns_are_unanalysed(tmp_path: Path) -> None:
         assert (phrase is None and parts == []) or (phrase is not None and any(phrase in p for p in parts)), name
 
 
-@pytest.mark.parametrize("value", [True, "gaussian", "Gaussian", "eva", "orthogonal", "lora_ga", "MiCA"])
+@pytest.mark.parametrize("value", [True, "gaussian", "Gaussian", "eva", "orthogonal", "lora_ga", "MiCA", "nora"])
 def test_an_init_peft_loads_without_touching_the_base_weights_is_a_plain_lora(pool: Path, value: Any) -> None:
     code, report = _gate(pool, _candidate(pool, init_lora_weights=value))
     assert code == 0 and not report["flagged"], value
@@ -279,3 +279,38 @@ def test_an_astra_adapter_is_refused_for_a_merge_as_peft_rewrites_the_base_weigh
     notes = json.loads(result.stdout)["adapters"][0]["notes"]
     assert any("(Astra): PEFT rewrites the base model's weights" in n for n in notes), notes
     assert not any("which PEFT refuses" in n for n in notes), notes
+
+
+@pytest.mark.skipif(not peft_is_022(), reason="init_lora_weights 'nora' is PEFT 0.22's (0.21 refuses it as unknown)")
+def test_a_nora_adapter_is_a_plain_lora_peft_loads(tmp_path: Path) -> None:
+    """PEFT 0.22's NoRA only normalises lora_A's columns at initialisation and leaves the base weights
+    alone: PEFT loads the adapter and applies scale * B @ A. clair said PEFT refuses it as an unknown
+    initialization (and clair gate flagged it); "Nora" and "NORA" PEFT does refuse (it matches as written)."""
+    from helpers import tiny_llama
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from clair_cli.io.lora_config import unloadable_init
+
+    model = get_peft_model(
+        tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="nora")
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "nora")
+    config = json.loads((tmp_path / "nora" / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] == "nora"
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "nora"))
+    layers = {n.removeprefix("base_model.model."): m for n, m in loaded.named_modules() if hasattr(m, "lora_A")}
+    (adapter,) = open_adapters([str(tmp_path / "nora")])
+    assert not any("PEFT refuses" in n for n in adapter.notes) and adapter.unanalysed() == [], adapter.notes
+    for module in adapter.load(dtype=torch.float64):
+        want = layers[module.name].get_delta_weight("default").double()
+        torch.testing.assert_close(module.delta_weight(), want, rtol=1e-5, atol=1e-6)
+    for value in ["Nora", "NORA"]:
+        (tmp_path / "nora" / "adapter_config.json").write_text(json.dumps(config | {"init_lora_weights": value}))
+        with pytest.raises(ValueError, match="Unknown initialization"):
+            PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "nora"))
+        assert unloadable_init({"init_lora_weights": value}), value

@@ -456,10 +456,11 @@ def refuse_variants(adapters: Sequence[Adapter], what: str) -> None:
     refuse_base_rewriting(adapters, what)
 
 
-# init_lora_weights strings PEFT (0.21, LoraLayer.update_layer and reset_lora_parameters) takes exactly as
-# written, and those it takes in any case; "pissa" and "pissa_niter_N", any "corda..." and any "astra..." (PEFT 0.22)
+# init_lora_weights strings PEFT (0.21 and 0.22, LoraLayer.update_layer and reset_lora_parameters) takes exactly
+# as written ("nora", NoRA, since 0.22: a normalised lora_A at initialisation, the base weights untouched), and
+# those it takes in any case; "pissa" and "pissa_niter_N", any "corda..." and any "astra..." (PEFT 0.22)
 # are PiSSA's, CorDA's and Astra's.
-_PEFT_INITS_EXACT = ("loftq", "eva", "orthogonal", "lora_ga")
+_PEFT_INITS_EXACT = ("loftq", "eva", "orthogonal", "lora_ga", "nora")
 _PEFT_INITS_ANY_CASE = ("olora", "mica", "gaussian")
 
 
