@@ -314,3 +314,36 @@ def test_a_nora_adapter_is_a_plain_lora_peft_loads(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="Unknown initialization"):
             PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "nora"))
         assert unloadable_init({"init_lora_weights": value}), value
+
+
+def test_lora_bias_with_a_multihead_attention_lora_is_said_to_load_in_no_peft_from_022(tmp_path: Path) -> None:
+    """PEFT 0.22 refuses lora_bias on its MultiheadAttention LoRA as it builds the layer (huggingface/peft#3935),
+    whether or not the file holds the biases, so such an adapter (saved by PEFT 0.21) loads under no PEFT
+    from 0.22 on: clair says so and clair gate flags it; lora_bias on other layers alone is not that."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from torch import nn
+
+    from clair_cli.io.adapter import MHA_LORA_BIAS
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.q_proj = nn.Linear(8, 8)
+
+    for name, targets in (("mha", ["mha", "q_proj"]), ("linear", ["q_proj"])):
+        lora = LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+        get_peft_model(Attention(), lora).save_pretrained(tmp_path / name)
+        config = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(config | {"lora_bias": True}))
+        if name == "mha" and peft_is_022():
+            with pytest.raises(ValueError, match="MultiheadAttention does not support lora_bias=True"):
+                PeftModel.from_pretrained(Attention(), str(tmp_path / name))
+        (adapter,) = open_adapters([str(tmp_path / name)])
+        noted = [n for n in adapter.notes if "PEFT 0.22 and later refuse to load this adapter" in n]
+        if name == "mha":
+            assert len(noted) == 1 and "lora_bias with the LoRA of 1 MultiheadAttention layer (mha)" in noted[0]
+            assert MHA_LORA_BIAS in adapter.unanalysed()
+        else:
+            assert noted == [] and MHA_LORA_BIAS not in adapter.unanalysed(), adapter.notes

@@ -83,6 +83,10 @@ ROUTER_MODULE_RE = re.compile(r"\.(?:block_sparse_moe|mlp)\.gate$")
 GATE_UP_RE = re.compile(r"\.experts\.\d+\.(?:w1|w3|gate_proj|up_proj)$")
 UNLOADABLE_INIT = "which PEFT refuses as it loads the adapter (an initialization it does not know)"
 RANDOM_INIT = "a false init_lora_weights (a module the config targets and the file does not fill gets a random update)"
+# PEFT 0.22 refuses lora_bias on its MultiheadAttention LoRA as it builds the layer (ValueError: MultiheadAttention
+# does not support lora_bias=True), whether or not the file holds the biases: in its words the bias was not applied
+# correctly before (huggingface/peft#3935). Such an adapter loads under no PEFT from 0.22 on.
+MHA_LORA_BIAS = "lora_bias with a MultiheadAttention LoRA, which PEFT 0.22 and later refuse as they load the adapter"
 
 
 def _strip(key: str) -> str:
@@ -198,6 +202,8 @@ class Adapter:
             out.append(RANDOM_INIT)
         if unloadable_init(self.config.raw):
             out.append(f"init_lora_weights {printable(repr(init))[:60]}, {UNLOADABLE_INIT}")
+        if self.config.lora_bias and self.config.attention_layers and self.layout == "peft":
+            out.append(MHA_LORA_BIAS)
         # target_parameters on plain Linear weights is exactly scale * B @ A; the others are not.
         out += [why for why in variants_on(self.config.raw) if not why.startswith("target_parameters")]
         if self.untied:
@@ -303,6 +309,13 @@ class Adapter:
             notes.append("trainable_token_indices (new token embeddings) not analysed")
         if config.out_proj_doubled and layers:
             notes.append(_doubled_note(config, layers))
+        if config.lora_bias and layers and keys.layout == "peft":
+            notes.append(
+                f"lora_bias with the LoRA of {_plural(len(layers), 'MultiheadAttention layer')} "
+                f"({_listed(sorted(layers))}): PEFT 0.22 and later refuse to load this adapter (MultiheadAttention "
+                "does not support lora_bias=True; huggingface/peft#3935: its bias was not applied correctly before); "
+                "clair reads its factors (clair gate flags it)"
+            )
         ignored = ignored_note(config, modules)
         if ignored:
             notes.append(ignored)
