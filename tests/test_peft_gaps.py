@@ -347,3 +347,39 @@ def test_lora_bias_with_a_multihead_attention_lora_is_said_to_load_in_no_peft_fr
             assert MHA_LORA_BIAS in adapter.unanalysed()
         else:
             assert noted == [] and MHA_LORA_BIAS not in adapter.unanalysed(), adapter.notes
+
+
+@pytest.mark.parametrize("targets", [r".*\.q_proj", "all-linear"])
+def test_layers_to_transform_with_a_target_modules_string_is_refused_as_peft_refuses_it(
+    tmp_path: Path, targets: str
+) -> None:
+    """PEFT's config refuses layers_to_transform beside a target_modules string (LoraConfig in 0.21, every
+    PeftConfig in 0.22), so PeftModel.from_pretrained loads nothing; clair read such an adapter (exit 0)."""
+    from helpers import tiny_llama
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from typer.testing import CliRunner
+
+    from clair_cli.cli import app
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    for k in range(5):
+        torch.manual_seed(k)
+        get_peft_model(tiny_llama(), lora).save_pretrained(tmp_path / "pool" / f"c{k}")
+        path = tmp_path / "pool" / f"c{k}" / "adapter_config.json"
+        path.write_text(
+            json.dumps(json.loads(path.read_text()) | {"target_modules": targets, "layers_to_transform": [0]})
+        )
+    with pytest.raises(ValueError, match="`layers_to_transform` cannot be used when `target_modules` is a str"):
+        PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "pool" / "c0"))
+    env = {"NO_COLOR": "1", "COLUMNS": "200"}
+    for args in (
+        ["inspect", str(tmp_path / "pool" / "c0")],
+        ["audit", str(tmp_path / "pool")],
+        ["merge", str(tmp_path / "pool"), "--out", str(tmp_path / "m"), "--method", "mean"],
+    ):
+        result = CliRunner().invoke(app, args, env=env)
+        assert result.exit_code == 2, result.output
+        said = " ".join(result.stderr.split())
+        assert "adapter_config.json: layers_to_transform [0] is given with a target_modules string" in said, said
+        assert "which PEFT refuses as it loads the config" in said and "Traceback" not in result.output
+    assert not (tmp_path / "m").exists()

@@ -228,6 +228,15 @@ def parse_config(data: dict[str, Any], path: Path | str) -> AdapterConfig:
             _regex(path, field, data[field])
     _str_list(path, "exclude_modules", data.get("exclude_modules"))
     _layers(path, data.get("layers_to_transform"), data.get("layers_pattern"))
+    if isinstance(data.get("target_modules"), str) and data.get("layers_to_transform") is not None:
+        # PEFT's config (LoraConfig in 0.21, every PeftConfig since 0.22) refuses the pair as it is built, so
+        # PeftModel.from_pretrained loads no such adapter (null is the only value it takes beside a string).
+        raise _fail(
+            path,
+            f"layers_to_transform {printable(repr(data['layers_to_transform']))[:80]} is given with a target_modules "
+            'string (a regular expression or "all-linear"), which PEFT refuses as it loads the config '
+            "(ValueError: `layers_to_transform` cannot be used when `target_modules` is a str)",
+        )
     return AdapterConfig(
         peft_type="LORA",
         base_model=base_model or None,
