@@ -684,6 +684,22 @@ def test_a_hub_error_status_is_said_as_the_hub_answered_it(tmp_path: Path, statu
     assert "token" in proc.stderr.lower() or status == 400
 
 
+def test_an_egress_limit_is_said_with_the_hubs_message(tmp_path: Path) -> None:
+    """A Hub that answers 402 to an account past its download allowance (X-Error-Code EgressLimitReached):
+    huggingface_hub 2.5 raises EgressLimitError (2.4 a LocalEntryNotFoundError from the answer, which lost the
+    Hub's message), and the hint said to check the source and HF_ENDPOINT, neither of which is wrong."""
+    usage = "You have downloaded 10.2 TB over the last 30 days, compared to your account's allowance of 10 TB."
+    headers = {"X-Error-Code": "EgressLimitReached", "X-Error-Message": usage}
+    proc = _inspect_at_status_server(tmp_path, "hf://owner/big", 402, headers, {})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert f"refused the request for adapter_config.json of owner/big (402 Payment Required): {usage}" in first
+    text = " ".join(proc.stderr.split())
+    assert "download (egress) allowance" in text and "Check the source" not in text, proc.stderr
+    assert not list((tmp_path / "home").rglob("*.incomplete"))
+
+
 def test_a_diffusers_repo_is_read_at_the_commit_that_has_no_config(tmp_path: Path) -> None:
     """The branch moves after the Hub answered that it has no adapter_config.json, to a commit of a PEFT
     adapter: its pytorch_lora_weights.safetensors was read as the repo's diffusers LoRA, and recorded at that

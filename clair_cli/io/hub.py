@@ -490,6 +490,18 @@ def _status(exc: BaseException | None) -> tuple[int, str, str] | None:
     return None
 
 
+def _server_said(exc: BaseException | None) -> str | None:
+    """The first line of the Hub's own message (``server_message``: its ``X-Error-Message`` header or error body)
+    behind ``exc``, an ``HfHubHTTPError`` or the ``LocalEntryNotFoundError`` raised from one, else None."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for err in (exc, getattr(exc, "__cause__", None)):
+        if isinstance(err, HfHubHTTPError):
+            said = str(getattr(err, "server_message", None) or "").strip().splitlines()
+            return printable(said[0][:200]) if said else None
+    return None
+
+
 def _refusal(spec: str, what: str, answer: tuple[int, str, str], detail: str | None = None) -> HubError:
     """The one-line error of a Hub that answered ``what`` (a file of a repo) with an HTTP error status:
     the Hub was reached, so the message says what it answered, not that it cannot be reached."""
@@ -505,6 +517,11 @@ def _refusal(spec: str, what: str, answer: tuple[int, str, str], detail: str | N
         hint = (
             "The token may lack read access to this repo (a fine-grained token must grant it), or the repo is "
             "disabled; check it on the Hub."
+        )
+    elif status == 402:  # huggingface_hub's EgressLimitError (2.5), a plain HfHubHTTPError before
+        hint = (
+            "The Hub answers 402 to an account that has reached its download (egress) allowance: its message says "
+            "the usage and how to get a higher allowance."
         )
     elif status == 429:
         hint = "Retry later, or give a token (HF_TOKEN or --token: logged-in requests have higher limits)."
@@ -617,7 +634,7 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
         except LocalEntryNotFoundError as exc:
             answer = None if offline else _status(exc)
             if answer is not None:  # the Hub answered with an error status, and no cached copy stands in
-                raise _refusal(spec, f"{filename} of {where}{at}", answer) from exc
+                raise _refusal(spec, f"{filename} of {where}{at}", answer, _server_said(exc)) from exc
             if offline:
                 raise (_NotCached if filename in _OPTIONAL else HubError)(
                     f"{spec}: {filename} of {where}{at} is not in the local cache and {offline} is set",
@@ -652,9 +669,7 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
             first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             answer = _status(exc)
             if answer is not None:
-                said = str(getattr(exc, "server_message", None) or "").strip().splitlines()
-                detail = printable(said[0][:200]) if said else None
-                raise _refusal(spec, f"{filename} of {where}{at}", answer, detail) from exc
+                raise _refusal(spec, f"{filename} of {where}{at}", answer, _server_said(exc)) from exc
             raise HubError(f"{spec}: the Hub refused the request ({printable(first)})") from exc
         except HubAnswerError as exc:
             raise HubError(f"{spec}: {exc}; nothing was written from it") from exc
