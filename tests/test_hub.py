@@ -737,6 +737,28 @@ def test_a_repo_of_adapters_in_folders_names_them(tmp_path: Path) -> None:
     assert "It holds adapters in 2 folders (round_1, round_2)" in text and "hf://owner/rounds/round_1@main" in text
 
 
+def test_a_listing_the_hub_refuses_says_its_status_and_message(tmp_path: Path) -> None:
+    """The file listing of a diffusers LoRA repo (which file diffusers loads) refused with a 402 at the egress
+    limit was said as "402 Client Error." under huggingface_hub 2.5 (EgressLimitError's first line; 2.4's named
+    the URL): without the status's reason or the Hub's message."""
+    files = {"pytorch_lora_weights.safetensors": _diffusers_file()}
+    hub = FakeHub({"owner/sdlora": {"main": (SHA_MAIN, files)}})
+
+    def refuse(handler: BaseHTTPRequestHandler, repo: str, rev: str) -> None:
+        handler.send_response(402)
+        handler.send_header("X-Error-Code", "EgressLimitReached")
+        handler.send_header("X-Error-Message", "Egress allowance reached")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    hub.server.RequestHandlerClass._listing = refuse  # type: ignore[attr-defined]
+    with hub:
+        proc = run_cli("inspect", "owner/sdlora", env=_env(hub, tmp_path / "home"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    first = proc.stderr.splitlines()[0]
+    assert "the files of owner/sdlora cannot be listed (402 Payment Required: Egress allowance reached)" in first
+
+
 def test_a_branch_read_from_the_cache_because_the_hub_did_not_answer_says_so(fake_hub: FakeHub, tmp_path: Path) -> None:
     """Online, a Hub that does not answer lets huggingface_hub read the commit the cache last saw for the
     branch, which may be behind it: that was silent (a review, 2026-12-07); a note says so. A pinned commit,

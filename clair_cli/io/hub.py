@@ -839,7 +839,14 @@ def _repo_files(
     except HubError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure to list: nothing tells which file diffusers loads
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        # An answer with an error status: its status and the Hub's message, not the error's first line (that of
+        # huggingface_hub 2.5's EgressLimitError is "402 Client Error." alone).
+        answer = _status(exc)
+        if answer is not None:
+            said = _server_said(exc)
+            first = f"{answer[0]} {answer[1]}".strip() + (f": {said}" if said else "")
+        else:
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise HubError(
             f"{spec}: the files of {hub.repo_id} cannot be listed ({printable(first)}), so it cannot be told which "
             f"file diffusers' load_lora_weights loads from it",
