@@ -484,7 +484,13 @@ def _normalise(text: str) -> str:
 @pytest.mark.parametrize("mode,args", [("audit_table.txt", []), ("audit_markdown.md", ["--markdown", "-"])])
 def test_sample_report_snapshots(mode: str, args: list[str]) -> None:
     import os
+    from importlib.metadata import version
 
+    from packaging.version import Version
+
+    if mode == "audit_table.txt" and Version(version("rich")) < Version("14.3"):
+        # Same rows and words; Rich before 14.3 gives the adapter column one more space of width.
+        pytest.skip("the table snapshot is Rich >= 14.3's column layout")
     proc = run_cli("audit", str(SAMPLES), "--exit-zero", "--device", "cpu", *args, env={"COLUMNS": "100"})
     assert proc.returncode == 0, proc.stderr
     text = _normalise(proc.stdout).replace(str(SAMPLES), "sample_adapters")

@@ -287,10 +287,12 @@ def test_the_pickle_hint_never_pastes_a_hostile_name_into_a_shell_command() -> N
 def test_every_dtype_is_read_in_slices_as_safetensors_reads_it(tmp_path: Path, dtype: torch.dtype) -> None:
     """float8 and unsigned wide tensors went through safetensors whole (a scan of a large one held
     it all); they are read straight from the file, in slices, with safetensors' values bit for bit."""
+    from helpers import skip_unless_safetensors_writes
     from safetensors.torch import load_file, save_file
 
     import clair_cli.io.safetensors_file as stf
 
+    skip_unless_safetensors_writes(dtype)
     values = torch.randn(3, 1000) * 100
     tensor = (
         values > 0

@@ -204,6 +204,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
+    # Typer 0.20.1's default, said outright: before it, the default reached the commands' help
+    # unresolved and Rich markup was not rendered (help showed ``owner/name\[@rev]``, backslash and all).
+    rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
