@@ -166,10 +166,11 @@ def test_long_config_lists_cost_time_linear_in_the_module_names() -> None:
     }
     expected = {"target_modules": True, "exclude_modules": True, "modules_to_save": True}
     for what, raw in configs.items():
-        start, got = time.perf_counter(), set()
+        # CPU time of this process, not wall-clock time: a busy CI runner slows the clock, not the work.
+        start, got = time.process_time(), set()
         for m in MODULES:  # minutes before (n x 2,000 scans, a regex parsed in each); well under a second now
             got.add(peft_selects(raw, m))
-            assert time.perf_counter() - start < 10, (what, m)
+            assert time.process_time() - start < 30, (what, m)
         if what == "layers_to_transform":
             assert got == {True, False}  # layer 0 is not among 1..n-1
         else:
