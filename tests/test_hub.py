@@ -777,6 +777,20 @@ def test_a_branch_read_from_the_cache_because_the_hub_did_not_answer_says_so(fak
     assert not any("did not answer" in n for n in pinned["notes"])
 
 
+def test_a_branch_read_from_the_cache_after_an_error_status_says_what_the_hub_answered(
+    fake_hub: FakeHub, tmp_path: Path
+) -> None:
+    """huggingface_hub reads the branch's cached commit after an error status too (402 at the egress limit, 5xx):
+    the note said that the Hub "did not answer", which it did."""
+    proc = run_cli("inspect", "owner/lora", env=_env(fake_hub, tmp_path / "home"))
+    assert proc.returncode == 0, proc.stderr
+    proc = _inspect_at_status_server(tmp_path, "owner/lora", 402, {"X-Error-Code": "EgressLimitReached"}, {})
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split() + proc.stderr.split())
+    assert "the Hub answered 402 Payment Required for adapter_config.json of owner/lora" in text, text
+    assert f"read the cached commit {SHA_MAIN} of main" in text and "did not answer" not in text
+
+
 @pytest.mark.parametrize("installed", ["0.36.2", "1.33.0"])
 def test_an_older_huggingface_hub_is_named_not_an_internal_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, installed: str

@@ -218,6 +218,9 @@ def _check_answer(response: Any) -> None:
     box = getattr(_local, "box", None)
     if box is not None and isinstance(response.status_code, int) and response.status_code < 400:
         box["answered"] = True  # the Hub answered this download (not a cached copy standing in for it)
+    elif box is not None and isinstance(response.status_code, int):  # what it answered, if a cached copy stands in
+        reason = printable(str(getattr(response, "reason_phrase", "") or "")[:60])
+        box.setdefault("refused", f"{response.status_code} {reason}".strip())
     if response.status_code == 429:  # huggingface_hub waits Retry-After before it asks again
         box = getattr(_local, "box", None)
         if box is not None:
@@ -586,7 +589,9 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
     at = f" at revision {hub.revision}" if hub.revision else ""
     offline = offline_variable()
 
-    stale: list[str] = []  # the files read from the cache where the Hub did not answer for the revision
+    # The files read from the cache where the Hub did not answer for the revision, or answered an error status
+    # (which, if it did, with the file): huggingface_hub then reads the commit the cache last saw for the branch.
+    stale: list[tuple[str, str | None]] = []
 
     def get(filename: str, revision: str | None = hub.revision) -> Path:  # noqa: C901 - one branch per answer
         box: dict[str, Any] = {}
@@ -608,7 +613,7 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
             if not offline and not COMMIT_RE.match(revision or "") and not box.get("answered"):
                 # huggingface_hub read the branch's cached commit (refs/) because the Hub did not answer:
                 # the branch may have moved on since.
-                stale.append(filename)
+                stale.append((filename, box.get("refused")))
             return path
         except GatedRepoError as exc:
             raise HubError(
@@ -739,15 +744,18 @@ def fetch(spec: str, subfolder: str | None = None, revision: str | None = None, 
     return _ref(hub, spec, weights, config, _stale_note(hub, stale, config or weights))
 
 
-def _stale_note(hub: HubSpec, stale: list[str], path: Path) -> str | None:
-    """The note of a hub source read from the cache because the Hub did not answer (no network, an error
-    status): huggingface_hub then reads the commit the cache last saw for the branch, which may be behind it."""
+def _stale_note(hub: HubSpec, stale: list[tuple[str, str | None]], path: Path) -> str | None:
+    """The note of a hub source read from the cache because the Hub did not answer (no network) or answered an
+    error status (402 at the egress limit, 5xx): huggingface_hub then reads the commit the cache last saw for the
+    branch, which may be behind it."""
     if not stale:
         return None
+    filename, refused = stale[0]
+    said = f"answered {refused} for" if refused else "did not answer for"
     branch = hub.revision or "main"
     commit = _commit_from_path(path)
     return (
-        f"the Hub did not answer for {stale[0]} of {hub.repo_id}, so huggingface_hub read the cached commit "
+        f"the Hub {said} {filename} of {hub.repo_id}, so huggingface_hub read the cached commit "
         f"{commit or '(unknown)'} of {printable(branch)}, the last it saw: the branch may have moved on since "
         f"(pin the commit, {hub.repo_id}@<sha>, or retry with the Hub reachable)"
     )
