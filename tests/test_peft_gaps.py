@@ -5,6 +5,7 @@ where PEFT applies more than clair analyses."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,12 @@ CASES = {
     "a random init": ({}, {"init_lora_weights": False}, "a false init_lora_weights"),
     "a random init, 0": ({}, {"init_lora_weights": 0}, "a false init_lora_weights"),
     "a random init, null": ({}, {"init_lora_weights": None}, "a false init_lora_weights"),
+    # PEFT (0.21 and 0.22) refuses a parameter of a layer target_modules also selects as it loads the adapter.
+    "target_parameters on a targeted layer": (
+        {},
+        {"target_parameters": ["self_attn.q_proj.weight"]},
+        "target_parameters naming the weight of a module target_modules also selects",
+    ),
     # KaSA truncates the base weights' spectrum (a review: logits moved more than by the whole LoRA).
     "a variant": ({}, {"kasa_config": {}}, "KaSA (kasa_config) modifies the base weights"),
 }
@@ -383,3 +390,52 @@ def test_layers_to_transform_with_a_target_modules_string_is_refused_as_peft_ref
         assert "adapter_config.json: layers_to_transform [0] is given with a target_modules string" in said, said
         assert "which PEFT refuses as it loads the config" in said and "Traceback" not in result.output
     assert not (tmp_path / "m").exists()
+
+
+def test_target_parameters_on_a_layer_target_modules_selects_is_said_to_load_in_no_peft(tmp_path: Path) -> None:
+    """PEFT (0.21 and 0.22) refuses an adapter whose target_parameters names a parameter of a layer its
+    target_modules also selects, as it loads it ("Trying to wrap an `nn.Parameter` of layer ... Make sure that this
+    layer is not also targeted with `target_modules`"), whatever the file holds: clair read such an adapter as a
+    plain LoRA, and clair gate passed it. It is noted and flagged, as other configs PEFT refuses as it loads them."""
+    from helpers import tiny_llama
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from clair_cli.io.adapter import PARAMETER_COLLISION
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False)
+    get_peft_model(tiny_llama(), lora).save_pretrained(tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    config = json.loads(path.read_text()) | {"init_lora_weights": True}
+    refused = (
+        "Trying to wrap an `nn.Parameter` of layer 'model.layers.0.self_attn.q_proj' of type Linear, which is "
+        "not a valid target"
+    )
+    both = "model.layers.0.self_attn.q_proj, model.layers.1.self_attn.q_proj"
+    cases = {
+        # Refused: the entry names q_proj's weight (whole or as a suffix), and target_modules selects q_proj.
+        (("q_proj",), ("q_proj.weight",)): both,
+        (("q_proj",), ("model.layers.0.self_attn.q_proj.weight",)): "model.layers.0.self_attn.q_proj",
+        ((r".*\.q_proj",), ("q_proj.weight",)): both,
+        (("q_proj",), ("weight",)): both,
+        # Loaded: another layer's weight, a parameter q_proj does not hold, and no module targeted.
+        (("q_proj",), ("v_proj.weight",)): None,
+        (("q_proj",), ("q_proj.bias",)): None,
+        ((), ("q_proj.weight",)): None,
+    }
+    for (targets, params), refuses in cases.items():
+        target_modules: Any = targets[0] if targets and targets[0].startswith(".*") else list(targets)
+        path.write_text(json.dumps(config | {"target_modules": target_modules, "target_parameters": list(params)}))
+        if refuses:
+            with pytest.raises(ValueError, match=re.escape(refused)):
+                PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"))
+        else:
+            PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"))
+        (adapter,) = open_adapters([str(tmp_path / "a")])
+        noted = [n for n in adapter.notes if "refuses to load this adapter (ValueError: Trying to wrap" in n]
+        if refuses:
+            assert len(noted) == 1, (targets, params, adapter.notes)
+            assert f"its target_modules also selects ({refuses}): PEFT (0.21 and 0.22) refuses" in noted[0], noted
+            assert any(p.startswith(PARAMETER_COLLISION) for p in adapter.unanalysed()), adapter.unanalysed()
+        else:
+            assert noted == [] and adapter.unanalysed() == [], (targets, params, adapter.notes)

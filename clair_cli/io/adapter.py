@@ -35,6 +35,7 @@ from clair_cli.io.lora_config import (
     default_targets_note,
     ignored_note,
     megatron_note,
+    parameter_collisions,
     peft_selects,
     random_init,
     unloadable_init,
@@ -87,6 +88,12 @@ RANDOM_INIT = "a false init_lora_weights (a module the config targets and the fi
 # does not support lora_bias=True), whether or not the file holds the biases: in its words the bias was not applied
 # correctly before (huggingface/peft#3935). Such an adapter loads under no PEFT from 0.22 on.
 MHA_LORA_BIAS = "lora_bias with a MultiheadAttention LoRA, which PEFT 0.22 and later refuse as they load the adapter"
+# PEFT (0.21 and 0.22) refuses an adapter whose target_parameters names a parameter of a layer its target_modules
+# also selects, as it loads it (lora_config.parameter_collisions): the config is well formed, the model decides.
+PARAMETER_COLLISION = (
+    "target_parameters naming the weight of a module target_modules also selects, which PEFT refuses as it loads "
+    "the adapter"
+)
 
 
 def _strip(key: str) -> str:
@@ -138,6 +145,8 @@ class Adapter:
         self.unprefixed: list[str] = []
         # Modules whose LoRA PEFT ties to an embedding's (ensure_weight_tying) but that differ from it.
         self.untied: list[str] = []
+        # Modules whose weight target_parameters names while target_modules selects them (PEFT refuses the adapter).
+        self.collisions: list[str] = []
         # What of a per-expert MoE LoRA's scaling PEFT does not apply under transformers 5 (expert_scaling).
         self.expert_scaling: str | None = None
         # A diffusion transformer's PEFT adapter that diffusers' loaders apply at another scale than PEFT
@@ -206,6 +215,8 @@ class Adapter:
             out.append(MHA_LORA_BIAS)
         # target_parameters on plain Linear weights is exactly scale * B @ A; the others are not.
         out += [why for why in variants_on(self.config.raw) if not why.startswith("target_parameters")]
+        if self.collisions:
+            out.append(f"{PARAMETER_COLLISION} ({_listed(self.collisions)})")
         if self.untied:
             out.append(f"ensure_weight_tying with a LoRA unlike its tied embedding's ({_listed(self.untied)})")
         if self.expert_scaling:
@@ -331,6 +342,14 @@ class Adapter:
         if unloadable_init(config.raw):
             shown = printable(repr(config.raw["init_lora_weights"]))[:60]
             notes.append(f"init_lora_weights {shown}, {UNLOADABLE_INIT}; clair reads its factors (clair gate flags it)")
+        collisions = parameter_collisions(config, modules) if keys.layout == "peft" else []
+        if collisions:
+            notes.append(
+                f"target_parameters names the weight of {_plural(len(collisions), 'module')} its target_modules also "
+                f"selects ({_listed(collisions)}): PEFT (0.21 and 0.22) refuses to load this adapter (ValueError: "
+                "Trying to wrap an `nn.Parameter` of layer ... which is not a valid target; make sure that this layer "
+                "is not also targeted with `target_modules`); clair reads its factors (clair gate flags it)"
+            )
         if random_init(config.raw):
             notes.append(
                 f"init_lora_weights {printable(repr(config.raw['init_lora_weights']))}: PEFT gives every module its "
@@ -400,6 +419,7 @@ class Adapter:
         adapter.stamp = stamp
         adapter.extras = extras
         adapter.untied = untied
+        adapter.collisions = collisions
         adapter.expert_scaling = moe
         adapter.loader_scale = loader_scale
         adapter.unprefixed = unprefixed

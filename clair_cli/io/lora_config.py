@@ -337,6 +337,34 @@ def ignored_modules(config: AdapterConfig, modules: Iterable[str]) -> list[str]:
     )
 
 
+# Layers that hold their weight as a parameter of their own (nn.Linear, transformers' Conv1D, nn.Embedding,
+# nn.ConvNd): a target_parameters entry naming ``<layer>.weight`` names it (a MultiheadAttention's is in_proj_weight).
+_WEIGHT_KINDS = ("linear", "embedding", "conv")
+
+
+def parameter_collisions(config: AdapterConfig, modules: Mapping[str, Any]) -> list[str]:
+    """The modules of an adapter's file that its ``target_modules`` selects and whose ``weight`` one of its
+    ``target_parameters`` entries names (``<module>.weight`` equals the entry or ends in ``.entry``). PEFT 0.21 and
+    0.22 refuse to load such an adapter, whatever the file holds (``ValueError: Trying to wrap an nn.Parameter of
+    layer ... which is not a valid target. Make sure that this layer is not also targeted with target_modules``:
+    ``BaseTuner.inject_adapter`` in 0.22, ``_inject_parameters`` in 0.21). Only modules of the file that
+    :func:`peft_selects` surely selects are named: what else ``target_modules`` selects, the base model says."""
+    params = config.raw.get("target_parameters")
+    entries = _names(params) if isinstance(params, list) else frozenset()
+    if not any(e == "weight" or e.endswith(".weight") for e in entries):
+        return []
+    layers = attention_layers(modules)
+    return sorted(
+        m
+        for m, spec in modules.items()
+        if getattr(spec, "kind", None) in _WEIGHT_KINDS
+        and m not in layers
+        and peft_layer(m, layers) == m
+        and not entries.isdisjoint(_dotted_suffixes(f"{m}.weight"))
+        and peft_selects(config.raw, m, layers) is True
+    )
+
+
 def _all_linear(raw: Mapping[str, Any]) -> bool:
     targets = raw.get("target_modules")
     # The length first: a merged adapter's target_modules string can be megabytes, lowered per module.
