@@ -439,3 +439,51 @@ def test_target_parameters_on_a_layer_target_modules_selects_is_said_to_load_in_
             assert any(p.startswith(PARAMETER_COLLISION) for p in adapter.unanalysed()), adapter.unanalysed()
         else:
             assert noted == [] and adapter.unanalysed() == [], (targets, params, adapter.notes)
+
+
+def test_loftq_of_embedding_and_conv_layers_alone_says_what_each_peft_does(tmp_path: Path) -> None:
+    """PEFT 0.22 gives Embedding and conv layers a plain LoRA under LoftQ (their base weights untouched) and PEFT
+    0.21.2 fails to load such an adapter (loftq_init called without its config), while LoftQ quantises every Linear
+    layer target_modules selects, which the files cannot rule out: still refused for a merge and flagged by gate,
+    with what each PEFT does said; a LoftQ adapter of Linear layers keeps the general message."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from torch import nn
+
+    from clair_cli.io.lora_config import refuse_base_rewriting
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb = nn.Embedding(32, 16)
+            self.conv = nn.Conv2d(4, 8, 3)
+            self.lin = nn.Linear(16, 16)
+
+    loftq = {"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}}
+    for name, targets in (("unlinear", ["emb", "conv"]), ("linear", ["emb", "lin"])):
+        lora = LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+        get_peft_model(Model(), lora).save_pretrained(tmp_path / name)
+        path = tmp_path / name / "adapter_config.json"
+        path.write_text(json.dumps(json.loads(path.read_text()) | loftq))
+    base = Model()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    if peft_is_022():
+        loaded = PeftModel.from_pretrained(base, str(tmp_path / "unlinear")).get_base_model()
+        assert torch.equal(loaded.emb.base_layer.weight, before["emb.weight"])
+        assert torch.equal(loaded.conv.base_layer.weight, before["conv.weight"])
+    else:
+        with pytest.raises(TypeError, match="loftq_init\\(\\) missing 1 required positional argument: 'config'"):
+            PeftModel.from_pretrained(base, str(tmp_path / "unlinear"))
+    unlinear, linear = open_adapters([str(tmp_path / "unlinear"), str(tmp_path / "linear")])
+    said = " ".join(unlinear.notes)
+    assert "'loftq' (LoftQ with LoRAs of Embedding / conv layers only): PEFT 0.22 leaves" in said, said
+    assert "quantises the base weights of any Linear layer target_modules also selects" in said, said
+    assert "PEFT 0.21.2 fails to load it (TypeError" in said and "PEFT rewrites the base model's weights" not in said
+    assert any("PEFT 0.21.2 fails to load it" in p for p in unlinear.unanalysed()), unlinear.unanalysed()
+    with pytest.raises(IncompatibleAdapters, match="Embedding / conv layers only") as refused:
+        refuse_base_rewriting([unlinear], "merged adapter")
+    assert "PEFT 0.21.2 fails to load it" in str(refused.value) and '"init_lora_weights": true' in refused.value.hint
+    assert "PEFT rewrites the base model's weights" in " ".join(linear.notes)
+    assert "(LoftQ: PEFT rewrites the base weights)" in " ".join(linear.unanalysed())
+    with pytest.raises(IncompatibleAdapters, match="makes PEFT rewrite the base model's weights"):
+        refuse_base_rewriting([linear], "merged adapter")

@@ -30,10 +30,12 @@ from clair_cli.constants import (
 from clair_cli.errors import AdapterFormatError
 from clair_cli.io.files import open_regular
 from clair_cli.io.lora_config import (
+    LOFTQ_UNLINEAR,
     base_rewriting_init,
     base_rewriting_note,
     default_targets_note,
     ignored_note,
+    loftq_unlinear,
     megatron_note,
     parameter_collisions,
     peft_selects,
@@ -205,7 +207,12 @@ class Adapter:
         ]
         init = self.config.raw.get("init_lora_weights")
         method = base_rewriting_init(self.config.raw)
-        if method is not None:
+        if method is not None and loftq_unlinear(self.config, self.modules):
+            out.append(
+                f"init_lora_weights {printable(repr(init))} ({LOFTQ_UNLINEAR}: PEFT 0.21.2 fails to load it, and "
+                "PEFT 0.22 quantises the base weights of any Linear layer target_modules also selects)"
+            )
+        elif method is not None:
             out.append(f"init_lora_weights {printable(repr(init))} ({method}: PEFT rewrites the base weights)")
         if random_init(self.config.raw):
             out.append(RANDOM_INIT)
@@ -333,7 +340,7 @@ class Adapter:
         defaults_note = default_targets_note(config) if config.file_name is not None and keys.layout == "peft" else None
         if defaults_note:
             notes.append(defaults_note)
-        rewriting = base_rewriting_note(config)
+        rewriting = base_rewriting_note(config, modules)
         if rewriting:
             notes.append(rewriting)
         megatron = megatron_note(config)

@@ -547,13 +547,45 @@ def megatron_note(config: AdapterConfig) -> str | None:
     )
 
 
-def base_rewriting_note(config: AdapterConfig) -> str | None:
+# LoftQ of Embedding and conv layers, by PEFT version (LoraLayer subclasses' update_layer): PEFT 0.22 skips it there
+# ("Embedding layers don't support LoftQ or LoRA-GA, fall back to standard initialization"; conv alike), so their
+# base weights stay as they are and the LoRA is plain, but it quantises the base weight of every Linear layer
+# target_modules selects, which an adapter's files cannot rule out (the base model says what else the config
+# selects); PEFT 0.21.2 calls loftq_init there without its config and fails (TypeError). So neither loads such an
+# adapter as scale * B @ A for certain, and a merge stays refused.
+LOFTQ_UNLINEAR = "LoftQ with LoRAs of Embedding / conv layers only"
+LOFTQ_UNLINEAR_WHY = (
+    "PEFT 0.22 leaves those layers' base weights as they are (a plain LoRA there) but quantises the base weights of "
+    "any Linear layer target_modules also selects, which the adapter's files cannot rule out; PEFT 0.21.2 fails to "
+    "load it (TypeError: loftq_init() missing 1 required positional argument: 'config')"
+)
+
+
+def loftq_unlinear(config: AdapterConfig, modules: Mapping[str, Any]) -> bool:
+    """Whether the adapter is a LoftQ one whose file holds LoRAs of Embedding and conv layers alone
+    (:data:`LOFTQ_UNLINEAR`): PEFT's key names (``lora_embedding_A``) and the factors' shapes (a kernel)
+    tell those layers apart from a Linear's."""
+    return (
+        base_rewriting_init(config.raw) == "LoftQ"
+        and bool(modules)
+        and all(getattr(spec, "kind", None) in ("embedding", "conv") for spec in modules.values())
+    )
+
+
+def base_rewriting_note(config: AdapterConfig, modules: Mapping[str, Any] | None = None) -> str | None:
     """A note for an adapter whose ``init_lora_weights`` rewrites the base weights in PEFT, or None."""
     method = base_rewriting_init(config.raw)
     if method is None:
         return None
+    value = printable(repr(config.raw.get("init_lora_weights")))
+    if modules is not None and loftq_unlinear(config, modules):
+        return (
+            f"init_lora_weights {value} ({LOFTQ_UNLINEAR}): {LOFTQ_UNLINEAR_WHY}; clair analyses scale*B@A as stored "
+            "(where target_modules selects Embedding / conv layers alone, PEFT 0.22 loads the same adapter with "
+            "init_lora_weights true, which PEFT 0.21.2 loads too)"
+        )
     return (
-        f"init_lora_weights {printable(repr(config.raw.get('init_lora_weights')))} ({method}): PEFT rewrites the "
+        f"init_lora_weights {value} ({method}): PEFT rewrites the "
         "base model's weights when it loads this adapter, so its change to the base model is not scale*B@A; "
         "clair analyses scale*B@A as stored (convert it to a plain LoRA with PEFT's save_pretrained("
         "path_initial_model_for_weight_conversion=...))"
@@ -569,6 +601,14 @@ def refuse_base_rewriting(adapters: Sequence[Adapter], what: str) -> None:
     """
     for a in adapters:
         method = base_rewriting_init(a.config.raw)
+        if method is not None and loftq_unlinear(a.config, a.modules):
+            raise IncompatibleAdapters(
+                f"{_where(a)}: init_lora_weights {printable(repr(a.config.raw.get('init_lora_weights')))} "
+                f"({LOFTQ_UNLINEAR}): {LOFTQ_UNLINEAR_WHY}; clair cannot write a {what} that PEFT loads as computed",
+                hint="If target_modules selects Embedding / conv layers alone in the base model, set "
+                f'"init_lora_weights": true in {CONFIG_NAME}: PEFT 0.22 loads the same plain LoRA, and PEFT 0.21.2 '
+                "loads it too. Or audit it only (clair audit).",
+            )
         if method is not None:
             value = printable(repr(a.config.raw.get("init_lora_weights")))
             raise IncompatibleAdapters(
