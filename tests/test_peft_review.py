@@ -108,3 +108,48 @@ def test_an_empty_layers_pattern_is_peft_default(tmp_path: Path) -> None:
         config = lora_config(layers_to_transform=[1], layers_pattern=pattern)
         write_adapter(tmp_path / repr(pattern), tensors, config)
         assert "does not select" not in " ".join(_open(tmp_path / repr(pattern)).notes), pattern
+
+
+def test_a_layers_pattern_is_compiled_once_as_peft_compiles_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PEFT compiles a layers_pattern inside its own expression only, so "*layers" (no expression by itself) loads
+    there; clair compiled each entry alone too, refusing that one, and then wrapped, and prepared a string
+    layers_pattern again for every module it matched."""
+    import re
+
+    from helpers import tiny_llama
+    from peft import PeftModel
+
+    from clair_cli.io import lora_config
+    from clair_cli.io.patterns import LAYERS_PATTERN_WRAP
+    from clair_cli.io.peft_config import parse_config
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], layers_to_transform=[1], layers_pattern="*layers")
+    get_peft_model(tiny_llama(), config).save_pretrained(tmp_path / "a")
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"))
+    layer = "model.layers.1.self_attn.q_proj"
+    assert [n for n, m in loaded.named_modules() if hasattr(m, "lora_A")] == [f"base_model.model.{layer}"]
+    assert list(_open(tmp_path / "a").modules) == [layer]
+
+    compiled: list[str] = []
+    compile_ = re.compile
+
+    def counted(pattern: str, flags: int = 0) -> re.Pattern[str]:
+        compiled.append(pattern)
+        return compile_(pattern, flags)
+
+    monkeypatch.setattr(re, "compile", counted)
+    raw = {"peft_type": "LORA", "target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": ["blk"]}
+    parse_config(raw, "adapter_config.json")
+    assert [p for p in compiled if "blk" in p] == [LAYERS_PATTERN_WRAP.format(key="blk")]
+
+    judged: list[str] = []
+    risk = lora_config.pattern_risk
+    monkeypatch.setattr(lora_config, "pattern_risk", lambda key, *a, **k: judged.append(key) or risk(key, *a, **k))
+    monkeypatch.setattr(lora_config, "_PREPARED", {})
+    layer_0_only = [True] + [False] * 49
+    for pattern in ("layers", ["layers"]):
+        raw = {"target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": pattern}
+        selected = [lora_config.peft_selects(raw, f"model.layers.{i}.self_attn.q_proj") for i in range(50)]
+        assert selected == layer_0_only, pattern
+    assert judged == ["layers", "layers"]

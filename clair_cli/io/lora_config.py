@@ -282,7 +282,7 @@ def _in_layers(raw: Mapping[str, Any], module: str) -> bool | None:
         wanted = frozenset((layers,))
     else:
         return None
-    pattern = raw.get("layers_pattern")
+    pattern: Any = raw.get("layers_pattern")
     # An empty layers_pattern ("" or []) is PEFT's default pattern, as null is (check_target_module_exists).
     patterns = [pattern] if isinstance(pattern, str) and pattern else pattern if isinstance(pattern, list) else []
     if len(patterns) > MAX_LISTED_PATTERNS:
@@ -290,7 +290,7 @@ def _in_layers(raw: Mapping[str, Any], module: str) -> bool | None:
     match = None
     if not patterns:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
-    for compiled in _layer_patterns(patterns) if patterns else ():
+    for compiled in _layer_patterns(pattern) if patterns else ():
         match = compiled.match(module) if compiled is not None else None
         if match is not None:
             break
@@ -299,17 +299,21 @@ def _in_layers(raw: Mapping[str, Any], module: str) -> bool | None:
     return int(match.group("idx")) in wanted
 
 
-def _layer_patterns(patterns: list[Any]) -> list[re.Pattern[str] | None]:
-    def build(values: list[Any]) -> list[re.Pattern[str] | None]:
+def _layer_patterns(pattern: str | list[Any]) -> list[re.Pattern[str] | None]:
+    """The config's ``layers_pattern`` (a string or a list) as PEFT matches each entry, compiled once per config
+    (None: unsafe or invalid). Prepared by the config's own value, a string too: a list made per call was
+    prepared again for every module."""
+
+    def build(value: str | list[Any]) -> list[re.Pattern[str] | None]:
         out: list[re.Pattern[str] | None] = []
-        for p in values:
+        for p in [value] if isinstance(value, str) else value:
             try:
                 out.append(None if pattern_risk(p) else re.compile(LAYERS_PATTERN_WRAP.format(key=p)))
             except (re.error, RecursionError, OverflowError, TypeError):
                 out.append(None)
         return out
 
-    return build(patterns) if len(patterns) == 1 else _prepared("layers_pattern", patterns, build)
+    return _prepared("layers_pattern", pattern, build)
 
 
 def ignored_modules(config: AdapterConfig, modules: Iterable[str]) -> list[str]:

@@ -16,7 +16,7 @@ from clair_cli.types import PLAIN_PATTERN
 __all__ = ["LAYERS_PATTERN_WRAP", "MAX_PATTERNS", "pattern_risk", "split_alternation"]
 
 # How PEFT (peft.tuners.tuners_utils.check_target_module_exists) and clair_cli.io.lora_config._in_layers
-# match a layers_pattern: inside this expression, which must compile too (clair_cli.io.peft_config checks it).
+# match a layers_pattern: inside this expression, the one form compiled (clair_cli.io.peft_config checks that it does).
 LAYERS_PATTERN_WRAP = r"(?:^|.*?\.){key}\.(?P<idx>\d+)\."
 
 MAX_PATTERN_LENGTH = 512

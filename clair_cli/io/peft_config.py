@@ -125,15 +125,17 @@ def _str_list(path: Path | str, field: str, value: Any) -> tuple[str, ...] | str
 def _regex(path: Path | str, field: str, value: str, wrap: str | None = None) -> str:
     """A module-selecting field given as one string, which PEFT full-matches as a regular
     expression when it loads the adapter (an invalid one makes loading fail there). ``wrap``:
-    the expression PEFT builds around it (``{key}`` stands for the value), compiled as well."""
+    the expression PEFT builds around it (``{key}`` stands for the value), compiled instead: PEFT
+    compiles that alone (a layers_pattern ``"*layers"`` does not compile by itself, and PEFT loads it),
+    so each value is compiled once."""
     split = split_alternation(value) if wrap is None and len(value) >= ALTERNATION_MIN_LENGTH else None
     try:
-        if split is None:
+        if wrap is not None:
+            re.compile(wrap.format(key=value))
+        elif split is None:
             re.compile(value)
         elif split[1] is not None:  # names alone always compile (a merged adapter's 10,000 took 3 s)
             re.compile(split[1])
-        if wrap is not None:
-            re.compile(wrap.format(key=value))
     except (re.error, RecursionError, OverflowError) as exc:
         how = "" if wrap is None else f" as PEFT matches it, {wrap.format(key='PATTERN')}"
         raise _fail(path, f"{field} {value[:80]!r} is not a valid regular expression{how} ({exc})") from exc
@@ -149,7 +151,7 @@ def _layers(path: Path | str, layers: Any, pattern: Any) -> None:
     ):
         raise _fail(path, "layers_to_transform must be a layer index or a list of layer indices")
     patterns = _str_list(path, "layers_pattern", pattern)
-    if isinstance(patterns, tuple) and len(patterns) > MAX_PATTERNS:  # each is compiled twice, here
+    if isinstance(patterns, tuple) and len(patterns) > MAX_PATTERNS:  # each is compiled, here
         raise _fail(path, f"layers_pattern has {len(patterns)} entries; clair accepts at most {MAX_PATTERNS}")
     for p in [patterns] if isinstance(patterns, str) else patterns or ():
         _regex(path, "layers_pattern", p, LAYERS_PATTERN_WRAP)
