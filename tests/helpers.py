@@ -42,6 +42,14 @@ def skip_unless_safetensors_writes(dtype: torch.dtype) -> None:
         pytest.skip(f"safetensors {have} cannot write {dtype} (safetensors {need} can)")
 
 
+def peft_at_least(version: str) -> bool:
+    """Whether the installed PEFT is ``version`` or later (a development build of it counts)."""
+    from packaging.version import Version
+    from peft import __version__
+
+    return Version(Version(__version__).base_version) >= Version(version)
+
+
 def lora_config(**overrides: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "peft_type": "LORA",

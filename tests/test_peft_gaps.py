@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import lora_config, run_cli, write_adapter
+from helpers import lora_config, peft_at_least, run_cli, write_adapter
 from pools import HIDDEN, MODULES, write_pool
 
 from clair_cli.errors import AdapterFormatError, IncompatibleAdapters
@@ -229,14 +229,9 @@ def test_a_tensor_parallel_adapter_is_noted_as_possibly_one_ranks_shard(pool: Pa
     assert any("tensor-parallel LoRA" in n and "shard" in n for n in adapter.notes) == noted
 
 
-def peft_is_022() -> bool:
-    from packaging.version import Version
-    from peft import __version__
-
-    return Version(Version(__version__).base_version) >= Version("0.22.0")
-
-
-@pytest.mark.skipif(not peft_is_022(), reason="init_lora_weights 'astra' is PEFT 0.22's (0.21 refuses it as unknown)")
+@pytest.mark.skipif(
+    not peft_at_least("0.22"), reason="init_lora_weights 'astra' is PEFT 0.22's (0.21 refuses it as unknown)"
+)
 def test_an_astra_adapter_is_refused_for_a_merge_as_peft_rewrites_the_base_weights(tmp_path: Path) -> None:
     """PEFT 0.22's Astra, like CorDA, sets the base weights to W - scale * B0 @ A0 (B0, A0: the initial
     factors, from preprocess_astra's eigenvectors) whenever it builds the adapter, so the adapter's change
@@ -288,7 +283,9 @@ def test_an_astra_adapter_is_refused_for_a_merge_as_peft_rewrites_the_base_weigh
     assert not any("which PEFT refuses" in n for n in notes), notes
 
 
-@pytest.mark.skipif(not peft_is_022(), reason="init_lora_weights 'nora' is PEFT 0.22's (0.21 refuses it as unknown)")
+@pytest.mark.skipif(
+    not peft_at_least("0.22"), reason="init_lora_weights 'nora' is PEFT 0.22's (0.21 refuses it as unknown)"
+)
 def test_a_nora_adapter_is_a_plain_lora_peft_loads(tmp_path: Path) -> None:
     """PEFT 0.22's NoRA only normalises lora_A's columns at initialisation and leaves the base weights
     alone: PEFT loads the adapter and applies scale * B @ A. clair said PEFT refuses it as an unknown
@@ -344,7 +341,7 @@ def test_lora_bias_with_a_multihead_attention_lora_is_said_to_load_in_no_peft_fr
         get_peft_model(Attention(), lora).save_pretrained(tmp_path / name)
         config = json.loads((tmp_path / name / "adapter_config.json").read_text())
         (tmp_path / name / "adapter_config.json").write_text(json.dumps(config | {"lora_bias": True}))
-        if name == "mha" and peft_is_022():
+        if name == "mha" and peft_at_least("0.22"):
             with pytest.raises(ValueError, match="MultiheadAttention does not support lora_bias=True"):
                 PeftModel.from_pretrained(Attention(), str(tmp_path / name))
         (adapter,) = open_adapters([str(tmp_path / name)])
@@ -467,7 +464,7 @@ def test_loftq_of_embedding_and_conv_layers_alone_says_what_each_peft_does(tmp_p
         path.write_text(json.dumps(json.loads(path.read_text()) | loftq))
     base = Model()
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    if peft_is_022():
+    if peft_at_least("0.22"):
         loaded = PeftModel.from_pretrained(base, str(tmp_path / "unlinear")).get_base_model()
         assert torch.equal(loaded.emb.base_layer.weight, before["emb.weight"])
         assert torch.equal(loaded.conv.base_layer.weight, before["conv.weight"])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import peft_at_least
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from typer.testing import CliRunner
@@ -35,13 +36,6 @@ class Attention(nn.Module):
 def base() -> nn.Module:
     torch.manual_seed(0)
     return Attention().eval()
-
-
-def installed_fixes_out_proj() -> bool:
-    from packaging.version import Version
-    from peft import __version__
-
-    return Version(Version(__version__).base_version) >= Version("0.22.0")
 
 
 def applied(path: Path) -> dict[str, torch.Tensor]:
@@ -111,9 +105,7 @@ def test_out_proj_is_read_as_the_installed_peft_applies_it(tmp_path: Path) -> No
     torch.testing.assert_close(read_out_proj(path), applied(path)[f"{LAYER}.out_proj.weight"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(
-    not installed_fixes_out_proj(), reason="PEFT before 0.22 applies out_proj twice whatever the config"
-)
+@pytest.mark.skipif(not peft_at_least("0.22"), reason="PEFT before 0.22 applies out_proj twice whatever the config")
 @pytest.mark.parametrize("said", [..., "0.21.0", "0.22.0", None, "0.21.2.dev0@abc"])
 def test_out_proj_of_each_peft_version_is_read_as_peft_applies_it(tmp_path: Path, said: object) -> None:
     (path,) = save_pool(tmp_path, [said])
@@ -141,7 +133,7 @@ def test_a_merge_applies_the_mean_of_what_peft_applies(tmp_path: Path, versions:
     from peft import __version__
 
     mixed = len({str(v) for v in versions}) > 1
-    if mixed and not installed_fixes_out_proj():
+    if mixed and not peft_at_least("0.22"):
         pytest.skip("PEFT before 0.22 applies every out_proj LoRA twice, whatever version its config says")
     paths = save_pool(tmp_path / "pool", [__version__ if v == "installed" else v for v in versions])
     inputs = [applied(p) for p in paths]
