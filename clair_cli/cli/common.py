@@ -138,6 +138,19 @@ def unique_out_names(names: Sequence[str]) -> None:
     if clash:
         same = [printable(n) for n in names if safe_relpath(n) == clash[0]]
         raise UsageError(f"adapters {', '.join(same)} would be written to the same directory {clash[0]!r}")
+    # One name's directory inside another's ('a' and 'a/b', from two sources): the first adapter's
+    # directory would hold the second, which no reader takes as one adapter (clair refuses it).
+    paths = {safe_relpath(n): n for n in names}
+    for path, name in paths.items():
+        parts = path.split("/")
+        outer = next((paths["/".join(parts[:i])] for i in range(1, len(parts)) if "/".join(parts[:i]) in paths), None)
+        if outer is not None:
+            raise UsageError(
+                f"adapter {printable(name)} would be written inside the directory of adapter {printable(outer)} "
+                f"({path!r} inside {safe_relpath(outer)!r}), which would then read as an adapter with another "
+                "below it",
+                hint="Refine them in two runs, or move one so that the names do not nest.",
+            )
 
 
 def check_report_targets(reports: Reports, inputs: Sequence[Path] = (), out: Path | None = None) -> None:
