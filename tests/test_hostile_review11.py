@@ -27,3 +27,16 @@ def test_refine_never_writes_one_adapter_inside_another_s_directory(tmp_path: Pa
     assert "Traceback" not in result.output
     assert "adapter a/g0 would be written inside the directory of adapter a" in result.output
     assert not out.exists()
+
+
+def test_a_base_model_option_longer_than_a_config_may_hold_is_refused_before_the_work(tmp_path: Path) -> None:
+    """--base-model of 5,000 characters: merge ran the whole audit and merge, then stopped as it wrote
+    its config, blaming 'adapter_config.json' (the file being written) and saying to fix that file."""
+    for k in range(5):
+        write_adapter(tmp_path / "pool" / f"a{k}", random_factors(MODULES, seed=k))
+    out = tmp_path / "out"
+    result = invoke("merge", tmp_path / "pool", "--out", out, "--method", "mean", "--base-model", "x" * 5000)
+    assert result.exit_code == 2, result.output
+    assert "--base-model" in result.output and "5000 characters long" in result.output
+    assert "adapter_config.json" not in result.output and "Traceback" not in result.output
+    assert not out.exists()

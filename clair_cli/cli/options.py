@@ -98,12 +98,29 @@ LoraAlpha = Annotated[
     ),
 ]
 Rslora = Annotated[bool, typer.Option("--rslora", help="With --lora-alpha: scale by alpha/sqrt(r).")]
+
+
+def _base_model(value: Optional[str]) -> Optional[str]:
+    """A ``--base-model`` no longer than a config's ``base_model_name_or_path`` may be (which every
+    written config carries): refused here, not after the audit as a fault of the file being written."""
+    from clair_cli.io.paths import printable
+    from clair_cli.io.peft_config import MAX_BASE_MODEL_LENGTH
+
+    if value is not None and len(value) > MAX_BASE_MODEL_LENGTH:
+        raise UsageError(
+            f"--base-model {printable(value[:40])}...: {len(value)} characters long; clair accepts at most "
+            f"{MAX_BASE_MODEL_LENGTH} (a hub id has at most 96, a path at most PATH_MAX)"
+        )
+    return value
+
+
 BaseModel = Annotated[
     Optional[str],
     typer.Option(
         "--base-model",
         help="Base model of every source: names it where the config does not, replaces it (with a note) where it does.",
         metavar="NAME",
+        callback=_base_model,
     ),
 ]
 Intersect = Annotated[
