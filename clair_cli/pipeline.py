@@ -643,12 +643,31 @@ def flag_unanalysed(outcome: AuditOutcome) -> None:
     """Flag a gate's candidates whose files hold what PEFT applies and clair does not analyse
     (:meth:`~clair_cli.io.adapter.Adapter.unanalysed`): a gate cannot vouch for them."""
     from clair_cli.core.rules.base import Reason
+    from clair_cli.io.lora_config import ignored_modules
+    from clair_cli.io.paths import printable
 
     trusted = set(outcome.reference or ())
+    analysed = set(outcome.pool.modules)
+
+    def parts_of(adapter: Adapter) -> tuple[str, ...]:
+        # A module --intersect leaves out (one the references do not target) is applied by PEFT and
+        # judged by no rule: a candidate could carry any update there and pass. (Not one PEFT does not load.)
+        ignored = set(ignored_modules(adapter.config, adapter.modules)) if adapter.layout == "peft" else set()
+        left_out = sorted(set(adapter.modules) - analysed - ignored)
+        dropped = (
+            [
+                f"{len(left_out)} LoRA module(s) that --intersect leaves out ({printable(left_out[0])}"
+                + (", ...)" if len(left_out) > 1 else ")")
+            ]
+            if left_out
+            else []
+        )
+        return tuple(adapter.unanalysed() + dropped)
+
     flags = {
         k: Reason(kind="unanalysed", rule="unanalysed", value=None, threshold=0, compare=">", margin=None, parts=parts)
         for k, a in enumerate(outcome.pool.adapters)
-        if k not in trusted and (parts := tuple(a.unanalysed()))
+        if k not in trusted and (parts := parts_of(a))
     }
     outcome.auditor.flag_outright(flags)
 

@@ -3,9 +3,10 @@ adapter) and the problem named, exit 2, nothing written, never a bug."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from helpers import MODULES, random_factors, write_adapter
+from helpers import MODULES, lora_config, random_factors, write_adapter
 from typer.testing import CliRunner
 
 from clair_cli.cli import app
@@ -40,3 +41,38 @@ def test_a_base_model_option_longer_than_a_config_may_hold_is_refused_before_the
     assert "--base-model" in result.output and "5000 characters long" in result.output
     assert "adapter_config.json" not in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_a_gate_candidate_s_module_that_intersect_leaves_out_is_not_vouched_for(tmp_path: Path) -> None:
+    """A candidate with a module no reference targets (here k_proj, its update 100 times the others'):
+    gate --intersect analysed the common modules alone and passed it (exit 0), though PEFT applies
+    the module it left out. It is flagged as unanalysed now; --allow-unanalysed judges the rest."""
+    for k in range(6):
+        write_adapter(tmp_path / "refs" / f"r{k}", random_factors(MODULES, seed=k))
+    extra = {**MODULES, "model.layers.0.self_attn.k_proj": (16, 12)}
+    tensors = random_factors(extra, seed=9)
+    key = "base_model.model.model.layers.0.self_attn.k_proj"
+    tensors[f"{key}.lora_A.weight"] *= 10
+    tensors[f"{key}.lora_B.weight"] *= 10
+    write_adapter(tmp_path / "cand", tensors, lora_config(target_modules=["q_proj", "k_proj", "v_proj"]))
+    args = ["gate", tmp_path / "cand", "--reference", tmp_path / "refs", "--intersect"]
+    report = tmp_path / "gate.json"
+    result = invoke(*args, "--json", report)
+    assert result.exit_code == 1, result.output
+    (cand,) = [a for a in json.loads(report.read_text())["adapters"] if a["name"] == "cand"]
+    assert cand["flagged"] and [r["kind"] for r in cand["reasons"]] == ["unanalysed"]
+    assert "1 LoRA module(s) that --intersect leaves out (model.layers.0.self_attn.k_proj)" in json.dumps(cand)
+    assert invoke(*args, "--allow-unanalysed").exit_code == 0
+    # A candidate that targets fewer modules than the references carries nothing left unjudged.
+    write_adapter(tmp_path / "fewer", random_factors(dict(list(MODULES.items())[:2]), seed=9))
+    assert invoke("gate", tmp_path / "fewer", "--reference", tmp_path / "refs", "--intersect").exit_code == 0
+
+
+def test_a_candidate_module_peft_does_not_load_is_not_called_unanalysed(tmp_path: Path) -> None:
+    """A module of the candidate's file that its config does not target (PEFT does not load it) and
+    --intersect leaves out is noted as ignored, not flagged as what PEFT applies."""
+    for k in range(6):
+        write_adapter(tmp_path / "refs" / f"r{k}", random_factors(MODULES, seed=k))
+    write_adapter(tmp_path / "cand", random_factors({**MODULES, "model.layers.0.self_attn.k_proj": (16, 12)}, seed=9))
+    result = invoke("gate", tmp_path / "cand", "--reference", tmp_path / "refs", "--intersect")
+    assert result.exit_code == 0, result.output

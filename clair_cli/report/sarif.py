@@ -167,7 +167,8 @@ RULE_TEXTS: dict[str, RuleText] = {
         "The candidate's file holds tensors or settings that PEFT applies when it loads the adapter and that "
         "clair's analysis of the low-rank update scale*B@A does not cover (DoRA magnitude vectors, LoRA or base "
         "biases, full weights such as modules_to_save, trainable tokens, an init_lora_weights with which PEFT "
-        "rewrites the base weights or leaves a random update): a gate cannot vouch for them.",
+        "rewrites the base weights or leaves a random update, LoRA modules that --intersect leaves out): a gate "
+        "cannot vouch for them.",
     ),
 }
 
