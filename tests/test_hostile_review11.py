@@ -68,6 +68,26 @@ def test_a_gate_candidate_s_module_that_intersect_leaves_out_is_not_vouched_for(
     assert invoke("gate", tmp_path / "fewer", "--reference", tmp_path / "refs", "--intersect").exit_code == 0
 
 
+def test_force_replaces_a_merged_mlx_lm_adapter_clair_wrote(tmp_path: Path) -> None:
+    """An MLX-LM merge writes adapters.safetensors, which --force did not count among the files clair
+    writes: rerunning the merge with --force was refused ('holds adapters.safetensors, which clair
+    does not write'). A file of someone else's beside it is still kept."""
+    from test_mlx import mlx_adapter
+
+    for k in range(5):
+        mlx_adapter(tmp_path / "pool" / f"m{k}", seed=k)
+    out = tmp_path / "out"
+    args = ["merge", tmp_path / "pool", "--method", "mean", "--out", out]
+    assert invoke(*args).exit_code == 0
+    result = invoke(*args, "--force")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapters.safetensors"]
+    (out / "notes.txt").write_text("mine")
+    result = invoke(*args, "--force")
+    assert result.exit_code == 2 and "notes.txt, which clair does not write" in result.output
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 def test_a_candidate_module_peft_does_not_load_is_not_called_unanalysed(tmp_path: Path) -> None:
     """A module of the candidate's file that its config does not target (PEFT does not load it) and
     --intersect leaves out is noted as ignored, not flagged as what PEFT applies."""

@@ -194,9 +194,15 @@ def _foreign(root: Path) -> str | None:
     those, so that a mistyped ``--out`` never deletes someone's data. An output of clair's is a
     tree of directories (``clair refine`` nests adapters as their names do) whose files are the
     ones clair writes, each directory that holds any of them with clair's model card."""
-    from clair_cli.constants import CONFIG_NAME, DIFFUSERS_WEIGHTS_NAME, MODEL_CARD_NAME, SAFETENSORS_WEIGHTS_NAME
+    from clair_cli.constants import (
+        CONFIG_NAME,
+        DIFFUSERS_WEIGHTS_NAME,
+        MLX_WEIGHTS_NAME,
+        MODEL_CARD_NAME,
+        SAFETENSORS_WEIGHTS_NAME,
+    )
 
-    written = {CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME, MODEL_CARD_NAME}
+    written = {CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME, DIFFUSERS_WEIGHTS_NAME, MLX_WEIGHTS_NAME, MODEL_CARD_NAME}
     count = 0
     pending = [root]
     while pending:
