@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from helpers import MODULES, lora_config, random_factors, write_adapter
 from typer.testing import CliRunner
 
@@ -86,6 +87,40 @@ def test_force_replaces_a_merged_mlx_lm_adapter_clair_wrote(tmp_path: Path) -> N
     result = invoke(*args, "--force")
     assert result.exit_code == 2 and "notes.txt, which clair does not write" in result.output
     assert (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("keys", "self_attn.q_proj", "lora_parameters.keys must be a list of module names, got 'self_attn.q_proj'"),
+        ("keys", True, "lora_parameters.keys must be a list of module names, got True"),
+        ("num_layers", "2", "num_layers must be a whole number of layers, got '2'"),
+        ("num_layers", None, "num_layers must be a whole number of layers, got None"),
+        ("num_layers", True, "num_layers must be a whole number of layers, got True"),
+        ("num_layers", 2.5, "num_layers must be a whole number of layers, got 2.5"),
+    ],
+)
+def test_an_mlx_lm_config_whose_layer_selection_mlx_lm_cannot_read_is_refused(
+    tmp_path: Path, field: str, value: object, expected: str
+) -> None:
+    """mlx_lm selects the modules it loads by num_layers and lora_parameters.keys: a keys string is read
+    as set(keys), the set of its characters, and loads no module; a num_layers that is no whole number
+    fails there (true reads as the last layer alone). clair read such a file's every module, audited,
+    merged and wrote it (exit 0): it is refused now, naming the field."""
+    from test_mlx import mlx_adapter
+
+    mlx_adapter(tmp_path / "m", seed=0)
+    config_file = tmp_path / "m" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    if field == "keys":
+        config["lora_parameters"]["keys"] = value
+    else:
+        config[field] = value
+    config_file.write_text(json.dumps(config))
+    result = invoke("inspect", tmp_path / "m")
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and "adapter_config.json" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_a_candidate_module_peft_does_not_load_is_not_called_unanalysed(tmp_path: Path) -> None:

@@ -92,6 +92,7 @@ def mlx_config(path: Path) -> tuple[AdapterConfig, float]:
     rank, scale = params.get("rank"), params.get("scale")
     if not isinstance(rank, int) or isinstance(rank, bool) or not 0 < rank < 2**31:
         raise _bad(path, f"lora_parameters.rank must be a positive integer, got {printable(repr(rank))[:60]}")
+    _check_selection(path, data, params)
     # As lora_alpha's: finite (an integer of 400 digits overflows float), neither 0 (no update) nor subnormal
     # (the commands' arithmetic reads it as 0, mlx_lm does not).
     scale = _alpha_scale(path, data, params, rank, _number(path, "lora_parameters.scale", scale))
@@ -105,6 +106,30 @@ def mlx_config(path: Path) -> tuple[AdapterConfig, float]:
         file_name=path.name,
     )
     return config, float(scale)
+
+
+def _check_selection(path: Path, data: dict[str, Any], params: dict[str, Any]) -> None:
+    """Refuse a ``num_layers`` (``lora_layers`` before mlx_lm 0.19) that is not a whole number and a
+    ``lora_parameters.keys`` that is not a list of module names: ``linear_to_lora_layers`` slices
+    ``model.layers[-max(num_layers, 0):]`` (a string, a fraction or null fails there, ``true`` reads
+    as 1: the last layer alone) and takes ``set(keys)`` (a string is a set of its characters, which
+    name no module: mlx_lm loads none of the adapter), so clair would read modules mlx_lm does not."""
+    field = "num_layers" if "num_layers" in data else "lora_layers"
+    count = data.get(field)
+    if field in data and (not isinstance(count, int) or isinstance(count, bool)):
+        raise _bad(
+            path,
+            f"{field} must be a whole number of layers, got {printable(repr(count))[:60]}: mlx_lm gives LoRA "
+            "layers to the last num_layers layers of the model and cannot read this one as a count",
+        )
+    keys = params.get("keys")
+    if keys is not None and not isinstance(keys, list):
+        raise _bad(
+            path,
+            f"lora_parameters.keys must be a list of module names, got {printable(repr(keys))[:60]}: mlx_lm reads "
+            "it as set(keys) (a string as a set of its characters), which selects modules other than those "
+            "its file holds",
+        )
 
 
 def _alpha_scale(path: Path, data: dict[str, Any], params: dict[str, Any], rank: int, scale: float) -> float:
