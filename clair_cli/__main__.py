@@ -23,6 +23,13 @@ def run() -> None:
         sys.stderr.write(f"Error: {POSIX_ONLY}\n")
         raise SystemExit(EXIT_ERROR)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    for name in ("COLUMNS", "LINES"):
+        # rich reads them with str.isdigit, which takes "²" and other Unicode digits that int() then
+        # refuses: a ValueError in every console, the one that reports errors included. A value that
+        # is not a count is left unset, as rich leaves "abc".
+        value = os.environ.get(name, "").strip()
+        if value and not (value.isascii() and value.isdigit()):
+            del os.environ[name]
     configure_threads()  # before torch is imported
     try:
         from clair_cli.cli import main

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import MODULES, lora_config, random_factors, write_adapter
+from helpers import MODULES, lora_config, random_factors, run_cli, write_adapter
 from typer.testing import CliRunner
 
 from clair_cli.cli import app
@@ -121,6 +121,34 @@ def test_an_mlx_lm_config_whose_layer_selection_mlx_lm_cannot_read_is_refused(
     assert result.exit_code == 2, result.output
     assert expected in result.output and "adapter_config.json" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("columns", ["abc", "-5", "1e400", "\u00b2"])
+def test_a_columns_value_that_is_no_width_is_the_default_width(tmp_path: Path, columns: str) -> None:
+    """COLUMNS=abc ended in 'internal error (ValueError ...)', COLUMNS=-5 printed nothing at all (exit 0),
+    and COLUMNS=² (a digit to str.isdigit, not to int) a traceback from rich: each is now read as no
+    width, as rich reads 'abc'."""
+    for k in range(5):
+        write_adapter(tmp_path / "pool" / f"a{k}", random_factors(MODULES, seed=k))
+    proc = run_cli("audit", str(tmp_path / "pool"), env={"COLUMNS": columns})
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    assert "a0" in proc.stdout and "5 adapters, 4 modules" in proc.stdout
+
+
+@pytest.mark.parametrize("epoch", ["99999999999999999999", "253402300800"])
+def test_a_source_date_epoch_past_what_a_date_holds_is_refused_by_name(tmp_path: Path, epoch: str) -> None:
+    """SOURCE_DATE_EPOCH past the platform's time_t or the year 9999 ended in 'internal error
+    (OverflowError ...)' (or ValueError): it is a one-line error naming the variable now."""
+    for k in range(5):
+        write_adapter(tmp_path / "pool" / f"a{k}", random_factors(MODULES, seed=k))
+    report = tmp_path / "r.json"
+    result = CliRunner().invoke(
+        app, ["audit", str(tmp_path / "pool"), "--json", str(report)], env={"SOURCE_DATE_EPOCH": epoch}
+    )
+    assert result.exit_code == 2, result.output
+    assert f"SOURCE_DATE_EPOCH={epoch}" in result.output and "internal error" not in result.output
+    assert not report.exists()
 
 
 def test_a_candidate_module_peft_does_not_load_is_not_called_unanalysed(tmp_path: Path) -> None:

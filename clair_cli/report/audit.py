@@ -183,7 +183,19 @@ def _given(value: float | None) -> float:
 def generated_at() -> str:
     """UTC time of the report, ISO 8601; ``SOURCE_DATE_EPOCH`` fixes it for reproducible builds."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
-    when = datetime.fromtimestamp(int(epoch), UTC) if epoch.isdigit() else datetime.now(UTC)
+    if not (epoch.isascii() and epoch.isdigit()):  # unset, or not a count of seconds ("²" is a digit to isdigit)
+        return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    try:
+        when = datetime.fromtimestamp(int(epoch), UTC)
+    except (OverflowError, ValueError, OSError):  # past the platform's time_t, or past the year 9999
+        from clair_cli.errors import UsageError
+        from clair_cli.io.paths import printable
+
+        raise UsageError(
+            f"SOURCE_DATE_EPOCH={printable(epoch[:40])}{'...' if len(epoch) > 40 else ''}: a time past what a "
+            "report's date can hold (the year 9999)",
+            hint="Set it to the seconds since 1970-01-01 UTC of the build (git log -1 --format=%ct), or unset it.",
+        ) from None
     return when.replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 

@@ -31,7 +31,10 @@ def make_console(*, stderr: bool = False, quiet: bool = False, file: IO[str] | N
     stream = file or (sys.stderr if stderr else sys.stdout)
     width = None
     if not stream.isatty():
-        width = int(os.environ.get("COLUMNS", "0") or 0) or 120
+        # As rich reads it: a positive count of ASCII digits, else the default (int("abc") failed, and a
+        # negative width printed nothing at all).
+        columns = os.environ.get("COLUMNS", "").strip()
+        width = int(columns) if columns.isascii() and columns.isdigit() and int(columns) > 0 else 120
     return _Console(file=stream, quiet=quiet, highlight=False, width=width, soft_wrap=False)
 
 
