@@ -375,6 +375,28 @@ def test_near_copies_are_near_identical_and_say_why_they_are_flagged(tmp_path: P
             assert all(r["margin"] is None for r in a["reasons"]) and "whatever its score" in a["reasons"][0]["text"]
 
 
+def test_a_scaled_copy_is_said_as_one_and_a_pool_of_copies_as_copies(tmp_path: Path) -> None:
+    """An update sent again x3 was said to be "identical to" the one it scales, and a pool of one update
+    at six scales got the notes of a pool whose adapters "agree on no common direction" (a review, 2026-12-07):
+    it agrees perfectly; the rules have nothing to compare."""
+    root = _pool(tmp_path / "pool", n=7)
+    write_adapter(root / "a0x3", {n: v * 3 if "lora_B" in n else v for n, v in random_factors(MODULES, seed=0).items()})
+    report = json.loads(_clair("audit", str(root), "--json", "-").stdout)
+    (reason,) = [r for a in report["adapters"] if a["name"] == "a0x3" for r in a["reasons"] if r["rule"] == "duplicate"]
+    assert reason["text"].startswith("a scaled copy of a0 (the same direction, 3x its norm; a copy:"), reason["text"]
+    assert reason["ratio"] == pytest.approx(3, rel=1e-6)
+    one = random_factors(MODULES, seed=3)
+    for k, c in enumerate([1, 2, 3, 4, 5, 6]):
+        write_adapter(tmp_path / "copies" / f"c{k}", {n: v * c if "lora_B" in n else v for n, v in one.items()})
+    report = json.loads(_clair("audit", str(tmp_path / "copies"), "--json", "-").stdout)
+    texts = [r["text"] for a in report["adapters"] for r in a["reasons"]]
+    assert len(texts) == 5 and all(t.startswith("a scaled copy of ") for t in texts), texts
+    proc = _clair("audit", str(tmp_path / "copies"))
+    text = " ".join(proc.stdout.split())
+    assert "only 1 distinct update(s) among 6 adapters, the others copies of them (scaled or not)" in text, text
+    assert "agree on no common direction" not in text and "no shared structure" not in text.split("note:", 1)[1]
+
+
 # --- found by fuzzing (2026-12-04) -------------------------------------------------------------
 
 

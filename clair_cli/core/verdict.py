@@ -65,7 +65,7 @@ import torch
 
 from clair_cli.core.calibration import critical_value
 from clair_cli.core.rules import ALPHA, DUPLICATE_COSINE, RULES, AdapterVerdict, Pass, PoolSignals
-from clair_cli.core.rules.duplicate import Duplicate, group_cosine
+from clair_cli.core.rules.duplicate import SAME_NORM, Duplicate, nearest_copy
 
 PASSES = 5  # at most; stops when the flagged set repeats
 POINTING = tuple(rule.name for rule in RULES if rule.pointing)  # their near-misses leave their bases
@@ -74,7 +74,6 @@ EXCLUDE_ALPHA = 0.02  # how near a miss: past the threshold at this false-flag r
 __all__ = ["AdapterVerdict", "Group", "PoolSignals", "decide", "duplicate_groups", "groups"]
 
 
-SAME_NORM = 1.01  # copies whose norms agree to 1 % are one update sent twice
 
 
 def flag_every_copy(
@@ -99,7 +98,7 @@ def flag_every_copy(
             continue
         verdicts[k].flagged = True
         of = [j for j in group if j != k]
-        verdicts[k].reasons.append(rule.reason(of, group_cosine(inner, k, of)))
+        verdicts[k].reasons.append(rule.reason(of, *nearest_copy(inner, k, of)))
 
 
 COPY_NORM_TIE = 1e-3  # copies whose log norms differ by less are one update up to rounding: the name decides

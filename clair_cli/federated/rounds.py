@@ -696,7 +696,7 @@ def flag_copies(G: torch.Tensor, names: list[str]) -> dict[int, str]:
     update it copies left out). For the rounds no audit judges (the geometric median)."""
     from clair_cli.core.pairwise import cosine_from_gram
     from clair_cli.core.rules import AdapterVerdict
-    from clair_cli.core.rules.duplicate import Duplicate, group_cosine
+    from clair_cli.core.rules.duplicate import Duplicate, nearest_copy
     from clair_cli.core.verdict import copy_order, duplicate_groups, flag_every_copy
     from clair_cli.report.audit import reason_text
     from clair_cli.report.modules import ModuleNames
@@ -709,7 +709,7 @@ def flag_copies(G: torch.Tensor, names: list[str]) -> dict[int, str]:
         for k in group[1:]:
             of = [j for j in group if j != k]
             verdicts[k].flagged = True
-            verdicts[k].reasons.append(rule.reason(of, group_cosine(G, k, of)))
+            verdicts[k].reasons.append(rule.reason(of, *nearest_copy(G, k, of)))
     flag_every_copy(verdicts, groups, set(), G.diagonal(), G)
     labels = ModuleNames([])
     return {v.index: reason_text(v.reasons[0], names, labels) for v in verdicts if v.flagged}

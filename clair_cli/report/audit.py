@@ -19,7 +19,7 @@ from rich.table import Table
 
 from clair_cli import __version__
 from clair_cli.constants import JSON_SCHEMA_VERSION
-from clair_cli.core.rules.duplicate import IDENTICAL_COSINE
+from clair_cli.core.rules.duplicate import IDENTICAL_COSINE, SAME_NORM
 from clair_cli.report.console import shown
 from clair_cli.report.markdown import md_code, md_text
 from clair_cli.report.modules import ModuleNames, natural_key, natural_sorted
@@ -88,11 +88,22 @@ def reason_text(reason: Reason, names: list[str], modules: ModuleNames) -> str: 
             f"update norm {ratio:.0f}x the pool median" if ratio >= 10 else f"update norm {ratio:.1f}x the pool median"
         )
     if kind == "duplicate":
-        copy_of = ", ".join(sorted(names[j] for j in reason.of or ()))
-        c = reason.value
-        if c is None or c >= IDENTICAL_COSINE:
-            return f"identical to {copy_of} (a copy: flagged whatever its score)"
-        return f"near-identical to {copy_of} (cosine {c:.4f}; a copy: flagged whatever its score)"
+        of = list(reason.of or ())
+        copy_of = ", ".join(sorted(names[j] for j in of))
+        c, ratio = reason.value, reason.ratio
+        identical = c is None or c >= IDENTICAL_COSINE
+        if ratio is None or 1 / SAME_NORM <= ratio <= SAME_NORM:
+            if identical:
+                return f"identical to {copy_of} (a copy: flagged whatever its score)"
+            return f"near-identical to {copy_of} (cosine {c:.4f}; a copy: flagged whatever its score)"
+        # An update sent again scaled (x 3 of another's): the same direction, not the same update. The ratio is
+        # to the member the group keeps, the first of ``of``.
+        kept, others = names[of[0]], sorted(names[j] for j in of[1:])
+        also = f"; also of {', '.join(others)}" if others else ""
+        scaled = f"{ratio:.3g}x its norm{also}; a copy: flagged whatever its score"
+        if identical:
+            return f"a scaled copy of {kept} (the same direction, {scaled})"
+        return f"near-identical to {kept} (cosine {c:.4f}, {scaled})"
     if kind == "coordinated":
         flagged_with = ", ".join(sorted(names[j] for j in reason.of or ()))
         return (
@@ -441,7 +452,17 @@ def report_notes(report: dict[str, Any]) -> list[str]:
             f"only {n_refs} references: the thresholds are calibrated for so few, which makes them wide "
             f"(subtle contamination passes) and less reliable; use {RECOMMENDED_REFERENCES} or more"
         )
-    notes.extend(SILENT[r] for r in report.get("silent_rules", []) if r in SILENT)
+    copies = sum(any(r["kind"] == "duplicate" for r in a.get("reasons", ())) for a in report["adapters"])
+    distinct = report["n_adapters"] - copies
+    silent = [r for r in report.get("silent_rules", []) if r in SILENT]
+    if silent and copies and distinct < MIN_CARRYING:
+        # Not what the notes of each rule say (no common direction, no shared structure): nothing to compare.
+        notes.append(
+            f"only {distinct} distinct update(s) among {report['n_adapters']} adapters, the others copies of them "
+            f"(scaled or not): the rules that compare adapters with each other are off ({', '.join(silent)})"
+        )
+    else:
+        notes.extend(SILENT[r] for r in silent)
     n_zero = sum(a.get("norm") == 0 for a in report["adapters"])
     carrying = report["n_adapters"] - n_zero
     if n_zero and carrying < MIN_CARRYING and report["command"] != "gate":
