@@ -157,3 +157,22 @@ def test_unsupported_parts_become_notes(tmp_path: Path) -> None:
     assert len(adapter.modules) == 4
     assert any("LoRA bias in 1 module" in n for n in adapter.notes)
     assert any("lm_head.weight" in n for n in adapter.notes)
+
+
+def test_lora_alpha_and_rslora_say_where_a_config_gives_the_scale(tmp_path: Path) -> None:
+    """--lora-alpha and --rslora describe adapter files without a config; beside an adapter_config.json
+    (or --config) they were silently not applied (a review, 2026-12-07): the adapter's note says so."""
+    write_adapter(tmp_path / "a", random_factors(MODULES, seed=0), lora_config(lora_alpha=8))
+    save_file(random_factors(MODULES, seed=1), str(tmp_path / "bare.safetensors"))
+    plain = open_adapters([str(tmp_path / "a")])[0]
+    (a,) = open_adapters([str(tmp_path / "a")], SourceOptions(lora_alpha=100.0, use_rslora=True))
+    assert a.config.scale_for(next(iter(plain.modules))) == plain.config.scale_for(next(iter(plain.modules)))
+    (note,) = [n for n in a.notes if "not applied" in n]
+    assert (
+        note.startswith("--lora-alpha 100 and --rslora not applied: its scale is the one ")
+        and "a/adapter_config.json" in note
+    )
+    (bare,) = open_adapters([str(tmp_path / "bare.safetensors")], SourceOptions(lora_alpha=100.0))
+    assert not any("not applied" in n for n in bare.notes)  # a file without a config takes them
+    (one,) = open_adapters([str(tmp_path / "a")], SourceOptions(lora_alpha=100.0))
+    assert any(n.startswith("--lora-alpha 100 not applied:") and "it describes" in n for n in one.notes)

@@ -874,7 +874,9 @@ def _open_adapter(ref: AdapterRef, options: SourceOptions) -> Adapter:
     if layout == "mlx":
         from clair_cli.io.mlx import open_mlx
 
-        return open_mlx(ref, header, config_file, options.max_rank, options.max_modules, stamp)
+        adapter = open_mlx(ref, header, config_file, options.max_rank, options.max_modules, stamp)
+        adapter.notes.extend(_unapplied_options(options, config_file))
+        return adapter
     if layout in ("kohya", "comfyui") and config_file is not None:
         raise AdapterFormatError(
             f"{shown_path(ref.weights_file)}: a {LAYOUT_NAMES[layout]} LoRA file, which carries its own alphas "
@@ -902,6 +904,8 @@ def _open_adapter(ref: AdapterRef, options: SourceOptions) -> Adapter:
     )
     if note:
         adapter.notes.append(note)
+    if config_file is not None:
+        adapter.notes.extend(_unapplied_options(options, config_file))
     if conv1d is None:
         named = sorted({m.rsplit(".", 1)[-1] for m in adapter.modules} & CONV1D_LAYER_NAMES)
         if named:
@@ -912,6 +916,19 @@ def _open_adapter(ref: AdapterRef, options: SourceOptions) -> Adapter:
                 "while a merged or refined config says false (--config FILE with fan_in_fan_out says which)",
             )
     return adapter
+
+
+def _unapplied_options(options: SourceOptions, config_file: Path | None) -> list[str]:
+    """The note of an adapter read with its own config (or ``--config``) where ``--lora-alpha`` or ``--rslora`` was
+    given: they describe files without one, and were silently not applied."""
+    given = [f"--lora-alpha {options.lora_alpha:g}"] if options.lora_alpha is not None else []
+    given += ["--rslora"] if options.use_rslora else []
+    if not given or config_file is None:
+        return []
+    return [
+        f"{' and '.join(given)} not applied: its scale is the one {shown_path(config_file)} gives "
+        f"({'they describe' if len(given) > 1 else 'it describes'} adapter files without a config)"
+    ]
 
 
 def open_adapters(
