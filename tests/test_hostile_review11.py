@@ -159,3 +159,11 @@ def test_a_candidate_module_peft_does_not_load_is_not_called_unanalysed(tmp_path
     write_adapter(tmp_path / "cand", random_factors({**MODULES, "model.layers.0.self_attn.k_proj": (16, 12)}, seed=9))
     result = invoke("gate", tmp_path / "cand", "--reference", tmp_path / "refs", "--intersect")
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("given", ["", "  "])
+def test_an_empty_revision_is_refused_as_an_empty_at_is(tmp_path: Path, given: str) -> None:
+    """`--revision ''` read as no revision (the default branch), while `hf://owner/name@` is refused."""
+    result = CliRunner().invoke(app, ["inspect", "hf://owner/name", "--revision", given])
+    assert result.exit_code == 2, result.output
+    assert "--revision is empty" in result.output and "Traceback" not in result.output

@@ -60,12 +60,24 @@ JsonOut = Annotated[
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages; only errors and requested data.")]
 Subfolder = Annotated[Optional[str], typer.Option("--subfolder", help="Subfolder inside hub repos.", metavar="PATH")]
+
+
+def _revision(value: Optional[str]) -> Optional[str]:
+    """An empty ``--revision`` is refused, as an empty ``@`` in a hub source is (it read as no revision: main)."""
+    if value is not None and not value.strip():
+        raise UsageError(
+            "--revision is empty", hint="Give a branch, tag or commit, or leave --revision out for the default branch."
+        )
+    return value
+
+
 Revision = Annotated[
     Optional[str],
     typer.Option(
         "--revision",
         help="Branch, tag or commit of hub sources that name none (owner/name@rev names its own).",
         metavar="REV",
+        callback=_revision,
     ),
 ]
 Token = Annotated[
