@@ -74,8 +74,6 @@ EXCLUDE_ALPHA = 0.02  # how near a miss: past the threshold at this false-flag r
 __all__ = ["AdapterVerdict", "Group", "PoolSignals", "decide", "duplicate_groups", "groups"]
 
 
-
-
 def flag_every_copy(
     verdicts: list[AdapterVerdict],
     duplicates: list[list[int]],
