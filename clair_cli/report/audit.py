@@ -90,9 +90,9 @@ def reason_text(reason: Reason, names: list[str], modules: ModuleNames) -> str: 
     if kind == "duplicate":
         of = list(reason.of or ())
         copy_of = ", ".join(sorted(names[j] for j in of))
-        c, ratio = reason.value, reason.ratio
+        c, scale = reason.value, reason.ratio
         identical = c is None or c >= IDENTICAL_COSINE
-        if ratio is None or 1 / SAME_NORM <= ratio <= SAME_NORM:
+        if scale is None or 1 / SAME_NORM <= scale <= SAME_NORM:
             if identical:
                 return f"identical to {copy_of} (a copy: flagged whatever its score)"
             return f"near-identical to {copy_of} (cosine {c:.4f}; a copy: flagged whatever its score)"
@@ -100,7 +100,7 @@ def reason_text(reason: Reason, names: list[str], modules: ModuleNames) -> str: 
         # to the member the group keeps, the first of ``of``.
         kept, others = names[of[0]], sorted(names[j] for j in of[1:])
         also = f"; also of {', '.join(others)}" if others else ""
-        scaled = f"{ratio:.3g}x its norm{also}; a copy: flagged whatever its score"
+        scaled = f"{scale:.3g}x its norm{also}; a copy: flagged whatever its score"
         if identical:
             return f"a scaled copy of {kept} (the same direction, {scaled})"
         return f"near-identical to {kept} (cosine {c:.4f}, {scaled})"
