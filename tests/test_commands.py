@@ -417,6 +417,10 @@ def test_failed_run_leaves_nothing(pool: Path, tmp_path: Path) -> None:
         (["merge", "{pool}", "--out", "{tmp}/o", "--method", "median", "--weights", "1,2"], 2, "--weights"),
         (["merge", "{pool}", "--out", "{tmp}/o", "--weights", "1,2"], 2, "--weights has 2 values"),
         (["merge", "{pool}", "--out", "{tmp}/o", "--weights", "a,b"], 2, "comma-separated numbers"),
+        # Python's float() reads "1_0" as 10 and "\uff11" (a full-width one) as 1: typos, not weights.
+        (["merge", "{pool}", "--out", "{tmp}/o", "--weights", "1_0,1"], 2, "--weights 1_0,1: expected comma-separated"),
+        (["merge", "{pool}", "--out", "{tmp}/o", "--weights", "\uff11,1"], 2, "expected comma-separated numbers"),
+        (["merge", "{pool}", "--out", "{tmp}/o", "--weights", "1,-2"], 2, "non-negative"),
         (["merge", "{pool}", "--out", "{tmp}/missing/o"], 2, "does not exist"),
         (["gate", "{pool}/client_00"], 2, "no --reference"),
         (["gate", "{pool}/client_00", "-r", "{pool}/client_01"], 2, "at least 5 reference"),

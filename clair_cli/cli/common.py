@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,13 +21,26 @@ if TYPE_CHECKING:
     from clair_cli.pipeline import Progress
 
 
+# Plain decimal notation: float() would also take "1_5" (15), "nan", "infinity" or full-width digits.
+DECIMAL = re.compile(r"[+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
+
+
+def decimal_number(text: str) -> float:
+    """``text`` (surrounding blanks aside) read as a plain non-negative decimal number; NaN for anything else."""
+    return float(text) if DECIMAL.fullmatch(text.strip()) else math.nan
+
+
 def parse_weights(text: str | None) -> list[float] | None:
     if text is None:
         return None
-    try:
-        values = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--weights {text}: expected comma-separated numbers") from None
+    # A minus sign is read so that a negative weight gets the message below.
+    values = [
+        -decimal_number(x.strip()[1:]) if x.strip().startswith("-") else decimal_number(x)
+        for x in text.split(",")
+        if x.strip()
+    ]
+    if any(math.isnan(v) for v in values):
+        raise UsageError(f"--weights {text}: expected comma-separated numbers")
     if not values or any(not (v >= 0) or v == float("inf") for v in values) or sum(values) <= 0:
         raise UsageError(f"--weights {text}: weights must be finite, non-negative and not all zero")
     return values

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ import typer
 from clair_cli import methods
 from clair_cli.cli.choices import DeviceChoice, Precision, Rescale, Side, SolverForm
 from clair_cli.cli.command import OptionGroup
+from clair_cli.cli.common import decimal_number
 from clair_cli.constants import DEFAULT_MAX_ADAPTERS, DEFAULT_MAX_MODULES, DEFAULT_MAX_RANK, NORM_BOUND
 from clair_cli.errors import UsageError
 from clair_cli.params import DEFAULT_MERGE_TOL, AuditParams, MergeOptions
@@ -497,12 +497,9 @@ def norm_bound_value(text: str | None) -> float | None:
         return NORM_BOUND
     if text.strip().lower() == "off":
         return None
-    # Plain decimal notation only: float() would also take "1_5" (15), "nan" or full-width digits.
-    value = float(text) if _DECIMAL.fullmatch(text.strip()) else math.nan
+    value = decimal_number(text)
     if not (math.isfinite(value) and value >= 1):
         message = f"--norm-bound {text}: expected a number of at least 1 (times the median norm), or off"
         raise UsageError(message)
     return value
 
-
-_DECIMAL = re.compile(r"[+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?", re.ASCII)
