@@ -32,7 +32,7 @@ def configure_threads(environ: MutableMapping[str, str] | None = None) -> int | 
     wanted = env.get("CLAIR_NUM_THREADS", "").strip()
     if wanted == "0":
         return None  # torch's defaults, untouched
-    if wanted.isdigit():
+    if wanted.isascii() and wanted.isdigit():  # "²" is a digit to isdigit(), not to int()
         count = int(wanted)
     elif "OMP_NUM_THREADS" in env:
         return None

@@ -1,0 +1,23 @@
+"""Inputs found mishandled by a twelfth review from outside: each is refused with the file (or
+option) and the problem named, exit 2, nothing written, never a bug."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from clair_cli.cli import app, threads
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args], env={"NO_COLOR": "1", "COLUMNS": "300"})
+
+
+@pytest.mark.parametrize("value", ["\u00b2", "\u0663", "\uff14"])
+def test_a_thread_count_of_digits_that_are_not_ascii_is_not_a_number(value: str) -> None:
+    """CLAIR_NUM_THREADS=² (a superscript two; str.isdigit() holds for it, int() refuses it): every
+    command ended in a ValueError traceback before it started. Such a value is not a number of
+    threads, as 'lots' is not: the default of one thread."""
+    env = {"CLAIR_NUM_THREADS": value}
+    assert threads.configure_threads(env) == 1
+    assert env["OMP_NUM_THREADS"] == "1"
