@@ -3,7 +3,10 @@ option) and the problem named, exit 2, nothing written, never a bug."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from helpers import MODULES, random_factors, write_adapter
 from typer.testing import CliRunner
 
 from clair_cli.cli import app, threads
@@ -21,3 +24,19 @@ def test_a_thread_count_of_digits_that_are_not_ascii_is_not_a_number(value: str)
     env = {"CLAIR_NUM_THREADS": value}
     assert threads.configure_threads(env) == 1
     assert env["OMP_NUM_THREADS"] == "1"
+
+
+@pytest.mark.parametrize("option", ["--json", "--markdown"])
+@pytest.mark.parametrize("suffix", ["/", "/."])
+def test_a_report_path_that_names_a_directory_is_refused(tmp_path: Path, option: str, suffix: str) -> None:
+    """--json reports/ (a directory that does not exist yet): the report was written to a file named
+    'reports', where the user looked for a directory, and the run exited 0."""
+    for k in range(5):
+        write_adapter(tmp_path / "pool" / f"a{k}", random_factors(MODULES, seed=k))
+    target = tmp_path / "reports"
+    out = tmp_path / "out"
+    result = invoke("merge", tmp_path / "pool", "--out", out, option, f"{target}{suffix}")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert "names a directory" in result.output and "reports" in result.output
+    assert not target.exists() and not out.exists()

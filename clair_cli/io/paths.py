@@ -191,6 +191,11 @@ def check_report_file(target: str, inputs: Iterable[Path] = ()) -> Path:
         st = None
     except OSError as exc:
         raise OutputError(f"{shown}: cannot be written ({exc.strerror or exc})") from exc
+    if st is None and os.path.basename(target) in ("", "."):  # "reports/": Path() would drop the slash
+        raise OutputError(
+            f"{shown}: names a directory, which does not exist; a report is written to a file",
+            hint="Give the path of a new or regular file.",
+        )
     if st is not None and not stat.S_ISREG(st.st_mode):
         kind = (
             "a directory"
