@@ -715,6 +715,12 @@ def merge(
         if len(weights) != len(pool.adapters):
             raise UsageError(f"--weights has {len(weights)} values for {len(pool.adapters)} adapters")
         w = [float(weights[k]) for k in used]
+        if used and not sum(w) > 0:  # the weights given are the flagged adapters' alone
+            raise UsageError(
+                f"--weights gives weight 0 to every adapter merged ({len(used)} of {len(pool.adapters)}: those the "
+                "audit did not flag); nothing is left to merge",
+                hint="Give a positive weight to at least one adapter the audit lets through.",
+            )
     weighting = spec.merge_weights(outcome, used, w, options)
     plan = methods.MergePlan(
         used, options, basis_side(settings.side), dtype, settings.path, dict(weighting.norm_bounded)

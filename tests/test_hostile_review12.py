@@ -40,3 +40,21 @@ def test_a_report_path_that_names_a_directory_is_refused(tmp_path: Path, option:
     assert "Traceback" not in result.output
     assert "names a directory" in result.output and "reports" in result.output
     assert not target.exists() and not out.exists()
+
+
+def test_weights_left_only_to_flagged_adapters_are_refused_not_a_bug(tmp_path: Path) -> None:
+    """--weights 0,0,0,0,1 where the audit flags the fifth adapter (an update of zero, a free rider):
+    the merge ended in 'internal error (ValueError: weights must not all be zero)'."""
+    for k in range(4):
+        write_adapter(tmp_path / "pool" / f"a{k}", random_factors(MODULES, seed=k))
+    tensors = random_factors(MODULES, seed=9)
+    for key in tensors:
+        if "lora_B" in key:
+            tensors[key].zero_()
+    write_adapter(tmp_path / "pool" / "a4", tensors)
+    out = tmp_path / "out"
+    result = invoke("merge", tmp_path / "pool", "--out", out, "--weights", "0,0,0,0,1")
+    assert result.exit_code == 2, result.output
+    assert "internal error" not in result.output and "Traceback" not in result.output
+    assert "--weights gives weight 0 to every adapter merged (4 of 5" in result.output
+    assert not out.exists()
