@@ -58,3 +58,20 @@ def test_weights_left_only_to_flagged_adapters_are_refused_not_a_bug(tmp_path: P
     assert "internal error" not in result.output and "Traceback" not in result.output
     assert "--weights gives weight 0 to every adapter merged (4 of 5" in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("option", ["--base-model", "--subfolder"])
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_base_model_or_subfolder_is_refused_as_an_empty_revision_is(
+    tmp_path: Path, option: str, value: str
+) -> None:
+    """--base-model "$BASE" with BASE unset: read as no --base-model, without a word (and ' ' was written
+    into the merged config as the base model); --subfolder '' passed beside local sources, which refuse
+    any other subfolder. An empty --revision is refused (the eleventh review): so are these."""
+    for k in range(5):
+        write_adapter(tmp_path / "pool" / f"a{k}", random_factors(MODULES, seed=k))
+    out = tmp_path / "out"
+    result = invoke("merge", tmp_path / "pool", "--out", out, "--method", "mean", option, value)
+    assert result.exit_code == 2, result.output
+    assert f"{option} is empty" in result.output and "Traceback" not in result.output
+    assert not out.exists()

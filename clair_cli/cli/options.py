@@ -59,7 +59,22 @@ JsonOut = Annotated[
     ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages; only errors and requested data.")]
-Subfolder = Annotated[Optional[str], typer.Option("--subfolder", help="Subfolder inside hub repos.", metavar="PATH")]
+
+
+def _subfolder(value: Optional[str]) -> Optional[str]:
+    """An empty ``--subfolder`` is refused, as an empty ``--revision`` is (it read as none: the repo's root,
+    and passed where a local source refuses any other)."""
+    if value is not None and not value.strip():
+        raise UsageError(
+            "--subfolder is empty", hint="Give a folder inside the hub repos, or leave --subfolder out for their root."
+        )
+    return value
+
+
+Subfolder = Annotated[
+    Optional[str],
+    typer.Option("--subfolder", help="Subfolder inside hub repos.", metavar="PATH", callback=_subfolder),
+]
 
 
 def _revision(value: Optional[str]) -> Optional[str]:
@@ -118,6 +133,11 @@ def _base_model(value: Optional[str]) -> Optional[str]:
     from clair_cli.io.paths import printable
     from clair_cli.io.peft_config import MAX_BASE_MODEL_LENGTH
 
+    if value is not None and not value.strip():  # ("$BASE" unset): it read as no --base-model, without a word
+        raise UsageError(
+            "--base-model is empty",
+            hint="Give the base model's hub id or path, or leave --base-model out to keep what the configs say.",
+        )
     if value is not None and len(value) > MAX_BASE_MODEL_LENGTH:
         raise UsageError(
             f"--base-model {printable(value[:40])}...: {len(value)} characters long; clair accepts at most "
