@@ -75,3 +75,14 @@ def test_an_empty_base_model_or_subfolder_is_refused_as_an_empty_revision_is(
     assert result.exit_code == 2, result.output
     assert f"{option} is empty" in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("option", ["--json", "--markdown", "--sarif"])
+def test_an_empty_report_path_is_refused_by_its_option(tmp_path: Path, option: str) -> None:
+    """--json "$REPORT" with REPORT unset: refused as ': exists and is a directory', naming no file
+    and no option."""
+    for k in range(5):
+        write_adapter(tmp_path / "pool" / f"a{k}", random_factors(MODULES, seed=k))
+    result = invoke("audit", tmp_path / "pool", option, "")
+    assert result.exit_code == 2, result.output
+    assert f"{option} is empty" in result.output and "Traceback" not in result.output

@@ -179,6 +179,9 @@ def check_report_targets(reports: Reports, inputs: Sequence[Path] = (), out: Pat
     if sarif == "-" and "-" in (json_out, markdown):
         raise UsageError("--sarif - cannot share stdout with --json - or --markdown -; give it a file")
     options = (("--json", json_out), ("--markdown", markdown), ("--plot", plot), ("--sarif", sarif))
+    empty = next((o for o, t in options if t is not None and not t.strip()), None)
+    if empty is not None:  # ('' read as the current directory: "exists and is a directory", naming nothing)
+        raise UsageError(f"{empty} is empty", hint="Give a file name, or '-' for stdout.")
     named = [(o, t) for o, t in options if t is not None]
     files = [t for _o, t in named if t != "-" and not discarded(t)]
     real = {t: _resolved(t, o) for o, t in named if t in files}
