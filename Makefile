@@ -33,9 +33,18 @@ demo: install
 # `flwr run` and the CLI's tests in .venv-flower (Flower's older Typer and Rich), so CI runs
 # the Flower tests too: CLAIR_REQUIRE_FLOWER=1 makes a missing flwr or Ray an error there,
 # not a skip.
+#
+# The tests run in TEST_JOBS worker processes (pytest-xdist; auto: one per CPU; TEST_JOBS=0 runs
+# them in this process), each test file in one worker (its module fixtures built once). Most of
+# the suite's time is CLI subprocesses starting Python and torch, which the workers overlap. The
+# Flower simulations and the Ray executor's tests start local Ray clusters: those run one at a time.
+TEST_JOBS ?= auto
+PYTEST_JOBS = -n $(TEST_JOBS) --dist loadfile
+
 test: install install-flower
-	$(BIN)/python -m pytest -q
-	CLAIR_REQUIRE_FLOWER=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q $(FLOWER_TESTS)
+	$(BIN)/python -m pytest -q $(PYTEST_JOBS)
+	$(FLOWER_PYTEST) $(PYTEST_JOBS) $(FLOWER_CLI_TESTS)
+	$(FLOWER_PYTEST) $(FLOWER_RAY_TESTS)
 
 # The documentation site (mkdocs.yml, docs/): the docs extra into .venv, then a strict build into
 # site/ (a broken link or anchor, or a page missing from the nav, fails it). The command
@@ -111,11 +120,14 @@ install-flower: $(STAMP_FLOWER)
 # on a local simulation SuperLink with Ray (8 SuperNodes, 4 rounds, about 2 min on 2 busy
 # cores), the in-memory engine path, the CLI's tests under Flower's older Typer and Rich, and
 # --executor ray on the Ray that flwr[simulation] brings (about 1 min).
-FLOWER_TESTS := tests/test_flower.py tests/test_flower_app.py tests/test_federated.py tests/test_cli.py tests/test_cli_options.py \
-	tests/test_commands.py tests/test_reports.py tests/test_reliability.py tests/test_ray_executor.py
+FLOWER_RAY_TESTS := tests/test_flower.py tests/test_flower_app.py tests/test_ray_executor.py
+FLOWER_CLI_TESTS := tests/test_federated.py tests/test_cli.py tests/test_cli_options.py tests/test_commands.py \
+	tests/test_reports.py tests/test_reliability.py
+FLOWER_PYTEST = CLAIR_REQUIRE_FLOWER=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q
 
 test-flower: install-flower
-	CLAIR_REQUIRE_FLOWER=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN_FLOWER)/python -m pytest -q $(FLOWER_TESTS)
+	$(FLOWER_PYTEST) $(PYTEST_JOBS) $(FLOWER_CLI_TESTS)
+	$(FLOWER_PYTEST) $(FLOWER_RAY_TESTS)
 
 # The federated experiment: 12 clients (4 attackers), 10 rounds, clair against Flower's FedAvg,
 # FedMedian, FedTrimmedAvg, Krum, MultiKrum and Bulyan, clean and attacked, 3 seeds; writes

@@ -421,6 +421,8 @@ def test_failed_run_leaves_nothing(pool: Path, tmp_path: Path) -> None:
         (["merge", "{pool}", "--out", "{tmp}/o", "--weights", "1_0,1"], 2, "--weights 1_0,1: expected comma-separated"),
         (["merge", "{pool}", "--out", "{tmp}/o", "--weights", "\uff11,1"], 2, "expected comma-separated numbers"),
         (["merge", "{pool}", "--out", "{tmp}/o", "--weights", "1,-2"], 2, "non-negative"),
+        # A doubled comma would shift every later weight to the next adapter.
+        (["merge", "{pool}", "--out", "{tmp}/o", "--weights", "1,,1,1,1,1"], 2, "--weights 1,,1,1,1,1: an empty value"),
         (["merge", "{pool}", "--out", "{tmp}/missing/o"], 2, "does not exist"),
         (["gate", "{pool}/client_00"], 2, "no --reference"),
         (["gate", "{pool}/client_00", "-r", "{pool}/client_01"], 2, "at least 5 reference"),

@@ -33,12 +33,15 @@ def decimal_number(text: str) -> float:
 def parse_weights(text: str | None) -> list[float] | None:
     if text is None:
         return None
+    if not text.strip():
+        raise UsageError("--weights is empty")
+    entries = text.split(",")
+    if len(entries) > 1 and not entries[-1].strip():
+        entries.pop()  # one trailing comma
+    if any(not x.strip() for x in entries):
+        raise UsageError(f"--weights {text}: an empty value (two commas in a row?)")
     # A minus sign is read so that a negative weight gets the message below.
-    values = [
-        -decimal_number(x.strip()[1:]) if x.strip().startswith("-") else decimal_number(x)
-        for x in text.split(",")
-        if x.strip()
-    ]
+    values = [-decimal_number(x.strip()[1:]) if x.strip().startswith("-") else decimal_number(x) for x in entries]
     if any(math.isnan(v) for v in values):
         raise UsageError(f"--weights {text}: expected comma-separated numbers")
     if not values or any(not (v >= 0) or v == float("inf") for v in values) or sum(values) <= 0:
