@@ -522,4 +522,3 @@ def norm_bound_value(text: str | None) -> float | None:
         message = f"--norm-bound {text}: expected a number of at least 1 (times the median norm), or off"
         raise UsageError(message)
     return value
-
