@@ -61,14 +61,19 @@ JsonOut = Annotated[
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or messages; only errors and requested data.")]
 
 
+def _not_empty(option: str, value: Optional[str], hint: str) -> Optional[str]:
+    """``value``, refused where given empty or blank (``"$VAR"`` unset read as the option left out, without a word)."""
+    if value is not None and not value.strip():
+        raise UsageError(f"{option} is empty", hint=hint)
+    return value
+
+
 def _subfolder(value: Optional[str]) -> Optional[str]:
     """An empty ``--subfolder`` is refused, as an empty ``--revision`` is (it read as none: the repo's root,
     and passed where a local source refuses any other)."""
-    if value is not None and not value.strip():
-        raise UsageError(
-            "--subfolder is empty", hint="Give a folder inside the hub repos, or leave --subfolder out for their root."
-        )
-    return value
+    return _not_empty(
+        "--subfolder", value, "Give a folder inside the hub repos, or leave --subfolder out for their root."
+    )
 
 
 Subfolder = Annotated[
@@ -79,11 +84,8 @@ Subfolder = Annotated[
 
 def _revision(value: Optional[str]) -> Optional[str]:
     """An empty ``--revision`` is refused, as an empty ``@`` in a hub source is (it read as no revision: main)."""
-    if value is not None and not value.strip():
-        raise UsageError(
-            "--revision is empty", hint="Give a branch, tag or commit, or leave --revision out for the default branch."
-        )
-    return value
+    hint = "Give a branch, tag or commit, or leave --revision out for the default branch."
+    return _not_empty("--revision", value, hint)
 
 
 Revision = Annotated[
@@ -133,11 +135,8 @@ def _base_model(value: Optional[str]) -> Optional[str]:
     from clair_cli.io.paths import printable
     from clair_cli.io.peft_config import MAX_BASE_MODEL_LENGTH
 
-    if value is not None and not value.strip():  # ("$BASE" unset): it read as no --base-model, without a word
-        raise UsageError(
-            "--base-model is empty",
-            hint="Give the base model's hub id or path, or leave --base-model out to keep what the configs say.",
-        )
+    hint = "Give the base model's hub id or path, or leave --base-model out to keep what the configs say."
+    _not_empty("--base-model", value, hint)
     if value is not None and len(value) > MAX_BASE_MODEL_LENGTH:
         raise UsageError(
             f"--base-model {printable(value[:40])}...: {len(value)} characters long; clair accepts at most "
