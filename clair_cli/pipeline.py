@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Protocol
 
-from clair_cli import methods
+from clair_cli import methods, numerics
 from clair_cli.constants import LAYOUT_NAMES
 from clair_cli.errors import AdapterFormatError, IncompatibleAdapters, UsageError
 from clair_cli.io.adapter import Adapter
@@ -461,6 +461,7 @@ def local_jobs(jobs: int | str, pool: Pool | None = None, dtype: str = "float32"
 
 def resolve_device(device: str) -> str:
     """``auto`` becomes ``cuda`` when a GPU is present, else ``cpu``; ``cuda`` without one is an error."""
+    numerics.require()
     import torch
 
     device = str(getattr(device, "value", device))
@@ -583,6 +584,7 @@ def audit(
 ) -> AuditOutcome:
     """Run CLAIR over the pool (``reference``: trusted adapters, as in ``clair gate``;
     ``copies``: as :class:`clair_cli.core.audit.ClairAuditor`'s)."""
+    numerics.require()
     from clair_cli.core.audit import ClairAuditor, EmptyUpdates, VerdictOptions
 
     start = time.perf_counter()
@@ -699,6 +701,7 @@ def merge(
     their shapes (``meta`` tensors): memory is one module's work, not the merged adapter.
     ``--rescale norm`` then scales the written ``B`` factors in a second pass over the sink.
     """
+    numerics.require()
     from clair_cli.core.merge import MergeResult, median_norm_factor, merged_sq_norm, squared_norms
     from clair_cli.core.projection import basis_side
 
@@ -864,6 +867,7 @@ def refined_bases(
     structure (detected rank 0) is kept unchanged, as is one where projection does not help
     (None for both).
     """
+    numerics.require()
     from clair_cli.core.audit import at_working_precision, canonical_input
     from clair_cli.core.fastpath import shared_basis
     from clair_cli.core.projection import basis_side, projection_basis

@@ -31,11 +31,15 @@ def test_the_commands_flush_subnormals_before_torch_starts_its_threads():
         f"""
         import os, sys, threading
         os.environ["CLAIR_NUM_THREADS"] = "2"
-        import typer.core
+        import clair_cli.numerics
 
-        command = typer.core.TyperCommand.invoke
+        require = clair_cli.numerics.require
 
-        def invoke(self, ctx):  # what the command itself runs under
+        def first_use():  # where the command first needs tensors: what its work runs under
+            ready = not clair_cli.numerics._pending
+            require()
+            if ready:
+                return
             import torch
             from clair_cli.executors import denormals_flushed, numeric_settings
             x = torch.full((256, 256), 1e-20)
@@ -45,9 +49,8 @@ def test_the_commands_flush_subnormals_before_torch_starts_its_threads():
             worker.join()
             print("flushed", denormals_flushed(), seen[0], float((x @ x).abs().max()), numeric_settings()[2],
                   file=sys.__stderr__)
-            return command(self, ctx)
 
-        typer.core.TyperCommand.invoke = invoke
+        clair_cli.numerics.require = first_use
         sys.argv = ["clair", "inspect", {str(SAMPLE_DIR)!r}]
         from clair_cli.__main__ import run
         run()

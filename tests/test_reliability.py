@@ -245,22 +245,76 @@ def test_importing_the_numerical_stack_gives_ctrl_c_back_to_the_writers(handler:
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
-def test_every_command_imports_the_numerical_stack_first(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_command_that_ends_before_its_work_never_sets_up_the_numerical_stack(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Importing torch is most of a command's start-up: a command refused on a path never needs it.
     from typer.testing import CliRunner
 
     import clair_cli.cli
     import clair_cli.cli.command
 
     calls: list[str] = []
-    monkeypatch.setattr(clair_cli.cli.command, "import_numerics", lambda: calls.append("numerics"))
+    monkeypatch.setattr(clair_cli.cli.command, "numerical_setup", lambda: calls.append("setup") or (lambda: None))
     needs = {"merge": ["--out", "/nonexistent/out"], "refine": ["--out", "/nonexistent/out"]}
     needs["gate"] = ["--reference", "/nonexistent/reference"]
     commands = [c.name for c in clair_cli.cli.app.registered_commands]
     assert set(needs) < set(commands)
     for name in commands:
-        calls.clear()
         result = CliRunner().invoke(clair_cli.cli.app, [name, "/nonexistent/source", *needs.get(name, [])])
-        assert calls == ["numerics"] and result.exit_code == 2, (name, result.output)
+        assert result.exit_code == 2, (name, result.output)
+    assert calls == []
+    result = CliRunner().invoke(clair_cli.cli.app, ["inspect", str(SAMPLES / "client_01")])
+    assert result.exit_code == 0 and calls == ["setup"], result.output  # once, where it reads a tensor
+
+
+# Reports, on stderr, where numpy and torch are first imported: under the handler that ends the
+# process at once (clair_cli.cli.interrupts), and with no output entry beside --out yet.
+_WATCH_IMPORTS = """
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+
+class Watch:
+    def find_spec(self, name, path, target=None):
+        if name in ("numpy", "torch") and name not in seen:
+            from clair_cli.cli import interrupts
+            seen.append(name)
+            guarded = signal.getsignal(signal.SIGINT) is interrupts._exit_now
+            print(f"{{name}} guarded={{guarded}} beside={{sorted(os.listdir({work!r}))}}", file=sys.stderr)
+        return None
+
+seen = []
+sys.meta_path.insert(0, Watch())
+sys.argv = ["clair", *{argv!r}]
+from clair_cli.__main__ import run
+run()
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["audit", "{samples}", "--json", "{work}/report.json"],
+        ["merge", "{samples}", "--out", "{work}/out"],
+        ["merge", "{samples}", "--out", "{work}/out", "--method", "median"],  # writes before it reads a tensor
+        ["refine", "{samples}", "--out", "{work}/out"],
+        ["gate", "{samples}/client_16", *(f"--reference={{samples}}/client_0{k}" for k in range(1, 6))],
+        ["inspect", "{samples}/client_01"],
+    ],
+    ids=["audit", "merge", "merge-median", "refine", "gate", "inspect"],
+)
+def test_every_command_imports_the_numerical_stack_where_a_ctrl_c_ends_it_at_once(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    # torch's start-up imports numpy from C and swallows any error there, a Ctrl-C included, so a
+    # signal during that import must end the process at once (exit 130, nothing to clean up):
+    # wherever a command first needs torch, that handler is in place and nothing is written yet.
+    work = tmp_path / "work"
+    work.mkdir()
+    args = [a.format(samples=SAMPLES, work=work) for a in argv] + ["-q"]
+    script = _WATCH_IMPORTS.format(work=str(work), argv=args)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode in (0, 1), done.stderr[-2000:]
+    watched = [line for line in done.stderr.splitlines() if " guarded=" in line]
+    assert watched == ["numpy guarded=True beside=[]", "torch guarded=True beside=[]"], done.stderr[-2000:]
 
 
 def test_ctrl_c_wrapped_by_an_import_is_still_an_interrupt(

@@ -13,6 +13,7 @@ from typing import Any
 import typer
 from typer.core import TyperCommand
 
+from clair_cli import numerics
 from clair_cli.cli.interrupts import import_numerics
 from clair_cli.cli.threads import flush_denormals
 
@@ -42,14 +43,19 @@ class ClairCommand(TyperCommand):
         return flags_without_type(super().get_params(ctx))
 
     def invoke(self, ctx: Any) -> Any:
-        import_numerics()  # where a Ctrl-C cannot leave them half-imported
-        # Before torch starts its threads (each inherits the setting); put back after the command
-        # for a program that runs it in its own process (a test's CliRunner).
-        restore = flush_denormals()
-        try:
+        # Set up where the command first needs tensors (clair_cli.numerics): a command that ends
+        # on its options, a path, a config or a header never imports torch.
+        with numerics.deferred(numerical_setup):
             return super().invoke(ctx)
-        finally:
-            restore()
+
+
+def numerical_setup() -> Callable[[], None]:
+    """Import the numerical stack where a Ctrl-C cannot leave it half-imported, then flush
+    subnormal numbers to zero before torch starts its threads (each inherits the setting);
+    return what puts that setting back, for a program that runs commands in its own process
+    (a test's CliRunner)."""
+    import_numerics()
+    return flush_denormals()
 
 
 def add_command(app: typer.Typer, name: str, command: Callable[..., Any], help: str, examples: str) -> None:

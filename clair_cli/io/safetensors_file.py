@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from clair_cli import numerics
 from clair_cli.constants import (
     MAX_DIM,
     MAX_KEY_LENGTH,
@@ -352,6 +353,7 @@ class SafetensorsReader:
 
     def get_many(self, names: Sequence[str]) -> list[torch.Tensor]:
         """Several tensors, as stored, through one open of the file (a module's two factors)."""
+        numerics.require()
         import torch
 
         if not self._open:
@@ -379,6 +381,7 @@ class SafetensorsReader:
 
     def chunks(self, name: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[torch.Tensor]:
         """One tensor's values as flat pieces of at most ``chunk_bytes`` each, read one at a time."""
+        numerics.require()
         import torch
 
         if not self._open:

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clair_cli import numerics
 from clair_cli.errors import ClairError, OutputError
 from clair_cli.io.paths import apply_umask, check_out_dir, check_report_file, discarded, printable
 
@@ -355,6 +356,9 @@ class Outputs:
             raise ValueError(f"{target} is not a registered output directory")
         if out.staged is not None:
             return out.staged
+        # An adapter is written from tensors: the command line's numerical stack is set up before
+        # the staging directory exists, so that a Ctrl-C during its import has nothing to lose.
+        numerics.require()
         clean_stale(out.target)
         path = _staging_path(out.target, TMP_SUFFIX)
         try:

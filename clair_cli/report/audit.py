@@ -19,7 +19,6 @@ from rich.table import Table
 
 from clair_cli import __version__
 from clair_cli.constants import JSON_SCHEMA_VERSION
-from clair_cli.core.rules.duplicate import IDENTICAL_COSINE, SAME_NORM
 from clair_cli.report.console import shown
 from clair_cli.report.markdown import md_code, md_text
 from clair_cli.report.modules import ModuleNames, natural_key, natural_sorted
@@ -88,6 +87,10 @@ def reason_text(reason: Reason, names: list[str], modules: ModuleNames) -> str: 
             f"update norm {ratio:.0f}x the pool median" if ratio >= 10 else f"update norm {ratio:.1f}x the pool median"
         )
     if kind == "duplicate":
+        # Here, not at the top: the rules import torch, which a command that ends before its
+        # work never needs (clair_cli.numerics).
+        from clair_cli.core.rules.duplicate import IDENTICAL_COSINE, SAME_NORM
+
         of = list(reason.of or ())
         copy_of = ", ".join(sorted(names[j] for j in of))
         c, scale = reason.value, reason.ratio
