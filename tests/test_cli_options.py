@@ -347,3 +347,38 @@ def test_null_device_and_dev_stdout_as_report_targets(tmp_path: Path) -> None:
 def test_bad_input_errors_carry_no_debugging_advice(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["audit", str(tmp_path / "missing")], env={"NO_COLOR": "1"})
     assert result.exit_code == 2 and "Error:" in result.output and "CLAIR_DEBUG" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["audit", "--threshold", "1e-320"],
+        ["merge", "--out", "{tmp}/out", "--clip", "1e-320"],
+        ["merge", "--out", "{tmp}/out", "--merge-tol", "4e-310"],
+        ["audit", "--lora-alpha", "1e-320"],
+        ["merge", "--out", "{tmp}/out", "--weights", "1e-320,1,1,1,1,1"],
+    ],
+    ids=["threshold", "clip", "merge-tol", "lora-alpha", "weights"],
+)
+def test_a_subnormal_number_is_refused_by_name(six: Path, tmp_path: Path, args: list[str]) -> None:
+    # The commands flush subnormal numbers to zero: 1e-320 passed --threshold's check as given
+    # and was then refused as "--threshold 0.0" once the flush was on; a weight of 1e-320 made the
+    # weights "not all zero" where checked and all zero where used.
+    command, *rest = args
+    result = invoke(command, str(six), *(a.format(tmp=tmp_path) for a in rest))
+    assert result.exit_code == 2, result.output
+    option = rest[-2]
+    assert result.stderr.startswith(f"Error: {option} ") and "below the smallest normal number" in result.stderr
+    assert "0.0" not in result.stderr
+    assert not (tmp_path / "out").exists()
+    assert invoke("audit", str(six), "--threshold", "1e-300", "--exit-zero", "-q").exit_code == 0
+
+
+@pytest.mark.parametrize("option", ["--config", "--token"])
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_config_or_token_is_refused_by_name(six: Path, option: str, value: str) -> None:
+    # "$HF_TOKEN" or "$CONFIG" unset: --token "" read as no token, and --config "" as the current
+    # directory ("Error: .: is a directory", naming no option).
+    result = invoke("audit", str(six), option, value)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"Error: {option} is empty"), result.stderr

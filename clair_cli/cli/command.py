@@ -14,6 +14,7 @@ import typer
 from typer.core import TyperCommand
 
 from clair_cli import numerics
+from clair_cli.cli.common import check_normal
 from clair_cli.cli.interrupts import import_numerics
 from clair_cli.cli.threads import flush_denormals
 
@@ -43,6 +44,10 @@ class ClairCommand(TyperCommand):
         return flags_without_type(super().get_params(ctx))
 
     def invoke(self, ctx: Any) -> Any:
+        for param in self.get_params(ctx):
+            value = ctx.params.get(param.name)
+            if isinstance(value, float) and param.opts:
+                check_normal(max(param.opts, key=len), value)
         # Set up where the command first needs tensors (clair_cli.numerics): a command that ends
         # on its options, a path, a config or a header never imports torch.
         with numerics.deferred(numerical_setup):

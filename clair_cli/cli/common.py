@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +31,17 @@ def decimal_number(text: str) -> float:
     return float(text) if DECIMAL.fullmatch(text.strip()) else math.nan
 
 
+def check_normal(option: str, value: float) -> None:
+    """Refuse a nonzero number smaller in size than the smallest normal float (a subnormal, such as
+    ``1e-320``): the commands' arithmetic flushes those to zero (:func:`clair_cli.cli.threads.flush_denormals`),
+    so it would be read as 0 where it is used, and another value where it is checked."""
+    if value != 0 and abs(value) < sys.float_info.min:
+        raise UsageError(
+            f"{option} {value!r}: below the smallest normal number ({sys.float_info.min:.1e}), which clair reads as 0",
+            hint="Give 0 where it is allowed, or a larger value.",
+        )
+
+
 def parse_weights(text: str | None) -> list[float] | None:
     if text is None:
         return None
@@ -44,6 +56,8 @@ def parse_weights(text: str | None) -> list[float] | None:
     values = [-decimal_number(x.strip()[1:]) if x.strip().startswith("-") else decimal_number(x) for x in entries]
     if any(math.isnan(v) for v in values):
         raise UsageError(f"--weights {text}: expected comma-separated numbers")
+    for v in values:
+        check_normal("--weights", v)
     if not values or any(not (v >= 0) or v == float("inf") for v in values) or sum(values) <= 0:
         raise UsageError(f"--weights {text}: weights must be finite, non-negative and not all zero")
     return values

@@ -97,6 +97,14 @@ Revision = Annotated[
         callback=_revision,
     ),
 ]
+
+
+def _token(value: Optional[str]) -> Optional[str]:
+    """An empty ``--token`` (``--token "$HF_TOKEN"`` with the variable unset) is refused: it read as
+    no token, and a private repo then answered as if it did not exist."""
+    return _not_empty("--token", value, "Give the token, or leave --token out for HF_TOKEN or the saved login.")
+
+
 Token = Annotated[
     Optional[str],
     typer.Option(
@@ -105,11 +113,26 @@ Token = Annotated[
         "Never printed.",
         metavar="TOKEN",
         show_default=False,
+        callback=_token,
     ),
 ]
+
+
+def _config_path(text: str) -> Path:
+    """``--config`` as a path; an empty value is refused (``Path("")`` is the current directory,
+    which then read as "``.``: is a directory", not naming the option)."""
+    _not_empty("--config", text, "Give the adapter_config.json to read, or leave --config out.")
+    return Path(text)
+
+
 ConfigFile = Annotated[
     Optional[Path],
-    typer.Option("--config", help="adapter_config.json for .safetensors sources without one.", metavar="FILE"),
+    typer.Option(
+        "--config",
+        help="adapter_config.json for .safetensors sources without one.",
+        metavar="FILE",
+        parser=_config_path,
+    ),
 ]
 
 
