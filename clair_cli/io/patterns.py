@@ -30,6 +30,9 @@ MAX_UNBOUNDED_REPEATS = 2
 # punctuation escaped (``re.escape``'s output; a backslash and a letter or digit is a class or a backreference).
 _LITERAL_BRANCH = re.compile(r"(?:[^\\.^$*+?{}\[\]()|]|\\[^A-Za-z0-9])*", re.S)
 _TOKEN = re.compile(r"\\.|\||[^\\|]+", re.S)
+# The whole pattern in one plain or non-capturing group, anchored or not: ``^(a|b)$`` full-matches what
+# ``a|b`` does (no flags group such as ``(?i:...)``, and no named group, whose ``?`` the lookahead keeps out).
+_OUTER_GROUP = re.compile(r"\^?\((?:\?:|(?!\?))(.*)\)\$?", re.S)
 ALTERNATION_MIN_LENGTH = 1024  # shorter patterns: the re module's own cache is as fast
 
 
@@ -39,7 +42,12 @@ def split_alternation(pattern: str) -> tuple[frozenset[str], str | None] | None:
     not such a pattern. ``re.fullmatch`` backtracks across branches, so the pattern full-matches a
     name exactly where the name is one of those names or the other branches full-match it; and it
     compiles exactly where they do (a literal branch always compiles). What :func:`exact_targets
-    <clair_cli.io.lora_config.exact_targets>` writes for a merged adapter is names alone."""
+    <clair_cli.io.lora_config.exact_targets>` writes for a merged adapter is names alone. The whole
+    alternation may stand in one group, ``(a|b)``, ``(?:a|b)`` or ``^(a|b)$``: for a full match that is
+    the alternation itself (an escaped closing parenthesis leaves the group open: not a pattern)."""
+    outer = _OUTER_GROUP.fullmatch(pattern)
+    if outer is not None:
+        pattern = outer.group(1)
     tokens = _TOKEN.findall(pattern)
     if "".join(tokens) != pattern:  # a lone backslash at the end: not a pattern
         return None
