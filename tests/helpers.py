@@ -124,6 +124,24 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
     return proc
 
 
+def invoke_cli(*args: str, columns: int = 120) -> subprocess.CompletedProcess[str]:
+    """:func:`run_cli` in this process (Typer's CliRunner), for tests of what a command reads, decides
+    or writes rather than of the process itself (start-up, signals, streams, the environment read at
+    import): a subprocess spends about 2 s starting Python and torch. The reports it writes are
+    checked against their schemas by ``tests/conftest.py``, ``--json -`` here."""
+    from report_check import check_cli_outputs
+    from typer.testing import CliRunner
+
+    from clair_cli.cli import app
+
+    result = CliRunner().invoke(app, list(args), env={"NO_COLOR": "1", "COLUMNS": str(columns)})
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a test's own failure, not a command's exit
+    proc = subprocess.CompletedProcess(["clair", *args], result.exit_code, result.stdout, result.stderr)
+    check_cli_outputs(args, proc.returncode, proc.stdout)
+    return proc
+
+
 # Runs a command and writes its exit code and peak resident memory (wait4) to a file descriptor.
 _SPAWNER = """
 import os, subprocess, sys

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MODULES, lora_config, random_factors, run_cli, write_adapter
+from helpers import MODULES, invoke_cli, lora_config, random_factors, write_adapter
 
 from clair_cli.io.paths import join_inside, printable, safe_relpath
 from clair_cli.report.markdown import md_code, yaml_string
@@ -57,7 +57,7 @@ def test_refine_of_a_file_named_dots_writes_only_inside_out(tmp_path: Path) -> N
     shutil.rmtree(tmp_path / "tmp5")
     (tmp_path / "out").mkdir()
     before = _tree(tmp_path)
-    proc = run_cli("refine", str(pool), str(torch_file), "--out", str(tmp_path / "out" / "refined"), "--exit-zero")
+    proc = invoke_cli("refine", str(pool), str(torch_file), "--out", str(tmp_path / "out" / "refined"), "--exit-zero")
     assert proc.returncode == 0, proc.stderr
     new = _tree(tmp_path) - before
     assert new and all(p.startswith("out") for p in new), sorted(new)
@@ -66,7 +66,7 @@ def test_refine_of_a_file_named_dots_writes_only_inside_out(tmp_path: Path) -> N
 
 def test_markup_in_the_out_path_is_printed_as_is(tmp_path: Path) -> None:
     out = tmp_path / "x[bold]y[red]"
-    proc = run_cli("merge", str(_pool(tmp_path / "pool")), "--out", str(out), "--method", "mean")
+    proc = invoke_cli("merge", str(_pool(tmp_path / "pool")), "--out", str(out), "--method", "mean")
     assert proc.returncode == 0, proc.stderr
     assert f"wrote {out}" in proc.stderr
 
@@ -74,7 +74,7 @@ def test_markup_in_the_out_path_is_printed_as_is(tmp_path: Path) -> None:
 def test_model_card_yaml_cannot_be_injected_by_the_base_model(tmp_path: Path) -> None:
     base = "org/base\nevil_key: true\n---\n# injected"
     pool = _pool(tmp_path / "pool", base_model_name_or_path=base)
-    proc = run_cli("merge", str(pool), "--out", str(tmp_path / "m"), "--method", "mean")
+    proc = invoke_cli("merge", str(pool), "--out", str(tmp_path / "m"), "--method", "mean")
     assert proc.returncode == 0, proc.stderr
     card = (tmp_path / "m" / "README.md").read_text()
     front = card.split("---\n")[1]
@@ -103,7 +103,7 @@ def test_pr_comment_escapes_adapter_names(tmp_path: Path) -> None:
     for k, name in enumerate(["a`b", "c|d", "e<img>", "f", "g"]):
         write_adapter(pool / name, random_factors(MODULES, seed=k))
     md = tmp_path / "r.md"
-    proc = run_cli("audit", str(pool), "--markdown", str(md), "--exit-zero")
+    proc = invoke_cli("audit", str(pool), "--markdown", str(md), "--exit-zero")
     assert proc.returncode == 0, proc.stderr
     text = md.read_text()
     assert "| ``a`b`` |" in text and "| `c\\|d` |" in text and "| `e<img>` |" in text
@@ -137,7 +137,7 @@ def test_a_closed_stdout_pipe_ends_quietly(tmp_path: Path) -> None:
 def test_inspect_shows_every_good_adapter_and_an_error_row(tmp_path: Path) -> None:
     pool = _pool(tmp_path / "pool", n=4)
     (pool / "a2" / "adapter_model.safetensors").write_bytes(b"garbage")
-    proc = run_cli("inspect", str(pool))
+    proc = invoke_cli("inspect", str(pool))
     assert proc.returncode == 2
     rows = {line.split("│")[1].strip() for line in proc.stdout.splitlines() if line.startswith("│")}
     assert {"a0", "a1", "a3", "a2"} <= rows
@@ -152,7 +152,7 @@ def test_unreadable_member_of_a_directory_source_is_an_error(tmp_path: Path) -> 
     (pool / "locked").mkdir()
     (pool / "locked").chmod(0)
     try:
-        proc = run_cli("audit", str(pool))
+        proc = invoke_cli("audit", str(pool))
     finally:
         (pool / "locked").chmod(0o755)
     assert proc.returncode == 2 and "locked" in proc.stderr.splitlines()[0]
@@ -204,7 +204,7 @@ def test_merge_of_classifiers_refuses_to_drop_the_head_silently(
     seq_cls_pool: tuple[Path, Path], tmp_path: Path
 ) -> None:
     _, pool = seq_cls_pool
-    proc = run_cli("merge", str(pool), "--out", str(tmp_path / "m"), "--method", "mean")
+    proc = invoke_cli("merge", str(pool), "--out", str(tmp_path / "m"), "--method", "mean")
     assert proc.returncode == 2
     first = proc.stderr.splitlines()[0]
     assert "client_0" in first and "modules_to_save" in first and "--drop-extras" in proc.stderr
@@ -218,7 +218,7 @@ def test_merge_with_drop_extras_loads_in_peft(seq_cls_pool: tuple[Path, Path], t
 
     base_dir, pool = seq_cls_pool
     out = tmp_path / "m"
-    proc = run_cli("merge", str(pool), "--out", str(out), "--method", method, "--drop-extras", "--exit-zero")
+    proc = invoke_cli("merge", str(pool), "--out", str(out), "--method", method, "--drop-extras", "--exit-zero")
     assert proc.returncode == 0, proc.stderr
     assert "dropped (--drop-extras)" in (out / "README.md").read_text()
     assert json.loads((out / "adapter_config.json").read_text())["task_type"] is None

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MODULES, random_factors, skip_unless_safetensors_writes, write_adapter
+from helpers import MODULES, invoke_cli, random_factors, skip_unless_safetensors_writes, write_adapter
 from safetensors.torch import load_file
 
 TIMEOUT = 300
@@ -35,6 +35,12 @@ def _clair(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
     return subprocess.run(
         [sys.executable, "-m", "clair_cli", *args], capture_output=True, text=True, env=full, timeout=TIMEOUT
     )
+
+
+def _invoke(*args: str) -> subprocess.CompletedProcess[str]:
+    """A command in this process (:func:`helpers.invoke_cli`), as wide as :func:`_clair`'s: where what it
+    reads, decides or writes is tested, not the process."""
+    return invoke_cli(*args, columns=200)
 
 
 def _pool(root: Path, n: int = 6, first_seed: int = 0) -> Path:
@@ -231,9 +237,9 @@ def test_float64_factors_beyond_float32_range_are_audited(tmp_path: Path) -> Non
         t = random_factors(MODULES, seed=k)
         t = {n: v.double() * (1e39 if "lora_A" in n else 1e-39) for n, v in t.items()}
         write_adapter(tmp_path / "pool" / f"a{k}", t)
-    proc = _clair("audit", str(tmp_path / "pool"), "--json", "-", "--exit-zero")
+    proc = _invoke("audit", str(tmp_path / "pool"), "--json", "-", "--exit-zero")
     assert proc.returncode == 0, proc.stderr
-    plain = _clair("audit", str(_pool(tmp_path / "plain")), "--json", "-", "--exit-zero")
+    plain = _invoke("audit", str(_pool(tmp_path / "plain")), "--json", "-", "--exit-zero")
     scores = [a["score"] for a in json.loads(proc.stdout)["adapters"]]
     assert scores == pytest.approx([a["score"] for a in json.loads(plain.stdout)["adapters"]], abs=1e-4)
 
@@ -243,7 +249,7 @@ def test_gate_whose_references_are_all_zero(tmp_path: Path) -> None:
         t = random_factors(MODULES, seed=k)
         write_adapter(tmp_path / "refs" / f"r{k}", {n: torch.zeros_like(v) for n, v in t.items()})
     write_adapter(tmp_path / "cand" / "c", random_factors(MODULES, seed=9))
-    proc = _clair("gate", str(tmp_path / "cand"), "--reference", str(tmp_path / "refs"))
+    proc = _invoke("gate", str(tmp_path / "cand"), "--reference", str(tmp_path / "refs"))
     _one_error_line(proc, "reference", "zero")
 
 
@@ -283,7 +289,7 @@ def test_weights_whose_sum_overflows(tmp_path: Path) -> None:
     pool = _pool(tmp_path / "pool", n=5)
     for method in ("mean", "clair", "fedavg"):
         out = tmp_path / f"out-{method}"
-        proc = _clair("merge", str(pool), "--out", str(out), "--method", method, "--weights", ",".join(["1e308"] * 5))
+        proc = _invoke("merge", str(pool), "--out", str(out), "--method", method, "--weights", ",".join(["1e308"] * 5))
         assert proc.returncode in (0, 1), proc.stderr
         if method != "clair":
             assert "| 0.2 |" in (out / "README.md").read_text()  # equal shares
@@ -295,7 +301,7 @@ def test_weights_whose_sum_overflows(tmp_path: Path) -> None:
 )
 def test_out_of_range_options_are_one_line_naming_the_option(tmp_path: Path, option: str, value: str) -> None:
     pool = _pool(tmp_path / "pool", n=5)
-    _one_error_line(_clair("audit", str(pool), option, value), option)
+    _one_error_line(_invoke("audit", str(pool), option, value), option)
 
 
 # --- class 6: Markdown hygiene ------------------------------------------------------------------
@@ -327,7 +333,7 @@ def test_reports_and_cards_escape_hostile_names(tmp_path: Path) -> None:
         write_adapter(root / name, random_factors(MODULES, seed=k))
     write_adapter(root / "zz@org", random_factors(MODULES, seed=9))
     md = tmp_path / "r.md"
-    proc = _clair("merge", str(root), "--out", str(tmp_path / "m"), "--markdown", str(md), "--exit-zero", "-q")
+    proc = _invoke("merge", str(root), "--out", str(tmp_path / "m"), "--markdown", str(md), "--exit-zero", "-q")
     assert proc.returncode == 0, proc.stderr
     for text in (md.read_text(), (tmp_path / "m" / "README.md").read_text()):
         assert "@org" not in text, "an @mention would ping on GitHub"
@@ -343,14 +349,14 @@ def test_an_all_zero_adapter_is_a_flagged_free_rider(tmp_path: Path) -> None:
     root = _pool(tmp_path / "pool", n=8)
     t = random_factors(MODULES, seed=99)
     write_adapter(root / "zero", {n: torch.zeros_like(v) if "lora_B" in n else v for n, v in t.items()})
-    proc = _clair("audit", str(root), "--json", "-")
+    proc = _invoke("audit", str(root), "--json", "-")
     assert proc.returncode == 1, proc.stderr
     report = json.loads(proc.stdout)
     assert report["flagged"] == ["zero"]
     zero = next(a for a in report["adapters"] if a["name"] == "zero")
     assert [r["rule"] for r in zero["reasons"]] == ["norm"] and "zero" in zero["reasons"][0]["text"]
     assert len(report["adapters"]) == 9
-    merged = _clair("merge", str(root), "--out", str(tmp_path / "m"), "--exit-zero")
+    merged = _invoke("merge", str(root), "--out", str(tmp_path / "m"), "--exit-zero")
     assert merged.returncode == 0 and "merge of 8 of 9" in merged.stderr, merged.stderr
 
 
@@ -361,7 +367,7 @@ def test_near_copies_are_near_identical_and_say_why_they_are_flagged(tmp_path: P
     t = {n: v * 1.04 + 0.02 * torch.randn(v.shape, generator=g) for n, v in t.items()}
     write_adapter(root / "a0copy", t)
     write_adapter(root / "a1copy", random_factors(MODULES, seed=1))
-    report = json.loads(_clair("audit", str(root), "--json", "-").stdout)
+    report = json.loads(_invoke("audit", str(root), "--json", "-").stdout)
     by_name = {a["name"]: a for a in report["adapters"]}
     near = by_name["a0copy"]
     assert near["flagged"]
@@ -381,17 +387,17 @@ def test_a_scaled_copy_is_said_as_one_and_a_pool_of_copies_as_copies(tmp_path: P
     it agrees perfectly; the rules have nothing to compare."""
     root = _pool(tmp_path / "pool", n=7)
     write_adapter(root / "a0x3", {n: v * 3 if "lora_B" in n else v for n, v in random_factors(MODULES, seed=0).items()})
-    report = json.loads(_clair("audit", str(root), "--json", "-").stdout)
+    report = json.loads(_invoke("audit", str(root), "--json", "-").stdout)
     (reason,) = [r for a in report["adapters"] if a["name"] == "a0x3" for r in a["reasons"] if r["rule"] == "duplicate"]
     assert reason["text"].startswith("a scaled copy of a0 (the same direction, 3x its norm; a copy:"), reason["text"]
     assert reason["ratio"] == pytest.approx(3, rel=1e-6)
     one = random_factors(MODULES, seed=3)
     for k, c in enumerate([1, 2, 3, 4, 5, 6]):
         write_adapter(tmp_path / "copies" / f"c{k}", {n: v * c if "lora_B" in n else v for n, v in one.items()})
-    report = json.loads(_clair("audit", str(tmp_path / "copies"), "--json", "-").stdout)
+    report = json.loads(_invoke("audit", str(tmp_path / "copies"), "--json", "-").stdout)
     texts = [r["text"] for a in report["adapters"] for r in a["reasons"]]
     assert len(texts) == 5 and all(t.startswith("a scaled copy of ") for t in texts), texts
-    proc = _clair("audit", str(tmp_path / "copies"))
+    proc = _invoke("audit", str(tmp_path / "copies"))
     text = " ".join(proc.stdout.split())
     assert "only 1 distinct update(s) among 6 adapters, the others copies of them (scaled or not)" in text, text
     assert "agree on no common direction" not in text and "no shared structure" not in text.split("note:", 1)[1]
@@ -425,11 +431,11 @@ def test_a_boolean_config_field_given_as_a_string_is_refused(tmp_path: Path, fie
     data = json.loads(config.read_text())
     data[field] = "false"
     config.write_text(json.dumps(data))
-    line = _one_error_line(_clair("inspect", str(pool / "a0")), "adapter_config.json", field, "true or false")
+    line = _one_error_line(_invoke("inspect", str(pool / "a0")), "adapter_config.json", field, "true or false")
     assert "'false'" in line
     data[field] = None  # null is PEFT's "not set"
     config.write_text(json.dumps(data))
-    assert _clair("inspect", str(pool / "a0"), "-q").returncode == 0
+    assert _invoke("inspect", str(pool / "a0"), "-q").returncode == 0
 
 
 def test_a_pickle_upload_beside_adapters_is_refused_not_skipped(tmp_path: Path) -> None:
@@ -437,10 +443,10 @@ def test_a_pickle_upload_beside_adapters_is_refused_not_skipped(tmp_path: Path) 
     pickles (beside its adapter files) are not uploads."""
     pool = _pool(tmp_path / "pool")
     (pool / "a1" / "training_args.bin").write_bytes(b"\x80\x04K\x01.")  # beside an adapter: fine
-    assert _clair("audit", str(pool), "-q", "--exit-zero").returncode == 0
+    assert _invoke("audit", str(pool), "-q", "--exit-zero").returncode == 0
     (pool / "upload").mkdir()
     (pool / "upload" / "lora.pt").write_bytes(b"\x80\x04K\x01.")
-    _one_error_line(_clair("audit", str(pool), "-q"), "upload/lora.pt", "pickle checkpoints are never loaded")
+    _one_error_line(_invoke("audit", str(pool), "-q"), "upload/lora.pt", "pickle checkpoints are never loaded")
 
 
 def test_an_unreadable_dangling_link_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -491,7 +497,7 @@ def test_malformed_factors_are_named_for_what_they_are(tmp_path: Path, change, w
     change(tensors, key)
     skip_unless_safetensors_writes(tensors[key].dtype)
     write_adapter(tmp_path / "a", tensors)
-    _one_error_line(_clair("inspect", str(tmp_path / "a")), *words)
+    _one_error_line(_invoke("inspect", str(tmp_path / "a")), *words)
 
 
 def test_clair_s_card_is_recognised_past_a_long_front_matter(tmp_path: Path) -> None:

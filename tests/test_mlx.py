@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import run_cli, tiny_llama
+from helpers import invoke_cli, tiny_llama
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,14 +98,14 @@ def test_an_mlx_pool_is_audited_as_the_same_adapters_in_peft_layout(tmp_path: Pa
     mlx, peft = pools(tmp_path)
     reports = []
     for pool in (mlx, peft):
-        proc = run_cli("audit", str(pool), "--json", "-", "--exit-zero", "-q")
+        proc = invoke_cli("audit", str(pool), "--json", "-", "--exit-zero", "-q")
         assert proc.returncode == 0, proc.stderr
         reports.append(json.loads(proc.stdout))
     got, want = ([(a["name"], a["flagged"], a["score"]) for a in r["adapters"]] for r in reports)
     assert got == want
     assert any(flagged for _, flagged, _ in got)
     assert "MLX-LM LoRA files: merged and refined adapters are written in the same layout" in reports[0]["notes"]
-    proc = run_cli("inspect", str(mlx / "c0"), "--json", "-")
+    proc = invoke_cli("inspect", str(mlx / "c0"), "--json", "-")
     assert proc.returncode == 0, proc.stderr
     (adapter,) = json.loads(proc.stdout)["adapters"]
     assert adapter["layout"] == "mlx" and adapter["lora_alpha"] == pytest.approx(SCALE * RANK)
@@ -126,7 +126,7 @@ def test_merged_and_refined_mlx_adapters_keep_the_layout_and_the_peft_layouts_up
 ) -> None:
     mlx, peft = pools(tmp_path)
     for pool, out in ((mlx, "out-mlx"), (peft, "out-peft")):
-        proc = run_cli(command, str(pool), "--out", str(tmp_path / out), "-q")
+        proc = invoke_cli(command, str(pool), "--out", str(tmp_path / out), "-q")
         assert proc.returncode in (0, 1), proc.stderr
     outputs = [("", tmp_path / "out-mlx", tmp_path / "out-peft")]
     if command == "refine":
@@ -153,7 +153,7 @@ def test_what_is_not_an_mlx_lm_plain_lora_is_refused(tmp_path: Path) -> None:
     # The weights file alone, without its config: no rank and scale.
     (tmp_path / "alone").mkdir()
     shutil.copy(tmp_path / "pool" / "c0" / "adapters.safetensors", tmp_path / "alone" / "adapters.safetensors")
-    proc = run_cli("inspect", str(tmp_path / "alone" / "adapters.safetensors"))
+    proc = invoke_cli("inspect", str(tmp_path / "alone" / "adapters.safetensors"))
     assert proc.returncode == 2 and "without its adapter_config.json" in proc.stderr, proc.stderr
     cases = {
         "dora": ({"fine_tune_type": "dora"}, {}, "fine_tune_type 'dora': DoRA"),
@@ -187,7 +187,7 @@ def test_what_is_not_an_mlx_lm_plain_lora_is_refused(tmp_path: Path) -> None:
         (d / "adapter_config.json").write_text(json.dumps(config))
         if extra:
             save_file({**tensors, **extra}, str(d / "adapters.safetensors"))
-        proc = run_cli("inspect", str(d))
+        proc = invoke_cli("inspect", str(d))
         assert proc.returncode == 2, (what, proc.stderr)
         assert message in proc.stderr and "Traceback" not in proc.stderr, (what, proc.stderr)
 
@@ -236,7 +236,7 @@ def test_an_alpha_is_read_as_the_mlx_lm_version_that_wrote_the_config_applied_it
         d = tmp_path / what.replace(" ", "-")
         mlx_adapter(d, 0)
         (d / "adapter_config.json").write_text(json.dumps({"model": "m", **config}))
-        proc = run_cli("inspect", str(d), "--json", "-")
+        proc = invoke_cli("inspect", str(d), "--json", "-")
         if scale is None:
             assert proc.returncode == 2 and "Traceback" not in proc.stderr, (what, proc.stderr)
             assert "alpha" in proc.stderr.splitlines()[0], (what, proc.stderr)
@@ -248,14 +248,14 @@ def test_an_alpha_is_read_as_the_mlx_lm_version_that_wrote_the_config_applied_it
     for k in range(5):
         mlx_adapter(tmp_path / "pool" / f"c{k}", k)
         (tmp_path / "pool" / f"c{k}" / "adapter_config.json").write_text(json.dumps(cases["0.13.0"][0]))
-    proc = run_cli("merge", str(tmp_path / "pool"), "--out", str(tmp_path / "out"), "-q")
+    proc = invoke_cli("merge", str(tmp_path / "pool"), "--out", str(tmp_path / "out"), "-q")
     assert proc.returncode in (0, 1), proc.stderr
     written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     merged = written["lora_parameters"]
     assert merged["scale"] == 1.0 and merged["alpha"] == merged["rank"]
     # num_layers beside lora_layers: what mlx_lm 0.19 and later read.
     assert written["lora_layers"] == written["num_layers"] == 2
-    reread = run_cli("inspect", str(tmp_path / "out"), "--json", "-")
+    reread = invoke_cli("inspect", str(tmp_path / "out"), "--json", "-")
     assert reread.returncode == 0, reread.stderr
     assert json.loads(reread.stdout)["adapters"][0]["lora_alpha"] == merged["rank"]
 
@@ -268,7 +268,7 @@ def test_an_mlx_lm_config_beside_a_peft_weights_file(tmp_path: Path) -> None:
     both = tmp_path / "both"
     shutil.copytree(tmp_path / "mlx", both)
     shutil.copy(tmp_path / "peft" / "adapter_model.safetensors", both)
-    proc = run_cli("inspect", str(both), "--json", "-")
+    proc = invoke_cli("inspect", str(both), "--json", "-")
     assert proc.returncode == 0, proc.stderr
     (adapter,) = json.loads(proc.stdout)["adapters"]
     assert adapter["layout"] == "mlx" and adapter["lora_alpha"] == pytest.approx(SCALE * RANK)
@@ -277,20 +277,20 @@ def test_an_mlx_lm_config_beside_a_peft_weights_file(tmp_path: Path) -> None:
         [str(both)],
         [str(tmp_path / "peft" / "adapter_model.safetensors"), "--config", str(both / "adapter_config.json")],
     ):
-        proc = run_cli("inspect", *args)
+        proc = invoke_cli("inspect", *args)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert "adapter_config.json: an MLX-LM adapter config (lora_parameters)" in proc.stderr.splitlines()[0]
     # With PEFT's config, the directory is PEFT's adapter (what PEFT loads from it).
     shutil.copy(tmp_path / "mlx" / "adapters.safetensors", both)
     shutil.copy(tmp_path / "peft" / "adapter_config.json", both)
-    proc = run_cli("inspect", str(both), "--json", "-")
+    proc = invoke_cli("inspect", str(both), "--json", "-")
     assert proc.returncode == 0 and json.loads(proc.stdout)["adapters"][0]["layout"] == "peft", proc.stderr
 
 
 def test_a_pool_of_mlx_lm_and_peft_adapters_is_refused_with_the_converter(tmp_path: Path) -> None:
     mlx, peft = pools(tmp_path)
     shutil.copytree(peft / "c0", mlx / "p0")
-    proc = run_cli("audit", str(mlx))
+    proc = invoke_cli("audit", str(mlx))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "c0 is an MLX-LM LoRA and p0 is a PEFT LoRA" in proc.stderr
     assert "examples/mlx_to_peft.py" in proc.stderr
@@ -389,7 +389,7 @@ def test_a_merge_writes_a_config_under_which_mlx_lm_loads_every_merged_module(tm
     (mlx / "c0" / "adapter_config.json").write_text(json.dumps(config))
     assert mlx_loaded(mlx / "c0") == {"model.layers.1.self_attn.q_proj"}
     assert mlx_loaded(mlx / "c1") == set(MODULES)
-    proc = run_cli("merge", str(mlx), "--out", str(tmp_path / "out"), "-q")
+    proc = invoke_cli("merge", str(mlx), "--out", str(tmp_path / "out"), "-q")
     assert proc.returncode in (0, 1), proc.stderr
     written = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert written["num_layers"] == 2
@@ -402,7 +402,7 @@ def test_modules_mlx_lm_does_not_load_under_the_adapters_own_config_are_noted(tm
     loads the file with strict=False: the file's other modules are dropped without a word, and clair,
     which analyses them as stored, says so (as it says of PEFT modules a config does not select)."""
     mlx, _ = pools(tmp_path)
-    proc = run_cli("inspect", str(mlx / "c0"), "--json", "-")
+    proc = invoke_cli("inspect", str(mlx / "c0"), "--json", "-")
     assert proc.returncode == 0, proc.stderr
     assert not [n for n in json.loads(proc.stdout)["adapters"][0]["notes"] if "mlx_lm.load drops" in n]
     config = json.loads((mlx / "c0" / "adapter_config.json").read_text())
@@ -410,7 +410,7 @@ def test_modules_mlx_lm_does_not_load_under_the_adapters_own_config_are_noted(tm
     config["lora_parameters"]["keys"] = ["self_attn.q_proj"]
     (mlx / "c0" / "adapter_config.json").write_text(json.dumps(config))
     assert mlx_loaded(mlx / "c0") == {"model.layers.1.self_attn.q_proj"}
-    proc = run_cli("inspect", str(mlx / "c0"), "--json", "-")
+    proc = invoke_cli("inspect", str(mlx / "c0"), "--json", "-")
     assert proc.returncode == 0, proc.stderr
     (note,) = [n for n in json.loads(proc.stdout)["adapters"][0]["notes"] if "mlx_lm.load drops" in n]
     assert "keys does not name 2 module(s)" in note and "model.layers.0.self_attn.v_proj" in note

@@ -13,7 +13,9 @@ import pytest
 import torch
 from helpers import lora_config, peft_at_least, run_cli, write_adapter
 from pools import HIDDEN, MODULES, write_pool
+from typer.testing import CliRunner
 
+from clair_cli.cli import app
 from clair_cli.errors import AdapterFormatError, IncompatibleAdapters
 from clair_cli.io.sources import open_adapters
 
@@ -33,9 +35,12 @@ def _candidate(root: Path, extra: dict[str, torch.Tensor] | None = None, **confi
 def _gate(root: Path, cand: Path, *flags: str) -> tuple[int, dict[str, Any]]:
     refs = [str(root / "pool" / f"client_{i:02d}") for i in range(1, 8)]
     out = root / f"gate{len(list(root.glob('gate*.json')))}.json"
-    proc = run_cli("gate", str(cand), *[x for r in refs for x in ("--reference", r)], "--json", str(out), *flags)
-    assert proc.returncode in (0, 1), proc.stderr
-    return proc.returncode, json.loads(out.read_text())
+    # In this process (what the gate decides is tested here, not the process: tests/test_commands.py runs it
+    # as one); the report is checked against its schema by tests/conftest.py.
+    args = ["gate", str(cand), *[x for r in refs for x in ("--reference", r)], "--json", str(out), *flags]
+    result = CliRunner().invoke(app, args, env={"NO_COLOR": "1", "COLUMNS": "120"})
+    assert result.exit_code in (0, 1), result.output
+    return result.exit_code, json.loads(out.read_text())
 
 
 @pytest.fixture()
