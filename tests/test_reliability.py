@@ -295,11 +295,12 @@ run()
         ["audit", "{samples}", "--json", "{work}/report.json"],
         ["merge", "{samples}", "--out", "{work}/out"],
         ["merge", "{samples}", "--out", "{work}/out", "--method", "median"],  # writes before it reads a tensor
+        ["merge", "{samples}", "--out", "{work}/out", "--plot", "{work}/plot.png"],  # --plot checks for matplotlib
         ["refine", "{samples}", "--out", "{work}/out"],
         ["gate", "{samples}/client_16", *(f"--reference={{samples}}/client_0{k}" for k in range(1, 6))],
         ["inspect", "{samples}/client_01"],
     ],
-    ids=["audit", "merge", "merge-median", "refine", "gate", "inspect"],
+    ids=["audit", "merge", "merge-median", "merge-plot", "refine", "gate", "inspect"],
 )
 def test_every_command_imports_the_numerical_stack_where_a_ctrl_c_ends_it_at_once(
     tmp_path: Path, argv: list[str]

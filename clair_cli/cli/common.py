@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import re
 import sys
@@ -211,9 +212,9 @@ def check_report_targets(reports: Reports, inputs: Sequence[Path] = (), out: Pat
     if plot is not None:
         if plot == "-" or not plot.lower().endswith(".png"):
             raise UsageError(f"--plot {plot}: give a file name ending in .png")
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
+        # Found, not imported: matplotlib imports numpy, which is first imported under the
+        # Ctrl-C guard of the numerical set-up (clair_cli.numerics).
+        if importlib.util.find_spec("matplotlib") is None:
             raise UsageError(
                 "--plot needs matplotlib, which is not installed",
                 hint="Install it with: pip install 'clair-lora[plot]'",
