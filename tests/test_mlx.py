@@ -231,6 +231,13 @@ def test_an_alpha_is_read_as_the_mlx_lm_version_that_wrote_the_config_applied_it
         "alpha = rank": ({"lora_layers": 2, "use_dora": False, "lora_parameters": {**params, "alpha": RANK}}, 10.0),
         "0.16": ({"lora_layers": 2, "use_dora": False, "lora_parameters": params}, None),
         "alpha not a number": ({"lora_layers": 2, "lora_parameters": {**params, "alpha": "16"}}, None),
+        # Each normal, their product not: read at scale 0 (a subnormal one is 0 to the commands), or infinite.
+        "product zero": ({"lora_layers": 2, "lora_parameters": {**params, "alpha": 1e-200, "scale": 1e-200}}, None),
+        "product subnormal": (
+            {"lora_layers": 2, "lora_parameters": {**params, "alpha": 1e-160, "scale": 1e-160}},
+            None,
+        ),
+        "product overflows": ({"lora_layers": 2, "lora_parameters": {**params, "alpha": 1e300, "scale": 1e300}}, None),
     }
     for what, (config, scale) in cases.items():
         d = tmp_path / what.replace(" ", "-")
@@ -240,6 +247,7 @@ def test_an_alpha_is_read_as_the_mlx_lm_version_that_wrote_the_config_applied_it
         if scale is None:
             assert proc.returncode == 2 and "Traceback" not in proc.stderr, (what, proc.stderr)
             assert "alpha" in proc.stderr.splitlines()[0], (what, proc.stderr)
+            assert "adapter_config.json" in proc.stderr.splitlines()[0], (what, proc.stderr)
             continue
         assert proc.returncode == 0, (what, proc.stderr)
         (adapter,) = json.loads(proc.stdout)["adapters"]

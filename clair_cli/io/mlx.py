@@ -153,7 +153,17 @@ def _alpha_scale(path: Path, data: dict[str, Any], params: dict[str, Any], rank:
     if alpha == rank:
         return scale
     if "lora_layers" in data and "use_dora" not in data:
-        return scale * float(alpha) / rank
+        # Each finite and normal, yet their product may not be (1e-200 * 1e-200 / rank is 0, 1e300 *
+        # 1e300 overflows): refused as a scale of that value in the config would be.
+        applied = scale * float(alpha) / rank
+        problem = number_problem("scale * alpha / rank", applied)
+        if problem:
+            raise _bad(
+                path,
+                f"lora_parameters give scale {scale:g}, alpha {alpha:g} and rank {rank}, which mlx_lm 0.13.0 and "
+                f"older (lora_layers) applied as scale * alpha / rank: {printable(problem)[:MAX_PROBLEM_LENGTH]}",
+            )
+        return applied
     raise _bad(
         path,
         f"lora_parameters give alpha {alpha:g} beside rank {rank} and scale {scale:g}, in a config of mlx_lm "
