@@ -155,6 +155,9 @@ def test_what_is_not_an_mlx_lm_plain_lora_is_refused(tmp_path: Path) -> None:
     shutil.copy(tmp_path / "pool" / "c0" / "adapters.safetensors", tmp_path / "alone" / "adapters.safetensors")
     proc = invoke_cli("inspect", str(tmp_path / "alone" / "adapters.safetensors"))
     assert proc.returncode == 2 and "without its adapter_config.json" in proc.stderr, proc.stderr
+    (tmp_path / "peft.json").write_text(json.dumps({"peft_type": "LORA", "r": RANK, "lora_alpha": 8}))
+    proc = invoke_cli("inspect", str(tmp_path / "alone" / "adapters.safetensors"), "--config", str(tmp_path / "peft.json"))
+    assert proc.returncode == 2 and "a PEFT adapter config (peft_type) given for MLX-LM's" in proc.stderr, proc.stderr
     cases = {
         "dora": ({"fine_tune_type": "dora"}, {}, "fine_tune_type 'dora': DoRA"),
         "full": ({"fine_tune_type": "full"}, {}, "a full fine-tune"),
@@ -178,6 +181,12 @@ def test_what_is_not_an_mlx_lm_plain_lora_is_refused(tmp_path: Path) -> None:
         ),
         "unpaired": ({}, {"model.layers.0.mlp.up_proj.lora_a": torch.ones(WIDTH, RANK)}, "has lora_a but no lora_b"),
         "pair": ({}, {f"{MODULES[0]}.lora_b": torch.ones(RANK + 1, WIDTH)}, "rank mismatch: lora_a [16, 4] has rank 4"),
+        # A PEFT config with MLX-LM's tensors: said so (it was "an MLX-LM adapter config without lora_parameters").
+        "peft config": (
+            {"peft_type": "LORA", "r": RANK, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+            {},
+            "a PEFT adapter config (peft_type) given for MLX-LM's LoRA tensors",
+        ),
     }
     for what, (config_change, extra, message) in cases.items():
         d = tmp_path / what.replace(" ", "-")
@@ -187,6 +196,8 @@ def test_what_is_not_an_mlx_lm_plain_lora_is_refused(tmp_path: Path) -> None:
         (d / "adapter_config.json").write_text(json.dumps(config))
         if extra:
             save_file({**tensors, **extra}, str(d / "adapters.safetensors"))
+        if "peft_type" in config:  # the tensors under PEFT's file name, beside the PEFT config
+            (d / "adapters.safetensors").rename(d / "adapter_model.safetensors")
         proc = invoke_cli("inspect", str(d))
         assert proc.returncode == 2, (what, proc.stderr)
         assert message in proc.stderr and "Traceback" not in proc.stderr, (what, proc.stderr)

@@ -70,6 +70,15 @@ def mlx_config(path: Path) -> tuple[AdapterConfig, float]:
     data = parse_json(raw, path, "the config")
     if not isinstance(data, dict):
         raise _bad(path, "must hold a JSON object")
+    if "peft_type" in data:  # a PEFT config (--config, or beside MLX-LM tensors renamed adapter_model.safetensors)
+        raise _bad(
+            path,
+            "a PEFT adapter config (peft_type) given for MLX-LM's LoRA tensors (<module>.lora_a / .lora_b), which "
+            "PEFT does not load (it reads lora_A / lora_B); their rank and scale are in MLX-LM's config "
+            "(lora_parameters)",
+            hint="Name the MLX-LM adapter's directory with its own adapter_config.json, or convert it with "
+            "examples/mlx_to_peft.py.",
+        )
     kind = data.get("fine_tune_type", "lora")
     if kind != "lora":
         what = {"dora": "DoRA (magnitude vectors beside the factors)", "full": "a full fine-tune (no LoRA factors)"}
