@@ -156,8 +156,24 @@ def test_what_is_not_an_mlx_lm_plain_lora_is_refused(tmp_path: Path) -> None:
     proc = invoke_cli("inspect", str(tmp_path / "alone" / "adapters.safetensors"))
     assert proc.returncode == 2 and "without its adapter_config.json" in proc.stderr, proc.stderr
     (tmp_path / "peft.json").write_text(json.dumps({"peft_type": "LORA", "r": RANK, "lora_alpha": 8}))
-    proc = invoke_cli("inspect", str(tmp_path / "alone" / "adapters.safetensors"), "--config", str(tmp_path / "peft.json"))
+    proc = invoke_cli(
+        "inspect", str(tmp_path / "alone" / "adapters.safetensors"), "--config", str(tmp_path / "peft.json")
+    )
     assert proc.returncode == 2 and "a PEFT adapter config (peft_type) given for MLX-LM's" in proc.stderr, proc.stderr
+    # MLX-LM's file and config, but not plain LoRA factors (mlx_lm's fused qkv LoRA of AFM models, an empty
+    # file): said of the file (it read as a config that does not describe "the PEFT-layout weights file").
+    for what, tensors in {
+        "fused": {"model.layers.0.attn.qkv_proj.lora_a.0": torch.ones(WIDTH, RANK)},
+        "empty": {},
+    }.items():
+        d = tmp_path / what
+        d.mkdir()
+        save_file(tensors, str(d / "adapters.safetensors"))
+        shutil.copy(tmp_path / "pool" / "c0" / "adapter_config.json", d / "adapter_config.json")
+        proc = invoke_cli("inspect", str(d))
+        assert proc.returncode == 2, proc.stderr
+        assert "adapters.safetensors: holds no MLX-LM LoRA factors" in proc.stderr.splitlines()[0], proc.stderr
+        assert ("qkv_proj.lora_a.0" if tensors else "it holds no tensor") in proc.stderr, proc.stderr
     cases = {
         "dora": ({"fine_tune_type": "dora"}, {}, "fine_tune_type 'dora': DoRA"),
         "full": ({"fine_tune_type": "full"}, {}, "a full fine-tune"),
@@ -434,3 +450,12 @@ def test_modules_mlx_lm_does_not_load_under_the_adapters_own_config_are_noted(tm
     (note,) = [n for n in json.loads(proc.stdout)["adapters"][0]["notes"] if "mlx_lm.load drops" in n]
     assert "keys does not name 2 module(s)" in note and "model.layers.0.self_attn.v_proj" in note
     assert "1 module(s) (e.g. model.layers.0.self_attn.q_proj) lie in layers below its last num_layers (1)" in note
+    # A config of mlx_lm before 0.19 with lora_layers 0 (or below): model.layers[len - lora_layers:] holds no
+    # layer, so that version loads none of the file's modules (an outside review found no note).
+    del config["num_layers"], config["lora_parameters"]["keys"]
+    config["lora_layers"] = 0
+    (mlx / "c0" / "adapter_config.json").write_text(json.dumps(config))
+    proc = invoke_cli("inspect", str(mlx / "c0"), "--json", "-")
+    assert proc.returncode == 0, proc.stderr
+    (note,) = [n for n in json.loads(proc.stdout)["adapters"][0]["notes"] if "mlx_lm.load drops" in n]
+    assert "4 module(s)" in note and "below its last num_layers (0)" in note

@@ -301,6 +301,10 @@ def unloaded_modules(raw: dict[str, Any], modules: Iterable[str]) -> tuple[list[
     if n is not None and n > 0 and indices:
         lowest = max(indices) - n + 1
         below = [m for m in modules if m not in unkeyed and (i := _in_layer(m)[0]) is not None and i < lowest]
+    elif n is not None and n <= 0 and "num_layers" not in raw:
+        # mlx_lm before 0.19 took model.layers[len(model.layers) - lora_layers:]: none of them for 0 or less
+        # (from 0.19 num_layers is read, and -1 means every layer).
+        below = [m for m in modules if m not in unkeyed and _in_layer(m)[0] is not None]
     return sorted(unkeyed), sorted(below)
 
 

@@ -885,6 +885,16 @@ def _open_adapter(ref: AdapterRef, options: SourceOptions) -> Adapter:
         )
     if layout != "peft" and config_file is None:
         return open_diffusion(ref, header, layout, options, stamp)
+    if config_file is not None and ref.weights_file.name == MLX_WEIGHTS_NAME:
+        from clair_cli.io.mlx import is_mlx_config
+
+        if is_mlx_config(config_file):  # MLX-LM's file and config, but not its plain LoRA's tensors
+            names = sorted(header[0])
+            held = f"its tensors are named like {printable(names[0])!r}" if names else "it holds no tensor"
+            raise AdapterFormatError(
+                f"{shown_path(ref.weights_file)}: holds no MLX-LM LoRA factors (<module>.lora_a / .lora_b): {held}",
+                hint="clair reads the plain LoRA layers of mlx_lm.lora; fused and other adapter layers are not read.",
+            )
     if config_file is not None:
         config = load_config(config_file, peft_loads=config_file != options.config)
         if options.base_model:
