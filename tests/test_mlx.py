@@ -174,6 +174,14 @@ def test_what_is_not_an_mlx_lm_plain_lora_is_refused(tmp_path: Path) -> None:
         assert proc.returncode == 2, proc.stderr
         assert "adapters.safetensors: holds no MLX-LM LoRA factors" in proc.stderr.splitlines()[0], proc.stderr
         assert ("qkv_proj.lora_a.0" if tensors else "it holds no tensor") in proc.stderr, proc.stderr
+    # A directory of one of mlx_lm.lora's checkpoints (--save-every) and the config: named, and read when named.
+    d = tmp_path / "checkpoint"
+    shutil.copytree(tmp_path / "pool" / "c0", d)
+    (d / "adapters.safetensors").rename(d / "0000100_adapters.safetensors")
+    proc = invoke_cli("inspect", str(d))
+    assert proc.returncode == 2 and "or adapters.safetensors (MLX-LM's)" in proc.stderr, proc.stderr
+    assert "For the MLX-LM checkpoint 0000100_adapters.safetensors, name the file itself" in proc.stderr
+    assert invoke_cli("inspect", str(d / "0000100_adapters.safetensors"), "-q").returncode == 0
     cases = {
         "dora": ({"fine_tune_type": "dora"}, {}, "fine_tune_type 'dora': DoRA"),
         "full": ({"fine_tune_type": "full"}, {}, "a full fine-tune"),

@@ -382,7 +382,16 @@ def _adapter_dir_ref(directory: Path, name: str, source: str, options: SourceOpt
         for pickle_name in PICKLE_WEIGHTS_NAMES:
             if _lexists(directory / pickle_name):
                 raise _refuse_pickle(directory / pickle_name)
-        raise AdapterFormatError(f"{shown_path(directory)}: has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME}")
+        checkpoints = sorted(p.name for p in directory.glob(f"*_{MLX_WEIGHTS_NAME}"))[:1]
+        raise AdapterFormatError(
+            f"{shown_path(directory)}: has {CONFIG_NAME} but no {SAFETENSORS_WEIGHTS_NAME} (PEFT's) or "
+            f"{MLX_WEIGHTS_NAME} (MLX-LM's)",
+            # mlx_lm.lora saves 0000100_adapters.safetensors every --save-every steps beside the final file
+            hint=f"For the MLX-LM checkpoint {printable(checkpoints[0])}, name the file itself: it is read with the "
+            "config beside it."
+            if checkpoints
+            else None,
+        )
     has_config = _lexists(config)
     if not has_config and options.config is None and options.lora_alpha is None:
         raise AdapterFormatError(
