@@ -72,7 +72,14 @@ from clair_cli.constants import (
     PEFT_KEY_PREFIX,
 )
 from clair_cli.errors import AdapterFormatError, OutputError
-from clair_cli.io.adapter import Adapter, HeaderKeys, check_module_count, classify_keys, has_subnormal
+from clair_cli.io.adapter import (
+    FLOAT32_TINY,
+    Adapter,
+    HeaderKeys,
+    check_module_count,
+    classify_keys,
+    has_subnormal,
+)
 from clair_cli.io.lora_config import exact_key
 from clair_cli.io.paths import printable
 from clair_cli.io.peft_config import parse_config
@@ -518,6 +525,7 @@ def _comfy_diffs(path: Path, keys: HeaderKeys, diffs: Mapping[str, TensorInfo]) 
     return [f"{zero} all-zero bias / norm difference(s) (diff_b / diff, as ComfyUI's LoraSave writes them): left out"]
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # float32's largest finite number
 # What an alpha tensor may be stored as (float8 and bool are not read as a number here).
 ALPHA_DTYPES = (*FLOAT_DTYPES, "I8", "I16", "I32", "I64", "U8")
 
@@ -555,6 +563,17 @@ def _alpha_values(
                     path,
                     f"{printable(info.name)!r} is {shown}; alpha must be a finite positive number",
                     hint="The file is corrupt or was written by a broken tool.",
+                )
+            if info.dtype == "F64" and not FLOAT32_TINY <= value <= FLOAT32_MAX:
+                # sd-scripts casts an alpha to float32 (LoRAModule: alpha.float(), alpha == 0 -> lora_dim): 1e-50
+                # becomes 0 and scale 1, 1e39 inf; ComfyUI, A1111 and diffusers read the float64 value (.item())
+                raise _bad(
+                    path,
+                    f"{printable(info.name)!r} is {value:g} in float64, outside float32's range "
+                    f"({FLOAT32_TINY:.3g} to {FLOAT32_MAX:.3g}): sd-scripts casts an alpha to float32 (0 there "
+                    "means alpha = rank, scale 1; past the range, Inf), ComfyUI, A1111 and diffusers apply the "
+                    "float64 value, so the module's scale depends on the loader",
+                    hint="Save the alphas as float32 (sd-scripts does), or leave them out for alpha = rank.",
                 )
             out[module] = value
     return out
