@@ -61,7 +61,7 @@ PATTERN_KEY_WRAP = r"(.*\.)?({key})$"
 
 
 def _plain_match(key: str, module: str) -> bool:
-    """PEFT's ``re.match(rf"(.*\.)?({key})$", module)`` for a key of fixed length L: the key
+    r"""PEFT's ``re.match(rf"(.*\.)?({key})$", module)`` for a key of fixed length L: the key
     matches the module's last L characters, and what precedes them is empty or ends with "."."""
     n = len(key)
     if len(module) < n or (len(module) > n and module[-n - 1] != "."):
