@@ -164,3 +164,11 @@ MAX_PATTERNS = 4096
 # (widened where their norms spread). On by default in `clair merge` and in every federated round;
 # the trained pools' honest clients reach 1.19x the median over all modules.
 NORM_BOUND = 1.5
+
+# The longest the main thread blocks in one wait for other threads or processes (a download, the
+# workers' answers). A Ctrl-C or SIGTERM that does not interrupt such a wait (handled in C on another
+# thread, or just before the wait blocked) does not wake it: CPython runs the Python handler
+# (KeyboardInterrupt, Terminated) once the main thread is back in Python. On a busy machine about one
+# Ctrl-C in 100 left `clair inspect` waiting out a whole download (tests/test_hub.py's interrupted
+# download, looped beside other tests); waiting in slices, such a signal waits one slice.
+WAIT_SLICE_S = 0.25

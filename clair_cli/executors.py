@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from clair_cli.constants import WAIT_SLICE_S
 from clair_cli.errors import ClairError, UsageError
 
 if TYPE_CHECKING:
@@ -368,7 +369,10 @@ class ProcessExecutor:
                         progress("modules", done, len(names))
                     continue
                 conns = {id(self._workers[w][1]): w for w in busy}
-                for conn in wait([self._workers[w][1] for w in busy]):
+                answered: list = []
+                while not answered:
+                    answered = wait([self._workers[w][1] for w in busy], timeout=WAIT_SLICE_S)
+                for conn in answered:
                     worker = conns[id(conn)]
                     ready[busy.pop(worker)] = self._result(worker)
                     idle.append(worker)

@@ -585,6 +585,32 @@ def test_an_interrupted_download_leaves_no_partial_file(tmp_path: Path, gap: flo
     assert not list(home.rglob("*.incomplete"))
 
 
+def test_a_ctrl_c_that_does_not_wake_the_waiting_thread_still_ends_the_download() -> None:
+    """A signal handled on another thread than the main one (or just before the main thread blocks)
+    does not interrupt the main thread's wait: CPython runs the KeyboardInterrupt only once that
+    thread is back in Python. Waiting for the whole download at once, about one Ctrl-C in 100 left
+    `clair inspect` waiting for the download to end (the interrupted-download test above, on a
+    busy machine); the main thread now waits in short slices."""
+    script = (
+        "import signal, sys, threading, time\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        "from clair_cli.io import hub\n"
+        "def download():\n"
+        "    time.sleep(1)  # the main thread is waiting by now\n"
+        "    signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # handled here, not in the main thread\n"
+        "    time.sleep(120)\n"
+        "start = time.monotonic()\n"
+        "try:\n"
+        "    hub._with_deadline(time.monotonic() + 300, download, 'owner/slow')\n"
+        "except KeyboardInterrupt:\n"
+        "    print(f'{time.monotonic() - start:.1f}')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stderr
+    # A second, a slice and the 2 s given to a stopped download (3 s); waiting out the download took 121 s.
+    assert float(proc.stdout) < 60, proc.stdout
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="open files are found through /proc/self/fd")
 def test_a_stopped_download_removes_its_own_partial_file_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stopped download blocked in a read: its partial file is removed, not another thread's of

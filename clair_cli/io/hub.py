@@ -48,6 +48,7 @@ from clair_cli.constants import (
     PICKLE_HINT,
     PICKLE_SUFFIXES,
     SAFETENSORS_WEIGHTS_NAME,
+    WAIT_SLICE_S,
 )
 from clair_cli.errors import AdapterFormatError, AdapterNotFound, HubError, UnsafeFormatError, UsageError
 from clair_cli.io.paths import CONTROL_RE, printable, resolved, shown_path
@@ -413,6 +414,16 @@ def _guard_request(request: Any) -> None:
         request.extensions["timeout"] = {k: left if v is None else min(v, left) for k, v in timeout.items()}
 
 
+def _wait_in_slices(done: threading.Event, deadline: float) -> None:
+    """Wait until ``done`` is set or the ``deadline`` (``time.monotonic()``) passes, in slices of
+    :data:`~clair_cli.constants.WAIT_SLICE_S`, so that a pending signal handler runs within one."""
+    while not done.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        done.wait(min(left, WAIT_SLICE_S))
+
+
 def _with_deadline(
     deadline: float,
     fn: Any,
@@ -452,7 +463,7 @@ def _with_deadline(
     if left > 0:
         worker.start()
         try:
-            done.wait(left)
+            _wait_in_slices(done, deadline)
         except BaseException:  # Ctrl-C, SIGTERM (raised as Terminated)
             _stop(done, box)
             raise
