@@ -168,7 +168,7 @@ NORM_BOUND = 1.5
 # The longest the main thread blocks in one wait for other threads or processes (a download, the
 # workers' answers). A Ctrl-C or SIGTERM that does not interrupt such a wait (handled in C on another
 # thread, or just before the wait blocked) does not wake it: CPython runs the Python handler
-# (KeyboardInterrupt, Terminated) once the main thread is back in Python. On a busy machine about one
-# Ctrl-C in 100 left `clair inspect` waiting out a whole download (tests/test_hub.py's interrupted
-# download, looped beside other tests); waiting in slices, such a signal waits one slice.
+# (KeyboardInterrupt, Terminated) once the main thread is back in Python. In one wait, a Ctrl-C left
+# `clair inspect` waiting out a whole download in 2 of 131 runs of tests/test_hub.py's interrupted
+# download looped beside other tests; in slices (none of 70), such a signal waits one slice.
 WAIT_SLICE_S = 0.25

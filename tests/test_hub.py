@@ -588,9 +588,9 @@ def test_an_interrupted_download_leaves_no_partial_file(tmp_path: Path, gap: flo
 def test_a_ctrl_c_that_does_not_wake_the_waiting_thread_still_ends_the_download() -> None:
     """A signal handled on another thread than the main one (or just before the main thread blocks)
     does not interrupt the main thread's wait: CPython runs the KeyboardInterrupt only once that
-    thread is back in Python. Waiting for the whole download at once, about one Ctrl-C in 100 left
-    `clair inspect` waiting for the download to end (the interrupted-download test above, on a
-    busy machine); the main thread now waits in short slices."""
+    thread is back in Python. Waiting for the whole download at once, a Ctrl-C left `clair inspect`
+    waiting for the download to end in 2 of 131 runs of the interrupted-download test above,
+    looped beside other tests; the main thread now waits in short slices."""
     script = (
         "import signal, sys, threading, time\n"
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
