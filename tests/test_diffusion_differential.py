@@ -25,9 +25,19 @@ import pytest
 import torch
 from helpers import transformer_lora_deltas
 from safetensors.torch import save_file
-from test_diffusion_formats import _quiet, clair_deltas, fused_deltas, invoke
+from test_diffusion_formats import (
+    _quiet,
+    clair_deltas,
+    fused_deltas,
+    invoke,
+    kohya_name,
+    layers_of,
+    pool_factors,
+    tiny_pipeline,
+)
 
 from clair_cli.errors import AdapterFormatError
+from clair_cli.io.diffusion import merged_diffusers_notes
 from clair_cli.io.sources import SourceOptions, open_adapter, resolve_sources
 
 FC1 = "encoder.layers.0.mlp.fc1"
@@ -311,3 +321,33 @@ def test_the_alphas_note_names_the_text_encoder_modules_diffusers_scales_otherwi
     torch.testing.assert_close(ours / 8, theirs, rtol=1e-5, atol=1e-6)  # diffusers: the most common alpha, 1
     (note,) = [n for n in _open(path).notes if n.startswith("alphas differ")]
     assert "every module of a CLIPTextModel" in note
+
+
+def test_lora_te_modules_beside_sdxls_encoders_are_read_as_diffusers_applies_them_with_a_note(tmp_path: Path) -> None:
+    """An SDXL kohya file whose first text encoder's modules are named lora_te_ (SD 1.x's prefix) beside
+    lora_te2_ ones: diffusers (and ComfyUI) apply them to the first text encoder, as clair reads them;
+    sd-scripts' SDXL network names that encoder's modules lora_te1_ and skips them. Said in a note (a
+    review found the loaders disagree), of a merge of such files too; a file of lora_te1_ / lora_te2_
+    names, or of lora_te_ alone (SD 1.x), has none."""
+    (factors,) = pool_factors(layers_of(tiny_pipeline(True)))[:1]
+    tensors, names = {}, {}
+    for module, (a, b) in factors.items():
+        name = kohya_name(module, xl=True).replace("lora_te1_", "lora_te_")
+        names[name] = module
+        tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"] = a.contiguous(), b.contiguous()
+    path = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(path))
+    plain = sorted(n for n in names if n.startswith("lora_te_"))
+    assert plain and any(n.startswith("lora_te2_") for n in names)
+    theirs, ours = fused_deltas(path, xl=True), clair_deltas(path)
+    for name in plain:  # diffusers applies them to the first text encoder, as clair reads them
+        assert names[name].startswith("text_encoder.")
+        torch.testing.assert_close(ours[name].float(), theirs[names[name]], rtol=1e-5, atol=1e-6)
+    (note,) = [n for n in _open(path).notes if "sd-scripts' SDXL network" in n]
+    assert note.startswith(f"{len(plain)} text-encoder module(s) named lora_te_ (e.g. {plain[0]})")
+    assert [n for n in merged_diffusers_notes("kohya", list(names)) if "sd-scripts' SDXL network" in n]
+    fc1 = FC1.replace(".", "_")
+    xl = _kohya(tmp_path / "xl.safetensors", {"lora_te1_" + fc1: (16, 8), "lora_te2_" + fc1: (16, 8)})
+    sd15 = _kohya(tmp_path / "sd15.safetensors", {"lora_te_" + fc1: (16, 8), SDXL_ATTN: (8, 8)})
+    for other in (xl, sd15):
+        assert not [n for n in _open(other).notes if "sd-scripts' SDXL network" in n]

@@ -152,6 +152,16 @@ KOHYA_SD_UNLAYERED_NOTE = (
     "add_embedding_linear_1 and _2 into one name, add.embedding.linear, of no layer of the UNet){alone}; clair reads "
     "them as ComfyUI applies them (SDXL's label_emb.0.0 / 0.2), so the audit and a merge include them"
 )
+# sd-scripts' SDXL network (networks/lora.py, LoRANetwork with is_sdxl, which create_network_from_weights and its
+# generation scripts build) and networks/sdxl_merge_lora.py name the text encoders' modules lora_te1_ / lora_te2_
+# only: a lora_te_ module of an SDXL file matches no module there and is skipped without an error (load_state_dict
+# with strict=False; the merge script logs "no module found"). ComfyUI (model_lora_keys_clip) and diffusers
+# (_convert_non_diffusers_lora_to_diffusers) apply lora_te_ to the first text encoder, as lora_te1_.
+KOHYA_SDXL_TE_NOTE = (
+    "{n} text-encoder module(s) named lora_te_ (e.g. {example}) beside SDXL's lora_te1_ / lora_te2_ ones: clair "
+    "reads them as ComfyUI and diffusers apply them, to the first text encoder; sd-scripts' SDXL network and "
+    "sdxl_merge_lora.py name that encoder's modules lora_te1_ and skip them"
+)
 KOHYA_SD_UNLAYERED_ALONE = ", and refuses a file whose UNet LoRA has no other module"
 # diffusers' Flux loader (0.42) keeps only an sd-scripts Flux file's lora_unet_ / lora_te_ / lora_te1_ keys (the
 # ComfyUI branch of _convert_kohya_flux_lora_to_diffusers): a T5's modules (lora_te2_ for OneTrainer, lora_te3_ for
@@ -717,7 +727,12 @@ def _kohya_notes(modules: Mapping[str, object], stored: Mapping[str, float], con
     file outside its blocks and its T5 modules, text-encoder attention modules without out_proj."""
     loader = kohya_loader(modules)
     if loader == "sd":
-        return [*_kohya_alpha_notes(stored, config), *_te_attention_notes(modules), *_sd_unlayered_notes(modules)]
+        return [
+            *_kohya_alpha_notes(stored, config),
+            *_te_attention_notes(modules),
+            *_sd_unlayered_notes(modules),
+            *_sdxl_te_notes(modules),
+        ]
     if loader == "flux":
         notes = _te_attention_notes(modules)
         outside = bfl_outside_blocks(modules)
@@ -750,13 +765,14 @@ def merged_diffusers_notes(layout: str, modules: Collection[str]) -> list[str]:
     """What of a merged diffusion file (its ``layout``, its ``modules``) diffusers 0.42 refuses or does not
     apply, as its inputs' notes say of theirs: text encoders (:func:`diffusers_te_notes`,
     :func:`_te_attention_notes`; ``--intersect`` can leave one so of inputs that diffusers loads) and UNet
-    modules of no layer (:func:`_sd_unlayered_notes`; the merge writes them, as ComfyUI applies them)."""
+    modules of no layer (:func:`_sd_unlayered_notes`; the merge writes them, as ComfyUI applies them), and
+    ``lora_te_`` modules beside SDXL's that sd-scripts skips (:func:`_sdxl_te_notes`)."""
     if layout == "diffusers":
         return diffusers_te_notes(modules, "the merged file holds")
     loader = kohya_loader(modules) if layout == "kohya" else ""
     notes = _te_attention_notes(dict.fromkeys(modules)) if loader in ("sd", "flux") else []
     if loader == "sd":
-        notes += _sd_unlayered_notes(modules)
+        notes += _sd_unlayered_notes(modules) + _sdxl_te_notes(modules)
     return [f"the merged file: {n}" for n in notes]
 
 
@@ -771,6 +787,15 @@ def _sd_unlayered_notes(modules: Collection[str]) -> list[str]:
     return [
         KOHYA_SD_UNLAYERED_NOTE.format(n=len(unlayered), listed=listed, alone=KOHYA_SD_UNLAYERED_ALONE if alone else "")
     ]
+
+
+def _sdxl_te_notes(modules: Collection[str]) -> list[str]:
+    """A kohya file's ``lora_te_`` modules beside SDXL's ``lora_te1_`` / ``lora_te2_`` ones, which sd-scripts'
+    SDXL network skips and ComfyUI and diffusers apply (:data:`KOHYA_SDXL_TE_NOTE`), in one note."""
+    if not any(m.startswith(("lora_te1_", "lora_te2_")) for m in modules):
+        return []
+    plain = sorted(m for m in modules if m.startswith("lora_te_"))
+    return [KOHYA_SDXL_TE_NOTE.format(n=len(plain), example=printable(plain[0]))] if plain else []
 
 
 def _te_attention_notes(modules: Mapping[str, object]) -> list[str]:
