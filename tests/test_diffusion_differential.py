@@ -325,10 +325,10 @@ def test_the_alphas_note_names_the_text_encoder_modules_diffusers_scales_otherwi
 
 def test_lora_te_modules_beside_sdxls_encoders_are_read_as_diffusers_applies_them_with_a_note(tmp_path: Path) -> None:
     """An SDXL kohya file whose first text encoder's modules are named lora_te_ (SD 1.x's prefix) beside
-    lora_te2_ ones: diffusers (and ComfyUI) apply them to the first text encoder, as clair reads them;
-    sd-scripts' SDXL network names that encoder's modules lora_te1_ and skips them. Said in a note (a
-    review found the loaders disagree), of a merge of such files too; a file of lora_te1_ / lora_te2_
-    names, or of lora_te_ alone (SD 1.x), has none."""
+    lora_te2_ ones, or beside UNet layers only SDXL has: diffusers (and ComfyUI) apply them to the first
+    text encoder, as clair reads them; sd-scripts' SDXL network names that encoder's modules lora_te1_ and
+    skips them. Said in a note (a review found the loaders disagree), of a merge of such files too; a file
+    of lora_te1_ / lora_te2_ names, or an SD 1.x file of lora_te_ names, has none."""
     (factors,) = pool_factors(layers_of(tiny_pipeline(True)))[:1]
     tensors, names = {}, {}
     for module, (a, b) in factors.items():
@@ -347,7 +347,12 @@ def test_lora_te_modules_beside_sdxls_encoders_are_read_as_diffusers_applies_the
     assert note.startswith(f"{len(plain)} text-encoder module(s) named lora_te_ (e.g. {plain[0]})")
     assert [n for n in merged_diffusers_notes("kohya", list(names)) if "sd-scripts' SDXL network" in n]
     fc1 = FC1.replace(".", "_")
+    # SDXL told by its UNet alone: a second transformer block (SGM's names here) or label_emb, which SD 1.x lacks.
+    for unet in ("lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q", "lora_unet_label_emb_0_0"):
+        sgm = _kohya(tmp_path / "sgm.safetensors", {"lora_te_" + fc1: (16, 8), unet: (8, 8)})
+        assert [n for n in _open(sgm).notes if "sd-scripts' SDXL network" in n], unet
     xl = _kohya(tmp_path / "xl.safetensors", {"lora_te1_" + fc1: (16, 8), "lora_te2_" + fc1: (16, 8)})
-    sd15 = _kohya(tmp_path / "sd15.safetensors", {"lora_te_" + fc1: (16, 8), SDXL_ATTN: (8, 8)})
+    sd15_attn = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # SDXL's down_blocks.0 has none
+    sd15 = _kohya(tmp_path / "sd15.safetensors", {"lora_te_" + fc1: (16, 8), sd15_attn: (8, 8)})
     for other in (xl, sd15):
         assert not [n for n in _open(other).notes if "sd-scripts' SDXL network" in n]

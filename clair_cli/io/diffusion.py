@@ -152,16 +152,20 @@ KOHYA_SD_UNLAYERED_NOTE = (
     "add_embedding_linear_1 and _2 into one name, add.embedding.linear, of no layer of the UNet){alone}; clair reads "
     "them as ComfyUI applies them (SDXL's label_emb.0.0 / 0.2), so the audit and a merge include them"
 )
-# sd-scripts' SDXL network (networks/lora.py, LoRANetwork with is_sdxl, which create_network_from_weights and its
-# generation scripts build) and networks/sdxl_merge_lora.py name the text encoders' modules lora_te1_ / lora_te2_
-# only: a lora_te_ module of an SDXL file matches no module there and is skipped without an error (load_state_dict
-# with strict=False; the merge script logs "no module found"). ComfyUI (model_lora_keys_clip) and diffusers
-# (_convert_non_diffusers_lora_to_diffusers) apply lora_te_ to the first text encoder, as lora_te1_.
+# sd-scripts' network for SDXL's two text encoders (networks/lora.py: LoRANetwork names their modules lora_te1_ /
+# lora_te2_ when given two; create_network_from_weights and its generation scripts build it) and
+# networks/sdxl_merge_lora.py --sd_model (a merge into the checkpoint) name the text encoders' modules lora_te1_ /
+# lora_te2_ only: a lora_te_ module of an SDXL file matches no module there and is skipped without an error
+# (load_state_dict with strict=False; the merge logs "no module found"). ComfyUI (model_lora_keys_clip) and diffusers
+# (_convert_non_diffusers_lora_to_diffusers) apply lora_te_ to the first text encoder, as lora_te1_. An SDXL file:
+# lora_te1_ / lora_te2_ modules, or UNet layers SD 1.x and 2.x lack (a second transformer block in an attention,
+# label_emb; under SGM's or diffusers' names).
 KOHYA_SDXL_TE_NOTE = (
-    "{n} text-encoder module(s) named lora_te_ (e.g. {example}) beside SDXL's lora_te1_ / lora_te2_ ones: clair "
-    "reads them as ComfyUI and diffusers apply them, to the first text encoder; sd-scripts' SDXL network and "
-    "sdxl_merge_lora.py name that encoder's modules lora_te1_ and skip them"
+    "{n} text-encoder module(s) named lora_te_ (e.g. {example}) in an SDXL file: clair reads them as ComfyUI and "
+    "diffusers apply them, to the first text encoder; sd-scripts' SDXL network (and sdxl_merge_lora.py --sd_model) "
+    "name that encoder's modules lora_te1_ and skip them"
 )
+_SDXL_ONLY_UNET = re.compile(r"^lora_unet_(?:.*_transformer_blocks_[1-9]|label_emb_|add_embedding_)")
 KOHYA_SD_UNLAYERED_ALONE = ", and refuses a file whose UNet LoRA has no other module"
 # diffusers' Flux loader (0.42) keeps only an sd-scripts Flux file's lora_unet_ / lora_te_ / lora_te1_ keys (the
 # ComfyUI branch of _convert_kohya_flux_lora_to_diffusers): a T5's modules (lora_te2_ for OneTrainer, lora_te3_ for
@@ -790,9 +794,9 @@ def _sd_unlayered_notes(modules: Collection[str]) -> list[str]:
 
 
 def _sdxl_te_notes(modules: Collection[str]) -> list[str]:
-    """A kohya file's ``lora_te_`` modules beside SDXL's ``lora_te1_`` / ``lora_te2_`` ones, which sd-scripts'
-    SDXL network skips and ComfyUI and diffusers apply (:data:`KOHYA_SDXL_TE_NOTE`), in one note."""
-    if not any(m.startswith(("lora_te1_", "lora_te2_")) for m in modules):
+    """An SDXL kohya file's ``lora_te_`` modules, which sd-scripts' SDXL network skips and ComfyUI and
+    diffusers apply (:data:`KOHYA_SDXL_TE_NOTE`), in one note."""
+    if not any(m.startswith(("lora_te1_", "lora_te2_")) or _SDXL_ONLY_UNET.match(m) for m in modules):
         return []
     plain = sorted(m for m in modules if m.startswith("lora_te_"))
     return [KOHYA_SDXL_TE_NOTE.format(n=len(plain), example=printable(plain[0]))] if plain else []
